@@ -1,0 +1,37 @@
+"""vramcalc: will this fine-tuning job fit, on what, how long will it take and what will it cost?
+
+    import vramcalc as vc
+    b = vc.estimate("llama-3.1-8b", method="lora", seq_len=2048, gpu="h100-sxm")
+    b.total_bytes, b.terms(), b.fits("rtx-4090")
+
+``estimate`` needs the standard library only; ``trace`` needs the ``trace`` extra (torch, transformers, peft).
+Importing vramcalc imports neither torch, transformers nor pandas.
+"""
+
+from __future__ import annotations
+
+from .breakdown import MemoryBreakdown
+from .catalogue import GpuSpec, get_gpu, get_model, gpus, models
+from .errors import VramcalcError
+from .estimator import estimate
+from .model import ModelSpec
+from .options import Attention, Loss, Method, Optimizer, Phase, Precision, Sharding, Term
+from .training_setup import TrainingSetup
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "estimate", "trace", "MemoryBreakdown", "ModelSpec", "GpuSpec", "TrainingSetup", "VramcalcError",
+    "get_model", "get_gpu", "models", "gpus", "Method", "Precision", "Optimizer", "Attention", "Loss", "Sharding",
+    "Term", "Phase",
+]
+
+
+def trace(model, **options) -> MemoryBreakdown:
+    """Same signature and return type as ``estimate``; the tensor terms come from tracing the real HF training step
+    on fake tensors. Needs the ``trace`` extra: ``pip install 'vramcalc[trace]'``."""
+    try:
+        from .trace.runner import trace as _trace
+    except ImportError as err:
+        raise ImportError(f"vramcalc.trace needs the 'trace' extra ({err.name} is missing): pip install 'vramcalc[trace]'") from None
+    return _trace(model, **options)

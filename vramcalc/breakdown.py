@@ -1,0 +1,139 @@
+"""MemoryBreakdown: the one answer type of estimate, trace and calibrate.
+
+Terms are integer bytes at the moment of the step that holds the peak. ``peak_tensor_bytes`` is every term but
+``runtime_overhead`` and ``allocator_slack`` (what ``torch.cuda.max_memory_allocated`` sees); ``total_bytes`` is all
+of them (what the device must hold).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .catalogue import GpuSpec, get_gpu
+from .options import Phase, Term
+from .units import BYTES_PER_GIB
+
+GIB_NOTE = "GiB = 2^30 bytes"
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    model: str
+    terms_bytes: dict  # Term -> int, every term present
+    phase: Phase
+    inputs: dict  # the resolved setup, every default filled in
+    source: str = "estimate"  # estimate | trace | measured
+    gpu: GpuSpec | None = None
+    warnings: tuple[str, ...] = ()
+    details: dict = field(default_factory=dict)  # extra figures (parameter counts, paged optimizer bytes, ...)
+
+    def __post_init__(self) -> None:
+        for term in Term:
+            value = self.terms_bytes.get(term)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"term {term.value} must be a non-negative integer of bytes, got {value!r}")
+
+    # -- figures -------------------------------------------------------------------------------------
+    def terms(self) -> dict[str, int]:
+        """Term name -> bytes, in the canonical order; they sum to ``total_bytes``."""
+        return {term.value: self.terms_bytes[term] for term in Term}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.terms_bytes[term] for term in Term)
+
+    @property
+    def peak_tensor_bytes(self) -> int:
+        return sum(self.terms_bytes[term] for term in Term if term.is_tensor)
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / BYTES_PER_GIB
+
+    def headroom_bytes(self, gpu: str | GpuSpec | None = None) -> int:
+        """Device memory left at the peak (negative: short by that much)."""
+        device = self._gpu(gpu)
+        return device.memory_bytes - self.total_bytes
+
+    def fits(self, gpu: str | GpuSpec | None = None) -> bool:
+        """Whether the step's peak fits the GPU's memory as the driver reports it."""
+        return self.headroom_bytes(gpu) >= 0
+
+    def _gpu(self, gpu: str | GpuSpec | None) -> GpuSpec:
+        if gpu is None:
+            if self.gpu is None:
+                raise ValueError("no GPU given: pass one, e.g. fits('h100-sxm')")
+            return self.gpu
+        return get_gpu(gpu)
+
+    # -- output --------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        out = {
+            "model": self.model,
+            "source": self.source,
+            "total_bytes": self.total_bytes,
+            "peak_tensor_bytes": self.peak_tensor_bytes,
+            "phase": self.phase.value,
+            "terms": self.terms(),
+            "inputs": dict(self.inputs),
+        }
+        if self.gpu is not None:
+            out["gpu"] = {
+                "name": self.gpu.name,
+                "memory_bytes": self.gpu.memory_bytes,
+                "fits": self.fits(),
+                "headroom_bytes": self.headroom_bytes(),
+            }
+        if self.details:
+            out["details"] = dict(self.details)
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        return out
+
+    def rows(self) -> list[tuple[str, int]]:
+        """(label, bytes) for each term, then the two totals."""
+        rows = list(self.terms().items())
+        rows.append(("peak_tensor_bytes", self.peak_tensor_bytes))
+        rows.append(("total", self.total_bytes))
+        return rows
+
+    def to_dataframe(self):
+        """A pandas DataFrame of the terms (pandas is imported only here)."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.rows(), columns=["term", "bytes"])
+        frame["gib"] = frame["bytes"] / BYTES_PER_GIB
+        return frame.set_index("term")
+
+    def table(self) -> str:
+        """A plain-text table in GiB with two decimals."""
+        width = max(len(label) for label, _ in self.rows())
+        lines = [f"{self.model}: {self.source}, peak at {self.phase.value}"]
+        for label, value in self.rows():
+            if label == "peak_tensor_bytes":
+                lines.append("-" * (width + 12))
+            lines.append(f"{label:<{width}}  {value / BYTES_PER_GIB:>9.2f} GiB")
+        if self.gpu is not None:
+            verdict = "fits" if self.fits() else "does not fit"
+            lines.append(
+                f"{self.gpu.name} ({self.gpu.memory_gib:.2f} GiB): {verdict}, headroom {self.headroom_bytes() / BYTES_PER_GIB:.2f} GiB"
+            )
+        lines.append(f"({GIB_NOTE})")
+        lines += [f"warning: {text}" for text in self.warnings]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def _repr_html_(self) -> str:
+        cells = "".join(
+            f"<tr><td>{label}</td><td style='text-align:right'>{value / BYTES_PER_GIB:,.2f}</td>"
+            f"<td style='text-align:right'>{value:,}</td></tr>"
+            for label, value in self.rows()
+        )
+        caption = f"{self.model}: {self.source}, peak at {self.phase.value} ({GIB_NOTE})"
+        if self.gpu is not None:
+            caption += f"; {self.gpu.name}: {'fits' if self.fits() else 'does not fit'}"
+        return (
+            f"<table><caption>{caption}</caption><tr><th>term</th><th>GiB</th><th>bytes</th></tr>{cells}</table>"
+        )

@@ -1,0 +1,185 @@
+"""The model and GPU catalogues: ``data/models.csv`` and ``data/gpus.csv``, read lazily and once.
+
+In the wheel the CSVs live in ``vramcalc/data/``; in a source checkout, in ``data/`` at the repository root.
+Names are matched case-insensitively; a model can also be named by its Hugging Face repo id, or by a path to a
+``config.json`` (or a folder holding one).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import unknown_name_error
+from .model import ModelSpec
+from .units import BYTES_PER_GIB
+
+
+def data_dir() -> Path:
+    """Where the catalogue CSVs are: inside the installed package, else the source checkout's ``data/``."""
+    packaged = Path(__file__).with_name("data")
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "data"
+
+
+def _read_csv(file_name: str) -> list[dict[str, str]]:
+    with open(data_dir() / file_name, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _int(cell: str) -> int | None:
+    cell = (cell or "").strip()
+    return int(float(cell)) if cell else None
+
+
+def _float(cell: str) -> float | None:
+    cell = (cell or "").strip()
+    return float(cell) if cell else None
+
+
+def _bool(cell: str) -> bool:
+    return (cell or "").strip().lower() in ("true", "1", "yes")
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One accelerator as the catalogue describes it. Unknown figures are ``None``, never 0."""
+
+    name: str
+    display_name: str
+    vendor: str
+    architecture: str
+    compute_capability: str
+    memory_bytes: int  # as the driver reports it (nvidia-smi total MiB x 2^20)
+    bandwidth_gb_s: float | None
+    bf16_dense_tflops: float | None
+    fp16_dense_tflops: float | None
+    fp8_dense_tflops: float | None
+    fp32_tflops: float | None
+    supports_bf16: bool
+    tdp_w: float | None
+    list_price_usd: float | None
+    cloud_usd_per_gpu_hour: float | None
+    cloud_price_date: str
+    cloud_price_basis: str
+    source: str
+    notes: str = ""
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory_bytes / BYTES_PER_GIB
+
+
+@functools.cache
+def _model_rows() -> dict[str, ModelSpec]:
+    models = {}
+    for row in _read_csv("models.csv"):
+        spec = ModelSpec(
+            name=row["name"],
+            family=row["family"],
+            hidden_size=_int(row["hidden_size"]),
+            num_layers=_int(row["num_layers"]),
+            num_heads=_int(row["num_heads"]),
+            num_kv_heads=_int(row["num_kv_heads"]),
+            head_dim=_int(row["head_dim"]),
+            intermediate_size=_int(row["intermediate_size"]),
+            vocab_size=_int(row["vocab_size"]),
+            tie_word_embeddings=_bool(row["tie_word_embeddings"]),
+            max_position_embeddings=_int(row["max_position_embeddings"]),
+            qkv_bias=_bool(row["qkv_bias"]),
+            o_bias=_bool(row["o_bias"]),
+            mlp_bias=_bool(row["mlp_bias"]),
+            qk_norm=_bool(row["qk_norm"]),
+            sliding_window=_int(row["sliding_window"]),
+            num_experts=_int(row["num_experts"]) or 0,
+            experts_per_token=_int(row["experts_per_token"]) or 0,
+            moe_intermediate_size=_int(row["moe_intermediate_size"]) or 0,
+            n_shared_experts=_int(row["n_shared_experts"]) or 0,
+            first_k_dense_replace=_int(row["first_k_dense_replace"]) or 0,
+            decoder_sparse_step=_int(row["decoder_sparse_step"]) or 1,
+            q_lora_rank=_int(row["q_lora_rank"]) or 0,
+            kv_lora_rank=_int(row["kv_lora_rank"]) or 0,
+            qk_nope_head_dim=_int(row["qk_nope_head_dim"]) or 0,
+            qk_rope_head_dim=_int(row["qk_rope_head_dim"]) or 0,
+            v_head_dim=_int(row["v_head_dim"]) or 0,
+            hf_repo=row["hf_repo"],
+            license=row["license"],
+            source=row["source"],
+            params_published=_int(row["params_published"]),
+            active_params_published=_int(row["active_params_published"]),
+            params_exact=_int(row["params_exact"]),
+            notes=row["notes"],
+        )
+        models[spec.name] = spec
+    return models
+
+
+@functools.cache
+def _gpu_rows() -> dict[str, GpuSpec]:
+    gpus = {}
+    for row in _read_csv("gpus.csv"):
+        gpu = GpuSpec(
+            name=row["name"],
+            display_name=row["display_name"],
+            vendor=row["vendor"],
+            architecture=row["architecture"],
+            compute_capability=row["compute_capability"],
+            memory_bytes=_int(row["memory_bytes"]),
+            bandwidth_gb_s=_float(row["bandwidth_gb_s"]),
+            bf16_dense_tflops=_float(row["bf16_dense_tflops"]),
+            fp16_dense_tflops=_float(row["fp16_dense_tflops"]),
+            fp8_dense_tflops=_float(row["fp8_dense_tflops"]),
+            fp32_tflops=_float(row["fp32_tflops"]),
+            supports_bf16=_bool(row["supports_bf16"]),
+            tdp_w=_float(row["tdp_w"]),
+            list_price_usd=_float(row["list_price_usd"]),
+            cloud_usd_per_gpu_hour=_float(row["cloud_usd_per_gpu_hour"]),
+            cloud_price_date=row["cloud_price_date"],
+            cloud_price_basis=row["cloud_price_basis"],
+            source=row["source"],
+            notes=row.get("notes", ""),
+        )
+        gpus[gpu.name] = gpu
+    return gpus
+
+
+def models() -> list[ModelSpec]:
+    """Every catalogue model, in file order."""
+    return list(_model_rows().values())
+
+
+def gpus() -> list[GpuSpec]:
+    """Every catalogue GPU, in file order."""
+    return list(_gpu_rows().values())
+
+
+def get_model(name_or_path: str | ModelSpec) -> ModelSpec:
+    """A catalogue model by name or HF repo id (case-insensitive), or a ``config.json`` file or folder."""
+    if isinstance(name_or_path, ModelSpec):
+        return name_or_path
+    key = str(name_or_path).strip()
+    rows = _model_rows()
+    by_name = rows.get(key.lower())
+    if by_name:
+        return by_name
+    for spec in rows.values():
+        if spec.hf_repo.lower() == key.lower():
+            return spec
+    path = Path(key).expanduser()
+    if path.exists() or key.endswith(".json"):
+        from .hf_config import load_config  # only when a path is given
+
+        return load_config(path)
+    raise unknown_name_error("model", key, rows)
+
+
+def get_gpu(name: str | GpuSpec) -> GpuSpec:
+    """A catalogue GPU by name (case-insensitive; spaces and underscores read as hyphens)."""
+    if isinstance(name, GpuSpec):
+        return name
+    key = str(name).strip().lower().replace(" ", "-").replace("_", "-")
+    rows = _gpu_rows()
+    if key in rows:
+        return rows[key]
+    raise unknown_name_error("GPU", str(name), rows)

@@ -1,0 +1,325 @@
+"""ModelSpec: the architecture of a decoder LLM, and the exact inventory of its parameter tensors.
+
+The inventory mirrors the transformers v5 modules of each family (``models/<family>/modeling_<family>.py``):
+which tensors exist, their shapes, which are ``nn.Linear`` (what LoRA can target and bitsandbytes can quantize),
+which are 3-D expert tensors (v5 ``*Experts`` modules: neither LoRA ``all-linear`` nor bitsandbytes reach them),
+and which stay fp32 whatever the load dtype. Symbols: h hidden, L layers, a heads, k kv heads, d head_dim,
+I intermediate, V vocab, E experts, K experts per token, I_m expert width.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .errors import VramcalcError
+
+
+class ParamKind(str, Enum):
+    EMBEDDING = "embedding"
+    LM_HEAD = "lm_head"
+    LINEAR = "linear"  # nn.Linear weight or bias inside a decoder layer
+    EXPERTS = "experts"  # 3-D nn.Parameter of a v5 *Experts module
+    ROUTER = "router"  # MoE gate weight (not an nn.Linear in v5) and its score-correction buffer
+    NORM = "norm"  # RMSNorm weight
+
+
+@dataclass(frozen=True)
+class ParamTensor:
+    """``count`` tensors of one shape (one per layer that has it)."""
+
+    name: str
+    kind: ParamKind
+    shape: tuple[int, ...]
+    count: int = 1
+    keep_fp32: bool = False  # _keep_in_fp32_modules_strict: stays fp32 in a bf16 model
+    scope: str = "model"  # model (once) | layer (every decoder layer) | dense | moe (layers of that kind)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+    @property
+    def total_numel(self) -> int:
+        return self.numel * self.count
+
+
+@dataclass(frozen=True)
+class LinearModule:
+    """``count`` nn.Linear modules named ``name`` (the peft target name), weight [out, in]."""
+
+    name: str
+    in_features: int
+    out_features: int
+    count: int
+    bias: bool = False
+    role: str = "attention"  # attention | mlp | shared_expert
+
+    @property
+    def scope(self) -> str:
+        return {"attention": "layer", "mlp": "dense", "shared_expert": "moe"}[self.role]
+
+    @property
+    def weight_numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class FamilyTraits:
+    """What a transformers model family does that its config does not say."""
+
+    norms_per_layer: int = 2
+    fused_qkv: bool = False  # Phi-3: one qkv_proj
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj
+    qkv_bias: bool = False  # Qwen2: q/k/v carry biases although the config has no attention_bias key
+    qk_norm: bool = False  # Qwen3: RMSNorm(d) on q and k
+    mla: bool = False  # DeepSeek-V3 multi-head latent attention
+    supports_sdpa: bool = True  # False: transformers silently falls back to eager attention
+    logit_softcap: bool = False  # Gemma-2 final_logit_softcapping
+    moe: bool = False
+    router_fp32: bool = False  # DeepSeek-V3 keeps gate.weight and e_score_correction_bias in fp32
+    default_tied: bool = False
+    lora_qv: tuple[str, ...] = ("q_proj", "v_proj")  # the modules "qv" means in this family
+
+
+FAMILIES: dict[str, FamilyTraits] = {
+    # models/llama/modeling_llama.py
+    "llama": FamilyTraits(),
+    # models/mistral/modeling_mistral.py (Llama layout)
+    "mistral": FamilyTraits(),
+    # models/mixtral/modeling_mixtral.py: MixtralTopKRouter + MixtralExperts (3-D gate_up_proj, down_proj)
+    "mixtral": FamilyTraits(moe=True),
+    # models/qwen2/modeling_qwen2.py L181-184: q/k/v bias=True, o bias=False
+    "qwen2": FamilyTraits(qkv_bias=True),
+    # models/qwen3/modeling_qwen3.py: q_norm, k_norm
+    "qwen3": FamilyTraits(qk_norm=True),
+    # models/qwen3_moe/modeling_qwen3_moe.py: no shared expert
+    "qwen3_moe": FamilyTraits(qk_norm=True, moe=True),
+    # models/gemma2/modeling_gemma2.py: 4 norms, tied, _supports_sdpa = False, final logit softcap
+    "gemma2": FamilyTraits(norms_per_layer=4, supports_sdpa=False, logit_softcap=True, default_tied=True),
+    # models/phi3/modeling_phi3.py: fused qkv_proj and gate_up_proj
+    "phi3": FamilyTraits(fused_qkv=True, fused_gate_up=True, lora_qv=("qkv_proj",)),
+    # models/deepseek_v3/modeling_deepseek_v3.py: MLA + routed/shared experts, first_k_dense_replace dense layers
+    "deepseek_v3": FamilyTraits(mla=True, moe=True, router_fp32=True, lora_qv=("q_b_proj", "kv_b_proj")),
+}
+
+SUPPORTED_FAMILIES = tuple(FAMILIES)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture fields (HF config names in comments) plus catalogue metadata."""
+
+    name: str
+    family: str  # model_type
+    hidden_size: int
+    num_layers: int  # num_hidden_layers
+    num_heads: int  # num_attention_heads
+    num_kv_heads: int  # num_key_value_heads
+    head_dim: int  # config.head_dim when set, else hidden_size // num_heads
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int | None = None
+    qkv_bias: bool = False  # bias on q, k, v (Qwen2 always; Llama when attention_bias)
+    o_bias: bool = False  # bias on o_proj (Llama attention_bias)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm(head_dim) on q and k (Qwen3)
+    sliding_window: int | None = None
+    # MoE
+    num_experts: int = 0  # num_local_experts (Mixtral) / num_experts (Qwen) / n_routed_experts (DeepSeek)
+    experts_per_token: int = 0  # num_experts_per_tok
+    moe_intermediate_size: int = 0
+    n_shared_experts: int = 0
+    first_k_dense_replace: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    # MLA
+    q_lora_rank: int = 0  # 0: a plain q_proj
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # catalogue metadata (not architecture)
+    hf_repo: str = ""
+    license: str = ""
+    source: str = ""
+    params_published: int | None = None
+    active_params_published: int | None = None
+    params_exact: int | None = None  # an exact count from the reference, where one is given
+    notes: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise VramcalcError(
+                f"unsupported architecture {self.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
+            )
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise VramcalcError(f"model {self.name!r}: {name} must be positive, got {getattr(self, name)}")
+        if self.traits.moe and (self.num_experts <= 0 or self.experts_per_token <= 0):
+            raise VramcalcError(f"model {self.name!r}: a {self.family} model needs num_experts and experts_per_token")
+
+    @property
+    def traits(self) -> FamilyTraits:
+        return FAMILIES[self.family]
+
+    @property
+    def is_moe(self) -> bool:
+        return self.traits.moe
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head width of q and k: nope + rope for MLA, else head_dim."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.traits.mla else self.head_dim
+
+    @property
+    def v_dim(self) -> int:
+        """Per-head width of v (and of the attention output)."""
+        return self.v_head_dim if self.traits.mla else self.head_dim
+
+    def is_moe_layer(self, index: int) -> bool:
+        """qwen3_moe: not in mlp_only_layers and (i+1) % decoder_sparse_step == 0; deepseek_v3: i >= first_k_dense_replace."""
+        if not self.is_moe or index in self.mlp_only_layers:
+            return False
+        return index >= self.first_k_dense_replace and (index + 1) % self.decoder_sparse_step == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.num_layers - self.num_moe_layers
+
+    @property
+    def expert_width(self) -> int:
+        """Expert MLP width: Mixtral's experts are full-width (intermediate_size), others use moe_intermediate_size."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    @property
+    def inventory(self) -> "Inventory":
+        return _inventory(self)
+
+    @property
+    def params(self) -> int:
+        """Total weights as stored in the checkpoint (parameters plus persistent router buffers)."""
+        return self.inventory.total_numel
+
+    @property
+    def active_params(self) -> int:
+        """Weights one token touches: everything but the routed experts, plus K of them per MoE layer."""
+        inv = self.inventory
+        if not self.is_moe:
+            return inv.total_numel
+        routed = sum(t.total_numel for t in inv.tensors if t.kind is ParamKind.EXPERTS)
+        return inv.total_numel - routed + routed * self.experts_per_token // self.num_experts
+
+
+@dataclass(frozen=True)
+class Inventory:
+    tensors: tuple[ParamTensor, ...]
+    linears: tuple[LinearModule, ...]
+
+    @functools.cached_property
+    def total_numel(self) -> int:
+        return sum(t.total_numel for t in self.tensors)
+
+    def numel(self, *kinds: ParamKind) -> int:
+        return sum(t.total_numel for t in self.tensors if t.kind in kinds)
+
+    @functools.cached_property
+    def largest_tensor_numel(self) -> int:
+        return max(t.numel for t in self.tensors)
+
+
+def _linear(name: str, in_features: int, out_features: int, count: int, bias: bool = False, role: str = "attention"):
+    """An nn.Linear module and its parameter tensors."""
+    module = LinearModule(name, in_features, out_features, count, bias, role)
+    scope = module.scope
+    tensors = [ParamTensor(f"{name}.weight", ParamKind.LINEAR, (out_features, in_features), count, scope=scope)]
+    if bias:
+        tensors.append(ParamTensor(f"{name}.bias", ParamKind.LINEAR, (out_features,), count, scope=scope))
+    return module, tensors
+
+
+def _attention(m: ModelSpec, count: int):
+    """Attention projections of one kind of layer, repeated ``count`` times."""
+    h, a, k, d = m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim
+    t = m.traits
+    parts = []
+    norms: list[ParamTensor] = []
+    if t.mla:
+        # DeepseekV3Attention: q_a_proj -> q_a_layernorm -> q_b_proj; kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj
+        qk = m.qk_head_dim
+        if m.q_lora_rank:
+            parts.append(_linear("q_a_proj", h, m.q_lora_rank, count, m.qkv_bias))
+            norms.append(ParamTensor("q_a_layernorm.weight", ParamKind.NORM, (m.q_lora_rank,), count, scope="layer"))
+            parts.append(_linear("q_b_proj", m.q_lora_rank, a * qk, count))
+        else:
+            parts.append(_linear("q_proj", h, a * qk, count))
+        parts.append(_linear("kv_a_proj_with_mqa", h, m.kv_lora_rank + m.qk_rope_head_dim, count, m.qkv_bias))
+        norms.append(ParamTensor("kv_a_layernorm.weight", ParamKind.NORM, (m.kv_lora_rank,), count, scope="layer"))
+        parts.append(_linear("kv_b_proj", m.kv_lora_rank, a * (m.qk_nope_head_dim + m.v_head_dim), count))
+        parts.append(_linear("o_proj", a * m.v_head_dim, h, count, m.o_bias))
+    elif t.fused_qkv:
+        parts.append(_linear("qkv_proj", h, (a + 2 * k) * d, count, m.qkv_bias))
+        parts.append(_linear("o_proj", a * d, h, count, m.o_bias))
+    else:
+        parts.append(_linear("q_proj", h, a * d, count, m.qkv_bias))
+        parts.append(_linear("k_proj", h, k * d, count, m.qkv_bias))
+        parts.append(_linear("v_proj", h, k * d, count, m.qkv_bias))
+        parts.append(_linear("o_proj", a * d, h, count, m.o_bias))
+    if m.qk_norm:
+        norms += [ParamTensor("q_norm.weight", ParamKind.NORM, (d,), count, scope="layer"),
+                  ParamTensor("k_norm.weight", ParamKind.NORM, (d,), count, scope="layer")]
+    return parts, norms
+
+
+def _gated_mlp(m: ModelSpec, width: int, count: int, role: str = "mlp"):
+    """gate/up/down (or Phi-3's fused gate_up) of a SwiGLU/GeGLU MLP of the given width."""
+    h = m.hidden_size
+    if m.traits.fused_gate_up:
+        return [_linear("gate_up_proj", h, 2 * width, count, m.mlp_bias, role),
+                _linear("down_proj", width, h, count, m.mlp_bias, role)]
+    prefix = "shared_experts." if role == "shared_expert" else ""
+    return [_linear(f"{prefix}gate_proj", h, width, count, m.mlp_bias, role),
+            _linear(f"{prefix}up_proj", h, width, count, m.mlp_bias, role),
+            _linear(f"{prefix}down_proj", width, h, count, m.mlp_bias, role)]
+
+
+@functools.cache
+def _inventory(m: ModelSpec) -> Inventory:
+    h, V, L = m.hidden_size, m.vocab_size, m.num_layers
+    n_moe = m.num_moe_layers
+    n_dense = L - n_moe
+    parts = []
+    tensors = [ParamTensor("embed_tokens.weight", ParamKind.EMBEDDING, (V, h))]
+    attn, attn_norms = _attention(m, L)
+    parts += attn
+    tensors += attn_norms
+    tensors.append(ParamTensor("layernorm.weight", ParamKind.NORM, (h,), L * m.traits.norms_per_layer, scope="layer"))
+    if n_dense:
+        parts += _gated_mlp(m, m.intermediate_size, n_dense)
+    if n_moe:
+        E, I_m = m.num_experts, m.expert_width
+        fp32 = m.traits.router_fp32
+        tensors.append(ParamTensor("mlp.gate.weight", ParamKind.ROUTER, (E, h), n_moe, keep_fp32=fp32, scope="moe"))
+        if m.traits.router_fp32:
+            tensors.append(ParamTensor("mlp.gate.e_score_correction_bias", ParamKind.ROUTER, (E,), n_moe,
+                                       keep_fp32=True, scope="moe"))
+        tensors.append(ParamTensor("mlp.experts.gate_up_proj", ParamKind.EXPERTS, (E, 2 * I_m, h), n_moe, scope="moe"))
+        tensors.append(ParamTensor("mlp.experts.down_proj", ParamKind.EXPERTS, (E, h, I_m), n_moe, scope="moe"))
+        if m.n_shared_experts:
+            parts += _gated_mlp(m, m.moe_intermediate_size * m.n_shared_experts, n_moe, role="shared_expert")
+    tensors.append(ParamTensor("norm.weight", ParamKind.NORM, (h,)))
+    if not m.tie_word_embeddings:
+        tensors.append(ParamTensor("lm_head.weight", ParamKind.LM_HEAD, (V, h)))
+    linears = tuple(module for module, _ in parts)
+    for _, module_tensors in parts:
+        tensors += module_tensors
+    return Inventory(tuple(tensors), linears)

@@ -1,0 +1,188 @@
+"""The words a training setup is made of. Each is a ``str`` enum, so it round-trips through CLI flags and CSV cells."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from .errors import VramcalcError
+from .units import DType
+
+
+class Choice(str, Enum):
+    """A setup word; ``parse`` turns user text into a member or a one-line error listing the choices."""
+
+    @classmethod
+    def parse(cls, value: object, option: str) -> "Choice":
+        if isinstance(value, cls):
+            return value
+        text = str(value).strip().lower().replace("_", "-")
+        for member in cls:
+            if text == member.value:
+                return member
+        choices = ", ".join(member.value for member in cls)
+        raise VramcalcError(f"unknown {option} {value!r}; choose one of: {choices}")
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Method(Choice):
+    FULL = "full"
+    LORA = "lora"
+    QLORA = "qlora"
+    PROMPT = "prompt"
+
+    @property
+    def uses_lora(self) -> bool:
+        return self in (Method.LORA, Method.QLORA)
+
+
+class Precision(Choice):
+    """What a practitioner means by the word (DESIGN.md "Precision words").
+
+    fp32        everything fp32.
+    mixed-bf16  fp32 weights, grads and optimizer states; bf16 autocast compute (accelerate native AMP).
+    mixed-fp16  the same with fp16 autocast (and a GradScaler, whose state is a few scalars).
+    bf16        the model loaded in bf16 (transformers v5 ``dtype="auto"``); grads and states in the parameter
+                dtype; Trainer ``bf16=True`` autocast on top, which matters only for tensors kept in fp32.
+    fp16        the same in fp16.
+    fp8         bf16 weights, grads and states; Linear matmuls take fp8 (e4m3) inputs, as torchao
+                ``Float8Linear`` with tensorwise dynamic scaling does: the saved Linear inputs are fp8 copies.
+    For QLoRA the word names the dtype of what stays unquantized: ``bf16`` as loaded, ``mixed-bf16``/``mixed-fp16``
+    after ``peft.prepare_model_for_kbit_training`` (fp32 embeddings, norms and lm_head) with 16-bit autocast.
+    """
+
+    FP32 = "fp32"
+    MIXED_BF16 = "mixed-bf16"
+    MIXED_FP16 = "mixed-fp16"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP8 = "fp8"
+
+    @property
+    def param_dtype(self) -> DType:
+        """Dtype of the stored parameters (and so of gradients and torch optimizer states)."""
+        return {
+            Precision.FP32: DType.FP32,
+            Precision.MIXED_BF16: DType.FP32,
+            Precision.MIXED_FP16: DType.FP32,
+            Precision.BF16: DType.BF16,
+            Precision.FP16: DType.FP16,
+            Precision.FP8: DType.BF16,
+        }[self]
+
+    @property
+    def compute_dtype(self) -> DType:
+        """Dtype of activations between layers."""
+        return {
+            Precision.FP32: DType.FP32,
+            Precision.MIXED_BF16: DType.BF16,
+            Precision.MIXED_FP16: DType.FP16,
+            Precision.BF16: DType.BF16,
+            Precision.FP16: DType.FP16,
+            Precision.FP8: DType.BF16,
+        }[self]
+
+    @property
+    def is_mixed(self) -> bool:
+        """fp32 parameters under 16-bit autocast."""
+        return self in (Precision.MIXED_BF16, Precision.MIXED_FP16)
+
+
+class Optimizer(Choice):
+    ADAMW = "adamw"  # torch AdamW(fused=True): HF Trainer's default optim "adamw_torch_fused" (torch >= 2.8)
+    ADAMW_FOREACH = "adamw-foreach"  # torch AdamW with the foreach implementation ("adamw_torch")
+    ADAMW_8BIT = "adamw-8bit"  # bitsandbytes AdamW8bit ("adamw_bnb_8bit")
+    PAGED_ADAMW = "paged-adamw"  # bitsandbytes PagedAdamW32bit ("paged_adamw_32bit")
+    PAGED_ADAMW_8BIT = "paged-adamw-8bit"  # bitsandbytes PagedAdamW8bit ("paged_adamw_8bit")
+    SGD = "sgd"
+    SGD_MOMENTUM = "sgd-momentum"
+    ADAFACTOR = "adafactor"  # transformers.optimization.Adafactor ("adafactor"), beta1=None
+
+    @property
+    def is_paged(self) -> bool:
+        return self in (Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT)
+
+    @property
+    def is_bnb(self) -> bool:
+        return self in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT)
+
+    @property
+    def is_8bit(self) -> bool:
+        return self in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT)
+
+
+class Attention(Choice):
+    SDPA = "sdpa"  # torch scaled_dot_product_attention (transformers default)
+    FLASH = "flash"  # flash_attention_2
+    EAGER = "eager"  # matmul + softmax in Python
+
+
+class Loss(Choice):
+    HF = "hf"  # transformers ForCausalLMLoss: full fp32 logits
+    CHUNKED = "chunked"  # cross-entropy over chunks of tokens, recomputing each chunk's logits in backward
+    FUSED = "fused"  # a fused linear-cross-entropy kernel (Liger / Apple cut-cross-entropy): no [T, V] tensor
+
+
+class Sharding(Choice):
+    NONE = "none"
+    DDP = "ddp"
+    ZERO1 = "zero1"
+    ZERO2 = "zero2"
+    ZERO3 = "zero3"
+    FSDP = "fsdp"
+
+
+class Quant(Choice):
+    NF4 = "nf4"
+    FP4 = "fp4"
+
+
+class AdapterDtype(Choice):
+    FP32 = "fp32"  # peft default: get_peft_model(autocast_adapter_dtype=True) upcasts adapters to fp32
+    BF16 = "bf16"
+
+
+class ComputeDtype(Choice):
+    """bitsandbytes ``bnb_4bit_compute_dtype``: the dtype 4-bit weights are dequantized to."""
+
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+    @property
+    def dtype(self) -> DType:
+        return DType(self.value)
+
+
+class Term(str, Enum):
+    """The named parts of a breakdown. The first six are tensors (what max_memory_allocated sees)."""
+
+    WEIGHTS = "weights"
+    GRADIENTS = "gradients"
+    OPTIMIZER_STATES = "optimizer_states"
+    ACTIVATIONS = "activations"
+    LOGITS = "logits"
+    TEMPORARIES = "temporaries"
+    RUNTIME_OVERHEAD = "runtime_overhead"
+    ALLOCATOR_SLACK = "allocator_slack"
+
+    @property
+    def is_tensor(self) -> bool:
+        return self not in (Term.RUNTIME_OVERHEAD, Term.ALLOCATOR_SLACK)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Phase(str, Enum):
+    """Moments of a training step at which the live set is assembled."""
+
+    FORWARD = "forward"
+    BACKWARD_START = "backward-start"
+    BACKWARD = "backward"
+    BACKWARD_END = "backward-end"
+    OPTIMIZER_STEP = "optimizer-step"
+
+    def __str__(self) -> str:
+        return self.value

@@ -1,0 +1,1 @@
+"""One module per memory term. Each function takes only what its term depends on; ``estimator`` assembles them."""

@@ -1,0 +1,80 @@
+"""logits: lm_head's output and the loss's buffers, often the largest term. T tokens, V vocabulary, c compute bytes.
+
+``hf`` (transformers v5 ``loss/loss_utils.py::ForCausalLMLoss``): lm_head writes [T, V] in c; ``logits.float()``
+  copies it to fp32 (no copy when already fp32); ``cross_entropy`` = log_softmax (saves its fp32 output) + nll_loss.
+  Forward peak (c + 4 + 4)·T·V; accelerate's ``convert_outputs_to_fp32`` then copies the 16-bit logits to fp32 while
+  they and the saved log_softmax live, again (c + 4 + 4)·T·V. After forward only the saved 4·T·V remains (Trainer
+  drops ``outputs``). Backward peak 12·T·V: the saved log_softmax, nll_loss's [T, V] gradient and log_softmax's
+  gradient. Gemma-2's final soft-cap (``logits / cap -> tanh -> * cap``) keeps the tanh output (c·T·V) and adds a
+  [T, V] step in forward. Then lm_head's backward holds the c·T·V logits gradient beside its weight gradient.
+``chunked`` (torchtune ``CEWithChunkedOutputLoss``, 8 chunks of C = T/8 tokens): the saved log_softmax still adds up to
+  4·T·V, but the c and fp32 copies, and in backward the two [C, V] gradients, exist one chunk at a time. When lm_head
+  trains, each chunk's backward makes a full [V, h] weight gradient and autograd's input buffer sums them out of
+  place (``torch/csrc/autograd/input_buffer.cpp``): three [V, h] gradients at once, two chunks in.
+``fused`` (Liger ``LigerFusedLinearCrossEntropyFunction``): no [T, V] tensor. Forward allocates ``grad_input`` [T, h]
+  and ``loss_1d`` [T] fp32, and one chunk of next_pow2(ceil(T / ceil(V / h))) tokens of logits at a time; the
+  lm_head weight gradient, when it trains, is allocated in forward too (it is counted as a gradient).
+Labels: transformers pads and shifts them to an int64 [T] tensor kept for nll_loss (8·T).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..model import ModelSpec
+from ..options import Loss, Precision
+from ..training_setup import ResolvedSetup
+from .activations import FP32, dtypes
+
+CHUNKED_LOSS_CHUNKS = 8  # torchtune CEWithChunkedOutputLoss default num_output_chunks
+LABEL_BYTES = 8  # int64
+
+
+@dataclass(frozen=True)
+class LogitsBytes:
+    forward_peak: int  # inside the loss, in forward
+    saved: int  # kept from the end of forward into backward
+    backward_peak: int  # at the start of backward
+    head_backward: int  # while lm_head's backward runs: the gradient of its output
+    forward_hidden_grad: int = 0  # fused: grad_input, alive from forward to backward (part of ``saved``)
+
+
+def fused_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:
+    """Liger's chunk: next_power_of_2(ceil(T / ceil(V / h))), at most T."""
+    inc_factor = math.ceil(vocab / hidden)
+    return min(tokens, 1 << (math.ceil(tokens / inc_factor) - 1).bit_length())
+
+
+def logits_bytes(model: ModelSpec, resolved: ResolvedSetup, tokens: int, head_grad_bytes: int = 0) -> LogitsBytes:
+    """``head_grad_bytes``: lm_head's weight gradient when it trains (0 otherwise)."""
+    setup = resolved.setup
+    dt = dtypes(model, resolved)
+    V = model.vocab_size
+    c = dt.c
+    upcast = 0 if c == FP32 else FP32
+    softcap = model.traits.logit_softcap
+    accelerate_copy = setup.precision is not Precision.FP32
+    labels = LABEL_BYTES * tokens
+    if setup.loss is Loss.HF:
+        saved = (FP32 + (c if softcap else 0)) * tokens * V + labels
+        chain = (2 * c if softcap else c) + upcast + FP32
+        after = (2 * c if softcap else c) + FP32 + (FP32 if accelerate_copy else 0)
+        forward = max(chain, after) * tokens * V + labels
+        backward = (3 * FP32 + (c if softcap else 0)) * tokens * V + labels
+        return LogitsBytes(forward, saved, backward, c * tokens * V + labels)
+    if setup.loss is Loss.CHUNKED:
+        chunk = -(-tokens // CHUNKED_LOSS_CHUNKS)
+        saved = (FP32 + (c if softcap else 0)) * tokens * V + labels
+        forward = saved + ((2 * c if softcap else c) + upcast) * chunk * V
+        backward = saved + 2 * FP32 * chunk * V
+        if head_grad_bytes:
+            remaining = saved * (CHUNKED_LOSS_CHUNKS - 2) // CHUNKED_LOSS_CHUNKS
+            backward = max(backward, remaining + 3 * head_grad_bytes + c * chunk * V)
+        return LogitsBytes(forward, saved, backward, saved + c * chunk * V)
+    chunk = fused_chunk_tokens(tokens, V, model.hidden_size)
+    hidden_bytes = max(dt.norm_out, dt.r)
+    grad_input = hidden_bytes * tokens * model.hidden_size
+    saved = grad_input + FP32 * tokens + labels
+    forward = saved + c * chunk * V + hidden_bytes * chunk * model.hidden_size
+    return LogitsBytes(forward, saved, saved, saved, forward_hidden_grad=grad_input)

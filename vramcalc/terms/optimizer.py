@@ -1,0 +1,117 @@
+"""optimizer_states, and the optimizer step's scratch memory (part of temporaries).
+
+Per trainable tensor of n elements stored at B bytes (sources in each row of ``_state_bytes``):
+  adamw, adamw-foreach   2·n·B   exp_avg, exp_avg_sq = zeros_like(p)       torch/optim/adamw.py _init_group
+                         + a 0-d fp32 "step" on the device for fused AdamW (CPU-side for foreach)
+  adamw-8bit, paged-adamw-8bit
+                         2·n (uint8 state1/2) + 2·4·ceil(n/256) (fp32 absmax1/2);  fp32 2·4·n when n < 4096 or the
+                         tensor is an nn.Embedding (Trainer overrides embeddings to optim_bits=32)
+                                                                          bitsandbytes/optim/optimizer.py init_state
+  paged-adamw            2·4·n (fp32 state1/2 whatever the parameter dtype)
+  sgd                    0;  sgd-momentum  n·B (momentum_buffer = clone(grad))    torch/optim/sgd.py
+  adafactor              2-D+: 4·(rows + cols) fp32 (exp_avg_sq_row/col); 1-D: 4·n     transformers/optimization.py
+Paged optimizers take state buffers of tensors with n >= 1e5 from cudaMallocManaged: those bytes are outside
+torch's allocator and are reported apart (``OptimizerBytes.paged_bytes``); vramcalc counts them in runtime_overhead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..options import Optimizer
+from ..units import round_up
+from .parameters import StoredTensor
+
+BNB_MIN_8BIT_NUMEL = 4096  # bitsandbytes Optimizer8bit min_8bit_size
+BNB_OPTIM_BLOCKSIZE = 256  # bitsandbytes blockwise 8-bit state
+BNB_QMAP_BYTES = 2 * round_up(256 * 4)  # "dynamic" and "udynamic" code tables, once per optimizer
+BNB_PAGED_MIN_NUMEL = 100_000  # get_state_buffer pages only tensors with numel >= 1e5
+ADAM_STEP_BYTES = round_up(4)  # fused AdamW keeps state["step"] as a 0-d fp32 tensor on the device
+
+
+@dataclass(frozen=True)
+class OptimizerBytes:
+    device_bytes: int  # in torch's allocator
+    paged_bytes: int = 0  # bitsandbytes unified memory
+
+
+def optimizer_state_bytes(tensors: tuple[StoredTensor, ...], optimizer: Optimizer) -> OptimizerBytes:
+    device = paged = 0
+    qmaps_used = False
+    for t in tensors:
+        if not t.trainable:
+            continue
+        n, elem = t.numel, t.bits // 8
+        if optimizer is Optimizer.ADAMW:
+            state = 2 * round_up(n * elem) + ADAM_STEP_BYTES
+        elif optimizer is Optimizer.ADAMW_FOREACH:
+            state = 2 * round_up(n * elem)
+        elif optimizer.is_8bit:
+            if n < BNB_MIN_8BIT_NUMEL or t.kind == "embedding":
+                state = 2 * round_up(4 * n)
+            else:
+                qmaps_used = True
+                state = 2 * round_up(n) + 2 * round_up(4 * -(-n // BNB_OPTIM_BLOCKSIZE))
+        elif optimizer is Optimizer.PAGED_ADAMW:
+            state = 2 * round_up(4 * n)
+        elif optimizer is Optimizer.SGD:
+            state = 0
+        elif optimizer is Optimizer.SGD_MOMENTUM:
+            state = round_up(n * elem)
+        elif optimizer is Optimizer.ADAFACTOR:
+            state = _adafactor_state_bytes(t.shape)
+        else:
+            raise ValueError(f"optimizer {optimizer} has no state rule")
+        if optimizer.is_paged and n >= BNB_PAGED_MIN_NUMEL:
+            paged_part = 2 * round_up(n * (1 if optimizer.is_8bit and t.kind != "embedding" else 4))
+            paged += paged_part * t.count
+            device += (state - paged_part) * t.count
+        else:
+            device += state * t.count
+    if qmaps_used:
+        device += BNB_QMAP_BYTES
+    return OptimizerBytes(device, paged)
+
+
+def _adafactor_state_bytes(shape: tuple[int, ...]) -> int:
+    if len(shape) < 2:
+        return round_up(4 * shape[0])
+    rows = 1
+    for dim in shape[:-1]:
+        rows *= dim
+    cols = shape[-1]
+    for dim in shape[:-2]:
+        cols *= dim
+    return round_up(4 * rows) + round_up(4 * cols)
+
+
+def optimizer_step_temporary_bytes(tensors: tuple[StoredTensor, ...], optimizer: Optimizer) -> int:
+    """Scratch memory alive during ``optimizer.step()``.
+
+    adamw (fused ``_fused_adamw_``), SGD, bitsandbytes: update in place, 0.
+    adamw-foreach: ``exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)`` (torch/optim/adamw.py
+      ``_multi_tensor_adamw``) allocates one state copy per (param group, dtype) bucket; Trainer's decay group (all but
+      biases and norms) is the largest.
+    adafactor: tensors are updated one at a time; for the largest, ``grad.float()``, ``p.float()`` (16-bit params
+      only), ``update`` and the next ``update`` / ``-update`` coexist: (4 + 4 + 4 + 4)·n bytes for 16-bit params.
+    """
+    trainable = [t for t in tensors if t.trainable]
+    if not trainable:
+        return 0
+    if optimizer is Optimizer.ADAMW_FOREACH:
+        buckets: dict[tuple[bool, int], int] = {}
+        for t in trainable:
+            key = (_no_decay(t), t.bits)
+            buckets[key] = buckets.get(key, 0) + round_up(t.numel * t.bits // 8) * t.count
+        return max(buckets.values())
+    if optimizer is Optimizer.ADAFACTOR:
+        largest = max(trainable, key=lambda t: t.numel)
+        n = largest.numel
+        upcasts = 2 * round_up(4 * n) if largest.bits < 32 else 0
+        return upcasts + 2 * round_up(4 * n)
+    return 0
+
+
+def _no_decay(t: StoredTensor) -> bool:
+    """Trainer.get_decay_parameter_names: biases and norm weights get no weight decay (their own param group)."""
+    return t.kind == "norm" or t.name.endswith(".bias")

@@ -1,0 +1,64 @@
+"""runtime_overhead and allocator_slack: what a GPU holds beyond the step's tensors. Calibrated per GPU model.
+
+runtime_overhead = CUDA context (+ kernel images) + cuBLAS workspaces + NCCL communicator buffers
+                   + bitsandbytes paged optimizer state resident on the device.
+  The context is ~287 MB with CUDA lazy loading (torch's default since 1.13, pytorch#86509), 400-500 MiB seen on
+  recent GPUs (pytorch#109888, unsloth-zoo#1053). cuBLAS keeps one workspace per (handle, stream), and training uses
+  two threads (forward and autograd's backward): 32 MiB each on sm90+ (``:4096:8``), 8.125 MiB before
+  (ATen ``CublasHandlePool.cpp``). NCCL: ~0.5-0.7 GB per communicator on A100s (nccl#964). Paged optimizer state
+  lives in cudaMallocManaged memory that torch's allocator never sees; vramcalc counts it here, at its full size
+  (resident, before any eviction to host RAM).
+allocator_slack = reserved - allocated: the caching allocator rounds blocks (2 MiB segments below 1 MiB, 20 MiB up to
+  10 MiB, 2 MiB multiples above; ``CUDACachingAllocator.cpp``) and fragments. Default: a fraction of the tensor peak.
+Both defaults are assumptions until ``python -m vramcalc.calibrate`` fits them for a GPU; a fitted profile under
+``calibration/profiles/`` replaces them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..catalogue import GpuSpec
+
+MIB = 2**20
+DEFAULT_CUDA_CONTEXT_BYTES = 500 * MIB  # assumption (see module docstring); refit by calibration
+CUBLAS_WORKSPACE_SM90_BYTES = 32 * MIB  # CUBLAS_WORKSPACE_CONFIG :4096:8
+CUBLAS_WORKSPACE_BYTES = 8 * MIB + 128 * 1024  # :4096:2:16:8
+CUBLAS_HANDLES = 2  # forward thread + autograd backward thread
+DEFAULT_NCCL_BYTES = 600 * MIB  # assumption: one communicator (nccl#964); refit by calibration
+DEFAULT_ALLOCATOR_SLACK_FRACTION = 0.05  # assumption: reserved/allocated 1.05; refit by calibration
+
+
+@dataclass(frozen=True)
+class RuntimeProfile:
+    """Coefficients the trace cannot see, for one GPU model (defaults, or fitted by the calibration harness)."""
+
+    cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT_BYTES
+    workspace_bytes: int | None = None  # None: cuBLAS workspaces from the compute capability
+    nccl_bytes: int = DEFAULT_NCCL_BYTES
+    allocator_slack_fraction: float = DEFAULT_ALLOCATOR_SLACK_FRACTION
+    source: str = "default"
+
+
+def cublas_workspace_bytes(gpu: GpuSpec | None) -> int:
+    """Two handles' cuBLAS workspaces; sm90+ when the GPU is unknown."""
+    major = 9
+    if gpu is not None:
+        try:
+            major = int(str(gpu.compute_capability).split(".")[0])
+        except ValueError:
+            major = 9
+    per_handle = CUBLAS_WORKSPACE_SM90_BYTES if major >= 9 else CUBLAS_WORKSPACE_BYTES
+    return CUBLAS_HANDLES * per_handle
+
+
+def runtime_overhead_bytes(profile: RuntimeProfile, gpu: GpuSpec | None, num_gpus: int, paged_bytes: int) -> int:
+    """Context + workspaces + NCCL (when more than one GPU) + resident paged optimizer state."""
+    workspace = profile.workspace_bytes if profile.workspace_bytes is not None else cublas_workspace_bytes(gpu)
+    nccl = profile.nccl_bytes if num_gpus > 1 else 0
+    return profile.cuda_context_bytes + workspace + nccl + paged_bytes
+
+
+def allocator_slack_bytes(profile: RuntimeProfile, peak_tensor_bytes: int) -> int:
+    """Reserved minus allocated at the peak: a calibrated fraction of the tensor peak."""
+    return int(profile.allocator_slack_fraction * peak_tensor_bytes)

@@ -1,0 +1,86 @@
+"""temporaries: short-lived or weight-derived tensors: autocast weight copies, dequantized 4-bit weights, the
+gradients of activations inside one layer's backward, and the embedding's backward. (Optimizer scratch is in
+``optimizer.optimizer_step_temporary_bytes``.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..model import ModelSpec
+from ..options import Attention, Method
+from ..training_setup import ResolvedSetup
+from .activations import FP32, dtypes
+from .parameters import StoredTensor
+
+BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS = 1536  # bitsandbytes backends/cuda/ops.py: above it, dequantize + F.linear
+
+
+@dataclass(frozen=True)
+class WeightCopies:
+    forward: int  # alive at the end of forward
+    backward_start: int  # still saved when backward starts
+
+
+def weight_copy_bytes(model: ModelSpec, resolved: ResolvedSetup, tensors: tuple[StoredTensor, ...]) -> WeightCopies:
+    """Autocast's 16-bit copies of fp32 Linear weights that F.linear saves for its input gradient.
+
+    ATen ``autocast_mode.cpp::cached_cast`` caches the copy of a leaf weight that requires grad until autocast exits
+    (the end of forward); a frozen weight is cast on every call and its copy lives only if saved. Either way
+    ``F.linear`` saves the copy it multiplied with whenever its input needs a gradient, until that layer's
+    backward. Applies when fp32 weights meet 16-bit autocast (mixed precision, and QLoRA's kbit-prepared lm_head);
+    with checkpointing only lm_head's copy stays saved past forward (plus, for trained weights, the autocast cache
+    until forward ends).
+    """
+    dt = dtypes(model, resolved)
+    setup = resolved.setup
+    if not dt.autocast or dt.c == FP32:
+        return WeightCopies(0, 0)
+    full = setup.method is Method.FULL
+    head = next((t for t in tensors if t.kind in ("lm_head", "embedding") and (t.kind == "lm_head" or model.tie_word_embeddings)), None)
+    head_copy = dt.c * model.vocab_size * model.hidden_size if head is not None and head.bits == 32 else 0
+    layer_copies = 0
+    for t in tensors:
+        if t.kind == "linear" and t.bits == 32 and t.name.endswith(".weight") and (full or not setup.grad_ckpt):
+            layer_copies += dt.c * t.numel * t.count
+    if setup.method is Method.QLORA:
+        layer_copies = 0
+    saved = head_copy + (0 if setup.grad_ckpt else layer_copies)
+    forward = head_copy + (layer_copies if full or not setup.grad_ckpt else 0)
+    return WeightCopies(forward, saved)
+
+
+def dequantized_weight_bytes(model: ModelSpec, resolved: ResolvedSetup, tokens: int) -> int:
+    """QLoRA: the largest 4-bit Linear dequantized for one matmul.
+
+    Above 1536 tokens bitsandbytes' CUDA ``gemm_4bit`` runs ``_dequant_linear_fallback``: an fp32 absmax (twice, with
+    double quantization) and the full weight in the input's dtype, freed after ``F.linear``. Backward dequantizes
+    again (``MatMul4Bit.backward``). Below, a fused kernel needs none.
+    """
+    if resolved.setup.method is not Method.QLORA or tokens <= BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS:
+        return 0
+    dt = dtypes(model, resolved)
+    largest = max(module.weight_numel for module in model.inventory.linears)
+    absmax = 2 * FP32 * -(-largest // 64) if resolved.setup.double_quant else 0
+    return max(dt.r, dt.c) * largest + absmax
+
+
+def layer_backward_bytes(model: ModelSpec, resolved: ResolvedSetup, batch_size: int, seq_len: int) -> int:
+    """Gradients of a layer's activations alive at once during its backward (the MLP's, or attention's).
+
+    MLP: the incoming [T, h] gradient, then down's input gradient and mul's two gradients [T, I] (c each).
+    Attention: dq, dk, dv and the incoming gradient of the output; eager adds, per [b, a, s, s] element, the
+    gradient of the probabilities (c) and its fp32 copy for the softmax backward (4), less what backward frees.
+    """
+    m = model
+    dt = dtypes(model, resolved)
+    c = dt.c
+    T = batch_size * seq_len
+    width = m.expert_width * m.experts_per_token if m.is_moe else m.intermediate_size
+    mlp = c * T * (3 * width + m.hidden_size)
+    a, k = m.num_heads, m.num_kv_heads
+    d = m.qk_head_dim
+    attention = c * T * (2 * a * d + 2 * k * d)
+    if resolved.attn_used is Attention.EAGER:
+        attention += (c + FP32) * batch_size * a * seq_len * seq_len
+    return max(mlp, attention)

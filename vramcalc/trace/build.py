@@ -1,0 +1,225 @@
+"""Build the real transformers model of a ModelSpec at full size on fake tensors, and apply the method with the
+real libraries (peft for LoRA and prompt tuning, bitsandbytes' own 4-bit quantization and matmul for QLoRA).
+
+The model is built on the ``meta`` device (no init kernels), then ``to_empty`` materialises it as fake CPU
+tensors inside a ``FakeTensorMode``: shapes and dtypes without data. A CPU-only torch cannot run autograd on fake
+CUDA tensors, so every tensor is a fake *CPU* tensor; CUDA-only effects are left to the calibration harness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch import nn
+
+from ..errors import VramcalcError
+from ..model import ModelSpec
+from ..options import AdapterDtype, Attention, Method, Precision
+from ..training_setup import ResolvedSetup
+
+TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# transformers attn_implementation for each setup word. FA2 needs the flash-attn CUDA package; on fake CPU tensors
+# the SDPA flash path saves the same tensors (q, k, v, out, logsumexp), so "flash" is traced through SDPA.
+_ATTN_IMPLEMENTATION = {Attention.SDPA: "sdpa", Attention.FLASH: "sdpa", Attention.EAGER: "eager"}
+
+
+def hf_config(spec: ModelSpec):
+    """A transformers config object for the spec (no hub access)."""
+    from transformers import AutoConfig
+
+    fields = dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings or 4096,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        use_cache=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    family = spec.family
+    if family not in ("phi3", "qwen2", "deepseek_v3"):
+        fields["head_dim"] = spec.head_dim
+    if family in ("llama", "qwen3", "qwen3_moe", "gemma2", "deepseek_v3"):
+        fields["attention_bias"] = spec.o_bias
+    if family == "llama":
+        fields["mlp_bias"] = spec.mlp_bias
+    if spec.sliding_window and family in ("gemma2", "mistral", "mixtral", "phi3"):
+        fields["sliding_window"] = spec.sliding_window
+    if family == "mixtral":
+        fields.update(num_local_experts=spec.num_experts, num_experts_per_tok=spec.experts_per_token)
+    elif family == "qwen3_moe":
+        fields.update(
+            num_experts=spec.num_experts,
+            num_experts_per_tok=spec.experts_per_token,
+            moe_intermediate_size=spec.moe_intermediate_size,
+            decoder_sparse_step=spec.decoder_sparse_step,
+            mlp_only_layers=list(spec.mlp_only_layers),
+            norm_topk_prob=True,
+        )
+    elif family == "deepseek_v3":
+        groups = 8 if spec.num_experts % 8 == 0 and spec.num_experts >= 32 else 1
+        fields.update(
+            n_routed_experts=spec.num_experts,
+            num_experts_per_tok=spec.experts_per_token,
+            moe_intermediate_size=spec.moe_intermediate_size,
+            n_shared_experts=spec.n_shared_experts,
+            first_k_dense_replace=spec.first_k_dense_replace,
+            q_lora_rank=spec.q_lora_rank or None,
+            kv_lora_rank=spec.kv_lora_rank,
+            qk_nope_head_dim=spec.qk_nope_head_dim,
+            qk_rope_head_dim=spec.qk_rope_head_dim,
+            v_head_dim=spec.v_head_dim,
+            n_group=groups,
+            topk_group=min(4, groups),
+            rope_scaling=None,
+        )
+    with _quiet():
+        return AutoConfig.for_model(family, **fields)
+
+
+@contextlib.contextmanager
+def _quiet():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def base_dtype(resolved: ResolvedSetup) -> torch.dtype:
+    """Dtype the model is loaded in: fp32 for fp32 and mixed precision, else 16-bit."""
+    return TORCH_DTYPE[resolved.setup.precision.param_dtype.value]
+
+
+def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode) -> nn.Module:
+    """The causal-LM model with the setup's method applied, on fake CPU tensors (or real ones if fake_mode is None)."""
+    from transformers import AutoModelForCausalLM
+
+    setup = resolved.setup
+    config = hf_config(spec)
+    try:
+        with _quiet(), torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=_load_dtype(resolved), attn_implementation=_ATTN_IMPLEMENTATION[resolved.attn_used]
+            )
+            _restore_fp32_modules(model)
+            if setup.method is Method.QLORA:
+                from .qlora import quantize_linears
+
+                quantize_linears(model, setup)
+                if setup.precision.is_mixed:
+                    _prepare_for_kbit_training(model)
+            if setup.method.uses_lora:
+                model = _apply_lora(model, resolved)
+            elif setup.method is Method.PROMPT:
+                model = _apply_prompt_tuning(model, spec, resolved)
+            else:
+                model.requires_grad_(True)
+    except VramcalcError:
+        raise
+    except ImportError:
+        raise
+    except Exception as err:  # transformers and peft raise many types for configs they cannot build
+        import os
+        if os.environ.get("VRAMCALC_DEBUG"):
+            raise
+        raise VramcalcError(f"transformers cannot build {spec.name} ({spec.family}): {err}".splitlines()[0]) from None
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        model = model.to_empty(device="cpu")
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.tie_weights()  # to_empty gives each module its own new tensor, untying lm_head from the embedding
+        if setup.method is Method.QLORA:
+            from .qlora import materialise_quant_states
+
+            materialise_quant_states(model)
+    if setup.grad_ckpt:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def _load_dtype(resolved: ResolvedSetup) -> torch.dtype:
+    """The dtype from_pretrained loads in: QLoRA quantizes from the 16-bit checkpoint even when
+    prepare_model_for_kbit_training later casts the rest to fp32."""
+    setup = resolved.setup
+    if setup.method is Method.QLORA:
+        return torch.float16 if setup.precision in (Precision.FP16, Precision.MIXED_FP16) else torch.bfloat16
+    return base_dtype(resolved)
+
+
+def _restore_fp32_modules(model: nn.Module) -> None:
+    """``_keep_in_fp32_modules_strict`` (DeepSeek-V3 router weight and bias) stay fp32 in a 16-bit model, as
+    ``from_pretrained`` keeps them; ``from_config(dtype=...)`` alone would not."""
+    keep = getattr(model, "_keep_in_fp32_modules_strict", None) or []
+    for name, param in list(model.named_parameters()) + list(model.named_buffers()):
+        if any(name.endswith(key) or f".{key}" in name for key in keep) and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
+
+
+def _prepare_for_kbit_training(model: nn.Module) -> None:
+    """peft.prepare_model_for_kbit_training's dtype effect: every non-4-bit 16-bit parameter becomes fp32
+    (``peft/utils/other.py``). Its gradient-checkpointing switch is the setup's own ``grad_ckpt``."""
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _apply_lora(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    setup = resolved.setup
+    config = LoraConfig(
+        r=setup.lora_rank,
+        lora_alpha=setup.lora_rank,
+        lora_dropout=setup.lora_dropout,
+        target_modules=list(resolved.lora_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with _quiet():
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=setup.adapter_dtype is AdapterDtype.FP32)
+    _cast_adapters(peft_model, resolved)
+    return peft_model
+
+
+def _cast_adapters(model: nn.Module, resolved: ResolvedSetup) -> None:
+    """Adapters in fp32 (peft's ``autocast_adapter_dtype=True``) or in the model's 16-bit dtype (peft moves new
+    adapters to the base layer's dtype; TRL's ``peft_module_casting_to_bf16`` does it for 4-bit bases)."""
+    setup = resolved.setup
+    if setup.adapter_dtype is AdapterDtype.FP32 or setup.precision.param_dtype.value == "fp32" and setup.method is not Method.QLORA:
+        dtype = torch.float32
+    else:
+        dtype = torch.float16 if setup.precision in (Precision.FP16, Precision.MIXED_FP16) else torch.bfloat16
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def _apply_prompt_tuning(model: nn.Module, spec: ModelSpec, resolved: ResolvedSetup) -> nn.Module:
+    from peft import PromptTuningConfig, get_peft_model
+
+    setup = resolved.setup
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=setup.virtual_tokens, token_dim=spec.hidden_size)
+    with _quiet():
+        peft_model = get_peft_model(model, config)
+    _cast_adapters(peft_model, resolved)
+    return peft_model
+
+
+def uses_autocast(precision: Precision) -> bool:
+    """Trainer bf16=True / fp16=True wraps forward in autocast (accelerate native AMP); fp32 runs without."""
+    return precision is not Precision.FP32

@@ -1,0 +1,122 @@
+"""Make a CPU trace allocate what the CUDA kernels of a real run allocate.
+
+On CPU, ``F.scaled_dot_product_attention`` picks CPU kernels (a CPU flash kernel, or the math path for DeepSeek's
+192/128 head dims) and bitsandbytes' fake ``gemm_4bit`` allocates no dequantized weight. A GPU run differs in both, so
+while a trace runs:
+
+1. SDPA takes the backend CUDA would (torch 2.5-2.13, ``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp``
+   ``select_sdp_backend``, priority flash -> efficient -> math): flash for 16-bit inputs without a mask and with
+   equal q/k/v head dims <= 256 (GQA natively); else memory-efficient attention, which takes a mask, fp32 and a v
+   head dim unlike q/k's (DeepSeek-V3 MLA) but not GQA; else the math path, which repeats k and v to all heads and
+   keeps fp32 [b, a, s, s] scores (fp32 training of a GQA model lands there). The CUDA ops are called directly; their
+   meta kernels give the exact saved tensors (output, logsumexp, philox state). cuDNN attention, preferred on sm90
+   by newer builds, keeps the same tensors as flash.
+2. Dropout takes CUDA's fused ``native_dropout`` (ATen ``Dropout.cpp::is_fused_kernel_acceptable`` is CUDA-only):
+   a one-byte bool mask is saved, where the CPU path would save a noise tensor in the input's dtype.
+3. bitsandbytes ``gemm_4bit`` above 1536 tokens runs the CUDA dequantize-then-``F.linear`` fallback
+   (``backends/cuda/ops.py::_dequant_linear_fallback``), whose dequantized weight is the big QLoRA transient.
+
+Kernel-internal workspaces (FA2's fp32 ``dq_accum``, cuBLAS) are not tensors of the step: calibration measures them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS = 1536  # bitsandbytes backends/cuda/ops.py _gemm_4bit_custom_max_m
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
+def cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``F.scaled_dot_product_attention`` as a CUDA GPU would run it."""
+    aten = torch.ops.aten
+    if torch.is_autocast_enabled("cpu"):
+        # CUDA autocast lists scaled_dot_product_attention as lower-precision: q, k, v are cast first
+        dtype = torch.get_autocast_dtype("cpu")
+        query, key, value = (t.to(dtype) if t.is_floating_point() else t for t in (query, key, value))
+    head_dims_equal = query.shape[-1] == key.shape[-1] == value.shape[-1]
+    if query.dtype in _SIXTEEN_BIT and attn_mask is None and head_dims_equal and query.shape[-1] <= 256:
+        return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+    if query.shape[1] == key.shape[1]:
+        bias = None if attn_mask is None else _additive_bias(attn_mask, query, key)
+        grad = query.requires_grad or key.requires_grad or value.requires_grad
+        return aten._scaled_dot_product_efficient_attention(
+            query, key, value, bias, grad, dropout_p, is_causal and attn_mask is None, scale=scale
+        )[0]
+    return aten._scaled_dot_product_attention_math(
+        query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=True
+    )[0]
+
+
+def cuda_dropout(input, p=0.5, training=True, inplace=False):
+    """``F.dropout`` as CUDA runs it: the fused kernel with a bool mask."""
+    if training and 0.0 < p < 1.0 and input.numel() > 0:
+        return torch.native_dropout(input, p, True)[0]
+    return _original_dropout(input, p, training, inplace)
+
+
+_original_dropout = torch.nn.functional.dropout
+
+
+def _additive_bias(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """SDPA turns a boolean mask into an additive one of the query's dtype before the efficient kernel."""
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+        bias = bias.masked_fill(mask.logical_not(), float("-inf"))
+    else:
+        bias = mask.to(query.dtype)
+    return bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+
+
+class _Bnb4bitFallback(TorchDispatchMode):
+    """Route ``bitsandbytes::gemm_4bit`` with more than 1536 rows to the dequantize + linear path CUDA takes."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _gemm_4bit():
+            a = args[0]
+            tokens = a.numel() // a.shape[-1]
+            if tokens > BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS:
+                from bitsandbytes.backends.default.ops import _gemm_4bit_default_impl
+
+                return _gemm_4bit_default_impl(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _unpacked(position_ids):
+    return None
+
+
+def _gemm_4bit():
+    try:
+        return torch.ops.bitsandbytes.gemm_4bit.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@contextlib.contextmanager
+def cuda_kernel_emulation(sdpa: bool = True):
+    """SDPA and bitsandbytes behave as on a CUDA GPU inside this block (enter it inside the tracker).
+
+    ``sdpa=False`` keeps the CPU attention kernels: real CPU tensors cannot run CUDA ops (self-checks, CPU harness).
+    """
+    from transformers import masking_utils
+
+    original = torch.nn.functional.scaled_dot_product_attention
+    find_packed = masking_utils.find_packed_sequence_indices
+    if sdpa:
+        torch.nn.functional.scaled_dot_product_attention = cuda_sdpa
+    torch.nn.functional.dropout = cuda_dropout
+    # transformers cannot read fake position ids, so it would assume packed sequences and build a 4-D mask; the
+    # traced batch is unpacked (one sequence per row), as find_packed_sequence_indices finds on real ids.
+    masking_utils.find_packed_sequence_indices = _unpacked
+    try:
+        with _Bnb4bitFallback():
+            yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+        torch.nn.functional.dropout = _original_dropout
+        masking_utils.find_packed_sequence_indices = find_packed

@@ -1,0 +1,87 @@
+"""The three loss implementations the trace runs, each allocating what its real counterpart allocates.
+
+- ``hf``: transformers' own ``ForCausalLMLoss`` inside the model's forward (lm_head -> ``logits.float()`` ->
+  ``cross_entropy``), unchanged.
+- ``chunked``: torchtune's ``CEWithChunkedOutputLoss`` pattern (``torchtune/modules/loss/ce_chunked_output_loss.py``):
+  the hidden states are split into ``CHUNKED_LOSS_CHUNKS`` chunks along the tokens, and each chunk goes through
+  lm_head, an fp32 upcast and a summed cross-entropy, so only one chunk's fp32 logits exist at a time.
+- ``fused``: Liger-Kernel's ``LigerFusedLinearCrossEntropyFunction`` (``liger_kernel/ops/fused_linear_cross_entropy.py``,
+  a Triton kernel): chunks of ``next_pow2(ceil(T / ceil(V / h)))`` tokens; each chunk's logits are turned into their
+  gradient in place, which is projected into ``grad_input`` [T, h] and ``grad_weight`` [V, h] during *forward*; backward
+  only scales them. The stand-in below makes the same allocations with torch ops (its arithmetic is a placeholder:
+  the trace counts bytes, not values).
+
+For ``chunked`` and ``fused`` the model's lm_head is bypassed (it returns its input) and the loss is computed from
+the hidden states with lm_head's own weight, as the integrations of both libraries do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHUNKED_LOSS_CHUNKS = 8  # torchtune CEWithChunkedOutputLoss(num_output_chunks=8)
+
+
+class PassThroughHead(nn.Module):
+    """Stands where lm_head was: forward returns the hidden states, the weight stays reachable."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden_states):
+        return hidden_states
+
+
+def chunked_cross_entropy(hidden, weight, labels, softcap=None, chunks: int = CHUNKED_LOSS_CHUNKS):
+    """Sum over token chunks of cross-entropy(lm_head(chunk).float()), divided by the token count."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = F.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for hidden_chunk, label_chunk in zip(hidden.chunk(chunks), labels.chunk(chunks)):
+        logits = F.linear(hidden_chunk, weight)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        total = total + F.cross_entropy(logits.float(), label_chunk, ignore_index=-100, reduction="sum")
+    return total / labels.numel()
+
+
+def fused_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:
+    """Liger's chunk size: next_power_of_2(ceil(T / ceil(V / h))), at most T."""
+    inc_factor = math.ceil(vocab / hidden)
+    return min(tokens, 1 << (math.ceil(tokens / inc_factor) - 1).bit_length())
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """The allocations of Liger's fused linear cross-entropy, with torch ops."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels):
+        tokens, width = hidden.shape
+        vocab = weight.shape[0]
+        grad_input = torch.zeros_like(hidden)
+        grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
+        loss_1d = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
+        chunk = fused_chunk_tokens(tokens, vocab, width)
+        for start in range(0, tokens, chunk):
+            logits_chunk = hidden[start : start + chunk] @ weight.t()  # its gradient is written in place
+            grad_input[start : start + chunk] = logits_chunk @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(logits_chunk.t(), hidden[start : start + chunk])
+            del logits_chunk
+        ctx.save_for_backward(grad_input, grad_weight)
+        return loss_1d.sum() / tokens
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_input, grad_weight = ctx.saved_tensors
+        return grad_input, grad_weight, None
+
+
+def fused_cross_entropy(hidden, weight, labels, softcap=None):
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    return FusedLinearCrossEntropy.apply(hidden, weight, labels.reshape(-1))

@@ -1,0 +1,111 @@
+"""``trace()``: the exact allocation trace of a real Hugging Face training step, at full size, on fake CPU tensors."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+from ..catalogue import get_model
+from ..model import ModelSpec
+from ..options import Phase, Term
+from ..training_setup import ResolvedSetup, resolve_setup
+
+TRACE_STEPS = 2  # optimizer state appears in the first step; its effect on forward/backward in the second
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    terms: dict  # Term -> bytes at the peak (tensor terms only)
+    phase: Phase
+    step: int
+    paged_bytes: int  # bitsandbytes paged optimizer state, outside torch's allocator
+    step_peaks: dict  # step -> peak live bytes
+    phase_peaks: dict  # Phase -> peak live bytes
+    seconds: float
+    peak_rss_bytes: int
+
+
+def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, steps: int = TRACE_STEPS,
+              progress: bool | None = None, round_to: int | None = None) -> TraceResult:
+    """Build the model, run ``steps`` training steps under the tracker, and return the peak by term.
+
+    ``fake=False`` runs on real CPU tensors (tiny models only): the tracker's self-check and the harness' CPU mode.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .build import build_model
+    from .cuda_emulation import cuda_kernel_emulation
+    from .qlora import quant_state_tensors
+    from .step import StepTracer
+    from .tracker import AllocationTracker
+
+    started = time.perf_counter()
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    tracker = AllocationTracker() if round_to is None else AllocationTracker(round_to=round_to)
+    micro_steps = steps * resolved.setup.grad_accum
+    bar = _progress_bar(micro_steps + 1, spec.name, progress)
+    tracer = None
+    try:
+        model = build_model(spec, resolved, fake_mode)
+        bar.update(1)
+        with fake_mode if fake_mode is not None else contextlib.nullcontext():
+            tracker.register_weights(list(model.parameters()) + list(model.buffers()) + quant_state_tensors(model))
+            tracer = StepTracer(model, spec, resolved, tracker)
+            with torch.device("cpu"), tracker, cuda_kernel_emulation(sdpa=fake):
+                tracer.run(steps, progress=lambda: bar.update(1))
+        terms = tracker.peak_terms()
+        return TraceResult(
+            terms=terms,
+            phase=tracker.peak.phase,
+            step=tracker.peak.step,
+            paged_bytes=tracker.paged_bytes,
+            step_peaks=dict(tracker.step_peaks),
+            phase_peaks=dict(tracker.phase_peaks),
+            seconds=time.perf_counter() - started,
+            peak_rss_bytes=_peak_rss_bytes(),
+        )
+    finally:
+        bar.close()
+        if tracer is not None:
+            tracer.remove_hooks()
+        _reset_bnb_overrides()
+
+
+def _progress_bar(total: int, name: str, progress: bool | None):
+    from tqdm.auto import tqdm
+
+    disable = (not sys.stderr.isatty()) if progress is None else not progress
+    return tqdm(total=total, desc=f"trace {name}", unit="step", disable=disable, leave=False)
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_bnb_overrides() -> None:
+    """bitsandbytes keeps module overrides in a process-wide singleton: leave nothing behind."""
+    module = sys.modules.get("bitsandbytes.optim.optimizer")
+    if module is not None:
+        module.GlobalOptimManager._instance = None
+
+
+def trace(model, *, gpu=None, progress: bool | None = None, **options):
+    """Same signature and return type as ``estimate``; the tensor terms come from the traced step."""
+    from ..estimator import assemble_measured
+
+    spec = get_model(model)
+    resolved = resolve_setup(spec, **options)
+    result = run_trace(spec, resolved, progress=progress)
+    return assemble_measured(
+        spec, resolved, result.terms, result.phase, source="trace", gpu=gpu,
+        paged_bytes=result.paged_bytes,
+        details={"trace_seconds": round(result.seconds, 3), "trace_peak_rss_bytes": result.peak_rss_bytes},
+    )
+
+
+__all__ = ["trace", "run_trace", "TraceResult", "Term"]

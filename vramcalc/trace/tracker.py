@@ -1,0 +1,229 @@
+"""A dispatch-level allocation tracker: every storage an ATen op creates, while it lives, attributed to a term.
+
+It follows torch's own ``torch.distributed._tools.mem_tracker.MemTracker``: a ``TorchDispatchMode`` sees each op's
+outputs, keys new ``UntypedStorage`` objects in a weak dictionary, and a weakref callback subtracts them when they die.
+Sizes are rounded up to CUDA's 512-byte granule (``_PYTORCH_MIN_ALLOCATE``). It runs on fake tensors (no memory) and on
+real ones alike.
+
+Attribution (the same terms as the estimate):
+- ``weights``: parameters, buffers and quantization state registered before the step;
+- ``gradients``: a parameter's ``.grad`` (found by a post-accumulate-grad hook and after backward);
+- ``optimizer_states``: tensors the optimizer holds in ``optimizer.state`` after a step;
+- ``logits``: anything allocated from lm_head's forward to the loss, and in backward until lm_head's gradient is done;
+- ``activations``: forward allocations still alive when forward ends (autograd saved them, or checkpointing kept
+  them), and decoder-layer recomputation under checkpointing;
+- ``temporaries``: everything else: forward and backward transients, optimizer scratch, and casts or dequantized copies
+  of parameters (autocast weight copies, bitsandbytes dequantized weights) even when autograd saves them.
+
+A record's term can change after it is allocated (a backward tensor becomes a ``.grad``, a forward tensor becomes an
+activation when forward ends); the peak snapshot keeps references to the live records, so the peak is reported
+with each tensor's final role.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..options import Phase, Term
+from ..units import CUDA_ALLOCATION_GRANULE_BYTES
+
+TENSOR_TERMS = tuple(term for term in Term if term.is_tensor)
+
+# Ops whose output, when their input is a parameter, is a copy of the weight rather than an activation.
+_WEIGHT_COPY_OPS = {torch.ops.aten._to_copy.default, torch.ops.aten.clone.default}
+
+
+class _Record:
+    """One live storage."""
+
+    __slots__ = ("nbytes", "term", "region", "weight_copy", "paged", "op")
+
+    def __init__(self, nbytes: int, term: Term, region: str, weight_copy: bool = False, op: str = ""):
+        self.nbytes = nbytes
+        self.op = op  # the ATen op that allocated it (for diagnostics)
+        self.term = term
+        self.region = region  # "forward", "backward", "optimizer", "setup"
+        self.weight_copy = weight_copy
+        self.paged = False  # in CUDA unified memory, outside torch's allocator
+
+
+@dataclass
+class PeakSnapshot:
+    total_bytes: int = 0
+    phase: Phase = Phase.FORWARD
+    step: int = 0
+    terms: dict[Term, int] = field(default_factory=lambda: {term: 0 for term in TENSOR_TERMS})
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Counts live storage bytes by term, and the peak over everything it saw.
+
+    The driver tells it where the step is: ``phase``, ``step``, ``in_logits``, ``in_recompute``, ``in_optimizer``,
+    and calls ``end_forward()``, ``mark_gradients()``, ``mark_optimizer_states()`` at those moments.
+    """
+
+    def __init__(self, round_to: int = CUDA_ALLOCATION_GRANULE_BYTES):
+        super().__init__()
+        self.round_to = round_to
+        self._records: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._live: dict[int, _Record] = {}  # id(record) -> record, for snapshots
+        self.live_bytes = 0
+        self.live_by_term = {term: 0 for term in TENSOR_TERMS}
+        self.peak = PeakSnapshot()
+        self._peak_records: list[_Record] | None = None
+        self._peak_pending = False
+        self.phase = Phase.FORWARD
+        self.step = 0
+        self.in_logits = False
+        self.in_recompute = False
+        self.in_optimizer = False
+        self._param_storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.step_peaks: dict[int, int] = {}
+        self.phase_peaks: dict[Phase, int] = {}  # the largest live total seen in each phase
+        self.paged_bytes = 0
+        self.in_paged = False
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def _size(self, storage: torch.UntypedStorage) -> int:
+        n = storage.nbytes()
+        if self.round_to > 1:
+            n = -(-n // self.round_to) * self.round_to
+        return n
+
+    def _add(self, storage: torch.UntypedStorage, term: Term, region: str, weight_copy: bool = False,
+             op: str = "") -> _Record:
+        record = _Record(self._size(storage), term, region, weight_copy, op)
+        self._records[storage] = record
+        if self.in_paged:
+            record.paged = True
+            record.term = Term.OPTIMIZER_STATES
+            self.paged_bytes += record.nbytes
+            weakref.finalize(storage, self._free, record)
+            return record
+        self._live[id(record)] = record
+        weakref.finalize(storage, self._free, record)
+        self.live_bytes += record.nbytes
+        self.live_by_term[term] += record.nbytes
+        if self.live_bytes > self.peak.total_bytes:
+            self.peak.total_bytes = self.live_bytes
+            self.peak.phase = self.phase
+            self.peak.step = self.step
+            self._peak_pending = True
+        if self.live_bytes > self.step_peaks.get(self.step, 0):
+            self.step_peaks[self.step] = self.live_bytes
+        if self.live_bytes > self.phase_peaks.get(self.phase, 0):
+            self.phase_peaks[self.phase] = self.live_bytes
+        return record
+
+    def _free(self, record: _Record) -> None:
+        if record.paged:
+            self.paged_bytes -= record.nbytes
+            return
+        if self._peak_pending:
+            self._take_snapshot()
+        self._live.pop(id(record), None)
+        self.live_bytes -= record.nbytes
+        self.live_by_term[record.term] -= record.nbytes
+
+    def _take_snapshot(self) -> None:
+        self._peak_records = list(self._live.values())
+        self._peak_pending = False
+
+    def _retag(self, record: _Record, term: Term) -> None:
+        if record.term is not term and not record.paged:
+            self.live_by_term[record.term] -= record.nbytes
+            self.live_by_term[term] += record.nbytes
+            record.term = term
+
+    def record_of(self, tensor: torch.Tensor) -> _Record | None:
+        return self._records.get(tensor.untyped_storage())
+
+    def retag(self, tensor: torch.Tensor, term: Term) -> None:
+        """Give a tensor's storage its final role (registering it if the tracker never saw it)."""
+        storage = tensor.untyped_storage()
+        record = self._records.get(storage)
+        if record is None:
+            self._add(storage, term, "setup")
+        else:
+            self._retag(record, term)
+
+    @contextlib.contextmanager
+    def paged(self):
+        """Allocations inside are CUDA unified memory (bitsandbytes paged optimizer state): outside torch's
+        allocator, so out of the live count; they are counted in ``paged_bytes``."""
+        self.in_paged = True
+        try:
+            yield
+        finally:
+            self.in_paged = False
+
+    # -- the moments the driver reports ---------------------------------------------------------------
+    def register_weights(self, tensors) -> None:
+        for tensor in tensors:
+            self.retag(tensor, Term.WEIGHTS)
+            self._param_storages[tensor.untyped_storage()] = True
+
+    def end_forward(self) -> None:
+        """Forward allocations still alive now are activations (autograd or checkpointing holds them)."""
+        for record in self._live.values():
+            if record.region == "forward" and record.term is Term.TEMPORARIES and not record.weight_copy:
+                self._retag(record, Term.ACTIVATIONS)
+            record.region = "kept" if record.region == "forward" else record.region
+
+    def mark_gradients(self, params) -> None:
+        for param in params:
+            if param.grad is not None:
+                self.retag(param.grad, Term.GRADIENTS)
+
+    def mark_optimizer_states(self, optimizer: torch.optim.Optimizer) -> None:
+        leaves, _ = tree_flatten([dict(state) for state in optimizer.state.values()])
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                self.retag(leaf, Term.OPTIMIZER_STATES)
+
+    def live_records(self) -> list[_Record]:
+        return list(self._live.values())
+
+    def peak_terms(self) -> dict[Term, int]:
+        """Bytes per term at the peak, each tensor under its final role."""
+        if self._peak_pending:
+            self._take_snapshot()
+        terms = {term: 0 for term in TENSOR_TERMS}
+        for record in self._peak_records or []:
+            if not record.paged:
+                terms[record.term] += record.nbytes
+        return terms
+
+    # -- dispatch ------------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outputs, _ = tree_flatten(out)
+        new = [t for t in outputs if isinstance(t, torch.Tensor) and t.untyped_storage() not in self._records]
+        if not new:
+            return out
+        if self.in_optimizer:
+            region, term = "optimizer", Term.TEMPORARIES
+        elif self.phase is Phase.FORWARD:
+            region, term = "forward", Term.LOGITS if self.in_logits else Term.TEMPORARIES
+        else:
+            region = "backward"
+            term = Term.LOGITS if self.in_logits else Term.ACTIVATIONS if self.in_recompute else Term.TEMPORARIES
+        weight_copy = func in _WEIGHT_COPY_OPS and self._touches_param(args)
+        if weight_copy:
+            term = Term.TEMPORARIES
+        for tensor in new:
+            storage = tensor.untyped_storage()
+            if storage not in self._records:
+                self._add(storage, term, region, weight_copy, func.__name__)
+        return out
+
+    def _touches_param(self, args) -> bool:
+        leaves, _ = tree_flatten(args)
+        return any(isinstance(t, torch.Tensor) and t.untyped_storage() in self._param_storages for t in leaves)
