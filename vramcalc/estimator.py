@@ -20,6 +20,7 @@ from .breakdown import MemoryBreakdown
 from .catalogue import GpuSpec, get_gpu, get_model
 from .model import ModelSpec
 from .options import Method, Phase, Sharding, Term
+from .profiles import runtime_profile
 from .terms import activations, logits, optimizer, parameters, runtime, temporaries
 from .terms.gradients import gradient_bytes, layer_gradient_bytes
 from .terms.weights import weight_bytes
@@ -69,9 +70,22 @@ def assemble_measured(spec: ModelSpec, resolved: ResolvedSetup, tensor_terms: di
     return _finish(spec, resolved, terms, phase, source, device, paged_bytes, details or {})
 
 
+def peak_tensor_bytes_grid(spec: ModelSpec, resolved: ResolvedSetup, batch_sizes, seq_lens):
+    """Peak tensor bytes over arrays of batch sizes and sequence lengths (numpy), and the phase of each peak."""
+    import numpy
+
+    b = numpy.asarray(batch_sizes, dtype=numpy.int64)
+    s = numpy.asarray(seq_lens, dtype=numpy.int64)
+    moments = step_moments(spec, resolved, b, s)
+    shape = numpy.broadcast(b, s).shape
+    totals = numpy.stack([numpy.broadcast_to(numpy.asarray(m.tensor_bytes, dtype=numpy.int64), shape) for m in moments])
+    phases = numpy.array([m.phase.value for m in moments])
+    return totals.max(axis=0), phases[totals.argmax(axis=0)]
+
+
 def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) -> MemoryBreakdown:
     setup = resolved.setup
-    profile = runtime.RuntimeProfile()
+    profile = runtime_profile(device)
     peak_tensor = sum(terms.values())
     terms[Term.RUNTIME_OVERHEAD] = runtime.runtime_overhead_bytes(profile, device, setup.num_gpus, paged_bytes)
     terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor)
@@ -89,10 +103,15 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
     return MemoryBreakdown(spec.name, terms, phase, inputs, source, device, resolved.warnings, details)
 
 
-def step_moments(spec: ModelSpec, resolved: ResolvedSetup) -> list[Moment]:
-    """Every moment of the step at which the peak can fall (see the module docstring)."""
+def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_len=None) -> list[Moment]:
+    """Every moment of the step at which the peak can fall (see the module docstring).
+
+    ``batch_size`` and ``seq_len`` override the setup's and may be numpy arrays of one shape: every byte count is
+    then an array over those batch shapes (``sweep`` evaluates many setups at once this way).
+    """
     setup = resolved.setup
-    b, s = setup.batch_size, setup.padded_seq_len
+    b = setup.batch_size if batch_size is None else batch_size
+    s = setup.padded_seq_len if seq_len is None else seq_len + (setup.padded_seq_len - setup.seq_len)
     T = b * s
     tensors = parameters.stored_tensors(spec, resolved)
     W = weight_bytes(tensors)
@@ -111,14 +130,14 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup) -> list[Moment]:
         Moment(Phase.BACKWARD_START, W, G_acc, O, A, L.backward_peak, copies.backward_start),
         Moment(Phase.BACKWARD, W, max(G_acc, head_grad), O, A, L.head_backward, copies.backward_start + hidden_grad),
     ]
-    moments += _layer_backward_moments(spec, resolved, tensors, W, O, G_acc, head_grad, dequant)
+    moments += _layer_backward_moments(spec, resolved, tensors, W, O, G_acc, head_grad, dequant, b, s)
     moments.append(Moment(Phase.BACKWARD_END, W, G, O, 0, 0, _embedding_backward_bytes(spec, resolved, T)))
     moments.append(Moment(Phase.OPTIMIZER_STEP, W, G, O, 0, 0,
                           optimizer.optimizer_step_temporary_bytes(tensors, setup.optimizer)))
     return moments
 
 
-def _layer_backward_moments(spec, resolved, tensors, W, O, G_acc, head_grad, dequant) -> list[Moment]:
+def _layer_backward_moments(spec, resolved, tensors, W, O, G_acc, head_grad, dequant, b, s) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -126,7 +145,6 @@ def _layer_backward_moments(spec, resolved, tensors, W, O, G_acc, head_grad, deq
     recomputed activations. Both sums are linear along a run, so its ends bound it.
     """
     setup = resolved.setup
-    b, s = setup.batch_size, setup.padded_seq_len
     transient = temporaries.layer_backward_bytes(spec, resolved, b, s) + dequant
     shared = activations.shared_saved(spec, resolved).bytes(b, s)
     remaining = activations.model_saved(spec, resolved).bytes(b, s) - shared - activations.head_saved(spec, resolved).bytes(b, s)

@@ -58,3 +58,30 @@ def gib(n_bytes: int | float) -> float:
 def round_up(n_bytes: int, granule: int = CUDA_ALLOCATION_GRANULE_BYTES) -> int:
     """Round an allocation up to the allocator's granule (512 B for CUDA)."""
     return -(-n_bytes // granule) * granule
+
+
+def maximum(a, b):
+    """max() of two byte counts that may also be numpy arrays (sweeps evaluate one setup over many batch shapes)."""
+    if hasattr(a, "shape") or hasattr(b, "shape"):
+        import numpy
+
+        return numpy.maximum(a, b)
+    return a if a >= b else b
+
+
+def select(condition, if_true, if_false):
+    """``if_true if condition else if_false``, elementwise when ``condition`` is a numpy array."""
+    if hasattr(condition, "shape"):
+        import numpy
+
+        return numpy.where(condition, if_true, if_false)
+    return if_true if condition else if_false
+
+
+def next_power_of_two(n):
+    """Smallest power of two >= n (n >= 1), elementwise for numpy arrays."""
+    if hasattr(n, "shape"):
+        import numpy
+
+        return (2 ** numpy.ceil(numpy.log2(numpy.maximum(n, 1)))).astype(numpy.int64)
+    return 1 << (int(n) - 1).bit_length()

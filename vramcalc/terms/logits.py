@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from ..model import ModelSpec
 from ..options import Loss, Precision
 from ..training_setup import ResolvedSetup
+from ..units import maximum, next_power_of_two
 from .activations import FP32, dtypes
 
 CHUNKED_LOSS_CHUNKS = 8  # torchtune CEWithChunkedOutputLoss default num_output_chunks
@@ -40,13 +41,14 @@ class LogitsBytes:
     forward_hidden_grad: int = 0  # fused: grad_input, alive from forward to backward (part of ``saved``)
 
 
-def fused_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:
+def fused_chunk_tokens(tokens, vocab: int, hidden: int):
     """Liger's chunk: next_power_of_2(ceil(T / ceil(V / h))), at most T."""
     inc_factor = math.ceil(vocab / hidden)
-    return min(tokens, 1 << (math.ceil(tokens / inc_factor) - 1).bit_length())
+    chunk = next_power_of_two(-(-tokens // inc_factor))
+    return tokens - maximum(tokens - chunk, 0)  # min(tokens, chunk), array-safe
 
 
-def logits_bytes(model: ModelSpec, resolved: ResolvedSetup, tokens: int, head_grad_bytes: int = 0) -> LogitsBytes:
+def logits_bytes(model: ModelSpec, resolved: ResolvedSetup, tokens, head_grad_bytes: int = 0) -> LogitsBytes:
     """``head_grad_bytes``: lm_head's weight gradient when it trains (0 otherwise)."""
     setup = resolved.setup
     dt = dtypes(model, resolved)
@@ -70,7 +72,7 @@ def logits_bytes(model: ModelSpec, resolved: ResolvedSetup, tokens: int, head_gr
         backward = saved + 2 * FP32 * chunk * V
         if head_grad_bytes:
             remaining = saved * (CHUNKED_LOSS_CHUNKS - 2) // CHUNKED_LOSS_CHUNKS
-            backward = max(backward, remaining + 3 * head_grad_bytes + c * chunk * V)
+            backward = maximum(backward, remaining + 3 * head_grad_bytes + c * chunk * V)
         return LogitsBytes(forward, saved, backward, saved + c * chunk * V)
     chunk = fused_chunk_tokens(tokens, V, model.hidden_size)
     hidden_bytes = max(dt.norm_out, dt.r)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ..model import ModelSpec
 from ..options import Attention, Method
 from ..training_setup import ResolvedSetup
+from ..units import maximum, select
 from .activations import FP32, dtypes
 from .parameters import StoredTensor
 
@@ -50,22 +51,22 @@ def weight_copy_bytes(model: ModelSpec, resolved: ResolvedSetup, tensors: tuple[
     return WeightCopies(forward, saved)
 
 
-def dequantized_weight_bytes(model: ModelSpec, resolved: ResolvedSetup, tokens: int) -> int:
+def dequantized_weight_bytes(model: ModelSpec, resolved: ResolvedSetup, tokens):
     """QLoRA: the largest 4-bit Linear dequantized for one matmul.
 
     Above 1536 tokens bitsandbytes' CUDA ``gemm_4bit`` runs ``_dequant_linear_fallback``: an fp32 absmax (twice, with
     double quantization) and the full weight in the input's dtype, freed after ``F.linear``. Backward dequantizes
     again (``MatMul4Bit.backward``). Below, a fused kernel needs none.
     """
-    if resolved.setup.method is not Method.QLORA or tokens <= BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS:
+    if resolved.setup.method is not Method.QLORA:
         return 0
     dt = dtypes(model, resolved)
     largest = max(module.weight_numel for module in model.inventory.linears)
     absmax = 2 * FP32 * -(-largest // 64) if resolved.setup.double_quant else 0
-    return max(dt.r, dt.c) * largest + absmax
+    return select(tokens > BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS, max(dt.r, dt.c) * largest + absmax, 0)
 
 
-def layer_backward_bytes(model: ModelSpec, resolved: ResolvedSetup, batch_size: int, seq_len: int) -> int:
+def layer_backward_bytes(model: ModelSpec, resolved: ResolvedSetup, batch_size, seq_len):
     """Gradients of a layer's activations alive at once during its backward (the MLP's, or attention's).
 
     MLP: the incoming [T, h] gradient, then down's input gradient and mul's two gradients [T, I] (c each).
@@ -83,4 +84,4 @@ def layer_backward_bytes(model: ModelSpec, resolved: ResolvedSetup, batch_size: 
     attention = c * T * (2 * a * d + 2 * k * d)
     if resolved.attn_used is Attention.EAGER:
         attention += (c + FP32) * batch_size * a * seq_len * seq_len
-    return max(mlp, attention)
+    return maximum(mlp, attention)

@@ -1,0 +1,42 @@
+"""Fitted runtime profiles: the coefficients ``python -m vramcalc.calibrate`` measured for a GPU model.
+
+A profile is ``calibration/profiles/<gpu name>.json`` (shipped in the wheel as ``vramcalc/profiles/``) holding at
+least the fields of ``terms.runtime.RuntimeProfile``. Without one, the documented defaults apply and
+``MemoryBreakdown.details["runtime_profile"]`` says "default".
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from .catalogue import GpuSpec
+from .terms.runtime import RuntimeProfile
+
+
+def profiles_dir() -> Path:
+    packaged = Path(__file__).with_name("profiles")
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "calibration" / "profiles"
+
+
+@functools.lru_cache(maxsize=64)
+def _load(name: str) -> RuntimeProfile | None:
+    path = profiles_dir() / f"{name}.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    known = {f.name for f in fields(RuntimeProfile)}
+    values = {key: value for key, value in data.get("coefficients", data).items() if key in known}
+    values["source"] = f"calibrated: {path.name}"
+    return RuntimeProfile(**values)
+
+
+def runtime_profile(gpu: GpuSpec | None) -> RuntimeProfile:
+    """The GPU's fitted profile, or the defaults (also when no GPU is named)."""
+    if gpu is not None:
+        profile = _load(gpu.name)
+        if profile is not None:
+            return profile
+    return RuntimeProfile()
