@@ -22,14 +22,21 @@ def profiles_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=64)
-def _load(name: str) -> RuntimeProfile | None:
+def profile_data(name: str) -> dict | None:
+    """The raw JSON of a GPU's fitted profile (coefficients, residuals, provenance), or None."""
     path = profiles_dir() / f"{name}.json"
     if not path.is_file():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _load(name: str) -> RuntimeProfile | None:
+    data = profile_data(name)
+    if data is None:
+        return None
     known = {f.name for f in fields(RuntimeProfile)}
     values = {key: value for key, value in data.get("coefficients", data).items() if key in known}
-    values["source"] = f"calibrated: {path.name}"
+    values["source"] = f"calibrated: {name}.json"
     return RuntimeProfile(**values)
 
 

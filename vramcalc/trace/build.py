@@ -104,8 +104,9 @@ def base_dtype(resolved: ResolvedSetup) -> torch.dtype:
     return TORCH_DTYPE[resolved.setup.precision.param_dtype.value]
 
 
-def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode) -> nn.Module:
-    """The causal-LM model with the setup's method applied, on fake CPU tensors (or real ones if fake_mode is None)."""
+def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str = "cpu") -> nn.Module:
+    """The causal-LM model with the setup's method applied, on fake CPU tensors (or real, uninitialised ones on
+    ``device`` if fake_mode is None)."""
     from transformers import AutoModelForCausalLM
 
     setup = resolved.setup
@@ -138,13 +139,13 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode) -> nn.Modul
             raise
         raise VramcalcError(f"transformers cannot build {spec.name} ({spec.family}): {err}".splitlines()[0]) from None
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
-        model = model.to_empty(device="cpu")
+        model = model.to_empty(device=device)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.tie_weights()  # to_empty gives each module its own new tensor, untying lm_head from the embedding
         if setup.method is Method.QLORA:
             from .qlora import materialise_quant_states
 
-            materialise_quant_states(model)
+            materialise_quant_states(model, device)
     if setup.grad_ckpt:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -117,13 +117,13 @@ def quantize_linears(model: nn.Module, setup: TrainingSetup) -> None:
         setattr(parent, child_name, layer)
 
 
-def materialise_quant_states(model: nn.Module) -> None:
+def materialise_quant_states(model: nn.Module, device: str = "cpu") -> None:
     """``to_empty`` makes new weight Parameters (without bitsandbytes' attributes) and leaves the quantization state,
     a plain attribute, on the meta device: re-create the state on the CPU (fake inside a FakeTensorMode) and hang it
     on the new weight again."""
 
     def moved(t):
-        return torch.empty_like(t, device="cpu") if isinstance(t, torch.Tensor) and t.device.type == "meta" else t
+        return torch.empty_like(t, device=device) if isinstance(t, torch.Tensor) and t.device.type == "meta" else t
 
     for module in model.modules():
         state = getattr(module, "quant_state", None)
