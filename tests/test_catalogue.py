@@ -1,0 +1,88 @@
+"""The catalogues: every model's parameter count, and the facts the issue requires of each GPU row."""
+
+import pytest
+
+from vramcalc import catalogue
+
+REQUIRED_MODELS = (
+    "llama-2-7b llama-2-13b llama-2-70b llama-3.1-8b llama-3.1-70b llama-3.1-405b llama-3.3-70b mistral-7b "
+    "mistral-large-2407 mixtral-8x7b qwen2.5-7b qwen2.5-14b qwen2.5-32b qwen2.5-72b qwen3-8b qwen3-14b qwen3-32b "
+    "qwen3-30b-a3b qwen3-235b-a22b gemma-2-2b gemma-2-9b gemma-2-27b phi-4 phi-3-mini deepseek-v3 deepseek-r1 "
+    "deepseek-r1-distill-llama-8b deepseek-r1-distill-qwen-32b tinyllama-1.1b smollm2-135m smollm2-360m smollm2-1.7b"
+).split()
+REQUIRED_GPUS = (
+    "h200 h100-sxm h100-pcie a100-40gb a100-80gb l40s a10g l4 rtx-5090 rtx-4090 rtx-3090 rtx-6000-ada b200 mi300x t4 "
+    "v100-32gb"
+).split()
+MODELS = catalogue.models()
+
+
+def test_catalogue_holds_at_least_30_models_including_every_required_one():
+    names = {m.name for m in MODELS}
+    assert len(MODELS) >= 30
+    assert set(REQUIRED_MODELS) <= names
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: m.name)
+def test_parameter_count_equals_the_reference_exact_count(model):
+    # params_exact: shared/reference/models_ref.csv "params_computed", which matches the public safetensors counts
+    assert model.params == model.params_exact
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: m.name)
+def test_parameter_count_is_within_half_a_percent_of_the_published_total(model):
+    assert abs(model.params - model.params_published) / model.params_published < 0.005
+
+
+@pytest.mark.parametrize("model", [m for m in MODELS if m.is_moe], ids=lambda m: m.name)
+def test_moe_models_report_active_parameters_near_the_published_figure(model):
+    # published active counts are rounded to one or two digits ("3.3B", "22B", "37B"): 2% covers the rounding
+    assert model.active_params < model.params
+    assert abs(model.active_params - model.active_params_published) / model.active_params_published < 0.02
+
+
+def test_every_model_row_has_a_licence_and_a_source():
+    for model in MODELS:
+        assert model.license and model.source, model.name
+
+
+def test_gpu_catalogue_holds_every_required_gpu_with_sources():
+    gpus = {g.name: g for g in catalogue.gpus()}
+    assert len(gpus) >= 15
+    assert set(REQUIRED_GPUS) <= set(gpus)
+    for gpu in gpus.values():
+        assert gpu.source, gpu.name
+        assert gpu.memory_bytes > 10 * 2**30, gpu.name
+        assert gpu.bandwidth_gb_s and gpu.tdp_w, gpu.name
+
+
+@pytest.mark.parametrize("name", ["t4", "v100-32gb"])
+def test_gpus_without_bf16_have_no_bf16_figure(name):
+    gpu = catalogue.get_gpu(name)
+    assert not gpu.supports_bf16 and gpu.bf16_dense_tflops is None and gpu.fp16_dense_tflops
+
+
+def test_dense_not_sparse_tflops_for_h100():
+    # gpus_ref.csv: 989 dense bf16 (1979 is the 2:4-sparse datasheet figure)
+    assert catalogue.get_gpu("h100-sxm").bf16_dense_tflops < 1000
+
+
+def test_memory_is_what_the_driver_reports():
+    # nvidia-smi shows 81559 MiB for an H100 SXM (shared/reference/reference-data.md S26)
+    assert catalogue.get_gpu("h100-sxm").memory_bytes == 81559 * 2**20
+
+
+def test_cloud_prices_carry_their_date():
+    for gpu in catalogue.gpus():
+        if gpu.cloud_usd_per_gpu_hour is not None:
+            assert gpu.cloud_price_date[:4].isdigit(), gpu.name
+
+
+def test_model_lookup_is_case_insensitive_and_accepts_the_hf_repo_id():
+    assert catalogue.get_model("LLAMA-3.1-8B").name == "llama-3.1-8b"
+    assert catalogue.get_model("meta-llama/Llama-3.1-8B").name == "llama-3.1-8b"
+
+
+def test_unknown_gpu_suggests_close_matches():
+    with pytest.raises(ValueError, match="h100-sxm"):
+        catalogue.get_gpu("h100sxm")

@@ -1,0 +1,94 @@
+"""The CLI, driven in-process through main(argv): output formats, and one error line with exit code 2 for bad input."""
+
+import json
+
+import pytest
+
+from vramcalc.cli import main
+from vramcalc.options import Term
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_has_the_contract_keys_and_terms_sum_to_total(capsys):
+    code, out, _ = run(capsys, "estimate", "llama-3.1-8b", "--method", "lora", "--format", "json")
+    data = json.loads(out)
+    assert code == 0
+    assert {"total_bytes", "peak_tensor_bytes", "phase", "terms", "inputs"} <= set(data)
+    assert set(data["terms"]) == {t.value for t in Term}
+    assert sum(data["terms"].values()) == data["total_bytes"]
+    assert data["inputs"]["lora_rank"] == 8 and "lora_rank" in data["inputs"]["defaults"]
+
+
+def test_table_prints_gib_with_two_decimals_and_says_what_gib_is(capsys):
+    code, out, _ = run(capsys, "estimate", "qwen3-8b", "--seq-len", "1024")
+    assert code == 0
+    assert "GiB = 2^30 bytes" in out
+    weights_line = next(line for line in out.splitlines() if line.startswith("weights"))
+    assert weights_line.split()[-2].count(".") == 1 and len(weights_line.split()[-2].split(".")[1]) == 2
+
+
+def test_gpu_flag_says_whether_it_fits_and_the_headroom(capsys):
+    _, out, _ = run(capsys, "estimate", "llama-3.1-8b", "--method", "qlora", "--gpu", "rtx-4090")
+    assert "rtx-4090" in out and "fits" in out and "headroom" in out
+
+
+def test_csv_is_one_header_and_one_row_with_unit_suffixed_columns(capsys):
+    _, out, _ = run(capsys, "estimate", "phi-4", "--format", "csv")
+    header, row = out.strip().splitlines()
+    assert "total_bytes" in header.split(",") and "weights_bytes" in header.split(",")
+    assert len(header.split(",")) == len(row.split(","))
+
+
+def test_models_and_gpus_list_the_catalogues_as_json(capsys):
+    _, out, _ = run(capsys, "models", "--format", "json")
+    models = json.loads(out)
+    assert {"name", "params", "active_params"} <= set(models[0])
+    _, out, _ = run(capsys, "gpus", "--format", "json")
+    assert {"name", "memory_bytes"} <= set(json.loads(out)[0])
+
+
+BAD_INPUT = [
+    (["estimate", "lama-3-8b"], "closest: llama"),
+    (["estimate", "llama-3.1-8b", "--gpu", "h1000"], "closest: h200"),
+    (["estimate", "llama-3.1-8b", "--batch-size", "0"], "batch size"),
+    (["estimate", "llama-3.1-8b", "--seq-len", "-5"], "sequence length"),
+    (["estimate", "llama-3.1-8b", "--method", "lora", "--lora-rank", "0"], "LoRA rank"),
+    (["estimate", "llama-3.1-8b", "--method", "lora", "--lora-rank", "5000"], "larger than"),
+    (["estimate", "llama-3.1-8b", "--optimizer", "adam"], "unknown optimizer 'adam'"),
+    (["estimate", "llama-3.1-8b", "--precision", "int3"], "unknown precision"),
+    (["estimate", "llama-3.1-8b", "--method", "qlora", "--precision", "fp32"], "makes no sense"),
+    (["estimate", "llama-3.1-8b", "--lora-rank", "16"], "does not apply to --method full"),
+    (["estimate", "llama-3.1-8b", "--method", "lora", "--lora-targets", "w_q"], "not a linear layer"),
+    (["estimate", "llama-3.1-8b", "--sharding", "zero3"], "needs --num-gpus"),
+    (["estimate", "llama-3.1-8b", "--format", "yaml"], "unknown format"),
+    (["estimate", "llama-3.1-8b", "--lora-dropout", "1.5", "--method", "lora"], "LoRA dropout"),
+    (["estimate", "llama-3.1-8b", "--batch-size", "nan"], "batch size"),
+    (["estimat", "llama-3.1-8b"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", BAD_INPUT, ids=[" ".join(a[1:]) for a, _ in BAD_INPUT])
+def test_bad_input_exits_2_with_one_error_line_naming_it(capsys, argv, fragment):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
+
+
+def test_malformed_config_file_exits_2(capsys, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"model_type": "llama", "hidden_size": 64}')
+    code, _, err = run(capsys, "estimate", str(path))
+    assert code == 2 and "lacks the field 'num_attention_heads'" in err
+
+
+def test_sequence_longer_than_the_context_warns_and_still_estimates(capsys):
+    code, out, err = run(capsys, "estimate", "llama-2-7b", "--seq-len", "8192", "--format", "json")
+    assert code == 0 and json.loads(out)["total_bytes"] > 0
+    assert err.startswith("warning: sequence length 8192 exceeds")

@@ -1,0 +1,45 @@
+"""vramcalc's parameter inventory agrees tensor for tensor with the real transformers model built from the config."""
+
+import pytest
+
+from vramcalc import catalogue
+from vramcalc.model import ParamKind
+
+from .conftest import has_torch
+
+pytestmark = [pytest.mark.skipif(not has_torch(), reason="needs the trace extra"), pytest.mark.trace]
+
+# one model per family and size class keeps this fast; test_catalogue covers every row's count
+MODELS = ["llama-3.1-8b", "qwen2.5-7b", "qwen3-8b", "qwen3-30b-a3b", "gemma-2-9b", "phi-3-mini", "mixtral-8x7b",
+          "mistral-7b", "deepseek-v3", "smollm2-135m"]
+
+
+def _meta_model(spec):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vramcalc.trace.build import hf_config
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config(spec))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_inventory_count_equals_the_transformers_model(name):
+    spec = catalogue.get_model(name)
+    model = _meta_model(spec)
+    params = {id(p): p.numel() for p in model.parameters()}  # tied weights counted once
+    router_buffers = sum(b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    assert sum(params.values()) + router_buffers == spec.params
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3"])
+def test_v5_experts_are_3d_parameters_not_linear_modules(name):
+    import torch
+
+    spec = catalogue.get_model(name)
+    model = _meta_model(spec)
+    experts = [p for n, p in model.named_parameters() if ".experts." in n and "shared" not in n]
+    assert experts and all(p.dim() == 3 for p in experts)
+    linear_numel = sum(m.weight.numel() for m in model.modules() if type(m) is torch.nn.Linear) - spec.vocab_size * spec.hidden_size
+    assert linear_numel == sum(t.total_numel for t in spec.inventory.tensors if t.kind is ParamKind.LINEAR and t.name.endswith("weight"))
