@@ -18,7 +18,7 @@ def _meta_model(spec):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from vramcalc.trace.build import hf_config
+    from vramcalc.tracing.build import hf_config
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(hf_config(spec))
