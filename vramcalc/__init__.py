@@ -16,12 +16,13 @@ from .errors import VramcalcError
 from .estimator import estimate
 from .model import ModelSpec
 from .options import Attention, Loss, Method, Optimizer, Phase, Precision, Sharding, Term
+from .planning import max_batch_size, plan, sweep, write_csv
 from .training_setup import TrainingSetup
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "estimate", "trace", "MemoryBreakdown", "ModelSpec", "GpuSpec", "TrainingSetup", "VramcalcError",
+    "estimate", "trace", "plan", "sweep", "max_batch_size", "write_csv", "MemoryBreakdown", "ModelSpec", "GpuSpec", "TrainingSetup", "VramcalcError",
     "get_model", "get_gpu", "models", "gpus", "Method", "Precision", "Optimizer", "Attention", "Loss", "Sharding",
     "Term", "Phase",
 ]
@@ -31,7 +32,7 @@ def trace(model, **options) -> MemoryBreakdown:
     """Same signature and return type as ``estimate``; the tensor terms come from tracing the real HF training step
     on fake tensors. Needs the ``trace`` extra: ``pip install 'vramcalc[trace]'``."""
     try:
-        from .trace.runner import trace as _trace
+        from .tracing.runner import trace as _trace
     except ImportError as err:
         raise ImportError(f"vramcalc.trace needs the 'trace' extra ({err.name} is missing): pip install 'vramcalc[trace]'") from None
     return _trace(model, **options)

@@ -137,3 +137,9 @@ class MemoryBreakdown:
         return (
             f"<table><caption>{caption}</caption><tr><th>term</th><th>GiB</th><th>bytes</th></tr>{cells}</table>"
         )
+
+    def plot(self, gpu: str | GpuSpec | None = None, ax=None):
+        """A stacked bar of the terms against the GPU's memory line (matplotlib, imported only here)."""
+        from .plotting import plot_breakdown
+
+        return plot_breakdown(self, gpu=gpu, ax=ax)

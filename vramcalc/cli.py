@@ -72,6 +72,37 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in ("models", "gpus"):
         sub = verbs.add_parser(verb, help=f"list the {verb} catalogue")
         sub.add_argument("--format", default="table", help="table | json | csv")
+    sub = verbs.add_parser("plan", help="every catalogue GPU: how many, largest micro-batch, host RAM, time and cost")
+    sub.add_argument("model", help="catalogue name, HF repo id, or path to a config.json (or its folder)")
+    _setup_options(sub)
+    sub.add_argument("--tokens", required=True, help="dataset tokens, e.g. 1e9")
+    sub.add_argument("--epochs", help="passes over the dataset (default 1)")
+    sub.add_argument("--gpus", help="comma list of catalogue GPUs (default: all)")
+    sub.add_argument("--max-gpus", dest="max_gpus", help="most GPUs to try per type (default 512)")
+    sub.add_argument("--rank-by", dest="rank_by", help="cost | time (default cost)")
+    sub.add_argument("--mfu", help="model-FLOPs utilisation to assume (default: per GPU generation)")
+    sub.add_argument("--usd-per-kwh", dest="usd_per_kwh", help="electricity price (default: US commercial average)")
+    sub.add_argument("--amortisation-years", dest="amortisation_years", help="purchase write-off period (default 3)")
+    sub.add_argument("--offload-optimizer", dest="offload_optimizer", action="store_true",
+                     help="optimizer states on the host (ZeRO-Offload)")
+    sub.add_argument("--no-hosted", dest="hosted", action="store_false", help="leave hosted services out")
+    sub.add_argument("--output", help="write the plan as CSV to this file")
+    sub.add_argument("--format", default="table", help="table | json | csv")
+    sub = verbs.add_parser("max-batch", help="the largest micro-batch that fits one GPU")
+    sub.add_argument("model", help="catalogue name, HF repo id, or path to a config.json (or its folder)")
+    _setup_options(sub)
+    sub.add_argument("--gpu", required=True, help="catalogue GPU")
+    sub.add_argument("--offload-optimizer", dest="offload_optimizer", action="store_true")
+    sub.add_argument("--format", default="table", help="table | json | csv")
+    sub = verbs.add_parser("report", help="reference tables (hardware by size, techniques, budgets) as Markdown and CSV")
+    sub.add_argument("--model", dest="models", action="append", default=[], help="a model to add (repeatable)")
+    _setup_options(sub)
+    sub.add_argument("--tokens", help="token budget of the cost columns (default 1e9)")
+    sub.add_argument("--epochs", help="passes over the dataset (default 1)")
+    sub.add_argument("--budget", dest="budgets", action="append", help="a budget in $ (repeatable; default bands)")
+    sub.add_argument("--speed-gpu", dest="speed_gpu", help="GPU of the techniques table's speed column")
+    sub.add_argument("--max-gpus", dest="max_gpus", help="most GPUs to try per type (default 512)")
+    sub.add_argument("--output", help="folder for report.md and the CSV tables")
     return parser
 
 
@@ -88,6 +119,18 @@ def main(argv: list[str] | None = None) -> int:
             stdout.write(_models(fmt))
         elif args.verb == "gpus":
             stdout.write(_gpus(fmt))
+        elif args.verb == "plan":
+            from .planning import plan_command
+
+            stdout.write(plan_command(args, fmt))
+        elif args.verb == "max-batch":
+            from .planning import max_batch_command
+
+            stdout.write(max_batch_command(args, fmt))
+        elif args.verb == "report":
+            from .report import report_command
+
+            stdout.write(report_command(args))
         return 0
     except VramcalcError as err:
         stderr.write(f"error: {err}\n")

@@ -120,7 +120,7 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     W, G, O = _shard(spec, resolved, W, G, O)
     G_acc = G if setup.grad_accum > 1 else 0
     A = activations.model_saved(spec, resolved).bytes(b, s)
-    head_grad = _head_gradient_bytes(spec, resolved, tensors)
+    head_grad = _per_gpu_gradients(resolved, _head_gradient_bytes(spec, resolved, tensors))
     L = logits.logits_bytes(spec, resolved, T, head_grad)
     copies = temporaries.weight_copy_bytes(spec, resolved, tensors)
     dequant = temporaries.dequantized_weight_bytes(spec, resolved, T)
@@ -129,6 +129,10 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
         Moment(Phase.FORWARD, W, G_acc, O, A, L.forward_peak, copies.forward),
         Moment(Phase.BACKWARD_START, W, G_acc, O, A, L.backward_peak, copies.backward_start),
         Moment(Phase.BACKWARD, W, max(G_acc, head_grad), O, A, L.head_backward, copies.backward_start + hidden_grad),
+        # the final norm's backward: its input gradient (fused: the loss's grad_input) and fp32 transients
+        Moment(Phase.BACKWARD, W, max(G_acc, head_grad), O, A, L.forward_hidden_grad,
+               copies.backward_start + (0 if L.forward_hidden_grad else hidden_grad)
+               + temporaries.norm_backward_bytes(spec, T)),
     ]
     moments += _layer_backward_moments(spec, resolved, tensors, W, O, G_acc, head_grad, dequant, b, s)
     moments.append(Moment(Phase.BACKWARD_END, W, G, O, 0, 0, _embedding_backward_bytes(spec, resolved, T)))
@@ -149,7 +153,7 @@ def _layer_backward_moments(spec, resolved, tensors, W, O, G_acc, head_grad, deq
     shared = activations.shared_saved(spec, resolved).bytes(b, s)
     remaining = activations.model_saved(spec, resolved).bytes(b, s) - shared - activations.head_saved(spec, resolved).bytes(b, s)
     kept = {moe: activations.layer_kept(spec, resolved, moe).bytes(b, s) for moe in (False, True)}
-    grads = {moe: layer_gradient_bytes(spec, tensors, moe) for moe in (False, True)}
+    grads = {moe: _per_gpu_gradients(resolved, layer_gradient_bytes(spec, tensors, moe)) for moe in (False, True)}
     recompute = {moe: activations.layer_saved(spec, resolved, moe).bytes(b, s) if setup.grad_ckpt else 0
                  for moe in (False, True)}
     moments = []
@@ -187,6 +191,16 @@ def _embedding_backward_bytes(spec: ModelSpec, resolved: ResolvedSetup, tokens: 
     return grad_in + new_grads
 
 
+def _per_gpu_gradients(resolved: ResolvedSetup, gradient_bytes_: int) -> int:
+    """Gradient bytes one GPU holds: sharded by ZeRO-2/3 and FSDP, doubled by DDP's bucket copy."""
+    setup = resolved.setup
+    if setup.sharding in (Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP):
+        return -(-gradient_bytes_ // setup.num_gpus)
+    if setup.sharding is Sharding.DDP:
+        return 2 * gradient_bytes_
+    return gradient_bytes_
+
+
 def _shard(spec: ModelSpec, resolved: ResolvedSetup, W: int, G: int, O: int) -> tuple[int, int, int]:
     """Per-GPU model states under data parallelism (Rajbhandari et al. 2020, ZeRO): DDP keeps a bucket copy of the
     gradients (``gradient_as_bucket_view=False``); ZeRO-1 shards states, ZeRO-2 also gradients, ZeRO-3 and FSDP
@@ -194,12 +208,9 @@ def _shard(spec: ModelSpec, resolved: ResolvedSetup, W: int, G: int, O: int) -> 
     setup = resolved.setup
     n = setup.num_gpus
     sharding = setup.sharding
-    if sharding is Sharding.DDP:
-        return W, 2 * G, O
-    if sharding is Sharding.ZERO1:
+    G = _per_gpu_gradients(resolved, G)
+    if sharding in (Sharding.ZERO1, Sharding.ZERO2):
         return W, G, -(-O // n)
-    if sharding is Sharding.ZERO2:
-        return W, -(-G // n), -(-O // n)
     if sharding in (Sharding.ZERO3, Sharding.FSDP):
-        return -(-W // n), -(-G // n), -(-O // n)
+        return -(-W // n), G, -(-O // n)
     return W, G, O

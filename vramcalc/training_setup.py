@@ -79,6 +79,18 @@ class ResolvedSetup:
 _LORA_OPTIONS = ("lora_rank", "lora_targets", "lora_dropout", "adapter_dtype")
 _QLORA_OPTIONS = ("quant", "double_quant", "compute_dtype")
 _PROMPT_OPTIONS = ("virtual_tokens",)
+METHOD_OPTIONS = {  # the options that belong to one method; every other method rejects them
+    Method.FULL: (),
+    Method.LORA: _LORA_OPTIONS,
+    Method.QLORA: _LORA_OPTIONS + _QLORA_OPTIONS,
+    Method.PROMPT: _PROMPT_OPTIONS + ("adapter_dtype",),
+}
+METHOD_SPECIFIC_OPTIONS = _LORA_OPTIONS + _QLORA_OPTIONS + _PROMPT_OPTIONS
+
+
+def options_for(method: Method) -> tuple[str, ...]:
+    """The method-specific options that ``method`` accepts."""
+    return METHOD_OPTIONS[method]
 
 
 def resolve_setup(model: ModelSpec, **options) -> ResolvedSetup:
@@ -134,13 +146,8 @@ def resolve_setup(model: ModelSpec, **options) -> ResolvedSetup:
 
 def _reject_foreign_options(method: Method, given: dict) -> None:
     """LoRA options with --method full and the like: say which option does not belong."""
-    allowed = {
-        Method.FULL: (),
-        Method.LORA: _LORA_OPTIONS,
-        Method.QLORA: _LORA_OPTIONS + _QLORA_OPTIONS,
-        Method.PROMPT: _PROMPT_OPTIONS + ("adapter_dtype",),
-    }[method]
-    for key in _LORA_OPTIONS + _QLORA_OPTIONS + _PROMPT_OPTIONS:
+    allowed = options_for(method)
+    for key in METHOD_SPECIFIC_OPTIONS:
         if key in given and key not in allowed:
             flag = "--" + key.replace("_", "-")
             raise VramcalcError(f"{flag} does not apply to --method {method.value}")

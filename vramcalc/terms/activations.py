@@ -161,7 +161,7 @@ class _LayerWalk:
         return LinearUse(name, width_in, self.full, name in self.lora_names, self.quantized)
 
     def sdpa(self, a: int, k: int, d_qk: int, d_v: int, x_bytes: int) -> None:
-        """The SDPA kernel CUDA would pick (vramcalc.trace.cuda_emulation) saves its inputs, output and logsumexp."""
+        """The SDPA kernel CUDA would pick (vramcalc.tracing.cuda_emulation) saves its inputs, output and logsumexp."""
         if not self.grad:
             return
         c = self.dt.c if self.dt.autocast else x_bytes
@@ -199,7 +199,8 @@ class _LayerWalk:
                 repeat = a // k
                 kv_width = a * d if repeat > 1 else k * d
                 self.per_token += q_bytes * (a * d + 2 * kv_width)  # q, repeated k and v
-                self.per_square += (q_bytes + FP32) * a  # fp32 softmax and its cast
+                # fp32 softmax, and its cast to the query dtype (the same tensor when that is fp32)
+                self.per_square += (FP32 + (q_bytes if q_bytes != FP32 else 0)) * a
                 if self.gemma:
                     self.per_square += q_bytes * a  # tanh soft-capping output
             out_bytes = c if dt.autocast else embed

@@ -85,3 +85,12 @@ def layer_backward_bytes(model: ModelSpec, resolved: ResolvedSetup, batch_size, 
     if resolved.attn_used is Attention.EAGER:
         attention += (c + FP32) * batch_size * a * seq_len * seq_len
     return maximum(mlp, attention)
+
+
+RMS_NORM_BACKWARD_FP32_COPIES = 5  # traced: pow, mul, div and mul-by-scalar gradients of LlamaRMSNorm, [T, h] fp32
+
+
+def norm_backward_bytes(model: ModelSpec, tokens) -> int:
+    """RMSNorm's backward through its fp32 ops (``x.to(fp32) -> pow -> mean -> rsqrt -> mul``) holds about five fp32
+    [T, h] gradients at once (traced on LlamaRMSNorm); the final norm's is the one outside any layer."""
+    return RMS_NORM_BACKWARD_FP32_COPIES * FP32 * tokens * model.hidden_size

@@ -110,8 +110,8 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
     from transformers import AutoModelForCausalLM
 
     setup = resolved.setup
-    config = hf_config(spec)
     try:
+        config = hf_config(spec)
         with _quiet(), torch.device("meta"):
             model = AutoModelForCausalLM.from_config(
                 config, dtype=_load_dtype(resolved), attn_implementation=_ATTN_IMPLEMENTATION[resolved.attn_used]
@@ -134,14 +134,12 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
     except ImportError:
         raise
     except Exception as err:  # transformers and peft raise many types for configs they cannot build
-        import os
-        if os.environ.get("VRAMCALC_DEBUG"):
-            raise
         raise VramcalcError(f"transformers cannot build {spec.name} ({spec.family}): {err}".splitlines()[0]) from None
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
-        model = model.to_empty(device=device)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.tie_weights()  # to_empty gives each module its own new tensor, untying lm_head from the embedding
+        _materialise(model, device)
+        for adapter, tokens in getattr(model, "prompt_tokens", {}).items():
+            # peft keeps the virtual token ids as a plain tensor attribute, which to_empty leaves on meta
+            model.prompt_tokens[adapter] = torch.arange(tokens.numel(), device=device).long()
         if setup.method is Method.QLORA:
             from .qlora import materialise_quant_states
 
@@ -151,6 +149,30 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
         inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
+
+
+def _materialise(model: nn.Module, device: str) -> None:
+    """Give every meta parameter and buffer uninitialised storage on ``device`` (fake inside a FakeTensorMode).
+
+    Unlike ``Module.to_empty``, each tensor is replaced once even when reachable from two modules (tied lm_head and
+    embedding; peft's ``word_embeddings`` alias of the embedding), so sharing survives.
+    """
+    replaced: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for slots, make in ((module._parameters, _empty_parameter), (module._buffers, _empty_buffer)):
+            for name, tensor in list(slots.items()):
+                if tensor is not None and tensor.device.type == "meta":
+                    if id(tensor) not in replaced:
+                        replaced[id(tensor)] = make(tensor, device)
+                    slots[name] = replaced[id(tensor)]
+
+
+def _empty_parameter(param: torch.Tensor, device: str) -> nn.Parameter:
+    return nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
+
+
+def _empty_buffer(buffer: torch.Tensor, device: str) -> torch.Tensor:
+    return torch.empty_like(buffer, device=device)
 
 
 def _load_dtype(resolved: ResolvedSetup) -> torch.dtype:

@@ -1,0 +1,169 @@
+"""Accuracy report: the analytic estimate against the trace of the real training step, at real model sizes.
+
+    python benchmarks/accuracy.py                       # the full grid (minutes): writes accuracy.csv and accuracy.md
+    python benchmarks/accuracy.py --limit 10            # the first ten setups
+
+Each row: the setup, every tensor term estimated and traced (bytes), the peak phase of each, and the relative error
+of ``peak_tensor_bytes`` (estimate - trace) / trace. Rows are appended as they are traced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vramcalc.catalogue import get_model  # noqa: E402
+from vramcalc.estimator import step_moments  # noqa: E402
+from vramcalc.options import Term  # noqa: E402
+from vramcalc.tracing.runner import run_trace  # noqa: E402
+from vramcalc.training_setup import resolve_setup  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+TENSOR_TERMS = [t for t in Term if t.is_tensor]
+
+# (model, options): every family, every method, 3+ precisions, 3+ optimizers, checkpointing on and off, sdpa and
+# eager, batch 1-8, sequence 256-8192, the three losses, MoE and MLA.
+GRID = [
+    ("llama-3.1-8b", dict(seq_len=4096)),
+    ("llama-3.1-8b", dict(seq_len=4096, grad_ckpt=True)),
+    ("llama-3.1-8b", dict(seq_len=8192, batch_size=1, method="lora", grad_ckpt=True)),
+    ("llama-3.1-8b", dict(seq_len=2048, batch_size=4, method="qlora")),
+    ("llama-3.1-8b", dict(seq_len=2048, method="qlora", precision="mixed-bf16", grad_ckpt=True)),
+    ("llama-3.1-8b", dict(seq_len=2048, precision="mixed-bf16")),
+    ("llama-3.1-8b", dict(seq_len=1024, precision="fp32", optimizer="sgd-momentum")),
+    ("llama-3.1-8b", dict(seq_len=2048, optimizer="adamw-8bit")),
+    ("llama-3.1-8b", dict(seq_len=2048, optimizer="paged-adamw-8bit", method="lora", lora_targets="all-linear")),
+    ("llama-3.1-8b", dict(seq_len=512, optimizer="adamw-foreach", batch_size=8)),
+    ("llama-3.1-8b", dict(seq_len=256, optimizer="adafactor", batch_size=2)),
+    ("llama-3.1-8b", dict(seq_len=2048, loss="chunked")),
+    ("llama-3.1-8b", dict(seq_len=4096, loss="fused", method="lora")),
+    ("llama-3.1-8b", dict(seq_len=2048, method="prompt", virtual_tokens=32)),
+    ("llama-3.1-8b", dict(seq_len=2048, attn="eager", batch_size=2)),
+    ("llama-3.1-8b", dict(seq_len=2048, grad_accum=4, method="lora", lora_rank=64, lora_targets="all-linear")),
+    ("llama-3.1-8b", dict(seq_len=2048, method="lora", lora_dropout=0.05, adapter_dtype="bf16")),
+    ("llama-3.1-8b", dict(seq_len=4096, precision="fp16", method="lora", attn="flash")),
+    ("llama-2-7b", dict(seq_len=4096, batch_size=2, method="lora")),
+    ("llama-2-13b", dict(seq_len=2048, method="qlora", quant="fp4", double_quant=False)),
+    ("llama-3.3-70b", dict(seq_len=4096, method="qlora", grad_ckpt=True)),
+    ("llama-3.3-70b", dict(seq_len=2048, method="lora", lora_targets="all-linear", grad_ckpt=True)),
+    ("llama-3.1-70b", dict(seq_len=8192, method="qlora", grad_ckpt=True, loss="chunked")),
+    ("llama-2-70b", dict(seq_len=4096, grad_ckpt=True, optimizer="adamw-8bit")),
+    ("llama-3.1-405b", dict(seq_len=2048, method="qlora", grad_ckpt=True)),
+    ("mistral-7b", dict(seq_len=8192, method="lora", grad_ckpt=True)),
+    ("mistral-7b", dict(seq_len=1024, batch_size=8, attn="eager", method="lora")),
+    ("mistral-large-2407", dict(seq_len=2048, method="qlora", grad_ckpt=True)),
+    ("mixtral-8x7b", dict(seq_len=2048, method="qlora")),
+    ("mixtral-8x7b", dict(seq_len=1024, batch_size=4, method="lora", grad_ckpt=True)),
+    ("qwen2.5-7b", dict(seq_len=4096)),
+    ("qwen2.5-7b", dict(seq_len=2048, batch_size=4, method="qlora", grad_ckpt=True)),
+    ("qwen2.5-14b", dict(seq_len=2048, method="lora", lora_targets="all-linear")),
+    ("qwen2.5-32b", dict(seq_len=4096, method="qlora", loss="fused")),
+    ("qwen2.5-72b", dict(seq_len=2048, method="qlora", grad_ckpt=True, precision="mixed-bf16")),
+    ("qwen3-8b", dict(seq_len=4096, grad_ckpt=True, optimizer="adamw-8bit")),
+    ("qwen3-8b", dict(seq_len=1024, batch_size=8, attn="eager", method="lora")),
+    ("qwen3-14b", dict(seq_len=2048, method="prompt")),
+    ("qwen3-32b", dict(seq_len=2048, method="qlora", lora_targets="all-linear")),
+    ("qwen3-30b-a3b", dict(seq_len=2048)),
+    ("qwen3-30b-a3b", dict(seq_len=4096, method="lora", lora_targets="all-linear", grad_ckpt=True)),
+    ("qwen3-30b-a3b", dict(seq_len=2048, method="qlora", batch_size=2)),
+    ("qwen3-235b-a22b", dict(seq_len=2048, method="lora", grad_ckpt=True)),
+    ("gemma-2-2b", dict(seq_len=2048, batch_size=4)),
+    ("gemma-2-2b", dict(seq_len=8192, method="lora", grad_ckpt=True)),
+    ("gemma-2-9b", dict(seq_len=4096, method="qlora")),
+    ("gemma-2-9b", dict(seq_len=2048, loss="chunked", method="lora")),
+    ("gemma-2-27b", dict(seq_len=2048, method="qlora", grad_ckpt=True)),
+    ("phi-4", dict(seq_len=4096, method="lora")),
+    ("phi-4", dict(seq_len=2048, grad_ckpt=True, optimizer="adamw-8bit")),
+    ("phi-3-mini", dict(seq_len=2048, batch_size=4)),
+    ("phi-3-mini", dict(seq_len=4096, precision="fp32", method="lora")),
+    ("deepseek-v3", dict(seq_len=1024, method="lora")),
+    ("deepseek-r1", dict(seq_len=4096, method="lora", grad_ckpt=True)),
+    ("deepseek-r1-distill-llama-8b", dict(seq_len=8192, method="qlora", grad_ckpt=True)),
+    ("deepseek-r1-distill-qwen-32b", dict(seq_len=2048, method="lora", grad_ckpt=True)),
+    ("tinyllama-1.1b", dict(seq_len=2048, batch_size=8)),
+    ("tinyllama-1.1b", dict(seq_len=2048, batch_size=4, attn="eager")),
+    ("smollm2-135m", dict(seq_len=2048, batch_size=8)),
+    ("smollm2-360m", dict(seq_len=4096, batch_size=2, method="lora", lora_targets="all-linear")),
+    ("smollm2-1.7b", dict(seq_len=2048, batch_size=8, grad_ckpt=True, precision="mixed-bf16")),
+    ("smollm2-1.7b", dict(seq_len=1024, batch_size=2, method="prompt", precision="fp32")),
+]
+
+
+def family_of(name: str) -> str:
+    return get_model(name).family
+
+
+def compare(name: str, options: dict) -> dict:
+    spec = get_model(name)
+    resolved = resolve_setup(spec, **options)
+    peak = max(step_moments(spec, resolved), key=lambda m: m.tensor_bytes)
+    traced = run_trace(spec, resolved, progress=False)
+    traced_total = sum(traced.terms.values())
+    row = {"model": name, "family": spec.family, "method": resolved.setup.method.value,
+           "setup": " ".join(f"{k}={v}" for k, v in options.items()),
+           "estimate_phase": peak.phase.value, "trace_phase": traced.phase.value}
+    for term in TENSOR_TERMS:
+        row[f"{term.value}_estimate_bytes"] = getattr(peak, term.value)
+        row[f"{term.value}_trace_bytes"] = traced.terms[term]
+    row["peak_estimate_bytes"] = peak.tensor_bytes
+    row["peak_trace_bytes"] = traced_total
+    row["peak_error_pct"] = round(100 * (peak.tensor_bytes - traced_total) / traced_total, 3)
+    row["trace_seconds"] = round(traced.seconds, 1)
+    row["trace_peak_rss_gib"] = round(traced.peak_rss_bytes / 2**30, 2)
+    return row
+
+
+def summary(rows: list[dict]) -> str:
+    def line(label, subset):
+        errors = [abs(r["peak_error_pct"]) for r in subset]
+        return f"| {label} | {len(subset)} | {statistics.median(errors):.3f} | {max(errors):.3f} |"
+
+    out = ["| group | setups | median abs error % | max abs error % |", "|---|---|---|---|", line("all", rows)]
+    for key in ("family", "method"):
+        for value in sorted({r[key] for r in rows}):
+            out.append(line(f"{key} {value}", [r for r in rows if r[key] == value]))
+    worst = sorted(rows, key=lambda r: -abs(r["peak_error_pct"]))[:5]
+    out += ["", "Worst five:", "", "| model | setup | error % | term that differs most |", "|---|---|---|---|"]
+    for r in worst:
+        term = max(TENSOR_TERMS, key=lambda t: abs(r[f"{t.value}_estimate_bytes"] - r[f"{t.value}_trace_bytes"]))
+        diff = (r[f"{term.value}_estimate_bytes"] - r[f"{term.value}_trace_bytes"]) / 2**30
+        out.append(f"| {r['model']} | {r['setup']} | {r['peak_error_pct']:+.3f} | {term.value} ({diff:+.3f} GiB) |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(HERE / "accuracy.csv"))
+    parser.add_argument("--limit", type=int, default=None)
+    args = parser.parse_args(argv)
+    grid = GRID[: args.limit] if args.limit else GRID
+    rows = []
+    with open(args.out, "w", newline="") as f:
+        writer = None
+        for index, (name, options) in enumerate(grid, 1):
+            started = time.perf_counter()
+            row = compare(name, options)
+            rows.append(row)
+            if writer is None:
+                writer = csv.DictWriter(f, fieldnames=list(row), lineterminator="\n")
+                writer.writeheader()
+            writer.writerow(row)
+            f.flush()
+            print(f"[{index}/{len(grid)}] {row['peak_error_pct']:+7.3f}% {name} {row['setup']} "
+                  f"({time.perf_counter() - started:.0f}s)", flush=True)
+    table = summary(rows)
+    Path(args.out).with_suffix(".md").write_text("# Estimate vs trace\n\n" + table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

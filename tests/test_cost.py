@@ -1,0 +1,213 @@
+"""Claims about the time and cost model (vramcalc/cost.py). Golden numbers cite memory-math §9."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+import vramcalc as vc
+from vramcalc import cost
+from vramcalc.catalogue import get_gpu, get_model, gpus
+from vramcalc.errors import VramcalcError
+from vramcalc.options import Method
+from vramcalc.training_setup import resolve_setup
+
+
+def flops(model: str, **options) -> cost.TrainingFlops:
+    spec = get_model(model)
+    return cost.training_flops(spec, resolve_setup(spec, **options))
+
+
+# -- FLOPs --------------------------------------------------------------------------------------------------------
+def test_llama3_8b_matmul_params_are_7_50b_as_memory_math_counts():
+    # memory-math §9: "Llama-3-8B: N_mm = 7.50B ⇒ 45.0 GFLOP/token + attention 6.44 GFLOP/token at s=4096"
+    assert cost.matmul_params(get_model("llama-3.1-8b")) == pytest.approx(7.50e9, rel=1e-3)
+
+
+def test_llama3_8b_full_finetune_flops_are_6n_plus_attention_at_4096():
+    f = flops("llama-3.1-8b", seq_len=4096)
+    assert f.model_flop_per_token == pytest.approx(45.0e9 + 6.44e9, rel=2e-3)
+    assert f.hardware_flop_per_token == f.model_flop_per_token
+
+
+def test_llama3_8b_full_finetune_on_one_a100_at_40_percent_takes_about_115_gpu_hours():
+    # memory-math §9: "Llama-3-8B full FT, 1B tokens, s=4096: A100 @40 % ≈ 115 GPU-h"
+    a100 = get_gpu("a100-80gb")
+    time = cost.training_time(flops("llama-3.1-8b", seq_len=4096), 1e9, 1, 1, cost.peak_flop_per_s(a100, "bf16"), 0.40)
+    assert time.gpu_hours == pytest.approx(115, rel=0.01)
+
+
+def test_recomputation_adds_one_forward_to_the_hardware_flops_only():
+    plain, ckpt = flops("llama-3.1-8b", seq_len=4096), flops("llama-3.1-8b", seq_len=4096, grad_ckpt=True)
+    assert ckpt.model_flop_per_token == plain.model_flop_per_token
+    assert ckpt.hardware_flop_per_token == pytest.approx(plain.hardware_flop_per_token * 4 / 3)
+
+
+def test_lora_flops_are_four_n_plus_six_adapters_plus_three_attention_forwards():
+    spec = get_model("llama-3.1-8b")
+    resolved = resolve_setup(spec, method="lora", lora_rank=16, lora_targets="all-linear")
+    expected = (4 * cost.matmul_params(spec) + 6 * cost.adapter_params(spec, resolved)
+                + 3 * cost.attention_forward_flop_per_token(spec, 2048))
+    assert cost.training_flops(spec, resolved).model_flop_per_token == expected
+    assert cost.adapter_params(spec, resolved) > 0
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "prompt"])
+def test_frozen_base_methods_need_fewer_flops_than_full_finetuning(method):
+    assert flops("qwen3-8b", method=method).model_flop_per_token < flops("qwen3-8b").model_flop_per_token
+
+
+def test_moe_flops_count_active_parameters_only():
+    spec = get_model("qwen3-30b-a3b")
+    assert cost.matmul_params(spec) < spec.params / 5
+    assert cost.matmul_params(spec) < spec.active_params
+
+
+def test_mla_attention_counts_qk_and_v_head_widths_apart():
+    spec = get_model("deepseek-r1")
+    a, L = spec.num_heads, spec.num_layers
+    assert cost.attention_forward_flop_per_token(spec, 1000) == 2 * L * a * 1000 * (192 + 128)
+
+
+def test_prompt_tuning_pays_for_its_virtual_tokens():
+    short = flops("llama-3.1-8b", method="prompt", virtual_tokens=8, seq_len=512)
+    long = flops("llama-3.1-8b", method="prompt", virtual_tokens=256, seq_len=512)
+    assert long.model_flop_per_token > short.model_flop_per_token * 1.4
+
+
+# -- peak and utilisation ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gpu, dtype", [("t4", "bf16"), ("v100-32gb", "bf16"), ("a100-80gb", "fp8")])
+def test_gpu_without_a_dtype_has_no_peak_for_it(gpu, dtype):
+    assert cost.peak_flop_per_s(get_gpu(gpu), dtype) is None
+
+
+def test_h100_dense_bf16_peak_is_989_tflops_not_the_sparse_figure():
+    assert cost.peak_flop_per_s(get_gpu("h100-sxm"), "bf16") == pytest.approx(989.4e12)
+
+
+@pytest.mark.parametrize("gpu", [g.name for g in gpus()])
+def test_every_catalogue_gpu_has_a_sourced_default_utilisation(gpu):
+    device = get_gpu(gpu)
+    assert cost.gpu_generation(device) in cost.MFU_BY_GENERATION
+    utilisation = cost.default_utilisation(device, Method.FULL)
+    assert 0 < utilisation.mfu < 1 and utilisation.source
+
+
+def test_qlora_runs_at_a_fraction_of_lora_utilisation():
+    h100 = get_gpu("h100-sxm")
+    lora, qlora = cost.default_utilisation(h100, Method.LORA), cost.default_utilisation(h100, Method.QLORA)
+    assert qlora.mfu == pytest.approx(lora.mfu * cost.QLORA_THROUGHPUT_FACTOR)
+
+
+def test_given_mfu_overrides_the_default():
+    assert cost.job_utilisation(get_gpu("h100-sxm"), Method.FULL, 0.42) == cost.Utilisation(0.42, "given")
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, "fast", float("nan")])
+def test_impossible_mfu_is_a_one_line_error(bad):
+    with pytest.raises(VramcalcError, match="MFU") as err:
+        cost.job_utilisation(get_gpu("h100-sxm"), Method.FULL, bad)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("profile, method, expected", [
+    ({"mfu": 0.37}, Method.QLORA, 0.37),
+    ({"mfu": {"full": 0.41}}, Method.FULL, 0.41),
+    ({"mfu": {"full": 0.41}}, Method.LORA, 0.30),  # method not in the profile: the Hopper default
+])
+def test_calibration_profile_mfu_replaces_the_default(monkeypatch, profile, method, expected):
+    monkeypatch.setattr(cost, "profile_data", lambda name: profile)
+    assert cost.job_utilisation(get_gpu("h100-sxm"), method).mfu == pytest.approx(expected)
+
+
+def test_refit_recovers_the_utilisation_that_produced_the_step_times(monkeypatch):
+    h100 = get_gpu("h100-sxm")
+    spec = get_model("llama-3.1-8b")
+    records = []
+    for batch, true_mfu in ((2, 0.33), (4, 0.35), (8, 0.37)):
+        resolved = resolve_setup(spec, method="lora", batch_size=batch, seq_len=1024, grad_accum=2)
+        step_flops = cost.training_flops(spec, resolved).hardware_flop_per_token * batch * 1024 * 2
+        seconds = step_flops / (cost.peak_flop_per_s(h100, "bf16") * true_mfu)
+        records.append({"model": "llama-3.1-8b", "method": "lora", "batch_size": batch, "seq_len": 1024,
+                        "grad_accum": 2, "step_seconds": seconds})
+    monkeypatch.setattr(cost, "profile_data", lambda name: {"step_times": records})
+    utilisation = cost.job_utilisation(h100, Method.LORA)
+    assert utilisation.mfu == pytest.approx(0.35)
+    assert "3 measured steps" in utilisation.source
+
+
+def test_eager_attention_costs_hbm_time_and_flash_does_not():
+    spec, h100 = get_model("llama-3.1-8b"), get_gpu("h100-sxm")
+    eager = cost.eager_attention_seconds_per_token(spec, resolve_setup(spec, attn="eager"), h100)
+    flash = cost.eager_attention_seconds_per_token(spec, resolve_setup(spec, attn="flash"), h100)
+    assert eager > 0 and flash == 0
+
+
+# -- money --------------------------------------------------------------------------------------------------------
+def test_rent_is_price_times_gpus_times_hours():
+    assert cost.rent_cost_usd(3.99, 8, 10.0) == pytest.approx(319.2)
+
+
+def test_buy_is_list_price_times_gpus_and_amortisation_takes_the_jobs_share():
+    assert cost.buy_cost_usd(30000, 8) == 240000
+    assert cost.amortised_buy_cost_usd(30000, 8, 8760, 3) == pytest.approx(80000)
+
+
+def test_energy_is_tdp_times_gpus_times_hours():
+    kwh = cost.energy_kwh(700, 8, 10)
+    assert kwh == pytest.approx(56.0)
+    assert cost.energy_cost_usd(kwh, 0.15) == pytest.approx(8.4)
+
+
+def test_a_missing_price_gives_no_cost_never_zero():
+    assert cost.rent_cost_usd(None, 8, 10) is None
+    assert cost.buy_cost_usd(None, 8) is None
+    assert cost.amortised_buy_cost_usd(None, 8, 10, 3) is None
+    assert cost.energy_cost_usd(cost.energy_kwh(None, 8, 10), 0.15) is None
+
+
+@pytest.mark.parametrize("call", [
+    lambda bad: cost.energy_cost_usd(1.0, bad),
+    lambda bad: cost.amortised_buy_cost_usd(30000, 1, 10, bad),
+    lambda bad: cost.positive_number(bad, "token count"),
+])
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "abc", True, None])
+def test_zero_negative_or_non_numeric_prices_and_horizons_are_one_line_errors(call, bad):
+    with pytest.raises(VramcalcError) as err:
+        call(bad)
+    assert "must be a positive number" in str(err.value) and "\n" not in str(err.value)
+
+
+# -- hosted services ----------------------------------------------------------------------------------------------
+def test_every_hosted_price_is_dated_sourced_and_positive():
+    prices = cost.hosted_prices()
+    assert len(prices) >= 5
+    for price in prices:
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", price.price_date), price
+        assert price.source and price.usd_per_million_tokens > 0
+        assert price.model_access in ("open-weight", "closed")
+
+
+@pytest.mark.parametrize("model, method, providers", [
+    ("llama-3.3-70b", "lora", {"fireworks", "together"}),
+    ("llama-3.1-8b", "full", {"fireworks"}),
+    ("deepseek-r1", "qlora", {"fireworks"}),
+    ("llama-3.3-70b", "full", set()),
+    ("llama-3.1-8b", "prompt", set()),
+])
+def test_hosted_prices_apply_by_size_bracket_and_kind_of_training(model, method, providers):
+    spec = get_model(model)
+    matched = {p.provider for p in cost.hosted_prices() if p.applies_to(spec.params / 1e9, Method(method))}
+    assert matched == providers
+
+
+def test_hosted_cost_bills_tokens_times_epochs():
+    price = next(p for p in cost.hosted_prices() if p.provider == "fireworks" and p.max_params_b == 16)
+    assert cost.hosted_cost_usd(price, 2e8, 3) == pytest.approx(price.usd_per_million_tokens * 600)
+
+
+def test_default_electricity_price_is_positive_and_sourced():
+    assert 0 < cost.DEFAULT_USD_PER_KWH < 1 and "EIA" in cost.DEFAULT_USD_PER_KWH_SOURCE
+    assert math.isfinite(vc.get_gpu("h100-sxm").tdp_w)

@@ -1,0 +1,377 @@
+"""Claims about plan, max_batch_size, sweep and the procurement CSV (vramcalc/plan.py, the plan and max-batch verbs)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy
+import pandas
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import vramcalc as vc
+from vramcalc.catalogue import get_model, gpus
+from vramcalc.cli import main
+from vramcalc.errors import VramcalcError
+from vramcalc.planning import (
+    PLAN_COLUMNS,
+    catalogue_stamp,
+    device_bytes,
+    frame_csv,
+    gpu_counts,
+    host_ram,
+    max_batch_size,
+    plan,
+    smallest_gpu_count,
+    sweep,
+    write_csv,
+)
+from vramcalc.training_setup import resolve_setup
+from vramcalc.units import BYTES_PER_GIB
+
+UNIT_SUFFIXES = ("_gib", "_usd", "_hours", "_kwh", "_bytes", "_per_s", "_per_token", "_usd_per_kwh",
+                 "_per_gpu_hour", "_per_hour", "_per_million_tokens", "_years")
+UNITLESS = {"rank", "seq_len", "num_gpus", "micro_batch", "train_tokens", "epochs", "mfu"}  # counts and a fraction
+
+
+@pytest.fixture(scope="module")
+def lora_plan():
+    return plan("llama-3.1-8b", tokens=1e8, method="lora")
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- the plan -----------------------------------------------------------------------------------------------------
+def test_plan_has_one_row_per_catalogue_gpu_in_the_stable_column_order(lora_plan):
+    gpu_rows = lora_plan[lora_plan["offer"] == "gpu"]
+    assert sorted(gpu_rows["gpu"]) == sorted(g.name for g in gpus())
+    assert tuple(lora_plan.columns) == PLAN_COLUMNS
+
+
+def test_every_numeric_column_names_its_unit(lora_plan):
+    for column in lora_plan.columns:
+        if pandas.api.types.is_numeric_dtype(lora_plan[column]) and lora_plan[column].dtype != "boolean":
+            assert column in UNITLESS or column.endswith(UNIT_SUFFIXES), column
+
+
+def test_plan_memory_figures_are_the_estimators(lora_plan):
+    row = lora_plan[lora_plan["gpu"] == "h100-sxm"].iloc[0]
+    b = vc.estimate("llama-3.1-8b", method="lora", gpu="h100-sxm", batch_size=int(row["micro_batch"]),
+                    num_gpus=int(row["num_gpus"]), sharding=row["sharding"])
+    assert row["device_gib"] == pytest.approx(b.total_bytes / BYTES_PER_GIB)
+    assert row["activations_gib"] == pytest.approx(b.terms()["activations"] / BYTES_PER_GIB)
+
+
+def test_smallest_gpu_count_is_minimal_and_shards_with_fsdp_above_one():
+    count, breakdown = smallest_gpu_count("llama-3.1-8b", "rtx-4090", method="full")
+    assert count > 1 and breakdown.inputs["sharding"] == "fsdp" and breakdown.fits()
+    smaller = [n for n in gpu_counts(512) if n < count][-1]
+    sharding = "fsdp" if smaller > 1 else "none"
+    assert not vc.estimate("llama-3.1-8b", method="full", gpu="rtx-4090", num_gpus=smaller, sharding=sharding).fits()
+
+
+def test_given_sharding_is_used_above_one_gpu():
+    count, breakdown = smallest_gpu_count("llama-3.1-8b", "rtx-4090", method="full", sharding="zero3")
+    assert count > 1 and breakdown.inputs["sharding"] == "zero3"
+
+
+@pytest.mark.parametrize("model, gpu, options", [
+    ("llama-3.1-8b", "h100-sxm", {"method": "lora"}),
+    ("qwen3-8b", "a100-80gb", {"method": "qlora", "grad_ckpt": True, "seq_len": 4096}),
+    ("smollm2-135m", "rtx-4090", {}),
+    ("gemma-2-9b", "h200", {"method": "lora", "attn": "eager"}),
+])
+def test_max_batch_size_is_the_largest_micro_batch_that_fits(model, gpu, options):
+    batch = max_batch_size(model, gpu, **options)
+    assert batch >= 1
+    assert vc.estimate(model, gpu=gpu, batch_size=batch, **options).fits()
+    assert not vc.estimate(model, gpu=gpu, batch_size=batch + 1, **options).fits()
+
+
+def test_max_batch_size_is_zero_when_one_sequence_does_not_fit():
+    assert max_batch_size("llama-3.3-70b", "rtx-4090") == 0
+
+
+def test_nothing_fits_is_said_plainly():
+    frame = plan("deepseek-r1", tokens=1e9, method="full", max_gpus=8)
+    assert frame.attrs["summary"].startswith("nothing in the catalogue fits deepseek-r1")
+    gpu_rows = frame[frame["offer"] == "gpu"]
+    assert not gpu_rows["fits"].any() and gpu_rows["rank"].isna().all()
+    assert gpu_rows["note"].str.startswith("does not fit on 8 x").all()
+
+
+def test_a_gpu_without_a_price_shows_no_cost_never_zero(lora_plan):
+    row = lora_plan[lora_plan["gpu"] == "rtx-3090"].iloc[0]
+    assert bool(row["fits"]) and pandas.isna(row["rent_usd"]) and pandas.isna(row["cost_usd"])
+    assert "no cloud price" in row["note"]
+    cells = next(r for r in csv.DictReader(io.StringIO(frame_csv(lora_plan))) if r["gpu"] == "rtx-3090")
+    assert cells["rent_usd"] == "" and cells["cost_usd"] == "" and cells["buy_usd"] == "2998"
+
+
+def test_a_gpu_lacking_the_dtype_gets_no_time_rather_than_a_wrong_one(lora_plan):
+    row = lora_plan[lora_plan["gpu"] == "t4"].iloc[0]
+    assert pandas.isna(row["train_hours"]) and "no bf16 matmuls" in row["note"]
+
+
+@pytest.mark.parametrize("rank_by, column", [("cost", "cost_usd"), ("time", "train_hours")])
+def test_ranked_rows_come_first_in_order_of_the_chosen_figure(lora_plan, rank_by, column):
+    frame = plan("llama-3.1-8b", tokens=1e8, method="lora", rank_by=rank_by)
+    ranked = frame[frame["rank"].notna()]
+    assert list(ranked["rank"]) == list(range(1, len(ranked) + 1))
+    assert ranked[column].is_monotonic_increasing
+    assert frame.index[frame["rank"].notna()].max() < frame.index[frame["rank"].isna()].min()
+
+
+def test_hosted_services_sit_beside_the_gpus_for_the_same_tokens(lora_plan):
+    hosted = lora_plan[lora_plan["offer"] == "hosted"]
+    assert set(hosted["provider"]) == {"fireworks", "together"}
+    for _, row in hosted.iterrows():
+        assert row["cost_usd"] == pytest.approx(row["hosted_usd_per_million_tokens"] * 100)
+        assert row["price_date"] and row["price_source"]
+
+
+def test_a_pinned_batch_size_and_gpu_count_are_kept():
+    frame = plan("llama-3.1-8b", tokens=1e8, method="lora", batch_size=2, num_gpus=4, gpus_to_try=["h100-sxm"],
+                 hosted=False)
+    row = frame.iloc[0]
+    assert (row["micro_batch"], row["num_gpus"], row["sharding"]) == (2, 4, "fsdp")
+
+
+def test_more_epochs_take_proportionally_longer():
+    one = plan("llama-3.1-8b", tokens=1e8, method="lora", gpus_to_try=["h100-sxm"], hosted=False).iloc[0]
+    three = plan("llama-3.1-8b", tokens=1e8, epochs=3, method="lora", gpus_to_try=["h100-sxm"], hosted=False).iloc[0]
+    assert three["train_hours"] == pytest.approx(3 * one["train_hours"])
+    assert three["rent_usd"] == pytest.approx(3 * one["rent_usd"])
+
+
+# -- host RAM -----------------------------------------------------------------------------------------------------
+def test_host_ram_holds_the_16_bit_checkpoint_once_per_loading_process():
+    spec = get_model("llama-3.1-8b")
+    single = vc.estimate(spec, method="lora")
+    assert host_ram(spec, resolve_setup(spec, method="lora"), single).loading_bytes == spec.params * 2
+    ddp = vc.estimate(spec, method="lora", num_gpus=4, sharding="ddp")
+    assert host_ram(spec, resolve_setup(spec, method="lora", num_gpus=4, sharding="ddp"), ddp).loading_bytes == \
+        4 * spec.params * 2
+    fsdp = vc.estimate(spec, num_gpus=16, sharding="fsdp")
+    assert host_ram(spec, resolve_setup(spec, num_gpus=16, sharding="fsdp"), fsdp).loading_bytes == spec.params * 2
+
+
+def test_paged_optimizer_states_need_host_ram():
+    spec = get_model("llama-3.1-8b")
+    resolved = resolve_setup(spec, optimizer="paged-adamw-8bit")
+    breakdown = vc.estimate(spec, optimizer="paged-adamw-8bit")
+    assert breakdown.details["paged_optimizer_bytes"] > 0
+    assert host_ram(spec, resolved, breakdown).paged_optimizer_bytes == breakdown.details["paged_optimizer_bytes"]
+
+
+def test_optimizer_offload_moves_the_states_from_the_gpu_to_the_host():
+    spec = get_model("llama-3.1-8b")
+    breakdown = vc.estimate(spec, gpu="h100-sxm")
+    states = breakdown.terms()["optimizer_states"]
+    assert device_bytes(breakdown, offload_optimizer=True) < breakdown.total_bytes - states * 0.99
+    host = host_ram(spec, resolve_setup(spec), breakdown, offload_optimizer=True)
+    assert host.offload_bytes == pytest.approx(16 * spec.params * 1.5, rel=1e-9)
+    frame = plan(spec, tokens=1e8, gpus_to_try=["h100-sxm"], offload_optimizer=True, hosted=False)
+    assert frame.iloc[0]["optimizer_states_gib"] == 0 and frame.iloc[0]["host_offload_gib"] > 0
+
+
+def test_paged_optimizers_cannot_also_be_offloaded():
+    with pytest.raises(VramcalcError, match="cannot be offloaded"):
+        plan("llama-3.1-8b", tokens=1e8, optimizer="paged-adamw-8bit", offload_optimizer=True)
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tokens": 0}, "token count must be a positive number"),
+    ({"tokens": -1e6}, "token count must be a positive number"),
+    ({"tokens": 1e6, "epochs": 0}, "number of epochs must be a positive number"),
+    ({"tokens": 1e6, "usd_per_kwh": 0}, r"electricity price \(\$/kWh\) must be a positive number"),
+    ({"tokens": 1e6, "amortisation_years": -3}, "amortisation horizon"),
+    ({"tokens": 1e6, "max_gpus": 0}, "maximum number of GPUs must be a positive number"),
+    ({"tokens": 1e6, "rank_by": "price"}, "unknown ranking 'price'"),
+    ({"tokens": 1e6, "gpus_to_try": ["h1000"]}, "unknown GPU 'h1000'; closest"),
+    ({"tokens": 1e6, "method": "full", "lora_rank": 8}, "--lora-rank does not apply"),
+])
+def test_bad_plan_input_is_a_one_line_error(kwargs, message):
+    with pytest.raises(VramcalcError, match=message) as err:
+        plan("llama-3.1-8b", **kwargs)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan", "llama-3.1-8b", "--tokens", "0"],
+    ["plan", "llama-3.1-8b", "--tokens", "-5"],
+    ["plan", "llama-3.1-8b", "--tokens", "1e6", "--usd-per-kwh", "-0.1"],
+    ["plan", "llama-3.1-8b", "--tokens", "1e6", "--amortisation-years", "0"],
+    ["plan", "llama-3.1-8b"],
+    ["max-batch", "llama-3.1-8b", "--gpu", "h100-sxm", "--batch-size", "2"],
+    ["max-batch", "llama-3.1-8b"],
+])
+def test_cli_bad_input_exits_2_with_one_error_line(argv, capsys):
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+# -- the CSV ------------------------------------------------------------------------------------------------------
+def test_plan_csv_opens_in_pandas_with_the_same_rows_and_stamp(lora_plan, tmp_path):
+    path = tmp_path / "plan.csv"
+    write_csv(lora_plan, path)
+    back = pandas.read_csv(path)
+    assert list(back.columns) == list(PLAN_COLUMNS) and len(back) == len(lora_plan)
+    stamp = catalogue_stamp()
+    assert (back["catalogue_version"] == stamp.version).all() and (back["catalogue_date"] == stamp.date).all()
+    assert back["device_gib"].dropna().tolist() == pytest.approx(lora_plan["device_gib"].dropna().tolist(), rel=1e-8)
+
+
+def test_catalogue_stamp_names_the_version_and_newest_price_date():
+    stamp = catalogue_stamp()
+    assert stamp.version.startswith(vc.__version__ + "+")
+    dates = [g.cloud_price_date for g in gpus() if g.cloud_price_date]
+    assert stamp.date >= max(dates)
+
+
+@pytest.mark.parametrize("name", ["=HYPERLINK(\"evil.example\",\"y\")", "+cmd", "-2+3", "@SUM(A1)"])
+def test_formula_like_model_names_from_a_users_config_are_escaped(name, tmp_path, capsys):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 1000,
+    }))
+    out_csv = tmp_path / "plan.csv"
+    code, out, err = run(["plan", str(folder), "--tokens", "1e6", "--output", str(out_csv)], capsys)
+    assert code == 0, err
+    for row in csv.DictReader(out_csv.open()):
+        assert row["model"] == "'" + name
+        for cell in row.values():
+            assert not cell.startswith(("=", "+", "@")) and not (cell.startswith("-") and not _is_number(cell))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def test_cli_plan_prints_the_summary_and_writes_the_csv(tmp_path, capsys):
+    path = tmp_path / "plan.csv"
+    code, out, err = run(["plan", "qwen3-30b-a3b", "--method", "lora", "--tokens", "5e8", "--output", str(path)],
+                         capsys)
+    assert code == 0 and out.splitlines()[0].startswith("15 of 16 GPU types fit qwen3-30b-a3b")
+    assert "never 0" in out and f"wrote {path}" in out
+    assert len(pandas.read_csv(path)) >= 16
+
+
+def test_cli_plan_json_has_the_summary_and_null_for_missing_values(capsys):
+    code, out, _ = run(["plan", "llama-3.1-8b", "--method", "qlora", "--tokens", "1e7", "--gpus", "rtx-3090,h100-sxm",
+                        "--format", "json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["summary"] and data["catalogue_date"]
+    row = next(r for r in data["rows"] if r["gpu"] == "rtx-3090")
+    assert row["rent_usd"] is None and row["buy_usd"] == 1499
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["max-batch", "llama-3.1-8b", "--gpu", "h100-sxm", "--method", "lora"], "largest micro-batch"),
+    (["max-batch", "llama-3.3-70b", "--gpu", "rtx-4090"], "does not fit on one rtx-4090 even at micro-batch 1"),
+])
+def test_cli_max_batch_answers_in_one_line(argv, expected, capsys):
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and expected in out and out.count("\n") == 1
+
+
+@pytest.mark.skipif(shutil.which("soffice") is None, reason="LibreOffice (soffice) is not installed")
+def test_libreoffice_converts_the_plan_csv_without_error(lora_plan, tmp_path):
+    path = tmp_path / "plan.csv"
+    write_csv(lora_plan, path)
+    result = subprocess.run(["soffice", "--headless", "--convert-to", "xlsx", "--outdir", str(tmp_path), str(path)],
+                            capture_output=True, text=True, timeout=180,
+                            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "Error" not in result.stderr
+    assert (tmp_path / "plan.xlsx").stat().st_size > 0
+
+
+# -- sweep --------------------------------------------------------------------------------------------------------
+GRID = {"model": ["llama-3.1-8b", "qwen3-30b-a3b", "gemma-2-9b", "deepseek-r1", "phi-4"],
+        "method": ["full", "lora", "qlora", "prompt"], "optimizer": ["adamw", "adamw-8bit", "paged-adamw-8bit"],
+        "grad_ckpt": [False, True], "lora_rank": [16], "batch_size": list(range(1, 33)),
+        "seq_len": [256, 512, 1024, 2048, 4096, 8192, 16384], "gpu": ["h100-sxm", "rtx-4090", "a100-80gb", "b200"]}
+
+
+def test_sweep_evaluates_over_100k_setups_vectorised():
+    frame = sweep(GRID)
+    assert len(frame) >= 100_000 and frame["error"].isna().all()
+    assert frame["fits"].any() and not frame["fits"].all()
+
+
+@given(model=st.sampled_from(["llama-3.1-8b", "qwen3-30b-a3b", "gemma-2-9b", "phi-4", "deepseek-r1"]),
+       method=st.sampled_from(["full", "lora", "qlora", "prompt"]),
+       optimizer=st.sampled_from(["adamw", "adamw-foreach", "adamw-8bit", "paged-adamw-8bit", "adafactor"]),
+       grad_ckpt=st.booleans(), attn=st.sampled_from(["sdpa", "flash", "eager"]),
+       batch_size=st.integers(1, 16), seq_len=st.integers(1, 8192),
+       gpu=st.sampled_from(["h100-sxm", "rtx-4090", "mi300x", "v100-32gb"]), num_gpus=st.sampled_from([1, 4]))
+@settings(max_examples=60, deadline=None)
+def test_sweep_agrees_with_estimate_for_any_setup(model, method, optimizer, grad_ckpt, attn, batch_size, seq_len, gpu,
+                                                  num_gpus):
+    options = dict(method=method, optimizer=optimizer, grad_ckpt=grad_ckpt, attn=attn, num_gpus=num_gpus,
+                   sharding="fsdp" if num_gpus > 1 else "none")
+    row = sweep([dict(model=model, gpu=gpu, batch_size=batch_size, seq_len=seq_len, **options)]).iloc[0]
+    b = vc.estimate(model, gpu=gpu, batch_size=batch_size, seq_len=seq_len, **options)
+    assert (row["peak_tensor_bytes"], row["total_bytes"], row["phase"], bool(row["fits"])) == \
+        (b.peak_tensor_bytes, b.total_bytes, b.phase.value, b.fits())
+
+
+def test_sweep_reports_a_bad_setup_on_its_row_and_evaluates_the_rest():
+    frame = sweep({"model": ["llama-3.1-8b"], "method": ["qlora", "lora"], "precision": ["fp32", "bf16"],
+                   "batch_size": [0, 2]})
+    bad_precision = frame[(frame["method"] == "qlora") & (frame["precision"] == "fp32") & (frame["batch_size"] == 2)]
+    assert "makes no sense" in bad_precision["error"].iloc[0] and bad_precision["total_bytes"].isna().all()
+    assert (frame[frame["batch_size"] == 0]["error"] == "batch size must be a positive integer").all()
+    good = frame[frame["error"].isna()]
+    assert len(good) == 3 and good["total_bytes"].notna().all()
+
+
+def test_sweep_ignores_options_foreign_to_a_rows_method():
+    frame = sweep({"model": ["llama-3.1-8b"], "method": ["full", "lora"], "lora_rank": [64]})
+    assert frame["error"].isna().all()
+    full = frame[frame["method"] == "full"].iloc[0]
+    assert full["total_bytes"] == vc.estimate("llama-3.1-8b").total_bytes
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"method": ["lora"]}, "needs a 'model' column"),
+    ({"model": ["llama-3.1-8b"], "batch": [1]}, "unknown sweep column 'batch'"),
+    ({"model": []}, "sweep axis 'model' has no values"),
+])
+def test_a_malformed_grid_is_a_one_line_error(grid, message):
+    with pytest.raises(VramcalcError, match=message):
+        sweep(grid)
+
+
+def test_sweep_without_a_gpu_reports_memory_without_a_verdict():
+    frame = sweep({"model": ["llama-3.1-8b"], "seq_len": numpy.array([512, 1024])})
+    assert "fits" not in frame.columns
+    assert frame["total_bytes"].tolist() == [vc.estimate("llama-3.1-8b", seq_len=s).total_bytes for s in (512, 1024)]
+
+
+# -- import weight ------------------------------------------------------------------------------------------------
+def test_importing_vramcalc_and_the_planning_modules_loads_no_pandas_numpy_or_matplotlib():
+    code = ("import sys, vramcalc, vramcalc.planning, vramcalc.cost, vramcalc.report, vramcalc.plotting;"
+            "heavy = [m for m in ('pandas', 'numpy', 'matplotlib', 'torch') if m in sys.modules];"
+            "print(','.join(heavy))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""

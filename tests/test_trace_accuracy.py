@@ -1,0 +1,63 @@
+"""The CI-sized accuracy check: the estimate's peak within 3% of the traced peak, for every family and method.
+
+The full real-size grid is benchmarks/accuracy.py (its results: benchmarks/accuracy.csv and accuracy.md).
+"""
+
+import pytest
+
+from vramcalc.estimator import step_moments
+from vramcalc.training_setup import resolve_setup
+
+from .conftest import has_torch
+from .tiny_models import TINY
+
+pytestmark = [pytest.mark.skipif(not has_torch(), reason="needs the trace extra"), pytest.mark.trace]
+
+TOLERANCE = 0.03
+
+CASES = [
+    ("llama", dict(seq_len=512)),
+    ("llama", dict(seq_len=2048, method="qlora", grad_ckpt=True)),
+    ("llama", dict(seq_len=512, method="lora", lora_dropout=0.1, lora_targets="all-linear")),
+    ("llama", dict(seq_len=512, precision="mixed-bf16", optimizer="adamw-foreach")),
+    ("llama", dict(seq_len=256, precision="fp32", attn="eager", batch_size=2)),
+    ("llama", dict(seq_len=512, method="prompt", loss="chunked")),
+    ("llama", dict(seq_len=512, method="lora", loss="fused", optimizer="adamw-8bit")),
+    ("mistral", dict(seq_len=512, method="lora", grad_accum=2)),
+    ("qwen2", dict(seq_len=512, optimizer="sgd-momentum")),
+    ("qwen3", dict(seq_len=512, method="lora", adapter_dtype="bf16", grad_ckpt=True)),
+    ("gemma2", dict(seq_len=256, batch_size=2)),
+    ("gemma2", dict(seq_len=256, method="qlora", precision="mixed-bf16")),
+    ("phi3", dict(seq_len=512, method="lora", lora_targets="all-linear")),
+    ("mixtral", dict(seq_len=512, method="lora")),
+    ("qwen3_moe", dict(seq_len=512)),
+    ("qwen3_moe", dict(seq_len=512, method="qlora", lora_targets="all-linear")),
+    ("deepseek_v3", dict(seq_len=512)),
+    ("deepseek_v3", dict(seq_len=512, method="lora", grad_ckpt=True)),
+]
+
+
+@pytest.mark.parametrize("family, options", CASES, ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for f, o in CASES])
+def test_estimated_peak_is_within_3_percent_of_the_trace(family, options):
+    from vramcalc.tracing.runner import run_trace
+
+    spec = TINY[family]
+    resolved = resolve_setup(spec, **options)
+    estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
+    traced = sum(run_trace(spec, resolved, progress=False).terms.values())
+    assert abs(estimated - traced) / traced < TOLERANCE
+
+
+def test_full_size_8b_setup_matches_the_trace_term_by_term():
+    # real size: Llama-3.1-8B, full bf16 fine-tuning, b=1, s=4096 (the memory-math.md section 5.5 example)
+    from vramcalc.catalogue import get_model
+    from vramcalc.options import Term
+    from vramcalc.tracing.runner import run_trace
+
+    spec = get_model("llama-3.1-8b")
+    resolved = resolve_setup(spec, seq_len=4096)
+    peak = max(step_moments(spec, resolved), key=lambda m: m.tensor_bytes)
+    traced = run_trace(spec, resolved, progress=False)
+    assert traced.phase == peak.phase
+    for term in (Term.WEIGHTS, Term.OPTIMIZER_STATES, Term.ACTIVATIONS, Term.LOGITS):
+        assert abs(getattr(peak, term.value) - traced.terms[term]) <= 0.01 * traced.terms[term]

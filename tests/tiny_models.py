@@ -1,0 +1,34 @@
+"""Small but real architectures of every supported family: the CI-sized stand-ins for the catalogue's models.
+
+Dimensions keep each family's structure (GQA ratios, head_dim != hidden/heads, biases, q/k norms, softcaps, fused
+projections, MoE routing, MLA ranks); only the sizes shrink so a trace runs in well under a second.
+"""
+
+from vramcalc.model import ModelSpec
+
+TINY = {
+    "llama": ModelSpec(name="tiny-llama", family="llama", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                       head_dim=64, intermediate_size=688, vocab_size=2048, max_position_embeddings=4096),
+    "mistral": ModelSpec(name="tiny-mistral", family="mistral", hidden_size=256, num_layers=2, num_heads=8,
+                         num_kv_heads=2, head_dim=32, intermediate_size=512, vocab_size=2048),
+    "qwen2": ModelSpec(name="tiny-qwen2", family="qwen2", hidden_size=224, num_layers=2, num_heads=7, num_kv_heads=1,
+                       head_dim=32, intermediate_size=608, vocab_size=3000, qkv_bias=True),
+    "qwen3": ModelSpec(name="tiny-qwen3", family="qwen3", hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2,
+                       head_dim=64, intermediate_size=512, vocab_size=2048, qk_norm=True),
+    "gemma2": ModelSpec(name="tiny-gemma2", family="gemma2", hidden_size=192, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=64, intermediate_size=512, vocab_size=4096, tie_word_embeddings=True,
+                        sliding_window=64),
+    "phi3": ModelSpec(name="tiny-phi3", family="phi3", hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=4,
+                      head_dim=32, intermediate_size=512, vocab_size=2048),
+    "mixtral": ModelSpec(name="tiny-mixtral", family="mixtral", hidden_size=256, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=64, intermediate_size=384, vocab_size=2048, num_experts=4,
+                         experts_per_token=2),
+    "qwen3_moe": ModelSpec(name="tiny-qwen3-moe", family="qwen3_moe", hidden_size=256, num_layers=2, num_heads=8,
+                           num_kv_heads=2, head_dim=32, intermediate_size=512, vocab_size=2048, qk_norm=True,
+                           num_experts=8, experts_per_token=2, moe_intermediate_size=96),
+    "deepseek_v3": ModelSpec(name="tiny-deepseek-v3", family="deepseek_v3", hidden_size=256, num_layers=3,
+                             num_heads=4, num_kv_heads=4, head_dim=32, intermediate_size=512, vocab_size=2048,
+                             num_experts=8, experts_per_token=2, moe_intermediate_size=64, n_shared_experts=1,
+                             first_k_dense_replace=1, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
+                             qk_rope_head_dim=16, v_head_dim=32),
+}

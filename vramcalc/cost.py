@@ -1,0 +1,360 @@
+"""Time and money of a fine-tuning job: FLOPs per token, utilisation, hours, and the rent, buy and energy bill.
+
+FLOPs per trained token (``shared/reference/memory-math.md`` §9). Symbols: N_mm matmul parameters (every parameter
+but the embedding, plus lm_head even when tied; MoE: the active ones), N_a trainable adapter parameters, L layers,
+a heads, d_qk and d_v the per-head widths of q·kᵀ and of v (MLA: nope + rope and v_head_dim), s sequence length.
+
+  attention forward      A = 2·L·a·s·(d_qk + d_v)       QKᵀ and PV, non-causal count (PaLM, Chowdhery et al. 2022,
+                                                         App. B: 4·L·a·d·s when d_qk = d_v = d)
+  full fine-tuning       6·N_mm + 3·A                    forward 2N, backward 4N (Kaplan et al. 2020; PaLM App. B)
+  LoRA / QLoRA / prompt  4·N_mm + 6·N_a + 3·A            frozen weights skip their weight-gradient GEMMs, but the
+                                                         input gradient still runs back through every layer
+  + recomputation        + 2·N_mm (+ 2·N_a) + A          gradient checkpointing runs the forward twice
+
+The model FLOPs (without recomputation) are the MFU definition's; the hardware FLOPs (with it) are what the GPU
+executes. Time uses the hardware FLOPs: ``seconds per token = hardware FLOPs / (peak · utilisation)`` per GPU, so the
+utilisation is the MFU of a run without checkpointing, and a checkpointed run takes 8/6 as long (full fine-tuning).
+Eager attention adds the HBM traffic of its materialised ``[b, a, s, s]`` scores (a bandwidth term, not FLOPs).
+
+Utilisation defaults per GPU generation come with their sources (``MFU_BY_GENERATION``); they are overridable per
+call, and a calibration profile replaces them (``job_utilisation``). Communication across GPUs is not modelled apart:
+the utilisation absorbs it. Prices come from the catalogue with their dates; a GPU without a price gets no cost
+(``None``), never 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from dataclasses import dataclass
+
+from .catalogue import GpuSpec, data_dir, get_model
+from .errors import VramcalcError
+from .model import ModelSpec, ParamKind
+from .options import Attention, Method, Precision
+from .profiles import profile_data
+from .terms.parameters import stored_tensors
+from .training_setup import ResolvedSetup, resolve_setup
+
+SECONDS_PER_HOUR = 3600
+HOURS_PER_YEAR = 365 * 24
+TFLOPS = 1e12  # the catalogue's dense peaks are in TFLOP/s
+GB_PER_S = 1e9  # the catalogue's bandwidth is in GB/s (10^9 bytes)
+W_PER_KW = 1000
+TOKENS_PER_MILLION = 1_000_000
+
+# US commercial-sector average retail price, 14.6 ¢/kWh: EIA Electric Power Monthly Table 5.6.A, as republished in
+# energypricestoday.com/data/sources/electricity-prices.json (updated 2026-04-26). Override with usd_per_kwh.
+DEFAULT_USD_PER_KWH = 0.146
+DEFAULT_USD_PER_KWH_SOURCE = "EIA Electric Power Monthly Table 5.6.A, US commercial average (via energypricestoday.com, 2026-04-26)"
+DEFAULT_AMORTISATION_YEARS = 3.0  # assumption: a common straight-line depreciation period for servers
+
+# Eager attention (transformers ``eager_attention_forward``) moves each score of [b, a, s, s] through HBM as:
+# the bf16 QKᵀ output (write 2), the scaling (read 2, write 2), the mask add (read 2, write 2), the fp32 softmax
+# (read 2, write 4), its cast back (read 4, write 2) and the PV matmul's read (2): 24 bytes in forward. Backward is
+# taken as twice the forward (assumption), so 72 bytes per score per layer, +24 more under recomputation.
+EAGER_SCORE_FORWARD_BYTES = 24
+EAGER_SCORE_BACKWARD_BYTES = 2 * EAGER_SCORE_FORWARD_BYTES
+
+# QLoRA dequantizes every 4-bit weight before each matmul (bitsandbytes ``dequantize_4bit``) and its kernels reach a
+# fraction of LoRA's throughput: memory-math §9 suggests 0.6-0.7 of LoRA (assumption, to be calibrated).
+QLORA_THROUGHPUT_FACTOR = 0.65
+
+
+@dataclass(frozen=True)
+class Utilisation:
+    """A model-FLOPs utilisation and where it comes from."""
+
+    mfu: float
+    source: str
+
+
+# Default MFU of an HF Trainer + SDPA/FA2 fine-tuning run without recomputation, per GPU generation (the first word
+# of the catalogue's ``architecture``). One source per row; "assumption" where none was found.
+MFU_BY_GENERATION: dict[str, Utilisation] = {
+    # memory-math §9 default for A100; fms-fsdp#67 ~48% by 6N on an FSDP-tuned stack; google/paxml#65 30-35%
+    "Ampere": Utilisation(0.40, "default for Ampere: memory-math §9 (A100 0.40; fms-fsdp#67 48%, paxml#65 30-35%)"),
+    # memory-math §9 default for H100; NVIDIA-NeMo/Automodel#646 34% Llama-3-70B (HF models); Llama 3 paper 38-43%
+    "Hopper": Utilisation(0.30, "default for Hopper: memory-math §9 (H100 0.30; NeMo Automodel#646 34%)"),
+    # pytorch/torchtitan#1201: 12% MFU against B200's 4.5 PFLOP/s sparse peak = 24% of the 2.25 dense (#1393)
+    "Blackwell": Utilisation(0.24, "default for Blackwell: torchtitan#1201/#1393 (B200 ~24% of dense peak)"),
+    # no published HF fine-tuning MFU found for Ada: between Ampere and Hopper (assumption)
+    "Ada": Utilisation(0.35, "default for Ada: assumption (between Ampere 0.40 and Hopper 0.30)"),
+    # PrimeIntellect-ai/prime-rl#1722: ~30-40% on MI325X (MI300X dies); pytorch/torchtitan#4779: 20-25% on MI350X
+    "CDNA": Utilisation(0.30, "default for CDNA 3: prime-rl#1722 (~30-40% MI325X), torchtitan#4779 (20-25% MI350X)"),
+    # fp16-only generations: no recent HF measurements found (assumption)
+    "Turing": Utilisation(0.30, "default for Turing: assumption"),
+    "Volta": Utilisation(0.30, "default for Volta: assumption"),
+}
+FALLBACK_UTILISATION = Utilisation(0.30, "default: assumption (unknown GPU generation)")
+
+
+@dataclass(frozen=True)
+class TrainingFlops:
+    """FLOPs per dataset token: the MFU definition's, and what the GPU executes (with recomputation)."""
+
+    model_flop_per_token: float
+    hardware_flop_per_token: float
+
+
+@dataclass(frozen=True)
+class TrainingTime:
+    """How long a job takes on ``num_gpus`` GPUs."""
+
+    tokens_per_s: float  # dataset tokens per second, all GPUs together
+    hours: float  # wall-clock
+    gpu_hours: float
+
+
+# -- validation ---------------------------------------------------------------------------------------------------
+def positive_number(value, what: str) -> float:
+    """A finite number > 0, or a one-line VramcalcError naming the value."""
+    if isinstance(value, bool):
+        raise VramcalcError(f"{what} must be a positive number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise VramcalcError(f"{what} must be a positive number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise VramcalcError(f"{what} must be a positive number, got {value!r}")
+    return number
+
+
+# -- FLOPs --------------------------------------------------------------------------------------------------------
+def matmul_params(spec: ModelSpec) -> int:
+    """N_mm: the parameters one token multiplies by: every active one but the embedding lookup, plus lm_head
+    (counted even when tied to the embedding, since the tied matrix is still a [V, h] matmul)."""
+    vocabulary_matrices = spec.inventory.numel(ParamKind.EMBEDDING, ParamKind.LM_HEAD)
+    return spec.active_params - vocabulary_matrices + spec.vocab_size * spec.hidden_size
+
+
+def attention_forward_flop_per_token(spec: ModelSpec, seq_len: int) -> int:
+    """A = 2·L·a·s·(d_qk + d_v): the QKᵀ and PV matmuls of one token against a sequence of ``seq_len``
+    (non-causal count, as PaLM App. B; causal kernels skip about half)."""
+    return 2 * spec.num_layers * spec.num_heads * seq_len * (spec.qk_head_dim + spec.v_dim)
+
+
+def adapter_params(spec: ModelSpec, resolved: ResolvedSetup) -> int:
+    """N_a: trainable parameters outside the base model (LoRA A and B, the prompt-tuning embedding)."""
+    return sum(t.numel * t.count for t in stored_tensors(spec, resolved) if t.kind in ("adapter", "prompt"))
+
+
+def training_flops(spec: ModelSpec, resolved: ResolvedSetup) -> TrainingFlops:
+    """FLOPs per dataset token of one training step (see the module docstring). Prompt tuning processes its virtual
+    tokens too: the per-token count is scaled by padded / data sequence length."""
+    setup = resolved.setup
+    s = setup.padded_seq_len
+    n_mm = matmul_params(spec)
+    attention = attention_forward_flop_per_token(spec, s)
+    if setup.method is Method.FULL:
+        n_a = 0
+        model = 6 * n_mm + 3 * attention
+    else:
+        n_a = adapter_params(spec, resolved)
+        model = 4 * n_mm + 6 * n_a + 3 * attention
+    recompute = 2 * n_mm + 2 * n_a + attention if setup.grad_ckpt else 0
+    per_data_token = s / setup.seq_len
+    return TrainingFlops(model * per_data_token, (model + recompute) * per_data_token)
+
+
+def eager_attention_seconds_per_token(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec) -> float:
+    """HBM time of eager attention's materialised scores per dataset token on one GPU:
+    L·a·s·(24 + 48 [+ 24 recomputed]) bytes / bandwidth; 0 for sdpa and flash (scores never reach HBM)."""
+    if resolved.attn_used is not Attention.EAGER or not gpu.bandwidth_gb_s:
+        return 0.0
+    setup = resolved.setup
+    s = setup.padded_seq_len
+    per_score = EAGER_SCORE_FORWARD_BYTES + EAGER_SCORE_BACKWARD_BYTES
+    if setup.grad_ckpt:
+        per_score += EAGER_SCORE_FORWARD_BYTES
+    traffic_bytes = spec.num_layers * spec.num_heads * s * per_score
+    return traffic_bytes / (gpu.bandwidth_gb_s * GB_PER_S) * s / setup.seq_len
+
+
+# -- peak and utilisation ------------------------------------------------------------------------------------------
+def matmul_dtype(resolved: ResolvedSetup) -> str:
+    """The dtype the matmuls run in: the autocast / parameter dtype, fp8 inputs under fp8, QLoRA's compute dtype."""
+    setup = resolved.setup
+    if setup.method is Method.QLORA:
+        return setup.compute_dtype.value
+    if setup.precision is Precision.FP8:
+        return "fp8"
+    return setup.precision.compute_dtype.value
+
+
+def peak_flop_per_s(gpu: GpuSpec, dtype: str) -> float | None:
+    """Dense peak of the GPU's matmuls in ``dtype`` (FLOP/s), or None when the GPU lacks that dtype."""
+    tflops = {
+        "bf16": gpu.bf16_dense_tflops if gpu.supports_bf16 else None,
+        "fp16": gpu.fp16_dense_tflops,
+        "fp8": gpu.fp8_dense_tflops,
+        "fp32": gpu.fp32_tflops,
+    }.get(dtype)
+    return tflops * TFLOPS if tflops else None
+
+
+def gpu_generation(gpu: GpuSpec) -> str:
+    """'Hopper (GH100)' -> 'Hopper'; 'CDNA 3 (gfx942)' -> 'CDNA'; 'Ada Lovelace (AD102)' -> 'Ada'."""
+    return (gpu.architecture or "").split(" ")[0].split("(")[0]
+
+
+def default_utilisation(gpu: GpuSpec, method: Method) -> Utilisation:
+    """The generation's MFU, times ``QLORA_THROUGHPUT_FACTOR`` for QLoRA (LoRA keeps the MFU on its 4N count)."""
+    base = MFU_BY_GENERATION.get(gpu_generation(gpu), FALLBACK_UTILISATION)
+    if method is Method.QLORA:
+        return Utilisation(base.mfu * QLORA_THROUGHPUT_FACTOR, f"{base.source} x {QLORA_THROUGHPUT_FACTOR} for qlora")
+    return base
+
+
+def job_utilisation(gpu: GpuSpec, method: Method, mfu: float | None = None) -> Utilisation:
+    """The utilisation a job runs at: the caller's ``mfu``, else the GPU's calibration profile, else the default.
+
+    A profile (``calibration/profiles/<gpu>.json``, read by ``profiles.profile_data``) may hold
+      ``"mfu": 0.37`` (every method) or ``"mfu": {"full": 0.37, "lora": 0.33, "qlora": 0.21}``, or
+      ``"step_times": [{"model": ..., "step_seconds": ..., <TrainingSetup options>}, ...]``, measured steps from which
+      ``refit_utilisation`` derives the MFU per method (the median of its runs).
+    A method the profile does not cover takes the default.
+    """
+    if mfu is not None:
+        value = positive_number(mfu, "MFU")
+        if value > 1:
+            raise VramcalcError(f"MFU is a fraction of the peak and must be at most 1, got {mfu!r}")
+        return Utilisation(value, "given")
+    data = profile_data(gpu.name) or {}
+    given = data.get("mfu")
+    if isinstance(given, (int, float)) and not isinstance(given, bool):
+        return Utilisation(float(given), f"calibrated: {gpu.name}.json")
+    if isinstance(given, dict) and method.value in given:
+        return Utilisation(float(given[method.value]), f"calibrated: {gpu.name}.json")
+    if data.get("step_times"):
+        refit = refit_utilisation(data["step_times"], gpu)
+        if method.value in refit:
+            return refit[method.value]
+    return default_utilisation(gpu, method)
+
+
+def refit_utilisation(step_times: list[dict], gpu: GpuSpec) -> dict[str, Utilisation]:
+    """MFU per method from measured steps: hardware FLOPs of the step's tokens on one GPU / (seconds · peak).
+
+    Each record names ``model`` and ``step_seconds`` (one optimizer step, all micro-batches) plus any TrainingSetup
+    options (batch_size, seq_len, grad_accum, method, ...). Records whose dtype the GPU lacks are skipped.
+    """
+    by_method: dict[str, list[float]] = {}
+    for record in step_times:
+        options = {key: value for key, value in record.items() if key not in ("model", "step_seconds")}
+        spec = get_model(record["model"])
+        resolved = resolve_setup(spec, **options)
+        setup = resolved.setup
+        peak = peak_flop_per_s(gpu, matmul_dtype(resolved))
+        seconds = positive_number(record["step_seconds"], "step_seconds")
+        if peak is None:
+            continue
+        tokens = setup.batch_size * setup.seq_len * setup.grad_accum  # per GPU, dataset tokens
+        flops = training_flops(spec, resolved).hardware_flop_per_token * tokens
+        by_method.setdefault(setup.method.value, []).append(flops / (seconds * peak))
+    return {method: Utilisation(statistics.median(values), f"refit from {len(values)} measured steps: {gpu.name}.json")
+            for method, values in by_method.items()}
+
+
+# -- time ---------------------------------------------------------------------------------------------------------
+def training_time(flops: TrainingFlops, tokens: float, epochs: float, num_gpus: int, peak: float, mfu: float,
+                  memory_seconds_per_token: float = 0.0) -> TrainingTime:
+    """hours = tokens · epochs · (FLOP/token / (peak · MFU) + memory s/token) / (GPUs · 3600)
+    (memory-math §9: Llama-3-8B full FT, 1B tokens, s=4096 on one A100 at 40% ≈ 115 GPU-hours)."""
+    seconds_per_token_per_gpu = flops.hardware_flop_per_token / (peak * mfu) + memory_seconds_per_token
+    tokens_per_s = num_gpus / seconds_per_token_per_gpu
+    hours = tokens * epochs / tokens_per_s / SECONDS_PER_HOUR
+    return TrainingTime(tokens_per_s, hours, hours * num_gpus)
+
+
+# -- money --------------------------------------------------------------------------------------------------------
+def rent_cost_usd(usd_per_gpu_hour: float | None, num_gpus: int, hours: float) -> float | None:
+    """Cloud $/GPU-hour × GPUs × hours; None when the catalogue has no price."""
+    if usd_per_gpu_hour is None:
+        return None
+    return usd_per_gpu_hour * num_gpus * hours
+
+
+def buy_cost_usd(list_price_usd: float | None, num_gpus: int) -> float | None:
+    """List price × GPUs (the GPUs only: no server, network, power or cooling); None without a list price."""
+    if list_price_usd is None:
+        return None
+    return list_price_usd * num_gpus
+
+
+def amortised_buy_cost_usd(list_price_usd: float | None, num_gpus: int, hours: float,
+                           amortisation_years: float) -> float | None:
+    """The job's straight-line share of the purchase: price × GPUs × hours / (years · 8760 h)."""
+    years = positive_number(amortisation_years, "amortisation horizon (years)")
+    capex = buy_cost_usd(list_price_usd, num_gpus)
+    if capex is None:
+        return None
+    return capex * hours / (years * HOURS_PER_YEAR)
+
+
+def energy_kwh(tdp_w: float | None, num_gpus: int, hours: float) -> float | None:
+    """GPU board power at TDP × GPUs × hours (an upper bound for the GPUs; hosts and cooling not counted)."""
+    if tdp_w is None:
+        return None
+    return tdp_w * num_gpus * hours / W_PER_KW
+
+
+def energy_cost_usd(kwh: float | None, usd_per_kwh: float) -> float | None:
+    price = positive_number(usd_per_kwh, "electricity price ($/kWh)")
+    return None if kwh is None else kwh * price
+
+
+# -- hosted fine-tuning services ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HostedPrice:
+    """One published per-token training price of a hosted fine-tuning service (``data/hosted_finetuning.csv``)."""
+
+    provider: str
+    offering: str
+    model_access: str  # open-weight (bring a size bracket) | closed (the provider's own model)
+    min_params_b: float | None
+    max_params_b: float | None
+    method: str  # lora | full | "" when the provider does not say
+    usd_per_million_tokens: float
+    price_date: str
+    source: str
+
+    def applies_to(self, params_b: float, method: Method) -> bool:
+        """An open-weight bracket holding the model (bounds inclusive, at the 0.1B resolution they are published
+        in) for the same kind of training (LoRA prices for LoRA and QLoRA)."""
+        if self.model_access != "open-weight":
+            return False
+        size = round(params_b, 1)
+        if self.min_params_b is not None and size < self.min_params_b:
+            return False
+        if self.max_params_b is not None and size > self.max_params_b:
+            return False
+        wanted = "full" if method is Method.FULL else "lora" if method.uses_lora else None
+        return self.method == wanted
+
+
+def hosted_prices() -> list[HostedPrice]:
+    """Every row of ``data/hosted_finetuning.csv``, in file order."""
+    with open(data_dir() / "hosted_finetuning.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+
+    def bound(cell: str) -> float | None:
+        return float(cell) if cell.strip() else None
+
+    return [HostedPrice(row["provider"], row["offering"], row["model_access"], bound(row["min_params_b"]),
+                        bound(row["max_params_b"]), row["method"], float(row["usd_per_million_tokens"]),
+                        row["price_date"], row["source"]) for row in rows]
+
+
+def hosted_cost_usd(price: HostedPrice, tokens: float, epochs: float) -> float:
+    """Per-token price × every trained token (hosted services bill tokens × epochs)."""
+    return price.usd_per_million_tokens * tokens * epochs / TOKENS_PER_MILLION
+
+
+__all__ = [
+    "DEFAULT_USD_PER_KWH", "DEFAULT_AMORTISATION_YEARS", "MFU_BY_GENERATION", "TrainingFlops",
+    "TrainingTime", "Utilisation", "HostedPrice", "matmul_params", "training_flops", "peak_flop_per_s",
+    "job_utilisation", "training_time", "rent_cost_usd", "buy_cost_usd", "amortised_buy_cost_usd", "energy_kwh",
+    "energy_cost_usd", "hosted_prices", "hosted_cost_usd", "positive_number",
+]
