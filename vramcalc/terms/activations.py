@@ -99,6 +99,8 @@ class _LayerWalk:
         self.lora_names = set(resolved.lora_modules)
         self.quantized = self.setup.method is Method.QLORA
         self.gemma = model.family == "gemma2"
+        window = model.sliding_window
+        self.masked = bool(window) and resolved.setup.padded_seq_len > window  # transformers builds a 4-D mask
         self.per_token = 0
         self.per_square = 0
         self.per_layer = 0
@@ -160,19 +162,14 @@ class _LayerWalk:
     def use(self, name: str, width_in: int) -> LinearUse:
         return LinearUse(name, width_in, self.full, name in self.lora_names, self.quantized)
 
-    def sdpa(self, a: int, k: int, d_qk: int, d_v: int, x_bytes: int) -> None:
-        """The SDPA kernel CUDA would pick (vramcalc.tracing.cuda_emulation) saves its inputs, output and logsumexp."""
-        if not self.grad:
-            return
-        c = self.dt.c if self.dt.autocast else x_bytes
-        flash = c == 2 and d_qk == d_v <= SDPA_FLASH_MAX_HEAD_DIM
-        self.per_layer += SEED_OFFSET_BYTES
-        if flash or a == k:
-            self.per_token += c * (a * d_qk + k * d_qk + k * d_v + a * d_v) + FP32 * a
-            return
-        # math path (GQA the efficient kernel cannot take): scaled q, repeated k and v, softmax, in fp32
-        self.per_square += FP32 * a
-        self.per_token += FP32 * (a * d_qk + a * d_qk + a * d_v) + c * a * d_v
+    def sdpa_kernel(self, a: int, k: int, d_qk: int, d_v: int, x_bytes: int) -> str:
+        """The SDPA backend a CUDA GPU picks (vramcalc.tracing.cuda_emulation): flash for 16-bit inputs with equal
+        head dims <= 256 and no mask; memory-efficient for a mask, fp32 or unequal v (not GQA); else math."""
+        if x_bytes == 2 and d_qk == d_v <= SDPA_FLASH_MAX_HEAD_DIM and not self.masked:
+            return "flash"
+        if a == k or self.masked:
+            return "efficient"
+        return "math"
 
     # -- the layer --------------------------------------------------------------------------------
     def attention_block(self) -> None:
@@ -207,11 +204,27 @@ class _LayerWalk:
             if o_saves_input and self.grad:
                 self.per_token += out_bytes * a * d  # contiguous copy of the output
         else:
-            self.sdpa(a, k, d, d, embed)
             out_bytes = c if dt.autocast else embed
-            if m.traits.fused_qkv and self.grad:
-                # v is a view of the fused qkv output and pins all of it; the output is copied to contiguous
-                self.per_token += qkv * (a + k) * d + (out_bytes * a * d if o_saves_input else 0)
+            kernel = self.sdpa_kernel(a, k, d, d, out_bytes)
+            if self.grad:
+                repeated = self.masked and a > k  # transformers' repeat_kv: k and v copied to a heads
+                kv_width = a * d if repeated else k * d
+                if kernel == "math":
+                    self.per_square += FP32 * a
+                    self.per_token += FP32 * (a * d + a * d + a * d) + out_bytes * a * d
+                else:
+                    self.per_token += out_bytes * (2 * a * d + 2 * kv_width) + FP32 * a
+                    self.per_layer += SEED_OFFSET_BYTES
+                if self.masked:
+                    # SDPA converts the boolean mask to an additive one per call and the efficient kernel saves it
+                    # (torch convert_boolean_attn_mask, _scaled_dot_product_efficient_attention)
+                    self.per_square += out_bytes
+                if m.traits.fused_qkv and not repeated:
+                    # v is a view of the fused qkv output and pins all of it; the flash kernel's output keeps the
+                    # query's [b, a, s, d] layout, so o_proj gets a contiguous copy
+                    self.per_token += qkv * (a + k) * d
+                    if kernel == "flash" and o_saves_input:
+                        self.per_token += out_bytes * a * d
         return self.linears([o_use], out_bytes, x_saved=True)
 
     def _mla(self, n: int) -> int:
@@ -288,9 +301,19 @@ def first_layer_needs_grad(resolved: ResolvedSetup) -> bool:
 
 def shared_saved(model: ModelSpec, resolved: ResolvedSetup) -> Saved:
     """Tensors every layer reads and backward keeps to the end: rotary cos and sin (r·d_rope each per token, made
-    once per forward by ``*RotaryEmbedding``) and the int64 position ids."""
+    once per forward by ``*RotaryEmbedding``) and the int64 position ids. Under checkpointing the 4-D attention
+    masks are checkpoint inputs too (memory-math.md 5.3): eager's [b, 1, s, s] in the compute dtype, one per mask
+    kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window mask."""
+    dt = dtypes(model, resolved)
     rope_dim = model.qk_rope_head_dim if model.traits.mla else model.head_dim
-    return Saved(per_token=2 * dtypes(model, resolved).r * rope_dim + 8)
+    saved = Saved(per_token=2 * dt.r * rope_dim + 8)
+    if resolved.setup.grad_ckpt:
+        mask_kinds = 2 if model.family == "gemma2" else 1
+        if resolved.attn_used is Attention.EAGER:
+            saved += Saved(per_square=mask_kinds * (dt.c if dt.autocast else dt.r))
+        elif model.sliding_window and resolved.setup.padded_seq_len > model.sliding_window:
+            saved += Saved(per_square=1)
+    return saved
 
 
 def head_saved(model: ModelSpec, resolved: ResolvedSetup) -> Saved:

@@ -46,8 +46,10 @@ def weight_copy_bytes(model: ModelSpec, resolved: ResolvedSetup, tensors: tuple[
             layer_copies += dt.c * t.numel * t.count
     if setup.method is Method.QLORA:
         layer_copies = 0
-    saved = head_copy + (0 if setup.grad_ckpt else layer_copies)
-    forward = head_copy + (layer_copies if full or not setup.grad_ckpt else 0)
+    # fp32 LoRA adapters are trained leaves too: autocast caches their 16-bit copies and F.linear saves them
+    adapters = sum(dt.c * t.numel * t.count for t in tensors if t.kind == "adapter" and t.bits == 32)
+    saved = head_copy + (0 if setup.grad_ckpt else layer_copies + adapters)
+    forward = head_copy + adapters + (layer_copies if full or not setup.grad_ckpt else 0)
     return WeightCopies(forward, saved)
 
 
