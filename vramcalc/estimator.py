@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from .breakdown import MemoryBreakdown
 from .catalogue import GpuSpec, get_gpu, get_model
 from .model import ModelSpec
-from .options import Method, Phase, Sharding, Term
+from .options import Method, Phase, Term
 from .profiles import runtime_profile
-from .terms import activations, logits, optimizer, parameters, runtime, temporaries
+from .terms import activations, distributed, logits, optimizer, parameters, runtime, temporaries
 from .terms.gradients import gradient_bytes, layer_gradient_bytes
 from .terms.weights import weight_bytes
 from .training_setup import ResolvedSetup, resolve_setup
@@ -117,10 +117,10 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     W = weight_bytes(tensors)
     G = gradient_bytes(tensors)
     O = optimizer.optimizer_state_bytes(tensors, setup.optimizer).device_bytes
-    W, G, O = _shard(spec, resolved, W, G, O)
+    W, G, O = distributed.shard_model_states(resolved, W, G, O)
     G_acc = G if setup.grad_accum > 1 else 0
     A = activations.model_saved(spec, resolved).bytes(b, s)
-    head_grad = _per_gpu_gradients(resolved, _head_gradient_bytes(spec, resolved, tensors))
+    head_grad = distributed.per_gpu_gradients(resolved, _head_gradient_bytes(spec, resolved, tensors))
     L = logits.logits_bytes(spec, resolved, T, head_grad)
     copies = temporaries.weight_copy_bytes(spec, resolved, tensors)
     dequant = temporaries.dequantized_weight_bytes(spec, resolved, T)
@@ -153,7 +153,7 @@ def _layer_backward_moments(spec, resolved, tensors, W, O, G_acc, head_grad, deq
     shared = activations.shared_saved(spec, resolved).bytes(b, s)
     remaining = activations.model_saved(spec, resolved).bytes(b, s) - shared - activations.head_saved(spec, resolved).bytes(b, s)
     kept = {moe: activations.layer_kept(spec, resolved, moe).bytes(b, s) for moe in (False, True)}
-    grads = {moe: _per_gpu_gradients(resolved, layer_gradient_bytes(spec, tensors, moe)) for moe in (False, True)}
+    grads = {moe: distributed.per_gpu_gradients(resolved, layer_gradient_bytes(spec, tensors, moe)) for moe in (False, True)}
     recompute = {moe: activations.layer_saved(spec, resolved, moe).bytes(b, s) if setup.grad_ckpt else 0
                  for moe in (False, True)}
     moments = []
@@ -189,28 +189,3 @@ def _embedding_backward_bytes(spec: ModelSpec, resolved: ResolvedSetup, tokens: 
     # tied: autograd's input buffer adds the embedding's new gradient to lm_head's, out of place
     new_grads = 2 * dt.r * spec.vocab_size * spec.hidden_size if spec.tie_word_embeddings else 0
     return grad_in + new_grads
-
-
-def _per_gpu_gradients(resolved: ResolvedSetup, gradient_bytes_: int) -> int:
-    """Gradient bytes one GPU holds: sharded by ZeRO-2/3 and FSDP, doubled by DDP's bucket copy."""
-    setup = resolved.setup
-    if setup.sharding in (Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP):
-        return -(-gradient_bytes_ // setup.num_gpus)
-    if setup.sharding is Sharding.DDP:
-        return 2 * gradient_bytes_
-    return gradient_bytes_
-
-
-def _shard(spec: ModelSpec, resolved: ResolvedSetup, W: int, G: int, O: int) -> tuple[int, int, int]:
-    """Per-GPU model states under data parallelism (Rajbhandari et al. 2020, ZeRO): DDP keeps a bucket copy of the
-    gradients (``gradient_as_bucket_view=False``); ZeRO-1 shards states, ZeRO-2 also gradients, ZeRO-3 and FSDP
-    (full shard) also weights."""
-    setup = resolved.setup
-    n = setup.num_gpus
-    sharding = setup.sharding
-    G = _per_gpu_gradients(resolved, G)
-    if sharding in (Sharding.ZERO1, Sharding.ZERO2):
-        return W, G, -(-O // n)
-    if sharding in (Sharding.ZERO3, Sharding.FSDP):
-        return -(-W // n), G, -(-O // n)
-    return W, G, O
