@@ -10,6 +10,7 @@ I intermediate, V vocab, E experts, K experts per token, I_m expert width.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -38,10 +39,7 @@ class ParamTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n
+        return math.prod(self.shape)
 
     @property
     def total_numel(self) -> int:

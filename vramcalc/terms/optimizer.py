@@ -16,6 +16,7 @@ torch's allocator and are reported apart (``OptimizerBytes.paged_bytes``); vramc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..options import Optimizer
@@ -76,12 +77,8 @@ def optimizer_state_bytes(tensors: tuple[StoredTensor, ...], optimizer: Optimize
 def _adafactor_state_bytes(shape: tuple[int, ...]) -> int:
     if len(shape) < 2:
         return round_up(4 * shape[0])
-    rows = 1
-    for dim in shape[:-1]:
-        rows *= dim
-    cols = shape[-1]
-    for dim in shape[:-2]:
-        cols *= dim
+    rows = math.prod(shape[:-1])
+    cols = math.prod(shape[:-2]) * shape[-1]
     return round_up(4 * rows) + round_up(4 * cols)
 
 

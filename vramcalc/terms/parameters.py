@@ -17,6 +17,7 @@ Dtype rules (transformers v5, peft 0.21, bitsandbytes 0.50):
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 from ..model import ModelSpec, ParamKind
@@ -43,10 +44,7 @@ class StoredTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n
+        return math.prod(self.shape)
 
     @property
     def bytes_each(self) -> int:
