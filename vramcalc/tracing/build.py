@@ -146,7 +146,11 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
             materialise_quant_states(model, device)
     if setup.grad_ckpt:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(inner, "activation_checkpointing_enable", None)  # transformers >= 5.18
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 

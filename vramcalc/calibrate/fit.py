@@ -1,0 +1,356 @@
+"""Fit the coefficients the trace cannot see from the measured rows, and write the GPU's profile JSON.
+
+Per scenario, T = the estimate's ``peak_tensor_bytes``, P = its paged optimizer bytes; measured A =
+``max_memory_allocated``, R = ``max_memory_reserved``, N = NVML's peak for the process. What each metric adds
+(shared/reference/memory-math.md §6) gives one equation per coefficient of ``terms.runtime.RuntimeProfile``:
+
+    A - T     = workspace_bytes                      cuBLAS workspaces (allocated by torch, not tensors of the step)
+    R - A     = allocator_slack_fraction * T         the caching allocator's rounding and fragmentation
+    N - R - P = cuda_context_bytes                   context, kernel images; P: bitsandbytes' unified memory
+
+so that ``estimate(gpu=...)``'s total, T + context + workspace + P + fraction * T, predicts N. Each is solved by
+least squares on *relative* residuals (weights 1/measured^2): one large scenario would otherwise swamp the
+constants with the estimator's own percent-level tensor errors. Coefficients are clamped at 0 (a negative
+workspace would say the estimate over-counts tensors; the residuals report that instead). NCCL needs several GPUs
+and keeps its documented default.
+
+Candidate extra coefficients (``CANDIDATES``), tried on A - T: a per-attention-kernel term (bytes per query element
+b·s·a·d, for kernel workspaces such as flash attention's fp32 dq accumulator) and a term proportional to T (the
+estimator's own bias). Each is kept in the profile's ``corrections`` with its leave-one-out error, and marked
+``suggested`` when it lowers that error by ``SUGGEST_IMPROVEMENT``; the estimator does not read them.
+
+Leave-one-out cross-validation refits without each scenario and predicts it, for A, R and N.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..terms.runtime import RuntimeProfile, cublas_workspace_bytes
+from .records import number
+
+PROFILE_FORMAT = 1
+SUGGEST_IMPROVEMENT = 0.10  # a candidate is suggested when it lowers the LOO median |error| of A by 10%
+MIN_ROWS_PER_FEATURE = 3
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One successfully measured scenario, as numbers (bytes)."""
+
+    scenario_id: str
+    probe: str
+    attn: str
+    axes: dict  # method, precision, optimizer, grad_ckpt, attn, model, size: for residuals by axis
+    est_peak_tensor: float  # T
+    est_paged: float  # P
+    query_elements: float  # b·s·a·d: the attention input size, the feature of per-kernel corrections
+    allocated: float | None  # A
+    reserved: float | None  # R
+    nvml: float | None  # N
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """Runtime coefficients in bytes (fraction for slack). ``None``: not measured, the default applies."""
+
+    workspace_bytes: float | None = None
+    allocator_slack_fraction: float | None = None
+    cuda_context_bytes: float | None = None
+
+    def filled(self, defaults: "Coefficients") -> "Coefficients":
+        return Coefficients(*(value if value is not None else default
+                              for value, default in zip(self.values(), defaults.values())))
+
+    def values(self) -> tuple:
+        return self.workspace_bytes, self.allocator_slack_fraction, self.cuda_context_bytes
+
+
+@dataclass(frozen=True)
+class FitResult:
+    coefficients: Coefficients  # fitted (None where not measured)
+    defaults: Coefficients  # what estimate() uses without a profile
+    rows_used: dict  # coefficient -> number of scenarios that determined it
+    residuals_before: dict
+    residuals_after: dict
+    loo: dict
+    corrections: dict = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+
+# -- observations --------------------------------------------------------------------------------------
+def observations(rows: list[dict]) -> list[Observation]:
+    """The rows with status ok and a measured allocated peak."""
+    from .scenarios import harness_model
+
+    out = []
+    for row in rows:
+        if row.get("status") != "ok" or number(row, "meas_allocated_peak_bytes") is None:
+            continue
+        if number(row, "est_peak_tensor_bytes") is None:
+            continue
+        try:
+            spec = harness_model(row["model"])
+            query = float(number(row, "tokens") or 0) * spec.num_heads * spec.qk_head_dim
+        except Exception:  # a model this checkout no longer knows: no attention feature
+            query = 0.0
+        matches = row.get("nvml_device_matches", "")
+        nvml = number(row, "nvml_peak_bytes") if matches != "false" else None
+        out.append(Observation(
+            scenario_id=row["scenario_id"],
+            probe=row.get("probe", ""),
+            attn=row.get("attn_used") or row.get("attn", ""),
+            axes={key: row.get(key, "") for key in ("model", "method", "precision", "optimizer", "grad_ckpt",
+                                                     "attn", "size")},
+            est_peak_tensor=float(number(row, "est_peak_tensor_bytes")),
+            est_paged=float(number(row, "est_paged_bytes") or 0.0),
+            query_elements=query,
+            allocated=number(row, "meas_allocated_peak_bytes"),
+            reserved=number(row, "meas_reserved_peak_bytes"),
+            nvml=nvml,
+        ))
+    return out
+
+
+def default_coefficients(probe: str, gpu_name: str | None) -> Coefficients:
+    """What ``estimate`` assumes without a profile; on the CPU probe nothing runs beside the tensors."""
+    if probe == "cpu-tracker":
+        return Coefficients(0.0, 0.0, 0.0)
+    from ..catalogue import get_gpu
+
+    gpu = None
+    if gpu_name:
+        try:
+            gpu = get_gpu(gpu_name)
+        except ValueError:
+            gpu = None
+    profile = RuntimeProfile()
+    workspace = profile.workspace_bytes if profile.workspace_bytes is not None else cublas_workspace_bytes(gpu)
+    return Coefficients(float(workspace), profile.allocator_slack_fraction, float(profile.cuda_context_bytes))
+
+
+# -- least squares -------------------------------------------------------------------------------------
+def weighted_lstsq(features: list[list[float]], targets: list[float], scales: list[float]) -> list[float]:
+    """Coefficients minimising sum(((target - features·c) / scale)^2)."""
+    import numpy
+
+    X = numpy.asarray(features, dtype=float)
+    y = numpy.asarray(targets, dtype=float)
+    w = 1.0 / numpy.asarray(scales, dtype=float)
+    solution, *_ = numpy.linalg.lstsq(X * w[:, None], y * w, rcond=None)
+    return [float(v) for v in solution]
+
+
+def fit_coefficients(obs: list[Observation]) -> tuple[Coefficients, dict]:
+    """The three equations of the module docstring; a coefficient whose metric was not measured stays None."""
+    used = {}
+    workspace = slack = context = None
+    rows = [o for o in obs if o.allocated]
+    if rows:
+        workspace = max(0.0, weighted_lstsq([[1.0] for _ in rows], [o.allocated - o.est_peak_tensor for o in rows],
+                                            [o.allocated for o in rows])[0])
+        used["workspace_bytes"] = len(rows)
+    rows = [o for o in obs if o.allocated and o.reserved]
+    if rows:
+        slack = max(0.0, weighted_lstsq([[o.est_peak_tensor] for o in rows], [o.reserved - o.allocated for o in rows],
+                                        [o.reserved for o in rows])[0])
+        used["allocator_slack_fraction"] = len(rows)
+    rows = [o for o in obs if o.reserved and o.nvml]
+    if rows:
+        context = max(0.0, weighted_lstsq([[1.0] for _ in rows], [o.nvml - o.reserved - o.est_paged for o in rows],
+                                          [o.nvml for o in rows])[0])
+        used["cuda_context_bytes"] = len(rows)
+    return Coefficients(workspace, slack, context), used
+
+
+def predict(o: Observation, c: Coefficients) -> dict:
+    """Allocated, reserved and NVML peaks predicted from the estimate's tensor peak and the coefficients."""
+    allocated = o.est_peak_tensor + c.workspace_bytes
+    reserved = allocated + c.allocator_slack_fraction * o.est_peak_tensor
+    return {"allocated": allocated, "reserved": reserved, "nvml": reserved + c.cuda_context_bytes + o.est_paged}
+
+
+# -- residuals -----------------------------------------------------------------------------------------
+LEVELS = ("allocated", "reserved", "nvml")
+
+
+def summarize_errors(pairs: list[tuple[float, float]]) -> dict:
+    """(predicted, measured) pairs -> n, median and max |relative error|, mean relative error, RMS bytes."""
+    if not pairs:
+        return {"n": 0}
+    relative = sorted((p - m) / m for p, m in pairs)
+    absolute = sorted(abs(r) for r in relative)
+    n = len(pairs)
+    median = absolute[n // 2] if n % 2 else (absolute[n // 2 - 1] + absolute[n // 2]) / 2
+    return {
+        "n": n,
+        "median_abs_rel_error": round(median, 6),
+        "max_abs_rel_error": round(absolute[-1], 6),
+        "mean_rel_error": round(sum(relative) / n, 6),
+        "rms_error_bytes": int(math.sqrt(sum((p - m) ** 2 for p, m in pairs) / n)),
+    }
+
+
+def residuals(obs: list[Observation], c: Coefficients) -> dict:
+    """Errors of the predictions at each level, plus the two the issue names: ``peak_tensor_bytes`` against
+    ``max_memory_allocated`` and ``total_bytes`` against NVML."""
+    out = {}
+    for level in LEVELS:
+        pairs = [(predict(o, c)[level], getattr(o, level)) for o in obs if getattr(o, level)]
+        out[level] = summarize_errors(pairs)
+    out["peak_tensor_vs_allocated"] = summarize_errors([(o.est_peak_tensor, o.allocated) for o in obs if o.allocated])
+    out["total_vs_nvml"] = out["nvml"]
+    return out
+
+
+def leave_one_out(obs: list[Observation], defaults: Coefficients) -> dict:
+    """Refit without each scenario, predict it; errors per level."""
+    pairs = {level: [] for level in LEVELS}
+    for i, held_out in enumerate(obs):
+        rest = obs[:i] + obs[i + 1:]
+        if not rest:
+            break
+        fitted, _ = fit_coefficients(rest)
+        prediction = predict(held_out, fitted.filled(defaults))
+        for level in LEVELS:
+            if getattr(held_out, level):
+                pairs[level].append((prediction[level], getattr(held_out, level)))
+    return {level: summarize_errors(pairs[level]) for level in LEVELS}
+
+
+# -- candidate corrections -----------------------------------------------------------------------------
+def _attention_features(obs: list[Observation]) -> tuple[list[str], callable]:
+    kernels = sorted({o.attn for o in obs})
+    kernels = [k for k in kernels if sum(1 for o in obs if o.attn == k) >= MIN_ROWS_PER_FEATURE]
+
+    def features(o: Observation) -> list[float]:
+        return [1.0] + [o.query_elements if o.attn == k else 0.0 for k in kernels]
+
+    return ["workspace_bytes"] + [f"attention_{k}_bytes_per_query_element" for k in kernels], features
+
+
+def _tensor_scale_features(obs: list[Observation]) -> tuple[list[str], callable]:
+    return ["workspace_bytes", "tensor_scale"], lambda o: [1.0, o.est_peak_tensor]
+
+
+CANDIDATES = {"attention_kernel": _attention_features, "tensor_scale": _tensor_scale_features}
+
+
+def _loo_allocated(obs: list[Observation], features) -> dict:
+    pairs = []
+    for i, held_out in enumerate(obs):
+        rest = obs[:i] + obs[i + 1:]
+        coefficients = weighted_lstsq([features(o) for o in rest], [o.allocated - o.est_peak_tensor for o in rest],
+                                      [o.allocated for o in rest])
+        predicted = held_out.est_peak_tensor + sum(a * b for a, b in zip(coefficients, features(held_out)))
+        pairs.append((predicted, held_out.allocated))
+    return summarize_errors(pairs)
+
+
+def fit_corrections(obs: list[Observation]) -> dict:
+    """Each candidate's coefficients on A - T and leave-one-out error, against the constant-workspace model."""
+    rows = [o for o in obs if o.allocated]
+    if len(rows) < 2 * MIN_ROWS_PER_FEATURE:
+        return {}
+    base = _loo_allocated(rows, lambda o: [1.0])
+    out = {"baseline_loo_allocated": base}
+    for name, make in CANDIDATES.items():
+        names, features = make(rows)
+        if len(names) < 2 or len(rows) <= len(names) + 1:
+            continue
+        coefficients = weighted_lstsq([features(o) for o in rows], [o.allocated - o.est_peak_tensor for o in rows],
+                                      [o.allocated for o in rows])
+        loo = _loo_allocated(rows, features)
+        improvement = 1.0 - loo["median_abs_rel_error"] / base["median_abs_rel_error"] if base["median_abs_rel_error"] else 0.0
+        out[name] = {
+            "coefficients": {key: round(value, 6) for key, value in zip(names, coefficients)},
+            "loo_allocated": loo,
+            "improvement": round(improvement, 4),
+            "suggested": improvement >= SUGGEST_IMPROVEMENT,
+        }
+    return out
+
+
+# -- the whole fit -------------------------------------------------------------------------------------
+def fit(rows: list[dict], gpu_name: str | None = None) -> FitResult:
+    """Fit, residuals before (documented defaults) and after, leave-one-out, candidate corrections."""
+    obs = observations(rows)
+    if not obs:
+        raise ValueError("no successfully measured scenario to fit (every row is oom or error)")
+    probe = obs[0].probe
+    defaults = default_coefficients(probe, gpu_name)
+    fitted, used = fit_coefficients(obs)
+    after = fitted.filled(defaults)
+    warnings = []
+    if fitted.workspace_bytes == 0.0:
+        warnings.append("the measured allocated peak is below the estimated tensor peak on average: the estimate "
+                        "over-counts tensors (see peak_tensor_vs_allocated); workspace_bytes is clamped at 0")
+    return FitResult(
+        coefficients=fitted,
+        defaults=defaults,
+        rows_used=used,
+        residuals_before=residuals(obs, defaults),
+        residuals_after=residuals(obs, after),
+        loo=leave_one_out(obs, defaults),
+        corrections=fit_corrections(obs),
+        warnings=tuple(warnings),
+    )
+
+
+def profile_json(result: FitResult, rows: list[dict], *, gpu: str | None, csv_path: Path | None = None) -> dict:
+    """The profile file: ``coefficients`` (RuntimeProfile fields, read by ``vramcalc.profiles``), what was fitted
+    from how many scenarios, residuals before and after, leave-one-out error, corrections, provenance."""
+    c = result.coefficients.filled(result.defaults)
+    coefficients = {
+        "cuda_context_bytes": int(round(c.cuda_context_bytes)),
+        "workspace_bytes": int(round(c.workspace_bytes)),
+        "nccl_bytes": RuntimeProfile().nccl_bytes,
+        "allocator_slack_fraction": round(c.allocator_slack_fraction, 6),
+    }
+    fitted = {name: {"value": coefficients[name], "scenarios": n} for name, n in result.rows_used.items()}
+    kept = {name: "not measured here: the default stays" for name in coefficients
+            if name not in result.rows_used}
+    kept["nccl_bytes"] = "one GPU: NCCL not measured, documented default"
+    statuses = {}
+    for row in rows:
+        statuses[row.get("status", "")] = statuses.get(row.get("status", ""), 0) + 1
+    return {
+        "format": PROFILE_FORMAT,
+        "gpu": gpu,
+        "coefficients": coefficients,
+        "fitted": fitted,
+        "kept_default": kept,
+        "residuals": {"before": result.residuals_before, "after": result.residuals_after},
+        "loo_cv": result.loo,
+        "corrections": result.corrections,
+        "warnings": list(result.warnings),
+        "scenarios": statuses,
+        "provenance": provenance(rows, csv_path),
+    }
+
+
+def provenance(rows: list[dict], csv_path: Path | None) -> dict:
+    """Where the numbers come from: device, driver, CUDA and library versions (every distinct value), dates."""
+    def distinct(key):
+        values = sorted({row.get(key, "") for row in rows if row.get(key, "")})
+        if len(values) <= 1:
+            return values[0] if values else ""
+        return values
+
+    out = {key: distinct(key) for key in (
+        "device_name", "compute_capability", "driver_version", "cuda_version", "cudnn_version", "torch_version",
+        "transformers_version", "peft_version", "bitsandbytes_version", "accelerate_version", "python_version",
+        "vramcalc_version", "probe")}
+    dates = sorted(row.get("date", "") for row in rows if row.get("date"))
+    out["date_first"] = dates[0] if dates else ""
+    out["date_last"] = dates[-1] if dates else ""
+    contexts = sorted(float(row["cuda_context_bytes"]) for row in rows if row.get("cuda_context_bytes"))
+    if contexts:
+        out["cuda_context_at_init_bytes_median"] = int(contexts[len(contexts) // 2])
+    if csv_path is not None and Path(csv_path).is_file():
+        out["csv"] = Path(csv_path).name
+        out["csv_sha256"] = hashlib.sha256(Path(csv_path).read_bytes()).hexdigest()
+    return out
