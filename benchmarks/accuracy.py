@@ -139,18 +139,14 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(HERE / "accuracy.csv"))
-    parser.add_argument("--limit", type=int, default=None)
-    args = parser.parse_args(argv)
-    grid = GRID[: args.limit] if args.limit else GRID
+def run_grid(grid, out_path: str, make_row=compare) -> list[dict]:
+    """``make_row(name, options)`` for every setup, each row appended to the CSV at ``out_path`` as it is traced."""
     rows = []
-    with open(args.out, "w", newline="") as f:
+    with open(out_path, "w", newline="") as f:
         writer = None
         for index, (name, options) in enumerate(grid, 1):
             started = time.perf_counter()
-            row = compare(name, options)
+            row = make_row(name, options)
             rows.append(row)
             if writer is None:
                 writer = csv.DictWriter(f, fieldnames=list(row), lineterminator="\n")
@@ -159,6 +155,16 @@ def main(argv=None) -> int:
             f.flush()
             print(f"[{index}/{len(grid)}] {row['peak_error_pct']:+7.3f}% {name} {row['setup']} "
                   f"({time.perf_counter() - started:.0f}s)", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(HERE / "accuracy.csv"))
+    parser.add_argument("--limit", type=int, default=None)
+    args = parser.parse_args(argv)
+    grid = GRID[: args.limit] if args.limit else GRID
+    rows = run_grid(grid, args.out)
     table = summary(rows)
     Path(args.out).with_suffix(".md").write_text("# Estimate vs trace\n\n" + table)
     print(table)

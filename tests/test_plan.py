@@ -118,9 +118,11 @@ def test_a_gpu_without_a_price_shows_no_cost_never_zero(lora_plan):
     assert cells["rent_usd"] == "" and cells["cost_usd"] == "" and cells["buy_usd"] == "2998"
 
 
-def test_a_gpu_lacking_the_dtype_gets_no_time_rather_than_a_wrong_one(lora_plan):
-    row = lora_plan[lora_plan["gpu"] == "t4"].iloc[0]
-    assert pandas.isna(row["train_hours"]) and "no bf16 matmuls" in row["note"]
+def test_a_gpu_lacking_the_dtype_gets_no_time_rather_than_a_wrong_one():
+    # checkpointing: without it the unsharded activations and FSDP's gathered lm_head outgrow a 16 GB T4
+    frame = plan("llama-3.1-8b", tokens=1e8, method="lora", grad_ckpt=True, gpus_to_try=["t4"], hosted=False)
+    row = frame[frame["gpu"] == "t4"].iloc[0]
+    assert bool(row["fits"]) and pandas.isna(row["train_hours"]) and "no bf16 matmuls" in row["note"]
 
 
 @pytest.mark.parametrize("rank_by, column", [("cost", "cost_usd"), ("time", "train_hours")])

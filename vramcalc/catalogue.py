@@ -65,6 +65,10 @@ class GpuSpec:
     cloud_price_basis: str
     source: str
     notes: str = ""
+    nvlink_bidir_gb_s: float | None = None  # NVLink (AMD: Infinity Fabric) per GPU, both directions, as vendors quote
+    pcie_gb_s: float | None = None  # the GPU's PCIe x16 link, per direction
+    infiniband_gb_s: float | None = None  # scale-out network per GPU and direction in its reference node (HGX/DGX)
+    interconnect_source: str = ""
 
     @property
     def memory_gib(self) -> float:
@@ -139,6 +143,10 @@ def _gpu_rows() -> dict[str, GpuSpec]:
             cloud_price_basis=row["cloud_price_basis"],
             source=row["source"],
             notes=row.get("notes", ""),
+            nvlink_bidir_gb_s=_float(row.get("nvlink_bidir_gb_s")),
+            pcie_gb_s=_float(row.get("pcie_gb_s")),
+            infiniband_gb_s=_float(row.get("infiniband_gb_s")),
+            interconnect_source=row.get("interconnect_source", ""),
         )
         gpus[gpu.name] = gpu
     return gpus

@@ -50,12 +50,15 @@ def _setup_options(parser: argparse.ArgumentParser) -> None:
     add("--loss", help="hf | chunked | fused")
     add("--num-gpus", dest="num_gpus")
     add("--sharding", help="none | ddp | zero1 | zero2 | zero3 | fsdp")
+    add("--fsdp-shard", dest="fsdp_shard", help="full-shard | shard-grad-op (with --sharding fsdp)")
+    add("--offload", help="none | optimizer | params (zero1-3: optimizer; zero3 and fsdp: params)")
+    add("--global-batch-size", dest="global_batch_size", help="sequences per step over all GPUs (sets --batch-size)")
 
 
 SETUP_KEYS = (
     "method", "precision", "optimizer", "batch_size", "seq_len", "grad_ckpt", "attn", "lora_rank", "lora_targets",
     "lora_dropout", "quant", "double_quant", "compute_dtype", "virtual_tokens", "adapter_dtype", "grad_accum", "loss",
-    "num_gpus", "sharding",
+    "num_gpus", "sharding", "fsdp_shard", "offload", "global_batch_size",
 )
 
 

@@ -125,12 +125,48 @@ class Loss(Choice):
 
 
 class Sharding(Choice):
+    """How data-parallel ranks hold the model states (Rajbhandari et al. 2020, "ZeRO"; memory-math.md section 7).
+
+    ddp    torch DistributedDataParallel: everything replicated, plus the reducer's gradient buckets.
+    zero1  DeepSpeed ZeRO stage 1: optimizer states (and fp32 master weights) partitioned.
+    zero2  stage 2: also gradients.
+    zero3  stage 3: also parameters, gathered one module at a time.
+    fsdp   torch FSDP2 (``fully_shard``) through accelerate; ``FsdpShard`` says full-shard or shard-grad-op.
+    """
+
     NONE = "none"
     DDP = "ddp"
     ZERO1 = "zero1"
     ZERO2 = "zero2"
     ZERO3 = "zero3"
     FSDP = "fsdp"
+
+    @property
+    def shards_optimizer(self) -> bool:
+        return self in (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP)
+
+    @property
+    def shards_gradients(self) -> bool:
+        return self in (Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP)
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self in (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3)
+
+
+class FsdpShard(Choice):
+    """FSDP's sharding strategy (accelerate ``fsdp_reshard_after_forward``; FSDP1's ``ShardingStrategy``)."""
+
+    FULL_SHARD = "full-shard"  # reshard_after_forward=True: parameters gathered per unit in forward and again in backward
+    SHARD_GRAD_OP = "shard-grad-op"  # reshard_after_forward=False: gathered parameters stay from forward to backward
+
+
+class Offload(Choice):
+    """What moves to host memory (DeepSpeed ``offload_optimizer`` / ``offload_param``; FSDP2 ``CPUOffloadPolicy``)."""
+
+    NONE = "none"
+    OPTIMIZER = "optimizer"  # optimizer states, fp32 master weights and the step (DeepSpeed ZeRO-Offload, CPU Adam)
+    PARAMS = "params"  # also the parameters (and gradients) at rest: ZeRO-3 offload_param, FSDP2 CPUOffloadPolicy
 
 
 class Quant(Choice):

@@ -43,13 +43,21 @@ from .cost import (
 from .errors import VramcalcError
 from .estimator import estimate, peak_tensor_bytes_grid
 from .model import ModelSpec
-from .options import Choice, Method, Optimizer, Sharding, Term
+from .options import Choice, Method, Offload, Optimizer, Sharding, Term
 from .profiles import runtime_profile
 from .spreadsheet import safe_cell
 from .terms import runtime
+from .terms.distributed import DEEPSPEED_HOST_BUFFER_FACTOR, DEEPSPEED_HOST_BYTES_PER_PARAM, host_offload_bytes_per_node
 from .terms.optimizer import optimizer_state_bytes
 from .terms.parameters import stored_tensors
-from .training_setup import METHOD_SPECIFIC_OPTIONS, ResolvedSetup, TrainingSetup, options_for, resolve_setup
+from .training_setup import (
+    METHOD_SPECIFIC_OPTIONS,
+    OFFLOAD_OPTIMIZERS,
+    ResolvedSetup,
+    TrainingSetup,
+    options_for,
+    resolve_setup,
+)
 from .units import BYTES_PER_GIB
 
 DEFAULT_MAX_GPUS = 512
@@ -60,10 +68,10 @@ RANK_BY = ("cost", "time")
 
 # DeepSpeed's host-memory rule for ZeRO-Offload (runtime/zero/stage_1_and_2.py
 # ``estimate_zero2_model_states_mem_needs``): 16 bytes per parameter (fp32 master weights, gradients and two Adam
-# moments) times ``additional_buffer_factor`` 1.5.
-OFFLOAD_HOST_BYTES_PER_PARAM = 16
-DEEPSPEED_BUFFER_FACTOR = 1.5
-OFFLOADABLE_OPTIMIZERS = (Optimizer.ADAMW, Optimizer.ADAMW_FOREACH)  # DeepSpeedCPUAdam replaces torch AdamW
+# moments) times ``additional_buffer_factor`` 1.5 (the constants live with the other engines' in terms/distributed.py).
+OFFLOAD_HOST_BYTES_PER_PARAM = DEEPSPEED_HOST_BYTES_PER_PARAM[Offload.OPTIMIZER]
+DEEPSPEED_BUFFER_FACTOR = DEEPSPEED_HOST_BUFFER_FACTOR
+OFFLOADABLE_OPTIMIZERS = OFFLOAD_OPTIMIZERS  # DeepSpeedCPUAdam replaces torch AdamW
 
 COUNT_COLUMNS = ("seq_len", "num_gpus", "micro_batch")  # integers, empty where they do not apply (nullable)
 TERM_COLUMNS = tuple(f"{term.value}_gib" for term in Term)
@@ -266,6 +274,8 @@ def host_ram(spec: ModelSpec, resolved: ResolvedSetup, breakdown: MemoryBreakdow
     if offload_optimizer:
         trainable = breakdown.details["trainable_params"]
         offload = math.ceil(OFFLOAD_HOST_BYTES_PER_PARAM * trainable * DEEPSPEED_BUFFER_FACTOR / nodes)
+    if setup.offload is not Offload.NONE:  # the setup's own --offload (terms/distributed.py)
+        offload = host_offload_bytes_per_node(spec, resolved)
     paged = breakdown.details["paged_optimizer_bytes"] * gpus_per_node
     return HostRam(loading, offload, paged)
 

@@ -16,8 +16,10 @@ from .options import (
     AdapterDtype,
     Attention,
     ComputeDtype,
+    FsdpShard,
     Loss,
     Method,
+    Offload,
     Optimizer,
     Precision,
     Quant,
@@ -48,6 +50,9 @@ class TrainingSetup:
     loss: Loss = Loss.HF
     num_gpus: int = 1
     sharding: Sharding = Sharding.NONE
+    fsdp_shard: FsdpShard = FsdpShard.FULL_SHARD  # accelerate fsdp_reshard_after_forward default True
+    offload: Offload = Offload.NONE
+    global_batch_size: int | None = None  # sequences per optimizer step over all GPUs; sets batch_size when given
 
     @property
     def tokens(self) -> int:
@@ -100,7 +105,8 @@ def resolve_setup(model: ModelSpec, **options) -> ResolvedSetup:
         if key not in known:
             raise VramcalcError(f"unknown option {key!r}; options are: {', '.join(known)}")
     given = {key: value for key, value in options.items() if value is not None}
-    defaulted = tuple(key for key in known if key not in given)
+    defaulted = tuple(key for key in known if key not in given
+                      and not (key == "batch_size" and "global_batch_size" in given))
 
     method = Method.parse(given.get("method", Method.FULL), "method")
     _reject_foreign_options(method, given)
@@ -126,11 +132,21 @@ def resolve_setup(model: ModelSpec, **options) -> ResolvedSetup:
         loss=Loss.parse(given.get("loss", Loss.HF), "loss"),
         num_gpus=_positive_int(given.get("num_gpus", 1), "number of GPUs"),
         sharding=Sharding.parse(given.get("sharding", Sharding.NONE), "sharding"),
+        fsdp_shard=FsdpShard.parse(given.get("fsdp_shard", FsdpShard.FULL_SHARD), "FSDP sharding strategy"),
+        offload=Offload.parse(given.get("offload", Offload.NONE), "offload"),
     )
+    if "global_batch_size" in given:
+        values["global_batch_size"] = _positive_int(given["global_batch_size"], "global batch size")
+        values["batch_size"] = _per_device_batch(values, "batch_size" in given)
     setup = TrainingSetup(**values)
     _check_combination(setup)
+    if "fsdp_shard" in given and setup.sharding is not Sharding.FSDP:
+        raise VramcalcError(f"--fsdp-shard applies to --sharding fsdp, not {setup.sharding.value!r}")
 
     warnings = []
+    if setup.num_gpus > 1 and setup.sharding is Sharding.NONE:
+        warnings.append(f"{setup.num_gpus} GPUs without --sharding: each GPU is estimated as an independent copy "
+                        "(no DDP buckets); give --sharding ddp, zero1-3 or fsdp for data parallelism")
     attn_used = setup.attn
     if setup.attn is Attention.SDPA and not model.traits.supports_sdpa:
         attn_used = Attention.EAGER
@@ -161,6 +177,45 @@ def _check_combination(setup: TrainingSetup) -> None:
         )
     if setup.sharding is not Sharding.NONE and setup.num_gpus == 1:
         raise VramcalcError(f"sharding {setup.sharding.value!r} needs --num-gpus of 2 or more")
+    _check_offload(setup)
+
+
+OFFLOAD_OPTIMIZERS = (Optimizer.ADAMW, Optimizer.ADAMW_FOREACH)  # DeepSpeed's CPU Adam replaces torch AdamW
+
+
+def _check_offload(setup: TrainingSetup) -> None:
+    """Which engines offload what (DeepSpeed ``offload_optimizer`` stages 1-3 and ``offload_param`` stage 3 only,
+    ``runtime/zero/config.py``; FSDP2 ``CPUOffloadPolicy`` moves parameters, gradients and the optimizer together)."""
+    offload, sharding = setup.offload, setup.sharding
+    if offload is Offload.NONE:
+        return
+    if not sharding.shards_optimizer:
+        raise VramcalcError(f"--offload {offload.value} needs --sharding zero1, zero2, zero3 or fsdp, "
+                            f"not {sharding.value!r}")
+    if offload is Offload.OPTIMIZER and sharding is Sharding.FSDP:
+        raise VramcalcError("FSDP offloads parameters, gradients and optimizer states together: use --offload params")
+    if offload is Offload.PARAMS and sharding in (Sharding.ZERO1, Sharding.ZERO2):
+        raise VramcalcError(f"--offload params needs --sharding zero3 or fsdp (DeepSpeed offloads parameters at "
+                            f"stage 3 only), not {sharding.value!r}")
+    if sharding.is_deepspeed and setup.optimizer not in OFFLOAD_OPTIMIZERS:
+        raise VramcalcError(f"DeepSpeed offload runs its CPU Adam in place of AdamW; {setup.optimizer.value!r} "
+                            "cannot be offloaded")
+    if setup.optimizer.is_bnb:
+        raise VramcalcError(f"{setup.optimizer.value!r} keeps its states on the GPU (paged ones page by themselves); "
+                            "offload needs a torch optimizer")
+
+
+def _per_device_batch(values: dict, batch_given: bool) -> int:
+    """global batch = micro-batch x GPUs x accumulation steps: the micro-batch it implies, or why none does."""
+    total, gpus, accum = values["global_batch_size"], values["num_gpus"], values["grad_accum"]
+    if total % (gpus * accum):
+        raise VramcalcError(f"global batch size {total} is not divisible by {gpus} GPUs x {accum} accumulation "
+                            f"steps; use a multiple of {gpus * accum}")
+    per_device = total // (gpus * accum)
+    if batch_given and values["batch_size"] != per_device:
+        raise VramcalcError(f"--batch-size {values['batch_size']} x {gpus} GPUs x {accum} accumulation steps is "
+                            f"not the global batch size {total}; give one of the two")
+    return per_device
 
 
 def _positive_int(value, what: str) -> int:

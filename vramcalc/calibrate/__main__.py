@@ -3,7 +3,9 @@
     python -m vramcalc.calibrate [--device cuda:0|cpu] [--budget-minutes N] [--out DIR] [--resume]
                                  [--scenarios FILE] [--fit-only] [--memory-limit-mib N]
 
-Writes, under ``--out`` (default ``calibration/runs/<gpu>``): ``measurements.csv`` (one row per scenario),
+Under ``torchrun`` or ``accelerate launch`` every rank calibrates its own GPU (``--device auto`` is
+``cuda:LOCAL_RANK``) into ``<out>/rank<RANK>/``, whose rows carry ``rank`` and ``world_size``: one row per scenario per
+rank; rank 0 alone installs the profile. Writes, under ``--out`` (default ``calibration/runs/<gpu>``): ``measurements.csv`` (one row per scenario),
 ``scenarios.json`` (the grid, in run order), ``profile-<gpu>.json``, ``report.txt``, ``measured_vs_estimated.png``
 and ``errors.log``. On a catalogue GPU the profile is also installed as ``calibration/profiles/<gpu>.json``, which
 ``estimate(gpu=...)`` then uses. Exit codes: 0 done (failed scenarios are data, not failures); 2 bad input;
@@ -79,15 +81,20 @@ def _interrupt(signum, frame):
 
 
 def measure(args) -> int:
-    from .records import RecordFile
+    from .records import RecordFile, launched_rank
     from .runner import RunOptions, describe_device, run_scenarios
     from .scenarios import default_grid, load_scenarios, save_scenarios
 
+    rank = launched_rank()
     try:
         device = describe_device(args.device)
+        if rank.launched and args.device == "auto" and device.kind == "cuda" and rank.local_rank:
+            device = describe_device(f"cuda:{rank.local_rank}")  # each rank measures its own GPU
     except (RuntimeError, ValueError) as err:
         raise VramcalcError(str(err)) from None
     out = Path(args.out or Path("calibration") / "runs" / device.label)
+    if rank.launched:
+        out = out / f"rank{rank.rank}"  # one file per rank: ranks never append to one CSV
     csv_path = out / CSV_NAME
     if csv_path.exists() and not args.resume:
         raise VramcalcError(f"{csv_path} exists: pass --resume to continue that run, or choose another --out")
@@ -111,7 +118,8 @@ def measure(args) -> int:
           f"{summary.skipped_done} already recorded; {len(summary.left_for_resume)} left for --resume",
           file=sys.stderr)
     return finish(out, device.label, device.gpu if device.kind == "cuda" else None,
-                  install=not args.no_install_profile and device.kind == "cuda", plot=not args.no_plot)
+                  install=not args.no_install_profile and device.kind == "cuda" and rank.rank == 0,
+                  plot=not args.no_plot)
 
 
 def fit_only(args) -> int:

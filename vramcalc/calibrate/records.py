@@ -28,7 +28,8 @@ COLUMNS: tuple[str, ...] = (
     # what and how it ended
     "scenario_id", "status", "stage", "message",
     # provenance
-    "date", "device", "probe", "gpu", "device_name", "compute_capability", "device_total_bytes", "driver_version",
+    "date", "rank", "world_size",
+    "device", "probe", "gpu", "device_name", "compute_capability", "device_total_bytes", "driver_version",
     "cuda_version", "cudnn_version", "torch_version", "transformers_version", "peft_version", "bitsandbytes_version",
     "accelerate_version", "python_version", "vramcalc_version",
     # the setup
@@ -54,6 +55,31 @@ STATUSES = ("ok", "oom", "error")
 MESSAGE_MAX_CHARS = 600
 
 
+@dataclass(frozen=True)
+class LaunchedRank:
+    """Which process of a ``torchrun`` / ``accelerate launch`` job this is (both set RANK, WORLD_SIZE, LOCAL_RANK;
+    ``torch/distributed/run.py``); rank 0 of 1 when started alone."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def launched(self) -> bool:
+        return self.world_size > 1
+
+    def columns(self) -> dict:
+        return {"rank": self.rank, "world_size": self.world_size}
+
+
+def launched_rank(environ=None) -> LaunchedRank:
+    env = os.environ if environ is None else environ
+    try:
+        return LaunchedRank(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    except ValueError:
+        return LaunchedRank()
+
+
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
@@ -73,6 +99,7 @@ def make_row(scenario, spec, resolved, breakdown, result: dict, device, *, memor
         "stage": result.get("stage", ""),
         "message": result.get("message", ""),
         "date": utc_now(),
+        **launched_rank().columns(),
         "device": device.spec,
         "probe": readings.get("probe", ""),
         "gpu": device.gpu or "",

@@ -294,6 +294,14 @@ def layer_saved(model: ModelSpec, resolved: ResolvedSetup, moe: bool, requires_g
     return walk.result()
 
 
+def attention_saved(model: ModelSpec, resolved: ResolvedSetup) -> Saved:
+    """Saved bytes of a decoder layer's attention block alone: what the layer's backward still holds once its MLP's
+    backward is done (the MLP runs last in forward, first in backward)."""
+    walk = _LayerWalk(model, resolved)
+    walk.attention_block()
+    return walk.result()
+
+
 def first_layer_needs_grad(resolved: ResolvedSetup) -> bool:
     """Does the first layer's input require grad? Only when the embedding trains (full) or a prompt is prepended."""
     return resolved.setup.method in (Method.FULL, Method.PROMPT)

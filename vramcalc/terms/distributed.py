@@ -1,33 +1,456 @@
-"""Per-GPU model states under data parallelism: DDP, ZeRO-1/2/3 and FSDP.
+"""What one GPU (rank) holds under data parallelism, what it sends per step, and what the host keeps under offload.
 
-Rajbhandari et al. 2020 (ZeRO): with N data-parallel ranks, ZeRO-1 shards optimizer states, ZeRO-2 also gradients,
-ZeRO-3 (and FSDP FULL_SHARD) also parameters. DDP keeps a flat bucket copy of every gradient
-(``gradient_as_bucket_view=False`` in accelerate's defaults; ``torch/nn/parallel/distributed.py``).
+N data-parallel ranks; a trainable tensor of shape [rows, ...] with n elements; B(x) bytes of dtype x.
+
+Engines (Rajbhandari et al. 2020, "ZeRO", for the stages; memory-math.md section 7 for the library facts):
+
+ddp    torch ``DistributedDataParallel`` as accelerate builds it (``bucket_cap_mb=25``,
+       ``gradient_as_bucket_view=False``): every rank holds the full weights, gradients and optimizer states, and the
+       reducer's flat buckets, one more copy of every gradient, allocated when the model is wrapped
+       (``torch/nn/parallel/distributed.py``, ``Reducer::initialize_buckets``).
+fsdp   torch FSDP2 ``fully_shard`` as accelerate 1.15 applies it (``utils/fsdp_utils.py::fsdp2_prepare_model``): one
+       unit per decoder layer, one for the input embedding, a tail (final norm, lm_head, the embedding when tied) kept
+       gathered from forward to backward. Each parameter is cut in dim 0: every rank stores ``ceil(rows / N)`` rows
+       (``_fsdp_param.py::FSDPParam._init_sharded_param`` pads to that). With mixed precision on (every precision
+       word but fp32) accelerate upcasts trainable parameters to fp32 and gathers and reduces in 16 bits
+       (``MixedPrecisionPolicy(param_dtype, reduce_dtype)``): sharded weights, gradients and optimizer states are
+       fp32, compute sees 16-bit weights. A unit being computed holds, per rank:
+         gathered parameters   sum over its tensors of ceil(rows/N)·N·(n/rows)·B(gather)   (one storage each)
+         all-gather buffer     the same bytes in one flat tensor: freed after the copy-out in forward (kept until
+                               the next unit's), prefetched one unit ahead in backward (``_backward_prefetch``)
+         unsharded gradients   n·B(gather) per trainable tensor, until the unit's reduce-scatter
+         reduce-scatter input  sum of ceil(rows/N)·N·(n/rows)·B(reduce) in one flat tensor, kept until the next
+                               unit's reduce-scatter (``reduce_scatter_states``)
+       full-shard re-gathers each unit in backward; shard-grad-op keeps every unit gathered from forward to backward.
+zero1-3  DeepSpeed through accelerate, config values "auto" (``transformers/integrations/deepspeed.py``:
+       ``reduce_bucket_size = h²``, ``stage3_prefetch_bucket_size = 0.9·h²``,
+       ``stage3_param_persistence_threshold = 10·h``). With bf16/fp16 the engine casts the module to 16 bits and
+       keeps an fp32 master copy beside fp32 optimizer states (DeepSpeed's own estimators count "2 grads16 + 4
+       grads32 + 4 params32 + 8 states", ``runtime/zero/stage_1_and_2.py::estimate_zero2_model_states_mem_needs``).
+       Stage 1 partitions the master and states, stage 2 also the gradients (one reduce bucket of 16-bit gradients
+       in flight), stage 3 also the 16-bit parameters (one module gathered and one prefetch bucket ahead; tensors
+       below the persistence threshold stay whole). Not traced: DeepSpeed needs a GPU.
+Offload: ``optimizer`` moves the states, the fp32 master and the fp32 gradient partition to the host (DeepSpeed
+ZeRO-Offload, CPU Adam); ``params`` also the parameters at rest (ZeRO-3 ``offload_param``; FSDP2
+``CPUOffloadPolicy``, which keeps sharded parameters, gradients and the optimizer step on the host).
 """
 
 from __future__ import annotations
 
-from ..options import Sharding
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..catalogue import GpuSpec
+from ..errors import VramcalcError
+from ..model import ModelSpec
+from ..options import AdapterDtype, FsdpShard, Method, Offload, Precision, Sharding
 from ..training_setup import ResolvedSetup
+from ..units import BYTES_PER_GB, round_up
+from .gradients import gradient_bytes, layer_gradient_bytes
+from .optimizer import optimizer_state_bytes, optimizer_step_temporary_bytes
+from .parameters import StoredTensor, stored_tensors
+from .weights import weight_bytes
+
+FP32_BYTES = 4
+HALF_BYTES = 2
+DDP_BUCKET_CAP_BYTES = 25 * 2**20  # accelerate DistributedDataParallelKwargs.bucket_cap_mb = 25
+DDP_FIRST_BUCKET_BYTES = 2**20  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES: the first bucket is 1 MiB
+DEEPSPEED_PERSISTENCE_PER_HIDDEN = 10  # "auto" stage3_param_persistence_threshold = 10·h
+DEEPSPEED_PREFETCH_FRACTION = 0.9  # "auto" stage3_prefetch_bucket_size = 0.9·h²
+# DeepSpeed's host-memory rule for offload (runtime/zero/stage3.py::estimate_zero3_model_states_mem_needs): 16 bytes
+# per parameter with the optimizer offloaded (fp32 master, gradients, two Adam moments), 18 with the parameters too,
+# times additional_buffer_factor 1.5 (pinned staging buffers).
+DEEPSPEED_HOST_BYTES_PER_PARAM = {Offload.OPTIMIZER: 16, Offload.PARAMS: 18}
+DEEPSPEED_HOST_BUFFER_FACTOR = 1.5
+GPUS_PER_NODE = 8  # an HGX/DGX node
 
 
-def per_gpu_gradients(resolved: ResolvedSetup, gradient_bytes: int) -> int:
-    """Gradient bytes one GPU holds: sharded by ZeRO-2/3 and FSDP, doubled by DDP's bucket copy."""
+def ranks(resolved: ResolvedSetup) -> int:
+    return resolved.setup.num_gpus
+
+
+def casts_to_half(resolved: ResolvedSetup) -> bool:
+    """FSDP2's mixed-precision policy and DeepSpeed's bf16/fp16 engine compute in 16 bits (all but fp32)."""
     setup = resolved.setup
-    if setup.sharding in (Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP):
-        return -(-gradient_bytes // setup.num_gpus)
-    if setup.sharding is Sharding.DDP:
-        return 2 * gradient_bytes
-    return gradient_bytes
+    return (setup.sharding is Sharding.FSDP or setup.sharding.is_deepspeed) and setup.precision is not Precision.FP32
 
 
-def shard_model_states(resolved: ResolvedSetup, W: int, G: int, O: int) -> tuple[int, int, int]:
-    """(weights, gradients, optimizer states) per GPU."""
+def compute_setup(resolved: ResolvedSetup) -> ResolvedSetup:
+    """The setup as the kernels see it. FSDP2 hands every layer 16-bit copies of its parameters (adapters too) and
+    DeepSpeed casts the module to 16 bits: the activations are those of a 16-bit model with 16-bit adapters and no
+    autocast weight copies. DDP and one GPU compute as the setup says."""
+    if not casts_to_half(resolved):
+        return resolved
+    setup = resolved.setup
+    precision = {Precision.MIXED_BF16: Precision.BF16, Precision.MIXED_FP16: Precision.FP16}.get(setup.precision,
+                                                                                           setup.precision)
+    adapter = AdapterDtype.BF16 if setup.method.uses_lora or setup.method is Method.PROMPT else setup.adapter_dtype
+    return dataclasses.replace(resolved, setup=dataclasses.replace(setup, precision=precision, adapter_dtype=adapter))
+
+
+# -- one tensor, sharded ---------------------------------------------------------------------------------------------
+def shard_rows(rows: int, n_ranks: int) -> int:
+    """Rows of a dim-0 shard on rank 0 (the largest): ``ceil(rows / N)``, what FSDP2 pads every shard to."""
+    return -(-rows // n_ranks)
+
+
+def sharded(tensor: StoredTensor, n_ranks: int, bits: int | None = None) -> StoredTensor:
+    """The tensor's dim-0 shard as one rank stores it (``bits`` to store it in another dtype)."""
+    rows = shard_rows(tensor.shape[0], n_ranks)
+    return dataclasses.replace(tensor, shape=(rows, *tensor.shape[1:]), bits=tensor.bits if bits is None else bits)
+
+
+def _padded_numel(tensor: StoredTensor, n_ranks: int) -> int:
+    """Elements of the tensor gathered from N padded shards: ceil(rows/N)·N·(n/rows)."""
+    return sharded(tensor, n_ranks).numel * n_ranks
+
+
+def _state_bits(tensor: StoredTensor, resolved: ResolvedSetup) -> int:
+    """Bits a rank stores a tensor in: trainable tensors are fp32 under a 16-bit engine (FSDP2's upcast, DeepSpeed's
+    master copy lives in the optimizer and is counted there)."""
+    if tensor.trainable and casts_to_half(resolved) and resolved.setup.sharding is Sharding.FSDP:
+        return 32
+    return tensor.bits
+
+
+def _gather_bytes(tensor: StoredTensor, resolved: ResolvedSetup) -> int:
+    """Bytes per element of a gathered (compute) copy: 16-bit under the engines' casts."""
+    return HALF_BYTES if casts_to_half(resolved) else tensor.bits // 8
+
+
+# -- units -----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Unit:
+    """One FSDP2 unit (or ZeRO-3 module) while it computes, on one rank (bytes)."""
+
+    params: int = 0  # its gathered parameters
+    buffer: int = 0  # the flat all-gather output (FSDP2); 0 when parameters are gathered in place (ZeRO-3)
+    grads: int = 0  # autograd's unsharded gradients of its trainable parameters
+    reduce_buffer: int = 0  # flat reduce-scatter input, kept until the next unit's reduce-scatter
+    sharded_grads: int = 0  # what its reduce-scatter leaves on the rank
+
+
+NO_UNIT = Unit()
+
+
+@dataclass(frozen=True)
+class Gathering:
+    """How parameters are gathered around the compute (FSDP2 and ZeRO-3)."""
+
+    embed: Unit  # the input embedding's unit (NO_UNIT when tied: it is in the tail)
+    dense: Unit  # one dense decoder layer
+    moe: Unit  # one MoE decoder layer
+    tail: Unit  # final norm + lm_head (+ the embedding when tied)
+    keep_gathered: bool  # shard-grad-op: units stay gathered from forward until their backward
+    tied: bool
+
+    def layer(self, moe: bool) -> Unit:
+        return self.moe if moe else self.dense
+
+
+def _unit_of(tensor: StoredTensor, tied: bool) -> str:
+    if tensor.scope in ("layer", "dense", "moe"):
+        return "layer"
+    if tensor.kind == "embedding":
+        return "tail" if tied else "embed"
+    if tensor.kind in ("lm_head", "norm"):
+        return "tail"
+    return "root"
+
+
+def _unit(tensors: list[tuple[StoredTensor, int]], resolved: ResolvedSetup, zero3_prefetch_bytes: int | None) -> Unit:
+    """The unit holding ``count`` of each tensor (the rank's view of one layer, or of the embedding or tail).
+
+    ZeRO-3 (``zero3_prefetch_bytes`` given) gathers into the parameters' own storage (no flat buffer of its own);
+    its "buffer" is the prefetch bucket ahead of the compute, at most the unit itself, and its gradients go
+    through the reduce bucket (``RankStates.backward_buffers``) rather than a per-unit reduce-scatter input.
+    """
+    n = ranks(resolved)
+    params = flat = grads = reduce_in = grad_state = 0
+    for tensor, count in tensors:
+        if count == 0 or tensor.kind == "quantized":
+            continue  # 4-bit Params4bit are left out of fully_shard (accelerate ignored_params): replicated
+        gather = _gather_bytes(tensor, resolved)
+        padded = _padded_numel(tensor, n)
+        params += round_up(padded * gather) * count
+        flat += padded * gather * count
+        if tensor.trainable:
+            grads += round_up(tensor.numel * gather) * count
+            reduce_in += padded * gather * count
+            grad_state += sharded(tensor, n).numel * _state_bits(tensor, resolved) // 8 * count
+    if zero3_prefetch_bytes is not None:
+        return Unit(params, min(zero3_prefetch_bytes, params), grads, 0, round_up(grad_state))
+    return Unit(params, round_up(flat), grads, round_up(reduce_in), round_up(grad_state))
+
+
+def _layer_tensors(spec: ModelSpec, tensors, moe: bool) -> list[tuple[StoredTensor, int]]:
+    layers = {"layer": spec.num_layers, "dense": spec.num_dense_layers, "moe": spec.num_moe_layers}
+    wanted = ("layer", "moe" if moe else "dense")
+    return [(t, t.count // layers[t.scope]) for t in tensors
+            if t.scope in wanted and layers[t.scope]]
+
+
+def gathering(spec: ModelSpec, resolved: ResolvedSetup) -> Gathering | None:
+    """The units of an FSDP2 or ZeRO-3 job; None for engines that keep whole parameters on every rank."""
+    setup = resolved.setup
+    if setup.sharding not in (Sharding.FSDP, Sharding.ZERO3):
+        return None
+    prefetch = None
+    if setup.sharding is Sharding.ZERO3:  # "auto" stage3_prefetch_bucket_size = 0.9·h² elements, 16-bit
+        prefetch = int(DEEPSPEED_PREFETCH_FRACTION * spec.hidden_size**2) * HALF_BYTES
+    tensors = stored_tensors(spec, resolved)
+    tied = spec.tie_word_embeddings
+    model_level = [(t, t.count) for t in tensors if t.scope == "model"]
+    return Gathering(
+        embed=_unit([(t, c) for t, c in model_level if _unit_of(t, tied) == "embed"], resolved, prefetch),
+        dense=_unit(_layer_tensors(spec, tensors, False), resolved, prefetch),
+        moe=_unit(_layer_tensors(spec, tensors, True), resolved, prefetch),
+        tail=_unit([(t, c) for t, c in model_level if _unit_of(t, tied) == "tail"], resolved, prefetch),
+        keep_gathered=setup.sharding is Sharding.FSDP and setup.fsdp_shard is FsdpShard.SHARD_GRAD_OP,
+        tied=tied,
+    )
+
+
+# -- the rank's states ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RankStates:
+    """The model states one rank holds on its GPU, and the engine's gradient buffers (bytes)."""
+
+    weights: int  # parameters at rest (sharded under fsdp and zero3)
+    gradients: int  # gradients when the optimizer steps
+    optimizer_states: int  # on the GPU (0 when offloaded)
+    optimizer_step: int  # the optimizer's scratch on the GPU
+    layer_gradients: tuple[int, int]  # (dense, MoE): gradient bytes a layer's backward leaves on the rank
+    head_gradient: int  # lm_head's weight gradient when it first appears (full size; 0 unless it trains)
+    standing_buffers: int = 0  # alive at every moment: DDP's buckets
+    backward_buffers: int = 0  # alive while backward runs: DeepSpeed's reduce bucket
+    accumulated_gradients: int = 0  # gradients kept across micro-batches (gradient accumulation)
+    gathering: Gathering | None = None
+    host_bytes: int = 0  # what the rank keeps in host memory (offload)
+
+
+def rank_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
+    """Per-rank model states for the setup's engine (one GPU: everything)."""
+    sharding = resolved.setup.sharding
+    if sharding is Sharding.FSDP:
+        return _fsdp_states(spec, resolved)
+    if sharding.is_deepspeed:
+        return _deepspeed_states(spec, resolved)
+    return _replicated_states(spec, resolved)
+
+
+def head_gradient_bytes(spec: ModelSpec, resolved: ResolvedSetup, tensors) -> int:
+    """lm_head's weight gradient (the embedding's when tied), produced at the start of backward in full fine-tuning."""
+    if resolved.setup.method is not Method.FULL:
+        return 0
+    kind = "embedding" if spec.tie_word_embeddings else "lm_head"
+    head = next(t for t in tensors if t.kind == kind)
+    return head.numel * head.bits // 8
+
+
+def _replicated_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
+    """One GPU, or DDP: every rank holds everything; DDP adds its buckets."""
+    tensors = stored_tensors(spec, resolved)
+    optimizer = resolved.setup.optimizer
+    G = gradient_bytes(tensors)
+    ddp = resolved.setup.sharding is Sharding.DDP
+    return RankStates(
+        weights=weight_bytes(tensors),
+        gradients=G,
+        optimizer_states=optimizer_state_bytes(tensors, optimizer).device_bytes,
+        optimizer_step=optimizer_step_temporary_bytes(tensors, optimizer),
+        layer_gradients=(layer_gradient_bytes(spec, tensors, False), layer_gradient_bytes(spec, tensors, True)),
+        head_gradient=head_gradient_bytes(spec, resolved, tensors),
+        standing_buffers=ddp_bucket_bytes(tensors) if ddp else 0,
+        accumulated_gradients=G if resolved.setup.grad_accum > 1 else 0,
+    )
+
+
+def ddp_bucket_bytes(tensors) -> int:
+    """The reducer's flat buckets: every trainable gradient once, in buckets of at most 25 MiB (the first 1 MiB)
+    per dtype, each one allocation (``Reducer::initialize_buckets``)."""
+    by_dtype: dict[int, int] = {}
+    for t in tensors:
+        if t.trainable:
+            by_dtype[t.bits] = by_dtype.get(t.bits, 0) + t.numel * t.bits // 8 * t.count
+    total = 0
+    for size in by_dtype.values():
+        buckets = 1 + -(-max(size - DDP_FIRST_BUCKET_BYTES, 0) // DDP_BUCKET_CAP_BYTES)
+        total += size + buckets * round_up(1)  # each bucket rounds up to the 512-B granule: at most one per bucket
+    return total
+
+
+def _fsdp_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
+    n = ranks(resolved)
+    setup = resolved.setup
+    tensors = stored_tensors(spec, resolved)
+    units = gathering(spec, resolved)
+    shards = tuple(sharded(t, n, _state_bits(t, resolved)) for t in tensors if t.kind != "quantized")
+    replicated = sum(t.total_bytes for t in tensors if t.kind == "quantized")
+    weights = sum(t.total_bytes for t in shards) + replicated
+    G = (units.embed.sharded_grads + units.tail.sharded_grads + units.dense.sharded_grads * spec.num_dense_layers
+         + units.moe.sharded_grads * spec.num_moe_layers)
+    O = optimizer_state_bytes(shards, setup.optimizer).device_bytes
+    step = optimizer_step_temporary_bytes(shards, setup.optimizer)
+    accumulated = 0
+    if setup.grad_accum > 1:  # no_sync: every unit's unsharded gradients wait for the last micro-batch
+        accumulated = (units.embed.grads + units.tail.grads + units.dense.grads * spec.num_dense_layers
+                       + units.moe.grads * spec.num_moe_layers)
+    host = 0
+    if setup.offload is Offload.PARAMS:  # CPUOffloadPolicy: shards, sharded gradients and the optimizer on the host
+        host = weights - replicated + G + O
+        weights, G, O, step = replicated, 0, 0, 0
+    return RankStates(
+        weights=weights, gradients=G, optimizer_states=O, optimizer_step=step,
+        layer_gradients=(units.dense.sharded_grads, units.moe.sharded_grads),
+        head_gradient=units.tail.grads if setup.method is Method.FULL else 0,
+        accumulated_gradients=accumulated, gathering=units, host_bytes=host,
+    )
+
+
+def _deepspeed_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
+    """ZeRO stages 1-3 with DeepSpeed's fp32 master copy under 16-bit training (module docstring)."""
+    setup = resolved.setup
+    n = ranks(resolved)
+    compute = compute_setup(resolved)
+    tensors = stored_tensors(spec, compute)  # the module after DeepSpeed's cast
+    half = casts_to_half(resolved)
+    trainable = [t for t in tensors if t.trainable]
+    fp32 = tuple(dataclasses.replace(t, bits=32) for t in trainable)
+    master = sum(t.total_bytes for t in fp32) if half else 0
+    states = optimizer_state_bytes(fp32 if half else tuple(trainable), setup.optimizer).device_bytes
+    grad_partition = sum(t.total_bytes for t in fp32) if half else 0  # fp32 gradients the optimizer steps on
+    O = -(-(master + states) // n)
+    step = -(-optimizer_step_temporary_bytes(fp32 if half else tuple(trainable), setup.optimizer) // n)
+    step += -(-grad_partition // n)
+    G = gradient_bytes(tensors)
+    layer_grads = (layer_gradient_bytes(spec, tensors, False), layer_gradient_bytes(spec, tensors, True))
+    head = head_gradient_bytes(spec, compute, tensors)  # full until reduced
+    grad_elem = HALF_BYTES if half else FP32_BYTES
+    bucket = min(grad_elem * spec.hidden_size**2, G)  # the "auto" reduce bucket: h² gradient elements
+    W = weight_bytes(tensors)
+    units = None
+    if setup.sharding is Sharding.ZERO1:
+        gradients = G
+    else:
+        gradients = -(-G // n)
+        layer_grads = tuple(-(-g // n) for g in layer_grads)
+    if setup.sharding is Sharding.ZERO3:
+        units = gathering(spec, compute)
+        persistent = sum(t.total_bytes for t in tensors
+                         if t.numel < DEEPSPEED_PERSISTENCE_PER_HIDDEN * spec.hidden_size)
+        W = persistent + -(-(W - persistent) // n)
+    host = 0
+    if setup.offload is not Offload.NONE:
+        host = O + -(-grad_partition // n)
+        O, step = 0, 0
+        if setup.sharding is not Sharding.ZERO1:
+            gradients = 0  # the reduced partition goes straight to the host
+            layer_grads = (0, 0)
+    if setup.offload is Offload.PARAMS:
+        host += W
+        W = 0
+    return RankStates(
+        weights=W, gradients=gradients, optimizer_states=O, optimizer_step=step, layer_gradients=layer_grads,
+        head_gradient=head, backward_buffers=bucket if setup.sharding is not Sharding.ZERO1 else 0,
+        accumulated_gradients=gradients if setup.grad_accum > 1 else 0, gathering=units, host_bytes=host,
+    )
+
+
+# -- host RAM ---------------------------------------------------------------------------------------------------------
+def host_offload_bytes_per_node(spec: ModelSpec, resolved: ResolvedSetup) -> int:
+    """Host memory one node of ``GPUS_PER_NODE`` needs for what its ranks offload.
+
+    DeepSpeed: its own rule, 16 (optimizer) or 18 (with parameters) bytes per trainable parameter spread over the
+    nodes, times 1.5 for pinned buffers (``estimate_zero3_model_states_mem_needs``). FSDP2 ``CPUOffloadPolicy``: the
+    ranks' own shards, gradients and optimizer states (torch adds no staging copies beyond pinned shards).
+    """
+    setup = resolved.setup
+    if setup.offload is Offload.NONE:
+        return 0
+    nodes = -(-setup.num_gpus // GPUS_PER_NODE)
+    if setup.sharding.is_deepspeed:
+        trainable = sum(t.numel * t.count for t in stored_tensors(spec, resolved) if t.trainable)
+        per_param = DEEPSPEED_HOST_BYTES_PER_PARAM[setup.offload]
+        return math.ceil(per_param * trainable * DEEPSPEED_HOST_BUFFER_FACTOR / nodes)
+    return rank_states(spec, resolved).host_bytes * min(setup.num_gpus, GPUS_PER_NODE)
+
+
+# -- communication ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Communication:
+    """Bytes one rank sends per optimizer step, by collective, and the time they take on the slowest link."""
+
+    all_reduce_bytes: int  # DDP's gradient all-reduce
+    reduce_scatter_bytes: int  # gradients reduce-scattered to their owners
+    all_gather_bytes: int  # parameters gathered (FSDP/ZeRO-3 forward and backward; ZeRO-1/2 after the step)
+    link: str  # the link that limits the ring: "nvlink", "pcie" or "infiniband"
+    link_gb_s: float  # its bandwidth per GPU and direction (GB/s = 1e9 B/s)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.all_reduce_bytes + self.reduce_scatter_bytes + self.all_gather_bytes
+
+    @property
+    def seconds(self) -> float:
+        return self.total_bytes / (self.link_gb_s * BYTES_PER_GB)
+
+
+def _ring_share(n_ranks: int) -> float:
+    """A ring all-gather or reduce-scatter of S bytes sends (N-1)/N·S per rank; an all-reduce twice that
+    (NCCL ``doc/PERFORMANCE.md``, "bus bandwidth"; Patarasuk and Yuan 2009)."""
+    return (n_ranks - 1) / n_ranks
+
+
+def communication_per_step(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec,
+                           network_gb_s: float | None = None) -> Communication:
+    """Per-rank traffic of one optimizer step (gradient accumulation syncs once, on the last micro-batch).
+
+    ddp     all-reduce of the gradients: 2·(N-1)/N·G
+    zero1/2 reduce-scatter of the gradients and all-gather of the updated 16-bit parameters: (N-1)/N·(G + W16)
+    zero3, fsdp full-shard: parameters gathered in forward and again in backward, gradients reduce-scattered:
+            (N-1)/N·(2·W + G); shard-grad-op gathers once: (N-1)/N·(W + G)
+    W counts every gathered parameter (a LoRA job still gathers the frozen base under fsdp/zero3); G only trainable
+    gradients, in the dtype they are reduced in. The time assumes the ring runs at the slowest link it crosses: the
+    GPU's NVLink (half its bidirectional figure) inside a node when the catalogue has it, else PCIe, and the
+    per-GPU network (InfiniBand) once the job spans nodes of ``GPUS_PER_NODE``; latency and overlap with compute
+    are ignored, so this is the communication a step must hide.
+    """
     setup = resolved.setup
     n = setup.num_gpus
-    G = per_gpu_gradients(resolved, G)
-    if setup.sharding in (Sharding.ZERO1, Sharding.ZERO2):
-        return W, G, -(-O // n)
-    if setup.sharding in (Sharding.ZERO3, Sharding.FSDP):
-        return -(-W // n), G, -(-O // n)
-    return W, G, O
+    if setup.sharding is Sharding.NONE or n == 1:
+        return Communication(0, 0, 0, "none", math.inf)
+    share = _ring_share(n)
+    compute = compute_setup(resolved)
+    tensors = stored_tensors(spec, compute)
+    grads = sum(t.numel * _gather_bytes(t, resolved) * t.count for t in tensors if t.trainable)
+    if setup.sharding is Sharding.DDP:
+        grads = sum(t.numel * t.bits // 8 * t.count for t in tensors if t.trainable)
+    weights = sum(t.numel * _gather_bytes(t, resolved) * t.count for t in tensors if t.kind != "quantized")
+    trainable_weights = sum(t.numel * _gather_bytes(t, resolved) * t.count for t in tensors if t.trainable)
+    all_reduce = reduce_scatter = all_gather = 0
+    if setup.sharding is Sharding.DDP:
+        all_reduce = round(2 * share * grads)
+    elif setup.sharding in (Sharding.ZERO1, Sharding.ZERO2):
+        reduce_scatter, all_gather = round(share * grads), round(share * trainable_weights)
+    else:
+        gathers = 1 if setup.sharding is Sharding.FSDP and setup.fsdp_shard is FsdpShard.SHARD_GRAD_OP else 2
+        reduce_scatter, all_gather = round(share * grads), round(gathers * share * weights)
+    link, bandwidth = ring_link(gpu, n, network_gb_s)
+    return Communication(all_reduce, reduce_scatter, all_gather, link, bandwidth)
+
+
+def ring_link(gpu: GpuSpec, n_ranks: int, network_gb_s: float | None = None) -> tuple[str, float]:
+    """The link that limits a ring over ``n_ranks`` GPUs of this model, and its GB/s per GPU and direction."""
+    if n_ranks > GPUS_PER_NODE:
+        bandwidth = network_gb_s if network_gb_s is not None else gpu.infiniband_gb_s
+        if not bandwidth:
+            raise VramcalcError(f"the catalogue has no per-GPU network bandwidth for {gpu.name}: a job over "
+                                f"{n_ranks} GPUs spans nodes; give the network's GB/s per GPU")
+        return "infiniband", float(bandwidth)
+    if gpu.nvlink_bidir_gb_s:
+        return "nvlink", gpu.nvlink_bidir_gb_s / 2
+    if gpu.pcie_gb_s:
+        return "pcie", float(gpu.pcie_gb_s)
+    raise VramcalcError(f"the catalogue has no interconnect bandwidth for {gpu.name}")

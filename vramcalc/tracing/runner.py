@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..catalogue import get_model
 from ..model import ModelSpec
-from ..options import Phase, Term
+from ..options import Phase, Sharding, Term
 from ..training_setup import ResolvedSetup, resolve_setup
 
 TRACE_STEPS = 2  # optimizer state appears in the first step; its effect on forward/backward in the second
@@ -49,14 +49,30 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
     micro_steps = steps * resolved.setup.grad_accum
     bar = _progress_bar(micro_steps + 1, spec.name, progress)
     tracer = None
+    distributed = resolved.setup.num_gpus > 1 and resolved.setup.sharding is not Sharding.NONE
+    if distributed:
+        from . import distributed as data_parallel
+
+        data_parallel.check_traceable(resolved)
+        tracker.track_resizes = True
     try:
-        model = build_model(spec, resolved, fake_mode)
-        bar.update(1)
-        with fake_mode if fake_mode is not None else contextlib.nullcontext():
-            tracker.register_weights(list(model.parameters()) + list(model.buffers()) + quant_state_tensors(model))
-            tracer = StepTracer(model, spec, resolved, tracker)
-            with torch.device("cpu"), tracker, cuda_kernel_emulation(sdpa=fake):
-                tracer.run(steps, progress=lambda: bar.update(1))
+        with data_parallel.process_group(resolved.setup.num_gpus) if distributed else contextlib.nullcontext():
+            model = build_model(spec, resolved, fake_mode)
+            bar.update(1)
+            with fake_mode if fake_mode is not None else contextlib.nullcontext():
+                engine = None
+                if distributed and resolved.setup.sharding is Sharding.FSDP:
+                    engine = data_parallel.wrap(model, resolved, tracker)  # the sharded parameters are the weights
+                tracker.register_weights(list(model.parameters()) + list(model.buffers()) + quant_state_tensors(model))
+                if distributed and engine is None:
+                    with torch.device("cpu"), tracker:
+                        engine = data_parallel.wrap(model, resolved, tracker)  # DDP's buckets, allocated here
+                tracer = StepTracer(model, spec, resolved, tracker)
+                if engine is not None:
+                    tracer.forward_module, tracer.accumulation = engine.forward_module, engine.accumulation
+                attribution = engine.attribution(tracker) if engine is not None else contextlib.nullcontext()
+                with torch.device("cpu"), tracker, cuda_kernel_emulation(sdpa=fake), attribution:
+                    tracer.run(steps, progress=lambda: bar.update(1))
         terms = tracker.peak_terms()
         return TraceResult(
             terms=terms,

@@ -8,6 +8,9 @@ What the step does, as ``transformers.Trainer`` (v5) with accelerate's native AM
 - ``loss / grad_accum`` is backpropagated once per micro-batch; then ``optimizer.step()`` and
   ``optimizer.zero_grad(set_to_none=True)``. At least two steps run: optimizer state appears in the first.
 Sequences are unpadded (no attention mask), so SDPA may take its flash kernel.
+Under data parallelism (``tracing/distributed.py``) the forward goes through the wrapper (DDP) and the micro-batches
+before the last run in accelerate's ``no_sync`` (``Accelerator.accumulate``): ``forward_module`` and
+``accumulation`` say how; by default the model itself runs and every micro-batch synchronises.
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ def make_optimizer(model: nn.Module, optimizer: Optimizer, paged_context=None) -
     return make_bnb_optimizer(model, groups, optimizer, LEARNING_RATE, paged_context=paged_context)
 
 
+def _synchronised(last_micro_batch: bool):
+    return contextlib.nullcontext()
+
+
 class StepTracer:
     """Runs the training steps of one setup under a tracker, and hooks the model to report phases."""
 
@@ -71,6 +78,8 @@ class StepTracer:
         self.setup = resolved.setup
         self.tracker = tracker
         self.optimizer = make_optimizer(model, self.setup.optimizer, paged_context=tracker.paged)
+        self.forward_module: nn.Module = model  # a DDP wrapper's forward under data parallelism
+        self.accumulation = _synchronised  # (is the last micro-batch) -> context of one micro-batch
         self._hooks = []
         self._install_loss()
         self._install_phase_hooks()
@@ -87,7 +96,7 @@ class StepTracer:
     def _loss(self, input_ids: torch.Tensor):
         tracker = self.tracker
         if self.setup.loss is Loss.HF:
-            outputs = self.model(input_ids=input_ids, labels=input_ids)
+            outputs = self.forward_module(input_ids=input_ids, labels=input_ids)
             loss = outputs.loss
             if self.setup.precision is not Precision.FP32:
                 # accelerate convert_outputs_to_fp32: the fp32 copy of the 16-bit logits lives with `outputs`
@@ -95,7 +104,7 @@ class StepTracer:
                 del logits32
             del outputs
             return loss
-        outputs = self.model(input_ids=input_ids)
+        outputs = self.forward_module(input_ids=input_ids)
         hidden = outputs.logits  # PassThroughHead returned the final hidden states
         del outputs
         labels = input_ids
@@ -170,16 +179,17 @@ class StepTracer:
         input_ids = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long)
         for step in range(steps):
             tracker.step = step
-            for _ in range(setup.grad_accum):
-                tracker.phase = Phase.FORWARD
-                with self.autocast():
-                    loss = self._loss(input_ids)
-                tracker.in_logits = False
-                tracker.end_forward()
-                tracker.phase = Phase.BACKWARD_START
-                tracker.in_logits = True
-                (loss / setup.grad_accum).backward()
-                del loss
+            for micro in range(setup.grad_accum):
+                with self.accumulation(micro == setup.grad_accum - 1):
+                    tracker.phase = Phase.FORWARD
+                    with self.autocast():
+                        loss = self._loss(input_ids)
+                    tracker.in_logits = False
+                    tracker.end_forward()
+                    tracker.phase = Phase.BACKWARD_START
+                    tracker.in_logits = True
+                    (loss / setup.grad_accum).backward()
+                    del loss
                 tracker.in_logits = False
                 tracker.mark_gradients(self.model.parameters())
                 if progress:

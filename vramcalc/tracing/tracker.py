@@ -18,6 +18,13 @@ Attribution (the same terms as the estimate):
 A record's term can change after it is allocated (a backward tensor becomes a ``.grad``, a forward tensor becomes an
 activation when forward ends); the peak snapshot keeps references to the live records, so the peak is reported
 with each tensor's final role.
+
+Distributed steps (``tracing/distributed.py``) add three things: tensor subclasses (DTensor parameters, gradients and
+optimizer states of FSDP2) are counted by the plain tensors they wrap; ``attributing(term)`` gives everything a
+collective's code allocates one role (FSDP2's all-gather buffers: weights; its reduce-scatter buffers: gradients;
+DDP's gradient buckets: gradients); and with ``track_resizes`` a storage grown or freed in place by
+``UntypedStorage.resize_`` (how FSDP2 frees and re-allocates unsharded parameters, ``_fsdp_param.py``
+``free_storage``/``alloc_storage``) changes the live count, as torch's ``mem_tracker.MemTracker._track_resize`` does.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -54,6 +61,15 @@ class _Record:
         self.paged = False  # in CUDA unified memory, outside torch's allocator
 
 
+def storages_of(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages a tensor holds: its own, or those of the plain tensors inside a subclass (DTensor)."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        inner = [getattr(tensor, name) for name in names]
+        return [storage for t in inner if isinstance(t, torch.Tensor) for storage in storages_of(t)]
+    return [tensor.untyped_storage()]
+
+
 @dataclass
 class PeakSnapshot:
     total_bytes: int = 0
@@ -69,15 +85,18 @@ class AllocationTracker(TorchDispatchMode):
     and calls ``end_forward()``, ``mark_gradients()``, ``mark_optimizer_states()`` at those moments.
     """
 
-    def __init__(self, round_to: int = CUDA_ALLOCATION_GRANULE_BYTES):
+    def __init__(self, round_to: int = CUDA_ALLOCATION_GRANULE_BYTES, track_resizes: bool = False):
         super().__init__()
         self.round_to = round_to
+        self.track_resizes = track_resizes
+        self._role: Term | None = None  # attributing(): the term of every new allocation
+        self._original_resize = None
         self._records: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._live: dict[int, _Record] = {}  # id(record) -> record, for snapshots
         self.live_bytes = 0
         self.live_by_term = {term: 0 for term in TENSOR_TERMS}
         self.peak = PeakSnapshot()
-        self._peak_records: list[_Record] | None = None
+        self._peak_records: list[tuple[_Record, int]] | None = None
         self._peak_pending = False
         self.phase = Phase.FORWARD
         self.step = 0
@@ -111,6 +130,11 @@ class AllocationTracker(TorchDispatchMode):
         weakref.finalize(storage, self._free, record)
         self.live_bytes += record.nbytes
         self.live_by_term[term] += record.nbytes
+        self._grown()
+        return record
+
+    def _grown(self) -> None:
+        """Update the peaks after the live total rose."""
         if self.live_bytes > self.peak.total_bytes:
             self.peak.total_bytes = self.live_bytes
             self.peak.phase = self.phase
@@ -120,7 +144,6 @@ class AllocationTracker(TorchDispatchMode):
             self.step_peaks[self.step] = self.live_bytes
         if self.live_bytes > self.phase_peaks.get(self.phase, 0):
             self.phase_peaks[self.phase] = self.live_bytes
-        return record
 
     def _free(self, record: _Record) -> None:
         if record.paged:
@@ -133,8 +156,22 @@ class AllocationTracker(TorchDispatchMode):
         self.live_by_term[record.term] -= record.nbytes
 
     def _take_snapshot(self) -> None:
-        self._peak_records = list(self._live.values())
+        self._peak_records = [(record, record.nbytes) for record in self._live.values()]
         self._peak_pending = False
+
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        """A storage changed size in place: count its new size (a known storage only)."""
+        record = self._records.get(storage)
+        if record is None or record.paged:
+            return
+        delta = self._size(storage) - record.nbytes
+        if delta < 0 and self._peak_pending:
+            self._take_snapshot()
+        record.nbytes += delta
+        self.live_bytes += delta
+        self.live_by_term[record.term] += delta
+        if delta > 0:
+            self._grown()
 
     def _retag(self, record: _Record, term: Term) -> None:
         if record.term is not term and not record.paged:
@@ -143,16 +180,46 @@ class AllocationTracker(TorchDispatchMode):
             record.term = term
 
     def record_of(self, tensor: torch.Tensor) -> _Record | None:
-        return self._records.get(tensor.untyped_storage())
+        return self._records.get(storages_of(tensor)[0])
 
     def retag(self, tensor: torch.Tensor, term: Term) -> None:
         """Give a tensor's storage its final role (registering it if the tracker never saw it)."""
-        storage = tensor.untyped_storage()
-        record = self._records.get(storage)
-        if record is None:
-            self._add(storage, term, "setup")
-        else:
-            self._retag(record, term)
+        for storage in storages_of(tensor):
+            record = self._records.get(storage)
+            if record is None:
+                self._add(storage, term, "setup")
+            else:
+                self._retag(record, term)
+
+    @contextlib.contextmanager
+    def attributing(self, term: Term):
+        """Everything allocated inside belongs to ``term`` (a collective's buffers), whatever the phase."""
+        outer, self._role = self._role, term
+        try:
+            yield
+        finally:
+            self._role = outer
+
+    def __enter__(self):
+        if self.track_resizes:
+            original = self._original_resize = torch.UntypedStorage.resize_
+            tracker = self
+
+            def resize_(storage, size):
+                out = original(storage, size)
+                tracker._resized(storage)
+                return out
+
+            torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            if self._original_resize is not None:
+                torch.UntypedStorage.resize_ = self._original_resize
+                self._original_resize = None
 
     @contextlib.contextmanager
     def paged(self):
@@ -168,7 +235,8 @@ class AllocationTracker(TorchDispatchMode):
     def register_weights(self, tensors) -> None:
         for tensor in tensors:
             self.retag(tensor, Term.WEIGHTS)
-            self._param_storages[tensor.untyped_storage()] = True
+            for storage in storages_of(tensor):
+                self._param_storages[storage] = True
 
     def end_forward(self) -> None:
         """Forward allocations still alive now are activations (autograd or checkpointing holds them)."""
@@ -196,17 +264,20 @@ class AllocationTracker(TorchDispatchMode):
         if self._peak_pending:
             self._take_snapshot()
         terms = {term: 0 for term in TENSOR_TERMS}
-        for record in self._peak_records or []:
+        for record, nbytes in self._peak_records or []:
             if not record.paged:
-                terms[record.term] += record.nbytes
+                terms[record.term] += nbytes
         return terms
 
     # -- dispatch ------------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         outputs, _ = tree_flatten(out)
-        new = [t for t in outputs if isinstance(t, torch.Tensor) and t.untyped_storage() not in self._records]
+        new = [s for t in outputs if isinstance(t, torch.Tensor) for s in storages_of(t) if s not in self._records]
         if not new:
+            return out
+        if self._role is not None:
+            self._add_all(new, self._role, "collective", False, func.__name__)
             return out
         if self.in_optimizer:
             region, term = "optimizer", Term.TEMPORARIES
@@ -218,12 +289,15 @@ class AllocationTracker(TorchDispatchMode):
         weight_copy = func in _WEIGHT_COPY_OPS and self._touches_param(args)
         if weight_copy:
             term = Term.TEMPORARIES
-        for tensor in new:
-            storage = tensor.untyped_storage()
-            if storage not in self._records:
-                self._add(storage, term, region, weight_copy, func.__name__)
+        self._add_all(new, term, region, weight_copy, func.__name__)
         return out
+
+    def _add_all(self, storages, term: Term, region: str, weight_copy: bool, op: str) -> None:
+        for storage in storages:
+            if storage not in self._records:
+                self._add(storage, term, region, weight_copy, op)
 
     def _touches_param(self, args) -> bool:
         leaves, _ = tree_flatten(args)
-        return any(isinstance(t, torch.Tensor) and t.untyped_storage() in self._param_storages for t in leaves)
+        return any(isinstance(t, torch.Tensor) and any(s in self._param_storages for s in storages_of(t))
+                   for t in leaves)

@@ -1,0 +1,247 @@
+"""One rank of a data-parallel job, traced on torch.distributed: FSDP2 (``fully_shard``) and DDP, as accelerate wraps
+them for ``transformers.Trainer``.
+
+Without GPUs or other processes the rank joins a *fake* process group (``torch.testing._internal.distributed.fake_pg``:
+a ``FakeProcessGroup`` of any size whose collectives complete at once and move no data), so an 8-, 64- or 512-rank job
+is traced in one CPU process: rank 0's shards have the sizes every rank's have (dim-0 shards are padded to
+``ceil(rows / ranks)``, ``_fsdp_param.py``). Under ``torchrun`` (gloo on CPU) the same code runs on the real process
+group and real tensors.
+
+FSDP2, as ``accelerate.utils.fsdp_utils.fsdp2_prepare_model`` (accelerate 1.15) applies it:
+- every decoder layer (the model's ``_no_split_modules``) is a unit; the input embedding is one; the final norm and
+  lm_head (and the embedding when tied) form the tail unit, kept unsharded after forward
+  (``reshard_after_forward=False``); the root unit takes what is left;
+- full-shard: ``reshard_after_forward=True``; shard-grad-op: ``False`` (parameters stay gathered from forward to
+  backward, as FSDP1's SHARD_GRAD_OP);
+- with mixed precision on (Trainer ``bf16=True``/``fp16=True``: every precision but fp32) trainable parameters are
+  upcast to fp32 and ``MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=16-bit, output_dtype=16-bit)`` gathers
+  and reduces in 16 bits.
+What the tracker sees of it (``AllocationTracker.attributing``):
+- weights: the sharded parameters; everything ``foreach_all_gather`` and ``foreach_all_gather_copy_out`` allocate:
+  the flat all-gather buffer of a unit (also the one prefetched for backward) and its unsharded parameters (freed
+  and re-allocated in place by ``UntypedStorage.resize_``);
+- gradients: the unsharded gradients autograd produced for a unit, and everything ``foreach_reduce`` allocates: the
+  flat reduce-scatter input (kept until the next unit's reduce-scatter, ``reduce_scatter_states``), its output and
+  the sharded gradients.
+
+DDP, as accelerate's ``DistributedDataParallelKwargs`` defaults build it: ``bucket_cap_mb=25``,
+``gradient_as_bucket_view=False``, ``find_unused_parameters=False``. The reducer's flat buckets (one copy of every
+gradient, allocated at construction) are gradients. On the fake group: the parameter checks and the broadcast at
+construction are skipped (they read tensor data), a comm hook stands in for the in-place all-reduce, and the buckets
+are not rebuilt after the first step (rebuilding reorders them, at the same total size).
+
+Gradient accumulation follows ``Accelerator.accumulate``: micro-batches before the last run in ``no_sync``
+(DDP ``no_sync()``, FSDP2 ``set_requires_gradient_sync(False)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import VramcalcError
+from ..options import FsdpShard, Method, Offload, Precision, Sharding, Term
+from ..training_setup import ResolvedSetup
+from .step import base_model, decoder_layers
+from .tracker import AllocationTracker
+
+DDP_BUCKET_CAP_MB = 25  # accelerate DistributedDataParallelKwargs.bucket_cap_mb (torch's default too)
+TRACED_SHARDINGS = (Sharding.DDP, Sharding.FSDP)
+
+
+def check_traceable(resolved: ResolvedSetup) -> None:
+    """The distributed setups the trace can run, or a one-line reason why not."""
+    setup = resolved.setup
+    if setup.sharding not in TRACED_SHARDINGS:
+        raise VramcalcError(
+            f"sharding {setup.sharding.value!r} is estimated, not traced: the trace runs torch's own engines "
+            "(ddp, fsdp); DeepSpeed ZeRO needs DeepSpeed and a GPU (fsdp is ZeRO-3's torch counterpart)"
+        )
+    if setup.offload is not Offload.NONE:
+        raise VramcalcError("offload is estimated, not traced: a CPU trace cannot tell host memory from GPU memory")
+    if setup.sharding is Sharding.FSDP and setup.method is Method.QLORA:
+        raise VramcalcError("qlora under fsdp is estimated, not traced: fully_shard cannot shard 4-bit Params4bit")
+
+
+@contextlib.contextmanager
+def process_group(world_size: int):
+    """The rank's process group: the one torchrun started, or a fake one of ``world_size`` ranks. Yields the rank."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() != world_size:
+            raise VramcalcError(
+                f"--num-gpus {world_size} does not match the process group's {dist.get_world_size()} ranks"
+            )
+        yield dist.get_rank()
+        return
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield 0
+    finally:
+        dist.destroy_process_group()
+
+
+def is_fake_group() -> bool:
+    return dist.get_backend() == "fake"
+
+
+@dataclass
+class DataParallel:
+    """A wrapped model: what runs the forward, how a micro-batch skips synchronisation, and how the tracker
+    attributes the engine's buffers while the step runs."""
+
+    forward_module: nn.Module
+    accumulation: Callable[[bool], contextlib.AbstractContextManager]
+    attribution: Callable[[AllocationTracker], contextlib.AbstractContextManager] = field(
+        default=lambda tracker: contextlib.nullcontext())
+
+
+def wrap(model: nn.Module, resolved: ResolvedSetup, tracker: AllocationTracker) -> DataParallel:
+    """Shard (FSDP2) or wrap (DDP) the model for the setup's engine. For DDP, call inside the tracker."""
+    if resolved.setup.sharding is Sharding.FSDP:
+        return fully_shard_model(model, resolved)
+    return wrap_ddp(model, tracker)
+
+
+# -- FSDP2 --------------------------------------------------------------------------------------------------------
+def mixed_precision_policy(resolved: ResolvedSetup):
+    """accelerate ``FullyShardedDataParallelPlugin.set_mixed_precision``: 16-bit gather, reduce and output when
+    Trainer's bf16/fp16 is on (every precision word but fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    precision = resolved.setup.precision
+    if precision is Precision.FP32:
+        return MixedPrecisionPolicy()
+    dtype = torch.float16 if precision in (Precision.FP16, Precision.MIXED_FP16) else torch.bfloat16
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype, output_dtype=dtype)
+
+
+def fully_shard_model(model: nn.Module, resolved: ResolvedSetup) -> DataParallel:
+    """``fully_shard`` per decoder layer, the input embedding, the tail (final norm, lm_head) and the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    setup = resolved.setup
+    with unset_fake_temporarily():  # the mesh's rank table is a real tensor
+        mesh = init_device_mesh("cpu", (setup.num_gpus,))
+    if setup.precision is not Precision.FP32:
+        for param in model.parameters():  # accelerate: "FSDP upcast of low precision parameters to fp32"
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.to(torch.float32)
+    kwargs = dict(mesh=mesh, mp_policy=mixed_precision_policy(resolved),
+                  reshard_after_forward=setup.fsdp_shard is FsdpShard.FULL_SHARD)
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    inner = base_model(model)
+    embed, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    tied = embed is not None and head is not None and embed.weight is head.weight
+    if not tied:
+        fully_shard(embed, **kwargs)
+    tail = [inner.model.norm] + ([embed] if tied else []) + [head]
+    fully_shard(tail, **{**kwargs, "reshard_after_forward": False})
+    fully_shard(model, mesh=mesh, mp_policy=kwargs["mp_policy"])
+
+    def accumulation(last: bool):
+        return _gradient_sync(model, last)
+
+    return DataParallel(model, accumulation, fsdp_attribution)
+
+
+@contextlib.contextmanager
+def _gradient_sync(model, last: bool):
+    model.set_requires_gradient_sync(last)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+@contextlib.contextmanager
+def fsdp_attribution(tracker: AllocationTracker):
+    """While the step runs, FSDP2's collectives allocate under the terms named in the module docstring."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group
+
+    originals = {name: getattr(group, name) for name in ("foreach_all_gather", "foreach_all_gather_copy_out",
+                                                           "foreach_reduce")}
+
+    def gathering(function):
+        def gather(*args, **kwargs):
+            with tracker.attributing(Term.WEIGHTS):
+                return function(*args, **kwargs)
+        return gather
+
+    def reduce(fsdp_params, unsharded_grads, *args, **kwargs):
+        for grad in unsharded_grads:
+            tracker.retag(grad, Term.GRADIENTS)
+        with tracker.attributing(Term.GRADIENTS):
+            return originals["foreach_reduce"](fsdp_params, unsharded_grads, *args, **kwargs)
+
+    group.foreach_all_gather = gathering(originals["foreach_all_gather"])
+    group.foreach_all_gather_copy_out = gathering(originals["foreach_all_gather_copy_out"])
+    group.foreach_reduce = reduce
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(group, name, function)
+
+
+# -- DDP ----------------------------------------------------------------------------------------------------------
+class _Reducer:
+    """The DDP reducer, with bucket rebuilding attributed to gradients (real group) or skipped (fake group)."""
+
+    def __init__(self, reducer, tracker: AllocationTracker, fake: bool):
+        object.__setattr__(self, "_reducer", reducer)
+        object.__setattr__(self, "_tracker", tracker)
+        object.__setattr__(self, "_fake", fake)
+
+    def __getattr__(self, name):
+        return getattr(self._reducer, name)
+
+    def _rebuild_buckets(self) -> bool:
+        if self._fake:
+            return False  # sync_bucket_indices reads an index tensor's data
+        with self._tracker.attributing(Term.GRADIENTS):
+            return self._reducer._rebuild_buckets()
+
+
+def _in_place_all_reduce(state, bucket):
+    """Stands in for NCCL's in-place all-reduce on the fake group: the bucket is its own result."""
+    future = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
+
+
+def wrap_ddp(model: nn.Module, tracker: AllocationTracker) -> DataParallel:
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.nn.parallel import distributed as ddp_module
+
+    fake = is_fake_group()
+    skipped = ("_verify_param_shape_across_processes", "_sync_module_states")
+    originals = {name: getattr(ddp_module, name) for name in skipped}
+    try:
+        if fake:
+            for name in skipped:
+                setattr(ddp_module, name, lambda *args, **kwargs: None)
+        with tracker.attributing(Term.GRADIENTS):
+            wrapped = DistributedDataParallel(model, bucket_cap_mb=DDP_BUCKET_CAP_MB, gradient_as_bucket_view=False,
+                                              find_unused_parameters=False)
+    finally:
+        for name, function in originals.items():
+            setattr(ddp_module, name, function)
+    if fake:
+        wrapped.register_comm_hook(None, _in_place_all_reduce)
+    wrapped.reducer = _Reducer(wrapped.reducer, tracker, fake)
+
+    def accumulation(last: bool):
+        return contextlib.nullcontext() if last else wrapped.no_sync()
+
+    return DataParallel(wrapped, accumulation)
