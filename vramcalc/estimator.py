@@ -253,6 +253,8 @@ def _layer_backward_moments(spec, compute, rank, gathered, W, O, Bb, G_acc, dequ
     """
     setup = compute.setup
     transient = temporaries.layer_backward_bytes(spec, compute, b, s) + dequant
+    mlp_transient = temporaries.mlp_backward_bytes(spec, compute, b, s) + dequant
+    attention_transient = temporaries.attention_backward_bytes(spec, compute, b, s) + dequant
     shared = activations.shared_saved(spec, compute).bytes(b, s)
     remaining = activations.model_saved(spec, compute).bytes(b, s) - shared - activations.head_saved(spec, compute).bytes(b, s)
     kept = {moe: activations.layer_kept(spec, compute, moe).bytes(b, s) for moe in (False, True)}
@@ -278,8 +280,13 @@ def _layer_backward_moments(spec, compute, rank, gathered, W, O, Bb, G_acc, dequ
         penultimate = sharded and not run_end and (index == 1 or spec.is_moe_layer(index - 2) != moe)
         if run_start or run_end or second or penultimate:
             if not sharded:
+                # the MLP's backward (it runs first) with the whole layer saved, then attention's, once the MLP's
+                # saved tensors are freed and its gradients made
                 moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G), O, shared + remaining + recompute[moe],
-                                      0, transient))
+                                      0, mlp_transient))
+                attention_left = attention if setup.grad_ckpt else attention - kept[moe]
+                moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G + grads[moe]), O,
+                                      shared + remaining + attention_left, 0, attention_transient))
             else:
                 unit = gathered.layer(index)
                 weights = W + gathered.weights_during(index)

@@ -68,25 +68,32 @@ def dequantized_weight_bytes(model: ModelSpec, resolved: ResolvedSetup, tokens):
     return select(tokens > BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS, max(dt.r, dt.c) * largest + absmax, 0)
 
 
-def layer_backward_bytes(model: ModelSpec, resolved: ResolvedSetup, batch_size, seq_len):
-    """Gradients of a layer's activations alive at once during its backward (the MLP's, or attention's).
-
-    MLP: the incoming [T, h] gradient, then down's input gradient and mul's two gradients [T, I] (c each).
-    Attention: dq, dk, dv and the incoming gradient of the output; eager adds, per [b, a, s, s] element, the
-    gradient of the probabilities (c) and its fp32 copy for the softmax backward (4), less what backward frees.
-    """
+def mlp_backward_bytes(model: ModelSpec, resolved: ResolvedSetup, batch_size, seq_len):
+    """Gradients alive at once in an MLP's backward: the incoming [T, h] gradient, then down's input gradient and
+    mul's two gradients [T, I] (c each); for MoE, over the T·K routed slots."""
     m = model
-    dt = dtypes(model, resolved)
-    c = dt.c
-    T = batch_size * seq_len
+    c = dtypes(model, resolved).c
     width = m.expert_width * m.experts_per_token if m.is_moe else m.intermediate_size
-    mlp = c * T * (3 * width + m.hidden_size)
-    a, k = m.num_heads, m.num_kv_heads
-    d = m.qk_head_dim
-    attention = c * T * (2 * a * d + 2 * k * d)
+    return c * batch_size * seq_len * (3 * width + m.hidden_size)
+
+
+def attention_backward_bytes(model: ModelSpec, resolved: ResolvedSetup, batch_size, seq_len):
+    """Gradients alive at once in attention's backward: dq, dk, dv and the incoming gradient of the output; eager
+    adds, per [b, a, s, s] element, the gradient of the probabilities (c) and its fp32 copy for the softmax backward
+    (4), less what backward frees."""
+    m = model
+    c = dtypes(model, resolved).c
+    a, k, d = m.num_heads, m.num_kv_heads, m.qk_head_dim
+    attention = c * batch_size * seq_len * (2 * a * d + 2 * k * d)
     if resolved.attn_used is Attention.EAGER:
         attention += (c + FP32) * batch_size * a * seq_len * seq_len
-    return maximum(mlp, attention)
+    return attention
+
+
+def layer_backward_bytes(model: ModelSpec, resolved: ResolvedSetup, batch_size, seq_len):
+    """The larger of the two halves of a layer's backward transients (MLP first, then attention)."""
+    return maximum(mlp_backward_bytes(model, resolved, batch_size, seq_len),
+                   attention_backward_bytes(model, resolved, batch_size, seq_len))
 
 
 RMS_NORM_BACKWARD_FP32_COPIES = 5  # traced: pow, mul, div and mul-by-scalar gradients of LlamaRMSNorm, [T, h] fp32

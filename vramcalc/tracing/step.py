@@ -134,19 +134,12 @@ class StepTracer:
             if tracker.phase is Phase.FORWARD and hidden is not None and hidden.requires_grad:
                 hidden.register_hook(self._on_layers_backward_end)
 
-        def recompute_pre_hook(module, args):
-            if tracker.phase is not Phase.FORWARD:
-                tracker.in_recompute = True
-
-        def recompute_hook(module, args, output):
-            tracker.in_recompute = False
-
         self._hooks.append(self.head.register_forward_pre_hook(head_pre_hook))
         self._hooks.append(layers[-1].register_forward_hook(last_layer_hook))
         self._hooks.append(layers[0].register_forward_pre_hook(first_layer_pre_hook, with_kwargs=True))
         for layer in layers:
-            self._hooks.append(layer.register_forward_pre_hook(recompute_pre_hook))
-            self._hooks.append(layer.register_forward_hook(recompute_hook))
+            if getattr(layer, "_gradient_checkpointing_func", None) is not None:
+                self._hooks.append(_RecomputeMarker(layer, tracker))
         for param in self.model.parameters():
             if param.requires_grad:
                 self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad))
@@ -200,3 +193,34 @@ class StepTracer:
             tracker.in_optimizer = False
             tracker.mark_optimizer_states(self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
+
+
+class _RecomputeMarker:
+    """Marks the tracker while a checkpointed layer recomputes its forward in backward.
+
+    transformers v5 checkpoints a layer's ``forward`` (``modeling_layers.GradientCheckpointingLayer``), so module hooks
+    do not run again in the recompute; the function given to the checkpoint does. This wraps the layer's
+    ``_gradient_checkpointing_func`` so that function flags the recompute, also when torch's non-reentrant checkpoint
+    stops it early; ``remove()`` puts the original back.
+    """
+
+    def __init__(self, layer: nn.Module, tracker: AllocationTracker):
+        self.layer = layer
+        self.original = layer._gradient_checkpointing_func
+
+        def checkpoint(function, *args, **kwargs):
+            def marked(*inner_args, **inner_kwargs):
+                recomputing = tracker.phase is not Phase.FORWARD
+                tracker.in_recompute = recomputing
+                try:
+                    return function(*inner_args, **inner_kwargs)
+                finally:
+                    if recomputing:
+                        tracker.in_recompute = False
+
+            return self.original(marked, *args, **kwargs)
+
+        layer._gradient_checkpointing_func = checkpoint
+
+    def remove(self) -> None:
+        self.layer._gradient_checkpointing_func = self.original
