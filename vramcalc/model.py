@@ -230,10 +230,6 @@ class Inventory:
     def numel(self, *kinds: ParamKind) -> int:
         return sum(t.total_numel for t in self.tensors if t.kind in kinds)
 
-    @functools.cached_property
-    def largest_tensor_numel(self) -> int:
-        return max(t.numel for t in self.tensors)
-
 
 def _linear(name: str, in_features: int, out_features: int, count: int, bias: bool = False, role: str = "attention"):
     """An nn.Linear module and its parameter tensors."""

@@ -5,7 +5,8 @@
   std 0.02, norms 1, biases 0, RoPE frequencies recomputed) so that routing and losses are those of a real model.
 - QLoRA: every 4-bit layer gets a real bitsandbytes ``Params4bit``, quantized from random 16-bit weights by
   bitsandbytes' own ``quantize_4bit`` on the device (``quantize_4bit_weights``), where the trace uses a stand-in.
-- The step (``TrainingStep``) is Trainer's, as ``tracing/step.py::StepTracer.run`` runs it: the optimizer from
+- The step (``TrainingStep``) is Trainer's, as ``tracing/step.py::StepTracer.run`` runs it, with the same loss
+  (``tracing/step.py::TrainerLoss``): the optimizer from
   ``make_optimizer`` (decay/no-decay groups, bitsandbytes overrides; paged optimizers take real unified memory on
   CUDA), forward under ``torch.autocast`` on the device (none for fp32), accelerate's fp32 copy of the logits, the
   setup's loss, ``loss / grad_accum`` backward per micro-batch, ``optimizer.step()``, ``zero_grad(set_to_none=True)``.
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from ..model import ModelSpec
-from ..options import Loss, Method, Precision
+from ..options import Method, Precision
 from ..training_setup import ResolvedSetup
 
 INIT_STD = 0.02  # transformers' default initializer_range
@@ -106,7 +107,7 @@ class TrainingStep:
     """One optimizer step of Trainer's loop on a built model (``grad_accum`` micro-batches)."""
 
     def __init__(self, model: nn.Module, spec: ModelSpec, resolved: ResolvedSetup, device: torch.device):
-        from ..tracing.step import base_model, make_optimizer
+        from ..tracing.step import TrainerLoss, make_optimizer
 
         self.model = model
         self.setup = resolved.setup
@@ -117,14 +118,7 @@ class TrainingStep:
                                        generator=generator).to(device)
         self.dtype = autocast_dtype(self.setup.precision)
         self.scaler = torch.amp.GradScaler(device.type) if self.setup.precision is Precision.MIXED_FP16 else None
-        inner = base_model(model)
-        self.head = inner.get_output_embeddings()
-        self.softcap = getattr(inner.config, "final_logit_softcapping", None)
-        if self.setup.loss is not Loss.HF:
-            from ..tracing.losses import PassThroughHead
-
-            inner.set_output_embeddings(PassThroughHead(self.head))
-            inner.config.final_logit_softcapping = None
+        self.trainer_loss = TrainerLoss(model, self.setup)
 
     def autocast(self):
         if self.dtype is None:
@@ -133,26 +127,7 @@ class TrainingStep:
 
     def loss(self) -> torch.Tensor:
         """The setup's loss on one micro-batch (labels = inputs, shifted inside the loss)."""
-        ids = self.input_ids
-        if self.setup.loss is Loss.HF:
-            outputs = self.model(input_ids=ids, labels=ids)
-            loss = outputs.loss
-            if self.dtype is not None:
-                # accelerate convert_outputs_to_fp32: an fp32 copy of the 16-bit logits
-                logits32 = outputs.logits.float()
-                del logits32
-            del outputs
-            return loss
-        from ..tracing.losses import chunked_cross_entropy, fused_cross_entropy
-
-        hidden = self.model(input_ids=ids).logits  # the pass-through head returns the final hidden states
-        labels = ids
-        extra = hidden.shape[1] - labels.shape[1]  # prompt tuning prepends virtual tokens
-        if extra:
-            pad = torch.full((labels.shape[0], extra), -100, dtype=labels.dtype, device=labels.device)
-            labels = torch.cat([pad, labels], dim=1)
-        loss_fn = chunked_cross_entropy if self.setup.loss is Loss.CHUNKED else fused_cross_entropy
-        return loss_fn(hidden, self.head.weight, labels, softcap=self.softcap)
+        return self.trainer_loss(self.model, self.input_ids)
 
     def run(self) -> float:
         """One optimizer step; returns the last micro-batch's loss (for a sanity check, not for memory)."""

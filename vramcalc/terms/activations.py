@@ -33,7 +33,6 @@ from ..training_setup import ResolvedSetup
 
 FP32 = 4
 SDPA_FLASH_MAX_HEAD_DIM = 256
-EFFICIENT_LSE_ALIGN = 32  # memory-efficient attention pads logsumexp rows to a multiple of 32 (kAlignLSE)
 SEED_OFFSET_BYTES = 2 * 512  # flash attention's philox seed and offset, two tiny allocations per layer
 
 

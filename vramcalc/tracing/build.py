@@ -99,6 +99,11 @@ def _quiet():
         hf_logging.set_verbosity(level)
 
 
+def half_dtype(precision: Precision) -> torch.dtype:
+    """The 16-bit dtype a precision computes in: fp16 for fp16 and mixed-fp16, else bf16."""
+    return torch.float16 if precision in (Precision.FP16, Precision.MIXED_FP16) else torch.bfloat16
+
+
 def base_dtype(resolved: ResolvedSetup) -> torch.dtype:
     """Dtype the model is loaded in: fp32 for fp32 and mixed precision, else 16-bit."""
     return TORCH_DTYPE[resolved.setup.precision.param_dtype.value]
@@ -184,7 +189,7 @@ def _load_dtype(resolved: ResolvedSetup) -> torch.dtype:
     prepare_model_for_kbit_training later casts the rest to fp32."""
     setup = resolved.setup
     if setup.method is Method.QLORA:
-        return torch.float16 if setup.precision in (Precision.FP16, Precision.MIXED_FP16) else torch.bfloat16
+        return half_dtype(setup.precision)
     return base_dtype(resolved)
 
 
@@ -230,7 +235,7 @@ def _cast_adapters(model: nn.Module, resolved: ResolvedSetup) -> None:
     if setup.adapter_dtype is AdapterDtype.FP32 or setup.precision.param_dtype.value == "fp32" and setup.method is not Method.QLORA:
         dtype = torch.float32
     else:
-        dtype = torch.float16 if setup.precision in (Precision.FP16, Precision.MIXED_FP16) else torch.bfloat16
+        dtype = half_dtype(setup.precision)
     for param in model.parameters():
         if param.requires_grad and param.dtype != dtype:
             param.data = param.data.to(dtype)
@@ -245,8 +250,3 @@ def _apply_prompt_tuning(model: nn.Module, spec: ModelSpec, resolved: ResolvedSe
         peft_model = get_peft_model(model, config)
     _cast_adapters(peft_model, resolved)
     return peft_model
-
-
-def uses_autocast(precision: Precision) -> bool:
-    """Trainer bf16=True / fp16=True wraps forward in autocast (accelerate native AMP); fp32 runs without."""
-    return precision is not Precision.FP32

@@ -23,6 +23,7 @@ from torch import nn
 from ..model import ModelSpec
 from ..options import Loss, Optimizer, Phase, Precision, Term
 from ..training_setup import ResolvedSetup
+from .build import half_dtype
 from .losses import PassThroughHead, chunked_cross_entropy, fused_cross_entropy
 from .tracker import AllocationTracker
 
@@ -68,6 +69,45 @@ def _synchronised(last_micro_batch: bool):
     return contextlib.nullcontext()
 
 
+class TrainerLoss:
+    """The loss of one micro-batch as Trainer computes it, for the trace and the calibration harness alike.
+
+    ``hf``: the model's own ForCausalLMLoss (labels = inputs), then accelerate's ``convert_outputs_to_fp32`` copy of
+    the 16-bit logits while ``outputs`` lives. ``chunked`` / ``fused``: lm_head is bypassed (losses.PassThroughHead)
+    and the loss is computed from the final hidden states with lm_head's weight; prompt tuning's virtual tokens get
+    label -100. ``on_logits`` is called when the loss starts on the hidden states (the trace's logits region).
+    """
+
+    def __init__(self, model: nn.Module, setup):
+        self.setup = setup
+        inner = base_model(model)
+        self.head = inner.get_output_embeddings()
+        self.softcap = getattr(inner.config, "final_logit_softcapping", None)
+        if setup.loss is not Loss.HF:
+            inner.set_output_embeddings(PassThroughHead(self.head))
+            inner.config.final_logit_softcapping = None
+
+    def __call__(self, forward_module: nn.Module, input_ids: torch.Tensor, on_logits=None):
+        """``forward_module``: the model, or the wrapper whose forward runs it (DDP)."""
+        if self.setup.loss is Loss.HF:
+            outputs = forward_module(input_ids=input_ids, labels=input_ids)
+            loss = outputs.loss
+            if self.setup.precision is not Precision.FP32:
+                outputs.logits.float()  # accelerate's fp32 copy, dropped with outputs
+            del outputs
+            return loss
+        hidden = forward_module(input_ids=input_ids).logits  # PassThroughHead returned the hidden states
+        labels = input_ids
+        extra = hidden.shape[1] - labels.shape[1]
+        if extra:
+            pad = torch.full((labels.shape[0], extra), -100, dtype=labels.dtype, device=labels.device)
+            labels = torch.cat([pad, labels], dim=1)
+        if on_logits is not None:
+            on_logits()
+        loss_fn = chunked_cross_entropy if self.setup.loss is Loss.CHUNKED else fused_cross_entropy
+        return loss_fn(hidden, self.head.weight, labels, softcap=self.softcap)
+
+
 class StepTracer:
     """Runs the training steps of one setup under a tracker, and hooks the model to report phases."""
 
@@ -86,34 +126,14 @@ class StepTracer:
 
     # -- loss --------------------------------------------------------------------------------------
     def _install_loss(self) -> None:
-        inner = base_model(self.model)
-        self.head = inner.get_output_embeddings()
-        self.softcap = getattr(inner.config, "final_logit_softcapping", None)
-        if self.setup.loss is not Loss.HF:
-            inner.set_output_embeddings(PassThroughHead(self.head))
-            inner.config.final_logit_softcapping = None
+        self.loss = TrainerLoss(self.model, self.setup)
+        self.head = self.loss.head
 
     def _loss(self, input_ids: torch.Tensor):
-        tracker = self.tracker
-        if self.setup.loss is Loss.HF:
-            outputs = self.forward_module(input_ids=input_ids, labels=input_ids)
-            loss = outputs.loss
-            if self.setup.precision is not Precision.FP32:
-                # accelerate convert_outputs_to_fp32: the fp32 copy of the 16-bit logits lives with `outputs`
-                logits32 = outputs.logits.float()
-                del logits32
-            del outputs
-            return loss
-        outputs = self.forward_module(input_ids=input_ids)
-        hidden = outputs.logits  # PassThroughHead returned the final hidden states
-        del outputs
-        labels = input_ids
-        extra = hidden.shape[1] - labels.shape[1]  # prompt tuning prepends virtual tokens
-        if extra:
-            labels = torch.cat([torch.full((labels.shape[0], extra), -100, dtype=labels.dtype), labels], dim=1)
-        tracker.in_logits = True
-        loss_fn = chunked_cross_entropy if self.setup.loss is Loss.CHUNKED else fused_cross_entropy
-        return loss_fn(hidden, self.head.weight, labels, softcap=self.softcap)
+        def logits_begin():
+            self.tracker.in_logits = True
+
+        return self.loss(self.forward_module, input_ids, on_logits=logits_begin)
 
     # -- phase hooks -------------------------------------------------------------------------------
     def _install_phase_hooks(self) -> None:
@@ -163,7 +183,7 @@ class StepTracer:
         precision = self.setup.precision
         if precision is Precision.FP32:
             return contextlib.nullcontext()
-        dtype = torch.float16 if precision in (Precision.FP16, Precision.MIXED_FP16) else torch.bfloat16
+        dtype = half_dtype(precision)
         return torch.autocast(device_type="cpu", dtype=dtype)
 
     def run(self, steps: int = 2, progress=None) -> None:
