@@ -25,12 +25,11 @@ the utilisation absorbs it. Prices come from the catalogue with their dates; a G
 from __future__ import annotations
 
 import csv
-import math
 import statistics
 from dataclasses import dataclass
 
 from .catalogue import GpuSpec, data_dir, get_model
-from .errors import VramcalcError
+from .errors import VramcalcError, positive_number
 from .model import ModelSpec, ParamKind
 from .options import Attention, Method, Precision
 from .profiles import profile_data
@@ -108,19 +107,6 @@ class TrainingTime:
 
 
 # -- validation ---------------------------------------------------------------------------------------------------
-def positive_number(value, what: str) -> float:
-    """A finite number > 0, or a one-line VramcalcError naming the value."""
-    if isinstance(value, bool):
-        raise VramcalcError(f"{what} must be a positive number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise VramcalcError(f"{what} must be a positive number, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise VramcalcError(f"{what} must be a positive number, got {value!r}")
-    return number
-
-
 # -- FLOPs --------------------------------------------------------------------------------------------------------
 def matmul_params(spec: ModelSpec) -> int:
     """N_mm: the parameters one token multiplies by: every active one but the embedding lookup, plus lm_head

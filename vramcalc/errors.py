@@ -7,6 +7,7 @@ It is a ``ValueError`` so that ordinary ``except ValueError`` code catches it to
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable
 
 
@@ -33,3 +34,27 @@ def unknown_name_error(kind: str, word: str, names: Iterable[str]) -> VramcalcEr
     else:
         hint = "known: " + ", ".join(sorted(names))
     return VramcalcError(f"unknown {kind} {word!r}; {hint}")
+
+
+def positive_number(value, what: str) -> float:
+    """A finite number > 0, or a one-line VramcalcError naming the value."""
+    number = None
+    if not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            pass
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise VramcalcError(f"{what} must be a positive number, got {value!r}")
+    return number
+
+
+def positive_int(value, what: str) -> int:
+    """A whole number > 0 (``2048``, ``"2048"``, ``2048.0``), or a one-line VramcalcError naming the value."""
+    try:
+        number = positive_number(value, what)
+    except VramcalcError:
+        number = None
+    if number is None or number != int(number):
+        raise VramcalcError(f"{what} must be a positive integer, got {value!r}")
+    return int(number)

@@ -35,12 +35,11 @@ from .cost import (
     job_utilisation,
     matmul_dtype,
     peak_flop_per_s,
-    positive_number,
     rent_cost_usd,
     training_flops,
     training_time,
 )
-from .errors import VramcalcError
+from .errors import VramcalcError, positive_int, positive_number
 from .estimator import estimate, peak_tensor_bytes_grid
 from .model import ModelSpec
 from .options import Choice, Method, Offload, Optimizer, Sharding, Term
@@ -124,10 +123,8 @@ def applicable_options(options: dict) -> dict:
 
 
 def _count(value, what: str) -> int:
-    number = positive_number(value, what)
-    if number != int(number):
-        raise VramcalcError(f"{what} must be a positive integer, got {value!r}")
-    return int(number)
+    """A count: first any positive number (the plan's wording), then a whole one."""
+    return positive_int(positive_number(value, what), what)
 
 
 def gpu_counts(max_gpus: int) -> list[int]:

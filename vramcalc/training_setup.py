@@ -7,10 +7,9 @@ Bad values raise VramcalcError with one line that names the value.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
-from .errors import VramcalcError
+from .errors import VramcalcError, positive_int
 from .model import ModelSpec
 from .options import (
     AdapterDtype,
@@ -116,27 +115,27 @@ def resolve_setup(model: ModelSpec, **options) -> ResolvedSetup:
         method=method,
         precision=Precision.parse(given.get("precision", Precision.BF16), "precision"),
         optimizer=Optimizer.parse(given.get("optimizer", Optimizer.ADAMW), "optimizer"),
-        batch_size=_positive_int(given.get("batch_size", 1), "batch size"),
-        seq_len=_positive_int(given.get("seq_len", 2048), "sequence length"),
+        batch_size=positive_int(given.get("batch_size", 1), "batch size"),
+        seq_len=positive_int(given.get("seq_len", 2048), "sequence length"),
         grad_ckpt=_bool(given.get("grad_ckpt", False), "grad_ckpt"),
         attn=Attention.parse(given.get("attn", Attention.SDPA), "attention"),
-        lora_rank=_positive_int(given.get("lora_rank", 8), "LoRA rank"),
+        lora_rank=positive_int(given.get("lora_rank", 8), "LoRA rank"),
         lora_targets=_targets(given.get("lora_targets", default_targets)),
         lora_dropout=_probability(given.get("lora_dropout", 0.0)),
         quant=Quant.parse(given.get("quant", Quant.NF4), "quantization"),
         double_quant=_bool(given.get("double_quant", True), "double_quant"),
         compute_dtype=ComputeDtype.parse(given.get("compute_dtype", ComputeDtype.BF16), "compute dtype"),
-        virtual_tokens=_positive_int(given.get("virtual_tokens", 20), "number of virtual tokens"),
+        virtual_tokens=positive_int(given.get("virtual_tokens", 20), "number of virtual tokens"),
         adapter_dtype=AdapterDtype.parse(given.get("adapter_dtype", AdapterDtype.FP32), "adapter dtype"),
-        grad_accum=_positive_int(given.get("grad_accum", 1), "gradient accumulation steps"),
+        grad_accum=positive_int(given.get("grad_accum", 1), "gradient accumulation steps"),
         loss=Loss.parse(given.get("loss", Loss.HF), "loss"),
-        num_gpus=_positive_int(given.get("num_gpus", 1), "number of GPUs"),
+        num_gpus=positive_int(given.get("num_gpus", 1), "number of GPUs"),
         sharding=Sharding.parse(given.get("sharding", Sharding.NONE), "sharding"),
         fsdp_shard=FsdpShard.parse(given.get("fsdp_shard", FsdpShard.FULL_SHARD), "FSDP sharding strategy"),
         offload=Offload.parse(given.get("offload", Offload.NONE), "offload"),
     )
     if "global_batch_size" in given:
-        values["global_batch_size"] = _positive_int(given["global_batch_size"], "global batch size")
+        values["global_batch_size"] = positive_int(given["global_batch_size"], "global batch size")
         values["batch_size"] = _per_device_batch(values, "batch_size" in given)
     setup = TrainingSetup(**values)
     _check_combination(setup)
@@ -216,18 +215,6 @@ def _per_device_batch(values: dict, batch_given: bool) -> int:
         raise VramcalcError(f"--batch-size {values['batch_size']} x {gpus} GPUs x {accum} accumulation steps is "
                             f"not the global batch size {total}; give one of the two")
     return per_device
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool):
-        raise VramcalcError(f"{what} must be a positive integer, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise VramcalcError(f"{what} must be a positive integer, got {value!r}") from None
-    if not math.isfinite(number) or number != int(number) or number <= 0:
-        raise VramcalcError(f"{what} must be a positive integer, got {value!r}")
-    return int(number)
 
 
 def _probability(value) -> float:

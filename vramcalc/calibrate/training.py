@@ -98,9 +98,9 @@ def quantize_4bit_weights(model: nn.Module, resolved: ResolvedSetup, device: tor
 
 def autocast_dtype(precision: Precision) -> torch.dtype | None:
     """Trainer ``bf16=True``/``fp16=True`` autocasts forward (accelerate native AMP); fp32 runs without."""
-    if precision is Precision.FP32:
-        return None
-    return torch.float16 if precision in (Precision.FP16, Precision.MIXED_FP16) else torch.bfloat16
+    from ..tracing.build import half_dtype
+
+    return None if precision is Precision.FP32 else half_dtype(precision)
 
 
 class TrainingStep:
