@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# Calibrate vramcalc on a bare H200 machine in about 8 minutes: measurements.csv, profile-h200.json, report.txt,
-# measured_vs_estimated.png, scenarios.json, errors.log and log.txt under $OUT (7 files).
+# Calibrate vramcalc on one H200 (or any CUDA GPU) in about 8 minutes. Writes under $OUT: measurements.csv,
+# profile-<gpu>.json, report.txt, measured_vs_estimated.png, scenarios.json, errors.log and log.txt.
 #
-# Here (a machine with a package registry), once:   calibration/run_h200.sh --fetch-wheels
-#   downloads the pinned wheels the GPU machine lacks into build/wheels (ignored by git; about 58 MB).
-# There (no registry; run from anywhere, it works in the repository root):
-#   calibration/run_h200.sh            with build/wheels carried along (device tool: carry ["build/wheels"])
-# Environment: OUT (default /tmp/vramcalc-h200), DEVICE (cuda:0; cpu for a smoke test of this script here),
-# BUDGET_MINUTES, HARD_LIMIT_S, SCENARIO_TIMEOUT_S, PYTHON, WHEELS.
+# The GPU machine needs: Python with a CUDA build of torch, accelerate, nvidia-ml-py, numpy, matplotlib and tqdm
+# (`pip install 'vramcalc[calibrate]'` installs them), and the versions of transformers, peft and bitsandbytes the
+# estimate and the trace were checked against (PINS below; bitsandbytes 0.50.2 ships kernels for CUDA 13.0).
 #
-# What the GPU image has (.library/device/KINDS.md, 2026-11): python3 3.12 with torch 2.11 (cu130), accelerate
-# 1.15, nvidia-ml-py, numpy, matplotlib, tqdm, peft, transformers 5.17; no bitsandbytes. transformers 5.17 lacks
-# activation_checkpointing_enable, which the model builder calls, so the versions the estimator and trace were
-# developed against are installed over the image's: bitsandbytes 0.50.2 (ships libbitsandbytes_cuda130),
-# transformers 5.24.0, peft 0.21.2 (their other requirements are in the image).
+# A GPU machine that can reach PyPI: run the script from a checkout of this repository; it installs PINS.
+#   calibration/run_h200.sh
+# A GPU machine without internet access (an air-gapped or firewalled node):
+#   1. on any x86_64 Linux machine that can reach PyPI, in the checkout:
+#        calibration/run_h200.sh --fetch-wheels      # PINS as wheels into build/wheels (about 58 MB)
+#      (WHEEL_PYTHON, default 3.12, must be the GPU machine's Python version: `python3 --version` there);
+#   2. copy the checkout with build/wheels to the GPU machine (rsync, scp; build/ is ignored by git);
+#   3. there: calibration/run_h200.sh                # installs the wheels into /tmp/site, then measures.
+#   Without wheels and without a registry it measures with whatever versions are installed, and says so.
+#
+# Environment: OUT (default /tmp/vramcalc-h200), DEVICE (default cuda:0; `DEVICE=cpu` runs the whole script on
+# a machine without a GPU, as a smoke test), BUDGET_MINUTES (measuring, default 6), HARD_LIMIT_S (measuring stops
+# here whatever happens, default 450), SCENARIO_TIMEOUT_S (per scenario, default 120), PYTHON (default python3),
+# WHEELS (default build/wheels), WHEEL_PYTHON (default 3.12). Run it from anywhere: it works in the repository root.
+# Afterwards, copy profile-<gpu>.json to calibration/profiles/<gpu>.json so that `estimate(..., gpu=...)` uses it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +33,8 @@ SCENARIO_TIMEOUT_S=${SCENARIO_TIMEOUT_S:-120}
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
   mkdir -p "$WHEELS"
-  exec "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  exec "$PY" -m pip download --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" \
+    --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" "${PINS[@]}"
 fi
@@ -44,7 +52,7 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
     "$WHEELS"/*.whl || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH="/tmp/site:$PWD"
 else
-  "$PY" -m pip install -q "${PINS[@]}" || echo "no wheels in $WHEELS and no registry: using the image's packages"
+  "$PY" -m pip install -q "${PINS[@]}" || echo "no wheels in $WHEELS and no registry: using the installed packages"
   export PYTHONPATH="$PWD"
 fi
 "$PY" -c '
@@ -67,5 +75,5 @@ if [[ $status -ne 0 ]]; then
   echo "== measuring ended with status $status: fitting what was recorded"
   "$PY" -m vramcalc.calibrate --fit-only --out "$OUT" --no-install-profile
 fi
-echo "== done $(date -u +%FT%TZ): copy $OUT/profile-h200.json to calibration/profiles/h200.json and" \
-     "$OUT/measurements.csv to calibration/runs/h200/measurements.csv"
+echo "== done $(date -u +%FT%TZ): copy $OUT/profile-<gpu>.json to calibration/profiles/<gpu>.json and" \
+     "$OUT/measurements.csv to calibration/runs/<gpu>/measurements.csv"

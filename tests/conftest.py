@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -12,6 +14,9 @@ def has_torch() -> bool:
     except ImportError:
         return False
     return True
+
+
+needs_torch = pytest.mark.skipif(not has_torch(), reason="needs the trace extra: pip install 'vramcalc[trace]'")
 
 
 try:

@@ -31,9 +31,20 @@ def test_notebook_html_names_every_term_in_gib():
     assert "<table>" in html and "GiB = 2^30 bytes" in html and "optimizer_states" in html
 
 
-def test_a_breakdown_rejects_negative_or_fractional_terms():
+@pytest.mark.parametrize("bad", [-1, 1.5, 2.0], ids=["negative", "fractional", "float"])
+def test_a_breakdown_rejects_negative_or_fractional_terms(bad):
     result = estimate("qwen3-8b")
     terms = dict(result.terms_bytes)
-    terms[next(iter(terms))] = -1
-    with pytest.raises(ValueError):
+    terms[next(iter(terms))] = bad
+    with pytest.raises(ValueError, match="non-negative integer"):
         type(result)(result.model, terms, result.phase, result.inputs)
+
+
+def test_inputs_are_a_fresh_copy_each_time():
+    # inputs are built on first access from a cache: changing one answer's inputs must not reach the next answer
+    first = estimate("qwen3-8b", method="lora")
+    first.inputs["seq_len"] = -7
+    first.inputs["defaults"].append("nonsense")
+    second = estimate("qwen3-8b", method="lora")
+    assert second.inputs["seq_len"] == 2048 and "nonsense" not in second.inputs["defaults"]
+    assert first.inputs["seq_len"] == -7  # the first answer keeps its own (now edited) copy

@@ -24,12 +24,11 @@ from vramcalc.calibrate.records import COLUMNS, RecordFile, encode_row
 from vramcalc.calibrate.scenarios import Scenario, default_grid, load_scenarios, order_for_budget, scenario_axes
 from vramcalc.errors import VramcalcError
 
-from .conftest import has_torch
+from .conftest import needs_torch
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 MIB = 2**20
-needs_torch = pytest.mark.skipif(not has_torch(), reason="needs the trace extra")
 
 TINY_SCENARIOS = """\
 model,method,precision,optimizer,batch_size,seq_len,grad_ckpt,attn
@@ -51,8 +50,9 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _harness(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+def _harness(*args: str, timeout: float = 300, first_on_path: Path | None = None) -> subprocess.CompletedProcess:
+    path = [str(first_on_path)] if first_on_path is not None else []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path + [str(REPO)]))
     return subprocess.run([sys.executable, "-m", "vramcalc.calibrate", "--no-progress", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -301,7 +301,13 @@ def test_a_fitted_profile_is_what_estimate_uses_for_that_gpu(tmp_path, monkeypat
     profile = fitting.profile_json(fitting.fit(rows, "h200"), rows, gpu="h200")
     (tmp_path / "h200.json").write_text(json.dumps(profile))
     monkeypatch.setattr(profiles, "profiles_dir", lambda: tmp_path)
-    profiles.profile_data.cache_clear()
+
+    def forget_loaded_profiles():  # every cache of profiles.py that holds a file's contents
+        for cached in (profiles.profile_data, getattr(profiles, "_load", None)):
+            if hasattr(cached, "cache_clear"):
+                cached.cache_clear()
+
+    forget_loaded_profiles()
     try:
         b = vramcalc.estimate("smollm2-135m", gpu="h200", seq_len=1024)
         c = profile["coefficients"]
@@ -309,7 +315,7 @@ def test_a_fitted_profile_is_what_estimate_uses_for_that_gpu(tmp_path, monkeypat
         assert b.terms()["runtime_overhead"] == c["cuda_context_bytes"] + c["workspace_bytes"]
         assert b.terms()["allocator_slack"] == int(c["allocator_slack_fraction"] * b.peak_tensor_bytes)
     finally:
-        profiles.profile_data.cache_clear()
+        forget_loaded_profiles()
     assert set(profile["residuals"]) == {"before", "after"} and profile["loo_cv"]["nvml"]["n"] == len(rows)
 
 
@@ -480,6 +486,25 @@ def test_fit_only_refits_a_recorded_run_without_measuring(tmp_path):
     profile = json.loads((out / "profile-h200.json").read_text())
     assert profile["coefficients"]["workspace_bytes"] == pytest.approx(64 * MIB, abs=4 * MIB)
     assert "est total_bytes vs NVML" in done.stdout
+
+
+def test_fit_only_without_matplotlib_warns_in_one_line_naming_the_extra_and_keeps_the_fit(tmp_path):
+    # a real import failure in the child: its sitecustomize makes `import matplotlib` raise ModuleNotFoundError
+    blocker = tmp_path / "no_matplotlib"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['matplotlib'] = None\n")
+    out = tmp_path / "run"
+    records = RecordFile(out / "measurements.csv").open()
+    for row in _synthetic_rows(64 * MIB, 0.07, 520 * MIB, noise=0.0002, n=12):
+        records.append({**row, "gpu": "h200", "est_total_bytes": row["est_peak_tensor_bytes"]})
+    done = _harness("--fit-only", "--out", str(out), "--no-install-profile", first_on_path=blocker)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning:"), done.stderr
+    assert "matplotlib" in lines[0] and "pip install 'vramcalc[calibrate]'" in lines[0]
+    assert "Traceback" not in done.stderr
+    assert (out / "profile-h200.json").is_file() and (out / "report.txt").is_file()
+    assert not (out / "measured_vs_estimated.png").exists()
 
 
 # -- on a GPU -----------------------------------------------------------------------------------------

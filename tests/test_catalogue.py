@@ -1,5 +1,9 @@
 """The catalogues: every model's parameter count, and the facts the issue requires of each GPU row."""
 
+import csv
+import re
+from pathlib import Path
+
 import pytest
 
 from vramcalc import catalogue
@@ -15,6 +19,7 @@ REQUIRED_GPUS = (
     "v100-32gb"
 ).split()
 MODELS = catalogue.models()
+DATA = Path(__file__).resolve().parents[1] / "data"  # the source checkout's data/ (the .md files are not in the wheel)
 
 
 def test_catalogue_holds_at_least_30_models_including_every_required_one():
@@ -85,4 +90,30 @@ def test_model_lookup_is_case_insensitive_and_accepts_the_hf_repo_id():
 
 def test_unknown_gpu_suggests_close_matches():
     with pytest.raises(ValueError, match="h100-sxm"):
-        catalogue.get_gpu("h100sxm")
+        catalogue.get_gpu("h100-sxn")
+
+
+def _defined_source_ids(sources_file: str) -> set[str]:
+    """The ids a sources file defines: the first cell of each table row ("| S19 | ...")."""
+    text = (DATA / sources_file).read_text(encoding="utf-8")
+    return set(re.findall(r"^\| (S\d+) \|", text, flags=re.MULTILINE))
+
+
+@pytest.mark.parametrize("catalogue_file, sources_file, columns", [
+    ("models.csv", "models_sources.md", ("source",)),
+    ("gpus.csv", "gpus_sources.md", ("source", "interconnect_source")),
+])
+def test_every_cited_source_id_is_defined_in_the_sources_file(catalogue_file, sources_file, columns):
+    defined = _defined_source_ids(sources_file)
+    with open(DATA / catalogue_file, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    cited = {(row["name"], source_id) for row in rows for column in columns
+             for source_id in re.findall(r"\bS\d+\b", row[column])}
+    assert cited, "no row cites a source"
+    assert {(name, source_id) for name, source_id in cited if source_id not in defined} == set()
+
+
+def test_the_sources_file_every_model_row_points_to_exists():
+    for model in MODELS:
+        for named in re.findall(r"data/([\w.]+\.md)", model.source):
+            assert (DATA / named).is_file(), (model.name, named)

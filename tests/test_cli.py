@@ -1,21 +1,19 @@
 """The CLI, driven in-process through main(argv): output formats, and one error line with exit code 2 for bad input."""
 
+import dataclasses
 import json
 
 import pytest
 
-from vramcalc.cli import main
+from vramcalc.cli import SETUP_KEYS, build_parser
 from vramcalc.options import Term
+from vramcalc.training_setup import TrainingSetup
 
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from .cli_helpers import run_cli
 
 
 def test_json_has_the_contract_keys_and_terms_sum_to_total(capsys):
-    code, out, _ = run(capsys, "estimate", "llama-3.1-8b", "--method", "lora", "--format", "json")
+    code, out, _ = run_cli(capsys, "estimate", "llama-3.1-8b", "--method", "lora", "--format", "json")
     data = json.loads(out)
     assert code == 0
     assert {"total_bytes", "peak_tensor_bytes", "phase", "terms", "inputs"} <= set(data)
@@ -25,7 +23,7 @@ def test_json_has_the_contract_keys_and_terms_sum_to_total(capsys):
 
 
 def test_table_prints_gib_with_two_decimals_and_says_what_gib_is(capsys):
-    code, out, _ = run(capsys, "estimate", "qwen3-8b", "--seq-len", "1024")
+    code, out, _ = run_cli(capsys, "estimate", "qwen3-8b", "--seq-len", "1024")
     assert code == 0
     assert "GiB = 2^30 bytes" in out
     weights_line = next(line for line in out.splitlines() if line.startswith("weights"))
@@ -33,22 +31,22 @@ def test_table_prints_gib_with_two_decimals_and_says_what_gib_is(capsys):
 
 
 def test_gpu_flag_says_whether_it_fits_and_the_headroom(capsys):
-    _, out, _ = run(capsys, "estimate", "llama-3.1-8b", "--method", "qlora", "--gpu", "rtx-4090")
+    _, out, _ = run_cli(capsys, "estimate", "llama-3.1-8b", "--method", "qlora", "--gpu", "rtx-4090")
     assert "rtx-4090" in out and "fits" in out and "headroom" in out
 
 
 def test_csv_is_one_header_and_one_row_with_unit_suffixed_columns(capsys):
-    _, out, _ = run(capsys, "estimate", "phi-4", "--format", "csv")
+    _, out, _ = run_cli(capsys, "estimate", "phi-4", "--format", "csv")
     header, row = out.strip().splitlines()
     assert "total_bytes" in header.split(",") and "weights_bytes" in header.split(",")
     assert len(header.split(",")) == len(row.split(","))
 
 
 def test_models_and_gpus_list_the_catalogues_as_json(capsys):
-    _, out, _ = run(capsys, "models", "--format", "json")
+    _, out, _ = run_cli(capsys, "models", "--format", "json")
     models = json.loads(out)
     assert {"name", "params", "active_params"} <= set(models[0])
-    _, out, _ = run(capsys, "gpus", "--format", "json")
+    _, out, _ = run_cli(capsys, "gpus", "--format", "json")
     assert {"name", "memory_bytes"} <= set(json.loads(out)[0])
 
 
@@ -74,7 +72,7 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("argv, fragment", BAD_INPUT, ids=[" ".join(a[1:]) for a, _ in BAD_INPUT])
 def test_bad_input_exits_2_with_one_error_line_naming_it(capsys, argv, fragment):
-    code, out, err = run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 2
     assert out == ""
     lines = err.strip().splitlines()
@@ -84,11 +82,20 @@ def test_bad_input_exits_2_with_one_error_line_naming_it(capsys, argv, fragment)
 def test_malformed_config_file_exits_2(capsys, tmp_path):
     path = tmp_path / "config.json"
     path.write_text('{"model_type": "llama", "hidden_size": 64}')
-    code, _, err = run(capsys, "estimate", str(path))
+    code, _, err = run_cli(capsys, "estimate", str(path))
     assert code == 2 and "lacks the field 'num_attention_heads'" in err
 
 
 def test_sequence_longer_than_the_context_warns_and_still_estimates(capsys):
-    code, out, err = run(capsys, "estimate", "llama-2-7b", "--seq-len", "8192", "--format", "json")
+    code, out, err = run_cli(capsys, "estimate", "llama-2-7b", "--seq-len", "8192", "--format", "json")
     assert code == 0 and json.loads(out)["total_bytes"] > 0
     assert err.startswith("warning: sequence length 8192 exceeds")
+
+
+def test_every_training_setup_field_has_a_flag_on_every_verb_that_takes_a_setup():
+    fields = {field.name for field in dataclasses.fields(TrainingSetup)}
+    assert set(SETUP_KEYS) == fields
+    verbs = next(action for action in build_parser()._actions if action.dest == "verb").choices
+    for verb in ("estimate", "trace", "plan", "max-batch", "report"):
+        dests = {action.dest for action in verbs[verb]._actions}
+        assert fields <= dests, (verb, sorted(fields - dests))

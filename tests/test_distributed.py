@@ -11,6 +11,7 @@ import pytest
 
 import vramcalc as vc
 from vramcalc.cli import main
+from vramcalc.cost import communication_per_step
 from vramcalc.errors import VramcalcError
 from vramcalc.estimator import step_moments
 from vramcalc.options import Phase
@@ -19,10 +20,9 @@ from vramcalc.terms import distributed
 from vramcalc.terms.parameters import stored_tensors
 from vramcalc.training_setup import resolve_setup
 
-from .conftest import has_torch
+from .conftest import needs_torch
 from .tiny_models import TINY
 
-needs_torch = pytest.mark.skipif(not has_torch(), reason="needs the trace extra")
 TOLERANCE = 0.05  # the target: the estimate within 5% of the traced per-rank peak
 
 
@@ -65,7 +65,7 @@ def test_fsdp_pads_expert_tensors_sharded_over_more_ranks_than_experts():
     # shard to ceil(rows / N) rows: _fsdp_collectives.py::_get_dim0_padded_size)
     spec = vc.get_model("qwen3-30b-a3b")
     units = {n: distributed.gathering(spec, resolve_setup(spec, num_gpus=n, sharding="fsdp")).moe for n in (128, 512)}
-    assert units[512].params > 3.5 * units[128].params and units[512].grads == units[128].grads
+    assert units[512].params_bytes > 3.5 * units[128].params_bytes and units[512].grads_bytes == units[128].grads_bytes
 
 
 def test_shard_grad_op_keeps_every_layer_gathered_so_it_needs_more_than_full_shard():
@@ -113,7 +113,7 @@ def test_plan_host_ram_counts_what_the_setup_offloads():
 
 def test_lora_synchronises_a_thousandth_of_full_fine_tuning_under_ddp_but_fsdp_still_gathers_the_base():
     spec, gpu = vc.get_model("llama-3.1-8b"), vc.get_gpu("h100-sxm")
-    traffic = {(method, sharding): distributed.communication_per_step(
+    traffic = {(method, sharding): communication_per_step(
         spec, resolve_setup(spec, method=method, num_gpus=8, sharding=sharding), gpu)
         for method in ("full", "lora") for sharding in ("ddp", "fsdp")}
     assert traffic["lora", "ddp"].total_bytes < traffic["full", "ddp"].total_bytes / 1000
@@ -126,10 +126,10 @@ def test_lora_synchronises_a_thousandth_of_full_fine_tuning_under_ddp_but_fsdp_s
 def test_a_job_over_nodes_runs_at_the_network_and_a_gpu_without_one_asks_for_it():
     spec = vc.get_model("llama-3.1-8b")
     resolved = resolve_setup(spec, num_gpus=64, sharding="fsdp")
-    assert distributed.communication_per_step(spec, resolved, vc.get_gpu("h100-sxm")).link == "infiniband"
+    assert communication_per_step(spec, resolved, vc.get_gpu("h100-sxm")).link == "infiniband"
     with pytest.raises(VramcalcError, match="network"):
-        distributed.communication_per_step(spec, resolved, vc.get_gpu("rtx-4090"))
-    assert distributed.communication_per_step(spec, resolved, vc.get_gpu("rtx-4090"), network_gb_s=12.5).seconds > 0
+        communication_per_step(spec, resolved, vc.get_gpu("rtx-4090"))
+    assert communication_per_step(spec, resolved, vc.get_gpu("rtx-4090"), network_gb_s=12.5).seconds > 0
 
 
 def test_estimate_reports_traffic_and_host_ram_in_its_details():
@@ -231,7 +231,7 @@ def test_fsdp_gathered_units_are_weights_and_reduce_scatter_buffers_are_gradient
     traced = run_trace(spec, resolved, progress=False)
     # the peak is in the loss: the sharded weights plus the gathered tail and its all-gather buffer
     tail = states.gathering.tail
-    assert traced.terms[Term.WEIGHTS] == pytest.approx(states.weights + tail.params + tail.buffer, rel=0.01)
+    assert traced.terms[Term.WEIGHTS] == pytest.approx(states.weights + tail.params_bytes + tail.buffer_bytes, rel=0.01)
 
 
 @needs_torch

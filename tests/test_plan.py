@@ -1,4 +1,5 @@
-"""Claims about plan, max_batch_size, sweep and the procurement CSV (vramcalc/plan.py, the plan and max-batch verbs)."""
+"""Claims about plan, max_batch_size, sweep and the procurement CSV (vramcalc/planning/; the plan and max-batch
+verbs of vramcalc/cli.py)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vramcalc as vc
-from vramcalc.catalogue import get_model, gpus
-from vramcalc.cli import main
+from vramcalc.catalogue import data_dir, get_model, gpus
 from vramcalc.errors import VramcalcError
 from vramcalc.planning import (
     PLAN_COLUMNS,
     catalogue_stamp,
-    device_bytes,
     frame_csv,
     gpu_counts,
     host_ram,
@@ -35,6 +34,8 @@ from vramcalc.planning import (
 from vramcalc.training_setup import resolve_setup
 from vramcalc.units import BYTES_PER_GIB
 
+from .cli_helpers import run_cli
+
 UNIT_SUFFIXES = ("_gib", "_usd", "_hours", "_kwh", "_bytes", "_per_s", "_per_token", "_usd_per_kwh",
                  "_per_gpu_hour", "_per_hour", "_per_million_tokens", "_years")
 UNITLESS = {"rank", "seq_len", "num_gpus", "micro_batch", "train_tokens", "epochs", "mfu"}  # counts and a fraction
@@ -45,10 +46,10 @@ def lora_plan():
     return plan("llama-3.1-8b", tokens=1e8, method="lora")
 
 
-def run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
+def catalogue_csv_row(name: str) -> dict:
+    """A GPU's row of data/gpus.csv as text, read with the csv module (not through the catalogue loader)."""
+    with open(data_dir() / "gpus.csv", newline="", encoding="utf-8") as f:
+        return next(row for row in csv.DictReader(f) if row["name"] == name)
 
 
 # -- the plan -----------------------------------------------------------------------------------------------------
@@ -78,6 +79,28 @@ def test_smallest_gpu_count_is_minimal_and_shards_with_fsdp_above_one():
     smaller = [n for n in gpu_counts(512) if n < count][-1]
     sharding = "fsdp" if smaller > 1 else "none"
     assert not vc.estimate("llama-3.1-8b", method="full", gpu="rtx-4090", num_gpus=smaller, sharding=sharding).fits()
+
+
+def test_a_moe_model_that_fits_few_gpus_but_not_many_is_found_on_the_few():
+    # FSDP2 pads Mixtral's 8 stacked experts to one per rank above 8 ranks: memory per GPU rises again with the count,
+    # so a search that bisects the counts would miss 2 GPUs (it said "does not fit on 512 x h100-sxm")
+    fits = {n: vc.estimate("mixtral-8x7b", method="lora", gpu="h100-sxm", num_gpus=n,
+                           sharding="fsdp" if n > 1 else "none").fits() for n in (1, 2, 512)}
+    assert fits == {1: False, 2: True, 512: False}
+    count, breakdown = smallest_gpu_count("mixtral-8x7b", "h100-sxm", method="lora")
+    assert count == 2 and breakdown.fits()
+    row = plan("mixtral-8x7b", tokens=1e8, method="lora", gpus=["h100-sxm"], hosted=False).iloc[0]
+    assert bool(row["fits"]) and row["num_gpus"] == 2
+
+
+@pytest.mark.parametrize("model, method", [("mixtral-8x7b", "lora"), ("qwen3-30b-a3b", "full"), ("llama-3.1-8b", "full")])
+def test_the_smallest_count_is_the_first_count_that_fits_scanning_one_by_one(model, method):
+    counts = [1, 2, 4, *range(8, 129, 8)]
+    for gpu in gpus():
+        scanned = next((n for n in counts if vc.estimate(model, method=method, gpu=gpu, num_gpus=n,
+                                                         sharding="fsdp" if n > 1 else "none").fits()), None)
+        found = smallest_gpu_count(model, gpu, max_gpus=128, method=method)
+        assert (found[0] if found else None) == scanned, gpu.name
 
 
 def test_given_sharding_is_used_above_one_gpu():
@@ -115,12 +138,14 @@ def test_a_gpu_without_a_price_shows_no_cost_never_zero(lora_plan):
     assert bool(row["fits"]) and pandas.isna(row["rent_usd"]) and pandas.isna(row["cost_usd"])
     assert "no cloud price" in row["note"]
     cells = next(r for r in csv.DictReader(io.StringIO(frame_csv(lora_plan))) if r["gpu"] == "rtx-3090")
-    assert cells["rent_usd"] == "" and cells["cost_usd"] == "" and cells["buy_usd"] == "2998"
+    list_price_usd = float(catalogue_csv_row("rtx-3090")["list_price_usd"])  # one card, from the CSV row
+    assert cells["rent_usd"] == "" and cells["cost_usd"] == ""
+    assert float(cells["buy_usd"]) == list_price_usd * int(cells["num_gpus"])
 
 
 def test_a_gpu_lacking_the_dtype_gets_no_time_rather_than_a_wrong_one():
     # checkpointing: without it the unsharded activations and FSDP's gathered lm_head outgrow a 16 GB T4
-    frame = plan("llama-3.1-8b", tokens=1e8, method="lora", grad_ckpt=True, gpus_to_try=["t4"], hosted=False)
+    frame = plan("llama-3.1-8b", tokens=1e8, method="lora", grad_ckpt=True, gpus=["t4"], hosted=False)
     row = frame[frame["gpu"] == "t4"].iloc[0]
     assert bool(row["fits"]) and pandas.isna(row["train_hours"]) and "no bf16 matmuls" in row["note"]
 
@@ -143,15 +168,15 @@ def test_hosted_services_sit_beside_the_gpus_for_the_same_tokens(lora_plan):
 
 
 def test_a_pinned_batch_size_and_gpu_count_are_kept():
-    frame = plan("llama-3.1-8b", tokens=1e8, method="lora", batch_size=2, num_gpus=4, gpus_to_try=["h100-sxm"],
+    frame = plan("llama-3.1-8b", tokens=1e8, method="lora", batch_size=2, num_gpus=4, gpus=["h100-sxm"],
                  hosted=False)
     row = frame.iloc[0]
     assert (row["micro_batch"], row["num_gpus"], row["sharding"]) == (2, 4, "fsdp")
 
 
 def test_more_epochs_take_proportionally_longer():
-    one = plan("llama-3.1-8b", tokens=1e8, method="lora", gpus_to_try=["h100-sxm"], hosted=False).iloc[0]
-    three = plan("llama-3.1-8b", tokens=1e8, epochs=3, method="lora", gpus_to_try=["h100-sxm"], hosted=False).iloc[0]
+    one = plan("llama-3.1-8b", tokens=1e8, method="lora", gpus=["h100-sxm"], hosted=False).iloc[0]
+    three = plan("llama-3.1-8b", tokens=1e8, epochs=3, method="lora", gpus=["h100-sxm"], hosted=False).iloc[0]
     assert three["train_hours"] == pytest.approx(3 * one["train_hours"])
     assert three["rent_usd"] == pytest.approx(3 * one["rent_usd"])
 
@@ -178,18 +203,32 @@ def test_paged_optimizer_states_need_host_ram():
 
 def test_optimizer_offload_moves_the_states_from_the_gpu_to_the_host():
     spec = get_model("llama-3.1-8b")
-    breakdown = vc.estimate(spec, gpu="h100-sxm")
-    states = breakdown.terms()["optimizer_states"]
-    assert device_bytes(breakdown, offload_optimizer=True) < breakdown.total_bytes - states * 0.99
-    host = host_ram(spec, resolve_setup(spec), breakdown, offload_optimizer=True)
-    assert host.offload_bytes == pytest.approx(16 * spec.params * 1.5, rel=1e-9)
-    frame = plan(spec, tokens=1e8, gpus_to_try=["h100-sxm"], offload_optimizer=True, hosted=False)
-    assert frame.iloc[0]["optimizer_states_gib"] == 0 and frame.iloc[0]["host_offload_gib"] > 0
+    frame = plan(spec, tokens=1e8, gpus=["h100-sxm"], offload="optimizer", hosted=False)
+    row = frame.iloc[0]
+    # FSDP offloads parameters with the optimizer; an optimizer-only offload runs on DeepSpeed ZeRO-3
+    assert bool(row["fits"]) and row["sharding"] == "zero3"
+    count, batch = int(row["num_gpus"]), int(row["micro_batch"])
+    on_gpu = vc.estimate(spec, gpu="h100-sxm", num_gpus=count, sharding="zero3", batch_size=batch)
+    offloaded = vc.estimate(spec, gpu="h100-sxm", num_gpus=count, sharding="zero3", batch_size=batch,
+                            offload="optimizer")
+    assert row["device_gib"] == pytest.approx(offloaded.total_bytes / BYTES_PER_GIB)
+    assert offloaded.total_bytes < on_gpu.total_bytes - on_gpu.terms()["optimizer_states"] * 0.99
+    # DeepSpeed's host rule (estimate_zero3_model_states_mem_needs): 16 B per trainable parameter x 1.5 per node
+    nodes = -(-count // 8)
+    assert row["host_offload_gib"] * BYTES_PER_GIB == pytest.approx(16 * spec.params * 1.5 / nodes, rel=1e-9)
+
+
+def test_cli_plan_offloads_through_the_setups_offload_option(capsys):
+    code, out, err = run_cli(capsys, "plan", "llama-3.1-8b", "--tokens", "1e8", "--gpus", "h100-sxm",
+                             "--offload", "optimizer", "--no-hosted", "--format", "json")
+    assert code == 0, err
+    row = json.loads(out)["rows"][0]
+    assert row["sharding"] == "zero3" and row["host_offload_gib"] > 0
 
 
 def test_paged_optimizers_cannot_also_be_offloaded():
     with pytest.raises(VramcalcError, match="cannot be offloaded"):
-        plan("llama-3.1-8b", tokens=1e8, optimizer="paged-adamw-8bit", offload_optimizer=True)
+        plan("llama-3.1-8b", tokens=1e8, optimizer="paged-adamw-8bit", offload="optimizer")
 
 
 # -- bad input ----------------------------------------------------------------------------------------------------
@@ -220,7 +259,7 @@ def test_bad_plan_input_is_a_one_line_error(kwargs, message):
     ["max-batch", "llama-3.1-8b"],
 ])
 def test_cli_bad_input_exits_2_with_one_error_line(argv, capsys):
-    code, out, err = run(argv, capsys)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1
 
@@ -252,7 +291,7 @@ def test_formula_like_model_names_from_a_users_config_are_escaped(name, tmp_path
         "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 1000,
     }))
     out_csv = tmp_path / "plan.csv"
-    code, out, err = run(["plan", str(folder), "--tokens", "1e6", "--output", str(out_csv)], capsys)
+    code, out, err = run_cli(capsys, "plan", str(folder), "--tokens", "1e6", "--output", str(out_csv))
     assert code == 0, err
     for row in csv.DictReader(out_csv.open()):
         assert row["model"] == "'" + name
@@ -269,21 +308,33 @@ def _is_number(text: str) -> bool:
 
 
 def test_cli_plan_prints_the_summary_and_writes_the_csv(tmp_path, capsys):
+    # The count, derived apart from the plan's bisection: a GPU type fits when any count it tries (1, 2, 4, then
+    # nodes of 8 up to 512; FSDP above one) fits, scanned one by one; the types are the rows of data/gpus.csv.
+    # (Memory per GPU is not monotone in the count for MoE models: FSDP pads 128 experts over 512 ranks.)
+    with open(data_dir() / "gpus.csv", newline="", encoding="utf-8") as f:
+        names = [row["name"] for row in csv.DictReader(f)]
+    counts = [1, 2, 4, *range(8, 513, 8)]
+    fitting = [name for name in names
+               if any(vc.estimate("qwen3-30b-a3b", method="lora", gpu=name, num_gpus=n,
+                                  sharding="fsdp" if n > 1 else "none").fits() for n in counts)]
+    assert 0 < len(fitting) < len(names)  # both sides of the claim are exercised
     path = tmp_path / "plan.csv"
-    code, out, err = run(["plan", "qwen3-30b-a3b", "--method", "lora", "--tokens", "5e8", "--output", str(path)],
-                         capsys)
-    assert code == 0 and out.splitlines()[0].startswith("15 of 16 GPU types fit qwen3-30b-a3b")
-    assert "never 0" in out and f"wrote {path}" in out
-    assert len(pandas.read_csv(path)) >= 16
+    code, out, err = run_cli(capsys, "plan", "qwen3-30b-a3b", "--method", "lora", "--tokens", "5e8",
+                             "--output", str(path))
+    assert code == 0
+    assert out.splitlines()[0].startswith(f"{len(fitting)} of {len(names)} GPU types fit qwen3-30b-a3b")
+    assert "never 0" in out and f"wrote {path}" in err and "wrote" not in out
+    assert len(pandas.read_csv(path)) >= len(names)
 
 
 def test_cli_plan_json_has_the_summary_and_null_for_missing_values(capsys):
-    code, out, _ = run(["plan", "llama-3.1-8b", "--method", "qlora", "--tokens", "1e7", "--gpus", "rtx-3090,h100-sxm",
-                        "--format", "json"], capsys)
+    code, out, _ = run_cli(capsys, "plan", "llama-3.1-8b", "--method", "qlora", "--tokens", "1e7",
+                           "--gpus", "rtx-3090,h100-sxm", "--format", "json")
     data = json.loads(out)
     assert code == 0 and data["summary"] and data["catalogue_date"]
     row = next(r for r in data["rows"] if r["gpu"] == "rtx-3090")
-    assert row["rent_usd"] is None and row["buy_usd"] == 1499
+    list_price_usd = float(catalogue_csv_row("rtx-3090")["list_price_usd"])
+    assert row["rent_usd"] is None and row["buy_usd"] == list_price_usd * row["num_gpus"]
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -291,7 +342,7 @@ def test_cli_plan_json_has_the_summary_and_null_for_missing_values(capsys):
     (["max-batch", "llama-3.3-70b", "--gpu", "rtx-4090"], "does not fit on one rtx-4090 even at micro-batch 1"),
 ])
 def test_cli_max_batch_answers_in_one_line(argv, expected, capsys):
-    code, out, _ = run(argv, capsys)
+    code, out, _ = run_cli(capsys, *argv)
     assert code == 0 and expected in out and out.count("\n") == 1
 
 
@@ -320,21 +371,56 @@ def test_sweep_evaluates_over_100k_setups_vectorised():
     assert frame["fits"].any() and not frame["fits"].all()
 
 
-@given(model=st.sampled_from(["llama-3.1-8b", "qwen3-30b-a3b", "gemma-2-9b", "phi-4", "deepseek-r1"]),
-       method=st.sampled_from(["full", "lora", "qlora", "prompt"]),
+SWEEP_MODELS = ["phi-3-mini", "gemma-2-2b", "gemma-2-9b", "mistral-7b", "llama-3.1-8b", "qwen3-30b-a3b", "phi-4",
+                "deepseek-r1", "smollm2-135m"]  # phi-3 and gemma-2 attend through a sliding window
+# around the windows (phi-3-mini 2047, gemma-2 4096): a group's rows fall on both sides of them
+SEQ_LENS = st.one_of(st.sampled_from([1000, 2046, 2047, 2048, 4095, 4096, 4097, 8192]), st.integers(1, 8192))
+SWEEP_COLUMNS = ("peak_tensor_bytes", "runtime_overhead_bytes", "allocator_slack_bytes", "total_bytes")
+
+
+def _distinct(strategy, most: int):
+    return st.lists(strategy, min_size=1, max_size=most, unique=True)
+
+
+@given(models=_distinct(st.sampled_from(SWEEP_MODELS), 3),
+       methods=_distinct(st.sampled_from(["full", "lora", "qlora", "prompt"]), 2),
        optimizer=st.sampled_from(["adamw", "adamw-foreach", "adamw-8bit", "paged-adamw-8bit", "adafactor"]),
-       grad_ckpt=st.booleans(), attn=st.sampled_from(["sdpa", "flash", "eager"]),
-       batch_size=st.integers(1, 16), seq_len=st.integers(1, 8192),
-       gpu=st.sampled_from(["h100-sxm", "rtx-4090", "mi300x", "v100-32gb"]), num_gpus=st.sampled_from([1, 4]))
-@settings(max_examples=60, deadline=None)
-def test_sweep_agrees_with_estimate_for_any_setup(model, method, optimizer, grad_ckpt, attn, batch_size, seq_len, gpu,
-                                                  num_gpus):
-    options = dict(method=method, optimizer=optimizer, grad_ckpt=grad_ckpt, attn=attn, num_gpus=num_gpus,
-                   sharding="fsdp" if num_gpus > 1 else "none")
-    row = sweep([dict(model=model, gpu=gpu, batch_size=batch_size, seq_len=seq_len, **options)]).iloc[0]
-    b = vc.estimate(model, gpu=gpu, batch_size=batch_size, seq_len=seq_len, **options)
-    assert (row["peak_tensor_bytes"], row["total_bytes"], row["phase"], bool(row["fits"])) == \
-        (b.peak_tensor_bytes, b.total_bytes, b.phase.value, b.fits())
+       grad_ckpt=_distinct(st.booleans(), 2), attn=st.sampled_from(["sdpa", "flash", "eager"]),
+       batch_sizes=_distinct(st.integers(1, 16), 3), seq_lens=_distinct(SEQ_LENS, 3),
+       gpus=_distinct(st.sampled_from(["h100-sxm", "rtx-4090", "mi300x", "v100-32gb"]), 2),
+       parallel=st.sampled_from([(1, "none"), (4, "fsdp"), (4, "zero2")]))
+@settings(max_examples=40, deadline=None)
+def test_sweep_agrees_with_estimate_on_every_row_of_a_grid(models, methods, optimizer, grad_ckpt, attn, batch_sizes,
+                                                           seq_lens, gpus, parallel):
+    num_gpus, sharding = parallel
+    grid = {"model": models, "method": methods, "optimizer": [optimizer], "grad_ckpt": grad_ckpt, "attn": [attn],
+            "batch_size": batch_sizes, "seq_len": seq_lens, "gpu": gpus, "num_gpus": [num_gpus],
+            "sharding": [sharding]}
+    frame = sweep(grid)
+    assert len(frame) == numpy.prod([len(values) for values in grid.values()])
+    for row in frame.itertuples(index=False):
+        options = dict(method=row.method, optimizer=row.optimizer, grad_ckpt=row.grad_ckpt, attn=row.attn,
+                       num_gpus=row.num_gpus, sharding=row.sharding)
+        try:
+            b = vc.estimate(row.model, gpu=row.gpu, batch_size=row.batch_size, seq_len=row.seq_len, **options)
+        except VramcalcError as err:
+            assert row.error == str(err)
+            continue
+        terms = b.terms()
+        expected = (b.peak_tensor_bytes, terms["runtime_overhead"], terms["allocator_slack"], b.total_bytes)
+        assert tuple(getattr(row, column) for column in SWEEP_COLUMNS) == expected, row
+        assert (row.phase, bool(row.fits), row.error) == (b.phase.value, b.fits(), None), row
+
+
+def test_sweep_resolves_the_sliding_window_of_each_row_not_of_its_group():
+    # issue 9, item 3: phi-3-mini (window 2047) at 1024 and 4096 in one group; estimate() gives 48,430,162,406 B at
+    # 4096 (the scalar path, which the fix leaves unchanged), the sweep gave 48,148,305,177 B before the fix
+    frame = sweep({"model": ["phi-3-mini"], "seq_len": [1024, 4096], "gpu": ["h100-sxm"]})
+    alone = vc.estimate("phi-3-mini", seq_len=4096, gpu="h100-sxm")
+    assert alone.total_bytes == 48_430_162_406
+    assert frame.loc[frame["seq_len"] == 4096, "total_bytes"].item() == alone.total_bytes
+    assert frame.loc[frame["seq_len"] == 1024, "total_bytes"].item() == \
+        vc.estimate("phi-3-mini", seq_len=1024, gpu="h100-sxm").total_bytes
 
 
 def test_sweep_reports_a_bad_setup_on_its_row_and_evaluates_the_rest():

@@ -130,7 +130,7 @@ def test_cli_report_prints_markdown_and_writes_files(tmp_path, capsys):
                  str(tmp_path)])
     out, err = capsys.readouterr()
     assert code == 0 and out.startswith("# vramcalc reference tables")
-    assert f"wrote {tmp_path / 'budgets.csv'}" in out
+    assert f"wrote {tmp_path / 'budgets.csv'}" in err and "wrote" not in out  # Markdown on stdout stays clean
     assert (tmp_path / "report.md").read_text().startswith("# vramcalc reference tables")
 
 

@@ -8,10 +8,10 @@ import pytest
 from vramcalc.estimator import step_moments
 from vramcalc.training_setup import resolve_setup
 
-from .conftest import has_torch
+from .conftest import needs_torch
 from .tiny_models import TINY
 
-pytestmark = [pytest.mark.skipif(not has_torch(), reason="needs the trace extra"), pytest.mark.trace]
+pytestmark = [needs_torch, pytest.mark.trace]
 
 TOLERANCE = 0.03
 

@@ -5,10 +5,10 @@ import pytest
 import vramcalc
 from vramcalc.errors import VramcalcError
 
-from .conftest import has_torch
+from .conftest import needs_torch
 from .tiny_models import TINY
 
-pytestmark = [pytest.mark.skipif(not has_torch(), reason="needs the trace extra"), pytest.mark.trace]
+pytestmark = [needs_torch, pytest.mark.trace]
 
 BAD = [
     dict(model="llama-3.1-8b", batch_size=0),

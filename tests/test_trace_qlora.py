@@ -3,9 +3,9 @@ real ``bnb.nn.Linear4bit`` allocates, on real CPU tensors."""
 
 import pytest
 
-from .conftest import has_torch
+from .conftest import needs_torch
 
-pytestmark = [pytest.mark.skipif(not has_torch(), reason="needs the trace extra"), pytest.mark.trace]
+pytestmark = [needs_torch, pytest.mark.trace]
 
 
 def _live_after_forward_backward(layer, x):

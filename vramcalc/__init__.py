@@ -16,15 +16,15 @@ from .errors import VramcalcError
 from .estimator import estimate
 from .model import ModelSpec
 from .options import Attention, Loss, Method, Optimizer, Phase, Precision, Sharding, Term
-from .planning import max_batch_size, plan, sweep, write_csv
+from .export import write_csv
+from .planning import max_batch_size, plan, sweep
 from .training_setup import TrainingSetup
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "estimate", "trace", "plan", "sweep", "max_batch_size", "write_csv", "MemoryBreakdown", "ModelSpec", "GpuSpec", "TrainingSetup", "VramcalcError",
     "get_model", "get_gpu", "models", "gpus", "Method", "Precision", "Optimizer", "Attention", "Loss", "Sharding",
-    "Term", "Phase",
+    "Term", "Phase", "infer",
 ]
 
 
@@ -36,3 +36,11 @@ def trace(model, **options) -> MemoryBreakdown:
     except ImportError as err:
         raise ImportError(f"vramcalc.trace needs the 'trace' extra ({err.name} is missing): pip install 'vramcalc[trace]'") from None
     return _trace(model, **options)
+
+
+def infer(model, **options) -> MemoryBreakdown:
+    """The memory of serving ``model`` (``serving/estimate.py``): KV cache, engine rules (``engine`` hf, vllm or
+    sglang), throughput and cost; ``trace=True`` traces transformers' ``generate`` (needs the ``trace`` extra)."""
+    from .serving.estimate import infer as _infer
+
+    return _infer(model, **options)

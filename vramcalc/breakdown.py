@@ -11,9 +11,18 @@ from dataclasses import dataclass, field
 
 from .catalogue import GpuSpec, get_gpu
 from .options import Phase, Term
-from .units import BYTES_PER_GIB
+from .units import gib
 
 GIB_NOTE = "GiB = 2^30 bytes"
+_TERMS = tuple(Term)
+
+
+def _term_order(terms_bytes: dict) -> tuple:
+    """The terms of a breakdown, in order: ``Term`` for training; a serving breakdown is keyed by its own str enum
+    (``serving.terms.InferenceTerm``, with ``is_tensor``), whose members are then the terms."""
+    for key in terms_bytes:
+        return _TERMS if key.__class__ is Term else tuple(key.__class__)
+    return _TERMS
 
 
 @dataclass(frozen=True)
@@ -21,34 +30,58 @@ class MemoryBreakdown:
     model: str
     terms_bytes: dict  # Term -> int, every term present
     phase: Phase
-    inputs: dict  # the resolved setup, every default filled in
+    # the resolved setup, every default filled in (``inputs``); a zero-argument function that builds it is taken too,
+    # and called on first access
+    inputs_or_builder: object
     source: str = "estimate"  # estimate | trace | measured
     gpu: GpuSpec | None = None
     warnings: tuple[str, ...] = ()
     details: dict = field(default_factory=dict)  # extra figures (parameter counts, paged optimizer bytes, ...)
 
     def __post_init__(self) -> None:
-        for term in Term:
-            value = self.terms_bytes.get(term)
-            if not isinstance(value, int) or value < 0:
+        terms = self.terms_bytes
+        order = _term_order(terms)
+        object.__setattr__(self, "_term_order", order)
+        for term in order:
+            value = terms.get(term)
+            if value.__class__ is not int and not isinstance(value, int) or value < 0:
                 raise ValueError(f"term {term.value} must be a non-negative integer of bytes, got {value!r}")
+
+    def __eq__(self, other: object) -> bool:
+        """Equal answers: same figures, setup and provenance (``inputs`` compared as built, not as a builder)."""
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._compared() == other._compared()
+
+    def _compared(self) -> tuple:
+        return (self.model, self.terms_bytes, self.phase, self.inputs, self.source, self.gpu, self.warnings,
+                self.details)
+
+    @property
+    def inputs(self) -> dict:
+        """The resolved setup, every default filled in."""
+        value = self.inputs_or_builder
+        if callable(value):
+            value = value()
+            object.__setattr__(self, "inputs_or_builder", value)
+        return value
 
     # -- figures -------------------------------------------------------------------------------------
     def terms(self) -> dict[str, int]:
         """Term name -> bytes, in the canonical order; they sum to ``total_bytes``."""
-        return {term.value: self.terms_bytes[term] for term in Term}
+        return {term.value: self.terms_bytes[term] for term in self._term_order}
 
     @property
     def total_bytes(self) -> int:
-        return sum(self.terms_bytes[term] for term in Term)
+        return sum(self.terms_bytes[term] for term in self._term_order)
 
     @property
     def peak_tensor_bytes(self) -> int:
-        return sum(self.terms_bytes[term] for term in Term if term.is_tensor)
+        return sum(self.terms_bytes[term] for term in self._term_order if term.is_tensor)
 
     @property
     def total_gib(self) -> float:
-        return self.total_bytes / BYTES_PER_GIB
+        return gib(self.total_bytes)
 
     def headroom_bytes(self, gpu: str | GpuSpec | None = None) -> int:
         """Device memory left at the peak (negative: short by that much)."""
@@ -102,7 +135,7 @@ class MemoryBreakdown:
         import pandas as pd
 
         frame = pd.DataFrame(self.rows(), columns=["term", "bytes"])
-        frame["gib"] = frame["bytes"] / BYTES_PER_GIB
+        frame["gib"] = frame["bytes"].map(gib)
         return frame.set_index("term")
 
     def table(self) -> str:
@@ -112,11 +145,11 @@ class MemoryBreakdown:
         for label, value in self.rows():
             if label == "peak_tensor_bytes":
                 lines.append("-" * (width + 12))
-            lines.append(f"{label:<{width}}  {value / BYTES_PER_GIB:>9.2f} GiB")
+            lines.append(f"{label:<{width}}  {gib(value):>9.2f} GiB")
         if self.gpu is not None:
             verdict = "fits" if self.fits() else "does not fit"
             lines.append(
-                f"{self.gpu.name} ({self.gpu.memory_gib:.2f} GiB): {verdict}, headroom {self.headroom_bytes() / BYTES_PER_GIB:.2f} GiB"
+                f"{self.gpu.name} ({self.gpu.memory_gib:.2f} GiB): {verdict}, headroom {gib(self.headroom_bytes()):.2f} GiB"
             )
         lines.append(f"({GIB_NOTE})")
         lines += [f"warning: {text}" for text in self.warnings]
@@ -127,7 +160,7 @@ class MemoryBreakdown:
 
     def _repr_html_(self) -> str:
         cells = "".join(
-            f"<tr><td>{label}</td><td style='text-align:right'>{value / BYTES_PER_GIB:,.2f}</td>"
+            f"<tr><td>{label}</td><td style='text-align:right'>{gib(value):,.2f}</td>"
             f"<td style='text-align:right'>{value:,}</td></tr>"
             for label, value in self.rows()
         )

@@ -2,17 +2,20 @@
 
 In the wheel the CSVs live in ``vramcalc/data/``; in a source checkout, in ``data/`` at the repository root.
 Names are matched case-insensitively; a model can also be named by its Hugging Face repo id, or by a path to a
-``config.json`` (or a folder holding one).
+``config.json`` (or a folder holding one). A GPU can also be named as ``nvidia-smi`` and
+``torch.cuda.get_device_name()`` print it ("NVIDIA H100 80GB HBM3") or by a common spelling ("H100 SXM5"): the
+``aliases`` column of ``data/gpus.csv`` lists them, each with its source in ``data/gpus_sources.md``.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import unknown_name_error
+from .errors import VramcalcError, closest_names, unknown_name_error
 from .model import ModelSpec
 from .units import BYTES_PER_GIB
 
@@ -69,6 +72,7 @@ class GpuSpec:
     pcie_gb_s: float | None = None  # the GPU's PCIe x16 link, per direction
     infiniband_gb_s: float | None = None  # scale-out network per GPU and direction in its reference node (HGX/DGX)
     interconnect_source: str = ""
+    aliases: tuple[str, ...] = ()  # device names (nvidia-smi, torch) and common spellings that mean this GPU
 
     @property
     def memory_gib(self) -> float:
@@ -147,6 +151,7 @@ def _gpu_rows() -> dict[str, GpuSpec]:
             pcie_gb_s=_float(row.get("pcie_gb_s")),
             infiniband_gb_s=_float(row.get("infiniband_gb_s")),
             interconnect_source=row.get("interconnect_source", ""),
+            aliases=tuple(alias.strip() for alias in (row.get("aliases") or "").split(";") if alias.strip()),
         )
         gpus[gpu.name] = gpu
     return gpus
@@ -175,19 +180,81 @@ def get_model(name_or_path: str | ModelSpec) -> ModelSpec:
         if spec.hf_repo.lower() == key.lower():
             return spec
     path = Path(key).expanduser()
-    if path.exists() or key.endswith(".json"):
+    try:
+        exists = path.exists()
+    except OSError:  # a name the file system refuses (ENAMETOOLONG) is not a path
+        exists = False
+    if exists or key.endswith(".json"):
         from .hf_config import load_config  # only when a path is given
 
         return load_config(path)
     raise unknown_name_error("model", key, rows)
 
 
+def gpu_name_key(name: str) -> str:
+    """A GPU name with case and separators dropped: "NVIDIA A100-SXM4-80GB" -> "nvidiaa100sxm480gb".
+
+    Spaces, hyphens, underscores and other punctuation are dropped, so "a100_80gb", "A100-80GB" and "a100 80gb"
+    meet, and so does nvidia-smi's truncated "NVIDIA RTX 6000 Ada Gene..."."""
+    return re.sub(r"[^0-9a-z]+", "", str(name).lower())
+
+
+@functools.cache
+def _gpu_keys() -> dict[str, tuple[str, ...]]:
+    """Normalised name -> the catalogue GPUs it names (name, display name and every alias of each row)."""
+    keys: dict[str, tuple[str, ...]] = {}
+    for gpu in _gpu_rows().values():
+        for word in (gpu.name, gpu.display_name, *gpu.aliases):
+            key = gpu_name_key(word)
+            if key and gpu.name not in keys.get(key, ()):
+                keys[key] = keys.get(key, ()) + (gpu.name,)
+    return keys
+
+
+def gpu_candidates(name: str) -> list[GpuSpec]:
+    """The catalogue GPUs that ``name`` may mean, in file order.
+
+    An exact match of the normalised name (``gpu_name_key``) on a name, display name or alias wins; otherwise every
+    row of which some name contains the typed one ("4090" -> rtx-4090; "A100" -> a100-80gb and a100-40gb)."""
+    rows = _gpu_rows()
+    return [rows[gpu_name] for gpu_name in _candidate_names(gpu_name_key(name))]
+
+
+@functools.lru_cache(maxsize=256)
+def _candidate_names(key: str) -> tuple[str, ...]:
+    if not key:
+        return ()
+    keys = _gpu_keys()
+    names = keys.get(key)
+    if names is None:
+        names = {row for alias, rows in keys.items() if key in alias for row in rows}
+    return tuple(gpu_name for gpu_name in _gpu_rows() if gpu_name in names)
+
+
 def get_gpu(name: str | GpuSpec) -> GpuSpec:
-    """A catalogue GPU by name (case-insensitive; spaces and underscores read as hyphens)."""
+    """A catalogue GPU by name, display name, device name or alias (``gpu_candidates``).
+
+    Unknown names raise a one-line ``VramcalcError`` with the closest catalogue names; a name that fits several rows
+    ("A100") raises one that lists them."""
     if isinstance(name, GpuSpec):
         return name
-    key = str(name).strip().lower().replace(" ", "-").replace("_", "-")
-    rows = _gpu_rows()
-    if key in rows:
-        return rows[key]
-    raise unknown_name_error("GPU", str(name), rows)
+    exact = _gpu_rows().get(name)
+    if exact is not None:
+        return exact
+    found = gpu_candidates(name)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        listed = ", ".join(f"{gpu.name} ({gpu.display_name})" for gpu in found)
+        raise VramcalcError(f"ambiguous GPU {str(name)!r}: it may be {listed}; name one of them")
+    raise _unknown_gpu_error(str(name))
+
+
+def _unknown_gpu_error(word: str) -> VramcalcError:
+    """``unknown GPU 'h1000'; closest: h100-sxm, h100-pcie``, suggestions drawn from names and aliases alike."""
+    keys = _gpu_keys()
+    close_keys = closest_names(gpu_name_key(word), keys)
+    close = list(dict.fromkeys(row for key in close_keys for row in keys[key]))[:3]
+    if not close:
+        return unknown_name_error("GPU", word, _gpu_rows())
+    return VramcalcError(f"unknown GPU {word!r}; closest: {', '.join(close)}")

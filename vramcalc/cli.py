@@ -6,135 +6,188 @@ Exit codes: 0 success; 2 bad input (one ``error: ...`` line on stderr, never a t
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
+import os
 import sys
+from dataclasses import fields
 
-from . import catalogue
-from .breakdown import GIB_NOTE, MemoryBreakdown
+from .breakdown import GIB_NOTE
 from .errors import VramcalcError
+from .export import csv_text, format_breakdown, gpus_text, models_text, rows_csv, rows_json, table_text, terminal_text
+from .files import write_atomic
+from .option_help import option_help
+from .training_setup import TrainingSetup, setup_defaults
 from .units import BYTES_PER_GIB
+from .version import __version__
 
 FORMATS = ("table", "json", "csv")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad arguments as one ``error:`` line (no usage dump) with exit code 2."""
+    """argparse that reports bad arguments as one ``error:`` line (no usage dump) with exit code 2. Every flag's
+    help says its default (``_default``: drawn from ``TrainingSetup``, stated there once)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise VramcalcError(message)
 
 
+def _default(key: str) -> str:
+    """' (default: X)' for a TrainingSetup field, from ``training_setup.setup_defaults()``."""
+    value = setup_defaults()[key]
+    if value is None:
+        return " (default: none)"
+    if isinstance(value, bool):
+        return f" (default: {'on' if value else 'off'})"
+    return f" (default: {value})"
+
+
 def _setup_options(parser: argparse.ArgumentParser) -> None:
-    """The TrainingSetup flags shared by estimate, trace and plan. Values are validated by the library."""
-    add = parser.add_argument
-    add("--method", help="full | lora | qlora | prompt")
-    add("--precision", help="fp32 | mixed-bf16 | mixed-fp16 | bf16 | fp16 | fp8")
-    add("--optimizer", help="adamw | adamw-foreach | adamw-8bit | paged-adamw | paged-adamw-8bit | sgd | sgd-momentum | adafactor")
-    add("--batch-size", dest="batch_size", help="micro-batch per GPU")
-    add("--seq-len", dest="seq_len", help="tokens per sequence")
-    add("--grad-ckpt", dest="grad_ckpt", action="store_const", const=True, help="gradient checkpointing on")
-    add("--no-grad-ckpt", dest="grad_ckpt", action="store_const", const=False, help="gradient checkpointing off")
-    add("--attn", help="sdpa | flash | eager")
-    add("--lora-rank", dest="lora_rank")
-    add("--lora-targets", dest="lora_targets", help="qv | all-linear | comma list of module names")
-    add("--lora-dropout", dest="lora_dropout")
-    add("--quant", help="nf4 | fp4 (qlora)")
-    add("--double-quant", dest="double_quant", action="store_const", const=True)
-    add("--no-double-quant", dest="double_quant", action="store_const", const=False)
-    add("--compute-dtype", dest="compute_dtype", help="bf16 | fp16 | fp32 (qlora bnb_4bit_compute_dtype)")
-    add("--virtual-tokens", dest="virtual_tokens", help="prompt tuning tokens")
-    add("--adapter-dtype", dest="adapter_dtype", help="fp32 | bf16")
-    add("--grad-accum", dest="grad_accum", help="gradient accumulation steps")
-    add("--loss", help="hf | chunked | fused")
-    add("--num-gpus", dest="num_gpus")
-    add("--sharding", help="none | ddp | zero1 | zero2 | zero3 | fsdp")
-    add("--fsdp-shard", dest="fsdp_shard", help="full-shard | shard-grad-op (with --sharding fsdp)")
-    add("--offload", help="none | optimizer | params (zero1-3: optimizer; zero3 and fsdp: params)")
-    add("--global-batch-size", dest="global_batch_size", help="sequences per step over all GPUs (sets --batch-size)")
+    """The TrainingSetup flags shared by estimate, trace and plan. Values are validated by the library; each help
+    text ends with the default ``TrainingSetup`` gives it."""
+
+    def add(flag, key=None, **kwargs):
+        key = key or flag[2:].replace("-", "_")
+        parser.add_argument(flag, dest=key, help=option_help(key) + _default(key), **kwargs)
+
+    for field in fields(TrainingSetup):
+        if field.type in ("bool", bool):  # an on/off pair: --grad-ckpt / --no-grad-ckpt
+            flag = "--" + field.name.replace("_", "-")
+            add(flag, field.name, action="store_const", const=True)
+            parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_const", const=False,
+                                help=NEGATED_HELP.get(field.name, f"{field.name.replace('_', ' ')} off"))
+        else:
+            add("--" + field.name.replace("_", "-"), field.name)
 
 
-SETUP_KEYS = (
-    "method", "precision", "optimizer", "batch_size", "seq_len", "grad_ckpt", "attn", "lora_rank", "lora_targets",
-    "lora_dropout", "quant", "double_quant", "compute_dtype", "virtual_tokens", "adapter_dtype", "grad_accum", "loss",
-    "num_gpus", "sharding", "fsdp_shard", "offload", "global_batch_size",
-)
+NEGATED_HELP = {"grad_ckpt": "gradient checkpointing off",
+                "double_quant": "keep the quantization constants in fp32 (qlora)"}
+
+
+SETUP_KEYS = tuple(field.name for field in fields(TrainingSetup))  # every flag of _setup_options, by its dest
+
+
+MODEL_HELP = "catalogue name, HF repo id, or path to a config.json (or its folder)"
+FORMAT_HELP = "output: table | json | csv (default: table)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vramcalc", description="GPU memory, time and cost of fine-tuning an LLM. " + GIB_NOTE + ".")
-    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    from .cost import DEFAULT_AMORTISATION_YEARS, DEFAULT_USD_PER_KWH
+    from .planning import DEFAULT_MAX_GPUS, MAX_GPUS_LIMIT
+
+    parser = _Parser(prog="vramcalc", description="GPU memory, time and cost of fine-tuning an LLM. " + GIB_NOTE + ".",
+                     epilog=EXTRAS_NOTE)
+    parser.add_argument("--version", action="version", version=f"vramcalc {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="COMMAND")
     for verb, help_text in (("estimate", "analytic estimate (microseconds)"),
                             ("trace", "exact allocation trace of a real HF training step on fake tensors (needs torch)")):
-        sub = verbs.add_parser(verb, help=help_text)
-        sub.add_argument("model", help="catalogue name, HF repo id, or path to a config.json (or its folder)")
+        sub = verbs.add_parser(verb, help=help_text, description=help_text)
+        sub.add_argument("model", help=MODEL_HELP)
         _setup_options(sub)
-        sub.add_argument("--gpu", help="catalogue GPU: say whether it fits and the headroom")
-        sub.add_argument("--format", default="table", help="table | json | csv")
+        sub.add_argument("--gpu", help="catalogue GPU: say whether it fits and the headroom (default: none)")
+        sub.add_argument("--format", default="table", help=FORMAT_HELP)
     for verb in ("models", "gpus"):
-        sub = verbs.add_parser(verb, help=f"list the {verb} catalogue")
-        sub.add_argument("--format", default="table", help="table | json | csv")
-    sub = verbs.add_parser("plan", help="every catalogue GPU: how many, largest micro-batch, host RAM, time and cost")
-    sub.add_argument("model", help="catalogue name, HF repo id, or path to a config.json (or its folder)")
+        sub = verbs.add_parser(verb, help=f"list the {verb} catalogue", description=f"list the {verb} catalogue")
+        sub.add_argument("--format", default="table", help=FORMAT_HELP)
+    max_gpus_help = f"most GPUs to try per type, 1 to {MAX_GPUS_LIMIT:,} (default: {DEFAULT_MAX_GPUS})"
+    text = "every catalogue GPU: how many, largest micro-batch, host RAM, time and cost"
+    sub = verbs.add_parser("plan", help=text, description=text)
+    sub.add_argument("model", help=MODEL_HELP)
     _setup_options(sub)
-    sub.add_argument("--tokens", required=True, help="dataset tokens, e.g. 1e9")
-    sub.add_argument("--epochs", help="passes over the dataset (default 1)")
-    sub.add_argument("--gpus", help="comma list of catalogue GPUs (default: all)")
-    sub.add_argument("--max-gpus", dest="max_gpus", help="most GPUs to try per type (default 512)")
-    sub.add_argument("--rank-by", dest="rank_by", help="cost | time (default cost)")
-    sub.add_argument("--mfu", help="model-FLOPs utilisation to assume (default: per GPU generation)")
-    sub.add_argument("--usd-per-kwh", dest="usd_per_kwh", help="electricity price (default: US commercial average)")
-    sub.add_argument("--amortisation-years", dest="amortisation_years", help="purchase write-off period (default 3)")
-    sub.add_argument("--offload-optimizer", dest="offload_optimizer", action="store_true",
-                     help="optimizer states on the host (ZeRO-Offload)")
-    sub.add_argument("--no-hosted", dest="hosted", action="store_false", help="leave hosted services out")
-    sub.add_argument("--output", help="write the plan as CSV to this file")
-    sub.add_argument("--format", default="table", help="table | json | csv")
-    sub = verbs.add_parser("max-batch", help="the largest micro-batch that fits one GPU")
-    sub.add_argument("model", help="catalogue name, HF repo id, or path to a config.json (or its folder)")
+    sub.add_argument("--tokens", required=True, help="dataset tokens, e.g. 1e9 (required)")
+    sub.add_argument("--epochs", help="passes over the dataset (default: 1)")
+    sub.add_argument("--gpus", help="comma list of catalogue GPUs (default: all of them)")
+    sub.add_argument("--max-gpus", dest="max_gpus", help=max_gpus_help)
+    sub.add_argument("--rank-by", dest="rank_by", help="cost | time (default: cost)")
+    sub.add_argument("--mfu", help="model-FLOPs utilisation to assume, 0 to 1 (default: per GPU generation)")
+    sub.add_argument("--usd-per-kwh", dest="usd_per_kwh",
+                     help=f"electricity price in $/kWh (default: {DEFAULT_USD_PER_KWH}, US commercial average)")
+    sub.add_argument("--amortisation-years", dest="amortisation_years",
+                     help=f"purchase write-off period in years (default: {DEFAULT_AMORTISATION_YEARS:g})")
+    sub.add_argument("--no-hosted", dest="hosted", action="store_false",
+                     help="leave hosted services out (default: include them)")
+    sub.add_argument("--output", help="also write the plan as CSV to this file, atomically (default: none)")
+    sub.add_argument("--format", default="table", help=FORMAT_HELP)
+    text = "the largest micro-batch that fits one GPU"
+    sub = verbs.add_parser("max-batch", help=text, description=text)
+    sub.add_argument("model", help=MODEL_HELP)
     _setup_options(sub)
-    sub.add_argument("--gpu", required=True, help="catalogue GPU")
-    sub.add_argument("--offload-optimizer", dest="offload_optimizer", action="store_true")
-    sub.add_argument("--format", default="table", help="table | json | csv")
-    sub = verbs.add_parser("report", help="reference tables (hardware by size, techniques, budgets) as Markdown and CSV")
-    sub.add_argument("--model", dest="models", action="append", default=[], help="a model to add (repeatable)")
+    sub.add_argument("--gpu", required=True, help="catalogue GPU (required)")
+    sub.add_argument("--format", default="table", help=FORMAT_HELP)
+    text = "reference tables (hardware by size, techniques, budgets) as Markdown and CSV"
+    sub = verbs.add_parser("report", help=text, description=text)
+    sub.add_argument("--model", dest="models", action="append", default=[],
+                     help="a model to add (repeatable; default: the size classes' representatives only)")
     _setup_options(sub)
-    sub.add_argument("--tokens", help="token budget of the cost columns (default 1e9)")
-    sub.add_argument("--epochs", help="passes over the dataset (default 1)")
-    sub.add_argument("--budget", dest="budgets", action="append", help="a budget in $ (repeatable; default bands)")
-    sub.add_argument("--speed-gpu", dest="speed_gpu", help="GPU of the techniques table's speed column")
-    sub.add_argument("--max-gpus", dest="max_gpus", help="most GPUs to try per type (default 512)")
-    sub.add_argument("--output", help="folder for report.md and the CSV tables")
+    sub.add_argument("--tokens", help="token budget of the cost columns (default: 1e9)")
+    sub.add_argument("--epochs", help="passes over the dataset (default: 1)")
+    sub.add_argument("--budget", dest="budgets", action="append",
+                     help="a budget in $ (repeatable; default: the bands $5k-20k, $50k-200k, $500k+)")
+    sub.add_argument("--speed-gpu", dest="speed_gpu",
+                     help="GPU of the techniques table's speed column (default: h100-sxm)")
+    sub.add_argument("--max-gpus", dest="max_gpus", help=max_gpus_help)
+    sub.add_argument("--output", help="folder for report.md and the CSV tables (default: print only)")
+    _add_serving_verbs(verbs)
+    _add_web_verb(verbs)
     return parser
+
+
+EXTRAS_NOTE = """\
+install extras:
+  estimate, models, gpus, plan, max-batch, report   pip install vramcalc          (standard library only)
+  trace                                             pip install 'vramcalc[trace]'
+  python -m vramcalc.calibrate                      pip install 'vramcalc[calibrate]'
+  vramcalc.plan() / vramcalc.sweep() DataFrames     pip install 'vramcalc[plan]'"""
 
 
 def main(argv: list[str] | None = None) -> int:
     stdout, stderr = sys.stdout, sys.stderr
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if not (sys.argv[1:] if argv is None else argv):
+            usage = " ".join(parser.format_usage().split())
+            raise VramcalcError(f"no command given; {usage} (vramcalc --help for more)")
+        args = parser.parse_args(argv)
         fmt = getattr(args, "format", "table")
         if fmt not in FORMATS:
             raise VramcalcError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
         if args.verb in ("estimate", "trace"):
             stdout.write(_run_breakdown(args))
         elif args.verb == "models":
-            stdout.write(_models(fmt))
+            stdout.write(models_text(fmt))
         elif args.verb == "gpus":
-            stdout.write(_gpus(fmt))
+            stdout.write(gpus_text(fmt))
         elif args.verb == "plan":
-            from .planning import plan_command
-
             stdout.write(plan_command(args, fmt))
         elif args.verb == "max-batch":
-            from .planning import max_batch_command
-
             stdout.write(max_batch_command(args, fmt))
         elif args.verb == "report":
-            from .report import report_command
-
             stdout.write(report_command(args))
+        elif args.verb == "infer":
+            stdout.write(infer_command(args, fmt))
+        elif args.verb == "max-context":
+            stdout.write(max_context_command(args, fmt))
+        elif args.verb == "serve-plan":
+            stdout.write(serve_plan_command(args, fmt))
+        elif args.verb == "web":
+            web_command(args)
+        stdout.flush()
         return 0
+    except BrokenPipeError:  # the reader went away (vramcalc models | head): nothing left to say
+        _silence(stdout)
+        return 0
+    except OSError as err:  # stdout itself cannot be written (vramcalc models > /dev/full)
+        if err.filename is not None:  # a file the command had to read (writes go through files.write_atomic)
+            name = terminal_text(err.filename)
+            name = name if len(name) <= 100 else name[:100] + "..."
+            stderr.write(f"error: cannot read {name!r}: {err.strerror or err}\n")
+            return 2
+        _silence(stdout)
+        stderr.write(f"error: cannot write the output: {err.strerror or err}\n")
+        return 2
     except VramcalcError as err:
         stderr.write(f"error: {err}\n")
         return 2
@@ -144,115 +197,255 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         stderr.write("error: interrupted\n")
         return 130
+    except SystemExit as done:  # --help and --version: argparse printed them and exits 0
+        return done.code if isinstance(done.code, int) else 0
+
+
+def _silence(stream) -> None:
+    """Point ``stream``'s descriptor at /dev/null, so that the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture buffer)
+        pass
 
 
 def setup_kwargs(args: argparse.Namespace) -> dict:
     return {key: getattr(args, key) for key in SETUP_KEYS if getattr(args, key, None) is not None}
 
 
+def _warn(warnings) -> None:
+    for warning in warnings:
+        sys.stderr.write(f"warning: {terminal_text(warning)}\n")
+
+
+def _check_model(model: str) -> str:
+    """An empty MODEL is an error, not the current folder."""
+    if not model.strip():
+        raise VramcalcError("empty model name: give a catalogue name, a HF repo id or a path to a config.json")
+    return model
+
+
 def _run_breakdown(args: argparse.Namespace) -> str:
     from . import estimate, trace
 
+    _check_model(args.model)
     function = estimate if args.verb == "estimate" else trace
     result = function(args.model, gpu=args.gpu, **setup_kwargs(args))
-    for warning in result.warnings:
-        sys.stderr.write(f"warning: {warning}\n")
+    _warn(result.warnings)
     return format_breakdown(result, args.format)
 
 
-def format_breakdown(result: MemoryBreakdown, fmt: str) -> str:
+def _given(args: argparse.Namespace, *names) -> dict:
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def plan_command(args: argparse.Namespace, fmt: str) -> str:
+    """``vramcalc plan``: the plan as a table (with its one-line summary), JSON or CSV; ``--output`` writes the CSV
+    atomically and says so on stderr. Plain rows (``planning.plan_rows``): no pandas needed."""
+    from .planning import PLAN_COLUMNS, plan_rows, plan_table
+
+    kwargs = _given(args, "epochs", "max_gpus", "rank_by", "mfu", "usd_per_kwh", "amortisation_years")
+    if args.gpus is not None:
+        kwargs["gpus"] = args.gpus.split(",")  # a blank name (--gpus ",,") is an error, never "all GPUs"
+    result = plan_rows(_check_model(args.model), tokens=args.tokens, hosted=args.hosted, **kwargs, **setup_kwargs(args))
+    _warn(result.warnings)
+    columns = list(PLAN_COLUMNS)
+    if args.output:
+        write_atomic(args.output, rows_csv(result.rows, columns))
+        sys.stderr.write(f"wrote {terminal_text(args.output)} ({len(result.rows)} rows)\n")
     if fmt == "json":
-        return json.dumps(result.to_dict(), indent=2) + "\n"
+        return json.dumps({"summary": result.summary, "catalogue_version": result.catalogue_version,
+                           "catalogue_date": result.catalogue_date, "rows": rows_json(result.rows, columns)},
+                          indent=2) + "\n"
     if fmt == "csv":
-        row = breakdown_row(result)
-        return _csv([row], list(row))
-    return result.table() + "\n"
-
-
-def breakdown_row(result: MemoryBreakdown) -> dict:
-    """One flat, unit-suffixed row: the setup, each term in bytes, and the totals in bytes and GiB."""
-    row = {"model": result.model, "source": result.source, "phase": result.phase.value}
-    row.update({key: value for key, value in result.inputs.items() if key not in ("model", "defaults")})
-    row.update({f"{term}_bytes": value for term, value in result.terms().items()})
-    row["peak_tensor_bytes"] = result.peak_tensor_bytes
-    row["total_bytes"] = result.total_bytes
-    row["total_gib"] = round(result.total_bytes / BYTES_PER_GIB, 2)
-    if result.gpu is not None:
-        row["gpu"] = result.gpu.name
-        row["fits"] = result.fits()
-        row["headroom_gib"] = round(result.headroom_bytes() / BYTES_PER_GIB, 2)
-    return row
-
-
-def _csv(rows: list[dict], header: list[str]) -> str:
-    from .spreadsheet import safe_cell
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    for row in rows:
-        writer.writerow([safe_cell(row.get(key, "")) for key in header])
-    return buffer.getvalue()
-
-
-def _table(rows: list[dict], header: list[str]) -> str:
-    cells = [[str(row.get(key, "")) for key in header] for row in rows]
-    widths = [max(len(key), *(len(c[i]) for c in cells)) if cells else len(key) for i, key in enumerate(header)]
-    lines = ["  ".join(key.ljust(w) for key, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+        return "" if args.output else rows_csv(result.rows, columns)
+    lines = [terminal_text(result.summary), "", plan_table(result.rows), "",
+             f"(GiB = 2^30 bytes; $ from catalogue {result.catalogue_version}, prices up to {result.catalogue_date}; "
+             "'-' = none, never 0)"]
     return "\n".join(lines) + "\n"
 
 
-def _render(rows: list[dict], fmt: str, note: str = "") -> str:
-    header = list(rows[0]) if rows else []
+def max_batch_command(args: argparse.Namespace, fmt: str) -> str:
+    """``vramcalc max-batch``: the largest micro-batch on one GPU (a scalar search, standard library only), or that
+    not even one sequence fits (JSON ``max_batch_size`` null, never 0)."""
+    from . import catalogue, estimate
+    from .planning import MAX_MICRO_BATCH, max_batch_size
+
+    options = setup_kwargs(args)
+    if "batch_size" in options:
+        raise VramcalcError("max-batch searches the batch size: leave --batch-size out")
+    spec, device = catalogue.get_model(_check_model(args.model)), catalogue.get_gpu(args.gpu)
+    batch = max_batch_size(spec, device, **options)
+    at = estimate(spec, gpu=device, batch_size=max(batch, 1), **options)
+    _warn(at.warnings)
+    used = at.total_bytes
+    at_limit = batch >= MAX_MICRO_BATCH
+    row = {"model": spec.name, "gpu": device.name, "seq_len": at.inputs["seq_len"],
+           "max_batch_size": batch or None, "search_limit_reached": at_limit,
+           "device_bytes": used, "gpu_memory_bytes": device.memory_bytes}
+    if fmt == "json":
+        return json.dumps(row, indent=2) + "\n"
+    if fmt == "csv":
+        return rows_csv([row], list(row))
+    name = terminal_text(spec.name)
+    if batch == 0:
+        return (f"{name} does not fit on one {device.name} even at micro-batch 1: it needs "
+                f"{used / BYTES_PER_GIB:.2f} GiB of {device.memory_gib:.2f} GiB (GiB = 2^30 bytes)\n")
+    largest = f"at least {batch} (search limit)" if at_limit else str(batch)
+    return (f"{name} on {device.name}: largest micro-batch {largest} at seq_len {row['seq_len']}, using "
+            f"{used / BYTES_PER_GIB:.2f} GiB of {device.memory_gib:.2f} GiB (GiB = 2^30 bytes)\n")
+
+
+def report_command(args: argparse.Namespace) -> str:
+    """``vramcalc report``: Markdown on stdout; ``--output DIR`` also writes report.md and the CSV tables."""
+    from .report import budget_bands, report
+
+    kwargs = _given(args, "tokens", "epochs", "speed_gpu", "max_gpus")
+    if args.budgets:
+        kwargs["budgets"] = budget_bands(args.budgets)
+    result = report(args.models, **kwargs, **setup_kwargs(args))
+    if args.output:
+        for path in result.write(args.output):
+            sys.stderr.write(f"wrote {terminal_text(path)}\n")
+    return terminal_text(result.markdown)
+
+
+# -- serving (issue 18): infer, max-context, serve-plan -------------------------------------------------------------
+def _serving_options(sub: argparse.ArgumentParser) -> None:
+    """Flags of ``vramcalc.infer`` shared by infer, max-context and serve-plan (validated by the library)."""
+    sub.add_argument("model", help="catalogue name, HF repo id, or path to a config.json (or its folder)")
+    add = sub.add_argument
+    add("--weights", help="bf16 | fp16 | fp8 | int8 | int4-awq | int4-gptq | nf4 (default bf16)")
+    add("--kv-dtype", dest="kv_dtype", help="auto | fp8 (default auto: the compute dtype)")
+    add("--engine", help="hf | vllm | sglang (default vllm; hf with --trace)")
+    add("--hf-cache", dest="hf_cache", help="dynamic | static (transformers cache class, --engine hf)")
+    add("--tp", help="tensor-parallel GPUs per replica (default 1)")
+    add("--lora-rank", dest="lora_rank", help="serve one LoRA adapter of this rank beside the base model")
+    add("--gpu-memory-utilization", dest="gpu_memory_utilization", help="vLLM budget fraction (default 0.9)")
+    add("--max-num-batched-tokens", dest="max_num_batched_tokens", help="largest prefill chunk (vLLM/SGLang)")
+    add("--mem-fraction-static", dest="mem_fraction_static", help="SGLang static fraction (default by tp)")
+    add("--format", default="table", help="table | json | csv")
+
+
+SERVING_KEYS = ("weights", "kv_dtype", "engine", "hf_cache", "tp", "lora_rank", "gpu_memory_utilization",
+                "max_num_batched_tokens", "mem_fraction_static")
+
+
+def _add_serving_verbs(verbs) -> None:
+    sub = verbs.add_parser("infer", help="serving memory: KV cache, engine rules, largest concurrency, tokens/s")
+    _serving_options(sub)
+    sub.add_argument("--context", required=True, help="tokens per sequence: prompt + generated")
+    sub.add_argument("--concurrency", default="1", help="sequences in flight")
+    sub.add_argument("--batch-size", dest="batch_size", help="sequences per forward (offline batch inference)")
+    sub.add_argument("--prompt-len", dest="prompt_len", help="prompt tokens of the hf prefill (default context - 2)")
+    sub.add_argument("--gpu", help="catalogue GPU: fit, largest concurrency, decode tokens/s and $ per 1M tokens")
+    sub.add_argument("--trace", action="store_true", help="trace transformers' generate on fake tensors (needs torch)")
+    sub = verbs.add_parser("max-context", help="the largest context (prompt + generated) that fits at a concurrency")
+    _serving_options(sub)
+    sub.add_argument("--concurrency", default="1", help="sequences in flight")
+    sub.add_argument("--gpu", required=True, help="catalogue GPU")
+    sub = verbs.add_parser("serve-plan", help="GPUs for a target concurrency and context, with $ per 1M generated tokens")
+    _serving_options(sub)
+    sub.add_argument("--context", required=True, help="tokens per sequence: prompt + generated")
+    sub.add_argument("--concurrency", required=True, help="sequences in flight to serve")
+    sub.add_argument("--gpus", help="comma list of catalogue GPUs (default: all with a bandwidth figure)")
+
+
+def infer_command(args: argparse.Namespace, fmt: str) -> str:
+    """``vramcalc infer``: the breakdown (as ``estimate`` formats it), then the answers a GPU allows."""
+    from . import infer
+
+    options = _given(args, *SERVING_KEYS, "batch_size", "prompt_len")
+    result = infer(args.model, context=args.context, concurrency=args.concurrency, gpu=args.gpu, trace=args.trace,
+                   **options)
+    for warning in result.warnings:
+        sys.stderr.write(f"warning: {warning}\n")
+    if fmt != "table":
+        return format_breakdown(result, fmt)
+    d, inputs = result.details, result.inputs
+    lines = [result.table(), f"engine {inputs['engine']}; KV cache {d['kv_bytes_per_token']:,} bytes per token"]
+    if "gpu_blocks" in d:
+        lines.append(f"vLLM KV pool: {d['gpu_blocks']:,} blocks = {d['kv_pool_tokens']:,} tokens "
+                     f"(vLLM would log 'Maximum concurrency for {inputs['context']:,} tokens per request: "
+                     f"{d['vllm_log_max_concurrency']:.2f}x')")
+    if "max_concurrency" in d:
+        lines.append(f"{'fits' if d['fits'] else 'does not fit'}: {inputs['concurrency']} x {inputs['context']} tokens; "
+                     f"largest concurrency that fits at {inputs['context']} tokens: {d['max_concurrency']}")
+    if "decode_tokens_per_s" in d:
+        lines.append(f"decode: {d['decode_tokens_per_s_per_sequence']:.1f} tokens/s per sequence, "
+                     f"{d['decode_tokens_per_s']:.0f} tokens/s over {inputs['batch_size']} sequences ({d['bound']}-bound, "
+                     f"at the full context); prefill of {inputs['prompt_len']} tokens: {d['prefill_s']:.2f} s")
+        if "decode_tokens_per_s_at_max_concurrency" in d:
+            lines.append(f"at the largest concurrency that fits ({d['max_concurrency']}): "
+                         f"{d['decode_tokens_per_s_at_max_concurrency']:.0f} tokens/s")
+    if "usd_per_million_generated_tokens" in d:
+        lines.append(f"${d['usd_per_million_generated_tokens']:.3f} per million generated tokens at {d['price_basis']}")
+    return "\n".join(lines) + "\n"
+
+
+def max_context_command(args: argparse.Namespace, fmt: str) -> str:
+    """``vramcalc max-context``: the largest context at which ``--concurrency`` sequences fit."""
+    from . import catalogue
+    from .serving import max_context
+
+    spec, device = catalogue.get_model(args.model), catalogue.get_gpu(args.gpu)
+    options = _given(args, *SERVING_KEYS)
+    best = max_context(spec, gpu=device, concurrency=args.concurrency, **options)
+    row = {"model": spec.name, "gpu": device.name, "engine": options.get("engine", "vllm"),
+           "concurrency": int(args.concurrency), "max_context": best}
+    if fmt == "json":
+        return json.dumps(row, indent=2) + "\n"
+    if fmt == "csv":
+        return csv_text([row], list(row))
+    if best == 0:
+        return f"{spec.name} on {device.name}: not even {row['concurrency']} sequence(s) of 2 tokens fit\n"
+    return (f"{spec.name} on {device.name} ({row['engine']}): largest context {best:,} tokens "
+            f"(prompt + generated) at concurrency {row['concurrency']}\n")
+
+
+def serve_plan_command(args: argparse.Namespace, fmt: str) -> str:
+    """``vramcalc serve-plan``: per GPU, the replicas x tensor-parallel GPUs a target needs, and $ per 1M tokens."""
+    from .serving import serve_plan
+
+    options = _given(args, *SERVING_KEYS)
+    options.pop("tp", None)
+    gpus = [name.strip() for name in args.gpus.split(",") if name.strip()] if args.gpus else None
+    plans = serve_plan(args.model, context=int(args.context), concurrency=int(args.concurrency), gpus_to_try=gpus,
+                       **options)
+    rows = [p.to_dict() for p in plans]
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
+    header = ["gpu", "tp", "replicas", "gpus", "max_concurrency_per_replica", "decode_tokens_per_s", "usd_per_hour",
+              "usd_per_million_generated_tokens"]
     if fmt == "csv":
-        return _csv(rows, header)
-    return _table(rows, header) + (f"({note})\n" if note else "")
+        return csv_text(rows, header)
+    if not rows:
+        return f"no catalogue GPU holds {args.model} at tp <= 8\n"
+    note = ("decode tokens/s per replica at a full batch, memory-bound roofline (serving/throughput.py assumptions); "
+            "$ from data/gpus.csv cloud_usd_per_gpu_hour")
+    return table_text(rows, header) + "\n(" + note + ")\n"
 
 
-def model_rows() -> list[dict]:
-    return [
-        {
-            "name": m.name,
-            "family": m.family,
-            "params": m.params,
-            "active_params": m.active_params,
-            "layers": m.num_layers,
-            "hidden_size": m.hidden_size,
-            "vocab_size": m.vocab_size,
-            "context": m.max_position_embeddings or "",
-            "license": m.license,
-        }
-        for m in catalogue.models()
-    ]
+# -- the page (issue 19): vramcalc web -------------------------------------------------------------------------------
+def _add_web_verb(verbs) -> None:
+    text = "a local page and JSON API (/api/estimate, /api/plan) over the estimator, until Ctrl-C"
+    sub = verbs.add_parser("web", help=text, description=text)
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    sub.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    sub.add_argument("--open", dest="open_browser", action="store_true", help="open the page in the default browser")
+    sub.add_argument("--allow-trace", dest="allow_trace", action="store_true",
+                     help="let the page run traces (seconds of CPU each; needs the trace extra) (default: refused)")
 
 
-def gpu_rows() -> list[dict]:
-    return [
-        {
-            "name": g.name,
-            "memory_bytes": g.memory_bytes,
-            "memory_gib": round(g.memory_gib, 2),
-            "bandwidth_gb_s": g.bandwidth_gb_s if g.bandwidth_gb_s is not None else "",
-            "bf16_dense_tflops": g.bf16_dense_tflops if g.bf16_dense_tflops is not None else "",
-            "fp8_dense_tflops": g.fp8_dense_tflops if g.fp8_dense_tflops is not None else "",
-            "tdp_w": g.tdp_w if g.tdp_w is not None else "",
-            "list_price_usd": g.list_price_usd if g.list_price_usd is not None else "",
-            "cloud_usd_per_gpu_hour": g.cloud_usd_per_gpu_hour if g.cloud_usd_per_gpu_hour is not None else "",
-            "cloud_price_date": g.cloud_price_date,
-        }
-        for g in catalogue.gpus()
-    ]
+def web_command(args: argparse.Namespace) -> None:
+    """``vramcalc web``: serve the page until Ctrl-C (the web package is imported here only)."""
+    from .web.server import serve
 
-
-def _models(fmt: str) -> str:
-    return _render(model_rows(), fmt)
-
-
-def _gpus(fmt: str) -> str:
-    return _render(gpu_rows(), fmt, note=GIB_NOTE)
+    if not 0 <= args.port <= 65535:
+        raise VramcalcError(f"port must be 0 to 65535, got {args.port}")
+    serve(args.host, args.port, open_browser=args.open_browser, allow_trace=args.allow_trace)
 
 
 if __name__ == "__main__":

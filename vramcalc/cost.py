@@ -30,9 +30,11 @@ from dataclasses import dataclass
 
 from .catalogue import GpuSpec, data_dir, get_model
 from .errors import VramcalcError, positive_number
+from .facts import GPUS_PER_NODE
 from .model import ModelSpec, ParamKind
-from .options import Attention, Method, Precision
+from .options import Attention, Method, Precision, Sharding
 from .profiles import profile_data
+from .terms.distributed import Communication, communication_bytes_per_step
 from .terms.parameters import stored_tensors
 from .training_setup import ResolvedSetup, resolve_setup
 
@@ -106,7 +108,6 @@ class TrainingTime:
     gpu_hours: float
 
 
-# -- validation ---------------------------------------------------------------------------------------------------
 # -- FLOPs --------------------------------------------------------------------------------------------------------
 def matmul_params(spec: ModelSpec) -> int:
     """N_mm: the parameters one token multiplies by: every active one but the embedding lookup, plus lm_head
@@ -252,6 +253,67 @@ def training_time(flops: TrainingFlops, tokens: float, epochs: float, num_gpus: 
     tokens_per_s = num_gpus / seconds_per_token_per_gpu
     hours = tokens * epochs / tokens_per_s / SECONDS_PER_HOUR
     return TrainingTime(tokens_per_s, hours, hours * num_gpus)
+
+
+# -- communication time --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CommunicationTime:
+    """One rank's traffic per optimizer step (``terms.distributed.Communication``) and its time on the slowest link
+    of the ring."""
+
+    traffic: Communication
+    link: str  # the link that limits the ring: "nvlink", "pcie", "infiniband", or "none" without communication
+    link_gb_s: float | None  # its bandwidth per GPU and direction (GB/s = 1e9 B/s); None without communication
+
+    @property
+    def total_bytes(self) -> int:
+        return self.traffic.total_bytes
+
+    @property
+    def all_reduce_bytes(self) -> int:
+        return self.traffic.all_reduce_bytes
+
+    @property
+    def reduce_scatter_bytes(self) -> int:
+        return self.traffic.reduce_scatter_bytes
+
+    @property
+    def all_gather_bytes(self) -> int:
+        return self.traffic.all_gather_bytes
+
+    @property
+    def seconds(self) -> float:
+        """bytes / (GB/s · 1e9); latency and overlap with compute are ignored: the communication a step must hide."""
+        if self.link_gb_s is None:
+            return 0.0
+        return self.total_bytes / (self.link_gb_s * GB_PER_S)
+
+
+def ring_link(gpu: GpuSpec, n_ranks: int, network_gb_s: float | None = None) -> tuple[str, float]:
+    """The link that limits a ring over ``n_ranks`` GPUs of this model, and its GB/s per GPU and direction: the
+    GPU's NVLink (half its bidirectional figure) inside a node when the catalogue has it, else PCIe, and the per-GPU
+    network (InfiniBand) once the job spans nodes of ``GPUS_PER_NODE``."""
+    if n_ranks > GPUS_PER_NODE:
+        bandwidth = network_gb_s if network_gb_s is not None else gpu.infiniband_gb_s
+        if not bandwidth:
+            raise VramcalcError(f"the catalogue has no per-GPU network bandwidth for {gpu.name}: a job over "
+                                f"{n_ranks} GPUs spans nodes; give the network's GB/s per GPU")
+        return "infiniband", float(bandwidth)
+    if gpu.nvlink_bidir_gb_s:
+        return "nvlink", gpu.nvlink_bidir_gb_s / 2
+    if gpu.pcie_gb_s:
+        return "pcie", float(gpu.pcie_gb_s)
+    raise VramcalcError(f"the catalogue has no interconnect bandwidth for {gpu.name}")
+
+
+def communication_per_step(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec,
+                           network_gb_s: float | None = None) -> CommunicationTime:
+    """The step's traffic (``communication_bytes_per_step``) on the slowest link of the ring over the job's GPUs."""
+    traffic = communication_bytes_per_step(spec, resolved)
+    if resolved.setup.sharding is Sharding.NONE or resolved.setup.num_gpus == 1:
+        return CommunicationTime(traffic, "none", None)
+    link, bandwidth = ring_link(gpu, resolved.setup.num_gpus, network_gb_s)
+    return CommunicationTime(traffic, link, bandwidth)
 
 
 # -- money --------------------------------------------------------------------------------------------------------

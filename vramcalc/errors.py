@@ -33,7 +33,7 @@ def unknown_name_error(kind: str, word: str, names: Iterable[str]) -> VramcalcEr
         hint = "closest: " + ", ".join(close)
     else:
         hint = "known: " + ", ".join(sorted(names))
-    return VramcalcError(f"unknown {kind} {word!r}; {hint}")
+    return VramcalcError(f"unknown {kind} {short_repr(word)}; {hint}")
 
 
 def positive_number(value, what: str) -> float:
@@ -42,19 +42,45 @@ def positive_number(value, what: str) -> float:
     if not isinstance(value, bool):
         try:
             number = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             pass
     if number is None or not math.isfinite(number) or number <= 0:
-        raise VramcalcError(f"{what} must be a positive number, got {value!r}")
+        raise VramcalcError(f"{what} must be a positive number, got {short_repr(value)}")
     return number
 
 
-def positive_int(value, what: str) -> int:
-    """A whole number > 0 (``2048``, ``"2048"``, ``2048.0``), or a one-line VramcalcError naming the value."""
+def positive_int(value, what: str, maximum: int | None = None) -> int:
+    """A whole number > 0 (``2048``, ``"2048"``, ``2048.0``; a float only when its value is integral), at most
+    ``maximum`` when one is given, or a one-line VramcalcError naming the value.
+
+    Python ints are taken as they are (``float(10**400)`` would overflow and ``float(2**53 + 1)`` round); bools,
+    NaN, infinities and text that is not a number are refused."""
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        number = int(value.strip())
+    else:
+        try:
+            real = positive_number(value, what)
+        except (VramcalcError, OverflowError):
+            real = None
+        if real is not None and real == int(real):
+            number = int(real)
+    if number is None or number <= 0:
+        raise VramcalcError(f"{what} must be a positive integer, got {short_repr(value)}")
+    if maximum is not None and number > maximum:
+        raise VramcalcError(f"{what} must be at most {maximum:,}, got {short_repr(value)}")
+    return number
+
+
+def short_repr(value) -> str:
+    """``repr`` of a user value, cut to 60 characters (a 10**400 or a 5000-character name stays one short line;
+    an int past Python's 4300-digit ``repr`` limit is described by its size)."""
+    if isinstance(value, int) and value.bit_length() > 200:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
     try:
-        number = positive_number(value, what)
-    except VramcalcError:
-        number = None
-    if number is None or number != int(number):
-        raise VramcalcError(f"{what} must be a positive integer, got {value!r}")
-    return int(number)
+        text = repr(value)
+    except ValueError:
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."

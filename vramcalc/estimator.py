@@ -14,21 +14,25 @@ states exist at every moment: the peak is taken over the second step, after the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .breakdown import MemoryBreakdown
 from .catalogue import GpuSpec, get_gpu, get_model
 from .errors import VramcalcError
 from .model import ModelSpec
-from .options import Method, Phase, Sharding, Term
+from .options import Phase, Sharding, Term
 from .profiles import runtime_profile
-from .terms import activations, distributed, logits, optimizer, parameters, runtime, temporaries
+from .terms import activations, distributed, float8, logits, optimizer, parameters, runtime, states, temporaries
+from .terms.distributed import GatheredTimeline
 from .training_setup import ResolvedSetup, resolve_setup
-from .units import maximum
+from .units import maximum, select
 
 
-@dataclass(frozen=True)
-class Moment:
+class Moment(NamedTuple):
+    """The bytes of each tensor term at one moment of the step (a named tuple: a few dozen are built per setup)."""
+
     phase: Phase
     weights: int
     gradients: int
@@ -42,24 +46,50 @@ class Moment:
         return self.weights + self.gradients + self.optimizer_states + self.activations + self.logits + self.temporaries
 
 
+_TENSOR_FIELDS = ("weights", "gradients", "optimizer_states", "activations", "logits", "temporaries")
+
+
 def estimate(model, *, gpu: str | GpuSpec | None = None, **options) -> MemoryBreakdown:
     """Peak device memory of one fine-tuning step, by term. Options are the TrainingSetup fields (see DESIGN.md);
     any left out take the defaults of a current transformers + peft + Trainer user (listed in ``inputs``)."""
     spec = get_model(model)
     resolved = resolve_setup(spec, **options)
     device = get_gpu(gpu) if gpu is not None else None
-    moments = step_moments(spec, resolved)
-    peak = max(moments, key=lambda moment: moment.tensor_bytes)
-    terms = {
-        Term.WEIGHTS: peak.weights,
-        Term.GRADIENTS: peak.gradients,
-        Term.OPTIMIZER_STATES: peak.optimizer_states,
-        Term.ACTIVATIONS: peak.activations,
-        Term.LOGITS: peak.logits,
-        Term.TEMPORARIES: peak.temporaries,
-    }
-    paged = optimizer.optimizer_state_bytes(parameters.stored_tensors(spec, resolved), resolved.setup.optimizer).paged_bytes
-    return _finish(spec, resolved, terms, peak.phase, "estimate", device, paged, {})
+    terms, phase, details = _estimate_parts(spec, resolved, device)
+    return MemoryBreakdown(spec.name, dict(terms), phase, functools.partial(_inputs, spec, resolved), "estimate",
+                           device, resolved.warnings, dict(details))
+
+
+@functools.lru_cache(maxsize=4096)
+def _estimate_parts(spec: ModelSpec, resolved: ResolvedSetup, device: GpuSpec | None) -> tuple:
+    """(terms, phase, details) of an estimate, as tuples (each call gets its own dicts)."""
+    peak = _tensor_peak(spec, resolved)
+    out = _finish(spec, resolved, dict(peak.terms), peak.phase, "estimate", device, peak.paged_bytes, None)
+    return tuple(out.terms_bytes.items()), out.phase, tuple(out.details.items())
+
+
+@dataclass(frozen=True)
+class _TensorPeak:
+    """What an estimate's tensor terms depend on: the model and the resolved setup only (cached)."""
+
+    terms: tuple  # (Term, bytes) of the tensor terms at the peak moment
+    phase: Phase
+    paged_bytes: int  # bitsandbytes paged optimizer state (outside torch's allocator)
+    trainable_params: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
+    peak = max(step_moments(spec, resolved), key=lambda moment: moment.tensor_bytes)
+    terms = ((Term.WEIGHTS, peak.weights), (Term.GRADIENTS, peak.gradients),
+             (Term.OPTIMIZER_STATES, peak.optimizer_states), (Term.ACTIVATIONS, peak.activations),
+             (Term.LOGITS, peak.logits), (Term.TEMPORARIES, peak.temporaries))
+    optimizer_name = resolved.setup.optimizer
+    paged = 0
+    if optimizer_name.is_paged:  # only paged optimizers take states out of torch's allocator
+        paged = optimizer.optimizer_state_bytes(parameters.stored_tensors(spec, resolved), optimizer_name).paged_bytes
+    trainable = sum(t.numel * t.count for t in parameters.stored_tensors(spec, resolved) if t.trainable)
+    return _TensorPeak(terms, peak.phase, paged, trainable)
 
 
 def assemble_measured(spec: ModelSpec, resolved: ResolvedSetup, tensor_terms: dict, phase: Phase, *, source: str,
@@ -67,7 +97,7 @@ def assemble_measured(spec: ModelSpec, resolved: ResolvedSetup, tensor_terms: di
     """A breakdown whose tensor terms were traced or measured; runtime terms come from the same model as estimate's."""
     device = get_gpu(gpu) if gpu is not None else None
     terms = {term: int(tensor_terms.get(term, 0)) for term in Term if term.is_tensor}
-    return _finish(spec, resolved, terms, phase, source, device, paged_bytes, details or {})
+    return _finish(spec, resolved, terms, phase, source, device, paged_bytes, details)
 
 
 def peak_tensor_bytes_grid(spec: ModelSpec, resolved: ResolvedSetup, batch_sizes, seq_lens):
@@ -90,158 +120,199 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
     communicating = setup.num_gpus if setup.sharding is not Sharding.NONE else 1  # NCCL only under an engine
     terms[Term.RUNTIME_OVERHEAD] = runtime.runtime_overhead_bytes(profile, device, communicating, paged_bytes)
     terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor)
-    tensors = parameters.stored_tensors(spec, resolved)
-    inputs = {"model": spec.name, **setup.to_dict(), "attn_used": resolved.attn_used.value,
-              "lora_modules": ",".join(resolved.lora_modules), "defaults": list(resolved.defaulted)}
-    details = {
+    out = {
         "params": spec.params,
         "active_params": spec.active_params,
-        "trainable_params": sum(t.numel * t.count for t in tensors if t.trainable),
+        "trainable_params": _tensor_peak(spec, resolved).trainable_params,
         "paged_optimizer_bytes": paged_bytes,
         "runtime_profile": profile.source,
-        **_data_parallel_details(spec, resolved, device),
-        **details,
     }
-    return MemoryBreakdown(spec.name, terms, phase, inputs, source, device, resolved.warnings, details)
+    if setup.sharding is not Sharding.NONE:
+        out.update(_data_parallel_details(spec, resolved, device))
+    if details:
+        out.update(details)
+    inputs = functools.partial(_inputs, spec, resolved)  # built on first access of ``inputs``
+    return MemoryBreakdown(spec.name, terms, phase, inputs, source, device, resolved.warnings, out)
 
 
-def _data_parallel_details(spec: ModelSpec, resolved: ResolvedSetup, device: GpuSpec | None) -> dict:
-    """Host RAM under offload, and the traffic of one step (and its time on the GPU's links when one is named)."""
-    if resolved.setup.sharding is Sharding.NONE:
-        return {}
+@functools.lru_cache(maxsize=4096)
+def _setup_inputs(spec: ModelSpec, resolved: ResolvedSetup) -> tuple:
+    """(name, plain value) of the resolved setup, every default filled in (built on first access of ``inputs``)."""
+    inputs = {"model": spec.name, **resolved.setup.to_dict(), "attn_used": resolved.attn_used.value,
+              "lora_modules": ",".join(resolved.lora_modules)}
+    return tuple(inputs.items())
+
+
+def _inputs(spec: ModelSpec, resolved: ResolvedSetup) -> dict:
+    """The resolved setup, every default filled in, and which options took their default (a new dict each time)."""
+    out = dict(_setup_inputs(spec, resolved))
+    out["defaults"] = list(resolved.defaulted)
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _data_parallel_details_cached(spec: ModelSpec, resolved: ResolvedSetup, device: GpuSpec | None) -> tuple:
+    from .cost import communication_per_step  # cost reads the catalogue's prices: only under data parallelism
+
     out = {"host_offload_bytes_per_node": distributed.host_offload_bytes_per_node(spec, resolved)}
     if device is not None:
         try:
-            traffic = distributed.communication_per_step(spec, resolved, device)
+            traffic = communication_per_step(spec, resolved, device)
         except VramcalcError:  # no bandwidth for this GPU in the catalogue: bytes only
             traffic = None
         if traffic is not None:
             out.update(communication_bytes_per_step=traffic.total_bytes,
                        communication_seconds_per_step=round(traffic.seconds, 6), communication_link=traffic.link)
-    return out
+    return tuple(out.items())
+
+
+def _data_parallel_details(spec: ModelSpec, resolved: ResolvedSetup, device: GpuSpec | None) -> dict:
+    """Host RAM under offload, and the traffic of one step (and its time on the GPU's links when one is named)."""
+    return dict(_data_parallel_details_cached(spec, resolved, device))
 
 
 def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_len=None) -> list[Moment]:
     """Every moment of the step at which the peak can fall (see the module docstring), on one GPU or one rank.
 
     ``batch_size`` and ``seq_len`` override the setup's and may be numpy arrays of one shape: every byte count is
-    then an array over those batch shapes (``sweep`` evaluates many setups at once this way).
+    then an array over those batch shapes (``sweep`` evaluates many setups at once this way). Decisions that depend
+    on the sequence length (a sliding-window mask) are taken per element.
     Under data parallelism the model states are the rank's (``terms/distributed.py``): DDP's buckets are gradients
-    at every moment; FSDP2 and ZeRO-3 add the units gathered around the compute (``_Gathered``).
+    at every moment; FSDP2 and ZeRO-3 add the units gathered around the compute (``GatheredTimeline``).
     """
     setup = resolved.setup
     b = setup.batch_size if batch_size is None else batch_size
     s = setup.padded_seq_len if seq_len is None else seq_len + (setup.padded_seq_len - setup.seq_len)
-    T = b * s
-    rank = distributed.rank_states(spec, resolved)
-    compute = distributed.compute_setup(resolved)  # the setup itself on one GPU and under DDP
-    tensors = parameters.stored_tensors(spec, compute)
+    masked = activations.sliding_window_masked(spec, s)
+    if not hasattr(masked, "shape"):
+        return _moments(spec, resolved, b, s, masked)
+    if masked.all() or not masked.any():
+        return _moments(spec, resolved, b, s, bool(masked.all()))
+    # rows on both sides of the sliding window: each row takes the moments of its own mask decision
+    with_mask = _moments(spec, resolved, b, s, True)
+    without = _moments(spec, resolved, b, s, False)
+    return [Moment(m.phase, *(select(masked, getattr(m, f), getattr(n, f)) for f in _TENSOR_FIELDS))
+            for m, n in zip(with_mask, without)]
+
+
+def layer_setup(resolved: ResolvedSetup) -> activations.LayerSetup:
+    """The values a decoder layer's saved tensors depend on (``activations.LayerSetup``), from a resolved setup."""
+    return _layer_setup(resolved.setup.method, resolved.setup.precision, resolved.setup.adapter_dtype,
+                        resolved.attn_used, resolved.lora_modules, resolved.setup.lora_rank, resolved.setup.lora_dropout)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora_rank, lora_dropout):
+    lora = method.uses_lora
+    return activations.LayerSetup(method, activations.dtypes(method, precision, adapter_dtype), attn_used,
+                                  lora_modules if lora else (), lora_rank if lora else 0, lora_dropout if lora else 0.0)
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_runs(spec: ModelSpec) -> tuple[tuple[bool, int, int], ...]:
+    """The runs of same-kind decoder layers in backward order: (moe, highest index, lowest index)."""
+    kinds = spec.layer_is_moe
+    runs = []
+    hi = spec.num_layers - 1
+    for index in range(spec.num_layers - 1, -1, -1):
+        if index == 0 or kinds[index - 1] != kinds[index]:
+            runs.append((kinds[index], hi, index))
+            hi = index - 1
+    return tuple(runs)
+
+
+class _SavedPlan(NamedTuple):
+    """The per-token/per-square saved tensors the moments read, for one (model, layer setup, checkpointing, mask)."""
+
+    model: activations.Saved  # the whole model at the end of forward
+    head: activations.Saved  # the final norm's and lm_head's
+    shared: activations.Saved  # rotary tables, position ids, checkpointed masks
+    attention: activations.Saved  # one layer's attention block
+    kept: tuple  # (dense, MoE) what a layer keeps until its backward (None for a kind the model lacks)
+    recompute: tuple  # (dense, MoE) a layer's recomputed activations under checkpointing (None without)
+
+
+@functools.lru_cache(maxsize=4096)
+def _saved_plan(spec: ModelSpec, layer: activations.LayerSetup, ckpt: bool, masked: bool) -> _SavedPlan:
+    kinds = (False, True) if spec.is_moe else (False,)  # the layer kinds the model has
+    kept = tuple(activations.layer_kept(spec, layer, ckpt, moe, masked) if moe in kinds else None
+                 for moe in (False, True))
+    recompute = tuple(activations.layer_saved(spec, layer, moe, masked) if ckpt and moe in kinds else None
+                      for moe in (False, True))
+    return _SavedPlan(activations.model_saved(spec, layer, ckpt, masked), activations.head_saved(spec, layer),
+                      activations.shared_saved(spec, layer.dtypes, layer.attn_used, ckpt, masked),
+                      activations.attention_saved(spec, layer, masked), kept, recompute)
+
+
+def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> list[Moment]:
+    """``step_moments`` for one sliding-window mask decision."""
+    setup = resolved.setup
+    tokens = b * s
+    compute = resolved
+    tensors = parameters.stored_tensors(spec, resolved)
+    # one GPU's weights, gradients and optimizer states
+    rank = states.model_states(spec, tensors, setup.method, setup.optimizer, setup.grad_accum)
+    if setup.sharding is not Sharding.NONE:  # the engine shards them, and may compute in 16 bits
+        rank = distributed.rank_states(spec, resolved, rank)
+        compute = distributed.compute_setup(resolved)  # the setup itself under DDP
+        tensors = parameters.stored_tensors(spec, compute)
+    csetup = compute.setup
+    layer = layer_setup(compute)
+    dt = layer.dtypes
+    ckpt = csetup.grad_ckpt
     W, O, G_acc = rank.weights, rank.optimizer_states, rank.accumulated_gradients
     B = rank.standing_buffers
     Bb = B + rank.backward_buffers
-    A = activations.model_saved(spec, compute).bytes(b, s)
+    plan = _saved_plan(spec, layer, ckpt, masked)
+    A = plan.model.bytes(b, s)
     head_grad = rank.head_gradient
-    L = logits.logits_bytes(spec, compute, T, head_grad)
-    copies = temporaries.weight_copy_bytes(spec, compute, tensors)
-    dequant = temporaries.dequantized_weight_bytes(spec, compute, T)
-    hidden_grad = spec.hidden_size * T * activations.dtypes(spec, compute).c
-    gathered = _Gathered(spec, rank.gathering)
+    lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, head_grad)
+    copies = temporaries.weight_copy_bytes(spec, dt, csetup.method, ckpt, tensors)
+    dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens)
+    dequant = dequant + float8.layer_backward_cast_bytes(spec, setup.precision, tokens)  # fp8: torchao's casts
+    hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)
+    head_saved = plan.head.bytes(b, s)
+    gathered = GatheredTimeline(spec, rank.gathering)
     moments = []
     if rank.gathering is not None:  # the last decoder layer's copy-out and forward, and the tail's copy-out
-        A_layers = A - activations.head_saved(spec, compute).bytes(b, s)
+        A_layers = A - head_saved
         last_moe = spec.is_moe_layer(spec.num_layers - 1)
-        A_before_last = A_layers - activations.layer_kept(spec, compute, last_moe).bytes(b, s)
+        A_before_last = A_layers - plan.kept[last_moe].bytes(b, s)
         moments += [
             Moment(Phase.FORWARD, W + gathered.last_layer_copy_out, B + G_acc, O, A_before_last, 0, 0),
             Moment(Phase.FORWARD, W + gathered.last_layer_forward, B + G_acc, O, A_layers, 0, 0),
             Moment(Phase.FORWARD, W + gathered.tail_copy_out, B + G_acc, O, A_layers, 0, 0),
         ]
+    norm_backward = temporaries.norm_backward_bytes(spec, tokens)
     moments += [
-        Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, L.forward_peak, copies.forward),
-        Moment(Phase.BACKWARD_START, W + gathered.loss_backward, B + G_acc, O, A, L.backward_peak,
+        Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, lg.forward_peak, copies.forward),
+        Moment(Phase.BACKWARD_START, W + gathered.loss_backward, B + G_acc, O, A, lg.backward_peak,
                copies.backward_start),
-        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad), O, A, L.head_backward,
+        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad), O, A, lg.head_backward,
                copies.backward_start + hidden_grad),
         # the final norm's backward: its input gradient (fused: the loss's grad_input) and fp32 transients
         Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad), O, A,
-               L.forward_hidden_grad,
-               copies.backward_start + (0 if L.forward_hidden_grad else hidden_grad)
-               + temporaries.norm_backward_bytes(spec, T)),
+               lg.forward_hidden_grad,
+               copies.backward_start + (0 if lg.forward_hidden_grad else hidden_grad) + norm_backward),
     ]
-    moments += _layer_backward_moments(spec, compute, rank, gathered, W, O, Bb, G_acc, dequant, b, s)
-    embedding_backward = _embedding_backward_bytes(spec, compute, T)
+    moments += _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
+                                       A - head_saved, hidden_grad, norm_backward)
+    embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens)
     if rank.gathering is None:
         moments.append(Moment(Phase.BACKWARD_END, W, Bb + rank.gradients, O, 0, 0, embedding_backward))
-    else:
-        moments += gathered.embedding_moments(W, O, Bb, G_acc, embedding_backward)
+    else:  # the embedding's copy-out (its buffer and parameters at once) and its backward, every layer reduced
+        moments += [
+            Moment(Phase.BACKWARD_END, W + gathered.embedding_copy_out, Bb + G_acc + gathered.embedding_reduced, O,
+                   0, 0, 0),
+            Moment(Phase.BACKWARD_END, W + gathered.embedding_gathered, Bb + gathered.embedding_gradients(G_acc), O,
+                   0, 0, embedding_backward),
+        ]
     moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, 0, 0, rank.optimizer_step))
     return moments
 
 
-class _Gathered:
-    """The bytes FSDP2 (or ZeRO-3) units add at each moment on top of the rank's sharded states (``Gathering``).
-
-    Forward gathers each unit and keeps its flat all-gather buffer until the next unit's copy-out has returned
-    (``FSDPParamGroup.wait_for_unshard`` holds the previous ``all_gather_state`` in a local until it exits): a
-    copy-out holds the previous unit's buffer, its own buffer and its gathered parameters at once. The tail (final
-    norm, lm_head) stays gathered into backward, and its buffer (the last layer's when tied) lives until the root's
-    forward ends, after the loss. Backward re-gathers each layer while prefetching the one before it, and keeps the
-    previous unit's reduce-scatter input until its own. Shard-grad-op keeps every unit gathered until its backward.
-    Zero when the engine keeps whole parameters.
-    """
-
-    def __init__(self, spec: ModelSpec, gathering):
-        self.spec = spec
-        self.g = gathering
-        if gathering is None:
-            self.last_layer_forward = self.loss_forward = self.loss_backward = self.head_backward = 0
-            return
-        g = gathering
-        L = spec.num_layers
-        last = g.layer(spec.is_moe_layer(L - 1))
-        before_last = g.layer(spec.is_moe_layer(L - 2)).buffer if L > 1 else g.embed.buffer
-        self.all_layers = g.dense.params * spec.num_dense_layers + g.moe.params * spec.num_moe_layers
-        kept = self.all_layers + g.embed.params if g.keep_gathered else 0
-        tied_tail = g.tail.params if g.tied else 0
-        self.last_layer_copy_out = (kept or last.params) + before_last + last.buffer + tied_tail
-        self.last_layer_forward = (kept or last.params) + last.buffer + tied_tail
-        self.tail_copy_out = kept + (0 if g.tied else last.buffer + g.tail.buffer + g.tail.params) + tied_tail
-        self.loss_forward = kept + g.tail.params + (last.buffer if g.tied else g.tail.buffer)
-        self.loss_backward = kept + g.tail.params
-        self.head_backward = kept + g.tail.params + (0 if g.keep_gathered else last.buffer)
-
-    def layer(self, index: int):
-        return self.g.layer(self.spec.is_moe_layer(index))
-
-    def weights_during(self, index: int) -> int:
-        """Gathered bytes while layer ``index`` runs its backward."""
-        g = self.g
-        if g.keep_gathered:  # every unit not yet through its backward is still gathered
-            before = sum(self.layer(i).params for i in range(index + 1)) if self.spec.is_moe else \
-                g.dense.params * (index + 1)
-            return before + g.embed.params
-        prefetched = self.layer(index - 1).buffer if index > 0 else g.embed.buffer
-        return self.layer(index).params + prefetched
-
-    def retained_reduce_buffer(self, index: int) -> int:
-        """The reduce-scatter input of the unit reduced just before layer ``index``'s."""
-        return self.g.tail.reduce_buffer if index == self.spec.num_layers - 1 else self.layer(index + 1).reduce_buffer
-
-    def embedding_moments(self, W, O, Bb, G_acc, embedding_backward) -> list[Moment]:
-        """The embedding's copy-out (its buffer and parameters at once) and its backward, every layer reduced."""
-        g, spec = self.g, self.spec
-        reduced = g.tail.sharded_grads + g.dense.sharded_grads * spec.num_dense_layers \
-            + g.moe.sharded_grads * spec.num_moe_layers
-        retained = self.layer(0).reduce_buffer
-        copy_out = 0 if g.keep_gathered else g.embed.buffer  # shard-grad-op: still gathered since forward
-        return [
-            Moment(Phase.BACKWARD_END, W + g.embed.params + copy_out, Bb + G_acc + reduced + retained, O, 0, 0, 0),
-            Moment(Phase.BACKWARD_END, W + g.embed.params, Bb + maximum(G_acc, g.embed.grads) + reduced + retained, O,
-                   0, 0, embedding_backward),
-        ]
-
-
-def _layer_backward_moments(spec, compute, rank, gathered, W, O, Bb, G_acc, dequant, b, s) -> list[Moment]:
+def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
+                            layers_saved, hidden_grad, norm_backward) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -250,67 +321,58 @@ def _layer_backward_moments(spec, compute, rank, gathered, W, O, Bb, G_acc, dequ
     first layer follows a unit of another size and its last prefetches one, so the second and second-to-last
     layers are ends too) the end of each such layer's backward counts too: its full unsharded gradients wait there
     for their reduce-scatter beside the gathered units and the previous unit's reduce-scatter input.
+    ``layers_saved``: the saved activations without the head's; a run of n layers is crossed at once (its kept
+    tensors and gradients times n), so the cost is per run, not per layer.
     """
-    setup = compute.setup
-    transient = temporaries.layer_backward_bytes(spec, compute, b, s) + dequant
-    mlp_transient = temporaries.mlp_backward_bytes(spec, compute, b, s) + dequant
-    attention_transient = temporaries.attention_backward_bytes(spec, compute, b, s) + dequant
-    shared = activations.shared_saved(spec, compute).bytes(b, s)
-    remaining = activations.model_saved(spec, compute).bytes(b, s) - shared - activations.head_saved(spec, compute).bytes(b, s)
-    kept = {moe: activations.layer_kept(spec, compute, moe).bytes(b, s) for moe in (False, True)}
-    grads = {moe: rank.layer_gradients[moe] for moe in (False, True)}
-    recompute = {moe: activations.layer_saved(spec, compute, moe).bytes(b, s) if setup.grad_ckpt else 0
-                 for moe in (False, True)}
-    attention = activations.attention_saved(spec, compute).bytes(b, s)
-    T = b * s
-    hidden_grad = spec.hidden_size * T * activations.dtypes(spec, compute).c
-    layer_end = temporaries.norm_backward_bytes(spec, T) + 2 * hidden_grad  # the norm's fp32 backward, two [T, h]
+    c, attn_used = layer.dtypes.c, layer.attn_used
+    transient = temporaries.layer_backward_bytes(spec, c, attn_used, b, s) + dequant
+    mlp_transient = temporaries.mlp_backward_bytes(spec, c, b, s) + dequant
+    attention_transient = temporaries.attention_backward_bytes(spec, c, attn_used, b, s) + dequant
+    shared = plan.shared.bytes(b, s)
+    remaining = layers_saved - shared
+    runs = _layer_runs(spec)
+    kept = tuple(None if saved is None else saved.bytes(b, s) for saved in plan.kept)  # (dense, MoE)
+    grads = rank.layer_gradients  # (dense, MoE)
+    recompute = tuple(0 if saved is None else saved.bytes(b, s) for saved in plan.recompute)
+    attention = plan.attention.bytes(b, s)
+    layer_end = norm_backward + 2 * hidden_grad  # the norm's fp32 backward, two [T, h]
     moments = []
     sharded = rank.gathering is not None
-    G = rank.head_gradient if not sharded else rank.gathering.tail.sharded_grads
-    L = spec.num_layers
-    for index in range(L - 1, -1, -1):
-        moe = spec.is_moe_layer(index)
-        run_start = index == L - 1 or spec.is_moe_layer(index + 1) != moe
-        run_end = index == 0 or spec.is_moe_layer(index - 1) != moe
-        # with units, a run's first layer waits on the previous kind's (or the tail's) reduce-scatter input and its
-        # last prefetches a unit of another kind (or the embedding): the run is linear from its second layer to its
-        # second-to-last, so those bound it too
-        second = sharded and not run_start and (index == L - 2 or spec.is_moe_layer(index + 2) != moe)
-        penultimate = sharded and not run_end and (index == 1 or spec.is_moe_layer(index - 2) != moe)
-        if run_start or run_end or second or penultimate:
+    G = rank.head_gradient if not sharded else rank.gathering.tail.sharded_grads_bytes
+    for moe, hi, lo in runs:
+        # a run's first and last layers; with units also its second and second-to-last (a run's first layer waits
+        # on the previous kind's, or the tail's, reduce-scatter input and its last prefetches a unit of another kind
+        # or the embedding: the run is linear from its second layer to its second-to-last, so those bound it too)
+        if sharded:
+            ends = sorted({hi, lo, max(hi - 1, lo), min(lo + 1, hi)}, reverse=True)
+        else:
+            ends = (hi, lo) if hi != lo else (hi,)
+        kept_moe, grads_moe = kept[moe], grads[moe]
+        for index in ends:
+            done = hi - index  # layers of this run already through their backward
+            left = remaining - kept_moe * done if done else remaining  # kept tensors of the layers up to this one
+            G_here = G + grads_moe * done if done else G  # gradients of the layers after it
             if not sharded:
                 # the MLP's backward (it runs first) with the whole layer saved, then attention's, once the MLP's
                 # saved tensors are freed and its gradients made
-                moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G), O, shared + remaining + recompute[moe],
-                                      0, mlp_transient))
-                attention_left = attention if setup.grad_ckpt else attention - kept[moe]
-                moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G + grads[moe]), O,
-                                      shared + remaining + attention_left, 0, attention_transient))
+                moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G_here), O,
+                                      shared + left + recompute[moe], 0, mlp_transient))
+                attention_left = attention if ckpt else attention - kept_moe
+                moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G_here + grads_moe), O,
+                                      shared + left + attention_left, 0, attention_transient))
             else:
                 unit = gathered.layer(index)
                 weights = W + gathered.weights_during(index)
-                waiting = Bb + G + gathered.retained_reduce_buffer(index)
-                moments.append(Moment(Phase.BACKWARD, weights, waiting + G_acc, O,
-                                      shared + remaining + recompute[moe], 0, transient))
+                waiting = Bb + G_here + gathered.retained_reduce_buffer(index)
+                moments.append(Moment(Phase.BACKWARD, weights, waiting + G_acc, O, shared + left + recompute[moe],
+                                      0, transient))
                 # the MLP's backward ending: the layer's gradients (the MLP's are most of them) wait beside what
                 # its attention block still holds (recomputed under checkpointing, beside the checkpoint) and the
                 # MLP's last backward transients (MoE: the experts' [T·K, 2·I_m] gradients)
-                mlp_done = attention if setup.grad_ckpt else attention - kept[moe]
-                moments.append(Moment(Phase.BACKWARD, weights, waiting + maximum(G_acc, unit.grads), O,
-                                      shared + remaining + mlp_done, 0, maximum(layer_end, transient)))
-        remaining -= kept[moe]
-        G += grads[moe]
+                mlp_done = attention if ckpt else attention - kept_moe
+                moments.append(Moment(Phase.BACKWARD, weights, waiting + maximum(G_acc, unit.grads_bytes), O,
+                                      shared + left + mlp_done, 0, maximum(layer_end, transient)))
+        n = hi - lo + 1
+        remaining -= kept_moe * n
+        G += grads_moe * n
     return moments
-
-
-def _embedding_backward_bytes(spec: ModelSpec, resolved: ResolvedSetup, tokens: int) -> int:
-    """embedding_dense_backward: the gradient of the embedding output [T, h] in, a [V, h] gradient out; when tied,
-    it is added into lm_head's existing gradient, so the new one is a transient."""
-    if resolved.setup.method is not Method.FULL:
-        return 0
-    dt = activations.dtypes(spec, resolved)
-    grad_in = dt.r * tokens * spec.hidden_size
-    # tied: autograd's input buffer adds the embedding's new gradient to lm_head's, out of place
-    new_grads = 2 * dt.r * spec.vocab_size * spec.hidden_size if spec.tie_word_embeddings else 0
-    return grad_in + new_grads

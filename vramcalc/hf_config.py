@@ -2,98 +2,205 @@
 
 Defaults are the transformers v5 config-class defaults (``models/<family>/configuration_<family>.py``); a field
 with no default there is required here, and its absence is reported by name.
+
+Every field read is checked for its JSON type and range, and a bad one is reported in one line that names it:
+``config.json field 'num_key_value_heads' must be an integer, got '8'``. Integer fields accept JSON integers and
+floats with an integral value (``64.0``, as some exporters write them); bools, strings, ``NaN``, infinities, lists and
+objects are refused. Sizes are bounded by ``model.MAX_SIZES`` (about 64 times the largest published model, so that
+a mistyped ``10**12`` layers is refused at once instead of hanging the estimate). Architecture invariants (kv heads
+dividing heads, experts per token at most the experts) are checked by ``ModelSpec`` itself.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .errors import VramcalcError
-from .model import FAMILIES, SUPPORTED_FAMILIES, ModelSpec
+from .model import FAMILIES, MAX_SIZES, SUPPORTED_FAMILIES, ModelSpec
 
 # Config-class defaults that differ from "hidden_size // num_attention_heads" and "untied".
 _DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "gemma2": 256}
 # Where each family keeps its expert count.
 _EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
+# A real config.json is a few kB (DeepSeek-V3's, the largest in the catalogue, is 1.7 kB); refuse anything that
+# could not be one before reading it into memory.
+MAX_CONFIG_BYTES = 16 * 2**20
+_MAX_POSITIONS = 2**40  # max_position_embeddings / sliding_window: only compared with the sequence length
+
+# The fields each family reads (besides model_type): what ``spec_from_config`` looks at, for tests and docs.
+COMMON_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "head_dim",
+                 "intermediate_size", "vocab_size", "tie_word_embeddings", "max_position_embeddings",
+                 "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "_name_or_path")
+MOE_FIELDS = ("num_experts_per_tok", "moe_intermediate_size", "n_shared_experts", "first_k_dense_replace",
+              "decoder_sparse_step", "mlp_only_layers")
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def config_fields(family: str) -> tuple[str, ...]:
+    """Every config.json field ``spec_from_config`` reads for ``family``."""
+    traits = FAMILIES[family]
+    out = ("model_type",) + COMMON_FIELDS
+    if traits.moe:
+        out += (_EXPERTS_KEY[family],) + MOE_FIELDS
+    if traits.mla:
+        out += MLA_FIELDS
+    return out
 
 
 def load_config(path: str | Path) -> ModelSpec:
     """A ModelSpec from ``path`` (``config.json`` or its folder). Raises VramcalcError naming what is wrong."""
     path = Path(path).expanduser()
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise VramcalcError(f"no config.json at {str(path)!r}")
+    shown = _short(str(path))
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise VramcalcError(f"{file} is not valid JSON: {err}") from None
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise VramcalcError(f"no config.json at {shown}")
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            raise VramcalcError(f"{shown} is {file.stat().st_size:,} bytes: too large for a config.json "
+                                f"(at most {MAX_CONFIG_BYTES:,})")
+        text = file.read_text(encoding="utf-8")
+    except OSError as err:  # unreadable, a name too long (ENAMETOOLONG), a folder that vanished
+        raise VramcalcError(f"cannot read {shown}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise VramcalcError(f"{shown} is not a text file (not UTF-8); a config.json is JSON text") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise VramcalcError(f"{shown} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise VramcalcError(f"{shown} nests JSON too deeply to be a config.json") from None
     if not isinstance(config, dict):
-        raise VramcalcError(f"{file} is not a JSON object")
+        raise VramcalcError(f"{shown} is not a JSON object (it is a JSON {type(config).__name__})")
     name = path.name if path.is_dir() else (file.parent.name or file.stem)
     return spec_from_config(config, name=name or "config")
 
 
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 80 else repr(text[:77] + "...")
+
+
+def _describe(value) -> str:
+    if isinstance(value, str):
+        return _short(value)
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Fields:
+    """Typed, bounded access to one config dict; every error names the field."""
+
+    def __init__(self, config: dict, name: str, family: str):
+        self.config, self.name, self.family = config, name, family
+
+    def _bad(self, key: str, wanted: str, value) -> VramcalcError:
+        return VramcalcError(f"config.json field {key!r} must be {wanted}, got {_describe(value)}")
+
+    def integer(self, key: str, default=None, *, minimum: int = 1, maximum: int | None = None,
+                required: bool = False) -> int | None:
+        """An integer field (a float with an integral value counts); ``None``/absent gives ``default``."""
+        value = self.config.get(key)
+        if value is None:
+            if required:
+                raise VramcalcError(f"config {self.name!r} ({self.family}) lacks the field {key!r}")
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._bad(key, "an integer", value)
+        if isinstance(value, float):
+            if not math.isfinite(value) or value != int(value):
+                raise self._bad(key, "an integer", value)
+            value = int(value)
+        limit = maximum if maximum is not None else MAX_SIZES.get(key, _MAX_POSITIONS)
+        if value < minimum or value > limit:
+            raise self._bad(key, f"an integer from {minimum:,} to {limit:,}", value)
+        return value
+
+    def need(self, key: str) -> int:
+        return self.integer(key, required=True)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.config.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, "true or false", value)
+        return value
+
+    def layer_list(self, key: str, num_layers: int) -> tuple[int, ...]:
+        value = self.config.get(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self._bad(key, "a list of layer indices", value)
+        out = []
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not (
+                    isinstance(item, int) or (math.isfinite(item) and item == int(item))) \
+                    or not 0 <= item < num_layers:
+                raise self._bad(key, f"a list of layer indices from 0 to {num_layers - 1}", value)
+            out.append(int(item))
+        return tuple(out)
+
+
 def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
     """A ModelSpec from a parsed config dict."""
+    if not isinstance(config, dict):
+        raise VramcalcError(f"config {name!r} is not a JSON object")
     family = config.get("model_type")
     if family is None:
         raise VramcalcError(f"config {name!r} lacks the field 'model_type'")
+    if not isinstance(family, str):
+        raise VramcalcError(f"config.json field 'model_type' must be a string, got {_describe(family)}")
     if family not in FAMILIES:
-        raise VramcalcError(f"unsupported architecture {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        raise VramcalcError(f"unsupported architecture {_short(family)}; supported: {', '.join(SUPPORTED_FAMILIES)}")
     traits = FAMILIES[family]
+    f = _Fields(config, name, family)
 
-    def need(key: str) -> int:
-        value = config.get(key)
-        if value is None:
-            raise VramcalcError(f"config {name!r} ({family}) lacks the field {key!r}")
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise VramcalcError(f"config {name!r}: field {key!r} must be a positive integer, got {value!r}")
-        return value
-
-    def optional(key: str, default):
-        value = config.get(key)
-        return default if value is None else value
-
-    hidden = need("hidden_size")
-    heads = need("num_attention_heads")
+    hidden = f.need("hidden_size")
+    heads = f.need("num_attention_heads")
+    layers = f.need("num_hidden_layers")
+    attention_bias = f.flag("attention_bias", False)
+    use_sliding_window = f.flag("use_sliding_window", True)
+    sliding_window = f.integer("sliding_window")
+    repo = config.get("_name_or_path")
     fields = dict(
         name=name,
         family=family,
         hidden_size=hidden,
-        num_layers=need("num_hidden_layers"),
+        num_layers=layers,
         num_heads=heads,
-        num_kv_heads=optional("num_key_value_heads", heads),
-        head_dim=optional("head_dim", _DEFAULT_HEAD_DIM.get(family, hidden // heads)),
-        intermediate_size=need("intermediate_size"),
-        vocab_size=need("vocab_size"),
-        tie_word_embeddings=bool(optional("tie_word_embeddings", traits.default_tied)),
-        max_position_embeddings=config.get("max_position_embeddings"),
-        qkv_bias=traits.qkv_bias or bool(config.get("attention_bias", False)),
-        o_bias=bool(config.get("attention_bias", False)),
-        mlp_bias=bool(config.get("mlp_bias", False)),
+        num_kv_heads=f.integer("num_key_value_heads", heads),
+        head_dim=f.integer("head_dim", _DEFAULT_HEAD_DIM.get(family, hidden // heads)),
+        intermediate_size=f.need("intermediate_size"),
+        vocab_size=f.need("vocab_size"),
+        tie_word_embeddings=f.flag("tie_word_embeddings", traits.default_tied),
+        max_position_embeddings=f.integer("max_position_embeddings"),
+        qkv_bias=traits.qkv_bias or attention_bias,
+        o_bias=attention_bias,
+        mlp_bias=f.flag("mlp_bias", False),
         qk_norm=traits.qk_norm,
-        sliding_window=config.get("sliding_window") if config.get("use_sliding_window", True) else None,
-        hf_repo=str(config.get("_name_or_path", "")),
+        sliding_window=sliding_window if use_sliding_window else None,
+        hf_repo=repo if isinstance(repo, str) and len(repo) <= 200 else "",
         source="config.json",
     )
     if traits.moe:
         fields.update(
-            num_experts=need(_EXPERTS_KEY[family]),
-            experts_per_token=need("num_experts_per_tok"),
-            moe_intermediate_size=need("moe_intermediate_size") if family != "mixtral" else 0,
-            n_shared_experts=optional("n_shared_experts", 0),
-            first_k_dense_replace=optional("first_k_dense_replace", 0),
-            decoder_sparse_step=optional("decoder_sparse_step", 1),
-            mlp_only_layers=tuple(optional("mlp_only_layers", ())),
+            num_experts=f.need(_EXPERTS_KEY[family]),
+            experts_per_token=f.need("num_experts_per_tok"),
+            moe_intermediate_size=f.need("moe_intermediate_size") if family != "mixtral" else 0,
+            n_shared_experts=f.integer("n_shared_experts", 0, minimum=0),
+            first_k_dense_replace=f.integer("first_k_dense_replace", 0, minimum=0, maximum=layers),
+            decoder_sparse_step=f.integer("decoder_sparse_step", 1, maximum=layers),
+            mlp_only_layers=f.layer_list("mlp_only_layers", layers),
         )
     if traits.mla:
         fields.update(
-            q_lora_rank=optional("q_lora_rank", 0),
-            kv_lora_rank=need("kv_lora_rank"),
-            qk_nope_head_dim=need("qk_nope_head_dim"),
-            qk_rope_head_dim=need("qk_rope_head_dim"),
-            v_head_dim=need("v_head_dim"),
-            head_dim=need("v_head_dim"),
+            q_lora_rank=f.integer("q_lora_rank", 0, minimum=0),
+            kv_lora_rank=f.need("kv_lora_rank"),
+            qk_nope_head_dim=f.need("qk_nope_head_dim"),
+            qk_rope_head_dim=f.need("qk_rope_head_dim"),
+            v_head_dim=f.need("v_head_dim"),
         )
+        fields["head_dim"] = fields["v_head_dim"]
     return ModelSpec(**fields)

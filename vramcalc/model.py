@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 
 from .errors import VramcalcError
@@ -37,7 +37,7 @@ class ParamTensor:
     keep_fp32: bool = False  # _keep_in_fp32_modules_strict: stays fp32 in a bf16 model
     scope: str = "model"  # model (once) | layer (every decoder layer) | dense | moe (layers of that kind)
 
-    @property
+    @functools.cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
 
@@ -107,6 +107,62 @@ FAMILIES: dict[str, FamilyTraits] = {
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
 
+# Upper bounds on architecture sizes, under HF config names: about 64x the largest published decoder LLM in each
+# field (hidden 16,384 and 126 layers in Llama-3.1-405B; 128 heads; head_dim 256 in Gemma-2; intermediate 53,248 in
+# Llama-3.1-405B; vocab 262,144 in Gemma-3; 512 experts in Qwen3-Next). A config past them is a typo, not a model,
+# and refusing it keeps every estimate fast (the estimate loops over layers: 10**12 layers would hang it) and every
+# byte count small enough for the int64 arithmetic of the numpy grid and of torch in the trace.
+MAX_SIZES: dict[str, int] = {
+    "hidden_size": 2**20,
+    "num_hidden_layers": 2**13,
+    "num_attention_heads": 2**13,
+    "num_key_value_heads": 2**13,
+    "head_dim": 2**14,
+    "intermediate_size": 2**22,
+    "vocab_size": 2**24,
+    "num_local_experts": 2**15,
+    "num_experts": 2**15,
+    "n_routed_experts": 2**15,
+    "num_experts_per_tok": 2**15,
+    "moe_intermediate_size": 2**22,
+    "n_shared_experts": 2**10,
+    "first_k_dense_replace": 2**13,
+    "decoder_sparse_step": 2**13,
+    "q_lora_rank": 2**20,
+    "kv_lora_rank": 2**20,
+    "qk_nope_head_dim": 2**14,
+    "qk_rope_head_dim": 2**14,
+    "v_head_dim": 2**14,
+}
+# ModelSpec field -> its HF config name, for the checks in ModelSpec.__post_init__
+_SIZE_FIELDS = (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
+                ("num_heads", "num_attention_heads"), ("num_kv_heads", "num_key_value_heads"),
+                ("head_dim", "head_dim"), ("intermediate_size", "intermediate_size"), ("vocab_size", "vocab_size"),
+                ("num_experts", "num_experts"), ("experts_per_token", "num_experts_per_tok"),
+                ("moe_intermediate_size", "moe_intermediate_size"), ("n_shared_experts", "n_shared_experts"),
+                ("first_k_dense_replace", "first_k_dense_replace"), ("decoder_sparse_step", "decoder_sparse_step"),
+                ("q_lora_rank", "q_lora_rank"), ("kv_lora_rank", "kv_lora_rank"),
+                ("qk_nope_head_dim", "qk_nope_head_dim"), ("qk_rope_head_dim", "qk_rope_head_dim"),
+                ("v_head_dim", "v_head_dim"))
+_POSITIVE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
+
+
+def cached_field_hash(self) -> int:
+    """``__hash__`` for frozen dataclasses used as cache keys: the hash of the compared fields, computed once per
+    instance (a catalogue model or a resolved setup is looked up many times per estimate). Not pickled: string
+    hashes differ between processes."""
+    try:
+        return self.__dict__["_field_hash"]
+    except KeyError:
+        cached = hash(tuple(getattr(self, f.name) for f in fields(self) if f.compare))
+        object.__setattr__(self, "_field_hash", cached)
+        return cached
+
+
+def state_without_hash(self) -> dict:
+    """``__getstate__`` to go with ``cached_field_hash``: pickle the fields, not the process-local hash."""
+    return {key: value for key, value in self.__dict__.items() if key != "_field_hash"}
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -156,17 +212,42 @@ class ModelSpec:
             raise VramcalcError(
                 f"unsupported architecture {self.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
             )
-        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
-            if getattr(self, name) <= 0:
-                raise VramcalcError(f"model {self.name!r}: {name} must be positive, got {getattr(self, name)}")
-        if self.traits.moe and (self.num_experts <= 0 or self.experts_per_token <= 0):
-            raise VramcalcError(f"model {self.name!r}: a {self.family} model needs num_experts and experts_per_token")
+        for name, config_key in _SIZE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise VramcalcError(f"model {self.name!r}: {config_key} must be an integer, got {value!r}")
+            positive = name in _POSITIVE_FIELDS
+            if (positive and value <= 0) or value < 0 or value > MAX_SIZES[config_key]:
+                lowest = 1 if positive else 0
+                raise VramcalcError(f"model {self.name!r}: {config_key} must be from {lowest} to "
+                                    f"{MAX_SIZES[config_key]:,} (see model.MAX_SIZES), got {value:,}")
+        if self.num_heads % self.num_kv_heads:
+            raise VramcalcError(f"model {self.name!r}: num_key_value_heads ({self.num_kv_heads}) must divide "
+                                f"num_attention_heads ({self.num_heads}) (grouped-query attention repeats each kv "
+                                "head num_attention_heads / num_key_value_heads times)")
+        if self.traits.moe:
+            if self.num_experts <= 0 or self.experts_per_token <= 0:
+                raise VramcalcError(f"model {self.name!r}: a {self.family} model needs num_experts and "
+                                    "experts_per_token")
+            if self.experts_per_token > self.num_experts:
+                raise VramcalcError(f"model {self.name!r}: num_experts_per_tok ({self.experts_per_token}) must be at "
+                                    f"most the number of experts ({self.num_experts})")
+            if self.decoder_sparse_step <= 0:
+                raise VramcalcError(f"model {self.name!r}: decoder_sparse_step must be a positive integer, "
+                                    f"got {self.decoder_sparse_step!r}")
+            if not isinstance(self.mlp_only_layers, tuple) or not all(
+                    isinstance(i, int) and 0 <= i < self.num_layers for i in self.mlp_only_layers):
+                raise VramcalcError(f"model {self.name!r}: mlp_only_layers must be layer indices from 0 to "
+                                    f"{self.num_layers - 1}, got {self.mlp_only_layers!r}")
+
+    __hash__ = cached_field_hash
+    __getstate__ = state_without_hash
 
     @property
     def traits(self) -> FamilyTraits:
         return FAMILIES[self.family]
 
-    @property
+    @functools.cached_property
     def is_moe(self) -> bool:
         return self.traits.moe
 
@@ -182,13 +263,19 @@ class ModelSpec:
 
     def is_moe_layer(self, index: int) -> bool:
         """qwen3_moe: not in mlp_only_layers and (i+1) % decoder_sparse_step == 0; deepseek_v3: i >= first_k_dense_replace."""
-        if not self.is_moe or index in self.mlp_only_layers:
-            return False
-        return index >= self.first_k_dense_replace and (index + 1) % self.decoder_sparse_step == 0
+        return self.layer_is_moe[index]
 
-    @property
+    @functools.cached_property
+    def layer_is_moe(self) -> tuple[bool, ...]:
+        """Per decoder layer, whether its MLP is a mixture of experts (``is_moe_layer``), computed once."""
+        if not self.is_moe:
+            return (False,) * self.num_layers
+        return tuple(index not in self.mlp_only_layers and index >= self.first_k_dense_replace
+                     and (index + 1) % self.decoder_sparse_step == 0 for index in range(self.num_layers))
+
+    @functools.cached_property
     def num_moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+        return sum(self.layer_is_moe)
 
     @property
     def num_dense_layers(self) -> int:
@@ -203,12 +290,12 @@ class ModelSpec:
     def inventory(self) -> "Inventory":
         return _inventory(self)
 
-    @property
+    @functools.cached_property
     def params(self) -> int:
         """Total weights as stored in the checkpoint (parameters plus persistent router buffers)."""
         return self.inventory.total_numel
 
-    @property
+    @functools.cached_property
     def active_params(self) -> int:
         """Weights one token touches: everything but the routed experts, plus K of them per MoE layer."""
         inv = self.inventory

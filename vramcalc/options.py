@@ -4,23 +4,28 @@ from __future__ import annotations
 
 from enum import Enum
 
-from .errors import VramcalcError
+from .errors import VramcalcError, short_repr
 from .units import DType
 
 
 class Choice(str, Enum):
     """A setup word; ``parse`` turns user text into a member or a one-line error listing the choices."""
 
+    # members are singletons: hash by identity, in C (Enum's own hash(name) is a Python call, and the estimate
+    # hashes setup words and terms dozens of times). A member still equals only itself among members.
+    __hash__ = object.__hash__
+
     @classmethod
     def parse(cls, value: object, option: str) -> "Choice":
         if isinstance(value, cls):
             return value
-        text = str(value).strip().lower().replace("_", "-")
+        huge = isinstance(value, int) and value.bit_length() > 64  # str() of a 5000-digit int raises
+        text = None if huge else str(value).strip().lower().replace("_", "-")
         for member in cls:
             if text == member.value:
                 return member
         choices = ", ".join(member.value for member in cls)
-        raise VramcalcError(f"unknown {option} {value!r}; choose one of: {choices}")
+        raise VramcalcError(f"unknown {option} {short_repr(value)}; choose one of: {choices}")
 
     def __str__(self) -> str:
         return self.value
@@ -194,6 +199,8 @@ class ComputeDtype(Choice):
 class Term(str, Enum):
     """The named parts of a breakdown. The first six are tensors (what max_memory_allocated sees)."""
 
+    __hash__ = object.__hash__  # identity, in C (see ``Choice``)
+
     WEIGHTS = "weights"
     GRADIENTS = "gradients"
     OPTIMIZER_STATES = "optimizer_states"
@@ -213,6 +220,8 @@ class Term(str, Enum):
 
 class Phase(str, Enum):
     """Moments of a training step at which the live set is assembled."""
+
+    __hash__ = object.__hash__  # identity, in C (see ``Choice``)
 
     FORWARD = "forward"
     BACKWARD_START = "backward-start"

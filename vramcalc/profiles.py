@@ -30,6 +30,7 @@ def profile_data(name: str) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+@functools.lru_cache(maxsize=64)
 def _load(name: str) -> RuntimeProfile | None:
     data = profile_data(name)
     if data is None:

@@ -27,7 +27,9 @@ from .cost import (
 )
 from .errors import VramcalcError
 from .estimator import estimate
-from .planning import DEFAULT_MAX_GPUS, applicable_options, catalogue_stamp, frame_csv, plan
+from .export import rows_csv
+from .files import make_folder, write_atomic
+from .planning import DEFAULT_MAX_GPUS, applicable_options, catalogue_stamp, gpu_limit, plan_rows, require_pandas
 from .training_setup import resolve_setup
 from .units import BYTES_PER_GIB
 
@@ -94,23 +96,30 @@ HARDWARE_COLUMNS = (
 )
 
 
-def hardware_table(models, *, tokens=DEFAULT_REPORT_TOKENS, epochs=1, max_gpus: int = DEFAULT_MAX_GPUS,
-                   **options):
-    """One row per (model, method, GPU type): GPUs needed, micro-batch, host RAM, $/hour and cost for the tokens."""
-    import pandas
-
-    frames = []
+def hardware_rows(models, *, tokens=DEFAULT_REPORT_TOKENS, epochs=1, max_gpus: int = DEFAULT_MAX_GPUS,
+                  **options) -> list[dict]:
+    """One row per (model, method, GPU type): GPUs needed, micro-batch, host RAM, $/hour and cost for the tokens
+    (plain dicts with HARDWARE_COLUMNS keys; the standard library only)."""
+    rows = []
     specs = {spec.name: spec for spec in (get_model(name) for name in models)}
     for spec in specs.values():
         for method in REPORT_METHODS:
             setup = applicable_options(dict(options, method=method))
-            frame = plan(spec, tokens=tokens, epochs=epochs, max_gpus=max_gpus, hosted=False, **setup)
-            frame = frame.sort_values("gpu", key=lambda column: column.map(_gpu_order), kind="stable")
-            frame = frame.assign(size_class=size_class(spec.params), params_b=spec.params / 1e9,
-                                 active_params_b=spec.active_params / 1e9)
-            frames.append(frame)
-    table = pandas.concat(frames, ignore_index=True)
-    return table[list(HARDWARE_COLUMNS)]
+            planned = plan_rows(spec, tokens=tokens, epochs=epochs, max_gpus=max_gpus, hosted=False, **setup).rows
+            for row in sorted(planned, key=lambda r: _gpu_order(r.get("gpu"))):
+                extra = dict(size_class=size_class(spec.params), params_b=spec.params / 1e9,
+                             active_params_b=spec.active_params / 1e9)
+                rows.append({column: {**row, **extra}.get(column) for column in HARDWARE_COLUMNS})
+    return rows
+
+
+def hardware_table(models, **kwargs):
+    """``hardware_rows`` as a pandas DataFrame (the ``plan`` extra)."""
+    return _frame(hardware_rows(models, **kwargs), HARDWARE_COLUMNS)
+
+
+def _frame(rows: list[dict], columns):
+    return require_pandas("this report table").DataFrame(rows, columns=list(columns))
 
 
 def _gpu_order(name: str) -> int:
@@ -151,11 +160,9 @@ def seconds_per_token(spec, resolved, gpu) -> float:
     return flops / (peak * utilisation.mfu) + eager_attention_seconds_per_token(spec, resolved, gpu)
 
 
-def techniques_table(model, *, speed_gpu: str = DEFAULT_SPEED_GPU, **options):
+def technique_rows(model, *, speed_gpu: str = DEFAULT_SPEED_GPU, **options) -> list[dict]:
     """Each technique against the same setup without it: device memory of one replica on one GPU (whether or not a
-    GPU holds it), the memory saved, and the speed ratio (tokens/s with / without) on ``speed_gpu``."""
-    import pandas
-
+    GPU holds it), the memory saved, and the speed ratio (tokens/s with / without) on ``speed_gpu`` (plain dicts)."""
     spec = get_model(model)
     gpu = get_gpu(speed_gpu)
     stamp = catalogue_stamp()
@@ -179,7 +186,12 @@ def techniques_table(model, *, speed_gpu: str = DEFAULT_SPEED_GPU, **options):
             "batch_size": with_.inputs["batch_size"], "catalogue_version": stamp.version,
             "catalogue_date": stamp.date,
         })
-    return pandas.DataFrame(rows, columns=list(TECHNIQUE_COLUMNS))
+    return rows
+
+
+def techniques_table(model, *, speed_gpu: str = DEFAULT_SPEED_GPU, **options):
+    """``technique_rows`` as a pandas DataFrame (the ``plan`` extra)."""
+    return _frame(technique_rows(model, speed_gpu=speed_gpu, **options), TECHNIQUE_COLUMNS)
 
 
 def _change(before: dict, after: dict) -> str:
@@ -201,56 +213,81 @@ BUDGET_COLUMNS = ("budget", "spend_usd", "size_class", "model", "method", "buy_c
                   "rent_usd", "rent_hours", "catalogue_version", "catalogue_date")
 
 
-def budget_table(hardware, budgets=BUDGETS):
+def _missing(value) -> bool:
+    """None, NaN or pandas NA: a figure the catalogue does not have (never read as 0)."""
+    if value is None:
+        return True
+    try:
+        return bool(value != value)
+    except TypeError:
+        return True
+
+
+def _records(rows) -> list[dict]:
+    return rows.to_dict("records") if hasattr(rows, "to_dict") else list(rows)
+
+
+def budget_rows(hardware, budgets=BUDGETS) -> list[dict]:
     """For each band (evaluated at its top, or its floor when open-ended) and each (model, method): the cheapest
     purchase (GPU list prices only) and the cheapest rental of the token budget that the spend covers. A band that
-    buys or rents nothing says so in one row."""
-    import pandas
-
+    buys or rents nothing says so in one row. ``hardware``: ``hardware_rows`` (or its DataFrame)."""
     stamp = catalogue_stamp()
     rows = []
-    fitting = hardware[hardware["fits"].astype(bool)]
+    groups: dict = {}
+    for row in _records(hardware):
+        if row.get("fits") is True or (not _missing(row.get("fits")) and bool(row.get("fits"))):
+            groups.setdefault((row["model"], row["method"]), []).append(row)
     for band in budgets:
         spend = band.spend_usd
         found = False
-        for (model, method), group in fitting.groupby(["model", "method"], sort=False):
-            buy = group[group["buy_usd"].notna() & (group["buy_usd"] <= spend)].sort_values("buy_usd").head(1)
-            rent = group[group["rent_usd"].notna() & (group["rent_usd"] <= spend)].sort_values("rent_usd").head(1)
-            if buy.empty and rent.empty:
+        for (model, method), group in groups.items():
+            buy = min((r for r in group if not _missing(r.get("buy_usd")) and r["buy_usd"] <= spend),
+                      key=lambda r: r["buy_usd"], default=None)
+            rent = min((r for r in group if not _missing(r.get("rent_usd")) and r["rent_usd"] <= spend),
+                       key=lambda r: r["rent_usd"], default=None)
+            if buy is None and rent is None:
                 continue
             found = True
-            row = {"budget": band.label, "spend_usd": spend, "size_class": group["size_class"].iloc[0],
+            row = {"budget": band.label, "spend_usd": spend, "size_class": group[0]["size_class"],
                    "model": model, "method": method, "catalogue_version": stamp.version, "catalogue_date": stamp.date}
-            if not buy.empty:
-                best = buy.iloc[0]
-                row.update(buy_config=f"{int(best['num_gpus'])} x {best['gpu']}", buy_usd=best["buy_usd"])
-            if not rent.empty:
-                best = rent.iloc[0]
-                row.update(rent_config=f"{int(best['num_gpus'])} x {best['gpu']}", rent_usd=best["rent_usd"],
-                           rent_hours=best["train_hours"])
+            if buy is not None:
+                row.update(buy_config=f"{int(buy['num_gpus'])} x {buy['gpu']}", buy_usd=buy["buy_usd"])
+            if rent is not None:
+                row.update(rent_config=f"{int(rent['num_gpus'])} x {rent['gpu']}", rent_usd=rent["rent_usd"],
+                           rent_hours=rent["train_hours"])
             rows.append(row)
         if not found:
             rows.append({"budget": band.label, "spend_usd": spend, "model": "nothing in the catalogue",
                          "catalogue_version": stamp.version, "catalogue_date": stamp.date})
-    return pandas.DataFrame(rows, columns=list(BUDGET_COLUMNS))
+    return [{column: row.get(column) for column in BUDGET_COLUMNS} for row in rows]
+
+
+def budget_table(hardware, budgets=BUDGETS):
+    """``budget_rows`` as a pandas DataFrame (the ``plan`` extra)."""
+    return _frame(budget_rows(hardware, budgets), BUDGET_COLUMNS)
 
 
 # -- the report ---------------------------------------------------------------------------------------------------
+TABLE_COLUMNS = {"hardware": HARDWARE_COLUMNS, "techniques": TECHNIQUE_COLUMNS, "budgets": BUDGET_COLUMNS}
+
+
 @dataclass(frozen=True)
 class Report:
     markdown: str
-    tables: dict  # name -> DataFrame (hardware, techniques, budgets)
+    rows: dict  # name -> list of row dicts (hardware, techniques, budgets); standard library only
+
+    @property
+    def tables(self) -> dict:
+        """name -> pandas DataFrame of the same rows (the ``plan`` extra)."""
+        return {name: _frame(rows, TABLE_COLUMNS[name]) for name, rows in self.rows.items()}
 
     def write(self, directory) -> list[Path]:
-        """report.md and one CSV per table (unit-suffixed headers, catalogue stamp, cells escaped)."""
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        written = [folder / "report.md"]
-        written[0].write_text(self.markdown, encoding="utf-8")
-        for name, frame in self.tables.items():
-            path = folder / f"{name}.csv"
-            path.write_text(frame_csv(frame), encoding="utf-8")
-            written.append(path)
+        """report.md and one CSV per table (unit-suffixed headers, catalogue stamp, cells escaped), each written
+        atomically (``files.write_atomic``): a failure is one ``VramcalcError`` line and leaves no partial file."""
+        folder = make_folder(directory)
+        written = [write_atomic(folder / "report.md", self.markdown)]
+        for name, rows in self.rows.items():
+            written.append(write_atomic(folder / f"{name}.csv", rows_csv(rows, TABLE_COLUMNS[name])))
         return written
 
 
@@ -263,36 +300,23 @@ def report(models=(), *, tokens=DEFAULT_REPORT_TOKENS, epochs=1, budgets=BUDGETS
         raise VramcalcError("report covers full, lora and qlora: leave --method out")
     tokens = positive_number(tokens, "token count")
     epochs = positive_number(epochs, "number of epochs")
+    max_gpus = gpu_limit(max_gpus)
     chosen = [get_model(name) for name in models]
     everything = [get_model(cls.representative) for cls in SIZE_CLASSES] + chosen
-    hardware = hardware_table(everything, tokens=tokens, epochs=epochs, max_gpus=max_gpus, **options)
-    techniques = _concat([techniques_table(name, speed_gpu=speed_gpu, **options)
-                          for name in (chosen or [DEFAULT_TECHNIQUES_MODEL])])
-    budget = budget_table(hardware, budgets)
-    tables = {"hardware": hardware, "techniques": techniques, "budgets": budget}
-    return Report(render_markdown(tables, tokens, epochs, options, max_gpus), tables)
+    hardware = hardware_rows(everything, tokens=tokens, epochs=epochs, max_gpus=max_gpus, **options)
+    techniques = [row for name in (chosen or [DEFAULT_TECHNIQUES_MODEL])
+                  for row in technique_rows(name, speed_gpu=speed_gpu, **options)]
+    budget = budget_rows(hardware, budgets)
+    rows = {"hardware": hardware, "techniques": techniques, "budgets": budget}
+    return Report(render_markdown(rows, tokens, epochs, options, max_gpus), rows)
 
 
-def _concat(frames):
-    import pandas
-
-    return pandas.concat(frames, ignore_index=True)
-
-
-def report_command(args) -> str:
-    """``vramcalc report``: Markdown on stdout; ``--output DIR`` also writes report.md and the CSV tables."""
-    from .cli import setup_kwargs
-
-    kwargs = {name: getattr(args, name) for name in ("tokens", "epochs", "speed_gpu", "max_gpus")
-              if getattr(args, name, None) is not None}
-    if args.budgets:
-        kwargs["budgets"] = budget_bands(args.budgets)
-    result = report(args.models, **kwargs, **setup_kwargs(args))
-    out = result.markdown
-    if args.output:
-        written = result.write(args.output)
-        out += "\n" + "\n".join(f"wrote {path}" for path in written) + "\n"
-    return out
+def _grouped(rows: list[dict], key: str) -> dict:
+    """Rows grouped by ``row[key]``, groups in order of first appearance."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(row[key], []).append(row)
+    return groups
 
 
 # -- Markdown -----------------------------------------------------------------------------------------------------
@@ -304,13 +328,13 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _usd(value) -> str:
-    if value is None or value != value:
+    if _missing(value):
         return "no price"
     return f"${value:,.0f}" if value >= 100 else f"${value:,.2f}"
 
 
 def _number(value, digits: int = 1) -> str:
-    if value is None or value != value:
+    if _missing(value):
         return "-"
     return f"{value:,.{digits}f}"
 
@@ -329,21 +353,21 @@ def render_markdown(tables: dict, tokens: float, epochs: float, options: dict, m
         "",
         "## Hardware by model size",
         "",
-        _hardware_markdown(tables["hardware"]),
+        _hardware_markdown(_records(tables["hardware"])),
         "## Techniques: memory saved and speed",
         "",
-        _techniques_markdown(tables["techniques"]),
+        _techniques_markdown(_records(tables["techniques"])),
         "## What a budget buys or rents",
         "",
-        _budget_markdown(tables["budgets"], tokens, epochs),
+        _budget_markdown(_records(tables["budgets"]), tokens, epochs),
     ]
     return "\n".join(parts) + "\n"
 
 
-def _hardware_markdown(hardware) -> str:
+def _hardware_markdown(hardware: list[dict]) -> str:
     out = []
-    for model, frame in hardware.groupby("model", sort=False):
-        first = frame.iloc[0]
+    for model, frame in _grouped(hardware, "model").items():
+        first = frame[0]
         out.append(f"### {model} ({first['size_class']}, {first['params_b']:.1f}B parameters, "
                    f"{first['active_params_b']:.1f}B active)")
         out.append("")
@@ -351,14 +375,14 @@ def _hardware_markdown(hardware) -> str:
         for method in REPORT_METHODS:
             header += [f"{method} GPUs", f"{method} host RAM GiB", f"{method} $/h", f"{method} total"]
         rows = []
-        for gpu, by_gpu in frame.groupby("gpu", sort=False):
+        for gpu, by_gpu in _grouped(frame, "gpu").items():
             row = [gpu]
             for method in REPORT_METHODS:
-                match = by_gpu[by_gpu["method"] == method]
-                if match.empty or not bool(match.iloc[0]["fits"]):
+                match = [r for r in by_gpu if r["method"] == method]
+                if not match or _missing(match[0]["fits"]) or not bool(match[0]["fits"]):
                     row += ["does not fit", "-", "-", "-"]
                     continue
-                r = match.iloc[0]
+                r = match[0]
                 row += [str(int(r["num_gpus"])), _number(r["host_ram_gib"], 0), _usd(r["rent_usd_per_hour"]),
                         _total_cell(r)]
             rows.append(row)
@@ -369,24 +393,24 @@ def _hardware_markdown(hardware) -> str:
 
 def _total_cell(row) -> str:
     """The job's rent, 'no price' without a catalogue price, or why there is no time (a dtype the GPU lacks)."""
-    if row["rent_usd"] == row["rent_usd"]:
+    if not _missing(row["rent_usd"]):
         return _usd(row["rent_usd"])
-    if row["rent_usd_per_hour"] != row["rent_usd_per_hour"]:
+    if _missing(row["rent_usd_per_hour"]):
         return "no price"
     return f"no {row['matmul_dtype']} matmuls"
 
 
 def _techniques_markdown(techniques) -> str:
     out = []
-    for model, frame in techniques.groupby("model", sort=False):
-        first = frame.iloc[0]
+    for model, frame in _grouped(techniques, "model").items():
+        first = frame[0]
         out.append(f"### {model} (one replica on one GPU, batch {first['batch_size']}, seq_len {first['seq_len']}; "
                    f"speed on {first['speed_gpu']})")
         out.append("")
         rows = [[r["technique"], r["change"], _number(r["without_gib"]), _number(r["with_gib"]),
                  _number(r["saved_gib"]), f"{r['saved_pct']:.0f}%",
                  f"{r['peak_phase_without']} -> {r['peak_phase_with']}", f"{r['speed_ratio']:.2f}x"]
-                for _, r in frame.iterrows()]
+                for r in frame]
         out.append(markdown_table(["technique", "change", "without GiB", "with GiB", "saved GiB", "saved",
                                    "peak at", "speed (tokens/s ratio)"], rows))
         out.append("")
@@ -397,7 +421,7 @@ def _budget_markdown(budgets, tokens: float, epochs: float) -> str:
     out = [f"Buy: GPU list prices only (no server, network, power); rent: the {tokens:,.0f}-token x {epochs:g} job "
            "on demand. Each band is evaluated at its top (open bands at their floor).", ""]
     rows = []
-    for _, r in budgets.iterrows():
+    for r in budgets:
         if r["model"] == "nothing in the catalogue":
             rows.append([r["budget"], "nothing in the catalogue", "-", "-", "-"])
             continue

@@ -7,10 +7,12 @@ Bad values raise VramcalcError with one line that names the value.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import functools
+import math
+from dataclasses import dataclass, field, fields
 
-from .errors import VramcalcError, positive_int
-from .model import ModelSpec
+from .errors import VramcalcError, positive_int, short_repr
+from .model import ModelSpec, cached_field_hash, state_without_hash
 from .options import (
     AdapterDtype,
     Attention,
@@ -26,6 +28,18 @@ from .options import (
 )
 
 LORA_TARGET_WORDS = ("qv", "all-linear")
+
+# Bounds on the numeric options, far past any real job (the longest contexts trained are ~10**7 tokens, the largest
+# micro-batches ~10**4 sequences, the largest clusters ~10**5 GPUs), so that a typo (``--batch-size 1e18``,
+# ``seq_len=10**400``) is one error line instead of a hang, an overflow or a negative total.
+MAX_OPTION = {
+    "batch_size": 2**24, "seq_len": 2**30, "lora_rank": 2**20, "virtual_tokens": 2**20, "grad_accum": 2**30,
+    "num_gpus": 2**20, "global_batch_size": 2**44,
+}
+# Every byte count vramcalc computes must stay below this: the Python estimate is exact at any size, but ``sweep``
+# evaluates byte counts in numpy int64 and the trace in torch int64 sizes (both wrap past 2**63). 2**62 bytes (4 EiB)
+# is a million times the memory of any GPU, and leaves a factor 2 for sums of terms below the bound.
+MAX_COMPUTABLE_BYTES = 2**62
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,9 @@ class TrainingSetup:
     offload: Offload = Offload.NONE
     global_batch_size: int | None = None  # sequences per optimizer step over all GPUs; sets batch_size when given
 
+    __hash__ = cached_field_hash
+    __getstate__ = state_without_hash
+
     @property
     def tokens(self) -> int:
         """Tokens one micro-batch puts through the model (prompt tuning prepends its virtual tokens)."""
@@ -63,12 +80,33 @@ class TrainingSetup:
         return self.seq_len + (self.virtual_tokens if self.method is Method.PROMPT else 0)
 
     def to_dict(self) -> dict:
-        out = {}
-        for key, value in asdict(self).items():
-            if isinstance(value, tuple):
-                value = ",".join(value)
-            out[key] = value.value if hasattr(value, "value") else value
-        return out
+        """Field -> plain value (enum words, comma-joined tuples), in field order."""
+        return {name: _plain(getattr(self, name)) for name in SETUP_FIELDS}
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return value.value if hasattr(value, "value") else value
+
+
+SETUP_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TrainingSetup))  # every option, in order
+SETUP_DEFAULTS: dict = {f.name: f.default for f in fields(TrainingSetup)}  # the defaults, stated once above
+
+
+def setup_defaults() -> dict[str, object]:
+    """The default of every option as a plain value (enum words, comma-joined tuples): what ``inputs`` shows for an
+    option left out. The one statement of the defaults is ``TrainingSetup`` itself."""
+    return TrainingSetup().to_dict()
+
+
+def defaults_sentence() -> str:
+    """The defaults in a few words, for reports: "bf16, adamw, seq_len 2048, no checkpointing, sdpa; LoRA r=8 on qv"
+    (read from ``TrainingSetup``, so a changed default changes the sentence)."""
+    d = setup_defaults()
+    checkpointing = "checkpointing" if d["grad_ckpt"] else "no checkpointing"
+    return (f"{d['precision']}, {d['optimizer']}, seq_len {d['seq_len']}, {checkpointing}, {d['attn']}; "
+            f"LoRA r={d['lora_rank']} on {d['lora_targets']}")
 
 
 @dataclass(frozen=True)
@@ -78,6 +116,9 @@ class ResolvedSetup:
     lora_modules: tuple[str, ...]  # peft target module names, resolved for the family
     defaulted: tuple[str, ...]  # options the user did not give
     warnings: tuple[str, ...] = field(default=())
+
+    __hash__ = cached_field_hash
+    __getstate__ = state_without_hash
 
 
 _LORA_OPTIONS = ("lora_rank", "lora_targets", "lora_dropout", "adapter_dtype")
@@ -98,7 +139,24 @@ def options_for(method: Method) -> tuple[str, ...]:
 
 
 def resolve_setup(model: ModelSpec, **options) -> ResolvedSetup:
-    """Validate user options against each other and the model; fill defaults. Unknown keywords are errors."""
+    """Validate user options against each other and the model; fill defaults. Unknown keywords are errors.
+
+    Resolved once per (model, options): the same words give the same frozen ``ResolvedSetup`` object (each value's
+    type is part of the key, so ``True`` and ``1`` stay apart). Unhashable values (a list of targets) resolve
+    every time."""
+    try:
+        key = tuple((name, value.__class__, value) for name, value in options.items())
+        return _resolve_cached(model, key)
+    except TypeError:
+        return _resolve(model, options)
+
+
+@functools.lru_cache(maxsize=8192)
+def _resolve_cached(model: ModelSpec, key: tuple) -> ResolvedSetup:
+    return _resolve(model, {name: value for name, _, value in key})
+
+
+def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     known = TrainingSetup.__dataclass_fields__
     for key in options:
         if key not in known:
@@ -107,38 +165,45 @@ def resolve_setup(model: ModelSpec, **options) -> ResolvedSetup:
     defaulted = tuple(key for key in known if key not in given
                       and not (key == "batch_size" and "global_batch_size" in given))
 
-    method = Method.parse(given.get("method", Method.FULL), "method")
+    method = Method.parse(given.get("method", SETUP_DEFAULTS["method"]), "method")
     _reject_foreign_options(method, given)
 
-    default_targets = ("qv",)
     values = dict(
         method=method,
-        precision=Precision.parse(given.get("precision", Precision.BF16), "precision"),
-        optimizer=Optimizer.parse(given.get("optimizer", Optimizer.ADAMW), "optimizer"),
-        batch_size=positive_int(given.get("batch_size", 1), "batch size"),
-        seq_len=positive_int(given.get("seq_len", 2048), "sequence length"),
-        grad_ckpt=_bool(given.get("grad_ckpt", False), "grad_ckpt"),
-        attn=Attention.parse(given.get("attn", Attention.SDPA), "attention"),
-        lora_rank=positive_int(given.get("lora_rank", 8), "LoRA rank"),
-        lora_targets=_targets(given.get("lora_targets", default_targets)),
-        lora_dropout=_probability(given.get("lora_dropout", 0.0)),
-        quant=Quant.parse(given.get("quant", Quant.NF4), "quantization"),
-        double_quant=_bool(given.get("double_quant", True), "double_quant"),
-        compute_dtype=ComputeDtype.parse(given.get("compute_dtype", ComputeDtype.BF16), "compute dtype"),
-        virtual_tokens=positive_int(given.get("virtual_tokens", 20), "number of virtual tokens"),
-        adapter_dtype=AdapterDtype.parse(given.get("adapter_dtype", AdapterDtype.FP32), "adapter dtype"),
-        grad_accum=positive_int(given.get("grad_accum", 1), "gradient accumulation steps"),
-        loss=Loss.parse(given.get("loss", Loss.HF), "loss"),
-        num_gpus=positive_int(given.get("num_gpus", 1), "number of GPUs"),
-        sharding=Sharding.parse(given.get("sharding", Sharding.NONE), "sharding"),
-        fsdp_shard=FsdpShard.parse(given.get("fsdp_shard", FsdpShard.FULL_SHARD), "FSDP sharding strategy"),
-        offload=Offload.parse(given.get("offload", Offload.NONE), "offload"),
+        precision=Precision.parse(given.get("precision", SETUP_DEFAULTS["precision"]), "precision"),
+        optimizer=Optimizer.parse(given.get("optimizer", SETUP_DEFAULTS["optimizer"]), "optimizer"),
+        batch_size=positive_int(given.get("batch_size", SETUP_DEFAULTS["batch_size"]), "batch size",
+                                MAX_OPTION["batch_size"]),
+        seq_len=positive_int(given.get("seq_len", SETUP_DEFAULTS["seq_len"]), "sequence length",
+                             MAX_OPTION["seq_len"]),
+        grad_ckpt=_bool(given.get("grad_ckpt", SETUP_DEFAULTS["grad_ckpt"]), "grad_ckpt"),
+        attn=Attention.parse(given.get("attn", SETUP_DEFAULTS["attn"]), "attention"),
+        lora_rank=positive_int(given.get("lora_rank", SETUP_DEFAULTS["lora_rank"]), "LoRA rank",
+                               MAX_OPTION["lora_rank"]),
+        lora_targets=_targets(given.get("lora_targets", SETUP_DEFAULTS["lora_targets"])),
+        lora_dropout=_probability(given.get("lora_dropout", SETUP_DEFAULTS["lora_dropout"])),
+        quant=Quant.parse(given.get("quant", SETUP_DEFAULTS["quant"]), "quantization"),
+        double_quant=_bool(given.get("double_quant", SETUP_DEFAULTS["double_quant"]), "double_quant"),
+        compute_dtype=ComputeDtype.parse(given.get("compute_dtype", SETUP_DEFAULTS["compute_dtype"]), "compute dtype"),
+        virtual_tokens=positive_int(given.get("virtual_tokens", SETUP_DEFAULTS["virtual_tokens"]),
+                                    "number of virtual tokens", MAX_OPTION["virtual_tokens"]),
+        adapter_dtype=AdapterDtype.parse(given.get("adapter_dtype", SETUP_DEFAULTS["adapter_dtype"]), "adapter dtype"),
+        grad_accum=positive_int(given.get("grad_accum", SETUP_DEFAULTS["grad_accum"]), "gradient accumulation steps",
+                                MAX_OPTION["grad_accum"]),
+        loss=Loss.parse(given.get("loss", SETUP_DEFAULTS["loss"]), "loss"),
+        num_gpus=positive_int(given.get("num_gpus", SETUP_DEFAULTS["num_gpus"]), "number of GPUs",
+                              MAX_OPTION["num_gpus"]),
+        sharding=Sharding.parse(given.get("sharding", SETUP_DEFAULTS["sharding"]), "sharding"),
+        fsdp_shard=FsdpShard.parse(given.get("fsdp_shard", SETUP_DEFAULTS["fsdp_shard"]), "FSDP sharding strategy"),
+        offload=Offload.parse(given.get("offload", SETUP_DEFAULTS["offload"]), "offload"),
     )
     if "global_batch_size" in given:
-        values["global_batch_size"] = positive_int(given["global_batch_size"], "global batch size")
+        values["global_batch_size"] = positive_int(given["global_batch_size"], "global batch size",
+                                                   MAX_OPTION["global_batch_size"])
         values["batch_size"] = _per_device_batch(values, "batch_size" in given)
     setup = TrainingSetup(**values)
     _check_combination(setup)
+    _check_computable(model, setup)
     if "fsdp_shard" in given and setup.sharding is not Sharding.FSDP:
         raise VramcalcError(f"--fsdp-shard applies to --sharding fsdp, not {setup.sharding.value!r}")
 
@@ -174,8 +239,20 @@ def _check_combination(setup: TrainingSetup) -> None:
             f"qlora with precision {setup.precision.value} makes no sense: the 4-bit base computes in 16 bits; "
             "use bf16, fp16, mixed-bf16 or mixed-fp16"
         )
-    if setup.sharding is not Sharding.NONE and setup.num_gpus == 1:
-        raise VramcalcError(f"sharding {setup.sharding.value!r} needs --num-gpus of 2 or more")
+    if setup.precision is Precision.FP8 and setup.method is not Method.FULL:
+        raise VramcalcError(
+            f"--precision fp8 is modelled for --method full only: torchao's Float8Linear saves the input of every "
+            f"converted Linear, frozen ones too (float8_linear.py: ctx.save_for_backward(input_hp, weight_hp_t)), "
+            f"which {setup.method.value} with a frozen base would add to its activations and vramcalc does not "
+            "estimate yet; use --precision bf16")
+    if setup.attn is Attention.FLASH and setup.precision is Precision.FP32:
+        raise VramcalcError("--attn flash needs 16-bit compute: FlashAttention-2 has no fp32 kernel (flash-attn "
+                            "csrc/flash_attn/flash_api.cpp: 'FlashAttention only support fp16 and bf16 data type'); "
+                            "use --attn sdpa or eager, or --precision bf16, fp16, mixed-bf16 or mixed-fp16")
+    single_gpu_offload = setup.sharding.is_deepspeed and setup.offload is not Offload.NONE
+    if setup.sharding is not Sharding.NONE and setup.num_gpus == 1 and not single_gpu_offload:
+        raise VramcalcError(f"sharding {setup.sharding.value!r} needs --num-gpus of 2 or more "
+                            "(on one GPU only DeepSpeed ZeRO with --offload applies: ZeRO-Offload)")
     _check_offload(setup)
 
 
@@ -204,6 +281,43 @@ def _check_offload(setup: TrainingSetup) -> None:
                             "offload needs a torch optimizer")
 
 
+def size_bound_bytes(model: ModelSpec, setup: TrainingSetup, batch_size=None, seq_len=None):
+    """An upper bound, in bytes as a float, on every byte count the estimate, the sweep or the trace computes for
+    this setup (elementwise when ``batch_size``/``seq_len`` are numpy arrays; the setup's own when left out).
+
+    bound = 32·P + 64·T·(V + L·(h + a·(d_qk + d_v) + k·(d_qk + d_v) + 3·(I + K·I_m + S·I_m) + E)) + 16·b·a·s²·L
+    with P stored parameters, T = b·s tokens, s the padded sequence length, S shared experts: at most 32 bytes per
+    parameter (fp32 weight, gradient, two Adam moments; a master copy and gathered units stay below it since the
+    16-bit weights are counted there at 4 bytes too), at most 16 saved or transient 4-byte copies of every per-token
+    feature of a layer and of the logits, and 4 fp32 copies of every attention score (eager attention; the bound
+    keeps it for every kernel). Each real term is a sum of a few such tensors, far below the factors used here.
+    """
+    b = setup.batch_size if batch_size is None else batch_size
+    s = setup.padded_seq_len if seq_len is None else seq_len + (setup.padded_seq_len - setup.seq_len)
+    m = model
+    qk, v = float(m.qk_head_dim), float(m.v_dim)
+    per_layer = (m.hidden_size + (m.num_heads + m.num_kv_heads) * (qk + v)
+                 + 3.0 * (m.intermediate_size + (m.experts_per_token + m.n_shared_experts) * m.expert_width)
+                 + m.num_experts)
+    tokens = b * 1.0 * s
+    return (32.0 * m.params + 64.0 * tokens * (m.vocab_size + m.num_layers * per_layer)
+            + 16.0 * b * m.num_heads * (s * 1.0) * s * m.num_layers)
+
+
+def oversize_error(bound_bytes: float) -> str:
+    """The one-line reason a setup past ``MAX_COMPUTABLE_BYTES`` is refused."""
+    return (f"this setup could need up to 2**{int(math.log2(max(bound_bytes, 1.0)))} bytes: past "
+            f"2**62 (4 EiB), the most vramcalc computes (sweep and trace hold byte counts in 64-bit integers); "
+            "use a smaller batch size, sequence length or model")
+
+
+def _check_computable(model: ModelSpec, setup: TrainingSetup) -> None:
+    """Refuse a setup whose byte counts could pass ``MAX_COMPUTABLE_BYTES`` (see ``size_bound_bytes``)."""
+    bound = size_bound_bytes(model, setup)
+    if bound >= MAX_COMPUTABLE_BYTES:
+        raise VramcalcError(oversize_error(bound))
+
+
 def _per_device_batch(values: dict, batch_given: bool) -> int:
     """global batch = micro-batch x GPUs x accumulation steps: the micro-batch it implies, or why none does."""
     total, gpus, accum = values["global_batch_size"], values["num_gpus"], values["grad_accum"]
@@ -219,31 +333,36 @@ def _per_device_batch(values: dict, batch_given: bool) -> int:
 
 def _probability(value) -> float:
     try:
+        if isinstance(value, bool):
+            raise TypeError
         p = float(value)
-    except (TypeError, ValueError):
-        raise VramcalcError(f"LoRA dropout must be a number in [0, 1), got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise VramcalcError(f"LoRA dropout must be a number in [0, 1), got {short_repr(value)}") from None
     if not (0.0 <= p < 1.0):
-        raise VramcalcError(f"LoRA dropout must be in [0, 1), got {value!r}")
+        raise VramcalcError(f"LoRA dropout must be in [0, 1), got {short_repr(value)}")
     return p
 
 
 def _bool(value, what: str) -> bool:
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
+    text = "" if isinstance(value, int) and value.bit_length() > 64 else str(value).strip().lower()
     if text in ("true", "1", "yes", "on"):
         return True
     if text in ("false", "0", "no", "off"):
         return False
-    raise VramcalcError(f"{what} must be true or false, got {value!r}")
+    raise VramcalcError(f"{what} must be true or false, got {short_repr(value)}")
 
 
 def _targets(value) -> tuple[str, ...]:
     """'qv', 'all-linear', 'q_proj,v_proj' or a list of module names."""
     if isinstance(value, str):
         names = [part.strip() for part in value.split(",")]
+    elif isinstance(value, (list, tuple)) and all(isinstance(part, str) for part in value):
+        names = [part.strip() for part in value]
     else:
-        names = [str(part).strip() for part in value]
+        raise VramcalcError(f"LoRA targets must be a string (qv, all-linear or a comma list of module names) or a "
+                            f"list of strings, got {short_repr(value)}")
     names = [name for name in names if name]
     if not names:
         raise VramcalcError("LoRA targets are empty; give qv, all-linear or a comma list of module names")

@@ -27,6 +27,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from ..catalogue import gpu_candidates
+
 NVML_SAMPLE_S = 0.005  # NVML polling period during the measured steps
 MIB = 2**20
 
@@ -63,42 +65,16 @@ class DeviceInfo:
         return asdict(self)
 
 
-# (words that must all appear in the lower-cased device name, catalogue name); first match wins, so the more
-# specific rows come first. The A100 rows also need the memory size to tell 40 GB from 80 GB.
-_GPU_NAME_TABLE: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("h200",), "h200"),
-    (("h100", "pcie"), "h100-pcie"),
-    (("h100",), "h100-sxm"),
-    (("a100", "80gb"), "a100-80gb"),
-    (("a100", "40gb"), "a100-40gb"),
-    (("l40s",), "l40s"),
-    (("a10g",), "a10g"),
-    (("rtx", "6000", "ada"), "rtx-6000-ada"),
-    (("5090",), "rtx-5090"),
-    (("4090",), "rtx-4090"),
-    (("3090",), "rtx-3090"),
-    (("b200",), "b200"),
-    (("mi300x",), "mi300x"),
-    (("t4",), "t4"),
-    (("v100", "32gb"), "v100-32gb"),
-    (("l4",), "l4"),
-)
-
-
 def catalogue_gpu_name(device_name: str, total_bytes: int = 0) -> str | None:
     """The catalogue GPU for a ``torch.cuda.get_device_name`` / NVML name, or None.
 
-    "NVIDIA H200" -> h200, "NVIDIA H100 80GB HBM3" -> h100-sxm, "NVIDIA A100-SXM4-80GB" -> a100-80gb. An A100 whose
-    name gives no size is matched by its memory (above 60 GiB: 80 GB)."""
-    words = device_name.lower().replace("-", " ").replace("_", " ")
-    tokens = set(words.split())
-    if "a100" in tokens and not ({"80gb", "40gb"} & tokens):
-        words += " 80gb" if total_bytes > 60 * 2**30 else " 40gb"
-        tokens = set(words.split())
-    for needed, name in _GPU_NAME_TABLE:
-        if all(word in tokens or (len(word) > 3 and word in words) for word in needed):
-            return name
-    return None
+    Resolved as ``--gpu`` resolves names (``catalogue.gpu_candidates``: the ``aliases`` column of ``data/gpus.csv``):
+    "NVIDIA H200" -> h200, "NVIDIA H100 80GB HBM3" -> h100-sxm, "NVIDIA A100-SXM4-80GB" -> a100-80gb. A name that
+    fits several rows (an A100 whose name gives no size) takes the one whose memory is nearest ``total_bytes``."""
+    found = gpu_candidates(device_name)
+    if len(found) > 1 and total_bytes > 0:
+        found = [min(found, key=lambda gpu: abs(gpu.memory_bytes - total_bytes))]
+    return found[0].name if len(found) == 1 else None
 
 
 def query_device(spec: str) -> DeviceInfo:

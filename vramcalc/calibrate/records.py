@@ -4,7 +4,9 @@ Crash safety: each row is one line (messages lose their line breaks), written wi
 ``O_APPEND`` descriptor and ``fsync``-ed before the next scenario starts, and ends with ``row_crc32``, the CRC-32
 of the rest of the line. A reader keeps only lines whose checksum matches, so a line cut short by a crash (or power
 loss) is ignored; on reopening, a last line without its newline is cut off before anything is appended. The header
-is written to a temporary file and renamed into place. The columns are documented in ``calibration/README.md``.
+is written to a temporary file and renamed into place (``vramcalc.files.write_atomic``). A failed append (a full
+disk) is cut back to the last whole row. A damaged file is refused or its bad lines ignored and reported, never
+rewritten (``RecordFile``). The columns are documented in ``calibration/README.md``.
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ import csv
 import datetime
 import io
 import os
+import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from ..errors import VramcalcError
 from ..options import Term
+from ..training_setup import TrainingSetup
 
 TENSOR_TERMS = tuple(term.value for term in Term if term.is_tensor)
-SETUP_COLUMNS = ("method", "precision", "optimizer", "batch_size", "seq_len", "grad_ckpt", "attn", "lora_rank",
-                 "lora_targets", "lora_dropout", "quant", "double_quant", "compute_dtype", "virtual_tokens",
-                 "adapter_dtype", "grad_accum", "loss", "num_gpus", "sharding")
+SETUP_COLUMNS = tuple(f.name for f in fields(TrainingSetup))  # every option of the setup, in its order
 
 COLUMNS: tuple[str, ...] = (
     # what and how it ended
@@ -199,112 +202,223 @@ def _decode_line(line: str, columns: list[str]) -> dict | None:
     body, _, crc = line.rpartition(",")
     if not body or len(crc) != 8 or f"{zlib.crc32(body.encode('utf-8')):08x}" != crc:
         return None
-    values = next(csv.reader([body]))
+    try:
+        values = next(csv.reader([body]))
+    except csv.Error:
+        return None
     if len(values) != len(columns) - 1:
         return None
     return dict(zip(columns[:-1], values))
 
 
+HEADER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+MAX_REPORTED_LINES = 20  # problems reported one line each, up to this many, then a count
+
+
+class DamagedRecords(VramcalcError):
+    """The CSV cannot be read safely (its header is lost or is not a measurements header): refused, never
+    rewritten."""
+
+
 @dataclass
 class RecordFile:
-    """The run's CSV. ``open()`` creates, repairs (drops a half-written last line) or migrates it (new columns);
-    ``append()`` commits one row; ``rows()`` reads every intact row."""
+    """The run's CSV. ``open()`` creates it, repairs it (cuts a last line a crash left without its newline) or
+    migrates it (an older set of columns, when no value would be lost); ``append()`` commits one row; ``rows()``
+    reads every intact row.
+
+    What is never done: rewriting a file whose header is lost or foreign (``DamagedRecords`` names the line and
+    why), or dropping a complete line silently. A complete line whose checksum does not match is ignored and
+    reported; a migration is refused while such a line exists (rewriting would lose it). ``problems`` holds one
+    line per repaired or ignored line of the last read, for the caller to print.
+    """
 
     path: Path
     columns: tuple[str, ...] = COLUMNS
     skipped_lines: int = 0
+    problems: list = field(default_factory=list)
 
     def open(self) -> "RecordFile":
+        from ..files import make_folder
+
         self.path = Path(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists() or self.path.stat().st_size == 0:
+        make_folder(self.path.parent)
+        if self.path.is_dir():
+            raise VramcalcError(f"cannot use {self.path}: it is a folder")
+        if not self.path.exists() or self._size() == 0:
             self._write_atomically([])
+            self.problems = []
             return self
-        self._cut_partial_line()
+        self._check_header()  # before anything is cut or rewritten
+        cut = self._cut_partial_line()
         header, rows = self._read()
+        if cut:
+            self.problems.insert(0, cut)
         if header != list(self.columns):
-            self._write_atomically(rows)  # older columns: same rows under the current header
+            self._migrate(header, rows)
+        return self
+
+    def check(self) -> "RecordFile":
+        """Read the file and change nothing: DamagedRecords when ``open()`` would refuse it (a lost or foreign
+        header, a migration that would lose lines); ``problems`` lists the lines it would repair or ignore."""
+        header, _ = self._read()
+        if header != list(self.columns):
+            self._check_migration(header)
         return self
 
     def rows(self) -> list[dict]:
         """Every intact row, in file order (a scenario recorded twice keeps its last row)."""
-        if not self.path.exists():
+        if not self.path.exists() or self._size() == 0:  # nothing recorded yet (open() writes the header)
+            self.problems = []
             return []
         _, rows = self._read()
         latest = {row["scenario_id"]: row for row in rows}
         return list(latest.values())
 
-    def done_ids(self) -> set[str]:
-        return {row["scenario_id"] for row in self.rows()}
+    def done_ids(self, rerun_errors: bool = False) -> set[str]:
+        """The scenarios ``--resume`` skips: every recorded one, or with ``rerun_errors`` only those whose last row
+        is a measurement (``ok`` or ``oom``), so that a scenario that ended in ``error`` (a timeout, a dead worker,
+        a refused setup) is run again."""
+        return {row["scenario_id"] for row in self.rows()
+                if not rerun_errors or row.get("status") in ("ok", "oom")}
 
     def append(self, row: dict) -> None:
+        """One row, one ``write`` on an ``O_APPEND`` descriptor, ``fsync``-ed. A failed write (a full disk) is cut
+        back to the file's previous end and raised as one VramcalcError line: no torn row is left behind."""
         data = encode_row(row, self.columns)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as err:
+            raise VramcalcError(f"cannot write {self.path}: {err.strerror or err}") from None
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            except OSError as err:
+                try:
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                except OSError:
+                    pass  # open() cuts a last line without its newline on the next run
+                raise VramcalcError(f"cannot write {self.path}: {err.strerror or err}") from None
         finally:
             os.close(fd)
 
     # -- internals -------------------------------------------------------------------------------------
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except OSError as err:
+            raise VramcalcError(f"cannot read {self.path}: {err.strerror or err}") from None
+
+    def _bytes(self) -> bytes:
+        try:
+            return self.path.read_bytes()
+        except OSError as err:
+            raise VramcalcError(f"cannot read {self.path}: {err.strerror or err}") from None
+
+    def _note(self, line_number: int, text: str) -> None:
+        self.problems.append(f"{self.path} line {line_number}: {text}")
+
+    def _check_header(self) -> list[str]:
+        """The header's column names, or DamagedRecords saying why line 1 is not one."""
+        data = self._bytes()
+        first, newline, _ = data.partition(b"\n")
+        line = first.decode("utf-8", errors="replace").rstrip("\r")
+        where = f"{self.path} line 1"
+        if not newline:
+            raise DamagedRecords(f"{where}: no complete header line; the file is not a measurements CSV "
+                                 f"(move it away or choose another --out)")
+        if _decode_line(line, list(self.columns)) is not None or _looks_like_row(line):
+            raise DamagedRecords(f"{where} is a data row, not the header: the header line is lost; nothing was "
+                                 f"changed (put the header of calibration/README.md back as line 1, or move "
+                                 f"the file away)")
+        try:
+            names = next(csv.reader([line]))
+        except csv.Error:
+            names = []
+        bad = [name for name in names if not HEADER_NAME.match(name)]
+        if (not names or names[-1] != "row_crc32" or "scenario_id" not in names or bad
+                or len(set(names)) != len(names)):
+            shown = line if len(line) <= 80 else line[:77] + "..."
+            raise DamagedRecords(f"{where} is not a measurements header (expected scenario_id,...,row_crc32; got "
+                                 f"{shown!r}); nothing was changed (move the file away or choose another --out)")
+        return names
+
     def _read(self) -> tuple[list[str], list[dict]]:
-        text = self.path.read_bytes().decode("utf-8", errors="replace")
+        header = self._check_header()
+        text = self._bytes().decode("utf-8", errors="replace")
         lines = text.split("\n")
-        complete = lines[:-1]  # the text after the last newline is an unfinished line
-        if not complete:
-            return [], []
-        header = next(csv.reader([complete[0]]))
+        complete, tail = lines[:-1], lines[-1]  # the text after the last newline is an unfinished line
         rows = []
         self.skipped_lines = 0
-        for line in complete[1:]:
-            if not line:
-                continue
-            row = _decode_line(line, header)
+        self.problems = []
+        for number_, line in enumerate(complete[1:], start=2):
+            line = line.rstrip("\r")
+            row = _decode_line(line, header) if line else None
             if row is None:
                 self.skipped_lines += 1
+                why = "empty line" if not line else "checksum or column count does not match (altered or damaged)"
+                self._note(number_, f"{why}: ignored")
             else:
                 rows.append(row)
+        if tail:
+            self.skipped_lines += 1
+            self._note(len(complete) + 1, "cut short (no newline: a write interrupted by a crash): ignored")
+        if len(self.problems) > MAX_REPORTED_LINES:
+            more = len(self.problems) - MAX_REPORTED_LINES
+            self.problems = self.problems[:MAX_REPORTED_LINES] + [f"{self.path}: {more} more lines ignored"]
         return header, rows
 
-    def _cut_partial_line(self) -> None:
-        """A crash during a write can leave a last line without its newline: cut it off."""
-        data = self.path.read_bytes()
+    def _cut_partial_line(self) -> str | None:
+        """A crash during a write can leave a last line without its newline: cut it off (and say so)."""
+        data = self._bytes()
         if data.endswith(b"\n"):
-            return
+            return None
         end = data.rfind(b"\n") + 1
-        with open(self.path, "r+b") as f:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            raise VramcalcError(f"cannot repair {self.path}: {err.strerror or err}") from None
+        line_number = data.count(b"\n") + 1
+        return (f"{self.path} line {line_number}: cut short (no newline: a write interrupted by a crash): "
+                f"removed ({len(data) - end} bytes)")
+
+    def _migrate(self, header: list[str], rows: list[dict]) -> None:
+        """Older columns: the same rows under the current header, only when that loses nothing."""
+        self._check_migration(header)
+        self._write_atomically(rows)
+
+    def _check_migration(self, header: list[str]) -> None:
+        lost_columns = [name for name in header if name not in self.columns]
+        if lost_columns:
+            raise DamagedRecords(f"{self.path} line 1: columns {', '.join(lost_columns[:5])} are not columns of "
+                                 f"this vramcalc; nothing was changed (use the vramcalc that wrote the file, or "
+                                 f"another --out)")
+        if self.skipped_lines:
+            raise DamagedRecords(f"{self.path}: has older columns and {self.skipped_lines} damaged lines; not "
+                                 f"migrated, since rewriting would lose them (move the file away, or remove "
+                                 f"those lines)")
 
     def _write_atomically(self, rows: list[dict]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        from ..files import write_atomic
+
         header = io.StringIO()
         csv.writer(header, lineterminator="\n").writerow(self.columns)
-        with open(tmp, "wb") as f:
-            f.write(header.getvalue().encode("utf-8"))
-            for row in rows:
-                f.write(encode_row(row, self.columns))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        data = header.getvalue().encode("utf-8") + b"".join(encode_row(row, self.columns) for row in rows)
+        write_atomic(self.path, data)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _looks_like_row(line: str) -> bool:
+    """A data row of any column set: its last field is an 8-digit hex checksum of the rest."""
+    body, _, crc = line.rpartition(",")
+    return bool(body) and len(crc) == 8 and crc == f"{zlib.crc32(body.encode('utf-8')):08x}"
 
 
 # -- reading rows back as numbers ----------------------------------------------------------------------

@@ -6,8 +6,10 @@ header; ratios are measured / estimated.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+from ..files import write_atomic
 from ..units import BYTES_PER_GIB
 from .fit import LEVELS, FitResult, observations, predict
 from .records import number
@@ -142,13 +144,28 @@ def full_report(rows: list[dict], result: FitResult | None) -> str:
     return "\n\n".join(parts)
 
 
+class PlotUnavailable(ImportError):
+    """matplotlib (the ``calibrate`` extra) is not installed: the plot cannot be drawn, the fit and report can."""
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or ``PlotUnavailable`` naming the extra to install."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise PlotUnavailable(f"the plot needs {err.name or 'matplotlib'}, which is not installed: "
+                              "pip install 'vramcalc[calibrate]'") from None
+    return plt
+
+
 def plot(rows: list[dict], result: FitResult | None, path: Path, title: str) -> Path:
     """measured_vs_estimated.png: max_memory_allocated against the estimated tensor peak, and NVML against the
-    estimated total before and after the fit (log-log, y = x dashed). matplotlib is imported here only."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    estimated total before and after the fit (log-log, y = x dashed). matplotlib is imported here only; without it,
+    ``PlotUnavailable``."""
+    plt = _pyplot()
 
     obs = observations(rows)
     unit, scale = _unit(rows)
@@ -185,9 +202,12 @@ def plot(rows: list[dict], result: FitResult | None, path: Path, title: str) -> 
     figure.suptitle(f"{title} ({unit} = 2^{30 if unit == 'GiB' else 20} bytes)")
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    buffer = io.BytesIO()
+    try:
+        figure.savefig(buffer, format="png", dpi=110)
+    finally:
+        plt.close(figure)
+    return write_atomic(path, buffer.getvalue())  # the old plot or the new one, never half of one
 
 
 def _diagonal(axis, values: list[float]) -> None:

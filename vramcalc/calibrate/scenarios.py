@@ -108,16 +108,26 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
     path = Path(path)
     if not path.is_file():
         raise VramcalcError(f"no scenario file at {str(path)!r}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise VramcalcError(f"cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise VramcalcError(f"{path} is not UTF-8 text (byte {err.start})") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise VramcalcError(f"{path} is not valid JSON: {err}") from None
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise VramcalcError(f"{path} is not valid JSON: {str(err) or 'nested too deeply'}") from None
         entries = data.get("scenarios", []) if isinstance(data, dict) else data
+        if not isinstance(entries, list):
+            raise VramcalcError(f"{path}: expected a list of scenarios, got {type(entries).__name__}")
         where = [f"{path} entry {i + 1}" for i in range(len(entries))]
     else:
-        entries = list(csv.DictReader(line for line in text.splitlines() if not line.lstrip().startswith("#")))
+        try:
+            entries = list(csv.DictReader(line for line in text.splitlines() if not line.lstrip().startswith("#")))
+        except csv.Error as err:
+            raise VramcalcError(f"{path} is not a valid CSV: {err}") from None
         where = [f"{path} row {i + 2}" for i in range(len(entries))]
     scenarios = []
     for entry, place in zip(entries, where):
@@ -131,6 +141,8 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
 def _scenario_from_entry(entry, place: str) -> Scenario:
     if not isinstance(entry, dict) or not str(entry.get("model") or "").strip():
         raise VramcalcError(f"{place}: a scenario needs a 'model'")
+    if not isinstance(entry.get("options") or {}, dict):
+        raise VramcalcError(f"{place}: 'options' must be an object of setup options")
     options = dict(entry.get("options") or {})
     for key, value in entry.items():
         if key in ("model", "id", "size", "options") or key.startswith("_"):
@@ -140,7 +152,7 @@ def _scenario_from_entry(entry, place: str) -> Scenario:
     try:
         return Scenario(model=str(entry["model"]).strip(), options=options, size=str(entry.get("size") or ""),
                         id=str(entry.get("id") or "").strip())
-    except VramcalcError as err:
+    except (ValueError, TypeError, OverflowError) as err:  # VramcalcError is a ValueError
         raise VramcalcError(f"{place}: {err}") from None
 
 
@@ -161,11 +173,11 @@ def _reject_duplicates(scenarios: list[Scenario]) -> None:
 
 
 def save_scenarios(path: str | Path, scenarios: list[Scenario]) -> None:
-    """The run's grid, in order, as JSON (``--resume`` reads it back, so a resumed run measures the same grid)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"scenarios": [s.to_dict() for s in scenarios]}, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """The run's grid, in order, as JSON (``--resume`` reads it back, so a resumed run measures the same grid);
+    written atomically, so a failure (full disk, read-only folder) leaves the old file or none, in one error line."""
+    from ..files import write_atomic
+
+    write_atomic(path, json.dumps({"scenarios": [s.to_dict() for s in scenarios]}, indent=1) + "\n")
 
 
 # -- the default grid ----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from ..training_setup import ResolvedSetup
 
 INIT_STD = 0.02  # transformers' default initializer_range
 DATA_SEED = 0
-QLORA_BLOCKSIZE = 64  # bitsandbytes quantize_4bit default, as tracing/qlora.py
+from ..facts import BNB_BLOCKSIZE as QLORA_BLOCKSIZE  # bitsandbytes quantize_4bit default
 
 
 def build_on_device(spec: ModelSpec, resolved: ResolvedSetup, device: torch.device) -> nn.Module:

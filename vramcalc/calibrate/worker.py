@@ -93,12 +93,10 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """The result, through ``vramcalc.files.write_atomic``: the runner reads a whole result or none."""
+    from ..files import write_atomic
+
+    write_atomic(path, json.dumps(data, default=str))
 
 
 if __name__ == "__main__":

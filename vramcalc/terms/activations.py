@@ -27,11 +27,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from ..model import ModelSpec
+from ..facts import adapter_bits
+from ..model import ModelSpec, cached_field_hash, state_without_hash
 from ..options import AdapterDtype, Attention, Method, Precision
-from ..training_setup import ResolvedSetup
+from ..units import DType, select
 
-FP32 = 4
+_F32 = DType.FP32.bytes  # bytes of an fp32 element
 SDPA_FLASH_MAX_HEAD_DIM = 256
 SEED_OFFSET_BYTES = 2 * 512  # flash attention's philox seed and offset, two tiny allocations per layer
 
@@ -62,17 +63,39 @@ class Dtypes:
     autocast: bool
     adapter: int  # LoRA adapter bytes
 
+    __hash__ = cached_field_hash  # part of many cache keys
+    __getstate__ = state_without_hash
 
-def dtypes(model: ModelSpec, resolved: ResolvedSetup) -> Dtypes:
-    setup = resolved.setup
-    precision = setup.precision
+
+@functools.lru_cache(maxsize=256)
+def dtypes(method: Method, precision: Precision, adapter_dtype: AdapterDtype) -> Dtypes:
+    """Element bytes the layer walk follows. r = the precision's parameter dtype (16 bits for QLoRA's unquantized
+    parts without a ``mixed-*`` word); c = the autocast dtype, or r without autocast (fp32); the adapter's from
+    ``facts.adapter_bits``. Source: transformers v5 load dtypes, torch autocast, peft ``autocast_adapter_dtype``."""
     autocast = precision is not Precision.FP32
     param = precision.param_dtype.bytes
-    if setup.method is Method.QLORA and not precision.is_mixed:
+    if method is Method.QLORA and not precision.is_mixed:
         param = 2
     c = precision.compute_dtype.bytes if autocast else param
-    adapter = 4 if setup.adapter_dtype is AdapterDtype.FP32 or param == 4 and setup.method is not Method.QLORA else 2
+    adapter = adapter_bits(method, precision, adapter_dtype) // 8
     return Dtypes(c=c, r=param, norm_out=param, autocast=autocast, adapter=adapter)
+
+
+@dataclass(frozen=True)
+class LayerSetup:
+    """What one decoder layer's saved tensors depend on besides the model, the mask decision and the batch shape:
+    the method (what trains), the element sizes, the attention implementation used and the LoRA modules (empty, rank
+    0 and no dropout without LoRA). Checkpointing is not part of it: it changes what is kept, not what is saved."""
+
+    method: Method
+    dtypes: Dtypes
+    attn_used: Attention
+    lora_modules: tuple[str, ...] = ()
+    lora_rank: int = 0
+    lora_dropout: float = 0.0
+
+    __hash__ = cached_field_hash
+    __getstate__ = state_without_hash
 
 
 @dataclass(frozen=True)
@@ -89,17 +112,15 @@ class LinearUse:
 class _LayerWalk:
     """Accumulates the saved bytes of one decoder layer for one token, following dtypes and requires_grad."""
 
-    def __init__(self, model: ModelSpec, resolved: ResolvedSetup, layer_requires_grad: bool = True):
+    def __init__(self, model: ModelSpec, layer: LayerSetup, masked: bool, layer_requires_grad: bool = True):
         self.m = model
-        self.resolved = resolved
-        self.setup = resolved.setup
-        self.dt = dtypes(model, resolved)
-        self.full = self.setup.method is Method.FULL
-        self.lora_names = set(resolved.lora_modules)
-        self.quantized = self.setup.method is Method.QLORA
+        self.layer = layer
+        self.dt = layer.dtypes
+        self.full = layer.method is Method.FULL
+        self.lora_names = set(layer.lora_modules)
+        self.quantized = layer.method is Method.QLORA
         self.gemma = model.family == "gemma2"
-        window = model.sliding_window
-        self.masked = bool(window) and resolved.setup.padded_seq_len > window  # transformers builds a 4-D mask
+        self.masked = masked  # a sliding window shorter than the sequence: transformers builds a 4-D mask
         self.per_token = 0
         self.per_square = 0
         self.per_layer = 0
@@ -112,9 +133,9 @@ class _LayerWalk:
     def norm(self, width: int, x_bytes: int, rows: int = 1) -> int:
         """RMSNorm over ``width`` (``rows`` normalised rows per token); returns its output's bytes per element."""
         if self.grad:
-            self.per_token += FP32 * width * rows + FP32 * rows  # fp32 input (or the fp32 input itself), rsqrt
+            self.per_token += _F32 * width * rows + _F32 * rows  # fp32 input (or the fp32 input itself), rsqrt
         if self.full:
-            self.per_token += (FP32 if self.gemma else x_bytes) * width * rows  # y saved for the weight gradient
+            self.per_token += (_F32 if self.gemma else x_bytes) * width * rows  # y saved for the weight gradient
         self.grad = self.grad or self.full
         return x_bytes if self.gemma else max(self.dt.norm_out, x_bytes)
 
@@ -143,9 +164,9 @@ class _LayerWalk:
 
     def _lora(self, width: int, x_bytes: int, x_saved: bool) -> bool:
         """One LoRA module on an input of ``width``; returns whether the shared input is now saved."""
-        setup = self.setup
+        layer = self.layer
         c, adapter, autocast = self.dt.c, self.dt.adapter, self.dt.autocast
-        dropout = setup.lora_dropout > 0
+        dropout = layer.lora_dropout > 0
         if dropout and self.grad:
             self.per_token += 1 * width  # native_dropout's bool mask (CUDA)
         if autocast and adapter != c:
@@ -155,7 +176,7 @@ class _LayerWalk:
         elif not x_saved:
             self.per_token += x_bytes * width
             x_saved = True
-        self.per_token += (c if autocast else adapter) * setup.lora_rank  # lora_A's output, saved by lora_B
+        self.per_token += (c if autocast else adapter) * layer.lora_rank  # lora_A's output, saved by lora_B
         return x_saved
 
     def use(self, name: str, width_in: int) -> LinearUse:
@@ -189,14 +210,14 @@ class _LayerWalk:
         embed = max(qkv, dt.r)  # RoPE multiplies by cos/sin in the residual dtype
         o_use = self.use("o_proj", a * d)
         o_saves_input = o_use.trains or o_use.lora
-        if self.resolved.attn_used is Attention.EAGER:
+        if self.layer.attn_used is Attention.EAGER:
             if self.grad:
                 q_bytes = c if dt.autocast else embed
                 repeat = a // k
                 kv_width = a * d if repeat > 1 else k * d
                 self.per_token += q_bytes * (a * d + 2 * kv_width)  # q, repeated k and v
                 # fp32 softmax, and its cast to the query dtype (the same tensor when that is fp32)
-                self.per_square += (FP32 + (q_bytes if q_bytes != FP32 else 0)) * a
+                self.per_square += (_F32 + (q_bytes if q_bytes != _F32 else 0)) * a
                 if self.gemma:
                     self.per_square += q_bytes * a  # tanh soft-capping output
             out_bytes = c if dt.autocast else embed
@@ -209,10 +230,10 @@ class _LayerWalk:
                 repeated = self.masked and a > k  # transformers' repeat_kv: k and v copied to a heads
                 kv_width = a * d if repeated else k * d
                 if kernel == "math":
-                    self.per_square += FP32 * a
-                    self.per_token += FP32 * (a * d + a * d + a * d) + out_bytes * a * d
+                    self.per_square += _F32 * a
+                    self.per_token += _F32 * (a * d + a * d + a * d) + out_bytes * a * d
                 else:
-                    self.per_token += out_bytes * (2 * a * d + 2 * kv_width) + FP32 * a
+                    self.per_token += out_bytes * (2 * a * d + 2 * kv_width) + _F32 * a
                     self.per_layer += SEED_OFFSET_BYTES
                 if self.masked:
                     # SDPA converts the boolean mask to an additive one per call and the efficient kernel saves it
@@ -244,7 +265,7 @@ class _LayerWalk:
         qk = nope + rope
         if self.grad:
             # q with rope applied, K assembled, kv_b's output (V is a view), output and logsumexp
-            self.per_token += c * a * qk + c * a * qk + kv * a * (nope + v) + c * a * v + FP32 * a
+            self.per_token += c * a * qk + c * a * qk + kv * a * (nope + v) + c * a * v + _F32 * a
             self.per_layer += SEED_OFFSET_BYTES
         return self.linears([self.use("o_proj", a * v)], c, x_saved=True)
 
@@ -272,7 +293,7 @@ class _LayerWalk:
         c = dt.c
         h, E, K, width = m.hidden_size, m.num_experts, m.experts_per_token, m.expert_width
         # router: fp32 scores [T, E], top-k values and int64 indices, their normaliser; a trained router's input
-        self.per_token += FP32 * E + (FP32 + 8) * K + FP32 + (c * h if self.full else 0)
+        self.per_token += _F32 * E + (_F32 + 8) * K + _F32 + (c * h if self.full else 0)
         # per slot: gate_up output (pinned by act and *), act output, down output (the routing weight needs it),
         # and the int64 sort, permutation and gather indices
         self.per_token += K * (3 * c * width + c * h + 3 * 8)
@@ -284,77 +305,92 @@ class _LayerWalk:
         return c
 
 
+def sliding_window_masked(model: ModelSpec, seq_len):
+    """Whether transformers builds a 4-D attention mask: the model has a sliding window shorter than the sequence
+    (``masking_utils.sliding_window_causal_mask``; SDPA then leaves the flash kernel). ``seq_len`` is the padded
+    sequence length (prompt tuning's virtual tokens included); elementwise when it is a numpy array."""
+    window = model.sliding_window
+    if not window:
+        return False
+    return select(seq_len > window, True, False) if hasattr(seq_len, "shape") else seq_len > window
+
+
 @functools.lru_cache(maxsize=4096)
-def layer_saved(model: ModelSpec, resolved: ResolvedSetup, moe: bool, requires_grad: bool = True) -> Saved:
-    """Saved bytes of one decoder layer (dense or MoE), without checkpointing."""
-    walk = _LayerWalk(model, resolved, layer_requires_grad=requires_grad)
+def layer_saved(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = False,
+                requires_grad: bool = True) -> Saved:
+    """Saved bytes of one decoder layer (dense or MoE), without checkpointing: the attention block's then the MLP's
+    (the walk in the module docstring). ``requires_grad``: whether the layer's input needs a gradient."""
+    walk = _LayerWalk(model, layer, masked, layer_requires_grad=requires_grad)
     walk.attention_block()
     walk.mlp_block(moe)
     return walk.result()
 
 
-def attention_saved(model: ModelSpec, resolved: ResolvedSetup) -> Saved:
+@functools.lru_cache(maxsize=4096)
+def attention_saved(model: ModelSpec, layer: LayerSetup, masked: bool = False) -> Saved:
     """Saved bytes of a decoder layer's attention block alone: what the layer's backward still holds once its MLP's
     backward is done (the MLP runs last in forward, first in backward)."""
-    walk = _LayerWalk(model, resolved)
+    walk = _LayerWalk(model, layer, masked)
     walk.attention_block()
     return walk.result()
 
 
-def first_layer_needs_grad(resolved: ResolvedSetup) -> bool:
+def first_layer_needs_grad(method: Method) -> bool:
     """Does the first layer's input require grad? Only when the embedding trains (full) or a prompt is prepended."""
-    return resolved.setup.method in (Method.FULL, Method.PROMPT)
+    return method in (Method.FULL, Method.PROMPT)
 
 
-def shared_saved(model: ModelSpec, resolved: ResolvedSetup) -> Saved:
+@functools.lru_cache(maxsize=4096)
+def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: bool, masked: bool = False) -> Saved:
     """Tensors every layer reads and backward keeps to the end: rotary cos and sin (r·d_rope each per token, made
     once per forward by ``*RotaryEmbedding``) and the int64 position ids. Under checkpointing the 4-D attention
     masks are checkpoint inputs too (memory-math.md 5.3): eager's [b, 1, s, s] in the compute dtype, one per mask
-    kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window mask."""
-    dt = dtypes(model, resolved)
+    kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window mask (``masked``)."""
     rope_dim = model.qk_rope_head_dim if model.traits.mla else model.head_dim
     saved = Saved(per_token=2 * dt.r * rope_dim + 8)
-    if resolved.setup.grad_ckpt:
+    if grad_ckpt:
         mask_kinds = 2 if model.family == "gemma2" else 1
-        if resolved.attn_used is Attention.EAGER:
+        if attn_used is Attention.EAGER:
             saved += Saved(per_square=mask_kinds * (dt.c if dt.autocast else dt.r))
-        elif model.sliding_window and resolved.setup.padded_seq_len > model.sliding_window:
+        elif masked:
             saved += Saved(per_square=1)
     return saved
 
 
-def head_saved(model: ModelSpec, resolved: ResolvedSetup) -> Saved:
-    """The final norm's saved tensors and, when lm_head trains, its input."""
-    dt = dtypes(model, resolved)
-    walk = _LayerWalk(model, resolved)
-    n = walk.norm(model.hidden_size, dt.r)
-    if resolved.setup.method is Method.FULL:
+@functools.lru_cache(maxsize=4096)
+def head_saved(model: ModelSpec, layer: LayerSetup) -> Saved:
+    """The final norm's saved tensors and, when lm_head trains (full fine-tuning), its input."""
+    walk = _LayerWalk(model, layer, masked=False)
+    n = walk.norm(model.hidden_size, layer.dtypes.r)
+    if layer.method is Method.FULL:
         walk.linears([LinearUse("lm_head", model.hidden_size, True, False, False)], n)
     return walk.result()
 
 
-def layer_kept(model: ModelSpec, resolved: ResolvedSetup, moe: bool) -> Saved:
+def layer_kept(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, moe: bool, masked: bool = False) -> Saved:
     """What one layer keeps from forward to its backward: its saved tensors, or under HF gradient checkpointing
     (non-reentrant, transformers ``GradientCheckpointingLayer``) only its input hidden states (r·h per token)."""
-    if resolved.setup.grad_ckpt:
-        return Saved(per_token=dtypes(model, resolved).r * model.hidden_size)
-    return layer_saved(model, resolved, moe)
+    if grad_ckpt:
+        return Saved(per_token=layer.dtypes.r * model.hidden_size)
+    return layer_saved(model, layer, moe, masked)
 
 
 @functools.lru_cache(maxsize=4096)
-def model_saved(model: ModelSpec, resolved: ResolvedSetup) -> Saved:
-    """Saved bytes of the whole model at the end of forward, logits excluded (see ``logits``)."""
-    total = shared_saved(model, resolved) + head_saved(model, resolved)
+def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bool = False) -> Saved:
+    """Saved bytes of the whole model at the end of forward, logits excluded (see ``logits``): the shared tensors,
+    the head's, the first layer's (its input needs a gradient only when ``first_layer_needs_grad``) and what every
+    other layer keeps (``layer_kept``), dense and MoE layers each once per kind times their count."""
+    total = shared_saved(model, layer.dtypes, layer.attn_used, grad_ckpt, masked) + head_saved(model, layer)
     first_moe = model.is_moe_layer(0)
-    if resolved.setup.grad_ckpt:
-        first = layer_kept(model, resolved, first_moe)
+    if grad_ckpt:
+        first = layer_kept(model, layer, grad_ckpt, first_moe, masked)
     else:
-        first = layer_saved(model, resolved, first_moe, first_layer_needs_grad(resolved))
+        first = layer_saved(model, layer, first_moe, masked, first_layer_needs_grad(layer.method))
     total += first
     dense = model.num_dense_layers - (0 if first_moe else 1)
     moe = model.num_moe_layers - (1 if first_moe else 0)
     if dense:
-        total += layer_kept(model, resolved, False) * dense
+        total += layer_kept(model, layer, grad_ckpt, False, masked) * dense
     if moe:
-        total += layer_kept(model, resolved, True) * moe
+        total += layer_kept(model, layer, grad_ckpt, True, masked) * moe
     return total

@@ -33,6 +33,24 @@ zero1-3  DeepSpeed through accelerate, config values "auto" (``transformers/inte
 Offload: ``optimizer`` moves the states, the fp32 master and the fp32 gradient partition to the host (DeepSpeed
 ZeRO-Offload, CPU Adam); ``params`` also the parameters at rest (ZeRO-3 ``offload_param``; FSDP2
 ``CPUOffloadPolicy``, which keeps sharded parameters, gradients and the optimizer step on the host).
+
+Where sharding is applied once and where it cannot be:
+- one GPU and DDP: the term functions' results as they stand (``states.model_states``), plus DDP's buckets.
+- ZeRO-1/2/3: DeepSpeed flattens every trainable tensor into one buffer and partitions that buffer, so the rank's
+  master copy, optimizer states and (stage 2-3) gradients are the whole-model terms, computed once on the module
+  after DeepSpeed's cast, divided by N and rounded up once (``_deepspeed_states``). Only ZeRO-3's parameters look
+  at single tensors: those under the persistence threshold (10·h elements) stay whole on every rank.
+- FSDP2: per tensor, by necessity. ``fully_shard`` makes each parameter its own DTensor cut in dim 0 and padded to
+  ceil(rows/N) rows, each shard its own allocation; a rank's bytes are
+  sum_t count_t·round512(ceil(rows_t/N)·(n_t/rows_t)·B), which no function of the whole-model total
+  sum_t round512(n_t·B) gives: the padding depends on each tensor's row count (a [V, h] embedding and an [h] norm
+  pad differently) and the 512-B rounding applies per shard. The optimizer term is worse: its rules read each
+  tensor's own size (8-bit AdamW keeps fp32 states below 4096 elements and blocks of 256, Adafactor factors the
+  shard's rows and columns, paged state starts at 1e5 elements), and after sharding those are the shard's sizes, not
+  the tensor's, so O(shard) is not O(tensor)/N. Hence ``_fsdp_states`` shards the stored tensors first and then
+  runs the same term functions (``optimizer_state_bytes``, ``optimizer_step_temporary_bytes``) on the shards; the
+  padded shards are checked in tests/test_distributed.py (``test_fsdp_shards_fp32_states_dim_zero_padded_per_rank``)
+  and the rank's peak against FSDP2 traced on a fake process group.
 """
 
 from __future__ import annotations
@@ -41,29 +59,22 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..catalogue import GpuSpec
-from ..errors import VramcalcError
+from .. import facts
+from ..facts import (DDP_BUCKET_CAP_BYTES, DDP_FIRST_BUCKET_BYTES, DEEPSPEED_HOST_BUFFER_FACTOR,
+                     DEEPSPEED_PERSISTENCE_PER_HIDDEN, DEEPSPEED_PREFETCH_FRACTION, GPUS_PER_NODE)
 from ..model import ModelSpec
 from ..options import AdapterDtype, FsdpShard, Method, Offload, Precision, Sharding
 from ..training_setup import ResolvedSetup
-from ..units import BYTES_PER_GB, round_up
+from ..units import DType, maximum, round_up
 from .gradients import gradient_bytes, layer_gradient_bytes
 from .optimizer import optimizer_state_bytes, optimizer_step_temporary_bytes
 from .parameters import StoredTensor, stored_tensors
+from .states import RankStates, head_gradient_bytes, model_states
 from .weights import weight_bytes
 
-FP32_BYTES = 4
-HALF_BYTES = 2
-DDP_BUCKET_CAP_BYTES = 25 * 2**20  # accelerate DistributedDataParallelKwargs.bucket_cap_mb = 25
-DDP_FIRST_BUCKET_BYTES = 2**20  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES: the first bucket is 1 MiB
-DEEPSPEED_PERSISTENCE_PER_HIDDEN = 10  # "auto" stage3_param_persistence_threshold = 10·h
-DEEPSPEED_PREFETCH_FRACTION = 0.9  # "auto" stage3_prefetch_bucket_size = 0.9·h²
-# DeepSpeed's host-memory rule for offload (runtime/zero/stage3.py::estimate_zero3_model_states_mem_needs): 16 bytes
-# per parameter with the optimizer offloaded (fp32 master, gradients, two Adam moments), 18 with the parameters too,
-# times additional_buffer_factor 1.5 (pinned staging buffers).
-DEEPSPEED_HOST_BYTES_PER_PARAM = {Offload.OPTIMIZER: 16, Offload.PARAMS: 18}
-DEEPSPEED_HOST_BUFFER_FACTOR = 1.5
-GPUS_PER_NODE = 8  # an HGX/DGX node
+# DeepSpeed's host bytes per trainable parameter under each offload (``facts``)
+DEEPSPEED_HOST_BYTES_PER_PARAM = {Offload.OPTIMIZER: facts.DEEPSPEED_HOST_BYTES_PER_PARAM_OPTIMIZER,
+                                  Offload.PARAMS: facts.DEEPSPEED_HOST_BYTES_PER_PARAM_PARAMS}
 
 
 def ranks(resolved: ResolvedSetup) -> int:
@@ -116,7 +127,7 @@ def _state_bits(tensor: StoredTensor, resolved: ResolvedSetup) -> int:
 
 def _gather_bytes(tensor: StoredTensor, resolved: ResolvedSetup) -> int:
     """Bytes per element of a gathered (compute) copy: 16-bit under the engines' casts."""
-    return HALF_BYTES if casts_to_half(resolved) else tensor.bits // 8
+    return facts.half_dtype(resolved.setup.precision).bytes if casts_to_half(resolved) else tensor.bits // 8
 
 
 # -- units -----------------------------------------------------------------------------------------------------------
@@ -124,11 +135,11 @@ def _gather_bytes(tensor: StoredTensor, resolved: ResolvedSetup) -> int:
 class Unit:
     """One FSDP2 unit (or ZeRO-3 module) while it computes, on one rank (bytes)."""
 
-    params: int = 0  # its gathered parameters
-    buffer: int = 0  # the flat all-gather output (FSDP2); 0 when parameters are gathered in place (ZeRO-3)
-    grads: int = 0  # autograd's unsharded gradients of its trainable parameters
-    reduce_buffer: int = 0  # flat reduce-scatter input, kept until the next unit's reduce-scatter
-    sharded_grads: int = 0  # what its reduce-scatter leaves on the rank
+    params_bytes: int = 0  # its gathered parameters
+    buffer_bytes: int = 0  # the flat all-gather output (FSDP2); 0 when parameters are gathered in place (ZeRO-3)
+    grads_bytes: int = 0  # autograd's unsharded gradients of its trainable parameters
+    reduce_buffer_bytes: int = 0  # flat reduce-scatter input, kept until the next unit's reduce-scatter
+    sharded_grads_bytes: int = 0  # what its reduce-scatter leaves on the rank
 
 
 NO_UNIT = Unit()
@@ -198,7 +209,7 @@ def gathering(spec: ModelSpec, resolved: ResolvedSetup) -> Gathering | None:
         return None
     prefetch = None
     if setup.sharding is Sharding.ZERO3:  # "auto" stage3_prefetch_bucket_size = 0.9·h² elements, 16-bit
-        prefetch = int(DEEPSPEED_PREFETCH_FRACTION * spec.hidden_size**2) * HALF_BYTES
+        prefetch = int(DEEPSPEED_PREFETCH_FRACTION * spec.hidden_size**2) * facts.half_dtype(setup.precision).bytes
     tensors = stored_tensors(spec, resolved)
     tied = spec.tie_word_embeddings
     model_level = [(t, t.count) for t in tensors if t.scope == "model"]
@@ -213,58 +224,20 @@ def gathering(spec: ModelSpec, resolved: ResolvedSetup) -> Gathering | None:
 
 
 # -- the rank's states ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RankStates:
-    """The model states one rank holds on its GPU, and the engine's gradient buffers (bytes)."""
-
-    weights: int  # parameters at rest (sharded under fsdp and zero3)
-    gradients: int  # gradients when the optimizer steps
-    optimizer_states: int  # on the GPU (0 when offloaded)
-    optimizer_step: int  # the optimizer's scratch on the GPU
-    layer_gradients: tuple[int, int]  # (dense, MoE): gradient bytes a layer's backward leaves on the rank
-    head_gradient: int  # lm_head's weight gradient when it first appears (full size; 0 unless it trains)
-    standing_buffers: int = 0  # alive at every moment: DDP's buckets
-    backward_buffers: int = 0  # alive while backward runs: DeepSpeed's reduce bucket
-    accumulated_gradients: int = 0  # gradients kept across micro-batches (gradient accumulation)
-    gathering: Gathering | None = None
-    host_bytes: int = 0  # what the rank keeps in host memory (offload)
-
-
-def rank_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
-    """Per-rank model states for the setup's engine (one GPU: everything)."""
+def rank_states(spec: ModelSpec, resolved: ResolvedSetup, states: RankStates | None = None) -> RankStates:
+    """Per-rank model states for the setup's engine, from the one-GPU ``states`` (``states.model_states``): as they
+    are on one GPU, plus the reducer's buckets under DDP; FSDP2 and DeepSpeed shard them per tensor."""
     sharding = resolved.setup.sharding
     if sharding is Sharding.FSDP:
         return _fsdp_states(spec, resolved)
     if sharding.is_deepspeed:
         return _deepspeed_states(spec, resolved)
-    return _replicated_states(spec, resolved)
-
-
-def head_gradient_bytes(spec: ModelSpec, resolved: ResolvedSetup, tensors) -> int:
-    """lm_head's weight gradient (the embedding's when tied), produced at the start of backward in full fine-tuning."""
-    if resolved.setup.method is not Method.FULL:
-        return 0
-    kind = "embedding" if spec.tie_word_embeddings else "lm_head"
-    head = next(t for t in tensors if t.kind == kind)
-    return head.numel * head.bits // 8
-
-
-def _replicated_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
-    """One GPU, or DDP: every rank holds everything; DDP adds its buckets."""
-    tensors = stored_tensors(spec, resolved)
-    optimizer = resolved.setup.optimizer
-    G = gradient_bytes(tensors)
-    ddp = resolved.setup.sharding is Sharding.DDP
-    return RankStates(
-        weights=weight_bytes(tensors),
-        gradients=G,
-        optimizer_states=optimizer_state_bytes(tensors, optimizer).device_bytes,
-        optimizer_step=optimizer_step_temporary_bytes(tensors, optimizer),
-        layer_gradients=(layer_gradient_bytes(spec, tensors, False), layer_gradient_bytes(spec, tensors, True)),
-        head_gradient=head_gradient_bytes(spec, resolved, tensors),
-        standing_buffers=ddp_bucket_bytes(tensors) if ddp else 0,
-        accumulated_gradients=G if resolved.setup.grad_accum > 1 else 0,
-    )
+    if states is None:
+        setup = resolved.setup
+        states = model_states(spec, stored_tensors(spec, resolved), setup.method, setup.optimizer, setup.grad_accum)
+    if sharding is Sharding.DDP:
+        return dataclasses.replace(states, standing_buffers=ddp_bucket_bytes(stored_tensors(spec, resolved)))
+    return states
 
 
 def ddp_bucket_bytes(tensors) -> int:
@@ -289,22 +262,22 @@ def _fsdp_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
     shards = tuple(sharded(t, n, _state_bits(t, resolved)) for t in tensors if t.kind != "quantized")
     replicated = sum(t.total_bytes for t in tensors if t.kind == "quantized")
     weights = sum(t.total_bytes for t in shards) + replicated
-    G = (units.embed.sharded_grads + units.tail.sharded_grads + units.dense.sharded_grads * spec.num_dense_layers
-         + units.moe.sharded_grads * spec.num_moe_layers)
+    G = (units.embed.sharded_grads_bytes + units.tail.sharded_grads_bytes + units.dense.sharded_grads_bytes * spec.num_dense_layers
+         + units.moe.sharded_grads_bytes * spec.num_moe_layers)
     O = optimizer_state_bytes(shards, setup.optimizer).device_bytes
     step = optimizer_step_temporary_bytes(shards, setup.optimizer)
     accumulated = 0
     if setup.grad_accum > 1:  # no_sync: every unit's unsharded gradients wait for the last micro-batch
-        accumulated = (units.embed.grads + units.tail.grads + units.dense.grads * spec.num_dense_layers
-                       + units.moe.grads * spec.num_moe_layers)
+        accumulated = (units.embed.grads_bytes + units.tail.grads_bytes + units.dense.grads_bytes * spec.num_dense_layers
+                       + units.moe.grads_bytes * spec.num_moe_layers)
     host = 0
     if setup.offload is Offload.PARAMS:  # CPUOffloadPolicy: shards, sharded gradients and the optimizer on the host
         host = weights - replicated + G + O
         weights, G, O, step = replicated, 0, 0, 0
     return RankStates(
         weights=weights, gradients=G, optimizer_states=O, optimizer_step=step,
-        layer_gradients=(units.dense.sharded_grads, units.moe.sharded_grads),
-        head_gradient=units.tail.grads if setup.method is Method.FULL else 0,
+        layer_gradients=(units.dense.sharded_grads_bytes, units.moe.sharded_grads_bytes),
+        head_gradient=units.tail.grads_bytes if setup.method is Method.FULL else 0,
         accumulated_gradients=accumulated, gathering=units, host_bytes=host,
     )
 
@@ -326,8 +299,8 @@ def _deepspeed_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
     step += -(-grad_partition // n)
     G = gradient_bytes(tensors)
     layer_grads = (layer_gradient_bytes(spec, tensors, False), layer_gradient_bytes(spec, tensors, True))
-    head = head_gradient_bytes(spec, compute, tensors)  # full until reduced
-    grad_elem = HALF_BYTES if half else FP32_BYTES
+    head = head_gradient_bytes(spec, compute.setup.method, tensors)  # full until reduced
+    grad_elem = facts.half_dtype(setup.precision).bytes if half else DType.FP32.bytes
     bucket = min(grad_elem * spec.hidden_size**2, G)  # the "auto" reduce bucket: h² gradient elements
     W = weight_bytes(tensors)
     units = None
@@ -377,24 +350,21 @@ def host_offload_bytes_per_node(spec: ModelSpec, resolved: ResolvedSetup) -> int
     return rank_states(spec, resolved).host_bytes * min(setup.num_gpus, GPUS_PER_NODE)
 
 
-# -- communication ----------------------------------------------------------------------------------------------------
+# -- communication volume ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Communication:
-    """Bytes one rank sends per optimizer step, by collective, and the time they take on the slowest link."""
+    """Bytes one rank sends per optimizer step, by collective (their time on a link is ``cost.communication_time``)."""
 
     all_reduce_bytes: int  # DDP's gradient all-reduce
     reduce_scatter_bytes: int  # gradients reduce-scattered to their owners
     all_gather_bytes: int  # parameters gathered (FSDP/ZeRO-3 forward and backward; ZeRO-1/2 after the step)
-    link: str  # the link that limits the ring: "nvlink", "pcie" or "infiniband"
-    link_gb_s: float  # its bandwidth per GPU and direction (GB/s = 1e9 B/s)
 
     @property
     def total_bytes(self) -> int:
         return self.all_reduce_bytes + self.reduce_scatter_bytes + self.all_gather_bytes
 
-    @property
-    def seconds(self) -> float:
-        return self.total_bytes / (self.link_gb_s * BYTES_PER_GB)
+
+NO_COMMUNICATION = Communication(0, 0, 0)
 
 
 def _ring_share(n_ranks: int) -> float:
@@ -403,8 +373,7 @@ def _ring_share(n_ranks: int) -> float:
     return (n_ranks - 1) / n_ranks
 
 
-def communication_per_step(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec,
-                           network_gb_s: float | None = None) -> Communication:
+def communication_bytes_per_step(spec: ModelSpec, resolved: ResolvedSetup) -> Communication:
     """Per-rank traffic of one optimizer step (gradient accumulation syncs once, on the last micro-batch).
 
     ddp     all-reduce of the gradients: 2·(N-1)/N·G
@@ -412,15 +381,12 @@ def communication_per_step(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpe
     zero3, fsdp full-shard: parameters gathered in forward and again in backward, gradients reduce-scattered:
             (N-1)/N·(2·W + G); shard-grad-op gathers once: (N-1)/N·(W + G)
     W counts every gathered parameter (a LoRA job still gathers the frozen base under fsdp/zero3); G only trainable
-    gradients, in the dtype they are reduced in. The time assumes the ring runs at the slowest link it crosses: the
-    GPU's NVLink (half its bidirectional figure) inside a node when the catalogue has it, else PCIe, and the
-    per-GPU network (InfiniBand) once the job spans nodes of ``GPUS_PER_NODE``; latency and overlap with compute
-    are ignored, so this is the communication a step must hide.
+    gradients, in the dtype they are reduced in.
     """
     setup = resolved.setup
     n = setup.num_gpus
     if setup.sharding is Sharding.NONE or n == 1:
-        return Communication(0, 0, 0, "none", math.inf)
+        return NO_COMMUNICATION
     share = _ring_share(n)
     compute = compute_setup(resolved)
     tensors = stored_tensors(spec, compute)
@@ -437,20 +403,68 @@ def communication_per_step(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpe
     else:
         gathers = 1 if setup.sharding is Sharding.FSDP and setup.fsdp_shard is FsdpShard.SHARD_GRAD_OP else 2
         reduce_scatter, all_gather = round(share * grads), round(gathers * share * weights)
-    link, bandwidth = ring_link(gpu, n, network_gb_s)
-    return Communication(all_reduce, reduce_scatter, all_gather, link, bandwidth)
+    return Communication(all_reduce, reduce_scatter, all_gather)
 
 
-def ring_link(gpu: GpuSpec, n_ranks: int, network_gb_s: float | None = None) -> tuple[str, float]:
-    """The link that limits a ring over ``n_ranks`` GPUs of this model, and its GB/s per GPU and direction."""
-    if n_ranks > GPUS_PER_NODE:
-        bandwidth = network_gb_s if network_gb_s is not None else gpu.infiniband_gb_s
-        if not bandwidth:
-            raise VramcalcError(f"the catalogue has no per-GPU network bandwidth for {gpu.name}: a job over "
-                                f"{n_ranks} GPUs spans nodes; give the network's GB/s per GPU")
-        return "infiniband", float(bandwidth)
-    if gpu.nvlink_bidir_gb_s:
-        return "nvlink", gpu.nvlink_bidir_gb_s / 2
-    if gpu.pcie_gb_s:
-        return "pcie", float(gpu.pcie_gb_s)
-    raise VramcalcError(f"the catalogue has no interconnect bandwidth for {gpu.name}")
+# -- the gathered units' timeline (FSDP2, ZeRO-3) ---------------------------------------------------------------------
+class GatheredTimeline:
+    """The bytes FSDP2 (or ZeRO-3) units add at each moment on top of the rank's sharded states (``Gathering``).
+
+    Forward gathers each unit and keeps its flat all-gather buffer until the next unit's copy-out has returned
+    (``FSDPParamGroup.wait_for_unshard`` holds the previous ``all_gather_state`` in a local until it exits): a
+    copy-out holds the previous unit's buffer, its own buffer and its gathered parameters at once. The tail (final
+    norm, lm_head) stays gathered into backward, and its buffer (the last layer's when tied) lives until the root's
+    forward ends, after the loss. Backward re-gathers each layer while prefetching the one before it, and keeps the
+    previous unit's reduce-scatter input until its own. Shard-grad-op keeps every unit gathered until its backward.
+    Zero when the engine keeps whole parameters.
+    """
+
+    def __init__(self, spec: ModelSpec, gathering: Gathering | None):
+        self.spec = spec
+        self.g = gathering
+        if gathering is None:
+            self.last_layer_forward = self.loss_forward = self.loss_backward = self.head_backward = 0
+            return
+        g = gathering
+        n_layers = spec.num_layers
+        last = g.layer(spec.is_moe_layer(n_layers - 1))
+        before_last = g.layer(spec.is_moe_layer(n_layers - 2)).buffer_bytes if n_layers > 1 else g.embed.buffer_bytes
+        all_layers = g.dense.params_bytes * spec.num_dense_layers + g.moe.params_bytes * spec.num_moe_layers
+        kept = all_layers + g.embed.params_bytes if g.keep_gathered else 0
+        tied_tail = g.tail.params_bytes if g.tied else 0
+        self.last_layer_copy_out = (kept or last.params_bytes) + before_last + last.buffer_bytes + tied_tail
+        self.last_layer_forward = (kept or last.params_bytes) + last.buffer_bytes + tied_tail
+        self.tail_copy_out = kept + (0 if g.tied else last.buffer_bytes + g.tail.buffer_bytes
+                                     + g.tail.params_bytes) + tied_tail
+        self.loss_forward = kept + g.tail.params_bytes + (last.buffer_bytes if g.tied else g.tail.buffer_bytes)
+        self.loss_backward = kept + g.tail.params_bytes
+        self.head_backward = kept + g.tail.params_bytes + (0 if g.keep_gathered else last.buffer_bytes)
+        # the embedding's backward: every layer reduced, the first layer's reduce-scatter input retained
+        self.embedding_reduced = (g.tail.sharded_grads_bytes + g.dense.sharded_grads_bytes * spec.num_dense_layers
+                                  + g.moe.sharded_grads_bytes * spec.num_moe_layers + self.layer(0).reduce_buffer_bytes)
+        self.embedding_gathered = g.embed.params_bytes
+        self.embedding_copy_out = g.embed.params_bytes + (0 if g.keep_gathered else g.embed.buffer_bytes)
+
+    def layer(self, index: int) -> Unit:
+        return self.g.layer(self.spec.is_moe_layer(index))
+
+    def weights_during(self, index: int) -> int:
+        """Gathered bytes while layer ``index`` runs its backward."""
+        g = self.g
+        if g.keep_gathered:  # every unit not yet through its backward is still gathered
+            before = sum(self.layer(i).params_bytes for i in range(index + 1)) if self.spec.is_moe else \
+                g.dense.params_bytes * (index + 1)
+            return before + g.embed.params_bytes
+        prefetched = self.layer(index - 1).buffer_bytes if index > 0 else g.embed.buffer_bytes
+        return self.layer(index).params_bytes + prefetched
+
+    def retained_reduce_buffer(self, index: int) -> int:
+        """The reduce-scatter input of the unit reduced just before layer ``index``'s."""
+        if index == self.spec.num_layers - 1:
+            return self.g.tail.reduce_buffer_bytes
+        return self.layer(index + 1).reduce_buffer_bytes
+
+    def embedding_gradients(self, accumulated_gradients: int):
+        """Gradients on the rank during the embedding's backward: its own unsharded ones (or the accumulated ones),
+        beside every reduced layer."""
+        return maximum(accumulated_gradients, self.g.embed.grads_bytes) + self.embedding_reduced

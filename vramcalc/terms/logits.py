@@ -19,17 +19,16 @@ Labels: transformers pads and shifts them to an int64 [T] tensor kept for nll_lo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from ..facts import CHUNKED_LOSS_CHUNKS, fused_chunk_tokens
 from ..model import ModelSpec
-from ..options import Loss, Precision
-from ..training_setup import ResolvedSetup
-from ..units import maximum, next_power_of_two
-from .activations import FP32, dtypes
+from ..options import Loss
+from ..units import DType, maximum
+from .activations import Dtypes
 
-CHUNKED_LOSS_CHUNKS = 8  # torchtune CEWithChunkedOutputLoss default num_output_chunks
-LABEL_BYTES = 8  # int64
+_F32 = DType.FP32.bytes  # bytes of an fp32 element
+LABEL_BYTES = DType.INT64.bytes  # int64 labels
 
 
 @dataclass(frozen=True)
@@ -41,35 +40,29 @@ class LogitsBytes:
     forward_hidden_grad: int = 0  # fused: grad_input, alive from forward to backward (part of ``saved``)
 
 
-def fused_chunk_tokens(tokens, vocab: int, hidden: int):
-    """Liger's chunk: next_power_of_2(ceil(T / ceil(V / h))), at most T."""
-    inc_factor = math.ceil(vocab / hidden)
-    chunk = next_power_of_two(-(-tokens // inc_factor))
-    return tokens - maximum(tokens - chunk, 0)  # min(tokens, chunk), array-safe
-
-
-def logits_bytes(model: ModelSpec, resolved: ResolvedSetup, tokens, head_grad_bytes: int = 0) -> LogitsBytes:
-    """``head_grad_bytes``: lm_head's weight gradient when it trains (0 otherwise)."""
-    setup = resolved.setup
-    dt = dtypes(model, resolved)
+def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_bytes: int = 0) -> LogitsBytes:
+    """The logits' and the loss's bytes at each moment, for ``tokens`` T (an int or a numpy array) and the model's V,
+    h and final soft-cap; ``dt.c`` the compute bytes; ``dt.autocast`` (every precision but fp32) adds accelerate's
+    fp32 copy of the outputs; ``head_grad_bytes`` lm_head's weight gradient when it trains (0 otherwise). Formulas and
+    sources per loss: the module docstring."""
     V = model.vocab_size
     c = dt.c
-    upcast = 0 if c == FP32 else FP32
+    upcast = 0 if c == _F32 else _F32
     softcap = model.traits.logit_softcap
-    accelerate_copy = setup.precision is not Precision.FP32
+    accelerate_copy = dt.autocast  # convert_outputs_to_fp32 runs under every autocast precision
     labels = LABEL_BYTES * tokens
-    if setup.loss is Loss.HF:
-        saved = (FP32 + (c if softcap else 0)) * tokens * V + labels
-        chain = (2 * c if softcap else c) + upcast + FP32
-        after = (2 * c if softcap else c) + FP32 + (FP32 if accelerate_copy else 0)
+    if loss is Loss.HF:
+        saved = (_F32 + (c if softcap else 0)) * tokens * V + labels
+        chain = (2 * c if softcap else c) + upcast + _F32
+        after = (2 * c if softcap else c) + _F32 + (_F32 if accelerate_copy else 0)
         forward = max(chain, after) * tokens * V + labels
-        backward = (3 * FP32 + (c if softcap else 0)) * tokens * V + labels
+        backward = (3 * _F32 + (c if softcap else 0)) * tokens * V + labels
         return LogitsBytes(forward, saved, backward, c * tokens * V + labels)
-    if setup.loss is Loss.CHUNKED:
+    if loss is Loss.CHUNKED:
         chunk = -(-tokens // CHUNKED_LOSS_CHUNKS)
-        saved = (FP32 + (c if softcap else 0)) * tokens * V + labels
+        saved = (_F32 + (c if softcap else 0)) * tokens * V + labels
         forward = saved + ((2 * c if softcap else c) + upcast) * chunk * V
-        backward = saved + 2 * FP32 * chunk * V
+        backward = saved + 2 * _F32 * chunk * V
         if head_grad_bytes:
             remaining = saved * (CHUNKED_LOSS_CHUNKS - 2) // CHUNKED_LOSS_CHUNKS
             backward = maximum(backward, remaining + 3 * head_grad_bytes + c * chunk * V)
@@ -77,6 +70,6 @@ def logits_bytes(model: ModelSpec, resolved: ResolvedSetup, tokens, head_grad_by
     chunk = fused_chunk_tokens(tokens, V, model.hidden_size)
     hidden_bytes = max(dt.norm_out, dt.r)
     grad_input = hidden_bytes * tokens * model.hidden_size
-    saved = grad_input + FP32 * tokens + labels
+    saved = grad_input + _F32 * tokens + labels
     forward = saved + c * chunk * V + hidden_bytes * chunk * model.hidden_size
     return LogitsBytes(forward, saved, saved, saved, forward_hidden_grad=grad_input)

@@ -19,15 +19,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..facts import BNB_MIN_8BIT_NUMEL, BNB_OPTIM_BLOCKSIZE, BNB_PAGED_MIN_NUMEL
 from ..options import Optimizer
-from ..units import round_up
+from ..units import DType, round_up
 from .parameters import StoredTensor
 
-BNB_MIN_8BIT_NUMEL = 4096  # bitsandbytes Optimizer8bit min_8bit_size
-BNB_OPTIM_BLOCKSIZE = 256  # bitsandbytes blockwise 8-bit state
-BNB_QMAP_BYTES = 2 * round_up(256 * 4)  # "dynamic" and "udynamic" code tables, once per optimizer
-BNB_PAGED_MIN_NUMEL = 100_000  # get_state_buffer pages only tensors with numel >= 1e5
-ADAM_STEP_BYTES = round_up(4)  # fused AdamW keeps state["step"] as a 0-d fp32 tensor on the device
+_F32 = DType.FP32.bytes  # bytes of an fp32 element
+BNB_QMAP_BYTES = 2 * round_up(256 * _F32)  # "dynamic" and "udynamic" code tables, once per optimizer
+ADAM_STEP_BYTES = round_up(_F32)  # fused AdamW keeps state["step"] as a 0-d fp32 tensor on the device
 
 
 @dataclass(frozen=True)

@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..model import ModelSpec, ParamKind
-from ..options import AdapterDtype, Method
+from .. import facts
+from ..facts import BNB_4BIT_CODE_ENTRIES, BNB_BLOCKSIZE, BNB_DQ_BLOCKSIZE, BNB_DQ_CODE_ENTRIES
+from ..model import ModelSpec, ParamKind, state_without_hash
+from ..options import Method, Precision
 from ..training_setup import ResolvedSetup
 from ..units import round_up
-
-BNB_BLOCKSIZE = 64  # quantize_4bit default blocksize
-BNB_DQ_BLOCKSIZE = 256  # double quantization: quantize_blockwise(absmax, blocksize=256)
-BNB_DQ_CODE_ENTRIES = 256  # the "dynamic" code of the nested quantization, fp32
-BNB_4BIT_CODE_ENTRIES = 16  # the nf4/fp4 code table, fp32
 
 
 @dataclass(frozen=True)
@@ -41,14 +38,26 @@ class StoredTensor:
     trainable: bool
     metadata_bytes: int = 0  # per tensor: quantization state allocations, each rounded to 512 B
     scope: str = "model"  # model | layer | dense | moe: which decoder layers hold one (see model.ParamTensor)
+    # derived once at construction (``dataclasses.replace`` recomputes them): elements, and bytes of one tensor as
+    # the allocator holds it, round512(ceil(numel * bits / 8)) + metadata
+    numel: int = field(init=False, repr=False, compare=False)
+    bytes_each: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+    def __hash__(self) -> int:  # tuples of stored tensors are cache keys (``states.model_states``): hash once
+        try:
+            return self.__dict__["_field_hash"]
+        except KeyError:
+            cached = hash((self.name, self.kind, self.shape, self.count, self.bits, self.trainable,
+                           self.metadata_bytes, self.scope))
+            object.__setattr__(self, "_field_hash", cached)
+            return cached
 
-    @property
-    def bytes_each(self) -> int:
-        return round_up(-(-self.numel * self.bits // 8)) + self.metadata_bytes
+    __getstate__ = state_without_hash
+
+    def __post_init__(self) -> None:
+        numel = math.prod(self.shape)
+        object.__setattr__(self, "numel", numel)
+        object.__setattr__(self, "bytes_each", round_up(-(-numel * self.bits // 8)) + self.metadata_bytes)
 
     @property
     def total_bytes(self) -> int:
@@ -67,13 +76,41 @@ def quantized_metadata_bytes(numel: int, double_quant: bool) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTensor, ...]:
+    """``parameter_tensors`` for a resolved setup (the values it reads, each normalised to a fixed value where the
+    method ignores it, so that setups differing only in batch shape, optimizer or the like share one inventory)."""
+    return parameter_tensors(model, *parameter_key(resolved))
+
+
+def parameter_key(resolved: ResolvedSetup) -> tuple:
+    """(method, precision, double_quant, lora_modules, lora_rank, adapter_bits, virtual_tokens): what the stored
+    tensors depend on. Values a method does not read are normalised (no LoRA: no modules, rank 0; no prompt: 0
+    virtual tokens; no QLoRA: no double quantization)."""
     setup = resolved.setup
     method = setup.method
-    base_bits = setup.precision.param_dtype.bits
-    if method is Method.QLORA and not setup.precision.is_mixed:
+    lora = method.uses_lora
+    return (method, setup.precision, setup.double_quant if method is Method.QLORA else False,
+            resolved.lora_modules if lora else (), setup.lora_rank if lora else 0,
+            adapter_bits(resolved) if lora or method is Method.PROMPT else 0,
+            setup.virtual_tokens if method is Method.PROMPT else 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, double_quant: bool,
+                      lora_modules: tuple[str, ...], lora_rank: int, adapter_bits: int,
+                      virtual_tokens: int) -> tuple[StoredTensor, ...]:
+    """Every parameter tensor the step stores, with its dtype, trainability and quantization state.
+
+    Base weights in the precision's parameter dtype (fp32 where ``keep_fp32``; 16 bits under QLoRA without a
+    ``mixed-*`` word); QLoRA stores each decoder nn.Linear weight as 4-bit codes plus ``quantized_metadata_bytes``;
+    LoRA adds A [r, in] and B [out, r] per module in ``lora_modules`` at ``adapter_bits``; prompt tuning one
+    [virtual_tokens, h] embedding. Only full fine-tuning trains the base. Sources: module docstring.
+    """
+    base_bits = precision.param_dtype.bits
+    if method is Method.QLORA and not precision.is_mixed:
         base_bits = 16
     quantized_linears = method is Method.QLORA
     linear_names = {module.name for module in model.inventory.linears}
+    full = method is Method.FULL
     out = []
     for tensor in model.inventory.tensors:
         bits = 32 if tensor.keep_fp32 else base_bits
@@ -81,34 +118,28 @@ def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTen
         is_linear_weight = tensor.kind is ParamKind.LINEAR and tensor.name.endswith(".weight") and module in linear_names
         if quantized_linears and is_linear_weight:
             out.append(StoredTensor(tensor.name, "quantized", tensor.shape, tensor.count, 4, False,
-                                    quantized_metadata_bytes(tensor.numel, setup.double_quant), tensor.scope))
+                                    quantized_metadata_bytes(tensor.numel, double_quant), tensor.scope))
             continue
-        out.append(StoredTensor(tensor.name, tensor.kind.value, tensor.shape, tensor.count, bits, method is Method.FULL,
+        out.append(StoredTensor(tensor.name, tensor.kind.value, tensor.shape, tensor.count, bits, full,
                                 scope=tensor.scope))
     if method.uses_lora:
-        bits = adapter_bits(resolved)
         linears = {module.name: module for module in model.inventory.linears}
-        for name in resolved.lora_modules:
+        for name in lora_modules:
             module = linears[name]
-            r = setup.lora_rank
-            out.append(StoredTensor(f"{name}.lora_A", "adapter", (r, module.in_features), module.count, bits, True,
-                                    scope=module.scope))
-            out.append(StoredTensor(f"{name}.lora_B", "adapter", (module.out_features, r), module.count, bits, True,
-                                    scope=module.scope))
+            out.append(StoredTensor(f"{name}.lora_A", "adapter", (lora_rank, module.in_features), module.count,
+                                    adapter_bits, True, scope=module.scope))
+            out.append(StoredTensor(f"{name}.lora_B", "adapter", (module.out_features, lora_rank), module.count,
+                                    adapter_bits, True, scope=module.scope))
     if method is Method.PROMPT:
-        out.append(StoredTensor("prompt_encoder.embedding", "prompt", (setup.virtual_tokens, model.hidden_size), 1,
-                                adapter_bits(resolved), True))
+        out.append(StoredTensor("prompt_encoder.embedding", "prompt", (virtual_tokens, model.hidden_size), 1,
+                                adapter_bits, True))
     return tuple(out)
 
 
 def adapter_bits(resolved: ResolvedSetup) -> int:
-    """fp32 adapters (peft default), or the model's 16-bit dtype."""
+    """fp32 adapters (peft default), or the model's 16-bit dtype (``facts.adapter_bits``)."""
     setup = resolved.setup
-    if setup.adapter_dtype is AdapterDtype.FP32:
-        return 32
-    if setup.precision.param_dtype.bits == 32 and setup.method is not Method.QLORA:
-        return 32
-    return 16
+    return facts.adapter_bits(setup.method, setup.precision, setup.adapter_dtype)
 
 
 def trainable(tensors: tuple[StoredTensor, ...]) -> list[StoredTensor]:

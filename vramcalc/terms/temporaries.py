@@ -1,20 +1,21 @@
 """temporaries: short-lived or weight-derived tensors: autocast weight copies, dequantized 4-bit weights, the
-gradients of activations inside one layer's backward, and the embedding's backward. (Optimizer scratch is in
-``optimizer.optimizer_step_temporary_bytes``.)
+gradients of activations inside one layer's backward, the gradient of the hidden states, the final norm's and the
+embedding's backward. (Optimizer scratch is in ``optimizer.optimizer_step_temporary_bytes``.)
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+from ..facts import BNB_BLOCKSIZE, BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS
 from ..model import ModelSpec
 from ..options import Attention, Method
-from ..training_setup import ResolvedSetup
-from ..units import maximum, select
-from .activations import FP32, dtypes
+from ..units import DType, maximum, select
+from .activations import Dtypes
 from .parameters import StoredTensor
 
-BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS = 1536  # bitsandbytes backends/cuda/ops.py: above it, dequantize + F.linear
+_F32 = DType.FP32.bytes  # bytes of an fp32 element
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,9 @@ class WeightCopies:
     backward_start: int  # still saved when backward starts
 
 
-def weight_copy_bytes(model: ModelSpec, resolved: ResolvedSetup, tensors: tuple[StoredTensor, ...]) -> WeightCopies:
+@functools.lru_cache(maxsize=4096)
+def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: bool,
+                      tensors: tuple[StoredTensor, ...]) -> WeightCopies:
     """Autocast's 16-bit copies of fp32 Linear weights that F.linear saves for its input gradient.
 
     ATen ``autocast_mode.cpp::cached_cast`` caches the copy of a leaf weight that requires grad until autocast exits
@@ -31,69 +34,65 @@ def weight_copy_bytes(model: ModelSpec, resolved: ResolvedSetup, tensors: tuple[
     ``F.linear`` saves the copy it multiplied with whenever its input needs a gradient, until that layer's
     backward. Applies when fp32 weights meet 16-bit autocast (mixed precision, and QLoRA's kbit-prepared lm_head);
     with checkpointing only lm_head's copy stays saved past forward (plus, for trained weights, the autocast cache
-    until forward ends).
+    until forward ends). Bytes: c·V·h for an fp32 lm_head (or tied embedding), c·n per fp32 Linear weight of the
+    layers (none under QLoRA, whose Linears are 4-bit) and per fp32 adapter tensor.
     """
-    dt = dtypes(model, resolved)
-    setup = resolved.setup
-    if not dt.autocast or dt.c == FP32:
+    if not dt.autocast or dt.c == _F32:
         return WeightCopies(0, 0)
-    full = setup.method is Method.FULL
+    full = method is Method.FULL
     head = next((t for t in tensors if t.kind in ("lm_head", "embedding") and (t.kind == "lm_head" or model.tie_word_embeddings)), None)
     head_copy = dt.c * model.vocab_size * model.hidden_size if head is not None and head.bits == 32 else 0
     layer_copies = 0
     for t in tensors:
-        if t.kind == "linear" and t.bits == 32 and t.name.endswith(".weight") and (full or not setup.grad_ckpt):
+        if t.kind == "linear" and t.bits == 32 and t.name.endswith(".weight") and (full or not grad_ckpt):
             layer_copies += dt.c * t.numel * t.count
-    if setup.method is Method.QLORA:
+    if method is Method.QLORA:
         layer_copies = 0
     # fp32 LoRA adapters are trained leaves too: autocast caches their 16-bit copies and F.linear saves them
     adapters = sum(dt.c * t.numel * t.count for t in tensors if t.kind == "adapter" and t.bits == 32)
-    saved = head_copy + (0 if setup.grad_ckpt else layer_copies + adapters)
-    forward = head_copy + adapters + (layer_copies if full or not setup.grad_ckpt else 0)
+    saved = head_copy + (0 if grad_ckpt else layer_copies + adapters)
+    forward = head_copy + adapters + (layer_copies if full or not grad_ckpt else 0)
     return WeightCopies(forward, saved)
 
 
-def dequantized_weight_bytes(model: ModelSpec, resolved: ResolvedSetup, tokens):
+def dequantized_weight_bytes(model: ModelSpec, method: Method, double_quant: bool, dt: Dtypes, tokens):
     """QLoRA: the largest 4-bit Linear dequantized for one matmul.
 
     Above 1536 tokens bitsandbytes' CUDA ``gemm_4bit`` runs ``_dequant_linear_fallback``: an fp32 absmax (twice, with
     double quantization) and the full weight in the input's dtype, freed after ``F.linear``. Backward dequantizes
     again (``MatMul4Bit.backward``). Below, a fused kernel needs none.
     """
-    if resolved.setup.method is not Method.QLORA:
+    if method is not Method.QLORA:
         return 0
-    dt = dtypes(model, resolved)
     largest = max(module.weight_numel for module in model.inventory.linears)
-    absmax = 2 * FP32 * -(-largest // 64) if resolved.setup.double_quant else 0
+    absmax = 2 * _F32 * -(-largest // BNB_BLOCKSIZE) if double_quant else 0
     return select(tokens > BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS, max(dt.r, dt.c) * largest + absmax, 0)
 
 
-def mlp_backward_bytes(model: ModelSpec, resolved: ResolvedSetup, batch_size, seq_len):
+def mlp_backward_bytes(model: ModelSpec, c: int, batch_size, seq_len):
     """Gradients alive at once in an MLP's backward: the incoming [T, h] gradient, then down's input gradient and
-    mul's two gradients [T, I] (c each); for MoE, over the T·K routed slots."""
+    mul's two gradients [T, I] (c bytes each, the compute dtype); for MoE, over the T·K routed slots."""
     m = model
-    c = dtypes(model, resolved).c
     width = m.expert_width * m.experts_per_token if m.is_moe else m.intermediate_size
     return c * batch_size * seq_len * (3 * width + m.hidden_size)
 
 
-def attention_backward_bytes(model: ModelSpec, resolved: ResolvedSetup, batch_size, seq_len):
+def attention_backward_bytes(model: ModelSpec, c: int, attn_used: Attention, batch_size, seq_len):
     """Gradients alive at once in attention's backward: dq, dk, dv and the incoming gradient of the output; eager
     adds, per [b, a, s, s] element, the gradient of the probabilities (c) and its fp32 copy for the softmax backward
     (4), less what backward frees."""
     m = model
-    c = dtypes(model, resolved).c
     a, k, d = m.num_heads, m.num_kv_heads, m.qk_head_dim
     attention = c * batch_size * seq_len * (2 * a * d + 2 * k * d)
-    if resolved.attn_used is Attention.EAGER:
-        attention += (c + FP32) * batch_size * a * seq_len * seq_len
+    if attn_used is Attention.EAGER:
+        attention += (c + _F32) * batch_size * a * seq_len * seq_len
     return attention
 
 
-def layer_backward_bytes(model: ModelSpec, resolved: ResolvedSetup, batch_size, seq_len):
+def layer_backward_bytes(model: ModelSpec, c: int, attn_used: Attention, batch_size, seq_len):
     """The larger of the two halves of a layer's backward transients (MLP first, then attention)."""
-    return maximum(mlp_backward_bytes(model, resolved, batch_size, seq_len),
-                   attention_backward_bytes(model, resolved, batch_size, seq_len))
+    return maximum(mlp_backward_bytes(model, c, batch_size, seq_len),
+                   attention_backward_bytes(model, c, attn_used, batch_size, seq_len))
 
 
 RMS_NORM_BACKWARD_FP32_COPIES = 5  # traced: pow, mul, div and mul-by-scalar gradients of LlamaRMSNorm, [T, h] fp32
@@ -102,4 +101,21 @@ RMS_NORM_BACKWARD_FP32_COPIES = 5  # traced: pow, mul, div and mul-by-scalar gra
 def norm_backward_bytes(model: ModelSpec, tokens) -> int:
     """RMSNorm's backward through its fp32 ops (``x.to(fp32) -> pow -> mean -> rsqrt -> mul``) holds about five fp32
     [T, h] gradients at once (traced on LlamaRMSNorm); the final norm's is the one outside any layer."""
-    return RMS_NORM_BACKWARD_FP32_COPIES * FP32 * tokens * model.hidden_size
+    return RMS_NORM_BACKWARD_FP32_COPIES * _F32 * tokens * model.hidden_size
+
+
+def hidden_grad_bytes(model: ModelSpec, dt: Dtypes, tokens):
+    """The gradient of the hidden states [T, h] in the compute dtype, passed from one block's backward to the next."""
+    return model.hidden_size * tokens * dt.c
+
+
+def embedding_backward_bytes(model: ModelSpec, method: Method, dt: Dtypes, tokens):
+    """embedding_dense_backward: the gradient of the embedding output [T, h] in, a [V, h] gradient out; when tied,
+    it is added into lm_head's existing gradient, so the new one is a transient. Only full fine-tuning trains the
+    embedding."""
+    if method is not Method.FULL:
+        return 0
+    grad_in = dt.r * tokens * model.hidden_size
+    # tied: autograd's input buffer adds the embedding's new gradient to lm_head's, out of place
+    new_grads = 2 * dt.r * model.vocab_size * model.hidden_size if model.tie_word_embeddings else 0
+    return grad_in + new_grads

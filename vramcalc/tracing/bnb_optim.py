@@ -16,7 +16,7 @@ from torch import nn
 
 from ..options import Optimizer
 
-PAGED_MIN_NUMEL = 1e5  # bitsandbytes get_state_buffer: `if not self.is_paged or p.numel() < 1e5`
+from ..facts import BNB_PAGED_MIN_NUMEL as PAGED_MIN_NUMEL  # bitsandbytes get_state_buffer
 
 
 def make_bnb_optimizer(model: nn.Module, groups, optimizer: Optimizer, lr: float, paged_context=None):

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import VramcalcError
 from ..model import ModelSpec
+from .. import facts
 from ..options import AdapterDtype, Attention, Method, Precision
 from ..training_setup import ResolvedSetup
 
@@ -101,7 +102,7 @@ def _quiet():
 
 def half_dtype(precision: Precision) -> torch.dtype:
     """The 16-bit dtype a precision computes in: fp16 for fp16 and mixed-fp16, else bf16."""
-    return torch.float16 if precision in (Precision.FP16, Precision.MIXED_FP16) else torch.bfloat16
+    return TORCH_DTYPE[facts.half_dtype(precision).value]
 
 
 def base_dtype(resolved: ResolvedSetup) -> torch.dtype:
@@ -122,6 +123,8 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
                 config, dtype=_load_dtype(resolved), attn_implementation=_ATTN_IMPLEMENTATION[resolved.attn_used]
             )
             _restore_fp32_modules(model)
+            if setup.precision is Precision.FP8:
+                _convert_to_float8(model)
             if setup.method is Method.QLORA:
                 from .qlora import quantize_linears
 
@@ -158,6 +161,24 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
+
+
+def _convert_to_float8(model: nn.Module) -> None:
+    """``--precision fp8``: torchao's float8 training recipe (``terms/float8.py``): every decoder ``nn.Linear`` whose
+    in and out features are multiples of 16 becomes a ``Float8Linear`` with the default tensorwise dynamic scaling;
+    lm_head stays bf16 (torchtitan's ``filter_fqns=["output"]``). Runs on the meta model before peft wraps it."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise VramcalcError("trace --precision fp8 needs torchao (torchao.float8): pip install torchao") from None
+    from ..terms.float8 import FP8_ALIGNMENT
+
+    def convertible(module: nn.Module, fqn: str) -> bool:
+        return (isinstance(module, nn.Linear) and not fqn.endswith("lm_head")
+                and module.in_features % FP8_ALIGNMENT == 0 and module.out_features % FP8_ALIGNMENT == 0)
+
+    with _quiet():
+        convert_to_float8_training(model, config=Float8LinearConfig(), module_filter_fn=convertible)
 
 
 def _materialise(model: nn.Module, device: str) -> None:
@@ -232,7 +253,7 @@ def _cast_adapters(model: nn.Module, resolved: ResolvedSetup) -> None:
     """Adapters in fp32 (peft's ``autocast_adapter_dtype=True``) or in the model's 16-bit dtype (peft moves new
     adapters to the base layer's dtype; TRL's ``peft_module_casting_to_bf16`` does it for 4-bit bases)."""
     setup = resolved.setup
-    if setup.adapter_dtype is AdapterDtype.FP32 or setup.precision.param_dtype.value == "fp32" and setup.method is not Method.QLORA:
+    if facts.adapter_bits(setup.method, setup.precision, setup.adapter_dtype) == 32:
         dtype = torch.float32
     else:
         dtype = half_dtype(setup.precision)

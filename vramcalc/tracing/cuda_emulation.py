@@ -15,6 +15,14 @@ while a trace runs:
    a one-byte bool mask is saved, where the CPU path would save a noise tensor in the input's dtype.
 3. bitsandbytes ``gemm_4bit`` above 1536 tokens runs the CUDA dequantize-then-``F.linear`` fallback
    (``backends/cuda/ops.py::_dequant_linear_fallback``), whose dequantized weight is the big QLoRA transient.
+4. ``torch._grouped_mm`` (transformers' ``grouped_mm`` experts, ``integrations/moe.py::_grouped_mm``) accepts fp32
+   and fp16 as the CUDA kernel does. Its meta kernel (``torch/_meta_registrations.py::_meta_grouped_mm_common``)
+   demands bf16, but the CUDA op checks only "Float32, BFloat16 or Float16"
+   (``aten/src/ATen/native/GroupedMMUtils.h::_grouped_mm_validate_inputs``) and runs any other than bf16 through
+   ``_grouped_mm_fallback``: one ``mm_out`` per expert into the output tensor, so the output is the only allocation.
+   transformers calls it for fp32 experts on any CUDA GPU of sm80 or newer (``_can_use_grouped_mm``), in fp32
+   training and in mixed precision alike (the op is not autocast-enabled, and the input is cast to the weights'
+   dtype), so a real GPU trains these setups.
 
 Kernel-internal workspaces (FA2's fp32 ``dq_accum``, cuBLAS) are not tensors of the step: calibration measures them.
 """
@@ -24,9 +32,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import TorchDispatchMode
 
-BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS = 1536  # bitsandbytes backends/cuda/ops.py _gemm_4bit_custom_max_m
+from ..facts import BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS  # bitsandbytes backends/cuda/ops.py
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
@@ -71,11 +80,56 @@ def _additive_bias(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -
     return bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
 
 
-class _Bnb4bitFallback(TorchDispatchMode):
-    """Route ``bitsandbytes::gemm_4bit`` with more than 1536 rows to the dequantize + linear path CUDA takes."""
+def grouped_mm_cuda_output(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+    """The output ``torch._grouped_mm`` allocates on CUDA for fp32/fp16 operands (its fallback path).
+
+    Shape and strides as ``GroupedMMUtils.h::create_grouped_gemm_output_tensor``: (S, N) for a 2-D input and 3-D
+    weights; (G, M, N) for 2-D x 2-D (the weight gradient) or 3-D x 3-D; the last dimension's stride padded to 16
+    bytes for TMA. The dtype is ``mat_a``'s (``_resolve_grouped_mm_out_dtype``)."""
+    a_2d, b_2d = mat_a.dim() == 2, mat_b.dim() == 2
+    if a_2d and b_2d:
+        size = [offs.size(0), mat_a.size(0), mat_b.size(1)]
+    elif a_2d:
+        size = [mat_a.size(0), mat_b.size(-1)]
+    elif b_2d:
+        size = [mat_a.size(1), mat_b.size(1)]
+    else:
+        size = [mat_a.size(0), mat_a.size(1), mat_b.size(-1)]
+    dtype = out_dtype or mat_a.dtype
+    alignment = 16 // dtype.itemsize
+    padded = -(-size[-1] // alignment) * alignment
+    stride = [padded, 1] if len(size) == 2 else [size[1] * padded, padded, 1]
+    return torch.empty_strided(size, stride, dtype=dtype, device=mat_a.device)
+
+
+def _grouped_mm_needs_cuda_rule(args, kwargs) -> bool:
+    """Fake fp32 or fp16 operands of one dtype, no bias, output in the operands' dtype: what CUDA runs and the meta
+    kernel refuses. Real tensors (the tracker's self-check, the CPU harness) keep torch's own CPU kernel."""
+    mat_a, mat_b = args[0], args[1]
+    if not (is_fake(mat_a) or mat_a.device.type == "meta"):
+        return False
+    out_dtype = kwargs.get("out_dtype", args[4] if len(args) > 4 else None)
+    bias = kwargs.get("bias", args[3] if len(args) > 3 else None)
+    return (mat_a.dtype in _GROUPED_MM_FALLBACK_DTYPES and mat_b.dtype == mat_a.dtype and bias is None
+            and out_dtype in (None, mat_a.dtype))
+
+
+_GROUPED_MM_FALLBACK_DTYPES = (torch.float32, torch.float16)  # bf16 keeps torch's own meta kernel
+
+
+def _grouped_mm_op():
+    return getattr(torch.ops.aten, "_grouped_mm", None) and torch.ops.aten._grouped_mm.default
+
+
+class _CudaKernels(TorchDispatchMode):
+    """Route ``bitsandbytes::gemm_4bit`` with more than 1536 rows to the dequantize + linear path CUDA takes, and
+    give ``aten._grouped_mm`` on fp32/fp16 the output the CUDA kernel allocates."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is _grouped_mm_op() and _grouped_mm_needs_cuda_rule(args, kwargs):
+            offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
+            return grouped_mm_cuda_output(args[0], args[1], offs, None, kwargs.get("out_dtype"))
         if func is _gemm_4bit():
             a = args[0]
             tokens = a.numel() // a.shape[-1]
@@ -114,7 +168,7 @@ def cuda_kernel_emulation(sdpa: bool = True):
     # traced batch is unpacked (one sequence per row), as find_packed_sequence_indices finds on real ids.
     masking_utils.find_packed_sequence_indices = _unpacked
     try:
-        with _Bnb4bitFallback():
+        with _CudaKernels():
             yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = original

@@ -50,7 +50,7 @@ from ..training_setup import ResolvedSetup
 from .step import base_model, decoder_layers
 from .tracker import AllocationTracker
 
-DDP_BUCKET_CAP_MB = 25  # accelerate DistributedDataParallelKwargs.bucket_cap_mb (torch's default too)
+from ..facts import DDP_BUCKET_CAP_MB  # accelerate DistributedDataParallelKwargs.bucket_cap_mb
 TRACED_SHARDINGS = (Sharding.DDP, Sharding.FSDP)
 
 

@@ -17,13 +17,12 @@ the hidden states with lm_head's own weight, as the integrations of both librari
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-CHUNKED_LOSS_CHUNKS = 8  # torchtune CEWithChunkedOutputLoss(num_output_chunks=8)
+from ..facts import CHUNKED_LOSS_CHUNKS, fused_chunk_tokens  # torchtune and Liger chunking
 
 
 class PassThroughHead(nn.Module):
@@ -48,12 +47,6 @@ def chunked_cross_entropy(hidden, weight, labels, softcap=None, chunks: int = CH
             logits = torch.tanh(logits / softcap) * softcap
         total = total + F.cross_entropy(logits.float(), label_chunk, ignore_index=-100, reduction="sum")
     return total / labels.numel()
-
-
-def fused_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:
-    """Liger's chunk size: next_power_of_2(ceil(T / ceil(V / h))), at most T."""
-    inc_factor = math.ceil(vocab / hidden)
-    return min(tokens, 1 << (math.ceil(tokens / inc_factor) - 1).bit_length())
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):

@@ -7,7 +7,7 @@ uint8 weight, the absmax and the double-quantization state (its fake kernels giv
 ``Linear4bit.forward`` and ``MatMul4Bit`` run unchanged, and peft wraps the layer with its own bnb LoRA layer because
 it is an ``isinstance`` of ``bnb.nn.Linear4bit``. The layer is assembled on the meta device (peft wraps it there too) and materialised with the model. The one CUDA
 effect that fake kernels cannot show, the dequantized
-weight that the CUDA ``gemm_4bit`` kernel allocates above 1536 tokens, is added by ``CudaKernelEmulation``.
+weight that the CUDA ``gemm_4bit`` kernel allocates above 1536 tokens, is added by ``cuda_emulation.cuda_kernel_emulation``.
 ``tests/test_trace_qlora.py`` checks this layer against a real ``bnb.nn.Linear4bit`` on real CPU tensors.
 """
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from ..training_setup import TrainingSetup
 
-BNB_BLOCKSIZE = 64  # bitsandbytes quantize_4bit default blocksize
+from ..facts import BNB_BLOCKSIZE  # bitsandbytes quantize_4bit default blocksize
 
 
 def _bnb():

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from ..catalogue import get_model
 from ..model import ModelSpec
 from ..options import Phase, Sharding, Term
+from ..progress import Progress
 from ..training_setup import ResolvedSetup, resolve_setup
 
 TRACE_STEPS = 2  # optimizer state appears in the first step; its effect on forward/backward in the second
@@ -47,7 +48,10 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     tracker = AllocationTracker() if round_to is None else AllocationTracker(round_to=round_to)
     micro_steps = steps * resolved.setup.grad_accum
-    bar = _progress_bar(micro_steps + 1, spec.name, progress)
+    # progress: the build, each decoder layer's forward and backward of every micro-batch, each optimizer step
+    bar = Progress(1 + micro_steps * 2 * spec.num_layers + steps, f"trace {spec.name}", "layer passes",
+                   enabled=progress, leave=False)
+    bar.set_note("building the model")
     tracer = None
     distributed = resolved.setup.num_gpus > 1 and resolved.setup.sharding is not Sharding.NONE
     if distributed:
@@ -58,7 +62,7 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
     try:
         with data_parallel.process_group(resolved.setup.num_gpus) if distributed else contextlib.nullcontext():
             model = build_model(spec, resolved, fake_mode)
-            bar.update(1)
+            bar.update(1, note=f"step 1 of {steps}")
             with fake_mode if fake_mode is not None else contextlib.nullcontext():
                 engine = None
                 if distributed and resolved.setup.sharding is Sharding.FSDP:
@@ -72,7 +76,8 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
                     tracer.forward_module, tracer.accumulation = engine.forward_module, engine.accumulation
                 attribution = engine.attribution(tracker) if engine is not None else contextlib.nullcontext()
                 with torch.device("cpu"), tracker, cuda_kernel_emulation(sdpa=fake), attribution:
-                    tracer.run(steps, progress=lambda: bar.update(1))
+                    tracer.count_layers(lambda: bar.update(1))
+                    tracer.run(steps, progress=lambda note: bar.update(1, note=note))
         terms = tracker.peak_terms()
         return TraceResult(
             terms=terms,
@@ -89,13 +94,6 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
         if tracer is not None:
             tracer.remove_hooks()
         _reset_bnb_overrides()
-
-
-def _progress_bar(total: int, name: str, progress: bool | None):
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if progress is None else not progress
-    return tqdm(total=total, desc=f"trace {name}", unit="step", disable=disable, leave=False)
 
 
 def _peak_rss_bytes() -> int:

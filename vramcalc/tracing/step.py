@@ -164,6 +164,26 @@ class StepTracer:
             if param.requires_grad:
                 self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad))
 
+    def count_layers(self, tick) -> None:
+        """Call ``tick()`` as each decoder layer runs forward, and as the gradient of its output arrives in
+        backward: the progress of a long trace (2 L ticks per micro-batch). A forward hook and a tensor hook only:
+        nothing is allocated, so the trace is unchanged; a checkpointed layer's recompute is not counted."""
+        tracker = self.tracker
+
+        def backward_tick(grad):
+            tick()
+
+        def forward_tick(module, args, output):
+            if tracker.phase is not Phase.FORWARD:
+                return
+            tick()
+            hidden = output[0] if isinstance(output, tuple) else output
+            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(backward_tick)
+
+        for layer in decoder_layers(self.model):
+            self._hooks.append(layer.register_forward_hook(forward_tick))
+
     def _on_layers_backward_start(self, grad):
         self.tracker.in_logits = False
         self.tracker.phase = Phase.BACKWARD
@@ -187,6 +207,7 @@ class StepTracer:
         return torch.autocast(device_type="cpu", dtype=dtype)
 
     def run(self, steps: int = 2, progress=None) -> None:
+        """``steps`` training steps; ``progress(note)`` is called after each optimizer step."""
         tracker = self.tracker
         setup = self.setup
         input_ids = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long)
@@ -205,14 +226,14 @@ class StepTracer:
                     del loss
                 tracker.in_logits = False
                 tracker.mark_gradients(self.model.parameters())
-                if progress:
-                    progress()
             tracker.phase = Phase.OPTIMIZER_STEP
             tracker.in_optimizer = True
             self.optimizer.step()
             tracker.in_optimizer = False
             tracker.mark_optimizer_states(self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
+            if progress:
+                progress(f"step {step + 2} of {steps}" if step + 1 < steps else "done")
 
 
 class _RecomputeMarker:

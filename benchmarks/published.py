@@ -1,0 +1,631 @@
+"""The published-measurement judge: vramcalc's estimate against peak-memory figures other people published.
+
+    python benchmarks/published.py                  # writes benchmarks/published.md and benchmarks/published.csv
+    python benchmarks/published.py --data DIR       # another copy of the development set (measurements.csv, configs/)
+    python benchmarks/published.py --lib PATH       # judge the vramcalc found at PATH (e.g. an older worktree)
+
+The development set is ``shared/reference/published/measurements.csv`` (217 rows; its README gives the provenance,
+units and caveats of every source). For each row this script:
+
+1. maps the row's settings to ``vramcalc.estimate`` options (``ROW_SETUP`` below: method, precision, optimizer,
+   batch, sequence, checkpointing, LoRA rank/targets/dropout, adapter dtype, NF4 with or without double
+   quantization, loss, GPUs and sharding), the row's ``stack`` and the stack knobs it used (compile, activation
+   offloading, optimizer-in-backward, packing, kbit-prep, LoRA on lm_head);
+2. passes a stack or knob only if ``vramcalc.estimate`` accepts it (a field of ``TrainingSetup`` or a named
+   parameter of ``estimate``), so the script runs before and after the stack presets of issue 11 land. A knob
+   whose value changes the row's memory and that vramcalc cannot take yet makes the row "not expressible",
+   with the reason; a knob that only names the default (``kbit_prep=False``, ``stack``) is dropped silently;
+3. compares like with like: ``torch_max_allocated`` rows with ``peak_tensor_bytes``, ``reserved`` rows with
+   ``peak_tensor_bytes + allocator_slack``, ``nvidia_smi`` rows with ``total_bytes``; ``unspecified`` rows
+   (the statistic is not stated) with ``peak_tensor_bytes + allocator_slack``, the middle of the three;
+   each row's unit (``GB(1e9)`` or ``GiB``) converts the published number to bytes; ``GB?`` (unit not stated)
+   rows are not scored, except ``unsloth-ctx`` bounds, which are judged pass/fail: the estimate at the longest
+   context that fitted must not exceed the GPU size (read generously as GiB);
+4. never scores ``estimate_table`` rows (LLaMA-Factory's rule-of-thumb table).
+
+Error = (estimate - measured) / measured. No coefficient here is fitted to any row; every mapping cites the
+framework config or code the row was produced with (see the row's ``notes`` and docs/stacks-research.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import importlib
+import inspect
+import json
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_DATA = Path("/work/shared/reference/published")
+if not DEFAULT_DATA.exists():
+    DEFAULT_DATA = REPO.parent / "shared" / "reference" / "published"
+
+GB = 10**9
+GIB = 2**30
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models: the exact HF id each row ran -> a config folder of the development set or a catalogue name.
+# litgpt (<= 0.5) builds lm_head as its own Linear and copies wte into it for tied checkpoints, so litgpt rows of
+# tied models take the "-litgpt-untied" config (configs/PROVENANCE.md).
+MODEL_CONFIG = {
+    "meta-llama/Llama-2-7b-hf": "llama-2-7b",
+    "meta-llama/Llama-2-13b-hf": "llama-2-13b",
+    "meta-llama/Meta-Llama-3-8B": "llama-3-8b",
+    "meta-llama/Meta-Llama-3-8B-Instruct": "llama-3-8b",
+    "meta-llama/Meta-Llama-3.1-8B": "llama-3.1-8b",
+    "meta-llama/Llama-3.1-8B": "llama-3.1-8b",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b",
+    "meta-llama/Llama-3.2-1B": "llama-3.2-1b",
+    "meta-llama/Llama-3.2-3B": "llama-3.2-3b",
+    "mistralai/Mistral-7B-v0.1": "mistral-7b-v0.1",
+    "unsloth/Mistral-7B-v0.2": "mistral-7b-v0.2",
+    "microsoft/Phi-3-mini-4k-instruct": "phi-3-mini-4k-instruct",
+    "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": "tinyllama-1.1b",
+    "google/gemma-2b": "gemma-2b",
+    "google/gemma-7b": "gemma-7b",
+    "google/gemma-2-2b": "gemma-2-2b",
+    "google/gemma-2-9b": "gemma-2-9b",
+}
+MODEL_CATALOGUE = {  # models without a config folder whose catalogue entry has the same architecture
+    "meta-llama/Llama-3.1-70B": "llama-3.1-70b",
+    "meta-llama/Llama-3.1-405B": "llama-3.1-405b",
+    "meta-llama/Llama-2-70b-hf": "llama-2-70b",
+    "meta-llama/Llama-3.3-70B-Instruct": "llama-3.3-70b",
+}
+UNSUPPORTED_FAMILY = {  # prefix of the HF id -> architecture vramcalc has no family for
+    "microsoft/phi-1_5": "phi (v1: parallel attention+MLP, partial rotary)",
+    "microsoft/phi-2": "phi (v1: parallel attention+MLP, partial rotary)",
+    "stabilityai/stablelm-base-alpha": "gpt_neox (StableLM-alpha)",
+    "tiiuae/falcon": "falcon (parallel attention, multi-query)",
+    "Qwen/Qwen-": "qwen (v1, remote code: fused c_attn)",
+    "bert-": "bert (encoder, sequence classification)",
+    "bigscience/T0": "t5 (encoder-decoder)",
+    "bigscience/mt0": "mt5 (encoder-decoder)",
+    "bigscience/bloomz": "bloom",
+    "generic": "no model",
+}
+GPU_NAME = {  # the row's GPU text -> vramcalc catalogue (runtime overhead, allocator slack)
+    "A100-SXM4-40GB": "a100-40gb",
+    "A10G (24GB)": "a10g",
+    "RTX 4090 (24GB)": "rtx-4090",
+    "A100-SXM4-80GB": "a100-80gb",
+    "A100 80GB": "a100-80gb",
+    "A100": "a100-80gb",
+    "A100 (80GB implied by 60 GiB row)": "a100-80gb",
+    "Tesla V100-SXM2-16GB": "v100-32gb",
+}
+
+# Per-family module names for an explicit all-linear list (+ lm_head) when a row puts LoRA on lm_head.
+ALL_LINEAR = {
+    "llama": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    "mistral": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    "gemma": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    "gemma2": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    "phi3": "qkv_proj,o_proj,gate_up_proj,down_proj",
+}
+
+# Knobs of issue 11 (DESIGN.md "Contract additions under way"), as Python keywords. ``required``: the row's memory
+# depends on it, so a vramcalc that cannot take it cannot express the row; otherwise it is passed when accepted.
+KNOB_REQUIRED_WHEN_TRUE = ("compile", "activation_offload", "optimizer_in_backward")
+KNOB_OPTIONAL = ("stack", "packing", "kbit_prep", "kernels")
+
+
+# torchtune rows: the flags each row ran with, from the row's notes (README "Optimization flags" table at 1814feb17
+# is cumulative: each row adds one technique; the Sep-2024 table: packed 2048 + compile + chunked CE for all rows).
+_TT_FLAGS = ("packing", "compile", "chunked_loss")
+TORCHTUNE_KNOBS = {
+    "torchtune-002": ("packing",),
+    "torchtune-003": ("packing", "compile"),
+    "torchtune-004": _TT_FLAGS,
+    "torchtune-005": _TT_FLAGS,
+    "torchtune-006": _TT_FLAGS + ("optimizer_in_backward",),
+    "torchtune-007": _TT_FLAGS + ("optimizer_in_backward", "activation_offload"),
+    "torchtune-008": _TT_FLAGS + ("optimizer_in_backward", "activation_offload"),
+    "torchtune-009": _TT_FLAGS + ("activation_offload",),
+    "torchtune-010": _TT_FLAGS + ("activation_offload",),
+    "torchtune-011": _TT_FLAGS + ("optimizer_in_backward",),
+    "torchtune-012": _TT_FLAGS + ("optimizer_in_backward",),
+    "torchtune-013": _TT_FLAGS,
+    "torchtune-014": _TT_FLAGS,
+    "torchtune-015": _TT_FLAGS,
+    "torchtune-016": _TT_FLAGS,
+    "torchtune-017": _TT_FLAGS,
+    "torchtune-018": _TT_FLAGS,
+    "torchtune-019": ("compile",),
+    "torchtune-022": ("optimizer_in_backward",),
+    "torchtune-026": ("optimizer_in_backward",),
+    "torchtune-027": ("optimizer_in_backward",),
+    "torchtune-031": ("optimizer_in_backward",),
+}
+
+
+@dataclasses.dataclass
+class RowSetup:
+    """What one published row ran, in vramcalc's words."""
+
+    model: str | None = None  # config folder path or catalogue name
+    options: dict = dataclasses.field(default_factory=dict)
+    stack: str | None = None
+    knobs: dict = dataclasses.field(default_factory=dict)
+    blockers: list = dataclasses.field(default_factory=list)  # why the row cannot be expressed (any vramcalc)
+    assumptions: list = dataclasses.field(default_factory=list)
+    bound: bool = False  # unsloth-ctx: the measured number is an upper bound on the peak
+    implied: tuple = ()  # options the stack preset sets; passed explicitly only while vramcalc has no ``stack``
+
+
+def _note(row: dict, key: str) -> str | None:
+    for part in row["notes"].split(";"):
+        part = part.strip()
+        if part.startswith(key + "="):
+            return part.split("=", 1)[1].strip()
+    return None
+
+
+def _int(text: str) -> int | None:
+    text = (text or "").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _bool(text: str) -> bool | None:
+    text = (text or "").strip().lower()
+    return {"true": True, "false": False}.get(text)
+
+
+def _model_id(row: dict) -> str:
+    return row["model"].split(" (")[0].strip()
+
+
+def _family_of(config_dir: Path) -> str | None:
+    try:
+        return json.loads((config_dir / "config.json").read_text()).get("model_type")
+    except OSError:
+        return None
+
+
+def _resolve_model(row: dict, setup: RowSetup, data: Path, untied: bool) -> str | None:
+    model_id = _model_id(row)
+    for prefix, family in UNSUPPORTED_FAMILY.items():
+        if model_id.startswith(prefix):
+            setup.blockers.append(f"{family} family unsupported")
+            return None
+    if model_id in MODEL_CONFIG:
+        folder = data / "configs" / MODEL_CONFIG[model_id]
+        untied_folder = data / "configs" / (MODEL_CONFIG[model_id] + "-litgpt-untied")
+        if untied and untied_folder.exists():
+            folder = untied_folder
+            setup.assumptions.append("litgpt unties lm_head (configs/PROVENANCE.md)")
+        return str(folder)
+    if model_id in MODEL_CATALOGUE:
+        return MODEL_CATALOGUE[model_id]
+    setup.blockers.append(f"no config for {model_id}")
+    return None
+
+
+def _optimizer(text: str) -> str | None:
+    t = text.lower()
+    if "pagedadamw8bit" in t.replace(" ", "") or "paged_adamw_8bit" in t:
+        return "paged-adamw-8bit"
+    if "pagedadamw" in t.replace(" ", ""):
+        return "paged-adamw"
+    if "adam8bit" in t.replace(" ", "") or "8-bit adamw" in t:
+        return "adamw-8bit"
+    if "adafactor" in t:
+        return "adafactor"
+    if "fused=true" in t.replace(" ", ""):
+        return "adamw"
+    if "adamw" in t:
+        # torch.optim.AdamW without fused=True: foreach on CUDA (torch/optim/adamw.py _default_to_fused_or_foreach
+        # returns foreach=True for CUDA tensors; fused has never been torch's default for AdamW)
+        return "adamw-foreach"
+    return None
+
+
+def _lora_targets(row: dict, family: str | None, setup: RowSetup) -> str | None:
+    text = row["lora_targets"].strip()
+    low = text.lower()
+    if not text:
+        return None
+    lm_head = "lm_head" in low
+    if "litgpt fused qkv" in low or low in ("q,v", "q_proj,v_proj", "q_proj,v_proj"):
+        if "fused qkv" in low:
+            setup.assumptions.append("litgpt LoRAQKVMerged q+v slices modelled as q_proj,v_proj LoRA (same params)")
+        return "qv"
+    if low.startswith("q,k,v,o,mlp") or low.startswith("q_proj,k_proj,v_proj,output_proj,mlp") \
+            or low.startswith("q_proj,v_proj,k_proj,output_proj,mlp") or low == "q,k,v,o,gate,up,down":
+        targets = ALL_LINEAR.get(family or "", "all-linear")
+        return targets + (",lm_head" if lm_head else "")
+    if low.startswith("q_proj,v_proj,output_proj,mlp"):  # torchtune 3B: q, v, output_proj, MLP (no k)
+        return "q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    if low in ("q_proj,k_proj,v_proj", "q_proj,v_proj,k_proj"):
+        return "q_proj,k_proj,v_proj"
+    setup.blockers.append(f"LoRA targets {text!r} not mapped")
+    return None
+
+
+def row_setup(row: dict, data: Path) -> RowSetup:
+    """The vramcalc options, stack and knobs of one published row (documented per source)."""
+    rid, kind, source = row["id"], row["measure_kind"], row["source"]
+    setup = RowSetup()
+    if kind == "estimate_table":
+        setup.blockers.append("estimate_table: a rule-of-thumb table, never scored")
+        return setup
+    prefix = rid.rsplit("-", 1)[0]
+    stack = {"litgpt-rt": "litgpt", "litgpt-ch": "litgpt", "torchtune": "torchtune", "qwen": "hf",
+             "peft-readme": "hf", "hf-perf-doc": "hf", "llamafactory": "llama-factory", "unsloth-ctx": "hf"}[prefix]
+    setup.stack = stack
+    setup.model = _resolve_model(row, setup, data, untied=(stack == "litgpt"))
+    family = _family_of(Path(setup.model)) if setup.model and "/" in setup.model else "llama"
+
+    method = row["method"].strip()
+    opts = {"method": method}
+    batch, seq, gpus = _int(row["micro_batch"]), _int(row["seq_len"]), _int(row["n_gpus"]) or 1
+    if batch is None:
+        setup.blockers.append("micro-batch unknown")
+    if seq is None:
+        setup.blockers.append("seq_len unknown (unpacked data padded to each batch's longest sample)")
+    opts.update(batch_size=batch, seq_len=seq)
+    unit = _note(row, "unit") or ""
+    if unit == "GB?" and prefix != "unsloth-ctx":
+        setup.blockers.append("setup unknowable: unit GB? (1e9 or 2^30 not stated)")
+
+    if prefix in ("litgpt-rt", "litgpt-ch"):
+        # lit-gpt finetune/lora.py @8641822 and litgpt 0.4 finetune/*.py: Fabric precision bf16-true (bf16 params,
+        # LoRA params bf16 too), torch.optim.AdamW, bnb PagedAdamW when quantize=bnb.* , lm_head in 128-token chunks
+        # + chunked_cross_entropy, no activation checkpointing on 1 device, FSDP FULL_SHARD + per-Block
+        # checkpointing on several devices. LoRA dropout 0.05.
+        mixed = "bf16-mixed" in row["compute_dtype"]
+        opts["precision"] = "mixed-bf16" if mixed else "bf16"
+        opts["optimizer"] = _optimizer(row["optimizer"])
+        opts["loss"] = "chunked"
+        setup.assumptions.append("litgpt chunked CE (128-token lm_head chunks, bf16 CE) modelled as --loss chunked")
+        opts["attn"] = "sdpa"
+        if gpus > 1:
+            opts.update(num_gpus=gpus, sharding="fsdp", grad_ckpt=True)
+        else:
+            opts["grad_ckpt"] = bool(_bool(row["grad_ckpt"]))
+        if method == "full" and "tiny-llama" in row["notes"]:
+            opts["grad_accum"] = 8  # config_hub/finetune/tiny-llama/full.yaml @00af8b0d: global 32 / micro 4
+        setup.knobs["kbit_prep"] = False  # litgpt quantizes with its own bnb Linear4bit swap, no peft prepare
+        setup.implied = ("loss", "adapter_dtype", "attn", "lora_dropout")  # litgpt preset: chunked bf16 CE, bf16 LoRA
+    elif prefix == "torchtune":
+        opts["precision"] = "bf16"
+        opt = _optimizer(row["optimizer"])
+        if rid == "torchtune-010":  # command overrides only the component; 3B_qlora_single_device.yaml:57 fused: True
+            opt = "adamw"
+        opts["optimizer"] = opt
+        opts["attn"] = "sdpa"
+        gc = _bool(row["grad_ckpt"])
+        if gc is None:
+            setup.blockers.append("setup unknowable: activation checkpointing not stated (config departs from default)")
+        opts["grad_ckpt"] = bool(gc)
+        notes = row["notes"]
+        low = notes.lower()
+        for knob in TORCHTUNE_KNOBS.get(rid, ()):
+            if knob == "chunked_loss":
+                continue
+            setup.knobs[knob] = True
+        # torchtune CEWithChunkedOutputLoss (num_output_chunks=8) where the row's table says so
+        opts["loss"] = "chunked" if "chunked_loss" in TORCHTUNE_KNOBS.get(rid, ()) else "hf"
+        if "fsdp_cpu_offload=true" in low.replace(" ", ""):
+            setup.blockers.append("FSDP CPU offload of params/grads/optimizer (fsdp_cpu_offload) not modelled")
+        if gpus > 1:
+            opts.update(num_gpus=gpus, sharding="fsdp")
+        setup.knobs["kbit_prep"] = False  # torchao NF4Tensor, no peft
+        setup.implied = ("adapter_dtype", "attn")  # torchtune preset: model (adapters included) built in bf16
+        if "grad accum " in notes:  # llama2/7B_lora_single_device: gradient_accumulation_steps 64
+            opts["grad_accum"] = _int(notes.split("grad accum ")[1].split(")")[0].split(",")[0])
+        if rid == "torchtune-025":
+            setup.blockers.append("setup unknowable: no 70B full config existed at that commit (rel=low)")
+    elif prefix == "unsloth-ctx":
+        # Unsloth docs context table, 'Hugging Face + FA2' column: bnb 4-bit QLoRA r=32 on all linear layers, batch 1.
+        # Optimizer and checkpointing of the HF baseline are not stated: the frugal common choice (checkpointing on,
+        # HF Trainer default fused AdamW) is assumed, so a bound failure is a real miss.
+        setup.bound = True
+        opts.update(precision="bf16", attn="flash", grad_ckpt=True, optimizer="adamw")
+        setup.assumptions.append("HF+FA2 baseline assumed grad_ckpt=True, adamw (not stated)")
+    elif prefix == "llamafactory":
+        setup.blockers.append("setup unknowable: LoRA targets, optimizer, checkpointing and measuring tool not stated")
+    elif prefix == "peft-readme":
+        setup.blockers.append("setup unknowable: sequence length and statistic not stated (short tweets)")
+    elif prefix == "qwen":
+        setup.blockers.append("statistic not stated; Q-LoRA is GPTQ int4 (not bnb NF4); ZeRO-3 sums over GPUs")
+    elif prefix == "hf-perf-doc":
+        pass  # family blocker already recorded (bert)
+
+    if method in ("lora", "qlora"):
+        rank = _int(row["lora_rank"])
+        if rank is None:
+            setup.blockers.append("LoRA rank unknown")
+        opts["lora_rank"] = rank
+        targets = _lora_targets(row, family, setup)
+        if "lm_head" in (targets or ""):
+            setup.knobs["lora_lm_head"] = True
+        opts["lora_targets"] = targets
+        if prefix in ("litgpt-rt", "litgpt-ch"):
+            opts["lora_dropout"] = 0.05
+            opts["adapter_dtype"] = "fp32" if opts.get("precision") == "mixed-bf16" else "bf16"
+        elif prefix == "torchtune":
+            opts["adapter_dtype"] = "bf16"  # torchtune builds the model (adapters included) in bf16
+            # lora_dropout: llama2 builders @fde0dc403 (Apr 2024 rows 019-038) default 0.05
+            # (torchtune/models/llama2/_model_builders.py:56); llama3_x configs @1814feb17 and later: 0.0
+            opts["lora_dropout"] = 0.05 if int(rid.rsplit("-", 1)[1]) >= 19 else 0.0
+        if method == "qlora":
+            wd = row["weight_dtype"].lower()
+            if "gptq" in wd:
+                setup.blockers.append("GPTQ int4 base, not bnb NF4")
+            opts["quant"] = "nf4"
+            if prefix == "torchtune":
+                # torchao NF4Tensor: block 64, scalers quantized to int8 in blocks of 256 (double quantization)
+                opts["double_quant"] = True
+            else:
+                opts["double_quant"] = "double-quant" in wd
+    setup.options = {k: v for k, v in opts.items() if v is not None}
+    return setup
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vramcalc: what this version accepts
+
+
+def load_vramcalc(lib: str | None):
+    if lib:
+        sys.path.insert(0, str(Path(lib).resolve()))
+    else:
+        sys.path.insert(0, str(REPO))
+    return importlib.import_module("vramcalc")
+
+
+def accepted_options(vc) -> set:
+    names = set()
+    setup_cls = getattr(vc, "TrainingSetup", None)
+    if setup_cls is not None and dataclasses.is_dataclass(setup_cls):
+        names |= {f.name for f in dataclasses.fields(setup_cls)}
+    for name, param in inspect.signature(vc.estimate).parameters.items():
+        if param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
+            names.add(name)
+    return names
+
+
+def compared_bytes(breakdown, kind: str) -> tuple[int, str]:
+    terms = breakdown.terms()
+    slack = int(terms.get("allocator_slack", 0))
+    if kind == "torch_max_allocated":
+        return breakdown.peak_tensor_bytes, "peak_tensor_bytes"
+    if kind == "nvidia_smi":
+        return breakdown.total_bytes, "total_bytes"
+    if kind == "reserved":
+        return breakdown.peak_tensor_bytes + slack, "peak_tensor+allocator_slack"
+    return breakdown.peak_tensor_bytes + slack, "peak_tensor+allocator_slack (statistic unstated)"
+
+
+def measured_bytes(row: dict) -> tuple[int | None, str]:
+    unit = _note(row, "unit") or "GB?"
+    value = float(row["measured_gb"])
+    if unit.startswith("GB(1e9)"):
+        return int(value * GB), "GB"
+    if unit.startswith("GiB"):
+        return int(value * GIB), "GiB"
+    return int(value * GB), "GB?"
+
+
+def judge(rows, data: Path, vc) -> list[dict]:
+    accepted = accepted_options(vc)
+    error_cls = getattr(vc, "VramcalcError", ValueError)
+    out = []
+    for row in rows:
+        setup = row_setup(row, data)
+        rel = (_note(row, "rel") or "").strip()
+        record = dict(id=row["id"], source=row["id"].rsplit("-", 1)[0], rel=rel, stack=setup.stack or "",
+                      method=row["method"].strip(), statistic=row["measure_kind"], model=_model_id(row),
+                      gpus="1 GPU" if (_int(row["n_gpus"]) or 1) == 1 else "several GPUs",
+                      measured=row["measured_gb"], unit=(_note(row, "unit") or ""), status="", reason="",
+                      compared_with="", measured_bytes="", estimate_bytes="", error="", phase="",
+                      options="", knobs_passed="", assumptions="; ".join(setup.assumptions), terms="")
+        blockers = list(setup.blockers)
+        passed = {}
+        for knob, value in setup.knobs.items():
+            key = "lora_targets" if knob == "lora_lm_head" else knob
+            if knob == "lora_lm_head":
+                continue  # carried by lora_targets; a vramcalc that refuses lm_head raises below
+            if key in accepted:
+                passed[key] = value
+            elif knob in KNOB_REQUIRED_WHEN_TRUE and value:
+                blockers.append(f"needs --{knob.replace('_', '-')}")
+        if setup.stack and "stack" in accepted:
+            passed["stack"] = setup.stack
+        if blockers or setup.model is None:
+            record.update(status="not expressible" if row["measure_kind"] != "estimate_table" else "not scored",
+                          reason="; ".join(blockers) or "model unresolved")
+            out.append(record)
+            continue
+        options = dict(setup.options)
+        if "stack" in passed:  # explicit flags win over a preset: leave the stack's own choices to the preset
+            options = {k: v for k, v in options.items() if k not in setup.implied}
+        options.update(passed)
+        gpu = GPU_NAME.get(row["gpu"].strip())
+        record["options"] = json.dumps(options, sort_keys=True)
+        record["knobs_passed"] = ",".join(sorted(passed))
+        try:
+            breakdown = vc.estimate(setup.model, gpu=gpu, **options)
+        except error_cls as err:
+            message = str(err)
+            hint = ""
+            if "lm_head" in message or "lm_head" in str(options.get("lora_targets", "")):
+                hint = "needs LoRA on lm_head: "
+            if "unsupported architecture" in message:
+                hint = f"{_family_of(Path(setup.model)) or ''} family unsupported: "
+            record.update(status="not expressible", reason=hint + message)
+            out.append(record)
+            continue
+        estimate, what = compared_bytes(breakdown, row["measure_kind"])
+        measured, unit = measured_bytes(row)
+        record.update(compared_with=what, estimate_bytes=estimate, phase=str(breakdown.phase),
+                      terms=json.dumps(breakdown.terms()))
+        if setup.bound:
+            # the GPU class held the run: the peak at this seq_len is at most the GPU's size (read as GiB)
+            bound = float(row["measured_gb"]) * GIB
+            estimate_total = breakdown.total_bytes
+            record.update(compared_with="total_bytes <= VRAM class (GiB)", estimate_bytes=estimate_total,
+                          measured_bytes=int(bound), error=f"{(estimate_total - bound) / bound:+.4f}",
+                          status="bound pass" if estimate_total <= bound else "bound FAIL")
+        else:
+            record.update(measured_bytes=measured, error=f"{(estimate - measured) / measured:+.4f}", status="judged")
+        out.append(record)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _p90(values):
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = 0.9 * (len(ordered) - 1)
+    low = int(index)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (index - low)
+
+
+def _stats(records):
+    errors = [abs(float(r["error"])) for r in records]
+    signed = [float(r["error"]) for r in records]
+    if not errors:
+        return None
+    return dict(n=len(errors), median=statistics.median(errors), p90=_p90(errors), max=max(errors),
+                bias=statistics.median(signed))
+
+
+def _table(records, key) -> list[str]:
+    groups = {}
+    for r in records:
+        groups.setdefault(r[key], []).append(r)
+    lines = [f"| {key} | n | median abs err | P90 | max | median signed |", "|---|---|---|---|---|---|"]
+    for name in sorted(groups):
+        s = _stats(groups[name])
+        lines.append(f"| {name} | {s['n']} | {s['median']:.1%} | {s['p90']:.1%} | {s['max']:.1%} | {s['bias']:+.1%} |")
+    s = _stats(records)
+    if s:
+        lines.append(f"| **all** | {s['n']} | {s['median']:.1%} | {s['p90']:.1%} | {s['max']:.1%} | {s['bias']:+.1%} |")
+    return lines
+
+
+def mechanism_note(record: dict) -> str:
+    """The mechanism docs/stacks-research.md names for a row's error (IDs of its section 1), or ''."""
+    rid, method, several = record["id"], record["method"], record["gpus"] != "1 GPU"
+    if record["source"] in ("litgpt-rt", "litgpt-ch") and method == "qlora":
+        return "Q1+Q2+Q3: bnb<=0.43 saves 4-bit inputs, fp16+bf16 lm_head dequant, 4-bit lm_head (section 2)"
+    if record["source"] == "torchtune" and method == "qlora":
+        return "Q4 load phase (torchao 0.1 to_nf4 on GPU, reserved high-water) + Q5 + L1"
+    if record["source"] == "torchtune" and several and method == "full":
+        return "F1: torchtune FSDP keeps bf16 params (vramcalc assumes accelerate's fp32 upcast)"
+    if several:
+        return "open: FSDP + LoRA per-rank memory (section 4)"
+    return ""
+
+
+def write_report(records, md_path: Path, csv_path: Path, vc_version: str, accepted: set) -> None:
+    fields = list(records[0].keys())
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(records)
+    judged = [r for r in records if r["status"] == "judged"]
+    trusted = [r for r in judged if r["rel"] in ("high", "medium-high", "medium")]
+    bounds = [r for r in records if r["status"].startswith("bound")]
+    blocked = [r for r in records if r["status"] == "not expressible"]
+    unscored = [r for r in records if r["status"] == "not scored"]
+    knobs = sorted(accepted & set(KNOB_REQUIRED_WHEN_TRUE + KNOB_OPTIONAL))
+    lines = [
+        "# vramcalc against published peak-memory measurements",
+        "",
+        "Generated by `python benchmarks/published.py` from `shared/reference/published/measurements.csv` "
+        "(217 rows; provenance, units and caveats in its README). Error = (estimate - measured) / measured. "
+        "`torch_max_allocated` rows are compared with `peak_tensor_bytes`, `reserved` and `unspecified` rows with "
+        "`peak_tensor_bytes + allocator_slack`, `nvidia_smi` rows with `total_bytes`; the unit of each row "
+        "(GB = 1e9, GiB = 2^30) converts the published number. No coefficient is fitted to these rows.",
+        "",
+        f"vramcalc {vc_version}; stack knobs this version accepts: "
+        f"{', '.join(knobs) or 'none (stack presets not yet built)'}.",
+        "",
+        f"Rows: {len(records)}; judged {len(judged)} (rel high/medium: {len(trusted)}); upper bounds {len(bounds)} "
+        f"({sum(r['status'] == 'bound pass' for r in bounds)} pass); not expressible {len(blocked)}; "
+        f"not scored (estimate_table) {len(unscored)}.",
+        "",
+        "## Headline: rows rated high / medium-high / medium",
+        "",
+        *_table(trusted, "method"),
+        "",
+        "Single GPU only (the multi-GPU rows carry the open FSDP questions of docs/stacks-research.md section 4):",
+        "",
+        *_table([r for r in trusted if r["gpus"] == "1 GPU"], "method"),
+        "",
+        *_table(trusted, "source"),
+        "",
+        "## All judged rows",
+        "",
+        *_table(judged, "method"),
+        "",
+        *_table(judged, "source"),
+        "",
+        *_table(judged, "stack"),
+        "",
+        *_table(judged, "statistic"),
+        "",
+        *_table(judged, "gpus"),
+        "",
+        "## Each judged row",
+        "",
+        "| id | rel | method | model | measured | unit | compared with | estimate GB | error | phase "
+        "| mechanism (docs/stacks-research.md) | options |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(judged, key=lambda r: r["id"]):
+        lines.append(f"| {r['id']} | {r['rel']} | {r['method']} | {r['model']} | {r['measured']} | {r['unit']} | "
+                     f"{r['compared_with']} | {int(r['estimate_bytes']) / GB:.2f} | {float(r['error']):+.1%} | "
+                     f"{r['phase']} | {mechanism_note(r)} | `{r['options']}` |")
+    lines += ["", "## Upper bounds (unsloth-ctx: longest context that fitted a GPU of this size)", "",
+              "| id | seq_len | VRAM class | estimate total GiB | estimate / bound | result |",
+              "|---|---|---|---|---|---|"]
+    for r in bounds:
+        opts = json.loads(r["options"])
+        lines.append(f"| {r['id']} | {opts.get('seq_len')} | {r['measured']} | {int(r['estimate_bytes']) / GIB:.2f} | "
+                     f"{1 + float(r['error']):.2f} | {r['status']} |")
+    reasons = {}
+    for r in blocked:  # grouped by the first reason; every reason of a row is in published.csv
+        reasons.setdefault(r["reason"].split("; ")[0], []).append(r["id"])
+    lines += ["", "## Not expressible yet (grouped by first reason; all reasons per row in published.csv)", "",
+              "| reason | rows | ids |", "|---|---|---|"]
+    for reason, ids in sorted(reasons.items(), key=lambda item: -len(item[1])):
+        shown = ", ".join(ids) if len(ids) <= 8 else ", ".join(ids[:4]) + f", ... {ids[-1]}"
+        lines.append(f"| {reason} | {len(ids)} | {shown} |")
+    lines += ["", f"Not scored: {', '.join(r['id'] for r in unscored)} (LLaMA-Factory's estimate table).", ""]
+    md_path.write_text("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with measurements.csv and configs/")
+    parser.add_argument("--lib", default=None, help="folder holding the vramcalc package to judge (default: this repo)")
+    parser.add_argument("--out", default=str(HERE / "published.md"))
+    args = parser.parse_args(argv)
+    data = Path(args.data)
+    vc = load_vramcalc(args.lib)
+    rows = list(csv.DictReader((data / "measurements.csv").open()))
+    records = judge(rows, data, vc)
+    md_path = Path(args.out)
+    write_report(records, md_path, md_path.with_suffix(".csv"), getattr(vc, "__version__", "?"), accepted_options(vc))
+    judged = [r for r in records if r["status"] == "judged"]
+    blocked = sum(r["status"] == "not expressible" for r in records)
+    print(f"{len(judged)} judged, {blocked} not expressible; wrote {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""Claims about vramcalc.step_time that could fail. Expected numbers are hand-computed from cited inputs."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from vramcalc import step_time as st
+from vramcalc.catalogue import data_dir, get_gpu
+
+# Llama-3.1-8B config (shared/reference/reference-data.md §2): h 4096, L 32, a 32, kv 8, d 128, I 14336, V 128256.
+LLAMA8B = dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336)
+V8B = 128256
+
+
+def test_matmul_params_of_llama_3_1_8b_by_hand():
+    # total 8,030,261,248 (reference-data.md: exact count) - embedding 128256*4096 = 525,336,576
+    # - RMSNorm weights 32*2*4096 + 4096 = 266,240  ->  7,504,658,432 matmul parameters (lm_head included, untied)
+    assert st.dense_matmul_params(**LLAMA8B, vocab_size=V8B) == 8_030_261_248 - 525_336_576 - 266_240
+
+
+def test_six_n_t_by_hand():
+    # 6 * 7,504,658,432 * 2048 = 7,504,658,432 * 12,288 = 92,217,242,812,416 (multiplied out by hand)
+    n = 7_504_658_432
+    assert st.matmul_flops(n, 2048, train_base=True) == 92_217_242_812_416
+
+
+def test_checkpointing_adds_exactly_one_forward():
+    n, n_a, t = 1e9, 4e6, 4096
+    for train_base in (True, False):
+        plain = st.matmul_flops(n, t, train_base=train_base, n_adapter_params=n_a)
+        ckpt = st.matmul_flops(n, t, train_base=train_base, n_adapter_params=n_a, recompute_forwards=1.0)
+        assert ckpt - plain == pytest.approx(2 * (n + n_a) * t)
+    fwd = st.attention_forward_flops(32, 32, 128, 128, 4096, t)
+    with_ckpt = st.attention_flops(32, 32, 128, 128, 4096, t, recompute_forwards=1.0)
+    assert with_ckpt - st.attention_flops(32, 32, 128, 128, 4096, t) == pytest.approx(fwd)
+
+
+def test_frozen_base_saves_exactly_the_weight_gradient_matmuls():
+    n, t = 7e9, 2048
+    full = st.matmul_flops(n, t, train_base=True)
+    frozen = st.matmul_flops(n, t, train_base=False)
+    assert full - frozen == pytest.approx(2 * n * t)  # dW = dy^T x is the only GEMM a frozen weight skips
+    lora = st.matmul_flops(n, t, train_base=False, n_adapter_params=4e7)
+    assert lora - frozen == pytest.approx(6 * 4e7 * t)
+    assert lora < full
+
+
+def test_lora_params_all_linear_rank16_llama8b_by_hand():
+    # per layer r*(in+out): q 16*8192 + k,v 2*16*5120 + o 16*8192 + gate,up,down 3*16*18432 = 1,310,720; x 32 layers
+    assert st.lora_params(**LLAMA8B, rank=16) == 41_943_040
+
+
+def test_causal_halves_tiled_kernels_not_eager():
+    full = st.attention_forward_flops(2, 4, 64, 64, 1024, 10, causal=False)
+    assert st.attention_forward_flops(2, 4, 64, 64, 1024, 10, causal=True, kernel="flash") == full / 2
+    assert st.attention_forward_flops(2, 4, 64, 64, 1024, 10, causal=True, kernel="eager") == full
+    # PaLM App. B: 4*L*a*d*s per token when d_qk = d_v = d
+    assert full == 4 * 2 * 4 * 64 * 1024 * 10
+
+
+def test_memory_time_scales_with_one_over_bandwidth():
+    assert st.memory_seconds(1e12, 2000) == pytest.approx(2 * st.memory_seconds(1e12, 4000))
+    work = st.StepWork(tokens=1000, matmul_flops=0.0, attention_flops=0.0, memory_bytes=3.35e12, model_flops=0.0)
+    slow = st.step_time(work, st.StepRates(100, 100, 1675, 989))
+    fast = st.step_time(work, st.StepRates(100, 100, 3350, 989))
+    assert slow.step_s == pytest.approx(2.0) and fast.step_s == pytest.approx(1.0)
+
+
+def test_mfu_is_one_when_everything_runs_at_peak():
+    work = st.StepWork(tokens=1, matmul_flops=989e12, attention_flops=0.0, memory_bytes=0.0, model_flops=989e12)
+    t = st.step_time(work, st.StepRates(989, 1, 1, 989))
+    assert t.step_s == pytest.approx(1.0) and t.mfu == pytest.approx(1.0) and t.tokens_per_s == pytest.approx(1.0)
+
+
+def test_ring_collectives_and_overlap():
+    assert st.collective_bytes(8e9, 8, "all_reduce") == pytest.approx(2 * 7 / 8 * 8e9)
+    assert st.collective_bytes(8e9, 8, "all_gather") == pytest.approx(7 / 8 * 8e9)
+    assert st.collective_bytes(8e9, 1, "all_reduce") == 0
+    assert st.exposed_comm_seconds(1.0, 10.0, 1.0) == 0.0
+    assert st.exposed_comm_seconds(1.0, 10.0, 0.0) == 1.0
+    assert st.exposed_comm_seconds(5.0, 2.0, 1.0) == pytest.approx(3.0)  # compute hides at most its own length
+
+
+def test_lora_ddp_sends_only_adapter_gradients():
+    full = st.data_parallel_bytes(8e9, 8e9, 8, "ddp")
+    lora = st.data_parallel_bytes(8e9, 4e7, 8, "ddp")
+    assert lora / full == pytest.approx(4e7 / 8e9)
+    # FSDP still gathers the frozen base twice: LoRA does not remove that traffic
+    assert st.data_parallel_bytes(8e9, 4e7, 8, "fsdp") > 2 * 7 / 8 * 8e9 * 2
+
+
+def test_dequantize_nf4_bytes_per_weight_and_pass():
+    assert st.dequantize_bytes(1e9, passes=3) == pytest.approx(1e9 * 2.5 * 3)  # read 0.5 B, write 2 B (bf16)
+
+
+def test_adamw_bytes_per_param():
+    # fp32 everything: read p, g, m, v (16 B) and write p, m, v (12 B) = 28 B per parameter
+    assert st.optimizer_step_bytes(1, param_bytes=4, grad_bytes=4, state_bytes=4) == 28
+
+
+def test_achievable_rates_are_sourced_and_below_the_datasheet_peak():
+    rates = st.load_achievable_rates()
+    assert rates, "data/achievable_rates.csv is empty"
+    for (gpu, kind, dtype), rate in rates.items():
+        assert rate.source and rate.basis in ("measured", "derived"), (gpu, kind, dtype)
+        spec = get_gpu(gpu)
+        peak = {"bf16": spec.bf16_dense_tflops, "fp16": spec.fp16_dense_tflops, "fp8": spec.fp8_dense_tflops}[dtype]
+        assert peak and 0 < rate.tflops <= peak, (gpu, kind, dtype, rate.tflops, peak)
+
+
+PRICE_FILES = ("cloud_prices.csv", "gpu_list_prices.csv")
+
+
+@pytest.mark.parametrize("name", PRICE_FILES)
+def test_every_price_has_a_date_a_source_and_a_catalogue_gpu(name):
+    path = data_dir() / name
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert rows
+    for row in rows:
+        if row.get("gpu"):
+            get_gpu(row["gpu"])  # raises for a name the catalogue does not know
+        assert row["price_date"][:4].isdigit(), row
+        assert row["source"].strip(), row
+        price = row.get("usd_per_gpu_hour") or row.get("value")
+        assert float(price) > 0, row
+
+
+LLAMA8B_SHAPE = st.DecoderShape(**LLAMA8B, vocab_size=V8B)
+
+
+def test_step_work_tensor_parallel_splits_compute_and_adds_blocking_traffic():
+    one = st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=8192, seq_len=8192), matmul_tflops=800)
+    two = st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=8192, seq_len=8192, tp=2), matmul_tflops=800,
+                       tp_link_gb_s=450)
+    assert two.matmul_flops == pytest.approx(one.matmul_flops / 2)
+    assert one.serial_s == 0 and two.serial_s > 0
+    asynchronous = st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=8192, seq_len=8192, tp=2, async_tp=True),
+                                matmul_tflops=800, tp_link_gb_s=450)
+    assert asynchronous.serial_s == 0  # ASYNC_TENSOR_PARALLEL_OVERLAP = 1.0
+
+
+def test_step_work_rejects_bad_setups():
+    with pytest.raises(ValueError, match="grad_ckpt"):
+        st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=1, seq_len=1, grad_ckpt="sometimes"), matmul_tflops=1)
+    with pytest.raises(ValueError, match="fp8"):
+        st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=1, seq_len=1, fp8_linears=True), matmul_tflops=1)
+    with pytest.raises(ValueError, match="loss"):
+        st.loss_bytes(1, 1, "magic")
+
+
+def test_published_throughput_rows_carry_their_settings_and_source():
+    path = data_dir().parent / "benchmarks" / "throughput_published.csv"
+    if not path.exists():
+        pytest.skip("benchmarks/ is not shipped with the wheel")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) >= 20
+    for row in rows:
+        for column in ("source_repo", "source_file", "source_commit", "model", "method", "gpu", "num_gpus",
+                       "precision", "batch_per_gpu", "seq_len", "grad_ckpt", "compile", "published_tokens_per_s", "unit"):
+            assert row[column], (row["id"], column)
+        assert len(row["source_commit"]) == 40
+        get_gpu(row["gpu"])

@@ -1,0 +1,238 @@
+"""`vramcalc web` in a real headless Chromium (Debian's chromium + chromium-driver, driven by selenium).
+
+Claims: filling the form for three setups shows the total that `vramcalc estimate --format json` prints, to the byte;
+the shareable URL restores every field; a bad value gets its message beside its field; user-provided names are shown
+as text, never as markup; the tables sort on a header click; the CSV download is the CLI's file; at 1280x800 the
+form, the bar chart and the GPU table are all on screen without overlapping (screenshots under the test's tmp_path).
+Skipped, with the reason, where chromium, chromedriver or selenium is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("pandas")  # the page's plan table comes from vramcalc.plan
+webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium: pip install 'vramcalc[test]'")
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
+
+from vramcalc.web.server import make_server  # noqa: E402
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs Chromium and its driver: apt-get install chromium chromium-driver",
+)
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1280,800")
+WIDTH, HEIGHT = 1280, 800
+
+SETUPS = [  # the form fields to set, in order (method first: it decides which fields are shown)
+    {"model": "llama-3.1-8b", "gpu": "rtx-4090", "method": "lora", "seq_len": 4096, "grad_ckpt": True,
+     "lora_targets": "all-linear"},
+    {"model": "qwen3-8b", "gpu": "a100-40gb", "method": "qlora", "precision": "mixed-bf16", "batch_size": 4,
+     "lora_rank": 64, "double_quant": False},
+    {"model": "llama-3.1-70b", "gpu": "h100-sxm", "method": "full", "optimizer": "adamw-8bit", "num_gpus": 8,
+     "sharding": "fsdp", "attn": "flash"},
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = make_server("127.0.0.1", 0, rate_per_s=1000.0, burst=1000)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    profile = tempfile.mkdtemp(prefix="vramcalc-chromium-")
+    options.add_argument(f"--user-data-dir={profile}")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False})
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_idle(driver, timeout_s: float = 60.0) -> None:
+    """Until the page has the answers for its last change (body[data-busy] back to "0")."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if driver.execute_script("return document.body.dataset.busy") == "0":
+            time.sleep(0.3)  # a debounced change may still be on its way
+            if driver.execute_script("return document.body.dataset.busy") == "0":
+                return
+        time.sleep(0.1)
+    raise AssertionError("the page did not finish computing: " + driver.find_element(By.ID, "status").text)
+
+
+def open_page(driver, server, query: str = "") -> None:
+    driver.get(server.url + query)
+    wait_idle(driver)
+
+
+def fill(driver, setup: dict) -> None:
+    for name, value in setup.items():
+        element = driver.find_element(By.ID, f"f-{name}")
+        if element.tag_name == "select":
+            Select(element).select_by_value(str(value))
+        elif element.get_attribute("type") == "checkbox":
+            if element.is_selected() != bool(value):
+                element.click()
+        else:
+            element.clear()
+            element.send_keys(str(value))
+    wait_idle(driver)
+
+
+def page_total_bytes(driver) -> int:
+    text = driver.find_element(By.ID, "total-bytes").text
+    assert re.fullmatch(r"\([\d,]+ bytes\)", text), text
+    return int(re.sub(r"\D", "", text))
+
+
+def cli_json(setup: dict) -> dict:
+    argv = [sys.executable, "-m", "vramcalc", "estimate", setup["model"], "--format", "json"]
+    for name, value in setup.items():
+        if name == "model":
+            continue
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if value is True else ["--no-" + flag[2:]] if value is False else [flag, str(value)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def png_size(path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def rect(driver, selector: str) -> dict:
+    return driver.execute_script("const r = document.querySelector(arguments[0]).getBoundingClientRect();"
+                                 "return {left: r.left, right: r.right, top: r.top, bottom: r.bottom};", selector)
+
+
+@pytest.mark.parametrize("index", range(len(SETUPS)))
+def test_the_page_total_is_the_cli_total_to_the_byte(browser, server, tmp_path, index):
+    setup = SETUPS[index]
+    open_page(browser, server)
+    fill(browser, setup)
+    assert browser.find_element(By.ID, "error-banner").get_attribute("hidden") is not None
+    assert page_total_bytes(browser) == cli_json(setup)["total_bytes"]
+    shot = tmp_path / f"setup-{index}.png"
+    browser.save_screenshot(str(shot))
+    assert png_size(shot) == (WIDTH, HEIGHT)
+
+
+def test_form_bar_and_gpu_table_are_on_screen_without_overlap(browser, server, tmp_path):
+    open_page(browser, server, "?model=llama-3.1-8b&method=lora&gpu=rtx-4090")
+    form, bar, fits = rect(browser, "#form"), rect(browser, "#bar"), rect(browser, "#fits-table")
+    assert form["right"] <= bar["left"] and form["right"] <= fits["left"]  # side by side
+    assert bar["bottom"] <= fits["top"]  # the chart above the table
+    assert fits["top"] < HEIGHT - 100 and bar["bottom"] < HEIGHT and form["bottom"] <= HEIGHT
+    assert bar["right"] <= WIDTH and fits["left"] < WIDTH
+    rows = browser.find_elements(By.CSS_SELECTOR, "#fits-table tbody tr")
+    assert len(rows) >= 10
+    browser.save_screenshot(str(tmp_path / "page.png"))
+
+
+def test_the_page_runs_under_its_content_security_policy_without_console_errors(browser, server):
+    browser.get_log("browser")  # drop what earlier tests left
+    open_page(browser, server, "?model=qwen3-8b&method=lora&gpu=l40s")
+    errors = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert errors == []
+    assert browser.find_elements(By.CSS_SELECTOR, "#bar rect.c0"), "no bar was drawn"
+
+
+def test_the_shareable_url_restores_every_field(browser, server):
+    setup = SETUPS[1]
+    open_page(browser, server)
+    fill(browser, setup)
+    total = page_total_bytes(browser)
+    url = browser.find_element(By.ID, "share-url").get_attribute("value")
+    open_page(browser, server, "")
+    assert page_total_bytes(browser) != total
+    browser.get(url)
+    wait_idle(browser)
+    assert page_total_bytes(browser) == total
+    for name, value in setup.items():
+        element = browser.find_element(By.ID, f"f-{name}")
+        if element.get_attribute("type") == "checkbox":
+            assert element.is_selected() == value, name
+        else:
+            assert element.get_attribute("value") == str(value), name
+
+
+def test_a_bad_value_gets_its_message_beside_the_field(browser, server):
+    open_page(browser, server)
+    fill(browser, {"batch_size": 0})
+    message = browser.find_element(By.ID, "err-batch_size").text
+    assert "batch size" in message and "Traceback" not in message
+    assert "invalid" in browser.find_element(By.ID, "f-batch_size").get_attribute("class")
+    fill(browser, {"model": "llama-9000", "batch_size": 2})
+    assert "closest" in browser.find_element(By.ID, "err-model").text
+    assert browser.find_element(By.ID, "err-batch_size").text == ""
+
+
+def test_user_provided_names_are_shown_as_text_not_markup(browser, server, tmp_path):
+    config = {"model_type": "llama", "hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+              "intermediate_size": 1024, "vocab_size": 1000}
+    path = tmp_path / "<img src=x onerror=window.pwned=1>.json"
+    path.write_text(json.dumps(config))
+    open_page(browser, server)
+    browser.find_element(By.ID, "f-config").send_keys(str(path))
+    wait_idle(browser)
+    assert "<img src=x onerror=window.pwned=1>" in browser.find_element(By.ID, "phase").text
+    assert browser.execute_script("return document.querySelectorAll('img').length") == 0
+    assert browser.execute_script("return window.pwned === undefined")
+
+
+def test_clicking_a_header_sorts_the_gpu_table(browser, server):
+    open_page(browser, server, "?model=llama-3.1-8b&method=lora")
+    header = browser.find_element(By.CSS_SELECTOR, "#fits-table th[data-key=memory_gib]")
+
+    def column():
+        return [float(td.text) for td in browser.find_elements(By.CSS_SELECTOR, "#fits-table tbody td:nth-child(2)")]
+
+    header.click()
+    assert column() == sorted(column())
+    browser.find_element(By.CSS_SELECTOR, "#fits-table th[data-key=memory_gib]").click()
+    assert column() == sorted(column(), reverse=True)
+
+
+def test_the_csv_download_is_the_cli_plan_file(browser, server, tmp_path):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    open_page(browser, server, "?model=llama-3.1-8b&method=lora&tokens=200000000")
+    browser.find_element(By.ID, "download-csv").click()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not [p for p in downloads.glob("*.csv")]:
+        time.sleep(0.2)
+    files = list(downloads.glob("*.csv"))
+    assert files, "no CSV was downloaded"
+    subprocess.run([sys.executable, "-m", "vramcalc", "plan", "llama-3.1-8b", "--method", "lora", "--tokens",
+                    "200000000", "--output", str(tmp_path / "cli.csv")], check=True, capture_output=True)
+    assert files[0].read_bytes() == (tmp_path / "cli.csv").read_bytes()

@@ -1,0 +1,270 @@
+"""``plan``: for a model and setup, one row per catalogue GPU (the smallest GPU count that fits, the largest
+micro-batch at that count, host RAM, the time for a token budget and what it costs to rent, buy and power) and,
+beside them, hosted fine-tuning services' prices for the same tokens. Every memory figure is an ``estimate()``; every
+price comes from the catalogue with its date.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from ..catalogue import get_gpu, get_model, gpus
+from ..cost import (
+    DEFAULT_AMORTISATION_YEARS,
+    DEFAULT_USD_PER_KWH,
+    amortised_buy_cost_usd,
+    buy_cost_usd,
+    eager_attention_seconds_per_token,
+    energy_cost_usd,
+    energy_kwh,
+    hosted_cost_usd,
+    hosted_prices,
+    job_utilisation,
+    matmul_dtype,
+    peak_flop_per_s,
+    rent_cost_usd,
+    training_flops,
+    training_time,
+)
+from ..errors import VramcalcError, positive_number
+from ..estimator import estimate
+from ..model import ModelSpec
+from ..options import Offload, Term
+from ..training_setup import ResolvedSetup, resolve_setup
+from ..units import BYTES_PER_GIB
+from .host_memory import host_ram
+from .ranking import RANK_BY, plan_summary, rank_rows
+from .search import (
+    DEFAULT_MAX_GPUS,
+    at_count,
+    counts_to_try,
+    gpu_limit,
+    max_batch_size,
+    offload_of,
+    positive_count,
+    smallest_gpu_count,
+)
+from .stamp import catalogue_stamp
+
+COUNT_COLUMNS = ("seq_len", "num_gpus", "micro_batch")  # integers, empty where they do not apply (nullable)
+TERM_COLUMNS = tuple(f"{term.value}_gib" for term in Term)
+PLAN_COLUMNS = (
+    "rank", "offer", "model", "method", "precision", "optimizer", "seq_len", "grad_ckpt", "attn", "matmul_dtype",
+    "gpu", "gpu_memory_gib", "num_gpus", "sharding", "micro_batch", "fits", "device_gib", "headroom_gib", "phase",
+    *TERM_COLUMNS,
+    "host_ram_gib", "host_loading_gib", "host_offload_gib", "host_paged_optimizer_gib",
+    "train_tokens", "epochs", "model_flop_per_token", "hardware_flop_per_token", "mfu", "mfu_source",
+    "throughput_tokens_per_s", "train_hours", "gpu_hours",
+    "rent_usd_per_gpu_hour", "rent_usd_per_hour", "rent_usd", "buy_usd", "buy_amortised_usd", "amortisation_years",
+    "energy_kwh", "usd_per_kwh", "energy_usd", "cost_usd",
+    "provider", "hosted_usd_per_million_tokens", "price_date", "price_source",
+    "note", "catalogue_version", "catalogue_date",
+)
+
+
+PLAN_EXTRA = "plan"  # pip install 'vramcalc[plan]' (pandas, numpy): DataFrames from plan() and sweep()
+
+
+def require_pandas(what: str):
+    """pandas, or one ``VramcalcError`` line naming the extra that brings it."""
+    try:
+        import pandas
+    except ImportError as err:
+        raise VramcalcError(f"{what} returns a pandas DataFrame and needs the '{PLAN_EXTRA}' extra "
+                            f"({err.name or 'pandas'} is missing): pip install 'vramcalc[{PLAN_EXTRA}]'") from None
+    return pandas
+
+
+@dataclass(frozen=True)
+class PlanRows:
+    """A plan as plain rows (``rows``: one dict per GPU type or hosted service, ranked, every key a PLAN_COLUMNS
+    name; missing values are absent or None, never 0), its one-line ``summary``, the setup's ``warnings`` and the
+    catalogue it came from. Standard library only: the CLI prints it through ``vramcalc.export``."""
+
+    rows: list
+    summary: str
+    warnings: tuple
+    catalogue_version: str
+    catalogue_date: str
+
+
+def plan_rows(model, *, tokens, epochs=1, gpus=None, max_gpus: int = DEFAULT_MAX_GPUS, rank_by: str = "cost",
+              usd_per_kwh: float = DEFAULT_USD_PER_KWH, amortisation_years: float = DEFAULT_AMORTISATION_YEARS,
+              mfu: float | None = None, hosted: bool = True, **options) -> PlanRows:
+    """``plan()`` as plain rows (``PlanRows``), with the standard library only. Arguments as ``plan()``."""
+    spec = get_model(model)
+    tokens = positive_number(tokens, "token count")
+    epochs = positive_number(epochs, "number of epochs")
+    positive_number(usd_per_kwh, "electricity price ($/kWh)")
+    positive_number(amortisation_years, "amortisation horizon (years)")
+    max_gpus = gpu_limit(max_gpus)
+    limit = positive_count(options["num_gpus"], "number of GPUs") if options.get("num_gpus") is not None else max_gpus
+    if rank_by not in RANK_BY:
+        raise VramcalcError(f"unknown ranking {rank_by!r}; choose one of: {', '.join(RANK_BY)}")
+    devices = gpus_of(gpus)
+    options = {key: value for key, value in options.items() if value is not None}
+    checked = resolve_setup(spec, **_as_searched(options, max_gpus))  # bad options fail once, before any GPU
+    stamp = catalogue_stamp()
+    prices = dict(usd_per_kwh=usd_per_kwh, amortisation_years=amortisation_years)
+    rows = [_gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, dict(options)) for device in devices]
+    if hosted:
+        rows += _hosted_rows(spec, tokens, epochs, options, max_gpus)
+    for row in rows:
+        row["catalogue_version"], row["catalogue_date"] = stamp.version, stamp.date
+    rows = rank_rows(rows, rank_by)
+    return PlanRows(rows, plan_summary(rows, spec, limit, rank_by), tuple(checked.warnings), stamp.version,
+                    stamp.date)
+
+
+def gpus_of(names):
+    """The catalogue GPUs to plan for: all of them when ``names`` is None, else each name (an empty list, or a name
+    that is blank, is an error: never read as "all")."""
+    if names is None:
+        return gpus()
+    if isinstance(names, str):
+        names = names.split(",")
+    names = list(names)
+    if not names or any(not isinstance(name, str) or not name.strip() for name in names):
+        raise VramcalcError(f"no GPUs to plan for: give catalogue GPU names, got {names!r}")
+    return [get_gpu(name.strip()) for name in names]
+
+
+def plan(model, *, tokens, epochs=1, gpus=None, max_gpus: int = DEFAULT_MAX_GPUS, rank_by: str = "cost",
+         usd_per_kwh: float = DEFAULT_USD_PER_KWH, amortisation_years: float = DEFAULT_AMORTISATION_YEARS,
+         mfu: float | None = None, hosted: bool = True, gpus_to_try=None, **options):
+    """One row per catalogue GPU (and per matching hosted service), ranked by cost or time; a pandas DataFrame
+    (the ``plan`` extra: ``pip install 'vramcalc[plan]'``; ``plan_rows`` gives the same rows without pandas).
+
+    ``tokens`` is the dataset size in tokens, trained ``epochs`` times; ``gpus`` the catalogue GPUs to try (default:
+    all; ``gpus_to_try`` is its deprecated old name). ``options`` are the TrainingSetup fields
+    (``offload="optimizer"`` or ``"params"`` included); a given ``batch_size`` or ``num_gpus`` is kept, otherwise
+    the largest micro-batch and the smallest count are found. ``frame.attrs["summary"]`` says in one line what fits,
+    or plainly that nothing does; ``frame.attrs["warnings"]`` holds the setup's warnings, for the caller to show.
+    """
+    if gpus_to_try is not None:
+        if gpus is not None:
+            raise VramcalcError("give gpus= (gpus_to_try is its deprecated old name), not both")
+        warnings.warn("plan(gpus_to_try=...) is deprecated: use gpus=...", DeprecationWarning, stacklevel=2)
+        gpus = gpus_to_try
+    pandas = require_pandas("vramcalc.plan()")
+    result = plan_rows(model, tokens=tokens, epochs=epochs, gpus=gpus, max_gpus=max_gpus, rank_by=rank_by,
+                       usd_per_kwh=usd_per_kwh, amortisation_years=amortisation_years, mfu=mfu, hosted=hosted,
+                       **options)
+    return plan_frame(result, pandas)
+
+
+def plan_frame(result: PlanRows, pandas=None):
+    """``PlanRows`` as the DataFrame ``plan()`` returns: PLAN_COLUMNS, nullable integer counts and booleans, and
+    ``attrs`` summary / warnings / catalogue_version / catalogue_date."""
+    pandas = pandas or require_pandas("vramcalc.plan()")
+    frame = pandas.DataFrame(result.rows, columns=list(PLAN_COLUMNS))
+    for column in COUNT_COLUMNS + ("rank",):
+        frame[column] = frame[column].astype("Int64")
+    frame["fits"] = frame["fits"].astype("boolean")
+    frame["grad_ckpt"] = frame["grad_ckpt"].astype("boolean")
+    frame.attrs["summary"] = result.summary
+    frame.attrs["warnings"] = list(result.warnings)
+    frame.attrs["catalogue_version"], frame.attrs["catalogue_date"] = result.catalogue_version, result.catalogue_date
+    return frame
+
+
+def _as_searched(options: dict, max_gpus: int) -> dict:
+    """The options as given; for an offloading setup, which needs a GPU count and a sharding to be valid, at the
+    count the search starts from."""
+    if offload_of(options) is Offload.NONE:
+        return options
+    return at_count(options, counts_to_try(options, max_gpus)[0])
+
+
+def _setup_columns(spec: ModelSpec, resolved: ResolvedSetup) -> dict:
+    setup = resolved.setup
+    return {
+        "model": spec.name, "method": setup.method.value, "precision": setup.precision.value,
+        "optimizer": setup.optimizer.value, "seq_len": setup.seq_len, "grad_ckpt": setup.grad_ckpt,
+        "attn": resolved.attn_used.value, "matmul_dtype": matmul_dtype(resolved),
+    }
+
+
+def _gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, options) -> dict:
+    """Fit, batch, time and cost of the setup on one GPU type."""
+    pinned_batch = options.pop("batch_size", None)
+    fixed = dict(options, batch_size=pinned_batch) if pinned_batch is not None else options
+    row = {"offer": "gpu", "gpu": device.name, "gpu_memory_gib": device.memory_bytes / BYTES_PER_GIB,
+           "train_tokens": tokens, "epochs": epochs, "price_date": device.cloud_price_date or None,
+           "price_source": device.cloud_price_basis or None, **prices}
+    row.update(_setup_columns(spec, resolve_setup(spec, **_as_searched(fixed, max_gpus))))
+    found = smallest_gpu_count(spec, device, max_gpus=max_gpus, **fixed)
+    if found is None:
+        limit = options.get("num_gpus") or max_gpus
+        row.update(fits=False, note=f"does not fit on {limit} x {device.name}")
+        return row
+    count, breakdown = found
+    at_found = dict(options, num_gpus=count, sharding=breakdown.inputs["sharding"])
+    batch = pinned_batch or max_batch_size(spec, device, **at_found)
+    breakdown = estimate(spec, gpu=device, batch_size=batch, **at_found)
+    resolved = resolve_setup(spec, batch_size=batch, **at_found)
+    used = breakdown.total_bytes
+    host = host_ram(spec, resolved, breakdown)
+    row.update(_setup_columns(spec, resolved))
+    row.update(
+        fits=True, num_gpus=count, sharding=resolved.setup.sharding.value, micro_batch=batch,
+        device_gib=used / BYTES_PER_GIB, headroom_gib=(device.memory_bytes - used) / BYTES_PER_GIB,
+        phase=breakdown.phase.value,
+        host_ram_gib=host.total_bytes / BYTES_PER_GIB, host_loading_gib=host.loading_bytes / BYTES_PER_GIB,
+        host_offload_gib=host.offload_bytes / BYTES_PER_GIB,
+        host_paged_optimizer_gib=host.paged_optimizer_bytes / BYTES_PER_GIB,
+    )
+    row.update({f"{term}_gib": value / BYTES_PER_GIB for term, value in breakdown.terms().items()})
+    row.update(_time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices))
+    return row
+
+
+def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices) -> dict:
+    """Hours, throughput and the rent / buy / energy bill; no time (and so no cost) when the GPU lacks the dtype."""
+    setup = resolved.setup
+    flops = training_flops(spec, resolved)
+    dtype = matmul_dtype(resolved)
+    peak = peak_flop_per_s(device, dtype)
+    n = setup.num_gpus
+    price = device.cloud_usd_per_gpu_hour
+    out = {"model_flop_per_token": flops.model_flop_per_token, "hardware_flop_per_token": flops.hardware_flop_per_token,
+           "rent_usd_per_gpu_hour": price, "rent_usd_per_hour": None if price is None else price * n,
+           "buy_usd": buy_cost_usd(device.list_price_usd, n)}
+    if peak is None:
+        out["note"] = f"{device.name} has no {dtype} matmuls: no time or cost (try another --precision)"
+        return out
+    utilisation = job_utilisation(device, setup.method, mfu)
+    time = training_time(flops, tokens, epochs, setup.num_gpus, peak, utilisation.mfu,
+                         eager_attention_seconds_per_token(spec, resolved, device))
+    kwh = energy_kwh(device.tdp_w, n, time.hours)
+    rent = rent_cost_usd(price, n, time.hours)
+    notes = []
+    if device.cloud_usd_per_gpu_hour is None:
+        notes.append("no cloud price in the catalogue")
+    if device.list_price_usd is None:
+        notes.append("no list price in the catalogue")
+    out.update(
+        mfu=utilisation.mfu, mfu_source=utilisation.source, throughput_tokens_per_s=time.tokens_per_s,
+        train_hours=time.hours, gpu_hours=time.gpu_hours, rent_usd=rent, cost_usd=rent,
+        buy_amortised_usd=amortised_buy_cost_usd(device.list_price_usd, n, time.hours, prices["amortisation_years"]),
+        energy_kwh=kwh, energy_usd=energy_cost_usd(kwh, prices["usd_per_kwh"]),
+        note="; ".join(notes) or None,
+    )
+    return out
+
+
+def _hosted_rows(spec: ModelSpec, tokens: float, epochs: float, options: dict, max_gpus: int) -> list[dict]:
+    """Hosted services whose open-weight size bracket and training kind match the model and method."""
+    method = resolve_setup(spec, **_as_searched(options, max_gpus)).setup.method
+    rows = []
+    for price in hosted_prices():
+        if not price.applies_to(spec.params / 1e9, method):
+            continue
+        row = {"offer": "hosted", "provider": price.provider, "model": spec.name, "method": method.value,
+               "train_tokens": tokens, "epochs": epochs,
+               "hosted_usd_per_million_tokens": price.usd_per_million_tokens,
+               "cost_usd": hosted_cost_usd(price, tokens, epochs), "price_date": price.price_date,
+               "price_source": price.source, "note": price.offering}
+        rows.append(row)
+    return rows

@@ -1,0 +1,77 @@
+"""A plan's order and its short forms: ranking by cost or time, the one-line summary, the compact text table."""
+
+from __future__ import annotations
+
+from ..export import cell, table_text
+from ..model import ModelSpec
+
+RANK_BY = ("cost", "time")
+PLAN_TABLE_COLUMNS = ("rank", "offer", "gpu", "provider", "num_gpus", "micro_batch", "device_gib", "host_ram_gib",
+                      "train_hours", "rent_usd", "buy_usd", "energy_kwh", "cost_usd", "note")
+
+
+def _number(value):
+    """A float for ordering, or None when missing (None, NaN, pandas NA)."""
+    value = cell(value)
+    return None if value == "" else float(value)
+
+
+def rank_rows(rows: list[dict], rank_by: str = "cost") -> list[dict]:
+    """Rows that can run, cheapest (or fastest) first, ranked 1..k (``rank``); then rows without that figure; then
+    rows that do not fit (``rank`` None). Ties go to the other figure; the sort is stable."""
+    first, second = ("cost_usd", "train_hours") if rank_by == "cost" else ("train_hours", "cost_usd")
+
+    def key(row):
+        runnable = row.get("fits") is not False  # hosted rows have no fits: they run
+        a, b = _number(row.get(first)), _number(row.get(second))
+        has_metric = runnable and a is not None
+        return ((not has_metric) + (not runnable), a is None, a or 0.0, b is None, b or 0.0)
+
+    ranked = sorted(rows, key=key)
+    for index, row in enumerate(ranked):
+        row["rank"] = index + 1 if row.get("fits") is not False and _number(row.get(first)) is not None else None
+    return ranked
+
+
+def _records(rows) -> list[dict]:
+    """Plain rows from a list of dicts or a DataFrame (``plan()``'s)."""
+    return rows.to_dict("records") if hasattr(rows, "to_dict") else list(rows)
+
+
+def plan_summary(rows, spec: ModelSpec, gpu_limit: int, rank_by: str) -> str:
+    """One line: the best option, or plainly that nothing in the catalogue fits."""
+    rows = _records(rows)
+    gpu_rows = [row for row in rows if row.get("offer") == "gpu"]
+    fitting = [row for row in gpu_rows if row.get("fits") is True or cell(row.get("fits")) is True]
+    if not fitting:
+        return (f"nothing in the catalogue fits {spec.name} with this setup, even on {gpu_limit:,} GPUs of any type "
+                f"({len(gpu_rows)} tried)")
+    best = next((row for row in rows if cell(row.get("rank")) == 1), None)
+    if best is None:
+        return f"{len(fitting)} of {len(gpu_rows)} GPU types fit {spec.name}; none has a price to rank by {rank_by}"
+    metric = f"${best['cost_usd']:,.0f}" if rank_by == "cost" else f"{best['train_hours']:,.1f} h"
+    if best["offer"] == "hosted":
+        what = f"hosted by {best['provider']}"
+    else:
+        what = f"{int(best['num_gpus'])} x {best['gpu']}, micro-batch {int(best['micro_batch'])}"
+    return f"{len(fitting)} of {len(gpu_rows)} GPU types fit {spec.name}; best by {rank_by}: {what} ({metric})"
+
+
+def plan_table(rows) -> str:
+    """A compact plain-text view of a plan, from its rows or its DataFrame (GiB = 2^30 bytes; '-' where a figure
+    does not apply or is unknown)."""
+    rows = _records(rows)
+    columns = list(PLAN_TABLE_COLUMNS)
+    shown = [{c: _display(row.get(c), c) for c in columns} for row in rows]
+    return table_text(shown, columns).rstrip("\n")
+
+
+def _display(value, column: str) -> str:
+    value = cell(value)
+    if value == "":
+        return "-"
+    if isinstance(value, float):
+        if column.endswith("_usd"):
+            return f"{value:,.0f}"
+        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
+    return str(value)

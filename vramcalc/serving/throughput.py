@@ -1,0 +1,71 @@
+"""Decode tokens/s from memory bandwidth, prefill time from compute: the roofline of one serving step.
+
+decode step time  = max(bytes read / (bandwidth x BANDWIDTH_EFFICIENCY), flops / (peak x COMPUTE_EFFICIENCY))
+  bytes read      = the weights one step touches (all dense weights; for MoE the experts the batch routes to)
+                    + every sequence's KV cache at the full context (the worst step)
+  flops           = 2 x active params x batch + 4 x layers x heads x head_dim x context x batch (QK^T and PV)
+prefill time      = (2 x active params x prompt + 2 x layers x heads x head_dim x prompt^2) / (peak x COMPUTE_EFFICIENCY)
+Both efficiencies are assumptions (not calibrated): memory-bound decode kernels reach ~80% of datasheet bandwidth
+(vLLM/TensorRT-LLM decode GEMV benchmarks), prefill ~50% of dense bf16 peak. Tensor parallelism multiplies bandwidth
+and compute by tp and ignores the all-reduces. fp8 weights use the fp8 peak for the matmuls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..catalogue import GpuSpec
+from ..model import ModelSpec
+from .kv_cache import kv_bytes_per_token
+from .terms import Weights
+from .weights import active_weight_bytes
+
+BANDWIDTH_EFFICIENCY = 0.8  # assumption
+COMPUTE_EFFICIENCY = 0.5  # assumption
+
+
+@dataclass(frozen=True)
+class Throughput:
+    decode_step_s: float
+    decode_tokens_per_s_per_sequence: float
+    decode_tokens_per_s: float  # aggregate over the batch
+    prefill_s: float  # one prompt
+    bound: str  # "memory" or "compute"
+
+    def to_dict(self) -> dict:
+        return {"decode_step_s": round(self.decode_step_s, 6),
+                "decode_tokens_per_s_per_sequence": round(self.decode_tokens_per_s_per_sequence, 2),
+                "decode_tokens_per_s": round(self.decode_tokens_per_s, 1),
+                "prefill_s": round(self.prefill_s, 4), "bound": self.bound}
+
+
+def _peak_flops(gpu: GpuSpec, weights: Weights) -> float:
+    tflops = gpu.fp8_dense_tflops if weights is Weights.FP8 and gpu.fp8_dense_tflops else None
+    tflops = tflops or gpu.bf16_dense_tflops or gpu.fp16_dense_tflops or gpu.fp32_tflops or 0.0
+    return tflops * 1e12
+
+
+def throughput(spec: ModelSpec, gpu: GpuSpec, *, weights: Weights, kv_element_bytes: int, batch: int, context: int,
+               prompt: int, tp: int = 1) -> Throughput | None:
+    """None when the GPU's bandwidth or compute is unknown."""
+    if not gpu.bandwidth_gb_s:
+        return None
+    peak = _peak_flops(gpu, weights) * tp
+    bandwidth = gpu.bandwidth_gb_s * 1e9 * tp
+    read = active_weight_bytes(spec, weights, tp, batch) * tp + batch * context * kv_bytes_per_token(spec, kv_element_bytes)
+    attention_width = spec.num_layers * spec.num_heads * (spec.qk_head_dim if spec.traits.mla else spec.head_dim)
+    flops = 2 * spec.active_params * batch + 4 * attention_width * context * batch
+    memory_s = read / (bandwidth * BANDWIDTH_EFFICIENCY)
+    compute_s = flops / (peak * COMPUTE_EFFICIENCY) if peak else 0.0
+    step = max(memory_s, compute_s)
+    prefill_flops = 2 * spec.active_params * prompt + 2 * attention_width * prompt * prompt
+    prefill = prefill_flops / (peak * COMPUTE_EFFICIENCY) if peak else float("nan")
+    return Throughput(step, 1 / step, batch / step, prefill, "memory" if memory_s >= compute_s else "compute")
+
+
+def usd_per_million_tokens(gpu: GpuSpec, gpus: int, tokens_per_s: float) -> float | None:
+    """GPU rent per million generated tokens: hourly price x GPUs / (tokens/s x 3600) x 1e6 (data/gpus.csv
+    ``cloud_usd_per_gpu_hour``, with its date and basis)."""
+    if not gpu.cloud_usd_per_gpu_hour or tokens_per_s <= 0:
+        return None
+    return gpu.cloud_usd_per_gpu_hour * gpus / (tokens_per_s * 3600) * 1e6

@@ -1,0 +1,428 @@
+"""Time of one training step from the work it does: matmuls, attention, memory-bound kernels and communication.
+
+Standard library only; every function takes plain numbers (the fields of ``vramcalc.ModelSpec`` and of
+``vramcalc.catalogue.GpuSpec`` are the intended inputs) and returns plain numbers or frozen dataclasses.
+
+The step is the sum of four kinds of work on one GPU (Williams et al., "Roofline", CACM 2009: each kernel is bound
+either by arithmetic or by memory traffic, and the two kinds of kernel run one after another in a training step):
+
+  step_s = matmul_flops / R_mm + attention_flops / R_attn + memory_bytes / B + exposed_comm_s
+
+* ``R_mm`` is an *achievable* dense GEMM rate for the matmul dtype (measured cuBLAS/hipBLASLt rates, not the
+  datasheet peak): ``data/achievable_rates.csv``, each row with its source (``achievable_rate``).
+* ``R_attn`` is the attention kernel's achievable rate (FlashAttention / SDPA measurements), same file.
+* ``B`` is the HBM bandwidth from the catalogue (datasheet peak: the memory-bound time is a lower bound).
+* ``exposed_comm_s`` is the part of the collectives that compute does not hide (``exposed_comm_seconds``).
+
+tokens/s = tokens in the step / step_s; MFU = model FLOPs / (step_s x datasheet dense peak) with the model FLOPs of
+PaLM (Chowdhery et al. 2022, App. B): 6·N·T + 12·L·a·d·s·T for full fine-tuning, without recomputation, attention
+counted non-causal, as ``vramcalc.cost`` and torchtitan count it. For LoRA the model FLOPs are 4·N·T + 6·N_a·T + the
+attention, since frozen weights need no weight gradient.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .catalogue import data_dir
+
+TFLOPS = 1e12
+GB_PER_S = 1e9
+BF16_BYTES = 2
+
+# NCCL reaches about 80% of the unidirectional link rate in busbw: stas00/ml-engineering network/README.md
+# ("The ~80% rule of thumb ... the H200 node lands on 82% when NCCL rings"; A100 node likewise), commit 744d01e.
+NCCL_BUS_EFFICIENCY = 0.8
+
+# Overlap of data-parallel collectives with compute. FSDP/ZeRO-3 prefetch the next layer's all-gather during the
+# current layer's compute and DDP/ZeRO-2 launch bucketed all-reduces during backward (PyTorch FSDP paper, Zhao et
+# al. 2023, §3.3-3.4; DDP paper, Li et al. 2020, §3.2.3). What stays exposed is the first all-gather and the last
+# bucket, about one layer in L: assumption 0.9 for L >= 10. Tensor parallelism's collectives sit between dependent
+# matmuls and are not overlapped (0.0) unless async TP decomposes them into the matmul (1.0, its design intent).
+DATA_PARALLEL_OVERLAP = 0.9
+TENSOR_PARALLEL_OVERLAP = 0.0
+ASYNC_TENSOR_PARALLEL_OVERLAP = 1.0
+
+
+# -- matmul FLOPs ---------------------------------------------------------------------------------------------------
+def dense_matmul_params(hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                        intermediate_size: int, vocab_size: int) -> int:
+    """N_mm of a dense Llama-style decoder: per layer q (h x a·d), k and v (h x kv·d each), o (a·d x h) and the
+    gated MLP (3 x h x I), plus the lm_head (V x h, counted even when tied: it is still a matmul). The embedding
+    lookup is not a matmul. Matches ``vramcalc.cost.matmul_params`` for dense models without biases."""
+    q_width = num_heads * head_dim
+    kv_width = num_kv_heads * head_dim
+    attention = hidden_size * q_width + 2 * hidden_size * kv_width + q_width * hidden_size
+    per_layer = attention + 3 * hidden_size * intermediate_size
+    return num_layers * per_layer + vocab_size * hidden_size
+
+
+def lora_params(hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                intermediate_size: int, rank: int,
+                targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")) -> int:
+    """N_a = L · Σ_targets r·(in + out): LoRA's A (r x in) and B (out x r) on each targeted linear (Hu et al. 2021)."""
+    q_width = num_heads * head_dim
+    kv_width = num_kv_heads * head_dim
+    shapes = {"q": (hidden_size, q_width), "k": (hidden_size, kv_width), "v": (hidden_size, kv_width),
+              "o": (q_width, hidden_size), "gate": (hidden_size, intermediate_size),
+              "up": (hidden_size, intermediate_size), "down": (intermediate_size, hidden_size)}
+    return num_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def matmul_flops(n_matmul_params: float, tokens: float, *, train_base: bool, n_adapter_params: float = 0.0,
+                 recompute_forwards: float = 0.0) -> float:
+    """Executed dense matmul FLOPs of one step on ``tokens`` tokens.
+
+    A linear y = x·Wᵀ costs 2·N·T forward, 2·N·T for the input gradient dx = dy·W and 2·N·T for the weight gradient
+    dW = dyᵀ·x (Kaplan et al. 2020, §2.1; PaLM App. B): 6·N·T when W trains. A frozen W (LoRA, QLoRA, prompt tuning)
+    skips dW but still passes dx back to the layers below: 4·N·T. LoRA's A and B train: 6·N_a·T.
+    Recomputation (activation checkpointing) runs the forward again: + recompute_forwards · (2·N·T + 2·N_a·T),
+    1.0 for full checkpointing, the recomputed fraction for selective checkpointing."""
+    base = (6.0 if train_base else 4.0) * n_matmul_params * tokens
+    adapter = 6.0 * n_adapter_params * tokens
+    recompute = recompute_forwards * 2.0 * (n_matmul_params + n_adapter_params) * tokens
+    return base + adapter + recompute
+
+
+def attention_forward_flops(num_layers: int, num_heads: int, qk_head_dim: int, v_head_dim: int, seq_len: int,
+                            tokens: float, *, causal: bool = True, kernel: str = "flash") -> float:
+    """QKᵀ and PV of ``tokens`` tokens each attending to a sequence of ``seq_len``: 2·L·a·s·(d_qk + d_v)·T
+    (PaLM App. B). A causal mask halves the work of tiled kernels (FlashAttention / SDPA flash and memory-efficient
+    skip fully masked blocks: Dao 2023, FlashAttention-2 §3.1.1); the eager path computes every score and masks
+    afterwards, so it keeps the full count."""
+    full = 2.0 * num_layers * num_heads * seq_len * (qk_head_dim + v_head_dim) * tokens
+    return full / 2.0 if causal and kernel != "eager" else full
+
+
+def attention_flops(num_layers: int, num_heads: int, qk_head_dim: int, v_head_dim: int, seq_len: int, tokens: float, *,
+                    causal: bool = True, kernel: str = "flash", recompute_forwards: float = 0.0) -> float:
+    """Executed attention FLOPs of a step: forward F, backward 2·F for dQ, dK (via dS) and dV, dP, plus 0.5·F where the
+    kernel recomputes S = QKᵀ in its backward instead of storing it (FlashAttention, Dao et al. 2022 §3.1), plus
+    recompute_forwards · F under checkpointing. Flash/SDPA: 3.5·F; eager: 3·F."""
+    forward = attention_forward_flops(num_layers, num_heads, qk_head_dim, v_head_dim, seq_len, tokens, causal=causal,
+                                      kernel=kernel)
+    backward = (2.5 if kernel != "eager" else 2.0) * forward
+    return forward + backward + recompute_forwards * forward
+
+
+def model_flops(n_matmul_params: float, tokens: float, num_layers: int, num_heads: int, qk_head_dim: int,
+                v_head_dim: int, seq_len: int, *, train_base: bool = True, n_adapter_params: float = 0.0) -> float:
+    """The MFU numerator: (6·N or 4·N + 6·N_a)·T + 3 · 2·L·a·s·(d_qk+d_v)·T (non-causal attention, no recomputation;
+    PaLM App. B; ``vramcalc.cost.training_flops`` uses the same definition)."""
+    matmuls = matmul_flops(n_matmul_params, tokens, train_base=train_base, n_adapter_params=n_adapter_params)
+    attention = 3.0 * attention_forward_flops(num_layers, num_heads, qk_head_dim, v_head_dim, seq_len, tokens,
+                                              causal=False, kernel="eager")
+    return matmuls + attention
+
+
+# -- memory-bound work ----------------------------------------------------------------------------------------------
+def elementwise_bytes(tokens: float, hidden_size: int, q_width: int, kv_width: int, intermediate_size: int,
+                      num_layers: int, *, fused: bool, recompute_forwards: float = 0.0) -> float:
+    """HBM bytes of a decoder's elementwise kernels in 16-bit activations (norms, RoPE, residual adds, SwiGLU).
+
+    Forward per layer and token, counting each kernel's reads and writes of 2-byte elements:
+      fused (torch.compile, Liger): 2 RMSNorms 2·(2h) + RoPE 2·(q+kv) + 2 residual adds 2·(3h) + SwiGLU 3·I elements
+        = (10h + 2(q+kv) + 3I) elements;
+      eager (transformers' LlamaRMSNorm upcasts to fp32 in five kernels ≈ 18h element-equivalents per norm; RoPE's
+        rotate_half/cat/mul/add ≈ 9 passes; SiLU then multiply = 5·I): (42h + 9(q+kv) + 5I) elements.
+    Backward is taken as twice the forward (each op reads its saved input and the upstream gradient and writes the
+    input gradient: assumption); recomputation adds recompute_forwards forwards."""
+    if fused:
+        elements = 10 * hidden_size + 2 * (q_width + kv_width) + 3 * intermediate_size
+    else:
+        elements = 42 * hidden_size + 9 * (q_width + kv_width) + 5 * intermediate_size
+    forward = elements * BF16_BYTES * num_layers * tokens
+    return forward * (3.0 + recompute_forwards)
+
+
+# Bytes per logit per token of the loss: transformers' path writes bf16 logits (2), upcasts to fp32 (read 2, write 4),
+# log-softmax (read 4, write 4), its backward (read 4 + 4, write 4) and the cast back (read 4, write 2) = 30 bytes;
+# torchtune's chunked cross-entropy does the same per chunk (same traffic, smaller peak). A fused linear+CE kernel
+# (Liger FusedLinearCrossEntropy) never writes the logits: ≈ 4 bytes (read the chunk's logits twice in SRAM-sized
+# tiles; assumption).
+LOSS_BYTES_PER_LOGIT = {"hf": 30.0, "chunked": 30.0, "fused": 4.0}
+
+
+def loss_bytes(tokens: float, vocab_size: int, loss: str = "hf") -> float:
+    """HBM bytes of the lm_head output and the cross-entropy: T · V · LOSS_BYTES_PER_LOGIT[loss]."""
+    if loss not in LOSS_BYTES_PER_LOGIT:
+        raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(LOSS_BYTES_PER_LOGIT)}")
+    return tokens * vocab_size * LOSS_BYTES_PER_LOGIT[loss]
+
+
+def optimizer_step_bytes(trainable_params: float, *, param_bytes: float, grad_bytes: float, state_bytes: float,
+                         num_states: int = 2) -> float:
+    """HBM bytes of one AdamW step over the trainable parameters held by this GPU: read p, g and each state, write p
+    and each state: P · (2·param + grad + 2·states·state_bytes) (torch.optim.AdamW's foreach/fused update is a
+    stream over these tensors). 8-bit Adam: state_bytes = 1; SGD: num_states = 0 or 1."""
+    return trainable_params * (2 * param_bytes + grad_bytes + 2 * num_states * state_bytes)
+
+
+def dequantize_bytes(quantized_params: float, passes: float, *, bits: int = 4) -> float:
+    """HBM bytes of dequantizing k-bit weights to bf16 before each matmul (bitsandbytes ``dequantize_4bit``,
+    torchao NF4Tensor): read bits/8 bytes and write 2 bytes per weight, once per pass over the weights. Passes per
+    optimizer step = forward + backward (the input gradient needs W) + recomputed forwards, per micro-batch."""
+    return quantized_params * (bits / 8.0 + BF16_BYTES) * passes
+
+
+def float8_cast_bytes(tokens: float, linear_in_out_sum: float, n_matmul_params: float, *,
+                      recompute_forwards: float = 0.0) -> float:
+    """Extra HBM bytes of dynamic tensorwise float8 training (torchao.float8): every fp8 GEMM operand is first
+    reduced to its amax (read 2 bytes) and cast (read 2, write 1): 5 bytes per element. Per linear that is the input
+    activation (T x in) in forward, the output gradient (T x out) in backward, and the weight in each pass.
+    linear_in_out_sum = Σ over the decoder's linears of (in + out)."""
+    activations = 5.0 * tokens * linear_in_out_sum * (1.0 + recompute_forwards)
+    weights = 5.0 * n_matmul_params * (2.0 + recompute_forwards)
+    return activations + weights
+
+
+def memory_seconds(nbytes: float, bandwidth_gb_s: float) -> float:
+    """Time of memory-bound work at the GPU's HBM bandwidth: bytes / (GB/s · 1e9)."""
+    return nbytes / (bandwidth_gb_s * GB_PER_S)
+
+
+# -- communication --------------------------------------------------------------------------------------------------
+def collective_bytes(payload_bytes: float, ranks: int, kind: str) -> float:
+    """Bytes each rank sends in a ring collective (NCCL PERFORMANCE.md, "bus bandwidth"): all-reduce 2·(n-1)/n ·
+    payload; all-gather and reduce-scatter (n-1)/n · payload (payload = the full, unsharded tensor)."""
+    factors = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0}
+    if kind not in factors:
+        raise ValueError(f"unknown collective {kind!r}; expected one of {sorted(factors)}")
+    if ranks <= 1:
+        return 0.0
+    factor = factors[kind]
+    return factor * (ranks - 1) / ranks * payload_bytes
+
+
+def comm_seconds(bytes_per_rank: float, link_gb_s_per_direction: float, *,
+                 efficiency: float = NCCL_BUS_EFFICIENCY) -> float:
+    """Time to send ``bytes_per_rank`` over a link of ``link_gb_s_per_direction`` at NCCL's bus efficiency.
+    NVLink figures in the catalogue are bidirectional: pass nvlink_bidir_gb_s / 2."""
+    if bytes_per_rank <= 0:
+        return 0.0
+    return bytes_per_rank / (link_gb_s_per_direction * GB_PER_S * efficiency)
+
+
+def data_parallel_bytes(param_count: float, trainable_count: float, ranks: int, sharding: str, *,
+                        param_bytes: float = BF16_BYTES, grad_bytes: float = BF16_BYTES) -> float:
+    """Bytes each data-parallel rank sends per optimizer step.
+    ddp / zero1 / zero2: all-reduce (or reduce-scatter + all-gather) of the trainable gradients: 2·(n-1)/n · G.
+    fsdp / zero3: all-gather of the parameters in forward and again in backward, reduce-scatter of the trainable
+    gradients: (n-1)/n · (2·P + G). LoRA's frozen base under DDP sends only the adapter gradients: the ~1000x
+    communication saving of LoRA that ``cost.py`` noted is this formula with G = N_a."""
+    grads = trainable_count * grad_bytes
+    if sharding in ("fsdp", "zero3"):
+        gathers = collective_bytes(2 * param_count * param_bytes, ranks, "all_gather")
+        return gathers + collective_bytes(grads, ranks, "reduce_scatter")
+    if sharding in ("ddp", "zero1", "zero2"):
+        return collective_bytes(grads, ranks, "all_reduce")
+    return 0.0
+
+
+def tensor_parallel_bytes(tokens: float, hidden_size: int, num_layers: int, ranks: int, *,
+                          recompute_forwards: float = 0.0, act_bytes: float = BF16_BYTES) -> float:
+    """Bytes each tensor-parallel rank sends per step (Megatron-LM, Shoeybi et al. 2019 §3; with sequence
+    parallelism the all-reduce becomes reduce-scatter + all-gather, same volume: Korthikanti et al. 2022 §4.2.2):
+    two all-reduces of the [T, h] activation per layer in forward, two in backward, two more per recomputed forward."""
+    payload = tokens * hidden_size * act_bytes
+    per_pass = 2 * collective_bytes(payload, ranks, "all_reduce") * num_layers
+    return per_pass * (2.0 + recompute_forwards)
+
+
+def exposed_comm_seconds(comm_s: float, compute_s: float, overlap: float) -> float:
+    """The communication time compute does not hide: comm_s − min(overlap · comm_s, compute_s)."""
+    return comm_s - min(overlap * comm_s, compute_s)
+
+
+# -- the step -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepWork:
+    """The work of one optimizer step on one GPU."""
+
+    tokens: float  # tokens this GPU's step trains on (all micro-batches)
+    matmul_flops: float
+    attention_flops: float
+    memory_bytes: float
+    model_flops: float  # MFU numerator for those tokens
+    comm_s: float = 0.0  # overlappable collective time at the link's bandwidth (data parallel), before overlap
+    comm_overlap: float = 0.0
+    serial_s: float = 0.0  # time nothing hides: blocking tensor-parallel collectives, paged-optimizer PCIe traffic
+
+
+@dataclass(frozen=True)
+class StepRates:
+    """Achievable rates of one GPU (TFLOP/s, GB/s) and its datasheet dense peak for MFU."""
+
+    matmul_tflops: float
+    attention_tflops: float
+    bandwidth_gb_s: float
+    peak_tflops: float
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """How long the step takes and what it achieves."""
+
+    matmul_s: float
+    attention_s: float
+    memory_s: float
+    exposed_comm_s: float
+    step_s: float
+    tokens_per_s: float  # this GPU's tokens per second
+    mfu: float
+
+
+def step_time(work: StepWork, rates: StepRates) -> StepTime:
+    """step_s = matmul/R_mm + attention/R_attn + bytes/B + exposed communication + serial time (module docstring);
+    tokens_per_s = tokens/step_s; mfu = model_flops / (step_s · peak)."""
+    matmul_s = work.matmul_flops / (rates.matmul_tflops * TFLOPS)
+    attention_s = work.attention_flops / (rates.attention_tflops * TFLOPS)
+    memory_s = memory_seconds(work.memory_bytes, rates.bandwidth_gb_s)
+    compute_s = matmul_s + attention_s + memory_s
+    exposed = exposed_comm_seconds(work.comm_s, compute_s, work.comm_overlap)
+    exposed += work.serial_s
+    step_s = compute_s + exposed
+    return StepTime(matmul_s, attention_s, memory_s, exposed, step_s, work.tokens / step_s,
+                    work.model_flops / (step_s * rates.peak_tflops * TFLOPS))
+
+
+# -- achievable rates ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AchievableRate:
+    """One row of data/achievable_rates.csv."""
+
+    gpu: str
+    kind: str  # "matmul" or "attention"
+    dtype: str
+    tflops: float
+    basis: str  # "measured" or "derived"
+    source: str
+
+
+@lru_cache(maxsize=4)
+def _read_rates(path: str) -> tuple[AchievableRate, ...]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return tuple(AchievableRate(r["gpu"], r["kind"], r["dtype"], float(r["tflops"]), r["basis"], r["source"])
+                     for r in csv.DictReader(handle))
+
+
+def load_achievable_rates(path: Path | None = None) -> dict[tuple[str, str, str], AchievableRate]:
+    """Read data/achievable_rates.csv (once per path) into {(gpu, kind, dtype): AchievableRate}."""
+    rows = _read_rates(str(path or data_dir() / "achievable_rates.csv"))
+    return {(r.gpu, r.kind, r.dtype): r for r in rows}
+
+
+def achievable_rate(gpu: str, kind: str, dtype: str,
+                    rates: dict[tuple[str, str, str], AchievableRate] | None = None) -> AchievableRate | None:
+    """The achievable rate of ``gpu`` for ``kind`` ("matmul"/"attention") and ``dtype`` ("bf16"/"fp8"), or None."""
+    rates = rates if rates is not None else load_achievable_rates()
+    return rates.get((gpu, kind, dtype))
+
+
+# -- one training step from its setup -------------------------------------------------------------------------------
+# Forwards recomputed per activation-checkpointing mode, as (matmuls, attention, elementwise). Full checkpointing
+# reruns each layer's forward. torchtitan's per-op selective AC saves every other matmul output and the SDPA output
+# and recomputes the rest (torchtitan activation-checkpoint policy, _save_list with mm_count % 2).
+RECOMPUTE_BY_MODE: dict[str, tuple[float, float, float]] = {
+    "none": (0.0, 0.0, 0.0),
+    "full": (1.0, 1.0, 1.0),
+    "selective-op": (0.5, 0.0, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The fields of ``vramcalc.ModelSpec`` a dense decoder's step needs (MoE: pass active widths)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+
+    @property
+    def matmul_params(self) -> int:
+        return dense_matmul_params(self.hidden_size, self.num_layers, self.num_heads, self.num_kv_heads,
+                                   self.head_dim, self.intermediate_size, self.vocab_size)
+
+    @property
+    def linear_in_out_sum(self) -> int:
+        """Σ over the decoder's linears of (in + out): q, k, v, o and the gated MLP, per layer times L."""
+        h, q, kv, inter = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, \
+            self.intermediate_size
+        return self.num_layers * ((h + q) + 2 * (h + kv) + (q + h) + 3 * (h + inter))
+
+
+@dataclass(frozen=True)
+class StepSetup:
+    """How one data-parallel rank's step runs. tokens = micro-batch x seq_len x grad_accum of that rank."""
+
+    tokens: int
+    seq_len: int
+    train_base: bool = True  # False for LoRA / QLoRA / prompt tuning
+    adapter_params: int = 0
+    grad_ckpt: str = "none"  # a key of RECOMPUTE_BY_MODE
+    fused_elementwise: bool = False  # torch.compile or Liger kernels
+    loss: str = "hf"  # a key of LOSS_BYTES_PER_LOGIT
+    quant_bits: int = 0  # 4 for NF4/FP4 QLoRA bases: dequantized every pass
+    fp8_linears: bool = False  # torchao float8 on the decoder's linears (lm_head stays 16-bit)
+    optimizer_bytes_per_param: float = 14.0  # optimizer_step_bytes per trainable parameter (bf16 AdamW: 14)
+    dp: int = 1
+    sharding: str = "none"  # none / ddp / zero1 / zero2 / zero3 / fsdp
+    tp: int = 1
+    cp: int = 1
+    async_tp: bool = False
+    param_bytes_on_wire: float = BF16_BYTES  # FSDP all-gather dtype
+    grad_bytes_on_wire: float = BF16_BYTES  # reduce dtype
+    serial_extra_s: float = 0.0  # e.g. paged optimizer states over PCIe (caller computes it)
+
+
+def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp8_matmul_tflops: float | None = None,
+              dp_link_gb_s: float = 0.0, tp_link_gb_s: float = 0.0) -> StepWork:
+    """The work of one optimizer step on one GPU: every formula above applied to one setup. Compute is shared by the
+    tp·cp GPUs of a data-parallel rank; fp8 matmuls enter as bf16-rate-equivalent FLOPs (R_bf16 / R_fp8 each)."""
+    if setup.grad_ckpt not in RECOMPUTE_BY_MODE:
+        raise ValueError(f"unknown grad_ckpt mode {setup.grad_ckpt!r}; expected one of {sorted(RECOMPUTE_BY_MODE)}")
+    rc_mm, rc_attn, rc_elem = RECOMPUTE_BY_MODE[setup.grad_ckpt]
+    s, t = setup.seq_len, setup.tokens
+    split = setup.tp * setup.cp
+    n_mm = shape.matmul_params
+    n_linear = n_mm - shape.vocab_size * shape.hidden_size  # the decoder's linears, without the lm_head
+    flops = matmul_flops(n_mm, t, train_base=setup.train_base, n_adapter_params=setup.adapter_params,
+                         recompute_forwards=rc_mm)
+    if setup.fp8_linears:
+        if not fp8_matmul_tflops:
+            raise ValueError("fp8_linears needs fp8_matmul_tflops")
+        fp8 = matmul_flops(n_linear, t, train_base=setup.train_base, recompute_forwards=rc_mm)
+        flops = flops - fp8 + fp8 * matmul_tflops / fp8_matmul_tflops
+    attn = attention_flops(shape.num_layers, shape.num_heads, shape.head_dim, shape.head_dim, s, t, causal=True,
+                           kernel="flash", recompute_forwards=rc_attn)
+    q_w, kv_w = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    nbytes = elementwise_bytes(t, shape.hidden_size, q_w, kv_w, shape.intermediate_size, shape.num_layers,
+                               fused=setup.fused_elementwise, recompute_forwards=rc_elem)
+    nbytes += loss_bytes(t, shape.vocab_size, setup.loss)
+    if setup.fp8_linears:
+        nbytes += float8_cast_bytes(t, shape.linear_in_out_sum, n_linear, recompute_forwards=rc_mm)
+    if setup.quant_bits:
+        nbytes += dequantize_bytes(n_linear, passes=2.0 + rc_mm, bits=setup.quant_bits)
+    nbytes /= split
+    all_params = n_mm + shape.vocab_size * shape.hidden_size  # + the embedding (lm_head counted in n_mm)
+    trainable = all_params if setup.train_base else setup.adapter_params
+    shards = setup.dp * setup.tp if setup.sharding in ("fsdp", "zero3", "zero2", "zero1") else setup.tp
+    nbytes += trainable / shards * setup.optimizer_bytes_per_param
+    dp_s = comm_seconds(data_parallel_bytes(all_params / setup.tp, trainable / setup.tp, setup.dp, setup.sharding,
+                                            param_bytes=setup.param_bytes_on_wire,
+                                            grad_bytes=setup.grad_bytes_on_wire), dp_link_gb_s) if setup.dp > 1 else 0.0
+    tp_s = comm_seconds(tensor_parallel_bytes(t / setup.cp, shape.hidden_size, shape.num_layers, setup.tp,
+                                              recompute_forwards=rc_mm), tp_link_gb_s) if setup.tp > 1 else 0.0
+    tp_overlap = ASYNC_TENSOR_PARALLEL_OVERLAP if setup.async_tp else TENSOR_PARALLEL_OVERLAP
+    model = model_flops(n_mm, t, shape.num_layers, shape.num_heads, shape.head_dim, shape.head_dim, s,
+                        train_base=setup.train_base, n_adapter_params=setup.adapter_params)
+    return StepWork(tokens=t / split, matmul_flops=flops / split, attention_flops=attn / split, memory_bytes=nbytes,
+                    model_flops=model / split, comm_s=dp_s, comm_overlap=DATA_PARALLEL_OVERLAP,
+                    serial_s=tp_s * (1 - tp_overlap) + setup.serial_extra_s)

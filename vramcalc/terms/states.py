@@ -1,0 +1,61 @@
+"""The model states of one GPU: weights, gradients, optimizer states and the optimizer's scratch, each from its own
+term function (``weights``, ``gradients``, ``optimizer``). On one GPU they are the answer as they stand; DDP adds its
+buckets to them, DeepSpeed partitions its whole-model totals once, FSDP2 shards each tensor before the same term
+functions run (``distributed.rank_states``; why FSDP2 cannot shard the totals: ``distributed``'s docstring).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from ..model import ModelSpec
+from ..options import Method, Optimizer
+from .gradients import gradient_bytes, layer_gradient_bytes
+from .optimizer import optimizer_state_bytes, optimizer_step_temporary_bytes
+from .parameters import StoredTensor
+from .weights import weight_bytes
+
+
+@dataclass(frozen=True)
+class RankStates:
+    """The model states one GPU (one rank) holds, and the engine's gradient buffers (bytes)."""
+
+    weights: int  # parameters at rest (sharded under fsdp and zero3)
+    gradients: int  # gradients when the optimizer steps
+    optimizer_states: int  # on the GPU (0 when offloaded)
+    optimizer_step: int  # the optimizer's scratch on the GPU
+    layer_gradients: tuple[int, int]  # (dense, MoE): gradient bytes a layer's backward leaves on the rank
+    head_gradient: int  # lm_head's weight gradient when it first appears (full size; 0 unless it trains)
+    standing_buffers: int = 0  # alive at every moment: DDP's buckets
+    backward_buffers: int = 0  # alive while backward runs: DeepSpeed's reduce bucket
+    accumulated_gradients: int = 0  # gradients kept across micro-batches (gradient accumulation)
+    gathering: "Gathering | None" = None  # noqa: F821 (distributed.Gathering: FSDP2 and ZeRO-3 units)
+    host_bytes: int = 0  # what the rank keeps in host memory (offload)
+
+
+def head_gradient_bytes(model: ModelSpec, method: Method, tensors: tuple[StoredTensor, ...]) -> int:
+    """lm_head's weight gradient (the embedding's when tied), produced at the start of backward in full fine-tuning."""
+    if method is not Method.FULL:
+        return 0
+    kind = "embedding" if model.tie_word_embeddings else "lm_head"
+    head = next(t for t in tensors if t.kind == kind)
+    return head.numel * head.bits // 8
+
+
+@functools.lru_cache(maxsize=4096)
+def model_states(model: ModelSpec, tensors: tuple[StoredTensor, ...], method: Method, optimizer: Optimizer,
+                 grad_accum: int) -> RankStates:
+    """Everything one GPU holds when nothing is sharded: W, G, O and the step's scratch from their term functions
+    over the stored ``tensors`` (``parameters.parameter_tensors``); with gradient accumulation (``grad_accum`` > 1)
+    the gradients stay alive through the next micro-batches."""
+    gradients = gradient_bytes(tensors)
+    return RankStates(
+        weights=weight_bytes(tensors),
+        gradients=gradients,
+        optimizer_states=optimizer_state_bytes(tensors, optimizer).device_bytes,
+        optimizer_step=optimizer_step_temporary_bytes(tensors, optimizer),
+        layer_gradients=(layer_gradient_bytes(model, tensors, False), layer_gradient_bytes(model, tensors, True)),
+        head_gradient=head_gradient_bytes(model, method, tensors),
+        accumulated_gradients=gradients if grad_accum > 1 else 0,
+    )
