@@ -64,7 +64,8 @@ def test_model_transformers_cannot_build_is_a_one_line_error():
     from vramcalc.tracing.runner import run_trace
     from vramcalc.training_setup import resolve_setup
 
-    broken = ModelSpec(name="odd", family="llama", hidden_size=250, num_layers=1, num_heads=3, num_kv_heads=2,
+    # kv heads that divide the heads (ModelSpec refuses the rest itself), an odd head_dim transformers refuses
+    broken = ModelSpec(name="odd", family="llama", hidden_size=250, num_layers=1, num_heads=3, num_kv_heads=3,
                        head_dim=83, intermediate_size=64, vocab_size=128)
     with pytest.raises(VramcalcError, match="cannot build odd") as err:
         run_trace(broken, resolve_setup(broken))

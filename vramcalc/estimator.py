@@ -10,6 +10,11 @@ Moments (each a full set of terms; the peak is the largest moment, never the sum
   optimizer-step   every gradient and state, plus the optimizer's scratch
 With gradient accumulation the gradients of earlier micro-batches are alive through forward and backward. Optimizer
 states exist at every moment: the peak is taken over the second step, after the first created them.
+
+Only this module sees the whole setup. The term functions take the values they use (the stored tensors, a
+``LayerSetup``, ``Dtypes``, enums, counts) and are cached on those, so a setup never seen before reuses whatever its
+batch shape, optimizer or checkpointing do not change (the stored tensors, what a layer saves); the decoder layers
+are walked once per kind and crossed one run of same-kind layers at a time (``_layer_runs``), not one layer at a time.
 """
 
 from __future__ import annotations
@@ -75,7 +80,6 @@ class _TensorPeak:
     terms: tuple  # (Term, bytes) of the tensor terms at the peak moment
     phase: Phase
     paged_bytes: int  # bitsandbytes paged optimizer state (outside torch's allocator)
-    trainable_params: int
 
 
 @functools.lru_cache(maxsize=4096)
@@ -88,8 +92,12 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
     paged = 0
     if optimizer_name.is_paged:  # only paged optimizers take states out of torch's allocator
         paged = optimizer.optimizer_state_bytes(parameters.stored_tensors(spec, resolved), optimizer_name).paged_bytes
-    trainable = sum(t.numel * t.count for t in parameters.stored_tensors(spec, resolved) if t.trainable)
-    return _TensorPeak(terms, peak.phase, paged, trainable)
+    return _TensorPeak(terms, peak.phase, paged)
+
+
+@functools.lru_cache(maxsize=4096)
+def _trainable_params(spec: ModelSpec, resolved: ResolvedSetup) -> int:
+    return sum(t.numel * t.count for t in parameters.stored_tensors(spec, resolved) if t.trainable)
 
 
 def assemble_measured(spec: ModelSpec, resolved: ResolvedSetup, tensor_terms: dict, phase: Phase, *, source: str,
@@ -123,7 +131,7 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
     out = {
         "params": spec.params,
         "active_params": spec.active_params,
-        "trainable_params": _tensor_peak(spec, resolved).trainable_params,
+        "trainable_params": _trainable_params(spec, resolved),
         "paged_optimizer_bytes": paged_bytes,
         "runtime_profile": profile.source,
     }
@@ -197,8 +205,9 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
 
 def layer_setup(resolved: ResolvedSetup) -> activations.LayerSetup:
     """The values a decoder layer's saved tensors depend on (``activations.LayerSetup``), from a resolved setup."""
-    return _layer_setup(resolved.setup.method, resolved.setup.precision, resolved.setup.adapter_dtype,
-                        resolved.attn_used, resolved.lora_modules, resolved.setup.lora_rank, resolved.setup.lora_dropout)
+    setup = resolved.setup
+    return _layer_setup(setup.method, setup.precision, setup.adapter_dtype, resolved.attn_used, resolved.lora_modules,
+                        setup.lora_rank, setup.lora_dropout)
 
 
 @functools.lru_cache(maxsize=4096)

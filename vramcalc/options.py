@@ -51,8 +51,13 @@ class Precision(Choice):
     bf16        the model loaded in bf16 (transformers v5 ``dtype="auto"``); grads and states in the parameter
                 dtype; Trainer ``bf16=True`` autocast on top, which matters only for tensors kept in fp32.
     fp16        the same in fp16.
-    fp8         bf16 weights, grads and states; Linear matmuls take fp8 (e4m3) inputs, as torchao
-                ``Float8Linear`` with tensorwise dynamic scaling does: the saved Linear inputs are fp8 copies.
+    fp8         torchao's float8 training, default "tensorwise" recipe (``convert_to_float8_training`` with
+                ``Float8LinearConfig()``: dynamic scaling, one fp32 scale per tensor, e4m3 input and weight,
+                e5m2 grad_output), eager, on every decoder nn.Linear with both dims multiples of 16; lm_head,
+                experts and routers stay bf16. Weights, grads and states stay bf16 and the saved activations are
+                the bf16 ones (``matmul_with_hp_or_float8_args`` saves the high-precision input and weight); what
+                differs from bf16 is the transient fp8 casts in each Linear's backward (``terms/float8.py``).
+                Full fine-tuning only (a frozen base would save its Linears' inputs too; refused).
     For QLoRA the word names the dtype of what stays unquantized: ``bf16`` as loaded, ``mixed-bf16``/``mixed-fp16``
     after ``peft.prepare_model_for_kbit_training`` (fp32 embeddings, norms and lm_head) with 16-bit autocast.
     """

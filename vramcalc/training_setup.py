@@ -239,6 +239,13 @@ def _check_combination(setup: TrainingSetup) -> None:
             f"qlora with precision {setup.precision.value} makes no sense: the 4-bit base computes in 16 bits; "
             "use bf16, fp16, mixed-bf16 or mixed-fp16"
         )
+    # one GPU with offload: DeepSpeed ZeRO-Offload's single-GPU case, and FSDP2 on a one-rank mesh with
+    # CPUOffloadPolicy (the parameters live on the host and come to the GPU one unit at a time)
+    single_gpu_offload = setup.sharding.shards_optimizer and setup.offload is not Offload.NONE
+    if setup.sharding is not Sharding.NONE and setup.num_gpus == 1 and not single_gpu_offload:
+        raise VramcalcError(f"sharding {setup.sharding.value!r} needs --num-gpus of 2 or more "
+                            "(on one GPU only with --offload: ZeRO-Offload, FSDP CPU offload)")
+    _check_offload(setup)
     if setup.precision is Precision.FP8 and setup.method is not Method.FULL:
         raise VramcalcError(
             f"--precision fp8 is modelled for --method full only: torchao's Float8Linear saves the input of every "
@@ -249,11 +256,6 @@ def _check_combination(setup: TrainingSetup) -> None:
         raise VramcalcError("--attn flash needs 16-bit compute: FlashAttention-2 has no fp32 kernel (flash-attn "
                             "csrc/flash_attn/flash_api.cpp: 'FlashAttention only support fp16 and bf16 data type'); "
                             "use --attn sdpa or eager, or --precision bf16, fp16, mixed-bf16 or mixed-fp16")
-    single_gpu_offload = setup.sharding.is_deepspeed and setup.offload is not Offload.NONE
-    if setup.sharding is not Sharding.NONE and setup.num_gpus == 1 and not single_gpu_offload:
-        raise VramcalcError(f"sharding {setup.sharding.value!r} needs --num-gpus of 2 or more "
-                            "(on one GPU only DeepSpeed ZeRO with --offload applies: ZeRO-Offload)")
-    _check_offload(setup)
 
 
 OFFLOAD_OPTIMIZERS = (Optimizer.ADAMW, Optimizer.ADAMW_FOREACH)  # DeepSpeed's CPU Adam replaces torch AdamW

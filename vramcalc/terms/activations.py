@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..facts import adapter_bits
 from ..model import ModelSpec, cached_field_hash, state_without_hash
@@ -98,9 +99,9 @@ class LayerSetup:
     __getstate__ = state_without_hash
 
 
-@dataclass(frozen=True)
-class LinearUse:
-    """How one nn.Linear of the layer is used: width in, whether its weight trains, whether LoRA wraps it."""
+class LinearUse(NamedTuple):
+    """How one nn.Linear of the layer is used: width in, whether its weight trains, whether LoRA wraps it (a named
+    tuple: the walk makes one per Linear)."""
 
     name: str
     width_in: int

@@ -117,17 +117,24 @@ def _padded_numel(tensor: StoredTensor, n_ranks: int) -> int:
     return sharded(tensor, n_ranks).numel * n_ranks
 
 
-def _state_bits(tensor: StoredTensor, resolved: ResolvedSetup) -> int:
-    """Bits a rank stores a tensor in: trainable tensors are fp32 under a 16-bit engine (FSDP2's upcast, DeepSpeed's
-    master copy lives in the optimizer and is counted there)."""
-    if tensor.trainable and casts_to_half(resolved) and resolved.setup.sharding is Sharding.FSDP:
-        return 32
-    return tensor.bits
+def _state_bits(tensor: StoredTensor, fp32_trainable: bool) -> int:
+    """Bits a rank stores a tensor in: trainable tensors are fp32 under FSDP2's mixed precision (``fp32_trainable``:
+    accelerate's upcast; DeepSpeed's master copy lives in the optimizer and is counted there)."""
+    return 32 if tensor.trainable and fp32_trainable else tensor.bits
 
 
-def _gather_bytes(tensor: StoredTensor, resolved: ResolvedSetup) -> int:
-    """Bytes per element of a gathered (compute) copy: 16-bit under the engines' casts."""
-    return facts.half_dtype(resolved.setup.precision).bytes if casts_to_half(resolved) else tensor.bits // 8
+def _gather_bytes(tensor: StoredTensor, half_bytes: int | None) -> int:
+    """Bytes per element of a gathered (compute) copy: ``half_bytes`` under the engines' 16-bit casts (None: none)."""
+    return half_bytes if half_bytes is not None else tensor.bits // 8
+
+
+def _half_bytes(resolved: ResolvedSetup) -> int | None:
+    """The 16-bit element size the engine computes and communicates in, or None when it keeps the stored dtypes."""
+    return facts.half_dtype(resolved.setup.precision).bytes if casts_to_half(resolved) else None
+
+
+def _fp32_trainable(resolved: ResolvedSetup) -> bool:
+    return casts_to_half(resolved) and resolved.setup.sharding is Sharding.FSDP
 
 
 # -- units -----------------------------------------------------------------------------------------------------------
@@ -170,26 +177,31 @@ def _unit_of(tensor: StoredTensor, tied: bool) -> str:
     return "root"
 
 
-def _unit(tensors: list[tuple[StoredTensor, int]], resolved: ResolvedSetup, zero3_prefetch_bytes: int | None) -> Unit:
-    """The unit holding ``count`` of each tensor (the rank's view of one layer, or of the embedding or tail).
+def _unit(tensors: list[tuple[StoredTensor, int]], n: int, half_bytes: int | None, fp32_trainable: bool,
+          zero3_prefetch_bytes: int | None) -> Unit:
+    """The unit holding ``count`` of each tensor (the rank's view of one layer, or of the embedding or tail) over
+    ``n`` ranks; gathered copies in ``half_bytes`` (None: the stored dtype), sharded trainable states in fp32 when
+    ``fp32_trainable`` (FSDP2's upcast). Per rank, for each tensor of n_t elements in rows_t rows:
+    gathered params round512(ceil(rows_t/N)·N·(n_t/rows_t)·B(gather)), unsharded gradients round512(n_t·B(gather)),
+    reduce-scatter input ceil(rows_t/N)·N·(n_t/rows_t)·B(gather), sharded gradients
+    ceil(rows_t/N)·(n_t/rows_t)·B(state).
 
     ZeRO-3 (``zero3_prefetch_bytes`` given) gathers into the parameters' own storage (no flat buffer of its own);
     its "buffer" is the prefetch bucket ahead of the compute, at most the unit itself, and its gradients go
     through the reduce bucket (``RankStates.backward_buffers``) rather than a per-unit reduce-scatter input.
     """
-    n = ranks(resolved)
     params = flat = grads = reduce_in = grad_state = 0
     for tensor, count in tensors:
         if count == 0 or tensor.kind == "quantized":
             continue  # 4-bit Params4bit are left out of fully_shard (accelerate ignored_params): replicated
-        gather = _gather_bytes(tensor, resolved)
+        gather = _gather_bytes(tensor, half_bytes)
         padded = _padded_numel(tensor, n)
         params += round_up(padded * gather) * count
         flat += padded * gather * count
         if tensor.trainable:
             grads += round_up(tensor.numel * gather) * count
             reduce_in += padded * gather * count
-            grad_state += sharded(tensor, n).numel * _state_bits(tensor, resolved) // 8 * count
+            grad_state += sharded(tensor, n).numel * _state_bits(tensor, fp32_trainable) // 8 * count
     if zero3_prefetch_bytes is not None:
         return Unit(params, min(zero3_prefetch_bytes, params), grads, 0, round_up(grad_state))
     return Unit(params, round_up(flat), grads, round_up(reduce_in), round_up(grad_state))
@@ -210,15 +222,24 @@ def gathering(spec: ModelSpec, resolved: ResolvedSetup) -> Gathering | None:
     prefetch = None
     if setup.sharding is Sharding.ZERO3:  # "auto" stage3_prefetch_bucket_size = 0.9·h² elements, 16-bit
         prefetch = int(DEEPSPEED_PREFETCH_FRACTION * spec.hidden_size**2) * facts.half_dtype(setup.precision).bytes
-    tensors = stored_tensors(spec, resolved)
+    keep_gathered = setup.sharding is Sharding.FSDP and setup.fsdp_shard is FsdpShard.SHARD_GRAD_OP
+    return gathering_units(spec, stored_tensors(spec, resolved), setup.num_gpus, _half_bytes(resolved),
+                 _fp32_trainable(resolved), prefetch, keep_gathered)
+
+
+def gathering_units(spec: ModelSpec, tensors: tuple[StoredTensor, ...], n_ranks: int, half_bytes: int | None,
+                    fp32_trainable: bool, zero3_prefetch_bytes: int | None, keep_gathered: bool) -> Gathering:
+    """The embedding's, a dense and an MoE layer's and the tail's unit (``_unit``) of the stored ``tensors``: one
+    unit per decoder layer, the input embedding alone, and final norm + lm_head (+ the embedding when tied)."""
     tied = spec.tie_word_embeddings
     model_level = [(t, t.count) for t in tensors if t.scope == "model"]
+    args = (n_ranks, half_bytes, fp32_trainable, zero3_prefetch_bytes)
     return Gathering(
-        embed=_unit([(t, c) for t, c in model_level if _unit_of(t, tied) == "embed"], resolved, prefetch),
-        dense=_unit(_layer_tensors(spec, tensors, False), resolved, prefetch),
-        moe=_unit(_layer_tensors(spec, tensors, True), resolved, prefetch),
-        tail=_unit([(t, c) for t, c in model_level if _unit_of(t, tied) == "tail"], resolved, prefetch),
-        keep_gathered=setup.sharding is Sharding.FSDP and setup.fsdp_shard is FsdpShard.SHARD_GRAD_OP,
+        embed=_unit([(t, c) for t, c in model_level if _unit_of(t, tied) == "embed"], *args),
+        dense=_unit(_layer_tensors(spec, tensors, False), *args),
+        moe=_unit(_layer_tensors(spec, tensors, True), *args),
+        tail=_unit([(t, c) for t, c in model_level if _unit_of(t, tied) == "tail"], *args),
+        keep_gathered=keep_gathered,
         tied=tied,
     )
 
@@ -259,7 +280,8 @@ def _fsdp_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
     setup = resolved.setup
     tensors = stored_tensors(spec, resolved)
     units = gathering(spec, resolved)
-    shards = tuple(sharded(t, n, _state_bits(t, resolved)) for t in tensors if t.kind != "quantized")
+    fp32_trainable = _fp32_trainable(resolved)
+    shards = tuple(sharded(t, n, _state_bits(t, fp32_trainable)) for t in tensors if t.kind != "quantized")
     replicated = sum(t.total_bytes for t in tensors if t.kind == "quantized")
     weights = sum(t.total_bytes for t in shards) + replicated
     G = (units.embed.sharded_grads_bytes + units.tail.sharded_grads_bytes + units.dense.sharded_grads_bytes * spec.num_dense_layers
@@ -390,11 +412,12 @@ def communication_bytes_per_step(spec: ModelSpec, resolved: ResolvedSetup) -> Co
     share = _ring_share(n)
     compute = compute_setup(resolved)
     tensors = stored_tensors(spec, compute)
-    grads = sum(t.numel * _gather_bytes(t, resolved) * t.count for t in tensors if t.trainable)
+    half_bytes = _half_bytes(resolved)
+    grads = sum(t.numel * _gather_bytes(t, half_bytes) * t.count for t in tensors if t.trainable)
     if setup.sharding is Sharding.DDP:
         grads = sum(t.numel * t.bits // 8 * t.count for t in tensors if t.trainable)
-    weights = sum(t.numel * _gather_bytes(t, resolved) * t.count for t in tensors if t.kind != "quantized")
-    trainable_weights = sum(t.numel * _gather_bytes(t, resolved) * t.count for t in tensors if t.trainable)
+    weights = sum(t.numel * _gather_bytes(t, half_bytes) * t.count for t in tensors if t.kind != "quantized")
+    trainable_weights = sum(t.numel * _gather_bytes(t, half_bytes) * t.count for t in tensors if t.trainable)
     all_reduce = reduce_scatter = all_gather = 0
     if setup.sharding is Sharding.DDP:
         all_reduce = round(2 * share * grads)
