@@ -23,25 +23,10 @@ from vramcalc.errors import VramcalcError
 from vramcalc.facts import DEEPSPEED_HOST_BUFFER_FACTOR, DEEPSPEED_HOST_BYTES_PER_PARAM_OPTIMIZER
 from vramcalc.hf_config import config_fields, spec_from_config
 
-# Public config.json values (the catalogue rows' sources: meta-llama/Llama-3.1-8B, Qwen/Qwen3-30B-A3B,
-# deepseek-ai/DeepSeek-V3, google/gemma-2-9b)
-CONFIGS = {
-    "llama": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-              "max_position_embeddings": 131072},
-    "qwen3_moe": {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
-                  "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936,
-                  "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "mlp_only_layers": [],
-                  "decoder_sparse_step": 1},
-    "deepseek_v3": {"model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432,
-                    "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
-                    "vocab_size": 129280, "n_routed_experts": 256, "num_experts_per_tok": 8,
-                    "moe_intermediate_size": 2048, "n_shared_experts": 1, "first_k_dense_replace": 3,
-                    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-                    "v_head_dim": 128},
-    "gemma2": {"model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
-               "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000},
-}
+from .test_hf_config import CONFIGS as HF_CONFIGS
+
+# Public config.json values of four families (their sources are in test_hf_config.py)
+CONFIGS = {family: HF_CONFIGS[family] for family in ("llama", "qwen3_moe", "deepseek_v3", "gemma2")}
 
 
 def run(*argv) -> tuple[int, str, str]:
