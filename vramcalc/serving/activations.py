@@ -36,7 +36,8 @@ class ForwardShape:
         return self.batch * self.new_tokens
 
 
-def _t(n_elements: int, element_bytes: int) -> int:
+def tensor_bytes(n_elements: int, element_bytes: int) -> int:
+    """Bytes of one allocation of n elements, rounded to the CUDA caching allocator's 512-byte granule."""
     return round_up(n_elements * element_bytes)
 
 
@@ -47,10 +48,10 @@ def rope_dim(spec: ModelSpec) -> int:
 def resident_bytes(spec: ModelSpec, shape: ForwardShape, sequence_len: int) -> int:
     """Alive during every layer of the forward (module docstring), besides the weights and the cache."""
     e, T, b, p = shape.element_bytes, shape.tokens, shape.batch, shape.new_tokens
-    out = 2 * _t(T * spec.hidden_size, e)  # inputs_embeds, previous layer output
-    out += 2 * _t(b * p * rope_dim(spec), e)  # cos, sin
+    out = 2 * tensor_bytes(T * spec.hidden_size, e)  # inputs_embeds, previous layer output
+    out += 2 * tensor_bytes(b * p * rope_dim(spec), e)  # cos, sin
     buffers = GENERATE_INT64_BUFFERS if p > 1 else GENERATE_INT64_BUFFERS - 1  # the prefill's attention_mask clone
-    out += buffers * _t(b * sequence_len, 8) + 4 * 512
+    out += buffers * tensor_bytes(b * sequence_len, 8) + 4 * 512
     out += _mask_bytes(spec, shape)
     return out
 
@@ -60,9 +61,9 @@ def _mask_bytes(spec: ModelSpec, shape: ForwardShape) -> int:
     b, p, kv = shape.batch, shape.new_tokens, shape.kv_tokens
     if not spec.traits.supports_sdpa:  # eager: an additive mask in the compute dtype, one per layer kind
         kinds = 2 if spec.sliding_window and spec.family == "gemma2" else 1
-        return kinds * _t(b * p * kv, shape.element_bytes)
+        return kinds * tensor_bytes(b * p * kv, shape.element_bytes)
     if shape.padded or (spec.sliding_window and p > 1 and kv >= spec.sliding_window):
-        return _t(b * p * kv, 1)  # SDPA bool mask: padding or the window cannot ride on is_causal
+        return tensor_bytes(b * p * kv, 1)  # SDPA bool mask: padding or the window cannot ride on is_causal
     return 0
 
 
@@ -72,19 +73,19 @@ def mlp_bytes(spec: ModelSpec, shape: ForwardShape, moe_layer: bool) -> int:
     if not moe_layer:
         I = spec.intermediate_size
         if spec.traits.fused_gate_up:  # Phi3MLP: gate_up [T, 2I] kept by the gate view, act(gate), product
-            return _t(T * 2 * I, e) + 2 * _t(T * I, e)
-        return 3 * _t(T * I, e)  # act(gate) [T, I], up [T, I], product [T, I] (LlamaMLP.forward)
+            return tensor_bytes(T * 2 * I, e) + 2 * tensor_bytes(T * I, e)
+        return 3 * tensor_bytes(T * I, e)  # act(gate) [T, I], up [T, I], product [T, I] (LlamaMLP.forward)
     K, I = spec.experts_per_token, spec.expert_width
     S = T * K
     # integrations/moe.py grouped_mm_experts_forward: gathered input G [S, h]; up: gate_up [S, 2I] + act + product;
     # end: G, down output D [S, h], weighted W and un-permuted W2 [S, h] in the routing weights' dtype
     weight_bytes = 2 if spec.family == "qwen3_moe" else 4  # Qwen3MoE casts top-k weights back; Mixtral/DeepSeek: fp32
-    up = _t(S * h, e) + _t(S * 2 * I, e) + 2 * _t(S * I, e)
-    end = 2 * _t(S * h, e) + 2 * _t(S * h, max(weight_bytes, e))
-    routing = _t(T * K, 4) + _t(T * K, 8) + 3 * _t(S, 8) + 2 * _t(S, 4)  # top-k weights/ids, sort, perm, inv_perm
+    up = tensor_bytes(S * h, e) + tensor_bytes(S * 2 * I, e) + 2 * tensor_bytes(S * I, e)
+    end = 2 * tensor_bytes(S * h, e) + 2 * tensor_bytes(S * h, max(weight_bytes, e))
+    routing = tensor_bytes(T * K, 4) + tensor_bytes(T * K, 8) + 3 * tensor_bytes(S, 8) + 2 * tensor_bytes(S, 4)  # top-k weights/ids, sort, perm, inv_perm
     peak = max(up, end) + routing
     if spec.n_shared_experts:  # DeepseekV3MoE: routed output [T, h] alive while the shared MLP runs
-        shared = 3 * _t(T * spec.moe_intermediate_size * spec.n_shared_experts, e) + _t(T * h, e)
+        shared = 3 * tensor_bytes(T * spec.moe_intermediate_size * spec.n_shared_experts, e) + tensor_bytes(T * h, e)
         peak = max(peak, shared)
     return peak
 
@@ -99,31 +100,31 @@ def attention_moments(spec: ModelSpec, shape: ForwardShape) -> list[tuple[int, b
         # expand_kv over the whole cache: kv_b_proj output [b, kv, a·(nope + v)], key_states [b, a, kv, qk];
         # SDPA (memory-efficient kernel: q/k and v widths differ) output [T, a·v]
         qk, v = spec.qk_head_dim, spec.v_head_dim
-        per_query = _t(T * a * qk, e) * 2 + _t(T * a * spec.qk_rope_head_dim, e) + _t(T * a * v, e)
-        per_query += _t(T * (spec.kv_lora_rank + spec.qk_rope_head_dim), e)
-        per_key = _t(b * kv * a * (spec.qk_nope_head_dim + v), e) + _t(b * kv * a * qk, e)
-        return [(per_query + per_key + _t(b * a * _round32(p), 4), False)]
-    q, kd = _t(T * a * d, e), _t(T * k * d, e)
+        per_query = tensor_bytes(T * a * qk, e) * 2 + tensor_bytes(T * a * spec.qk_rope_head_dim, e) + tensor_bytes(T * a * v, e)
+        per_query += tensor_bytes(T * (spec.kv_lora_rank + spec.qk_rope_head_dim), e)
+        per_key = tensor_bytes(b * kv * a * (spec.qk_nope_head_dim + v), e) + tensor_bytes(b * kv * a * qk, e)
+        return [(per_query + per_key + tensor_bytes(b * a * _round32(p), 4), False)]
+    q, kd = tensor_bytes(T * a * d, e), tensor_bytes(T * k * d, e)
     if not spec.traits.supports_sdpa:
         # eager_attention_forward (Gemma-2): repeat_kv copies of K and V [b, a, kv, d]; scores [b, a, p, kv]: the
         # masked 16-bit scores, softmax's fp32 input copy and its fp32 output alive together (10 bytes a score)
         scores = b * a * p * kv
-        return [(q + 2 * _t(b * a * kv * d, e) + _t(scores, e) + 2 * _t(scores, 4), False)]
+        return [(q + 2 * tensor_bytes(b * a * kv * d, e) + tensor_bytes(scores, e) + 2 * tensor_bytes(scores, 4), False)]
     moments = []
     # rotary on q (q·cos, rotate_half(q)·sin, their sum) while k and v live: before the update
     moments.append((4 * q + 2 * kd, True))
     if spec.qk_norm:  # Qwen3 q_norm: the projection, its fp32 copy and the fp32 normalised q (before the update)
-        moments.append((q + 2 * _t(T * a * d, 4), True))
+        moments.append((q + 2 * tensor_bytes(T * a * d, 4), True))
     # the update: q_embed, k_embed and v alive while torch.cat writes the cache
     moments.append((q + 2 * kd, False))
     if shape.padded or (spec.sliding_window and p > 1 and kv >= spec.sliding_window):
         # a 4-D mask reaches SDPA: transformers repeats K and V to every head (no enable_gqa with a mask) and the
         # memory-efficient kernel takes an additive bias: logical_not of the bool mask, zeros, masked_fill (16-bit)
         # (one query token: sdpa_attention_forward's pack_gqa folds the heads onto the KV heads instead)
-        repeat = 2 * _t(b * a * kv * d, e) if a != k and p > 1 else 0
-        moments.append((q + repeat + _t(b * p * kv, 1) + 2 * _t(b * p * kv, e), False))
+        repeat = 2 * tensor_bytes(b * a * kv * d, e) if a != k and p > 1 else 0
+        moments.append((q + repeat + tensor_bytes(b * p * kv, 1) + 2 * tensor_bytes(b * p * kv, e), False))
     else:
-        moments.append((2 * q + _t(b * a * p, 4), False))  # flash: q_embed, output, logsumexp
+        moments.append((2 * q + tensor_bytes(b * a * p, 4), False))  # flash: q_embed, output, logsumexp
     return moments
 
 
@@ -136,18 +137,18 @@ def forward_moments(spec: ModelSpec, shape: ForwardShape, sequence_len: int) -> 
     resident tensors plus an attention moment, or the residual, normed input and the MLP's peak (dense or MoE)."""
     e, T, h = shape.element_bytes, shape.tokens, spec.hidden_size
     resident = resident_bytes(spec, shape, sequence_len)
-    normed = _t(T * h, e)
+    normed = tensor_bytes(T * h, e)
     moments = [(resident + normed + size, before) for size, before in attention_moments(spec, shape)]
     kinds = ([False] if spec.num_dense_layers else []) + ([True] if spec.num_moe_layers else [])
     mlp = max(mlp_bytes(spec, shape, kind) for kind in kinds)
-    moments.append((resident + 2 * _t(T * h, e) + mlp, False))  # residual R and normed N
+    moments.append((resident + 2 * tensor_bytes(T * h, e) + mlp, False))  # residual R and normed N
     return moments
 
 
 def prefill_logits_bytes(spec: ModelSpec, batch: int, element_bytes: int = 2) -> int:
     """``generate`` asks for the last position's logits only (``logits_to_keep=1``): [b, 1, V] in the compute dtype,
     and the sampler's fp32 copy [b, V] (``next_token_logits``)."""
-    return _t(batch * spec.vocab_size, element_bytes) + _t(batch * spec.vocab_size, 4)
+    return tensor_bytes(batch * spec.vocab_size, element_bytes) + tensor_bytes(batch * spec.vocab_size, 4)
 
 
 def decode_logits_bytes(spec: ModelSpec, batch: int, sequence_len: int, at_head: bool = False, element_bytes: int = 2) -> int:
@@ -155,7 +156,7 @@ def decode_logits_bytes(spec: ModelSpec, batch: int, sequence_len: int, at_head:
     grown int64 [b, n] ``input_ids`` and ``attention_mask`` (``torch.cat`` each step) and four 512-byte scalars (the
     stop flags, argmax). ``at_head``: the moment after lm_head, which adds this step's [b, 1, V] logits and their
     fp32 copy."""
-    out = _t(batch * spec.vocab_size, 4) + 3 * _t(batch * sequence_len, 8) + 4 * 512
+    out = tensor_bytes(batch * spec.vocab_size, 4) + 3 * tensor_bytes(batch * sequence_len, 8) + 4 * 512
     if at_head:
-        out += _t(batch * spec.vocab_size, element_bytes) + _t(batch * spec.vocab_size, 4)
+        out += tensor_bytes(batch * spec.vocab_size, element_bytes) + tensor_bytes(batch * spec.vocab_size, 4)
     return out

@@ -19,7 +19,15 @@ from ..catalogue import get_gpu, get_model
 from ..errors import VramcalcError
 from ..model import ModelSpec
 from ..terms import runtime
-from . import engines
+from .engines import (
+    VLLM_BLOCK_SIZE,
+    VLLM_CUDA_GRAPH_BYTES,
+    VLLM_DEFAULT_GPU_MEMORY_UTILIZATION,
+    VLLM_DEFAULT_MAX_NUM_SEQS,
+    non_torch_bytes,
+    sglang_default_mem_fraction,
+    vllm_default_max_num_batched_tokens,
+)
 from .bisection import largest
 from .hf_engine import decode_moment, prefill_moment
 from .kv_cache import kv_bytes_per_token, paged_bytes_per_request
@@ -138,17 +146,17 @@ def infer(model, *, context: int = 4096, concurrency: int = 1, batch_size: int |
         details.update(extra)
     elif eng is Engine.VLLM:
         util = _fraction("gpu_memory_utilization", gpu_memory_utilization
-                         if gpu_memory_utilization is not None else engines.VLLM_DEFAULT_GPU_MEMORY_UTILIZATION)
-        chunk = max_num_batched_tokens or engines.vllm_default_max_num_batched_tokens(device)
+                         if gpu_memory_utilization is not None else VLLM_DEFAULT_GPU_MEMORY_UTILIZATION)
+        chunk = max_num_batched_tokens or vllm_default_max_num_batched_tokens(device)
         chunk = _positive("max_num_batched_tokens", chunk)
-        inputs.update(gpu_memory_utilization=util, max_num_batched_tokens=chunk, block_size=engines.VLLM_BLOCK_SIZE)
+        inputs.update(gpu_memory_utilization=util, max_num_batched_tokens=chunk, block_size=VLLM_BLOCK_SIZE)
         terms, phase, extra = _vllm_terms(spec, fmt, kv_e, tp, concurrency, context, chunk, util, device, w_bytes)
         details.update(extra)
     else:
         frac = _fraction("mem_fraction_static", mem_fraction_static
-                         if mem_fraction_static is not None else engines.sglang_default_mem_fraction(tp))
+                         if mem_fraction_static is not None else sglang_default_mem_fraction(tp))
         chunk = _positive("max_num_batched_tokens",
-                          max_num_batched_tokens or engines.vllm_default_max_num_batched_tokens(device))
+                          max_num_batched_tokens or vllm_default_max_num_batched_tokens(device))
         inputs.update(mem_fraction_static=frac, chunked_prefill_size=chunk)
         terms, phase, extra = _sglang_terms(spec, fmt, kv_e, tp, concurrency, context, chunk, frac, device, w_bytes)
         details.update(extra)
@@ -187,7 +195,7 @@ def _hf_terms(spec, fmt, cache, batch, prompt, context, e, device, trace, w_byte
                      trace_cache_bytes_final=result.cache_bytes_final)
     peak = sum(tensor.values())
     terms = dict(tensor)
-    terms[T.RUNTIME_OVERHEAD] = engines.non_torch_bytes(device, 1)
+    terms[T.RUNTIME_OVERHEAD] = non_torch_bytes(device, 1)
     terms[T.ALLOCATOR_SLACK] = int(runtime.DEFAULT_ALLOCATOR_SLACK_FRACTION * peak)
     terms[T.ENGINE_RESERVED] = 0
     return terms, phase, extra
@@ -199,21 +207,21 @@ def act_terms():
 
 def _vllm_terms(spec, fmt, kv_e, tp, concurrency, context, chunk, util, device, w_bytes):
     e = fmt.compute_dtype.bytes
-    per_request = paged_bytes_per_request(spec, context, element_bytes=kv_e, block_size=engines.VLLM_BLOCK_SIZE, tp=tp)
+    per_request = paged_bytes_per_request(spec, context, element_bytes=kv_e, block_size=VLLM_BLOCK_SIZE, tp=tp)
     activations = vllm_activation_bytes(spec, chunk, tp, e)
     # the profile's peak is the larger of the forward and the sampler run after it: logits count only the excess
-    logits = max(0, vllm_sampler_bytes(spec, engines.VLLM_DEFAULT_MAX_NUM_SEQS, tp) - activations)
-    non_torch = engines.non_torch_bytes(device, tp)
-    reserved = engines.VLLM_CUDA_GRAPH_BYTES
+    logits = max(0, vllm_sampler_bytes(spec, VLLM_DEFAULT_MAX_NUM_SEQS, tp) - activations)
+    non_torch = non_torch_bytes(device, tp)
+    reserved = VLLM_CUDA_GRAPH_BYTES
     extra = {"kv_bytes_per_request": per_request}
     if device is not None:
         budget = int(util * device.memory_bytes)
         reserved += device.memory_bytes - budget
-        pool = max(0, budget - w_bytes - activations - logits - non_torch - engines.VLLM_CUDA_GRAPH_BYTES)
-        block_bytes = engines.VLLM_BLOCK_SIZE * kv_bytes_per_token(spec, kv_e, tp)
+        pool = max(0, budget - w_bytes - activations - logits - non_torch - VLLM_CUDA_GRAPH_BYTES)
+        block_bytes = VLLM_BLOCK_SIZE * kv_bytes_per_token(spec, kv_e, tp)
         blocks = pool // block_bytes
-        extra.update(kv_pool_bytes=pool, gpu_blocks=blocks, kv_pool_tokens=blocks * engines.VLLM_BLOCK_SIZE,
-                     vllm_log_max_concurrency=round(blocks * engines.VLLM_BLOCK_SIZE / context, 2))
+        extra.update(kv_pool_bytes=pool, gpu_blocks=blocks, kv_pool_tokens=blocks * VLLM_BLOCK_SIZE,
+                     vllm_log_max_concurrency=round(blocks * VLLM_BLOCK_SIZE / context, 2))
     terms = {T.WEIGHTS: w_bytes, T.KV_CACHE: concurrency * per_request, T.ACTIVATIONS: activations, T.LOGITS: logits,
              T.RUNTIME_OVERHEAD: non_torch, T.ALLOCATOR_SLACK: 0, T.ENGINE_RESERVED: reserved}
     return terms, InferencePhase.DECODE, extra
@@ -224,7 +232,7 @@ def _sglang_terms(spec, fmt, kv_e, tp, concurrency, context, chunk, frac, device
     per_token = kv_bytes_per_token(spec, kv_e, tp)
     activations = vllm_activation_bytes(spec, chunk, tp, e)
     logits = 0
-    non_torch = engines.non_torch_bytes(device, tp)
+    non_torch = non_torch_bytes(device, tp)
     reserved = 0
     extra = {"kv_bytes_per_request": per_token * context}
     if device is not None:

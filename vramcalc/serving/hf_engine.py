@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 from ..model import ModelSpec
 from ..units import round_up
-from . import activations as act
+from .activations import (
+    ForwardShape,
+    tensor_bytes,
+    decode_logits_bytes,
+    forward_moments,
+    prefill_logits_bytes,
+    resident_bytes,
+)
 from .kv_cache import hf_cache_bytes, hf_largest_layer_tensor_bytes, hf_tokens_held, layer_layouts
 
 
@@ -43,16 +50,16 @@ def prefill_moment(spec: ModelSpec, batch: int, prompt: int, *, element_bytes: i
     kv_e = kv_element_bytes or element_bytes
     kv = hf_cache_bytes(spec, batch, prompt, last_input=prompt, element_bytes=kv_e, static_len=static_len)
     attended = static_len if static_len is not None else prompt
-    shape = act.ForwardShape(batch, prompt, attended, element_bytes)
+    shape = ForwardShape(batch, prompt, attended, element_bytes)
     layout = layer_layouts(spec)[-1]
     held = static_len if static_len is not None else prompt
     if layout.window is not None and static_len is not None:
         held = min(held, layout.window)
     last_layer = _layer_tensor_bytes(spec, batch, held, kv_e)
     moments = [HfMoment(kv - (last_layer if before else 0), size, 0)
-               for size, before in act.forward_moments(spec, shape, prompt)]
-    head = act.resident_bytes(spec, shape, prompt) + act._t(shape.tokens * spec.hidden_size, element_bytes)
-    moments.append(HfMoment(kv, head, act.prefill_logits_bytes(spec, batch, element_bytes)))
+               for size, before in forward_moments(spec, shape, prompt)]
+    head = resident_bytes(spec, shape, prompt) + tensor_bytes(shape.tokens * spec.hidden_size, element_bytes)
+    moments.append(HfMoment(kv, head, prefill_logits_bytes(spec, batch, element_bytes)))
     return max(moments, key=lambda moment: moment.total)
 
 
@@ -69,13 +76,13 @@ def decode_moment(spec: ModelSpec, batch: int, context: int, *, element_bytes: i
     else:
         windows = [layout.window for layout in layer_layouts(spec)]
         attended = seen if any(w is None for w in windows) else min(seen, max(windows))
-    shape = act.ForwardShape(batch, 1, attended, element_bytes, padded=static_len is not None)
-    logits = act.decode_logits_bytes(spec, batch, seen)
-    resident = act.resident_bytes(spec, shape, seen)
-    moments = [HfMoment(kv, size, logits) for size, _ in act.forward_moments(spec, shape, seen)]
-    moments.append(HfMoment(kv, resident, act.decode_logits_bytes(spec, batch, seen, True, element_bytes)))
+    shape = ForwardShape(batch, 1, attended, element_bytes, padded=static_len is not None)
+    logits = decode_logits_bytes(spec, batch, seen)
+    resident = resident_bytes(spec, shape, seen)
+    moments = [HfMoment(kv, size, logits) for size, _ in forward_moments(spec, shape, seen)]
+    moments.append(HfMoment(kv, resident, decode_logits_bytes(spec, batch, seen, True, element_bytes)))
     if static_len is None:  # torch.cat keeps the layer's old tensor alive while it builds the new one
-        small = resident + 3 * act._t(batch * spec.num_heads * spec.head_dim, element_bytes)
+        small = resident + 3 * tensor_bytes(batch * spec.num_heads * spec.head_dim, element_bytes)
         old = hf_largest_layer_tensor_bytes(spec, batch, seen - 1, kv_e)
         moments.append(HfMoment(kv + old, small, logits))
         if prompt is not None and spec.sliding_window and prompt + 1 < context:
@@ -97,7 +104,7 @@ def _first_step_moments(spec: ModelSpec, batch: int, prompt: int, element_bytes:
 
     after_prefill = [held_bytes(layout, prompt) for layout in layouts]
     after_first = [held_bytes(layout, hf_tokens_held(layout, prompt + 1, last_input=1)) for layout in layouts]
-    logits = act.decode_logits_bytes(spec, batch, prompt)
+    logits = decode_logits_bytes(spec, batch, prompt)
     moments = []
     sliding = [i for i, layout in enumerate(layouts) if layout.window is not None]
     if sliding:
@@ -106,7 +113,7 @@ def _first_step_moments(spec: ModelSpec, batch: int, prompt: int, element_bytes:
     f = full[0] if full else 0
     kv = sum(after_first[: f + 1]) + sum(after_prefill[f + 1:])
     attended = hf_tokens_held(layouts[f], prompt + 1, last_input=1)
-    shape = act.ForwardShape(batch, 1, attended, element_bytes)
-    busiest = max(size for size, _ in act.forward_moments(spec, shape, prompt + 1))
+    shape = ForwardShape(batch, 1, attended, element_bytes)
+    busiest = max(size for size, _ in forward_moments(spec, shape, prompt + 1))
     moments.append(HfMoment(kv, busiest, logits))
     return moments
