@@ -3,12 +3,17 @@ that reports its progress (issue 10 item 7: a 1000-layer trace ran 392 s without
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import pty
 import re
+import select
 import subprocess
+import struct
 import sys
+import termios
+import tty
 from pathlib import Path
 
 import pytest
@@ -33,6 +38,14 @@ class Clock:
 
 def _counts(text: str) -> list[int]:
     return [int(match.group(1)) for match in COUNT.finditer(text)]
+
+
+def _drain(master: int) -> str:
+    """Everything the terminal has received so far (reads until nothing more arrives within 0.2 s)."""
+    chunks = []
+    while select.select([master], [], [], 0.2)[0]:
+        chunks.append(os.read(master, 65536))
+    return b"".join(chunks).decode()
 
 
 def test_without_a_terminal_a_line_appears_every_tenth_with_rising_counts():
@@ -86,7 +99,10 @@ def test_disabled_progress_writes_nothing_even_on_a_terminal():
 
 def test_on_a_terminal_one_line_is_redrawn_in_place_with_percent_and_eta():
     master, slave = pty.openpty()
+    tty.setraw(slave)  # no line discipline between what the bar writes and what the test reads
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # wide enough for a whole line
     clock = Clock()
+    output = ""
     try:
         with os.fdopen(slave, "w", closefd=False) as stream:
             assert stream.isatty()
@@ -94,8 +110,9 @@ def test_on_a_terminal_one_line_is_redrawn_in_place_with_percent_and_eta():
             for _ in range(4):
                 clock.now += 2.0
                 bar.update(1)
+                output += _drain(master)
             bar.close()
-        output = os.read(master, 65536).decode()
+            output += _drain(master)
     finally:
         os.close(master)
         os.close(slave)
@@ -111,6 +128,22 @@ def test_the_bar_never_outgrows_the_terminal():
     with Progress(2, "x" * 500, stream=stream, clock=Clock()) as bar:
         bar.update(1)
     assert all(len(frame) <= 200 for frame in stream.getvalue().split("\r"))
+
+
+def test_the_bar_is_cut_to_the_width_of_its_own_terminal():
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 50, 0, 0))  # a 50-column terminal
+    try:
+        with os.fdopen(slave, "w", closefd=False) as stream:
+            with Progress(3, "trace big-model", "layers", stream=stream, clock=Clock()) as bar:
+                bar.update(1)
+            output = _drain(master)
+    finally:
+        os.close(master)
+        os.close(slave)
+    frames = [frame.rstrip("\n") for frame in output.replace("\r\n", "\n").split("\r") if frame.strip()]
+    assert frames and all(len(frame) == 49 for frame in frames)  # one column spare: the line never wraps
 
 
 class _FakeTerminal(io.StringIO):

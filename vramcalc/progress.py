@@ -17,6 +17,8 @@ progress. Names shown are stripped of control characters, so a model folder's na
 
 from __future__ import annotations
 
+import io
+import os
 import shutil
 import sys
 import time
@@ -39,6 +41,15 @@ def duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def terminal_columns(stream) -> int:
+    """The width of the terminal ``stream`` writes to; else ``$COLUMNS`` or the standard output's, else 100."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        columns = 0
+    return columns or shutil.get_terminal_size((100, 24)).columns
 
 
 def is_terminal(stream) -> bool:
@@ -139,7 +150,7 @@ class Progress:
                 self.stream.write("\r" + " " * self._drawn_width + "\r")
                 self.stream.flush()
             return
-        width = max(20, shutil.get_terminal_size((100, 24)).columns - 1)
+        width = max(20, terminal_columns(self.stream) - 1)
         line = self.text(now)[:width]
         pad = " " * max(0, self._drawn_width - len(line))  # wipe what a longer previous line left
         self.stream.write("\r" + line + pad + ("\n" if final else ""))
