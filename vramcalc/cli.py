@@ -13,7 +13,8 @@ from dataclasses import fields
 
 from .breakdown import GIB_NOTE
 from .errors import VramcalcError
-from .export import csv_text, format_breakdown, gpus_text, models_text, rows_csv, rows_json, table_text, terminal_text
+from .export import (csv_text, format_breakdown, gpus_text, models_text, rows_csv, rows_json, stacks_text, table_text,
+                     terminal_text)
 from .files import write_atomic
 from .option_help import option_help
 from .training_setup import TrainingSetup, setup_defaults
@@ -54,13 +55,17 @@ def _setup_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=key, help=option_help(key) + _default(key), **kwargs)
 
     for field in fields(TrainingSetup):
-        if field.type in ("bool", bool):  # an on/off pair: --grad-ckpt / --no-grad-ckpt
-            flag = "--" + field.name.replace("_", "-")
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("bool", bool):  # an on/off pair: --packing / --no-packing
             add(flag, field.name, action="store_const", const=True)
             parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_const", const=False,
                                 help=NEGATED_HELP.get(field.name, f"{field.name.replace('_', ' ')} off"))
+        elif field.type == "GradCkpt":  # bare --grad-ckpt is full checkpointing; --no-grad-ckpt is none
+            add(flag, field.name, nargs="?", const="full", metavar="{full,selective}")
+            parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_const", const="none",
+                                help=NEGATED_HELP[field.name])
         else:
-            add("--" + field.name.replace("_", "-"), field.name)
+            add(flag, field.name)
 
 
 NEGATED_HELP = {"grad_ckpt": "gradient checkpointing off",
@@ -92,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in ("models", "gpus"):
         sub = verbs.add_parser(verb, help=f"list the {verb} catalogue", description=f"list the {verb} catalogue")
         sub.add_argument("--format", default="table", help=FORMAT_HELP)
+    text = "the training stacks (--stack) and every option each one sets, with its source"
+    sub = verbs.add_parser("stacks", help=text, description=text)
+    sub.add_argument("--format", default="table", help=FORMAT_HELP)
     max_gpus_help = f"most GPUs to try per type, 1 to {MAX_GPUS_LIMIT:,} (default: {DEFAULT_MAX_GPUS})"
     text = "every catalogue GPU: how many, largest micro-batch, host RAM, time and cost"
     sub = verbs.add_parser("plan", help=text, description=text)
@@ -160,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             stdout.write(models_text(fmt))
         elif args.verb == "gpus":
             stdout.write(gpus_text(fmt))
+        elif args.verb == "stacks":
+            stdout.write(stacks_text(fmt))
         elif args.verb == "plan":
             stdout.write(plan_command(args, fmt))
         elif args.verb == "max-batch":

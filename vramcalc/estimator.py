@@ -31,7 +31,7 @@ from .options import Phase, Sharding, Term
 from .profiles import runtime_profile
 from .terms import activations, distributed, float8, logits, optimizer, parameters, runtime, states, temporaries
 from .terms.distributed import GatheredTimeline
-from .training_setup import ResolvedSetup, resolve_setup
+from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import maximum, select
 
 
@@ -155,6 +155,7 @@ def _inputs(spec: ModelSpec, resolved: ResolvedSetup) -> dict:
     """The resolved setup, every default filled in, and which options took their default (a new dict each time)."""
     out = dict(_setup_inputs(spec, resolved))
     out["defaults"] = list(resolved.defaulted)
+    out["origins"] = {name: resolved.origin(name) for name in SETUP_FIELDS}
     return out
 
 

@@ -183,7 +183,7 @@ def frame_records(frame) -> list[dict]:
 def breakdown_row(result: MemoryBreakdown) -> dict:
     """One flat, unit-suffixed row: the setup, each term in bytes, and the totals in bytes and GiB."""
     row = {"model": result.model, "source": result.source, "phase": result.phase.value}
-    row.update({key: value for key, value in result.inputs.items() if key not in ("model", "defaults")})
+    row.update({key: value for key, value in result.inputs.items() if key not in ("model", "defaults", "origins")})
     row.update({f"{term}_bytes": value for term, value in result.terms().items()})
     row["peak_tensor_bytes"] = result.peak_tensor_bytes
     row["total_bytes"] = result.total_bytes
@@ -228,6 +228,8 @@ def applicable_inputs(inputs: dict) -> dict:
     out = {key: value for key, value in inputs.items() if key not in foreign}
     if isinstance(out.get("defaults"), list):
         out["defaults"] = [key for key in out["defaults"] if key not in foreign]
+    if isinstance(out.get("origins"), dict):
+        out["origins"] = {key: origin for key, origin in out["origins"].items() if key not in foreign}
     return out
 
 
@@ -292,3 +294,31 @@ def models_text(fmt: str) -> str:
 
 def gpus_text(fmt: str) -> str:
     return render_rows(gpu_rows(), fmt, note=GIB_NOTE + "; source: data/gpus_sources.md")
+
+
+def stack_rows() -> list[dict]:
+    """One row per knob of each stack preset (``vramcalc/stacks.py``): the stack, the option, its value, the methods
+    it holds for (blank: all), the source; a stack that sets nothing has one row with a blank option."""
+    from .stacks import PRESETS
+
+    rows = []
+    for stack, preset in PRESETS.items():
+        note = f"estimate only: {preset.estimate_only}" if preset.estimate_only else ""
+        base = {"stack": stack.value, "version": preset.version, "summary": preset.summary, "note": note}
+        if not preset.knobs:
+            rows.append({**base, "option": "", "value": "", "methods": "", "source": "vramcalc defaults"})
+        for knob in preset.knobs:
+            value = knob.value if not isinstance(knob.value, bool) else ("on" if knob.value else "off")
+            rows.append({**base, "option": knob.option, "value": value,
+                         "methods": ",".join(m.value for m in knob.methods), "source": knob.source})
+    return rows
+
+
+def stacks_text(fmt: str) -> str:
+    """``vramcalc stacks``: the knobs of every stack; the table keeps stack, option, value and methods."""
+    rows = stack_rows()
+    if fmt == "table":
+        short = [{key: row[key] for key in ("stack", "option", "value", "methods")} for row in rows]
+        return render_rows(short, fmt, note="methods blank = every method; --format csv or json for each "
+                                            "knob's source and the version read; explicit options override a stack")
+    return render_rows(rows, fmt)

@@ -73,3 +73,26 @@ def half_dtype(precision: Precision) -> DType:
     """The 16-bit dtype a precision computes in: fp16 for fp16 and mixed-fp16, else bf16 (accelerate's
     ``mixed_precision``; FSDP2 ``MixedPrecisionPolicy.param_dtype``)."""
     return DType.FP16 if precision in (Precision.FP16, Precision.MIXED_FP16) else DType.BF16
+
+
+# -- bitsandbytes: versions and LLM.int8 (issue 11 knobs) -----------------------------------------------------------
+# bitsandbytes <= 0.43 kept a 4-bit Linear's input for backward: MatMul4Bit.forward ``ctx.tensors = (A, B)``
+# (bitsandbytes 0.43.1 bitsandbytes/autograd/_functions.py:516; 0.41.1 :522-523, 0.42.0 :523); 0.44.1 (:516) and
+# later keep ``(None, B)``. A plain ctx attribute, not ``save_for_backward``: it bypasses saved-tensor hooks (so
+# non-reentrant checkpointing does not drop it) and lives until the autograd graph dies, not until the node's backward.
+BNB_SAVES_4BIT_INPUT_UP_TO = "0.43"
+# transformers ``BitsAndBytesConfig(llm_int8_threshold=6.0)`` (utils/quantization_config.py): outlier threshold of
+# Linear8bitLt / MatMul8bitLt. Outlier columns are data-dependent; vramcalc counts none (subA [T, n_outliers] in the
+# input dtype is a few columns in practice, LLM.int8 paper: Dettmers et al. 2022, section 4).
+BNB_LLM_INT8_THRESHOLD = 6.0
+BNB_INT8_SCB_BITS = 32  # Int8Params.SCB: one fp32 absmax per output row (bitsandbytes nn/modules.py Int8Params._quantize)
+
+# -- model loading (the ``load`` phase) ------------------------------------------------------------------------------
+# Transient bytes per weight of one Linear while a quantizer turns its 16-bit copy into 4 bits (on top of the 16-bit
+# copy itself). torchao 0.1 ``to_nf4`` -> ``quantize_tensor_nearest`` (torchao@v0.1 torchao/dtypes/nf4tensor.py:438-446)
+# materialises ``(value.unsqueeze(-1) - nf4).abs()`` [n, 16] bf16 twice, plus the scaled blocks: 2n + 2n + 32n + 32n
+# = 68 bytes per weight (docs/stacks-research.md Q4). bitsandbytes quantize_4bit writes straight into its packed
+# output and absmax (its final storage): the only scratch is double quantization's ``absmax - mean`` fp32 copy,
+# 4 bytes per 64 weights (bitsandbytes/functional.py::quantize_4bit).
+TORCHAO_01_TO_NF4_BYTES_PER_WEIGHT = 68
+BNB_QUANTIZE_4BIT_SCRATCH_BYTES_PER_WEIGHT = 4 / 64

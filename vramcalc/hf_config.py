@@ -21,7 +21,8 @@ from .errors import VramcalcError
 from .model import FAMILIES, MAX_SIZES, SUPPORTED_FAMILIES, ModelSpec
 
 # Config-class defaults that differ from "hidden_size // num_attention_heads" and "untied".
-_DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "gemma2": 256}
+_DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "gemma2": 256,
+                     "gemma": 256}  # models/gemma/configuration_gemma.py L72: head_dim = 256
 # Where each family keeps its expert count.
 _EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
 # A real config.json is a few kB (DeepSeek-V3's, the largest in the catalogue, is 1.7 kB); refuse anything that
@@ -36,6 +37,16 @@ COMMON_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "num
 MOE_FIELDS = ("num_experts_per_tok", "moe_intermediate_size", "n_shared_experts", "first_k_dense_replace",
               "decoder_sparse_step", "mlp_only_layers")
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+# Fields of the families whose layout is not Llama's (read by ``_layout_fields``)
+LAYOUT_FIELDS = {
+    "phi": ("partial_rotary_factor", "rope_parameters", "qk_layernorm"),
+    "gpt_neox": ("rotary_pct", "rope_parameters", "use_parallel_residual"),
+    "falcon": ("num_kv_heads", "n_head_kv", "n_head", "n_layer", "n_embed", "new_decoder_architecture", "multi_query",
+               "parallel_attn", "alibi", "bias", "ffn_hidden_size", "num_ln_in_parallel_attn"),
+    "qwen": ("kv_channels", "rotary_pct", "no_bias"),
+}
+# Legacy key names that the config classes map onto the standard ones (``attribute_map``)
+_ALIASES = {"falcon": {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embed"}}
 
 
 def config_fields(family: str) -> tuple[str, ...]:
@@ -46,7 +57,7 @@ def config_fields(family: str) -> tuple[str, ...]:
         out += (_EXPERTS_KEY[family],) + MOE_FIELDS
     if traits.mla:
         out += MLA_FIELDS
-    return out
+    return out + LAYOUT_FIELDS.get(family, ())
 
 
 def load_config(path: str | Path) -> ModelSpec:
@@ -119,6 +130,24 @@ class _Fields:
     def need(self, key: str) -> int:
         return self.integer(key, required=True)
 
+    def fraction(self, key: str, default: float, container: dict | None = None) -> float:
+        """A number in (0, 1] (a rotary fraction); ``container`` is a nested dict such as rope_parameters."""
+        value = (self.config if container is None else container).get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not 0 < value <= 1:
+            raise self._bad(key, "a number in (0, 1]", value)
+        return float(value)
+
+    def mapping(self, key: str) -> dict:
+        value = self.config.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self._bad(key, "an object", value)
+        return value
+
     def flag(self, key: str, default: bool) -> bool:
         value = self.config.get(key)
         if value is None:
@@ -155,6 +184,9 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
     if family not in FAMILIES:
         raise VramcalcError(f"unsupported architecture {_short(family)}; supported: {', '.join(SUPPORTED_FAMILIES)}")
     traits = FAMILIES[family]
+    for key, alias in _ALIASES.get(family, {}).items():  # FalconConfig.attribute_map: n_layer, n_head, n_embed
+        if config.get(key) is None and config.get(alias) is not None:
+            config = {**config, key: config[alias]}
     f = _Fields(config, name, family)
 
     hidden = f.need("hidden_size")
@@ -172,7 +204,7 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
         num_heads=heads,
         num_kv_heads=f.integer("num_key_value_heads", heads),
         head_dim=f.integer("head_dim", _DEFAULT_HEAD_DIM.get(family, hidden // heads)),
-        intermediate_size=f.need("intermediate_size"),
+        intermediate_size=f.need("intermediate_size") if family != "falcon" else 1,  # falcon: ffn_hidden_size
         vocab_size=f.need("vocab_size"),
         tie_word_embeddings=f.flag("tie_word_embeddings", traits.default_tied),
         max_position_embeddings=f.integer("max_position_embeddings"),
@@ -194,6 +226,8 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
             decoder_sparse_step=f.integer("decoder_sparse_step", 1, maximum=layers),
             mlp_only_layers=f.layer_list("mlp_only_layers", layers),
         )
+    if family in LAYOUT_FIELDS or family == "gemma":
+        fields.update(_layout_fields(f, family, fields))
     if traits.mla:
         fields.update(
             q_lora_rank=f.integer("q_lora_rank", 0, minimum=0),
@@ -204,3 +238,69 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
         )
         fields["head_dim"] = fields["v_head_dim"]
     return ModelSpec(**fields)
+
+
+def _layout_fields(f: _Fields, family: str, fields: dict) -> dict:
+    """The fields of gemma, phi, gpt_neox, falcon and Qwen v1 that differ from Llama's reading, with their config-class
+    defaults (transformers 5.24 ``models/<family>/configuration_<family>.py``; Qwen v1: the remote
+    ``configuration_qwen.py`` of Qwen/Qwen-7B). Layouts the estimate does not model are refused by name."""
+    hidden, heads = fields["hidden_size"], fields["num_heads"]
+    out: dict = {}
+    if family == "gemma":
+        return out  # Llama's fields; head_dim 256 and tied embeddings are the config defaults
+    rope = f.mapping("rope_parameters")
+    if family == "phi":
+        # PhiConfig: no num_key_value_heads default (= heads), head_dim = h / a (PhiAttention L159),
+        # partial_rotary_factor 0.5 (configuration_phi.py L87), all Linears with bias (modeling_phi.py L164-167,
+        # L243-244), tie_word_embeddings False (L76)
+        if f.flag("qk_layernorm", False):
+            raise VramcalcError("phi with qk_layernorm is not supported (the estimate does not model its q/k norms)")
+        factor = f.fraction("partial_rotary_factor", f.fraction("partial_rotary_factor", 0.5, rope))
+        head_dim = hidden // heads
+        out.update(head_dim=head_dim, rotary_dim=int(head_dim * factor), qkv_bias=True, o_bias=True, mlp_bias=True)
+    elif family == "gpt_neox":
+        # GPTNeoXConfig: rotary_pct 0.25 (configuration_gpt_neox.py L98), use_parallel_residual True (L78),
+        # attention_bias True (L80) on query_key_value and dense; the MLP's Linears always have a bias (L41-42)
+        if not f.flag("use_parallel_residual", True):
+            raise VramcalcError("gpt_neox with use_parallel_residual false is not supported (only the parallel "
+                                "residual layout is modelled)")
+        factor = f.fraction("rotary_pct", f.fraction("partial_rotary_factor", 0.25, rope))
+        head_dim = hidden // heads
+        bias = f.flag("attention_bias", True)
+        out.update(num_kv_heads=heads, head_dim=head_dim, rotary_dim=int(head_dim * factor), qkv_bias=bias,
+                   o_bias=bias, mlp_bias=True)
+    elif family == "falcon":
+        # FalconConfig: new_decoder_architecture False, multi_query True, parallel_attn True, alibi False, bias False
+        # (configuration_falcon.py L75-80), ffn_hidden_size 4h (L95-96), head_dim = h / a (L101), tied (L88);
+        # kv heads: num_kv_heads with the new layout, 1 for multi-query, else a (modeling_falcon.py L241)
+        if f.flag("alibi", False):
+            raise VramcalcError("falcon with alibi is not supported (only rotary Falcon models are modelled)")
+        if not f.flag("parallel_attn", True):
+            raise VramcalcError("falcon with parallel_attn false is not supported (only the parallel layout is "
+                                "modelled)")
+        new = f.flag("new_decoder_architecture", False)
+        if new and f.integer("num_ln_in_parallel_attn", 2, maximum=2) != 2:
+            raise VramcalcError("falcon with new_decoder_architecture and num_ln_in_parallel_attn 1 is not supported")
+        kv_heads = f.integer("num_kv_heads", f.integer("n_head_kv", heads, maximum=MAX_SIZES["num_key_value_heads"]),
+                             maximum=MAX_SIZES["num_key_value_heads"])
+        if not new:
+            kv_heads = 1 if f.flag("multi_query", True) else heads
+        bias = f.flag("bias", False)
+        out.update(num_kv_heads=kv_heads, head_dim=hidden // heads,
+                   intermediate_size=f.integer("ffn_hidden_size", 4 * hidden,
+                                               maximum=MAX_SIZES["intermediate_size"]),
+                   qkv_bias=bias, o_bias=bias, mlp_bias=bias, new_decoder_architecture=new)
+    elif family == "qwen":
+        # QWenConfig (remote configuration_qwen.py): kv_channels 128 (the head dim), rotary_pct 1.0, no_bias True
+        # (c_attn always has a bias), tie_word_embeddings False; no grouped-query attention
+        head_dim = f.integer("kv_channels", 128, maximum=MAX_SIZES["head_dim"])
+        factor = f.fraction("rotary_pct", 1.0)
+        bias = not f.flag("no_bias", True)
+        out.update(num_kv_heads=heads, head_dim=head_dim, rotary_dim=int(head_dim * factor), o_bias=bias,
+                   mlp_bias=bias)
+        if fields["intermediate_size"] < 2:
+            raise VramcalcError("config.json field 'intermediate_size' must be at least 2 for qwen (w1 and w2 are "
+                                "intermediate_size / 2 wide)")
+    if out.get("rotary_dim") == out.get("head_dim"):
+        out["rotary_dim"] = 0
+    return out

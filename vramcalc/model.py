@@ -23,7 +23,7 @@ class ParamKind(str, Enum):
     LINEAR = "linear"  # nn.Linear weight or bias inside a decoder layer
     EXPERTS = "experts"  # 3-D nn.Parameter of a v5 *Experts module
     ROUTER = "router"  # MoE gate weight (not an nn.Linear in v5) and its score-correction buffer
-    NORM = "norm"  # RMSNorm weight
+    NORM = "norm"  # RMSNorm weight, LayerNorm weight and bias
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,18 @@ class FamilyTraits:
     router_fp32: bool = False  # DeepSeek-V3 keeps gate.weight and e_score_correction_bias in fp32
     default_tied: bool = False
     lora_qv: tuple[str, ...] = ("q_proj", "v_proj")  # the modules "qv" means in this family
+    # Layer layouts other than Llama's (phi, gpt_neox, falcon, qwen): see ``LAYOUTS`` for the module names
+    layer_norm: bool = False  # nn.LayerNorm with weight and bias instead of RMSNorm
+    gemma_norm: bool = False  # GemmaRMSNorm: (x * rsqrt) * (1 + w) in fp32, then cast (saves its fp32 output)
+    parallel_block: bool = False  # attention and MLP both read the layer input; one residual add (GPT-J style)
+    gated_mlp: bool = True  # False: fc1 -> GELU -> fc2 (two Linears, both with bias)
+    lm_head_bias: bool = False  # Phi-1/2: lm_head = nn.Linear(h, V, bias=True)
+    traceable: bool = True  # False: transformers has no class for it (remote code only); estimate only
+    # peft target names of the projections: one fused qkv name is [h, (a + 2k)·d]; two gated MLP names are a fused
+    # gate_up [h, 2I] and down, three are gate, up, down; two plain MLP names (gated_mlp False) are up and down
+    qkv_names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    o_name: str = "o_proj"
+    mlp_names: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 
 
 FAMILIES: dict[str, FamilyTraits] = {
@@ -100,9 +112,32 @@ FAMILIES: dict[str, FamilyTraits] = {
     # models/gemma2/modeling_gemma2.py: 4 norms, tied, _supports_sdpa = False, final logit softcap
     "gemma2": FamilyTraits(norms_per_layer=4, supports_sdpa=False, logit_softcap=True, default_tied=True),
     # models/phi3/modeling_phi3.py: fused qkv_proj and gate_up_proj
-    "phi3": FamilyTraits(fused_qkv=True, fused_gate_up=True, lora_qv=("qkv_proj",)),
+    "phi3": FamilyTraits(fused_qkv=True, fused_gate_up=True, lora_qv=("qkv_proj",), qkv_names=("qkv_proj",),
+                         mlp_names=("gate_up_proj", "down_proj")),
     # models/deepseek_v3/modeling_deepseek_v3.py: MLA + routed/shared experts, first_k_dense_replace dense layers
     "deepseek_v3": FamilyTraits(mla=True, moe=True, router_fp32=True, lora_qv=("q_b_proj", "kv_b_proj")),
+    # models/gemma/modeling_gemma.py: Llama layout with GemmaRMSNorm (L64-78, (1 + w) in fp32), GeGLU GemmaMLP
+    # (L84-97), embedding scaled by sqrt(h) (L50-61, L103-105), lm_head tied (GemmaConfig.tie_word_embeddings=True)
+    "gemma": FamilyTraits(gemma_norm=True, default_tied=True),
+    # models/phi/modeling_phi.py: q/k/v_proj and dense with bias (L164-167), fc1 -> gelu_new -> fc2 (L238-250), one
+    # nn.LayerNorm feeding attention and MLP in parallel (L253-290), final_layernorm, lm_head with bias (L400)
+    "phi": FamilyTraits(norms_per_layer=1, layer_norm=True, parallel_block=True, gated_mlp=False, lm_head_bias=True,
+                        o_name="dense", mlp_names=("fc1", "fc2")),
+    # models/gpt_neox/modeling_gpt_neox.py: fused query_key_value [b, s, a, 3d] (L181, L195-196), dense, two
+    # LayerNorms both on the layer input and one residual add (use_parallel_residual, L249-263), GELU MLP (L38-49)
+    "gpt_neox": FamilyTraits(layer_norm=True, parallel_block=True, gated_mlp=False, lora_qv=("query_key_value",),
+                             qkv_names=("query_key_value",), o_name="dense",
+                             mlp_names=("dense_h_to_4h", "dense_4h_to_h")),
+    # models/falcon/modeling_falcon.py: fused query_key_value (L230-236), dense, GELU MLP (L515-527); one LayerNorm
+    # (input_layernorm) or, with new_decoder_architecture, ln_attn and ln_mlp (L552-565); parallel_attn (L599-621)
+    "falcon": FamilyTraits(norms_per_layer=1, layer_norm=True, parallel_block=True, gated_mlp=False,
+                           default_tied=True, lora_qv=("query_key_value",), qkv_names=("query_key_value",),
+                           o_name="dense", mlp_names=("dense_h_to_4h", "dense_4h_to_h")),
+    # Qwen v1 (remote code ``modeling_qwen.py`` of Qwen/Qwen-7B, QWenLMHeadModel; no transformers class): fused
+    # c_attn with bias, attn.c_proj without, RMSNorm ln_1/ln_2/ln_f, QWenMLP a1 = w1(x), a2 = w2(x),
+    # mlp.c_proj(a1 * silu(a2)) with w1, w2: h -> intermediate_size / 2; lm_head untied
+    "qwen": FamilyTraits(fused_qkv=True, qkv_bias=True, lora_qv=("c_attn",), traceable=False, qkv_names=("c_attn",),
+                         o_name="attn.c_proj", mlp_names=("w1", "w2", "mlp.c_proj")),
 }
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
@@ -198,6 +233,9 @@ class ModelSpec:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # partial rotary and Falcon's layout
+    rotary_dim: int = 0  # rotary width per head (phi partial_rotary_factor, gpt_neox rotary_pct); 0: all of head_dim
+    new_decoder_architecture: bool = False  # falcon: grouped kv heads and two LayerNorms (ln_attn, ln_mlp) per layer
     # catalogue metadata (not architecture)
     hf_repo: str = ""
     license: str = ""
@@ -221,6 +259,10 @@ class ModelSpec:
                 lowest = 1 if positive else 0
                 raise VramcalcError(f"model {self.name!r}: {config_key} must be from {lowest} to "
                                     f"{MAX_SIZES[config_key]:,} (see model.MAX_SIZES), got {value:,}")
+        if isinstance(self.rotary_dim, bool) or not isinstance(self.rotary_dim, int) or not (
+                0 <= self.rotary_dim <= self.head_dim):
+            raise VramcalcError(f"model {self.name!r}: the rotary width must be from 0 to head_dim "
+                                f"({self.head_dim}), got {self.rotary_dim!r}")
         if self.num_heads % self.num_kv_heads:
             raise VramcalcError(f"model {self.name!r}: num_key_value_heads ({self.num_kv_heads}) must divide "
                                 f"num_attention_heads ({self.num_heads}) (grouped-query attention repeats each kv "
@@ -255,6 +297,25 @@ class ModelSpec:
     def qk_head_dim(self) -> int:
         """Per-head width of q and k: nope + rope for MLA, else head_dim."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim if self.traits.mla else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Per-head width that rotary embeddings rotate (the cos and sin tables' width)."""
+        if self.traits.mla:
+            return self.qk_rope_head_dim
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def norms_per_layer(self) -> int:
+        """Norm modules per decoder layer: the family's, or Falcon's two (ln_attn, ln_mlp) in its new layout."""
+        if self.family == "falcon" and self.new_decoder_architecture:
+            return 2
+        return self.traits.norms_per_layer
+
+    @property
+    def mlp_width(self) -> int:
+        """Width of one MLP branch: intermediate_size, or half of it for Qwen v1 (w1, w2: h -> I/2)."""
+        return self.intermediate_size // 2 if self.family == "qwen" else self.intermediate_size
 
     @property
     def v_dim(self) -> int:
@@ -347,14 +408,15 @@ def _attention(m: ModelSpec, count: int):
         norms.append(ParamTensor("kv_a_layernorm.weight", ParamKind.NORM, (m.kv_lora_rank,), count, scope="layer"))
         parts.append(_linear("kv_b_proj", m.kv_lora_rank, a * (m.qk_nope_head_dim + m.v_head_dim), count))
         parts.append(_linear("o_proj", a * m.v_head_dim, h, count, m.o_bias))
-    elif t.fused_qkv:
-        parts.append(_linear("qkv_proj", h, (a + 2 * k) * d, count, m.qkv_bias))
-        parts.append(_linear("o_proj", a * d, h, count, m.o_bias))
+    elif len(t.qkv_names) == 1:  # one fused projection: Phi-3 qkv_proj, GPT-NeoX/Falcon query_key_value, Qwen c_attn
+        parts.append(_linear(t.qkv_names[0], h, (a + 2 * k) * d, count, m.qkv_bias))
+        parts.append(_linear(t.o_name, a * d, h, count, m.o_bias))
     else:
-        parts.append(_linear("q_proj", h, a * d, count, m.qkv_bias))
-        parts.append(_linear("k_proj", h, k * d, count, m.qkv_bias))
-        parts.append(_linear("v_proj", h, k * d, count, m.qkv_bias))
-        parts.append(_linear("o_proj", a * d, h, count, m.o_bias))
+        q, k_name, v = t.qkv_names
+        parts.append(_linear(q, h, a * d, count, m.qkv_bias))
+        parts.append(_linear(k_name, h, k * d, count, m.qkv_bias))
+        parts.append(_linear(v, h, k * d, count, m.qkv_bias))
+        parts.append(_linear(t.o_name, a * d, h, count, m.o_bias))
     if m.qk_norm:
         norms += [ParamTensor("q_norm.weight", ParamKind.NORM, (d,), count, scope="layer"),
                   ParamTensor("k_norm.weight", ParamKind.NORM, (d,), count, scope="layer")]
@@ -362,8 +424,17 @@ def _attention(m: ModelSpec, count: int):
 
 
 def _gated_mlp(m: ModelSpec, width: int, count: int, role: str = "mlp"):
-    """gate/up/down (or Phi-3's fused gate_up) of a SwiGLU/GeGLU MLP of the given width."""
+    """gate/up/down (or Phi-3's fused gate_up) of a SwiGLU/GeGLU MLP of the given width; up/down of a plain GELU MLP
+    (phi fc1/fc2, GPT-NeoX and Falcon dense_h_to_4h/dense_4h_to_h); Qwen v1's w1, w2 and mlp.c_proj."""
     h = m.hidden_size
+    t = m.traits
+    if not t.gated_mlp:
+        up, down = t.mlp_names
+        return [_linear(up, h, width, count, m.mlp_bias, role), _linear(down, width, h, count, m.mlp_bias, role)]
+    if role != "shared_expert" and t.mlp_names != ("gate_proj", "up_proj", "down_proj") and not t.fused_gate_up:
+        gate, up, down = t.mlp_names
+        return [_linear(gate, h, width, count, m.mlp_bias, role), _linear(up, h, width, count, m.mlp_bias, role),
+                _linear(down, width, h, count, m.mlp_bias, role)]
     if m.traits.fused_gate_up:
         return [_linear("gate_up_proj", h, 2 * width, count, m.mlp_bias, role),
                 _linear("down_proj", width, h, count, m.mlp_bias, role)]
@@ -383,9 +454,11 @@ def _inventory(m: ModelSpec) -> Inventory:
     attn, attn_norms = _attention(m, L)
     parts += attn
     tensors += attn_norms
-    tensors.append(ParamTensor("layernorm.weight", ParamKind.NORM, (h,), L * m.traits.norms_per_layer, scope="layer"))
+    tensors.append(ParamTensor("layernorm.weight", ParamKind.NORM, (h,), L * m.norms_per_layer, scope="layer"))
+    if m.traits.layer_norm:
+        tensors.append(ParamTensor("layernorm.bias", ParamKind.NORM, (h,), L * m.norms_per_layer, scope="layer"))
     if n_dense:
-        parts += _gated_mlp(m, m.intermediate_size, n_dense)
+        parts += _gated_mlp(m, m.mlp_width, n_dense)
     if n_moe:
         E, I_m = m.num_experts, m.expert_width
         fp32 = m.traits.router_fp32
@@ -398,8 +471,12 @@ def _inventory(m: ModelSpec) -> Inventory:
         if m.n_shared_experts:
             parts += _gated_mlp(m, m.moe_intermediate_size * m.n_shared_experts, n_moe, role="shared_expert")
     tensors.append(ParamTensor("norm.weight", ParamKind.NORM, (h,)))
+    if m.traits.layer_norm:
+        tensors.append(ParamTensor("norm.bias", ParamKind.NORM, (h,)))
     if not m.tie_word_embeddings:
         tensors.append(ParamTensor("lm_head.weight", ParamKind.LM_HEAD, (V, h)))
+    if m.traits.lm_head_bias:
+        tensors.append(ParamTensor("lm_head.bias", ParamKind.LM_HEAD, (V,)))
     linears = tuple(module for module, _ in parts)
     for _, module_tensors in parts:
         tensors += module_tensors

@@ -9,12 +9,13 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "optimizer": "adamw | adamw-foreach | adamw-8bit | paged-adamw | paged-adamw-8bit | sgd | sgd-momentum | adafactor",
     "batch_size": "micro-batch per GPU (sequences)",
     "seq_len": "tokens per sequence",
-    "grad_ckpt": "gradient checkpointing on",
+    "grad_ckpt": "activation checkpointing: full (bare --grad-ckpt) | selective (save matmul outputs, recompute "
+                 "the rest) | none",
     "attn": "attention kernel: sdpa | flash | eager",
     "lora_rank": "LoRA rank r (lora, qlora)",
     "lora_targets": "qv | all-linear | comma list of module names (lora, qlora)",
     "lora_dropout": "LoRA dropout probability, 0 to <1 (lora, qlora)",
-    "quant": "4-bit base weights: nf4 | fp4 (qlora)",
+    "quant": "quantized base weights: nf4 | fp4 (4-bit) | int8 (LLM.int8) (qlora)",
     "double_quant": "quantize the quantization constants too (qlora)",
     "compute_dtype": "bf16 | fp16 | fp32 (qlora bnb_4bit_compute_dtype)",
     "virtual_tokens": "prompt tuning virtual tokens (prompt)",
@@ -26,6 +27,18 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "fsdp_shard": "full-shard | shard-grad-op (with --sharding fsdp)",
     "offload": "none | optimizer | params (zero1-3: optimizer; zero3 and fsdp: params)",
     "global_batch_size": "sequences per step over all GPUs (sets --batch-size)",
+    "stack": "hf | trl | axolotl | llama-factory | unsloth | torchtune | litgpt: start from that stack's defaults "
+             "(vramcalc stacks lists them); options given explicitly win",
+    "compile": "torch.compile the model (changes what is saved for backward)",
+    "activation_offload": "keep saved activations in host memory (torchtune, Unsloth, save_on_cpu)",
+    "optimizer_in_backward": "step each parameter as its gradient is ready (torchtune optimizer_in_bwd)",
+    "kernels": "none | liger (Liger-Kernel RMSNorm, SwiGLU, RoPE)",
+    "packing": "padding-free packed batches (no padding, no 4-D mask)",
+    "kbit_prep": "peft prepare_model_for_kbit_training: fp32 unquantized parameters, checkpointing on (qlora)",
+    "quant_saves_input": "the quantized Linear keeps its input for backward, as bitsandbytes <= 0.43 did (qlora)",
+    "quantize_lm_head": "quantize lm_head too, as Lightning/litgpt do (qlora)",
+    "quant_state_dtype": "auto | bf16 | fp16 | fp32: the dtype the weights were quantized from (qlora)",
+    "load": "per-tensor | per-layer | whole-model: how the weights reach the GPU (the load phase)",
 }
 
 

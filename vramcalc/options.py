@@ -180,8 +180,89 @@ class Offload(Choice):
 
 
 class Quant(Choice):
+    """The quantized base of ``--method qlora``: bitsandbytes 4-bit (``load_in_4bit``) or LLM.int8 (``load_in_8bit``)."""
+
     NF4 = "nf4"
     FP4 = "fp4"
+    INT8 = "int8"  # bitsandbytes Linear8bitLt (LLM.int8, Dettmers et al. 2022): int8 weights plus per-row scales
+
+    @property
+    def bits(self) -> int:
+        return 8 if self is Quant.INT8 else 4
+
+
+class QuantStateDtype(Choice):
+    """The dtype ``dequantize_4bit`` returns: the quant state's, i.e. the dtype the weight had when it was quantized
+    (``bitsandbytes/functional.py::dequantize_4bit`` allocates ``quant_state.dtype``); ``MatMul4Bit`` then casts it to
+    the input's dtype (``.to(A.dtype)``), a second copy when the two differ. ``auto``: the dtype the model was loaded
+    in (transformers quantizes the checkpoint's own tensors); Lightning's bitsandbytes plugin quantizes an fp16 copy
+    (``lightning/fabric/plugins/precision/bitsandbytes.py``: ``.to(device="cuda", dtype=torch.half)``)."""
+
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class Stack(Choice):
+    """The training stack whose defaults a setup starts from (``vramcalc/stacks.py`` lists what each one sets)."""
+
+    HF = "hf"  # transformers Trainer + peft (vramcalc's historic defaults)
+    TRL = "trl"
+    AXOLOTL = "axolotl"
+    LLAMA_FACTORY = "llama-factory"
+    UNSLOTH = "unsloth"
+    TORCHTUNE = "torchtune"
+    LITGPT = "litgpt"
+
+
+class GradCkpt(Choice):
+    """Activation checkpointing. ``full``: each decoder layer keeps only its input and recomputes the rest in backward
+    (transformers ``gradient_checkpointing_enable``, non-reentrant in v5). ``selective``: torch's op-level policy
+    (``torch.utils.checkpoint.create_selective_checkpoint_contexts``, as torchtitan's "op" mode and Megatron's
+    selective recompute use it): matmul outputs are saved, the other ops are recomputed.
+    ``bool(GradCkpt.NONE)`` is False, so ``if setup.grad_ckpt:`` reads "some checkpointing"."""
+
+    NONE = "none"
+    FULL = "full"
+    SELECTIVE = "selective"
+
+    def __bool__(self) -> bool:
+        return self is not GradCkpt.NONE
+
+    @classmethod
+    def parse(cls, value: object, option: str) -> "GradCkpt":
+        if isinstance(value, bool):  # the historic on/off option: True is full checkpointing
+            return cls.FULL if value else cls.NONE
+        text = str(value).strip().lower() if isinstance(value, str) else None
+        if text in ("true", "on", "yes", "1"):
+            return cls.FULL
+        if text in ("false", "off", "no", "0"):
+            return cls.NONE
+        return super().parse(value, option)
+
+
+class Kernels(Choice):
+    """Replacement kernels for the decoder's small ops. ``liger``: Liger-Kernel's RMSNorm, SwiGLU and RoPE
+    (``liger_kernel/ops/rms_norm.py``, ``swiglu.py``, ``rope.py``), which save less for backward than the eager ops;
+    Triton only (estimate only on a CPU machine)."""
+
+    NONE = "none"
+    LIGER = "liger"
+
+
+class LoadPath(Choice):
+    """How the weights reach the GPU before training (the ``load`` phase).
+
+    per-tensor   transformers v5 loads (and quantizes) the checkpoint one tensor at a time.
+    per-layer    the stack builds each layer in 16 bits on the GPU and quantizes it at once (torchtune's LoRALinear
+                 with ``quantize_base``, Lightning's bitsandbytes plugin).
+    whole-model  the whole 16-bit model sits on the GPU, then it is quantized (``model.cuda()`` before quantizing).
+    """
+
+    PER_TENSOR = "per-tensor"
+    PER_LAYER = "per-layer"
+    WHOLE_MODEL = "whole-model"
 
 
 class AdapterDtype(Choice):
@@ -228,6 +309,7 @@ class Phase(str, Enum):
 
     __hash__ = object.__hash__  # identity, in C (see ``Choice``)
 
+    LOAD = "load"  # the weights reaching the GPU, before the first step
     FORWARD = "forward"
     BACKWARD_START = "backward-start"
     BACKWARD = "backward"

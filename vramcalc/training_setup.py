@@ -18,14 +18,20 @@ from .options import (
     Attention,
     ComputeDtype,
     FsdpShard,
+    GradCkpt,
+    Kernels,
+    LoadPath,
     Loss,
     Method,
     Offload,
     Optimizer,
     Precision,
     Quant,
+    QuantStateDtype,
     Sharding,
+    Stack,
 )
+from .stacks import preset
 
 LORA_TARGET_WORDS = ("qv", "all-linear")
 
@@ -49,7 +55,7 @@ class TrainingSetup:
     optimizer: Optimizer = Optimizer.ADAMW  # Trainer default optim "adamw_torch_fused" (torch >= 2.8)
     batch_size: int = 1  # per device micro-batch
     seq_len: int = 2048
-    grad_ckpt: bool = False  # TrainingArguments.gradient_checkpointing default
+    grad_ckpt: GradCkpt = GradCkpt.NONE  # TrainingArguments.gradient_checkpointing default (off)
     attn: Attention = Attention.SDPA  # transformers default attn_implementation
     lora_rank: int = 8  # peft LoraConfig r
     lora_targets: tuple[str, ...] = ("qv",)  # peft default target_modules for llama-style models: q_proj, v_proj
@@ -66,6 +72,17 @@ class TrainingSetup:
     fsdp_shard: FsdpShard = FsdpShard.FULL_SHARD  # accelerate fsdp_reshard_after_forward default True
     offload: Offload = Offload.NONE
     global_batch_size: int | None = None  # sequences per optimizer step over all GPUs; sets batch_size when given
+    stack: Stack = Stack.HF  # whose defaults the other options start from (vramcalc/stacks.py)
+    compile: bool = False  # torch.compile of the model (Trainer torch_compile=False)
+    activation_offload: bool = False  # saved activations kept in host memory
+    optimizer_in_backward: bool = False  # each parameter stepped from its post-accumulate-grad hook
+    kernels: Kernels = Kernels.NONE
+    packing: bool = False  # padding-free batches (DataCollatorWithFlattening); Trainer pads
+    kbit_prep: bool = False  # peft prepare_model_for_kbit_training (qlora): called by the user, not by Trainer
+    quant_saves_input: bool = False  # bitsandbytes >= 0.44: MatMul4Bit saves (None, B) (qlora)
+    quantize_lm_head: bool = False  # transformers keeps lm_head unquantized (qlora)
+    quant_state_dtype: QuantStateDtype = QuantStateDtype.AUTO  # (qlora)
+    load: LoadPath = LoadPath.PER_TENSOR  # transformers v5 from_pretrained
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -104,7 +121,7 @@ def defaults_sentence() -> str:
     """The defaults in a few words, for reports: "bf16, adamw, seq_len 2048, no checkpointing, sdpa; LoRA r=8 on qv"
     (read from ``TrainingSetup``, so a changed default changes the sentence)."""
     d = setup_defaults()
-    checkpointing = "checkpointing" if d["grad_ckpt"] else "no checkpointing"
+    checkpointing = "no checkpointing" if d["grad_ckpt"] == GradCkpt.NONE.value else f"{d['grad_ckpt']} checkpointing"
     return (f"{d['precision']}, {d['optimizer']}, seq_len {d['seq_len']}, {checkpointing}, {d['attn']}; "
             f"LoRA r={d['lora_rank']} on {d['lora_targets']}")
 
@@ -114,15 +131,21 @@ class ResolvedSetup:
     setup: TrainingSetup
     attn_used: Attention  # after the family's silent fallback (Gemma-2: eager)
     lora_modules: tuple[str, ...]  # peft target module names, resolved for the family
-    defaulted: tuple[str, ...]  # options the user did not give
+    defaulted: tuple[str, ...]  # options that took vramcalc's default (neither given nor set by the stack)
     warnings: tuple[str, ...] = field(default=())
+    origins: tuple[tuple[str, str], ...] = field(default=())  # (option, where its value came from), options not given
+
+    def origin(self, option: str) -> str:
+        """'user', 'default', 'stack <name>' or 'implied by <option>': where the value of ``option`` came from."""
+        return dict(self.origins).get(option, "user")
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
 
 
 _LORA_OPTIONS = ("lora_rank", "lora_targets", "lora_dropout", "adapter_dtype")
-_QLORA_OPTIONS = ("quant", "double_quant", "compute_dtype")
+_QLORA_OPTIONS = ("quant", "double_quant", "compute_dtype", "kbit_prep", "quant_saves_input", "quantize_lm_head",
+                  "quant_state_dtype")
 _PROMPT_OPTIONS = ("virtual_tokens",)
 METHOD_OPTIONS = {  # the options that belong to one method; every other method rejects them
     Method.FULL: (),
@@ -162,41 +185,57 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         if key not in known:
             raise VramcalcError(f"unknown option {key!r}; options are: {', '.join(known)}")
     given = {key: value for key, value in options.items() if value is not None}
-    defaulted = tuple(key for key in known if key not in given
-                      and not (key == "batch_size" and "global_batch_size" in given))
-
     method = Method.parse(given.get("method", SETUP_DEFAULTS["method"]), "method")
     _reject_foreign_options(method, given)
+    stack = Stack.parse(given.get("stack", SETUP_DEFAULTS["stack"]), "stack")
+    chosen, origins = _stack_choices(stack, method, given)
 
     values = dict(
         method=method,
-        precision=Precision.parse(given.get("precision", SETUP_DEFAULTS["precision"]), "precision"),
-        optimizer=Optimizer.parse(given.get("optimizer", SETUP_DEFAULTS["optimizer"]), "optimizer"),
-        batch_size=positive_int(given.get("batch_size", SETUP_DEFAULTS["batch_size"]), "batch size",
+        precision=Precision.parse(chosen.get("precision", SETUP_DEFAULTS["precision"]), "precision"),
+        optimizer=Optimizer.parse(chosen.get("optimizer", SETUP_DEFAULTS["optimizer"]), "optimizer"),
+        batch_size=positive_int(chosen.get("batch_size", SETUP_DEFAULTS["batch_size"]), "batch size",
                                 MAX_OPTION["batch_size"]),
-        seq_len=positive_int(given.get("seq_len", SETUP_DEFAULTS["seq_len"]), "sequence length",
+        seq_len=positive_int(chosen.get("seq_len", SETUP_DEFAULTS["seq_len"]), "sequence length",
                              MAX_OPTION["seq_len"]),
-        grad_ckpt=_bool(given.get("grad_ckpt", SETUP_DEFAULTS["grad_ckpt"]), "grad_ckpt"),
-        attn=Attention.parse(given.get("attn", SETUP_DEFAULTS["attn"]), "attention"),
-        lora_rank=positive_int(given.get("lora_rank", SETUP_DEFAULTS["lora_rank"]), "LoRA rank",
+        grad_ckpt=GradCkpt.parse(chosen.get("grad_ckpt", SETUP_DEFAULTS["grad_ckpt"]), "gradient checkpointing"),
+        attn=Attention.parse(chosen.get("attn", SETUP_DEFAULTS["attn"]), "attention"),
+        lora_rank=positive_int(chosen.get("lora_rank", SETUP_DEFAULTS["lora_rank"]), "LoRA rank",
                                MAX_OPTION["lora_rank"]),
-        lora_targets=_targets(given.get("lora_targets", SETUP_DEFAULTS["lora_targets"])),
-        lora_dropout=_probability(given.get("lora_dropout", SETUP_DEFAULTS["lora_dropout"])),
-        quant=Quant.parse(given.get("quant", SETUP_DEFAULTS["quant"]), "quantization"),
-        double_quant=_bool(given.get("double_quant", SETUP_DEFAULTS["double_quant"]), "double_quant"),
-        compute_dtype=ComputeDtype.parse(given.get("compute_dtype", SETUP_DEFAULTS["compute_dtype"]), "compute dtype"),
-        virtual_tokens=positive_int(given.get("virtual_tokens", SETUP_DEFAULTS["virtual_tokens"]),
+        lora_targets=_targets(chosen.get("lora_targets", SETUP_DEFAULTS["lora_targets"])),
+        lora_dropout=_probability(chosen.get("lora_dropout", SETUP_DEFAULTS["lora_dropout"])),
+        quant=Quant.parse(chosen.get("quant", SETUP_DEFAULTS["quant"]), "quantization"),
+        double_quant=_bool(chosen.get("double_quant", SETUP_DEFAULTS["double_quant"]), "double_quant"),
+        compute_dtype=ComputeDtype.parse(chosen.get("compute_dtype", SETUP_DEFAULTS["compute_dtype"]), "compute dtype"),
+        virtual_tokens=positive_int(chosen.get("virtual_tokens", SETUP_DEFAULTS["virtual_tokens"]),
                                     "number of virtual tokens", MAX_OPTION["virtual_tokens"]),
-        adapter_dtype=AdapterDtype.parse(given.get("adapter_dtype", SETUP_DEFAULTS["adapter_dtype"]), "adapter dtype"),
-        grad_accum=positive_int(given.get("grad_accum", SETUP_DEFAULTS["grad_accum"]), "gradient accumulation steps",
+        adapter_dtype=AdapterDtype.parse(chosen.get("adapter_dtype", SETUP_DEFAULTS["adapter_dtype"]), "adapter dtype"),
+        grad_accum=positive_int(chosen.get("grad_accum", SETUP_DEFAULTS["grad_accum"]), "gradient accumulation steps",
                                 MAX_OPTION["grad_accum"]),
-        loss=Loss.parse(given.get("loss", SETUP_DEFAULTS["loss"]), "loss"),
-        num_gpus=positive_int(given.get("num_gpus", SETUP_DEFAULTS["num_gpus"]), "number of GPUs",
+        loss=Loss.parse(chosen.get("loss", SETUP_DEFAULTS["loss"]), "loss"),
+        num_gpus=positive_int(chosen.get("num_gpus", SETUP_DEFAULTS["num_gpus"]), "number of GPUs",
                               MAX_OPTION["num_gpus"]),
-        sharding=Sharding.parse(given.get("sharding", SETUP_DEFAULTS["sharding"]), "sharding"),
-        fsdp_shard=FsdpShard.parse(given.get("fsdp_shard", SETUP_DEFAULTS["fsdp_shard"]), "FSDP sharding strategy"),
-        offload=Offload.parse(given.get("offload", SETUP_DEFAULTS["offload"]), "offload"),
+        sharding=Sharding.parse(chosen.get("sharding", SETUP_DEFAULTS["sharding"]), "sharding"),
+        fsdp_shard=FsdpShard.parse(chosen.get("fsdp_shard", SETUP_DEFAULTS["fsdp_shard"]), "FSDP sharding strategy"),
+        offload=Offload.parse(chosen.get("offload", SETUP_DEFAULTS["offload"]), "offload"),
+        stack=stack,
+        compile=_bool(chosen.get("compile", SETUP_DEFAULTS["compile"]), "compile"),
+        activation_offload=_bool(chosen.get("activation_offload", SETUP_DEFAULTS["activation_offload"]),
+                                 "activation_offload"),
+        optimizer_in_backward=_bool(chosen.get("optimizer_in_backward", SETUP_DEFAULTS["optimizer_in_backward"]),
+                                    "optimizer_in_backward"),
+        kernels=Kernels.parse(chosen.get("kernels", SETUP_DEFAULTS["kernels"]), "kernels"),
+        packing=_bool(chosen.get("packing", SETUP_DEFAULTS["packing"]), "packing"),
+        kbit_prep=_bool(chosen.get("kbit_prep", SETUP_DEFAULTS["kbit_prep"]), "kbit_prep"),
+        quant_saves_input=_bool(chosen.get("quant_saves_input", SETUP_DEFAULTS["quant_saves_input"]),
+                                "quant_saves_input"),
+        quantize_lm_head=_bool(chosen.get("quantize_lm_head", SETUP_DEFAULTS["quantize_lm_head"]),
+                               "quantize_lm_head"),
+        quant_state_dtype=QuantStateDtype.parse(chosen.get("quant_state_dtype", SETUP_DEFAULTS["quant_state_dtype"]),
+                                                "quant state dtype"),
+        load=LoadPath.parse(chosen.get("load", SETUP_DEFAULTS["load"]), "load path"),
     )
+    _apply_kbit_prep(values, chosen, origins)
     if "global_batch_size" in given:
         values["global_batch_size"] = positive_int(given["global_batch_size"], "global batch size",
                                                    MAX_OPTION["global_batch_size"])
@@ -221,7 +260,54 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
             f"sequence length {setup.padded_seq_len} exceeds {model.name}'s context of {context} tokens; estimating anyway"
         )
     lora_modules = _lora_modules(model, setup) if setup.method.uses_lora else ()
-    return ResolvedSetup(setup, attn_used, lora_modules, defaulted, tuple(warnings))
+    if "batch_size" in origins and "global_batch_size" in given:
+        origins["batch_size"] = "implied by global_batch_size"
+    defaulted = tuple(key for key, origin in origins.items() if origin == "default")
+    return ResolvedSetup(setup, attn_used, lora_modules, defaulted, tuple(warnings), tuple(origins.items()))
+
+
+def _stack_choices(stack: Stack, method: Method, given: dict) -> tuple[dict, dict]:
+    """The options as the stack sets them with the user's laid over (an explicit option wins), and where each option
+    the user did not give comes from: 'stack <name>' or 'default'. A stack knob for an option the method does not
+    accept is skipped."""
+    allowed = options_for(method)
+    chosen, origins = {}, {}
+    for knob in preset(stack).knobs_for(method):
+        if knob.option in METHOD_SPECIFIC_OPTIONS and knob.option not in allowed:
+            continue
+        chosen[knob.option] = knob.value
+        origins[knob.option] = f"stack {stack.value}"
+    chosen.update(given)
+    for key in TrainingSetup.__dataclass_fields__:
+        if key in given:
+            origins.pop(key, None)
+        elif key not in origins:
+            origins[key] = "default"
+    return chosen, origins
+
+
+def _apply_kbit_prep(values: dict, chosen: dict, origins: dict) -> None:
+    """peft ``prepare_model_for_kbit_training`` (``peft/utils/other.py``): every parameter that is not 4- or 8-bit
+    becomes fp32 and, by default (``use_gradient_checkpointing=True``), gradient checkpointing is turned on. So for
+    QLoRA ``kbit_prep`` with 16-bit ``precision`` is the ``mixed-*`` word (fp32 unquantized params under 16-bit
+    autocast), and a ``mixed-*`` QLoRA is a prepared one: the two words are kept in agreement here."""
+    if values["method"] is not Method.QLORA:
+        return
+    mixed = {Precision.BF16: Precision.MIXED_BF16, Precision.FP16: Precision.MIXED_FP16}
+    prepared_explicitly = bool(values["kbit_prep"])  # by the user or the stack
+    if values["kbit_prep"] and values["precision"] in mixed:
+        values["precision"] = mixed[values["precision"]]
+        origins["precision"] = "implied by kbit_prep" if "precision" in origins else "user, with kbit_prep"
+    elif values["precision"].is_mixed and not values["kbit_prep"]:
+        if "kbit_prep" not in origins:  # the user said --no-kbit-prep
+            raise VramcalcError(f"--precision {values['precision'].value} with --method qlora is a model prepared by "
+                                "prepare_model_for_kbit_training (fp32 unquantized parameters); drop --no-kbit-prep "
+                                "or use --precision bf16 or fp16")
+        values["kbit_prep"] = True
+        origins["kbit_prep"] = "implied by precision"
+    if prepared_explicitly and "grad_ckpt" not in chosen:
+        values["grad_ckpt"] = GradCkpt.FULL
+        origins["grad_ckpt"] = "implied by kbit_prep"
 
 
 def _reject_foreign_options(method: Method, given: dict) -> None:
@@ -252,6 +338,13 @@ def _check_combination(setup: TrainingSetup) -> None:
             f"converted Linear, frozen ones too (float8_linear.py: ctx.save_for_backward(input_hp, weight_hp_t)), "
             f"which {setup.method.value} with a frozen base would add to its activations and vramcalc does not "
             "estimate yet; use --precision bf16")
+    if setup.optimizer_in_backward and setup.grad_accum > 1:
+        raise VramcalcError("--optimizer-in-backward steps each parameter as soon as its gradient is ready, so it "
+                            "cannot accumulate gradients (torchtune recipes refuse gradient_accumulation_steps > 1 "
+                            "with optimizer_in_bwd); use --grad-accum 1 or --no-optimizer-in-backward")
+    if setup.optimizer_in_backward and setup.sharding.is_deepspeed:
+        raise VramcalcError("--optimizer-in-backward is a torch feature (post-accumulate-grad hooks); DeepSpeed "
+                            f"runs its own step under --sharding {setup.sharding.value}")
     if setup.attn is Attention.FLASH and setup.precision is Precision.FP32:
         raise VramcalcError("--attn flash needs 16-bit compute: FlashAttention-2 has no fp32 kernel (flash-attn "
                             "csrc/flash_attn/flash_api.cpp: 'FlashAttention only support fp16 and bf16 data type'); "

@@ -50,7 +50,7 @@ from .stamp import catalogue_stamp
 COUNT_COLUMNS = ("seq_len", "num_gpus", "micro_batch")  # integers, empty where they do not apply (nullable)
 TERM_COLUMNS = tuple(f"{term.value}_gib" for term in Term)
 PLAN_COLUMNS = (
-    "rank", "offer", "model", "method", "precision", "optimizer", "seq_len", "grad_ckpt", "attn", "matmul_dtype",
+    "rank", "offer", "model", "stack", "method", "precision", "optimizer", "seq_len", "grad_ckpt", "attn", "matmul_dtype",
     "gpu", "gpu_memory_gib", "num_gpus", "sharding", "micro_batch", "fits", "device_gib", "headroom_gib", "phase",
     *TERM_COLUMNS,
     "host_ram_gib", "host_loading_gib", "host_offload_gib", "host_paged_optimizer_gib",
@@ -162,7 +162,6 @@ def plan_frame(result: PlanRows, pandas=None):
     for column in COUNT_COLUMNS + ("rank",):
         frame[column] = frame[column].astype("Int64")
     frame["fits"] = frame["fits"].astype("boolean")
-    frame["grad_ckpt"] = frame["grad_ckpt"].astype("boolean")
     frame.attrs["summary"] = result.summary
     frame.attrs["warnings"] = list(result.warnings)
     frame.attrs["catalogue_version"], frame.attrs["catalogue_date"] = result.catalogue_version, result.catalogue_date
@@ -180,8 +179,8 @@ def _as_searched(options: dict, max_gpus: int) -> dict:
 def _setup_columns(spec: ModelSpec, resolved: ResolvedSetup) -> dict:
     setup = resolved.setup
     return {
-        "model": spec.name, "method": setup.method.value, "precision": setup.precision.value,
-        "optimizer": setup.optimizer.value, "seq_len": setup.seq_len, "grad_ckpt": setup.grad_ckpt,
+        "model": spec.name, "stack": setup.stack.value, "method": setup.method.value, "precision": setup.precision.value,
+        "optimizer": setup.optimizer.value, "seq_len": setup.seq_len, "grad_ckpt": setup.grad_ckpt.value,
         "attn": resolved.attn_used.value, "matmul_dtype": matmul_dtype(resolved),
     }
 

@@ -11,7 +11,15 @@ Dtype rules (transformers v5, peft 0.21, bitsandbytes 0.50):
   norms, lm_head, routers and v5's 3-D experts are not nn.Linear and stay unquantized (bitsandbytes #1849);
   with ``mixed-*`` precision ``peft.prepare_model_for_kbit_training`` casts them to fp32;
 - LoRA adds A [r, in] and B [out, r] per targeted module, in fp32 (peft ``autocast_adapter_dtype=True``) or in the
-  model's 16-bit dtype; prompt tuning adds one [virtual_tokens, h] embedding.
+  model's 16-bit dtype; prompt tuning adds one [virtual_tokens, h] embedding. LoRA on ``lm_head`` is a Linear
+  adapter (A [r, h], B [V, r]); on ``embed_tokens`` peft's ``Embedding`` LoRA layer, ``lora_embedding_A`` [r, V] and
+  ``lora_embedding_B`` [h, r] (peft ``tuners/lora/layer.py::Embedding.update_layer``);
+- ``quant=int8`` (bitsandbytes LLM.int8, ``load_in_8bit``): every decoder nn.Linear becomes a ``Linear8bitLt`` whose
+  ``Int8Params`` hold the int8 weight (CB, 1 byte per weight) and one fp32 absmax per output row (SCB)
+  (``bitsandbytes/nn/modules.py::Int8Params._quantize``, ``Linear8bitLt.init_8bit_state``);
+- ``quantize_lm_head``: lm_head is quantized like the decoder Linears (Lightning's bitsandbytes plugin replaces every
+  ``torch.nn.Linear``, Lightning@71aed751 ``src/lightning/fabric/plugins/precision/bitsandbytes.py:97,130``); a tied
+  lm_head gets its own quantized weight (the replacement unties it) while the embedding stays 16-bit.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from dataclasses import dataclass, field
 from .. import facts
 from ..facts import BNB_4BIT_CODE_ENTRIES, BNB_BLOCKSIZE, BNB_DQ_BLOCKSIZE, BNB_DQ_CODE_ENTRIES
 from ..model import ModelSpec, ParamKind, state_without_hash
-from ..options import Method, Precision
+from ..options import Method, Precision, Quant
 from ..training_setup import ResolvedSetup
 from ..units import round_up
 
@@ -82,28 +90,44 @@ def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTen
 
 
 def parameter_key(resolved: ResolvedSetup) -> tuple:
-    """(method, precision, double_quant, lora_modules, lora_rank, adapter_bits, virtual_tokens): what the stored
-    tensors depend on. Values a method does not read are normalised (no LoRA: no modules, rank 0; no prompt: 0
-    virtual tokens; no QLoRA: no double quantization)."""
+    """(method, precision, double_quant, lora_modules, lora_rank, adapter_bits, virtual_tokens, int8,
+    quantize_lm_head): what the stored tensors depend on. Values a method does not read are normalised (no LoRA: no
+    modules, rank 0; no prompt: 0 virtual tokens; no QLoRA: no double quantization, no int8, no 4-bit lm_head)."""
     setup = resolved.setup
     method = setup.method
     lora = method.uses_lora
-    return (method, setup.precision, setup.double_quant if method is Method.QLORA else False,
+    qlora = method is Method.QLORA
+    int8 = qlora and quant_is_int8(setup)
+    return (method, setup.precision, setup.double_quant if qlora and not int8 else False,
             resolved.lora_modules if lora else (), setup.lora_rank if lora else 0,
             adapter_bits(resolved) if lora or method is Method.PROMPT else 0,
-            setup.virtual_tokens if method is Method.PROMPT else 0)
+            setup.virtual_tokens if method is Method.PROMPT else 0,
+            int8, qlora and bool(getattr(setup, "quantize_lm_head", False)))
+
+
+def quant_is_int8(setup) -> bool:
+    """``--quant int8``: bitsandbytes LLM.int8 (``Quant.INT8`` once the option exists)."""
+    return getattr(setup.quant, "value", setup.quant) == "int8"
+
+
+def int8_metadata_bytes(out_features: int) -> int:
+    """Int8Params.SCB: one fp32 absmax per output row, rounded to 512 B as the allocator does."""
+    return round_up(facts.BNB_INT8_SCB_BITS // 8 * out_features)
 
 
 @functools.lru_cache(maxsize=4096)
 def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, double_quant: bool,
                       lora_modules: tuple[str, ...], lora_rank: int, adapter_bits: int,
-                      virtual_tokens: int) -> tuple[StoredTensor, ...]:
+                      virtual_tokens: int, int8: bool = False,
+                      quantize_lm_head: bool = False) -> tuple[StoredTensor, ...]:
     """Every parameter tensor the step stores, with its dtype, trainability and quantization state.
 
     Base weights in the precision's parameter dtype (fp32 where ``keep_fp32``; 16 bits under QLoRA without a
     ``mixed-*`` word); QLoRA stores each decoder nn.Linear weight as 4-bit codes plus ``quantized_metadata_bytes``;
     LoRA adds A [r, in] and B [out, r] per module in ``lora_modules`` at ``adapter_bits``; prompt tuning one
-    [virtual_tokens, h] embedding. Only full fine-tuning trains the base. Sources: module docstring.
+    [virtual_tokens, h] embedding. Only full fine-tuning trains the base. ``int8``: the quantized Linears are int8
+    (1 byte per weight plus ``int8_metadata_bytes``) instead of 4-bit; ``quantize_lm_head``: lm_head's weight is
+    quantized too (a tied one gets its own). Sources: module docstring.
     """
     base_bits = precision.param_dtype.bits
     if method is Method.QLORA and not precision.is_mixed:
@@ -116,15 +140,20 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
         bits = 32 if tensor.keep_fp32 else base_bits
         module = tensor.name.rsplit(".", 1)[0]
         is_linear_weight = tensor.kind is ParamKind.LINEAR and tensor.name.endswith(".weight") and module in linear_names
-        if quantized_linears and is_linear_weight:
-            out.append(StoredTensor(tensor.name, "quantized", tensor.shape, tensor.count, 4, False,
-                                    quantized_metadata_bytes(tensor.numel, double_quant), tensor.scope))
+        is_head_weight = tensor.kind is ParamKind.LM_HEAD and tensor.name.endswith(".weight")
+        if quantized_linears and (is_linear_weight or (quantize_lm_head and is_head_weight)):
+            out.append(_quantized(tensor.name, tensor.shape, tensor.count, int8, double_quant, tensor.scope))
             continue
         out.append(StoredTensor(tensor.name, tensor.kind.value, tensor.shape, tensor.count, bits, full,
                                 scope=tensor.scope))
+    if quantized_linears and quantize_lm_head and model.tie_word_embeddings:
+        out.append(_quantized("lm_head.weight", (model.vocab_size, model.hidden_size), 1, int8, double_quant, "model"))
     if method.uses_lora:
         linears = {module.name: module for module in model.inventory.linears}
         for name in lora_modules:
+            if name in HEAD_TARGETS:
+                out += head_adapter_tensors(model, name, lora_rank, adapter_bits)
+                continue
             module = linears[name]
             out.append(StoredTensor(f"{name}.lora_A", "adapter", (lora_rank, module.in_features), module.count,
                                     adapter_bits, True, scope=module.scope))
@@ -134,6 +163,32 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
         out.append(StoredTensor("prompt_encoder.embedding", "prompt", (virtual_tokens, model.hidden_size), 1,
                                 adapter_bits, True))
     return tuple(out)
+
+
+def _quantized(name: str, shape: tuple[int, ...], count: int, int8: bool, double_quant: bool,
+               scope: str) -> StoredTensor:
+    """A frozen quantized weight: 4-bit codes plus their quantization state, or int8 plus SCB."""
+    numel = math.prod(shape)
+    if int8:
+        return StoredTensor(name, "quantized", shape, count, 8, False, int8_metadata_bytes(shape[0]), scope)
+    return StoredTensor(name, "quantized", shape, count, 4, False, quantized_metadata_bytes(numel, double_quant), scope)
+
+
+# LoRA targets outside the decoder layers (peft supports both): lm_head as a Linear adapter, embed_tokens as peft's
+# Embedding LoRA layer
+HEAD_TARGETS = ("lm_head", "embed_tokens")
+
+
+def head_adapter_tensors(model: ModelSpec, name: str, lora_rank: int, adapter_bits: int) -> list[StoredTensor]:
+    """LoRA on lm_head: A [r, h], B [V, r] (peft ``lora/layer.py::Linear``); on embed_tokens: ``lora_embedding_A``
+    [r, V] and ``lora_embedding_B`` [h, r] (peft ``lora/layer.py::Embedding.update_layer``: ``torch.randn((r,
+    self.in_features))``, ``(self.out_features, r)`` with in = num_embeddings, out = embedding_dim)."""
+    V, h, r = model.vocab_size, model.hidden_size, lora_rank
+    if name == "lm_head":
+        return [StoredTensor("lm_head.lora_A", "adapter", (r, h), 1, adapter_bits, True),
+                StoredTensor("lm_head.lora_B", "adapter", (V, r), 1, adapter_bits, True)]
+    return [StoredTensor("embed_tokens.lora_embedding_A", "adapter", (r, V), 1, adapter_bits, True),
+            StoredTensor("embed_tokens.lora_embedding_B", "adapter", (h, r), 1, adapter_bits, True)]
 
 
 def adapter_bits(resolved: ResolvedSetup) -> int:

@@ -46,6 +46,12 @@ def hf_config(spec: ModelSpec):
         eos_token_id=2,
     )
     family = spec.family
+    if not spec.traits.traceable:
+        raise VramcalcError(f"{spec.name} ({family}) cannot be traced: transformers has no class for it (its "
+                            "modeling code is remote code on the Hub); use vramcalc estimate")
+    if family in _LAYOUT_CONFIG:
+        with _quiet():
+            return AutoConfig.for_model(family, **_LAYOUT_CONFIG[family](spec, fields))
     if family not in ("phi3", "qwen2", "deepseek_v3"):
         fields["head_dim"] = spec.head_dim
     if family in ("llama", "qwen3", "qwen3_moe", "gemma2", "deepseek_v3"):
@@ -84,6 +90,33 @@ def hf_config(spec: ModelSpec):
         )
     with _quiet():
         return AutoConfig.for_model(family, **fields)
+
+
+def _phi_config(spec: ModelSpec, fields: dict) -> dict:
+    fields = dict(fields, partial_rotary_factor=spec.rope_dim / spec.head_dim, resid_pdrop=0.0, embd_pdrop=0.0)
+    return fields
+
+
+def _gpt_neox_config(spec: ModelSpec, fields: dict) -> dict:
+    fields = {k: v for k, v in fields.items() if k != "num_key_value_heads"}
+    return dict(fields, rotary_pct=spec.rope_dim / spec.head_dim, attention_bias=spec.qkv_bias,
+                use_parallel_residual=True, hidden_dropout=0.0)
+
+
+def _falcon_config(spec: ModelSpec, fields: dict) -> dict:
+    fields = {k: v for k, v in fields.items() if k not in ("num_key_value_heads", "intermediate_size")}
+    new = spec.new_decoder_architecture
+    return dict(fields, ffn_hidden_size=spec.intermediate_size, new_decoder_architecture=new,
+                multi_query=not new and spec.num_kv_heads == 1, num_kv_heads=spec.num_kv_heads, parallel_attn=True,
+                alibi=False, bias=spec.qkv_bias, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def _gemma_config(spec: ModelSpec, fields: dict) -> dict:
+    return dict(fields, head_dim=spec.head_dim, attention_bias=spec.o_bias)
+
+
+# model_type -> the config keys of the families whose layout is not Llama's (phi, gpt_neox, falcon, gemma)
+_LAYOUT_CONFIG = {"phi": _phi_config, "gpt_neox": _gpt_neox_config, "falcon": _falcon_config, "gemma": _gemma_config}
 
 
 @contextlib.contextmanager

@@ -38,7 +38,8 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return base_model(model).model.layers
+    inner = base_model(model).base_model  # the attribute named by base_model_prefix: model, gpt_neox, transformer
+    return inner.layers if hasattr(inner, "layers") else inner.h  # FalconModel.h
 
 
 def make_optimizer(model: nn.Module, optimizer: Optimizer, paged_context=None) -> torch.optim.Optimizer:

@@ -1,0 +1,195 @@
+"""Quantized base layers beyond today's HF default (issue 11 knobs): inputs a quantized Linear holds for backward,
+its dequantized-weight transients, and what a quantized lm_head adds.
+
+Knobs (``TrainingSetup`` fields, read with their defaults so that a setup without them is today's QLoRA):
+- ``quant_saves_input`` (bitsandbytes <= 0.43): ``MatMul4Bit.forward`` keeps ``ctx.tensors = (A, B)`` whenever the
+  input or the weight needs a gradient (bitsandbytes 0.43.1 ``bitsandbytes/autograd/_functions.py:516``; 0.44.1 keeps
+  ``(None, B)``). ``quant=int8``: ``MatMul8bitLt.forward`` keeps ``ctx.tensors = (CAt, subA, A)`` in every version
+  read (0.50.2 ``_functions.py:187``; ``CAt`` is None for a frozen weight, ``subA`` the outlier columns, none counted).
+  Both are plain ctx attributes, not ``save_for_backward``: saved-tensor hooks never see them, so non-reentrant
+  checkpointing does not drop them, and they live as long as the autograd node, i.e. until the graph dies after
+  backward, not only until that node's backward ran. Rule: per decoder layer, every *distinct* input tensor of a
+  quantized Linear that requires grad, once (q/k/v share the norm output, gate/up share theirs), unless another op
+  already saves that very tensor (SDPA's output under o_proj, a bf16 LoRA's lora_A input). Linear4bit passes its
+  input through unchanged for fp32/bf16 inputs (``Linear4bit.set_compute_type``); an fp16 input is cast to the compute
+  dtype, a private copy per Linear.
+- ``quantize_lm_head``: lm_head is 4-bit (or int8) too; with held inputs, its input (the final norm's output) is held.
+- ``quant_state_dtype``: the dtype ``dequantize_4bit`` returns (the quant state's, i.e. the dtype of the tensor that
+  was quantized: Lightning quantizes an fp16 copy, Lightning@71aed751 ``fabric/plugins/precision/bitsandbytes.py:221``)
+  before ``.to(A.dtype)``: both copies exist at once, ``n·(B(quant state) + B(A))``. bitsandbytes 0.50.2 does this in
+  ``MatMul4Bit.backward`` (``_functions.py:384``) for every token count; its forward above 1536 tokens dequantizes
+  straight into A's dtype (``backends/cuda/ops.py::_dequant_linear_fallback``), and below uses a fused kernel.
+
+Symbols: T tokens, n weights of one Linear, h hidden, V vocab, a = bytes of the quantized Linear's input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from ..facts import BNB_BLOCKSIZE, BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS, half_dtype
+from ..model import ModelSpec
+from ..options import Method
+from ..units import DType, select
+from .activations import LayerSetup, Saved, _LayerWalk, first_layer_needs_grad
+from .parameters import quant_is_int8
+
+_F32 = DType.FP32.bytes
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class QuantKnobs:
+    """The quantized-layer knobs of one setup, normalised (all off unless ``method`` is qlora)."""
+
+    int8: bool = False
+    saves_input: bool = False  # bitsandbytes <= 0.43 4-bit inputs, or LLM.int8 (always)
+    head_quantized: bool = False
+    quant_state: str | None = None  # dtype word dequantize_4bit returns; None = "auto" (today's formula)
+    input_dtype: str = "bf16"  # dtype word of the quantized Linears' input A
+    input_cast: bool = False  # an fp16 model's input cast to a non-fp16 compute dtype: a private copy per Linear
+    double_quant: bool = True
+
+    @property
+    def is_default(self) -> bool:
+        return not (self.int8 or self.saves_input or self.head_quantized or self.quant_state)
+
+
+def knobs(setup) -> QuantKnobs:
+    """Read the knobs from a TrainingSetup (fields missing on an older setup count as their defaults)."""
+    if setup.method is not Method.QLORA:
+        return QuantKnobs()
+    int8 = quant_is_int8(setup)
+    state = getattr(setup, "quant_state_dtype", None)
+    state = getattr(state, "value", state)
+    if state in (None, "auto") or int8:
+        state = None
+    precision = setup.precision
+    if precision.is_mixed:
+        a = "fp32"  # kbit-prepared residual stream: Linear4bit switches its compute dtype to the fp32 input
+    elif half_dtype(precision).value == "fp16" and not int8:
+        a = setup.compute_dtype.value  # an fp16 input is cast to bnb_4bit_compute_dtype
+    else:
+        a = half_dtype(precision).value
+    cast = not precision.is_mixed and half_dtype(precision).value == "fp16" and a != "fp16" and not int8
+    return QuantKnobs(int8=int8, saves_input=int8 or bool(getattr(setup, "quant_saves_input", False)),
+                      head_quantized=bool(getattr(setup, "quantize_lm_head", False)), quant_state=state,
+                      input_dtype=a, input_cast=cast, double_quant=setup.double_quant and not int8)
+
+
+def load_dtype_word(setup) -> str:
+    """The dtype the 16-bit checkpoint is loaded (and quantized) in: the precision's 16-bit dtype."""
+    return half_dtype(setup.precision).value
+
+
+# -- dequantized weights --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DequantBytes:
+    layer_backward: object  # the largest decoder Linear's transient in its backward (int or numpy array)
+    head_forward: object  # a quantized lm_head's forward transient (0 unless quantized)
+    head_backward: object  # a quantized lm_head's backward transient, at the start of backward
+
+
+def _absmax_bytes(numel: int, double_quant: bool) -> int:
+    """The fp32 absmax that dequantization rebuilds from the double-quantized one (twice: ``+ offset``)."""
+    return 2 * _F32 * -(-numel // BNB_BLOCKSIZE) if double_quant else 0
+
+
+def _dequant_4bit_backward(numel: int, k: QuantKnobs, a_bytes: int) -> int:
+    """``F.dequantize_4bit(B, state).to(A.dtype)``: the quant-state copy and A's copy at once when they differ."""
+    state_bytes = _BYTES[k.quant_state] if k.quant_state else a_bytes
+    both = state_bytes + a_bytes if k.quant_state and k.quant_state != k.input_dtype else a_bytes
+    return both * numel + _absmax_bytes(numel, k.double_quant)
+
+
+def dequant_bytes(model: ModelSpec, setup, a_bytes: int, tokens) -> DequantBytes:
+    """Dequantized-weight transients of the largest quantized decoder Linear and of a quantized lm_head.
+
+    4-bit: backward ``n·(B(state) + a)`` when the quant-state dtype differs from A's, else ``n·a`` (plus the rebuilt
+    fp32 absmax with double quantization); forward only above 1536 tokens, ``n·a``. int8
+    (``MatMul8bitLt.backward``): ``state.CB.to(A.dtype, copy=True)`` (n·a) and ``SCB.unsqueeze(1).mul(1/127)``
+    (4·out fp32), any token count. ``a_bytes``: bytes of A's dtype (``max(r, c)`` as today's formula).
+    """
+    k = knobs(setup)
+    largest = max(model.inventory.linears, key=lambda module: module.weight_numel)
+    head_numel = model.vocab_size * model.hidden_size
+    above = tokens > BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS
+    if k.int8:
+        layer = a_bytes * largest.weight_numel + _F32 * largest.out_features
+        head_bwd = a_bytes * head_numel + _F32 * model.vocab_size if k.head_quantized else 0
+        return DequantBytes(layer, 0, head_bwd)
+    if k.quant_state:
+        layer = _dequant_4bit_backward(largest.weight_numel, k, a_bytes)
+    else:  # today's formula (terms/temporaries.py::dequantized_weight_bytes)
+        layer = select(above, a_bytes * largest.weight_numel + _absmax_bytes(largest.weight_numel, k.double_quant), 0)
+    if not k.head_quantized:
+        return DequantBytes(layer, 0, 0)
+    head_fwd = select(above, a_bytes * head_numel + _absmax_bytes(head_numel, k.double_quant), 0)
+    return DequantBytes(layer, head_fwd, _dequant_4bit_backward(head_numel, k, a_bytes))
+
+
+# -- inputs held by quantized Linears -------------------------------------------------------------------------------
+class _HoldingWalk(_LayerWalk):
+    """The layer walk of ``activations`` with quantized Linears that hold their input (see the module docstring)."""
+
+    def __init__(self, model, layer, masked, layer_requires_grad, private_bytes: int):
+        super().__init__(model, layer, masked, layer_requires_grad)
+        self.private_bytes = private_bytes  # >0: each quantized Linear casts its input (fp16 -> compute dtype)
+
+    def linears(self, uses, x_bytes, x_saved=False):
+        quantized = [use for use in uses if use.quantized]
+        if quantized and self.grad:
+            width = quantized[0].width_in
+            if self.private_bytes:
+                self.per_token += self.private_bytes * width * len(quantized)
+            elif not x_saved:
+                self.per_token += x_bytes * width
+                x_saved = True
+        return super().linears(uses, x_bytes, x_saved)
+
+
+def _walk(model, layer, moe, masked, requires_grad, private_bytes, holding) -> Saved:
+    walk = (_HoldingWalk(model, layer, masked, requires_grad, private_bytes) if holding
+            else _LayerWalk(model, layer, masked, requires_grad))
+    walk.attention_block()
+    walk.mlp_block(moe)
+    return walk.result()
+
+
+def _difference(a: Saved, b: Saved) -> Saved:
+    return Saved(a.per_token - b.per_token, a.per_square - b.per_square, a.per_layer - b.per_layer)
+
+
+@functools.lru_cache(maxsize=4096)
+def layer_held(model: ModelSpec, layer: LayerSetup, k: QuantKnobs, moe: bool, masked: bool = False,
+               requires_grad: bool = True) -> Saved:
+    """Bytes one decoder layer's quantized Linears hold for backward beyond what the layer saves anyway."""
+    if not k.saves_input:
+        return Saved()
+    private = _BYTES[k.input_dtype] if k.input_cast else 0
+    return _difference(_walk(model, layer, moe, masked, requires_grad, private, True),
+                       _walk(model, layer, moe, masked, requires_grad, private, False))
+
+
+@functools.lru_cache(maxsize=4096)
+def model_held(model: ModelSpec, layer: LayerSetup, k: QuantKnobs, masked: bool = False,
+               head_input_shared: bool = False) -> Saved:
+    """Everything quantized Linears hold from forward until the graph dies: every decoder layer's ``layer_held``
+    (the first layer's inputs need a gradient only when ``first_layer_needs_grad``) and, for a quantized lm_head,
+    its input (the final norm's output, ``max(norm_out, r)·h`` per token) unless another op saves that tensor
+    (``head_input_shared``: a bf16 LoRA on lm_head without dropout)."""
+    if not k.saves_input:
+        return Saved()
+    first_moe = model.is_moe_layer(0)
+    total = layer_held(model, layer, k, first_moe, masked, first_layer_needs_grad(layer.method))
+    dense = model.num_dense_layers - (0 if first_moe else 1)
+    moe = model.num_moe_layers - (1 if first_moe else 0)
+    if dense:
+        total += layer_held(model, layer, k, False, masked) * dense
+    if moe:
+        total += layer_held(model, layer, k, True, masked) * moe
+    if k.head_quantized and not head_input_shared:
+        dt = layer.dtypes
+        total += Saved(per_token=max(dt.norm_out, dt.r) * model.hidden_size)
+    return total

@@ -1,0 +1,225 @@
+"""What the torchtune and litgpt traces share: the optimizers their recipes build, the tracker's phase hooks on a
+plain decoder (a list of blocks and an output head), the recompute marker for torch's checkpoint wrapper, and the
+``TraceResult`` they return.
+
+The tracker (``tracing/tracker.py``) attributes bytes to terms from four facts the driver reports: the phase, whether
+the output head's region is running (``in_logits``), whether a checkpointed block is recomputing (``in_recompute``) and
+whether an optimizer is stepping (``in_optimizer``). The HF driver (``tracing/step.py``) reports them for a
+transformers model; these hooks report them for any decoder whose blocks are ``nn.Module`` calls taking the hidden
+states first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from ...errors import VramcalcError
+from ...model import ModelSpec
+from ...options import Optimizer, Phase, Precision, Term
+from ...training_setup import ResolvedSetup
+from ..bnb_optim import PAGED_MIN_NUMEL
+from ..runner import TraceResult, _peak_rss_bytes
+from ..tracker import AllocationTracker
+
+TRACE_STEPS = 2  # optimizer state appears in the first step; its effect on forward/backward in the second
+
+TORCH_DTYPE = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16, Precision.FP32: torch.float32}
+
+
+def model_dtype(resolved: ResolvedSetup, stack: str, allowed=(Precision.BF16, Precision.FP32)) -> torch.dtype:
+    """The one dtype these recipes build the whole model in (torchtune ``dtype: bf16``; litgpt ``bf16-true``)."""
+    precision = resolved.setup.precision
+    if precision not in allowed:
+        words = ", ".join(p.value for p in allowed)
+        raise VramcalcError(f"the {stack} trace runs precision {words} (the stack's own 'true' dtypes), "
+                            f"not {precision.value}")
+    return TORCH_DTYPE[precision]
+
+
+def check_single_device(resolved: ResolvedSetup, stack: str) -> None:
+    setup = resolved.setup
+    if setup.num_gpus > 1:
+        raise VramcalcError(f"the {stack} trace runs the single-device recipe; num_gpus={setup.num_gpus} is "
+                            "estimate-only for this stack")
+
+
+def make_optimizer(params, optimizer: Optimizer, tracker: AllocationTracker, *, stack: str, lr: float,
+                   weight_decay: float = 0.0, adamw_fused: bool = False) -> torch.optim.Optimizer:
+    """The optimizer a recipe instantiates over ``params`` (the recipes pass ``model.parameters()``: frozen ones too;
+    torch and bitsandbytes skip parameters without a gradient).
+
+    ``adamw``: ``torch.optim.AdamW(fused=adamw_fused)``; ``adamw-foreach``: foreach=True, the implementation torch
+    picks by default for CUDA tensors (on CPU it would pick the for-loop one, whose scratch differs).
+    bitsandbytes optimizers are built with real CPU tensors (their code maps use ``.tolist()``); state buffers of a
+    paged optimizer for tensors of at least 1e5 elements go to the tracker's paged pool (``cudaMallocManaged`` on a GPU:
+    outside torch's allocator), as ``tracing/bnb_optim.py`` does for the HF trace.
+    """
+    params = list(params)
+    if optimizer is Optimizer.ADAMW:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=adamw_fused or None,
+                                 foreach=None if adamw_fused else True)
+    if optimizer is Optimizer.ADAMW_FOREACH:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    if optimizer is Optimizer.SGD:
+        return torch.optim.SGD(params, lr=lr, foreach=True)
+    if optimizer is Optimizer.SGD_MOMENTUM:
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=True)
+    if optimizer in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT):
+        import bitsandbytes as bnb
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        cls = {Optimizer.ADAMW_8BIT: bnb.optim.AdamW8bit, Optimizer.PAGED_ADAMW: bnb.optim.PagedAdamW,
+               Optimizer.PAGED_ADAMW_8BIT: bnb.optim.PagedAdamW8bit}[optimizer]
+        with unset_fake_temporarily():
+            instance = cls(params, lr=lr)
+        if optimizer.is_paged:
+            get_state_buffer = instance.get_state_buffer
+
+            def paged_state_buffer(p, *args, **kwargs):
+                context = tracker.paged() if p.numel() >= PAGED_MIN_NUMEL else contextlib.nullcontext()
+                with context, warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return get_state_buffer(p, *args, **kwargs)
+
+            instance.get_state_buffer = paged_state_buffer
+        return instance
+    raise VramcalcError(f"the {stack} trace has no recipe for optimizer {optimizer.value}")
+
+
+class PhaseHooks:
+    """Module and tensor hooks that tell the tracker where a step is.
+
+    - forward: ``in_logits`` from the output head's first call to the end of forward;
+    - backward-start -> backward: when the gradient of the last block's output arrives (the head and loss are done);
+    - backward -> backward-end: when the gradient of the first block's input arrives (only if it requires grad);
+    - a parameter's ``.grad`` is a gradient from its post-accumulate-grad hook on.
+    Hooks allocate nothing, so the trace is unchanged by them.
+    """
+
+    def __init__(self, tracker: AllocationTracker, blocks, heads, params, tick=None):
+        self.tracker = tracker
+        self.handles = []
+        blocks = list(blocks)
+
+        def head_pre_hook(module, args):
+            if tracker.phase is Phase.FORWARD:
+                tracker.in_logits = True
+
+        def last_block_hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if tracker.phase is Phase.FORWARD and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(self._backward_start)
+
+        def first_block_pre_hook(module, args, kwargs):
+            hidden = args[0] if args else next(iter(kwargs.values()), None)
+            if tracker.phase is Phase.FORWARD and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(self._backward_end)
+
+        for head in heads:
+            self.handles.append(head.register_forward_pre_hook(head_pre_hook))
+        self.handles.append(blocks[-1].register_forward_hook(last_block_hook))
+        self.handles.append(blocks[0].register_forward_pre_hook(first_block_pre_hook, with_kwargs=True))
+        for param in params:
+            if param.requires_grad:
+                self.handles.append(param.register_post_accumulate_grad_hook(self._on_grad))
+        if tick is not None:
+            def backward_tick(grad):
+                tick()
+
+            def forward_tick(module, args, output):
+                if tracker.phase is Phase.FORWARD:
+                    tick()
+                    hidden = output[0] if isinstance(output, tuple) else output
+                    if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                        hidden.register_hook(backward_tick)
+
+            for block in blocks:
+                self.handles.append(block.register_forward_hook(forward_tick))
+
+    def _backward_start(self, grad):
+        self.tracker.in_logits = False
+        self.tracker.phase = Phase.BACKWARD
+
+    def _backward_end(self, grad):
+        self.tracker.phase = Phase.BACKWARD_END
+
+    def _on_grad(self, param):
+        if param.grad is not None:
+            self.tracker.retag(param.grad, Term.GRADIENTS)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class RecomputeMarker:
+    """Flags ``in_recompute`` while a block wrapped by torch's ``CheckpointWrapper``
+    (``torch/distributed/algorithms/_checkpoint/checkpoint_wrapper.py``: ``forward`` calls
+    ``self.checkpoint_fn(self._checkpoint_wrapped_module, ...)``) recomputes its forward in backward. The function
+    handed to the checkpoint is wrapped, so the flag is cleared also when non-reentrant checkpointing stops early."""
+
+    def __init__(self, wrapper: nn.Module, tracker: AllocationTracker):
+        self.wrapper = wrapper
+        self.original = wrapper.checkpoint_fn
+        original = self.original
+
+        def checkpoint_fn(function, *args, **kwargs):
+            def marked(*inner_args, **inner_kwargs):
+                recomputing = tracker.phase is not Phase.FORWARD
+                tracker.in_recompute = recomputing
+                try:
+                    return function(*inner_args, **inner_kwargs)
+                finally:
+                    if recomputing:
+                        tracker.in_recompute = False
+
+            return original(marked, *args, **kwargs)
+
+        wrapper.checkpoint_fn = checkpoint_fn
+
+    def remove(self) -> None:
+        self.wrapper.checkpoint_fn = self.original
+
+
+def optimizer_step(tracker: AllocationTracker, optimizer: torch.optim.Optimizer) -> None:
+    """One ``optimizer.step()`` under the optimizer flag, then its state tensors are optimizer states."""
+    phase = tracker.phase
+    tracker.phase = Phase.OPTIMIZER_STEP
+    tracker.in_optimizer = True
+    try:
+        optimizer.step()
+    finally:
+        tracker.in_optimizer = False
+    tracker.mark_optimizer_states(optimizer)
+    tracker.phase = phase
+
+
+def result(tracker: AllocationTracker, started: float) -> TraceResult:
+    return TraceResult(
+        terms=tracker.peak_terms(),
+        phase=tracker.peak.phase,
+        step=tracker.peak.step,
+        paged_bytes=tracker.paged_bytes,
+        step_peaks=dict(tracker.step_peaks),
+        phase_peaks=dict(tracker.phase_peaks),
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=_peak_rss_bytes(),
+    )
+
+
+def breakdown(spec: ModelSpec, resolved: ResolvedSetup, traced: TraceResult, stack: str, gpu=None, notes=()):
+    """The traced terms as the same ``MemoryBreakdown`` the HF trace and the estimate return."""
+    from ...estimator import assemble_measured
+
+    details = {"trace_seconds": round(traced.seconds, 3), "trace_peak_rss_bytes": traced.peak_rss_bytes,
+               "trace_stack": stack,
+               "trace_phase_peaks_bytes": {phase.value: n for phase, n in traced.phase_peaks.items()}}
+    if notes:
+        details["trace_not_traced"] = list(notes)
+    return assemble_measured(spec, resolved, traced.terms, traced.phase, source=f"trace ({stack})", gpu=gpu,
+                             paged_bytes=traced.paged_bytes, details=details)
