@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py                       # the full grid (minutes): writes accuracy.csv and accuracy.md
     python benchmarks/accuracy.py --limit 10            # the first ten setups
+    python benchmarks/accuracy.py --first 63 --out benchmarks/accuracy_knobs.csv   # issue 11's knob rows only
 
 Each row: the setup, every tensor term estimated and traced (bytes), the peak phase of each, and the relative error
 of ``peak_tensor_bytes`` (estimate - trace) / trace. Rows are appended as they are traced.
@@ -94,6 +95,35 @@ GRID = [
     ("smollm2-360m", dict(seq_len=4096, batch_size=2, method="lora", lora_targets="all-linear")),
     ("smollm2-1.7b", dict(seq_len=2048, batch_size=8, grad_ckpt=True, precision="mixed-bf16")),
     ("smollm2-1.7b", dict(seq_len=1024, batch_size=2, method="prompt", precision="fp32")),
+    # issue 11, quantized base and LoRA outside the layers: bitsandbytes <= 0.43 held inputs, 4-bit lm_head, fp16
+    # quant state (litgpt's QLoRA), LLM.int8 bases, peft's kbit preparation, LoRA on lm_head and embed_tokens
+    ("llama-2-7b", dict(seq_len=1024, method="qlora", quant_saves_input=True, quantize_lm_head=True,
+                        quant_state_dtype="fp16")),
+    ("llama-3.1-8b", dict(seq_len=512, batch_size=2, method="qlora", quant_saves_input=True, quantize_lm_head=True,
+                          quant_state_dtype="fp16")),
+    ("llama-3.1-8b", dict(seq_len=2048, method="qlora", quant="int8")),
+    ("mistral-7b", dict(seq_len=2048, method="qlora", quant="int8", grad_ckpt=True)),
+    ("llama-3.1-8b", dict(seq_len=2048, method="qlora", kbit_prep=True)),
+    ("qwen2.5-7b", dict(seq_len=2048, method="qlora", quant_saves_input=True, grad_ckpt=True)),
+    ("tinyllama-1.1b", dict(seq_len=512, method="qlora", quantize_lm_head=True, quant_state_dtype="fp16")),
+    ("smollm2-360m", dict(seq_len=2048, method="qlora", quant="int8", lora_targets="all-linear")),
+    ("llama-3.1-8b", dict(seq_len=2048, method="lora", lora_targets="q_proj,v_proj,lm_head")),
+    ("llama-2-7b", dict(seq_len=2048, method="lora", lora_targets="q_proj,v_proj,embed_tokens")),
+    # issue 11, activation knobs: selective checkpointing (torch SAC, matmul outputs saved), torch.compile's min-cut
+    # partition (AOTAutograd traced per layer), activation offloading (save_on_cpu), packing (padding-free rows)
+    ("llama-3.1-8b", dict(seq_len=4096, grad_ckpt="selective")),
+    ("llama-3.1-8b", dict(seq_len=4096, method="lora", lora_targets="all-linear", grad_ckpt="selective")),
+    ("qwen3-8b", dict(seq_len=4096, method="qlora", grad_ckpt="selective")),
+    ("llama-3.1-8b", dict(seq_len=4096, compile=True)),
+    ("llama-3.1-8b", dict(seq_len=4096, method="lora", compile=True)),
+    ("mistral-7b", dict(seq_len=4096, method="lora", lora_targets="all-linear", compile=True, grad_ckpt=True)),
+    ("llama-3.1-8b", dict(seq_len=8192, method="lora", grad_ckpt=True, activation_offload=True)),
+    ("llama-3.1-8b", dict(seq_len=4096, method="qlora", grad_ckpt=True, activation_offload=True)),
+    ("qwen3-8b", dict(seq_len=2048, method="lora", activation_offload=True)),
+    ("llama-3.1-8b", dict(seq_len=2048, batch_size=4, method="lora", packing=True, attn="flash")),
+    ("llama-3.1-8b", dict(seq_len=1024, batch_size=4, method="lora", packing=True)),
+    ("qwen3-8b", dict(seq_len=2048, batch_size=2, method="qlora", packing=True, attn="flash", grad_ckpt="selective",
+                      activation_offload=True)),
 ]
 
 
@@ -162,8 +192,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(HERE / "accuracy.csv"))
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--first", type=int, default=1, help="start at this setup of the grid (1-based)")
     args = parser.parse_args(argv)
-    grid = GRID[: args.limit] if args.limit else GRID
+    grid = GRID[args.first - 1:]
+    grid = grid[: args.limit] if args.limit else grid
     rows = run_grid(grid, args.out)
     table = summary(rows)
     Path(args.out).with_suffix(".md").write_text("# Estimate vs trace\n\n" + table)

@@ -43,10 +43,11 @@ def test_sweep_setups_per_second(benchmark, estimate_seconds):
     assert len(frame) >= 100_000
 
 
-@pytest.mark.parametrize("model, method", [("llama-3.1-8b", "lora"), ("llama-3.3-70b", "qlora"),
-                                           ("deepseek-r1", "lora")])
-def test_full_catalogue_plan_time(benchmark, estimate_seconds, model, method):
-    frame = benchmark.pedantic(plan, args=(model,), kwargs={"tokens": 1e9, "method": method}, rounds=3,
+@pytest.mark.parametrize("model, method, tokens", [("llama-3.1-8b", "lora", 1e9), ("llama-3.3-70b", "qlora", 1e9),
+                                                   ("deepseek-r1", "lora", 1e9), ("llama-3.1-8b", "lora", None)])
+def test_full_catalogue_plan_time(benchmark, estimate_seconds, model, method, tokens):
+    """A plan with a token budget, and one without (cost per million tokens): the same searches either way."""
+    frame = benchmark.pedantic(plan, args=(model,), kwargs={"tokens": tokens, "method": method}, rounds=3,
                                iterations=1, warmup_rounds=1)
     seconds = benchmark.stats.stats.median
     in_calls = seconds / estimate_seconds

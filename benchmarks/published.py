@@ -72,18 +72,23 @@ MODEL_CONFIG = {
     "google/gemma-2-9b": "gemma-2-9b",
 }
 MODEL_CATALOGUE = {  # models without a config folder whose catalogue entry has the same architecture
+    "microsoft/phi-1_5": "phi-1.5",
+    "microsoft/phi-2": "phi-2",
+    "stabilityai/stablelm-base-alpha-3b": "stablelm-base-alpha-3b",
+    "Qwen/Qwen-7B": "qwen-7b",
+    "Qwen/Qwen-7B-Chat": "qwen-7b",
     "meta-llama/Llama-3.1-70B": "llama-3.1-70b",
     "meta-llama/Llama-3.1-405B": "llama-3.1-405b",
     "meta-llama/Llama-2-70b-hf": "llama-2-70b",
     "meta-llama/Llama-3.3-70B-Instruct": "llama-3.3-70b",
 }
-UNSUPPORTED_FAMILY = {  # prefix of the HF id -> architecture vramcalc has no family for
-    "microsoft/phi-1_5": "phi (v1: parallel attention+MLP, partial rotary)",
-    "microsoft/phi-2": "phi (v1: parallel attention+MLP, partial rotary)",
-    "stabilityai/stablelm-base-alpha": "gpt_neox (StableLM-alpha)",
-    "tiiuae/falcon": "falcon (parallel attention, multi-query)",
-    "Qwen/Qwen-": "qwen (v1, remote code: fused c_attn)",
-    "bert-": "bert (encoder, sequence classification)",
+UNSUPPORTED_FAMILY = {  # prefix of the HF id -> why vramcalc cannot take that model
+    "stabilityai/stablelm-base-alpha-7b": "gpt_neox (StableLM-alpha 7B): no published config or parameter count found",
+    "tiiuae/falcon": "falcon: the catalogue has no Falcon entry (its config ties lm_head; the checkpoint does not)",
+    "Qwen/Qwen-1_8B": "qwen (v1) 1.8B: config not found in the stored corpora",
+    "Qwen/Qwen-14B": "qwen (v1) 14B: config not found in the stored corpora",
+    "Qwen/Qwen-72B": "qwen (v1) 72B: config not found in the stored corpora",
+    "bert-": "bert (encoder, sequence classification: not a causal-LM fine-tune)",
     "bigscience/T0": "t5 (encoder-decoder)",
     "bigscience/mt0": "mt5 (encoder-decoder)",
     "bigscience/bloomz": "bloom",
@@ -112,7 +117,7 @@ ALL_LINEAR = {
 # Knobs of issue 11 (DESIGN.md "Contract additions under way"), as Python keywords. ``required``: the row's memory
 # depends on it, so a vramcalc that cannot take it cannot express the row; otherwise it is passed when accepted.
 KNOB_REQUIRED_WHEN_TRUE = ("compile", "activation_offload", "optimizer_in_backward")
-KNOB_OPTIONAL = ("stack", "packing", "kbit_prep", "kernels")
+KNOB_OPTIONAL = ("stack", "packing", "kbit_prep", "kernels", "quant_saves_input")
 
 
 # torchtune rows: the flags each row ran with, from the row's notes (README "Optimization flags" table at 1814feb17
@@ -155,7 +160,6 @@ class RowSetup:
     blockers: list = dataclasses.field(default_factory=list)  # why the row cannot be expressed (any vramcalc)
     assumptions: list = dataclasses.field(default_factory=list)
     bound: bool = False  # unsloth-ctx: the measured number is an upper bound on the peak
-    implied: tuple = ()  # options the stack preset sets; passed explicitly only while vramcalc has no ``stack``
 
 
 def _note(row: dict, key: str) -> str | None:
@@ -281,8 +285,7 @@ def row_setup(row: dict, data: Path) -> RowSetup:
         mixed = "bf16-mixed" in row["compute_dtype"]
         opts["precision"] = "mixed-bf16" if mixed else "bf16"
         opts["optimizer"] = _optimizer(row["optimizer"])
-        opts["loss"] = "chunked"
-        setup.assumptions.append("litgpt chunked CE (128-token lm_head chunks, bf16 CE) modelled as --loss chunked")
+        opts["loss"] = "litgpt"  # lm_head in 128-position chunks, Fabric's fp32 outputs kept through backward
         opts["attn"] = "sdpa"
         if gpus > 1:
             opts.update(num_gpus=gpus, sharding="fsdp", grad_ckpt=True)
@@ -290,8 +293,12 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             opts["grad_ckpt"] = bool(_bool(row["grad_ckpt"]))
         if method == "full" and "tiny-llama" in row["notes"]:
             opts["grad_accum"] = 8  # config_hub/finetune/tiny-llama/full.yaml @00af8b0d: global 32 / micro 4
-        setup.knobs["kbit_prep"] = False  # litgpt quantizes with its own bnb Linear4bit swap, no peft prepare
-        setup.implied = ("loss", "adapter_dtype", "attn", "lora_dropout")  # litgpt preset: chunked bf16 CE, bf16 LoRA
+        if method == "qlora":
+            # the bitsandbytes these rows ran: lit-gpt@8641822 with bnb 0.41.1 (resource-tables.md), litgpt@00af8b0d
+            # pins bitsandbytes==0.42.0 (pyproject.toml:41); MatMul4Bit saved its input up to 0.43
+            # (bitsandbytes/autograd/_functions.py:516-526 at 0.41.1, :523 at 0.42.0): the current litgpt preset pins
+            # >= 0.45.2, so the row's version is given explicitly
+            setup.knobs["quant_saves_input"] = True
     elif prefix == "torchtune":
         opts["precision"] = "bf16"
         opt = _optimizer(row["optimizer"])
@@ -310,13 +317,11 @@ def row_setup(row: dict, data: Path) -> RowSetup:
                 continue
             setup.knobs[knob] = True
         # torchtune CEWithChunkedOutputLoss (num_output_chunks=8) where the row's table says so
-        opts["loss"] = "chunked" if "chunked_loss" in TORCHTUNE_KNOBS.get(rid, ()) else "hf"
+        opts["loss"] = "torchtune" if "chunked_loss" in TORCHTUNE_KNOBS.get(rid, ()) else "hf"
         if "fsdp_cpu_offload=true" in low.replace(" ", ""):
             setup.blockers.append("FSDP CPU offload of params/grads/optimizer (fsdp_cpu_offload) not modelled")
         if gpus > 1:
             opts.update(num_gpus=gpus, sharding="fsdp")
-        setup.knobs["kbit_prep"] = False  # torchao NF4Tensor, no peft
-        setup.implied = ("adapter_dtype", "attn")  # torchtune preset: model (adapters included) built in bf16
         if "grad accum " in notes:  # llama2/7B_lora_single_device: gradient_accumulation_steps 64
             opts["grad_accum"] = _int(notes.split("grad accum ")[1].split(")")[0].split(",")[0])
         if rid == "torchtune-025":
@@ -443,9 +448,7 @@ def judge(rows, data: Path, vc) -> list[dict]:
                           reason="; ".join(blockers) or "model unresolved")
             out.append(record)
             continue
-        options = dict(setup.options)
-        if "stack" in passed:  # explicit flags win over a preset: leave the stack's own choices to the preset
-            options = {k: v for k, v in options.items() if k not in setup.implied}
+        options = dict(setup.options)  # what the row states explicitly; the stack's preset fills the rest
         options.update(passed)
         gpu = GPU_NAME.get(row["gpu"].strip())
         record["options"] = json.dumps(options, sort_keys=True)
@@ -517,16 +520,22 @@ def _table(records, key) -> list[str]:
 
 
 def mechanism_note(record: dict) -> str:
-    """The mechanism docs/stacks-research.md names for a row's error (IDs of its section 1), or ''."""
+    """The mechanism still open for a row's error (docs/stacks-research.md), or ''. Mechanisms vramcalc now models
+    (Q1-Q3 through the litgpt knobs, the stacks' losses, compile, offload, optimizer-in-backward) are not listed."""
     rid, method, several = record["id"], record["method"], record["gpus"] != "1 GPU"
-    if record["source"] in ("litgpt-rt", "litgpt-ch") and method == "qlora":
-        return "Q1+Q2+Q3: bnb<=0.43 saves 4-bit inputs, fp16+bf16 lm_head dequant, 4-bit lm_head (section 2)"
-    if record["source"] == "torchtune" and method == "qlora":
-        return "Q4 load phase (torchao 0.1 to_nf4 on GPU, reserved high-water) + Q5 + L1"
-    if record["source"] == "torchtune" and several and method == "full":
-        return "F1: torchtune FSDP keeps bf16 params (vramcalc assumes accelerate's fp32 upcast)"
+    model = record["model"]
+    if several and method == "full":
+        return "F1: torchtune and litgpt FSDP keep bf16 params (vramcalc assumes accelerate's fp32 upcast)"
     if several:
         return "open: FSDP + LoRA per-rank memory (section 4)"
+    if record["source"] in ("litgpt-rt", "litgpt-ch") and ("phi-1_5" in model or "stablelm" in model):
+        return ("open: litgpt runs bf16-true (no autocast); vramcalc's bf16 follows HF under autocast, where "
+                "LayerNorm and 4-bit Linears return fp32")
+    if record["source"] in ("litgpt-rt", "litgpt-ch") and method == "qlora":
+        return "L2: litgpt's StableEmbedding swap leaves an embedding gradient alive (finetune/lora.py:218-228)"
+    if record["source"] == "torchtune" and method == "qlora" and rid in ("torchtune-019", "torchtune-028",
+                                                                        "torchtune-037"):
+        return "Q4+Q5: torchao 0.1 (68 B/weight quantize at load, 14 B/weight eager dequant); vramcalc models today's"
     return ""
 
 

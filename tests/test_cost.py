@@ -217,3 +217,101 @@ def test_hosted_cost_bills_tokens_times_epochs():
 def test_default_electricity_price_is_positive_and_sourced():
     assert 0 < cost.DEFAULT_USD_PER_KWH < 1 and "EIA" in cost.DEFAULT_USD_PER_KWH_SOURCE
     assert math.isfinite(vc.get_gpu("h100-sxm").tdp_w)
+
+
+# -- the step-time model in estimate() and the price tables (issue 16 phase 2) -------------------------------------
+def step(model="llama-3.1-8b", gpu="h100-sxm", **options):
+    spec = get_model(model)
+    return cost.step_for(spec, resolve_setup(spec, **options), get_gpu(gpu))
+
+
+def test_an_estimate_on_a_gpu_carries_the_step_and_one_without_does_not():
+    on_gpu = vc.estimate("llama-3.1-8b", method="lora", batch_size=2, grad_accum=4, gpu="h100-sxm").details
+    assert {"step_seconds", "tokens_per_second", "mfu", "step_breakdown_s"} <= set(on_gpu)
+    assert sum(on_gpu["step_breakdown_s"].values()) == pytest.approx(on_gpu["step_seconds"])
+    # one GPU trains batch x seq_len x grad_accum dataset tokens per step
+    assert on_gpu["tokens_per_second"] == pytest.approx(2 * 2048 * 4 / on_gpu["step_seconds"])
+    assert 0 < on_gpu["mfu"] < 1
+    assert "step_seconds" not in vc.estimate("llama-3.1-8b", method="lora").details
+
+
+def test_data_parallel_tokens_per_second_counts_every_gpu():
+    details = vc.estimate("llama-3.1-8b", method="lora", num_gpus=8, sharding="ddp", gpu="h100-sxm").details
+    assert details["tokens_per_second"] == pytest.approx(8 * details["tokens_per_second_per_gpu"])
+
+
+@pytest.mark.parametrize("options, gpu", [
+    ({"method": "full", "offload": "optimizer", "sharding": "zero3", "num_gpus": 1}, "h100-sxm"),  # host CPU step
+    ({"method": "lora", "precision": "fp32"}, "h100-sxm"),  # no fp32 GEMM rate in data/achievable_rates.csv
+    ({"method": "lora"}, "v100-32gb"),  # no bf16 on Volta
+])
+def test_no_step_where_the_model_has_no_mechanism_or_rate(options, gpu):
+    assert step(gpu=gpu, **options) is None
+
+
+def test_checkpointing_modes_order_the_step_time():
+    none, selective, full = (step(method="lora", grad_ckpt=mode).step_s for mode in ("none", "selective", "full"))
+    assert none < selective < full
+
+
+@pytest.mark.parametrize("slower, faster", [
+    ({"method": "qlora"}, {"method": "lora"}),  # dequantization of the 4-bit base, every pass
+    ({"method": "qlora", "quant": "int8"}, {"method": "qlora", "quant": "nf4"}),  # 1 byte read per weight, not 0.5
+    ({"method": "lora"}, {"method": "lora", "compile": True}),  # fused elementwise kernels
+    ({"method": "lora"}, {"method": "lora", "kernels": "liger"}),
+    ({"method": "full", "activation_offload": True, "grad_ckpt": "none", "batch_size": 4},
+     {"method": "full", "grad_ckpt": "none", "batch_size": 4}),  # copies can only add time
+    ({"method": "lora", "attn": "eager"}, {"method": "lora", "attn": "sdpa"}),  # the [b, a, s, s] scores in HBM
+])
+def test_what_removes_work_never_slows_the_step(slower, faster):
+    assert step(**slower).step_s >= step(**faster).step_s
+
+
+def test_optimizer_in_backward_moves_the_same_bytes():
+    # the same AdamW update per parameter, run from its post-accumulate-grad hook: same work, so the same step
+    assert step(method="full", optimizer_in_backward=True).step_s == pytest.approx(step(method="full").step_s)
+
+
+def test_a_given_mfu_overrides_the_step_model():
+    spec = get_model("llama-3.1-8b")
+    resolved = resolve_setup(spec, method="lora")
+    per_token, used = cost.step_or_profile_utilisation(spec, resolved, get_gpu("h100-sxm"), mfu=0.25)
+    assert per_token is None and used.mfu == 0.25
+    per_token, used = cost.step_or_profile_utilisation(spec, resolved, get_gpu("h100-sxm"))
+    assert per_token == pytest.approx(1 / step(method="lora").tokens_per_s) and "step-time" in used.source
+
+
+def _csv(name):
+    import csv
+
+    from vramcalc.catalogue import data_dir
+
+    with open(data_dir() / name, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("gpu", ["h100-sxm", "a100-80gb", "b200", "h200"])
+def test_cheapest_rate_of_each_kind_is_the_minimum_of_its_rows(gpu):
+    rows = [r for r in _csv("cloud_prices.csv") if r["gpu"] == gpu]
+    best = cost.cheapest_rates(gpu)
+    assert "on-demand" in best
+    for kind, rate in best.items():
+        assert rate.provider and rate.region and rate.price_date and rate.source
+        same_kind = [float(r["usd_per_gpu_hour"]) for r in rows
+                     if cost.CloudRate(r["provider"], r["instance"], gpu, r["pricing_model"], 0, "", "", "").kind == kind]
+        assert rate.usd_per_gpu_hour == min(same_kind)
+
+
+def test_eight_h100s_bought_cost_the_thinkmate_server_quotation():
+    # data/gpu_list_prices.csv: the derived server share is the Thinkmate 8x H100 quotation ($317,000) minus eight
+    # indicative $30,000 GPUs, so eight GPUs plus their servers cost the quotation itself, with no network port
+    assert cost.buy_total_usd(get_gpu("h100-sxm"), 8) == pytest.approx(317_000)
+    # 16 GPUs span two servers: + one 400 Gb/s switch port each ($36,000 / 64 = $562.50)
+    assert cost.buy_total_usd(get_gpu("h100-sxm"), 16) == pytest.approx(2 * 317_000 + 16 * 562.5)
+
+
+def test_workstation_cards_get_no_server_price_and_unpriced_gpus_no_buy_total():
+    assert cost.server_cost_per_gpu(get_gpu("rtx-4090")) is None
+    assert cost.buy_total_usd(get_gpu("rtx-4090"), 2) == pytest.approx(2 * 1599)  # launch MSRP, GPUs only
+    assert cost.buy_total_usd(get_gpu("mi300x"), 8) is None  # no published list price: None, never 0
+    assert cost.pue().value == pytest.approx(1.58)  # Uptime Institute 2023 industry average

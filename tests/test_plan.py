@@ -27,6 +27,7 @@ from vramcalc.planning import (
     host_ram,
     max_batch_size,
     plan,
+    plan_rows,
     smallest_gpu_count,
     sweep,
     write_csv,
@@ -37,8 +38,9 @@ from vramcalc.units import BYTES_PER_GIB
 from .cli_helpers import run_cli
 
 UNIT_SUFFIXES = ("_gib", "_usd", "_hours", "_kwh", "_bytes", "_per_s", "_per_token", "_usd_per_kwh",
-                 "_per_gpu_hour", "_per_hour", "_per_million_tokens", "_years")
-UNITLESS = {"rank", "seq_len", "num_gpus", "micro_batch", "train_tokens", "epochs", "mfu"}  # counts and a fraction
+                 "_per_gpu_hour", "_per_hour", "_per_million_tokens", "_years", "_seconds", "_usd_per_gpu")
+# counts, a fraction and a ratio (PUE: facility power / IT power)
+UNITLESS = {"rank", "seq_len", "num_gpus", "micro_batch", "train_tokens", "epochs", "mfu", "pue"}
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +258,6 @@ def test_bad_plan_input_is_a_one_line_error(kwargs, message):
     ["plan", "llama-3.1-8b", "--tokens", "-5"],
     ["plan", "llama-3.1-8b", "--tokens", "1e6", "--usd-per-kwh", "-0.1"],
     ["plan", "llama-3.1-8b", "--tokens", "1e6", "--amortisation-years", "0"],
-    ["plan", "llama-3.1-8b"],
     ["max-batch", "llama-3.1-8b", "--gpu", "h100-sxm", "--batch-size", "2"],
     ["max-batch", "llama-3.1-8b"],
 ])
@@ -465,3 +466,74 @@ def test_importing_vramcalc_and_the_planning_modules_loads_no_pandas_numpy_or_ma
             "print(','.join(heavy))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+# -- plan without --tokens, throughput and prices (issue 16 phase 2) ----------------------------------------------
+@pytest.fixture(scope="module")
+def per_million():
+    return plan_rows("llama-3.1-8b", method="lora", gpus=["h100-sxm", "a100-80gb", "rtx-4090", "t4"]).rows
+
+
+def test_a_plan_without_tokens_has_speed_and_cost_per_million_but_no_totals(per_million):
+    fitting = [r for r in per_million if r["offer"] == "gpu" and r.get("fits")]
+    assert fitting
+    for row in fitting:
+        assert row["throughput_tokens_per_s"] > 0 and row["step_seconds"] > 0 and row["host_ram_gib"] > 0
+        assert row.get("train_hours") is None and row.get("rent_usd") is None and row.get("cost_usd") is None
+        # $/GPU-hour x GPUs / (tokens/s x 3600 s/h) x 1e6 tokens
+        expected = row["rent_usd_per_gpu_hour"] * row["num_gpus"] / (row["throughput_tokens_per_s"] * 3600) * 1e6
+        assert row["usd_per_million_tokens"] == pytest.approx(expected)
+
+
+def test_a_plan_without_tokens_ranks_by_cost_per_million_tokens(per_million):
+    ranked = [r["usd_per_million_tokens"] for r in sorted((r for r in per_million if r.get("rank")),
+                                                          key=lambda r: r["rank"])]
+    assert ranked == sorted(ranked) and len(ranked) >= 3
+
+
+def test_the_total_is_the_cost_per_million_tokens_times_the_tokens():
+    rows = plan_rows("llama-3.1-8b", tokens=3e8, epochs=2, method="lora", gpus=["h100-sxm"], hosted=False).rows
+    row = rows[0]
+    assert row["cost_usd"] == pytest.approx(row["usd_per_million_tokens"] * 600)  # 3e8 tokens x 2 epochs = 600 M
+    assert row["train_hours"] == pytest.approx(6e8 / row["throughput_tokens_per_s"] / 3600)
+
+
+def test_the_step_time_model_gives_the_plans_throughput():
+    row = plan_rows("llama-3.1-8b", method="lora", gpus=["h100-sxm"], hosted=False).rows[0]
+    details = vc.estimate("llama-3.1-8b", method="lora", gpu="h100-sxm", batch_size=row["micro_batch"]).details
+    assert row["throughput_tokens_per_s"] == pytest.approx(details["tokens_per_second"])
+    assert row["mfu"] == pytest.approx(details["mfu"]) and "step-time" in row["mfu_source"]
+
+
+def test_the_plan_carries_every_price_with_its_date_and_source(per_million):
+    row = next(r for r in per_million if r["gpu"] == "h100-sxm")
+    for kind in ("ondemand", "spot", "reserved"):
+        assert row[f"{kind}_usd_per_gpu_hour"] > 0
+        assert row[f"{kind}_provider"] and row[f"{kind}_region"] and row[f"{kind}_source"]
+        assert row[f"{kind}_price_date"][:4].isdigit()
+    assert row["list_price_usd"] > 0 and row["list_price_source"] and row["list_price_basis"]
+    assert row["server_usd_per_gpu"] > 0 and row["server_price_source"] and row["server_price_date"]
+    assert row["buy_total_usd"] == pytest.approx((row["list_price_usd"] + row["server_usd_per_gpu"]) * row["num_gpus"])
+    assert row["pue"] > 1 and row["pue_source"]
+
+
+def test_cli_plan_without_tokens_prints_a_table_and_writes_the_csv(tmp_path, capsys):
+    out_file = tmp_path / "plan.csv"
+    code, out, err = run_cli(capsys, "plan", "llama-3.1-8b", "--method", "lora", "--gpus", "h100-sxm,rtx-4090",
+                             "--output", str(out_file))
+    assert code == 0 and "per million training tokens" in out
+    rows = list(csv.DictReader(open(out_file, newline="", encoding="utf-8")))
+    h100 = next(r for r in rows if r["gpu"] == "h100-sxm")
+    assert float(h100["usd_per_million_tokens"]) > 0 and h100["train_hours"] == "" and h100["cost_usd"] == ""
+    # spreadsheet-clean: no cell a spreadsheet would read as a formula
+    for row in rows:
+        for value in row.values():
+            assert not value.startswith(("=", "+", "@")) and not (value.startswith("-") and not _is_number(value))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -47,8 +47,9 @@ def test_hardware_figures_are_the_estimators_and_the_cost_models(result):
     hardware = result.tables["hardware"]
     row = hardware[(hardware["model"] == "llama-3.1-8b") & (hardware["method"] == "qlora")
                    & (hardware["gpu"] == "h100-sxm")].iloc[0]
+    assert row["grad_ckpt"] == "full"  # REPORT_METHOD_DEFAULTS: QLoRA checkpoints, as peft's kbit preparation does
     b = vc.estimate("llama-3.1-8b", method="qlora", gpu="h100-sxm", batch_size=int(row["micro_batch"]),
-                    num_gpus=int(row["num_gpus"]), sharding=row["sharding"])
+                    num_gpus=int(row["num_gpus"]), sharding=row["sharding"], grad_ckpt="full")
     assert row["device_gib"] == pytest.approx(b.total_bytes / BYTES_PER_GIB)
     assert row["rent_usd"] == pytest.approx(row["rent_usd_per_hour"] * row["train_hours"])
 
@@ -73,14 +74,18 @@ def test_budget_rows_are_affordable_at_the_bands_spend(result):
     budgets = result.tables["budgets"]
     priced = budgets[budgets["model"] != "nothing in the catalogue"]
     assert (priced["buy_usd"].dropna() <= priced.loc[priced["buy_usd"].notna(), "spend_usd"]).all()
-    assert (priced["rent_usd"].dropna() <= priced.loc[priced["rent_usd"].notna(), "spend_usd"]).all()
+    rented = priced[priced["rent_tokens"].notna()]
+    spent = rented["rent_tokens"] * rented["rent_usd_per_million_tokens"] / 1e6
+    assert (spent <= rented["spend_usd"] * (1 + 1e-9)).all()
     assert list(dict.fromkeys(budgets["budget"])) == [band.label for band in BUDGETS]
 
 
-def test_a_budget_that_buys_and_rents_nothing_says_so():
+def test_a_budget_too_small_for_any_gpu_buys_nothing():
     result = report([], tokens=1e12, budgets=budget_bands([1]))
-    assert result.tables["budgets"]["model"].tolist() == ["nothing in the catalogue"]
-    assert "nothing in the catalogue" in result.markdown
+    budgets = result.tables["budgets"]
+    assert budgets["buy_config"].isna().all()
+    # $1 still rents some tokens, never more than $1 buys at the row's own rate
+    assert (budgets["rent_tokens"] * budgets["rent_usd_per_million_tokens"] / 1e6 <= 1 + 1e-9).all()
 
 
 def test_markdown_has_the_three_tables_the_stamp_and_the_unit(result):
@@ -100,7 +105,8 @@ def test_a_gpu_without_a_price_reads_no_price_not_zero(result):
 
 def test_report_writes_markdown_and_csv_tables_with_the_stamp(result, tmp_path):
     written = result.write(tmp_path)
-    assert [p.name for p in written] == ["report.md", "hardware.csv", "techniques.csv", "budgets.csv"]
+    assert [p.name for p in written] == ["report.md", "hardware.csv", "techniques.csv", "budgets.csv",
+                                         "open_vs_closed.csv"]
     stamp = catalogue_stamp()
     for path in written[1:]:
         frame = pandas.read_csv(path)
@@ -140,3 +146,74 @@ def test_cli_report_bad_input_exits_2(argv, capsys):
     code = main(argv)
     out, err = capsys.readouterr()
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+# -- stack-aware defaults, stated settings, techniques, budgets, open vs closed (issue 16 phase 2) ------------------
+def test_qlora_rows_checkpoint_by_default_and_follow_a_given_grad_ckpt():
+    from vramcalc.report import hardware_rows
+
+    default = hardware_rows(["llama-3.1-8b"], tokens=1e8, max_gpus=8)
+    assert {r["grad_ckpt"] for r in default if r["method"] == "qlora"} == {"full"}
+    assert {r["grad_ckpt"] for r in default if r["method"] == "full"} == {"none"}
+    given = hardware_rows(["llama-3.1-8b"], tokens=1e8, max_gpus=8, grad_ckpt="none")
+    assert {r["grad_ckpt"] for r in given} == {"none"}
+
+
+def test_qlora_70b_fits_one_h100_as_the_recipes_run_it(result):
+    # peft's prepare_model_for_kbit_training checkpoints; without it the 70B QLoRA row did not fit an H100 (issue 16)
+    hardware = result.tables["hardware"]
+    row = hardware[(hardware["model"] == "llama-3.3-70b") & (hardware["method"] == "qlora")
+                   & (hardware["gpu"] == "h100-sxm")].iloc[0]
+    assert bool(row["fits"]) and int(row["num_gpus"]) == 1
+
+
+def test_the_header_states_the_settings_really_used():
+    checkpointed = report([], tokens=1e8, max_gpus=8, grad_ckpt="full").markdown.split("## Hardware")[0]
+    assert "no checkpointing" not in checkpointed and "full checkpointing" in checkpointed
+    default = report([], tokens=1e8, max_gpus=8).markdown.split("## Hardware")[0]
+    assert "no checkpointing" in default and "QLoRA r=8 on qv (nf4 base), bf16, adamw" in default
+
+
+def test_techniques_include_peft_and_prompt_rows_at_the_users_batch_and_sequence():
+    table = techniques_table("llama-3.1-8b", batch_size=2, seq_len=1024)
+    assert {"LoRA", "QLoRA", "prompt tuning"} <= set(table["technique"])
+    assert (table["batch_size"] == 2).all() and (table["seq_len"] == 1024).all()
+    lora = table.set_index("technique").loc["LoRA"]
+    assert lora["baseline"].startswith("full fine-tuning") and "batch 2 x seq_len 1024" in lora["baseline"]
+    # checkpointing at batch 2 x 1024 saves activations and costs a recomputed forward
+    ckpt = table.set_index("technique").loc["gradient checkpointing"]
+    assert ckpt["speed_ratio"] < 1 and ckpt["change"] == "grad_ckpt none -> full"
+
+
+def test_budget_tiers_differ_and_a_bigger_tier_never_buys_a_slower_cluster(result):
+    budgets = result.tables["budgets"]
+    by_band = {band: frame.set_index(["model", "method"]) for band, frame in budgets.groupby("budget", sort=False)}
+    labels = [band.label for band in BUDGETS]
+    answers = [tuple(by_band[label]["buy_config"].fillna("-")) + tuple(by_band[label]["rent_tokens"].round())
+               for label in labels]
+    assert len(set(answers)) == len(labels)
+    for small, big in zip(labels, labels[1:]):
+        both = by_band[small].join(by_band[big], lsuffix="_small", rsuffix="_big", how="inner")
+        bought = both.dropna(subset=["buy_tokens_per_s_small", "buy_tokens_per_s_big"])
+        assert (bought["buy_tokens_per_s_big"] >= bought["buy_tokens_per_s_small"]).all()
+        assert (both["rent_tokens_big"] > both["rent_tokens_small"]).all()
+
+
+def test_bought_clusters_are_capped_and_priced_with_servers(result):
+    from vramcalc.report import MAX_BUY_GPUS
+
+    bought = result.tables["budgets"].dropna(subset=["buy_config"])
+    for _, row in bought.iterrows():
+        count, gpu = row["buy_config"].split(" x ")
+        assert int(count) <= MAX_BUY_GPUS
+        if gpu == "h100-sxm":  # GPU + server share per GPU from data/gpu_list_prices.csv: $30,000 + $9,625
+            assert row["buy_usd"] >= int(count) * 39_625
+
+
+def test_open_vs_closed_puts_hosted_apis_beside_rent_and_buy(result):
+    rows = result.tables["open_vs_closed"]
+    kinds = set(rows["kind"])
+    assert {"hosted, closed model", "rent (on demand)", "buy"} <= kinds
+    # every row prices the same job: cost = $ per million tokens x 500 M tokens (the fixture's tokens, 1 epoch)
+    assert (rows["cost_usd"] - rows["usd_per_million_tokens"] * 500).abs().max() < 1e-6
+    assert "## Open vs closed" in result.markdown

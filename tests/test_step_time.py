@@ -164,3 +164,122 @@ def test_published_throughput_rows_carry_their_settings_and_source():
             assert row[column], (row["id"], column)
         assert len(row["source_commit"]) == 40
         get_gpu(row["gpu"])
+
+
+# -- host overhead, micro-batches and the setup knobs (issue 16 phase 2) ---------------------------------------------
+def test_a_step_of_tiny_kernels_takes_the_hosts_time():
+    # 1,000 kernels at 10 µs each = 10 ms of host time; their GPU work (1 MB at 1 TB/s = 1 µs) cannot hide it
+    work = st.StepWork(tokens=100, matmul_flops=0.0, attention_flops=0.0, memory_bytes=1e6, model_flops=0.0,
+                       kernels=st.KernelCounts(other=1000))
+    t = st.step_time(work, st.StepRates(100, 100, 1000, 989, host_s_per_kernel=10e-6))
+    assert t.step_s == pytest.approx(0.010)
+    assert t.host_s == pytest.approx(0.010 - 1e-6)
+    assert sum(t.breakdown_s().values()) == pytest.approx(t.step_s)
+
+
+def test_host_overhead_is_hidden_behind_long_kernels():
+    # 1,000 kernels = 10 ms of host time behind 1 TB of traffic at 1 TB/s = 1 s: the GPU is the bottleneck
+    work = st.StepWork(tokens=100, matmul_flops=0.0, attention_flops=0.0, memory_bytes=1e12, model_flops=0.0,
+                       kernels=st.KernelCounts(other=1000))
+    t = st.step_time(work, st.StepRates(100, 100, 1000, 989))
+    assert t.step_s == pytest.approx(1.0) and t.host_s == 0.0
+
+
+def test_kernel_count_of_one_eager_layer_by_hand():
+    # transformers LlamaDecoderLayer, eager, forward: 7 GEMMs (q, k, v, o, gate, up, down); 1 SDPA; elementwise:
+    # 2 LlamaRMSNorm x 8 (to, pow, mean, add, rsqrt, mul, to, mul weight) + RoPE 2 x 5 (mul, neg, cat, mul, add)
+    # + 1 contiguous + 2 residual adds + act and mul = 31. Full training: backward 2 GEMMs per GEMM, 1 SDPA backward,
+    # 2 kernels per elementwise kernel; + 20 for embedding, norm, lm_head and loss.
+    k = st.kernel_counts(1, micro_batches=1, fused=False, train_base=True, adapted_linears=0, quant_bits=0,
+                         recompute=(0.0, 0.0, 0.0))
+    assert (k.gemm, k.attention, k.other) == (7 * 3, 2, 31 * 3 + 20)
+
+
+def test_more_micro_batches_for_the_same_tokens_never_speed_up_a_step():
+    rates = st.StepRates(271, 156, 2039, 312)
+    times = []
+    for micro_batches in (1, 2, 8, 32):
+        setup = st.StepSetup(tokens=8 * 512, seq_len=512, train_base=False, adapter_params=4_000_000,
+                             quant_bits=4, micro_batches=micro_batches, adapted_linears=64)
+        times.append(st.step_time(st.step_work(LLAMA8B_SHAPE, setup, matmul_tflops=271), rates).step_s)
+    assert times == sorted(times) and times[-1] > times[0]
+
+
+def test_dequantization_is_paid_once_per_micro_batch():
+    one = st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=4096, seq_len=512, train_base=False, quant_bits=4),
+                       matmul_tflops=271)
+    four = st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=4096, seq_len=512, train_base=False, quant_bits=4,
+                                                     micro_batches=4), matmul_tflops=271)
+    n_linear = LLAMA8B_SHAPE.matmul_params - V8B * 4096
+    # 3 more micro-batches x (forward + backward) x (0.5 B read + 2 B written) per linear weight
+    assert four.memory_bytes - one.memory_bytes == pytest.approx(3 * 2 * 2.5 * n_linear)
+
+
+def test_int8_dequantization_reads_one_byte_per_weight():
+    assert st.dequantize_bytes(1e9, passes=2, bits=8) == pytest.approx(1e9 * 3.0 * 2)  # read 1 B, write 2 B
+
+
+@pytest.mark.parametrize("train_base", [True, False])
+def test_selective_checkpointing_recomputes_no_matmul_but_costs_time(train_base):
+    def work(mode):
+        return st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=4096, seq_len=4096, train_base=train_base,
+                                                         grad_ckpt=mode), matmul_tflops=800)
+    none, selective, full = work("none"), work("selective"), work("full")
+    assert selective.matmul_flops == none.matmul_flops < full.matmul_flops
+    assert selective.attention_flops == none.attention_flops < full.attention_flops
+    assert none.memory_bytes < selective.memory_bytes == pytest.approx(full.memory_bytes)
+    rates = st.StepRates(800, 300, 3350, 989)
+    assert st.step_time(none, rates).step_s < st.step_time(selective, rates).step_s < st.step_time(full, rates).step_s
+
+
+def test_fused_kernels_move_fewer_bytes_and_launch_fewer_kernels():
+    eager = st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=2048, seq_len=2048), matmul_tflops=800)
+    fused = st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=2048, seq_len=2048, fused_elementwise=True),
+                         matmul_tflops=800)
+    assert fused.memory_bytes < eager.memory_bytes and fused.kernels.other < eager.kernels.other
+    assert fused.matmul_flops == eager.matmul_flops
+
+
+def test_activation_offload_shows_only_past_the_compute():
+    rates = st.StepRates(800, 300, 3350, 989)
+    plain = st.step_time(st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=8192, seq_len=8192, grad_ckpt="full"),
+                                      matmul_tflops=800), rates)
+    pcie = st.step_time(st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=8192, seq_len=8192, grad_ckpt="full",
+                                                                  activation_offload=True, pcie_gb_s=64),
+                                     matmul_tflops=800), rates)
+    slow_link = st.step_time(st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=8192, seq_len=8192, grad_ckpt="none",
+                                                                       activation_offload=True, pcie_gb_s=0.1),
+                                          matmul_tflops=800), rates)
+    # full checkpointing offloads the layer inputs: 32 x 8192 x 4096 x 2 B = 2.1 GB, both ways over 64 GB/s = 67 ms,
+    # inside a step of several hundred ms: hidden
+    assert pcie.step_s == pytest.approx(plain.step_s)
+    assert slow_link.step_s > plain.step_s
+
+
+def test_padding_is_computed_but_not_counted():
+    rates = st.StepRates(800, 300, 3350, 989)
+    packed = st.step_time(st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=8192, seq_len=2048), matmul_tflops=800),
+                          rates)
+    padded = st.step_time(st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=8192, seq_len=2048, padding_fraction=0.25),
+                                       matmul_tflops=800), rates)
+    assert padded.step_s == pytest.approx(packed.step_s)
+    assert padded.tokens_per_s == pytest.approx(0.75 * packed.tokens_per_s)
+
+
+def test_a_power_cap_slows_the_clock_by_the_cube_root_of_the_dynamic_power_left():
+    # 700 W board, 30% static (210 W): a 500 W cap leaves 290 of 490 W dynamic; P ~ f^3 -> (290/490)^(1/3) = 0.8396
+    assert st.power_capped_clock_ratio(500, 700) == pytest.approx(0.8396, abs=1e-4)
+    assert st.power_capped_clock_ratio(700, 700) == 1.0 and st.power_capped_clock_ratio(800, 700) == 1.0
+    with pytest.raises(ValueError, match="static"):
+        st.power_capped_clock_ratio(100, 700)
+
+
+def test_the_published_rows_record_their_gradient_accumulation():
+    path = data_dir().parent / "benchmarks" / "throughput_published.csv"
+    if not path.exists():
+        pytest.skip("benchmarks/ is not shipped with the wheel")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:  # Qwen: "batch 1 x gradient accumulation 8" in each row's notes; the others state no accumulation
+        assert int(row["grad_accum"]) == (8 if "gradient accumulation 8" in row["notes"] else 1), row["id"]
+        assert int(row["batch_per_gpu"]) % int(row["grad_accum"]) == 0

@@ -187,6 +187,16 @@ def test_api_plan_and_its_csv_are_the_cli_plan(server, tmp_path):
     assert csv_bytes == (tmp_path / "plan.csv").read_bytes()
 
 
+def test_api_plan_without_tokens_is_the_cli_plan_per_million_tokens(server):
+    setup = {"model": "llama-3.1-8b", "method": "lora", "seq_len": 1024}
+    status, data = post(server, "/api/plan", setup)
+    assert status == 200, data
+    expected = json.loads(cli("plan", "llama-3.1-8b", *flags(setup), "--format", "json"))
+    assert json.loads(data) == expected
+    rows = [row for row in expected["rows"] if row.get("usd_per_million_tokens") is not None]
+    assert rows and all(row.get("train_tokens") in (None, "") for row in expected["rows"])
+
+
 def test_fits_gives_the_largest_micro_batch_that_fits(server):
     setup = {"model": "llama-3.1-8b", "method": "lora", "seq_len": 1024, "gpu": "h100-sxm"}
     status, data = post(server, "/api/fits", setup)

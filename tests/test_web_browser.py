@@ -40,7 +40,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 WIDTH, HEIGHT = 1280, 800
 
 SETUPS = [  # the form fields to set, in order (method first: it decides which fields are shown)
-    {"model": "llama-3.1-8b", "gpu": "rtx-4090", "method": "lora", "seq_len": 4096, "grad_ckpt": True,
+    {"model": "llama-3.1-8b", "gpu": "rtx-4090", "method": "lora", "seq_len": 4096, "grad_ckpt": "full",
      "lora_targets": "all-linear"},
     {"model": "qwen3-8b", "gpu": "a100-40gb", "method": "qlora", "precision": "mixed-bf16", "batch_size": 4,
      "lora_rank": 64, "double_quant": False},

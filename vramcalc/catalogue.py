@@ -111,6 +111,8 @@ def _model_rows() -> dict[str, ModelSpec]:
             qk_nope_head_dim=_int(row["qk_nope_head_dim"]) or 0,
             qk_rope_head_dim=_int(row["qk_rope_head_dim"]) or 0,
             v_head_dim=_int(row["v_head_dim"]) or 0,
+            rotary_dim=_int(row.get("rotary_dim")) or 0,  # partial rotary (phi); empty: all of head_dim
+            new_decoder_architecture=_bool(row.get("new_decoder_architecture")),  # falcon's layout
             hf_repo=row["hf_repo"],
             license=row["license"],
             source=row["source"],

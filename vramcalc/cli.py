@@ -105,12 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = verbs.add_parser("plan", help=text, description=text)
     sub.add_argument("model", help=MODEL_HELP)
     _setup_options(sub)
-    sub.add_argument("--tokens", required=True, help="dataset tokens, e.g. 1e9 (required)")
+    sub.add_argument("--tokens", help="dataset tokens, e.g. 1e9 (default: none; the plan gives the cost per "
+                     "million training tokens, and with --tokens the hours and totals)")
     sub.add_argument("--epochs", help="passes over the dataset (default: 1)")
     sub.add_argument("--gpus", help="comma list of catalogue GPUs (default: all of them)")
     sub.add_argument("--max-gpus", dest="max_gpus", help=max_gpus_help)
     sub.add_argument("--rank-by", dest="rank_by", help="cost | time (default: cost)")
-    sub.add_argument("--mfu", help="model-FLOPs utilisation to assume, 0 to 1 (default: per GPU generation)")
+    sub.add_argument("--mfu", help="model-FLOPs utilisation to assume, 0 to 1 (default: the step-time model, "
+                     "else per GPU generation)")
     sub.add_argument("--usd-per-kwh", dest="usd_per_kwh",
                      help=f"electricity price in $/kWh (default: {DEFAULT_USD_PER_KWH}, US commercial average)")
     sub.add_argument("--amortisation-years", dest="amortisation_years",
@@ -147,6 +149,7 @@ EXTRAS_NOTE = """\
 install extras:
   estimate, models, gpus, plan, max-batch, report   pip install vramcalc          (standard library only)
   trace                                             pip install 'vramcalc[trace]'
+  trace --stack torchtune|litgpt|trl                pip install 'vramcalc[trace,stacks]'
   python -m vramcalc.calibrate                      pip install 'vramcalc[calibrate]'
   vramcalc.plan() / vramcalc.sweep() DataFrames     pip install 'vramcalc[plan]'"""
 

@@ -16,15 +16,20 @@ executes. Time uses the hardware FLOPs: ``seconds per token = hardware FLOPs / (
 utilisation is the MFU of a run without checkpointing, and a checkpointed run takes 8/6 as long (full fine-tuning).
 Eager attention adds the HBM traffic of its materialised ``[b, a, s, s]`` scores (a bandwidth term, not FLOPs).
 
-Utilisation defaults per GPU generation come with their sources (``MFU_BY_GENERATION``); they are overridable per
-call, and a calibration profile replaces them (``job_utilisation``). Communication across GPUs is not modelled apart:
-the utilisation absorbs it. Prices come from the catalogue with their dates; a GPU without a price gets no cost
-(``None``), never 0.
+Where ``data/achievable_rates.csv`` has rates for the GPU, time comes from the work of one step instead
+(``step_for``: ``vramcalc/step_time.py`` — matmuls and attention at achievable rates, memory-bound bytes at HBM
+bandwidth, host overhead per kernel, communication on the ring's link with its overlap); an estimate on a named GPU
+carries its ``step_seconds``, ``tokens_per_second`` and ``mfu`` (``step_details``). Elsewhere, utilisation defaults per
+GPU generation come with their sources (``MFU_BY_GENERATION``); an explicit MFU overrides both, and a calibration
+profile replaces the model (``job_utilisation``, ``step_or_profile_utilisation``). Prices come from the catalogue and
+from data/cloud_prices.csv and data/gpu_list_prices.csv, each with its date and source; a GPU without a price gets no
+cost (``None``), never 0.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import statistics
 from dataclasses import dataclass
 
@@ -32,8 +37,9 @@ from .catalogue import GpuSpec, data_dir, get_model
 from .errors import VramcalcError, positive_number
 from .facts import GPUS_PER_NODE
 from .model import ModelSpec, ParamKind
-from .options import Attention, Method, Precision, Sharding
+from .options import Attention, Kernels, Method, Offload, Optimizer, Precision, Sharding
 from .profiles import profile_data
+from . import step_time as _step
 from .terms.distributed import Communication, communication_bytes_per_step
 from .terms.parameters import stored_tensors
 from .training_setup import ResolvedSetup, resolve_setup
@@ -255,6 +261,133 @@ def training_time(flops: TrainingFlops, tokens: float, epochs: float, num_gpus: 
     return TrainingTime(tokens_per_s, hours, hours * num_gpus)
 
 
+# -- step time from the work (vramcalc/step_time.py) ----------------------------------------------------------------
+# Optimizer states per trainable parameter and their bytes for the optimizer step's HBM traffic
+# (``step_time.optimizer_step_bytes``): (number of states, bytes per state or None for the parameter's own dtype).
+# torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype; bitsandbytes 8-bit keeps 1 byte each and its
+# 32-bit paged AdamW 4 bytes; SGD with momentum one buffer; Adafactor's factored second moment is O(rows + cols).
+OPTIMIZER_STATES: dict[Optimizer, tuple[int, float | None]] = {
+    Optimizer.ADAMW: (2, None),
+    Optimizer.ADAMW_FOREACH: (2, None),
+    Optimizer.ADAMW_8BIT: (2, 1.0),
+    Optimizer.PAGED_ADAMW: (2, 4.0),
+    Optimizer.PAGED_ADAMW_8BIT: (2, 1.0),
+    Optimizer.SGD: (0, None),
+    Optimizer.SGD_MOMENTUM: (1, None),
+    Optimizer.ADAFACTOR: (0, None),
+}
+
+
+def optimizer_bytes_per_param(resolved: ResolvedSetup) -> float:
+    """HBM bytes the optimizer step moves per trainable parameter: 2·param + grad + 2·states·state_bytes
+    (``step_time.optimizer_step_bytes``). Trainable parameters are the adapters' dtype for LoRA/QLoRA/prompt tuning
+    (peft's fp32 by default), the setup's parameter dtype for full fine-tuning."""
+    setup = resolved.setup
+    if setup.method is Method.FULL:
+        param_bytes = setup.precision.param_dtype.bits / 8
+    else:
+        param_bytes = 4.0 if setup.adapter_dtype.value == "fp32" else 2.0
+    states, state_bytes = OPTIMIZER_STATES.get(setup.optimizer, (2, None))
+    return _step.optimizer_step_bytes(1, param_bytes=param_bytes, grad_bytes=param_bytes,
+                                      state_bytes=param_bytes if state_bytes is None else state_bytes,
+                                      num_states=states)
+
+
+@functools.lru_cache(maxsize=256)
+def decoder_shape(spec: ModelSpec) -> _step.DecoderShape:
+    """The model's widths for ``step_time``: active matmul parameters (MoE), MLA's q·k and v head widths."""
+    return _step.DecoderShape(spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                              spec.intermediate_size, spec.vocab_size, active_matmul_params=matmul_params(spec),
+                              qk_head_dim=spec.qk_head_dim, v_head_dim=spec.v_dim)
+
+
+@functools.lru_cache(maxsize=4096)
+def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes: int = 0) -> _step.StepTime | None:
+    """One optimizer step of this setup on one GPU of ``gpu`` from its work (``vramcalc.step_time``), or None where
+    the model has no mechanism or no rate: an --offload setup (the optimizer runs on the host CPU), a matmul dtype
+    without an achievable rate for the GPU (fp32, a GPU missing from data/achievable_rates.csv), or a job over
+    several GPUs whose link the catalogue lacks. The caller then falls back to the per-generation MFU.
+
+    The setup maps onto ``step_time.StepSetup`` (docs/time-and-cost-wiring.md): tokens = micro-batch x padded
+    sequence x grad_accum on each data-parallel rank; the base trains only under full fine-tuning; LoRA's adapter
+    parameters and adapted linears; grad_ckpt none | full | selective (selective recomputes the non-matmul ops only);
+    compile or Liger kernels fuse the elementwise ops; the loss; QLoRA's 4-bit (nf4, fp4) or 8-bit (int8) base
+    dequantized per pass; fp8 linears; the optimizer's state bytes; the data-parallel degree and sharding on
+    ``ring_link``'s bandwidth; activation offload as overlapped PCIe copies; a paged optimizer's evicted states in and
+    out over PCIe each step (``paged_bytes`` x 2 / pcie). optimizer_in_backward moves the same bytes (no change in
+    work). Packing removes padding, and unpacked batches pad to their longest sequence, which depends on the dataset's
+    lengths: the step counts every token of batch x seq_len in both cases (padding_fraction 0).
+    """
+    setup = resolved.setup
+    if setup.offload is not Offload.NONE:
+        return None
+    dtype = matmul_dtype(resolved)
+    base_dtype = "bf16" if dtype == "fp8" else dtype
+    rates = _step.rates_index()
+    mm = _step.achievable_rate(gpu.name, "matmul", base_dtype, rates)
+    attn = _step.achievable_rate(gpu.name, "attention", base_dtype, rates)
+    fp8 = _step.achievable_rate(gpu.name, "matmul", "fp8", rates) if dtype == "fp8" else None
+    peak = peak_flop_per_s(gpu, base_dtype)
+    if mm is None or attn is None or peak is None or (dtype == "fp8" and fp8 is None) or not gpu.bandwidth_gb_s:
+        return None
+    dp = setup.num_gpus if setup.sharding is not Sharding.NONE else 1
+    link_gb_s = 0.0
+    if dp > 1:
+        try:
+            link_gb_s = ring_link(gpu, dp)[1]
+        except VramcalcError:
+            return None
+    shape = decoder_shape(spec)
+    lora = setup.method.uses_lora
+    paged_s = 2 * paged_bytes / (gpu.pcie_gb_s * GB_PER_S) if paged_bytes and gpu.pcie_gb_s else 0.0
+    work_setup = _step.StepSetup(
+        tokens=setup.batch_size * setup.padded_seq_len * setup.grad_accum, seq_len=setup.padded_seq_len,
+        train_base=setup.method is Method.FULL, adapter_params=0 if setup.method is Method.FULL else
+        adapter_params(spec, resolved), grad_ckpt=setup.grad_ckpt.value,
+        fused_elementwise=bool(setup.compile) or setup.kernels is Kernels.LIGER, loss=setup.loss.value,
+        quant_bits=setup.quant.bits if setup.method is Method.QLORA else 0,
+        fp8_linears=setup.precision is Precision.FP8, optimizer_bytes_per_param=optimizer_bytes_per_param(resolved),
+        dp=dp, sharding=setup.sharding.value, serial_extra_s=paged_s, micro_batches=setup.grad_accum,
+        adapted_linears=len(resolved.lora_modules) * spec.num_layers if lora else 0,
+        attention_kernel="eager" if resolved.attn_used is Attention.EAGER else "flash",
+        activation_offload=bool(setup.activation_offload), pcie_gb_s=float(gpu.pcie_gb_s or 0.0))
+    work = _step.step_work(shape, work_setup, matmul_tflops=mm.tflops, fp8_matmul_tflops=fp8.tflops if fp8 else None,
+                           dp_link_gb_s=link_gb_s)
+    return _step.step_time(work, _step.StepRates(mm.tflops, attn.tflops, gpu.bandwidth_gb_s, peak / TFLOPS))
+
+
+def step_details(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes: int = 0) -> dict:
+    """The ``details`` an estimate on a named GPU carries: step_seconds, tokens_per_second (dataset tokens, all GPUs
+    of the job), tokens_per_second_per_gpu, mfu (model FLOPs / datasheet dense peak) and step_breakdown_s; empty
+    when ``step_for`` has no step for the setup."""
+    step = step_for(spec, resolved, gpu, paged_bytes)
+    if step is None:
+        return {}
+    setup = resolved.setup
+    ranks = setup.num_gpus if setup.sharding is not Sharding.NONE else 1
+    per_gpu = step.tokens_per_s * setup.seq_len / setup.padded_seq_len  # dataset tokens (prompt tuning's are extra)
+    return {"step_seconds": step.step_s, "tokens_per_second": per_gpu * ranks, "tokens_per_second_per_gpu": per_gpu,
+            "mfu": step.mfu, "step_breakdown_s": step.breakdown_s()}
+
+
+def step_or_profile_utilisation(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, mfu: float | None = None,
+                                paged_bytes: int = 0) -> tuple[float | None, Utilisation]:
+    """Seconds per dataset token on one GPU from the step-time model, or None, and the utilisation that applies.
+
+    Precedence: an explicit ``mfu`` (the user's override); then a calibration profile for the GPU
+    (``job_utilisation``); then the step-time model; then the per-generation default."""
+    setup = resolved.setup
+    data = profile_data(gpu.name) or {}
+    calibrated = "mfu" in data or bool(data.get("step_times"))
+    if mfu is not None or calibrated:
+        return None, job_utilisation(gpu, setup.method, mfu)
+    step = step_for(spec, resolved, gpu, paged_bytes)
+    if step is None:
+        return None, job_utilisation(gpu, setup.method)
+    per_gpu = step.tokens_per_s * setup.seq_len / setup.padded_seq_len
+    return 1.0 / per_gpu, Utilisation(step.mfu, "step-time model (vramcalc/step_time.py, data/achievable_rates.csv)")
+
+
 # -- communication time --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CommunicationTime:
@@ -353,6 +486,122 @@ def energy_cost_usd(kwh: float | None, usd_per_kwh: float) -> float | None:
     return None if kwh is None else kwh * price
 
 
+# -- price tables: data/cloud_prices.csv, data/gpu_list_prices.csv (sources in data/prices_sources.md) -------------
+@dataclass(frozen=True)
+class CloudRate:
+    """One $/GPU-hour rate of data/cloud_prices.csv with its provider, region, date and source."""
+
+    provider: str
+    instance: str
+    gpu: str
+    pricing_model: str
+    usd_per_gpu_hour: float
+    region: str
+    price_date: str
+    source: str
+
+    @property
+    def kind(self) -> str:
+        """on-demand | spot | reserved: marketplace rates count as on-demand; committed use, contracts and prepaid
+        capacity blocks as reserved."""
+        model = self.pricing_model.lower()
+        if model.startswith("spot"):
+            return "spot"
+        if model.startswith(("reserved", "1-year", "3-year", "capacity-block", "committed")):
+            return "reserved"
+        return "on-demand"
+
+
+@dataclass(frozen=True)
+class ListPrice:
+    """One row of data/gpu_list_prices.csv: a GPU unit, a server's cost per GPU, a network port or the PUE."""
+
+    item: str
+    gpu: str
+    kind: str  # gpu_unit | server_per_gpu | server_all_in_per_gpu | network_per_gpu_port | pue
+    value: float
+    basis: str
+    price_date: str
+    source: str
+
+
+@functools.lru_cache(maxsize=1)
+def cloud_rates() -> tuple[CloudRate, ...]:
+    """Every row of data/cloud_prices.csv (read once)."""
+    with open(data_dir() / "cloud_prices.csv", newline="", encoding="utf-8") as handle:
+        return tuple(CloudRate(r["provider"], r["instance"], r["gpu"], r["pricing_model"], float(r["usd_per_gpu_hour"]),
+                               r["region"], r["price_date"], r["source"])
+                     for r in csv.DictReader(handle) if r["usd_per_gpu_hour"].strip())
+
+
+def cheapest_rates(gpu_name: str) -> dict[str, CloudRate]:
+    """The cheapest rate of each kind (on-demand, spot, reserved) for a GPU; kinds without a row are absent."""
+    best: dict[str, CloudRate] = {}
+    for rate in cloud_rates():
+        if rate.gpu == gpu_name and (rate.kind not in best or rate.usd_per_gpu_hour < best[rate.kind].usd_per_gpu_hour):
+            best[rate.kind] = rate
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def list_prices() -> tuple[ListPrice, ...]:
+    """Every row of data/gpu_list_prices.csv (read once)."""
+    with open(data_dir() / "gpu_list_prices.csv", newline="", encoding="utf-8") as handle:
+        return tuple(ListPrice(r["item"], r["gpu"], r["kind"], float(r["value"]), r["basis"], r["price_date"],
+                               r["source"]) for r in csv.DictReader(handle))
+
+
+def _list_row(kind: str, gpu_name: str = "", basis: str | None = None) -> ListPrice | None:
+    for row in list_prices():
+        if row.kind == kind and row.gpu == gpu_name and (basis is None or row.basis == basis):
+            return row
+    return None
+
+
+def gpu_list_price(gpu: GpuSpec) -> ListPrice | None:
+    """The GPU's unit price: data/gpu_list_prices.csv, else the catalogue's list_price_usd (with its basis)."""
+    row = _list_row("gpu_unit", gpu.name)
+    if row is not None:
+        return row
+    if gpu.list_price_usd is None:
+        return None
+    return ListPrice(gpu.display_name, gpu.name, "gpu_unit", float(gpu.list_price_usd), gpu.list_price_basis or "",
+                     "", "data/gpus.csv list_price_usd")
+
+
+def server_cost_per_gpu(gpu: GpuSpec) -> ListPrice | None:
+    """The non-GPU share of a server per GPU (chassis, CPUs, RAM, NICs, storage), for GPUs sold in 8-GPU NVLink
+    baseboards (HGX/OAM class: the catalogue gives them an NVLink bandwidth): the derived Thinkmate 8x H100 row
+    ($317,000 / 8 minus the GPU). Workstation and PCIe cards go into hosts of other shapes: None (not priced)."""
+    if not gpu.nvlink_bidir_gb_s:
+        return None
+    return _list_row("server_per_gpu", "h100-sxm", "derived")
+
+
+def network_port_price() -> ListPrice | None:
+    """One 400 Gb/s InfiniBand switch port per GPU (data/gpu_list_prices.csv)."""
+    return _list_row("network_per_gpu_port")
+
+
+def pue() -> ListPrice | None:
+    """The data-centre power usage effectiveness (facility / IT power) with its source."""
+    return _list_row("pue")
+
+
+def buy_total_usd(gpu: GpuSpec, num_gpus: int) -> float | None:
+    """(GPU + server per GPU) x GPUs + one network port per GPU once the job spans nodes (GPUS_PER_NODE); None
+    without a GPU price. Where no server cost applies (workstation cards) the GPUs alone are counted."""
+    unit = gpu_list_price(gpu)
+    if unit is None:
+        return None
+    server = server_cost_per_gpu(gpu)
+    port = network_port_price()
+    total = (unit.value + (server.value if server else 0.0)) * num_gpus
+    if num_gpus > GPUS_PER_NODE and port is not None:
+        total += port.value * num_gpus
+    return total
+
+
 # -- hosted fine-tuning services ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HostedPrice:
@@ -404,5 +653,7 @@ __all__ = [
     "DEFAULT_USD_PER_KWH", "DEFAULT_AMORTISATION_YEARS", "MFU_BY_GENERATION", "TrainingFlops",
     "TrainingTime", "Utilisation", "HostedPrice", "matmul_params", "training_flops", "peak_flop_per_s",
     "job_utilisation", "training_time", "rent_cost_usd", "buy_cost_usd", "amortised_buy_cost_usd", "energy_kwh",
-    "energy_cost_usd", "hosted_prices", "hosted_cost_usd", "positive_number",
+    "energy_cost_usd", "hosted_prices", "hosted_cost_usd", "positive_number", "step_for", "step_details",
+    "step_or_profile_utilisation", "CloudRate", "ListPrice", "cloud_rates", "cheapest_rates", "list_prices",
+    "gpu_list_price", "server_cost_per_gpu", "network_port_price", "pue", "buy_total_usd",
 ]

@@ -27,9 +27,10 @@ from .breakdown import MemoryBreakdown
 from .catalogue import GpuSpec, get_gpu, get_model
 from .errors import VramcalcError
 from .model import ModelSpec
-from .options import Phase, Sharding, Term
+from .options import Loss, Phase, Sharding, Term
 from .profiles import runtime_profile
-from .terms import activations, distributed, float8, logits, optimizer, parameters, runtime, states, temporaries
+from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, quantized, runtime,
+                    states, temporaries, trl_loss)
 from .terms.distributed import GatheredTimeline
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import maximum, select
@@ -137,6 +138,10 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
     }
     if setup.sharding is not Sharding.NONE:
         out.update(_data_parallel_details(spec, resolved, device))
+    if device is not None:  # the step's time on that GPU (cost.step_for: cached per setup, standard library)
+        from .cost import step_details
+
+        out.update(step_details(spec, resolved, device, paged_bytes))
     if details:
         out.update(details)
     inputs = functools.partial(_inputs, spec, resolved)  # built on first access of ``inputs``
@@ -192,7 +197,10 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     setup = resolved.setup
     b = setup.batch_size if batch_size is None else batch_size
     s = setup.padded_seq_len if seq_len is None else seq_len + (setup.padded_seq_len - setup.seq_len)
-    masked = activations.sliding_window_masked(spec, s)
+    sequences = b
+    if setup.packing:  # one row of b·s tokens (DataCollatorWithFlattening)
+        b, s = 1, b * s
+    masked = activations.attention_masked(spec, s, resolved.attn_used, setup.packing, sequences)
     if not hasattr(masked, "shape"):
         return _moments(spec, resolved, b, s, masked)
     if masked.all() or not masked.any():
@@ -208,14 +216,16 @@ def layer_setup(resolved: ResolvedSetup) -> activations.LayerSetup:
     """The values a decoder layer's saved tensors depend on (``activations.LayerSetup``), from a resolved setup."""
     setup = resolved.setup
     return _layer_setup(setup.method, setup.precision, setup.adapter_dtype, resolved.attn_used, resolved.lora_modules,
-                        setup.lora_rank, setup.lora_dropout)
+                        setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload)
 
 
 @functools.lru_cache(maxsize=4096)
-def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora_rank, lora_dropout):
+def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora_rank, lora_dropout, kernels,
+                 compiled, offload):
     lora = method.uses_lora
     return activations.LayerSetup(method, activations.dtypes(method, precision, adapter_dtype), attn_used,
-                                  lora_modules if lora else (), lora_rank if lora else 0, lora_dropout if lora else 0.0)
+                                  lora_modules if lora else (), lora_rank if lora else 0, lora_dropout if lora else 0.0,
+                                  kernels, compiled, offload)
 
 
 @functools.lru_cache(maxsize=256)
@@ -240,6 +250,7 @@ class _SavedPlan(NamedTuple):
     attention: activations.Saved  # one layer's attention block
     kept: tuple  # (dense, MoE) what a layer keeps until its backward (None for a kind the model lacks)
     recompute: tuple  # (dense, MoE) a layer's recomputed activations under checkpointing (None without)
+    attention_left: tuple  # (dense, MoE) what its backward adds to ``kept`` once the MLP's backward is done
 
 
 @functools.lru_cache(maxsize=4096)
@@ -247,11 +258,13 @@ def _saved_plan(spec: ModelSpec, layer: activations.LayerSetup, ckpt: bool, mask
     kinds = (False, True) if spec.is_moe else (False,)  # the layer kinds the model has
     kept = tuple(activations.layer_kept(spec, layer, ckpt, moe, masked) if moe in kinds else None
                  for moe in (False, True))
-    recompute = tuple(activations.layer_saved(spec, layer, moe, masked) if ckpt and moe in kinds else None
+    recompute = tuple(activations.layer_recomputed(spec, layer, ckpt, moe, masked) if moe in kinds else None
                       for moe in (False, True))
+    attention_left = tuple(activations.attention_left(spec, layer, ckpt, moe, masked) if moe in kinds else None
+                           for moe in (False, True))
     return _SavedPlan(activations.model_saved(spec, layer, ckpt, masked), activations.head_saved(spec, layer),
                       activations.shared_saved(spec, layer.dtypes, layer.attn_used, ckpt, masked),
-                      activations.attention_saved(spec, layer, masked), kept, recompute)
+                      activations.attention_saved(spec, layer, masked), kept, recompute, attention_left)
 
 
 def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> list[Moment]:
@@ -262,6 +275,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     tensors = parameters.stored_tensors(spec, resolved)
     # one GPU's weights, gradients and optimizer states
     rank = states.model_states(spec, tensors, setup.method, setup.optimizer, setup.grad_accum)
+    if setup.optimizer_in_backward:
+        rank = states.optimizer_in_backward(rank, tensors, setup.optimizer)
     if setup.sharding is not Sharding.NONE:  # the engine shards them, and may compute in 16 bits
         rank = distributed.rank_states(spec, resolved, rank)
         compute = distributed.compute_setup(resolved)  # the setup itself under DDP
@@ -275,13 +290,20 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     Bb = B + rank.backward_buffers
     plan = _saved_plan(spec, layer, ckpt, masked)
     A = plan.model.bytes(b, s)
+    extras = quantized.step_extras(spec, csetup, layer, masked, b, s, adapters.head_input_shared(layer))
+    head_lora = adapters.head_lora_saved(spec, layer).bytes(b, s)
+    A = A + extras.held + head_lora + adapters.embedding_lora_saved(spec, layer, ckpt, masked).bytes(b, s)
     head_grad = rank.head_gradient
-    lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, head_grad)
     copies = temporaries.weight_copy_bytes(spec, dt, csetup.method, ckpt, tensors)
-    dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens)
+    if csetup.loss is Loss.TRL:  # TRL's fused lm_head never calls lm_head: no autocast copy of it either
+        lg = trl_loss.trl_logits_bytes(spec, dt, tokens, head_grad, sequences=b)
+        copies = trl_loss.without_head_copy(copies, spec, dt, tensors)
+    else:
+        lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, head_grad, sequences=b, compiled=csetup.compile)
+    dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens, setup=csetup)
     dequant = dequant + float8.layer_backward_cast_bytes(spec, setup.precision, tokens)  # fp8: torchao's casts
     hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)
-    head_saved = plan.head.bytes(b, s)
+    head_saved = plan.head.bytes(b, s) + head_lora
     gathered = GatheredTimeline(spec, rank.gathering)
     moments = []
     if rank.gathering is not None:  # the last decoder layer's copy-out and forward, and the tail's copy-out
@@ -294,12 +316,16 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
             Moment(Phase.FORWARD, W + gathered.tail_copy_out, B + G_acc, O, A_layers, 0, 0),
         ]
     norm_backward = temporaries.norm_backward_bytes(spec, tokens)
+    if extras.head_forward_moment:  # a quantized lm_head's forward: its dequantized weight beside its output
+        moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A, extras.head_forward_logits,
+                              copies.forward + extras.head_forward))
     moments += [
         Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, lg.forward_peak, copies.forward),
         Moment(Phase.BACKWARD_START, W + gathered.loss_backward, B + G_acc, O, A, lg.backward_peak,
                copies.backward_start),
         Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad), O, A, lg.head_backward,
-               copies.backward_start + hidden_grad),
+               copies.backward_start + hidden_grad + extras.head_backward
+               + adapters.head_lora_backward_bytes(spec, layer, tokens)),
         # the final norm's backward: its input gradient (fused: the loss's grad_input) and fp32 transients
         Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad), O, A,
                lg.forward_hidden_grad,
@@ -318,6 +344,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                    0, 0, embedding_backward),
         ]
     moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, 0, 0, rank.optimizer_step))
+    if setup.sharding is Sharding.NONE:  # the weights reaching the GPU (``terms/loading.py``), before any step
+        moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - W))
     return moments
 
 
@@ -344,6 +372,7 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     kept = tuple(None if saved is None else saved.bytes(b, s) for saved in plan.kept)  # (dense, MoE)
     grads = rank.layer_gradients  # (dense, MoE)
     recompute = tuple(0 if saved is None else saved.bytes(b, s) for saved in plan.recompute)
+    attention_lefts = tuple(0 if saved is None else saved.bytes(b, s) for saved in plan.attention_left)
     attention = plan.attention.bytes(b, s)
     layer_end = norm_backward + 2 * hidden_grad  # the norm's fp32 backward, two [T, h]
     moments = []
@@ -367,7 +396,7 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                 # saved tensors are freed and its gradients made
                 moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G_here), O,
                                       shared + left + recompute[moe], 0, mlp_transient))
-                attention_left = attention if ckpt else attention - kept_moe
+                attention_left = attention_lefts[moe]
                 moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G_here + grads_moe), O,
                                       shared + left + attention_left, 0, attention_transient))
             else:
@@ -379,7 +408,7 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                 # the MLP's backward ending: the layer's gradients (the MLP's are most of them) wait beside what
                 # its attention block still holds (recomputed under checkpointing, beside the checkpoint) and the
                 # MLP's last backward transients (MoE: the experts' [T·K, 2·I_m] gradients)
-                mlp_done = attention if ckpt else attention - kept_moe
+                mlp_done = attention_lefts[moe]
                 moments.append(Moment(Phase.BACKWARD, weights, waiting + maximum(G_acc, unit.grads_bytes), O,
                                       shared + left + mlp_done, 0, maximum(layer_end, transient)))
         n = hi - lo + 1

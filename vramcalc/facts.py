@@ -47,6 +47,8 @@ GPUS_PER_NODE = 8  # an HGX/DGX node; more GPUs are counted in nodes of eight
 
 # -- losses --------------------------------------------------------------------------------------------------------
 CHUNKED_LOSS_CHUNKS = 8  # torchtune CEWithChunkedOutputLoss default num_output_chunks
+# litgpt finetune/lora.py and full.py: ``model(input_ids, lm_head_chunk_size=128)``: lm_head in 128-position chunks
+LITGPT_LM_HEAD_CHUNK_POSITIONS = 128
 
 
 def fused_chunk_tokens(tokens, vocab: int, hidden: int):
@@ -80,12 +82,13 @@ def half_dtype(precision: Precision) -> DType:
 # (bitsandbytes 0.43.1 bitsandbytes/autograd/_functions.py:516; 0.41.1 :522-523, 0.42.0 :523); 0.44.1 (:516) and
 # later keep ``(None, B)``. A plain ctx attribute, not ``save_for_backward``: it bypasses saved-tensor hooks (so
 # non-reentrant checkpointing does not drop it) and lives until the autograd graph dies, not until the node's backward.
-BNB_SAVES_4BIT_INPUT_UP_TO = "0.43"
+# (``TrainingSetup.quant_saves_input``; the rule is ``terms/quantized.py``, the trace's emulation ``tracing/qlora.py``.)
 # transformers ``BitsAndBytesConfig(llm_int8_threshold=6.0)`` (utils/quantization_config.py): outlier threshold of
 # Linear8bitLt / MatMul8bitLt. Outlier columns are data-dependent; vramcalc counts none (subA [T, n_outliers] in the
 # input dtype is a few columns in practice, LLM.int8 paper: Dettmers et al. 2022, section 4).
 BNB_LLM_INT8_THRESHOLD = 6.0
-BNB_INT8_SCB_BITS = 32  # Int8Params.SCB: one fp32 absmax per output row (bitsandbytes nn/modules.py Int8Params._quantize)
+# Int8Params.SCB: one fp32 absmax per output row (bitsandbytes nn/modules.py Int8Params._quantize)
+BNB_INT8_SCB_BITS = 32
 
 # -- model loading (the ``load`` phase) ------------------------------------------------------------------------------
 # Transient bytes per weight of one Linear while a quantizer turns its 16-bit copy into 4 bits (on top of the 16-bit
@@ -95,4 +98,7 @@ BNB_INT8_SCB_BITS = 32  # Int8Params.SCB: one fp32 absmax per output row (bitsan
 # output and absmax (its final storage): the only scratch is double quantization's ``absmax - mean`` fp32 copy,
 # 4 bytes per 64 weights (bitsandbytes/functional.py::quantize_4bit).
 TORCHAO_01_TO_NF4_BYTES_PER_WEIGHT = 68
+# (torchao 0.18 ``to_nf4`` quantizes in 1 Mi-element chunks, ``quantize_/workflows/nf4/nf4_tensor.py``
+# ``CHUNK_SIZE = 1024**2``: traced on fake bf16 weights, peak scratch 9.0 B/weight at 4096x4096 and 6.2 B/weight at
+# 14336x4096 (about 4.5·n plus a fixed ~70 MB); not a vramcalc option yet.)
 BNB_QUANTIZE_4BIT_SCRATCH_BYTES_PER_WEIGHT = 4 / 64

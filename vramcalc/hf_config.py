@@ -250,14 +250,14 @@ def _layout_fields(f: _Fields, family: str, fields: dict) -> dict:
         return out  # Llama's fields; head_dim 256 and tied embeddings are the config defaults
     rope = f.mapping("rope_parameters")
     if family == "phi":
-        # PhiConfig: no num_key_value_heads default (= heads), head_dim = h / a (PhiAttention L159),
+        # PhiConfig: no num_key_value_heads default (= heads), head_dim = h / a unless set (PhiAttention L159),
         # partial_rotary_factor 0.5 (configuration_phi.py L87), all Linears with bias (modeling_phi.py L164-167,
         # L243-244), tie_word_embeddings False (L76)
         if f.flag("qk_layernorm", False):
             raise VramcalcError("phi with qk_layernorm is not supported (the estimate does not model its q/k norms)")
         factor = f.fraction("partial_rotary_factor", f.fraction("partial_rotary_factor", 0.5, rope))
-        head_dim = hidden // heads
-        out.update(head_dim=head_dim, rotary_dim=int(head_dim * factor), qkv_bias=True, o_bias=True, mlp_bias=True)
+        head_dim = fields["head_dim"]  # getattr(config, "head_dim", h // a): a config.json head_dim is used
+        out.update(rotary_dim=int(head_dim * factor), qkv_bias=True, o_bias=True, mlp_bias=True)
     elif family == "gpt_neox":
         # GPTNeoXConfig: rotary_pct 0.25 (configuration_gpt_neox.py L98), use_parallel_residual True (L78),
         # attention_bias True (L80) on query_key_value and dense; the MLP's Linears always have a bias (L41-42)

@@ -89,6 +89,7 @@ class FamilyTraits:
     gated_mlp: bool = True  # False: fc1 -> GELU -> fc2 (two Linears, both with bias)
     lm_head_bias: bool = False  # Phi-1/2: lm_head = nn.Linear(h, V, bias=True)
     traceable: bool = True  # False: transformers has no class for it (remote code only); estimate only
+    bnb_quantizable: bool = True  # False: its Linears subclass nn.Linear, which bitsandbytes loading leaves 16-bit
     # peft target names of the projections: one fused qkv name is [h, (a + 2k)·d]; two gated MLP names are a fused
     # gate_up [h, 2I] and down, three are gate, up, down; two plain MLP names (gated_mlp False) are up and down
     qkv_names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
@@ -125,13 +126,14 @@ FAMILIES: dict[str, FamilyTraits] = {
                         o_name="dense", mlp_names=("fc1", "fc2")),
     # models/gpt_neox/modeling_gpt_neox.py: fused query_key_value [b, s, a, 3d] (L181, L195-196), dense, two
     # LayerNorms both on the layer input and one residual add (use_parallel_residual, L249-263), GELU MLP (L38-49)
-    "gpt_neox": FamilyTraits(layer_norm=True, parallel_block=True, gated_mlp=False, lora_qv=("query_key_value",),
+    "gpt_neox": FamilyTraits(layer_norm=True, parallel_block=True, gated_mlp=False, fused_qkv=True,
+                             lora_qv=("query_key_value",),
                              qkv_names=("query_key_value",), o_name="dense",
                              mlp_names=("dense_h_to_4h", "dense_4h_to_h")),
     # models/falcon/modeling_falcon.py: fused query_key_value (L230-236), dense, GELU MLP (L515-527); one LayerNorm
     # (input_layernorm) or, with new_decoder_architecture, ln_attn and ln_mlp (L552-565); parallel_attn (L599-621)
     "falcon": FamilyTraits(norms_per_layer=1, layer_norm=True, parallel_block=True, gated_mlp=False,
-                           default_tied=True, lora_qv=("query_key_value",), qkv_names=("query_key_value",),
+                           default_tied=True, bnb_quantizable=False, lora_qv=("query_key_value",), qkv_names=("query_key_value",),
                            o_name="dense", mlp_names=("dense_h_to_4h", "dense_4h_to_h")),
     # Qwen v1 (remote code ``modeling_qwen.py`` of Qwen/Qwen-7B, QWenLMHeadModel; no transformers class): fused
     # c_attn with bias, attn.c_proj without, RMSNorm ln_1/ln_2/ln_f, QWenMLP a1 = w1(x), a2 = w2(x),

@@ -132,6 +132,9 @@ class Loss(Choice):
     HF = "hf"  # transformers ForCausalLMLoss: full fp32 logits
     CHUNKED = "chunked"  # cross-entropy over chunks of tokens, recomputing each chunk's logits in backward
     FUSED = "fused"  # a fused linear-cross-entropy kernel (Liger / Apple cut-cross-entropy): no [T, V] tensor
+    TORCHTUNE = "torchtune"  # CEWithChunkedOutputLoss as torchtune's recipes call it: the 8 chunks of logits alive
+    LITGPT = "litgpt"  # litgpt chunked_cross_entropy on Fabric's fp32 logits, which fit() keeps through backward
+    TRL = "trl"  # TRL SFTTrainer's fused lm_head: [4096, 32768] log-prob tiles, no [T, V] logits (terms/trl_loss.py)
 
 
 class Sharding(Choice):

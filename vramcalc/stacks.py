@@ -45,7 +45,7 @@ class StackPreset:
         return tuple(knob for knob in self.knobs if knob.applies_to(method))
 
 
-_TRL = "huggingface/trl@f2cd57710 (1.10.0.dev0)"
+_TRL = "huggingface/trl 1.16.0 (PyPI wheel)"
 _AXOLOTL = "axolotl-ai-cloud/axolotl@067b021c8 (0.18.0)"
 _LLAMA_FACTORY = "hiyouga/LLaMA-Factory@ff6d4d12e (0.9.6.dev0)"
 _UNSLOTH = "unslothai/unsloth@015bdef0d9 (2026.8.19), unsloth-zoo@ce232d6c"
@@ -58,14 +58,20 @@ PRESETS: dict[Stack, StackPreset] = {
         "transformers Trainer + peft, as documented in shared/reference/memory-math.md: vramcalc's own defaults",
         ()),
     Stack.TRL: StackPreset(Stack.TRL, _TRL, "TRL SFTTrainer", (
-        Knob("grad_ckpt", "full", "trl/trainer/base_config.py:61-62 (gradient_checkpointing=True)"),
-        Knob("loss", "chunked", "trl/trainer/sft_config.py:108-116 (loss_type='chunked_nll'); sft_trainer.py:86 "
-             "(256-token chunks, each under torch.utils.checkpoint)"),
-        Knob("adapter_dtype", "bf16", "trl/trainer/sft_trainer.py:1123-1130 (QLoRA: trainable params cast to bf16)",
-             (Method.QLORA,)),
-        Knob("kbit_prep", False, "SFTTrainer never calls prepare_model_for_kbit_training (only experimental BCO/CPO)",
-             (Method.QLORA,)),
-        Knob("packing", False, "trl/trainer/sft_config.py:225-245 (packing=False, padding_free=False)"),
+        Knob("grad_ckpt", "full", "trl/trainer/base_config.py:62-63 (gradient_checkpointing=True; non-reentrant, "
+             "transformers 5 default)"),
+        Knob("loss", "trl", "trl/trainer/sft_trainer.py:1144-1147 (add_fused_lm_head, always; loss_type='nll' "
+             "default, sft_config.py:283-290) -> trl/kernels/chunked_logprob.py:299 ([4096, 32768] log-prob tiles, "
+             "no [T, V] logits, no torch.utils.checkpoint)"),
+        Knob("adapter_dtype", "bf16", "trl/trainer/sft_trainer.py:902-911 (quantized base: trainable params except "
+             "DoRA's magnitude cast to bf16)", (Method.QLORA,)),
+        Knob("kbit_prep", False, "SFTTrainer never calls prepare_model_for_kbit_training (only trl/experimental/"
+             "{cpo,orpo})", (Method.QLORA,)),
+        Knob("packing", False, "trl/trainer/sft_config.py:222-223,238-239 (packing=False, padding_free=False)"),
+        Knob("activation_offload", False, "trl/trainer/sft_config.py:291-292 (activation_offloading=False)"),
+        Knob("precision", "mixed-bf16", "trl/trainer/utils.py:1332 (a model given by its id loads with dtype "
+             "'float32' unless model_init_kwargs says otherwise) + base_config.py:68-74,108 (bf16 autocast)",
+             (Method.FULL, Method.LORA)),
     )),
     Stack.AXOLOTL: StackPreset(Stack.AXOLOTL, _AXOLOTL, "axolotl (YAML defaults)", (
         Knob("grad_ckpt", "none", "src/axolotl/utils/schemas/config.py:600-602 (gradient_checkpointing unset)"),
@@ -101,8 +107,9 @@ PRESETS: dict[Stack, StackPreset] = {
              "(enable_activation_checkpointing: True)"),
         Knob("activation_offload", False, "same configs (enable_activation_offloading: False)"),
         Knob("compile", False, "same configs (compile: False)"),
-        Knob("loss", "chunked", "torchtune/modules/loss/cross_entropy_loss.py:36,110,177 (LinearCrossEntropyLoss, "
-             "8 chunks, fp32 per chunk)"),
+        Knob("loss", "torchtune", "torchtune 0.6.1 recipes/configs/llama3_1/8B_*_single_device.yaml "
+             "(CEWithChunkedOutputLoss, 8 chunks, fp32 per chunk); recipes/lora_finetune_single_device.py:639-661 "
+             "holds the chunk list until the loss is computed"),
         Knob("optimizer", "adamw", "8B_lora_single_device.yaml (torch.optim.AdamW, fused: True)", _ADAPTER_METHODS),
         Knob("optimizer", "paged-adamw-8bit", "8B_full_single_device.yaml (bitsandbytes.optim.PagedAdamW8bit)",
              (Method.FULL,)),
@@ -124,7 +131,8 @@ PRESETS: dict[Stack, StackPreset] = {
              "the model is quantized)", (Method.QLORA,)),
         Knob("lora_rank", 8, "litgpt/finetune/lora.py (lora_r: int = 8)", _ADAPTER_METHODS),
         Knob("lora_dropout", 0.05, "litgpt/finetune/lora.py (lora_dropout: float = 0.05)", _ADAPTER_METHODS),
-        Knob("loss", "chunked", "litgpt/utils.py chunked_cross_entropy (lm_head in 128-token chunks)"),
+        Knob("loss", "litgpt", "litgpt/finetune/lora.py:355-359 (lm_head in 128-position chunks, Fabric's fp32 "
+             "outputs kept through fabric.backward), litgpt/utils.py:302-331 chunked_cross_entropy"),
         Knob("double_quant", False, "--quantize bnb.nf4 (bnb.nf4-dq is the double-quantized choice)",
              (Method.QLORA,)),
         Knob("quantize_lm_head", True, "lightning/fabric/plugins/precision/bitsandbytes.py:97,130 (every "

@@ -6,7 +6,14 @@ Standard library only; every function takes plain numbers (the fields of ``vramc
 The step is the sum of four kinds of work on one GPU (Williams et al., "Roofline", CACM 2009: each kernel is bound
 either by arithmetic or by memory traffic, and the two kinds of kernel run one after another in a training step):
 
-  step_s = matmul_flops / R_mm + attention_flops / R_attn + memory_bytes / B + exposed_comm_s
+  step_s = max(matmul_flops / R_mm, n_gemm·h) + max(attention_flops / R_attn, n_attn·h)
+           + max(memory_bytes / B, n_other·h) + exposed_comm_s
+
+* ``h`` is the host's time to issue one kernel (Python, the dispatcher, autograd and the launch), ``n_*`` the kernels
+  of each kind in the step (``kernel_counts``): the GPU cannot run a kernel before the host has issued it, so a kind
+  of work takes whichever is longer (Horace He, "Making Deep Learning Go Brrrr From First Principles": compute,
+  memory and *overhead* are the three regimes). It matters where kernels are small: short sequences, micro-batch 1,
+  LoRA's rank-r matmuls, eager (uncompiled) models with many elementwise kernels per layer.
 
 * ``R_mm`` is an *achievable* dense GEMM rate for the matmul dtype (measured cuBLAS/hipBLASLt rates, not the
   datasheet peak): ``data/achievable_rates.csv``, each row with its source (``achievable_rate``).
@@ -45,6 +52,16 @@ NCCL_BUS_EFFICIENCY = 0.8
 DATA_PARALLEL_OVERLAP = 0.9
 TENSOR_PARALLEL_OVERLAP = 0.0
 ASYNC_TENSOR_PARALLEL_OVERLAP = 1.0
+
+# Host time to issue one eager PyTorch op on a CUDA device: "~5-25 µs of CPU-side work per op" (Python bytecode ~1,
+# pybind ~1, autograd ~1-3, ATen dispatch ~1-2, backend ~1-5, cudaLaunchKernel ~1-3 µs: jiahuanglin.xyz, "From
+# PyTorch op to kernel launch", gpu_kernel_serving lesson 18). 10 µs is taken, inside that range, before comparing
+# with any published throughput (not fitted; benchmarks/throughput.md shows the effect).
+HOST_SECONDS_PER_KERNEL = 10e-6
+
+# Activation offloading copies saved activations to pinned host memory on a side stream in forward and back in
+# backward (torchtune ``OffloadActivations``, use_streams=True): the copies overlap compute; what exceeds compute shows.
+ACTIVATION_OFFLOAD_OVERLAP = 1.0
 
 
 # -- matmul FLOPs ---------------------------------------------------------------------------------------------------
@@ -142,8 +159,10 @@ def elementwise_bytes(tokens: float, hidden_size: int, q_width: int, kv_width: i
 # log-softmax (read 4, write 4), its backward (read 4 + 4, write 4) and the cast back (read 4, write 2) = 30 bytes;
 # torchtune's chunked cross-entropy does the same per chunk (same traffic, smaller peak). A fused linear+CE kernel
 # (Liger FusedLinearCrossEntropy) never writes the logits: ≈ 4 bytes (read the chunk's logits twice in SRAM-sized
-# tiles; assumption).
-LOSS_BYTES_PER_LOGIT = {"hf": 30.0, "chunked": 30.0, "fused": 4.0}
+# tiles; assumption). litgpt's loss also writes and rereads Fabric's fp32 copy of every logit (+4 +4 - the cast's own
+# 4-byte write it replaces = 34); TRL's tiled log-prob kernel writes each fp32 tile and reads it back, in forward and
+# again when backward recomputes it: 2 · (4 + 4) = 16 (assumption, from trl/kernels/chunked_logprob.py's structure).
+LOSS_BYTES_PER_LOGIT = {"hf": 30.0, "chunked": 30.0, "torchtune": 30.0, "litgpt": 34.0, "trl": 16.0, "fused": 4.0}
 
 
 def loss_bytes(tokens: float, vocab_size: int, loss: str = "hf") -> float:
@@ -239,10 +258,19 @@ def exposed_comm_seconds(comm_s: float, compute_s: float, overlap: float) -> flo
 
 # -- the step -------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class KernelCounts:
+    """Kernels the host issues in one optimizer step, by kind (``kernel_counts``)."""
+
+    gemm: float = 0.0  # the base model's matmuls
+    attention: float = 0.0
+    other: float = 0.0  # elementwise, norms, casts, LoRA's rank-r matmuls, dequantization, loss, optimizer
+
+
+@dataclass(frozen=True)
 class StepWork:
     """The work of one optimizer step on one GPU."""
 
-    tokens: float  # tokens this GPU's step trains on (all micro-batches)
+    tokens: float  # tokens this GPU's step trains on (all micro-batches), padding excluded
     matmul_flops: float
     attention_flops: float
     memory_bytes: float
@@ -250,21 +278,25 @@ class StepWork:
     comm_s: float = 0.0  # overlappable collective time at the link's bandwidth (data parallel), before overlap
     comm_overlap: float = 0.0
     serial_s: float = 0.0  # time nothing hides: blocking tensor-parallel collectives, paged-optimizer PCIe traffic
+    kernels: KernelCounts = KernelCounts()
+    side_stream_s: float = 0.0  # copies on a side stream (activation offload): exposed past the compute only
 
 
 @dataclass(frozen=True)
 class StepRates:
-    """Achievable rates of one GPU (TFLOP/s, GB/s) and its datasheet dense peak for MFU."""
+    """Achievable rates of one GPU (TFLOP/s, GB/s), its datasheet dense peak for MFU, and the host's time per kernel."""
 
     matmul_tflops: float
     attention_tflops: float
     bandwidth_gb_s: float
     peak_tflops: float
+    host_s_per_kernel: float = HOST_SECONDS_PER_KERNEL
 
 
 @dataclass(frozen=True)
 class StepTime:
-    """How long the step takes and what it achieves."""
+    """How long the step takes and what it achieves. ``host_s`` is the time the GPU waits for the host to issue
+    kernels (the part of each kind of work where n·h exceeds the GPU time); it is included in ``step_s``."""
 
     matmul_s: float
     attention_s: float
@@ -273,20 +305,51 @@ class StepTime:
     step_s: float
     tokens_per_s: float  # this GPU's tokens per second
     mfu: float
+    host_s: float = 0.0
+
+    def breakdown_s(self) -> dict[str, float]:
+        """The step's seconds by kind: matmul, attention, memory, host overhead, exposed communication (sum = step_s)."""
+        return {"matmul": self.matmul_s, "attention": self.attention_s, "memory": self.memory_s,
+                "host_overhead": self.host_s, "exposed_communication": self.exposed_comm_s}
 
 
 def step_time(work: StepWork, rates: StepRates) -> StepTime:
-    """step_s = matmul/R_mm + attention/R_attn + bytes/B + exposed communication + serial time (module docstring);
+    """step_s = Σ over kinds max(GPU time, kernels·h) + exposed communication + serial time (module docstring);
     tokens_per_s = tokens/step_s; mfu = model_flops / (step_s · peak)."""
     matmul_s = work.matmul_flops / (rates.matmul_tflops * TFLOPS)
     attention_s = work.attention_flops / (rates.attention_tflops * TFLOPS)
     memory_s = memory_seconds(work.memory_bytes, rates.bandwidth_gb_s)
-    compute_s = matmul_s + attention_s + memory_s
+    h = rates.host_s_per_kernel
+    host_s = (max(0.0, work.kernels.gemm * h - matmul_s) + max(0.0, work.kernels.attention * h - attention_s)
+              + max(0.0, work.kernels.other * h - memory_s))
+    compute_s = matmul_s + attention_s + memory_s + host_s
     exposed = exposed_comm_seconds(work.comm_s, compute_s, work.comm_overlap)
-    exposed += work.serial_s
+    exposed += work.serial_s + exposed_comm_seconds(work.side_stream_s, compute_s, ACTIVATION_OFFLOAD_OVERLAP)
     step_s = compute_s + exposed
     return StepTime(matmul_s, attention_s, memory_s, exposed, step_s, work.tokens / step_s,
-                    work.model_flops / (step_s * rates.peak_tflops * TFLOPS))
+                    work.model_flops / (step_s * rates.peak_tflops * TFLOPS), host_s)
+
+
+# -- a power cap below the board's TDP ----------------------------------------------------------------------------
+# Share of a GPU's board power that does not scale with the clock (leakage and the rest of the static power): about
+# 30% of an H100's 700 W (fridayswithfaraday.com, "GPU Power Efficiency: Performance per Watt", H100 power breakdown:
+# static ~210 W of 700 W). Assumption for other GPUs.
+STATIC_POWER_FRACTION = 0.3
+
+
+def power_capped_clock_ratio(cap_w: float, tdp_w: float, static_fraction: float = STATIC_POWER_FRACTION) -> float:
+    """The SM clock a power cap leaves, as a fraction of the clock at TDP, for compute-bound kernels.
+
+    Dynamic power P_dyn = α·C·V²·f, and DVFS lowers the voltage with the clock (V ∝ f), so P_dyn ∝ f³ (the CMOS
+    dynamic-power law; Horowitz et al., "Scaling, power, and the future of CMOS", IEDM 2005). With a static share
+    s of the TDP that the clock does not change: f_cap / f_tdp = ((cap − s·TDP) / (TDP − s·TDP))^(1/3), at most 1.
+    Matmul and attention rates scale with the clock; HBM bandwidth does not (the memory clock is separate)."""
+    if cap_w >= tdp_w:
+        return 1.0
+    static = static_fraction * tdp_w
+    if cap_w <= static:
+        raise ValueError(f"a power cap of {cap_w} W leaves no dynamic power above the static {static:.0f} W")
+    return ((cap_w - static) / (tdp_w - static)) ** (1.0 / 3.0)
 
 
 # -- achievable rates ------------------------------------------------------------------------------------------------
@@ -309,10 +372,26 @@ def _read_rates(path: str) -> tuple[AchievableRate, ...]:
                      for r in csv.DictReader(handle))
 
 
+# Catalogue data, loaded on first use and kept for the process like the GPU catalogue itself (not a per-setup cache).
+_RATES_BY_PATH: dict[str | None, dict[tuple[str, str, str], AchievableRate]] = {}
+
+
+def _rates_by_key(path: str | None) -> dict[tuple[str, str, str], AchievableRate]:
+    if path not in _RATES_BY_PATH:
+        rows = _read_rates(path or str(data_dir() / "achievable_rates.csv"))
+        _RATES_BY_PATH[path] = {(r.gpu, r.kind, r.dtype): r for r in rows}
+    return _RATES_BY_PATH[path]
+
+
 def load_achievable_rates(path: Path | None = None) -> dict[tuple[str, str, str], AchievableRate]:
-    """Read data/achievable_rates.csv (once per path) into {(gpu, kind, dtype): AchievableRate}."""
-    rows = _read_rates(str(path or data_dir() / "achievable_rates.csv"))
-    return {(r.gpu, r.kind, r.dtype): r for r in rows}
+    """Read data/achievable_rates.csv (once per path) into {(gpu, kind, dtype): AchievableRate} (a new dict each
+    call; the file is read and indexed once)."""
+    return dict(_rates_by_key(str(path) if path else None))
+
+
+def rates_index(path: Path | None = None) -> dict[tuple[str, str, str], AchievableRate]:
+    """The cached index itself, for callers that only read it (``vramcalc.cost.step_for``)."""
+    return _rates_by_key(str(path) if path else None)
 
 
 def achievable_rate(gpu: str, kind: str, dtype: str,
@@ -324,18 +403,79 @@ def achievable_rate(gpu: str, kind: str, dtype: str,
 
 # -- one training step from its setup -------------------------------------------------------------------------------
 # Forwards recomputed per activation-checkpointing mode, as (matmuls, attention, elementwise). Full checkpointing
-# reruns each layer's forward. torchtitan's per-op selective AC saves every other matmul output and the SDPA output
-# and recomputes the rest (torchtitan activation-checkpoint policy, _save_list with mm_count % 2).
+# reruns each layer's forward. "selective" is torch's op-level policy as vramcalc's GradCkpt.SELECTIVE defines it:
+# matmul and SDPA outputs are saved, every other op is recomputed. torchtitan's "op" selective AC saves every other
+# matmul output and the SDPA output and recomputes the rest (torchtitan activation-checkpoint policy, _save_list with
+# mm_count % 2): "selective-op".
 RECOMPUTE_BY_MODE: dict[str, tuple[float, float, float]] = {
     "none": (0.0, 0.0, 0.0),
     "full": (1.0, 1.0, 1.0),
+    "selective": (0.0, 0.0, 1.0),
     "selective-op": (0.5, 0.0, 1.0),
 }
+
+# Kernels of one decoder layer's forward, counted from the modules (transformers LlamaDecoderLayer, eager):
+#   LlamaRMSNorm: to(fp32), pow, mean, add eps, rsqrt, mul, to(bf16), mul weight = 8, twice = 16;
+#   q, k, v, o projections = 4 GEMMs; RoPE per q and k: mul cos, neg, cat (rotate_half), mul sin, add = 5, twice = 10;
+#   SDPA = 1 (+ 1 contiguous copy of its output for o_proj); 2 residual adds; MLP gate, up, down = 3 GEMMs, act, mul = 2.
+# Compiled (torch.compile / Liger): the GEMMs and SDPA stay, the elementwise chains fuse into one kernel each
+# (norm, RoPE, SwiGLU, the residual add into the next norm): 4 kernels (torch._inductor fuses pointwise chains between
+# GEMMs; Liger ships exactly these four: LigerRMSNorm, liger_rotary_pos_emb, LigerSiLUMulFunction, fused add).
+GEMMS_PER_LAYER = 7
+OTHER_KERNELS_PER_LAYER = {False: 16 + 10 + 1 + 2 + 2, True: 4}
+# peft LoRA per adapted linear: lora_dropout (a kernel when p > 0; Identity otherwise), A, B, the scaling mul and the
+# add into the base output (peft/tuners/lora/layer.py Linear.forward). Compiled: A and B stay, the rest fuses.
+LORA_KERNELS_PER_LINEAR = {False: 4, True: 2}
+# bitsandbytes Linear4bit / Linear8bitLt: dequantize_4bit (or the int8 row quantization and dequantization) before
+# the GEMM, per quantized linear and pass (bitsandbytes/autograd/_functions.py MatMul4Bit, MatMul8bitLt).
+QUANT_KERNELS_PER_LINEAR = {4: 1, 8: 3}
+# Backward launches about two kernels per forward kernel (an elementwise op's backward reads the saved input and the
+# upstream gradient: one or two kernels; a trained GEMM runs dX and dW, a frozen one dX only): assumption, the same
+# factor ``elementwise_bytes`` takes for bytes.
+BACKWARD_KERNELS_PER_FORWARD = 2.0
+# Once per micro-batch outside the layers: embedding, final norm, lm_head, loss (hf: the fp32 upcast, log-softmax,
+# nll; each with its backward): about 20 kernels (assumption, a small share of any step).
+HEAD_KERNELS = 20
+
+
+def kernel_counts(num_layers: int, *, micro_batches: int, fused: bool, train_base: bool, adapted_linears: float,
+                  quant_bits: int, recompute: tuple[float, float, float]) -> KernelCounts:
+    """Kernels the host issues per optimizer step: per micro-batch, L layers x (forward + backward + recomputed
+    forward) of GEMMS_PER_LAYER, one SDPA and OTHER_KERNELS_PER_LAYER, plus LoRA's and dequantization's kernels per
+    adapted or quantized linear, plus HEAD_KERNELS. The optimizer step (fused or foreach AdamW: a few kernels per
+    step) is left out. Frozen GEMMs run one backward GEMM (dX), trained ones two (dX, dW)."""
+    rc_mm, rc_attn, rc_elem = recompute
+    gemm_backward = 2.0 if train_base else 1.0
+    gemm = GEMMS_PER_LAYER * (1.0 + gemm_backward + rc_mm)
+    attention = 1.0 + 1.0 + rc_attn  # FlashAttention backward is one kernel (plus a small preprocess)
+    other = OTHER_KERNELS_PER_LAYER[fused] * (1.0 + BACKWARD_KERNELS_PER_FORWARD + rc_elem)
+    per_layer_adapters = adapted_linears / max(num_layers, 1)
+    other += per_layer_adapters * LORA_KERNELS_PER_LINEAR[fused] * (1.0 + BACKWARD_KERNELS_PER_FORWARD + rc_mm)
+    if quant_bits:
+        other += GEMMS_PER_LAYER * QUANT_KERNELS_PER_LINEAR.get(quant_bits, 1) * (2.0 + rc_mm)
+    n = num_layers * micro_batches
+    return KernelCounts(gemm * n, attention * n, other * n + HEAD_KERNELS * micro_batches)
+
+
+def saved_activation_bytes(tokens: float, hidden_size: int, q_width: int, kv_width: int, intermediate_size: int,
+                           num_layers: int, grad_ckpt: str) -> float:
+    """Bytes of saved activations an offload moves to the host (16-bit): full checkpointing saves each layer's input
+    (T·h); otherwise the inputs of the norms (2h), of the linears (h for q/k/v, q for o, h for gate/up, I for down),
+    the attention output and RoPE'd q, k (q + 2kv) and the SwiGLU inputs (2I) per token and layer (Korthikanti et al.
+    2022 §4.1 count the same tensors). Selective checkpointing keeps the matmul outputs only (q + 2kv + h + 3I)."""
+    if grad_ckpt == "full":
+        per_token = hidden_size
+    elif grad_ckpt in ("selective", "selective-op"):
+        per_token = q_width + 2 * kv_width + hidden_size + 3 * intermediate_size
+    else:
+        per_token = 5 * hidden_size + 2 * q_width + 2 * kv_width + 3 * intermediate_size
+    return BF16_BYTES * per_token * num_layers * tokens
 
 
 @dataclass(frozen=True)
 class DecoderShape:
-    """The fields of ``vramcalc.ModelSpec`` a dense decoder's step needs (MoE: pass active widths)."""
+    """The fields of ``vramcalc.ModelSpec`` a decoder's step needs. MoE: ``active_matmul_params`` (the matmul
+    parameters one token uses); MLA: ``qk_head_dim`` and ``v_head_dim`` when they differ from ``head_dim``."""
 
     hidden_size: int
     num_layers: int
@@ -344,9 +484,14 @@ class DecoderShape:
     head_dim: int
     intermediate_size: int
     vocab_size: int
+    active_matmul_params: int | None = None
+    qk_head_dim: int | None = None
+    v_head_dim: int | None = None
 
     @property
     def matmul_params(self) -> int:
+        if self.active_matmul_params is not None:
+            return self.active_matmul_params
         return dense_matmul_params(self.hidden_size, self.num_layers, self.num_heads, self.num_kv_heads,
                                    self.head_dim, self.intermediate_size, self.vocab_size)
 
@@ -360,7 +505,7 @@ class DecoderShape:
 
 @dataclass(frozen=True)
 class StepSetup:
-    """How one data-parallel rank's step runs. tokens = micro-batch x seq_len x grad_accum of that rank."""
+    """How one data-parallel rank's step runs. tokens = micro-batch x seq_len x micro_batches of that rank."""
 
     tokens: int
     seq_len: int
@@ -369,7 +514,7 @@ class StepSetup:
     grad_ckpt: str = "none"  # a key of RECOMPUTE_BY_MODE
     fused_elementwise: bool = False  # torch.compile or Liger kernels
     loss: str = "hf"  # a key of LOSS_BYTES_PER_LOGIT
-    quant_bits: int = 0  # 4 for NF4/FP4 QLoRA bases: dequantized every pass
+    quant_bits: int = 0  # 4 for NF4/FP4 QLoRA bases, 8 for LLM.int8: dequantized every pass
     fp8_linears: bool = False  # torchao float8 on the decoder's linears (lm_head stays 16-bit)
     optimizer_bytes_per_param: float = 14.0  # optimizer_step_bytes per trainable parameter (bf16 AdamW: 14)
     dp: int = 1
@@ -380,12 +525,25 @@ class StepSetup:
     param_bytes_on_wire: float = BF16_BYTES  # FSDP all-gather dtype
     grad_bytes_on_wire: float = BF16_BYTES  # reduce dtype
     serial_extra_s: float = 0.0  # e.g. paged optimizer states over PCIe (caller computes it)
+    micro_batches: int = 1  # forward/backward passes per optimizer step (gradient accumulation)
+    adapted_linears: int = 0  # linears carrying a LoRA adapter, over all layers (for the kernel count)
+    attention_kernel: str = "flash"  # flash / sdpa (tiled, causal skipping) or eager (materialised scores)
+    activation_offload: bool = False  # saved activations copied to the host and back (side stream)
+    pcie_gb_s: float = 0.0  # host link per direction, for the activation offload
+    padding_fraction: float = 0.0  # share of the tokens that are padding (0 with packing): computed, not counted
+
+
+# Eager attention's materialised [b, a, s, s] scores: 24 bytes per score in forward (``vramcalc.cost``
+# EAGER_SCORE_FORWARD_BYTES: QKᵀ out, scale, mask, fp32 softmax, cast, PV read), twice that in backward.
+EAGER_SCORE_BYTES_FORWARD = 24
 
 
 def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp8_matmul_tflops: float | None = None,
               dp_link_gb_s: float = 0.0, tp_link_gb_s: float = 0.0) -> StepWork:
     """The work of one optimizer step on one GPU: every formula above applied to one setup. Compute is shared by the
-    tp·cp GPUs of a data-parallel rank; fp8 matmuls enter as bf16-rate-equivalent FLOPs (R_bf16 / R_fp8 each)."""
+    tp·cp GPUs of a data-parallel rank; fp8 matmuls enter as bf16-rate-equivalent FLOPs (R_bf16 / R_fp8 each).
+    Per micro-batch (x ``micro_batches``): dequantization of a k-bit base and the host's kernels; per step: the
+    optimizer and the data-parallel collectives."""
     if setup.grad_ckpt not in RECOMPUTE_BY_MODE:
         raise ValueError(f"unknown grad_ckpt mode {setup.grad_ckpt!r}; expected one of {sorted(RECOMPUTE_BY_MODE)}")
     rc_mm, rc_attn, rc_elem = RECOMPUTE_BY_MODE[setup.grad_ckpt]
@@ -400,16 +558,22 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
             raise ValueError("fp8_linears needs fp8_matmul_tflops")
         fp8 = matmul_flops(n_linear, t, train_base=setup.train_base, recompute_forwards=rc_mm)
         flops = flops - fp8 + fp8 * matmul_tflops / fp8_matmul_tflops
-    attn = attention_flops(shape.num_layers, shape.num_heads, shape.head_dim, shape.head_dim, s, t, causal=True,
-                           kernel="flash", recompute_forwards=rc_attn)
+    eager = setup.attention_kernel == "eager"
+    qk_d, v_d = shape.qk_head_dim or shape.head_dim, shape.v_head_dim or shape.head_dim
+    attn = attention_flops(shape.num_layers, shape.num_heads, qk_d, v_d, s, t, causal=True,
+                           kernel="eager" if eager else "flash", recompute_forwards=rc_attn)
     q_w, kv_w = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     nbytes = elementwise_bytes(t, shape.hidden_size, q_w, kv_w, shape.intermediate_size, shape.num_layers,
                                fused=setup.fused_elementwise, recompute_forwards=rc_elem)
     nbytes += loss_bytes(t, shape.vocab_size, setup.loss)
+    if eager:
+        nbytes += shape.num_layers * shape.num_heads * s * t * EAGER_SCORE_BYTES_FORWARD * (3.0 + rc_attn)
     if setup.fp8_linears:
         nbytes += float8_cast_bytes(t, shape.linear_in_out_sum, n_linear, recompute_forwards=rc_mm)
     if setup.quant_bits:
-        nbytes += dequantize_bytes(n_linear, passes=2.0 + rc_mm, bits=setup.quant_bits)
+        nbytes += dequantize_bytes(n_linear, passes=(2.0 + rc_mm) * setup.micro_batches, bits=setup.quant_bits)
+        if setup.quant_bits == 8:  # LLM.int8 also quantizes each linear's input row-wise: read 2, write 1 byte
+            nbytes += 3.0 * t * shape.linear_in_out_sum / 2 * (1.0 + rc_mm)
     nbytes /= split
     all_params = n_mm + shape.vocab_size * shape.hidden_size  # + the embedding (lm_head counted in n_mm)
     trainable = all_params if setup.train_base else setup.adapter_params
@@ -421,8 +585,18 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     tp_s = comm_seconds(tensor_parallel_bytes(t / setup.cp, shape.hidden_size, shape.num_layers, setup.tp,
                                               recompute_forwards=rc_mm), tp_link_gb_s) if setup.tp > 1 else 0.0
     tp_overlap = ASYNC_TENSOR_PARALLEL_OVERLAP if setup.async_tp else TENSOR_PARALLEL_OVERLAP
-    model = model_flops(n_mm, t, shape.num_layers, shape.num_heads, shape.head_dim, shape.head_dim, s,
+    model = model_flops(n_mm, t, shape.num_layers, shape.num_heads, qk_d, v_d, s,
                         train_base=setup.train_base, n_adapter_params=setup.adapter_params)
-    return StepWork(tokens=t / split, matmul_flops=flops / split, attention_flops=attn / split, memory_bytes=nbytes,
-                    model_flops=model / split, comm_s=dp_s, comm_overlap=DATA_PARALLEL_OVERLAP,
-                    serial_s=tp_s * (1 - tp_overlap) + setup.serial_extra_s)
+    kernels = kernel_counts(shape.num_layers, micro_batches=setup.micro_batches, fused=setup.fused_elementwise,
+                            train_base=setup.train_base, adapted_linears=setup.adapted_linears,
+                            quant_bits=setup.quant_bits, recompute=(rc_mm, rc_attn, rc_elem))
+    side_s = 0.0
+    if setup.activation_offload and setup.pcie_gb_s:
+        saved = saved_activation_bytes(t / split, shape.hidden_size, q_w, kv_w, shape.intermediate_size,
+                                       shape.num_layers, setup.grad_ckpt)
+        side_s = comm_seconds(2 * saved, setup.pcie_gb_s, efficiency=1.0)  # to the host in forward, back in backward
+    counted = t * (1.0 - setup.padding_fraction)
+    return StepWork(tokens=counted / split, matmul_flops=flops / split, attention_flops=attn / split,
+                    memory_bytes=nbytes, model_flops=model * (1.0 - setup.padding_fraction) / split, comm_s=dp_s,
+                    comm_overlap=DATA_PARALLEL_OVERLAP, serial_s=tp_s * (1 - tp_overlap) + setup.serial_extra_s,
+                    kernels=kernels, side_stream_s=side_s)

@@ -254,6 +254,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     if setup.attn is Attention.SDPA and not model.traits.supports_sdpa:
         attn_used = Attention.EAGER
         warnings.append(f"{model.family} does not support sdpa: transformers falls back to eager attention")
+    warnings += _knob_warnings(setup, attn_used)
     context = model.max_position_embeddings
     if context and setup.padded_seq_len > context:
         warnings.append(
@@ -264,6 +265,23 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         origins["batch_size"] = "implied by global_batch_size"
     defaulted = tuple(key for key, origin in origins.items() if origin == "default")
     return ResolvedSetup(setup, attn_used, lora_modules, defaulted, tuple(warnings), tuple(origins.items()))
+
+
+def _knob_warnings(setup: TrainingSetup, attn_used: Attention) -> list[str]:
+    """What the estimate can say only from a model of the library's source, and knob combinations that do not do what
+    their names suggest."""
+    out = []
+    if setup.stack is Stack.UNSLOTH:
+        out.append(f"--stack unsloth is estimate only: {preset(setup.stack).estimate_only}")
+    if setup.kernels is Kernels.LIGER:
+        out.append("--kernels liger is modelled from liger-kernel's source (Triton kernels need a GPU; not traced)")
+    if setup.compile and setup.method is Method.QLORA:
+        out.append("--compile with qlora is modelled, not traced (AOTAutograd cannot functionalize bitsandbytes' "
+                   "4-bit dequantize on fake tensors)")
+    if setup.packing and attn_used is not Attention.FLASH:
+        out.append(f"--packing with --attn {attn_used.value}: transformers builds a block-diagonal [T, T] mask for "
+                   "the packed row (masking_utils.py); only --attn flash packs without a mask")
+    return out
 
 
 def _stack_choices(stack: Stack, method: Method, given: dict) -> tuple[dict, dict]:
@@ -342,9 +360,9 @@ def _check_combination(setup: TrainingSetup) -> None:
         raise VramcalcError("--optimizer-in-backward steps each parameter as soon as its gradient is ready, so it "
                             "cannot accumulate gradients (torchtune recipes refuse gradient_accumulation_steps > 1 "
                             "with optimizer_in_bwd); use --grad-accum 1 or --no-optimizer-in-backward")
-    if setup.optimizer_in_backward and setup.sharding.is_deepspeed:
-        raise VramcalcError("--optimizer-in-backward is a torch feature (post-accumulate-grad hooks); DeepSpeed "
-                            f"runs its own step under --sharding {setup.sharding.value}")
+    if setup.optimizer_in_backward and setup.sharding is not Sharding.NONE:
+        raise VramcalcError("--optimizer-in-backward is modelled on one GPU (or independent copies) only: under "
+                            f"--sharding {setup.sharding.value} the engine's own reduction owns the gradients")
     if setup.attn is Attention.FLASH and setup.precision is Precision.FP32:
         raise VramcalcError("--attn flash needs 16-bit compute: FlashAttention-2 has no fp32 kernel (flash-attn "
                             "csrc/flash_attn/flash_api.cpp: 'FlashAttention only support fp16 and bf16 data type'); "
@@ -470,8 +488,10 @@ def _targets(value) -> tuple[str, ...]:
 def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
     """peft target_modules for the family: 'qv' is the family's query/value projections (peft's default for
     llama-style models), 'all-linear' every nn.Linear but lm_head (peft ``_maybe_include_all_linear_layers``;
-    v5 3-D experts and routers are not nn.Linear, so it skips them)."""
-    linears = {module.name: module for module in model.inventory.linears}
+    v5 3-D experts and routers are not nn.Linear, so it skips them). A list may also name ``lm_head`` (peft's
+    ``Linear`` LoRA around it) and ``embed_tokens`` (peft's ``Embedding`` LoRA layer)."""
+    linears = {module.name: (module.in_features, module.out_features) for module in model.inventory.linears}
+    outside = {"lm_head": (model.hidden_size, model.vocab_size), "embed_tokens": (model.vocab_size, model.hidden_size)}
     targets = setup.lora_targets
     if targets == ("qv",):
         names = model.traits.lora_qv
@@ -480,17 +500,16 @@ def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
     elif targets == ("all-linear",):
         names = tuple(linears)
     else:
-        unknown = [name for name in targets if name not in linears]
+        known = {**linears, **outside}
+        unknown = [name for name in targets if name not in known]
         if unknown:
             raise VramcalcError(
-                f"LoRA target {unknown[0]!r} is not a linear layer of {model.name}; its linear layers: {', '.join(linears)}"
+                f"LoRA target {unknown[0]!r} is not a linear layer of {model.name}; its linear layers: "
+                f"{', '.join(linears)}, and lm_head, embed_tokens"
             )
         names = targets
     for name in names:
-        module = linears[name]
-        if setup.lora_rank > min(module.in_features, module.out_features):
-            raise VramcalcError(
-                f"LoRA rank {setup.lora_rank} is larger than {name} of {model.name} "
-                f"({module.in_features} -> {module.out_features})"
-            )
+        rows, cols = {**linears, **outside}[name]
+        if setup.lora_rank > min(rows, cols):
+            raise VramcalcError(f"LoRA rank {setup.lora_rank} is larger than {name} of {model.name} ({rows} -> {cols})")
     return names

@@ -71,6 +71,17 @@ def maximum(a, b):
     return a if a >= b else b
 
 
+def minimum(a, b):
+    """min() of two byte counts that may also be numpy arrays (see ``maximum``)."""
+    if a.__class__ is int and b.__class__ is int:
+        return a if a <= b else b
+    if hasattr(a, "shape") or hasattr(b, "shape"):
+        import numpy
+
+        return numpy.minimum(a, b)
+    return a if a <= b else b
+
+
 def select(condition, if_true, if_false):
     """``if_true if condition else if_false``, elementwise when ``condition`` is a numpy array."""
     if hasattr(condition, "shape"):

@@ -1,7 +1,9 @@
 """``plan``: for a model and setup, one row per catalogue GPU (the smallest GPU count that fits, the largest
-micro-batch at that count, host RAM, the time for a token budget and what it costs to rent, buy and power) and,
-beside them, hosted fine-tuning services' prices for the same tokens. Every memory figure is an ``estimate()``; every
-price comes from the catalogue with its date.
+micro-batch at that count, host RAM, tokens/s and the cost per million training tokens; with a token budget also the
+hours and what the job costs to rent, buy and power) and, beside them, hosted fine-tuning services' prices for the
+same tokens. Every memory figure is an ``estimate()``; time comes from the step-time model (``cost.step_for``) where
+it has a rate for the GPU, else from the per-generation MFU; every price comes with its date and source
+(data/cloud_prices.csv, data/gpu_list_prices.csv, the catalogue).
 """
 
 from __future__ import annotations
@@ -13,17 +15,24 @@ from ..catalogue import get_gpu, get_model, gpus
 from ..cost import (
     DEFAULT_AMORTISATION_YEARS,
     DEFAULT_USD_PER_KWH,
+    SECONDS_PER_HOUR,
+    TOKENS_PER_MILLION,
     amortised_buy_cost_usd,
     buy_cost_usd,
+    buy_total_usd,
+    cheapest_rates,
     eager_attention_seconds_per_token,
     energy_cost_usd,
     energy_kwh,
+    gpu_list_price,
     hosted_cost_usd,
     hosted_prices,
-    job_utilisation,
     matmul_dtype,
     peak_flop_per_s,
+    pue,
     rent_cost_usd,
+    server_cost_per_gpu,
+    step_or_profile_utilisation,
     training_flops,
     training_time,
 )
@@ -49,15 +58,22 @@ from .stamp import catalogue_stamp
 
 COUNT_COLUMNS = ("seq_len", "num_gpus", "micro_batch")  # integers, empty where they do not apply (nullable)
 TERM_COLUMNS = tuple(f"{term.value}_gib" for term in Term)
+# The cheapest published rate of each kind (data/cloud_prices.csv), each with where, when and from whom.
+RATE_KINDS = ("on-demand", "spot", "reserved")
+RATE_FIELDS = ("usd_per_gpu_hour", "provider", "region", "price_date", "source")
+RATE_COLUMNS = tuple(f"{kind.replace('-', '')}_{field}" for kind in RATE_KINDS for field in RATE_FIELDS)
 PLAN_COLUMNS = (
     "rank", "offer", "model", "stack", "method", "precision", "optimizer", "seq_len", "grad_ckpt", "attn", "matmul_dtype",
     "gpu", "gpu_memory_gib", "num_gpus", "sharding", "micro_batch", "fits", "device_gib", "headroom_gib", "phase",
     *TERM_COLUMNS,
     "host_ram_gib", "host_loading_gib", "host_offload_gib", "host_paged_optimizer_gib",
     "train_tokens", "epochs", "model_flop_per_token", "hardware_flop_per_token", "mfu", "mfu_source",
-    "throughput_tokens_per_s", "train_hours", "gpu_hours",
+    "step_seconds", "throughput_tokens_per_s", "usd_per_million_tokens", "train_hours", "gpu_hours",
     "rent_usd_per_gpu_hour", "rent_usd_per_hour", "rent_usd", "buy_usd", "buy_amortised_usd", "amortisation_years",
-    "energy_kwh", "usd_per_kwh", "energy_usd", "cost_usd",
+    "energy_kwh", "usd_per_kwh", "pue", "pue_source", "energy_usd", "cost_usd",
+    *RATE_COLUMNS,
+    "list_price_usd", "list_price_basis", "list_price_date", "list_price_source",
+    "server_usd_per_gpu", "server_price_date", "server_price_source", "buy_total_usd",
     "provider", "hosted_usd_per_million_tokens", "price_date", "price_source",
     "note", "catalogue_version", "catalogue_date",
 )
@@ -89,12 +105,12 @@ class PlanRows:
     catalogue_date: str
 
 
-def plan_rows(model, *, tokens, epochs=1, gpus=None, max_gpus: int = DEFAULT_MAX_GPUS, rank_by: str = "cost",
+def plan_rows(model, *, tokens=None, epochs=1, gpus=None, max_gpus: int = DEFAULT_MAX_GPUS, rank_by: str = "cost",
               usd_per_kwh: float = DEFAULT_USD_PER_KWH, amortisation_years: float = DEFAULT_AMORTISATION_YEARS,
               mfu: float | None = None, hosted: bool = True, **options) -> PlanRows:
     """``plan()`` as plain rows (``PlanRows``), with the standard library only. Arguments as ``plan()``."""
     spec = get_model(model)
-    tokens = positive_number(tokens, "token count")
+    tokens = positive_number(tokens, "token count") if tokens is not None else None
     epochs = positive_number(epochs, "number of epochs")
     positive_number(usd_per_kwh, "electricity price ($/kWh)")
     positive_number(amortisation_years, "amortisation horizon (years)")
@@ -112,9 +128,10 @@ def plan_rows(model, *, tokens, epochs=1, gpus=None, max_gpus: int = DEFAULT_MAX
         rows += _hosted_rows(spec, tokens, epochs, options, max_gpus)
     for row in rows:
         row["catalogue_version"], row["catalogue_date"] = stamp.version, stamp.date
-    rows = rank_rows(rows, rank_by)
-    return PlanRows(rows, plan_summary(rows, spec, limit, rank_by), tuple(checked.warnings), stamp.version,
-                    stamp.date)
+    per_million = tokens is None
+    rows = rank_rows(rows, rank_by, per_million=per_million)
+    return PlanRows(rows, plan_summary(rows, spec, limit, rank_by, per_million=per_million), tuple(checked.warnings),
+                    stamp.version, stamp.date)
 
 
 def gpus_of(names):
@@ -130,13 +147,14 @@ def gpus_of(names):
     return [get_gpu(name.strip()) for name in names]
 
 
-def plan(model, *, tokens, epochs=1, gpus=None, max_gpus: int = DEFAULT_MAX_GPUS, rank_by: str = "cost",
+def plan(model, *, tokens=None, epochs=1, gpus=None, max_gpus: int = DEFAULT_MAX_GPUS, rank_by: str = "cost",
          usd_per_kwh: float = DEFAULT_USD_PER_KWH, amortisation_years: float = DEFAULT_AMORTISATION_YEARS,
          mfu: float | None = None, hosted: bool = True, gpus_to_try=None, **options):
     """One row per catalogue GPU (and per matching hosted service), ranked by cost or time; a pandas DataFrame
     (the ``plan`` extra: ``pip install 'vramcalc[plan]'``; ``plan_rows`` gives the same rows without pandas).
 
-    ``tokens`` is the dataset size in tokens, trained ``epochs`` times; ``gpus`` the catalogue GPUs to try (default:
+    ``tokens`` is the dataset size in tokens, trained ``epochs`` times (None: no hours or totals, the cost per
+    million training tokens and the tokens/s only, ranked by those); ``gpus`` the catalogue GPUs to try (default:
     all; ``gpus_to_try`` is its deprecated old name). ``options`` are the TrainingSetup fields
     (``offload="optimizer"`` or ``"params"`` included); a given ``batch_size`` or ``num_gpus`` is kept, otherwise
     the largest micro-batch and the smallest count are found. ``frame.attrs["summary"]`` says in one line what fits,
@@ -215,12 +233,43 @@ def _gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, options) -> di
         host_paged_optimizer_gib=host.paged_optimizer_bytes / BYTES_PER_GIB,
     )
     row.update({f"{term}_gib": value / BYTES_PER_GIB for term, value in breakdown.terms().items()})
-    row.update(_time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices))
+    row.update(_time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices,
+                              breakdown.details.get("paged_optimizer_bytes", 0)))
     return row
 
 
-def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices) -> dict:
-    """Hours, throughput and the rent / buy / energy bill; no time (and so no cost) when the GPU lacks the dtype."""
+def _price_columns(device, n: int) -> dict:
+    """The cheapest on-demand, spot and reserved rates, the list price, the server share and the buy total, each
+    with its date and source (``cost.cheapest_rates``, ``gpu_list_price``, ``server_cost_per_gpu``, ``buy_total_usd``)."""
+    out: dict = {}
+    for kind, rate in cheapest_rates(device.name).items():
+        prefix = kind.replace("-", "")
+        out.update({f"{prefix}_usd_per_gpu_hour": rate.usd_per_gpu_hour, f"{prefix}_provider": rate.provider,
+                    f"{prefix}_region": rate.region, f"{prefix}_price_date": rate.price_date,
+                    f"{prefix}_source": rate.source})
+    unit = gpu_list_price(device)
+    if unit is not None:
+        out.update(list_price_usd=unit.value, list_price_basis=unit.basis or None,
+                   list_price_date=unit.price_date or None, list_price_source=f"{unit.item}: {unit.source}")
+    server = server_cost_per_gpu(device)
+    if server is not None:
+        out.update(server_usd_per_gpu=server.value, server_price_date=server.price_date,
+                   server_price_source=f"data/gpu_list_prices.csv '{server.item}': {server.source}")
+    out["buy_total_usd"] = buy_total_usd(device, n)
+    factor = pue()
+    if factor is not None:
+        out.update(pue=factor.value, pue_source=f"{factor.source} ({factor.price_date})")
+    return out
+
+
+def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices, paged_bytes: int = 0) -> dict:
+    """Throughput, the cost per million training tokens and, with a token budget, hours and the rent / buy / energy
+    bill; no time (and so no cost) when the GPU lacks the dtype.
+
+    Seconds per token: a calibration profile's MFU, else ``mfu`` given, else the step-time model
+    (``cost.step_or_profile_utilisation``), else the GPU generation's MFU on the FLOP count.
+    usd_per_million_tokens = $/GPU-hour x GPUs / (tokens/s x 3600) x 1e6 (the catalogue's on-demand rate).
+    energy_usd = GPU board power x GPUs x hours x PUE x $/kWh (energy_kwh is the GPUs' own, before the PUE)."""
     setup = resolved.setup
     flops = training_flops(spec, resolved)
     dtype = matmul_dtype(resolved)
@@ -229,26 +278,40 @@ def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices) -> dict:
     price = device.cloud_usd_per_gpu_hour
     out = {"model_flop_per_token": flops.model_flop_per_token, "hardware_flop_per_token": flops.hardware_flop_per_token,
            "rent_usd_per_gpu_hour": price, "rent_usd_per_hour": None if price is None else price * n,
-           "buy_usd": buy_cost_usd(device.list_price_usd, n)}
+           "buy_usd": buy_cost_usd(device.list_price_usd, n), **_price_columns(device, n)}
     if peak is None:
         out["note"] = f"{device.name} has no {dtype} matmuls: no time or cost (try another --precision)"
         return out
-    utilisation = job_utilisation(device, setup.method, mfu)
-    time = training_time(flops, tokens, epochs, setup.num_gpus, peak, utilisation.mfu,
-                         eager_attention_seconds_per_token(spec, resolved, device))
-    kwh = energy_kwh(device.tdp_w, n, time.hours)
-    rent = rent_cost_usd(price, n, time.hours)
+    step_s_per_token, utilisation = step_or_profile_utilisation(spec, resolved, device, mfu, paged_bytes)
+    if step_s_per_token is not None:
+        tokens_per_s = n / step_s_per_token
+        step_seconds = setup.batch_size * setup.seq_len * setup.grad_accum * step_s_per_token
+    else:
+        one = training_time(flops, 1.0, 1.0, n, peak, utilisation.mfu,
+                            eager_attention_seconds_per_token(spec, resolved, device))
+        tokens_per_s = one.tokens_per_s
+        step_seconds = setup.batch_size * setup.seq_len * setup.grad_accum * n / tokens_per_s
     notes = []
     if device.cloud_usd_per_gpu_hour is None:
         notes.append("no cloud price in the catalogue")
-    if device.list_price_usd is None:
+    if device.list_price_usd is None and out.get("list_price_usd") is None:
         notes.append("no list price in the catalogue")
     out.update(
-        mfu=utilisation.mfu, mfu_source=utilisation.source, throughput_tokens_per_s=time.tokens_per_s,
-        train_hours=time.hours, gpu_hours=time.gpu_hours, rent_usd=rent, cost_usd=rent,
-        buy_amortised_usd=amortised_buy_cost_usd(device.list_price_usd, n, time.hours, prices["amortisation_years"]),
-        energy_kwh=kwh, energy_usd=energy_cost_usd(kwh, prices["usd_per_kwh"]),
+        mfu=utilisation.mfu, mfu_source=utilisation.source, throughput_tokens_per_s=tokens_per_s,
+        step_seconds=step_seconds,
+        usd_per_million_tokens=None if price is None else price * n / (tokens_per_s * SECONDS_PER_HOUR) * TOKENS_PER_MILLION,
         note="; ".join(notes) or None,
+    )
+    if tokens is None:
+        return out
+    hours = tokens * epochs / tokens_per_s / SECONDS_PER_HOUR
+    kwh = energy_kwh(device.tdp_w, n, hours)
+    rent = rent_cost_usd(price, n, hours)
+    factor = out.get("pue") or 1.0
+    out.update(
+        train_hours=hours, gpu_hours=hours * n, rent_usd=rent, cost_usd=rent,
+        buy_amortised_usd=amortised_buy_cost_usd(device.list_price_usd, n, hours, prices["amortisation_years"]),
+        energy_kwh=kwh, energy_usd=energy_cost_usd(None if kwh is None else kwh * factor, prices["usd_per_kwh"]),
     )
     return out
 
@@ -263,7 +326,9 @@ def _hosted_rows(spec: ModelSpec, tokens: float, epochs: float, options: dict, m
         row = {"offer": "hosted", "provider": price.provider, "model": spec.name, "method": method.value,
                "train_tokens": tokens, "epochs": epochs,
                "hosted_usd_per_million_tokens": price.usd_per_million_tokens,
-               "cost_usd": hosted_cost_usd(price, tokens, epochs), "price_date": price.price_date,
+               "usd_per_million_tokens": price.usd_per_million_tokens,
+               "cost_usd": None if tokens is None else hosted_cost_usd(price, tokens, epochs),
+               "price_date": price.price_date,
                "price_source": price.source, "note": price.offering}
         rows.append(row)
     return rows

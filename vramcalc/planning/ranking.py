@@ -7,7 +7,11 @@ from ..model import ModelSpec
 
 RANK_BY = ("cost", "time")
 PLAN_TABLE_COLUMNS = ("rank", "offer", "gpu", "provider", "num_gpus", "micro_batch", "device_gib", "host_ram_gib",
-                      "train_hours", "rent_usd", "buy_usd", "energy_kwh", "cost_usd", "note")
+                      "throughput_tokens_per_s", "usd_per_million_tokens", "train_hours", "rent_usd", "buy_usd",
+                      "energy_kwh", "cost_usd", "note")
+# Without a token budget a plan has no hours or totals: it ranks by the cost per million training tokens, or by
+# throughput (fastest first: the hours per million tokens, 1e6 / (tokens/s · 3600)).
+PER_MILLION_COLUMNS = ("usd_per_million_tokens", "hours_per_million_tokens")
 
 
 def _number(value):
@@ -16,20 +20,33 @@ def _number(value):
     return None if value == "" else float(value)
 
 
-def rank_rows(rows: list[dict], rank_by: str = "cost") -> list[dict]:
+def _hours_per_million(row) -> float | None:
+    rate = _number(row.get("throughput_tokens_per_s"))
+    return None if not rate else 1e6 / (rate * 3600)
+
+
+def rank_rows(rows: list[dict], rank_by: str = "cost", *, per_million: bool = False) -> list[dict]:
     """Rows that can run, cheapest (or fastest) first, ranked 1..k (``rank``); then rows without that figure; then
-    rows that do not fit (``rank`` None). Ties go to the other figure; the sort is stable."""
-    first, second = ("cost_usd", "train_hours") if rank_by == "cost" else ("train_hours", "cost_usd")
+    rows that do not fit (``rank`` None). Ties go to the other figure; the sort is stable. ``per_million``: rank by
+    the cost per million training tokens and the throughput (a plan without a token budget)."""
+    if per_million:
+        def metric(row, name):
+            return _hours_per_million(row) if name == "hours_per_million_tokens" else _number(row.get(name))
+        first, second = PER_MILLION_COLUMNS if rank_by == "cost" else PER_MILLION_COLUMNS[::-1]
+    else:
+        def metric(row, name):
+            return _number(row.get(name))
+        first, second = ("cost_usd", "train_hours") if rank_by == "cost" else ("train_hours", "cost_usd")
 
     def key(row):
         runnable = row.get("fits") is not False  # hosted rows have no fits: they run
-        a, b = _number(row.get(first)), _number(row.get(second))
+        a, b = metric(row, first), metric(row, second)
         has_metric = runnable and a is not None
         return ((not has_metric) + (not runnable), a is None, a or 0.0, b is None, b or 0.0)
 
     ranked = sorted(rows, key=key)
     for index, row in enumerate(ranked):
-        row["rank"] = index + 1 if row.get("fits") is not False and _number(row.get(first)) is not None else None
+        row["rank"] = index + 1 if row.get("fits") is not False and metric(row, first) is not None else None
     return ranked
 
 
@@ -38,7 +55,7 @@ def _records(rows) -> list[dict]:
     return rows.to_dict("records") if hasattr(rows, "to_dict") else list(rows)
 
 
-def plan_summary(rows, spec: ModelSpec, gpu_limit: int, rank_by: str) -> str:
+def plan_summary(rows, spec: ModelSpec, gpu_limit: int, rank_by: str, *, per_million: bool = False) -> str:
     """One line: the best option, or plainly that nothing in the catalogue fits."""
     rows = _records(rows)
     gpu_rows = [row for row in rows if row.get("offer") == "gpu"]
@@ -49,7 +66,14 @@ def plan_summary(rows, spec: ModelSpec, gpu_limit: int, rank_by: str) -> str:
     best = next((row for row in rows if cell(row.get("rank")) == 1), None)
     if best is None:
         return f"{len(fitting)} of {len(gpu_rows)} GPU types fit {spec.name}; none has a price to rank by {rank_by}"
-    metric = f"${best['cost_usd']:,.0f}" if rank_by == "cost" else f"{best['train_hours']:,.1f} h"
+    if per_million:
+        cost = _number(best.get("usd_per_million_tokens"))
+        speed = _number(best.get("throughput_tokens_per_s"))
+        parts = [f"${cost:,.2f} per million training tokens" if cost is not None else None,
+                 f"{speed:,.0f} tokens/s" if speed is not None else None]
+        metric = ", ".join(part for part in parts if part)
+    else:
+        metric = f"${best['cost_usd']:,.0f}" if rank_by == "cost" else f"{best['train_hours']:,.1f} h"
     if best["offer"] == "hosted":
         what = f"hosted by {best['provider']}"
     else:

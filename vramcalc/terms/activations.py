@@ -20,18 +20,45 @@ Rules, each traced on tiny real models (``tests/test_trace_accuracy.py``) and ci
 - SwiGLU/GeGLU MLP: act saves gate's output, ``*`` saves act's output and up's output, down_proj saves the product.
 - MoE (v5 ``grouped_mm_experts_forward``): fp32 router softmax, top-k, and per routed token-slot (S = T·K): the
   gathered input, gate_up output, act output and down output.
+
+Activation knobs (issue 11; each rule checked against the trace in ``tests/test_activation_knobs.py``):
+- ``--grad-ckpt selective``: torch's selective checkpointing (``create_selective_checkpoint_contexts``) with a
+  policy that saves every matmul's and attention kernel's output (``tracing/step.py::selective_policy``, after
+  torchtitan's op-level ``_save_list``). One rule per saved op, walked beside the saved tensors (``cache``): each
+  Linear's output (``mm``/``addmm``/bitsandbytes ``gemm_4bit``: c·out, the Linear's output dtype), each LoRA A and B
+  output (c·r, c·out), SDPA's output, logsumexp and philox state (c·a·d + 4·a, + seed and offset), and eager
+  attention's two bmm outputs (scores c·a per b·s², output c·a·d). A layer
+  keeps its input and that cache until its backward; the recompute then makes the rest of its saved tensors
+  (``layer_saved - cache``, the cache's entries being consumed as the recompute reaches them).
+- ``--kernels liger`` (Liger-Kernel 0.8.5, estimate only: Triton kernels): ``LigerRMSNormFunction`` saves its input
+  as is and a [T] fp32 rstd (``ops/rms_norm.py``: ``ctx.save_for_backward(X, W, RSTD)``; no fp32 copy, no y);
+  ``LigerSiLUMulFunction`` saves gate's and up's outputs (``ops/swiglu.py``: ``ctx.save_for_backward(a, b)``) and
+  recomputes silu; ``LigerRopeFunction`` rotates q and k in place and saves only cos and sin (``ops/rope.py``), so
+  SDPA saves the same q and k.
+- ``--compile``: what AOTAutograd's min-cut partitioner (``torch/_functorch/partitioners.py``, inductor's settings)
+  keeps, as traced on Llama, Qwen3 and Mistral layers (``tracing/compiled.py``): matmul outputs and inputs as eager
+  saves them, SDPA's tensors, and for the pointwise chains only their inputs: an RMSNorm keeps its input in its own
+  dtype and the rsqrt (the fp32 copy and y are recomputed), SwiGLU keeps gate's and up's outputs (silu recomputed).
+  The second norm's input (x + attention output) is kept as the o_proj output beside the layer input.
+- ``--activation-offload``: tensors autograd saves live in host memory (``torch.autograd.graph.save_on_cpu``);
+  under checkpointing only the checkpoint's inputs (transformers ``activation_checkpointing_enable(offload=True)``),
+  which backward brings back one layer at a time before its recompute; the selective cache stays on the device.
+- ``--packing``: one row of b·s tokens; FlashAttention-2 needs no mask (varlen), sdpa and eager get transformers'
+  block-diagonal [1, 1, T, T] mask (``attention_masked``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..facts import adapter_bits
 from ..model import ModelSpec, cached_field_hash, state_without_hash
-from ..options import AdapterDtype, Attention, Method, Precision
+from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Method, Precision
 from ..units import DType, select
+from .layouts import ParallelBlockWalk, residual_bytes
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
 SDPA_FLASH_MAX_HEAD_DIM = 256
@@ -94,6 +121,9 @@ class LayerSetup:
     lora_modules: tuple[str, ...] = ()
     lora_rank: int = 0
     lora_dropout: float = 0.0
+    kernels: Kernels = Kernels.NONE  # Liger's RMSNorm / SwiGLU / RoPE
+    compiled: bool = False  # torch.compile: the min-cut partitioner's saved set
+    offload: bool = False  # --activation-offload: saved tensors in host memory
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -110,7 +140,7 @@ class LinearUse(NamedTuple):
     quantized: bool
 
 
-class _LayerWalk:
+class _LayerWalk(ParallelBlockWalk):
     """Accumulates the saved bytes of one decoder layer for one token, following dtypes and requires_grad."""
 
     def __init__(self, model: ModelSpec, layer: LayerSetup, masked: bool, layer_requires_grad: bool = True):
@@ -119,30 +149,71 @@ class _LayerWalk:
         self.dt = layer.dtypes
         self.full = layer.method is Method.FULL
         self.lora_names = set(layer.lora_modules)
-        self.quantized = layer.method is Method.QLORA
+        self.quantized = layer.method is Method.QLORA and model.traits.bnb_quantizable
         self.gemma = model.family == "gemma2"
+        self.gemma_norm = self.gemma or model.traits.gemma_norm  # GemmaRMSNorm: fp32 (1 + w) product, then cast
         self.masked = masked  # a sliding window shorter than the sequence: transformers builds a 4-D mask
         self.per_token = 0
         self.per_square = 0
         self.per_layer = 0
+        # selective checkpointing's cache: the outputs of the matmul and attention ops (see the module docstring)
+        self.cache_token = 0
+        self.cache_square = 0
+        self.cache_layer = 0
+        # Liger's kernels, or compile's partitioner, keep a norm's input and a SwiGLU's two inputs only
+        self.lean = layer.kernels is Kernels.LIGER or layer.compiled
         self.grad = layer_requires_grad  # does the tensor flowing through the layer require grad?
 
     def result(self) -> Saved:
         return Saved(self.per_token, self.per_square, self.per_layer)
 
+    def cache(self) -> Saved:
+        """What selective checkpointing caches: the matmul and attention outputs of the layer."""
+        return Saved(self.cache_token, self.cache_square, self.cache_layer)
+
+    def width_out(self, name: str) -> int:
+        """Output features of a decoder Linear, by its module name (for the selective cache)."""
+        m = self.m
+        a, k, d = m.num_heads, m.num_kv_heads, m.head_dim
+        base = name.rsplit(".", 1)[-1]
+        if m.traits.mla:
+            qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+            widths = {"q_a_proj": m.q_lora_rank, "q_proj": a * qk, "q_b_proj": a * qk,
+                      "kv_a_proj_with_mqa": m.kv_lora_rank + m.qk_rope_head_dim,
+                      "kv_b_proj": a * (m.qk_nope_head_dim + m.v_head_dim)}
+            if base in widths:
+                return widths[base]
+        width = m.moe_intermediate_size * m.n_shared_experts if name.startswith("shared_experts.") else \
+            m.intermediate_size
+        widths = {"q_proj": a * d, "k_proj": k * d, "v_proj": k * d, "qkv_proj": (a + 2 * k) * d,
+                  "gate_proj": width, "up_proj": width, "gate_up_proj": 2 * width}
+        if base in widths:
+            return widths[base]
+        # other layouts' names (query_key_value, fc1, dense_h_to_4h, c_attn, w1, ...): the module inventory's
+        return next((module.out_features for module in m.inventory.linears if module.name == name), m.hidden_size)
+
     # -- building blocks --------------------------------------------------------------------------
     def norm(self, width: int, x_bytes: int, rows: int = 1) -> int:
         """RMSNorm over ``width`` (``rows`` normalised rows per token); returns its output's bytes per element."""
+        if self.m.traits.layer_norm:
+            return self.layer_norm(width, x_bytes)
+        if self.lean:
+            # Liger / compile: the input as is and a [T] fp32 rstd, whenever a gradient flows or the weight trains
+            if self.grad or self.full:
+                self.per_token += x_bytes * width * rows + _F32 * rows
+            self.grad = self.grad or self.full
+            return x_bytes if self.layer.kernels is Kernels.LIGER else max(self.dt.norm_out, x_bytes)
         if self.grad:
             self.per_token += _F32 * width * rows + _F32 * rows  # fp32 input (or the fp32 input itself), rsqrt
         if self.full:
-            self.per_token += (_F32 if self.gemma else x_bytes) * width * rows  # y saved for the weight gradient
+            self.per_token += (_F32 if self.gemma_norm else x_bytes) * width * rows  # y saved for the weight gradient
         self.grad = self.grad or self.full
-        return x_bytes if self.gemma else max(self.dt.norm_out, x_bytes)
+        return x_bytes if self.gemma_norm else max(self.dt.norm_out, x_bytes)
 
     def linears(self, uses: list[LinearUse], x_bytes: int, x_saved: bool = False) -> int:
         """Linears reading one tensor of ``x_bytes`` per element; returns their output's bytes per element."""
         c, autocast = self.dt.c, self.dt.autocast
+        self.cast_saved = False  # compile: one cast of the shared input for every LoRA module reading it
         for use in uses:
             width = use.width_in
             if use.trains and not use.quantized:
@@ -152,32 +223,44 @@ class _LayerWalk:
                     self.per_token += x_bytes * width
                     x_saved = True
             if use.lora:
-                x_saved = self._lora(width, x_bytes, x_saved)
+                x_saved = self._lora(use, x_bytes, x_saved)
         quantized = any(use.quantized for use in uses)
         if quantized:
             out = x_bytes  # Linear4bit computes in (and returns) its input's dtype (set_compute_type)
+            base_out = out
             if any(use.lora for use in uses) and autocast:
                 out = max(out, c)
         else:
             out = c if autocast else max(x_bytes, self.dt.r)
+            base_out = out
+        for use in uses:  # selective cache: each base Linear's matmul output
+            self.cache_token += base_out * self.width_out(use.name)
         self.grad = self.grad or any(use.trains or use.lora for use in uses)
         return out
 
-    def _lora(self, width: int, x_bytes: int, x_saved: bool) -> bool:
+    def _lora(self, use: LinearUse, x_bytes: int, x_saved: bool) -> bool:
         """One LoRA module on an input of ``width``; returns whether the shared input is now saved."""
+        width = use.width_in
         layer = self.layer
         c, adapter, autocast = self.dt.c, self.dt.adapter, self.dt.autocast
         dropout = layer.lora_dropout > 0
         if dropout and self.grad:
             self.per_token += 1 * width  # native_dropout's bool mask (CUDA)
+        shared_cast = self.layer.compiled and not dropout  # the partitioner's graph computes the cast once (CSE)
         if autocast and adapter != c:
-            self.per_token += c * width  # autocast's private copy of lora_A's input
+            if not (shared_cast and self.cast_saved):
+                self.per_token += c * width  # autocast's private copy of lora_A's input
+                self.cast_saved = True
         elif dropout or adapter != x_bytes:
-            self.per_token += adapter * width  # dropout output or peft's cast, saved by lora_A
+            if not (shared_cast and self.cast_saved):
+                self.per_token += adapter * width  # dropout output or peft's cast, saved by lora_A
+                self.cast_saved = True
         elif not x_saved:
             self.per_token += x_bytes * width
             x_saved = True
         self.per_token += (c if autocast else adapter) * layer.lora_rank  # lora_A's output, saved by lora_B
+        # selective cache: lora_A's and lora_B's matmul outputs
+        self.cache_token += (c if autocast else adapter) * (layer.lora_rank + self.width_out(use.name))
         return x_saved
 
     def use(self, name: str, width_in: int) -> LinearUse:
@@ -195,6 +278,8 @@ class _LayerWalk:
     # -- the layer --------------------------------------------------------------------------------
     def attention_block(self) -> None:
         m = self.m
+        if m.traits.parallel_block:
+            return self.parallel_attention_block()  # layouts.py
         n = self.norm(m.hidden_size, self.dt.r)
         out = self._mla(n) if m.traits.mla else self._attention(n)
         if self.gemma:
@@ -204,12 +289,12 @@ class _LayerWalk:
         m, dt = self.m, self.dt
         h, a, k, d = m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim
         c = dt.c
-        uses = [self.use("qkv_proj", h)] if m.traits.fused_qkv else [self.use(x, h) for x in ("q_proj", "k_proj", "v_proj")]
+        uses = [self.use(name, h) for name in m.traits.qkv_names]
         qkv = self.linears(uses, n)
         if m.qk_norm:
             qkv = max(self.norm(d, qkv, rows=a), self.norm(d, qkv, rows=k))  # q_norm, k_norm per head
         embed = max(qkv, dt.r)  # RoPE multiplies by cos/sin in the residual dtype
-        o_use = self.use("o_proj", a * d)
+        o_use = self.use(m.traits.o_name, a * d)
         o_saves_input = o_use.trains or o_use.lora
         if self.layer.attn_used is Attention.EAGER:
             if self.grad:
@@ -221,6 +306,10 @@ class _LayerWalk:
                 self.per_square += (_F32 + (q_bytes if q_bytes != _F32 else 0)) * a
                 if self.gemma:
                     self.per_square += q_bytes * a  # tanh soft-capping output
+            # selective cache: the two matmuls (bmm): scores [b, a, s, s] and the output [b, a, s, d]
+            scores_bytes = c if dt.autocast else embed
+            self.cache_square += scores_bytes * a
+            self.cache_token += scores_bytes * a * d
             out_bytes = c if dt.autocast else embed
             if o_saves_input and self.grad:
                 self.per_token += out_bytes * a * d  # contiguous copy of the output
@@ -236,16 +325,24 @@ class _LayerWalk:
                 else:
                     self.per_token += out_bytes * (2 * a * d + 2 * kv_width) + _F32 * a
                     self.per_layer += SEED_OFFSET_BYTES
+                    # selective cache: the kernel's output, logsumexp and philox seed and offset
+                    self.cache_token += out_bytes * a * d + _F32 * a
+                    self.cache_layer += SEED_OFFSET_BYTES
                 if self.masked:
                     # SDPA converts the boolean mask to an additive one per call and the efficient kernel saves it
                     # (torch convert_boolean_attn_mask, _scaled_dot_product_efficient_attention)
                     self.per_square += out_bytes
-                if m.traits.fused_qkv and not repeated:
+                if m.traits.fused_qkv and not repeated and not (m.traits.layer_norm and qkv != out_bytes):
+                    # (LayerNorm families under autocast: an fp32 qkv reaches SDPA as a 16-bit cast copy, no view)
                     # v is a view of the fused qkv output and pins all of it; the flash kernel's output keeps the
                     # query's [b, a, s, d] layout, so o_proj gets a contiguous copy
                     self.per_token += qkv * (a + k) * d
-                    if kernel == "flash" and o_saves_input:
+                    if kernel == "flash" and (self._input_saved([o_use], out_bytes) if m.rotary_dim else o_saves_input):
                         self.per_token += out_bytes * a * d
+                elif m.rotary_dim and kernel == "flash" and self._input_saved([o_use], out_bytes):
+                    # partial rotary: q = cat(q_rot, q_pass) is a new [b, a, s, d] tensor, the flash output keeps
+                    # that layout, so o_proj (dense) gets a contiguous copy (modeling_phi.py L212, L233)
+                    self.per_token += out_bytes * a * d
         return self.linears([o_use], out_bytes, x_saved=True)
 
     def _mla(self, n: int) -> int:
@@ -272,8 +369,10 @@ class _LayerWalk:
 
     def mlp_block(self, moe: bool) -> None:
         m = self.m
+        if m.traits.parallel_block:
+            return self.parallel_mlp_block()  # layouts.py
         n = self.norm(m.hidden_size, self.dt.r)
-        out = self._moe(n) if moe else self._gated_mlp(n, m.intermediate_size, prefix="")
+        out = self._moe(n) if moe else self._gated_mlp(n, m.mlp_width, prefix="")
         if self.gemma:
             self.norm(m.hidden_size, out)  # post_feedforward_layernorm
 
@@ -282,10 +381,14 @@ class _LayerWalk:
         if m.traits.fused_gate_up:
             out = self.linears([self.use("gate_up_proj", m.hidden_size)], n)
         else:
-            out = self.linears([self.use(f"{prefix}gate_proj", m.hidden_size), self.use(f"{prefix}up_proj", m.hidden_size)], n)
+            gate, up = (f"{prefix}gate_proj", f"{prefix}up_proj") if prefix else m.traits.mlp_names[:2]  # Qwen: w1, w2
+            out = self.linears([self.use(gate, m.hidden_size), self.use(up, m.hidden_size)], n)
         if self.grad:
-            self.per_token += 3 * out * width  # act's input, act's output, up's output (Phi-3: gate_up pinned + act)
-        return self.linears([self.use(f"{prefix}down_proj", width)], out)
+            # act's input, act's output, up's output (Phi-3: gate_up pinned + act); Liger's SiLUMul and compile's
+            # partition keep gate's and up's outputs only (silu recomputed)
+            self.per_token += (2 if self.lean else 3) * out * width
+        down = f"{prefix}down_proj" if prefix else m.traits.mlp_names[-1]
+        return self.linears([self.use(down, width)], out)
 
     def _moe(self, n: int) -> int:
         """Router (fp32 scores over E experts, top-K) and v5's grouped experts over S = T·K token slots
@@ -316,6 +419,29 @@ def sliding_window_masked(model: ModelSpec, seq_len):
     return select(seq_len > window, True, False) if hasattr(seq_len, "shape") else seq_len > window
 
 
+def attention_masked(model: ModelSpec, seq_len, attn_used: Attention, packing: bool, sequences=2):
+    """Whether the attention gets a 4-D mask. Without packing: ``sliding_window_masked``. With packing (one row of
+    ``sequences`` sequences, position ids restarting at each; ``seq_len`` is then the row's length): FlashAttention-2
+    takes their bounds from the position ids (``flash_attn_varlen_func``, a sliding window in the kernel's
+    ``window_size``) and has no mask; for sdpa and eager transformers v5 finds the sequences
+    (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal [1, 1, T, T] mask
+    (``create_causal_mask``: ``packed_sequence_mask_function``, ``allow_is_causal_skip = False``), unless the row
+    holds one sequence (then the unpacked rule). ``sequences`` may be a numpy array (sweeps)."""
+    if packing and attn_used is Attention.FLASH:
+        return False
+    unpacked = sliding_window_masked(model, seq_len)
+    if not packing:
+        return unpacked
+    if hasattr(sequences, "shape"):
+        return select(sequences > 1, True, unpacked)
+    return True if sequences > 1 else unpacked
+
+
+def checkpoint_mode(grad_ckpt) -> GradCkpt:
+    """``grad_ckpt`` as a GradCkpt (True/False from callers of the on/off option: full/none)."""
+    return grad_ckpt if isinstance(grad_ckpt, GradCkpt) else GradCkpt.parse(grad_ckpt, "grad_ckpt")
+
+
 @functools.lru_cache(maxsize=4096)
 def layer_saved(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = False,
                 requires_grad: bool = True) -> Saved:
@@ -325,6 +451,16 @@ def layer_saved(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = F
     walk.attention_block()
     walk.mlp_block(moe)
     return walk.result()
+
+
+@functools.lru_cache(maxsize=4096)
+def layer_cache(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = False) -> Saved:
+    """What ``--grad-ckpt selective`` caches for one layer: the outputs of its matmul and attention ops (computed
+    whether or not a gradient flows: the policy saves by op, ``tracing/step.py::selective_policy``)."""
+    walk = _LayerWalk(model, layer, masked)
+    walk.attention_block()
+    walk.mlp_block(moe)
+    return walk.cache()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -347,20 +483,22 @@ def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: 
     once per forward by ``*RotaryEmbedding``) and the int64 position ids. Under checkpointing the 4-D attention
     masks are checkpoint inputs too (memory-math.md 5.3): eager's [b, 1, s, s] in the compute dtype, one per mask
     kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window mask (``masked``)."""
-    rope_dim = model.qk_rope_head_dim if model.traits.mla else model.head_dim
-    saved = Saved(per_token=2 * dt.r * rope_dim + 8)
+    saved = Saved(per_token=2 * dt.r * model.rope_dim + 8)
     if grad_ckpt:
         mask_kinds = 2 if model.family == "gemma2" else 1
         if attn_used is Attention.EAGER:
             saved += Saved(per_square=mask_kinds * (dt.c if dt.autocast else dt.r))
-        elif masked:
+        elif masked or model.family == "falcon":  # Falcon always builds its SDPA mask (layouts.py)
             saved += Saved(per_square=1)
     return saved
 
 
 @functools.lru_cache(maxsize=4096)
 def head_saved(model: ModelSpec, layer: LayerSetup) -> Saved:
-    """The final norm's saved tensors and, when lm_head trains (full fine-tuning), its input."""
+    """The final norm's saved tensors and, when lm_head trains (full fine-tuning), its input. ``--compile``
+    compiles the decoder layers only (torchtune, torchtitan): the final norm runs eagerly."""
+    if layer.compiled:
+        layer = dataclasses.replace(layer, compiled=False)
     walk = _LayerWalk(model, layer, masked=False)
     n = walk.norm(model.hidden_size, layer.dtypes.r)
     if layer.method is Method.FULL:
@@ -369,11 +507,66 @@ def head_saved(model: ModelSpec, layer: LayerSetup) -> Saved:
 
 
 def layer_kept(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, moe: bool, masked: bool = False) -> Saved:
-    """What one layer keeps from forward to its backward: its saved tensors, or under HF gradient checkpointing
-    (non-reentrant, transformers ``GradientCheckpointingLayer``) only its input hidden states (r·h per token)."""
-    if grad_ckpt:
-        return Saved(per_token=layer.dtypes.r * model.hidden_size)
-    return layer_saved(model, layer, moe, masked)
+    """What one layer keeps on the device from forward to its backward: its saved tensors, or under HF gradient
+    checkpointing (non-reentrant, transformers ``GradientCheckpointingLayer``) only its input hidden states (r·h per
+    token), plus under selective checkpointing its cache (``layer_cache``). With ``--activation-offload`` the saved
+    tensors, or the checkpointed inputs, are in host memory instead (``offloaded_saved``); the selective cache is not
+    a saved tensor and stays."""
+    mode = checkpoint_mode(grad_ckpt)
+    if not mode:
+        return Saved() if layer.offload else layer_saved(model, layer, moe, masked)
+    kept = Saved() if layer.offload else Saved(per_token=residual_bytes(model, layer) * model.hidden_size)
+    if mode is GradCkpt.SELECTIVE:
+        kept += layer_cache(model, layer, moe, masked)
+    return kept
+
+
+def layer_recomputed(model: ModelSpec, layer: LayerSetup, grad_ckpt, moe: bool, masked: bool = False) -> Saved:
+    """What a layer's backward holds beside what the layer kept (``layer_kept``), once its MLP's backward starts:
+    nothing without checkpointing; its recomputed saved tensors under full checkpointing; under selective the saved
+    tensors minus the cache (``layer_saved - layer_cache``: the cache's entries are given to the recompute, which
+    releases those it does not save). With offload, plus the checkpointed input brought back (r·h)."""
+    mode = checkpoint_mode(grad_ckpt)
+    if not mode:
+        return Saved()
+    saved = layer_saved(model, layer, moe, masked)
+    if mode is GradCkpt.SELECTIVE:
+        saved += layer_cache(model, layer, moe, masked) * -1
+    if layer.offload:
+        saved += Saved(per_token=layer.dtypes.r * model.hidden_size)
+    return saved
+
+
+def attention_left(model: ModelSpec, layer: LayerSetup, grad_ckpt, moe: bool, masked: bool = False) -> Saved:
+    """What a layer's backward holds beside what the layer kept, once its MLP's backward is done: the attention
+    block's saved tensors (recomputed under checkpointing), i.e. without checkpointing ``attention - kept`` (the MLP's
+    saved tensors are freed), under full checkpointing ``attention``, under selective ``attention - layer_cache``.
+    With offload and no checkpointing nothing is kept, and backward brings each node's tensors back as it runs."""
+    mode = checkpoint_mode(grad_ckpt)
+    attention = attention_saved(model, layer, masked)
+    if not mode:
+        return Saved() if layer.offload else attention + layer_saved(model, layer, moe, masked) * -1
+    if mode is GradCkpt.SELECTIVE:
+        attention += layer_cache(model, layer, moe, masked) * -1
+    if layer.offload:
+        attention += Saved(per_token=layer.dtypes.r * model.hidden_size)
+    return attention
+
+
+def offloaded_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt, masked: bool = False) -> Saved:
+    """Host bytes of ``--activation-offload`` at the end of forward (per the whole model): every decoder layer's
+    saved tensors without checkpointing (``layer_saved``; save_on_cpu copies a tensor once per op that saves it, so
+    a tensor several ops save, q/k/v's shared input, is counted once here: a lower bound), or its checkpointed input
+    (r·h; transformers passes cos, sin and the mask in the checkpointed function's keywords, not as checkpoint
+    inputs) with checkpointing. 0 without offload."""
+    if not layer.offload:
+        return Saved()
+    mode = checkpoint_mode(grad_ckpt)
+    if not mode:
+        dense = layer_saved(model, layer, False, masked) * model.num_dense_layers
+        moe = layer_saved(model, layer, True, masked) * model.num_moe_layers if model.num_moe_layers else Saved()
+        return dense + moe
+    return Saved(per_token=layer.dtypes.r * model.hidden_size * model.num_layers)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -383,11 +576,21 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     other layer keeps (``layer_kept``), dense and MoE layers each once per kind times their count."""
     total = shared_saved(model, layer.dtypes, layer.attn_used, grad_ckpt, masked) + head_saved(model, layer)
     first_moe = model.is_moe_layer(0)
-    if grad_ckpt:
+    if layer.offload and not grad_ckpt:
+        # the rotary cos and sin are saved by the layers' RoPE products only: offloaded, the device copies die
+        total += Saved(per_token=-2 * layer.dtypes.r * model.rope_dim)
+    if grad_ckpt and layer.offload and layer.method.uses_lora:
+        # transformers' enable_input_require_grads (checkpointing with peft) makes the embedding's output a leaf
+        # that requires grad: autograd's AccumulateGrad node holds it on the device, offloaded or not
+        first = Saved(per_token=layer.dtypes.r * model.hidden_size) + layer_kept(model, layer, grad_ckpt, first_moe,
+                                                                                 masked)
+    elif grad_ckpt or layer.offload:
         first = layer_kept(model, layer, grad_ckpt, first_moe, masked)
     else:
         first = layer_saved(model, layer, first_moe, masked, first_layer_needs_grad(layer.method))
     total += first
+    if grad_ckpt and not layer.offload:  # the first layer's input is the embedding's r bytes (layouts.residual_bytes)
+        total += Saved(per_token=(layer.dtypes.r - residual_bytes(model, layer)) * model.hidden_size)
     dense = model.num_dense_layers - (0 if first_moe else 1)
     moe = model.num_moe_layers - (1 if first_moe else 0)
     if dense:

@@ -11,6 +11,25 @@
   4·T·V, but the c and fp32 copies, and in backward the two [C, V] gradients, exist one chunk at a time. When lm_head
   trains, each chunk's backward makes a full [V, h] weight gradient and autograd's input buffer sums them out of
   place (``torch/csrc/autograd/input_buffer.cpp``): three [V, h] gradients at once, two chunks in.
+``torchtune`` (torchtune 0.6 recipes, ``lora_finetune_single_device.py:639-661``): the model's ``chunked_output``
+  returns the 8 chunks of c logits as a list (``modules/transformer.py``) that ``_loss_step`` holds until the loss is
+  computed (``del logits`` after ``self._loss_fn``); ``CEWithChunkedOutputLoss`` upcasts one chunk at a time and its
+  log_softmax saves fp32. Forward peak: ``chunked``'s saved tensors + all c·T·V chunk logits + one fp32 chunk (the c
+  chunk's own share is already in the list); backward as ``chunked`` (the list is gone).
+``litgpt`` (litgpt 0.5 ``finetune/lora.py:355-359``, ``utils.py::chunked_cross_entropy``): lm_head runs on chunks of
+  128 positions (C = 128·b tokens); Fabric's precision plugin converts the outputs to the default dtype, fp32
+  (``lightning/fabric/wrappers.py`` ``convert_output``), and ``fit`` keeps that list in ``logits`` through
+  ``fabric.backward``. Each chunk's ``cross_entropy`` saves its fp32 log_softmax. Forward peak 8·T·V (the fp32 list
+  and the saved log_softmax; the conversion itself holds (c + 4)·T·V); backward start 8·T·V + 8·C·V (one chunk's two
+  fp32 gradients); lm_head's backward sees the chunk's c·C·V gradient.
+Compiled (``compile``, with ``hf`` or ``torchtune``; torchtune's ``training.compile_loss`` compiles its loss): AOTAutograd with inductor's decompositions
+  (``torch._inductor.decomposition.select_decomp_table``) and the min-cut partitioner keep the cross-entropy's 16-bit
+  input and two fp32 values per row (its amax and log-sum-exp), not the fp32 log_softmax: checked by running
+  ``functorch.compile.aot_function(lambda x, y: cross_entropy(x.float(), y), partition_fn=
+  min_cut_rematerialization_partition, decompositions=select_decomp_table())`` on a bf16 [T, V] input, whose forward
+  graph returns ``primals_1`` (the bf16 logits), ``amax`` and ``log`` ([T, 1] fp32) for backward. The fused kernels
+  write no fp32 [T, V] copy. Saved c·T·V + 8·T + labels; forward adds accelerate's fp32 copy of the outputs (hf under
+  autocast); backward adds the c logits gradient (hf: c·T·V; torchtune: one chunk's c·C·V).
 ``fused`` (Liger ``LigerFusedLinearCrossEntropyFunction``): no [T, V] tensor. Forward allocates ``grad_input`` [T, h]
   and ``loss_1d`` [T] fp32, and one chunk of next_pow2(ceil(T / ceil(V / h))) tokens of logits at a time; the
   lm_head weight gradient, when it trains, is allocated in forward too (it is counted as a gradient).
@@ -21,10 +40,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..facts import CHUNKED_LOSS_CHUNKS, fused_chunk_tokens
+from ..facts import CHUNKED_LOSS_CHUNKS, LITGPT_LM_HEAD_CHUNK_POSITIONS, fused_chunk_tokens
 from ..model import ModelSpec
 from ..options import Loss
-from ..units import DType, maximum
+from ..units import DType, maximum, minimum
 from .activations import Dtypes
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
@@ -40,10 +59,12 @@ class LogitsBytes:
     forward_hidden_grad: int = 0  # fused: grad_input, alive from forward to backward (part of ``saved``)
 
 
-def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_bytes: int = 0) -> LogitsBytes:
+def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_bytes: int = 0,
+                 sequences=1, compiled: bool = False) -> LogitsBytes:
     """The logits' and the loss's bytes at each moment, for ``tokens`` T (an int or a numpy array) and the model's V,
     h and final soft-cap; ``dt.c`` the compute bytes; ``dt.autocast`` (every precision but fp32) adds accelerate's
-    fp32 copy of the outputs; ``head_grad_bytes`` lm_head's weight gradient when it trains (0 otherwise). Formulas and
+    fp32 copy of the outputs; ``head_grad_bytes`` lm_head's weight gradient when it trains (0 otherwise);
+    ``sequences`` the micro-batch (litgpt chunks lm_head by positions, so a chunk holds 128 of each). Formulas and
     sources per loss: the module docstring."""
     V = model.vocab_size
     c = dt.c
@@ -51,6 +72,8 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
     softcap = model.traits.logit_softcap
     accelerate_copy = dt.autocast  # convert_outputs_to_fp32 runs under every autocast precision
     labels = LABEL_BYTES * tokens
+    if compiled and loss in (Loss.HF, Loss.TORCHTUNE) and not softcap:
+        return _compiled_logits_bytes(loss, c, accelerate_copy, tokens, V, labels, head_grad_bytes)
     if loss is Loss.HF:
         saved = (_F32 + (c if softcap else 0)) * tokens * V + labels
         chain = (2 * c if softcap else c) + upcast + _F32
@@ -58,14 +81,23 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
         forward = max(chain, after) * tokens * V + labels
         backward = (3 * _F32 + (c if softcap else 0)) * tokens * V + labels
         return LogitsBytes(forward, saved, backward, c * tokens * V + labels)
-    if loss is Loss.CHUNKED:
+    if loss in (Loss.CHUNKED, Loss.TORCHTUNE):
         chunk = -(-tokens // CHUNKED_LOSS_CHUNKS)
         saved = (_F32 + (c if softcap else 0)) * tokens * V + labels
         forward = saved + ((2 * c if softcap else c) + upcast) * chunk * V
+        if loss is Loss.TORCHTUNE:  # the recipe's list of every chunk's c logits, alive through the loss
+            forward = saved + c * tokens * V + upcast * chunk * V
         backward = saved + 2 * _F32 * chunk * V
         if head_grad_bytes:
             remaining = saved * (CHUNKED_LOSS_CHUNKS - 2) // CHUNKED_LOSS_CHUNKS
             backward = maximum(backward, remaining + 3 * head_grad_bytes + c * chunk * V)
+        return LogitsBytes(forward, saved, backward, saved + c * chunk * V)
+    if loss is Loss.LITGPT:
+        held = _F32 * tokens * V  # the fp32 logits list fit() keeps through backward
+        saved = held + _F32 * tokens * V + labels
+        chunk = minimum(tokens, LITGPT_LM_HEAD_CHUNK_POSITIONS * sequences)
+        forward = maximum(saved, (c + _F32) * tokens * V + labels)
+        backward = saved + 2 * _F32 * chunk * V
         return LogitsBytes(forward, saved, backward, saved + c * chunk * V)
     chunk = fused_chunk_tokens(tokens, V, model.hidden_size)
     hidden_bytes = max(dt.norm_out, dt.r)
@@ -73,3 +105,18 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
     saved = grad_input + _F32 * tokens + labels
     forward = saved + c * chunk * V + hidden_bytes * chunk * model.hidden_size
     return LogitsBytes(forward, saved, saved, saved, forward_hidden_grad=grad_input)
+
+
+def _compiled_logits_bytes(loss: Loss, c: int, accelerate_copy: bool, tokens, V: int, labels,
+                           head_grad_bytes: int) -> LogitsBytes:
+    """The compiled cross-entropy (module docstring): the 16-bit logits and two fp32 values per row are saved."""
+    saved = c * tokens * V + 2 * _F32 * tokens + labels
+    if loss is Loss.HF:
+        forward = saved + (_F32 * tokens * V if accelerate_copy else 0)
+        return LogitsBytes(forward, saved, saved + c * tokens * V, c * tokens * V + labels)
+    chunk = -(-tokens // CHUNKED_LOSS_CHUNKS)
+    backward = saved + c * chunk * V
+    if head_grad_bytes:
+        remaining = saved * (CHUNKED_LOSS_CHUNKS - 2) // CHUNKED_LOSS_CHUNKS
+        backward = maximum(backward, remaining + 3 * head_grad_bytes + c * chunk * V)
+    return LogitsBytes(saved, saved, backward, saved + c * chunk * V)

@@ -12,7 +12,9 @@ Knobs (``TrainingSetup`` fields, read with their defaults so that a setup withou
   quantized Linear that requires grad, once (q/k/v share the norm output, gate/up share theirs), unless another op
   already saves that very tensor (SDPA's output under o_proj, a bf16 LoRA's lora_A input). Linear4bit passes its
   input through unchanged for fp32/bf16 inputs (``Linear4bit.set_compute_type``); an fp16 input is cast to the compute
-  dtype, a private copy per Linear.
+  dtype, a private copy per Linear. o_proj reads a fresh copy under eager attention and for fused-qkv models under
+  flash. Under checkpointing the layer's own saves are dropped, so every distinct held input costs its bytes, and
+  the first layer's input requires grad too (traced). Traced on fake tensors: ``tests/test_quantized_knobs.py``.
 - ``quantize_lm_head``: lm_head is 4-bit (or int8) too; with held inputs, its input (the final norm's output) is held.
 - ``quant_state_dtype``: the dtype ``dequantize_4bit`` returns (the quant state's, i.e. the dtype of the tensor that
   was quantized: Lightning quantizes an fp16 copy, Lightning@71aed751 ``fabric/plugins/precision/bitsandbytes.py:221``)
@@ -27,11 +29,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..facts import BNB_BLOCKSIZE, BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS, half_dtype
 from ..model import ModelSpec
-from ..options import Method
-from ..units import DType, select
+from ..options import Attention, Method
+from ..units import DType, maximum, select
 from .activations import LayerSetup, Saved, _LayerWalk, first_layer_needs_grad
 from .parameters import quant_is_int8
 
@@ -78,11 +81,6 @@ def knobs(setup) -> QuantKnobs:
                       input_dtype=a, input_cast=cast, double_quant=setup.double_quant and not int8)
 
 
-def load_dtype_word(setup) -> str:
-    """The dtype the 16-bit checkpoint is loaded (and quantized) in: the precision's 16-bit dtype."""
-    return half_dtype(setup.precision).value
-
-
 # -- dequantized weights --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DequantBytes:
@@ -97,13 +95,15 @@ def _absmax_bytes(numel: int, double_quant: bool) -> int:
 
 
 def _dequant_4bit_backward(numel: int, k: QuantKnobs, a_bytes: int) -> int:
-    """``F.dequantize_4bit(B, state).to(A.dtype)``: the quant-state copy and A's copy at once when they differ."""
-    state_bytes = _BYTES[k.quant_state] if k.quant_state else a_bytes
-    both = state_bytes + a_bytes if k.quant_state and k.quant_state != k.input_dtype else a_bytes
-    return both * numel + _absmax_bytes(numel, k.double_quant)
+    """``F.dequantize_4bit(B, state).to(A.dtype)`` (``MatMul4Bit.backward``): the quant-state copy and A's copy at
+    once when the dtypes differ (the rebuilt fp32 absmax, one copy, is freed when ``dequantize_4bit`` returns);
+    otherwise A's copy beside that absmax."""
+    if k.quant_state and k.quant_state != k.input_dtype:
+        return (_BYTES[k.quant_state] + a_bytes) * numel
+    return a_bytes * numel + (_F32 * -(-numel // BNB_BLOCKSIZE) if k.double_quant else 0)
 
 
-def dequant_bytes(model: ModelSpec, setup, a_bytes: int, tokens) -> DequantBytes:
+def dequant_bytes(model: ModelSpec, setup, a_bytes: int, tokens, c_bytes: int | None = None) -> DequantBytes:
     """Dequantized-weight transients of the largest quantized decoder Linear and of a quantized lm_head.
 
     4-bit: backward ``n·(B(state) + a)`` when the quant-state dtype differs from A's, else ``n·a`` (plus the rebuilt
@@ -112,17 +112,24 @@ def dequant_bytes(model: ModelSpec, setup, a_bytes: int, tokens) -> DequantBytes
     (4·out fp32), any token count. ``a_bytes``: bytes of A's dtype (``max(r, c)`` as today's formula).
     """
     k = knobs(setup)
+    c_bytes = a_bytes if c_bytes is None else c_bytes
     largest = max(model.inventory.linears, key=lambda module: module.weight_numel)
     head_numel = model.vocab_size * model.hidden_size
     above = tokens > BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS
+    # the estimator adds the layer transient to the MLP's backward transients c·T·(3·I + h) (down's input gradient
+    # and mul's two [T, I] gradients); the largest Linear's backward (gate/up) runs with one [T, I] gradient and the
+    # [T, h] one alive (traced), so only what exceeds the two others counts
+    width = model.expert_width * model.experts_per_token if model.is_moe else model.intermediate_size
+    others = 2 * c_bytes * tokens * width
     if k.int8:
-        layer = a_bytes * largest.weight_numel + _F32 * largest.out_features
+        layer = maximum(a_bytes * largest.weight_numel + _F32 * largest.out_features - others, 0)
         head_bwd = a_bytes * head_numel + _F32 * model.vocab_size if k.head_quantized else 0
         return DequantBytes(layer, 0, head_bwd)
-    if k.quant_state:
-        layer = _dequant_4bit_backward(largest.weight_numel, k, a_bytes)
-    else:  # today's formula (terms/temporaries.py::dequantized_weight_bytes)
-        layer = select(above, a_bytes * largest.weight_numel + _absmax_bytes(largest.weight_numel, k.double_quant), 0)
+    today = select(above, a_bytes * largest.weight_numel + _absmax_bytes(largest.weight_numel, k.double_quant), 0)
+    if k.quant_state:  # never less than today's formula (terms/temporaries.py::dequantized_weight_bytes)
+        layer = maximum(today, maximum(_dequant_4bit_backward(largest.weight_numel, k, a_bytes) - others, 0))
+    else:
+        layer = today
     if not k.head_quantized:
         return DequantBytes(layer, 0, 0)
     head_fwd = select(above, a_bytes * head_numel + _absmax_bytes(head_numel, k.double_quant), 0)
@@ -131,29 +138,52 @@ def dequant_bytes(model: ModelSpec, setup, a_bytes: int, tokens) -> DequantBytes
 
 # -- inputs held by quantized Linears -------------------------------------------------------------------------------
 class _HoldingWalk(_LayerWalk):
-    """The layer walk of ``activations`` with quantized Linears that hold their input (see the module docstring)."""
+    """The layer walk of ``activations`` with quantized Linears that hold their input (see the module docstring).
 
-    def __init__(self, model, layer, masked, layer_requires_grad, private_bytes: int):
+    ``held`` counts the held inputs alone. ``share``: an input another op saves costs nothing (no checkpointing);
+    under checkpointing the layer's own saves are dropped, so every distinct held input costs its bytes."""
+
+    def __init__(self, model, layer, masked, layer_requires_grad, private_bytes: int, share: bool = True):
         super().__init__(model, layer, masked, layer_requires_grad)
         self.private_bytes = private_bytes  # >0: each quantized Linear casts its input (fp16 -> compute dtype)
+        self.share = share
+        self.held = 0
+
+    def _fresh_attention_output(self, use, x_bytes) -> bool:
+        """o_proj reads a new tensor that no one else saves: eager's ``transpose(1, 2).contiguous()`` copy, or the
+        copy of a fused-qkv model's flash output (``activations._LayerWalk._attention``), unless o_proj itself
+        trains or has a LoRA (then the walk already counted that copy as saved)."""
+        if use.name != "o_proj" or use.trains or use.lora:
+            return False
+        m = self.m
+        if self.layer.attn_used is Attention.EAGER:
+            return True
+        repeated = self.masked and m.num_heads > m.num_kv_heads
+        kernel = self.sdpa_kernel(m.num_heads, m.num_kv_heads, m.head_dim, m.head_dim, x_bytes)
+        return m.traits.fused_qkv and not repeated and kernel == "flash"
 
     def linears(self, uses, x_bytes, x_saved=False):
         quantized = [use for use in uses if use.quantized]
+        if quantized and x_saved and self._fresh_attention_output(quantized[0], x_bytes):
+            x_saved = False
         if quantized and self.grad:
             width = quantized[0].width_in
             if self.private_bytes:
-                self.per_token += self.private_bytes * width * len(quantized)
-            elif not x_saved:
-                self.per_token += x_bytes * width
-                x_saved = True
+                self.held += self.private_bytes * width * len(quantized)
+            elif not (x_saved and self.share):
+                self.held += x_bytes * width
+            if self.share and not self.private_bytes:
+                x_saved = True  # held: a LoRA's lora_A on the same tensor adds nothing
         return super().linears(uses, x_bytes, x_saved)
 
 
-def _walk(model, layer, moe, masked, requires_grad, private_bytes, holding) -> Saved:
-    walk = (_HoldingWalk(model, layer, masked, requires_grad, private_bytes) if holding
+def _walk(model, layer, moe, masked, requires_grad, private_bytes, holding, share=True) -> Saved:
+    walk = (_HoldingWalk(model, layer, masked, requires_grad, private_bytes, share) if holding
             else _LayerWalk(model, layer, masked, requires_grad))
     walk.attention_block()
     walk.mlp_block(moe)
+    if holding:
+        return walk.result() + Saved(per_token=walk.held)
     return walk.result()
 
 
@@ -163,33 +193,74 @@ def _difference(a: Saved, b: Saved) -> Saved:
 
 @functools.lru_cache(maxsize=4096)
 def layer_held(model: ModelSpec, layer: LayerSetup, k: QuantKnobs, moe: bool, masked: bool = False,
-               requires_grad: bool = True) -> Saved:
-    """Bytes one decoder layer's quantized Linears hold for backward beyond what the layer saves anyway."""
+               requires_grad: bool = True, grad_ckpt: bool = False) -> Saved:
+    """Bytes one decoder layer's quantized Linears hold for backward beyond what the layer keeps anyway: without
+    checkpointing, its held inputs less those the layer saves itself; with it, every distinct held input (the
+    checkpoint drops the layer's saved tensors but not a ctx attribute)."""
     if not k.saves_input:
         return Saved()
     private = _BYTES[k.input_dtype] if k.input_cast else 0
+    if grad_ckpt:
+        walk = _HoldingWalk(model, layer, masked, requires_grad, private, share=False)
+        walk.attention_block()
+        walk.mlp_block(moe)
+        return Saved(per_token=walk.held)
     return _difference(_walk(model, layer, moe, masked, requires_grad, private, True),
                        _walk(model, layer, moe, masked, requires_grad, private, False))
 
 
 @functools.lru_cache(maxsize=4096)
 def model_held(model: ModelSpec, layer: LayerSetup, k: QuantKnobs, masked: bool = False,
-               head_input_shared: bool = False) -> Saved:
+               head_input_shared: bool = False, grad_ckpt: bool = False) -> Saved:
     """Everything quantized Linears hold from forward until the graph dies: every decoder layer's ``layer_held``
-    (the first layer's inputs need a gradient only when ``first_layer_needs_grad``) and, for a quantized lm_head,
-    its input (the final norm's output, ``max(norm_out, r)·h`` per token) unless another op saves that tensor
-    (``head_input_shared``: a bf16 LoRA on lm_head without dropout)."""
+    (the first layer's inputs need a gradient only when ``first_layer_needs_grad`` or under checkpointing) and, for
+    a quantized lm_head, its input (the final norm's output, ``max(norm_out, r)·h`` per token) unless another op
+    saves that tensor (``head_input_shared``: a bf16 LoRA on lm_head without dropout)."""
     if not k.saves_input:
         return Saved()
     first_moe = model.is_moe_layer(0)
-    total = layer_held(model, layer, k, first_moe, masked, first_layer_needs_grad(layer.method))
+    # under checkpointing the first layer's input requires grad too (traced: layer 0's norm output is held)
+    first_grad = grad_ckpt or first_layer_needs_grad(layer.method)
+    total = layer_held(model, layer, k, first_moe, masked, first_grad, grad_ckpt)
     dense = model.num_dense_layers - (0 if first_moe else 1)
     moe = model.num_moe_layers - (1 if first_moe else 0)
     if dense:
-        total += layer_held(model, layer, k, False, masked) * dense
+        total += layer_held(model, layer, k, False, masked, True, grad_ckpt) * dense
     if moe:
-        total += layer_held(model, layer, k, True, masked) * moe
+        total += layer_held(model, layer, k, True, masked, True, grad_ckpt) * moe
     if k.head_quantized and not head_input_shared:
         dt = layer.dtypes
         total += Saved(per_token=max(dt.norm_out, dt.r) * model.hidden_size)
     return total
+
+
+# -- what the estimator adds at its moments --------------------------------------------------------------------------
+class StepExtras(NamedTuple):
+    """What quantized layers add to ``estimator._moments`` (bytes; ints or numpy arrays over the batch shape)."""
+
+    held: object  # activations held from forward until the graph dies: add to ``A`` (never released per layer)
+    head_forward: object  # a quantized lm_head's forward: its dequantized weight (0: no such moment)
+    head_forward_logits: object  # ... beside its output [T, V] in the input dtype
+    head_backward: object  # temporaries of lm_head's backward moment: its dequantized weight
+    head_forward_moment: bool = False  # lm_head is quantized: its forward is a moment of its own
+
+
+def step_extras(model: ModelSpec, setup, layer: LayerSetup, masked, batch_size, seq_len,
+                head_input_shared: bool = False) -> StepExtras:
+    """The quantized-layer additions for one setup and batch shape (module docstring; all 0 for today's QLoRA)."""
+    k = knobs(setup)
+    if k.is_default:
+        return StepExtras(0, 0, 0, 0, False)
+    dt = layer.dtypes
+    tokens = batch_size * seq_len
+    held = model_held(model, layer, k, masked, head_input_shared, bool(setup.grad_ckpt)).bytes(batch_size, seq_len)
+    a = max(dt.r, dt.c)
+    deq = dequant_bytes(model, setup, a, tokens, dt.c)
+    head_out = max(dt.norm_out, dt.r) * tokens * model.vocab_size if k.head_quantized else 0
+    head_backward = deq.head_backward
+    if k.head_quantized:
+        # the matmul's output (the hidden-state gradient, already in the moment) comes once only A's copy is left
+        hidden = dt.c * tokens * model.hidden_size
+        copy = a * model.vocab_size * model.hidden_size
+        head_backward = maximum(head_backward - hidden, copy)
+    return StepExtras(held, deq.head_forward, head_out, head_backward, k.head_quantized)

@@ -7,13 +7,14 @@ functions run (``distributed.rank_states``; why FSDP2 cannot shard the totals: `
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..model import ModelSpec
 from ..options import Method, Optimizer
 from .gradients import gradient_bytes, layer_gradient_bytes
 from .optimizer import optimizer_state_bytes, optimizer_step_temporary_bytes
 from .parameters import StoredTensor
+from ..units import round_up
 from .weights import weight_bytes
 
 
@@ -59,3 +60,23 @@ def model_states(model: ModelSpec, tensors: tuple[StoredTensor, ...], method: Me
         head_gradient=head_gradient_bytes(model, method, tensors),
         accumulated_gradients=gradients if grad_accum > 1 else 0,
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def optimizer_in_backward(rank: RankStates, tensors: tuple[StoredTensor, ...], optimizer: Optimizer) -> RankStates:
+    """The states when the optimizer steps each parameter from its post-accumulate-grad hook (torchtune
+    ``optimizer_in_bwd``: ``training/_optimizer_in_backward.py`` (0.6) / ``memory.py`` ``register_optim_in_bwd_hooks``
+    calls ``optim.step()`` then ``optim.zero_grad()`` for the one parameter whose gradient just became ready): a
+    gradient lives from its accumulation to its own step, so the full gradient set never exists.
+
+    Gradients at rest = 0; during backward, one parameter's gradient and its step's scratch are alive at a time:
+    ``max over trainable tensors of (grad bytes + one-tensor step scratch)``, charged to the backward buffers (alive
+    at every backward moment, never in forward). Optimizer states are unchanged (every parameter still has its own);
+    the end-of-step scratch is gone (each step ran in backward)."""
+    trainable = [t for t in tensors if t.trainable]
+    if not trainable:
+        return rank
+    one = max(round_up(t.numel * t.bits // 8)
+              + optimizer_step_temporary_bytes((replace(t, count=1),), optimizer) for t in trainable)
+    return replace(rank, gradients=0, optimizer_step=0, layer_gradients=(0, 0), head_gradient=0,
+                   backward_buffers=rank.backward_buffers + one, accumulated_gradients=0)

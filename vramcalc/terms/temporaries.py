@@ -12,7 +12,9 @@ from ..facts import BNB_BLOCKSIZE, BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS
 from ..model import ModelSpec
 from ..options import Attention, Method
 from ..units import DType, maximum, select
+from . import quantized
 from .activations import Dtypes
+from .layouts import sdpa_math_path, shared_norm_grad_bytes
 from .parameters import StoredTensor
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
@@ -48,22 +50,34 @@ def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: b
             layer_copies += dt.c * t.numel * t.count
     if method is Method.QLORA:
         layer_copies = 0
-    # fp32 LoRA adapters are trained leaves too: autocast caches their 16-bit copies and F.linear saves them
-    adapters = sum(dt.c * t.numel * t.count for t in tensors if t.kind == "adapter" and t.bits == 32)
-    saved = head_copy + (0 if grad_ckpt else layer_copies + adapters)
-    forward = head_copy + adapters + (layer_copies if full or not grad_ckpt else 0)
+    # fp32 LoRA adapters are trained leaves too: autocast caches their 16-bit copies and F.linear saves them. LoRA on
+    # lm_head / embed_tokens sits outside the checkpointed layers (kept under checkpointing too); the embedding's
+    # lora_embedding_A goes through F.embedding, which autocast does not cast
+    adapters = outside = 0
+    for t in tensors:
+        if t.kind == "adapter" and t.bits == 32 and not t.name.endswith("lora_embedding_A"):
+            if t.name.startswith(("lm_head.", "embed_tokens.")):
+                outside += dt.c * t.numel * t.count
+            else:
+                adapters += dt.c * t.numel * t.count
+    saved = head_copy + outside + (0 if grad_ckpt else layer_copies + adapters)
+    forward = head_copy + outside + adapters + (layer_copies if full or not grad_ckpt else 0)
     return WeightCopies(forward, saved)
 
 
-def dequantized_weight_bytes(model: ModelSpec, method: Method, double_quant: bool, dt: Dtypes, tokens):
+def dequantized_weight_bytes(model: ModelSpec, method: Method, double_quant: bool, dt: Dtypes, tokens, setup=None):
     """QLoRA: the largest 4-bit Linear dequantized for one matmul.
 
     Above 1536 tokens bitsandbytes' CUDA ``gemm_4bit`` runs ``_dequant_linear_fallback``: an fp32 absmax (twice, with
     double quantization) and the full weight in the input's dtype, freed after ``F.linear``. Backward dequantizes
     again (``MatMul4Bit.backward``). Below, a fused kernel needs none.
+    ``setup`` (optional): a quant-state dtype other than the input's (both copies at once in backward) or an LLM.int8
+    base (``CB.to(A.dtype)`` in backward) take ``quantized.dequant_bytes``'s decoder-layer transient instead.
     """
-    if method is not Method.QLORA:
+    if method is not Method.QLORA or not model.traits.bnb_quantizable:
         return 0
+    if setup is not None and not quantized.knobs(setup).is_default:
+        return quantized.dequant_bytes(model, setup, max(dt.r, dt.c), tokens, dt.c).layer_backward
     largest = max(module.weight_numel for module in model.inventory.linears)
     absmax = 2 * _F32 * -(-largest // BNB_BLOCKSIZE) if double_quant else 0
     return select(tokens > BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS, max(dt.r, dt.c) * largest + absmax, 0)
@@ -73,7 +87,7 @@ def mlp_backward_bytes(model: ModelSpec, c: int, batch_size, seq_len):
     """Gradients alive at once in an MLP's backward: the incoming [T, h] gradient, then down's input gradient and
     mul's two gradients [T, I] (c bytes each, the compute dtype); for MoE, over the T·K routed slots."""
     m = model
-    width = m.expert_width * m.experts_per_token if m.is_moe else m.intermediate_size
+    width = m.expert_width * m.experts_per_token if m.is_moe else m.mlp_width  # Qwen v1: intermediate_size / 2
     return c * batch_size * seq_len * (3 * width + m.hidden_size)
 
 
@@ -86,7 +100,9 @@ def attention_backward_bytes(model: ModelSpec, c: int, attn_used: Attention, bat
     attention = c * batch_size * seq_len * (2 * a * d + 2 * k * d)
     if attn_used is Attention.EAGER:
         attention += (c + _F32) * batch_size * a * seq_len * seq_len
-    return attention
+    elif sdpa_math_path(model, attn_used):  # its softmax runs in c: the probabilities' gradient and softmax's
+        attention += 2 * c * batch_size * a * seq_len * seq_len
+    return attention + shared_norm_grad_bytes(model, batch_size, seq_len)  # 0 but for phi and Falcon's old layout
 
 
 def layer_backward_bytes(model: ModelSpec, c: int, attn_used: Attention, batch_size, seq_len):

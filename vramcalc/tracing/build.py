@@ -93,7 +93,8 @@ def hf_config(spec: ModelSpec):
 
 
 def _phi_config(spec: ModelSpec, fields: dict) -> dict:
-    fields = dict(fields, partial_rotary_factor=spec.rope_dim / spec.head_dim, resid_pdrop=0.0, embd_pdrop=0.0)
+    fields = dict(fields, head_dim=spec.head_dim, partial_rotary_factor=spec.rope_dim / spec.head_dim, resid_pdrop=0.0,
+                  embd_pdrop=0.0)
     return fields
 
 
@@ -162,7 +163,9 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
                 from .qlora import quantize_linears
 
                 quantize_linears(model, setup)
-                if setup.precision.is_mixed:
+                if getattr(setup, "kbit_prep", False):
+                    _prepare_for_kbit_training_as_called(model, setup)
+                elif setup.precision.is_mixed:
                     _prepare_for_kbit_training(model)
             if setup.method.uses_lora:
                 model = _apply_lora(model, resolved)
@@ -262,6 +265,20 @@ def _prepare_for_kbit_training(model: nn.Module) -> None:
     from peft import prepare_model_for_kbit_training
 
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _prepare_for_kbit_training_as_called(model: nn.Module, setup) -> None:
+    """``--kbit-prep``: peft.prepare_model_for_kbit_training as a user calls it, on a model that says it is loaded
+    in 4 or 8 bits (transformers sets ``is_loaded_in_4bit``/``is_loaded_in_8bit``): non-4-bit 16-bit parameters to
+    fp32 and, with checkpointing, ``enable_input_require_grads`` (the embedding output requires grad). Its own
+    checkpointing switch is replaced afterwards by the setup's (``build_model``)."""
+    from peft import prepare_model_for_kbit_training
+
+    if getattr(setup.quant, "value", setup.quant) == "int8":
+        model.is_loaded_in_8bit = True
+    else:
+        model.is_loaded_in_4bit = True
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(setup.grad_ckpt))
 
 
 def _apply_lora(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:

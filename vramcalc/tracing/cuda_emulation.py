@@ -24,6 +24,9 @@ while a trace runs:
    training and in mixed precision alike (the op is not autocast-enabled, and the input is cast to the weights'
    dtype), so a real GPU trains these setups.
 
+5. ``F.layer_norm`` under autocast runs in fp32 as CUDA autocast's fp32 op list has it (CPU autocast leaves it in
+   the input dtype): nn.LayerNorm saves an fp32 copy of its input and returns fp32 (phi, gpt_neox, falcon).
+
 Kernel-internal workspaces (FA2's fp32 ``dq_accum``, cuBLAS) are not tensors of the step: calibration measures them.
 """
 
@@ -68,6 +71,19 @@ def cuda_dropout(input, p=0.5, training=True, inplace=False):
 
 
 _original_dropout = torch.nn.functional.dropout
+_original_layer_norm = torch.nn.functional.layer_norm
+
+
+def cuda_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``F.layer_norm`` under autocast as CUDA runs it: CUDA autocast lists layer_norm as an fp32 op
+    (``aten/src/ATen/autocast_mode.cpp``; CPU autocast does not), so its input, weight and bias are cast to fp32 and
+    it returns fp32. Only nn.LayerNorm families (phi, gpt_neox, falcon) call it."""
+    if not torch.is_autocast_enabled("cpu"):
+        return _original_layer_norm(input, normalized_shape, weight, bias, eps)
+    def fp32(t):
+        return t.float() if t is not None and t.is_floating_point() else t
+    with torch.autocast(device_type="cpu", enabled=False):
+        return _original_layer_norm(fp32(input), normalized_shape, fp32(weight), fp32(bias), eps)
 
 
 def _additive_bias(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -164,6 +180,7 @@ def cuda_kernel_emulation(sdpa: bool = True):
     if sdpa:
         torch.nn.functional.scaled_dot_product_attention = cuda_sdpa
     torch.nn.functional.dropout = cuda_dropout
+    torch.nn.functional.layer_norm = cuda_layer_norm
     # transformers cannot read fake position ids, so it would assume packed sequences and build a 4-D mask; the
     # traced batch is unpacked (one sequence per row), as find_packed_sequence_indices finds on real ids.
     masking_utils.find_packed_sequence_indices = _unpacked
@@ -173,4 +190,5 @@ def cuda_kernel_emulation(sdpa: bool = True):
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
         torch.nn.functional.dropout = _original_dropout
+        torch.nn.functional.layer_norm = _original_layer_norm
         masking_utils.find_packed_sequence_indices = find_packed

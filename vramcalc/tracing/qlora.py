@@ -9,12 +9,32 @@ it is an ``isinstance`` of ``bnb.nn.Linear4bit``. The layer is assembled on the 
 effect that fake kernels cannot show, the dequantized
 weight that the CUDA ``gemm_4bit`` kernel allocates above 1536 tokens, is added by ``cuda_emulation.cuda_kernel_emulation``.
 ``tests/test_trace_qlora.py`` checks this layer against a real ``bnb.nn.Linear4bit`` on real CPU tensors.
+
+Issue 11 knobs, each with the real bitsandbytes code:
+- ``quant_state_dtype``: the weight is quantized from a tensor of that dtype, so the QuantState records it and
+  ``dequantize_4bit`` returns it (bitsandbytes' own quantize_4bit on a fake tensor of that dtype);
+- ``quantize_lm_head``: lm_head is replaced too (Lightning's plugin replaces every ``torch.nn.Linear``);
+- ``quant_saves_input`` (VERSION EMULATION of bitsandbytes <= 0.43): ``MatMul4BitHoldingInput`` runs 0.50.2's own
+  ``MatMul4Bit`` and then keeps the input the way 0.43.1 did, ``ctx.tensors = (A, B)``
+  (bitsandbytes 0.43.1 ``bitsandbytes/autograd/_functions.py:516``); nothing else of the old version is reproduced;
+- ``quant=int8`` (LLM.int8, ``load_in_8bit``): ``FakeLinear8bitLt`` is a ``bnb.nn.Linear8bitLt`` with an int8 weight
+  and fp32 SCB whose forward takes the CUDA route, ``MatMul8bitLt`` (on CPU ``bnb.matmul`` picks ``MatMul8bitFp``),
+  with ``llm_int8_threshold=6.0``. Two CUDA kernels are emulated (fake tensors have no values, so their
+  data-dependent outlier count cannot exist): ``int8_vectorwise_quant`` allocates what the CUDA kernel does
+  (``backends/cuda/ops.py``: row stats, int8 rows, ``A.abs() >= threshold``) and finds no outlier column;
+  ``int8_mixed_scaled_mm`` then takes the default kernel's no-outlier path (an empty ``subA``, ``int8_scaled_mm``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+import contextlib
+import logging
+import sys
+
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..training_setup import TrainingSetup
 
@@ -91,29 +111,172 @@ def fake_linear4bit_class():
             self.quant_state = weight.quant_state
             self.quant_storage = torch.uint8
             self.support_avx512bf16_for_cpu = False
+            self.holds_input = False  # quant_saves_input: bitsandbytes <= 0.43 (see the module docstring)
+
+        def forward(self, x):
+            if not self.holds_input:
+                return super().forward(x)
+            with _matmul_4bit_holding_input():
+                return super().forward(x)
 
     return FakeLinear4bit
+
+
+def _functions_module():
+    _bnb()
+    return sys.modules["bitsandbytes.autograd._functions"]
+
+
+def matmul_4bit_holding_input_class():
+    """bitsandbytes 0.50.2's ``MatMul4Bit`` keeping its input as bitsandbytes <= 0.43 did (version emulation)."""
+    functions = _functions_module()
+    base = functions.MatMul4Bit
+
+    class MatMul4BitHoldingInput(base):
+        @staticmethod
+        def forward(ctx, A, B, out=None, bias=None, quant_state=None):
+            output = base.forward(ctx, A, B, out, bias, quant_state)
+            if any(ctx.needs_input_grad[:2]):
+                ctx.tensors = (A, ctx.tensors[1])  # bitsandbytes 0.43.1 _functions.py:516: ctx.tensors = (A, B)
+            return output
+
+    return MatMul4BitHoldingInput
+
+
+@contextlib.contextmanager
+def _matmul_4bit_holding_input():
+    """``bnb.matmul_4bit`` looks ``MatMul4Bit`` up in its module at call time: point it at the holding class for
+    one layer's forward."""
+    functions = _functions_module()
+    original = functions.MatMul4Bit
+    functions.MatMul4Bit = matmul_4bit_holding_input_class()
+    try:
+        yield
+    finally:
+        functions.MatMul4Bit = original
+
+
+# -- LLM.int8 ---------------------------------------------------------------------------------------------------
+class _Int8CudaKernels(TorchDispatchMode):
+    """The CUDA kernels of ``MatMul8bitLt`` whose fake kernels need a data-dependent size (see the module docstring)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ops = torch.ops.bitsandbytes
+        if func is ops.int8_vectorwise_quant.default:
+            A = args[0]
+            threshold = kwargs.get("threshold", args[1] if len(args) > 1 else 0.0)
+            rows = A.numel() // A.shape[-1]
+            row_stats = torch.empty(rows, device=A.device, dtype=torch.float32)
+            out_row = torch.empty(A.shape, device=A.device, dtype=torch.int8)
+            outlier_cols = None
+            if threshold > 0.0:
+                outliers = A.abs() >= threshold  # noqa: F841 (the CUDA kernel's [T, in] mask, alive until it returns)
+                outlier_cols = torch.empty(0, device=A.device, dtype=torch.int64)  # no outlier column (no values)
+            return out_row, row_stats, outlier_cols
+        if func is ops.int8_mixed_scaled_mm.default:
+            A, CA, CB, SCA, SCB = args[:5]
+            bias = kwargs.get("bias", args[6] if len(args) > 6 else None)
+            subA = torch.empty(0, device=A.device, dtype=A.dtype)
+            return ops.int8_scaled_mm.default(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype), subA
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _int8_cuda_route():
+    """``bnb.matmul`` picks ``MatMul8bitFp`` for CPU tensors in training; CUDA runs ``MatMul8bitLt``."""
+    functions = _functions_module()
+    original = functions.MatMul8bitFp
+    functions.MatMul8bitFp = functions.MatMul8bitLt
+    try:
+        with _Int8CudaKernels():
+            yield
+    finally:
+        functions.MatMul8bitFp = original
+
+
+def fake_linear8bit_class():
+    bnb = _bnb()
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # "inputs will be cast" per call
+
+    class FakeLinear8bitLt(bnb.nn.Linear8bitLt):
+        """A Linear8bitLt standing where an nn.Linear was: int8 weight (CB) and fp32 row scales (SCB), as
+        transformers' ``load_in_8bit`` leaves them (``has_fp16_weights=False``, ``llm_int8_threshold``)."""
+
+        def __init__(self, linear: nn.Linear, threshold: float):
+            nn.Module.__init__(self)
+            self.in_features = linear.in_features
+            self.out_features = linear.out_features
+            weight = nn.Parameter(torch.empty(linear.weight.shape, dtype=torch.int8, device="meta"),
+                                  requires_grad=False)
+            self.weight = weight
+            self.bias = linear.bias
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+            self.state = bnb.MatmulLtState()
+            self.state.threshold = threshold
+            self.state.has_fp16_weights = False
+            self.state.use_pool = threshold > 0.0
+            self.index = None
+            self.scb = torch.empty(linear.out_features, dtype=torch.float32, device="meta")
+            self._set_state()
+
+        def _set_state(self):
+            self.weight.CB = None
+            self.weight.SCB = None
+            self.state.CB = self.weight.data
+            self.state.SCB = self.scb
+
+        def forward(self, x):
+            with _int8_cuda_route():
+                return super().forward(x)
+
+    return FakeLinear8bitLt
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def quantize_linears(model: nn.Module, setup: TrainingSetup) -> None:
     """Replace every nn.Linear but the output embedding (on the meta device), as
     ``integrations/bitsandbytes.py::replace_with_bnb_linear`` does (``type(module) is nn.Linear``;
     ``get_keys_to_not_convert`` keeps lm_head). v5's 3-D expert tensors are not nn.Linear and stay in the load dtype
-    (bitsandbytes issue #1849)."""
-    linear4bit = fake_linear4bit_class()
+    (bitsandbytes issue #1849). ``quantize_lm_head`` replaces lm_head too (a tied one gets its own weight);
+    ``quant=int8`` makes ``FakeLinear8bitLt`` layers; ``quant_state_dtype`` is the dtype quantized from."""
+    from ..facts import BNB_LLM_INT8_THRESHOLD
+
+    from ..errors import VramcalcError
+    from ..options import Loss
+
+    quant = getattr(setup.quant, "value", setup.quant)
     output = model.get_output_embeddings()
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setup.compute_dtype.value]
+    head_too = bool(getattr(setup, "quantize_lm_head", False))
+    if head_too and setup.loss is not Loss.HF:
+        raise VramcalcError(f"trace: --quantize-lm-head with --loss {setup.loss.value} is not traced (the chunked and "
+                            "fused losses multiply by lm_head's weight themselves, which a 4-bit layer does not hold "
+                            "in 16 bits); use --loss hf")
+    compute_dtype = _DTYPES[setup.compute_dtype.value]
+    state_word = getattr(getattr(setup, "quant_state_dtype", None), "value", None)
     replacements = []
     for parent in model.modules():
         for child_name, child in parent.named_children():
-            if type(child) is nn.Linear and child is not output:
+            if type(child) is nn.Linear and (child is not output or head_too):
                 replacements.append((parent, child_name, child))
+    if quant == "int8":
+        linear8bit = fake_linear8bit_class()
+        for parent, child_name, child in replacements:
+            setattr(parent, child_name, linear8bit(child, BNB_LLM_INT8_THRESHOLD))
+        return
+    linear4bit = fake_linear4bit_class()
+    holds = bool(getattr(setup, "quant_saves_input", False))
     templates = {}
     for parent, child_name, child in replacements:
-        key = (tuple(child.weight.shape), child.weight.dtype)
+        dtype = _DTYPES[state_word] if state_word and state_word != "auto" else child.weight.dtype
+        key = (tuple(child.weight.shape), dtype)
         if key not in templates:
-            templates[key] = _quantized_template(key[0], key[1], setup.quant.value, setup.double_quant)
-        layer = linear4bit(child, templates[key], setup.quant.value, setup.double_quant, compute_dtype)
+            templates[key] = _quantized_template(key[0], key[1], quant, setup.double_quant)
+        layer = linear4bit(child, templates[key], quant, setup.double_quant, compute_dtype)
+        layer.holds_input = holds
         setattr(parent, child_name, layer)
 
 
@@ -126,6 +289,10 @@ def materialise_quant_states(model: nn.Module, device: str = "cpu") -> None:
         return torch.empty_like(t, device=device) if isinstance(t, torch.Tensor) and t.device.type == "meta" else t
 
     for module in model.modules():
+        if hasattr(module, "scb") and isinstance(module, _bnb().nn.Linear8bitLt):
+            module.scb = moved(module.scb)
+            module._set_state()
+            continue
         state = getattr(module, "quant_state", None)
         if state is None or not isinstance(module, _bnb().nn.Linear4bit):
             continue
@@ -144,6 +311,9 @@ def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
     """absmax, double-quantization state, code and offset of every 4-bit weight: weights' metadata."""
     tensors = []
     for module in model.modules():
+        scb = getattr(module, "scb", None)
+        if isinstance(scb, torch.Tensor):
+            tensors.append(scb)
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if state is None:
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import resource
 import sys
 import time
@@ -10,7 +11,9 @@ from dataclasses import dataclass
 
 from ..catalogue import get_model
 from ..model import ModelSpec
-from ..options import Phase, Sharding, Term
+from ..errors import VramcalcError
+from ..options import Loss, Phase, Sharding, Stack, Term
+from ..stacks import preset
 from ..progress import Progress
 from ..training_setup import ResolvedSetup, resolve_setup
 
@@ -30,10 +33,11 @@ class TraceResult:
 
 
 def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, steps: int = TRACE_STEPS,
-              progress: bool | None = None, round_to: int | None = None) -> TraceResult:
+              progress: bool | None = None, round_to: int | None = None, tracer_class=None) -> TraceResult:
     """Build the model, run ``steps`` training steps under the tracker, and return the peak by term.
 
     ``fake=False`` runs on real CPU tensors (tiny models only): the tracker's self-check and the harness' CPU mode.
+    ``tracer_class``: a ``StepTracer`` subclass that prepares the model and computes the loss as a stack does (TRL).
     """
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -71,7 +75,7 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
                 if distributed and engine is None:
                     with torch.device("cpu"), tracker:
                         engine = data_parallel.wrap(model, resolved, tracker)  # DDP's buckets, allocated here
-                tracer = StepTracer(model, spec, resolved, tracker)
+                tracer = (tracer_class or StepTracer)(model, spec, resolved, tracker)
                 if engine is not None:
                     tracer.forward_module, tracer.accumulation = engine.forward_module, engine.accumulation
                 attribution = engine.attribution(tracker) if engine is not None else contextlib.nullcontext()
@@ -93,7 +97,27 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
         bar.close()
         if tracer is not None:
             tracer.remove_hooks()
-        _reset_bnb_overrides()
+        reset_bnb_overrides()
+
+
+def _stack_tracer(stack: Stack):
+    """The function that traces ``stack`` with its own code, or None for the stacks the HF step covers (hf; axolotl
+    and LLaMA-Factory, whose memory-relevant settings are the knobs the HF trace runs). Unsloth needs Triton kernels
+    on a GPU: the trace refuses it."""
+    if stack is Stack.UNSLOTH:
+        raise VramcalcError(f"--stack unsloth is estimate only: {preset(stack).estimate_only}; use vramcalc estimate")
+    name = STACK_TRACE_MODULES.get(stack)
+    if name is None:
+        return None
+    try:
+        module = importlib.import_module(f".stacks.{name}", __package__)
+    except ImportError as err:
+        raise ImportError(f"tracing --stack {stack.value} runs {stack.value}'s own code ({err.name} is missing): "
+                          "pip install 'vramcalc[stacks]'") from None
+    return getattr(module, f"trace_{name}")
+
+
+STACK_TRACE_MODULES = {Stack.TORCHTUNE: "torchtune", Stack.LITGPT: "litgpt", Stack.TRL: "trl"}
 
 
 def _peak_rss_bytes() -> int:
@@ -101,7 +125,7 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _reset_bnb_overrides() -> None:
+def reset_bnb_overrides() -> None:
     """bitsandbytes keeps module overrides in a process-wide singleton: leave nothing behind."""
     module = sys.modules.get("bitsandbytes.optim.optimizer")
     if module is not None:
@@ -114,6 +138,12 @@ def trace(model, *, gpu=None, progress: bool | None = None, **options):
 
     spec = get_model(model)
     resolved = resolve_setup(spec, **options)
+    own_code = _stack_tracer(resolved.setup.stack)
+    if own_code is not None:  # the stack's own model and step (torchtune, litgpt, TRL)
+        return own_code(spec, resolved, progress=progress, gpu=gpu)
+    if resolved.setup.loss in (Loss.TORCHTUNE, Loss.LITGPT, Loss.TRL):
+        word = resolved.setup.loss.value
+        raise VramcalcError(f"--loss {word} is {word}'s own recipe: trace it with --stack {word}")
     result = run_trace(spec, resolved, progress=progress)
     return assemble_measured(
         spec, resolved, result.terms, result.phase, source="trace", gpu=gpu,

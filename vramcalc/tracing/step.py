@@ -8,6 +8,8 @@ What the step does, as ``transformers.Trainer`` (v5) with accelerate's native AM
 - ``loss / grad_accum`` is backpropagated once per micro-batch; then ``optimizer.step()`` and
   ``optimizer.zero_grad(set_to_none=True)``. At least two steps run: optimizer state appears in the first.
 Sequences are unpadded (no attention mask), so SDPA may take its flash kernel.
+The activation knobs (``--grad-ckpt selective``, ``--compile``, ``--activation-offload``, ``--packing``) are applied
+to the built model with the real torch code (``_install_knobs``, ``_packed_batch``).
 Under data parallelism (``tracing/distributed.py``) the forward goes through the wrapper (DDP) and the micro-batches
 before the last run in accelerate's ``no_sync`` (``Accelerator.accumulate``): ``forward_module`` and
 ``accumulation`` say how; by default the model itself runs and every micro-batch synchronises.
@@ -16,12 +18,14 @@ before the last run in accelerate's ``no_sync`` (``Accelerator.accumulate``): ``
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
 
 from ..model import ModelSpec
-from ..options import Loss, Optimizer, Phase, Precision, Term
+from ..errors import VramcalcError
+from ..options import Attention, GradCkpt, Kernels, Loss, Method, Optimizer, Phase, Precision, Term
 from ..training_setup import ResolvedSetup
 from .build import half_dtype
 from .losses import PassThroughHead, chunked_cross_entropy, fused_cross_entropy
@@ -88,16 +92,18 @@ class TrainerLoss:
             inner.set_output_embeddings(PassThroughHead(self.head))
             inner.config.final_logit_softcapping = None
 
-    def __call__(self, forward_module: nn.Module, input_ids: torch.Tensor, on_logits=None):
-        """``forward_module``: the model, or the wrapper whose forward runs it (DDP)."""
+    def __call__(self, forward_module: nn.Module, input_ids: torch.Tensor, on_logits=None, position_ids=None):
+        """``forward_module``: the model, or the wrapper whose forward runs it (DDP). ``position_ids``: a packed
+        row's positions (``--packing``), None otherwise."""
+        extra_inputs = {} if position_ids is None else {"position_ids": position_ids}
         if self.setup.loss is Loss.HF:
-            outputs = forward_module(input_ids=input_ids, labels=input_ids)
+            outputs = forward_module(input_ids=input_ids, labels=input_ids, **extra_inputs)
             loss = outputs.loss
             if self.setup.precision is not Precision.FP32:
                 outputs.logits.float()  # accelerate's fp32 copy, dropped with outputs
             del outputs
             return loss
-        hidden = forward_module(input_ids=input_ids).logits  # PassThroughHead returned the hidden states
+        hidden = forward_module(input_ids=input_ids, **extra_inputs).logits  # PassThroughHead: the hidden states
         labels = input_ids
         extra = hidden.shape[1] - labels.shape[1]
         if extra:
@@ -123,18 +129,68 @@ class StepTracer:
         self.accumulation = _synchronised  # (is the last micro-batch) -> context of one micro-batch
         self._hooks = []
         self._install_loss()
+        self._install_knobs()
         self._install_phase_hooks()
+        if getattr(self.setup, "compile", False) and checkpoint_mode(self.setup):
+            self._compile_layers()  # outermost: the checkpoint (and its recompute marker) runs the compiled forward
 
     # -- loss --------------------------------------------------------------------------------------
     def _install_loss(self) -> None:
         self.loss = TrainerLoss(self.model, self.setup)
         self.head = self.loss.head
+        if getattr(self.setup, "compile", False) and self.setup.loss is Loss.HF:
+            from .compiled import compile_loss
 
-    def _loss(self, input_ids: torch.Tensor):
+            compile_loss(base_model(self.model))  # torch.compile of the forward covers the model's loss too
+
+    def _loss(self, input_ids: torch.Tensor, position_ids=None):
         def logits_begin():
             self.tracker.in_logits = True
 
-        return self.loss(self.forward_module, input_ids, on_logits=logits_begin)
+        return self.loss(self.forward_module, input_ids, on_logits=logits_begin, position_ids=position_ids)
+
+    # -- activation knobs --------------------------------------------------------------------------
+    def _compile_layers(self) -> None:
+        from .compiled import compile_layer
+
+        graphs: dict = {}  # one graph per kind of layer (compiled.compile_layer)
+        for layer in decoder_layers(self.model):
+            compile_layer(layer, graphs)
+
+    def _install_knobs(self) -> None:
+        """Selective checkpointing, torch.compile and activation offloading on each decoder layer (issue 11).
+
+        - ``--grad-ckpt selective``: each layer's checkpoint function gets ``context_fn`` =
+          ``create_selective_checkpoint_contexts(selective_policy)`` (torch ``utils/checkpoint.py``), the same
+          non-reentrant checkpoint transformers applies for full checkpointing (``build.py``), so the matmul outputs
+          are cached in forward and the rest recomputed.
+        - ``--compile``: each layer's forward goes through AOTAutograd with the min-cut partitioner
+          (``compiled.compile_layer``), as torchtune and torchtitan compile layer by layer.
+        - ``--activation-offload``: tensors autograd saves move to host memory (``HostOffload``, save_on_cpu's
+          semantics): under checkpointing around the checkpoint call, as transformers'
+          ``activation_checkpointing_enable(offload=True)`` does (the checkpointed inputs go to the host); without it
+          around each decoder layer's forward (torchtune ``OffloadActivations`` without its stream window).
+        """
+        setup = self.setup
+        check_traceable_knobs(setup)
+        layers = decoder_layers(self.model)
+        ckpt = checkpoint_mode(setup)
+        if ckpt is GradCkpt.SELECTIVE:
+            from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+            context_fn = functools.partial(create_selective_checkpoint_contexts, selective_policy)
+            for layer in layers:
+                if getattr(layer, "_gradient_checkpointing_func", None) is not None:
+                    layer._gradient_checkpointing_func = functools.partial(
+                        checkpoint, use_reentrant=False, context_fn=context_fn)
+        if getattr(setup, "compile", False) and not ckpt:
+            self._compile_layers()
+        if getattr(setup, "activation_offload", False):
+            for layer in layers:
+                if ckpt and getattr(layer, "_gradient_checkpointing_func", None) is not None:
+                    layer._gradient_checkpointing_func = _offloaded(layer._gradient_checkpointing_func, self.tracker)
+                else:
+                    self._hooks.append(_OffloadedForward(layer, self.tracker))
 
     # -- phase hooks -------------------------------------------------------------------------------
     def _install_phase_hooks(self) -> None:
@@ -209,16 +265,23 @@ class StepTracer:
 
     def run(self, steps: int = 2, progress=None) -> None:
         """``steps`` training steps; ``progress(note)`` is called after each optimizer step."""
+        with _packed_batch(self.setup, self.resolved.attn_used) as position_ids:
+            self._run(steps, progress, position_ids)
+
+    def _run(self, steps: int, progress, position_ids) -> None:
         tracker = self.tracker
         setup = self.setup
-        input_ids = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long)
+        if position_ids is None:
+            input_ids = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long)
+        else:  # one packed row of batch_size sequences
+            input_ids = torch.zeros(1, setup.batch_size * setup.seq_len, dtype=torch.long)
         for step in range(steps):
             tracker.step = step
             for micro in range(setup.grad_accum):
                 with self.accumulation(micro == setup.grad_accum - 1):
                     tracker.phase = Phase.FORWARD
                     with self.autocast():
-                        loss = self._loss(input_ids)
+                        loss = self._loss(input_ids, position_ids)
                     tracker.in_logits = False
                     tracker.end_forward()
                     tracker.phase = Phase.BACKWARD_START
@@ -266,3 +329,146 @@ class _RecomputeMarker:
 
     def remove(self) -> None:
         self.layer._gradient_checkpointing_func = self.original
+
+
+def check_traceable_knobs(setup) -> None:
+    """The knobs the trace cannot run with the real code on a CPU: one error line each."""
+    if getattr(setup, "kernels", Kernels.NONE) is Kernels.LIGER:
+        raise VramcalcError("--kernels liger is estimate only: Liger-Kernel's RMSNorm, SwiGLU and RoPE are Triton "
+                            "kernels, which need a GPU; use vramcalc estimate")
+    if getattr(setup, "compile", False) and setup.method is Method.QLORA:
+        raise VramcalcError("--compile with --method qlora is estimate only: AOTAutograd cannot functionalize "
+                            "bitsandbytes' double-quantized dequantize (an in-place add_ on the absmax), which "
+                            "torch.compile leaves to a graph break; use vramcalc estimate")
+
+
+def checkpoint_mode(setup) -> GradCkpt:
+    """The setup's checkpointing as a ``GradCkpt`` (a plain bool in setups made before the selective option)."""
+    return GradCkpt.parse(setup.grad_ckpt, "grad_ckpt")
+
+
+def _selective_ops() -> frozenset:
+    """The ops whose outputs selective checkpointing saves: every matmul and the attention kernels.
+
+    torchtitan's op-level policy (``torchtitan/models/llama3/infra/parallelize.py::_save_list``, the "op" mode of
+    ``apply_ac``) saves ``aten.mm`` and the SDPA flash/efficient kernels (and, for float8, ``aten.max``); Megatron's
+    selective recompute keeps the same matmul outputs. vramcalc saves every mm, not torchtitan's every other one,
+    and counts the other matmul ops (``addmm`` of a biased Linear, ``bmm``, bitsandbytes' ``gemm_4bit``, the MoE
+    ``_grouped_mm``) as matmuls too."""
+    aten = torch.ops.aten
+    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default,
+           aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
+           aten._scaled_dot_product_cudnn_attention.default}
+    grouped = getattr(aten, "_grouped_mm", None)
+    if grouped is not None:
+        ops.add(grouped.default)
+    try:
+        ops.add(torch.ops.bitsandbytes.gemm_4bit.default)
+    except (AttributeError, RuntimeError):
+        pass
+    return frozenset(ops)
+
+
+def selective_policy(ctx, func, *args, **kwargs):
+    """``create_selective_checkpoint_contexts`` policy: save matmul and attention outputs, recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if func in _SELECTIVE_OPS():
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SELECTIVE_OPS = functools.lru_cache(maxsize=1)(_selective_ops)
+
+
+class HostOffload(torch.autograd.graph.saved_tensors_hooks):
+    """``torch.autograd.graph.save_on_cpu`` on a trace: each saved tensor is copied to a host tensor (``pack``:
+    ``empty_like`` then ``copy_``, keeping the strides as torchtune's ``OffloadActivations`` does: compiled backward
+    graphs expect them) and back to the device when backward unpacks it (``unpack``: a device copy that lives while
+    its node runs). The host copies are counted by the tracker as host memory. Parameters (and views
+    of them) are not copied: they are on the device anyway (torchtune ``OffloadActivations`` skips parameters and
+    buffers; torch's save_on_cpu would copy them too)."""
+
+    def __init__(self, tracker: AllocationTracker):
+        def pack(tensor):
+            if tracker.is_weight(tensor) or not tensor.is_floating_point() and tensor.numel() <= 1:
+                return (False, tensor)
+            with tracker.host():  # torchtune: torch.empty_like(activation, pin_memory=..., device="cpu")
+                packed = torch.empty_like(tensor)
+            packed.copy_(tensor)
+            return (True, packed)
+
+        def unpack(saved):
+            moved, tensor = saved
+            return tensor.clone() if moved else tensor
+
+        super().__init__(pack, unpack)
+
+
+def _offloaded(checkpoint_function, tracker: AllocationTracker):
+    """transformers ``_activation_checkpointing_enable(offload=True)``: the checkpoint runs under save_on_cpu, so
+    the layer inputs it keeps go to the host."""
+
+    def offloaded(function, *args, **kwargs):
+        with HostOffload(tracker):
+            return checkpoint_function(function, *args, **kwargs)
+
+    return offloaded
+
+
+class _OffloadedForward:
+    """A decoder layer's forward under ``HostOffload`` (activation offloading without checkpointing)."""
+
+    def __init__(self, layer: nn.Module, tracker: AllocationTracker):
+        self.layer = layer
+        self.original = layer.forward
+        original = self.original
+
+        def forward(*args, **kwargs):
+            with HostOffload(tracker):
+                return original(*args, **kwargs)
+
+        layer.forward = forward
+
+    def remove(self) -> None:
+        self.layer.forward = self.original
+
+
+@contextlib.contextmanager
+def _packed_batch(setup, attn_used: Attention):
+    """``--packing``: the batch is one row of ``batch_size`` sequences of ``seq_len`` tokens with position ids that
+    restart at each (transformers ``DataCollatorWithFlattening``). Yields the position ids (None without packing).
+
+    What transformers v5 makes of it (``masking_utils.py``): with no 2-D mask and position ids given,
+    ``find_packed_sequence_indices`` finds the sequences and, for sdpa and eager, ``create_causal_mask`` builds a
+    block-diagonal [1, 1, T, T] mask (``packed_sequence_mask_function``). FlashAttention-2 takes the sequences' bounds
+    from the position ids instead (``modeling_flash_attention_utils.py::prepare_fa_kwargs_from_position_ids``,
+    ``flash_attn_varlen_func``) and no mask is built, a sliding window included (the kernel's ``window_size``): the
+    trace runs flash as SDPA's flash kernel without a mask, which saves the same tensors."""
+    if not getattr(setup, "packing", False):
+        yield None
+        return
+    from transformers import masking_utils
+
+    b, s = setup.batch_size, setup.seq_len
+    position_ids = torch.arange(s, dtype=torch.long).repeat(b).unsqueeze(0)
+    # transformers cannot read fake ids: answer what find_packed_sequence_indices finds on real ones
+    sequence_index = torch.arange(b, dtype=torch.long).repeat_interleave(s).unsqueeze(0)
+    original_find = masking_utils.find_packed_sequence_indices
+    original_preprocess = masking_utils._preprocess_mask_arguments
+    flash = attn_used is Attention.FLASH
+
+    def find_packed(ids):
+        return sequence_index if b > 1 else None
+
+    def preprocess(*args, **kwargs):
+        out = original_preprocess(*args, **kwargs)
+        return (True, None, None, *out[3:]) if flash else out
+
+    masking_utils.find_packed_sequence_indices = find_packed
+    masking_utils._preprocess_mask_arguments = preprocess
+    try:
+        yield position_ids
+    finally:
+        masking_utils.find_packed_sequence_indices = original_find
+        masking_utils._preprocess_mask_arguments = original_preprocess

@@ -25,6 +25,10 @@ collective's code allocates one role (FSDP2's all-gather buffers: weights; its r
 DDP's gradient buckets: gradients); and with ``track_resizes`` a storage grown or freed in place by
 ``UntypedStorage.resize_`` (how FSDP2 frees and re-allocates unsharded parameters, ``_fsdp_param.py``
 ``free_storage``/``alloc_storage``) changes the live count, as torch's ``mem_tracker.MemTracker._track_resize`` does.
+
+Host memory: allocations inside ``host()`` are the host copies of offloaded activations (``--activation-offload``,
+``torch.autograd.graph.save_on_cpu``): kept out of the device count and counted in ``host_bytes`` (and its peak,
+``host_peak_bytes``), as pinned host tensors are invisible to ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ _WEIGHT_COPY_OPS = {torch.ops.aten._to_copy.default, torch.ops.aten.clone.defaul
 class _Record:
     """One live storage."""
 
-    __slots__ = ("nbytes", "term", "region", "weight_copy", "paged", "op")
+    __slots__ = ("nbytes", "term", "region", "weight_copy", "paged", "host", "op")
 
     def __init__(self, nbytes: int, term: Term, region: str, weight_copy: bool = False, op: str = ""):
         self.nbytes = nbytes
@@ -59,6 +63,7 @@ class _Record:
         self.region = region  # "forward", "backward", "optimizer", "setup"
         self.weight_copy = weight_copy
         self.paged = False  # in CUDA unified memory, outside torch's allocator
+        self.host = False  # an offloaded activation's host copy (pinned CPU memory)
 
 
 def storages_of(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
@@ -108,6 +113,9 @@ class AllocationTracker(TorchDispatchMode):
         self.phase_peaks: dict[Phase, int] = {}  # the largest live total seen in each phase
         self.paged_bytes = 0
         self.in_paged = False
+        self.host_bytes = 0  # offloaded activations in host memory now
+        self.host_peak_bytes = 0
+        self.in_host = False
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _size(self, storage: torch.UntypedStorage) -> int:
@@ -120,6 +128,13 @@ class AllocationTracker(TorchDispatchMode):
              op: str = "") -> _Record:
         record = _Record(self._size(storage), term, region, weight_copy, op)
         self._records[storage] = record
+        if self.in_host:
+            record.host = True
+            record.term = Term.ACTIVATIONS
+            self.host_bytes += record.nbytes
+            self.host_peak_bytes = max(self.host_peak_bytes, self.host_bytes)
+            weakref.finalize(storage, self._free, record)
+            return record
         if self.in_paged:
             record.paged = True
             record.term = Term.OPTIMIZER_STATES
@@ -146,6 +161,9 @@ class AllocationTracker(TorchDispatchMode):
             self.phase_peaks[self.phase] = self.live_bytes
 
     def _free(self, record: _Record) -> None:
+        if record.host:
+            self.host_bytes -= record.nbytes
+            return
         if record.paged:
             self.paged_bytes -= record.nbytes
             return
@@ -162,7 +180,7 @@ class AllocationTracker(TorchDispatchMode):
     def _resized(self, storage: torch.UntypedStorage) -> None:
         """A storage changed size in place: count its new size (a known storage only)."""
         record = self._records.get(storage)
-        if record is None or record.paged:
+        if record is None or record.paged or record.host:
             return
         delta = self._size(storage) - record.nbytes
         if delta < 0 and self._peak_pending:
@@ -174,7 +192,7 @@ class AllocationTracker(TorchDispatchMode):
             self._grown()
 
     def _retag(self, record: _Record, term: Term) -> None:
-        if record.term is not term and not record.paged:
+        if record.term is not term and not record.paged and not record.host:
             self.live_by_term[record.term] -= record.nbytes
             self.live_by_term[term] += record.nbytes
             record.term = term
@@ -231,6 +249,20 @@ class AllocationTracker(TorchDispatchMode):
         finally:
             self.in_paged = False
 
+    @contextlib.contextmanager
+    def host(self):
+        """Allocations inside are host memory (an offloaded activation's copy): out of the device count, counted
+        in ``host_bytes``."""
+        outer, self.in_host = self.in_host, True
+        try:
+            yield
+        finally:
+            self.in_host = outer
+
+    def is_weight(self, tensor: torch.Tensor) -> bool:
+        """Is the tensor (or a view of it) a parameter, buffer or quantization state registered as a weight?"""
+        return any(storage in self._param_storages for storage in storages_of(tensor))
+
     # -- the moments the driver reports ---------------------------------------------------------------
     def register_weights(self, tensors) -> None:
         for tensor in tensors:
@@ -265,7 +297,7 @@ class AllocationTracker(TorchDispatchMode):
             self._take_snapshot()
         terms = {term: 0 for term in TENSOR_TERMS}
         for record, nbytes in self._peak_records or []:
-            if not record.paged:
+            if not record.paged and not record.host:
                 terms[record.term] += nbytes
         return terms
 

@@ -330,7 +330,7 @@ def _gpu(value) -> str | None:
 
 
 def _plan_values(body: dict) -> dict:
-    out = {"tokens": DEFAULT_TOKENS, "epochs": 1, "rank_by": "cost"}
+    out = {"tokens": None, "epochs": 1, "rank_by": "cost"}  # no tokens: cost per million tokens, no totals
     for name in ("tokens", "epochs"):
         if body.get(name) not in (None, ""):
             value = _number(body[name], name, "float")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from ..bnb_optim import PAGED_MIN_NUMEL
 from ..runner import TraceResult, _peak_rss_bytes
 from ..tracker import AllocationTracker
 
-TRACE_STEPS = 2  # optimizer state appears in the first step; its effect on forward/backward in the second
+TRACE_STEPS = 1  # traced steps after the optimizer's warm start (warm_start); the HF trace runs two cold steps
 
 TORCH_DTYPE = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16, Precision.FP32: torch.float32}
 
@@ -39,6 +40,16 @@ def model_dtype(resolved: ResolvedSetup, stack: str, allowed=(Precision.BF16, Pr
         raise VramcalcError(f"the {stack} trace runs precision {words} (the stack's own 'true' dtypes), "
                             f"not {precision.value}")
     return TORCH_DTYPE[precision]
+
+
+LLAMA_FAMILIES = ("llama", "mistral")  # the families both stacks' Llama builders reproduce
+
+
+def check_llama_style(spec, stack: str, builders: str) -> None:
+    """Refuse a model the stack's Llama builders cannot build (experts, qkv bias, q/k norms, other families)."""
+    if spec.family not in LLAMA_FAMILIES or spec.num_experts or spec.qkv_bias or spec.qk_norm:
+        raise VramcalcError(f"the {stack} trace builds Llama-style decoders ({builders}); {spec.name} is "
+                            f"{spec.family}")
 
 
 def check_single_device(resolved: ResolvedSetup, stack: str) -> None:
@@ -186,6 +197,57 @@ class RecomputeMarker:
         self.wrapper.checkpoint_fn = self.original
 
 
+@contextlib.contextmanager
+def cuda_kernels(bnb: bool = False):
+    """SDPA and dropout as a CUDA GPU runs them (``tracing/cuda_emulation.py``: flash attention's saved tensors, the
+    fused dropout's bool mask); with ``bnb`` also bitsandbytes' CUDA ``gemm_4bit`` path above 1536 tokens.
+
+    Lighter than ``cuda_emulation.cuda_kernel_emulation``: no dispatch mode unless bitsandbytes is in the model (a
+    Python mode costs every op of a 70B trace), and no transformers import (these stacks build no transformers
+    model)."""
+    from .. import cuda_emulation
+
+    functional = torch.nn.functional
+    original_sdpa, original_dropout = functional.scaled_dot_product_attention, functional.dropout
+    functional.scaled_dot_product_attention = cuda_emulation.cuda_sdpa
+    functional.dropout = cuda_emulation.cuda_dropout
+    try:
+        with cuda_emulation._CudaKernels() if bnb else contextlib.nullcontext():
+            yield
+    finally:
+        functional.scaled_dot_product_attention = original_sdpa
+        functional.dropout = original_dropout
+
+
+def warm_start(tracker: AllocationTracker, optimizers) -> None:
+    """Create the optimizer state as the first step would, before the traced step: each optimizer steps once on zero
+    gradients of its parameters (state buffers are made lazily at the first ``step()`` of a parameter with a
+    gradient; torch's and bitsandbytes' AdamW alike), then the gradients are dropped.
+
+    The first step of a cold start differs from the traced step only by having no optimizer state during its
+    forward and backward, so its peak is never above the second step's; this warm start replaces that first step
+    and halves the trace time of a 70B model (``tests/test_trace_stacks.py`` checks that both give the same peak).
+    ``optimizers`` is a list of (optimizer, its parameters); one optimizer per parameter (optimizer in backward)
+    keeps one gradient alive at a time, as in backward.
+    """
+    tracker.phase = Phase.OPTIMIZER_STEP
+    tracker.step = 0
+    for optimizer, params in optimizers:
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            continue
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        tracker.mark_gradients(params)
+        tracker.in_optimizer = True
+        try:
+            optimizer.step()
+        finally:
+            tracker.in_optimizer = False
+        tracker.mark_optimizer_states(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+
+
 def optimizer_step(tracker: AllocationTracker, optimizer: torch.optim.Optimizer) -> None:
     """One ``optimizer.step()`` under the optimizer flag, then its state tensors are optimizer states."""
     phase = tracker.phase
@@ -199,26 +261,74 @@ def optimizer_step(tracker: AllocationTracker, optimizer: torch.optim.Optimizer)
     tracker.phase = phase
 
 
-def result(tracker: AllocationTracker, started: float) -> TraceResult:
-    return TraceResult(
-        terms=tracker.peak_terms(),
-        phase=tracker.peak.phase,
-        step=tracker.peak.step,
+@dataclass(frozen=True)
+class LoadPeak:
+    """The peak of the ``load`` phase (building and quantizing the model), by term."""
+
+    total_bytes: int
+    terms: dict
+
+
+def close_load_phase(tracker: AllocationTracker) -> LoadPeak:
+    """End the load phase: keep its peak by term, and start the step's peak afresh (the weights stay live)."""
+    from ..tracker import PeakSnapshot
+
+    terms = tracker.peak_terms()
+    load = LoadPeak(sum(terms.values()), terms)
+    tracker.peak = PeakSnapshot()
+    tracker._peak_records = None
+    tracker._peak_pending = False
+    tracker.phase = Phase.FORWARD
+    return load
+
+
+@dataclass(frozen=True)
+class StackTrace:
+    """A stack's trace: ``result`` holds the peak over every phase, load included (what ``MemoryBreakdown`` reports);
+    ``step_terms``/``step_phase`` the peak of the training step alone (the load phase left out)."""
+
+    result: TraceResult
+    step_terms: dict
+    step_phase: Phase
+    not_traced: tuple[str, ...] = ()
+
+
+def result(tracker: AllocationTracker, started: float, load: LoadPeak | None = None,
+           not_traced: tuple[str, ...] = ()) -> StackTrace:
+    """The larger of the load peak and the step's peak, and the step's own peak."""
+    training_terms = tracker.peak_terms()
+    terms, phase, step = training_terms, tracker.peak.phase, tracker.peak.step
+    phase_peaks = dict(tracker.phase_peaks)
+    if load is not None:
+        phase_peaks[Phase.LOAD] = load.total_bytes
+        if load.total_bytes > sum(training_terms.values()):
+            terms, phase, step = load.terms, Phase.LOAD, 0
+    traced = TraceResult(
+        terms=terms,
+        phase=phase,
+        step=step,
         paged_bytes=tracker.paged_bytes,
         step_peaks=dict(tracker.step_peaks),
-        phase_peaks=dict(tracker.phase_peaks),
+        phase_peaks=phase_peaks,
         seconds=time.perf_counter() - started,
         peak_rss_bytes=_peak_rss_bytes(),
     )
+    return StackTrace(traced, training_terms, tracker.peak.phase, tuple(not_traced))
 
 
-def breakdown(spec: ModelSpec, resolved: ResolvedSetup, traced: TraceResult, stack: str, gpu=None, notes=()):
-    """The traced terms as the same ``MemoryBreakdown`` the HF trace and the estimate return."""
+def breakdown(spec: ModelSpec, resolved: ResolvedSetup, stack_trace: StackTrace, stack: str, gpu=None):
+    """The traced terms as the same ``MemoryBreakdown`` the HF trace and the estimate return. ``details`` adds the
+    peak of each phase, the step's own peak by term (``trace_step_terms_bytes``) and what was not traced."""
     from ...estimator import assemble_measured
 
+    traced = stack_trace.result
+    training_terms, training_phase = stack_trace.step_terms, stack_trace.step_phase
+    notes = stack_trace.not_traced
     details = {"trace_seconds": round(traced.seconds, 3), "trace_peak_rss_bytes": traced.peak_rss_bytes,
                "trace_stack": stack,
-               "trace_phase_peaks_bytes": {phase.value: n for phase, n in traced.phase_peaks.items()}}
+               "trace_phase_peaks_bytes": {phase.value: n for phase, n in traced.phase_peaks.items()},
+               "trace_step_phase": training_phase.value,
+               "trace_step_terms_bytes": {term.value: n for term, n in training_terms.items()}}
     if notes:
         details["trace_not_traced"] = list(notes)
     return assemble_measured(spec, resolved, traced.terms, traced.phase, source=f"trace ({stack})", gpu=gpu,

@@ -1,0 +1,92 @@
+"""The ``load`` phase: device bytes while the weights reach the GPU, before the first training step.
+
+``load_peak_bytes(model, resolved, quantizer)`` is the peak of that phase (tensor bytes, what
+``torch.cuda.max_memory_allocated`` sees; the allocator keeps the high-water mark reserved when nothing calls
+``empty_cache``). Symbols: W = the final weights (``weights.weight_bytes``), n = weights of one Linear, q(n) its
+quantized bytes (codes + state), k·n the quantizer's scratch.
+
+- ``per-tensor`` (transformers v5 ``from_pretrained``: each checkpoint tensor is read, moved and, for bitsandbytes,
+  quantized on its own: ``Params4bit._quantize`` / ``Int8Params._quantize``): W plus the largest single tensor's
+  16-bit copy and its quantize scratch, ``max_n (2·n + k_bnb·n)``. After loading, peft's
+  ``prepare_model_for_kbit_training`` (mixed-precision QLoRA) casts each unquantized parameter on the GPU
+  (``param.data = param.data.to(torch.float32)``, ``peft/utils/other.py``): its 16-bit source beside its fp32 copy,
+  ``2·n`` of the largest. Without quantization every tensor is read into its place: W.
+- ``per-layer`` (torchtune ``LoRALinear``/``FrozenNF4Linear`` and Lightning's ``_Linear4bit`` quantize each Linear
+  in its ``__init__``, right after building it in 16 bits on the GPU: torchtune@fde0dc403
+  ``torchtune/modules/peft/lora.py:87-94``, Lightning@71aed751 ``fabric/plugins/precision/bitsandbytes.py:213-214``):
+  the weights built so far plus one Linear in 16 bits and the quantizer's scratch, at the Linear that maximises it:
+  ``W - q(n) - (built after it) + 2·n + k·n``. The modules built after the last decoder layer (final norm, lm_head)
+  are not yet there when its Linears are quantized; a quantized lm_head is the last Linear built.
+- ``whole-model``: the 16-bit model on the GPU, then quantized tensor by tensor: every weight at 2 bytes plus the
+  first quantized tensor's ``q(n) + k·n``.
+
+Quantizer scratch ``k`` (``facts``): bitsandbytes ``quantize_4bit`` 4/64 B per weight with double quantization, 0
+without (and 0 for int8); torchao 0.1 ``to_nf4`` 68 B per weight (docs/stacks-research.md Q4).
+"""
+
+from __future__ import annotations
+
+from ..facts import BNB_QUANTIZE_4BIT_SCRATCH_BYTES_PER_WEIGHT, TORCHAO_01_TO_NF4_BYTES_PER_WEIGHT
+from ..model import ModelSpec
+from ..options import Method
+from ..units import round_up
+from .parameters import StoredTensor, stored_tensors
+from .weights import weight_bytes
+
+_LOAD_BYTES = 2  # checkpoints are 16-bit (bf16/fp16); transformers v5 loads dtype="auto"
+QUANTIZERS = ("bnb", "torchao-0.1")
+
+
+def quantizer_scratch_bytes(numel: int, quantizer: str, bits: int, double_quant: bool) -> int:
+    """Bytes a quantizer allocates beyond its input and its final output while quantizing one weight of ``numel``."""
+    if quantizer == "torchao-0.1":
+        return TORCHAO_01_TO_NF4_BYTES_PER_WEIGHT * numel
+    if quantizer != "bnb":
+        raise ValueError(f"unknown quantizer {quantizer!r}; choose one of: {', '.join(QUANTIZERS)}")
+    if bits == 4 and double_quant:
+        return round_up(int(BNB_QUANTIZE_4BIT_SCRATCH_BYTES_PER_WEIGHT * numel))
+    return 0
+
+
+def _sixteen_bit(numel: int) -> int:
+    return round_up(_LOAD_BYTES * numel)
+
+
+def _upcast_transient(tensors: tuple[StoredTensor, ...]) -> int:
+    """A parameter kept in fp32 but read from a 16-bit checkpoint: its 16-bit source beside it (the largest one)."""
+    return max((_sixteen_bit(t.numel) for t in tensors if t.kind != "quantized" and t.bits == 32
+                and t.kind not in ("adapter", "prompt")), default=0)
+
+
+def load_peak_bytes(model: ModelSpec, resolved, quantizer: str = "bnb") -> int:
+    """Peak tensor bytes of the ``load`` phase for ``resolved.setup.load`` (module docstring).
+
+    ``quantizer``: who quantizes under ``per-layer`` (``bnb``: Lightning's plugin; ``torchao-0.1``: torchtune's
+    ``to_nf4`` of April 2024); ``per-tensor`` and ``whole-model`` are bitsandbytes (transformers)."""
+    setup = resolved.setup
+    tensors = stored_tensors(model, resolved)
+    total = weight_bytes(tensors)
+    path = getattr(getattr(setup, "load", None), "value", "per-tensor")
+    quantized = [t for t in tensors if t.kind == "quantized"]
+    double_quant = setup.double_quant
+    if setup.method is not Method.QLORA or not quantized:
+        return total  # each tensor is read into its place (a dtype change happens before it reaches the GPU)
+    # peft prepare_model_for_kbit_training casts on the GPU, after loading (``param.data = param.data.to(fp32)``)
+    upcast = _upcast_transient(tensors) if setup.precision.is_mixed else 0
+    if path == "whole-model":
+        sixteen = sum(_sixteen_bit(t.numel) * t.count if t.kind == "quantized" or t.bits == 32 else t.total_bytes
+                      for t in tensors if t.kind not in ("adapter", "prompt"))
+        first = max(t.bytes_each + quantizer_scratch_bytes(t.numel, "bnb", t.bits, double_quant) for t in quantized)
+        return max(sixteen + first, total + upcast)
+    if path == "per-layer":
+        tail = sum(t.total_bytes for t in tensors if t.kind in ("lm_head", "norm") and t.scope == "model")
+        best = 0
+        for t in quantized:
+            built_after = 0 if t.name.startswith("lm_head") else tail
+            peak = (total - t.bytes_each - built_after + _sixteen_bit(t.numel)
+                    + quantizer_scratch_bytes(t.numel, quantizer, t.bits, double_quant))
+            best = max(best, peak)
+        return max(best, total + upcast)
+    per_tensor = max(_sixteen_bit(t.numel) + quantizer_scratch_bytes(t.numel, "bnb", t.bits, double_quant)
+                     for t in quantized)
+    return total + max(per_tensor, upcast)

@@ -1,0 +1,216 @@
+"""``--compile`` on a trace: each decoder layer through AOTAutograd with torch.compile's min-cut partitioner.
+
+torch.compile changes memory through what AOTAutograd keeps for backward: it traces the layer's forward and backward
+into one joint graph and ``min_cut_rematerialization_partition`` (``torch/_functorch/partitioners.py``) chooses the
+forward values the backward graph receives (a min cut weighted by tensor size, recomputing cheap pointwise ops in
+backward and never the matmuls). Inductor's code generation fuses kernels but does not change that set, so the
+trace runs the real partitioner with inductor's own settings (its decomposition table,
+``torch/_inductor/decomposition.py::select_decomp_table``, and ``compiler="inductor"``, as ``compile_fx`` passes them)
+and executes the two graphs op by op (``make_boxed_func``): no C++ or Triton compiler is needed, and the graphs run
+on the trace's fake tensors under the allocation tracker. One layer at a time, as torchtune
+(``training.compile_model``: ``layer.compile()``) and torchtitan (``apply_compile``: per TransformerBlock) compile.
+
+What the op-by-op execution does not reproduce: inductor's fused kernels allocate fewer forward transients (the
+peak of a training step is where saved tensors are, so this moves the forward peak only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+
+def _boxed(graph_module, example_inputs):
+    """The fw/bw "compiler": run the partitioned graph as it is."""
+    from functorch.compile import make_boxed_func
+
+    return make_boxed_func(graph_module.forward)
+
+
+def _compiler_options() -> dict:
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    return dict(fw_compiler=_boxed, bw_compiler=_boxed, decompositions=select_decomp_table(),
+                partition_fn=functools.partial(min_cut_rematerialization_partition, compiler="inductor"))
+
+
+def _signature(leaves) -> tuple:
+    """What a compiled graph is specialised on: each tensor's shape, dtype and requires_grad; other values as is."""
+    return tuple((tuple(leaf.shape), leaf.dtype, leaf.requires_grad) if isinstance(leaf, torch.Tensor)
+                 else ("const", repr(leaf)) for leaf in leaves)
+
+
+@contextlib.contextmanager
+def _quantized_constants_allowed():
+    """AOTAutograd asserts that no fake parameter is a constant of the graph (``_dynamo/utils.py``
+    ``assert_no_fake_params_or_buffers``, "worth having in case tracing introduced a fake tensor"); on a trace
+    every weight is fake, and the quantized ones are constants on purpose."""
+    import torch._dynamo.utils as dynamo_utils
+
+    original = dynamo_utils.assert_no_fake_params_or_buffers
+    dynamo_utils.assert_no_fake_params_or_buffers = lambda graph_module: None
+    try:
+        yield
+    finally:
+        dynamo_utils.assert_no_fake_params_or_buffers = original
+
+
+def _quantized(param: torch.Tensor) -> bool:
+    """A bitsandbytes Params4bit (``quant_state``) or Int8Params (``CB``/``SCB``)."""
+    return getattr(param, "quant_state", None) is not None or hasattr(param, "SCB") or "bitsandbytes" in type(
+        param).__module__
+
+
+def _structure(layer: nn.Module, names: list) -> tuple:
+    """What a graph traced on ``layer`` depends on besides its inputs: the layer's class, its parameters and its
+    attention kind (Gemma-2, Mistral-style sliding windows); a layer with quantized constants gets its own graph."""
+    params = dict(layer.named_parameters())
+    attention = getattr(layer, "self_attn", None)
+    kind = (getattr(layer, "attention_type", None), getattr(attention, "sliding_window", None),
+            getattr(attention, "is_sliding", None))
+    own = id(layer) if len(names) < len(params) else None
+    return (type(layer).__name__, kind, own,
+            tuple((name, tuple(params[name].shape), params[name].dtype, params[name].requires_grad) for name in names))
+
+
+def _same(tensor):
+    return tensor
+
+
+def _private_copy(tensor: torch.Tensor) -> torch.Tensor:
+    copy = tensor.detach().clone()
+    return copy.requires_grad_(tensor.requires_grad) if tensor.is_floating_point() else copy
+
+
+def compile_layer(layer: nn.Module, shared: dict | None = None) -> None:
+    """Compile the layer's forward with AOTAutograd (one graph per input signature).
+
+    ``shared``: a cache of graphs across the layers of a model: layers of one structure (the same parameter names,
+    shapes and dtypes, the same attention kind) and without quantized constants share a graph, their parameters
+    being its inputs, so a 80-layer model is traced and partitioned once per kind of layer, as dynamo reuses one
+    compiled code object for every instance of a layer class.
+
+    Parameters are graph inputs (the trainable ones' gradients are graph outputs); bitsandbytes' quantized weights
+    are constants of the graph. The first call traces and partitions with every dispatch mode paused, on copies of
+    its inputs (the tracker counts the step, not the tracing). Under checkpointing the compiled forward is what the
+    checkpoint runs (and recomputes): transformers checkpoints inside the layer's ``forward``
+    (``GradientCheckpointingLayer``), so the layer's ``_gradient_checkpointing_func`` gets the compiled forward, as
+    torchtune compiles a layer after wrapping it for activation checkpointing."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    compiled: dict = shared if shared is not None else {}
+    # plain parameters are graph inputs, as dynamo lifts them; bitsandbytes' quantized ones (Params4bit, Int8Params
+    # carry their quantization state as attributes) stay on the module, constants of the graph
+    names = [name for name, param in layer.named_parameters() if not _quantized(param)]
+    checkpointing = getattr(layer, "gradient_checkpointing", False)
+    structure = _structure(layer, names)
+
+    def plain(*args, **kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        tensor_at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        key = (structure, spec, _signature(leaves))
+        params = dict(layer.named_parameters())
+        if key not in compiled:
+            constants = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]  # no tensor kept
+
+            def graph(trainable, *tensors):
+                values = list(constants)
+                for i, tensor in zip(tensor_at, tensors):
+                    values[i] = tensor
+                call_args, call_kwargs = tree_unflatten(values, spec)
+                return torch.func.functional_call(layer, dict(zip(names, trainable)), call_args, call_kwargs,
+                                                  strict=False, tie_weights=False)
+
+            with _disable_current_modes(), _quantized_constants_allowed(), _uncompiled(layer):
+                function = aot_function(graph, **_compiler_options())
+                # aot_function traces on its first call and keeps references to that call's inputs: trace it on
+                # private copies, untracked, so the step's own tensors are not pinned by the compiler
+                copies = [_private_copy(leaves[i]) for i in tensor_at]
+                with torch.autograd.graph.saved_tensors_hooks(_same, _same):  # not a checkpoint's saved tensor
+                    function([params[name] for name in names], *copies)
+                compiled[key] = function
+        return compiled[key]([params[name] for name in names], *[leaves[i] for i in tensor_at])
+
+    if checkpointing:
+        checkpoint_function = layer._gradient_checkpointing_func
+
+        def checkpointed(function, *args, **kwargs):
+            # transformers passes partial(forward, layer, **kwargs): run the compiled forward with those kwargs
+            return checkpoint_function(functools.partial(plain, **function.keywords), *args, **kwargs)
+
+        layer._gradient_checkpointing_func = checkpointed
+    else:
+        layer.forward = plain
+
+
+def _fused(graph_module, example_inputs):
+    """A graph run as inductor runs a fused reduction/pointwise graph: one kernel that allocates its outputs only.
+    The graph executes with every dispatch mode paused (the tracker sees none of its op-by-op intermediates, which
+    inductor keeps in registers), then each new output is allocated under the tracker (``empty_like``: values do
+    not matter on fake tensors); an output that is one of the inputs (a saved input) is passed through."""
+    from functorch.compile import make_boxed_func
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    run = make_boxed_func(graph_module.forward)
+
+    def fused(args):
+        inputs = {id(arg) for arg in args if isinstance(arg, torch.Tensor)}
+        with _disable_current_modes():
+            outputs = run(list(args))
+        args.clear()  # the boxed calling convention: the callee releases its inputs
+        return [out if not isinstance(out, torch.Tensor) or id(out) in inputs else torch.empty_like(out)
+                for out in outputs]
+
+    fused._boxed_call = True
+    return fused
+
+
+def compile_loss(model: nn.Module) -> None:
+    """The model's loss function (transformers ``ForCausalLMLoss``: ``logits.float()``, shifted labels,
+    ``cross_entropy``) through AOTAutograd, as torch.compile compiles it inside the model's forward (Trainer's
+    ``torch_compile`` compiles the whole forward, the loss included). One graph per logits shape; traced on private
+    copies with every dispatch mode paused, like ``compile_layer``. Its partition keeps the 16-bit logits and two fp32
+    values per row for backward, not the fp32 log_softmax (``terms/logits.py``); each of its two graphs runs as one
+    fused kernel (``_fused``), as inductor generates a cross-entropy's forward and backward."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    original = model.loss_function
+    graphs: dict = {}
+
+    def compiled_loss(logits, labels, vocab_size, **kwargs):
+        constants = {key: value for key, value in kwargs.items() if not isinstance(value, torch.Tensor)}
+        key = (tuple(logits.shape), logits.dtype, tuple(labels.shape), vocab_size, repr(sorted(constants.items())))
+        if key not in graphs:
+            def graph(logits_in, labels_in):
+                return original(logits_in, labels_in, vocab_size, **constants)
+
+            with _disable_current_modes():
+                function = aot_function(graph, **{**_compiler_options(), "fw_compiler": _fused, "bw_compiler": _fused})
+                with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+                    function(_private_copy(logits), _private_copy(labels))
+            graphs[key] = function
+        return graphs[key](logits, labels)
+
+    model.loss_function = compiled_loss
+
+
+@contextlib.contextmanager
+def _uncompiled(layer: nn.Module):
+    """While the graph is traced, the layer's own forward runs without checkpointing (the compiled forward is what
+    the checkpoint runs) and without the instance ``forward`` that calls the compiled graph."""
+    checkpointing = getattr(layer, "gradient_checkpointing", False)
+    instance_forward = layer.__dict__.pop("forward", None)
+    layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        layer.gradient_checkpointing = checkpointing
+        if instance_forward is not None:
+            layer.forward = instance_forward
