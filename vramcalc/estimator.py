@@ -275,12 +275,15 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     tensors = parameters.stored_tensors(spec, resolved)
     # one GPU's weights, gradients and optimizer states
     rank = states.model_states(spec, tensors, setup.method, setup.optimizer, setup.grad_accum)
-    if setup.optimizer_in_backward:
-        rank = states.optimizer_in_backward(rank, tensors, setup.optimizer)
     if setup.sharding is not Sharding.NONE:  # the engine shards them, and may compute in 16 bits
         rank = distributed.rank_states(spec, resolved, rank)
         compute = distributed.compute_setup(resolved)  # the setup itself under DDP
         tensors = parameters.stored_tensors(spec, compute)
+    # lm_head's weight gradient as the loss's backward builds it: under optimizer-in-backward (one GPU only) it is
+    # stepped and freed only once every chunk has added to it (the post-accumulate-grad hook): the loss sees it whole
+    loss_head_grad = rank.head_gradient
+    if setup.optimizer_in_backward:
+        rank = states.optimizer_in_backward(rank, tensors, setup.optimizer)
     csetup = compute.setup
     layer = layer_setup(compute)
     dt = layer.dtypes
@@ -296,10 +299,10 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     head_grad = rank.head_gradient
     copies = temporaries.weight_copy_bytes(spec, dt, csetup.method, ckpt, tensors)
     if csetup.loss is Loss.TRL:  # TRL's fused lm_head never calls lm_head: no autocast copy of it either
-        lg = trl_loss.trl_logits_bytes(spec, dt, tokens, head_grad, sequences=b)
+        lg = trl_loss.trl_logits_bytes(spec, dt, tokens, loss_head_grad, sequences=b)
         copies = trl_loss.without_head_copy(copies, spec, dt, tensors)
     else:
-        lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, head_grad, sequences=b, compiled=csetup.compile)
+        lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b, compiled=csetup.compile)
     dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens, setup=csetup)
     dequant = dequant + float8.layer_backward_cast_bytes(spec, setup.precision, tokens)  # fp8: torchao's casts
     hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)
