@@ -4,10 +4,12 @@ bitsandbytes' ``Params4bit`` cannot wrap a FakeTensor (``Tensor._make_subclass``
 subclass), so ``FakeLinear4bit`` is a ``bnb.nn.Linear4bit`` whose weight is a plain frozen Parameter carrying the
 same attributes. Everything that allocates is bitsandbytes' own code: ``bnb.functional.quantize_4bit`` makes the packed
 uint8 weight, the absmax and the double-quantization state (its fake kernels give the exact shapes);
-``Linear4bit.forward`` and ``MatMul4Bit`` run unchanged, and peft wraps the layer with its own bnb LoRA layer because
-it is an ``isinstance`` of ``bnb.nn.Linear4bit``. The layer is assembled on the meta device (peft wraps it there too) and materialised with the model. The one CUDA
-effect that fake kernels cannot show, the dequantized
-weight that the CUDA ``gemm_4bit`` kernel allocates above 1536 tokens, is added by ``cuda_emulation.cuda_kernel_emulation``.
+``Linear4bit.forward`` and ``MatMul4Bit`` run unchanged. peft wraps the layer with its own bnb LoRA layer only when
+the model is marked as loaded in 4 or 8 bits, which the trace does under ``kbit_prep``; otherwise peft's generic
+LoRA wrapper is used (the difference is a transient output copy, not saved memory). The layer is assembled on the meta
+device (peft wraps it there too) and materialised with the model. The one CUDA effect that fake kernels cannot show,
+the dequantized weight that the CUDA ``gemm_4bit`` kernel allocates above 1536 tokens, is added by
+``cuda_emulation.cuda_kernel_emulation``.
 ``tests/test_trace_qlora.py`` checks this layer against a real ``bnb.nn.Linear4bit`` on real CPU tensors.
 
 Issue 11 knobs, each with the real bitsandbytes code:
