@@ -115,6 +115,81 @@ class TrainerLoss:
         return loss_fn(hidden, self.head.weight, labels, softcap=self.softcap)
 
 
+class PhaseHooks:
+    """Module and tensor hooks that tell the tracker where a step is.
+
+    - forward: ``in_logits`` from the output head's first call to the end of forward;
+    - backward-start -> backward: when the gradient of the last block's output arrives (the head and loss are done);
+    - backward -> backward-end: when the gradient of the first block's input arrives (only if it requires grad);
+    - a parameter's ``.grad`` is a gradient from its post-accumulate-grad hook on.
+    Hooks allocate nothing, so the trace is unchanged by them.
+    """
+
+    def __init__(self, tracker: AllocationTracker, blocks, heads, params, tick=None):
+        self.tracker = tracker
+        self.handles = []
+        self.blocks = blocks = list(blocks)
+
+        def head_pre_hook(module, args):
+            if tracker.phase is Phase.FORWARD:
+                tracker.in_logits = True
+
+        def last_block_hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if tracker.phase is Phase.FORWARD and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(self._backward_start)
+
+        def first_block_pre_hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+            if tracker.phase is Phase.FORWARD and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(self._backward_end)
+
+        for head in heads:
+            self.handles.append(head.register_forward_pre_hook(head_pre_hook))
+        self.handles.append(blocks[-1].register_forward_hook(last_block_hook))
+        self.handles.append(blocks[0].register_forward_pre_hook(first_block_pre_hook, with_kwargs=True))
+        for param in params:
+            if param.requires_grad:
+                self.handles.append(param.register_post_accumulate_grad_hook(self._on_grad))
+        if tick is not None:
+            self.count_blocks(tick)
+
+    def count_blocks(self, tick) -> None:
+        """Call ``tick()`` as each block runs forward, and as the gradient of its output arrives in backward: the
+        progress of a long trace (2 ticks per block and micro-batch; a checkpointed block's recompute is not
+        counted). Hooks only: nothing is allocated."""
+        tracker = self.tracker
+
+        def backward_tick(grad):
+            tick()
+
+        def forward_tick(module, args, output):
+            if tracker.phase is not Phase.FORWARD:
+                return
+            tick()
+            hidden = output[0] if isinstance(output, tuple) else output
+            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(backward_tick)
+
+        for block in self.blocks:
+            self.handles.append(block.register_forward_hook(forward_tick))
+
+    def _backward_start(self, grad):
+        self.tracker.in_logits = False
+        self.tracker.phase = Phase.BACKWARD
+
+    def _backward_end(self, grad):
+        self.tracker.phase = Phase.BACKWARD_END
+
+    def _on_grad(self, param):
+        if param.grad is not None:
+            self.tracker.retag(param.grad, Term.GRADIENTS)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 class StepTracer:
     """Runs the training steps of one setup under a tracker, and hooks the model to report phases."""
 
@@ -194,62 +269,18 @@ class StepTracer:
 
     # -- phase hooks -------------------------------------------------------------------------------
     def _install_phase_hooks(self) -> None:
-        tracker = self.tracker
         layers = decoder_layers(self.model)
-
-        def head_pre_hook(module, args):
-            if tracker.phase is Phase.FORWARD:
-                tracker.in_logits = True
-
-        def last_layer_hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            if tracker.phase is Phase.FORWARD and hidden.requires_grad:
-                hidden.register_hook(self._on_layers_backward_start)
-
-        def first_layer_pre_hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs.get("hidden_states")
-            if tracker.phase is Phase.FORWARD and hidden is not None and hidden.requires_grad:
-                hidden.register_hook(self._on_layers_backward_end)
-
-        self._hooks.append(self.head.register_forward_pre_hook(head_pre_hook))
-        self._hooks.append(layers[-1].register_forward_hook(last_layer_hook))
-        self._hooks.append(layers[0].register_forward_pre_hook(first_layer_pre_hook, with_kwargs=True))
+        self.phases = PhaseHooks(self.tracker, layers, [self.head], self.model.parameters())
+        self._hooks.extend(self.phases.handles)
         for layer in layers:
             if getattr(layer, "_gradient_checkpointing_func", None) is not None:
-                self._hooks.append(_RecomputeMarker(layer, tracker))
-        for param in self.model.parameters():
-            if param.requires_grad:
-                self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad))
+                self._hooks.append(_RecomputeMarker(layer, self.tracker))
 
     def count_layers(self, tick) -> None:
-        """Call ``tick()`` as each decoder layer runs forward, and as the gradient of its output arrives in
-        backward: the progress of a long trace (2 L ticks per micro-batch). A forward hook and a tensor hook only:
-        nothing is allocated, so the trace is unchanged; a checkpointed layer's recompute is not counted."""
-        tracker = self.tracker
-
-        def backward_tick(grad):
-            tick()
-
-        def forward_tick(module, args, output):
-            if tracker.phase is not Phase.FORWARD:
-                return
-            tick()
-            hidden = output[0] if isinstance(output, tuple) else output
-            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-                hidden.register_hook(backward_tick)
-
-        for layer in decoder_layers(self.model):
-            self._hooks.append(layer.register_forward_hook(forward_tick))
-
-    def _on_layers_backward_start(self, grad):
-        self.tracker.in_logits = False
-        self.tracker.phase = Phase.BACKWARD
-
-    def _on_layers_backward_end(self, grad):
-        self.tracker.phase = Phase.BACKWARD_END
-
-    def _on_grad(self, param):
-        self.tracker.retag(param.grad, Term.GRADIENTS)
+        """``tick()`` as each decoder layer runs forward and as its output's gradient arrives (``PhaseHooks``)."""
+        start = len(self.phases.handles)
+        self.phases.count_blocks(tick)
+        self._hooks.extend(self.phases.handles[start:])
 
     def remove_hooks(self) -> None:
         for hook in self._hooks:

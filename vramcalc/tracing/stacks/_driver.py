@@ -102,72 +102,6 @@ def make_optimizer(params, optimizer: Optimizer, tracker: AllocationTracker, *, 
     raise VramcalcError(f"the {stack} trace has no recipe for optimizer {optimizer.value}")
 
 
-class PhaseHooks:
-    """Module and tensor hooks that tell the tracker where a step is.
-
-    - forward: ``in_logits`` from the output head's first call to the end of forward;
-    - backward-start -> backward: when the gradient of the last block's output arrives (the head and loss are done);
-    - backward -> backward-end: when the gradient of the first block's input arrives (only if it requires grad);
-    - a parameter's ``.grad`` is a gradient from its post-accumulate-grad hook on.
-    Hooks allocate nothing, so the trace is unchanged by them.
-    """
-
-    def __init__(self, tracker: AllocationTracker, blocks, heads, params, tick=None):
-        self.tracker = tracker
-        self.handles = []
-        blocks = list(blocks)
-
-        def head_pre_hook(module, args):
-            if tracker.phase is Phase.FORWARD:
-                tracker.in_logits = True
-
-        def last_block_hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            if tracker.phase is Phase.FORWARD and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-                hidden.register_hook(self._backward_start)
-
-        def first_block_pre_hook(module, args, kwargs):
-            hidden = args[0] if args else next(iter(kwargs.values()), None)
-            if tracker.phase is Phase.FORWARD and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-                hidden.register_hook(self._backward_end)
-
-        for head in heads:
-            self.handles.append(head.register_forward_pre_hook(head_pre_hook))
-        self.handles.append(blocks[-1].register_forward_hook(last_block_hook))
-        self.handles.append(blocks[0].register_forward_pre_hook(first_block_pre_hook, with_kwargs=True))
-        for param in params:
-            if param.requires_grad:
-                self.handles.append(param.register_post_accumulate_grad_hook(self._on_grad))
-        if tick is not None:
-            def backward_tick(grad):
-                tick()
-
-            def forward_tick(module, args, output):
-                if tracker.phase is Phase.FORWARD:
-                    tick()
-                    hidden = output[0] if isinstance(output, tuple) else output
-                    if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-                        hidden.register_hook(backward_tick)
-
-            for block in blocks:
-                self.handles.append(block.register_forward_hook(forward_tick))
-
-    def _backward_start(self, grad):
-        self.tracker.in_logits = False
-        self.tracker.phase = Phase.BACKWARD
-
-    def _backward_end(self, grad):
-        self.tracker.phase = Phase.BACKWARD_END
-
-    def _on_grad(self, param):
-        if param.grad is not None:
-            self.tracker.retag(param.grad, Term.GRADIENTS)
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
 class RecomputeMarker:
     """Flags ``in_recompute`` while a block wrapped by torch's ``CheckpointWrapper``
     (``torch/distributed/algorithms/_checkpoint/checkpoint_wrapper.py``: ``forward`` calls
@@ -239,12 +173,7 @@ def warm_start(tracker: AllocationTracker, optimizers) -> None:
         for p in params:
             p.grad = torch.zeros_like(p)
         tracker.mark_gradients(params)
-        tracker.in_optimizer = True
-        try:
-            optimizer.step()
-        finally:
-            tracker.in_optimizer = False
-        tracker.mark_optimizer_states(optimizer)
+        optimizer_step(tracker, optimizer)
         optimizer.zero_grad(set_to_none=True)
 
 

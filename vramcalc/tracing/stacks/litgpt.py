@@ -49,6 +49,7 @@ from ...options import AdapterDtype, GradCkpt, Loss, Method, Phase, Precision, Q
 from ...progress import Progress
 from ...training_setup import ResolvedSetup
 from ..runner import reset_bnb_overrides
+from ..step import PhaseHooks
 from . import _driver
 
 STACK = "litgpt"
@@ -248,7 +249,7 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int = _driver.
         model.train()
         bar.update(1, note=f"step 1 of {steps}")
         blocks = [getattr(block, "_checkpoint_wrapped_module", block) for block in model.transformer.h]
-        hooks = _driver.PhaseHooks(tracker, list(model.transformer.h), [model.lm_head], model.parameters(),
+        hooks = PhaseHooks(tracker, list(model.transformer.h), [model.lm_head], model.parameters(),
                                    tick=lambda: bar.update(1))
         for block in model.transformer.h:
             if hasattr(block, "checkpoint_fn"):

@@ -43,6 +43,7 @@ from ...options import AdapterDtype, GradCkpt, Loss, Method, Phase, Quant, Term
 from ...progress import Progress
 from ...training_setup import ResolvedSetup
 from ..runner import reset_bnb_overrides
+from ..step import PhaseHooks
 from . import _driver
 
 STACK = "torchtune"
@@ -275,7 +276,7 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int = _driver.
         with fake_mode:
             # -- _setup_optimizer
             optimizer = None
-            hooks = _driver.PhaseHooks(tracker, model.layers, [_head_module(model)], model.parameters(),
+            hooks = PhaseHooks(tracker, model.layers, [_head_module(model)], model.parameters(),
                                        tick=lambda: bar.update(1))
             if getattr(setup, "optimizer_in_backward", False):
                 in_backward_optimizers = _register_optimizer_in_backward(model, setup, tracker)
