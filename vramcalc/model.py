@@ -90,6 +90,7 @@ class FamilyTraits:
     lm_head_bias: bool = False  # Phi-1/2: lm_head = nn.Linear(h, V, bias=True)
     traceable: bool = True  # False: transformers has no class for it (remote code only); estimate only
     bnb_quantizable: bool = True  # False: its Linears subclass nn.Linear, which bitsandbytes loading leaves 16-bit
+    always_masked: bool = False  # sdpa and eager always get a 4-D causal mask (``allow_is_causal_skip=False``)
     # peft target names of the projections: one fused qkv name is [h, (a + 2k)·d]; two gated MLP names are a fused
     # gate_up [h, 2I] and down, three are gate, up, down; two plain MLP names (gated_mlp False) are up and down
     qkv_names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
@@ -130,11 +131,14 @@ FAMILIES: dict[str, FamilyTraits] = {
                              lora_qv=("query_key_value",),
                              qkv_names=("query_key_value",), o_name="dense",
                              mlp_names=("dense_h_to_4h", "dense_4h_to_h")),
-    # models/falcon/modeling_falcon.py: fused query_key_value (L230-236), dense, GELU MLP (L515-527); one LayerNorm
-    # (input_layernorm) or, with new_decoder_architecture, ln_attn and ln_mlp (L552-565); parallel_attn (L599-621)
-    "falcon": FamilyTraits(norms_per_layer=1, layer_norm=True, parallel_block=True, gated_mlp=False,
-                           default_tied=True, bnb_quantizable=False, lora_qv=("query_key_value",), qkv_names=("query_key_value",),
-                           o_name="dense", mlp_names=("dense_h_to_4h", "dense_4h_to_h")),
+    # models/falcon/modeling_falcon.py (transformers 5.25): fused query_key_value split into q, k, v views
+    # (FalconAttention.forward L295-305), the shared attention interface (L319-329), dense, GELU MLP (L341-355); one
+    # LayerNorm (input_layernorm) or, with new_decoder_architecture, ln_attn and ln_mlp (L371-382); parallel_attn;
+    # FalconModel.forward always builds the 4-D mask (create_causal_mask(..., allow_is_causal_skip=False), L573-581)
+    "falcon": FamilyTraits(norms_per_layer=1, layer_norm=True, parallel_block=True, gated_mlp=False, fused_qkv=True,
+                           default_tied=True, bnb_quantizable=False, always_masked=True, lora_qv=("query_key_value",),
+                           qkv_names=("query_key_value",), o_name="dense",
+                           mlp_names=("dense_h_to_4h", "dense_4h_to_h")),
     # Qwen v1 (remote code ``modeling_qwen.py`` of Qwen/Qwen-7B, QWenLMHeadModel; no transformers class): fused
     # c_attn with bias, attn.c_proj without, RMSNorm ln_1/ln_2/ln_f, QWenMLP a1 = w1(x), a2 = w2(x),
     # mlp.c_proj(a1 * silu(a2)) with w1, w2: h -> intermediate_size / 2; lm_head untied

@@ -54,7 +54,7 @@ _LITGPT = "Lightning-AI/litgpt 0.5.13 (pyproject pins bitsandbytes>=0.45.2 on Li
 
 PRESETS: dict[Stack, StackPreset] = {
     Stack.HF: StackPreset(
-        Stack.HF, "transformers 5.24, peft 0.21.2, bitsandbytes 0.50.2",
+        Stack.HF, "transformers 5.25, peft 0.21.2, bitsandbytes 0.50.2",
         "transformers Trainer + peft, as documented in shared/reference/memory-math.md: vramcalc's own defaults",
         ()),
     Stack.TRL: StackPreset(Stack.TRL, _TRL, "TRL SFTTrainer", (

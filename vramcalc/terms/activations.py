@@ -317,7 +317,10 @@ class _LayerWalk(ParallelBlockWalk):
             out_bytes = c if dt.autocast else embed
             kernel = self.sdpa_kernel(a, k, d, d, out_bytes)
             if self.grad:
-                repeated = self.masked and a > k  # transformers' repeat_kv: k and v copied to a heads
+                # transformers' repeat_kv copies k and v to a heads, but for one kv head (multi-query) its expand +
+                # reshape is a view (a size-1 dim merges with the stride-0 one): SDPA gets the k*d tensors
+                # (integrations/sdpa_attention.py repeat_kv; use_gqa_in_sdpa is False with a mask)
+                repeated = self.masked and a > k > 1
                 kv_width = a * d if repeated else k * d
                 if kernel == "math":
                     self.per_square += _F32 * a
@@ -420,7 +423,8 @@ def sliding_window_masked(model: ModelSpec, seq_len):
 
 
 def attention_masked(model: ModelSpec, seq_len, attn_used: Attention, packing: bool, sequences=2):
-    """Whether the attention gets a 4-D mask. Without packing: ``sliding_window_masked``. With packing (one row of
+    """Whether the attention gets a 4-D mask: always in Falcon (``FamilyTraits.always_masked``) but under
+    FlashAttention-2 (no mask tensor). Without packing: ``sliding_window_masked``. With packing (one row of
     ``sequences`` sequences, position ids restarting at each; ``seq_len`` is then the row's length): FlashAttention-2
     takes their bounds from the position ids (``flash_attn_varlen_func``, a sliding window in the kernel's
     ``window_size``) and has no mask; for sdpa and eager transformers v5 finds the sequences
@@ -429,6 +433,8 @@ def attention_masked(model: ModelSpec, seq_len, attn_used: Attention, packing: b
     holds one sequence (then the unpacked rule). ``sequences`` may be a numpy array (sweeps)."""
     if packing and attn_used is Attention.FLASH:
         return False
+    if model.traits.always_masked and attn_used is not Attention.FLASH:
+        return True  # Falcon: FalconModel.forward's create_causal_mask(..., allow_is_causal_skip=False)
     unpacked = sliding_window_masked(model, seq_len)
     if not packing:
         return unpacked
@@ -488,7 +494,7 @@ def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: 
         mask_kinds = 2 if model.family == "gemma2" else 1
         if attn_used is Attention.EAGER:
             saved += Saved(per_square=mask_kinds * (dt.c if dt.autocast else dt.r))
-        elif masked or model.family == "falcon":  # Falcon always builds its SDPA mask (layouts.py)
+        elif masked:
             saved += Saved(per_square=1)
     return saved
 

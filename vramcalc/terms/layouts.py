@@ -2,7 +2,7 @@
 attention + MLP block of phi, GPT-NeoX and Falcon (a mixin of ``activations._LayerWalk``, which calls it).
 
 Symbols as in ``activations``: h hidden, a heads, k kv heads, d head dim, I intermediate, c compute bytes, r residual
-bytes, x the layer input. Every rule is what the transformers 5.24 module saves for backward, traced on tiny real
+bytes, x the layer input. Every rule is what the transformers 5.25 module saves for backward, traced on tiny real
 models (``tests/test_families_devset.py``):
 - nn.LayerNorm (``native_layer_norm``): saves its input x, the per-row mean and rstd ([T] each, fp32: the CUDA
   kernel's accumulation type) and its weight and bias, whenever its input or its weight needs a gradient. Without
@@ -12,35 +12,32 @@ models (``tests/test_families_devset.py``):
   ``tracing/cuda_emulation.py``): each LayerNorm saves its own fp32 copy of a 16-bit x, returns fp32, and every
   Linear reading that output saves its own 16-bit cast (``_LayerWalk.linears``).
 - Parallel block (``PhiDecoderLayer.forward`` L272-290, ``GPTNeoXLayer.forward`` L249-263 with
-  use_parallel_residual, ``FalconDecoderLayer.forward`` L580-621): attention and MLP both read a norm of the layer
+  use_parallel_residual, ``FalconDecoderLayer.forward`` L383-435): attention and MLP both read a norm of the layer
   input and ``attn + mlp + x`` saves nothing. Phi and Falcon's old layout share one norm output (the first Linear of
   each branch that saves it saves the same tensor); GPT-NeoX and Falcon's new layout normalise twice.
-- GELU MLP (``PhiMLP`` L246-250, ``GPTNeoXMLP`` L45-49, ``FalconMLP`` L525-527): up saves its input, the activation
+- GELU MLP (``PhiMLP`` L246-250, ``GPTNeoXMLP`` L45-49, ``FalconMLP`` L341-355): up saves its input, the activation
   saves up's output (``gelu``, ``gelu_pytorch_tanh``: ``F.gelu`` saves its input), down saves the activation's output.
   Phi's ``gelu_new`` (``activations.py::NewGELUActivation``, ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 *
   x**3)))``) is four elementwise ops that save x (for pow), tanh's output, ``0.5 * x`` and ``1 + tanh``: 4·c·I.
 - QLoRA leaves Falcon's Linears in 16 bits: they are ``FalconLinear`` (an nn.Linear subclass) and transformers'
   ``replace_with_bnb_linear`` converts only ``type(module) is nn.Linear`` (``integrations/bitsandbytes.py`` L189;
   ``model.FamilyTraits.bnb_quantizable``), so they save their inputs as trained-or-LoRA Linears do.
-- Falcon attention (``FalconAttention.forward`` L310-359): ``_split_heads`` views, then ``transpose(1, 2).reshape``
-  copies q, k and v into [b, heads, s, d] (the new layout first broadcasts k and v to all a heads, so the copies are
-  a heads wide); SDPA gets the 4-D causal mask (``create_causal_mask(..., allow_is_causal_skip=False)`` L753-761),
-  so CUDA runs memory-efficient attention (equal heads; it saves the additive mask, c per [b, s, s], and writes its
-  output as [b, s, a, d], so dense reads it without a copy) or, for multi-query k and v of one head, the math path,
-  which keeps the 16-bit probabilities [b, a, s, s] and the k and v it expanded to a heads; dense then saves a
-  contiguous copy of the [b, a, s, d] output.
+- Falcon attention (transformers 5.25, ``FalconAttention.forward`` L282-331) is the shared attention of
+  ``activations._LayerWalk._attention``: q, k and v are views of the fused query_key_value output, RoPE makes new q
+  and k, and ``FalconModel.forward`` always builds the 4-D mask (``FamilyTraits.always_masked``), so CUDA runs
+  memory-efficient attention. (Up to 5.24 Falcon had its own attention with reshape copies and, for multi-query, the
+  math path; ``tests/constraints.txt`` pins the version these rules follow.)
 """
 
 from __future__ import annotations
 
-from ..options import Attention, Method
+from ..options import Method
 from ..units import DType
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
 LAYER_NORM_STATS = 2  # native_layer_norm's mean and rstd, one fp32 value per row each
 GELU_NEW_SAVED = 4  # NewGELUActivation: x, tanh output, 0.5·x, 1 + tanh
 GELU_NEW_FAMILIES = ("phi",)  # PhiConfig.hidden_act = "gelu_new"; gpt_neox and falcon use "gelu"
-SEED_OFFSET_BYTES = 2 * 512  # the efficient kernel's philox seed and offset (as activations.SEED_OFFSET_BYTES)
 
 
 class ParallelBlockWalk:
@@ -76,10 +73,7 @@ class ParallelBlockWalk:
         x_bytes = residual_bytes(m, self.layer) if self.grad else self.dt.r
         n = self.norm(m.hidden_size, x_bytes)
         self._shared_norm = (n, self._input_saved([self.use(name, m.hidden_size) for name in m.traits.qkv_names], n))
-        if m.family == "falcon":
-            self._falcon_attention(n)
-        else:
-            self._attention(n)
+        self._attention(n)
 
     def parallel_mlp_block(self) -> None:
         """The MLP branch: on the shared norm output, or on its own norm of the layer input (saved x not again)."""
@@ -113,45 +107,6 @@ class ParallelBlockWalk:
         if self.grad:
             self.per_token += (GELU_NEW_SAVED if m.family in GELU_NEW_FAMILIES else 1) * out * width
         return self.linears([self.use(down, width)], out)
-
-    def _falcon_attention(self, n: int) -> int:
-        """FalconAttention with SDPA or eager: see the module docstring."""
-        m, dt = self.m, self.dt
-        h, a, k, d = m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim
-        c = dt.c
-        qkv = self.linears([self.use(name, h) for name in m.traits.qkv_names], n)
-        out_bytes = c if dt.autocast else max(qkv, dt.r)
-        heads_kv = a if m.new_decoder_architecture else k
-        o_use = self.use(m.traits.o_name, a * d)
-        # the efficient kernel writes its output as [b, s, a, d] (returned transposed), so the permute and reshape
-        # before dense are views; the math and eager outputs are [b, a, s, d] and get copied
-        efficient = self.layer.attn_used is not Attention.EAGER and heads_kv == a
-        if self.grad:
-            if self.layer.attn_used is Attention.EAGER:
-                # q @ k^T saves q and k, softmax(dtype=hidden_states.dtype) saves its output, probs @ v saves probs
-                # and v; matmul broadcasts multi-query k and v by copying them to a heads (expand + reshape for bmm).
-                # hidden_states is the norm output n (fp32 under autocast): autocast's matmul then saves its own
-                # 16-bit copy of the fp32 probabilities
-                self.per_token += out_bytes * 3 * a * d
-                self.per_square += n * a + (c if dt.autocast and n != c else 0) * a
-            elif heads_kv == a:
-                # memory-efficient attention with the 4-D mask: q, k, v, out, fp32 logsumexp (padded to 32 rows)
-                self.per_token += out_bytes * 4 * a * d + _F32 * a
-                self.per_square += out_bytes  # the additive mask it saves
-                self.per_layer += SEED_OFFSET_BYTES
-            else:
-                # math path (multi-query k and v of one head): q, k and v expanded to a heads, 16-bit probabilities
-                self.per_token += out_bytes * 3 * a * d
-                self.per_square += out_bytes * a
-        return self.linears([o_use], out_bytes, x_saved=efficient)
-
-
-def sdpa_math_path(model, attn_used: Attention) -> bool:
-    """Falcon's multi-query layout under SDPA: k and v have one head and q has a, so neither the flash nor the
-    memory-efficient kernel takes them (``sdp_utils.cpp`` ``check_batch_size_and_num_heads_dense``) and the math path
-    runs, whose backward holds [b, a, s, s] gradients as eager attention's does."""
-    return (model.family == "falcon" and attn_used is not Attention.EAGER and not model.new_decoder_architecture
-            and model.num_kv_heads != model.num_heads)
 
 
 def residual_bytes(model, layer) -> int:

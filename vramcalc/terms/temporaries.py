@@ -14,7 +14,7 @@ from ..options import Attention, Method
 from ..units import DType, maximum, select
 from . import quantized
 from .activations import Dtypes
-from .layouts import sdpa_math_path, shared_norm_grad_bytes
+from .layouts import shared_norm_grad_bytes
 from .parameters import StoredTensor
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
@@ -100,8 +100,6 @@ def attention_backward_bytes(model: ModelSpec, c: int, attn_used: Attention, bat
     attention = c * batch_size * seq_len * (2 * a * d + 2 * k * d)
     if attn_used is Attention.EAGER:
         attention += (c + _F32) * batch_size * a * seq_len * seq_len
-    elif sdpa_math_path(model, attn_used):  # its softmax runs in c: the probabilities' gradient and softmax's
-        attention += 2 * c * batch_size * a * seq_len * seq_len
     return attention + shared_norm_grad_bytes(model, batch_size, seq_len)  # 0 but for phi and Falcon's old layout
 
 
