@@ -49,6 +49,17 @@ POWER_CAP_W = {"H100 96GB HBM2e 2.4 TB/s at 500 W (source)": 500.0}
 GPUS_PER_NODE = 8  # HGX/DGX nodes of the sources (Grand Teton, WhiteFiber, torchtune's 8x A100)
 
 
+def linear_shapes(a: Arch, target: str) -> list[tuple[int, int, int]]:
+    """(in, out, copies per layer) of the linears a LoRA target name matches (peft matches module-name suffixes:
+    Qwen's "c_proj" is both attn.c_proj and mlp.c_proj; "c_attn" is the fused q,k,v projection)."""
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    table = {"q": [(a.hidden, q, 1)], "k": [(a.hidden, kv, 1)], "v": [(a.hidden, kv, 1)], "o": [(q, a.hidden, 1)],
+             "gate": [(a.hidden, a.inter, 1)], "up": [(a.hidden, a.inter, 1)], "down": [(a.inter, a.hidden, 1)],
+             "c_attn": [(a.hidden, q + 2 * kv, 1)], "c_proj": [(q, a.hidden, 1), (a.inter, a.hidden, 1)],
+             "w1": [(a.hidden, a.inter, 1)], "w2": [(a.hidden, a.inter, 1)]}
+    return table[target]
+
+
 def arch_of(name: str) -> Arch:
     if name in EXTRA_ARCH:
         return EXTRA_ARCH[name]
@@ -89,9 +100,12 @@ def predict(row: dict[str, str], rates: dict) -> tuple[float | None, str, st.Ste
         trainable = shape.matmul_params + a.vocab * a.hidden
         serial = st.comm_seconds(2 * trainable, gpu.pcie_gb_s, efficiency=1.0)
     targets = [t for t in row["lora_targets"].split(" ")[0].split(",") if t] if rank else []
+    lora_linears = tuple((k, n, a.layers * copies) for t in targets for k, n, copies in linear_shapes(a, t))
     setup = st.StepSetup(
         tokens=int(row["batch_per_gpu"]) * int(row["seq_len"]), seq_len=int(row["seq_len"]), train_base=train_base,
-        micro_batches=int(row["grad_accum"] or 1), adapted_linears=len(targets) * a.layers,
+        micro_batches=int(row["grad_accum"] or 1), adapted_linears=sum(c for _, _, c in lora_linears),
+        lora_linears=lora_linears, lora_rank=rank, lora_dropout=float(row["lora_dropout"] or 0) > 0,
+        adapter_bytes=4.0 if row["adapter_dtype"] == "fp32" else 2.0, quant_kernel=row["quant_kernel"] or "bnb",
         activation_offload=row["offload"] == "activations", pcie_gb_s=gpu.pcie_gb_s or 0.0,
         adapter_params=n_a, grad_ckpt=row["grad_ckpt"], fused_elementwise=row["compile"] == "yes",
         loss=row["loss"] or "hf", quant_bits=4 if row["method"] == "qlora" else 0,

@@ -133,6 +133,14 @@ def adapter_params(spec: ModelSpec, resolved: ResolvedSetup) -> int:
     return sum(t.numel * t.count for t in stored_tensors(spec, resolved) if t.kind in ("adapter", "prompt"))
 
 
+def lora_linears(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[tuple[int, int, int], ...]:
+    """(in, out, count) of each LoRA-adapted linear, from its lora_A (r, in) and lora_B (out, r) tensors; an adapted
+    embedding is a lookup, not a GEMM, and is left out (``step_time.decoder_gemms``)."""
+    adapters = {t.name: t for t in stored_tensors(spec, resolved) if t.kind == "adapter"}
+    return tuple((a.shape[1], adapters[name[:-1] + "B"].shape[0], a.count) for name, a in adapters.items()
+                 if name.endswith(".lora_A") and name[:-1] + "B" in adapters and "embed" not in name)
+
+
 def training_flops(spec: ModelSpec, resolved: ResolvedSetup) -> TrainingFlops:
     """FLOPs per dataset token of one training step (see the module docstring). Prompt tuning processes its virtual
     tokens too: the per-token count is scaled by padded / data sequence length."""
@@ -350,7 +358,9 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
         dp=dp, sharding=setup.sharding.value, serial_extra_s=paged_s, micro_batches=setup.grad_accum,
         adapted_linears=len(resolved.lora_modules) * spec.num_layers if lora else 0,
         attention_kernel="eager" if resolved.attn_used is Attention.EAGER else "flash",
-        activation_offload=bool(setup.activation_offload), pcie_gb_s=float(gpu.pcie_gb_s or 0.0))
+        activation_offload=bool(setup.activation_offload), pcie_gb_s=float(gpu.pcie_gb_s or 0.0),
+        lora_linears=lora_linears(spec, resolved) if lora else (), lora_rank=setup.lora_rank if lora else 0,
+        lora_dropout=lora and setup.lora_dropout > 0, adapter_bytes=4.0 if setup.adapter_dtype.value == "fp32" else 2.0)
     work = _step.step_work(shape, work_setup, matmul_tflops=mm.tflops, fp8_matmul_tflops=fp8.tflops if fp8 else None,
                            dp_link_gb_s=link_gb_s)
     return _step.step_time(work, _step.StepRates(mm.tflops, attn.tflops, gpu.bandwidth_gb_s, peak / TFLOPS))

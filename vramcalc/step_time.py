@@ -48,10 +48,17 @@ NCCL_BUS_EFFICIENCY = 0.8
 # current layer's compute and DDP/ZeRO-2 launch bucketed all-reduces during backward (PyTorch FSDP paper, Zhao et
 # al. 2023, §3.3-3.4; DDP paper, Li et al. 2020, §3.2.3). What stays exposed is the first all-gather and the last
 # bucket, about one layer in L: assumption 0.9 for L >= 10. Tensor parallelism's collectives sit between dependent
-# matmuls and are not overlapped (0.0) unless async TP decomposes them into the matmul (1.0, its design intent).
+# matmuls and are not overlapped (0.0). Async TP (torch micro-pipeline TP: the all-gather and reduce-scatter split
+# into P2P chunks that overlap the decomposed matmul) hides the collectives of the forward passes only: its authors
+# report "up to ~29% forward pass speedup and ~8% E2E speedup in Llama3 7B" (~20% and ~8% for 70B; PyTorch dev-discuss
+# "[Distributed w/ TorchTitan] Introducing Async Tensor Parallelism in PyTorch", Sept 2024). With the forward about a
+# third of a step, a 29% faster forward alone gives (1 - 1/1.29)/3 = 7.5% end to end, the reported ~8%: the
+# backward's collectives stay exposed. So async TP overlaps the forward and recomputed forwards' share (1.0) and
+# leaves the backward's (``ASYNC_TENSOR_PARALLEL_BACKWARD_OVERLAP`` = 0.0).
 DATA_PARALLEL_OVERLAP = 0.9
 TENSOR_PARALLEL_OVERLAP = 0.0
 ASYNC_TENSOR_PARALLEL_OVERLAP = 1.0
+ASYNC_TENSOR_PARALLEL_BACKWARD_OVERLAP = 0.0
 
 # Host time to issue one eager PyTorch op on a CUDA device: "~5-25 µs of CPU-side work per op" (Python bytecode ~1,
 # pybind ~1, autograd ~1-3, ATen dispatch ~1-2, backend ~1-5, cudaLaunchKernel ~1-3 µs: jiahuanglin.xyz, "From
@@ -187,6 +194,79 @@ def dequantize_bytes(quantized_params: float, passes: float, *, bits: int = 4) -
     return quantized_params * (bits / 8.0 + BF16_BYTES) * passes
 
 
+# Dequantization kernels of a k-bit base: HBM bytes per quantized weight and pass, and whether the backward
+# dequantizes again (True) or reuses the dequantized weight autograd saved in forward (False).
+#   "bnb": bitsandbytes ``dequantize_4bit`` before each matmul (MatMul4Bit.forward) and again in MatMul4Bit.backward
+#     for dX = dY·W; torchao's NF4Tensor (torchtune QLoRA) likewise dequantizes in its linear's forward and backward:
+#     read bits/8, write 2 bytes (``dequantize_bytes``).
+#   "gptq-torch": auto-gptq ``qlinear_cuda_old.QuantLinear.forward`` (the kernel transformers' GPTQConfig with
+#     disable_exllama=True loads for desc_act=False) takes a pure-torch path once the input has
+#     >= kernel_switch_threshold = 128 rows (every training micro-batch): bitwise_right_shift of the expanded int32
+#     qweight (read 0.5, write 4 B per weight), .to(int8) (read 4, write 1), bitwise_and in place (1 + 1),
+#     weight - zeros (1 + 1), scales * (...) to fp16 (read 1, write 2) = 16.5 B; torch.matmul(x.half(), weight) under
+#     bf16 autocast then casts the fp16 weight to bf16 (read 2, write 2): 20.5 B per weight and pass
+#     (AutoGPTQ/AutoGPTQ auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py, forward). The bf16 weight is saved by
+#     autograd for dX, so the backward does not dequantize: passes = forward + recomputed forwards.
+DEQUANT_KERNELS: dict[str, tuple[float | None, bool]] = {"bnb": (None, True), "gptq-torch": (20.5, False)}
+
+
+def dequant_bytes_per_weight(kernel: str, bits: int) -> float:
+    """HBM bytes per quantized weight and pass of ``kernel`` (``DEQUANT_KERNELS``); "bnb": bits/8 + 2."""
+    if kernel not in DEQUANT_KERNELS:
+        raise ValueError(f"unknown dequantization kernel {kernel!r}; expected one of {sorted(DEQUANT_KERNELS)}")
+    fixed = DEQUANT_KERNELS[kernel][0]
+    return fixed if fixed is not None else bits / 8.0 + BF16_BYTES
+
+
+# -- one GEMM on the roofline -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Gemm:
+    """``calls`` GEMMs of one shape in a step: FLOPs (at the bf16 rate's equivalent) and HBM bytes of each call."""
+
+    flops: float
+    nbytes: float
+    calls: float
+
+
+def linear_gemm(m: float, k: float, n: float, calls: float, *, in_bytes: float = BF16_BYTES,
+                out_bytes: float = BF16_BYTES, rate_ratio: float = 1.0) -> Gemm:
+    """A [m, k] x [k, n] GEMM: 2·m·k·n FLOPs; it reads both operands and writes the result once:
+    (m·k + k·n)·in_bytes + m·n·out_bytes (Williams et al., "Roofline", CACM 2009: the compulsory traffic). The two
+    backward GEMMs of a linear (dX = dY·W: [m, n] x [n, k]; dW = dYᵀ·X: [n, m] x [m, k]) touch the same three
+    matrices, so a linear's forward, dX and dW each cost one such call. ``rate_ratio`` = R_bf16 / R_dtype converts the
+    FLOPs of an fp8 GEMM to the bf16 rate's equivalent."""
+    return Gemm(2.0 * m * k * n * rate_ratio, (m * k + k * n) * in_bytes + m * n * out_bytes, calls)
+
+
+def gemm_seconds(gemm: Gemm, matmul_tflops: float, bandwidth_gb_s: float) -> float:
+    """calls · max(FLOPs / R_mm, bytes / B): a GEMM is bound by its arithmetic or by its compulsory HBM traffic,
+    whichever is longer (roofline). Large LLM GEMMs sit far right of the ridge point (A100: 312 TFLOP/s / 2.04 TB/s
+    = 153 FLOP/B; H100: 295); a thin one (tensor parallelism's [T, h] x [h, kv/tp], LoRA's rank-r A and B with
+    arithmetic intensity ≈ r FLOP/B) falls left of it and runs at the memory's pace."""
+    return gemm.calls * max(gemm.flops / (matmul_tflops * TFLOPS), gemm.nbytes / (bandwidth_gb_s * GB_PER_S))
+
+
+def lora_elementwise_bytes(tokens: float, in_features: int, out_features: int, *, act_bytes: float = BF16_BYTES,
+                           adapter_bytes: float = BF16_BYTES, dropout: bool = False, fused: bool = False,
+                           recompute_forwards: float = 0.0) -> float:
+    """HBM bytes of one LoRA-adapted linear's non-GEMM kernels on ``tokens`` tokens (peft
+    ``tuners/lora/layer.py`` Linear.forward: result = base(x); x = cast(x, lora_A.dtype);
+    result = result + lora_B(lora_A(dropout(x))) * scaling; torchtune ``LoRALinear.forward`` is the same chain).
+    The rank-r GEMMs themselves are ``linear_gemm`` calls. Per token, with e = act_bytes, a = adapter_bytes:
+      forward: the cast of x to the adapter dtype when a != e (read e·in, write a·in); dropout when p > 0 (read a·in,
+        write a·in and a 1-byte mask); the scaling multiply (read, write e·out) and the add into the base output
+        (read 2·e·out, write e·out); fused (torch.compile) the multiply and add are one kernel (read 2·e·out, write e·out);
+      backward: the scaling's backward (read, write e·out), dropout's (read a·in + mask, write a·in), the cast's
+        (read a·in, write e·in) and the sum of the LoRA and base input gradients (read 2·e·in, write e·in).
+    Recomputation (checkpointing) repeats the forward."""
+    cast = (act_bytes + adapter_bytes) * in_features if adapter_bytes != act_bytes else 0.0
+    drop = (2 * adapter_bytes + 1) * in_features if dropout else 0.0
+    scale_add = (3 if fused else 5) * act_bytes * out_features
+    forward = cast + drop + scale_add
+    backward = 2 * act_bytes * out_features + drop + cast + 3 * act_bytes * in_features
+    return tokens * (forward * (1.0 + recompute_forwards) + backward)
+
+
 def float8_cast_bytes(tokens: float, linear_in_out_sum: float, n_matmul_params: float, *,
                       recompute_forwards: float = 0.0) -> float:
     """Extra HBM bytes of dynamic tensorwise float8 training (torchao.float8): every fp8 GEMM operand is first
@@ -280,6 +360,8 @@ class StepWork:
     serial_s: float = 0.0  # time nothing hides: blocking tensor-parallel collectives, paged-optimizer PCIe traffic
     kernels: KernelCounts = KernelCounts()
     side_stream_s: float = 0.0  # copies on a side stream (activation offload): exposed past the compute only
+    # The matmuls one by one (``linear_gemm``), each timed on the roofline; empty: matmul_flops at R_mm.
+    gemms: tuple[Gemm, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -315,8 +397,12 @@ class StepTime:
 
 def step_time(work: StepWork, rates: StepRates) -> StepTime:
     """step_s = Σ over kinds max(GPU time, kernels·h) + exposed communication + serial time (module docstring);
+    the matmuls' GPU time is Σ over ``work.gemms`` of their roofline time (``gemm_seconds``) when they are listed;
     tokens_per_s = tokens/step_s; mfu = model_flops / (step_s · peak)."""
-    matmul_s = work.matmul_flops / (rates.matmul_tflops * TFLOPS)
+    if work.gemms:
+        matmul_s = sum(gemm_seconds(g, rates.matmul_tflops, rates.bandwidth_gb_s) for g in work.gemms)
+    else:
+        matmul_s = work.matmul_flops / (rates.matmul_tflops * TFLOPS)
     attention_s = work.attention_flops / (rates.attention_tflops * TFLOPS)
     memory_s = memory_seconds(work.memory_bytes, rates.bandwidth_gb_s)
     h = rates.host_s_per_kernel
@@ -429,6 +515,9 @@ LORA_KERNELS_PER_LINEAR = {False: 4, True: 2}
 # bitsandbytes Linear4bit / Linear8bitLt: dequantize_4bit (or the int8 row quantization and dequantization) before
 # the GEMM, per quantized linear and pass (bitsandbytes/autograd/_functions.py MatMul4Bit, MatMul8bitLt).
 QUANT_KERNELS_PER_LINEAR = {4: 1, 8: 3}
+# auto-gptq's pure-torch dequantization (``DEQUANT_KERNELS["gptq-torch"]``): shift, cast, and on the zeros and the
+# codes (6), the + 1 on the zeros, the subtraction, the scale multiply and autocast's bf16 cast: 10 kernels per pass.
+GPTQ_TORCH_KERNELS_PER_LINEAR = 10
 # Backward launches about two kernels per forward kernel (an elementwise op's backward reads the saved input and the
 # upstream gradient: one or two kernels; a trained GEMM runs dX and dW, a frozen one dX only): assumption, the same
 # factor ``elementwise_bytes`` takes for bytes.
@@ -439,7 +528,7 @@ HEAD_KERNELS = 20
 
 
 def kernel_counts(num_layers: int, *, micro_batches: int, fused: bool, train_base: bool, adapted_linears: float,
-                  quant_bits: int, recompute: tuple[float, float, float]) -> KernelCounts:
+                  quant_bits: int, recompute: tuple[float, float, float], quant_kernel: str = "bnb") -> KernelCounts:
     """Kernels the host issues per optimizer step: per micro-batch, L layers x (forward + backward + recomputed
     forward) of GEMMS_PER_LAYER, one SDPA and OTHER_KERNELS_PER_LAYER, plus LoRA's and dequantization's kernels per
     adapted or quantized linear, plus HEAD_KERNELS. The optimizer step (fused or foreach AdamW: a few kernels per
@@ -451,7 +540,9 @@ def kernel_counts(num_layers: int, *, micro_batches: int, fused: bool, train_bas
     other = OTHER_KERNELS_PER_LAYER[fused] * (1.0 + BACKWARD_KERNELS_PER_FORWARD + rc_elem)
     per_layer_adapters = adapted_linears / max(num_layers, 1)
     other += per_layer_adapters * LORA_KERNELS_PER_LINEAR[fused] * (1.0 + BACKWARD_KERNELS_PER_FORWARD + rc_mm)
-    if quant_bits:
+    if quant_bits and quant_kernel == "gptq-torch":
+        other += GEMMS_PER_LAYER * GPTQ_TORCH_KERNELS_PER_LINEAR * (1.0 + rc_mm)
+    elif quant_bits:
         other += GEMMS_PER_LAYER * QUANT_KERNELS_PER_LINEAR.get(quant_bits, 1) * (2.0 + rc_mm)
     n = num_layers * micro_batches
     return KernelCounts(gemm * n, attention * n, other * n + HEAD_KERNELS * micro_batches)
@@ -531,11 +622,60 @@ class StepSetup:
     activation_offload: bool = False  # saved activations copied to the host and back (side stream)
     pcie_gb_s: float = 0.0  # host link per direction, for the activation offload
     padding_fraction: float = 0.0  # share of the tokens that are padding (0 with packing): computed, not counted
+    # LoRA adapters one by one for their rank-r GEMMs and elementwise kernels: (in, out, count over the model) of each
+    # adapted linear, the rank, dropout p > 0, and the adapters' dtype bytes (peft casts x to it: 4 for fp32 adapters).
+    # Empty: the adapters' FLOPs (adapter_params) at the matmul rate and no elementwise bytes.
+    lora_linears: tuple[tuple[int, int, int], ...] = ()
+    lora_rank: int = 0
+    lora_dropout: bool = False
+    adapter_bytes: float = BF16_BYTES
+    quant_kernel: str = "bnb"  # a key of DEQUANT_KERNELS
 
 
 # Eager attention's materialised [b, a, s, s] scores: 24 bytes per score in forward (``vramcalc.cost``
 # EAGER_SCORE_FORWARD_BYTES: QKᵀ out, scale, mask, fp32 softmax, cast, PV read), twice that in backward.
 EAGER_SCORE_BYTES_FORWARD = 24
+
+
+# The decoder's base GEMMs are listed one by one (``decoder_gemms``) when the shape's matmul parameters are the dense
+# Llama layout's within this tolerance; otherwise (MoE experts, MLA projections) the aggregate FLOPs run at R_mm.
+DENSE_LAYOUT_TOLERANCE = 0.02
+
+
+def decoder_gemms(shape: DecoderShape, setup: StepSetup, *, recompute_forwards: float,
+                  fp8_rate_ratio: float | None = None) -> tuple[Gemm, ...] | None:
+    """The step's GEMMs on one GPU, or None when ``shape`` is not a dense Llama-style decoder.
+
+    Per micro-batch of m = tokens / (micro_batches · cp) tokens and per layer: q, k, v, gate, up split their outputs
+    across the tp ranks (column-parallel) and o, down their inputs (row-parallel) (Megatron-LM, Shoeybi et al. 2019
+    §3); each runs forward, dX, dW when the base trains (forward, dX when frozen) and recompute_forwards more
+    forwards. The lm_head ([m, h] x [h, V/tp]) runs outside the checkpointed layers: forward, dX and dW if trained.
+    fp8 linears read 1-byte operands and write 2-byte outputs, their FLOPs at ``fp8_rate_ratio`` = R_bf16 / R_fp8.
+    LoRA's A ([m, in] x [in, r]) and B ([m, r] x [r, out]) each run forward, dX, dW and the recomputed forwards, their
+    input at the adapters' dtype (``setup.adapter_bytes``)."""
+    h, q_w = shape.hidden_size, shape.num_heads * shape.head_dim
+    kv_w, inter = shape.num_kv_heads * shape.head_dim, shape.intermediate_size
+    dense = dense_matmul_params(h, shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.head_dim, inter,
+                                shape.vocab_size)
+    if abs(shape.matmul_params / dense - 1.0) > DENSE_LAYOUT_TOLERANCE:
+        return None
+    tp, mb = setup.tp, setup.micro_batches
+    m = setup.tokens / (mb * setup.cp)
+    base_calls = (1.0 + (2.0 if setup.train_base else 1.0) + recompute_forwards) * shape.num_layers * mb
+    in_b, ratio = (1.0, fp8_rate_ratio) if fp8_rate_ratio else (BF16_BYTES, 1.0)
+    linears = [(h, q_w / tp), (h, kv_w / tp), (h, kv_w / tp), (q_w / tp, h), (h, inter / tp), (h, inter / tp),
+               (inter / tp, h)]
+    gemms = [linear_gemm(m, k, n, base_calls, in_bytes=in_b, rate_ratio=ratio) for k, n in linears]
+    gemms.append(linear_gemm(m, h, shape.vocab_size / tp, (1.0 + (2.0 if setup.train_base else 1.0)) * mb))
+    a = setup.adapter_bytes
+    lora_calls = (3.0 + recompute_forwards) * mb
+    for k, n, count in setup.lora_linears:
+        gemms.append(linear_gemm(m, k, setup.lora_rank, lora_calls * count, in_bytes=a, out_bytes=a))
+        gemms.append(linear_gemm(m, setup.lora_rank, n, lora_calls * count, in_bytes=a))
+    if setup.adapter_params and not setup.lora_linears:  # adapters without their shapes: FLOPs at R_mm
+        t = setup.tokens / setup.cp
+        gemms.append(Gemm((6.0 + 2.0 * recompute_forwards) * setup.adapter_params * t, 0.0, 1.0))
+    return tuple(gemms)
 
 
 def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp8_matmul_tflops: float | None = None,
@@ -571,9 +711,18 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     if setup.fp8_linears:
         nbytes += float8_cast_bytes(t, shape.linear_in_out_sum, n_linear, recompute_forwards=rc_mm)
     if setup.quant_bits:
-        nbytes += dequantize_bytes(n_linear, passes=(2.0 + rc_mm) * setup.micro_batches, bits=setup.quant_bits)
+        again_in_backward = DEQUANT_KERNELS[setup.quant_kernel][1] if setup.quant_kernel in DEQUANT_KERNELS else True
+        passes = (1.0 + (1.0 if again_in_backward else 0.0) + rc_mm) * setup.micro_batches
+        if setup.quant_kernel == "bnb":
+            nbytes += dequantize_bytes(n_linear, passes=passes, bits=setup.quant_bits)
+        else:
+            nbytes += n_linear * dequant_bytes_per_weight(setup.quant_kernel, setup.quant_bits) * passes
         if setup.quant_bits == 8:  # LLM.int8 also quantizes each linear's input row-wise: read 2, write 1 byte
             nbytes += 3.0 * t * shape.linear_in_out_sum / 2 * (1.0 + rc_mm)
+    for k, n, count in setup.lora_linears:
+        nbytes += count * lora_elementwise_bytes(t, k, n, adapter_bytes=setup.adapter_bytes,
+                                                 dropout=setup.lora_dropout, fused=setup.fused_elementwise,
+                                                 recompute_forwards=rc_mm)
     nbytes /= split
     all_params = n_mm + shape.vocab_size * shape.hidden_size  # + the embedding (lm_head counted in n_mm)
     trainable = all_params if setup.train_base else setup.adapter_params
@@ -584,12 +733,20 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
                                             grad_bytes=setup.grad_bytes_on_wire), dp_link_gb_s) if setup.dp > 1 else 0.0
     tp_s = comm_seconds(tensor_parallel_bytes(t / setup.cp, shape.hidden_size, shape.num_layers, setup.tp,
                                               recompute_forwards=rc_mm), tp_link_gb_s) if setup.tp > 1 else 0.0
-    tp_overlap = ASYNC_TENSOR_PARALLEL_OVERLAP if setup.async_tp else TENSOR_PARALLEL_OVERLAP
+    if setup.async_tp:  # forward + recomputed forwards hidden, backward (one pass in 2 + rc_mm) as measured
+        forward_share = (1.0 + rc_mm) / (2.0 + rc_mm)
+        tp_overlap = (forward_share * ASYNC_TENSOR_PARALLEL_OVERLAP
+                      + (1.0 - forward_share) * ASYNC_TENSOR_PARALLEL_BACKWARD_OVERLAP)
+    else:
+        tp_overlap = TENSOR_PARALLEL_OVERLAP
     model = model_flops(n_mm, t, shape.num_layers, shape.num_heads, qk_d, v_d, s,
                         train_base=setup.train_base, n_adapter_params=setup.adapter_params)
     kernels = kernel_counts(shape.num_layers, micro_batches=setup.micro_batches, fused=setup.fused_elementwise,
                             train_base=setup.train_base, adapted_linears=setup.adapted_linears,
-                            quant_bits=setup.quant_bits, recompute=(rc_mm, rc_attn, rc_elem))
+                            quant_bits=setup.quant_bits, recompute=(rc_mm, rc_attn, rc_elem),
+                            quant_kernel=setup.quant_kernel)
+    gemms = decoder_gemms(shape, setup, recompute_forwards=rc_mm,
+                          fp8_rate_ratio=matmul_tflops / fp8_matmul_tflops if setup.fp8_linears else None)
     side_s = 0.0
     if setup.activation_offload and setup.pcie_gb_s:
         saved = saved_activation_bytes(t / split, shape.hidden_size, q_w, kv_w, shape.intermediate_size,
@@ -599,4 +756,4 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     return StepWork(tokens=counted / split, matmul_flops=flops / split, attention_flops=attn / split,
                     memory_bytes=nbytes, model_flops=model * (1.0 - setup.padding_fraction) / split, comm_s=dp_s,
                     comm_overlap=DATA_PARALLEL_OVERLAP, serial_s=tp_s * (1 - tp_overlap) + setup.serial_extra_s,
-                    kernels=kernels, side_stream_s=side_s)
+                    kernels=kernels, side_stream_s=side_s, gemms=gemms or ())
