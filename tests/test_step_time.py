@@ -339,3 +339,36 @@ def test_gptq_torch_dequantizes_20_5_bytes_per_weight_and_not_in_backward():
     assert gptq.memory_bytes - none.memory_bytes == pytest.approx(n_linear * 20.5 * 2)  # forward, recompute
     with pytest.raises(ValueError, match="dequantization kernel"):
         st.dequant_bytes_per_weight("magic", 4)
+
+
+def test_async_tp_hides_forward_and_recompute_collectives_only():
+    kw = dict(tokens=8192, seq_len=8192, tp=8, grad_ckpt="full")
+    vanilla = st.step_work(LLAMA8B_SHAPE, st.StepSetup(**kw), matmul_tflops=800, tp_link_gb_s=450)
+    asynchronous = st.step_work(LLAMA8B_SHAPE, st.StepSetup(**kw, async_tp=True), matmul_tflops=800, tp_link_gb_s=450)
+    # full checkpointing: forward, recompute and backward each move the same bytes; only the backward's third shows
+    assert asynchronous.serial_s == pytest.approx(vanilla.serial_s / 3)
+
+
+def test_a_forward_only_attention_rate_slows_the_backward_by_flash_attention_2s_measured_ratio():
+    fwd = st.AchievableRate("x", "attention", "bf16", 300.0, "measured", "s", "forward")
+    both = st.AchievableRate("x", "attention", "bf16", 300.0, "derived", "s", "forward+backward")
+    assert st.attention_backward_tflops(fwd) == pytest.approx(300.0 * 124.57 / 169.28)
+    assert st.attention_backward_tflops(both) == 300.0
+    work = st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=8192, seq_len=8192), matmul_tflops=800)
+    assert work.attention_backward_flops == pytest.approx(work.attention_flops * 2.5 / 3.5)  # dQ, dK, dV + recompute S
+    fast = st.step_time(work, st.StepRates(800, 300, 3350, 989))
+    slow = st.step_time(work, st.StepRates(800, 300, 3350, 989, attention_backward_tflops=150))
+    assert slow.attention_s - fast.attention_s == pytest.approx(work.attention_backward_flops * (1 / 150 - 1 / 300) / 1e12)
+
+
+def test_every_attention_rate_says_which_passes_it_measured():
+    for rate in st.load_achievable_rates().values():
+        if rate.kind == "attention":
+            assert rate.passes in ("forward", "forward+backward"), rate
+
+
+def test_a_ring_across_nodes_runs_one_channel_per_nic():
+    # HGX H100: NVLink 450 GB/s per direction, one 400 Gb/s NIC (50 GB/s) per GPU
+    assert st.multi_node_ring_gb_s(450, 50, 8) == 400  # all 8 GPUs of each node in the ring: 8 NICs
+    assert st.multi_node_ring_gb_s(450, 50, 1) == 50  # one member per node (beside TP=8): one NIC
+    assert st.multi_node_ring_gb_s(300, 50, 8) == 300  # NVLink slower than the NICs together

@@ -342,7 +342,9 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
     link_gb_s = 0.0
     if dp > 1:
         try:
-            link_gb_s = ring_link(gpu, dp)[1]
+            link, link_gb_s = ring_link(gpu, dp)
+            if link == "infiniband" and gpu.nvlink_bidir_gb_s:  # one ring channel per NIC: the node's NICs together
+                link_gb_s = _step.multi_node_ring_gb_s(gpu.nvlink_bidir_gb_s / 2, link_gb_s, GPUS_PER_NODE)
         except VramcalcError:
             return None
     shape = decoder_shape(spec)
@@ -363,7 +365,8 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
         lora_dropout=lora and setup.lora_dropout > 0, adapter_bytes=4.0 if setup.adapter_dtype.value == "fp32" else 2.0)
     work = _step.step_work(shape, work_setup, matmul_tflops=mm.tflops, fp8_matmul_tflops=fp8.tflops if fp8 else None,
                            dp_link_gb_s=link_gb_s)
-    return _step.step_time(work, _step.StepRates(mm.tflops, attn.tflops, gpu.bandwidth_gb_s, peak / TFLOPS))
+    return _step.step_time(work, _step.StepRates(mm.tflops, attn.tflops, gpu.bandwidth_gb_s, peak / TFLOPS,
+                                                 attention_backward_tflops=_step.attention_backward_tflops(attn)))
 
 
 def step_details(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes: int = 0) -> dict:

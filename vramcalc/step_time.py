@@ -305,6 +305,20 @@ def comm_seconds(bytes_per_rank: float, link_gb_s_per_direction: float, *,
     return bytes_per_rank / (link_gb_s_per_direction * GB_PER_S * efficiency)
 
 
+def multi_node_ring_gb_s(nvlink_gb_s_per_direction: float, nic_gb_s_per_gpu: float, ranks_per_node: int) -> float:
+    """Per-GPU bus bandwidth of a ring collective that spans nodes whose GPUs each have their own NIC, with
+    ``ranks_per_node`` members of the ring in each node: min(NVLink per direction, NIC x ranks per node). NCCL runs
+    one ring channel per NIC, each entering and leaving a node once (NCCL's topology search pairs channels with
+    distinct NICs; nccl-tests PERFORMANCE.md defines bus bandwidth per GPU), so each channel's inter-node hop carries
+    only that channel's share of the data and the ring's NICs in a node together set the pace: a data-parallel ring
+    over all 8 GPUs of HGX H100/H200 nodes runs at min(450, 8 x 50) = 400 GB/s; a ring with one member per node
+    (the data-parallel groups beside tensor parallelism of 8) has one NIC: 50 GB/s."""
+    ranks_per_node = max(ranks_per_node, 1)
+    if nvlink_gb_s_per_direction <= 0 or ranks_per_node == 1:
+        return nic_gb_s_per_gpu * ranks_per_node
+    return min(nvlink_gb_s_per_direction, nic_gb_s_per_gpu * ranks_per_node)
+
+
 def data_parallel_bytes(param_count: float, trainable_count: float, ranks: int, sharding: str, *,
                         param_bytes: float = BF16_BYTES, grad_bytes: float = BF16_BYTES) -> float:
     """Bytes each data-parallel rank sends per optimizer step.
@@ -362,6 +376,7 @@ class StepWork:
     side_stream_s: float = 0.0  # copies on a side stream (activation offload): exposed past the compute only
     # The matmuls one by one (``linear_gemm``), each timed on the roofline; empty: matmul_flops at R_mm.
     gemms: tuple[Gemm, ...] = ()
+    attention_backward_flops: float = 0.0  # the part of attention_flops run by the backward kernel
 
 
 @dataclass(frozen=True)
@@ -373,6 +388,7 @@ class StepRates:
     bandwidth_gb_s: float
     peak_tflops: float
     host_s_per_kernel: float = HOST_SECONDS_PER_KERNEL
+    attention_backward_tflops: float | None = None  # the attention backward's rate; None: attention_tflops
 
 
 @dataclass(frozen=True)
@@ -403,7 +419,9 @@ def step_time(work: StepWork, rates: StepRates) -> StepTime:
         matmul_s = sum(gemm_seconds(g, rates.matmul_tflops, rates.bandwidth_gb_s) for g in work.gemms)
     else:
         matmul_s = work.matmul_flops / (rates.matmul_tflops * TFLOPS)
-    attention_s = work.attention_flops / (rates.attention_tflops * TFLOPS)
+    backward_rate = rates.attention_backward_tflops or rates.attention_tflops
+    attention_s = ((work.attention_flops - work.attention_backward_flops) / rates.attention_tflops
+                   + work.attention_backward_flops / backward_rate) / TFLOPS
     memory_s = memory_seconds(work.memory_bytes, rates.bandwidth_gb_s)
     h = rates.host_s_per_kernel
     host_s = (max(0.0, work.kernels.gemm * h - matmul_s) + max(0.0, work.kernels.attention * h - attention_s)
@@ -449,12 +467,14 @@ class AchievableRate:
     tflops: float
     basis: str  # "measured" or "derived"
     source: str
+    passes: str = ""  # attention: "forward" (a forward-only measurement) or "forward+backward"
 
 
 @lru_cache(maxsize=4)
 def _read_rates(path: str) -> tuple[AchievableRate, ...]:
     with open(path, newline="", encoding="utf-8") as handle:
-        return tuple(AchievableRate(r["gpu"], r["kind"], r["dtype"], float(r["tflops"]), r["basis"], r["source"])
+        return tuple(AchievableRate(r["gpu"], r["kind"], r["dtype"], float(r["tflops"]), r["basis"], r["source"],
+                                    r.get("passes") or "")
                      for r in csv.DictReader(handle))
 
 
@@ -478,6 +498,19 @@ def load_achievable_rates(path: Path | None = None) -> dict[tuple[str, str, str]
 def rates_index(path: Path | None = None) -> dict[tuple[str, str, str], AchievableRate]:
     """The cached index itself, for callers that only read it (``vramcalc.cost.step_for``)."""
     return _rates_by_key(str(path) if path else None)
+
+
+# FlashAttention-2's backward runs below its forward rate (five GEMMs per tile against two, dS in registers, atomic dQ
+# accumulation: Dao 2023 §3.1.2): flash_attn on an RTX 4090, sequence 2k, head dim 128, non-causal: forward 169.28,
+# backward 124.57 TFLOP/s (apache/tvm tl_doc/flash_perf.md @bd6f95705749439fea3600bf078bccc26b780cd9, "Flash_attn"
+# column): 124.57 / 169.28 = 0.736. Applied to attention rates measured on the forward only.
+FLASH_BACKWARD_TO_FORWARD = 124.57 / 169.28
+
+
+def attention_backward_tflops(rate: AchievableRate) -> float:
+    """The backward's rate for an attention rate: ``rate.tflops`` x FLASH_BACKWARD_TO_FORWARD when the rate was measured
+    on the forward only (``passes`` "forward"), the rate itself when it already covers forward and backward."""
+    return rate.tflops * FLASH_BACKWARD_TO_FORWARD if rate.passes == "forward" else rate.tflops
 
 
 def achievable_rate(gpu: str, kind: str, dtype: str,
@@ -512,6 +545,11 @@ OTHER_KERNELS_PER_LAYER = {False: 16 + 10 + 1 + 2 + 2, True: 4}
 # peft LoRA per adapted linear: lora_dropout (a kernel when p > 0; Identity otherwise), A, B, the scaling mul and the
 # add into the base output (peft/tuners/lora/layer.py Linear.forward). Compiled: A and B stay, the rest fuses.
 LORA_KERNELS_PER_LINEAR = {False: 4, True: 2}
+# More per adapted linear in eager mode: lora_dropout with p > 0 (one native_dropout kernel), and with adapters in a
+# wider dtype than the activations the cast of x to it and of the sum back (peft ``_cast_input_dtype`` and
+# ``result.to(torch_result_dtype)``): 2.
+LORA_DROPOUT_KERNELS = 1
+LORA_CAST_KERNELS = 2
 # bitsandbytes Linear4bit / Linear8bitLt: dequantize_4bit (or the int8 row quantization and dequantization) before
 # the GEMM, per quantized linear and pass (bitsandbytes/autograd/_functions.py MatMul4Bit, MatMul8bitLt).
 QUANT_KERNELS_PER_LINEAR = {4: 1, 8: 3}
@@ -528,7 +566,8 @@ HEAD_KERNELS = 20
 
 
 def kernel_counts(num_layers: int, *, micro_batches: int, fused: bool, train_base: bool, adapted_linears: float,
-                  quant_bits: int, recompute: tuple[float, float, float], quant_kernel: str = "bnb") -> KernelCounts:
+                  quant_bits: int, recompute: tuple[float, float, float], quant_kernel: str = "bnb",
+                  lora_dropout: bool = False, lora_cast: bool = False) -> KernelCounts:
     """Kernels the host issues per optimizer step: per micro-batch, L layers x (forward + backward + recomputed
     forward) of GEMMS_PER_LAYER, one SDPA and OTHER_KERNELS_PER_LAYER, plus LoRA's and dequantization's kernels per
     adapted or quantized linear, plus HEAD_KERNELS. The optimizer step (fused or foreach AdamW: a few kernels per
@@ -539,7 +578,10 @@ def kernel_counts(num_layers: int, *, micro_batches: int, fused: bool, train_bas
     attention = 1.0 + 1.0 + rc_attn  # FlashAttention backward is one kernel (plus a small preprocess)
     other = OTHER_KERNELS_PER_LAYER[fused] * (1.0 + BACKWARD_KERNELS_PER_FORWARD + rc_elem)
     per_layer_adapters = adapted_linears / max(num_layers, 1)
-    other += per_layer_adapters * LORA_KERNELS_PER_LINEAR[fused] * (1.0 + BACKWARD_KERNELS_PER_FORWARD + rc_mm)
+    lora_kernels = LORA_KERNELS_PER_LINEAR[fused]
+    if not fused:
+        lora_kernels += LORA_DROPOUT_KERNELS * lora_dropout + LORA_CAST_KERNELS * lora_cast
+    other += per_layer_adapters * lora_kernels * (1.0 + BACKWARD_KERNELS_PER_FORWARD + rc_mm)
     if quant_bits and quant_kernel == "gptq-torch":
         other += GEMMS_PER_LAYER * GPTQ_TORCH_KERNELS_PER_LINEAR * (1.0 + rc_mm)
     elif quant_bits:
@@ -702,6 +744,8 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     qk_d, v_d = shape.qk_head_dim or shape.head_dim, shape.v_head_dim or shape.head_dim
     attn = attention_flops(shape.num_layers, shape.num_heads, qk_d, v_d, s, t, causal=True,
                            kernel="eager" if eager else "flash", recompute_forwards=rc_attn)
+    attn_backward = (2.5 if not eager else 2.0) * attention_forward_flops(
+        shape.num_layers, shape.num_heads, qk_d, v_d, s, t, causal=True, kernel="eager" if eager else "flash")
     q_w, kv_w = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     nbytes = elementwise_bytes(t, shape.hidden_size, q_w, kv_w, shape.intermediate_size, shape.num_layers,
                                fused=setup.fused_elementwise, recompute_forwards=rc_elem)
@@ -744,7 +788,8 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     kernels = kernel_counts(shape.num_layers, micro_batches=setup.micro_batches, fused=setup.fused_elementwise,
                             train_base=setup.train_base, adapted_linears=setup.adapted_linears,
                             quant_bits=setup.quant_bits, recompute=(rc_mm, rc_attn, rc_elem),
-                            quant_kernel=setup.quant_kernel)
+                            quant_kernel=setup.quant_kernel, lora_dropout=setup.lora_dropout,
+                            lora_cast=setup.adapter_bytes != BF16_BYTES)
     gemms = decoder_gemms(shape, setup, recompute_forwards=rc_mm,
                           fp8_rate_ratio=matmul_tflops / fp8_matmul_tflops if setup.fp8_linears else None)
     side_s = 0.0
@@ -756,4 +801,5 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     return StepWork(tokens=counted / split, matmul_flops=flops / split, attention_flops=attn / split,
                     memory_bytes=nbytes, model_flops=model * (1.0 - setup.padding_fraction) / split, comm_s=dp_s,
                     comm_overlap=DATA_PARALLEL_OVERLAP, serial_s=tp_s * (1 - tp_overlap) + setup.serial_extra_s,
-                    kernels=kernels, side_stream_s=side_s, gemms=gemms or ())
+                    kernels=kernels, side_stream_s=side_s, gemms=gemms or (),
+                    attention_backward_flops=attn_backward / split)
