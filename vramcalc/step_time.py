@@ -16,8 +16,12 @@ either by arithmetic or by memory traffic, and the two kinds of kernel run one a
   LoRA's rank-r matmuls, eager (uncompiled) models with many elementwise kernels per layer.
 
 * ``R_mm`` is an *achievable* dense GEMM rate for the matmul dtype (measured cuBLAS/hipBLASLt rates, not the
-  datasheet peak): ``data/achievable_rates.csv``, each row with its source (``achievable_rate``).
-* ``R_attn`` is the attention kernel's achievable rate (FlashAttention / SDPA measurements), same file.
+  datasheet peak): ``data/achievable_rates.csv``, each row with its source (``achievable_rate``). Each GEMM of the
+  step is timed on the roofline, max(FLOPs / R_mm, its compulsory bytes / B) (``decoder_gemms``, ``gemm_seconds``),
+  so thin GEMMs (LoRA's rank-r A and B, tensor-parallel slices) run at the memory's pace.
+* ``R_attn`` is the attention kernel's achievable rate (FlashAttention / SDPA measurements), same file; a rate
+  measured on the forward only runs the backward at FlashAttention-2's measured backward/forward ratio
+  (``attention_backward_tflops``).
 * ``B`` is the HBM bandwidth from the catalogue (datasheet peak: the memory-bound time is a lower bound).
 * ``exposed_comm_s`` is the part of the collectives that compute does not hide (``exposed_comm_seconds``).
 
@@ -203,11 +207,14 @@ def dequantize_bytes(quantized_params: float, passes: float, *, bits: int = 4) -
 #     disable_exllama=True loads for desc_act=False) takes a pure-torch path once the input has
 #     >= kernel_switch_threshold = 128 rows (every training micro-batch): bitwise_right_shift of the expanded int32
 #     qweight (read 0.5, write 4 B per weight), .to(int8) (read 4, write 1), bitwise_and in place (1 + 1),
-#     weight - zeros (1 + 1), scales * (...) to fp16 (read 1, write 2) = 16.5 B; torch.matmul(x.half(), weight) under
-#     bf16 autocast then casts the fp16 weight to bf16 (read 2, write 2): 20.5 B per weight and pass
-#     (AutoGPTQ/AutoGPTQ auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py, forward). The bf16 weight is saved by
-#     autograd for dX, so the backward does not dequantize: passes = forward + recomputed forwards.
-DEQUANT_KERNELS: dict[str, tuple[float | None, bool]] = {"bnb": (None, True), "gptq-torch": (20.5, False)}
+#     weight - zeros (1 + 1), scales * (...) to fp16 (read 1, write 2) = 16.5 B per weight and pass in fp16
+#     (auto-gptq's setting: Qwen's finetune_qlora_single_gpu.sh, "use --fp16 instead of --bf16 due to autogptq",
+#     with DeepSpeed's fp16 engine); "gptq-torch-bf16": under bf16 autocast torch.matmul(x.half(), weight) also casts the fp16 weight to
+#     bf16 (read 2, write 2): 20.5 B (AutoGPTQ/AutoGPTQ auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py, forward).
+#     Autograd saves the dequantized weight for dX, so the backward does not dequantize: passes = forward +
+#     recomputed forwards.
+DEQUANT_KERNELS: dict[str, tuple[float | None, bool]] = {"bnb": (None, True), "gptq-torch": (16.5, False),
+                                                         "gptq-torch-bf16": (20.5, False)}
 
 
 def dequant_bytes_per_weight(kernel: str, bits: int) -> float:
@@ -255,7 +262,8 @@ def lora_elementwise_bytes(tokens: float, in_features: int, out_features: int, *
     The rank-r GEMMs themselves are ``linear_gemm`` calls. Per token, with e = act_bytes, a = adapter_bytes:
       forward: the cast of x to the adapter dtype when a != e (read e·in, write a·in); dropout when p > 0 (read a·in,
         write a·in and a 1-byte mask); the scaling multiply (read, write e·out) and the add into the base output
-        (read 2·e·out, write e·out); fused (torch.compile) the multiply and add are one kernel (read 2·e·out, write e·out);
+        (read 2·e·out, write e·out); fused (torch.compile) the multiply and add are one kernel
+        (read 2·e·out, write e·out);
       backward: the scaling's backward (read, write e·out), dropout's (read a·in + mask, write a·in), the cast's
         (read a·in, write e·in) and the sum of the LoRA and base input gradients (read 2·e·in, write e·in).
     Recomputation (checkpointing) repeats the forward."""
@@ -554,8 +562,9 @@ LORA_CAST_KERNELS = 2
 # the GEMM, per quantized linear and pass (bitsandbytes/autograd/_functions.py MatMul4Bit, MatMul8bitLt).
 QUANT_KERNELS_PER_LINEAR = {4: 1, 8: 3}
 # auto-gptq's pure-torch dequantization (``DEQUANT_KERNELS["gptq-torch"]``): shift, cast, and on the zeros and the
-# codes (6), the + 1 on the zeros, the subtraction, the scale multiply and autocast's bf16 cast: 10 kernels per pass.
-GPTQ_TORCH_KERNELS_PER_LINEAR = 10
+# codes (6), the + 1 on the zeros, the subtraction and the scale multiply: 9 kernels per pass (10 with the bf16 cast
+# of "gptq-torch-bf16"; the count keeps 9).
+GPTQ_TORCH_KERNELS_PER_LINEAR = 9
 # Backward launches about two kernels per forward kernel (an elementwise op's backward reads the saved input and the
 # upstream gradient: one or two kernels; a trained GEMM runs dX and dW, a frozen one dX only): assumption, the same
 # factor ``elementwise_bytes`` takes for bytes.
@@ -582,7 +591,7 @@ def kernel_counts(num_layers: int, *, micro_batches: int, fused: bool, train_bas
     if not fused:
         lora_kernels += LORA_DROPOUT_KERNELS * lora_dropout + LORA_CAST_KERNELS * lora_cast
     other += per_layer_adapters * lora_kernels * (1.0 + BACKWARD_KERNELS_PER_FORWARD + rc_mm)
-    if quant_bits and quant_kernel == "gptq-torch":
+    if quant_bits and quant_kernel.startswith("gptq-torch"):
         other += GEMMS_PER_LAYER * GPTQ_TORCH_KERNELS_PER_LINEAR * (1.0 + rc_mm)
     elif quant_bits:
         other += GEMMS_PER_LAYER * QUANT_KERNELS_PER_LINEAR.get(quant_bits, 1) * (2.0 + rc_mm)
