@@ -375,3 +375,13 @@ def test_a_ring_across_nodes_runs_one_channel_per_nic():
     assert st.multi_node_ring_gb_s(450, 50, 8) == 400  # all 8 GPUs of each node in the ring: 8 NICs
     assert st.multi_node_ring_gb_s(450, 50, 1) == 50  # one member per node (beside TP=8): one NIC
     assert st.multi_node_ring_gb_s(300, 50, 8) == 300  # NVLink slower than the NICs together
+
+
+def test_the_optimizer_streams_every_expert_not_the_active_ones():
+    # a MoE-like shape: 1e9 active matmul parameters, 30e9 stored; bf16 AdamW moves 14 B per trainable parameter
+    active = st.DecoderShape(**LLAMA8B, vocab_size=V8B, active_matmul_params=10**9)
+    stored = st.DecoderShape(**LLAMA8B, vocab_size=V8B, active_matmul_params=10**9, total_params=30 * 10**9)
+    setup = st.StepSetup(tokens=2048, seq_len=2048)
+    extra = (st.step_work(stored, setup, matmul_tflops=800).memory_bytes
+             - st.step_work(active, setup, matmul_tflops=800).memory_bytes)
+    assert extra == pytest.approx((30e9 - (10**9 + V8B * 4096)) * 14)

@@ -306,7 +306,7 @@ def decoder_shape(spec: ModelSpec) -> _step.DecoderShape:
     """The model's widths for ``step_time``: active matmul parameters (MoE), MLA's q·k and v head widths."""
     return _step.DecoderShape(spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                               spec.intermediate_size, spec.vocab_size, active_matmul_params=matmul_params(spec),
-                              qk_head_dim=spec.qk_head_dim, v_head_dim=spec.v_dim)
+                              qk_head_dim=spec.qk_head_dim, v_head_dim=spec.v_dim, total_params=spec.params)
 
 
 @functools.lru_cache(maxsize=4096)

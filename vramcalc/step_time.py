@@ -629,6 +629,9 @@ class DecoderShape:
     active_matmul_params: int | None = None
     qk_head_dim: int | None = None
     v_head_dim: int | None = None
+    # Every stored parameter (MoE: all experts, not the K a token uses): what the optimizer step streams and FSDP
+    # gathers. None: the matmul parameters plus the embedding.
+    total_params: int | None = None
 
     @property
     def matmul_params(self) -> int:
@@ -777,7 +780,8 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
                                                  dropout=setup.lora_dropout, fused=setup.fused_elementwise,
                                                  recompute_forwards=rc_mm)
     nbytes /= split
-    all_params = n_mm + shape.vocab_size * shape.hidden_size  # + the embedding (lm_head counted in n_mm)
+    # every stored parameter: the optimizer steps all of them and FSDP gathers all of them (MoE: every expert)
+    all_params = shape.total_params or n_mm + shape.vocab_size * shape.hidden_size
     trainable = all_params if setup.train_base else setup.adapter_params
     shards = setup.dp * setup.tp if setup.sharding in ("fsdp", "zero3", "zero2", "zero1") else setup.tp
     nbytes += trainable / shards * setup.optimizer_bytes_per_param
