@@ -133,6 +133,14 @@ def adapter_params(spec: ModelSpec, resolved: ResolvedSetup) -> int:
     return sum(t.numel * t.count for t in stored_tensors(spec, resolved) if t.kind in ("adapter", "prompt"))
 
 
+def lora_linears(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[tuple[int, int, int], ...]:
+    """(in, out, count) of each LoRA-adapted linear, from its lora_A (r, in) and lora_B (out, r) tensors; an adapted
+    embedding is a lookup, not a GEMM, and is left out (``step_time.decoder_gemms``)."""
+    adapters = {t.name: t for t in stored_tensors(spec, resolved) if t.kind == "adapter"}
+    return tuple((a.shape[1], adapters[name[:-1] + "B"].shape[0], a.count) for name, a in adapters.items()
+                 if name.endswith(".lora_A") and name[:-1] + "B" in adapters and "embed" not in name)
+
+
 def training_flops(spec: ModelSpec, resolved: ResolvedSetup) -> TrainingFlops:
     """FLOPs per dataset token of one training step (see the module docstring). Prompt tuning processes its virtual
     tokens too: the per-token count is scaled by padded / data sequence length."""
@@ -298,7 +306,7 @@ def decoder_shape(spec: ModelSpec) -> _step.DecoderShape:
     """The model's widths for ``step_time``: active matmul parameters (MoE), MLA's q·k and v head widths."""
     return _step.DecoderShape(spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                               spec.intermediate_size, spec.vocab_size, active_matmul_params=matmul_params(spec),
-                              qk_head_dim=spec.qk_head_dim, v_head_dim=spec.v_dim)
+                              qk_head_dim=spec.qk_head_dim, v_head_dim=spec.v_dim, total_params=spec.params)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -334,7 +342,9 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
     link_gb_s = 0.0
     if dp > 1:
         try:
-            link_gb_s = ring_link(gpu, dp)[1]
+            link, link_gb_s = ring_link(gpu, dp)
+            if link == "infiniband" and gpu.nvlink_bidir_gb_s:  # one ring channel per NIC: the node's NICs together
+                link_gb_s = _step.multi_node_ring_gb_s(gpu.nvlink_bidir_gb_s / 2, link_gb_s, GPUS_PER_NODE)
         except VramcalcError:
             return None
     shape = decoder_shape(spec)
@@ -350,10 +360,13 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
         dp=dp, sharding=setup.sharding.value, serial_extra_s=paged_s, micro_batches=setup.grad_accum,
         adapted_linears=len(resolved.lora_modules) * spec.num_layers if lora else 0,
         attention_kernel="eager" if resolved.attn_used is Attention.EAGER else "flash",
-        activation_offload=bool(setup.activation_offload), pcie_gb_s=float(gpu.pcie_gb_s or 0.0))
+        activation_offload=bool(setup.activation_offload), pcie_gb_s=float(gpu.pcie_gb_s or 0.0),
+        lora_linears=lora_linears(spec, resolved) if lora else (), lora_rank=setup.lora_rank if lora else 0,
+        lora_dropout=lora and setup.lora_dropout > 0, adapter_bytes=4.0 if setup.adapter_dtype.value == "fp32" else 2.0)
     work = _step.step_work(shape, work_setup, matmul_tflops=mm.tflops, fp8_matmul_tflops=fp8.tflops if fp8 else None,
                            dp_link_gb_s=link_gb_s)
-    return _step.step_time(work, _step.StepRates(mm.tflops, attn.tflops, gpu.bandwidth_gb_s, peak / TFLOPS))
+    return _step.step_time(work, _step.StepRates(mm.tflops, attn.tflops, gpu.bandwidth_gb_s, peak / TFLOPS,
+                                                 attention_backward_tflops=_step.attention_backward_tflops(attn)))
 
 
 def step_details(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes: int = 0) -> dict:

@@ -16,8 +16,12 @@ either by arithmetic or by memory traffic, and the two kinds of kernel run one a
   LoRA's rank-r matmuls, eager (uncompiled) models with many elementwise kernels per layer.
 
 * ``R_mm`` is an *achievable* dense GEMM rate for the matmul dtype (measured cuBLAS/hipBLASLt rates, not the
-  datasheet peak): ``data/achievable_rates.csv``, each row with its source (``achievable_rate``).
-* ``R_attn`` is the attention kernel's achievable rate (FlashAttention / SDPA measurements), same file.
+  datasheet peak): ``data/achievable_rates.csv``, each row with its source (``achievable_rate``). Each GEMM of the
+  step is timed on the roofline, max(FLOPs / R_mm, its compulsory bytes / B) (``decoder_gemms``, ``gemm_seconds``),
+  so thin GEMMs (LoRA's rank-r A and B, tensor-parallel slices) run at the memory's pace.
+* ``R_attn`` is the attention kernel's achievable rate (FlashAttention / SDPA measurements), same file; a rate
+  measured on the forward only runs the backward at FlashAttention-2's measured backward/forward ratio
+  (``attention_backward_tflops``).
 * ``B`` is the HBM bandwidth from the catalogue (datasheet peak: the memory-bound time is a lower bound).
 * ``exposed_comm_s`` is the part of the collectives that compute does not hide (``exposed_comm_seconds``).
 
@@ -48,10 +52,17 @@ NCCL_BUS_EFFICIENCY = 0.8
 # current layer's compute and DDP/ZeRO-2 launch bucketed all-reduces during backward (PyTorch FSDP paper, Zhao et
 # al. 2023, §3.3-3.4; DDP paper, Li et al. 2020, §3.2.3). What stays exposed is the first all-gather and the last
 # bucket, about one layer in L: assumption 0.9 for L >= 10. Tensor parallelism's collectives sit between dependent
-# matmuls and are not overlapped (0.0) unless async TP decomposes them into the matmul (1.0, its design intent).
+# matmuls and are not overlapped (0.0). Async TP (torch micro-pipeline TP: the all-gather and reduce-scatter split
+# into P2P chunks that overlap the decomposed matmul) hides the collectives of the forward passes only: its authors
+# report "up to ~29% forward pass speedup and ~8% E2E speedup in Llama3 7B" (~20% and ~8% for 70B; PyTorch dev-discuss
+# "[Distributed w/ TorchTitan] Introducing Async Tensor Parallelism in PyTorch", Sept 2024). With the forward about a
+# third of a step, a 29% faster forward alone gives (1 - 1/1.29)/3 = 7.5% end to end, the reported ~8%: the
+# backward's collectives stay exposed. So async TP overlaps the forward and recomputed forwards' share (1.0) and
+# leaves the backward's (``ASYNC_TENSOR_PARALLEL_BACKWARD_OVERLAP`` = 0.0).
 DATA_PARALLEL_OVERLAP = 0.9
 TENSOR_PARALLEL_OVERLAP = 0.0
 ASYNC_TENSOR_PARALLEL_OVERLAP = 1.0
+ASYNC_TENSOR_PARALLEL_BACKWARD_OVERLAP = 0.0
 
 # Host time to issue one eager PyTorch op on a CUDA device: "~5-25 µs of CPU-side work per op" (Python bytecode ~1,
 # pybind ~1, autograd ~1-3, ATen dispatch ~1-2, backend ~1-5, cudaLaunchKernel ~1-3 µs: jiahuanglin.xyz, "From
@@ -187,6 +198,83 @@ def dequantize_bytes(quantized_params: float, passes: float, *, bits: int = 4) -
     return quantized_params * (bits / 8.0 + BF16_BYTES) * passes
 
 
+# Dequantization kernels of a k-bit base: HBM bytes per quantized weight and pass, and whether the backward
+# dequantizes again (True) or reuses the dequantized weight autograd saved in forward (False).
+#   "bnb": bitsandbytes ``dequantize_4bit`` before each matmul (MatMul4Bit.forward) and again in MatMul4Bit.backward
+#     for dX = dY·W; torchao's NF4Tensor (torchtune QLoRA) likewise dequantizes in its linear's forward and backward:
+#     read bits/8, write 2 bytes (``dequantize_bytes``).
+#   "gptq-torch": auto-gptq ``qlinear_cuda_old.QuantLinear.forward`` (the kernel transformers' GPTQConfig with
+#     disable_exllama=True loads for desc_act=False) takes a pure-torch path once the input has
+#     >= kernel_switch_threshold = 128 rows (every training micro-batch): bitwise_right_shift of the expanded int32
+#     qweight (read 0.5, write 4 B per weight), .to(int8) (read 4, write 1), bitwise_and in place (1 + 1),
+#     weight - zeros (1 + 1), scales * (...) to fp16 (read 1, write 2) = 16.5 B per weight and pass in fp16
+#     (auto-gptq's setting: Qwen's finetune_qlora_single_gpu.sh, "use --fp16 instead of --bf16 due to autogptq",
+#     with DeepSpeed's fp16 engine); "gptq-torch-bf16": under bf16 autocast torch.matmul(x.half(), weight) also casts the fp16 weight to
+#     bf16 (read 2, write 2): 20.5 B (AutoGPTQ/AutoGPTQ auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py, forward).
+#     Autograd saves the dequantized weight for dX, so the backward does not dequantize: passes = forward +
+#     recomputed forwards.
+DEQUANT_KERNELS: dict[str, tuple[float | None, bool]] = {"bnb": (None, True), "gptq-torch": (16.5, False),
+                                                         "gptq-torch-bf16": (20.5, False)}
+
+
+def dequant_bytes_per_weight(kernel: str, bits: int) -> float:
+    """HBM bytes per quantized weight and pass of ``kernel`` (``DEQUANT_KERNELS``); "bnb": bits/8 + 2."""
+    if kernel not in DEQUANT_KERNELS:
+        raise ValueError(f"unknown dequantization kernel {kernel!r}; expected one of {sorted(DEQUANT_KERNELS)}")
+    fixed = DEQUANT_KERNELS[kernel][0]
+    return fixed if fixed is not None else bits / 8.0 + BF16_BYTES
+
+
+# -- one GEMM on the roofline -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Gemm:
+    """``calls`` GEMMs of one shape in a step: FLOPs (at the bf16 rate's equivalent) and HBM bytes of each call."""
+
+    flops: float
+    nbytes: float
+    calls: float
+
+
+def linear_gemm(m: float, k: float, n: float, calls: float, *, in_bytes: float = BF16_BYTES,
+                out_bytes: float = BF16_BYTES, rate_ratio: float = 1.0) -> Gemm:
+    """A [m, k] x [k, n] GEMM: 2·m·k·n FLOPs; it reads both operands and writes the result once:
+    (m·k + k·n)·in_bytes + m·n·out_bytes (Williams et al., "Roofline", CACM 2009: the compulsory traffic). The two
+    backward GEMMs of a linear (dX = dY·W: [m, n] x [n, k]; dW = dYᵀ·X: [n, m] x [m, k]) touch the same three
+    matrices, so a linear's forward, dX and dW each cost one such call. ``rate_ratio`` = R_bf16 / R_dtype converts the
+    FLOPs of an fp8 GEMM to the bf16 rate's equivalent."""
+    return Gemm(2.0 * m * k * n * rate_ratio, (m * k + k * n) * in_bytes + m * n * out_bytes, calls)
+
+
+def gemm_seconds(gemm: Gemm, matmul_tflops: float, bandwidth_gb_s: float) -> float:
+    """calls · max(FLOPs / R_mm, bytes / B): a GEMM is bound by its arithmetic or by its compulsory HBM traffic,
+    whichever is longer (roofline). Large LLM GEMMs sit far right of the ridge point (A100: 312 TFLOP/s / 2.04 TB/s
+    = 153 FLOP/B; H100: 295); a thin one (tensor parallelism's [T, h] x [h, kv/tp], LoRA's rank-r A and B with
+    arithmetic intensity ≈ r FLOP/B) falls left of it and runs at the memory's pace."""
+    return gemm.calls * max(gemm.flops / (matmul_tflops * TFLOPS), gemm.nbytes / (bandwidth_gb_s * GB_PER_S))
+
+
+def lora_elementwise_bytes(tokens: float, in_features: int, out_features: int, *, act_bytes: float = BF16_BYTES,
+                           adapter_bytes: float = BF16_BYTES, dropout: bool = False, fused: bool = False,
+                           recompute_forwards: float = 0.0) -> float:
+    """HBM bytes of one LoRA-adapted linear's non-GEMM kernels on ``tokens`` tokens (peft
+    ``tuners/lora/layer.py`` Linear.forward: result = base(x); x = cast(x, lora_A.dtype);
+    result = result + lora_B(lora_A(dropout(x))) * scaling; torchtune ``LoRALinear.forward`` is the same chain).
+    The rank-r GEMMs themselves are ``linear_gemm`` calls. Per token, with e = act_bytes, a = adapter_bytes:
+      forward: the cast of x to the adapter dtype when a != e (read e·in, write a·in); dropout when p > 0 (read a·in,
+        write a·in and a 1-byte mask); the scaling multiply (read, write e·out) and the add into the base output
+        (read 2·e·out, write e·out); fused (torch.compile) the multiply and add are one kernel
+        (read 2·e·out, write e·out);
+      backward: the scaling's backward (read, write e·out), dropout's (read a·in + mask, write a·in), the cast's
+        (read a·in, write e·in) and the sum of the LoRA and base input gradients (read 2·e·in, write e·in).
+    Recomputation (checkpointing) repeats the forward."""
+    cast = (act_bytes + adapter_bytes) * in_features if adapter_bytes != act_bytes else 0.0
+    drop = (2 * adapter_bytes + 1) * in_features if dropout else 0.0
+    scale_add = (3 if fused else 5) * act_bytes * out_features
+    forward = cast + drop + scale_add
+    backward = 2 * act_bytes * out_features + drop + cast + 3 * act_bytes * in_features
+    return tokens * (forward * (1.0 + recompute_forwards) + backward)
+
+
 def float8_cast_bytes(tokens: float, linear_in_out_sum: float, n_matmul_params: float, *,
                       recompute_forwards: float = 0.0) -> float:
     """Extra HBM bytes of dynamic tensorwise float8 training (torchao.float8): every fp8 GEMM operand is first
@@ -223,6 +311,20 @@ def comm_seconds(bytes_per_rank: float, link_gb_s_per_direction: float, *,
     if bytes_per_rank <= 0:
         return 0.0
     return bytes_per_rank / (link_gb_s_per_direction * GB_PER_S * efficiency)
+
+
+def multi_node_ring_gb_s(nvlink_gb_s_per_direction: float, nic_gb_s_per_gpu: float, ranks_per_node: int) -> float:
+    """Per-GPU bus bandwidth of a ring collective that spans nodes whose GPUs each have their own NIC, with
+    ``ranks_per_node`` members of the ring in each node: min(NVLink per direction, NIC x ranks per node). NCCL runs
+    one ring channel per NIC, each entering and leaving a node once (NCCL's topology search pairs channels with
+    distinct NICs; nccl-tests PERFORMANCE.md defines bus bandwidth per GPU), so each channel's inter-node hop carries
+    only that channel's share of the data and the ring's NICs in a node together set the pace: a data-parallel ring
+    over all 8 GPUs of HGX H100/H200 nodes runs at min(450, 8 x 50) = 400 GB/s; a ring with one member per node
+    (the data-parallel groups beside tensor parallelism of 8) has one NIC: 50 GB/s."""
+    ranks_per_node = max(ranks_per_node, 1)
+    if nvlink_gb_s_per_direction <= 0 or ranks_per_node == 1:
+        return nic_gb_s_per_gpu * ranks_per_node
+    return min(nvlink_gb_s_per_direction, nic_gb_s_per_gpu * ranks_per_node)
 
 
 def data_parallel_bytes(param_count: float, trainable_count: float, ranks: int, sharding: str, *,
@@ -280,6 +382,9 @@ class StepWork:
     serial_s: float = 0.0  # time nothing hides: blocking tensor-parallel collectives, paged-optimizer PCIe traffic
     kernels: KernelCounts = KernelCounts()
     side_stream_s: float = 0.0  # copies on a side stream (activation offload): exposed past the compute only
+    # The matmuls one by one (``linear_gemm``), each timed on the roofline; empty: matmul_flops at R_mm.
+    gemms: tuple[Gemm, ...] = ()
+    attention_backward_flops: float = 0.0  # the part of attention_flops run by the backward kernel
 
 
 @dataclass(frozen=True)
@@ -291,6 +396,7 @@ class StepRates:
     bandwidth_gb_s: float
     peak_tflops: float
     host_s_per_kernel: float = HOST_SECONDS_PER_KERNEL
+    attention_backward_tflops: float | None = None  # the attention backward's rate; None: attention_tflops
 
 
 @dataclass(frozen=True)
@@ -315,9 +421,15 @@ class StepTime:
 
 def step_time(work: StepWork, rates: StepRates) -> StepTime:
     """step_s = Σ over kinds max(GPU time, kernels·h) + exposed communication + serial time (module docstring);
+    the matmuls' GPU time is Σ over ``work.gemms`` of their roofline time (``gemm_seconds``) when they are listed;
     tokens_per_s = tokens/step_s; mfu = model_flops / (step_s · peak)."""
-    matmul_s = work.matmul_flops / (rates.matmul_tflops * TFLOPS)
-    attention_s = work.attention_flops / (rates.attention_tflops * TFLOPS)
+    if work.gemms:
+        matmul_s = sum(gemm_seconds(g, rates.matmul_tflops, rates.bandwidth_gb_s) for g in work.gemms)
+    else:
+        matmul_s = work.matmul_flops / (rates.matmul_tflops * TFLOPS)
+    backward_rate = rates.attention_backward_tflops or rates.attention_tflops
+    attention_s = ((work.attention_flops - work.attention_backward_flops) / rates.attention_tflops
+                   + work.attention_backward_flops / backward_rate) / TFLOPS
     memory_s = memory_seconds(work.memory_bytes, rates.bandwidth_gb_s)
     h = rates.host_s_per_kernel
     host_s = (max(0.0, work.kernels.gemm * h - matmul_s) + max(0.0, work.kernels.attention * h - attention_s)
@@ -363,12 +475,14 @@ class AchievableRate:
     tflops: float
     basis: str  # "measured" or "derived"
     source: str
+    passes: str = ""  # attention: "forward" (a forward-only measurement) or "forward+backward"
 
 
 @lru_cache(maxsize=4)
 def _read_rates(path: str) -> tuple[AchievableRate, ...]:
     with open(path, newline="", encoding="utf-8") as handle:
-        return tuple(AchievableRate(r["gpu"], r["kind"], r["dtype"], float(r["tflops"]), r["basis"], r["source"])
+        return tuple(AchievableRate(r["gpu"], r["kind"], r["dtype"], float(r["tflops"]), r["basis"], r["source"],
+                                    r.get("passes") or "")
                      for r in csv.DictReader(handle))
 
 
@@ -392,6 +506,19 @@ def load_achievable_rates(path: Path | None = None) -> dict[tuple[str, str, str]
 def rates_index(path: Path | None = None) -> dict[tuple[str, str, str], AchievableRate]:
     """The cached index itself, for callers that only read it (``vramcalc.cost.step_for``)."""
     return _rates_by_key(str(path) if path else None)
+
+
+# FlashAttention-2's backward runs below its forward rate (five GEMMs per tile against two, dS in registers, atomic dQ
+# accumulation: Dao 2023 §3.1.2): flash_attn on an RTX 4090, sequence 2k, head dim 128, non-causal: forward 169.28,
+# backward 124.57 TFLOP/s (apache/tvm tl_doc/flash_perf.md @bd6f95705749439fea3600bf078bccc26b780cd9, "Flash_attn"
+# column): 124.57 / 169.28 = 0.736. Applied to attention rates measured on the forward only.
+FLASH_BACKWARD_TO_FORWARD = 124.57 / 169.28
+
+
+def attention_backward_tflops(rate: AchievableRate) -> float:
+    """The backward's rate for an attention rate: ``rate.tflops`` x FLASH_BACKWARD_TO_FORWARD when the rate was measured
+    on the forward only (``passes`` "forward"), the rate itself when it already covers forward and backward."""
+    return rate.tflops * FLASH_BACKWARD_TO_FORWARD if rate.passes == "forward" else rate.tflops
 
 
 def achievable_rate(gpu: str, kind: str, dtype: str,
@@ -426,9 +553,18 @@ OTHER_KERNELS_PER_LAYER = {False: 16 + 10 + 1 + 2 + 2, True: 4}
 # peft LoRA per adapted linear: lora_dropout (a kernel when p > 0; Identity otherwise), A, B, the scaling mul and the
 # add into the base output (peft/tuners/lora/layer.py Linear.forward). Compiled: A and B stay, the rest fuses.
 LORA_KERNELS_PER_LINEAR = {False: 4, True: 2}
+# More per adapted linear in eager mode: lora_dropout with p > 0 (one native_dropout kernel), and with adapters in a
+# wider dtype than the activations the cast of x to it and of the sum back (peft ``_cast_input_dtype`` and
+# ``result.to(torch_result_dtype)``): 2.
+LORA_DROPOUT_KERNELS = 1
+LORA_CAST_KERNELS = 2
 # bitsandbytes Linear4bit / Linear8bitLt: dequantize_4bit (or the int8 row quantization and dequantization) before
 # the GEMM, per quantized linear and pass (bitsandbytes/autograd/_functions.py MatMul4Bit, MatMul8bitLt).
 QUANT_KERNELS_PER_LINEAR = {4: 1, 8: 3}
+# auto-gptq's pure-torch dequantization (``DEQUANT_KERNELS["gptq-torch"]``): shift, cast, and on the zeros and the
+# codes (6), the + 1 on the zeros, the subtraction and the scale multiply: 9 kernels per pass (10 with the bf16 cast
+# of "gptq-torch-bf16"; the count keeps 9).
+GPTQ_TORCH_KERNELS_PER_LINEAR = 9
 # Backward launches about two kernels per forward kernel (an elementwise op's backward reads the saved input and the
 # upstream gradient: one or two kernels; a trained GEMM runs dX and dW, a frozen one dX only): assumption, the same
 # factor ``elementwise_bytes`` takes for bytes.
@@ -439,7 +575,8 @@ HEAD_KERNELS = 20
 
 
 def kernel_counts(num_layers: int, *, micro_batches: int, fused: bool, train_base: bool, adapted_linears: float,
-                  quant_bits: int, recompute: tuple[float, float, float]) -> KernelCounts:
+                  quant_bits: int, recompute: tuple[float, float, float], quant_kernel: str = "bnb",
+                  lora_dropout: bool = False, lora_cast: bool = False) -> KernelCounts:
     """Kernels the host issues per optimizer step: per micro-batch, L layers x (forward + backward + recomputed
     forward) of GEMMS_PER_LAYER, one SDPA and OTHER_KERNELS_PER_LAYER, plus LoRA's and dequantization's kernels per
     adapted or quantized linear, plus HEAD_KERNELS. The optimizer step (fused or foreach AdamW: a few kernels per
@@ -450,8 +587,13 @@ def kernel_counts(num_layers: int, *, micro_batches: int, fused: bool, train_bas
     attention = 1.0 + 1.0 + rc_attn  # FlashAttention backward is one kernel (plus a small preprocess)
     other = OTHER_KERNELS_PER_LAYER[fused] * (1.0 + BACKWARD_KERNELS_PER_FORWARD + rc_elem)
     per_layer_adapters = adapted_linears / max(num_layers, 1)
-    other += per_layer_adapters * LORA_KERNELS_PER_LINEAR[fused] * (1.0 + BACKWARD_KERNELS_PER_FORWARD + rc_mm)
-    if quant_bits:
+    lora_kernels = LORA_KERNELS_PER_LINEAR[fused]
+    if not fused:
+        lora_kernels += LORA_DROPOUT_KERNELS * lora_dropout + LORA_CAST_KERNELS * lora_cast
+    other += per_layer_adapters * lora_kernels * (1.0 + BACKWARD_KERNELS_PER_FORWARD + rc_mm)
+    if quant_bits and quant_kernel.startswith("gptq-torch"):
+        other += GEMMS_PER_LAYER * GPTQ_TORCH_KERNELS_PER_LINEAR * (1.0 + rc_mm)
+    elif quant_bits:
         other += GEMMS_PER_LAYER * QUANT_KERNELS_PER_LINEAR.get(quant_bits, 1) * (2.0 + rc_mm)
     n = num_layers * micro_batches
     return KernelCounts(gemm * n, attention * n, other * n + HEAD_KERNELS * micro_batches)
@@ -487,6 +629,9 @@ class DecoderShape:
     active_matmul_params: int | None = None
     qk_head_dim: int | None = None
     v_head_dim: int | None = None
+    # Every stored parameter (MoE: all experts, not the K a token uses): what the optimizer step streams and FSDP
+    # gathers. None: the matmul parameters plus the embedding.
+    total_params: int | None = None
 
     @property
     def matmul_params(self) -> int:
@@ -531,11 +676,60 @@ class StepSetup:
     activation_offload: bool = False  # saved activations copied to the host and back (side stream)
     pcie_gb_s: float = 0.0  # host link per direction, for the activation offload
     padding_fraction: float = 0.0  # share of the tokens that are padding (0 with packing): computed, not counted
+    # LoRA adapters one by one for their rank-r GEMMs and elementwise kernels: (in, out, count over the model) of each
+    # adapted linear, the rank, dropout p > 0, and the adapters' dtype bytes (peft casts x to it: 4 for fp32 adapters).
+    # Empty: the adapters' FLOPs (adapter_params) at the matmul rate and no elementwise bytes.
+    lora_linears: tuple[tuple[int, int, int], ...] = ()
+    lora_rank: int = 0
+    lora_dropout: bool = False
+    adapter_bytes: float = BF16_BYTES
+    quant_kernel: str = "bnb"  # a key of DEQUANT_KERNELS
 
 
 # Eager attention's materialised [b, a, s, s] scores: 24 bytes per score in forward (``vramcalc.cost``
 # EAGER_SCORE_FORWARD_BYTES: QKᵀ out, scale, mask, fp32 softmax, cast, PV read), twice that in backward.
 EAGER_SCORE_BYTES_FORWARD = 24
+
+
+# The decoder's base GEMMs are listed one by one (``decoder_gemms``) when the shape's matmul parameters are the dense
+# Llama layout's within this tolerance; otherwise (MoE experts, MLA projections) the aggregate FLOPs run at R_mm.
+DENSE_LAYOUT_TOLERANCE = 0.02
+
+
+def decoder_gemms(shape: DecoderShape, setup: StepSetup, *, recompute_forwards: float,
+                  fp8_rate_ratio: float | None = None) -> tuple[Gemm, ...] | None:
+    """The step's GEMMs on one GPU, or None when ``shape`` is not a dense Llama-style decoder.
+
+    Per micro-batch of m = tokens / (micro_batches · cp) tokens and per layer: q, k, v, gate, up split their outputs
+    across the tp ranks (column-parallel) and o, down their inputs (row-parallel) (Megatron-LM, Shoeybi et al. 2019
+    §3); each runs forward, dX, dW when the base trains (forward, dX when frozen) and recompute_forwards more
+    forwards. The lm_head ([m, h] x [h, V/tp]) runs outside the checkpointed layers: forward, dX and dW if trained.
+    fp8 linears read 1-byte operands and write 2-byte outputs, their FLOPs at ``fp8_rate_ratio`` = R_bf16 / R_fp8.
+    LoRA's A ([m, in] x [in, r]) and B ([m, r] x [r, out]) each run forward, dX, dW and the recomputed forwards, their
+    input at the adapters' dtype (``setup.adapter_bytes``)."""
+    h, q_w = shape.hidden_size, shape.num_heads * shape.head_dim
+    kv_w, inter = shape.num_kv_heads * shape.head_dim, shape.intermediate_size
+    dense = dense_matmul_params(h, shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.head_dim, inter,
+                                shape.vocab_size)
+    if abs(shape.matmul_params / dense - 1.0) > DENSE_LAYOUT_TOLERANCE:
+        return None
+    tp, mb = setup.tp, setup.micro_batches
+    m = setup.tokens / (mb * setup.cp)
+    base_calls = (1.0 + (2.0 if setup.train_base else 1.0) + recompute_forwards) * shape.num_layers * mb
+    in_b, ratio = (1.0, fp8_rate_ratio) if fp8_rate_ratio else (BF16_BYTES, 1.0)
+    linears = [(h, q_w / tp), (h, kv_w / tp), (h, kv_w / tp), (q_w / tp, h), (h, inter / tp), (h, inter / tp),
+               (inter / tp, h)]
+    gemms = [linear_gemm(m, k, n, base_calls, in_bytes=in_b, rate_ratio=ratio) for k, n in linears]
+    gemms.append(linear_gemm(m, h, shape.vocab_size / tp, (1.0 + (2.0 if setup.train_base else 1.0)) * mb))
+    a = setup.adapter_bytes
+    lora_calls = (3.0 + recompute_forwards) * mb
+    for k, n, count in setup.lora_linears:
+        gemms.append(linear_gemm(m, k, setup.lora_rank, lora_calls * count, in_bytes=a, out_bytes=a))
+        gemms.append(linear_gemm(m, setup.lora_rank, n, lora_calls * count, in_bytes=a))
+    if setup.adapter_params and not setup.lora_linears:  # adapters without their shapes: FLOPs at R_mm
+        t = setup.tokens / setup.cp
+        gemms.append(Gemm((6.0 + 2.0 * recompute_forwards) * setup.adapter_params * t, 0.0, 1.0))
+    return tuple(gemms)
 
 
 def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp8_matmul_tflops: float | None = None,
@@ -562,6 +756,8 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     qk_d, v_d = shape.qk_head_dim or shape.head_dim, shape.v_head_dim or shape.head_dim
     attn = attention_flops(shape.num_layers, shape.num_heads, qk_d, v_d, s, t, causal=True,
                            kernel="eager" if eager else "flash", recompute_forwards=rc_attn)
+    attn_backward = (2.5 if not eager else 2.0) * attention_forward_flops(
+        shape.num_layers, shape.num_heads, qk_d, v_d, s, t, causal=True, kernel="eager" if eager else "flash")
     q_w, kv_w = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     nbytes = elementwise_bytes(t, shape.hidden_size, q_w, kv_w, shape.intermediate_size, shape.num_layers,
                                fused=setup.fused_elementwise, recompute_forwards=rc_elem)
@@ -571,11 +767,21 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     if setup.fp8_linears:
         nbytes += float8_cast_bytes(t, shape.linear_in_out_sum, n_linear, recompute_forwards=rc_mm)
     if setup.quant_bits:
-        nbytes += dequantize_bytes(n_linear, passes=(2.0 + rc_mm) * setup.micro_batches, bits=setup.quant_bits)
+        again_in_backward = DEQUANT_KERNELS[setup.quant_kernel][1] if setup.quant_kernel in DEQUANT_KERNELS else True
+        passes = (1.0 + (1.0 if again_in_backward else 0.0) + rc_mm) * setup.micro_batches
+        if setup.quant_kernel == "bnb":
+            nbytes += dequantize_bytes(n_linear, passes=passes, bits=setup.quant_bits)
+        else:
+            nbytes += n_linear * dequant_bytes_per_weight(setup.quant_kernel, setup.quant_bits) * passes
         if setup.quant_bits == 8:  # LLM.int8 also quantizes each linear's input row-wise: read 2, write 1 byte
             nbytes += 3.0 * t * shape.linear_in_out_sum / 2 * (1.0 + rc_mm)
+    for k, n, count in setup.lora_linears:
+        nbytes += count * lora_elementwise_bytes(t, k, n, adapter_bytes=setup.adapter_bytes,
+                                                 dropout=setup.lora_dropout, fused=setup.fused_elementwise,
+                                                 recompute_forwards=rc_mm)
     nbytes /= split
-    all_params = n_mm + shape.vocab_size * shape.hidden_size  # + the embedding (lm_head counted in n_mm)
+    # every stored parameter: the optimizer steps all of them and FSDP gathers all of them (MoE: every expert)
+    all_params = shape.total_params or n_mm + shape.vocab_size * shape.hidden_size
     trainable = all_params if setup.train_base else setup.adapter_params
     shards = setup.dp * setup.tp if setup.sharding in ("fsdp", "zero3", "zero2", "zero1") else setup.tp
     nbytes += trainable / shards * setup.optimizer_bytes_per_param
@@ -584,12 +790,21 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
                                             grad_bytes=setup.grad_bytes_on_wire), dp_link_gb_s) if setup.dp > 1 else 0.0
     tp_s = comm_seconds(tensor_parallel_bytes(t / setup.cp, shape.hidden_size, shape.num_layers, setup.tp,
                                               recompute_forwards=rc_mm), tp_link_gb_s) if setup.tp > 1 else 0.0
-    tp_overlap = ASYNC_TENSOR_PARALLEL_OVERLAP if setup.async_tp else TENSOR_PARALLEL_OVERLAP
+    if setup.async_tp:  # forward + recomputed forwards hidden, backward (one pass in 2 + rc_mm) as measured
+        forward_share = (1.0 + rc_mm) / (2.0 + rc_mm)
+        tp_overlap = (forward_share * ASYNC_TENSOR_PARALLEL_OVERLAP
+                      + (1.0 - forward_share) * ASYNC_TENSOR_PARALLEL_BACKWARD_OVERLAP)
+    else:
+        tp_overlap = TENSOR_PARALLEL_OVERLAP
     model = model_flops(n_mm, t, shape.num_layers, shape.num_heads, qk_d, v_d, s,
                         train_base=setup.train_base, n_adapter_params=setup.adapter_params)
     kernels = kernel_counts(shape.num_layers, micro_batches=setup.micro_batches, fused=setup.fused_elementwise,
                             train_base=setup.train_base, adapted_linears=setup.adapted_linears,
-                            quant_bits=setup.quant_bits, recompute=(rc_mm, rc_attn, rc_elem))
+                            quant_bits=setup.quant_bits, recompute=(rc_mm, rc_attn, rc_elem),
+                            quant_kernel=setup.quant_kernel, lora_dropout=setup.lora_dropout,
+                            lora_cast=setup.adapter_bytes != BF16_BYTES)
+    gemms = decoder_gemms(shape, setup, recompute_forwards=rc_mm,
+                          fp8_rate_ratio=matmul_tflops / fp8_matmul_tflops if setup.fp8_linears else None)
     side_s = 0.0
     if setup.activation_offload and setup.pcie_gb_s:
         saved = saved_activation_bytes(t / split, shape.hidden_size, q_w, kv_w, shape.intermediate_size,
@@ -599,4 +814,5 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     return StepWork(tokens=counted / split, matmul_flops=flops / split, attention_flops=attn / split,
                     memory_bytes=nbytes, model_flops=model * (1.0 - setup.padding_fraction) / split, comm_s=dp_s,
                     comm_overlap=DATA_PARALLEL_OVERLAP, serial_s=tp_s * (1 - tp_overlap) + setup.serial_extra_s,
-                    kernels=kernels, side_stream_s=side_s)
+                    kernels=kernels, side_stream_s=side_s, gemms=gemms or (),
+                    attention_backward_flops=attn_backward / split)
