@@ -342,9 +342,7 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
     link_gb_s = 0.0
     if dp > 1:
         try:
-            link, link_gb_s = ring_link(gpu, dp)
-            if link == "infiniband" and gpu.nvlink_bidir_gb_s:  # one ring channel per NIC: the node's NICs together
-                link_gb_s = _step.multi_node_ring_gb_s(gpu.nvlink_bidir_gb_s / 2, link_gb_s, GPUS_PER_NODE)
+            _, link_gb_s = ring_link(gpu, dp)
         except VramcalcError:
             return None
     shape = decoder_shape(spec)
@@ -438,12 +436,15 @@ class CommunicationTime:
 def ring_link(gpu: GpuSpec, n_ranks: int, network_gb_s: float | None = None) -> tuple[str, float]:
     """The link that limits a ring over ``n_ranks`` GPUs of this model, and its GB/s per GPU and direction: the
     GPU's NVLink (half its bidirectional figure) inside a node when the catalogue has it, else PCIe, and the per-GPU
-    network (InfiniBand) once the job spans nodes of ``GPUS_PER_NODE``."""
+    network (InfiniBand) once the job spans nodes of ``GPUS_PER_NODE``: one ring channel per NIC, so with NVLink
+    inside the node the node's NICs together set the pace (``step_time.multi_node_ring_gb_s``)."""
     if n_ranks > GPUS_PER_NODE:
         bandwidth = network_gb_s if network_gb_s is not None else gpu.infiniband_gb_s
         if not bandwidth:
             raise VramcalcError(f"the catalogue has no per-GPU network bandwidth for {gpu.name}: a job over "
                                 f"{n_ranks} GPUs spans nodes; give the network's GB/s per GPU")
+        if gpu.nvlink_bidir_gb_s:
+            bandwidth = _step.multi_node_ring_gb_s(gpu.nvlink_bidir_gb_s / 2, bandwidth, GPUS_PER_NODE)
         return "infiniband", float(bandwidth)
     if gpu.nvlink_bidir_gb_s:
         return "nvlink", gpu.nvlink_bidir_gb_s / 2
