@@ -169,17 +169,22 @@ def gpus() -> list[GpuSpec]:
     return list(_gpu_rows().values())
 
 
-def get_model(name_or_path: str | ModelSpec) -> ModelSpec:
-    """A catalogue model by name or HF repo id (case-insensitive), or a ``config.json`` file or folder."""
+def get_model(name_or_path: str | ModelSpec, revision: str | None = None) -> ModelSpec:
+    """A catalogue model by name or HF repo id (case-insensitive), a ``config.json`` file or folder, or any Hub repo
+    id ``ORG/NAME``, whose config.json comes from the local HF cache or the Hub (``hub.py``; ``revision``: a branch,
+    tag or commit, which sends a repo id to the cache or the Hub even when the catalogue holds it)."""
     if isinstance(name_or_path, ModelSpec):
         return name_or_path
     key = str(name_or_path).strip()
     rows = _model_rows()
     by_name = rows.get(key.lower())
     if by_name:
+        if revision:
+            raise VramcalcError(f"--revision needs a Hub repo id, not the catalogue name {key!r} (its repo: "
+                                f"{by_name.hf_repo})")
         return by_name
     for spec in rows.values():
-        if spec.hf_repo.lower() == key.lower():
+        if spec.hf_repo.lower() == key.lower() and not revision:
             return spec
     path = Path(key).expanduser()
     try:
@@ -187,9 +192,15 @@ def get_model(name_or_path: str | ModelSpec) -> ModelSpec:
     except OSError:  # a name the file system refuses (ENAMETOOLONG) is not a path
         exists = False
     if exists or key.endswith(".json"):
+        if revision:
+            raise VramcalcError(f"--revision needs a Hub repo id, not the local path {key!r}")
         from .hf_config import load_config  # only when a path is given
 
         return load_config(path)
+    from . import hub  # stdlib; huggingface_hub is imported only inside hub.config_path
+
+    if hub.is_repo_id(key):
+        return hub.load_hub_config(key, revision)
     raise unknown_name_error("model", key, rows)
 
 

@@ -76,6 +76,7 @@ SETUP_KEYS = tuple(field.name for field in fields(TrainingSetup))  # every flag 
 
 
 MODEL_HELP = "catalogue name, HF repo id, or path to a config.json (or its folder)"
+REVISION_HELP = "branch, tag or commit of a HF repo id's config.json (default: main)"
 FORMAT_HELP = "output: table | json | csv (default: table)"
 
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                             ("trace", "exact allocation trace of a real HF training step on fake tensors (needs torch)")):
         sub = verbs.add_parser(verb, help=help_text, description=help_text)
         sub.add_argument("model", help=MODEL_HELP)
+        sub.add_argument("--revision", help=REVISION_HELP)
         _setup_options(sub)
         sub.add_argument("--gpu", help="catalogue GPU: say whether it fits and the headroom (default: none)")
         sub.add_argument("--format", default="table", help=FORMAT_HELP)
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     text = "every catalogue GPU: how many, largest micro-batch, host RAM, time and cost"
     sub = verbs.add_parser("plan", help=text, description=text)
     sub.add_argument("model", help=MODEL_HELP)
+    sub.add_argument("--revision", help=REVISION_HELP)
     _setup_options(sub)
     sub.add_argument("--tokens", help="dataset tokens, e.g. 1e9 (default: none; the plan gives the cost per "
                      "million training tokens, and with --tokens the hours and totals)")
@@ -124,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     text = "the largest micro-batch that fits one GPU"
     sub = verbs.add_parser("max-batch", help=text, description=text)
     sub.add_argument("model", help=MODEL_HELP)
+    sub.add_argument("--revision", help=REVISION_HELP)
     _setup_options(sub)
     sub.add_argument("--gpu", required=True, help="catalogue GPU (required)")
     sub.add_argument("--format", default="table", help=FORMAT_HELP)
@@ -148,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRAS_NOTE = """\
 install extras:
   estimate, models, gpus, plan, max-batch, report   pip install vramcalc          (standard library only)
+  estimate ORG/NAME (any Hugging Face repo id)      pip install 'vramcalc[hub]'
   trace                                             pip install 'vramcalc[trace]'
   trace --stack torchtune|litgpt|trl                pip install 'vramcalc[trace,stacks]'
   python -m vramcalc.calibrate                      pip install 'vramcalc[calibrate]'
@@ -240,12 +245,19 @@ def _check_model(model: str) -> str:
     return model
 
 
+def _hub_model(args: argparse.Namespace):
+    """MODEL at ``--revision``, resolved once (a Hub repo id's config.json)."""
+    from .catalogue import get_model
+
+    return get_model(_check_model(args.model), args.revision)
+
+
 def _run_breakdown(args: argparse.Namespace) -> str:
     from . import estimate, trace
 
     _check_model(args.model)
     function = estimate if args.verb == "estimate" else trace
-    result = function(args.model, gpu=args.gpu, **setup_kwargs(args))
+    result = function(args.model, gpu=args.gpu, revision=args.revision, **setup_kwargs(args))
     _warn(result.warnings)
     return format_breakdown(result, args.format)
 
@@ -262,7 +274,8 @@ def plan_command(args: argparse.Namespace, fmt: str) -> str:
     kwargs = _given(args, "epochs", "max_gpus", "rank_by", "mfu", "usd_per_kwh", "amortisation_years")
     if args.gpus is not None:
         kwargs["gpus"] = args.gpus.split(",")  # a blank name (--gpus ",,") is an error, never "all GPUs"
-    result = plan_rows(_check_model(args.model), tokens=args.tokens, hosted=args.hosted, **kwargs, **setup_kwargs(args))
+    model = _check_model(args.model) if not args.revision else _hub_model(args)
+    result = plan_rows(model, tokens=args.tokens, hosted=args.hosted, **kwargs, **setup_kwargs(args))
     _warn(result.warnings)
     columns = list(PLAN_COLUMNS)
     if args.output:
@@ -289,7 +302,7 @@ def max_batch_command(args: argparse.Namespace, fmt: str) -> str:
     options = setup_kwargs(args)
     if "batch_size" in options:
         raise VramcalcError("max-batch searches the batch size: leave --batch-size out")
-    spec, device = catalogue.get_model(_check_model(args.model)), catalogue.get_gpu(args.gpu)
+    spec, device = catalogue.get_model(_check_model(args.model), args.revision), catalogue.get_gpu(args.gpu)
     batch = max_batch_size(spec, device, **options)
     at = estimate(spec, gpu=device, batch_size=max(batch, 1), **options)
     _warn(at.warnings)
