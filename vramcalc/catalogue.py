@@ -164,6 +164,50 @@ def models() -> list[ModelSpec]:
     return list(_model_rows().values())
 
 
+# suffixes of a parameter count as people write them ("8B", "500M", "1.5b"): decimal, as model names use them
+_COUNT_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+
+
+def parse_param_count(text) -> int:
+    """A parameter count from ``8e9``, ``8B``, ``1.5b``, ``500M`` or ``8000000000`` (decimal suffixes K, M, B, T).
+    Raises a one-line VramcalcError naming the value."""
+    word = str(text).strip().lower().replace("_", "").replace(",", "")
+    match = re.fullmatch(r"([0-9.]+(?:e[+-]?[0-9]+)?)([kmbt]?)", word)
+    try:
+        value = float(match.group(1)) * _COUNT_SUFFIX[match.group(2)] if match else None
+    except ValueError:
+        value = None
+    if value is None or value <= 0 or value != value or value == float("inf"):
+        raise VramcalcError(f"--max-params must be a parameter count such as 8e9, 8B or 500M, got {str(text)!r}")
+    return int(value)
+
+
+def find_models(family: str | None = None, max_params=None, search: str | None = None) -> list[ModelSpec]:
+    """The catalogue models of ``family`` (a model_type, case-insensitive), with at most ``max_params`` parameters
+    in total (``parse_param_count``), whose name, Hub id or family contains every word of ``search``
+    (case-insensitive; "-", "_" and "." ignored within a word, so "qwen3 8b" finds qwen3-8b and "smollm2"
+    SmolLM2-135M), in file order.
+
+    An unknown family is an error that lists the closest ones, never an empty list."""
+    chosen = models()
+    if family is not None:
+        families = {m.family for m in chosen}
+        if family.strip().lower() not in families:
+            raise unknown_name_error("family", family, families)
+        chosen = [m for m in chosen if m.family == family.strip().lower()]
+    if max_params is not None:
+        limit = parse_param_count(max_params)
+        chosen = [m for m in chosen if m.params <= limit]
+    if search is not None:
+        words = [_search_key(word) for word in str(search).split()]
+        chosen = [m for m in chosen if all(w in _search_key(f"{m.name} {m.hf_repo} {m.family}") for w in words)]
+    return chosen
+
+
+def _search_key(text: str) -> str:
+    return re.sub(r"[\s_.-]+", "", text.lower())
+
+
 def gpus() -> list[GpuSpec]:
     """Every catalogue GPU, in file order."""
     return list(_gpu_rows().values())

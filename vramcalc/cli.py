@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in ("models", "gpus"):
         sub = verbs.add_parser(verb, help=f"list the {verb} catalogue", description=f"list the {verb} catalogue")
         sub.add_argument("--format", default="table", help=FORMAT_HELP)
+    _add_model_filters(verbs.choices["models"])
     text = "the training stacks (--stack) and every option each one sets, with its source"
     sub = verbs.add_parser("stacks", help=text, description=text)
     sub.add_argument("--format", default="table", help=FORMAT_HELP)
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb in ("estimate", "trace"):
             stdout.write(_run_breakdown(args))
         elif args.verb == "models":
-            stdout.write(models_text(fmt))
+            stdout.write(models_command(args, fmt))
         elif args.verb == "gpus":
             stdout.write(gpus_text(fmt))
         elif args.verb == "stacks":
@@ -243,6 +244,27 @@ def _check_model(model: str) -> str:
     if not model.strip():
         raise VramcalcError("empty model name: give a catalogue name, a HF repo id or a path to a config.json")
     return model
+
+
+def _add_model_filters(sub: argparse.ArgumentParser) -> None:
+    """``vramcalc models [WORD...] [--family F] [--max-params N] [--search WORD]``."""
+    sub.add_argument("words", nargs="*", metavar="WORD", help="only models whose name, Hub id or family holds "
+                     "every word (case-insensitive; '-', '.' and spaces ignored)")
+    sub.add_argument("--search", help="a search word, as WORD (default: none)")
+    sub.add_argument("--family", help="only this model_type, e.g. llama, qwen3_moe (default: all)")
+    sub.add_argument("--max-params", dest="max_params", help="only models with at most this many parameters in "
+                     "total, e.g. 8e9, 8B, 500M (default: no limit)")
+
+
+def models_command(args: argparse.Namespace, fmt: str) -> str:
+    """``vramcalc models``: the catalogue, filtered; no match is an error (exit 2), never an empty table."""
+    from .catalogue import find_models
+
+    words = " ".join(args.words + ([args.search] if args.search is not None else []))
+    chosen = find_models(family=args.family, max_params=args.max_params, search=words or None)
+    if not chosen:
+        raise VramcalcError("no catalogue model matches those filters; vramcalc models lists them all")
+    return models_text(fmt, chosen)
 
 
 def _hub_model(args: argparse.Namespace):
