@@ -34,9 +34,25 @@ def test_parameter_count_equals_the_reference_exact_count(model):
     assert model.params == model.params_exact
 
 
+def _rounding_half_unit(published: int) -> int:
+    """Half a unit of the last digit a published figure is written with: 0.05e9 for "0.6B" (600,000,000), 0.5e9 for
+    "7B", 0 for an exact count."""
+    digits = str(published).rstrip("0")
+    return 10 ** (len(str(published)) - len(digits)) // 2
+
+
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.name)
 def test_parameter_count_is_within_half_a_percent_of_the_published_total(model):
-    assert abs(model.params - model.params_published) / model.params_published < 0.005
+    # within 0.5 %, or, for a figure rounded coarser than that ("0.6B", "7B"), within its rounding
+    assert abs(model.params - model.params_published) <= max(0.005 * model.params_published,
+                                                               _rounding_half_unit(model.params_published))
+
+
+def test_rounding_half_unit_reads_the_published_precision():
+    assert _rounding_half_unit(600_000_000) == 50_000_000
+    assert _rounding_half_unit(7_000_000_000) == 500_000_000
+    assert _rounding_half_unit(1_230_000_000) == 5_000_000
+    assert _rounding_half_unit(70_426_624) == 0
 
 
 @pytest.mark.parametrize("model", [m for m in MODELS if m.is_moe], ids=lambda m: m.name)
