@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import VramcalcError, closest_names, unknown_name_error
+from .errors import VramcalcError, closest_names, short_repr, unknown_name_error
 from .model import ModelSpec
 from .units import BYTES_PER_GIB
 
@@ -245,6 +245,9 @@ def get_model(name_or_path: str | ModelSpec, revision: str | None = None) -> Mod
 
     if hub.is_repo_id(key):
         return hub.load_hub_config(key, revision)
+    if not closest_names(key, rows):  # the whole catalogue would be too long a line to list
+        raise VramcalcError(f"unknown model {short_repr(key)}: give a catalogue name (vramcalc models lists them), "
+                            "a Hugging Face repo id ORG/NAME, or a path to a config.json")
     raise unknown_name_error("model", key, rows)
 
 

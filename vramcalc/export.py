@@ -254,15 +254,15 @@ def model_rows(chosen=None) -> list[dict]:
     ]
 
 
-MODEL_TABLE_COLUMNS = ("name", "hf_repo", "family", "params_b", "active_b", "layers", "context")
+MODEL_TABLE_COLUMNS = ("name", "hf_repo", "family", "params_b", "active_b", "context")
 
 
 def model_table_rows(chosen=None) -> list[dict]:
-    """The models as the terminal table shows them (about 120 columns): name, Hub id, family, parameters in billions
-    (10^9), layers, context; ``--format csv/json`` keep every column of ``model_rows``."""
+    """The models as the terminal table shows them (at most 120 columns): name, Hub id, family, parameters in
+    billions (10^9), context; ``--format csv/json`` keep every column of ``model_rows`` (layers among them)."""
     return [{"name": row["name"], "hf_repo": row["hf_repo"], "family": row["family"],
              "params_b": f"{row['params'] / 1e9:.2f}", "active_b": f"{row['active_params'] / 1e9:.2f}",
-             "layers": row["layers"], "context": row["context"]} for row in model_rows(chosen)]
+             "context": row["context"]} for row in model_rows(chosen)]
 
 
 def gpu_rows() -> list[dict]:
