@@ -22,6 +22,18 @@ MODELS = catalogue.models()
 DATA = Path(__file__).resolve().parents[1] / "data"  # the source checkout's data/ (the .md files are not in the wheel)
 
 
+# issue 13: the small models people fine-tune on one consumer GPU, and every R1 distill
+ISSUE_13_MODELS = (
+    "llama-3.2-1b llama-3.2-3b qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b qwen3-0.6b qwen3-1.7b qwen3-4b phi-4-mini "
+    "mistral-small-24b smollm2-135m smollm2-360m smollm2-1.7b deepseek-r1-distill-qwen-1.5b deepseek-r1-distill-qwen-7b "
+    "deepseek-r1-distill-qwen-14b deepseek-r1-distill-qwen-32b deepseek-r1-distill-llama-8b deepseek-r1-distill-llama-70b"
+).split()
+
+
+def test_catalogue_holds_the_issue_13_models():
+    assert set(ISSUE_13_MODELS) <= {m.name for m in MODELS}
+
+
 def test_catalogue_holds_at_least_30_models_including_every_required_one():
     names = {m.name for m in MODELS}
     assert len(MODELS) >= 30
