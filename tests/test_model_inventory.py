@@ -11,7 +11,10 @@ pytestmark = [pytest.mark.skipif(not has_torch(), reason="needs the trace extra"
 
 # one model per family and size class keeps this fast; test_catalogue covers every row's count
 MODELS = ["llama-3.1-8b", "qwen2.5-7b", "qwen3-8b", "qwen3-30b-a3b", "gemma-2-9b", "phi-3-mini", "mixtral-8x7b",
-          "mistral-7b", "deepseek-v3", "smollm2-135m"]
+          "mistral-7b", "deepseek-v3", "smollm2-135m",
+          # issue 13 rows, one per family and layout: tied llama, qwen2 tied/untied, qwen3 tied, phi3 tied, gpt_neox, falcon
+          "llama-3.2-1b", "qwen2.5-0.5b", "deepseek-r1-distill-qwen-1.5b", "qwen3-0.6b", "phi-4-mini", "pythia-70m",
+          "falcon-7b"]
 
 
 def _meta_model(spec):

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import VramcalcError, closest_names, unknown_name_error
+from .errors import VramcalcError, closest_names, short_repr, unknown_name_error
 from .model import ModelSpec
 from .units import BYTES_PER_GIB
 
@@ -164,22 +164,71 @@ def models() -> list[ModelSpec]:
     return list(_model_rows().values())
 
 
+# suffixes of a parameter count as people write them ("8B", "500M", "1.5b"): decimal, as model names use them
+_COUNT_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+
+
+def parse_param_count(text) -> int:
+    """A parameter count from ``8e9``, ``8B``, ``1.5b``, ``500M`` or ``8000000000`` (decimal suffixes K, M, B, T).
+    Raises a one-line VramcalcError naming the value."""
+    word = str(text).strip().lower().replace("_", "").replace(",", "")
+    match = re.fullmatch(r"([0-9.]+(?:e[+-]?[0-9]+)?)([kmbt]?)", word)
+    try:
+        value = float(match.group(1)) * _COUNT_SUFFIX[match.group(2)] if match else None
+    except ValueError:
+        value = None
+    if value is None or value <= 0 or value != value or value == float("inf"):
+        raise VramcalcError(f"--max-params must be a parameter count such as 8e9, 8B or 500M, got {str(text)!r}")
+    return int(value)
+
+
+def find_models(family: str | None = None, max_params=None, search: str | None = None) -> list[ModelSpec]:
+    """The catalogue models of ``family`` (a model_type, case-insensitive), with at most ``max_params`` parameters
+    in total (``parse_param_count``), whose name, Hub id or family contains every word of ``search``
+    (case-insensitive; "-", "_" and "." ignored within a word, so "qwen3 8b" finds qwen3-8b and "smollm2"
+    SmolLM2-135M), in file order.
+
+    An unknown family is an error that lists the closest ones, never an empty list."""
+    chosen = models()
+    if family is not None:
+        families = {m.family for m in chosen}
+        if family.strip().lower() not in families:
+            raise unknown_name_error("family", family, families)
+        chosen = [m for m in chosen if m.family == family.strip().lower()]
+    if max_params is not None:
+        limit = parse_param_count(max_params)
+        chosen = [m for m in chosen if m.params <= limit]
+    if search is not None:
+        words = [_search_key(word) for word in str(search).split()]
+        chosen = [m for m in chosen if all(w in _search_key(f"{m.name} {m.hf_repo} {m.family}") for w in words)]
+    return chosen
+
+
+def _search_key(text: str) -> str:
+    return re.sub(r"[\s_.-]+", "", text.lower())
+
+
 def gpus() -> list[GpuSpec]:
     """Every catalogue GPU, in file order."""
     return list(_gpu_rows().values())
 
 
-def get_model(name_or_path: str | ModelSpec) -> ModelSpec:
-    """A catalogue model by name or HF repo id (case-insensitive), or a ``config.json`` file or folder."""
+def get_model(name_or_path: str | ModelSpec, revision: str | None = None) -> ModelSpec:
+    """A catalogue model by name or HF repo id (case-insensitive), a ``config.json`` file or folder, or any Hub repo
+    id ``ORG/NAME``, whose config.json comes from the local HF cache or the Hub (``hub.py``; ``revision``: a branch,
+    tag or commit, which sends a repo id to the cache or the Hub even when the catalogue holds it)."""
     if isinstance(name_or_path, ModelSpec):
         return name_or_path
     key = str(name_or_path).strip()
     rows = _model_rows()
     by_name = rows.get(key.lower())
     if by_name:
+        if revision:
+            raise VramcalcError(f"--revision needs a Hub repo id, not the catalogue name {key!r} (its repo: "
+                                f"{by_name.hf_repo})")
         return by_name
     for spec in rows.values():
-        if spec.hf_repo.lower() == key.lower():
+        if spec.hf_repo.lower() == key.lower() and not revision:
             return spec
     path = Path(key).expanduser()
     try:
@@ -187,9 +236,18 @@ def get_model(name_or_path: str | ModelSpec) -> ModelSpec:
     except OSError:  # a name the file system refuses (ENAMETOOLONG) is not a path
         exists = False
     if exists or key.endswith(".json"):
+        if revision:
+            raise VramcalcError(f"--revision needs a Hub repo id, not the local path {key!r}")
         from .hf_config import load_config  # only when a path is given
 
         return load_config(path)
+    from . import hub  # stdlib; huggingface_hub is imported only inside hub.config_path
+
+    if hub.is_repo_id(key):
+        return hub.load_hub_config(key, revision)
+    if not closest_names(key, rows):  # the whole catalogue would be too long a line to list
+        raise VramcalcError(f"unknown model {short_repr(key)}: give a catalogue name (vramcalc models lists them), "
+                            "a Hugging Face repo id ORG/NAME, or a path to a config.json")
     raise unknown_name_error("model", key, rows)
 
 

@@ -76,6 +76,7 @@ SETUP_KEYS = tuple(field.name for field in fields(TrainingSetup))  # every flag 
 
 
 MODEL_HELP = "catalogue name, HF repo id, or path to a config.json (or its folder)"
+REVISION_HELP = "branch, tag or commit of a HF repo id's config.json (default: main)"
 FORMAT_HELP = "output: table | json | csv (default: table)"
 
 
@@ -91,12 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
                             ("trace", "exact allocation trace of a real HF training step on fake tensors (needs torch)")):
         sub = verbs.add_parser(verb, help=help_text, description=help_text)
         sub.add_argument("model", help=MODEL_HELP)
+        sub.add_argument("--revision", help=REVISION_HELP)
         _setup_options(sub)
         sub.add_argument("--gpu", help="catalogue GPU: say whether it fits and the headroom (default: none)")
         sub.add_argument("--format", default="table", help=FORMAT_HELP)
     for verb in ("models", "gpus"):
         sub = verbs.add_parser(verb, help=f"list the {verb} catalogue", description=f"list the {verb} catalogue")
         sub.add_argument("--format", default="table", help=FORMAT_HELP)
+    _add_model_filters(verbs.choices["models"])
     text = "the training stacks (--stack) and every option each one sets, with its source"
     sub = verbs.add_parser("stacks", help=text, description=text)
     sub.add_argument("--format", default="table", help=FORMAT_HELP)
@@ -104,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     text = "every catalogue GPU: how many, largest micro-batch, host RAM, time and cost"
     sub = verbs.add_parser("plan", help=text, description=text)
     sub.add_argument("model", help=MODEL_HELP)
+    sub.add_argument("--revision", help=REVISION_HELP)
     _setup_options(sub)
     sub.add_argument("--tokens", help="dataset tokens, e.g. 1e9 (default: none; the plan gives the cost per "
                      "million training tokens, and with --tokens the hours and totals)")
@@ -124,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     text = "the largest micro-batch that fits one GPU"
     sub = verbs.add_parser("max-batch", help=text, description=text)
     sub.add_argument("model", help=MODEL_HELP)
+    sub.add_argument("--revision", help=REVISION_HELP)
     _setup_options(sub)
     sub.add_argument("--gpu", required=True, help="catalogue GPU (required)")
     sub.add_argument("--format", default="table", help=FORMAT_HELP)
@@ -148,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRAS_NOTE = """\
 install extras:
   estimate, models, gpus, plan, max-batch, report   pip install vramcalc          (standard library only)
+  estimate ORG/NAME (any Hugging Face repo id)      pip install 'vramcalc[hub]'
   trace                                             pip install 'vramcalc[trace]'
   trace --stack torchtune|litgpt|trl                pip install 'vramcalc[trace,stacks]'
   python -m vramcalc.calibrate                      pip install 'vramcalc[calibrate]'
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb in ("estimate", "trace"):
             stdout.write(_run_breakdown(args))
         elif args.verb == "models":
-            stdout.write(models_text(fmt))
+            stdout.write(models_command(args, fmt))
         elif args.verb == "gpus":
             stdout.write(gpus_text(fmt))
         elif args.verb == "stacks":
@@ -240,12 +246,40 @@ def _check_model(model: str) -> str:
     return model
 
 
+def _add_model_filters(sub: argparse.ArgumentParser) -> None:
+    """``vramcalc models [WORD...] [--family F] [--max-params N] [--search WORD]``."""
+    sub.add_argument("words", nargs="*", metavar="WORD", help="only models whose name, Hub id or family holds "
+                     "every word (case-insensitive; '-', '.' and spaces ignored)")
+    sub.add_argument("--search", help="a search word, as WORD (default: none)")
+    sub.add_argument("--family", help="only this model_type, e.g. llama, qwen3_moe (default: all)")
+    sub.add_argument("--max-params", dest="max_params", help="only models with at most this many parameters in "
+                     "total, e.g. 8e9, 8B, 500M (default: no limit)")
+
+
+def models_command(args: argparse.Namespace, fmt: str) -> str:
+    """``vramcalc models``: the catalogue, filtered; no match is an error (exit 2), never an empty table."""
+    from .catalogue import find_models
+
+    words = " ".join(args.words + ([args.search] if args.search is not None else []))
+    chosen = find_models(family=args.family, max_params=args.max_params, search=words or None)
+    if not chosen:
+        raise VramcalcError("no catalogue model matches those filters; vramcalc models lists them all")
+    return models_text(fmt, chosen)
+
+
+def _hub_model(args: argparse.Namespace):
+    """MODEL at ``--revision``, resolved once (a Hub repo id's config.json)."""
+    from .catalogue import get_model
+
+    return get_model(_check_model(args.model), args.revision)
+
+
 def _run_breakdown(args: argparse.Namespace) -> str:
     from . import estimate, trace
 
     _check_model(args.model)
     function = estimate if args.verb == "estimate" else trace
-    result = function(args.model, gpu=args.gpu, **setup_kwargs(args))
+    result = function(args.model, gpu=args.gpu, revision=args.revision, **setup_kwargs(args))
     _warn(result.warnings)
     return format_breakdown(result, args.format)
 
@@ -262,7 +296,8 @@ def plan_command(args: argparse.Namespace, fmt: str) -> str:
     kwargs = _given(args, "epochs", "max_gpus", "rank_by", "mfu", "usd_per_kwh", "amortisation_years")
     if args.gpus is not None:
         kwargs["gpus"] = args.gpus.split(",")  # a blank name (--gpus ",,") is an error, never "all GPUs"
-    result = plan_rows(_check_model(args.model), tokens=args.tokens, hosted=args.hosted, **kwargs, **setup_kwargs(args))
+    model = _check_model(args.model) if not args.revision else _hub_model(args)
+    result = plan_rows(model, tokens=args.tokens, hosted=args.hosted, **kwargs, **setup_kwargs(args))
     _warn(result.warnings)
     columns = list(PLAN_COLUMNS)
     if args.output:
@@ -289,7 +324,7 @@ def max_batch_command(args: argparse.Namespace, fmt: str) -> str:
     options = setup_kwargs(args)
     if "batch_size" in options:
         raise VramcalcError("max-batch searches the batch size: leave --batch-size out")
-    spec, device = catalogue.get_model(_check_model(args.model)), catalogue.get_gpu(args.gpu)
+    spec, device = catalogue.get_model(_check_model(args.model), args.revision), catalogue.get_gpu(args.gpu)
     batch = max_batch_size(spec, device, **options)
     at = estimate(spec, gpu=device, batch_size=max(batch, 1), **options)
     _warn(at.warnings)

@@ -55,10 +55,11 @@ class Moment(NamedTuple):
 _TENSOR_FIELDS = ("weights", "gradients", "optimizer_states", "activations", "logits", "temporaries")
 
 
-def estimate(model, *, gpu: str | GpuSpec | None = None, **options) -> MemoryBreakdown:
+def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = None, **options) -> MemoryBreakdown:
     """Peak device memory of one fine-tuning step, by term. Options are the TrainingSetup fields (see DESIGN.md);
-    any left out take the defaults of a current transformers + peft + Trainer user (listed in ``inputs``)."""
-    spec = get_model(model)
+    any left out take the defaults of a current transformers + peft + Trainer user (listed in ``inputs``).
+    ``revision``: the branch, tag or commit of a Hub repo id (``catalogue.get_model``)."""
+    spec = get_model(model, revision)
     resolved = resolve_setup(spec, **options)
     device = get_gpu(gpu) if gpu is not None else None
     terms, phase, details = _estimate_parts(spec, resolved, device)

@@ -234,8 +234,9 @@ def applicable_inputs(inputs: dict) -> dict:
 
 
 # -- the catalogues -----------------------------------------------------------------------------------------------
-def model_rows() -> list[dict]:
-    """The model catalogue, one row per model (parameter counts are counts, not bytes), with its Hub id."""
+def model_rows(chosen=None) -> list[dict]:
+    """The model catalogue (or the ``chosen`` models of it), one row per model (parameter counts are counts, not
+    bytes), with its Hub id."""
     return [
         {
             "name": m.name,
@@ -249,19 +250,19 @@ def model_rows() -> list[dict]:
             "context": m.max_position_embeddings or "",
             "license": m.license,
         }
-        for m in catalogue.models()
+        for m in (catalogue.models() if chosen is None else chosen)
     ]
 
 
-MODEL_TABLE_COLUMNS = ("name", "hf_repo", "family", "params_b", "active_b", "layers", "context")
+MODEL_TABLE_COLUMNS = ("name", "hf_repo", "family", "params_b", "active_b", "context")
 
 
-def model_table_rows() -> list[dict]:
-    """The models as the terminal table shows them (about 120 columns): name, Hub id, family, parameters in billions
-    (10^9), layers, context; ``--format csv/json`` keep every column of ``model_rows``."""
+def model_table_rows(chosen=None) -> list[dict]:
+    """The models as the terminal table shows them (at most 120 columns): name, Hub id, family, parameters in
+    billions (10^9), context; ``--format csv/json`` keep every column of ``model_rows`` (layers among them)."""
     return [{"name": row["name"], "hf_repo": row["hf_repo"], "family": row["family"],
              "params_b": f"{row['params'] / 1e9:.2f}", "active_b": f"{row['active_params'] / 1e9:.2f}",
-             "layers": row["layers"], "context": row["context"]} for row in model_rows()]
+             "context": row["context"]} for row in model_rows(chosen)]
 
 
 def gpu_rows() -> list[dict]:
@@ -285,11 +286,12 @@ def gpu_rows() -> list[dict]:
     ]
 
 
-def models_text(fmt: str) -> str:
+def models_text(fmt: str, chosen=None) -> str:
+    """``vramcalc models``: every catalogue model, or the ``chosen`` ones (``catalogue.find_models``)."""
     if fmt == "table":
-        return render_rows(model_table_rows(), fmt, note="params_b, active_b: billions (10^9) of parameters; "
-                                                         "--format csv or json for every column")
-    return render_rows(model_rows(), fmt)
+        return render_rows(model_table_rows(chosen), fmt, note="params_b, active_b: billions (10^9) of parameters; "
+                                                               "--format csv or json for every column")
+    return render_rows(model_rows(chosen), fmt)
 
 
 def gpus_text(fmt: str) -> str:

@@ -60,8 +60,9 @@ def config_fields(family: str) -> tuple[str, ...]:
     return out + LAYOUT_FIELDS.get(family, ())
 
 
-def load_config(path: str | Path) -> ModelSpec:
-    """A ModelSpec from ``path`` (``config.json`` or its folder). Raises VramcalcError naming what is wrong."""
+def load_config(path: str | Path, *, name: str | None = None, hf_repo: str | None = None) -> ModelSpec:
+    """A ModelSpec from ``path`` (``config.json`` or its folder). Raises VramcalcError naming what is wrong.
+    ``name`` and ``hf_repo`` override the folder name and the config's ``_name_or_path`` (a Hub download)."""
     path = Path(path).expanduser()
     shown = _short(str(path))
     try:
@@ -84,7 +85,9 @@ def load_config(path: str | Path) -> ModelSpec:
         raise VramcalcError(f"{shown} nests JSON too deeply to be a config.json") from None
     if not isinstance(config, dict):
         raise VramcalcError(f"{shown} is not a JSON object (it is a JSON {type(config).__name__})")
-    name = path.name if path.is_dir() else (file.parent.name or file.stem)
+    if hf_repo:
+        config = {**config, "_name_or_path": hf_repo}
+    name = name or (path.name if path.is_dir() else (file.parent.name or file.stem))
     return spec_from_config(config, name=name or "config")
 
 
@@ -182,7 +185,10 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
     if not isinstance(family, str):
         raise VramcalcError(f"config.json field 'model_type' must be a string, got {_describe(family)}")
     if family not in FAMILIES:
-        raise VramcalcError(f"unsupported architecture {_short(family)}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        nested = _text_config(config)
+        if nested is not None:
+            return spec_from_config(nested, name=name)
+        raise VramcalcError(_unsupported(family, config))
     traits = FAMILIES[family]
     for key, alias in _ALIASES.get(family, {}).items():  # FalconConfig.attribute_map: n_layer, n_head, n_embed
         if config.get(key) is None and config.get(alias) is not None:
@@ -215,6 +221,7 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
         sliding_window=sliding_window if use_sliding_window else None,
         hf_repo=repo if isinstance(repo, str) and len(repo) <= 200 else "",
         source="config.json",
+        notes=config["_notes"] if isinstance(config.get("_notes"), str) else "",
     )
     if traits.moe:
         fields.update(
@@ -238,6 +245,27 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
         )
         fields["head_dim"] = fields["v_head_dim"]
     return ModelSpec(**fields)
+
+
+def _text_config(config: dict) -> dict | None:
+    """The language model of a config that nests it (``text_config``: llava, mistral3, gemma3, Qwen2.5-VL...), when
+    its ``model_type`` is a supported family; else None. The nested dict is the text model's whole config
+    (transformers ``PretrainedConfig.get_text_config``), so it is read as is; the outer ``_name_or_path`` names it.
+    Only the language model is counted: a vision tower and its projector are not in the estimate."""
+    nested = config.get("text_config")
+    if not isinstance(nested, dict) or nested.get("model_type") not in FAMILIES:
+        return None
+    notes = f"language model ({nested['model_type']}) of a {config.get('model_type')} config; vision tower not counted"
+    return {**nested, "_name_or_path": config.get("_name_or_path", nested.get("_name_or_path")), "_notes": notes}
+
+
+def _unsupported(family: str, config: dict) -> str:
+    """The one line for a model_type with no formulas: what it is, what is supported, and what to do instead."""
+    nested = config.get("text_config")
+    inner = nested.get("model_type") if isinstance(nested, dict) else None
+    shown = _short(family) + (f" (language model {_short(inner)})" if isinstance(inner, str) else "")
+    return (f"unsupported architecture {shown}; supported: {', '.join(SUPPORTED_FAMILIES)}; size a supported model of "
+            "similar shape instead (vramcalc models --max-params N lists them)")
 
 
 def _layout_fields(f: _Fields, family: str, fields: dict) -> dict:

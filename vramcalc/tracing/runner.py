@@ -132,11 +132,11 @@ def reset_bnb_overrides() -> None:
         module.GlobalOptimManager._instance = None
 
 
-def trace(model, *, gpu=None, progress: bool | None = None, **options):
+def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None = None, **options):
     """Same signature and return type as ``estimate``; the tensor terms come from the traced step."""
     from ..estimator import assemble_measured
 
-    spec = get_model(model)
+    spec = get_model(model, revision)
     resolved = resolve_setup(spec, **options)
     own_code = _stack_tracer(resolved.setup.stack)
     if own_code is not None:  # the stack's own model and step (torchtune, litgpt, TRL)
