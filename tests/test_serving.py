@@ -141,6 +141,48 @@ def test_serve_plan_prices_per_million_tokens():
     assert all(p.usd_per_million_generated_tokens > 0 for p in plans)
 
 
+def test_serve_plan_takes_the_tensor_parallel_degree_needing_fewest_gpus():
+    # at tp 2 a Llama-3.1-70B replica on 80 GB GPUs keeps ~10 GiB a GPU for KV (5 sequences of 4096 tokens); at tp 4
+    # the weights take half as much of each GPU: 32 sequences fit on one tp-4 replica (4 GPUs) instead of 7 tp-2 ones
+    options = dict(context=4096, concurrency=32, gpus_to_try=["h100-sxm"])
+    chosen = serve_plan("llama-3.1-70b", **options)[0]
+    for tp in (2, 4, 8):
+        alone = serve_plan("llama-3.1-70b", tps=(tp,), **options)[0]
+        assert chosen.gpus <= alone.gpus
+    assert chosen.tp == 4 and chosen.gpus == 4
+
+
+def test_vllm_weights_include_the_rotary_table_as_vllm_logs_them():
+    # vllm-project/vllm#10517: Llama-3.1-8B-Instruct, bf16: "Loading model weights took 14.9888 GB" (GiB: vLLM
+    # divides by 2**30) = 8,030,261,248 parameters x 2 B + cos_sin_cache [131072, 128] bf16
+    weights = vramcalc.infer("llama-3.1-8b", engine="vllm").terms()["weights"]
+    assert round(weights / GIB, 4) == 14.9888
+    assert weights == 2 * 8_030_261_248 + 131072 * 128 * 2
+
+
+# -- hosted APIs ------------------------------------------------------------------------------------------------------
+def test_hosted_prices_match_by_name_or_size_bracket():
+    from vramcalc.serving.hosted import hosted_prices_for
+
+    # llama-3.1-8b: the providers that list it by name, and Fireworks' "up to 16B" serverless bracket
+    eight = {(p.provider, p.offering) for p in hosted_prices_for(get_model("llama-3.1-8b"))}
+    assert ("fireworks", "Serverless, base models up to 16B") in eight and ("amazon-bedrock", "meta.llama3-1-8b-instruct-v1:0") in eight
+    assert not any("16.1B" in offering for _, offering in eight)
+    # a 30.5B-total MoE takes the MoE 0-56B bracket, never a dense one
+    moe = [p.offering for p in hosted_prices_for(get_model("qwen3-30b-a3b"))]
+    assert moe == ["Serverless, MoE 0B - 56B (Mixtral 8x7B)"]
+    # a 405B dense model has no published bracket here: nothing is made up
+    assert hosted_prices_for(get_model("llama-3.1-405b")) == []
+
+
+def test_infer_sets_hosted_prices_beside_self_hosted_cost():
+    d = vramcalc.infer("llama-3.1-70b", context=4096, concurrency=8, gpu="h200").details
+    assert d["usd_per_million_generated_tokens"] > 0
+    hosted = d["hosted_api_prices"]
+    assert hosted and all(p["source"] for p in hosted)
+    assert [p["usd_per_million_output_tokens"] for p in hosted] == sorted(p["usd_per_million_output_tokens"] for p in hosted)
+
+
 # -- bad input --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("options, words", [
     (dict(context=0), "context"),
@@ -152,6 +194,7 @@ def test_serve_plan_prices_per_million_tokens():
     (dict(engine="vllm", trace=True), "--engine hf"),
     (dict(tp=3), "tp 3"),
     (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+    (dict(trace=True, lora_rank=16), "--lora-rank"),
 ])
 def test_bad_input_is_one_clear_error(options, words):
     with pytest.raises(VramcalcError) as info:

@@ -14,6 +14,7 @@ def test_infer_l40s_prints_breakdown_fit_largest_concurrency_and_speed(capsys):
     assert "does not fit" in out  # 32 x 8192 tokens x 128 KiB = 32 GiB of KV + 15 GiB of weights > 45 GiB
     assert "largest concurrency that fits at 8192 tokens:" in out
     assert "tokens/s per sequence" in out
+    assert "per million generated tokens" in out and "hosted APIs" in out  # self-hosted $ beside published API prices
 
 
 def test_infer_json_carries_terms_and_answers(capsys):
@@ -42,6 +43,10 @@ def test_max_context_and_serve_plan(capsys):
     rows = json.loads(out)
     assert code == 0 and {row["gpu"] for row in rows} == {"h100-sxm", "l40s"}
     assert all(row["usd_per_million_generated_tokens"] > 0 for row in rows)
+    assert all(row["usd_per_hour"] == round(row["usd_per_hour"], 4) for row in rows)
+    code, out, _ = run_cli(capsys, "serve-plan", "llama-3.1-8b", "--context", "8192", "--concurrency", "64",
+                           "--gpus", "l40s")
+    assert code == 0 and "hosted APIs" in out
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -430,7 +430,16 @@ def infer_command(args: argparse.Namespace, fmt: str) -> str:
                          f"{d['decode_tokens_per_s_at_max_concurrency']:.0f} tokens/s")
     if "usd_per_million_generated_tokens" in d:
         lines.append(f"${d['usd_per_million_generated_tokens']:.3f} per million generated tokens at {d['price_basis']}")
+    lines += _hosted_lines(d.get("hosted_api_prices") or [])
     return "\n".join(lines) + "\n"
+
+
+def _hosted_lines(prices: list) -> list[str]:
+    """Hosted APIs' published $ per million generated tokens for the same model (data/hosted_inference.csv)."""
+    if not prices:
+        return []
+    cells = ", ".join(f"{p['provider']} ${p['usd_per_million_output_tokens']:.2f}" for p in prices)
+    return [f"hosted APIs, $ per million generated tokens (published, see data/hosted_inference.csv): {cells}"]
 
 
 def max_context_command(args: argparse.Namespace, fmt: str) -> str:
@@ -473,7 +482,11 @@ def serve_plan_command(args: argparse.Namespace, fmt: str) -> str:
         return f"no catalogue GPU holds {args.model} at tp <= 8\n"
     note = ("decode tokens/s per replica at a full batch, memory-bound roofline (serving/throughput.py assumptions); "
             "$ from data/gpus.csv cloud_usd_per_gpu_hour")
-    return table_text(rows, header) + "\n(" + note + ")\n"
+    from .catalogue import get_model
+    from .serving.hosted import hosted_prices_for
+
+    hosted = _hosted_lines([p.to_dict() for p in hosted_prices_for(get_model(args.model))])
+    return table_text(rows, header) + "\n(" + note + ")\n" + "".join(line + "\n" for line in hosted)
 
 
 # -- the page (issue 19): vramcalc web -------------------------------------------------------------------------------

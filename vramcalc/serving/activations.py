@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from ..model import ModelSpec
 from ..units import round_up
 
+# [T, I] tensors alive at the peak of a plain MLP's activation, by family (hidden_act defaults: PhiConfig "gelu_new",
+# GPTNeoXConfig "gelu")
+_NON_GATED_ACT_TENSORS = {"phi": 4, "gpt_neox": 2}
 GENERATE_INT64_BUFFERS = 4  # attention_mask, its cumsum, position_ids (masked_fill), the cache-position slice
 
 
@@ -42,7 +45,8 @@ def tensor_bytes(n_elements: int, element_bytes: int) -> int:
 
 
 def rope_dim(spec: ModelSpec) -> int:
-    return spec.qk_rope_head_dim if spec.traits.mla else spec.head_dim
+    """Width of the rotary ``cos``/``sin`` tables: MLA's rope part, phi/gpt_neox partial rotary, else head_dim."""
+    return spec.rope_dim
 
 
 def resident_bytes(spec: ModelSpec, shape: ForwardShape, sequence_len: int) -> int:
@@ -51,7 +55,8 @@ def resident_bytes(spec: ModelSpec, shape: ForwardShape, sequence_len: int) -> i
     out = 2 * tensor_bytes(T * spec.hidden_size, e)  # inputs_embeds, previous layer output
     out += 2 * tensor_bytes(b * p * rope_dim(spec), e)  # cos, sin
     buffers = GENERATE_INT64_BUFFERS if p > 1 else GENERATE_INT64_BUFFERS - 1  # the prefill's attention_mask clone
-    out += buffers * tensor_bytes(b * sequence_len, 8) + 4 * 512
+    # 512-byte scalars: two lifted constants and the stop check's ``gt``; the prefill also holds ``ones`` (cache_position)
+    out += buffers * tensor_bytes(b * sequence_len, 8) + (4 if p > 1 else 3) * 512
     out += _mask_bytes(spec, shape)
     return out
 
@@ -62,8 +67,10 @@ def _mask_bytes(spec: ModelSpec, shape: ForwardShape) -> int:
     if not spec.traits.supports_sdpa:  # eager: an additive mask in the compute dtype, one per layer kind
         kinds = 2 if spec.sliding_window and spec.family == "gemma2" else 1
         return kinds * tensor_bytes(b * p * kv, shape.element_bytes)
-    if shape.padded or (spec.sliding_window and p > 1 and kv >= spec.sliding_window):
-        return tensor_bytes(b * p * kv, 1)  # SDPA bool mask: padding or the window cannot ride on is_causal
+    if shape.padded or (spec.sliding_window and kv >= spec.sliding_window):
+        # SDPA bool mask: padding, or a window that cannot ride on is_causal (a decode step too, once the keys
+        # reach the window: masking_utils._ignore_causal_mask_sdpa answers False for local attention)
+        return tensor_bytes(b * p * kv, 1)
     return 0
 
 
@@ -72,6 +79,11 @@ def mlp_bytes(spec: ModelSpec, shape: ForwardShape, moe_layer: bool) -> int:
     e, T, h = shape.element_bytes, shape.tokens, spec.hidden_size
     if not moe_layer:
         I = spec.intermediate_size
+        if not spec.traits.gated_mlp:
+            # fc1 -> act -> fc2 (PhiMLP.forward, GPTNeoXMLP.forward): fc1's output [T, I] lives through the activation.
+            # phi's gelu_new (activations.py NewGELUActivation: 0.5 * x * (1 + tanh(...))) ends with x, (1 + tanh),
+            # 0.5 * x and their product alive: 4 x [T, I]; gpt_neox's gelu (one F.gelu kernel): x and its output
+            return _NON_GATED_ACT_TENSORS.get(spec.family, 2) * tensor_bytes(T * I, e)
         if spec.traits.fused_gate_up:  # Phi3MLP: gate_up [T, 2I] kept by the gate view, act(gate), product
             return tensor_bytes(T * 2 * I, e) + 2 * tensor_bytes(T * I, e)
         return 3 * tensor_bytes(T * I, e)  # act(gate) [T, I], up [T, I], product [T, I] (LlamaMLP.forward)
@@ -88,6 +100,25 @@ def mlp_bytes(spec: ModelSpec, shape: ForwardShape, moe_layer: bool) -> int:
         shared = 3 * tensor_bytes(T * spec.moe_intermediate_size * spec.n_shared_experts, e) + tensor_bytes(T * h, e)
         peak = max(peak, shared)
     return peak
+
+
+def cache_update_bytes(spec: ModelSpec, tokens: int, element_bytes: int) -> int:
+    """Attention tensors alive while ``Cache.update`` concatenates (besides the resident ones and the normed input
+    [T, h]): the roped q_embed [T, a·d] and k_embed [T, k·d], and the storage the values live in: v_proj's output
+    [T, k·d] (``LlamaAttention.forward``, models/llama/modeling_llama.py L244-252: q/k reassigned by
+    ``apply_rotary_pos_emb``, v kept), or, with a fused projection, the whole qkv output [T, (a + 2k)·d], whose last
+    slice the values are a view of (``Phi3Attention.forward``, models/phi3/modeling_phi3.py L219-233;
+    ``GPTNeoXAttention.forward``, models/gpt_neox/modeling_gpt_neox.py L195-203). Phi's partial rotary keeps more
+    (``PhiAttention.forward``, models/phi/modeling_phi.py L200-216): the ``query_pass``/``key_pass`` views hold the
+    q and k projections, and the roped parts [T, a·r], [T, k·r] stay bound to locals through the ``cat``."""
+    a, k, d, e, T = spec.num_heads, spec.num_kv_heads, spec.head_dim, element_bytes, tokens
+    roped = tensor_bytes(T * a * d, e) + tensor_bytes(T * k * d, e)
+    if spec.family == "phi":
+        r = spec.rope_dim
+        return 2 * roped + tensor_bytes(T * k * d, e) + tensor_bytes(T * a * r, e) + tensor_bytes(T * k * r, e)
+    if spec.traits.fused_qkv:
+        return roped + tensor_bytes(T * (a + 2 * k) * d, e)
+    return roped + tensor_bytes(T * k * d, e)
 
 
 def attention_moments(spec: ModelSpec, shape: ForwardShape) -> list[tuple[int, bool]]:
@@ -115,8 +146,8 @@ def attention_moments(spec: ModelSpec, shape: ForwardShape) -> list[tuple[int, b
     moments.append((4 * q + 2 * kd, True))
     if spec.qk_norm:  # Qwen3 q_norm: the projection, its fp32 copy and the fp32 normalised q (before the update)
         moments.append((q + 2 * tensor_bytes(T * a * d, 4), True))
-    # the update: q_embed, k_embed and v alive while torch.cat writes the cache
-    moments.append((q + 2 * kd, False))
+    # the update: q_embed, k_embed and v (or the fused qkv storage) alive while torch.cat writes the cache
+    moments.append((cache_update_bytes(spec, T, e), False))
     if shape.padded or (spec.sliding_window and p > 1 and kv >= spec.sliding_window):
         # a 4-D mask reaches SDPA: transformers repeats K and V to every head (no enable_gqa with a mask) and the
         # memory-efficient kernel takes an additive bias: logical_not of the bool mask, zeros, masked_fill (16-bit)

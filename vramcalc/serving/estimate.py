@@ -33,7 +33,7 @@ from .hf_engine import decode_moment, prefill_moment
 from .kv_cache import kv_bytes_per_token, paged_bytes_per_request
 from .terms import Engine, HfCache, InferencePhase, InferenceTerm, KvDtype, Weights
 from .throughput import throughput, usd_per_million_tokens
-from .weights import hf_buffer_bytes, lora_bytes, weight_bytes
+from .weights import engine_rope_cache_bytes, hf_buffer_bytes, lora_bytes, weight_bytes
 
 T = InferenceTerm
 MAX_SEARCH = 1 << 24
@@ -64,7 +64,7 @@ def _fraction(name: str, value) -> float:
 def vllm_activation_bytes(spec: ModelSpec, tokens: int, tp: int, element_bytes: int) -> int:
     """Peak transients of vLLM's profiling forward over ``tokens`` tokens (fused kernels, per GPU): residual, hidden
     and normed [M, h]; then either the attention (qkv [M, (a+2k)d/tp] and output [M, a·d/tp]) or the MLP (merged
-    gate_up [M, 2I/tp] and SiluAndMul [M, I/tp]; fused MoE ``intermediate_cache1..3`` [M, K, 2I/tp], [M·K, I/tp],
+    gate_up [M, 2I/tp] and SiluAndMul [M, I/tp], or a plain fc1 [M, I/tp] and its GELU; fused MoE ``intermediate_cache1..3`` [M, K, 2I/tp], [M·K, I/tp],
     [M, K, h])."""
     e, h, M = element_bytes, spec.hidden_size, tokens
     a, k = spec.num_heads // tp or 1, max(1, spec.num_kv_heads // tp)
@@ -73,8 +73,8 @@ def vllm_activation_bytes(spec: ModelSpec, tokens: int, tp: int, element_bytes: 
     else:
         attention = M * ((a + 2 * k) * spec.head_dim + a * spec.head_dim)
     mlp = 0
-    if spec.num_dense_layers:
-        mlp = M * 3 * -(-spec.intermediate_size // tp)
+    if spec.num_dense_layers:  # gated: gate_up [M, 2I] + SiluAndMul [M, I]; plain (phi, gpt_neox): fc1 + its GELU
+        mlp = M * (3 if spec.traits.gated_mlp else 2) * -(-spec.intermediate_size // tp)
     if spec.num_moe_layers:
         I = -(-spec.expert_width // tp)
         mlp = max(mlp, M * spec.experts_per_token * (3 * I + h) + M * spec.num_experts * 2)
@@ -118,6 +118,9 @@ def infer(model, *, context: int = 4096, concurrency: int = 1, batch_size: int |
         raise VramcalcError(f"tp {tp} must divide the {spec.num_heads} attention heads of {spec.name}")
     if trace and eng is not Engine.HF:
         raise VramcalcError("the serving trace runs transformers' generate: use --engine hf with --trace")
+    if trace and lora_rank:
+        raise VramcalcError("the serving trace runs the base model only; --lora-rank is estimated, not traced "
+                            "(drop --trace, or --lora-rank)")
     if eng is Engine.HF:
         if tp > 1:
             raise VramcalcError("the hf engine runs one GPU; use --engine vllm or sglang for --tp > 1")
@@ -136,12 +139,18 @@ def infer(model, *, context: int = 4096, concurrency: int = 1, batch_size: int |
     details = {"params": spec.params, "active_params": spec.active_params,
                "kv_bytes_per_token": kv_bytes_per_token(spec, kv_e, tp)}
     warnings: list[str] = []
+    if lora_rank and eng is Engine.HF:
+        warnings.append("hf engine with a LoRA adapter: the adapter's weights are counted, its forward transients "
+                        "(peft's lora_B outputs beside each base output) are not")
     if spec.max_position_embeddings and context > spec.max_position_embeddings:
         warnings.append(f"context {context} exceeds {spec.name}'s max_position_embeddings {spec.max_position_embeddings}")
 
     if eng is Engine.HF:
         inputs["hf_cache"] = cache.value
         w_bytes += hf_buffer_bytes(spec)
+    else:
+        w_bytes += engine_rope_cache_bytes(spec, e)
+    if eng is Engine.HF:
         terms, phase, extra = _hf_terms(spec, fmt, cache, batch, prompt, context, e, device, trace, w_bytes)
         details.update(extra)
     elif eng is Engine.VLLM:
@@ -272,3 +281,6 @@ def _answers(breakdown, spec, fmt, kv_e, tp, concurrency, context, prompt, devic
         if price is not None:
             details["usd_per_million_generated_tokens"] = round(price, 4)
             details["price_basis"] = f"{device.cloud_usd_per_gpu_hour} $/GPU-h ({device.cloud_price_basis}, {device.cloud_price_date})"
+    from .hosted import hosted_prices_for  # reads data/hosted_inference.csv once, on first use
+
+    details["hosted_api_prices"] = [p.to_dict() for p in hosted_prices_for(spec)]

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from ..model import ModelSpec
 from ..units import round_up
 from .activations import (
+    GENERATE_INT64_BUFFERS,
     ForwardShape,
+    cache_update_bytes,
     tensor_bytes,
     decode_logits_bytes,
     forward_moments,
@@ -45,6 +47,21 @@ def _layer_tensor_bytes(spec: ModelSpec, batch: int, held: int, element_bytes: i
     return sum(round_up(batch * heads * held * width * element_bytes) for heads, width in layout.tensors)
 
 
+def cache_state_bytes(spec: ModelSpec, static: bool) -> int:
+    """Scalar tensors transformers' cache layers keep beside their keys and values, one 512-byte allocation each
+    (cache_utils.py, 5.x): ``StaticLayer.cumulative_length = torch.tensor(0)`` in every layer of a StaticCache
+    (``StaticLayer.__init__``), ``DynamicSlidingWindowLayer._sliding_window_tensor`` in every sliding layer of a
+    DynamicCache (``DynamicSlidingWindowLayer.__init__``, moved to the device at its first update). They live from
+    the cache's creation to its end, so every moment of the prefill and of decode holds them."""
+    layouts = layer_layouts(spec)
+    count = len(layouts) if static else sum(1 for layout in layouts if layout.window is not None)
+    return count * tensor_bytes(1, 8)
+
+
+def _with_state(moment: HfMoment, spec: ModelSpec, static: bool) -> HfMoment:
+    return HfMoment(moment.kv_cache, moment.activations + cache_state_bytes(spec, static), moment.logits)
+
+
 def prefill_moment(spec: ModelSpec, batch: int, prompt: int, *, element_bytes: int = 2, static_len: int | None = None,
                    kv_element_bytes: int | None = None) -> HfMoment:
     kv_e = kv_element_bytes or element_bytes
@@ -60,7 +77,7 @@ def prefill_moment(spec: ModelSpec, batch: int, prompt: int, *, element_bytes: i
                for size, before in forward_moments(spec, shape, prompt)]
     head = resident_bytes(spec, shape, prompt) + tensor_bytes(shape.tokens * spec.hidden_size, element_bytes)
     moments.append(HfMoment(kv, head, prefill_logits_bytes(spec, batch, element_bytes)))
-    return max(moments, key=lambda moment: moment.total)
+    return _with_state(max(moments, key=lambda moment: moment.total), spec, static_len is not None)
 
 
 def decode_moment(spec: ModelSpec, batch: int, context: int, *, element_bytes: int = 2, static_len: int | None = None,
@@ -80,14 +97,23 @@ def decode_moment(spec: ModelSpec, batch: int, context: int, *, element_bytes: i
     logits = decode_logits_bytes(spec, batch, seen)
     resident = resident_bytes(spec, shape, seen)
     moments = [HfMoment(kv, size, logits) for size, _ in forward_moments(spec, shape, seen)]
-    moments.append(HfMoment(kv, resident, decode_logits_bytes(spec, batch, seen, True, element_bytes)))
+    # after the forward (generate's sampling, generation/utils.py ``_sample``): the decoder's locals (hidden states,
+    # cos/sin, masks) are gone; generate's int64 [b, n] bookkeeping, five scalars, this step's logits and their fp32
+    # copy beside the previous step's, and the bool [b, n] of the stop check's ``bitwise_and`` remain
+    head = (GENERATE_INT64_BUFFERS - 1) * tensor_bytes(batch * seen, 8) + 3 * 512
+    moments.append(HfMoment(kv, head, decode_logits_bytes(spec, batch, seen, True, element_bytes)
+                            + tensor_bytes(batch * seen, 1)))
     if static_len is None:  # torch.cat keeps the layer's old tensor alive while it builds the new one
-        small = resident + 3 * tensor_bytes(batch * spec.num_heads * spec.head_dim, element_bytes)
+        if spec.traits.mla:
+            small = resident + 3 * tensor_bytes(batch * spec.num_heads * spec.head_dim, element_bytes)
+        else:  # the normed input [b, h] and the tensors alive at the update (activations.cache_update_bytes)
+            small = resident + tensor_bytes(batch * spec.hidden_size, element_bytes) + cache_update_bytes(
+                spec, batch, element_bytes)
         old = hf_largest_layer_tensor_bytes(spec, batch, seen - 1, kv_e)
         moments.append(HfMoment(kv + old, small, logits))
         if prompt is not None and spec.sliding_window and prompt + 1 < context:
             moments += _first_step_moments(spec, batch, prompt, element_bytes, kv_e, small)
-    return max(moments, key=lambda moment: moment.total)
+    return _with_state(max(moments, key=lambda moment: moment.total), spec, static_len is not None)
 
 
 def _first_step_moments(spec: ModelSpec, batch: int, prompt: int, element_bytes: int, kv_e: int,
@@ -106,14 +132,17 @@ def _first_step_moments(spec: ModelSpec, batch: int, prompt: int, element_bytes:
     after_first = [held_bytes(layout, hf_tokens_held(layout, prompt + 1, last_input=1)) for layout in layouts]
     logits = decode_logits_bytes(spec, batch, prompt)
     moments = []
+    # at layer 0 the decoder loop has no previous layer output yet: its input is inputs_embeds itself
+    first_layer = tensor_bytes(batch * spec.hidden_size, element_bytes)
     sliding = [i for i, layout in enumerate(layouts) if layout.window is not None]
     if sliding:
-        moments.append(HfMoment(sum(after_prefill) + after_first[sliding[0]], small, logits))
+        moments.append(HfMoment(sum(after_prefill) + after_first[sliding[0]],
+                                small - (first_layer if sliding[0] == 0 else 0), logits))
     full = [i for i, layout in enumerate(layouts) if layout.window is None]
     f = full[0] if full else 0
     kv = sum(after_first[: f + 1]) + sum(after_prefill[f + 1:])
     attended = hf_tokens_held(layouts[f], prompt + 1, last_input=1)
     shape = ForwardShape(batch, 1, attended, element_bytes)
-    busiest = max(size for size, _ in forward_moments(spec, shape, prompt + 1))
+    busiest = max(size for size, _ in forward_moments(spec, shape, prompt + 1)) - (first_layer if f == 0 else 0)
     moments.append(HfMoment(kv, busiest, logits))
     return moments

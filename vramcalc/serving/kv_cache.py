@@ -1,7 +1,8 @@
 """KV-cache bytes per family, exact to the storage.
 
 Per layer and per token a cache holds (e = bytes per element, 2 for bf16/fp16, 1 for an fp8 cache):
-- multi-head / grouped-query attention (llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, gemma2, phi3):
+- multi-head / grouped-query / multi-query attention (llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, gemma, gemma2,
+  phi, phi3, gpt_neox; partial rotary and fused qkv projections change nothing in the cache):
   keys and values of the ``num_key_value_heads`` heads: 2 · k · d · e
   (transformers ``cache_utils.DynamicLayer``/``StaticLayer``: keys ``[b, k, t, d]`` and values ``[b, k, t, d]``);
 - DeepSeek-V3 multi-head latent attention: the compressed latent and the shared rope key, one "head" each:

@@ -45,14 +45,16 @@ class ServeOption:
 
 
 def serve_plan(model, *, context: int, concurrency: int, gpus_to_try=None, tps=(1, 2, 4, 8), **options) -> list[ServeOption]:
-    """For each GPU: the smallest tensor-parallel degree at which one replica holds the model, the replicas needed
-    for ``concurrency`` sequences of ``context`` tokens, and the rent per million generated tokens with every replica
-    decoding a full batch. Sorted by $ per million tokens (unknown prices last)."""
+    """For each GPU: the tensor-parallel degree (of ``tps``) that serves ``concurrency`` sequences of ``context``
+    tokens on the fewest GPUs (replicas x tp; ties go to the lower $ per million generated tokens), and the rent per
+    million generated tokens with every replica decoding its share. A larger tp can need fewer GPUs in all: the
+    weights split, so each GPU keeps more room for KV blocks. Sorted by $ per million tokens (unknown prices last)."""
     if options.get("engine") in (None, "hf"):
         options["engine"] = "vllm"
     devices = [get_gpu(g) for g in gpus_to_try] if gpus_to_try else [g for g in gpus() if g.bandwidth_gb_s]
     plans = []
     for device in devices:
+        candidates = []
         for tp in tps:
             try:
                 best = max_concurrency(model, gpu=device, context=context, tp=tp, **options)
@@ -64,10 +66,11 @@ def serve_plan(model, *, context: int, concurrency: int, gpus_to_try=None, tps=(
             replicas = -(-concurrency // per_replica)
             probe = infer(model, context=context, concurrency=per_replica, gpu=device, tp=tp, **options)
             speed = probe.details.get("decode_tokens_per_s")
-            hourly = device.cloud_usd_per_gpu_hour * tp * replicas if device.cloud_usd_per_gpu_hour else None
+            hourly = round(device.cloud_usd_per_gpu_hour * tp * replicas, 4) if device.cloud_usd_per_gpu_hour else None
             price = hourly / (speed * replicas * 3600) * 1e6 if hourly and speed else None
-            plans.append(ServeOption(device.name, tp, replicas, tp * replicas, best, speed, hourly,
-                                     round(price, 4) if price else None))
-            break
+            candidates.append(ServeOption(device.name, tp, replicas, tp * replicas, best, speed, hourly,
+                                          round(price, 4) if price else None))
+        if candidates:
+            plans.append(min(candidates, key=lambda p: (p.gpus, p.usd_per_million_generated_tokens or 0)))
     return sorted(plans, key=lambda p: (p.usd_per_million_generated_tokens is None,
                                         p.usd_per_million_generated_tokens or 0, p.gpus))

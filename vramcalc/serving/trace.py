@@ -211,7 +211,7 @@ def run_inference_trace(spec: ModelSpec, *, batch_size: int, prompt_len: int, ne
     state = {"max_length": prompt_len + new_tokens, "tokens_before": 0}
     cache_steps: list[int] = []
     live_cache: list = []
-    decoder = model.model
+    decoder = model.base_model  # model.model (Llama layout), model.gpt_neox, ...
 
     def decoder_pre_hook(module, args, kwargs):
         tracker.in_logits = False

@@ -72,12 +72,23 @@ def weight_bytes(spec: ModelSpec, fmt: Weights, tp: int = 1) -> int:
 
 def hf_buffer_bytes(spec: ModelSpec) -> int:
     """Non-parameter buffers a transformers 5.x model registers: the rotary ``inv_freq`` and ``original_inv_freq``
-    (fp32, rope_dim / 2 each; ``modeling_rope_utils``), and Gemma-2's bf16 ``embed_tokens.embed_scale`` scalar."""
+    (fp32, rope_dim / 2 each; ``modeling_rope_utils``), and Gemma's and Gemma-2's 16-bit ``embed_tokens.embed_scale``
+    scalar (a buffer of their scaled word embedding)."""
     rope = spec.qk_rope_head_dim if spec.traits.mla else spec.head_dim
     out = 2 * round_up(4 * (rope // 2))
-    if spec.family == "gemma2":
+    if spec.family in ("gemma", "gemma2"):
         out += round_up(2)
     return out
+
+
+def engine_rope_cache_bytes(spec: ModelSpec, element_bytes: int = 2) -> int:
+    """vLLM's (and SGLang's, which adapted it) rotary table, a buffer every GPU holds beside the weights and counts in
+    "Loading model weights took": ``RotaryEmbedding._compute_cos_sin_cache`` registers ``cos_sin_cache``
+    [max_position_embeddings, rotary_dim] (cos and sin halves side by side) in the model dtype
+    (vllm/model_executor/layers/rotary_embedding). Llama-3.1-8B: 131,072 x 128 x 2 = 32 MiB, the gap between its
+    bf16 parameters (14.9575 GiB) and vLLM's logged 14.9888 GiB (benchmarks/serving_published.md). Models without
+    ``max_position_embeddings`` get none."""
+    return round_up((spec.max_position_embeddings or 0) * spec.rope_dim * element_bytes)
 
 
 def lora_bytes(spec: ModelSpec, rank: int, tp: int = 1, element_bytes: int = 2) -> int:
