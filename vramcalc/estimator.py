@@ -27,10 +27,10 @@ from .breakdown import MemoryBreakdown
 from .catalogue import GpuSpec, get_gpu, get_model
 from .errors import VramcalcError
 from .model import ModelSpec
-from .options import Loss, Phase, Sharding, Term
+from .options import Loss, Method, Phase, Sharding, Term
 from .profiles import runtime_profile
 from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, quantized, runtime,
-                    states, temporaries, trl_loss)
+                    stack_layers, states, temporaries, trl_loss)
 from .terms.distributed import GatheredTimeline
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import maximum, select
@@ -216,16 +216,17 @@ def layer_setup(resolved: ResolvedSetup) -> activations.LayerSetup:
     """The values a decoder layer's saved tensors depend on (``activations.LayerSetup``), from a resolved setup."""
     setup = resolved.setup
     return _layer_setup(setup.method, setup.precision, setup.adapter_dtype, resolved.attn_used, resolved.lora_modules,
-                        setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload)
+                        setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
+                        stack_layers.stack_layers(setup.stack))
 
 
 @functools.lru_cache(maxsize=4096)
 def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora_rank, lora_dropout, kernels,
-                 compiled, offload):
+                 compiled, offload, layers=stack_layers.HF):
     lora = method.uses_lora
     return activations.LayerSetup(method, activations.dtypes(method, precision, adapter_dtype), attn_used,
                                   lora_modules if lora else (), lora_rank if lora else 0, lora_dropout if lora else 0.0,
-                                  kernels, compiled, offload)
+                                  kernels, compiled, offload, layers)
 
 
 @functools.lru_cache(maxsize=256)
@@ -263,7 +264,7 @@ def _saved_plan(spec: ModelSpec, layer: activations.LayerSetup, ckpt: bool, mask
     attention_left = tuple(activations.attention_left(spec, layer, ckpt, moe, masked) if moe in kinds else None
                            for moe in (False, True))
     return _SavedPlan(activations.model_saved(spec, layer, ckpt, masked), activations.head_saved(spec, layer),
-                      activations.shared_saved(spec, layer.dtypes, layer.attn_used, ckpt, masked),
+                      activations.shared_saved(spec, layer.dtypes, layer.attn_used, ckpt, masked, layer.layers),
                       activations.attention_saved(spec, layer, masked), kept, recompute, attention_left)
 
 
@@ -289,6 +290,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     dt = layer.dtypes
     ckpt = csetup.grad_ckpt
     W, O, G_acc = rank.weights, rank.optimizer_states, rank.accumulated_gradients
+    W = W + stack_layers.rope_buffer_bytes(spec, layer.layers, csetup.padded_seq_len)  # a stack's rotary buffers
     B = rank.standing_buffers
     Bb = B + rank.backward_buffers
     plan = _saved_plan(spec, layer, ckpt, masked)
@@ -302,7 +304,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         lg = trl_loss.trl_logits_bytes(spec, dt, tokens, loss_head_grad, sequences=b)
         copies = trl_loss.without_head_copy(copies, spec, dt, tensors)
     else:
-        lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b, compiled=csetup.compile)
+        lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b, compiled=csetup.compile,
+                                 whole_head=csetup.method is Method.FULL)
     dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens, setup=csetup)
     dequant = dequant + float8.layer_backward_cast_bytes(spec, setup.precision, tokens)  # fp8: torchao's casts
     hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)

@@ -22,6 +22,13 @@
   ``fabric.backward``. Each chunk's ``cross_entropy`` saves its fp32 log_softmax. Forward peak 8·T·V (the fp32 list
   and the saved log_softmax; the conversion itself holds (c + 4)·T·V); backward start 8·T·V + 8·C·V (one chunk's two
   fp32 gradients); lm_head's backward sees the chunk's c·C·V gradient.
+  Full fine-tuning (``whole_head``; litgpt ``finetune/full.py:282-285`` calls ``model(input_ids)`` without
+  ``lm_head_chunk_size``): one [b, s, V] logits tensor, converted to fp32 (4·T·V, held through backward) and sliced
+  ``logits[..., :-1, :]``; ``chunked_cross_entropy`` (``utils.py:334-345``) reshapes it to [-1, V], which copies when
+  b > 1 (the slice is not viewable: 4·T·V more until the loss's forward ends), splits it into 128-row chunks and saves
+  each chunk's fp32 log_softmax. Forward peak 8·T·V, 12·T·V when b > 1. In backward the split's gradient is the
+  ``cat`` of every chunk's fp32 gradient, made while they are all buffered: 12·T·V (held, buffered, cat); lm_head's
+  backward holds the fp32 logits and the c·T·V gradient of Fabric's cast.
 Compiled (``compile``, with ``hf`` or ``torchtune``; torchtune's ``training.compile_loss`` compiles its loss): AOTAutograd with inductor's decompositions
   (``torch._inductor.decomposition.select_decomp_table``) and the min-cut partitioner keep the cross-entropy's 16-bit
   input and two fp32 values per row (its amax and log-sum-exp), not the fp32 log_softmax: checked by running
@@ -43,7 +50,7 @@ from dataclasses import dataclass
 from ..facts import CHUNKED_LOSS_CHUNKS, LITGPT_LM_HEAD_CHUNK_POSITIONS, fused_chunk_tokens
 from ..model import ModelSpec
 from ..options import Loss
-from ..units import DType, maximum, minimum
+from ..units import DType, maximum, minimum, select
 from .activations import Dtypes
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
@@ -60,12 +67,12 @@ class LogitsBytes:
 
 
 def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_bytes: int = 0,
-                 sequences=1, compiled: bool = False) -> LogitsBytes:
+                 sequences=1, compiled: bool = False, whole_head: bool = False) -> LogitsBytes:
     """The logits' and the loss's bytes at each moment, for ``tokens`` T (an int or a numpy array) and the model's V,
     h and final soft-cap; ``dt.c`` the compute bytes; ``dt.autocast`` (every precision but fp32) adds accelerate's
     fp32 copy of the outputs; ``head_grad_bytes`` lm_head's weight gradient when it trains (0 otherwise);
-    ``sequences`` the micro-batch (litgpt chunks lm_head by positions, so a chunk holds 128 of each). Formulas and
-    sources per loss: the module docstring."""
+    ``sequences`` the micro-batch (litgpt chunks lm_head by positions, so a chunk holds 128 of each); ``whole_head``
+    litgpt's full fine-tuning, whose lm_head is not chunked. Formulas and sources per loss: the module docstring."""
     V = model.vocab_size
     c = dt.c
     upcast = 0 if c == _F32 else _F32
@@ -95,6 +102,10 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
     if loss is Loss.LITGPT:
         held = _F32 * tokens * V  # the fp32 logits list fit() keeps through backward
         saved = held + _F32 * tokens * V + labels
+        if whole_head:
+            reshape_copy = select(sequences > 1, _F32 * tokens * V, 0)  # [b, s-1, V] -> [-1, V] copies when b > 1
+            forward = maximum(saved + reshape_copy, (c + _F32) * tokens * V + labels)
+            return LogitsBytes(forward, saved, held + 2 * _F32 * tokens * V + labels, held + c * tokens * V + labels)
         chunk = minimum(tokens, LITGPT_LM_HEAD_CHUNK_POSITIONS * sequences)
         forward = maximum(saved, (c + _F32) * tokens * V + labels)
         backward = saved + 2 * _F32 * chunk * V

@@ -1,0 +1,97 @@
+"""stack_layers: where a stack's own decoder differs from transformers' (the layer walk's reference), as traits.
+
+``terms/activations.py`` walks a transformers v5 decoder layer. torchtune 0.6.1 and litgpt 0.5.13 build their own
+Llama-style decoders, which save a few tensors differently; each difference is one trait of ``StackLayers``, read
+by the walk at the one op it changes, so no rule is written twice and no ``if stack ==`` is scattered. Each trait was
+found on the stack's own trace (``vramcalc/tracing/stacks/``, the tensors alive at the end of forward by the op that
+made them) and is cited to the stack's source (line numbers of the installed wheels).
+
+Symbols: T tokens, h hidden, a heads, k kv heads, d head dim, c compute bytes, s the sequence length.
+
+- ``norm_fp32_product``: the RMSNorm upcasts its input and multiplies by the weight in fp32, so when the weight
+  trains its fp32 product ``x_normed`` (4h per token, not the 16-bit y transformers saves) is saved for the weight's
+  gradient. torchtune ``modules/rms_norm.py:38-43`` (``F.rms_norm(x.float(), weight=self.scale).to(x.dtype)``: a
+  dtype mismatch, so torch runs the composite ``x * rsqrt(...) * weight``); litgpt ``model.py:1315-1322``
+  (``(x_normed * weight.float()).to(dtype)``).
+- ``kv_expanded``: k and v are copied to all a heads before SDPA whenever k < a (no mask needed), and SDPA saves the
+  copies (2·c·a·d per token instead of 2·c·k·d). torchtune ``modules/attention.py:285-291``
+  (``k.unsqueeze(2).expand(...).flatten(1, 2)``: flatten of an expanded view copies); litgpt ``model.py:147-150``
+  (``repeat_interleave``).
+- ``fused_qkv``: one qkv Linear whose output v is a view of (litgpt ``model.py:83-90``): without the expansion SDPA
+  saves that view and pins the whole fused output (c·(a+2k)·d), as for transformers' fused-qkv families.
+- ``query_head_major``: q reaches SDPA as a new contiguous [b, a, s, d] tensor (litgpt ``model.py:123``
+  ``torch.cat((q_roped, q[..., rope_n_elem:]))``), so the flash kernel's output keeps that layout and
+  ``y.reshape(B, T, a·d)`` (``model.py:182``) copies it: c·a·d per token, saved when o_proj saves its input.
+- ``rotary_per_forward``: transformers computes cos and sin (and position ids) in every forward, which every layer
+  saves (``activations.shared_saved``); torchtune and litgpt index a buffer built once (views, nothing saved).
+- ``rope_buffer``: that buffer, a weight-like tensor alive all step (``rope_buffer_bytes``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from ..model import ModelSpec
+from ..options import Stack
+from ..units import CUDA_ALLOCATION_GRANULE_BYTES, DType
+
+_F32 = DType.FP32.bytes
+
+
+class RopeBuffer(str, Enum):
+    """How a stack stores its rotary tables (``rope_buffer_bytes``)."""
+
+    NONE = "none"  # transformers: an inv_freq of d/2 fp32 values (in the weights already counted), cos/sin per forward
+    TORCHTUNE = "torchtune"  # one fp32 cache [max_seq_len, d/2, 2] and theta [d/2]
+    LITGPT = "litgpt"  # fp32 cos and sin [s, d] each, rebuilt for the longest sequence (fit: model.max_seq_length)
+
+
+@dataclass(frozen=True)
+class StackLayers:
+    """The traits of one stack's decoder (module docstring); ``HF`` is transformers' own."""
+
+    name: str
+    norm_fp32_product: bool = False
+    kv_expanded: bool = False
+    fused_qkv: bool = False
+    query_head_major: bool = False
+    rotary_per_forward: bool = True
+    rope_buffer: RopeBuffer = RopeBuffer.NONE
+
+
+HF = StackLayers("hf")
+TORCHTUNE = StackLayers("torchtune", norm_fp32_product=True, kv_expanded=True, rotary_per_forward=False,
+                        rope_buffer=RopeBuffer.TORCHTUNE)
+LITGPT = StackLayers("litgpt", norm_fp32_product=True, kv_expanded=True, fused_qkv=True, query_head_major=True,
+                     rotary_per_forward=False, rope_buffer=RopeBuffer.LITGPT)
+
+# the stacks that build their own decoder; every other stack runs transformers' modeling code
+_OWN_DECODER = {Stack.TORCHTUNE: TORCHTUNE, Stack.LITGPT: LITGPT}
+
+
+def stack_layers(stack: Stack) -> StackLayers:
+    """The decoder traits of ``stack`` (transformers' for the stacks built on it: hf, trl, axolotl, ...)."""
+    return _OWN_DECODER.get(stack, HF)
+
+
+def _granule(n: int) -> int:
+    return -(-n // CUDA_ALLOCATION_GRANULE_BYTES) * CUDA_ALLOCATION_GRANULE_BYTES
+
+
+def rope_buffer_bytes(model: ModelSpec, layers: StackLayers, seq_len: int) -> int:
+    """Bytes of the rotary buffers a stack's model holds beside its parameters (each rounded to CUDA's granule).
+
+    torchtune ``modules/position_embeddings.py:45-67`` (``RotaryPositionalEmbeddings.rope_init``/``build_rope_cache``):
+    ``theta`` d/2 fp32 and ``cache = stack([cos, sin], -1)`` of ``idx_theta.float()``, [max_seq_len, d/2, 2] fp32:
+    4·max_seq_len·d + 2·d bytes, one module shared by every layer (``_component_builders.llama3_1``).
+    litgpt ``model.py:54-59`` (``max_seq_length`` setter: ``cos``, ``sin`` from ``rope_cache()``, fp32
+    ``build_rope_cache``) at the longest sequence ``fit`` sets (finetune/lora.py): 2·4·s·d_rope bytes.
+    transformers: none beyond the parameters (0 here)."""
+    d = model.rope_dim
+    if layers.rope_buffer is RopeBuffer.TORCHTUNE:
+        max_seq_len = model.max_position_embeddings or 4096  # torchtune builders' max_seq_len
+        return _granule(_F32 * max_seq_len * d) + _granule(_F32 * (d // 2))
+    if layers.rope_buffer is RopeBuffer.LITGPT:
+        return 2 * _granule(_F32 * seq_len * d)
+    return 0
