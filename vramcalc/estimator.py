@@ -306,7 +306,13 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     else:
         lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b, compiled=csetup.compile,
                                  whole_head=csetup.method is Method.FULL)
-    dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens, setup=csetup)
+    dequant_beside = 0  # torchtune: torchao's eager dequantization, beside a layer's saved tensors (stack_layers.py)
+    if csetup.method is Method.QLORA and layer.layers.torchao_nf4:
+        dequant = 0
+        dequant_beside = stack_layers.nf4_dequant_moment_bytes(spec, dt.c, tokens, bool(ckpt))
+    else:
+        dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens,
+                                                       setup=csetup)
     dequant = dequant + float8.layer_backward_cast_bytes(spec, setup.precision, tokens)  # fp8: torchao's casts
     hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)
     head_saved = plan.head.bytes(b, s) + head_lora
@@ -338,7 +344,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                copies.backward_start + (0 if lg.forward_hidden_grad else hidden_grad) + norm_backward),
     ]
     moments += _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
-                                       A - head_saved, hidden_grad, norm_backward)
+                                       A - head_saved, hidden_grad, norm_backward, dequant_beside)
     embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens)
     if rank.gathering is None:
         moments.append(Moment(Phase.BACKWARD_END, W, Bb + rank.gradients, O, 0, 0, embedding_backward))
@@ -351,12 +357,12 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         ]
     moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, 0, 0, rank.optimizer_step))
     if setup.sharding is Sharding.NONE:  # the weights reaching the GPU (``terms/loading.py``), before any step
-        moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - W))
+        moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - rank.weights))
     return moments
 
 
 def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
-                            layers_saved, hidden_grad, norm_backward) -> list[Moment]:
+                            layers_saved, hidden_grad, norm_backward, dequant_beside=0) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -366,12 +372,17 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     layers are ends too) the end of each such layer's backward counts too: its full unsharded gradients wait there
     for their reduce-scatter beside the gathered units and the previous unit's reduce-scatter input.
     ``layers_saved``: the saved activations without the head's; a run of n layers is crossed at once (its kept
-    tensors and gradients times n), so the cost is per run, not per layer.
+    tensors and gradients times n), so the cost is per run, not per layer. ``dequant_beside``: a dequantization
+    whose transient replaces (is not added to) the halves' backward transients (torchao NF4, stack_layers.py).
     """
     c, attn_used = layer.dtypes.c, layer.attn_used
     transient = temporaries.layer_backward_bytes(spec, c, attn_used, b, s) + dequant
     mlp_transient = temporaries.mlp_backward_bytes(spec, c, b, s) + dequant
     attention_transient = temporaries.attention_backward_bytes(spec, c, attn_used, b, s) + dequant
+    if dequant_beside:
+        transient = maximum(transient, dequant_beside)
+        mlp_transient = maximum(mlp_transient, dequant_beside)
+        attention_transient = maximum(attention_transient, dequant_beside)
     shared = plan.shared.bytes(b, s)
     remaining = layers_saved - shared
     runs = _layer_runs(spec)

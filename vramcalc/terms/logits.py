@@ -15,7 +15,11 @@
   returns the 8 chunks of c logits as a list (``modules/transformer.py``) that ``_loss_step`` holds until the loss is
   computed (``del logits`` after ``self._loss_fn``); ``CEWithChunkedOutputLoss`` upcasts one chunk at a time and its
   log_softmax saves fp32. Forward peak: ``chunked``'s saved tensors + all c·T·V chunk logits + one fp32 chunk (the c
-  chunk's own share is already in the list); backward as ``chunked`` (the list is gone).
+  chunk's own share is already in the list); backward as ``chunked`` (the list is gone) until lm_head's backward:
+  lm_head ran on every chunk before the loss, so every chunk's loss backward (later in forward, so first in
+  autograd's order) runs before any lm_head backward, leaving the n chunks' c·C·V gradients (c·T·V) buffered; when
+  lm_head trains, its weight gradients are then summed out of place from the second chunk on: 3 [V, h] gradients
+  beside the n - 2 chunk gradients not yet consumed (traced, ``tracing/stacks/torchtune.py``).
 ``litgpt`` (litgpt 0.5 ``finetune/lora.py:355-359``, ``utils.py::chunked_cross_entropy``): lm_head runs on chunks of
   128 positions (C = 128·b tokens); Fabric's precision plugin converts the outputs to the default dtype, fp32
   (``lightning/fabric/wrappers.py`` ``convert_output``), and ``fit`` keeps that list in ``logits`` through
@@ -95,6 +99,10 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
         if loss is Loss.TORCHTUNE:  # the recipe's list of every chunk's c logits, alive through the loss
             forward = saved + c * tokens * V + upcast * chunk * V
         backward = saved + 2 * _F32 * chunk * V
+        if loss is Loss.TORCHTUNE:
+            if head_grad_bytes:
+                backward = maximum(backward, 3 * head_grad_bytes + (CHUNKED_LOSS_CHUNKS - 2) * c * chunk * V + labels)
+            return LogitsBytes(forward, saved, backward, c * tokens * V + labels)
         if head_grad_bytes:
             remaining = saved * (CHUNKED_LOSS_CHUNKS - 2) // CHUNKED_LOSS_CHUNKS
             backward = maximum(backward, remaining + 3 * head_grad_bytes + c * chunk * V)

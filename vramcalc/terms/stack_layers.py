@@ -25,6 +25,9 @@ Symbols: T tokens, h hidden, a heads, k kv heads, d head dim, c compute bytes, s
 - ``rotary_per_forward``: transformers computes cos and sin (and position ids) in every forward, which every layer
   saves (``activations.shared_saved``); torchtune and litgpt index a buffer built once (views, nothing saved).
 - ``rope_buffer``: that buffer, a weight-like tensor alive all step (``rope_buffer_bytes``).
+- ``torchao_nf4``: QLoRA's base weights are torchao ``NF4Tensor``s dequantized in eager PyTorch by every forward and
+  backward matmul, at any token count (``nf4_dequant_bytes``), not bitsandbytes' kernels
+  (``temporaries.dequantized_weight_bytes``).
 """
 
 from __future__ import annotations
@@ -58,11 +61,12 @@ class StackLayers:
     query_head_major: bool = False
     rotary_per_forward: bool = True
     rope_buffer: RopeBuffer = RopeBuffer.NONE
+    torchao_nf4: bool = False
 
 
 HF = StackLayers("hf")
 TORCHTUNE = StackLayers("torchtune", norm_fp32_product=True, kv_expanded=True, rotary_per_forward=False,
-                        rope_buffer=RopeBuffer.TORCHTUNE)
+                        rope_buffer=RopeBuffer.TORCHTUNE, torchao_nf4=True)
 LITGPT = StackLayers("litgpt", norm_fp32_product=True, kv_expanded=True, fused_qkv=True, query_head_major=True,
                      rotary_per_forward=False, rope_buffer=RopeBuffer.LITGPT)
 
@@ -95,3 +99,32 @@ def rope_buffer_bytes(model: ModelSpec, layers: StackLayers, seq_len: int) -> in
     if layers.rope_buffer is RopeBuffer.LITGPT:
         return 2 * _granule(_F32 * seq_len * d)
     return 0
+
+
+def nf4_dequant_bytes(model: ModelSpec, c: int) -> int:
+    """The transient of dequantizing the largest torchao ``NF4Tensor`` decoder weight (n elements) for one matmul.
+
+    torchao 0.17 ``quantization/quantize_/workflows/nf4/nf4_tensor.py``: ``LinearNF4.forward`` (:1065-1069) runs
+    ``F.linear(input, weight.to(input.dtype))`` and ``backward`` (:1071-1075) ``grad_output @ weight.to(...)``; the
+    ``to`` is ``get_original_weight`` (:855-891), whose locals are all alive at its final ``torch.stack``: the two
+    nibble index tensors ``(quantized_data >> 4).to(torch.long)`` and ``(quantized_data & 0b1111).to(torch.long)``
+    (int64, n/2 each: 8n bytes), their lookups ``nf4[value]`` (c·n/2 each), the two scaled halves (c·n/2 each) and the
+    stacked weight (c·n): 8n + 3·c·n bytes, the weight's c·n staying until the matmul ends. The scalers' own
+    dequantization (n/64 values) is left out. torchtune quantizes every decoder Linear (``FrozenNF4Linear`` or
+    ``LoRALinear(quantize_base=True)``, ``models/llama3_1/_component_builders.py``), not the output head."""
+    largest = max(module.weight_numel for module in model.inventory.linears)
+    return 8 * largest + 3 * c * largest
+
+
+def nf4_dequant_moment_bytes(model: ModelSpec, c: int, tokens, recomputing: bool):
+    """What a decoder layer's backward holds beside its saved (or recomputed) tensors while torchao dequantizes its
+    largest weight (``nf4_dequant_bytes``): the gradient arriving at the layer (c·T·h) and, under checkpointing,
+    the forward values live at the MLP's last matmul of the recompute: the attention output and the residual
+    ``h`` (torchtune ``modules/transformer.py`` ``TransformerSelfAttentionLayer.forward`` keeps ``attn_out`` and ``h``
+    as locals until it returns: 2·c·T·h) and down's input, which ``LinearNF4`` does not save (c·T·I). Without
+    checkpointing the dequantization runs in down's and the projections' backward, after the same incoming
+    gradient. Traced on ``tracing/stacks/torchtune.py``: the peak of a small-vocabulary QLoRA step is this moment."""
+    live = c * tokens * model.hidden_size
+    if recomputing:
+        live += c * tokens * (2 * model.hidden_size + model.mlp_width)
+    return live + nf4_dequant_bytes(model, c)
