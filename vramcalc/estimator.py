@@ -292,6 +292,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     W, O, G_acc = rank.weights, rank.optimizer_states, rank.accumulated_gradients
     W = W + stack_layers.rope_buffer_bytes(spec, layer.layers, csetup.padded_seq_len)  # a stack's rotary buffers
     B = rank.standing_buffers
+    stable = stack_layers.has_stable_embedding(layer.layers, csetup.method)  # litgpt QLoRA's never-freed gradient
+    if stable:
+        B = B + stack_layers.stable_embedding_grad_bytes(spec, dt.r)
     Bb = B + rank.backward_buffers
     plan = _saved_plan(spec, layer, ckpt, masked)
     A = plan.model.bytes(b, s)
@@ -346,6 +349,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     moments += _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                                        A - head_saved, hidden_grad, norm_backward, dequant_beside)
     embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens)
+    if stable:
+        embedding_backward = stack_layers.stable_embedding_backward_bytes(spec, dt.r, tokens)
     if rank.gathering is None:
         moments.append(Moment(Phase.BACKWARD_END, W, Bb + rank.gradients, O, 0, 0, embedding_backward))
     else:  # the embedding's copy-out (its buffer and parameters at once) and its backward, every layer reduced

@@ -59,6 +59,7 @@ from ..model import ModelSpec, cached_field_hash, state_without_hash
 from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Method, Precision
 from ..units import DType, select
 from .layouts import ParallelBlockWalk, residual_bytes
+from . import stack_layers
 from .stack_layers import HF as HF_LAYERS
 from .stack_layers import StackLayers
 
@@ -601,8 +602,11 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     elif grad_ckpt or layer.offload:
         first = layer_kept(model, layer, grad_ckpt, first_moe, masked)
     else:
-        first = layer_saved(model, layer, first_moe, masked, first_layer_needs_grad(layer.method))
+        stable = stack_layers.has_stable_embedding(layer.layers, layer.method)  # litgpt QLoRA: the embedding trains
+        first = layer_saved(model, layer, first_moe, masked, first_layer_needs_grad(layer.method) or stable)
     total += first
+    if stack_layers.has_stable_embedding(layer.layers, layer.method):
+        total += Saved(per_token=stack_layers.stable_embedding_saved_per_token(model, layer.dtypes.r))
     if grad_ckpt and not layer.offload:  # the first layer's input is the embedding's r bytes (layouts.residual_bytes)
         total += Saved(per_token=(layer.dtypes.r - residual_bytes(model, layer)) * model.hidden_size)
     dense = model.num_dense_layers - (0 if first_moe else 1)

@@ -25,7 +25,9 @@
   (``lightning/fabric/wrappers.py`` ``convert_output``), and ``fit`` keeps that list in ``logits`` through
   ``fabric.backward``. Each chunk's ``cross_entropy`` saves its fp32 log_softmax. Forward peak 8·T·V (the fp32 list
   and the saved log_softmax; the conversion itself holds (c + 4)·T·V); backward start 8·T·V + 8·C·V (one chunk's two
-  fp32 gradients); lm_head's backward sees the chunk's c·C·V gradient.
+  fp32 gradients); the loss's and the casts' backward (made after every lm_head chunk in forward, so first in
+  autograd's order) all run before lm_head's: its backward sees the fp32 list and every chunk's c gradient,
+  (4 + c)·T·V.
   Full fine-tuning (``whole_head``; litgpt ``finetune/full.py:282-285`` calls ``model(input_ids)`` without
   ``lm_head_chunk_size``): one [b, s, V] logits tensor, converted to fp32 (4·T·V, held through backward) and sliced
   ``logits[..., :-1, :]``; ``chunked_cross_entropy`` (``utils.py:334-345``) reshapes it to [-1, V], which copies when
@@ -117,7 +119,9 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
         chunk = minimum(tokens, LITGPT_LM_HEAD_CHUNK_POSITIONS * sequences)
         forward = maximum(saved, (c + _F32) * tokens * V + labels)
         backward = saved + 2 * _F32 * chunk * V
-        return LogitsBytes(forward, saved, backward, saved + c * chunk * V)
+        # every chunk's loss backward and Fabric's casts run before any lm_head backward (made later in forward):
+        # lm_head's backward sees the fp32 list and every chunk's c gradient (traced, tracing/stacks/litgpt.py)
+        return LogitsBytes(forward, saved, backward, held + c * tokens * V + labels)
     chunk = fused_chunk_tokens(tokens, V, model.hidden_size)
     hidden_bytes = max(dt.norm_out, dt.r)
     grad_input = hidden_bytes * tokens * model.hidden_size

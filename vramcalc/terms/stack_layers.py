@@ -25,6 +25,8 @@ Symbols: T tokens, h hidden, a heads, k kv heads, d head dim, c compute bytes, s
 - ``rotary_per_forward``: transformers computes cos and sin (and position ids) in every forward, which every layer
   saves (``activations.shared_saved``); torchtune and litgpt index a buffer built once (views, nothing saved).
 - ``rope_buffer``: that buffer, a weight-like tensor alive all step (``rope_buffer_bytes``).
+- ``stable_embedding``: QLoRA swaps the embedding for bitsandbytes' ``StableEmbedding`` after the optimizer is built
+  (litgpt ``finetune/lora.py:218-228``), so it trains without being stepped (``stable_embedding_*``).
 - ``torchao_nf4``: QLoRA's base weights are torchao ``NF4Tensor``s dequantized in eager PyTorch by every forward and
   backward matmul, at any token count (``nf4_dequant_bytes``), not bitsandbytes' kernels
   (``temporaries.dequantized_weight_bytes``).
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..model import ModelSpec
-from ..options import Stack
+from ..options import Method, Stack
 from ..units import CUDA_ALLOCATION_GRANULE_BYTES, DType
 
 _F32 = DType.FP32.bytes
@@ -62,13 +64,14 @@ class StackLayers:
     rotary_per_forward: bool = True
     rope_buffer: RopeBuffer = RopeBuffer.NONE
     torchao_nf4: bool = False
+    stable_embedding: bool = False
 
 
 HF = StackLayers("hf")
 TORCHTUNE = StackLayers("torchtune", norm_fp32_product=True, kv_expanded=True, rotary_per_forward=False,
                         rope_buffer=RopeBuffer.TORCHTUNE, torchao_nf4=True)
 LITGPT = StackLayers("litgpt", norm_fp32_product=True, kv_expanded=True, fused_qkv=True, query_head_major=True,
-                     rotary_per_forward=False, rope_buffer=RopeBuffer.LITGPT)
+                     rotary_per_forward=False, rope_buffer=RopeBuffer.LITGPT, stable_embedding=True)
 
 # the stacks that build their own decoder; every other stack runs transformers' modeling code
 _OWN_DECODER = {Stack.TORCHTUNE: TORCHTUNE, Stack.LITGPT: LITGPT}
@@ -128,3 +131,31 @@ def nf4_dequant_moment_bytes(model: ModelSpec, c: int, tokens, recomputing: bool
     if recomputing:
         live += c * tokens * (2 * model.hidden_size + model.mlp_width)
     return live + nf4_dequant_bytes(model, c)
+
+
+def has_stable_embedding(layers: StackLayers, method: Method) -> bool:
+    """litgpt QLoRA (finetune/lora.py:218-228): ``transformer.wte`` becomes a bitsandbytes ``StableEmbedding`` *after*
+    the optimizer was built over ``model.parameters()``; the new module's weight and LayerNorm require grad (made
+    after ``mark_only_lora_as_trainable``) but no optimizer steps or zeroes them."""
+    return layers.stable_embedding and method is Method.QLORA
+
+
+def stable_embedding_grad_bytes(model: ModelSpec, c: int) -> int:
+    """The StableEmbedding's gradients, alive at every moment from the first backward on (never freed): the [V, h]
+    weight's and its LayerNorm's weight and bias [h], in the model dtype c (``fabric.init_module``)."""
+    return _granule(c * model.vocab_size * model.hidden_size) + 2 * _granule(c * model.hidden_size)
+
+
+def stable_embedding_backward_bytes(model: ModelSpec, c: int, tokens):
+    """The embedding's backward: the incoming [T, h] gradient and ``embedding_dense_backward``'s new [V, h] gradient,
+    which AccumulateGrad adds in place into the standing one (``stable_embedding_grad_bytes``)."""
+    return c * tokens * model.hidden_size + c * model.vocab_size * model.hidden_size
+
+
+def stable_embedding_saved_per_token(model: ModelSpec, c: int) -> int:
+    """What the StableEmbedding saves per token: ``self.norm(emb.to(torch.get_default_dtype()))`` (bitsandbytes
+    ``nn/modules.py:117-131``) runs inside Fabric's forward context, whose default dtype is the model's (bf16-true:
+    the ``to`` is a no-op), so ``native_layer_norm`` saves the c·h embedding output and its mean and rstd (fp32 on
+    CUDA: 8 bytes). Its output needs a gradient, so the first decoder layer saves as every other
+    (``activations.first_layer_needs_grad``)."""
+    return c * model.hidden_size + 2 * _F32
