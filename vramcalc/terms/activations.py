@@ -295,7 +295,10 @@ class _LayerWalk(ParallelBlockWalk):
         h, a, k, d = m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim
         c = dt.c
         uses = [self.use(name, h) for name in m.traits.qkv_names]
-        qkv = self.linears(uses, n)
+        if self.layer.layers.fused_qkv_lora:  # litgpt: one adapter on the fused qkv (stack_layers.py)
+            qkv = stack_layers.fused_qkv_lora_linears(self, uses, n)
+        else:
+            qkv = self.linears(uses, n)
         if m.qk_norm:
             qkv = max(self.norm(d, qkv, rows=a), self.norm(d, qkv, rows=k))  # q_norm, k_norm per head
         embed = max(qkv, dt.r)  # RoPE multiplies by cos/sin in the residual dtype

@@ -25,6 +25,7 @@ Symbols: T tokens, h hidden, a heads, k kv heads, d head dim, c compute bytes, s
 - ``rotary_per_forward``: transformers computes cos and sin (and position ids) in every forward, which every layer
   saves (``activations.shared_saved``); torchtune and litgpt index a buffer built once (views, nothing saved).
 - ``rope_buffer``: that buffer, a weight-like tensor alive all step (``rope_buffer_bytes``).
+- ``fused_qkv_lora``: LoRA on q, k and v is one adapter on the fused projection (``fused_qkv_lora_linears``).
 - ``stable_embedding``: QLoRA swaps the embedding for bitsandbytes' ``StableEmbedding`` after the optimizer is built
   (litgpt ``finetune/lora.py:218-228``), so it trains without being stepped (``stable_embedding_*``).
 - ``torchao_nf4``: QLoRA's base weights are torchao ``NF4Tensor``s dequantized in eager PyTorch by every forward and
@@ -65,13 +66,15 @@ class StackLayers:
     rope_buffer: RopeBuffer = RopeBuffer.NONE
     torchao_nf4: bool = False
     stable_embedding: bool = False
+    fused_qkv_lora: bool = False
 
 
 HF = StackLayers("hf")
 TORCHTUNE = StackLayers("torchtune", norm_fp32_product=True, kv_expanded=True, rotary_per_forward=False,
                         rope_buffer=RopeBuffer.TORCHTUNE, torchao_nf4=True)
 LITGPT = StackLayers("litgpt", norm_fp32_product=True, kv_expanded=True, fused_qkv=True, query_head_major=True,
-                     rotary_per_forward=False, rope_buffer=RopeBuffer.LITGPT, stable_embedding=True)
+                     rotary_per_forward=False, rope_buffer=RopeBuffer.LITGPT, stable_embedding=True,
+                     fused_qkv_lora=True)
 
 # the stacks that build their own decoder; every other stack runs transformers' modeling code
 _OWN_DECODER = {Stack.TORCHTUNE: TORCHTUNE, Stack.LITGPT: LITGPT}
@@ -159,3 +162,26 @@ def stable_embedding_saved_per_token(model: ModelSpec, c: int) -> int:
     CUDA: 8 bytes). Its output needs a gradient, so the first decoder layer saves as every other
     (``activations.first_layer_needs_grad``)."""
     return c * model.hidden_size + 2 * _F32
+
+
+def fused_qkv_lora_linears(walk, uses, x_bytes: int) -> int:
+    """litgpt's ``LoRAQKVLinear`` (``lora.py:175-416``) on the fused qkv projection, for the layer walk ``walk``
+    (``activations._LayerWalk``; returns the output's bytes per element as ``walk.linears`` does).
+
+    One adapter serves the N enabled slices of q, k, v: ``F.linear(self.lora_dropout(x), self.lora_A)`` (:411) makes
+    one dropout (one mask and one output, or x itself without dropout) and one A output [T, N·r]; ``conv1d`` applies
+    the N slices of B; when N < 3, ``zero_pad`` (:288-327) scatters B's output into the fused width with
+    ``index_copy_``, and B's output [T, sum of the enabled widths] stays saved (traced: the ``convolution`` or the GQA
+    ``cat`` of ``conv1d``'s outputs). So the walk counts the first enabled slice as a peft LoRA module (dropout, its
+    input, r of A's output) and each other slice only as its r more of A's output; then B's output when N < 3."""
+    lora_uses = [use for use in uses if use.lora]
+    if not lora_uses:
+        return walk.linears(uses, x_bytes)
+    first = lora_uses[0]
+    out = walk.linears([use if use is first or not use.lora else use._replace(lora=False) for use in uses], x_bytes)
+    dt = walk.dt
+    rank_bytes = dt.c if dt.autocast else dt.adapter
+    walk.per_token += rank_bytes * walk.layer.lora_rank * (len(lora_uses) - 1)
+    if len(lora_uses) < 3:
+        walk.per_token += rank_bytes * sum(walk.width_out(use.name) for use in lora_uses)
+    return out
