@@ -20,7 +20,7 @@ are walked once per kind and crossed one run of same-kind layers at a time (``_l
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from .breakdown import MemoryBreakdown
@@ -92,7 +92,9 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
     optimizer_name = resolved.setup.optimizer
     paged = 0
     if optimizer_name.is_paged:  # only paged optimizers take states out of torch's allocator
-        paged = optimizer.optimizer_state_bytes(parameters.stored_tensors(spec, resolved), optimizer_name).paged_bytes
+        embedding_32bit = stack_layers.stack_layers(resolved.setup.stack).trainer_optimizer
+        paged = optimizer.optimizer_state_bytes(parameters.stored_tensors(spec, resolved), optimizer_name,
+                                                embedding_32bit).paged_bytes
     return _TensorPeak(terms, peak.phase, paged)
 
 
@@ -276,6 +278,10 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     tensors = parameters.stored_tensors(spec, resolved)
     # one GPU's weights, gradients and optimizer states
     rank = states.model_states(spec, tensors, setup.method, setup.optimizer, setup.grad_accum)
+    traits = stack_layers.stack_layers(setup.stack)
+    if not traits.trainer_optimizer and setup.optimizer.is_8bit:  # bitsandbytes' own 8-bit embedding states
+        rank = replace(rank, optimizer_states=optimizer.optimizer_state_bytes(tensors, setup.optimizer, False)
+                       .device_bytes)
     if setup.sharding is not Sharding.NONE:  # the engine shards them, and may compute in 16 bits
         rank = distributed.rank_states(spec, resolved, rank)
         compute = distributed.compute_setup(resolved)  # the setup itself under DDP
@@ -284,7 +290,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     # stepped and freed only once every chunk has added to it (the post-accumulate-grad hook): the loss sees it whole
     loss_head_grad = rank.head_gradient
     if setup.optimizer_in_backward:
-        rank = states.optimizer_in_backward(rank, tensors, setup.optimizer)
+        rank = states.optimizer_in_backward(rank, tensors, setup.optimizer, traits.trainer_optimizer)
     csetup = compute.setup
     layer = layer_setup(compute)
     dt = layer.dtypes

@@ -28,6 +28,9 @@ Symbols: T tokens, h hidden, a heads, k kv heads, d head dim, c compute bytes, s
 - ``fused_qkv_lora``: LoRA on q, k and v is one adapter on the fused projection (``fused_qkv_lora_linears``).
 - ``stable_embedding``: QLoRA swaps the embedding for bitsandbytes' ``StableEmbedding`` after the optimizer is built
   (litgpt ``finetune/lora.py:218-228``), so it trains without being stepped (``stable_embedding_*``).
+- ``trainer_optimizer``: transformers' Trainer builds the optimizer, and with a bitsandbytes optimizer overrides
+  every ``nn.Embedding`` to 32-bit states (``Trainer.create_optimizer``: ``manager.register_module_override(module,
+  "weight", {"optim_bits": 32})``); torchtune and litgpt instantiate bitsandbytes directly: 8-bit embedding states.
 - ``torchao_nf4``: QLoRA's base weights are torchao ``NF4Tensor``s dequantized in eager PyTorch by every forward and
   backward matmul, at any token count (``nf4_dequant_bytes``), not bitsandbytes' kernels
   (``temporaries.dequantized_weight_bytes``).
@@ -67,12 +70,13 @@ class StackLayers:
     torchao_nf4: bool = False
     stable_embedding: bool = False
     fused_qkv_lora: bool = False
+    trainer_optimizer: bool = True
 
 
 HF = StackLayers("hf")
-TORCHTUNE = StackLayers("torchtune", norm_fp32_product=True, kv_expanded=True, rotary_per_forward=False,
+TORCHTUNE = StackLayers("torchtune", norm_fp32_product=True, trainer_optimizer=False, kv_expanded=True, rotary_per_forward=False,
                         rope_buffer=RopeBuffer.TORCHTUNE, torchao_nf4=True)
-LITGPT = StackLayers("litgpt", norm_fp32_product=True, kv_expanded=True, fused_qkv=True, query_head_major=True,
+LITGPT = StackLayers("litgpt", norm_fp32_product=True, trainer_optimizer=False, kv_expanded=True, fused_qkv=True, query_head_major=True,
                      rotary_per_forward=False, rope_buffer=RopeBuffer.LITGPT, stable_embedding=True,
                      fused_qkv_lora=True)
 
