@@ -318,7 +318,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     dequant_beside = 0  # torchtune: torchao's eager dequantization, beside a layer's saved tensors (stack_layers.py)
     if csetup.method is Method.QLORA and layer.layers.torchao_nf4:
         dequant = 0
-        dequant_beside = stack_layers.nf4_dequant_moment_bytes(spec, dt.c, tokens, bool(ckpt))
+        dequant_beside = stack_layers.nf4_dequant_moment_bytes(spec, dt.c, tokens, bool(ckpt), csetup.compile)
     else:
         dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens,
                                                        setup=csetup)

@@ -103,7 +103,7 @@ def dtypes(method: Method, precision: Precision, adapter_dtype: AdapterDtype) ->
     """Element bytes the layer walk follows. r = the precision's parameter dtype (16 bits for QLoRA's unquantized
     parts without a ``mixed-*`` word); c = the autocast dtype, or r without autocast (fp32); the adapter's from
     ``facts.adapter_bits``. Source: transformers v5 load dtypes, torch autocast, peft ``autocast_adapter_dtype``."""
-    autocast = precision is not Precision.FP32
+    autocast = precision.autocast  # every word but fp32 and bf16-true
     param = precision.param_dtype.bytes
     if method is Method.QLORA and not precision.is_mixed:
         param = 2

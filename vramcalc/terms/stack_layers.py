@@ -25,6 +25,9 @@ Symbols: T tokens, h hidden, a heads, k kv heads, d head dim, c compute bytes, s
 - ``rotary_per_forward``: transformers computes cos and sin (and position ids) in every forward, which every layer
   saves (``activations.shared_saved``); torchtune and litgpt index a buffer built once (views, nothing saved).
 - ``rope_buffer``: that buffer, a weight-like tensor alive all step (``rope_buffer_bytes``).
+- ``fused_gelu``: the plain MLP's GELU is one ``F.gelu(x, approximate=...)`` that saves its input only (litgpt
+  ``model.py:812-815`` ``GptNeoxMLP``), where transformers' phi runs ``NewGELUActivation`` as eager pointwise ops that
+  save four [T, I] tensors (``layouts.GELU_NEW_SAVED``).
 - ``fused_qkv_lora``: LoRA on q, k and v is one adapter on the fused projection (``fused_qkv_lora_linears``).
 - ``stable_embedding``: QLoRA swaps the embedding for bitsandbytes' ``StableEmbedding`` after the optimizer is built
   (litgpt ``finetune/lora.py:218-228``), so it trains without being stepped (``stable_embedding_*``).
@@ -71,6 +74,7 @@ class StackLayers:
     stable_embedding: bool = False
     fused_qkv_lora: bool = False
     trainer_optimizer: bool = True
+    fused_gelu: bool = False
 
 
 HF = StackLayers("hf")
@@ -78,7 +82,7 @@ TORCHTUNE = StackLayers("torchtune", norm_fp32_product=True, trainer_optimizer=F
                         rope_buffer=RopeBuffer.TORCHTUNE, torchao_nf4=True)
 LITGPT = StackLayers("litgpt", norm_fp32_product=True, trainer_optimizer=False, kv_expanded=True, fused_qkv=True, query_head_major=True,
                      rotary_per_forward=False, rope_buffer=RopeBuffer.LITGPT, stable_embedding=True,
-                     fused_qkv_lora=True)
+                     fused_qkv_lora=True, fused_gelu=True)
 
 # the stacks that build their own decoder; every other stack runs transformers' modeling code
 _OWN_DECODER = {Stack.TORCHTUNE: TORCHTUNE, Stack.LITGPT: LITGPT}
@@ -111,7 +115,7 @@ def rope_buffer_bytes(model: ModelSpec, layers: StackLayers, seq_len: int) -> in
     return 0
 
 
-def nf4_dequant_bytes(model: ModelSpec, c: int) -> int:
+def nf4_dequant_bytes(model: ModelSpec, c: int, compiled: bool = False) -> int:
     """The transient of dequantizing the largest torchao ``NF4Tensor`` decoder weight (n elements) for one matmul.
 
     torchao 0.17 ``quantization/quantize_/workflows/nf4/nf4_tensor.py``: ``LinearNF4.forward`` (:1065-1069) runs
@@ -121,12 +125,16 @@ def nf4_dequant_bytes(model: ModelSpec, c: int) -> int:
     (int64, n/2 each: 8n bytes), their lookups ``nf4[value]`` (c·n/2 each), the two scaled halves (c·n/2 each) and the
     stacked weight (c·n): 8n + 3·c·n bytes, the weight's c·n staying until the matmul ends. The scalers' own
     dequantization (n/64 values) is left out. torchtune quantizes every decoder Linear (``FrozenNF4Linear`` or
-    ``LoRALinear(quantize_base=True)``, ``models/llama3_1/_component_builders.py``), not the output head."""
+    ``LoRALinear(quantize_base=True)``, ``models/llama3_1/_component_builders.py``), not the output head.
+    ``compiled`` (``--compile``: torchtune compiles each layer): inductor fuses the unpacking, lookups and scaling
+    into one kernel that writes the c·n weight only (an assumption: not traced, the torchtune trace runs eagerly)."""
     largest = max(module.weight_numel for module in model.inventory.linears)
+    if compiled:
+        return c * largest
     return 8 * largest + 3 * c * largest
 
 
-def nf4_dequant_moment_bytes(model: ModelSpec, c: int, tokens, recomputing: bool):
+def nf4_dequant_moment_bytes(model: ModelSpec, c: int, tokens, recomputing: bool, compiled: bool = False):
     """What a decoder layer's backward holds beside its saved (or recomputed) tensors while torchao dequantizes its
     largest weight (``nf4_dequant_bytes``): the gradient arriving at the layer (c·T·h) and, under checkpointing,
     the forward values live at the MLP's last matmul of the recompute: the attention output and the residual
@@ -137,7 +145,7 @@ def nf4_dequant_moment_bytes(model: ModelSpec, c: int, tokens, recomputing: bool
     live = c * tokens * model.hidden_size
     if recomputing:
         live += c * tokens * (2 * model.hidden_size + model.mlp_width)
-    return live + nf4_dequant_bytes(model, c)
+    return live + nf4_dequant_bytes(model, c, compiled)
 
 
 def has_stable_embedding(layers: StackLayers, method: Method) -> bool:
