@@ -1,6 +1,7 @@
 """``--precision bf16-true``: the model in bf16 with no autocast (Lightning Fabric's "bf16-true", litgpt's configs,
-torchtune's ``dtype: bf16``). The claims: it is a precision word with bf16 states; it never saves more than ``bf16``
-(autocast only adds fp32 outputs and per-matmul casts); the stacks that run without autocast default to it; and the
+torchtune's ``dtype: bf16``). The claims: it is a precision word with bf16 states; with bf16 adapters it never
+saves more than ``bf16`` (autocast only adds fp32 outputs and per-matmul casts; fp32 adapters without autocast do
+compute, and save, in fp32); the stacks that run without autocast default to it; and the
 estimate matches the trace of transformers' own model run without autocast (``tracing/step.py``), on Llama and on
 the LayerNorm families where autocast matters (their fp32 LayerNorm outputs under autocast)."""
 
@@ -36,6 +37,8 @@ def test_bf16_true_is_a_bf16_word_without_autocast():
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_no_autocast_never_saves_more_than_autocast(spec, method):
     options = dict(method=method, seq_len=512, batch_size=2)
+    if method != "full":
+        options["adapter_dtype"] = "bf16"
     true = vc.estimate(spec, precision="bf16-true", **options)
     autocast = vc.estimate(spec, precision="bf16", **options)
     assert true.peak_tensor_bytes <= autocast.peak_tensor_bytes
