@@ -296,7 +296,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     dt = layer.dtypes
     ckpt = csetup.grad_ckpt
     W, O, G_acc = rank.weights, rank.optimizer_states, rank.accumulated_gradients
-    W = W + stack_layers.rope_buffer_bytes(spec, layer.layers, csetup.padded_seq_len)  # a stack's rotary buffers
+    W = W + stack_layers.rope_buffer_bytes(spec, layer.layers, s)  # a stack's rotary buffers
     B = rank.standing_buffers
     stable = stack_layers.has_stable_embedding(layer.layers, csetup.method)  # litgpt QLoRA's never-freed gradient
     if stable:
@@ -315,7 +315,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     else:
         lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b, compiled=csetup.compile,
                                  whole_head=csetup.method is Method.FULL)
-    dequant_beside = 0  # torchtune: torchao's eager dequantization, beside a layer's saved tensors (stack_layers.py)
+    dequant_beside = None  # torchtune: torchao's eager dequantization, beside a layer's saved tensors (stack_layers)
     if csetup.method is Method.QLORA and layer.layers.torchao_nf4:
         dequant = 0
         dequant_beside = stack_layers.nf4_dequant_moment_bytes(spec, dt.c, tokens, bool(ckpt), csetup.compile)
@@ -373,7 +373,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
 
 
 def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
-                            layers_saved, hidden_grad, norm_backward, dequant_beside=0) -> list[Moment]:
+                            layers_saved, hidden_grad, norm_backward, dequant_beside=None) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -390,7 +390,7 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     transient = temporaries.layer_backward_bytes(spec, c, attn_used, b, s) + dequant
     mlp_transient = temporaries.mlp_backward_bytes(spec, c, b, s) + dequant
     attention_transient = temporaries.attention_backward_bytes(spec, c, attn_used, b, s) + dequant
-    if dequant_beside:
+    if dequant_beside is not None:
         transient = maximum(transient, dequant_beside)
         mlp_transient = maximum(mlp_transient, dequant_beside)
         attention_transient = maximum(attention_transient, dequant_beside)
