@@ -289,8 +289,10 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     # lm_head's weight gradient as the loss's backward builds it: under optimizer-in-backward (one GPU only) it is
     # stepped and freed only once every chunk has added to it (the post-accumulate-grad hook): the loss sees it whole
     loss_head_grad = rank.head_gradient
+    outer_step = 0
     if setup.optimizer_in_backward:
         rank = states.optimizer_in_backward(rank, tensors, setup.optimizer, traits.trainer_optimizer)
+        outer_step = states.outer_step_bytes(tensors, setup.optimizer)  # lm_head's, the embedding's step
     csetup = compute.setup
     layer = layer_setup(compute)
     dt = layer.dtypes
@@ -344,36 +346,39 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, lg.forward_peak, copies.forward),
         Moment(Phase.BACKWARD_START, W + gathered.loss_backward, B + G_acc, O, A, lg.backward_peak,
                copies.backward_start),
-        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad), O, A, lg.head_backward,
+        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad) + outer_step, O, A,
+               lg.head_backward,
                copies.backward_start + hidden_grad + extras.head_backward
                + adapters.head_lora_backward_bytes(spec, layer, tokens)),
         # the final norm's backward: its input gradient (fused: the loss's grad_input) and fp32 transients
-        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad), O, A,
-               lg.forward_hidden_grad,
+        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad) + outer_step, O, A,
+               lg.forward_hidden_grad + lg.held,
                copies.backward_start + (0 if lg.forward_hidden_grad else hidden_grad) + norm_backward),
     ]
     moments += _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
-                                       A - head_saved, hidden_grad, norm_backward, dequant_beside)
+                                       A - head_saved, hidden_grad, norm_backward, dequant_beside, lg.held)
     embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens)
     if stable:
         embedding_backward = stack_layers.stable_embedding_backward_bytes(spec, dt.r, tokens)
     if rank.gathering is None:
-        moments.append(Moment(Phase.BACKWARD_END, W, Bb + rank.gradients, O, 0, 0, embedding_backward))
+        moments.append(Moment(Phase.BACKWARD_END, W, Bb + rank.gradients + outer_step, O, 0, lg.held,
+                              embedding_backward))
     else:  # the embedding's copy-out (its buffer and parameters at once) and its backward, every layer reduced
         moments += [
             Moment(Phase.BACKWARD_END, W + gathered.embedding_copy_out, Bb + G_acc + gathered.embedding_reduced, O,
-                   0, 0, 0),
+                   0, lg.held, 0),
             Moment(Phase.BACKWARD_END, W + gathered.embedding_gathered, Bb + gathered.embedding_gradients(G_acc), O,
-                   0, 0, embedding_backward),
+                   0, lg.held, embedding_backward),
         ]
-    moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, 0, 0, rank.optimizer_step))
+    moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, 0, lg.held, rank.optimizer_step))
     if setup.sharding is Sharding.NONE:  # the weights reaching the GPU (``terms/loading.py``), before any step
         moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - rank.weights))
     return moments
 
 
 def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
-                            layers_saved, hidden_grad, norm_backward, dequant_beside=None) -> list[Moment]:
+                            layers_saved, hidden_grad, norm_backward, dequant_beside=None,
+                            logits_held=0) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -384,7 +389,8 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     for their reduce-scatter beside the gathered units and the previous unit's reduce-scatter input.
     ``layers_saved``: the saved activations without the head's; a run of n layers is crossed at once (its kept
     tensors and gradients times n), so the cost is per run, not per layer. ``dequant_beside``: a dequantization
-    whose transient replaces (is not added to) the halves' backward transients (torchao NF4, stack_layers.py).
+    whose transient replaces (is not added to) the halves' backward transients (torchao NF4, stack_layers.py);
+    ``logits_held``: logits the training loop still holds (litgpt's ``fit``, ``LogitsBytes.held``).
     """
     c, attn_used = layer.dtypes.c, layer.attn_used
     transient = temporaries.layer_backward_bytes(spec, c, attn_used, b, s) + dequant
@@ -423,22 +429,22 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                 # the MLP's backward (it runs first) with the whole layer saved, then attention's, once the MLP's
                 # saved tensors are freed and its gradients made
                 moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G_here), O,
-                                      shared + left + recompute[moe], 0, mlp_transient))
+                                      shared + left + recompute[moe], logits_held, mlp_transient))
                 attention_left = attention_lefts[moe]
                 moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G_here + grads_moe), O,
-                                      shared + left + attention_left, 0, attention_transient))
+                                      shared + left + attention_left, logits_held, attention_transient))
             else:
                 unit = gathered.layer(index)
                 weights = W + gathered.weights_during(index)
                 waiting = Bb + G_here + gathered.retained_reduce_buffer(index)
                 moments.append(Moment(Phase.BACKWARD, weights, waiting + G_acc, O, shared + left + recompute[moe],
-                                      0, transient))
+                                      logits_held, transient))
                 # the MLP's backward ending: the layer's gradients (the MLP's are most of them) wait beside what
                 # its attention block still holds (recomputed under checkpointing, beside the checkpoint) and the
                 # MLP's last backward transients (MoE: the experts' [T·K, 2·I_m] gradients)
                 mlp_done = attention_lefts[moe]
                 moments.append(Moment(Phase.BACKWARD, weights, waiting + maximum(G_acc, unit.grads_bytes), O,
-                                      shared + left + mlp_done, 0, maximum(layer_end, transient)))
+                                      shared + left + mlp_done, logits_held, maximum(layer_end, transient)))
         n = hi - lo + 1
         remaining -= kept_moe * n
         G += grads_moe * n

@@ -279,13 +279,15 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int = _driver.
                     fabric.backward(loss / accumulation)
                     tracker.in_logits = False
                     tracker.mark_gradients(model.parameters())
-                    del logits, loss  # fit() rebinds them at the next micro-batch: alive through backward
+                    # fit() rebinds logits and loss at the next micro-batch's forward (finetune/lora.py:355-366):
+                    # alive through backward, the next forward and optimizer.step(), as here
                 tracker.phase = Phase.OPTIMIZER_STEP
                 tracker.in_optimizer = True
                 optimizer.step()
                 tracker.in_optimizer = False
                 tracker.mark_optimizer_states(optimizer.optimizer)
                 optimizer.zero_grad()
+                del logits, loss
         traced = _driver.result(tracker, started, None, _NOT_TRACED)
     finally:
         bar.close()
