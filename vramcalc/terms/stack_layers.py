@@ -46,7 +46,7 @@ from enum import Enum
 
 from ..model import ModelSpec
 from ..options import Method, Stack
-from ..units import CUDA_ALLOCATION_GRANULE_BYTES, DType
+from ..units import CUDA_ALLOCATION_GRANULE_BYTES, DType, maximum
 
 _F32 = DType.FP32.bytes
 
@@ -136,17 +136,18 @@ def nf4_dequant_bytes(model: ModelSpec, c: int, compiled: bool = False) -> int:
 
 def nf4_dequant_moment_bytes(model: ModelSpec, c: int, tokens, recomputing: bool, compiled: bool = False):
     """What a decoder layer's backward holds beside its saved (or recomputed) tensors while torchao dequantizes its
-    largest weight (``nf4_dequant_bytes``): the gradient arriving at the layer (c·T·h) and, under checkpointing,
-    the forward values live at the MLP's last matmul of the recompute: the attention output and the residual
-    ``h`` (torchtune ``modules/transformer.py`` ``TransformerSelfAttentionLayer.forward`` keeps ``attn_out`` and ``h``
-    as locals until it returns: 2·c·T·h) and down's input, which ``LinearNF4`` does not save (c·T·I). Without
-    checkpointing the dequantization runs in down's and the projections' backward, after the same incoming
-    gradient. Traced on ``tracing/stacks/torchtune.py``: the peak of a small-vocabulary QLoRA step is this moment."""
-    live = c * tokens * model.hidden_size
+    largest weight (``nf4_dequant_bytes``). In backward, up's and gate's ``grad_output @ weight.to(...)`` run while
+    two [T, I] gradients are alive (mul's two input gradients, then silu's output gradient beside up's): 2·c·T·I.
+    Under checkpointing the recompute dequantizes too, with the gradient arriving at the layer (c·T·h) and the forward
+    values live at the MLP's last matmul: the attention output and the residual ``h`` (torchtune
+    ``modules/transformer.py`` ``TransformerSelfAttentionLayer.forward`` keeps ``attn_out`` and ``h`` as locals until
+    it returns: 2·c·T·h) and down's input, which ``LinearNF4`` does not save (c·T·I). Traced on
+    ``tracing/stacks/torchtune.py``: the peak of a small-vocabulary QLoRA step is this moment."""
+    width = model.mlp_width
+    live = 2 * c * tokens * width
     if recomputing:
-        live += c * tokens * (2 * model.hidden_size + model.mlp_width)
+        live = maximum(live, c * tokens * (3 * model.hidden_size + width))
     return live + nf4_dequant_bytes(model, c, compiled)
-
 
 def has_stable_embedding(layers: StackLayers, method: Method) -> bool:
     """litgpt QLoRA (finetune/lora.py:218-228): ``transformer.wte`` becomes a bitsandbytes ``StableEmbedding`` *after*
