@@ -339,6 +339,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
             Moment(Phase.FORWARD, W + gathered.tail_copy_out, B + G_acc, O, A_layers, 0, 0),
         ]
     norm_backward = temporaries.norm_backward_bytes(spec, tokens)
+    if dequant_beside is not None:  # torchao: the last layer's down projection dequantizes beside every saved tensor
+        moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0,
+                              stack_layers.nf4_forward_moment_bytes(spec, dt.c, tokens, bool(ckpt), csetup.compile)))
     if extras.head_forward_moment:  # a quantized lm_head's forward: its dequantized weight beside its output
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A, extras.head_forward_logits,
                               copies.forward + extras.head_forward))

@@ -134,6 +134,19 @@ def nf4_dequant_bytes(model: ModelSpec, c: int, compiled: bool = False) -> int:
     return 8 * largest + 3 * c * largest
 
 
+def nf4_forward_moment_bytes(model: ModelSpec, c: int, tokens, checkpointed: bool, compiled: bool = False):
+    """Forward's counterpart of ``nf4_dequant_moment_bytes``: the last decoder layer's down projection dequantizes
+    its weight while the layers' saved tensors are all alive, beside the forward values live there: the attention
+    output and the residual (``TransformerSelfAttentionLayer.forward`` locals, 2·c·T·h) and down's input (c·T·I, not
+    saved by ``LinearNF4``); under checkpointing nothing inside the layer is saved, so gate's, up's and silu's outputs
+    (3·c·T·I) and the MLP norm's output (c·T·h) are live values too."""
+    width, h = model.mlp_width, model.hidden_size
+    live = c * tokens * (2 * h + width)
+    if checkpointed:
+        live += c * tokens * (h + 3 * width)
+    return live + nf4_dequant_bytes(model, c, compiled)
+
+
 def nf4_dequant_moment_bytes(model: ModelSpec, c: int, tokens, recomputing: bool, compiled: bool = False):
     """What a decoder layer's backward holds beside its saved (or recomputed) tensors while torchao dequantizes its
     largest weight (``nf4_dequant_bytes``). In backward, up's and gate's ``grad_output @ weight.to(...)`` run while
