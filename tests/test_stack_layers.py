@@ -87,3 +87,17 @@ def test_stack_traits_change_no_hf_estimate():
         plain = vc.estimate(GQA, method=method, seq_len=512)
         stated = vc.estimate(GQA, method=method, seq_len=512, stack="hf")
         assert plain.terms() == stated.terms()
+
+
+def test_torchtune_compiled_loss_saves_the_fp32_logits_its_unembed_returns():
+    """transformer.py:651-661 ``self.output(h).float()`` runs eagerly; the compiled cross-entropy keeps its fp32
+    input (4·T·V) and two fp32 values per row, not the bf16 logits transformers' model would hand it."""
+    from vramcalc.options import Loss
+    from vramcalc.terms import logits
+
+    layer = _layer("torchtune", method="full", loss="hf", compile=True)
+    tune = logits.logits_bytes(GQA, Loss.HF, layer.dtypes, T, compiled=True, fp32_logits=True)
+    hf = logits.logits_bytes(GQA, Loss.HF, layer.dtypes, T, compiled=True)
+    assert tune.saved == 4 * T * 8192 + 2 * 4 * T + 8 * T
+    assert hf.saved == 2 * T * 8192 + 2 * 4 * T + 8 * T
+    assert tune.backward_peak == tune.saved + 4 * T * 8192

@@ -316,7 +316,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         copies = trl_loss.without_head_copy(copies, spec, dt, tensors)
     else:
         lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b, compiled=csetup.compile,
-                                 whole_head=csetup.method is Method.FULL)
+                                 whole_head=csetup.method is Method.FULL, fp32_logits=layer.layers.fp32_unembed)
     dequant_beside = None  # torchtune: torchao's eager dequantization, beside a layer's saved tensors (stack_layers)
     if csetup.method is Method.QLORA and layer.layers.torchao_nf4:
         dequant = 0

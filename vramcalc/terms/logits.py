@@ -75,18 +75,27 @@ class LogitsBytes:
 
 
 def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_bytes: int = 0,
-                 sequences=1, compiled: bool = False, whole_head: bool = False) -> LogitsBytes:
+                 sequences=1, compiled: bool = False, whole_head: bool = False,
+                 fp32_logits: bool = False) -> LogitsBytes:
     """The logits' and the loss's bytes at each moment, for ``tokens`` T (an int or a numpy array) and the model's V,
     h and final soft-cap; ``dt.c`` the compute bytes; ``dt.autocast`` (every precision but fp32) adds accelerate's
     fp32 copy of the outputs; ``head_grad_bytes`` lm_head's weight gradient when it trains (0 otherwise);
     ``sequences`` the micro-batch (litgpt chunks lm_head by positions, so a chunk holds 128 of each); ``whole_head``
-    litgpt's full fine-tuning, whose lm_head is not chunked. Formulas and sources per loss: the module docstring."""
+    litgpt's full fine-tuning, whose lm_head is not chunked; ``fp32_logits`` a model that returns fp32 logits itself
+    (torchtune's unembed), which a compiled ``hf`` loss then saves. Formulas and sources per loss: the module
+    docstring."""
     V = model.vocab_size
     c = dt.c
     upcast = 0 if c == _F32 else _F32
     softcap = model.traits.logit_softcap
     accelerate_copy = dt.autocast  # convert_outputs_to_fp32 runs under every autocast precision
     labels = LABEL_BYTES * tokens
+    if compiled and loss is Loss.HF and fp32_logits and c != _F32:
+        # torchtune: ``self.output(h).float()`` runs eagerly, the compiled cross-entropy saves its fp32 input; backward
+        # makes its fp32 gradient, then the cast's backward the c one for lm_head
+        saved = _F32 * tokens * V + 2 * _F32 * tokens + labels
+        forward = maximum(saved, (c + _F32) * tokens * V + labels)
+        return LogitsBytes(forward, saved, saved + _F32 * tokens * V, c * tokens * V + labels)
     if compiled and loss in (Loss.HF, Loss.TORCHTUNE) and not softcap:
         return _compiled_logits_bytes(loss, c, accelerate_copy, tokens, V, labels, head_grad_bytes)
     if loss is Loss.HF:

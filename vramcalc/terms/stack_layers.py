@@ -28,6 +28,9 @@ Symbols: T tokens, h hidden, a heads, k kv heads, d head dim, c compute bytes, s
 - ``fused_gelu``: the plain MLP's GELU is one ``F.gelu(x, approximate=...)`` that saves its input only (litgpt
   ``model.py:812-815`` ``GptNeoxMLP``), where transformers' phi runs ``NewGELUActivation`` as eager pointwise ops that
   save four [T, I] tensors (``layouts.GELU_NEW_SAVED``).
+- ``fp32_unembed``: without chunked output the model itself returns fp32 logits (torchtune
+  ``modules/transformer.py:651-661``: ``self.output(h).float()``), so a compiled loss receives, and saves, fp32
+  logits (``logits.logits_bytes``).
 - ``fused_qkv_lora``: LoRA on q, k and v is one adapter on the fused projection (``fused_qkv_lora_linears``).
 - ``stable_embedding``: QLoRA swaps the embedding for bitsandbytes' ``StableEmbedding`` after the optimizer is built
   (litgpt ``finetune/lora.py:218-228``), so it trains without being stepped (``stable_embedding_*``).
@@ -75,11 +78,12 @@ class StackLayers:
     fused_qkv_lora: bool = False
     trainer_optimizer: bool = True
     fused_gelu: bool = False
+    fp32_unembed: bool = False
 
 
 HF = StackLayers("hf")
 TORCHTUNE = StackLayers("torchtune", norm_fp32_product=True, trainer_optimizer=False, kv_expanded=True, rotary_per_forward=False,
-                        rope_buffer=RopeBuffer.TORCHTUNE, torchao_nf4=True)
+                        rope_buffer=RopeBuffer.TORCHTUNE, torchao_nf4=True, fp32_unembed=True)
 LITGPT = StackLayers("litgpt", norm_fp32_product=True, trainer_optimizer=False, kv_expanded=True, fused_qkv=True, query_head_major=True,
                      rotary_per_forward=False, rope_buffer=RopeBuffer.LITGPT, stable_embedding=True,
                      fused_qkv_lora=True, fused_gelu=True)
