@@ -101,3 +101,14 @@ def test_torchtune_compiled_loss_saves_the_fp32_logits_its_unembed_returns():
     assert tune.saved == 4 * T * 8192 + 2 * 4 * T + 8 * T
     assert hf.saved == 2 * T * 8192 + 2 * 4 * T + 8 * T
     assert tune.backward_peak == tune.saved + 4 * T * 8192
+
+
+def test_torchtune_packing_builds_no_dense_mask():
+    """attention_utils.py packed_block_causal_mask: a BlockMask for flex attention, so a packed batch of b rows of s
+    tokens costs what one unmasked row of b·s tokens does; transformers' sdpa path saves a [T, T] mask per layer."""
+    packed = vc.estimate(GQA, stack="torchtune", method="lora", packing=True, batch_size=2, seq_len=512)
+    one_row = vc.estimate(GQA, stack="torchtune", method="lora", batch_size=1, seq_len=1024)
+    assert packed.terms()["activations"] == one_row.terms()["activations"]
+    hf_packed = vc.estimate(GQA, method="lora", packing=True, batch_size=2, seq_len=512)
+    hf_row = vc.estimate(GQA, method="lora", batch_size=1, seq_len=1024)
+    assert hf_packed.terms()["activations"] > hf_row.terms()["activations"]

@@ -202,7 +202,9 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     sequences = b
     if setup.packing:  # one row of b·s tokens (DataCollatorWithFlattening)
         b, s = 1, b * s
-    masked = activations.attention_masked(spec, s, resolved.attn_used, setup.packing, sequences)
+    # torchtune attends a packed batch with flex attention's BlockMask: no dense mask (stack_layers.py)
+    dense_packing = setup.packing and not stack_layers.stack_layers(setup.stack).packed_block_mask
+    masked = activations.attention_masked(spec, s, resolved.attn_used, dense_packing, sequences)
     if not hasattr(masked, "shape"):
         return _moments(spec, resolved, b, s, masked)
     if masked.all() or not masked.any():

@@ -31,6 +31,9 @@ Symbols: T tokens, h hidden, a heads, k kv heads, d head dim, c compute bytes, s
 - ``fp32_unembed``: without chunked output the model itself returns fp32 logits (torchtune
   ``modules/transformer.py:651-661``: ``self.output(h).float()``), so a compiled loss receives, and saves, fp32
   logits (``logits.logits_bytes``).
+- ``packed_block_mask``: a packed batch is attended with flex attention and a ``BlockMask`` (torchtune
+  ``modules/attention_utils.py:132-160`` ``packed_block_causal_mask`` on a CUDA GPU of compute capability >= 7.5,
+  ``_import_guard.py:12-14``), so no dense [T, T] mask is built or saved (``activations.attention_masked``).
 - ``fused_qkv_lora``: LoRA on q, k and v is one adapter on the fused projection (``fused_qkv_lora_linears``).
 - ``stable_embedding``: QLoRA swaps the embedding for bitsandbytes' ``StableEmbedding`` after the optimizer is built
   (litgpt ``finetune/lora.py:218-228``), so it trains without being stepped (``stable_embedding_*``).
@@ -79,11 +82,13 @@ class StackLayers:
     trainer_optimizer: bool = True
     fused_gelu: bool = False
     fp32_unembed: bool = False
+    packed_block_mask: bool = False
 
 
 HF = StackLayers("hf")
 TORCHTUNE = StackLayers("torchtune", norm_fp32_product=True, trainer_optimizer=False, kv_expanded=True, rotary_per_forward=False,
-                        rope_buffer=RopeBuffer.TORCHTUNE, torchao_nf4=True, fp32_unembed=True)
+                        rope_buffer=RopeBuffer.TORCHTUNE, torchao_nf4=True, fp32_unembed=True,
+                        packed_block_mask=True)
 LITGPT = StackLayers("litgpt", norm_fp32_product=True, trainer_optimizer=False, kv_expanded=True, fused_qkv=True, query_head_major=True,
                      rotary_per_forward=False, rope_buffer=RopeBuffer.LITGPT, stable_embedding=True,
                      fused_qkv_lora=True, fused_gelu=True)
