@@ -77,3 +77,11 @@ def test_bf16_true_estimate_matches_the_trace_without_autocast(spec, options):
     estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
     traced = sum(run_trace(spec, resolved, progress=False).terms.values())
     assert abs(estimated - traced) / traced < TOLERANCE
+
+
+def test_kbit_prep_under_bf16_true_is_refused_in_one_line():
+    from vramcalc.errors import VramcalcError
+
+    with pytest.raises(VramcalcError) as caught:
+        vc.estimate("llama-3.1-8b", method="qlora", precision="bf16-true", kbit_prep=True)
+    assert "bf16-true" in str(caught.value) and "\n" not in str(caught.value)
