@@ -283,7 +283,7 @@ def row_setup(row: dict, data: Path) -> RowSetup:
         # + chunked_cross_entropy, no activation checkpointing on 1 device, FSDP FULL_SHARD + per-Block
         # checkpointing on several devices. LoRA dropout 0.05.
         mixed = "bf16-mixed" in row["compute_dtype"]
-        opts["precision"] = "mixed-bf16" if mixed else "bf16"
+        opts["precision"] = "mixed-bf16" if mixed else "bf16-true"  # Fabric: no autocast
         opts["optimizer"] = _optimizer(row["optimizer"])
         opts["loss"] = "litgpt"  # lm_head in 128-position chunks, Fabric's fp32 outputs kept through backward
         opts["attn"] = "sdpa"
@@ -300,7 +300,7 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             # >= 0.45.2, so the row's version is given explicitly
             setup.knobs["quant_saves_input"] = True
     elif prefix == "torchtune":
-        opts["precision"] = "bf16"
+        opts["precision"] = "bf16-true"  # dtype: bf16, the recipes never autocast
         opt = _optimizer(row["optimizer"])
         if rid == "torchtune-010":  # command overrides only the component; 3B_qlora_single_device.yaml:57 fused: True
             opt = "adamw"
@@ -521,21 +521,16 @@ def _table(records, key) -> list[str]:
 
 def mechanism_note(record: dict) -> str:
     """The mechanism still open for a row's error (docs/stacks-research.md), or ''. Mechanisms vramcalc now models
-    (Q1-Q3 through the litgpt knobs, the stacks' losses, compile, offload, optimizer-in-backward) are not listed."""
+    (Q1-Q3 through the litgpt knobs, the stacks' losses, compile, offload, optimizer-in-backward; bf16-true, L2
+    the StableEmbedding gradient, Q5 torchao's eager dequantization: terms/stack_layers.py) are not listed."""
     rid, method, several = record["id"], record["method"], record["gpus"] != "1 GPU"
-    model = record["model"]
     if several and method == "full":
         return "F1: torchtune and litgpt FSDP keep bf16 params (vramcalc assumes accelerate's fp32 upcast)"
     if several:
         return "open: FSDP + LoRA per-rank memory (section 4)"
-    if record["source"] in ("litgpt-rt", "litgpt-ch") and ("phi-1_5" in model or "stablelm" in model):
-        return ("open: litgpt runs bf16-true (no autocast); vramcalc's bf16 follows HF under autocast, where "
-                "LayerNorm and 4-bit Linears return fp32")
-    if record["source"] in ("litgpt-rt", "litgpt-ch") and method == "qlora":
-        return "L2: litgpt's StableEmbedding swap leaves an embedding gradient alive (finetune/lora.py:218-228)"
     if record["source"] == "torchtune" and method == "qlora" and rid in ("torchtune-019", "torchtune-028",
                                                                         "torchtune-037"):
-        return "Q4+Q5: torchao 0.1 (68 B/weight quantize at load, 14 B/weight eager dequant); vramcalc models today's"
+        return "Q4: torchao 0.1 (68 B/weight quantize at load); vramcalc models today's quantizer"
     return ""
 
 

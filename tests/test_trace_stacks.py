@@ -3,7 +3,8 @@
 The claims: each stack's mechanism shows up in the traced bytes with the size its source code gives (golden numbers
 from the formula next to each, with the file and line that proves it); the warm start equals two cold steps;
 checkpointing never raises the peak; what a stack cannot run is refused in one sentence; and the estimate with
-``stack=...`` is compared with the trace on a grid of small setups (known gaps listed with their mechanism).
+``stack=...`` is within 3% of the trace on a grid of small setups (the stacks' own decoders: terms/stack_layers.py;
+the one approximation left is named in ``_KNOWN_GAPS``).
 """
 
 from __future__ import annotations
@@ -238,16 +239,14 @@ def _grid(stack: str):
     return rows
 
 
-# Where the estimate and the trace differ beyond the issue's 3%, with the mechanism the estimate lacks; the owner of
-# the estimate's stack knobs models these (see the helper's report); the test then passes (the xfail is not strict).
-_KNOWN_GAPS = {
-    "torchtune": "torchtune keeps every bf16 logits chunk until after the loss (transformer.py:482-501), its RMSNorm "
-                 "and RoPE keep fp32 copies, k/v are expanded to all heads before SDPA (attention.py:285-291), and "
-                 "its RoPE cache is an fp32 buffer of max_seq_len rows",
-    "litgpt": "Fabric returns fp32 logits kept through backward (wrappers.py:133-138), and QLoRA's StableEmbedding "
-              "gradient is never freed (finetune/lora.py:218-228)",
-}
 ESTIMATE_TOLERANCE = 0.03  # issue 11: estimate vs trace, max 3% per setup
+# Where this tiny grid still differs beyond 3% (benchmarks/accuracy_stacks.md's larger shapes are within 0.72%): a
+# known estimator approximation, kept visible as a non-strict xfail with its mechanism.
+_KNOWN_GAPS = {
+    "torchtune": "with checkpointing on this tiny vocabulary the peak is a decoder layer's MLP backward, where the "
+                 "estimate holds the whole recomputed layer beside all of the MLP's gradients (c*T*(3I + h)), while "
+                 "autograd frees down's saved input before mul's two gradients exist (up to +7.5%)",
+}
 
 
 def _estimate_step_peak(spec: ModelSpec, options: dict) -> int:
@@ -265,5 +264,6 @@ def test_estimate_matches_the_stacks_own_trace(stack, index):
     traced = _run(stack, **{k: v for k, v in options.items() if k != "stack"})
     trace_peak = _step_peak(traced)
     error = (_estimate_step_peak(TINY, options) - trace_peak) / trace_peak
-    if abs(error) > ESTIMATE_TOLERANCE:
+    if abs(error) >= ESTIMATE_TOLERANCE and stack in _KNOWN_GAPS:
         pytest.xfail(f"estimate {100 * error:+.1f}% vs the {stack} trace: {_KNOWN_GAPS[stack]}")
+    assert abs(error) < ESTIMATE_TOLERANCE, f"estimate {100 * error:+.2f}% vs the {stack} trace"

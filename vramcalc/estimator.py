@@ -20,17 +20,17 @@ are walked once per kind and crossed one run of same-kind layers at a time (``_l
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from .breakdown import MemoryBreakdown
 from .catalogue import GpuSpec, get_gpu, get_model
 from .errors import VramcalcError
 from .model import ModelSpec
-from .options import Loss, Phase, Sharding, Term
+from .options import Loss, Method, Phase, Sharding, Term
 from .profiles import runtime_profile
 from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, quantized, runtime,
-                    states, temporaries, trl_loss)
+                    stack_layers, states, temporaries, trl_loss)
 from .terms.distributed import GatheredTimeline
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import maximum, select
@@ -93,7 +93,9 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
     optimizer_name = resolved.setup.optimizer
     paged = 0
     if optimizer_name.is_paged:  # only paged optimizers take states out of torch's allocator
-        paged = optimizer.optimizer_state_bytes(parameters.stored_tensors(spec, resolved), optimizer_name).paged_bytes
+        embedding_32bit = stack_layers.stack_layers(resolved.setup.stack).trainer_optimizer
+        paged = optimizer.optimizer_state_bytes(parameters.stored_tensors(spec, resolved), optimizer_name,
+                                                embedding_32bit).paged_bytes
     return _TensorPeak(terms, peak.phase, paged)
 
 
@@ -201,7 +203,9 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     sequences = b
     if setup.packing:  # one row of b·s tokens (DataCollatorWithFlattening)
         b, s = 1, b * s
-    masked = activations.attention_masked(spec, s, resolved.attn_used, setup.packing, sequences)
+    # torchtune attends a packed batch with flex attention's BlockMask: no dense mask (stack_layers.py)
+    dense_packing = setup.packing and not stack_layers.stack_layers(setup.stack).packed_block_mask
+    masked = activations.attention_masked(spec, s, resolved.attn_used, dense_packing, sequences)
     if not hasattr(masked, "shape"):
         return _moments(spec, resolved, b, s, masked)
     if masked.all() or not masked.any():
@@ -217,16 +221,17 @@ def layer_setup(resolved: ResolvedSetup) -> activations.LayerSetup:
     """The values a decoder layer's saved tensors depend on (``activations.LayerSetup``), from a resolved setup."""
     setup = resolved.setup
     return _layer_setup(setup.method, setup.precision, setup.adapter_dtype, resolved.attn_used, resolved.lora_modules,
-                        setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload)
+                        setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
+                        stack_layers.stack_layers(setup.stack))
 
 
 @functools.lru_cache(maxsize=4096)
 def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora_rank, lora_dropout, kernels,
-                 compiled, offload):
+                 compiled, offload, layers=stack_layers.HF):
     lora = method.uses_lora
     return activations.LayerSetup(method, activations.dtypes(method, precision, adapter_dtype), attn_used,
                                   lora_modules if lora else (), lora_rank if lora else 0, lora_dropout if lora else 0.0,
-                                  kernels, compiled, offload)
+                                  kernels, compiled, offload, layers)
 
 
 @functools.lru_cache(maxsize=256)
@@ -264,7 +269,7 @@ def _saved_plan(spec: ModelSpec, layer: activations.LayerSetup, ckpt: bool, mask
     attention_left = tuple(activations.attention_left(spec, layer, ckpt, moe, masked) if moe in kinds else None
                            for moe in (False, True))
     return _SavedPlan(activations.model_saved(spec, layer, ckpt, masked), activations.head_saved(spec, layer),
-                      activations.shared_saved(spec, layer.dtypes, layer.attn_used, ckpt, masked),
+                      activations.shared_saved(spec, layer.dtypes, layer.attn_used, ckpt, masked, layer.layers),
                       activations.attention_saved(spec, layer, masked), kept, recompute, attention_left)
 
 
@@ -276,6 +281,10 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     tensors = parameters.stored_tensors(spec, resolved)
     # one GPU's weights, gradients and optimizer states
     rank = states.model_states(spec, tensors, setup.method, setup.optimizer, setup.grad_accum)
+    traits = stack_layers.stack_layers(setup.stack)
+    if not traits.trainer_optimizer and setup.optimizer.is_8bit:  # bitsandbytes' own 8-bit embedding states
+        rank = replace(rank, optimizer_states=optimizer.optimizer_state_bytes(tensors, setup.optimizer, False)
+                       .device_bytes)
     if setup.sharding is not Sharding.NONE:  # the engine shards them, and may compute in 16 bits
         rank = distributed.rank_states(spec, resolved, rank)
         compute = distributed.compute_setup(resolved)  # the setup itself under DDP
@@ -283,14 +292,20 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     # lm_head's weight gradient as the loss's backward builds it: under optimizer-in-backward (one GPU only) it is
     # stepped and freed only once every chunk has added to it (the post-accumulate-grad hook): the loss sees it whole
     loss_head_grad = rank.head_gradient
+    outer_step = 0
     if setup.optimizer_in_backward:
-        rank = states.optimizer_in_backward(rank, tensors, setup.optimizer)
+        rank = states.optimizer_in_backward(rank, tensors, setup.optimizer, traits.trainer_optimizer)
+        outer_step = states.outer_step_bytes(tensors, setup.optimizer)  # lm_head's, the embedding's step
     csetup = compute.setup
     layer = layer_setup(compute)
     dt = layer.dtypes
     ckpt = csetup.grad_ckpt
     W, O, G_acc = rank.weights, rank.optimizer_states, rank.accumulated_gradients
+    W = W + stack_layers.rope_buffer_bytes(spec, layer.layers, s)  # a stack's rotary buffers
     B = rank.standing_buffers
+    stable = stack_layers.has_stable_embedding(layer.layers, csetup.method)  # litgpt QLoRA's never-freed gradient
+    if stable:
+        B = B + stack_layers.stable_embedding_grad_bytes(spec, dt.r)
     Bb = B + rank.backward_buffers
     plan = _saved_plan(spec, layer, ckpt, masked)
     A = plan.model.bytes(b, s)
@@ -303,8 +318,15 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         lg = trl_loss.trl_logits_bytes(spec, dt, tokens, loss_head_grad, sequences=b)
         copies = trl_loss.without_head_copy(copies, spec, dt, tensors)
     else:
-        lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b, compiled=csetup.compile)
-    dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens, setup=csetup)
+        lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b, compiled=csetup.compile,
+                                 whole_head=csetup.method is Method.FULL, fp32_logits=layer.layers.fp32_unembed)
+    dequant_beside = None  # torchtune: torchao's eager dequantization, beside a layer's saved tensors (stack_layers)
+    if csetup.method is Method.QLORA and layer.layers.torchao_nf4:
+        dequant = 0
+        dequant_beside = stack_layers.nf4_dequant_moment_bytes(spec, dt.c, tokens, bool(ckpt), csetup.compile)
+    else:
+        dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens,
+                                                       setup=csetup)
     dequant = dequant + float8.layer_backward_cast_bytes(spec, setup.precision, tokens)  # fp8: torchao's casts
     hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)
     head_saved = plan.head.bytes(b, s) + head_lora
@@ -320,6 +342,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
             Moment(Phase.FORWARD, W + gathered.tail_copy_out, B + G_acc, O, A_layers, 0, 0),
         ]
     norm_backward = temporaries.norm_backward_bytes(spec, tokens)
+    if dequant_beside is not None:  # torchao: the last layer's down projection dequantizes beside every saved tensor
+        moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0,
+                              stack_layers.nf4_forward_moment_bytes(spec, dt.c, tokens, bool(ckpt), csetup.compile)))
     if extras.head_forward_moment:  # a quantized lm_head's forward: its dequantized weight beside its output
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A, extras.head_forward_logits,
                               copies.forward + extras.head_forward))
@@ -327,34 +352,39 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, lg.forward_peak, copies.forward),
         Moment(Phase.BACKWARD_START, W + gathered.loss_backward, B + G_acc, O, A, lg.backward_peak,
                copies.backward_start),
-        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad), O, A, lg.head_backward,
+        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad) + outer_step, O, A,
+               lg.head_backward,
                copies.backward_start + hidden_grad + extras.head_backward
                + adapters.head_lora_backward_bytes(spec, layer, tokens)),
         # the final norm's backward: its input gradient (fused: the loss's grad_input) and fp32 transients
-        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad), O, A,
-               lg.forward_hidden_grad,
+        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad) + outer_step, O, A,
+               lg.forward_hidden_grad + lg.held,
                copies.backward_start + (0 if lg.forward_hidden_grad else hidden_grad) + norm_backward),
     ]
     moments += _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
-                                       A - head_saved, hidden_grad, norm_backward)
+                                       A - head_saved, hidden_grad, norm_backward, dequant_beside, lg.held)
     embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens)
+    if stable:
+        embedding_backward = stack_layers.stable_embedding_backward_bytes(spec, dt.r, tokens)
     if rank.gathering is None:
-        moments.append(Moment(Phase.BACKWARD_END, W, Bb + rank.gradients, O, 0, 0, embedding_backward))
+        moments.append(Moment(Phase.BACKWARD_END, W, Bb + rank.gradients + outer_step, O, 0, lg.held,
+                              embedding_backward))
     else:  # the embedding's copy-out (its buffer and parameters at once) and its backward, every layer reduced
         moments += [
             Moment(Phase.BACKWARD_END, W + gathered.embedding_copy_out, Bb + G_acc + gathered.embedding_reduced, O,
-                   0, 0, 0),
+                   0, lg.held, 0),
             Moment(Phase.BACKWARD_END, W + gathered.embedding_gathered, Bb + gathered.embedding_gradients(G_acc), O,
-                   0, 0, embedding_backward),
+                   0, lg.held, embedding_backward),
         ]
-    moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, 0, 0, rank.optimizer_step))
+    moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, 0, lg.held, rank.optimizer_step))
     if setup.sharding is Sharding.NONE:  # the weights reaching the GPU (``terms/loading.py``), before any step
-        moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - W))
+        moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - rank.weights))
     return moments
 
 
 def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
-                            layers_saved, hidden_grad, norm_backward) -> list[Moment]:
+                            layers_saved, hidden_grad, norm_backward, dequant_beside=None,
+                            logits_held=0) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -364,12 +394,18 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     layers are ends too) the end of each such layer's backward counts too: its full unsharded gradients wait there
     for their reduce-scatter beside the gathered units and the previous unit's reduce-scatter input.
     ``layers_saved``: the saved activations without the head's; a run of n layers is crossed at once (its kept
-    tensors and gradients times n), so the cost is per run, not per layer.
+    tensors and gradients times n), so the cost is per run, not per layer. ``dequant_beside``: a dequantization
+    whose transient replaces (is not added to) the halves' backward transients (torchao NF4, stack_layers.py);
+    ``logits_held``: logits the training loop still holds (litgpt's ``fit``, ``LogitsBytes.held``).
     """
     c, attn_used = layer.dtypes.c, layer.attn_used
     transient = temporaries.layer_backward_bytes(spec, c, attn_used, b, s) + dequant
     mlp_transient = temporaries.mlp_backward_bytes(spec, c, b, s) + dequant
     attention_transient = temporaries.attention_backward_bytes(spec, c, attn_used, b, s) + dequant
+    if dequant_beside is not None:
+        transient = maximum(transient, dequant_beside)
+        mlp_transient = maximum(mlp_transient, dequant_beside)
+        attention_transient = maximum(attention_transient, dequant_beside)
     shared = plan.shared.bytes(b, s)
     remaining = layers_saved - shared
     runs = _layer_runs(spec)
@@ -399,22 +435,22 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                 # the MLP's backward (it runs first) with the whole layer saved, then attention's, once the MLP's
                 # saved tensors are freed and its gradients made
                 moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G_here), O,
-                                      shared + left + recompute[moe], 0, mlp_transient))
+                                      shared + left + recompute[moe], logits_held, mlp_transient))
                 attention_left = attention_lefts[moe]
                 moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G_here + grads_moe), O,
-                                      shared + left + attention_left, 0, attention_transient))
+                                      shared + left + attention_left, logits_held, attention_transient))
             else:
                 unit = gathered.layer(index)
                 weights = W + gathered.weights_during(index)
                 waiting = Bb + G_here + gathered.retained_reduce_buffer(index)
                 moments.append(Moment(Phase.BACKWARD, weights, waiting + G_acc, O, shared + left + recompute[moe],
-                                      0, transient))
+                                      logits_held, transient))
                 # the MLP's backward ending: the layer's gradients (the MLP's are most of them) wait beside what
                 # its attention block still holds (recomputed under checkpointing, beside the checkpoint) and the
                 # MLP's last backward transients (MoE: the experts' [T·K, 2·I_m] gradients)
                 mlp_done = attention_lefts[moe]
                 moments.append(Moment(Phase.BACKWARD, weights, waiting + maximum(G_acc, unit.grads_bytes), O,
-                                      shared + left + mlp_done, 0, maximum(layer_end, transient)))
+                                      shared + left + mlp_done, logits_held, maximum(layer_end, transient)))
         n = hi - lo + 1
         remaining -= kept_moe * n
         G += grads_moe * n

@@ -51,6 +51,10 @@ class Precision(Choice):
     bf16        the model loaded in bf16 (transformers v5 ``dtype="auto"``); grads and states in the parameter
                 dtype; Trainer ``bf16=True`` autocast on top, which matters only for tensors kept in fp32.
     fp16        the same in fp16.
+    bf16-true   the model in bf16 and no autocast (Lightning Fabric's ``precision="bf16-true"``, litgpt's configs;
+                torchtune's ``dtype: bf16`` recipes never enter ``torch.autocast``): every op computes in its inputs'
+                dtype. It differs from ``bf16`` only where a tensor is fp32: autocast returns fp32 from LayerNorm and
+                casts fp32 inputs and adapters per matmul, and accelerate copies the logits to fp32.
     fp8         torchao's float8 training, default "tensorwise" recipe (``convert_to_float8_training`` with
                 ``Float8LinearConfig()``: dynamic scaling, one fp32 scale per tensor, e4m3 input and weight,
                 e5m2 grad_output), eager, on every decoder nn.Linear with both dims multiples of 16; lm_head,
@@ -68,6 +72,7 @@ class Precision(Choice):
     BF16 = "bf16"
     FP16 = "fp16"
     FP8 = "fp8"
+    BF16_TRUE = "bf16-true"
 
     @property
     def param_dtype(self) -> DType:
@@ -79,6 +84,7 @@ class Precision(Choice):
             Precision.BF16: DType.BF16,
             Precision.FP16: DType.FP16,
             Precision.FP8: DType.BF16,
+            Precision.BF16_TRUE: DType.BF16,
         }[self]
 
     @property
@@ -91,7 +97,13 @@ class Precision(Choice):
             Precision.BF16: DType.BF16,
             Precision.FP16: DType.FP16,
             Precision.FP8: DType.BF16,
+            Precision.BF16_TRUE: DType.BF16,
         }[self]
+
+    @property
+    def autocast(self) -> bool:
+        """Whether the step runs under 16-bit ``torch.autocast``: every word but ``fp32`` and ``bf16-true``."""
+        return self not in (Precision.FP32, Precision.BF16_TRUE)
 
     @property
     def is_mixed(self) -> bool:

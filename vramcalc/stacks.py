@@ -103,6 +103,8 @@ PRESETS: dict[Stack, StackPreset] = {
              "copy)"),
     ), estimate_only="Unsloth's kernels are Triton and need a GPU; its memory is modelled from its source"),
     Stack.TORCHTUNE: StackPreset(Stack.TORCHTUNE, _TORCHTUNE, "torchtune single-device recipes", (
+        Knob("precision", "bf16-true", "recipes/configs/llama3_1/8B_*_single_device.yaml (dtype: bf16; "
+             "training.get_dtype; no recipe enters torch.autocast)"),
         Knob("grad_ckpt", "full", "recipes/configs/llama3_1/8B_{lora,qlora,full}_single_device.yaml "
              "(enable_activation_checkpointing: True)"),
         Knob("activation_offload", False, "same configs (enable_activation_offloading: False)"),
@@ -123,6 +125,8 @@ PRESETS: dict[Stack, StackPreset] = {
         Knob("packing", False, "same configs (dataset packed: False)"),
     )),
     Stack.LITGPT: StackPreset(Stack.LITGPT, _LITGPT, "litgpt finetune (Fabric, bf16-true)", (
+        Knob("precision", "bf16-true", "config_hub/finetune/*/{lora,qlora,full}.yaml (precision: bf16-true; "
+             "finetune/lora.py:141-150 refuses mixed precision with --quantize)"),
         Knob("adapter_dtype", "bf16", "config_hub/finetune/*/lora.yaml (precision: bf16-true: adapters bf16)",
              _ADAPTER_METHODS),
         Knob("optimizer", "adamw-foreach", "litgpt/finetune/lora.py (torch.optim.AdamW: foreach on CUDA)",

@@ -313,6 +313,9 @@ def _apply_kbit_prep(values: dict, chosen: dict, origins: dict) -> None:
         return
     mixed = {Precision.BF16: Precision.MIXED_BF16, Precision.FP16: Precision.MIXED_FP16}
     prepared_explicitly = bool(values["kbit_prep"])  # by the user or the stack
+    if values["kbit_prep"] and values["precision"] is Precision.BF16_TRUE:
+        raise VramcalcError("--kbit-prep makes the unquantized parameters fp32 for 16-bit autocast, which "
+                            "--precision bf16-true has not: use --precision bf16 (or mixed-bf16) with --kbit-prep")
     if values["kbit_prep"] and values["precision"] in mixed:
         values["precision"] = mixed[values["precision"]]
         origins["precision"] = "implied by kbit_prep" if "precision" in origins else "user, with kbit_prep"

@@ -59,6 +59,9 @@ from ..model import ModelSpec, cached_field_hash, state_without_hash
 from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Method, Precision
 from ..units import DType, select
 from .layouts import ParallelBlockWalk, residual_bytes
+from . import stack_layers
+from .stack_layers import HF as HF_LAYERS
+from .stack_layers import StackLayers
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
 SDPA_FLASH_MAX_HEAD_DIM = 256
@@ -100,7 +103,7 @@ def dtypes(method: Method, precision: Precision, adapter_dtype: AdapterDtype) ->
     """Element bytes the layer walk follows. r = the precision's parameter dtype (16 bits for QLoRA's unquantized
     parts without a ``mixed-*`` word); c = the autocast dtype, or r without autocast (fp32); the adapter's from
     ``facts.adapter_bits``. Source: transformers v5 load dtypes, torch autocast, peft ``autocast_adapter_dtype``."""
-    autocast = precision is not Precision.FP32
+    autocast = precision.autocast  # every word but fp32 and bf16-true
     param = precision.param_dtype.bytes
     if method is Method.QLORA and not precision.is_mixed:
         param = 2
@@ -124,6 +127,7 @@ class LayerSetup:
     kernels: Kernels = Kernels.NONE  # Liger's RMSNorm / SwiGLU / RoPE
     compiled: bool = False  # torch.compile: the min-cut partitioner's saved set
     offload: bool = False  # --activation-offload: saved tensors in host memory
+    layers: StackLayers = HF_LAYERS  # the stack's own decoder traits (terms/stack_layers.py)
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -205,8 +209,9 @@ class _LayerWalk(ParallelBlockWalk):
             return x_bytes if self.layer.kernels is Kernels.LIGER else max(self.dt.norm_out, x_bytes)
         if self.grad:
             self.per_token += _F32 * width * rows + _F32 * rows  # fp32 input (or the fp32 input itself), rsqrt
-        if self.full:
-            self.per_token += (_F32 if self.gemma_norm else x_bytes) * width * rows  # y saved for the weight gradient
+        if self.full:  # y saved for the weight gradient (fp32: Gemma, or a stack's fp32 product, stack_layers.py)
+            fp32_y = self.gemma_norm or self.layer.layers.norm_fp32_product
+            self.per_token += (_F32 if fp32_y else x_bytes) * width * rows
         self.grad = self.grad or self.full
         return x_bytes if self.gemma_norm else max(self.dt.norm_out, x_bytes)
 
@@ -290,7 +295,10 @@ class _LayerWalk(ParallelBlockWalk):
         h, a, k, d = m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim
         c = dt.c
         uses = [self.use(name, h) for name in m.traits.qkv_names]
-        qkv = self.linears(uses, n)
+        if self.layer.layers.fused_qkv_lora:  # litgpt: one adapter on the fused qkv (stack_layers.py)
+            qkv = stack_layers.fused_qkv_lora_linears(self, uses, n)
+        else:
+            qkv = self.linears(uses, n)
         if m.qk_norm:
             qkv = max(self.norm(d, qkv, rows=a), self.norm(d, qkv, rows=k))  # q_norm, k_norm per head
         embed = max(qkv, dt.r)  # RoPE multiplies by cos/sin in the residual dtype
@@ -319,8 +327,9 @@ class _LayerWalk(ParallelBlockWalk):
             if self.grad:
                 # transformers' repeat_kv copies k and v to a heads, but for one kv head (multi-query) its expand +
                 # reshape is a view (a size-1 dim merges with the stride-0 one): SDPA gets the k*d tensors
-                # (integrations/sdpa_attention.py repeat_kv; use_gqa_in_sdpa is False with a mask)
-                repeated = self.masked and a > k > 1
+                # (integrations/sdpa_attention.py repeat_kv; use_gqa_in_sdpa is False with a mask); or a stack that
+                # always expands (stack_layers.kv_expanded)
+                repeated = (self.masked and a > k > 1) or (self.layer.layers.kv_expanded and a > k)
                 kv_width = a * d if repeated else k * d
                 if kernel == "math":
                     self.per_square += _F32 * a
@@ -335,14 +344,18 @@ class _LayerWalk(ParallelBlockWalk):
                     # SDPA converts the boolean mask to an additive one per call and the efficient kernel saves it
                     # (torch convert_boolean_attn_mask, _scaled_dot_product_efficient_attention)
                     self.per_square += out_bytes
-                if m.traits.fused_qkv and not repeated and not (m.traits.layer_norm and qkv != out_bytes):
+                fused_qkv = m.traits.fused_qkv or self.layer.layers.fused_qkv
+                if fused_qkv and not repeated and not (m.traits.layer_norm and qkv != out_bytes):
                     # (LayerNorm families under autocast: an fp32 qkv reaches SDPA as a 16-bit cast copy, no view)
                     # v is a view of the fused qkv output and pins all of it; the flash kernel's output keeps the
                     # query's [b, a, s, d] layout, so o_proj gets a contiguous copy
                     self.per_token += qkv * (a + k) * d
-                    if kernel == "flash" and (self._input_saved([o_use], out_bytes) if m.rotary_dim else o_saves_input):
+                    head_major = m.rotary_dim or self.layer.layers.query_head_major
+                    if kernel == "flash" and (self._input_saved([o_use], out_bytes) if head_major else o_saves_input):
                         self.per_token += out_bytes * a * d
-                elif m.rotary_dim and kernel == "flash" and self._input_saved([o_use], out_bytes):
+                elif ((m.rotary_dim or self.layer.layers.query_head_major) and kernel == "flash"
+                      and self._input_saved([o_use], out_bytes)):
+                    # (litgpt: q = torch.cat(...) is a new [b, a, s, d] tensor too, stack_layers.query_head_major)
                     # partial rotary: q = cat(q_rot, q_pass) is a new [b, a, s, d] tensor, the flash output keeps
                     # that layout, so o_proj (dense) gets a contiguous copy (modeling_phi.py L212, L233)
                     self.per_token += out_bytes * a * d
@@ -484,11 +497,15 @@ def first_layer_needs_grad(method: Method) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: bool, masked: bool = False) -> Saved:
+def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: bool, masked: bool = False,
+                 layers: StackLayers = HF_LAYERS) -> Saved:
     """Tensors every layer reads and backward keeps to the end: rotary cos and sin (r·d_rope each per token, made
     once per forward by ``*RotaryEmbedding``) and the int64 position ids. Under checkpointing the 4-D attention
     masks are checkpoint inputs too (memory-math.md 5.3): eager's [b, 1, s, s] in the compute dtype, one per mask
-    kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window mask (``masked``)."""
+    kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window mask (``masked``). A stack
+    whose decoder indexes a rotary buffer (``stack_layers.rotary_per_forward`` False) saves none of these."""
+    if not layers.rotary_per_forward:
+        return Saved()
     saved = Saved(per_token=2 * dt.r * model.rope_dim + 8)
     if grad_ckpt:
         mask_kinds = 2 if model.family == "gemma2" else 1
@@ -580,9 +597,10 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     """Saved bytes of the whole model at the end of forward, logits excluded (see ``logits``): the shared tensors,
     the head's, the first layer's (its input needs a gradient only when ``first_layer_needs_grad``) and what every
     other layer keeps (``layer_kept``), dense and MoE layers each once per kind times their count."""
-    total = shared_saved(model, layer.dtypes, layer.attn_used, grad_ckpt, masked) + head_saved(model, layer)
+    total = shared_saved(model, layer.dtypes, layer.attn_used, grad_ckpt, masked, layer.layers)
+    total += head_saved(model, layer)
     first_moe = model.is_moe_layer(0)
-    if layer.offload and not grad_ckpt:
+    if layer.offload and not grad_ckpt and layer.layers.rotary_per_forward:
         # the rotary cos and sin are saved by the layers' RoPE products only: offloaded, the device copies die
         total += Saved(per_token=-2 * layer.dtypes.r * model.rope_dim)
     if grad_ckpt and layer.offload and layer.method.uses_lora:
@@ -593,8 +611,11 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     elif grad_ckpt or layer.offload:
         first = layer_kept(model, layer, grad_ckpt, first_moe, masked)
     else:
-        first = layer_saved(model, layer, first_moe, masked, first_layer_needs_grad(layer.method))
+        stable = stack_layers.has_stable_embedding(layer.layers, layer.method)  # litgpt QLoRA: the embedding trains
+        first = layer_saved(model, layer, first_moe, masked, first_layer_needs_grad(layer.method) or stable)
     total += first
+    if stack_layers.has_stable_embedding(layer.layers, layer.method):
+        total += Saved(per_token=stack_layers.stable_embedding_saved_per_token(model, layer.dtypes.r))
     if grad_ckpt and not layer.offload:  # the first layer's input is the embedding's r bytes (layouts.residual_bytes)
         total += Saved(per_token=(layer.dtypes.r - residual_bytes(model, layer)) * model.hidden_size)
     dense = model.num_dense_layers - (0 if first_moe else 1)

@@ -105,7 +105,8 @@ class ParallelBlockWalk:
         width = m.mlp_width
         out = self.linears([self.use(up, m.hidden_size)], n, x_saved=n_saved)
         if self.grad:
-            self.per_token += (GELU_NEW_SAVED if m.family in GELU_NEW_FAMILIES else 1) * out * width
+            eager_gelu = m.family in GELU_NEW_FAMILIES and not self.layer.layers.fused_gelu  # (stack_layers.py)
+            self.per_token += (GELU_NEW_SAVED if eager_gelu else 1) * out * width
         return self.linears([self.use(down, width)], out)
 
 

@@ -15,13 +15,27 @@
   returns the 8 chunks of c logits as a list (``modules/transformer.py``) that ``_loss_step`` holds until the loss is
   computed (``del logits`` after ``self._loss_fn``); ``CEWithChunkedOutputLoss`` upcasts one chunk at a time and its
   log_softmax saves fp32. Forward peak: ``chunked``'s saved tensors + all c·T·V chunk logits + one fp32 chunk (the c
-  chunk's own share is already in the list); backward as ``chunked`` (the list is gone).
+  chunk's own share is already in the list); backward as ``chunked`` (the list is gone) until lm_head's backward:
+  lm_head ran on every chunk before the loss, so every chunk's loss backward (later in forward, so first in
+  autograd's order) runs before any lm_head backward, leaving the n chunks' c·C·V gradients (c·T·V) buffered; when
+  lm_head trains, its weight gradients are then summed out of place from the second chunk on: 3 [V, h] gradients
+  beside the n - 2 chunk gradients not yet consumed (traced, ``tracing/stacks/torchtune.py``).
 ``litgpt`` (litgpt 0.5 ``finetune/lora.py:355-359``, ``utils.py::chunked_cross_entropy``): lm_head runs on chunks of
   128 positions (C = 128·b tokens); Fabric's precision plugin converts the outputs to the default dtype, fp32
   (``lightning/fabric/wrappers.py`` ``convert_output``), and ``fit`` keeps that list in ``logits`` through
   ``fabric.backward``. Each chunk's ``cross_entropy`` saves its fp32 log_softmax. Forward peak 8·T·V (the fp32 list
   and the saved log_softmax; the conversion itself holds (c + 4)·T·V); backward start 8·T·V + 8·C·V (one chunk's two
-  fp32 gradients); lm_head's backward sees the chunk's c·C·V gradient.
+  fp32 gradients). ``fit`` rebinds ``logits`` only at the next micro-batch's forward, so the fp32 list stays
+  through the decoder layers' backward and ``optimizer.step()`` too (``held``). The loss's and the casts' backward (made after every lm_head chunk in forward, so first in
+  autograd's order) all run before lm_head's: its backward sees the fp32 list and every chunk's c gradient,
+  (4 + c)·T·V.
+  Full fine-tuning (``whole_head``; litgpt ``finetune/full.py:282-285`` calls ``model(input_ids)`` without
+  ``lm_head_chunk_size``): one [b, s, V] logits tensor, converted to fp32 (4·T·V, held through backward) and sliced
+  ``logits[..., :-1, :]``; ``chunked_cross_entropy`` (``utils.py:334-345``) reshapes it to [-1, V], which copies when
+  b > 1 (the slice is not viewable: 4·T·V more until the loss's forward ends), splits it into 128-row chunks and saves
+  each chunk's fp32 log_softmax. Forward peak 8·T·V, 12·T·V when b > 1. In backward the split's gradient is the
+  ``cat`` of every chunk's fp32 gradient, made while they are all buffered: 12·T·V (held, buffered, cat); lm_head's
+  backward holds the fp32 logits and the c·T·V gradient of Fabric's cast.
 Compiled (``compile``, with ``hf`` or ``torchtune``; torchtune's ``training.compile_loss`` compiles its loss): AOTAutograd with inductor's decompositions
   (``torch._inductor.decomposition.select_decomp_table``) and the min-cut partitioner keep the cross-entropy's 16-bit
   input and two fp32 values per row (its amax and log-sum-exp), not the fp32 log_softmax: checked by running
@@ -43,7 +57,7 @@ from dataclasses import dataclass
 from ..facts import CHUNKED_LOSS_CHUNKS, LITGPT_LM_HEAD_CHUNK_POSITIONS, fused_chunk_tokens
 from ..model import ModelSpec
 from ..options import Loss
-from ..units import DType, maximum, minimum
+from ..units import DType, maximum, minimum, select
 from .activations import Dtypes
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
@@ -57,21 +71,31 @@ class LogitsBytes:
     backward_peak: int  # at the start of backward
     head_backward: int  # while lm_head's backward runs: the gradient of its output
     forward_hidden_grad: int = 0  # fused: grad_input, alive from forward to backward (part of ``saved``)
+    held: int = 0  # kept by the training loop after the loss's backward: through the layers' backward and the step
 
 
 def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_bytes: int = 0,
-                 sequences=1, compiled: bool = False) -> LogitsBytes:
+                 sequences=1, compiled: bool = False, whole_head: bool = False,
+                 fp32_logits: bool = False) -> LogitsBytes:
     """The logits' and the loss's bytes at each moment, for ``tokens`` T (an int or a numpy array) and the model's V,
     h and final soft-cap; ``dt.c`` the compute bytes; ``dt.autocast`` (every precision but fp32) adds accelerate's
     fp32 copy of the outputs; ``head_grad_bytes`` lm_head's weight gradient when it trains (0 otherwise);
-    ``sequences`` the micro-batch (litgpt chunks lm_head by positions, so a chunk holds 128 of each). Formulas and
-    sources per loss: the module docstring."""
+    ``sequences`` the micro-batch (litgpt chunks lm_head by positions, so a chunk holds 128 of each); ``whole_head``
+    litgpt's full fine-tuning, whose lm_head is not chunked; ``fp32_logits`` a model that returns fp32 logits itself
+    (torchtune's unembed), which a compiled ``hf`` loss then saves. Formulas and sources per loss: the module
+    docstring."""
     V = model.vocab_size
     c = dt.c
     upcast = 0 if c == _F32 else _F32
     softcap = model.traits.logit_softcap
     accelerate_copy = dt.autocast  # convert_outputs_to_fp32 runs under every autocast precision
     labels = LABEL_BYTES * tokens
+    if compiled and loss is Loss.HF and fp32_logits and c != _F32:
+        # torchtune: ``self.output(h).float()`` runs eagerly, the compiled cross-entropy saves its fp32 input; backward
+        # makes its fp32 gradient, then the cast's backward the c one for lm_head
+        saved = _F32 * tokens * V + 2 * _F32 * tokens + labels
+        forward = maximum(saved, (c + _F32) * tokens * V + labels)
+        return LogitsBytes(forward, saved, saved + _F32 * tokens * V, c * tokens * V + labels)
     if compiled and loss in (Loss.HF, Loss.TORCHTUNE) and not softcap:
         return _compiled_logits_bytes(loss, c, accelerate_copy, tokens, V, labels, head_grad_bytes)
     if loss is Loss.HF:
@@ -88,6 +112,10 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
         if loss is Loss.TORCHTUNE:  # the recipe's list of every chunk's c logits, alive through the loss
             forward = saved + c * tokens * V + upcast * chunk * V
         backward = saved + 2 * _F32 * chunk * V
+        if loss is Loss.TORCHTUNE:
+            if head_grad_bytes:
+                backward = maximum(backward, 3 * head_grad_bytes + (CHUNKED_LOSS_CHUNKS - 2) * c * chunk * V + labels)
+            return LogitsBytes(forward, saved, backward, c * tokens * V + labels)
         if head_grad_bytes:
             remaining = saved * (CHUNKED_LOSS_CHUNKS - 2) // CHUNKED_LOSS_CHUNKS
             backward = maximum(backward, remaining + 3 * head_grad_bytes + c * chunk * V)
@@ -95,10 +123,17 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
     if loss is Loss.LITGPT:
         held = _F32 * tokens * V  # the fp32 logits list fit() keeps through backward
         saved = held + _F32 * tokens * V + labels
+        if whole_head:
+            reshape_copy = select(sequences > 1, _F32 * tokens * V, 0)  # [b, s-1, V] -> [-1, V] copies when b > 1
+            forward = maximum(saved + reshape_copy, (c + _F32) * tokens * V + labels)
+            return LogitsBytes(forward, saved, held + 2 * _F32 * tokens * V + labels, held + c * tokens * V + labels,
+                               held=held)
         chunk = minimum(tokens, LITGPT_LM_HEAD_CHUNK_POSITIONS * sequences)
         forward = maximum(saved, (c + _F32) * tokens * V + labels)
         backward = saved + 2 * _F32 * chunk * V
-        return LogitsBytes(forward, saved, backward, saved + c * chunk * V)
+        # every chunk's loss backward and Fabric's casts run before any lm_head backward (made later in forward):
+        # lm_head's backward sees the fp32 list and every chunk's c gradient (traced, tracing/stacks/litgpt.py)
+        return LogitsBytes(forward, saved, backward, held + c * tokens * V + labels, held=held)
     chunk = fused_chunk_tokens(tokens, V, model.hidden_size)
     hidden_bytes = max(dt.norm_out, dt.r)
     grad_input = hidden_bytes * tokens * model.hidden_size

@@ -5,7 +5,8 @@ Per trainable tensor of n elements stored at B bytes (sources in each row of ``_
                          + a 0-d fp32 "step" on the device for fused AdamW (CPU-side for foreach)
   adamw-8bit, paged-adamw-8bit
                          2·n (uint8 state1/2) + 2·4·ceil(n/256) (fp32 absmax1/2);  fp32 2·4·n when n < 4096 or the
-                         tensor is an nn.Embedding (Trainer overrides embeddings to optim_bits=32)
+                         tensor is an nn.Embedding (Trainer overrides embeddings to optim_bits=32; stacks that build
+                         their own optimizer, torchtune and litgpt, do not: ``embedding_32bit``)
                                                                           bitsandbytes/optim/optimizer.py init_state
   paged-adamw            2·4·n (fp32 state1/2 whatever the parameter dtype)
   sgd                    0;  sgd-momentum  n·B (momentum_buffer = clone(grad))    torch/optim/sgd.py
@@ -33,11 +34,13 @@ ADAM_STEP_BYTES = round_up(_F32)  # fused AdamW keeps state["step"] as a 0-d fp3
 class OptimizerBytes:
     device_bytes: int  # in torch's allocator
     paged_bytes: int = 0  # bitsandbytes unified memory
+    qmap_users: int = 0  # tensors whose 8-bit states read the code tables (one optimizer per tensor: a pair each)
 
 
-def optimizer_state_bytes(tensors: tuple[StoredTensor, ...], optimizer: Optimizer) -> OptimizerBytes:
+def optimizer_state_bytes(tensors: tuple[StoredTensor, ...], optimizer: Optimizer,
+                          embedding_32bit: bool = True) -> OptimizerBytes:
     device = paged = 0
-    qmaps_used = False
+    qmaps_used = 0
     for t in tensors:
         if not t.trainable:
             continue
@@ -47,10 +50,10 @@ def optimizer_state_bytes(tensors: tuple[StoredTensor, ...], optimizer: Optimize
         elif optimizer is Optimizer.ADAMW_FOREACH:
             state = 2 * round_up(n * elem)
         elif optimizer.is_8bit:
-            if n < BNB_MIN_8BIT_NUMEL or t.kind == "embedding":
+            if n < BNB_MIN_8BIT_NUMEL or (t.kind == "embedding" and embedding_32bit):
                 state = 2 * round_up(4 * n)
             else:
-                qmaps_used = True
+                qmaps_used += t.count
                 state = 2 * round_up(n) + 2 * round_up(4 * -(-n // BNB_OPTIM_BLOCKSIZE))
         elif optimizer is Optimizer.PAGED_ADAMW:
             state = 2 * round_up(4 * n)
@@ -63,14 +66,15 @@ def optimizer_state_bytes(tensors: tuple[StoredTensor, ...], optimizer: Optimize
         else:
             raise ValueError(f"optimizer {optimizer} has no state rule")
         if optimizer.is_paged and n >= BNB_PAGED_MIN_NUMEL:
-            paged_part = 2 * round_up(n * (1 if optimizer.is_8bit and t.kind != "embedding" else 4))
+            eight_bit = optimizer.is_8bit and not (t.kind == "embedding" and embedding_32bit)
+            paged_part = 2 * round_up(n * (1 if eight_bit else 4))
             paged += paged_part * t.count
             device += (state - paged_part) * t.count
         else:
             device += state * t.count
     if qmaps_used:
         device += BNB_QMAP_BYTES
-    return OptimizerBytes(device, paged)
+    return OptimizerBytes(device, paged, qmaps_used)
 
 
 def _adafactor_state_bytes(shape: tuple[int, ...]) -> int:

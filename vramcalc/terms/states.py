@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from ..model import ModelSpec
 from ..options import Method, Optimizer
 from .gradients import gradient_bytes, layer_gradient_bytes
-from .optimizer import optimizer_state_bytes, optimizer_step_temporary_bytes
+from .optimizer import BNB_QMAP_BYTES, optimizer_state_bytes, optimizer_step_temporary_bytes
 from .parameters import StoredTensor
 from ..units import round_up
 from .weights import weight_bytes
@@ -63,7 +63,8 @@ def model_states(model: ModelSpec, tensors: tuple[StoredTensor, ...], method: Me
 
 
 @functools.lru_cache(maxsize=4096)
-def optimizer_in_backward(rank: RankStates, tensors: tuple[StoredTensor, ...], optimizer: Optimizer) -> RankStates:
+def optimizer_in_backward(rank: RankStates, tensors: tuple[StoredTensor, ...], optimizer: Optimizer,
+                          embedding_32bit: bool = True) -> RankStates:
     """The states when the optimizer steps each parameter from its post-accumulate-grad hook (torchtune
     ``optimizer_in_bwd``: ``training/_optimizer_in_backward.py`` (0.6) / ``memory.py`` ``register_optim_in_bwd_hooks``
     calls ``optim.step()`` then ``optim.zero_grad()`` for the one parameter whose gradient just became ready): a
@@ -71,12 +72,39 @@ def optimizer_in_backward(rank: RankStates, tensors: tuple[StoredTensor, ...], o
 
     Gradients at rest = 0; during backward, one parameter's gradient and its step's scratch are alive at a time:
     ``max over trainable tensors of (grad bytes + one-tensor step scratch)``, charged to the backward buffers (alive
-    at every backward moment, never in forward). Optimizer states are unchanged (every parameter still has its own);
-    the end-of-step scratch is gone (each step ran in backward)."""
+    at every backward moment, never in forward). When the decoder layers train, that maximum is taken over their
+    tensors: the embedding's and lm_head's (V·h, often the largest) exist only around their own backward
+    (``outer_step_bytes``), not while the layers' backward runs (traced, ``tracing/stacks/torchtune.py``). Optimizer states are unchanged (every parameter still has its own);
+    the end-of-step scratch is gone (each step ran in backward). A bitsandbytes 8-bit optimizer per parameter fills
+    its own "dynamic"/"udynamic" code tables on the device (``Optimizer8bit.fill_qmap``: ``self.name2qmap`` per
+    instance): one pair per tensor with 8-bit states, not one per model (traced, ``tracing/stacks/torchtune.py``)."""
     trainable = [t for t in tensors if t.trainable]
     if not trainable:
         return rank
-    one = max(round_up(t.numel * t.bits // 8)
-              + optimizer_step_temporary_bytes((replace(t, count=1),), optimizer) for t in trainable)
+    one = _largest_step(trainable, optimizer)
+    qmap_users = optimizer_state_bytes(tensors, optimizer, embedding_32bit).qmap_users
+    extra_qmaps = (qmap_users - 1) * BNB_QMAP_BYTES if qmap_users > 1 else 0
     return replace(rank, gradients=0, optimizer_step=0, layer_gradients=(0, 0), head_gradient=0,
+                   optimizer_states=rank.optimizer_states + extra_qmaps,
                    backward_buffers=rank.backward_buffers + one, accumulated_gradients=0)
+
+
+def _largest_step(tensors, optimizer: Optimizer) -> int:
+    """The largest (gradient + one-tensor step scratch) over ``tensors``: the decoder layers' when any trains."""
+    tensors = list(tensors)
+    layers = [t for t in tensors if t.scope != "model"]
+    pool = layers or tensors
+    return max(round_up(t.numel * t.bits // 8)
+               + optimizer_step_temporary_bytes((replace(t, count=1),), optimizer) for t in pool)
+
+
+def outer_step_bytes(tensors: tuple[StoredTensor, ...], optimizer: Optimizer) -> int:
+    """Optimizer in backward: the largest (gradient + step scratch) of the tensors outside the decoder layers (the
+    embedding, lm_head, the final norm), alive around lm_head's and the embedding's backward; 0 when only decoder
+    tensors train or when those are the whole set (``_largest_step`` already counts them)."""
+    trainable = [t for t in tensors if t.trainable]
+    outer = [t for t in trainable if t.scope == "model"]
+    if not outer or len(outer) == len(trainable):
+        return 0
+    return max(round_up(t.numel * t.bits // 8)
+               + optimizer_step_temporary_bytes((replace(t, count=1),), optimizer) for t in outer)

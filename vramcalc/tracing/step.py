@@ -99,7 +99,7 @@ class TrainerLoss:
         if self.setup.loss is Loss.HF:
             outputs = forward_module(input_ids=input_ids, labels=input_ids, **extra_inputs)
             loss = outputs.loss
-            if self.setup.precision is not Precision.FP32:
+            if self.setup.precision.autocast:
                 outputs.logits.float()  # accelerate's fp32 copy, dropped with outputs
             del outputs
             return loss
@@ -289,7 +289,7 @@ class StepTracer:
     # -- the step ----------------------------------------------------------------------------------
     def autocast(self):
         precision = self.setup.precision
-        if precision is Precision.FP32:
+        if not precision.autocast:  # fp32, bf16-true
             return contextlib.nullcontext()
         dtype = half_dtype(precision)
         return torch.autocast(device_type="cpu", dtype=dtype)

@@ -29,11 +29,14 @@ from ..tracker import AllocationTracker
 
 TRACE_STEPS = 1  # traced steps after the optimizer's warm start (warm_start); the HF trace runs two cold steps
 
-TORCH_DTYPE = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16, Precision.FP32: torch.float32}
+TORCH_DTYPE = {Precision.BF16: torch.bfloat16, Precision.BF16_TRUE: torch.bfloat16, Precision.FP16: torch.float16,
+               Precision.FP32: torch.float32}
 
 
-def model_dtype(resolved: ResolvedSetup, stack: str, allowed=(Precision.BF16, Precision.FP32)) -> torch.dtype:
-    """The one dtype these recipes build the whole model in (torchtune ``dtype: bf16``; litgpt ``bf16-true``)."""
+def model_dtype(resolved: ResolvedSetup, stack: str,
+                allowed=(Precision.BF16_TRUE, Precision.BF16, Precision.FP32)) -> torch.dtype:
+    """The one dtype these recipes build the whole model in (torchtune ``dtype: bf16``; litgpt ``bf16-true``), with
+    no autocast: ``bf16`` is taken as ``bf16-true`` (the two differ only for fp32 tensors these recipes never make)."""
     precision = resolved.setup.precision
     if precision not in allowed:
         words = ", ".join(p.value for p in allowed)

@@ -79,7 +79,7 @@ def check_traceable(spec: ModelSpec, resolved: ResolvedSetup) -> None:
     if setup.method is Method.QLORA:
         if setup.quant is not Quant.NF4:
             raise VramcalcError(f"the litgpt trace runs --quantize bnb.nf4 / bnb.nf4-dq, not {setup.quant.value}")
-        if setup.precision is not Precision.BF16:
+        if setup.precision not in (Precision.BF16, Precision.BF16_TRUE):
             raise VramcalcError("litgpt's QLoRA is bf16-true with bitsandbytes (finetune/lora.py:141-150)")
         if not getattr(setup, "quantize_lm_head", True):
             raise VramcalcError("litgpt's bitsandbytes plugin quantizes lm_head too (every torch.nn.Linear): "
@@ -135,7 +135,7 @@ def _fabric(resolved: ResolvedSetup):
     import lightning as L
 
     setup = resolved.setup
-    precision = {Precision.BF16: "bf16-true", Precision.FP32: "32-true"}[setup.precision]
+    precision = {Precision.BF16: "bf16-true", Precision.BF16_TRUE: "bf16-true", Precision.FP32: "32-true"}[setup.precision]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if setup.method is Method.QLORA:
@@ -279,13 +279,15 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int = _driver.
                     fabric.backward(loss / accumulation)
                     tracker.in_logits = False
                     tracker.mark_gradients(model.parameters())
-                    del logits, loss  # fit() rebinds them at the next micro-batch: alive through backward
+                    # fit() rebinds logits and loss at the next micro-batch's forward (finetune/lora.py:355-366):
+                    # alive through backward, the next forward and optimizer.step(), as here
                 tracker.phase = Phase.OPTIMIZER_STEP
                 tracker.in_optimizer = True
                 optimizer.step()
                 tracker.in_optimizer = False
                 tracker.mark_optimizer_states(optimizer.optimizer)
                 optimizer.zero_grad()
+                del logits, loss
         traced = _driver.result(tracker, started, None, _NOT_TRACED)
     finally:
         bar.close()
