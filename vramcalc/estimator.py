@@ -29,8 +29,8 @@ from .errors import VramcalcError
 from .model import ModelSpec
 from .options import Loss, Phase, Sharding, Term
 from .profiles import runtime_profile
-from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, quantized, runtime,
-                    states, temporaries, trl_loss)
+from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, peft_methods,
+                    quantized, runtime, states, temporaries, trl_loss)
 from .terms.distributed import GatheredTimeline
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import maximum, select
@@ -195,6 +195,7 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     at every moment; FSDP2 and ZeRO-3 add the units gathered around the compute (``GatheredTimeline``).
     """
     setup = resolved.setup
+    peft_methods.check_estimable(setup)
     b = setup.batch_size if batch_size is None else batch_size
     s = setup.padded_seq_len if seq_len is None else seq_len + (setup.padded_seq_len - setup.seq_len)
     sequences = b
@@ -305,6 +306,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b, compiled=csetup.compile)
     dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens, setup=csetup)
     dequant = dequant + float8.layer_backward_cast_bytes(spec, setup.precision, tokens)  # fp8: torchao's casts
+    method_forward = peft_methods.forward_transient_bytes(spec, compute, dt)  # DoRA's weight-norm path, per module
+    if ckpt:  # the recompute runs it again in each layer's backward
+        dequant = dequant + method_forward
     hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)
     head_saved = plan.head.bytes(b, s) + head_lora
     gathered = GatheredTimeline(spec, rank.gathering)
@@ -322,6 +326,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     if extras.head_forward_moment:  # a quantized lm_head's forward: its dequantized weight beside its output
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A, extras.head_forward_logits,
                               copies.forward + extras.head_forward))
+    if method_forward:  # the last target's forward: the layers' saved tensors, no logits yet
+        moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0, copies.forward + method_forward))
     moments += [
         Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, lg.forward_peak, copies.forward),
         Moment(Phase.BACKWARD_START, W + gathered.loss_backward, B + G_acc, O, A, lg.backward_peak,

@@ -59,6 +59,7 @@ from ..model import ModelSpec, cached_field_hash, state_without_hash
 from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Method, Precision
 from ..units import DType, select
 from .layouts import ParallelBlockWalk, residual_bytes
+from .peft_methods import dora_per_layer_bytes, dora_saved_per_token
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
 SDPA_FLASH_MAX_HEAD_DIM = 256
@@ -259,6 +260,11 @@ class _LayerWalk(ParallelBlockWalk):
             self.per_token += x_bytes * width
             x_saved = True
         self.per_token += (c if autocast else adapter) * layer.lora_rank  # lora_A's output, saved by lora_B
+        if layer.method is Method.DORA:  # the base output and lora_B's output, saved by the magnitude's products
+            out = self.width_out(use.name)
+            self.per_token += dora_saved_per_token(out, c if autocast else max(x_bytes, self.dt.r),
+                                                   c if autocast else adapter)
+            self.per_layer += dora_per_layer_bytes(out, adapter)
         # selective cache: lora_A's and lora_B's matmul outputs
         self.cache_token += (c if autocast else adapter) * (layer.lora_rank + self.width_out(use.name))
         return x_saved

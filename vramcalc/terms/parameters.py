@@ -161,6 +161,9 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
                                     adapter_bits, True, scope=module.scope))
             out.append(StoredTensor(f"{name}.lora_B", "adapter", (module.out_features, lora_rank), module.count,
                                     adapter_bits, True, scope=module.scope))
+            if method is Method.DORA:  # peft lora/dora.py:130, the magnitude [out] (terms/peft_methods.py)
+                out.append(StoredTensor(f"{name}.lora_magnitude_vector", "adapter", (module.out_features,),
+                                        module.count, adapter_bits, True, scope=module.scope))
     if method is Method.PROMPT:
         out.append(StoredTensor("prompt_encoder.embedding", "prompt", (virtual_tokens, model.hidden_size), 1,
                                 adapter_bits, True))

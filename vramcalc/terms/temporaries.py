@@ -55,7 +55,7 @@ def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: b
     # lora_embedding_A goes through F.embedding, which autocast does not cast
     adapters = outside = 0
     for t in tensors:
-        if t.kind == "adapter" and t.bits == 32 and not t.name.endswith("lora_embedding_A"):
+        if t.kind == "adapter" and t.bits == 32 and not t.name.endswith(("lora_embedding_A", "lora_magnitude_vector")):
             if t.name.startswith(("lm_head.", "embed_tokens.")):
                 outside += dt.c * t.numel * t.count
             else:

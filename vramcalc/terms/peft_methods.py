@@ -1,0 +1,95 @@
+"""Estimate formulas of the peft methods beyond LoRA (``vramcalc/peft_methods.py`` lists the methods and their facts).
+
+A method without formulas here is refused by the estimate in one line that points to ``vramcalc trace``
+(``check_estimable``); the trace builds every method with real peft.
+
+DoRA (peft 0.21.2, ``LoraConfig(use_dora=True)``; symbols: T tokens, n_in/n_out a target Linear's features, r rank,
+c compute bytes (the autocast dtype), a adapter bytes, w the base weight's bytes). ``tuners/lora/variants.py:230-256``
+(``DoraLinearVariant.forward``) calls ``tuners/lora/dora.py:132-165`` (``DoraLinearLayer.forward``) after the base
+Linear's own output ``result``; without dropout ``base_result = result``:
+
+- parameters: LoRA's A [r, n_in] and B [n_out, r] plus the magnitude ``lora_magnitude_vector`` [n_out] per target, at
+  the adapter dtype (``dora.py:130``: ``nn.Parameter(weight_norm)``; cast like every adapter); its gradient and
+  optimizer states follow (``terms/states.py``);
+- saved for backward, per token and target (``dora_saved_per_token``): ``(mag_norm_scale - 1) * base_result`` saves
+  the base output (c·n_out: it requires no grad but the scale does) and ``mag_norm_scale * lora_result`` saves
+  lora_B's output (c·n_out); LoRA's own ``lora_B(...) * scaling`` saves nothing (a Python scalar). Per layer and
+  target, three [n_out] tensors at the adapter dtype: ``weight_norm`` (saved by the division), ``mag_norm_scale``
+  and ``mag_norm_scale - 1`` (saved by the products) (``dora_per_layer_bytes``);
+- temporaries of each target's forward (``dora_forward_transient_bytes``), all freed when the module returns, all
+  [n_in x n_out]-sized, not per token: ``get_lora_weight`` (``dora.py:94-99``) multiplies an fp32 identity
+  ``torch.eye(n_in)`` (a·n_in², the adapter's dtype) through lora_A and lora_B; autocast casts it (c·n_in², kept by
+  lora_A's graph while the module runs, as is lora_A's output c·n_in·r); ``.to(x.dtype)`` makes the [n_in, n_out]
+  weight a (a·n_in·n_out; x is already cast to the adapter dtype by ``_cast_input_dtype``); ``weight.to(x.dtype)``
+  copies the frozen base weight (a·n_in·n_out when w != a); ``get_weight_norm`` (``dora.py:86-91``) builds
+  ``scaling * lora_weight`` and ``weight + ...`` (2·a·n_in·n_out) before ``linalg.norm``. Peak: the larger of
+  (a + c)·n_in² + c·n_in·(r + n_out) (at lora_B) and c·n_in² + c·n_in·r + (3 or 4)·a·n_in·n_out (at the sum).
+  Under checkpointing the recompute of each layer in backward runs it again. The weight norm is recomputed every
+  forward: peft's ``ENABLE_DORA_CACHING`` (``dora.py:27``) caches it only in eval mode, so training never caches;
+  ``ephemeral_gpu_offload`` (``variants.py:148``) only matters for adapters kept on the CPU, which a training step
+  on one GPU does not do: neither is an option.
+"""
+
+from __future__ import annotations
+
+from ..errors import VramcalcError
+from ..model import ModelSpec
+from ..options import Method, Quant
+from ..units import round_up
+
+
+def check_estimable(setup) -> None:
+    """Refuse, in one line, a peft method the estimate has no formulas for, or a quantized base under one."""
+    facts = setup.method.peft_facts
+    if facts is None:
+        return
+    word = setup.method.value
+    if not facts.formulas:
+        raise VramcalcError(f"--method {word} has no estimate formulas yet; use vramcalc trace MODEL --method {word} "
+                            "(real peft on fake tensors, no GPU needed)")
+    if setup.quant is not Quant.NONE:
+        raise VramcalcError(f"--method {word} on a --quant {setup.quant.value} base is traced, not estimated; use "
+                            f"vramcalc trace MODEL --method {word} --quant {setup.quant.value}")
+
+
+def dora_saved_per_token(out_features: int, base_out_bytes: int, lora_out_bytes: int) -> int:
+    """DoRA's two saved [T, n_out] tensors per target beyond LoRA's: the base output and lora_B's output."""
+    return (base_out_bytes + lora_out_bytes) * out_features
+
+
+def dora_per_layer_bytes(out_features: int, adapter_bytes: int) -> int:
+    """weight_norm, mag_norm_scale and mag_norm_scale - 1: three [n_out] tensors, each its own 512 B-rounded block."""
+    return 3 * round_up(adapter_bytes * out_features)
+
+
+def dora_forward_transient_bytes(model: ModelSpec, lora_modules: tuple[str, ...], rank: int, c: int, adapter: int,
+                                 base_bytes: int) -> int:
+    """The largest target's forward temporaries (module docstring), alive only while that module runs. ``c``: the
+    bytes lora_A and lora_B compute in (the autocast dtype, or the adapter's without autocast)."""
+    linears = {module.name: module for module in model.inventory.linears}
+    peak = 0
+    for name in lora_modules:
+        module = linears.get(name)
+        if module is None:  # lm_head / embed_tokens
+            continue
+        n_in, n_out = module.in_features, module.out_features
+        # the identity as lora_A multiplies it (autocast's cast, or the identity itself) and lora_A's output, kept by
+        # lora_A's and lora_B's graph while the module runs
+        held = round_up(c * n_in * n_in) + round_up(c * n_in * rank)
+        eye = round_up(adapter * n_in * n_in) if adapter != c else 0  # the fp32 identity, until get_lora_weight returns
+        at_lora_b = eye + held + round_up(c * n_in * n_out)
+        weight = round_up(adapter * n_in * n_out)
+        base_copy = weight if base_bytes != adapter else 0  # weight.to(x.dtype)
+        at_sum = held + weight + base_copy + 2 * weight  # lora_weight, base copy, scaling * lora_weight, the sum
+        peak = max(peak, at_lora_b, at_sum)
+    return peak
+
+
+def forward_transient_bytes(model: ModelSpec, resolved, dt) -> int:
+    """A method's per-module forward temporaries that do not scale with tokens (0 for a method without): DoRA's
+    weight-norm path (``dora_forward_transient_bytes``)."""
+    setup = resolved.setup
+    if setup.method is not Method.DORA:
+        return 0
+    c = dt.c if dt.autocast else dt.adapter
+    return dora_forward_transient_bytes(model, resolved.lora_modules, setup.lora_rank, c, dt.adapter, dt.r)
