@@ -85,6 +85,16 @@ def dora_forward_transient_bytes(model: ModelSpec, lora_modules: tuple[str, ...]
     return peak
 
 
+def dora_backward_per_token(model: ModelSpec, lora_modules: tuple[str, ...], c: int) -> int:
+    """DoRA's backward of the widest target, per token: the result's fp32 gradient (``result + result_dora`` is fp32,
+    cast back by ``result.to(torch_result_dtype)``, ``lora/layer.py:1113``), and inside ``mag_norm_scale *
+    lora_result``'s MulBackward the two fp32 products ``grad * lora_result`` (summed to the magnitude's [n_out]) and
+    ``grad * mag_norm_scale`` with its cast to lora_result's dtype: (3·4 + c)·n_out."""
+    linears = {module.name: module for module in model.inventory.linears}
+    widest = max((linears[name].out_features for name in lora_modules if name in linears), default=0)
+    return (3 * 4 + c) * widest
+
+
 def forward_transient_bytes(model: ModelSpec, resolved, dt) -> int:
     """A method's per-module forward temporaries that do not scale with tokens (0 for a method without): DoRA's
     weight-norm path (``dora_forward_transient_bytes``)."""
