@@ -195,7 +195,7 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     at every moment; FSDP2 and ZeRO-3 add the units gathered around the compute (``GatheredTimeline``).
     """
     setup = resolved.setup
-    peft_methods.check_estimable(setup)
+    peft_methods.check_estimable(setup, spec.family)
     b = setup.batch_size if batch_size is None else batch_size
     s = setup.padded_seq_len if seq_len is None else seq_len + (setup.padded_seq_len - setup.seq_len)
     sequences = b
@@ -223,7 +223,7 @@ def layer_setup(resolved: ResolvedSetup) -> activations.LayerSetup:
 @functools.lru_cache(maxsize=4096)
 def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora_rank, lora_dropout, kernels,
                  compiled, offload):
-    lora = method.uses_lora
+    lora = method.uses_lora or method.peft_facts is not None  # a peft method's targets ride on the LoRA fields
     return activations.LayerSetup(method, activations.dtypes(method, precision, adapter_dtype), attn_used,
                                   lora_modules if lora else (), lora_rank if lora else 0, lora_dropout if lora else 0.0,
                                   kernels, compiled, offload)

@@ -78,7 +78,7 @@ PEFT_METHODS: tuple[PeftMethodFacts, ...] = (
        "target_r by masking, shapes fixed)", "init_r", 12, dropout_kwarg="lora_dropout",
        fixed=(("total_step", 1000),), quant_base=True),
     _F("ia3", "IA3", "IA3Config", "ia3_l: [out, 1] per target, [1, in] per feed-forward target (down projection)",
-       quant_base=True),
+       quant_base=True, formulas=True),
     _F("vera", "VERA", "VeraConfig", "lambda_d [r] and lambda_b [out] per target; shared frozen vera_A [r, max in], "
        "vera_B [max out, r] buffers", "r", 256, dropout_kwarg="vera_dropout"),
     _F("loha", "LOHA", "LoHaConfig", "hada_w1_a [out, r], hada_w1_b [r, in], hada_w2_a [out, r], hada_w2_b [r, in]",
@@ -88,7 +88,7 @@ PEFT_METHODS: tuple[PeftMethodFacts, ...] = (
     _F("oft", "OFT", "OFTConfig", "oft_R: in/b blocks of b(b-1)/2 skew-symmetric entries (b = oft_block_size)",
        "oft_block_size", 32, dropout_kwarg="module_dropout", fixed=(("r", 0),)),
     _F("ln-tuning", "LN_TUNING", "LNTuningConfig", "a trainable copy of every norm layer's weight (input_layernorm, "
-       "post_attention_layernorm, norm)", targets=False),
+       "post_attention_layernorm, norm)", targets=False, formulas=True),
     _F("prefix", "PREFIX_TUNING", "PrefixTuningConfig", "embedding [n, L x 2 x kv_heads x head_dim]: a key and value "
        "prefix per layer", targets=False, virtual_kwarg="num_virtual_tokens"),
     _F("p-tuning", "P_TUNING", "PromptEncoderConfig", "embedding [n, h] and an MLP encoder h -> h -> h -> h "
@@ -129,6 +129,14 @@ PEFT_METHODS: tuple[PeftMethodFacts, ...] = (
 del _F
 
 _BY_WORD = {facts.word: facts for facts in PEFT_METHODS}
+
+# IA3's feed-forward targets (scaled on their input, [1, in]): the MLP's down projection, as peft's
+# TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING says for llama-style models ("down_proj")
+IA3_FEEDFORWARD = ("down_proj", "w2", "dense_4h_to_h", "fc2")
+# LN tuning's targets are peft's per-family mapping (TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING,
+# peft/utils/constants.py): the estimate covers the families whose list is input_layernorm, post_attention_layernorm
+# and the final norm; the others (qwen2/qwen3: post_attention_layernorm only; families without a row) are traced
+LN_TUNING_ESTIMATED_FAMILIES = ("llama", "mistral")
 
 
 def peft_method(word: str) -> PeftMethodFacts | None:

@@ -59,7 +59,8 @@ from ..model import ModelSpec, cached_field_hash, state_without_hash
 from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Method, Precision
 from ..units import DType, select
 from .layouts import ParallelBlockWalk, residual_bytes
-from .peft_methods import dora_per_layer_bytes, dora_saved_per_token
+from ..peft_methods import IA3_FEEDFORWARD
+from .peft_methods import dora_per_layer_bytes, dora_saved_per_token, ia3_saved
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
 SDPA_FLASH_MAX_HEAD_DIM = 256
@@ -149,6 +150,7 @@ class _LayerWalk(ParallelBlockWalk):
         self.layer = layer
         self.dt = layer.dtypes
         self.full = layer.method is Method.FULL
+        self.norms_train = self.full or layer.method is Method.LN_TUNING  # ln-tuning: a trained copy of each norm
         self.lora_names = set(layer.lora_modules)
         self.quantized = layer.method is Method.QLORA and model.traits.bnb_quantizable
         self.gemma = model.family == "gemma2"
@@ -200,15 +202,15 @@ class _LayerWalk(ParallelBlockWalk):
             return self.layer_norm(width, x_bytes)
         if self.lean:
             # Liger / compile: the input as is and a [T] fp32 rstd, whenever a gradient flows or the weight trains
-            if self.grad or self.full:
+            if self.grad or self.norms_train:
                 self.per_token += x_bytes * width * rows + _F32 * rows
-            self.grad = self.grad or self.full
+            self.grad = self.grad or self.norms_train
             return x_bytes if self.layer.kernels is Kernels.LIGER else max(self.dt.norm_out, x_bytes)
         if self.grad:
             self.per_token += _F32 * width * rows + _F32 * rows  # fp32 input (or the fp32 input itself), rsqrt
-        if self.full:
+        if self.norms_train:
             self.per_token += (_F32 if self.gemma_norm else x_bytes) * width * rows  # y saved for the weight gradient
-        self.grad = self.grad or self.full
+        self.grad = self.grad or self.norms_train
         return x_bytes if self.gemma_norm else max(self.dt.norm_out, x_bytes)
 
     def linears(self, uses: list[LinearUse], x_bytes: int, x_saved: bool = False) -> int:
@@ -243,6 +245,9 @@ class _LayerWalk(ParallelBlockWalk):
         """One LoRA module on an input of ``width``; returns whether the shared input is now saved."""
         width = use.width_in
         layer = self.layer
+        if layer.method is Method.IA3:  # terms/peft_methods.py
+            return ia3_saved(self, width, self.width_out(use.name), use.name.split(".")[-1] in IA3_FEEDFORWARD,
+                             x_bytes, x_saved)
         c, adapter, autocast = self.dt.c, self.dt.adapter, self.dt.autocast
         dropout = layer.lora_dropout > 0
         if dropout and self.grad:

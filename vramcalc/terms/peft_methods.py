@@ -33,12 +33,16 @@ Linear's own output ``result``; without dropout ``base_result = result``:
 from __future__ import annotations
 
 from ..errors import VramcalcError
-from ..model import ModelSpec
+from ..model import ModelSpec, ParamKind
 from ..options import Method, Quant
+from ..peft_methods import IA3_FEEDFORWARD, LN_TUNING_ESTIMATED_FAMILIES
 from ..units import round_up
 
+# adapter tensors that are vectors multiplied elementwise, never a matmul operand (so no autocast copy of them)
+VECTOR_ADAPTERS = ("lora_magnitude_vector", "ia3_l", "ln_tuning")
 
-def check_estimable(setup) -> None:
+
+def check_estimable(setup, family: str = "") -> None:
     """Refuse, in one line, a peft method the estimate has no formulas for, or a quantized base under one."""
     facts = setup.method.peft_facts
     if facts is None:
@@ -47,6 +51,9 @@ def check_estimable(setup) -> None:
     if not facts.formulas:
         raise VramcalcError(f"--method {word} has no estimate formulas yet; use vramcalc trace MODEL --method {word} "
                             "(real peft on fake tensors, no GPU needed)")
+    if setup.method is Method.LN_TUNING and family not in LN_TUNING_ESTIMATED_FAMILIES:
+        raise VramcalcError(f"--method ln-tuning on {family} is traced, not estimated (peft's target norms differ "
+                            f"by family); use vramcalc trace MODEL --method ln-tuning")
     if setup.quant is not Quant.NONE:
         raise VramcalcError(f"--method {word} on a --quant {setup.quant.value} base is traced, not estimated; use "
                             f"vramcalc trace MODEL --method {word} --quant {setup.quant.value}")
@@ -103,3 +110,52 @@ def forward_transient_bytes(model: ModelSpec, resolved, dt) -> int:
         return 0
     c = dt.c if dt.autocast else dt.adapter
     return dora_forward_transient_bytes(model, resolved.lora_modules, setup.lora_rank, c, dt.adapter, dt.r)
+
+
+def method_tensors(model: ModelSpec, method: Method, modules: tuple[str, ...], rank: int, bits: int) -> list:
+    """The trainable tensors of a peft method other than LoRA/DoRA (``parameters.parameter_tensors``), at the adapter
+    dtype (``bits``):
+    - IA3 (``tuners/ia3/layer.py:62-68``, ``update_layer``): ``ia3_l`` [out, 1] per target, [1, in] for a feed-forward
+      target (``IA3_FEEDFORWARD``);
+    - LN tuning (``tuners/ln_tuning/layer.py:48``: ``deepcopy(layer)``): a trainable copy of each targeted norm's
+      weight beside the frozen original (the decoder layers' two norms and the final norm)."""
+    from .parameters import StoredTensor
+
+    out = []
+    if method is Method.IA3:
+        linears = {module.name: module for module in model.inventory.linears}
+        for name in modules:
+            module = linears[name]
+            feedforward = name.split(".")[-1] in IA3_FEEDFORWARD
+            shape = (1, module.in_features) if feedforward else (module.out_features, 1)
+            out.append(StoredTensor(f"{name}.ia3_l", "adapter", shape, module.count, bits, True, scope=module.scope))
+    elif method is Method.LN_TUNING:
+        for tensor in model.inventory.tensors:
+            if tensor.kind is ParamKind.NORM and tensor.name.endswith("weight"):
+                out.append(StoredTensor(f"{tensor.name}.ln_tuning", "adapter", tensor.shape, tensor.count, bits, True,
+                                        scope=tensor.scope))
+    return out
+
+
+def ia3_saved(walk, width_in: int, width_out: int, feedforward: bool, x_bytes: int, x_saved: bool) -> bool:
+    """What IA3 saves on one target (``tuners/ia3/layer.py:172-199``), added to the layer walk; returns whether the
+    shared input is now saved. Output-scaled: ``(result * ia3_scaling).to(result_dtype)`` saves the base output
+    (its bytes per element times n_out) and, when the output requires grad, ``ia3_scaling`` ([n_out], its own block).
+    Feed-forward: ``x.to(ia3 dtype) * ia3_scaling`` saves the cast input (a·n_in; x itself when already that dtype)
+    and, when x requires grad, ``ia3_scaling`` [n_in]; the product goes back to x's dtype into the frozen Linear."""
+    dt = walk.dt
+    a = dt.adapter
+    if feedforward:
+        if a != x_bytes:
+            walk.per_token += a * width_in
+        elif not x_saved:
+            walk.per_token += x_bytes * width_in
+            x_saved = True
+        if walk.grad:
+            walk.per_layer += round_up(a * width_in)
+        return x_saved
+    base_out = dt.c if dt.autocast else max(x_bytes, dt.r)
+    walk.per_token += base_out * width_out
+    if walk.grad:
+        walk.per_layer += round_up(a * width_out)
+    return x_saved

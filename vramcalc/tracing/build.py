@@ -355,8 +355,10 @@ def peft_config(resolved: ResolvedSetup, spec: ModelSpec | None = None):
     if facts.config_class == "LoraConfig":
         kwargs.update(lora_alpha=setup.lora_rank, bias="none")
     if facts.config_class == "IA3Config":
-        kwargs["feedforward_modules"] = [name for name in resolved.lora_modules if name.split(".")[-1] in
-                                         ("down_proj", "w2", "dense_4h_to_h", "fc2")]
+        from ..peft_methods import IA3_FEEDFORWARD
+
+        kwargs["feedforward_modules"] = [name for name in resolved.lora_modules
+                                         if name.split(".")[-1] in IA3_FEEDFORWARD]
     return getattr(peft, facts.config_class)(**kwargs)
 
 
