@@ -92,7 +92,7 @@ PEFT_METHODS: tuple[PeftMethodFacts, ...] = (
     _F("prefix", "PREFIX_TUNING", "PrefixTuningConfig", "embedding [n, L x 2 x kv_heads x head_dim]: a key and value "
        "prefix per layer", targets=False, virtual_kwarg="num_virtual_tokens"),
     _F("p-tuning", "P_TUNING", "PromptEncoderConfig", "embedding [n, h] and an MLP encoder h -> h -> h -> h "
-       "(encoder_hidden_size = h)", targets=False, virtual_kwarg="num_virtual_tokens"),
+       "(encoder_hidden_size = h)", targets=False, virtual_kwarg="num_virtual_tokens", formulas=True),
     _F("adaption-prompt", "ADAPTION_PROMPT", "AdaptionPromptConfig", "adaption_prompt [1, n, h] and a gate [1] in "
        "each of the top adapter_layers (1 here) attention blocks", targets=False, virtual_kwarg="adapter_len",
        fixed=(("adapter_layers", 1),)),

@@ -485,7 +485,7 @@ def attention_saved(model: ModelSpec, layer: LayerSetup, masked: bool = False) -
 
 def first_layer_needs_grad(method: Method) -> bool:
     """Does the first layer's input require grad? Only when the embedding trains (full) or a prompt is prepended."""
-    return method in (Method.FULL, Method.PROMPT)
+    return method in (Method.FULL, Method.PROMPT, Method.P_TUNING)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -102,7 +102,7 @@ def parameter_key(resolved: ResolvedSetup) -> tuple:
     return (method, setup.precision, setup.double_quant if qlora and not int8 else False,
             resolved.lora_modules if lora else (), setup.lora_rank if lora else 0,
             adapter_bits(resolved) if lora or method is Method.PROMPT else 0,
-            setup.virtual_tokens if method is Method.PROMPT else 0,
+            setup.virtual_tokens if method.prepends_tokens else 0,
             int8, qlora and bool(getattr(setup, "quantize_lm_head", False)))
 
 
@@ -166,7 +166,7 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
                 out.append(StoredTensor(f"{name}.lora_magnitude_vector", "adapter", (module.out_features,),
                                         module.count, adapter_bits, True, scope=module.scope))
     if method.peft_facts is not None and not method.uses_lora:  # terms/peft_methods.py
-        out += peft_methods.method_tensors(model, method, lora_modules, lora_rank, adapter_bits)
+        out += peft_methods.method_tensors(model, method, lora_modules, lora_rank, adapter_bits, virtual_tokens)
     if method is Method.PROMPT:
         out.append(StoredTensor("prompt_encoder.embedding", "prompt", (virtual_tokens, model.hidden_size), 1,
                                 adapter_bits, True))

@@ -112,13 +112,17 @@ def forward_transient_bytes(model: ModelSpec, resolved, dt) -> int:
     return dora_forward_transient_bytes(model, resolved.lora_modules, setup.lora_rank, c, dt.adapter, dt.r)
 
 
-def method_tensors(model: ModelSpec, method: Method, modules: tuple[str, ...], rank: int, bits: int) -> list:
+def method_tensors(model: ModelSpec, method: Method, modules: tuple[str, ...], rank: int, bits: int,
+                   virtual_tokens: int = 0) -> list:
     """The trainable tensors of a peft method other than LoRA/DoRA (``parameters.parameter_tensors``), at the adapter
     dtype (``bits``):
     - IA3 (``tuners/ia3/layer.py:62-68``, ``update_layer``): ``ia3_l`` [out, 1] per target, [1, in] for a feed-forward
       target (``IA3_FEEDFORWARD``);
     - LN tuning (``tuners/ln_tuning/layer.py:48``: ``deepcopy(layer)``): a trainable copy of each targeted norm's
-      weight beside the frozen original (the decoder layers' two norms and the final norm)."""
+      weight beside the frozen original (the decoder layers' two norms and the final norm);
+    - p-tuning (``tuners/p_tuning/model.py``, ``PromptEncoder`` with the default MLP reparameterization):
+      ``embedding`` [n, h] and ``mlp_head`` Linear(h, e), Linear(e, e), Linear(e, h) with biases, e =
+      ``encoder_hidden_size`` (None: peft sets it to the token dim h, ``peft_model.py::_setup_prompt_encoder``)."""
     from .parameters import StoredTensor
 
     out = []
@@ -129,6 +133,12 @@ def method_tensors(model: ModelSpec, method: Method, modules: tuple[str, ...], r
             feedforward = name.split(".")[-1] in IA3_FEEDFORWARD
             shape = (1, module.in_features) if feedforward else (module.out_features, 1)
             out.append(StoredTensor(f"{name}.ia3_l", "adapter", shape, module.count, bits, True, scope=module.scope))
+    elif method is Method.P_TUNING:
+        h = model.hidden_size
+        out.append(StoredTensor("prompt_encoder.embedding", "prompt", (virtual_tokens, h), 1, bits, True))
+        for index in (0, 2, 4):  # mlp_head = Sequential(Linear, ReLU, Linear, ReLU, Linear)
+            out.append(StoredTensor(f"prompt_encoder.mlp_head.{index}.weight", "adapter", (h, h), 1, bits, True))
+            out.append(StoredTensor(f"prompt_encoder.mlp_head.{index}.bias", "adapter", (h,), 1, bits, True))
     elif method is Method.LN_TUNING:
         for tensor in model.inventory.tensors:
             if tensor.kind is ParamKind.NORM and tensor.name.endswith("weight"):
@@ -159,3 +169,14 @@ def ia3_saved(walk, width_in: int, width_out: int, feedforward: bool, x_bytes: i
     if walk.grad:
         walk.per_layer += round_up(a * width_out)
     return x_saved
+
+
+def prompt_encoder_saved_bytes(model: ModelSpec, method: Method, dt, sequences, virtual_tokens: int):
+    """p-tuning's encoder (``tuners/p_tuning/model.py::PromptEncoder.forward``) on the [b, n] virtual token ids, per
+    forward, kept until backward: each of the three Linears saves its input (autocast's c-byte cast of the fp32
+    embedding output for the first; the ReLU outputs, which the ReLUs save too, for the others: the same tensors)
+    and the third Linear's bias is added in place: 3·c·h per virtual token and sequence (autocast; the adapter's
+    bytes without). Its autocast weight copies are in ``temporaries.weight_copy_bytes`` (outside the layers)."""
+    if method is not Method.P_TUNING:
+        return 0
+    return 3 * (dt.c if dt.autocast else dt.adapter) * model.hidden_size * virtual_tokens * sequences

@@ -57,7 +57,7 @@ def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: b
     adapters = outside = 0
     for t in tensors:
         if t.kind == "adapter" and t.bits == 32 and not t.name.endswith(("lora_embedding_A",) + VECTOR_ADAPTERS):
-            if t.name.startswith(("lm_head.", "embed_tokens.")):
+            if t.name.startswith(("lm_head.", "embed_tokens.", "prompt_encoder.")):  # outside the decoder layers
                 outside += dt.c * t.numel * t.count
             else:
                 adapters += dt.c * t.numel * t.count
