@@ -76,7 +76,7 @@ PEFT_METHODS: tuple[PeftMethodFacts, ...] = (
        "r", 8, dropout_kwarg="lora_dropout", fixed=(("use_dora", True),), quant_base=True, formulas=True),
     _F("adalora", "ADALORA", "AdaLoraConfig", "A [r, in], E [r, 1], B [out, r] (SVD-form; r = init_r, pruned to "
        "target_r by masking, shapes fixed)", "init_r", 12, dropout_kwarg="lora_dropout",
-       fixed=(("total_step", 1000),), quant_base=True),
+       fixed=(("total_step", 1000),), quant_base=True, formulas=True),
     _F("ia3", "IA3", "IA3Config", "ia3_l: [out, 1] per target, [1, in] per feed-forward target (down projection)",
        quant_base=True, formulas=True),
     _F("vera", "VERA", "VeraConfig", "lambda_d [r] and lambda_b [out] per target; shared frozen vera_A [r, max in], "

@@ -60,7 +60,7 @@ from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Method, Precis
 from ..units import DType, select
 from .layouts import ParallelBlockWalk, residual_bytes
 from ..peft_methods import IA3_FEEDFORWARD
-from .peft_methods import dora_per_layer_bytes, dora_saved_per_token, ia3_saved
+from .peft_methods import dora_per_layer_bytes, dora_saved_per_token, ia3_saved, vera_saved
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
 SDPA_FLASH_MAX_HEAD_DIM = 256
@@ -248,6 +248,9 @@ class _LayerWalk(ParallelBlockWalk):
         if layer.method is Method.IA3:  # terms/peft_methods.py
             return ia3_saved(self, width, self.width_out(use.name), use.name.split(".")[-1] in IA3_FEEDFORWARD,
                              x_bytes, x_saved)
+        if layer.method is Method.VERA:
+            vera_saved(self, width, self.width_out(use.name), layer.lora_rank)
+            return x_saved
         c, adapter, autocast = self.dt.c, self.dt.adapter, self.dt.autocast
         dropout = layer.lora_dropout > 0
         if dropout and self.grad:
