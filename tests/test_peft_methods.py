@@ -66,6 +66,23 @@ def test_dora_exceeds_lora_by_its_two_saved_outputs_per_target():
     assert dora.total_bytes > lora.total_bytes
 
 
+def test_estimated_trainable_parameters_are_peft_s_on_the_8b():
+    """Counted by hand from peft's update_layer shapes (llama-3.1-8b: h 4096, I 14336, kv 1024, 32 layers, all-linear
+    targets q, k, v, o, gate, up, down): DoRA r=8 adds the magnitude [out] to LoRA's r·(in + out); IA3 one vector
+    per target, [out] (or [in] for down_proj); LN tuning a copy of the 65 norm weights [4096]."""
+    import vramcalc
+
+    ins = {"q": 4096, "k": 4096, "v": 4096, "o": 4096, "gate": 4096, "up": 4096, "down": 14336}
+    outs = {"q": 4096, "k": 1024, "v": 1024, "o": 4096, "gate": 14336, "up": 14336, "down": 4096}
+    lora = 8 * sum(ins[n] + outs[n] for n in ins) * 32
+    dora = lora + sum(outs.values()) * 32
+    ia3 = (sum(outs[n] for n in outs if n != "down") + ins["down"]) * 32
+    expected = {"dora": dora, "ia3": ia3, "ln-tuning": 65 * 4096}
+    for method, params in expected.items():
+        options = {"lora_targets": "all-linear"} if method != "ln-tuning" else {}
+        assert vramcalc.estimate("llama-3.1-8b", method=method, **options).details["trainable_params"] == params
+
+
 def test_the_import_stays_light():
     import subprocess
     import sys
@@ -75,7 +92,7 @@ def test_the_import_stays_light():
     assert out.strip() == "False"
 
 
-DORA_CASES = [
+METHOD_CASES = [
     ("llama", dict(method="dora", seq_len=512)),
     ("llama", dict(method="dora", seq_len=512, lora_targets="all-linear")),
     ("llama", dict(method="dora", seq_len=512, lora_targets="all-linear", grad_ckpt=True)),
@@ -83,14 +100,22 @@ DORA_CASES = [
     ("mistral", dict(method="dora", seq_len=512, lora_targets="all-linear")),
     ("mistral", dict(method="dora", seq_len=512, lora_targets="all-linear", grad_ckpt=True)),
     ("mixtral", dict(method="dora", seq_len=512)),
+    ("llama", dict(method="adalora", seq_len=512)),
+    ("mistral", dict(method="adalora", seq_len=512, lora_targets="all-linear", grad_ckpt=True)),
+    ("llama", dict(method="ia3", seq_len=512, lora_targets="all-linear")),
+    ("mistral", dict(method="ia3", seq_len=512, grad_ckpt=True)),
+    ("llama", dict(method="ln-tuning", seq_len=512)),
+    ("mistral", dict(method="ln-tuning", seq_len=512, grad_ckpt=True)),
+    ("llama", dict(method="p-tuning", seq_len=512)),
+    ("mistral", dict(method="p-tuning", seq_len=512, grad_ckpt=True, batch_size=2)),
 ]
 
 
 @needs_torch
 @pytest.mark.trace
-@pytest.mark.parametrize("family, options", DORA_CASES,
-                         ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for f, o in DORA_CASES])
-def test_dora_estimate_is_within_3_percent_of_the_trace(family, options):
+@pytest.mark.parametrize("family, options", METHOD_CASES,
+                         ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for f, o in METHOD_CASES])
+def test_method_estimate_is_within_3_percent_of_the_trace(family, options):
     from vramcalc.tracing.runner import run_trace
 
     spec = TINY[family]

@@ -298,6 +298,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     head_lora = adapters.head_lora_saved(spec, layer).bytes(b, s)
     A = A + extras.held + head_lora + adapters.embedding_lora_saved(spec, layer, ckpt, masked).bytes(b, s)
     A = A + peft_methods.prompt_encoder_saved_bytes(spec, csetup.method, dt, b, csetup.virtual_tokens)
+    A = A + peft_methods.adalora_orth_reg_bytes(spec, csetup.method, compute.lora_modules, csetup.lora_rank, dt)
     head_grad = rank.head_gradient
     copies = temporaries.weight_copy_bytes(spec, dt, csetup.method, ckpt, tensors)
     if csetup.loss is Loss.TRL:  # TRL's fused lm_head never calls lm_head: no autocast copy of it either

@@ -157,7 +157,7 @@ METHOD_SPECIFIC_OPTIONS = _LORA_OPTIONS + _QLORA_OPTIONS + _PROMPT_OPTIONS
 
 
 def options_for(method: Method) -> tuple[str, ...]:
-    """The method-specific options that ``method`` accepts (a peft method's: ``peft_methods.PeftMethodFacts.options``)."""
+    """The method-specific options that ``method`` accepts (a peft method's: ``PeftMethodFacts.options``)."""
     facts = method.peft_facts
     return METHOD_OPTIONS[method] if facts is None else facts.options
 

@@ -212,7 +212,8 @@ def prompt_encoder_saved_bytes(model: ModelSpec, method: Method, dt, sequences, 
 
 def vera_saved(walk, width_in: int, width_out: int, rank: int) -> None:
     """(Not enabled: ``peft_methods`` marks vera trace-only. Against the trace on tiny llama this rule is +0.9% without
-    checkpointing and -10% with it: the checkpointed backward holds more than it says.) What VeRA saves on one target (``tuners/vera/layer.py::Linear.forward``: ``result + lambda_b *
+    checkpointing and -10% with it: the checkpointed backward holds more than it says.) What VeRA saves on one
+    target (``tuners/vera/layer.py::Linear.forward``: ``result + lambda_b *
     F.linear(lambda_d * F.linear(dropout(x), sliced_A), sliced_B)``), added to the layer walk. Per token: the first
     projection's output (saved by ``lambda_d *``, c·r) and the second's (saved by ``lambda_b *``, c·n_out); x is
     not saved (vera_A is frozen). Per layer: autocast's copies of the sliced projections, which F.linear saves for
@@ -225,3 +226,20 @@ def vera_saved(walk, width_in: int, width_out: int, rank: int) -> None:
     walk.per_layer += round_up(c * rank * width_out) + round_up(a * width_out)
     if walk.grad:
         walk.per_layer += round_up(c * rank * width_in) + round_up(a * rank)
+
+
+def adalora_orth_reg_bytes(model: ModelSpec, method: Method, lora_modules: tuple[str, ...], rank: int, dt) -> int:
+    """AdaLoRA's orthogonal regularization (``tuners/adalora/model.py:229-257``), added to the loss after the model's
+    forward: ``p @ p.T`` for every lora_A [r, in] and ``p.T @ p`` for every lora_B [out, r], under autocast. ``p`` (a
+    leaf) is cast once into autocast's cache, ``p.T`` (a view, never cached) is cast again, and the matmul saves both
+    16-bit copies for backward: 2·c·r·(in + out) per target and layer, alive from the loss to the start of backward
+    (0 without autocast in 16 bits, where no copy is made, or for another method)."""
+    if method is not Method.ADALORA or not dt.autocast or dt.c == dt.adapter:
+        return 0
+    linears = {module.name: module for module in model.inventory.linears}
+    total = 0
+    for name in lora_modules:
+        module = linears[name]
+        total += module.count * 2 * (round_up(dt.c * rank * module.in_features)
+                                     + round_up(dt.c * module.out_features * rank))
+    return total
