@@ -39,6 +39,7 @@ def grid() -> list[tuple[str, dict]]:
                  dict(lora_rank=32, batch_size=2, seq_len=256)],
         "adalora": [dict(), dict(lora_targets="all-linear"), dict(lora_targets="all-linear", grad_ckpt=True)],
         "ia3": [dict(), dict(lora_targets="all-linear"), dict(lora_targets="all-linear", grad_ckpt=True)],
+        "loha": [dict(), dict(lora_targets="all-linear"), dict(lora_targets="all-linear", grad_ckpt=True)],
         "ln-tuning": [dict(), dict(grad_ckpt=True), dict(batch_size=2, seq_len=256)],
         "p-tuning": [dict(), dict(grad_ckpt=True, batch_size=2), dict(virtual_tokens=64)],
     }
@@ -49,6 +50,9 @@ def grid() -> list[tuple[str, dict]]:
                 rows.append((family, dict(dict(method=method, seq_len=512), **options)))
     rows += [("mixtral", dict(method="dora", seq_len=512)),
              ("mixtral", dict(method="dora", seq_len=512, grad_ckpt=True))]
+    # short sequences: the methods' [out, in]-sized temporaries outweigh the logits and the peak moves into a layer
+    rows += [("llama", dict(method=method, seq_len=64, lora_targets="all-linear", grad_ckpt=ckpt))
+             for method in ("dora", "loha") for ckpt in (False, True)]
     return rows
 
 

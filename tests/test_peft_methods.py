@@ -106,6 +106,8 @@ METHOD_CASES = [
     ("mistral", dict(method="ia3", seq_len=512, grad_ckpt=True)),
     ("llama", dict(method="ln-tuning", seq_len=512)),
     ("mistral", dict(method="ln-tuning", seq_len=512, grad_ckpt=True)),
+    ("llama", dict(method="loha", seq_len=512, lora_targets="all-linear")),
+    ("mistral", dict(method="loha", seq_len=512, lora_targets="all-linear", grad_ckpt=True)),
     ("llama", dict(method="p-tuning", seq_len=512)),
     ("mistral", dict(method="p-tuning", seq_len=512, grad_ckpt=True, batch_size=2)),
 ]

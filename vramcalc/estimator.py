@@ -309,10 +309,10 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens, setup=csetup)
     dequant = dequant + float8.layer_backward_cast_bytes(spec, setup.precision, tokens)  # fp8: torchao's casts
     method_forward = peft_methods.forward_transient_bytes(spec, compute, dt)  # DoRA's weight-norm path, per module
-    if method_forward:  # a layer's backward: DoRA's own (fp32 gradients of the widest target's output) or, under
-        # checkpointing, its recompute's weight-norm path, whichever is larger (one runs after the other)
+    if method_forward:  # a layer's backward: the method's own backward temporaries or, under checkpointing, its
+        # recompute's forward ones (DoRA's weight norm, LoHa's rebuilt weight), whichever is larger (one runs first)
         dequant = dequant + maximum(method_forward if ckpt else 0,
-                                    peft_methods.dora_backward_per_token(spec, compute.lora_modules, dt.c) * tokens)
+                                    peft_methods.backward_transient_bytes(spec, compute, dt, tokens))
     hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)
     head_saved = plan.head.bytes(b, s) + head_lora
     gathered = GatheredTimeline(spec, rank.gathering)

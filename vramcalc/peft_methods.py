@@ -82,7 +82,7 @@ PEFT_METHODS: tuple[PeftMethodFacts, ...] = (
     _F("vera", "VERA", "VeraConfig", "lambda_d [r] and lambda_b [out] per target; shared frozen vera_A [r, max in], "
        "vera_B [max out, r] buffers", "r", 256, dropout_kwarg="vera_dropout"),
     _F("loha", "LOHA", "LoHaConfig", "hada_w1_a [out, r], hada_w1_b [r, in], hada_w2_a [out, r], hada_w2_b [r, in]",
-       "r", 8, dropout_kwarg="module_dropout"),
+       "r", 8, dropout_kwarg="module_dropout", formulas=True),
     _F("lokr", "LOKR", "LoKrConfig", "lokr_w1 [o1, i1] and lokr_w2_a [o2, r], lokr_w2_b [r, i2] (Kronecker factors "
        "of out x in)", "r", 8, dropout_kwarg="module_dropout"),
     _F("oft", "OFT", "OFTConfig", "oft_R: in/b blocks of b(b-1)/2 skew-symmetric entries (b = oft_block_size)",

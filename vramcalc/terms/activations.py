@@ -60,7 +60,8 @@ from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Method, Precis
 from ..units import DType, select
 from .layouts import ParallelBlockWalk, residual_bytes
 from ..peft_methods import IA3_FEEDFORWARD
-from .peft_methods import dora_per_layer_bytes, dora_saved_per_token, ia3_saved, vera_saved
+from .peft_methods import (delta_weight_saved, dora_per_layer_bytes, dora_saved_per_token, ia3_saved,
+                           vera_saved)
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
 SDPA_FLASH_MAX_HEAD_DIM = 256
@@ -248,6 +249,8 @@ class _LayerWalk(ParallelBlockWalk):
         if layer.method is Method.IA3:  # terms/peft_methods.py
             return ia3_saved(self, width, self.width_out(use.name), use.name.split(".")[-1] in IA3_FEEDFORWARD,
                              x_bytes, x_saved)
+        if layer.method is Method.LOHA:
+            return delta_weight_saved(self, width, self.width_out(use.name), x_bytes, x_saved, kron=False)
         if layer.method is Method.VERA:
             vera_saved(self, width, self.width_out(use.name), layer.lora_rank)
             return x_saved

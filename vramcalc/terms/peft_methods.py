@@ -40,6 +40,9 @@ from ..units import round_up
 
 # adapter tensors that are vectors multiplied elementwise, never a matmul operand (so no autocast copy of them)
 VECTOR_ADAPTERS = ("lora_magnitude_vector", "ia3_l", "ln_tuning", "lora_E", "vera_lambda_d", "vera_lambda_b")
+# adapter tensors multiplied only inside a custom autograd Function (LoHa's ``HadaWeight``, loha/layer.py:366-371),
+# which saves the fp32 leaves themselves: autocast caches their 16-bit copies until forward ends, nothing saves them
+CACHED_ONLY_ADAPTERS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 VERA_PROJECTION_BITS = 32  # vera_A / vera_B: peft makes them in fp32 (vera/model.py ``_init_vera_A_vera_B``)
 
 
@@ -107,10 +110,32 @@ def forward_transient_bytes(model: ModelSpec, resolved, dt) -> int:
     """A method's per-module forward temporaries that do not scale with tokens (0 for a method without): DoRA's
     weight-norm path (``dora_forward_transient_bytes``)."""
     setup = resolved.setup
+    c = dt.c if dt.autocast else dt.adapter
+    if setup.method is Method.LOHA:  # HadaWeight.forward: the two c-byte [out, in] products and their product
+        return 3 * _widest_weight(model, resolved.lora_modules) * c
     if setup.method is not Method.DORA:
         return 0
-    c = dt.c if dt.autocast else dt.adapter
     return dora_forward_transient_bytes(model, resolved.lora_modules, setup.lora_rank, c, dt.adapter, dt.r)
+
+
+def backward_transient_bytes(model: ModelSpec, resolved, dt, tokens):
+    """A method's own backward temporaries in one layer's backward (widest target): DoRA's per-token fp32 gradients
+    (``dora_backward_per_token``); LoHa's ``HadaWeight.backward`` (``loha/layer.py:374-386``, outside autocast): the
+    incoming c-byte [out, in] gradient (F.linear's weight gradient), ``grad_out * scale`` (c), ``w2a @ w2b`` and
+    ``temp`` in fp32, then ``w1a @ w1b`` and the new ``temp`` while the old one is still bound: (2·c + 12)·out·in."""
+    setup = resolved.setup
+    if setup.method is Method.LOHA:
+        return (2 * dt.c + 12) * _widest_weight(model, resolved.lora_modules)
+    if setup.method is Method.DORA:
+        return dora_backward_per_token(model, resolved.lora_modules, dt.c) * tokens
+    return 0
+
+
+def _widest_weight(model: ModelSpec, lora_modules: tuple[str, ...]) -> int:
+    """out·in of the largest targeted Linear."""
+    linears = {module.name: module for module in model.inventory.linears}
+    return max((linears[name].in_features * linears[name].out_features for name in lora_modules if name in linears),
+               default=0)
 
 
 def method_tensors(model: ModelSpec, method: Method, modules: tuple[str, ...], rank: int, bits: int,
@@ -122,6 +147,7 @@ def method_tensors(model: ModelSpec, method: Method, modules: tuple[str, ...], r
     - VeRA (``tuners/vera/layer.py``, ``vera/model.py``): ``vera_lambda_d`` [r] and ``vera_lambda_b`` [out] per
       target, and one pair of frozen fp32 projections shared by every target, vera_A [r, widest in] and vera_B
       [widest out, r];
+    - LoHa (``tuners/loha/layer.py:67-70``, Linear): hada_w1_a, hada_w2_a [out, r] and hada_w1_b, hada_w2_b [r, in];
     - IA3 (``tuners/ia3/layer.py:62-68``, ``update_layer``): ``ia3_l`` [out, 1] per target, [1, in] for a feed-forward
       target (``IA3_FEEDFORWARD``);
     - LN tuning (``tuners/ln_tuning/layer.py:48``: ``deepcopy(layer)``): a trainable copy of each targeted norm's
@@ -161,6 +187,15 @@ def method_tensors(model: ModelSpec, method: Method, modules: tuple[str, ...], r
         widest_out = max(linears[name].out_features for name in modules)
         out += [StoredTensor("vera_A", "adapter", (rank, widest_in), 1, VERA_PROJECTION_BITS, False),
                 StoredTensor("vera_B", "adapter", (widest_out, rank), 1, VERA_PROJECTION_BITS, False)]
+    elif method is Method.LOHA:
+        linears = {module.name: module for module in model.inventory.linears}
+        for name in modules:
+            module = linears[name]
+            for factor in ("w1", "w2"):
+                out += [StoredTensor(f"{name}.hada_{factor}_a", "adapter", (module.out_features, rank), module.count,
+                                     bits, True, scope=module.scope),
+                        StoredTensor(f"{name}.hada_{factor}_b", "adapter", (rank, module.in_features), module.count,
+                                     bits, True, scope=module.scope)]
     elif method is Method.P_TUNING:
         h = model.hidden_size
         out.append(StoredTensor("prompt_encoder.embedding", "prompt", (virtual_tokens, h), 1, bits, True))
@@ -243,3 +278,24 @@ def adalora_orth_reg_bytes(model: ModelSpec, method: Method, lora_modules: tuple
         total += module.count * 2 * (round_up(dt.c * rank * module.in_features)
                                      + round_up(dt.c * module.out_features * rank))
     return total
+
+
+def delta_weight_saved(walk, width_in: int, width_out: int, x_bytes: int, x_saved: bool, kron: bool) -> bool:
+    """LoHa and LoKr rebuild the target's whole weight update every forward and apply it with ``F.linear(input,
+    delta_weight)`` (``tuners/loha/layer.py:266-273``, ``tuners/lokr/layer.py:336-343``), which saves the input and,
+    when the input requires grad, the [out, in] update: a full 16-bit copy of every targeted weight per layer.
+    LoHa: ``HadaWeight.forward`` (``loha/layer.py:366-371``) runs its two matmuls under autocast, so the update is
+    c-byte and the input goes in as it is (saved once with the other readers of x). LoKr: ``torch.kron(w1, w2_a @
+    w2_b)`` (``lokr/layer.py:497-503``) promotes to the adapter dtype, the input is cast to it
+    (``_cast_input_dtype``) and autocast casts both back to c bytes: F.linear saves those copies (c·n_in per token,
+    c·n_out·n_in per layer), and kron saves w2 (c·o2·i2, small). Returns whether x itself is now saved."""
+    dt = walk.dt
+    c = dt.c if dt.autocast else dt.adapter
+    if kron:
+        walk.per_token += c * width_in
+    elif not x_saved:
+        walk.per_token += x_bytes * width_in
+        x_saved = True
+    if walk.grad:
+        walk.per_layer += round_up(c * width_out * width_in)
+    return x_saved
