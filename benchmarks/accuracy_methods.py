@@ -40,6 +40,7 @@ def grid() -> list[tuple[str, dict]]:
         "adalora": [dict(), dict(lora_targets="all-linear"), dict(lora_targets="all-linear", grad_ckpt=True)],
         "ia3": [dict(), dict(lora_targets="all-linear"), dict(lora_targets="all-linear", grad_ckpt=True)],
         "loha": [dict(), dict(lora_targets="all-linear"), dict(lora_targets="all-linear", grad_ckpt=True)],
+        "lokr": [dict(), dict(lora_targets="all-linear"), dict(lora_targets="all-linear", grad_ckpt=True)],
         "ln-tuning": [dict(), dict(grad_ckpt=True), dict(batch_size=2, seq_len=256)],
         "p-tuning": [dict(), dict(grad_ckpt=True, batch_size=2), dict(virtual_tokens=64)],
     }
@@ -52,7 +53,7 @@ def grid() -> list[tuple[str, dict]]:
              ("mixtral", dict(method="dora", seq_len=512, grad_ckpt=True))]
     # short sequences: the methods' [out, in]-sized temporaries outweigh the logits and the peak moves into a layer
     rows += [("llama", dict(method=method, seq_len=64, lora_targets="all-linear", grad_ckpt=ckpt))
-             for method in ("dora", "loha") for ckpt in (False, True)]
+             for method in ("dora", "loha", "lokr") for ckpt in (False, True)]
     return rows
 
 

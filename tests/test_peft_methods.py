@@ -108,6 +108,9 @@ METHOD_CASES = [
     ("mistral", dict(method="ln-tuning", seq_len=512, grad_ckpt=True)),
     ("llama", dict(method="loha", seq_len=512, lora_targets="all-linear")),
     ("mistral", dict(method="loha", seq_len=512, lora_targets="all-linear", grad_ckpt=True)),
+    ("llama", dict(method="lokr", seq_len=512, lora_targets="all-linear")),
+    ("mistral", dict(method="lokr", seq_len=512, lora_targets="all-linear", grad_ckpt=True)),
+    ("llama", dict(method="loha", seq_len=64, lora_targets="all-linear", grad_ckpt=True)),
     ("llama", dict(method="p-tuning", seq_len=512)),
     ("mistral", dict(method="p-tuning", seq_len=512, grad_ckpt=True, batch_size=2)),
 ]

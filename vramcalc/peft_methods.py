@@ -84,7 +84,7 @@ PEFT_METHODS: tuple[PeftMethodFacts, ...] = (
     _F("loha", "LOHA", "LoHaConfig", "hada_w1_a [out, r], hada_w1_b [r, in], hada_w2_a [out, r], hada_w2_b [r, in]",
        "r", 8, dropout_kwarg="module_dropout", formulas=True),
     _F("lokr", "LOKR", "LoKrConfig", "lokr_w1 [o1, i1] and lokr_w2_a [o2, r], lokr_w2_b [r, i2] (Kronecker factors "
-       "of out x in)", "r", 8, dropout_kwarg="module_dropout"),
+       "of out x in)", "r", 8, dropout_kwarg="module_dropout", formulas=True),
     _F("oft", "OFT", "OFTConfig", "oft_R: in/b blocks of b(b-1)/2 skew-symmetric entries (b = oft_block_size)",
        "oft_block_size", 32, dropout_kwarg="module_dropout", fixed=(("r", 0),)),
     _F("ln-tuning", "LN_TUNING", "LNTuningConfig", "a trainable copy of every norm layer's weight (input_layernorm, "

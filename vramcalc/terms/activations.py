@@ -249,8 +249,9 @@ class _LayerWalk(ParallelBlockWalk):
         if layer.method is Method.IA3:  # terms/peft_methods.py
             return ia3_saved(self, width, self.width_out(use.name), use.name.split(".")[-1] in IA3_FEEDFORWARD,
                              x_bytes, x_saved)
-        if layer.method is Method.LOHA:
-            return delta_weight_saved(self, width, self.width_out(use.name), x_bytes, x_saved, kron=False)
+        if layer.method in (Method.LOHA, Method.LOKR):
+            return delta_weight_saved(self, width, self.width_out(use.name), x_bytes, x_saved,
+                                      kron=layer.method is Method.LOKR, rank=layer.lora_rank)
         if layer.method is Method.VERA:
             vera_saved(self, width, self.width_out(use.name), layer.lora_rank)
             return x_saved

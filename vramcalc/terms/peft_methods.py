@@ -39,7 +39,8 @@ from ..peft_methods import IA3_FEEDFORWARD, LN_TUNING_ESTIMATED_FAMILIES
 from ..units import round_up
 
 # adapter tensors that are vectors multiplied elementwise, never a matmul operand (so no autocast copy of them)
-VECTOR_ADAPTERS = ("lora_magnitude_vector", "ia3_l", "ln_tuning", "lora_E", "vera_lambda_d", "vera_lambda_b")
+VECTOR_ADAPTERS = ("lora_magnitude_vector", "ia3_l", "ln_tuning", "lora_E", "vera_lambda_d", "vera_lambda_b",
+                   "lokr_w1", "lokr_w2")  # LoKr's full factors go through torch.kron, which autocast does not cast
 # adapter tensors multiplied only inside a custom autograd Function (LoHa's ``HadaWeight``, loha/layer.py:366-371),
 # which saves the fp32 leaves themselves: autocast caches their 16-bit copies until forward ends, nothing saves them
 CACHED_ONLY_ADAPTERS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -113,6 +114,8 @@ def forward_transient_bytes(model: ModelSpec, resolved, dt) -> int:
     c = dt.c if dt.autocast else dt.adapter
     if setup.method is Method.LOHA:  # HadaWeight.forward: the two c-byte [out, in] products and their product
         return 3 * _widest_weight(model, resolved.lora_modules) * c
+    if setup.method is Method.LOKR:  # make_kron: torch.kron's output and ``* scale``, both at the adapter's bytes
+        return 2 * dt.adapter * _widest_weight(model, resolved.lora_modules)
     if setup.method is not Method.DORA:
         return 0
     return dora_forward_transient_bytes(model, resolved.lora_modules, setup.lora_rank, c, dt.adapter, dt.r)
@@ -122,10 +125,15 @@ def backward_transient_bytes(model: ModelSpec, resolved, dt, tokens):
     """A method's own backward temporaries in one layer's backward (widest target): DoRA's per-token fp32 gradients
     (``dora_backward_per_token``); LoHa's ``HadaWeight.backward`` (``loha/layer.py:374-386``, outside autocast): the
     incoming c-byte [out, in] gradient (F.linear's weight gradient), ``grad_out * scale`` (c), ``w2a @ w2b`` and
-    ``temp`` in fp32, then ``w1a @ w1b`` and the new ``temp`` while the old one is still bound: (2·c + 12)·out·in."""
+    ``temp`` in fp32, then ``w1a @ w1b`` and the new ``temp`` while the old one is still bound: (2·c + 12)·out·in,
+    less the c-byte update F.linear saved, which its backward has released by then: (c + 12)·out·in. LoKr: F.linear's
+    c-byte weight gradient, its cast to the adapter dtype, ``* scale``'s gradient and kron's, less the released
+    c-byte update: 3·a·out·in."""
     setup = resolved.setup
     if setup.method is Method.LOHA:
-        return (2 * dt.c + 12) * _widest_weight(model, resolved.lora_modules)
+        return (dt.c + 12) * _widest_weight(model, resolved.lora_modules)
+    if setup.method is Method.LOKR:
+        return 3 * dt.adapter * _widest_weight(model, resolved.lora_modules)
     if setup.method is Method.DORA:
         return dora_backward_per_token(model, resolved.lora_modules, dt.c) * tokens
     return 0
@@ -148,6 +156,9 @@ def method_tensors(model: ModelSpec, method: Method, modules: tuple[str, ...], r
       target, and one pair of frozen fp32 projections shared by every target, vera_A [r, widest in] and vera_B
       [widest out, r];
     - LoHa (``tuners/loha/layer.py:67-70``, Linear): hada_w1_a, hada_w2_a [out, r] and hada_w1_b, hada_w2_b [r, in];
+    - LoKr (``tuners/lokr/layer.py:65-90, 195-204``, Linear, decompose_both=False): lokr_w1 [out_l, in_m] and
+      lokr_w2_a [out_k, r], lokr_w2_b [r, in_n] (or a full lokr_w2 [out_k, in_n] when r >= max(out_k, in_n) / 2),
+      with out = out_l·out_k and in = in_m·in_n from ``lokr_factorization``;
     - IA3 (``tuners/ia3/layer.py:62-68``, ``update_layer``): ``ia3_l`` [out, 1] per target, [1, in] for a feed-forward
       target (``IA3_FEEDFORWARD``);
     - LN tuning (``tuners/ln_tuning/layer.py:48``: ``deepcopy(layer)``): a trainable copy of each targeted norm's
@@ -196,6 +207,21 @@ def method_tensors(model: ModelSpec, method: Method, modules: tuple[str, ...], r
                                      bits, True, scope=module.scope),
                         StoredTensor(f"{name}.hada_{factor}_b", "adapter", (rank, module.in_features), module.count,
                                      bits, True, scope=module.scope)]
+    elif method is Method.LOKR:
+        linears = {module.name: module for module in model.inventory.linears}
+        for name in modules:
+            module = linears[name]
+            (out_l, out_k), (in_m, in_n) = lokr_shape(module.out_features, module.in_features)
+            out.append(StoredTensor(f"{name}.lokr_w1", "adapter", (out_l, in_m), module.count, bits, True,
+                                    scope=module.scope))
+            if rank < max(out_k, in_n) / 2:
+                out += [StoredTensor(f"{name}.lokr_w2_a", "adapter", (out_k, rank), module.count, bits, True,
+                                     scope=module.scope),
+                        StoredTensor(f"{name}.lokr_w2_b", "adapter", (rank, in_n), module.count, bits, True,
+                                     scope=module.scope)]
+            else:
+                out.append(StoredTensor(f"{name}.lokr_w2", "adapter", (out_k, in_n), module.count, bits, True,
+                                        scope=module.scope))
     elif method is Method.P_TUNING:
         h = model.hidden_size
         out.append(StoredTensor("prompt_encoder.embedding", "prompt", (virtual_tokens, h), 1, bits, True))
@@ -280,7 +306,8 @@ def adalora_orth_reg_bytes(model: ModelSpec, method: Method, lora_modules: tuple
     return total
 
 
-def delta_weight_saved(walk, width_in: int, width_out: int, x_bytes: int, x_saved: bool, kron: bool) -> bool:
+def delta_weight_saved(walk, width_in: int, width_out: int, x_bytes: int, x_saved: bool, kron: bool,
+                       rank: int = 0) -> bool:
     """LoHa and LoKr rebuild the target's whole weight update every forward and apply it with ``F.linear(input,
     delta_weight)`` (``tuners/loha/layer.py:266-273``, ``tuners/lokr/layer.py:336-343``), which saves the input and,
     when the input requires grad, the [out, in] update: a full 16-bit copy of every targeted weight per layer.
@@ -293,9 +320,39 @@ def delta_weight_saved(walk, width_in: int, width_out: int, x_bytes: int, x_save
     c = dt.c if dt.autocast else dt.adapter
     if kron:
         walk.per_token += c * width_in
+        (_, out_k), (_, in_n) = lokr_shape(width_out, width_in)
+        if rank < max(out_k, in_n) / 2:  # w2 = w2_a @ w2_b, a c-byte product kron saves (for w1's gradient)
+            walk.per_layer += round_up(c * out_k * in_n)
     elif not x_saved:
         walk.per_token += x_bytes * width_in
         x_saved = True
     if walk.grad:
         walk.per_layer += round_up(c * width_out * width_in)
     return x_saved
+
+
+def lokr_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """peft ``tuners/lokr/layer.py::factorization`` (lines 440-489), restated: the divisor pair of ``dimension``
+    closest to its square root (with the default factor -1), smaller first."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    if m > n:
+        n, m = m, n
+    return m, n
+
+
+def lokr_shape(out_features: int, in_features: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((out_l, out_k), (in_m, in_n)) of a Linear target (``lokr/layer.py:199-201``)."""
+    return lokr_factorization(out_features), lokr_factorization(in_features)
