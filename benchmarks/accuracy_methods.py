@@ -139,10 +139,9 @@ def main() -> None:
                   "targets)", "", "| method | size knob | trainable (peft, meta build) | estimate |",
                   "|---|---|---|---|"]
         for row in params:
-            lines.append(f"| {row['method']} | {row.get('size', '')} | {row['trainable_params']:,} | "
-                         f"{row['estimate_trainable_params']} |" if isinstance(row["trainable_params"], int) else
-                         f"| {row['method']} | {row.get('size', '')} | {row['trainable_params']} | "
-                         f"{row['estimate_trainable_params']} |")
+            cells = [f"{value:,}" if isinstance(value, int) else value
+                     for value in (row["trainable_params"], row["estimate_trainable_params"])]
+            lines.append(f"| {row['method']} | {row.get('size', '')} | {cells[0]} | {cells[1]} |")
     (HERE / "accuracy_methods.md").write_text("\n".join(lines) + "\n")
 
 
