@@ -188,6 +188,12 @@ def run_grid(grid, out_path: str, make_row=compare) -> list[dict]:
     return rows
 
 
+# peft's other methods (dora, adalora, ia3, loha, lokr, ln-tuning, p-tuning) have their own grid and file
+METHODS_SECTION = ("\n\n## peft methods\n\nDoRA, AdaLoRA, IA3, LoHa, LoKr, LN tuning and p-tuning against the trace of "
+                   "the real peft model on Llama and Mistral (and Mixtral for DoRA): `benchmarks/accuracy_methods.md`, "
+                   "written by `python benchmarks/accuracy_methods.py`.\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(HERE / "accuracy.csv"))
@@ -198,7 +204,7 @@ def main(argv=None) -> int:
     grid = grid[: args.limit] if args.limit else grid
     rows = run_grid(grid, args.out)
     table = summary(rows)
-    Path(args.out).with_suffix(".md").write_text("# Estimate vs trace\n\n" + table)
+    Path(args.out).with_suffix(".md").write_text("# Estimate vs trace\n\n" + table + METHODS_SECTION)
     print(table)
     return 0
 

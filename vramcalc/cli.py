@@ -13,7 +13,8 @@ from dataclasses import fields
 
 from .breakdown import GIB_NOTE
 from .errors import VramcalcError
-from .export import (csv_text, format_breakdown, gpus_text, models_text, rows_csv, rows_json, stacks_text, table_text,
+from .export import (csv_text, format_breakdown, gpus_text, models_text, render_rows, rows_csv, rows_json, stacks_text,
+                     table_text,
                      terminal_text)
 from .files import write_atomic
 from .option_help import option_help
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = verbs.add_parser(verb, help=f"list the {verb} catalogue", description=f"list the {verb} catalogue")
         sub.add_argument("--format", default="table", help=FORMAT_HELP)
     _add_model_filters(verbs.choices["models"])
+    text = "every --method: the peft config class, what it trains, what --lora-rank sets, the options it takes"
+    sub = verbs.add_parser("methods", help=text, description=text)
+    sub.add_argument("--format", default="table", help=FORMAT_HELP)
     text = "the training stacks (--stack) and every option each one sets, with its source"
     sub = verbs.add_parser("stacks", help=text, description=text)
     sub.add_argument("--format", default="table", help=FORMAT_HELP)
@@ -179,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             stdout.write(gpus_text(fmt))
         elif args.verb == "stacks":
             stdout.write(stacks_text(fmt))
+        elif args.verb == "methods":
+            from .peft_methods import PEFT_VERSION, method_rows
+
+            stdout.write(render_rows(method_rows(), fmt, note=f"peft {PEFT_VERSION}; 'trace only': vramcalc trace "
+                                                              "gives the memory, the estimate refuses"))
         elif args.verb == "plan":
             stdout.write(plan_command(args, fmt))
         elif args.verb == "max-batch":

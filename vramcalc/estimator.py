@@ -29,8 +29,8 @@ from .errors import VramcalcError
 from .model import ModelSpec
 from .options import Loss, Method, Phase, Sharding, Term
 from .profiles import runtime_profile
-from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, quantized, runtime,
-                    stack_layers, states, temporaries, trl_loss)
+from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, peft_methods,
+                    quantized, runtime, stack_layers, states, temporaries, trl_loss)
 from .terms.distributed import GatheredTimeline
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import maximum, select
@@ -198,6 +198,7 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     at every moment; FSDP2 and ZeRO-3 add the units gathered around the compute (``GatheredTimeline``).
     """
     setup = resolved.setup
+    peft_methods.check_estimable(setup, spec.family)
     b = setup.batch_size if batch_size is None else batch_size
     s = setup.padded_seq_len if seq_len is None else seq_len + (setup.padded_seq_len - setup.seq_len)
     sequences = b
@@ -228,7 +229,7 @@ def layer_setup(resolved: ResolvedSetup) -> activations.LayerSetup:
 @functools.lru_cache(maxsize=4096)
 def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora_rank, lora_dropout, kernels,
                  compiled, offload, layers=stack_layers.HF):
-    lora = method.uses_lora
+    lora = method.uses_lora or method.peft_facts is not None  # a peft method's targets ride on the LoRA fields
     return activations.LayerSetup(method, activations.dtypes(method, precision, adapter_dtype), attn_used,
                                   lora_modules if lora else (), lora_rank if lora else 0, lora_dropout if lora else 0.0,
                                   kernels, compiled, offload, layers)
@@ -312,6 +313,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     extras = quantized.step_extras(spec, csetup, layer, masked, b, s, adapters.head_input_shared(layer))
     head_lora = adapters.head_lora_saved(spec, layer).bytes(b, s)
     A = A + extras.held + head_lora + adapters.embedding_lora_saved(spec, layer, ckpt, masked).bytes(b, s)
+    A = A + peft_methods.prompt_encoder_saved_bytes(spec, csetup.method, dt, b, csetup.virtual_tokens)
+    A = A + peft_methods.adalora_orth_reg_bytes(spec, csetup.method, compute.lora_modules, csetup.lora_rank, dt)
     head_grad = rank.head_gradient
     copies = temporaries.weight_copy_bytes(spec, dt, csetup.method, ckpt, tensors)
     if csetup.loss is Loss.TRL:  # TRL's fused lm_head never calls lm_head: no autocast copy of it either
@@ -328,6 +331,11 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens,
                                                        setup=csetup)
     dequant = dequant + float8.layer_backward_cast_bytes(spec, setup.precision, tokens)  # fp8: torchao's casts
+    method_forward = peft_methods.forward_transient_bytes(spec, compute, dt)  # DoRA's weight-norm path, per module
+    if method_forward:  # a layer's backward: the method's own backward temporaries or, under checkpointing, its
+        # recompute's forward ones (DoRA's weight norm, LoHa's rebuilt weight), whichever is larger (one runs first)
+        dequant = dequant + maximum(method_forward if ckpt else 0,
+                                    peft_methods.backward_transient_bytes(spec, compute, dt, tokens))
     hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)
     head_saved = plan.head.bytes(b, s) + head_lora
     gathered = GatheredTimeline(spec, rank.gathering)
@@ -348,6 +356,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     if extras.head_forward_moment:  # a quantized lm_head's forward: its dequantized weight beside its output
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A, extras.head_forward_logits,
                               copies.forward + extras.head_forward))
+    if method_forward:  # the last target's forward: the layers' saved tensors, no logits yet
+        moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0, copies.forward + method_forward))
     moments += [
         Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, lg.forward_peak, copies.forward),
         Moment(Phase.BACKWARD_START, W + gathered.loss_backward, B + G_acc, O, A, lg.backward_peak,

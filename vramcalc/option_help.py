@@ -4,7 +4,8 @@ CLI's ``--help`` and the web page's form (each adds the default, which ``Trainin
 from __future__ import annotations
 
 SETUP_OPTION_HELP: dict[str, str] = {
-    "method": "full | lora | qlora | prompt",
+    "method": "full | lora | qlora | prompt | any peft method by peft's name: dora, adalora, ia3, ln-tuning, "
+              "p-tuning, prefix, loha, lokr, oft, vera, ... (vramcalc methods lists them)",
     "precision": "fp32 | mixed-bf16 | mixed-fp16 | bf16 | fp16 | fp8 | bf16-true (bf16, no autocast)",
     "optimizer": "adamw | adamw-foreach | adamw-8bit | paged-adamw | paged-adamw-8bit | sgd | sgd-momentum | adafactor",
     "batch_size": "micro-batch per GPU (sequences)",
@@ -12,13 +13,14 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "grad_ckpt": "activation checkpointing: full (bare --grad-ckpt) | selective (save matmul outputs, recompute "
                  "the rest) | none",
     "attn": "attention kernel: sdpa | flash | eager",
-    "lora_rank": "LoRA rank r (lora, qlora)",
-    "lora_targets": "qv | all-linear | comma list of module names (lora, qlora)",
+    "lora_rank": "LoRA rank r (lora, qlora), or a peft method's size knob (vramcalc methods says which)",
+    "lora_targets": "qv | all-linear | comma list of module names (lora, qlora, and peft methods' target_modules)",
     "lora_dropout": "LoRA dropout probability, 0 to <1 (lora, qlora)",
-    "quant": "quantized base weights: nf4 | fp4 (4-bit) | int8 (LLM.int8) (qlora)",
+    "quant": "quantized base weights: nf4 | fp4 (4-bit) | int8 (LLM.int8) (qlora; a peft method with a "
+             "bitsandbytes layer, e.g. dora, on that base) | none",
     "double_quant": "quantize the quantization constants too (qlora)",
     "compute_dtype": "bf16 | fp16 | fp32 (qlora bnb_4bit_compute_dtype)",
-    "virtual_tokens": "prompt tuning virtual tokens (prompt)",
+    "virtual_tokens": "virtual tokens (prompt, p-tuning, prefix, cartridge; adapter_len of adaption-prompt)",
     "adapter_dtype": "dtype of the trained adapter weights: fp32 | bf16 (lora, qlora, prompt)",
     "grad_accum": "gradient accumulation steps",
     "loss": "loss implementation: hf | chunked | fused",

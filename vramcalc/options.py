@@ -32,14 +32,64 @@ class Choice(str, Enum):
 
 
 class Method(Choice):
+    """full, lora, qlora (LoRA on an NF4 base), prompt (peft prompt tuning), and every other peft method by peft's
+    own name in lower case with hyphens; their facts (config class, options, what trains) are in
+    ``vramcalc/peft_methods.py``, one row per member below."""
+
     FULL = "full"
     LORA = "lora"
     QLORA = "qlora"
     PROMPT = "prompt"
+    DORA = "dora"
+    ADALORA = "adalora"
+    IA3 = "ia3"
+    VERA = "vera"
+    LOHA = "loha"
+    LOKR = "lokr"
+    OFT = "oft"
+    LN_TUNING = "ln-tuning"
+    PREFIX = "prefix"
+    P_TUNING = "p-tuning"
+    ADAPTION_PROMPT = "adaption-prompt"
+    HRA = "hra"
+    FOURIERFT = "fourierft"
+    MISS = "miss"
+    RANDLORA = "randlora"
+    C3A = "c3a"
+    VBLORA = "vblora"
+    HIRA = "hira"
+    PVERA = "pvera"
+    ROAD = "road"
+    DELORA = "delora"
+    GRALORA = "gralora"
+    GLORA = "glora"
+    TINYLORA = "tinylora"
+    LILY = "lily"
+    PSOFT = "psoft"
+    SUPERTUNING = "supertuning"
+    PEANUT = "peanut"
+    DEFT = "deft"
+    BEFT = "beft"
+    OSF = "osf"
+    CARTRIDGE = "cartridge"
 
     @property
     def uses_lora(self) -> bool:
-        return self in (Method.LORA, Method.QLORA)
+        """LoRA adapters A and B on the target Linears: lora, qlora and dora (peft ``LoraConfig(use_dora=True)``)."""
+        return self in (Method.LORA, Method.QLORA, Method.DORA)
+
+    @property
+    def peft_facts(self):
+        """The ``peft_methods.PeftMethodFacts`` row of a peft method other than lora/qlora/prompt (else None)."""
+        from .peft_methods import peft_method
+
+        return peft_method(self.value)
+
+    @property
+    def prepends_tokens(self) -> bool:
+        """The method prepends virtual tokens to the input embeddings (the sequence grows by them): prompt tuning
+        and p-tuning (peft ``PeftModelForCausalLM.forward``: ``torch.cat((prompts, inputs_embeds), dim=1)``)."""
+        return self in (Method.PROMPT, Method.P_TUNING)
 
 
 class Precision(Choice):
@@ -200,6 +250,7 @@ class Quant(Choice):
     NF4 = "nf4"
     FP4 = "fp4"
     INT8 = "int8"  # bitsandbytes Linear8bitLt (LLM.int8, Dettmers et al. 2022): int8 weights plus per-row scales
+    NONE = "none"  # a 16-bit base: what a peft method (dora, ia3, ...) gets without --quant (not for qlora)
 
     @property
     def bits(self) -> int:

@@ -94,7 +94,7 @@ class TrainingSetup:
 
     @property
     def padded_seq_len(self) -> int:
-        return self.seq_len + (self.virtual_tokens if self.method is Method.PROMPT else 0)
+        return self.seq_len + (self.virtual_tokens if self.method.prepends_tokens else 0)
 
     def to_dict(self) -> dict:
         """Field -> plain value (enum words, comma-joined tuples), in field order."""
@@ -157,8 +157,9 @@ METHOD_SPECIFIC_OPTIONS = _LORA_OPTIONS + _QLORA_OPTIONS + _PROMPT_OPTIONS
 
 
 def options_for(method: Method) -> tuple[str, ...]:
-    """The method-specific options that ``method`` accepts."""
-    return METHOD_OPTIONS[method]
+    """The method-specific options that ``method`` accepts (a peft method's: ``PeftMethodFacts.options``)."""
+    facts = method.peft_facts
+    return METHOD_OPTIONS[method] if facts is None else facts.options
 
 
 def resolve_setup(model: ModelSpec, **options) -> ResolvedSetup:
@@ -236,6 +237,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         load=LoadPath.parse(chosen.get("load", SETUP_DEFAULTS["load"]), "load path"),
     )
     _apply_kbit_prep(values, chosen, origins)
+    _apply_peft_defaults(values, chosen, origins)
     if "global_batch_size" in given:
         values["global_batch_size"] = positive_int(given["global_batch_size"], "global batch size",
                                                    MAX_OPTION["global_batch_size"])
@@ -260,7 +262,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         warnings.append(
             f"sequence length {setup.padded_seq_len} exceeds {model.name}'s context of {context} tokens; estimating anyway"
         )
-    lora_modules = _lora_modules(model, setup) if setup.method.uses_lora else ()
+    lora_modules = _lora_modules(model, setup) if _takes_targets(setup.method) else ()
     if "batch_size" in origins and "global_batch_size" in given:
         origins["batch_size"] = "implied by global_batch_size"
     defaulted = tuple(key for key, origin in origins.items() if origin == "default")
@@ -329,6 +331,30 @@ def _apply_kbit_prep(values: dict, chosen: dict, origins: dict) -> None:
     if prepared_explicitly and "grad_ckpt" not in chosen:
         values["grad_ckpt"] = GradCkpt.FULL
         origins["grad_ckpt"] = "implied by kbit_prep"
+
+
+def _apply_peft_defaults(values: dict, chosen: dict, origins: dict) -> None:
+    """A peft method's size knob (``--lora-rank``) left out takes peft's own default for its config argument
+    (``peft_methods.PeftMethodFacts.size_default``: VeRA r=256, OFT oft_block_size=32, ...), and its base is 16-bit
+    unless ``--quant`` is given (``Quant.NONE``). qlora always has a quantized base."""
+    method = values["method"]
+    if method is Method.QLORA and values["quant"] is Quant.NONE:
+        raise VramcalcError("--quant none does not apply to --method qlora (LoRA on a quantized base); "
+                            "use --method lora for a 16-bit base")
+    facts = method.peft_facts
+    if facts is None:
+        return
+    if facts.size_kwarg and "lora_rank" not in chosen:
+        values["lora_rank"] = facts.size_default
+        origins["lora_rank"] = f"peft {facts.config_class}.{facts.size_kwarg} default"
+    if "quant" not in chosen:
+        values["quant"] = Quant.NONE
+
+
+def _takes_targets(method: Method) -> bool:
+    """LoRA's and every peft method's with ``target_modules`` (``--lora-targets``)."""
+    facts = method.peft_facts
+    return method.uses_lora if facts is None else facts.targets
 
 
 def _reject_foreign_options(method: Method, given: dict) -> None:
@@ -511,7 +537,8 @@ def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
                 f"{', '.join(linears)}, and lm_head, embed_tokens"
             )
         names = targets
-    for name in names:
+    low_rank = setup.method.uses_lora or setup.method is Method.ADALORA  # A [r, in] and B [out, r]
+    for name in names if low_rank else ():
         rows, cols = {**linears, **outside}[name]
         if setup.lora_rank > min(rows, cols):
             raise VramcalcError(f"LoRA rank {setup.lora_rank} is larger than {name} of {model.name} ({rows} -> {cols})")

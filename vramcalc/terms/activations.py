@@ -62,6 +62,9 @@ from .layouts import ParallelBlockWalk, residual_bytes
 from . import stack_layers
 from .stack_layers import HF as HF_LAYERS
 from .stack_layers import StackLayers
+from ..peft_methods import IA3_FEEDFORWARD
+from .peft_methods import (delta_weight_saved, dora_per_layer_bytes, dora_saved_per_token, ia3_saved,
+                           vera_saved)
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
 SDPA_FLASH_MAX_HEAD_DIM = 256
@@ -152,6 +155,7 @@ class _LayerWalk(ParallelBlockWalk):
         self.layer = layer
         self.dt = layer.dtypes
         self.full = layer.method is Method.FULL
+        self.norms_train = self.full or layer.method is Method.LN_TUNING  # ln-tuning: a trained copy of each norm
         self.lora_names = set(layer.lora_modules)
         self.quantized = layer.method is Method.QLORA and model.traits.bnb_quantizable
         self.gemma = model.family == "gemma2"
@@ -203,16 +207,16 @@ class _LayerWalk(ParallelBlockWalk):
             return self.layer_norm(width, x_bytes)
         if self.lean:
             # Liger / compile: the input as is and a [T] fp32 rstd, whenever a gradient flows or the weight trains
-            if self.grad or self.full:
+            if self.grad or self.norms_train:
                 self.per_token += x_bytes * width * rows + _F32 * rows
-            self.grad = self.grad or self.full
+            self.grad = self.grad or self.norms_train
             return x_bytes if self.layer.kernels is Kernels.LIGER else max(self.dt.norm_out, x_bytes)
         if self.grad:
             self.per_token += _F32 * width * rows + _F32 * rows  # fp32 input (or the fp32 input itself), rsqrt
-        if self.full:  # y saved for the weight gradient (fp32: Gemma, or a stack's fp32 product, stack_layers.py)
+        if self.norms_train:  # y saved for the weight gradient (fp32: Gemma, or a stack's fp32 product, stack_layers.py)
             fp32_y = self.gemma_norm or self.layer.layers.norm_fp32_product
             self.per_token += (_F32 if fp32_y else x_bytes) * width * rows
-        self.grad = self.grad or self.full
+        self.grad = self.grad or self.norms_train
         return x_bytes if self.gemma_norm else max(self.dt.norm_out, x_bytes)
 
     def linears(self, uses: list[LinearUse], x_bytes: int, x_saved: bool = False) -> int:
@@ -247,6 +251,15 @@ class _LayerWalk(ParallelBlockWalk):
         """One LoRA module on an input of ``width``; returns whether the shared input is now saved."""
         width = use.width_in
         layer = self.layer
+        if layer.method is Method.IA3:  # terms/peft_methods.py
+            return ia3_saved(self, width, self.width_out(use.name), use.name.split(".")[-1] in IA3_FEEDFORWARD,
+                             x_bytes, x_saved)
+        if layer.method in (Method.LOHA, Method.LOKR):
+            return delta_weight_saved(self, width, self.width_out(use.name), x_bytes, x_saved,
+                                      kron=layer.method is Method.LOKR, rank=layer.lora_rank)
+        if layer.method is Method.VERA:
+            vera_saved(self, width, self.width_out(use.name), layer.lora_rank)
+            return x_saved
         c, adapter, autocast = self.dt.c, self.dt.adapter, self.dt.autocast
         dropout = layer.lora_dropout > 0
         if dropout and self.grad:
@@ -264,6 +277,11 @@ class _LayerWalk(ParallelBlockWalk):
             self.per_token += x_bytes * width
             x_saved = True
         self.per_token += (c if autocast else adapter) * layer.lora_rank  # lora_A's output, saved by lora_B
+        if layer.method is Method.DORA:  # the base output and lora_B's output, saved by the magnitude's products
+            out = self.width_out(use.name)
+            self.per_token += dora_saved_per_token(out, c if autocast else max(x_bytes, self.dt.r),
+                                                   c if autocast else adapter)
+            self.per_layer += dora_per_layer_bytes(out, adapter)
         # selective cache: lora_A's and lora_B's matmul outputs
         self.cache_token += (c if autocast else adapter) * (layer.lora_rank + self.width_out(use.name))
         return x_saved
@@ -493,7 +511,7 @@ def attention_saved(model: ModelSpec, layer: LayerSetup, masked: bool = False) -
 
 def first_layer_needs_grad(method: Method) -> bool:
     """Does the first layer's input require grad? Only when the embedding trains (full) or a prompt is prepended."""
-    return method in (Method.FULL, Method.PROMPT)
+    return method in (Method.FULL, Method.PROMPT, Method.P_TUNING)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 
 from .. import facts
+from . import peft_methods
 from ..facts import BNB_4BIT_CODE_ENTRIES, BNB_BLOCKSIZE, BNB_DQ_BLOCKSIZE, BNB_DQ_CODE_ENTRIES
 from ..model import ModelSpec, ParamKind, state_without_hash
 from ..options import Method, Precision, Quant
@@ -95,13 +96,13 @@ def parameter_key(resolved: ResolvedSetup) -> tuple:
     modules, rank 0; no prompt: 0 virtual tokens; no QLoRA: no double quantization, no int8, no 4-bit lm_head)."""
     setup = resolved.setup
     method = setup.method
-    lora = method.uses_lora
+    lora = method.uses_lora or method.peft_facts is not None  # LoRA's or a peft method's targets and size knob
     qlora = method is Method.QLORA
     int8 = qlora and quant_is_int8(setup)
     return (method, setup.precision, setup.double_quant if qlora and not int8 else False,
             resolved.lora_modules if lora else (), setup.lora_rank if lora else 0,
             adapter_bits(resolved) if lora or method is Method.PROMPT else 0,
-            setup.virtual_tokens if method is Method.PROMPT else 0,
+            setup.virtual_tokens if method.prepends_tokens else 0,
             int8, qlora and bool(getattr(setup, "quantize_lm_head", False)))
 
 
@@ -161,6 +162,11 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
                                     adapter_bits, True, scope=module.scope))
             out.append(StoredTensor(f"{name}.lora_B", "adapter", (module.out_features, lora_rank), module.count,
                                     adapter_bits, True, scope=module.scope))
+            if method is Method.DORA:  # peft lora/dora.py:130, the magnitude [out] (terms/peft_methods.py)
+                out.append(StoredTensor(f"{name}.lora_magnitude_vector", "adapter", (module.out_features,),
+                                        module.count, adapter_bits, True, scope=module.scope))
+    if method.peft_facts is not None and not method.uses_lora:  # terms/peft_methods.py
+        out += peft_methods.method_tensors(model, method, lora_modules, lora_rank, adapter_bits, virtual_tokens)
     if method is Method.PROMPT:
         out.append(StoredTensor("prompt_encoder.embedding", "prompt", (virtual_tokens, model.hidden_size), 1,
                                 adapter_bits, True))

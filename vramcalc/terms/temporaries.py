@@ -9,6 +9,7 @@ import functools
 from dataclasses import dataclass
 
 from ..facts import BNB_BLOCKSIZE, BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS
+from .peft_methods import CACHED_ONLY_ADAPTERS, VECTOR_ADAPTERS
 from ..model import ModelSpec
 from ..options import Attention, Method
 from ..units import DType, maximum, select
@@ -53,15 +54,17 @@ def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: b
     # fp32 LoRA adapters are trained leaves too: autocast caches their 16-bit copies and F.linear saves them. LoRA on
     # lm_head / embed_tokens sits outside the checkpointed layers (kept under checkpointing too); the embedding's
     # lora_embedding_A goes through F.embedding, which autocast does not cast
-    adapters = outside = 0
+    adapters = outside = cached_only = 0
     for t in tensors:
-        if t.kind == "adapter" and t.bits == 32 and not t.name.endswith("lora_embedding_A"):
-            if t.name.startswith(("lm_head.", "embed_tokens.")):
+        if t.kind == "adapter" and t.bits == 32 and not t.name.endswith(("lora_embedding_A",) + VECTOR_ADAPTERS):
+            if t.name.startswith(("lm_head.", "embed_tokens.", "prompt_encoder.")):  # outside the decoder layers
                 outside += dt.c * t.numel * t.count
+            elif t.name.endswith(CACHED_ONLY_ADAPTERS):  # cast inside a custom Function: cached, never saved
+                cached_only += dt.c * t.numel * t.count
             else:
                 adapters += dt.c * t.numel * t.count
     saved = head_copy + outside + (0 if grad_ckpt else layer_copies + adapters)
-    forward = head_copy + outside + adapters + (layer_copies if full or not grad_ckpt else 0)
+    forward = head_copy + outside + adapters + cached_only + (layer_copies if full or not grad_ckpt else 0)
     return WeightCopies(forward, saved)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import VramcalcError
 from ..model import ModelSpec
 from .. import facts
-from ..options import AdapterDtype, Attention, Method, Precision
+from ..options import AdapterDtype, Attention, Method, Precision, Quant
 from ..training_setup import ResolvedSetup
 
 TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -159,15 +159,19 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
             _restore_fp32_modules(model)
             if setup.precision is Precision.FP8:
                 _convert_to_float8(model)
-            if setup.method is Method.QLORA:
+            if quantized_base(setup):
                 from .qlora import quantize_linears
 
                 quantize_linears(model, setup)
-                if getattr(setup, "kbit_prep", False):
+                if setup.method.peft_facts is not None:  # as a 4-bit from_pretrained marks it: peft's bnb layers
+                    _mark_quantized(model, setup)
+                elif getattr(setup, "kbit_prep", False):
                     _prepare_for_kbit_training_as_called(model, setup)
                 elif setup.precision.is_mixed:
                     _prepare_for_kbit_training(model)
-            if setup.method.uses_lora:
+            if setup.method.peft_facts is not None:
+                model = _apply_peft(model, resolved)
+            elif setup.method.uses_lora:
                 model = _apply_lora(model, resolved)
             elif setup.method is Method.PROMPT:
                 model = _apply_prompt_tuning(model, spec, resolved)
@@ -184,7 +188,7 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
         for adapter, tokens in getattr(model, "prompt_tokens", {}).items():
             # peft keeps the virtual token ids as a plain tensor attribute, which to_empty leaves on meta
             model.prompt_tokens[adapter] = torch.arange(tokens.numel(), device=device).long()
-        if setup.method is Method.QLORA:
+        if quantized_base(setup):
             from .qlora import materialise_quant_states
 
             materialise_quant_states(model, device)
@@ -310,6 +314,64 @@ def _cast_adapters(model: nn.Module, resolved: ResolvedSetup) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype != dtype:
             param.data = param.data.to(dtype)
+
+
+def quantized_base(setup) -> bool:
+    """A bitsandbytes-quantized base: qlora, or a peft method given ``--quant`` (``peft_methods``)."""
+    if setup.method is Method.QLORA:
+        return True
+    return setup.method.peft_facts is not None and setup.quant is not Quant.NONE
+
+
+def _mark_quantized(model: nn.Module, setup) -> None:
+    """What ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True))`` sets on the model and
+    peft reads to pick its bitsandbytes layers (``peft/tuners/<method>/model.py``: ``loaded_in_4bit``)."""
+    if setup.quant is Quant.INT8:
+        model.is_loaded_in_8bit = True
+    else:
+        model.is_loaded_in_4bit = True
+    model.is_quantized = True
+
+
+def peft_config(resolved: ResolvedSetup, spec: ModelSpec | None = None):
+    """The method's own peft config, built from the setup's options by its row in ``peft_methods`` (no per-method
+    code): ``--lora-rank`` -> the size argument, ``--lora-targets`` -> target_modules (the family's resolved names),
+    ``--virtual-tokens`` -> the virtual-token argument, ``--lora-dropout`` -> the dropout argument, plus the row's
+    fixed arguments. IA3's feed-forward targets are the MLP's down projection among the targets (peft's llama
+    mapping ``TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING``)."""
+    import peft
+
+    setup = resolved.setup
+    facts = setup.method.peft_facts
+    kwargs = {"task_type": "CAUSAL_LM", **dict(facts.fixed)}
+    if facts.size_kwarg:
+        kwargs[facts.size_kwarg] = setup.lora_rank
+    if facts.targets:
+        kwargs["target_modules"] = list(resolved.lora_modules)
+    if facts.virtual_kwarg:
+        kwargs[facts.virtual_kwarg] = setup.virtual_tokens
+    if facts.dropout_kwarg:
+        kwargs[facts.dropout_kwarg] = setup.lora_dropout
+    if facts.config_class == "LoraConfig":
+        kwargs.update(lora_alpha=setup.lora_rank, bias="none")
+    if facts.config_class == "IA3Config":
+        from ..peft_methods import IA3_FEEDFORWARD
+
+        kwargs["feedforward_modules"] = [name for name in resolved.lora_modules
+                                         if name.split(".")[-1] in IA3_FEEDFORWARD]
+    return getattr(peft, facts.config_class)(**kwargs)
+
+
+def _apply_peft(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:
+    """Any peft method of ``peft_methods``: ``get_peft_model`` with its config (``peft_config``)."""
+    from peft import get_peft_model
+
+    setup = resolved.setup
+    config = peft_config(resolved)
+    with _quiet():
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=setup.adapter_dtype is AdapterDtype.FP32)
+    _cast_adapters(peft_model, resolved)
+    return peft_model
 
 
 def _apply_prompt_tuning(model: nn.Module, spec: ModelSpec, resolved: ResolvedSetup) -> nn.Module:

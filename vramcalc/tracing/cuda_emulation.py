@@ -146,6 +146,8 @@ class _CudaKernels(TorchDispatchMode):
         if func is _grouped_mm_op() and _grouped_mm_needs_cuda_rule(args, kwargs):
             offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
             return grouped_mm_cuda_output(args[0], args[1], offs, None, kwargs.get("out_dtype"))
+        if func is torch.ops.aten._local_scalar_dense.default and _is_fake(args[0]):
+            return _fake_scalar(args[0])
         if func is _gemm_4bit():
             a = args[0]
             tokens = a.numel() // a.shape[-1]
@@ -154,6 +156,21 @@ class _CudaKernels(TorchDispatchMode):
 
                 return _gemm_4bit_default_impl(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _is_fake(tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
+
+
+def _fake_scalar(tensor):
+    """A fake tensor has no value to read (``.item()``, ``bool()``): the scalar a random draw takes in the common
+    case. peft's module dropout (``loha/layer.py``, ``lokr/layer.py``: ``torch.rand(1) > module_dropout``) keeps the
+    module: True; an integer draw is 0, a float 1.0. What is allocated does not depend on which value it is."""
+    if tensor.dtype is torch.bool:
+        return True
+    return 1.0 if tensor.dtype.is_floating_point else 0
 
 
 def _unpacked(position_ids):

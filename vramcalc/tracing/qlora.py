@@ -121,6 +121,17 @@ def fake_linear4bit_class():
             with _matmul_4bit_holding_input():
                 return super().forward(x)
 
+        # peft reads a quantized weight through ``dequantize_module_weight`` (``peft/utils/integrations.py:79``:
+        # a module with ``W_q`` is dequantized by its own ``dequantize()``), as DoRA's weight norm does: the weight
+        # here is a plain Parameter, not a ``Params4bit``, so it answers through that hook with bitsandbytes' own
+        # dequantize_4bit, the call peft makes for a Params4bit (``dequantize_bnb_weight``)
+        @property
+        def W_q(self):
+            return self.weight
+
+        def dequantize(self):
+            return _bnb().functional.dequantize_4bit(self.weight, self.weight.quant_state)
+
     return FakeLinear4bit
 
 

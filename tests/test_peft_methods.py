@@ -1,0 +1,164 @@
+"""peft's methods as --method words (issue 17): the table, the CLI, the estimate's DoRA formulas against the trace,
+and every accepted method built by real peft in the trace."""
+
+import json
+
+import pytest
+
+from vramcalc.estimator import step_moments
+from vramcalc.options import Method
+from vramcalc.peft_methods import PEFT_METHODS
+from vramcalc.training_setup import resolve_setup
+
+from .cli_helpers import run_cli
+from .conftest import needs_torch
+from .tiny_models import TINY
+
+TOLERANCE = 0.03
+CORE = {"full", "lora", "qlora", "prompt"}
+
+
+def test_every_method_word_has_one_row_and_vramcalc_methods_lists_it(capsys):
+    assert {m.value for m in Method} - CORE == {row.word for row in PEFT_METHODS}
+    code, out, _ = run_cli(capsys, "methods", "--format", "json")
+    assert code == 0
+    assert [row["method"] for row in json.loads(out)] == [m.value for m in Method]
+
+
+def test_a_method_without_formulas_is_refused_in_one_line_pointing_to_trace(capsys):
+    code, _, err = run_cli(capsys, "estimate", "llama-3.1-8b", "--method", "hra")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error:") and "vramcalc trace" in err
+
+
+@pytest.mark.parametrize("argv, word", [
+    (("--method", "full", "--lora-rank", "8"), "--lora-rank"),
+    (("--method", "ln-tuning", "--lora-targets", "qv"), "--lora-targets"),
+    (("--method", "vera", "--quant", "nf4"), "--quant"),  # peft ships no bitsandbytes VeRA layer
+    (("--method", "qlora", "--quant", "none"), "none"),
+])
+def test_an_option_the_method_does_not_take_is_one_error_line(capsys, argv, word):
+    code, _, err = run_cli(capsys, "estimate", "llama-3.1-8b", *argv)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error:") and word in err
+
+
+def test_the_size_knob_defaults_to_peft_s_own_default():
+    """VeRA's r is 256 in VeraConfig, OFT's oft_block_size 32 (peft 0.21.2 config classes), not LoRA's 8."""
+    spec = TINY["llama"]
+    assert resolve_setup(spec, method="vera").setup.lora_rank == 256
+    assert resolve_setup(spec, method="oft").setup.lora_rank == 32
+    assert resolve_setup(spec, method="dora").setup.lora_rank == 8
+
+
+def test_dora_exceeds_lora_by_its_two_saved_outputs_per_target():
+    """peft lora/dora.py:163: ``(mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling`` saves
+    the base output and lora_B's output, two bf16 [T, n_out] per target: on llama-3.1-8b with all-linear targets,
+    sum n_out = q 4096 + k 1024 + v 1024 + o 4096 + gate 14336 + up 14336 + down 4096 = 43008 per layer."""
+    import vramcalc
+
+    options = dict(method="lora", lora_rank=16, lora_targets="all-linear", seq_len=2048)
+    lora = vramcalc.estimate("llama-3.1-8b", **options)
+    dora = vramcalc.estimate("llama-3.1-8b", **dict(options, method="dora"))
+    extra = dora.terms()["activations"] - lora.terms()["activations"]
+    per_token = 2 * 2 * 43008 * 32  # two bf16 outputs, 32 layers
+    per_layer = 3 * 4 * 43008 * 32  # weight_norm, mag_norm_scale and mag_norm_scale - 1: fp32 [n_out] (dora.py:153)
+    assert extra == per_token * 2048 + per_layer
+    assert dora.total_bytes > lora.total_bytes
+
+
+def test_estimated_trainable_parameters_are_peft_s_on_the_8b():
+    """Counted by hand from peft's update_layer shapes (llama-3.1-8b: h 4096, I 14336, kv 1024, 32 layers, all-linear
+    targets q, k, v, o, gate, up, down): DoRA r=8 adds the magnitude [out] to LoRA's r·(in + out); IA3 one vector
+    per target, [out] (or [in] for down_proj); LN tuning a copy of the 65 norm weights [4096]."""
+    import vramcalc
+
+    ins = {"q": 4096, "k": 4096, "v": 4096, "o": 4096, "gate": 4096, "up": 4096, "down": 14336}
+    outs = {"q": 4096, "k": 1024, "v": 1024, "o": 4096, "gate": 14336, "up": 14336, "down": 4096}
+    lora = 8 * sum(ins[n] + outs[n] for n in ins) * 32
+    dora = lora + sum(outs.values()) * 32
+    ia3 = (sum(outs[n] for n in outs if n != "down") + ins["down"]) * 32
+    expected = {"dora": dora, "ia3": ia3, "ln-tuning": 65 * 4096}
+    for method, params in expected.items():
+        options = {"lora_targets": "all-linear"} if method != "ln-tuning" else {}
+        assert vramcalc.estimate("llama-3.1-8b", method=method, **options).details["trainable_params"] == params
+
+
+def test_the_import_stays_light():
+    import subprocess
+    import sys
+
+    code = "import sys, vramcalc.peft_methods, vramcalc.terms.peft_methods; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+METHOD_CASES = [
+    ("llama", dict(method="dora", seq_len=512)),
+    ("llama", dict(method="dora", seq_len=512, lora_targets="all-linear")),
+    ("llama", dict(method="dora", seq_len=512, lora_targets="all-linear", grad_ckpt=True)),
+    ("llama", dict(method="dora", seq_len=256, precision="mixed-bf16", lora_rank=16)),
+    ("mistral", dict(method="dora", seq_len=512, lora_targets="all-linear")),
+    ("mistral", dict(method="dora", seq_len=512, lora_targets="all-linear", grad_ckpt=True)),
+    ("mixtral", dict(method="dora", seq_len=512)),
+    ("llama", dict(method="adalora", seq_len=512)),
+    ("mistral", dict(method="adalora", seq_len=512, lora_targets="all-linear", grad_ckpt=True)),
+    ("llama", dict(method="ia3", seq_len=512, lora_targets="all-linear")),
+    ("mistral", dict(method="ia3", seq_len=512, grad_ckpt=True)),
+    ("llama", dict(method="ln-tuning", seq_len=512)),
+    ("mistral", dict(method="ln-tuning", seq_len=512, grad_ckpt=True)),
+    ("llama", dict(method="loha", seq_len=512, lora_targets="all-linear")),
+    ("mistral", dict(method="loha", seq_len=512, lora_targets="all-linear", grad_ckpt=True)),
+    ("llama", dict(method="lokr", seq_len=512, lora_targets="all-linear")),
+    ("mistral", dict(method="lokr", seq_len=512, lora_targets="all-linear", grad_ckpt=True)),
+    ("llama", dict(method="loha", seq_len=64, lora_targets="all-linear", grad_ckpt=True)),
+    ("llama", dict(method="p-tuning", seq_len=512)),
+    ("mistral", dict(method="p-tuning", seq_len=512, grad_ckpt=True, batch_size=2)),
+]
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("family, options", METHOD_CASES,
+                         ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for f, o in METHOD_CASES])
+def test_method_estimate_is_within_3_percent_of_the_trace(family, options):
+    from vramcalc.tracing.runner import run_trace
+
+    spec = TINY[family]
+    resolved = resolve_setup(spec, **options)
+    estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
+    traced = sum(run_trace(spec, resolved, progress=False).terms.values())
+    assert abs(estimated - traced) / traced < TOLERANCE
+
+
+# c3a and vblora need target widths divisible by 256 (their default block size / vector length): not the tiny model's
+TRACEABLE = [row.word for row in PEFT_METHODS if row.word not in ("c3a", "vblora")]
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("word", TRACEABLE)
+def test_every_method_is_built_by_peft_and_trains_only_its_own_parameters(word):
+    """The trace builds the method with its peft config class and steps it: the optimizer holds states for the
+    method's parameters only (fewer bytes than the frozen weights)."""
+    from vramcalc.tracing.runner import run_trace
+
+    spec = TINY["llama"]
+    traced = run_trace(spec, resolve_setup(spec, method=word, seq_len=128), progress=False, steps=2).terms
+    states = traced[next(term for term in traced if term.value == "optimizer_states")]
+    weights = traced[next(term for term in traced if term.value == "weights")]
+    assert 0 < states < weights
+
+
+@needs_torch
+@pytest.mark.trace
+def test_dora_on_a_4bit_base_is_traced_with_bitsandbytes_weights():
+    """``--quant nf4 --method dora``: peft's bitsandbytes LoRA layer with DoRA on 4-bit Linears."""
+    from vramcalc.tracing.runner import run_trace
+
+    spec = TINY["llama"]
+    weights = {}
+    for quant in (None, "nf4"):
+        resolved = resolve_setup(spec, method="dora", seq_len=128, **({"quant": quant} if quant else {}))
+        traced = run_trace(spec, resolved, progress=False, steps=2).terms
+        weights[quant] = traced[next(term for term in traced if term.value == "weights")]
+    assert weights["nf4"] < weights[None]

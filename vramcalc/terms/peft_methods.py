@@ -1,0 +1,358 @@
+"""Estimate formulas of the peft methods beyond LoRA (``vramcalc/peft_methods.py`` lists the methods and their facts).
+
+A method without formulas here is refused by the estimate in one line that points to ``vramcalc trace``
+(``check_estimable``); the trace builds every method with real peft.
+
+DoRA (peft 0.21.2, ``LoraConfig(use_dora=True)``; symbols: T tokens, n_in/n_out a target Linear's features, r rank,
+c compute bytes (the autocast dtype), a adapter bytes, w the base weight's bytes). ``tuners/lora/variants.py:230-256``
+(``DoraLinearVariant.forward``) calls ``tuners/lora/dora.py:132-165`` (``DoraLinearLayer.forward``) after the base
+Linear's own output ``result``; without dropout ``base_result = result``:
+
+- parameters: LoRA's A [r, n_in] and B [n_out, r] plus the magnitude ``lora_magnitude_vector`` [n_out] per target, at
+  the adapter dtype (``dora.py:130``: ``nn.Parameter(weight_norm)``; cast like every adapter); its gradient and
+  optimizer states follow (``terms/states.py``);
+- saved for backward, per token and target (``dora_saved_per_token``): ``(mag_norm_scale - 1) * base_result`` saves
+  the base output (c·n_out: it requires no grad but the scale does) and ``mag_norm_scale * lora_result`` saves
+  lora_B's output (c·n_out); LoRA's own ``lora_B(...) * scaling`` saves nothing (a Python scalar). Per layer and
+  target, three [n_out] tensors at the adapter dtype: ``weight_norm`` (saved by the division), ``mag_norm_scale``
+  and ``mag_norm_scale - 1`` (saved by the products) (``dora_per_layer_bytes``);
+- temporaries of each target's forward (``dora_forward_transient_bytes``), all freed when the module returns, all
+  [n_in x n_out]-sized, not per token: ``get_lora_weight`` (``dora.py:94-99``) multiplies an fp32 identity
+  ``torch.eye(n_in)`` (a·n_in², the adapter's dtype) through lora_A and lora_B; autocast casts it (c·n_in², kept by
+  lora_A's graph while the module runs, as is lora_A's output c·n_in·r); ``.to(x.dtype)`` makes the [n_in, n_out]
+  weight a (a·n_in·n_out; x is already cast to the adapter dtype by ``_cast_input_dtype``); ``weight.to(x.dtype)``
+  copies the frozen base weight (a·n_in·n_out when w != a); ``get_weight_norm`` (``dora.py:86-91``) builds
+  ``scaling * lora_weight`` and ``weight + ...`` (2·a·n_in·n_out) before ``linalg.norm``. Peak: the larger of
+  (a + c)·n_in² + c·n_in·(r + n_out) (at lora_B) and c·n_in² + c·n_in·r + (3 or 4)·a·n_in·n_out (at the sum).
+  Under checkpointing the recompute of each layer in backward runs it again. The weight norm is recomputed every
+  forward: peft's ``ENABLE_DORA_CACHING`` (``dora.py:27``) caches it only in eval mode, so training never caches;
+  ``ephemeral_gpu_offload`` (``variants.py:148``) only matters for adapters kept on the CPU, which a training step
+  on one GPU does not do: neither is an option.
+"""
+
+from __future__ import annotations
+
+from ..errors import VramcalcError
+from ..model import ModelSpec, ParamKind
+from ..options import Method, Quant
+from ..peft_methods import IA3_FEEDFORWARD, LN_TUNING_ESTIMATED_FAMILIES
+from ..units import round_up
+
+# adapter tensors that are vectors multiplied elementwise, never a matmul operand (so no autocast copy of them)
+VECTOR_ADAPTERS = ("lora_magnitude_vector", "ia3_l", "ln_tuning", "lora_E", "vera_lambda_d", "vera_lambda_b",
+                   "lokr_w1", "lokr_w2")  # LoKr's full factors go through torch.kron, which autocast does not cast
+# adapter tensors multiplied only inside a custom autograd Function (LoHa's ``HadaWeight``, loha/layer.py:366-371),
+# which saves the fp32 leaves themselves: autocast caches their 16-bit copies until forward ends, nothing saves them
+CACHED_ONLY_ADAPTERS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+VERA_PROJECTION_BITS = 32  # vera_A / vera_B: peft makes them in fp32 (vera/model.py ``_init_vera_A_vera_B``)
+
+
+def check_estimable(setup, family: str = "") -> None:
+    """Refuse, in one line, a peft method the estimate has no formulas for, or a quantized base under one."""
+    facts = setup.method.peft_facts
+    if facts is None:
+        return
+    word = setup.method.value
+    if not facts.formulas:
+        raise VramcalcError(f"--method {word} has no estimate formulas yet; use vramcalc trace MODEL --method {word} "
+                            "(real peft on fake tensors, no GPU needed)")
+    if setup.method is Method.LN_TUNING and family not in LN_TUNING_ESTIMATED_FAMILIES:
+        raise VramcalcError(f"--method ln-tuning on {family} is traced, not estimated (peft's target norms differ "
+                            f"by family); use vramcalc trace MODEL --method ln-tuning")
+    if setup.quant is not Quant.NONE:
+        raise VramcalcError(f"--method {word} on a --quant {setup.quant.value} base is traced, not estimated; use "
+                            f"vramcalc trace MODEL --method {word} --quant {setup.quant.value}")
+
+
+def dora_saved_per_token(out_features: int, base_out_bytes: int, lora_out_bytes: int) -> int:
+    """DoRA's two saved [T, n_out] tensors per target beyond LoRA's: the base output and lora_B's output."""
+    return (base_out_bytes + lora_out_bytes) * out_features
+
+
+def dora_per_layer_bytes(out_features: int, adapter_bytes: int) -> int:
+    """weight_norm, mag_norm_scale and mag_norm_scale - 1: three [n_out] tensors, each its own 512 B-rounded block."""
+    return 3 * round_up(adapter_bytes * out_features)
+
+
+def dora_forward_transient_bytes(model: ModelSpec, lora_modules: tuple[str, ...], rank: int, c: int, adapter: int,
+                                 base_bytes: int) -> int:
+    """The largest target's forward temporaries (module docstring), alive only while that module runs. ``c``: the
+    bytes lora_A and lora_B compute in (the autocast dtype, or the adapter's without autocast)."""
+    linears = {module.name: module for module in model.inventory.linears}
+    peak = 0
+    for name in lora_modules:
+        module = linears.get(name)
+        if module is None:  # lm_head / embed_tokens
+            continue
+        n_in, n_out = module.in_features, module.out_features
+        # the identity as lora_A multiplies it (autocast's cast, or the identity itself) and lora_A's output, kept by
+        # lora_A's and lora_B's graph while the module runs
+        held = round_up(c * n_in * n_in) + round_up(c * n_in * rank)
+        eye = round_up(adapter * n_in * n_in) if adapter != c else 0  # the fp32 identity, until get_lora_weight returns
+        at_lora_b = eye + held + round_up(c * n_in * n_out)
+        weight = round_up(adapter * n_in * n_out)
+        base_copy = weight if base_bytes != adapter else 0  # weight.to(x.dtype)
+        at_sum = held + weight + base_copy + 2 * weight  # lora_weight, base copy, scaling * lora_weight, the sum
+        peak = max(peak, at_lora_b, at_sum)
+    return peak
+
+
+def dora_backward_per_token(model: ModelSpec, lora_modules: tuple[str, ...], c: int) -> int:
+    """DoRA's backward of the widest target, per token: the result's fp32 gradient (``result + result_dora`` is fp32,
+    cast back by ``result.to(torch_result_dtype)``, ``lora/layer.py:1113``), and inside ``mag_norm_scale *
+    lora_result``'s MulBackward the two fp32 products ``grad * lora_result`` (summed to the magnitude's [n_out]) and
+    ``grad * mag_norm_scale`` with its cast to lora_result's dtype: (3·4 + c)·n_out."""
+    linears = {module.name: module for module in model.inventory.linears}
+    widest = max((linears[name].out_features for name in lora_modules if name in linears), default=0)
+    return (3 * 4 + c) * widest
+
+
+def forward_transient_bytes(model: ModelSpec, resolved, dt) -> int:
+    """A method's per-module forward temporaries that do not scale with tokens (0 for a method without): DoRA's
+    weight-norm path (``dora_forward_transient_bytes``)."""
+    setup = resolved.setup
+    c = dt.c if dt.autocast else dt.adapter
+    if setup.method is Method.LOHA:  # HadaWeight.forward: the two c-byte [out, in] products and their product
+        return 3 * _widest_weight(model, resolved.lora_modules) * c
+    if setup.method is Method.LOKR:  # make_kron: torch.kron's output and ``* scale``, both at the adapter's bytes
+        return 2 * dt.adapter * _widest_weight(model, resolved.lora_modules)
+    if setup.method is not Method.DORA:
+        return 0
+    return dora_forward_transient_bytes(model, resolved.lora_modules, setup.lora_rank, c, dt.adapter, dt.r)
+
+
+def backward_transient_bytes(model: ModelSpec, resolved, dt, tokens):
+    """A method's own backward temporaries in one layer's backward (widest target): DoRA's per-token fp32 gradients
+    (``dora_backward_per_token``); LoHa's ``HadaWeight.backward`` (``loha/layer.py:374-386``, outside autocast): the
+    incoming c-byte [out, in] gradient (F.linear's weight gradient), ``grad_out * scale`` (c), ``w2a @ w2b`` and
+    ``temp`` in fp32, then ``w1a @ w1b`` and the new ``temp`` while the old one is still bound: (2·c + 12)·out·in,
+    less the c-byte update F.linear saved, which its backward has released by then: (c + 12)·out·in. LoKr: F.linear's
+    c-byte weight gradient, its cast to the adapter dtype, ``* scale``'s gradient and kron's, less the released
+    c-byte update: 3·a·out·in."""
+    setup = resolved.setup
+    if setup.method is Method.LOHA:
+        return (dt.c + 12) * _widest_weight(model, resolved.lora_modules)
+    if setup.method is Method.LOKR:
+        return 3 * dt.adapter * _widest_weight(model, resolved.lora_modules)
+    if setup.method is Method.DORA:
+        return dora_backward_per_token(model, resolved.lora_modules, dt.c) * tokens
+    return 0
+
+
+def _widest_weight(model: ModelSpec, lora_modules: tuple[str, ...]) -> int:
+    """out·in of the largest targeted Linear."""
+    linears = {module.name: module for module in model.inventory.linears}
+    return max((linears[name].in_features * linears[name].out_features for name in lora_modules if name in linears),
+               default=0)
+
+
+def method_tensors(model: ModelSpec, method: Method, modules: tuple[str, ...], rank: int, bits: int,
+                   virtual_tokens: int = 0) -> list:
+    """The trainable tensors of a peft method other than LoRA/DoRA (``parameters.parameter_tensors``), at the adapter
+    dtype (``bits``):
+    - AdaLoRA (``tuners/adalora/layer.py``, ``update_layer``): lora_A [r, in], lora_E [r, 1], lora_B [out, r]
+      (r = init_r) and a frozen fp32 ``ranknum`` [1] per target;
+    - VeRA (``tuners/vera/layer.py``, ``vera/model.py``): ``vera_lambda_d`` [r] and ``vera_lambda_b`` [out] per
+      target, and one pair of frozen fp32 projections shared by every target, vera_A [r, widest in] and vera_B
+      [widest out, r];
+    - LoHa (``tuners/loha/layer.py:67-70``, Linear): hada_w1_a, hada_w2_a [out, r] and hada_w1_b, hada_w2_b [r, in];
+    - LoKr (``tuners/lokr/layer.py:65-90, 195-204``, Linear, decompose_both=False): lokr_w1 [out_l, in_m] and
+      lokr_w2_a [out_k, r], lokr_w2_b [r, in_n] (or a full lokr_w2 [out_k, in_n] when r >= max(out_k, in_n) / 2),
+      with out = out_l·out_k and in = in_m·in_n from ``lokr_factorization``;
+    - IA3 (``tuners/ia3/layer.py:62-68``, ``update_layer``): ``ia3_l`` [out, 1] per target, [1, in] for a feed-forward
+      target (``IA3_FEEDFORWARD``);
+    - LN tuning (``tuners/ln_tuning/layer.py:48``: ``deepcopy(layer)``): a trainable copy of each targeted norm's
+      weight beside the frozen original (the decoder layers' two norms and the final norm);
+    - p-tuning (``tuners/p_tuning/model.py``, ``PromptEncoder`` with the default MLP reparameterization):
+      ``embedding`` [n, h] and ``mlp_head`` Linear(h, e), Linear(e, e), Linear(e, h) with biases, e =
+      ``encoder_hidden_size`` (None: peft sets it to the token dim h, ``peft_model.py::_setup_prompt_encoder``)."""
+    from .parameters import StoredTensor
+
+    out = []
+    if method is Method.IA3:
+        linears = {module.name: module for module in model.inventory.linears}
+        for name in modules:
+            module = linears[name]
+            feedforward = name.split(".")[-1] in IA3_FEEDFORWARD
+            shape = (1, module.in_features) if feedforward else (module.out_features, 1)
+            out.append(StoredTensor(f"{name}.ia3_l", "adapter", shape, module.count, bits, True, scope=module.scope))
+    elif method is Method.ADALORA:
+        linears = {module.name: module for module in model.inventory.linears}
+        for name in modules:
+            module, scope = linears[name], linears[name].scope
+            out += [StoredTensor(f"{name}.lora_A", "adapter", (rank, module.in_features), module.count, bits, True,
+                                 scope=scope),
+                    StoredTensor(f"{name}.lora_E", "adapter", (rank, 1), module.count, bits, True, scope=scope),
+                    StoredTensor(f"{name}.lora_B", "adapter", (module.out_features, rank), module.count, bits, True,
+                                 scope=scope),
+                    StoredTensor(f"{name}.ranknum", "adapter", (1,), module.count, 32, False, scope=scope)]
+    elif method is Method.VERA:
+        linears = {module.name: module for module in model.inventory.linears}
+        for name in modules:
+            module = linears[name]
+            out += [StoredTensor(f"{name}.vera_lambda_d", "adapter", (rank,), module.count, bits, True,
+                                 scope=module.scope),
+                    StoredTensor(f"{name}.vera_lambda_b", "adapter", (module.out_features,), module.count, bits, True,
+                                 scope=module.scope)]
+        widest_in = max(linears[name].in_features for name in modules)
+        widest_out = max(linears[name].out_features for name in modules)
+        out += [StoredTensor("vera_A", "adapter", (rank, widest_in), 1, VERA_PROJECTION_BITS, False),
+                StoredTensor("vera_B", "adapter", (widest_out, rank), 1, VERA_PROJECTION_BITS, False)]
+    elif method is Method.LOHA:
+        linears = {module.name: module for module in model.inventory.linears}
+        for name in modules:
+            module = linears[name]
+            for factor in ("w1", "w2"):
+                out += [StoredTensor(f"{name}.hada_{factor}_a", "adapter", (module.out_features, rank), module.count,
+                                     bits, True, scope=module.scope),
+                        StoredTensor(f"{name}.hada_{factor}_b", "adapter", (rank, module.in_features), module.count,
+                                     bits, True, scope=module.scope)]
+    elif method is Method.LOKR:
+        linears = {module.name: module for module in model.inventory.linears}
+        for name in modules:
+            module = linears[name]
+            (out_l, out_k), (in_m, in_n) = lokr_shape(module.out_features, module.in_features)
+            out.append(StoredTensor(f"{name}.lokr_w1", "adapter", (out_l, in_m), module.count, bits, True,
+                                    scope=module.scope))
+            if rank < max(out_k, in_n) / 2:
+                out += [StoredTensor(f"{name}.lokr_w2_a", "adapter", (out_k, rank), module.count, bits, True,
+                                     scope=module.scope),
+                        StoredTensor(f"{name}.lokr_w2_b", "adapter", (rank, in_n), module.count, bits, True,
+                                     scope=module.scope)]
+            else:
+                out.append(StoredTensor(f"{name}.lokr_w2", "adapter", (out_k, in_n), module.count, bits, True,
+                                        scope=module.scope))
+    elif method is Method.P_TUNING:
+        h = model.hidden_size
+        out.append(StoredTensor("prompt_encoder.embedding", "prompt", (virtual_tokens, h), 1, bits, True))
+        for index in (0, 2, 4):  # mlp_head = Sequential(Linear, ReLU, Linear, ReLU, Linear)
+            out.append(StoredTensor(f"prompt_encoder.mlp_head.{index}.weight", "adapter", (h, h), 1, bits, True))
+            out.append(StoredTensor(f"prompt_encoder.mlp_head.{index}.bias", "adapter", (h,), 1, bits, True))
+    elif method is Method.LN_TUNING:
+        for tensor in model.inventory.tensors:
+            if tensor.kind is ParamKind.NORM and tensor.name.endswith("weight"):
+                out.append(StoredTensor(f"{tensor.name}.ln_tuning", "adapter", tensor.shape, tensor.count, bits, True,
+                                        scope=tensor.scope))
+    return out
+
+
+def ia3_saved(walk, width_in: int, width_out: int, feedforward: bool, x_bytes: int, x_saved: bool) -> bool:
+    """What IA3 saves on one target (``tuners/ia3/layer.py:172-199``), added to the layer walk; returns whether the
+    shared input is now saved. Output-scaled: ``(result * ia3_scaling).to(result_dtype)`` saves the base output
+    (its bytes per element times n_out) and, when the output requires grad, ``ia3_scaling`` ([n_out], its own block).
+    Feed-forward: ``x.to(ia3 dtype) * ia3_scaling`` saves the cast input (a·n_in; x itself when already that dtype)
+    and, when x requires grad, ``ia3_scaling`` [n_in]; the product goes back to x's dtype into the frozen Linear."""
+    dt = walk.dt
+    a = dt.adapter
+    if feedforward:
+        if a != x_bytes:
+            walk.per_token += a * width_in
+        elif not x_saved:
+            walk.per_token += x_bytes * width_in
+            x_saved = True
+        if walk.grad:
+            walk.per_layer += round_up(a * width_in)
+        return x_saved
+    base_out = dt.c if dt.autocast else max(x_bytes, dt.r)
+    walk.per_token += base_out * width_out
+    if walk.grad:
+        walk.per_layer += round_up(a * width_out)
+    return x_saved
+
+
+def prompt_encoder_saved_bytes(model: ModelSpec, method: Method, dt, sequences, virtual_tokens: int):
+    """p-tuning's encoder (``tuners/p_tuning/model.py::PromptEncoder.forward``) on the [b, n] virtual token ids, per
+    forward, kept until backward: each of the three Linears saves its input (autocast's c-byte cast of the fp32
+    embedding output for the first; the ReLU outputs, which the ReLUs save too, for the others: the same tensors)
+    and the third Linear's bias is added in place: 3·c·h per virtual token and sequence (autocast; the adapter's
+    bytes without). Its autocast weight copies are in ``temporaries.weight_copy_bytes`` (outside the layers)."""
+    if method is not Method.P_TUNING:
+        return 0
+    return 3 * (dt.c if dt.autocast else dt.adapter) * model.hidden_size * virtual_tokens * sequences
+
+
+def vera_saved(walk, width_in: int, width_out: int, rank: int) -> None:
+    """(Not enabled: ``peft_methods`` marks vera trace-only. Against the trace on tiny llama this rule is +0.9% without
+    checkpointing and -10% with it: the checkpointed backward holds more than it says.) What VeRA saves on one
+    target (``tuners/vera/layer.py::Linear.forward``: ``result + lambda_b *
+    F.linear(lambda_d * F.linear(dropout(x), sliced_A), sliced_B)``), added to the layer walk. Per token: the first
+    projection's output (saved by ``lambda_d *``, c·r) and the second's (saved by ``lambda_b *``, c·n_out); x is
+    not saved (vera_A is frozen). Per layer: autocast's copies of the sliced projections, which F.linear saves for
+    the input gradient (c·r·n_in only when x requires grad; c·n_out·r always: its input requires grad through
+    lambda_d), and lambda_d (when x requires grad) and lambda_b, which the products save."""
+    dt = walk.dt
+    c = dt.c if dt.autocast else dt.adapter
+    a = dt.adapter
+    walk.per_token += c * rank + c * width_out
+    walk.per_layer += round_up(c * rank * width_out) + round_up(a * width_out)
+    if walk.grad:
+        walk.per_layer += round_up(c * rank * width_in) + round_up(a * rank)
+
+
+def adalora_orth_reg_bytes(model: ModelSpec, method: Method, lora_modules: tuple[str, ...], rank: int, dt) -> int:
+    """AdaLoRA's orthogonal regularization (``tuners/adalora/model.py:229-257``), added to the loss after the model's
+    forward: ``p @ p.T`` for every lora_A [r, in] and ``p.T @ p`` for every lora_B [out, r], under autocast. ``p`` (a
+    leaf) is cast once into autocast's cache, ``p.T`` (a view, never cached) is cast again, and the matmul saves both
+    16-bit copies for backward: 2·c·r·(in + out) per target and layer, alive from the loss to the start of backward
+    (0 without autocast in 16 bits, where no copy is made, or for another method)."""
+    if method is not Method.ADALORA or not dt.autocast or dt.c == dt.adapter:
+        return 0
+    linears = {module.name: module for module in model.inventory.linears}
+    total = 0
+    for name in lora_modules:
+        module = linears[name]
+        total += module.count * 2 * (round_up(dt.c * rank * module.in_features)
+                                     + round_up(dt.c * module.out_features * rank))
+    return total
+
+
+def delta_weight_saved(walk, width_in: int, width_out: int, x_bytes: int, x_saved: bool, kron: bool,
+                       rank: int = 0) -> bool:
+    """LoHa and LoKr rebuild the target's whole weight update every forward and apply it with ``F.linear(input,
+    delta_weight)`` (``tuners/loha/layer.py:266-273``, ``tuners/lokr/layer.py:336-343``), which saves the input and,
+    when the input requires grad, the [out, in] update: a full 16-bit copy of every targeted weight per layer.
+    LoHa: ``HadaWeight.forward`` (``loha/layer.py:366-371``) runs its two matmuls under autocast, so the update is
+    c-byte and the input goes in as it is (saved once with the other readers of x). LoKr: ``torch.kron(w1, w2_a @
+    w2_b)`` (``lokr/layer.py:497-503``) promotes to the adapter dtype, the input is cast to it
+    (``_cast_input_dtype``) and autocast casts both back to c bytes: F.linear saves those copies (c·n_in per token,
+    c·n_out·n_in per layer), and kron saves w2 (c·o2·i2, small). Returns whether x itself is now saved."""
+    dt = walk.dt
+    c = dt.c if dt.autocast else dt.adapter
+    if kron:
+        walk.per_token += c * width_in
+        (_, out_k), (_, in_n) = lokr_shape(width_out, width_in)
+        if rank < max(out_k, in_n) / 2:  # w2 = w2_a @ w2_b, a c-byte product kron saves (for w1's gradient)
+            walk.per_layer += round_up(c * out_k * in_n)
+    elif not x_saved:
+        walk.per_token += x_bytes * width_in
+        x_saved = True
+    if walk.grad:
+        walk.per_layer += round_up(c * width_out * width_in)
+    return x_saved
+
+
+def lokr_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """peft ``tuners/lokr/layer.py::factorization`` (lines 440-489), restated: the divisor pair of ``dimension``
+    closest to its square root (with the default factor -1), smaller first."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    if m > n:
+        n, m = m, n
+    return m, n
+
+
+def lokr_shape(out_features: int, in_features: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((out_l, out_k), (in_m, in_n)) of a Linear target (``lokr/layer.py:199-201``)."""
+    return lokr_factorization(out_features), lokr_factorization(in_features)
