@@ -28,10 +28,13 @@ from .options import (
     Precision,
     Quant,
     QuantStateDtype,
+    RefModel,
     Sharding,
     Stack,
+    Task,
 )
 from .stacks import preset
+from .task_setup import resolve_task
 
 LORA_TARGET_WORDS = ("qv", "all-linear")
 
@@ -83,6 +86,10 @@ class TrainingSetup:
     quantize_lm_head: bool = False  # transformers keeps lm_head unquantized (qlora)
     quant_state_dtype: QuantStateDtype = QuantStateDtype.AUTO  # (qlora)
     load: LoadPath = LoadPath.PER_TENSOR  # transformers v5 from_pretrained
+    task: Task = Task.SFT  # what the step trains (task_setup.py)
+    ref_model: RefModel = RefModel.NONE  # preference tasks: copy (full) or adapter (lora, qlora) unless given
+    prompt_len: int = 0  # preference tasks: prompt tokens of each concatenated row (labels -100)
+    completion_len: int | None = None  # preference tasks: scored tokens of each row; seq_len - prompt_len
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -236,6 +243,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         load=LoadPath.parse(chosen.get("load", SETUP_DEFAULTS["load"]), "load path"),
     )
     _apply_kbit_prep(values, chosen, origins)
+    resolve_task(values, given, origins)
     if "global_batch_size" in given:
         values["global_batch_size"] = positive_int(given["global_batch_size"], "global batch size",
                                                    MAX_OPTION["global_batch_size"])
