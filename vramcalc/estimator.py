@@ -30,7 +30,7 @@ from .model import ModelSpec
 from .options import Loss, Phase, Sharding, Term
 from .profiles import runtime_profile
 from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, quantized, runtime,
-                    states, temporaries, trl_loss)
+                    states, tasks, temporaries, trl_loss)
 from .terms.distributed import GatheredTimeline
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import maximum, select
@@ -138,6 +138,7 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
     }
     if setup.sharding is not Sharding.NONE:
         out.update(_data_parallel_details(spec, resolved, device))
+    out.update(tasks.task_details(parameters.stored_tensors(spec, resolved), setup))  # {} for sft
     if device is not None:  # the step's time on that GPU (cost.step_for: cached per setup, standard library)
         from .cost import step_details
 
@@ -197,6 +198,8 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     setup = resolved.setup
     b = setup.batch_size if batch_size is None else batch_size
     s = setup.padded_seq_len if seq_len is None else seq_len + (setup.padded_seq_len - setup.seq_len)
+    if setup.task.is_preference:  # chosen and rejected rows in one forward (terms/tasks.py)
+        b = tasks.pair_rows(b)
     sequences = b
     if setup.packing:  # one row of b·s tokens (DataCollatorWithFlattening)
         b, s = 1, b * s
@@ -299,7 +302,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     head_grad = rank.head_gradient
     copies = temporaries.weight_copy_bytes(spec, dt, csetup.method, ckpt, tensors)
     if csetup.loss is Loss.TRL:  # TRL's fused lm_head never calls lm_head: no autocast copy of it either
-        lg = trl_loss.trl_logits_bytes(spec, dt, tokens, loss_head_grad, sequences=b)
+        lg = trl_loss.trl_logits_bytes(spec, dt, tokens, loss_head_grad, sequences=b,
+                                       **tasks.fused_head_shape(csetup, b, s))
         copies = trl_loss.without_head_copy(copies, spec, dt, tensors)
     else:
         lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b, compiled=csetup.compile)
@@ -349,6 +353,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, 0, 0, rank.optimizer_step))
     if setup.sharding is Sharding.NONE:  # the weights reaching the GPU (``terms/loading.py``), before any step
         moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - W))
+    if setup.task.is_preference:  # the reference model and its forward (terms/tasks.py)
+        moments = tasks.preference_moments(moments, spec, setup, tensors, dt, b, s, lg, Moment)
     return moments
 
 

@@ -1,0 +1,140 @@
+"""The preference tasks' terms (``--task dpo, ipo, simpo, orpo, cpo``): TRL 1.16 ``DPOTrainer`` on one GPU.
+
+Symbols: b pairs per micro-batch, B = 2·b rows (chosen rows over rejected rows, one forward:
+``DataCollatorForPreference``, ``trl/trainer/dpo_trainer.py:146-211``), s tokens per row (prompt P + completion C),
+positions B·(s-1) after the shift, N = B·min(C, s-1) scored rows (labels -100 on the prompt, ``:1303``; the fused
+head keeps the others, ``trl/trainer/utils.py`` ``_fused_forward``: ``hidden_states[mask]``), h, V, c compute bytes,
+r the backbone output's bytes.
+
+The policy's step is vramcalc's TRL step (``terms/trl_loss.py``) on B rows of s tokens with N scored rows and one
+more output, ``mean_logits`` (4·N; ``outputs=("log_probs", "entropy", "mean_logits", "is_top1")``, ``:955``).
+What the task adds (``_compute_loss``, ``:1285-1612``):
+
+- the batch: ``input_ids``, ``attention_mask``, ``completion_mask`` and ``labels`` [B, s] int64 (``BATCH_TENSORS``),
+  alive through the forward and the reference forward;
+- after the policy's forward, its outputs stay referenced until the loss returns: ``log_probs``, ``entropy``,
+  ``mean_logits`` [B, s-1] fp32 and ``is_top1`` [B, s-1] bool (``masked_scatter`` of each, ``utils.py``):
+  13 bytes per position (``OUTPUT_BYTES_PER_POSITION``);
+- the reference forward (``copy``/``adapter``), under ``torch.no_grad()`` (``:1324-1338``), while the policy's saved
+  activations and fused-head tensors are held: the larger of
+  * its fused head (``add_fused_lm_head(ref_model)``, ``outputs=("log_probs",)``, ``:962``): the backbone output
+    r·B·s·h, the row copy r·N·h, targets 8N, the mask B·(s-1), seven fp32 statistics 28N, ``log_z`` and the
+    log-probs 8N, the [min(N, 4096), 32768] tile in c and the casts of mixed precision (``trl_loss``);
+  * its costliest decoder layer without autograd: the forward of ``generate``'s prefill
+    (``serving/activations.forward_moments``, the same transformers module code; no cache is kept);
+- ``copy``: a second model's weights, stored as the policy's base is (same dtype and quantization:
+  ``create_model_from_path`` with the policy's ``dtype`` and ``quantization_config``, ``:916-927``), alive at every
+  moment (``reference_weight_bytes``); ``adapter``: none (peft's ``disable_adapter`` on the policy);
+  ``precomputed``/``none``: two fp32 [b] tensors in the batch.
+The DPO loss itself works on [b] tensors (a few hundred bytes).
+"""
+
+from __future__ import annotations
+
+from ..model import ModelSpec
+from ..options import Phase, RefModel
+from ..serving import activations as forward_only
+from ..units import maximum
+from .trl_loss import TRL_TOKEN_TILE, TRL_VOCAB_TILE
+
+MEAN_LOGITS_BYTES_PER_ROW = 4  # DPOTrainer's extra fused-head output (dpo_trainer.py:955)
+OUTPUT_BYTES_PER_POSITION = 3 * 4 + 1  # log_probs, entropy, mean_logits fp32; is_top1 bool ([B, s-1] each)
+BATCH_TENSORS = 4  # input_ids, attention_mask, completion_mask (the collator), labels (dpo_trainer.py:1303)
+_ADAPTER_KINDS = ("adapter", "prompt")
+# the reference's fused head per scored row: targets (8), seven fp32 statistics (28), log_z and log-probs (8)
+REFERENCE_HEAD_BYTES_PER_ROW = 8 + 7 * 4 + 2 * 4
+
+
+def pair_rows(batch_size):
+    """B = 2·b: the chosen and the rejected row of each pair in one forward."""
+    return 2 * batch_size
+
+
+def scored_rows(rows, seq_len, completion_len: int):
+    """N: scored positions of B rows, ``min(C, s-1)`` per row (the first label is dropped by the shift)."""
+    return rows * maximum(seq_len - 1 - maximum(seq_len - 1 - completion_len, 0), 0)
+
+
+def fused_head_shape(setup, rows, seq_len) -> dict:
+    """The keywords of ``trl_loss.trl_logits_bytes`` for the task ({} for SFT)."""
+    if not setup.task.is_preference:
+        return {}
+    return {"rows": scored_rows(rows, seq_len, setup.completion_len),
+            "extra_forward_per_row": MEAN_LOGITS_BYTES_PER_ROW}
+
+
+def reference_weight_bytes(tensors, ref_model: RefModel) -> int:
+    """``copy``: the stored bytes of every tensor but the adapter's (the base model, as the policy's is stored)."""
+    if ref_model is not RefModel.COPY:
+        return 0
+    return sum(t.bytes_each * t.count for t in tensors if t.kind not in _ADAPTER_KINDS)
+
+
+def batch_bytes(rows, seq_len) -> int:
+    return BATCH_TENSORS * 8 * rows * seq_len
+
+
+def policy_output_bytes(rows, seq_len) -> int:
+    """The policy's outputs [B, s-1], referenced from its forward to the end of the loss."""
+    return OUTPUT_BYTES_PER_POSITION * rows * (seq_len - 1)
+
+
+def reference_head_bytes(model: ModelSpec, dt, rows, seq_len, scored) -> int:
+    """The reference's fused head under no_grad (module docstring), with the casts of mixed precision."""
+    h, V, c = model.hidden_size, model.vocab_size, dt.c
+    r = max(dt.norm_out, dt.r)
+    tile_rows = scored - maximum(scored - TRL_TOKEN_TILE, 0)
+    row_cast = c * h * tile_rows if r != c else 0
+    col_cast = c * h * min(TRL_VOCAB_TILE, V) if dt.r != c else 0
+    return (r * rows * seq_len * h + r * scored * h + rows * (seq_len - 1) + REFERENCE_HEAD_BYTES_PER_ROW * scored
+            + c * tile_rows * TRL_VOCAB_TILE + row_cast + col_cast)
+
+
+def reference_layer_bytes(model: ModelSpec, dt, rows, seq_len) -> int:
+    """The reference's costliest no-grad decoder layer (``serving/activations.forward_moments`` for a forward of
+    B rows of s tokens, nothing cached)."""
+    if hasattr(rows, "shape") or hasattr(seq_len, "shape"):  # a sweep's arrays: one layer model per element
+        import numpy
+
+        return numpy.vectorize(lambda b, s: reference_layer_bytes(model, dt, int(b), int(s)), otypes=[numpy.int64])(
+            rows, seq_len)
+    shape = forward_only.ForwardShape(batch=rows, new_tokens=seq_len, kv_tokens=seq_len, element_bytes=dt.c)
+    return max(size for size, _ in forward_only.forward_moments(model, shape, seq_len))
+
+
+def reference_forward_bytes(model: ModelSpec, dt, setup, rows, seq_len) -> int:
+    """The reference forward's own peak (0 without a reference forward)."""
+    if setup.ref_model not in (RefModel.COPY, RefModel.ADAPTER):
+        return 0
+    scored = scored_rows(rows, seq_len, setup.completion_len)
+    return maximum(reference_head_bytes(model, dt, rows, seq_len, scored),
+                   reference_layer_bytes(model, dt, rows, seq_len))
+
+
+def preference_moments(moments: list, model: ModelSpec, setup, tensors, dt, rows, seq_len, logits, moment_type):
+    """The policy's moments (``estimator._moments`` on B rows) with what the task adds (module docstring): the
+    reference's weights at every moment, the batch in the forward moments, and the reference forward's moment at
+    the end of the policy's forward (its saved activations ``moments``' forward ``activations``, its fused head's
+    saved tensors and outputs)."""
+    ref_weights = reference_weight_bytes(tensors, setup.ref_model)
+    batch = batch_bytes(rows, seq_len)
+    out = []
+    for m in moments:
+        forward = m.phase is Phase.FORWARD
+        out.append(m._replace(weights=m.weights + ref_weights, temporaries=m.temporaries + (batch if forward else 0)))
+    reference = reference_forward_bytes(model, dt, setup, rows, seq_len)
+    if setup.ref_model in (RefModel.COPY, RefModel.ADAPTER):
+        end_of_forward = [m for m in out if m.phase is Phase.FORWARD][-1]  # the loss's forward: every activation
+        held = logits.saved + policy_output_bytes(rows, seq_len)
+        out.append(moment_type(Phase.REFERENCE_FORWARD, end_of_forward.weights, end_of_forward.gradients,
+                               end_of_forward.optimizer_states, end_of_forward.activations, held + reference,
+                               end_of_forward.temporaries))
+    return out
+
+
+def task_details(tensors, setup) -> dict:
+    """What the breakdown's ``details`` say about the task (the reference's weights are inside ``weights``)."""
+    if not setup.task.is_preference:
+        return {}
+    return {"task": setup.task.value, "ref_model": setup.ref_model.value,
+            "reference_model_bytes": reference_weight_bytes(tensors, setup.ref_model)}
