@@ -204,6 +204,8 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     if setup.packing:  # one row of b·s tokens (DataCollatorWithFlattening)
         b, s = 1, b * s
     masked = activations.attention_masked(spec, s, resolved.attn_used, setup.packing, sequences)
+    if setup.task.is_preference:  # the collator's padded 2-D attention mask reaches the attention (terms/tasks.py)
+        masked = tasks.preference_masked(masked, resolved.attn_used)
     if not hasattr(masked, "shape"):
         return _moments(spec, resolved, b, s, masked)
     if masked.all() or not masked.any():

@@ -26,13 +26,17 @@ What the task adds (``_compute_loss``, ``:1285-1612``):
   ``create_model_from_path`` with the policy's ``dtype`` and ``quantization_config``, ``:916-927``), alive at every
   moment (``reference_weight_bytes``); ``adapter``: none (peft's ``disable_adapter`` on the policy);
   ``precomputed``/``none``: two fp32 [b] tensors in the batch.
+- the attention: the collator pads the 2·b rows to the longest and passes ``attention_mask``; chosen and
+  rejected completions differ in length, so the mask holds zeros and transformers builds the 4-D mask for sdpa and
+  eager (``preference_masked``): the layers save what a masked attention saves (``activations``' masked walk).
+  C is the padded completion length, so an estimate for the longest pair bounds the step.
 The DPO loss itself works on [b] tensors (a few hundred bytes).
 """
 
 from __future__ import annotations
 
 from ..model import ModelSpec
-from ..options import Phase, RefModel
+from ..options import Attention, Phase, RefModel
 from ..serving import activations as forward_only
 from ..units import maximum
 from .trl_loss import TRL_TOKEN_TILE, TRL_VOCAB_TILE
@@ -90,15 +94,16 @@ def reference_head_bytes(model: ModelSpec, dt, rows, seq_len, scored) -> int:
             + c * tile_rows * TRL_VOCAB_TILE + row_cast + col_cast)
 
 
-def reference_layer_bytes(model: ModelSpec, dt, rows, seq_len) -> int:
+def reference_layer_bytes(model: ModelSpec, dt, rows, seq_len, masked: bool = True) -> int:
     """The reference's costliest no-grad decoder layer (``serving/activations.forward_moments`` for a forward of
-    B rows of s tokens, nothing cached)."""
+    B rows of s tokens, nothing cached; ``masked``: the padded batch's 4-D mask, ``preference_masked``)."""
     if hasattr(rows, "shape") or hasattr(seq_len, "shape"):  # a sweep's arrays: one layer model per element
         import numpy
 
-        return numpy.vectorize(lambda b, s: reference_layer_bytes(model, dt, int(b), int(s)), otypes=[numpy.int64])(
-            rows, seq_len)
-    shape = forward_only.ForwardShape(batch=rows, new_tokens=seq_len, kv_tokens=seq_len, element_bytes=dt.c)
+        return numpy.vectorize(lambda b, s: reference_layer_bytes(model, dt, int(b), int(s), masked),
+                               otypes=[numpy.int64])(rows, seq_len)
+    shape = forward_only.ForwardShape(batch=rows, new_tokens=seq_len, kv_tokens=seq_len, element_bytes=dt.c,
+                                      padded=masked)
     return max(size for size, _ in forward_only.forward_moments(model, shape, seq_len))
 
 
@@ -107,8 +112,9 @@ def reference_forward_bytes(model: ModelSpec, dt, setup, rows, seq_len) -> int:
     if setup.ref_model not in (RefModel.COPY, RefModel.ADAPTER):
         return 0
     scored = scored_rows(rows, seq_len, setup.completion_len)
+    masked = preference_masked(False, setup.attn) and setup.attn is not Attention.FLASH
     return maximum(reference_head_bytes(model, dt, rows, seq_len, scored),
-                   reference_layer_bytes(model, dt, rows, seq_len))
+                   reference_layer_bytes(model, dt, rows, seq_len, masked))
 
 
 def preference_moments(moments: list, model: ModelSpec, setup, tensors, dt, rows, seq_len, logits, moment_type):
@@ -138,3 +144,13 @@ def task_details(tensors, setup) -> dict:
         return {}
     return {"task": setup.task.value, "ref_model": setup.ref_model.value,
             "reference_model_bytes": reference_weight_bytes(tensors, setup.ref_model)}
+
+
+def preference_masked(masked, attn_used: Attention):
+    """Whether the attention gets a 4-D mask. The collator passes ``attention_mask`` [B, s] and pads every row to the
+    longest of the 2·b (``dpo_trainer.py:180-199``): chosen and rejected completions differ in length, so the mask
+    holds zeros and transformers builds the 4-D mask (``masking_utils._ignore_causal_mask_sdpa`` skips it only for
+    an all-ones mask it can read) for sdpa and eager; FlashAttention-2 unpads instead (no mask tensor)."""
+    if attn_used is Attention.FLASH:
+        return masked
+    return True

@@ -20,6 +20,10 @@ What runs, in the order DPOTrainer runs it (line numbers of ``trl/trainer/dpo_tr
   an accelerator on one process (``gather`` the identity). Its metrics call ``.item()``: on fake tensors
   ``Tensor.item`` answers 0 and ``bool()`` True while the loss runs (``_FakeScalars``); nothing is allocated by them.
 
+The attention mask: fake tensors make transformers build the 4-D mask (``masking_utils._ignore_causal_mask_sdpa``
+returns False for a fake ``padding_mask``), which is what a padded batch of chosen and rejected rows of different
+lengths gets on a GPU (``terms/tasks.py``).
+
 Data-dependent shapes: the fused head keeps the rows whose label is not -100 (``hidden_states[mask]``) and the
 metrics index with completion masks. Each row of a mask over the shifted positions [.., s-1] has
 ``min(completion_len, s-1)`` true values (``_KnownMask``): fake tensors cannot count them.
@@ -43,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import VramcalcError
 from ..model import ModelSpec
-from ..options import AdapterDtype, GradCkpt, Method, Phase, RefModel, Task
+from ..options import AdapterDtype, Attention, GradCkpt, Method, Phase, RefModel, Task
 from ..training_setup import ResolvedSetup
 from .stacks.trl import _bool_index, _cuda_kernel_path, _import_trl, cast_qlora_adapters
 from .step import StepTracer, base_model
@@ -247,6 +251,9 @@ def check_traceable(resolved: ResolvedSetup) -> None:
     if setup.num_gpus > 1:
         raise VramcalcError(f"the --task {setup.task.value} trace runs one GPU; num_gpus={setup.num_gpus} is "
                             "estimate-only")
+    if setup.attn is Attention.FLASH:
+        raise VramcalcError(f"the --task {setup.task.value} trace runs sdpa or eager: FlashAttention-2 unpads the "
+                            "padded batch (flash_attn_varlen_func), a CUDA kernel; --attn flash is estimate-only here")
     if getattr(setup, "activation_offload", False) or setup.compile:
         raise VramcalcError(f"the --task {setup.task.value} trace runs neither --activation-offload nor --compile")
 
