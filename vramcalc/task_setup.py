@@ -21,7 +21,7 @@ The loss is TRL's fused lm_head (``add_fused_lm_head``, ``:958-962``): ``--loss 
 from __future__ import annotations
 
 from .errors import VramcalcError, positive_int
-from .options import Loss, Method, RefModel, Sharding, Stack, Task
+from .options import Loss, Method, RefModel, Stack, Task
 
 MODELLED_TASKS = (Task.SFT, Task.DPO, Task.IPO, Task.SIMPO, Task.ORPO, Task.CPO)
 TASK_OPTIONS = ("ref_model", "prompt_len", "completion_len")
@@ -103,8 +103,6 @@ def _check_preference_setup(task: Task, values: dict) -> None:
     word = f"--task {task.value}"
     if values["method"] is Method.PROMPT:
         raise VramcalcError(f"{word} is modelled for --method full, lora and qlora (not prompt tuning)")
-    if values["sharding"] is not Sharding.NONE:
-        raise VramcalcError(f"{word} is modelled on one GPU; --sharding {values['sharding'].value} is not yet")
     if values["packing"]:
         raise VramcalcError(f"{word}: DPOTrainer 1.16 disables padding_free (trl/trainer/dpo_trainer.py:732-739); "
                             "use --no-packing")
@@ -113,3 +111,12 @@ def _check_preference_setup(task: Task, values: dict) -> None:
     if values["stack"] in (Stack.TORCHTUNE, Stack.LITGPT, Stack.UNSLOTH):
         raise VramcalcError(f"{word} follows TRL's DPOTrainer; --stack {values['stack'].value} has its own recipe, "
                             "not modelled: use --stack trl or hf")
+
+
+def task_warnings(setup) -> list[str]:
+    """What the estimate of a task says from a model only (not traced)."""
+    if not setup.task.is_preference or setup.num_gpus == 1:
+        return []
+    return [f"--task {setup.task.value} on {setup.num_gpus} GPUs: the policy's states are sharded as for SFT and "
+            "the reference copy is whole per GPU (ddp, zero1-2) or 1/n per GPU (zero3, fsdp), its gathered units "
+            "left out; modelled, not traced"]

@@ -34,7 +34,7 @@ from .options import (
     Task,
 )
 from .stacks import preset
-from .task_setup import resolve_task
+from .task_setup import resolve_task, task_warnings
 
 LORA_TARGET_WORDS = ("qv", "all-linear")
 
@@ -262,7 +262,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     if setup.attn is Attention.SDPA and not model.traits.supports_sdpa:
         attn_used = Attention.EAGER
         warnings.append(f"{model.family} does not support sdpa: transformers falls back to eager attention")
-    warnings += _knob_warnings(setup, attn_used)
+    warnings += _knob_warnings(setup, attn_used) + task_warnings(setup)
     context = model.max_position_embeddings
     if context and setup.padded_seq_len > context:
         warnings.append(

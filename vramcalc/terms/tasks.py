@@ -67,11 +67,18 @@ def fused_head_shape(setup, rows, seq_len) -> dict:
             "extra_forward_per_row": MEAN_LOGITS_BYTES_PER_ROW}
 
 
-def reference_weight_bytes(tensors, ref_model: RefModel) -> int:
-    """``copy``: the stored bytes of every tensor but the adapter's (the base model, as the policy's is stored)."""
+def reference_weight_bytes(tensors, ref_model: RefModel, shards: int = 1) -> int:
+    """``copy``: the stored bytes of every tensor but the adapter's (the base model, as the policy's is stored).
+    ``shards``: under ZeRO-3 or FSDP TRL shards the reference like the policy (``prepare_deepspeed`` /
+    ``prepare_fsdp``, ``dpo_trainer.py:984-988``): one rank holds 1/n of it (the units it gathers for its no-grad
+    forward are not modelled); DDP and ZeRO-1/2 keep a whole copy per GPU (``accelerator.prepare_model``, :990)."""
     if ref_model is not RefModel.COPY:
         return 0
-    return sum(t.bytes_each * t.count for t in tensors if t.kind not in _ADAPTER_KINDS)
+    return -(-sum(t.bytes_each * t.count for t in tensors if t.kind not in _ADAPTER_KINDS) // shards)
+
+
+def reference_shards(setup) -> int:
+    return setup.num_gpus if setup.sharding.value in ("zero3", "fsdp") else 1
 
 
 def batch_bytes(rows, seq_len) -> int:
@@ -122,7 +129,7 @@ def preference_moments(moments: list, model: ModelSpec, setup, tensors, dt, rows
     reference's weights at every moment, the batch in the forward moments, and the reference forward's moment at
     the end of the policy's forward (its saved activations ``moments``' forward ``activations``, its fused head's
     saved tensors and outputs)."""
-    ref_weights = reference_weight_bytes(tensors, setup.ref_model)
+    ref_weights = reference_weight_bytes(tensors, setup.ref_model, reference_shards(setup))
     batch = batch_bytes(rows, seq_len)
     out = []
     for m in moments:
@@ -143,7 +150,7 @@ def task_details(tensors, setup) -> dict:
     if not setup.task.is_preference:
         return {}
     return {"task": setup.task.value, "ref_model": setup.ref_model.value,
-            "reference_model_bytes": reference_weight_bytes(tensors, setup.ref_model)}
+            "reference_model_bytes": reference_weight_bytes(tensors, setup.ref_model, reference_shards(setup))}
 
 
 def preference_masked(masked, attn_used: Attention):
