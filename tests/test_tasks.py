@@ -115,3 +115,58 @@ def test_cli_task_flags_and_json(capsys):
 def test_cli_bad_task_is_one_error_line(capsys):
     code, out, err = run_cli(capsys, "estimate", MODEL, "--task", "dpo", "--ref-model", "adapter")
     assert code == 2 and err.count("\n") == 1 and err.startswith("error:")
+
+
+# -- GRPO (modelled, not traced) ----------------------------------------------------------------------------------
+GRPO = dict(task="grpo", method="lora", batch_size=2, prompt_len=256, grad_ckpt=True)
+
+
+def _generation_peak(**options) -> int:
+    return vc.estimate(MODEL, **dict(GRPO, **options)).details["phase_peak_bytes"]["generation"]
+
+
+def test_grpo_reports_generation_and_training_peaks_and_takes_the_larger():
+    b = vc.estimate(MODEL, **GRPO)
+    peaks = b.details["phase_peak_bytes"]
+    assert "generation" in peaks and "forward" in peaks
+    assert b.peak_tensor_bytes == max(peaks.values())
+
+
+def test_grpo_generation_grows_linearly_with_generations_times_completion():
+    """The KV cache holds b·g rows of P + C tokens: doubling g doubles what generation adds above the weights and
+    optimizer states, and a longer completion adds to it."""
+    base = vc.estimate(MODEL, **GRPO).details["phase_peak_bytes"]["optimizer-step"]
+    g8, g16 = (_generation_peak(num_generations=g, completion_len=512) - base for g in (8, 16))
+    assert 1.9 < g16 / g8 < 2.1
+    assert _generation_peak(num_generations=8, completion_len=1024) > _generation_peak(num_generations=8,
+                                                                                       completion_len=512)
+
+
+def test_grpo_reference_only_with_beta():
+    """GRPOConfig's beta=0.0 loads no reference; a copy (beta > 0, full) adds a second model."""
+    none = vc.estimate(MODEL, task="grpo", method="full", precision="bf16")
+    copy = vc.estimate(MODEL, task="grpo", method="full", precision="bf16", ref_model="copy")
+    assert none.inputs["ref_model"] == "none"
+    assert copy.terms()["weights"] - none.terms()["weights"] == copy.details["reference_model_bytes"] > 0
+
+
+def test_grpo_vllm_reservation_is_the_fraction_of_the_gpu():
+    hf = vc.estimate(MODEL, gpu="h100-sxm", **GRPO)
+    vllm = vc.estimate(MODEL, gpu="h100-sxm", rollout_engine="vllm", vllm_gpu_fraction=0.4, **GRPO)
+    reservation = vllm.details["vllm_reservation_bytes"]
+    assert reservation == int(0.4 * vllm.gpu.memory_bytes)
+    assert vllm.terms()["runtime_overhead"] - hf.terms()["runtime_overhead"] == reservation
+    assert "generation" not in vllm.details["phase_peak_bytes"]  # vLLM generates inside its reservation
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(task="grpo", batch_size=3, num_generations=2, grad_accum=4), "accumulation"),
+    (dict(task="grpo", ref_model="precomputed"), "fresh completions"),
+    (dict(task="grpo", vllm_gpu_fraction=0.5), "--rollout-engine vllm"),
+    (dict(task="grpo", rollout_engine="vllm", vllm_gpu_fraction=1.5), r"\(0, 1\]"),
+    (dict(task="dpo", num_generations=4), "applies to --task grpo"),
+    (dict(task="grpo", seq_len=256, completion_len=512), "no prompt"),
+])
+def test_bad_grpo_options_are_one_error(options, words):
+    with pytest.raises(VramcalcError, match=words):
+        vc.estimate(MODEL, **options)

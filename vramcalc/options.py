@@ -223,7 +223,7 @@ class Task(Choice):
     """What the step trains (issue 15; ``terms/tasks.py``). ``sft`` is vramcalc's supervised step; the preference
     tasks follow TRL 1.16's DPOTrainer: ``dpo`` and ``ipo`` (a DPOConfig ``loss_type``) with a reference model,
     ``simpo``, ``orpo`` and ``cpo`` reference-free (the same concatenated chosen+rejected forward). ``kto``,
-    ``reward``, ``grpo`` and ``distill`` are reserved names (DESIGN.md), not modelled yet."""
+    ``reward`` and ``distill`` are reserved names (DESIGN.md), not modelled yet; ``grpo`` follows GRPOTrainer."""
 
     SFT = "sft"
     DPO = "dpo"
@@ -244,6 +244,18 @@ class Task(Choice):
     @property
     def reference_free(self) -> bool:
         return self in (Task.SIMPO, Task.ORPO, Task.CPO)
+
+    @property
+    def uses_fused_head(self) -> bool:
+        """Scored by TRL's fused lm_head (DPOTrainer and GRPOTrainer 1.16 always add it)."""
+        return self.is_preference or self is Task.GRPO
+
+
+class RolloutEngine(Choice):
+    """What generates GRPO's completions (TRL 1.16 ``GRPOConfig.use_vllm``, ``vllm_mode="colocate"``)."""
+
+    HF = "hf"  # transformers ``generate`` on the policy (use_vllm=False, the default)
+    VLLM = "vllm"  # a vLLM engine in the training process, reserving a fraction of the GPU (modelled)
 
 
 class RefModel(Choice):
@@ -355,6 +367,7 @@ class Phase(str, Enum):
     BACKWARD_END = "backward-end"
     OPTIMIZER_STEP = "optimizer-step"
     REFERENCE_FORWARD = "reference-forward"  # a preference task's no-grad reference forward (``terms/tasks.py``)
+    GENERATION = "generation"  # GRPO's rollout: the policy's ``generate`` and its KV cache (``terms/tasks.py``)
 
     def __str__(self) -> str:
         return self.value

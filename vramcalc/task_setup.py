@@ -21,10 +21,15 @@ The loss is TRL's fused lm_head (``add_fused_lm_head``, ``:958-962``): ``--loss 
 from __future__ import annotations
 
 from .errors import VramcalcError, positive_int
-from .options import Loss, Method, RefModel, Stack, Task
+from .options import Loss, Method, RefModel, RolloutEngine, Stack, Task
 
-MODELLED_TASKS = (Task.SFT, Task.DPO, Task.IPO, Task.SIMPO, Task.ORPO, Task.CPO)
-TASK_OPTIONS = ("ref_model", "prompt_len", "completion_len")
+MODELLED_TASKS = (Task.SFT, Task.DPO, Task.IPO, Task.SIMPO, Task.ORPO, Task.CPO, Task.GRPO)
+GRPO_OPTIONS = ("num_generations", "rollout_engine", "vllm_gpu_fraction")
+TASK_OPTIONS = ("ref_model", "prompt_len", "completion_len") + GRPO_OPTIONS
+GRPO_NUM_GENERATIONS = 8  # trl/trainer/grpo_config.py:480-481 (num_generations=8)
+GRPO_COMPLETION_LEN = 512  # grpo_config.py:494-495 (max_completion_length=512)
+VLLM_GPU_FRACTION = 0.3  # grpo_config.py:656-657 (vllm_gpu_memory_utilization=0.3, colocate mode)
+_MAX_GENERATIONS = 2**16
 _MAX_LEN = 2**30
 
 
@@ -47,12 +52,92 @@ def resolve_task(values: dict, given: dict, origins: dict) -> None:
     method = values["method"]
     if "loss" in given and Loss.parse(given["loss"], "loss") is not Loss.TRL:
         raise VramcalcError(f"--task {task.value} scores with TRL's fused lm_head (trl/trainer/dpo_trainer.py:958-962, "
-                            f"always); --loss {given['loss']} is not what DPOTrainer runs: leave --loss out")
+                            f"grpo_trainer.py:1068-1073, always); --loss {given['loss']} is not what the trainer "
+                            "runs: leave --loss out")
     if values["loss"] is not Loss.TRL:
         values["loss"] = Loss.TRL
         origins["loss"] = "implied by task"
+    if task is Task.GRPO:
+        _grpo(values, given, origins)
+        return
+    for key in GRPO_OPTIONS:
+        if key in given:
+            raise VramcalcError(f"--{key.replace('_', '-')} applies to --task grpo, not --task {task.value}")
     values["ref_model"] = _ref_model(task, method, given, origins)
     _lengths(values, given, origins)
+
+
+def _grpo(values: dict, given: dict, origins: dict) -> None:
+    """GRPOTrainer 1.16: ``batch_size`` b prompts per optimizer step and device, each sampled ``num_generations`` g
+    times in one ``generate`` of b·g rows (``generation_batch_size`` = per-device batch x ``steps_per_generation`` =
+    grad_accum, ``grpo_config.py:1099``), trained in grad_accum micro-batches of b·g / grad_accum rows. The
+    reference: none with the default ``beta=0.0`` (``grpo_config.py:681-682``, ``grpo_trainer.py:984-986``); with
+    beta > 0 a copy (full) or the disabled adapter (peft, :987-990)."""
+    method = values["method"]
+    if "ref_model" in given:
+        ref = RefModel.parse(given["ref_model"], "reference model")
+        if ref is RefModel.PRECOMPUTED:
+            raise VramcalcError("--task grpo scores fresh completions: a reference is none (beta=0), copy or adapter")
+        if ref is RefModel.ADAPTER and not method.uses_lora:
+            raise VramcalcError(f"--ref-model adapter needs --method lora or qlora, not {method.value}")
+    else:
+        ref = RefModel.NONE
+        origins["ref_model"] = "implied by task (GRPOConfig beta=0.0)"
+    values["ref_model"] = ref
+    generations = GRPO_NUM_GENERATIONS
+    if "num_generations" in given:
+        generations = positive_int(given["num_generations"], "number of generations", _MAX_GENERATIONS)
+    else:
+        origins["num_generations"] = "implied by task"
+    values["num_generations"] = generations
+    rows = values["batch_size"] * generations
+    if rows % values["grad_accum"]:
+        raise VramcalcError(f"{values['batch_size']} prompts x {generations} generations = {rows} completions do not "
+                            f"split into {values['grad_accum']} accumulation steps; use a multiple")
+    engine = RolloutEngine.parse(given.get("rollout_engine", RolloutEngine.HF), "rollout engine")
+    values["rollout_engine"] = engine
+    fraction = None
+    if engine is RolloutEngine.VLLM:
+        fraction = VLLM_GPU_FRACTION
+        if "vllm_gpu_fraction" in given:
+            fraction = _fraction(given["vllm_gpu_fraction"])
+        else:
+            origins["vllm_gpu_fraction"] = "implied by rollout_engine"
+    elif "vllm_gpu_fraction" in given:
+        raise VramcalcError("--vllm-gpu-fraction applies to --rollout-engine vllm")
+    values["vllm_gpu_fraction"] = fraction
+    completion = GRPO_COMPLETION_LEN
+    if "completion_len" in given:
+        completion = _length(given["completion_len"], "completion length")
+    else:
+        origins["completion_len"] = "implied by task (GRPOConfig max_completion_length)"
+    if "prompt_len" in given:
+        prompt = _length(given["prompt_len"], "prompt length")
+        total = prompt + completion
+        if "seq_len" in given and values["seq_len"] != total:
+            raise VramcalcError(f"--seq-len {values['seq_len']} is not --prompt-len {prompt} + --completion-len "
+                                f"{completion}; give one of the two")
+        values["seq_len"] = total
+        origins["seq_len"] = "implied by prompt_len + completion_len"
+    else:
+        prompt = values["seq_len"] - completion
+        if prompt < 1:
+            raise VramcalcError(f"--seq-len {values['seq_len']} leaves no prompt before a {completion}-token "
+                                "completion; give --prompt-len or a longer --seq-len")
+        origins["prompt_len"] = "implied by seq_len - completion_len"
+    values.update(prompt_len=prompt, completion_len=completion)
+
+
+def _fraction(value) -> float:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        f = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise VramcalcError(f"--vllm-gpu-fraction must be a number in (0, 1], got {value!r}") from None
+    if not 0.0 < f <= 1.0:
+        raise VramcalcError(f"--vllm-gpu-fraction must be in (0, 1], got {value!r}")
+    return f
 
 
 def _ref_model(task: Task, method: Method, given: dict, origins: dict) -> RefModel:
@@ -115,8 +200,16 @@ def _check_preference_setup(task: Task, values: dict) -> None:
 
 def task_warnings(setup) -> list[str]:
     """What the estimate of a task says from a model only (not traced)."""
-    if not setup.task.is_preference or setup.num_gpus == 1:
-        return []
-    return [f"--task {setup.task.value} on {setup.num_gpus} GPUs: the policy's states are sharded as for SFT and "
+    out = []
+    if setup.task is Task.GRPO:
+        out.append("--task grpo is modelled, not traced: generation from the serving formulas (transformers "
+                   "generate's KV cache), training on b x num_generations completions with TRL's fused head")
+        if setup.rollout_engine is RolloutEngine.VLLM:
+            out.append(f"--rollout-engine vllm: the colocated engine's reservation is modelled from vLLM's "
+                       f"gpu_memory_utilization rule ({setup.vllm_gpu_fraction} x the GPU's memory, in "
+                       "runtime_overhead; needs --gpu)")
+    if not setup.task.uses_fused_head or setup.num_gpus == 1:
+        return out
+    return out + [f"--task {setup.task.value} on {setup.num_gpus} GPUs: the policy's states are sharded as for SFT and "
             "the reference copy is whole per GPU (ddp, zero1-2) or 1/n per GPU (zero3, fsdp), its gathered units "
             "left out; modelled, not traced"]

@@ -29,6 +29,7 @@ from .options import (
     Quant,
     QuantStateDtype,
     RefModel,
+    RolloutEngine,
     Sharding,
     Stack,
     Task,
@@ -90,6 +91,9 @@ class TrainingSetup:
     ref_model: RefModel = RefModel.NONE  # preference tasks: copy (full) or adapter (lora, qlora) unless given
     prompt_len: int = 0  # preference tasks: prompt tokens of each concatenated row (labels -100)
     completion_len: int | None = None  # preference tasks: scored tokens of each row; seq_len - prompt_len
+    num_generations: int | None = None  # grpo: completions per prompt (GRPOConfig default 8)
+    rollout_engine: RolloutEngine = RolloutEngine.HF  # grpo: transformers generate (use_vllm=False)
+    vllm_gpu_fraction: float | None = None  # grpo with vllm: GRPOConfig vllm_gpu_memory_utilization (0.3)
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash

@@ -36,12 +36,13 @@ The DPO loss itself works on [b] tensors (a few hundred bytes).
 from __future__ import annotations
 
 from ..model import ModelSpec
-from ..options import Attention, Phase, RefModel
+from ..options import Attention, Method, Phase, RefModel, Task
 from ..serving import activations as forward_only
 from ..units import maximum
 from .trl_loss import TRL_TOKEN_TILE, TRL_VOCAB_TILE
 
 MEAN_LOGITS_BYTES_PER_ROW = 4  # DPOTrainer's extra fused-head output (dpo_trainer.py:955)
+IS_TOP1_BYTES = 3  # SFTTrainer's is_top1 (two bool comparisons and their &), which GRPOTrainer does not ask for
 OUTPUT_BYTES_PER_POSITION = 3 * 4 + 1  # log_probs, entropy, mean_logits fp32; is_top1 bool ([B, s-1] each)
 BATCH_TENSORS = 4  # input_ids, attention_mask, completion_mask (the collator), labels (dpo_trainer.py:1303)
 _ADAPTER_KINDS = ("adapter", "prompt")
@@ -61,10 +62,22 @@ def scored_rows(rows, seq_len, completion_len: int):
 
 def fused_head_shape(setup, rows, seq_len) -> dict:
     """The keywords of ``trl_loss.trl_logits_bytes`` for the task ({} for SFT)."""
+    if setup.task is Task.GRPO:  # outputs=("log_probs", "entropy"): no is_top1 (grpo_trainer.py:1068-1073)
+        return {"rows": scored_rows(rows, seq_len, setup.completion_len), "extra_forward_per_row": -IS_TOP1_BYTES}
     if not setup.task.is_preference:
         return {}
     return {"rows": scored_rows(rows, seq_len, setup.completion_len),
             "extra_forward_per_row": MEAN_LOGITS_BYTES_PER_ROW}
+
+
+def training_rows(setup, batch_size):
+    """Rows of one micro-batch's forward: 2·b for the preference tasks; b·g / grad_accum completions for GRPO
+    (``task_setup._grpo``); b otherwise."""
+    if setup.task.is_preference:
+        return pair_rows(batch_size)
+    if setup.task is Task.GRPO:
+        return batch_size * setup.num_generations // setup.grad_accum
+    return batch_size
 
 
 def reference_weight_bytes(tensors, ref_model: RefModel, shards: int = 1) -> int:
@@ -124,6 +137,13 @@ def reference_forward_bytes(model: ModelSpec, dt, setup, rows, seq_len) -> int:
                    reference_layer_bytes(model, dt, rows, seq_len, masked))
 
 
+def task_moments(moments: list, model: ModelSpec, setup, tensors, dt, rows, seq_len, logits, moment_type):
+    """``preference_moments`` or ``grpo_moments`` for the task."""
+    if setup.task is Task.GRPO:
+        return grpo_moments(moments, model, setup, tensors, dt, rows, seq_len, moment_type)
+    return preference_moments(moments, model, setup, tensors, dt, rows, seq_len, logits, moment_type)
+
+
 def preference_moments(moments: list, model: ModelSpec, setup, tensors, dt, rows, seq_len, logits, moment_type):
     """The policy's moments (``estimator._moments`` on B rows) with what the task adds (module docstring): the
     reference's weights at every moment, the batch in the forward moments, and the reference forward's moment at
@@ -145,12 +165,30 @@ def preference_moments(moments: list, model: ModelSpec, setup, tensors, dt, rows
     return out
 
 
-def task_details(tensors, setup) -> dict:
-    """What the breakdown's ``details`` say about the task (the reference's weights are inside ``weights``)."""
-    if not setup.task.is_preference:
+def task_details(tensors, setup, device=None) -> dict:
+    """What the breakdown's ``details`` say about the task (the reference's weights are inside ``weights``; GRPO's
+    KV cache inside ``temporaries`` of the generation phase; vLLM's reservation inside ``runtime_overhead``)."""
+    if not setup.task.uses_fused_head:
         return {}
-    return {"task": setup.task.value, "ref_model": setup.ref_model.value,
-            "reference_model_bytes": reference_weight_bytes(tensors, setup.ref_model, reference_shards(setup))}
+    out = {"task": setup.task.value, "ref_model": setup.ref_model.value,
+           "reference_model_bytes": reference_weight_bytes(tensors, setup.ref_model, reference_shards(setup))}
+    if setup.task is Task.GRPO:
+        out["rollout_engine"] = setup.rollout_engine.value
+        if setup.rollout_engine.value == "vllm":
+            out["vllm_reservation_bytes"] = vllm_reservation_bytes(setup, device)
+            out["vllm_reservation"] = "modelled: gpu_memory_utilization x GPU memory (vLLM's documented rule)"
+    return out
+
+
+def vllm_reservation_bytes(setup, device) -> int:
+    """A colocated vLLM engine (``GRPOConfig(use_vllm=True, vllm_mode="colocate")``) holds
+    ``gpu_memory_utilization`` x the GPU's total memory: vLLM documents the fraction as the share of GPU memory the
+    engine may use for its weights, activations and KV cache, and pre-allocates the KV cache up to it
+    (docs.vllm.ai, ``EngineArgs.gpu_memory_utilization``; TRL passes ``vllm_gpu_memory_utilization``, default 0.3,
+    ``grpo_config.py:656-657``). Modelled, not traced; 0 without a GPU (the fraction of what?)."""
+    if setup.task is not Task.GRPO or setup.rollout_engine.value != "vllm" or device is None:
+        return 0
+    return int(setup.vllm_gpu_fraction * device.memory_bytes)
 
 
 def preference_masked(masked, attn_used: Attention):
@@ -161,3 +199,64 @@ def preference_masked(masked, attn_used: Attention):
     if attn_used is Attention.FLASH:
         return masked
     return True
+
+
+# GRPO (``--task grpo``): TRL 1.16 GRPOTrainer, modelled (not traced).
+GRPO_LOSS_TENSORS = 6  # fp32 [R, C] tensors of the clipped loss saved for backward: per-token log-probs, coef_1 =
+# exp(logps - old), coef_2 = clamp(coef_1), the two per-token losses and their min (grpo_trainer.py _compute_loss)
+GRPO_BATCH_TENSORS = 5  # prompt_ids, prompt_mask, completion_ids, completion_mask [rows, .] int64, the concatenated
+# input_ids / attention_mask of the training forward counted once more per row of s
+
+
+def generation_bytes(model: ModelSpec, setup, dt, generations, prompt_len: int, completion_len: int) -> int:
+    """transformers ``generate`` of b·g completions of C tokens after P prompt tokens (``grpo_trainer.py:2193``
+    ``_generate`` -> ``unwrap_model_for_generation``, no_grad, DynamicCache): the larger of the prefill and of the
+    last decode step, from the serving model (``serving/hf_engine.prefill_moment``, ``decode_moment``: the KV cache
+    formulas of ``serving/kv_cache.py``). Element bytes: the stored dtype of the weights (generation runs outside
+    the Trainer's autocast) or, for QLoRA, the 4-bit base's compute dtype."""
+    from ..serving.hf_engine import decode_moment, prefill_moment
+
+    if hasattr(generations, "shape"):
+        import numpy
+
+        return numpy.vectorize(lambda g: generation_bytes(model, setup, dt, int(g), prompt_len, completion_len),
+                               otypes=[numpy.int64])(generations)
+    e = dt.c if setup.method is Method.QLORA else dt.r
+    prefill = prefill_moment(model, generations, prompt_len, element_bytes=e)
+    decode = decode_moment(model, generations, prompt_len + completion_len, element_bytes=e, prompt=prompt_len)
+    return max(prefill.total, decode.total)
+
+
+def generation_kv_cache_bytes(model: ModelSpec, setup, dt, generations, prompt_len: int, completion_len: int) -> int:
+    """The KV cache alone at the end of the generation (``serving/kv_cache.hf_cache_bytes``), for ``details``."""
+    from ..serving.kv_cache import hf_cache_bytes
+
+    e = dt.c if setup.method is Method.QLORA else dt.r
+    return hf_cache_bytes(model, generations, prompt_len + completion_len - 1, last_input=1, element_bytes=e)
+
+
+def grpo_moments(moments: list, model: ModelSpec, setup, tensors, dt, rows, seq_len, moment_type):
+    """GRPO's step: the training moments (``estimator._moments`` on R = b·g / grad_accum rows, scored on the
+    completions) plus the loss's fp32 [R, C] buffers and the buffered generation batch; the generation moment (the
+    policy's weights and optimizer states, no gradients: ``zero_grad(set_to_none=True)`` ran, the KV cache and
+    generate's transients); with a reference (beta > 0) its no-grad forward over R rows at a time while scoring
+    (``_generate_and_score_completions``: before the training forward, so no activations are held)."""
+    ref_weights = reference_weight_bytes(tensors, setup.ref_model, reference_shards(setup))
+    generations = rows * setup.grad_accum  # b·g completions in one generate
+    batch = GRPO_BATCH_TENSORS * 8 * generations * seq_len
+    loss = GRPO_LOSS_TENSORS * 4 * rows * setup.completion_len
+    out = []
+    for m in moments:
+        training = m.phase in (Phase.FORWARD, Phase.BACKWARD_START)
+        out.append(m._replace(weights=m.weights + ref_weights,
+                              temporaries=m.temporaries + batch + (loss if training else 0)))
+    load = [m for m in out if m.phase is Phase.OPTIMIZER_STEP][-1]
+    W, O = load.weights, load.optimizer_states
+    if setup.rollout_engine.value == "hf":
+        out.append(moment_type(Phase.GENERATION, W, 0, O, 0, 0,
+                               batch + generation_bytes(model, setup, dt, generations, setup.prompt_len,
+                                                        setup.completion_len)))
+    if setup.ref_model in (RefModel.COPY, RefModel.ADAPTER):
+        reference = reference_forward_bytes(model, dt, setup, rows, seq_len)
+        out.append(moment_type(Phase.REFERENCE_FORWARD, W, 0, O, 0, reference, batch))
+    return out
