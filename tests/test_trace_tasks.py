@@ -133,3 +133,29 @@ def test_task_trace_refuses_what_it_does_not_run(options, word):
 
     with pytest.raises(VramcalcError, match=word):
         vc.trace(TINY["llama"], task="dpo", method="lora", seq_len=128, progress=False, **options)
+
+
+GRPO_CASES = [
+    ("llama", dict(method="lora")),
+    ("llama", dict(method="full", grad_ckpt=False)),
+    ("qwen3", dict(method="qlora", batch_size=2, grad_accum=2)),
+]
+
+
+@pytest.mark.parametrize("family, options", GRPO_CASES)
+def test_grpo_training_phase_is_within_1_percent_of_grpotrainer_compute_loss(family, options):
+    """GRPOTrainer's real ``_compute_loss`` (fused head with ``("log_probs", "entropy")``, the clipped DAPO loss and
+    its metrics) on b·g / grad_accum completions: the estimate's training moments (generation and the reference's
+    scoring forward are modelled, not traced) agree with the trace."""
+    from vramcalc.estimator import step_moments
+    from vramcalc.options import Phase
+    from vramcalc.tracing.runner import run_trace
+    from vramcalc.tracing.tasks import PreferenceStepTracer
+
+    spec = TINY[family]
+    resolved = resolve_setup(spec, task="grpo", prompt_len=128, completion_len=256, num_generations=4, stack="trl",
+                             **options)
+    traced = sum(run_trace(spec, resolved, progress=False, tracer_class=PreferenceStepTracer).terms.values())
+    training = [m.tensor_bytes for m in step_moments(spec, resolved)
+                if m.phase not in (Phase.LOAD, Phase.GENERATION, Phase.REFERENCE_FORWARD)]
+    assert abs(max(training) - traced) / traced < TOLERANCE

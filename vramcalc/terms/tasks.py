@@ -46,6 +46,7 @@ IS_TOP1_BYTES = 3  # SFTTrainer's is_top1 (two bool comparisons and their &), wh
 OUTPUT_BYTES_PER_POSITION = 3 * 4 + 1  # log_probs, entropy, mean_logits fp32; is_top1 bool ([B, s-1] each)
 BATCH_TENSORS = 4  # input_ids, attention_mask, completion_mask (the collator), labels (dpo_trainer.py:1303)
 _ADAPTER_KINDS = ("adapter", "prompt")
+RESIDUAL_STREAM_TENSORS = 3  # [T, h] tensors of the no-grad layer forward in the residual dtype (reference_layer_bytes)
 # the reference's fused head per scored row: targets (8), seven fp32 statistics (28), log_z and log-probs (8)
 REFERENCE_HEAD_BYTES_PER_ROW = 8 + 7 * 4 + 2 * 4
 
@@ -124,7 +125,10 @@ def reference_layer_bytes(model: ModelSpec, dt, rows, seq_len, masked: bool = Tr
                                otypes=[numpy.int64])(rows, seq_len)
     shape = forward_only.ForwardShape(batch=rows, new_tokens=seq_len, kv_tokens=seq_len, element_bytes=dt.c,
                                       padded=masked)
-    return max(size for size, _ in forward_only.forward_moments(model, shape, seq_len))
+    # mixed precision (fp32 weights under 16-bit autocast): the residual stream stays fp32, so the embedding output,
+    # the layer's input and the normed MLP input (an fp32 norm weight times the fp32 stream) are r, not c, bytes
+    residual = RESIDUAL_STREAM_TENSORS * (dt.r - dt.c) * rows * seq_len * model.hidden_size if dt.r > dt.c else 0
+    return max(size for size, _ in forward_only.forward_moments(model, shape, seq_len)) + residual
 
 
 def reference_forward_bytes(model: ModelSpec, dt, setup, rows, seq_len) -> int:

@@ -53,6 +53,7 @@ from .stacks.trl import _bool_index, _cuda_kernel_path, _import_trl, cast_qlora_
 from .step import StepTracer, base_model
 
 DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # dpo_trainer.py:955
+GRPO_OUTPUTS = ("log_probs", "entropy")  # grpo_trainer.py:1068-1073
 DPO_BETA = 0.1  # dpo_config.py:297 default
 LOSS_TYPES = {Task.IPO: ["ipo"]}  # DPOConfig loss_type; others the default ["sigmoid"] (dpo_config.py:245)
 
@@ -115,6 +116,13 @@ class _Accelerator:
     """accelerate on one process, as ``_compute_loss`` uses it."""
 
     device = torch.device("cpu")
+    is_main_process = True
+    num_processes = 1
+    sync_gradients = True
+
+    @staticmethod
+    def autocast():
+        return contextlib.nullcontext()  # the step's autocast is already on (StepTracer.autocast)
 
     @staticmethod
     def unwrap_model(model):
@@ -125,6 +133,10 @@ class _Accelerator:
         return x
 
     gather = gather_for_metrics
+
+    @staticmethod
+    def reduce(x, reduction="sum"):
+        return x
 
 
 def build_reference_model(spec: ModelSpec, resolved: ResolvedSetup) -> nn.Module:
@@ -149,7 +161,9 @@ class PreferenceStepTracer(StepTracer):
     """The HF step with DPOTrainer's preparation and its ``_compute_loss`` (module docstring)."""
 
     def __init__(self, model, spec, resolved, tracker):
-        from trl.trainer import dpo_trainer
+        from trl.trainer import dpo_trainer, grpo_trainer
+
+        self._grpo = grpo_trainer
 
         trl, trl_utils, chunked_logprob = _import_trl()
         self._kernel_modules = (trl_utils, chunked_logprob)
@@ -160,7 +174,8 @@ class PreferenceStepTracer(StepTracer):
             model.enable_input_require_grads()  # dpo_trainer.py:717-718
         if setup.method is Method.QLORA and setup.adapter_dtype is AdapterDtype.BF16:
             tracker.register_weights(cast_qlora_adapters(model))  # dpo_trainer.py:727-729
-        trl_utils.add_fused_lm_head(base_model(model), outputs=DPO_OUTPUTS)  # :955-960
+        outputs = GRPO_OUTPUTS if setup.task is Task.GRPO else DPO_OUTPUTS
+        trl_utils.add_fused_lm_head(base_model(model), outputs=outputs)  # :955-960 (grpo_trainer.py:1068-1073)
         self.ref_model = None
         if setup.ref_model is RefModel.COPY:
             from .qlora import quant_state_tensors
@@ -184,7 +199,7 @@ class PreferenceStepTracer(StepTracer):
             tracker.in_logits = True
 
         self._hooks.extend(backbone.register_forward_hook(backbone_done) for backbone in backbones)
-        self.loss = self._dpo_loss
+        self.loss = self._grpo_loss if self.setup.task is Task.GRPO else self._dpo_loss
 
     def _shim(self):
         setup = self.setup
@@ -196,6 +211,36 @@ class PreferenceStepTracer(StepTracer):
             beta=DPO_BETA, use_weighting=False, label_smoothing=0.0, _metrics={"train": defaultdict(list),
                                                                              "eval": defaultdict(list)},
             _total_train_tokens=0, _tp_size=1)
+
+    def _grpo_shim(self):
+        setup = self.setup
+        shim = types.SimpleNamespace(
+            model=self.model, accelerator=_Accelerator(), aux_loss_enabled=False, top_entropy_quantile=1.0,
+            off_policy_mask_threshold=None, importance_sampling_level="token", loss_type="dapo", epsilon_low=0.2,
+            epsilon_high=0.2, beta=0.0, use_vllm=False, vllm_importance_sampling_correction=False,
+            _entropy_bonus_enabled=False, current_gradient_accumulation_steps=setup.grad_accum,
+            max_completion_length=setup.completion_len, _metrics={"train": defaultdict(list),
+                                                                  "eval": defaultdict(list)},
+            args=types.SimpleNamespace(delta=None, use_bias_correction_kl=True, steps_per_generation=setup.grad_accum))
+        shim._get_per_token_logps_and_entropies = types.MethodType(
+            self._grpo.GRPOTrainer._get_per_token_logps_and_entropies, shim)
+        return shim
+
+    def _grpo_loss(self, forward_module, input_ids, on_logits=None, position_ids=None):
+        """GRPOTrainer's training forward (``_compute_loss``, grpo_trainer.py:3020) on R completions of a buffered
+        generation batch (``_generate_and_score_completions``' output: prompt and completion ids and masks,
+        advantages [R], ``num_items_in_batch``); beta=0 (the reference's log-probs are computed while scoring,
+        before the step: the estimate's reference-forward moment)."""
+        from ..terms.tasks import training_rows
+
+        setup = self.setup
+        rows = training_rows(setup, setup.batch_size)
+        inputs = {"prompt_ids": torch.zeros(rows, setup.prompt_len, dtype=torch.long),
+                  "prompt_mask": torch.ones(rows, setup.prompt_len, dtype=torch.long),
+                  "completion_ids": torch.zeros(rows, setup.completion_len, dtype=torch.long),
+                  "completion_mask": torch.ones(rows, setup.completion_len, dtype=torch.long),
+                  "advantages": torch.zeros(rows), "num_items_in_batch": torch.tensor(float(rows))}
+        return self._grpo.GRPOTrainer._compute_loss(self._grpo_shim(), self.model, inputs)
 
     def _dpo_loss(self, forward_module, input_ids, on_logits=None, position_ids=None):
         """The collator's batch of 2·b rows and ``DPOTrainer._compute_loss`` (``input_ids`` of the HF step unused)."""
@@ -248,6 +293,8 @@ def _all_tensors(model: nn.Module):
 
 def check_traceable(resolved: ResolvedSetup) -> None:
     setup = resolved.setup
+    if not setup.task.uses_fused_head:
+        raise VramcalcError(f"--task {setup.task.value} is estimate-only (modelled, not traced yet)")
     if setup.num_gpus > 1:
         raise VramcalcError(f"the --task {setup.task.value} trace runs one GPU; num_gpus={setup.num_gpus} is "
                             "estimate-only")
