@@ -20,6 +20,12 @@ What runs, in the order DPOTrainer runs it (line numbers of ``trl/trainer/dpo_tr
   an accelerator on one process (``gather`` the identity). Its metrics call ``.item()``: on fake tensors
   ``Tensor.item`` answers 0 and ``bool()`` True while the loss runs (``_FakeScalars``); nothing is allocated by them.
 
+``--task grpo``: the training phase only. ``GRPOTrainer._compute_loss`` (``grpo_trainer.py:3020``, DAPO loss,
+beta=0) runs on b·g / grad_accum completions shaped like ``_generate_and_score_completions``' output (prompt and
+completion ids and masks, advantages, ``num_items_in_batch``), with the fused head's ``("log_probs", "entropy")``
+(:1068-1073). Generation (transformers ``generate``) and the reference's scoring forward are modelled
+(``terms/tasks.py``), not traced here.
+
 The attention mask: fake tensors make transformers build the 4-D mask (``masking_utils._ignore_causal_mask_sdpa``
 returns False for a fake ``padding_mask``), which is what a padded batch of chosen and rejected rows of different
 lengths gets on a GPU (``terms/tasks.py``).
