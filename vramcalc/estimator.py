@@ -30,7 +30,7 @@ from .model import ModelSpec
 from .options import Loss, Method, Phase, Sharding, Term
 from .profiles import runtime_profile
 from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, peft_methods,
-                    quantized, runtime, stack_layers, states, temporaries, trl_loss)
+                    quantized, runtime, stack_layers, states, tasks, temporaries, trl_loss)
 from .terms.distributed import GatheredTimeline
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import maximum, select
@@ -99,6 +99,14 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
     return _TensorPeak(terms, peak.phase, paged)
 
 
+def _phase_peaks(spec: ModelSpec, resolved: ResolvedSetup) -> dict:
+    """Phase -> the largest tensor bytes of its moments (the load phase included)."""
+    peaks: dict = {}
+    for m in step_moments(spec, resolved):
+        peaks[m.phase.value] = max(peaks.get(m.phase.value, 0), int(m.tensor_bytes))
+    return peaks
+
+
 @functools.lru_cache(maxsize=4096)
 def _trainable_params(spec: ModelSpec, resolved: ResolvedSetup) -> int:
     return sum(t.numel * t.count for t in parameters.stored_tensors(spec, resolved) if t.trainable)
@@ -131,6 +139,7 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
     peak_tensor = sum(terms.values())
     communicating = setup.num_gpus if setup.sharding is not Sharding.NONE else 1  # NCCL only under an engine
     terms[Term.RUNTIME_OVERHEAD] = runtime.runtime_overhead_bytes(profile, device, communicating, paged_bytes)
+    terms[Term.RUNTIME_OVERHEAD] += tasks.vllm_reservation_bytes(setup, device)  # 0 but GRPO with vLLM
     terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor)
     out = {
         "params": spec.params,
@@ -141,6 +150,9 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
     }
     if setup.sharding is not Sharding.NONE:
         out.update(_data_parallel_details(spec, resolved, device))
+    out.update(tasks.task_details(parameters.stored_tensors(spec, resolved), setup, device))  # {} for sft
+    if setup.task.uses_fused_head:  # each phase's peak: GRPO's generation and training both reported
+        out["phase_peak_bytes"] = _phase_peaks(spec, resolved)
     if device is not None:  # the step's time on that GPU (cost.step_for: cached per setup, standard library)
         from .cost import step_details
 
@@ -201,12 +213,16 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     peft_methods.check_estimable(setup, spec.family)
     b = setup.batch_size if batch_size is None else batch_size
     s = setup.padded_seq_len if seq_len is None else seq_len + (setup.padded_seq_len - setup.seq_len)
+    if setup.task.uses_fused_head:  # chosen and rejected rows, or GRPO's completions (terms/tasks.py)
+        b = tasks.training_rows(setup, b)
     sequences = b
     if setup.packing:  # one row of b·s tokens (DataCollatorWithFlattening)
         b, s = 1, b * s
     # torchtune attends a packed batch with flex attention's BlockMask: no dense mask (stack_layers.py)
     dense_packing = setup.packing and not stack_layers.stack_layers(setup.stack).packed_block_mask
     masked = activations.attention_masked(spec, s, resolved.attn_used, dense_packing, sequences)
+    if setup.task.uses_fused_head:  # the collator's padded 2-D attention mask reaches the attention (terms/tasks.py)
+        masked = tasks.preference_masked(masked, resolved.attn_used)
     if not hasattr(masked, "shape"):
         return _moments(spec, resolved, b, s, masked)
     if masked.all() or not masked.any():
@@ -318,7 +334,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     head_grad = rank.head_gradient
     copies = temporaries.weight_copy_bytes(spec, dt, csetup.method, ckpt, tensors)
     if csetup.loss is Loss.TRL:  # TRL's fused lm_head never calls lm_head: no autocast copy of it either
-        lg = trl_loss.trl_logits_bytes(spec, dt, tokens, loss_head_grad, sequences=b)
+        lg = trl_loss.trl_logits_bytes(spec, dt, tokens, loss_head_grad, sequences=b,
+                                       **tasks.fused_head_shape(csetup, b, s))
         copies = trl_loss.without_head_copy(copies, spec, dt, tensors)
     else:
         lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b, compiled=csetup.compile,
@@ -389,6 +406,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, 0, lg.held, rank.optimizer_step))
     if setup.sharding is Sharding.NONE:  # the weights reaching the GPU (``terms/loading.py``), before any step
         moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - rank.weights))
+    if setup.task.uses_fused_head:  # the reference model and its forward, GRPO's generation (terms/tasks.py)
+        moments = tasks.task_moments(moments, spec, setup, tensors, dt, b, s, lg, Moment)
     return moments
 
 

@@ -282,6 +282,54 @@ class Stack(Choice):
     LITGPT = "litgpt"
 
 
+class Task(Choice):
+    """What the step trains (issue 15; ``terms/tasks.py``). ``sft`` is vramcalc's supervised step; the preference
+    tasks follow TRL 1.16's DPOTrainer: ``dpo`` and ``ipo`` (a DPOConfig ``loss_type``) with a reference model,
+    ``simpo``, ``orpo`` and ``cpo`` reference-free (the same concatenated chosen+rejected forward). ``kto``,
+    ``reward`` and ``distill`` are reserved names (DESIGN.md), not modelled yet; ``grpo`` follows GRPOTrainer."""
+
+    SFT = "sft"
+    DPO = "dpo"
+    IPO = "ipo"
+    SIMPO = "simpo"
+    ORPO = "orpo"
+    CPO = "cpo"
+    KTO = "kto"
+    REWARD = "reward"
+    GRPO = "grpo"
+    DISTILL = "distill"
+
+    @property
+    def is_preference(self) -> bool:
+        """Chosen and rejected completions of a prompt concatenated in one forward of 2·b rows."""
+        return self in (Task.DPO, Task.IPO, Task.SIMPO, Task.ORPO, Task.CPO)
+
+    @property
+    def reference_free(self) -> bool:
+        return self in (Task.SIMPO, Task.ORPO, Task.CPO)
+
+    @property
+    def uses_fused_head(self) -> bool:
+        """Scored by TRL's fused lm_head (DPOTrainer and GRPOTrainer 1.16 always add it)."""
+        return self.is_preference or self is Task.GRPO
+
+
+class RolloutEngine(Choice):
+    """What generates GRPO's completions (TRL 1.16 ``GRPOConfig.use_vllm``, ``vllm_mode="colocate"``)."""
+
+    HF = "hf"  # transformers ``generate`` on the policy (use_vllm=False, the default)
+    VLLM = "vllm"  # a vLLM engine in the training process, reserving a fraction of the GPU (modelled)
+
+
+class RefModel(Choice):
+    """Where a preference task's reference log-probs come from (TRL 1.16 ``dpo_trainer.py:908-929,1318-1338``)."""
+
+    COPY = "copy"  # a frozen second model, loaded like the policy (same dtype and quantization)
+    ADAPTER = "adapter"  # the policy with its peft adapter disabled (``use_adapter(model, None)``): LoRA/QLoRA only
+    PRECOMPUTED = "precomputed"  # ``precompute_ref_log_probs=True``: two floats per pair in the batch
+    NONE = "none"  # reference-free losses (SimPO, ORPO, CPO)
+
+
 class GradCkpt(Choice):
     """Activation checkpointing. ``full``: each decoder layer keeps only its input and recomputes the rest in backward
     (transformers ``gradient_checkpointing_enable``, non-reentrant in v5). ``selective``: torch's op-level policy
@@ -381,6 +429,8 @@ class Phase(str, Enum):
     BACKWARD = "backward"
     BACKWARD_END = "backward-end"
     OPTIMIZER_STEP = "optimizer-step"
+    REFERENCE_FORWARD = "reference-forward"  # a preference task's no-grad reference forward (``terms/tasks.py``)
+    GENERATION = "generation"  # GRPO's rollout: the policy's ``generate`` and its KV cache (``terms/tasks.py``)
 
     def __str__(self) -> str:
         return self.value

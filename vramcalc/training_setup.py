@@ -28,10 +28,14 @@ from .options import (
     Precision,
     Quant,
     QuantStateDtype,
+    RefModel,
+    RolloutEngine,
     Sharding,
     Stack,
+    Task,
 )
 from .stacks import preset
+from .task_setup import resolve_task, task_warnings
 
 LORA_TARGET_WORDS = ("qv", "all-linear")
 
@@ -83,6 +87,13 @@ class TrainingSetup:
     quantize_lm_head: bool = False  # transformers keeps lm_head unquantized (qlora)
     quant_state_dtype: QuantStateDtype = QuantStateDtype.AUTO  # (qlora)
     load: LoadPath = LoadPath.PER_TENSOR  # transformers v5 from_pretrained
+    task: Task = Task.SFT  # what the step trains (task_setup.py)
+    ref_model: RefModel = RefModel.NONE  # preference tasks: copy (full) or adapter (lora, qlora) unless given
+    prompt_len: int = 0  # preference tasks: prompt tokens of each concatenated row (labels -100)
+    completion_len: int | None = None  # preference tasks: scored tokens of each row; seq_len - prompt_len
+    num_generations: int | None = None  # grpo: completions per prompt (GRPOConfig default 8)
+    rollout_engine: RolloutEngine = RolloutEngine.HF  # grpo: transformers generate (use_vllm=False)
+    vllm_gpu_fraction: float | None = None  # grpo with vllm: GRPOConfig vllm_gpu_memory_utilization (0.3)
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -238,6 +249,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     )
     _apply_kbit_prep(values, chosen, origins)
     _apply_peft_defaults(values, chosen, origins)
+    resolve_task(values, given, origins)
     if "global_batch_size" in given:
         values["global_batch_size"] = positive_int(given["global_batch_size"], "global batch size",
                                                    MAX_OPTION["global_batch_size"])
@@ -256,7 +268,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     if setup.attn is Attention.SDPA and not model.traits.supports_sdpa:
         attn_used = Attention.EAGER
         warnings.append(f"{model.family} does not support sdpa: transformers falls back to eager attention")
-    warnings += _knob_warnings(setup, attn_used)
+    warnings += _knob_warnings(setup, attn_used) + task_warnings(setup)
     context = model.max_position_embeddings
     if context and setup.padded_seq_len > context:
         warnings.append(

@@ -79,14 +79,20 @@ def _last_block(n, block: int):
     return n - block * ((n - 1) // block)
 
 
-def trl_logits_bytes(model: ModelSpec, dt: Dtypes, tokens, head_grad_bytes: int = 0, sequences=1) -> LogitsBytes:
+def trl_logits_bytes(model: ModelSpec, dt: Dtypes, tokens, head_grad_bytes: int = 0, sequences=1, rows=None,
+                     extra_forward_per_row: int = 0) -> LogitsBytes:
     """The fused head's bytes at each moment (formulas: the module docstring), for ``tokens`` T in ``sequences`` b
     sequences (ints or numpy arrays of one shape); ``head_grad_bytes`` lm_head's weight gradient when it trains.
-    lm_head's parameter is in the residual dtype ``dt.r``."""
+    lm_head's parameter is in the residual dtype ``dt.r``.
+    ``rows``: the scored rows N when labels are -100 on some positions (a preference task's prompts,
+    ``terms/tasks.py``); the per-position tensors (the bool mask, the loss gradient [b, s-1]) stay per position P =
+    T - b. ``extra_forward_per_row``: bytes per scored row of the outputs SFTTrainer does not ask for (DPOTrainer's
+    ``mean_logits``, 4)."""
     V, h = model.vocab_size, model.hidden_size
     c = dt.c
     r = max(dt.norm_out, dt.r)
-    rows = tokens - sequences
+    positions = tokens - sequences
+    rows = positions if rows is None else rows
     tile_rows = rows - maximum(rows - TRL_TOKEN_TILE, 0)  # min(N, 4096), array-safe
     tile = c * tile_rows * TRL_VOCAB_TILE
     hidden_copy = r * rows * h
@@ -95,11 +101,11 @@ def trl_logits_bytes(model: ModelSpec, dt: Dtypes, tokens, head_grad_bytes: int 
     col_cast = c * h if dt.r != c else 0
     forward_casts = row_cast * tile_rows + col_cast * min(TRL_VOCAB_TILE, V)
     backward_casts = row_cast * tile_rows + col_cast * _slice_pair_columns(V, rows)
-    saved = SAVED_PER_ROW_BYTES * rows + (0 if head_grad_bytes else hidden_copy)
+    saved = _BOOL * positions + (SAVED_PER_ROW_BYTES - _BOOL) * rows + (0 if head_grad_bytes else hidden_copy)
     # in forward both the backbone's output (alive in the patched forward's frame; when lm_head trains it is the
     # lm_head input ``head_saved`` counts) and the copy exist
     in_forward = hidden_copy if head_grad_bytes else r * tokens * h
-    forward = saved + in_forward + FORWARD_PER_ROW_BYTES * rows + tile + forward_casts
+    forward = saved + in_forward + (FORWARD_PER_ROW_BYTES + extra_forward_per_row) * rows + tile + forward_casts
     weight_grad = return_copies = 0
     if head_grad_bytes:
         fp32_grad = _F32 * V * h  # the fp32 accumulator; ``.to(weight dtype)`` is the gradient itself when fp32
@@ -107,7 +113,7 @@ def trl_logits_bytes(model: ModelSpec, dt: Dtypes, tokens, head_grad_bytes: int 
         return_copies = head_grad_bytes if head_grad_bytes != fp32_grad else 0
     return_copies = return_copies + (r * rows * h if r != _F32 else 0)  # grad_hidden.to(r)
     return_casts = row_cast * _last_block(rows, TRL_TOKEN_TILE) + col_cast * _last_block(V, TRL_VOCAB_TILE)
-    backward = (saved + BACKWARD_PER_ROW_BYTES * rows + _F32 * rows * h + weight_grad + tile
+    backward = (saved + _F32 * positions + (BACKWARD_PER_ROW_BYTES - _F32) * rows + _F32 * rows * h + weight_grad + tile
                 + maximum(backward_casts, return_casts + return_copies))
     # lm_head's moment: the kernel's input gradient and IndexBackward's / SliceBackward's zeros beside it (r·T·h;
     # the estimator adds c·T·h of hidden-state gradient there)

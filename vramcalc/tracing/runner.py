@@ -138,6 +138,10 @@ def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None
 
     spec = get_model(model, revision)
     resolved = resolve_setup(spec, **options)
+    if resolved.setup.task.value != "sft":  # TRL's trainer for the task (tracing/tasks.py)
+        from .tasks import trace_task
+
+        return trace_task(spec, resolved, progress=progress, gpu=gpu)
     own_code = _stack_tracer(resolved.setup.stack)
     if own_code is not None:  # the stack's own model and step (torchtune, litgpt, TRL)
         return own_code(spec, resolved, progress=progress, gpu=gpu)

@@ -1,0 +1,215 @@
+"""The ``--task`` options, resolved and checked against the rest of the setup (issue 15).
+
+Preference tasks (``dpo``, ``ipo``, ``simpo``, ``orpo``, ``cpo``) follow TRL 1.16's ``DPOTrainer``:
+
+- one step takes ``batch_size`` b *pairs*; ``DataCollatorForPreference.torch_call`` (``trl/trainer/dpo_trainer.py:
+  146-211``) stacks the b prompt+chosen rows over the b prompt+rejected rows: one forward of 2·b rows, each padded to
+  the longest of the 2·b (``padding_free`` is disabled in 1.16, ``dpo_trainer.py:732-739``);
+- ``seq_len`` is the length of one such row, prompt plus completion; ``prompt_len`` P (default 0) of them are the
+  prompt, whose labels are -100 (``labels = input_ids.masked_fill(completion_mask == 0, -100)``, ``:1303``); the
+  other ``completion_len`` C = seq_len - P are scored. Both completions of a pair are taken C tokens long (the
+  padded length: padding positions also carry a zero completion mask, so the scored count is an upper bound).
+  Giving ``prompt_len`` and ``completion_len`` sets ``seq_len`` to their sum;
+- ``ref_model``: ``copy`` (TRL's default for full fine-tuning: ``create_model_from_path`` with the policy's dtype and
+  quantization config, ``:916-927``), ``adapter`` (TRL's default with peft: the reference is the policy under
+  ``use_adapter(model, None)`` = peft ``disable_adapter``, ``:1326-1335``), ``precomputed``
+  (``precompute_ref_log_probs=True``: ``ref_model`` is None and the batch carries two floats per pair, ``:909-914,
+  1318-1319``) or ``none`` (the reference-free losses).
+The loss is TRL's fused lm_head (``add_fused_lm_head``, ``:958-962``): ``--loss trl`` is implied.
+"""
+
+from __future__ import annotations
+
+from .errors import VramcalcError, positive_int
+from .options import Loss, Method, RefModel, RolloutEngine, Stack, Task
+
+MODELLED_TASKS = (Task.SFT, Task.DPO, Task.IPO, Task.SIMPO, Task.ORPO, Task.CPO, Task.GRPO)
+GRPO_OPTIONS = ("num_generations", "rollout_engine", "vllm_gpu_fraction")
+TASK_OPTIONS = ("ref_model", "prompt_len", "completion_len") + GRPO_OPTIONS
+GRPO_NUM_GENERATIONS = 8  # trl/trainer/grpo_config.py:480-481 (num_generations=8)
+GRPO_COMPLETION_LEN = 512  # grpo_config.py:494-495 (max_completion_length=512)
+VLLM_GPU_FRACTION = 0.3  # grpo_config.py:656-657 (vllm_gpu_memory_utilization=0.3, colocate mode)
+_MAX_GENERATIONS = 2**16
+_MAX_LEN = 2**30
+
+
+def resolve_task(values: dict, given: dict, origins: dict) -> None:
+    """Fill ``task``, ``ref_model``, ``prompt_len``, ``completion_len`` (and ``seq_len``, ``loss`` where the task
+    implies them) in ``values``, the keywords of a ``TrainingSetup`` being built; ``given`` the user's options."""
+    task = Task.parse(given.get("task", Task.SFT), "task")
+    values["task"] = task
+    if task not in MODELLED_TASKS:
+        raise VramcalcError(f"--task {task.value} is not modelled yet (issue 15); modelled tasks: "
+                            f"{', '.join(t.value for t in MODELLED_TASKS)}")
+    if task is Task.SFT:
+        for key in TASK_OPTIONS:
+            if key in given:
+                raise VramcalcError(f"--{key.replace('_', '-')} applies to preference tasks (--task dpo, ipo, simpo, "
+                                    "orpo, cpo), not --task sft")
+        values.update(ref_model=RefModel.NONE, prompt_len=0, completion_len=None)
+        return
+    _check_preference_setup(task, values)
+    method = values["method"]
+    if "loss" in given and Loss.parse(given["loss"], "loss") is not Loss.TRL:
+        raise VramcalcError(f"--task {task.value} scores with TRL's fused lm_head (trl/trainer/dpo_trainer.py:958-962, "
+                            f"grpo_trainer.py:1068-1073, always); --loss {given['loss']} is not what the trainer "
+                            "runs: leave --loss out")
+    if values["loss"] is not Loss.TRL:
+        values["loss"] = Loss.TRL
+        origins["loss"] = "implied by task"
+    if task is Task.GRPO:
+        _grpo(values, given, origins)
+        return
+    for key in GRPO_OPTIONS:
+        if key in given:
+            raise VramcalcError(f"--{key.replace('_', '-')} applies to --task grpo, not --task {task.value}")
+    values["ref_model"] = _ref_model(task, method, given, origins)
+    _lengths(values, given, origins)
+
+
+def _grpo(values: dict, given: dict, origins: dict) -> None:
+    """GRPOTrainer 1.16: ``batch_size`` b prompts per optimizer step and device, each sampled ``num_generations`` g
+    times in one ``generate`` of b·g rows (``generation_batch_size`` = per-device batch x ``steps_per_generation`` =
+    grad_accum, ``grpo_config.py:1099``), trained in grad_accum micro-batches of b·g / grad_accum rows. The
+    reference: none with the default ``beta=0.0`` (``grpo_config.py:681-682``, ``grpo_trainer.py:984-986``); with
+    beta > 0 a copy (full) or the disabled adapter (peft, :987-990)."""
+    method = values["method"]
+    if "ref_model" in given:
+        ref = RefModel.parse(given["ref_model"], "reference model")
+        if ref is RefModel.PRECOMPUTED:
+            raise VramcalcError("--task grpo scores fresh completions: a reference is none (beta=0), copy or adapter")
+        if ref is RefModel.ADAPTER and not method.uses_lora:
+            raise VramcalcError(f"--ref-model adapter needs --method lora or qlora, not {method.value}")
+    else:
+        ref = RefModel.NONE
+        origins["ref_model"] = "implied by task (GRPOConfig beta=0.0)"
+    values["ref_model"] = ref
+    generations = GRPO_NUM_GENERATIONS
+    if "num_generations" in given:
+        generations = positive_int(given["num_generations"], "number of generations", _MAX_GENERATIONS)
+    else:
+        origins["num_generations"] = "implied by task"
+    values["num_generations"] = generations
+    rows = values["batch_size"] * generations
+    if rows % values["grad_accum"]:
+        raise VramcalcError(f"{values['batch_size']} prompts x {generations} generations = {rows} completions do not "
+                            f"split into {values['grad_accum']} accumulation steps; use a multiple")
+    engine = RolloutEngine.parse(given.get("rollout_engine", RolloutEngine.HF), "rollout engine")
+    values["rollout_engine"] = engine
+    fraction = None
+    if engine is RolloutEngine.VLLM:
+        fraction = VLLM_GPU_FRACTION
+        if "vllm_gpu_fraction" in given:
+            fraction = _fraction(given["vllm_gpu_fraction"])
+        else:
+            origins["vllm_gpu_fraction"] = "implied by rollout_engine"
+    elif "vllm_gpu_fraction" in given:
+        raise VramcalcError("--vllm-gpu-fraction applies to --rollout-engine vllm")
+    values["vllm_gpu_fraction"] = fraction
+    completion = GRPO_COMPLETION_LEN
+    if "completion_len" in given:
+        completion = _length(given["completion_len"], "completion length")
+    else:
+        origins["completion_len"] = "implied by task (GRPOConfig max_completion_length)"
+    if "prompt_len" in given:
+        prompt = _length(given["prompt_len"], "prompt length")
+        total = prompt + completion
+        if "seq_len" in given and values["seq_len"] != total:
+            raise VramcalcError(f"--seq-len {values['seq_len']} is not --prompt-len {prompt} + --completion-len "
+                                f"{completion}; give one of the two")
+        values["seq_len"] = total
+        origins["seq_len"] = "implied by prompt_len + completion_len"
+    else:
+        prompt = values["seq_len"] - completion
+        if prompt < 1:
+            raise VramcalcError(f"--seq-len {values['seq_len']} leaves no prompt before a {completion}-token "
+                                "completion; give --prompt-len or a longer --seq-len")
+        origins["prompt_len"] = "implied by seq_len - completion_len"
+    values.update(prompt_len=prompt, completion_len=completion)
+
+
+def _fraction(value) -> float:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        f = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise VramcalcError(f"--vllm-gpu-fraction must be a number in (0, 1], got {value!r}") from None
+    if not 0.0 < f <= 1.0:
+        raise VramcalcError(f"--vllm-gpu-fraction must be in (0, 1], got {value!r}")
+    return f
+
+
+def _ref_model(task: Task, method: Method, given: dict, origins: dict) -> RefModel:
+    if "ref_model" not in given:
+        default = RefModel.NONE if task.reference_free else (RefModel.ADAPTER if method.uses_lora else RefModel.COPY)
+        origins["ref_model"] = "implied by task" if task.reference_free else "implied by method"
+        return default
+    ref = RefModel.parse(given["ref_model"], "reference model")
+    if task.reference_free and ref is not RefModel.NONE:
+        raise VramcalcError(f"--task {task.value} is reference-free; --ref-model {ref.value} applies to dpo and ipo")
+    if not task.reference_free and ref is RefModel.NONE:
+        raise VramcalcError(f"--task {task.value} needs reference log-probs; for a reference-free loss use "
+                            "--task simpo, orpo or cpo")
+    if ref is RefModel.ADAPTER and not method.uses_lora:
+        raise VramcalcError(f"--ref-model adapter is the policy with its peft adapter disabled: it needs --method "
+                            f"lora or qlora, not {method.value}")
+    return ref
+
+
+def _lengths(values: dict, given: dict, origins: dict) -> None:
+    prompt = 0 if "prompt_len" not in given else _length(given["prompt_len"], "prompt length", zero=True)
+    values["prompt_len"] = prompt
+    if "completion_len" in given:
+        completion = _length(given["completion_len"], "completion length")
+        total = prompt + completion
+        if "seq_len" in given and values["seq_len"] != total:
+            raise VramcalcError(f"--seq-len {values['seq_len']} is not --prompt-len {prompt} + --completion-len "
+                                f"{completion} (each concatenated row is prompt + completion); give one of the two")
+        values["seq_len"] = total
+        origins["seq_len"] = "implied by prompt_len + completion_len"
+    else:
+        completion = values["seq_len"] - prompt
+        if completion < 1:
+            raise VramcalcError(f"--prompt-len {prompt} leaves no completion in --seq-len {values['seq_len']}; "
+                                "give a longer --seq-len or --completion-len")
+        origins["completion_len"] = "implied by seq_len - prompt_len"
+    values["completion_len"] = completion
+
+
+def _length(value, what: str, zero: bool = False) -> int:
+    if zero and str(value).strip() == "0":
+        return 0
+    return positive_int(value, what, _MAX_LEN)
+
+
+def _check_preference_setup(task: Task, values: dict) -> None:
+    """What the preference model does not cover yet: one error line each."""
+    word = f"--task {task.value}"
+    if values["method"] is Method.PROMPT:
+        raise VramcalcError(f"{word} is modelled for --method full, lora and qlora (not prompt tuning)")
+    if values["packing"]:
+        raise VramcalcError(f"{word}: DPOTrainer 1.16 disables padding_free (trl/trainer/dpo_trainer.py:732-739); "
+                            "use --no-packing")
+    if values["optimizer_in_backward"]:
+        raise VramcalcError(f"{word} is not modelled with --optimizer-in-backward")
+    if values["stack"] in (Stack.TORCHTUNE, Stack.LITGPT, Stack.UNSLOTH):
+        raise VramcalcError(f"{word} follows TRL's DPOTrainer; --stack {values['stack'].value} has its own recipe, "
+                            "not modelled: use --stack trl or hf")
+
+
+def task_warnings(setup) -> list[str]:
+    """What the estimate of a task says from a model only (not traced)."""
+    out = []
+    if setup.task is Task.GRPO:
+        out.append("--task grpo is modelled, not traced: generation from the serving formulas (transformers "
+                   "generate's KV cache), training on b x num_generations completions with TRL's fused head")
+        if setup.rollout_engine is RolloutEngine.VLLM:
+            out.append(f"--rollout-engine vllm: the colocated engine's reservation is modelled from vLLM's "
+                       f"gpu_memory_utilization rule ({setup.vllm_gpu_fraction} x the GPU's memory, in "
+                       "runtime_overhead; needs --gpu)")
+    if not setup.task.uses_fused_head or setup.num_gpus == 1:
+        return out
+    return out + [f"--task {setup.task.value} on {setup.num_gpus} GPUs: the policy's states are sharded as for SFT and "
+            "the reference copy is whole per GPU (ddp, zero1-2) or 1/n per GPU (zero3, fsdp), its gathered units "
+            "left out; modelled, not traced"]

@@ -1,0 +1,266 @@
+"""The preference tasks' terms (``--task dpo, ipo, simpo, orpo, cpo``): TRL 1.16 ``DPOTrainer`` on one GPU.
+
+Symbols: b pairs per micro-batch, B = 2·b rows (chosen rows over rejected rows, one forward:
+``DataCollatorForPreference``, ``trl/trainer/dpo_trainer.py:146-211``), s tokens per row (prompt P + completion C),
+positions B·(s-1) after the shift, N = B·min(C, s-1) scored rows (labels -100 on the prompt, ``:1303``; the fused
+head keeps the others, ``trl/trainer/utils.py`` ``_fused_forward``: ``hidden_states[mask]``), h, V, c compute bytes,
+r the backbone output's bytes.
+
+The policy's step is vramcalc's TRL step (``terms/trl_loss.py``) on B rows of s tokens with N scored rows and one
+more output, ``mean_logits`` (4·N; ``outputs=("log_probs", "entropy", "mean_logits", "is_top1")``, ``:955``).
+What the task adds (``_compute_loss``, ``:1285-1612``):
+
+- the batch: ``input_ids``, ``attention_mask``, ``completion_mask`` and ``labels`` [B, s] int64 (``BATCH_TENSORS``),
+  alive through the forward and the reference forward;
+- after the policy's forward, its outputs stay referenced until the loss returns: ``log_probs``, ``entropy``,
+  ``mean_logits`` [B, s-1] fp32 and ``is_top1`` [B, s-1] bool (``masked_scatter`` of each, ``utils.py``):
+  13 bytes per position (``OUTPUT_BYTES_PER_POSITION``);
+- the reference forward (``copy``/``adapter``), under ``torch.no_grad()`` (``:1324-1338``), while the policy's saved
+  activations and fused-head tensors are held: the larger of
+  * its fused head (``add_fused_lm_head(ref_model)``, ``outputs=("log_probs",)``, ``:962``): the backbone output
+    r·B·s·h, the row copy r·N·h, targets 8N, the mask B·(s-1), seven fp32 statistics 28N, ``log_z`` and the
+    log-probs 8N, the [min(N, 4096), 32768] tile in c and the casts of mixed precision (``trl_loss``);
+  * its costliest decoder layer without autograd: the forward of ``generate``'s prefill
+    (``serving/activations.forward_moments``, the same transformers module code; no cache is kept);
+- ``copy``: a second model's weights, stored as the policy's base is (same dtype and quantization:
+  ``create_model_from_path`` with the policy's ``dtype`` and ``quantization_config``, ``:916-927``), alive at every
+  moment (``reference_weight_bytes``); ``adapter``: none (peft's ``disable_adapter`` on the policy);
+  ``precomputed``/``none``: two fp32 [b] tensors in the batch.
+- the attention: the collator pads the 2·b rows to the longest and passes ``attention_mask``; chosen and
+  rejected completions differ in length, so the mask holds zeros and transformers builds the 4-D mask for sdpa and
+  eager (``preference_masked``): the layers save what a masked attention saves (``activations``' masked walk).
+  C is the padded completion length, so an estimate for the longest pair bounds the step.
+The DPO loss itself works on [b] tensors (a few hundred bytes).
+"""
+
+from __future__ import annotations
+
+from ..model import ModelSpec
+from ..options import Attention, Method, Phase, RefModel, Task
+from ..serving import activations as forward_only
+from ..units import maximum
+from .trl_loss import TRL_TOKEN_TILE, TRL_VOCAB_TILE
+
+MEAN_LOGITS_BYTES_PER_ROW = 4  # DPOTrainer's extra fused-head output (dpo_trainer.py:955)
+IS_TOP1_BYTES = 3  # SFTTrainer's is_top1 (two bool comparisons and their &), which GRPOTrainer does not ask for
+OUTPUT_BYTES_PER_POSITION = 3 * 4 + 1  # log_probs, entropy, mean_logits fp32; is_top1 bool ([B, s-1] each)
+BATCH_TENSORS = 4  # input_ids, attention_mask, completion_mask (the collator), labels (dpo_trainer.py:1303)
+_ADAPTER_KINDS = ("adapter", "prompt")
+RESIDUAL_STREAM_TENSORS = 3  # [T, h] tensors of the no-grad layer forward in the residual dtype (reference_layer_bytes)
+# the reference's fused head per scored row: targets (8), seven fp32 statistics (28), log_z and log-probs (8)
+REFERENCE_HEAD_BYTES_PER_ROW = 8 + 7 * 4 + 2 * 4
+
+
+def pair_rows(batch_size):
+    """B = 2·b: the chosen and the rejected row of each pair in one forward."""
+    return 2 * batch_size
+
+
+def scored_rows(rows, seq_len, completion_len: int):
+    """N: scored positions of B rows, ``min(C, s-1)`` per row (the first label is dropped by the shift)."""
+    return rows * maximum(seq_len - 1 - maximum(seq_len - 1 - completion_len, 0), 0)
+
+
+def fused_head_shape(setup, rows, seq_len) -> dict:
+    """The keywords of ``trl_loss.trl_logits_bytes`` for the task ({} for SFT)."""
+    if setup.task is Task.GRPO:  # outputs=("log_probs", "entropy"): no is_top1 (grpo_trainer.py:1068-1073)
+        return {"rows": scored_rows(rows, seq_len, setup.completion_len), "extra_forward_per_row": -IS_TOP1_BYTES}
+    if not setup.task.is_preference:
+        return {}
+    return {"rows": scored_rows(rows, seq_len, setup.completion_len),
+            "extra_forward_per_row": MEAN_LOGITS_BYTES_PER_ROW}
+
+
+def training_rows(setup, batch_size):
+    """Rows of one micro-batch's forward: 2·b for the preference tasks; b·g / grad_accum completions for GRPO
+    (``task_setup._grpo``); b otherwise."""
+    if setup.task.is_preference:
+        return pair_rows(batch_size)
+    if setup.task is Task.GRPO:
+        return batch_size * setup.num_generations // setup.grad_accum
+    return batch_size
+
+
+def reference_weight_bytes(tensors, ref_model: RefModel, shards: int = 1) -> int:
+    """``copy``: the stored bytes of every tensor but the adapter's (the base model, as the policy's is stored).
+    ``shards``: under ZeRO-3 or FSDP TRL shards the reference like the policy (``prepare_deepspeed`` /
+    ``prepare_fsdp``, ``dpo_trainer.py:984-988``): one rank holds 1/n of it (the units it gathers for its no-grad
+    forward are not modelled); DDP and ZeRO-1/2 keep a whole copy per GPU (``accelerator.prepare_model``, :990)."""
+    if ref_model is not RefModel.COPY:
+        return 0
+    return -(-sum(t.bytes_each * t.count for t in tensors if t.kind not in _ADAPTER_KINDS) // shards)
+
+
+def reference_shards(setup) -> int:
+    return setup.num_gpus if setup.sharding.value in ("zero3", "fsdp") else 1
+
+
+def batch_bytes(rows, seq_len) -> int:
+    return BATCH_TENSORS * 8 * rows * seq_len
+
+
+def policy_output_bytes(rows, seq_len) -> int:
+    """The policy's outputs [B, s-1], referenced from its forward to the end of the loss."""
+    return OUTPUT_BYTES_PER_POSITION * rows * (seq_len - 1)
+
+
+def reference_head_bytes(model: ModelSpec, dt, rows, seq_len, scored) -> int:
+    """The reference's fused head under no_grad (module docstring), with the casts of mixed precision."""
+    h, V, c = model.hidden_size, model.vocab_size, dt.c
+    r = max(dt.norm_out, dt.r)
+    tile_rows = scored - maximum(scored - TRL_TOKEN_TILE, 0)
+    row_cast = c * h * tile_rows if r != c else 0
+    col_cast = c * h * min(TRL_VOCAB_TILE, V) if dt.r != c else 0
+    return (r * rows * seq_len * h + r * scored * h + rows * (seq_len - 1) + REFERENCE_HEAD_BYTES_PER_ROW * scored
+            + c * tile_rows * TRL_VOCAB_TILE + row_cast + col_cast)
+
+
+def reference_layer_bytes(model: ModelSpec, dt, rows, seq_len, masked: bool = True) -> int:
+    """The reference's costliest no-grad decoder layer (``serving/activations.forward_moments`` for a forward of
+    B rows of s tokens, nothing cached; ``masked``: the padded batch's 4-D mask, ``preference_masked``)."""
+    if hasattr(rows, "shape") or hasattr(seq_len, "shape"):  # a sweep's arrays: one layer model per element
+        import numpy
+
+        return numpy.vectorize(lambda b, s: reference_layer_bytes(model, dt, int(b), int(s), masked),
+                               otypes=[numpy.int64])(rows, seq_len)
+    shape = forward_only.ForwardShape(batch=rows, new_tokens=seq_len, kv_tokens=seq_len, element_bytes=dt.c,
+                                      padded=masked)
+    # mixed precision (fp32 weights under 16-bit autocast): the residual stream stays fp32, so the embedding output,
+    # the layer's input and the normed MLP input (an fp32 norm weight times the fp32 stream) are r, not c, bytes
+    residual = RESIDUAL_STREAM_TENSORS * (dt.r - dt.c) * rows * seq_len * model.hidden_size if dt.r > dt.c else 0
+    return max(size for size, _ in forward_only.forward_moments(model, shape, seq_len)) + residual
+
+
+def reference_forward_bytes(model: ModelSpec, dt, setup, rows, seq_len) -> int:
+    """The reference forward's own peak (0 without a reference forward)."""
+    if setup.ref_model not in (RefModel.COPY, RefModel.ADAPTER):
+        return 0
+    scored = scored_rows(rows, seq_len, setup.completion_len)
+    masked = preference_masked(False, setup.attn) and setup.attn is not Attention.FLASH
+    return maximum(reference_head_bytes(model, dt, rows, seq_len, scored),
+                   reference_layer_bytes(model, dt, rows, seq_len, masked))
+
+
+def task_moments(moments: list, model: ModelSpec, setup, tensors, dt, rows, seq_len, logits, moment_type):
+    """``preference_moments`` or ``grpo_moments`` for the task."""
+    if setup.task is Task.GRPO:
+        return grpo_moments(moments, model, setup, tensors, dt, rows, seq_len, moment_type)
+    return preference_moments(moments, model, setup, tensors, dt, rows, seq_len, logits, moment_type)
+
+
+def preference_moments(moments: list, model: ModelSpec, setup, tensors, dt, rows, seq_len, logits, moment_type):
+    """The policy's moments (``estimator._moments`` on B rows) with what the task adds (module docstring): the
+    reference's weights at every moment, the batch in the forward moments, and the reference forward's moment at
+    the end of the policy's forward (its saved activations ``moments``' forward ``activations``, its fused head's
+    saved tensors and outputs)."""
+    ref_weights = reference_weight_bytes(tensors, setup.ref_model, reference_shards(setup))
+    batch = batch_bytes(rows, seq_len)
+    out = []
+    for m in moments:
+        forward = m.phase is Phase.FORWARD
+        out.append(m._replace(weights=m.weights + ref_weights, temporaries=m.temporaries + (batch if forward else 0)))
+    reference = reference_forward_bytes(model, dt, setup, rows, seq_len)
+    if setup.ref_model in (RefModel.COPY, RefModel.ADAPTER):
+        end_of_forward = [m for m in out if m.phase is Phase.FORWARD][-1]  # the loss's forward: every activation
+        held = logits.saved + policy_output_bytes(rows, seq_len)
+        out.append(moment_type(Phase.REFERENCE_FORWARD, end_of_forward.weights, end_of_forward.gradients,
+                               end_of_forward.optimizer_states, end_of_forward.activations, held + reference,
+                               end_of_forward.temporaries))
+    return out
+
+
+def task_details(tensors, setup, device=None) -> dict:
+    """What the breakdown's ``details`` say about the task (the reference's weights are inside ``weights``; GRPO's
+    KV cache inside ``temporaries`` of the generation phase; vLLM's reservation inside ``runtime_overhead``)."""
+    if not setup.task.uses_fused_head:
+        return {}
+    out = {"task": setup.task.value, "ref_model": setup.ref_model.value,
+           "reference_model_bytes": reference_weight_bytes(tensors, setup.ref_model, reference_shards(setup))}
+    if setup.task is Task.GRPO:
+        out["rollout_engine"] = setup.rollout_engine.value
+        if setup.rollout_engine.value == "vllm":
+            out["vllm_reservation_bytes"] = vllm_reservation_bytes(setup, device)
+            out["vllm_reservation"] = "modelled: gpu_memory_utilization x GPU memory (vLLM's documented rule)"
+    return out
+
+
+def vllm_reservation_bytes(setup, device) -> int:
+    """A colocated vLLM engine (``GRPOConfig(use_vllm=True, vllm_mode="colocate")``) holds
+    ``gpu_memory_utilization`` x the GPU's total memory: vLLM documents the fraction as the share of GPU memory the
+    engine may use for its weights, activations and KV cache, and pre-allocates the KV cache up to it
+    (docs.vllm.ai, ``EngineArgs.gpu_memory_utilization``; TRL passes ``vllm_gpu_memory_utilization``, default 0.3,
+    ``grpo_config.py:656-657``). Modelled, not traced; 0 without a GPU (the fraction of what?)."""
+    if setup.task is not Task.GRPO or setup.rollout_engine.value != "vllm" or device is None:
+        return 0
+    return int(setup.vllm_gpu_fraction * device.memory_bytes)
+
+
+def preference_masked(masked, attn_used: Attention):
+    """Whether the attention gets a 4-D mask. The collator passes ``attention_mask`` [B, s] and pads every row to the
+    longest of the 2·b (``dpo_trainer.py:180-199``): chosen and rejected completions differ in length, so the mask
+    holds zeros and transformers builds the 4-D mask (``masking_utils._ignore_causal_mask_sdpa`` skips it only for
+    an all-ones mask it can read) for sdpa and eager; FlashAttention-2 unpads instead (no mask tensor)."""
+    if attn_used is Attention.FLASH:
+        return masked
+    return True
+
+
+# GRPO (``--task grpo``): TRL 1.16 GRPOTrainer, modelled (not traced).
+GRPO_LOSS_TENSORS = 6  # fp32 [R, C] tensors of the clipped loss saved for backward: per-token log-probs, coef_1 =
+# exp(logps - old), coef_2 = clamp(coef_1), the two per-token losses and their min (grpo_trainer.py _compute_loss)
+GRPO_BATCH_TENSORS = 5  # prompt_ids, prompt_mask, completion_ids, completion_mask [rows, .] int64, the concatenated
+# input_ids / attention_mask of the training forward counted once more per row of s
+
+
+def generation_bytes(model: ModelSpec, setup, dt, generations, prompt_len: int, completion_len: int) -> int:
+    """transformers ``generate`` of b·g completions of C tokens after P prompt tokens (``grpo_trainer.py:2193``
+    ``_generate`` -> ``unwrap_model_for_generation``, no_grad, DynamicCache): the larger of the prefill and of the
+    last decode step, from the serving model (``serving/hf_engine.prefill_moment``, ``decode_moment``: the KV cache
+    formulas of ``serving/kv_cache.py``). Element bytes: the stored dtype of the weights (generation runs outside
+    the Trainer's autocast) or, for QLoRA, the 4-bit base's compute dtype."""
+    from ..serving.hf_engine import decode_moment, prefill_moment
+
+    if hasattr(generations, "shape"):
+        import numpy
+
+        return numpy.vectorize(lambda g: generation_bytes(model, setup, dt, int(g), prompt_len, completion_len),
+                               otypes=[numpy.int64])(generations)
+    e = dt.c if setup.method is Method.QLORA else dt.r
+    prefill = prefill_moment(model, generations, prompt_len, element_bytes=e)
+    decode = decode_moment(model, generations, prompt_len + completion_len, element_bytes=e, prompt=prompt_len)
+    return max(prefill.total, decode.total)
+
+
+def generation_kv_cache_bytes(model: ModelSpec, setup, dt, generations, prompt_len: int, completion_len: int) -> int:
+    """The KV cache alone at the end of the generation (``serving/kv_cache.hf_cache_bytes``), for ``details``."""
+    from ..serving.kv_cache import hf_cache_bytes
+
+    e = dt.c if setup.method is Method.QLORA else dt.r
+    return hf_cache_bytes(model, generations, prompt_len + completion_len - 1, last_input=1, element_bytes=e)
+
+
+def grpo_moments(moments: list, model: ModelSpec, setup, tensors, dt, rows, seq_len, moment_type):
+    """GRPO's step: the training moments (``estimator._moments`` on R = b·g / grad_accum rows, scored on the
+    completions) plus the loss's fp32 [R, C] buffers and the buffered generation batch; the generation moment (the
+    policy's weights and optimizer states, no gradients: ``zero_grad(set_to_none=True)`` ran, the KV cache and
+    generate's transients); with a reference (beta > 0) its no-grad forward over R rows at a time while scoring
+    (``_generate_and_score_completions``: before the training forward, so no activations are held)."""
+    ref_weights = reference_weight_bytes(tensors, setup.ref_model, reference_shards(setup))
+    generations = rows * setup.grad_accum  # b·g completions in one generate
+    batch = GRPO_BATCH_TENSORS * 8 * generations * seq_len
+    loss = GRPO_LOSS_TENSORS * 4 * rows * setup.completion_len
+    out = []
+    for m in moments:
+        training = m.phase in (Phase.FORWARD, Phase.BACKWARD_START)
+        out.append(m._replace(weights=m.weights + ref_weights,
+                              temporaries=m.temporaries + batch + (loss if training else 0)))
+    load = [m for m in out if m.phase is Phase.OPTIMIZER_STEP][-1]
+    W, O = load.weights, load.optimizer_states
+    if setup.rollout_engine.value == "hf":
+        out.append(moment_type(Phase.GENERATION, W, 0, O, 0, 0,
+                               batch + generation_bytes(model, setup, dt, generations, setup.prompt_len,
+                                                        setup.completion_len)))
+    if setup.ref_model in (RefModel.COPY, RefModel.ADAPTER):
+        reference = reference_forward_bytes(model, dt, setup, rows, seq_len)
+        out.append(moment_type(Phase.REFERENCE_FORWARD, W, 0, O, 0, reference, batch))
+    return out

@@ -1,0 +1,338 @@
+"""Trace TRL 1.16's ``DPOTrainer`` step (``--task dpo, ipo, simpo, orpo, cpo``): the HF trace's model, optimizer and
+step (``runner.py``, ``step.py``) with DPOTrainer's preparation and its real ``_compute_loss`` on fake tensors.
+
+What runs, in the order DPOTrainer runs it (line numbers of ``trl/trainer/dpo_trainer.py``, trl 1.16.0 wheel):
+
+- preparation: ``model.enable_input_require_grads()`` with peft and checkpointing (:717-718); QLoRA's trainable
+  parameters but DoRA's magnitude cast to bf16 (:727-729, with ``--adapter-dtype bf16`` as for SFT);
+  ``add_fused_lm_head(policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))`` (:955-960) and
+  ``add_fused_lm_head(ref_model)`` (:961-962, ``outputs=("log_probs",)``);
+- the reference: ``copy`` builds a second model exactly as the policy is built (``build.build_model``: same dtype,
+  same bitsandbytes quantization) without the adapter, frozen, in eval mode, no checkpointing (TRL's
+  ``create_model_from_path`` + ``accelerator.prepare_model(evaluation_mode=True)``, :916-927,990); ``adapter`` is the
+  peft policy under ``use_adapter(model, None)`` = ``disable_adapter()`` (:1326-1335); ``precomputed`` and ``none``
+  put ``ref_chosen_logps``/``ref_rejected_logps`` [b] fp32 in the batch and set ``precompute_ref_logps`` (:1318-1319;
+  the reference-free losses have the same memory shape, a forward of 2·b rows and no reference);
+- the batch is ``DataCollatorForPreference``'s output (:146-211): ``input_ids``, ``attention_mask`` and
+  ``completion_mask`` [2·b, s] int64, the first ``prompt_len`` columns of ``completion_mask`` zero;
+- ``DPOTrainer._compute_loss`` itself (:1285-1612), called with a stand-in ``self`` that holds DPOConfig's defaults
+  (``loss_type=["sigmoid"]``, ``["ipo"]`` for ipo; ``beta=0.1``; no ``ld_alpha``; ``reverse_kl``; no weighting) and
+  an accelerator on one process (``gather`` the identity). Its metrics call ``.item()``: on fake tensors
+  ``Tensor.item`` answers 0 and ``bool()`` True while the loss runs (``_FakeScalars``); nothing is allocated by them.
+
+``--task grpo``: the training phase only. ``GRPOTrainer._compute_loss`` (``grpo_trainer.py:3020``, DAPO loss,
+beta=0) runs on b·g / grad_accum completions shaped like ``_generate_and_score_completions``' output (prompt and
+completion ids and masks, advantages, ``num_items_in_batch``), with the fused head's ``("log_probs", "entropy")``
+(:1068-1073). Generation (transformers ``generate``) and the reference's scoring forward are modelled
+(``terms/tasks.py``), not traced here.
+
+The attention mask: fake tensors make transformers build the 4-D mask (``masking_utils._ignore_causal_mask_sdpa``
+returns False for a fake ``padding_mask``), which is what a padded batch of chosen and rejected rows of different
+lengths gets on a GPU (``terms/tasks.py``).
+
+Data-dependent shapes: the fused head keeps the rows whose label is not -100 (``hidden_states[mask]``) and the
+metrics index with completion masks. Each row of a mask over the shifted positions [.., s-1] has
+``min(completion_len, s-1)`` true values (``_KnownMask``): fake tensors cannot count them.
+
+``disable_gradient_checkpointing`` (``trl/models/utils.py:397``) would call ``gradient_checkpointing_enable`` again
+and replace the trace's recompute markers: the trace turns the layers' ``gradient_checkpointing`` flags off and back
+on instead, which is what that call changes for the no-grad forward. The same context marks the tracker's phase
+``reference-forward``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..errors import VramcalcError
+from ..model import ModelSpec
+from ..options import AdapterDtype, Attention, GradCkpt, Method, Phase, RefModel, Task
+from ..training_setup import ResolvedSetup
+from .stacks.trl import _bool_index, _cuda_kernel_path, _import_trl, cast_qlora_adapters
+from .step import StepTracer, base_model
+
+DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # dpo_trainer.py:955
+GRPO_OUTPUTS = ("log_probs", "entropy")  # grpo_trainer.py:1068-1073
+DPO_BETA = 0.1  # dpo_config.py:297 default
+LOSS_TYPES = {Task.IPO: ["ipo"]}  # DPOConfig loss_type; others the default ["sigmoid"] (dpo_config.py:245)
+
+
+class _KnownMask(TorchDispatchMode):
+    """Boolean-mask ops answered with the allocation the real op makes: a mask whose last dimension is ``width``
+    (the s-1 shifted positions) has ``per_row`` true values per row; any other mask is all true."""
+
+    def __init__(self, width: int, per_row: int):
+        super().__init__()
+        self.width, self.per_row = width, per_row
+
+    def _count(self, mask: torch.Tensor) -> int:
+        if mask.dim() and mask.shape[-1] == self.width:
+            return mask.numel() // self.width * self.per_row
+        return mask.numel()
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func is aten.index.Tensor and _bool_index(args[1]):
+            x, (mask,) = args[0], [i for i in args[1] if i is not None]
+            return torch.empty((self._count(mask), *x.shape[mask.dim():]), dtype=x.dtype, device=x.device)
+        if func is aten.masked_select.default:
+            x, mask = args[0], args[1]
+            shape = torch.broadcast_shapes(x.shape, mask.shape)
+            return torch.empty((self._count(torch.empty(shape, dtype=torch.bool, device="meta")),), dtype=x.dtype,
+                               device=x.device)
+        if func is aten.nonzero.default:
+            mask = args[0]
+            return torch.empty((self._count(mask), mask.dim()), dtype=torch.long, device=mask.device)
+        if func in (aten.index_put_.default, aten._index_put_impl_.default) and _bool_index(args[1]):
+            return args[0]
+        if func is aten.index_put.default and _bool_index(args[1]):
+            return torch.empty_like(args[0])
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _fake_scalars():
+    """``.item()`` answers 0 and ``bool()`` True on fake tensors (the loss's metrics); real tensors are unchanged."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    item, to_bool = torch.Tensor.item, torch.Tensor.__bool__
+
+    def fake_item(self):
+        return 0 if isinstance(self, FakeTensor) else item(self)
+
+    def fake_bool(self):
+        return True if isinstance(self, FakeTensor) else to_bool(self)
+
+    torch.Tensor.item, torch.Tensor.__bool__ = fake_item, fake_bool
+    try:
+        yield
+    finally:
+        torch.Tensor.item, torch.Tensor.__bool__ = item, to_bool
+
+
+class _Accelerator:
+    """accelerate on one process, as ``_compute_loss`` uses it."""
+
+    device = torch.device("cpu")
+    is_main_process = True
+    num_processes = 1
+    sync_gradients = True
+
+    @staticmethod
+    def autocast():
+        return contextlib.nullcontext()  # the step's autocast is already on (StepTracer.autocast)
+
+    @staticmethod
+    def unwrap_model(model):
+        return model
+
+    @staticmethod
+    def gather_for_metrics(x):
+        return x
+
+    gather = gather_for_metrics
+
+    @staticmethod
+    def reduce(x, reduction="sum"):
+        return x
+
+
+def build_reference_model(spec: ModelSpec, resolved: ResolvedSetup) -> nn.Module:
+    """``--ref-model copy``: the policy's model built again (same dtype and quantization), without the adapter,
+    frozen, in eval mode, no checkpointing. Called inside the trace's FakeTensorMode, so its tensors are fake."""
+    from . import build
+
+    setup = dataclasses.replace(resolved.setup, grad_ckpt=GradCkpt.NONE)
+    ref_resolved = dataclasses.replace(resolved, setup=setup)
+    original = build._apply_lora
+    build._apply_lora = lambda model, _resolved: model  # no adapter on the reference
+    try:
+        model = build.build_model(spec, ref_resolved, None)
+    finally:
+        build._apply_lora = original
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+class PreferenceStepTracer(StepTracer):
+    """The HF step with DPOTrainer's preparation and its ``_compute_loss`` (module docstring)."""
+
+    def __init__(self, model, spec, resolved, tracker):
+        from trl.trainer import dpo_trainer, grpo_trainer
+
+        self._grpo = grpo_trainer
+
+        trl, trl_utils, chunked_logprob = _import_trl()
+        self._kernel_modules = (trl_utils, chunked_logprob)
+        self._dpo = dpo_trainer
+        setup = resolved.setup
+        is_peft = hasattr(model, "get_base_model")
+        if is_peft and setup.grad_ckpt:
+            model.enable_input_require_grads()  # dpo_trainer.py:717-718
+        if setup.method is Method.QLORA and setup.adapter_dtype is AdapterDtype.BF16:
+            tracker.register_weights(cast_qlora_adapters(model))  # dpo_trainer.py:727-729
+        outputs = GRPO_OUTPUTS if setup.task is Task.GRPO else DPO_OUTPUTS
+        trl_utils.add_fused_lm_head(base_model(model), outputs=outputs)  # :955-960 (grpo_trainer.py:1068-1073)
+        self.ref_model = None
+        if setup.ref_model is RefModel.COPY:
+            from .qlora import quant_state_tensors
+
+            self.ref_model = build_reference_model(spec, resolved)
+            trl_utils.add_fused_lm_head(self.ref_model)  # :961-962
+            tracker.register_weights(list(self.ref_model.parameters()) + list(self.ref_model.buffers())
+                                     + quant_state_tensors(self.ref_model))
+        self.reference_weight_bytes = 0 if self.ref_model is None else sum(
+            t.untyped_storage().nbytes() for t in {id(t): t for t in _all_tensors(self.ref_model)}.values())
+        super().__init__(model, spec, resolved, tracker)
+
+    def _install_loss(self) -> None:
+        self.head = base_model(self.model).get_output_embeddings()
+        backbones = [getattr(base_model(self.model), base_model(self.model).base_model_prefix)]
+        if self.ref_model is not None:
+            backbones.append(getattr(self.ref_model, self.ref_model.base_model_prefix))
+        tracker = self.tracker
+
+        def backbone_done(module, args, output):  # the fused head's region starts when the backbone returns
+            tracker.in_logits = True
+
+        self._hooks.extend(backbone.register_forward_hook(backbone_done) for backbone in backbones)
+        self.loss = self._grpo_loss if self.setup.task is Task.GRPO else self._dpo_loss
+
+    def _shim(self):
+        setup = self.setup
+        return types.SimpleNamespace(
+            model=self.model, ref_model=self.ref_model, accelerator=_Accelerator(), aux_loss_enabled=False,
+            precompute_ref_logps=setup.ref_model in (RefModel.PRECOMPUTED, RefModel.NONE),
+            args=types.SimpleNamespace(gradient_checkpointing_kwargs=None), ld_alpha=None,
+            f_divergence_type="reverse_kl", loss_types=LOSS_TYPES.get(setup.task, ["sigmoid"]), loss_weights=[1.0],
+            beta=DPO_BETA, use_weighting=False, label_smoothing=0.0, _metrics={"train": defaultdict(list),
+                                                                             "eval": defaultdict(list)},
+            _total_train_tokens=0, _tp_size=1)
+
+    def _grpo_shim(self):
+        setup = self.setup
+        shim = types.SimpleNamespace(
+            model=self.model, accelerator=_Accelerator(), aux_loss_enabled=False, top_entropy_quantile=1.0,
+            off_policy_mask_threshold=None, importance_sampling_level="token", loss_type="dapo", epsilon_low=0.2,
+            epsilon_high=0.2, beta=0.0, use_vllm=False, vllm_importance_sampling_correction=False,
+            _entropy_bonus_enabled=False, current_gradient_accumulation_steps=setup.grad_accum,
+            max_completion_length=setup.completion_len, _metrics={"train": defaultdict(list),
+                                                                  "eval": defaultdict(list)},
+            args=types.SimpleNamespace(delta=None, use_bias_correction_kl=True, steps_per_generation=setup.grad_accum))
+        shim._get_per_token_logps_and_entropies = types.MethodType(
+            self._grpo.GRPOTrainer._get_per_token_logps_and_entropies, shim)
+        return shim
+
+    def _grpo_loss(self, forward_module, input_ids, on_logits=None, position_ids=None):
+        """GRPOTrainer's training forward (``_compute_loss``, grpo_trainer.py:3020) on R completions of a buffered
+        generation batch (``_generate_and_score_completions``' output: prompt and completion ids and masks,
+        advantages [R], ``num_items_in_batch``); beta=0 (the reference's log-probs are computed while scoring,
+        before the step: the estimate's reference-forward moment)."""
+        from ..terms.tasks import training_rows
+
+        setup = self.setup
+        rows = training_rows(setup, setup.batch_size)
+        inputs = {"prompt_ids": torch.zeros(rows, setup.prompt_len, dtype=torch.long),
+                  "prompt_mask": torch.ones(rows, setup.prompt_len, dtype=torch.long),
+                  "completion_ids": torch.zeros(rows, setup.completion_len, dtype=torch.long),
+                  "completion_mask": torch.ones(rows, setup.completion_len, dtype=torch.long),
+                  "advantages": torch.zeros(rows), "num_items_in_batch": torch.tensor(float(rows))}
+        return self._grpo.GRPOTrainer._compute_loss(self._grpo_shim(), self.model, inputs)
+
+    def _dpo_loss(self, forward_module, input_ids, on_logits=None, position_ids=None):
+        """The collator's batch of 2·b rows and ``DPOTrainer._compute_loss`` (``input_ids`` of the HF step unused)."""
+        setup = self.setup
+        b, s = setup.batch_size, setup.seq_len
+        inputs = {"input_ids": torch.zeros(2 * b, s, dtype=torch.long),
+                  "attention_mask": torch.ones(2 * b, s, dtype=torch.long),
+                  "completion_mask": torch.ones(2 * b, s, dtype=torch.long)}
+        if setup.prompt_len:
+            inputs["completion_mask"][:, :setup.prompt_len] = 0
+        shim = self._shim()
+        if shim.precompute_ref_logps:
+            inputs["ref_chosen_logps"] = torch.zeros(b)
+            inputs["ref_rejected_logps"] = torch.zeros(b)
+        return self._dpo.DPOTrainer._compute_loss(shim, self.model, inputs, return_outputs=False)
+
+    @contextlib.contextmanager
+    def _reference_forward(self, model, gradient_checkpointing_kwargs=None):
+        """``disable_gradient_checkpointing`` as the trace runs it (module docstring), marking the phase."""
+        layers = [m for m in self.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+        tracker = self.tracker
+        for layer in layers:
+            layer.gradient_checkpointing = False
+        tracker.phase, tracker.in_logits = Phase.REFERENCE_FORWARD, False
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.gradient_checkpointing = True
+            tracker.phase, tracker.in_logits = Phase.FORWARD, True
+
+    def run(self, steps: int = 2, progress=None) -> None:
+        setup = self.setup
+        width = setup.seq_len - 1
+        per_row = min(setup.completion_len, width)
+        original = self._dpo.disable_gradient_checkpointing
+        self._dpo.disable_gradient_checkpointing = self._reference_forward
+        try:
+            with _cuda_kernel_path(*self._kernel_modules), _fake_scalars(), _KnownMask(width, per_row):
+                super().run(steps, progress)
+        finally:
+            self._dpo.disable_gradient_checkpointing = original
+
+
+def _all_tensors(model: nn.Module):
+    from .qlora import quant_state_tensors
+
+    return list(model.parameters()) + list(model.buffers()) + quant_state_tensors(model)
+
+
+def check_traceable(resolved: ResolvedSetup) -> None:
+    setup = resolved.setup
+    if not setup.task.uses_fused_head:
+        raise VramcalcError(f"--task {setup.task.value} is estimate-only (modelled, not traced yet)")
+    if setup.num_gpus > 1:
+        raise VramcalcError(f"the --task {setup.task.value} trace runs one GPU; num_gpus={setup.num_gpus} is "
+                            "estimate-only")
+    if setup.attn is Attention.FLASH:
+        raise VramcalcError(f"the --task {setup.task.value} trace runs sdpa or eager: FlashAttention-2 unpads the "
+                            "padded batch (flash_attn_varlen_func), a CUDA kernel; --attn flash is estimate-only here")
+    if getattr(setup, "activation_offload", False) or setup.compile:
+        raise VramcalcError(f"the --task {setup.task.value} trace runs neither --activation-offload nor --compile")
+
+
+def trace_task(spec: ModelSpec, resolved: ResolvedSetup, *, progress=None, gpu=None):
+    """``vramcalc.trace(..., task=...)`` for the preference tasks."""
+    from ..estimator import assemble_measured
+    from .runner import run_trace
+
+    trl, _, _ = _import_trl()
+    check_traceable(resolved)
+    tracers = []
+
+    class Tracer(PreferenceStepTracer):
+        def __init__(self, *args):
+            super().__init__(*args)
+            tracers.append(self)
+
+    result = run_trace(spec, resolved, progress=progress, tracer_class=Tracer)
+    ref_bytes = tracers[0].reference_weight_bytes if tracers else 0
+    return assemble_measured(
+        spec, resolved, result.terms, result.phase, source="trace (trl)", gpu=gpu, paged_bytes=result.paged_bytes,
+        details={"trace_seconds": round(result.seconds, 3), "trace_peak_rss_bytes": result.peak_rss_bytes,
+                 "trace_stack": "trl", "trace_stack_version": trl.__version__, "task": resolved.setup.task.value,
+                 "reference_model_bytes": ref_bytes,
+                 "phase_peaks": {phase.value: peak for phase, peak in result.phase_peaks.items()}})
+
+
+__all__ = ["trace_task", "PreferenceStepTracer", "build_reference_model"]
