@@ -84,7 +84,11 @@ class FamilyTraits:
     lora_qv: tuple[str, ...] = ("q_proj", "v_proj")  # the modules "qv" means in this family
     # Layer layouts other than Llama's (phi, gpt_neox, falcon, qwen): see ``LAYOUTS`` for the module names
     layer_norm: bool = False  # nn.LayerNorm with weight and bias instead of RMSNorm
-    gemma_norm: bool = False  # GemmaRMSNorm: (x * rsqrt) * (1 + w) in fp32, then cast (saves its fp32 output)
+    gemma_norm: bool = False  # GemmaRMSNorm: (x * rsqrt) * (1 + w) in fp32, then cast (saves its fp32 output);
+    # Olmo2RMSNorm's (w * y).to(input dtype) saves the same tensors
+    pre_norms: bool = True  # False: no input_layernorm nor pre-MLP norm; the Linears read the residual (olmo2)
+    post_norms: bool = False  # a norm on the attention output and one on the MLP output (gemma2, olmo2)
+    qk_norm_whole: bool = False  # q_norm, k_norm over the whole projection width a·d, k·d (olmo2), not per head
     parallel_block: bool = False  # attention and MLP both read the layer input; one residual add (GPT-J style)
     gated_mlp: bool = True  # False: fc1 -> GELU -> fc2 (two Linears, both with bias)
     lm_head_bias: bool = False  # Phi-1/2: lm_head = nn.Linear(h, V, bias=True)
@@ -112,7 +116,8 @@ FAMILIES: dict[str, FamilyTraits] = {
     # models/qwen3_moe/modeling_qwen3_moe.py: no shared expert
     "qwen3_moe": FamilyTraits(qk_norm=True, moe=True),
     # models/gemma2/modeling_gemma2.py: 4 norms, tied, _supports_sdpa = False, final logit softcap
-    "gemma2": FamilyTraits(norms_per_layer=4, supports_sdpa=False, logit_softcap=True, default_tied=True),
+    "gemma2": FamilyTraits(norms_per_layer=4, supports_sdpa=False, logit_softcap=True, default_tied=True,
+                           post_norms=True),
     # models/phi3/modeling_phi3.py: fused qkv_proj and gate_up_proj
     "phi3": FamilyTraits(fused_qkv=True, fused_gate_up=True, lora_qv=("qkv_proj",), qkv_names=("qkv_proj",),
                          mlp_names=("gate_up_proj", "down_proj")),
@@ -139,6 +144,11 @@ FAMILIES: dict[str, FamilyTraits] = {
                            default_tied=True, bnb_quantizable=False, always_masked=True, lora_qv=("query_key_value",),
                            qkv_names=("query_key_value",), o_name="dense",
                            mlp_names=("dense_h_to_4h", "dense_4h_to_h")),
+    # models/olmo2/modeling_olmo2.py (transformers 5.25): Llama projections and MLP; q_norm, k_norm are
+    # Olmo2RMSNorm(a·d), (k·d) on the whole q_proj, k_proj outputs (L209-210, L224-225); no input norm: the layer
+    # normalises the attention and MLP outputs (post_attention_layernorm, post_feedforward_layernorm, L281-282,
+    # L295-312); Olmo2RMSNorm returns (w * y).to(input dtype) (L58-63); untied (configuration_olmo2.py L82)
+    "olmo2": FamilyTraits(qk_norm=True, qk_norm_whole=True, pre_norms=False, post_norms=True, gemma_norm=True),
     # Qwen v1 (remote code ``modeling_qwen.py`` of Qwen/Qwen-7B, QWenLMHeadModel; no transformers class): fused
     # c_attn with bias, attn.c_proj without, RMSNorm ln_1/ln_2/ln_f, QWenMLP a1 = w1(x), a2 = w2(x),
     # mlp.c_proj(a1 * silu(a2)) with w1, w2: h -> intermediate_size / 2; lm_head untied
@@ -424,8 +434,9 @@ def _attention(m: ModelSpec, count: int):
         parts.append(_linear(v, h, k * d, count, m.qkv_bias))
         parts.append(_linear(t.o_name, a * d, h, count, m.o_bias))
     if m.qk_norm:
-        norms += [ParamTensor("q_norm.weight", ParamKind.NORM, (d,), count, scope="layer"),
-                  ParamTensor("k_norm.weight", ParamKind.NORM, (d,), count, scope="layer")]
+        q_width, k_width = (a * d, k * d) if t.qk_norm_whole else (d, d)
+        norms += [ParamTensor("q_norm.weight", ParamKind.NORM, (q_width,), count, scope="layer"),
+                  ParamTensor("k_norm.weight", ParamKind.NORM, (k_width,), count, scope="layer")]
     return parts, norms
 
 

@@ -280,9 +280,9 @@ class _LayerWalk(ParallelBlockWalk):
         m = self.m
         if m.traits.parallel_block:
             return self.parallel_attention_block()  # layouts.py
-        n = self.norm(m.hidden_size, self.dt.r)
+        n = self.norm(m.hidden_size, self.dt.r) if m.traits.pre_norms else self.dt.r
         out = self._mla(n) if m.traits.mla else self._attention(n)
-        if self.gemma:
+        if m.traits.post_norms:
             self.norm(m.hidden_size, out)  # post_attention_layernorm on the attention output
 
     def _attention(self, n: int) -> int:
@@ -291,7 +291,9 @@ class _LayerWalk(ParallelBlockWalk):
         c = dt.c
         uses = [self.use(name, h) for name in m.traits.qkv_names]
         qkv = self.linears(uses, n)
-        if m.qk_norm:
+        if m.qk_norm and m.traits.qk_norm_whole:  # olmo2: over the whole projection
+            qkv = max(self.norm(a * d, qkv), self.norm(k * d, qkv))
+        elif m.qk_norm:
             qkv = max(self.norm(d, qkv, rows=a), self.norm(d, qkv, rows=k))  # q_norm, k_norm per head
         embed = max(qkv, dt.r)  # RoPE multiplies by cos/sin in the residual dtype
         o_use = self.use(m.traits.o_name, a * d)
@@ -374,9 +376,9 @@ class _LayerWalk(ParallelBlockWalk):
         m = self.m
         if m.traits.parallel_block:
             return self.parallel_mlp_block()  # layouts.py
-        n = self.norm(m.hidden_size, self.dt.r)
+        n = self.norm(m.hidden_size, self.dt.r) if m.traits.pre_norms else self.dt.r
         out = self._moe(n) if moe else self._gated_mlp(n, m.mlp_width, prefix="")
-        if self.gemma:
+        if m.traits.post_norms:
             self.norm(m.hidden_size, out)  # post_feedforward_layernorm
 
     def _gated_mlp(self, n: int, width: int, prefix: str) -> int:

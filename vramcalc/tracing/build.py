@@ -54,7 +54,7 @@ def hf_config(spec: ModelSpec):
             return AutoConfig.for_model(family, **_LAYOUT_CONFIG[family](spec, fields))
     if family not in ("phi3", "qwen2", "deepseek_v3"):
         fields["head_dim"] = spec.head_dim
-    if family in ("llama", "qwen3", "qwen3_moe", "gemma2", "deepseek_v3"):
+    if family in ("llama", "qwen3", "qwen3_moe", "gemma2", "deepseek_v3", "olmo2"):
         fields["attention_bias"] = spec.o_bias
     if family == "llama":
         fields["mlp_bias"] = spec.mlp_bias

@@ -1,0 +1,78 @@
+"""Families people fine-tune in 2026 (issue 13, item 2): exact parameter counts against the transformers model built
+on ``meta`` from transformers' default config of each model_type (written as config.json and read back) and from
+a tiny config, and the estimate within 3% (1% median) of the trace on tiny real configs over the setups of
+tests/test_families_devset.py."""
+
+import json
+import statistics
+
+import pytest
+
+from vramcalc.estimator import step_moments
+from vramcalc.hf_config import load_config
+from vramcalc.model import ModelSpec
+from vramcalc.training_setup import resolve_setup
+
+from .conftest import needs_torch
+from .test_families_devset import SETUPS
+
+TOLERANCE = 0.03  # issue 13: within 3% on each setup
+MEDIAN_TOLERANCE = 0.01  # and 1% median over a family's setups
+
+# Tiny configs that keep each family's structure: grouped kv heads, whole-width q/k norms and post-norms (olmo2)
+TINY = {
+    "olmo2": ModelSpec(name="tiny-olmo2", family="olmo2", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                       head_dim=64, intermediate_size=768, vocab_size=2048, qk_norm=True),
+}
+FAMILIES = sorted(TINY)
+
+
+def _meta_count(config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum({id(p): p.numel() for p in model.parameters()}.values())  # tied weights once
+
+
+@needs_torch
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_config_json_count_equals_the_meta_built_transformers_model(family, tmp_path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(family)
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    assert load_config(tmp_path).params == _meta_count(config)
+
+
+@needs_torch
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_count_equals_the_meta_built_transformers_model(family):
+    from vramcalc.tracing.build import hf_config
+
+    spec = TINY[family]
+    assert spec.params == _meta_count(hf_config(spec))
+
+
+def _relative_errors(family):
+    from vramcalc.tracing.runner import run_trace
+
+    spec = TINY[family]
+    errors = []
+    for options in SETUPS:
+        resolved = resolve_setup(spec, **options)
+        estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
+        traced = sum(run_trace(spec, resolved, progress=False).terms.values())
+        errors.append((estimated - traced) / traced)
+    return errors
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("family", FAMILIES)
+def test_estimated_peak_is_within_3_percent_of_the_trace_on_every_setup(family):
+    errors = _relative_errors(family)
+    print(family, " ".join(f"{e:+.4f}" for e in errors))
+    assert max(abs(e) for e in errors) < TOLERANCE, errors
+    assert statistics.median(abs(e) for e in errors) < MEDIAN_TOLERANCE, errors
