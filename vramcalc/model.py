@@ -88,6 +88,7 @@ class FamilyTraits:
     # Olmo2RMSNorm's (w * y).to(input dtype) saves the same tensors
     pre_norms: bool = True  # False: no input_layernorm nor pre-MLP norm; the Linears read the residual (olmo2)
     post_norms: bool = False  # a norm on the attention output and one on the MLP output (gemma2, olmo2)
+    embedding_multiplier: bool = False  # the embedding's output is scaled after embed_tokens' forward (granite)
     qk_norm_whole: bool = False  # q_norm, k_norm over the whole projection width a·d, k·d (olmo2), not per head
     parallel_block: bool = False  # attention and MLP both read the layer input; one residual add (GPT-J style)
     gated_mlp: bool = True  # False: fc1 -> GELU -> fc2 (two Linears, both with bias)
@@ -149,6 +150,10 @@ FAMILIES: dict[str, FamilyTraits] = {
     # normalises the attention and MLP outputs (post_attention_layernorm, post_feedforward_layernorm, L281-282,
     # L295-312); Olmo2RMSNorm returns (w * y).to(input dtype) (L58-63); untied (configuration_olmo2.py L82)
     "olmo2": FamilyTraits(qk_norm=True, qk_norm_whole=True, pre_norms=False, post_norms=True, gemma_norm=True),
+    # models/granite/modeling_granite.py (transformers 5.25): Llama's modules (L115-228); embedding_multiplier (L388),
+    # residual_multiplier (L275, L280) and logits_scaling (L489) multiply by Python scalars, which save no tensor
+    # (a transient copy only, below the peak), and attention_multiplier is SDPA's scale (L124, L174)
+    "granite": FamilyTraits(embedding_multiplier=True),
     # Qwen v1 (remote code ``modeling_qwen.py`` of Qwen/Qwen-7B, QWenLMHeadModel; no transformers class): fused
     # c_attn with bias, attn.c_proj without, RMSNorm ln_1/ln_2/ln_f, QWenMLP a1 = w1(x), a2 = w2(x),
     # mlp.c_proj(a1 * silu(a2)) with w1, w2: h -> intermediate_size / 2; lm_head untied

@@ -587,9 +587,10 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     if layer.offload and not grad_ckpt:
         # the rotary cos and sin are saved by the layers' RoPE products only: offloaded, the device copies die
         total += Saved(per_token=-2 * layer.dtypes.r * model.rope_dim)
-    if grad_ckpt and layer.offload and layer.method.uses_lora:
+    if grad_ckpt and layer.method.uses_lora and (layer.offload or model.traits.embedding_multiplier):
         # transformers' enable_input_require_grads (checkpointing with peft) makes the embedding's output a leaf
-        # that requires grad: autograd's AccumulateGrad node holds it on the device, offloaded or not
+        # that requires grad: autograd's AccumulateGrad node holds it on the device, offloaded or not, and beside
+        # the first layer's input when that is a scaled copy (granite: ``inputs_embeds * embedding_multiplier``)
         first = Saved(per_token=layer.dtypes.r * model.hidden_size) + layer_kept(model, layer, grad_ckpt, first_moe,
                                                                                  masked)
     elif grad_ckpt or layer.offload:
