@@ -44,6 +44,7 @@ LAYOUT_FIELDS = {
     "falcon": ("num_kv_heads", "n_head_kv", "n_head", "n_layer", "n_embed", "new_decoder_architecture", "multi_query",
                "parallel_attn", "alibi", "bias", "ffn_hidden_size", "num_ln_in_parallel_attn"),
     "qwen": ("kv_channels", "rotary_pct", "no_bias"),
+    "starcoder2": ("use_bias",),
 }
 # Legacy key names that the config classes map onto the standard ones (``attribute_map``)
 _ALIASES = {"falcon": {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embed"}}
@@ -329,6 +330,11 @@ def _layout_fields(f: _Fields, family: str, fields: dict) -> dict:
         if fields["intermediate_size"] < 2:
             raise VramcalcError("config.json field 'intermediate_size' must be at least 2 for qwen (w1 and w2 are "
                                 "intermediate_size / 2 wide)")
+    elif family == "starcoder2":
+        # Starcoder2Config: num_key_value_heads 2, use_bias True on every Linear but lm_head
+        # (configuration_starcoder2.py L65, L79; modeling_starcoder2.py L57-58, L153-156)
+        bias = f.flag("use_bias", True)
+        out.update(num_kv_heads=f.integer("num_key_value_heads", 2), qkv_bias=bias, o_bias=bias, mlp_bias=bias)
     if out.get("rotary_dim") == out.get("head_dim"):
         out["rotary_dim"] = 0
     return out

@@ -154,6 +154,11 @@ FAMILIES: dict[str, FamilyTraits] = {
     # residual_multiplier (L275, L280) and logits_scaling (L489) multiply by Python scalars, which save no tensor
     # (a transient copy only, below the peak), and attention_multiplier is SDPA's scale (L124, L174)
     "granite": FamilyTraits(embedding_multiplier=True),
+    # models/starcoder2/modeling_starcoder2.py (transformers 5.25): q/k/v/o_proj with bias=use_bias (L153-156), two
+    # nn.LayerNorm with bias before attention and MLP, sequential residuals (L212-244), c_fc -> gelu_pytorch_tanh ->
+    # c_proj with bias (L53-66), final nn.LayerNorm (L323), tied (configuration_starcoder2.py L80); sliding window
+    # through the mask (L358); dropouts default to 0 (a no-op: ATen ``dropout`` returns its input for p = 0)
+    "starcoder2": FamilyTraits(layer_norm=True, gated_mlp=False, default_tied=True, mlp_names=("c_fc", "c_proj")),
     # Qwen v1 (remote code ``modeling_qwen.py`` of Qwen/Qwen-7B, QWenLMHeadModel; no transformers class): fused
     # c_attn with bias, attn.c_proj without, RMSNorm ln_1/ln_2/ln_f, QWenMLP a1 = w1(x), a2 = w2(x),
     # mlp.c_proj(a1 * silu(a2)) with w1, w2: h -> intermediate_size / 2; lm_head untied

@@ -280,7 +280,9 @@ class _LayerWalk(ParallelBlockWalk):
         m = self.m
         if m.traits.parallel_block:
             return self.parallel_attention_block()  # layouts.py
-        n = self.norm(m.hidden_size, self.dt.r) if m.traits.pre_norms else self.dt.r
+        # the layer input: r, or fp32 after the first layer under QLoRA in LayerNorm layouts (``residual_bytes``)
+        self._x_in = residual_bytes(m, self.layer) if self.grad else self.dt.r
+        n = self.norm(m.hidden_size, self._x_in) if m.traits.pre_norms else self.dt.r
         out = self._mla(n) if m.traits.mla else self._attention(n)
         if m.traits.post_norms:
             self.norm(m.hidden_size, out)  # post_attention_layernorm on the attention output
@@ -376,8 +378,12 @@ class _LayerWalk(ParallelBlockWalk):
         m = self.m
         if m.traits.parallel_block:
             return self.parallel_mlp_block()  # layouts.py
-        n = self.norm(m.hidden_size, self.dt.r) if m.traits.pre_norms else self.dt.r
-        out = self._moe(n) if moe else self._gated_mlp(n, m.mlp_width, prefix="")
+        self._x_saved = False  # starcoder2: the MLP's LayerNorm reads x + attention, not the layer input
+        n = self.norm(m.hidden_size, self._x_in) if m.traits.pre_norms else self.dt.r
+        if moe or m.traits.gated_mlp:
+            out = self._moe(n) if moe else self._gated_mlp(n, m.mlp_width, prefix="")
+        else:
+            out = self._plain_mlp(n, False)  # layouts.py: up -> GELU -> down
         if m.traits.post_norms:
             self.norm(m.hidden_size, out)  # post_feedforward_layernorm
 

@@ -116,8 +116,14 @@ def _gemma_config(spec: ModelSpec, fields: dict) -> dict:
     return dict(fields, head_dim=spec.head_dim, attention_bias=spec.o_bias)
 
 
-# model_type -> the config keys of the families whose layout is not Llama's (phi, gpt_neox, falcon, gemma)
-_LAYOUT_CONFIG = {"phi": _phi_config, "gpt_neox": _gpt_neox_config, "falcon": _falcon_config, "gemma": _gemma_config}
+def _starcoder2_config(spec: ModelSpec, fields: dict) -> dict:
+    return dict(fields, head_dim=spec.head_dim, use_bias=spec.qkv_bias, sliding_window=spec.sliding_window,
+                residual_dropout=0.0, embedding_dropout=0.0, attention_dropout=0.0)
+
+
+# model_type -> the config keys of the families whose layout is not Llama's (phi, gpt_neox, falcon, gemma, starcoder2)
+_LAYOUT_CONFIG = {"phi": _phi_config, "gpt_neox": _gpt_neox_config, "falcon": _falcon_config, "gemma": _gemma_config,
+                  "starcoder2": _starcoder2_config}
 
 
 @contextlib.contextmanager
