@@ -20,7 +20,7 @@ TOLERANCE = 0.03  # issue 13: within 3% on each setup
 MEDIAN_TOLERANCE = 0.01  # and 1% median over a family's setups
 
 # Tiny configs that keep each family's structure: grouped kv heads, whole-width q/k norms and post-norms (olmo2), scalar multipliers (granite), LayerNorm + GELU with biases and a sliding window
-# shorter than some setups' sequences (starcoder2)
+# shorter than some setups' sequences (starcoder2), NoPE layers (smollm3)
 TINY = {
     "olmo2": ModelSpec(name="tiny-olmo2", family="olmo2", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                        head_dim=64, intermediate_size=768, vocab_size=2048, qk_norm=True),
@@ -29,6 +29,9 @@ TINY = {
     "starcoder2": ModelSpec(name="tiny-starcoder2", family="starcoder2", hidden_size=256, num_layers=2, num_heads=4,
                             num_kv_heads=2, head_dim=64, intermediate_size=1024, vocab_size=2048,
                             tie_word_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True, sliding_window=384),
+    # four layers: SmolLM3Config's no_rope_layer_interval 4 makes the last one NoPE
+    "smollm3": ModelSpec(name="tiny-smollm3", family="smollm3", hidden_size=256, num_layers=4, num_heads=4,
+                         num_kv_heads=2, head_dim=64, intermediate_size=768, vocab_size=2048, tie_word_embeddings=True),
 }
 FAMILIES = sorted(TINY)
 
@@ -82,3 +85,25 @@ def test_estimated_peak_is_within_3_percent_of_the_trace_on_every_setup(family):
     print(family, " ".join(f"{e:+.4f}" for e in errors))
     assert max(abs(e) for e in errors) < TOLERANCE, errors
     assert statistics.median(abs(e) for e in errors) < MEDIAN_TOLERANCE, errors
+
+
+@needs_torch
+def test_the_tiny_smollm3_trace_has_a_nope_layer():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vramcalc.tracing.build import hf_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(TINY["smollm3"]))
+    assert [layer.self_attn.use_rope for layer in model.model.layers] == [1, 1, 1, 0]
+
+
+def test_smollm3_sliding_window_is_refused_in_one_line():
+    from vramcalc.errors import VramcalcError
+    from vramcalc.hf_config import spec_from_config
+
+    config = dict(model_type="smollm3", hidden_size=64, num_attention_heads=4, num_hidden_layers=4,
+                  intermediate_size=128, vocab_size=100, use_sliding_window=True, sliding_window=32)
+    with pytest.raises(VramcalcError, match="use_sliding_window"):
+        spec_from_config(config)

@@ -45,6 +45,7 @@ LAYOUT_FIELDS = {
                "parallel_attn", "alibi", "bias", "ffn_hidden_size", "num_ln_in_parallel_attn"),
     "qwen": ("kv_channels", "rotary_pct", "no_bias"),
     "starcoder2": ("use_bias",),
+    "smollm3": ("no_rope_layers", "no_rope_layer_interval", "layer_types"),
 }
 # Legacy key names that the config classes map onto the standard ones (``attribute_map``)
 _ALIASES = {"falcon": {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embed"}}
@@ -335,6 +336,13 @@ def _layout_fields(f: _Fields, family: str, fields: dict) -> dict:
         # (configuration_starcoder2.py L65, L79; modeling_starcoder2.py L57-58, L153-156)
         bias = f.flag("use_bias", True)
         out.update(num_kv_heads=f.integer("num_key_value_heads", 2), qkv_bias=bias, o_bias=bias, mlp_bias=bias)
+    elif family == "smollm3":
+        # SmolLM3Config: num_key_value_heads 4, use_sliding_window False (configuration_smollm3.py L76, L86); with
+        # it, only the NoPE layers slide (L105-112), a per-layer mix the estimate does not model
+        if f.flag("use_sliding_window", False) and f.integer("sliding_window") is not None:
+            raise VramcalcError("smollm3 with use_sliding_window is not supported (its NoPE layers slide and the "
+                                "others do not; the estimate models one window for every layer)")
+        out.update(num_kv_heads=f.integer("num_key_value_heads", 4), sliding_window=None)
     if out.get("rotary_dim") == out.get("head_dim"):
         out["rotary_dim"] = 0
     return out

@@ -159,6 +159,10 @@ FAMILIES: dict[str, FamilyTraits] = {
     # c_proj with bias (L53-66), final nn.LayerNorm (L323), tied (configuration_starcoder2.py L80); sliding window
     # through the mask (L358); dropouts default to 0 (a no-op: ATen ``dropout`` returns its input for p = 0)
     "starcoder2": FamilyTraits(layer_norm=True, gated_mlp=False, default_tied=True, mlp_names=("c_fc", "c_proj")),
+    # models/smollm3/modeling_smollm3.py (transformers 5.25): Llama's modules (L166-280); layers whose
+    # no_rope_layers entry is 0 skip RoPE (L192, L215-217): SDPA then saves views of the q_proj and k_proj outputs
+    # instead of the rotated copies, the same bytes; tied (configuration_smollm3.py L94)
+    "smollm3": FamilyTraits(default_tied=True),
     # Qwen v1 (remote code ``modeling_qwen.py`` of Qwen/Qwen-7B, QWenLMHeadModel; no transformers class): fused
     # c_attn with bias, attn.c_proj without, RMSNorm ln_1/ln_2/ln_f, QWenMLP a1 = w1(x), a2 = w2(x),
     # mlp.c_proj(a1 * silu(a2)) with w1, w2: h -> intermediate_size / 2; lm_head untied

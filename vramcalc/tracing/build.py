@@ -54,9 +54,9 @@ def hf_config(spec: ModelSpec):
             return AutoConfig.for_model(family, **_LAYOUT_CONFIG[family](spec, fields))
     if family not in ("phi3", "qwen2", "deepseek_v3"):
         fields["head_dim"] = spec.head_dim
-    if family in ("llama", "qwen3", "qwen3_moe", "gemma2", "deepseek_v3", "olmo2", "granite"):
+    if family in ("llama", "qwen3", "qwen3_moe", "gemma2", "deepseek_v3", "olmo2", "granite", "smollm3"):
         fields["attention_bias"] = spec.o_bias
-    if family in ("llama", "granite"):
+    if family in ("llama", "granite", "smollm3"):
         fields["mlp_bias"] = spec.mlp_bias
     if spec.sliding_window and family in ("gemma2", "mistral", "mixtral", "phi3"):
         fields["sliding_window"] = spec.sliding_window
