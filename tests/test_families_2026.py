@@ -20,7 +20,8 @@ TOLERANCE = 0.03  # issue 13: within 3% on each setup
 MEDIAN_TOLERANCE = 0.01  # and 1% median over a family's setups
 
 # Tiny configs that keep each family's structure: grouped kv heads, whole-width q/k norms and post-norms (olmo2), scalar multipliers (granite), LayerNorm + GELU with biases and a sliding window
-# shorter than some setups' sequences (starcoder2), NoPE layers (smollm3)
+# shorter than some setups' sequences (starcoder2), NoPE layers (smollm3), sliding and
+# full layers with per-head q/k norms and four norms (gemma3_text)
 TINY = {
     "olmo2": ModelSpec(name="tiny-olmo2", family="olmo2", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                        head_dim=64, intermediate_size=768, vocab_size=2048, qk_norm=True),
@@ -32,6 +33,11 @@ TINY = {
     # four layers: SmolLM3Config's no_rope_layer_interval 4 makes the last one NoPE
     "smollm3": ModelSpec(name="tiny-smollm3", family="smollm3", hidden_size=256, num_layers=4, num_heads=4,
                          num_kv_heads=2, head_dim=64, intermediate_size=768, vocab_size=2048, tie_word_embeddings=True),
+    # one sliding and one full layer (two rotary tables, two eager masks); a window past every setup's sequence
+    "gemma3_text": ModelSpec(name="tiny-gemma3", family="gemma3_text", hidden_size=256, num_layers=2, num_heads=4,
+                             num_kv_heads=2, head_dim=64, intermediate_size=768, vocab_size=2048,
+                             tie_word_embeddings=True, qk_norm=True, sliding_window=2048,
+                             layer_types=("sliding_attention", "full_attention")),
 }
 FAMILIES = sorted(TINY)
 
@@ -107,3 +113,13 @@ def test_smollm3_sliding_window_is_refused_in_one_line():
                   intermediate_size=128, vocab_size=100, use_sliding_window=True, sliding_window=32)
     with pytest.raises(VramcalcError, match="use_sliding_window"):
         spec_from_config(config)
+
+
+def test_gemma3_text_past_its_window_is_refused_under_sdpa_and_estimated_under_eager():
+    import vramcalc as vc
+    from vramcalc.errors import VramcalcError
+
+    spec = TINY["gemma3_text"]
+    with pytest.raises(VramcalcError, match="sliding window"):
+        vc.estimate(spec, seq_len=2048)
+    assert vc.estimate(spec, seq_len=2048, attn="eager").total_bytes > 0

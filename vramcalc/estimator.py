@@ -202,6 +202,7 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     if setup.packing:  # one row of b·s tokens (DataCollatorWithFlattening)
         b, s = 1, b * s
     masked = activations.attention_masked(spec, s, resolved.attn_used, setup.packing, sequences)
+    activations.refuse_mixed_layer_masks(spec, s, resolved.attn_used)
     if not hasattr(masked, "shape"):
         return _moments(spec, resolved, b, s, masked)
     if masked.all() or not masked.any():

@@ -163,6 +163,12 @@ FAMILIES: dict[str, FamilyTraits] = {
     # no_rope_layers entry is 0 skip RoPE (L192, L215-217): SDPA then saves views of the q_proj and k_proj outputs
     # instead of the rotated copies, the same bytes; tied (configuration_smollm3.py L94)
     "smollm3": FamilyTraits(default_tied=True),
+    # models/gemma3/modeling_gemma3.py (transformers 5.25): Gemma3RMSNorm (x * rsqrt) * (1 + w) in fp32, then
+    # type_as(x) (L119-133); q_norm, k_norm per head (L310-311, L329-330); input, post_attention,
+    # pre_feedforward and post_feedforward norms (L367-400); embedding scaled inside Gemma3TextScaledWordEmbedding
+    # (L89-100); sliding and full layers (config.layer_types), one rotary table and one mask per kind (L527-534);
+    # supports sdpa (L413); tied (configuration_gemma3.py L88)
+    "gemma3_text": FamilyTraits(norms_per_layer=4, post_norms=True, qk_norm=True, gemma_norm=True, default_tied=True),
     # Qwen v1 (remote code ``modeling_qwen.py`` of Qwen/Qwen-7B, QWenLMHeadModel; no transformers class): fused
     # c_attn with bias, attn.c_proj without, RMSNorm ln_1/ln_2/ln_f, QWenMLP a1 = w1(x), a2 = w2(x),
     # mlp.c_proj(a1 * silu(a2)) with w1, w2: h -> intermediate_size / 2; lm_head untied
@@ -266,6 +272,7 @@ class ModelSpec:
     # partial rotary and Falcon's layout
     rotary_dim: int = 0  # rotary width per head (phi partial_rotary_factor, gpt_neox rotary_pct); 0: all of head_dim
     new_decoder_architecture: bool = False  # falcon: grouped kv heads and two LayerNorms (ln_attn, ln_mlp) per layer
+    layer_types: tuple[str, ...] = ()  # gemma3_text: "sliding_attention" or "full_attention" per layer
     # catalogue metadata (not architecture)
     hf_repo: str = ""
     license: str = ""
@@ -341,6 +348,17 @@ class ModelSpec:
         if self.family == "falcon" and self.new_decoder_architecture:
             return 2
         return self.traits.norms_per_layer
+
+    @property
+    def rope_tables(self) -> int:
+        """Rotary cos/sin tables built per forward: one per layer kind in use (gemma3_text: local and global)."""
+        return len(set(self.layer_types)) or 1
+
+    @property
+    def mask_kinds(self) -> int:
+        """4-D masks built per forward under eager attention: Gemma-2's full and sliding ones, one per layer kind in
+        use for gemma3_text, else one."""
+        return 2 if self.family == "gemma2" else len(set(self.layer_types)) or 1
 
     @property
     def mlp_width(self) -> int:

@@ -54,6 +54,7 @@ import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from ..errors import VramcalcError
 from ..facts import adapter_bits
 from ..model import ModelSpec, cached_field_hash, state_without_hash
 from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Method, Precision
@@ -421,13 +422,28 @@ class _LayerWalk(ParallelBlockWalk):
 
 
 def sliding_window_masked(model: ModelSpec, seq_len):
-    """Whether transformers builds a 4-D attention mask: the model has a sliding window shorter than the sequence
-    (``masking_utils.sliding_window_causal_mask``; SDPA then leaves the flash kernel). ``seq_len`` is the padded
+    """Whether transformers builds a 4-D attention mask: the model has a sliding window no longer than the sequence
+    (``masking_utils.sliding_window_causal_mask``; ``_ignore_causal_mask_sdpa`` skips it only while kv_length <
+    sliding_window, transformers 5.25 L356; SDPA then leaves the flash kernel). ``seq_len`` is the padded
     sequence length (prompt tuning's virtual tokens included); elementwise when it is a numpy array."""
     window = model.sliding_window
     if not window:
         return False
-    return select(seq_len > window, True, False) if hasattr(seq_len, "shape") else seq_len > window
+    return select(seq_len >= window, True, False) if hasattr(seq_len, "shape") else seq_len >= window
+
+
+def refuse_mixed_layer_masks(model: ModelSpec, seq_len, attn_used: Attention) -> None:
+    """gemma3_text with sliding and full layers and a sequence reaching the window (``sliding_window_masked``): under sdpa its sliding layers get a
+    4-D mask (memory-efficient kernel) and its full layers none (flash), a per-layer split the estimate does not
+    model yet: refused in one line. Eager attention masks every layer, so it is estimated."""
+    if len(set(model.layer_types)) < 2 or attn_used is Attention.EAGER:
+        return
+    masked = sliding_window_masked(model, seq_len)
+    if masked.any() if hasattr(masked, "any") else masked:
+        raise VramcalcError(f"{model.family} with a sequence as long as its sliding window ({model.sliding_window}) "
+                            "or longer is not modelled yet under sdpa or flash attention (its sliding layers get a "
+                            f"mask, its full layers do not); use a sequence shorter than {model.sliding_window} or "
+                            "--attn eager")
 
 
 def attention_masked(model: ModelSpec, seq_len, attn_used: Attention, packing: bool, sequences=2):
@@ -497,9 +513,9 @@ def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: 
     once per forward by ``*RotaryEmbedding``) and the int64 position ids. Under checkpointing the 4-D attention
     masks are checkpoint inputs too (memory-math.md 5.3): eager's [b, 1, s, s] in the compute dtype, one per mask
     kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window mask (``masked``)."""
-    saved = Saved(per_token=2 * dt.r * model.rope_dim + 8)
+    saved = Saved(per_token=2 * dt.r * model.rope_dim * model.rope_tables + 8)
     if grad_ckpt:
-        mask_kinds = 2 if model.family == "gemma2" else 1
+        mask_kinds = model.mask_kinds
         if attn_used is Attention.EAGER:
             saved += Saved(per_square=mask_kinds * (dt.c if dt.autocast else dt.r))
         elif masked:
@@ -592,7 +608,7 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     first_moe = model.is_moe_layer(0)
     if layer.offload and not grad_ckpt:
         # the rotary cos and sin are saved by the layers' RoPE products only: offloaded, the device copies die
-        total += Saved(per_token=-2 * layer.dtypes.r * model.rope_dim)
+        total += Saved(per_token=-2 * layer.dtypes.r * model.rope_dim * model.rope_tables)
     if grad_ckpt and layer.method.uses_lora and (layer.offload or model.traits.embedding_multiplier):
         # transformers' enable_input_require_grads (checkpointing with peft) makes the embedding's output a leaf
         # that requires grad: autograd's AccumulateGrad node holds it on the device, offloaded or not, and beside

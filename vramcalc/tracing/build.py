@@ -121,9 +121,16 @@ def _starcoder2_config(spec: ModelSpec, fields: dict) -> dict:
                 residual_dropout=0.0, embedding_dropout=0.0, attention_dropout=0.0)
 
 
-# model_type -> the config keys of the families whose layout is not Llama's (phi, gpt_neox, falcon, gemma, starcoder2)
+def _gemma3_text_config(spec: ModelSpec, fields: dict) -> dict:
+    types = list(spec.layer_types) or ["full_attention"] * spec.num_layers
+    return dict(fields, head_dim=spec.head_dim, attention_bias=spec.o_bias, layer_types=types,
+                sliding_window=spec.sliding_window, query_pre_attn_scalar=spec.head_dim)
+
+
+# model_type -> the config keys of the families whose layout is not Llama's (phi, gpt_neox, falcon, gemma, starcoder2,
+# gemma3_text)
 _LAYOUT_CONFIG = {"phi": _phi_config, "gpt_neox": _gpt_neox_config, "falcon": _falcon_config, "gemma": _gemma_config,
-                  "starcoder2": _starcoder2_config}
+                  "starcoder2": _starcoder2_config, "gemma3_text": _gemma3_text_config}
 
 
 @contextlib.contextmanager
