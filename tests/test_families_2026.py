@@ -123,3 +123,17 @@ def test_gemma3_text_past_its_window_is_refused_under_sdpa_and_estimated_under_e
     with pytest.raises(VramcalcError, match="sliding window"):
         vc.estimate(spec, seq_len=2048)
     assert vc.estimate(spec, seq_len=2048, attn="eager").total_bytes > 0
+
+
+@needs_torch
+def test_a_gemma3_checkpoint_text_config_with_class_defaults_counts_like_transformers(tmp_path):
+    # google/gemma-3-4b-it config.json: text_config lists only what differs from Gemma3TextConfig's defaults
+    from transformers import AutoConfig
+
+    text = {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+            "sliding_window": 1024}
+    wrapper = {"model_type": "gemma3", "text_config": text}
+    (tmp_path / "config.json").write_text(json.dumps(wrapper))
+    spec = load_config(tmp_path)
+    assert spec.family == "gemma3_text" and spec.num_heads == 8 and spec.num_kv_heads == 4 and spec.head_dim == 256
+    assert spec.params == _meta_count(AutoConfig.for_model(**text))

@@ -51,6 +51,11 @@ LAYOUT_FIELDS = {
                     "use_bidirectional_attention"),
 }
 _LAYER_TYPES = ("sliding_attention", "full_attention")
+# Config-class defaults of fields read as required elsewhere, for families whose published configs omit them:
+# Gemma-3 multimodal checkpoints nest a text_config with only the fields that differ from Gemma3TextConfig's
+# defaults (transformers 5.25 configuration_gemma3.py L73-77)
+_CLASS_DEFAULTS = {"gemma3_text": {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
+                                   "num_hidden_layers": 26, "num_attention_heads": 8}}
 # Legacy key names that the config classes map onto the standard ones (``attribute_map``)
 _ALIASES = {"falcon": {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embed"}}
 
@@ -196,6 +201,9 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
             return spec_from_config(nested, name=name)
         raise VramcalcError(_unsupported(family, config))
     traits = FAMILIES[family]
+    defaults = {key: value for key, value in _CLASS_DEFAULTS.get(family, {}).items() if config.get(key) is None}
+    if defaults:
+        config = {**config, **defaults}
     for key, alias in _ALIASES.get(family, {}).items():  # FalconConfig.attribute_map: n_layer, n_head, n_embed
         if config.get(key) is None and config.get(alias) is not None:
             config = {**config, key: config[alias]}
