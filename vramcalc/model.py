@@ -88,6 +88,7 @@ class FamilyTraits:
     # Olmo2RMSNorm's (w * y).to(input dtype) saves the same tensors
     pre_norms: bool = True  # False: no input_layernorm nor pre-MLP norm; the Linears read the residual (olmo2)
     post_norms: bool = False  # a norm on the attention output and one on the MLP output (gemma2, olmo2)
+    rope_fp32: bool = False  # the rotary embedding returns fp32 cos and sin, not the hidden dtype (olmo2)
     embedding_multiplier: bool = False  # the embedding's output is scaled after embed_tokens' forward (granite)
     qk_norm_whole: bool = False  # q_norm, k_norm over the whole projection width a·d, k·d (olmo2), not per head
     parallel_block: bool = False  # attention and MLP both read the layer input; one residual add (GPT-J style)
@@ -148,8 +149,10 @@ FAMILIES: dict[str, FamilyTraits] = {
     # models/olmo2/modeling_olmo2.py (transformers 5.25): Llama projections and MLP; q_norm, k_norm are
     # Olmo2RMSNorm(a·d), (k·d) on the whole q_proj, k_proj outputs (L209-210, L224-225); no input norm: the layer
     # normalises the attention and MLP outputs (post_attention_layernorm, post_feedforward_layernorm, L281-282,
-    # L295-312); Olmo2RMSNorm returns (w * y).to(input dtype) (L58-63); untied (configuration_olmo2.py L82)
-    "olmo2": FamilyTraits(qk_norm=True, qk_norm_whole=True, pre_norms=False, post_norms=True, gemma_norm=True),
+    # L295-312); Olmo2RMSNorm returns (w * y).to(input dtype) (L58-63); Olmo2RotaryEmbedding returns fp32 cos, sin
+    # (L105-110; apply_rotary_pos_emb casts q, k back); untied (configuration_olmo2.py L82)
+    "olmo2": FamilyTraits(qk_norm=True, qk_norm_whole=True, pre_norms=False, post_norms=True, gemma_norm=True,
+                          rope_fp32=True),
     # models/granite/modeling_granite.py (transformers 5.25): Llama's modules (L115-228); embedding_multiplier (L388),
     # residual_multiplier (L275, L280) and logits_scaling (L489) multiply by Python scalars, which save no tensor
     # (a transient copy only, below the peak), and attention_multiplier is SDPA's scale (L124, L174)

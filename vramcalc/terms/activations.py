@@ -509,11 +509,12 @@ def first_layer_needs_grad(method: Method) -> bool:
 
 @functools.lru_cache(maxsize=4096)
 def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: bool, masked: bool = False) -> Saved:
-    """Tensors every layer reads and backward keeps to the end: rotary cos and sin (r·d_rope each per token, made
+    """Tensors every layer reads and backward keeps to the end: rotary cos and sin (r·d_rope each per token, fp32 in olmo2, made
     once per forward by ``*RotaryEmbedding``) and the int64 position ids. Under checkpointing the 4-D attention
     masks are checkpoint inputs too (memory-math.md 5.3): eager's [b, 1, s, s] in the compute dtype, one per mask
     kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window mask (``masked``)."""
-    saved = Saved(per_token=2 * dt.r * model.rope_dim * model.rope_tables + 8)
+    rope = _F32 if model.traits.rope_fp32 else dt.r
+    saved = Saved(per_token=2 * rope * model.rope_dim * model.rope_tables + 8)
     if grad_ckpt:
         mask_kinds = model.mask_kinds
         if attn_used is Attention.EAGER:
@@ -608,7 +609,8 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     first_moe = model.is_moe_layer(0)
     if layer.offload and not grad_ckpt:
         # the rotary cos and sin are saved by the layers' RoPE products only: offloaded, the device copies die
-        total += Saved(per_token=-2 * layer.dtypes.r * model.rope_dim * model.rope_tables)
+        rope = _F32 if model.traits.rope_fp32 else layer.dtypes.r
+        total += Saved(per_token=-2 * rope * model.rope_dim * model.rope_tables)
     if grad_ckpt and layer.method.uses_lora and (layer.offload or model.traits.embedding_multiplier):
         # transformers' enable_input_require_grads (checkpointing with peft) makes the embedding's output a leaf
         # that requires grad: autograd's AccumulateGrad node holds it on the device, offloaded or not, and beside
