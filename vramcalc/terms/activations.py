@@ -509,8 +509,8 @@ def first_layer_needs_grad(method: Method) -> bool:
 
 @functools.lru_cache(maxsize=4096)
 def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: bool, masked: bool = False) -> Saved:
-    """Tensors every layer reads and backward keeps to the end: rotary cos and sin (r·d_rope each per token, fp32 in olmo2, made
-    once per forward by ``*RotaryEmbedding``) and the int64 position ids. Under checkpointing the 4-D attention
+    """Tensors every layer reads and backward keeps to the end: rotary cos and sin (r·d_rope each per token, 4·d_rope in
+    olmo2; made once per forward by ``*RotaryEmbedding``) and the int64 position ids. Under checkpointing the 4-D attention
     masks are checkpoint inputs too (memory-math.md 5.3): eager's [b, 1, s, s] in the compute dtype, one per mask
     kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window mask (``masked``)."""
     rope = _F32 if model.traits.rope_fp32 else dt.r
