@@ -19,9 +19,10 @@ from .test_families_devset import SETUPS
 TOLERANCE = 0.03  # issue 13: within 3% on each setup
 MEDIAN_TOLERANCE = 0.01  # and 1% median over a family's setups
 
-# Tiny configs that keep each family's structure: grouped kv heads, whole-width q/k norms and post-norms (olmo2), scalar multipliers (granite), LayerNorm + GELU with biases and a sliding window
-# shorter than some setups' sequences (starcoder2), NoPE layers (smollm3), sliding and
-# full layers with per-head q/k norms and four norms (gemma3_text)
+# Tiny configs that keep each family's structure: grouped kv heads, whole-width q/k norms and post-norms (olmo2),
+# scalar multipliers (granite), LayerNorm + GELU with biases and a sliding window shorter than some setups'
+# sequences (starcoder2), NoPE layers (smollm3), sliding and full layers with per-head q/k norms and four norms
+# (gemma3_text)
 TINY = {
     "olmo2": ModelSpec(name="tiny-olmo2", family="olmo2", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                        head_dim=64, intermediate_size=768, vocab_size=2048, qk_norm=True),

@@ -433,9 +433,10 @@ def sliding_window_masked(model: ModelSpec, seq_len):
 
 
 def refuse_mixed_layer_masks(model: ModelSpec, seq_len, attn_used: Attention) -> None:
-    """gemma3_text with sliding and full layers and a sequence reaching the window (``sliding_window_masked``): under sdpa its sliding layers get a
-    4-D mask (memory-efficient kernel) and its full layers none (flash), a per-layer split the estimate does not
-    model yet: refused in one line. Eager attention masks every layer, so it is estimated."""
+    """gemma3_text with sliding and full layers and a sequence reaching the window (``sliding_window_masked``):
+    under sdpa its sliding layers get a 4-D mask (memory-efficient kernel) and its full layers none (flash), a per-
+    layer split the estimate does not model yet: refused in one line. Eager attention masks every layer, so it is
+    estimated."""
     if len(set(model.layer_types)) < 2 or attn_used is Attention.EAGER:
         return
     masked = sliding_window_masked(model, seq_len)
@@ -509,10 +510,11 @@ def first_layer_needs_grad(method: Method) -> bool:
 
 @functools.lru_cache(maxsize=4096)
 def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: bool, masked: bool = False) -> Saved:
-    """Tensors every layer reads and backward keeps to the end: rotary cos and sin (r·d_rope each per token, 4·d_rope in
-    olmo2; made once per forward by ``*RotaryEmbedding``) and the int64 position ids. Under checkpointing the 4-D attention
-    masks are checkpoint inputs too (memory-math.md 5.3): eager's [b, 1, s, s] in the compute dtype, one per mask
-    kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window mask (``masked``)."""
+    """Tensors every layer reads and backward keeps to the end: rotary cos and sin (r·d_rope each per token,
+    4·d_rope in olmo2; made once per forward by ``*RotaryEmbedding``) and the int64 position ids. Under
+    checkpointing the 4-D attention masks are checkpoint inputs too (memory-math.md 5.3): eager's [b, 1, s, s] in
+    the compute dtype, one per mask kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window
+    mask (``masked``)."""
     rope = _F32 if model.traits.rope_fp32 else dt.r
     saved = Saved(per_token=2 * rope * model.rope_dim * model.rope_tables + 8)
     if grad_ckpt:
