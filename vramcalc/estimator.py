@@ -223,6 +223,7 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     masked = activations.attention_masked(spec, s, resolved.attn_used, dense_packing, sequences)
     if setup.task.uses_fused_head:  # the collator's padded 2-D attention mask reaches the attention (terms/tasks.py)
         masked = tasks.preference_masked(masked, resolved.attn_used)
+    activations.refuse_mixed_layer_masks(spec, s, resolved.attn_used)
     if not hasattr(masked, "shape"):
         return _moments(spec, resolved, b, s, masked)
     if masked.all() or not masked.any():

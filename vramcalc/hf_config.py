@@ -22,7 +22,8 @@ from .model import FAMILIES, MAX_SIZES, SUPPORTED_FAMILIES, ModelSpec
 
 # Config-class defaults that differ from "hidden_size // num_attention_heads" and "untied".
 _DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "gemma2": 256,
-                     "gemma": 256}  # models/gemma/configuration_gemma.py L72: head_dim = 256
+                     "gemma": 256,  # models/gemma/configuration_gemma.py L72: head_dim = 256
+                     "gemma3_text": 256}  # models/gemma3/configuration_gemma3.py L79
 # Where each family keeps its expert count.
 _EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
 # A real config.json is a few kB (DeepSeek-V3's, the largest in the catalogue, is 1.7 kB); refuse anything that
@@ -44,7 +45,17 @@ LAYOUT_FIELDS = {
     "falcon": ("num_kv_heads", "n_head_kv", "n_head", "n_layer", "n_embed", "new_decoder_architecture", "multi_query",
                "parallel_attn", "alibi", "bias", "ffn_hidden_size", "num_ln_in_parallel_attn"),
     "qwen": ("kv_channels", "rotary_pct", "no_bias"),
+    "starcoder2": ("use_bias",),
+    "smollm3": ("no_rope_layers", "no_rope_layer_interval", "layer_types"),
+    "gemma3_text": ("layer_types", "sliding_window_pattern", "final_logit_softcapping", "attn_logit_softcapping",
+                    "use_bidirectional_attention"),
 }
+_LAYER_TYPES = ("sliding_attention", "full_attention")
+# Config-class defaults of fields read as required elsewhere, for families whose published configs omit them:
+# Gemma-3 multimodal checkpoints nest a text_config with only the fields that differ from Gemma3TextConfig's
+# defaults (transformers 5.25 configuration_gemma3.py L73-77)
+_CLASS_DEFAULTS = {"gemma3_text": {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
+                                   "num_hidden_layers": 26, "num_attention_heads": 8}}
 # Legacy key names that the config classes map onto the standard ones (``attribute_map``)
 _ALIASES = {"falcon": {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embed"}}
 
@@ -190,6 +201,9 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
             return spec_from_config(nested, name=name)
         raise VramcalcError(_unsupported(family, config))
     traits = FAMILIES[family]
+    defaults = {key: value for key, value in _CLASS_DEFAULTS.get(family, {}).items() if config.get(key) is None}
+    if defaults:
+        config = {**config, **defaults}
     for key, alias in _ALIASES.get(family, {}).items():  # FalconConfig.attribute_map: n_layer, n_head, n_embed
         if config.get(key) is None and config.get(alias) is not None:
             config = {**config, key: config[alias]}
@@ -329,6 +343,41 @@ def _layout_fields(f: _Fields, family: str, fields: dict) -> dict:
         if fields["intermediate_size"] < 2:
             raise VramcalcError("config.json field 'intermediate_size' must be at least 2 for qwen (w1 and w2 are "
                                 "intermediate_size / 2 wide)")
+    elif family == "starcoder2":
+        # Starcoder2Config: num_key_value_heads 2, use_bias True on every Linear but lm_head
+        # (configuration_starcoder2.py L65, L79; modeling_starcoder2.py L57-58, L153-156)
+        bias = f.flag("use_bias", True)
+        out.update(num_kv_heads=f.integer("num_key_value_heads", 2), qkv_bias=bias, o_bias=bias, mlp_bias=bias)
+    elif family == "smollm3":
+        # SmolLM3Config: num_key_value_heads 4, use_sliding_window False (configuration_smollm3.py L76, L86); with
+        # it, only the NoPE layers slide (L105-112), a per-layer mix the estimate does not model
+        if f.flag("use_sliding_window", False) and f.integer("sliding_window") is not None:
+            raise VramcalcError("smollm3 with use_sliding_window is not supported (its NoPE layers slide and the "
+                                "others do not; the estimate models one window for every layer)")
+        out.update(num_kv_heads=f.integer("num_key_value_heads", 4), sliding_window=None)
+    elif family == "gemma3_text":
+        out.update(_gemma3_fields(f, fields["num_layers"]))
     if out.get("rotary_dim") == out.get("head_dim"):
         out["rotary_dim"] = 0
     return out
+
+
+def _gemma3_fields(f: _Fields, layers: int) -> dict:
+    """Gemma3TextConfig (transformers 5.25 configuration_gemma3.py): num_key_value_heads 4 (L78), sliding_window
+    4096 (L93), layer_types from the config or, every sliding_window_pattern-th layer (6) full, the rest sliding
+    (L104-111). Soft-capping and bidirectional attention (off by default, L95-97) are refused by name."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if f.config.get(key) is not None:
+            raise VramcalcError(f"gemma3_text with {key} is not supported (the estimate models Gemma-3 without "
+                                "soft-capping)")
+    if f.flag("use_bidirectional_attention", False):
+        raise VramcalcError("gemma3_text with use_bidirectional_attention is not supported")
+    types = f.config.get("layer_types")
+    if types is None:
+        pattern = f.integer("sliding_window_pattern", 6, maximum=MAX_SIZES["num_hidden_layers"])
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers or any(t not in _LAYER_TYPES for t in types):
+        raise f._bad("layer_types", f"a list of {layers} of {' or '.join(map(repr, _LAYER_TYPES))}", types)
+    window = f.integer("sliding_window", 4096)
+    return dict(num_kv_heads=f.integer("num_key_value_heads", 4), layer_types=tuple(types),
+                sliding_window=window if "sliding_attention" in types else None)

@@ -84,7 +84,13 @@ class FamilyTraits:
     lora_qv: tuple[str, ...] = ("q_proj", "v_proj")  # the modules "qv" means in this family
     # Layer layouts other than Llama's (phi, gpt_neox, falcon, qwen): see ``LAYOUTS`` for the module names
     layer_norm: bool = False  # nn.LayerNorm with weight and bias instead of RMSNorm
-    gemma_norm: bool = False  # GemmaRMSNorm: (x * rsqrt) * (1 + w) in fp32, then cast (saves its fp32 output)
+    gemma_norm: bool = False  # GemmaRMSNorm: (x * rsqrt) * (1 + w) in fp32, then cast (saves its fp32 output);
+    # Olmo2RMSNorm's (w * y).to(input dtype) saves the same tensors
+    pre_norms: bool = True  # False: no input_layernorm nor pre-MLP norm; the Linears read the residual (olmo2)
+    post_norms: bool = False  # a norm on the attention output and one on the MLP output (gemma2, olmo2)
+    rope_fp32: bool = False  # the rotary embedding returns fp32 cos and sin, not the hidden dtype (olmo2)
+    embedding_multiplier: bool = False  # the embedding's output is scaled after embed_tokens' forward (granite)
+    qk_norm_whole: bool = False  # q_norm, k_norm over the whole projection width a·d, k·d (olmo2), not per head
     parallel_block: bool = False  # attention and MLP both read the layer input; one residual add (GPT-J style)
     gated_mlp: bool = True  # False: fc1 -> GELU -> fc2 (two Linears, both with bias)
     lm_head_bias: bool = False  # Phi-1/2: lm_head = nn.Linear(h, V, bias=True)
@@ -112,7 +118,8 @@ FAMILIES: dict[str, FamilyTraits] = {
     # models/qwen3_moe/modeling_qwen3_moe.py: no shared expert
     "qwen3_moe": FamilyTraits(qk_norm=True, moe=True),
     # models/gemma2/modeling_gemma2.py: 4 norms, tied, _supports_sdpa = False, final logit softcap
-    "gemma2": FamilyTraits(norms_per_layer=4, supports_sdpa=False, logit_softcap=True, default_tied=True),
+    "gemma2": FamilyTraits(norms_per_layer=4, supports_sdpa=False, logit_softcap=True, default_tied=True,
+                           post_norms=True),
     # models/phi3/modeling_phi3.py: fused qkv_proj and gate_up_proj
     "phi3": FamilyTraits(fused_qkv=True, fused_gate_up=True, lora_qv=("qkv_proj",), qkv_names=("qkv_proj",),
                          mlp_names=("gate_up_proj", "down_proj")),
@@ -139,6 +146,32 @@ FAMILIES: dict[str, FamilyTraits] = {
                            default_tied=True, bnb_quantizable=False, always_masked=True, lora_qv=("query_key_value",),
                            qkv_names=("query_key_value",), o_name="dense",
                            mlp_names=("dense_h_to_4h", "dense_4h_to_h")),
+    # models/olmo2/modeling_olmo2.py (transformers 5.25): Llama projections and MLP; q_norm, k_norm are
+    # Olmo2RMSNorm(a·d), (k·d) on the whole q_proj, k_proj outputs (L209-210, L224-225); no input norm: the layer
+    # normalises the attention and MLP outputs (post_attention_layernorm, post_feedforward_layernorm, L281-282,
+    # L295-312); Olmo2RMSNorm returns (w * y).to(input dtype) (L58-63); Olmo2RotaryEmbedding returns fp32 cos, sin
+    # (L105-110; apply_rotary_pos_emb casts q, k back); untied (configuration_olmo2.py L82)
+    "olmo2": FamilyTraits(qk_norm=True, qk_norm_whole=True, pre_norms=False, post_norms=True, gemma_norm=True,
+                          rope_fp32=True),
+    # models/granite/modeling_granite.py (transformers 5.25): Llama's modules (L115-228); embedding_multiplier (L388),
+    # residual_multiplier (L275, L280) and logits_scaling (L489) multiply by Python scalars, which save no tensor
+    # (a transient copy only, below the peak), and attention_multiplier is SDPA's scale (L124, L174)
+    "granite": FamilyTraits(embedding_multiplier=True),
+    # models/starcoder2/modeling_starcoder2.py (transformers 5.25): q/k/v/o_proj with bias=use_bias (L153-156), two
+    # nn.LayerNorm with bias before attention and MLP, sequential residuals (L212-244), c_fc -> gelu_pytorch_tanh ->
+    # c_proj with bias (L53-66), final nn.LayerNorm (L323), tied (configuration_starcoder2.py L80); sliding window
+    # through the mask (L358); dropouts default to 0 (a no-op: ATen ``dropout`` returns its input for p = 0)
+    "starcoder2": FamilyTraits(layer_norm=True, gated_mlp=False, default_tied=True, mlp_names=("c_fc", "c_proj")),
+    # models/smollm3/modeling_smollm3.py (transformers 5.25): Llama's modules (L166-280); layers whose
+    # no_rope_layers entry is 0 skip RoPE (L192, L215-217): SDPA then saves views of the q_proj and k_proj outputs
+    # instead of the rotated copies, the same bytes; tied (configuration_smollm3.py L94)
+    "smollm3": FamilyTraits(default_tied=True),
+    # models/gemma3/modeling_gemma3.py (transformers 5.25): Gemma3RMSNorm (x * rsqrt) * (1 + w) in fp32, then
+    # type_as(x) (L119-133); q_norm, k_norm per head (L310-311, L329-330); input, post_attention,
+    # pre_feedforward and post_feedforward norms (L367-400); embedding scaled inside Gemma3TextScaledWordEmbedding
+    # (L89-100); sliding and full layers (config.layer_types), one rotary table and one mask per kind (L527-534);
+    # supports sdpa (L413); tied (configuration_gemma3.py L88)
+    "gemma3_text": FamilyTraits(norms_per_layer=4, post_norms=True, qk_norm=True, gemma_norm=True, default_tied=True),
     # Qwen v1 (remote code ``modeling_qwen.py`` of Qwen/Qwen-7B, QWenLMHeadModel; no transformers class): fused
     # c_attn with bias, attn.c_proj without, RMSNorm ln_1/ln_2/ln_f, QWenMLP a1 = w1(x), a2 = w2(x),
     # mlp.c_proj(a1 * silu(a2)) with w1, w2: h -> intermediate_size / 2; lm_head untied
@@ -242,6 +275,7 @@ class ModelSpec:
     # partial rotary and Falcon's layout
     rotary_dim: int = 0  # rotary width per head (phi partial_rotary_factor, gpt_neox rotary_pct); 0: all of head_dim
     new_decoder_architecture: bool = False  # falcon: grouped kv heads and two LayerNorms (ln_attn, ln_mlp) per layer
+    layer_types: tuple[str, ...] = ()  # gemma3_text: "sliding_attention" or "full_attention" per layer
     # catalogue metadata (not architecture)
     hf_repo: str = ""
     license: str = ""
@@ -317,6 +351,17 @@ class ModelSpec:
         if self.family == "falcon" and self.new_decoder_architecture:
             return 2
         return self.traits.norms_per_layer
+
+    @property
+    def rope_tables(self) -> int:
+        """Rotary cos/sin tables built per forward: one per layer kind in use (gemma3_text: local and global)."""
+        return len(set(self.layer_types)) or 1
+
+    @property
+    def mask_kinds(self) -> int:
+        """4-D masks built per forward under eager attention: Gemma-2's full and sliding ones, one per layer kind in
+        use for gemma3_text, else one."""
+        return 2 if self.family == "gemma2" else len(set(self.layer_types)) or 1
 
     @property
     def mlp_width(self) -> int:
@@ -424,8 +469,9 @@ def _attention(m: ModelSpec, count: int):
         parts.append(_linear(v, h, k * d, count, m.qkv_bias))
         parts.append(_linear(t.o_name, a * d, h, count, m.o_bias))
     if m.qk_norm:
-        norms += [ParamTensor("q_norm.weight", ParamKind.NORM, (d,), count, scope="layer"),
-                  ParamTensor("k_norm.weight", ParamKind.NORM, (d,), count, scope="layer")]
+        q_width, k_width = (a * d, k * d) if t.qk_norm_whole else (d, d)
+        norms += [ParamTensor("q_norm.weight", ParamKind.NORM, (q_width,), count, scope="layer"),
+                  ParamTensor("k_norm.weight", ParamKind.NORM, (k_width,), count, scope="layer")]
     return parts, norms
 
 

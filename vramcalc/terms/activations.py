@@ -54,6 +54,7 @@ import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from ..errors import VramcalcError
 from ..facts import adapter_bits
 from ..model import ModelSpec, cached_field_hash, state_without_hash
 from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Method, Precision
@@ -303,9 +304,11 @@ class _LayerWalk(ParallelBlockWalk):
         m = self.m
         if m.traits.parallel_block:
             return self.parallel_attention_block()  # layouts.py
-        n = self.norm(m.hidden_size, self.dt.r)
+        # the layer input: r, or fp32 after the first layer under QLoRA in LayerNorm layouts (``residual_bytes``)
+        self._x_in = residual_bytes(m, self.layer) if self.grad else self.dt.r
+        n = self.norm(m.hidden_size, self._x_in) if m.traits.pre_norms else self.dt.r
         out = self._mla(n) if m.traits.mla else self._attention(n)
-        if self.gemma:
+        if m.traits.post_norms:
             self.norm(m.hidden_size, out)  # post_attention_layernorm on the attention output
 
     def _attention(self, n: int) -> int:
@@ -317,7 +320,9 @@ class _LayerWalk(ParallelBlockWalk):
             qkv = stack_layers.fused_qkv_lora_linears(self, uses, n)
         else:
             qkv = self.linears(uses, n)
-        if m.qk_norm:
+        if m.qk_norm and m.traits.qk_norm_whole:  # olmo2: over the whole projection
+            qkv = max(self.norm(a * d, qkv), self.norm(k * d, qkv))
+        elif m.qk_norm:
             qkv = max(self.norm(d, qkv, rows=a), self.norm(d, qkv, rows=k))  # q_norm, k_norm per head
         embed = max(qkv, dt.r)  # RoPE multiplies by cos/sin in the residual dtype
         o_use = self.use(m.traits.o_name, a * d)
@@ -405,9 +410,13 @@ class _LayerWalk(ParallelBlockWalk):
         m = self.m
         if m.traits.parallel_block:
             return self.parallel_mlp_block()  # layouts.py
-        n = self.norm(m.hidden_size, self.dt.r)
-        out = self._moe(n) if moe else self._gated_mlp(n, m.mlp_width, prefix="")
-        if self.gemma:
+        self._x_saved = False  # starcoder2: the MLP's LayerNorm reads x + attention, not the layer input
+        n = self.norm(m.hidden_size, self._x_in) if m.traits.pre_norms else self.dt.r
+        if moe or m.traits.gated_mlp:
+            out = self._moe(n) if moe else self._gated_mlp(n, m.mlp_width, prefix="")
+        else:
+            out = self._plain_mlp(n, False)  # layouts.py: up -> GELU -> down
+        if m.traits.post_norms:
             self.norm(m.hidden_size, out)  # post_feedforward_layernorm
 
     def _gated_mlp(self, n: int, width: int, prefix: str) -> int:
@@ -444,13 +453,29 @@ class _LayerWalk(ParallelBlockWalk):
 
 
 def sliding_window_masked(model: ModelSpec, seq_len):
-    """Whether transformers builds a 4-D attention mask: the model has a sliding window shorter than the sequence
-    (``masking_utils.sliding_window_causal_mask``; SDPA then leaves the flash kernel). ``seq_len`` is the padded
+    """Whether transformers builds a 4-D attention mask: the model has a sliding window no longer than the sequence
+    (``masking_utils.sliding_window_causal_mask``; ``_ignore_causal_mask_sdpa`` skips it only while kv_length <
+    sliding_window, transformers 5.25 L356; SDPA then leaves the flash kernel). ``seq_len`` is the padded
     sequence length (prompt tuning's virtual tokens included); elementwise when it is a numpy array."""
     window = model.sliding_window
     if not window:
         return False
-    return select(seq_len > window, True, False) if hasattr(seq_len, "shape") else seq_len > window
+    return select(seq_len >= window, True, False) if hasattr(seq_len, "shape") else seq_len >= window
+
+
+def refuse_mixed_layer_masks(model: ModelSpec, seq_len, attn_used: Attention) -> None:
+    """gemma3_text with sliding and full layers and a sequence reaching the window (``sliding_window_masked``):
+    under sdpa its sliding layers get a 4-D mask (memory-efficient kernel) and its full layers none (flash), a per-
+    layer split the estimate does not model yet: refused in one line. Eager attention masks every layer, so it is
+    estimated."""
+    if len(set(model.layer_types)) < 2 or attn_used is Attention.EAGER:
+        return
+    masked = sliding_window_masked(model, seq_len)
+    if masked.any() if hasattr(masked, "any") else masked:
+        raise VramcalcError(f"{model.family} with a sequence as long as its sliding window ({model.sliding_window}) "
+                            "or longer is not modelled yet under sdpa or flash attention (its sliding layers get a "
+                            f"mask, its full layers do not); use a sequence shorter than {model.sliding_window} or "
+                            "--attn eager")
 
 
 def attention_masked(model: ModelSpec, seq_len, attn_used: Attention, packing: bool, sequences=2):
@@ -517,16 +542,18 @@ def first_layer_needs_grad(method: Method) -> bool:
 @functools.lru_cache(maxsize=4096)
 def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: bool, masked: bool = False,
                  layers: StackLayers = HF_LAYERS) -> Saved:
-    """Tensors every layer reads and backward keeps to the end: rotary cos and sin (r·d_rope each per token, made
-    once per forward by ``*RotaryEmbedding``) and the int64 position ids. Under checkpointing the 4-D attention
-    masks are checkpoint inputs too (memory-math.md 5.3): eager's [b, 1, s, s] in the compute dtype, one per mask
-    kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window mask (``masked``). A stack
-    whose decoder indexes a rotary buffer (``stack_layers.rotary_per_forward`` False) saves none of these."""
+    """Tensors every layer reads and backward keeps to the end: rotary cos and sin (r·d_rope each per token,
+    4·d_rope in olmo2; made once per forward by ``*RotaryEmbedding``) and the int64 position ids. Under
+    checkpointing the 4-D attention masks are checkpoint inputs too (memory-math.md 5.3): eager's [b, 1, s, s] in
+    the compute dtype, one per mask kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window
+    mask (``masked``). A stack whose decoder indexes a rotary buffer (``stack_layers.rotary_per_forward`` False)
+    saves none of these."""
     if not layers.rotary_per_forward:
         return Saved()
-    saved = Saved(per_token=2 * dt.r * model.rope_dim + 8)
+    rope = _F32 if model.traits.rope_fp32 else dt.r
+    saved = Saved(per_token=2 * rope * model.rope_dim * model.rope_tables + 8)
     if grad_ckpt:
-        mask_kinds = 2 if model.family == "gemma2" else 1
+        mask_kinds = model.mask_kinds
         if attn_used is Attention.EAGER:
             saved += Saved(per_square=mask_kinds * (dt.c if dt.autocast else dt.r))
         elif masked:
@@ -620,10 +647,12 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     first_moe = model.is_moe_layer(0)
     if layer.offload and not grad_ckpt and layer.layers.rotary_per_forward:
         # the rotary cos and sin are saved by the layers' RoPE products only: offloaded, the device copies die
-        total += Saved(per_token=-2 * layer.dtypes.r * model.rope_dim)
-    if grad_ckpt and layer.offload and layer.method.uses_lora:
+        rope = _F32 if model.traits.rope_fp32 else layer.dtypes.r
+        total += Saved(per_token=-2 * rope * model.rope_dim * model.rope_tables)
+    if grad_ckpt and layer.method.uses_lora and (layer.offload or model.traits.embedding_multiplier):
         # transformers' enable_input_require_grads (checkpointing with peft) makes the embedding's output a leaf
-        # that requires grad: autograd's AccumulateGrad node holds it on the device, offloaded or not
+        # that requires grad: autograd's AccumulateGrad node holds it on the device, offloaded or not, and beside
+        # the first layer's input when that is a scaled copy (granite: ``inputs_embeds * embedding_multiplier``)
         first = Saved(per_token=layer.dtypes.r * model.hidden_size) + layer_kept(model, layer, grad_ckpt, first_moe,
                                                                                  masked)
     elif grad_ckpt or layer.offload:

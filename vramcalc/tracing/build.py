@@ -54,9 +54,9 @@ def hf_config(spec: ModelSpec):
             return AutoConfig.for_model(family, **_LAYOUT_CONFIG[family](spec, fields))
     if family not in ("phi3", "qwen2", "deepseek_v3"):
         fields["head_dim"] = spec.head_dim
-    if family in ("llama", "qwen3", "qwen3_moe", "gemma2", "deepseek_v3"):
+    if family in ("llama", "qwen3", "qwen3_moe", "gemma2", "deepseek_v3", "olmo2", "granite", "smollm3"):
         fields["attention_bias"] = spec.o_bias
-    if family == "llama":
+    if family in ("llama", "granite", "smollm3"):
         fields["mlp_bias"] = spec.mlp_bias
     if spec.sliding_window and family in ("gemma2", "mistral", "mixtral", "phi3"):
         fields["sliding_window"] = spec.sliding_window
@@ -116,8 +116,21 @@ def _gemma_config(spec: ModelSpec, fields: dict) -> dict:
     return dict(fields, head_dim=spec.head_dim, attention_bias=spec.o_bias)
 
 
-# model_type -> the config keys of the families whose layout is not Llama's (phi, gpt_neox, falcon, gemma)
-_LAYOUT_CONFIG = {"phi": _phi_config, "gpt_neox": _gpt_neox_config, "falcon": _falcon_config, "gemma": _gemma_config}
+def _starcoder2_config(spec: ModelSpec, fields: dict) -> dict:
+    return dict(fields, head_dim=spec.head_dim, use_bias=spec.qkv_bias, sliding_window=spec.sliding_window,
+                residual_dropout=0.0, embedding_dropout=0.0, attention_dropout=0.0)
+
+
+def _gemma3_text_config(spec: ModelSpec, fields: dict) -> dict:
+    types = list(spec.layer_types) or ["full_attention"] * spec.num_layers
+    return dict(fields, head_dim=spec.head_dim, attention_bias=spec.o_bias, layer_types=types,
+                sliding_window=spec.sliding_window, query_pre_attn_scalar=spec.head_dim)
+
+
+# model_type -> the config keys of the families whose layout is not Llama's (phi, gpt_neox, falcon, gemma, starcoder2,
+# gemma3_text)
+_LAYOUT_CONFIG = {"phi": _phi_config, "gpt_neox": _gpt_neox_config, "falcon": _falcon_config, "gemma": _gemma_config,
+                  "starcoder2": _starcoder2_config, "gemma3_text": _gemma3_text_config}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,140 @@
+"""Families people fine-tune in 2026 (issue 13, item 2): exact parameter counts against the transformers model built
+on ``meta`` from transformers' default config of each model_type (written as config.json and read back) and from
+a tiny config, and the estimate within 3% (1% median) of the trace on tiny real configs over the setups of
+tests/test_families_devset.py."""
+
+import json
+import statistics
+
+import pytest
+
+from vramcalc.estimator import step_moments
+from vramcalc.hf_config import load_config
+from vramcalc.model import ModelSpec
+from vramcalc.training_setup import resolve_setup
+
+from .conftest import needs_torch
+from .test_families_devset import SETUPS
+
+TOLERANCE = 0.03  # issue 13: within 3% on each setup
+MEDIAN_TOLERANCE = 0.01  # and 1% median over a family's setups
+
+# Tiny configs that keep each family's structure: grouped kv heads, whole-width q/k norms and post-norms (olmo2),
+# scalar multipliers (granite), LayerNorm + GELU with biases and a sliding window shorter than some setups'
+# sequences (starcoder2), NoPE layers (smollm3), sliding and full layers with per-head q/k norms and four norms
+# (gemma3_text)
+TINY = {
+    "olmo2": ModelSpec(name="tiny-olmo2", family="olmo2", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                       head_dim=64, intermediate_size=768, vocab_size=2048, qk_norm=True),
+    "granite": ModelSpec(name="tiny-granite", family="granite", hidden_size=256, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=64, intermediate_size=768, vocab_size=2048, tie_word_embeddings=True),
+    "starcoder2": ModelSpec(name="tiny-starcoder2", family="starcoder2", hidden_size=256, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=64, intermediate_size=1024, vocab_size=2048,
+                            tie_word_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True, sliding_window=384),
+    # four layers: SmolLM3Config's no_rope_layer_interval 4 makes the last one NoPE
+    "smollm3": ModelSpec(name="tiny-smollm3", family="smollm3", hidden_size=256, num_layers=4, num_heads=4,
+                         num_kv_heads=2, head_dim=64, intermediate_size=768, vocab_size=2048, tie_word_embeddings=True),
+    # one sliding and one full layer (two rotary tables, two eager masks); a window past every setup's sequence
+    "gemma3_text": ModelSpec(name="tiny-gemma3", family="gemma3_text", hidden_size=256, num_layers=2, num_heads=4,
+                             num_kv_heads=2, head_dim=64, intermediate_size=768, vocab_size=2048,
+                             tie_word_embeddings=True, qk_norm=True, sliding_window=2048,
+                             layer_types=("sliding_attention", "full_attention")),
+}
+FAMILIES = sorted(TINY)
+
+
+def _meta_count(config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum({id(p): p.numel() for p in model.parameters()}.values())  # tied weights once
+
+
+@needs_torch
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_config_json_count_equals_the_meta_built_transformers_model(family, tmp_path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(family)
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    assert load_config(tmp_path).params == _meta_count(config)
+
+
+@needs_torch
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_count_equals_the_meta_built_transformers_model(family):
+    from vramcalc.tracing.build import hf_config
+
+    spec = TINY[family]
+    assert spec.params == _meta_count(hf_config(spec))
+
+
+def _relative_errors(family):
+    from vramcalc.tracing.runner import run_trace
+
+    spec = TINY[family]
+    errors = []
+    for options in SETUPS:
+        resolved = resolve_setup(spec, **options)
+        estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
+        traced = sum(run_trace(spec, resolved, progress=False).terms.values())
+        errors.append((estimated - traced) / traced)
+    return errors
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("family", FAMILIES)
+def test_estimated_peak_is_within_3_percent_of_the_trace_on_every_setup(family):
+    errors = _relative_errors(family)
+    print(family, " ".join(f"{e:+.4f}" for e in errors))
+    assert max(abs(e) for e in errors) < TOLERANCE, errors
+    assert statistics.median(abs(e) for e in errors) < MEDIAN_TOLERANCE, errors
+
+
+@needs_torch
+def test_the_tiny_smollm3_trace_has_a_nope_layer():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vramcalc.tracing.build import hf_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(TINY["smollm3"]))
+    assert [layer.self_attn.use_rope for layer in model.model.layers] == [1, 1, 1, 0]
+
+
+def test_smollm3_sliding_window_is_refused_in_one_line():
+    from vramcalc.errors import VramcalcError
+    from vramcalc.hf_config import spec_from_config
+
+    config = dict(model_type="smollm3", hidden_size=64, num_attention_heads=4, num_hidden_layers=4,
+                  intermediate_size=128, vocab_size=100, use_sliding_window=True, sliding_window=32)
+    with pytest.raises(VramcalcError, match="use_sliding_window"):
+        spec_from_config(config)
+
+
+def test_gemma3_text_past_its_window_is_refused_under_sdpa_and_estimated_under_eager():
+    import vramcalc as vc
+    from vramcalc.errors import VramcalcError
+
+    spec = TINY["gemma3_text"]
+    with pytest.raises(VramcalcError, match="sliding window"):
+        vc.estimate(spec, seq_len=2048)
+    assert vc.estimate(spec, seq_len=2048, attn="eager").total_bytes > 0
+
+
+@needs_torch
+def test_a_gemma3_checkpoint_text_config_with_class_defaults_counts_like_transformers(tmp_path):
+    # google/gemma-3-4b-it config.json: text_config lists only what differs from Gemma3TextConfig's defaults
+    from transformers import AutoConfig
+
+    text = {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+            "sliding_window": 1024}
+    wrapper = {"model_type": "gemma3", "text_config": text}
+    (tmp_path / "config.json").write_text(json.dumps(wrapper))
+    spec = load_config(tmp_path)
+    assert spec.family == "gemma3_text" and spec.num_heads == 8 and spec.num_kv_heads == 4 and spec.head_dim == 256
+    assert spec.params == _meta_count(AutoConfig.for_model(**text))
