@@ -252,7 +252,8 @@ def run_inference_trace(spec: ModelSpec, *, batch_size: int, prompt_len: int, ne
         with fake_mode:
             tracker.register_weights(list(model.parameters()) + list(model.buffers()))
             input_ids = torch.zeros(batch_size, prompt_len, dtype=torch.long)
-            with torch.device("cpu"), tracker, _ScalarReads(), cuda_kernel_emulation(sdpa=True), _gpu_decisions(state):
+            # the scalar policy innermost: it answers before the training trace's (cuda_emulation._fake_scalar)
+            with torch.device("cpu"), tracker, cuda_kernel_emulation(sdpa=True), _ScalarReads(), _gpu_decisions(state):
                 output = model.generate(
                     input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                     pad_token_id=0, eos_token_id=None, cache_implementation=implementation,

@@ -68,7 +68,8 @@ from ..training_setup import ResolvedSetup
 from ..units import DType, maximum, round_up
 from .gradients import gradient_bytes, layer_gradient_bytes
 from .optimizer import optimizer_state_bytes, optimizer_step_temporary_bytes
-from .parameters import StoredTensor, stored_tensors
+from .parameters import stored_tensors
+from .stored_tensor import StoredTensor
 from .states import RankStates, head_gradient_bytes, model_states
 from .weights import weight_bytes
 

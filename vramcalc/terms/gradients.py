@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..model import ModelSpec
 from ..units import round_up
-from .parameters import StoredTensor
+from .stored_tensor import StoredTensor
 
 
 def gradient_bytes(tensors: tuple[StoredTensor, ...]) -> int:

@@ -30,7 +30,8 @@ from ..facts import BNB_QUANTIZE_4BIT_SCRATCH_BYTES_PER_WEIGHT, TORCHAO_01_TO_NF
 from ..model import ModelSpec
 from ..options import Method
 from ..units import round_up
-from .parameters import StoredTensor, stored_tensors
+from .parameters import stored_tensors
+from .stored_tensor import StoredTensor
 from .weights import weight_bytes
 
 _LOAD_BYTES = 2  # checkpoints are 16-bit (bf16/fp16); transformers v5 loads dtype="auto"

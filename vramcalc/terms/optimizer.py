@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from ..facts import BNB_MIN_8BIT_NUMEL, BNB_OPTIM_BLOCKSIZE, BNB_PAGED_MIN_NUMEL
 from ..options import Optimizer
 from ..units import DType, round_up
-from .parameters import StoredTensor
+from .stored_tensor import StoredTensor
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
 BNB_QMAP_BYTES = 2 * round_up(256 * _F32)  # "dynamic" and "udynamic" code tables, once per optimizer

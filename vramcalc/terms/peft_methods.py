@@ -37,6 +37,7 @@ from ..model import ModelSpec, ParamKind
 from ..options import Method, Quant
 from ..peft_methods import IA3_FEEDFORWARD, LN_TUNING_ESTIMATED_FAMILIES
 from ..units import round_up
+from .stored_tensor import StoredTensor
 
 # adapter tensors that are vectors multiplied elementwise, never a matmul operand (so no autocast copy of them)
 VECTOR_ADAPTERS = ("lora_magnitude_vector", "ia3_l", "ln_tuning", "lora_E", "vera_lambda_d", "vera_lambda_b",
@@ -166,8 +167,6 @@ def method_tensors(model: ModelSpec, method: Method, modules: tuple[str, ...], r
     - p-tuning (``tuners/p_tuning/model.py``, ``PromptEncoder`` with the default MLP reparameterization):
       ``embedding`` [n, h] and ``mlp_head`` Linear(h, e), Linear(e, e), Linear(e, h) with biases, e =
       ``encoder_hidden_size`` (None: peft sets it to the token dim h, ``peft_model.py::_setup_prompt_encoder``)."""
-    from .parameters import StoredTensor
-
     out = []
     if method is Method.IA3:
         linears = {module.name: module for module in model.inventory.linears}

@@ -13,7 +13,7 @@ from ..model import ModelSpec
 from ..options import Method, Optimizer
 from .gradients import gradient_bytes, layer_gradient_bytes
 from .optimizer import BNB_QMAP_BYTES, optimizer_state_bytes, optimizer_step_temporary_bytes
-from .parameters import StoredTensor
+from .stored_tensor import StoredTensor
 from ..units import round_up
 from .weights import weight_bytes
 

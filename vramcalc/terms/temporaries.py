@@ -16,7 +16,7 @@ from ..units import DType, maximum, select
 from . import quantized
 from .activations import Dtypes
 from .layouts import shared_norm_grad_bytes
-from .parameters import StoredTensor
+from .stored_tensor import StoredTensor
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .parameters import StoredTensor
+from .stored_tensor import StoredTensor
 
 
 def weight_bytes(tensors: tuple[StoredTensor, ...]) -> int:

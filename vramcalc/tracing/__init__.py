@@ -1,6 +1,6 @@
 """The trace: the real Hugging Face training step at full size on fake tensors, under an allocation tracker.
 
-``vramcalc.trace()`` (in ``vramcalc/__init__.py``) is the entry point; ``runner.run_trace`` the engine.
+``vramcalc.trace()`` (in ``vramcalc/__init__.py``) is the entry point; ``engine.run_trace`` the engine.
 """
 
 import logging

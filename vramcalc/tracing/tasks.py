@@ -312,9 +312,9 @@ def check_traceable(resolved: ResolvedSetup) -> None:
 
 
 def trace_task(spec: ModelSpec, resolved: ResolvedSetup, *, progress=None, gpu=None):
-    """``vramcalc.trace(..., task=...)`` for the preference tasks."""
+    """``vramcalc.trace(..., task=...)`` for the preference tasks: the HF step with the task's step tracer."""
     from ..estimator import assemble_measured
-    from .runner import run_trace
+    from .engine import run_trace
 
     trl, _, _ = _import_trl()
     check_traceable(resolved)

@@ -24,7 +24,7 @@ from ...model import ModelSpec
 from ...options import Optimizer, Phase, Precision, Term
 from ...training_setup import ResolvedSetup
 from ..bnb_optim import PAGED_MIN_NUMEL
-from ..runner import TraceResult, _peak_rss_bytes
+from ..engine import TraceResult, _peak_rss_bytes
 from ..tracker import AllocationTracker
 
 TRACE_STEPS = 1  # traced steps after the optimizer's warm start (warm_start); the HF trace runs two cold steps

@@ -48,7 +48,7 @@ from ...model import ModelSpec
 from ...options import AdapterDtype, GradCkpt, Loss, Method, Phase, Precision, Quant, Term
 from ...progress import Progress
 from ...training_setup import ResolvedSetup
-from ..runner import reset_bnb_overrides
+from ..engine import reset_bnb_overrides
 from ..step import PhaseHooks
 from . import _driver
 

@@ -250,7 +250,7 @@ class SFTStepTracer(StepTracer):
 def trace_trl(spec: ModelSpec, resolved: ResolvedSetup, *, progress=None, gpu=None):
     """``vramcalc.trace(..., stack="trl")``: the HF trace run with ``SFTStepTracer``."""
     from ...estimator import assemble_measured
-    from ..runner import run_trace
+    from ..engine import run_trace
 
     trl, _, _ = _import_trl()
     check_traceable(resolved)

@@ -1,0 +1,110 @@
+"""``run_trace``: the engine of every trace. It builds the model, runs the training step under the allocation
+tracker on fake CPU tensors and returns the peak by term. ``runner.trace`` dispatches to it, to a stack's own code
+(``stacks/``) or to a task's trainer (``tasks.py``), which all run it."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+from ..model import ModelSpec
+from ..options import Phase, Sharding
+from ..progress import Progress
+from ..training_setup import ResolvedSetup
+
+TRACE_STEPS = 2  # optimizer state appears in the first step; its effect on forward/backward in the second
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    terms: dict  # Term -> bytes at the peak (tensor terms only)
+    phase: Phase
+    step: int
+    paged_bytes: int  # bitsandbytes paged optimizer state, outside torch's allocator
+    step_peaks: dict  # step -> peak live bytes
+    phase_peaks: dict  # Phase -> peak live bytes
+    seconds: float
+    peak_rss_bytes: int
+
+
+def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, steps: int = TRACE_STEPS,
+              progress: bool | None = None, round_to: int | None = None, tracer_class=None) -> TraceResult:
+    """Build the model, run ``steps`` training steps under the tracker, and return the peak by term.
+
+    ``fake=False`` runs on real CPU tensors (tiny models only): the tracker's self-check and the harness' CPU mode.
+    ``tracer_class``: a ``StepTracer`` subclass that prepares the model and computes the loss as a stack does (TRL).
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .build import build_model
+    from .cuda_emulation import cuda_kernel_emulation
+    from .qlora import quant_state_tensors
+    from .step import StepTracer
+    from .tracker import AllocationTracker
+
+    started = time.perf_counter()
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    tracker = AllocationTracker() if round_to is None else AllocationTracker(round_to=round_to)
+    micro_steps = steps * resolved.setup.grad_accum
+    # progress: the build, each decoder layer's forward and backward of every micro-batch, each optimizer step
+    bar = Progress(1 + micro_steps * 2 * spec.num_layers + steps, f"trace {spec.name}", "layer passes",
+                   enabled=progress, leave=False)
+    bar.set_note("building the model")
+    tracer = None
+    distributed = resolved.setup.num_gpus > 1 and resolved.setup.sharding is not Sharding.NONE
+    if distributed:
+        from . import distributed as data_parallel
+
+        data_parallel.check_traceable(resolved)
+        tracker.track_resizes = True
+    try:
+        with data_parallel.process_group(resolved.setup.num_gpus) if distributed else contextlib.nullcontext():
+            model = build_model(spec, resolved, fake_mode)
+            bar.update(1, note=f"step 1 of {steps}")
+            with fake_mode if fake_mode is not None else contextlib.nullcontext():
+                engine = None
+                if distributed and resolved.setup.sharding is Sharding.FSDP:
+                    engine = data_parallel.wrap(model, resolved, tracker)  # the sharded parameters are the weights
+                tracker.register_weights(list(model.parameters()) + list(model.buffers()) + quant_state_tensors(model))
+                if distributed and engine is None:
+                    with torch.device("cpu"), tracker:
+                        engine = data_parallel.wrap(model, resolved, tracker)  # DDP's buckets, allocated here
+                tracer = (tracer_class or StepTracer)(model, spec, resolved, tracker)
+                if engine is not None:
+                    tracer.forward_module, tracer.accumulation = engine.forward_module, engine.accumulation
+                attribution = engine.attribution(tracker) if engine is not None else contextlib.nullcontext()
+                with torch.device("cpu"), tracker, cuda_kernel_emulation(sdpa=fake), attribution:
+                    tracer.count_layers(lambda: bar.update(1))
+                    tracer.run(steps, progress=lambda note: bar.update(1, note=note))
+        terms = tracker.peak_terms()
+        return TraceResult(
+            terms=terms,
+            phase=tracker.peak.phase,
+            step=tracker.peak.step,
+            paged_bytes=tracker.paged_bytes,
+            step_peaks=dict(tracker.step_peaks),
+            phase_peaks=dict(tracker.phase_peaks),
+            seconds=time.perf_counter() - started,
+            peak_rss_bytes=_peak_rss_bytes(),
+        )
+    finally:
+        bar.close()
+        if tracer is not None:
+            tracer.remove_hooks()
+        reset_bnb_overrides()
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_bnb_overrides() -> None:
+    """bitsandbytes keeps module overrides in a process-wide singleton: leave nothing behind."""
+    module = sys.modules.get("bitsandbytes.optim.optimizer")
+    if module is not None:
+        module.GlobalOptimManager._instance = None
