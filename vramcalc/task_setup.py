@@ -113,12 +113,7 @@ def _grpo(values: dict, given: dict, origins: dict) -> None:
         origins["completion_len"] = "implied by task (GRPOConfig max_completion_length)"
     if "prompt_len" in given:
         prompt = _length(given["prompt_len"], "prompt length")
-        total = prompt + completion
-        if "seq_len" in given and values["seq_len"] != total:
-            raise VramcalcError(f"--seq-len {values['seq_len']} is not --prompt-len {prompt} + --completion-len "
-                                f"{completion}; give one of the two")
-        values["seq_len"] = total
-        origins["seq_len"] = "implied by prompt_len + completion_len"
+        _seq_len_from(values, given, origins, prompt, completion)
     else:
         prompt = values["seq_len"] - completion
         if prompt < 1:
@@ -162,12 +157,7 @@ def _lengths(values: dict, given: dict, origins: dict) -> None:
     values["prompt_len"] = prompt
     if "completion_len" in given:
         completion = _length(given["completion_len"], "completion length")
-        total = prompt + completion
-        if "seq_len" in given and values["seq_len"] != total:
-            raise VramcalcError(f"--seq-len {values['seq_len']} is not --prompt-len {prompt} + --completion-len "
-                                f"{completion} (each concatenated row is prompt + completion); give one of the two")
-        values["seq_len"] = total
-        origins["seq_len"] = "implied by prompt_len + completion_len"
+        _seq_len_from(values, given, origins, prompt, completion)
     else:
         completion = values["seq_len"] - prompt
         if completion < 1:
@@ -175,6 +165,16 @@ def _lengths(values: dict, given: dict, origins: dict) -> None:
                                 "give a longer --seq-len or --completion-len")
         origins["completion_len"] = "implied by seq_len - prompt_len"
     values["completion_len"] = completion
+
+
+def _seq_len_from(values: dict, given: dict, origins: dict, prompt: int, completion: int) -> None:
+    """A row is its prompt and its completion: both lengths given set ``seq_len``, which must then agree."""
+    total = prompt + completion
+    if "seq_len" in given and values["seq_len"] != total:
+        raise VramcalcError(f"--seq-len {values['seq_len']} is not --prompt-len {prompt} + --completion-len "
+                            f"{completion} (each row is prompt + completion); give one of the two")
+    values["seq_len"] = total
+    origins["seq_len"] = "implied by prompt_len + completion_len"
 
 
 def _length(value, what: str, zero: bool = False) -> int:

@@ -53,9 +53,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import VramcalcError
 from ..model import ModelSpec
-from ..options import AdapterDtype, Attention, GradCkpt, Method, Phase, RefModel, Task
+from ..options import Attention, GradCkpt, Phase, RefModel, Task
 from ..training_setup import ResolvedSetup
-from .stacks.trl import _bool_index, _cuda_kernel_path, _import_trl, cast_qlora_adapters
+from .stacks.trl import _bool_index, _cuda_kernel_path, _import_trl, prepare_like_trl
 from .step import StepTracer, base_model
 
 DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # dpo_trainer.py:955
@@ -170,23 +170,16 @@ class PreferenceStepTracer(StepTracer):
         from trl.trainer import dpo_trainer, grpo_trainer
 
         self._grpo = grpo_trainer
-
-        trl, trl_utils, chunked_logprob = _import_trl()
-        self._kernel_modules = (trl_utils, chunked_logprob)
         self._dpo = dpo_trainer
         setup = resolved.setup
-        is_peft = hasattr(model, "get_base_model")
-        if is_peft and setup.grad_ckpt:
-            model.enable_input_require_grads()  # dpo_trainer.py:717-718
-        if setup.method is Method.QLORA and setup.adapter_dtype is AdapterDtype.BF16:
-            tracker.register_weights(cast_qlora_adapters(model))  # dpo_trainer.py:727-729
         outputs = GRPO_OUTPUTS if setup.task is Task.GRPO else DPO_OUTPUTS
-        trl_utils.add_fused_lm_head(base_model(model), outputs=outputs)  # :955-960 (grpo_trainer.py:1068-1073)
+        self._kernel_modules = prepare_like_trl(model, resolved, tracker, outputs)
         self.ref_model = None
         if setup.ref_model is RefModel.COPY:
             from .qlora import quant_state_tensors
 
             self.ref_model = build_reference_model(spec, resolved)
+            trl_utils, _ = self._kernel_modules
             trl_utils.add_fused_lm_head(self.ref_model)  # :961-962
             tracker.register_weights(list(self.ref_model.parameters()) + list(self.ref_model.buffers())
                                      + quant_state_tensors(self.ref_model))

@@ -222,19 +222,27 @@ class SFTLoss:
         return loss
 
 
+def prepare_like_trl(model, resolved: ResolvedSetup, tracker, outputs) -> tuple:
+    """What TRL's trainers do to the model before the optimizer is built (SFTTrainer, DPOTrainer and GRPOTrainer alike):
+    with peft and checkpointing, ``enable_input_require_grads`` (sft_trainer.py:899-900, dpo_trainer.py:717-718);
+    QLoRA adapters cast to bf16 (sft_trainer.py:908-911, dpo_trainer.py:727-729); the fused lm_head with the trainer's
+    ``outputs`` (sft_trainer.py:1144-1147, dpo_trainer.py:955-960, grpo_trainer.py:1068-1073). Returns the TRL modules
+    whose kernels run on the CUDA path (``_cuda_kernel_path``)."""
+    _, trl_utils, chunked_logprob = _import_trl()
+    setup = resolved.setup
+    if hasattr(model, "get_base_model") and setup.grad_ckpt:
+        model.enable_input_require_grads()
+    if setup.method is Method.QLORA and setup.adapter_dtype is AdapterDtype.BF16:
+        tracker.register_weights(cast_qlora_adapters(model))
+    trl_utils.add_fused_lm_head(base_model(model), outputs=outputs)
+    return trl_utils, chunked_logprob
+
+
 class SFTStepTracer(StepTracer):
     """The HF step with SFTTrainer's preparation (before the optimizer is built) and ``SFTLoss``."""
 
     def __init__(self, model, spec, resolved, tracker):
-        trl, trl_utils, chunked_logprob = _import_trl()
-        self._kernel_modules = (trl_utils, chunked_logprob)
-        setup = resolved.setup
-        is_peft = hasattr(model, "get_base_model")
-        if is_peft and setup.grad_ckpt:
-            model.enable_input_require_grads()  # sft_trainer.py:899-900
-        if setup.method is Method.QLORA and setup.adapter_dtype is AdapterDtype.BF16:
-            tracker.register_weights(cast_qlora_adapters(model))  # sft_trainer.py:908-911
-        trl_utils.add_fused_lm_head(base_model(model), outputs=SFT_OUTPUTS)  # sft_trainer.py:1144-1147
+        self._kernel_modules = prepare_like_trl(model, resolved, tracker, SFT_OUTPUTS)
         super().__init__(model, spec, resolved, tracker)
 
     def _install_loss(self) -> None:
@@ -261,4 +269,4 @@ def trace_trl(spec: ModelSpec, resolved: ResolvedSetup, *, progress=None, gpu=No
                  "trace_stack": STACK, "trace_stack_version": trl.__version__})
 
 
-__all__ = ["trace_trl", "SFTStepTracer", "SFTLoss", "cast_qlora_adapters"]
+__all__ = ["trace_trl", "SFTStepTracer", "SFTLoss", "cast_qlora_adapters", "prepare_like_trl"]
