@@ -210,7 +210,7 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     at every moment; FSDP2 and ZeRO-3 add the units gathered around the compute (``GatheredTimeline``).
     """
     setup = resolved.setup
-    peft_methods.check_estimable(setup, spec.family)
+    peft_methods.check_estimable(setup, spec.family, resolved.attn_used)
     b = setup.batch_size if batch_size is None else batch_size
     s = setup.padded_seq_len if seq_len is None else seq_len + (setup.padded_seq_len - setup.seq_len)
     if setup.task.uses_fused_head:  # chosen and rejected rows, or GRPO's completions (terms/tasks.py)
@@ -221,6 +221,8 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     # torchtune attends a packed batch with flex attention's BlockMask: no dense mask (stack_layers.py)
     dense_packing = setup.packing and not stack_layers.stack_layers(setup.stack).packed_block_mask
     masked = activations.attention_masked(spec, s, resolved.attn_used, dense_packing, sequences)
+    if peft_methods.prefix_masked(setup.method):  # a key/value prefix: SDPA gets a 4-D mask
+        masked = True
     if setup.task.uses_fused_head:  # the collator's padded 2-D attention mask reaches the attention (terms/tasks.py)
         masked = tasks.preference_masked(masked, resolved.attn_used)
     activations.refuse_mixed_layer_masks(spec, s, resolved.attn_used)
@@ -331,6 +333,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     head_lora = adapters.head_lora_saved(spec, layer).bytes(b, s)
     A = A + extras.held + head_lora + adapters.embedding_lora_saved(spec, layer, ckpt, masked).bytes(b, s)
     A = A + peft_methods.prompt_encoder_saved_bytes(spec, csetup.method, dt, b, csetup.virtual_tokens)
+    A = A + peft_methods.prefix_saved_bytes(spec, csetup.method, dt, b, s, csetup.virtual_tokens)
     A = A + peft_methods.adalora_orth_reg_bytes(spec, csetup.method, compute.lora_modules, csetup.lora_rank, dt)
     head_grad = rank.head_gradient
     copies = temporaries.weight_copy_bytes(spec, dt, csetup.method, ckpt, tensors)
@@ -349,11 +352,20 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens,
                                                        setup=csetup)
     dequant = dequant + float8.layer_backward_cast_bytes(spec, setup.precision, tokens)  # fp8: torchao's casts
-    method_forward = peft_methods.forward_transient_bytes(spec, compute, dt)  # DoRA's weight-norm path, per module
-    if method_forward:  # a layer's backward: the method's own backward temporaries or, under checkpointing, its
-        # recompute's forward ones (DoRA's weight norm, LoHa's rebuilt weight), whichever is larger (one runs first)
-        dequant = dequant + maximum(method_forward if ckpt else 0,
-                                    peft_methods.backward_transient_bytes(spec, compute, dt, tokens))
+    method_forward = peft_methods.forward_transient_bytes(spec, compute, dt, tokens)  # DoRA's weight norm, per module
+    has_method_forward = peft_methods.has_forward_transients(csetup.method)
+    recompute_beside = 0
+    if has_method_forward:  # a layer's backward: the method's own backward temporaries beside the layer's backward
+        # ones (DoRA's, VeRA's, OFT's per-token gradients) or beside the layer's saved tensors and incoming gradient
+        # alone (LoHa's and LoKr's [out, in] weight gradients, in the first target's backward) or, under
+        # checkpointing, its recompute's forward ones (DoRA's weight norm, LoHa's rebuilt weight, VeRA's and OFT's
+        # per-token casts) beside the recomputed layer alone, whichever is larger (one runs first)
+        beside = peft_methods.backward_beside_bytes(spec, compute, dt, tokens)
+        if ckpt:  # beside the incoming gradients (peft_methods.recompute_incoming_grad_bytes)
+            beside = maximum(beside, peft_methods.recompute_incoming_grad_bytes(spec, dt, tokens)
+                             + peft_methods.forward_transient_bytes(spec, compute, dt, tokens, recompute=True))
+        recompute_beside = dequant + beside
+        dequant = dequant + peft_methods.backward_transient_bytes(spec, compute, dt, tokens)
     hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)
     head_saved = plan.head.bytes(b, s) + head_lora
     gathered = GatheredTimeline(spec, rank.gathering)
@@ -374,7 +386,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     if extras.head_forward_moment:  # a quantized lm_head's forward: its dequantized weight beside its output
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A, extras.head_forward_logits,
                               copies.forward + extras.head_forward))
-    if method_forward:  # the last target's forward: the layers' saved tensors, no logits yet
+    if has_method_forward:  # the last target's forward: the layers' saved tensors, no logits yet
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0, copies.forward + method_forward))
     moments += [
         Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, lg.forward_peak, copies.forward),
@@ -390,7 +402,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                copies.backward_start + (0 if lg.forward_hidden_grad else hidden_grad) + norm_backward),
     ]
     moments += _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
-                                       A - head_saved, hidden_grad, norm_backward, dequant_beside, lg.held)
+                                       A - head_saved, hidden_grad, norm_backward, dequant_beside, lg.held,
+                                       recompute_beside)
     embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens)
     if stable:
         embedding_backward = stack_layers.stable_embedding_backward_bytes(spec, dt.r, tokens)
@@ -414,7 +427,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
 
 def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                             layers_saved, hidden_grad, norm_backward, dequant_beside=None,
-                            logits_held=0) -> list[Moment]:
+                            logits_held=0, recompute_beside=0) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -427,6 +440,8 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     tensors and gradients times n), so the cost is per run, not per layer. ``dequant_beside``: a dequantization
     whose transient replaces (is not added to) the halves' backward transients (torchao NF4, stack_layers.py);
     ``logits_held``: logits the training loop still holds (litgpt's ``fit``, ``LogitsBytes.held``).
+    ``recompute_beside``: a peft method's temporaries in the checkpointed recompute of the layer's forward, beside the
+    whole recomputed layer instead of its backward transients (``terms/peft_methods.py``).
     """
     c, attn_used = layer.dtypes.c, layer.attn_used
     transient = temporaries.layer_backward_bytes(spec, c, attn_used, b, s) + dequant
@@ -436,6 +451,8 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
         transient = maximum(transient, dequant_beside)
         mlp_transient = maximum(mlp_transient, dequant_beside)
         attention_transient = maximum(attention_transient, dequant_beside)
+    transient = maximum(transient, recompute_beside)
+    mlp_transient = maximum(mlp_transient, recompute_beside)
     shared = plan.shared.bytes(b, s)
     remaining = layers_saved - shared
     runs = _layer_runs(spec)

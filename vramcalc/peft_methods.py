@@ -80,17 +80,17 @@ PEFT_METHODS: tuple[PeftMethodFacts, ...] = (
     _F("ia3", "IA3", "IA3Config", "ia3_l: [out, 1] per target, [1, in] per feed-forward target (down projection)",
        quant_base=True, formulas=True),
     _F("vera", "VERA", "VeraConfig", "lambda_d [r] and lambda_b [out] per target; shared frozen vera_A [r, max in], "
-       "vera_B [max out, r] buffers", "r", 256, dropout_kwarg="vera_dropout"),
+       "vera_B [max out, r] buffers", "r", 256, dropout_kwarg="vera_dropout", formulas=True),
     _F("loha", "LOHA", "LoHaConfig", "hada_w1_a [out, r], hada_w1_b [r, in], hada_w2_a [out, r], hada_w2_b [r, in]",
        "r", 8, dropout_kwarg="module_dropout", formulas=True),
     _F("lokr", "LOKR", "LoKrConfig", "lokr_w1 [o1, i1] and lokr_w2_a [o2, r], lokr_w2_b [r, i2] (Kronecker factors "
        "of out x in)", "r", 8, dropout_kwarg="module_dropout", formulas=True),
     _F("oft", "OFT", "OFTConfig", "oft_R: in/b blocks of b(b-1)/2 skew-symmetric entries (b = oft_block_size)",
-       "oft_block_size", 32, dropout_kwarg="module_dropout", fixed=(("r", 0),)),
+       "oft_block_size", 32, dropout_kwarg="module_dropout", fixed=(("r", 0),), formulas=True),
     _F("ln-tuning", "LN_TUNING", "LNTuningConfig", "a trainable copy of every norm layer's weight (input_layernorm, "
        "post_attention_layernorm, norm)", targets=False, formulas=True),
     _F("prefix", "PREFIX_TUNING", "PrefixTuningConfig", "embedding [n, L x 2 x kv_heads x head_dim]: a key and value "
-       "prefix per layer", targets=False, virtual_kwarg="num_virtual_tokens"),
+       "prefix per layer", targets=False, virtual_kwarg="num_virtual_tokens", formulas=True),
     _F("p-tuning", "P_TUNING", "PromptEncoderConfig", "embedding [n, h] and an MLP encoder h -> h -> h -> h "
        "(encoder_hidden_size = h)", targets=False, virtual_kwarg="num_virtual_tokens", formulas=True),
     _F("adaption-prompt", "ADAPTION_PROMPT", "AdaptionPromptConfig", "adaption_prompt [1, n, h] and a gate [1] in "

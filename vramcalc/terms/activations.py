@@ -64,7 +64,8 @@ from . import stack_layers
 from .stack_layers import HF as HF_LAYERS
 from .stack_layers import StackLayers
 from ..peft_methods import IA3_FEEDFORWARD
-from .peft_methods import (delta_weight_saved, dora_per_layer_bytes, dora_saved_per_token, ia3_saved,
+from .peft_methods import (delta_weight_saved, dora_per_layer_bytes, dora_saved_per_token, ia3_saved, oft_block_size,
+                           oft_saved,
                            vera_saved)
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
@@ -261,6 +262,8 @@ class _LayerWalk(ParallelBlockWalk):
         if layer.method is Method.VERA:
             vera_saved(self, width, self.width_out(use.name), layer.lora_rank)
             return x_saved
+        if layer.method is Method.OFT:
+            return oft_saved(self, width, x_bytes, x_saved, oft_block_size(width, layer.lora_rank))
         c, adapter, autocast = self.dt.c, self.dt.adapter, self.dt.autocast
         dropout = layer.lora_dropout > 0
         if dropout and self.grad:
@@ -327,6 +330,8 @@ class _LayerWalk(ParallelBlockWalk):
         embed = max(qkv, dt.r)  # RoPE multiplies by cos/sin in the residual dtype
         o_use = self.use(m.traits.o_name, a * d)
         o_saves_input = o_use.trains or o_use.lora
+        if self.layer.method is Method.PREFIX:  # the trained key/value prefix: every attention needs a gradient
+            self.grad = True  # (its n extra positions: terms/peft_methods.py::prefix_saved_bytes)
         if self.layer.attn_used is Attention.EAGER:
             if self.grad:
                 q_bytes = c if dt.autocast else embed

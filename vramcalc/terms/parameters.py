@@ -66,7 +66,7 @@ def parameter_key(resolved: ResolvedSetup) -> tuple:
     return (method, setup.precision, setup.double_quant if qlora and not int8 else False,
             resolved.lora_modules if lora else (), setup.lora_rank if lora else 0,
             adapter_bits(resolved) if lora or method is Method.PROMPT else 0,
-            setup.virtual_tokens if method.prepends_tokens else 0,
+            setup.virtual_tokens if method.prepends_tokens or method is Method.PREFIX else 0,
             int8, qlora and bool(getattr(setup, "quantize_lm_head", False)))
 
 

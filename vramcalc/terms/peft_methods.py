@@ -34,21 +34,25 @@ from __future__ import annotations
 
 from ..errors import VramcalcError
 from ..model import ModelSpec, ParamKind
-from ..options import Method, Quant
+from ..options import Attention, Method, Quant
 from ..peft_methods import IA3_FEEDFORWARD, LN_TUNING_ESTIMATED_FAMILIES
 from ..units import round_up
 from .stored_tensor import StoredTensor
 
 # adapter tensors that are vectors multiplied elementwise, never a matmul operand (so no autocast copy of them)
 VECTOR_ADAPTERS = ("lora_magnitude_vector", "ia3_l", "ln_tuning", "lora_E", "vera_lambda_d", "vera_lambda_b",
-                   "lokr_w1", "lokr_w2")  # LoKr's full factors go through torch.kron, which autocast does not cast
+                   "lokr_w1", "lokr_w2",  # LoKr's full factors go through torch.kron, which autocast does not cast
+                   "oft_R")  # OFT's parameter is scattered into skew-symmetric blocks first (oft_saved)
 # adapter tensors multiplied only inside a custom autograd Function (LoHa's ``HadaWeight``, loha/layer.py:366-371),
 # which saves the fp32 leaves themselves: autocast caches their 16-bit copies until forward ends, nothing saves them
 CACHED_ONLY_ADAPTERS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 VERA_PROJECTION_BITS = 32  # vera_A / vera_B: peft makes them in fp32 (vera/model.py ``_init_vera_A_vera_B``)
+# frozen shared projections that layers slice and cast on every call (no cached autocast copy of the whole buffer):
+# their per-call copies are in ``vera_saved``
+SLICED_PROJECTIONS = ("vera_A", "vera_B")
 
 
-def check_estimable(setup, family: str = "") -> None:
+def check_estimable(setup, family: str = "", attn_used=None) -> None:
     """Refuse, in one line, a peft method the estimate has no formulas for, or a quantized base under one."""
     facts = setup.method.peft_facts
     if facts is None:
@@ -60,6 +64,15 @@ def check_estimable(setup, family: str = "") -> None:
     if setup.method is Method.LN_TUNING and family not in LN_TUNING_ESTIMATED_FAMILIES:
         raise VramcalcError(f"--method ln-tuning on {family} is traced, not estimated (peft's target norms differ "
                             f"by family); use vramcalc trace MODEL --method ln-tuning")
+    if setup.method is Method.PREFIX:
+        if setup.grad_ckpt:
+            raise VramcalcError("--method prefix with --grad-ckpt does not run: transformers sets the layers' cache to "
+                                "None under gradient checkpointing, so the key/value prefixes never reach the "
+                                "attention and the mask's key length (seq + virtual tokens) no longer matches; drop "
+                                "--grad-ckpt")
+        if attn_used is not None and attn_used is not Attention.SDPA:
+            raise VramcalcError(f"--method prefix with --attn {attn_used.value} is traced, not estimated (the "
+                                "estimate covers SDPA's masked attention); use vramcalc trace MODEL --method prefix")
     if setup.quant is not Quant.NONE:
         raise VramcalcError(f"--method {word} on a --quant {setup.quant.value} base is traced, not estimated; use "
                             f"vramcalc trace MODEL --method {word} --quant {setup.quant.value}")
@@ -108,11 +121,21 @@ def dora_backward_per_token(model: ModelSpec, lora_modules: tuple[str, ...], c: 
     return (3 * 4 + c) * widest
 
 
-def forward_transient_bytes(model: ModelSpec, resolved, dt) -> int:
-    """A method's per-module forward temporaries that do not scale with tokens (0 for a method without): DoRA's
-    weight-norm path (``dora_forward_transient_bytes``)."""
+def has_forward_transients(method: Method) -> bool:
+    """Whether ``forward_transient_bytes`` has a term for the method (a moment of its own in forward)."""
+    return method in (Method.DORA, Method.LOHA, Method.LOKR, Method.VERA, Method.OFT)
+
+
+def forward_transient_bytes(model: ModelSpec, resolved, dt, tokens=0, recompute: bool = False):
+    """A method's per-module forward temporaries (0 for a method without): DoRA's weight-norm path
+    (``dora_forward_transient_bytes``), LoHa's and LoKr's rebuilt weight, VeRA's per-token temporaries
+    (``vera_forward_transient_bytes``; ``recompute``: as checkpointing's recompute of the layer runs it)."""
     setup = resolved.setup
     c = dt.c if dt.autocast else dt.adapter
+    if setup.method is Method.VERA:
+        return vera_forward_transient_bytes(model, resolved.lora_modules, setup.lora_rank, dt, recompute) * tokens
+    if setup.method is Method.OFT:
+        return oft_forward_transient_bytes(model, resolved.lora_modules, setup.lora_rank, dt, recompute) * tokens
     if setup.method is Method.LOHA:  # HadaWeight.forward: the two c-byte [out, in] products and their product
         return 3 * _widest_weight(model, resolved.lora_modules) * c
     if setup.method is Method.LOKR:  # make_kron: torch.kron's output and ``* scale``, both at the adapter's bytes
@@ -122,22 +145,98 @@ def forward_transient_bytes(model: ModelSpec, resolved, dt) -> int:
     return dora_forward_transient_bytes(model, resolved.lora_modules, setup.lora_rank, c, dt.adapter, dt.r)
 
 
+def _last_target(model: ModelSpec, lora_modules: tuple[str, ...]):
+    """The layer's last Linear when the method wraps it and it ends the layer (a dense MLP's down projection, not
+    experts the inventory does not list as Linears); else None."""
+    linears = model.inventory.linears
+    last = linears[-1] if linears else None
+    if last is None or last.name not in lora_modules or last.name.split(".")[-1] not in IA3_FEEDFORWARD:
+        return None
+    return last
+
+
+def oft_forward_transient_bytes(model: ModelSpec, lora_modules: tuple[str, ...], rank: int, dt,
+                                recompute: bool) -> int:
+    """OFT's temporaries per token in the forward of the layer's last Linear when OFT wraps it (beside every tensor
+    the layer saves; as ``vera_forward_transient_bytes``, with the module's c-byte input). ``tuners/oft/layer.py:649-655`` and 245-284: the input
+    cast to the adapter dtype (a·n_in when x is not at it, until the module returns), the einsum's bmm output and
+    the reshape's contiguous copy (2·c·n_in, its [r, T, b] layout back to [T, n_in]), then ``x_rotated.to(fp32)``
+    (a·n_in); the c-byte cast of the input the einsum saves is in ``oft_saved``. Peak: at that last cast, 2·a·n_in +
+    3·c·n_in (a checkpointed recompute stops after the einsum, the last saving op, as well: the same); a forward
+    then also holds the base Linear's c·n_out output beside the rotated input and its c-byte cast (at most the
+    same for a down projection)."""
+    last = _last_target(model, lora_modules)
+    if last is None:
+        return 0
+    c = dt.c if dt.autocast else dt.adapter
+    a = dt.adapter
+    n_in = last.in_features
+    x_cast = a * n_in if a != dt.c else 0
+    rotated = a * n_in if a != c else 0
+    return c * n_in + x_cast + max(2 * c * n_in + rotated, 0 if recompute else rotated + c * n_in + c * last.out_features)
+
+
+def recompute_incoming_grad_bytes(model: ModelSpec, dt, tokens):
+    """The gradients alive when the last decoder layer's checkpointed forward is recomputed (the first recompute of
+    backward, where the layers' saved tensors peak): lm_head's c-byte input gradient, the final RMSNorm's fp32 input
+    gradient and its c-byte cast (``x.to(float32)``'s backward), all [T, h], still referenced until the layer's
+    backward consumes them (traced on tiny llama, tracing/tracker.py live records at the peak): (2·c + 4)·h·T."""
+    return (2 * dt.c + 4) * model.hidden_size * tokens
+
+
+def vera_forward_transient_bytes(model: ModelSpec, lora_modules: tuple[str, ...], rank: int, dt,
+                                 recompute: bool) -> int:
+    """VeRA's temporaries per token in the forward of the layer's last Linear when VeRA wraps it (it then runs beside
+    every tensor the layer saves; a VeRA target earlier in the layer runs before the layer's later saved tensors,
+    which are larger, and adds nothing here). The module's input (c·n_in: the MLP's product, which nothing else
+    saves) lives until the module returns. ``tuners/vera/layer.py:263-286`` (``Linear.forward``): the base
+    output ``result`` (c·n_out, alive until the sum), ``x = self._cast_input_dtype(x, lambda_d.dtype)`` (a·n_in when
+    x is not yet at the adapter dtype, alive until the module returns; vera_A is frozen, so nothing saves it), then
+    in turn: autocast's c-byte copy of it for the first F.linear (c·n_in, freed once the product exists);
+    ``lambda_d * h1`` (a·r, type promotion to the fp32 lambda) with its autocast copy for the second F.linear
+    (c·r); ``lambda_b * h2`` and ``result + ...`` (2·a·n_out, promoted). h1 and h2 are saved (``vera_saved``).
+    Checkpointing's recompute (non-reentrant ``torch.utils.checkpoint`` stops once the last saved tensor, h2 for
+    ``lambda_b * h2``, is back) ends at the second F.linear: (c + a)·n_in + c·n_out + max(c·n_in, (a + c)·r); a
+    forward runs on: (c + a)·n_in + c·n_out + max(c·n_in, (a + c)·r, 2·a·n_out)."""
+    last = _last_target(model, lora_modules)
+    if last is None:
+        return 0
+    c = dt.c if dt.autocast else dt.adapter
+    a = dt.adapter
+    x_cast = a * last.in_features if a != dt.c else 0
+    steps = [c * last.in_features, (a + c) * rank] + ([] if recompute else [2 * a * last.out_features])
+    return c * last.in_features + x_cast + c * last.out_features + max(steps)
+
+
 def backward_transient_bytes(model: ModelSpec, resolved, dt, tokens):
-    """A method's own backward temporaries in one layer's backward (widest target): DoRA's per-token fp32 gradients
-    (``dora_backward_per_token``); LoHa's ``HadaWeight.backward`` (``loha/layer.py:374-386``, outside autocast): the
-    incoming c-byte [out, in] gradient (F.linear's weight gradient), ``grad_out * scale`` (c), ``w2a @ w2b`` and
-    ``temp`` in fp32, then ``w1a @ w1b`` and the new ``temp`` while the old one is still bound: (2·c + 12)·out·in,
-    less the c-byte update F.linear saved, which its backward has released by then: (c + 12)·out·in. LoKr: F.linear's
-    c-byte weight gradient, its cast to the adapter dtype, ``* scale``'s gradient and kron's, less the released
-    c-byte update: 3·a·out·in."""
+    """A method's own backward temporaries in one layer's backward (widest target), beside the layer's own backward
+    transients: DoRA's per-token fp32 gradients (``dora_backward_per_token``)."""
     setup = resolved.setup
-    if setup.method is Method.LOHA:
-        return (dt.c + 12) * _widest_weight(model, resolved.lora_modules)
-    if setup.method is Method.LOKR:
-        return 3 * dt.adapter * _widest_weight(model, resolved.lora_modules)
     if setup.method is Method.DORA:
         return dora_backward_per_token(model, resolved.lora_modules, dt.c) * tokens
     return 0
+
+
+def backward_beside_bytes(model: ModelSpec, resolved, dt, tokens):
+    """LoHa's and LoKr's backward temporaries of the widest target, which peak inside that module's backward, beside
+    the layer's saved tensors and the incoming c-byte [T, h] gradient only (the MLP's own backward gradients come
+    after it: ``backward`` takes the larger of the two). F.linear's backward has by then made the input's gradient
+    (c·n_in per token) and released the input it saved (the same bytes) and the c-byte [out, in] update. LoHa's
+    ``HadaWeight.backward`` (``loha/layer.py:374-386``, outside autocast): the incoming c-byte [out, in] gradient
+    (F.linear's weight gradient), ``grad_out * scale`` (c), ``w2a @ w2b`` and ``temp`` in fp32, then ``w1a @ w1b``
+    and the new ``temp`` while the old one is still bound: (2·c + 12)·out·in, less the released update: (c +
+    12)·out·in. LoKr (``lokr/layer.py:497-503``): F.linear's weight gradient cast to the adapter dtype, then ``*
+    scale``'s gradient (a) and kron's backward's two a-byte [out, in] products while it is still bound, the c-byte
+    weight gradient freed: 3·a·out·in, less the released update: (3·a - c)·out·in (traced on tiny llama at seq 64,
+    where this is the step's peak)."""
+    setup = resolved.setup
+    if setup.method is Method.LOHA:
+        per_weight = dt.c + 12
+    elif setup.method is Method.LOKR:
+        per_weight = 3 * dt.adapter - (dt.c if dt.autocast else dt.adapter)
+    else:
+        return 0
+    return per_weight * _widest_weight(model, resolved.lora_modules) + dt.c * model.hidden_size * tokens
 
 
 def _widest_weight(model: ModelSpec, lora_modules: tuple[str, ...]) -> int:
@@ -166,7 +265,13 @@ def method_tensors(model: ModelSpec, method: Method, modules: tuple[str, ...], r
       weight beside the frozen original (the decoder layers' two norms and the final norm);
     - p-tuning (``tuners/p_tuning/model.py``, ``PromptEncoder`` with the default MLP reparameterization):
       ``embedding`` [n, h] and ``mlp_head`` Linear(h, e), Linear(e, e), Linear(e, h) with biases, e =
-      ``encoder_hidden_size`` (None: peft sets it to the token dim h, ``peft_model.py::_setup_prompt_encoder``)."""
+      ``encoder_hidden_size`` (None: peft sets it to the token dim h, ``peft_model.py::_setup_prompt_encoder``);
+    - prefix tuning (``tuners/prefix_tuning/model.py:62-75``, ``PrefixEncoder`` with the default
+      ``prefix_projection=False``): ``embedding`` [n, L·2·k·d], a key and a value prefix per layer
+      (``prefix_width``);
+    - OFT (``tuners/oft/layer.py:380-463``, ``update_layer`` with r=0): ``oft_R.weight`` [in/b, b(b-1)/2], the
+      upper triangles of in/b skew-symmetric b x b blocks (b = ``oft_block_size``, adjusted to divide in:
+      ``oft_block_size``), and two frozen int64 index buffers ``rows``, ``cols`` [b(b-1)/2] (``triu_indices``)."""
     out = []
     if method is Method.IA3:
         linears = {module.name: module for module in model.inventory.linears}
@@ -227,6 +332,21 @@ def method_tensors(model: ModelSpec, method: Method, modules: tuple[str, ...], r
         for index in (0, 2, 4):  # mlp_head = Sequential(Linear, ReLU, Linear, ReLU, Linear)
             out.append(StoredTensor(f"prompt_encoder.mlp_head.{index}.weight", "adapter", (h, h), 1, bits, True))
             out.append(StoredTensor(f"prompt_encoder.mlp_head.{index}.bias", "adapter", (h,), 1, bits, True))
+    elif method is Method.OFT:
+        linears = {module.name: module for module in model.inventory.linears}
+        for name in modules:
+            module = linears[name]
+            block = oft_block_size(module.in_features, rank)
+            blocks, elements = module.in_features // block, block * (block - 1) // 2
+            out += [StoredTensor(f"{name}.oft_R", "adapter", (blocks, elements), module.count, bits, True,
+                                 scope=module.scope),
+                    StoredTensor(f"{name}.oft_R.rows", "adapter", (elements,), module.count, 64, False,
+                                 scope=module.scope),
+                    StoredTensor(f"{name}.oft_R.cols", "adapter", (elements,), module.count, 64, False,
+                                 scope=module.scope)]
+    elif method is Method.PREFIX:
+        out.append(StoredTensor("prompt_encoder.embedding", "prompt",
+                                (virtual_tokens, model.num_layers * 2 * prefix_width(model)), 1, bits, True))
     elif method is Method.LN_TUNING:
         for tensor in model.inventory.tensors:
             if tensor.kind is ParamKind.NORM and tensor.name.endswith("weight"):
@@ -271,21 +391,97 @@ def prompt_encoder_saved_bytes(model: ModelSpec, method: Method, dt, sequences, 
 
 
 def vera_saved(walk, width_in: int, width_out: int, rank: int) -> None:
-    """(Not enabled: ``peft_methods`` marks vera trace-only. Against the trace on tiny llama this rule is +0.9% without
-    checkpointing and -10% with it: the checkpointed backward holds more than it says.) What VeRA saves on one
-    target (``tuners/vera/layer.py::Linear.forward``: ``result + lambda_b *
-    F.linear(lambda_d * F.linear(dropout(x), sliced_A), sliced_B)``), added to the layer walk. Per token: the first
-    projection's output (saved by ``lambda_d *``, c·r) and the second's (saved by ``lambda_b *``, c·n_out); x is
-    not saved (vera_A is frozen). Per layer: autocast's copies of the sliced projections, which F.linear saves for
-    the input gradient (c·r·n_in only when x requires grad; c·n_out·r always: its input requires grad through
-    lambda_d), and lambda_d (when x requires grad) and lambda_b, which the products save."""
+    """What VeRA saves on one target (``tuners/vera/layer.py:285``: ``result + lambda_b * F.linear(lambda_d *
+    F.linear(dropout(x), sliced_A), sliced_B)``), added to the layer walk. Per token: the first projection's output
+    h1 (saved by ``lambda_d *`` for lambda_d's gradient, c·r) and the second's h2 (saved by ``lambda_b *``, c·n_out);
+    x is not saved (vera_A is frozen; mm saves an operand only for the other operand's gradient). Per layer:
+    autocast's copies of the sliced frozen projections (``vera_A[:, :in]``, ``vera_B[:out]``, cast on every call:
+    autocast caches only leaves that require grad), which F.linear saves for its input's gradient: c·r·n_in only
+    when x requires grad, c·n_out·r always (its input requires grad through lambda_d). The lambdas the products
+    save are the parameters themselves (no copy)."""
     dt = walk.dt
     c = dt.c if dt.autocast else dt.adapter
-    a = dt.adapter
     walk.per_token += c * rank + c * width_out
-    walk.per_layer += round_up(c * rank * width_out) + round_up(a * width_out)
+    walk.per_layer += round_up(c * rank * width_out)
     if walk.grad:
-        walk.per_layer += round_up(c * rank * width_in) + round_up(a * rank)
+        walk.per_layer += round_up(c * rank * width_in)
+
+
+def prefix_width(model: ModelSpec) -> int:
+    """The width of one layer's key (or value) prefix, k·d: peft's ``utils/other.py:1198-1232``
+    (``_prepare_prompt_learning_config``) sets ``token_dim = head_dim * num_key_value_heads`` for a config with
+    ``num_key_value_heads`` (grouped-query attention), else the hidden size (a·d)."""
+    return model.num_kv_heads * model.head_dim
+
+
+def prefix_masked(method: Method) -> bool:
+    """Prefix tuning always gives SDPA a 4-D mask: peft passes the prefixes as a ``DynamicCache`` of n positions
+    (``peft_model.py:2150-2156``, ``get_prompt`` 779-893), so the key length is s + n and transformers cannot use
+    ``is_causal`` (``masking_utils``: the causal skip needs equal query and key lengths)."""
+    return method is Method.PREFIX
+
+
+def prefix_saved_bytes(model: ModelSpec, method: Method, dt, sequences, seq_len, virtual_tokens: int):
+    """What prefix tuning adds to the decoder layers' saved tensors beyond a masked attention over s keys
+    (``activations``: the efficient kernel's q, k, v, output and logsumexp and the additive mask, per layer, with
+    the walk's ``prefix`` flag: every layer's attention needs a gradient, the first one's too). Each layer's
+    ``DynamicLayer.update`` (transformers ``cache_utils.py``) concatenates the n prefix positions before the
+    layer's own keys and values, so the k and v the kernel saves are n positions longer: 2·c·w·n per sequence, w =
+    a·d (``repeat_kv`` copies, a > k > 1, as SDPA gets them with a mask) or k·d; and the additive mask SDPA makes
+    per call from the boolean one (``convert_boolean_attn_mask``) and the kernel saves is [b, 1, s, s + n]: c·s·n
+    more per sequence. The prefix itself (the embedding's output and its cast) is not saved: the cat, the cast and
+    the view need nothing for backward. Bytes: L·b·(2·c·w·n + c·s·n)."""
+    if method is not Method.PREFIX:
+        return 0
+    c = dt.c if dt.autocast else dt.r
+    a, k, d = model.num_heads, model.num_kv_heads, model.head_dim
+    width = a * d if a > k > 1 else k * d
+    return model.num_layers * sequences * (2 * c * width * virtual_tokens + c * seq_len * virtual_tokens)
+
+
+def oft_block_size(in_features: int, block: int) -> int:
+    """peft ``tuners/oft/layer.py:430-435, 490-508`` (``adjust_oft_parameters``): a block size that does not divide
+    in_features becomes the nearest divisor (the lower one on a tie; in_features itself when larger)."""
+    if in_features % block == 0 and block <= in_features:
+        return block
+    if block >= in_features:
+        return in_features
+    higher = block
+    while higher <= in_features and in_features % higher != 0:
+        higher += 1
+    lower = block
+    while lower > 1 and in_features % lower != 0:
+        lower -= 1
+    return lower if block - lower <= higher - block else higher
+
+
+# OFT's [in/b, b, b] tensors each target's forward saves (``oft_saved``): autocast's c-byte casts of the
+# skew-symmetric Q for the three bmm calls of ``_cayley_batch`` (bmm(Q, Q) casts both operands: 4 casts) and the
+# two bmm outputs the next bmm saves (Q², Q³); and the einsum's cast of the rotation R, saved only when the input
+# needs a gradient
+OFT_SAVED_BLOCK_TENSORS = 4 + 2
+
+
+def oft_saved(walk, width_in: int, x_bytes: int, x_saved: bool, block_size: int) -> bool:
+    """What OFT saves on one target (``tuners/oft/layer.py:638-659``, ``Linear.forward``, and ``OFTRotationModule``
+    245-284), added to the layer walk; returns whether the shared input is now saved. The input is cast to the
+    adapter dtype and rotated block by block, ``einsum("...rk,rkc->...rc", x, R)`` with R from
+    ``_cayley_batch`` (118-156: the Neumann series I + 2Q + 2Q² + 2Q³ + Q⁴ with the default 5 terms, three bmm),
+    then the frozen base Linear runs on the rotated input (it saves nothing: its weight is frozen). Per token: the
+    einsum's bmm saves its c-byte cast of the input (for R's gradient), c·n_in per target (under autocast; without,
+    the input itself, shared). Per layer: ``OFT_SAVED_BLOCK_TENSORS`` c-byte [n_in/b, b, b] tensors, one more
+    (R's cast) when the input needs a gradient."""
+    dt = walk.dt
+    c = dt.c if dt.autocast else dt.adapter
+    if dt.autocast and dt.adapter != c:
+        walk.per_token += c * width_in
+    elif dt.adapter != x_bytes:
+        walk.per_token += dt.adapter * width_in
+    elif not x_saved:
+        walk.per_token += x_bytes * width_in
+        x_saved = True
+    walk.per_layer += (OFT_SAVED_BLOCK_TENSORS + (1 if walk.grad else 0)) * round_up(c * width_in * block_size)
+    return x_saved
 
 
 def adalora_orth_reg_bytes(model: ModelSpec, method: Method, lora_modules: tuple[str, ...], rank: int, dt) -> int:

@@ -9,7 +9,7 @@ import functools
 from dataclasses import dataclass
 
 from ..facts import BNB_BLOCKSIZE, BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS
-from .peft_methods import CACHED_ONLY_ADAPTERS, VECTOR_ADAPTERS
+from .peft_methods import CACHED_ONLY_ADAPTERS, SLICED_PROJECTIONS, VECTOR_ADAPTERS
 from ..model import ModelSpec
 from ..options import Attention, Method
 from ..units import DType, maximum, select
@@ -56,7 +56,7 @@ def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: b
     # lora_embedding_A goes through F.embedding, which autocast does not cast
     adapters = outside = cached_only = 0
     for t in tensors:
-        if t.kind == "adapter" and t.bits == 32 and not t.name.endswith(("lora_embedding_A",) + VECTOR_ADAPTERS):
+        if t.kind == "adapter" and t.bits == 32 and not t.name.endswith(("lora_embedding_A",) + VECTOR_ADAPTERS + SLICED_PROJECTIONS):
             if t.name.startswith(("lm_head.", "embed_tokens.", "prompt_encoder.")):  # outside the decoder layers
                 outside += dt.c * t.numel * t.count
             elif t.name.endswith(CACHED_ONLY_ADAPTERS):  # cast inside a custom Function: cached, never saved
