@@ -188,10 +188,17 @@ def run_grid(grid, out_path: str, make_row=compare) -> list[dict]:
     return rows
 
 
-# peft's other methods (dora, adalora, ia3, loha, lokr, ln-tuning, p-tuning) have their own grid and file
-METHODS_SECTION = ("\n\n## peft methods\n\nDoRA, AdaLoRA, IA3, LoHa, LoKr, LN tuning and p-tuning against the trace of "
-                   "the real peft model on Llama and Mistral (and Mixtral for DoRA): `benchmarks/accuracy_methods.md`, "
-                   "written by `python benchmarks/accuracy_methods.py`.\n")
+# peft's other methods have their own grid and file; their summary (``accuracy_methods.py::summary``) is copied here
+def methods_section() -> str:
+    """The "## peft methods" section: the summary table ``accuracy_methods.py`` wrote into accuracy_methods.md."""
+    path = HERE / "accuracy_methods.md"
+    text = path.read_text() if path.exists() else ""
+    start = text.find("## Summary")
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + 1)
+    body = text[start + len("## Summary"):end if end >= 0 else len(text)].strip()
+    return "\n\n## peft methods\n\n" + body + "\n"
 
 
 def main(argv=None) -> int:
@@ -204,7 +211,7 @@ def main(argv=None) -> int:
     grid = grid[: args.limit] if args.limit else grid
     rows = run_grid(grid, args.out)
     table = summary(rows)
-    Path(args.out).with_suffix(".md").write_text("# Estimate vs trace\n\n" + table + METHODS_SECTION)
+    Path(args.out).with_suffix(".md").write_text("# Estimate vs trace\n\n" + table + methods_section())
     print(table)
     return 0
 

@@ -1,10 +1,11 @@
 """Accuracy report for peft's methods (issue 17): ``vramcalc.estimate(method=...)`` against the trace of the same
 setup built by real peft (``tracing/build.py::_apply_peft``), for every method the estimate has formulas for, on a
-Llama and a sliding-window (Mistral) family, plus Mixtral (MoE) for DoRA; and the trainable parameters of every
+Llama, a Mistral and a Mixtral (MoE) family; and the trainable parameters of every
 accepted method on llama-3.1-8b (counted on the real peft model built on the meta device).
 
     python benchmarks/accuracy_methods.py              # the grid (a few minutes): accuracy_methods.csv and .md
     python benchmarks/accuracy_methods.py --limit 3    # the first three setups
+    python benchmarks/accuracy_methods.py --from-csv   # rewrite the .md files from accuracy_methods.csv
 
 Each row: the setup, the peak tensor bytes estimated and traced, each one's phase, and the relative error
 (estimate - trace) / trace. The tiny models are ``tests/tiny_models.py``'s; every mechanism scales with b, s, h as in
@@ -43,17 +44,27 @@ def grid() -> list[tuple[str, dict]]:
         "lokr": [dict(), dict(lora_targets="all-linear"), dict(lora_targets="all-linear", grad_ckpt=True)],
         "ln-tuning": [dict(), dict(grad_ckpt=True), dict(batch_size=2, seq_len=256)],
         "p-tuning": [dict(), dict(grad_ckpt=True, batch_size=2), dict(virtual_tokens=64)],
+        "vera": [dict(), dict(lora_targets="all-linear"), dict(lora_targets="all-linear", grad_ckpt=True)],
+        "oft": [dict(), dict(lora_targets="all-linear"), dict(lora_targets="all-linear", grad_ckpt=True)],
+        # prefix tuning does not run under --grad-ckpt (the estimate says why); SDPA only
+        "prefix": [dict(), dict(batch_size=2, seq_len=256), dict(virtual_tokens=64)],
     }
     rows = []
     for family in FAMILIES:
         for method, variants in per_method.items():
             for options in variants:
                 rows.append((family, dict(dict(method=method, seq_len=512), **options)))
-    rows += [("mixtral", dict(method="dora", seq_len=512)),
-             ("mixtral", dict(method="dora", seq_len=512, grad_ckpt=True))]
+    # MoE: every method on Mixtral (its experts are not nn.Linear modules: targets are the attention's Linears;
+    # ln-tuning's norms are traced only for llama and mistral, peft's per-family mapping)
+    for method in per_method:
+        if method == "ln-tuning":
+            continue
+        rows.append(("mixtral", dict(method=method, seq_len=512)))
+        if method != "prefix":
+            rows.append(("mixtral", dict(method=method, seq_len=512, grad_ckpt=True)))
     # short sequences: the methods' [out, in]-sized temporaries outweigh the logits and the peak moves into a layer
     rows += [("llama", dict(method=method, seq_len=64, lora_targets="all-linear", grad_ckpt=ckpt))
-             for method in ("dora", "loha", "lokr") for ckpt in (False, True)]
+             for method in ("dora", "loha", "lokr", "vera", "oft") for ckpt in (False, True)]
     return rows
 
 
@@ -107,16 +118,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--no-params", action="store_true", help="skip the llama-3.1-8b trainable-parameter table")
+    parser.add_argument("--from-csv", action="store_true",
+                        help="rewrite the .md (and accuracy.md's section) from accuracy_methods.csv, tracing nothing")
     args = parser.parse_args()
     rows = []
-    for family, options in grid()[: args.limit]:
+    if args.from_csv:
+        with open(HERE / "accuracy_methods.csv", newline="") as handle:
+            for row in csv.DictReader(handle):
+                rows.append(dict(row, estimate_bytes=int(row["estimate_bytes"]), trace_bytes=int(row["trace_bytes"]),
+                                 error=float(row["error"])))
+    for family, options in ([] if args.from_csv else grid()[: args.limit]):
         row = measure(family, options)
         rows.append(row)
         print(f"{row['model']:<14} {row['setup']:<60} {row['error']:+.4f}", flush=True)
-    with open(HERE / "accuracy_methods.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    if not args.from_csv:
+        with open(HERE / "accuracy_methods.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     errors = [abs(row["error"]) for row in rows]
     lines = ["# Accuracy: peft methods, estimate vs trace", "",
              "`python benchmarks/accuracy_methods.py` (peft 0.21.2, tiny models of `tests/tiny_models.py`, bf16, "
@@ -130,11 +149,10 @@ def main() -> None:
     by_method: dict[str, list[float]] = {}
     for row in rows:
         by_method.setdefault(row["setup"].split()[0].split("=")[1], []).append(abs(row["error"]))
-    lines += ["", "| method | setups | median abs error | max abs error |", "|---|---|---|---|"]
-    for method, values in by_method.items():
-        lines.append(f"| {method} | {len(values)} | {statistics.median(values):.2%} | {max(values):.2%} |")
+    params = [] if args.no_params else trainable_params_8b()
+    summary = summary_lines(rows, by_method, params)
+    lines[4:4] = summary
     if not args.no_params:
-        params = trainable_params_8b()
         lines += ["", "## Trainable parameters on llama-3.1-8b (peft's defaults; all-linear where a method takes "
                   "targets)", "", "| method | size knob | trainable (peft, meta build) | estimate |",
                   "|---|---|---|---|"]
@@ -143,6 +161,55 @@ def main() -> None:
                      for value in (row["trainable_params"], row["estimate_trainable_params"])]
             lines.append(f"| {row['method']} | {row.get('size', '')} | {cells[0]} | {cells[1]} |")
     (HERE / "accuracy_methods.md").write_text("\n".join(lines) + "\n")
+    write_accuracy_section(summary)
+
+
+def summary_lines(rows: list[dict], by_method: dict[str, list[float]], params: list[dict]) -> list[str]:
+    """The "## Summary" section: per method, its trainable parameters on llama-3.1-8b (peft's meta build) and the
+    estimate's error against the trace over its setups; copied into accuracy.md (``accuracy.py::methods_section``)."""
+    errors = [abs(row["error"]) for row in rows]
+    families = sorted({row["model"] for row in rows})
+    trainable = {row["method"]: row["trainable_params"] for row in params}
+    out = ["## Summary", "",
+           f"Every peft method with estimate formulas, estimate vs the trace of the real peft model "
+           f"(`benchmarks/accuracy_methods.md`, written by `python benchmarks/accuracy_methods.py`; "
+           f"{', '.join(families)}): {len(rows)} setups, median |error| {statistics.median(errors):.2%}, "
+           f"max {max(errors):.2%}.", "",
+           "| method | trainable params, llama-3.1-8b (peft defaults, all-linear where targeted) | setups | "
+           "median abs error | max abs error |", "|---|---|---|---|---|"]
+    for method, values in by_method.items():
+        count = trainable.get(method, "")
+        cell = f"{count:,}" if isinstance(count, int) else count
+        out.append(f"| {method} | {cell} | {len(values)} | {statistics.median(values):.2%} | {max(values):.2%} |")
+    return out + ["", published_variants_line()]
+
+
+def published_variants_line() -> str:
+    """Whether the published development set (``benchmarks/published.csv``, scored by ``published.py``) has rows of
+    a method beyond full/lora/qlora that this grid could score against a measurement."""
+    path = HERE / "published.csv"
+    if not path.exists():
+        return ""
+    with open(path, newline="") as handle:
+        methods = [row["method"] for row in csv.DictReader(handle)]
+    variants = sorted({method for method in methods if method not in ("full", "lora", "qlora", "prompt")})
+    counts = ", ".join(f"{word} {methods.count(word)}" for word in sorted(set(methods)))
+    if not variants:
+        return (f"The published development set (`benchmarks/published.csv`, {len(methods)} rows: {counts}) has no "
+                "DoRA or other LoRA-variant row: no measurement to score these methods against.")
+    return f"Published rows of these methods: {', '.join(variants)} (scored in `benchmarks/published.md`)."
+
+
+def write_accuracy_section(summary: list[str]) -> None:
+    """Replace accuracy.md's "## peft methods" section with the summary (accuracy.py writes the same on a rerun)."""
+    path = HERE / "accuracy.md"
+    text = path.read_text()
+    start = text.find("## peft methods")
+    if start < 0:
+        return
+    end = text.find("\n## ", start + 1)
+    section = "## peft methods\n\n" + "\n".join(summary[2:]).strip() + "\n"
+    path.write_text(text[:start] + section + (text[end + 1:] if end >= 0 else ""))
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ def test_dora_exceeds_lora_by_its_two_saved_outputs_per_target():
 def test_estimated_trainable_parameters_are_peft_s_on_the_8b():
     """Counted by hand from peft's update_layer shapes (llama-3.1-8b: h 4096, I 14336, kv 1024, 32 layers, all-linear
     targets q, k, v, o, gate, up, down): DoRA r=8 adds the magnitude [out] to LoRA's r·(in + out); IA3 one vector
-    per target, [out] (or [in] for down_proj); LN tuning a copy of the 65 norm weights [4096]."""
+    per target, [out] (or [in] for down_proj); LN tuning a copy of the 65 norm weights [4096]; VeRA, OFT and prefix
+    tuning as the comments say."""
     import vramcalc
 
     ins = {"q": 4096, "k": 4096, "v": 4096, "o": 4096, "gate": 4096, "up": 4096, "down": 14336}
@@ -77,10 +78,37 @@ def test_estimated_trainable_parameters_are_peft_s_on_the_8b():
     lora = 8 * sum(ins[n] + outs[n] for n in ins) * 32
     dora = lora + sum(outs.values()) * 32
     ia3 = (sum(outs[n] for n in outs if n != "down") + ins["down"]) * 32
-    expected = {"dora": dora, "ia3": ia3, "ln-tuning": 65 * 4096}
+    # VeRA r=256 (vera/layer.py update_layer): lambda_d [r] and lambda_b [out] per target (vera_A/B frozen)
+    vera = (7 * 256 + sum(outs.values())) * 32
+    # OFT oft_block_size 32 (oft/layer.py update_layer, r = in / 32): in/32 blocks of 32·31/2 = 496 entries
+    oft = sum(ins[n] // 32 * 496 for n in ins) * 32
+    # prefix tuning, 20 virtual tokens: embedding [20, 32 layers · 2 · 8 kv heads · 128] (utils/other.py:1231)
+    prefix = 20 * 32 * 2 * 8 * 128
+    expected = {"dora": dora, "ia3": ia3, "ln-tuning": 65 * 4096, "vera": vera, "oft": oft, "prefix": prefix}
     for method, params in expected.items():
-        options = {"lora_targets": "all-linear"} if method != "ln-tuning" else {}
+        options = {"lora_targets": "all-linear"} if method not in ("ln-tuning", "prefix") else {}
         assert vramcalc.estimate("llama-3.1-8b", method=method, **options).details["trainable_params"] == params
+
+
+@pytest.mark.parametrize("argv, word", [
+    (("--grad-ckpt",), "--grad-ckpt"),  # transformers drops the cache under checkpointing: the step fails
+    (("--attn", "eager"), "trace"),
+])
+def test_prefix_tuning_setups_outside_the_formulas_are_one_error_line(capsys, argv, word):
+    code, _, err = run_cli(capsys, "estimate", "llama-3.1-8b", "--method", "prefix", *argv)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error:") and word in err
+
+
+def test_prefix_tuning_saves_longer_keys_values_and_mask_per_layer():
+    """peft passes the prefixes as n cached positions: every layer's efficient-attention kernel saves k and v of
+    s + n positions (repeat_kv'd to the 32 query heads, 128 wide, bf16) and the [b, 1, s, s + n] additive mask, so
+    n = 64 saves 32 layers · (2 · 2 · 4096 · 64 + 2 · 2048 · 64) bytes more than n = 20's 44/64 of that."""
+    import vramcalc
+
+    acts = {n: vramcalc.estimate("llama-3.1-8b", method="prefix", virtual_tokens=n, seq_len=2048).terms()["activations"]
+            for n in (20, 64)}
+    per_virtual_token = 32 * (2 * 2 * 32 * 128 + 2 * 2048)
+    assert acts[64] - acts[20] == 44 * per_virtual_token
 
 
 def test_the_import_stays_light():
@@ -113,6 +141,16 @@ METHOD_CASES = [
     ("llama", dict(method="loha", seq_len=64, lora_targets="all-linear", grad_ckpt=True)),
     ("llama", dict(method="p-tuning", seq_len=512)),
     ("mistral", dict(method="p-tuning", seq_len=512, grad_ckpt=True, batch_size=2)),
+    ("llama", dict(method="lokr", seq_len=64, lora_targets="all-linear")),  # was +5.4%: kron's backward temporaries
+    ("llama", dict(method="vera", seq_len=512, lora_targets="all-linear")),
+    ("llama", dict(method="vera", seq_len=512, lora_targets="all-linear", grad_ckpt=True)),
+    ("mistral", dict(method="vera", seq_len=512, grad_ckpt=True)),
+    ("llama", dict(method="oft", seq_len=512, lora_targets="all-linear")),
+    ("llama", dict(method="oft", seq_len=512, lora_targets="all-linear", grad_ckpt=True)),
+    ("mixtral", dict(method="oft", seq_len=512)),
+    ("llama", dict(method="prefix", seq_len=512)),
+    ("mistral", dict(method="prefix", seq_len=256, batch_size=2, virtual_tokens=64)),
+    ("mixtral", dict(method="prefix", seq_len=512)),
 ]
 
 

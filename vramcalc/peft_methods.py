@@ -17,7 +17,9 @@ says which peft config class builds it and how vramcalc's options become that cl
   methods, ln-tuning). Without ``--quant`` the base is 16-bit (``qlora`` keeps meaning LoRA on an NF4 base).
 
 Not accepted: peft methods whose own code reads tensor values while it builds the adapter (the trace has shapes,
-not values): ``boft`` (``boft/layer.py``: permutation matrices set by index, ``.item()`` of a random draw), ``shira``
+not values): ``boft`` (``boft/layer.py:395-450``: ``block_butterfly_perm`` permutes index tensors by index tensors and
+``perm2mat`` sets ``perm_mat[i, idx] = 1`` with each idx a tensor value, at build time; rechecked with peft 0.21.2),
+``shira``
 and ``waveft`` (``nonzero`` of the initial weights), ``unilora`` (``bincount``), ``frod`` (copies initial values),
 ``cpt`` (reads its token ids); and the ones that need more than a causal LM and these options: ``xlora`` (trained
 adapters), ``poly`` and ``multitask-prompt-tuning`` (task ids), ``trainable-tokens`` (token indices), ``adamss``

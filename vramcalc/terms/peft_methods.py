@@ -1,4 +1,6 @@
-"""Estimate formulas of the peft methods beyond LoRA (``vramcalc/peft_methods.py`` lists the methods and their facts).
+"""Estimate formulas of the peft methods beyond LoRA (``vramcalc/peft_methods.py`` lists the methods and their facts):
+DoRA (below), AdaLoRA, IA3, LN tuning, p-tuning, LoHa, LoKr, VeRA, OFT and prefix tuning (their functions say what
+each trains, saves and holds for a moment, with the peft 0.21.2 lines). A method on a ``--quant`` base is traced.
 
 A method without formulas here is refused by the estimate in one line that points to ``vramcalc trace``
 (``check_estimable``); the trace builds every method with real peft.
