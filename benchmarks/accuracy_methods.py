@@ -181,7 +181,7 @@ def summary_lines(rows: list[dict], by_method: dict[str, list[float]], params: l
         count = trainable.get(method, "")
         cell = f"{count:,}" if isinstance(count, int) else count
         out.append(f"| {method} | {cell} | {len(values)} | {statistics.median(values):.2%} | {max(values):.2%} |")
-    return out + ["", published_variants_line()]
+    return out + ["", published_variants_line(), ""]
 
 
 def published_variants_line() -> str:

@@ -38,7 +38,7 @@ from ..errors import VramcalcError
 from ..model import ModelSpec, ParamKind
 from ..options import Attention, Method, Quant
 from ..peft_methods import IA3_FEEDFORWARD, LN_TUNING_ESTIMATED_FAMILIES
-from ..units import round_up
+from ..units import maximum, round_up
 from .stored_tensor import StoredTensor
 
 # adapter tensors that are vectors multiplied elementwise, never a matmul operand (so no autocast copy of them)
@@ -144,7 +144,17 @@ def forward_transient_bytes(model: ModelSpec, resolved, dt, tokens=0, recompute:
         return 2 * dt.adapter * _widest_weight(model, resolved.lora_modules)
     if setup.method is not Method.DORA:
         return 0
-    return dora_forward_transient_bytes(model, resolved.lora_modules, setup.lora_rank, c, dt.adapter, dt.r)
+    weight_norm = dora_forward_transient_bytes(model, resolved.lora_modules, setup.lora_rank, c, dt.adapter, dt.r)
+    last = _last_target(model, resolved.lora_modules)
+    if last is None:
+        return weight_norm
+    # the layer's last target runs beside every tensor the layer saves: its weight-norm path there also has the
+    # module's c-byte input (the MLP's product, which nothing else saves), its cast to the adapter dtype
+    # (``_cast_input_dtype``, when it differs) and the base Linear's c-byte output (``result``, computed first)
+    io_per_token = c * last.in_features + (dt.adapter * last.in_features if dt.adapter != dt.c else 0) \
+        + c * last.out_features
+    at_last = dora_forward_transient_bytes(model, (last.name,), setup.lora_rank, c, dt.adapter, dt.r)
+    return maximum(weight_norm, at_last + io_per_token * tokens)
 
 
 def _last_target(model: ModelSpec, lora_modules: tuple[str, ...]):
