@@ -62,6 +62,10 @@ def grid() -> list[tuple[str, dict]]:
         rows.append(("mixtral", dict(method=method, seq_len=512)))
         if method != "prefix":
             rows.append(("mixtral", dict(method=method, seq_len=512, grad_ckpt=True)))
+    # QDoRA: DoRA on an NF4 base (the estimate composes QLoRA's base with DoRA's extras)
+    rows += [(family, dict(method="dora", quant="nf4", seq_len=512, **options)) for family in FAMILIES
+             for options in (dict(), dict(lora_targets="all-linear"), dict(lora_targets="all-linear", grad_ckpt=True))]
+    rows += [("mixtral", dict(method="dora", quant="nf4", seq_len=512, grad_ckpt=ckpt)) for ckpt in (False, True)]
     # short sequences: the methods' [out, in]-sized temporaries outweigh the logits and the peak moves into a layer
     rows += [("llama", dict(method=method, seq_len=64, lora_targets="all-linear", grad_ckpt=ckpt))
              for method in ("dora", "loha", "lokr", "vera", "oft") for ckpt in (False, True)]
@@ -148,7 +152,9 @@ def main() -> None:
                      f"{row['estimate_phase']} / {row['trace_phase']} | {row['error']:+.2%} |")
     by_method: dict[str, list[float]] = {}
     for row in rows:
-        by_method.setdefault(row["setup"].split()[0].split("=")[1], []).append(abs(row["error"]))
+        words = dict(item.split("=", 1) for item in row["setup"].split())
+        key = words["method"] + (f" ({words['quant']} base)" if "quant" in words else "")
+        by_method.setdefault(key, []).append(abs(row["error"]))
     params = [] if args.no_params else trainable_params_8b()
     summary = summary_lines(rows, by_method, params)
     lines[4:4] = summary

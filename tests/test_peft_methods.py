@@ -111,6 +111,20 @@ def test_prefix_tuning_saves_longer_keys_values_and_mask_per_layer():
     assert acts[64] - acts[20] == 44 * per_virtual_token
 
 
+def test_a_4bit_base_is_estimated_for_dora_and_refused_in_one_line_for_the_others(capsys):
+    """QDoRA is QLoRA's 4-bit base plus DoRA's extras over LoRA (terms/peft_methods.py::composes_quantized_base):
+    it exceeds QLoRA of the same rank and targets; AdaLoRA on a 4-bit base is traced."""
+    import vramcalc
+
+    options = dict(lora_rank=16, lora_targets="all-linear", seq_len=2048)
+    qdora = vramcalc.estimate("llama-3.1-8b", method="dora", quant="nf4", **options)
+    qlora = vramcalc.estimate("llama-3.1-8b", method="qlora", **options)
+    dora = vramcalc.estimate("llama-3.1-8b", method="dora", **options)
+    assert qlora.peak_tensor_bytes < qdora.peak_tensor_bytes < dora.peak_tensor_bytes
+    code, _, err = run_cli(capsys, "estimate", "llama-3.1-8b", "--method", "adalora", "--quant", "nf4")
+    assert code == 2 and err.count("\n") == 1 and "vramcalc trace" in err
+
+
 def test_the_import_stays_light():
     import subprocess
     import sys
@@ -151,6 +165,8 @@ METHOD_CASES = [
     ("llama", dict(method="prefix", seq_len=512)),
     ("mistral", dict(method="prefix", seq_len=256, batch_size=2, virtual_tokens=64)),
     ("mixtral", dict(method="prefix", seq_len=512)),
+    ("llama", dict(method="dora", quant="nf4", seq_len=512, lora_targets="all-linear")),  # QDoRA
+    ("mistral", dict(method="dora", quant="nf4", seq_len=512, lora_targets="all-linear", grad_ckpt=True)),
 ]
 
 

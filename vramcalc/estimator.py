@@ -27,7 +27,7 @@ from .breakdown import MemoryBreakdown
 from .catalogue import GpuSpec, get_gpu, get_model
 from .errors import VramcalcError
 from .model import ModelSpec
-from .options import Loss, Method, Phase, Sharding, Term
+from .options import Loss, Method, Phase, Quant, Sharding, Term
 from .profiles import runtime_profile
 from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, peft_methods,
                     quantized, runtime, stack_layers, states, tasks, temporaries, trl_loss)
@@ -211,6 +211,8 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     """
     setup = resolved.setup
     peft_methods.check_estimable(setup, spec.family, resolved.attn_used)
+    if setup.quant is not Quant.NONE and peft_methods.composes_quantized_base(setup):
+        return _quantized_base_moments(spec, resolved, batch_size, seq_len)
     b = setup.batch_size if batch_size is None else batch_size
     s = setup.padded_seq_len if seq_len is None else seq_len + (setup.padded_seq_len - setup.seq_len)
     if setup.task.uses_fused_head:  # chosen and rejected rows, or GRPO's completions (terms/tasks.py)
@@ -235,6 +237,28 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     without = _moments(spec, resolved, b, s, False)
     return [Moment(m.phase, *(select(masked, getattr(m, f), getattr(n, f)) for f in _TENSOR_FIELDS))
             for m, n in zip(with_mask, without)]
+
+
+def _quantized_base_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size, seq_len) -> list[Moment]:
+    """A peft method on a 4-bit base (``peft_methods.composes_quantized_base``): the method's moments on a 16-bit
+    base, each shifted by what QLoRA's peak moment differs from LoRA's, term by term (the same rank, targets and
+    options; the 4-bit base, its quant state and dequantization, kbit preparation's fp32 casts)."""
+    if hasattr(batch_size, "shape") or hasattr(seq_len, "shape"):
+        raise VramcalcError(f"--method {resolved.setup.method.value} on a --quant base is estimated one setup at a "
+                            "time (no batch or sequence sweeps)")
+    setup = resolved.setup
+    on_16bit = replace(resolved, setup=replace(setup, quant=Quant.NONE))
+    lora = replace(resolved, setup=replace(setup, method=Method.LORA, quant=Quant.NONE))
+    qlora = replace(resolved, setup=replace(setup, method=Method.QLORA))
+
+    def peak(moments):
+        return max(moments, key=lambda moment: moment.tensor_bytes)
+
+    lora_peak = peak(step_moments(spec, lora, batch_size, seq_len))
+    qlora_peak = peak(step_moments(spec, qlora, batch_size, seq_len))
+    shift = [getattr(qlora_peak, f) - getattr(lora_peak, f) for f in _TENSOR_FIELDS]
+    return [Moment(m.phase, *(max(0, getattr(m, f) + d) for f, d in zip(_TENSOR_FIELDS, shift)))
+            for m in step_moments(spec, on_16bit, batch_size, seq_len)]
 
 
 def layer_setup(resolved: ResolvedSetup) -> activations.LayerSetup:

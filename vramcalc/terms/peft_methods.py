@@ -1,6 +1,7 @@
 """Estimate formulas of the peft methods beyond LoRA (``vramcalc/peft_methods.py`` lists the methods and their facts):
 DoRA (below), AdaLoRA, IA3, LN tuning, p-tuning, LoHa, LoKr, VeRA, OFT and prefix tuning (their functions say what
-each trains, saves and holds for a moment, with the peft 0.21.2 lines). A method on a ``--quant`` base is traced.
+each trains, saves and holds for a moment, with the peft 0.21.2 lines). On a ``--quant`` 4-bit base DoRA (QDoRA) is
+estimated by composition (``composes_quantized_base``); the other methods on a quantized base are traced.
 
 A method without formulas here is refused by the estimate in one line that points to ``vramcalc trace``
 (``check_estimable``); the trace builds every method with real peft.
@@ -75,9 +76,24 @@ def check_estimable(setup, family: str = "", attn_used=None) -> None:
         if attn_used is not None and attn_used is not Attention.SDPA:
             raise VramcalcError(f"--method prefix with --attn {attn_used.value} is traced, not estimated (the "
                                 "estimate covers SDPA's masked attention); use vramcalc trace MODEL --method prefix")
-    if setup.quant is not Quant.NONE:
+    if setup.quant is not Quant.NONE and not composes_quantized_base(setup):
         raise VramcalcError(f"--method {word} on a --quant {setup.quant.value} base is traced, not estimated; use "
                             f"vramcalc trace MODEL --method {word} --quant {setup.quant.value}")
+
+
+# the methods whose estimate on a bitsandbytes 4-bit base is composed (``composes_quantized_base``): peft's
+# bitsandbytes layers (``tuners/lora/bnb.py``, incl. DoRA) run the method's own adapter path on the Linear4bit's
+# output exactly as on a 16-bit Linear's
+QUANTIZED_BASE_ESTIMATED = (Method.DORA,)
+
+
+def composes_quantized_base(setup) -> bool:
+    """``--quant nf4|fp4`` under a method of ``QUANTIZED_BASE_ESTIMATED``: the estimate is QLoRA's (the same 4-bit
+    base, quant state, dequantization temporaries and ``prepare_model_for_kbit_training`` casts, ``temporaries``,
+    ``parameters``) plus what the method adds over LoRA on a 16-bit base, moment by moment
+    (``estimator.step_moments``): it assumes the base's and the method's extras add, which the trace confirms
+    for QDoRA on tiny llama (``benchmarks/accuracy_methods.md``). int8 (LLM.int8) bases are traced."""
+    return setup.method in QUANTIZED_BASE_ESTIMATED and setup.quant in (Quant.NF4, Quant.FP4)
 
 
 def dora_saved_per_token(out_features: int, base_out_bytes: int, lora_out_bytes: int) -> int:
