@@ -194,6 +194,16 @@ METHODS_SECTION = ("\n\n## peft methods\n\nDoRA, AdaLoRA, IA3, LoHa, LoKr, LN tu
                    "written by `python benchmarks/accuracy_methods.py`.\n")
 
 
+def kept_tasks_section(md: Path) -> str:
+    """The ``## Tasks`` section that ``benchmarks/accuracy_tasks.py`` writes into this file, kept as it is."""
+    text = md.read_text() if md.exists() else ""
+    start = text.find(TASKS_HEADING)
+    return "\n" + text[start:] if start >= 0 else ""
+
+
+TASKS_HEADING = "## Tasks (issue 15)"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(HERE / "accuracy.csv"))
@@ -204,7 +214,8 @@ def main(argv=None) -> int:
     grid = grid[: args.limit] if args.limit else grid
     rows = run_grid(grid, args.out)
     table = summary(rows)
-    Path(args.out).with_suffix(".md").write_text("# Estimate vs trace\n\n" + table + METHODS_SECTION)
+    md = Path(args.out).with_suffix(".md")
+    md.write_text("# Estimate vs trace\n\n" + table + METHODS_SECTION + kept_tasks_section(md))
     print(table)
     return 0
 

@@ -212,8 +212,9 @@ def task_warnings(setup) -> list[str]:
     """What the estimate of a task says from a model only (not traced)."""
     out = []
     if setup.task is Task.GRPO:
-        out.append("--task grpo is modelled, not traced: generation from the serving formulas (transformers "
-                   "generate's KV cache), training on b x num_generations completions with TRL's fused head")
+        out.append("--task grpo: generation from the serving formulas (transformers generate's KV cache, checked "
+                   "against generate traced on fake tensors: tracing/tasks.trace_generation_bytes), training on "
+                   "b x num_generations completions with TRL's fused head")
         if setup.rollout_engine is RolloutEngine.VLLM:
             out.append(f"--rollout-engine vllm: the colocated engine's reservation is modelled from vLLM's "
                        f"gpu_memory_utilization rule ({setup.vllm_gpu_fraction} x the GPU's memory, in "

@@ -257,6 +257,7 @@ def preference_masked(masked, attn_used: Attention):
 # GRPO (``--task grpo``): TRL 1.16 GRPOTrainer, modelled (not traced).
 GRPO_LOSS_TENSORS = 6  # fp32 [R, C] tensors of the clipped loss saved for backward: per-token log-probs, coef_1 =
 # exp(logps - old), coef_2 = clamp(coef_1), the two per-token losses and their min (grpo_trainer.py _compute_loss)
+SAMPLING_PROBS_BYTES = 4  # fp32 softmax probabilities per row and vocabulary entry (generation/utils.py _sample)
 GRPO_BATCH_TENSORS = 5  # prompt_ids, prompt_mask, completion_ids, completion_mask [rows, .] int64, the concatenated
 # input_ids / attention_mask of the training forward counted once more per row of s
 
@@ -266,7 +267,10 @@ def generation_bytes(model: ModelSpec, setup, dt, generations, prompt_len: int, 
     ``_generate`` -> ``unwrap_model_for_generation``, no_grad, DynamicCache): the larger of the prefill and of the
     last decode step, from the serving model (``serving/hf_engine.prefill_moment``, ``decode_moment``: the KV cache
     formulas of ``serving/kv_cache.py``). Element bytes: the stored dtype of the weights (generation runs outside
-    the Trainer's autocast) or, for QLoRA, the 4-bit base's compute dtype."""
+    the Trainer's autocast) or, for QLoRA, the 4-bit base's compute dtype. TRL samples (``do_sample=True``,
+    ``grpo_trainer.py:1155-1173``): transformers' ``_sample`` adds ``probs = softmax(next_token_scores)``, fp32
+    [b·g, V], beside the step's logits and their fp32 copy, then ``torch.multinomial`` where greedy decoding takes
+    ``argmax`` (``SAMPLING_PROBS_BYTES``; the serving model's decode peak is that sampling moment at the last step)."""
     from ..serving.hf_engine import decode_moment, prefill_moment
 
     if hasattr(generations, "shape"):
@@ -277,7 +281,7 @@ def generation_bytes(model: ModelSpec, setup, dt, generations, prompt_len: int, 
     e = dt.c if setup.method is Method.QLORA else dt.r
     prefill = prefill_moment(model, generations, prompt_len, element_bytes=e)
     decode = decode_moment(model, generations, prompt_len + completion_len, element_bytes=e, prompt=prompt_len)
-    return max(prefill.total, decode.total)
+    return max(prefill.total, decode.total + SAMPLING_PROBS_BYTES * generations * model.vocab_size)
 
 
 def generation_kv_cache_bytes(model: ModelSpec, setup, dt, generations, prompt_len: int, completion_len: int) -> int:

@@ -23,8 +23,13 @@ What runs, in the order DPOTrainer runs it (line numbers of ``trl/trainer/dpo_tr
 ``--task grpo``: the training phase only. ``GRPOTrainer._compute_loss`` (``grpo_trainer.py:3020``, DAPO loss,
 beta=0) runs on b·g / grad_accum completions shaped like ``_generate_and_score_completions``' output (prompt and
 completion ids and masks, advantages, ``num_items_in_batch``), with the fused head's ``("log_probs", "entropy")``
-(:1068-1073). Generation (transformers ``generate``) and the reference's scoring forward are modelled
-(``terms/tasks.py``), not traced here.
+(:1068-1073). The reference's scoring forward is modelled (``terms/tasks.py``); generation is traced apart, through
+transformers' real ``generate`` and its cache classes (``trace_generation_bytes``, the serving trace).
+
+``--task kto``: ``KTOTrainer._compute_loss`` (``trl/trainer/kto_trainer.py:1370``) on ``KTODataCollator``'s batch
+(b rows and their KL rows), with its real ``_compute_kl_logps`` (the policy's and the reference's no-grad forwards
+of the KL rows), the policy's fused head with ``("log_probs", "entropy", "mean_logits")`` (:967-970) and the
+reference as for DPO (a copy, ``use_adapter(model, None)`` or precomputed ``ref_logps``/``ref_KL_logps``).
 
 The attention mask: fake tensors make transformers build the 4-D mask (``masking_utils._ignore_causal_mask_sdpa``
 returns False for a fake ``padding_mask``), which is what a padded batch of chosen and rejected rows of different
@@ -328,6 +333,36 @@ class PreferenceStepTracer(StepTracer):
                 module.disable_gradient_checkpointing = original
 
 
+def trace_generation_bytes(spec: ModelSpec, resolved: ResolvedSetup) -> dict:
+    """GRPO's generation phase traced: transformers' real ``generate`` of b·g completions of ``completion_len``
+    tokens after ``prompt_len`` prompt tokens, with its real ``DynamicCache``, on fake tensors (the serving trace,
+    ``serving/trace.run_inference_trace``, with TRL's sampling config: ``do_sample=True``, temperature 1, no top-k or
+    top-p, ``grpo_trainer.py:1155-1173``). The policy generates under ``torch.no_grad`` outside the Trainer's
+    autocast (``_generate_single_turn``, :1866-1875) in its stored 16-bit dtype (the compute dtype of a 4-bit
+    base). Returns the peak's bytes beside the weights (KV cache, activations, logits and sampling: what
+    ``terms/tasks.generation_bytes`` estimates), its phase (prefill or decode) and the cache's final bytes.
+    The model states (policy weights, optimizer states) are the training trace's and are not repeated here."""
+    from ..options import Method
+    from ..serving.terms import InferenceTerm, Weights
+    from ..serving.trace import run_inference_trace
+
+    setup = resolved.setup
+    if setup.task is not Task.GRPO:
+        raise VramcalcError("the generation trace is GRPO's (--task grpo)")
+    half = setup.precision.value in ("bf16", "fp16") or setup.method is Method.QLORA
+    if not half:
+        raise VramcalcError(f"the generation trace runs 16-bit weights; --precision {setup.precision.value} "
+                            "generates in fp32")
+    weights = Weights.FP16 if "fp16" in setup.precision.value else Weights.BF16
+    result = run_inference_trace(spec, batch_size=setup.batch_size * setup.num_generations,
+                                 prompt_len=setup.prompt_len, new_tokens=setup.completion_len, weights=weights,
+                                 sample=True)
+    phase = result.peak_phase
+    terms = result.phase_terms[phase]
+    return {"generation_bytes": sum(v for k, v in terms.items() if k is not InferenceTerm.WEIGHTS),
+            "phase": phase.value, "kv_cache_bytes": result.cache_bytes_final, "seconds": result.seconds}
+
+
 def _all_tensors(model: nn.Module):
     from .qlora import quant_state_tensors
 
@@ -372,4 +407,4 @@ def trace_task(spec: ModelSpec, resolved: ResolvedSetup, *, progress=None, gpu=N
                  "phase_peaks": {phase.value: peak for phase, peak in result.phase_peaks.items()}})
 
 
-__all__ = ["trace_task", "PreferenceStepTracer", "build_reference_model"]
+__all__ = ["trace_task", "trace_generation_bytes", "PreferenceStepTracer", "build_reference_model"]
