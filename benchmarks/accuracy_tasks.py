@@ -52,6 +52,7 @@ def grid() -> list[tuple[str, dict]]:
         ("qwen3", dict(task="dpo", method="qlora", seq_len=2048, prompt_len=1024, lora_targets="all-linear",
                        ref_model="copy")),
         ("mistral", dict(task="cpo", method="qlora", seq_len=1024, prompt_len=512, grad_ckpt=False)),
+        ("qwen3", dict(task="orpo", method="full", seq_len=512, prompt_len=128, batch_size=2)),
         ("llama", dict(task="dpo", method="lora", ref_model="adapter", seq_len=2048, prompt_len=512, batch_size=4,
                        grad_ckpt=False)),
     ]
@@ -168,14 +169,13 @@ def write_accuracy_section(rows: list[dict]) -> None:
     errors = [abs(r["error"]) for r in rows]
     families = sorted({r["model"] for r in rows})
     section = [TASKS_HEADING, "",
-               f"`--task` (DPO, IPO, SimPO, CPO, KTO, GRPO training and generation) against the trace of TRL 1.16's "
+               f"`--task` (DPO, IPO, SimPO, ORPO, CPO, KTO, GRPO training and generation) against the trace of TRL 1.16's "
                f"real trainers' loss computation and of transformers' `generate` on fake tensors: "
                f"`benchmarks/accuracy_tasks.md`, written by `python benchmarks/accuracy_tasks.py` "
                f"({len(rows)} setups, {len(families)} families, full/LoRA/QLoRA: median |error| "
                f"{100 * statistics.median(errors):.2f}%, max {100 * max(errors):.2f}%).", "",
                *summary_lines(rows), "",
-               "Not in the grid: `--task reward` and `--task distill` (not modelled yet), ORPO (the same memory shape "
-               "as SimPO and CPO). Published DPO/GRPO memory figures against the estimate: "
+               "Not in the grid: `--task reward` and `--task distill` (not modelled yet). Published DPO/GRPO memory figures against the estimate: "
                "`benchmarks/tasks_published.md`.", ""]
     path = HERE / "accuracy.md"
     text = path.read_text()
