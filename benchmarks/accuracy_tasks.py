@@ -169,13 +169,15 @@ def write_accuracy_section(rows: list[dict]) -> None:
     errors = [abs(r["error"]) for r in rows]
     families = sorted({r["model"] for r in rows})
     section = [TASKS_HEADING, "",
-               f"`--task` (DPO, IPO, SimPO, ORPO, CPO, KTO, GRPO training and generation) against the trace of TRL 1.16's "
+               f"`--task` (DPO, IPO, SimPO, ORPO, CPO, KTO, GRPO training and generation) against the trace of "
+               f"TRL 1.16's "
                f"real trainers' loss computation and of transformers' `generate` on fake tensors: "
                f"`benchmarks/accuracy_tasks.md`, written by `python benchmarks/accuracy_tasks.py` "
                f"({len(rows)} setups, {len(families)} families, full/LoRA/QLoRA: median |error| "
                f"{100 * statistics.median(errors):.2f}%, max {100 * max(errors):.2f}%).", "",
                *summary_lines(rows), "",
-               "Not in the grid: `--task reward` and `--task distill` (not modelled yet). Published DPO/GRPO memory figures against the estimate: "
+               "Not in the grid: `--task reward` and `--task distill` (not modelled yet). Published DPO/GRPO memory "
+               "figures against the estimate: "
                "`benchmarks/tasks_published.md`.", ""]
     path = HERE / "accuracy.md"
     text = path.read_text()
