@@ -21,6 +21,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.accuracy_sections import replace_head  # noqa: E402
 from vramcalc.catalogue import get_model  # noqa: E402
 from vramcalc.estimator import step_moments  # noqa: E402
 from vramcalc.options import Term  # noqa: E402
@@ -188,19 +189,6 @@ def run_grid(grid, out_path: str, make_row=compare) -> list[dict]:
     return rows
 
 
-# peft's other methods have their own grid and file; their summary (``accuracy_methods.py::summary``) is copied here
-def methods_section() -> str:
-    """The "## peft methods" section: the summary table ``accuracy_methods.py`` wrote into accuracy_methods.md."""
-    path = HERE / "accuracy_methods.md"
-    text = path.read_text() if path.exists() else ""
-    start = text.find("## Summary")
-    if start < 0:
-        return ""
-    end = text.find("\n## ", start + 1)
-    body = text[start + len("## Summary"):end if end >= 0 else len(text)].strip()
-    return "\n\n## peft methods\n\n" + body + "\n"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(HERE / "accuracy.csv"))
@@ -211,7 +199,7 @@ def main(argv=None) -> int:
     grid = grid[: args.limit] if args.limit else grid
     rows = run_grid(grid, args.out)
     table = summary(rows)
-    Path(args.out).with_suffix(".md").write_text("# Estimate vs trace\n\n" + table + methods_section())
+    replace_head("# Estimate vs trace\n\n" + table, Path(args.out).with_suffix(".md"))
     print(table)
     return 0
 

@@ -25,6 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.accuracy_sections import replace_section  # noqa: E402
 from tests.tiny_models import TINY  # noqa: E402
 from vramcalc.estimator import step_moments  # noqa: E402
 from vramcalc.peft_methods import PEFT_METHODS  # noqa: E402
@@ -172,7 +173,7 @@ def main() -> None:
 
 def summary_lines(rows: list[dict], by_method: dict[str, list[float]], params: list[dict]) -> list[str]:
     """The "## Summary" section: per method, its trainable parameters on llama-3.1-8b (peft's meta build) and the
-    estimate's error against the trace over its setups; copied into accuracy.md (``accuracy.py::methods_section``)."""
+    estimate's error against the trace over its setups; also accuracy.md's "## peft methods" section."""
     errors = [abs(row["error"]) for row in rows]
     families = sorted({row["model"] for row in rows})
     trainable = {row["method"]: row["trainable_params"] for row in params}
@@ -207,15 +208,8 @@ def published_variants_line() -> str:
 
 
 def write_accuracy_section(summary: list[str]) -> None:
-    """Replace accuracy.md's "## peft methods" section with the summary (accuracy.py writes the same on a rerun)."""
-    path = HERE / "accuracy.md"
-    text = path.read_text()
-    start = text.find("## peft methods")
-    if start < 0:
-        return
-    end = text.find("\n## ", start + 1)
-    section = "## peft methods\n\n" + "\n".join(summary[2:]).strip() + "\n"
-    path.write_text(text[:start] + section + (text[end + 1:] if end >= 0 else ""))
+    """accuracy.md's "## peft methods" section: the summary, without its own heading."""
+    replace_section("## peft methods", "\n".join(summary[2:]))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Accuracy report for ``--task`` (issue 15): ``vramcalc.estimate(task=...)`` against the trace of TRL 1.16's
-``DPOTrainer._compute_loss`` on fake tensors (``vramcalc/tracing/tasks.py``).
+``DPOTrainer``, ``KTOTrainer`` and ``GRPOTrainer`` ``_compute_loss`` on fake tensors (``vramcalc/tracing/tasks.py``),
+and of GRPO's generation through transformers' ``generate`` (``tracing/tasks.trace_generation_bytes``).
 
     python benchmarks/accuracy_tasks.py              # the grid (several minutes): accuracy_tasks.csv and .md
     python benchmarks/accuracy_tasks.py --limit 4    # the first four setups
 
 Each row: the setup, the traced and estimated peak tensor bytes of the step (the load phase left out on both
 sides; for GRPO the training phase only: its generation and reference phases are modelled, not traced), the phase
-of each, and the error (estimate - trace) / trace. Tiny models of four families
+of each, and the error (estimate - trace) / trace. Generation rows (``kind=generation``) compare the generation
+phase's bytes beside the model states (KV cache, activations, logits, sampling). Tiny models of four families
 (``tests/tiny_models.py``) keep the grid in minutes; every term scales with b, s, h, V as at full size.
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.accuracy_sections import replace_section  # noqa: E402
 from tests.tiny_models import TINY  # noqa: E402
 from vramcalc.estimator import step_moments  # noqa: E402
 from vramcalc.options import Phase  # noqa: E402
@@ -30,6 +33,7 @@ from vramcalc.training_setup import resolve_setup  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MIB = 2**20
+TASKS_HEADING = "## Tasks (issue 15)"  # the section of benchmarks/accuracy.md this script writes (accuracy.py keeps it)
 
 
 def grid() -> list[tuple[str, dict]]:
@@ -49,6 +53,7 @@ def grid() -> list[tuple[str, dict]]:
         ("qwen3", dict(task="dpo", method="qlora", seq_len=2048, prompt_len=1024, lora_targets="all-linear",
                        ref_model="copy")),
         ("mistral", dict(task="cpo", method="qlora", seq_len=1024, prompt_len=512, grad_ckpt=False)),
+        ("qwen3", dict(task="orpo", method="full", seq_len=512, prompt_len=128, batch_size=2)),
         ("llama", dict(task="dpo", method="lora", ref_model="adapter", seq_len=2048, prompt_len=512, batch_size=4,
                        grad_ckpt=False)),
     ]
@@ -61,10 +66,58 @@ def grid() -> list[tuple[str, dict]]:
         ("qwen3", dict(grpo, method="qlora", batch_size=2, grad_accum=2)),
         ("mistral", dict(grpo, method="lora", num_generations=8, completion_len=512)),
     ]
+    # KTO: b unpaired rows and their KL rows (KTOTrainer._compute_loss), every reference
+    kto = dict(task="kto", batch_size=2, seq_len=512, prompt_len=128)
+    rows += [
+        ("llama", dict(kto, method="full")),
+        ("llama", dict(kto, method="lora")),
+        ("llama", dict(kto, method="lora", ref_model="copy", batch_size=4)),
+        ("qwen3", dict(kto, method="lora", ref_model="precomputed")),
+        ("qwen3", dict(kto, method="full", ref_model="precomputed", grad_ckpt=False)),
+        ("mistral", dict(kto, method="qlora", seq_len=1024, prompt_len=256)),
+        ("mistral", dict(kto, method="qlora", ref_model="copy")),
+        ("gemma2", dict(kto, method="full", precision="bf16", batch_size=4, prompt_len=64, grad_ckpt=False)),
+        ("gemma2", dict(kto, method="lora", precision="bf16")),
+    ]
+    # GRPO's generation phase: transformers' generate with its DynamicCache on fake tensors (kind "generation")
+    gen = dict(task="grpo", precision="bf16", kind="generation")
+    rows += [
+        ("llama", dict(gen, method="lora", batch_size=2, num_generations=4, prompt_len=16, completion_len=48)),
+        ("llama", dict(gen, method="full", batch_size=1, num_generations=4, prompt_len=8, completion_len=160)),
+        ("qwen3", dict(gen, method="qlora", precision="mixed-bf16", batch_size=1, num_generations=8, prompt_len=32,
+                       completion_len=32)),
+        ("mistral", dict(gen, method="full", batch_size=2, num_generations=4, prompt_len=64, completion_len=16)),
+        ("gemma2", dict(gen, method="lora", batch_size=2, num_generations=4, prompt_len=100, completion_len=24)),
+    ]
     return [(family, dict(stack="trl", **options)) for family, options in rows]
 
 
+def measure_generation(family: str, options: dict) -> dict:
+    """GRPO's generation transients (KV cache, activations, logits and sampling beside the weights): traced through
+    transformers' ``generate`` (``tracing/tasks.trace_generation_bytes``) and estimated
+    (``terms/tasks.generation_bytes``)."""
+    from vramcalc.estimator import layer_setup
+    from vramcalc.terms import tasks
+    from vramcalc.tracing.tasks import trace_generation_bytes
+
+    spec = TINY[family]
+    resolved = resolve_setup(spec, **{k: v for k, v in options.items() if k != "kind"})
+    setup = resolved.setup
+    started = time.perf_counter()
+    traced = trace_generation_bytes(spec, resolved)
+    estimated = int(tasks.generation_bytes(spec, setup, layer_setup(resolved).dtypes,
+                                           setup.batch_size * setup.num_generations, setup.prompt_len,
+                                           setup.completion_len))
+    return {"model": spec.name, "options": " ".join(f"{k}={v}" for k, v in options.items() if k != "stack"),
+            "trace_bytes": traced["generation_bytes"], "estimate_bytes": estimated,
+            "trace_phase": "generation:" + traced["phase"], "estimate_phase": "generation",
+            "error": (estimated - traced["generation_bytes"]) / traced["generation_bytes"],
+            "trace_seconds": round(time.perf_counter() - started, 1)}
+
+
 def measure(family: str, options: dict) -> dict:
+    if options.get("kind") == "generation":
+        return measure_generation(family, options)
     from vramcalc.tracing.runner import run_trace
     from vramcalc.tracing.tasks import PreferenceStepTracer
 
@@ -88,15 +141,19 @@ def write(rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     errors = [abs(r["error"]) for r in rows]
-    lines = ["# Estimate vs trace: --task (TRL 1.16 DPOTrainer, GRPOTrainer training phase)", "",
+    lines = ["# Estimate vs trace: --task (TRL 1.16 DPOTrainer, KTOTrainer, GRPOTrainer)", "",
              "Generated by `python benchmarks/accuracy_tasks.py`. Error = (estimate - trace) / trace of the training "
              "step's peak tensor bytes (load phase left out; MiB = 2^20 bytes). The trace runs DPOTrainer's real "
              "`_compute_loss` (fused lm_head, reference via a second model or peft's `disable_adapter`, the DPO loss "
              "and its metrics) on fake tensors with the HF trace's model, optimizer and step (`vramcalc/tracing/"
-             "tasks.py`); GRPO rows run GRPOTrainer's real `_compute_loss` and compare the training phase only "
-             "(generation and reference phases are modelled); the estimate is `vramcalc/terms/tasks.py`.", "",
+             "tasks.py`); KTO rows run KTOTrainer's real `_compute_loss` (b unpaired rows, the KL rows scored under "
+             "no_grad by the policy and the reference); GRPO training rows run GRPOTrainer's real `_compute_loss` "
+             "(training phase); GRPO `kind=generation` rows run transformers' real `generate` (sampling, "
+             "DynamicCache) on b x num_generations rows and compare the generation phase's bytes beside the model "
+             "states; the estimate is `vramcalc/terms/tasks.py`.", "",
              f"**{len(rows)} setups: median abs error {100 * statistics.median(errors):.2f}%, max "
              f"{100 * max(errors):.2f}%.**", "",
+             *summary_lines(rows), "",
              "| model | options | trace MiB | estimate MiB | error | phase trace / estimate |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -104,18 +161,73 @@ def write(rows: list[dict]) -> None:
                      f"{r['estimate_bytes'] / MIB:.2f} | {100 * r['error']:+.2f}% | "
                      f"{r['trace_phase']} / {r['estimate_phase']} |")
     (HERE / "accuracy_tasks.md").write_text("\n".join(lines) + "\n")
+    write_accuracy_section(rows)
+
+
+def write_accuracy_section(rows: list[dict]) -> None:
+    """The ``## Tasks (issue 15)`` section of ``benchmarks/accuracy.md``: the figures and the per-task summary
+    (``benchmarks/accuracy_sections``)."""
+    errors = [abs(r["error"]) for r in rows]
+    families = sorted({r["model"] for r in rows})
+    section = [TASKS_HEADING, "",
+               f"`--task` (DPO, IPO, SimPO, ORPO, CPO, KTO, GRPO training and generation) against the trace of "
+               f"TRL 1.16's "
+               f"real trainers' loss computation and of transformers' `generate` on fake tensors: "
+               f"`benchmarks/accuracy_tasks.md`, written by `python benchmarks/accuracy_tasks.py` "
+               f"({len(rows)} setups, {len(families)} families, full/LoRA/QLoRA: median |error| "
+               f"{100 * statistics.median(errors):.2f}%, max {100 * max(errors):.2f}%).", "",
+               *summary_lines(rows), "",
+               "Not in the grid: `--task reward` and `--task distill` (not modelled yet). Published DPO/GRPO memory "
+               "figures against the estimate: "
+               "`benchmarks/tasks_published.md`.", ""]
+    replace_section(TASKS_HEADING, "\n".join(section[2:]))
+
+
+def _group(row: dict) -> str:
+    options = dict(word.split("=", 1) for word in row["options"].split())
+    task = options["task"] + (" generation" if options.get("kind") == "generation" else "")
+    return f"{task} {options['method']}"
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """One line per task and method: setups, families, median and max abs error."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(_group(row), []).append(row)
+    lines = ["| task, method | setups | families | median abs error | max abs error |", "|---|---|---|---|---|"]
+    for name, members in sorted(groups.items()):
+        errors = [abs(r["error"]) for r in members]
+        families = len({r["model"] for r in members})
+        lines.append(f"| {name} | {len(members)} | {families} | {100 * statistics.median(errors):.2f}% | "
+                     f"{100 * max(errors):.2f}% |")
+    return lines
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--only", default=None, help="only the setups whose options contain this text")
+    parser.add_argument("--rewrite", action="store_true", help="rewrite the .md files from accuracy_tasks.csv")
     args = parser.parse_args(argv)
-    setups = grid()[: args.limit]
+    if args.rewrite:
+        with open(HERE / "accuracy_tasks.csv", newline="") as f:
+            rows = [dict(r, trace_bytes=int(r["trace_bytes"]), estimate_bytes=int(r["estimate_bytes"]),
+                         error=float(r["error"])) for r in csv.DictReader(f)]
+        write(rows)
+        return
+    setups = [(f, o) for f, o in grid() if args.only is None or args.only in " ".join(f"{k}={v}" for k, v in
+                                                                                      o.items())][: args.limit]
     rows = []
     for family, options in setups:
         row = measure(family, options)
         rows.append(row)
         print(f"{row['model']:>14} {row['options']:<90} {100 * row['error']:+.2f}%", flush=True)
+    if args.only is not None:  # replace those rows of accuracy_tasks.csv, keep the others
+        with open(HERE / "accuracy_tasks.csv", newline="") as f:
+            old = [dict(r, trace_bytes=int(r["trace_bytes"]), estimate_bytes=int(r["estimate_bytes"]),
+                        error=float(r["error"])) for r in csv.DictReader(f)]
+        new = {(r["model"], r["options"]): r for r in rows}
+        rows = [new.pop((r["model"], r["options"]), r) for r in old] + list(new.values())
     write(rows)
 
 

@@ -95,7 +95,9 @@ def test_sft_default_is_the_task_and_unchanged():
     (dict(task="dpo", prompt_len=2048, seq_len=2048), "no completion"),
     (dict(task="dpo", prompt_len=10, completion_len=10, seq_len=100), "is not --prompt-len"),
     (dict(task="dpo", packing=True), "padding_free"),
-    (dict(task="kto"), "not modelled yet"),
+    (dict(task="kto", batch_size=1), "--batch-size 2 or more"),
+    (dict(task="kto", batch_size=2, ref_model="none"), "needs reference log-probs"),
+    (dict(task="reward"), "not modelled yet"),
     (dict(task="nonsense"), "unknown task"),
 ])
 def test_bad_task_options_are_one_error_naming_them(options, words):
@@ -170,3 +172,39 @@ def test_grpo_vllm_reservation_is_the_fraction_of_the_gpu():
 def test_bad_grpo_options_are_one_error(options, words):
     with pytest.raises(VramcalcError, match=words):
         vc.estimate(MODEL, **options)
+
+
+# -- KTO ----------------------------------------------------------------------------------------------------------
+KTO = dict(task="kto", seq_len=2048, prompt_len=1024, batch_size=4, grad_ckpt=True)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_kto_copied_reference_above_adapter_reference_above_precomputed(method):
+    """KTOTrainer's references (kto_trainer.py:916-940, 1412-1436): a copy's weights, the adapter's no-grad forwards
+    (the KL rows, then the rows) beside the held activations, or two floats per row."""
+    copy, adapter, precomputed = (vc.estimate(MODEL, method=method, ref_model=ref, **KTO).peak_tensor_bytes
+                                  for ref in ("copy", "adapter", "precomputed"))
+    assert copy > adapter >= precomputed
+
+
+def test_kto_default_reference_follows_trl():
+    assert vc.estimate(MODEL, method="full", **KTO).inputs["ref_model"] == "copy"
+    assert vc.estimate(MODEL, method="lora", **KTO).inputs["ref_model"] == "adapter"
+
+
+def test_kto_holds_its_kl_batch():
+    """b unpaired rows carry b KL rows: three more [b, s] int64 tensors than the same rows' DPO-shaped batch, and
+    the KL rows' labels while they are scored; the step is above SFT of the same b rows with TRL's fused head."""
+    sft = vc.estimate(MODEL, method="lora", seq_len=2048, batch_size=4, loss="trl", grad_ckpt=True)
+    kto = vc.estimate(MODEL, method="lora", ref_model="precomputed", **dict(KTO, prompt_len=0))
+    assert kto.peak_tensor_bytes - sft.peak_tensor_bytes >= 3 * 8 * 4 * 2048
+
+
+def test_kto_max_batch_and_plan_start_at_two_rows():
+    """KTOTrainer refuses one row (its KL term); ``max-batch`` and ``plan`` search from two."""
+    from vramcalc.planning import max_batch_size
+
+    largest = max_batch_size(MODEL, "h100-sxm", task="kto", method="lora", seq_len=2048, prompt_len=1024)
+    assert largest >= 2
+    assert vc.estimate(MODEL, task="kto", method="lora", seq_len=2048, prompt_len=1024, batch_size=largest,
+                       gpu="h100-sxm").fits("h100-sxm")

@@ -159,3 +159,68 @@ def test_grpo_training_phase_is_within_1_percent_of_grpotrainer_compute_loss(fam
     training = [m.tensor_bytes for m in step_moments(spec, resolved)
                 if m.phase not in (Phase.LOAD, Phase.GENERATION, Phase.REFERENCE_FORWARD)]
     assert abs(max(training) - traced) / traced < TOLERANCE
+
+
+KTO_CASES = [
+    ("llama", dict(method="lora")),
+    ("llama", dict(method="full")),
+    ("qwen3", dict(method="lora", ref_model="precomputed")),
+    ("mistral", dict(method="qlora", seq_len=1024, prompt_len=256)),
+    ("gemma2", dict(method="full", precision="bf16", batch_size=4, prompt_len=64, grad_ckpt=False)),
+]
+
+
+@pytest.mark.parametrize("family, options", KTO_CASES)
+def test_kto_estimate_is_within_1_percent_of_ktotrainer_compute_loss(family, options):
+    """KTOTrainer's real ``_compute_loss`` (kto_trainer.py:1370): the policy's and the reference's no-grad forwards
+    of the KL rows, the policy's fused head with ``("log_probs", "entropy", "mean_logits")``, the reference (copy,
+    peft's disabled adapter, or precomputed log-probs)."""
+    from vramcalc.estimator import step_moments
+    from vramcalc.options import Phase
+    from vramcalc.tracing.runner import run_trace
+    from vramcalc.tracing.tasks import PreferenceStepTracer
+
+    spec = TINY[family]
+    resolved = resolve_setup(spec, stack="trl", **dict(dict(task="kto", batch_size=2, seq_len=512, prompt_len=128),
+                                                        **options))
+    traced = sum(run_trace(spec, resolved, progress=False, tracer_class=PreferenceStepTracer).terms.values())
+    estimated = max(m.tensor_bytes for m in step_moments(spec, resolved) if m.phase is not Phase.LOAD)
+    assert abs(estimated - traced) / traced < TOLERANCE
+
+
+def test_kto_trace_scores_the_kl_rows_with_policy_and_reference():
+    """``_compute_kl_logps`` runs twice per step (the policy's, then the adapter reference's), inside TRL's own
+    ``_compute_loss``."""
+    import vramcalc as vc
+    from trl.trainer import kto_trainer
+
+    with mock.patch.object(kto_trainer.KTOTrainer, "_compute_kl_logps", autospec=True,
+                           side_effect=kto_trainer.KTOTrainer._compute_kl_logps) as kl:
+        result = vc.trace(TINY["llama"], task="kto", method="lora", seq_len=128, prompt_len=32, batch_size=2,
+                          stack="trl", progress=False)
+    assert kl.call_count == 4  # two traced steps
+    assert result.details["task"] == "kto"
+
+
+GENERATION_CASES = [
+    ("llama", dict(method="lora", batch_size=2, num_generations=4, prompt_len=16, completion_len=48)),
+    ("mistral", dict(method="full", batch_size=2, num_generations=4, prompt_len=64, completion_len=16)),
+]
+
+
+@pytest.mark.parametrize("family, options", GENERATION_CASES)
+def test_grpo_generation_phase_is_within_1_percent_of_transformers_generate(family, options):
+    """GRPO's generation (transformers' real ``generate`` with TRL's sampling config and its ``DynamicCache`` on
+    fake tensors): the estimate's KV cache, forward and sampling bytes agree with the trace."""
+    from vramcalc.estimator import layer_setup
+    from vramcalc.terms import tasks
+    from vramcalc.tracing.tasks import trace_generation_bytes
+
+    spec = TINY[family]
+    resolved = resolve_setup(spec, stack="trl", task="grpo", precision="bf16", **options)
+    setup = resolved.setup
+    traced = trace_generation_bytes(spec, resolved)["generation_bytes"]
+    estimated = tasks.generation_bytes(spec, setup, layer_setup(resolved).dtypes,
+                                       setup.batch_size * setup.num_generations, setup.prompt_len,
+                                       setup.completion_len)
+    assert abs(estimated - traced) / traced < TOLERANCE

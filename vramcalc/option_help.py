@@ -40,7 +40,7 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "quant_saves_input": "the quantized Linear keeps its input for backward, as bitsandbytes <= 0.43 did (qlora)",
     "quantize_lm_head": "quantize lm_head too, as Lightning/litgpt do (qlora)",
     "quant_state_dtype": "auto | bf16 | fp16 | fp32: the dtype the weights were quantized from (qlora)",
-    "task": "sft | dpo | ipo | simpo | orpo | cpo | grpo (kto, reward, distill: not modelled yet)",
+    "task": "sft | dpo | ipo | simpo | orpo | cpo | kto | grpo (reward, distill: not modelled yet)",
     "ref_model": "copy | adapter | precomputed | none: the preference tasks' reference log-probs",
     "prompt_len": "prompt tokens of each chosen/rejected row (preference tasks; not scored)",
     "completion_len": "scored tokens of each row (preference tasks; default seq_len - prompt_len)",

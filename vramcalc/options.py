@@ -285,8 +285,9 @@ class Stack(Choice):
 class Task(Choice):
     """What the step trains (issue 15; ``terms/tasks.py``). ``sft`` is vramcalc's supervised step; the preference
     tasks follow TRL 1.16's DPOTrainer: ``dpo`` and ``ipo`` (a DPOConfig ``loss_type``) with a reference model,
-    ``simpo``, ``orpo`` and ``cpo`` reference-free (the same concatenated chosen+rejected forward). ``kto``,
-    ``reward`` and ``distill`` are reserved names (DESIGN.md), not modelled yet; ``grpo`` follows GRPOTrainer."""
+    ``simpo``, ``orpo`` and ``cpo`` reference-free (the same concatenated chosen+rejected forward); ``kto`` follows
+    KTOTrainer (b unpaired rows and their KL batch); ``grpo`` follows GRPOTrainer. ``reward`` and ``distill`` are
+    reserved names (DESIGN.md), not modelled yet."""
 
     SFT = "sft"
     DPO = "dpo"
@@ -311,7 +312,7 @@ class Task(Choice):
     @property
     def uses_fused_head(self) -> bool:
         """Scored by TRL's fused lm_head (DPOTrainer and GRPOTrainer 1.16 always add it)."""
-        return self.is_preference or self is Task.GRPO
+        return self.is_preference or self in (Task.KTO, Task.GRPO)
 
 
 class RolloutEngine(Choice):

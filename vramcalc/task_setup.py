@@ -16,6 +16,13 @@ Preference tasks (``dpo``, ``ipo``, ``simpo``, ``orpo``, ``cpo``) follow TRL 1.1
   (``precompute_ref_log_probs=True``: ``ref_model`` is None and the batch carries two floats per pair, ``:909-914,
   1318-1319``) or ``none`` (the reference-free losses).
 The loss is TRL's fused lm_head (``add_fused_lm_head``, ``:958-962``): ``--loss trl`` is implied.
+
+``kto`` follows TRL 1.16's ``KTOTrainer`` (``trl/trainer/kto_trainer.py``): ``batch_size`` b *unpaired* rows of
+``seq_len`` (prompt plus completion, the same length rule), each with a mismatched KL row (the completions cycled
+by one within the batch, ``:1150-1151``) that the policy and the reference score under ``torch.no_grad``
+(``_compute_kl_logps``, ``:1337-1368``); the default ``loss_type="kto"`` computes that KL term, which needs b > 1
+(``:815, 844-847``). The reference defaults as DPO's (``copy`` full, ``adapter`` peft, ``:916-940``; ``precomputed``
+is ``precompute_ref_log_probs``).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 from .errors import VramcalcError, positive_int
 from .options import Loss, Method, RefModel, RolloutEngine, Stack, Task
 
-MODELLED_TASKS = (Task.SFT, Task.DPO, Task.IPO, Task.SIMPO, Task.ORPO, Task.CPO, Task.GRPO)
+MODELLED_TASKS = (Task.SFT, Task.DPO, Task.IPO, Task.SIMPO, Task.ORPO, Task.CPO, Task.KTO, Task.GRPO)
 GRPO_OPTIONS = ("num_generations", "rollout_engine", "vllm_gpu_fraction")
 TASK_OPTIONS = ("ref_model", "prompt_len", "completion_len") + GRPO_OPTIONS
 GRPO_NUM_GENERATIONS = 8  # trl/trainer/grpo_config.py:480-481 (num_generations=8)
@@ -63,6 +70,9 @@ def resolve_task(values: dict, given: dict, origins: dict) -> None:
     for key in GRPO_OPTIONS:
         if key in given:
             raise VramcalcError(f"--{key.replace('_', '-')} applies to --task grpo, not --task {task.value}")
+    if task is Task.KTO and values["batch_size"] < 2:
+        raise VramcalcError("--task kto: KTOTrainer's KL term needs --batch-size 2 or more (trl/trainer/"
+                            "kto_trainer.py:844-847: with one row the KL term equals the implied reward)")
     values["ref_model"] = _ref_model(task, method, given, origins)
     _lengths(values, given, origins)
 
@@ -202,8 +212,9 @@ def task_warnings(setup) -> list[str]:
     """What the estimate of a task says from a model only (not traced)."""
     out = []
     if setup.task is Task.GRPO:
-        out.append("--task grpo is modelled, not traced: generation from the serving formulas (transformers "
-                   "generate's KV cache), training on b x num_generations completions with TRL's fused head")
+        out.append("--task grpo: generation from the serving formulas (transformers generate's KV cache, checked "
+                   "against generate traced on fake tensors: tracing/tasks.trace_generation_bytes), training on "
+                   "b x num_generations completions with TRL's fused head")
         if setup.rollout_engine is RolloutEngine.VLLM:
             out.append(f"--rollout-engine vllm: the colocated engine's reservation is modelled from vLLM's "
                        f"gpu_memory_utilization rule ({setup.vllm_gpu_fraction} x the GPU's memory, in "

@@ -188,7 +188,9 @@ def plan_frame(result: PlanRows, pandas=None):
 
 def _as_searched(options: dict, max_gpus: int) -> dict:
     """The options as given; for an offloading setup, which needs a GPU count and a sharding to be valid, at the
-    count the search starts from."""
+    count the search starts from; for ``--task kto`` without a batch size, at the two rows KTOTrainer needs."""
+    if "batch_size" not in options and str(options.get("task", "")).strip().lower() == "kto":
+        options = dict(options, batch_size=2)  # KTOTrainer's KL term needs two rows (task_setup.py)
     if offload_of(options) is Offload.NONE:
         return options
     return at_count(options, counts_to_try(options, max_gpus)[0])
@@ -207,6 +209,8 @@ def _gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, options) -> di
     """Fit, batch, time and cost of the setup on one GPU type."""
     pinned_batch = options.pop("batch_size", None)
     fixed = dict(options, batch_size=pinned_batch) if pinned_batch is not None else options
+    if pinned_batch is None and str(options.get("task", "")).strip().lower() == "kto":
+        fixed = dict(options, batch_size=2)  # KTOTrainer's KL term needs two rows (task_setup.py): fit from 2
     row = {"offer": "gpu", "gpu": device.name, "gpu_memory_gib": device.memory_bytes / BYTES_PER_GIB,
            "train_tokens": tokens, "epochs": epochs, "price_date": device.cloud_price_date or None,
            "price_source": device.cloud_price_basis or None, **prices}

@@ -201,16 +201,18 @@ def max_batch_size(model, gpu, *, limit: int = MAX_MICRO_BATCH, **options) -> in
     def total(batch: int) -> int:
         return estimate(spec, gpu=device, batch_size=batch, **options).total_bytes
 
-    one = total(1)
+    # the smallest batch the task runs: KTOTrainer's KL term needs two rows (task_setup.py), every other task one
+    first = 2 if str(options.get("task", "")).strip().lower() == "kto" else 1
+    one = total(first)
     if one > memory:
         return 0
-    if top == 1:
-        return 1
-    two = total(2)
+    if top <= first:
+        return first if top == first else 0
+    two = total(first + 1)
     if two > memory:
-        return 1
+        return first
     per_sequence = two - one
-    guess = top if per_sequence <= 0 else min(top, max(2, 1 + (memory - one) // per_sequence))
+    guess = top if per_sequence <= 0 else min(top, max(first + 1, first + (memory - one) // per_sequence))
     if total(guess) <= memory:  # gallop up: low fits, high does not (or is past the limit)
         low, step = guess, 1
         while True:
@@ -225,7 +227,7 @@ def max_batch_size(model, gpu, *, limit: int = MAX_MICRO_BATCH, **options) -> in
     else:  # gallop down to a size that fits (2 does)
         high, step = guess, 1
         while True:
-            probe = max(2, high - step)
+            probe = max(first + 1, high - step)
             if total(probe) <= memory:
                 low = probe
                 break

@@ -196,8 +196,12 @@ def cache_storage_bytes(cache, round_to: int) -> int:
 
 
 def run_inference_trace(spec: ModelSpec, *, batch_size: int, prompt_len: int, new_tokens: int,
-                        weights: Weights = Weights.BF16, cache: HfCache = HfCache.DYNAMIC) -> InferenceTraceResult:
-    """``model.generate`` of ``batch_size`` prompts of ``prompt_len`` tokens for ``new_tokens`` greedy tokens."""
+                        weights: Weights = Weights.BF16, cache: HfCache = HfCache.DYNAMIC,
+                        sample: bool = False) -> InferenceTraceResult:
+    """``model.generate`` of ``batch_size`` prompts of ``prompt_len`` tokens for ``new_tokens`` greedy tokens;
+    ``sample``: multinomial sampling at temperature 1, no top-k/top-p (TRL GRPOTrainer's generation config,
+    ``grpo_trainer.py:1155-1173`` with ``grpo_config.py`` defaults: ``do_sample=True``, temperature 1.0, top_p 1.0,
+    top_k 0)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import cache_utils
@@ -255,9 +259,9 @@ def run_inference_trace(spec: ModelSpec, *, batch_size: int, prompt_len: int, ne
             # the scalar policy innermost: it answers before the training trace's (cuda_emulation._fake_scalar)
             with torch.device("cpu"), tracker, cuda_kernel_emulation(sdpa=True), _ScalarReads(), _gpu_decisions(state):
                 output = model.generate(
-                    input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                    input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=sample,
                     pad_token_id=0, eos_token_id=None, cache_implementation=implementation,
-                    return_dict_in_generate=True,
+                    return_dict_in_generate=True, **(dict(temperature=1.0, top_p=1.0, top_k=0) if sample else {}),
                 )
             final = cache_storage_bytes(output.past_key_values, tracker.round_to)
             del output

@@ -65,6 +65,9 @@ def fused_head_shape(setup, rows, seq_len) -> dict:
     """The keywords of ``trl_loss.trl_logits_bytes`` for the task ({} for SFT)."""
     if setup.task is Task.GRPO:  # outputs=("log_probs", "entropy"): no is_top1 (grpo_trainer.py:1068-1073)
         return {"rows": scored_rows(rows, seq_len, setup.completion_len), "extra_forward_per_row": -IS_TOP1_BYTES}
+    if setup.task is Task.KTO:  # outputs=("log_probs", "entropy", "mean_logits"): no is_top1 (kto_trainer.py:967-970)
+        return {"rows": scored_rows(rows, seq_len, setup.completion_len),
+                "extra_forward_per_row": MEAN_LOGITS_BYTES_PER_ROW - IS_TOP1_BYTES}
     if not setup.task.is_preference:
         return {}
     return {"rows": scored_rows(rows, seq_len, setup.completion_len),
@@ -78,7 +81,7 @@ def training_rows(setup, batch_size):
         return pair_rows(batch_size)
     if setup.task is Task.GRPO:
         return batch_size * setup.num_generations // setup.grad_accum
-    return batch_size
+    return batch_size  # sft; kto: b unpaired rows (their KL rows run in separate no-grad forwards)
 
 
 def reference_weight_bytes(tensors, ref_model: RefModel, shards: int = 1) -> int:
@@ -142,9 +145,11 @@ def reference_forward_bytes(model: ModelSpec, dt, setup, rows, seq_len) -> int:
 
 
 def task_moments(moments: list, model: ModelSpec, setup, tensors, dt, rows, seq_len, logits, moment_type):
-    """``preference_moments`` or ``grpo_moments`` for the task."""
+    """``preference_moments``, ``kto_moments`` or ``grpo_moments`` for the task."""
     if setup.task is Task.GRPO:
         return grpo_moments(moments, model, setup, tensors, dt, rows, seq_len, moment_type)
+    if setup.task is Task.KTO:
+        return kto_moments(moments, model, setup, tensors, dt, rows, seq_len, logits, moment_type)
     return preference_moments(moments, model, setup, tensors, dt, rows, seq_len, logits, moment_type)
 
 
@@ -165,6 +170,50 @@ def preference_moments(moments: list, model: ModelSpec, setup, tensors, dt, rows
         held = logits.saved + policy_output_bytes(rows, seq_len)
         out.append(moment_type(Phase.REFERENCE_FORWARD, end_of_forward.weights, end_of_forward.gradients,
                                end_of_forward.optimizer_states, end_of_forward.activations, held + reference,
+                               end_of_forward.temporaries))
+    return out
+
+
+# KTO (``--task kto``): TRL 1.16 KTOTrainer (``trl/trainer/kto_trainer.py``), b unpaired rows per micro-batch.
+KTO_BATCH_TENSORS = 7  # [b, s] int64: input_ids, attention_mask, completion_mask and the KL rows' three
+# (``KTODataCollator``, kto_trainer.py:161-203), completion_labels (masked_fill, :1396)
+KTO_OUTPUT_BYTES_PER_POSITION = 3 * 4  # log_probs, entropy, mean_logits fp32 [b, s-1] (:967-970; no is_top1)
+KTO_POLICY_KL_OUTPUT_BYTES_PER_ROW = 3 * 4  # the policy's no-grad KL forward also asks for entropy (and its
+# temporary) and mean_logits beyond the reference head's log-probs (``reference_head_bytes``)
+
+
+def kto_moments(moments: list, model: ModelSpec, setup, tensors, dt, rows, seq_len, logits, moment_type):
+    """KTOTrainer's ``_compute_loss`` (``kto_trainer.py:1370-1445``) on b rows with the KL batch:
+
+    1. the policy's KL forward under ``torch.no_grad`` (``_compute_kl_logps``, :1337-1368) before its own forward:
+       weights, the batch, ``KL_labels`` [b, s] int64 (8·b·s) and a no-grad forward of b rows
+       (``reference_forward_bytes``' layer or fused head, the head with entropy and mean_logits too);
+    2. the policy's forward (``estimator._moments`` on b rows, ``fused_head_shape``) with the batch;
+    3. with a reference (``copy``/``adapter``), under no_grad while the policy's saved tensors and outputs
+       (log_probs, entropy, mean_logits [b, s-1] fp32) are held: its KL forward (with ``KL_labels`` again) then
+       its forward over the b rows, the same size: ``reference_forward_bytes`` + 8·b·s (:1424-1436).
+    ``precomputed``: ``ref_logps`` and ``ref_KL_logps`` [b] in the batch (:1412-1423), no step 3."""
+    ref_weights = reference_weight_bytes(tensors, setup.ref_model, reference_shards(setup))
+    batch = KTO_BATCH_TENSORS * 8 * rows * seq_len
+    kl_labels = 8 * rows * seq_len
+    out = []
+    for m in moments:
+        forward = m.phase is Phase.FORWARD
+        out.append(m._replace(weights=m.weights + ref_weights, temporaries=m.temporaries + (batch if forward else 0)))
+    start = [m for m in out if m.phase is Phase.FORWARD][0]
+    end_of_forward = [m for m in out if m.phase is Phase.FORWARD][-1]  # the loss's forward: every activation
+    scored = scored_rows(rows, seq_len, setup.completion_len)
+    masked = setup.attn is not Attention.FLASH
+    policy_kl = maximum(reference_head_bytes(model, dt, rows, seq_len, scored)
+                        + KTO_POLICY_KL_OUTPUT_BYTES_PER_ROW * scored,
+                        reference_layer_bytes(model, dt, rows, seq_len, masked))
+    out.append(moment_type(Phase.FORWARD, start.weights, start.gradients, start.optimizer_states, 0, policy_kl,
+                           batch + kl_labels))
+    if setup.ref_model in (RefModel.COPY, RefModel.ADAPTER):
+        held = logits.saved + KTO_OUTPUT_BYTES_PER_POSITION * rows * (seq_len - 1)
+        out.append(moment_type(Phase.REFERENCE_FORWARD, end_of_forward.weights, end_of_forward.gradients,
+                               end_of_forward.optimizer_states, end_of_forward.activations,
+                               held + reference_forward_bytes(model, dt, setup, rows, seq_len) + kl_labels,
                                end_of_forward.temporaries))
     return out
 
@@ -208,6 +257,7 @@ def preference_masked(masked, attn_used: Attention):
 # GRPO (``--task grpo``): TRL 1.16 GRPOTrainer, modelled (not traced).
 GRPO_LOSS_TENSORS = 6  # fp32 [R, C] tensors of the clipped loss saved for backward: per-token log-probs, coef_1 =
 # exp(logps - old), coef_2 = clamp(coef_1), the two per-token losses and their min (grpo_trainer.py _compute_loss)
+SAMPLING_PROBS_BYTES = 4  # fp32 softmax probabilities per row and vocabulary entry (generation/utils.py _sample)
 GRPO_BATCH_TENSORS = 5  # prompt_ids, prompt_mask, completion_ids, completion_mask [rows, .] int64, the concatenated
 # input_ids / attention_mask of the training forward counted once more per row of s
 
@@ -217,7 +267,10 @@ def generation_bytes(model: ModelSpec, setup, dt, generations, prompt_len: int, 
     ``_generate`` -> ``unwrap_model_for_generation``, no_grad, DynamicCache): the larger of the prefill and of the
     last decode step, from the serving model (``serving/hf_engine.prefill_moment``, ``decode_moment``: the KV cache
     formulas of ``serving/kv_cache.py``). Element bytes: the stored dtype of the weights (generation runs outside
-    the Trainer's autocast) or, for QLoRA, the 4-bit base's compute dtype."""
+    the Trainer's autocast) or, for QLoRA, the 4-bit base's compute dtype. TRL samples (``do_sample=True``,
+    ``grpo_trainer.py:1155-1173``): transformers' ``_sample`` adds ``probs = softmax(next_token_scores)``, fp32
+    [b·g, V], beside the step's logits and their fp32 copy, then ``torch.multinomial`` where greedy decoding takes
+    ``argmax`` (``SAMPLING_PROBS_BYTES``; the serving model's decode peak is that sampling moment at the last step)."""
     from ..serving.hf_engine import decode_moment, prefill_moment
 
     if hasattr(generations, "shape"):
@@ -228,7 +281,7 @@ def generation_bytes(model: ModelSpec, setup, dt, generations, prompt_len: int, 
     e = dt.c if setup.method is Method.QLORA else dt.r
     prefill = prefill_moment(model, generations, prompt_len, element_bytes=e)
     decode = decode_moment(model, generations, prompt_len + completion_len, element_bytes=e, prompt=prompt_len)
-    return max(prefill.total, decode.total)
+    return max(prefill.total, decode.total + SAMPLING_PROBS_BYTES * generations * model.vocab_size)
 
 
 def generation_kv_cache_bytes(model: ModelSpec, setup, dt, generations, prompt_len: int, completion_len: int) -> int:

@@ -23,8 +23,13 @@ What runs, in the order DPOTrainer runs it (line numbers of ``trl/trainer/dpo_tr
 ``--task grpo``: the training phase only. ``GRPOTrainer._compute_loss`` (``grpo_trainer.py:3020``, DAPO loss,
 beta=0) runs on b·g / grad_accum completions shaped like ``_generate_and_score_completions``' output (prompt and
 completion ids and masks, advantages, ``num_items_in_batch``), with the fused head's ``("log_probs", "entropy")``
-(:1068-1073). Generation (transformers ``generate``) and the reference's scoring forward are modelled
-(``terms/tasks.py``), not traced here.
+(:1068-1073). The reference's scoring forward is modelled (``terms/tasks.py``); generation is traced apart, through
+transformers' real ``generate`` and its cache classes (``trace_generation_bytes``, the serving trace).
+
+``--task kto``: ``KTOTrainer._compute_loss`` (``trl/trainer/kto_trainer.py:1370``) on ``KTODataCollator``'s batch
+(b rows and their KL rows), with its real ``_compute_kl_logps`` (the policy's and the reference's no-grad forwards
+of the KL rows), the policy's fused head with ``("log_probs", "entropy", "mean_logits")`` (:967-970) and the
+reference as for DPO (a copy, ``use_adapter(model, None)`` or precomputed ``ref_logps``/``ref_KL_logps``).
 
 The attention mask: fake tensors make transformers build the 4-D mask (``masking_utils._ignore_causal_mask_sdpa``
 returns False for a fake ``padding_mask``), which is what a padded batch of chosen and rejected rows of different
@@ -60,6 +65,8 @@ from .step import StepTracer, base_model
 
 DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # dpo_trainer.py:955
 GRPO_OUTPUTS = ("log_probs", "entropy")  # grpo_trainer.py:1068-1073
+KTO_OUTPUTS = ("log_probs", "entropy", "mean_logits")  # kto_trainer.py:967-970
+KTO_BETA = 0.1  # kto_config.py:205 default
 DPO_BETA = 0.1  # dpo_config.py:297 default
 LOSS_TYPES = {Task.IPO: ["ipo"]}  # DPOConfig loss_type; others the default ["sigmoid"] (dpo_config.py:245)
 
@@ -167,12 +174,13 @@ class PreferenceStepTracer(StepTracer):
     """The HF step with DPOTrainer's preparation and its ``_compute_loss`` (module docstring)."""
 
     def __init__(self, model, spec, resolved, tracker):
-        from trl.trainer import dpo_trainer, grpo_trainer
+        from trl.trainer import dpo_trainer, grpo_trainer, kto_trainer
 
         self._grpo = grpo_trainer
         self._dpo = dpo_trainer
+        self._kto = kto_trainer
         setup = resolved.setup
-        outputs = GRPO_OUTPUTS if setup.task is Task.GRPO else DPO_OUTPUTS
+        outputs = {Task.GRPO: GRPO_OUTPUTS, Task.KTO: KTO_OUTPUTS}.get(setup.task, DPO_OUTPUTS)
         self._kernel_modules = prepare_like_trl(model, resolved, tracker, outputs)
         self.ref_model = None
         if setup.ref_model is RefModel.COPY:
@@ -198,7 +206,7 @@ class PreferenceStepTracer(StepTracer):
             tracker.in_logits = True
 
         self._hooks.extend(backbone.register_forward_hook(backbone_done) for backbone in backbones)
-        self.loss = self._grpo_loss if self.setup.task is Task.GRPO else self._dpo_loss
+        self.loss = {Task.GRPO: self._grpo_loss, Task.KTO: self._kto_loss}.get(self.setup.task, self._dpo_loss)
 
     def _shim(self):
         setup = self.setup
@@ -256,6 +264,45 @@ class PreferenceStepTracer(StepTracer):
             inputs["ref_rejected_logps"] = torch.zeros(b)
         return self._dpo.DPOTrainer._compute_loss(shim, self.model, inputs, return_outputs=False)
 
+    def _kto_shim(self):
+        setup = self.setup
+        shim = types.SimpleNamespace(
+            model=self.model, ref_model=self.ref_model, accelerator=_Accelerator(), aux_loss_enabled=False,
+            precompute_ref_logps=setup.ref_model is RefModel.PRECOMPUTED, calculate_KL=True, loss_type="kto",
+            beta=KTO_BETA, desirable_weight=1.0, undesirable_weight=1.0,
+            args=types.SimpleNamespace(gradient_checkpointing_kwargs=None),
+            _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+        kl_logps = self._kto.KTOTrainer._compute_kl_logps
+        tracker = self.tracker
+
+        def compute_kl_logps(model, batch):  # the policy's no-grad KL forward comes before its own forward
+            out = kl_logps(shim, model, batch)
+            if tracker.phase is Phase.FORWARD:
+                tracker.in_logits = False
+            return out
+
+        shim._compute_kl_logps = compute_kl_logps
+        return shim
+
+    def _kto_loss(self, forward_module, input_ids, on_logits=None, position_ids=None):
+        """``KTODataCollator``'s batch of b rows with their KL rows (``kto_trainer.py:161-203``: ``input_ids``,
+        ``attention_mask``, ``completion_mask``, ``KL_*`` [b, s] int64, ``label`` [b] bool; ``ref_logps`` and
+        ``ref_KL_logps`` [b] with precomputed log-probs) and ``KTOTrainer._compute_loss`` (:1370)."""
+        setup = self.setup
+        b, s = setup.batch_size, setup.seq_len
+        inputs = {}
+        for prefix in ("", "KL_"):
+            inputs[prefix + "input_ids"] = torch.zeros(b, s, dtype=torch.long)
+            inputs[prefix + "attention_mask"] = torch.ones(b, s, dtype=torch.long)
+            inputs[prefix + "completion_mask"] = torch.ones(b, s, dtype=torch.long)
+            if setup.prompt_len:
+                inputs[prefix + "completion_mask"][:, :setup.prompt_len] = 0
+        inputs["label"] = torch.arange(b) % 2 == 0
+        if setup.ref_model is RefModel.PRECOMPUTED:
+            inputs["ref_logps"] = torch.zeros(b)
+            inputs["ref_KL_logps"] = torch.zeros(b)
+        return self._kto.KTOTrainer._compute_loss(self._kto_shim(), self.model, inputs, return_outputs=False)
+
     @contextlib.contextmanager
     def _reference_forward(self, model, gradient_checkpointing_kwargs=None):
         """``disable_gradient_checkpointing`` as the trace runs it (module docstring), marking the phase."""
@@ -275,13 +322,45 @@ class PreferenceStepTracer(StepTracer):
         setup = self.setup
         width = setup.seq_len - 1
         per_row = min(setup.completion_len, width)
-        original = self._dpo.disable_gradient_checkpointing
-        self._dpo.disable_gradient_checkpointing = self._reference_forward
+        originals = [(m, m.disable_gradient_checkpointing) for m in (self._dpo, self._kto)]
+        for module, _ in originals:
+            module.disable_gradient_checkpointing = self._reference_forward
         try:
             with _cuda_kernel_path(*self._kernel_modules), _fake_scalars(), _KnownMask(width, per_row):
                 super().run(steps, progress)
         finally:
-            self._dpo.disable_gradient_checkpointing = original
+            for module, original in originals:
+                module.disable_gradient_checkpointing = original
+
+
+def trace_generation_bytes(spec: ModelSpec, resolved: ResolvedSetup) -> dict:
+    """GRPO's generation phase traced: transformers' real ``generate`` of b·g completions of ``completion_len``
+    tokens after ``prompt_len`` prompt tokens, with its real ``DynamicCache``, on fake tensors (the serving trace,
+    ``serving/trace.run_inference_trace``, with TRL's sampling config: ``do_sample=True``, temperature 1, no top-k or
+    top-p, ``grpo_trainer.py:1155-1173``). The policy generates under ``torch.no_grad`` outside the Trainer's
+    autocast (``_generate_single_turn``, :1866-1875) in its stored 16-bit dtype (the compute dtype of a 4-bit
+    base). Returns the peak's bytes beside the weights (KV cache, activations, logits and sampling: what
+    ``terms/tasks.generation_bytes`` estimates), its phase (prefill or decode) and the cache's final bytes.
+    The model states (policy weights, optimizer states) are the training trace's and are not repeated here."""
+    from ..options import Method
+    from ..serving.terms import InferenceTerm, Weights
+    from ..serving.trace import run_inference_trace
+
+    setup = resolved.setup
+    if setup.task is not Task.GRPO:
+        raise VramcalcError("the generation trace is GRPO's (--task grpo)")
+    half = setup.precision.value in ("bf16", "fp16") or setup.method is Method.QLORA
+    if not half:
+        raise VramcalcError(f"the generation trace runs 16-bit weights; --precision {setup.precision.value} "
+                            "generates in fp32")
+    weights = Weights.FP16 if "fp16" in setup.precision.value else Weights.BF16
+    result = run_inference_trace(spec, batch_size=setup.batch_size * setup.num_generations,
+                                 prompt_len=setup.prompt_len, new_tokens=setup.completion_len, weights=weights,
+                                 sample=True)
+    phase = result.peak_phase
+    terms = result.phase_terms[phase]
+    return {"generation_bytes": sum(v for k, v in terms.items() if k is not InferenceTerm.WEIGHTS),
+            "phase": phase.value, "kv_cache_bytes": result.cache_bytes_final, "seconds": result.seconds}
 
 
 def _all_tensors(model: nn.Module):
@@ -328,4 +407,4 @@ def trace_task(spec: ModelSpec, resolved: ResolvedSetup, *, progress=None, gpu=N
                  "phase_peaks": {phase.value: peak for phase, peak in result.phase_peaks.items()}})
 
 
-__all__ = ["trace_task", "PreferenceStepTracer", "build_reference_model"]
+__all__ = ["trace_task", "trace_generation_bytes", "PreferenceStepTracer", "build_reference_model"]
