@@ -217,3 +217,13 @@ def test_open_vs_closed_puts_hosted_apis_beside_rent_and_buy(result):
     # every row prices the same job: cost = $ per million tokens x 500 M tokens (the fixture's tokens, 1 epoch)
     assert (rows["cost_usd"] - rows["usd_per_million_tokens"] * 500).abs().max() < 1e-6
     assert "## Open vs closed" in result.markdown
+
+
+def test_every_open_vs_closed_row_and_hardware_price_names_its_date(result):
+    rows = result.tables["open_vs_closed"]
+    assert rows["price_date"].notna().all() and (rows["price_date"].str.len() > 0).all()
+    hardware = result.tables["hardware"]
+    priced = hardware[hardware["rent_usd_per_hour"].notna()]
+    assert priced["price_date"].notna().all() and priced["price_source"].notna().all()
+    bought = hardware[hardware["list_price_usd"].notna()]
+    assert bought["list_price_date"].notna().all() and bought["list_price_source"].notna().all()

@@ -113,8 +113,9 @@ def budget_bands(amounts_usd) -> tuple[Budget, ...]:
 HARDWARE_COLUMNS = (
     "size_class", "model", "params_b", "active_params_b", "method", "matmul_dtype", "grad_ckpt", "gpu", "fits",
     "num_gpus", "sharding", "micro_batch", "device_gib", "host_ram_gib", "throughput_tokens_per_s",
-    "usd_per_million_tokens", "rent_usd_per_hour", "train_hours", "rent_usd", "buy_usd", "list_price_usd",
-    "server_usd_per_gpu", "buy_total_usd", "note", "train_tokens", "seq_len", "catalogue_version", "catalogue_date",
+    "usd_per_million_tokens", "rent_usd_per_hour", "price_date", "price_source", "train_hours", "rent_usd", "buy_usd",
+    "list_price_usd", "list_price_date", "list_price_source", "server_usd_per_gpu", "server_price_date",
+    "buy_total_usd", "note", "train_tokens", "seq_len", "catalogue_version", "catalogue_date",
 )
 
 
@@ -417,7 +418,8 @@ def open_closed_rows(hardware, models, *, tokens: float = DEFAULT_REPORT_TOKENS,
                          "usd_per_million_tokens": rent["usd_per_million_tokens"],
                          "cost_usd": rent["usd_per_million_tokens"] * job_tokens / TOKENS_PER_MILLION,
                          "hours": job_tokens / rent["throughput_tokens_per_s"] / 3600,
-                         "source": "catalogue on-demand $/GPU-hour (data/gpus.csv) x the step-time model's tokens/s"})
+                         "price_date": rent.get("price_date"),
+                         "source": f"{rent.get('price_source')} (data/gpus.csv) x the step-time model's tokens/s"})
         buyable = [(cluster_cost_usd(r, int(r["num_gpus"])), r) for r in lora
                    if not _missing(r.get("throughput_tokens_per_s"))]
         buyable = [(cost, r) for cost, r in buyable if cost is not None]
@@ -428,7 +430,12 @@ def open_closed_rows(hardware, models, *, tokens: float = DEFAULT_REPORT_TOKENS,
             rows.append({**common, "option": f"buy {int(r['num_gpus'])} x {r['gpu']}", "kind": "buy",
                          "usd_per_million_tokens": share / job_tokens * TOKENS_PER_MILLION, "cost_usd": share,
                          "upfront_usd": cost, "hours": hours,
-                         "source": "data/gpu_list_prices.csv (GPU, server per GPU, network port)",
+                         "price_date": "; ".join(f"{what} {date}" for what, date in
+                                                 (("GPU", r.get("list_price_date")),
+                                                  ("server", r.get("server_price_date"))) if not _missing(date))
+                                       or None,
+                         "source": f"{r.get('list_price_source')}; data/gpu_list_prices.csv server per GPU and "
+                                   "network port",
                          "note": f"straight-line share over {amortisation_years:g} years for the job's hours; "
                                  "power not included"})
     return [{column: row.get(column) for column in OPEN_CLOSED_COLUMNS} for row in rows]
@@ -532,8 +539,10 @@ def render_markdown(tables: dict, tokens: float, epochs: float, options: dict, m
         f"epoch(s). Options given: {given}. Settings used: {settings_sentence(options)} (QLoRA rows checkpoint "
         f"unless grad_ckpt is given, as peft's prepare_model_for_kbit_training does). "
         f"{GIB_NOTE}. More than one GPU means FSDP full sharding; counts go 1, 2, 4, then whole nodes of 8, up to "
-        f"{max_gpus}. Cloud prices are on-demand $/GPU-hour from the catalogue; 'no price' means the catalogue has "
-        "none (never read it as 0). Time comes from the step-time model (vramcalc/step_time.py: matmuls and attention "
+        f"{max_gpus}. Cloud prices are each GPU's reference on-demand $/GPU-hour in the catalogue (data/gpus.csv, "
+        "dated and sourced in the CSV's price_date and price_source columns; spot and reserved rates per provider "
+        "and region are in `vramcalc plan`'s CSV); 'no price' means the catalogue has none (never read it as 0). "
+        "Time comes from the step-time model (vramcalc/step_time.py: matmuls and attention "
         "at achievable rates, memory-bound work at HBM bandwidth, host overhead, communication; "
         "benchmarks/throughput.md gives its error against published runs), or the model-FLOPs utilisation of the "
         "GPU generation where it has no rate.",
