@@ -340,3 +340,16 @@ def test_workstation_cards_get_no_server_price_and_unpriced_gpus_no_buy_total():
     assert cost.buy_total_usd(get_gpu("rtx-4090"), 2) == pytest.approx(2 * 1599)  # launch MSRP, GPUs only
     assert cost.buy_total_usd(get_gpu("v100-32gb"), 8) is None  # no published or indicative price: None, never 0
     assert cost.pue().value == pytest.approx(1.58)  # Uptime Institute 2023 industry average
+
+
+def test_displayed_communication_time_is_the_step_models_rule():
+    # one rule for the ring's pace and NCCL's bus efficiency: the estimate's communication_seconds_per_step equals
+    # step_time.comm_seconds on ring_link's bandwidth (16 H100s: two nodes, the node's NICs set the pace)
+    from vramcalc import step_time
+
+    spec, gpu = vc.get_model("llama-3.1-8b"), get_gpu("h100-sxm")
+    resolved = resolve_setup(spec, num_gpus=16, sharding="fsdp")
+    shown = cost.communication_per_step(spec, resolved, gpu)
+    _, link_gb_s = cost.ring_link(gpu, 16)
+    assert shown.seconds == pytest.approx(step_time.comm_seconds(shown.total_bytes, link_gb_s))
+    assert shown.seconds == pytest.approx(shown.total_bytes / (link_gb_s * 1e9 * step_time.NCCL_BUS_EFFICIENCY))
