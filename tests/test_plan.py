@@ -563,6 +563,19 @@ def test_buy_columns_use_the_list_price_column_and_amortise_the_whole_purchase()
     assert row["buy_amortised_usd"] == pytest.approx(row["buy_total_usd"] * share)
 
 
+def test_electricity_and_network_prices_carry_their_source_in_the_csv():
+    rows = plan_rows("llama-3.1-70b", method="full", gpus=["h100-sxm"], hosted=False).rows
+    row = rows[0]
+    assert row["usd_per_kwh_source"].startswith("EIA") and row["pue_source"]
+    assert row["num_gpus"] > 8  # spans servers: buy_total_usd adds one switch port per GPU, priced with its source
+    assert row["buy_total_usd"] == pytest.approx(
+        (row["list_price_usd"] + row["server_usd_per_gpu"] + row["network_port_usd"]) * row["num_gpus"])
+    assert row["network_port_usd"] == pytest.approx(562.5) and row["network_price_date"]
+    assert "InfiniBand" in row["network_price_source"]
+    given = plan_rows("llama-3.1-8b", method="lora", gpus=["h100-sxm"], hosted=False, usd_per_kwh=0.3).rows[0]
+    assert given["usd_per_kwh"] == 0.3 and given["usd_per_kwh_source"] == "given (usd_per_kwh)"
+
+
 def test_cli_plan_without_tokens_prints_a_table_and_writes_the_csv(tmp_path, capsys):
     out_file = tmp_path / "plan.csv"
     code, out, err = run_cli(capsys, "plan", "llama-3.1-8b", "--method", "lora", "--gpus", "h100-sxm,rtx-4090",

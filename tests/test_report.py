@@ -227,3 +227,16 @@ def test_every_open_vs_closed_row_and_hardware_price_names_its_date(result):
     assert priced["price_date"].notna().all() and priced["price_source"].notna().all()
     bought = hardware[hardware["list_price_usd"].notna()]
     assert bought["list_price_date"].notna().all() and bought["list_price_source"].notna().all()
+
+
+def test_report_defaults_follow_the_chosen_stacks_preset():
+    # axolotl leaves gradient checkpointing unset (src/axolotl/utils/schemas/config.py:600-602): its QLoRA rows run
+    # without it, and the header says so; unsloth checkpoints every method (unsloth/models/llama.py:3079)
+    from vramcalc.report import method_options, settings_sentence
+
+    assert "grad_ckpt" not in method_options({"stack": "axolotl"}, "qlora")
+    axolotl = settings_sentence({"stack": "axolotl"})
+    qlora_part = axolotl.split("; ")[2]
+    assert qlora_part.startswith("QLoRA") and "no checkpointing" in qlora_part
+    unsloth = settings_sentence({"stack": "unsloth"})
+    assert all("full checkpointing" in part for part in unsloth.split("; "))

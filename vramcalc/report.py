@@ -42,7 +42,9 @@ from .errors import VramcalcError
 from .estimator import estimate
 from .export import rows_csv
 from .files import make_folder, write_atomic
+from .options import Method, Stack
 from .planning import DEFAULT_MAX_GPUS, applicable_options, catalogue_stamp, gpu_limit, plan_rows, require_pandas
+from .stacks import preset
 from .training_setup import resolve_setup
 from .units import BYTES_PER_GIB
 
@@ -120,8 +122,13 @@ HARDWARE_COLUMNS = (
 
 
 def method_options(options: dict, method: str) -> dict:
-    """The options a report row of ``method`` runs with: the caller's, over REPORT_METHOD_DEFAULTS for the method."""
-    return applicable_options({**REPORT_METHOD_DEFAULTS.get(method, {}), **options, "method": method})
+    """The options a report row of ``method`` runs with: the caller's, over the chosen stack's preset (applied by
+    ``resolve_setup``), over REPORT_METHOD_DEFAULTS for the method where the stack's preset does not set the option
+    (``--stack axolotl`` leaves QLoRA without checkpointing, as axolotl does)."""
+    stack_knobs = {knob.option for knob in preset(Stack.parse(options.get("stack") or "hf", "stack"))
+                   .knobs_for(Method.parse(method, "method"))}
+    defaults = {key: value for key, value in REPORT_METHOD_DEFAULTS.get(method, {}).items() if key not in stack_knobs}
+    return applicable_options({**defaults, **options, "method": method})
 
 
 def hardware_rows(models, *, tokens=DEFAULT_REPORT_TOKENS, epochs=1, max_gpus: int = DEFAULT_MAX_GPUS,
@@ -537,7 +544,7 @@ def render_markdown(tables: dict, tokens: float, epochs: float, options: dict, m
         "",
         f"Catalogue {stamp.version}, prices up to {stamp.date}. Token budget {tokens:,.0f} tokens x {epochs:g} "
         f"epoch(s). Options given: {given}. Settings used: {settings_sentence(options)} (QLoRA rows checkpoint "
-        f"unless grad_ckpt is given, as peft's prepare_model_for_kbit_training does). "
+        f"unless grad_ckpt is given or the stack's preset sets it, as peft's prepare_model_for_kbit_training does). "
         f"{GIB_NOTE}. More than one GPU means FSDP full sharding; counts go 1, 2, 4, then whole nodes of 8, up to "
         f"{max_gpus}. Cloud prices are each GPU's reference on-demand $/GPU-hour in the catalogue (data/gpus.csv, "
         "dated and sourced in the CSV's price_date and price_source columns; spot and reserved rates per provider "

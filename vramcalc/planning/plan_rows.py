@@ -15,6 +15,7 @@ from ..catalogue import get_gpu, get_model, gpus
 from ..cost import (
     DEFAULT_AMORTISATION_YEARS,
     DEFAULT_USD_PER_KWH,
+    DEFAULT_USD_PER_KWH_SOURCE,
     SECONDS_PER_HOUR,
     TOKENS_PER_MILLION,
     amortised_buy_cost_usd,
@@ -28,6 +29,7 @@ from ..cost import (
     hosted_cost_usd,
     hosted_prices,
     matmul_dtype,
+    network_port_price,
     peak_flop_per_s,
     pue,
     rent_cost_usd,
@@ -70,10 +72,11 @@ PLAN_COLUMNS = (
     "train_tokens", "epochs", "model_flop_per_token", "hardware_flop_per_token", "mfu", "mfu_source",
     "step_seconds", "throughput_tokens_per_s", "usd_per_million_tokens", "train_hours", "gpu_hours",
     "rent_usd_per_gpu_hour", "rent_usd_per_hour", "rent_usd", "buy_usd", "buy_amortised_usd", "amortisation_years",
-    "energy_kwh", "usd_per_kwh", "pue", "pue_source", "energy_usd", "cost_usd",
+    "energy_kwh", "usd_per_kwh", "usd_per_kwh_source", "pue", "pue_source", "energy_usd", "cost_usd",
     *RATE_COLUMNS,
     "list_price_usd", "list_price_basis", "list_price_date", "list_price_source",
-    "server_usd_per_gpu", "server_price_date", "server_price_source", "buy_total_usd",
+    "server_usd_per_gpu", "server_price_date", "server_price_source",
+    "network_port_usd", "network_price_date", "network_price_source", "buy_total_usd",
     "provider", "hosted_usd_per_million_tokens", "price_date", "price_source",
     "note", "catalogue_version", "catalogue_date",
 )
@@ -122,7 +125,8 @@ def plan_rows(model, *, tokens=None, epochs=1, gpus=None, max_gpus: int = DEFAUL
     options = {key: value for key, value in options.items() if value is not None}
     checked = resolve_setup(spec, **_as_searched(options, max_gpus))  # bad options fail once, before any GPU
     stamp = catalogue_stamp()
-    prices = dict(usd_per_kwh=usd_per_kwh, amortisation_years=amortisation_years)
+    kwh_source = DEFAULT_USD_PER_KWH_SOURCE if usd_per_kwh == DEFAULT_USD_PER_KWH else "given (usd_per_kwh)"
+    prices = dict(usd_per_kwh=usd_per_kwh, usd_per_kwh_source=kwh_source, amortisation_years=amortisation_years)
     rows = [_gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, dict(options)) for device in devices]
     if hosted:
         rows += _hosted_rows(spec, tokens, epochs, options, max_gpus)
@@ -256,6 +260,10 @@ def _price_columns(device, n: int) -> dict:
     if server is not None:
         out.update(server_usd_per_gpu=server.value, server_price_date=server.price_date,
                    server_price_source=f"data/gpu_list_prices.csv '{server.item}': {server.source}")
+    port = network_port_price()
+    if port is not None:  # buy_total_usd counts one switch port per GPU once the job spans servers
+        out.update(network_port_usd=port.value, network_price_date=port.price_date,
+                   network_price_source=f"data/gpu_list_prices.csv '{port.item}': {port.source}")
     out["buy_total_usd"] = buy_total_usd(device, n)
     factor = pue()
     if factor is not None:
