@@ -224,6 +224,9 @@ def test_fsdp_checkpoints_copy_every_ranks_shard_and_optimizer_states_to_the_hos
     saving = _host("llama-3.1-8b", **options).saving_bytes
     # two ranks on one node: the whole model once plus both ranks' optimizer shards
     assert saving == pytest.approx(spec.params * 2 + 2 * breakdown.terms()["optimizer_states"], rel=0.01)
+    # a peft model saves its adapter only (the Trainer's adapter_only=True): the frozen base is not copied
+    lora = _host("llama-3.1-8b", method="lora", num_gpus=2, sharding="fsdp")
+    assert lora.saving_bytes < 100 * 2**20
 
 
 def test_host_ram_is_the_larger_of_loading_and_training_never_their_sum():

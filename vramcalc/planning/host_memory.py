@@ -105,16 +105,16 @@ def checkpoint_save_bytes(spec: ModelSpec, resolved: ResolvedSetup, breakdown: M
     fsdp (FSDP2 through accelerate): the default ``SHARDED_STATE_DICT`` sets ``ShardedStateDictConfig(offload_to_cpu
       =True)`` (``accelerate/utils/dataclasses.py:1914-1933`` @1.16.0), so each rank copies its shard of the weights
       and of the optimizer states to the host for ``torch.distributed.checkpoint`` (``save_fsdp_model`` /
-      ``save_fsdp_optimizer``, transformers ``trainer.py:3606-3614`` @5.25.0): per GPU, every stored weight / the
-      GPUs plus its ``optimizer_states`` term, times the node's GPUs.
+      ``save_fsdp_optimizer``, transformers ``trainer.py:3606-3614`` @5.25.0): per GPU, the saved weights / the
+      GPUs plus its ``optimizer_states`` term, times the node's GPUs. The Trainer passes ``adapter_only=True``
+      (``distributed/fsdp.py:252-264``), so a peft model saves its adapter only (accelerate ``_get_model_state_dict``).
     """
     setup = resolved.setup
-    tensors = stored_tensors(spec, resolved)
+    saved = [t for t in stored_tensors(spec, resolved) if t.trainable]
     if setup.sharding is Sharding.FSDP:
-        weights_shard = sum(t.total_bytes for t in tensors) // setup.num_gpus
+        weights_shard = sum(t.total_bytes for t in saved) // setup.num_gpus
         optimizer_shard = breakdown.terms()["optimizer_states"]
         return (weights_shard + optimizer_shard) * min(setup.num_gpus, GPUS_PER_NODE)
-    saved = [t for t in tensors if t.trainable]
     if setup.sharding is Sharding.ZERO3:
         return sum(2 * t.numel * t.count for t in saved)
     return min(sum(t.total_bytes for t in saved), SAVE_PRETRAINED_MAX_SHARD_BYTES)
