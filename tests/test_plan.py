@@ -195,6 +195,46 @@ def test_host_ram_holds_the_16_bit_checkpoint_once_per_loading_process():
     assert host_ram(spec, resolve_setup(spec, num_gpus=16, sharding="fsdp"), fsdp).loading_bytes == spec.params * 2
 
 
+def _host(model, **options):
+    spec = get_model(model)
+    return host_ram(spec, resolve_setup(spec, **options), vc.estimate(spec, **options))
+
+
+def test_a_quantized_base_streams_to_the_gpu_so_the_host_holds_its_largest_tensor_only():
+    # bitsandbytes sets device_map={"": cuda} (transformers quantizer_bnb_4bit.py:94-97): each checkpoint tensor goes
+    # to the GPU on its own. Llama-3.1-8B's largest is embed_tokens (= lm_head), 128256 x 4096 (its config.json).
+    assert _host("llama-3.1-8b", method="qlora").loading_bytes == 2 * 128256 * 4096
+    # the same model without a quantizer is built on the host: the whole 16-bit checkpoint
+    assert _host("llama-3.1-8b", method="lora").loading_bytes == get_model("llama-3.1-8b").params * 2
+
+
+def test_a_checkpoint_save_holds_what_save_pretrained_writes_at_most_one_shard():
+    lora = _host("llama-3.1-8b", method="lora")
+    full = _host("llama-3.1-8b", method="full")
+    assert 0 < lora.saving_bytes < 100 * 2**20  # r=8 qv adapters: a few MiB
+    assert full.saving_bytes == pytest.approx(get_model("llama-3.1-8b").params * 2, rel=0.01)  # every bf16 weight
+    # 70B in bf16 is 141 GB: save_pretrained's 50 GB shards bound what one save holds (transformers max_shard_size)
+    assert _host("llama-3.3-70b", method="full").saving_bytes == 50 * 10**9
+
+
+def test_fsdp_checkpoints_copy_every_ranks_shard_and_optimizer_states_to_the_host():
+    spec = get_model("llama-3.1-8b")
+    options = dict(method="full", num_gpus=2, sharding="fsdp")
+    breakdown = vc.estimate(spec, **options)
+    saving = _host("llama-3.1-8b", **options).saving_bytes
+    # two ranks on one node: the whole model once plus both ranks' optimizer shards
+    assert saving == pytest.approx(spec.params * 2 + 2 * breakdown.terms()["optimizer_states"], rel=0.01)
+    # a peft model saves its adapter only (the Trainer's adapter_only=True): the frozen base is not copied
+    lora = _host("llama-3.1-8b", method="lora", num_gpus=2, sharding="fsdp")
+    assert lora.saving_bytes < 100 * 2**20
+
+
+def test_host_ram_is_the_larger_of_loading_and_training_never_their_sum():
+    host = _host("llama-3.1-8b", method="full", optimizer="paged-adamw-8bit")
+    assert host.total_bytes == max(host.loading_bytes, host.offload_bytes + host.paged_optimizer_bytes
+                                   + host.activation_offload_bytes + host.saving_bytes)
+
+
 def test_paged_optimizer_states_need_host_ram():
     spec = get_model("llama-3.1-8b")
     resolved = resolve_setup(spec, optimizer="paged-adamw-8bit")
@@ -515,6 +555,28 @@ def test_the_plan_carries_every_price_with_its_date_and_source(per_million):
     assert row["server_usd_per_gpu"] > 0 and row["server_price_source"] and row["server_price_date"]
     assert row["buy_total_usd"] == pytest.approx((row["list_price_usd"] + row["server_usd_per_gpu"]) * row["num_gpus"])
     assert row["pue"] > 1 and row["pue_source"]
+
+
+def test_buy_columns_use_the_list_price_column_and_amortise_the_whole_purchase():
+    # B200's only unit price is data/gpu_list_prices.csv's analyst $40,000 (data/gpus.csv leaves it blank): the buy
+    # columns use the same figure as list_price_usd, and the amortised share covers GPUs, servers and network
+    row = plan_rows("llama-3.1-8b", tokens=1e9, method="lora", gpus=["b200"], hosted=False).rows[0]
+    assert row["list_price_usd"] == 40_000 and row["buy_usd"] == 40_000 * row["num_gpus"]
+    share = row["train_hours"] / (row["amortisation_years"] * 365 * 24)
+    assert row["buy_amortised_usd"] == pytest.approx(row["buy_total_usd"] * share)
+
+
+def test_electricity_and_network_prices_carry_their_source_in_the_csv():
+    rows = plan_rows("llama-3.1-70b", method="full", gpus=["h100-sxm"], hosted=False).rows
+    row = rows[0]
+    assert row["usd_per_kwh_source"].startswith("EIA") and row["pue_source"]
+    assert row["num_gpus"] > 8  # spans servers: buy_total_usd adds one switch port per GPU, priced with its source
+    assert row["buy_total_usd"] == pytest.approx(
+        (row["list_price_usd"] + row["server_usd_per_gpu"] + row["network_port_usd"]) * row["num_gpus"])
+    assert row["network_port_usd"] == pytest.approx(562.5) and row["network_price_date"]
+    assert "InfiniBand" in row["network_price_source"]
+    given = plan_rows("llama-3.1-8b", method="lora", gpus=["h100-sxm"], hosted=False, usd_per_kwh=0.3).rows[0]
+    assert given["usd_per_kwh"] == 0.3 and given["usd_per_kwh_source"] == "given (usd_per_kwh)"
 
 
 def test_cli_plan_without_tokens_prints_a_table_and_writes_the_csv(tmp_path, capsys):

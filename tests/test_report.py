@@ -217,3 +217,26 @@ def test_open_vs_closed_puts_hosted_apis_beside_rent_and_buy(result):
     # every row prices the same job: cost = $ per million tokens x 500 M tokens (the fixture's tokens, 1 epoch)
     assert (rows["cost_usd"] - rows["usd_per_million_tokens"] * 500).abs().max() < 1e-6
     assert "## Open vs closed" in result.markdown
+
+
+def test_every_open_vs_closed_row_and_hardware_price_names_its_date(result):
+    rows = result.tables["open_vs_closed"]
+    assert rows["price_date"].notna().all() and (rows["price_date"].str.len() > 0).all()
+    hardware = result.tables["hardware"]
+    priced = hardware[hardware["rent_usd_per_hour"].notna()]
+    assert priced["price_date"].notna().all() and priced["price_source"].notna().all()
+    bought = hardware[hardware["list_price_usd"].notna()]
+    assert bought["list_price_date"].notna().all() and bought["list_price_source"].notna().all()
+
+
+def test_report_defaults_follow_the_chosen_stacks_preset():
+    # axolotl leaves gradient checkpointing unset (src/axolotl/utils/schemas/config.py:600-602): its QLoRA rows run
+    # without it, and the header says so; unsloth checkpoints every method (unsloth/models/llama.py:3079)
+    from vramcalc.report import method_options, settings_sentence
+
+    assert "grad_ckpt" not in method_options({"stack": "axolotl"}, "qlora")
+    axolotl = settings_sentence({"stack": "axolotl"})
+    qlora_part = axolotl.split("; ")[2]
+    assert qlora_part.startswith("QLoRA") and "no checkpointing" in qlora_part
+    unsloth = settings_sentence({"stack": "unsloth"})
+    assert all("full checkpointing" in part for part in unsloth.split("; "))

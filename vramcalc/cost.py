@@ -427,10 +427,12 @@ class CommunicationTime:
 
     @property
     def seconds(self) -> float:
-        """bytes / (GB/s · 1e9); latency and overlap with compute are ignored: the communication a step must hide."""
+        """bytes / (GB/s · 1e9 · NCCL's bus efficiency): the step-time model's own rule (``step_time.comm_seconds``),
+        so the displayed time and the time inside ``step_seconds`` are one figure; latency and overlap with compute
+        are ignored here: the communication a step must hide."""
         if self.link_gb_s is None:
             return 0.0
-        return self.total_bytes / (self.link_gb_s * GB_PER_S)
+        return _step.comm_seconds(self.total_bytes, self.link_gb_s)
 
 
 def ring_link(gpu: GpuSpec, n_ranks: int, network_gb_s: float | None = None) -> tuple[str, float]:

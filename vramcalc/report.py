@@ -42,7 +42,9 @@ from .errors import VramcalcError
 from .estimator import estimate
 from .export import rows_csv
 from .files import make_folder, write_atomic
+from .options import Method, Stack
 from .planning import DEFAULT_MAX_GPUS, applicable_options, catalogue_stamp, gpu_limit, plan_rows, require_pandas
+from .stacks import preset
 from .training_setup import resolve_setup
 from .units import BYTES_PER_GIB
 
@@ -113,14 +115,20 @@ def budget_bands(amounts_usd) -> tuple[Budget, ...]:
 HARDWARE_COLUMNS = (
     "size_class", "model", "params_b", "active_params_b", "method", "matmul_dtype", "grad_ckpt", "gpu", "fits",
     "num_gpus", "sharding", "micro_batch", "device_gib", "host_ram_gib", "throughput_tokens_per_s",
-    "usd_per_million_tokens", "rent_usd_per_hour", "train_hours", "rent_usd", "buy_usd", "list_price_usd",
-    "server_usd_per_gpu", "buy_total_usd", "note", "train_tokens", "seq_len", "catalogue_version", "catalogue_date",
+    "usd_per_million_tokens", "rent_usd_per_hour", "price_date", "price_source", "train_hours", "rent_usd", "buy_usd",
+    "list_price_usd", "list_price_date", "list_price_source", "server_usd_per_gpu", "server_price_date",
+    "buy_total_usd", "note", "train_tokens", "seq_len", "catalogue_version", "catalogue_date",
 )
 
 
 def method_options(options: dict, method: str) -> dict:
-    """The options a report row of ``method`` runs with: the caller's, over REPORT_METHOD_DEFAULTS for the method."""
-    return applicable_options({**REPORT_METHOD_DEFAULTS.get(method, {}), **options, "method": method})
+    """The options a report row of ``method`` runs with: the caller's, over the chosen stack's preset (applied by
+    ``resolve_setup``), over REPORT_METHOD_DEFAULTS for the method where the stack's preset does not set the option
+    (``--stack axolotl`` leaves QLoRA without checkpointing, as axolotl does)."""
+    stack_knobs = {knob.option for knob in preset(Stack.parse(options.get("stack") or "hf", "stack"))
+                   .knobs_for(Method.parse(method, "method"))}
+    defaults = {key: value for key, value in REPORT_METHOD_DEFAULTS.get(method, {}).items() if key not in stack_knobs}
+    return applicable_options({**defaults, **options, "method": method})
 
 
 def hardware_rows(models, *, tokens=DEFAULT_REPORT_TOKENS, epochs=1, max_gpus: int = DEFAULT_MAX_GPUS,
@@ -417,7 +425,8 @@ def open_closed_rows(hardware, models, *, tokens: float = DEFAULT_REPORT_TOKENS,
                          "usd_per_million_tokens": rent["usd_per_million_tokens"],
                          "cost_usd": rent["usd_per_million_tokens"] * job_tokens / TOKENS_PER_MILLION,
                          "hours": job_tokens / rent["throughput_tokens_per_s"] / 3600,
-                         "source": "catalogue on-demand $/GPU-hour (data/gpus.csv) x the step-time model's tokens/s"})
+                         "price_date": rent.get("price_date"),
+                         "source": f"{rent.get('price_source')} (data/gpus.csv) x the step-time model's tokens/s"})
         buyable = [(cluster_cost_usd(r, int(r["num_gpus"])), r) for r in lora
                    if not _missing(r.get("throughput_tokens_per_s"))]
         buyable = [(cost, r) for cost, r in buyable if cost is not None]
@@ -428,7 +437,12 @@ def open_closed_rows(hardware, models, *, tokens: float = DEFAULT_REPORT_TOKENS,
             rows.append({**common, "option": f"buy {int(r['num_gpus'])} x {r['gpu']}", "kind": "buy",
                          "usd_per_million_tokens": share / job_tokens * TOKENS_PER_MILLION, "cost_usd": share,
                          "upfront_usd": cost, "hours": hours,
-                         "source": "data/gpu_list_prices.csv (GPU, server per GPU, network port)",
+                         "price_date": "; ".join(f"{what} {date}" for what, date in
+                                                 (("GPU", r.get("list_price_date")),
+                                                  ("server", r.get("server_price_date"))) if not _missing(date))
+                                       or None,
+                         "source": f"{r.get('list_price_source')}; data/gpu_list_prices.csv server per GPU and "
+                                   "network port",
                          "note": f"straight-line share over {amortisation_years:g} years for the job's hours; "
                                  "power not included"})
     return [{column: row.get(column) for column in OPEN_CLOSED_COLUMNS} for row in rows]
@@ -530,10 +544,12 @@ def render_markdown(tables: dict, tokens: float, epochs: float, options: dict, m
         "",
         f"Catalogue {stamp.version}, prices up to {stamp.date}. Token budget {tokens:,.0f} tokens x {epochs:g} "
         f"epoch(s). Options given: {given}. Settings used: {settings_sentence(options)} (QLoRA rows checkpoint "
-        f"unless grad_ckpt is given, as peft's prepare_model_for_kbit_training does). "
+        f"unless grad_ckpt is given or the stack's preset sets it, as peft's prepare_model_for_kbit_training does). "
         f"{GIB_NOTE}. More than one GPU means FSDP full sharding; counts go 1, 2, 4, then whole nodes of 8, up to "
-        f"{max_gpus}. Cloud prices are on-demand $/GPU-hour from the catalogue; 'no price' means the catalogue has "
-        "none (never read it as 0). Time comes from the step-time model (vramcalc/step_time.py: matmuls and attention "
+        f"{max_gpus}. Cloud prices are each GPU's reference on-demand $/GPU-hour in the catalogue (data/gpus.csv, "
+        "dated and sourced in the CSV's price_date and price_source columns; spot and reserved rates per provider "
+        "and region are in `vramcalc plan`'s CSV); 'no price' means the catalogue has none (never read it as 0). "
+        "Time comes from the step-time model (vramcalc/step_time.py: matmuls and attention "
         "at achievable rates, memory-bound work at HBM bandwidth, host overhead, communication; "
         "benchmarks/throughput.md gives its error against published runs), or the model-FLOPs utilisation of the "
         "GPU generation where it has no rate.",

@@ -15,6 +15,7 @@ from ..catalogue import get_gpu, get_model, gpus
 from ..cost import (
     DEFAULT_AMORTISATION_YEARS,
     DEFAULT_USD_PER_KWH,
+    DEFAULT_USD_PER_KWH_SOURCE,
     SECONDS_PER_HOUR,
     TOKENS_PER_MILLION,
     amortised_buy_cost_usd,
@@ -28,6 +29,7 @@ from ..cost import (
     hosted_cost_usd,
     hosted_prices,
     matmul_dtype,
+    network_port_price,
     peak_flop_per_s,
     pue,
     rent_cost_usd,
@@ -66,14 +68,15 @@ PLAN_COLUMNS = (
     "rank", "offer", "model", "stack", "method", "precision", "optimizer", "seq_len", "grad_ckpt", "attn", "matmul_dtype",
     "gpu", "gpu_memory_gib", "num_gpus", "sharding", "micro_batch", "fits", "device_gib", "headroom_gib", "phase",
     *TERM_COLUMNS,
-    "host_ram_gib", "host_loading_gib", "host_offload_gib", "host_paged_optimizer_gib",
+    "host_ram_gib", "host_loading_gib", "host_offload_gib", "host_paged_optimizer_gib", "host_saving_gib",
     "train_tokens", "epochs", "model_flop_per_token", "hardware_flop_per_token", "mfu", "mfu_source",
     "step_seconds", "throughput_tokens_per_s", "usd_per_million_tokens", "train_hours", "gpu_hours",
     "rent_usd_per_gpu_hour", "rent_usd_per_hour", "rent_usd", "buy_usd", "buy_amortised_usd", "amortisation_years",
-    "energy_kwh", "usd_per_kwh", "pue", "pue_source", "energy_usd", "cost_usd",
+    "energy_kwh", "usd_per_kwh", "usd_per_kwh_source", "pue", "pue_source", "energy_usd", "cost_usd",
     *RATE_COLUMNS,
     "list_price_usd", "list_price_basis", "list_price_date", "list_price_source",
-    "server_usd_per_gpu", "server_price_date", "server_price_source", "buy_total_usd",
+    "server_usd_per_gpu", "server_price_date", "server_price_source",
+    "network_port_usd", "network_price_date", "network_price_source", "buy_total_usd",
     "provider", "hosted_usd_per_million_tokens", "price_date", "price_source",
     "note", "catalogue_version", "catalogue_date",
 )
@@ -122,7 +125,8 @@ def plan_rows(model, *, tokens=None, epochs=1, gpus=None, max_gpus: int = DEFAUL
     options = {key: value for key, value in options.items() if value is not None}
     checked = resolve_setup(spec, **_as_searched(options, max_gpus))  # bad options fail once, before any GPU
     stamp = catalogue_stamp()
-    prices = dict(usd_per_kwh=usd_per_kwh, amortisation_years=amortisation_years)
+    kwh_source = DEFAULT_USD_PER_KWH_SOURCE if usd_per_kwh == DEFAULT_USD_PER_KWH else "given (usd_per_kwh)"
+    prices = dict(usd_per_kwh=usd_per_kwh, usd_per_kwh_source=kwh_source, amortisation_years=amortisation_years)
     rows = [_gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, dict(options)) for device in devices]
     if hosted:
         rows += _hosted_rows(spec, tokens, epochs, options, max_gpus)
@@ -235,6 +239,7 @@ def _gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, options) -> di
         host_ram_gib=host.total_bytes / BYTES_PER_GIB, host_loading_gib=host.loading_bytes / BYTES_PER_GIB,
         host_offload_gib=host.offload_bytes / BYTES_PER_GIB,
         host_paged_optimizer_gib=host.paged_optimizer_bytes / BYTES_PER_GIB,
+        host_saving_gib=host.saving_bytes / BYTES_PER_GIB,
     )
     row.update({f"{term}_gib": value / BYTES_PER_GIB for term, value in breakdown.terms().items()})
     row.update(_time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices,
@@ -259,6 +264,10 @@ def _price_columns(device, n: int) -> dict:
     if server is not None:
         out.update(server_usd_per_gpu=server.value, server_price_date=server.price_date,
                    server_price_source=f"data/gpu_list_prices.csv '{server.item}': {server.source}")
+    port = network_port_price()
+    if port is not None:  # buy_total_usd counts one switch port per GPU once the job spans servers
+        out.update(network_port_usd=port.value, network_price_date=port.price_date,
+                   network_price_source=f"data/gpu_list_prices.csv '{port.item}': {port.source}")
     out["buy_total_usd"] = buy_total_usd(device, n)
     factor = pue()
     if factor is not None:
@@ -273,6 +282,8 @@ def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices, paged_by
     Seconds per token: a calibration profile's MFU, else ``mfu`` given, else the step-time model
     (``cost.step_or_profile_utilisation``), else the GPU generation's MFU on the FLOP count.
     usd_per_million_tokens = $/GPU-hour x GPUs / (tokens/s x 3600) x 1e6 (the catalogue's on-demand rate).
+    buy_usd = the GPU unit price (``cost.gpu_list_price``, the ``list_price_usd`` column's own figure) x GPUs;
+    buy_amortised_usd = the job's straight-line share of ``buy_total_usd`` (GPUs, servers and network ports).
     energy_usd = GPU board power x GPUs x hours x PUE x $/kWh (energy_kwh is the GPUs' own, before the PUE)."""
     setup = resolved.setup
     flops = training_flops(spec, resolved)
@@ -280,9 +291,10 @@ def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices, paged_by
     peak = peak_flop_per_s(device, dtype)
     n = setup.num_gpus
     price = device.cloud_usd_per_gpu_hour
+    unit = gpu_list_price(device)
     out = {"model_flop_per_token": flops.model_flop_per_token, "hardware_flop_per_token": flops.hardware_flop_per_token,
            "rent_usd_per_gpu_hour": price, "rent_usd_per_hour": None if price is None else price * n,
-           "buy_usd": buy_cost_usd(device.list_price_usd, n), **_price_columns(device, n)}
+           "buy_usd": buy_cost_usd(None if unit is None else unit.value, n), **_price_columns(device, n)}
     if peak is None:
         out["note"] = f"{device.name} has no {dtype} matmuls: no time or cost (try another --precision)"
         return out
@@ -298,7 +310,7 @@ def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices, paged_by
     notes = []
     if device.cloud_usd_per_gpu_hour is None:
         notes.append("no cloud price in the catalogue")
-    if device.list_price_usd is None and out.get("list_price_usd") is None:
+    if unit is None:
         notes.append("no list price in the catalogue")
     out.update(
         mfu=utilisation.mfu, mfu_source=utilisation.source, throughput_tokens_per_s=tokens_per_s,
@@ -314,7 +326,7 @@ def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices, paged_by
     factor = out.get("pue") or 1.0
     out.update(
         train_hours=hours, gpu_hours=hours * n, rent_usd=rent, cost_usd=rent,
-        buy_amortised_usd=amortised_buy_cost_usd(device.list_price_usd, n, hours, prices["amortisation_years"]),
+        buy_amortised_usd=amortised_buy_cost_usd(out["buy_total_usd"], 1, hours, prices["amortisation_years"]),
         energy_kwh=kwh, energy_usd=energy_cost_usd(None if kwh is None else kwh * factor, prices["usd_per_kwh"]),
     )
     return out
