@@ -79,15 +79,20 @@ class Saved:
     per_token: int = 0
     per_square: int = 0
     per_layer: int = 0  # fixed bytes per layer (flash seed/offset)
+    # bytes per sequence position, constant in b: [1, s, ...] tensors (the per-layer RoPE copies of glm4, ernie4_5:
+    # transformers' position ids are [1, s] unless passed)
+    per_position: int = 0
 
     def __add__(self, other: "Saved") -> "Saved":
-        return Saved(self.per_token + other.per_token, self.per_square + other.per_square, self.per_layer + other.per_layer)
+        return Saved(self.per_token + other.per_token, self.per_square + other.per_square, self.per_layer + other.per_layer,
+                     self.per_position + other.per_position)
 
     def __mul__(self, n: int) -> "Saved":
-        return Saved(self.per_token * n, self.per_square * n, self.per_layer * n)
+        return Saved(self.per_token * n, self.per_square * n, self.per_layer * n, self.per_position * n)
 
     def bytes(self, batch_size, seq_len):
-        return self.per_token * batch_size * seq_len + self.per_square * batch_size * seq_len * seq_len + self.per_layer
+        return (self.per_token * batch_size * seq_len + self.per_square * batch_size * seq_len * seq_len
+                + self.per_layer + self.per_position * seq_len)
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,7 @@ class _LayerWalk(ParallelBlockWalk):
         self.per_token = 0
         self.per_square = 0
         self.per_layer = 0
+        self.per_position = 0
         # selective checkpointing's cache: the outputs of the matmul and attention ops (see the module docstring)
         self.cache_token = 0
         self.cache_square = 0
@@ -174,7 +180,7 @@ class _LayerWalk(ParallelBlockWalk):
         self.grad = layer_requires_grad  # does the tensor flowing through the layer require grad?
 
     def result(self) -> Saved:
-        return Saved(self.per_token, self.per_square, self.per_layer)
+        return Saved(self.per_token, self.per_square, self.per_layer, self.per_position)
 
     def cache(self) -> Saved:
         """What selective checkpointing caches: the matmul and attention outputs of the layer."""
@@ -214,6 +220,9 @@ class _LayerWalk(ParallelBlockWalk):
             return x_bytes if self.layer.kernels is Kernels.LIGER else max(self.dt.norm_out, x_bytes)
         if self.grad:
             self.per_token += _F32 * width * rows + _F32 * rows  # fp32 input (or the fp32 input itself), rsqrt
+            if self.m.traits.centered_norm:  # cohere2 (Cohere2LayerNorm.forward L96-102): a second x - mean
+                self.per_token += _F32 * width * rows
+                self.per_layer += (_F32 * width) if self.dt.r != _F32 else 0  # weight.to(fp32), saved by the product
         if self.norms_train:  # y saved for the weight gradient (fp32: Gemma, or a stack's fp32 product, stack_layers.py)
             fp32_y = self.gemma_norm or self.layer.layers.norm_fp32_product
             self.per_token += (_F32 if fp32_y else x_bytes) * width * rows
@@ -324,6 +333,10 @@ class _LayerWalk(ParallelBlockWalk):
             qkv = max(self.norm(a * d, qkv), self.norm(k * d, qkv))
         elif m.qk_norm:
             qkv = max(self.norm(d, qkv, rows=a), self.norm(d, qkv, rows=k))  # q_norm, k_norm per head
+        if m.traits.rope_copies_per_layer and self.grad:
+            # glm4, ernie4_5: cos[..., :d/2].repeat_interleave(2) and sin's, new in every layer, saved by q·cos and
+            # rotate_half(q)·sin (and k's products: the same tensors), [1, 1, s, d_rope] each
+            self.per_position += 2 * (_F32 if m.traits.rope_fp32 else dt.r) * m.rope_dim
         embed = max(qkv, dt.r)  # RoPE multiplies by cos/sin in the residual dtype
         o_use = self.use(m.traits.o_name, a * d)
         o_saves_input = o_use.trains or o_use.lora
@@ -419,13 +432,14 @@ class _LayerWalk(ParallelBlockWalk):
         if m.traits.post_norms:
             self.norm(m.hidden_size, out)  # post_feedforward_layernorm
 
-    def _gated_mlp(self, n: int, width: int, prefix: str) -> int:
+    def _gated_mlp(self, n: int, width: int, prefix: str, x_saved: bool = False) -> int:
+        """``x_saved``: the input is already saved by another Linear reading it (cohere2's parallel block)."""
         m = self.m
         if m.traits.fused_gate_up:
-            out = self.linears([self.use("gate_up_proj", m.hidden_size)], n)
+            out = self.linears([self.use("gate_up_proj", m.hidden_size)], n, x_saved=x_saved)
         else:
             gate, up = (f"{prefix}gate_proj", f"{prefix}up_proj") if prefix else m.traits.mlp_names[:2]  # Qwen: w1, w2
-            out = self.linears([self.use(gate, m.hidden_size), self.use(up, m.hidden_size)], n)
+            out = self.linears([self.use(gate, m.hidden_size), self.use(up, m.hidden_size)], n, x_saved=x_saved)
         if self.grad:
             # act's input, act's output, up's output (Phi-3: gate_up pinned + act); Liger's SiLUMul and compile's
             # partition keep gate's and up's outputs only (silu recomputed)
@@ -547,11 +561,16 @@ def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: 
     checkpointing the 4-D attention masks are checkpoint inputs too (memory-math.md 5.3): eager's [b, 1, s, s] in
     the compute dtype, one per mask kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window
     mask (``masked``). A stack whose decoder indexes a rotary buffer (``stack_layers.rotary_per_forward`` False)
-    saves none of these."""
+    saves none of these. Where every layer makes its own interleaved copies (``rope_copies_per_layer``: glm4,
+    ernie4_5) no op saves the table itself: it lives to the end of forward only, or under checkpointing as the
+    checkpointed layers' argument, [1, s, d_rope] (per position)."""
     if not layers.rotary_per_forward:
         return Saved()
     rope = _F32 if model.traits.rope_fp32 else dt.r
-    saved = Saved(per_token=2 * rope * model.rope_dim * model.rope_tables + 8)
+    if model.traits.rope_copies_per_layer:
+        saved = Saved(per_token=8, per_position=2 * rope * model.rope_dim if grad_ckpt else 0)
+    else:
+        saved = Saved(per_token=2 * rope * model.rope_dim * model.rope_tables + 8)
     if grad_ckpt:
         mask_kinds = model.mask_kinds
         if attn_used is Attention.EAGER:
@@ -645,7 +664,7 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     total = shared_saved(model, layer.dtypes, layer.attn_used, grad_ckpt, masked, layer.layers)
     total += head_saved(model, layer)
     first_moe = model.is_moe_layer(0)
-    if layer.offload and not grad_ckpt and layer.layers.rotary_per_forward:
+    if layer.offload and not grad_ckpt and layer.layers.rotary_per_forward and not model.traits.rope_copies_per_layer:
         # the rotary cos and sin are saved by the layers' RoPE products only: offloaded, the device copies die
         rope = _F32 if model.traits.rope_fp32 else layer.dtypes.r
         total += Saved(per_token=-2 * rope * model.rope_dim * model.rope_tables)
