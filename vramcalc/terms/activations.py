@@ -325,14 +325,13 @@ class _LayerWalk(ParallelBlockWalk):
         h, a, k, d = m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim
         c = dt.c
         uses = [self.use(name, h) for name in m.traits.qkv_names]
+        grad_in = self.grad
         if self.layer.layers.fused_qkv_lora:  # litgpt: one adapter on the fused qkv (stack_layers.py)
             qkv = stack_layers.fused_qkv_lora_linears(self, uses, n)
         else:
             qkv = self.linears(uses, n)
-        if m.qk_norm and m.traits.qk_norm_whole:  # olmo2: over the whole projection
-            qkv = max(self.norm(a * d, qkv), self.norm(k * d, qkv))
-        elif m.qk_norm:
-            qkv = max(self.norm(d, qkv, rows=a), self.norm(d, qkv, rows=k))  # q_norm, k_norm per head
+        if m.qk_norm:
+            qkv = self._qk_norms(uses, qkv, grad_in)
         if m.traits.rope_copies_per_layer and self.grad:
             # glm4, ernie4_5: cos[..., :d/2].repeat_interleave(2) and sin's, new in every layer, saved by q·cos and
             # rotate_half(q)·sin (and k's products: the same tensors), [1, 1, s, d_rope] each
@@ -396,6 +395,24 @@ class _LayerWalk(ParallelBlockWalk):
                     # that layout, so o_proj (dense) gets a contiguous copy (modeling_phi.py L212, L233)
                     self.per_token += out_bytes * a * d
         return self.linears([o_use], out_bytes, x_saved=True)
+
+    def _qk_norms(self, uses: list[LinearUse], qkv: int, grad_in: bool) -> int:
+        """q_norm and k_norm, per head over d (Qwen3, Gemma-3) or over the whole a·d and k·d (olmo2). Each saves
+        only where its own projection's output needs a gradient: the layer input does, or that projection trains
+        or carries an adapter (in the first layer under LoRA on q and v, k_proj's output needs none, so k_norm saves
+        nothing: ``Qwen3RMSNorm`` autograd records nothing for a tensor without grad)."""
+        m = self.m
+        a, k, d = m.num_heads, m.num_kv_heads, m.head_dim
+        whole = m.traits.qk_norm_whole
+        after = self.grad  # whether any of q, k, v needs a gradient
+        separate = len(uses) == 3 and not self.layer.layers.fused_qkv_lora  # (litgpt: one adapter on all of qkv)
+        grads = [grad_in or use.trains or use.lora for use in uses[:2]] if separate else [after] * 2
+        out = 0
+        for grad, heads in zip(grads, (a, k)):
+            self.grad = grad
+            out = max(out, self.norm(heads * d, qkv) if whole else self.norm(d, qkv, rows=heads))
+        self.grad = after or self.norms_train
+        return out
 
     def _mla(self, n: int) -> int:
         """DeepseekV3Attention: q_a_proj -> q_a_layernorm -> q_b_proj; kv_a_proj_with_mqa -> kv_a_layernorm ->
