@@ -3,6 +3,7 @@ on ``meta`` from transformers' default config of each model_type (written as con
 a tiny config, and the estimate within 3% (1% median) of the trace on tiny real configs over the setups of
 tests/test_families_devset.py."""
 
+import dataclasses
 import json
 import statistics
 
@@ -131,16 +132,6 @@ def test_smollm3_sliding_window_is_refused_in_one_line():
         spec_from_config(config)
 
 
-def test_gemma3_text_past_its_window_is_refused_under_sdpa_and_estimated_under_eager():
-    import vramcalc as vc
-    from vramcalc.errors import VramcalcError
-
-    spec = TINY["gemma3_text"]
-    with pytest.raises(VramcalcError, match="sliding window"):
-        vc.estimate(spec, seq_len=2048)
-    assert vc.estimate(spec, seq_len=2048, attn="eager").total_bytes > 0
-
-
 @needs_torch
 def test_a_gemma3_checkpoint_text_config_with_class_defaults_counts_like_transformers(tmp_path):
     # google/gemma-3-4b-it config.json: text_config lists only what differs from Gemma3TextConfig's defaults
@@ -155,14 +146,39 @@ def test_a_gemma3_checkpoint_text_config_with_class_defaults_counts_like_transfo
     assert spec.params == _meta_count(AutoConfig.for_model(**text))
 
 
-def test_cohere2_past_its_window_is_refused_under_sdpa_and_estimated_under_eager():
-    import vramcalc as vc
-    from vramcalc.errors import VramcalcError
+# Past the window (issue 13 item 4): the sliding layers get transformers' 4-D sliding mask (SDPA's memory-efficient
+# kernel saves it, grouped k and v are repeated) while the full layers keep the flash path without one
+WINDOWED = {family: dataclasses.replace(TINY[family], name=f"{TINY[family].name}-window", sliding_window=256)
+            for family in ("gemma3_text", "cohere2")}
+WINDOWED_SETUPS = [dict(seq_len=512), dict(seq_len=512, method="lora"), dict(seq_len=512, method="lora", grad_ckpt=True),
+                   dict(seq_len=512, method="qlora", grad_ckpt=True), dict(seq_len=384, attn="eager")]
 
-    spec = TINY["cohere2"]
-    with pytest.raises(VramcalcError, match="sliding window"):
-        vc.estimate(spec, seq_len=2048)
-    assert vc.estimate(spec, seq_len=2048, attn="eager").total_bytes > 0
+
+def test_past_the_window_only_the_sliding_layers_are_masked():
+    from vramcalc.terms.activations import layer_masks
+
+    spec = WINDOWED["gemma3_text"]
+    assert layer_masks(spec, True) == (True, False) and layer_masks(spec, False) == (False, False)
+    mistral = ModelSpec(name="m", family="mistral", hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                        head_dim=16, intermediate_size=128, vocab_size=100, sliding_window=32)
+    assert layer_masks(mistral, True) == (True,) * 3
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("family", sorted(WINDOWED))
+def test_past_the_window_the_estimate_is_within_3_percent_of_the_trace(family):
+    from vramcalc.tracing.runner import run_trace
+
+    spec = WINDOWED[family]
+    errors = []
+    for options in WINDOWED_SETUPS:
+        resolved = resolve_setup(spec, **options)
+        estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
+        traced = sum(run_trace(spec, resolved, progress=False).terms.values())
+        errors.append((estimated - traced) / traced)
+    print(family, " ".join(f"{e:+.4f}" for e in errors))
+    assert max(abs(e) for e in errors) < TOLERANCE, errors
 
 
 @needs_torch

@@ -494,19 +494,16 @@ def sliding_window_masked(model: ModelSpec, seq_len):
     return select(seq_len >= window, True, False) if hasattr(seq_len, "shape") else seq_len >= window
 
 
-def refuse_mixed_layer_masks(model: ModelSpec, seq_len, attn_used: Attention) -> None:
-    """gemma3_text with sliding and full layers and a sequence reaching the window (``sliding_window_masked``):
-    under sdpa its sliding layers get a 4-D mask (memory-efficient kernel) and its full layers none (flash), a per-
-    layer split the estimate does not model yet: refused in one line. Eager attention masks every layer, so it is
-    estimated."""
-    if len(set(model.layer_types)) < 2 or attn_used is Attention.EAGER:
-        return
-    masked = sliding_window_masked(model, seq_len)
-    if masked.any() if hasattr(masked, "any") else masked:
-        raise VramcalcError(f"{model.family} with a sequence as long as its sliding window ({model.sliding_window}) "
-                            "or longer is not modelled yet under sdpa or flash attention (its sliding layers get a "
-                            f"mask, its full layers do not); use a sequence shorter than {model.sliding_window} or "
-                            "--attn eager")
+@functools.lru_cache(maxsize=1024)
+def layer_masks(model: ModelSpec, masked: bool) -> tuple[bool, ...]:
+    """Per decoder layer, whether its attention gets the 4-D mask (``masked``, the model's decision). A model with
+    sliding and full layers (``layer_types``: gemma3_text, cohere2) builds one mask per kind
+    (``create_sliding_window_causal_mask`` and ``create_causal_mask``, transformers 5.25 modeling_gemma3.py L527-534,
+    modeling_cohere2.py L387-390): at a sequence reaching the window only the sliding one exists (masking_utils.py
+    L356; the full one is skipped for SDPA's is_causal), so only sliding layers are masked."""
+    if len(set(model.layer_types)) < 2:
+        return (masked,) * model.num_layers
+    return tuple(masked and kind == "sliding_attention" for kind in model.layer_types)
 
 
 def attention_masked(model: ModelSpec, seq_len, attn_used: Attention, packing: bool, sequences=2):
@@ -681,6 +678,8 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     total = shared_saved(model, layer.dtypes, layer.attn_used, grad_ckpt, masked, layer.layers)
     total += head_saved(model, layer)
     first_moe = model.is_moe_layer(0)
+    masks = layer_masks(model, masked)
+    masked = masks[0]  # the first layer's
     if layer.offload and not grad_ckpt and layer.layers.rotary_per_forward and not model.traits.rope_copies_per_layer:
         # the rotary cos and sin are saved by the layers' RoPE products only: offloaded, the device copies die
         rope = _F32 if model.traits.rope_fp32 else layer.dtypes.r
@@ -701,10 +700,10 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
         total += Saved(per_token=stack_layers.stable_embedding_saved_per_token(model, layer.dtypes.r))
     if grad_ckpt and not layer.offload:  # the first layer's input is the embedding's r bytes (layouts.residual_bytes)
         total += Saved(per_token=(layer.dtypes.r - residual_bytes(model, layer)) * model.hidden_size)
-    dense = model.num_dense_layers - (0 if first_moe else 1)
-    moe = model.num_moe_layers - (1 if first_moe else 0)
-    if dense:
-        total += layer_kept(model, layer, grad_ckpt, False, masked) * dense
-    if moe:
-        total += layer_kept(model, layer, grad_ckpt, True, masked) * moe
+    # every other layer, by kind (dense or MoE, masked or not: ``layer_masks``)
+    counts: dict[tuple[bool, bool], int] = {}
+    for kind in zip(model.layer_is_moe[1:], masks[1:]):
+        counts[kind] = counts.get(kind, 0) + 1
+    for (moe, layer_masked), count in counts.items():
+        total += layer_kept(model, layer, grad_ckpt, moe, layer_masked) * count
     return total
