@@ -150,8 +150,9 @@ def test_a_gemma3_checkpoint_text_config_with_class_defaults_counts_like_transfo
 # kernel saves it, grouped k and v are repeated) while the full layers keep the flash path without one
 WINDOWED = {family: dataclasses.replace(TINY[family], name=f"{TINY[family].name}-window", sliding_window=256)
             for family in ("gemma3_text", "cohere2")}
-WINDOWED_SETUPS = [dict(seq_len=512), dict(seq_len=512, method="lora"), dict(seq_len=512, method="lora", grad_ckpt=True),
-                   dict(seq_len=512, method="qlora", grad_ckpt=True), dict(seq_len=384, attn="eager")]
+WINDOWED_SETUPS = [dict(seq_len=512), dict(seq_len=512, method="lora"),
+                   dict(seq_len=512, method="lora", grad_ckpt=True), dict(seq_len=512, method="qlora", grad_ckpt=True),
+                   dict(seq_len=384, attn="eager")]
 
 
 def test_past_the_window_only_the_sliding_layers_are_masked():

@@ -84,8 +84,8 @@ class Saved:
     per_position: int = 0
 
     def __add__(self, other: "Saved") -> "Saved":
-        return Saved(self.per_token + other.per_token, self.per_square + other.per_square, self.per_layer + other.per_layer,
-                     self.per_position + other.per_position)
+        return Saved(self.per_token + other.per_token, self.per_square + other.per_square,
+                     self.per_layer + other.per_layer, self.per_position + other.per_position)
 
     def __mul__(self, n: int) -> "Saved":
         return Saved(self.per_token * n, self.per_square * n, self.per_layer * n, self.per_position * n)
