@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VramcalcError, closest_names, short_repr, unknown_name_error
-from .model import ModelSpec
+from .model import ModelSpec, default_layer_types
 from .units import BYTES_PER_GIB
 
 
@@ -113,6 +113,8 @@ def _model_rows() -> dict[str, ModelSpec]:
             v_head_dim=_int(row["v_head_dim"]) or 0,
             rotary_dim=_int(row.get("rotary_dim")) or 0,  # partial rotary (phi); empty: all of head_dim
             new_decoder_architecture=_bool(row.get("new_decoder_architecture")),  # falcon's layout
+            # gemma3_text, cohere2: the config class's sliding/full pattern (the catalogue has no layer_types column)
+            layer_types=default_layer_types(row["family"], _int(row["num_layers"])),
             hf_repo=row["hf_repo"],
             license=row["license"],
             source=row["source"],

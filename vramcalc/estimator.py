@@ -227,7 +227,6 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
         masked = True
     if setup.task.uses_fused_head:  # the collator's padded 2-D attention mask reaches the attention (terms/tasks.py)
         masked = tasks.preference_masked(masked, resolved.attn_used)
-    activations.refuse_mixed_layer_masks(spec, s, resolved.attn_used)
     if not hasattr(masked, "shape"):
         return _moments(spec, resolved, b, s, masked)
     if masked.all() or not masked.any():
@@ -279,9 +278,11 @@ def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora
 
 
 @functools.lru_cache(maxsize=256)
-def _layer_runs(spec: ModelSpec) -> tuple[tuple[bool, int, int], ...]:
-    """The runs of same-kind decoder layers in backward order: (moe, highest index, lowest index)."""
-    kinds = spec.layer_is_moe
+def _layer_runs(spec: ModelSpec, masked: bool = False) -> tuple[tuple[tuple[bool, bool], int, int], ...]:
+    """The runs of same-kind decoder layers in backward order: ((moe, masked), highest index, lowest index); a
+    layer's kind is dense or MoE, and whether its attention is masked (``activations.layer_masks``: the sliding
+    layers of a model that also has full ones)."""
+    kinds = tuple(zip(spec.layer_is_moe, activations.layer_masks(spec, masked)))
     runs = []
     hi = spec.num_layers - 1
     for index in range(spec.num_layers - 1, -1, -1):
@@ -298,20 +299,18 @@ class _SavedPlan(NamedTuple):
     head: activations.Saved  # the final norm's and lm_head's
     shared: activations.Saved  # rotary tables, position ids, checkpointed masks
     attention: activations.Saved  # one layer's attention block
-    kept: tuple  # (dense, MoE) what a layer keeps until its backward (None for a kind the model lacks)
-    recompute: tuple  # (dense, MoE) a layer's recomputed activations under checkpointing (None without)
-    attention_left: tuple  # (dense, MoE) what its backward adds to ``kept`` once the MLP's backward is done
+    # per layer kind (moe, masked) the model has (``_layer_runs``):
+    kept: dict  # what a layer keeps until its backward
+    recompute: dict  # a layer's recomputed activations under checkpointing
+    attention_left: dict  # what its backward adds to ``kept`` once the MLP's backward is done
 
 
 @functools.lru_cache(maxsize=4096)
 def _saved_plan(spec: ModelSpec, layer: activations.LayerSetup, ckpt: bool, masked: bool) -> _SavedPlan:
-    kinds = (False, True) if spec.is_moe else (False,)  # the layer kinds the model has
-    kept = tuple(activations.layer_kept(spec, layer, ckpt, moe, masked) if moe in kinds else None
-                 for moe in (False, True))
-    recompute = tuple(activations.layer_recomputed(spec, layer, ckpt, moe, masked) if moe in kinds else None
-                      for moe in (False, True))
-    attention_left = tuple(activations.attention_left(spec, layer, ckpt, moe, masked) if moe in kinds else None
-                           for moe in (False, True))
+    kinds = {kind for kind, _, _ in _layer_runs(spec, masked)}  # the layer kinds the model has: (moe, masked)
+    kept = {kind: activations.layer_kept(spec, layer, ckpt, *kind) for kind in kinds}
+    recompute = {kind: activations.layer_recomputed(spec, layer, ckpt, *kind) for kind in kinds}
+    attention_left = {kind: activations.attention_left(spec, layer, ckpt, *kind) for kind in kinds}
     return _SavedPlan(activations.model_saved(spec, layer, ckpt, masked), activations.head_saved(spec, layer),
                       activations.shared_saved(spec, layer.dtypes, layer.attn_used, ckpt, masked, layer.layers),
                       activations.attention_saved(spec, layer, masked), kept, recompute, attention_left)
@@ -355,7 +354,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     A = plan.model.bytes(b, s)
     extras = quantized.step_extras(spec, csetup, layer, masked, b, s, adapters.head_input_shared(layer))
     head_lora = adapters.head_lora_saved(spec, layer).bytes(b, s)
-    A = A + extras.held + head_lora + adapters.embedding_lora_saved(spec, layer, ckpt, masked).bytes(b, s)
+    first_masked = activations.layer_masks(spec, masked)[0]
+    A = A + extras.held + head_lora + adapters.embedding_lora_saved(spec, layer, ckpt, first_masked).bytes(b, s)
     A = A + peft_methods.prompt_encoder_saved_bytes(spec, csetup.method, dt, b, csetup.virtual_tokens)
     A = A + peft_methods.prefix_saved_bytes(spec, csetup.method, dt, b, s, csetup.virtual_tokens)
     A = A + peft_methods.adalora_orth_reg_bytes(spec, csetup.method, compute.lora_modules, csetup.lora_rank, dt)
@@ -396,8 +396,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     moments = []
     if rank.gathering is not None:  # the last decoder layer's copy-out and forward, and the tail's copy-out
         A_layers = A - head_saved
-        last_moe = spec.is_moe_layer(spec.num_layers - 1)
-        A_before_last = A_layers - plan.kept[last_moe].bytes(b, s)
+        last = (spec.is_moe_layer(spec.num_layers - 1), activations.layer_masks(spec, masked)[-1])
+        A_before_last = A_layers - plan.kept[last].bytes(b, s)
         moments += [
             Moment(Phase.FORWARD, W + gathered.last_layer_copy_out, B + G_acc, O, A_before_last, 0, 0),
             Moment(Phase.FORWARD, W + gathered.last_layer_forward, B + G_acc, O, A_layers, 0, 0),
@@ -427,7 +427,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     ]
     moments += _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                                        A - head_saved, hidden_grad, norm_backward, dequant_beside, lg.held,
-                                       recompute_beside)
+                                       recompute_beside, masked)
     embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens)
     if stable:
         embedding_backward = stack_layers.stable_embedding_backward_bytes(spec, dt.r, tokens)
@@ -451,7 +451,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
 
 def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                             layers_saved, hidden_grad, norm_backward, dequant_beside=None,
-                            logits_held=0, recompute_beside=0) -> list[Moment]:
+                            logits_held=0, recompute_beside=0, masked=False) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -479,17 +479,17 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     mlp_transient = maximum(mlp_transient, recompute_beside)
     shared = plan.shared.bytes(b, s)
     remaining = layers_saved - shared
-    runs = _layer_runs(spec)
-    kept = tuple(None if saved is None else saved.bytes(b, s) for saved in plan.kept)  # (dense, MoE)
+    runs = _layer_runs(spec, masked)
+    kept = {kind: saved.bytes(b, s) for kind, saved in plan.kept.items()}  # per (moe, masked) kind
     grads = rank.layer_gradients  # (dense, MoE)
-    recompute = tuple(0 if saved is None else saved.bytes(b, s) for saved in plan.recompute)
-    attention_lefts = tuple(0 if saved is None else saved.bytes(b, s) for saved in plan.attention_left)
-    attention = plan.attention.bytes(b, s)
+    recompute = {kind: saved.bytes(b, s) for kind, saved in plan.recompute.items()}
+    attention_lefts = {kind: saved.bytes(b, s) for kind, saved in plan.attention_left.items()}
     layer_end = norm_backward + 2 * hidden_grad  # the norm's fp32 backward, two [T, h]
     moments = []
     sharded = rank.gathering is not None
     G = rank.head_gradient if not sharded else rank.gathering.tail.sharded_grads_bytes
-    for moe, hi, lo in runs:
+    for kind, hi, lo in runs:
+        moe = kind[0]
         # a run's first and last layers; with units also its second and second-to-last (a run's first layer waits
         # on the previous kind's, or the tail's, reduce-scatter input and its last prefetches a unit of another kind
         # or the embedding: the run is linear from its second layer to its second-to-last, so those bound it too)
@@ -497,7 +497,7 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
             ends = sorted({hi, lo, max(hi - 1, lo), min(lo + 1, hi)}, reverse=True)
         else:
             ends = (hi, lo) if hi != lo else (hi,)
-        kept_moe, grads_moe = kept[moe], grads[moe]
+        kept_moe, grads_moe = kept[kind], grads[moe]
         for index in ends:
             done = hi - index  # layers of this run already through their backward
             left = remaining - kept_moe * done if done else remaining  # kept tensors of the layers up to this one
@@ -506,20 +506,20 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                 # the MLP's backward (it runs first) with the whole layer saved, then attention's, once the MLP's
                 # saved tensors are freed and its gradients made
                 moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G_here), O,
-                                      shared + left + recompute[moe], logits_held, mlp_transient))
-                attention_left = attention_lefts[moe]
+                                      shared + left + recompute[kind], logits_held, mlp_transient))
+                attention_left = attention_lefts[kind]
                 moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G_here + grads_moe), O,
                                       shared + left + attention_left, logits_held, attention_transient))
             else:
                 unit = gathered.layer(index)
                 weights = W + gathered.weights_during(index)
                 waiting = Bb + G_here + gathered.retained_reduce_buffer(index)
-                moments.append(Moment(Phase.BACKWARD, weights, waiting + G_acc, O, shared + left + recompute[moe],
+                moments.append(Moment(Phase.BACKWARD, weights, waiting + G_acc, O, shared + left + recompute[kind],
                                       logits_held, transient))
                 # the MLP's backward ending: the layer's gradients (the MLP's are most of them) wait beside what
                 # its attention block still holds (recomputed under checkpointing, beside the checkpoint) and the
                 # MLP's last backward transients (MoE: the experts' [T·K, 2·I_m] gradients)
-                mlp_done = attention_lefts[moe]
+                mlp_done = attention_lefts[kind]
                 moments.append(Moment(Phase.BACKWARD, weights, waiting + maximum(G_acc, unit.grads_bytes), O,
                                       shared + left + mlp_done, logits_held, maximum(layer_end, transient)))
         n = hi - lo + 1

@@ -18,12 +18,14 @@ import math
 from pathlib import Path
 
 from .errors import VramcalcError
-from .model import FAMILIES, MAX_SIZES, SUPPORTED_FAMILIES, ModelSpec
+from .model import FAMILIES, MAX_SIZES, SUPPORTED_FAMILIES, ModelSpec, default_layer_types
 
 # Config-class defaults that differ from "hidden_size // num_attention_heads" and "untied".
 _DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "gemma2": 256,
                      "gemma": 256,  # models/gemma/configuration_gemma.py L72: head_dim = 256
-                     "gemma3_text": 256}  # models/gemma3/configuration_gemma3.py L79
+                     "gemma3_text": 256,  # models/gemma3/configuration_gemma3.py L79
+                     "glm4": 128,  # models/glm4/configuration_glm4.py L61
+                     "ernie4_5": 128}  # models/ernie4_5/configuration_ernie4_5.py L80
 # Where each family keeps its expert count.
 _EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
 # A real config.json is a few kB (DeepSeek-V3's, the largest in the catalogue, is 1.7 kB); refuse anything that
@@ -49,6 +51,9 @@ LAYOUT_FIELDS = {
     "smollm3": ("no_rope_layers", "no_rope_layer_interval", "layer_types"),
     "gemma3_text": ("layer_types", "sliding_window_pattern", "final_logit_softcapping", "attn_logit_softcapping",
                     "use_bidirectional_attention"),
+    "glm4": ("rope_parameters", "partial_rotary_factor"),
+    "cohere2": ("layer_types", "sliding_window_pattern"),
+    "ernie4_5": ("use_bias",),
 }
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 # Config-class defaults of fields read as required elsewhere, for families whose published configs omit them:
@@ -357,6 +362,28 @@ def _layout_fields(f: _Fields, family: str, fields: dict) -> dict:
         out.update(num_kv_heads=f.integer("num_key_value_heads", 4), sliding_window=None)
     elif family == "gemma3_text":
         out.update(_gemma3_fields(f, fields["num_layers"]))
+    elif family == "glm4":
+        # Glm4Config: attention_bias True on q/k/v (o_proj never has one), partial_rotary_factor 0.5
+        # (configuration_glm4.py L73, L76; modeling_glm4.py L211-220); rotary_dim stays set at factor 1 too: q and k
+        # are concatenated back into new tensors whatever the factor (apply_rotary_pos_emb L192-194)
+        factor = f.fraction("partial_rotary_factor", f.fraction("partial_rotary_factor", 0.5, rope))
+        out.update(qkv_bias=f.flag("attention_bias", True), o_bias=False,
+                   rotary_dim=int(fields["head_dim"] * factor))
+        return out
+    elif family == "cohere2":
+        # Cohere2Config: num_key_value_heads = heads, head_dim = h / a (a config.json head_dim, set after
+        # __post_init__, wins), sliding_window 4096, every 4th layer full (configuration_cohere2.py L84, L88-101);
+        # attention_bias on q/k/v/o (modeling_cohere2.py L192-203)
+        types = _layer_types(f, fields["num_layers"], 4)
+        window = f.integer("sliding_window", 4096)
+        out.update(layer_types=types,
+                   sliding_window=window if "sliding_attention" in types else None)
+        return out
+    elif family == "ernie4_5":
+        # Ernie4_5Config: use_bias False on every Linear but lm_head (configuration_ernie4_5.py L79;
+        # modeling_ernie4_5.py L97-99, L199-202)
+        bias = f.flag("use_bias", False)
+        out.update(qkv_bias=bias, o_bias=bias, mlp_bias=bias)
     if out.get("rotary_dim") == out.get("head_dim"):
         out["rotary_dim"] = 0
     return out
@@ -372,12 +399,19 @@ def _gemma3_fields(f: _Fields, layers: int) -> dict:
                                 "soft-capping)")
     if f.flag("use_bidirectional_attention", False):
         raise VramcalcError("gemma3_text with use_bidirectional_attention is not supported")
+    types = _layer_types(f, layers, 6)
+    window = f.integer("sliding_window", 4096)
+    return dict(num_kv_heads=f.integer("num_key_value_heads", 4), layer_types=types,
+                sliding_window=window if "sliding_attention" in types else None)
+
+
+def _layer_types(f: _Fields, layers: int, pattern: int) -> tuple[str, ...]:
+    """``layer_types`` from the config or, when absent, every ``sliding_window_pattern``-th layer full and the rest
+    sliding (the config classes' rule; the pattern's default is the family's)."""
     types = f.config.get("layer_types")
     if types is None:
-        pattern = f.integer("sliding_window_pattern", 6, maximum=MAX_SIZES["num_hidden_layers"])
-        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+        pattern = f.integer("sliding_window_pattern", pattern, maximum=MAX_SIZES["num_hidden_layers"])
+        types = list(default_layer_types(f.family, layers, pattern))
     if not isinstance(types, list) or len(types) != layers or any(t not in _LAYER_TYPES for t in types):
         raise f._bad("layer_types", f"a list of {layers} of {' or '.join(map(repr, _LAYER_TYPES))}", types)
-    window = f.integer("sliding_window", 4096)
-    return dict(num_kv_heads=f.integer("num_key_value_heads", 4), layer_types=tuple(types),
-                sliding_window=window if "sliding_attention" in types else None)
+    return tuple(types)

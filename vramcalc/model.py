@@ -102,6 +102,13 @@ class FamilyTraits:
     qkv_names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
     o_name: str = "o_proj"
     mlp_names: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    rope_per_layer_kind: bool = False  # one rotary table per layer kind in use (gemma3_text), else one table
+    # apply_rotary_pos_emb makes new interleaved cos and sin in every layer (cos[..., :d/2].repeat_interleave(2)),
+    # which the q·cos and rotate_half(q)·sin products save (glm4, ernie4_5)
+    rope_copies_per_layer: bool = False
+    # Cohere2LayerNorm: the fp32 ``x - mean`` is computed twice (pow's input and the product's), and the fp32 copy of
+    # a 16-bit weight is saved by the weight product (cohere2)
+    centered_norm: bool = False
 
 
 FAMILIES: dict[str, FamilyTraits] = {
@@ -171,7 +178,26 @@ FAMILIES: dict[str, FamilyTraits] = {
     # pre_feedforward and post_feedforward norms (L367-400); embedding scaled inside Gemma3TextScaledWordEmbedding
     # (L89-100); sliding and full layers (config.layer_types), one rotary table and one mask per kind (L527-534);
     # supports sdpa (L413); tied (configuration_gemma3.py L88)
-    "gemma3_text": FamilyTraits(norms_per_layer=4, post_norms=True, qk_norm=True, gemma_norm=True, default_tied=True),
+    "gemma3_text": FamilyTraits(norms_per_layer=4, post_norms=True, qk_norm=True, gemma_norm=True, default_tied=True,
+                                rope_per_layer_kind=True),
+    # models/glm4/modeling_glm4.py (transformers 5.25): q/k/v_proj with bias=attention_bias, o_proj without
+    # (L211-220); Glm4MLP fused gate_up_proj, chunk, up * silu(gate) (L49-64); input_layernorm, post_self_attn,
+    # post_attention (pre-MLP) and post_mlp norms (L74-77, L90-110), Llama's RMSNorm (L313-328); partial rotary
+    # (partial_rotary_factor 0.5, configuration_glm4.py L76) with cos and sin interleaved per layer and q, k
+    # concatenated back (apply_rotary_pos_emb L179-195); untied (configuration_glm4.py L68)
+    "glm4": FamilyTraits(norms_per_layer=4, post_norms=True, fused_gate_up=True, rope_copies_per_layer=True,
+                         mlp_names=("gate_up_proj", "down_proj")),
+    # models/cohere2/modeling_cohere2.py (transformers 5.25): one Cohere2LayerNorm (no bias; fp32 x - mean, rsqrt,
+    # fp32 weight product, cast back: L88-102) feeding attention and a SwiGLU MLP in parallel, one residual add
+    # (L300-313); q/k/v/o with bias=attention_bias (L192-203); RoPE (fp32 q, k, cast back, L168-175) only in
+    # sliding layers (L222-223); one rotary table (L42-85) and a full and a sliding mask (L387-390); logits *
+    # logit_scale, a Python scalar (L476); tied (configuration_cohere2.py L80)
+    "cohere2": FamilyTraits(norms_per_layer=1, parallel_block=True, gemma_norm=True, centered_norm=True,
+                            default_tied=True),
+    # models/ernie4_5/modeling_ernie4_5.py (transformers 5.25): Llama's modules with bias=use_bias on every Linear
+    # (L97-99, L199-202); the rotary embedding returns fp32 cos and sin (L80-87) and apply_rotary_pos_emb
+    # interleaves them per layer, rotates q and k in fp32 and casts back (L151-182); tied (configuration L77)
+    "ernie4_5": FamilyTraits(default_tied=True, rope_fp32=True, rope_copies_per_layer=True),
     # Qwen v1 (remote code ``modeling_qwen.py`` of Qwen/Qwen-7B, QWenLMHeadModel; no transformers class): fused
     # c_attn with bias, attn.c_proj without, RMSNorm ln_1/ln_2/ln_f, QWenMLP a1 = w1(x), a2 = w2(x),
     # mlp.c_proj(a1 * silu(a2)) with w1, w2: h -> intermediate_size / 2; lm_head untied
@@ -180,6 +206,19 @@ FAMILIES: dict[str, FamilyTraits] = {
 }
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
+
+# Families with sliding and full layers: without ``layer_types`` every n-th layer is full, the rest slide
+# (``sliding_window_pattern``: configuration_gemma3.py L104-111, configuration_cohere2.py L95-101)
+SLIDING_WINDOW_PATTERN: dict[str, int] = {"gemma3_text": 6, "cohere2": 4}
+
+
+def default_layer_types(family: str, num_layers: int, pattern: int | None = None) -> tuple[str, ...]:
+    """Layer kinds of a family that mixes sliding and full layers when its config lists none: layer i is full when
+    (i + 1) % pattern == 0 (the family's default pattern unless given); () for other families."""
+    pattern = pattern or SLIDING_WINDOW_PATTERN.get(family)
+    if not pattern:
+        return ()
+    return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers))
 
 # Upper bounds on architecture sizes, under HF config names: about 64x the largest published decoder LLM in each
 # field (hidden 16,384 and 126 layers in Llama-3.1-405B; 128 heads; head_dim 256 in Gemma-2; intermediate 53,248 in
@@ -355,7 +394,7 @@ class ModelSpec:
     @property
     def rope_tables(self) -> int:
         """Rotary cos/sin tables built per forward: one per layer kind in use (gemma3_text: local and global)."""
-        return len(set(self.layer_types)) or 1
+        return len(set(self.layer_types)) or 1 if self.traits.rope_per_layer_kind else 1
 
     @property
     def mask_kinds(self) -> int:

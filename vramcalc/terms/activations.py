@@ -80,15 +80,20 @@ class Saved:
     per_token: int = 0
     per_square: int = 0
     per_layer: int = 0  # fixed bytes per layer (flash seed/offset)
+    # bytes per sequence position, constant in b: [1, s, ...] tensors (the per-layer RoPE copies of glm4, ernie4_5:
+    # transformers' position ids are [1, s] unless passed)
+    per_position: int = 0
 
     def __add__(self, other: "Saved") -> "Saved":
-        return Saved(self.per_token + other.per_token, self.per_square + other.per_square, self.per_layer + other.per_layer)
+        return Saved(self.per_token + other.per_token, self.per_square + other.per_square,
+                     self.per_layer + other.per_layer, self.per_position + other.per_position)
 
     def __mul__(self, n: int) -> "Saved":
-        return Saved(self.per_token * n, self.per_square * n, self.per_layer * n)
+        return Saved(self.per_token * n, self.per_square * n, self.per_layer * n, self.per_position * n)
 
     def bytes(self, batch_size, seq_len):
-        return self.per_token * batch_size * seq_len + self.per_square * batch_size * seq_len * seq_len + self.per_layer
+        return (self.per_token * batch_size * seq_len + self.per_square * batch_size * seq_len * seq_len
+                + self.per_layer + self.per_position * seq_len)
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,7 @@ class _LayerWalk(ParallelBlockWalk):
         self.per_token = 0
         self.per_square = 0
         self.per_layer = 0
+        self.per_position = 0
         # selective checkpointing's cache: the outputs of the matmul and attention ops (see the module docstring)
         self.cache_token = 0
         self.cache_square = 0
@@ -175,7 +181,7 @@ class _LayerWalk(ParallelBlockWalk):
         self.grad = layer_requires_grad  # does the tensor flowing through the layer require grad?
 
     def result(self) -> Saved:
-        return Saved(self.per_token, self.per_square, self.per_layer)
+        return Saved(self.per_token, self.per_square, self.per_layer, self.per_position)
 
     def cache(self) -> Saved:
         """What selective checkpointing caches: the matmul and attention outputs of the layer."""
@@ -215,6 +221,9 @@ class _LayerWalk(ParallelBlockWalk):
             return x_bytes if self.layer.kernels is Kernels.LIGER else max(self.dt.norm_out, x_bytes)
         if self.grad:
             self.per_token += _F32 * width * rows + _F32 * rows  # fp32 input (or the fp32 input itself), rsqrt
+            if self.m.traits.centered_norm:  # cohere2 (Cohere2LayerNorm.forward L96-102): a second x - mean
+                self.per_token += _F32 * width * rows
+                self.per_layer += (_F32 * width) if self.dt.r != _F32 else 0  # weight.to(fp32), saved by the product
         if self.norms_train:  # y saved for the weight gradient (fp32: Gemma, or a stack's fp32 product, stack_layers.py)
             fp32_y = self.gemma_norm or self.layer.layers.norm_fp32_product
             self.per_token += (_F32 if fp32_y else x_bytes) * width * rows
@@ -319,14 +328,17 @@ class _LayerWalk(ParallelBlockWalk):
         h, a, k, d = m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim
         c = dt.c
         uses = [self.use(name, h) for name in m.traits.qkv_names]
+        grad_in = self.grad
         if self.layer.layers.fused_qkv_lora:  # litgpt: one adapter on the fused qkv (stack_layers.py)
             qkv = stack_layers.fused_qkv_lora_linears(self, uses, n)
         else:
             qkv = self.linears(uses, n)
-        if m.qk_norm and m.traits.qk_norm_whole:  # olmo2: over the whole projection
-            qkv = max(self.norm(a * d, qkv), self.norm(k * d, qkv))
-        elif m.qk_norm:
-            qkv = max(self.norm(d, qkv, rows=a), self.norm(d, qkv, rows=k))  # q_norm, k_norm per head
+        if m.qk_norm:
+            qkv = self._qk_norms(uses, qkv, grad_in)
+        if m.traits.rope_copies_per_layer and self.grad:
+            # glm4, ernie4_5: cos[..., :d/2].repeat_interleave(2) and sin's, new in every layer, saved by q·cos and
+            # rotate_half(q)·sin (and k's products: the same tensors), [1, 1, s, d_rope] each
+            self.per_position += 2 * (_F32 if m.traits.rope_fp32 else dt.r) * m.rope_dim
         embed = max(qkv, dt.r)  # RoPE multiplies by cos/sin in the residual dtype
         o_use = self.use(m.traits.o_name, a * d)
         o_saves_input = o_use.trains or o_use.lora
@@ -389,6 +401,24 @@ class _LayerWalk(ParallelBlockWalk):
                     self.per_token += out_bytes * a * d
         return self.linears([o_use], out_bytes, x_saved=True)
 
+    def _qk_norms(self, uses: list[LinearUse], qkv: int, grad_in: bool) -> int:
+        """q_norm and k_norm, per head over d (Qwen3, Gemma-3) or over the whole a·d and k·d (olmo2). Each saves
+        only where its own projection's output needs a gradient: the layer input does, or that projection trains
+        or carries an adapter (in the first layer under LoRA on q and v, k_proj's output needs none, so k_norm saves
+        nothing: ``Qwen3RMSNorm`` autograd records nothing for a tensor without grad)."""
+        m = self.m
+        a, k, d = m.num_heads, m.num_kv_heads, m.head_dim
+        whole = m.traits.qk_norm_whole
+        after = self.grad  # whether any of q, k, v needs a gradient
+        separate = len(uses) == 3 and not self.layer.layers.fused_qkv_lora  # (litgpt: one adapter on all of qkv)
+        grads = [grad_in or use.trains or use.lora for use in uses[:2]] if separate else [after] * 2
+        out = 0
+        for grad, heads in zip(grads, (a, k)):
+            self.grad = grad
+            out = max(out, self.norm(heads * d, qkv) if whole else self.norm(d, qkv, rows=heads))
+        self.grad = after or self.norms_train
+        return out
+
     def _mla(self, n: int) -> int:
         """DeepseekV3Attention: q_a_proj -> q_a_layernorm -> q_b_proj; kv_a_proj_with_mqa -> kv_a_layernorm ->
         kv_b_proj; K is assembled in a new [b, a, s, nope+rope] tensor and V is a view of kv_b's output."""
@@ -424,13 +454,14 @@ class _LayerWalk(ParallelBlockWalk):
         if m.traits.post_norms:
             self.norm(m.hidden_size, out)  # post_feedforward_layernorm
 
-    def _gated_mlp(self, n: int, width: int, prefix: str) -> int:
+    def _gated_mlp(self, n: int, width: int, prefix: str, x_saved: bool = False) -> int:
+        """``x_saved``: the input is already saved by another Linear reading it (cohere2's parallel block)."""
         m = self.m
         if m.traits.fused_gate_up:
-            out = self.linears([self.use("gate_up_proj", m.hidden_size)], n)
+            out = self.linears([self.use("gate_up_proj", m.hidden_size)], n, x_saved=x_saved)
         else:
             gate, up = (f"{prefix}gate_proj", f"{prefix}up_proj") if prefix else m.traits.mlp_names[:2]  # Qwen: w1, w2
-            out = self.linears([self.use(gate, m.hidden_size), self.use(up, m.hidden_size)], n)
+            out = self.linears([self.use(gate, m.hidden_size), self.use(up, m.hidden_size)], n, x_saved=x_saved)
         if self.grad:
             # act's input, act's output, up's output (Phi-3: gate_up pinned + act); Liger's SiLUMul and compile's
             # partition keep gate's and up's outputs only (silu recomputed)
@@ -468,19 +499,16 @@ def sliding_window_masked(model: ModelSpec, seq_len):
     return select(seq_len >= window, True, False) if hasattr(seq_len, "shape") else seq_len >= window
 
 
-def refuse_mixed_layer_masks(model: ModelSpec, seq_len, attn_used: Attention) -> None:
-    """gemma3_text with sliding and full layers and a sequence reaching the window (``sliding_window_masked``):
-    under sdpa its sliding layers get a 4-D mask (memory-efficient kernel) and its full layers none (flash), a per-
-    layer split the estimate does not model yet: refused in one line. Eager attention masks every layer, so it is
-    estimated."""
-    if len(set(model.layer_types)) < 2 or attn_used is Attention.EAGER:
-        return
-    masked = sliding_window_masked(model, seq_len)
-    if masked.any() if hasattr(masked, "any") else masked:
-        raise VramcalcError(f"{model.family} with a sequence as long as its sliding window ({model.sliding_window}) "
-                            "or longer is not modelled yet under sdpa or flash attention (its sliding layers get a "
-                            f"mask, its full layers do not); use a sequence shorter than {model.sliding_window} or "
-                            "--attn eager")
+@functools.lru_cache(maxsize=1024)
+def layer_masks(model: ModelSpec, masked: bool) -> tuple[bool, ...]:
+    """Per decoder layer, whether its attention gets the 4-D mask (``masked``, the model's decision). A model with
+    sliding and full layers (``layer_types``: gemma3_text, cohere2) builds one mask per kind
+    (``create_sliding_window_causal_mask`` and ``create_causal_mask``, transformers 5.25 modeling_gemma3.py L527-534,
+    modeling_cohere2.py L387-390): at a sequence reaching the window only the sliding one exists (masking_utils.py
+    L356; the full one is skipped for SDPA's is_causal), so only sliding layers are masked."""
+    if len(set(model.layer_types)) < 2:
+        return (masked,) * model.num_layers
+    return tuple(masked and kind == "sliding_attention" for kind in model.layer_types)
 
 
 def attention_masked(model: ModelSpec, seq_len, attn_used: Attention, packing: bool, sequences=2):
@@ -552,11 +580,16 @@ def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: 
     checkpointing the 4-D attention masks are checkpoint inputs too (memory-math.md 5.3): eager's [b, 1, s, s] in
     the compute dtype, one per mask kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window
     mask (``masked``). A stack whose decoder indexes a rotary buffer (``stack_layers.rotary_per_forward`` False)
-    saves none of these."""
+    saves none of these. Where every layer makes its own interleaved copies (``rope_copies_per_layer``: glm4,
+    ernie4_5) no op saves the table itself: it lives to the end of forward only, or under checkpointing as the
+    checkpointed layers' argument, [1, s, d_rope] (per position)."""
     if not layers.rotary_per_forward:
         return Saved()
     rope = _F32 if model.traits.rope_fp32 else dt.r
-    saved = Saved(per_token=2 * rope * model.rope_dim * model.rope_tables + 8)
+    if model.traits.rope_copies_per_layer:
+        saved = Saved(per_token=8, per_position=2 * rope * model.rope_dim if grad_ckpt else 0)
+    else:
+        saved = Saved(per_token=2 * rope * model.rope_dim * model.rope_tables + 8)
     if grad_ckpt:
         mask_kinds = model.mask_kinds
         if attn_used is Attention.EAGER:
@@ -650,7 +683,9 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     total = shared_saved(model, layer.dtypes, layer.attn_used, grad_ckpt, masked, layer.layers)
     total += head_saved(model, layer)
     first_moe = model.is_moe_layer(0)
-    if layer.offload and not grad_ckpt and layer.layers.rotary_per_forward:
+    masks = layer_masks(model, masked)
+    masked = masks[0]  # the first layer's
+    if layer.offload and not grad_ckpt and layer.layers.rotary_per_forward and not model.traits.rope_copies_per_layer:
         # the rotary cos and sin are saved by the layers' RoPE products only: offloaded, the device copies die
         rope = _F32 if model.traits.rope_fp32 else layer.dtypes.r
         total += Saved(per_token=-2 * rope * model.rope_dim * model.rope_tables)
@@ -670,10 +705,10 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
         total += Saved(per_token=stack_layers.stable_embedding_saved_per_token(model, layer.dtypes.r))
     if grad_ckpt and not layer.offload:  # the first layer's input is the embedding's r bytes (layouts.residual_bytes)
         total += Saved(per_token=(layer.dtypes.r - residual_bytes(model, layer)) * model.hidden_size)
-    dense = model.num_dense_layers - (0 if first_moe else 1)
-    moe = model.num_moe_layers - (1 if first_moe else 0)
-    if dense:
-        total += layer_kept(model, layer, grad_ckpt, False, masked) * dense
-    if moe:
-        total += layer_kept(model, layer, grad_ckpt, True, masked) * moe
+    # every other layer, by kind (dense or MoE, masked or not: ``layer_masks``)
+    counts: dict[tuple[bool, bool], int] = {}
+    for kind in zip(model.layer_is_moe[1:], masks[1:]):
+        counts[kind] = counts.get(kind, 0) + 1
+    for (moe, layer_masked), count in counts.items():
+        total += layer_kept(model, layer, grad_ckpt, moe, layer_masked) * count
     return total

@@ -51,8 +51,7 @@ def embedding_lora_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, m
     if not grad_ckpt and not first_layer_needs_grad(layer.method):
         moe = model.is_moe_layer(0)
         grad, no_grad = layer_saved(model, layer, moe, masked, True), layer_saved(model, layer, moe, masked, False)
-        saved += Saved(grad.per_token - no_grad.per_token, grad.per_square - no_grad.per_square,
-                       grad.per_layer - no_grad.per_layer)
+        saved += grad + no_grad * -1
     return saved
 
 

@@ -85,7 +85,10 @@ class ParallelBlockWalk:
         else:
             n, n_saved = self._shared_norm
             self.grad = self._grad_in or self.full
-        self._plain_mlp(n, n_saved)
+        if m.traits.gated_mlp:  # cohere2: a SwiGLU MLP beside attention
+            self._gated_mlp(n, m.mlp_width, prefix="", x_saved=n_saved)
+        else:
+            self._plain_mlp(n, n_saved)
 
     def _input_saved(self, uses, x_bytes: int) -> bool:
         """Whether ``linears(uses, x_bytes)`` saves the input tensor itself (not a cast copy): the rule of

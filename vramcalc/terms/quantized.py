@@ -188,7 +188,7 @@ def _walk(model, layer, moe, masked, requires_grad, private_bytes, holding, shar
 
 
 def _difference(a: Saved, b: Saved) -> Saved:
-    return Saved(a.per_token - b.per_token, a.per_square - b.per_square, a.per_layer - b.per_layer)
+    return a + b * -1
 
 
 @functools.lru_cache(maxsize=4096)

@@ -127,10 +127,25 @@ def _gemma3_text_config(spec: ModelSpec, fields: dict) -> dict:
                 sliding_window=spec.sliding_window, query_pre_attn_scalar=spec.head_dim)
 
 
+def _glm4_config(spec: ModelSpec, fields: dict) -> dict:
+    return dict(fields, head_dim=spec.head_dim, attention_bias=spec.qkv_bias,
+                partial_rotary_factor=spec.rope_dim / spec.head_dim)
+
+
+def _cohere2_config(spec: ModelSpec, fields: dict) -> dict:
+    types = list(spec.layer_types) or ["full_attention"] * spec.num_layers
+    return dict(fields, attention_bias=spec.qkv_bias, layer_types=types, sliding_window=spec.sliding_window)
+
+
+def _ernie4_5_config(spec: ModelSpec, fields: dict) -> dict:
+    return dict(fields, head_dim=spec.head_dim, use_bias=spec.qkv_bias)
+
+
 # model_type -> the config keys of the families whose layout is not Llama's (phi, gpt_neox, falcon, gemma, starcoder2,
-# gemma3_text)
+# gemma3_text, glm4, cohere2, ernie4_5)
 _LAYOUT_CONFIG = {"phi": _phi_config, "gpt_neox": _gpt_neox_config, "falcon": _falcon_config, "gemma": _gemma_config,
-                  "starcoder2": _starcoder2_config, "gemma3_text": _gemma3_text_config}
+                  "starcoder2": _starcoder2_config, "gemma3_text": _gemma3_text_config, "glm4": _glm4_config,
+                  "cohere2": _cohere2_config, "ernie4_5": _ernie4_5_config}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,137 @@
+"""Accuracy report for the families added by issue 13 (item 2): for each family, the parameter count of transformers'
+default config for its model_type against ``sum(p.numel())`` of the model transformers builds on ``meta``, and
+``vramcalc.estimate`` against the trace of the same setup on a tiny config of the family (``TINY`` of
+``tests/test_families_2026.py``), over the setups of ``tests/test_families_devset.py`` (full, LoRA, LoRA
+all-linear, QLoRA + checkpointing, mixed-bf16, eager with batch 2, LoRA + checkpointing), and past the sliding
+window for the families with sliding and full layers (``WINDOWED``: only the sliding layers are masked).
+
+    python benchmarks/accuracy_families.py                       # every family: accuracy_families.csv and .md
+    python benchmarks/accuracy_families.py --families glm4,cohere2
+
+To add a family: give it a tiny config in ``tests/test_families_2026.py::TINY`` and append its model_type to
+``FAMILIES`` below (``SETUPS`` is the shared list of setups; a family may add its own in ``EXTRA_SETUPS``).
+Error = (estimate - trace) / trace of the step's peak tensor bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.test_families_2026 import TINY, WINDOWED, WINDOWED_SETUPS  # noqa: E402
+from tests.test_families_devset import SETUPS  # noqa: E402
+from vramcalc.estimator import step_moments  # noqa: E402
+from vramcalc.hf_config import load_config  # noqa: E402
+from vramcalc.training_setup import resolve_setup  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+# issue 13's families with a tiny config in tests/test_families_2026.py, in the order they were added
+FAMILIES = ["olmo2", "granite", "starcoder2", "smollm3", "gemma3_text", "glm4", "cohere2", "ernie4_5"]
+# families whose tiny config lives elsewhere but whose default config is checked here too
+DEFAULT_CONFIG_ONLY = ["gemma", "phi"]
+# setups a family adds to ``SETUPS`` (model_type -> list of options)
+EXTRA_SETUPS: dict[str, list[dict]] = {}
+
+
+def default_config_count(family: str) -> dict:
+    """transformers' default config of ``family`` written as config.json and read by ``load_config``, against
+    ``sum(p.numel())`` of the model built on meta from the same config (tied weights once)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "config.json").write_text(config.to_json_string())
+        estimated = load_config(folder).params
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    built = sum({id(p): p.numel() for p in model.parameters()}.values())
+    return {"family": family, "vramcalc_params": estimated, "transformers_params": built,
+            "exact": estimated == built}
+
+
+def measure(family: str, options: dict, spec=None) -> dict:
+    from vramcalc.tracing.runner import run_trace
+
+    spec = spec or TINY[family]
+    resolved = resolve_setup(spec, **options)
+    peak = max(step_moments(spec, resolved), key=lambda moment: moment.tensor_bytes)
+    started = time.perf_counter()
+    traced = run_trace(spec, resolved, progress=False)
+    traced_bytes = sum(traced.terms.values())
+    return {"family": family, "model": spec.name, "setup": " ".join(f"{k}={v}" for k, v in options.items()),
+            "estimate_bytes": peak.tensor_bytes, "trace_bytes": traced_bytes, "estimate_phase": peak.phase.value,
+            "trace_phase": traced.phase.value, "error": (peak.tensor_bytes - traced_bytes) / traced_bytes,
+            "trace_s": round(time.perf_counter() - started, 1)}
+
+
+def cases(families: list[str]) -> list[tuple[str, dict, object]]:
+    """(family, options, spec): every family's tiny config over the shared setups and its own, then the windowed
+    variants (``WINDOWED``) of the families asked for."""
+    out = [(family, options, TINY[family]) for family in families
+           for options in SETUPS + EXTRA_SETUPS.get(family, [])]
+    out += [(family, options, WINDOWED[family]) for family in families if family in WINDOWED
+            for options in WINDOWED_SETUPS]
+    return out
+
+
+def report(rows: list[dict], counts: list[dict]) -> list[str]:
+    """The markdown of accuracy_families.md: one summary line per family, then every setup."""
+    errors = [abs(row["error"]) for row in rows]
+    lines = ["# Accuracy: issue 13 families, estimate vs trace", "",
+             "`python benchmarks/accuracy_families.py` (tiny configs of `tests/test_families_2026.py`, bf16 unless "
+             "given, AdamW, sdpa unless given). Error = (estimate - trace) / trace of the step's peak tensor bytes. "
+             "Parameter count: transformers' default config for the model_type, read from config.json by vramcalc, "
+             "against `sum(p.numel())` of the meta-built transformers model.", "",
+             f"{len(rows)} setups: median |error| {statistics.median(errors):.2%}, max {max(errors):.2%}.", "",
+             "| family | default-config params (vramcalc = transformers) | setups | median abs error | "
+             "max abs error |", "|---|---|---|---|---|"]
+    by_family: dict[str, list[float]] = {}
+    for row in rows:
+        by_family.setdefault(row["family"], []).append(abs(row["error"]))
+    for count in counts:
+        values = by_family.get(count["family"])
+        check = f"{count['vramcalc_params']:,} {'=' if count['exact'] else '!='} {count['transformers_params']:,}"
+        cells = (f"{len(values)} | {statistics.median(values):.3%} | {max(values):.3%}" if values
+                 else "- | - | -")
+        lines.append(f"| {count['family']} | {check} | {cells} |")
+    lines += ["", "| model | setup | estimate (B) | trace (B) | phases (est / trace) | error |",
+              "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['setup']} | {row['estimate_bytes']:,} | {row['trace_bytes']:,} | "
+                     f"{row['estimate_phase']} / {row['trace_phase']} | {row['error']:+.3%} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma list of model_types")
+    args = parser.parse_args()
+    families = [name for name in args.families.split(",") if name]
+    counts = [default_config_count(family) for family in families + [f for f in DEFAULT_CONFIG_ONLY
+                                                                        if f not in families]]
+    rows = []
+    for family, options, spec in cases(families):
+        row = measure(family, options, spec)
+        rows.append(row)
+        print(f"{row['model']:<16} {row['setup']:<60} {row['error']:+.4f}", flush=True)
+    with open(HERE / "accuracy_families.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (HERE / "accuracy_families.md").write_text("\n".join(report(rows, counts)) + "\n")
+    print(json.dumps(counts))
+
+
+if __name__ == "__main__":
+    main()
