@@ -25,7 +25,8 @@ _DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "gemma2": 256,
                      "gemma": 256,  # models/gemma/configuration_gemma.py L72: head_dim = 256
                      "gemma3_text": 256}  # models/gemma3/configuration_gemma3.py L79
 # Where each family keeps its expert count.
-_EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
+_EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts",
+                "qwen2_moe": "num_experts"}
 # A real config.json is a few kB (DeepSeek-V3's, the largest in the catalogue, is 1.7 kB); refuse anything that
 # could not be one before reading it into memory.
 MAX_CONFIG_BYTES = 16 * 2**20
@@ -49,6 +50,7 @@ LAYOUT_FIELDS = {
     "smollm3": ("no_rope_layers", "no_rope_layer_interval", "layer_types"),
     "gemma3_text": ("layer_types", "sliding_window_pattern", "final_logit_softcapping", "attn_logit_softcapping",
                     "use_bidirectional_attention"),
+    "qwen2_moe": ("qkv_bias", "shared_expert_intermediate_size"),
 }
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 # Config-class defaults of fields read as required elsewhere, for families whose published configs omit them:
@@ -214,7 +216,8 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
     layers = f.need("num_hidden_layers")
     attention_bias = f.flag("attention_bias", False)
     use_sliding_window = f.flag("use_sliding_window", True)
-    sliding_window = f.integer("sliding_window")
+    # Qwen2MoeConfig writes sliding_window 0 when use_sliding_window is off (configuration_qwen2_moe.py L109)
+    sliding_window = f.integer("sliding_window", minimum=0 if family == "qwen2_moe" else 1) or None
     repo = config.get("_name_or_path")
     fields = dict(
         name=name,
@@ -357,6 +360,16 @@ def _layout_fields(f: _Fields, family: str, fields: dict) -> dict:
         out.update(num_kv_heads=f.integer("num_key_value_heads", 4), sliding_window=None)
     elif family == "gemma3_text":
         out.update(_gemma3_fields(f, fields["num_layers"]))
+    elif family == "qwen2_moe":
+        # Qwen2MoeConfig (transformers 5.25 configuration_qwen2_moe.py): num_key_value_heads 16 = heads (L79-80),
+        # qkv_bias True (L101), shared_expert_intermediate_size 5632 (L94); use_sliding_window False (L88): with it,
+        # the first max_window_layers layers alternate sliding and full (L110-116), a per-layer mix not modelled
+        if f.flag("use_sliding_window", False):
+            raise VramcalcError("qwen2_moe with use_sliding_window is not supported (its layers alternate sliding "
+                                "and full attention; the estimate models one window for every layer)")
+        shared = f.integer("shared_expert_intermediate_size", 5632, minimum=0)
+        out.update(qkv_bias=f.flag("qkv_bias", True), sliding_window=None, shared_expert_intermediate_size=shared,
+                   n_shared_experts=1 if shared else 0)
     if out.get("rotary_dim") == out.get("head_dim"):
         out["rotary_dim"] = 0
     return out

@@ -102,6 +102,9 @@ class FamilyTraits:
     qkv_names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
     o_name: str = "o_proj"
     mlp_names: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    # MoE layouts beyond Mixtral's, Qwen3-MoE's and DeepSeek-V3's (issue 13)
+    shared_expert_prefix: str = "shared_experts."  # peft name prefix of the shared expert's Linears
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x), Linear(h, 1)
 
 
 FAMILIES: dict[str, FamilyTraits] = {
@@ -177,6 +180,13 @@ FAMILIES: dict[str, FamilyTraits] = {
     # mlp.c_proj(a1 * silu(a2)) with w1, w2: h -> intermediate_size / 2; lm_head untied
     "qwen": FamilyTraits(fused_qkv=True, qkv_bias=True, lora_qv=("c_attn",), traceable=False, qkv_names=("c_attn",),
                          o_name="attn.c_proj", mlp_names=("w1", "w2", "mlp.c_proj")),
+    # models/qwen2_moe/modeling_qwen2_moe.py (transformers 5.25): q/k/v with bias=config.qkv_bias (default True), o
+    # without (L222-225); Qwen2MoeTopKRouter (a 2-D weight, not an nn.Linear, L311-329) and Qwen2MoeExperts (3-D
+    # gate_up_proj, down_proj, L271-282); a shared expert Qwen2MoeMLP of shared_expert_intermediate_size and its
+    # gate nn.Linear(h, 1): sigmoid(shared_expert_gate(x)) * shared_expert(x) (L332-351); MoE where not in
+    # mlp_only_layers and (i + 1) % decoder_sparse_step == 0 (L358-363); untied
+    "qwen2_moe": FamilyTraits(qkv_bias=True, moe=True, shared_expert_prefix="shared_expert.",
+                              shared_expert_gate=True),
 }
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
@@ -207,6 +217,7 @@ MAX_SIZES: dict[str, int] = {
     "qk_nope_head_dim": 2**14,
     "qk_rope_head_dim": 2**14,
     "v_head_dim": 2**14,
+    "shared_expert_intermediate_size": 2**22,
 }
 # ModelSpec field -> its HF config name, for the checks in ModelSpec.__post_init__
 _SIZE_FIELDS = (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
@@ -217,7 +228,7 @@ _SIZE_FIELDS = (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layer
                 ("first_k_dense_replace", "first_k_dense_replace"), ("decoder_sparse_step", "decoder_sparse_step"),
                 ("q_lora_rank", "q_lora_rank"), ("kv_lora_rank", "kv_lora_rank"),
                 ("qk_nope_head_dim", "qk_nope_head_dim"), ("qk_rope_head_dim", "qk_rope_head_dim"),
-                ("v_head_dim", "v_head_dim"))
+                ("v_head_dim", "v_head_dim"), ("shared_expert_intermediate_size", "shared_expert_intermediate_size"))
 _POSITIVE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
 
 
@@ -276,6 +287,7 @@ class ModelSpec:
     rotary_dim: int = 0  # rotary width per head (phi partial_rotary_factor, gpt_neox rotary_pct); 0: all of head_dim
     new_decoder_architecture: bool = False  # falcon: grouped kv heads and two LayerNorms (ln_attn, ln_mlp) per layer
     layer_types: tuple[str, ...] = ()  # gemma3_text: "sliding_attention" or "full_attention" per layer
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert width; 0: moe_intermediate_size · n_shared
     # catalogue metadata (not architecture)
     hf_repo: str = ""
     license: str = ""
@@ -399,6 +411,12 @@ class ModelSpec:
         return self.moe_intermediate_size or self.intermediate_size
 
     @property
+    def shared_expert_width(self) -> int:
+        """Width of the shared expert MLP: Qwen2-MoE's shared_expert_intermediate_size, else DeepSeek's
+        moe_intermediate_size · n_shared_experts."""
+        return self.shared_expert_intermediate_size or self.moe_intermediate_size * self.n_shared_experts
+
+    @property
     def inventory(self) -> "Inventory":
         return _inventory(self)
 
@@ -490,7 +508,7 @@ def _gated_mlp(m: ModelSpec, width: int, count: int, role: str = "mlp"):
     if m.traits.fused_gate_up:
         return [_linear("gate_up_proj", h, 2 * width, count, m.mlp_bias, role),
                 _linear("down_proj", width, h, count, m.mlp_bias, role)]
-    prefix = "shared_experts." if role == "shared_expert" else ""
+    prefix = t.shared_expert_prefix if role == "shared_expert" else ""
     return [_linear(f"{prefix}gate_proj", h, width, count, m.mlp_bias, role),
             _linear(f"{prefix}up_proj", h, width, count, m.mlp_bias, role),
             _linear(f"{prefix}down_proj", width, h, count, m.mlp_bias, role)]
@@ -521,7 +539,9 @@ def _inventory(m: ModelSpec) -> Inventory:
         tensors.append(ParamTensor("mlp.experts.gate_up_proj", ParamKind.EXPERTS, (E, 2 * I_m, h), n_moe, scope="moe"))
         tensors.append(ParamTensor("mlp.experts.down_proj", ParamKind.EXPERTS, (E, h, I_m), n_moe, scope="moe"))
         if m.n_shared_experts:
-            parts += _gated_mlp(m, m.moe_intermediate_size * m.n_shared_experts, n_moe, role="shared_expert")
+            parts += _gated_mlp(m, m.shared_expert_width, n_moe, role="shared_expert")
+        if m.traits.shared_expert_gate:
+            parts.append(_linear("shared_expert_gate", h, 1, n_moe, role="shared_expert"))
     tensors.append(ParamTensor("norm.weight", ParamKind.NORM, (h,)))
     if m.traits.layer_norm:
         tensors.append(ParamTensor("norm.bias", ParamKind.NORM, (h,)))

@@ -552,6 +552,6 @@ def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
     low_rank = setup.method.uses_lora or setup.method is Method.ADALORA  # A [r, in] and B [out, r]
     for name in names if low_rank else ():
         rows, cols = {**linears, **outside}[name]
-        if setup.lora_rank > min(rows, cols):
+        if setup.lora_rank > min(rows, cols) and cols > 1:  # peft accepts r > 1 on Qwen2-MoE's Linear(h, 1) gate
             raise VramcalcError(f"LoRA rank {setup.lora_rank} is larger than {name} of {model.name} ({rows} -> {cols})")
     return names

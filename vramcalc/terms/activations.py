@@ -192,8 +192,7 @@ class _LayerWalk(ParallelBlockWalk):
                       "kv_b_proj": a * (m.qk_nope_head_dim + m.v_head_dim)}
             if base in widths:
                 return widths[base]
-        width = m.moe_intermediate_size * m.n_shared_experts if name.startswith("shared_experts.") else \
-            m.intermediate_size
+        width = m.shared_expert_width if name.startswith(m.traits.shared_expert_prefix) else m.intermediate_size
         widths = {"q_proj": a * d, "k_proj": k * d, "v_proj": k * d, "qkv_proj": (a + 2 * k) * d,
                   "gate_proj": width, "up_proj": width, "gate_up_proj": 2 * width}
         if base in widths:
@@ -419,13 +418,13 @@ class _LayerWalk(ParallelBlockWalk):
         if m.traits.post_norms:
             self.norm(m.hidden_size, out)  # post_feedforward_layernorm
 
-    def _gated_mlp(self, n: int, width: int, prefix: str) -> int:
+    def _gated_mlp(self, n: int, width: int, prefix: str, x_saved: bool = False, extra: list = ()) -> int:
         m = self.m
         if m.traits.fused_gate_up:
             out = self.linears([self.use("gate_up_proj", m.hidden_size)], n)
         else:
             gate, up = (f"{prefix}gate_proj", f"{prefix}up_proj") if prefix else m.traits.mlp_names[:2]  # Qwen: w1, w2
-            out = self.linears([self.use(gate, m.hidden_size), self.use(up, m.hidden_size)], n)
+            out = self.linears([self.use(gate, m.hidden_size), self.use(up, m.hidden_size), *extra], n, x_saved)
         if self.grad:
             # act's input, act's output, up's output (Phi-3: gate_up pinned + act); Liger's SiLUMul and compile's
             # partition keep gate's and up's outputs only (silu recomputed)
@@ -448,8 +447,22 @@ class _LayerWalk(ParallelBlockWalk):
             self.per_token += K * (c * h + c * width)  # gathered input and product, for the expert weight gradients
         self.grad = True
         if m.n_shared_experts:
-            self._gated_mlp(n, m.moe_intermediate_size * m.n_shared_experts, prefix="shared_experts.")
+            self._shared_expert(n)
         return c
+
+    def _shared_expert(self, n: int) -> None:
+        """The shared expert MLP beside the routed ones. Qwen2-MoE (``Qwen2MoeSparseMoeBlock.forward``) reads the
+        router's own input and gates its output: ``sigmoid(shared_expert_gate(x)) * shared_expert(x)`` saves the
+        [T, 1] sigmoid output and the shared expert's [T, h] output (c each); DeepSeek's router reads an fp32 copy,
+        so its shared experts save their input themselves."""
+        m = self.m
+        t = m.traits
+        shares_router_input = self.full and not t.router_fp32  # the trained router saved the same x
+        gate = [self.use("shared_expert_gate", m.hidden_size)] if t.shared_expert_gate else []
+        out = self._gated_mlp(n, m.shared_expert_width, prefix=t.shared_expert_prefix, x_saved=shares_router_input,
+                              extra=gate)
+        if gate and self.grad:
+            self.per_token += out * (1 + m.hidden_size)
 
 
 def sliding_window_masked(model: ModelSpec, seq_len):

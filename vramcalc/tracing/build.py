@@ -121,6 +121,13 @@ def _starcoder2_config(spec: ModelSpec, fields: dict) -> dict:
                 residual_dropout=0.0, embedding_dropout=0.0, attention_dropout=0.0)
 
 
+def _qwen2_moe_config(spec: ModelSpec, fields: dict) -> dict:
+    return dict(fields, head_dim=spec.head_dim, qkv_bias=spec.qkv_bias, num_experts=spec.num_experts,
+                num_experts_per_tok=spec.experts_per_token, moe_intermediate_size=spec.moe_intermediate_size,
+                shared_expert_intermediate_size=spec.shared_expert_width, decoder_sparse_step=spec.decoder_sparse_step,
+                mlp_only_layers=list(spec.mlp_only_layers), use_sliding_window=False)
+
+
 def _gemma3_text_config(spec: ModelSpec, fields: dict) -> dict:
     types = list(spec.layer_types) or ["full_attention"] * spec.num_layers
     return dict(fields, head_dim=spec.head_dim, attention_bias=spec.o_bias, layer_types=types,
@@ -131,6 +138,7 @@ def _gemma3_text_config(spec: ModelSpec, fields: dict) -> dict:
 # gemma3_text)
 _LAYOUT_CONFIG = {"phi": _phi_config, "gpt_neox": _gpt_neox_config, "falcon": _falcon_config, "gemma": _gemma_config,
                   "starcoder2": _starcoder2_config, "gemma3_text": _gemma3_text_config}
+_LAYOUT_CONFIG["qwen2_moe"] = _qwen2_moe_config
 
 
 @contextlib.contextmanager
