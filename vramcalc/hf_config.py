@@ -26,7 +26,7 @@ _DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "gemma2": 256,
                      "gemma3_text": 256}  # models/gemma3/configuration_gemma3.py L79
 # Where each family keeps its expert count.
 _EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts",
-                "qwen2_moe": "num_experts"}
+                "qwen2_moe": "num_experts", "deepseek_v2": "n_routed_experts"}
 # A real config.json is a few kB (DeepSeek-V3's, the largest in the catalogue, is 1.7 kB); refuse anything that
 # could not be one before reading it into memory.
 MAX_CONFIG_BYTES = 16 * 2**20

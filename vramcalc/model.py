@@ -105,6 +105,8 @@ class FamilyTraits:
     # MoE layouts beyond Mixtral's, Qwen3-MoE's and DeepSeek-V3's (issue 13)
     shared_expert_prefix: str = "shared_experts."  # peft name prefix of the shared expert's Linears
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x), Linear(h, 1)
+    router_score_bias: bool = True  # with router_fp32: DeepSeek-V3's e_score_correction_bias buffer (not V2's)
+    rope_complex: bool = False  # RoPE by complex multiply: fp32 q/k copies and complex64 freqs_cis (DeepSeek-V2, Llama-4)
 
 
 FAMILIES: dict[str, FamilyTraits] = {
@@ -187,6 +189,12 @@ FAMILIES: dict[str, FamilyTraits] = {
     # mlp_only_layers and (i + 1) % decoder_sparse_step == 0 (L358-363); untied
     "qwen2_moe": FamilyTraits(qkv_bias=True, moe=True, shared_expert_prefix="shared_expert.",
                               shared_expert_gate=True),
+    # models/deepseek_v2/modeling_deepseek_v2.py (transformers 5.25): DeepSeek-V3's MLA (DeepseekV2Attention,
+    # L300-400) and layout (first_k_dense_replace dense layers, shared_experts, L405-412); the router keeps an fp32
+    # gate.weight (_keep_in_fp32_modules_strict, L467) with softmax scores and no e_score_correction_bias (L91-124);
+    # RoPE multiplies complex fp32 copies of q_pe, k_pe by a complex64 freqs_cis (apply_rotary_emb L258-271)
+    "deepseek_v2": FamilyTraits(mla=True, moe=True, router_fp32=True, router_score_bias=False, rope_complex=True,
+                                lora_qv=("q_b_proj", "kv_b_proj")),
 }
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
@@ -533,7 +541,7 @@ def _inventory(m: ModelSpec) -> Inventory:
         E, I_m = m.num_experts, m.expert_width
         fp32 = m.traits.router_fp32
         tensors.append(ParamTensor("mlp.gate.weight", ParamKind.ROUTER, (E, h), n_moe, keep_fp32=fp32, scope="moe"))
-        if m.traits.router_fp32:
+        if m.traits.router_fp32 and m.traits.router_score_bias:
             tensors.append(ParamTensor("mlp.gate.e_score_correction_bias", ParamKind.ROUTER, (E,), n_moe,
                                        keep_fp32=True, scope="moe"))
         tensors.append(ParamTensor("mlp.experts.gate_up_proj", ParamKind.EXPERTS, (E, 2 * I_m, h), n_moe, scope="moe"))

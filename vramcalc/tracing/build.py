@@ -128,6 +128,15 @@ def _qwen2_moe_config(spec: ModelSpec, fields: dict) -> dict:
                 mlp_only_layers=list(spec.mlp_only_layers), use_sliding_window=False)
 
 
+def _deepseek_v2_config(spec: ModelSpec, fields: dict) -> dict:
+    return dict(fields, attention_bias=spec.o_bias, mlp_bias=spec.mlp_bias, n_routed_experts=spec.num_experts,
+                num_experts_per_tok=spec.experts_per_token, moe_intermediate_size=spec.moe_intermediate_size,
+                n_shared_experts=spec.n_shared_experts, first_k_dense_replace=spec.first_k_dense_replace,
+                q_lora_rank=spec.q_lora_rank or None, kv_lora_rank=spec.kv_lora_rank,
+                qk_nope_head_dim=spec.qk_nope_head_dim, qk_rope_head_dim=spec.qk_rope_head_dim,
+                v_head_dim=spec.v_head_dim, topk_method="greedy", rope_scaling=None)
+
+
 def _gemma3_text_config(spec: ModelSpec, fields: dict) -> dict:
     types = list(spec.layer_types) or ["full_attention"] * spec.num_layers
     return dict(fields, head_dim=spec.head_dim, attention_bias=spec.o_bias, layer_types=types,
@@ -139,6 +148,7 @@ def _gemma3_text_config(spec: ModelSpec, fields: dict) -> dict:
 _LAYOUT_CONFIG = {"phi": _phi_config, "gpt_neox": _gpt_neox_config, "falcon": _falcon_config, "gemma": _gemma_config,
                   "starcoder2": _starcoder2_config, "gemma3_text": _gemma3_text_config}
 _LAYOUT_CONFIG["qwen2_moe"] = _qwen2_moe_config
+_LAYOUT_CONFIG["deepseek_v2"] = _deepseek_v2_config
 
 
 @contextlib.contextmanager
