@@ -31,6 +31,11 @@ TINY = {
                              num_experts=8, experts_per_token=2, moe_intermediate_size=64, n_shared_experts=1,
                              first_k_dense_replace=1, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
                              qk_rope_head_dim=16, v_head_dim=32),
+    # a sliding then a full layer (window 128, shorter than every setup's sequence), sinks, biases everywhere
+    "gpt_oss": ModelSpec(name="tiny-gpt-oss", family="gpt_oss", hidden_size=256, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=64, intermediate_size=192, vocab_size=2048, qkv_bias=True,
+                         o_bias=True, num_experts=8, experts_per_token=2, sliding_window=128,
+                         layer_types=("sliding_attention", "full_attention")),
 }
 FAMILIES = sorted(TINY)
 # Class defaults a default config leaves unset (None) that the model needs to run, with the published value used
@@ -110,3 +115,35 @@ def test_median_error_over_the_setups_is_under_1_percent(family):
     errors = [_ERRORS.get((family, index)) for index in range(len(SETUPS))]
     errors = [_relative_error(family, index) if error is None else error for index, error in enumerate(errors)]
     assert statistics.median(abs(e) for e in errors) < MEDIAN_TOLERANCE, errors
+
+
+def test_an_mxfp4_gpt_oss_checkpoint_is_counted_as_the_bf16_model_transformers_trains(tmp_path):
+    # openai/gpt-oss-20b config.json fields (24 layers, 32 experts of width 2880, 4 per token, MXFP4 experts)
+    import json
+
+    from vramcalc.hf_config import MXFP4_NOTE
+
+    config = {"model_type": "gpt_oss", "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 24,
+              "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 32,
+              "num_experts_per_tok": 4, "vocab_size": 201088, "sliding_window": 128,
+              "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                      "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    spec = load_config(tmp_path)
+    assert spec.notes == MXFP4_NOTE and "dequantize=True" in MXFP4_NOTE
+    # published total of gpt-oss-20b: 20.9B parameters (OpenAI model card, arXiv 2508.10925 Table 1: 20.91B)
+    assert abs(spec.params - 20.91e9) / 20.91e9 < 0.005
+    resolved = resolve_setup(spec, method="lora", precision="bf16")
+    assert any("MXFP4" in line and "bf16" in line for line in resolved.warnings)
+    # the experts are counted at 16 bits each, as Mxfp4Dequantize loads them, not at MXFP4's 4.25 bits
+    import vramcalc as vc
+
+    experts = sum(t.total_numel for t in spec.inventory.tensors if t.kind.value == "experts")
+    assert vc.estimate(spec, method="lora", precision="bf16", seq_len=128).terms()["weights"] >= 2 * experts
+
+
+def test_gpt_oss_falls_back_to_eager_under_sdpa_and_its_sinks_are_parameters():
+    spec = TINY["gpt_oss"]
+    assert resolve_setup(spec, attn="sdpa").attn_used.value == "eager"
+    sinks = [t for t in spec.inventory.tensors if t.name == "self_attn.sinks"]
+    assert sinks and sinks[0].shape == (spec.num_heads,) and sinks[0].count == spec.num_layers

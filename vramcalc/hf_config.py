@@ -26,7 +26,7 @@ _DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "gemma2": 256,
                      "gemma3_text": 256}  # models/gemma3/configuration_gemma3.py L79
 # Where each family keeps its expert count.
 _EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts",
-                "qwen2_moe": "num_experts", "deepseek_v2": "n_routed_experts"}
+                "qwen2_moe": "num_experts", "deepseek_v2": "n_routed_experts", "gpt_oss": "num_local_experts"}
 # A real config.json is a few kB (DeepSeek-V3's, the largest in the catalogue, is 1.7 kB); refuse anything that
 # could not be one before reading it into memory.
 MAX_CONFIG_BYTES = 16 * 2**20
@@ -51,6 +51,7 @@ LAYOUT_FIELDS = {
     "gemma3_text": ("layer_types", "sliding_window_pattern", "final_logit_softcapping", "attn_logit_softcapping",
                     "use_bidirectional_attention"),
     "qwen2_moe": ("qkv_bias", "shared_expert_intermediate_size"),
+    "gpt_oss": ("layer_types", "quantization_config"),
 }
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 # Config-class defaults of fields read as required elsewhere, for families whose published configs omit them:
@@ -244,7 +245,7 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
         fields.update(
             num_experts=f.need(_EXPERTS_KEY[family]),
             experts_per_token=f.need("num_experts_per_tok"),
-            moe_intermediate_size=f.need("moe_intermediate_size") if family != "mixtral" else 0,
+            moe_intermediate_size=f.need("moe_intermediate_size") if family not in ("mixtral", "gpt_oss") else 0,
             n_shared_experts=f.integer("n_shared_experts", 0, minimum=0),
             first_k_dense_replace=f.integer("first_k_dense_replace", 0, minimum=0, maximum=layers),
             decoder_sparse_step=f.integer("decoder_sparse_step", 1, maximum=layers),
@@ -370,9 +371,41 @@ def _layout_fields(f: _Fields, family: str, fields: dict) -> dict:
         shared = f.integer("shared_expert_intermediate_size", 5632, minimum=0)
         out.update(qkv_bias=f.flag("qkv_bias", True), sliding_window=None, shared_expert_intermediate_size=shared,
                    n_shared_experts=1 if shared else 0)
+    elif family == "gpt_oss":
+        out.update(_gpt_oss_fields(f, fields["num_layers"]))
     if out.get("rotary_dim") == out.get("head_dim"):
         out["rotary_dim"] = 0
     return out
+
+
+def _gpt_oss_fields(f: _Fields, layers: int) -> dict:
+    """GptOssConfig (transformers 5.25 configuration_gpt_oss.py): num_key_value_heads 8, head_dim 64,
+    sliding_window 128 (L56-59), attention_bias True (L77), layer_types alternating sliding and full from layer 0
+    (L84-87); expert width = intermediate_size (GptOssExperts, modeling_gpt_oss.py L71). An MXFP4 checkpoint
+    (quantization_config.quant_method "mxfp4") is counted as the bf16 model transformers trains (``MXFP4_NOTE``)."""
+    types = f.config.get("layer_types")
+    if types is None:
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers or any(t not in _LAYER_TYPES for t in types):
+        raise f._bad("layer_types", f"a list of {layers} of {' or '.join(map(repr, _LAYER_TYPES))}", types)
+    bias = f.flag("attention_bias", True)
+    window = f.integer("sliding_window", 128)
+    quant = f.mapping("quantization_config").get("quant_method")
+    out = dict(num_kv_heads=f.integer("num_key_value_heads", 8), head_dim=f.integer("head_dim", 64), qkv_bias=bias,
+               o_bias=bias, layer_types=tuple(types), sliding_window=window if "sliding_attention" in types else None)
+    if quant == "mxfp4":
+        out["notes"] = MXFP4_NOTE
+    return out
+
+
+# What transformers 5.25 does with gpt-oss's MXFP4 checkpoint when one trains it, and so what the estimate counts
+MXFP4_NOTE = (
+    "MXFP4 checkpoint: transformers cannot train MXFP4 experts (Mxfp4HfQuantizer.is_trainable is False, "
+    "quantizers/quantizer_mxfp4.py L191-195; Trainer refuses it, trainer_utils.py L102-140), so training loads it "
+    "with Mxfp4Config(dequantize=True), as transformers itself does without a GPU of compute capability >= 7.5, "
+    "triton or the kernels package (L94-120): the experts are dequantized to bf16 at load "
+    "(integrations/mxfp4.py Mxfp4Dequantize) and the quantization config removed (quantizers/base.py L220-221); "
+    "the estimate counts that bf16 model")
 
 
 def _gemma3_fields(f: _Fields, layers: int) -> dict:

@@ -107,6 +107,11 @@ class FamilyTraits:
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x), Linear(h, 1)
     router_score_bias: bool = True  # with router_fp32: DeepSeek-V3's e_score_correction_bias buffer (not V2's)
     rope_complex: bool = False  # RoPE by complex multiply: fp32 q/k copies and complex64 freqs_cis (DeepSeek-V2, Llama-4)
+    attention_sinks: bool = False  # gpt-oss: a learned sink logit per head (self_attn.sinks [a]) joins the softmax
+    moe_biases: bool = False  # gpt-oss: the router and both expert projections carry biases
+    clamped_swiglu: bool = False  # gpt-oss: interleaved gate/up, clamped, gate * sigmoid(alpha * gate) * (up + 1)
+    one_rope_table: bool = False  # one rotary table for sliding and full layers alike (gpt-oss)
+    rope_half_table: bool = False  # cos/sin of width d/2, rotating two halves (gpt-oss _apply_rotary_emb)
 
 
 FAMILIES: dict[str, FamilyTraits] = {
@@ -195,6 +200,14 @@ FAMILIES: dict[str, FamilyTraits] = {
     # RoPE multiplies complex fp32 copies of q_pe, k_pe by a complex64 freqs_cis (apply_rotary_emb L258-271)
     "deepseek_v2": FamilyTraits(mla=True, moe=True, router_fp32=True, router_score_bias=False, rope_complex=True,
                                 lora_qv=("q_b_proj", "kv_b_proj")),
+    # models/gpt_oss/modeling_gpt_oss.py (transformers 5.25): q/k/v/o with bias=attention_bias (L270-281) and a
+    # learned sink logit per head (L283) concatenated to the scores before an in-dtype softmax
+    # (eager_attention_forward L225-253); _supports_sdpa = False (L378): sdpa falls back to eager; GptOssRMSNorm
+    # returns (w * y).to(input dtype) (L56-61); every layer is MoE: GptOssTopKRouter with a bias, top-k of the
+    # logits then softmax (L116-129), GptOssExperts with biases and a clamped SwiGLU on interleaved gate/up
+    # (L67-113); one rotary table of width d/2 (L184-190, L205-222) for sliding and full layers (config.layer_types)
+    "gpt_oss": FamilyTraits(moe=True, supports_sdpa=False, gemma_norm=True, attention_sinks=True, moe_biases=True,
+                            clamped_swiglu=True, one_rope_table=True, rope_half_table=True),
 }
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
@@ -375,7 +388,7 @@ class ModelSpec:
     @property
     def rope_tables(self) -> int:
         """Rotary cos/sin tables built per forward: one per layer kind in use (gemma3_text: local and global)."""
-        return len(set(self.layer_types)) or 1
+        return 1 if self.traits.one_rope_table else len(set(self.layer_types)) or 1
 
     @property
     def mask_kinds(self) -> int:
@@ -494,6 +507,8 @@ def _attention(m: ModelSpec, count: int):
         parts.append(_linear(k_name, h, k * d, count, m.qkv_bias))
         parts.append(_linear(v, h, k * d, count, m.qkv_bias))
         parts.append(_linear(t.o_name, a * d, h, count, m.o_bias))
+    if t.attention_sinks:
+        norms.append(ParamTensor("self_attn.sinks", ParamKind.NORM, (a,), count, scope="layer"))
     if m.qk_norm:
         q_width, k_width = (a * d, k * d) if t.qk_norm_whole else (d, d)
         norms += [ParamTensor("q_norm.weight", ParamKind.NORM, (q_width,), count, scope="layer"),
@@ -546,6 +561,11 @@ def _inventory(m: ModelSpec) -> Inventory:
                                        keep_fp32=True, scope="moe"))
         tensors.append(ParamTensor("mlp.experts.gate_up_proj", ParamKind.EXPERTS, (E, 2 * I_m, h), n_moe, scope="moe"))
         tensors.append(ParamTensor("mlp.experts.down_proj", ParamKind.EXPERTS, (E, h, I_m), n_moe, scope="moe"))
+        if m.traits.moe_biases:  # GptOssTopKRouter.bias, GptOssExperts.gate_up_proj_bias and down_proj_bias
+            tensors.append(ParamTensor("mlp.router.bias", ParamKind.ROUTER, (E,), n_moe, scope="moe"))
+            tensors.append(ParamTensor("mlp.experts.gate_up_proj_bias", ParamKind.EXPERTS, (E, 2 * I_m), n_moe,
+                                       scope="moe"))
+            tensors.append(ParamTensor("mlp.experts.down_proj_bias", ParamKind.EXPERTS, (E, h), n_moe, scope="moe"))
         if m.n_shared_experts:
             parts += _gated_mlp(m, m.shared_expert_width, n_moe, role="shared_expert")
         if m.traits.shared_expert_gate:

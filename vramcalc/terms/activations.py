@@ -333,8 +333,11 @@ class _LayerWalk(ParallelBlockWalk):
                 repeat = a // k
                 kv_width = a * d if repeat > 1 else k * d
                 self.per_token += q_bytes * (a * d + 2 * kv_width)  # q, repeated k and v
-                # fp32 softmax, and its cast to the query dtype (the same tensor when that is fp32)
-                self.per_square += (_F32 + (q_bytes if q_bytes != _F32 else 0)) * a
+                if m.traits.attention_sinks:
+                    self._sink_softmax(q_bytes)
+                else:
+                    # fp32 softmax, and its cast to the query dtype (the same tensor when that is fp32)
+                    self.per_square += (_F32 + (q_bytes if q_bytes != _F32 else 0)) * a
                 if self.gemma:
                     self.per_square += q_bytes * a  # tanh soft-capping output
             # selective cache: the two matmuls (bmm): scores [b, a, s, s] and the output [b, a, s, d]
@@ -383,6 +386,16 @@ class _LayerWalk(ParallelBlockWalk):
                     # that layout, so o_proj (dense) gets a contiguous copy (modeling_phi.py L212, L233)
                     self.per_token += out_bytes * a * d
         return self.linears([o_use], out_bytes, x_saved=True)
+
+    def _sink_softmax(self, q_bytes: int) -> None:
+        """gpt-oss's eager attention (modeling_gpt_oss.py L237-253): the scores plus the 4-D mask (in the residual
+        dtype r) are concatenated with the per-head sink logit into [b, a, s, s + 1]; ``max(dim=-1)`` saves its int64
+        indices (8·a per token); the softmax runs in that dtype, max(q, r), and saves its output (s + 1 columns);
+        when that is not the value dtype, the cast copy of the s score columns is what the second matmul saves."""
+        a = self.m.num_heads
+        softmax = max(q_bytes, self.dt.r)
+        self.per_square += softmax * a + (q_bytes * a if softmax != q_bytes else 0)
+        self.per_token += softmax * a + 8 * a
 
     def _mla(self, n: int) -> int:
         """DeepseekV3Attention: q_a_proj -> q_a_layernorm -> q_b_proj; kv_a_proj_with_mqa -> kv_a_layernorm ->
@@ -452,15 +465,23 @@ class _LayerWalk(ParallelBlockWalk):
         m, dt = self.m, self.dt
         c = dt.c
         h, E, K, width = m.hidden_size, m.num_experts, m.experts_per_token, m.expert_width
-        # router: fp32 scores [T, E], top-k values and int64 indices, their normaliser; a trained router's input
-        self.per_token += _F32 * E + (_F32 + 8) * K + _F32 + (c * h if self.full else 0)
+        if m.traits.moe_biases:
+            # gpt-oss router (GptOssTopKRouter.forward): top-k of the logits (topk saves its int64 indices), then a
+            # softmax in the logits' dtype over the K values (saves its output); a trained router's input
+            self.per_token += 8 * K + c * K + (c * h if self.full else 0)
+        else:
+            # router: fp32 scores [T, E], top-k values and int64 indices, their normaliser; a trained router's input
+            self.per_token += _F32 * E + (_F32 + 8) * K + _F32 + (c * h if self.full else 0)
         # torch._grouped_mm has no autocast kernel: the experts compute in their input's dtype (fp32 under mixed
         # precision; tests/test_trace_moe.py). The families before issue 13 keep the compute dtype until the lead
         # accepts the changed compare.py rows (the xfail in tests/test_trace_moe.py is this gap)
         e = n if dt.autocast and m.family not in _MOE_BEFORE_ISSUE_13 else c
         # per slot: gate_up output (pinned by act and *), act output, down output (the routing weight needs it),
         # and the int64 sort, permutation and gather indices
-        self.per_token += K * (3 * e * width + e * h + 3 * 8)
+        # gpt-oss's clamped SwiGLU (GptOssExperts._apply_gate): gate_up output (pinned by the two clamps), the clamped
+        # gate, sigmoid's output, up + 1 and glu: 6 widths in place of 3
+        act = 6 if m.traits.clamped_swiglu else 3
+        self.per_token += K * (act * e * width + e * h + 3 * 8)
         if self.full:
             self.per_token += K * (e * h + e * width)  # gathered input and product, for the expert weight gradients
         self.grad = True
@@ -585,6 +606,8 @@ def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: 
     saved = Saved(per_token=2 * rope * model.rope_dim * model.rope_tables + 8)
     if model.traits.rope_complex:  # one complex64 freqs_cis of rope/2 pairs (8 bytes each), whatever the dtype
         saved = Saved(per_token=_F32 * model.rope_dim * model.rope_tables + 8)
+    if model.traits.rope_half_table:  # gpt-oss: cos and sin of width d/2
+        saved = Saved(per_token=rope * model.rope_dim * model.rope_tables + 8)
     if grad_ckpt:
         mask_kinds = model.mask_kinds
         if attn_used is Attention.EAGER:

@@ -101,7 +101,11 @@ def attention_backward_bytes(model: ModelSpec, c: int, attn_used: Attention, bat
     m = model
     a, k, d = m.num_heads, m.num_kv_heads, m.qk_head_dim
     attention = c * batch_size * seq_len * (2 * a * d + 2 * k * d)
-    if attn_used is Attention.EAGER:
+    if attn_used is Attention.EAGER and m.traits.attention_sinks:
+        # gpt-oss: the softmax runs in the scores' dtype (c without autocast; under autocast the fp32 mask makes it
+        # fp32, not modelled here): the probabilities' gradient and the softmax's, c each
+        attention += 2 * c * batch_size * a * seq_len * seq_len
+    elif attn_used is Attention.EAGER:
         attention += (c + _F32) * batch_size * a * seq_len * seq_len
     return attention + shared_norm_grad_bytes(model, batch_size, seq_len)  # 0 but for phi and Falcon's old layout
 

@@ -137,6 +137,13 @@ def _deepseek_v2_config(spec: ModelSpec, fields: dict) -> dict:
                 v_head_dim=spec.v_head_dim, topk_method="greedy", rope_scaling=None)
 
 
+def _gpt_oss_config(spec: ModelSpec, fields: dict) -> dict:
+    types = list(spec.layer_types) or ["full_attention"] * spec.num_layers
+    return dict(fields, head_dim=spec.head_dim, attention_bias=spec.o_bias, layer_types=types,
+                sliding_window=spec.sliding_window or 128, num_local_experts=spec.num_experts,
+                num_experts_per_tok=spec.experts_per_token)
+
+
 def _gemma3_text_config(spec: ModelSpec, fields: dict) -> dict:
     types = list(spec.layer_types) or ["full_attention"] * spec.num_layers
     return dict(fields, head_dim=spec.head_dim, attention_bias=spec.o_bias, layer_types=types,
@@ -149,6 +156,7 @@ _LAYOUT_CONFIG = {"phi": _phi_config, "gpt_neox": _gpt_neox_config, "falcon": _f
                   "starcoder2": _starcoder2_config, "gemma3_text": _gemma3_text_config}
 _LAYOUT_CONFIG["qwen2_moe"] = _qwen2_moe_config
 _LAYOUT_CONFIG["deepseek_v2"] = _deepseek_v2_config
+_LAYOUT_CONFIG["gpt_oss"] = _gpt_oss_config
 
 
 @contextlib.contextmanager
