@@ -36,6 +36,13 @@ TINY = {
                          num_kv_heads=2, head_dim=64, intermediate_size=192, vocab_size=2048, qkv_bias=True,
                          o_bias=True, num_experts=8, experts_per_token=2, sliding_window=128,
                          layer_types=("sliding_attention", "full_attention")),
+    # dense, MoE, dense, MoE (interleave step 2); three chunked RoPE layers with the weightless q/k norm, then a
+    # NoPE full-attention layer; a chunk longer than every setup's sequence; one expert per token, a shared expert
+    "llama4_text": ModelSpec(name="tiny-llama4", family="llama4_text", hidden_size=256, num_layers=4, num_heads=4,
+                             num_kv_heads=2, head_dim=64, intermediate_size=512, vocab_size=2048, qk_norm=True,
+                             num_experts=4, experts_per_token=1, moe_intermediate_size=96, n_shared_experts=1,
+                             decoder_sparse_step=2, sliding_window=2048,
+                             layer_types=("chunked_attention",) * 3 + ("full_attention",), nope_layers=(3,)),
 }
 FAMILIES = sorted(TINY)
 # Class defaults a default config leaves unset (None) that the model needs to run, with the published value used

@@ -26,7 +26,8 @@ _DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "gemma2": 256,
                      "gemma3_text": 256}  # models/gemma3/configuration_gemma3.py L79
 # Where each family keeps its expert count.
 _EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts",
-                "qwen2_moe": "num_experts", "deepseek_v2": "n_routed_experts", "gpt_oss": "num_local_experts"}
+                "qwen2_moe": "num_experts", "deepseek_v2": "n_routed_experts", "gpt_oss": "num_local_experts",
+                "llama4_text": "num_local_experts"}
 # A real config.json is a few kB (DeepSeek-V3's, the largest in the catalogue, is 1.7 kB); refuse anything that
 # could not be one before reading it into memory.
 MAX_CONFIG_BYTES = 16 * 2**20
@@ -52,6 +53,8 @@ LAYOUT_FIELDS = {
                     "use_bidirectional_attention"),
     "qwen2_moe": ("qkv_bias", "shared_expert_intermediate_size"),
     "gpt_oss": ("layer_types", "quantization_config"),
+    "llama4_text": ("intermediate_size_mlp", "interleave_moe_layer_step", "moe_layers", "use_qk_norm", "no_rope_layers",
+                    "no_rope_layer_interval", "attention_chunk_size", "layer_types"),
 }
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 # Config-class defaults of fields read as required elsewhere, for families whose published configs omit them:
@@ -245,7 +248,8 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
         fields.update(
             num_experts=f.need(_EXPERTS_KEY[family]),
             experts_per_token=f.need("num_experts_per_tok"),
-            moe_intermediate_size=f.need("moe_intermediate_size") if family not in ("mixtral", "gpt_oss") else 0,
+            moe_intermediate_size=f.need("moe_intermediate_size") if family not in ("mixtral", "gpt_oss",
+                                                                                      "llama4_text") else 0,
             n_shared_experts=f.integer("n_shared_experts", 0, minimum=0),
             first_k_dense_replace=f.integer("first_k_dense_replace", 0, minimum=0, maximum=layers),
             decoder_sparse_step=f.integer("decoder_sparse_step", 1, maximum=layers),
@@ -373,6 +377,8 @@ def _layout_fields(f: _Fields, family: str, fields: dict) -> dict:
                    n_shared_experts=1 if shared else 0)
     elif family == "gpt_oss":
         out.update(_gpt_oss_fields(f, fields["num_layers"]))
+    elif family == "llama4_text":
+        out.update(_llama4_text_fields(f, fields))
     if out.get("rotary_dim") == out.get("head_dim"):
         out["rotary_dim"] = 0
     return out
@@ -396,6 +402,38 @@ def _gpt_oss_fields(f: _Fields, layers: int) -> dict:
     if quant == "mxfp4":
         out["notes"] = MXFP4_NOTE
     return out
+
+
+def _llama4_text_fields(f: _Fields, fields: dict) -> dict:
+    """Llama4TextConfig (transformers 5.25 configuration_llama4.py L51-112): intermediate_size is the experts' and
+    the shared expert's width, intermediate_size_mlp (16384) the dense layers'; num_key_value_heads 8, head_dim 128;
+    MoE layers every interleave_moe_layer_step-th (from step - 1) unless moe_layers lists them; use_qk_norm True;
+    no_rope_layers: every no_rope_layer_interval-th layer (4) is NoPE; layer_types chunked_attention for RoPE layers
+    when attention_chunk_size (8192) is set, full_attention for the NoPE ones. The chunk size acts as a sliding
+    window for the mask decision (masking_utils._ignore_causal_mask_sdpa skips it while kv_length < chunk)."""
+    layers = fields["num_layers"]
+    expert_width = fields["intermediate_size"]
+    step = f.integer("interleave_moe_layer_step", 1, maximum=layers)
+    moe_layers = f.layer_list("moe_layers", layers) if f.config.get("moe_layers") is not None else None
+    if moe_layers is None:
+        sparse_step, dense_layers = step, ()
+    else:
+        sparse_step, dense_layers = 1, tuple(i for i in range(layers) if i not in moe_layers)
+    interval = f.integer("no_rope_layer_interval", 4, maximum=MAX_SIZES["num_hidden_layers"])
+    no_rope = f.config.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
+    chunk = f.integer("attention_chunk_size")
+    types = f.config.get("layer_types")
+    if types is None:
+        types = ["chunked_attention" if use_rope and chunk is not None else "full_attention" for use_rope in no_rope]
+    if not isinstance(types, list) or len(types) != layers or any(
+            t not in ("chunked_attention", "full_attention") for t in types):
+        raise f._bad("layer_types", f"a list of {layers} of 'chunked_attention' or 'full_attention'", types)
+    return dict(num_kv_heads=f.integer("num_key_value_heads", 8), head_dim=f.integer("head_dim", 128),
+                intermediate_size=f.integer("intermediate_size_mlp", 16384), moe_intermediate_size=expert_width,
+                n_shared_experts=1, decoder_sparse_step=sparse_step, mlp_only_layers=dense_layers,
+                qk_norm=f.flag("use_qk_norm", True), layer_types=tuple(types),
+                nope_layers=tuple(i for i, use_rope in enumerate(no_rope) if not use_rope),
+                sliding_window=chunk if "chunked_attention" in types else None)
 
 
 # What transformers 5.25 does with gpt-oss's MXFP4 checkpoint when one trains it, and so what the estimate counts

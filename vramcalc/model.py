@@ -112,6 +112,9 @@ class FamilyTraits:
     clamped_swiglu: bool = False  # gpt-oss: interleaved gate/up, clamped, gate * sigmoid(alpha * gate) * (up + 1)
     one_rope_table: bool = False  # one rotary table for sliding and full layers alike (gpt-oss)
     rope_half_table: bool = False  # cos/sin of width d/2, rotating two halves (gpt-oss _apply_rotary_emb)
+    dense_experts: bool = False  # Llama-4: every token runs through every expert (bmm), scaled by sigmoid scores
+    weightless_qk_norm: bool = False  # Llama-4: an L2 norm without weight on q and k (when the config's qk_norm)
+    softmax_in_dtype: bool = False  # eager softmax without dtype=fp32: in the scores' (+ mask's) dtype (Llama-4)
 
 
 FAMILIES: dict[str, FamilyTraits] = {
@@ -208,6 +211,15 @@ FAMILIES: dict[str, FamilyTraits] = {
     # (L67-113); one rotary table of width d/2 (L184-190, L205-222) for sliding and full layers (config.layer_types)
     "gpt_oss": FamilyTraits(moe=True, supports_sdpa=False, gemma_norm=True, attention_sinks=True, moe_biases=True,
                             clamped_swiglu=True, one_rope_table=True, rope_half_table=True),
+    # models/llama4/modeling_llama4.py (transformers 5.25), the text model: Llama4TextMoe (L159-177) on the layers
+    # of config.moe_layers, Llama4TextMLP of intermediate_size_mlp on the others (L403-407); its router is an
+    # nn.Linear subclass (L145-156: top-k, scatter, fp32 sigmoid), every token is repeated to every expert and
+    # scaled by its score before a bmm (Llama4TextExperts L55-84), plus a shared expert of intermediate_size; q/k
+    # weightless L2 norm on RoPE layers when use_qk_norm (L334-335, L358-360); RoPE by complex multiply (L228-237),
+    # one freqs_cis; NoPE layers (no_rope_layers) scale q by a temperature (L363-370); chunked attention through
+    # the mask (layer_types, L544-550); _supports_flash_attn False (L453)
+    "llama4_text": FamilyTraits(moe=True, rope_complex=True, one_rope_table=True, shared_expert_prefix="shared_expert.",
+                                dense_experts=True, weightless_qk_norm=True, softmax_in_dtype=True),
 }
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
@@ -309,6 +321,7 @@ class ModelSpec:
     new_decoder_architecture: bool = False  # falcon: grouped kv heads and two LayerNorms (ln_attn, ln_mlp) per layer
     layer_types: tuple[str, ...] = ()  # gemma3_text: "sliding_attention" or "full_attention" per layer
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert width; 0: moe_intermediate_size · n_shared
+    nope_layers: tuple[int, ...] = ()  # Llama-4: layers without RoPE (no_rope_layers entry 0), hence no q/k norm
     # catalogue metadata (not architecture)
     hf_repo: str = ""
     license: str = ""
@@ -509,7 +522,7 @@ def _attention(m: ModelSpec, count: int):
         parts.append(_linear(t.o_name, a * d, h, count, m.o_bias))
     if t.attention_sinks:
         norms.append(ParamTensor("self_attn.sinks", ParamKind.NORM, (a,), count, scope="layer"))
-    if m.qk_norm:
+    if m.qk_norm and not t.weightless_qk_norm:
         q_width, k_width = (a * d, k * d) if t.qk_norm_whole else (d, d)
         norms += [ParamTensor("q_norm.weight", ParamKind.NORM, (q_width,), count, scope="layer"),
                   ParamTensor("k_norm.weight", ParamKind.NORM, (k_width,), count, scope="layer")]

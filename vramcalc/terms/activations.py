@@ -320,7 +320,12 @@ class _LayerWalk(ParallelBlockWalk):
             qkv = stack_layers.fused_qkv_lora_linears(self, uses, n)
         else:
             qkv = self.linears(uses, n)
-        if m.qk_norm and m.traits.qk_norm_whole:  # olmo2: over the whole projection
+        if m.qk_norm and m.traits.weightless_qk_norm:
+            # Llama-4's L2 norm after RoPE (``_norm(x.float()).type_as(x)``): the fp32 input and rsqrt of q and k
+            # (NoPE layers have none: counted in every layer, an overestimate on one layer in four)
+            if self.grad:
+                self.per_token += _F32 * (a + k) * d + _F32 * (a + k)
+        elif m.qk_norm and m.traits.qk_norm_whole:  # olmo2: over the whole projection
             qkv = max(self.norm(a * d, qkv), self.norm(k * d, qkv))
         elif m.qk_norm:
             qkv = max(self.norm(d, qkv, rows=a), self.norm(d, qkv, rows=k))  # q_norm, k_norm per head
@@ -333,7 +338,7 @@ class _LayerWalk(ParallelBlockWalk):
                 repeat = a // k
                 kv_width = a * d if repeat > 1 else k * d
                 self.per_token += q_bytes * (a * d + 2 * kv_width)  # q, repeated k and v
-                if m.traits.attention_sinks:
+                if m.traits.attention_sinks or m.traits.softmax_in_dtype:
                     self._sink_softmax(q_bytes)
                 else:
                     # fp32 softmax, and its cast to the query dtype (the same tensor when that is fp32)
@@ -388,14 +393,16 @@ class _LayerWalk(ParallelBlockWalk):
         return self.linears([o_use], out_bytes, x_saved=True)
 
     def _sink_softmax(self, q_bytes: int) -> None:
-        """gpt-oss's eager attention (modeling_gpt_oss.py L237-253): the scores plus the 4-D mask (in the residual
+        """The eager softmax in the scores' dtype (Llama-4's ``softmax(attn_weights, dim=-1)``, modeling_llama4.py
+        L266-272; gpt-oss's with sinks). gpt-oss's eager attention (modeling_gpt_oss.py L237-253): the scores plus the 4-D mask (in the residual
         dtype r) are concatenated with the per-head sink logit into [b, a, s, s + 1]; ``max(dim=-1)`` saves its int64
         indices (8·a per token); the softmax runs in that dtype, max(q, r), and saves its output (s + 1 columns);
         when that is not the value dtype, the cast copy of the s score columns is what the second matmul saves."""
         a = self.m.num_heads
         softmax = max(q_bytes, self.dt.r)
         self.per_square += softmax * a + (q_bytes * a if softmax != q_bytes else 0)
-        self.per_token += softmax * a + 8 * a
+        if self.m.traits.attention_sinks:
+            self.per_token += softmax * a + 8 * a
 
     def _mla(self, n: int) -> int:
         """DeepseekV3Attention: q_a_proj -> q_a_layernorm -> q_b_proj; kv_a_proj_with_mqa -> kv_a_layernorm ->
@@ -465,6 +472,8 @@ class _LayerWalk(ParallelBlockWalk):
         m, dt = self.m, self.dt
         c = dt.c
         h, E, K, width = m.hidden_size, m.num_experts, m.experts_per_token, m.expert_width
+        if m.traits.dense_experts:
+            return self._dense_experts(n)
         if m.traits.moe_biases:
             # gpt-oss router (GptOssTopKRouter.forward): top-k of the logits (topk saves its int64 indices), then a
             # softmax in the logits' dtype over the K values (saves its output); a trained router's input
@@ -484,6 +493,25 @@ class _LayerWalk(ParallelBlockWalk):
         self.per_token += K * (act * e * width + e * h + 3 * 8)
         if self.full:
             self.per_token += K * (e * h + e * width)  # gathered input and product, for the expert weight gradients
+        self.grad = True
+        if m.n_shared_experts:
+            self._shared_expert(n)
+        return c
+
+    def _dense_experts(self, n: int) -> int:
+        """Llama4TextMoe.forward (modeling_llama4.py L145-177): the router (an nn.Linear) saves its input when it
+        trains, top-k its int64 indices, the fp32 sigmoid its output [T, E] and the cast scores column [E·T, 1]
+        (c) is saved by the scaling product, with the repeated input [E·T, h] (n bytes, the norm output's dtype);
+        each expert's bmm then runs on all T tokens: the gate_up output [E·T, 2I] (pinned by silu and *) and act's
+        output (c); with trained experts also bmm's inputs (the scaled input, cast to c under autocast, and the
+        product). Then the shared expert on the same input (``_shared_expert``)."""
+        m, dt = self.m, self.dt
+        c = dt.c
+        h, E, K, width = m.hidden_size, m.num_experts, m.experts_per_token, m.expert_width
+        self.per_token += 8 * K + _F32 * E + c * E + n * E * h + (c * h if self.full else 0)
+        self.per_token += E * 3 * c * width
+        if self.full:
+            self.per_token += E * (c * h + c * width)
         self.grad = True
         if m.n_shared_experts:
             self._shared_expert(n)
@@ -720,6 +748,13 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     total += first
     if stack_layers.has_stable_embedding(layer.layers, layer.method):
         total += Saved(per_token=stack_layers.stable_embedding_saved_per_token(model, layer.dtypes.r))
+    if model.qk_norm and model.traits.weightless_qk_norm and not grad_ckpt and not layer.offload:
+        # Llama-4's NoPE layers have no q/k norm, which the layer walk counts in every layer (the first layer saves
+        # none when its input needs no gradient)
+        a, k, d = model.num_heads, model.num_kv_heads, model.head_dim
+        first_grad = first_layer_needs_grad(layer.method)
+        nope = sum(1 for i in model.nope_layers if i > 0 or first_grad)
+        total += Saved(per_token=-nope * (_F32 * (a + k) * d + _F32 * (a + k)))
     if grad_ckpt and not layer.offload:  # the first layer's input is the embedding's r bytes (layouts.residual_bytes)
         total += Saved(per_token=(layer.dtypes.r - residual_bytes(model, layer)) * model.hidden_size)
     dense = model.num_dense_layers - (0 if first_moe else 1)

@@ -91,6 +91,8 @@ def mlp_backward_bytes(model: ModelSpec, c: int, batch_size, seq_len):
     mul's two gradients [T, I] (c bytes each, the compute dtype); for MoE, over the T·K routed slots."""
     m = model
     width = m.expert_width * m.experts_per_token if m.is_moe else m.mlp_width  # Qwen v1: intermediate_size / 2
+    if m.traits.dense_experts:  # Llama-4: every token through every expert
+        width = m.expert_width * m.num_experts
     return c * batch_size * seq_len * (3 * width + m.hidden_size)
 
 

@@ -144,6 +144,16 @@ def _gpt_oss_config(spec: ModelSpec, fields: dict) -> dict:
                 num_experts_per_tok=spec.experts_per_token)
 
 
+def _llama4_text_config(spec: ModelSpec, fields: dict) -> dict:
+    moe_layers = [i for i in range(spec.num_layers) if spec.is_moe_layer(i)]
+    return dict(fields, head_dim=spec.head_dim, attention_bias=spec.o_bias, intermediate_size=spec.expert_width,
+                intermediate_size_mlp=spec.intermediate_size, num_local_experts=spec.num_experts,
+                num_experts_per_tok=spec.experts_per_token, moe_layers=moe_layers, use_qk_norm=spec.qk_norm,
+                attention_chunk_size=spec.sliding_window or 8192,
+                layer_types=list(spec.layer_types) or ["full_attention"] * spec.num_layers,
+                no_rope_layers=[int(i not in spec.nope_layers) for i in range(spec.num_layers)])
+
+
 def _gemma3_text_config(spec: ModelSpec, fields: dict) -> dict:
     types = list(spec.layer_types) or ["full_attention"] * spec.num_layers
     return dict(fields, head_dim=spec.head_dim, attention_bias=spec.o_bias, layer_types=types,
@@ -157,6 +167,7 @@ _LAYOUT_CONFIG = {"phi": _phi_config, "gpt_neox": _gpt_neox_config, "falcon": _f
 _LAYOUT_CONFIG["qwen2_moe"] = _qwen2_moe_config
 _LAYOUT_CONFIG["deepseek_v2"] = _deepseek_v2_config
 _LAYOUT_CONFIG["gpt_oss"] = _gpt_oss_config
+_LAYOUT_CONFIG["llama4_text"] = _llama4_text_config
 
 
 @contextlib.contextmanager
