@@ -154,3 +154,44 @@ def test_gpt_oss_falls_back_to_eager_under_sdpa_and_its_sinks_are_parameters():
     assert resolve_setup(spec, attn="sdpa").attn_used.value == "eager"
     sinks = [t for t in spec.inventory.tensors if t.name == "self_attn.sinks"]
     assert sinks and sinks[0].shape == (spec.num_heads,) and sinks[0].count == spec.num_layers
+
+
+def test_llama4_chunked_layers_past_the_chunk_are_refused_under_sdpa_and_estimated_under_eager():
+    # chunked (RoPE) and full (NoPE) layers: under sdpa only the chunked ones get a mask once seq >= chunk
+    import dataclasses
+
+    import vramcalc as vc
+    from vramcalc.errors import VramcalcError
+
+    spec = dataclasses.replace(TINY["llama4_text"], sliding_window=256)
+    with pytest.raises(VramcalcError, match="sliding window"):
+        vc.estimate(spec, seq_len=256)
+    assert vc.estimate(spec, seq_len=255).total_bytes > 0
+    assert vc.estimate(spec, seq_len=256, attn="eager").total_bytes > 0
+
+
+def test_a_llama4_scout_text_config_reads_its_layout(tmp_path):
+    # meta-llama/Llama-4-Scout-17B-16E text_config (as Llama4TextConfig's defaults): 48 layers, all MoE, every
+    # fourth NoPE; 17B active parameters (model card "17B active"), 16 experts
+    import json
+
+    text = {"model_type": "llama4_text", "hidden_size": 5120, "intermediate_size": 8192,
+            "intermediate_size_mlp": 16384, "num_hidden_layers": 48, "num_attention_heads": 40,
+            "num_key_value_heads": 8, "head_dim": 128, "num_local_experts": 16, "num_experts_per_tok": 1,
+            "vocab_size": 202048, "interleave_moe_layer_step": 1}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama4", "text_config": text}))
+    spec = load_config(tmp_path)
+    assert spec.num_moe_layers == 48 and spec.nope_layers == tuple(range(3, 48, 4))
+    assert spec.sliding_window == 8192 and spec.layer_types.count("full_attention") == 12
+    assert abs(spec.active_params - 17e9) / 17e9 < 0.03
+
+
+def test_qwen2_moe_sliding_window_is_refused_in_one_line():
+    from vramcalc.errors import VramcalcError
+    from vramcalc.hf_config import spec_from_config
+
+    config = dict(model_type="qwen2_moe", hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                  intermediate_size=128, vocab_size=100, num_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=32, use_sliding_window=True, sliding_window=32)
+    with pytest.raises(VramcalcError, match="use_sliding_window"):
+        spec_from_config(config)

@@ -421,7 +421,7 @@ def _llama4_text_fields(f: _Fields, fields: dict) -> dict:
         sparse_step, dense_layers = 1, tuple(i for i in range(layers) if i not in moe_layers)
     interval = f.integer("no_rope_layer_interval", 4, maximum=MAX_SIZES["num_hidden_layers"])
     no_rope = f.config.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
-    chunk = f.integer("attention_chunk_size")
+    chunk = f.integer("attention_chunk_size") if "attention_chunk_size" in f.config else 8192  # null: no chunks
     types = f.config.get("layer_types")
     if types is None:
         types = ["chunked_attention" if use_rope and chunk is not None else "full_attention" for use_rope in no_rope]

@@ -268,7 +268,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     if setup.attn is Attention.SDPA and not model.traits.supports_sdpa:
         attn_used = Attention.EAGER
         warnings.append(f"{model.family} does not support sdpa: transformers falls back to eager attention")
-    if model.family == "gpt_oss":  # hf_config.MXFP4_NOTE
+    if model.family == "gpt_oss" and "MXFP4" in model.notes:  # hf_config.MXFP4_NOTE
         warnings.append("gpt_oss: an MXFP4 checkpoint is trained dequantized to bf16 (transformers cannot train "
                         "MXFP4 experts); the estimate counts the dequantized model")
     warnings += _knob_warnings(setup, attn_used) + task_warnings(setup)
