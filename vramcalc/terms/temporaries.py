@@ -49,6 +49,11 @@ def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: b
     for t in tensors:
         if t.kind == "linear" and t.bits == 32 and t.name.endswith(".weight") and (full or not grad_ckpt):
             layer_copies += dt.c * t.numel * t.count
+        elif model.traits.dense_experts and t.kind in ("experts", "router") and t.bits == 32 and (
+                full or not grad_ckpt):
+            # Llama-4: the experts' torch.bmm and the router's F.linear autocast their fp32 weights too (unlike
+            # torch._grouped_mm, which has no autocast kernel)
+            layer_copies += dt.c * t.numel * t.count
     if method is Method.QLORA:
         layer_copies = 0
     # fp32 LoRA adapters are trained leaves too: autocast caches their 16-bit copies and F.linear saves them. LoRA on
