@@ -195,3 +195,18 @@ def test_qwen2_moe_sliding_window_is_refused_in_one_line():
                   moe_intermediate_size=32, use_sliding_window=True, sliding_window=32)
     with pytest.raises(VramcalcError, match="use_sliding_window"):
         spec_from_config(config)
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.xfail(strict=True, reason="estimator gap: gpt-oss's eager sink backward under checkpointing is modelled "
+                   "as two c-sized [b, a, s, s] gradients beside the recomputed softmax output; full fine-tuning at "
+                   "s = 1024 traces 6% below the estimate (LoRA/QLoRA with checkpointing 1-2.4% above it)")
+def test_gpt_oss_full_checkpointed_backward_agrees_with_the_trace():
+    from vramcalc.tracing.runner import run_trace
+
+    spec = TINY["gpt_oss"]
+    resolved = resolve_setup(spec, seq_len=1024, grad_ckpt=True)
+    estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
+    traced = sum(run_trace(spec, resolved, progress=False).terms.values())
+    assert abs(estimated - traced) / traced < TOLERANCE
