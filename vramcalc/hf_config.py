@@ -27,7 +27,9 @@ _DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "gemma2": 256,
                      "glm4": 128,  # models/glm4/configuration_glm4.py L61
                      "ernie4_5": 128}  # models/ernie4_5/configuration_ernie4_5.py L80
 # Where each family keeps its expert count.
-_EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
+_EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts",
+                "qwen2_moe": "num_experts", "deepseek_v2": "n_routed_experts", "gpt_oss": "num_local_experts",
+                "llama4_text": "num_local_experts"}
 # A real config.json is a few kB (DeepSeek-V3's, the largest in the catalogue, is 1.7 kB); refuse anything that
 # could not be one before reading it into memory.
 MAX_CONFIG_BYTES = 16 * 2**20
@@ -54,6 +56,10 @@ LAYOUT_FIELDS = {
     "glm4": ("rope_parameters", "partial_rotary_factor"),
     "cohere2": ("layer_types", "sliding_window_pattern"),
     "ernie4_5": ("use_bias",),
+    "qwen2_moe": ("qkv_bias", "shared_expert_intermediate_size"),
+    "gpt_oss": ("layer_types", "quantization_config"),
+    "llama4_text": ("intermediate_size_mlp", "interleave_moe_layer_step", "moe_layers", "use_qk_norm", "no_rope_layers",
+                    "no_rope_layer_interval", "attention_chunk_size", "layer_types"),
 }
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 # Config-class defaults of fields read as required elsewhere, for families whose published configs omit them:
@@ -219,7 +225,8 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
     layers = f.need("num_hidden_layers")
     attention_bias = f.flag("attention_bias", False)
     use_sliding_window = f.flag("use_sliding_window", True)
-    sliding_window = f.integer("sliding_window")
+    # Qwen2MoeConfig writes sliding_window 0 when use_sliding_window is off (configuration_qwen2_moe.py L109)
+    sliding_window = f.integer("sliding_window", minimum=0 if family == "qwen2_moe" else 1) or None
     repo = config.get("_name_or_path")
     fields = dict(
         name=name,
@@ -246,7 +253,8 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
         fields.update(
             num_experts=f.need(_EXPERTS_KEY[family]),
             experts_per_token=f.need("num_experts_per_tok"),
-            moe_intermediate_size=f.need("moe_intermediate_size") if family != "mixtral" else 0,
+            moe_intermediate_size=f.need("moe_intermediate_size") if family not in ("mixtral", "gpt_oss",
+                                                                                      "llama4_text") else 0,
             n_shared_experts=f.integer("n_shared_experts", 0, minimum=0),
             first_k_dense_replace=f.integer("first_k_dense_replace", 0, minimum=0, maximum=layers),
             decoder_sparse_step=f.integer("decoder_sparse_step", 1, maximum=layers),
@@ -384,9 +392,85 @@ def _layout_fields(f: _Fields, family: str, fields: dict) -> dict:
         # modeling_ernie4_5.py L97-99, L199-202)
         bias = f.flag("use_bias", False)
         out.update(qkv_bias=bias, o_bias=bias, mlp_bias=bias)
+    elif family == "qwen2_moe":
+        # Qwen2MoeConfig (transformers 5.25 configuration_qwen2_moe.py): num_key_value_heads 16 = heads (L79-80),
+        # qkv_bias True (L101), shared_expert_intermediate_size 5632 (L94); use_sliding_window False (L88): with it,
+        # the first max_window_layers layers alternate sliding and full (L110-116), a per-layer mix not modelled
+        if f.flag("use_sliding_window", False):
+            raise VramcalcError("qwen2_moe with use_sliding_window is not supported (its layers alternate sliding "
+                                "and full attention; the estimate models one window for every layer)")
+        shared = f.integer("shared_expert_intermediate_size", 5632, minimum=0)
+        out.update(qkv_bias=f.flag("qkv_bias", True), sliding_window=None, shared_expert_intermediate_size=shared,
+                   n_shared_experts=1 if shared else 0)
+    elif family == "gpt_oss":
+        out.update(_gpt_oss_fields(f, fields["num_layers"]))
+    elif family == "llama4_text":
+        out.update(_llama4_text_fields(f, fields))
     if out.get("rotary_dim") == out.get("head_dim"):
         out["rotary_dim"] = 0
     return out
+
+
+def _gpt_oss_fields(f: _Fields, layers: int) -> dict:
+    """GptOssConfig (transformers 5.25 configuration_gpt_oss.py): num_key_value_heads 8, head_dim 64,
+    sliding_window 128 (L56-59), attention_bias True (L77), layer_types alternating sliding and full from layer 0
+    (L84-87); expert width = intermediate_size (GptOssExperts, modeling_gpt_oss.py L71). An MXFP4 checkpoint
+    (quantization_config.quant_method "mxfp4") is counted as the bf16 model transformers trains (``MXFP4_NOTE``)."""
+    types = f.config.get("layer_types")
+    if types is None:
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers or any(t not in _LAYER_TYPES for t in types):
+        raise f._bad("layer_types", f"a list of {layers} of {' or '.join(map(repr, _LAYER_TYPES))}", types)
+    bias = f.flag("attention_bias", True)
+    window = f.integer("sliding_window", 128)
+    quant = f.mapping("quantization_config").get("quant_method")
+    out = dict(num_kv_heads=f.integer("num_key_value_heads", 8), head_dim=f.integer("head_dim", 64), qkv_bias=bias,
+               o_bias=bias, layer_types=tuple(types), sliding_window=window if "sliding_attention" in types else None)
+    if quant == "mxfp4":
+        out["notes"] = MXFP4_NOTE
+    return out
+
+
+def _llama4_text_fields(f: _Fields, fields: dict) -> dict:
+    """Llama4TextConfig (transformers 5.25 configuration_llama4.py L51-112): intermediate_size is the experts' and
+    the shared expert's width, intermediate_size_mlp (16384) the dense layers'; num_key_value_heads 8, head_dim 128;
+    MoE layers every interleave_moe_layer_step-th (from step - 1) unless moe_layers lists them; use_qk_norm True;
+    no_rope_layers: every no_rope_layer_interval-th layer (4) is NoPE; layer_types chunked_attention for RoPE layers
+    when attention_chunk_size (8192) is set, full_attention for the NoPE ones. The chunk size acts as a sliding
+    window for the mask decision (masking_utils._ignore_causal_mask_sdpa skips it while kv_length < chunk)."""
+    layers = fields["num_layers"]
+    expert_width = fields["intermediate_size"]
+    step = f.integer("interleave_moe_layer_step", 1, maximum=layers)
+    moe_layers = f.layer_list("moe_layers", layers) if f.config.get("moe_layers") is not None else None
+    if moe_layers is None:
+        sparse_step, dense_layers = step, ()
+    else:
+        sparse_step, dense_layers = 1, tuple(i for i in range(layers) if i not in moe_layers)
+    interval = f.integer("no_rope_layer_interval", 4, maximum=MAX_SIZES["num_hidden_layers"])
+    no_rope = f.config.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
+    chunk = f.integer("attention_chunk_size") if "attention_chunk_size" in f.config else 8192  # null: no chunks
+    types = f.config.get("layer_types")
+    if types is None:
+        types = ["chunked_attention" if use_rope and chunk is not None else "full_attention" for use_rope in no_rope]
+    if not isinstance(types, list) or len(types) != layers or any(
+            t not in ("chunked_attention", "full_attention") for t in types):
+        raise f._bad("layer_types", f"a list of {layers} of 'chunked_attention' or 'full_attention'", types)
+    return dict(num_kv_heads=f.integer("num_key_value_heads", 8), head_dim=f.integer("head_dim", 128),
+                intermediate_size=f.integer("intermediate_size_mlp", 16384), moe_intermediate_size=expert_width,
+                n_shared_experts=1, decoder_sparse_step=sparse_step, mlp_only_layers=dense_layers,
+                qk_norm=f.flag("use_qk_norm", True), layer_types=tuple(types),
+                nope_layers=tuple(i for i, use_rope in enumerate(no_rope) if not use_rope),
+                sliding_window=chunk if "chunked_attention" in types else None)
+
+
+# What transformers 5.25 does with gpt-oss's MXFP4 checkpoint when one trains it, and so what the estimate counts
+MXFP4_NOTE = (
+    "MXFP4 checkpoint: transformers cannot train MXFP4 experts (Mxfp4HfQuantizer.is_trainable is False, "
+    "quantizers/quantizer_mxfp4.py L191-195; Trainer refuses it, trainer_utils.py L102-140), so training loads it "
+    "with Mxfp4Config(dequantize=True), as transformers itself does without a GPU of compute capability >= 7.5, "
+    "triton or the kernels package (L94-120): the experts are dequantized to bf16 at load "
+    "(integrations/mxfp4.py Mxfp4Dequantize) and the quantization config removed (quantizers/base.py L220-221); "
+    "the estimate counts that bf16 model")
 
 
 def _gemma3_fields(f: _Fields, layers: int) -> dict:

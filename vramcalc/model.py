@@ -109,6 +109,18 @@ class FamilyTraits:
     # Cohere2LayerNorm: the fp32 ``x - mean`` is computed twice (pow's input and the product's), and the fp32 copy of
     # a 16-bit weight is saved by the weight product (cohere2)
     centered_norm: bool = False
+    # MoE layouts beyond Mixtral's, Qwen3-MoE's and DeepSeek-V3's (issue 13)
+    shared_expert_prefix: str = "shared_experts."  # peft name prefix of the shared expert's Linears
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x), Linear(h, 1)
+    router_score_bias: bool = True  # with router_fp32: DeepSeek-V3's e_score_correction_bias buffer (not V2's)
+    rope_complex: bool = False  # RoPE by complex multiply: fp32 q/k copies and complex64 freqs_cis (DeepSeek-V2, Llama-4)
+    attention_sinks: bool = False  # gpt-oss: a learned sink logit per head (self_attn.sinks [a]) joins the softmax
+    moe_biases: bool = False  # gpt-oss: the router and both expert projections carry biases
+    clamped_swiglu: bool = False  # gpt-oss: interleaved gate/up, clamped, gate * sigmoid(alpha * gate) * (up + 1)
+    rope_half_table: bool = False  # cos/sin of width d/2, rotating two halves (gpt-oss _apply_rotary_emb)
+    dense_experts: bool = False  # Llama-4: every token runs through every expert (bmm), scaled by sigmoid scores
+    weightless_qk_norm: bool = False  # Llama-4: an L2 norm without weight on q and k (when the config's qk_norm)
+    softmax_in_dtype: bool = False  # eager softmax without dtype=fp32: in the scores' (+ mask's) dtype (Llama-4)
 
 
 FAMILIES: dict[str, FamilyTraits] = {
@@ -203,6 +215,36 @@ FAMILIES: dict[str, FamilyTraits] = {
     # mlp.c_proj(a1 * silu(a2)) with w1, w2: h -> intermediate_size / 2; lm_head untied
     "qwen": FamilyTraits(fused_qkv=True, qkv_bias=True, lora_qv=("c_attn",), traceable=False, qkv_names=("c_attn",),
                          o_name="attn.c_proj", mlp_names=("w1", "w2", "mlp.c_proj")),
+    # models/qwen2_moe/modeling_qwen2_moe.py (transformers 5.25): q/k/v with bias=config.qkv_bias (default True), o
+    # without (L222-225); Qwen2MoeTopKRouter (a 2-D weight, not an nn.Linear, L311-329) and Qwen2MoeExperts (3-D
+    # gate_up_proj, down_proj, L271-282); a shared expert Qwen2MoeMLP of shared_expert_intermediate_size and its
+    # gate nn.Linear(h, 1): sigmoid(shared_expert_gate(x)) * shared_expert(x) (L332-351); MoE where not in
+    # mlp_only_layers and (i + 1) % decoder_sparse_step == 0 (L358-363); untied
+    "qwen2_moe": FamilyTraits(qkv_bias=True, moe=True, shared_expert_prefix="shared_expert.",
+                              shared_expert_gate=True),
+    # models/deepseek_v2/modeling_deepseek_v2.py (transformers 5.25): DeepSeek-V3's MLA (DeepseekV2Attention,
+    # L300-400) and layout (first_k_dense_replace dense layers, shared_experts, L405-412); the router keeps an fp32
+    # gate.weight (_keep_in_fp32_modules_strict, L467) with softmax scores and no e_score_correction_bias (L91-124);
+    # RoPE multiplies complex fp32 copies of q_pe, k_pe by a complex64 freqs_cis (apply_rotary_emb L258-271)
+    "deepseek_v2": FamilyTraits(mla=True, moe=True, router_fp32=True, router_score_bias=False, rope_complex=True,
+                                lora_qv=("q_b_proj", "kv_b_proj")),
+    # models/gpt_oss/modeling_gpt_oss.py (transformers 5.25): q/k/v/o with bias=attention_bias (L270-281) and a
+    # learned sink logit per head (L283) concatenated to the scores before an in-dtype softmax
+    # (eager_attention_forward L225-253); _supports_sdpa = False (L378): sdpa falls back to eager; GptOssRMSNorm
+    # returns (w * y).to(input dtype) (L56-61); every layer is MoE: GptOssTopKRouter with a bias, top-k of the
+    # logits then softmax (L116-129), GptOssExperts with biases and a clamped SwiGLU on interleaved gate/up
+    # (L67-113); one rotary table of width d/2 (L184-190, L205-222) for sliding and full layers (config.layer_types)
+    "gpt_oss": FamilyTraits(moe=True, supports_sdpa=False, gemma_norm=True, attention_sinks=True, moe_biases=True,
+                            clamped_swiglu=True, rope_half_table=True),
+    # models/llama4/modeling_llama4.py (transformers 5.25), the text model: Llama4TextMoe (L159-177) on the layers
+    # of config.moe_layers, Llama4TextMLP of intermediate_size_mlp on the others (L403-407); its router is an
+    # nn.Linear subclass (L145-156: top-k, scatter, fp32 sigmoid), every token is repeated to every expert and
+    # scaled by its score before a bmm (Llama4TextExperts L55-84), plus a shared expert of intermediate_size; q/k
+    # weightless L2 norm on RoPE layers when use_qk_norm (L334-335, L358-360); RoPE by complex multiply (L228-237),
+    # one freqs_cis; NoPE layers (no_rope_layers) scale q by a temperature (L363-370); chunked attention through
+    # the mask (layer_types, L544-550); _supports_flash_attn False (L453)
+    "llama4_text": FamilyTraits(moe=True, rope_complex=True, shared_expert_prefix="shared_expert.",
+                                dense_experts=True, weightless_qk_norm=True, softmax_in_dtype=True),
 }
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
@@ -246,6 +288,7 @@ MAX_SIZES: dict[str, int] = {
     "qk_nope_head_dim": 2**14,
     "qk_rope_head_dim": 2**14,
     "v_head_dim": 2**14,
+    "shared_expert_intermediate_size": 2**22,
 }
 # ModelSpec field -> its HF config name, for the checks in ModelSpec.__post_init__
 _SIZE_FIELDS = (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
@@ -256,7 +299,7 @@ _SIZE_FIELDS = (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layer
                 ("first_k_dense_replace", "first_k_dense_replace"), ("decoder_sparse_step", "decoder_sparse_step"),
                 ("q_lora_rank", "q_lora_rank"), ("kv_lora_rank", "kv_lora_rank"),
                 ("qk_nope_head_dim", "qk_nope_head_dim"), ("qk_rope_head_dim", "qk_rope_head_dim"),
-                ("v_head_dim", "v_head_dim"))
+                ("v_head_dim", "v_head_dim"), ("shared_expert_intermediate_size", "shared_expert_intermediate_size"))
 _POSITIVE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
 
 
@@ -315,6 +358,8 @@ class ModelSpec:
     rotary_dim: int = 0  # rotary width per head (phi partial_rotary_factor, gpt_neox rotary_pct); 0: all of head_dim
     new_decoder_architecture: bool = False  # falcon: grouped kv heads and two LayerNorms (ln_attn, ln_mlp) per layer
     layer_types: tuple[str, ...] = ()  # gemma3_text: "sliding_attention" or "full_attention" per layer
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert width; 0: moe_intermediate_size · n_shared
+    nope_layers: tuple[int, ...] = ()  # Llama-4: layers without RoPE (no_rope_layers entry 0), hence no q/k norm
     # catalogue metadata (not architecture)
     hf_repo: str = ""
     license: str = ""
@@ -438,6 +483,12 @@ class ModelSpec:
         return self.moe_intermediate_size or self.intermediate_size
 
     @property
+    def shared_expert_width(self) -> int:
+        """Width of the shared expert MLP: Qwen2-MoE's shared_expert_intermediate_size, else DeepSeek's
+        moe_intermediate_size · n_shared_experts."""
+        return self.shared_expert_intermediate_size or self.moe_intermediate_size * self.n_shared_experts
+
+    @property
     def inventory(self) -> "Inventory":
         return _inventory(self)
 
@@ -507,7 +558,9 @@ def _attention(m: ModelSpec, count: int):
         parts.append(_linear(k_name, h, k * d, count, m.qkv_bias))
         parts.append(_linear(v, h, k * d, count, m.qkv_bias))
         parts.append(_linear(t.o_name, a * d, h, count, m.o_bias))
-    if m.qk_norm:
+    if t.attention_sinks:
+        norms.append(ParamTensor("self_attn.sinks", ParamKind.NORM, (a,), count, scope="layer"))
+    if m.qk_norm and not t.weightless_qk_norm:
         q_width, k_width = (a * d, k * d) if t.qk_norm_whole else (d, d)
         norms += [ParamTensor("q_norm.weight", ParamKind.NORM, (q_width,), count, scope="layer"),
                   ParamTensor("k_norm.weight", ParamKind.NORM, (k_width,), count, scope="layer")]
@@ -529,7 +582,7 @@ def _gated_mlp(m: ModelSpec, width: int, count: int, role: str = "mlp"):
     if m.traits.fused_gate_up:
         return [_linear("gate_up_proj", h, 2 * width, count, m.mlp_bias, role),
                 _linear("down_proj", width, h, count, m.mlp_bias, role)]
-    prefix = "shared_experts." if role == "shared_expert" else ""
+    prefix = t.shared_expert_prefix if role == "shared_expert" else ""
     return [_linear(f"{prefix}gate_proj", h, width, count, m.mlp_bias, role),
             _linear(f"{prefix}up_proj", h, width, count, m.mlp_bias, role),
             _linear(f"{prefix}down_proj", width, h, count, m.mlp_bias, role)]
@@ -554,13 +607,20 @@ def _inventory(m: ModelSpec) -> Inventory:
         E, I_m = m.num_experts, m.expert_width
         fp32 = m.traits.router_fp32
         tensors.append(ParamTensor("mlp.gate.weight", ParamKind.ROUTER, (E, h), n_moe, keep_fp32=fp32, scope="moe"))
-        if m.traits.router_fp32:
+        if m.traits.router_fp32 and m.traits.router_score_bias:
             tensors.append(ParamTensor("mlp.gate.e_score_correction_bias", ParamKind.ROUTER, (E,), n_moe,
                                        keep_fp32=True, scope="moe"))
         tensors.append(ParamTensor("mlp.experts.gate_up_proj", ParamKind.EXPERTS, (E, 2 * I_m, h), n_moe, scope="moe"))
         tensors.append(ParamTensor("mlp.experts.down_proj", ParamKind.EXPERTS, (E, h, I_m), n_moe, scope="moe"))
+        if m.traits.moe_biases:  # GptOssTopKRouter.bias, GptOssExperts.gate_up_proj_bias and down_proj_bias
+            tensors.append(ParamTensor("mlp.router.bias", ParamKind.ROUTER, (E,), n_moe, scope="moe"))
+            tensors.append(ParamTensor("mlp.experts.gate_up_proj_bias", ParamKind.EXPERTS, (E, 2 * I_m), n_moe,
+                                       scope="moe"))
+            tensors.append(ParamTensor("mlp.experts.down_proj_bias", ParamKind.EXPERTS, (E, h), n_moe, scope="moe"))
         if m.n_shared_experts:
-            parts += _gated_mlp(m, m.moe_intermediate_size * m.n_shared_experts, n_moe, role="shared_expert")
+            parts += _gated_mlp(m, m.shared_expert_width, n_moe, role="shared_expert")
+        if m.traits.shared_expert_gate:
+            parts.append(_linear("shared_expert_gate", h, 1, n_moe, role="shared_expert"))
     tensors.append(ParamTensor("norm.weight", ParamKind.NORM, (h,)))
     if m.traits.layer_norm:
         tensors.append(ParamTensor("norm.bias", ParamKind.NORM, (h,)))

@@ -268,6 +268,9 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     if setup.attn is Attention.SDPA and not model.traits.supports_sdpa:
         attn_used = Attention.EAGER
         warnings.append(f"{model.family} does not support sdpa: transformers falls back to eager attention")
+    if model.family == "gpt_oss" and "MXFP4" in model.notes:  # hf_config.MXFP4_NOTE
+        warnings.append("gpt_oss: an MXFP4 checkpoint is trained dequantized to bf16 (transformers cannot train "
+                        "MXFP4 experts); the estimate counts the dequantized model")
     warnings += _knob_warnings(setup, attn_used) + task_warnings(setup)
     context = model.max_position_embeddings
     if context and setup.padded_seq_len > context:
@@ -552,6 +555,6 @@ def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
     low_rank = setup.method.uses_lora or setup.method is Method.ADALORA  # A [r, in] and B [out, r]
     for name in names if low_rank else ():
         rows, cols = {**linears, **outside}[name]
-        if setup.lora_rank > min(rows, cols):
+        if setup.lora_rank > min(rows, cols) and cols > 1:  # peft accepts r > 1 on Qwen2-MoE's Linear(h, 1) gate
             raise VramcalcError(f"LoRA rank {setup.lora_rank} is larger than {name} of {model.name} ({rows} -> {cols})")
     return names

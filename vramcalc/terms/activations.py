@@ -70,7 +70,8 @@ from .peft_methods import (delta_weight_saved, dora_per_layer_bytes, dora_saved_
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
 SDPA_FLASH_MAX_HEAD_DIM = 256
-SEED_OFFSET_BYTES = 2 * 512  # flash attention's philox seed and offset, two tiny allocations per layer
+SEED_OFFSET_BYTES = 2 * 512
+_MOE_BEFORE_ISSUE_13 = ("mixtral", "qwen3_moe", "deepseek_v3")  # their experts' estimate is frozen (compare.py)  # flash attention's philox seed and offset, two tiny allocations per layer
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,7 @@ class _LayerWalk(ParallelBlockWalk):
                       "kv_b_proj": a * (m.qk_nope_head_dim + m.v_head_dim)}
             if base in widths:
                 return widths[base]
-        width = m.moe_intermediate_size * m.n_shared_experts if name.startswith("shared_experts.") else \
-            m.intermediate_size
+        width = m.shared_expert_width if name.startswith(m.traits.shared_expert_prefix) else m.intermediate_size
         widths = {"q_proj": a * d, "k_proj": k * d, "v_proj": k * d, "qkv_proj": (a + 2 * k) * d,
                   "gate_proj": width, "up_proj": width, "gate_up_proj": 2 * width}
         if base in widths:
@@ -333,7 +333,12 @@ class _LayerWalk(ParallelBlockWalk):
             qkv = stack_layers.fused_qkv_lora_linears(self, uses, n)
         else:
             qkv = self.linears(uses, n)
-        if m.qk_norm:
+        if m.qk_norm and m.traits.weightless_qk_norm:
+            # Llama-4's L2 norm after RoPE (``_norm(x.float()).type_as(x)``): the fp32 input and rsqrt of q and k
+            # (NoPE layers have none: counted in every layer, an overestimate on one layer in four)
+            if self.grad:
+                self.per_token += _F32 * (a + k) * d + _F32 * (a + k)
+        elif m.qk_norm:
             qkv = self._qk_norms(uses, qkv, grad_in)
         if m.traits.rope_copies_per_layer and self.grad:
             # glm4, ernie4_5: cos[..., :d/2].repeat_interleave(2) and sin's, new in every layer, saved by q·cos and
@@ -350,8 +355,11 @@ class _LayerWalk(ParallelBlockWalk):
                 repeat = a // k
                 kv_width = a * d if repeat > 1 else k * d
                 self.per_token += q_bytes * (a * d + 2 * kv_width)  # q, repeated k and v
-                # fp32 softmax, and its cast to the query dtype (the same tensor when that is fp32)
-                self.per_square += (_F32 + (q_bytes if q_bytes != _F32 else 0)) * a
+                if m.traits.attention_sinks or m.traits.softmax_in_dtype:
+                    self._sink_softmax(q_bytes)
+                else:
+                    # fp32 softmax, and its cast to the query dtype (the same tensor when that is fp32)
+                    self.per_square += (_F32 + (q_bytes if q_bytes != _F32 else 0)) * a
                 if self.gemma:
                     self.per_square += q_bytes * a  # tanh soft-capping output
             # selective cache: the two matmuls (bmm): scores [b, a, s, s] and the output [b, a, s, d]
@@ -419,6 +427,18 @@ class _LayerWalk(ParallelBlockWalk):
         self.grad = after or self.norms_train
         return out
 
+    def _sink_softmax(self, q_bytes: int) -> None:
+        """The eager softmax in the scores' dtype (Llama-4's ``softmax(attn_weights, dim=-1)``, modeling_llama4.py
+        L266-272; gpt-oss's with sinks). gpt-oss's eager attention (modeling_gpt_oss.py L237-253): the scores plus the 4-D mask (in the residual
+        dtype r) are concatenated with the per-head sink logit into [b, a, s, s + 1]; ``max(dim=-1)`` saves its int64
+        indices (8·a per token); the softmax runs in that dtype, max(q, r), and saves its output (s + 1 columns);
+        when that is not the value dtype, the cast copy of the s score columns is what the second matmul saves."""
+        a = self.m.num_heads
+        softmax = max(q_bytes, self.dt.r)
+        self.per_square += softmax * a + (q_bytes * a if softmax != q_bytes else 0)
+        if self.m.traits.attention_sinks:
+            self.per_token += softmax * a + 8 * a
+
     def _mla(self, n: int) -> int:
         """DeepseekV3Attention: q_a_proj -> q_a_layernorm -> q_b_proj; kv_a_proj_with_mqa -> kv_a_layernorm ->
         kv_b_proj; K is assembled in a new [b, a, s, nope+rope] tensor and V is a view of kv_b's output."""
@@ -435,11 +455,24 @@ class _LayerWalk(ParallelBlockWalk):
         kvn = self.norm(kv_r, proj)
         kv = self.linears([self.use("kv_b_proj", kv_r)], kvn)
         qk = nope + rope
+        o_use = self.use("o_proj", a * v)
+        if self.layer.attn_used is Attention.EAGER and m.family != "deepseek_v3":
+            # eager_attention_forward (a = k: repeat_kv is a no-op): q and K saved by the first matmul, the fp32
+            # softmax and its cast (saved by the second matmul, with V, a view of kv_b's output), and the output's
+            # contiguous copy when o_proj saves its input. (deepseek_v3 keeps the flash rule below until the lead
+            # accepts the changed compare.py rows: the same code path, the same gap there)
+            if self.grad:
+                q_bytes = c if dt.autocast else max(c, dt.r)
+                self.per_token += q_bytes * a * qk * 2 + kv * a * (nope + v)
+                self.per_square += (_F32 + (q_bytes if q_bytes != _F32 else 0)) * a
+                if o_use.trains or o_use.lora:
+                    self.per_token += q_bytes * a * v
+            return self.linears([o_use], c, x_saved=True)
         if self.grad:
             # q with rope applied, K assembled, kv_b's output (V is a view), output and logsumexp
             self.per_token += c * a * qk + c * a * qk + kv * a * (nope + v) + c * a * v + _F32 * a
             self.per_layer += SEED_OFFSET_BYTES
-        return self.linears([self.use("o_proj", a * v)], c, x_saved=True)
+        return self.linears([o_use], c, x_saved=True)
 
     def mlp_block(self, moe: bool) -> None:
         m = self.m
@@ -454,14 +487,16 @@ class _LayerWalk(ParallelBlockWalk):
         if m.traits.post_norms:
             self.norm(m.hidden_size, out)  # post_feedforward_layernorm
 
-    def _gated_mlp(self, n: int, width: int, prefix: str, x_saved: bool = False) -> int:
-        """``x_saved``: the input is already saved by another Linear reading it (cohere2's parallel block)."""
+    def _gated_mlp(self, n: int, width: int, prefix: str, x_saved: bool = False, extra: list = ()) -> int:
+        """``x_saved``: the input is already saved by another Linear reading it (cohere2's parallel block);
+        ``extra``: more Linears reading the same input (Qwen2-MoE's shared_expert_gate)."""
         m = self.m
         if m.traits.fused_gate_up:
             out = self.linears([self.use("gate_up_proj", m.hidden_size)], n, x_saved=x_saved)
         else:
             gate, up = (f"{prefix}gate_proj", f"{prefix}up_proj") if prefix else m.traits.mlp_names[:2]  # Qwen: w1, w2
-            out = self.linears([self.use(gate, m.hidden_size), self.use(up, m.hidden_size)], n, x_saved=x_saved)
+            out = self.linears([self.use(gate, m.hidden_size), self.use(up, m.hidden_size), *extra], n,
+                               x_saved=x_saved)
         if self.grad:
             # act's input, act's output, up's output (Phi-3: gate_up pinned + act); Liger's SiLUMul and compile's
             # partition keep gate's and up's outputs only (silu recomputed)
@@ -475,17 +510,64 @@ class _LayerWalk(ParallelBlockWalk):
         m, dt = self.m, self.dt
         c = dt.c
         h, E, K, width = m.hidden_size, m.num_experts, m.experts_per_token, m.expert_width
-        # router: fp32 scores [T, E], top-k values and int64 indices, their normaliser; a trained router's input
-        self.per_token += _F32 * E + (_F32 + 8) * K + _F32 + (c * h if self.full else 0)
+        if m.traits.dense_experts:
+            return self._dense_experts(n)
+        if m.traits.moe_biases:
+            # gpt-oss router (GptOssTopKRouter.forward): top-k of the logits (topk saves its int64 indices), then a
+            # softmax in the logits' dtype over the K values (saves its output); a trained router's input
+            self.per_token += 8 * K + c * K + (c * h if self.full else 0)
+        else:
+            # router: fp32 scores [T, E], top-k values and int64 indices, their normaliser; a trained router's input
+            self.per_token += _F32 * E + (_F32 + 8) * K + _F32 + (c * h if self.full else 0)
+        # torch._grouped_mm has no autocast kernel: the experts compute in their input's dtype (fp32 under mixed
+        # precision; tests/test_trace_moe.py). The families before issue 13 keep the compute dtype until the lead
+        # accepts the changed compare.py rows (the xfail in tests/test_trace_moe.py is this gap)
+        e = n if dt.autocast and m.family not in _MOE_BEFORE_ISSUE_13 else c
         # per slot: gate_up output (pinned by act and *), act output, down output (the routing weight needs it),
         # and the int64 sort, permutation and gather indices
-        self.per_token += K * (3 * c * width + c * h + 3 * 8)
+        # gpt-oss's clamped SwiGLU (GptOssExperts._apply_gate): gate_up output (pinned by the two clamps), the clamped
+        # gate, sigmoid's output, up + 1 and glu: 6 widths in place of 3
+        act = 6 if m.traits.clamped_swiglu else 3
+        self.per_token += K * (act * e * width + e * h + 3 * 8)
         if self.full:
-            self.per_token += K * (c * h + c * width)  # gathered input and product, for the expert weight gradients
+            self.per_token += K * (e * h + e * width)  # gathered input and product, for the expert weight gradients
         self.grad = True
         if m.n_shared_experts:
-            self._gated_mlp(n, m.moe_intermediate_size * m.n_shared_experts, prefix="shared_experts.")
+            self._shared_expert(n)
         return c
+
+    def _dense_experts(self, n: int) -> int:
+        """Llama4TextMoe.forward (modeling_llama4.py L145-177): the router (an nn.Linear) saves its input when it
+        trains, top-k its int64 indices, the fp32 sigmoid its output [T, E] and the cast scores column [E·T, 1]
+        (c) is saved by the scaling product, with the repeated input [E·T, h] (n bytes, the norm output's dtype);
+        each expert's bmm then runs on all T tokens: the gate_up output [E·T, 2I] (pinned by silu and *) and act's
+        output (c); with trained experts also bmm's inputs (the scaled input, cast to c under autocast, and the
+        product). Then the shared expert on the same input (``_shared_expert``)."""
+        m, dt = self.m, self.dt
+        c = dt.c
+        h, E, K, width = m.hidden_size, m.num_experts, m.experts_per_token, m.expert_width
+        self.per_token += 8 * K + _F32 * E + c * E + n * E * h + (c * h if self.full else 0)
+        self.per_token += E * 3 * c * width
+        if self.full:
+            self.per_token += E * (c * h + c * width)
+        self.grad = True
+        if m.n_shared_experts:
+            self._shared_expert(n)
+        return c
+
+    def _shared_expert(self, n: int) -> None:
+        """The shared expert MLP beside the routed ones. Qwen2-MoE (``Qwen2MoeSparseMoeBlock.forward``) reads the
+        router's own input and gates its output: ``sigmoid(shared_expert_gate(x)) * shared_expert(x)`` saves the
+        [T, 1] sigmoid output and the shared expert's [T, h] output (c each); DeepSeek's router reads an fp32 copy,
+        so its shared experts save their input themselves."""
+        m = self.m
+        t = m.traits
+        shares_router_input = self.full and not t.router_fp32  # the trained router saved the same x
+        gate = [self.use("shared_expert_gate", m.hidden_size)] if t.shared_expert_gate else []
+        out = self._gated_mlp(n, m.shared_expert_width, prefix=t.shared_expert_prefix, x_saved=shares_router_input,
+                              extra=gate)
+        if gate and self.grad:
+            self.per_token += out * (1 + m.hidden_size)
 
 
 def sliding_window_masked(model: ModelSpec, seq_len):
@@ -588,6 +670,10 @@ def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: 
     rope = _F32 if model.traits.rope_fp32 else dt.r
     if model.traits.rope_copies_per_layer:
         saved = Saved(per_token=8, per_position=2 * rope * model.rope_dim if grad_ckpt else 0)
+    elif model.traits.rope_complex:  # one complex64 freqs_cis of rope/2 pairs (8 bytes each), whatever the dtype
+        saved = Saved(per_token=_F32 * model.rope_dim * model.rope_tables + 8)
+    elif model.traits.rope_half_table:  # gpt-oss: cos and sin of width d/2
+        saved = Saved(per_token=rope * model.rope_dim * model.rope_tables + 8)
     else:
         saved = Saved(per_token=2 * rope * model.rope_dim * model.rope_tables + 8)
     if grad_ckpt:
@@ -688,6 +774,7 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     if layer.offload and not grad_ckpt and layer.layers.rotary_per_forward and not model.traits.rope_copies_per_layer:
         # the rotary cos and sin are saved by the layers' RoPE products only: offloaded, the device copies die
         rope = _F32 if model.traits.rope_fp32 else layer.dtypes.r
+        rope = _F32 // 2 if model.traits.rope_complex else rope  # complex64 pairs: 4 bytes per rotated dim
         total += Saved(per_token=-2 * rope * model.rope_dim * model.rope_tables)
     if grad_ckpt and layer.method.uses_lora and (layer.offload or model.traits.embedding_multiplier):
         # transformers' enable_input_require_grads (checkpointing with peft) makes the embedding's output a leaf
@@ -703,6 +790,13 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     total += first
     if stack_layers.has_stable_embedding(layer.layers, layer.method):
         total += Saved(per_token=stack_layers.stable_embedding_saved_per_token(model, layer.dtypes.r))
+    if model.qk_norm and model.traits.weightless_qk_norm and not grad_ckpt and not layer.offload:
+        # Llama-4's NoPE layers have no q/k norm, which the layer walk counts in every layer (the first layer saves
+        # none when its input needs no gradient)
+        a, k, d = model.num_heads, model.num_kv_heads, model.head_dim
+        first_grad = first_layer_needs_grad(layer.method)
+        nope = sum(1 for i in model.nope_layers if i > 0 or first_grad)
+        total += Saved(per_token=-nope * (_F32 * (a + k) * d + _F32 * (a + k)))
     if grad_ckpt and not layer.offload:  # the first layer's input is the embedding's r bytes (layouts.residual_bytes)
         total += Saved(per_token=(layer.dtypes.r - residual_bytes(model, layer)) * model.hidden_size)
     # every other layer, by kind (dense or MoE, masked or not: ``layer_masks``)

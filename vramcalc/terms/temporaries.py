@@ -49,6 +49,11 @@ def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: b
     for t in tensors:
         if t.kind == "linear" and t.bits == 32 and t.name.endswith(".weight") and (full or not grad_ckpt):
             layer_copies += dt.c * t.numel * t.count
+        elif model.traits.dense_experts and t.kind in ("experts", "router") and t.bits == 32 and (
+                full or not grad_ckpt):
+            # Llama-4: the experts' torch.bmm and the router's F.linear autocast their fp32 weights too (unlike
+            # torch._grouped_mm, which has no autocast kernel)
+            layer_copies += dt.c * t.numel * t.count
     if method is Method.QLORA:
         layer_copies = 0
     # fp32 LoRA adapters are trained leaves too: autocast caches their 16-bit copies and F.linear saves them. LoRA on
@@ -91,6 +96,8 @@ def mlp_backward_bytes(model: ModelSpec, c: int, batch_size, seq_len):
     mul's two gradients [T, I] (c bytes each, the compute dtype); for MoE, over the T·K routed slots."""
     m = model
     width = m.expert_width * m.experts_per_token if m.is_moe else m.mlp_width  # Qwen v1: intermediate_size / 2
+    if m.traits.dense_experts:  # Llama-4: every token through every expert
+        width = m.expert_width * m.num_experts
     return c * batch_size * seq_len * (3 * width + m.hidden_size)
 
 
@@ -101,7 +108,11 @@ def attention_backward_bytes(model: ModelSpec, c: int, attn_used: Attention, bat
     m = model
     a, k, d = m.num_heads, m.num_kv_heads, m.qk_head_dim
     attention = c * batch_size * seq_len * (2 * a * d + 2 * k * d)
-    if attn_used is Attention.EAGER:
+    if attn_used is Attention.EAGER and m.traits.attention_sinks:
+        # gpt-oss: the softmax runs in the scores' dtype (c without autocast; under autocast the fp32 mask makes it
+        # fp32, not modelled here): the probabilities' gradient and the softmax's, c each
+        attention += 2 * c * batch_size * a * seq_len * seq_len
+    elif attn_used is Attention.EAGER:
         attention += (c + _F32) * batch_size * a * seq_len * seq_len
     return attention + shared_norm_grad_bytes(model, batch_size, seq_len)  # 0 but for phi and Falcon's old layout
 

@@ -121,6 +121,39 @@ def _starcoder2_config(spec: ModelSpec, fields: dict) -> dict:
                 residual_dropout=0.0, embedding_dropout=0.0, attention_dropout=0.0)
 
 
+def _qwen2_moe_config(spec: ModelSpec, fields: dict) -> dict:
+    return dict(fields, head_dim=spec.head_dim, qkv_bias=spec.qkv_bias, num_experts=spec.num_experts,
+                num_experts_per_tok=spec.experts_per_token, moe_intermediate_size=spec.moe_intermediate_size,
+                shared_expert_intermediate_size=spec.shared_expert_width, decoder_sparse_step=spec.decoder_sparse_step,
+                mlp_only_layers=list(spec.mlp_only_layers), use_sliding_window=False)
+
+
+def _deepseek_v2_config(spec: ModelSpec, fields: dict) -> dict:
+    return dict(fields, attention_bias=spec.o_bias, mlp_bias=spec.mlp_bias, n_routed_experts=spec.num_experts,
+                num_experts_per_tok=spec.experts_per_token, moe_intermediate_size=spec.moe_intermediate_size,
+                n_shared_experts=spec.n_shared_experts, first_k_dense_replace=spec.first_k_dense_replace,
+                q_lora_rank=spec.q_lora_rank or None, kv_lora_rank=spec.kv_lora_rank,
+                qk_nope_head_dim=spec.qk_nope_head_dim, qk_rope_head_dim=spec.qk_rope_head_dim,
+                v_head_dim=spec.v_head_dim, topk_method="greedy", rope_scaling=None)
+
+
+def _gpt_oss_config(spec: ModelSpec, fields: dict) -> dict:
+    types = list(spec.layer_types) or ["full_attention"] * spec.num_layers
+    return dict(fields, head_dim=spec.head_dim, attention_bias=spec.o_bias, layer_types=types,
+                sliding_window=spec.sliding_window or 128, num_local_experts=spec.num_experts,
+                num_experts_per_tok=spec.experts_per_token)
+
+
+def _llama4_text_config(spec: ModelSpec, fields: dict) -> dict:
+    moe_layers = [i for i in range(spec.num_layers) if spec.is_moe_layer(i)]
+    return dict(fields, head_dim=spec.head_dim, attention_bias=spec.o_bias, intermediate_size=spec.expert_width,
+                intermediate_size_mlp=spec.intermediate_size, num_local_experts=spec.num_experts,
+                num_experts_per_tok=spec.experts_per_token, moe_layers=moe_layers, use_qk_norm=spec.qk_norm,
+                attention_chunk_size=spec.sliding_window or 8192,
+                layer_types=list(spec.layer_types) or ["full_attention"] * spec.num_layers,
+                no_rope_layers=[int(i not in spec.nope_layers) for i in range(spec.num_layers)])
+
+
 def _gemma3_text_config(spec: ModelSpec, fields: dict) -> dict:
     types = list(spec.layer_types) or ["full_attention"] * spec.num_layers
     return dict(fields, head_dim=spec.head_dim, attention_bias=spec.o_bias, layer_types=types,
@@ -142,10 +175,11 @@ def _ernie4_5_config(spec: ModelSpec, fields: dict) -> dict:
 
 
 # model_type -> the config keys of the families whose layout is not Llama's (phi, gpt_neox, falcon, gemma, starcoder2,
-# gemma3_text, glm4, cohere2, ernie4_5)
+# gemma3_text, glm4, cohere2, ernie4_5, qwen2_moe, deepseek_v2, gpt_oss, llama4_text)
 _LAYOUT_CONFIG = {"phi": _phi_config, "gpt_neox": _gpt_neox_config, "falcon": _falcon_config, "gemma": _gemma_config,
                   "starcoder2": _starcoder2_config, "gemma3_text": _gemma3_text_config, "glm4": _glm4_config,
-                  "cohere2": _cohere2_config, "ernie4_5": _ernie4_5_config}
+                  "cohere2": _cohere2_config, "ernie4_5": _ernie4_5_config, "qwen2_moe": _qwen2_moe_config,
+                  "deepseek_v2": _deepseek_v2_config, "gpt_oss": _gpt_oss_config, "llama4_text": _llama4_text_config}
 
 
 @contextlib.contextmanager

@@ -43,6 +43,8 @@ def base_model(model: nn.Module) -> nn.Module:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     inner = base_model(model).base_model  # the attribute named by base_model_prefix: model, gpt_neox, transformer
+    if not hasattr(inner, "layers") and hasattr(inner, "model"):  # Llama4ForCausalLM: prefix "language_model"
+        inner = inner.model
     return inner.layers if hasattr(inner, "layers") else inner.h  # FalconModel.h
 
 
