@@ -458,6 +458,20 @@ def test_two_gloo_ranks_each_peak_within_5_percent_of_the_estimate(family, optio
         assert abs(estimated - peak) / peak < TOLERANCE, (rank, peak, estimated)
 
 
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.slow
+def test_two_gloo_ranks_of_fsdp_qlora_with_bf16_storage_each_peak_within_3_percent_of_the_estimate():
+    # real CPU tensors: bitsandbytes' own 4-bit kernels and FSDP2's real all-gathers over gloo (one import of torch,
+    # transformers, peft and bitsandbytes per rank: most of the test's time)
+    options = dict(seq_len=128, sharding="fsdp", method="qlora", quant_storage="bf16", grad_ckpt=True)
+    peaks = run_gloo_ranks("llama", options)
+    estimated = _peak(TINY["llama"], num_gpus=2, **options)
+    assert sorted(peaks) == [0, 1] and peaks[0] == peaks[1]  # dim-0 shards of equal size on both ranks
+    for rank, peak in peaks.items():
+        assert abs(estimated - peak) / peak < QLORA_TOLERANCE, (rank, peak, estimated)
+
+
 # -- the calibration harness under a launcher -------------------------------------------------------------------
 def test_a_launched_rank_is_read_from_the_launchers_environment():
     from vramcalc.calibrate.records import launched_rank

@@ -181,6 +181,7 @@ def plan_frame(result: PlanRows, pandas=None):
     for column in COUNT_COLUMNS + ("rank",):
         frame[column] = frame[column].astype("Int64")
     frame["fits"] = frame["fits"].astype("boolean")
+    frame["quant_storage"] = frame["quant_storage"].astype("string")  # a word, empty but for QLoRA rows
     frame.attrs["summary"] = result.summary
     frame.attrs["warnings"] = list(result.warnings)
     frame.attrs["catalogue_version"], frame.attrs["catalogue_date"] = result.catalogue_version, result.catalogue_date
