@@ -230,7 +230,7 @@ def test_plan_shards_qlora_with_bf16_storage_and_says_so():
     rows = plan_rows("llama-3.3-70b", method="qlora", grad_ckpt=True, gpus=["rtx-4090"]).rows
     row = next(r for r in rows if r.get("gpu") == "rtx-4090")
     assert row["fits"] and row["quant_storage"] == "bf16" and row["sharding"] == "fsdp" and row["num_gpus"] <= 4
-    assert with_4bit_storage(dict(method="qlora", sharding="fsdp", precision="fp16")).get("quant_storage") is None
+    assert with_4bit_storage(dict(method="qlora", sharding="zero3", precision="fp16")).get("quant_storage") is None
     assert with_4bit_storage(dict(method="lora", sharding="fsdp")).get("quant_storage") is None
 
 
@@ -248,7 +248,7 @@ def test_plan_shards_qlora_with_bf16_storage_and_says_so():
     (dict(num_gpus=8, sharding="ddp", fsdp_shard="shard-grad-op"), "applies to --sharding fsdp"),
     (dict(num_gpus=8, sharding="fsdp", fsdp_shard="hybrid"), "unknown FSDP sharding strategy"),
     (dict(method="qlora", quant="int8", quant_storage="bf16"), "--quant int8 stores int8"),
-    (dict(method="qlora", num_gpus=2, sharding="fsdp", precision="fp16", quant_storage="bf16"), "corrupt"),
+    (dict(method="qlora", num_gpus=2, sharding="zero3", precision="fp16", quant_storage="bf16"), "corrupt"),
     (dict(method="lora", quant_storage="bf16"), "does not apply to --method lora"),
     (dict(method="qlora", quant_storage="fp32"), "unknown quant storage"),
 ])

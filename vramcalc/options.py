@@ -281,7 +281,9 @@ class QuantStorage(Choice):
     (e.g. bf16)" to shard 4-bit weights). The quantization state (absmax, nested absmax, codes, offset) is a
     ``Linear4bit.quant_state`` attribute, not a parameter: FSDP never shards it and every rank keeps it whole
     (``bitsandbytes/nn/modules.py:487`` ``fix_4bit_weight_quant_state_from_module`` re-attaches it to the gathered
-    weight: "the quant state got lost when the parameter got converted. This happens for example for fsdp")."""
+    weight: "the quant state got lost when the parameter got converted. This happens for example for fsdp").
+    transformers then sets FSDP's mixed-precision policy to the storage dtype (transformers 5.25.0
+    ``distributed/fsdp.py:280-286``), so the packed codes are gathered as they are, never cast."""
 
     UINT8 = "uint8"  # bitsandbytes' and transformers' default (BitsAndBytesConfig bnb_4bit_quant_storage=None -> uint8)
     BF16 = "bf16"  # FSDP-QLoRA (bitsandbytes docs/source/fsdp_qlora.md; peft docs/source/accelerate/fsdp.md)

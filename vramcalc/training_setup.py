@@ -415,16 +415,18 @@ def _check_combination(setup: TrainingSetup) -> None:
 
 
 def _check_quant_storage(setup: TrainingSetup) -> None:
-    """``--quant-storage bf16`` packs 4-bit codes (``options.QuantStorage``): not int8 weights, and not under an engine
-    that casts bf16 parameters to fp16 (FSDP2's ``MixedPrecisionPolicy(param_dtype=fp16)`` would convert the packed
-    codes as numbers, torch ``_fsdp_param.py::init_dtype_attrs``; peft's FSDP guide: fp16 needs a float32 storage)."""
+    """``--quant-storage bf16`` packs 4-bit codes (``options.QuantStorage``): not int8 weights, and not under DeepSpeed's
+    fp16 engine, which casts every floating parameter with ``module.half()`` (deepspeed/runtime/engine.py
+    ``_configure_distributed_model``) and so would convert the packed codes as numbers. FSDP is safe: transformers
+    sets its mixed-precision policy to the storage dtype (transformers 5.25.0 ``distributed/fsdp.py:280-286``)."""
     if setup.quant_storage is QuantStorage.UINT8 or setup.method is not Method.QLORA:
         return
     if setup.quant is Quant.INT8:
         raise VramcalcError("--quant-storage packs 4-bit codes; --quant int8 stores int8 weights (use nf4 or fp4)")
-    if setup.sharding is not Sharding.NONE and setup.precision in (Precision.FP16, Precision.MIXED_FP16):
-        raise VramcalcError(f"--quant-storage bf16 with --precision {setup.precision.value}: the engine would cast the "
-                            "packed bf16 codes to fp16 and corrupt them; use --precision bf16 or mixed-bf16")
+    if setup.sharding.is_deepspeed and setup.precision in (Precision.FP16, Precision.MIXED_FP16):
+        raise VramcalcError(f"--quant-storage bf16 with DeepSpeed and --precision {setup.precision.value}: its fp16 "
+                            "engine casts the module to fp16 and would corrupt the packed bf16 codes; use --precision "
+                            "bf16 or mixed-bf16, or --sharding fsdp")
 
 
 OFFLOAD_OPTIMIZERS = (Optimizer.ADAMW, Optimizer.ADAMW_FOREACH)  # DeepSpeed's CPU Adam replaces torch AdamW

@@ -147,7 +147,7 @@ def with_4bit_storage(options: dict) -> dict:
     """QLoRA sharded by FSDP2 or ZeRO-3 packs its 4-bit codes in bf16 unless ``quant_storage`` is given: FSDP-QLoRA
     as bitsandbytes (``docs/source/fsdp_qlora.md``) and peft (``docs/source/accelerate/fsdp.md``) set it up, so that
     the engine shards the 4-bit weights (``terms/distributed.shards_4bit``); with uint8 accelerate keeps them whole on
-    every rank. Not for int8 weights nor fp16 compute (``training_setup._check_quant_storage``)."""
+    every rank. Not for int8 weights, nor DeepSpeed's fp16 engine (``training_setup._check_quant_storage``)."""
     if options.get("quant_storage") is not None:
         return options
     try:
@@ -157,8 +157,9 @@ def with_4bit_storage(options: dict) -> dict:
         precision = Precision.parse(options.get("precision") or Precision.BF16, "precision")
     except VramcalcError:
         return options  # resolve_setup names the bad value
-    if (method is not Method.QLORA or sharding not in (Sharding.FSDP, Sharding.ZERO3) or quant is Quant.INT8
-            or precision in (Precision.FP16, Precision.MIXED_FP16)):
+    fp16_deepspeed = sharding.is_deepspeed and precision in (Precision.FP16, Precision.MIXED_FP16)
+    if method is not Method.QLORA or sharding not in (Sharding.FSDP, Sharding.ZERO3) or quant is Quant.INT8 \
+            or fp16_deepspeed:
         return options
     return dict(options, quant_storage=QuantStorage.BF16.value)
 

@@ -116,10 +116,15 @@ def wrap(model: nn.Module, resolved: ResolvedSetup, tracker: AllocationTracker) 
 # -- FSDP2 --------------------------------------------------------------------------------------------------------
 def mixed_precision_policy(resolved: ResolvedSetup):
     """accelerate ``FullyShardedDataParallelPlugin.set_mixed_precision``: 16-bit gather, reduce and output when
-    Trainer's bf16/fp16 is on (every precision word but fp32)."""
+    Trainer's bf16/fp16 is on (every precision word but fp32); QLoRA with a bf16 storage: transformers' override."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    precision = resolved.setup.precision
+    setup = resolved.setup
+    precision = setup.precision
+    if setup.method is Method.QLORA and setup.quant_storage is QuantStorage.BF16:
+        # transformers' update_fsdp_plugin_peft (5.25.0 distributed/fsdp.py:280-286): set_mixed_precision(storage
+        # dtype, override=True), i.e. accelerate's MixedPrecisionPolicy(param_dtype, reduce_dtype), no output dtype
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
     if precision is Precision.FP32:
         return MixedPrecisionPolicy()
     dtype = torch.float16 if precision in (Precision.FP16, Precision.MIXED_FP16) else torch.bfloat16
