@@ -415,8 +415,8 @@ def _check_combination(setup: TrainingSetup) -> None:
 
 
 def _check_quant_storage(setup: TrainingSetup) -> None:
-    """``--quant-storage bf16`` packs 4-bit codes (``options.QuantStorage``): not int8 weights, and not under DeepSpeed's
-    fp16 engine, which casts every floating parameter with ``module.half()`` (deepspeed/runtime/engine.py
+    """``--quant-storage bf16`` packs 4-bit codes (``options.QuantStorage``): not int8 weights, and not under
+    DeepSpeed's fp16 engine, which casts every floating parameter with ``module.half()`` (deepspeed/runtime/engine.py
     ``_configure_distributed_model``) and so would convert the packed codes as numbers. FSDP is safe: transformers
     sets its mixed-precision policy to the storage dtype (transformers 5.25.0 ``distributed/fsdp.py:280-286``)."""
     if setup.quant_storage is QuantStorage.UINT8 or setup.method is not Method.QLORA:

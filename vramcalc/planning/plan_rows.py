@@ -65,7 +65,8 @@ RATE_FIELDS = ("usd_per_gpu_hour", "provider", "region", "price_date", "source")
 RATE_COLUMNS = tuple(f"{kind.replace('-', '')}_{field}" for kind in RATE_KINDS for field in RATE_FIELDS)
 PLAN_COLUMNS = (
     "rank", "offer", "model", "stack", "method", "precision", "optimizer", "seq_len", "grad_ckpt", "attn", "matmul_dtype",
-    "gpu", "gpu_memory_gib", "num_gpus", "sharding", "quant_storage", "micro_batch", "fits", "device_gib", "headroom_gib", "phase",
+    "gpu", "gpu_memory_gib", "num_gpus", "sharding", "quant_storage", "micro_batch", "fits", "device_gib",
+    "headroom_gib", "phase",
     *TERM_COLUMNS,
     "host_ram_gib", "host_loading_gib", "host_offload_gib", "host_paged_optimizer_gib",
     "train_tokens", "epochs", "model_flop_per_token", "hardware_flop_per_token", "mfu", "mfu_source",
