@@ -349,9 +349,9 @@ def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
         if isinstance(scb, torch.Tensor):
             tensors.append(scb)
         state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is None:  # FSDP2 replaced the weight by its shard: the module keeps the whole state
-            state = getattr(module, "quant_state", None) if isinstance(module, _bnb().nn.Linear4bit) else None
-        if state is None:
+        if state is None:  # FSDP2 replaced the weight by its shard: the Linear4bit keeps the whole state
+            state = getattr(module, "quant_state", None)  # (no bitsandbytes import here: a LoRA trace has none)
+        if state is None or not hasattr(state, "absmax"):
             continue
         for value in (state.absmax, state.code, state.offset):
             if isinstance(value, torch.Tensor):
