@@ -3,6 +3,8 @@ torch.distributed (DDP and FSDP2 on a fake process group), 8B to 671B on 2 to 51
 
     python benchmarks/accuracy_distributed.py             # the full grid (~10 min): accuracy_distributed.csv and .md
     python benchmarks/accuracy_distributed.py --limit 5   # the first five setups
+    python benchmarks/accuracy_distributed.py --grid fsdp-qlora   # FSDP-QLoRA (--quant-storage bf16): its own
+                                                                  # CSV and section of accuracy_distributed.md
 
 Rows and summary as ``benchmarks/accuracy.py`` (whose ``compare``, ``run_grid`` and ``summary`` it uses), with the
 engine, the rank count and a summary by engine added. Target: every setup within 5%.
@@ -56,6 +58,55 @@ GRID = [
     ("llama-3.1-8b", dict(num_gpus=2, sharding="fsdp", seq_len=2048, grad_accum=2)),
 ]
 
+# FSDP-QLoRA: 4-bit codes packed in bf16 so that FSDP2 shards them (issue 14; target 3%). The first row is issue 14's
+# "done when" setup; the llama-2-70b row has the shape of Answer.AI's and peft's published 2 x 24 GB runs (less their
+# CPU offload, flash attention and packing, which the trace does not run on a fake group: see PUBLISHED_FSDP_QLORA).
+QLORA = dict(method="qlora", quant_storage="bf16", sharding="fsdp")
+QLORA_GRID = [
+    ("llama-3.3-70b", dict(QLORA, num_gpus=2, seq_len=2048, grad_ckpt=True)),
+    ("llama-2-70b", dict(QLORA, num_gpus=2, seq_len=2048, batch_size=2, lora_targets="all-linear", grad_ckpt=True)),
+    ("llama-3.1-8b", dict(QLORA, num_gpus=8, seq_len=4096, lora_targets="all-linear", grad_ckpt=True)),
+    ("qwen2.5-32b", dict(QLORA, num_gpus=4, seq_len=2048, precision="mixed-bf16", grad_ckpt=True)),
+    ("mistral-7b", dict(QLORA, num_gpus=2, seq_len=2048)),
+]
+QLORA_TARGET_PCT = 3.0
+
+# Published FSDP-QLoRA runs on consumer GPUs, each with the source's own settings, against the estimate of the nearest
+# vramcalc setup (``published_rows``). Memory figures are as the sources state them (GB per GPU; how they measured is
+# not said: nvidia-smi-like figures include the CUDA context and the allocator's cache, our ``total``).
+PUBLISHED_FSDP_QLORA = [
+    dict(source="peft docs/source/accelerate/fsdp.md (v0.21.2), 'Memory usage'",
+         setting="Llama-2-70B, 2 GPUs, FSDP1 + CPU offload, seq 2048, batch 2, grad-accum 2, reentrant ckpt, flash, "
+                 "packing, LoRA r8 all-linear dropout 0.1, nested quant, bf16 storage",
+         published="19.6 GB per GPU, ~107 GB CPU RAM",
+         model="llama-2-70b", options=dict(QLORA, num_gpus=2, seq_len=2048, batch_size=2, grad_accum=2, grad_ckpt=True,
+                                           attn="flash", packing=True, lora_targets="all-linear", lora_dropout=0.1,
+                                           offload="params")),
+    dict(source="peft docs/source/accelerate/fsdp.md (v0.21.2), 'Memory usage'",
+         setting="the same without CPU offloading", published="35.6 GB per GPU",
+         model="llama-2-70b", options=dict(QLORA, num_gpus=2, seq_len=2048, batch_size=2, grad_accum=2, grad_ckpt=True,
+                                           attn="flash", packing=True, lora_targets="all-linear", lora_dropout=0.1)),
+    dict(source="AnswerDotAI/fsdp_qlora README.md, 'Finetune Llama-2 70B on Dual 24GB GPUs'",
+         setting="Llama-2-70B, 2 x 24 GB, batch 2, context 2048, bf16, qlora, grad ckpt, CPU offload",
+         published="fits 24 GB; ~55 GB CPU RAM for loading and offload",
+         model="llama-2-70b", options=dict(QLORA, num_gpus=2, seq_len=2048, batch_size=2, grad_ckpt=True,
+                                           lora_targets="all-linear", offload="params")),
+]
+
+
+def published_rows() -> str:
+    """The published figures beside vramcalc's estimate (device total per GPU, host RAM per node for the offload)."""
+    from vramcalc import estimate
+
+    out = ["| source | their setting | published | vramcalc total per GPU (GB) | vramcalc peak tensors (GB) | "
+           "host offload per node (GB) | fits 24 GB (rtx-4090) |", "|---|---|---|---|---|---|---|"]
+    for row in PUBLISHED_FSDP_QLORA:
+        b = estimate(row["model"], gpu="rtx-4090", **row["options"])
+        host = b.details.get("host_offload_bytes_per_node", 0)
+        out.append(f"| {row['source']} | {row['setting']} | {row['published']} | {b.total_bytes / 1e9:.1f} "
+                   f"| {b.peak_tensor_bytes / 1e9:.1f} | {host / 1e9:.1f} | {b.fits('rtx-4090')} |")
+    return "\n".join(out) + "\n"
+
 
 def distributed_row(name: str, options: dict) -> dict:
     row = compare(name, options)
@@ -64,11 +115,12 @@ def distributed_row(name: str, options: dict) -> dict:
     return row
 
 
-def engine_summary(rows: list[dict]) -> str:
-    out = ["| engine | setups | median abs error % | max abs error % | within 5 % |", "|---|---|---|---|---|"]
+def engine_summary(rows: list[dict], target_pct: float = TARGET_PCT) -> str:
+    out = [f"| engine | setups | median abs error % | max abs error % | within {target_pct:g} % |",
+           "|---|---|---|---|---|"]
     for engine in sorted({r["sharding"] for r in rows}):
         errors = [abs(r["peak_error_pct"]) for r in rows if r["sharding"] == engine]
-        within = sum(e <= TARGET_PCT for e in errors)
+        within = sum(e <= target_pct for e in errors)
         out.append(f"| {engine} | {len(errors)} | {statistics.median(errors):.3f} | {max(errors):.3f} | "
                    f"{within}/{len(errors)} |")
     out += ["", "| model | engine | ranks | setup | estimate GiB | trace GiB | error % | phase (est / trace) |",
@@ -86,13 +138,36 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(HERE / "accuracy_distributed.csv"))
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--grid", choices=("all", "fsdp-qlora"), default="all")
     args = parser.parse_args(argv)
+    if args.grid == "fsdp-qlora":
+        return fsdp_qlora_main(args)
     grid = GRID[: args.limit] if args.limit else GRID
     rows = run_grid(grid, args.out, distributed_row)
     table = "# Per-rank estimate vs trace (torch.distributed, fake process group)\n\n" + summary(rows) + "\n" + \
         engine_summary(rows)
     Path(args.out).with_suffix(".md").write_text(table)
     print(table)
+    return 0
+
+
+QLORA_SECTION = "\n## FSDP-QLoRA (--quant-storage bf16)\n"
+
+
+def fsdp_qlora_main(args) -> int:
+    """The FSDP-QLoRA grid into accuracy_distributed_fsdp_qlora.csv, and its section (with the published figures)
+    in place of the previous one at the end of accuracy_distributed.md."""
+    out = HERE / "accuracy_distributed_fsdp_qlora.csv"
+    grid = QLORA_GRID[: args.limit] if args.limit else QLORA_GRID
+    rows = run_grid(grid, str(out), distributed_row)
+    section = (QLORA_SECTION + f"\nWritten by `python benchmarks/accuracy_distributed.py --grid fsdp-qlora` "
+               f"({out.name}); target: every setup within {QLORA_TARGET_PCT:g}%.\n\n" + engine_summary(rows, QLORA_TARGET_PCT)
+               + "\n### Published FSDP-QLoRA figures on consumer GPUs\n\n" + published_rows())
+    report = HERE / "accuracy_distributed.md"
+    text = report.read_text()
+    text = text.split(QLORA_SECTION)[0].rstrip("\n") + "\n" + section
+    report.write_text(text)
+    print(section)
     return 0
 
 

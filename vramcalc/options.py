@@ -270,6 +270,25 @@ class QuantStateDtype(Choice):
     FP32 = "fp32"
 
 
+class QuantStorage(Choice):
+    """The dtype bitsandbytes packs 4-bit codes into (``bnb_4bit_quant_storage``; ``Params4bit.quant_storage``).
+
+    bitsandbytes 0.50.2 ``_ops.py:235`` (``quantize_4bit``'s fake kernel; ``backends/default/ops.py:257`` views the
+    packed bytes as that dtype): a weight of n elements is stored as ``[(n + 1) // (2·itemsize), 1]`` of the storage
+    dtype, the same n/2 bytes either way. What differs is FSDP: accelerate 1.16 ``utils/fsdp_utils.py:772-847``
+    leaves every frozen non-floating ``Params4bit`` out of ``fully_shard`` (``ignored_params``: whole on every rank),
+    while a floating storage is sharded like any frozen parameter ("set bnb_4bit_quant_storage to a floating dtype
+    (e.g. bf16)" to shard 4-bit weights). The quantization state (absmax, nested absmax, codes, offset) is a
+    ``Linear4bit.quant_state`` attribute, not a parameter: FSDP never shards it and every rank keeps it whole
+    (``bitsandbytes/nn/modules.py:487`` ``fix_4bit_weight_quant_state_from_module`` re-attaches it to the gathered
+    weight: "the quant state got lost when the parameter got converted. This happens for example for fsdp").
+    transformers then sets FSDP's mixed-precision policy to the storage dtype (transformers 5.25.0
+    ``distributed/fsdp.py:280-286``), so the packed codes are gathered as they are, never cast."""
+
+    UINT8 = "uint8"  # bitsandbytes' and transformers' default (BitsAndBytesConfig bnb_4bit_quant_storage=None -> uint8)
+    BF16 = "bf16"  # FSDP-QLoRA (bitsandbytes docs/source/fsdp_qlora.md; peft docs/source/accelerate/fsdp.md)
+
+
 class Stack(Choice):
     """The training stack whose defaults a setup starts from (``vramcalc/stacks.py`` lists what each one sets)."""
 

@@ -28,6 +28,7 @@ from .options import (
     Precision,
     Quant,
     QuantStateDtype,
+    QuantStorage,
     RefModel,
     RolloutEngine,
     Sharding,
@@ -86,6 +87,7 @@ class TrainingSetup:
     quant_saves_input: bool = False  # bitsandbytes >= 0.44: MatMul4Bit saves (None, B) (qlora)
     quantize_lm_head: bool = False  # transformers keeps lm_head unquantized (qlora)
     quant_state_dtype: QuantStateDtype = QuantStateDtype.AUTO  # (qlora)
+    quant_storage: QuantStorage = QuantStorage.UINT8  # bnb_4bit_quant_storage default (qlora)
     load: LoadPath = LoadPath.PER_TENSOR  # transformers v5 from_pretrained
     task: Task = Task.SFT  # what the step trains (task_setup.py)
     ref_model: RefModel = RefModel.NONE  # preference tasks: copy (full) or adapter (lora, qlora) unless given
@@ -156,7 +158,7 @@ class ResolvedSetup:
 
 _LORA_OPTIONS = ("lora_rank", "lora_targets", "lora_dropout", "adapter_dtype")
 _QLORA_OPTIONS = ("quant", "double_quant", "compute_dtype", "kbit_prep", "quant_saves_input", "quantize_lm_head",
-                  "quant_state_dtype")
+                  "quant_state_dtype", "quant_storage")
 _PROMPT_OPTIONS = ("virtual_tokens",)
 METHOD_OPTIONS = {  # the options that belong to one method; every other method rejects them
     Method.FULL: (),
@@ -245,6 +247,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
                                "quantize_lm_head"),
         quant_state_dtype=QuantStateDtype.parse(chosen.get("quant_state_dtype", SETUP_DEFAULTS["quant_state_dtype"]),
                                                 "quant state dtype"),
+        quant_storage=QuantStorage.parse(chosen.get("quant_storage", SETUP_DEFAULTS["quant_storage"]), "quant storage"),
         load=LoadPath.parse(chosen.get("load", SETUP_DEFAULTS["load"]), "load path"),
     )
     _apply_kbit_prep(values, chosen, origins)
@@ -387,6 +390,7 @@ def _check_combination(setup: TrainingSetup) -> None:
             f"qlora with precision {setup.precision.value} makes no sense: the 4-bit base computes in 16 bits; "
             "use bf16, fp16, mixed-bf16 or mixed-fp16"
         )
+    _check_quant_storage(setup)
     # one GPU with offload: DeepSpeed ZeRO-Offload's single-GPU case, and FSDP2 on a one-rank mesh with
     # CPUOffloadPolicy (the parameters live on the host and come to the GPU one unit at a time)
     single_gpu_offload = setup.sharding.shards_optimizer and setup.offload is not Offload.NONE
@@ -411,6 +415,21 @@ def _check_combination(setup: TrainingSetup) -> None:
         raise VramcalcError("--attn flash needs 16-bit compute: FlashAttention-2 has no fp32 kernel (flash-attn "
                             "csrc/flash_attn/flash_api.cpp: 'FlashAttention only support fp16 and bf16 data type'); "
                             "use --attn sdpa or eager, or --precision bf16, fp16, mixed-bf16 or mixed-fp16")
+
+
+def _check_quant_storage(setup: TrainingSetup) -> None:
+    """``--quant-storage bf16`` packs 4-bit codes (``options.QuantStorage``): not int8 weights, and not under
+    DeepSpeed's fp16 engine, which casts every floating parameter with ``module.half()`` (deepspeed/runtime/engine.py
+    ``_configure_distributed_model``) and so would convert the packed codes as numbers. FSDP is safe: transformers
+    sets its mixed-precision policy to the storage dtype (transformers 5.25.0 ``distributed/fsdp.py:280-286``)."""
+    if setup.quant_storage is QuantStorage.UINT8 or setup.method is not Method.QLORA:
+        return
+    if setup.quant is Quant.INT8:
+        raise VramcalcError("--quant-storage packs 4-bit codes; --quant int8 stores int8 weights (use nf4 or fp4)")
+    if setup.sharding.is_deepspeed and setup.precision in (Precision.FP16, Precision.MIXED_FP16):
+        raise VramcalcError(f"--quant-storage bf16 with DeepSpeed and --precision {setup.precision.value}: its fp16 "
+                            "engine casts the module to fp16 and would corrupt the packed bf16 codes; use --precision "
+                            "bf16 or mixed-bf16, or --sharding fsdp")
 
 
 OFFLOAD_OPTIMIZERS = (Optimizer.ADAMW, Optimizer.ADAMW_FOREACH)  # DeepSpeed's CPU Adam replaces torch AdamW

@@ -41,7 +41,7 @@ from ..cost import (
 from ..errors import VramcalcError, positive_number
 from ..estimator import estimate
 from ..model import ModelSpec
-from ..options import Offload, Term
+from ..options import Method, Offload, Term
 from ..training_setup import ResolvedSetup, resolve_setup
 from ..units import BYTES_PER_GIB
 from .host_memory import host_ram
@@ -55,6 +55,7 @@ from .search import (
     offload_of,
     positive_count,
     smallest_gpu_count,
+    with_4bit_storage,
 )
 from .stamp import catalogue_stamp
 
@@ -66,7 +67,8 @@ RATE_FIELDS = ("usd_per_gpu_hour", "provider", "region", "price_date", "source")
 RATE_COLUMNS = tuple(f"{kind.replace('-', '')}_{field}" for kind in RATE_KINDS for field in RATE_FIELDS)
 PLAN_COLUMNS = (
     "rank", "offer", "model", "stack", "method", "precision", "optimizer", "seq_len", "grad_ckpt", "attn", "matmul_dtype",
-    "gpu", "gpu_memory_gib", "num_gpus", "sharding", "micro_batch", "fits", "device_gib", "headroom_gib", "phase",
+    "gpu", "gpu_memory_gib", "num_gpus", "sharding", "quant_storage", "micro_batch", "fits", "device_gib",
+    "headroom_gib", "phase",
     *TERM_COLUMNS,
     "host_ram_gib", "host_loading_gib", "host_offload_gib", "host_paged_optimizer_gib", "host_saving_gib",
     "train_tokens", "epochs", "model_flop_per_token", "hardware_flop_per_token", "mfu", "mfu_source",
@@ -184,6 +186,7 @@ def plan_frame(result: PlanRows, pandas=None):
     for column in COUNT_COLUMNS + ("rank",):
         frame[column] = frame[column].astype("Int64")
     frame["fits"] = frame["fits"].astype("boolean")
+    frame["quant_storage"] = frame["quant_storage"].astype("string")  # a word, empty but for QLoRA rows
     frame.attrs["summary"] = result.summary
     frame.attrs["warnings"] = list(result.warnings)
     frame.attrs["catalogue_version"], frame.attrs["catalogue_date"] = result.catalogue_version, result.catalogue_date
@@ -225,7 +228,7 @@ def _gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, options) -> di
         row.update(fits=False, note=f"does not fit on {limit} x {device.name}")
         return row
     count, breakdown = found
-    at_found = dict(options, num_gpus=count, sharding=breakdown.inputs["sharding"])
+    at_found = with_4bit_storage(dict(options, num_gpus=count, sharding=breakdown.inputs["sharding"]))
     batch = pinned_batch or max_batch_size(spec, device, **at_found)
     breakdown = estimate(spec, gpu=device, batch_size=batch, **at_found)
     resolved = resolve_setup(spec, batch_size=batch, **at_found)
@@ -234,6 +237,7 @@ def _gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, options) -> di
     row.update(_setup_columns(spec, resolved))
     row.update(
         fits=True, num_gpus=count, sharding=resolved.setup.sharding.value, micro_batch=batch,
+        quant_storage=resolved.setup.quant_storage.value if resolved.setup.method is Method.QLORA else None,
         device_gib=used / BYTES_PER_GIB, headroom_gib=(device.memory_bytes - used) / BYTES_PER_GIB,
         phase=breakdown.phase.value,
         host_ram_gib=host.total_bytes / BYTES_PER_GIB, host_loading_gib=host.loading_bytes / BYTES_PER_GIB,

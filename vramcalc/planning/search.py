@@ -17,7 +17,7 @@ from ..catalogue import get_gpu, get_model
 from ..errors import VramcalcError, positive_int, positive_number
 from ..estimator import estimate
 from ..facts import GPUS_PER_NODE
-from ..options import Offload, Sharding
+from ..options import Method, Offload, Precision, Quant, QuantStorage, Sharding
 from .. import training_setup as _training_setup
 
 DEFAULT_MAX_GPUS = 512
@@ -137,8 +137,31 @@ def _power_positions(counts) -> list[int]:
 
 
 def at_count(options: dict, count: int) -> dict:
-    """``options`` with ``num_gpus`` set to ``count`` and the sharding that count runs (``sharding_for``)."""
-    return dict(options, num_gpus=count, sharding=sharding_for(count, options.get("sharding"), offload_of(options)))
+    """``options`` with ``num_gpus`` set to ``count``, the sharding that count runs (``sharding_for``) and, for QLoRA,
+    the 4-bit storage that sharding wants (``with_4bit_storage``)."""
+    return with_4bit_storage(dict(options, num_gpus=count,
+                                  sharding=sharding_for(count, options.get("sharding"), offload_of(options))))
+
+
+def with_4bit_storage(options: dict) -> dict:
+    """QLoRA sharded by FSDP2 or ZeRO-3 packs its 4-bit codes in bf16 unless ``quant_storage`` is given: FSDP-QLoRA
+    as bitsandbytes (``docs/source/fsdp_qlora.md``) and peft (``docs/source/accelerate/fsdp.md``) set it up, so that
+    the engine shards the 4-bit weights (``terms/distributed.shards_4bit``); with uint8 accelerate keeps them whole on
+    every rank. Not for int8 weights, nor DeepSpeed's fp16 engine (``training_setup._check_quant_storage``)."""
+    if options.get("quant_storage") is not None:
+        return options
+    try:
+        method = Method.parse(options.get("method") or Method.FULL, "method")
+        sharding = Sharding.parse(options.get("sharding") or Sharding.NONE, "sharding")
+        quant = Quant.parse(options.get("quant") or Quant.NF4, "quantization")
+        precision = Precision.parse(options.get("precision") or Precision.BF16, "precision")
+    except VramcalcError:
+        return options  # resolve_setup names the bad value
+    fp16_deepspeed = sharding.is_deepspeed and precision in (Precision.FP16, Precision.MIXED_FP16)
+    if method is not Method.QLORA or sharding not in (Sharding.FSDP, Sharding.ZERO3) or quant is Quant.INT8 \
+            or fp16_deepspeed:
+        return options
+    return dict(options, quant_storage=QuantStorage.BF16.value)
 
 
 def _fits(breakdown: MemoryBreakdown, memory_bytes: int) -> bool:

@@ -63,7 +63,7 @@ from .. import facts
 from ..facts import (DDP_BUCKET_CAP_BYTES, DDP_FIRST_BUCKET_BYTES, DEEPSPEED_HOST_BUFFER_FACTOR,
                      DEEPSPEED_PERSISTENCE_PER_HIDDEN, DEEPSPEED_PREFETCH_FRACTION, GPUS_PER_NODE)
 from ..model import ModelSpec
-from ..options import AdapterDtype, FsdpShard, Method, Offload, Precision, Sharding
+from ..options import AdapterDtype, FsdpShard, Method, Offload, Precision, QuantStorage, Sharding
 from ..training_setup import ResolvedSetup
 from ..units import DType, maximum, round_up
 from .gradients import gradient_bytes, layer_gradient_bytes
@@ -135,7 +135,44 @@ def _half_bytes(resolved: ResolvedSetup) -> int | None:
 
 
 def _fp32_trainable(resolved: ResolvedSetup) -> bool:
-    return casts_to_half(resolved) and resolved.setup.sharding is Sharding.FSDP
+    """accelerate upcasts trainable parameters to fp32 before ``fully_shard`` under mixed precision, except in a
+    model holding ``Params4bit`` (accelerate 1.16 ``utils/fsdp_utils.py:801``: ``... and not model_has_params4bit``),
+    where they keep peft's dtype; applied here with ``--quant-storage bf16`` (the uint8 estimate predates it)."""
+    return casts_to_half(resolved) and resolved.setup.sharding is Sharding.FSDP and not shards_4bit(resolved)
+
+
+# -- 4-bit weights under sharding (--quant-storage) ------------------------------------------------------------------
+PACKED_4BIT = "packed-4bit"  # StoredTensor.kind of a 4-bit weight's packed codes alone, as FSDP2 / ZeRO-3 hold them
+
+
+def shards_4bit(resolved: ResolvedSetup) -> bool:
+    """The engine shards the 4-bit weights: QLoRA with a floating storage (``QuantStorage.BF16``) under FSDP2 or
+    ZeRO-3. With uint8 storage accelerate leaves them out of ``fully_shard`` (whole on every rank)."""
+    setup = resolved.setup
+    return (setup.method is Method.QLORA and getattr(setup, "quant_storage", QuantStorage.UINT8) is QuantStorage.BF16
+            and setup.sharding in (Sharding.FSDP, Sharding.ZERO3))
+
+
+def packed_4bit(tensor: StoredTensor) -> StoredTensor:
+    """A 4-bit weight of n elements as the parameter bitsandbytes stores with bf16 storage: ``[(n + 1) // 4, 1]``
+    bf16 (bitsandbytes 0.50.2 ``_ops.py:235``: ``((n + 1) // (quant_storage.itemsize * 2), 1)``), without its
+    quantization state, which is a module attribute and stays whole on every rank (``options.QuantStorage``)."""
+    return StoredTensor(tensor.name, PACKED_4BIT, ((tensor.numel + 1) // 4, 1), tensor.count, 16, False, 0,
+                        tensor.scope)
+
+
+def quant_state_bytes(tensors) -> int:
+    """Every 4-bit weight's quantization state (absmax, nested absmax and code, offset, code): replicated."""
+    return sum(t.metadata_bytes * t.count for t in tensors if t.kind == "quantized")
+
+
+def engine_tensors(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTensor, ...]:
+    """The stored tensors as the sharding engine sees its parameters: 4-bit weights replaced by their packed codes
+    (``packed_4bit``) when it shards them (``shards_4bit``), else ``stored_tensors`` unchanged."""
+    tensors = stored_tensors(spec, resolved)
+    if not shards_4bit(resolved):
+        return tensors
+    return tuple(packed_4bit(t) if t.kind == "quantized" else t for t in tensors)
 
 
 # -- units -----------------------------------------------------------------------------------------------------------
@@ -224,7 +261,7 @@ def gathering(spec: ModelSpec, resolved: ResolvedSetup) -> Gathering | None:
     if setup.sharding is Sharding.ZERO3:  # "auto" stage3_prefetch_bucket_size = 0.9·h² elements, 16-bit
         prefetch = int(DEEPSPEED_PREFETCH_FRACTION * spec.hidden_size**2) * facts.half_dtype(setup.precision).bytes
     keep_gathered = setup.sharding is Sharding.FSDP and setup.fsdp_shard is FsdpShard.SHARD_GRAD_OP
-    return gathering_units(spec, stored_tensors(spec, resolved), setup.num_gpus, _half_bytes(resolved),
+    return gathering_units(spec, engine_tensors(spec, resolved), setup.num_gpus, _half_bytes(resolved),
                  _fp32_trainable(resolved), prefetch, keep_gathered)
 
 
@@ -279,11 +316,13 @@ def ddp_bucket_bytes(tensors) -> int:
 def _fsdp_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
     n = ranks(resolved)
     setup = resolved.setup
-    tensors = stored_tensors(spec, resolved)
+    tensors = engine_tensors(spec, resolved)
     units = gathering(spec, resolved)
     fp32_trainable = _fp32_trainable(resolved)
     shards = tuple(sharded(t, n, _state_bits(t, fp32_trainable)) for t in tensors if t.kind != "quantized")
     replicated = sum(t.total_bytes for t in tensors if t.kind == "quantized")
+    if shards_4bit(resolved):  # the packed codes are sharded above; their quantization state stays whole
+        replicated = quant_state_bytes(stored_tensors(spec, resolved))
     weights = sum(t.total_bytes for t in shards) + replicated
     G = (units.embed.sharded_grads_bytes + units.tail.sharded_grads_bytes + units.dense.sharded_grads_bytes * spec.num_dense_layers
          + units.moe.sharded_grads_bytes * spec.num_moe_layers)
@@ -334,9 +373,12 @@ def _deepspeed_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
         layer_grads = tuple(-(-g // n) for g in layer_grads)
     if setup.sharding is Sharding.ZERO3:
         units = gathering(spec, compute)
-        persistent = sum(t.total_bytes for t in tensors
+        params = engine_tensors(spec, compute)  # with bf16 storage: the packed codes, partitioned like any parameter
+        persistent = sum(t.total_bytes for t in params
                          if t.numel < DEEPSPEED_PERSISTENCE_PER_HIDDEN * spec.hidden_size)
-        W = persistent + -(-(W - persistent) // n)
+        W = persistent + -(-(weight_bytes(params) - persistent) // n)
+        if shards_4bit(resolved):  # the quantization state is a module attribute, not a parameter: whole
+            W += quant_state_bytes(tensors)
     host = 0
     if setup.offload is not Offload.NONE:
         host = O + -(-grad_partition // n)
@@ -412,7 +454,7 @@ def communication_bytes_per_step(spec: ModelSpec, resolved: ResolvedSetup) -> Co
         return NO_COMMUNICATION
     share = _ring_share(n)
     compute = compute_setup(resolved)
-    tensors = stored_tensors(spec, compute)
+    tensors = engine_tensors(spec, compute)  # packed 4-bit codes are gathered when the engine shards them
     half_bytes = _half_bytes(resolved)
     grads = sum(t.numel * _gather_bytes(t, half_bytes) * t.count for t in tensors if t.trainable)
     if setup.sharding is Sharding.DDP:

@@ -330,7 +330,25 @@ def _prepare_for_kbit_training(model: nn.Module) -> None:
     (``peft/utils/other.py``). Its gradient-checkpointing switch is the setup's own ``grad_ckpt``."""
     from peft import prepare_model_for_kbit_training
 
-    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    with _keeping_4bit_storage(model):
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+@contextlib.contextmanager
+def _keeping_4bit_storage(model: nn.Module):
+    """peft casts every 16-bit parameter to fp32 except a ``Params4bit`` (``peft/utils/other.py:206-209``, by class
+    name); the trace's 4-bit weights are plain Parameters, so packed codes in a 16-bit storage (``--quant-storage
+    bf16``) get their dtype back afterwards (on the meta device: nothing is allocated)."""
+    from .qlora import _bnb
+
+    linear4bit = _bnb().nn.Linear4bit
+    kept = [(module.weight, module.weight.dtype) for module in model.modules() if isinstance(module, linear4bit)]
+    try:
+        yield
+    finally:
+        for weight, dtype in kept:
+            if weight.dtype != dtype:
+                weight.data = weight.data.to(dtype)
 
 
 def _prepare_for_kbit_training_as_called(model: nn.Module, setup) -> None:
@@ -344,7 +362,8 @@ def _prepare_for_kbit_training_as_called(model: nn.Module, setup) -> None:
         model.is_loaded_in_8bit = True
     else:
         model.is_loaded_in_4bit = True
-    prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(setup.grad_ckpt))
+    with _keeping_4bit_storage(model):
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(setup.grad_ckpt))
 
 
 def _apply_lora(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:

@@ -11,6 +11,9 @@ FSDP2, as ``accelerate.utils.fsdp_utils.fsdp2_prepare_model`` (accelerate 1.15) 
 - every decoder layer (the model's ``_no_split_modules``) is a unit; the input embedding is one; the final norm and
   lm_head (and the embedding when tied) form the tail unit, kept unsharded after forward
   (``reshard_after_forward=False``); the root unit takes what is left;
+- QLoRA with ``--quant-storage bf16``: the packed 4-bit weights are frozen bf16 parameters and are sharded like any
+  other; their quantization state stays a whole module attribute on every rank (``options.QuantStorage``); no fp32
+  upcast of trainable parameters (accelerate skips it for a model holding ``Params4bit``);
 - full-shard: ``reshard_after_forward=True``; shard-grad-op: ``False`` (parameters stay gathered from forward to
   backward, as FSDP1's SHARD_GRAD_OP);
 - with mixed precision on (Trainer ``bf16=True``/``fp16=True``: every precision but fp32) trainable parameters are
@@ -45,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import VramcalcError
-from ..options import FsdpShard, Method, Offload, Precision, Sharding, Term
+from ..options import FsdpShard, Method, Offload, Precision, QuantStorage, Sharding, Term
 from ..training_setup import ResolvedSetup
 from .step import base_model, decoder_layers
 from .tracker import AllocationTracker
@@ -64,8 +67,9 @@ def check_traceable(resolved: ResolvedSetup) -> None:
         )
     if setup.offload is not Offload.NONE:
         raise VramcalcError("offload is estimated, not traced: a CPU trace cannot tell host memory from GPU memory")
-    if setup.sharding is Sharding.FSDP and setup.method is Method.QLORA:
-        raise VramcalcError("qlora under fsdp is estimated, not traced: fully_shard cannot shard 4-bit Params4bit")
+    if setup.sharding is Sharding.FSDP and setup.method is Method.QLORA and setup.quant_storage is QuantStorage.UINT8:
+        raise VramcalcError("qlora under fsdp with --quant-storage uint8 is estimated, not traced: accelerate leaves "
+                            "non-floating Params4bit out of fully_shard; --quant-storage bf16 is traced")
 
 
 @contextlib.contextmanager
@@ -112,10 +116,15 @@ def wrap(model: nn.Module, resolved: ResolvedSetup, tracker: AllocationTracker) 
 # -- FSDP2 --------------------------------------------------------------------------------------------------------
 def mixed_precision_policy(resolved: ResolvedSetup):
     """accelerate ``FullyShardedDataParallelPlugin.set_mixed_precision``: 16-bit gather, reduce and output when
-    Trainer's bf16/fp16 is on (every precision word but fp32)."""
+    Trainer's bf16/fp16 is on (every precision word but fp32); QLoRA with a bf16 storage: transformers' override."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    precision = resolved.setup.precision
+    setup = resolved.setup
+    precision = setup.precision
+    if setup.method is Method.QLORA and setup.quant_storage is QuantStorage.BF16:
+        # transformers' update_fsdp_plugin_peft (5.25.0 distributed/fsdp.py:280-286): set_mixed_precision(storage
+        # dtype, override=True), i.e. accelerate's MixedPrecisionPolicy(param_dtype, reduce_dtype), no output dtype
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
     if precision is Precision.FP32:
         return MixedPrecisionPolicy()
     dtype = torch.float16 if precision in (Precision.FP16, Precision.MIXED_FP16) else torch.bfloat16
@@ -132,8 +141,10 @@ def fully_shard_model(model: nn.Module, resolved: ResolvedSetup) -> DataParallel
     setup = resolved.setup
     with unset_fake_temporarily():  # the mesh's rank table is a real tensor
         mesh = init_device_mesh("cpu", (setup.num_gpus,))
-    if setup.precision is not Precision.FP32:
-        for param in model.parameters():  # accelerate: "FSDP upcast of low precision parameters to fp32"
+    # accelerate: "FSDP upcast of low precision parameters to fp32", skipped in a model holding Params4bit
+    # (accelerate 1.16 utils/fsdp_utils.py:801: ``and not model_has_params4bit``)
+    if setup.precision is not Precision.FP32 and setup.method is not Method.QLORA:
+        for param in model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.to(torch.float32)
     kwargs = dict(mesh=mesh, mp_policy=mixed_precision_policy(resolved),

@@ -15,6 +15,8 @@ the dequantized weight that the CUDA ``gemm_4bit`` kernel allocates above 1536 t
 Issue 11 knobs, each with the real bitsandbytes code:
 - ``quant_state_dtype``: the weight is quantized from a tensor of that dtype, so the QuantState records it and
   ``dequantize_4bit`` returns it (bitsandbytes' own quantize_4bit on a fake tensor of that dtype);
+- ``quant_storage``: the dtype the codes are packed in (bitsandbytes' own ``quantize_4bit(quant_storage=)``); bf16
+  lets FSDP2 shard the packed weight (``tracing/distributed.py``), whose layer then re-attaches its quantization state;
 - ``quantize_lm_head``: lm_head is replaced too (Lightning's plugin replaces every ``torch.nn.Linear``);
 - ``quant_saves_input`` (VERSION EMULATION of bitsandbytes <= 0.43): ``MatMul4BitHoldingInput`` runs 0.50.2's own
   ``MatMul4Bit`` and then keeps the input the way 0.43.1 did, ``ctx.tensors = (A, B)``
@@ -59,9 +61,11 @@ def _meta_like(t):
     return torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
 
 
-def _quantized_template(shape: tuple[int, int], dtype: torch.dtype, quant_type: str, double_quant: bool):
-    """bitsandbytes' own ``quantize_4bit`` run on a fake tensor of the weight's shape: the packed weight and the
-    QuantState (absmax, double-quantization state, code, offset) with their exact shapes and dtypes."""
+def _quantized_template(shape: tuple[int, int], dtype: torch.dtype, quant_type: str, double_quant: bool,
+                        quant_storage: torch.dtype = torch.uint8):
+    """bitsandbytes' own ``quantize_4bit`` run on a fake tensor of the weight's shape: the packed weight (in
+    ``quant_storage``: ``[(n + 1) // (2·itemsize), 1]``) and the QuantState (absmax, double-quantization state,
+    code, offset) with their exact shapes and dtypes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with torch.device("cpu"):  # the model itself is being built under torch.device("meta")
@@ -72,6 +76,7 @@ def _quantized_template(shape: tuple[int, int], dtype: torch.dtype, quant_type: 
                 blocksize=BNB_BLOCKSIZE,
                 compress_statistics=double_quant,
                 quant_type=quant_type,
+                quant_storage=quant_storage,
             )
 
 
@@ -111,15 +116,30 @@ def fake_linear4bit_class():
             self.compute_dtype = compute_dtype
             self.compute_type_is_set = False
             self.quant_state = weight.quant_state
-            self.quant_storage = torch.uint8
+            self.quant_storage = packed.dtype
             self.support_avx512bf16_for_cpu = False
             self.holds_input = False  # quant_saves_input: bitsandbytes <= 0.43 (see the module docstring)
 
         def forward(self, x):
+            self._reattach_quant_state()
             if not self.holds_input:
                 return super().forward(x)
             with _matmul_4bit_holding_input():
                 return super().forward(x)
+
+        def _reattach_quant_state(self):
+            """FSDP2 hands the layer a gathered weight without bitsandbytes' attributes; bitsandbytes' own
+            ``fix_4bit_weight_quant_state_from_module`` (``bitsandbytes/nn/modules.py:487``) wraps it in a
+            ``Params4bit`` sharing its storage and hangs the module's whole ``quant_state`` on it. A FakeTensor cannot
+            be subclassed, so the attributes go on the gathered Parameter itself (no allocation either way)."""
+            weight = self.weight
+            if getattr(weight, "quant_state", None) is not None or self.quant_state is None:
+                return
+            weight.quant_state = self.quant_state
+            weight.quant_type = self.quant_state.quant_type
+            weight.compress_statistics = self.quant_state.state2 is not None
+            weight.blocksize = BNB_BLOCKSIZE
+            weight.bnb_quantized = True
 
         # peft reads a quantized weight through ``dequantize_module_weight`` (``peft/utils/integrations.py:79``:
         # a module with ``W_q`` is dequantized by its own ``dequantize()``), as DoRA's weight norm does: the weight
@@ -270,6 +290,7 @@ def quantize_linears(model: nn.Module, setup: TrainingSetup) -> None:
                             "in 16 bits); use --loss hf")
     compute_dtype = _DTYPES[setup.compute_dtype.value]
     state_word = getattr(getattr(setup, "quant_state_dtype", None), "value", None)
+    storage = _DTYPES.get(getattr(getattr(setup, "quant_storage", None), "value", None), torch.uint8)
     replacements = []
     for parent in model.modules():
         for child_name, child in parent.named_children():
@@ -287,7 +308,7 @@ def quantize_linears(model: nn.Module, setup: TrainingSetup) -> None:
         dtype = _DTYPES[state_word] if state_word and state_word != "auto" else child.weight.dtype
         key = (tuple(child.weight.shape), dtype)
         if key not in templates:
-            templates[key] = _quantized_template(key[0], key[1], quant, setup.double_quant)
+            templates[key] = _quantized_template(key[0], key[1], quant, setup.double_quant, storage)
         layer = linear4bit(child, templates[key], quant, setup.double_quant, compute_dtype)
         layer.holds_input = holds
         setattr(parent, child_name, layer)
@@ -328,7 +349,9 @@ def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
         if isinstance(scb, torch.Tensor):
             tensors.append(scb)
         state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is None:
+        if state is None:  # FSDP2 replaced the weight by its shard: the Linear4bit keeps the whole state
+            state = getattr(module, "quant_state", None)  # (no bitsandbytes import here: a LoRA trace has none)
+        if state is None or not hasattr(state, "absmax"):
             continue
         for value in (state.absmax, state.code, state.offset):
             if isinstance(value, torch.Tensor):
