@@ -149,6 +149,15 @@ TORCHTUNE_KNOBS = {
 }
 
 
+# litgpt config-hub FSDP full rows: litgpt@00af8b0d finetune/full.py:253-254 (no_backward_sync while accumulating),
+# gradient_accumulation_iters(devices) = global_batch_size // (devices · micro_batch_size) from each row's YAML
+LITGPT_CH_FSDP_ACCUM = {
+    "litgpt-ch-003": 4,  # config_hub/finetune/gemma-2b/full.yaml: global 16, micro 1, devices 4
+    "litgpt-ch-024": 1,  # config_hub/finetune/phi-2/full.yaml: global 8, micro 4, devices 2
+    "litgpt-ch-029": 4,  # config_hub/finetune/stablelm-base-alpha-3b/full.yaml: global 8, micro 1, devices 2
+}
+
+
 @dataclasses.dataclass
 class RowSetup:
     """What one published row ran, in vramcalc's words."""
@@ -293,6 +302,13 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             opts["grad_ckpt"] = bool(_bool(row["grad_ckpt"]))
         if method == "full" and "tiny-llama" in row["notes"]:
             opts["grad_accum"] = 8  # config_hub/finetune/tiny-llama/full.yaml @00af8b0d: global 32 / micro 4
+        if prefix == "litgpt-rt" and batch:
+            # lit-gpt@8641822 finetune/lora.py:40,42: batch_size = 128, gradient_accumulation_iters = batch_size //
+            # micro_batch_size (devices not divided out); every accumulating micro-batch runs under
+            # fabric.no_backward_sync (:215)
+            opts["grad_accum"] = 128 // batch
+        if rid in LITGPT_CH_FSDP_ACCUM:
+            opts["grad_accum"] = LITGPT_CH_FSDP_ACCUM[rid]
         if method == "qlora":
             # the bitsandbytes these rows ran: lit-gpt@8641822 with bnb 0.41.1 (resource-tables.md), litgpt@00af8b0d
             # pins bitsandbytes==0.42.0 (pyproject.toml:41); MatMul4Bit saved its input up to 0.43
