@@ -82,6 +82,7 @@ MODEL_CATALOGUE = {  # models without a config folder whose catalogue entry has 
     "meta-llama/Llama-2-70b-hf": "llama-2-70b",
     "meta-llama/Llama-3.3-70B-Instruct": "llama-3.3-70b",
 }
+CATALOGUE_FAMILY = {"phi-1.5": "phi", "phi-2": "phi"}  # data/models.csv family column (others are llama-style)
 UNSUPPORTED_FAMILY = {  # prefix of the HF id -> why vramcalc cannot take that model
     "stabilityai/stablelm-base-alpha-7b": "gpt_neox (StableLM-alpha 7B): no published config or parameter count found",
     "tiiuae/falcon": "falcon: the catalogue has no Falcon entry (its config ties lm_head; the checkpoint does not)",
@@ -112,6 +113,7 @@ ALL_LINEAR = {
     "gemma": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     "gemma2": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     "phi3": "qkv_proj,o_proj,gate_up_proj,down_proj",
+    "phi": "q_proj,k_proj,v_proj,dense,fc1,fc2",  # phi-1.5/phi-2: litgpt's attn + proj + fc + proj (GptNeoxMLP)
 }
 
 # Knobs of issue 11 (DESIGN.md "Contract additions under way"), as Python keywords. ``required``: the row's memory
@@ -272,7 +274,8 @@ def row_setup(row: dict, data: Path) -> RowSetup:
              "peft-readme": "hf", "hf-perf-doc": "hf", "llamafactory": "llama-factory", "unsloth-ctx": "hf"}[prefix]
     setup.stack = stack
     setup.model = _resolve_model(row, setup, data, untied=(stack == "litgpt"))
-    family = _family_of(Path(setup.model)) if setup.model and "/" in setup.model else "llama"
+    family = _family_of(Path(setup.model)) if setup.model and "/" in setup.model else \
+        CATALOGUE_FAMILY.get(setup.model or "", "llama")
 
     method = row["method"].strip()
     opts = {"method": method}
@@ -320,6 +323,17 @@ def row_setup(row: dict, data: Path) -> RowSetup:
         opt = _optimizer(row["optimizer"])
         if rid == "torchtune-010":  # command overrides only the component; 3B_qlora_single_device.yaml:57 fused: True
             opt = "adamw"
+        if rid in ("torchtune-002", "torchtune-003", "torchtune-004", "torchtune-005", "torchtune-006",
+                   "torchtune-007"):
+            # the ablation swaps the 3B single-device config's PagedAdamW8bit for torch AdamW without saying how;
+            # torchtune's own configs of that commit spell torch AdamW as fused (recipes/configs/llama3_2/
+            # 3B_full.yaml:54-57, 3B_lora_single_device.yaml:56-58 @1814feb17: fused: True)
+            opt = "adamw"
+            setup.assumptions.append("torch AdamW fused=True, as torchtune's configs of that commit spell it")
+        if rid == "torchtune-008":
+            # README.md:108 @1814feb17 names the table's optimizer: "... do not use `optimizer_in_bwd` or `AdamW8bit`
+            # optimizer" (bitsandbytes.optim.AdamW8bit, not the config's paged variant: its states are device memory)
+            opt = "adamw-8bit"
         opts["optimizer"] = opt
         opts["attn"] = "sdpa"
         gc = _bool(row["grad_ckpt"])
@@ -332,14 +346,28 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             if knob == "chunked_loss":
                 continue
             setup.knobs[knob] = True
+        if method == "full":
+            # the preset's optimizer_in_bwd is the 0.6.x single-device full config's; a row runs it only where its
+            # table says so (README @1814feb17: the cumulative ablation adds it at its row 006; the 2024 distributed
+            # full recipes had no optimizer_in_bwd)
+            setup.knobs.setdefault("optimizer_in_backward", False)
         # torchtune CEWithChunkedOutputLoss (num_output_chunks=8) where the row's table says so
         opts["loss"] = "torchtune" if "chunked_loss" in TORCHTUNE_KNOBS.get(rid, ()) else "hf"
         if "fsdp_cpu_offload=true" in low.replace(" ", ""):
-            setup.blockers.append("FSDP CPU offload of params/grads/optimizer (fsdp_cpu_offload) not modelled")
+            # torchtune@30b8519e8 training/_distributed.py:17,614: fsdp_cpu_offload -> FSDP2 CPUOffloadPolicy
+            # (sharded params, gradients and the optimizer step on the host): vramcalc's --offload params
+            opts["offload"] = "params"
         if gpus > 1:
             opts.update(num_gpus=gpus, sharding="fsdp")
         if "grad accum " in notes:  # llama2/7B_lora_single_device: gradient_accumulation_steps 64
             opts["grad_accum"] = _int(notes.split("grad accum ")[1].split(")")[0].split(",")[0])
+        if rid == "torchtune-024":
+            # README @0217d44c2 states batch 4 x 4096, but recipes/configs/llama2/70B_lora.yaml there trains on
+            # alpaca_dataset unpacked (torchtune/datasets/_alpaca.py:18 max_seq_len=512), and at 4 x 4096 the 80
+            # checkpointed layer inputs (4·4096·8192·2 B each: 21.5 GB) plus the bf16 weight shard (138 GB / 8)
+            # alone exceed the 26.4 GB reported: the sequence length that ran is not knowable
+            setup.blockers.append("setup unknowable: seq_len (stated 4 x 4096 exceeds the reported peak with "
+                                  "checkpoints + weight shard alone; config trains unpacked Alpaca capped at 512)")
         if rid == "torchtune-025":
             setup.blockers.append("setup unknowable: no 70B full config existed at that commit (rel=low)")
     elif prefix == "unsloth-ctx":

@@ -307,6 +307,10 @@ def _fsdp_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
     if setup.offload is Offload.PARAMS:  # CPUOffloadPolicy: shards, sharded gradients and the optimizer on the host
         host = weights - replicated + G + O
         weights, G, O, step = replicated, 0, 0, 0
+        # each reduced shard is copied to the host as it is made (torch ``_fully_shard/_fsdp_collectives.py:711``
+        # ``if fsdp_param.offload_to_cpu``): no unit's sharded gradients stay on the GPU
+        units = dataclasses.replace(units, **{name: dataclasses.replace(getattr(units, name), sharded_grads_bytes=0)
+                                             for name in ("embed", "dense", "moe", "tail")})
     return RankStates(
         weights=weights, gradients=G, optimizer_states=O, optimizer_step=step,
         layer_gradients=(units.dense.sharded_grads_bytes, units.moe.sharded_grads_bytes),
