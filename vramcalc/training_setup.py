@@ -249,6 +249,12 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     )
     _apply_kbit_prep(values, chosen, origins)
     _apply_peft_defaults(values, chosen, origins)
+    if (values["optimizer_in_backward"] and origins.get("optimizer_in_backward", "").startswith("stack")
+            and (values["sharding"] is not Sharding.NONE or values["grad_accum"] > 1)):
+        # a preset's optimizer_in_bwd is its single-device config's (torchtune 8B_full_single_device.yaml): it yields
+        # to the sharding or accumulation the user asked for, as the distributed configs leave it off
+        values["optimizer_in_backward"] = False
+        origins["optimizer_in_backward"] = f"stack {stack.value} (single-device config; off here)"
     resolve_task(values, given, origins)
     if "global_batch_size" in given:
         values["global_batch_size"] = positive_int(given["global_batch_size"], "global batch size",
