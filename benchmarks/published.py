@@ -568,10 +568,10 @@ def mechanism_note(record: dict) -> str:
     (Q1-Q3 through the litgpt knobs, the stacks' losses, compile, offload, optimizer-in-backward; bf16-true, L2
     the StableEmbedding gradient, Q5 torchao's eager dequantization: terms/stack_layers.py) are not listed."""
     rid, method, several = record["id"], record["method"], record["gpus"] != "1 GPU"
-    if several and method == "full":
-        return "F1: torchtune and litgpt FSDP keep bf16 params (vramcalc assumes accelerate's fp32 upcast)"
-    if several:
-        return "open: FSDP + LoRA per-rank memory (section 4)"
+    if rid in ("torchtune-023", "torchtune-032"):
+        return "open: torchtune 2024 FSDP1 full fine-tuning (about 6 GB per rank above bf16 states + step; section 4)"
+    if rid == "torchtune-029":
+        return "open: torchtune 2024 FSDP1 LoRA, reserved (section 4)"
     if record["source"] == "torchtune" and method == "qlora" and rid in ("torchtune-019", "torchtune-028",
                                                                         "torchtune-037"):
         return "Q4: torchao 0.1 (68 B/weight quantize at load); vramcalc models today's quantizer"
@@ -610,7 +610,8 @@ def write_report(records, md_path: Path, csv_path: Path, vc_version: str, accept
         "",
         *_table(trusted, "method"),
         "",
-        "Single GPU only (the multi-GPU rows carry the open FSDP questions of docs/stacks-research.md section 4):",
+        "Single GPU only (multi-GPU rows: litgpt FSDP1 flat parameters and bf16 FSDP states are modelled; the "
+        "open torchtune 2024 FSDP1 rows are in docs/stacks-research.md section 4):",
         "",
         *_table([r for r in trusted if r["gpus"] == "1 GPU"], "method"),
         "",
