@@ -119,7 +119,7 @@ ALL_LINEAR = {
 # Knobs of issue 11 (DESIGN.md "Contract additions under way"), as Python keywords. ``required``: the row's memory
 # depends on it, so a vramcalc that cannot take it cannot express the row; otherwise it is passed when accepted.
 KNOB_REQUIRED_WHEN_TRUE = ("compile", "activation_offload", "optimizer_in_backward")
-KNOB_OPTIONAL = ("stack", "packing", "kbit_prep", "kernels", "quant_saves_input")
+KNOB_OPTIONAL = ("stack", "packing", "kbit_prep", "kernels", "quant_saves_input", "stable_embedding")
 
 
 # torchtune rows: the flags each row ran with, from the row's notes (README "Optimization flags" table at 1814feb17
@@ -318,6 +318,9 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             # (bitsandbytes/autograd/_functions.py:516-526 at 0.41.1, :523 at 0.42.0): the current litgpt preset pins
             # >= 0.45.2, so the row's version is given explicitly
             setup.knobs["quant_saves_input"] = True
+            # litgpt swaps in bitsandbytes' StableEmbedding only since ae798aba (2024-10-04, "Add
+            # bnb.nn.StableEmbedding for quantized training"): after both 8641822 (2023-10) and 00af8b0d (2024-09-27)
+            setup.knobs["stable_embedding"] = False
     elif prefix == "torchtune":
         opts["precision"] = "bf16-true"  # dtype: bf16, the recipes never autocast
         opt = _optimizer(row["optimizer"])

@@ -238,9 +238,12 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
 def layer_setup(resolved: ResolvedSetup) -> activations.LayerSetup:
     """The values a decoder layer's saved tensors depend on (``activations.LayerSetup``), from a resolved setup."""
     setup = resolved.setup
+    layers = stack_layers.stack_layers(setup.stack)
+    if layers.stable_embedding and not setup.stable_embedding:  # a litgpt older than the swap (stack_layers.py)
+        layers = replace(layers, stable_embedding=False)
     return _layer_setup(setup.method, setup.precision, setup.adapter_dtype, resolved.attn_used, resolved.lora_modules,
                         setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
-                        stack_layers.stack_layers(setup.stack))
+                        layers)
 
 
 @functools.lru_cache(maxsize=4096)

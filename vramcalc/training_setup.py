@@ -86,6 +86,8 @@ class TrainingSetup:
     quant_saves_input: bool = False  # bitsandbytes >= 0.44: MatMul4Bit saves (None, B) (qlora)
     quantize_lm_head: bool = False  # transformers keeps lm_head unquantized (qlora)
     quant_state_dtype: QuantStateDtype = QuantStateDtype.AUTO  # (qlora)
+    # litgpt >= ae798aba (2024-10-04, 0.4.13) swaps in bitsandbytes' StableEmbedding (qlora; stack_layers.py)
+    stable_embedding: bool = True
     load: LoadPath = LoadPath.PER_TENSOR  # transformers v5 from_pretrained
     task: Task = Task.SFT  # what the step trains (task_setup.py)
     ref_model: RefModel = RefModel.NONE  # preference tasks: copy (full) or adapter (lora, qlora) unless given
@@ -156,7 +158,7 @@ class ResolvedSetup:
 
 _LORA_OPTIONS = ("lora_rank", "lora_targets", "lora_dropout", "adapter_dtype")
 _QLORA_OPTIONS = ("quant", "double_quant", "compute_dtype", "kbit_prep", "quant_saves_input", "quantize_lm_head",
-                  "quant_state_dtype")
+                  "quant_state_dtype", "stable_embedding")
 _PROMPT_OPTIONS = ("virtual_tokens",)
 METHOD_OPTIONS = {  # the options that belong to one method; every other method rejects them
     Method.FULL: (),
@@ -246,6 +248,8 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         quant_state_dtype=QuantStateDtype.parse(chosen.get("quant_state_dtype", SETUP_DEFAULTS["quant_state_dtype"]),
                                                 "quant state dtype"),
         load=LoadPath.parse(chosen.get("load", SETUP_DEFAULTS["load"]), "load path"),
+        stable_embedding=_bool(chosen.get("stable_embedding", SETUP_DEFAULTS["stable_embedding"]),
+                               "stable_embedding"),
     )
     _apply_kbit_prep(values, chosen, origins)
     _apply_peft_defaults(values, chosen, origins)
