@@ -82,10 +82,10 @@ MODEL_CATALOGUE = {  # models without a config folder whose catalogue entry has 
     "meta-llama/Llama-2-70b-hf": "llama-2-70b",
     "meta-llama/Llama-3.3-70B-Instruct": "llama-3.3-70b",
 }
+LOCAL_CONFIG = {"tiiuae/falcon-7b": "falcon-7b-litgpt-untied"}  # litgpt rows only (the only Falcon rows)
 CATALOGUE_FAMILY = {"phi-1.5": "phi", "phi-2": "phi"}  # data/models.csv family column (others are llama-style)
 UNSUPPORTED_FAMILY = {  # prefix of the HF id -> why vramcalc cannot take that model
     "stabilityai/stablelm-base-alpha-7b": "gpt_neox (StableLM-alpha 7B): no published config or parameter count found",
-    "tiiuae/falcon": "falcon: the catalogue has no Falcon entry (its config ties lm_head; the checkpoint does not)",
     "Qwen/Qwen-1_8B": "qwen (v1) 1.8B: config not found in the stored corpora",
     "Qwen/Qwen-14B": "qwen (v1) 14B: config not found in the stored corpora",
     "Qwen/Qwen-72B": "qwen (v1) 72B: config not found in the stored corpora",
@@ -215,6 +215,8 @@ def _resolve_model(row: dict, setup: RowSetup, data: Path, untied: bool) -> str 
             folder = untied_folder
             setup.assumptions.append("litgpt unties lm_head (configs/PROVENANCE.md)")
         return str(folder)
+    if model_id in LOCAL_CONFIG:  # benchmarks/configs (its README gives each folder's source)
+        return str(HERE / "configs" / LOCAL_CONFIG[model_id])
     if model_id in MODEL_CATALOGUE:
         return MODEL_CATALOGUE[model_id]
     setup.blockers.append(f"no config for {model_id}")
@@ -321,6 +323,10 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             # litgpt swaps in bitsandbytes' StableEmbedding only since ae798aba (2024-10-04, "Add
             # bnb.nn.StableEmbedding for quantized training"): after both 8641822 (2023-10) and 00af8b0d (2024-09-27)
             setup.knobs["stable_embedding"] = False
+            if _model_id(row).startswith("tiiuae/falcon"):
+                setup.blockers.append("litgpt quantizes its own Falcon's nn.Linear layers (Lightning plugin), but "
+                                      "vramcalc's falcon family follows transformers' FalconLinear, which "
+                                      "bitsandbytes leaves unquantized (model.FamilyTraits.bnb_quantizable)")
     elif prefix == "torchtune":
         opts["precision"] = "bf16-true"  # dtype: bf16, the recipes never autocast
         opt = _optimizer(row["optimizer"])
