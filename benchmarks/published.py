@@ -82,9 +82,10 @@ MODEL_CATALOGUE = {  # models without a config folder whose catalogue entry has 
     "meta-llama/Llama-2-70b-hf": "llama-2-70b",
     "meta-llama/Llama-3.3-70B-Instruct": "llama-3.3-70b",
 }
+LOCAL_CONFIG = {"tiiuae/falcon-7b": "falcon-7b-litgpt-untied"}  # litgpt rows only (the only Falcon rows)
+CATALOGUE_FAMILY = {"phi-1.5": "phi", "phi-2": "phi"}  # data/models.csv family column (others are llama-style)
 UNSUPPORTED_FAMILY = {  # prefix of the HF id -> why vramcalc cannot take that model
     "stabilityai/stablelm-base-alpha-7b": "gpt_neox (StableLM-alpha 7B): no published config or parameter count found",
-    "tiiuae/falcon": "falcon: the catalogue has no Falcon entry (its config ties lm_head; the checkpoint does not)",
     "Qwen/Qwen-1_8B": "qwen (v1) 1.8B: config not found in the stored corpora",
     "Qwen/Qwen-14B": "qwen (v1) 14B: config not found in the stored corpora",
     "Qwen/Qwen-72B": "qwen (v1) 72B: config not found in the stored corpora",
@@ -112,12 +113,13 @@ ALL_LINEAR = {
     "gemma": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     "gemma2": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     "phi3": "qkv_proj,o_proj,gate_up_proj,down_proj",
+    "phi": "q_proj,k_proj,v_proj,dense,fc1,fc2",  # phi-1.5/phi-2: litgpt's attn + proj + fc + proj (GptNeoxMLP)
 }
 
 # Knobs of issue 11 (DESIGN.md "Contract additions under way"), as Python keywords. ``required``: the row's memory
 # depends on it, so a vramcalc that cannot take it cannot express the row; otherwise it is passed when accepted.
 KNOB_REQUIRED_WHEN_TRUE = ("compile", "activation_offload", "optimizer_in_backward")
-KNOB_OPTIONAL = ("stack", "packing", "kbit_prep", "kernels", "quant_saves_input")
+KNOB_OPTIONAL = ("stack", "packing", "kbit_prep", "kernels", "quant_saves_input", "stable_embedding")
 
 
 # torchtune rows: the flags each row ran with, from the row's notes (README "Optimization flags" table at 1814feb17
@@ -146,6 +148,15 @@ TORCHTUNE_KNOBS = {
     "torchtune-026": ("optimizer_in_backward",),
     "torchtune-027": ("optimizer_in_backward",),
     "torchtune-031": ("optimizer_in_backward",),
+}
+
+
+# litgpt config-hub FSDP full rows: litgpt@00af8b0d finetune/full.py:253-254 (no_backward_sync while accumulating),
+# gradient_accumulation_iters(devices) = global_batch_size // (devices · micro_batch_size) from each row's YAML
+LITGPT_CH_FSDP_ACCUM = {
+    "litgpt-ch-003": 4,  # config_hub/finetune/gemma-2b/full.yaml: global 16, micro 1, devices 4
+    "litgpt-ch-024": 1,  # config_hub/finetune/phi-2/full.yaml: global 8, micro 4, devices 2
+    "litgpt-ch-029": 4,  # config_hub/finetune/stablelm-base-alpha-3b/full.yaml: global 8, micro 1, devices 2
 }
 
 
@@ -204,6 +215,8 @@ def _resolve_model(row: dict, setup: RowSetup, data: Path, untied: bool) -> str 
             folder = untied_folder
             setup.assumptions.append("litgpt unties lm_head (configs/PROVENANCE.md)")
         return str(folder)
+    if model_id in LOCAL_CONFIG:  # benchmarks/configs (its README gives each folder's source)
+        return str(HERE / "configs" / LOCAL_CONFIG[model_id])
     if model_id in MODEL_CATALOGUE:
         return MODEL_CATALOGUE[model_id]
     setup.blockers.append(f"no config for {model_id}")
@@ -263,7 +276,8 @@ def row_setup(row: dict, data: Path) -> RowSetup:
              "peft-readme": "hf", "hf-perf-doc": "hf", "llamafactory": "llama-factory", "unsloth-ctx": "hf"}[prefix]
     setup.stack = stack
     setup.model = _resolve_model(row, setup, data, untied=(stack == "litgpt"))
-    family = _family_of(Path(setup.model)) if setup.model and "/" in setup.model else "llama"
+    family = _family_of(Path(setup.model)) if setup.model and "/" in setup.model else \
+        CATALOGUE_FAMILY.get(setup.model or "", "llama")
 
     method = row["method"].strip()
     opts = {"method": method}
@@ -293,17 +307,42 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             opts["grad_ckpt"] = bool(_bool(row["grad_ckpt"]))
         if method == "full" and "tiny-llama" in row["notes"]:
             opts["grad_accum"] = 8  # config_hub/finetune/tiny-llama/full.yaml @00af8b0d: global 32 / micro 4
+        if prefix == "litgpt-rt" and batch:
+            # lit-gpt@8641822 finetune/lora.py:40,42: batch_size = 128, gradient_accumulation_iters = batch_size //
+            # micro_batch_size (devices not divided out); every accumulating micro-batch runs under
+            # fabric.no_backward_sync (:215)
+            opts["grad_accum"] = 128 // batch
+        if rid in LITGPT_CH_FSDP_ACCUM:
+            opts["grad_accum"] = LITGPT_CH_FSDP_ACCUM[rid]
         if method == "qlora":
             # the bitsandbytes these rows ran: lit-gpt@8641822 with bnb 0.41.1 (resource-tables.md), litgpt@00af8b0d
             # pins bitsandbytes==0.42.0 (pyproject.toml:41); MatMul4Bit saved its input up to 0.43
             # (bitsandbytes/autograd/_functions.py:516-526 at 0.41.1, :523 at 0.42.0): the current litgpt preset pins
             # >= 0.45.2, so the row's version is given explicitly
             setup.knobs["quant_saves_input"] = True
+            # litgpt swaps in bitsandbytes' StableEmbedding only since ae798aba (2024-10-04, "Add
+            # bnb.nn.StableEmbedding for quantized training"): after both 8641822 (2023-10) and 00af8b0d (2024-09-27)
+            setup.knobs["stable_embedding"] = False
+            if _model_id(row).startswith("tiiuae/falcon"):
+                setup.blockers.append("litgpt quantizes its own Falcon's nn.Linear layers (Lightning plugin), but "
+                                      "vramcalc's falcon family follows transformers' FalconLinear, which "
+                                      "bitsandbytes leaves unquantized (model.FamilyTraits.bnb_quantizable)")
     elif prefix == "torchtune":
         opts["precision"] = "bf16-true"  # dtype: bf16, the recipes never autocast
         opt = _optimizer(row["optimizer"])
         if rid == "torchtune-010":  # command overrides only the component; 3B_qlora_single_device.yaml:57 fused: True
             opt = "adamw"
+        if rid in ("torchtune-002", "torchtune-003", "torchtune-004", "torchtune-005", "torchtune-006",
+                   "torchtune-007"):
+            # the ablation swaps the 3B single-device config's PagedAdamW8bit for torch AdamW without saying how;
+            # torchtune's own configs of that commit spell torch AdamW as fused (recipes/configs/llama3_2/
+            # 3B_full.yaml:54-57, 3B_lora_single_device.yaml:56-58 @1814feb17: fused: True)
+            opt = "adamw"
+            setup.assumptions.append("torch AdamW fused=True, as torchtune's configs of that commit spell it")
+        if rid == "torchtune-008":
+            # README.md:108 @1814feb17 names the table's optimizer: "... do not use `optimizer_in_bwd` or `AdamW8bit`
+            # optimizer" (bitsandbytes.optim.AdamW8bit, not the config's paged variant: its states are device memory)
+            opt = "adamw-8bit"
         opts["optimizer"] = opt
         opts["attn"] = "sdpa"
         gc = _bool(row["grad_ckpt"])
@@ -316,14 +355,28 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             if knob == "chunked_loss":
                 continue
             setup.knobs[knob] = True
+        if method == "full":
+            # the preset's optimizer_in_bwd is the 0.6.x single-device full config's; a row runs it only where its
+            # table says so (README @1814feb17: the cumulative ablation adds it at its row 006; the 2024 distributed
+            # full recipes had no optimizer_in_bwd)
+            setup.knobs.setdefault("optimizer_in_backward", False)
         # torchtune CEWithChunkedOutputLoss (num_output_chunks=8) where the row's table says so
         opts["loss"] = "torchtune" if "chunked_loss" in TORCHTUNE_KNOBS.get(rid, ()) else "hf"
         if "fsdp_cpu_offload=true" in low.replace(" ", ""):
-            setup.blockers.append("FSDP CPU offload of params/grads/optimizer (fsdp_cpu_offload) not modelled")
+            # torchtune@30b8519e8 training/_distributed.py:17,614: fsdp_cpu_offload -> FSDP2 CPUOffloadPolicy
+            # (sharded params, gradients and the optimizer step on the host): vramcalc's --offload params
+            opts["offload"] = "params"
         if gpus > 1:
             opts.update(num_gpus=gpus, sharding="fsdp")
         if "grad accum " in notes:  # llama2/7B_lora_single_device: gradient_accumulation_steps 64
             opts["grad_accum"] = _int(notes.split("grad accum ")[1].split(")")[0].split(",")[0])
+        if rid == "torchtune-024":
+            # README @0217d44c2 states batch 4 x 4096, but recipes/configs/llama2/70B_lora.yaml there trains on
+            # alpaca_dataset unpacked (torchtune/datasets/_alpaca.py:18 max_seq_len=512), and at 4 x 4096 the 80
+            # checkpointed layer inputs (4·4096·8192·2 B each: 21.5 GB) plus the bf16 weight shard (138 GB / 8)
+            # alone exceed the 26.4 GB reported: the sequence length that ran is not knowable
+            setup.blockers.append("setup unknowable: seq_len (stated 4 x 4096 exceeds the reported peak with "
+                                  "checkpoints + weight shard alone; config trains unpacked Alpaca capped at 512)")
         if rid == "torchtune-025":
             setup.blockers.append("setup unknowable: no 70B full config existed at that commit (rel=low)")
     elif prefix == "unsloth-ctx":
@@ -524,10 +577,10 @@ def mechanism_note(record: dict) -> str:
     (Q1-Q3 through the litgpt knobs, the stacks' losses, compile, offload, optimizer-in-backward; bf16-true, L2
     the StableEmbedding gradient, Q5 torchao's eager dequantization: terms/stack_layers.py) are not listed."""
     rid, method, several = record["id"], record["method"], record["gpus"] != "1 GPU"
-    if several and method == "full":
-        return "F1: torchtune and litgpt FSDP keep bf16 params (vramcalc assumes accelerate's fp32 upcast)"
-    if several:
-        return "open: FSDP + LoRA per-rank memory (section 4)"
+    if rid in ("torchtune-023", "torchtune-032"):
+        return "open: torchtune 2024 FSDP1 full fine-tuning (about 6 GB per rank above bf16 states + step; section 4)"
+    if rid == "torchtune-029":
+        return "open: torchtune 2024 FSDP1 LoRA, reserved (section 4)"
     if record["source"] == "torchtune" and method == "qlora" and rid in ("torchtune-019", "torchtune-028",
                                                                         "torchtune-037"):
         return "Q4: torchao 0.1 (68 B/weight quantize at load); vramcalc models today's quantizer"
@@ -566,7 +619,8 @@ def write_report(records, md_path: Path, csv_path: Path, vc_version: str, accept
         "",
         *_table(trusted, "method"),
         "",
-        "Single GPU only (the multi-GPU rows carry the open FSDP questions of docs/stacks-research.md section 4):",
+        "Single GPU only (multi-GPU rows: litgpt FSDP1 flat parameters and bf16 FSDP states are modelled; the "
+        "open torchtune 2024 FSDP1 rows are in docs/stacks-research.md section 4):",
         "",
         *_table([r for r in trusted if r["gpus"] == "1 GPU"], "method"),
         "",

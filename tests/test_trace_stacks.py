@@ -192,6 +192,21 @@ def test_litgpt_qlora_stable_embedding_has_a_gradient_no_optimizer_frees():
 
 
 @needs_litgpt
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_litgpt_before_the_stable_embedding_swap_matches_its_trace(grad_ckpt):
+    """litgpt before ae798aba (2024-10-04: "Add bnb.nn.StableEmbedding for quantized training", after the published
+    rows' 8641822 and 00af8b0d): ``--no-stable-embedding`` keeps the frozen embedding. The trace skips the swap, no
+    V·h gradient stays, and the estimate follows it within the grid's 3%."""
+    options = dict(method="qlora", batch_size=2, seq_len=256, grad_ckpt=grad_ckpt)
+    old = _run("litgpt", stable_embedding=False, **options)
+    embedding_grad = 2 * TINY.vocab_size * TINY.hidden_size
+    assert old.step_terms[Term.GRADIENTS] < embedding_grad
+    trace_peak = _step_peak(old)
+    estimate = _estimate_step_peak(TINY, dict(stack="litgpt", stable_embedding=False, **options))
+    assert abs(estimate - trace_peak) / trace_peak < ESTIMATE_TOLERANCE
+
+
+@needs_litgpt
 def test_litgpt_qlora_quantizes_lm_head():
     """Fabric's bitsandbytes plugin replaces every torch.nn.Linear (bitsandbytes.py ``_ClassReplacementContextManager``
     {"torch.nn.Linear": ...}), lm_head included: weights are far below the bf16 model's."""

@@ -263,9 +263,12 @@ def _quantized_base_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size
 def layer_setup(resolved: ResolvedSetup) -> activations.LayerSetup:
     """The values a decoder layer's saved tensors depend on (``activations.LayerSetup``), from a resolved setup."""
     setup = resolved.setup
+    layers = stack_layers.stack_layers(setup.stack)
+    if layers.stable_embedding and not setup.stable_embedding:  # a litgpt older than the swap (stack_layers.py)
+        layers = replace(layers, stable_embedding=False)
     return _layer_setup(setup.method, setup.precision, setup.adapter_dtype, resolved.attn_used, resolved.lora_modules,
                         setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
-                        stack_layers.stack_layers(setup.stack))
+                        layers)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -425,9 +428,12 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                lg.forward_hidden_grad + lg.held,
                copies.backward_start + (0 if lg.forward_hidden_grad else hidden_grad) + norm_backward),
     ]
+    # FSDP1 flat parameters (litgpt): autograd builds each unit's flat gradient only once all its views' gradients
+    # exist (stack_layers.fsdp_flat_params)
+    flat_units = rank.gathering is not None and setup.sharding is Sharding.FSDP and traits.fsdp_flat_params
     moments += _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                                        A - head_saved, hidden_grad, norm_backward, dequant_beside, lg.held,
-                                       recompute_beside, masked)
+                                       recompute_beside, masked, flat_units)
     embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens)
     if stable:
         embedding_backward = stack_layers.stable_embedding_backward_bytes(spec, dt.r, tokens)
@@ -436,11 +442,17 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                               embedding_backward))
     else:  # the embedding's copy-out (its buffer and parameters at once) and its backward, every layer reduced
         moments += [
-            Moment(Phase.BACKWARD_END, W + gathered.embedding_copy_out, Bb + G_acc + gathered.embedding_reduced, O,
-                   0, lg.held, 0),
-            Moment(Phase.BACKWARD_END, W + gathered.embedding_gathered, Bb + gathered.embedding_gradients(G_acc), O,
+            # (the reduced units' shards replace their accumulated gradients: see ``_layer_backward_moments``)
+            Moment(Phase.BACKWARD_END, W + gathered.embedding_copy_out,
+                   Bb + maximum(G_acc, gathered.embedding_reduced), O, 0, lg.held, 0),
+            Moment(Phase.BACKWARD_END, W + gathered.embedding_gathered,
+                   Bb + rank.gathering.embed.grads_bytes + maximum(G_acc, gathered.embedding_reduced), O,
                    0, lg.held, embedding_backward),
         ]
+        if flat_units:  # the root unit's view gradients (lm_head's held since the loss) and their concatenation
+            root = rank.gathering.embed.grads_bytes + rank.gathering.tail.grads_bytes
+            moments.append(Moment(Phase.BACKWARD_END, W + gathered.embedding_gathered,
+                                  Bb + 2 * root + maximum(G_acc, gathered.embedding_reduced), O, 0, lg.held, 0))
     moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, 0, lg.held, rank.optimizer_step))
     if setup.sharding is Sharding.NONE:  # the weights reaching the GPU (``terms/loading.py``), before any step
         moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - rank.weights))
@@ -451,7 +463,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
 
 def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                             layers_saved, hidden_grad, norm_backward, dequant_beside=None,
-                            logits_held=0, recompute_beside=0, masked=False) -> list[Moment]:
+                            logits_held=0, recompute_beside=0, masked=False, flat_units=False) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -466,6 +478,12 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     ``logits_held``: logits the training loop still holds (litgpt's ``fit``, ``LogitsBytes.held``).
     ``recompute_beside``: a peft method's temporaries in the checkpointed recompute of the layer's forward, beside the
     whole recomputed layer instead of its backward transients (``terms/peft_methods.py``).
+    ``flat_units`` (FSDP1 flat parameters, ``stack_layers.StackLayers.fsdp_flat_params``): a unit's parameters are
+    views of one flat parameter (``torch.split`` + ``view``, torch ``distributed/fsdp/_flat_param.py``
+    ``_get_unflat_views_aligned``), so autograd's ``SplitWithSizesBackward`` holds each view's gradient until the
+    last one arrives and then concatenates them into the flat gradient: the root unit's (final norm, lm_head and
+    the embedding: one unit, resharded only after the whole backward) lm_head gradient stays unsharded through every
+    layer, and each layer ends its backward with its view gradients beside their concatenation.
     """
     c, attn_used = layer.dtypes.c, layer.attn_used
     transient = temporaries.layer_backward_bytes(spec, c, attn_used, b, s) + dequant
@@ -488,6 +506,8 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     moments = []
     sharded = rank.gathering is not None
     G = rank.head_gradient if not sharded else rank.gathering.tail.sharded_grads_bytes
+    if flat_units:  # the root unit's view gradients wait for the embedding's (class docstring)
+        G = rank.gathering.tail.grads_bytes
     for kind, hi, lo in runs:
         moe = kind[0]
         # a run's first and last layers; with units also its second and second-to-last (a run's first layer waits
@@ -513,15 +533,24 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
             else:
                 unit = gathered.layer(index)
                 weights = W + gathered.weights_during(index)
-                waiting = Bb + G_here + gathered.retained_reduce_buffer(index)
-                moments.append(Moment(Phase.BACKWARD, weights, waiting + G_acc, O, shared + left + recompute[kind],
+                # accumulated gradients (``G_acc``): the syncing micro-batch hands each unit's accumulated unsharded
+                # gradient to its reduce-scatter and frees it (torch ``_fully_shard/_fsdp_param_group.py:623-626``,
+                # ``_fsdp_collectives.py:603-606``; FSDP1 likewise replaces it by the shard), so the reduced units'
+                # shards and the retained reduce-scatter input replace, never add to, what the units had accumulated
+                waiting = Bb + maximum(G_acc, G_here + gathered.retained_reduce_buffer(index))
+                moments.append(Moment(Phase.BACKWARD, weights, waiting, O, shared + left + recompute[kind],
                                       logits_held, transient))
                 # the MLP's backward ending: the layer's gradients (the MLP's are most of them) wait beside what
                 # its attention block still holds (recomputed under checkpointing, beside the checkpoint) and the
                 # MLP's last backward transients (MoE: the experts' [T·K, 2·I_m] gradients)
                 mlp_done = attention_lefts[kind]
-                moments.append(Moment(Phase.BACKWARD, weights, waiting + maximum(G_acc, unit.grads_bytes), O,
+                # (its new unsharded gradients sit beside the accumulated ones until added in:
+                # ``_fsdp_param.py:813-820`` ``accumulate_unsharded_grad_if_needed``)
+                moments.append(Moment(Phase.BACKWARD, weights, waiting + unit.grads_bytes, O,
                                       shared + left + mlp_done, logits_held, maximum(layer_end, transient)))
+                if flat_units:  # the layer's end: its view gradients and their concatenation, its tensors freed
+                    moments.append(Moment(Phase.BACKWARD, weights, waiting + 2 * unit.grads_bytes, O,
+                                          shared + left - kept_moe, logits_held, layer_end))
         n = hi - lo + 1
         remaining -= kept_moe * n
         G += grads_moe * n

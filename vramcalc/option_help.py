@@ -39,6 +39,8 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "kbit_prep": "peft prepare_model_for_kbit_training: fp32 unquantized parameters, checkpointing on (qlora)",
     "quant_saves_input": "the quantized Linear keeps its input for backward, as bitsandbytes <= 0.43 did (qlora)",
     "quantize_lm_head": "quantize lm_head too, as Lightning/litgpt do (qlora)",
+    "stable_embedding": "litgpt: swap the embedding for bitsandbytes' StableEmbedding, as litgpt >= 0.4.13 does "
+                        "(qlora; --no-stable-embedding for older litgpt)",
     "quant_state_dtype": "auto | bf16 | fp16 | fp32: the dtype the weights were quantized from (qlora)",
     "quant_storage": "uint8 | bf16: the dtype 4-bit codes are packed in (bnb_4bit_quant_storage); bf16 lets fsdp "
                      "shard them (qlora)",

@@ -88,6 +88,8 @@ class TrainingSetup:
     quantize_lm_head: bool = False  # transformers keeps lm_head unquantized (qlora)
     quant_state_dtype: QuantStateDtype = QuantStateDtype.AUTO  # (qlora)
     quant_storage: QuantStorage = QuantStorage.UINT8  # bnb_4bit_quant_storage default (qlora)
+    # litgpt >= ae798aba (2024-10-04, 0.4.13) swaps in bitsandbytes' StableEmbedding (qlora; stack_layers.py)
+    stable_embedding: bool = True
     load: LoadPath = LoadPath.PER_TENSOR  # transformers v5 from_pretrained
     task: Task = Task.SFT  # what the step trains (task_setup.py)
     ref_model: RefModel = RefModel.NONE  # preference tasks: copy (full) or adapter (lora, qlora) unless given
@@ -158,7 +160,7 @@ class ResolvedSetup:
 
 _LORA_OPTIONS = ("lora_rank", "lora_targets", "lora_dropout", "adapter_dtype")
 _QLORA_OPTIONS = ("quant", "double_quant", "compute_dtype", "kbit_prep", "quant_saves_input", "quantize_lm_head",
-                  "quant_state_dtype", "quant_storage")
+                  "quant_state_dtype", "quant_storage", "stable_embedding")
 _PROMPT_OPTIONS = ("virtual_tokens",)
 METHOD_OPTIONS = {  # the options that belong to one method; every other method rejects them
     Method.FULL: (),
@@ -249,9 +251,17 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
                                                 "quant state dtype"),
         quant_storage=QuantStorage.parse(chosen.get("quant_storage", SETUP_DEFAULTS["quant_storage"]), "quant storage"),
         load=LoadPath.parse(chosen.get("load", SETUP_DEFAULTS["load"]), "load path"),
+        stable_embedding=_bool(chosen.get("stable_embedding", SETUP_DEFAULTS["stable_embedding"]),
+                               "stable_embedding"),
     )
     _apply_kbit_prep(values, chosen, origins)
     _apply_peft_defaults(values, chosen, origins)
+    if (values["optimizer_in_backward"] and origins.get("optimizer_in_backward", "").startswith("stack")
+            and (values["sharding"] is not Sharding.NONE or values["grad_accum"] > 1)):
+        # a preset's optimizer_in_bwd is its single-device config's (torchtune 8B_full_single_device.yaml): it yields
+        # to the sharding or accumulation the user asked for, as the distributed configs leave it off
+        values["optimizer_in_backward"] = False
+        origins["optimizer_in_backward"] = f"stack {stack.value} (single-device config; off here)"
     resolve_task(values, given, origins)
     if "global_batch_size" in given:
         values["global_batch_size"] = positive_int(given["global_batch_size"], "global batch size",

@@ -69,6 +69,7 @@ from ..units import DType, maximum, round_up
 from .gradients import gradient_bytes, layer_gradient_bytes
 from .optimizer import optimizer_state_bytes, optimizer_step_temporary_bytes
 from .parameters import stored_tensors
+from .stack_layers import stack_layers
 from .stored_tensor import StoredTensor
 from .states import RankStates, head_gradient_bytes, model_states
 from .weights import weight_bytes
@@ -137,8 +138,11 @@ def _half_bytes(resolved: ResolvedSetup) -> int | None:
 def _fp32_trainable(resolved: ResolvedSetup) -> bool:
     """accelerate upcasts trainable parameters to fp32 before ``fully_shard`` under mixed precision, except in a
     model holding ``Params4bit`` (accelerate 1.16 ``utils/fsdp_utils.py:801``: ``... and not model_has_params4bit``),
-    where they keep peft's dtype; applied here with ``--quant-storage bf16`` (the uint8 estimate predates it)."""
-    return casts_to_half(resolved) and resolved.setup.sharding is Sharding.FSDP and not shards_4bit(resolved)
+    where they keep peft's dtype; applied here with ``--quant-storage bf16`` (the uint8 estimate predates it). A stack
+    that keeps the built dtype does not upcast (``stack_layers.StackLayers.fsdp_keeps_dtype``: torchtune, litgpt)."""
+    setup = resolved.setup
+    return (casts_to_half(resolved) and setup.sharding is Sharding.FSDP
+            and not stack_layers(setup.stack).fsdp_keeps_dtype and not shards_4bit(resolved))
 
 
 # -- 4-bit weights under sharding (--quant-storage) ------------------------------------------------------------------
@@ -216,7 +220,7 @@ def _unit_of(tensor: StoredTensor, tied: bool) -> str:
 
 
 def _unit(tensors: list[tuple[StoredTensor, int]], n: int, half_bytes: int | None, fp32_trainable: bool,
-          zero3_prefetch_bytes: int | None) -> Unit:
+          zero3_prefetch_bytes: int | None, flat_grads: bool = False) -> Unit:
     """The unit holding ``count`` of each tensor (the rank's view of one layer, or of the embedding or tail) over
     ``n`` ranks; gathered copies in ``half_bytes`` (None: the stored dtype), sharded trainable states in fp32 when
     ``fp32_trainable`` (FSDP2's upcast). Per rank, for each tensor of n_t elements in rows_t rows:
@@ -227,8 +231,11 @@ def _unit(tensors: list[tuple[StoredTensor, int]], n: int, half_bytes: int | Non
     ZeRO-3 (``zero3_prefetch_bytes`` given) gathers into the parameters' own storage (no flat buffer of its own);
     its "buffer" is the prefetch bucket ahead of the compute, at most the unit itself, and its gradients go
     through the reduce bucket (``RankStates.backward_buffers``) rather than a per-unit reduce-scatter input.
+    ``flat_grads`` (FSDP1 ``use_orig_params`` flat parameters, ``stack_layers.StackLayers.fsdp_flat_params``): a
+    unit with any trainable tensor gets gradients for all of its tensors.
     """
     params = flat = grads = reduce_in = grad_state = 0
+    flat_trainable = flat_grads and any(t.trainable for t, c in tensors if c and t.kind != "quantized")
     for tensor, count in tensors:
         if count == 0 or tensor.kind == "quantized":
             continue  # 4-bit Params4bit are left out of fully_shard (accelerate ignored_params): replicated
@@ -236,7 +243,7 @@ def _unit(tensors: list[tuple[StoredTensor, int]], n: int, half_bytes: int | Non
         padded = _padded_numel(tensor, n)
         params += round_up(padded * gather) * count
         flat += padded * gather * count
-        if tensor.trainable:
+        if tensor.trainable or flat_trainable:
             grads += round_up(tensor.numel * gather) * count
             reduce_in += padded * gather * count
             grad_state += sharded(tensor, n).numel * _state_bits(tensor, fp32_trainable) // 8 * count
@@ -261,17 +268,19 @@ def gathering(spec: ModelSpec, resolved: ResolvedSetup) -> Gathering | None:
     if setup.sharding is Sharding.ZERO3:  # "auto" stage3_prefetch_bucket_size = 0.9·h² elements, 16-bit
         prefetch = int(DEEPSPEED_PREFETCH_FRACTION * spec.hidden_size**2) * facts.half_dtype(setup.precision).bytes
     keep_gathered = setup.sharding is Sharding.FSDP and setup.fsdp_shard is FsdpShard.SHARD_GRAD_OP
+    flat_grads = setup.sharding is Sharding.FSDP and stack_layers(setup.stack).fsdp_flat_params
     return gathering_units(spec, engine_tensors(spec, resolved), setup.num_gpus, _half_bytes(resolved),
-                 _fp32_trainable(resolved), prefetch, keep_gathered)
+                 _fp32_trainable(resolved), prefetch, keep_gathered, flat_grads)
 
 
 def gathering_units(spec: ModelSpec, tensors: tuple[StoredTensor, ...], n_ranks: int, half_bytes: int | None,
-                    fp32_trainable: bool, zero3_prefetch_bytes: int | None, keep_gathered: bool) -> Gathering:
+                    fp32_trainable: bool, zero3_prefetch_bytes: int | None, keep_gathered: bool,
+                    flat_grads: bool = False) -> Gathering:
     """The embedding's, a dense and an MoE layer's and the tail's unit (``_unit``) of the stored ``tensors``: one
     unit per decoder layer, the input embedding alone, and final norm + lm_head (+ the embedding when tied)."""
     tied = spec.tie_word_embeddings
     model_level = [(t, t.count) for t in tensors if t.scope == "model"]
-    args = (n_ranks, half_bytes, fp32_trainable, zero3_prefetch_bytes)
+    args = (n_ranks, half_bytes, fp32_trainable, zero3_prefetch_bytes, flat_grads)
     return Gathering(
         embed=_unit([(t, c) for t, c in model_level if _unit_of(t, tied) == "embed"], *args),
         dense=_unit(_layer_tensors(spec, tensors, False), *args),
@@ -336,6 +345,10 @@ def _fsdp_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
     if setup.offload is Offload.PARAMS:  # CPUOffloadPolicy: shards, sharded gradients and the optimizer on the host
         host = weights - replicated + G + O
         weights, G, O, step = replicated, 0, 0, 0
+        # each reduced shard is copied to the host as it is made (torch ``_fully_shard/_fsdp_collectives.py:711``
+        # ``if fsdp_param.offload_to_cpu``): no unit's sharded gradients stay on the GPU
+        units = dataclasses.replace(units, **{name: dataclasses.replace(getattr(units, name), sharded_grads_bytes=0)
+                                             for name in ("embed", "dense", "moe", "tail")})
     return RankStates(
         weights=weights, gradients=G, optimizer_states=O, optimizer_step=step,
         layer_gradients=(units.dense.sharded_grads_bytes, units.moe.sharded_grads_bytes),

@@ -43,6 +43,21 @@ Symbols: T tokens, h hidden, a heads, k kv heads, d head dim, c compute bytes, s
 - ``torchao_nf4``: QLoRA's base weights are torchao ``NF4Tensor``s dequantized in eager PyTorch by every forward and
   backward matmul, at any token count (``nf4_dequant_bytes``), not bitsandbytes' kernels
   (``temporaries.dequantized_weight_bytes``).
+- ``fsdp_keeps_dtype``: under FSDP the parameters are sharded, gathered and stepped in the dtype the model was built
+  in (bf16), with no fp32 upcast of the trainable ones (accelerate's ``fsdp2_prepare_model`` upcasts; memory-math
+  F1 in docs/stacks-research.md). torchtune 0.6.1 ``training/_distributed.py:550-568`` (``fully_shard`` with no
+  ``mp_policy``; the 2024 recipes wrapped FSDP1 with ``mixed_precision=None``, ``full_finetune_distributed.py`` at
+  fde0dc403); litgpt through Lightning Fabric's ``FSDPPrecision("bf16-true")``: param, reduce and buffer dtype bf16
+  on a module built in bf16 (pytorch-lightning@71aed751 ``src/lightning/fabric/plugins/precision/fsdp.py:92-93``,
+  @f5d82504da ``:88-89``).
+- ``fsdp_flat_params``: FSDP1 with ``use_orig_params=True`` (Lightning Fabric's default, pytorch-lightning@71aed751
+  ``src/lightning/fabric/strategies/fsdp.py:175``; @f5d82504da ``:174``), one ``FlatParameter`` per wrapped Block.
+  The flat parameter requires grad when any of its tensors does (torch ``distributed/fsdp/_flat_param.py:804-836``:
+  the OR over the tensors), so in a LoRA job autograd makes a gradient for the whole Block, frozen base weights
+  included, and FSDP keeps it: unsharded and accumulated through every ``no_sync`` micro-batch
+  (``_runtime_utils.py:743-746``; ``fully_sharded_data_parallel.py:1037-1044``: "accumulate the full model
+  gradients"; litgpt's loops enter ``fabric.no_backward_sync`` on every accumulating micro-batch), sharded after the
+  reduce-scatter (``distributed.gathering_units``' ``flat_grads``).
 """
 
 from __future__ import annotations
@@ -83,15 +98,17 @@ class StackLayers:
     fused_gelu: bool = False
     fp32_unembed: bool = False
     packed_block_mask: bool = False
+    fsdp_keeps_dtype: bool = False
+    fsdp_flat_params: bool = False
 
 
 HF = StackLayers("hf")
 TORCHTUNE = StackLayers("torchtune", norm_fp32_product=True, trainer_optimizer=False, kv_expanded=True, rotary_per_forward=False,
                         rope_buffer=RopeBuffer.TORCHTUNE, torchao_nf4=True, fp32_unembed=True,
-                        packed_block_mask=True)
+                        packed_block_mask=True, fsdp_keeps_dtype=True)
 LITGPT = StackLayers("litgpt", norm_fp32_product=True, trainer_optimizer=False, kv_expanded=True, fused_qkv=True, query_head_major=True,
                      rotary_per_forward=False, rope_buffer=RopeBuffer.LITGPT, stable_embedding=True,
-                     fused_qkv_lora=True, fused_gelu=True)
+                     fused_qkv_lora=True, fused_gelu=True, fsdp_keeps_dtype=True, fsdp_flat_params=True)
 
 # the stacks that build their own decoder; every other stack runs transformers' modeling code
 _OWN_DECODER = {Stack.TORCHTUNE: TORCHTUNE, Stack.LITGPT: LITGPT}

@@ -236,8 +236,8 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int = _driver.
                 model.max_seq_length = setup.seq_len  # fit(): the longest sequence; rebuilds the RoPE cache
             module = _setup_module(fabric, model)
             optimizer = _make_optimizer(model, resolved, tracker)
-            if quantized:
-                _stable_embedding(model)  # finetune/lora.py:218-228, after the optimizer
+            if quantized and setup.stable_embedding:
+                _stable_embedding(model)  # finetune/lora.py:218-228, after the optimizer (litgpt >= 0.4.13)
             optimizer = fabric.setup_optimizers(optimizer)
         weights = list(model.parameters()) + list(model.buffers())
         if quantized:
