@@ -156,18 +156,31 @@ def test_gpt_oss_falls_back_to_eager_under_sdpa_and_its_sinks_are_parameters():
     assert sinks and sinks[0].shape == (spec.num_heads,) and sinks[0].count == spec.num_layers
 
 
-def test_llama4_chunked_layers_past_the_chunk_are_refused_under_sdpa_and_estimated_under_eager():
-    # chunked (RoPE) and full (NoPE) layers: under sdpa only the chunked ones get a mask once seq >= chunk
+def test_llama4_past_the_chunk_only_its_chunked_layers_are_masked():
+    # chunked (RoPE) layers get create_chunked_causal_mask; the full (NoPE) layer keeps SDPA's is_causal
     import dataclasses
 
-    import vramcalc as vc
-    from vramcalc.errors import VramcalcError
+    from vramcalc.terms.activations import layer_masks
 
     spec = dataclasses.replace(TINY["llama4_text"], sliding_window=256)
-    with pytest.raises(VramcalcError, match="sliding window"):
-        vc.estimate(spec, seq_len=256)
-    assert vc.estimate(spec, seq_len=255).total_bytes > 0
-    assert vc.estimate(spec, seq_len=256, attn="eager").total_bytes > 0
+    kinds = spec.layer_types
+    assert layer_masks(spec, True) == tuple(kind == "chunked_attention" for kind in kinds)
+    assert "full_attention" in kinds and "chunked_attention" in kinds
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("options", [dict(seq_len=256), dict(seq_len=512, method="lora")])
+def test_llama4_past_the_chunk_under_sdpa_agrees_with_the_trace(options):
+    import dataclasses
+
+    from vramcalc.tracing.runner import run_trace
+
+    spec = dataclasses.replace(TINY["llama4_text"], sliding_window=256)
+    resolved = resolve_setup(spec, **options)
+    estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
+    traced = sum(run_trace(spec, resolved, progress=False).terms.values())
+    assert abs(estimated - traced) / traced < TOLERANCE
 
 
 def test_a_llama4_scout_text_config_reads_its_layout(tmp_path):

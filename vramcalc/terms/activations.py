@@ -70,8 +70,7 @@ from .peft_methods import (delta_weight_saved, dora_per_layer_bytes, dora_saved_
 
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
 SDPA_FLASH_MAX_HEAD_DIM = 256
-SEED_OFFSET_BYTES = 2 * 512
-_MOE_BEFORE_ISSUE_13 = ("mixtral", "qwen3_moe", "deepseek_v3")  # their experts' estimate is frozen (compare.py)  # flash attention's philox seed and offset, two tiny allocations per layer
+SEED_OFFSET_BYTES = 2 * 512  # flash attention's philox seed and offset, two tiny allocations per layer
 
 
 @dataclass(frozen=True)
@@ -456,11 +455,10 @@ class _LayerWalk(ParallelBlockWalk):
         kv = self.linears([self.use("kv_b_proj", kv_r)], kvn)
         qk = nope + rope
         o_use = self.use("o_proj", a * v)
-        if self.layer.attn_used is Attention.EAGER and m.family != "deepseek_v3":
+        if self.layer.attn_used is Attention.EAGER:
             # eager_attention_forward (a = k: repeat_kv is a no-op): q and K saved by the first matmul, the fp32
             # softmax and its cast (saved by the second matmul, with V, a view of kv_b's output), and the output's
-            # contiguous copy when o_proj saves its input. (deepseek_v3 keeps the flash rule below until the lead
-            # accepts the changed compare.py rows: the same code path, the same gap there)
+            # contiguous copy when o_proj saves its input
             if self.grad:
                 q_bytes = c if dt.autocast else max(c, dt.r)
                 self.per_token += q_bytes * a * qk * 2 + kv * a * (nope + v)
@@ -520,9 +518,8 @@ class _LayerWalk(ParallelBlockWalk):
             # router: fp32 scores [T, E], top-k values and int64 indices, their normaliser; a trained router's input
             self.per_token += _F32 * E + (_F32 + 8) * K + _F32 + (c * h if self.full else 0)
         # torch._grouped_mm has no autocast kernel: the experts compute in their input's dtype (fp32 under mixed
-        # precision; tests/test_trace_moe.py). The families before issue 13 keep the compute dtype until the lead
-        # accepts the changed compare.py rows (the xfail in tests/test_trace_moe.py is this gap)
-        e = n if dt.autocast and m.family not in _MOE_BEFORE_ISSUE_13 else c
+        # precision; tests/test_trace_moe.py)
+        e = n if dt.autocast else c
         # per slot: gate_up output (pinned by act and *), act output, down output (the routing weight needs it),
         # and the int64 sort, permutation and gather indices
         # gpt-oss's clamped SwiGLU (GptOssExperts._apply_gate): gate_up output (pinned by the two clamps), the clamped
@@ -586,11 +583,12 @@ def layer_masks(model: ModelSpec, masked: bool) -> tuple[bool, ...]:
     """Per decoder layer, whether its attention gets the 4-D mask (``masked``, the model's decision). A model with
     sliding and full layers (``layer_types``: gemma3_text, cohere2) builds one mask per kind
     (``create_sliding_window_causal_mask`` and ``create_causal_mask``, transformers 5.25 modeling_gemma3.py L527-534,
-    modeling_cohere2.py L387-390): at a sequence reaching the window only the sliding one exists (masking_utils.py
-    L356; the full one is skipped for SDPA's is_causal), so only sliding layers are masked."""
+    modeling_cohere2.py L387-390; Llama-4's chunked layers likewise get ``create_chunked_causal_mask``): at a sequence
+    reaching the window only the windowed one exists (masking_utils.py L356; the full one is skipped for SDPA's
+    is_causal), so only the sliding or chunked layers are masked."""
     if len(set(model.layer_types)) < 2:
         return (masked,) * model.num_layers
-    return tuple(masked and kind == "sliding_attention" for kind in model.layer_types)
+    return tuple(masked and kind != "full_attention" for kind in model.layer_types)
 
 
 def attention_masked(model: ModelSpec, seq_len, attn_used: Attention, packing: bool, sequences=2):
