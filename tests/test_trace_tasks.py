@@ -18,7 +18,7 @@ from vramcalc.errors import VramcalcError
 from vramcalc.training_setup import resolve_setup
 
 from .conftest import needs_torch
-from .tiny_models import TINY
+from .tiny_models import TINY, tiny_teacher_config
 
 pytestmark = [needs_torch, pytest.mark.trace]
 trl = pytest.importorskip("trl")
@@ -240,23 +240,6 @@ DISTILL_CASES = [
 DISTILL_IDS = [f"{family}-{'-'.join(f'{k}={v}' for k, v in options.items())}" for family, options in DISTILL_CASES]
 
 
-def _teacher_config(family: str) -> str:
-    """A teacher of the student's family and vocabulary, twice as wide and deep, as a config.json vramcalc reads."""
-    import dataclasses
-    import pathlib
-    import tempfile
-
-    from vramcalc.tracing.build import hf_config
-
-    student = TINY[family]
-    teacher = dataclasses.replace(student, name=f"{student.name}-teacher", num_layers=2 * student.num_layers,
-                                  hidden_size=2 * student.hidden_size,
-                                  intermediate_size=2 * student.intermediate_size)
-    folder = pathlib.Path(tempfile.mkdtemp(prefix="vramcalc-teacher-"))
-    hf_config(teacher).to_json_file(str(folder / "config.json"))
-    return str(folder)
-
-
 @functools.lru_cache(maxsize=None)
 def _distill_traced_and_estimated(index: int) -> tuple[int, int, int]:
     """(traced, estimated, the student's SFT estimate) for DISTILL_CASES[index]."""
@@ -266,7 +249,7 @@ def _distill_traced_and_estimated(index: int) -> tuple[int, int, int]:
 
     family, options = DISTILL_CASES[index]
     spec = TINY[family]
-    resolved = resolve_setup(spec, stack="trl", task="distill", teacher=_teacher_config(family), **options)
+    resolved = resolve_setup(spec, stack="trl", task="distill", teacher=tiny_teacher_config(family), **options)
     traced = sum(run_trace(spec, resolved, progress=False, tracer_class=DistillStepTracer).terms.values())
     sft = max(m.tensor_bytes for m in step_moments(spec, resolve_setup(spec, stack="trl", **options)))
     return traced, max(m.tensor_bytes for m in step_moments(spec, resolved)), sft
@@ -291,7 +274,7 @@ def test_distill_trace_runs_gkdtrainer_compute_loss_with_its_teacher():
 
     with mock.patch.object(gkd_trainer.GKDTrainer, "compute_loss", autospec=True,
                            side_effect=gkd_trainer.GKDTrainer.compute_loss) as loss:
-        result = vc.trace(TINY["llama"], task="distill", teacher=_teacher_config("llama"), method="lora",
+        result = vc.trace(TINY["llama"], task="distill", teacher=tiny_teacher_config("llama"), method="lora",
                           seq_len=128, stack="trl", progress=False)
     assert loss.call_count == 2
     assert result.details["teacher_model_bytes"] > 0

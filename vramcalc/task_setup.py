@@ -276,6 +276,10 @@ def task_warnings(setup) -> list[str]:
             out.append(f"--rollout-engine vllm: the colocated engine's reservation is modelled from vLLM's "
                        f"gpu_memory_utilization rule ({setup.vllm_gpu_fraction} x the GPU's memory, in "
                        "runtime_overhead; needs --gpu)")
+    if setup.task is Task.DISTILL:
+        out.append(f"--task distill: GKDTrainer's off-policy step (the dataset's completions) with the teacher "
+                   f"{setup.teacher} in 16-bit; GKDConfig's default lmbda=0.5 also generates with the student "
+                   "(max_new_tokens=128) on half the steps: that generation phase is not modelled")
     if not setup.task.uses_fused_head or setup.num_gpus == 1:
         return out
     return out + [f"--task {setup.task.value} on {setup.num_gpus} GPUs: the policy's states are sharded as for SFT and "
