@@ -235,6 +235,8 @@ DISTILL_CASES = [
     ("qwen3", dict(method="full", precision="mixed-bf16", seq_len=256)),
     ("gemma2", dict(method="lora", seq_len=256, precision="bf16")),  # the final soft-cap's saved tanh output
     ("mistral", dict(method="lora", seq_len=512, grad_ckpt=True)),
+    # -1.13%: the student's eager 4-D mask is fp32 in the trace (built in the dtype of the fp32 embedding output of
+    # the trl preset's LoRA model), 2-byte in the shared activations rule: the gemma2 DPO note above, not GKD's
     ("llama", dict(method="lora", seq_len=1024, grad_ckpt=True, attn="eager")),
 ]
 DISTILL_IDS = [f"{family}-{'-'.join(f'{k}={v}' for k, v in options.items())}" for family, options in DISTILL_CASES]
