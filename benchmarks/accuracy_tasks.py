@@ -89,6 +89,16 @@ def grid() -> list[tuple[str, dict]]:
         ("mistral", dict(gen, method="full", batch_size=2, num_generations=4, prompt_len=64, completion_len=16)),
         ("gemma2", dict(gen, method="lora", batch_size=2, num_generations=4, prompt_len=100, completion_len=24)),
     ]
+    # distillation: GKDTrainer.compute_loss with a teacher twice as deep and wide ("2x": tiny_teacher_config)
+    distill = dict(task="distill", teacher="2x")
+    rows += [
+        ("llama", dict(distill, method="lora", seq_len=512)),
+        ("llama", dict(distill, method="full", seq_len=256, batch_size=2)),
+        ("qwen3", dict(distill, method="qlora", seq_len=512)),
+        ("qwen3", dict(distill, method="full", precision="mixed-bf16", seq_len=256)),
+        ("mistral", dict(distill, method="lora", seq_len=512, grad_ckpt=True)),
+        ("gemma2", dict(distill, method="lora", precision="bf16", seq_len=256)),
+    ]
     return [(family, dict(stack="trl", **options)) for family, options in rows]
 
 
@@ -118,13 +128,16 @@ def measure_generation(family: str, options: dict) -> dict:
 def measure(family: str, options: dict) -> dict:
     if options.get("kind") == "generation":
         return measure_generation(family, options)
+    from tests.tiny_models import tiny_teacher_config
     from vramcalc.tracing.runner import run_trace
-    from vramcalc.tracing.tasks import PreferenceStepTracer
+    from vramcalc.tracing.tasks import DistillStepTracer, PreferenceStepTracer
 
     spec = TINY[family]
-    resolved = resolve_setup(spec, **options)
+    given = dict(options, teacher=tiny_teacher_config(family)) if options.get("teacher") == "2x" else options
+    resolved = resolve_setup(spec, **given)
     started = time.perf_counter()
-    result = run_trace(spec, resolved, progress=False, tracer_class=PreferenceStepTracer)
+    tracer = DistillStepTracer if options["task"] == "distill" else PreferenceStepTracer
+    result = run_trace(spec, resolved, progress=False, tracer_class=tracer)
     traced = sum(result.terms.values())
     skipped = (Phase.LOAD, Phase.GENERATION, Phase.REFERENCE_FORWARD) if options["task"] == "grpo" else (Phase.LOAD,)
     moments = [m for m in step_moments(spec, resolved) if m.phase not in skipped]
@@ -146,7 +159,8 @@ def write(rows: list[dict]) -> None:
              "step's peak tensor bytes (load phase left out; MiB = 2^20 bytes). The trace runs DPOTrainer's real "
              "`_compute_loss` (fused lm_head, reference via a second model or peft's `disable_adapter`, the DPO loss "
              "and its metrics) on fake tensors with the HF trace's model, optimizer and step (`vramcalc/tracing/"
-             "tasks.py`); KTO rows run KTOTrainer's real `_compute_loss` (b unpaired rows, the KL rows scored under "
+             "tasks.py`); distill rows run GKDTrainer's real `compute_loss` (a 16-bit teacher twice as deep and wide, "
+             "the generalized JSD loss on both full logits); KTO rows run KTOTrainer's real `_compute_loss` (b unpaired rows, the KL rows scored under "
              "no_grad by the policy and the reference); GRPO training rows run GRPOTrainer's real `_compute_loss` "
              "(training phase); GRPO `kind=generation` rows run transformers' real `generate` (sampling, "
              "DynamicCache) on b x num_generations rows and compare the generation phase's bytes beside the model "
@@ -170,14 +184,14 @@ def write_accuracy_section(rows: list[dict]) -> None:
     errors = [abs(r["error"]) for r in rows]
     families = sorted({r["model"] for r in rows})
     section = [TASKS_HEADING, "",
-               f"`--task` (DPO, IPO, SimPO, ORPO, CPO, KTO, GRPO training and generation) against the trace of "
+               f"`--task` (DPO, IPO, SimPO, ORPO, CPO, KTO, GRPO training and generation, distill) against the trace of "
                f"TRL 1.16's "
                f"real trainers' loss computation and of transformers' `generate` on fake tensors: "
                f"`benchmarks/accuracy_tasks.md`, written by `python benchmarks/accuracy_tasks.py` "
                f"({len(rows)} setups, {len(families)} families, full/LoRA/QLoRA: median |error| "
                f"{100 * statistics.median(errors):.2f}%, max {100 * max(errors):.2f}%).", "",
                *summary_lines(rows), "",
-               "Not in the grid: `--task reward` and `--task distill` (not modelled yet). Published DPO/GRPO memory "
+               "Not in the grid: `--task reward` (not modelled yet). Published DPO/GRPO memory "
                "figures against the estimate: "
                "`benchmarks/tasks_published.md`.", ""]
     replace_section(TASKS_HEADING, "\n".join(section[2:]))

@@ -208,3 +208,50 @@ def test_kto_max_batch_and_plan_start_at_two_rows():
     assert largest >= 2
     assert vc.estimate(MODEL, task="kto", method="lora", seq_len=2048, prompt_len=1024, batch_size=largest,
                        gpu="h100-sxm").fits("h100-sxm")
+
+
+# -- distillation (--task distill: TRL 1.16 GKDTrainer) -----------------------------------------------------------
+DISTILL = dict(task="distill", teacher="llama-3.2-3b", batch_size=2, seq_len=1024)
+STUDENT = "llama-3.2-1b"
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_distill_is_above_sft_of_the_student_by_the_teacher_and_both_logits(method):
+    """GKD holds a 16-bit teacher at every moment and, in the loss, the student's and the teacher's fp32 [b, s, V]
+    logits (accelerate's convert_outputs_to_fp32): at least that much above the student's SFT step."""
+    options = dict(DISTILL, method=method)
+    distill = vc.estimate(STUDENT, **options)
+    sft = vc.estimate(STUDENT, method=method, batch_size=2, seq_len=1024, stack="trl")
+    logits = 2 * 4 * 2 * 1024 * 128256
+    assert distill.peak_tensor_bytes > sft.peak_tensor_bytes + distill.details["teacher_model_bytes"] + logits
+
+
+def test_distill_teacher_is_stored_in_bf16():
+    """Llama-3.2-3B has 3,212,749,824 parameters (meta-llama/Llama-3.2-3B, its safetensors: 6.43 GB in bf16)."""
+    details = vc.estimate(STUDENT, **DISTILL).details
+    assert details["teacher"] == "llama-3.2-3b" and details["teacher_model_bytes"] == 2 * 3_212_749_824
+
+
+def test_distill_grows_with_the_teacher():
+    small = vc.estimate(STUDENT, **DISTILL).peak_tensor_bytes
+    large = vc.estimate(STUDENT, **dict(DISTILL, teacher="llama-3.1-8b")).peak_tensor_bytes
+    assert large - small >= 2 * (8_030_261_248 - 3_212_749_824)
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(task="distill"), "needs --teacher"),
+    (dict(task="distill", teacher="qwen3-0.6b"), "vocab_size 151936"),
+    (dict(task="dpo", teacher="llama-3.2-3b"), "--teacher applies to --task distill"),
+    (dict(teacher="llama-3.2-3b"), "--teacher applies to --task distill, not --task sft"),
+    (dict(task="distill", teacher="llama-3.2-3b", packing=True), "no-packing"),
+    (dict(task="distill", teacher="llama-3.2-3b", loss="trl"), "full logits"),
+    (dict(task="distill", teacher="llama-3.2-3b", ref_model="copy"), "does not apply"),
+])
+def test_bad_distill_options_are_one_error(options, words):
+    with pytest.raises(VramcalcError, match=words):
+        vc.estimate(STUDENT, **options)
+
+
+def test_cli_distill_vocabulary_mismatch_is_one_error_line(capsys):
+    code, out, err = run_cli(capsys, "estimate", STUDENT, "--task", "distill", "--teacher", "qwen3-8b")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error:")

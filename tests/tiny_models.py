@@ -32,3 +32,21 @@ TINY = {
                              first_k_dense_replace=1, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
                              qk_rope_head_dim=16, v_head_dim=32),
 }
+
+
+def tiny_teacher_config(family: str) -> str:
+    """A ``--teacher`` for ``--task distill``: the family's tiny model twice as deep and wide (same vocabulary),
+    written as a config.json vramcalc reads; returns its folder."""
+    import dataclasses
+    import pathlib
+    import tempfile
+
+    from vramcalc.tracing.build import hf_config
+
+    student = TINY[family]
+    teacher = dataclasses.replace(student, name=f"{student.name}-teacher", num_layers=2 * student.num_layers,
+                                  hidden_size=2 * student.hidden_size,
+                                  intermediate_size=2 * student.intermediate_size)
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="vramcalc-teacher-"))
+    hf_config(teacher).to_json_file(str(folder / "config.json"))
+    return str(folder)

@@ -27,7 +27,7 @@ from .breakdown import MemoryBreakdown
 from .catalogue import GpuSpec, get_gpu, get_model
 from .errors import VramcalcError
 from .model import ModelSpec
-from .options import Loss, Method, Phase, Quant, Sharding, Term
+from .options import Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
 from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, peft_methods,
                     quantized, runtime, stack_layers, states, tasks, temporaries, trl_loss)
@@ -151,6 +151,9 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
     if setup.sharding is not Sharding.NONE:
         out.update(_data_parallel_details(spec, resolved, device))
     out.update(tasks.task_details(parameters.stored_tensors(spec, resolved), setup, device))  # {} for sft
+    if setup.task is Task.DISTILL:  # the GKD teacher (terms/tasks.py)
+        out.update(tasks.distill_details(setup, activations.dtypes(setup.method, setup.precision,
+                                                                   setup.adapter_dtype)))
     if setup.task.uses_fused_head:  # each phase's peak: GRPO's generation and training both reported
         out["phase_peak_bytes"] = _phase_peaks(spec, resolved)
     if device is not None:  # the step's time on that GPU (cost.step_for: cached per setup, standard library)
@@ -225,7 +228,8 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     masked = activations.attention_masked(spec, s, resolved.attn_used, dense_packing, sequences)
     if peft_methods.prefix_masked(setup.method):  # a key/value prefix: SDPA gets a 4-D mask
         masked = True
-    if setup.task.uses_fused_head:  # the collator's padded 2-D attention mask reaches the attention (terms/tasks.py)
+    if setup.task.uses_fused_head or setup.task is Task.DISTILL:  # the collator's padded 2-D attention mask reaches
+        # the attention (terms/tasks.py)
         masked = tasks.preference_masked(masked, resolved.attn_used)
     if not hasattr(masked, "shape"):
         return _moments(spec, resolved, b, s, masked)
@@ -371,6 +375,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     else:
         lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b, compiled=csetup.compile,
                                  whole_head=csetup.method is Method.FULL, fp32_logits=layer.layers.fp32_unembed)
+    if csetup.task is Task.DISTILL:  # GKD: the student's full logits and the JSD loss (terms/tasks.py)
+        lg = tasks.distill_logits_bytes(spec, dt, b, s)
     dequant_beside = None  # torchtune: torchao's eager dequantization, beside a layer's saved tensors (stack_layers)
     if csetup.method is Method.QLORA and layer.layers.torchao_nf4:
         dequant = 0
@@ -458,6 +464,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - rank.weights))
     if setup.task.uses_fused_head:  # the reference model and its forward, GRPO's generation (terms/tasks.py)
         moments = tasks.task_moments(moments, spec, setup, tensors, dt, b, s, lg, Moment)
+    if setup.task is Task.DISTILL:  # the teacher's weights and no-grad forward (terms/tasks.py)
+        moments = tasks.distill_moments(moments, spec, setup, dt, b, s, Moment)
     return moments
 
 

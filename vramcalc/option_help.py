@@ -47,6 +47,7 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "task": "sft | dpo | ipo | simpo | orpo | cpo | kto | grpo (reward, distill: not modelled yet)",
     "ref_model": "copy | adapter | precomputed | none: the preference tasks' reference log-probs",
     "prompt_len": "prompt tokens of each chosen/rejected row (preference tasks; not scored)",
+    "teacher": "the teacher model of --task distill (GKD): a catalogue name, Hub id or config.json; same vocabulary",
     "completion_len": "scored tokens of each row (preference tasks; default seq_len - prompt_len)",
     "num_generations": "grpo: completions per prompt; --batch-size counts prompts",
     "rollout_engine": "grpo: hf (transformers generate) | vllm (colocated engine, modelled)",

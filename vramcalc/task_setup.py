@@ -30,9 +30,10 @@ from __future__ import annotations
 from .errors import VramcalcError, positive_int
 from .options import Loss, Method, RefModel, RolloutEngine, Stack, Task
 
-MODELLED_TASKS = (Task.SFT, Task.DPO, Task.IPO, Task.SIMPO, Task.ORPO, Task.CPO, Task.KTO, Task.GRPO)
+MODELLED_TASKS = (Task.SFT, Task.DPO, Task.IPO, Task.SIMPO, Task.ORPO, Task.CPO, Task.KTO, Task.GRPO, Task.DISTILL)
 GRPO_OPTIONS = ("num_generations", "rollout_engine", "vllm_gpu_fraction")
-TASK_OPTIONS = ("ref_model", "prompt_len", "completion_len") + GRPO_OPTIONS
+DISTILL_OPTIONS = ("teacher",)
+TASK_OPTIONS = ("ref_model", "prompt_len", "completion_len") + GRPO_OPTIONS + DISTILL_OPTIONS
 GRPO_NUM_GENERATIONS = 8  # trl/trainer/grpo_config.py:480-481 (num_generations=8)
 GRPO_COMPLETION_LEN = 512  # grpo_config.py:494-495 (max_completion_length=512)
 VLLM_GPU_FRACTION = 0.3  # grpo_config.py:656-657 (vllm_gpu_memory_utilization=0.3, colocate mode)
@@ -49,12 +50,19 @@ def resolve_task(values: dict, given: dict, origins: dict) -> None:
         raise VramcalcError(f"--task {task.value} is not modelled yet (issue 15); modelled tasks: "
                             f"{', '.join(t.value for t in MODELLED_TASKS)}")
     if task is Task.SFT:
+        if "teacher" in given:
+            raise VramcalcError("--teacher applies to --task distill, not --task sft")
         for key in TASK_OPTIONS:
             if key in given:
                 raise VramcalcError(f"--{key.replace('_', '-')} applies to preference tasks (--task dpo, ipo, simpo, "
                                     "orpo, cpo), not --task sft")
         values.update(ref_model=RefModel.NONE, prompt_len=0, completion_len=None)
         return
+    if task is Task.DISTILL:
+        _distill(values, given, origins)
+        return
+    if "teacher" in given:
+        raise VramcalcError(f"--teacher applies to --task distill, not --task {task.value}")
     _check_preference_setup(task, values)
     method = values["method"]
     if "loss" in given and Loss.parse(given["loss"], "loss") is not Loss.TRL:
@@ -131,6 +139,55 @@ def _grpo(values: dict, given: dict, origins: dict) -> None:
                                 "completion; give --prompt-len or a longer --seq-len")
         origins["prompt_len"] = "implied by seq_len - completion_len"
     values.update(prompt_len=prompt, completion_len=completion)
+
+
+def _distill(values: dict, given: dict, origins: dict) -> None:
+    """TRL 1.16's ``GKDTrainer`` (``trl/experimental/gkd/gkd_trainer.py``), off-policy (a dataset's completions):
+    the student trains on b rows of ``seq_len`` beside a teacher in inference mode (``evaluation_mode=True``,
+    ``:191-194``; ``torch.no_grad`` forward, ``:333-338``). ``compute_loss`` (``:324-361``) calls both models without
+    labels, so SFTTrainer's fused head falls back to the model's own forward (``trl/trainer/utils.py:1603-1609``):
+    full [b, s, V] logits for each, then ``generalized_jsd_loss`` (``:238-322``). ``--teacher`` names the teacher
+    (any model ``vramcalc`` reads), which must share the student's vocabulary (``:177-185``: checked by
+    ``check_teacher``)."""
+    if "teacher" not in given or not str(given["teacher"]).strip():
+        raise VramcalcError("--task distill needs --teacher MODEL (the GKD teacher, a model with the student's "
+                            "vocabulary)")
+    for key in TASK_OPTIONS:
+        if key != "teacher" and key in given:
+            raise VramcalcError(f"--{key.replace('_', '-')} does not apply to --task distill")
+    word = "--task distill"
+    if values["method"] not in (Method.FULL, Method.LORA, Method.QLORA):
+        raise VramcalcError(f"{word} is modelled for --method full, lora and qlora")
+    if values["packing"]:
+        raise VramcalcError(f"{word}: GKDTrainer pads with DataCollatorForChatML (gkd_trainer.py:133-135), no "
+                            "padding-free batches: use --no-packing")
+    if values["optimizer_in_backward"]:
+        raise VramcalcError(f"{word} is not modelled with --optimizer-in-backward")
+    if values["stack"] not in (Stack.TRL, Stack.HF):
+        raise VramcalcError(f"{word} follows TRL's GKDTrainer: use --stack trl or hf")
+    if values["num_gpus"] > 1:
+        raise VramcalcError(f"{word} is modelled on one GPU (the teacher's placement under sharding is not)")
+    if "loss" in given and Loss.parse(given["loss"], "loss") is not Loss.HF:
+        raise VramcalcError(f"{word}: GKDTrainer.compute_loss takes the full logits of the student's own forward "
+                            f"(gkd_trainer.py:325-328); --loss {given['loss']} is not what the trainer runs")
+    if values["loss"] is not Loss.HF:
+        values["loss"] = Loss.HF  # the student's forward writes its [b, s, V] logits (no fused head, no chunks)
+        origins["loss"] = "implied by task (full logits)"
+    values.update(teacher=str(given["teacher"]).strip(), ref_model=RefModel.NONE, prompt_len=0, completion_len=None)
+
+
+def check_teacher(student, setup) -> None:
+    """GKDTrainer refuses a teacher whose vocabulary differs from the student's (``gkd_trainer.py:177-185``: the loss
+    compares the two full next-token distributions): one error line, or none for other tasks."""
+    if setup.task is not Task.DISTILL:
+        return
+    from .terms.tasks import teacher_spec
+
+    teacher = teacher_spec(setup)
+    if teacher.vocab_size != student.vocab_size:
+        raise VramcalcError(f"--task distill: the teacher {setup.teacher} has vocab_size {teacher.vocab_size}, the "
+                            f"student {student.vocab_size}; GKD compares full next-token distributions over one "
+                            "shared tokenizer (gkd_trainer.py:177-185)")
 
 
 def _fraction(value) -> float:
@@ -219,6 +276,10 @@ def task_warnings(setup) -> list[str]:
             out.append(f"--rollout-engine vllm: the colocated engine's reservation is modelled from vLLM's "
                        f"gpu_memory_utilization rule ({setup.vllm_gpu_fraction} x the GPU's memory, in "
                        "runtime_overhead; needs --gpu)")
+    if setup.task is Task.DISTILL:
+        out.append(f"--task distill: GKDTrainer's off-policy step (the dataset's completions) with the teacher "
+                   f"{setup.teacher} in 16-bit; GKDConfig's default lmbda=0.5 also generates with the student "
+                   "(max_new_tokens=128) on half the steps: that generation phase is not modelled")
     if not setup.task.uses_fused_head or setup.num_gpus == 1:
         return out
     return out + [f"--task {setup.task.value} on {setup.num_gpus} GPUs: the policy's states are sharded as for SFT and "

@@ -36,7 +36,7 @@ from .options import (
     Task,
 )
 from .stacks import preset
-from .task_setup import resolve_task, task_warnings
+from .task_setup import check_teacher, resolve_task, task_warnings
 
 LORA_TARGET_WORDS = ("qv", "all-linear")
 
@@ -98,6 +98,7 @@ class TrainingSetup:
     num_generations: int | None = None  # grpo: completions per prompt (GRPOConfig default 8)
     rollout_engine: RolloutEngine = RolloutEngine.HF  # grpo: transformers generate (use_vllm=False)
     vllm_gpu_fraction: float | None = None  # grpo with vllm: GRPOConfig vllm_gpu_memory_utilization (0.3)
+    teacher: str | None = None  # distill: the GKD teacher model (a name vramcalc reads), 16-bit, inference mode
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -270,6 +271,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     setup = TrainingSetup(**values)
     _check_combination(setup)
     _check_computable(model, setup)
+    check_teacher(model, setup)
     if "fsdp_shard" in given and setup.sharding is not Sharding.FSDP:
         raise VramcalcError(f"--fsdp-shard applies to --sharding fsdp, not {setup.sharding.value!r}")
 

@@ -317,3 +317,91 @@ def grpo_moments(moments: list, model: ModelSpec, setup, tensors, dt, rows, seq_
         reference = reference_forward_bytes(model, dt, setup, rows, seq_len)
         out.append(moment_type(Phase.REFERENCE_FORWARD, W, 0, O, 0, reference, batch))
     return out
+
+
+# Distillation (``--task distill``): TRL 1.16 GKDTrainer (``trl/experimental/gkd/gkd_trainer.py``), off-policy.
+DISTILL_BATCH_TENSORS = 3  # input_ids, attention_mask, labels [b, s] int64 (DataCollatorForChatML; :325-341)
+# generalized_jsd_loss (gkd_trainer.py:238-322, beta=0.5) on [b, s-1, V] logits of e bytes each: its buffers at the
+# forward's peak and those autograd keeps for backward, in e-byte elements per [b, s-1, V] position. Traced on fake
+# tensors under vramcalc's AllocationTracker (/tmp/gkd_d15d.py, b=2, s=1024, V=32768): fp32 inputs, peak 17.0 units
+# of fp32 [b, s-1, V] with the two inputs (2.0), 7.0 kept once the inputs are dropped; bf16 inputs (no autocast):
+# 8.5 and 3.5 units (1.0 for the inputs): 15 and 7 elements each time. The backward's peak stays below the forward's.
+JSD_FORWARD_ELEMENTS = 15  # the two /T copies, two log_softmax, the stacked shifted pair, logsumexp, two kl_div, ...
+JSD_SAVED_ELEMENTS = 7
+
+
+def teacher_spec(setup) -> ModelSpec:
+    """The ``--teacher`` model (``catalogue.get_model``: a catalogue name, Hub id or config.json)."""
+    from ..catalogue import get_model
+
+    return get_model(setup.teacher)
+
+
+def distill_logits_element_bytes(dt) -> int:
+    """Bytes of one logit reaching the GKD loss: accelerate wraps both models' forward in
+    ``convert_outputs_to_fp32`` under mixed precision (``accelerator.py:1791-1801``, ``prepare_model``, the teacher's
+    too with ``evaluation_mode=True``), and the Trainer runs ``compute_loss`` outside autocast
+    (``trainer.py:2268-2273``): fp32 under autocast, the weights' dtype without."""
+    return 4 if dt.autocast else dt.c
+
+
+def teacher_weight_bytes(setup, dt) -> int:
+    """The teacher's weights, stored in the policy's 16-bit compute dtype (GKDConfig ``teacher_model_init_kwargs``
+    ``dtype``, ``gkd_trainer.py:156-175``; fp32 when the policy computes in fp32): params x c, alive at every moment
+    (``prepare_model(teacher, evaluation_mode=True)``, ``:194``)."""
+    return teacher_spec(setup).params * dt.c
+
+
+def distill_logits_bytes(model: ModelSpec, dt, rows, seq_len):
+    """The student's logits and the GKD loss (``LogitsBytes``, T = b·s, T' = b·(s-1), e the loss's element bytes):
+    lm_head writes c·T·V, accelerate's fp32 copy (c + e)·T·V; in the loss the student's and the teacher's e·T·V
+    logits and ``JSD_FORWARD_ELEMENTS``·e·T'·V buffers (forward peak), ``JSD_SAVED_ELEMENTS``·e·T'·V kept for
+    backward (``compute_loss`` returns only the loss: both logits tensors are dropped, ``gkd_trainer.py:360-361``);
+    lm_head's backward sees the slice's e·T·V gradient and the cast's c·T·V. Gemma-2's final soft-cap keeps its tanh
+    output (c·T·V) from the student's forward into backward (``logits.py``)."""
+    from .logits import LogitsBytes
+
+    V, c = model.vocab_size, dt.c
+    e = distill_logits_element_bytes(dt)
+    full = rows * seq_len * V
+    shifted = rows * (seq_len - 1) * V
+    labels = 8 * rows * seq_len
+    softcap = c * full if model.traits.logit_softcap else 0  # Gemma-2's tanh output, saved for its backward
+    forward = maximum((c + (e if e != c else 0)) * full,
+                      2 * e * full + JSD_FORWARD_ELEMENTS * e * shifted) + labels + softcap
+    saved = JSD_SAVED_ELEMENTS * e * shifted + labels + softcap
+    head = (e + (c if e != c else 0)) * full + labels
+    return LogitsBytes(forward, saved, forward, head)
+
+
+def distill_moments(moments: list, model: ModelSpec, setup, dt, rows, seq_len, moment_type):
+    """GKDTrainer's step: the student's moments (``estimator._moments`` with ``distill_logits_bytes``) with the
+    teacher's weights at every moment and the batch in the forward, plus the teacher's no-grad forward
+    (``gkd_trainer.py:331-338``) after the student's: the student's activations and its e·T·V logits are held while
+    the larger of the teacher's costliest layer (``reference_layer_bytes`` on the teacher, 16-bit, padded mask) and
+    its head (the final hidden state c·T·h, its c·T·V logits and their fp32 copy under autocast) runs."""
+    teacher = teacher_spec(setup)
+    tw = teacher.params * dt.c
+    batch = DISTILL_BATCH_TENSORS * 8 * rows * seq_len
+    out = []
+    for m in moments:
+        forward = m.phase is Phase.FORWARD
+        out.append(m._replace(weights=m.weights + tw, temporaries=m.temporaries + (batch if forward else 0)))
+    end_of_forward = [m for m in out if m.phase is Phase.FORWARD][-1]
+    e = distill_logits_element_bytes(dt)
+    c = dt.c
+    full = rows * seq_len * teacher.vocab_size
+    tdt = dt.__class__(c=c, r=c, norm_out=c, autocast=dt.autocast, adapter=dt.adapter)
+    masked = setup.attn is not Attention.FLASH
+    head = c * rows * seq_len * teacher.hidden_size + (c + (e if e != c else 0)) * full
+    teacher_forward = maximum(reference_layer_bytes(teacher, tdt, rows, seq_len, masked), head)
+    out.append(moment_type(Phase.REFERENCE_FORWARD, end_of_forward.weights, end_of_forward.gradients,
+                           end_of_forward.optimizer_states, end_of_forward.activations,
+                           (e + (c if model.traits.logit_softcap else 0)) * rows * seq_len * model.vocab_size,
+                           teacher_forward + end_of_forward.temporaries))
+    return out
+
+
+def distill_details(setup, dt) -> dict:
+    """``details`` for ``--task distill``: the teacher and its weights (inside ``weights``)."""
+    return {"task": setup.task.value, "teacher": setup.teacher, "teacher_model_bytes": teacher_weight_bytes(setup, dt)}

@@ -363,6 +363,84 @@ def trace_generation_bytes(spec: ModelSpec, resolved: ResolvedSetup) -> dict:
             "phase": phase.value, "kv_cache_bytes": result.cache_bytes_final, "seconds": result.seconds}
 
 
+SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")  # sft_trainer.py:1144-1147 (GKDTrainer is an SFTTrainer)
+
+
+class _ModelCall:
+    """A model called as the Trainer's accelerate-prepared model is: its forward under the step's autocast and
+    ``convert_outputs_to_fp32`` on the outputs (``accelerator.py:1791-1801``), the 16-bit logits then dropped."""
+
+    def __init__(self, module, autocast, to_fp32: bool):
+        self.module, self._autocast, self.to_fp32 = module, autocast, to_fp32
+
+    def eval(self):
+        return self
+
+    def __call__(self, **kwargs):
+        with self._autocast():
+            out = self.module(**kwargs)
+        if self.to_fp32:
+            out.logits = out.logits.float()
+        return out
+
+
+class DistillStepTracer(StepTracer):
+    """``--task distill``: the HF step with SFTTrainer's fused head on the student (GKDTrainer's parent) and
+    ``GKDTrainer.compute_loss`` (``trl/experimental/gkd/gkd_trainer.py:324-361``, beta=0.5) run on fake tensors with
+    a teacher built like the student's base (``build.build_model`` on ``--teacher``, full, in the policy's 16-bit
+    compute dtype, frozen, eval mode). The Trainer computes the loss outside autocast (``trainer.py:2268-2273``):
+    only the two forwards run under it."""
+
+    def __init__(self, model, spec, resolved, tracker):
+        from trl.experimental.gkd import gkd_trainer
+
+        from ..catalogue import get_model
+        from ..training_setup import resolve_setup
+        from . import build
+        from .qlora import quant_state_tensors
+
+        self._gkd = gkd_trainer
+        self._kernel_modules = prepare_like_trl(model, resolved, tracker, SFT_OUTPUTS)
+        setup = resolved.setup
+        teacher = get_model(setup.teacher)
+        from ..terms.activations import dtypes
+
+        c = dtypes(setup.method, setup.precision, setup.adapter_dtype).c  # terms/tasks.teacher_weight_bytes
+        precision = "fp32" if c == 4 else ("fp16" if "fp16" in setup.precision.value else "bf16")
+        teacher_resolved = resolve_setup(teacher, method="full", precision=precision, batch_size=setup.batch_size,
+                                         seq_len=setup.seq_len, attn=setup.attn.value)
+        self.teacher_model = build.build_model(teacher, teacher_resolved, None)
+        self.teacher_model.requires_grad_(False)
+        self.teacher_model.eval()
+        tracker.register_weights(_all_tensors(self.teacher_model) + quant_state_tensors(self.teacher_model))
+        self.teacher_model_bytes = sum(t.untyped_storage().nbytes()
+                                       for t in {id(t): t for t in _all_tensors(self.teacher_model)}.values())
+        super().__init__(model, spec, resolved, tracker)
+
+    def _install_loss(self) -> None:
+        self.head = base_model(self.model).get_output_embeddings()
+        self.loss = self._distill_loss
+
+    def _distill_loss(self, forward_module, input_ids, on_logits=None, position_ids=None):
+        """``DataCollatorForChatML``'s batch (``input_ids``, ``attention_mask``, ``labels`` [b, s] int64) and
+        ``GKDTrainer.compute_loss`` with the teacher (``input_ids`` of the HF step unused)."""
+        setup = self.setup
+        b, s = setup.batch_size, setup.seq_len
+        inputs = {"input_ids": torch.zeros(b, s, dtype=torch.long),
+                  "attention_mask": torch.ones(b, s, dtype=torch.long),
+                  "labels": torch.zeros(b, s, dtype=torch.long)}
+        to_fp32 = setup.precision.autocast
+        shim = types.SimpleNamespace(teacher_model=_ModelCall(self.teacher_model, self.autocast, to_fp32), beta=0.5,
+                                     generalized_jsd_loss=self._gkd.GKDTrainer.generalized_jsd_loss)
+        with torch.autocast("cpu", enabled=False):
+            return self._gkd.GKDTrainer.compute_loss(shim, _ModelCall(forward_module, self.autocast, to_fp32), inputs)
+
+    def run(self, steps: int = 2, progress=None) -> None:
+        width = self.setup.seq_len - 1
+        with _cuda_kernel_path(*self._kernel_modules), _KnownMask(width, width):
+            super().run(steps, progress)
+
+
 def _all_tensors(model: nn.Module):
     from .qlora import quant_state_tensors
 
@@ -371,7 +449,7 @@ def _all_tensors(model: nn.Module):
 
 def check_traceable(resolved: ResolvedSetup) -> None:
     setup = resolved.setup
-    if not setup.task.uses_fused_head:
+    if not setup.task.uses_fused_head and setup.task is not Task.DISTILL:
         raise VramcalcError(f"--task {setup.task.value} is estimate-only (modelled, not traced yet)")
     if setup.num_gpus > 1:
         raise VramcalcError(f"the --task {setup.task.value} trace runs one GPU; num_gpus={setup.num_gpus} is "
@@ -392,19 +470,23 @@ def trace_task(spec: ModelSpec, resolved: ResolvedSetup, *, progress=None, gpu=N
     check_traceable(resolved)
     tracers = []
 
-    class Tracer(PreferenceStepTracer):
+    base = DistillStepTracer if resolved.setup.task is Task.DISTILL else PreferenceStepTracer
+
+    class Tracer(base):
         def __init__(self, *args):
             super().__init__(*args)
             tracers.append(self)
 
     result = run_trace(spec, resolved, progress=progress, tracer_class=Tracer)
-    ref_bytes = tracers[0].reference_weight_bytes if tracers else 0
+    ref_bytes = getattr(tracers[0], "reference_weight_bytes", 0) if tracers else 0
+    teacher = {"teacher": resolved.setup.teacher,
+               "teacher_model_bytes": tracers[0].teacher_model_bytes} if tracers and hasattr(tracers[0], "teacher_model_bytes") else {}
     return assemble_measured(
         spec, resolved, result.terms, result.phase, source="trace (trl)", gpu=gpu, paged_bytes=result.paged_bytes,
         details={"trace_seconds": round(result.seconds, 3), "trace_peak_rss_bytes": result.peak_rss_bytes,
                  "trace_stack": "trl", "trace_stack_version": trl.__version__, "task": resolved.setup.task.value,
                  "reference_model_bytes": ref_bytes,
-                 "phase_peaks": {phase.value: peak for phase, peak in result.phase_peaks.items()}})
+                 "phase_peaks": {phase.value: peak for phase, peak in result.phase_peaks.items()}, **teacher})
 
 
 __all__ = ["trace_task", "trace_generation_bytes", "PreferenceStepTracer", "build_reference_model"]
