@@ -1,5 +1,5 @@
 """Accuracy report for ``--task`` (issue 15): ``vramcalc.estimate(task=...)`` against the trace of TRL 1.16's
-``DPOTrainer``, ``KTOTrainer`` and ``GRPOTrainer`` ``_compute_loss`` on fake tensors (``vramcalc/tracing/tasks.py``),
+``DPOTrainer``, ``KTOTrainer`` and ``GRPOTrainer`` ``_compute_loss`` and ``RewardTrainer.compute_loss`` on fake tensors (``vramcalc/tracing/tasks.py``),
 and of GRPO's generation through transformers' ``generate`` (``tracing/tasks.trace_generation_bytes``).
 
     python benchmarks/accuracy_tasks.py              # the grid (several minutes): accuracy_tasks.csv and .md
@@ -89,6 +89,18 @@ def grid() -> list[tuple[str, dict]]:
         ("mistral", dict(gen, method="full", batch_size=2, num_generations=4, prompt_len=64, completion_len=16)),
         ("gemma2", dict(gen, method="lora", batch_size=2, num_generations=4, prompt_len=100, completion_len=24)),
     ]
+    # reward: RewardTrainer.compute_loss on AutoModelForSequenceClassification (score [1, h], no lm_head), b pairs
+    # in one forward of 2·b rows
+    reward = dict(task="reward", seq_len=512)
+    rows += [
+        ("llama", dict(reward, method="full")),
+        ("llama", dict(reward, method="lora")),  # mixed-bf16 LoRA + checkpointing: the SFT layer-backward rule
+        ("llama", dict(reward, method="qlora", batch_size=2)),
+        ("qwen3", dict(reward, method="lora", precision="bf16", batch_size=2)),
+        ("qwen3", dict(reward, method="full", precision="bf16", grad_ckpt=False)),
+        ("mistral", dict(reward, method="lora", precision="bf16", seq_len=1024)),
+        ("gemma2", dict(reward, method="lora", precision="bf16")),
+    ]
     return [(family, dict(stack="trl", **options)) for family, options in rows]
 
 
@@ -119,12 +131,13 @@ def measure(family: str, options: dict) -> dict:
     if options.get("kind") == "generation":
         return measure_generation(family, options)
     from vramcalc.tracing.runner import run_trace
-    from vramcalc.tracing.tasks import PreferenceStepTracer
+    from vramcalc.tracing.tasks import PreferenceStepTracer, RewardStepTracer
 
     spec = TINY[family]
     resolved = resolve_setup(spec, **options)
     started = time.perf_counter()
-    result = run_trace(spec, resolved, progress=False, tracer_class=PreferenceStepTracer)
+    tracer = RewardStepTracer if options["task"] == "reward" else PreferenceStepTracer
+    result = run_trace(spec, resolved, progress=False, tracer_class=tracer)
     traced = sum(result.terms.values())
     skipped = (Phase.LOAD, Phase.GENERATION, Phase.REFERENCE_FORWARD) if options["task"] == "grpo" else (Phase.LOAD,)
     moments = [m for m in step_moments(spec, resolved) if m.phase not in skipped]
@@ -177,7 +190,8 @@ def write_accuracy_section(rows: list[dict]) -> None:
                f"({len(rows)} setups, {len(families)} families, full/LoRA/QLoRA: median |error| "
                f"{100 * statistics.median(errors):.2f}%, max {100 * max(errors):.2f}%).", "",
                *summary_lines(rows), "",
-               "Not in the grid: `--task reward` and `--task distill` (not modelled yet). Published DPO/GRPO memory "
+               "`--task reward` rows: RewardTrainer's real `compute_loss` on transformers' *ForSequenceClassification. "
+               "Not in the grid: `--task distill` (not modelled yet). Published DPO/GRPO memory "
                "figures against the estimate: "
                "`benchmarks/tasks_published.md`.", ""]
     replace_section(TASKS_HEADING, "\n".join(section[2:]))
