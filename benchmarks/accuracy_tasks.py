@@ -1,5 +1,5 @@
 """Accuracy report for ``--task`` (issue 15): ``vramcalc.estimate(task=...)`` against the trace of TRL 1.16's
-``DPOTrainer``, ``KTOTrainer`` and ``GRPOTrainer`` ``_compute_loss`` on fake tensors (``vramcalc/tracing/tasks.py``),
+``DPOTrainer``, ``KTOTrainer`` and ``GRPOTrainer`` ``_compute_loss`` and ``RewardTrainer.compute_loss`` on fake tensors (``vramcalc/tracing/tasks.py``),
 and of GRPO's generation through transformers' ``generate`` (``tracing/tasks.trace_generation_bytes``).
 
     python benchmarks/accuracy_tasks.py              # the grid (several minutes): accuracy_tasks.csv and .md
@@ -99,6 +99,18 @@ def grid() -> list[tuple[str, dict]]:
         ("mistral", dict(distill, method="lora", seq_len=512, grad_ckpt=True)),
         ("gemma2", dict(distill, method="lora", precision="bf16", seq_len=256)),
     ]
+    # reward: RewardTrainer.compute_loss on AutoModelForSequenceClassification (score [1, h], no lm_head), b pairs
+    # in one forward of 2·b rows
+    reward = dict(task="reward", seq_len=512)
+    rows += [
+        ("llama", dict(reward, method="full")),
+        ("llama", dict(reward, method="lora")),  # mixed-bf16 LoRA + checkpointing: the SFT layer-backward rule
+        ("llama", dict(reward, method="qlora", batch_size=2)),
+        ("qwen3", dict(reward, method="lora", precision="bf16", batch_size=2)),
+        ("qwen3", dict(reward, method="full", precision="bf16", grad_ckpt=False)),
+        ("mistral", dict(reward, method="lora", precision="bf16", seq_len=1024)),
+        ("gemma2", dict(reward, method="lora", precision="bf16")),
+    ]
     return [(family, dict(stack="trl", **options)) for family, options in rows]
 
 
@@ -130,13 +142,13 @@ def measure(family: str, options: dict) -> dict:
         return measure_generation(family, options)
     from tests.tiny_models import tiny_teacher_config
     from vramcalc.tracing.runner import run_trace
-    from vramcalc.tracing.tasks import DistillStepTracer, PreferenceStepTracer
+    from vramcalc.tracing.tasks import DistillStepTracer, PreferenceStepTracer, RewardStepTracer
 
     spec = TINY[family]
     given = dict(options, teacher=tiny_teacher_config(family)) if options.get("teacher") == "2x" else options
     resolved = resolve_setup(spec, **given)
     started = time.perf_counter()
-    tracer = DistillStepTracer if options["task"] == "distill" else PreferenceStepTracer
+    tracer = {"distill": DistillStepTracer, "reward": RewardStepTracer}.get(options["task"], PreferenceStepTracer)
     result = run_trace(spec, resolved, progress=False, tracer_class=tracer)
     traced = sum(result.terms.values())
     skipped = (Phase.LOAD, Phase.GENERATION, Phase.REFERENCE_FORWARD) if options["task"] == "grpo" else (Phase.LOAD,)
@@ -184,14 +196,16 @@ def write_accuracy_section(rows: list[dict]) -> None:
     errors = [abs(r["error"]) for r in rows]
     families = sorted({r["model"] for r in rows})
     section = [TASKS_HEADING, "",
-               f"`--task` (DPO, IPO, SimPO, ORPO, CPO, KTO, GRPO training and generation, distill) against the trace of "
+               f"`--task` (DPO, IPO, SimPO, ORPO, CPO, KTO, reward, GRPO training and generation, distill) against the "
+               f"trace of "
                f"TRL 1.16's "
                f"real trainers' loss computation and of transformers' `generate` on fake tensors: "
                f"`benchmarks/accuracy_tasks.md`, written by `python benchmarks/accuracy_tasks.py` "
                f"({len(rows)} setups, {len(families)} families, full/LoRA/QLoRA: median |error| "
                f"{100 * statistics.median(errors):.2f}%, max {100 * max(errors):.2f}%).", "",
                *summary_lines(rows), "",
-               "Not in the grid: `--task reward` (not modelled yet). Published DPO/GRPO memory "
+               "`--task reward` rows: RewardTrainer's real `compute_loss` on transformers' *ForSequenceClassification; "
+               "`--task distill` rows: GKDTrainer's real `compute_loss` with a teacher. Published DPO/GRPO memory "
                "figures against the estimate: "
                "`benchmarks/tasks_published.md`.", ""]
     replace_section(TASKS_HEADING, "\n".join(section[2:]))

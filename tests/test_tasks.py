@@ -97,7 +97,10 @@ def test_sft_default_is_the_task_and_unchanged():
     (dict(task="dpo", packing=True), "padding_free"),
     (dict(task="kto", batch_size=1), "--batch-size 2 or more"),
     (dict(task="kto", batch_size=2, ref_model="none"), "needs reference log-probs"),
-    (dict(task="reward"), "not modelled yet"),
+    (dict(task="reward", ref_model="copy"), "does not apply to --task reward"),
+    (dict(task="reward", prompt_len=128), "does not apply to --task reward"),
+    (dict(task="reward", loss="hf"), "does not apply to --task reward"),
+    (dict(task="reward", method="lora", lora_targets="q_proj,lm_head"), "no lm_head"),
     (dict(task="nonsense"), "unknown task"),
 ])
 def test_bad_task_options_are_one_error_naming_them(options, words):
@@ -255,3 +258,49 @@ def test_bad_distill_options_are_one_error(options, words):
 def test_cli_distill_vocabulary_mismatch_is_one_error_line(capsys):
     code, out, err = run_cli(capsys, "estimate", STUDENT, "--task", "distill", "--teacher", "qwen3-8b")
     assert code == 2 and err.count("\n") == 1 and err.startswith("error:")
+
+
+# -- reward (RewardTrainer on AutoModelForSequenceClassification) --------------------------------------------------
+REWARD = dict(task="reward", seq_len=2048, batch_size=2, grad_ckpt=True)
+
+
+def test_reward_model_weights_are_the_causal_lm_without_lm_head_plus_a_score_row():
+    """AutoModelForSequenceClassification (num_labels=1) replaces lm_head [V, h] by score [1, h] (transformers
+    modeling_layers.py:138): for Llama-3.1-8B (untied, V=128256, h=4096, bf16) the weights differ by 2·(V - 1)·h
+    bytes, the estimate's allocator rounding aside."""
+    sft = vc.estimate(MODEL, method="full", precision="bf16", seq_len=2048).terms()["weights"]
+    reward = vc.estimate(MODEL, method="full", precision="bf16", **REWARD).terms()["weights"]
+    assert abs((sft - reward) - 2 * (128256 - 1) * 4096) <= 4096
+
+
+def test_reward_lora_trains_the_score_head_too():
+    """peft's SEQ_CLS task type puts score in modules_to_save (peft_model.py:1830-1836): h more trainable
+    parameters than the same adapter on the causal LM."""
+    sft = vc.estimate(MODEL, method="lora", seq_len=2048).details["trainable_params"]
+    reward = vc.estimate(MODEL, method="lora", **REWARD).details["trainable_params"]
+    assert reward - sft == 4096
+
+
+def test_reward_has_no_vocabulary_logits():
+    """The score head's output is [2·b, s, 1] and the loss works on [b]: the logits term is a few bytes per token,
+    where SFT's hf loss holds fp32 [T, V] (4·128256 bytes per token)."""
+    tokens = 2 * REWARD["batch_size"] * REWARD["seq_len"]
+    for method in ("full", "lora", "qlora"):
+        breakdown = vc.estimate(MODEL, method=method, **REWARD)
+        assert breakdown.terms()["logits"] <= 16 * tokens
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_reward_is_below_dpo_with_a_copied_reference_on_the_same_pairs(method):
+    """The same 2·b rows through the same backbone, without a second model and without log-probs over V."""
+    reward = vc.estimate(MODEL, method=method, **REWARD).peak_tensor_bytes
+    dpo = vc.estimate(MODEL, method=method, ref_model="copy", **(REWARD | {"task": "dpo"})).peak_tensor_bytes
+    assert reward < dpo
+
+
+def test_reward_runs_both_rows_of_each_pair():
+    """Chosen and rejected rows in one forward (the collator, reward_trainer.py:203-230): b pairs cost about what
+    2·b rows of a sequence classifier cost, so doubling b roughly doubles the activations."""
+    one = vc.estimate(MODEL, method="lora", **REWARD | {"batch_size": 1}).terms()["activations"]
+    two = vc.estimate(MODEL, method="lora", **REWARD).terms()["activations"]
+    assert 1.8 * one < two < 2.2 * one

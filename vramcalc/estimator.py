@@ -34,6 +34,8 @@ from .terms import (activations, adapters, distributed, float8, loading, logits,
 from .terms.distributed import GatheredTimeline
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import maximum, select
+from .model import reward_spec  # --task reward (terms/tasks.py)
+from .options import Task
 
 
 class Moment(NamedTuple):
@@ -220,6 +222,8 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     s = setup.padded_seq_len if seq_len is None else seq_len + (setup.padded_seq_len - setup.seq_len)
     if setup.task.uses_fused_head:  # chosen and rejected rows, or GRPO's completions (terms/tasks.py)
         b = tasks.training_rows(setup, b)
+    if setup.task is Task.REWARD:  # a sequence classifier on chosen and rejected rows (terms/tasks.py)
+        spec, b = reward_spec(spec), tasks.pair_rows(b)
     sequences = b
     if setup.packing:  # one row of b·s tokens (DataCollatorWithFlattening)
         b, s = 1, b * s
@@ -228,8 +232,8 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     masked = activations.attention_masked(spec, s, resolved.attn_used, dense_packing, sequences)
     if peft_methods.prefix_masked(setup.method):  # a key/value prefix: SDPA gets a 4-D mask
         masked = True
-    if setup.task.uses_fused_head or setup.task is Task.DISTILL:  # the collator's padded 2-D attention mask reaches
-        # the attention (terms/tasks.py)
+    if setup.task.uses_fused_head or setup.task in (Task.DISTILL, Task.REWARD):  # the collator's padded 2-D
+        # attention mask reaches the attention (terms/tasks.py)
         masked = tasks.preference_masked(masked, resolved.attn_used)
     if not hasattr(masked, "shape"):
         return _moments(spec, resolved, b, s, masked)
@@ -368,7 +372,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     A = A + peft_methods.adalora_orth_reg_bytes(spec, csetup.method, compute.lora_modules, csetup.lora_rank, dt)
     head_grad = rank.head_gradient
     copies = temporaries.weight_copy_bytes(spec, dt, csetup.method, ckpt, tensors)
-    if csetup.loss is Loss.TRL:  # TRL's fused lm_head never calls lm_head: no autocast copy of it either
+    if csetup.task is Task.REWARD:  # the score head's [B, s, 1] output and its pooling (terms/tasks.py)
+        lg = tasks.reward_logits_bytes(dt, b, s)
+    elif csetup.loss is Loss.TRL:  # TRL's fused lm_head never calls lm_head: no autocast copy of it either
         lg = trl_loss.trl_logits_bytes(spec, dt, tokens, loss_head_grad, sequences=b,
                                        **tasks.fused_head_shape(csetup, b, s))
         copies = trl_loss.without_head_copy(copies, spec, dt, tensors)
@@ -466,6 +472,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         moments = tasks.task_moments(moments, spec, setup, tensors, dt, b, s, lg, Moment)
     if setup.task is Task.DISTILL:  # the teacher's weights and no-grad forward (terms/tasks.py)
         moments = tasks.distill_moments(moments, spec, setup, dt, b, s, Moment)
+    if setup.task is Task.REWARD:
+        moments = tasks.reward_moments(moments, b, s)
     return moments
 
 

@@ -9,6 +9,7 @@ I intermediate, V vocab, E experts, K experts per token, I_m expert width.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field, fields
@@ -360,6 +361,7 @@ class ModelSpec:
     layer_types: tuple[str, ...] = ()  # gemma3_text: "sliding_attention" or "full_attention" per layer
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert width; 0: moe_intermediate_size · n_shared
     nope_layers: tuple[int, ...] = ()  # Llama-4: layers without RoPE (no_rope_layers entry 0), hence no q/k norm
+    score_labels: int = 0  # AutoModelForSequenceClassification's num_labels (``reward_spec``); 0: the causal LM
     # catalogue metadata (not architecture)
     hf_repo: str = ""
     license: str = ""
@@ -489,6 +491,12 @@ class ModelSpec:
         return self.shared_expert_intermediate_size or self.moe_intermediate_size * self.n_shared_experts
 
     @property
+    def head_width(self) -> int:
+        """Output features of the head: V for the causal LM's lm_head, ``num_labels`` for a sequence classifier's
+        ``score`` (``reward_spec``)."""
+        return self.score_labels or self.vocab_size
+
+    @property
     def inventory(self) -> "Inventory":
         return _inventory(self)
 
@@ -589,6 +597,15 @@ def _gated_mlp(m: ModelSpec, width: int, count: int, role: str = "mlp"):
 
 
 @functools.cache
+def reward_spec(spec: ModelSpec, labels: int = 1) -> ModelSpec:
+    """The model as ``AutoModelForSequenceClassification`` builds it (``--task reward``: TRL 1.16 RewardTrainer
+    loads it with ``num_labels=1``, ``trl/trainer/reward_trainer.py:396-400``): the backbone, no lm_head, and
+    ``score = nn.Linear(hidden_size, num_labels, bias=False)`` on the last hidden state (transformers 5.25
+    ``modeling_layers.py:138`` ``GenericForSequenceClassification``), never tied to the embedding."""
+    return dataclasses.replace(spec, score_labels=labels, tie_word_embeddings=False)
+
+
+@functools.cache
 def _inventory(m: ModelSpec) -> Inventory:
     h, V, L = m.hidden_size, m.vocab_size, m.num_layers
     n_moe = m.num_moe_layers
@@ -624,9 +641,11 @@ def _inventory(m: ModelSpec) -> Inventory:
     tensors.append(ParamTensor("norm.weight", ParamKind.NORM, (h,)))
     if m.traits.layer_norm:
         tensors.append(ParamTensor("norm.bias", ParamKind.NORM, (h,)))
-    if not m.tie_word_embeddings:
+    if m.score_labels:  # a sequence classifier's score = nn.Linear(h, num_labels, bias=False) (``reward_spec``)
+        tensors.append(ParamTensor("score.weight", ParamKind.LM_HEAD, (m.score_labels, h)))
+    elif not m.tie_word_embeddings:
         tensors.append(ParamTensor("lm_head.weight", ParamKind.LM_HEAD, (V, h)))
-    if m.traits.lm_head_bias:
+    if m.traits.lm_head_bias and not m.score_labels:
         tensors.append(ParamTensor("lm_head.bias", ParamKind.LM_HEAD, (V,)))
     linears = tuple(module for module, _ in parts)
     for _, module_tensors in parts:

@@ -44,7 +44,7 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "quant_state_dtype": "auto | bf16 | fp16 | fp32: the dtype the weights were quantized from (qlora)",
     "quant_storage": "uint8 | bf16: the dtype 4-bit codes are packed in (bnb_4bit_quant_storage); bf16 lets fsdp "
                      "shard them (qlora)",
-    "task": "sft | dpo | ipo | simpo | orpo | cpo | kto | grpo (reward, distill: not modelled yet)",
+    "task": "sft | dpo | ipo | simpo | orpo | cpo | kto | reward | grpo | distill",
     "ref_model": "copy | adapter | precomputed | none: the preference tasks' reference log-probs",
     "prompt_len": "prompt tokens of each chosen/rejected row (preference tasks; not scored)",
     "teacher": "the teacher model of --task distill (GKD): a catalogue name, Hub id or config.json; same vocabulary",

@@ -305,8 +305,9 @@ class Task(Choice):
     """What the step trains (issue 15; ``terms/tasks.py``). ``sft`` is vramcalc's supervised step; the preference
     tasks follow TRL 1.16's DPOTrainer: ``dpo`` and ``ipo`` (a DPOConfig ``loss_type``) with a reference model,
     ``simpo``, ``orpo`` and ``cpo`` reference-free (the same concatenated chosen+rejected forward); ``kto`` follows
-    KTOTrainer (b unpaired rows and their KL batch); ``grpo`` follows GRPOTrainer. ``reward`` and ``distill`` are
-    reserved names (DESIGN.md), not modelled yet."""
+    KTOTrainer (b unpaired rows and their KL batch); ``grpo`` follows GRPOTrainer; ``reward`` follows
+    RewardTrainer (a sequence classifier: ``model.reward_spec``); ``distill`` follows GKDTrainer (a teacher beside the
+    student, off-policy)."""
 
     SFT = "sft"
     DPO = "dpo"

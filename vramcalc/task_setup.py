@@ -30,7 +30,6 @@ from __future__ import annotations
 from .errors import VramcalcError, positive_int
 from .options import Loss, Method, RefModel, RolloutEngine, Stack, Task
 
-MODELLED_TASKS = (Task.SFT, Task.DPO, Task.IPO, Task.SIMPO, Task.ORPO, Task.CPO, Task.KTO, Task.GRPO, Task.DISTILL)
 GRPO_OPTIONS = ("num_generations", "rollout_engine", "vllm_gpu_fraction")
 DISTILL_OPTIONS = ("teacher",)
 TASK_OPTIONS = ("ref_model", "prompt_len", "completion_len") + GRPO_OPTIONS + DISTILL_OPTIONS
@@ -46,9 +45,6 @@ def resolve_task(values: dict, given: dict, origins: dict) -> None:
     implies them) in ``values``, the keywords of a ``TrainingSetup`` being built; ``given`` the user's options."""
     task = Task.parse(given.get("task", Task.SFT), "task")
     values["task"] = task
-    if task not in MODELLED_TASKS:
-        raise VramcalcError(f"--task {task.value} is not modelled yet (issue 15); modelled tasks: "
-                            f"{', '.join(t.value for t in MODELLED_TASKS)}")
     if task is Task.SFT:
         if "teacher" in given:
             raise VramcalcError("--teacher applies to --task distill, not --task sft")
@@ -64,6 +60,9 @@ def resolve_task(values: dict, given: dict, origins: dict) -> None:
     if "teacher" in given:
         raise VramcalcError(f"--teacher applies to --task distill, not --task {task.value}")
     _check_preference_setup(task, values)
+    if task is Task.REWARD:
+        _reward(values, given)
+        return
     method = values["method"]
     if "loss" in given and Loss.parse(given["loss"], "loss") is not Loss.TRL:
         raise VramcalcError(f"--task {task.value} scores with TRL's fused lm_head (trl/trainer/dpo_trainer.py:958-962, "
@@ -83,6 +82,22 @@ def resolve_task(values: dict, given: dict, origins: dict) -> None:
                             "kto_trainer.py:844-847: with one row the KL term equals the implied reward)")
     values["ref_model"] = _ref_model(task, method, given, origins)
     _lengths(values, given, origins)
+
+
+def _reward(values: dict, given: dict) -> None:
+    """RewardTrainer 1.16 (``trl/trainer/reward_trainer.py``): b pairs, chosen and rejected rows of ``seq_len`` in
+    one forward (the collator, :203-230), no reference, no prompt mask (every token reaches the score head), the
+    loss on the pooled scores (:786-792) whatever ``--loss`` says; LoRA keeps ``score`` trainable
+    (``modules_to_save``), so ``lm_head`` is no target."""
+    for key in TASK_OPTIONS + ("loss",):
+        if key in given:
+            raise VramcalcError(f"--{key.replace('_', '-')} does not apply to --task reward (RewardTrainer: a "
+                                "sequence classifier scored by -logsigmoid(chosen - rejected), no reference, "
+                                "no lm_head)")
+    if any(name in ("lm_head", "embed_tokens") for name in values.get("lora_targets") or ()):
+        raise VramcalcError("--task reward: the sequence classifier has no lm_head and peft trains its score head "
+                            "whole (modules_to_save); leave lm_head and embed_tokens out of --lora-targets")
+    values.update(ref_model=RefModel.NONE, prompt_len=0, completion_len=None)
 
 
 def _grpo(values: dict, given: dict, origins: dict) -> None:

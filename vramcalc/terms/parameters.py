@@ -51,6 +51,13 @@ def quantized_metadata_bytes(numel: int, double_quant: bool) -> int:
 def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTensor, ...]:
     """``parameter_tensors`` for a resolved setup (the values it reads, each normalised to a fixed value where the
     method ignores it, so that setups differing only in batch shape, optimizer or the like share one inventory)."""
+    if resolved.setup.task.value == "reward":  # a sequence classifier (model.reward_spec, terms/tasks.py)
+        from ..model import reward_spec
+        from .tasks import reward_score_copy
+
+        model = reward_spec(model)
+        out = parameter_tensors(model, *parameter_key(resolved))
+        return out + ((reward_score_copy(model, adapter_bits(resolved)),) if resolved.setup.method.uses_lora else ())
     return parameter_tensors(model, *parameter_key(resolved))
 
 

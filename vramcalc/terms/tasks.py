@@ -405,3 +405,47 @@ def distill_moments(moments: list, model: ModelSpec, setup, dt, rows, seq_len, m
 def distill_details(setup, dt) -> dict:
     """``details`` for ``--task distill``: the teacher and its weights (inside ``weights``)."""
     return {"task": setup.task.value, "teacher": setup.teacher, "teacher_model_bytes": teacher_weight_bytes(setup, dt)}
+
+
+# Reward (``--task reward``): TRL 1.16 RewardTrainer (``trl/trainer/reward_trainer.py``) on a sequence classifier.
+# The model is ``AutoModelForSequenceClassification`` with num_labels=1 (``model.reward_spec``: ``score`` [1, h] in
+# place of lm_head, whose width the head terms read as ``ModelSpec.head_width``). One step: b pairs, the collator
+# stacks the b chosen rows over the b rejected rows (``DataCollatorForPreference.torch_call``, :203-230), one forward
+# of B = 2·b rows (``compute_loss``, :778-817), ``rewards_chosen, rewards_rejected = torch.chunk(logits.squeeze(-1),
+# 2)`` and ``-logsigmoid(chosen - rejected).mean()`` (:786-792): [b] tensors. No logits over the vocabulary, no
+# cross-entropy, no reference model.
+REWARD_BATCH_TENSORS = 2  # input_ids, attention_mask [2·b, s] int64 (the collator, reward_trainer.py:213-224)
+POOLING_BYTES_PER_POSITION = 4 + 4  # GenericForSequenceClassification (transformers 5.25 modeling_layers.py:
+# 180-182): non_pad_mask = (input_ids != pad).to(int32) and token_indices * non_pad_mask, int32 [B, s] each
+
+
+def reward_logits_bytes(dt, rows, seq_len):
+    """The score head's outputs at each moment (``logits.LogitsBytes``), T = B·s positions:
+
+    - forward: ``logits = self.score(hidden_states)`` [B, s, 1] in c (modeling_layers.py:167), the pooling's two
+      int32 [B, s] (:180-182; ``argmax`` and ``pooled_logits = logits[arange(B), last]`` [B, 1], :190, are B-sized);
+    - saved for backward: nothing of size T (the indexing keeps its [B] indices, the Linear its input: the final
+      norm's output, counted with the head's saved activations);
+    - backward: the index's backward scatters the pooled gradient into zeros [B, s, 1] in c, which is ``score``'s
+      output gradient (c·T) while its backward makes the [B, s, h] input gradient (``hidden_grad``)."""
+    from .logits import LogitsBytes
+
+    tokens = rows * seq_len
+    return LogitsBytes(dt.c * tokens + POOLING_BYTES_PER_POSITION * tokens, 0, dt.c * tokens, dt.c * tokens)
+
+
+def reward_moments(moments: list, rows, seq_len):
+    """The policy's moments (``estimator._moments`` on B = 2·b rows) with the collator's batch in the forward
+    moments; nothing else (no reference, the loss on [b])."""
+    batch = REWARD_BATCH_TENSORS * 8 * rows * seq_len
+    return [m._replace(temporaries=m.temporaries + batch) if m.phase is Phase.FORWARD else m for m in moments]
+
+
+def reward_score_copy(model: ModelSpec, adapter_bits: int):
+    """peft with ``task_type="SEQ_CLS"`` adds ``score`` to ``modules_to_save`` (peft 0.21.2 ``peft_model.py:1830-1836``,
+    ``PeftModelForSequenceClassification``; TRL's docstring asks for it, ``reward_trainer.py:326``): a trainable
+    copy [num_labels, h] beside the frozen original (``ModulesToSaveWrapper``), cast as the adapters are."""
+    from .stored_tensor import StoredTensor
+
+    return StoredTensor("score.modules_to_save", "adapter", (model.score_labels, model.hidden_size), 1, adapter_bits,
+                        True)

@@ -44,7 +44,7 @@ def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: b
         return WeightCopies(0, 0)
     full = method is Method.FULL
     head = next((t for t in tensors if t.kind in ("lm_head", "embedding") and (t.kind == "lm_head" or model.tie_word_embeddings)), None)
-    head_copy = dt.c * model.vocab_size * model.hidden_size if head is not None and head.bits == 32 else 0
+    head_copy = dt.c * model.head_width * model.hidden_size if head is not None and head.bits == 32 else 0
     layer_copies = 0
     for t in tensors:
         if t.kind == "linear" and t.bits == 32 and t.name.endswith(".weight") and (full or not grad_ckpt):

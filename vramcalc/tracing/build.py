@@ -214,8 +214,13 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
     setup = resolved.setup
     try:
         config = hf_config(spec)
+        auto_class = AutoModelForCausalLM
+        if setup.task.value == "reward":  # RewardTrainer's sequence classifier (model.reward_spec)
+            from transformers import AutoModelForSequenceClassification as auto_class
+
+            config.num_labels, config.pad_token_id = 1, 0  # reward_trainer.py:396, 571-572
         with _quiet(), torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(
+            model = auto_class.from_config(
                 config, dtype=_load_dtype(resolved), attn_implementation=_ATTN_IMPLEMENTATION[resolved.attn_used]
             )
             _restore_fp32_modules(model)
@@ -376,7 +381,7 @@ def _apply_lora(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:
         lora_dropout=setup.lora_dropout,
         target_modules=list(resolved.lora_modules),
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if setup.task.value == "reward" else "CAUSAL_LM",  # SEQ_CLS: score in modules_to_save
     )
     with _quiet():
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=setup.adapter_dtype is AdapterDtype.FP32)

@@ -283,6 +283,8 @@ def quantize_linears(model: nn.Module, setup: TrainingSetup) -> None:
 
     quant = getattr(setup.quant, "value", setup.quant)
     output = model.get_output_embeddings()
+    if output is None:  # a sequence classifier (--task reward): its score holds the last parameter, which
+        output = getattr(model, "score", None)  # get_keys_to_not_convert keeps too (quantizers/base.py:49-50)
     head_too = bool(getattr(setup, "quantize_lm_head", False))
     if head_too and setup.loss is not Loss.HF:
         raise VramcalcError(f"trace: --quantize-lm-head with --loss {setup.loss.value} is not traced (the chunked and "

@@ -447,9 +447,58 @@ def _all_tensors(model: nn.Module):
     return list(model.parameters()) + list(model.buffers()) + quant_state_tensors(model)
 
 
+class RewardStepTracer(StepTracer):
+    """``--task reward``: the HF step on ``AutoModelForSequenceClassification`` (``build.build_model``, num_labels=1;
+    peft ``task_type="SEQ_CLS"``) with RewardTrainer's preparation (``enable_input_require_grads`` with peft and
+    checkpointing, ``reward_trainer.py:542-543``; QLoRA adapters cast to bf16, :545-552) and its real
+    ``compute_loss`` (:778-817) on ``DataCollatorForPreference``'s batch (:203-230: ``input_ids`` and
+    ``attention_mask`` [2·b, s] int64, chosen rows over rejected rows), with a stand-in ``self``
+    (``center_rewards_coefficient=None``, RewardConfig's default; an accelerator on one process)."""
+
+    def __init__(self, model, spec, resolved, tracker):
+        from trl.trainer import reward_trainer
+
+        from ..options import AdapterDtype, Method
+        from .stacks.trl import cast_qlora_adapters
+
+        self._reward = reward_trainer
+        setup = resolved.setup
+        if hasattr(model, "get_base_model") and setup.grad_ckpt:
+            model.enable_input_require_grads()
+        if setup.method is Method.QLORA and setup.adapter_dtype is AdapterDtype.BF16:
+            tracker.register_weights(cast_qlora_adapters(model))
+        self.ref_model = None
+        self.reference_weight_bytes = 0
+        super().__init__(model, spec, resolved, tracker)
+
+    def _install_loss(self) -> None:
+        self.head = base_model(self.model).score  # peft's ModulesToSaveWrapper under LoRA
+        tracker = self.tracker
+
+        def head_begins(module, args):  # the head's region: score's output and the pooling
+            tracker.in_logits = True
+
+        self._hooks.append(self.head.register_forward_pre_hook(head_begins))
+        self.loss = self._reward_loss
+
+    def _reward_loss(self, forward_module, input_ids, on_logits=None, position_ids=None):
+        setup = self.setup
+        rows, s = 2 * setup.batch_size, setup.seq_len
+        inputs = {"input_ids": torch.zeros(rows, s, dtype=torch.long),
+                  "attention_mask": torch.ones(rows, s, dtype=torch.long)}
+        shim = types.SimpleNamespace(
+            model=self.model, accelerator=_Accelerator(), args=types.SimpleNamespace(center_rewards_coefficient=None),
+            _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+        return self._reward.RewardTrainer.compute_loss(shim, self.model, inputs)
+
+    def run(self, steps: int = 2, progress=None) -> None:
+        with _fake_scalars():
+            super().run(steps, progress)
+
+
 def check_traceable(resolved: ResolvedSetup) -> None:
     setup = resolved.setup
-    if not setup.task.uses_fused_head and setup.task is not Task.DISTILL:
+    if not setup.task.uses_fused_head and setup.task not in (Task.DISTILL, Task.REWARD):
         raise VramcalcError(f"--task {setup.task.value} is estimate-only (modelled, not traced yet)")
     if setup.num_gpus > 1:
         raise VramcalcError(f"the --task {setup.task.value} trace runs one GPU; num_gpus={setup.num_gpus} is "
@@ -470,7 +519,8 @@ def trace_task(spec: ModelSpec, resolved: ResolvedSetup, *, progress=None, gpu=N
     check_traceable(resolved)
     tracers = []
 
-    base = DistillStepTracer if resolved.setup.task is Task.DISTILL else PreferenceStepTracer
+    base = {Task.DISTILL: DistillStepTracer, Task.REWARD: RewardStepTracer}.get(resolved.setup.task,
+                                                                                PreferenceStepTracer)
 
     class Tracer(base):
         def __init__(self, *args):
@@ -489,4 +539,4 @@ def trace_task(spec: ModelSpec, resolved: ResolvedSetup, *, progress=None, gpu=N
                  "phase_peaks": {phase.value: peak for phase, peak in result.phase_peaks.items()}, **teacher})
 
 
-__all__ = ["trace_task", "trace_generation_bytes", "PreferenceStepTracer", "build_reference_model"]
+__all__ = ["trace_task", "trace_generation_bytes", "PreferenceStepTracer", "RewardStepTracer", "build_reference_model"]
