@@ -1,14 +1,15 @@
 """Accuracy report for the families added by issue 13 (item 2): for each family, the parameter count of transformers'
 default config for its model_type against ``sum(p.numel())`` of the model transformers builds on ``meta``, and
 ``vramcalc.estimate`` against the trace of the same setup on a tiny config of the family (``TINY`` of
-``tests/test_families_2026.py``), over the setups of ``tests/test_families_devset.py`` (full, LoRA, LoRA
+``tests/test_families_2026.py``, ``tests/test_families_moe_2026.py``), over the setups of ``tests/test_families_devset.py`` (full, LoRA, LoRA
 all-linear, QLoRA + checkpointing, mixed-bf16, eager with batch 2, LoRA + checkpointing), and past the sliding
 window for the families with sliding and full layers (``WINDOWED``: only the sliding layers are masked).
 
     python benchmarks/accuracy_families.py                       # every family: accuracy_families.csv and .md
     python benchmarks/accuracy_families.py --families glm4,cohere2
 
-To add a family: give it a tiny config in ``tests/test_families_2026.py::TINY`` and append its model_type to
+With ``--families``, the other families' rows of accuracy_families.csv are kept. To add a family: give it a tiny
+config in ``tests/test_families_2026.py::TINY`` (``tests/test_families_moe_2026.py::TINY`` for MoE) and append its model_type to
 ``FAMILIES`` below (``SETUPS`` is the shared list of setups; a family may add its own in ``EXTRA_SETUPS``).
 Error = (estimate - trace) / trace of the step's peak tensor bytes.
 """
@@ -28,7 +29,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.test_families_2026 import TINY, WINDOWED, WINDOWED_SETUPS  # noqa: E402
+from benchmarks.accuracy_sections import replace_section  # noqa: E402
+from tests.test_families_2026 import TINY as DENSE_TINY, WINDOWED, WINDOWED_SETUPS  # noqa: E402
+from tests.test_families_moe_2026 import DEFAULT_CONFIG_GAPS, TINY as MOE_TINY  # noqa: E402
 from tests.test_families_devset import SETUPS  # noqa: E402
 from vramcalc.estimator import step_moments  # noqa: E402
 from vramcalc.hf_config import load_config  # noqa: E402
@@ -36,11 +39,33 @@ from vramcalc.training_setup import resolve_setup  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # issue 13's families with a tiny config in tests/test_families_2026.py, in the order they were added
-FAMILIES = ["olmo2", "granite", "starcoder2", "smollm3", "gemma3_text", "glm4", "cohere2", "ernie4_5"]
+FAMILIES = ["olmo2", "granite", "starcoder2", "smollm3", "gemma3_text", "glm4", "cohere2", "ernie4_5", "qwen2_moe",
+            "deepseek_v2", "gpt_oss", "llama4_text"]
+TINY = {**DENSE_TINY, **MOE_TINY}  # the tiny configs of tests/test_families_2026.py and tests/test_families_moe_2026.py
 # families whose tiny config lives elsewhere but whose default config is checked here too
 DEFAULT_CONFIG_ONLY = ["gemma", "phi"]
 # setups a family adds to ``SETUPS`` (model_type -> list of options)
 EXTRA_SETUPS: dict[str, list[dict]] = {}
+
+
+SECTION_HEADING = "## New families (issue 13)"  # this script's section of benchmarks/accuracy.md
+# the setups above 3%, each a strict xfail in the tests with its mechanism
+KNOWN_GAPS = ("Above 3%: deepseek_v2 LoRA all-linear (-5.6%): peft 0.21 moves gate/up/down_proj LoRA targets onto "
+              "the fused 3-D experts' target_parameters (transformers_weight_conversion.py L402-482), which the "
+              "estimate does not model (strict xfail in `tests/test_families_moe_2026.py`).")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of an earlier run (numbers back to numbers), or none."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for key in ("estimate_bytes", "trace_bytes"):
+            row[key] = int(row[key])
+        row["error"] = float(row["error"])
+    return rows
 
 
 def default_config_count(family: str) -> dict:
@@ -49,7 +74,7 @@ def default_config_count(family: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(family)
+    config = AutoConfig.for_model(family, **DEFAULT_CONFIG_GAPS.get(family, {}))
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(config.to_json_string())
         estimated = load_config(folder).params
@@ -89,7 +114,8 @@ def report(rows: list[dict], counts: list[dict]) -> list[str]:
     """The markdown of accuracy_families.md: one summary line per family, then every setup."""
     errors = [abs(row["error"]) for row in rows]
     lines = ["# Accuracy: issue 13 families, estimate vs trace", "",
-             "`python benchmarks/accuracy_families.py` (tiny configs of `tests/test_families_2026.py`, bf16 unless "
+             "`python benchmarks/accuracy_families.py` (tiny configs of `tests/test_families_2026.py` and "
+             "`tests/test_families_moe_2026.py`, bf16 unless "
              "given, AdamW, sdpa unless given). Error = (estimate - trace) / trace of the step's peak tensor bytes. "
              "Parameter count: transformers' default config for the model_type, read from config.json by vramcalc, "
              "against `sum(p.numel())` of the meta-built transformers model.", "",
@@ -118,18 +144,25 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma list of model_types")
     args = parser.parse_args()
     families = [name for name in args.families.split(",") if name]
-    counts = [default_config_count(family) for family in families + [f for f in DEFAULT_CONFIG_ONLY
-                                                                        if f not in families]]
-    rows = []
+    out = HERE / "accuracy_families.csv"
+    kept = [row for row in _read_rows(out) if row["family"] not in families]
+    fresh = []
     for family, options, spec in cases(families):
         row = measure(family, options, spec)
-        rows.append(row)
+        fresh.append(row)
         print(f"{row['model']:<16} {row['setup']:<60} {row['error']:+.4f}", flush=True)
-    with open(HERE / "accuracy_families.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+    rows = sorted(kept + fresh, key=lambda row: FAMILIES.index(row["family"]))
+    with open(out, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fresh[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (HERE / "accuracy_families.md").write_text("\n".join(report(rows, counts)) + "\n")
+    counts = [default_config_count(family) for family in FAMILIES + DEFAULT_CONFIG_ONLY]
+    lines = report(rows, counts)
+    (HERE / "accuracy_families.md").write_text("\n".join(lines) + "\n")
+    summary_end = lines.index("| model | setup | estimate (B) | trace (B) | phases (est / trace) | error |")
+    replace_section(SECTION_HEADING,
+                    "\n".join(lines[2:summary_end]) + "\n\n" + KNOWN_GAPS
+                    + "\n\nEvery setup: `benchmarks/accuracy_families.md`.")
     print(json.dumps(counts))
 
 
