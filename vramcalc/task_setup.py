@@ -28,6 +28,7 @@ is ``precompute_ref_log_probs``).
 from __future__ import annotations
 
 from .errors import VramcalcError, positive_int
+from .model import ModelSpec
 from .options import Loss, Method, RefModel, RolloutEngine, Stack, Task
 
 GRPO_OPTIONS = ("num_generations", "rollout_engine", "vllm_gpu_fraction")
@@ -191,13 +192,18 @@ def _distill(values: dict, given: dict, origins: dict) -> None:
     values.update(teacher=str(given["teacher"]).strip(), ref_model=RefModel.NONE, prompt_len=0, completion_len=None)
 
 
+def teacher_spec(setup) -> ModelSpec:
+    """The ``--teacher`` model (``catalogue.get_model``: a catalogue name, Hub id or config.json)."""
+    from .catalogue import get_model
+
+    return get_model(setup.teacher)
+
+
 def check_teacher(student, setup) -> None:
     """GKDTrainer refuses a teacher whose vocabulary differs from the student's (``gkd_trainer.py:177-185``: the loss
     compares the two full next-token distributions): one error line, or none for other tasks."""
     if setup.task is not Task.DISTILL:
         return
-    from .terms.tasks import teacher_spec
-
     teacher = teacher_spec(setup)
     if teacher.vocab_size != student.vocab_size:
         raise VramcalcError(f"--task distill: the teacher {setup.teacher} has vocab_size {teacher.vocab_size}, the "

@@ -30,8 +30,8 @@ import math
 from .. import facts
 from . import peft_methods
 from ..facts import BNB_4BIT_CODE_ENTRIES, BNB_BLOCKSIZE, BNB_DQ_BLOCKSIZE, BNB_DQ_CODE_ENTRIES
-from ..model import ModelSpec, ParamKind
-from ..options import Method, Precision, Quant
+from ..model import ModelSpec, ParamKind, reward_spec
+from ..options import Method, Precision, Quant, Task
 from ..training_setup import ResolvedSetup
 from ..units import round_up
 from .stored_tensor import StoredTensor
@@ -51,10 +51,7 @@ def quantized_metadata_bytes(numel: int, double_quant: bool) -> int:
 def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTensor, ...]:
     """``parameter_tensors`` for a resolved setup (the values it reads, each normalised to a fixed value where the
     method ignores it, so that setups differing only in batch shape, optimizer or the like share one inventory)."""
-    if resolved.setup.task.value == "reward":  # a sequence classifier (model.reward_spec, terms/tasks.py)
-        from ..model import reward_spec
-        from .tasks import reward_score_copy
-
+    if resolved.setup.task is Task.REWARD:  # a sequence classifier (model.reward_spec, terms/tasks.py)
         model = reward_spec(model)
         out = parameter_tensors(model, *parameter_key(resolved))
         return out + ((reward_score_copy(model, adapter_bits(resolved)),) if resolved.setup.method.uses_lora else ())
@@ -178,3 +175,11 @@ def adapter_bits(resolved: ResolvedSetup) -> int:
 
 def trainable(tensors: tuple[StoredTensor, ...]) -> list[StoredTensor]:
     return [t for t in tensors if t.trainable]
+
+
+def reward_score_copy(model: ModelSpec, adapter_bits: int) -> StoredTensor:
+    """peft with ``task_type="SEQ_CLS"`` adds ``score`` to ``modules_to_save`` (peft 0.21.2 ``peft_model.py:1830-1836``,
+    ``PeftModelForSequenceClassification``; TRL's docstring asks for it, ``reward_trainer.py:326``): a trainable
+    copy [num_labels, h] beside the frozen original (``ModulesToSaveWrapper``), cast as the adapters are."""
+    return StoredTensor("score.modules_to_save", "adapter", (model.score_labels, model.hidden_size), 1, adapter_bits,
+                        True)

@@ -38,6 +38,7 @@ from __future__ import annotations
 from ..model import ModelSpec
 from ..options import Attention, Method, Phase, RefModel, Task
 from ..serving import activations as forward_only
+from ..task_setup import teacher_spec
 from ..units import maximum
 from .trl_loss import TRL_TOKEN_TILE, TRL_VOCAB_TILE
 
@@ -330,13 +331,6 @@ JSD_FORWARD_ELEMENTS = 15  # the two /T copies, two log_softmax, the stacked shi
 JSD_SAVED_ELEMENTS = 7
 
 
-def teacher_spec(setup) -> ModelSpec:
-    """The ``--teacher`` model (``catalogue.get_model``: a catalogue name, Hub id or config.json)."""
-    from ..catalogue import get_model
-
-    return get_model(setup.teacher)
-
-
 def distill_logits_element_bytes(dt) -> int:
     """Bytes of one logit reaching the GKD loss: accelerate wraps both models' forward in
     ``convert_outputs_to_fp32`` under mixed precision (``accelerator.py:1791-1801``, ``prepare_model``, the teacher's
@@ -439,13 +433,3 @@ def reward_moments(moments: list, rows, seq_len):
     moments; nothing else (no reference, the loss on [b])."""
     batch = REWARD_BATCH_TENSORS * 8 * rows * seq_len
     return [m._replace(temporaries=m.temporaries + batch) if m.phase is Phase.FORWARD else m for m in moments]
-
-
-def reward_score_copy(model: ModelSpec, adapter_bits: int):
-    """peft with ``task_type="SEQ_CLS"`` adds ``score`` to ``modules_to_save`` (peft 0.21.2 ``peft_model.py:1830-1836``,
-    ``PeftModelForSequenceClassification``; TRL's docstring asks for it, ``reward_trainer.py:326``): a trainable
-    copy [num_labels, h] beside the frozen original (``ModulesToSaveWrapper``), cast as the adapters are."""
-    from .stored_tensor import StoredTensor
-
-    return StoredTensor("score.modules_to_save", "adapter", (model.score_labels, model.hidden_size), 1, adapter_bits,
-                        True)
