@@ -29,10 +29,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.accuracy_sections import replace_section  # noqa: E402
+from benchmarks.accuracy_sections import replace_section, write_rows  # noqa: E402
 from tests.test_families_2026 import TINY as DENSE_TINY, WINDOWED, WINDOWED_SETUPS  # noqa: E402
 from tests.test_families_moe_2026 import DEFAULT_CONFIG_GAPS, TINY as MOE_TINY  # noqa: E402
 from tests.test_families_devset import SETUPS  # noqa: E402
+from tests.tiny_models import meta_param_count  # noqa: E402
 from vramcalc.estimator import step_moments  # noqa: E402
 from vramcalc.hf_config import load_config  # noqa: E402
 from vramcalc.training_setup import resolve_setup  # noqa: E402
@@ -71,16 +72,13 @@ def _read_rows(path: Path) -> list[dict]:
 def default_config_count(family: str) -> dict:
     """transformers' default config of ``family`` written as config.json and read by ``load_config``, against
     ``sum(p.numel())`` of the model built on meta from the same config (tied weights once)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.for_model(family, **DEFAULT_CONFIG_GAPS.get(family, {}))
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(config.to_json_string())
         estimated = load_config(folder).params
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    built = sum({id(p): p.numel() for p in model.parameters()}.values())
+    built = meta_param_count(config)
     return {"family": family, "vramcalc_params": estimated, "transformers_params": built,
             "exact": estimated == built}
 
@@ -152,10 +150,7 @@ def main() -> None:
         fresh.append(row)
         print(f"{row['model']:<16} {row['setup']:<60} {row['error']:+.4f}", flush=True)
     rows = sorted(kept + fresh, key=lambda row: FAMILIES.index(row["family"]))
-    with open(out, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(fresh[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(out, rows)
     counts = [default_config_count(family) for family in FAMILIES + DEFAULT_CONFIG_ONLY]
     lines = report(rows, counts)
     (HERE / "accuracy_families.md").write_text("\n".join(lines) + "\n")

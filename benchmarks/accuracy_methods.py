@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.accuracy_sections import replace_section  # noqa: E402
+from benchmarks.accuracy_sections import replace_section, write_rows  # noqa: E402
 from tests.tiny_models import TINY  # noqa: E402
 from vramcalc.estimator import step_moments  # noqa: E402
 from vramcalc.peft_methods import PEFT_METHODS  # noqa: E402
@@ -137,10 +137,7 @@ def main() -> None:
         rows.append(row)
         print(f"{row['model']:<14} {row['setup']:<60} {row['error']:+.4f}", flush=True)
     if not args.from_csv:
-        with open(HERE / "accuracy_methods.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_rows(HERE / "accuracy_methods.csv", rows)
     errors = [abs(row["error"]) for row in rows]
     lines = ["# Accuracy: peft methods, estimate vs trace", "",
              "`python benchmarks/accuracy_methods.py` (peft 0.21.2, tiny models of `tests/tiny_models.py`, bf16, "

@@ -1,9 +1,10 @@
 """``benchmarks/accuracy.md`` is written by several grid scripts: ``accuracy.py`` writes its head (the HF grid, up to
 the first ``## `` heading) and every other grid script owns one ``## `` section, which it replaces in place. A rerun of
-any script keeps the other scripts' parts as they are."""
+any script keeps the other scripts' parts as they are. ``write_rows`` writes a grid script's own CSV."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 ACCURACY_MD = Path(__file__).resolve().parent / "accuracy.md"
@@ -35,3 +36,11 @@ def replace_section(heading: str, body: str, path: Path = ACCURACY_MD) -> None:
     else:
         sections.append(section)
     path.write_text(_join(head, sections))
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """A grid's rows as CSV, one column per key of the first row."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -16,6 +16,7 @@ from vramcalc.training_setup import resolve_setup
 
 from .conftest import needs_torch
 from .test_families_devset import SETUPS
+from .tiny_models import meta_param_count
 
 TOLERANCE = 0.03  # issue 13: within 3% on each setup
 MEDIAN_TOLERANCE = 0.01  # and 1% median over a family's setups
@@ -59,15 +60,6 @@ FAMILIES = sorted(TINY)
 DEFAULT_CONFIG_FAMILIES = FAMILIES + ["gemma", "phi"]
 
 
-def _meta_count(config) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum({id(p): p.numel() for p in model.parameters()}.values())  # tied weights once
-
-
 @needs_torch
 @pytest.mark.parametrize("family", DEFAULT_CONFIG_FAMILIES)
 def test_default_config_json_count_equals_the_meta_built_transformers_model(family, tmp_path):
@@ -75,7 +67,7 @@ def test_default_config_json_count_equals_the_meta_built_transformers_model(fami
 
     config = AutoConfig.for_model(family)
     (tmp_path / "config.json").write_text(config.to_json_string())
-    assert load_config(tmp_path).params == _meta_count(config)
+    assert load_config(tmp_path).params == meta_param_count(config)
 
 
 @needs_torch
@@ -84,7 +76,7 @@ def test_tiny_count_equals_the_meta_built_transformers_model(family):
     from vramcalc.tracing.build import hf_config
 
     spec = TINY[family]
-    assert spec.params == _meta_count(hf_config(spec))
+    assert spec.params == meta_param_count(hf_config(spec))
 
 
 def _relative_errors(family):
@@ -143,7 +135,7 @@ def test_a_gemma3_checkpoint_text_config_with_class_defaults_counts_like_transfo
     (tmp_path / "config.json").write_text(json.dumps(wrapper))
     spec = load_config(tmp_path)
     assert spec.family == "gemma3_text" and spec.num_heads == 8 and spec.num_kv_heads == 4 and spec.head_dim == 256
-    assert spec.params == _meta_count(AutoConfig.for_model(**text))
+    assert spec.params == meta_param_count(AutoConfig.for_model(**text))
 
 
 # Past the window (issue 13 item 4): the sliding layers get transformers' 4-D sliding mask (SDPA's memory-efficient
@@ -196,7 +188,7 @@ def test_cohere2_head_dim_is_the_config_s_or_hidden_over_heads(tmp_path, head_di
     (tmp_path / "config.json").write_text(json.dumps(dict(model_type="cohere2", **fields)))
     spec = load_config(tmp_path)
     assert spec.head_dim == (head_dim or 64) and spec.layer_types.count("full_attention") == 1
-    assert spec.params == _meta_count(AutoConfig.for_model("cohere2", **fields))
+    assert spec.params == meta_param_count(AutoConfig.for_model("cohere2", **fields))
 
 
 def test_glm4_rotary_width_is_the_partial_rotary_factor_of_head_dim(tmp_path):

@@ -14,6 +14,7 @@ from vramcalc.training_setup import resolve_setup
 
 from .conftest import needs_torch
 from .test_families_devset import SETUPS
+from .tiny_models import meta_param_count
 
 TOLERANCE = 0.03  # issue 13: within 3% on each setup
 MEDIAN_TOLERANCE = 0.01  # and 1% median over a family's setups
@@ -51,15 +52,6 @@ FAMILIES = sorted(TINY)
 DEFAULT_CONFIG_GAPS: dict[str, dict] = {"deepseek_v2": {"num_experts_per_tok": 6}}
 
 
-def _meta_count(config) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum({id(p): p.numel() for p in model.parameters()}.values())  # tied weights once
-
-
 @needs_torch
 @pytest.mark.parametrize("family", FAMILIES)
 def test_default_config_json_count_equals_the_meta_built_transformers_model(family, tmp_path):
@@ -67,7 +59,7 @@ def test_default_config_json_count_equals_the_meta_built_transformers_model(fami
 
     config = AutoConfig.for_model(family, **DEFAULT_CONFIG_GAPS.get(family, {}))
     (tmp_path / "config.json").write_text(config.to_json_string())
-    assert load_config(tmp_path).params == _meta_count(config)
+    assert load_config(tmp_path).params == meta_param_count(config)
 
 
 @needs_torch
@@ -76,7 +68,7 @@ def test_tiny_count_equals_the_meta_built_transformers_model(family):
     from vramcalc.tracing.build import hf_config
 
     spec = TINY[family]
-    assert spec.params == _meta_count(hf_config(spec))
+    assert spec.params == meta_param_count(hf_config(spec))
 
 
 # Known gaps, kept as claims (strict xfail): with LoRA target names gate_proj/up_proj/down_proj, peft 0.21 rewrites

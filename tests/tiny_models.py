@@ -50,3 +50,14 @@ def tiny_teacher_config(family: str) -> str:
     folder = pathlib.Path(tempfile.mkdtemp(prefix="vramcalc-teacher-"))
     hf_config(teacher).to_json_file(str(folder / "config.json"))
     return str(folder)
+
+
+def meta_param_count(config) -> int:
+    """``sum(p.numel())`` of the model transformers builds on ``meta`` from a ``PretrainedConfig`` (tied weights
+    counted once): the exact count every family's parameter inventory is checked against."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum({id(p): p.numel() for p in model.parameters()}.values())

@@ -27,6 +27,8 @@ is ``precompute_ref_log_probs``).
 
 from __future__ import annotations
 
+import functools
+
 from .errors import VramcalcError, positive_int
 from .model import ModelSpec
 from .options import Loss, Method, RefModel, RolloutEngine, Stack, Task
@@ -193,10 +195,16 @@ def _distill(values: dict, given: dict, origins: dict) -> None:
 
 
 def teacher_spec(setup) -> ModelSpec:
-    """The ``--teacher`` model (``catalogue.get_model``: a catalogue name, Hub id or config.json)."""
+    """The ``--teacher`` model (``catalogue.get_model``: a catalogue name, Hub id or config.json), resolved once per
+    name: the setup check, the weights and the teacher's forward all read it."""
+    return _resolve_teacher(setup.teacher)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve_teacher(name: str) -> ModelSpec:
     from .catalogue import get_model
 
-    return get_model(setup.teacher)
+    return get_model(name)
 
 
 def check_teacher(student, setup) -> None:
