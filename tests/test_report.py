@@ -219,6 +219,20 @@ def test_open_vs_closed_puts_hosted_apis_beside_rent_and_buy(result):
     assert "## Open vs closed" in result.markdown
 
 
+def test_open_vs_closed_lists_every_closed_model_api_in_the_price_table(result):
+    # each closed-model row of data/hosted_finetuning.csv (OpenAI, Google Vertex, AWS Bedrock) appears once per model
+    from vramcalc.cost import hosted_prices
+
+    rows = result.tables["open_vs_closed"]
+    closed = rows[rows["kind"] == "hosted, closed model"]
+    published = [p for p in hosted_prices() if p.model_access == "closed"]
+    assert {"vertex", "bedrock"} <= {p.provider for p in published}
+    for model in set(rows["model"]):
+        shown = closed[closed["model"] == model]
+        assert sorted(shown["usd_per_million_tokens"]) == sorted(p.usd_per_million_tokens for p in published)
+        assert {p.provider for p in published} == set(shown["option"])
+
+
 def test_every_open_vs_closed_row_and_hardware_price_names_its_date(result):
     rows = result.tables["open_vs_closed"]
     assert rows["price_date"].notna().all() and (rows["price_date"].str.len() > 0).all()
