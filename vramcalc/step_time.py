@@ -23,7 +23,10 @@ either by arithmetic or by memory traffic, and the two kinds of kernel run one a
   measured on the forward only runs the backward at FlashAttention-2's measured backward/forward ratio
   (``attention_backward_tflops``).
 * ``B`` is the HBM bandwidth from the catalogue (datasheet peak: the memory-bound time is a lower bound).
-* ``exposed_comm_s`` is the part of the collectives that compute does not hide (``exposed_comm_seconds``).
+* ``exposed_comm_s`` is the part of the collectives that compute does not hide (``exposed_comm_seconds``): each
+  engine's data-parallel collectives behind the compute of the phase they run in
+  (``DATA_PARALLEL_OVERLAP_BY_SHARDING``), on the ring's slowest link (``ring_bus_gb_s``; the links come from
+  ``vramcalc.cost.link_plan``).
 
 tokens/s = tokens in the step / step_s; MFU = model FLOPs / (step_s x datasheet dense peak) with the model FLOPs of
 PaLM (Chowdhery et al. 2022, App. B): 6·N·T + 12·L·a·d·s·T for full fine-tuning, without recomputation, attention
