@@ -403,3 +403,92 @@ def test_displayed_communication_time_is_the_step_models_rule():
     _, link_gb_s = cost.ring_link(gpu, 16)
     assert shown.seconds == pytest.approx(step_time.comm_seconds(shown.total_bytes, link_gb_s))
     assert shown.seconds == pytest.approx(shown.total_bytes / (link_gb_s * 1e9 * step_time.NCCL_BUS_EFFICIENCY))
+
+
+# -- the interconnect in time and cost (issue 14 item 4) -------------------------------------------------------------
+# PCIe x16 per direction by generation and NVLink per GPU (both directions) by generation: S52 in
+# data/gpus_sources.md (alpha-one-index networking-interconnects table), independent of data/gpu_links.csv.
+PCIE_X16_GB_S = {3: 16, 4: 32, 5: 64}
+NVLINK_BIDIR_GB_S = {"2": 300, "3": 600, "4": 900, "5": 1800, "infinity-fabric": 896}
+
+
+def test_every_catalogue_gpu_has_link_facts_that_agree_with_its_bandwidths():
+    for gpu in gpus():
+        facts = cost.link_facts(gpu)
+        assert facts is not None, gpu.name
+        assert facts.nvlink_source and facts.pcie_source and facts.node_source, gpu.name
+        assert PCIE_X16_GB_S[facts.pcie_generation] == gpu.pcie_gb_s, gpu.name
+        if facts.nvlink_generation:
+            assert NVLINK_BIDIR_GB_S[facts.nvlink_generation] == gpu.nvlink_bidir_gb_s, gpu.name
+        else:
+            assert not gpu.nvlink_bidir_gb_s, gpu.name
+        assert 1 <= facts.node_gpus <= 8, gpu.name
+        # one NIC per GPU exactly where the catalogue gives the reference node's per-GPU network (HGX/DGX)
+        assert facts.nics_per_node == (facts.node_gpus if gpu.infiniband_gb_s else 1), gpu.name
+
+
+def _on_eight(gpu: str, method: str, sharding: str) -> dict:
+    return vc.estimate("llama-3.1-8b", method=method, sharding=sharding, num_gpus=8, grad_ckpt="full",
+                       gpu=gpu).details
+
+
+def test_an_8x_rtx_4090_pcie_box_exposes_far_more_communication_than_an_8x_h100_nvlink_node():
+    # full fine-tuning under FSDP moves (n-1)/n·(2P + G)·2 B ≈ 42 GB per rank and step: over PCIe Gen4
+    # (32 GB/s x 0.8) that is 1.6 s against ~1.1 s of compute, so ≥ 30% of the step waits; over NVLink 4
+    # (450 GB/s) 0.12 s, hidden but for the 10% that no overlap reaches
+    pcie, nvlink = _on_eight("rtx-4090", "full", "fsdp"), _on_eight("h100-sxm", "full", "fsdp")
+    assert pcie["interconnect"]["ring_link"] == "pcie" and nvlink["interconnect"]["ring_link"] == "nvlink"
+    assert pcie["exposed_communication_fraction"] > 0.2
+    assert nvlink["exposed_communication_fraction"] < 0.1
+    assert pcie["exposed_communication_fraction"] > 4 * nvlink["exposed_communication_fraction"]
+
+
+def test_loras_tiny_gradients_leave_both_boxes_with_nearly_no_exposed_communication():
+    # DDP all-reduces only the adapters' gradients (r=8 on q, v: ~3.4M parameters, 14 MB in fp32)
+    pcie, nvlink = _on_eight("rtx-4090", "lora", "ddp"), _on_eight("h100-sxm", "lora", "ddp")
+    assert pcie["exposed_communication_fraction"] < 0.01 and nvlink["exposed_communication_fraction"] < 0.01
+
+
+def test_the_network_between_nodes_changes_time_but_not_memory():
+    kw = dict(method="full", sharding="fsdp", num_gpus=16, grad_ckpt="full", gpu="h100-sxm")
+    ib = vc.estimate("llama-3.1-8b", **kw)
+    eth = vc.estimate("llama-3.1-8b", interconnect="ethernet", **kw)
+    assert ib.terms_bytes == eth.terms_bytes
+    # two HGX nodes, eight NICs each: NDR 8 x 50 = 400 GB/s (under NVLink's 450) against 100 GbE 8 x 12.5 = 100 GB/s
+    assert ib.details["interconnect"]["ring_gb_s"] == 400 and eth.details["interconnect"]["ring_gb_s"] == 100
+    assert eth.details["step_seconds"] > ib.details["step_seconds"]
+
+
+def test_inputs_show_the_interconnect_and_where_it_came_from():
+    box = vc.estimate("llama-3.1-8b", method="lora", sharding="ddp", num_gpus=8, gpu="rtx-4090").inputs
+    assert box["interconnect"] == "pcie" and box["origins"]["interconnect"].startswith("default")
+    assert "PCIe Gen4" in box["origins"]["interconnect"]
+    given = vc.estimate("llama-3.1-8b", method="lora", sharding="ddp", num_gpus=8, gpu="h100-sxm",
+                        interconnect="pcie").inputs
+    assert given["interconnect"] == "pcie" and given["origins"]["interconnect"] == "user"
+
+
+def test_nvlink_on_a_gpu_without_it_is_one_error_line(capsys):
+    from .cli_helpers import run_cli
+
+    code, out, err = run_cli(capsys, "estimate", "llama-3.1-8b", "--num-gpus", "8", "--sharding", "ddp",
+                             "--gpu", "rtx-4090", "--interconnect", "nvlink")
+    assert code == 2 and out == ""
+    assert err.startswith("error: --interconnect nvlink: rtx-4090 has no NVLink") and err.count("\n") == 1
+    with pytest.raises(VramcalcError, match="unknown interconnect"):
+        vc.estimate("llama-3.1-8b", interconnect="token-ring")
+
+
+def test_plan_rows_state_the_interconnect():
+    from vramcalc.planning import plan_rows
+
+    rows = plan_rows("llama-3.1-8b", method="lora", num_gpus=8, sharding="ddp", grad_ckpt="full",
+                     gpus="h100-sxm,rtx-4090", hosted=False).rows
+    assert {row["gpu"]: row["interconnect"] for row in rows} == {"h100-sxm": "nvlink", "rtx-4090": "pcie"}
+    assert {row["gpu"]: row["interconnect_gb_per_s"] for row in rows} == {"h100-sxm": 450, "rtx-4090": 32}
+    exposed = {row["gpu"]: row["exposed_comm_seconds"] / row["step_seconds"] for row in rows}
+    assert exposed["rtx-4090"] < 0.01 and exposed["h100-sxm"] < 0.01  # LoRA's adapter gradients only
+    every = plan_rows("llama-3.1-8b", method="lora", num_gpus=8, sharding="ddp", interconnect="nvlink",
+                      hosted=False)
+    assert "rtx-4090" not in {row["gpu"] for row in every.rows}
+    assert any("without NVLink" in note for note in every.warnings)

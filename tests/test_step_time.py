@@ -385,3 +385,53 @@ def test_the_optimizer_streams_every_expert_not_the_active_ones():
     extra = (st.step_work(stored, setup, matmul_tflops=800).memory_bytes
              - st.step_work(active, setup, matmul_tflops=800).memory_bytes)
     assert extra == pytest.approx((30e9 - (10**9 + V8B * 4096)) * 14)
+
+
+# -- the interconnect (issue 14 item 4) -----------------------------------------------------------------------------
+def test_a_ring_runs_at_its_slowest_link():
+    # inside one node: the node link; across nodes: min(node link, NIC x NICs the node's ring members use)
+    assert st.ring_bus_gb_s(450, 8, 8, 50, 8) == 450  # 8 H100s in one node: NVLink, the network unused
+    assert st.ring_bus_gb_s(450, 16, 8, 50, 8) == 400  # two HGX nodes: eight 400 Gb/s NICs per node
+    assert st.ring_bus_gb_s(450, 16, 8, 12.5, 8) == 100  # the same nodes on 100 GbE: 8 x 12.5 GB/s
+    assert st.ring_bus_gb_s(32, 16, 8, 50, 1) == 32  # two 8x RTX 4090 boxes, one NDR NIC each: PCIe is slower
+    assert st.ring_bus_gb_s(32, 16, 8, 12.5, 1) == 12.5  # ... on one 100 GbE port each: the network is slower
+    assert st.ring_bus_gb_s(450, 32, 1, 50, 8) == 50  # one member per node (beside TP=8): one NIC, no NVLink hop
+
+
+def test_the_backward_runs_two_thirds_of_full_fine_tunings_matmuls_and_three_quarters_with_checkpointing():
+    # forward 2NT, input and weight gradients 4NT (Kaplan et al. 2020); full checkpointing reruns the forward (2NT)
+    plain = st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=2048, seq_len=2048), matmul_tflops=800)
+    ckpt = st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=2048, seq_len=2048, grad_ckpt="full"), matmul_tflops=800)
+    assert plain.backward_share == pytest.approx(4 / 6)
+    assert ckpt.backward_share == pytest.approx(6 / 8)
+
+
+def _slow_link_step(sharding: str) -> tuple[st.StepWork, st.StepTime]:
+    # full fine-tuning of Llama 3.1 8B on 8 ranks over a 1 GB/s link: the collectives far exceed the compute
+    setup = st.StepSetup(tokens=2048, seq_len=2048, dp=8, sharding=sharding)
+    work = st.step_work(LLAMA8B_SHAPE, setup, matmul_tflops=800, dp_link_gb_s=1.0)
+    return work, st.step_time(work, st.StepRates(800, 400, 3350, 989))
+
+
+def test_deepspeed_zero2_hides_no_communication_where_ddp_hides_it_under_the_backward():
+    # ZeRO-1/2's overlap_comm defaults to False (deepspeed zero/config.py): the gradient reduce-scatter and the
+    # all-gather of the updated partitions, 2·(n-1)/n·P·2 bytes, are all exposed; DDP's bucketed all-reduce of the
+    # same bytes runs under the backward's compute
+    params = LLAMA8B_SHAPE.matmul_params + V8B * 4096
+    wire_s = 2 * 7 / 8 * params * 2 / (1e9 * st.NCCL_BUS_EFFICIENCY)
+    zero2_work, zero2 = _slow_link_step("zero2")
+    ddp_work, ddp = _slow_link_step("ddp")
+    assert zero2.exposed_comm_s == pytest.approx(wire_s)
+    compute_s = ddp.step_s - ddp.exposed_comm_s
+    assert ddp.exposed_comm_s == pytest.approx(wire_s - compute_s * ddp_work.backward_share)
+
+
+def test_fsdp_hides_its_forward_gathers_under_the_forward_and_the_rest_under_the_backward():
+    # FSDP2 prefetches the next layer's all-gather in forward and in backward; reduce-scatters run in backward:
+    # forward (n-1)/n·P·2 bytes against the forward's compute, backward (n-1)/n·(P·2 + G·2) against the backward's
+    params = LLAMA8B_SHAPE.matmul_params + V8B * 4096
+    gather_s = 7 / 8 * params * 2 / (1e9 * st.NCCL_BUS_EFFICIENCY)
+    work, t = _slow_link_step("fsdp")
+    assert work.comm_forward_s == pytest.approx(gather_s) and work.comm_s == pytest.approx(3 * gather_s)
+    compute_s = t.step_s - t.exposed_comm_s
+    assert t.exposed_comm_s == pytest.approx(3 * gather_s - compute_s)  # both phases' compute fully used

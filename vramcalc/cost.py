@@ -37,7 +37,7 @@ from .catalogue import GpuSpec, data_dir, get_model
 from .errors import VramcalcError, positive_number
 from .facts import GPUS_PER_NODE
 from .model import ModelSpec, ParamKind
-from .options import Attention, Kernels, Method, Offload, Optimizer, Precision, Sharding
+from .options import Attention, Interconnect, Kernels, Method, Offload, Optimizer, Precision, Sharding
 from .profiles import profile_data
 from . import step_time as _step
 from .terms.distributed import Communication, communication_bytes_per_step
@@ -314,19 +314,23 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
     """One optimizer step of this setup on one GPU of ``gpu`` from its work (``vramcalc.step_time``), or None where
     the model has no mechanism or no rate: an --offload setup (the optimizer runs on the host CPU), a matmul dtype
     without an achievable rate for the GPU (fp32, a GPU missing from data/achievable_rates.csv), or a job over
-    several GPUs whose link the catalogue lacks. The caller then falls back to the per-generation MFU.
+    several GPUs whose link the catalogue lacks. The caller then falls back to the per-generation MFU. An
+    ``interconnect`` the GPU does not have (nvlink on a PCIe card) raises VramcalcError.
 
     The setup maps onto ``step_time.StepSetup`` (docs/time-and-cost-wiring.md): tokens = micro-batch x padded
     sequence x grad_accum on each data-parallel rank; the base trains only under full fine-tuning; LoRA's adapter
     parameters and adapted linears; grad_ckpt none | full | selective (selective recomputes the non-matmul ops only);
     compile or Liger kernels fuse the elementwise ops; the loss; QLoRA's 4-bit (nf4, fp4) or 8-bit (int8) base
-    dequantized per pass; fp8 linears; the optimizer's state bytes; the data-parallel degree and sharding on
-    ``ring_link``'s bandwidth; activation offload as overlapped PCIe copies; a paged optimizer's evicted states in and
-    out over PCIe each step (``paged_bytes`` x 2 / pcie). optimizer_in_backward moves the same bytes (no change in
-    work). Packing removes padding, and unpacked batches pad to their longest sequence, which depends on the dataset's
-    lengths: the step counts every token of batch x seq_len in both cases (padding_fraction 0).
+    dequantized per pass; fp8 linears; the optimizer's state bytes; the data-parallel degree and sharding on the
+    ring's bandwidth (``link_plan``: the GPU's links or ``--interconnect``), with each engine's overlap
+    (``step_time.DATA_PARALLEL_OVERLAP_BY_SHARDING``); activation offload as overlapped PCIe copies; a paged
+    optimizer's evicted states in and out over PCIe each step (``paged_bytes`` x 2 / pcie). optimizer_in_backward
+    moves the same bytes (no change in work). Packing removes padding, and unpacked batches pad to their longest
+    sequence, which depends on the dataset's lengths: the step counts every token of batch x seq_len in both cases
+    (padding_fraction 0).
     """
     setup = resolved.setup
+    links = checked_link_plan(gpu, setup)
     if setup.offload is not Offload.NONE:
         return None
     dtype = matmul_dtype(resolved)
@@ -339,12 +343,9 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
     if mm is None or attn is None or peak is None or (dtype == "fp8" and fp8 is None) or not gpu.bandwidth_gb_s:
         return None
     dp = setup.num_gpus if setup.sharding is not Sharding.NONE else 1
-    link_gb_s = 0.0
-    if dp > 1:
-        try:
-            _, link_gb_s = ring_link(gpu, dp)
-        except VramcalcError:
-            return None
+    if dp > 1 and links is None:
+        return None
+    link_gb_s = links.ring_gb_s if dp > 1 else 0.0
     shape = decoder_shape(spec)
     lora = setup.method.uses_lora
     paged_s = 2 * paged_bytes / (gpu.pcie_gb_s * GB_PER_S) if paged_bytes and gpu.pcie_gb_s else 0.0
@@ -377,8 +378,13 @@ def step_details(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_b
     setup = resolved.setup
     ranks = setup.num_gpus if setup.sharding is not Sharding.NONE else 1
     per_gpu = step.tokens_per_s * setup.seq_len / setup.padded_seq_len  # dataset tokens (prompt tuning's are extra)
-    return {"step_seconds": step.step_s, "tokens_per_second": per_gpu * ranks, "tokens_per_second_per_gpu": per_gpu,
-            "mfu": step.mfu, "step_breakdown_s": step.breakdown_s()}
+    out = {"step_seconds": step.step_s, "tokens_per_second": per_gpu * ranks, "tokens_per_second_per_gpu": per_gpu,
+           "mfu": step.mfu, "step_breakdown_s": step.breakdown_s()}
+    links = checked_link_plan(gpu, setup)
+    if ranks > 1 and links is not None:  # the links the ring ran on and the share of the step left exposed
+        out["interconnect"] = links.to_dict()
+        out["exposed_communication_fraction"] = step.exposed_comm_s / step.step_s
+    return out
 
 
 def step_or_profile_utilisation(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, mfu: float | None = None,
@@ -435,24 +441,158 @@ class CommunicationTime:
         return _step.comm_seconds(self.total_bytes, self.link_gb_s)
 
 
-def ring_link(gpu: GpuSpec, n_ranks: int, network_gb_s: float | None = None) -> tuple[str, float]:
-    """The link that limits a ring over ``n_ranks`` GPUs of this model, and its GB/s per GPU and direction: the
-    GPU's NVLink (half its bidirectional figure) inside a node when the catalogue has it, else PCIe, and the per-GPU
-    network (InfiniBand) once the job spans nodes of ``GPUS_PER_NODE``: one ring channel per NIC, so with NVLink
-    inside the node the node's NICs together set the pace (``step_time.multi_node_ring_gb_s``)."""
-    if n_ranks > GPUS_PER_NODE:
-        bandwidth = network_gb_s if network_gb_s is not None else gpu.infiniband_gb_s
-        if not bandwidth:
-            raise VramcalcError(f"the catalogue has no per-GPU network bandwidth for {gpu.name}: a job over "
-                                f"{n_ranks} GPUs spans nodes; give the network's GB/s per GPU")
-        if gpu.nvlink_bidir_gb_s:
-            bandwidth = _step.multi_node_ring_gb_s(gpu.nvlink_bidir_gb_s / 2, bandwidth, GPUS_PER_NODE)
-        return "infiniband", float(bandwidth)
-    if gpu.nvlink_bidir_gb_s:
-        return "nvlink", gpu.nvlink_bidir_gb_s / 2
-    if gpu.pcie_gb_s:
-        return "pcie", float(gpu.pcie_gb_s)
-    raise VramcalcError(f"the catalogue has no interconnect bandwidth for {gpu.name}")
+# -- the interconnect: data/gpu_links.csv and the --interconnect choice ------------------------------------------
+@dataclass(frozen=True)
+class LinkFacts:
+    """One row of data/gpu_links.csv: a GPU's links and its typical node, each with its source. The bandwidths
+    themselves are the catalogue's (data/gpus.csv ``nvlink_bidir_gb_s``, ``pcie_gb_s``, ``infiniband_gb_s``)."""
+
+    gpu: str
+    nvlink_generation: str  # "2".."5", "infinity-fabric" (AMD), "" without an NVLink switch
+    nvlink_source: str
+    pcie_generation: int
+    pcie_source: str
+    node_gpus: int  # GPUs in the GPU's typical node (HGX/DGX board, cloud instance, PCIe server)
+    nics_per_node: int  # scale-out NICs per node: one per GPU on HGX/DGX, else one (assumption, see node_source)
+    node_source: str
+
+
+@functools.lru_cache(maxsize=1)
+def link_facts_table() -> dict[str, LinkFacts]:
+    """data/gpu_links.csv by GPU name (read once)."""
+    with open(data_dir() / "gpu_links.csv", newline="", encoding="utf-8") as handle:
+        return {r["gpu"]: LinkFacts(r["gpu"], r["nvlink_generation"], r["nvlink_source"], int(r["pcie_generation"]),
+                                    r["pcie_source"], int(r["node_gpus"]), int(r["nics_per_node"]), r["node_source"])
+                for r in csv.DictReader(handle)}
+
+
+def link_facts(gpu: GpuSpec) -> LinkFacts | None:
+    """The GPU's link facts, or None for a GPU data/gpu_links.csv does not list (a profile's or a user's GPU)."""
+    return link_facts_table().get(gpu.name)
+
+
+# Networks between nodes, GB/s per NIC and direction: InfiniBand NDR 400 Gb/s = 50 GB/s (S52 in
+# data/gpus_sources.md: HDR 200 / NDR 400 / XDR 800 Gb/s; DGX H100's ConnectX-7, S56) where the catalogue gives the
+# GPU's reference node no figure of its own (``infiniband_gb_s``: A100's 200 Gb/s HDR); Ethernet 100 GbE = 12.5 GB/s
+# per port, the commodity cluster's link (NCCL's maintainer: "24GB/s is the peak performance per 200G NIC (12 GB/s
+# for 100G NICs)", NVIDIA/nccl-tests#119). RoCE at 400 GbE performs like InfiniBand NDR: choose infiniband for it.
+NETWORK_GB_S_PER_NIC = {Interconnect.INFINIBAND: 50.0, Interconnect.ETHERNET: 12.5}
+
+
+@dataclass(frozen=True)
+class LinkPlan:
+    """The links a job's data-parallel ring runs on: the node link (``nvlink`` or ``pcie``, GB/s per GPU and
+    direction) inside nodes of ``gpus_per_node`` GPUs, and the network between nodes (``infiniband`` or
+    ``ethernet``, GB/s per NIC, ``nics_per_node`` NICs), used once ``ranks`` exceeds a node; ``origin`` says where
+    the choice came from. The ring's pace is ``step_time.ring_bus_gb_s``: the slowest link in the ring."""
+
+    node_link: str
+    node_link_gb_s: float
+    gpus_per_node: int
+    network: str
+    nic_gb_s: float
+    nics_per_node: int
+    ranks: int
+    origin: str
+
+    @property
+    def spans_nodes(self) -> bool:
+        return self.ranks > self.gpus_per_node
+
+    @property
+    def ring_gb_s(self) -> float:
+        """The ring's bus bandwidth per GPU and direction (before NCCL's efficiency)."""
+        return _step.ring_bus_gb_s(self.node_link_gb_s, self.ranks, min(self.ranks, self.gpus_per_node),
+                                   self.nic_gb_s, self.nics_per_node)
+
+    @property
+    def limiting_link(self) -> str:
+        """The link that sets the ring's pace: the node link, or the network when its NICs are slower."""
+        if self.spans_nodes and self.ring_gb_s < self.node_link_gb_s:
+            return self.network
+        return self.node_link
+
+    @property
+    def word(self) -> str:
+        """'nvlink', 'pcie', or 'nvlink+infiniband' etc. once the job spans nodes (plan rows, CSV)."""
+        return f"{self.node_link}+{self.network}" if self.spans_nodes else self.node_link
+
+    def to_dict(self) -> dict:
+        out = {"node_link": self.node_link, "node_link_gb_s": self.node_link_gb_s,
+               "gpus_per_node": self.gpus_per_node, "nodes": -(-self.ranks // self.gpus_per_node)}
+        if self.spans_nodes:
+            out.update(network=self.network, network_gb_s_per_nic=self.nic_gb_s, nics_per_node=self.nics_per_node)
+        out.update(ring_link=self.limiting_link, ring_gb_s=self.ring_gb_s, origin=self.origin)
+        return out
+
+
+def link_plan(gpu: GpuSpec, ranks: int, interconnect: Interconnect | str | None = None) -> LinkPlan:
+    """The links a ring over ``ranks`` GPUs of this model runs on. ``interconnect`` None: the GPU's own node link
+    (NVLink, half its bidirectional catalogue figure, where the GPU has an NVLink switch; else its PCIe x16 link)
+    and InfiniBand between nodes; ``nvlink`` / ``pcie`` choose the node link, ``infiniband`` / ``ethernet`` the
+    network (the other keeps its default). A VramcalcError for a link the GPU does not have (nvlink without NVLink)
+    or a GPU without a PCIe figure."""
+    choice = None if interconnect is None else Interconnect.parse(interconnect, "interconnect")
+    facts = link_facts(gpu)
+    gpus_per_node = facts.node_gpus if facts else GPUS_PER_NODE
+    nics = facts.nics_per_node if facts else 1
+    if choice is Interconnect.NVLINK and not gpu.nvlink_bidir_gb_s:
+        pcie = f" (its cards talk over PCIe Gen{facts.pcie_generation})" if facts else ""
+        raise VramcalcError(f"--interconnect nvlink: {gpu.name} has no NVLink switch{pcie}; use pcie")
+    if choice is Interconnect.PCIE or not gpu.nvlink_bidir_gb_s:
+        if not gpu.pcie_gb_s:
+            raise VramcalcError(f"the catalogue has no interconnect bandwidth for {gpu.name}")
+        node_link, node_gb_s = "pcie", float(gpu.pcie_gb_s)
+    else:
+        node_link, node_gb_s = "nvlink", gpu.nvlink_bidir_gb_s / 2
+    network = choice if choice is not None and choice.between_nodes else Interconnect.INFINIBAND
+    nic_gb_s = NETWORK_GB_S_PER_NIC[network]
+    if network is Interconnect.INFINIBAND and gpu.infiniband_gb_s:
+        nic_gb_s = float(gpu.infiniband_gb_s)  # the reference node's own NIC (A100: 200 Gb/s HDR)
+    if choice is None:
+        what = f"NVLink {facts.nvlink_generation}" if facts and node_link == "nvlink" else (
+            f"no NVLink switch: PCIe Gen{facts.pcie_generation}" if facts else node_link)
+        origin = f"default: {gpu.name} has {what} (data/gpu_links.csv)"
+        if ranks > gpus_per_node:
+            origin += f"; infiniband between nodes of {gpus_per_node}"
+    elif choice.between_nodes:
+        origin = f"user (between nodes); inside a node the default {node_link}"
+        if ranks <= gpus_per_node:
+            origin += f" (the network is unused: {ranks} GPUs fit one node of {gpus_per_node})"
+    else:
+        origin = "user" + (f"; infiniband between nodes of {gpus_per_node}" if ranks > gpus_per_node else "")
+    return LinkPlan(node_link, node_gb_s, gpus_per_node, network.value, nic_gb_s, nics, max(int(ranks), 1), origin)
+
+
+def checked_link_plan(gpu: GpuSpec, setup) -> LinkPlan | None:
+    """``link_plan`` for a setup: a link the user chose that the GPU lacks raises (bad input); a GPU the catalogue
+    gives no link figure gives None (no step-time model over several GPUs)."""
+    if setup.interconnect is Interconnect.NVLINK and not gpu.nvlink_bidir_gb_s:
+        link_plan(gpu, setup.num_gpus, setup.interconnect)  # raises the one-line error
+    try:
+        return link_plan(gpu, setup.num_gpus, setup.interconnect)
+    except VramcalcError:
+        return None
+
+
+def interconnect_input(setup, gpu: GpuSpec) -> tuple[str, str]:
+    """(value, origin) of ``interconnect`` in an estimate's ``inputs`` on a named GPU: the user's word, else the
+    node link the GPU defaults to (a word --interconnect takes, so the inputs round-trip to the same time)."""
+    plan = link_plan(gpu, setup.num_gpus, setup.interconnect)
+    value = setup.interconnect.value if setup.interconnect is not None else plan.node_link
+    return value, plan.origin
+
+
+def ring_link(gpu: GpuSpec, n_ranks: int, network_gb_s: float | None = None,
+              interconnect: Interconnect | str | None = None) -> tuple[str, float]:
+    """The link that limits a ring over ``n_ranks`` GPUs of this model and the ring's GB/s per GPU and direction
+    (``link_plan``): the node link inside a node; across nodes the slower of it and the node's NICs together
+    (``step_time.ring_bus_gb_s``). ``network_gb_s`` replaces the NIC's figure."""
+    plan = link_plan(gpu, n_ranks, interconnect)
+    if network_gb_s is not None:
+        plan = LinkPlan(plan.node_link, plan.node_link_gb_s, plan.gpus_per_node, plan.network, float(network_gb_s),
+                        plan.nics_per_node, plan.ranks, plan.origin)
+    return plan.limiting_link, plan.ring_gb_s
 
 
 def communication_per_step(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec,
@@ -461,7 +601,7 @@ def communication_per_step(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpe
     traffic = communication_bytes_per_step(spec, resolved)
     if resolved.setup.sharding is Sharding.NONE or resolved.setup.num_gpus == 1:
         return CommunicationTime(traffic, "none", None)
-    link, bandwidth = ring_link(gpu, resolved.setup.num_gpus, network_gb_s)
+    link, bandwidth = ring_link(gpu, resolved.setup.num_gpus, network_gb_s, resolved.setup.interconnect)
     return CommunicationTime(traffic, link, bandwidth)
 
 

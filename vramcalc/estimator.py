@@ -65,8 +65,8 @@ def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = 
     resolved = resolve_setup(spec, **options)
     device = get_gpu(gpu) if gpu is not None else None
     terms, phase, details = _estimate_parts(spec, resolved, device)
-    return MemoryBreakdown(spec.name, dict(terms), phase, functools.partial(_inputs, spec, resolved), "estimate",
-                           device, resolved.warnings, dict(details))
+    inputs = functools.partial(_inputs, spec, resolved, device)
+    return MemoryBreakdown(spec.name, dict(terms), phase, inputs, "estimate", device, resolved.warnings, dict(details))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -164,7 +164,7 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
         out.update(step_details(spec, resolved, device, paged_bytes))
     if details:
         out.update(details)
-    inputs = functools.partial(_inputs, spec, resolved)  # built on first access of ``inputs``
+    inputs = functools.partial(_inputs, spec, resolved, device)  # built on first access of ``inputs``
     return MemoryBreakdown(spec.name, terms, phase, inputs, source, device, resolved.warnings, out)
 
 
@@ -176,11 +176,19 @@ def _setup_inputs(spec: ModelSpec, resolved: ResolvedSetup) -> tuple:
     return tuple(inputs.items())
 
 
-def _inputs(spec: ModelSpec, resolved: ResolvedSetup) -> dict:
-    """The resolved setup, every default filled in, and which options took their default (a new dict each time)."""
+def _inputs(spec: ModelSpec, resolved: ResolvedSetup, device: GpuSpec | None = None) -> dict:
+    """The resolved setup, every default filled in, and which options took their default (a new dict each time).
+    On a named GPU the interconnect is the link the time model used, with where it came from (``cost.link_plan``)."""
     out = dict(_setup_inputs(spec, resolved))
     out["defaults"] = list(resolved.defaulted)
     out["origins"] = {name: resolved.origin(name) for name in SETUP_FIELDS}
+    if device is not None:
+        from .cost import interconnect_input
+
+        try:
+            out["interconnect"], out["origins"]["interconnect"] = interconnect_input(resolved.setup, device)
+        except VramcalcError:  # no link figure for this GPU: the option stays as given
+            pass
     return out
 
 

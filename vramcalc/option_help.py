@@ -47,6 +47,9 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "task": "sft | dpo | ipo | simpo | orpo | cpo | kto | reward | grpo | distill",
     "ref_model": "copy | adapter | precomputed | none: the preference tasks' reference log-probs",
     "prompt_len": "prompt tokens of each chosen/rejected row (preference tasks; not scored)",
+    "interconnect": "nvlink | pcie (the link inside a node) | infiniband | ethernet (between nodes: 400 Gb/s NDR, "
+                    "100 GbE per NIC); default: the GPU's NVLink, else PCIe, and InfiniBand past one node "
+                    "(data/gpu_links.csv). Time and cost only",
     "teacher": "the teacher model of --task distill (GKD): a catalogue name, Hub id or config.json; same vocabulary",
     "completion_len": "scored tokens of each row (preference tasks; default seq_len - prompt_len)",
     "num_generations": "grpo: completions per prompt; --batch-size counts prompts",

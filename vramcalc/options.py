@@ -386,6 +386,22 @@ class Kernels(Choice):
     LIGER = "liger"
 
 
+class Interconnect(Choice):
+    """The link a data-parallel ring runs on: inside a node ``nvlink`` (NVLink through NVSwitch; AMD: Infinity
+    Fabric) or ``pcie``; between nodes ``infiniband`` or ``ethernet``. Not given: the GPU's own link from
+    data/gpu_links.csv (NVLink where the GPU has it, else PCIe) and InfiniBand once the job spans nodes
+    (``cost.link_plan`` says what each means in GB/s and where that comes from)."""
+
+    NVLINK = "nvlink"
+    PCIE = "pcie"
+    INFINIBAND = "infiniband"
+    ETHERNET = "ethernet"
+
+    @property
+    def between_nodes(self) -> bool:
+        return self in (Interconnect.INFINIBAND, Interconnect.ETHERNET)
+
+
 class LoadPath(Choice):
     """How the weights reach the GPU before training (the ``load`` phase).
 

@@ -23,7 +23,10 @@ either by arithmetic or by memory traffic, and the two kinds of kernel run one a
   measured on the forward only runs the backward at FlashAttention-2's measured backward/forward ratio
   (``attention_backward_tflops``).
 * ``B`` is the HBM bandwidth from the catalogue (datasheet peak: the memory-bound time is a lower bound).
-* ``exposed_comm_s`` is the part of the collectives that compute does not hide (``exposed_comm_seconds``).
+* ``exposed_comm_s`` is the part of the collectives that compute does not hide (``exposed_comm_seconds``): each
+  engine's data-parallel collectives behind the compute of the phase they run in
+  (``DATA_PARALLEL_OVERLAP_BY_SHARDING``), on the ring's slowest link (``ring_bus_gb_s``; the links come from
+  ``vramcalc.cost.link_plan``).
 
 tokens/s = tokens in the step / step_s; MFU = model FLOPs / (step_s x datasheet dense peak) with the model FLOPs of
 PaLM (Chowdhery et al. 2022, App. B): 6·N·T + 12·L·a·d·s·T for full fine-tuning, without recomputation, attention
@@ -60,6 +63,31 @@ NCCL_BUS_EFFICIENCY = 0.8
 # backward's collectives stay exposed. So async TP overlaps the forward and recomputed forwards' share (1.0) and
 # leaves the backward's (``ASYNC_TENSOR_PARALLEL_BACKWARD_OVERLAP`` = 0.0).
 DATA_PARALLEL_OVERLAP = 0.9
+
+# Which compute can hide each engine's data-parallel collectives (exposed comm = comm − min(overlap · comm, the
+# compute of that phase), ``exposed_comm_seconds``), read from each engine's source (torch 2.13, DeepSpeed master):
+#   ddp: the Reducer all-reduces each gradient bucket (bucket_cap_mb default 25 MiB, torch/nn/parallel/distributed.py
+#     :825) from autograd hooks as the bucket fills in backward (Li et al. 2020, "PyTorch Distributed", §3.2.3):
+#     backward compute only;
+#   fsdp: FSDP2 issues the next layer's all-gather while this one computes, in forward by default
+#     (torch/distributed/fsdp/_fully_shard/_fully_shard.py:513, set_modules_to_forward_prefetch: "the default
+#     overlap behavior") and in backward (_fsdp_state.py:384, default backward prefetch); reduce-scatters run on
+#     their own stream in backward (Zhao et al. 2023 §3.3-3.4): forward gathers under forward compute, backward
+#     gathers and reduce-scatters under backward compute;
+#   zero3: DeepSpeed prefetches parameters (stage3_prefetch_bucket_size) and overlap_comm defaults to True at stage
+#     3 only (deepspeed/runtime/zero/config.py, overlap_comm_valid: ``self.stage == ZeroStageEnum.weights``): as fsdp;
+#   zero1 / zero2: overlap_comm defaults to False below stage 3 (same validator), so the gradient reduction runs on
+#     the compute stream, and the all-gather of the updated 16-bit partitions follows the optimizer step: nothing is
+#     hidden (accelerate's DeepSpeedPlugin writes no overlap_comm; a config that sets it is not modelled).
+# Values: (phases whose compute hides the collectives, the overlap fraction within them).
+DATA_PARALLEL_OVERLAP_BY_SHARDING: dict[str, tuple[tuple[str, ...], float]] = {
+    "ddp": (("backward",), DATA_PARALLEL_OVERLAP),
+    "fsdp": (("forward", "backward"), DATA_PARALLEL_OVERLAP),
+    "zero3": (("forward", "backward"), DATA_PARALLEL_OVERLAP),
+    "zero2": ((), 0.0),
+    "zero1": ((), 0.0),
+    "none": ((), 0.0),
+}
 TENSOR_PARALLEL_OVERLAP = 0.0
 ASYNC_TENSOR_PARALLEL_OVERLAP = 1.0
 ASYNC_TENSOR_PARALLEL_BACKWARD_OVERLAP = 0.0
@@ -327,6 +355,42 @@ def multi_node_ring_gb_s(nvlink_gb_s_per_direction: float, nic_gb_s_per_gpu: flo
     return min(nvlink_gb_s_per_direction, nic_gb_s_per_gpu * ranks_per_node)
 
 
+def ring_bus_gb_s(node_link_gb_s: float, ranks: int, ranks_per_node: int, nic_gb_s: float = 0.0,
+                  nics_per_node: int = 1) -> float:
+    """Per-GPU bus bandwidth of a ring collective over ``ranks`` GPUs, ``ranks_per_node`` of them in each node: the
+    slowest link of the ring sets its pace (NCCL's ring passes every chunk through every link; nccl-tests
+    doc/PERFORMANCE.md: algbw = S / t, busbw = algbw · 2(n−1)/n for all-reduce and (n−1)/n for all-gather and
+    reduce-scatter, which makes busbw comparable with the link's own bandwidth). Inside one node that is the node
+    link (NVLink per direction, or PCIe); across nodes NCCL runs one ring channel per NIC, each entering and leaving
+    a node once, so the node's NICs together carry the ring's inter-node hop (``multi_node_ring_gb_s``):
+    min(node link, NIC x min(NICs per node, ranks per node)); with one member per node there is no intra-node hop.
+    This is the flat ring; NCCL's tree and NVLS algorithms can beat it across nodes (not modelled)."""
+    if ranks <= ranks_per_node:
+        return node_link_gb_s
+    network = nic_gb_s * max(min(nics_per_node, ranks_per_node), 1)
+    if ranks_per_node <= 1:
+        return network
+    return min(node_link_gb_s, network)
+
+
+def data_parallel_phase_bytes(param_count: float, trainable_count: float, ranks: int, sharding: str, *,
+                              param_bytes: float = BF16_BYTES,
+                              grad_bytes: float = BF16_BYTES) -> tuple[float, float, float]:
+    """``data_parallel_bytes`` split by when the bytes move: (in forward, in backward, after backward).
+    fsdp / zero3: the forward all-gather of the parameters, then the backward all-gather and the gradient
+    reduce-scatter; ddp: the gradient all-reduce in backward; zero1 / zero2: the reduction and the all-gather of the
+    updated partitions, neither overlapped (``DATA_PARALLEL_OVERLAP_BY_SHARDING``)."""
+    grads = trainable_count * grad_bytes
+    if sharding in ("fsdp", "zero3"):
+        gather = collective_bytes(param_count * param_bytes, ranks, "all_gather")
+        return gather, gather + collective_bytes(grads, ranks, "reduce_scatter"), 0.0
+    if sharding == "ddp":
+        return 0.0, collective_bytes(grads, ranks, "all_reduce"), 0.0
+    if sharding in ("zero1", "zero2"):
+        return 0.0, 0.0, collective_bytes(grads, ranks, "all_reduce")
+    return 0.0, 0.0, 0.0
+
+
 def data_parallel_bytes(param_count: float, trainable_count: float, ranks: int, sharding: str, *,
                         param_bytes: float = BF16_BYTES, grad_bytes: float = BF16_BYTES) -> float:
     """Bytes each data-parallel rank sends per optimizer step.
@@ -379,6 +443,11 @@ class StepWork:
     model_flops: float  # MFU numerator for those tokens
     comm_s: float = 0.0  # overlappable collective time at the link's bandwidth (data parallel), before overlap
     comm_overlap: float = 0.0
+    # The part of comm_s issued in forward passes (FSDP/ZeRO-3 all-gathers), and the share of the compute in backward
+    # and recomputation: comm_forward_s hides under the forward's compute, the rest under the backward's. None: comm_s
+    # may hide under the whole step's compute.
+    comm_forward_s: float = 0.0
+    backward_share: float | None = None
     serial_s: float = 0.0  # time nothing hides: blocking tensor-parallel collectives, paged-optimizer PCIe traffic
     kernels: KernelCounts = KernelCounts()
     side_stream_s: float = 0.0  # copies on a side stream (activation offload): exposed past the compute only
@@ -435,7 +504,12 @@ def step_time(work: StepWork, rates: StepRates) -> StepTime:
     host_s = (max(0.0, work.kernels.gemm * h - matmul_s) + max(0.0, work.kernels.attention * h - attention_s)
               + max(0.0, work.kernels.other * h - memory_s))
     compute_s = matmul_s + attention_s + memory_s + host_s
-    exposed = exposed_comm_seconds(work.comm_s, compute_s, work.comm_overlap)
+    if work.backward_share is None:
+        exposed = exposed_comm_seconds(work.comm_s, compute_s, work.comm_overlap)
+    else:  # each phase's collectives behind that phase's compute (``DATA_PARALLEL_OVERLAP_BY_SHARDING``)
+        backward_s = compute_s * work.backward_share
+        exposed = (exposed_comm_seconds(work.comm_forward_s, compute_s - backward_s, work.comm_overlap)
+                   + exposed_comm_seconds(work.comm_s - work.comm_forward_s, backward_s, work.comm_overlap))
     exposed += work.serial_s + exposed_comm_seconds(work.side_stream_s, compute_s, ACTIVATION_OFFLOAD_OVERLAP)
     step_s = compute_s + exposed
     return StepTime(matmul_s, attention_s, memory_s, exposed, step_s, work.tokens / step_s,
@@ -747,6 +821,8 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     n_linear = n_mm - shape.vocab_size * shape.hidden_size  # the decoder's linears, without the lm_head
     flops = matmul_flops(n_mm, t, train_base=setup.train_base, n_adapter_params=setup.adapter_params,
                          recompute_forwards=rc_mm)
+    # the forward passes' share of the matmuls; the rest (input and weight gradients, recomputation) runs in backward
+    backward_share = 1.0 - 2.0 * (n_mm + setup.adapter_params) * t / flops if flops > 0 else 2.0 / 3.0
     if setup.fp8_linears:
         if not fp8_matmul_tflops:
             raise ValueError("fp8_linears needs fp8_matmul_tflops")
@@ -785,9 +861,17 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     trainable = all_params if setup.train_base else setup.adapter_params
     shards = setup.dp * setup.tp if setup.sharding in ("fsdp", "zero3", "zero2", "zero1") else setup.tp
     nbytes += trainable / shards * setup.optimizer_bytes_per_param
-    dp_s = comm_seconds(data_parallel_bytes(all_params / setup.tp, trainable / setup.tp, setup.dp, setup.sharding,
-                                            param_bytes=setup.param_bytes_on_wire,
-                                            grad_bytes=setup.grad_bytes_on_wire), dp_link_gb_s) if setup.dp > 1 else 0.0
+    forward_b, backward_b, after_b = data_parallel_phase_bytes(
+        all_params / setup.tp, trainable / setup.tp, setup.dp if setup.dp > 1 else 1, setup.sharding,
+        param_bytes=setup.param_bytes_on_wire, grad_bytes=setup.grad_bytes_on_wire)
+    phases, dp_overlap = DATA_PARALLEL_OVERLAP_BY_SHARDING.get(setup.sharding, ((), 0.0))
+    # bytes in a phase whose compute cannot hide them are exposed after it
+    hidden_forward_b = forward_b if "forward" in phases else 0.0
+    hidden_backward_b = backward_b if "backward" in phases else 0.0
+    after_b += forward_b - hidden_forward_b + backward_b - hidden_backward_b
+    dp_forward_s = comm_seconds(hidden_forward_b, dp_link_gb_s) if hidden_forward_b else 0.0
+    dp_s = dp_forward_s + (comm_seconds(hidden_backward_b, dp_link_gb_s) if hidden_backward_b else 0.0)
+    dp_after_s = comm_seconds(after_b, dp_link_gb_s) if after_b else 0.0
     tp_s = comm_seconds(tensor_parallel_bytes(t / setup.cp, shape.hidden_size, shape.num_layers, setup.tp,
                                               recompute_forwards=rc_mm), tp_link_gb_s) if setup.tp > 1 else 0.0
     if setup.async_tp:  # forward + recomputed forwards hidden, backward (one pass in 2 + rc_mm) as measured
@@ -813,6 +897,7 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     counted = t * (1.0 - setup.padding_fraction)
     return StepWork(tokens=counted / split, matmul_flops=flops / split, attention_flops=attn / split,
                     memory_bytes=nbytes, model_flops=model * (1.0 - setup.padding_fraction) / split, comm_s=dp_s,
-                    comm_overlap=DATA_PARALLEL_OVERLAP, serial_s=tp_s * (1 - tp_overlap) + setup.serial_extra_s,
+                    comm_overlap=dp_overlap, comm_forward_s=dp_forward_s, backward_share=backward_share,
+                    serial_s=tp_s * (1 - tp_overlap) + setup.serial_extra_s + dp_after_s,
                     kernels=kernels, side_stream_s=side_s, gemms=gemms or (),
                     attention_backward_flops=attn_backward / split)

@@ -19,6 +19,7 @@ from .options import (
     ComputeDtype,
     FsdpShard,
     GradCkpt,
+    Interconnect,
     Kernels,
     LoadPath,
     Loss,
@@ -99,6 +100,7 @@ class TrainingSetup:
     rollout_engine: RolloutEngine = RolloutEngine.HF  # grpo: transformers generate (use_vllm=False)
     vllm_gpu_fraction: float | None = None  # grpo with vllm: GRPOConfig vllm_gpu_memory_utilization (0.3)
     teacher: str | None = None  # distill: the GKD teacher model (a name vramcalc reads), 16-bit, inference mode
+    interconnect: Interconnect | None = None  # None: the GPU's own link (cost.link_plan); time only, never memory
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -254,6 +256,8 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         load=LoadPath.parse(chosen.get("load", SETUP_DEFAULTS["load"]), "load path"),
         stable_embedding=_bool(chosen.get("stable_embedding", SETUP_DEFAULTS["stable_embedding"]),
                                "stable_embedding"),
+        interconnect=None if chosen.get("interconnect") is None else Interconnect.parse(chosen["interconnect"],
+                                                                                        "interconnect"),
     )
     _apply_kbit_prep(values, chosen, origins)
     _apply_peft_defaults(values, chosen, origins)

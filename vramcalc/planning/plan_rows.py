@@ -21,6 +21,7 @@ from ..cost import (
     amortised_buy_cost_usd,
     buy_cost_usd,
     buy_total_usd,
+    checked_link_plan,
     cheapest_rates,
     eager_attention_seconds_per_token,
     energy_cost_usd,
@@ -34,6 +35,7 @@ from ..cost import (
     pue,
     rent_cost_usd,
     server_cost_per_gpu,
+    step_for,
     step_or_profile_utilisation,
     training_flops,
     training_time,
@@ -41,7 +43,7 @@ from ..cost import (
 from ..errors import VramcalcError, positive_number
 from ..estimator import estimate
 from ..model import ModelSpec
-from ..options import Method, Offload, Term
+from ..options import Interconnect, Method, Offload, Sharding, Term
 from ..training_setup import ResolvedSetup, resolve_setup
 from ..units import BYTES_PER_GIB
 from .host_memory import host_ram
@@ -67,12 +69,14 @@ RATE_FIELDS = ("usd_per_gpu_hour", "provider", "region", "price_date", "source")
 RATE_COLUMNS = tuple(f"{kind.replace('-', '')}_{field}" for kind in RATE_KINDS for field in RATE_FIELDS)
 PLAN_COLUMNS = (
     "rank", "offer", "model", "stack", "method", "precision", "optimizer", "seq_len", "grad_ckpt", "attn", "matmul_dtype",
-    "gpu", "gpu_memory_gib", "num_gpus", "sharding", "quant_storage", "micro_batch", "fits", "device_gib",
+    "gpu", "gpu_memory_gib", "num_gpus", "sharding", "quant_storage", "interconnect", "interconnect_gb_per_s",
+    "micro_batch", "fits", "device_gib",
     "headroom_gib", "phase",
     *TERM_COLUMNS,
     "host_ram_gib", "host_loading_gib", "host_offload_gib", "host_paged_optimizer_gib", "host_saving_gib",
     "train_tokens", "epochs", "model_flop_per_token", "hardware_flop_per_token", "mfu", "mfu_source",
-    "step_seconds", "throughput_tokens_per_s", "usd_per_million_tokens", "train_hours", "gpu_hours",
+    "step_seconds", "exposed_comm_seconds", "throughput_tokens_per_s", "usd_per_million_tokens", "train_hours",
+    "gpu_hours",
     "rent_usd_per_gpu_hour", "rent_usd_per_hour", "rent_usd", "buy_usd", "buy_amortised_usd", "amortisation_years",
     "energy_kwh", "usd_per_kwh", "usd_per_kwh_source", "pue", "pue_source", "energy_usd", "cost_usd",
     *RATE_COLUMNS,
@@ -126,6 +130,12 @@ def plan_rows(model, *, tokens=None, epochs=1, gpus=None, max_gpus: int = DEFAUL
     devices = gpus_of(gpus)
     options = {key: value for key, value in options.items() if value is not None}
     checked = resolve_setup(spec, **_as_searched(options, max_gpus))  # bad options fail once, before any GPU
+    notes = list(checked.warnings)
+    if checked.setup.interconnect is Interconnect.NVLINK and gpus is None:  # named GPUs without NVLink: an error
+        lacking = [device.name for device in devices if not device.nvlink_bidir_gb_s]
+        devices = [device for device in devices if device.nvlink_bidir_gb_s]
+        if lacking:
+            notes.append(f"--interconnect nvlink: left out the GPUs without NVLink ({', '.join(lacking)})")
     stamp = catalogue_stamp()
     kwh_source = DEFAULT_USD_PER_KWH_SOURCE if usd_per_kwh == DEFAULT_USD_PER_KWH else "given (usd_per_kwh)"
     prices = dict(usd_per_kwh=usd_per_kwh, usd_per_kwh_source=kwh_source, amortisation_years=amortisation_years)
@@ -136,7 +146,7 @@ def plan_rows(model, *, tokens=None, epochs=1, gpus=None, max_gpus: int = DEFAUL
         row["catalogue_version"], row["catalogue_date"] = stamp.version, stamp.date
     per_million = tokens is None
     rows = rank_rows(rows, rank_by, per_million=per_million)
-    return PlanRows(rows, plan_summary(rows, spec, limit, rank_by, per_million=per_million), tuple(checked.warnings),
+    return PlanRows(rows, plan_summary(rows, spec, limit, rank_by, per_million=per_million), tuple(notes),
                     stamp.version, stamp.date)
 
 
@@ -238,6 +248,7 @@ def _gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, options) -> di
     row.update(
         fits=True, num_gpus=count, sharding=resolved.setup.sharding.value, micro_batch=batch,
         quant_storage=resolved.setup.quant_storage.value if resolved.setup.method is Method.QLORA else None,
+        **_interconnect_columns(device, resolved),
         device_gib=used / BYTES_PER_GIB, headroom_gib=(device.memory_bytes - used) / BYTES_PER_GIB,
         phase=breakdown.phase.value,
         host_ram_gib=host.total_bytes / BYTES_PER_GIB, host_loading_gib=host.loading_bytes / BYTES_PER_GIB,
@@ -249,6 +260,16 @@ def _gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, options) -> di
     row.update(_time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices,
                               breakdown.details.get("paged_optimizer_bytes", 0)))
     return row
+
+
+def _interconnect_columns(device, resolved: ResolvedSetup) -> dict:
+    """The links a data-parallel ring over the row's GPUs runs on (``cost.link_plan``): 'nvlink', 'pcie', or
+    'nvlink+infiniband' etc. across nodes, and the ring's GB/s per GPU and direction; empty on one GPU."""
+    setup = resolved.setup
+    links = checked_link_plan(device, setup) if setup.num_gpus > 1 and setup.sharding is not Sharding.NONE else None
+    if links is None:
+        return {"interconnect": None, "interconnect_gb_per_s": None}
+    return {"interconnect": links.word, "interconnect_gb_per_s": links.ring_gb_s}
 
 
 def _price_columns(device, n: int) -> dict:
@@ -306,6 +327,9 @@ def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices, paged_by
     if step_s_per_token is not None:
         tokens_per_s = n / step_s_per_token
         step_seconds = setup.batch_size * setup.seq_len * setup.grad_accum * step_s_per_token
+        step = step_for(spec, resolved, device, paged_bytes)  # cached: the step the time came from
+        if step is not None and n > 1 and setup.sharding is not Sharding.NONE:
+            out["exposed_comm_seconds"] = step.exposed_comm_s  # of step_seconds: collectives compute left exposed
     else:
         one = training_time(flops, 1.0, 1.0, n, peak, utilisation.mfu,
                             eager_attention_seconds_per_token(spec, resolved, device))

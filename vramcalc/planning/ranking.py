@@ -6,9 +6,9 @@ from ..export import cell, table_text
 from ..model import ModelSpec
 
 RANK_BY = ("cost", "time")
-PLAN_TABLE_COLUMNS = ("rank", "offer", "gpu", "provider", "num_gpus", "micro_batch", "device_gib", "host_ram_gib",
-                      "throughput_tokens_per_s", "usd_per_million_tokens", "train_hours", "rent_usd", "buy_usd",
-                      "energy_kwh", "cost_usd", "note")
+PLAN_TABLE_COLUMNS = ("rank", "offer", "gpu", "provider", "num_gpus", "interconnect", "micro_batch", "device_gib",
+                      "host_ram_gib", "throughput_tokens_per_s", "usd_per_million_tokens", "train_hours", "rent_usd",
+                      "buy_usd", "energy_kwh", "cost_usd", "note")
 # Without a token budget a plan has no hours or totals: it ranks by the cost per million training tokens, or by
 # throughput (fastest first: the hours per million tokens, 1e6 / (tokens/s · 3600)).
 PER_MILLION_COLUMNS = ("usd_per_million_tokens", "hours_per_million_tokens")
