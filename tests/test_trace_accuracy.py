@@ -61,3 +61,32 @@ def test_full_size_8b_setup_matches_the_trace_term_by_term():
     assert traced.phase == peak.phase
     for term in (Term.WEIGHTS, Term.OPTIMIZER_STATES, Term.ACTIVATIONS, Term.LOGITS):
         assert abs(getattr(peak, term.value) - traced.terms[term]) <= 0.01 * traced.terms[term]
+
+
+# Setups whose peak falls inside a decoder layer's backward, not at the logits: a 16-token vocabulary makes the head
+# negligible (as a reward model's score head or a fused loss does at full size). Before the layer's backward was
+# split into down's, mul's and (eager) the softmax's moments, with autocast's weight copies and the fp32 residual
+# gradient, these three were +3.77%, -4.85% and +4.43% off the trace (issue 15's reward rows inherited them).
+LAYER_PEAK_CASES = [
+    ("qwen3", dict(seq_len=512, batch_size=2, method="full", grad_ckpt=False)),
+    ("llama", dict(seq_len=256, batch_size=2, method="lora", precision="mixed-bf16", grad_ckpt=True)),
+    ("gemma2", dict(seq_len=512, batch_size=2, method="lora")),
+    ("phi3", dict(seq_len=128, batch_size=2, method="full", precision="mixed-bf16")),
+    ("mistral", dict(seq_len=512, batch_size=2, method="lora", lora_targets="all-linear")),
+]
+
+
+@pytest.mark.parametrize("family, options", LAYER_PEAK_CASES,
+                         ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for f, o in LAYER_PEAK_CASES])
+def test_a_peak_inside_a_layers_backward_is_within_2_5_percent_of_the_trace(family, options):
+    import dataclasses
+
+    from vramcalc.options import Phase
+    from vramcalc.tracing.runner import run_trace
+
+    spec = dataclasses.replace(TINY[family], vocab_size=16, name=f"tiny-{family}-vocab16")
+    resolved = resolve_setup(spec, stack="hf", **options)
+    peak = max(step_moments(spec, resolved), key=lambda m: m.tensor_bytes)
+    traced = sum(run_trace(spec, resolved, progress=False).terms.values())
+    assert peak.phase in (Phase.BACKWARD, Phase.BACKWARD_START)
+    assert abs(peak.tensor_bytes - traced) / traced < 0.025

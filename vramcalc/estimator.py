@@ -27,13 +27,15 @@ from .breakdown import MemoryBreakdown
 from .catalogue import GpuSpec, get_gpu, get_model
 from .errors import VramcalcError
 from .model import ModelSpec
-from .options import Loss, Method, Phase, Quant, Sharding, Task, Term
+from .options import GradCkpt, Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
 from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, peft_methods,
                     quantized, runtime, stack_layers, states, tasks, temporaries, trl_loss)
 from .terms.distributed import GatheredTimeline
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
-from .units import maximum, select
+from .units import DType, maximum, select
+
+_F32 = DType.FP32.bytes
 from .model import reward_spec  # --task reward (terms/tasks.py)
 from .options import Task
 
@@ -322,6 +324,7 @@ class _SavedPlan(NamedTuple):
     kept: dict  # what a layer keeps until its backward
     recompute: dict  # a layer's recomputed activations under checkpointing
     attention_left: dict  # what its backward adds to ``kept`` once the MLP's backward is done
+    freed: dict  # what its backward frees before its MLP's and its attention's transients peak
 
 
 @functools.lru_cache(maxsize=4096)
@@ -330,9 +333,13 @@ def _saved_plan(spec: ModelSpec, layer: activations.LayerSetup, ckpt: bool, mask
     kept = {kind: activations.layer_kept(spec, layer, ckpt, *kind) for kind in kinds}
     recompute = {kind: activations.layer_recomputed(spec, layer, ckpt, *kind) for kind in kinds}
     attention_left = {kind: activations.attention_left(spec, layer, ckpt, *kind) for kind in kinds}
+    # (under selective checkpointing or offload the saved tensors are cached or brought back: not modelled)
+    order_known = not layer.offload and activations.checkpoint_mode(ckpt) is not GradCkpt.SELECTIVE
+    nothing = activations.BackwardFreed(activations.Saved(), activations.Saved(), False)
+    freed = {kind: activations.backward_freed(spec, layer, *kind) if order_known else nothing for kind in kinds}
     return _SavedPlan(activations.model_saved(spec, layer, ckpt, masked), activations.head_saved(spec, layer),
                       activations.shared_saved(spec, layer.dtypes, layer.attn_used, ckpt, masked, layer.layers),
-                      activations.attention_saved(spec, layer, masked), kept, recompute, attention_left)
+                      activations.attention_saved(spec, layer, masked), kept, recompute, attention_left, freed)
 
 
 def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> list[Moment]:
@@ -444,16 +451,19 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                copies.backward_start + hidden_grad + extras.head_backward
                + adapters.head_lora_backward_bytes(spec, layer, tokens)),
         # the final norm's backward: its input gradient (fused: the loss's grad_input) and fp32 transients
-        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad) + outer_step, O, A,
-               lg.forward_hidden_grad + lg.held,
+        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad) + outer_step, O,
+               A - activations.head_input_saved(spec, layer).bytes(b, s), lg.forward_hidden_grad + lg.held,
                copies.backward_start + (0 if lg.forward_hidden_grad else hidden_grad) + norm_backward),
     ]
     # FSDP1 flat parameters (litgpt): autograd builds each unit's flat gradient only once all its views' gradients
     # exist (stack_layers.fsdp_flat_params)
     flat_units = rank.gathering is not None and setup.sharding is Sharding.FSDP and traits.fsdp_flat_params
+    # autocast's copies of each layer's weights (``temporaries.layer_weight_copies``; offloaded: not modelled)
+    copies_by_kind = {kind: temporaries.layer_weight_copies(spec, dt, csetup.method, kind[0], tensors)
+                      for kind, _, _ in _layer_runs(spec, masked)} if not layer.offload else {}
     moments += _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                                        A - head_saved, hidden_grad, norm_backward, dequant_beside, lg.held,
-                                       recompute_beside, masked, flat_units)
+                                       recompute_beside, masked, flat_units, copies_by_kind)
     embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens)
     if stable:
         embedding_backward = stack_layers.stable_embedding_backward_bytes(spec, dt.r, tokens)
@@ -487,7 +497,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
 
 def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                             layers_saved, hidden_grad, norm_backward, dequant_beside=None,
-                            logits_held=0, recompute_beside=0, masked=False, flat_units=False) -> list[Moment]:
+                            logits_held=0, recompute_beside=0, masked=False, flat_units=False,
+                            copies_by_kind=None) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -502,6 +513,11 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     ``logits_held``: logits the training loop still holds (litgpt's ``fit``, ``LogitsBytes.held``).
     ``recompute_beside``: a peft method's temporaries in the checkpointed recompute of the layer's forward, beside the
     whole recomputed layer instead of its backward transients (``terms/peft_methods.py``).
+    ``copies_by_kind``: per layer kind, the autocast weight copies its F.linear calls save
+    (``temporaries.layer_weight_copies``): every layer's from forward without checkpointing, the recomputed layer's
+    under it. On one GPU a layer's MLP backward is three moments: down's (its input gradient beside the whole layer),
+    mul's (down's input and weight copy freed: ``activations.backward_freed``) and, for eager attention, the softmax's
+    (o_proj's and probs @ v's saved tensors freed).
     ``flat_units`` (FSDP1 flat parameters, ``stack_layers.StackLayers.fsdp_flat_params``): a unit's parameters are
     views of one flat parameter (``torch.split`` + ``view``, torch ``distributed/fsdp/_flat_param.py``
     ``_get_unflat_views_aligned``), so autograd's ``SplitWithSizesBackward`` holds each view's gradient until the
@@ -509,16 +525,29 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     the embedding: one unit, resharded only after the whole backward) lm_head gradient stays unsharded through every
     layer, and each layer ends its backward with its view gradients beside their concatenation.
     """
-    c, attn_used = layer.dtypes.c, layer.attn_used
-    transient = temporaries.layer_backward_bytes(spec, c, attn_used, b, s) + dequant
-    mlp_transient = temporaries.mlp_backward_bytes(spec, c, b, s) + dequant
+    c, r, attn_used = layer.dtypes.c, layer.dtypes.r, layer.attn_used
+    transient = temporaries.layer_backward_bytes(spec, c, r, attn_used, b, s) + dequant
+    mlp_transient = temporaries.mlp_backward_bytes(spec, c, r, b, s) + dequant
+    down_transient = temporaries.down_backward_bytes(spec, c, r, b, s) + dequant
+    softmax_transient = temporaries.eager_softmax_backward_bytes(spec, c, r, b, s) + dequant
+    scores_transient = temporaries.eager_scores_backward_bytes(spec, c, r, b, s) + dequant
+    softmax_out = activations.Saved(per_square=_F32 * spec.num_heads).bytes(b, s)  # freed by its backward
     attention_transient = temporaries.attention_backward_bytes(spec, c, attn_used, b, s) + dequant
     if dequant_beside is not None:
         transient = maximum(transient, dequant_beside)
         mlp_transient = maximum(mlp_transient, dequant_beside)
         attention_transient = maximum(attention_transient, dequant_beside)
+        down_transient = maximum(down_transient, dequant_beside)
+        softmax_transient = maximum(softmax_transient, dequant_beside)
+        scores_transient = maximum(scores_transient, dequant_beside)
     transient = maximum(transient, recompute_beside)
     mlp_transient = maximum(mlp_transient, recompute_beside)
+    down_transient = maximum(down_transient, recompute_beside)
+    copies_by_kind = copies_by_kind or {}
+    no_copies = temporaries.LayerCopies(0, 0, 0, 0)
+    # without checkpointing every layer's copies are saved from forward, and freed layer by layer
+    copies_left = 0 if ckpt else sum(copies_by_kind.get(kind, no_copies).whole * (hi - lo + 1)
+                                     for kind, hi, lo in _layer_runs(spec, masked))
     shared = plan.shared.bytes(b, s)
     remaining = layers_saved - shared
     runs = _layer_runs(spec, masked)
@@ -547,13 +576,27 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
             left = remaining - kept_moe * done if done else remaining  # kept tensors of the layers up to this one
             G_here = G + grads_moe * done if done else G  # gradients of the layers after it
             if not sharded:
-                # the MLP's backward (it runs first) with the whole layer saved, then attention's, once the MLP's
-                # saved tensors are freed and its gradients made
-                moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G_here), O,
-                                      shared + left + recompute[kind], logits_held, mlp_transient))
+                # the MLP's backward (it runs first) with the whole layer saved: down's, then mul's once down's
+                # input is freed; then attention's, once the MLP's saved tensors are freed and its gradients made
+                copies = copies_by_kind.get(kind, no_copies)
+                here = copies.whole if ckpt else copies_left - copies.whole * done
+                freed = plan.freed[kind]
+                held = shared + left + recompute[kind]
+                waiting = Bb + maximum(G_acc, G_here)
+                moments.append(Moment(Phase.BACKWARD, W, waiting, O, held, logits_held, down_transient + here))
+                moments.append(Moment(Phase.BACKWARD, W, waiting, O, held - freed.mlp.bytes(b, s), logits_held,
+                                      mlp_transient + here - copies.down))
                 attention_left = attention_lefts[kind]
-                moments.append(Moment(Phase.BACKWARD, W, Bb + maximum(G_acc, G_here + grads_moe), O,
-                                      shared + left + attention_left, logits_held, attention_transient))
+                waiting = Bb + maximum(G_acc, G_here + grads_moe)
+                if freed.eager_softmax:  # o_proj's and probs @ v's saved tensors freed first, then the softmax's
+                    held = shared + left + attention_left - freed.attention.bytes(b, s)
+                    moments.append(Moment(Phase.BACKWARD, W, waiting, O, held, logits_held,
+                                          softmax_transient + here - copies.mlp - copies.o))
+                    moments.append(Moment(Phase.BACKWARD, W, waiting, O, held - softmax_out, logits_held,
+                                          scores_transient + here - copies.mlp - copies.o))
+                else:
+                    moments.append(Moment(Phase.BACKWARD, W, waiting, O, shared + left + attention_left, logits_held,
+                                          attention_transient + here - copies.mlp - copies.o))
             else:
                 unit = gathered.layer(index)
                 weights = W + gathered.weights_during(index)
@@ -577,5 +620,7 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                                           shared + left - kept_moe, logits_held, layer_end))
         n = hi - lo + 1
         remaining -= kept_moe * n
+        if not ckpt:
+            copies_left -= copies_by_kind.get(kind, no_copies).whole * n
         G += grads_moe * n
     return moments

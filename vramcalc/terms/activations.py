@@ -179,6 +179,10 @@ class _LayerWalk(ParallelBlockWalk):
         # Liger's kernels, or compile's partitioner, keep a norm's input and a SwiGLU's two inputs only
         self.lean = layer.kernels is Kernels.LIGER or layer.compiled
         self.grad = layer_requires_grad  # does the tensor flowing through the layer require grad?
+        # what a layer's backward frees before its transients peak (``backward_freed``)
+        self.mlp_freed_token = 0
+        self.attention_freed = Saved()
+        self.eager_softmax = False
 
     def result(self) -> Saved:
         return Saved(self.per_token, self.per_square, self.per_layer, self.per_position)
@@ -358,7 +362,12 @@ class _LayerWalk(ParallelBlockWalk):
                     self._sink_softmax(q_bytes)
                 else:
                     # fp32 softmax, and its cast to the query dtype (the same tensor when that is fp32)
-                    self.per_square += (_F32 + (q_bytes if q_bytes != _F32 else 0)) * a
+                    probs_copy = q_bytes if q_bytes != _F32 else 0
+                    self.per_square += (_F32 + probs_copy) * a
+                    # probs @ v saves the cast probabilities and the (repeated) v: its backward frees them before
+                    # the softmax's backward runs
+                    self.eager_softmax = True
+                    self.attention_freed = Saved(per_token=q_bytes * kv_width, per_square=probs_copy * a)
                 if self.gemma:
                     self.per_square += q_bytes * a  # tanh soft-capping output
             # selective cache: the two matmuls (bmm): scores [b, a, s, s] and the output [b, a, s, d]
@@ -368,6 +377,8 @@ class _LayerWalk(ParallelBlockWalk):
             out_bytes = c if dt.autocast else embed
             if o_saves_input and self.grad:
                 self.per_token += out_bytes * a * d  # contiguous copy of the output
+                if self.eager_softmax:  # freed by o_proj's backward, the first of the block's
+                    self.attention_freed += Saved(per_token=out_bytes * a * d)
         else:
             out_bytes = c if dt.autocast else embed
             kernel = self.sdpa_kernel(a, k, d, d, out_bytes)
@@ -406,7 +417,11 @@ class _LayerWalk(ParallelBlockWalk):
                     # partial rotary: q = cat(q_rot, q_pass) is a new [b, a, s, d] tensor, the flash output keeps
                     # that layout, so o_proj (dense) gets a contiguous copy (modeling_phi.py L212, L233)
                     self.per_token += out_bytes * a * d
-        return self.linears([o_use], out_bytes, x_saved=True)
+        before = self.per_token
+        out = self.linears([o_use], out_bytes, x_saved=True)
+        if self.eager_softmax:  # o_proj's own saved inputs (an adapter's cast or dropout copies)
+            self.attention_freed += Saved(per_token=self.per_token - before)
+        return out
 
     def _qk_norms(self, uses: list[LinearUse], qkv: int, grad_in: bool) -> int:
         """q_norm and k_norm, per head over d (Qwen3, Gemma-3) or over the whole a·d and k·d (olmo2). Each saves
@@ -500,7 +515,11 @@ class _LayerWalk(ParallelBlockWalk):
             # partition keep gate's and up's outputs only (silu recomputed)
             self.per_token += (2 if self.lean else 3) * out * width
         down = f"{prefix}down_proj" if prefix else m.traits.mlp_names[-1]
-        return self.linears([self.use(down, width)], out)
+        before = self.per_token
+        out = self.linears([self.use(down, width)], out)
+        if not prefix and not self.lean:  # the dense MLP's down input, freed by its backward before mul's runs
+            self.mlp_freed_token = self.per_token - before
+        return out
 
     def _moe(self, n: int) -> int:
         """Router (fp32 scores over E experts, top-K) and v5's grouped experts over S = T·K token slots
@@ -638,6 +657,29 @@ def layer_cache(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = F
     return walk.cache()
 
 
+class BackwardFreed(NamedTuple):
+    """Saved tensors of one layer that its backward frees before its transients peak."""
+
+    mlp: Saved  # the dense gated MLP's down input: down's backward frees it before mul's makes its two gradients
+    attention: Saved  # eager attention: o_proj's input, the cast probabilities and v, freed before the softmax's
+    eager_softmax: bool  # whether the layer runs transformers' eager softmax attention (``eager_attention_forward``)
+
+
+@functools.lru_cache(maxsize=4096)
+def backward_freed(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = False) -> BackwardFreed:
+    """What a decoder layer's backward has freed when its MLP's and its attention's transients peak: autograd frees
+    a node's saved tensors once the node has run (torch ``Node::release_variables``), and the nodes run in reverse
+    order of creation (``engine.cpp``, highest sequence number first). The MLP: ``down(act(gate) * up)``: down's
+    backward runs first and frees its saved input before ``MulBackward0`` makes its two [T, I] gradients. Eager
+    attention (transformers ``eager_attention_forward``): o_proj's backward, then ``probs @ v``'s, free o_proj's
+    input, the cast probabilities and v before ``_softmax_backward_data`` runs. Zero where the walk does not model
+    the order (MoE experts, parallel blocks, MLA, fused kernels)."""
+    walk = _LayerWalk(model, layer, masked)
+    walk.attention_block()
+    walk.mlp_block(moe)
+    return BackwardFreed(Saved(per_token=walk.mlp_freed_token), walk.attention_freed, walk.eager_softmax)
+
+
 @functools.lru_cache(maxsize=4096)
 def attention_saved(model: ModelSpec, layer: LayerSetup, masked: bool = False) -> Saved:
     """Saved bytes of a decoder layer's attention block alone: what the layer's backward still holds once its MLP's
@@ -655,8 +697,11 @@ def first_layer_needs_grad(method: Method) -> bool:
 @functools.lru_cache(maxsize=4096)
 def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: bool, masked: bool = False,
                  layers: StackLayers = HF_LAYERS) -> Saved:
-    """Tensors every layer reads and backward keeps to the end: rotary cos and sin (r·d_rope each per token,
-    4·d_rope in olmo2; made once per forward by ``*RotaryEmbedding``) and the int64 position ids. Under
+    """Tensors every layer reads and backward keeps to the end: rotary cos and sin (r·d_rope each per
+    position, 4·d_rope in olmo2; made once per forward by ``*RotaryEmbedding`` from the model's own [1, s] position
+    ids, ``cache_position.unsqueeze(0)`` in v5's ``*Model.forward`` when the batch carries none, as Trainer's and
+    TRL's collators do by default (TRL ``sft_trainer.py`` ``return_position_ids=False``): [1, s, d_rope], whatever
+    the batch; a packed batch is one row anyway) and the int64 position ids. Under
     checkpointing the 4-D attention masks are checkpoint inputs too (memory-math.md 5.3): eager's [b, 1, s, s] in
     the compute dtype, one per mask kind (Gemma-2 builds a full and a sliding one), or SDPA's boolean sliding-window
     mask (``masked``). A stack whose decoder indexes a rotary buffer (``stack_layers.rotary_per_forward`` False)
@@ -669,11 +714,11 @@ def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: 
     if model.traits.rope_copies_per_layer:
         saved = Saved(per_token=8, per_position=2 * rope * model.rope_dim if grad_ckpt else 0)
     elif model.traits.rope_complex:  # one complex64 freqs_cis of rope/2 pairs (8 bytes each), whatever the dtype
-        saved = Saved(per_token=_F32 * model.rope_dim * model.rope_tables + 8)
+        saved = Saved(per_token=8, per_position=_F32 * model.rope_dim * model.rope_tables)
     elif model.traits.rope_half_table:  # gpt-oss: cos and sin of width d/2
-        saved = Saved(per_token=rope * model.rope_dim * model.rope_tables + 8)
+        saved = Saved(per_token=8, per_position=rope * model.rope_dim * model.rope_tables)
     else:
-        saved = Saved(per_token=2 * rope * model.rope_dim * model.rope_tables + 8)
+        saved = Saved(per_token=8, per_position=2 * rope * model.rope_dim * model.rope_tables)
     if grad_ckpt:
         mask_kinds = model.mask_kinds
         if attn_used is Attention.EAGER:
@@ -681,6 +726,14 @@ def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: 
         elif masked:
             saved += Saved(per_square=1)
     return saved
+
+
+def head_input_saved(model: ModelSpec, layer: LayerSetup) -> Saved:
+    """lm_head's saved input (full fine-tuning: its weight gradient needs it), freed by lm_head's backward before
+    the final norm's backward runs."""
+    if layer.method is not Method.FULL:
+        return Saved()
+    return head_saved(model, layer) + head_saved(model, dataclasses.replace(layer, method=Method.LORA)) * -1
 
 
 @functools.lru_cache(maxsize=4096)
@@ -724,7 +777,19 @@ def layer_recomputed(model: ModelSpec, layer: LayerSetup, grad_ckpt, moe: bool, 
         saved += layer_cache(model, layer, moe, masked) * -1
     if layer.offload:
         saved += Saved(per_token=layer.dtypes.r * model.hidden_size)
+    elif _norm_saves_checkpoint(model, layer):  # the recomputed input norm saves the checkpointed input itself
+        saved += Saved(per_token=-_F32 * model.hidden_size)
     return saved
+
+
+def _norm_saves_checkpoint(model: ModelSpec, layer: LayerSetup) -> bool:
+    """Does a layer's first RMSNorm save the layer's checkpointed input itself? With an fp32 residual stream (mixed
+    precision) ``hidden_states.to(torch.float32)`` returns the tensor unchanged (``Tensor.to`` with the same dtype),
+    so the recomputed norm's saved fp32 input is the checkpoint's own input, not a copy."""
+    m = model.traits
+    lean = layer.kernels is Kernels.LIGER or layer.compiled
+    return (layer.dtypes.r == _F32 and m.pre_norms and not m.layer_norm and not m.parallel_block and not lean
+            and layer.layers.rotary_per_forward)
 
 
 def attention_left(model: ModelSpec, layer: LayerSetup, grad_ckpt, moe: bool, masked: bool = False) -> Saved:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..facts import BNB_BLOCKSIZE, BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS
 from .peft_methods import CACHED_ONLY_ADAPTERS, SLICED_PROJECTIONS, VECTOR_ADAPTERS
@@ -73,6 +74,51 @@ def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: b
     return WeightCopies(forward, saved)
 
 
+class LayerCopies(NamedTuple):
+    """Autocast copies of one decoder layer's fp32 weights that its own F.linear calls save (``weight_copy_bytes``),
+    split by when its backward frees them."""
+
+    whole: int  # every copy the layer's forward saved
+    down: int  # the MLP's down projection's (and its adapters'): freed first
+    mlp: int  # the MLP's Linears' (down's included): freed before attention's backward
+    o: int  # the attention output projection's: freed first in attention's backward
+
+
+@functools.lru_cache(maxsize=4096)
+def layer_weight_copies(model: ModelSpec, dt: Dtypes, method: Method, moe: bool,
+                        tensors: tuple[StoredTensor, ...]) -> LayerCopies:
+    """The 16-bit autocast copies one decoder layer (dense or MoE) saves for its backward: c per fp32 Linear weight
+    of the layer (QLoRA's are 4-bit: none) and per fp32 adapter tensor cast by F.linear (the same rule as
+    ``weight_copy_bytes``). Without checkpointing every layer's copies are saved from forward; under checkpointing
+    the recomputed layer makes its own again (torch ``utils/checkpoint.py`` reruns the layer's forward under the
+    saved autocast state). Each is freed by its Linear's backward (``Node::release_variables``)."""
+    if not dt.autocast or dt.c == _F32:
+        return LayerCopies(0, 0, 0, 0)
+    scopes = ("layer", "moe") if moe else ("layer", "dense")
+    mlp_names = set(model.traits.mlp_names)
+    down_name = model.traits.mlp_names[-1]
+    whole = down = mlp = o = 0
+    for t in tensors:
+        if t.scope not in scopes or t.bits != 32:
+            continue
+        module = t.name.split(".")[0]
+        if t.kind == "linear" and t.name.endswith(".weight") and method is not Method.QLORA:
+            pass
+        elif t.kind == "adapter" and not t.name.endswith(("lora_embedding_A",) + VECTOR_ADAPTERS + SLICED_PROJECTIONS
+                                                          + CACHED_ONLY_ADAPTERS):
+            pass
+        else:
+            continue
+        nbytes = dt.c * t.numel
+        whole += nbytes
+        if module in mlp_names:
+            mlp += nbytes
+            down += nbytes if module == down_name else 0
+        elif module == model.traits.o_name:
+            o += nbytes
+    return LayerCopies(whole, down, mlp, o)
+
+
 def dequantized_weight_bytes(model: ModelSpec, method: Method, double_quant: bool, dt: Dtypes, tokens, setup=None):
     """QLoRA: the largest 4-bit Linear dequantized for one matmul.
 
@@ -91,14 +137,48 @@ def dequantized_weight_bytes(model: ModelSpec, method: Method, double_quant: boo
     return select(tokens > BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS, max(dt.r, dt.c) * largest + absmax, 0)
 
 
-def mlp_backward_bytes(model: ModelSpec, c: int, batch_size, seq_len):
-    """Gradients alive at once in an MLP's backward: the incoming [T, h] gradient, then down's input gradient and
-    mul's two gradients [T, I] (c bytes each, the compute dtype); for MoE, over the T·K routed slots."""
+def mlp_backward_bytes(model: ModelSpec, c: int, r: int, batch_size, seq_len):
+    """Gradients alive at once in an MLP's backward, at mul's: the incoming [T, h] gradient of the residual stream
+    (r bytes: fp32 under mixed precision, where the residual add promotes), down's input gradient and mul's two
+    gradients [T, I] (c bytes each, the compute dtype); for MoE, over the T·K routed slots."""
     m = model
     width = m.expert_width * m.experts_per_token if m.is_moe else m.mlp_width  # Qwen v1: intermediate_size / 2
     if m.traits.dense_experts:  # Llama-4: every token through every expert
         width = m.expert_width * m.num_experts
-    return c * batch_size * seq_len * (3 * width + m.hidden_size)
+    return batch_size * seq_len * (3 * c * width + r * m.hidden_size)
+
+
+def down_backward_bytes(model: ModelSpec, c: int, r: int, batch_size, seq_len):
+    """Gradients alive in a dense MLP's first backward op, down's, before its input is freed: the residual stream's
+    incoming [T, h] gradient (r), its cast to the compute dtype where the add promoted (c, when r != c: ``AddBackward0``
+    casts each input's gradient to that input's dtype) and down's input gradient [T, I] (c)."""
+    m = model
+    cast = c * m.hidden_size if r != c else 0
+    return batch_size * seq_len * (r * m.hidden_size + cast + c * m.mlp_width)
+
+
+def eager_softmax_backward_bytes(model: ModelSpec, c: int, r: int, batch_size, seq_len):
+    """Gradients alive when eager attention's softmax backward runs (transformers ``eager_attention_forward``; the
+    cast probabilities, v and o_proj's input already freed: ``activations.backward_freed``): per [b, a, s, s]
+    element the probabilities' gradient in fp32 (``ToCopyBackward0`` of ``.to(q.dtype)``) and
+    ``_softmax_backward_data``'s fp32 result (the scores are fp32 once the fp32 4-D mask is added); per token the
+    residual stream's incoming gradient (r·h) and the gradient of the (repeated) v, waiting for its branch (autograd
+    runs the later-created softmax first)."""
+    m = model
+    a, k, d = m.num_heads, m.num_kv_heads, m.qk_head_dim
+    kv_width = a * d if a > k else k * d  # repeat_kv's copy, or k itself
+    return 2 * _F32 * batch_size * a * seq_len * seq_len + batch_size * seq_len * (r * m.hidden_size + c * kv_width)
+
+
+def eager_scores_backward_bytes(model: ModelSpec, c: int, r: int, batch_size, seq_len):
+    """Gradients alive at q·kᵀ's backward, right after the softmax's (its fp32 output then freed: the estimator
+    subtracts it): the scores' gradient cast back to the compute dtype (c per [b, a, s, s] element), and per token
+    the residual stream's gradient (r·h), v's waiting gradient and the new dq and dk (c each)."""
+    m = model
+    a, k, d = m.num_heads, m.num_kv_heads, m.qk_head_dim
+    kv_width = a * d if a > k else k * d
+    return c * batch_size * a * seq_len * seq_len + batch_size * seq_len * (r * m.hidden_size
+                                                                             + c * (a * d + 2 * kv_width))
 
 
 def attention_backward_bytes(model: ModelSpec, c: int, attn_used: Attention, batch_size, seq_len):
@@ -117,9 +197,9 @@ def attention_backward_bytes(model: ModelSpec, c: int, attn_used: Attention, bat
     return attention + shared_norm_grad_bytes(model, batch_size, seq_len)  # 0 but for phi and Falcon's old layout
 
 
-def layer_backward_bytes(model: ModelSpec, c: int, attn_used: Attention, batch_size, seq_len):
+def layer_backward_bytes(model: ModelSpec, c: int, r: int, attn_used: Attention, batch_size, seq_len):
     """The larger of the two halves of a layer's backward transients (MLP first, then attention)."""
-    return maximum(mlp_backward_bytes(model, c, batch_size, seq_len),
+    return maximum(mlp_backward_bytes(model, c, r, batch_size, seq_len),
                    attention_backward_bytes(model, c, attn_used, batch_size, seq_len))
 
 
