@@ -327,7 +327,7 @@ def _saved_plan(spec: ModelSpec, layer: activations.LayerSetup, ckpt: bool, mask
     attention_left = {kind: activations.attention_left(spec, layer, ckpt, *kind) for kind in kinds}
     # (under selective checkpointing or offload the saved tensors are cached or brought back: not modelled)
     order_known = not layer.offload and activations.checkpoint_mode(ckpt) is not GradCkpt.SELECTIVE
-    nothing = activations.BackwardFreed(activations.Saved(), activations.Saved(), False)
+    nothing = activations.BackwardFreed(activations.Saved(), activations.Saved(), False, 0)
     freed = {kind: activations.backward_freed(spec, layer, *kind) if order_known else nothing for kind in kinds}
     return _SavedPlan(activations.model_saved(spec, layer, ckpt, masked), activations.head_saved(spec, layer),
                       activations.shared_saved(spec, layer.dtypes, layer.attn_used, ckpt, masked, layer.layers),
@@ -519,22 +519,26 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     """
     c, r, attn_used = layer.dtypes.c, layer.dtypes.r, layer.attn_used
     transient = temporaries.layer_backward_bytes(spec, c, r, attn_used, b, s) + dequant
-    mlp_transient = temporaries.mlp_backward_bytes(spec, c, r, b, s) + dequant
-    down_transient = temporaries.down_backward_bytes(spec, c, r, b, s) + dequant
     softmax_transient = temporaries.eager_softmax_backward_bytes(spec, c, r, b, s) + dequant
     scores_transient = temporaries.eager_scores_backward_bytes(spec, c, r, b, s) + dequant
     softmax_out = activations.Saved(per_square=_F32 * spec.num_heads).bytes(b, s)  # freed by its backward
     attention_transient = temporaries.attention_backward_bytes(spec, c, attn_used, b, s) + dequant
     if dequant_beside is not None:
         transient = maximum(transient, dequant_beside)
-        mlp_transient = maximum(mlp_transient, dequant_beside)
         attention_transient = maximum(attention_transient, dequant_beside)
-        down_transient = maximum(down_transient, dequant_beside)
         softmax_transient = maximum(softmax_transient, dequant_beside)
         scores_transient = maximum(scores_transient, dequant_beside)
     transient = maximum(transient, recompute_beside)
-    mlp_transient = maximum(mlp_transient, recompute_beside)
-    down_transient = maximum(down_transient, recompute_beside)
+
+    def mlp_transients(kind):
+        """Down's and mul's backward transients of a layer kind, in its MLP's own element bytes (QLoRA under mixed
+        precision computes the MLP in fp32: ``activations.BackwardFreed.mlp_element_bytes``)."""
+        c_mlp = plan.freed[kind].mlp_element_bytes or c
+        down = temporaries.down_backward_bytes(spec, c_mlp, r, b, s) + dequant
+        mlp = temporaries.mlp_backward_bytes(spec, c_mlp, r, b, s) + dequant
+        if dequant_beside is not None:
+            down, mlp = maximum(down, dequant_beside), maximum(mlp, dequant_beside)
+        return maximum(down, recompute_beside), maximum(mlp, recompute_beside)
     copies_by_kind = copies_by_kind or {}
     no_copies = temporaries.LayerCopies(0, 0, 0, 0)
     # without checkpointing every layer's copies are saved from forward, and freed layer by layer
@@ -573,6 +577,7 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                 copies = copies_by_kind.get(kind, no_copies)
                 here = copies.whole if ckpt else copies_left - copies.whole * done
                 freed = plan.freed[kind]
+                down_transient, mlp_transient = mlp_transients(kind)
                 held = shared + left + recompute[kind]
                 waiting = Bb + maximum(G_acc, G_here)
                 moments.append(Moment(Phase.BACKWARD, W, waiting, O, held, logits_held, down_transient + here))
