@@ -30,7 +30,7 @@ from .model import ModelSpec
 from .options import Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
 from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, peft_methods,
-                    quantized, runtime, stack_layers, states, tasks, temporaries, trl_loss)
+                    quantized, runtime, stack_layers, states, tasks, temporaries, trl_loss, vision)
 from .terms.distributed import GatheredTimeline
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import maximum, select
@@ -158,6 +158,8 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
                                                                    setup.adapter_dtype)))
     if setup.task.uses_fused_head:  # each phase's peak: GRPO's generation and training both reported
         out["phase_peak_bytes"] = _phase_peaks(spec, resolved)
+    if spec.vision is not None and setup.images:  # image tokens, tiles, the tower's saved bytes (terms/vision.py)
+        out.update(vision.details_for(spec, resolved))
     if device is not None:  # the step's time on that GPU (cost.step_for: cached per setup, standard library)
         from .cost import step_details
 
@@ -235,6 +237,8 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     if setup.task.uses_fused_head or setup.task in (Task.DISTILL, Task.REWARD):  # the collator's padded 2-D
         # attention mask reaches the attention (terms/tasks.py)
         masked = tasks.preference_masked(masked, resolved.attn_used)
+    if spec.vision is not None and setup.images and spec.vision.mm_tokens_per_image:  # Gemma-3's image blocks
+        masked = True  # attend bidirectionally: token_type_ids give the language model 4-D masks (terms/vision.py)
     if not hasattr(masked, "shape"):
         return _moments(spec, resolved, b, s, masked)
     if masked.all() or not masked.any():
@@ -474,6 +478,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         moments = tasks.distill_moments(moments, spec, setup, dt, b, s, Moment)
     if setup.task is Task.REWARD:
         moments = tasks.reward_moments(moments, b, s)
+    if spec.vision is not None and setup.images:  # a VLM's vision tower (terms/vision.py)
+        moments = vision.moments_for(spec, resolved, tensors, moments, Moment)
     return moments
 
 
