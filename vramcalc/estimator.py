@@ -479,7 +479,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     if setup.task is Task.REWARD:
         moments = tasks.reward_moments(moments, b, s)
     if spec.vision is not None and setup.images:  # a VLM's vision tower (terms/vision.py)
-        moments = vision.moments_for(spec, resolved, tensors, moments, Moment)
+        moments = vision.moments_for(spec, resolved, tensors, moments, Moment, layer, b, s, masked)
     return moments
 
 

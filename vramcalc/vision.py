@@ -246,6 +246,10 @@ def resolve_images(model, values: dict, given: dict) -> None:
     from .errors import positive_int
     from .options import Method, Precision, Sharding, Task, Vision
 
+    given = dict(given)
+    if given.get("images") is not None:
+        given["images"] = 0 if str(given["images"]).strip() == "0" else positive_int(
+            given["images"], "number of images", MAX_IMAGES)
     asked = [name for name in _IMAGE_OPTIONS if given.get(name) not in (None, 0)]
     vision = model.vision
     if vision is None:
@@ -255,8 +259,7 @@ def resolve_images(model, values: dict, given: dict) -> None:
                                 f"{', '.join(sorted(VISION_FAMILIES))}")
         values.update(images=0, image_size=None, image_tokens=None, vision=None)
         return
-    images = given.get("images", 0)
-    images = 0 if images == 0 else positive_int(images, "number of images", MAX_IMAGES)
+    images = given.get("images") or 0
     size = given.get("image_size")
     tokens = given.get("image_tokens")
     if size is not None and tokens is not None:

@@ -101,75 +101,93 @@ class VisionSaved:
 
 @functools.lru_cache(maxsize=1024)
 def vision_saved(vision: VisionSpec, mode: Vision | None, tiles: int, c: int, adapted: tuple[str, ...],
-                 lora_rank: int, adapter_bytes: int, lora_dropout: bool) -> VisionSaved:
-    """What the tower's forward saves for ``tiles`` tiles (module docstring); 0 when frozen or without images."""
+                 lora_rank: int, adapter_bytes: int, lora_dropout: bool, autocast: bool = False) -> VisionSaved:
+    """What the tower's forward saves for ``tiles`` tiles (module docstring); 0 when frozen or without images.
+    ``c``: bytes of the parameter dtype (the residual stream); ``autocast``: the step runs under 16-bit autocast
+    (``--precision bf16``/``fp16``, Trainer's bf16/fp16=True): CUDA autocast runs ``layer_norm`` in fp32 (its input
+    cast to fp32 and saved, its weight and bias cast and saved, an fp32 output), so every Linear reading a LayerNorm
+    output casts it to 16 bits on its own (a private copy each, saved when the Linear trains), and LoRA's A casts its
+    input to 16 bits (the text model's rule, ``activations._LayerWalk._lora``)."""
     if mode is None or mode is Vision.FROZEN or tiles == 0:
         return VisionSaved(0, 0)
     full = mode is Vision.FULL
     H, I, A, n = vision.hidden_size, vision.intermediate_size, vision.num_heads, vision.patches
     kernel_flash = c == 2 and vision.head_dim <= SDPA_FLASH_MAX_HEAD_DIM
     lse_rows = n if kernel_flash else -(-n // _EFFICIENT_ROWS) * _EFFICIENT_ROWS
+    norm_in = _F32 if autocast else c  # bytes of a LayerNorm's saved input
+    norm_out = _F32 if autocast else c  # bytes of its output
+    per_layer = 0  # bytes per layer (not per token): autocast's fp32 copies of LayerNorm weights and biases
 
-    def lora(name: str, width: int) -> int:
-        """Per token: what one adapted Linear saves beyond its input (which the caller counts when shared)."""
-        if name not in adapted:
-            return 0
-        own = adapter_bytes * lora_rank  # A's output, saved by B
-        if lora_dropout:
-            return own + width + adapter_bytes * width  # the mask, dropout's output (saved by A)
-        return own + (adapter_bytes * width if adapter_bytes != c else 0)  # x.to(adapter dtype), saved by A
+    def linear(name: str, width: int, x_bytes: int, x_saved: bool) -> tuple[int, bool]:
+        """(bytes per token, whether the shared input is now saved) of one Linear reading ``x_bytes`` elements."""
+        out = 0
+        if full:
+            if autocast and x_bytes != c:
+                out += c * width  # autocast's private 16-bit copy, saved by the trained Linear
+            elif not x_saved:
+                out, x_saved = out + x_bytes * width, True
+        if name in adapted:
+            if lora_dropout:
+                out += width + adapter_bytes * width  # the 1-byte mask, dropout's output (saved by A)
+                out += c * width if autocast and adapter_bytes != c else 0  # and A's autocast copy
+            elif autocast and adapter_bytes != c:
+                out += c * width  # A's autocast copy of its input (peft's cast to the adapter dtype is transient)
+            elif adapter_bytes != x_bytes:
+                out += adapter_bytes * width  # peft's x.to(adapter dtype), saved by A
+            elif not x_saved:
+                out, x_saved = out + x_bytes * width, True
+            out += (c if autocast else adapter_bytes) * lora_rank  # A's output, saved by B
+        return out, x_saved
 
-    def lora_shares_input(name: str) -> bool:
-        return name in adapted and not lora_dropout and adapter_bytes == c
+    def layer_norm() -> int:
+        nonlocal per_layer
+        if autocast:
+            per_layer += 2 * _F32 * H  # the fp32 weight and bias native_layer_norm saves
+        return norm_in * H + 2 * _F32  # input, mean, rstd
 
     per_token = 0
     x_grad = False  # the layer input needs a gradient (the conv is frozen outside full training)
     for _ in range(vision.num_layers):
         if full or x_grad:
-            per_token += c * H + 2 * _F32  # layer_norm1: input, mean, rstd
-        y1_saved = full or any(lora_shares_input(name) for name in ("q_proj", "k_proj", "v_proj"))
-        per_token += c * H if y1_saved else 0
-        per_token += sum(lora(name, H) for name in ("q_proj", "k_proj", "v_proj"))
+            per_token += layer_norm()
+        x_saved = False
+        for name in ("q_proj", "k_proj", "v_proj"):
+            saved, x_saved = linear(name, H, norm_out, x_saved)
+            per_token += saved
         qkv_grad = full or x_grad or any(name in adapted for name in ("q_proj", "k_proj", "v_proj"))
         if qkv_grad:
             per_token += 4 * c * H + _F32 * A * lse_rows // n  # q, k, v, out, logsumexp
-        if full or lora_shares_input("out_proj"):
-            per_token += c * H  # the contiguous attention output
-        per_token += lora("out_proj", H)
+        per_token += linear("out_proj", H, c, False)[0]  # the contiguous attention output
         h1_grad = qkv_grad or "out_proj" in adapted
         if full or h1_grad:
-            per_token += c * H + 2 * _F32  # layer_norm2
-        if full or lora_shares_input("fc1"):
-            per_token += c * H
-        per_token += lora("fc1", H)
+            per_token += layer_norm()  # layer_norm2
+        per_token += linear("fc1", H, norm_out, False)[0]
         f1_grad = full or h1_grad or "fc1" in adapted
         if f1_grad:
             per_token += c * I  # gelu's input
-        if full or lora_shares_input("fc2"):
-            per_token += c * I  # gelu's output
-        per_token += lora("fc2", I)
+        per_token += linear("fc2", I, c, False)[0]  # gelu's output
         x_grad = f1_grad or "fc2" in adapted
-    layer_bytes = tiles * n * per_token
+    layer_bytes = tiles * n * per_token + per_layer
     if qkv_grad and kernel_flash:
         layer_bytes += vision.num_layers * SEED_OFFSET_BYTES
     # once per tile: embeddings, post_layernorm, projector
     outer = 0
     if full:
         outer += c * vision.num_channels * vision.image_size ** 2 + _INDEX * n  # conv input, position ids
-    if full or x_grad:
-        outer += n * (c * H + 2 * _F32)  # post_layernorm
+    grad = full or x_grad
+    if grad:
+        outer += n * (norm_in * H + 2 * _F32)  # post_layernorm (its fp32 weight copies are per step, below)
     tokens = vision.tokens_per_tile
-    if vision.mm_tokens_per_image:  # Gemma3MultiModalProjector
-        if full or x_grad:
-            outer += n * c * H  # the contiguous copy avg_pool2d saves
+    if vision.mm_tokens_per_image:  # Gemma3MultiModalProjector on the post_layernorm output
+        if grad:
+            outer += n * norm_out * H  # the contiguous copy avg_pool2d saves
             outer += tokens * (_F32 * H + _F32 + (_F32 * H if full else 0))  # RMSNorm: fp32 x, rsqrt, y for (1 + w)
-            outer += tokens * c * H if full else 0  # the matmul's input (the normalised tokens, cast back)
+            outer += tokens * c * H if full else 0  # the matmul's 16-bit input
     else:
-        proj = "modality_projection.proj"
-        if full or lora_shares_input(proj):
-            outer += n * c * H  # the pixel-shuffled copy
-        outer += tokens * lora(proj, vision.projector_in)
-    return VisionSaved(layer_bytes, tiles * outer)
+        proj = "modality_projection.proj"  # on the pixel-shuffled copy of the post_layernorm output
+        outer += tokens * linear(proj, vision.projector_in, norm_out, False)[0]
+    extra = 2 * _F32 * H if autocast and grad else 0  # post_layernorm's fp32 weight and bias
+    return VisionSaved(layer_bytes, tiles * outer + extra)
 
 
 def image_details(vision: VisionSpec, setup, saved: VisionSaved) -> dict:
@@ -188,7 +206,7 @@ def setup_vision_saved(vision: VisionSpec, setup, lora_modules: tuple[str, ...],
     tiles = setup.batch_size * tiles_per_sample(vision, setup)
     return vision_saved(vision, setup.vision, tiles, setup.precision.param_dtype.bits // 8, adapted,
                         setup.lora_rank if setup.method is Method.LORA else 0, adapter_bits // 8,
-                        setup.lora_dropout > 0)
+                        setup.lora_dropout > 0, setup.precision.autocast)
 
 
 def vision_moments(moments: list, saved: int, vision_grads: int, embedding_grads: int, phases, moment_type) -> list:
@@ -229,14 +247,42 @@ def stored(model, resolved) -> tuple[StoredTensor, ...]:
                                  setup.lora_rank if adapted else 0, bits)
 
 
-def moments_for(model, resolved, tensors, moments: list, moment_type) -> list:
-    """``vision_moments`` for a resolved setup: ``tensors`` are the step's stored tensors (the tower's included)."""
+def pixel_values_bytes(vision: VisionSpec, tiles: int) -> int:
+    """The batch's ``pixel_values``: fp32, as image processors return them (``BaseImageProcessor`` rescales and
+    normalises to float32), held through the step: 4·C·P² per tile."""
+    return tiles * _F32 * vision.num_channels * vision.image_size ** 2
+
+
+def language_input_grad_bytes(model, layer, b, s, masked: bool, grad_ckpt) -> int:
+    """What the language model's first decoder layer saves beyond the text model's when its input needs a gradient:
+    the tower's features reach ``inputs_embeds`` through ``masked_scatter`` (which saves its [b, s, 1] boolean mask),
+    and they need a gradient whenever anything in the tower trains; under LoRA the text embedding's output does not
+    (``activations.first_layer_needs_grad``). Under checkpointing the layer keeps its input either way."""
+    from .activations import first_layer_needs_grad, layer_masks, layer_saved
+
+    extra = b * s  # masked_scatter's mask
+    if grad_ckpt or first_layer_needs_grad(layer.method):
+        return extra
+    first = layer_masks(model, masked)[0]
+    moe = model.is_moe_layer(0)
+    return extra + (layer_saved(model, layer, moe, first, True).bytes(b, s)
+                    - layer_saved(model, layer, moe, first, False).bytes(b, s))
+
+
+def moments_for(model, resolved, tensors, moments: list, moment_type, layer=None, b=0, s=0,
+                masked: bool = False) -> list:
+    """``vision_moments`` for a resolved setup: ``tensors`` are the step's stored tensors (the tower's included);
+    ``layer``, ``b``, ``s``, ``masked``: the language model's ``LayerSetup``, batch shape and mask decision."""
     from ..options import Phase
     from ..units import round_up
     from .parameters import adapter_bits
 
     setup = resolved.setup
     saved = setup_vision_saved(model.vision, setup, resolved.lora_modules, adapter_bits(resolved))
+    if layer is not None:
+        batch = pixel_values_bytes(model.vision, setup.batch_size * tiles_per_sample(model.vision, setup))
+        grad_in = language_input_grad_bytes(model, layer, b, s, masked, setup.grad_ckpt) if saved.total else 0
+        saved = VisionSaved(saved.layers, saved.outer + batch + grad_in)
     vision_grads = sum(round_up(t.numel * t.bits // 8) * t.count for t in tensors if t.trainable
                        and t.scope == "vision")
     embedding_grads = sum(round_up(t.numel * t.bits // 8) * t.count for t in tensors if t.trainable

@@ -50,7 +50,9 @@ def vlm_config(spec: ModelSpec):
                      boi_token_index=IMAGE_TOKEN_ID + 1, eoi_token_index=IMAGE_TOKEN_ID + 2)
     else:
         outer = dict(scale_factor=vision.scale_factor, image_token_id=IMAGE_TOKEN_ID)
-    return AutoConfig.for_model(vision.family, text_config=text, vision_config=tower,
+    # use_cache off as in the text trace (build.hf_config): SmolVLMModel.forward builds a DynamicCache from the outer
+    # config's use_cache (default True) even in training, a cost the estimate does not count
+    return AutoConfig.for_model(vision.family, text_config=text, vision_config=tower, use_cache=False,
                                 tie_word_embeddings=spec.tie_word_embeddings, **outer)
 
 
@@ -59,7 +61,7 @@ def _lora_targets(spec: ModelSpec, resolved: ResolvedSetup):
     under ``--vision frozen`` a regular expression that only the language model's module paths match."""
     setup = resolved.setup
     names = list(resolved.lora_modules)
-    if setup.vision is Vision.FROZEN:
+    if setup.vision is Vision.FROZEN or not setup.images:
         inner = _LANGUAGE_MODEL[spec.vision.family]
         return rf".*\.{inner}\..*\.({'|'.join(re.escape(name) for name in names)})"
     if setup.lora_targets == ("all-linear",):
@@ -147,6 +149,29 @@ def _patch_image_features(model: nn.Module) -> None:
     inner.get_image_features = get_image_features
 
 
+@contextlib.contextmanager
+def _unmasked_tower(model: nn.Module):
+    """SmolVLM / Idefics3: the tower's all-ones patch mask as a GPU sees it. ``create_bidirectional_mask`` skips an
+    all-ones mask for SDPA (``masking_utils._ignore_bidirectional_mask_sdpa``: ``padding_mask.all()``), so the tower
+    runs SDPA's flash kernel without a mask; on fake tensors ``is_tracing`` forbids that check and a 4-D mask would
+    be built. While the trace runs, the modeling module's ``create_bidirectional_mask`` returns None (every image of
+    the batch is whole: the mask is all ones)."""
+    import sys
+
+    inner = _inner(model)
+    tower = getattr(inner, "vision_model", None)
+    module = sys.modules[type(tower).__module__] if tower is not None else None
+    original = getattr(module, "create_bidirectional_mask", None)
+    if original is None:
+        yield
+        return
+    module.create_bidirectional_mask = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        module.create_bidirectional_mask = original
+
+
 class VisionStepTracer(StepTracer):
     """The HF step on a VLM: the language model's decoder layers mark the phases; the batch carries images."""
 
@@ -182,7 +207,8 @@ class VisionStepTracer(StepTracer):
             self.image_inputs = dict(pixel_values=pixel_values, token_type_ids=token_type_ids)
         else:
             self.image_inputs = dict(pixel_values=torch.zeros(b, tiles, *shape))
-        self._run_with(steps, progress, input_ids)
+        with _unmasked_tower(self.model):
+            self._run_with(steps, progress, input_ids)
         del self.image_inputs
 
     def _run_with(self, steps: int, progress, input_ids) -> None:
@@ -192,7 +218,8 @@ class VisionStepTracer(StepTracer):
             tracker.step = step
             for micro in range(setup.grad_accum):
                 tracker.phase = Phase.FORWARD
-                loss = self._loss(input_ids)
+                with self.autocast():  # Trainer's bf16/fp16=True (StepTracer.autocast)
+                    loss = self._loss(input_ids)
                 tracker.in_logits = False
                 tracker.end_forward()
                 tracker.phase = Phase.BACKWARD_START
