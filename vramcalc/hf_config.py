@@ -279,7 +279,8 @@ def _text_config(config: dict) -> dict | None:
     """The language model of a config that nests it (``text_config``: llava, mistral3, gemma3, Qwen2.5-VL...), when
     its ``model_type`` is a supported family; else None. The nested dict is the text model's whole config
     (transformers ``PretrainedConfig.get_text_config``), so it is read as is; the outer ``_name_or_path`` names it.
-    Only the language model is counted: a vision tower and its projector are not in the estimate."""
+    For the VLM families of ``vision.VISION_FAMILIES`` the caller adds the vision tower and projector
+    (``_with_vision``); for the others only the language model is counted, and the note says so."""
     nested = config.get("text_config")
     if not isinstance(nested, dict) or nested.get("model_type") not in FAMILIES:
         return None

@@ -93,6 +93,7 @@ class VisionSaved:
 
     layers: int
     outer: int
+    recompute: int = 0  # under checkpointing: the largest layer's saved tensors, rebuilt in its backward
 
     @property
     def total(self) -> int:
@@ -101,13 +102,16 @@ class VisionSaved:
 
 @functools.lru_cache(maxsize=1024)
 def vision_saved(vision: VisionSpec, mode: Vision | None, tiles: int, c: int, adapted: tuple[str, ...],
-                 lora_rank: int, adapter_bytes: int, lora_dropout: bool, autocast: bool = False) -> VisionSaved:
+                 lora_rank: int, adapter_bytes: int, lora_dropout: bool, autocast: bool = False,
+                 grad_ckpt: bool = False) -> VisionSaved:
     """What the tower's forward saves for ``tiles`` tiles (module docstring); 0 when frozen or without images.
     ``c``: bytes of the parameter dtype (the residual stream); ``autocast``: the step runs under 16-bit autocast
     (``--precision bf16``/``fp16``, Trainer's bf16/fp16=True): CUDA autocast runs ``layer_norm`` in fp32 (its input
     cast to fp32 and saved, its weight and bias cast and saved, an fp32 output), so every Linear reading a LayerNorm
     output casts it to 16 bits on its own (a private copy each, saved when the Linear trains), and LoRA's A casts its
-    input to 16 bits (the text model's rule, ``activations._LayerWalk._lora``)."""
+    input to 16 bits (the text model's rule, ``activations._LayerWalk._lora``). ``grad_ckpt``: every encoder layer is
+    a ``GradientCheckpointingLayer`` that transformers' ``gradient_checkpointing_enable`` checkpoints (non-reentrant):
+    each keeps its input (c·H_v per token) and rebuilds its saved tensors in its own backward (``recompute``)."""
     if mode is None or mode is Vision.FROZEN or tiles == 0:
         return VisionSaved(0, 0)
     full = mode is Vision.FULL
@@ -118,8 +122,9 @@ def vision_saved(vision: VisionSpec, mode: Vision | None, tiles: int, c: int, ad
     norm_out = _F32 if autocast else c  # bytes of its output
     per_layer = 0  # bytes per layer (not per token): autocast's fp32 copies of LayerNorm weights and biases
 
-    def linear(name: str, width: int, x_bytes: int, x_saved: bool) -> tuple[int, bool]:
-        """(bytes per token, whether the shared input is now saved) of one Linear reading ``x_bytes`` elements."""
+    def linear(name: str, width: int, x_bytes: int, x_saved: bool, x_grad: bool = True) -> tuple[int, bool]:
+        """(bytes per token, whether the shared input is now saved) of one Linear reading ``x_bytes`` elements;
+        ``x_grad``: its input needs a gradient (dropout then saves its mask)."""
         out = 0
         if full:
             if autocast and x_bytes != c:
@@ -127,13 +132,12 @@ def vision_saved(vision: VisionSpec, mode: Vision | None, tiles: int, c: int, ad
             elif not x_saved:
                 out, x_saved = out + x_bytes * width, True
         if name in adapted:
-            if lora_dropout:
-                out += width + adapter_bytes * width  # the 1-byte mask, dropout's output (saved by A)
-                out += c * width if autocast and adapter_bytes != c else 0  # and A's autocast copy
-            elif autocast and adapter_bytes != c:
-                out += c * width  # A's autocast copy of its input (peft's cast to the adapter dtype is transient)
-            elif adapter_bytes != x_bytes:
-                out += adapter_bytes * width  # peft's x.to(adapter dtype), saved by A
+            if lora_dropout and x_grad:
+                out += width  # native_dropout's 1-byte mask
+            if autocast and adapter_bytes != c:
+                out += c * width  # A's autocast copy of its input (peft's cast and the dropout output are transient)
+            elif lora_dropout or adapter_bytes != x_bytes:
+                out += adapter_bytes * width  # dropout's output or peft's x.to(adapter dtype), saved by A
             elif not x_saved:
                 out, x_saved = out + x_bytes * width, True
             out += (c if autocast else adapter_bytes) * lora_rank  # A's output, saved by B
@@ -146,30 +150,36 @@ def vision_saved(vision: VisionSpec, mode: Vision | None, tiles: int, c: int, ad
         return norm_in * H + 2 * _F32  # input, mean, rstd
 
     per_token = 0
+    layer_tokens = []  # per token, what each layer saves
     x_grad = False  # the layer input needs a gradient (the conv is frozen outside full training)
     for _ in range(vision.num_layers):
+        layer_tokens.append(per_token)
         if full or x_grad:
             per_token += layer_norm()
         x_saved = False
         for name in ("q_proj", "k_proj", "v_proj"):
-            saved, x_saved = linear(name, H, norm_out, x_saved)
+            saved, x_saved = linear(name, H, norm_out, x_saved, full or x_grad)
             per_token += saved
         qkv_grad = full or x_grad or any(name in adapted for name in ("q_proj", "k_proj", "v_proj"))
         if qkv_grad:
             per_token += 4 * c * H + _F32 * A * lse_rows // n  # q, k, v, out, logsumexp
-        per_token += linear("out_proj", H, c, False)[0]  # the contiguous attention output
+        per_token += linear("out_proj", H, c, False, qkv_grad)[0]  # the contiguous attention output
         h1_grad = qkv_grad or "out_proj" in adapted
         if full or h1_grad:
             per_token += layer_norm()  # layer_norm2
-        per_token += linear("fc1", H, norm_out, False)[0]
+        per_token += linear("fc1", H, norm_out, False, full or h1_grad)[0]
         f1_grad = full or h1_grad or "fc1" in adapted
         if f1_grad:
             per_token += c * I  # gelu's input
-        per_token += linear("fc2", I, c, False)[0]  # gelu's output
+        per_token += linear("fc2", I, c, False, f1_grad)[0]  # gelu's output
         x_grad = f1_grad or "fc2" in adapted
-    layer_bytes = tiles * n * per_token + per_layer
-    if qkv_grad and kernel_flash:
-        layer_bytes += vision.num_layers * SEED_OFFSET_BYTES
+    layer_tokens = [end - start for start, end in zip(layer_tokens, layer_tokens[1:] + [per_token])]
+    seeds = SEED_OFFSET_BYTES if qkv_grad and kernel_flash else 0
+    layer_bytes = tiles * n * per_token + per_layer + vision.num_layers * seeds
+    recompute = 0
+    if grad_ckpt:
+        recompute = tiles * n * max(layer_tokens) + per_layer // vision.num_layers + seeds
+        layer_bytes = tiles * n * c * H * vision.num_layers  # each layer's input
     # once per tile: embeddings, post_layernorm, projector
     outer = 0
     if full:
@@ -185,9 +195,9 @@ def vision_saved(vision: VisionSpec, mode: Vision | None, tiles: int, c: int, ad
             outer += tokens * c * H if full else 0  # the matmul's 16-bit input
     else:
         proj = "modality_projection.proj"  # on the pixel-shuffled copy of the post_layernorm output
-        outer += tokens * linear(proj, vision.projector_in, norm_out, False)[0]
+        outer += tokens * linear(proj, vision.projector_in, norm_out, False, grad)[0]
     extra = 2 * _F32 * H if autocast and grad else 0  # post_layernorm's fp32 weight and bias
-    return VisionSaved(layer_bytes, tiles * outer + extra)
+    return VisionSaved(layer_bytes, tiles * outer + extra, recompute)
 
 
 def image_details(vision: VisionSpec, setup, saved: VisionSaved) -> dict:
@@ -206,10 +216,11 @@ def setup_vision_saved(vision: VisionSpec, setup, lora_modules: tuple[str, ...],
     tiles = setup.batch_size * tiles_per_sample(vision, setup)
     return vision_saved(vision, setup.vision, tiles, setup.precision.param_dtype.bits // 8, adapted,
                         setup.lora_rank if setup.method is Method.LORA else 0, adapter_bits // 8,
-                        setup.lora_dropout > 0, setup.precision.autocast)
+                        setup.lora_dropout > 0, setup.precision.autocast, bool(setup.grad_ckpt))
 
 
-def vision_moments(moments: list, saved: int, vision_grads: int, embedding_grads: int, phases, moment_type) -> list:
+def vision_moments(moments: list, saved: int, vision_grads: int, embedding_grads: int, phases, moment_type,
+                   recompute: int = 0) -> list:
     """The language model's moments with the tower's saved activations added where they are alive (forward, the
     loss's and the decoder layers' backward), and one moment for the tower's own backward: every language-model
     gradient but the embedding's, the tower's saved tensors about to be released (its gradients grow as they go:
@@ -230,7 +241,8 @@ def vision_moments(moments: list, saved: int, vision_grads: int, embedding_grads
         end = next((m for m in moments if m.phase is backward_end), None)
         if end is not None:
             lm_grads = end.gradients - vision_grads - embedding_grads
-            out.append(moment_type(backward_end, end.weights, lm_grads, end.optimizer_states, saved, end.logits, 0))
+            out.append(moment_type(backward_end, end.weights, lm_grads, end.optimizer_states, saved + recompute,
+                                   end.logits, 0))
     return out
 
 
@@ -282,13 +294,14 @@ def moments_for(model, resolved, tensors, moments: list, moment_type, layer=None
     if layer is not None:
         batch = pixel_values_bytes(model.vision, setup.batch_size * tiles_per_sample(model.vision, setup))
         grad_in = language_input_grad_bytes(model, layer, b, s, masked, setup.grad_ckpt) if saved.total else 0
-        saved = VisionSaved(saved.layers, saved.outer + batch + grad_in)
+        saved = VisionSaved(saved.layers, saved.outer + batch + grad_in, saved.recompute)
     vision_grads = sum(round_up(t.numel * t.bits // 8) * t.count for t in tensors if t.trainable
                        and t.scope == "vision")
     embedding_grads = sum(round_up(t.numel * t.bits // 8) * t.count for t in tensors if t.trainable
                           and t.kind == "embedding")
     return vision_moments(moments, saved.total, vision_grads, embedding_grads,
-                          (Phase.FORWARD, Phase.BACKWARD_START, Phase.BACKWARD, Phase.BACKWARD_END), moment_type)
+                          (Phase.FORWARD, Phase.BACKWARD_START, Phase.BACKWARD, Phase.BACKWARD_END), moment_type,
+                          saved.recompute)
 
 
 def details_for(model, resolved) -> dict:
