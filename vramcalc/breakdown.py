@@ -146,6 +146,11 @@ class MemoryBreakdown:
             if label == "peak_tensor_bytes":
                 lines.append("-" * (width + 12))
             lines.append(f"{label:<{width}}  {gib(value):>9.2f} GiB")
+            if label == "activations" and "vision_activations_bytes" in self.details:  # a VLM (terms/vision.py)
+                vision = self.details["vision_activations_bytes"]
+                lines.append(f"{'  vision tower':<{width}}  {gib(vision):>9.2f} GiB")
+        if "image_tokens_per_sample" in self.details:
+            lines.append(f"image tokens per sample: {self.details['image_tokens_per_sample']:,} (part of --seq-len)")
         if self.gpu is not None:
             verdict = "fits" if self.fits() else "does not fit"
             lines.append(

@@ -30,7 +30,7 @@ from .model import ModelSpec
 from .options import GradCkpt, Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
 from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, peft_methods,
-                    quantized, runtime, stack_layers, states, tasks, temporaries, trl_loss)
+                    quantized, runtime, stack_layers, states, tasks, temporaries, trl_loss, vision)
 from .terms.distributed import GatheredTimeline
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import DType, maximum, select
@@ -160,6 +160,8 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
                                                                    setup.adapter_dtype)))
     if setup.task.uses_fused_head:  # each phase's peak: GRPO's generation and training both reported
         out["phase_peak_bytes"] = _phase_peaks(spec, resolved)
+    if spec.vision is not None and setup.images:  # image tokens, tiles, the tower's saved bytes (terms/vision.py)
+        out.update(vision.details_for(spec, resolved))
     if device is not None:  # the step's time on that GPU (cost.step_for: cached per setup, standard library)
         from .cost import step_details
 
@@ -245,6 +247,8 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     if setup.task.uses_fused_head or setup.task in (Task.DISTILL, Task.REWARD):  # the collator's padded 2-D
         # attention mask reaches the attention (terms/tasks.py)
         masked = tasks.preference_masked(masked, resolved.attn_used)
+    if spec.vision is not None and setup.images and spec.vision.mm_tokens_per_image:  # Gemma-3's image blocks
+        masked = True  # attend bidirectionally: token_type_ids give the language model 4-D masks (terms/vision.py)
     if not hasattr(masked, "shape"):
         return _moments(spec, resolved, b, s, masked)
     if masked.all() or not masked.any():
@@ -335,7 +339,7 @@ def _saved_plan(spec: ModelSpec, layer: activations.LayerSetup, ckpt: bool, mask
     attention_left = {kind: activations.attention_left(spec, layer, ckpt, *kind) for kind in kinds}
     # (under selective checkpointing or offload the saved tensors are cached or brought back: not modelled)
     order_known = not layer.offload and activations.checkpoint_mode(ckpt) is not GradCkpt.SELECTIVE
-    nothing = activations.BackwardFreed(activations.Saved(), activations.Saved(), False)
+    nothing = activations.BackwardFreed(activations.Saved(), activations.Saved(), False, 0)
     freed = {kind: activations.backward_freed(spec, layer, *kind) if order_known else nothing for kind in kinds}
     return _SavedPlan(activations.model_saved(spec, layer, ckpt, masked), activations.head_saved(spec, layer),
                       activations.shared_saved(spec, layer.dtypes, layer.attn_used, ckpt, masked, layer.layers),
@@ -492,6 +496,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         moments = tasks.distill_moments(moments, spec, setup, dt, b, s, Moment)
     if setup.task is Task.REWARD:
         moments = tasks.reward_moments(moments, b, s)
+    if spec.vision is not None and setup.images:  # a VLM's vision tower (terms/vision.py)
+        moments = vision.moments_for(spec, resolved, tensors, moments, Moment, layer, b, s, masked)
     return moments
 
 
@@ -527,22 +533,26 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     """
     c, r, attn_used = layer.dtypes.c, layer.dtypes.r, layer.attn_used
     transient = temporaries.layer_backward_bytes(spec, c, r, attn_used, b, s) + dequant
-    mlp_transient = temporaries.mlp_backward_bytes(spec, c, r, b, s) + dequant
-    down_transient = temporaries.down_backward_bytes(spec, c, r, b, s) + dequant
     softmax_transient = temporaries.eager_softmax_backward_bytes(spec, c, r, b, s) + dequant
     scores_transient = temporaries.eager_scores_backward_bytes(spec, c, r, b, s) + dequant
     softmax_out = activations.Saved(per_square=_F32 * spec.num_heads).bytes(b, s)  # freed by its backward
     attention_transient = temporaries.attention_backward_bytes(spec, c, attn_used, b, s) + dequant
     if dequant_beside is not None:
         transient = maximum(transient, dequant_beside)
-        mlp_transient = maximum(mlp_transient, dequant_beside)
         attention_transient = maximum(attention_transient, dequant_beside)
-        down_transient = maximum(down_transient, dequant_beside)
         softmax_transient = maximum(softmax_transient, dequant_beside)
         scores_transient = maximum(scores_transient, dequant_beside)
     transient = maximum(transient, recompute_beside)
-    mlp_transient = maximum(mlp_transient, recompute_beside)
-    down_transient = maximum(down_transient, recompute_beside)
+
+    def mlp_transients(kind):
+        """Down's and mul's backward transients of a layer kind, in its MLP's own element bytes (QLoRA under mixed
+        precision computes the MLP in fp32: ``activations.BackwardFreed.mlp_element_bytes``)."""
+        c_mlp = plan.freed[kind].mlp_element_bytes or c
+        down = temporaries.down_backward_bytes(spec, c_mlp, r, b, s) + dequant
+        mlp = temporaries.mlp_backward_bytes(spec, c_mlp, r, b, s) + dequant
+        if dequant_beside is not None:
+            down, mlp = maximum(down, dequant_beside), maximum(mlp, dequant_beside)
+        return maximum(down, recompute_beside), maximum(mlp, recompute_beside)
     copies_by_kind = copies_by_kind or {}
     no_copies = temporaries.LayerCopies(0, 0, 0, 0)
     # without checkpointing every layer's copies are saved from forward, and freed layer by layer
@@ -581,6 +591,7 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                 copies = copies_by_kind.get(kind, no_copies)
                 here = copies.whole if ckpt else copies_left - copies.whole * done
                 freed = plan.freed[kind]
+                down_transient, mlp_transient = mlp_transients(kind)
                 held = shared + left + recompute[kind]
                 waiting = Bb + maximum(G_acc, G_here)
                 moments.append(Moment(Phase.BACKWARD, W, waiting, O, held, logits_held, down_transient + here))

@@ -13,6 +13,7 @@ dividing heads, experts per token at most the experts) are checked by ``ModelSpe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -209,7 +210,7 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
     if family not in FAMILIES:
         nested = _text_config(config)
         if nested is not None:
-            return spec_from_config(nested, name=name)
+            return _with_vision(spec_from_config(nested, name=name), config)
         raise VramcalcError(_unsupported(family, config))
     traits = FAMILIES[family]
     defaults = {key: value for key, value in _CLASS_DEFAULTS.get(family, {}).items() if config.get(key) is None}
@@ -278,12 +279,26 @@ def _text_config(config: dict) -> dict | None:
     """The language model of a config that nests it (``text_config``: llava, mistral3, gemma3, Qwen2.5-VL...), when
     its ``model_type`` is a supported family; else None. The nested dict is the text model's whole config
     (transformers ``PretrainedConfig.get_text_config``), so it is read as is; the outer ``_name_or_path`` names it.
-    Only the language model is counted: a vision tower and its projector are not in the estimate."""
+    For the VLM families of ``vision.VISION_FAMILIES`` the caller adds the vision tower and projector
+    (``_with_vision``); for the others only the language model is counted, and the note says so."""
     nested = config.get("text_config")
     if not isinstance(nested, dict) or nested.get("model_type") not in FAMILIES:
         return None
     notes = f"language model ({nested['model_type']}) of a {config.get('model_type')} config; vision tower not counted"
     return {**nested, "_name_or_path": config.get("_name_or_path", nested.get("_name_or_path")), "_notes": notes}
+
+
+def _with_vision(spec: ModelSpec, config: dict) -> ModelSpec:
+    """The language model read from ``text_config`` plus, for a VLM family vramcalc models (``vision.VISION_FAMILIES``),
+    its vision tower and projector, and the outer config's ``tie_word_embeddings``, which is the one transformers 5.25
+    ties by (checked on meta-built SmolVLM and Gemma-3: the text_config's value is ignored)."""
+    from .vision import vision_from_config, vlm_tied
+
+    vision = vision_from_config(config, spec.hidden_size)
+    if vision is None:
+        return spec
+    notes = f"language model ({spec.family}) and vision tower of a {vision.family} config"
+    return dataclasses.replace(spec, vision=vision, tie_word_embeddings=vlm_tied(config), notes=notes)
 
 
 def _unsupported(family: str, config: dict) -> str:

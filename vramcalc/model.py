@@ -14,8 +14,12 @@ import functools
 import math
 from dataclasses import dataclass, field, fields
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from .errors import VramcalcError
+
+if TYPE_CHECKING:
+    from .vision import VisionSpec
 
 
 class ParamKind(str, Enum):
@@ -362,6 +366,7 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert width; 0: moe_intermediate_size · n_shared
     nope_layers: tuple[int, ...] = ()  # Llama-4: layers without RoPE (no_rope_layers entry 0), hence no q/k norm
     score_labels: int = 0  # AutoModelForSequenceClassification's num_labels (``reward_spec``); 0: the causal LM
+    vision: "VisionSpec | None" = None  # a vision-language model's tower and projector (``vision.py``); None: text only
     # catalogue metadata (not architecture)
     hf_repo: str = ""
     license: str = ""
@@ -502,17 +507,18 @@ class ModelSpec:
 
     @functools.cached_property
     def params(self) -> int:
-        """Total weights as stored in the checkpoint (parameters plus persistent router buffers)."""
-        return self.inventory.total_numel
+        """Total weights as stored in the checkpoint (parameters plus persistent router buffers; a VLM's vision tower
+        and projector included)."""
+        return self.inventory.total_numel + (self.vision.params if self.vision is not None else 0)
 
     @functools.cached_property
     def active_params(self) -> int:
         """Weights one token touches: everything but the routed experts, plus K of them per MoE layer."""
         inv = self.inventory
         if not self.is_moe:
-            return inv.total_numel
+            return self.params
         routed = sum(t.total_numel for t in inv.tensors if t.kind is ParamKind.EXPERTS)
-        return inv.total_numel - routed + routed * self.experts_per_token // self.num_experts
+        return self.params - routed + routed * self.experts_per_token // self.num_experts
 
 
 @dataclass(frozen=True)

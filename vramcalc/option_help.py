@@ -56,6 +56,14 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "rollout_engine": "grpo: hf (transformers generate) | vllm (colocated engine, modelled)",
     "vllm_gpu_fraction": "grpo with --rollout-engine vllm: vLLM's gpu_memory_utilization, 0 to 1",
     "load": "per-tensor | per-layer | whole-model: how the weights reach the GPU (the load phase)",
+    "images": "images per sample for a vision-language model (smolvlm, idefics3, gemma3); their image tokens count "
+              "toward --seq-len, which is every token the language model sees",
+    "image_size": "pixels of a square image: SmolVLM/Idefics3 split it into ceil(S/tile)^2 tiles plus a global one "
+                  "(Gemma-3 resizes every image to its tile)",
+    "image_tokens": "image tokens per image in the language model, instead of --image-size (a multiple of one "
+                    "tile's tokens)",
+    "vision": "frozen | lora | full: what trains in the vision tower and projector (default: full with --method "
+              "full, lora with --method lora, as peft's suffix-matched targets reach the tower)",
 }
 
 

@@ -433,6 +433,14 @@ class ComputeDtype(Choice):
         return DType(self.value)
 
 
+class Vision(Choice):
+    """What trains in a vision-language model's vision tower and projector (``--vision``; ``terms/vision.py``)."""
+
+    FROZEN = "frozen"  # no parameter of the tower or projector trains; no adapter there
+    LORA = "lora"  # the LoRA target names also match the tower's Linears (peft suffix matching)
+    FULL = "full"  # every tower and projector parameter trains
+
+
 class Term(str, Enum):
     """The named parts of a breakdown. The first six are tensors (what max_memory_allocated sees)."""
 

@@ -35,9 +35,11 @@ from .options import (
     Sharding,
     Stack,
     Task,
+    Vision,
 )
 from .stacks import preset
 from .task_setup import check_teacher, resolve_task, task_warnings
+from .vision import resolve_images
 
 LORA_TARGET_WORDS = ("qv", "all-linear")
 
@@ -101,6 +103,11 @@ class TrainingSetup:
     vllm_gpu_fraction: float | None = None  # grpo with vllm: GRPOConfig vllm_gpu_memory_utilization (0.3)
     teacher: str | None = None  # distill: the GKD teacher model (a name vramcalc reads), 16-bit, inference mode
     interconnect: Interconnect | None = None  # None: the GPU's own link (cost.link_plan); time only, never memory
+    # vision-language models (vision.py): images per sample, their size or image tokens, what trains in the tower
+    images: int = 0
+    image_size: int | None = None  # pixels of a square image; None: the tower's own tile size
+    image_tokens: int | None = None  # image tokens per image in the language model (instead of image_size)
+    vision: Vision | None = None  # None without images; else frozen, lora or full (the method's default)
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -272,6 +279,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         values["global_batch_size"] = positive_int(given["global_batch_size"], "global batch size",
                                                    MAX_OPTION["global_batch_size"])
         values["batch_size"] = _per_device_batch(values, "batch_size" in given)
+    resolve_images(model, values, given)  # --images, --image-size, --image-tokens, --vision (vision.py)
     setup = TrainingSetup(**values)
     _check_combination(setup)
     _check_computable(model, setup)

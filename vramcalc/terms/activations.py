@@ -181,6 +181,7 @@ class _LayerWalk(ParallelBlockWalk):
         self.grad = layer_requires_grad  # does the tensor flowing through the layer require grad?
         # what a layer's backward frees before its transients peak (``backward_freed``)
         self.mlp_freed_token = 0
+        self.mlp_element_bytes = 0  # the dense MLP's intermediate [T, I] tensors (and so their gradients)
         self.attention_freed = Saved()
         self.eager_softmax = False
 
@@ -515,6 +516,8 @@ class _LayerWalk(ParallelBlockWalk):
             # partition keep gate's and up's outputs only (silu recomputed)
             self.per_token += (2 if self.lean else 3) * out * width
         down = f"{prefix}down_proj" if prefix else m.traits.mlp_names[-1]
+        if not prefix:  # QLoRA's Linear4bit computes in its input's dtype: fp32 under mixed precision
+            self.mlp_element_bytes = out
         before = self.per_token
         out = self.linears([self.use(down, width)], out)
         if not prefix and not self.lean:  # the dense MLP's down input, freed by its backward before mul's runs
@@ -663,6 +666,7 @@ class BackwardFreed(NamedTuple):
     mlp: Saved  # the dense gated MLP's down input: down's backward frees it before mul's makes its two gradients
     attention: Saved  # eager attention: o_proj's input, the cast probabilities and v, freed before the softmax's
     eager_softmax: bool  # whether the layer runs transformers' eager softmax attention (``eager_attention_forward``)
+    mlp_element_bytes: int  # bytes per element of the dense MLP's [T, I] tensors and gradients (0: no dense MLP)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -677,7 +681,8 @@ def backward_freed(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool 
     walk = _LayerWalk(model, layer, masked)
     walk.attention_block()
     walk.mlp_block(moe)
-    return BackwardFreed(Saved(per_token=walk.mlp_freed_token), walk.attention_freed, walk.eager_softmax)
+    return BackwardFreed(Saved(per_token=walk.mlp_freed_token), walk.attention_freed, walk.eager_softmax,
+                         walk.mlp_element_bytes)
 
 
 @functools.lru_cache(maxsize=4096)

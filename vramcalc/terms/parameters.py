@@ -55,7 +55,12 @@ def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTen
         model = reward_spec(model)
         out = parameter_tensors(model, *parameter_key(resolved))
         return out + ((reward_score_copy(model, adapter_bits(resolved)),) if resolved.setup.method.uses_lora else ())
-    return parameter_tensors(model, *parameter_key(resolved))
+    out = parameter_tensors(model, *parameter_key(resolved))
+    if model.vision is not None:  # a vision-language model's tower and projector (terms/vision.py)
+        from . import vision
+
+        out = out + vision.stored(model, resolved)
+    return out
 
 
 def parameter_key(resolved: ResolvedSetup) -> tuple:

@@ -31,11 +31,13 @@ class TraceResult:
 
 
 def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, steps: int = TRACE_STEPS,
-              progress: bool | None = None, round_to: int | None = None, tracer_class=None) -> TraceResult:
+              progress: bool | None = None, round_to: int | None = None, tracer_class=None,
+              builder=None) -> TraceResult:
     """Build the model, run ``steps`` training steps under the tracker, and return the peak by term.
 
     ``fake=False`` runs on real CPU tensors (tiny models only): the tracker's self-check and the harness' CPU mode.
     ``tracer_class``: a ``StepTracer`` subclass that prepares the model and computes the loss as a stack does (TRL).
+    ``builder``: what builds the model instead of ``build.build_model`` (a VLM: ``tracing/vision.py``).
     """
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -63,7 +65,7 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
         tracker.track_resizes = True
     try:
         with data_parallel.process_group(resolved.setup.num_gpus) if distributed else contextlib.nullcontext():
-            model = build_model(spec, resolved, fake_mode)
+            model = (builder or build_model)(spec, resolved, fake_mode)
             bar.update(1, note=f"step 1 of {steps}")
             with fake_mode if fake_mode is not None else contextlib.nullcontext():
                 engine = None

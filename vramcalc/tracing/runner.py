@@ -48,7 +48,12 @@ def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None
     if resolved.setup.loss in (Loss.TORCHTUNE, Loss.LITGPT, Loss.TRL):
         word = resolved.setup.loss.value
         raise VramcalcError(f"--loss {word} is {word}'s own recipe: trace it with --stack {word}")
-    result = run_trace(spec, resolved, progress=progress)
+    if spec.vision is not None:  # the whole vision-language model, with its images (tracing/vision.py)
+        from .vision import VisionStepTracer, build_vlm
+
+        result = run_trace(spec, resolved, progress=progress, tracer_class=VisionStepTracer, builder=build_vlm)
+    else:
+        result = run_trace(spec, resolved, progress=progress)
     return assemble_measured(
         spec, resolved, result.terms, result.phase, source="trace", gpu=gpu,
         paged_bytes=result.paged_bytes,
