@@ -389,8 +389,9 @@ def step_details(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_b
     setup = resolved.setup
     ranks = setup.num_gpus if setup.sharding is not Sharding.NONE else 1
     per_gpu = step.tokens_per_s * setup.seq_len / setup.padded_seq_len  # dataset tokens (prompt tuning's are extra)
-    return {"step_seconds": step.step_s, "tokens_per_second": per_gpu * ranks, "tokens_per_second_per_gpu": per_gpu,
-            "mfu": step.mfu, "step_breakdown_s": step.breakdown_s()}
+    idle = setup.num_gpus if setup.device_map.value == "auto" else 1  # a naive pipeline: one GPU busy at a time
+    return {"step_seconds": step.step_s, "tokens_per_second": per_gpu * ranks,
+            "tokens_per_second_per_gpu": per_gpu / idle, "mfu": step.mfu / idle, "step_breakdown_s": step.breakdown_s()}
 
 
 def step_or_profile_utilisation(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, mfu: float | None = None,
