@@ -10,14 +10,14 @@ import vramcalc
 from tests.tiny_models import TINY
 from vramcalc.catalogue import get_model
 from vramcalc.errors import VramcalcError
-from vramcalc.options import Precision
+from vramcalc.options import Precision, Quant
 from vramcalc.terms.device_map import placement
 from vramcalc.training_setup import resolve_setup
 
 PLACEMENT_MODELS = ["llama-3.1-8b", "qwen2.5-0.5b", "gemma-2-9b", "qwen3-30b-a3b", "phi-3-mini", "llama-3.2-1b"]
 
 
-def _real_device_map(spec, num_gpus):
+def _real_device_map(spec, num_gpus, quantized=False):
     """transformers 5.25.0 ``integrations/accelerate.py::_get_device_map(model, "auto", ...)`` on a meta model, with
     budgets far above the model so that the balanced rule alone decides (as vramcalc's estimate assumes)."""
     torch = pytest.importorskip("torch")
@@ -31,7 +31,16 @@ def _real_device_map(spec, num_gpus):
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config(spec), dtype=torch.bfloat16)
-        device_map = _get_device_map(model, "auto", {i: 10**15 for i in range(num_gpus)}, None)
+        quantizer = None
+        if quantized:  # as from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True)) prepares it
+            pytest.importorskip("bitsandbytes")
+            from transformers import BitsAndBytesConfig
+            from transformers.quantizers import AutoHfQuantizer
+
+            quantizer = AutoHfQuantizer.from_config(BitsAndBytesConfig(load_in_4bit=True), pre_quantized=False)
+            quantizer.preprocess_model(model, dtype=torch.bfloat16, device_map="auto")
+            quantizer.validate_environment = lambda *args, **kwargs: None  # it asks for a CUDA device
+        device_map = _get_device_map(model, "auto", {i: 10**15 for i in range(num_gpus)}, quantizer)
     finally:
         logging.disable(logging.NOTSET)
 
@@ -51,6 +60,15 @@ def test_placement_is_transformers_device_map_auto(name, num_gpus):
         TINY[name.removeprefix("tiny-")], num_layers=12)
     where = placement(spec, Precision.BF16, None, num_gpus)
     assert (where.embed, where.layers, where.norm, where.rotary, where.head) == _real_device_map(spec, num_gpus)
+
+
+@pytest.mark.parametrize("num_gpus", [2, 4, 8])
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen2.5-7b", "llama-3.2-1b"])
+def test_qlora_placement_is_transformers_device_map_auto(name, num_gpus):
+    """4-bit Linears count 0.5 byte per element and every budget shrinks to 90 % (the bnb quantizer's)."""
+    spec = get_model(name)
+    where = placement(spec, Precision.BF16, Quant.NF4, num_gpus)
+    assert (where.embed, where.layers, where.norm, where.rotary, where.head) == _real_device_map(spec, num_gpus, True)
 
 
 def test_tied_lm_head_goes_to_gpu_0_with_the_embedding():
