@@ -142,6 +142,8 @@ def device_map_details(spec: ModelSpec, resolved: ResolvedSetup) -> dict:
     """Where each part sits and every GPU's peak (``details["device_map_gpus"]``)."""
     where = _placement(spec, resolved)
     return {
+        # accelerate's balanced share (total/n + 1.25 x the largest module) can leave the last GPUs without a layer
+        "device_map_empty_gpus": [g for g in range(resolved.setup.num_gpus) if g not in where.gpus_used()],
         "device_map_placement": {"embed_tokens": where.embed, "norm": where.norm, "rotary_emb": where.rotary,
                                  "lm_head": where.head,
                                  "layers": [list(peak.layers) for peak in gpu_peaks(spec, resolved)]},

@@ -119,7 +119,7 @@ def _leaf_modules(root: ModuleNode) -> list[ModuleNode]:
     return out
 
 
-def _max_layer(items: list, sizes: dict, ) -> tuple[float, list[str]]:
+def _max_layer(items: list, sizes: dict) -> tuple[float, list[str]]:
     """accelerate 1.16.0 ``get_max_layer_size`` (utils/modeling.py:729-765) over the items still to place: a
     tensor, a module without children or a no-split module counts whole; any other module by its children."""
     best, names = 0.0, []
