@@ -131,6 +131,8 @@ def peak_tensor_bytes_grid(spec: ModelSpec, resolved: ResolvedSetup, batch_sizes
     """Peak tensor bytes over arrays of batch sizes and sequence lengths (numpy), and the phase of each peak."""
     import numpy
 
+    if resolved.setup.device_map is DeviceMap.AUTO:
+        raise VramcalcError("--device-map auto is estimated one setup at a time (no batch or sequence sweeps)")
     b = numpy.asarray(batch_sizes, dtype=numpy.int64)
     s = numpy.asarray(seq_lens, dtype=numpy.int64)
     moments = step_moments(spec, resolved, b, s)
