@@ -3,7 +3,7 @@ estimated peak against the per-GPU trace (``vramcalc/tracing/device_map.py``), p
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/accuracy_device_map.py [--full]
 
-``--full`` adds three full-size traces on fake tensors (about two minutes on one core).
+``--full`` adds six full-size traces on fake tensors (0.5B to 70B, 2 to 8 GPUs; about four minutes on one core).
 """
 
 import dataclasses
@@ -24,7 +24,10 @@ from vramcalc.training_setup import resolve_setup  # noqa: E402
 
 FULL = [("llama-3.1-8b", dict(method="lora", num_gpus=4, seq_len=512)),
         ("qwen2.5-0.5b", dict(method="full", num_gpus=2, seq_len=1024, grad_ckpt=True)),
-        ("llama-3.2-1b", dict(method="qlora", num_gpus=4, seq_len=1024))]
+        ("llama-3.2-1b", dict(method="qlora", num_gpus=4, seq_len=1024)),
+        ("qwen3-30b-a3b", dict(method="lora", num_gpus=4, seq_len=256)),
+        ("mistral-7b", dict(method="full", num_gpus=2, seq_len=512)),
+        ("llama-3.1-70b", dict(method="lora", num_gpus=8, seq_len=256, grad_ckpt=True))]
 
 
 def main() -> None:
