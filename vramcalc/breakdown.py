@@ -156,6 +156,9 @@ class MemoryBreakdown:
             lines.append(
                 f"{self.gpu.name} ({self.gpu.memory_gib:.2f} GiB): {verdict}, headroom {gib(self.headroom_bytes()):.2f} GiB"
             )
+        for gpu in self.details.get("device_map_gpus", ()):  # --device-map auto: every GPU's tensor peak
+            lines.append(f"GPU {gpu['gpu']}: {gpu['layers']} layers, tensors {gib(gpu['peak_tensor_bytes']):.2f} GiB "
+                         f"at {gpu['phase']}")
         lines.append(f"({GIB_NOTE})")
         lines += [f"warning: {text}" for text in self.warnings]
         return "\n".join(lines)

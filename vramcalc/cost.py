@@ -362,6 +362,18 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
         activation_offload=bool(setup.activation_offload), pcie_gb_s=float(gpu.pcie_gb_s or 0.0),
         lora_linears=lora_linears(spec, resolved) if lora else (), lora_rank=setup.lora_rank if lora else 0,
         lora_dropout=lora and setup.lora_dropout > 0, adapter_bytes=4.0 if setup.adapter_dtype.value == "fp32" else 2.0)
+    if setup.device_map.value == "auto":  # one GPU computes at a time; the hidden state crosses each boundary
+        from dataclasses import replace
+
+        from .device_map_step import pipeline_boundaries
+
+        try:
+            _, link_gb_s = ring_link(gpu, 2)  # neighbouring GPUs of one box
+        except VramcalcError:
+            return None
+        work_setup = replace(work_setup, serial_extra_s=work_setup.serial_extra_s + _step.pipeline_transfer_seconds(
+            work_setup.tokens, spec.hidden_size, pipeline_boundaries(spec, resolved), link_gb_s,
+            recompute_forwards=_step.RECOMPUTE_BY_MODE[setup.grad_ckpt.value][0]))
     work = _step.step_work(shape, work_setup, matmul_tflops=mm.tflops, fp8_matmul_tflops=fp8.tflops if fp8 else None,
                            dp_link_gb_s=link_gb_s)
     return _step.step_time(work, _step.StepRates(mm.tflops, attn.tflops, gpu.bandwidth_gb_s, peak / TFLOPS,
@@ -378,8 +390,9 @@ def step_details(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_b
     setup = resolved.setup
     ranks = setup.num_gpus if setup.sharding is not Sharding.NONE else 1
     per_gpu = step.tokens_per_s * setup.seq_len / setup.padded_seq_len  # dataset tokens (prompt tuning's are extra)
-    out = {"step_seconds": step.step_s, "tokens_per_second": per_gpu * ranks, "tokens_per_second_per_gpu": per_gpu,
-           "mfu": step.mfu, "step_breakdown_s": step.breakdown_s()}
+    idle = setup.num_gpus if setup.device_map.value == "auto" else 1  # a naive pipeline: one GPU busy at a time
+    out = {"step_seconds": step.step_s, "tokens_per_second": per_gpu * ranks,
+           "tokens_per_second_per_gpu": per_gpu / idle, "mfu": step.mfu / idle, "step_breakdown_s": step.breakdown_s()}
     links = checked_link_plan(gpu, setup)
     if ranks > 1 and links is not None:  # the links the ring ran on and the share of the step left exposed
         out["interconnect"] = links.to_dict()

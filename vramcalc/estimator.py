@@ -27,7 +27,7 @@ from .breakdown import MemoryBreakdown
 from .catalogue import GpuSpec, get_gpu, get_model
 from .errors import VramcalcError
 from .model import ModelSpec
-from .options import GradCkpt, Loss, Method, Phase, Quant, Sharding, Task, Term
+from .options import DeviceMap, GradCkpt, Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
 from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, peft_methods,
                     quantized, runtime, stack_layers, states, tasks, temporaries, trl_loss, vision)
@@ -90,6 +90,11 @@ class _TensorPeak:
 
 @functools.lru_cache(maxsize=4096)
 def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
+    if resolved.setup.device_map is DeviceMap.AUTO:  # the largest GPU's peak (device_map_step.py)
+        from .device_map_step import gpu_peaks
+
+        largest = max(gpu_peaks(spec, resolved), key=lambda gpu: gpu.tensor_bytes)
+        return _TensorPeak(largest.terms, Phase(largest.phase), 0)
     peak = max(step_moments(spec, resolved), key=lambda moment: moment.tensor_bytes)
     terms = ((Term.WEIGHTS, peak.weights), (Term.GRADIENTS, peak.gradients),
              (Term.OPTIMIZER_STATES, peak.optimizer_states), (Term.ACTIVATIONS, peak.activations),
@@ -128,6 +133,8 @@ def peak_tensor_bytes_grid(spec: ModelSpec, resolved: ResolvedSetup, batch_sizes
     """Peak tensor bytes over arrays of batch sizes and sequence lengths (numpy), and the phase of each peak."""
     import numpy
 
+    if resolved.setup.device_map is DeviceMap.AUTO:
+        raise VramcalcError("--device-map auto is estimated one setup at a time (no batch or sequence sweeps)")
     b = numpy.asarray(batch_sizes, dtype=numpy.int64)
     s = numpy.asarray(seq_lens, dtype=numpy.int64)
     moments = step_moments(spec, resolved, b, s)
@@ -154,6 +161,10 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
     }
     if setup.sharding is not Sharding.NONE:
         out.update(_data_parallel_details(spec, resolved, device))
+    if setup.device_map is DeviceMap.AUTO:  # where each part sits, every GPU's peak (device_map_step.py)
+        from .device_map_step import device_map_details
+
+        out.update(device_map_details(spec, resolved))
     out.update(tasks.task_details(parameters.stored_tensors(spec, resolved), setup, device))  # {} for sft
     if setup.task is Task.DISTILL:  # the GKD teacher (terms/tasks.py)
         out.update(tasks.distill_details(setup, activations.dtypes(setup.method, setup.precision,

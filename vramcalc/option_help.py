@@ -55,6 +55,8 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "num_generations": "grpo: completions per prompt; --batch-size counts prompts",
     "rollout_engine": "grpo: hf (transformers generate) | vllm (colocated engine, modelled)",
     "vllm_gpu_fraction": "grpo with --rollout-engine vllm: vLLM's gpu_memory_utilization, 0 to 1",
+    "device_map": "none | auto: from_pretrained(device_map=\"auto\"): the layers spread over --num-gpus GPUs, one "
+                  "computing at a time (no --sharding); the peak is the fullest GPU's (plan ignores it)",
     "load": "per-tensor | per-layer | whole-model: how the weights reach the GPU (the load phase)",
     "images": "images per sample for a vision-language model (smolvlm, idefics3, gemma3); their image tokens count "
               "toward --seq-len, which is every token the language model sees",

@@ -289,6 +289,17 @@ class QuantStorage(Choice):
     BF16 = "bf16"  # FSDP-QLoRA (bitsandbytes docs/source/fsdp_qlora.md; peft docs/source/accelerate/fsdp.md)
 
 
+class DeviceMap(Choice):
+    """Model parallelism without data parallelism: ``from_pretrained(device_map=...)`` (``terms/device_map.py``).
+
+    none   the whole model on each GPU.
+    auto   accelerate's balanced map: the decoder layers in order across ``--num-gpus`` GPUs, one GPU computing at
+           a time (a naive pipeline)."""
+
+    NONE = "none"
+    AUTO = "auto"
+
+
 class Stack(Choice):
     """The training stack whose defaults a setup starts from (``vramcalc/stacks.py`` lists what each one sets)."""
 

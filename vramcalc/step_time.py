@@ -417,6 +417,18 @@ def tensor_parallel_bytes(tokens: float, hidden_size: int, num_layers: int, rank
     return per_pass * (2.0 + recompute_forwards)
 
 
+def pipeline_transfer_seconds(tokens: float, hidden_size: int, boundaries: int, link_gb_s: float, *,
+                              act_bytes: float = BF16_BYTES, recompute_forwards: float = 0.0) -> float:
+    """``--device-map auto`` (a naive pipeline: accelerate's hooks run one GPU at a time, so its compute time is the
+    single-GPU step's): the serial copies of the hidden state between consecutive GPUs. Per boundary and micro-batch,
+    one [T, h] activation forward, its gradient backward, and again in each recomputed forward (the hook's copy runs
+    inside the checkpointed forward): T·h·act_bytes·(2 + rc) bytes at the link's rate, nothing overlapped
+    (``AlignDevicesHook.pre_forward`` copies synchronously before the layer runs). ``tokens``: all micro-batches'."""
+    if boundaries <= 0 or not link_gb_s:
+        return 0.0
+    return comm_seconds(tokens * hidden_size * act_bytes * (2.0 + recompute_forwards) * boundaries, link_gb_s)
+
+
 def exposed_comm_seconds(comm_s: float, compute_s: float, overlap: float) -> float:
     """The communication time compute does not hide: comm_s − min(overlap · comm_s, compute_s)."""
     return comm_s - min(overlap * comm_s, compute_s)

@@ -16,6 +16,7 @@ from .model import ModelSpec, cached_field_hash, state_without_hash
 from .options import (
     AdapterDtype,
     Attention,
+    DeviceMap,
     ComputeDtype,
     FsdpShard,
     GradCkpt,
@@ -108,6 +109,7 @@ class TrainingSetup:
     image_size: int | None = None  # pixels of a square image; None: the tower's own tile size
     image_tokens: int | None = None  # image tokens per image in the language model (instead of image_size)
     vision: Vision | None = None  # None without images; else frozen, lora or full (the method's default)
+    device_map: DeviceMap = DeviceMap.NONE  # from_pretrained device_map ("auto": layers across num_gpus GPUs)
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -265,6 +267,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
                                "stable_embedding"),
         interconnect=None if chosen.get("interconnect") is None else Interconnect.parse(chosen["interconnect"],
                                                                                         "interconnect"),
+        device_map=DeviceMap.parse(chosen.get("device_map", SETUP_DEFAULTS["device_map"]), "device map"),
     )
     _apply_kbit_prep(values, chosen, origins)
     _apply_peft_defaults(values, chosen, origins)
@@ -288,7 +291,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         raise VramcalcError(f"--fsdp-shard applies to --sharding fsdp, not {setup.sharding.value!r}")
 
     warnings = []
-    if setup.num_gpus > 1 and setup.sharding is Sharding.NONE:
+    if setup.num_gpus > 1 and setup.sharding is Sharding.NONE and setup.device_map is DeviceMap.NONE:
         warnings.append(f"{setup.num_gpus} GPUs without --sharding: each GPU is estimated as an independent copy "
                         "(no DDP buckets); give --sharding ddp, zero1-3 or fsdp for data parallelism")
     attn_used = setup.attn
@@ -415,6 +418,7 @@ def _check_combination(setup: TrainingSetup) -> None:
             "use bf16, fp16, mixed-bf16 or mixed-fp16"
         )
     _check_quant_storage(setup)
+    _check_device_map(setup)
     # one GPU with offload: DeepSpeed ZeRO-Offload's single-GPU case, and FSDP2 on a one-rank mesh with
     # CPUOffloadPolicy (the parameters live on the host and come to the GPU one unit at a time)
     single_gpu_offload = setup.sharding.shards_optimizer and setup.offload is not Offload.NONE
@@ -454,6 +458,29 @@ def _check_quant_storage(setup: TrainingSetup) -> None:
         raise VramcalcError(f"--quant-storage bf16 with DeepSpeed and --precision {setup.precision.value}: its fp16 "
                             "engine casts the module to fp16 and would corrupt the packed bf16 codes; use --precision "
                             "bf16 or mixed-bf16, or --sharding fsdp")
+
+
+def _check_device_map(setup: TrainingSetup) -> None:
+    """``--device-map auto`` splits one model across ``--num-gpus`` GPUs (``terms/device_map.py``): not with a
+    data-parallel engine (DeepSpeed refuses a device_map, transformers ``check_and_set_device_map``; DDP/FSDP would
+    replicate the split model), not on one GPU, and modelled for the supervised step of the hf stack only."""
+    if setup.device_map is DeviceMap.NONE:
+        return
+    if setup.sharding is not Sharding.NONE:
+        raise VramcalcError(f"--device-map auto splits the model across GPUs without data parallelism; it does not "
+                            f"combine with --sharding {setup.sharding.value} (use one or the other)")
+    if setup.num_gpus < 2:
+        raise VramcalcError("--device-map auto needs --num-gpus of 2 or more (the GPUs the layers are spread over)")
+    if setup.task is not Task.SFT:
+        raise VramcalcError(f"--device-map auto is modelled for --task sft only, not {setup.task.value!r} (its "
+                            "reference model, generation or teacher would need their own placement)")
+    if setup.stack is not Stack.HF or setup.optimizer_in_backward or setup.activation_offload or setup.packing:
+        raise VramcalcError("--device-map auto is modelled for the hf stack's step (transformers Trainer with "
+                            "accelerate's hooks): no --stack other than hf, --optimizer-in-backward, "
+                            "--activation-offload or --packing")
+    if not (setup.method in (Method.FULL, Method.LORA, Method.QLORA)):
+        raise VramcalcError(f"--device-map auto is modelled for --method full, lora and qlora, not "
+                            f"{setup.method.value!r}")
 
 
 OFFLOAD_OPTIMIZERS = (Optimizer.ADAMW, Optimizer.ADAMW_FOREACH)  # DeepSpeed's CPU Adam replaces torch AdamW
