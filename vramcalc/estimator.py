@@ -30,7 +30,7 @@ from .model import ModelSpec
 from .options import Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
 from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, peft_methods,
-                    quantized, runtime, stack_layers, states, tasks, temporaries, trl_loss)
+                    quantized, runtime, stack_layers, states, tasks, temporaries, tensor_parallel, trl_loss)
 from .terms.distributed import GatheredTimeline
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import maximum, select
@@ -64,9 +64,15 @@ def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = 
     spec = get_model(model, revision)
     resolved = resolve_setup(spec, **options)
     device = get_gpu(gpu) if gpu is not None else None
-    terms, phase, details = _estimate_parts(spec, resolved, device)
+    rank_spec, rank_resolved = tensor_parallel.rank_view(spec, resolved)  # --tp: one rank's slice (else as given)
+    terms, phase, details = _estimate_parts(rank_spec, rank_resolved, device)
+    details = dict(details)
+    if rank_spec is not spec:  # the whole model's counts; the rank's traffic inside its tensor-parallel group
+        details.update(params=spec.params, active_params=spec.active_params,
+                       **tensor_parallel.tensor_parallel_details(spec, resolved, activations.dtypes(
+                           resolved.setup.method, resolved.setup.precision, resolved.setup.adapter_dtype).c))
     return MemoryBreakdown(spec.name, dict(terms), phase, functools.partial(_inputs, spec, resolved), "estimate",
-                           device, resolved.warnings, dict(details))
+                           device, resolved.warnings, details)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -140,6 +146,8 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
     profile = runtime_profile(device)
     peak_tensor = sum(terms.values())
     communicating = setup.num_gpus if setup.sharding is not Sharding.NONE else 1  # NCCL only under an engine
+    if setup.tp > 1:  # a tensor-parallel group communicates whatever the data-parallel engine
+        communicating = max(communicating, setup.tp)
     terms[Term.RUNTIME_OVERHEAD] = runtime.runtime_overhead_bytes(profile, device, communicating, paged_bytes)
     terms[Term.RUNTIME_OVERHEAD] += tasks.vllm_reservation_bytes(setup, device)  # 0 but GRPO with vLLM
     terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor)

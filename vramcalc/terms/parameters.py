@@ -35,6 +35,7 @@ from ..options import Method, Precision, Quant, Task
 from ..training_setup import ResolvedSetup
 from ..units import round_up
 from .stored_tensor import StoredTensor
+from .tensor_parallel import vocab_sharded
 
 
 def quantized_metadata_bytes(numel: int, double_quant: bool) -> int:
@@ -55,7 +56,8 @@ def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTen
         model = reward_spec(model)
         out = parameter_tensors(model, *parameter_key(resolved))
         return out + ((reward_score_copy(model, adapter_bits(resolved)),) if resolved.setup.method.uses_lora else ())
-    return parameter_tensors(model, *parameter_key(resolved))
+    # --tp: the embedding's and lm_head's vocabulary rows are sharded (``tensor_parallel.vocab_sharded``)
+    return vocab_sharded(parameter_tensors(model, *parameter_key(resolved)), getattr(resolved.setup, "tp", 1))
 
 
 def parameter_key(resolved: ResolvedSetup) -> tuple:
