@@ -214,6 +214,19 @@ def _data_parallel_details(spec: ModelSpec, resolved: ResolvedSetup, device: Gpu
 
 
 def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_len=None) -> list[Moment]:
+    """``_step_moments``, with a tensor-parallel rank's all-reduce buffers in each layer's backward (``--tp``)."""
+    moments = _step_moments(spec, resolved, batch_size, seq_len)
+    if tensor_parallel.tp_degree(resolved) == 1:
+        return moments
+    setup = resolved.setup
+    tokens = ((setup.batch_size if batch_size is None else batch_size)
+              * (setup.padded_seq_len if seq_len is None else seq_len + setup.padded_seq_len - setup.seq_len))
+    c = activations.dtypes(setup.method, setup.precision, setup.adapter_dtype).c
+    extra = tensor_parallel.backward_all_reduce_bytes(spec.hidden_size, tokens, c)
+    return [m._replace(temporaries=m.temporaries + extra) if m.phase is Phase.BACKWARD else m for m in moments]
+
+
+def _step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_len=None) -> list[Moment]:
     """Every moment of the step at which the peak can fall (see the module docstring), on one GPU or one rank.
 
     ``batch_size`` and ``seq_len`` override the setup's and may be numpy arrays of one shape: every byte count is

@@ -1,10 +1,13 @@
 """Model-parallel degrees of a job (``--tp``) and how they compose with data parallelism (``--num-gpus``).
 
 ``--num-gpus`` is the product of the parallel degrees (DESIGN.md, "Several GPUs"): N = tp x dp, where dp, the
-data-parallel degree, is what ``--sharding`` (ddp, zero1-3, fsdp) spreads the batch and the model states over. A rank
-holds the 1/tp slice transformers' tensor-parallel plan gives it (``terms/tensor_parallel.py``) and the data-parallel
-engine shards that slice again over dp ranks (torch: a 2-D ``(dp, tp)`` device mesh; transformers 5.25.0
-``distributed/mixin.py:304-343`` ``maybe_distribute_model`` applies TP first, then FSDP2 on the dp mesh).
+data-parallel degree, is what ``--sharding`` spreads the batch and the model states over. A rank holds the 1/tp slice
+transformers' tensor-parallel plan gives it (``terms/tensor_parallel.py``); with dp > 1 transformers shards that slice
+again with FSDP2 on the ``fsdp`` axis of its ``(pp, dp_replicate, fsdp, tp)`` mesh (transformers 5.25.0
+``distributed/mixin.py:304-343`` ``maybe_distribute_model``: TP first, then ``apply_fully_sharded_data_parallelism``),
+which vramcalc estimates as ``--sharding fsdp`` over dp ranks. Trainer does not wrap such a model in DDP
+(trainer.py:1767-1772) and vramcalc does not model DeepSpeed ZeRO over DTensor parameters: both are refused with
+``--tp``.
 
 What ``--tp`` covers: the families whose ``base_model_tp_plan`` is Megatron-style (column-parallel q/k/v and MLP input
 projections, row-parallel o and MLP output projection; q/k norms replicated), the plan ``tp_plan="auto"`` applies,
@@ -50,6 +53,10 @@ def check_degrees(model: ModelSpec, setup) -> None:
     if dp == 1 and setup.sharding.value != "none" and setup.offload.value == "none":
         raise VramcalcError(f"--sharding {setup.sharding.value} with --tp {tp} on {setup.num_gpus} GPUs leaves one "
                             f"data-parallel rank: use --num-gpus {2 * tp} or more, or --sharding none")
+    if setup.sharding.value == "ddp":
+        raise VramcalcError("--tp with --sharding ddp: Trainer does not wrap a model loaded with a tp_plan in DDP "
+                            "(transformers 5.25.0 trainer.py:1767-1772); its data-parallel ranks shard it with FSDP2 "
+                            "(DistributedConfig fsdp_size): use --sharding fsdp")
     if setup.sharding.is_deepspeed:
         raise VramcalcError(f"--tp with --sharding {setup.sharding.value}: DeepSpeed ZeRO does not compose with "
                             "transformers' DTensor tensor parallelism; use --sharding ddp or fsdp for the data-"
@@ -81,3 +88,19 @@ def check_degrees(model: ModelSpec, setup) -> None:
         raise VramcalcError("--tp is modelled without --packing, --compile, --activation-offload and --kernels")
     if setup.precision.value == "fp8":
         raise VramcalcError("--tp with --precision fp8 is not modelled (torchao's Float8Linear under DTensor)")
+
+
+ROWWISE_MODULES = ("o_proj", "down_proj")  # the plan's "rowwise" layers (models/llama/configuration_llama.py:52,55)
+
+
+def tp_warnings(setup, lora_modules: tuple[str, ...]) -> list[str]:
+    """What the real stack does differently from the estimate under ``--tp`` with LoRA (found by the trace,
+    ``tracing/tensor_parallel.py``): estimated as the stack intends, said in a warning."""
+    if setup.tp == 1 or not setup.method.uses_lora:
+        return []
+    out = []
+    if any(module in ROWWISE_MODULES for module in lora_modules):
+        out.append("--tp with LoRA on o_proj/down_proj: peft 0.21.2 gives their lora_A the local in_features "
+                   "(tuners_utils.py:186) while transformers' RowwiseParallel reads it as the global width, so the "
+                   "forward fails with a shape error; estimated as the fixed stack would run")
+    return out

@@ -298,6 +298,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
             f"sequence length {setup.padded_seq_len} exceeds {model.name}'s context of {context} tokens; estimating anyway"
         )
     lora_modules = _lora_modules(model, setup) if _takes_targets(setup.method) else ()
+    warnings += parallel_degrees.tp_warnings(setup, lora_modules)
     if "batch_size" in origins and "global_batch_size" in given:
         origins["batch_size"] = "implied by global_batch_size"
     defaulted = tuple(key for key, origin in origins.items() if origin == "default")

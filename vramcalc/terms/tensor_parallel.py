@@ -27,10 +27,11 @@ vocabulary's V in their activations (the logits are gathered) while storing V/T 
                                           (q/k/v's and gate/up's inputs), the hidden state out of each block: whole,
                                           [b, s, h] on every rank (replicated by the all-reduce)
   logits                                  whole: [b, s, V] on every rank
+  temporaries                             + the backward all-reduces' buffers (``backward_all_reduce_bytes``)
 Data parallelism over dp = N/T ranks then applies its engine to that slice (``terms/distributed.py`` on
-``rank_view``'s setup). Departures: DTensor's transients (the all-reduce's [b, s, h] output beside the partial
-one, the vocab mask of the embedding lookup, lm_head's [b, s, V/T] local output before its gather) are not counted:
-the trace measures them (tests/test_tensor_parallel.py).
+``rank_view``'s setup). Departures: smaller DTensor transients (the forward all-reduce's [b, s, h] output beside the
+partial one, the vocab mask of the embedding lookup, lm_head's [b, s, V/T] local output before its gather and its
+[b, s, V/T] gradient slice) are not counted: the trace measures them (tests/test_tensor_parallel.py).
 """
 
 from __future__ import annotations
@@ -84,6 +85,15 @@ def rank_view(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[ModelSpec, Reso
     setup = resolved.setup
     dp_setup = dataclasses.replace(setup, num_gpus=data_parallel_degree(setup.num_gpus, tp))
     return rank_spec(spec, tp), dataclasses.replace(resolved, setup=dp_setup)
+
+
+def backward_all_reduce_bytes(hidden_size: int, tokens, compute_bytes: int):
+    """2·T·h·c: in a layer's backward, a colwise module's input gradient is ``Partial`` and DTensor all-reduces it out
+    of place (``redistribute`` -> functional ``all_reduce``: a new [T, h] output, the partial input freed after the
+    wait) before autograd adds it into the norm's incoming gradient: two [T, h] buffers beyond what one GPU holds
+    there, where one GPU accumulates q/k/v's (gate/up's) input gradients in place. Added at each layer-backward moment
+    (an overcount of at most 2·T·h·c at the MLP's first backward moment, which precedes the reductions)."""
+    return 2 * tokens * hidden_size * compute_bytes
 
 
 # -- communication ----------------------------------------------------------------------------------------------------

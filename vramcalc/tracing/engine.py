@@ -66,7 +66,7 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
         from . import distributed as data_parallel
         from .tensor_parallel import check_traceable
 
-        check_traceable(resolved)
+        check_traceable(spec, resolved)
     try:
         with (data_parallel.process_group(resolved.setup.num_gpus) if distributed or tensor_parallel
               else contextlib.nullcontext()):

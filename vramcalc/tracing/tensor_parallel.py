@@ -54,12 +54,10 @@ def fix_rowwise_lora_width(model: nn.Module) -> int:
 
 
 def split_dtensor_groups(groups: list[dict]) -> list[dict]:
-    """Each optimizer group split into its DTensor and its plain parameters, same hyperparameters.
-
-    Trainer's groups (decay, no-decay) mix them under LoRA: peft makes only the sharded factor a DTensor (lora_B of a
-    colwise layer, lora_A of a rowwise one), and torch 2.13's fused and foreach AdamW refuse a mixed list ("got mixed
-    torch.Tensor and DTensor"): the real step fails there. Split, each list steps as it would alone; fused AdamW
-    allocates nothing per group, so the memory is the intended step's."""
+    """Each optimizer group split by device mesh, DTensor parameters apart from plain ones, as Trainer does when they
+    mix (transformers 5.25.0 trainer.py:1302-1313, ``has_mixed_dtensor``): peft makes only the sharded LoRA factor a
+    DTensor (lora_B of a colwise layer, lora_A of a rowwise one), and torch's fused and foreach AdamW refuse a mixed
+    list ("got mixed torch.Tensor and DTensor")."""
     from torch.distributed.tensor import DTensor
 
     out = []
@@ -71,9 +69,15 @@ def split_dtensor_groups(groups: list[dict]) -> list[dict]:
     return out
 
 
-def check_traceable(resolved) -> None:
-    """The tensor-parallel setups the trace runs: one tensor-parallel group (no data-parallel dimension)."""
+def check_traceable(spec, resolved) -> None:
+    """The tensor-parallel setups the trace runs: one tensor-parallel group (no data-parallel dimension), untied
+    embeddings (``apply_tensor_parallelism`` looks ``lm_head.weight`` up in ``named_parameters()``, which lists a tied
+    weight once, under the embedding: a KeyError on the meta-built model, tensor_parallel.py:771-774)."""
     setup = resolved.setup
+    if spec.tie_word_embeddings:
+        raise VramcalcError(f"--tp on {spec.name} (tied embeddings) is estimated, not traced: transformers' "
+                            "apply_tensor_parallelism does not find the tied lm_head.weight on a model built from "
+                            "its config")
     if setup.num_gpus != setup.tp:
         raise VramcalcError(f"--tp {setup.tp} with {setup.num_gpus // setup.tp} data-parallel ranks is estimated, "
                             f"not traced: the trace runs one tensor-parallel group (--num-gpus {setup.tp})")
