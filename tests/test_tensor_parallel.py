@@ -168,3 +168,18 @@ def test_the_trace_runs_one_tensor_parallel_group_only():
 
     with pytest.raises(VramcalcError, match="one tensor-parallel group"):
         run_trace(LLAMA_4KV, resolve_setup(LLAMA_4KV, tp=2, num_gpus=4, sharding="fsdp"), progress=False)
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("options", [dict(seq_len=256), dict(seq_len=256, method="lora", lora_targets="all-linear")],
+                         ids=["full", "lora-all-linear"])
+def test_two_gloo_ranks_of_a_tp_group_each_peak_within_5_percent_of_the_estimate(options):
+    """Real CPU tensors over gloo: transformers' DTensor TP with real all-reduces and the logits' all-gather."""
+    from .test_distributed import run_gloo_ranks
+
+    peaks = run_gloo_ranks("llama", dict(tp=2, **options))
+    estimated = _rank_peak(TINY["llama"], num_gpus=2, tp=2, **options)
+    assert sorted(peaks) == [0, 1] and peaks[0] == peaks[1]  # heads and vocabulary split evenly
+    for rank, peak in peaks.items():
+        assert abs(estimated - peak) / peak < TOLERANCE, (rank, peak, estimated)
