@@ -30,7 +30,8 @@ from .model import ModelSpec
 from .options import DeviceMap, GradCkpt, Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
 from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, peft_methods,
-                    quantized, runtime, stack_layers, states, tasks, temporaries, trl_loss, vision)
+                    quantized, runtime, stack_layers, states, tasks, temporaries, tensor_parallel, trl_loss,
+                    vision)
 from .terms.distributed import GatheredTimeline
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import DType, maximum, select
@@ -66,9 +67,15 @@ def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = 
     spec = get_model(model, revision)
     resolved = resolve_setup(spec, **options)
     device = get_gpu(gpu) if gpu is not None else None
-    terms, phase, details = _estimate_parts(spec, resolved, device)
+    rank_spec, rank_resolved = tensor_parallel.rank_view(spec, resolved)  # --tp: one rank's slice (else as given)
+    terms, phase, details = _estimate_parts(rank_spec, rank_resolved, device)
+    details = dict(details)
+    if rank_spec is not spec:  # the whole model's counts; the rank's traffic inside its tensor-parallel group
+        details.update(params=spec.params, active_params=spec.active_params,
+                       **tensor_parallel.tensor_parallel_details(spec, resolved, activations.dtypes(
+                           resolved.setup.method, resolved.setup.precision, resolved.setup.adapter_dtype).c))
     inputs = functools.partial(_inputs, spec, resolved, device)
-    return MemoryBreakdown(spec.name, dict(terms), phase, inputs, "estimate", device, resolved.warnings, dict(details))
+    return MemoryBreakdown(spec.name, dict(terms), phase, inputs, "estimate", device, resolved.warnings, details)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -149,6 +156,8 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
     profile = runtime_profile(device)
     peak_tensor = sum(terms.values())
     communicating = setup.num_gpus if setup.sharding is not Sharding.NONE else 1  # NCCL only under an engine
+    if setup.tp > 1:  # a tensor-parallel group communicates whatever the data-parallel engine
+        communicating = max(communicating, setup.tp)
     terms[Term.RUNTIME_OVERHEAD] = runtime.runtime_overhead_bytes(profile, device, communicating, paged_bytes)
     terms[Term.RUNTIME_OVERHEAD] += tasks.vllm_reservation_bytes(setup, device)  # 0 but GRPO with vLLM
     terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor)
@@ -229,6 +238,19 @@ def _data_parallel_details(spec: ModelSpec, resolved: ResolvedSetup, device: Gpu
 
 
 def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_len=None) -> list[Moment]:
+    """``_step_moments``, with a tensor-parallel rank's all-reduce buffers in each layer's backward (``--tp``)."""
+    moments = _step_moments(spec, resolved, batch_size, seq_len)
+    if tensor_parallel.tp_degree(resolved) == 1:
+        return moments
+    setup = resolved.setup
+    tokens = ((setup.batch_size if batch_size is None else batch_size)
+              * (setup.padded_seq_len if seq_len is None else seq_len + setup.padded_seq_len - setup.seq_len))
+    c = activations.dtypes(setup.method, setup.precision, setup.adapter_dtype).c
+    extra = tensor_parallel.backward_all_reduce_bytes(spec.hidden_size, tokens, c)
+    return [m._replace(temporaries=m.temporaries + extra) if m.phase is Phase.BACKWARD else m for m in moments]
+
+
+def _step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_len=None) -> list[Moment]:
     """Every moment of the step at which the peak can fall (see the module docstring), on one GPU or one rank.
 
     ``batch_size`` and ``seq_len`` override the setup's and may be numpy arrays of one shape: every byte count is

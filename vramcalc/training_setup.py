@@ -38,6 +38,7 @@ from .options import (
     Task,
     Vision,
 )
+from . import parallel_degrees
 from .stacks import preset
 from .task_setup import check_teacher, resolve_task, task_warnings
 from .vision import resolve_images
@@ -80,6 +81,7 @@ class TrainingSetup:
     sharding: Sharding = Sharding.NONE
     fsdp_shard: FsdpShard = FsdpShard.FULL_SHARD  # accelerate fsdp_reshard_after_forward default True
     offload: Offload = Offload.NONE
+    tp: int = 1  # tensor-parallel degree (transformers tp_plan="auto"); --num-gpus = tp x data-parallel ranks
     global_batch_size: int | None = None  # sequences per optimizer step over all GPUs; sets batch_size when given
     stack: Stack = Stack.HF  # whose defaults the other options start from (vramcalc/stacks.py)
     compile: bool = False  # torch.compile of the model (Trainer torch_compile=False)
@@ -246,6 +248,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         sharding=Sharding.parse(chosen.get("sharding", SETUP_DEFAULTS["sharding"]), "sharding"),
         fsdp_shard=FsdpShard.parse(chosen.get("fsdp_shard", SETUP_DEFAULTS["fsdp_shard"]), "FSDP sharding strategy"),
         offload=Offload.parse(chosen.get("offload", SETUP_DEFAULTS["offload"]), "offload"),
+        tp=positive_int(chosen.get("tp", SETUP_DEFAULTS["tp"]), "tensor-parallel degree", MAX_OPTION["num_gpus"]),
         stack=stack,
         compile=_bool(chosen.get("compile", SETUP_DEFAULTS["compile"]), "compile"),
         activation_offload=_bool(chosen.get("activation_offload", SETUP_DEFAULTS["activation_offload"]),
@@ -278,12 +281,14 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         values["optimizer_in_backward"] = False
         origins["optimizer_in_backward"] = f"stack {stack.value} (single-device config; off here)"
     resolve_task(values, given, origins)
+    parallel_degrees.implied_num_gpus(values, given, origins)  # --tp alone: one tensor-parallel group
     if "global_batch_size" in given:
         values["global_batch_size"] = positive_int(given["global_batch_size"], "global batch size",
                                                    MAX_OPTION["global_batch_size"])
         values["batch_size"] = _per_device_batch(values, "batch_size" in given)
     resolve_images(model, values, given)  # --images, --image-size, --image-tokens, --vision (vision.py)
     setup = TrainingSetup(**values)
+    parallel_degrees.check_degrees(model, setup)
     _check_combination(setup)
     _check_computable(model, setup)
     check_teacher(model, setup)
@@ -291,7 +296,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         raise VramcalcError(f"--fsdp-shard applies to --sharding fsdp, not {setup.sharding.value!r}")
 
     warnings = []
-    if setup.num_gpus > 1 and setup.sharding is Sharding.NONE and setup.device_map is DeviceMap.NONE:
+    if setup.num_gpus > setup.tp and setup.sharding is Sharding.NONE and setup.device_map is DeviceMap.NONE:
         warnings.append(f"{setup.num_gpus} GPUs without --sharding: each GPU is estimated as an independent copy "
                         "(no DDP buckets); give --sharding ddp, zero1-3 or fsdp for data parallelism")
     attn_used = setup.attn
@@ -308,6 +313,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
             f"sequence length {setup.padded_seq_len} exceeds {model.name}'s context of {context} tokens; estimating anyway"
         )
     lora_modules = _lora_modules(model, setup) if _takes_targets(setup.method) else ()
+    warnings += parallel_degrees.tp_warnings(setup, lora_modules)
     if "batch_size" in origins and "global_batch_size" in given:
         origins["batch_size"] = "implied by global_batch_size"
     defaulted = tuple(key for key, origin in origins.items() if origin == "default")
@@ -422,7 +428,7 @@ def _check_combination(setup: TrainingSetup) -> None:
     # one GPU with offload: DeepSpeed ZeRO-Offload's single-GPU case, and FSDP2 on a one-rank mesh with
     # CPUOffloadPolicy (the parameters live on the host and come to the GPU one unit at a time)
     single_gpu_offload = setup.sharding.shards_optimizer and setup.offload is not Offload.NONE
-    if setup.sharding is not Sharding.NONE and setup.num_gpus == 1 and not single_gpu_offload:
+    if setup.sharding is not Sharding.NONE and setup.num_gpus == setup.tp and not single_gpu_offload:
         raise VramcalcError(f"sharding {setup.sharding.value!r} needs --num-gpus of 2 or more "
                             "(on one GPU only with --offload: ZeRO-Offload, FSDP CPU offload)")
     _check_offload(setup)
@@ -548,6 +554,7 @@ def _check_computable(model: ModelSpec, setup: TrainingSetup) -> None:
 def _per_device_batch(values: dict, batch_given: bool) -> int:
     """global batch = micro-batch x GPUs x accumulation steps: the micro-batch it implies, or why none does."""
     total, gpus, accum = values["global_batch_size"], values["num_gpus"], values["grad_accum"]
+    gpus = parallel_degrees.data_parallel_degree(gpus, values.get("tp", 1))  # a tp group shares one micro-batch
     if total % (gpus * accum):
         raise VramcalcError(f"global batch size {total} is not divisible by {gpus} GPUs x {accum} accumulation "
                             f"steps; use a multiple of {gpus * accum}")

@@ -35,6 +35,7 @@ from ..options import Method, Precision, Quant, Task
 from ..training_setup import ResolvedSetup
 from ..units import round_up
 from .stored_tensor import StoredTensor
+from .tensor_parallel import vocab_sharded
 
 
 def quantized_metadata_bytes(numel: int, double_quant: bool) -> int:
@@ -60,7 +61,8 @@ def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTen
         from . import vision
 
         out = out + vision.stored(model, resolved)
-    return out
+    # --tp: the embedding's and lm_head's vocabulary rows are sharded (``tensor_parallel.vocab_sharded``)
+    return vocab_sharded(out, getattr(resolved.setup, "tp", 1))
 
 
 def parameter_key(resolved: ResolvedSetup) -> tuple:

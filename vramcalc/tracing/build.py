@@ -224,6 +224,10 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
                 config, dtype=_load_dtype(resolved), attn_implementation=_ATTN_IMPLEMENTATION[resolved.attn_used]
             )
             _restore_fp32_modules(model)
+            if getattr(setup, "tp", 1) > 1:  # from_pretrained(tp_plan="auto") shards before peft (tensor_parallel.py)
+                from .tensor_parallel import distribute
+
+                model = distribute(model, setup.tp)
             if setup.precision is Precision.FP8:
                 _convert_to_float8(model)
             if quantized_base(setup):
@@ -240,6 +244,10 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
                 model = _apply_peft(model, resolved)
             elif setup.method.uses_lora:
                 model = _apply_lora(model, resolved)
+                if getattr(setup, "tp", 1) > 1:  # peft's rowwise lora_A width (tensor_parallel.py)
+                    from .tensor_parallel import fix_rowwise_lora_width
+
+                    fix_rowwise_lora_width(model)
             elif setup.method is Method.PROMPT:
                 model = _apply_prompt_tuning(model, spec, resolved)
             else:

@@ -63,8 +63,15 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
 
         data_parallel.check_traceable(resolved)
         tracker.track_resizes = True
+    tensor_parallel = getattr(resolved.setup, "tp", 1) > 1  # one tensor-parallel group (tracing/tensor_parallel.py)
+    if tensor_parallel:
+        from . import distributed as data_parallel
+        from .tensor_parallel import check_traceable
+
+        check_traceable(spec, resolved)
     try:
-        with data_parallel.process_group(resolved.setup.num_gpus) if distributed else contextlib.nullcontext():
+        with (data_parallel.process_group(resolved.setup.num_gpus) if distributed or tensor_parallel
+              else contextlib.nullcontext()):
             model = (builder or build_model)(spec, resolved, fake_mode)
             bar.update(1, note=f"step 1 of {steps}")
             with fake_mode if fake_mode is not None else contextlib.nullcontext():

@@ -55,6 +55,10 @@ def make_optimizer(model: nn.Module, optimizer: Optimizer, paged_context=None) -
     no_decay_ids = {id(p) for p in no_decay}
     decay = [p for _, p in named if id(p) not in no_decay_ids]
     groups = [g for g in ({"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if any(type(p).__name__ == "DTensor" for _, p in named):  # --tp: no group mixes DTensor and plain tensors
+        from .tensor_parallel import split_dtensor_groups
+
+        groups = split_dtensor_groups(groups)
     if optimizer is Optimizer.ADAMW:  # adamw_torch_fused
         return torch.optim.AdamW(groups, lr=LEARNING_RATE, fused=True)
     if optimizer is Optimizer.ADAMW_FOREACH:  # adamw_torch

@@ -305,7 +305,9 @@ class AllocationTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         outputs, _ = tree_flatten(out)
-        new = [s for t in outputs if isinstance(t, torch.Tensor) for s in storages_of(t) if s not in self._records]
+        # (a meta tensor holds no memory: transformers' TP builds one to read a stride, tensor_parallel.py:126)
+        new = [s for t in outputs if isinstance(t, torch.Tensor) and t.device.type != "meta" for s in storages_of(t)
+               if s not in self._records]
         if not new:
             return out
         if self._role is not None:

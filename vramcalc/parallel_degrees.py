@@ -1,0 +1,106 @@
+"""Model-parallel degrees of a job (``--tp``) and how they compose with data parallelism (``--num-gpus``).
+
+``--num-gpus`` is the product of the parallel degrees (DESIGN.md, "Several GPUs"): N = tp x dp, where dp, the
+data-parallel degree, is what ``--sharding`` spreads the batch and the model states over. A rank holds the 1/tp slice
+transformers' tensor-parallel plan gives it (``terms/tensor_parallel.py``); with dp > 1 transformers shards that slice
+again with FSDP2 on the ``fsdp`` axis of its ``(pp, dp_replicate, fsdp, tp)`` mesh (transformers 5.25.0
+``distributed/mixin.py:304-343`` ``maybe_distribute_model``: TP first, then ``apply_fully_sharded_data_parallelism``),
+which vramcalc estimates as ``--sharding fsdp`` over dp ranks. Trainer does not wrap such a model in DDP
+(trainer.py:1767-1772) and vramcalc does not model DeepSpeed ZeRO over DTensor parameters: both are refused with
+``--tp``.
+
+What ``--tp`` covers: the families whose ``base_model_tp_plan`` is Megatron-style (column-parallel q/k/v and MLP input
+projections, row-parallel o and MLP output projection; q/k norms replicated), the plan ``tp_plan="auto"`` applies,
+with dense MLPs. Others are refused here with a reason rather than estimated wrongly.
+"""
+
+from __future__ import annotations
+
+from .errors import VramcalcError
+from .model import ModelSpec
+
+# families whose transformers 5.25.0 ``base_model_tp_plan`` is llama's (models/llama/configuration_llama.py:48-56:
+# q/k/v/gate/up "colwise", o/down "rowwise"), or llama's plus replicated q/k norms (qwen3, gemma3_text:
+# "replicated_with_grad_allreduce"), all dense
+TP_FAMILIES = ("cohere2", "ernie4_5", "gemma", "gemma2", "gemma3_text", "granite", "llama", "mistral", "qwen2",
+               "qwen3", "smollm3")
+
+
+def data_parallel_degree(num_gpus: int, tp: int) -> int:
+    """dp = N / tp: the ranks that hold the same tensor-parallel slice and split the batch."""
+    return num_gpus // tp
+
+
+def implied_num_gpus(values: dict, given: dict, origins: dict) -> None:
+    """``--tp T`` without ``--num-gpus``: the job runs on T GPUs (one tensor-parallel group, no data parallelism)."""
+    if values.get("tp", 1) > 1 and "num_gpus" not in given and values["num_gpus"] == 1:
+        values["num_gpus"] = values["tp"]
+        origins["num_gpus"] = "implied by tp"
+
+
+def check_degrees(model: ModelSpec, setup) -> None:
+    """One error line for a ``--tp`` the real stack would refuse or that vramcalc does not model."""
+    tp = setup.tp
+    if tp == 1:
+        return
+    if setup.num_gpus % tp:
+        raise VramcalcError(f"--num-gpus {setup.num_gpus} is not a multiple of --tp {tp}: --num-gpus is the product "
+                            "of the parallel degrees (tp x data-parallel ranks)")
+    dp = data_parallel_degree(setup.num_gpus, tp)
+    if dp > 1 and setup.sharding.value == "none":
+        raise VramcalcError(f"--num-gpus {setup.num_gpus} with --tp {tp} leaves {dp} data-parallel ranks: give "
+                            "--sharding ddp, zero1-3 or fsdp for them, or --num-gpus equal to --tp")
+    if dp == 1 and setup.sharding.value != "none" and setup.offload.value == "none":
+        raise VramcalcError(f"--sharding {setup.sharding.value} with --tp {tp} on {setup.num_gpus} GPUs leaves one "
+                            f"data-parallel rank: use --num-gpus {2 * tp} or more, or --sharding none")
+    if setup.sharding.value == "ddp":
+        raise VramcalcError("--tp with --sharding ddp: Trainer does not wrap a model loaded with a tp_plan in DDP "
+                            "(transformers 5.25.0 trainer.py:1767-1772); its data-parallel ranks shard it with FSDP2 "
+                            "(DistributedConfig fsdp_size): use --sharding fsdp")
+    if setup.sharding.is_deepspeed:
+        raise VramcalcError(f"--tp with --sharding {setup.sharding.value}: DeepSpeed ZeRO does not compose with "
+                            "transformers' DTensor tensor parallelism; use --sharding ddp or fsdp for the data-"
+                            "parallel ranks")
+    if model.family not in TP_FAMILIES or model.is_moe:
+        raise VramcalcError(f"--tp is modelled for dense families with the Megatron-style tp plan ({', '.join(TP_FAMILIES)}); "
+                            f"{model.name} is {model.family}{' (MoE)' if model.is_moe else ''}")
+    for what, size in (("attention heads", model.num_heads), ("key/value heads", model.num_kv_heads),
+                       ("intermediate size", model.intermediate_size)):
+        if size % tp:
+            raise VramcalcError(f"--tp {tp} does not divide {model.name}'s {size} {what}: each rank must hold whole "
+                                "heads and an equal slice of the MLP")
+    method = setup.method.value
+    if method == "qlora" or setup.method.peft_facts is not None or method == "prompt":
+        raise VramcalcError(f"--tp with --method {method}: modelled for full and lora (transformers 5.25.0 has no "
+                            "tensor-parallel path for bitsandbytes layers, and peft shards only LoRA's adapters, "
+                            "lora/model.py:402-440)")
+    if setup.loss.value != "hf" or any(t in ("lm_head", "embed_tokens") for t in setup.lora_targets):
+        raise VramcalcError("--tp is modelled with --loss hf and LoRA on the decoder layers' linears (the vocab-"
+                            "parallel lm_head and embedding keep no adapters)")
+    if setup.optimizer.value not in ("adamw", "adamw-foreach", "sgd", "sgd-momentum"):
+        raise VramcalcError(f"--tp with --optimizer {setup.optimizer.value}: modelled for torch's optimizers on "
+                            "DTensor parameters (adamw, adamw-foreach, sgd, sgd-momentum)")
+    if setup.optimizer_in_backward:
+        raise VramcalcError("--tp with --optimizer-in-backward is not modelled")
+    if setup.task.value != "sft" or setup.stack.value != "hf":
+        raise VramcalcError("--tp is modelled for --task sft on the hf stack (transformers' tp_plan='auto')")
+    if setup.packing or setup.compile or setup.activation_offload or setup.kernels.value != "none":
+        raise VramcalcError("--tp is modelled without --packing, --compile, --activation-offload and --kernels")
+    if setup.precision.value == "fp8":
+        raise VramcalcError("--tp with --precision fp8 is not modelled (torchao's Float8Linear under DTensor)")
+
+
+ROWWISE_MODULES = ("o_proj", "down_proj")  # the plan's "rowwise" layers (models/llama/configuration_llama.py:52,55)
+
+
+def tp_warnings(setup, lora_modules: tuple[str, ...]) -> list[str]:
+    """What the real stack does differently from the estimate under ``--tp`` with LoRA (found by the trace,
+    ``tracing/tensor_parallel.py``): estimated as the stack intends, said in a warning."""
+    if setup.tp == 1 or not setup.method.uses_lora:
+        return []
+    out = []
+    if any(module in ROWWISE_MODULES for module in lora_modules):
+        out.append("--tp with LoRA on o_proj/down_proj: peft 0.21.2 gives their lora_A the local in_features "
+                   "(tuners_utils.py:186) while transformers' RowwiseParallel reads it as the global width, so the "
+                   "forward fails with a shape error; estimated as the fixed stack would run")
+    return out
