@@ -44,14 +44,10 @@ SETUPS = [
     dict(seq_len=256, attn="eager", batch_size=2),
     dict(seq_len=512, method="lora", grad_ckpt=True),
 ]
-# A known gap, kept as a claim: under QLoRA with autocast, phi's LayerNorm output is fp32 (CUDA runs layer_norm in
-# fp32), so its Linear4bit MLP computes and returns fp32 (bitsandbytes Linear4bit.forward: .to(inp_dtype)). The
-# saved tensors follow (layouts.py), but the MLP's backward transients (temporaries.mlp_backward_bytes) are sized in
-# the compute dtype, which the estimator passes; with checkpointing that backward moment is the peak (-16%).
-_FP32_MLP_BACKWARD = pytest.mark.xfail(strict=True, reason="QLoRA fp32 MLP backward of LayerNorm families: "
-                                       "mlp_backward_bytes gets the 16-bit compute dtype")
-CASES = [pytest.param(family, options, marks=_FP32_MLP_BACKWARD if family == "phi" and options.get("method") == "qlora"
-                      and options.get("grad_ckpt") else (), id=f"{family}-{'-'.join(f'{k}={v}' for k, v in options.items())}")
+# phi under QLoRA with autocast: its fp32 LayerNorm output makes the Linear4bit MLP compute and return fp32
+# (bitsandbytes Linear4bit.forward: .to(inp_dtype)); the MLP's backward transients follow its element bytes
+# (activations.BackwardFreed.mlp_element_bytes). This case was -16% (a strict xfail) before they did.
+CASES = [pytest.param(family, options, id=f"{family}-{'-'.join(f'{k}={v}' for k, v in options.items())}")
          for family in TINY for options in SETUPS]
 
 

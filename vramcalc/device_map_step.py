@@ -63,7 +63,7 @@ def gpu_peaks(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[dm.GpuPeak, ...
     extras = quantized.step_extras(spec, setup, layer, masked_any, b, s, adapters.head_input_shared(layer))
     whole = activations.model_saved(spec, layer, ckpt, masked_any).bytes(b, s) + extras.held
     first_extra = whole - shared - head_all - sum(kept)  # layer 0's extra saved tensors, QLoRA's held extras
-    rope_per_token = max(0, shared_saved.per_token - 8) if not spec.traits.rope_copies_per_layer else 0
+    rope_per_position = shared_saved.per_position if not spec.traits.rope_copies_per_layer else 0
     checkpoint_input = activations.residual_bytes(spec, layer) * spec.hidden_size * tokens if ckpt else 0
     lg = logits.logits_bytes(spec, setup.loss, dt, tokens, full.head_gradient, sequences=b, compiled=False,
                              whole_head=setup.method is Method.FULL, fp32_logits=layer.layers.fp32_unembed)
@@ -71,7 +71,7 @@ def gpu_peaks(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[dm.GpuPeak, ...
     dequant = temporaries.dequantized_weight_bytes(spec, setup.method, setup.double_quant, dt, tokens, setup=setup)
     hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)
     norm_backward = temporaries.norm_backward_bytes(spec, tokens)
-    mlp_transient = temporaries.mlp_backward_bytes(spec, dt.c, b, s) + dequant
+    mlp_transient = temporaries.mlp_backward_bytes(spec, dt.c, dt.r, b, s) + dequant
     attention_transient = temporaries.attention_backward_bytes(spec, dt.c, layer.attn_used, b, s) + dequant
     embedding_backward = temporaries.embedding_backward_bytes(spec, setup.method, dt, tokens)
     grads_per_layer = full.layer_gradients
@@ -89,7 +89,7 @@ def gpu_peaks(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[dm.GpuPeak, ...
         is_head, is_norm, is_embed = gpu == where.head, gpu == where.norm, gpu == where.embed
         head_grad = full.head_gradient if is_head else 0
         elsewhere = sum(1 for i in mine if where.rotary != gpu)
-        transfer = dm.transfer_copies_bytes(rope_per_token, b * s, elsewhere, bool(ckpt))
+        transfer = dm.transfer_copies_bytes(rope_per_position, s, elsewhere, bool(ckpt))
         # under checkpointing a GPU's first layer checkpoints the input it received on the previous GPU
         moved_in = checkpoint_input if mine and mine[0] > 0 and where.layers[mine[0] - 1] != gpu else 0
         moved_out = sum(checkpoint_input for i in range(spec.num_layers - 1)

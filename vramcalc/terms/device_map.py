@@ -308,7 +308,7 @@ class GpuPeak:
         return sum(value for _, value in self.terms)
 
 
-def transfer_copies_bytes(shared_rope_per_token: int, tokens, layers_elsewhere: int, checkpointed: bool):
+def transfer_copies_bytes(rope_per_position: int, positions, layers_elsewhere: int, checkpointed: bool):
     """Rotary cos/sin copies a layer keeps on its GPU when ``rotary_emb`` sits on another one.
 
     accelerate's ``AlignDevicesHook.pre_forward`` (accelerate 1.16.0 ``hooks.py``) sends every argument of a
@@ -316,7 +316,8 @@ def transfer_copies_bytes(shared_rope_per_token: int, tokens, layers_elsewhere: 
     copied anew for each layer on another GPU, and the RoPE products save the copies for backward
     (``apply_rotary_pos_emb``: ``q * cos``, ``rotate_half(q) * sin``). Under checkpointing the copy is made inside
     the checkpointed forward (the hook wraps ``forward``; ``GradientCheckpointingLayer`` checkpoints ``__call__``),
-    so nothing stays. Bytes = layers elsewhere · T · (cos + sin bytes per token)."""
+    so nothing stays. Bytes = layers elsewhere · s · (cos + sin bytes per position: [1, s, d_rope] tables,
+    ``activations.shared_saved``)."""
     if checkpointed:
         return 0
-    return layers_elsewhere * tokens * shared_rope_per_token
+    return layers_elsewhere * positions * rope_per_position

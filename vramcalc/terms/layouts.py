@@ -107,6 +107,7 @@ class ParallelBlockWalk:
         up, down = m.traits.mlp_names
         width = m.mlp_width
         out = self.linears([self.use(up, m.hidden_size)], n, x_saved=n_saved)
+        self.mlp_element_bytes = out  # (QLoRA's Linear4bit returns fp32 after an fp32 LayerNorm: see residual_bytes)
         if self.grad:
             eager_gelu = m.family in GELU_NEW_FAMILIES and not self.layer.layers.fused_gelu  # (stack_layers.py)
             self.per_token += (GELU_NEW_SAVED if eager_gelu else 1) * out * width
