@@ -137,3 +137,81 @@ def test_estimated_peak_is_within_3_percent_of_the_trace_on_every_setup():
     print("lfm2", " ".join(f"{e:+.4f}" for e in errors))
     assert max(abs(e) for e in errors) < TOLERANCE, errors
     assert statistics.median(abs(e) for e in errors) < MEDIAN_TOLERANCE, errors
+
+
+def test_catalogue_lfm2_1_2b_is_its_published_config(tmp_path):
+    from vramcalc import catalogue
+
+    spec, published = catalogue.get_model("lfm2-1.2b"), _write(tmp_path, LFM2_1_2B)
+    assert spec.params == published.params == spec.params_exact
+    assert spec.layer_types == published.layer_types and spec.conv_kernel == published.conv_kernel == 3
+
+
+def test_only_attention_layers_have_a_kv_cache_and_convolutions_a_constant_state():
+    from vramcalc import catalogue
+    from vramcalc.serving.kv_cache import hf_cache_bytes, kv_bytes_per_token, state_bytes_per_sequence
+
+    spec = catalogue.get_model("lfm2-1.2b")
+    # 6 attention layers of 8 KV heads of 64 (config.json S52), keys and values, bf16
+    assert kv_bytes_per_token(spec) == 6 * 2 * 8 * 64 * 2
+    # 10 convolution layers' [b, 2048, 3] conv states, bf16
+    assert state_bytes_per_sequence(spec) == 10 * 2048 * 3 * 2
+    grown = hf_cache_bytes(spec, 1, 2001, last_input=1) - hf_cache_bytes(spec, 1, 1001, last_input=1)
+    assert grown == 1000 * kv_bytes_per_token(spec)
+
+
+# Gemma-3 and Cohere2 with a window (40) shorter than the prompt, so that the sliding layers' caches stop growing
+SLIDING = {
+    "gemma3_text": ModelSpec(name="tiny-gemma3-window", family="gemma3_text", hidden_size=256, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=768, vocab_size=2048,
+                             tie_word_embeddings=True, qk_norm=True, sliding_window=40,
+                             layer_types=("sliding_attention", "full_attention")),
+    "cohere2": ModelSpec(name="tiny-cohere2-window", family="cohere2", hidden_size=256, num_layers=2, num_heads=4,
+                         num_kv_heads=4, head_dim=64, intermediate_size=768, vocab_size=2048,
+                         tie_word_embeddings=True, sliding_window=40,
+                         layer_types=("sliding_attention", "full_attention")),
+    "lfm2": TINY,
+}
+
+
+def test_sliding_layers_of_gemma3_and_cohere2_keep_the_window_only():
+    from vramcalc.serving.kv_cache import hf_cache_bytes, kv_bytes_per_token
+
+    for spec in (SLIDING["gemma3_text"], SLIDING["cohere2"]):
+        per_layer = kv_bytes_per_token(spec) // 2  # one sliding and one full layer of the same shape
+        grown = hf_cache_bytes(spec, 1, 1001, last_input=1) - hf_cache_bytes(spec, 1, 501, last_input=1)
+        assert grown == 500 * per_layer  # only the full layer grows
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("name", sorted(SLIDING))
+def test_cache_bytes_equal_the_serving_traces_cache_tensors(name, cache):
+    from vramcalc.serving.kv_cache import hf_cache_bytes
+    from vramcalc.serving.terms import HfCache
+    from vramcalc.serving.trace import run_inference_trace
+
+    spec = SLIDING[name]
+    batch, prompt, new = 3, 70, 4  # the prompt outgrows the 40-token windows
+    result = run_inference_trace(spec, batch_size=batch, prompt_len=prompt, new_tokens=new, cache=HfCache(cache))
+    static = prompt + new - 1 if cache == "static" else None  # generate: max_cache_length = max_length - 1
+    expected = tuple(hf_cache_bytes(spec, batch, prompt + i, last_input=prompt if i == 0 else 1, static_len=static)
+                     for i in range(new))
+    assert result.cache_bytes_by_step == expected
+
+
+@needs_torch
+@pytest.mark.trace
+def test_lfm2_serving_estimate_matches_the_trace_for_prefill_and_decode():
+    from vramcalc.serving.hf_engine import decode_moment, prefill_moment
+    from vramcalc.serving.terms import InferencePhase
+    from vramcalc.serving.trace import run_inference_trace
+
+    batch, prompt, new = 4, 300, 3
+    result = run_inference_trace(TINY, batch_size=batch, prompt_len=prompt, new_tokens=new)
+    weights = result.phase_terms[InferencePhase.PREFILL]["weights"]
+    for phase, moment in ((InferencePhase.PREFILL, prefill_moment(TINY, batch, prompt)),
+                          (InferencePhase.DECODE, decode_moment(TINY, batch, prompt + new, prompt=prompt))):
+        traced = sum(result.phase_terms[phase].values())
+        assert abs(weights + moment.total - traced) <= 0.01 * traced, (phase, weights + moment.total, traced)
