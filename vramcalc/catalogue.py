@@ -80,6 +80,14 @@ class GpuSpec:
 
 
 @functools.cache
+@functools.cache
+def _hybrid_layers() -> dict[str, dict]:
+    """``data/hybrid_layers.csv``: the per-layer kinds (``layer_types``, space-separated) and the short convolution's
+    width (``conv_L_cache``) of the catalogue's hybrid models, by name, each row with its source."""
+    return {row["name"]: {"layer_types": tuple(row["layer_types"].split()), "conv_kernel": _int(row["conv_L_cache"])
+                          or 0} for row in _read_csv("hybrid_layers.csv")}
+
+
 def _model_rows() -> dict[str, ModelSpec]:
     models = {}
     for row in _read_csv("models.csv"):
@@ -113,8 +121,11 @@ def _model_rows() -> dict[str, ModelSpec]:
             v_head_dim=_int(row["v_head_dim"]) or 0,
             rotary_dim=_int(row.get("rotary_dim")) or 0,  # partial rotary (phi); empty: all of head_dim
             new_decoder_architecture=_bool(row.get("new_decoder_architecture")),  # falcon's layout
-            # gemma3_text, cohere2: the config class's sliding/full pattern (the catalogue has no layer_types column)
-            layer_types=default_layer_types(row["family"], _int(row["num_layers"])),
+            # gemma3_text, cohere2: the config class's sliding/full pattern (the catalogue has no layer_types column);
+            # a hybrid's attention and convolution layers: data/hybrid_layers.csv
+            layer_types=_hybrid_layers().get(row["name"], {}).get("layer_types")
+            or default_layer_types(row["family"], _int(row["num_layers"])),
+            conv_kernel=_hybrid_layers().get(row["name"], {}).get("conv_kernel", 0),
             hf_repo=row["hf_repo"],
             license=row["license"],
             source=row["source"],

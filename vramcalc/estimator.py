@@ -336,11 +336,12 @@ def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora
 
 
 @functools.lru_cache(maxsize=256)
-def _layer_runs(spec: ModelSpec, masked: bool = False) -> tuple[tuple[tuple[bool, bool], int, int], ...]:
-    """The runs of same-kind decoder layers in backward order: ((moe, masked), highest index, lowest index); a
-    layer's kind is dense or MoE, and whether its attention is masked (``activations.layer_masks``: the sliding
-    layers of a model that also has full ones)."""
-    kinds = tuple(zip(spec.layer_is_moe, activations.layer_masks(spec, masked)))
+def _layer_runs(spec: ModelSpec, masked: bool = False) -> tuple[tuple[tuple[bool, bool, bool], int, int], ...]:
+    """The runs of same-kind decoder layers in backward order: ((moe, masked, conv), highest index, lowest index); a
+    layer's kind is dense or MoE, whether its attention is masked (``activations.layer_masks``: the sliding
+    layers of a model that also has full ones) and whether it is a hybrid's convolution layer
+    (``activations.layer_operators``)."""
+    kinds = tuple(zip(spec.layer_is_moe, activations.layer_masks(spec, masked), activations.layer_operators(spec)))
     runs = []
     hi = spec.num_layers - 1
     for index in range(spec.num_layers - 1, -1, -1):
@@ -357,7 +358,7 @@ class _SavedPlan(NamedTuple):
     head: activations.Saved  # the final norm's and lm_head's
     shared: activations.Saved  # rotary tables, position ids, checkpointed masks
     attention: activations.Saved  # one layer's attention block
-    # per layer kind (moe, masked) the model has (``_layer_runs``):
+    # per layer kind (moe, masked, conv) the model has (``_layer_runs``):
     kept: dict  # what a layer keeps until its backward
     recompute: dict  # a layer's recomputed activations under checkpointing
     attention_left: dict  # what its backward adds to ``kept`` once the MLP's backward is done
@@ -366,7 +367,7 @@ class _SavedPlan(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)
 def _saved_plan(spec: ModelSpec, layer: activations.LayerSetup, ckpt: bool, masked: bool) -> _SavedPlan:
-    kinds = {kind for kind, _, _ in _layer_runs(spec, masked)}  # the layer kinds the model has: (moe, masked)
+    kinds = {kind for kind, _, _ in _layer_runs(spec, masked)}  # the layer kinds the model has: (moe, masked, conv)
     kept = {kind: activations.layer_kept(spec, layer, ckpt, *kind) for kind in kinds}
     recompute = {kind: activations.layer_recomputed(spec, layer, ckpt, *kind) for kind in kinds}
     attention_left = {kind: activations.attention_left(spec, layer, ckpt, *kind) for kind in kinds}
@@ -463,7 +464,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     moments = []
     if rank.gathering is not None:  # the last decoder layer's copy-out and forward, and the tail's copy-out
         A_layers = A - head_saved
-        last = (spec.is_moe_layer(spec.num_layers - 1), activations.layer_masks(spec, masked)[-1])
+        last = (spec.is_moe_layer(spec.num_layers - 1), activations.layer_masks(spec, masked)[-1],
+                activations.layer_operators(spec)[-1])
         A_before_last = A_layers - plan.kept[last].bytes(b, s)
         moments += [
             Moment(Phase.FORWARD, W + gathered.last_layer_copy_out, B + G_acc, O, A_before_last, 0, 0),

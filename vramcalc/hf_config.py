@@ -61,6 +61,8 @@ LAYOUT_FIELDS = {
     "gpt_oss": ("layer_types", "quantization_config"),
     "llama4_text": ("intermediate_size_mlp", "interleave_moe_layer_step", "moe_layers", "use_qk_norm", "no_rope_layers",
                     "no_rope_layer_interval", "attention_chunk_size", "layer_types"),
+    "lfm2": ("layer_types", "full_attn_idxs", "conv_L_cache", "conv_bias", "block_ff_dim", "block_auto_adjust_ff_dim",
+             "block_ffn_dim_multiplier", "block_multiple_of", "tie_embedding"),
 }
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 # Config-class defaults of fields read as required elsewhere, for families whose published configs omit them:
@@ -237,7 +239,8 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
         num_heads=heads,
         num_kv_heads=f.integer("num_key_value_heads", heads),
         head_dim=f.integer("head_dim", _DEFAULT_HEAD_DIM.get(family, hidden // heads)),
-        intermediate_size=f.need("intermediate_size") if family != "falcon" else 1,  # falcon: ffn_hidden_size
+        # falcon: ffn_hidden_size; lfm2: block_ff_dim or intermediate_size, adjusted (``_lfm2_fields``)
+        intermediate_size=f.need("intermediate_size") if family not in ("falcon", "lfm2") else 1,
         vocab_size=f.need("vocab_size"),
         tie_word_embeddings=f.flag("tie_word_embeddings", traits.default_tied),
         max_position_embeddings=f.integer("max_position_embeddings"),
@@ -421,6 +424,8 @@ def _layout_fields(f: _Fields, family: str, fields: dict) -> dict:
         out.update(_gpt_oss_fields(f, fields["num_layers"]))
     elif family == "llama4_text":
         out.update(_llama4_text_fields(f, fields))
+    elif family == "lfm2":
+        out.update(_lfm2_fields(f, fields["num_layers"]))
     if out.get("rotary_dim") == out.get("head_dim"):
         out["rotary_dim"] = 0
     return out
@@ -514,3 +519,35 @@ def _layer_types(f: _Fields, layers: int, pattern: int) -> tuple[str, ...]:
     if not isinstance(types, list) or len(types) != layers or any(t not in _LAYER_TYPES for t in types):
         raise f._bad("layer_types", f"a list of {layers} of {' or '.join(map(repr, _LAYER_TYPES))}", types)
     return tuple(types)
+
+
+def _lfm2_fields(f: _Fields, layers: int) -> dict:
+    """Lfm2Config (transformers 5.25 configuration_lfm2.py): num_key_value_heads 8 (L63), intermediate_size 12288
+    (L60; a ``block_ff_dim`` key wins, L91), tied (L71; a ``tie_embedding`` key wins, L90), conv_bias False,
+    conv_L_cache 3 (L73-74); layer_types from the config or, when absent, "full_attention" on the layers of
+    full_attn_idxs (default: every layer) and "conv" on the others (L82-88). Lfm2MLP's width (modeling_lfm2.py
+    L114-122): with block_auto_adjust_ff_dim (default True) int(2·I/3), times block_ffn_dim_multiplier (1.0) when
+    set, rounded up to a multiple of block_multiple_of (256); else I as is."""
+    width = f.integer("block_ff_dim", f.integer("intermediate_size", 12288))
+    if f.flag("block_auto_adjust_ff_dim", True):
+        width = int(2 * width / 3)
+        multiplier = f.config.get("block_ffn_dim_multiplier", 1.0)
+        if multiplier is not None:
+            if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not math.isfinite(
+                    multiplier) or multiplier <= 0:
+                raise f._bad("block_ffn_dim_multiplier", "a positive number", multiplier)
+            multiple = f.integer("block_multiple_of", 256, maximum=MAX_SIZES["intermediate_size"])
+            width = multiple * ((int(multiplier * width) + multiple - 1) // multiple)
+        if not 1 <= width <= MAX_SIZES["intermediate_size"]:
+            raise f._bad("block_ff_dim", "a width whose adjusted MLP size is at least 1", width)
+    types = f.config.get("layer_types")
+    if types is None:
+        attention = f.layer_list("full_attn_idxs", layers) if f.config.get("full_attn_idxs") is not None \
+            else tuple(range(layers))
+        types = ["full_attention" if i in attention else "conv" for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers or any(t not in ("full_attention", "conv") for t in types):
+        raise f._bad("layer_types", f"a list of {layers} of 'full_attention' or 'conv'", types)
+    tied = f.flag("tie_embedding", f.flag("tie_word_embeddings", True))
+    return dict(num_kv_heads=f.integer("num_key_value_heads", 8), intermediate_size=width, layer_types=tuple(types),
+                conv_kernel=f.integer("conv_L_cache", 3, maximum=MAX_SIZES["conv_L_cache"]),
+                conv_bias=f.flag("conv_bias", False), tie_word_embeddings=tied, sliding_window=None)

@@ -126,6 +126,9 @@ class FamilyTraits:
     dense_experts: bool = False  # Llama-4: every token runs through every expert (bmm), scaled by sigmoid scores
     weightless_qk_norm: bool = False  # Llama-4: an L2 norm without weight on q and k (when the config's qk_norm)
     softmax_in_dtype: bool = False  # eager softmax without dtype=fp32: in the scores' (+ mask's) dtype (Llama-4)
+    # a hybrid model: the layers whose ``layer_types`` entry is "conv" run a gated short convolution instead of
+    # attention (LFM2's Lfm2ShortConv: in_proj [h, 3h], a depthwise Conv1d of conv_kernel taps, out_proj [h, h])
+    short_conv: bool = False
 
 
 FAMILIES: dict[str, FamilyTraits] = {
@@ -250,6 +253,16 @@ FAMILIES: dict[str, FamilyTraits] = {
     # the mask (layer_types, L544-550); _supports_flash_attn False (L453)
     "llama4_text": FamilyTraits(moe=True, rope_complex=True, shared_expert_prefix="shared_expert.",
                                 dense_experts=True, weightless_qk_norm=True, softmax_in_dtype=True),
+    # models/lfm2/modeling_lfm2.py (transformers 5.25): a hybrid of attention and gated short-convolution layers
+    # (Lfm2DecoderLayer L418-461: config.layer_types "full_attention" or "conv"); Lfm2Attention q/k/v_proj, out_proj
+    # without bias and per-head q_layernorm, k_layernorm (L213-218, L232-233); Lfm2ShortConv in_proj [h, 3h],
+    # depthwise nn.Conv1d(h, h, conv_L_cache, groups=h), out_proj [h, h], biases with conv_bias (L383-392); SwiGLU
+    # Lfm2MLP w2(silu(w1(x)) * w3(x)) (L111-128); operator_norm, ffn_norm (L428-429) and a final embedding_norm
+    # (L495); Llama's RMSNorm (L54-59) and rotary embedding; tied (configuration_lfm2.py L71). The attention and
+    # convolution out_proj share a name: peft's suffix match on "out_proj" reaches both, so the inventory names them
+    # by their parent module
+    "lfm2": FamilyTraits(qk_norm=True, default_tied=True, short_conv=True, o_name="self_attn.out_proj",
+                         mlp_names=("w1", "w3", "w2")),
 }
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
@@ -294,6 +307,7 @@ MAX_SIZES: dict[str, int] = {
     "qk_rope_head_dim": 2**14,
     "v_head_dim": 2**14,
     "shared_expert_intermediate_size": 2**22,
+    "conv_L_cache": 2**10,  # LFM2's short convolution: 3 taps
 }
 # ModelSpec field -> its HF config name, for the checks in ModelSpec.__post_init__
 _SIZE_FIELDS = (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
@@ -367,6 +381,9 @@ class ModelSpec:
     nope_layers: tuple[int, ...] = ()  # Llama-4: layers without RoPE (no_rope_layers entry 0), hence no q/k norm
     score_labels: int = 0  # AutoModelForSequenceClassification's num_labels (``reward_spec``); 0: the causal LM
     vision: "VisionSpec | None" = None  # a vision-language model's tower and projector (``vision.py``); None: text only
+    # LFM2's short convolution (the "conv" entries of layer_types): conv_L_cache taps, conv_bias
+    conv_kernel: int = 0
+    conv_bias: bool = False
     # catalogue metadata (not architecture)
     hf_repo: str = ""
     license: str = ""
@@ -394,6 +411,11 @@ class ModelSpec:
                 0 <= self.rotary_dim <= self.head_dim):
             raise VramcalcError(f"model {self.name!r}: the rotary width must be from 0 to head_dim "
                                 f"({self.head_dim}), got {self.rotary_dim!r}")
+        if self.traits.short_conv and any(self.layer_is_conv) and (
+                isinstance(self.conv_kernel, bool) or not isinstance(self.conv_kernel, int)
+                or not 1 <= self.conv_kernel <= MAX_SIZES["conv_L_cache"]):
+            raise VramcalcError(f"model {self.name!r}: conv_L_cache (the short convolution's width) must be from 1 to "
+                                f"{MAX_SIZES['conv_L_cache']:,}, got {self.conv_kernel!r}")
         if self.num_heads % self.num_kv_heads:
             raise VramcalcError(f"model {self.name!r}: num_key_value_heads ({self.num_kv_heads}) must divide "
                                 f"num_attention_heads ({self.num_heads}) (grouped-query attention repeats each kv "
@@ -452,7 +474,24 @@ class ModelSpec:
     def mask_kinds(self) -> int:
         """4-D masks built per forward under eager attention: Gemma-2's full and sliding ones, one per layer kind in
         use for gemma3_text, else one."""
-        return 2 if self.family == "gemma2" else len(set(self.layer_types)) or 1
+        return 2 if self.family == "gemma2" else len(set(self.layer_types) - {"conv"}) or 1
+
+    @functools.cached_property
+    def layer_is_conv(self) -> tuple[bool, ...]:
+        """Per decoder layer, whether it runs a short convolution instead of attention (``layer_types`` "conv" in a
+        ``short_conv`` family: LFM2), computed once."""
+        if not self.traits.short_conv or not self.layer_types:
+            return (False,) * self.num_layers
+        return tuple(kind == "conv" for kind in self.layer_types)
+
+    @functools.cached_property
+    def num_conv_layers(self) -> int:
+        return sum(self.layer_is_conv)
+
+    @property
+    def num_attention_layers(self) -> int:
+        """Decoder layers with attention (every layer but a hybrid's convolution layers): those with a KV cache."""
+        return self.num_layers - self.num_conv_layers
 
     @property
     def mlp_width(self) -> int:
@@ -581,6 +620,19 @@ def _attention(m: ModelSpec, count: int):
     return parts, norms
 
 
+def _short_conv(m: ModelSpec, count: int):
+    """LFM2's gated short convolution (``Lfm2ShortConv``, transformers 5.25 modeling_lfm2.py L383-392), ``count``
+    times: in_proj nn.Linear(h, 3h), out_proj nn.Linear(h, h) (biases with conv_bias) and the depthwise
+    nn.Conv1d(h, h, conv_L_cache, groups=h) weight [h, 1, K] (and bias [h]): not an nn.Linear, so neither LoRA's
+    all-linear nor bitsandbytes reach it; it trains in full fine-tuning like a norm."""
+    h = m.hidden_size
+    parts = [_linear("in_proj", h, 3 * h, count, m.conv_bias), _linear("conv.out_proj", h, h, count, m.conv_bias)]
+    tensors = [ParamTensor("conv.conv.weight", ParamKind.NORM, (h, 1, m.conv_kernel), count, scope="layer")]
+    if m.conv_bias:
+        tensors.append(ParamTensor("conv.conv.bias", ParamKind.NORM, (h,), count, scope="layer"))
+    return parts, tensors
+
+
 def _gated_mlp(m: ModelSpec, width: int, count: int, role: str = "mlp"):
     """gate/up/down (or Phi-3's fused gate_up) of a SwiGLU/GeGLU MLP of the given width; up/down of a plain GELU MLP
     (phi fc1/fc2, GPT-NeoX and Falcon dense_h_to_4h/dense_4h_to_h); Qwen v1's w1, w2 and mlp.c_proj."""
@@ -618,9 +670,13 @@ def _inventory(m: ModelSpec) -> Inventory:
     n_dense = L - n_moe
     parts = []
     tensors = [ParamTensor("embed_tokens.weight", ParamKind.EMBEDDING, (V, h))]
-    attn, attn_norms = _attention(m, L)
+    attn, attn_norms = _attention(m, m.num_attention_layers)
     parts += attn
     tensors += attn_norms
+    if m.num_conv_layers:
+        conv, conv_tensors = _short_conv(m, m.num_conv_layers)
+        parts += conv
+        tensors += conv_tensors
     tensors.append(ParamTensor("layernorm.weight", ParamKind.NORM, (h,), L * m.norms_per_layer, scope="layer"))
     if m.traits.layer_norm:
         tensors.append(ParamTensor("layernorm.bias", ParamKind.NORM, (h,), L * m.norms_per_layer, scope="layer"))

@@ -52,9 +52,12 @@ def cache_state_bytes(spec: ModelSpec, static: bool) -> int:
     (cache_utils.py, 5.x): ``StaticLayer.cumulative_length = torch.tensor(0)`` in every layer of a StaticCache
     (``StaticLayer.__init__``), ``DynamicSlidingWindowLayer._sliding_window_tensor`` in every sliding layer of a
     DynamicCache (``DynamicSlidingWindowLayer.__init__``, moved to the device at its first update). They live from
-    the cache's creation to its end, so every moment of the prefill and of decode holds them."""
+    the cache's creation to its end, so every moment of the prefill and of decode holds them. A hybrid's convolution
+    layers are ``LinearAttentionLayer`` in both caches, with their own ``cumulative_length_linear = torch.tensor(0)``
+    (``LinearAttentionCacheLayerMixin.__init__``) and no ``cumulative_length``: one each either way."""
     layouts = layer_layouts(spec)
-    count = len(layouts) if static else sum(1 for layout in layouts if layout.window is not None)
+    count = len(layouts) if static else sum(1 for layout in layouts
+                                            if layout.window is not None or layout.state_elements)
     return count * tensor_bytes(1, 8)
 
 

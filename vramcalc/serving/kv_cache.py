@@ -12,8 +12,14 @@ Per layer and per token a cache holds (e = bytes per element, 2 for bf16/fp16, 1
 Which layers slide: Gemma-2 alternates, sliding on even layer indices (``Gemma2Config.layer_types``: layer i slides
 when (i + 1) % 2); Mistral, Mixtral and Phi-3 slide on every layer when the config sets ``sliding_window`` (e.g.
 Phi-3-mini's 2047; Mistral-7B-v0.3 sets none). Qwen2/Qwen3 configs ship ``use_sliding_window: false``.
-The catalogue has no hybrid linear-attention family (no Mamba/gated-delta-net layers, no gpt-oss or Gemma-3), so no
-recurrent state is modelled.
+Gemma-3 (``gemma3_text``) and Cohere2 slide on the layers their ``layer_types`` marks "sliding_attention"
+(``DynamicCache`` gives those layers a ``DynamicSlidingWindowLayer``, ``cache_utils.py`` L1533-1538, L2050-2052).
+A hybrid's convolution layers (LFM2's ``layer_types`` "conv") hold no keys and values but a conv state
+(``LinearAttentionLayer.lazy_initialization``, cache_utils.py L1241-1249: zeros of ``[b, h, conv_L_cache]`` in the
+convolution input's dtype, made at the prefill, overwritten in place after; ``Lfm2ShortConv`` passes
+``conv_kernel_size = conv_L_cache``, modeling_lfm2.py L360-362), the same in a DynamicCache and a StaticCache
+(both map "conv" to ``LinearAttentionLayer``, L1532, L1548): ``h · conv_L_cache`` elements per sequence, whatever the
+context. Mamba and gated-delta-net recurrent states are not modelled (no such family).
 
 Tokens a layer holds in transformers' caches (``cache_utils.py``, 5.x):
 - ``DynamicLayer``: every token seen (``torch.cat`` each step);
@@ -38,6 +44,7 @@ class CacheLayout:
 
     tensors: tuple[tuple[int, int], ...]  # ((heads, width), ...): (k, d), (k, d) for K and V; (1, r), (1, rope) for MLA
     window: int | None  # tokens attended by a sliding layer; None for full attention
+    state_elements: int = 0  # elements per sequence, whatever the context: a convolution layer's conv state h·K
 
     def elements_per_token(self) -> int:
         return sum(heads * width for heads, width in self.tensors)
@@ -47,6 +54,8 @@ def layer_is_sliding(spec: ModelSpec, index: int) -> bool:
     """Whether decoder layer ``index`` attends within ``spec.sliding_window`` (module docstring)."""
     if not spec.sliding_window:
         return False
+    if spec.family in ("gemma3_text", "cohere2") and spec.layer_types:
+        return spec.layer_types[index] == "sliding_attention"
     if spec.family == "gemma2":
         return bool((index + 1) % 2)
     return spec.family in ("mistral", "mixtral", "phi3")
@@ -60,8 +69,16 @@ def layer_layouts(spec: ModelSpec, tp: int = 1) -> tuple[CacheLayout, ...]:
     else:
         heads = max(1, spec.num_kv_heads // tp)
         tensors = ((heads, spec.head_dim), (heads, spec.head_dim))
-    return tuple(CacheLayout(tensors, spec.sliding_window if layer_is_sliding(spec, i) else None)
+    conv = CacheLayout((), None, state_elements=spec.hidden_size * spec.conv_kernel)  # not split under tp
+    return tuple(conv if spec.layer_is_conv[i] else
+                 CacheLayout(tensors, spec.sliding_window if layer_is_sliding(spec, i) else None)
                  for i in range(spec.num_layers))
+
+
+def state_bytes_per_sequence(spec: ModelSpec, element_bytes: int = 2, tp: int = 1) -> int:
+    """Bytes of a hybrid's conv states per sequence, every convolution layer together, whatever the context (module
+    docstring); 0 for a model whose every layer attends. LFM2-1.2B, bf16: 10 layers · 2048 · 3 · 2 = 122,880 B."""
+    return sum(layout.state_elements for layout in layer_layouts(spec, tp)) * element_bytes
 
 
 def kv_bytes_per_token(spec: ModelSpec, element_bytes: int = 2, tp: int = 1) -> int:
@@ -96,6 +113,8 @@ def hf_cache_bytes(spec: ModelSpec, batch_size: int, tokens_seen: int, *, last_i
     for layout in layer_layouts(spec):
         held = hf_tokens_held(layout, tokens_seen, last_input=last_input, static_len=static_len)
         total += sum(round_up(batch_size * heads * held * width * element_bytes) for heads, width in layout.tensors)
+        if layout.state_elements:  # a convolution layer's [b, h, K] conv state
+            total += round_up(batch_size * layout.state_elements * element_bytes)
     return total
 
 
@@ -107,7 +126,8 @@ def hf_largest_layer_tensor_bytes(spec: ModelSpec, batch_size: int, tokens: int,
     for layout in layer_layouts(spec):
         held = tokens if layout.window is None else min(tokens, layout.window)
         sizes = [round_up(batch_size * heads * held * width * element_bytes) for heads, width in layout.tensors]
-        best = max(best, max(sizes) if layout.window is None else sum(sizes))
+        if sizes:  # (a convolution layer's state is updated in place)
+            best = max(best, max(sizes) if layout.window is None else sum(sizes))
     return best
 
 
@@ -129,5 +149,5 @@ def paged_bytes_per_request(spec: ModelSpec, context: int, *, element_bytes: int
     total = 0
     for layout in layer_layouts(spec, tp):
         held = tokens["full"] if layout.window is None else tokens["sliding"]
-        total += layout.elements_per_token() * held * element_bytes
+        total += layout.elements_per_token() * held * element_bytes + layout.state_elements * element_bytes
     return total

@@ -185,10 +185,12 @@ def _gpu_decisions(state: dict):
 
 
 def cache_storage_bytes(cache, round_to: int) -> int:
-    """Storage bytes (rounded as the tracker rounds) of every layer's keys and values, each storage once."""
+    """Storage bytes (rounded as the tracker rounds) of every layer's keys and values, and a hybrid's conv states
+    (``LinearAttentionLayer.conv_states``), each storage once."""
     seen = {}
     for layer in getattr(cache, "layers", []):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        states = tuple((getattr(layer, "conv_states", None) or {}).values())
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None), *states):
             if tensor is not None and hasattr(tensor, "untyped_storage"):
                 storage = tensor.untyped_storage()
                 seen[id(storage)] = -(-storage.nbytes() // round_to) * round_to if storage.nbytes() else 0
@@ -247,10 +249,21 @@ def run_inference_trace(spec: ModelSpec, *, batch_size: int, prompt_len: int, ne
                 tracker.retag(tensor, InferenceTerm.KV_CACHE)
         return out
 
+    original_conv_update = getattr(cache_utils.Cache, "update_conv_state", None)
+
+    def update_conv_state(self, conv_states, layer_idx, *args, **kwargs):  # a hybrid's conv state is cache too
+        out = original_conv_update(self, conv_states, layer_idx, *args, **kwargs)
+        for tensor in (self.layers[layer_idx].conv_states or {}).values():
+            if tensor is not None:
+                tracker.retag(tensor, InferenceTerm.KV_CACHE)
+        return out
+
     hooks = [decoder.register_forward_pre_hook(decoder_pre_hook, with_kwargs=True),
              decoder.register_forward_hook(decoder_hook, with_kwargs=True),
              model.get_output_embeddings().register_forward_pre_hook(head_pre_hook)]
     cache_utils.Cache.update = update
+    if original_conv_update is not None:
+        cache_utils.Cache.update_conv_state = update_conv_state
     implementation = "static" if cache is HfCache.STATIC else None
     try:
         with fake_mode:
@@ -267,6 +280,8 @@ def run_inference_trace(spec: ModelSpec, *, batch_size: int, prompt_len: int, ne
             del output
     finally:
         cache_utils.Cache.update = original_update
+        if original_conv_update is not None:
+            cache_utils.Cache.update_conv_state = original_conv_update
         for hook in hooks:
             hook.remove()
     return InferenceTraceResult(

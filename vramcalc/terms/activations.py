@@ -60,6 +60,7 @@ from ..model import ModelSpec, cached_field_hash, state_without_hash
 from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Method, Precision
 from ..units import DType, select
 from .layouts import ParallelBlockWalk, residual_bytes
+from .short_conv import ShortConvWalk
 from . import stack_layers
 from .stack_layers import HF as HF_LAYERS
 from .stack_layers import StackLayers
@@ -154,7 +155,7 @@ class LinearUse(NamedTuple):
     quantized: bool
 
 
-class _LayerWalk(ParallelBlockWalk):
+class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
     """Accumulates the saved bytes of one decoder layer for one token, following dtypes and requires_grad."""
 
     def __init__(self, model: ModelSpec, layer: LayerSetup, masked: bool, layer_requires_grad: bool = True):
@@ -323,7 +324,10 @@ class _LayerWalk(ParallelBlockWalk):
         # the layer input: r, or fp32 after the first layer under QLoRA in LayerNorm layouts (``residual_bytes``)
         self._x_in = residual_bytes(m, self.layer) if self.grad else self.dt.r
         n = self.norm(m.hidden_size, self._x_in) if m.traits.pre_norms else self.dt.r
-        out = self._mla(n) if m.traits.mla else self._attention(n)
+        if self.conv:  # a hybrid's convolution layer (short_conv.py)
+            out = self.short_conv(n)
+        else:
+            out = self._mla(n) if m.traits.mla else self._attention(n)
         if m.traits.post_norms:
             self.norm(m.hidden_size, out)  # post_attention_layernorm on the attention output
 
@@ -607,10 +611,17 @@ def layer_masks(model: ModelSpec, masked: bool) -> tuple[bool, ...]:
     (``create_sliding_window_causal_mask`` and ``create_causal_mask``, transformers 5.25 modeling_gemma3.py L527-534,
     modeling_cohere2.py L387-390; Llama-4's chunked layers likewise get ``create_chunked_causal_mask``): at a sequence
     reaching the window only the windowed one exists (masking_utils.py L356; the full one is skipped for SDPA's
-    is_causal), so only the sliding or chunked layers are masked."""
+    is_causal), so only the sliding or chunked layers are masked. A hybrid's convolution layers (``layer_types``
+    "conv": LFM2) have no attention and get no 4-D mask (``layer_operators``)."""
     if len(set(model.layer_types)) < 2:
         return (masked,) * model.num_layers
-    return tuple(masked and kind != "full_attention" for kind in model.layer_types)
+    return tuple(masked and kind not in ("full_attention", "conv") for kind in model.layer_types)
+
+
+def layer_operators(model: ModelSpec) -> tuple[bool, ...]:
+    """Per decoder layer, whether its token mixer is a short convolution (``ModelSpec.layer_is_conv``: LFM2's "conv"
+    layers) rather than attention: the third part of a layer's kind (moe, masked, conv) beside ``layer_masks``."""
+    return model.layer_is_conv
 
 
 def attention_masked(model: ModelSpec, seq_len, attn_used: Attention, packing: bool, sequences=2):
@@ -641,20 +652,23 @@ def checkpoint_mode(grad_ckpt) -> GradCkpt:
 
 @functools.lru_cache(maxsize=4096)
 def layer_saved(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = False,
-                requires_grad: bool = True) -> Saved:
+                requires_grad: bool = True, conv: bool = False) -> Saved:
     """Saved bytes of one decoder layer (dense or MoE), without checkpointing: the attention block's then the MLP's
-    (the walk in the module docstring). ``requires_grad``: whether the layer's input needs a gradient."""
+    (the walk in the module docstring). ``requires_grad``: whether the layer's input needs a gradient; ``conv``: a
+    hybrid's convolution layer in place of attention (``short_conv.py``)."""
     walk = _LayerWalk(model, layer, masked, layer_requires_grad=requires_grad)
+    walk.conv = conv
     walk.attention_block()
     walk.mlp_block(moe)
     return walk.result()
 
 
 @functools.lru_cache(maxsize=4096)
-def layer_cache(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = False) -> Saved:
+def layer_cache(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = False, conv: bool = False) -> Saved:
     """What ``--grad-ckpt selective`` caches for one layer: the outputs of its matmul and attention ops (computed
     whether or not a gradient flows: the policy saves by op, ``tracing/step.py::selective_policy``)."""
     walk = _LayerWalk(model, layer, masked)
+    walk.conv = conv
     walk.attention_block()
     walk.mlp_block(moe)
     return walk.cache()
@@ -670,15 +684,17 @@ class BackwardFreed(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4096)
-def backward_freed(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = False) -> BackwardFreed:
+def backward_freed(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = False,
+                   conv: bool = False) -> BackwardFreed:
     """What a decoder layer's backward has freed when its MLP's and its attention's transients peak: autograd frees
     a node's saved tensors once the node has run (torch ``Node::release_variables``), and the nodes run in reverse
     order of creation (``engine.cpp``, highest sequence number first). The MLP: ``down(act(gate) * up)``: down's
     backward runs first and frees its saved input before ``MulBackward0`` makes its two [T, I] gradients. Eager
     attention (transformers ``eager_attention_forward``): o_proj's backward, then ``probs @ v``'s, free o_proj's
     input, the cast probabilities and v before ``_softmax_backward_data`` runs. Zero where the walk does not model
-    the order (MoE experts, parallel blocks, MLA, fused kernels)."""
+    the order (MoE experts, parallel blocks, MLA, fused kernels). ``conv``: a hybrid's convolution layer."""
     walk = _LayerWalk(model, layer, masked)
+    walk.conv = conv
     walk.attention_block()
     walk.mlp_block(moe)
     return BackwardFreed(Saved(per_token=walk.mlp_freed_token), walk.attention_freed, walk.eager_softmax,
@@ -686,12 +702,40 @@ def backward_freed(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool 
 
 
 @functools.lru_cache(maxsize=4096)
-def attention_saved(model: ModelSpec, layer: LayerSetup, masked: bool = False) -> Saved:
-    """Saved bytes of a decoder layer's attention block alone: what the layer's backward still holds once its MLP's
-    backward is done (the MLP runs last in forward, first in backward)."""
+def attention_saved(model: ModelSpec, layer: LayerSetup, masked: bool = False, conv: bool = False) -> Saved:
+    """Saved bytes of a decoder layer's attention block (or a hybrid's convolution block) alone: what the layer's
+    backward still holds once its MLP's backward is done (the MLP runs last in forward, first in backward)."""
     walk = _LayerWalk(model, layer, masked)
+    walk.conv = conv
     walk.attention_block()
     return walk.result()
+
+
+@functools.lru_cache(maxsize=4096)
+def passes_gradient(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = False, conv: bool = False) -> bool:
+    """Whether a layer whose input needs no gradient hands the next layer one: it has a trained or adapted module
+    (a hybrid's convolution layer under LoRA on q and v has none)."""
+    walk = _LayerWalk(model, layer, masked, layer_requires_grad=False)
+    walk.conv = conv
+    walk.attention_block()
+    walk.mlp_block(moe)
+    return walk.grad
+
+
+def gradless_layers_saved(model: ModelSpec, layer: LayerSetup, masks: tuple[bool, ...]) -> Saved:
+    """Without checkpointing, a hybrid's leading layers that pass no gradient (``passes_gradient``: LFM2's first
+    convolution layers under LoRA on q and v) leave the next layers' inputs without one too, so those save only
+    what their own adapters need: the difference from ``layer_saved`` with a gradient, which ``model_saved``
+    counts for every layer after the first, for each such layer after the first."""
+    total = Saved()
+    kinds = list(zip(model.layer_is_moe, masks, model.layer_is_conv))
+    for index in range(1, model.num_layers):
+        if passes_gradient(model, layer, *kinds[index - 1]):
+            break
+        moe, masked, conv = kinds[index]
+        total += layer_saved(model, layer, moe, masked, False, conv) + layer_saved(model, layer, moe, masked,
+                                                                                    True, conv) * -1
+    return total
 
 
 def first_layer_needs_grad(method: Method) -> bool:
@@ -754,7 +798,8 @@ def head_saved(model: ModelSpec, layer: LayerSetup) -> Saved:
     return walk.result()
 
 
-def layer_kept(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, moe: bool, masked: bool = False) -> Saved:
+def layer_kept(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, moe: bool, masked: bool = False,
+               conv: bool = False) -> Saved:
     """What one layer keeps on the device from forward to its backward: its saved tensors, or under HF gradient
     checkpointing (non-reentrant, transformers ``GradientCheckpointingLayer``) only its input hidden states (r·h per
     token), plus under selective checkpointing its cache (``layer_cache``). With ``--activation-offload`` the saved
@@ -762,14 +807,15 @@ def layer_kept(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, moe: bool, 
     a saved tensor and stays."""
     mode = checkpoint_mode(grad_ckpt)
     if not mode:
-        return Saved() if layer.offload else layer_saved(model, layer, moe, masked)
+        return Saved() if layer.offload else layer_saved(model, layer, moe, masked, conv=conv)
     kept = Saved() if layer.offload else Saved(per_token=residual_bytes(model, layer) * model.hidden_size)
     if mode is GradCkpt.SELECTIVE:
-        kept += layer_cache(model, layer, moe, masked)
+        kept += layer_cache(model, layer, moe, masked, conv)
     return kept
 
 
-def layer_recomputed(model: ModelSpec, layer: LayerSetup, grad_ckpt, moe: bool, masked: bool = False) -> Saved:
+def layer_recomputed(model: ModelSpec, layer: LayerSetup, grad_ckpt, moe: bool, masked: bool = False,
+                     conv: bool = False) -> Saved:
     """What a layer's backward holds beside what the layer kept (``layer_kept``), once its MLP's backward starts:
     nothing without checkpointing; its recomputed saved tensors under full checkpointing; under selective the saved
     tensors minus the cache (``layer_saved - layer_cache``: the cache's entries are given to the recompute, which
@@ -777,9 +823,9 @@ def layer_recomputed(model: ModelSpec, layer: LayerSetup, grad_ckpt, moe: bool, 
     mode = checkpoint_mode(grad_ckpt)
     if not mode:
         return Saved()
-    saved = layer_saved(model, layer, moe, masked)
+    saved = layer_saved(model, layer, moe, masked, conv=conv)
     if mode is GradCkpt.SELECTIVE:
-        saved += layer_cache(model, layer, moe, masked) * -1
+        saved += layer_cache(model, layer, moe, masked, conv) * -1
     if layer.offload:
         saved += Saved(per_token=layer.dtypes.r * model.hidden_size)
     elif _norm_saves_checkpoint(model, layer):  # the recomputed input norm saves the checkpointed input itself
@@ -797,17 +843,18 @@ def _norm_saves_checkpoint(model: ModelSpec, layer: LayerSetup) -> bool:
             and layer.layers.rotary_per_forward)
 
 
-def attention_left(model: ModelSpec, layer: LayerSetup, grad_ckpt, moe: bool, masked: bool = False) -> Saved:
+def attention_left(model: ModelSpec, layer: LayerSetup, grad_ckpt, moe: bool, masked: bool = False,
+                   conv: bool = False) -> Saved:
     """What a layer's backward holds beside what the layer kept, once its MLP's backward is done: the attention
     block's saved tensors (recomputed under checkpointing), i.e. without checkpointing ``attention - kept`` (the MLP's
     saved tensors are freed), under full checkpointing ``attention``, under selective ``attention - layer_cache``.
     With offload and no checkpointing nothing is kept, and backward brings each node's tensors back as it runs."""
     mode = checkpoint_mode(grad_ckpt)
-    attention = attention_saved(model, layer, masked)
+    attention = attention_saved(model, layer, masked, conv)
     if not mode:
-        return Saved() if layer.offload else attention + layer_saved(model, layer, moe, masked) * -1
+        return Saved() if layer.offload else attention + layer_saved(model, layer, moe, masked, conv=conv) * -1
     if mode is GradCkpt.SELECTIVE:
-        attention += layer_cache(model, layer, moe, masked) * -1
+        attention += layer_cache(model, layer, moe, masked, conv) * -1
     if layer.offload:
         attention += Saved(per_token=layer.dtypes.r * model.hidden_size)
     return attention
@@ -839,6 +886,7 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     first_moe = model.is_moe_layer(0)
     masks = layer_masks(model, masked)
     masked = masks[0]  # the first layer's
+    first_conv = model.layer_is_conv[0]
     if layer.offload and not grad_ckpt and layer.layers.rotary_per_forward and not model.traits.rope_copies_per_layer:
         # the rotary cos and sin are saved by the layers' RoPE products only: offloaded, the device copies die
         rope = _F32 if model.traits.rope_fp32 else layer.dtypes.r
@@ -849,12 +897,15 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
         # that requires grad: autograd's AccumulateGrad node holds it on the device, offloaded or not, and beside
         # the first layer's input when that is a scaled copy (granite: ``inputs_embeds * embedding_multiplier``)
         first = Saved(per_token=layer.dtypes.r * model.hidden_size) + layer_kept(model, layer, grad_ckpt, first_moe,
-                                                                                 masked)
+                                                                                 masked, first_conv)
     elif grad_ckpt or layer.offload:
-        first = layer_kept(model, layer, grad_ckpt, first_moe, masked)
+        first = layer_kept(model, layer, grad_ckpt, first_moe, masked, first_conv)
     else:
         stable = stack_layers.has_stable_embedding(layer.layers, layer.method)  # litgpt QLoRA: the embedding trains
-        first = layer_saved(model, layer, first_moe, masked, first_layer_needs_grad(layer.method) or stable)
+        first_grad = first_layer_needs_grad(layer.method) or stable
+        first = layer_saved(model, layer, first_moe, masked, first_grad, first_conv)
+        if model.num_conv_layers and not first_grad:
+            first += gradless_layers_saved(model, layer, masks)
     total += first
     if stack_layers.has_stable_embedding(layer.layers, layer.method):
         total += Saved(per_token=stack_layers.stable_embedding_saved_per_token(model, layer.dtypes.r))
@@ -867,10 +918,11 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
         total += Saved(per_token=-nope * (_F32 * (a + k) * d + _F32 * (a + k)))
     if grad_ckpt and not layer.offload:  # the first layer's input is the embedding's r bytes (layouts.residual_bytes)
         total += Saved(per_token=(layer.dtypes.r - residual_bytes(model, layer)) * model.hidden_size)
-    # every other layer, by kind (dense or MoE, masked or not: ``layer_masks``)
-    counts: dict[tuple[bool, bool], int] = {}
-    for kind in zip(model.layer_is_moe[1:], masks[1:]):
+    # every other layer, by kind (dense or MoE, masked or not: ``layer_masks``, attention or convolution:
+    # ``layer_operators``)
+    counts: dict[tuple[bool, bool, bool], int] = {}
+    for kind in zip(model.layer_is_moe[1:], masks[1:], layer_operators(model)[1:]):
         counts[kind] = counts.get(kind, 0) + 1
-    for (moe, layer_masked), count in counts.items():
-        total += layer_kept(model, layer, grad_ckpt, moe, layer_masked) * count
+    for (moe, layer_masked, conv), count in counts.items():
+        total += layer_kept(model, layer, grad_ckpt, moe, layer_masked, conv) * count
     return total

@@ -255,7 +255,10 @@ def _unit(tensors: list[tuple[StoredTensor, int]], n: int, half_bytes: int | Non
 def _layer_tensors(spec: ModelSpec, tensors, moe: bool) -> list[tuple[StoredTensor, int]]:
     layers = {"layer": spec.num_layers, "dense": spec.num_dense_layers, "moe": spec.num_moe_layers}
     wanted = ("layer", "moe" if moe else "dense")
-    return [(t, t.count // layers[t.scope]) for t in tensors
+    # a tensor of only some layers (a hybrid's attention or convolution tensors, ``ModelSpec.layer_is_conv``) counts
+    # once: the unit is then the union of both layer kinds, an upper bound on either (for every other tensor
+    # count = layers · k, exactly k)
+    return [(t, -(-t.count // layers[t.scope])) for t in tensors
             if t.scope in wanted and layers[t.scope]]
 
 

@@ -174,12 +174,19 @@ def _ernie4_5_config(spec: ModelSpec, fields: dict) -> dict:
     return dict(fields, head_dim=spec.head_dim, use_bias=spec.qkv_bias)
 
 
+def _lfm2_config(spec: ModelSpec, fields: dict) -> dict:
+    types = list(spec.layer_types) or ["full_attention"] * spec.num_layers
+    return dict(fields, head_dim=spec.head_dim, layer_types=types, conv_L_cache=spec.conv_kernel or 3,
+                conv_bias=spec.conv_bias, block_auto_adjust_ff_dim=False)  # the spec's width is Lfm2MLP's own
+
+
 # model_type -> the config keys of the families whose layout is not Llama's (phi, gpt_neox, falcon, gemma, starcoder2,
 # gemma3_text, glm4, cohere2, ernie4_5, qwen2_moe, deepseek_v2, gpt_oss, llama4_text)
 _LAYOUT_CONFIG = {"phi": _phi_config, "gpt_neox": _gpt_neox_config, "falcon": _falcon_config, "gemma": _gemma_config,
                   "starcoder2": _starcoder2_config, "gemma3_text": _gemma3_text_config, "glm4": _glm4_config,
                   "cohere2": _cohere2_config, "ernie4_5": _ernie4_5_config, "qwen2_moe": _qwen2_moe_config,
-                  "deepseek_v2": _deepseek_v2_config, "gpt_oss": _gpt_oss_config, "llama4_text": _llama4_text_config}
+                  "deepseek_v2": _deepseek_v2_config, "gpt_oss": _gpt_oss_config, "llama4_text": _llama4_text_config,
+                  "lfm2": _lfm2_config}
 
 
 @contextlib.contextmanager
