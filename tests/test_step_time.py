@@ -435,3 +435,86 @@ def test_fsdp_hides_its_forward_gathers_under_the_forward_and_the_rest_under_the
     assert work.comm_forward_s == pytest.approx(gather_s) and work.comm_s == pytest.approx(3 * gather_s)
     compute_s = t.step_s - t.exposed_comm_s
     assert t.exposed_comm_s == pytest.approx(3 * gather_s - compute_s)  # both phases' compute fully used
+
+
+# -- transformers' --tp in the step (vramcalc.cost.step_for on terms.tensor_parallel.rank_view) -----------------------
+# llama-3.1-8b full fine-tuning, defaults: b 1, s 2048 (T = 2048 tokens), bf16 (c = 2 bytes), no checkpointing.
+# transformers' plan all-reduces [T, h] L·(2 + 5) + 2 = 32·7 + 2 = 226 times per micro-batch (T·h·c = 2048·4096·2
+# = 16,777,216 B each) and all-gathers the [T, V] logits (2048·128256·2 = 525,336,576 B). A ring all-reduce sends
+# 2·(n-1)/n of its payload, an all-gather (n-1)/n (NCCL PERFORMANCE.md): per rank and step
+#   (n-1)/n · (2·226·16,777,216 + 525,336,576) = (n-1)/n · 8,108,638,208 B
+#   tp 2: 4,054,319,104 B; tp 8: 7,095,058,432 B.
+# Links (data/gpus.csv): H100 SXM NVLink 900 GB/s bidirectional = 450 per direction, PCIe Gen5 x16 64 GB/s; RTX 4090
+# PCIe Gen4 x16 32 GB/s; NCCL reaches 80% of it (step_time.NCCL_BUS_EFFICIENCY). Seconds = bytes / (GB/s·0.8·1e9):
+#   h100-sxm nvlink tp 2: 4,054,319,104 / 360e9 = 0.011262 s; tp 8: 7,095,058,432 / 360e9 = 0.019709 s
+#   h100-sxm pcie   tp 2: 4,054,319,104 / 51.2e9 = 0.079186 s
+#   rtx-4090 (pcie) tp 2: 4,054,319,104 / 25.6e9 = 0.158372 s
+TP_COMM_S_BY_HAND = {("h100-sxm", None, 2): 0.011262, ("h100-sxm", None, 8): 0.019709,
+                     ("h100-sxm", "pcie", 2): 0.079186, ("rtx-4090", None, 2): 0.158372}
+
+
+def _tp_details(gpu, tp_degree, interconnect=None, **options):
+    import vramcalc as vc
+
+    if tp_degree > 1:
+        options["tp"] = tp_degree
+    if interconnect:
+        options["interconnect"] = interconnect
+    return vc.estimate("llama-3.1-8b", gpu=gpu, **options).details
+
+
+@pytest.mark.parametrize("gpu,interconnect,tp", sorted(TP_COMM_S_BY_HAND, key=str))
+def test_tp_communication_time_is_the_traffic_over_the_node_link_by_hand(gpu, interconnect, tp):
+    details = _tp_details(gpu, tp, interconnect)
+    assert details["tp_communication_seconds_per_step"] == pytest.approx(TP_COMM_S_BY_HAND[gpu, interconnect, tp],
+                                                                         rel=1e-4)
+    # on the critical path: the step holds all of it, inside its exposed communication
+    assert details["step_breakdown_s"]["exposed_communication"] >= details["tp_communication_seconds_per_step"]
+
+
+def test_tp_communication_share_grows_with_tp_and_with_a_slower_link():
+    share = {}
+    for interconnect in (None, "pcie"):
+        for tp in (2, 4, 8):
+            d = _tp_details("h100-sxm", tp, interconnect)
+            share[interconnect, tp] = d["tp_communication_seconds_per_step"] / d["step_seconds"]
+        # bytes grow as (n-1)/n (1/2, 3/4, 7/8 of 8.1 GB) while each rank's compute shrinks towards 1/tp
+        assert share[interconnect, 2] < share[interconnect, 4] < share[interconnect, 8]
+    for tp in (2, 4, 8):  # same bytes, a 450/64 = 7x slower link: the share is several times NVLink's
+        assert share["pcie", tp] > 2.5 * share[None, tp]
+
+
+def test_tp_1_is_the_single_gpu_step_and_tp_splits_one_ranks_compute():
+    alone = _tp_details("h100-sxm", 1)
+    assert _tp_details("h100-sxm", 1, tp=1)["step_seconds"] == alone["step_seconds"]
+    assert "tp_communication_seconds_per_step" not in alone
+    two = _tp_details("h100-sxm", 2)
+    compute = two["step_seconds"] - two["tp_communication_seconds_per_step"]
+    # the layers' matmuls and attention halve, the norms, residual stream, logits and loss stay whole on each rank
+    assert alone["step_seconds"] / 2 < compute < alone["step_seconds"]
+
+
+def test_tp_rank_matmuls_are_exactly_half_the_model_at_tp_2():
+    # 7,504,658,432 matmul parameters (test_matmul_params_of_llama_3_1_8b_by_hand) of which lm_head 525,336,576: a rank
+    # holds half of q/k/v/o, gate/up/down (6,979,321,856 / 2 = 3,489,660,928) and computes lm_head's 128256/2 = 64128
+    # columns ("colwise_gather_output": 262,668,288); cost.matmul_params also counts the RMSNorm weights
+    # (32·2·4096 + 4096 = 266,240), whole on every rank: 3,752,595,456.
+    from vramcalc import cost
+    from vramcalc.catalogue import get_model
+    from vramcalc.terms.tensor_parallel import rank_spec
+
+    spec = get_model("llama-3.1-8b")
+    assert cost.tensor_parallel_shape(rank_spec(spec, 2), 2).matmul_params == 3_752_595_456
+    assert cost.tensor_parallel_shape(spec, 1) == cost.decoder_shape(spec)
+
+
+def test_tp_throughput_is_the_groups_times_dp_and_mfu_the_ranks_share():
+    details = _tp_details("h100-sxm", 2, num_gpus=4, sharding="fsdp")
+    # dp = 4 / 2 = 2 ranks, each with b·s = 2048 tokens per step
+    assert details["tokens_per_second"] == pytest.approx(2 * 2048 / details["step_seconds"])
+    assert details["tokens_per_second_per_gpu"] == pytest.approx(details["tokens_per_second"] / 4)
+    # PaLM model FLOPs per token of one rank: 6·3,752,595,456 (the rank's matmul parameters, previous test)
+    # + 3·2·32·16·2048·(128 + 128) (16 of the 32 heads) = 22,515,572,736 + 1,610,612,736 = 24,126,185,472, on its
+    # group's 2048 tokens; H100 SXM bf16 dense peak 989.4 TFLOP/s (data/gpus.csv)
+    rank_flops = 24_126_185_472 * 2048
+    assert details["mfu"] == pytest.approx(rank_flops / (details["step_seconds"] * 989.4e12), rel=1e-6)

@@ -42,6 +42,8 @@ from .profiles import profile_data
 from . import step_time as _step
 from .terms.distributed import Communication, communication_bytes_per_step
 from .terms.parameters import stored_tensors
+from .terms import tensor_parallel as _tp
+from .terms.activations import dtypes as _dtypes
 from .training_setup import ResolvedSetup, resolve_setup
 
 SECONDS_PER_HOUR = 3600
@@ -309,6 +311,24 @@ def decoder_shape(spec: ModelSpec) -> _step.DecoderShape:
                               qk_head_dim=spec.qk_head_dim, v_head_dim=spec.v_dim, total_params=spec.params)
 
 
+@functools.lru_cache(maxsize=256)
+def tensor_parallel_shape(spec: ModelSpec, tp: int) -> _step.DecoderShape:
+    """``decoder_shape`` of one tensor-parallel rank's slice (``spec`` is ``rank_spec``'s already): the lm_head's
+    ceil(V/T) columns in its matmul parameters, and the embedding's and lm_head's ceil(V/T) rows in the stored
+    parameters the optimizer steps (``terms.tensor_parallel.vocab_sharded``). tp 1: ``decoder_shape``."""
+    shape = decoder_shape(spec)
+    if tp == 1:
+        return shape
+    from dataclasses import replace
+
+    vocab, h = spec.vocab_size, spec.hidden_size
+    columns = _tp.vocab_rows(vocab, tp)
+    vocab_matrices = spec.inventory.numel(ParamKind.EMBEDDING, ParamKind.LM_HEAD)
+    stored = spec.params - vocab_matrices + vocab_matrices // vocab * columns
+    return replace(shape, lm_head_columns=columns, active_matmul_params=shape.matmul_params - (vocab - columns) * h,
+                   total_params=stored)
+
+
 @functools.lru_cache(maxsize=4096)
 def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes: int = 0) -> _step.StepTime | None:
     """One optimizer step of this setup on one GPU of ``gpu`` from its work (``vramcalc.step_time``), or None where
@@ -328,9 +348,21 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
     moves the same bytes (no change in work). Packing removes padding, and unpacked batches pad to their longest
     sequence, which depends on the dataset's lengths: the step counts every token of batch x seq_len in both cases
     (padding_fraction 0).
+
+    ``--tp T``: ``spec`` and ``resolved`` are one rank's (``terms.tensor_parallel.rank_view``, as ``estimate`` passes
+    them): a/T heads, k/T key/value heads, an MLP of I/T, so the layers' matmuls and attention are the rank's 1/T;
+    the lm_head computes its ceil(V/T) columns (``tensor_parallel_shape``) while the norms, residual adds, the
+    gathered [b, s, V] logits and the loss are whole on every rank; tokens are the group's (each rank computes every
+    token of its data-parallel rank). The group's collectives (``terms.tensor_parallel.tensor_parallel_traffic``, the
+    byte count ``details`` reports) run on the TP group's ring (``link_plan`` over T GPUs: the node link inside a node)
+    with no overlap (``step_time.TENSOR_PARALLEL_OVERLAP``).
     """
     setup = resolved.setup
     links = checked_link_plan(gpu, setup)
+    tp = _tp.tp_degree(resolved)
+    tp_links = checked_link_plan(gpu, setup, tp) if tp > 1 else None
+    if tp > 1 and tp_links is None:
+        return None
     if setup.offload is not Offload.NONE:
         return None
     dtype = matmul_dtype(resolved)
@@ -346,7 +378,7 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
     if dp > 1 and links is None:
         return None
     link_gb_s = links.ring_gb_s if dp > 1 else 0.0
-    shape = decoder_shape(spec)
+    shape = tensor_parallel_shape(spec, tp)
     lora = setup.method.uses_lora
     paged_s = 2 * paged_bytes / (gpu.pcie_gb_s * GB_PER_S) if paged_bytes and gpu.pcie_gb_s else 0.0
     work_setup = _step.StepSetup(
@@ -361,7 +393,9 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
         attention_kernel="eager" if resolved.attn_used is Attention.EAGER else "flash",
         activation_offload=bool(setup.activation_offload), pcie_gb_s=float(gpu.pcie_gb_s or 0.0),
         lora_linears=lora_linears(spec, resolved) if lora else (), lora_rank=setup.lora_rank if lora else 0,
-        lora_dropout=lora and setup.lora_dropout > 0, adapter_bytes=4.0 if setup.adapter_dtype.value == "fp32" else 2.0)
+        lora_dropout=lora and setup.lora_dropout > 0, adapter_bytes=4.0 if setup.adapter_dtype.value == "fp32" else 2.0,
+        tp_comm_bytes=float(_tp.tensor_parallel_traffic(spec, resolved, _dtypes(
+            setup.method, setup.precision, setup.adapter_dtype).c).total_bytes) if tp > 1 else 0.0)
     if setup.device_map.value == "auto":  # one GPU computes at a time; the hidden state crosses each boundary
         from dataclasses import replace
 
@@ -375,7 +409,7 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
             work_setup.tokens, spec.hidden_size, pipeline_boundaries(spec, resolved), link_gb_s,
             recompute_forwards=_step.RECOMPUTE_BY_MODE[setup.grad_ckpt.value][0]))
     work = _step.step_work(shape, work_setup, matmul_tflops=mm.tflops, fp8_matmul_tflops=fp8.tflops if fp8 else None,
-                           dp_link_gb_s=link_gb_s)
+                           dp_link_gb_s=link_gb_s, tp_link_gb_s=tp_links.ring_gb_s if tp_links else 0.0)
     return _step.step_time(work, _step.StepRates(mm.tflops, attn.tflops, gpu.bandwidth_gb_s, peak / TFLOPS,
                                                  attention_backward_tflops=_step.attention_backward_tflops(attn)))
 
@@ -388,11 +422,17 @@ def step_details(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_b
     if step is None:
         return {}
     setup = resolved.setup
-    ranks = setup.num_gpus if setup.sharding is not Sharding.NONE else 1
+    ranks = setup.num_gpus if setup.sharding is not Sharding.NONE else 1  # --tp: the data-parallel ranks (rank_view)
+    tp = _tp.tp_degree(resolved)
     per_gpu = step.tokens_per_s * setup.seq_len / setup.padded_seq_len  # dataset tokens (prompt tuning's are extra)
     idle = setup.num_gpus if setup.device_map.value == "auto" else 1  # a naive pipeline: one GPU busy at a time
+    # --tp: each rank of a group computes all of the group's tokens, so per_gpu is the group's and a GPU's is 1/tp
     out = {"step_seconds": step.step_s, "tokens_per_second": per_gpu * ranks,
-           "tokens_per_second_per_gpu": per_gpu / idle, "mfu": step.mfu / idle, "step_breakdown_s": step.breakdown_s()}
+           "tokens_per_second_per_gpu": per_gpu / idle / tp, "mfu": step.mfu / idle,
+           "step_breakdown_s": step.breakdown_s()}
+    if tp > 1:  # the group's collectives, all on the critical path (part of exposed_communication)
+        out["tp_communication_seconds_per_step"] = step.tensor_parallel_comm_s
+        out["tp_interconnect"] = checked_link_plan(gpu, setup, tp).to_dict()
     links = checked_link_plan(gpu, setup)
     if ranks > 1 and links is not None:  # the links the ring ran on and the share of the step left exposed
         out["interconnect"] = links.to_dict()
@@ -414,7 +454,7 @@ def step_or_profile_utilisation(spec: ModelSpec, resolved: ResolvedSetup, gpu: G
     step = step_for(spec, resolved, gpu, paged_bytes)
     if step is None:
         return None, job_utilisation(gpu, setup.method)
-    per_gpu = step.tokens_per_s * setup.seq_len / setup.padded_seq_len
+    per_gpu = step.tokens_per_s * setup.seq_len / setup.padded_seq_len / _tp.tp_degree(resolved)
     return 1.0 / per_gpu, Utilisation(step.mfu, "step-time model (vramcalc/step_time.py, data/achievable_rates.csv)")
 
 
@@ -577,13 +617,15 @@ def link_plan(gpu: GpuSpec, ranks: int, interconnect: Interconnect | str | None 
     return LinkPlan(node_link, node_gb_s, gpus_per_node, network.value, nic_gb_s, nics, max(int(ranks), 1), origin)
 
 
-def checked_link_plan(gpu: GpuSpec, setup) -> LinkPlan | None:
-    """``link_plan`` for a setup: a link the user chose that the GPU lacks raises (bad input); a GPU the catalogue
-    gives no link figure gives None (no step-time model over several GPUs)."""
+def checked_link_plan(gpu: GpuSpec, setup, ranks: int | None = None) -> LinkPlan | None:
+    """``link_plan`` for a setup over ``ranks`` GPUs (None: ``setup.num_gpus``): a link the user chose that the GPU
+    lacks raises (bad input); a GPU the catalogue gives no link figure gives None (no step-time model over several
+    GPUs)."""
+    ranks = setup.num_gpus if ranks is None else ranks
     if setup.interconnect is Interconnect.NVLINK and not gpu.nvlink_bidir_gb_s:
-        link_plan(gpu, setup.num_gpus, setup.interconnect)  # raises the one-line error
+        link_plan(gpu, ranks, setup.interconnect)  # raises the one-line error
     try:
-        return link_plan(gpu, setup.num_gpus, setup.interconnect)
+        return link_plan(gpu, ranks, setup.interconnect)
     except VramcalcError:
         return None
 

@@ -26,7 +26,8 @@ either by arithmetic or by memory traffic, and the two kinds of kernel run one a
 * ``exposed_comm_s`` is the part of the collectives that compute does not hide (``exposed_comm_seconds``): each
   engine's data-parallel collectives behind the compute of the phase they run in
   (``DATA_PARALLEL_OVERLAP_BY_SHARDING``), on the ring's slowest link (``ring_bus_gb_s``; the links come from
-  ``vramcalc.cost.link_plan``).
+  ``vramcalc.cost.link_plan``), plus the tensor-parallel collectives whole (``TENSOR_PARALLEL_OVERLAP``: they sit
+  between dependent ops; transformers' ``--tp`` bytes arrive in ``StepSetup.tp_comm_bytes``).
 
 tokens/s = tokens in the step / step_s; MFU = model FLOPs / (step_s x datasheet dense peak) with the model FLOPs of
 PaLM (Chowdhery et al. 2022, App. B): 6·N·T + 12·L·a·d·s·T for full fine-tuning, without recomputation, attention
@@ -88,6 +89,12 @@ DATA_PARALLEL_OVERLAP_BY_SHARDING: dict[str, tuple[tuple[str, ...], float]] = {
     "zero1": ((), 0.0),
     "none": ((), 0.0),
 }
+# transformers' tp_plan (``--tp``; transformers 5.25.0 distributed/tensor_parallel.py, re-exported by
+# integrations/tensor_parallel.py) has no asynchronous TP: RowwiseParallel.transform_output_post_forward redistributes
+# o/down's Partial output to Replicate (:373-374, a functional all-reduce) and hands it to the residual add at once;
+# ColwiseParallel's DTensor input (:192) all-reduces its Partial gradient in backward before the norm's backward needs
+# it; lm_head's gathered logits (:211-212) feed the loss. Each collective sits between two dependent ops, so its whole
+# time adds to the step (Megatron-LM likewise: Shoeybi et al. 2019 §3, f and g are synchronous).
 TENSOR_PARALLEL_OVERLAP = 0.0
 ASYNC_TENSOR_PARALLEL_OVERLAP = 1.0
 ASYNC_TENSOR_PARALLEL_BACKWARD_OVERLAP = 0.0
@@ -461,6 +468,7 @@ class StepWork:
     comm_forward_s: float = 0.0
     backward_share: float | None = None
     serial_s: float = 0.0  # time nothing hides: blocking tensor-parallel collectives, paged-optimizer PCIe traffic
+    tensor_parallel_s: float = 0.0  # the tensor-parallel collectives' part of serial_s
     kernels: KernelCounts = KernelCounts()
     side_stream_s: float = 0.0  # copies on a side stream (activation offload): exposed past the compute only
     # The matmuls one by one (``linear_gemm``), each timed on the roofline; empty: matmul_flops at R_mm.
@@ -493,6 +501,7 @@ class StepTime:
     tokens_per_s: float  # this GPU's tokens per second
     mfu: float
     host_s: float = 0.0
+    tensor_parallel_comm_s: float = 0.0  # the tensor-parallel collectives' part of exposed_comm_s
 
     def breakdown_s(self) -> dict[str, float]:
         """The step's seconds by kind: matmul, attention, memory, host overhead, exposed communication (sum = step_s)."""
@@ -525,7 +534,7 @@ def step_time(work: StepWork, rates: StepRates) -> StepTime:
     exposed += work.serial_s + exposed_comm_seconds(work.side_stream_s, compute_s, ACTIVATION_OFFLOAD_OVERLAP)
     step_s = compute_s + exposed
     return StepTime(matmul_s, attention_s, memory_s, exposed, step_s, work.tokens / step_s,
-                    work.model_flops / (step_s * rates.peak_tflops * TFLOPS), host_s)
+                    work.model_flops / (step_s * rates.peak_tflops * TFLOPS), host_s, work.tensor_parallel_s)
 
 
 # -- a power cap below the board's TDP ----------------------------------------------------------------------------
@@ -718,6 +727,14 @@ class DecoderShape:
     # Every stored parameter (MoE: all experts, not the K a token uses): what the optimizer step streams and FSDP
     # gathers. None: the matmul parameters plus the embedding.
     total_params: int | None = None
+    # The lm_head output columns this GPU computes when they differ from the vocabulary: one rank of transformers'
+    # tensor-parallel plan ("colwise_gather_output": [h, ceil(V/T)] locally, then the [b, s, V] logits all-gathered,
+    # so the loss keeps vocab_size). None: vocab_size. ``active_matmul_params`` then counts these columns.
+    lm_head_columns: int | None = None
+
+    @property
+    def lm_head_width(self) -> int:
+        return self.lm_head_columns if self.lm_head_columns is not None else self.vocab_size
 
     @property
     def matmul_params(self) -> int:
@@ -753,6 +770,11 @@ class StepSetup:
     tp: int = 1
     cp: int = 1
     async_tp: bool = False
+    # Bytes one rank sends per step in a transformers ``tp_plan`` group (``terms.tensor_parallel``'s traffic, which the
+    # caller computes on the rank's slice: shape and tokens are then one rank's, tp stays 1), on ``tp_link_gb_s``.
+    # They sit on the critical path (``TENSOR_PARALLEL_OVERLAP``); the ``tp`` field above is the Megatron-style
+    # count of ``tensor_parallel_bytes`` (torchtitan, Megatron-LM rows of benchmarks/throughput.py).
+    tp_comm_bytes: float = 0.0
     param_bytes_on_wire: float = BF16_BYTES  # FSDP all-gather dtype
     grad_bytes_on_wire: float = BF16_BYTES  # reduce dtype
     serial_extra_s: float = 0.0  # e.g. paged optimizer states over PCIe (caller computes it)
@@ -796,7 +818,7 @@ def decoder_gemms(shape: DecoderShape, setup: StepSetup, *, recompute_forwards: 
     h, q_w = shape.hidden_size, shape.num_heads * shape.head_dim
     kv_w, inter = shape.num_kv_heads * shape.head_dim, shape.intermediate_size
     dense = dense_matmul_params(h, shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.head_dim, inter,
-                                shape.vocab_size)
+                                shape.vocab_size) - (shape.vocab_size - shape.lm_head_width) * h
     if abs(shape.matmul_params / dense - 1.0) > DENSE_LAYOUT_TOLERANCE:
         return None
     tp, mb = setup.tp, setup.micro_batches
@@ -806,7 +828,7 @@ def decoder_gemms(shape: DecoderShape, setup: StepSetup, *, recompute_forwards: 
     linears = [(h, q_w / tp), (h, kv_w / tp), (h, kv_w / tp), (q_w / tp, h), (h, inter / tp), (h, inter / tp),
                (inter / tp, h)]
     gemms = [linear_gemm(m, k, n, base_calls, in_bytes=in_b, rate_ratio=ratio) for k, n in linears]
-    gemms.append(linear_gemm(m, h, shape.vocab_size / tp, (1.0 + (2.0 if setup.train_base else 1.0)) * mb))
+    gemms.append(linear_gemm(m, h, shape.lm_head_width / tp, (1.0 + (2.0 if setup.train_base else 1.0)) * mb))
     a = setup.adapter_bytes
     lora_calls = (3.0 + recompute_forwards) * mb
     for k, n, count in setup.lora_linears:
@@ -830,7 +852,7 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     s, t = setup.seq_len, setup.tokens
     split = setup.tp * setup.cp
     n_mm = shape.matmul_params
-    n_linear = n_mm - shape.vocab_size * shape.hidden_size  # the decoder's linears, without the lm_head
+    n_linear = n_mm - shape.lm_head_width * shape.hidden_size  # the decoder's linears, without the lm_head
     flops = matmul_flops(n_mm, t, train_base=setup.train_base, n_adapter_params=setup.adapter_params,
                          recompute_forwards=rc_mm)
     # the forward passes' share of the matmuls; the rest (input and weight gradients, recomputation) runs in backward
@@ -892,6 +914,11 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
                       + (1.0 - forward_share) * ASYNC_TENSOR_PARALLEL_BACKWARD_OVERLAP)
     else:
         tp_overlap = TENSOR_PARALLEL_OVERLAP
+    if setup.tp_comm_bytes and not tp_link_gb_s:
+        raise ValueError("tp_comm_bytes needs tp_link_gb_s")
+    # transformers' tp_plan: no async TP, every collective between dependent ops (``TENSOR_PARALLEL_OVERLAP``)
+    tp_exposed_s = (tp_s * (1 - tp_overlap)
+                    + comm_seconds(setup.tp_comm_bytes, tp_link_gb_s) * (1 - TENSOR_PARALLEL_OVERLAP))
     model = model_flops(n_mm, t, shape.num_layers, shape.num_heads, qk_d, v_d, s,
                         train_base=setup.train_base, n_adapter_params=setup.adapter_params)
     kernels = kernel_counts(shape.num_layers, micro_batches=setup.micro_batches, fused=setup.fused_elementwise,
@@ -910,6 +937,6 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     return StepWork(tokens=counted / split, matmul_flops=flops / split, attention_flops=attn / split,
                     memory_bytes=nbytes, model_flops=model * (1.0 - setup.padding_fraction) / split, comm_s=dp_s,
                     comm_overlap=dp_overlap, comm_forward_s=dp_forward_s, backward_share=backward_share,
-                    serial_s=tp_s * (1 - tp_overlap) + setup.serial_extra_s + dp_after_s,
+                    serial_s=tp_exposed_s + setup.serial_extra_s + dp_after_s, tensor_parallel_s=tp_exposed_s,
                     kernels=kernels, side_stream_s=side_s, gemms=gemms or (),
                     attention_backward_flops=attn_backward / split)
