@@ -98,17 +98,13 @@ def layer_weight_copies(model: ModelSpec, dt: Dtypes, method: Method, moe: bool,
     mlp_names = set(model.traits.mlp_names)
     down_name = model.traits.mlp_names[-1]
     whole = down = mlp = o = 0
+    uncast = ("lora_embedding_A",) + VECTOR_ADAPTERS + SLICED_PROJECTIONS + CACHED_ONLY_ADAPTERS
     for t in tensors:
-        if t.scope not in scopes or t.bits != 32:
+        linear = t.kind == "linear" and t.name.endswith(".weight") and method is not Method.QLORA
+        adapter = t.kind == "adapter" and not t.name.endswith(uncast)
+        if t.scope not in scopes or t.bits != 32 or not (linear or adapter):
             continue
         module = t.name.split(".")[0]
-        if t.kind == "linear" and t.name.endswith(".weight") and method is not Method.QLORA:
-            pass
-        elif t.kind == "adapter" and not t.name.endswith(("lora_embedding_A",) + VECTOR_ADAPTERS + SLICED_PROJECTIONS
-                                                          + CACHED_ONLY_ADAPTERS):
-            pass
-        else:
-            continue
         nbytes = dt.c * t.numel
         whole += nbytes
         if module in mlp_names:
