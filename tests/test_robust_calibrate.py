@@ -328,7 +328,7 @@ def test_fit_only_onto_a_full_disk_is_one_line_and_leaves_no_partial_report(tmp_
     csv_path = _recorded_run(out, n=12)
     before = _snapshot(out)
     done = _run("--fit-only", "--out", str(out), "--no-install-profile", "--no-plot",
-                limit_file_bytes=csv_path.stat().st_size)
+                limit_file_bytes=min(csv_path.stat().st_size, 2048))  # (the report outgrows 2 KiB)
     assert done.returncode == 2 and "File too large" in _one_error_line(done.stderr)
     assert _snapshot(out) == before
 

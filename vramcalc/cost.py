@@ -399,14 +399,15 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
     if setup.device_map.value == "auto":  # one GPU computes at a time; the hidden state crosses each boundary
         from dataclasses import replace
 
-        from .device_map_step import pipeline_boundaries
+        from .terms import device_map as _dm
 
         try:
             _, link_gb_s = ring_link(gpu, 2)  # neighbouring GPUs of one box
         except VramcalcError:
             return None
         work_setup = replace(work_setup, serial_extra_s=work_setup.serial_extra_s + _step.pipeline_transfer_seconds(
-            work_setup.tokens, spec.hidden_size, pipeline_boundaries(spec, resolved), link_gb_s,
+            work_setup.tokens, spec.hidden_size, _dm.pipeline_boundaries(_dm.placement(
+                spec, setup.precision, _dm.method_quant(setup.method, setup.quant), setup.num_gpus)), link_gb_s,
             recompute_forwards=_step.RECOMPUTE_BY_MODE[setup.grad_ckpt.value][0]))
     work = _step.step_work(shape, work_setup, matmul_tflops=mm.tflops, fp8_matmul_tflops=fp8.tflops if fp8 else None,
                            dp_link_gb_s=link_gb_s, tp_link_gb_s=tp_links.ring_gb_s if tp_links else 0.0)

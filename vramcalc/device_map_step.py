@@ -26,6 +26,7 @@ from .model import ModelSpec
 from .options import Method, Phase, Term
 from .terms import activations, adapters, logits, parameters, quantized, states, temporaries
 from .terms import device_map as dm
+from .step_moment import Moment, layer_setup
 from .training_setup import ResolvedSetup
 from .units import maximum
 
@@ -38,8 +39,6 @@ def _placement(spec: ModelSpec, resolved: ResolvedSetup) -> dm.Placement:
 @functools.lru_cache(maxsize=1024)
 def gpu_peaks(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[dm.GpuPeak, ...]:
     """Every GPU's largest moment (see the module docstring)."""
-    from .estimator import Moment, layer_setup
-
     setup = resolved.setup
     where = _placement(spec, resolved)
     b, s = setup.batch_size, setup.padded_seq_len
@@ -129,13 +128,6 @@ def gpu_peaks(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[dm.GpuPeak, ...
                  (Term.LOGITS, peak.logits), (Term.TEMPORARIES, peak.temporaries))
         out.append(dm.GpuPeak(gpu, mine, peak.phase.value, terms, transfer if peak.activations else 0))
     return tuple(out)
-
-
-def pipeline_boundaries(spec: ModelSpec, resolved: ResolvedSetup) -> int:
-    """How many times the hidden state changes GPU on its way embed_tokens -> layers -> norm -> lm_head."""
-    where = _placement(spec, resolved)
-    chain = (where.embed, *where.layers, where.norm, where.head)
-    return sum(a != b for a, b in zip(chain, chain[1:]))
 
 
 def device_map_details(spec: ModelSpec, resolved: ResolvedSetup) -> dict:

@@ -297,7 +297,10 @@ def _with_vision(spec: ModelSpec, config: dict) -> ModelSpec:
     ties by (checked on meta-built SmolVLM and Gemma-3: the text_config's value is ignored)."""
     from .vision import vision_from_config, vlm_tied
 
-    vision = vision_from_config(config, spec.hidden_size)
+    try:
+        vision = vision_from_config(config, spec.hidden_size)
+    except VramcalcError as error:  # a tower transformers could build but not run (e.g. a pool that does not divide)
+        return dataclasses.replace(spec, notes=f"{spec.notes}; vision tower not counted: {error}".lstrip("; "))
     if vision is None:
         return spec
     notes = f"language model ({spec.family}) and vision tower of a {vision.family} config"

@@ -321,3 +321,9 @@ def transfer_copies_bytes(rope_per_position: int, positions, layers_elsewhere: i
     if checkpointed:
         return 0
     return layers_elsewhere * positions * rope_per_position
+
+
+def pipeline_boundaries(where: Placement) -> int:
+    """How many times the hidden state changes GPU on its way embed_tokens -> layers -> norm -> lm_head."""
+    chain = (where.embed, *where.layers, where.norm, where.head)
+    return sum(a != b for a, b in zip(chain, chain[1:]))

@@ -43,6 +43,13 @@ from ..options import Method, Vision
 from ..vision import VisionSpec, tiles_per_sample
 from .activations import SDPA_FLASH_MAX_HEAD_DIM, SEED_OFFSET_BYTES
 from .stored_tensor import StoredTensor
+from .. import facts
+
+
+def _adapter_bits(resolved) -> int:
+    """The adapters' element bits as peft casts them (``facts.adapter_bits``)."""
+    setup = resolved.setup
+    return facts.adapter_bits(setup.method, setup.precision, setup.adapter_dtype)
 
 _F32 = 4
 _INDEX = 8  # int64 position ids
@@ -249,12 +256,11 @@ def vision_moments(moments: list, saved: int, vision_grads: int, embedding_grads
 def stored(model, resolved) -> tuple[StoredTensor, ...]:
     """``vision_stored_tensors`` for a resolved setup (the language model's parameter dtype; adapters as peft casts
     them)."""
-    from .parameters import adapter_bits
 
     setup = resolved.setup
     vision = model.vision
     adapted = adapted_modules(vision, setup.vision, setup.lora_targets, resolved.lora_modules)
-    bits = adapter_bits(resolved) if adapted else 0
+    bits = _adapter_bits(resolved) if adapted else 0
     return vision_stored_tensors(vision, setup.vision, setup.precision.param_dtype.bits, adapted,
                                  setup.lora_rank if adapted else 0, bits)
 
@@ -287,10 +293,9 @@ def moments_for(model, resolved, tensors, moments: list, moment_type, layer=None
     ``layer``, ``b``, ``s``, ``masked``: the language model's ``LayerSetup``, batch shape and mask decision."""
     from ..options import Phase
     from ..units import round_up
-    from .parameters import adapter_bits
 
     setup = resolved.setup
-    saved = setup_vision_saved(model.vision, setup, resolved.lora_modules, adapter_bits(resolved))
+    saved = setup_vision_saved(model.vision, setup, resolved.lora_modules, _adapter_bits(resolved))
     if layer is not None:
         batch = pixel_values_bytes(model.vision, setup.batch_size * tiles_per_sample(model.vision, setup))
         grad_in = language_input_grad_bytes(model, layer, b, s, masked, setup.grad_ckpt) if saved.total else 0
@@ -306,8 +311,7 @@ def moments_for(model, resolved, tensors, moments: list, moment_type, layer=None
 
 def details_for(model, resolved) -> dict:
     """``image_details`` for a resolved setup."""
-    from .parameters import adapter_bits
 
     setup = resolved.setup
-    saved = setup_vision_saved(model.vision, setup, resolved.lora_modules, adapter_bits(resolved))
+    saved = setup_vision_saved(model.vision, setup, resolved.lora_modules, _adapter_bits(resolved))
     return image_details(model.vision, setup, saved)

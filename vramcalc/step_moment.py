@@ -1,0 +1,48 @@
+"""One moment of a training step (the estimator's unit) and the decoder-layer setup its saved tensors depend on:
+the two things both the single-GPU estimator and the per-GPU device_map model build on."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from typing import NamedTuple
+
+from .options import Phase
+from .terms import activations, stack_layers
+from .training_setup import ResolvedSetup
+
+
+class Moment(NamedTuple):
+    """The bytes of each tensor term at one moment of the step (a named tuple: a few dozen are built per setup)."""
+
+    phase: Phase
+    weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    logits: int
+    temporaries: int
+
+    @property
+    def tensor_bytes(self) -> int:
+        return self.weights + self.gradients + self.optimizer_states + self.activations + self.logits + self.temporaries
+
+
+def layer_setup(resolved: ResolvedSetup) -> activations.LayerSetup:
+    """The values a decoder layer's saved tensors depend on (``activations.LayerSetup``), from a resolved setup."""
+    setup = resolved.setup
+    layers = stack_layers.stack_layers(setup.stack)
+    if layers.stable_embedding and not setup.stable_embedding:  # a litgpt older than the swap (stack_layers.py)
+        layers = replace(layers, stable_embedding=False)
+    return _layer_setup(setup.method, setup.precision, setup.adapter_dtype, resolved.attn_used, resolved.lora_modules,
+                        setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
+                        layers)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora_rank, lora_dropout, kernels,
+                 compiled, offload, layers=stack_layers.HF):
+    lora = method.uses_lora or method.peft_facts is not None  # a peft method's targets ride on the LoRA fields
+    return activations.LayerSetup(method, activations.dtypes(method, precision, adapter_dtype), attn_used,
+                                  lora_modules if lora else (), lora_rank if lora else 0, lora_dropout if lora else 0.0,
+                                  kernels, compiled, offload, layers)
