@@ -312,6 +312,12 @@ class StepTracer:
             input_ids = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long)
         else:  # one packed row of batch_size sequences
             input_ids = torch.zeros(1, setup.batch_size * setup.seq_len, dtype=torch.long)
+        self._steps(steps, progress, input_ids, position_ids)
+
+    def _steps(self, steps: int, progress, input_ids, position_ids=None) -> None:
+        """``steps`` optimizer steps of ``grad_accum`` micro-batches of ``input_ids``, the tracker told each phase."""
+        tracker = self.tracker
+        setup = self.setup
         for step in range(steps):
             tracker.step = step
             for micro in range(setup.grad_accum):

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import VramcalcError
 from ..model import ModelSpec
-from ..options import Method, Phase, Vision
+from ..options import Method, Vision
 from ..training_setup import ResolvedSetup
 from ..vision import image_tokens_per_sample, tiles_per_sample
 from .build import _ATTN_IMPLEMENTATION, _cast_adapters, _load_dtype, _materialise, _quiet, hf_config
@@ -198,7 +198,7 @@ class VisionStepTracer(StepTracer):
         tiles = tiles_per_sample(vision, setup)
         if not tiles:  # a text-only batch through the VLM
             self.image_inputs = {}
-            return self._run_with(steps, progress, input_ids)
+            return self._steps(steps, progress, input_ids)
         shape = (vision.num_channels, vision.image_size, vision.image_size)
         if vision.family == "gemma3":
             pixel_values = torch.zeros(b * tiles, *shape)
@@ -208,31 +208,5 @@ class VisionStepTracer(StepTracer):
         else:
             self.image_inputs = dict(pixel_values=torch.zeros(b, tiles, *shape))
         with _unmasked_tower(self.model):
-            self._run_with(steps, progress, input_ids)
+            self._steps(steps, progress, input_ids)
         del self.image_inputs
-
-    def _run_with(self, steps: int, progress, input_ids) -> None:
-        """``StepTracer._run``'s loop with the given batch."""
-        tracker, setup = self.tracker, self.setup
-        for step in range(steps):
-            tracker.step = step
-            for micro in range(setup.grad_accum):
-                tracker.phase = Phase.FORWARD
-                with self.autocast():  # Trainer's bf16/fp16=True (StepTracer.autocast)
-                    loss = self._loss(input_ids)
-                tracker.in_logits = False
-                tracker.end_forward()
-                tracker.phase = Phase.BACKWARD_START
-                tracker.in_logits = True
-                (loss / setup.grad_accum).backward()
-                del loss
-                tracker.in_logits = False
-                tracker.mark_gradients(self.model.parameters())
-            tracker.phase = Phase.OPTIMIZER_STEP
-            tracker.in_optimizer = True
-            self.optimizer.step()
-            tracker.in_optimizer = False
-            tracker.mark_optimizer_states(self.optimizer)
-            self.optimizer.zero_grad(set_to_none=True)
-            if progress:
-                progress(f"step {step + 2} of {steps}" if step + 1 < steps else "done")
