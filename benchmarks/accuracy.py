@@ -25,6 +25,7 @@ from benchmarks.accuracy_sections import replace_head  # noqa: E402
 from vramcalc.catalogue import get_model  # noqa: E402
 from vramcalc.estimator import step_moments  # noqa: E402
 from vramcalc.options import Term  # noqa: E402
+from vramcalc.terms.tensor_parallel import rank_view  # noqa: E402
 from vramcalc.tracing.runner import run_trace  # noqa: E402
 from vramcalc.training_setup import resolve_setup  # noqa: E402
 
@@ -135,7 +136,8 @@ def family_of(name: str) -> str:
 def compare(name: str, options: dict) -> dict:
     spec = get_model(name)
     resolved = resolve_setup(spec, **options)
-    peak = max(step_moments(spec, resolved), key=lambda m: m.tensor_bytes)
+    # one rank's slice under --tp, as estimate() computes it (the model as given otherwise)
+    peak = max(step_moments(*rank_view(spec, resolved)), key=lambda m: m.tensor_bytes)
     traced = run_trace(spec, resolved, progress=False)
     traced_total = sum(traced.terms.values())
     row = {"model": name, "family": spec.family, "method": resolved.setup.method.value,

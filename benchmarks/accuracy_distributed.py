@@ -5,6 +5,7 @@ torch.distributed (DDP and FSDP2 on a fake process group), 8B to 671B on 2 to 51
     python benchmarks/accuracy_distributed.py --limit 5   # the first five setups
     python benchmarks/accuracy_distributed.py --grid fsdp-qlora   # FSDP-QLoRA (--quant-storage bf16): its own
                                                                   # CSV and section of accuracy_distributed.md
+    python benchmarks/accuracy_distributed.py --grid tp   # tensor parallelism (--tp): its own CSV and section
 
 Rows and summary as ``benchmarks/accuracy.py`` (whose ``compare``, ``run_grid`` and ``summary`` it uses), with the
 engine, the rank count and a summary by engine added. Target: every setup within 5%.
@@ -70,6 +71,22 @@ QLORA_GRID = [
     ("mistral-7b", dict(QLORA, num_gpus=2, seq_len=2048)),
 ]
 QLORA_TARGET_PCT = 3.0
+
+# Tensor parallelism (--tp T on T GPUs: transformers' tp_plan="auto", DTensor placements on the fake process group),
+# 8B to 123B, 2 to 8 ranks, full and LoRA, with and without checkpointing, GQA with 4 and 8 key/value heads.
+# tp x fsdp (a 2-D mesh) is estimated but not traced, so every row here is one tensor-parallel group.
+TP_GRID = [
+    ("llama-3.1-8b", dict(num_gpus=2, tp=2, seq_len=2048)),
+    ("llama-3.1-8b", dict(num_gpus=4, tp=4, method="lora", seq_len=4096, grad_ckpt=True)),
+    ("llama-3.1-8b", dict(num_gpus=8, tp=8, seq_len=8192, grad_ckpt=True)),
+    ("qwen2.5-7b", dict(num_gpus=4, tp=4, seq_len=4096, precision="mixed-bf16", grad_ckpt=True)),
+    ("qwen2.5-14b", dict(num_gpus=8, tp=8, method="lora", lora_targets="q_proj,k_proj,v_proj,gate_proj,up_proj",
+                         seq_len=4096)),
+    ("qwen3-32b", dict(num_gpus=8, tp=8, seq_len=4096, grad_ckpt=True)),
+    ("llama-3.3-70b", dict(num_gpus=8, tp=8, method="lora", seq_len=4096, grad_ckpt=True)),
+    ("mistral-large-2407", dict(num_gpus=8, tp=8, method="lora", seq_len=2048, grad_ckpt=True)),
+]
+TP_SECTION = "\n## Tensor parallelism (--tp)\n"
 
 # Published FSDP-QLoRA runs on consumer GPUs, each with the source's own settings, against the estimate of the nearest
 # vramcalc setup (``published_rows``). Memory figures are as the sources state them (GB per GPU; how they measured is
@@ -138,10 +155,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(HERE / "accuracy_distributed.csv"))
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--grid", choices=("all", "fsdp-qlora"), default="all")
+    parser.add_argument("--grid", choices=("all", "fsdp-qlora", "tp"), default="all")
     args = parser.parse_args(argv)
     if args.grid == "fsdp-qlora":
         return fsdp_qlora_main(args)
+    if args.grid == "tp":
+        return tp_main(args)
     grid = GRID[: args.limit] if args.limit else GRID
     rows = run_grid(grid, args.out, distributed_row)
     table = "# Per-rank estimate vs trace (torch.distributed, fake process group)\n\n" + summary(rows) + "\n" + \
@@ -169,6 +188,31 @@ def fsdp_qlora_main(args) -> int:
     report.write_text(text)
     print(section)
     return 0
+
+
+def tp_main(args) -> int:
+    """The tensor-parallel grid into accuracy_distributed_tp.csv, and its section in place of the previous one in
+    accuracy_distributed.md (before the FSDP-QLoRA section)."""
+    out = HERE / "accuracy_distributed_tp.csv"
+    grid = TP_GRID[: args.limit] if args.limit else TP_GRID
+    rows = run_grid(grid, str(out), tp_row)
+    section = (TP_SECTION + f"\nWritten by `python benchmarks/accuracy_distributed.py --grid tp` ({out.name}): one "
+               f"rank of a T-way group against the trace of transformers' own `tp_plan=\"auto\"` distribution on the "
+               f"fake process group; target: every setup within {TARGET_PCT:g}%.\n\n" + engine_summary(rows))
+    report = HERE / "accuracy_distributed.md"
+    text = report.read_text()
+    head, qlora = text.split(QLORA_SECTION) if QLORA_SECTION in text else (text, None)
+    head = head.split(TP_SECTION)[0].rstrip("\n") + "\n" + section
+    report.write_text(head + (QLORA_SECTION + qlora if qlora is not None else ""))
+    print(section)
+    return 0
+
+
+def tp_row(name: str, options: dict) -> dict:
+    row = compare(name, options)
+    row["sharding"] = f"tp {options['tp']}"
+    row["ranks"] = options["num_gpus"]
+    return row
 
 
 if __name__ == "__main__":

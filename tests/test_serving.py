@@ -200,3 +200,21 @@ def test_bad_input_is_one_clear_error(options, words):
     with pytest.raises(VramcalcError) as info:
         vramcalc.infer("llama-3.1-8b", **options)
     assert words in str(info.value)
+
+
+def test_gpt_oss_caches_a_window_on_its_sliding_layers_only(tmp_path):
+    # openai/gpt-oss-20b config.json: 24 layers, layer_types alternate from "sliding_attention" (layer 0),
+    # sliding_window 128, 8 KV heads of 64 (configuration_gpt_oss.py L56-59, L84-87)
+    import json
+
+    from vramcalc.hf_config import load_config
+
+    config = {"model_type": "gpt_oss", "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 24,
+              "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 32,
+              "num_experts_per_tok": 4, "vocab_size": 201088, "sliding_window": 128}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    spec = load_config(tmp_path)
+    assert [layer_is_sliding(spec, i) for i in range(4)] == [True, False, True, False]
+    per_token_layer = 2 * 8 * 64 * 2  # keys and values, bf16
+    expected = 12 * 10_000 * per_token_layer + 12 * 128 * per_token_layer
+    assert hf_cache_bytes(spec, 1, 10_000, last_input=1) == expected

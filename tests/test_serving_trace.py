@@ -6,7 +6,8 @@ all-sliding Mistral/Phi-3 windows, fused qkv, partial rotary), DynamicCache and 
 prefill and decode peaks agree with the trace's within 1% on the tiny architectures (where activations weigh far more
 than at full size), and the decode step's transients alone within 1% too; (3) ``infer(trace=True)``.
 Falcon is left out: its attention changes in transformers 5.25 (tests/test_families_devset.py covers its training).
-No family in the catalogue has a linear-attention (recurrent) state or Gemma-3/gpt-oss hybrid layers.
+Gemma-3 and gpt-oss interleave sliding and full layers by their ``layer_types`` (LFM2's convolution states are in
+tests/test_hybrid_lfm2.py).
 """
 
 import dataclasses
@@ -14,7 +15,9 @@ import dataclasses
 import pytest
 
 from .conftest import needs_torch
+from .test_families_2026 import TINY as NEW
 from .test_families_devset import TINY as DEV
+from .test_families_moe_2026 import TINY as MOE
 from .tiny_models import TINY
 
 pytestmark = [needs_torch, pytest.mark.trace]
@@ -23,6 +26,9 @@ SLIDING = {
     # all layers slide (MistralConfig / Phi3Config with sliding_window set); windows smaller than the prompts
     "mistral-window": dataclasses.replace(TINY["mistral"], name="tiny-mistral-window", sliding_window=40),
     "phi3-window": dataclasses.replace(TINY["phi3"], name="tiny-phi3-window", sliding_window=48),
+    # layer_types (sliding, full): each layer's cache class follows its type
+    "gemma3-window": dataclasses.replace(NEW["gemma3_text"], name="tiny-gemma3-window", sliding_window=40),
+    "gpt-oss-window": dataclasses.replace(MOE["gpt_oss"], name="tiny-gpt-oss-window", sliding_window=40),
 }
 DEVSET = {name: DEV[name] for name in ("gemma", "phi", "gpt_neox")}  # MQA GeGLU; partial rotary; fused qkv
 SPECS = {**TINY, **SLIDING, **DEVSET}

@@ -12,8 +12,10 @@ Per layer and per token a cache holds (e = bytes per element, 2 for bf16/fp16, 1
 Which layers slide: Gemma-2 alternates, sliding on even layer indices (``Gemma2Config.layer_types``: layer i slides
 when (i + 1) % 2); Mistral, Mixtral and Phi-3 slide on every layer when the config sets ``sliding_window`` (e.g.
 Phi-3-mini's 2047; Mistral-7B-v0.3 sets none). Qwen2/Qwen3 configs ship ``use_sliding_window: false``.
-Gemma-3 (``gemma3_text``) and Cohere2 slide on the layers their ``layer_types`` marks "sliding_attention"
-(``DynamicCache`` gives those layers a ``DynamicSlidingWindowLayer``, ``cache_utils.py`` L1533-1538, L2050-2052).
+A model whose config lists ``layer_types`` (Gemma-3 ``gemma3_text``, Cohere2, gpt-oss, Llama-4) slides on the layers
+marked "sliding_attention" or "chunked_attention": ``DynamicCache`` and ``StaticCache`` give both a sliding-window
+layer (``cache_utils.py`` L1527-1528, L1544-1545), of ``sliding_window`` tokens, or ``attention_chunk_size`` for a
+chunked layer (``get_layer_types_and_kwargs``, L2050-2055; vramcalc keeps Llama-4's chunk in ``sliding_window``).
 A hybrid's convolution layers (LFM2's ``layer_types`` "conv") hold no keys and values but a conv state
 (``LinearAttentionLayer.lazy_initialization``, cache_utils.py L1241-1249: zeros of ``[b, h, conv_L_cache]`` in the
 convolution input's dtype, made at the prefill, overwritten in place after; ``Lfm2ShortConv`` passes
@@ -54,8 +56,8 @@ def layer_is_sliding(spec: ModelSpec, index: int) -> bool:
     """Whether decoder layer ``index`` attends within ``spec.sliding_window`` (module docstring)."""
     if not spec.sliding_window:
         return False
-    if spec.family in ("gemma3_text", "cohere2") and spec.layer_types:
-        return spec.layer_types[index] == "sliding_attention"
+    if spec.layer_types:
+        return spec.layer_types[index] in ("sliding_attention", "chunked_attention")
     if spec.family == "gemma2":
         return bool((index + 1) % 2)
     return spec.family in ("mistral", "mixtral", "phi3")
