@@ -239,7 +239,7 @@ def main() -> None:
         "2-2.5x the 16.5 B that qlinear_cuda_old's torch path moves (read from its source: expand + int32 shift, cast to",
         "int8, and, minus zeros, times scales). Those kernels take broadcast or mixed-dtype inputs, so TensorIterator runs",
         "them unvectorized, with dynamic casting, on 1-byte elements; PyTorch keeps 1-byte types at vec4 on sm80/sm90",
-        "(pytorch/pytorch#174553: int8 add_scalar at vec4 moves 256 MB in 87.7 us on a B200, 38% of its 8 TB/s, while",
+        "(pytorch/pytorch#174553: int8 add_scalar at vec4 reads and writes 128 MiB in 87.7 us on a B200, 3.1 TB/s or 38% of 8 TB/s;",
         "clone reaches 74%), but no A100 measurement of these kernels was found, and a B200 ratio does not carry to an",
         "A100 (A100 18.9 vs B200 54 GB/s per SM: an A100 SM needs ~3x fewer bytes in flight), so no efficiency is assumed;",
         "(2) Qwen-1.8B LoRA at 256-2048 tokens (+10..31%): host-bound in the model (43-81%), while 7B and 14B at 256",
