@@ -518,3 +518,63 @@ def test_tp_throughput_is_the_groups_times_dp_and_mfu_the_ranks_share():
     # group's 2048 tokens; H100 SXM bf16 dense peak 989.4 TFLOP/s (data/gpus.csv)
     rank_flops = 24_126_185_472 * 2048
     assert details["mfu"] == pytest.approx(rank_flops / (details["step_seconds"] * 989.4e12), rel=1e-6)
+
+
+# -- view ops on the host (issue 16 item 2, S24) ------------------------------------------------------------------------
+# Launched ops per decoder layer of one eager micro-step, traced with TorchDispatchMode on transformers' Llama
+# (benchmarks/throughput_trace_ops.py, torch 2.13 / transformers 5.25 / peft 0.21): 111 (full fine-tuning), 226 (LoRA
+# all-linear), 367 - 28 CPU-only dropout ops = 339 (LoRA all-linear, dropout, fp32 adapters, reentrant checkpointing).
+@pytest.mark.parametrize("train_base, adapted, dropout, cast, recompute, traced", [
+    (True, 0, False, False, (0.0, 0.0, 0.0), 111),
+    (False, 7, False, True, (0.0, 0.0, 0.0), 226),
+    (False, 7, True, True, (1.0, 1.0, 1.0), 339),
+])
+def test_the_counted_kernels_of_an_eager_layer_match_a_traced_step(train_base, adapted, dropout, cast, recompute,
+                                                                   traced):
+    k = st.kernel_counts(1, micro_batches=1, fused=False, train_base=train_base, adapted_linears=adapted, quant_bits=0,
+                         recompute=recompute, lora_dropout=dropout, lora_cast=cast)
+    per_layer = k.gemm + k.attention + k.other - st.HEAD_KERNELS
+    assert per_layer == pytest.approx(traced, rel=0.05)
+
+
+def test_eager_steps_pay_host_time_for_their_view_ops_and_compiled_steps_do_not():
+    eager = st.kernel_counts(32, micro_batches=8, fused=False, train_base=False, adapted_linears=32 * 5,
+                             quant_bits=0, recompute=(1.0, 1.0, 1.0), lora_dropout=True, lora_cast=True)
+    compiled = st.kernel_counts(32, micro_batches=8, fused=True, train_base=False, adapted_linears=32 * 5,
+                                quant_bits=0, recompute=(1.0, 1.0, 1.0))
+    assert compiled.views == 0.0
+    assert st.host_seconds_per_kernel(compiled) == st.HOST_SECONDS_PER_KERNEL
+    launched = eager.gemm + eager.attention + eager.other
+    # about one view per launched op (652 per 676 traced), each at autograd + dispatch midpoints (2 + 1.5 µs)
+    assert eager.views == pytest.approx(launched * 652 / 676)
+    assert st.host_seconds_per_kernel(eager) == pytest.approx(10e-6 + 652 / 676 * 3.5e-6)
+
+
+def test_a_host_bound_step_takes_the_same_time_per_layer_at_any_width():
+    # The published Qwen LoRA rows at 256 tokens take 4.7-5.2 ms per layer and micro-batch at 1.8B, 7B and 14B (1.0,
+    # 1.2 and 1.6 s/it over 24, 32 and 40 layers x 8 micro-batches): the signature of a host-bound step. The model's
+    # host time per layer is likewise independent of the hidden size.
+    def per_layer_s(hidden, layers):
+        shape = st.DecoderShape(hidden, layers, hidden // 128, hidden // 128, 128, 3 * hidden, 1000)
+        setup = st.StepSetup(tokens=8 * 128, seq_len=128, train_base=False, micro_batches=8, grad_ckpt="full",
+                             adapted_linears=5 * layers, lora_dropout=True, adapter_bytes=4.0)
+        t = st.step_time(st.step_work(shape, setup, matmul_tflops=271.2), st.StepRates(271.2, 156, 2039, 312))
+        assert t.host_s / t.step_s > 0.8
+        return t.step_s / (8 * layers)
+    assert per_layer_s(1024, 24) == pytest.approx(per_layer_s(2048, 40), rel=0.05)
+
+
+def test_a_qlora_step_costs_at_least_its_dequantization_bytes_more_than_lora():
+    # bitsandbytes MatMul4Bit dequantizes W in forward (or reads it in its fused gemm_4bit) and again in backward for
+    # dX (bitsandbytes 0.50.2 autograd/_functions.py:384), and each recomputed forward runs it again
+    shape = st.DecoderShape(4096, 32, 32, 8, 128, 14336, 128256)
+    lora = st.StepSetup(tokens=8 * 4096, seq_len=4096, train_base=False, grad_ckpt="full", micro_batches=2,
+                        adapted_linears=7 * 32)
+    qlora = st.StepSetup(tokens=8 * 4096, seq_len=4096, train_base=False, grad_ckpt="full", micro_batches=2,
+                         adapted_linears=7 * 32, quant_bits=4)
+    rates = st.StepRates(271.2, 156, 2039, 312)
+    t_lora = st.step_time(st.step_work(shape, lora, matmul_tflops=271.2), rates).step_s
+    t_qlora = st.step_time(st.step_work(shape, qlora, matmul_tflops=271.2), rates).step_s
+    n_linear = 32 * (4096 * 4096 * 2 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    dequant_s = n_linear * (0.5 + 2.0) * 3 * 2 / 2039e9  # forward, backward, recompute; two micro-batches
+    assert t_qlora - t_lora >= dequant_s * 0.999

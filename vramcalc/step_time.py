@@ -9,7 +9,8 @@ either by arithmetic or by memory traffic, and the two kinds of kernel run one a
   step_s = max(matmul_flops / R_mm, n_gemm·h) + max(attention_flops / R_attn, n_attn·h)
            + max(memory_bytes / B, n_other·h) + exposed_comm_s
 
-* ``h`` is the host's time to issue one kernel (Python, the dispatcher, autograd and the launch), ``n_*`` the kernels
+* ``h`` is the host's time to issue one kernel (Python, the dispatcher, autograd and the launch) plus its share of
+  the view ops that launch nothing (``host_seconds_per_kernel``), ``n_*`` the kernels
   of each kind in the step (``kernel_counts``): the GPU cannot run a kernel before the host has issued it, so a kind
   of work takes whichever is longer (Horace He, "Making Deep Learning Go Brrrr From First Principles": compute,
   memory and *overhead* are the three regimes). It matters where kernels are small: short sequences, micro-batch 1,
@@ -104,6 +105,21 @@ ASYNC_TENSOR_PARALLEL_BACKWARD_OVERLAP = 0.0
 # PyTorch op to kernel launch", gpu_kernel_serving lesson 18). 10 µs is taken, inside that range, before comparing
 # with any published throughput (not fitted; benchmarks/throughput.md shows the effect).
 HOST_SECONDS_PER_KERNEL = 10e-6
+
+# View and metadata ops (view, t, transpose, _unsafe_view, slice, expand, detach, ...) launch no kernel but each
+# passes through the dispatcher and autograd (a view records its base and a backward node) like any op. Counted with
+# TorchDispatchMode over one training micro-step of transformers' Llama on the CPU (benchmarks/throughput_trace_ops.py;
+# torch 2.13, transformers 5.25, peft 0.21; per layer = (4-layer count - 2-layer count) / 2), launched ops / view ops
+# per layer: full fine-tuning, no checkpointing 111 / 116; LoRA on all linears 226 / 224; LoRA on all linears with
+# dropout 0.05, fp32 adapters under bf16 autocast and reentrant checkpointing 339 / 312 (367 launched ops on the
+# CPU less 28 that CUDA's fused native_dropout does not issue: bernoulli_ + div_ per dropout forward, 14 of each).
+# Over the three: 652 view ops per 676 launched ops.
+VIEW_OPS_PER_KERNEL = (116 + 224 + 312) / (111 + 226 + 339)
+# Host time of one view op: the components of HOST_SECONDS_PER_KERNEL's per-op breakdown a view also runs, autograd
+# ~1-3 µs and ATen dispatch ~1-2 µs (same source), at their midpoints: 2 + 1.5 = 3.5 µs; no backend kernel and no
+# cudaLaunchKernel, and the Python/pybind share left out (many views are issued from C++ composites such as
+# aten::linear's t). Set before comparing with any published throughput, not fitted.
+VIEW_OP_HOST_SECONDS = 3.5e-6
 
 # Activation offloading copies saved activations to pinned host memory on a side stream in forward and back in
 # backward (torchtune ``OffloadActivations``, use_streams=True): the copies overlap compute; what exceeds compute shows.
@@ -449,6 +465,7 @@ class KernelCounts:
     gemm: float = 0.0  # the base model's matmuls
     attention: float = 0.0
     other: float = 0.0  # elementwise, norms, casts, LoRA's rank-r matmuls, dequantization, loss, optimizer
+    views: float = 0.0  # view and metadata ops that launch nothing but cost host time (``view_ops``)
 
 
 @dataclass(frozen=True)
@@ -485,6 +502,7 @@ class StepRates:
     bandwidth_gb_s: float
     peak_tflops: float
     host_s_per_kernel: float = HOST_SECONDS_PER_KERNEL
+    host_s_per_view: float = VIEW_OP_HOST_SECONDS
     attention_backward_tflops: float | None = None  # the attention backward's rate; None: attention_tflops
 
 
@@ -509,6 +527,23 @@ class StepTime:
                 "host_overhead": self.host_s, "exposed_communication": self.exposed_comm_s}
 
 
+def view_ops(launched_ops: float, views_per_kernel: float = VIEW_OPS_PER_KERNEL) -> float:
+    """View and metadata ops issued beside ``launched_ops`` kernels: launched_ops · VIEW_OPS_PER_KERNEL (the traced
+    ratio of an eager transformers decoder step, about one view per kernel)."""
+    return launched_ops * views_per_kernel
+
+
+def host_seconds_per_kernel(kernels: KernelCounts, kernel_s: float = HOST_SECONDS_PER_KERNEL,
+                            view_s: float = VIEW_OP_HOST_SECONDS) -> float:
+    """Host time per launched kernel, its share of the view ops included: h + (n_views / n_kernels) · h_view. The
+    views go with the kernels they feed (a linear's t with its GEMM, a reshape with an elementwise op), so each kind
+    of work carries its share of them; without views this is h."""
+    launched = kernels.gemm + kernels.attention + kernels.other
+    if not kernels.views or launched <= 0:
+        return kernel_s
+    return kernel_s + kernels.views / launched * view_s
+
+
 def step_time(work: StepWork, rates: StepRates) -> StepTime:
     """step_s = Σ over kinds max(GPU time, kernels·h) + exposed communication + serial time (module docstring);
     the matmuls' GPU time is Σ over ``work.gemms`` of their roofline time (``gemm_seconds``) when they are listed;
@@ -521,7 +556,7 @@ def step_time(work: StepWork, rates: StepRates) -> StepTime:
     attention_s = ((work.attention_flops - work.attention_backward_flops) / rates.attention_tflops
                    + work.attention_backward_flops / backward_rate) / TFLOPS
     memory_s = memory_seconds(work.memory_bytes, rates.bandwidth_gb_s)
-    h = rates.host_s_per_kernel
+    h = host_seconds_per_kernel(work.kernels, rates.host_s_per_kernel, rates.host_s_per_view)
     host_s = (max(0.0, work.kernels.gemm * h - matmul_s) + max(0.0, work.kernels.attention * h - attention_s)
               + max(0.0, work.kernels.other * h - memory_s))
     compute_s = matmul_s + attention_s + memory_s + host_s
@@ -675,7 +710,9 @@ def kernel_counts(num_layers: int, *, micro_batches: int, fused: bool, train_bas
     """Kernels the host issues per optimizer step: per micro-batch, L layers x (forward + backward + recomputed
     forward) of GEMMS_PER_LAYER, one SDPA and OTHER_KERNELS_PER_LAYER, plus LoRA's and dequantization's kernels per
     adapted or quantized linear, plus HEAD_KERNELS. The optimizer step (fused or foreach AdamW: a few kernels per
-    step) is left out. Frozen GEMMs run one backward GEMM (dX), trained ones two (dX, dW)."""
+    step) is left out. Frozen GEMMs run one backward GEMM (dX), trained ones two (dX, dW). Eager steps also issue
+    ``view_ops`` beside these (``views``); the per-layer count of the eager LoRA layer with dropout, fp32 adapters
+    and full checkpointing (344) is within 2% of the traced 339 (``VIEW_OPS_PER_KERNEL``'s trace)."""
     rc_mm, rc_attn, rc_elem = recompute
     gemm_backward = 2.0 if train_base else 1.0
     gemm = GEMMS_PER_LAYER * (1.0 + gemm_backward + rc_mm)
@@ -691,7 +728,11 @@ def kernel_counts(num_layers: int, *, micro_batches: int, fused: bool, train_bas
     elif quant_bits:
         other += GEMMS_PER_LAYER * QUANT_KERNELS_PER_LINEAR.get(quant_bits, 1) * (2.0 + rc_mm)
     n = num_layers * micro_batches
-    return KernelCounts(gemm * n, attention * n, other * n + HEAD_KERNELS * micro_batches)
+    launched = (gemm + attention + other) * n + HEAD_KERNELS * micro_batches
+    # compiled regions issue no view ops: inductor folds views into its kernels' indexing (reinterpret_tensor in the
+    # generated wrapper, no dispatcher call)
+    views = 0.0 if fused else view_ops(launched)
+    return KernelCounts(gemm * n, attention * n, other * n + HEAD_KERNELS * micro_batches, views)
 
 
 def saved_activation_bytes(tokens: float, hidden_size: int, q_width: int, kv_width: int, intermediate_size: int,
