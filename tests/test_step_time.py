@@ -578,3 +578,38 @@ def test_a_qlora_step_costs_at_least_its_dequantization_bytes_more_than_lora():
     n_linear = 32 * (4096 * 4096 * 2 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
     dequant_s = n_linear * (0.5 + 2.0) * 3 * 2 / 2039e9  # forward, backward, recompute; two micro-batches
     assert t_qlora - t_lora >= dequant_s * 0.999
+
+
+# -- attention work per layer: sliding windows and a hybrid's convolution layers -------------------------------------
+@pytest.mark.parametrize("seq_len,window", [(64, 16), (100, 7), (50, 49), (30, 30), (30, 64)])
+def test_flash_sliding_layer_work_counts_the_pairs_each_query_attends(seq_len, window):
+    # brute force: query i (1-based, causal) attends min(i, window) keys; a full causal layer attends i
+    attended = sum(min(i, window) for i in range(1, seq_len + 1))
+    causal = sum(range(1, seq_len + 1))
+    assert st.attention_layer_work(window, seq_len, "flash") == pytest.approx(attended / causal)
+
+
+def test_sdpa_with_a_sliding_mask_computes_every_tile_and_eager_its_full_count():
+    # a 4-D mask tensor sends SDPA to the memory-efficient kernel: every tile of s x s, twice the causal kernel's
+    # half; below the window transformers skips the mask (is_causal): a full layer's work
+    assert st.attention_layer_work(4096, 8192, "sdpa") == 2.0
+    assert st.attention_layer_work(4096, 2048, "sdpa") == 1.0
+    assert st.attention_layer_work(4096, 8192, "eager") == 1.0
+    assert st.attention_layer_work(None, 8192, "flash") == 1.0
+
+
+def test_step_time_counts_attention_only_on_attention_layers_and_windows():
+    from vramcalc.catalogue import get_model
+    from vramcalc.cost import decoder_shape
+
+    lfm2 = get_model("lfm2-1.2b")  # data/hybrid_layers.csv: 6 full_attention layers among 16
+    assert decoder_shape(lfm2).num_attention_layers == 6 == lfm2.layer_types.count("full_attention")
+    gemma2 = decoder_shape(get_model("gemma-2-9b"))  # 42 layers, 21 of them slide over 4096 tokens
+    assert gemma2.attention_layers(8192, "flash") == pytest.approx(
+        21 + 21 * st.attention_layer_work(4096, 8192, "flash"))
+    assert gemma2.attention_layers(8192, "sdpa") == 21 + 21 * 2
+    assert gemma2.attention_layers(2048, "flash") == 42
+    # the flash step of a long sequence is faster than the sdpa step, whose sliding layers compute every tile
+    work = {kernel: st.step_work(gemma2, st.StepSetup(tokens=8192, seq_len=8192, attention_kernel=kernel),
+                                 matmul_tflops=600.0) for kernel in ("flash", "sdpa")}
+    assert work["flash"].attention_flops < work["sdpa"].attention_flops

@@ -125,9 +125,10 @@ def matmul_params(spec: ModelSpec) -> int:
 
 
 def attention_forward_flop_per_token(spec: ModelSpec, seq_len: int) -> int:
-    """A = 2·L·a·s·(d_qk + d_v): the QKᵀ and PV matmuls of one token against a sequence of ``seq_len``
-    (non-causal count, as PaLM App. B; causal kernels skip about half)."""
-    return 2 * spec.num_layers * spec.num_heads * seq_len * (spec.qk_head_dim + spec.v_dim)
+    """A = 2·L_attn·a·s·(d_qk + d_v): the QKᵀ and PV matmuls of one token against a sequence of ``seq_len`` in each
+    attention layer (a hybrid's convolution layers have none; non-causal count, as PaLM App. B; causal kernels skip
+    about half)."""
+    return 2 * spec.num_attention_layers * spec.num_heads * seq_len * (spec.qk_head_dim + spec.v_dim)
 
 
 def adapter_params(spec: ModelSpec, resolved: ResolvedSetup) -> int:
@@ -171,7 +172,7 @@ def eager_attention_seconds_per_token(spec: ModelSpec, resolved: ResolvedSetup, 
     per_score = EAGER_SCORE_FORWARD_BYTES + EAGER_SCORE_BACKWARD_BYTES
     if setup.grad_ckpt:
         per_score += EAGER_SCORE_FORWARD_BYTES
-    traffic_bytes = spec.num_layers * spec.num_heads * s * per_score
+    traffic_bytes = spec.num_attention_layers * spec.num_heads * s * per_score
     return traffic_bytes / (gpu.bandwidth_gb_s * GB_PER_S) * s / setup.seq_len
 
 
@@ -308,7 +309,17 @@ def decoder_shape(spec: ModelSpec) -> _step.DecoderShape:
     """The model's widths for ``step_time``: active matmul parameters (MoE), MLA's q·k and v head widths."""
     return _step.DecoderShape(spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                               spec.intermediate_size, spec.vocab_size, active_matmul_params=matmul_params(spec),
-                              qk_head_dim=spec.qk_head_dim, v_head_dim=spec.v_dim, total_params=spec.params)
+                              qk_head_dim=spec.qk_head_dim, v_head_dim=spec.v_dim, total_params=spec.params,
+                              attention_windows=attention_windows(spec))
+
+
+def attention_windows(spec: ModelSpec) -> tuple[int | None, ...] | None:
+    """Per attention layer its sliding window or None (``ModelSpec.layer_slides``), a hybrid's convolution layers
+    left out; None when every layer is full attention."""
+    if not any(spec.layer_slides) and not spec.num_conv_layers:
+        return None
+    return tuple(spec.sliding_window if slides else None
+                 for slides, conv in zip(spec.layer_slides, spec.layer_is_conv) if not conv)
 
 
 @functools.lru_cache(maxsize=256)
@@ -390,7 +401,7 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
         fp8_linears=setup.precision is Precision.FP8, optimizer_bytes_per_param=optimizer_bytes_per_param(resolved),
         dp=dp, sharding=setup.sharding.value, serial_extra_s=paged_s, micro_batches=setup.grad_accum,
         adapted_linears=len(resolved.lora_modules) * spec.num_layers if lora else 0,
-        attention_kernel="eager" if resolved.attn_used is Attention.EAGER else "flash",
+        attention_kernel=resolved.attn_used.value,
         activation_offload=bool(setup.activation_offload), pcie_gb_s=float(gpu.pcie_gb_s or 0.0),
         lora_linears=lora_linears(spec, resolved) if lora else (), lora_rank=setup.lora_rank if lora else 0,
         lora_dropout=lora and setup.lora_dropout > 0, adapter_bytes=4.0 if setup.adapter_dtype.value == "fp32" else 2.0,

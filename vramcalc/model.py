@@ -488,6 +488,21 @@ class ModelSpec:
     def num_conv_layers(self) -> int:
         return sum(self.layer_is_conv)
 
+    @functools.cached_property
+    def layer_slides(self) -> tuple[bool, ...]:
+        """Per decoder layer, whether it attends within ``sliding_window`` tokens: the layers a config's
+        ``layer_types`` marks "sliding_attention" or "chunked_attention" (gemma3_text, cohere2, gpt_oss, llama4_text:
+        transformers gives them a sliding-window cache layer and mask, ``cache_utils.py`` L1527-1528, L2050-2055);
+        Gemma-2's even layers ((i + 1) % 2, ``Gemma2Config.layer_types``); every layer of Mistral, Mixtral and Phi-3
+        when the config sets a window. All False without a window."""
+        if not self.sliding_window:
+            return (False,) * self.num_layers
+        if self.layer_types:
+            return tuple(kind in ("sliding_attention", "chunked_attention") for kind in self.layer_types)
+        if self.family == "gemma2":
+            return tuple(bool((i + 1) % 2) for i in range(self.num_layers))
+        return (self.family in ("mistral", "mixtral", "phi3"),) * self.num_layers
+
     @property
     def num_attention_layers(self) -> int:
         """Decoder layers with attention (every layer but a hybrid's convolution layers): those with a KV cache."""

@@ -197,6 +197,28 @@ def model_flops(n_matmul_params: float, tokens: float, num_layers: int, num_head
     return matmuls + attention
 
 
+def attention_layer_work(window: int | None, seq_len: int, kernel: str) -> float:
+    """One attention layer's work relative to a full causal layer's at ``seq_len``, by kernel:
+    - no window, or a window not shorter than the sequence: 1;
+    - ``flash`` (FlashAttention-2 with ``window_size``, transformers' flash path passes ``sliding_window``): tiles
+      outside the window are skipped, so the work is the pairs each query attends, Σ_i min(i, w) =
+      w(w+1)/2 + (s-w)·w, over the causal Σ_i i = s(s+1)/2;
+    - ``sdpa``: a window no longer than the sequence makes transformers pass a 4-D mask tensor
+      (``terms.activations.sliding_window_masked``: the mask is skipped only while the sequence is shorter than the
+      window), so SDPA runs the memory-efficient kernel, which computes every tile of the s x s scores and applies
+      the mask: 2 (twice the causal kernel's half);
+    - ``eager``: every score is computed whatever the mask: 1 (its count is already the full s x s).
+    """
+    if window is None or kernel == "eager":
+        return 1.0
+    if kernel == "sdpa":
+        return 2.0 if window <= seq_len else 1.0
+    if window >= seq_len:
+        return 1.0
+    s, w = float(seq_len), float(window)
+    return (w * (w + 1) / 2 + (s - w) * w) / (s * (s + 1) / 2)
+
+
 # -- memory-bound work ----------------------------------------------------------------------------------------------
 def elementwise_bytes(tokens: float, hidden_size: int, q_width: int, kv_width: int, intermediate_size: int,
                       num_layers: int, *, fused: bool, recompute_forwards: float = 0.0) -> float:
@@ -772,6 +794,19 @@ class DecoderShape:
     # tensor-parallel plan ("colwise_gather_output": [h, ceil(V/T)] locally, then the [b, s, V] logits all-gathered,
     # so the loss keeps vocab_size). None: vocab_size. ``active_matmul_params`` then counts these columns.
     lm_head_columns: int | None = None
+    # One entry per attention layer: its sliding window in tokens, or None for full attention. A hybrid's convolution
+    # layers have no entry (they run no attention). None: num_layers full-attention layers.
+    attention_windows: tuple[int | None, ...] | None = None
+
+    @property
+    def num_attention_layers(self) -> int:
+        return self.num_layers if self.attention_windows is None else len(self.attention_windows)
+
+    def attention_layers(self, seq_len: int, kernel: str) -> float:
+        """The attention work of the layers in full causal layers' worth (``attention_layer_work``)."""
+        if self.attention_windows is None:
+            return float(self.num_layers)
+        return sum(attention_layer_work(w, seq_len, kernel) for w in self.attention_windows)
 
     @property
     def lm_head_width(self) -> int:
@@ -821,7 +856,9 @@ class StepSetup:
     serial_extra_s: float = 0.0  # e.g. paged optimizer states over PCIe (caller computes it)
     micro_batches: int = 1  # forward/backward passes per optimizer step (gradient accumulation)
     adapted_linears: int = 0  # linears carrying a LoRA adapter, over all layers (for the kernel count)
-    attention_kernel: str = "flash"  # flash / sdpa (tiled, causal skipping) or eager (materialised scores)
+    # flash (tiled, causal and window skipping), sdpa (flash's count, but a 4-D mask on sliding layers makes it compute
+    # every tile: ``attention_layer_work``) or eager (materialised scores)
+    attention_kernel: str = "flash"
     activation_offload: bool = False  # saved activations copied to the host and back (side stream)
     pcie_gb_s: float = 0.0  # host link per direction, for the activation offload
     padding_fraction: float = 0.0  # share of the tokens that are padding (0 with packing): computed, not counted
@@ -905,16 +942,17 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
         flops = flops - fp8 + fp8 * matmul_tflops / fp8_matmul_tflops
     eager = setup.attention_kernel == "eager"
     qk_d, v_d = shape.qk_head_dim or shape.head_dim, shape.v_head_dim or shape.head_dim
-    attn = attention_flops(shape.num_layers, shape.num_heads, qk_d, v_d, s, t, causal=True,
+    attention_layers = shape.attention_layers(s, setup.attention_kernel)  # sliding windows, no convolution layers
+    attn = attention_flops(attention_layers, shape.num_heads, qk_d, v_d, s, t, causal=True,
                            kernel="eager" if eager else "flash", recompute_forwards=rc_attn)
     attn_backward = (2.5 if not eager else 2.0) * attention_forward_flops(
-        shape.num_layers, shape.num_heads, qk_d, v_d, s, t, causal=True, kernel="eager" if eager else "flash")
+        attention_layers, shape.num_heads, qk_d, v_d, s, t, causal=True, kernel="eager" if eager else "flash")
     q_w, kv_w = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     nbytes = elementwise_bytes(t, shape.hidden_size, q_w, kv_w, shape.intermediate_size, shape.num_layers,
                                fused=setup.fused_elementwise, recompute_forwards=rc_elem)
     nbytes += loss_bytes(t, shape.vocab_size, setup.loss)
     if eager:
-        nbytes += shape.num_layers * shape.num_heads * s * t * EAGER_SCORE_BYTES_FORWARD * (3.0 + rc_attn)
+        nbytes += attention_layers * shape.num_heads * s * t * EAGER_SCORE_BYTES_FORWARD * (3.0 + rc_attn)
     if setup.fp8_linears:
         nbytes += float8_cast_bytes(t, shape.linear_in_out_sum, n_linear, recompute_forwards=rc_mm)
     if setup.quant_bits:
@@ -960,7 +998,7 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     # transformers' tp_plan: no async TP, every collective between dependent ops (``TENSOR_PARALLEL_OVERLAP``)
     tp_exposed_s = (tp_s * (1 - tp_overlap)
                     + comm_seconds(setup.tp_comm_bytes, tp_link_gb_s) * (1 - TENSOR_PARALLEL_OVERLAP))
-    model = model_flops(n_mm, t, shape.num_layers, shape.num_heads, qk_d, v_d, s,
+    model = model_flops(n_mm, t, shape.num_attention_layers, shape.num_heads, qk_d, v_d, s,
                         train_base=setup.train_base, n_adapter_params=setup.adapter_params)
     kernels = kernel_counts(shape.num_layers, micro_batches=setup.micro_batches, fused=setup.fused_elementwise,
                             train_base=setup.train_base, adapted_linears=setup.adapted_linears,

@@ -53,14 +53,8 @@ class CacheLayout:
 
 
 def layer_is_sliding(spec: ModelSpec, index: int) -> bool:
-    """Whether decoder layer ``index`` attends within ``spec.sliding_window`` (module docstring)."""
-    if not spec.sliding_window:
-        return False
-    if spec.layer_types:
-        return spec.layer_types[index] in ("sliding_attention", "chunked_attention")
-    if spec.family == "gemma2":
-        return bool((index + 1) % 2)
-    return spec.family in ("mistral", "mixtral", "phi3")
+    """Whether decoder layer ``index`` attends within ``spec.sliding_window`` (``ModelSpec.layer_slides``)."""
+    return spec.layer_slides[index]
 
 
 def layer_layouts(spec: ModelSpec, tp: int = 1) -> tuple[CacheLayout, ...]:
