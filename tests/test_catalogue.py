@@ -145,3 +145,76 @@ def test_the_sources_file_every_model_row_points_to_exists():
     for model in MODELS:
         for named in re.findall(r"data/([\w.]+\.md)", model.source):
             assert (DATA / named).is_file(), (model.name, named)
+
+
+# issue 13 item 6: the 2025 families people fine-tune. Each config below is the published config.json (its text_config
+# for the multimodal Gemma 3), trimmed to the keys the reader and transformers look at, from the sources cited in
+# data/models_sources.md; params_exact of each row is sum(p.numel()) of the model transformers 5.25 builds on meta from
+# it (tests/test_model_inventory.py builds it again).
+_GPT_OSS = dict(model_type="gpt_oss", attention_bias=True, head_dim=64, hidden_size=2880, intermediate_size=2880,
+                max_position_embeddings=131072, num_attention_heads=64, num_experts_per_tok=4, num_key_value_heads=8,
+                sliding_window=128, tie_word_embeddings=False, vocab_size=201088,
+                quantization_config={"quant_method": "mxfp4"})
+_GRANITE = dict(model_type="granite", embedding_multiplier=12.0, residual_multiplier=0.22, intermediate_size=8192,
+                max_position_embeddings=131072, num_attention_heads=32, num_hidden_layers=40, num_key_value_heads=8,
+                tie_word_embeddings=True, vocab_size=49159)
+_OLMO2 = dict(model_type="olmo2", attention_bias=False, max_position_embeddings=4096, tie_word_embeddings=False,
+              vocab_size=100352)
+PUBLISHED_CONFIGS = {
+    "gpt-oss-20b": {**_GPT_OSS, "num_hidden_layers": 24, "num_local_experts": 32,  # S54
+                    "layer_types": ["sliding_attention", "full_attention"] * 12},
+    "gpt-oss-120b": {**_GPT_OSS, "num_hidden_layers": 36, "num_local_experts": 128,  # S55
+                     "layer_types": ["sliding_attention", "full_attention"] * 18},
+    "gemma-3-4b": dict(model_type="gemma3", text_config=dict(  # S56
+        model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, sliding_window=1024)),
+    "gemma-3-27b": dict(model_type="gemma3", text_config=dict(  # S57
+        model_type="gemma3_text", head_dim=128, hidden_size=5376, intermediate_size=21504, num_attention_heads=32,
+        num_hidden_layers=62, num_key_value_heads=16, query_pre_attn_scalar=168, sliding_window=1024)),
+    "granite-3.3-8b": {**_GRANITE, "hidden_size": 4096, "intermediate_size": 12800},  # S58
+    "granite-3.3-2b": {**_GRANITE, "hidden_size": 2048},  # S59
+    "olmo-2-1124-7b": {**_OLMO2, "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,  # S60
+                       "num_hidden_layers": 32, "num_key_value_heads": 32},
+    "olmo-2-1124-13b": {**_OLMO2, "hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40,  # S61
+                        "num_hidden_layers": 40, "num_key_value_heads": 40},
+    "llama-4-scout": dict(model_type="llama4_text", attention_chunk_size=8192, head_dim=128, hidden_size=5120,  # S62
+                          interleave_moe_layer_step=1, intermediate_size=8192, intermediate_size_mlp=16384,
+                          max_position_embeddings=10485760, no_rope_layers=[1, 1, 1, 0] * 12, num_attention_heads=40,
+                          num_experts_per_tok=1, num_hidden_layers=48, num_key_value_heads=8, num_local_experts=16,
+                          tie_word_embeddings=False, use_qk_norm=True, vocab_size=202048),
+}
+# fields of a row that are not read from config.json: catalogue metadata, and the context length the multimodal
+# Gemma 3 configs leave to Gemma3TextConfig's default (131072, as gemma-3-12b's row)
+_METADATA = {"name", "hf_repo", "license", "source", "notes", "params_published", "active_params_published",
+             "params_exact", "max_position_embeddings"}
+
+
+@pytest.mark.parametrize("name", PUBLISHED_CONFIGS)
+def test_issue_13_item_6_rows_hold_what_their_published_config_says(name):
+    import dataclasses
+
+    from vramcalc.hf_config import spec_from_config
+
+    row, read = catalogue.get_model(name), spec_from_config(PUBLISHED_CONFIGS[name], name=name)
+    fields = [f.name for f in dataclasses.fields(row) if f.name not in _METADATA]
+    assert {f: getattr(row, f) for f in fields} == {f: getattr(read, f) for f in fields}
+    assert row.params == read.params == row.params_exact
+
+
+def test_gpt_oss_layer_kinds_alternate_from_a_sliding_first_layer_and_llama4_skips_rope_every_fourth_layer():
+    # S54, S55: layer_types; S62: no_rope_layers [1, 1, 1, 0] x 12, chunked attention on the RoPE layers
+    for name, layers in (("gpt-oss-20b", 24), ("gpt-oss-120b", 36)):
+        kinds = catalogue.get_model(name).layer_types
+        assert kinds == ("sliding_attention", "full_attention") * (layers // 2)
+    scout = catalogue.get_model("llama-4-scout")
+    assert scout.nope_layers == tuple(range(3, 48, 4))
+    assert [i for i, kind in enumerate(scout.layer_types) if kind == "full_attention"] == list(scout.nope_layers)
+
+
+def test_models_family_gpt_oss_lists_both_gpt_oss_models(capsys):
+    import json
+
+    from .cli_helpers import run_cli
+
+    code, out, err = run_cli(capsys, "models", "--family", "gpt_oss", "--format", "json")
+    assert code == 0, err
+    assert [row["name"] for row in json.loads(out)] == ["gpt-oss-20b", "gpt-oss-120b"]

@@ -80,14 +80,20 @@ class GpuSpec:
 
 
 @functools.cache
-@functools.cache
 def _hybrid_layers() -> dict[str, dict]:
-    """``data/hybrid_layers.csv``: the per-layer kinds (``layer_types``, space-separated) and the short convolution's
-    width (``conv_L_cache``) of the catalogue's hybrid models, by name, each row with its source."""
-    return {row["name"]: {"layer_types": tuple(row["layer_types"].split()), "conv_kernel": _int(row["conv_L_cache"])
-                          or 0} for row in _read_csv("hybrid_layers.csv")}
+    """``data/hybrid_layers.csv``: the per-layer fields of the catalogue models whose layers differ, by name, each row
+    with its source, under their config.json names, space-separated: ``layer_types`` (an LFM2 hybrid's "conv" and
+    "full_attention"; gpt-oss's "sliding_attention" and "full_attention"; Llama-4's "chunked_attention" and
+    "full_attention"), the short convolution's width ``conv_L_cache`` (LFM2) and ``no_rope_layers`` (Llama-4: 0 for a
+    layer without RoPE, read as ``ModelSpec.nope_layers`` the way ``hf_config`` reads it)."""
+    return {row["name"]: {"layer_types": tuple(row["layer_types"].split()),
+                          "conv_kernel": _int(row["conv_L_cache"]) or 0,
+                          "nope_layers": tuple(i for i, use_rope in enumerate((row.get("no_rope_layers") or "").split())
+                                               if not int(use_rope))}
+            for row in _read_csv("hybrid_layers.csv")}
 
 
+@functools.cache
 def _model_rows() -> dict[str, ModelSpec]:
     models = {}
     for row in _read_csv("models.csv"):
@@ -122,10 +128,11 @@ def _model_rows() -> dict[str, ModelSpec]:
             rotary_dim=_int(row.get("rotary_dim")) or 0,  # partial rotary (phi); empty: all of head_dim
             new_decoder_architecture=_bool(row.get("new_decoder_architecture")),  # falcon's layout
             # gemma3_text, cohere2: the config class's sliding/full pattern (the catalogue has no layer_types column);
-            # a hybrid's attention and convolution layers: data/hybrid_layers.csv
+            # a hybrid's attention and convolution layers, gpt-oss's and Llama-4's layer kinds: data/hybrid_layers.csv
             layer_types=_hybrid_layers().get(row["name"], {}).get("layer_types")
             or default_layer_types(row["family"], _int(row["num_layers"])),
             conv_kernel=_hybrid_layers().get(row["name"], {}).get("conv_kernel", 0),
+            nope_layers=_hybrid_layers().get(row["name"], {}).get("nope_layers", ()),
             hf_repo=row["hf_repo"],
             license=row["license"],
             source=row["source"],
