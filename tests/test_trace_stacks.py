@@ -285,3 +285,25 @@ def test_estimate_matches_the_stacks_own_trace(stack, index):
     if abs(error) >= ESTIMATE_TOLERANCE and stack in _KNOWN_GAPS:
         pytest.xfail(f"estimate {100 * error:+.1f}% vs the {stack} trace: {_KNOWN_GAPS[stack]}")
     assert abs(error) < ESTIMATE_TOLERANCE, f"estimate {100 * error:+.2f}% vs the {stack} trace"
+
+
+@needs_torchtune
+def test_installed_torchtune_and_torchao_no_longer_requantize_on_the_gpu():
+    """``--load requantize`` is torchtune 0.1.x + torchao 0.1 only (terms/loading.py). At the installed versions:
+    torchtune registers no NF4 ``aten.copy_`` of its own (its 0.1.x ``to_nf4(src.to(dest.device))`` was deleted by
+    #1294, 2024-08-23), so torchao's copy quantizes the source where it lies; and torchao stores the double-quantized
+    ``quantization_factor`` compactly (``.contiguous()``), not as a view of the n/64-element bf16 tensor that 0.1
+    kept (1/32 B per weight)."""
+    import torch
+
+    from vramcalc.tracing.stacks import _compat
+
+    _compat.install()  # torchtune 0.6.1 imports torchao.dtypes.nf4tensor (moved in torchao 0.13)
+    from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+    from torchtune.modules.low_precision import _register_nf4_dispatch_ops  # noqa: F401  (registers its overrides)
+
+    copy_impl = nf4_tensor.NF4_OPS_TABLE[torch.ops.aten.copy_.default]
+    assert not copy_impl.__module__.startswith("torchtune")
+    weight = nf4_tensor.to_nf4(torch.zeros(256, 1024, dtype=torch.bfloat16))
+    n = 256 * 1024
+    assert weight.quantization_factor.untyped_storage().nbytes() < n / 1000
