@@ -602,8 +602,9 @@ def mechanism_note(record: dict) -> str:
         return ("open: the step at 4 x 2048 with compile is above the load peak (--load requantize); "
                 "statistic unstated")
     if rid in ("torchtune-028", "torchtune-037"):
-        return ("Q4 modelled (--load requantize: 70 B/weight at the largest Linear beside the built model); open: "
-                "the allocator keeps the load's [n, 16] blocks reserved (tutorial: 9.13 GB reserved after init)")
+        return ("Q4 modelled (--load requantize: 70 B/weight at the largest Linear beside the built model); the rest "
+                "is allocator reserve, proved by replay (9.133 GB reserved after init; tutorial 9.13) but not "
+                "estimated (section 2)")
     return ""
 
 
