@@ -27,7 +27,9 @@ quantized bytes (codes + state), k·n the quantizer's scratch.
   torchao 0.1 keeps with every NF4 weight (``facts.TORCHAO_01_FACTOR_BYTES_PER_WEIGHT``; n_q all quantized weights).
   The checkpoint's dtype is not known to vramcalc: the cast of a non-bf16 (fp16) checkpoint is counted (2 B/weight,
   3% of r, too high for a bf16 checkpoint). The training step's weights keep vramcalc's NF4 bytes (the n_q/32 is
-  left out there: docs/stacks-research.md).
+  left out there: docs/stacks-research.md). The build before it peaks within 0.1% of this (torchtune 0.1.1
+  deep-copies one built layer per decoder layer and its NF4 ``clone`` re-quantizes too; replayed in
+  ``docs/evidence/torchtune01_reserved``: 7.281 GB build, 7.286 GB load for Llama-2-7B).
 
 Quantizer scratch ``k`` (``facts``): bitsandbytes ``quantize_4bit`` 4/64 B per weight with double quantization, 0
 without (and 0 for int8); torchao 0.1 ``to_nf4`` 68 B per weight (docs/stacks-research.md Q4).
