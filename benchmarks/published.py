@@ -264,6 +264,16 @@ def _lora_targets(row: dict, family: str | None, setup: RowSetup) -> str | None:
     return None
 
 
+# torchtune rows measured while torchtune overrode NF4Tensor's aten.copy_ with ``to_nf4(src.to(dest.device))`` and
+# pinned torchao==0.1 (pyproject.toml): read at each row's commit in pytorch/torchtune (0914d5cfb, 20747cd87, 0217d44c2)
+# and in the 0.1.1 wheel; the override was deleted by #1294 (3d7ca3869, 2024-08-23), before the 30b8519e8 rows.
+# vramcalc's ``--load requantize`` (terms/loading.py).
+# litgpt-ch QLoRA rows whose residual stays open after Q1-Q3 (docs/stacks-research.md section 2): the estimate equals
+# the trace of litgpt 0.4.13's own model and LoRA code with bitsandbytes <= 0.43's held inputs emulated
+LITGPT_CH_QLORA_OPEN = tuple(f"litgpt-ch-0{n}" for n in (11, 13, 15, 17, 19, 21, 23, 26, 28, 31, 34))
+TORCHTUNE_REQUANTIZE_ROWS = ("torchtune-019", "torchtune-028", "torchtune-037")
+
+
 def row_setup(row: dict, data: Path) -> RowSetup:
     """The vramcalc options, stack and knobs of one published row (documented per source)."""
     rid, kind, source = row["id"], row["measure_kind"], row["source"]
@@ -420,6 +430,10 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             if prefix == "torchtune":
                 # torchao NF4Tensor: block 64, scalers quantized to int8 in blocks of 256 (double quantization)
                 opts["double_quant"] = True
+                if rid in TORCHTUNE_REQUANTIZE_ROWS:
+                    # torchtune's own NF4 copy_ (torchtune/utils/_register_nf4_dispatch_ops.py:22-42 at the row's
+                    # commit) re-quantizes each checkpoint tensor on the GPU with torchao 0.1 while loading
+                    opts["load"] = "requantize"
             else:
                 opts["double_quant"] = "double-quant" in wd
     setup.options = {k: v for k, v in opts.items() if v is not None}
@@ -581,9 +595,16 @@ def mechanism_note(record: dict) -> str:
         return "open: torchtune 2024 FSDP1 full fine-tuning (about 6 GB per rank above bf16 states + step; section 4)"
     if rid == "torchtune-029":
         return "open: torchtune 2024 FSDP1 LoRA, reserved (section 4)"
-    if record["source"] == "torchtune" and method == "qlora" and rid in ("torchtune-019", "torchtune-028",
-                                                                        "torchtune-037"):
-        return "Q4: torchao 0.1 (68 B/weight quantize at load); vramcalc models today's quantizer"
+    if rid in LITGPT_CH_QLORA_OPEN:
+        return ("open: litgpt 0.4.x QLoRA, 10-15 B per token, layer and hidden unit above litgpt 0.4.13's own traced "
+                "step (section 2)")
+    if rid == "torchtune-019":
+        return ("open: the step at 4 x 2048 with compile is above the load peak (--load requantize); "
+                "statistic unstated")
+    if rid in ("torchtune-028", "torchtune-037"):
+        return ("Q4 modelled (--load requantize: 70 B/weight at the largest Linear beside the built model); the rest "
+                "is allocator reserve, proved by replay (9.133 GB reserved after init; tutorial 9.13) but not "
+                "estimated (section 2)")
     return ""
 
 

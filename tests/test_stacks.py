@@ -136,3 +136,35 @@ def test_unknown_stack_is_one_error_line_listing_the_stacks(capsys):
     code, out, err = run_cli(capsys, "estimate", MODEL, "--stack", "megatron")
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "torchtune" in err and "llama-factory" in err
+
+
+# -- torchtune 0.1.x + torchao 0.1: the checkpoint re-quantized on the GPU while loading (--load requantize) --------
+_TT01_ROW = dict(stack="torchtune", method="qlora", batch_size=2, seq_len=512, grad_ckpt=True, lora_rank=8,
+                 lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", loss="hf",
+                 optimizer="adamw-foreach", lora_dropout=0.05)
+
+
+def test_torchtune_01_requantize_load_holds_the_nearest_nf4_search_beside_the_whole_built_model():
+    """torchtune 0.1.1 ``utils/_register_nf4_dispatch_ops.py:22-42``: ``load_state_dict`` runs
+    ``to_nf4(src.to(dest.device))`` after the whole quantized model is built, and torchao 0.1's
+    ``quantize_tensor_nearest`` makes two [n, 16] bf16 tensors (``nf4tensor.py:438-446``). Llama-2-7B's largest
+    Linear is 11008 x 4096: at least the built weights + 64 B x 45,088,768 (2.886e9 B), and above the per-layer
+    build path, whose 16-bit weight and search run before the later layers exist."""
+    requantize = vramcalc.estimate("llama-2-7b", load="requantize", **_TT01_ROW)
+    per_layer = vramcalc.estimate("llama-2-7b", load="per-layer", **_TT01_ROW)
+    n = 11008 * 4096
+    built = requantize.terms()["weights"]
+    assert requantize.phase == "load"  # the tutorial: 9.13 GB reserved after init vs 9.29 GB after training
+    assert requantize.peak_tensor_bytes >= built + 64 * n
+    assert requantize.peak_tensor_bytes <= built + 72 * n + built // 16  # + the n/32 factors of every NF4 weight
+    assert requantize.peak_tensor_bytes > per_layer.peak_tensor_bytes
+
+
+def test_requantize_is_a_qlora_load_path_and_leaves_the_training_step_alone():
+    """The load path changes the load phase only: the training moments of the same setup are the same."""
+    requantize = vramcalc.estimate("llama-3.2-1b", load="requantize", **{**_TT01_ROW, "batch_size": 8})
+    per_layer = vramcalc.estimate("llama-3.2-1b", load="per-layer", **{**_TT01_ROW, "batch_size": 8})
+    if requantize.phase != "load":
+        assert requantize.peak_tensor_bytes == per_layer.peak_tensor_bytes
+    lora = vramcalc.estimate("llama-2-7b", load="requantize", **{**_TT01_ROW, "method": "lora"})
+    assert lora.phase != "load"  # nothing is quantized: each tensor is read into its place

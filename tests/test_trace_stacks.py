@@ -285,3 +285,49 @@ def test_estimate_matches_the_stacks_own_trace(stack, index):
     if abs(error) >= ESTIMATE_TOLERANCE and stack in _KNOWN_GAPS:
         pytest.xfail(f"estimate {100 * error:+.1f}% vs the {stack} trace: {_KNOWN_GAPS[stack]}")
     assert abs(error) < ESTIMATE_TOLERANCE, f"estimate {100 * error:+.2f}% vs the {stack} trace"
+
+
+@needs_torchtune
+def test_installed_torchtune_and_torchao_no_longer_requantize_on_the_gpu():
+    """``--load requantize`` is torchtune 0.1.x + torchao 0.1 only (terms/loading.py). At the installed versions:
+    torchtune registers no NF4 ``aten.copy_`` of its own (its 0.1.x ``to_nf4(src.to(dest.device))`` was deleted by
+    #1294, 2024-08-23), so torchao's copy quantizes the source where it lies; and torchao stores the double-quantized
+    ``quantization_factor`` compactly (``.contiguous()``), not as a view of the n/64-element bf16 tensor that 0.1
+    kept (1/32 B per weight)."""
+    import torch
+
+    from vramcalc.tracing.stacks import _compat
+
+    _compat.install()  # torchtune 0.6.1 imports torchao.dtypes.nf4tensor (moved in torchao 0.13)
+    from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+    from torchtune.modules.low_precision import _register_nf4_dispatch_ops  # noqa: F401  (registers its overrides)
+
+    copy_impl = nf4_tensor.NF4_OPS_TABLE[torch.ops.aten.copy_.default]
+    assert not copy_impl.__module__.startswith("torchtune")
+    weight = nf4_tensor.to_nf4(torch.zeros(256, 1024, dtype=torch.bfloat16))
+    n = 256 * 1024
+    assert weight.quantization_factor.untyped_storage().nbytes() < n / 1000
+
+
+@needs_litgpt
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_litgpt_qlora_holding_inputs_matches_the_trace_with_the_reshaped_attention_output(kv_heads):
+    """bitsandbytes <= 0.43 (litgpt 0.4.x pinned 0.42.0: ``MatMul4Bit.forward`` ``ctx.tensors = (A, B)``,
+    ``bitsandbytes/autograd/_functions.py:522-523`` at 0.42.0), emulated in litgpt's own trace: every distinct
+    4-bit input is held, and o_proj's is litgpt's ``y.reshape(B, T, a·d)`` of the head-major flash output, a copy
+    SDPA does not save (``model.py`` CausalSelfAttention.forward). The held inputs per layer are at least the
+    norm outputs, that copy and the MLP product: 2·T·(h + a·d + h + I) bytes beyond the LoRA-only saves."""
+    import vramcalc as vc
+
+    spec = ModelSpec(name="stack-tiny-kv", family="llama", hidden_size=256, num_layers=2, num_heads=4,
+                     num_kv_heads=kv_heads, head_dim=64, intermediate_size=768, vocab_size=2048,
+                     max_position_embeddings=1024)
+    options = dict(method="qlora", batch_size=2, seq_len=256, lora_rank=32, lora_targets="q_proj,v_proj",
+                   stable_embedding=False, double_quant=False)
+    held = _run("litgpt", spec, quant_saves_input=True, **options)
+    plain = _run("litgpt", spec, quant_saves_input=False, **options)
+    estimated = vc.estimate(spec, stack="litgpt", quant_saves_input=True, **options)
+    tokens, h = 2 * 256, spec.hidden_size
+    per_layer = 2 * tokens * (h + spec.num_heads * spec.head_dim + h + spec.intermediate_size)
+    assert held.step_terms[Term.ACTIVATIONS] - plain.step_terms[Term.ACTIVATIONS] >= spec.num_layers * per_layer
+    assert abs(estimated.peak_tensor_bytes / _step_peak(held) - 1) < 0.005

@@ -102,3 +102,20 @@ TORCHAO_01_TO_NF4_BYTES_PER_WEIGHT = 68
 # ``CHUNK_SIZE = 1024**2``: traced on fake bf16 weights, peak scratch 9.0 B/weight at 4096x4096 and 6.2 B/weight at
 # 14336x4096 (about 4.5·n plus a fixed ~70 MB); not a vramcalc option yet.)
 BNB_QUANTIZE_4BIT_SCRATCH_BYTES_PER_WEIGHT = 4 / 64
+# torchtune 0.1.x re-quantizes every NF4 weight while loading the checkpoint (``--load requantize``): its own
+# ``aten.copy_`` override for NF4Tensor (torchtune 0.1.1 wheel ``torchtune/utils/_register_nf4_dispatch_ops.py:22-42``;
+# the same at the rows' commits 0914d5cfb, 20747cd87, fde0dc403, 0217d44c2; deleted by #1294, 3d7ca3869, 2024-08-23)
+# runs ``to_nf4(args[0][1].to(dest_tensor.device))`` while the whole quantized model is already built
+# (``recipes/lora_finetune_single_device.py:254-269``: build under ``self._device``, then ``load_state_dict``).
+# Bytes per weight of the largest Linear, torchao 0.1 (wheel ``torchao/dtypes/nf4tensor.py``): the checkpoint tensor
+# moved to the GPU in its own dtype (2; Llama-2-7b-hf ships fp16), ``to_nf4``'s ``tensor.to(torch.bfloat16)`` (2, for a
+# non-bf16 checkpoint; :598), the scaled blocks ``blocks / scales`` (2; :394) with their bf16 absmax (2/64),
+# ``quantize_tensor_nearest``'s ``(value - nf4)`` and ``.abs()`` [n, 16] bf16 (32 + 32; :438-446), and the new
+# tensor's double-quantized scalers made before (int8 1/64 + the factor's 2/64, below). Measured with
+# vramcalc's AllocationTracker on the wheel's own code (CPU tensors, [2752, 1024], fp16 source): 70.075 B/weight.
+TORCHTUNE_01_REQUANTIZE_BYTES_PER_WEIGHT = 2 + 2 + 2 + 2 / 64 + 32 + 32 + 1 / 64 + 2 / 64
+# torchao 0.1 ``double_quantize_scalers`` (nf4tensor.py:333-349) keeps ``quantization_factor[:, 0]``, a strided view
+# of the [n/64/256, 256] bf16 tensor ``256 / (2 * scaler_absmax)``: every NF4 weight holds n/64 bf16 (1/32 B per
+# weight) beside its codes, where torchao 0.18 stores n/16384 values (``.contiguous()``). Measured as above:
+# ``quantization_factor.untyped_storage().nbytes() / n`` = 0.03125 (0.1), 0.000122 (0.18).
+TORCHAO_01_FACTOR_BYTES_PER_WEIGHT = 2 / 64

@@ -59,7 +59,7 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "vllm_gpu_fraction": "grpo with --rollout-engine vllm: vLLM's gpu_memory_utilization, 0 to 1",
     "device_map": "none | auto: from_pretrained(device_map=\"auto\"): the layers spread over --num-gpus GPUs, one "
                   "computing at a time (no --sharding); the peak is the fullest GPU's (plan ignores it)",
-    "load": "per-tensor | per-layer | whole-model: how the weights reach the GPU (the load phase)",
+    "load": "per-tensor | per-layer | whole-model | requantize: how the weights reach the GPU (the load phase; requantize: torchtune 0.1.x + torchao 0.1)",
     "images": "images per sample for a vision-language model (smolvlm, idefics3, gemma3); their image tokens count "
               "toward --seq-len, which is every token the language model sees",
     "image_size": "pixels of a square image: SmolVLM/Idefics3 split it into ceil(S/tile)^2 tiles plus a global one "

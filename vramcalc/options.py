@@ -420,11 +420,14 @@ class LoadPath(Choice):
     per-layer    the stack builds each layer in 16 bits on the GPU and quantizes it at once (torchtune's LoRALinear
                  with ``quantize_base``, Lightning's bitsandbytes plugin).
     whole-model  the whole 16-bit model sits on the GPU, then it is quantized (``model.cuda()`` before quantizing).
+    requantize   the quantized model is built, then ``load_state_dict`` moves each 16-bit checkpoint tensor to the GPU
+                 and quantizes it again beside the whole model (torchtune 0.1.x with torchao 0.1, until 2024-08).
     """
 
     PER_TENSOR = "per-tensor"
     PER_LAYER = "per-layer"
     WHOLE_MODEL = "whole-model"
+    REQUANTIZE = "requantize"
 
 
 class AdapterDtype(Choice):

@@ -19,6 +19,17 @@ quantized bytes (codes + state), k·n the quantizer's scratch.
   are not yet there when its Linears are quantized; a quantized lm_head is the last Linear built.
 - ``whole-model``: the 16-bit model on the GPU, then quantized tensor by tensor: every weight at 2 bytes plus the
   first quantized tensor's ``q(n) + k·n``.
+- ``requantize`` (torchtune 0.1.x with torchao 0.1, April-August 2024): the quantized model is built on the GPU, then
+  ``model.load_state_dict`` copies each checkpoint tensor into its NF4 weight through torchtune's ``aten.copy_``
+  override, which moves the 16-bit tensor to the GPU and runs ``to_nf4`` there, beside the whole model and before the
+  old codes are dropped: ``W + n_q/32 + r·n`` at the largest quantized Linear, r =
+  ``facts.TORCHTUNE_01_REQUANTIZE_BYTES_PER_WEIGHT`` (about 70), n_q/32 the bf16 ``quantization_factor`` storage that
+  torchao 0.1 keeps with every NF4 weight (``facts.TORCHAO_01_FACTOR_BYTES_PER_WEIGHT``; n_q all quantized weights).
+  The checkpoint's dtype is not known to vramcalc: the cast of a non-bf16 (fp16) checkpoint is counted (2 B/weight,
+  3% of r, too high for a bf16 checkpoint). The training step's weights keep vramcalc's NF4 bytes (the n_q/32 is
+  left out there: docs/stacks-research.md). The build before it peaks within 0.1% of this (torchtune 0.1.1
+  deep-copies one built layer per decoder layer and its NF4 ``clone`` re-quantizes too; replayed in
+  ``docs/evidence/torchtune01_reserved``: 7.281 GB build, 7.286 GB load for Llama-2-7B).
 
 Quantizer scratch ``k`` (``facts``): bitsandbytes ``quantize_4bit`` 4/64 B per weight with double quantization, 0
 without (and 0 for int8); torchao 0.1 ``to_nf4`` 68 B per weight (docs/stacks-research.md Q4).
@@ -26,7 +37,12 @@ without (and 0 for int8); torchao 0.1 ``to_nf4`` 68 B per weight (docs/stacks-re
 
 from __future__ import annotations
 
-from ..facts import BNB_QUANTIZE_4BIT_SCRATCH_BYTES_PER_WEIGHT, TORCHAO_01_TO_NF4_BYTES_PER_WEIGHT
+from ..facts import (
+    BNB_QUANTIZE_4BIT_SCRATCH_BYTES_PER_WEIGHT,
+    TORCHAO_01_FACTOR_BYTES_PER_WEIGHT,
+    TORCHAO_01_TO_NF4_BYTES_PER_WEIGHT,
+    TORCHTUNE_01_REQUANTIZE_BYTES_PER_WEIGHT,
+)
 from ..model import ModelSpec
 from ..options import Method
 from ..units import round_up
@@ -59,6 +75,14 @@ def _upcast_transient(tensors: tuple[StoredTensor, ...]) -> int:
                 and t.kind not in ("adapter", "prompt")), default=0)
 
 
+def requantize_transient_bytes(quantized: list[StoredTensor]) -> int:
+    """``--load requantize`` beyond the built model W: torchao 0.1's n/32 factor storage of every NF4 weight, plus
+    torchtune 0.1's on-GPU re-quantization of the largest one (module docstring, ``facts``)."""
+    factors = sum(round_up(int(TORCHAO_01_FACTOR_BYTES_PER_WEIGHT * t.numel)) * t.count for t in quantized)
+    largest = max(t.numel for t in quantized)
+    return factors + round_up(int(TORCHTUNE_01_REQUANTIZE_BYTES_PER_WEIGHT * largest))
+
+
 def load_peak_bytes(model: ModelSpec, resolved, quantizer: str = "bnb") -> int:
     """Peak tensor bytes of the ``load`` phase for ``resolved.setup.load`` (module docstring).
 
@@ -79,6 +103,8 @@ def load_peak_bytes(model: ModelSpec, resolved, quantizer: str = "bnb") -> int:
                       for t in tensors if t.kind not in ("adapter", "prompt"))
         first = max(t.bytes_each + quantizer_scratch_bytes(t.numel, "bnb", t.bits, double_quant) for t in quantized)
         return max(sixteen + first, total + upcast)
+    if path == "requantize":
+        return total + requantize_transient_bytes(quantized)
     if path == "per-layer":
         tail = sum(t.total_bytes for t in tensors if t.kind in ("lm_head", "norm") and t.scope == "model")
         best = 0

@@ -160,7 +160,12 @@ class _HoldingWalk(_LayerWalk):
             return True
         repeated = self.masked and m.num_heads > m.num_kv_heads
         kernel = self.sdpa_kernel(m.num_heads, m.num_kv_heads, m.head_dim, m.head_dim, x_bytes)
-        return m.traits.fused_qkv and not repeated and kernel == "flash"
+        # litgpt builds q with ``torch.cat`` as a new [b, a, s, d] tensor (stack_layers.query_head_major): the flash
+        # output keeps that layout and ``y.reshape(B, T, a·d)`` copies it (litgpt 0.4.13 and 0.5.13 ``model.py``
+        # CausalSelfAttention.forward); SDPA saves its output, not the copy the 4-bit proj holds (litgpt trace).
+        # (transformers' partial-rotary phi holds no such copy: phi-1.5 HF trace with held inputs.)
+        head_major = self.layer.layers.query_head_major
+        return kernel == "flash" and ((m.traits.fused_qkv and not repeated) or head_major)
 
     def linears(self, uses, x_bytes, x_saved=False):
         quantized = [use for use in uses if use.quantized]

@@ -165,7 +165,10 @@ def _quantize_linears(model: nn.Module, resolved: ResolvedSetup) -> None:
                 key = tuple(child.weight.shape)
                 if key not in templates:
                     templates[key] = _quantized_template(key, state_dtype, "nf4", setup.double_quant)
-                setattr(parent, name, linear4bit(child, templates[key], "nf4", setup.double_quant, torch.bfloat16))
+                layer = linear4bit(child, templates[key], "nf4", setup.double_quant, torch.bfloat16)
+                # bitsandbytes <= 0.43 (litgpt 0.4.x pinned 0.42.0): MatMul4Bit keeps its input (tracing/qlora.py)
+                layer.holds_input = bool(getattr(setup, "quant_saves_input", False))
+                setattr(parent, name, layer)
 
 
 def _quant_state_dtype(resolved: ResolvedSetup) -> torch.dtype:
