@@ -141,7 +141,6 @@ def _check_traceable(resolved: ResolvedSetup) -> None:
 def trace_any(config: dict, family: str, name: str, *, gpu=None, progress: bool | None = None, **options):
     """``trace()`` of a config.json whose model_type has no formulas: the model ``AutoModelForCausalLM.from_config``
     builds, every tensor term traced, the parameter inventory counted on the built model."""
-    from ..estimator import assemble_measured
     from .build import build_model
     from .engine import run_trace
 
@@ -176,12 +175,32 @@ def trace_any(config: dict, family: str, name: str, *, gpu=None, progress: bool 
                "formulas": "none", "traced_terms": "weights, gradients, optimizer_states, activations, logits, "
                "temporaries", "modelled_terms": "runtime_overhead, allocator_slack",
                "trace_seconds": round(result.seconds, 3), "trace_peak_rss_bytes": result.peak_rss_bytes}
-    breakdown = assemble_measured(spec, resolved, result.terms, result.phase, source="trace", gpu=gpu,
-                                  paged_bytes=result.paged_bytes, details=details)
-    # on a named GPU the runtime terms and the verdict, but no step time: its model reads the family's formulas
-    kept = {key: value for key, value in breakdown.details.items()
-            if key in details or key in ("paged_optimizer_bytes", "runtime_profile")}
-    return dataclasses.replace(breakdown, details=kept)
+    return _breakdown(spec, resolved, result, gpu, details)
+
+
+def _breakdown(spec: ModelSpec, resolved: ResolvedSetup, result, gpu, details: dict):
+    """The traced tensor terms plus the runtime terms ``estimator.assemble_measured`` adds to every trace (one GPU,
+    no engine: ``runtime_overhead_bytes(profile, gpu, 1, paged)``, ``allocator_slack_bytes(profile, peak)``).
+    assemble_measured itself is not called: its other details (trainable count, step time) read the family's
+    formulas, which the stand-in spec does not have."""
+    import functools
+
+    from ..breakdown import MemoryBreakdown
+    from ..catalogue import get_gpu
+    from ..estimator import _inputs
+    from ..options import Term
+    from ..profiles import runtime_profile
+    from ..terms import runtime
+
+    device = get_gpu(gpu) if gpu is not None else None
+    profile = runtime_profile(device)
+    terms = {term: int(result.terms.get(term, 0)) for term in Term if term.is_tensor}
+    peak_tensor = sum(terms.values())
+    terms[Term.RUNTIME_OVERHEAD] = runtime.runtime_overhead_bytes(profile, device, 1, result.paged_bytes)
+    terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor)
+    details = {**details, "paged_optimizer_bytes": result.paged_bytes, "runtime_profile": profile.source}
+    inputs = functools.partial(_inputs, spec, resolved, device)
+    return MemoryBreakdown(spec.name, terms, result.phase, inputs, "trace", device, resolved.warnings, details)
 
 
 def _target_names(targets) -> tuple[str, ...]:
