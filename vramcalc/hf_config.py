@@ -322,7 +322,8 @@ def _unsupported(family: str, config: dict) -> str:
     inner = nested.get("model_type") if isinstance(nested, dict) else None
     shown = _short(family) + (f" (language model {_short(inner)})" if isinstance(inner, str) else "")
     return (f"unsupported architecture {shown}; supported: {', '.join(SUPPORTED_FAMILIES)}; vramcalc has no formulas "
-            f"for this family: {trace_hint()}")
+            f"for this family: {trace_hint()}, or size a supported model of similar shape (vramcalc models --max-params N "
+            "lists them)")
 
 
 def trace_hint(command: str = "vramcalc trace MODEL") -> str:
