@@ -94,3 +94,26 @@ def test_lora_on_named_modules_trains_exactly_their_adapters(tmp_path):
 def test_lora_target_that_is_not_a_module_names_the_linear_layers(tmp_path):
     with pytest.raises(vramcalc.VramcalcError, match="not a module of this 'mpt' model; its linear layers: Wqkv"):
         vramcalc.trace(str(_write(tmp_path, "mpt")), method="lora", lora_targets="q_proj", **SETUP)
+
+
+@needs_torch
+@pytest.mark.trace
+def test_qlora_stores_the_linear_weights_in_fewer_bytes_than_lora(tmp_path):
+    """QLoRA comes through build.py's bitsandbytes path unchanged: the 4-bit linears make the weights smaller."""
+    folder = str(_write(tmp_path, "opt"))
+    lora = vramcalc.trace(folder, method="lora", lora_targets="all-linear", precision="bf16", **SETUP)
+    qlora = vramcalc.trace(folder, method="qlora", lora_targets="all-linear", precision="bf16", **SETUP)
+    assert qlora.terms()["weights"] < lora.terms()["weights"]
+    assert qlora.details["trainable_params"] == lora.details["trainable_params"]
+
+
+@needs_torch
+@pytest.mark.trace
+def test_a_model_type_transformers_does_not_know_is_one_error_line(tmp_path, capsys):
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "no_such_family", "hidden_size": 64}))
+    code, out, err = run_cli(capsys, "trace", folder)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: unsupported architecture 'no_such_family': vramcalc has no formulas for it and "
+                          "transformers has no class for it")
