@@ -155,7 +155,8 @@ def trace_any(config: dict, family: str, name: str, *, gpu=None, progress: bool 
         words = _target_names(targets)
         modules = lora_modules(model, family, words)
         setup = dataclasses.replace(resolved.setup, lora_targets=words)
-        resolved = dataclasses.replace(resolved, setup=setup, lora_modules=modules)
+        defaulted = tuple(name for name in resolved.defaulted if name != "lora_targets" or targets is None)
+        resolved = dataclasses.replace(resolved, setup=setup, lora_modules=modules, defaulted=defaulted)
     notes = [no_formulas_note(family)]
     if resolved.attn_used is not Attention.EAGER and not getattr(model, "_supports_sdpa", False):
         # transformers refuses sdpa for such a class (modeling_utils.py ``_sdpa_can_dispatch``); from_config without
