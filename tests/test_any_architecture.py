@@ -117,3 +117,15 @@ def test_a_model_type_transformers_does_not_know_is_one_error_line(tmp_path, cap
     assert code == 2 and out == "" and err.count("\n") == 1
     assert err.startswith("error: unsupported architecture 'no_such_family': vramcalc has no formulas for it and "
                           "transformers has no class for it")
+
+
+@needs_torch
+@pytest.mark.trace
+def test_the_parameter_inventory_names_each_tensor_with_its_layers_summed(tmp_path):
+    """MPT's fused Wqkv is [3d, d] in each of its layers; the inventory adds up to the parameter count."""
+    d, layers = 64, 2
+    result = vramcalc.trace(str(_write(tmp_path, "mpt")), method="full", **SETUP)
+    inventory = result.details["param_inventory"]
+    assert inventory["transformer.blocks.*.attn.Wqkv.weight"] == layers * 3 * d * d
+    assert sum(inventory.values()) == result.details["params"]
+    assert f"{result.details['params']:,}-parameter model" in result.warnings[0]

@@ -27,10 +27,11 @@ from ..training_setup import ResolvedSetup, resolve_setup
 _LORA_METHODS = (Method.LORA, Method.QLORA)
 
 
-def no_formulas_note(family: str) -> str:
+def no_formulas_note(family: str, params: int) -> str:
     """The line every output of such a trace carries."""
-    return (f"vramcalc has no formulas for {family!r}: every tensor term is traced from the model transformers builds "
-            "from this config (runtime_overhead and allocator_slack are modelled, as in every trace)")
+    return (f"vramcalc has no formulas for {family!r}: every tensor term is traced from the {params:,}-parameter model "
+            "transformers builds from this config (runtime_overhead and allocator_slack are modelled, as in every "
+            "trace)")
 
 
 def hf_config_from_dict(config: dict, family: str):
@@ -72,6 +73,18 @@ def unique_parameters(model: nn.Module) -> list:
 def parameter_count(model: nn.Module) -> int:
     """``sum(p.numel())`` over the model's unique parameters: the exact inventory of the built model."""
     return sum(p.numel() for p in unique_parameters(model))
+
+
+def parameter_inventory(model: nn.Module) -> dict:
+    """Parameter name, the decoder layer index written ``*`` -> its elements over all layers, each unique parameter
+    once (``named_parameters`` drops a tied lm_head), in the model's order; the values sum to ``parameter_count``."""
+    import re
+
+    out: dict = {}
+    for name, param in model.named_parameters():
+        key = re.sub(r"\.\d+\.", ".*.", name)
+        out[key] = out.get(key, 0) + param.numel()
+    return out
 
 
 def linear_module_names(model: nn.Module) -> tuple[str, ...]:
@@ -157,7 +170,7 @@ def trace_any(config: dict, family: str, name: str, *, gpu=None, progress: bool 
         setup = dataclasses.replace(resolved.setup, lora_targets=words)
         defaulted = tuple(name for name in resolved.defaulted if name != "lora_targets" or targets is None)
         resolved = dataclasses.replace(resolved, setup=setup, lora_modules=modules, defaulted=defaulted)
-    notes = [no_formulas_note(family)]
+    notes = [no_formulas_note(family, params)]
     if resolved.attn_used is not Attention.EAGER and not getattr(model, "_supports_sdpa", False):
         # transformers refuses sdpa for such a class (modeling_utils.py ``_sdpa_can_dispatch``); from_config without
         # attn_implementation picks eager for it, as a user's training script would get
@@ -175,7 +188,7 @@ def trace_any(config: dict, family: str, name: str, *, gpu=None, progress: bool 
     details = {"params": params, "active_params": params, "trainable_params": trainable[-1], "model_type": family,
                "formulas": "none", "traced_terms": "weights, gradients, optimizer_states, activations, logits, "
                "temporaries", "modelled_terms": "runtime_overhead, allocator_slack",
-               "trace_seconds": round(result.seconds, 3), "trace_peak_rss_bytes": result.peak_rss_bytes}
+               "param_inventory": parameter_inventory(model), "trace_seconds": round(result.seconds, 3), "trace_peak_rss_bytes": result.peak_rss_bytes}
     return _breakdown(spec, resolved, result, gpu, details)
 
 
