@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from dataclasses import fields
 
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             usage = " ".join(parser.format_usage().split())
             raise VramcalcError(f"no command given; {usage} (vramcalc --help for more)")
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # an unsupported family's trace command
         fmt = getattr(args, "format", "table")
         if fmt not in FORMATS:
             raise VramcalcError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -288,7 +290,17 @@ def _run_breakdown(args: argparse.Namespace) -> str:
 
     _check_model(args.model)
     function = estimate if args.verb == "estimate" else trace
-    result = function(args.model, gpu=args.gpu, revision=args.revision, **setup_kwargs(args))
+    try:
+        result = function(args.model, gpu=args.gpu, revision=args.revision, **setup_kwargs(args))
+    except VramcalcError as err:
+        from .hf_config import UnsupportedArchitecture, trace_hint
+
+        if args.verb != "estimate" or not isinstance(err, UnsupportedArchitecture):
+            raise
+        words = list(getattr(args, "argv", ["estimate", args.model]))
+        words[words.index("estimate")] = "trace"  # the same model and options, traced
+        raise VramcalcError(f"unsupported architecture {err.family!r}: vramcalc has no formulas for this family; "
+                            f"{trace_hint('vramcalc ' + shlex.join(words))}") from None
     _warn(result.warnings)
     return format_breakdown(result, args.format)
 

@@ -213,7 +213,7 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
         nested = _text_config(config)
         if nested is not None:
             return _with_vision(spec_from_config(nested, name=name), config)
-        raise VramcalcError(_unsupported(family, config))
+        raise UnsupportedArchitecture(_unsupported(family, config), family, config, name)
     traits = FAMILIES[family]
     defaults = {key: value for key, value in _CLASS_DEFAULTS.get(family, {}).items() if config.get(key) is None}
     if defaults:
@@ -307,13 +307,34 @@ def _with_vision(spec: ModelSpec, config: dict) -> ModelSpec:
     return dataclasses.replace(spec, vision=vision, tie_word_embeddings=vlm_tied(config), notes=notes)
 
 
+class UnsupportedArchitecture(VramcalcError):
+    """A config.json whose model_type vramcalc has no formulas for; it carries the config, so ``vramcalc trace`` can
+    still build the model transformers builds from it (``tracing/generic.py``)."""
+
+    def __init__(self, message: str, family: str, config: dict, name: str) -> None:
+        super().__init__(message)
+        self.family, self.config, self.name = family, config, name
+
+
 def _unsupported(family: str, config: dict) -> str:
     """The one line for a model_type with no formulas: what it is, what is supported, and what to do instead."""
     nested = config.get("text_config")
     inner = nested.get("model_type") if isinstance(nested, dict) else None
     shown = _short(family) + (f" (language model {_short(inner)})" if isinstance(inner, str) else "")
-    return (f"unsupported architecture {shown}; supported: {', '.join(SUPPORTED_FAMILIES)}; size a supported model of "
-            "similar shape instead (vramcalc models --max-params N lists them)")
+    return (f"unsupported architecture {shown}; supported: {', '.join(SUPPORTED_FAMILIES)}; vramcalc has no formulas "
+            f"for this family: {trace_hint()}, or size a supported model of similar shape (vramcalc models --max-params N "
+            "lists them)")
+
+
+def trace_hint(command: str = "vramcalc trace MODEL") -> str:
+    """What to run instead of the estimate for a family with no formulas: the trace when torch, transformers and
+    peft are installed, else the extra that installs them (``pip install 'vramcalc[trace]'``, as ``vramcalc.trace``
+    says when they are missing)."""
+    import importlib.util
+
+    if all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers", "peft")):
+        return f"trace it instead ({command} builds it with transformers and traces every term)"
+    return f"{command} can trace it once the trace extra is installed: pip install 'vramcalc[trace]'"
 
 
 def _layout_fields(f: _Fields, family: str, fields: dict) -> dict:

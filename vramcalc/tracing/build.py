@@ -213,14 +213,15 @@ def base_dtype(resolved: ResolvedSetup) -> torch.dtype:
     return TORCH_DTYPE[resolved.setup.precision.param_dtype.value]
 
 
-def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str = "cpu") -> nn.Module:
+def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str = "cpu", config=None) -> nn.Module:
     """The causal-LM model with the setup's method applied, on fake CPU tensors (or real, uninitialised ones on
-    ``device`` if fake_mode is None)."""
+    ``device`` if fake_mode is None). ``config``: the transformers config to build instead of the spec's (a family
+    with no formulas: ``generic.py``)."""
     from transformers import AutoModelForCausalLM
 
     setup = resolved.setup
     try:
-        config = hf_config(spec)
+        config = hf_config(spec) if config is None else config
         auto_class = AutoModelForCausalLM
         if setup.task.value == "reward":  # RewardTrainer's sequence classifier (model.reward_spec)
             from transformers import AutoModelForSequenceClassification as auto_class

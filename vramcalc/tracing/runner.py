@@ -36,7 +36,15 @@ def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None
     """Same signature and return type as ``estimate``; the tensor terms come from the traced step."""
     from ..estimator import assemble_measured
 
-    spec = get_model(model, revision)
+    from ..hf_config import UnsupportedArchitecture
+
+    try:
+        spec = get_model(model, revision)
+    except UnsupportedArchitecture as unsupported:  # no formulas: the model transformers builds (generic.py)
+        from .generic import trace_any
+
+        return trace_any(unsupported.config, unsupported.family, unsupported.name, gpu=gpu, progress=progress,
+                         **options)
     resolved = resolve_setup(spec, **options)
     if resolved.setup.task.value != "sft":  # TRL's trainer for the task (tracing/tasks.py)
         from .tasks import trace_task

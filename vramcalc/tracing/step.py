@@ -45,7 +45,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     inner = base_model(model).base_model  # the attribute named by base_model_prefix: model, gpt_neox, transformer
     if not hasattr(inner, "layers") and hasattr(inner, "model"):  # Llama4ForCausalLM: prefix "language_model"
         inner = inner.model
-    return inner.layers if hasattr(inner, "layers") else inner.h  # FalconModel.h
+    if hasattr(inner, "layers"):
+        return inner.layers
+    if hasattr(inner, "h"):  # FalconModel.h
+        return inner.h
+    # a family with no formulas (generic.py): the longest ModuleList (MPT's blocks, OPT's decoder.layers)
+    lists = [module for module in inner.modules() if isinstance(module, nn.ModuleList)]
+    if not lists:
+        raise VramcalcError(f"no decoder layers found in {type(inner).__name__}")
+    return max(lists, key=len)
 
 
 def make_optimizer(model: nn.Module, optimizer: Optimizer, paged_context=None) -> torch.optim.Optimizer:
