@@ -80,7 +80,6 @@ class GpuSpec:
 
 
 @functools.cache
-@functools.cache
 def _hybrid_layers() -> dict[str, dict]:
     """``data/hybrid_layers.csv``: the per-layer kinds (``layer_types``, space-separated) and the short convolution's
     width (``conv_L_cache``) of the catalogue's hybrid models, by name, each row with its source."""
@@ -88,6 +87,7 @@ def _hybrid_layers() -> dict[str, dict]:
                           or 0} for row in _read_csv("hybrid_layers.csv")}
 
 
+@functools.cache
 def _model_rows() -> dict[str, ModelSpec]:
     models = {}
     for row in _read_csv("models.csv"):
