@@ -209,15 +209,19 @@ def plan_frame(result: PlanRows, pandas=None):
 
 
 def _as_searched(options: dict, max_gpus: int) -> dict:
-    """The options as given (``device_map`` on 2 GPUs when no count is given; a given count of data-parallel GPUs
-    with the sharding plan gives it); for an offloading setup, which needs a GPU count and a sharding to be valid, at the
+    """The options as given (``device_map`` or a given sharding on 2 GPUs when no count is given; a given count of
+    data-parallel GPUs with the sharding plan gives it); for an offloading setup, which needs a GPU count and a sharding to be valid, at the
     count the search starts from; for ``--task kto`` without a batch size, at the two rows KTOTrainer needs."""
     if "batch_size" not in options and str(options.get("task", "")).strip().lower() == "kto":
         options = dict(options, batch_size=2)  # KTOTrainer's KL term needs two rows (task_setup.py)
     if str(options.get("device_map") or "none").strip().lower() != "none" and options.get("num_gpus") is None:
         options = dict(options, num_gpus=2)  # device_map auto spreads the layers over 2 GPUs or more
-    data_parallel = not {"sharding", "tp", "device_map"} & {key for key, value in options.items() if value is not None}
-    if offload_of(options) is Offload.NONE and not (data_parallel and options.get("num_gpus") is not None):
+    given = {key for key, value in options.items() if value is not None}
+    if "sharding" in given and str(options["sharding"]).strip().lower() != Sharding.NONE.value and \
+            not given & {"num_gpus", "tp"} and offload_of(options) is Offload.NONE:
+        return dict(options, num_gpus=2)  # a sharding shards over 2 GPUs or more
+    data_parallel = not {"sharding", "tp", "device_map"} & given
+    if offload_of(options) is Offload.NONE and not (data_parallel and "num_gpus" in given):
         return options
     return at_count(options, counts_to_try(options, max_gpus)[0])
 
@@ -290,9 +294,12 @@ def _candidate_row(spec, device, tokens, epochs, mfu, prices, options, pinned_ba
 
 def _interconnect_columns(device, resolved: ResolvedSetup) -> dict:
     """The links a data-parallel ring over the row's GPUs runs on (``cost.link_plan``): 'nvlink', 'pcie', or
-    'nvlink+infiniband' etc. across nodes, and the ring's GB/s per GPU and direction; empty on one GPU."""
+    'nvlink+infiniband' etc. across nodes, and the ring's GB/s per GPU and direction (a tensor-parallel group or a
+    device_map pipeline: the links between its GPUs); empty on one GPU."""
     setup = resolved.setup
-    links = checked_link_plan(device, setup) if setup.num_gpus > 1 and setup.sharding is not Sharding.NONE else None
+    model_parallel = setup.tp > 1 or setup.device_map is DeviceMap.AUTO  # the group's own links, inside a node
+    links = checked_link_plan(device, setup) if setup.num_gpus > 1 and setup.sharding is not Sharding.NONE else \
+        checked_link_plan(device, setup, setup.num_gpus) if setup.num_gpus > 1 and model_parallel else None
     if links is None:
         return {"interconnect": None, "interconnect_gb_per_s": None}
     return {"interconnect": links.word, "interconnect_gb_per_s": links.ring_gb_s}
