@@ -236,7 +236,12 @@ def max_batch_size(model, gpu, *, limit: int = MAX_MICRO_BATCH, **options) -> in
     memory = device.memory_bytes
 
     def total(batch: int) -> int:
-        return estimate(spec, gpu=device, batch_size=batch, **options).total_bytes
+        try:
+            return estimate(spec, gpu=device, batch_size=batch, **options).total_bytes
+        except VramcalcError:
+            if batch <= first + 1:
+                raise  # the setup's own error, at the batch sizes every search starts from
+            return memory + 1  # past the estimator's size bound (training_setup.oversize_error): it does not fit
 
     # the smallest batch the task runs: KTOTrainer's KL term needs two rows (task_setup.py), every other task one
     first = 2 if str(options.get("task", "")).strip().lower() == "kto" else 1
