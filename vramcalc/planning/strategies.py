@@ -187,25 +187,36 @@ def candidates(spec, device, options: dict, max_gpus: int) -> list[Candidate]:
 
     Pruning: of a pair (``families``), the checkpointed strategy is searched first: checkpointing never adds
     memory, so where it fits nowhere the plain one does not either, and where it fits on c GPUs the plain one is
-    searched from c up (and kept beside it only when it needs more GPUs). Offload params saves more than offload
-    optimizer: when the first fits nowhere, the second is not tried."""
+    searched from c up (and kept beside it only when it needs more GPUs). Tensor parallelism is searched from the
+    fewest GPUs its largest accepted degree fits on (``_tensor_parallel_floor``), and not at all when that degree
+    fits nowhere. Offload params saves more than offload optimizer: when the first fits nowhere, the second is not
+    tried."""
     levels = [None] if options.get("offload") is not None else [None, *OFFLOADS]
     limit = positive_count(options["num_gpus"], "number of GPUs") if options.get("num_gpus") is not None \
         else max_gpus
     top = limit
     found: list[Candidate] = []
     for offload in levels:
+        tp_low = None  # the fewest GPUs any tensor-parallel strategy could fit on (``_tensor_parallel_floor``)
         for plain, checked in families(spec, options, offload):
             if top < 1:
                 return found
-            saving = _fewest(spec, device, options, checked, top, tail=top == limit) if checked is not None else None
+            low = 1
+            if plain.layout == Layout.TENSOR_PARALLEL and not plain.baseline:
+                if tp_low is None:
+                    tp_low = _tensor_parallel_floor(spec, device, options, top, top == limit)
+                if tp_low == 0:
+                    continue
+                low = tp_low
+            saving = _fewest(spec, device, options, checked, top, low, tail=top == limit) if checked is not None \
+                else None
             if checked is not None and saving is None:
                 if plain.baseline:
                     _fewest(spec, device, options, plain, 0)  # the user's own errors, raised
                 if offload is not None:
                     return found  # the most saving offload fits nowhere
                 continue
-            kept = _fewest(spec, device, options, plain, top, low=saving.count if saving else 1, tail=top == limit)
+            kept = _fewest(spec, device, options, plain, top, low=saving.count if saving else low, tail=top == limit)
             pair = [kept] + ([saving] if saving is not None and (kept is None or saving.count < kept.count) else [])
             found += [candidate for candidate in pair if candidate is not None]
             if found:
@@ -213,6 +224,30 @@ def candidates(spec, device, options: dict, max_gpus: int) -> list[Candidate]:
         if found:
             return found
     return found
+
+
+def _tensor_parallel_floor(spec, device, options: dict, top: int, tail: bool) -> int:
+    """The fewest GPUs the most saving tensor-parallel strategy fits on (the largest degree the setup accepts,
+    checkpointed when plan may checkpoint), 0 when it fits nowhere up to ``top``, 1 when it fits on its own degree
+    (no floor): on as many GPUs, a smaller degree splits the layers' activations and weights over fewer ranks and
+    shards the rest as far, so it holds at least as much; on fewer GPUs each holds more still."""
+    pairs = [pair for pair in families(spec, options, None)
+             if pair[0].layout == Layout.TENSOR_PARALLEL and not pair[0].baseline]
+    for plain, checked in reversed(pairs):  # the largest degree first
+        strategy = checked or plain
+        counts = strategy.counts(options, top, 1, tail)
+        if not len(counts):
+            continue
+        try:
+            resolve_setup(spec, **strategy.options(options, counts[0]))
+        except VramcalcError:
+            continue  # this degree is refused (heads it does not divide): try the next smaller one
+        found = _fewest(spec, device, options, strategy, top, tail=tail)
+        if found is None:
+            return 0
+        # on exactly its degree, a smaller degree may still fit fewer GPUs (a larger share each): no floor
+        return found.count if found.count > strategy.tp else 1
+    return 0
 
 
 def _fewest(spec, device, options: dict, strategy: Strategy, top: int, low: int = 1,
