@@ -209,14 +209,17 @@ def plan_frame(result: PlanRows, pandas=None):
 
 
 def _as_searched(options: dict, max_gpus: int) -> dict:
-    """The options as given (``device_map`` or a given sharding on 2 GPUs when no count is given; a given count of
-    data-parallel GPUs with the sharding plan gives it); for an offloading setup, which needs a GPU count and a sharding to be valid, at the
-    count the search starts from; for ``--task kto`` without a batch size, at the two rows KTOTrainer needs."""
+    """The options as given, checked once before any GPU: ``device_map`` or a given sharding on 2 GPUs when no count
+    is given; a given count of data-parallel GPUs with the sharding plan gives it; an offloading setup, which needs
+    a GPU count and a sharding to be valid, at the count the search starts from; ``--task kto`` without a batch
+    size at the two rows KTOTrainer needs."""
     if "batch_size" not in options and str(options.get("task", "")).strip().lower() == "kto":
         options = dict(options, batch_size=2)  # KTOTrainer's KL term needs two rows (task_setup.py)
     if str(options.get("device_map") or "none").strip().lower() != "none" and options.get("num_gpus") is None:
         options = dict(options, num_gpus=2)  # device_map auto spreads the layers over 2 GPUs or more
     given = {key for key, value in options.items() if value is not None}
+    if "tp" in given and str(options["tp"]).strip() == "1":
+        given.discard("tp")  # --tp 1: no tensor parallelism
     if "sharding" in given and str(options["sharding"]).strip().lower() != Sharding.NONE.value and \
             not given & {"num_gpus", "tp"} and offload_of(options) is Offload.NONE:
         return dict(options, num_gpus=2)  # a sharding shards over 2 GPUs or more

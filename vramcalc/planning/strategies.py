@@ -13,23 +13,24 @@ A *strategy* is a way to lay the job over GPUs, as the knobs the user did not pi
 each with the setup's own gradient checkpointing and, when the user did not say and the setup does not checkpoint,
 with ``grad_ckpt=full`` too; and, only when none of these fits on any count searched, data parallelism with
 ``--offload params`` (FSDP2 ``CPUOffloadPolicy`` / ZeRO-3 ``offload_param``), then ``--offload optimizer``
-(ZeRO-3 ``offload_optimizer``), on hosts of at most ``PLAN_HOST_RAM_BYTES_PER_NODE`` each. A knob the user gave (``sharding``, ``tp``, ``device_map``, ``offload``,
-``quant_storage``, ``grad_ckpt``, ``num_gpus``) is kept: no strategy changes it. Every candidate is a full
-``estimate()``; the plan row builder then times and prices each candidate that fits and keeps the cheapest by the
-plan's ranking figure (``ranking.choice_key``), fewest GPUs on a tie.
+(ZeRO-3 ``offload_optimizer``), on hosts of at most ``PLAN_HOST_RAM_BYTES_PER_NODE`` each. A knob the user gave
+(``sharding``, ``tp``, ``device_map``, ``offload``, ``quant_storage``, ``grad_ckpt``, ``num_gpus``) is kept: no
+strategy changes it. Every candidate is a full ``estimate()``; the plan row builder (``plan_rows._gpu_row``) then
+gives each candidate that fits its largest micro-batch, times and prices it, and keeps the cheapest by the plan's
+ranking figure (``ranking.best_setup``), fewest GPUs on a tie.
 
-Pruning (plan stays a few hundred estimates per GPU type): each strategy's GPU count is searched as
-``search.first_fit`` searches the data-parallel one (powers of two, then bisection), but only up to the fewest GPUs
-an earlier strategy already fits on: the strategies come in order of how much they change the job (the user's
-setup first, then checkpointing, tensor parallelism, device_map), so a later one is kept only when it fits on as
-few GPUs or fewer. Tensor parallelism and device_map need two GPUs or more, so they are never tried where one GPU
-is enough. Offload is tried only when nothing else fits.
+Pruning (``candidates``): each strategy's GPU count is searched as ``search.first_fit`` searches the data-parallel
+one (powers of two, then bisection); the strategies come in order of how much they change the job (the user's setup
+first, then tensor parallelism, then device_map, each plain before checkpointed), and a later one is kept only when
+it fits on fewer GPUs than every earlier one. Tensor parallelism and device_map need two GPUs or more, so they are
+never tried where one GPU is enough. Offload is tried only when nothing else fits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from ..breakdown import MemoryBreakdown
 from ..errors import VramcalcError
@@ -50,8 +51,8 @@ OFFLOADS = (Offload.PARAMS, Offload.OPTIMIZER)  # tried in this order, only when
 PLAN_HOST_RAM_BYTES_PER_NODE = 2 * 10**12
 
 
-class Layout:
-    """How a strategy lays the model over its GPUs (plain words, as the ``parallelism`` column starts)."""
+class Layout(str, Enum):
+    """How a strategy lays the model over its GPUs."""
 
     DATA_PARALLEL = "data parallel"
     TENSOR_PARALLEL = "tensor parallel"
@@ -176,7 +177,8 @@ def _sharding_composes_with_tp(options: dict) -> bool:
 def _default_grad_ckpt(spec, options: dict) -> GradCkpt:
     """The checkpointing the setup runs when plan sets none (the default, or the stack's preset)."""
     try:
-        return resolve_setup(spec, **{k: v for k, v in options.items() if k in ("stack", "method", "task")}).setup.grad_ckpt
+        chosen = {key: value for key, value in options.items() if key in ("stack", "method", "task")}
+        return resolve_setup(spec, **chosen).setup.grad_ckpt
     except VramcalcError:
         return GradCkpt.NONE
 
@@ -308,7 +310,8 @@ def parallelism_text(setup, chosen: frozenset = frozenset()) -> str:
         parts = ["1 GPU" if n == 1 else f"{n} independent copies"]
     else:
         parts = [f"{setup.sharding.value} x{n}"]
-    if setup.method is Method.QLORA and setup.quant_storage is not QuantStorage.UINT8 and setup.sharding in (Sharding.FSDP, Sharding.ZERO3):
+    if setup.method is Method.QLORA and setup.quant_storage is not QuantStorage.UINT8 and \
+            setup.sharding in (Sharding.FSDP, Sharding.ZERO3):
         parts.append(f"4-bit storage {setup.quant_storage.value}")
     if setup.offload is not Offload.NONE:
         parts.append(f"offload {setup.offload.value}")
