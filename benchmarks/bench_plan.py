@@ -44,9 +44,12 @@ def test_sweep_setups_per_second(benchmark, estimate_seconds):
 
 
 @pytest.mark.parametrize("model, method, tokens", [("llama-3.1-8b", "lora", 1e9), ("llama-3.3-70b", "qlora", 1e9),
-                                                   ("deepseek-r1", "lora", 1e9), ("llama-3.1-8b", "lora", None)])
+                                                   ("deepseek-r1", "lora", 1e9), ("llama-3.1-8b", "lora", None),
+                                                   ("llama-3.1-70b", "full", 1e9)])
 def test_full_catalogue_plan_time(benchmark, estimate_seconds, model, method, tokens):
-    """A plan with a token budget, and one without (cost per million tokens): the same searches either way."""
+    """A plan with a token budget, and one without (cost per million tokens): the same searches either way.
+    70B full fine-tuning walks every strategy plan searches (planning/strategies.py): checkpointing, tensor
+    parallelism and device_map on the GPU types where plain FSDP needs many GPUs."""
     frame = benchmark.pedantic(plan, args=(model,), kwargs={"tokens": tokens, "method": method}, rounds=3,
                                iterations=1, warmup_rounds=1)
     seconds = benchmark.stats.stats.median

@@ -318,9 +318,6 @@ def plan_command(args: argparse.Namespace, fmt: str) -> str:
     if args.gpus is not None:
         kwargs["gpus"] = args.gpus.split(",")  # a blank name (--gpus ",,") is an error, never "all GPUs"
     model = _check_model(args.model) if not args.revision else _hub_model(args)
-    if str(setup_kwargs(args).get("device_map") or "none").strip().lower() != "none":
-        raise VramcalcError("plan does not search --device-map yet (it chooses data-parallel setups); estimate a "
-                            "split model with: vramcalc estimate MODEL --device-map auto --num-gpus N --gpu GPU")
     result = plan_rows(model, tokens=args.tokens, hosted=args.hosted, **kwargs, **setup_kwargs(args))
     _warn(result.warnings)
     columns = list(PLAN_COLUMNS)

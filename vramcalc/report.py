@@ -114,7 +114,7 @@ def budget_bands(amounts_usd) -> tuple[Budget, ...]:
 # -- hardware by size class ---------------------------------------------------------------------------------------
 HARDWARE_COLUMNS = (
     "size_class", "model", "params_b", "active_params_b", "method", "matmul_dtype", "grad_ckpt", "gpu", "fits",
-    "num_gpus", "sharding", "micro_batch", "device_gib", "host_ram_gib", "throughput_tokens_per_s",
+    "num_gpus", "parallelism", "sharding", "micro_batch", "device_gib", "host_ram_gib", "throughput_tokens_per_s",
     "usd_per_million_tokens", "rent_usd_per_hour", "price_date", "price_source", "train_hours", "rent_usd", "buy_usd",
     "list_price_usd", "list_price_date", "list_price_source", "server_usd_per_gpu", "server_price_date",
     "buy_total_usd", "note", "train_tokens", "seq_len", "catalogue_version", "catalogue_date",

@@ -43,11 +43,13 @@ from ..cost import (
 from ..errors import VramcalcError, positive_number
 from ..estimator import estimate
 from ..model import ModelSpec
-from ..options import Interconnect, Method, Offload, Sharding, Term
+from ..options import DeviceMap, Interconnect, Method, Offload, Sharding, Term
+from ..terms.tensor_parallel import rank_view
 from ..training_setup import ResolvedSetup, resolve_setup
 from ..units import BYTES_PER_GIB
 from .host_memory import host_ram
 from .ranking import RANK_BY, plan_summary, rank_rows
+from .ranking import best_setup
 from .search import (
     DEFAULT_MAX_GPUS,
     at_count,
@@ -56,12 +58,11 @@ from .search import (
     max_batch_size,
     offload_of,
     positive_count,
-    smallest_gpu_count,
-    with_4bit_storage,
 )
 from .stamp import catalogue_stamp
+from .strategies import candidates, chosen_knobs, parallelism_text
 
-COUNT_COLUMNS = ("seq_len", "num_gpus", "micro_batch")  # integers, empty where they do not apply (nullable)
+COUNT_COLUMNS = ("seq_len", "num_gpus", "tp", "micro_batch")  # integers, empty where they do not apply (nullable)
 TERM_COLUMNS = tuple(f"{term.value}_gib" for term in Term)
 # The cheapest published rate of each kind (data/cloud_prices.csv), each with where, when and from whom.
 RATE_KINDS = ("on-demand", "spot", "reserved")
@@ -69,7 +70,8 @@ RATE_FIELDS = ("usd_per_gpu_hour", "provider", "region", "price_date", "source")
 RATE_COLUMNS = tuple(f"{kind.replace('-', '')}_{field}" for kind in RATE_KINDS for field in RATE_FIELDS)
 PLAN_COLUMNS = (
     "rank", "offer", "model", "stack", "method", "precision", "optimizer", "seq_len", "grad_ckpt", "attn", "matmul_dtype",
-    "gpu", "gpu_memory_gib", "num_gpus", "sharding", "quant_storage", "interconnect", "interconnect_gb_per_s",
+    "gpu", "gpu_memory_gib", "num_gpus", "parallelism", "sharding", "tp", "device_map", "offload", "quant_storage",
+    "plan_chose", "interconnect", "interconnect_gb_per_s",
     "micro_batch", "fits", "device_gib",
     "headroom_gib", "phase",
     *TERM_COLUMNS,
@@ -88,6 +90,8 @@ PLAN_COLUMNS = (
 )
 
 
+# the knobs plan may choose, in the order the plan_chose cell lists them
+PLAN_CHOICE_ORDER = ("num_gpus", "sharding", "tp", "device_map", "quant_storage", "offload", "grad_ckpt")
 PLAN_EXTRA = "plan"  # pip install 'vramcalc[plan]' (pandas, numpy): DataFrames from plan() and sweep()
 
 
@@ -139,12 +143,13 @@ def plan_rows(model, *, tokens=None, epochs=1, gpus=None, max_gpus: int = DEFAUL
     stamp = catalogue_stamp()
     kwh_source = DEFAULT_USD_PER_KWH_SOURCE if usd_per_kwh == DEFAULT_USD_PER_KWH else "given (usd_per_kwh)"
     prices = dict(usd_per_kwh=usd_per_kwh, usd_per_kwh_source=kwh_source, amortisation_years=amortisation_years)
-    rows = [_gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, dict(options)) for device in devices]
+    per_million = tokens is None
+    rows = [_gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, dict(options), rank_by, per_million)
+            for device in devices]
     if hosted:
         rows += _hosted_rows(spec, tokens, epochs, options, max_gpus)
     for row in rows:
         row["catalogue_version"], row["catalogue_date"] = stamp.version, stamp.date
-    per_million = tokens is None
     rows = rank_rows(rows, rank_by, per_million=per_million)
     return PlanRows(rows, plan_summary(rows, spec, limit, rank_by, per_million=per_million), tuple(notes),
                     stamp.version, stamp.date)
@@ -204,11 +209,22 @@ def plan_frame(result: PlanRows, pandas=None):
 
 
 def _as_searched(options: dict, max_gpus: int) -> dict:
-    """The options as given; for an offloading setup, which needs a GPU count and a sharding to be valid, at the
-    count the search starts from; for ``--task kto`` without a batch size, at the two rows KTOTrainer needs."""
+    """The options as given, checked once before any GPU: ``device_map`` or a given sharding on 2 GPUs when no count
+    is given; a given count of data-parallel GPUs with the sharding plan gives it; an offloading setup, which needs
+    a GPU count and a sharding to be valid, at the count the search starts from; ``--task kto`` without a batch
+    size at the two rows KTOTrainer needs."""
     if "batch_size" not in options and str(options.get("task", "")).strip().lower() == "kto":
         options = dict(options, batch_size=2)  # KTOTrainer's KL term needs two rows (task_setup.py)
-    if offload_of(options) is Offload.NONE:
+    if str(options.get("device_map") or "none").strip().lower() != "none" and options.get("num_gpus") is None:
+        options = dict(options, num_gpus=2)  # device_map auto spreads the layers over 2 GPUs or more
+    given = {key for key, value in options.items() if value is not None}
+    if "tp" in given and str(options["tp"]).strip() == "1":
+        given.discard("tp")  # --tp 1: no tensor parallelism
+    if "sharding" in given and str(options["sharding"]).strip().lower() != Sharding.NONE.value and \
+            not given & {"num_gpus", "tp"} and offload_of(options) is Offload.NONE:
+        return dict(options, num_gpus=2)  # a sharding shards over 2 GPUs or more
+    data_parallel = not {"sharding", "tp", "device_map"} & given
+    if offload_of(options) is Offload.NONE and not (data_parallel and "num_gpus" in given):
         return options
     return at_count(options, counts_to_try(options, max_gpus)[0])
 
@@ -222,8 +238,11 @@ def _setup_columns(spec: ModelSpec, resolved: ResolvedSetup) -> dict:
     }
 
 
-def _gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, options) -> dict:
-    """Fit, batch, time and cost of the setup on one GPU type."""
+def _gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, options, rank_by="cost",
+             per_million=False) -> dict:
+    """Fit, batch, time and cost of the setup on one GPU type: every strategy that fits on its fewest GPUs
+    (``strategies.candidates``: data parallel, FSDP-QLoRA, checkpointing, tensor parallel, device_map, then offload),
+    each at its largest micro-batch, timed and priced; the cheapest by the plan's ranking figure is the row."""
     pinned_batch = options.pop("batch_size", None)
     fixed = dict(options, batch_size=pinned_batch) if pinned_batch is not None else options
     if pinned_batch is None and str(options.get("task", "")).strip().lower() == "kto":
@@ -232,22 +251,32 @@ def _gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, options) -> di
            "train_tokens": tokens, "epochs": epochs, "price_date": device.cloud_price_date or None,
            "price_source": device.cloud_price_basis or None, **prices}
     row.update(_setup_columns(spec, resolve_setup(spec, **_as_searched(fixed, max_gpus))))
-    found = smallest_gpu_count(spec, device, max_gpus=max_gpus, **fixed)
-    if found is None:
+    found = candidates(spec, device, fixed, max_gpus)
+    if not found:
         limit = options.get("num_gpus") or max_gpus
         row.update(fits=False, note=f"does not fit on {limit} x {device.name}")
         return row
-    count, breakdown = found
-    at_found = with_4bit_storage(dict(options, num_gpus=count, sharding=breakdown.inputs["sharding"]))
+    rows = [_candidate_row(spec, device, tokens, epochs, mfu, prices, options, pinned_batch, candidate, dict(row))
+            for candidate in found]
+    return best_setup(rows, rank_by, per_million=per_million)
+
+
+def _candidate_row(spec, device, tokens, epochs, mfu, prices, options, pinned_batch, candidate, row) -> dict:
+    """One strategy's row: its largest micro-batch (or the pinned one), memory, host RAM, time and cost."""
+    at_found = candidate.options
     batch = pinned_batch or max_batch_size(spec, device, **at_found)
     breakdown = estimate(spec, gpu=device, batch_size=batch, **at_found)
     resolved = resolve_setup(spec, batch_size=batch, **at_found)
+    setup = resolved.setup
     used = breakdown.total_bytes
     host = host_ram(spec, resolved, breakdown)
+    chosen = chosen_knobs(candidate.strategy, options, setup)
     row.update(_setup_columns(spec, resolved))
     row.update(
-        fits=True, num_gpus=count, sharding=resolved.setup.sharding.value, micro_batch=batch,
-        quant_storage=resolved.setup.quant_storage.value if resolved.setup.method is Method.QLORA else None,
+        fits=True, num_gpus=setup.num_gpus, parallelism=parallelism_text(setup, chosen),
+        sharding=setup.sharding.value, tp=setup.tp, device_map=setup.device_map.value, offload=setup.offload.value,
+        plan_chose=",".join(knob for knob in PLAN_CHOICE_ORDER if knob in chosen) or None, micro_batch=batch,
+        quant_storage=setup.quant_storage.value if setup.method is Method.QLORA else None,
         **_interconnect_columns(device, resolved),
         device_gib=used / BYTES_PER_GIB, headroom_gib=(device.memory_bytes - used) / BYTES_PER_GIB,
         phase=breakdown.phase.value,
@@ -259,14 +288,21 @@ def _gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, options) -> di
     row.update({f"{term}_gib": value / BYTES_PER_GIB for term, value in breakdown.terms().items()})
     row.update(_time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices,
                               breakdown.details.get("paged_optimizer_bytes", 0)))
+    if "grad_ckpt" in chosen:
+        row["note"] = "; ".join(filter(None, ["plan turned on gradient checkpointing (--grad-ckpt " +
+                                              f"{setup.grad_ckpt.value}); pin --no-grad-ckpt to keep it off",
+                                              row.get("note")]))
     return row
 
 
 def _interconnect_columns(device, resolved: ResolvedSetup) -> dict:
     """The links a data-parallel ring over the row's GPUs runs on (``cost.link_plan``): 'nvlink', 'pcie', or
-    'nvlink+infiniband' etc. across nodes, and the ring's GB/s per GPU and direction; empty on one GPU."""
+    'nvlink+infiniband' etc. across nodes, and the ring's GB/s per GPU and direction (a tensor-parallel group or a
+    device_map pipeline: the links between its GPUs); empty on one GPU."""
     setup = resolved.setup
-    links = checked_link_plan(device, setup) if setup.num_gpus > 1 and setup.sharding is not Sharding.NONE else None
+    model_parallel = setup.tp > 1 or setup.device_map is DeviceMap.AUTO  # the group's own links, inside a node
+    links = checked_link_plan(device, setup) if setup.num_gpus > 1 and setup.sharding is not Sharding.NONE else \
+        checked_link_plan(device, setup, setup.num_gpus) if setup.num_gpus > 1 and model_parallel else None
     if links is None:
         return {"interconnect": None, "interconnect_gb_per_s": None}
     return {"interconnect": links.word, "interconnect_gb_per_s": links.ring_gb_s}
@@ -306,6 +342,9 @@ def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices, paged_by
 
     Seconds per token: a calibration profile's MFU, else ``mfu`` given, else the step-time model
     (``cost.step_or_profile_utilisation``), else the GPU generation's MFU on the FLOP count.
+    tokens/s = busy GPUs / (s per token per GPU): every GPU under data and tensor parallelism (a --tp rank is timed on
+    its own slice, ``rank_view``, as ``estimate`` times it), one under ``device_map`` (a naive pipeline: one GPU
+    computes at a time, while all of them are paid for).
     usd_per_million_tokens = $/GPU-hour x GPUs / (tokens/s x 3600) x 1e6 (the catalogue's on-demand rate).
     buy_usd = the GPU unit price (``cost.gpu_list_price``, the ``list_price_usd`` column's own figure) x GPUs;
     buy_amortised_usd = the job's straight-line share of ``buy_total_usd`` (GPUs, servers and network ports).
@@ -323,18 +362,21 @@ def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices, paged_by
     if peak is None:
         out["note"] = f"{device.name} has no {dtype} matmuls: no time or cost (try another --precision)"
         return out
-    step_s_per_token, utilisation = step_or_profile_utilisation(spec, resolved, device, mfu, paged_bytes)
+    rank_spec, rank_resolved = rank_view(spec, resolved)  # --tp: one rank's slice, as estimate() times it
+    busy = 1 if setup.device_map is DeviceMap.AUTO else n  # device_map: one GPU computes at a time
+    ranks = 1 if setup.device_map is DeviceMap.AUTO else n // setup.tp  # data-parallel ranks, each one micro-batch
+    step_s_per_token, utilisation = step_or_profile_utilisation(rank_spec, rank_resolved, device, mfu, paged_bytes)
     if step_s_per_token is not None:
-        tokens_per_s = n / step_s_per_token
-        step_seconds = setup.batch_size * setup.seq_len * setup.grad_accum * step_s_per_token
-        step = step_for(spec, resolved, device, paged_bytes)  # cached: the step the time came from
-        if step is not None and n > 1 and setup.sharding is not Sharding.NONE:
+        tokens_per_s = busy / step_s_per_token
+        step = step_for(rank_spec, rank_resolved, device, paged_bytes)  # cached: the step the time came from
+        step_seconds = step.step_s
+        if n > 1 and setup.sharding is not Sharding.NONE:
             out["exposed_comm_seconds"] = step.exposed_comm_s  # of step_seconds: collectives compute left exposed
     else:
-        one = training_time(flops, 1.0, 1.0, n, peak, utilisation.mfu,
+        one = training_time(flops, 1.0, 1.0, busy, peak, utilisation.mfu,
                             eager_attention_seconds_per_token(spec, resolved, device))
         tokens_per_s = one.tokens_per_s
-        step_seconds = setup.batch_size * setup.seq_len * setup.grad_accum * n / tokens_per_s
+        step_seconds = setup.batch_size * setup.seq_len * setup.grad_accum * ranks / tokens_per_s
     notes = []
     if device.cloud_usd_per_gpu_hour is None:
         notes.append("no cloud price in the catalogue")

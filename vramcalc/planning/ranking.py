@@ -6,8 +6,8 @@ from ..export import cell, table_text
 from ..model import ModelSpec
 
 RANK_BY = ("cost", "time")
-PLAN_TABLE_COLUMNS = ("rank", "offer", "gpu", "provider", "num_gpus", "interconnect", "micro_batch", "device_gib",
-                      "host_ram_gib", "throughput_tokens_per_s", "usd_per_million_tokens", "train_hours", "rent_usd",
+PLAN_TABLE_COLUMNS = ("rank", "offer", "gpu", "provider", "num_gpus", "parallelism", "interconnect", "micro_batch",
+                      "device_gib", "host_ram_gib", "throughput_tokens_per_s", "usd_per_million_tokens", "train_hours", "rent_usd",
                       "buy_usd", "energy_kwh", "cost_usd", "note")
 # Without a token budget a plan has no hours or totals: it ranks by the cost per million training tokens, or by
 # throughput (fastest first: the hours per million tokens, 1e6 / (tokens/s · 3600)).
@@ -29,6 +29,15 @@ def rank_rows(rows: list[dict], rank_by: str = "cost", *, per_million: bool = Fa
     """Rows that can run, cheapest (or fastest) first, ranked 1..k (``rank``); then rows without that figure; then
     rows that do not fit (``rank`` None). Ties go to the other figure; the sort is stable. ``per_million``: rank by
     the cost per million training tokens and the throughput (a plan without a token budget)."""
+    key, metric, first = _order(rank_by, per_million)
+    ranked = sorted(rows, key=key)
+    for index, row in enumerate(ranked):
+        row["rank"] = index + 1 if row.get("fits") is not False and metric(row, first) is not None else None
+    return ranked
+
+
+def _order(rank_by: str, per_million: bool):
+    """(the sort key of ``rank_rows``, the metric function, the first figure's name)."""
     if per_million:
         def metric(row, name):
             return _hours_per_million(row) if name == "hours_per_million_tokens" else _number(row.get(name))
@@ -44,10 +53,14 @@ def rank_rows(rows: list[dict], rank_by: str = "cost", *, per_million: bool = Fa
         has_metric = runnable and a is not None
         return ((not has_metric) + (not runnable), a is None, a or 0.0, b is None, b or 0.0)
 
-    ranked = sorted(rows, key=key)
-    for index, row in enumerate(ranked):
-        row["rank"] = index + 1 if row.get("fits") is not False and metric(row, first) is not None else None
-    return ranked
+    return key, metric, first
+
+
+def best_setup(rows: list[dict], rank_by: str = "cost", *, per_million: bool = False) -> dict:
+    """Of one GPU type's candidate rows (each a setup that fits), the one ``rank_rows`` would put first; on a tie,
+    the one on fewest GPUs, then the first given (the least change to the user's setup)."""
+    key = _order(rank_by, per_million)[0]
+    return min(rows, key=lambda row: (key(row), row.get("num_gpus") or 0))
 
 
 def _records(rows) -> list[dict]:

@@ -56,15 +56,17 @@ def gpu_limit(value) -> int:
 
 class GpuCounts(Sequence):
     """The GPU counts a plan tries, in order: 1, 2, 4, then whole nodes of eight, then ``top`` itself (from
-    ``low`` on; ``[top]`` when none is left). Lazy: indexing and ``position`` are arithmetic, never a list."""
+    ``low`` on; ``[top]`` when none is left). ``tail=False``: without ``top`` unless it is one of those (a cap
+    that a plan strategy must stay under, not a count the user asked for). Lazy: indexing and ``position`` are
+    arithmetic, never a list."""
 
-    def __init__(self, top: int, low: int = 1):
+    def __init__(self, top: int, low: int = 1, tail: bool = True):
         self.top = top
         small = [n for n in (1, 2, 4) if low <= n <= top and n < GPUS_PER_NODE]
         first_node = max(GPUS_PER_NODE, -(-low // GPUS_PER_NODE) * GPUS_PER_NODE)
         nodes = range(first_node, top + 1, GPUS_PER_NODE)
-        tail = [top] if top >= low and top not in small and top % GPUS_PER_NODE else []
-        if not (small or nodes or tail):
+        tail = [top] if tail and top >= low and top not in small and top % GPUS_PER_NODE else []
+        if not (small or nodes or tail) and top >= low:
             small = [top]
         self._parts = (small, nodes, tail)
 
@@ -125,6 +127,8 @@ def counts_to_try(options: dict, max_gpus: int = DEFAULT_MAX_GPUS) -> list[int]:
 def _power_positions(counts) -> list[int]:
     """Indices of the powers of two among ``counts`` and of its last count, in order (about log2 of the top)."""
     last = len(counts) - 1
+    if hasattr(counts, "power_positions"):  # strategies.ScaledCounts: tp x the powers of two
+        return counts.power_positions()
     if not isinstance(counts, GpuCounts):
         return [i for i, n in enumerate(counts) if n & (n - 1) == 0 or i == last]
     positions, power = set(), 1
@@ -184,19 +188,29 @@ def smallest_gpu_count(model, gpu, *, max_gpus: int = DEFAULT_MAX_GPUS,
     counts = counts_to_try(options, max_gpus)
     options.pop("num_gpus", None)
 
-    def attempt(index: int) -> tuple[int, MemoryBreakdown] | None:
-        breakdown = estimate(spec, gpu=device, **at_count(options, counts[index]))
-        return (counts[index], breakdown) if _fits(breakdown, device.memory_bytes) else None
+    def attempt(count: int) -> MemoryBreakdown | None:
+        breakdown = estimate(spec, gpu=device, **at_count(options, count))
+        return breakdown if _fits(breakdown, device.memory_bytes) else None
 
-    probes = _power_positions(counts)
+    return first_fit(counts, attempt)
+
+
+def first_fit(counts, attempt) -> tuple[int, MemoryBreakdown] | None:
+    """The first of ``counts`` for which ``attempt(count)`` gives a breakdown (one that fits), with it; None when
+    none does. The powers of two (and the last count) are tried in order and the first bracket that fits is
+    bisected (``smallest_gpu_count`` says why): about 2 log2(len(counts)) attempts."""
+    def at(index: int):
+        breakdown = attempt(counts[index])
+        return None if breakdown is None else (counts[index], breakdown)
+
     previous = -1
-    for probe in probes:
-        found = attempt(probe)
+    for probe in _power_positions(counts):
+        found = at(probe)
         if found is not None:
             low, high = previous + 1, probe  # counts[low:high] are untried; the answer is the first that fits
             while low < high:
                 middle = (low + high) // 2
-                smaller = attempt(middle)
+                smaller = at(middle)
                 if smaller is not None:
                     found, high = smaller, middle
                 else:
@@ -222,7 +236,12 @@ def max_batch_size(model, gpu, *, limit: int = MAX_MICRO_BATCH, **options) -> in
     memory = device.memory_bytes
 
     def total(batch: int) -> int:
-        return estimate(spec, gpu=device, batch_size=batch, **options).total_bytes
+        try:
+            return estimate(spec, gpu=device, batch_size=batch, **options).total_bytes
+        except VramcalcError:
+            if batch <= first + 1:
+                raise  # the setup's own error, at the batch sizes every search starts from
+            return memory + 1  # past the estimator's size bound (training_setup.oversize_error): it does not fit
 
     # the smallest batch the task runs: KTOTrainer's KL term needs two rows (task_setup.py), every other task one
     first = 2 if str(options.get("task", "")).strip().lower() == "kto" else 1
