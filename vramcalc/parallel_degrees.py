@@ -140,6 +140,9 @@ def check_expert_degree(model: ModelSpec, setup) -> None:
                             "gives each rank n/ep whole experts (expert_parallel.py:103-107)")
     if setup.tp > 1:
         raise VramcalcError("--ep with --tp: transformers' tensor-parallel plans are modelled for dense models only")
+    if setup.num_gpus % ep:
+        raise VramcalcError(f"--num-gpus {setup.num_gpus} is not a multiple of --ep {ep}: transformers lays the "
+                            "expert-parallel groups over the data-parallel ranks (ep_size divides fsdp_size x tp_size)")
     if setup.num_gpus != ep:
         raise VramcalcError(f"--num-gpus {setup.num_gpus} with --ep {ep}: modelled for one expert-parallel group "
                             f"sharing one batch (--num-gpus {ep}); EP across FSDP data-parallel ranks "
