@@ -64,8 +64,8 @@ def main(argv=None) -> int:
     out = HERE / "accuracy_expert_parallel.csv"
     if args.from_csv:
         with open(out) as f:
-            rows = [dict(r, peak_error_pct=float(r["peak_error_pct"]), peak_estimate_bytes=int(r["peak_estimate_bytes"]),
-                         peak_trace_bytes=int(r["peak_trace_bytes"])) for r in csv.DictReader(f)]
+            rows = [dict(r, peak_error_pct=float(r["peak_error_pct"]), peak_trace_bytes=int(r["peak_trace_bytes"]),
+                         peak_estimate_bytes=int(r["peak_estimate_bytes"])) for r in csv.DictReader(f)]
     else:
         rows = run_grid(GRID[: args.limit] if args.limit else GRID, str(out))
     section = (SECTION + f"\nWritten by `python benchmarks/accuracy_expert_parallel.py` ({out.name}): one "

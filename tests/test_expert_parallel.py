@@ -128,7 +128,8 @@ def test_cli_takes_ep_and_json_shows_it(capsys):
 # -- against the trace -------------------------------------------------------------------------------------------------
 # checkpointing cases at the tiny models' 2048-token vocabulary: at 512 tokens and a 512-token vocabulary the one-GPU
 # MoE estimate itself misses the trace's layer-backward peak (ep=1: -2.5% mixtral, -4.9% qwen3-moe full, -13.4%
-# qwen3-moe LoRA all-linear; the ep24 report), a gap of the one-GPU layer-backward moments, not of the rank's view
+# qwen3-moe LoRA all-linear, -13.3% deepseek-v3 LoRA; the ep24 report), a gap of the one-GPU layer-backward
+# moments, not of the rank's view
 TRACE_CASES = [
     (TINY["qwen3_moe"], dict(ep=2, seq_len=256)),
     (QWEN3_MOE_V512, dict(ep=4, seq_len=512)),
@@ -139,6 +140,7 @@ TRACE_CASES = [
     (TINY["mixtral"], dict(ep=4, seq_len=256, grad_ckpt=True)),
     (MIXTRAL_V512, dict(ep=2, seq_len=512, method="lora")),
     (TINY["mixtral"], dict(ep=4, seq_len=256, method="lora", grad_ckpt=True)),
+    (TINY["deepseek_v3"], dict(ep=2, seq_len=256)),
 ]
 
 

@@ -110,7 +110,7 @@ def tp_warnings(setup, lora_modules: tuple[str, ...]) -> list[str]:
     return out
 
 
-# -- expert parallelism (--ep) ------------------------------------------------------------------------------------------
+# -- expert parallelism (--ep) -----------------------------------------------------------------------------------------
 # families whose transformers 5.25.0 ``base_model_ep_plan`` shards the 3-D expert tensors "grouped_gemm" and
 # dispatches tokens "ep_dispatch_experts" (models/qwen3_moe/configuration_qwen3_moe.py:66-70, mixtral :55-59,
 # qwen2_moe :69-73, deepseek_v3 :72-76, gpt_oss :43-49 with the expert biases; deepseek_v2 the same); Llama-4's
