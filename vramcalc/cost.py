@@ -42,6 +42,7 @@ from .profiles import profile_data
 from . import step_time as _step
 from .terms.distributed import Communication, communication_bytes_per_step
 from .terms.parameters import stored_tensors
+from .terms import expert_parallel as _ep
 from .terms import tensor_parallel as _tp
 from .terms.activations import dtypes as _dtypes
 from .training_setup import ResolvedSetup, resolve_setup
@@ -340,6 +341,23 @@ def tensor_parallel_shape(spec: ModelSpec, tp: int) -> _step.DecoderShape:
                    total_params=stored)
 
 
+@functools.lru_cache(maxsize=256)
+def expert_parallel_shape(spec: ModelSpec, ep: int) -> _step.DecoderShape:
+    """``decoder_shape`` of one expert-parallel rank (``--ep E``): its experts multiply T·K/E of the group's T·K
+    (token, expert) pairs (uniform routing, ``terms.expert_parallel``), so the routed experts' K/n share of the
+    matmul parameters per token is cut to 1/E; the optimizer steps n/E experts. Attention, router, shared experts
+    and lm_head compute every token of the shared batch on every rank. ep 1: ``decoder_shape``."""
+    shape = decoder_shape(spec)
+    if ep == 1:
+        return shape
+    from dataclasses import replace
+
+    routed = spec.inventory.numel(ParamKind.EXPERTS)
+    active_routed = routed * spec.experts_per_token // spec.num_experts
+    return replace(shape, active_matmul_params=shape.matmul_params - active_routed + active_routed // ep,
+                   total_params=spec.params - routed + routed // ep)
+
+
 @functools.lru_cache(maxsize=4096)
 def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes: int = 0) -> _step.StepTime | None:
     """One optimizer step of this setup on one GPU of ``gpu`` from its work (``vramcalc.step_time``), or None where
@@ -374,6 +392,10 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
     tp_links = checked_link_plan(gpu, setup, tp) if tp > 1 else None
     if tp > 1 and tp_links is None:
         return None
+    ep = _ep.ep_degree(resolved)  # --ep: the group's all-to-alls on its E GPUs' links (expert_parallel_shape)
+    ep_links = checked_link_plan(gpu, setup, ep) if ep > 1 else None
+    if ep > 1 and ep_links is None:
+        return None
     if setup.offload is not Offload.NONE:
         return None
     dtype = matmul_dtype(resolved)
@@ -392,6 +414,11 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
     shape = tensor_parallel_shape(spec, tp)
     lora = setup.method.uses_lora
     paged_s = 2 * paged_bytes / (gpu.pcie_gb_s * GB_PER_S) if paged_bytes and gpu.pcie_gb_s else 0.0
+    ep_s = 0.0
+    if ep > 1:  # AllToAllEP: the experts wait for the dispatch, the next op for the combine: no overlap
+        shape = expert_parallel_shape(spec, ep)
+        ep_s = _step.comm_seconds(_ep.expert_parallel_traffic(spec, resolved, _dtypes(
+            setup.method, setup.precision, setup.adapter_dtype).c).total_bytes, ep_links.ring_gb_s)
     work_setup = _step.StepSetup(
         tokens=setup.batch_size * setup.padded_seq_len * setup.grad_accum, seq_len=setup.padded_seq_len,
         train_base=setup.method is Method.FULL, adapter_params=0 if setup.method is Method.FULL else
@@ -399,7 +426,7 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
         fused_elementwise=bool(setup.compile) or setup.kernels is Kernels.LIGER, loss=setup.loss.value,
         quant_bits=setup.quant.bits if setup.method is Method.QLORA else 0,
         fp8_linears=setup.precision is Precision.FP8, optimizer_bytes_per_param=optimizer_bytes_per_param(resolved),
-        dp=dp, sharding=setup.sharding.value, serial_extra_s=paged_s, micro_batches=setup.grad_accum,
+        dp=dp, sharding=setup.sharding.value, serial_extra_s=paged_s + ep_s, micro_batches=setup.grad_accum,
         adapted_linears=len(resolved.lora_modules) * spec.num_layers if lora else 0,
         attention_kernel=resolved.attn_used.value,
         activation_offload=bool(setup.activation_offload), pcie_gb_s=float(gpu.pcie_gb_s or 0.0),
@@ -435,7 +462,7 @@ def step_details(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_b
         return {}
     setup = resolved.setup
     ranks = setup.num_gpus if setup.sharding is not Sharding.NONE else 1  # --tp: the data-parallel ranks (rank_view)
-    tp = _tp.tp_degree(resolved)
+    tp = _tp.tp_degree(resolved) * _ep.ep_degree(resolved)  # an --ep group also shares its tokens
     per_gpu = step.tokens_per_s * setup.seq_len / setup.padded_seq_len  # dataset tokens (prompt tuning's are extra)
     idle = setup.num_gpus if setup.device_map.value == "auto" else 1  # a naive pipeline: one GPU busy at a time
     # --tp: each rank of a group computes all of the group's tokens, so per_gpu is the group's and a GPU's is 1/tp
@@ -445,6 +472,12 @@ def step_details(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_b
     if tp > 1:  # the group's collectives, all on the critical path (part of exposed_communication)
         out["tp_communication_seconds_per_step"] = step.tensor_parallel_comm_s
         out["tp_interconnect"] = checked_link_plan(gpu, setup, tp).to_dict()
+    if _ep.ep_degree(resolved) > 1:  # the group's all-to-alls and gathers, on the critical path
+        ep = _ep.ep_degree(resolved)
+        out["ep_communication_seconds_per_step"] = _step.comm_seconds(_ep.expert_parallel_traffic(
+            spec, resolved, _dtypes(setup.method, setup.precision, setup.adapter_dtype).c).total_bytes,
+            checked_link_plan(gpu, setup, ep).ring_gb_s)
+        out["ep_interconnect"] = checked_link_plan(gpu, setup, ep).to_dict()
     links = checked_link_plan(gpu, setup)
     if ranks > 1 and links is not None:  # the links the ring ran on and the share of the step left exposed
         out["interconnect"] = links.to_dict()

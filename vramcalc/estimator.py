@@ -29,9 +29,9 @@ from .errors import VramcalcError
 from .model import ModelSpec
 from .options import DeviceMap, GradCkpt, Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
-from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, peft_methods,
-                    quantized, runtime, stack_layers, states, tasks, temporaries, tensor_parallel, trl_loss,
-                    vision)
+from .terms import (activations, adapters, distributed, expert_parallel, float8, loading, logits, optimizer, parameters,
+                    peft_methods, quantized, runtime, stack_layers, states, tasks, temporaries, tensor_parallel,
+                    trl_loss, vision)
 from .terms.distributed import GatheredTimeline
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import DType, maximum, select
@@ -59,6 +59,9 @@ def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = 
         details.update(params=spec.params, active_params=spec.active_params,
                        **tensor_parallel.tensor_parallel_details(spec, resolved, activations.dtypes(
                            resolved.setup.method, resolved.setup.precision, resolved.setup.adapter_dtype).c))
+    if getattr(resolved.setup, "ep", 1) > 1:  # --ep: the rank's experts and its group's all-to-all traffic
+        details.update(expert_parallel.expert_parallel_details(spec, resolved, activations.dtypes(
+            resolved.setup.method, resolved.setup.precision, resolved.setup.adapter_dtype).c))
     inputs = functools.partial(_inputs, spec, resolved, device)
     return MemoryBreakdown(spec.name, dict(terms), phase, inputs, "estimate", device, resolved.warnings, details)
 
@@ -143,6 +146,8 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
     communicating = setup.num_gpus if setup.sharding is not Sharding.NONE else 1  # NCCL only under an engine
     if setup.tp > 1:  # a tensor-parallel group communicates whatever the data-parallel engine
         communicating = max(communicating, setup.tp)
+    if getattr(setup, "ep", 1) > 1:  # so does an expert-parallel group (its all-to-alls)
+        communicating = max(communicating, setup.ep)
     terms[Term.RUNTIME_OVERHEAD] = runtime.runtime_overhead_bytes(profile, device, communicating, paged_bytes)
     terms[Term.RUNTIME_OVERHEAD] += tasks.vllm_reservation_bytes(setup, device)  # 0 but GRPO with vLLM
     terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor)

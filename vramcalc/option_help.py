@@ -28,6 +28,8 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "sharding": "none | ddp | zero1 | zero2 | zero3 | fsdp",
     "tp": "tensor-parallel degree (transformers tp_plan=\"auto\"): each GPU holds 1/tp of every attention and MLP "
           "matrix; --num-gpus = tp x data-parallel ranks (given --tp alone, --num-gpus is tp)",
+    "ep": "expert-parallel degree (transformers ep_size, the model's expert plan): each GPU holds 1/ep of the "
+          "experts, the rest whole; one group of ep GPUs shares a batch (given --ep alone, --num-gpus is ep)",
     "fsdp_shard": "full-shard | shard-grad-op (with --sharding fsdp)",
     "offload": "none | optimizer | params (zero1-3: optimizer; zero3 and fsdp: params)",
     "global_batch_size": "sequences per step over all GPUs (sets --batch-size)",

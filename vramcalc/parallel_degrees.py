@@ -36,10 +36,14 @@ def implied_num_gpus(values: dict, given: dict, origins: dict) -> None:
     if values.get("tp", 1) > 1 and "num_gpus" not in given and values["num_gpus"] == 1:
         values["num_gpus"] = values["tp"]
         origins["num_gpus"] = "implied by tp"
+    if values.get("ep", 1) > 1 and "num_gpus" not in given and values["num_gpus"] == 1:  # --ep E alone: one group
+        values["num_gpus"] = values["ep"]
+        origins["num_gpus"] = "implied by ep"
 
 
 def check_degrees(model: ModelSpec, setup) -> None:
     """One error line for a ``--tp`` the real stack would refuse or that vramcalc does not model."""
+    check_expert_degree(model, setup)
     tp = setup.tp
     if tp == 1:
         return
@@ -104,3 +108,60 @@ def tp_warnings(setup, lora_modules: tuple[str, ...]) -> list[str]:
                    "(tuners_utils.py:186) while transformers' RowwiseParallel reads it as the global width, so the "
                    "forward fails with a shape error; estimated as the fixed stack would run")
     return out
+
+
+# -- expert parallelism (--ep) -----------------------------------------------------------------------------------------
+# families whose transformers 5.25.0 ``base_model_ep_plan`` shards the 3-D expert tensors "grouped_gemm" and
+# dispatches tokens "ep_dispatch_experts" (models/qwen3_moe/configuration_qwen3_moe.py:66-70, mixtral :55-59,
+# qwen2_moe :69-73, deepseek_v3 :72-76, gpt_oss :43-49 with the expert biases; deepseek_v2 the same); Llama-4's
+# experts take every token and have no EP plan (models/llama4/configuration_llama4.py:126-127)
+EP_FAMILIES = ("deepseek_v2", "deepseek_v3", "gpt_oss", "mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def check_expert_degree(model: ModelSpec, setup) -> None:
+    """One error line for an ``--ep`` the real stack refuses or vramcalc does not model.
+
+    What transformers 5.25.0 runs: ``DistributedConfig`` requires ``ep_size`` to be a multiple of ``tp_size`` and to
+    divide ``fsdp_size * tp_size`` (distributed/configuration_utils.py:183-187). vramcalc models the layout in which
+    the E ranks of one expert-parallel group are the whole job and share one batch: ``DistributedConfig(tp_size=E,
+    tp_plan={}, ep_size=E)`` (:40-43, :156-170: the expert plan alone across the tp ranks, dense modules whole), so
+    --num-gpus = --ep and no data-parallel sharding. EP across FSDP ranks (``fsdp_size=N, ep_size=E``: dense modules
+    FSDP2 over N, experts over ``efsdp = N/E``, distributed/fsdp.py:178-214) is refused as not modelled yet."""
+    ep = getattr(setup, "ep", 1)
+    if ep == 1:
+        return
+    if not model.is_moe:
+        raise VramcalcError(f"--ep {ep} needs a mixture-of-experts model; {model.name} is dense")
+    if model.family not in EP_FAMILIES:
+        raise VramcalcError(f"--ep is modelled for the families whose transformers expert plan dispatches tokens "
+                            f"({', '.join(EP_FAMILIES)}); {model.name} is {model.family}")
+    if model.num_experts % ep:
+        raise VramcalcError(f"--ep {ep} does not divide {model.name}'s {model.num_experts} experts: transformers "
+                            "gives each rank n/ep whole experts (expert_parallel.py:103-107)")
+    if setup.tp > 1:
+        raise VramcalcError("--ep with --tp: transformers' tensor-parallel plans are modelled for dense models only")
+    if setup.num_gpus % ep:
+        raise VramcalcError(f"--num-gpus {setup.num_gpus} is not a multiple of --ep {ep}: transformers lays the "
+                            "expert-parallel groups over the data-parallel ranks (ep_size divides fsdp_size x tp_size)")
+    if setup.num_gpus != ep:
+        raise VramcalcError(f"--num-gpus {setup.num_gpus} with --ep {ep}: modelled for one expert-parallel group "
+                            f"sharing one batch (--num-gpus {ep}); EP across FSDP data-parallel ranks "
+                            "(DistributedConfig fsdp_size, efsdp) is not modelled yet")
+    if setup.sharding.value != "none" or setup.offload.value != "none":
+        raise VramcalcError(f"--ep with --sharding {setup.sharding.value}: one expert-parallel group has no "
+                            "data-parallel ranks to shard over; use --sharding none")
+    method = setup.method.value
+    if method not in ("full", "lora") or setup.method.peft_facts is not None:
+        raise VramcalcError(f"--ep with --method {method}: modelled for full and lora (transformers' expert plan "
+                            "shards nn.Parameter experts; bitsandbytes and peft's other methods are not modelled)")
+    if setup.loss.value != "hf" or setup.task.value != "sft" or setup.stack.value != "hf":
+        raise VramcalcError("--ep is modelled for --task sft on the hf stack with --loss hf")
+    if setup.packing or setup.compile or setup.activation_offload or setup.kernels.value != "none":
+        raise VramcalcError("--ep is modelled without --packing, --compile, --activation-offload and --kernels")
+    if setup.optimizer_in_backward or setup.optimizer.value not in ("adamw", "adamw-foreach", "sgd", "sgd-momentum"):
+        raise VramcalcError(f"--ep with --optimizer {setup.optimizer.value}: modelled for torch's optimizers on "
+                            "DTensor parameters (adamw, adamw-foreach, sgd, sgd-momentum)")
+    if setup.precision.value == "fp8":
+        raise VramcalcError("--ep with --precision fp8 is not modelled")
+    if setup.grad_ckpt.value == "selective":
+        raise VramcalcError("--ep with --grad-ckpt selective is not modelled")

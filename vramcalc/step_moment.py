@@ -36,13 +36,13 @@ def layer_setup(resolved: ResolvedSetup) -> activations.LayerSetup:
         layers = replace(layers, stable_embedding=False)
     return _layer_setup(setup.method, setup.precision, setup.adapter_dtype, resolved.attn_used, resolved.lora_modules,
                         setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
-                        layers)
+                        layers, getattr(setup, "ep", 1))
 
 
 @functools.lru_cache(maxsize=4096)
 def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora_rank, lora_dropout, kernels,
-                 compiled, offload, layers=stack_layers.HF):
+                 compiled, offload, layers=stack_layers.HF, ep=1):
     lora = method.uses_lora or method.peft_facts is not None  # a peft method's targets ride on the LoRA fields
     return activations.LayerSetup(method, activations.dtypes(method, precision, adapter_dtype), attn_used,
                                   lora_modules if lora else (), lora_rank if lora else 0, lora_dropout if lora else 0.0,
-                                  kernels, compiled, offload, layers)
+                                  kernels, compiled, offload, layers, ep)

@@ -82,6 +82,7 @@ class TrainingSetup:
     fsdp_shard: FsdpShard = FsdpShard.FULL_SHARD  # accelerate fsdp_reshard_after_forward default True
     offload: Offload = Offload.NONE
     tp: int = 1  # tensor-parallel degree (transformers tp_plan="auto"); --num-gpus = tp x data-parallel ranks
+    ep: int = 1  # expert-parallel degree (transformers ep_size, base_model_ep_plan; parallel_degrees.py)
     global_batch_size: int | None = None  # sequences per optimizer step over all GPUs; sets batch_size when given
     stack: Stack = Stack.HF  # whose defaults the other options start from (vramcalc/stacks.py)
     compile: bool = False  # torch.compile of the model (Trainer torch_compile=False)
@@ -249,6 +250,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         fsdp_shard=FsdpShard.parse(chosen.get("fsdp_shard", SETUP_DEFAULTS["fsdp_shard"]), "FSDP sharding strategy"),
         offload=Offload.parse(chosen.get("offload", SETUP_DEFAULTS["offload"]), "offload"),
         tp=positive_int(chosen.get("tp", SETUP_DEFAULTS["tp"]), "tensor-parallel degree", MAX_OPTION["num_gpus"]),
+        ep=positive_int(chosen.get("ep", SETUP_DEFAULTS["ep"]), "expert-parallel degree", MAX_OPTION["num_gpus"]),
         stack=stack,
         compile=_bool(chosen.get("compile", SETUP_DEFAULTS["compile"]), "compile"),
         activation_offload=_bool(chosen.get("activation_offload", SETUP_DEFAULTS["activation_offload"]),
@@ -296,7 +298,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         raise VramcalcError(f"--fsdp-shard applies to --sharding fsdp, not {setup.sharding.value!r}")
 
     warnings = []
-    if setup.num_gpus > setup.tp and setup.sharding is Sharding.NONE and setup.device_map is DeviceMap.NONE:
+    if setup.num_gpus > setup.tp * setup.ep and setup.sharding is Sharding.NONE and setup.device_map is DeviceMap.NONE:
         warnings.append(f"{setup.num_gpus} GPUs without --sharding: each GPU is estimated as an independent copy "
                         "(no DDP buckets); give --sharding ddp, zero1-3 or fsdp for data parallelism")
     attn_used = setup.attn
@@ -555,6 +557,7 @@ def _per_device_batch(values: dict, batch_given: bool) -> int:
     """global batch = micro-batch x GPUs x accumulation steps: the micro-batch it implies, or why none does."""
     total, gpus, accum = values["global_batch_size"], values["num_gpus"], values["grad_accum"]
     gpus = parallel_degrees.data_parallel_degree(gpus, values.get("tp", 1))  # a tp group shares one micro-batch
+    gpus = parallel_degrees.data_parallel_degree(gpus, values.get("ep", 1))  # so does an --ep group
     if total % (gpus * accum):
         raise VramcalcError(f"global batch size {total} is not divisible by {gpus} GPUs x {accum} accumulation "
                             f"steps; use a multiple of {gpus * accum}")

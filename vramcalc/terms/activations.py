@@ -61,7 +61,7 @@ from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Method, Precis
 from ..units import DType, select
 from .layouts import ParallelBlockWalk, residual_bytes
 from .short_conv import ShortConvWalk
-from . import stack_layers
+from . import expert_parallel, stack_layers
 from .stack_layers import HF as HF_LAYERS
 from .stack_layers import StackLayers
 from ..peft_methods import IA3_FEEDFORWARD
@@ -139,6 +139,7 @@ class LayerSetup:
     compiled: bool = False  # torch.compile: the min-cut partitioner's saved set
     offload: bool = False  # --activation-offload: saved tensors in host memory
     layers: StackLayers = HF_LAYERS  # the stack's own decoder traits (terms/stack_layers.py)
+    ep: int = 1  # --ep: the rank's experts run 1/ep of the routed slots (terms/expert_parallel.py)
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -551,9 +552,12 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         # gpt-oss's clamped SwiGLU (GptOssExperts._apply_gate): gate_up output (pinned by the two clamps), the clamped
         # gate, sigmoid's output, up + 1 and glu: 6 widths in place of 3
         act = 6 if m.traits.clamped_swiglu else 3
-        self.per_token += K * (act * e * width + e * h + 3 * 8)
+        ep = self.layer.ep  # --ep: the rank's experts get T·K/ep slots, top-1 (uniform routing, terms/expert_parallel)
+        self.per_token += K * (act * e * width + e * h + 3 * 8) // ep
         if self.full:
-            self.per_token += K * (e * h + e * width)  # gathered input and product, for the expert weight gradients
+            self.per_token += K * (e * h + e * width) // ep  # gathered input and product, for the weight gradients
+        if ep > 1:
+            self.per_token += K * expert_parallel.dispatch_saved_per_slot() // ep
         self.grad = True
         if m.n_shared_experts:
             self._shared_expert(n)

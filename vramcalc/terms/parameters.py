@@ -36,6 +36,7 @@ from ..training_setup import ResolvedSetup
 from ..units import round_up
 from .stored_tensor import StoredTensor
 from .tensor_parallel import vocab_sharded
+from .expert_parallel import experts_sharded  # --ep: n/E experts per rank
 
 
 def quantized_metadata_bytes(numel: int, double_quant: bool) -> int:
@@ -62,7 +63,7 @@ def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTen
 
         out = out + vision.stored(model, resolved)
     # --tp: the embedding's and lm_head's vocabulary rows are sharded (``tensor_parallel.vocab_sharded``)
-    return vocab_sharded(out, getattr(resolved.setup, "tp", 1))
+    return experts_sharded(vocab_sharded(out, getattr(resolved.setup, "tp", 1)), getattr(resolved.setup, "ep", 1))
 
 
 def parameter_key(resolved: ResolvedSetup) -> tuple:

@@ -236,6 +236,10 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
                 from .tensor_parallel import distribute
 
                 model = distribute(model, setup.tp)
+            if getattr(setup, "ep", 1) > 1:  # transformers' expert plan, before peft (expert_parallel.py)
+                from .expert_parallel import distribute as distribute_experts
+
+                model = distribute_experts(model, setup.ep)
             if setup.precision is Precision.FP8:
                 _convert_to_float8(model)
             if quantized_base(setup):

@@ -69,8 +69,14 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
         from .tensor_parallel import check_traceable
 
         check_traceable(spec, resolved)
+    expert_parallel = getattr(resolved.setup, "ep", 1) > 1  # one expert-parallel group (tracing/expert_parallel.py)
+    if expert_parallel:
+        from . import distributed as data_parallel
+        from .expert_parallel import check_traceable as check_ep_traceable
+
+        check_ep_traceable(spec, resolved)
     try:
-        with (data_parallel.process_group(resolved.setup.num_gpus) if distributed or tensor_parallel
+        with (data_parallel.process_group(resolved.setup.num_gpus) if distributed or tensor_parallel or expert_parallel
               else contextlib.nullcontext()):
             model = (builder or build_model)(spec, resolved, fake_mode)
             bar.update(1, note=f"step 1 of {steps}")

@@ -1,0 +1,89 @@
+"""Expert parallelism (``--ep``): the per-rank estimate against the per-rank trace of transformers' own expert plan
+on a fake process group, full-size MoE models built from their configs on fake tensors.
+
+    python benchmarks/accuracy_expert_parallel.py            # accuracy_expert_parallel.csv and the "Expert
+                                                              # parallelism (--ep)" section of accuracy_distributed.md
+    python benchmarks/accuracy_expert_parallel.py --limit 2  # the first two setups
+    python benchmarks/accuracy_expert_parallel.py --from-csv # the section from the CSV's rows (no tracing)
+
+Each rank of an E-way group holds n/E experts as transformers' ``MoEParamShard`` shards them and runs the shared
+batch's routed pairs through ``AllToAllEP`` (``vramcalc/tracing/expert_parallel.py``; the split sizes those of a
+uniform routing, the estimate's assumption). Every layer is built and traced, as in the other distributed rows.
+Rows as ``benchmarks/accuracy.py``'s ``compare``; target: every setup within 5% (issue 14).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accuracy import compare, run_grid  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+TARGET_PCT = 5.0
+SECTION = "\n## Expert parallelism (--ep)\n"
+
+# (model, options): 2 to 64 ranks, 47B to 671B, full and LoRA, with and without checkpointing
+GRID = [
+    ("qwen3-30b-a3b", dict(ep=8, seq_len=2048, grad_ckpt=True)),
+    ("qwen3-30b-a3b", dict(ep=4, method="lora", lora_targets="all-linear", seq_len=4096, grad_ckpt=True)),
+    ("mixtral-8x7b", dict(ep=8, seq_len=4096, grad_ckpt=True)),
+    ("mixtral-8x7b", dict(ep=2, method="lora", seq_len=2048)),
+    ("qwen3-235b-a22b", dict(ep=16, method="lora", seq_len=4096, grad_ckpt=True)),
+    ("qwen3-235b-a22b", dict(ep=32, seq_len=2048, grad_ckpt=True)),
+    ("deepseek-v3", dict(ep=64, method="lora", seq_len=4096, grad_ckpt=True)),
+    ("deepseek-v3", dict(ep=64, seq_len=2048, grad_ckpt=True)),
+]
+
+
+def table(rows: list[dict]) -> str:
+    within = sum(abs(r["peak_error_pct"]) <= TARGET_PCT for r in rows)
+    out = [f"{within} of {len(rows)} setups within {TARGET_PCT:g}%.", "",
+           "| model | ep | setup | experts per rank | estimate GiB | trace GiB | error % | phase (est / trace) |",
+           "|---|---|---|---|---|---|---|---|"]
+    from vramcalc import get_model
+
+    for r in rows:
+        ep = int(r["setup"].split("ep=")[1].split()[0])
+        setup = " ".join(part for part in r["setup"].split() if not part.startswith("ep="))
+        out.append(f"| {r['model']} | {ep} | {setup} | {get_model(r['model']).num_experts // ep} "
+                   f"| {r['peak_estimate_bytes'] / 2**30:.2f} | {r['peak_trace_bytes'] / 2**30:.2f} "
+                   f"| {r['peak_error_pct']:+.3f} | {r['estimate_phase']} / {r['trace_phase']} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--from-csv", action="store_true", help="write the section from the rows already traced")
+    args = parser.parse_args(argv)
+    out = HERE / "accuracy_expert_parallel.csv"
+    if args.from_csv:
+        with open(out) as f:
+            rows = [dict(r, peak_error_pct=float(r["peak_error_pct"]), peak_trace_bytes=int(r["peak_trace_bytes"]),
+                         peak_estimate_bytes=int(r["peak_estimate_bytes"])) for r in csv.DictReader(f)]
+    else:
+        rows = run_grid(GRID[: args.limit] if args.limit else GRID, str(out))
+    section = (SECTION + f"\nWritten by `python benchmarks/accuracy_expert_parallel.py` ({out.name}): one "
+               "expert-parallel group of --ep ranks sharing one batch (transformers `DistributedConfig(tp_size=E, "
+               "tp_plan={}, ep_size=E)`), n/E experts per rank, uniform routing; the trace runs transformers' own "
+               "expert plan and AllToAllEP on a fake process group.\n\n" + table(rows))
+    report = HERE / "accuracy_distributed.md"
+    text = report.read_text()
+    if SECTION in text:  # replace the previous section, whatever follows it up to the next "## "
+        head, rest = text.split(SECTION, 1)
+        tail = rest[rest.index("\n## "):] if "\n## " in rest else ""
+        text = head.rstrip("\n") + "\n" + section + tail
+    else:
+        text = text.rstrip("\n") + "\n" + section
+    report.write_text(text)
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

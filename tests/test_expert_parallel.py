@@ -1,0 +1,204 @@
+"""Expert parallelism (``--ep``): transformers' expert plan per rank, estimated and traced on a fake process group."""
+
+import dataclasses
+import json
+
+import pytest
+
+import vramcalc as vc
+from vramcalc.cli import main
+from vramcalc.errors import VramcalcError
+from vramcalc.estimator import step_moments
+from vramcalc.terms.parameters import stored_tensors
+from vramcalc.training_setup import resolve_setup
+
+from .conftest import needs_torch
+from .tiny_models import TINY
+
+TOLERANCE = 0.03  # the brief: per-rank estimates within 3% of the trace
+
+# a 512-token vocabulary and 512-token sequences, so that the experts' activations, not the logits, hold the peak
+QWEN3_MOE_V512 = dataclasses.replace(TINY["qwen3_moe"], name="tiny-qwen3-moe-v512", vocab_size=512)
+MIXTRAL_V512 = dataclasses.replace(TINY["mixtral"], name="tiny-mixtral-v512", vocab_size=512)
+
+
+def _peak(spec, **options) -> int:
+    return max(m.tensor_bytes for m in step_moments(spec, resolve_setup(spec, **options)))
+
+
+# -- the estimate ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ep", [2, 4, 8])
+def test_ep_keeps_n_over_ep_experts_per_rank_and_everything_else_whole(ep):
+    spec = vc.get_model("qwen3-30b-a3b")
+    whole = {t.name: t for t in stored_tensors(spec, resolve_setup(spec))}
+    rank = {t.name: t for t in stored_tensors(spec, resolve_setup(spec, ep=ep))}
+    assert set(rank) == set(whole)
+    for name, tensor in whole.items():
+        if tensor.kind == "experts":  # [128, 2·768, 2048] gate_up and [128, 2048, 768] down
+            assert rank[name].shape == (128 // ep, *tensor.shape[1:]), name
+        else:  # router [128, 2048], attention, norms, embedding, lm_head
+            assert rank[name].shape == tensor.shape, name
+
+
+def test_lora_adapters_are_those_of_one_gpu_since_lora_does_not_reach_the_3d_experts():
+    spec = vc.get_model("mixtral-8x7b")
+    adapters = [{t.name: t.shape for t in stored_tensors(spec, resolve_setup(spec, method="lora", ep=ep,
+                                                                               lora_targets="all-linear"))
+                 if t.kind == "adapter"} for ep in (1, 8)]
+    assert adapters[0] and adapters[0] == adapters[1]
+
+
+def test_more_expert_parallel_ranks_need_less_memory_per_rank_and_a_dense_part_stays():
+    peaks = [vc.estimate("qwen3-30b-a3b", ep=ep, grad_ckpt=True).peak_tensor_bytes for ep in (1, 2, 4, 8, 16)]
+    assert all(a > b for a, b in zip(peaks, peaks[1:]))
+    assert peaks[-1] > 0.05 * peaks[0]  # attention, router, embedding and lm_head are whole on every rank
+
+
+def test_estimates_without_ep_are_those_of_ep_1():
+    assert vc.estimate("mixtral-8x7b", method="lora").terms_bytes == vc.estimate("mixtral-8x7b", method="lora",
+                                                                                   ep=1).terms_bytes
+
+
+def test_ep_alone_implies_its_gpus_and_reports_its_experts():
+    b = vc.estimate("qwen3-30b-a3b", ep=4)
+    assert b.inputs["num_gpus"] == 4 and b.inputs["origins"]["num_gpus"] == "implied by ep"
+    assert b.details["ep"] == 4 and b.details["experts_per_rank"] == 32
+
+
+def test_ep_all_to_all_bytes_are_tokens_hidden_top_k_bytes_and_the_remote_share_per_exchange():
+    """Four exchanges per MoE layer (dispatch and combine, forward and backward), two more in the recompute; the
+    rank sends its 1/E of the group's T·h·K·c·(E-1)/E; the combined [T/E, h] slices are all-gathered per forward."""
+    T, h, K, c, L, E = 2048, 2048, 8, 2, 48, 4  # qwen3-30b-a3b: hidden 2048, 48 MoE layers, top-8, bf16
+    for ckpt, exchanges in ((False, 4 * L), (True, 6 * L)):
+        b = vc.estimate("qwen3-30b-a3b", ep=E, seq_len=T, grad_ckpt=ckpt)
+        assert b.details["ep_all_to_alls_per_micro_batch"] == exchanges
+        assert b.details["ep_all_to_all_bytes_per_step"] == pytest.approx(
+            exchanges * T * h * K * c * (E - 1) / E / E, rel=1e-9)
+        forwards = 2 if ckpt else 1
+        gathered = L * forwards * (E - 1) / E * T * h * c
+        assert b.details["ep_communication_bytes_per_step"] == pytest.approx(
+            b.details["ep_all_to_all_bytes_per_step"] + gathered, rel=1e-9)
+
+
+@pytest.mark.parametrize("gpu", ["h100-sxm", "h100-pcie"])
+def test_ep_communication_is_exposed_in_the_step_at_the_group_link_rate(gpu):
+    """AllToAllEP's exchanges sit between dependent ops: their whole time (bytes / (ring GB/s x NCCL's 0.8 bus
+    efficiency, step_time.NCCL_BUS_EFFICIENCY)) is exposed communication of the step."""
+    b = vc.estimate("qwen3-30b-a3b", ep=8, gpu=gpu, seq_len=4096, grad_ckpt=True)
+    ring_gb_s = b.details["ep_interconnect"]["ring_gb_s"]  # 450 NVLink 4 / 64 PCIe Gen5 (data/gpu_links.csv)
+    seconds = b.details["ep_communication_bytes_per_step"] / (ring_gb_s * 1e9 * 0.8)
+    assert b.details["ep_communication_seconds_per_step"] == pytest.approx(seconds, rel=1e-9)
+    assert b.details["step_breakdown_s"]["exposed_communication"] == pytest.approx(seconds, rel=1e-9)
+
+
+def test_the_rank_computes_one_eighth_of_the_routed_expert_work_at_ep_8():
+    from vramcalc.cost import decoder_shape, expert_parallel_shape
+
+    spec = vc.get_model("qwen3-30b-a3b")
+    whole, rank = decoder_shape(spec), expert_parallel_shape(spec, 8)
+    routed_active = 48 * 8 * 3 * 2048 * 768  # L x K x (gate, up, down) x h x I_m
+    assert whole.matmul_params - rank.matmul_params == pytest.approx(routed_active * 7 / 8, rel=1e-6)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(model="llama-3.1-8b", ep=2), "dense"),
+    (dict(model="mixtral-8x7b", ep=3), "does not divide"),  # 8 experts
+    (dict(model="qwen3-30b-a3b", ep=2, num_gpus=3), "not a multiple"),
+    (dict(model="qwen3-30b-a3b", ep=2, num_gpus=4, sharding="fsdp"), "not modelled yet"),
+    (dict(model="qwen3-30b-a3b", ep=2, sharding="fsdp"), "--sharding none"),
+    (dict(model="qwen3-30b-a3b", ep=2, method="qlora"), "full and lora"),
+    (dict(model="qwen3-30b-a3b", ep=2, tp=2), "--tp"),
+    (dict(model="qwen3-30b-a3b", ep=0), "expert-parallel degree"),
+])
+def test_bad_expert_parallel_setups_get_one_line_errors(options, message):
+    model = options.pop("model")
+    with pytest.raises(VramcalcError, match=message):
+        vc.estimate(model, **options)
+
+
+def test_cli_takes_ep_and_json_shows_it(capsys):
+    assert main(["estimate", "qwen3-30b-a3b", "--ep", "8", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["inputs"]["ep"] == 8 and out["inputs"]["num_gpus"] == 8
+    assert main(["estimate", "llama-3.1-8b", "--ep", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+
+
+# -- against the trace -------------------------------------------------------------------------------------------------
+# checkpointing cases at the tiny models' 2048-token vocabulary: at 512 tokens and a 512-token vocabulary the one-GPU
+# MoE estimate itself misses the trace's layer-backward peak (ep=1: -2.5% mixtral, -4.9% qwen3-moe full, -13.4%
+# qwen3-moe LoRA all-linear, -13.3% deepseek-v3 LoRA; the ep24 report), a gap of the one-GPU layer-backward
+# moments, not of the rank's view
+TRACE_CASES = [
+    (TINY["qwen3_moe"], dict(ep=2, seq_len=256)),
+    (QWEN3_MOE_V512, dict(ep=4, seq_len=512)),
+    (TINY["qwen3_moe"], dict(ep=2, seq_len=256, grad_ckpt=True)),
+    (QWEN3_MOE_V512, dict(ep=4, seq_len=512, method="lora")),
+    (TINY["qwen3_moe"], dict(ep=2, seq_len=256, method="lora", lora_targets="all-linear", grad_ckpt=True)),
+    (MIXTRAL_V512, dict(ep=2, seq_len=512)),
+    (TINY["mixtral"], dict(ep=4, seq_len=256, grad_ckpt=True)),
+    (MIXTRAL_V512, dict(ep=2, seq_len=512, method="lora")),
+    (TINY["mixtral"], dict(ep=4, seq_len=256, method="lora", grad_ckpt=True)),
+    (TINY["deepseek_v3"], dict(ep=2, seq_len=256)),
+]
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("spec, options", TRACE_CASES,
+                         ids=[f"{s.name}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for s, o in TRACE_CASES])
+def test_estimated_ep_rank_peak_is_within_3_percent_of_the_fake_group_trace(spec, options):
+    from vramcalc.tracing.runner import run_trace
+
+    traced = sum(run_trace(spec, resolve_setup(spec, **options), progress=False).terms.values())
+    assert abs(_peak(spec, **options) - traced) / traced < TOLERANCE
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("family, ep", [("qwen3_moe", 2), ("mixtral", 4)])
+def test_the_traced_rank_holds_transformers_expert_shards_and_the_rest_whole(family, ep):
+    """The model the trace builds is transformers' own EP rank: each experts module a Shard(0) DTensor of n/E experts
+    with num_experts set to n/E, every other parameter a whole plain tensor; its parameter count is the estimate's."""
+    import torch
+    from torch.distributed.tensor import DTensor, Shard
+
+    from vramcalc.tracing import distributed
+    from vramcalc.tracing.build import build_model
+
+    spec = TINY[family]
+    resolved = resolve_setup(spec, ep=ep, seq_len=64)
+    with distributed.process_group(ep):
+        model = build_model(spec, resolved, torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True))
+        experts = [m for name, m in model.named_modules() if name.endswith("mlp.experts")]
+        assert len(experts) == spec.num_layers
+        for module in experts:
+            assert module.num_experts == spec.num_experts // ep
+            for p in module.parameters():
+                assert isinstance(p, DTensor) and p.placements == (Shard(0),)
+                assert p.to_local().shape[0] == spec.num_experts // ep and p.shape[0] == spec.num_experts
+        plain = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+        assert plain and not any(".experts." in n for n in plain)
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+    estimated = sum(t.numel * t.count for t in stored_tensors(spec, resolved) if t.kind != "adapter")
+    assert local == estimated
+
+
+@needs_torch
+@pytest.mark.trace
+def test_the_trace_runs_one_expert_parallel_group_only():
+    from vramcalc.tracing.expert_parallel import check_traceable
+
+    spec = TINY["qwen3_moe"]
+    resolved = resolve_setup(spec, ep=2)
+    check_traceable(spec, resolved)  # --num-gpus 2 = --ep 2: traced
+    with pytest.raises(VramcalcError, match="one expert-parallel group"):
+        check_traceable(spec, dataclasses.replace(resolved, setup=dataclasses.replace(resolved.setup, num_gpus=4)))
+
+
+def test_uniform_splits_spread_the_pairs_evenly():
+    from vramcalc.tracing.expert_parallel import uniform_splits
+
+    assert uniform_splits(16, 4) == [4, 4, 4, 4]
+    assert uniform_splits(10, 4) == [3, 3, 2, 2] and sum(uniform_splits(1001, 8)) == 1001
