@@ -29,6 +29,7 @@ from .errors import VramcalcError
 from .model import ModelSpec
 from .options import DeviceMap, GradCkpt, Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
+from .terms import context_parallel  # --cp
 from .terms import (activations, adapters, distributed, float8, loading, logits, optimizer, parameters, peft_methods,
                     quantized, runtime, stack_layers, states, tasks, temporaries, tensor_parallel, trl_loss,
                     vision)
@@ -53,8 +54,13 @@ def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = 
     resolved = resolve_setup(spec, **options)
     device = get_gpu(gpu) if gpu is not None else None
     rank_spec, rank_resolved = tensor_parallel.rank_view(spec, resolved)  # --tp: one rank's slice (else as given)
+    rank_spec, rank_resolved = context_parallel.rank_view(rank_spec, rank_resolved)  # --cp: its s/C positions
     terms, phase, details = _estimate_parts(rank_spec, rank_resolved, device)
     details = dict(details)
+    if context_parallel.cp_degree(resolved) > 1:  # the ring's traffic inside the cp group
+        details.update(context_parallel.context_parallel_details(spec, resolved, activations.dtypes(
+            resolved.setup.method, resolved.setup.precision, resolved.setup.adapter_dtype).c,
+            heads=spec.num_heads // resolved.setup.tp, kv_heads=spec.num_kv_heads // resolved.setup.tp))
     if rank_spec is not spec:  # the whole model's counts; the rank's traffic inside its tensor-parallel group
         details.update(params=spec.params, active_params=spec.active_params,
                        **tensor_parallel.tensor_parallel_details(spec, resolved, activations.dtypes(
@@ -225,6 +231,8 @@ def _data_parallel_details(spec: ModelSpec, resolved: ResolvedSetup, device: Gpu
 def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_len=None) -> list[Moment]:
     """``_step_moments``, with a tensor-parallel rank's all-reduce buffers in each layer's backward (``--tp``)."""
     moments = _step_moments(spec, resolved, batch_size, seq_len)
+    if context_parallel.cp_degree(resolved) > 1:
+        moments = _ring_backward_moments(spec, resolved, moments, batch_size, seq_len)
     if tensor_parallel.tp_degree(resolved) == 1:
         return moments
     setup = resolved.setup
@@ -233,6 +241,21 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     c = activations.dtypes(setup.method, setup.precision, setup.adapter_dtype).c
     extra = tensor_parallel.backward_all_reduce_bytes(spec.hidden_size, tokens, c)
     return [m._replace(temporaries=m.temporaries + extra) if m.phase is Phase.BACKWARD else m for m in moments]
+
+
+def _ring_backward_moments(spec: ModelSpec, resolved: ResolvedSetup, moments: list[Moment], batch_size=None,
+                           seq_len=None) -> list[Moment]:
+    """``--cp``: each layer-backward moment also as its ring-attention backward sees it: the moment's saved tensors
+    and gradients with the ring's buffers (``context_parallel.ring_backward_bytes``) in place of the moment's own
+    transients, which the attention backward does not overlap (it runs after the MLP's backward has freed them).
+    ``spec`` and ``resolved`` are the rank's (s/C tokens)."""
+    setup = resolved.setup
+    tokens = ((setup.batch_size if batch_size is None else batch_size)
+              * (setup.padded_seq_len if seq_len is None else seq_len + setup.padded_seq_len - setup.seq_len))
+    c = activations.dtypes(setup.method, setup.precision, setup.adapter_dtype).c
+    ring = context_parallel.ring_backward_bytes(spec, tokens, setup.cp, c)
+    return moments + [m._replace(temporaries=maximum(m.temporaries, ring)) for m in moments
+                      if m.phase is Phase.BACKWARD]
 
 
 def _step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_len=None) -> list[Moment]:

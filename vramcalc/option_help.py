@@ -28,6 +28,9 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "sharding": "none | ddp | zero1 | zero2 | zero3 | fsdp",
     "tp": "tensor-parallel degree (transformers tp_plan=\"auto\"): each GPU holds 1/tp of every attention and MLP "
           "matrix; --num-gpus = tp x data-parallel ranks (given --tp alone, --num-gpus is tp)",
+    "cp": "context-parallel degree (accelerate ParallelismConfig cp_size: torch ring attention over SDPA, FSDP2 over "
+          "dp_shard x cp): each GPU holds 1/cp of every sequence; needs --sharding fsdp and --attn sdpa; "
+          "--num-gpus = dp_shard x cp x tp (given --cp alone, --num-gpus is cp x tp)",
     "fsdp_shard": "full-shard | shard-grad-op (with --sharding fsdp)",
     "offload": "none | optimizer | params (zero1-3: optimizer; zero3 and fsdp: params)",
     "global_batch_size": "sequences per step over all GPUs (sets --batch-size)",
