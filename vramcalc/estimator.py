@@ -231,8 +231,6 @@ def _data_parallel_details(spec: ModelSpec, resolved: ResolvedSetup, device: Gpu
 def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_len=None) -> list[Moment]:
     """``_step_moments``, with a tensor-parallel rank's all-reduce buffers in each layer's backward (``--tp``)."""
     moments = _step_moments(spec, resolved, batch_size, seq_len)
-    if context_parallel.cp_degree(resolved) > 1:
-        moments = _ring_backward_moments(spec, resolved, moments, batch_size, seq_len)
     if tensor_parallel.tp_degree(resolved) == 1:
         return moments
     setup = resolved.setup
@@ -241,21 +239,6 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     c = activations.dtypes(setup.method, setup.precision, setup.adapter_dtype).c
     extra = tensor_parallel.backward_all_reduce_bytes(spec.hidden_size, tokens, c)
     return [m._replace(temporaries=m.temporaries + extra) if m.phase is Phase.BACKWARD else m for m in moments]
-
-
-def _ring_backward_moments(spec: ModelSpec, resolved: ResolvedSetup, moments: list[Moment], batch_size=None,
-                           seq_len=None) -> list[Moment]:
-    """``--cp``: each layer-backward moment also as its ring-attention backward sees it: the moment's saved tensors
-    and gradients with the ring's buffers (``context_parallel.ring_backward_bytes``) in place of the moment's own
-    transients, which the attention backward does not overlap (it runs after the MLP's backward has freed them).
-    ``spec`` and ``resolved`` are the rank's (s/C tokens)."""
-    setup = resolved.setup
-    tokens = ((setup.batch_size if batch_size is None else batch_size)
-              * (setup.padded_seq_len if seq_len is None else seq_len + setup.padded_seq_len - setup.seq_len))
-    c = activations.dtypes(setup.method, setup.precision, setup.adapter_dtype).c
-    ring = context_parallel.ring_backward_bytes(spec, tokens, setup.cp, c)
-    return moments + [m._replace(temporaries=maximum(m.temporaries, ring)) for m in moments
-                      if m.phase is Phase.BACKWARD]
 
 
 def _step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_len=None) -> list[Moment]:
@@ -490,7 +473,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                       for kind, _, _ in _layer_runs(spec, masked)} if not layer.offload else {}
     moments += _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                                        A - head_saved, hidden_grad, norm_backward, dequant_beside, lg.held,
-                                       recompute_beside, masked, flat_units, copies_by_kind)
+                                       recompute_beside, masked, flat_units, copies_by_kind,
+                                       context_parallel.ring_backward_bytes(spec, b * s, setup.cp, dt.c)
+                                       if getattr(setup, "cp", 1) > 1 else 0)  # --cp
     embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens)
     if stable:
         embedding_backward = stack_layers.stable_embedding_backward_bytes(spec, dt.r, tokens)
@@ -527,7 +512,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
 def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                             layers_saved, hidden_grad, norm_backward, dequant_beside=None,
                             logits_held=0, recompute_beside=0, masked=False, flat_units=False,
-                            copies_by_kind=None) -> list[Moment]:
+                            copies_by_kind=None, ring_attention=0) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -553,6 +538,9 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     last one arrives and then concatenates them into the flat gradient: the root unit's (final norm, lm_head and
     the embedding: one unit, resharded only after the whole backward) lm_head gradient stays unsharded through every
     layer, and each layer ends its backward with its view gradients beside their concatenation.
+    ``ring_attention`` (``--cp``, always with FSDP2 units): the ring-attention backward's buffers
+    (``context_parallel.ring_backward_bytes``), a moment of their own once the MLP's backward is done: what the
+    attention block still holds, the layer's unsharded gradients waiting, and the ring's buffers as the transients.
     """
     c, r, attn_used = layer.dtypes.c, layer.dtypes.r, layer.attn_used
     transient = temporaries.layer_backward_bytes(spec, c, r, attn_used, b, s) + dequant
@@ -649,6 +637,9 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                 # ``_fsdp_param.py:813-820`` ``accumulate_unsharded_grad_if_needed``)
                 moments.append(Moment(Phase.BACKWARD, weights, waiting + unit.grads_bytes, O,
                                       shared + left + mlp_done, logits_held, maximum(layer_end, transient)))
+                if ring_attention:  # --cp: the ring attention's backward (terms/context_parallel.py)
+                    moments.append(Moment(Phase.BACKWARD, weights, waiting + unit.grads_bytes, O,
+                                          shared + left + mlp_done, logits_held, ring_attention))
                 if flat_units:  # the layer's end: its view gradients and their concatenation, its tensors freed
                     moments.append(Moment(Phase.BACKWARD, weights, waiting + 2 * unit.grads_bytes, O,
                                           shared + left - kept_moe, logits_held, layer_end))

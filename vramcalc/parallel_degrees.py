@@ -146,7 +146,10 @@ def check_context_parallel(model: ModelSpec, setup) -> None:
                             f"{' and --offload ' + setup.offload.value if setup.offload.value != 'none' else ''}: "
                             "accelerate runs context parallelism only under FSDP2, sharding over dp_shard x cp "
                             "(state.py:961-971); use --sharding fsdp without offload")
-    if setup.attn.value != "sdpa" or not model.traits.supports_sdpa:
+    if not model.traits.supports_sdpa:
+        raise VramcalcError(f"--cp on {model.name}: {model.family} has no sdpa attention in transformers, and Trainer "
+                            "allows context parallelism only with sdpa (trainer.py:2458-2462)")
+    if setup.attn.value != "sdpa":
         raise VramcalcError(f"--cp with --attn {setup.attn.value}: Trainer allows context parallelism only with sdpa "
                             "attention (transformers 5.25.0 trainer.py:2458-2462), whose flash/efficient kernels "
                             "torch's ring attention replaces (_attention.py:897-934)")
