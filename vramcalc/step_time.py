@@ -100,7 +100,7 @@ ASYNC_TENSOR_PARALLEL_OVERLAP = 1.0
 ASYNC_TENSOR_PARALLEL_BACKWARD_OVERLAP = 0.0
 # Context parallelism (``--cp``; torch 2.13 ring attention, distributed/tensor/experimental/_context_parallel/
 # _attention.py): each step of the ring issues the K/V exchange before its partial SDPA and waits for it at the next
-# step (forward :436-447, backward :524-528, the dK/dV all-to-all :611-614), so the transfers hide behind the
+# step (forward :430-439, backward :522-534, the dK/dV all-to-all :595, :625-627), so the transfers hide behind the
 # attention kernels, and only those: exposed = max(0, cp comm - attention time) (``StepWork.context_parallel_s``).
 
 # Host time to issue one eager PyTorch op on a CUDA device: "~5-25 µs of CPU-side work per op" (Python bytecode ~1,

@@ -72,13 +72,13 @@ def ring_backward_bytes(spec: ModelSpec, tokens, cp: int, compute_bytes: int, he
     """Transients of one layer's ring-attention backward beyond one GPU's flash backward, on T = b·s/C local tokens,
     q width a·d and K/V width k·d (torch 2.13 ``_templated_ring_attention_backward``, _attention.py:488-655, with
     accelerate's default "allgather" rotation):
-      the all-gathered K and V of all C ranks                 C · 2·T·k·d·c   (``_AllGatherRotater``, :273-300)
-      the local K/V concatenated for the exchange              2·T·k·d·c       (``torch.cat``, :523)
-      fp32 dq accumulator                                      4·T·a·d         (:514)
+      the all-gathered K and V of all C ranks                 C · 2·T·k·d·c   (``_AllGatherRotater``, :273-300, :524)
+      the local K/V concatenated for the exchange              2·T·k·d·c       (``torch.cat``, :533)
+      fp32 dq accumulator                                      4·T·a·d         (:513)
       fp32 dK/dV partial sums sent on, and the received ones   2 · 2·T·k·d·4   (the all-to-all ``dkv_rotater``,
-                                                                               :520, :611-614)
+                                                                               :520, :595, :625-627)
     The kernel's own dq/dk/dv outputs replace what one GPU's backward allocates (not extra). Rank 0 (the one traced)
-    runs the second half of its queries for i > 0 (:549-561), which the count does not distinguish."""
+    runs the second half of its queries for i > 0 (:541-572), which the count does not distinguish."""
     a = spec.num_heads if heads is None else heads
     k = spec.num_kv_heads if kv_heads is None else kv_heads
     d = spec.head_dim
@@ -107,7 +107,7 @@ def context_parallel_traffic(spec: ModelSpec, resolved: ResolvedSetup, compute_b
       forward   (C-1) chunks: the all-gather sends the rank's chunk to C-1 peers (an all-to-all ring passes it C-1
                 times, the same bytes); again in the recompute under checkpointing
       backward  (C-1) K/V chunks again, and C dK/dV exchanges of fp32 partial sums, 2·b·(s/C)·k·d·4 each (the
-                all-to-all after every one of the C steps, :611-625)
+                all-to-all after every one of the C steps, :625-627)
     ``resolved`` is the whole job's setup (s, not s/C)."""
     cp = cp_degree(resolved)
     setup = resolved.setup
