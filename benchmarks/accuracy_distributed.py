@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy import compare, run_grid, summary  # noqa: E402
+from accuracy_sections import replace_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TARGET_PCT = 5.0
@@ -175,35 +176,28 @@ QLORA_SECTION = "\n## FSDP-QLoRA (--quant-storage bf16)\n"
 
 def fsdp_qlora_main(args) -> int:
     """The FSDP-QLoRA grid into accuracy_distributed_fsdp_qlora.csv, and its section (with the published figures)
-    in place of the previous one at the end of accuracy_distributed.md."""
+    in place of the previous one in accuracy_distributed.md (the other sections stay)."""
     out = HERE / "accuracy_distributed_fsdp_qlora.csv"
     grid = QLORA_GRID[: args.limit] if args.limit else QLORA_GRID
     rows = run_grid(grid, str(out), distributed_row)
     section = (QLORA_SECTION + f"\nWritten by `python benchmarks/accuracy_distributed.py --grid fsdp-qlora` "
                f"({out.name}); target: every setup within {QLORA_TARGET_PCT:g}%.\n\n" + engine_summary(rows, QLORA_TARGET_PCT)
                + "\n### Published FSDP-QLoRA figures on consumer GPUs\n\n" + published_rows())
-    report = HERE / "accuracy_distributed.md"
-    text = report.read_text()
-    text = text.split(QLORA_SECTION)[0].rstrip("\n") + "\n" + section
-    report.write_text(text)
+    replace_section(QLORA_SECTION.strip(), section.replace(QLORA_SECTION, "", 1), HERE / "accuracy_distributed.md")
     print(section)
     return 0
 
 
 def tp_main(args) -> int:
     """The tensor-parallel grid into accuracy_distributed_tp.csv, and its section in place of the previous one in
-    accuracy_distributed.md (before the FSDP-QLoRA section)."""
+    accuracy_distributed.md (``accuracy_sections.replace_section``: the other sections stay)."""
     out = HERE / "accuracy_distributed_tp.csv"
     grid = TP_GRID[: args.limit] if args.limit else TP_GRID
     rows = run_grid(grid, str(out), tp_row)
     section = (TP_SECTION + f"\nWritten by `python benchmarks/accuracy_distributed.py --grid tp` ({out.name}): one "
                f"rank of a T-way group against the trace of transformers' own `tp_plan=\"auto\"` distribution on the "
                f"fake process group; target: every setup within {TARGET_PCT:g}%.\n\n" + engine_summary(rows))
-    report = HERE / "accuracy_distributed.md"
-    text = report.read_text()
-    head, qlora = text.split(QLORA_SECTION) if QLORA_SECTION in text else (text, None)
-    head = head.split(TP_SECTION)[0].rstrip("\n") + "\n" + section
-    report.write_text(head + (QLORA_SECTION + qlora if qlora is not None else ""))
+    replace_section(TP_SECTION.strip(), section.replace(TP_SECTION, "", 1), HERE / "accuracy_distributed.md")
     print(section)
     return 0
 

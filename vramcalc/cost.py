@@ -44,6 +44,7 @@ from .terms.distributed import Communication, communication_bytes_per_step
 from .terms.parameters import stored_tensors
 from .terms import expert_parallel as _ep
 from .terms import tensor_parallel as _tp
+from .terms import context_parallel as _cp
 from .terms.activations import dtypes as _dtypes
 from .training_setup import ResolvedSetup, resolve_setup
 
@@ -396,6 +397,10 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
     ep_links = checked_link_plan(gpu, setup, ep) if ep > 1 else None
     if ep > 1 and ep_links is None:
         return None
+    cp = _cp.cp_degree(resolved)  # --cp: ``resolved`` is a rank's s/C view (``_cp.rank_view``); the ring spans cp x tp
+    cp_links = checked_link_plan(gpu, setup, cp * tp) if cp > 1 else None
+    if cp > 1 and cp_links is None:
+        return None
     if setup.offload is not Offload.NONE:
         return None
     dtype = matmul_dtype(resolved)
@@ -420,7 +425,9 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
         ep_s = _step.comm_seconds(_ep.expert_parallel_traffic(spec, resolved, _dtypes(
             setup.method, setup.precision, setup.adapter_dtype).c).total_bytes, ep_links.ring_gb_s)
     work_setup = _step.StepSetup(
-        tokens=setup.batch_size * setup.padded_seq_len * setup.grad_accum, seq_len=setup.padded_seq_len,
+        tokens=setup.batch_size * setup.padded_seq_len * cp * setup.grad_accum, seq_len=setup.padded_seq_len * cp,
+        cp=cp, cp_comm_bytes=float(_cp.context_parallel_traffic(spec, _cp.whole_job(resolved), _dtypes(
+            setup.method, setup.precision, setup.adapter_dtype).c).total_bytes) if cp > 1 else 0.0,
         train_base=setup.method is Method.FULL, adapter_params=0 if setup.method is Method.FULL else
         adapter_params(spec, resolved), grad_ckpt=setup.grad_ckpt.value,
         fused_elementwise=bool(setup.compile) or setup.kernels is Kernels.LIGER, loss=setup.loss.value,
@@ -448,7 +455,8 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
                 spec, setup.precision, _dm.method_quant(setup.method, setup.quant), setup.num_gpus)), link_gb_s,
             recompute_forwards=_step.RECOMPUTE_BY_MODE[setup.grad_ckpt.value][0]))
     work = _step.step_work(shape, work_setup, matmul_tflops=mm.tflops, fp8_matmul_tflops=fp8.tflops if fp8 else None,
-                           dp_link_gb_s=link_gb_s, tp_link_gb_s=tp_links.ring_gb_s if tp_links else 0.0)
+                           dp_link_gb_s=link_gb_s, tp_link_gb_s=tp_links.ring_gb_s if tp_links else 0.0,
+                           cp_link_gb_s=cp_links.ring_gb_s if cp_links else 0.0)
     return _step.step_time(work, _step.StepRates(mm.tflops, attn.tflops, gpu.bandwidth_gb_s, peak / TFLOPS,
                                                  attention_backward_tflops=_step.attention_backward_tflops(attn)))
 
@@ -478,6 +486,14 @@ def step_details(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_b
             spec, resolved, _dtypes(setup.method, setup.precision, setup.adapter_dtype).c).total_bytes,
             checked_link_plan(gpu, setup, ep).ring_gb_s)
         out["ep_interconnect"] = checked_link_plan(gpu, setup, ep).to_dict()
+    cp = _cp.cp_degree(resolved)
+    if cp > 1:  # the ring's transfers and what the attention kernels leave exposed of them
+        cp_links = checked_link_plan(gpu, setup, cp * tp)
+        cp_s = _step.comm_seconds(_cp.context_parallel_traffic(spec, _cp.whole_job(resolved), _dtypes(
+            setup.method, setup.precision, setup.adapter_dtype).c).total_bytes, cp_links.ring_gb_s)
+        out["cp_communication_seconds_per_step"] = cp_s
+        out["cp_exposed_communication_seconds_per_step"] = max(0.0, cp_s - step.attention_s)
+        out["cp_interconnect"] = cp_links.to_dict()
     links = checked_link_plan(gpu, setup)
     if ranks > 1 and links is not None:  # the links the ring ran on and the share of the step left exposed
         out["interconnect"] = links.to_dict()

@@ -29,6 +29,7 @@ from .errors import VramcalcError
 from .model import ModelSpec
 from .options import DeviceMap, GradCkpt, Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
+from .terms import context_parallel  # --cp
 from .terms import (activations, adapters, distributed, expert_parallel, float8, loading, logits, optimizer, parameters,
                     peft_methods, quantized, runtime, stack_layers, states, tasks, temporaries, tensor_parallel,
                     trl_loss, vision)
@@ -53,8 +54,13 @@ def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = 
     resolved = resolve_setup(spec, **options)
     device = get_gpu(gpu) if gpu is not None else None
     rank_spec, rank_resolved = tensor_parallel.rank_view(spec, resolved)  # --tp: one rank's slice (else as given)
+    rank_spec, rank_resolved = context_parallel.rank_view(rank_spec, rank_resolved)  # --cp: its s/C positions
     terms, phase, details = _estimate_parts(rank_spec, rank_resolved, device)
     details = dict(details)
+    if context_parallel.cp_degree(resolved) > 1:  # the ring's traffic inside the cp group
+        details.update(context_parallel.context_parallel_details(spec, resolved, activations.dtypes(
+            resolved.setup.method, resolved.setup.precision, resolved.setup.adapter_dtype).c,
+            heads=spec.num_heads // resolved.setup.tp, kv_heads=spec.num_kv_heads // resolved.setup.tp))
     if rank_spec is not spec:  # the whole model's counts; the rank's traffic inside its tensor-parallel group
         details.update(params=spec.params, active_params=spec.active_params,
                        **tensor_parallel.tensor_parallel_details(spec, resolved, activations.dtypes(
@@ -472,7 +478,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                       for kind, _, _ in _layer_runs(spec, masked)} if not layer.offload else {}
     moments += _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                                        A - head_saved, hidden_grad, norm_backward, dequant_beside, lg.held,
-                                       recompute_beside, masked, flat_units, copies_by_kind)
+                                       recompute_beside, masked, flat_units, copies_by_kind,
+                                       context_parallel.ring_backward_bytes(spec, b * s, setup.cp, dt.c)
+                                       if getattr(setup, "cp", 1) > 1 else 0)  # --cp
     embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens)
     if stable:
         embedding_backward = stack_layers.stable_embedding_backward_bytes(spec, dt.r, tokens)
@@ -509,7 +517,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
 def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                             layers_saved, hidden_grad, norm_backward, dequant_beside=None,
                             logits_held=0, recompute_beside=0, masked=False, flat_units=False,
-                            copies_by_kind=None) -> list[Moment]:
+                            copies_by_kind=None, ring_attention=0) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -535,6 +543,9 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     last one arrives and then concatenates them into the flat gradient: the root unit's (final norm, lm_head and
     the embedding: one unit, resharded only after the whole backward) lm_head gradient stays unsharded through every
     layer, and each layer ends its backward with its view gradients beside their concatenation.
+    ``ring_attention`` (``--cp``, always with FSDP2 units): the ring-attention backward's buffers
+    (``context_parallel.ring_backward_bytes``), a moment of their own once the MLP's backward is done: what the
+    attention block still holds, the layer's unsharded gradients waiting, and the ring's buffers as the transients.
     """
     c, r, attn_used = layer.dtypes.c, layer.dtypes.r, layer.attn_used
     transient = temporaries.layer_backward_bytes(spec, c, r, attn_used, b, s) + dequant
@@ -631,6 +642,9 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                 # ``_fsdp_param.py:813-820`` ``accumulate_unsharded_grad_if_needed``)
                 moments.append(Moment(Phase.BACKWARD, weights, waiting + unit.grads_bytes, O,
                                       shared + left + mlp_done, logits_held, maximum(layer_end, transient)))
+                if ring_attention:  # --cp: the ring attention's backward (terms/context_parallel.py)
+                    moments.append(Moment(Phase.BACKWARD, weights, waiting + unit.grads_bytes, O,
+                                          shared + left + mlp_done, logits_held, ring_attention))
                 if flat_units:  # the layer's end: its view gradients and their concatenation, its tensors freed
                     moments.append(Moment(Phase.BACKWARD, weights, waiting + 2 * unit.grads_bytes, O,
                                           shared + left - kept_moe, logits_held, layer_end))

@@ -30,6 +30,9 @@ SETUP_OPTION_HELP: dict[str, str] = {
           "matrix; --num-gpus = tp x data-parallel ranks (given --tp alone, --num-gpus is tp)",
     "ep": "expert-parallel degree (transformers ep_size, the model's expert plan): each GPU holds 1/ep of the "
           "experts, the rest whole; one group of ep GPUs shares a batch (given --ep alone, --num-gpus is ep)",
+    "cp": "context-parallel degree (accelerate ParallelismConfig cp_size: torch ring attention over SDPA, FSDP2 over "
+          "dp_shard x cp): each GPU holds 1/cp of every sequence; needs --sharding fsdp and --attn sdpa; "
+          "--num-gpus = dp_shard x cp x tp (given --cp alone, --num-gpus is cp x tp)",
     "fsdp_shard": "full-shard | shard-grad-op (with --sharding fsdp)",
     "offload": "none | optimizer | params (zero1-3: optimizer; zero3 and fsdp: params)",
     "global_batch_size": "sequences per step over all GPUs (sets --batch-size)",

@@ -32,13 +32,23 @@ def data_parallel_degree(num_gpus: int, tp: int) -> int:
 
 
 def implied_num_gpus(values: dict, given: dict, origins: dict) -> None:
-    """``--tp T`` without ``--num-gpus``: the job runs on T GPUs (one tensor-parallel group, no data parallelism)."""
+    """``--tp T`` without ``--num-gpus``: the job runs on T GPUs (one tensor-parallel group, no data parallelism).
+    ``--cp C``: on C x T GPUs, and with ``--sharding fsdp`` unless another sharding is given (accelerate runs context
+    parallelism only with an FSDP2 plugin, state.py:961-971; ``check_context_parallel`` refuses the others)."""
     if values.get("tp", 1) > 1 and "num_gpus" not in given and values["num_gpus"] == 1:
         values["num_gpus"] = values["tp"]
         origins["num_gpus"] = "implied by tp"
     if values.get("ep", 1) > 1 and "num_gpus" not in given and values["num_gpus"] == 1:  # --ep E alone: one group
         values["num_gpus"] = values["ep"]
         origins["num_gpus"] = "implied by ep"
+    cp = values.get("cp", 1)
+    if cp > 1:
+        if "num_gpus" not in given and values["num_gpus"] in (1, values.get("tp", 1)):
+            values["num_gpus"] = cp * values.get("tp", 1)
+            origins["num_gpus"] = "implied by cp"
+        if "sharding" not in given and values["sharding"].value == "none":
+            values["sharding"] = type(values["sharding"]).parse("fsdp", "sharding")
+            origins["sharding"] = "implied by cp"
 
 
 def check_degrees(model: ModelSpec, setup) -> None:
@@ -165,3 +175,66 @@ def check_expert_degree(model: ModelSpec, setup) -> None:
         raise VramcalcError("--ep with --precision fp8 is not modelled")
     if setup.grad_ckpt.value == "selective":
         raise VramcalcError("--ep with --grad-ckpt selective is not modelled")
+
+
+# -- context parallelism (--cp) ---------------------------------------------------------------------------------------
+def check_context_parallel(model: ModelSpec, setup) -> None:
+    """One error line for a ``--cp`` the real stack refuses or that vramcalc does not model.
+
+    The stack (transformers 5.25.0 Trainer + accelerate 1.16 + torch 2.13):
+    - accelerate builds the mesh ``(dp_replicate, dp_shard, cp, sp, tp)`` (parallelism_config.py:247-262) and shards
+      the model with FSDP2 over the flattened ``dp_shard_cp`` dimension (:141-153, :224-225); cp needs an FSDP2
+      plugin (state.py:961-971): N = dp_shard x cp x tp and ``--sharding fsdp``;
+    - Trainer allows only SDPA attention under cp (trainer.py:2458-2462) and only causal masks (:2483-2496);
+      accelerate drops the mask and forces ``is_causal=True`` in every ``self_attn`` and refuses a model whose layers
+      are not all full attention (big_modeling.py:786-800, transformers modeling_utils.py:1148-1163: sliding-window,
+      chunked or recurrent layers);
+    - torch's ring attention dispatches only the flash, memory-efficient and cuDNN SDPA kernels
+      (_context_parallel/_attention.py:897-934: "CP only supports flash attention and memory efficient attention
+      now"), and balances the causal work with its head-tail load balancer only when the sequence divides into
+      2 x cp chunks (_load_balancer.py:470-478; otherwise it silently runs unbalanced, and the last rank does most of
+      the attention).
+    """
+    cp = setup.cp
+    if cp == 1:
+        return
+    tp = setup.tp
+    if setup.num_gpus % (cp * tp):
+        raise VramcalcError(f"--num-gpus {setup.num_gpus} is not a multiple of --cp {cp} x --tp {tp}: accelerate's "
+                            "mesh is dp_shard x cp x tp (parallelism_config.py:168)")
+    if setup.sharding.value != "fsdp" or setup.offload.value != "none":
+        raise VramcalcError(f"--cp with --sharding {setup.sharding.value}"
+                            f"{' and --offload ' + setup.offload.value if setup.offload.value != 'none' else ''}: "
+                            "accelerate runs context parallelism only under FSDP2, sharding over dp_shard x cp "
+                            "(state.py:961-971); use --sharding fsdp without offload")
+    if not model.traits.supports_sdpa:
+        raise VramcalcError(f"--cp on {model.name}: {model.family} has no sdpa attention in transformers, and Trainer "
+                            "allows context parallelism only with sdpa (trainer.py:2458-2462)")
+    if setup.attn.value != "sdpa":
+        raise VramcalcError(f"--cp with --attn {setup.attn.value}: Trainer allows context parallelism only with sdpa "
+                            "attention (transformers 5.25.0 trainer.py:2458-2462), whose flash/efficient kernels "
+                            "torch's ring attention replaces (_attention.py:897-934)")
+    if model.sliding_window or any(t != "full_attention" for t in model.layer_types) or model.traits.short_conv:
+        raise VramcalcError(f"--cp on {model.name}: context parallelism drops the attention mask and forces causal "
+                            "attention, so accelerate refuses models with sliding-window, chunked or recurrent layers "
+                            "(big_modeling.py:786-800, transformers modeling_utils.py:1148-1163)")
+    if model.is_moe or model.kv_lora_rank:
+        raise VramcalcError(f"--cp is modelled for dense decoders with standard attention; {model.name} is "
+                            f"{'MoE' if model.is_moe else 'MLA'}")
+    if setup.padded_seq_len % (2 * cp):
+        raise VramcalcError(f"--seq-len {setup.padded_seq_len} with --cp {cp}: torch's head-tail load balancer needs "
+                            f"the sequence in 2 x cp = {2 * cp} equal chunks (_load_balancer.py:475); use a multiple "
+                            f"of {2 * cp}")
+    method = setup.method.value
+    if method not in ("full", "lora"):
+        raise VramcalcError(f"--cp with --method {method}: modelled for full and lora")
+    if setup.packing:
+        raise VramcalcError("--cp with --packing: context parallelism supports only causal masks over one sequence "
+                            "(trainer.py:2483-2496); packed documents would attend across their boundaries")
+    if setup.task.value != "sft" or setup.stack.value != "hf":
+        raise VramcalcError("--cp is modelled for --task sft on the hf stack (Trainer's ParallelismConfig)")
+    if setup.compile or setup.activation_offload or setup.kernels.value != "none" or setup.optimizer_in_backward:
+        raise VramcalcError("--cp is modelled without --compile, --activation-offload, --kernels and "
+                            "--optimizer-in-backward")
+    if setup.precision.value == "fp8" or setup.device_map.value != "none":
+        raise VramcalcError("--cp is not modelled with --precision fp8 or --device-map")

@@ -34,6 +34,8 @@ def layer_setup(resolved: ResolvedSetup) -> activations.LayerSetup:
     layers = stack_layers.stack_layers(setup.stack)
     if layers.stable_embedding and not setup.stable_embedding:  # a litgpt older than the swap (stack_layers.py)
         layers = replace(layers, stable_embedding=False)
+    if getattr(setup, "cp", 1) > 1:  # --cp: the ring's merged output keeps q's [b, a, s, d] layout (terms/context_parallel)
+        layers = replace(layers, query_head_major=True)
     return _layer_setup(setup.method, setup.precision, setup.adapter_dtype, resolved.attn_used, resolved.lora_modules,
                         setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
                         layers, getattr(setup, "ep", 1))

@@ -99,6 +99,10 @@ DATA_PARALLEL_OVERLAP_BY_SHARDING: dict[str, tuple[tuple[str, ...], float]] = {
 TENSOR_PARALLEL_OVERLAP = 0.0
 ASYNC_TENSOR_PARALLEL_OVERLAP = 1.0
 ASYNC_TENSOR_PARALLEL_BACKWARD_OVERLAP = 0.0
+# Context parallelism (``--cp``; torch 2.13 ring attention, distributed/tensor/experimental/_context_parallel/
+# _attention.py): each step of the ring issues the K/V exchange before its partial SDPA and waits for it at the next
+# step (forward :430-439, backward :522-534, the dK/dV all-to-all :595, :625-627), so the transfers hide behind the
+# attention kernels, and only those: exposed = max(0, cp comm - attention time) (``StepWork.context_parallel_s``).
 
 # Host time to issue one eager PyTorch op on a CUDA device: "~5-25 µs of CPU-side work per op" (Python bytecode ~1,
 # pybind ~1, autograd ~1-3, ATen dispatch ~1-2, backend ~1-5, cudaLaunchKernel ~1-3 µs: jiahuanglin.xyz, "From
@@ -513,6 +517,7 @@ class StepWork:
     # The matmuls one by one (``linear_gemm``), each timed on the roofline; empty: matmul_flops at R_mm.
     gemms: tuple[Gemm, ...] = ()
     attention_backward_flops: float = 0.0  # the part of attention_flops run by the backward kernel
+    context_parallel_s: float = 0.0  # the cp ring's transfers at the link's bandwidth, before the attention hides them
 
 
 @dataclass(frozen=True)
@@ -589,6 +594,8 @@ def step_time(work: StepWork, rates: StepRates) -> StepTime:
         exposed = (exposed_comm_seconds(work.comm_forward_s, compute_s - backward_s, work.comm_overlap)
                    + exposed_comm_seconds(work.comm_s - work.comm_forward_s, backward_s, work.comm_overlap))
     exposed += work.serial_s + exposed_comm_seconds(work.side_stream_s, compute_s, ACTIVATION_OFFLOAD_OVERLAP)
+    if work.context_parallel_s:  # --cp: the ring's exchanges run under its partial SDPA calls
+        exposed += max(0.0, work.context_parallel_s - attention_s)
     step_s = compute_s + exposed
     return StepTime(matmul_s, attention_s, memory_s, exposed, step_s, work.tokens / step_s,
                     work.model_flops / (step_s * rates.peak_tflops * TFLOPS), host_s, work.tensor_parallel_s)
@@ -851,6 +858,9 @@ class StepSetup:
     # They sit on the critical path (``TENSOR_PARALLEL_OVERLAP``); the ``tp`` field above is the Megatron-style
     # count of ``tensor_parallel_bytes`` (torchtitan, Megatron-LM rows of benchmarks/throughput.py).
     tp_comm_bytes: float = 0.0
+    # Bytes one rank sends per step in its context-parallel ring (``terms.context_parallel``'s traffic), on
+    # ``cp_link_gb_s``; hidden behind the attention kernels only (module constants above ``HOST_SECONDS_PER_KERNEL``).
+    cp_comm_bytes: float = 0.0
     param_bytes_on_wire: float = BF16_BYTES  # FSDP all-gather dtype
     grad_bytes_on_wire: float = BF16_BYTES  # reduce dtype
     serial_extra_s: float = 0.0  # e.g. paged optimizer states over PCIe (caller computes it)
@@ -919,7 +929,7 @@ def decoder_gemms(shape: DecoderShape, setup: StepSetup, *, recompute_forwards: 
 
 
 def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp8_matmul_tflops: float | None = None,
-              dp_link_gb_s: float = 0.0, tp_link_gb_s: float = 0.0) -> StepWork:
+              dp_link_gb_s: float = 0.0, tp_link_gb_s: float = 0.0, cp_link_gb_s: float = 0.0) -> StepWork:
     """The work of one optimizer step on one GPU: every formula above applied to one setup. Compute is shared by the
     tp·cp GPUs of a data-parallel rank; fp8 matmuls enter as bf16-rate-equivalent FLOPs (R_bf16 / R_fp8 each).
     Per micro-batch (x ``micro_batches``): dequantization of a k-bit base and the host's kernels; per step: the
@@ -995,6 +1005,8 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
         tp_overlap = TENSOR_PARALLEL_OVERLAP
     if setup.tp_comm_bytes and not tp_link_gb_s:
         raise ValueError("tp_comm_bytes needs tp_link_gb_s")
+    if setup.cp_comm_bytes and not cp_link_gb_s:
+        raise ValueError("cp_comm_bytes needs cp_link_gb_s")
     # transformers' tp_plan: no async TP, every collective between dependent ops (``TENSOR_PARALLEL_OVERLAP``)
     tp_exposed_s = (tp_s * (1 - tp_overlap)
                     + comm_seconds(setup.tp_comm_bytes, tp_link_gb_s) * (1 - TENSOR_PARALLEL_OVERLAP))
@@ -1018,4 +1030,5 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
                     comm_overlap=dp_overlap, comm_forward_s=dp_forward_s, backward_share=backward_share,
                     serial_s=tp_exposed_s + setup.serial_extra_s + dp_after_s, tensor_parallel_s=tp_exposed_s,
                     kernels=kernels, side_stream_s=side_s, gemms=gemms or (),
-                    attention_backward_flops=attn_backward / split)
+                    attention_backward_flops=attn_backward / split,
+                    context_parallel_s=comm_seconds(setup.cp_comm_bytes, cp_link_gb_s) if setup.cp_comm_bytes else 0.0)

@@ -83,6 +83,7 @@ class TrainingSetup:
     offload: Offload = Offload.NONE
     tp: int = 1  # tensor-parallel degree (transformers tp_plan="auto"); --num-gpus = tp x data-parallel ranks
     ep: int = 1  # expert-parallel degree (transformers ep_size, base_model_ep_plan; parallel_degrees.py)
+    cp: int = 1  # context-parallel degree (accelerate cp_size, torch ring attention); --num-gpus = dp_shard x cp x tp
     global_batch_size: int | None = None  # sequences per optimizer step over all GPUs; sets batch_size when given
     stack: Stack = Stack.HF  # whose defaults the other options start from (vramcalc/stacks.py)
     compile: bool = False  # torch.compile of the model (Trainer torch_compile=False)
@@ -251,6 +252,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         offload=Offload.parse(chosen.get("offload", SETUP_DEFAULTS["offload"]), "offload"),
         tp=positive_int(chosen.get("tp", SETUP_DEFAULTS["tp"]), "tensor-parallel degree", MAX_OPTION["num_gpus"]),
         ep=positive_int(chosen.get("ep", SETUP_DEFAULTS["ep"]), "expert-parallel degree", MAX_OPTION["num_gpus"]),
+        cp=positive_int(chosen.get("cp", SETUP_DEFAULTS["cp"]), "context-parallel degree", MAX_OPTION["num_gpus"]),
         stack=stack,
         compile=_bool(chosen.get("compile", SETUP_DEFAULTS["compile"]), "compile"),
         activation_offload=_bool(chosen.get("activation_offload", SETUP_DEFAULTS["activation_offload"]),
@@ -291,6 +293,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     resolve_images(model, values, given)  # --images, --image-size, --image-tokens, --vision (vision.py)
     setup = TrainingSetup(**values)
     parallel_degrees.check_degrees(model, setup)
+    parallel_degrees.check_context_parallel(model, setup)  # --cp
     _check_combination(setup)
     _check_computable(model, setup)
     check_teacher(model, setup)
@@ -558,6 +561,7 @@ def _per_device_batch(values: dict, batch_given: bool) -> int:
     total, gpus, accum = values["global_batch_size"], values["num_gpus"], values["grad_accum"]
     gpus = parallel_degrees.data_parallel_degree(gpus, values.get("tp", 1))  # a tp group shares one micro-batch
     gpus = parallel_degrees.data_parallel_degree(gpus, values.get("ep", 1))  # so does an --ep group
+    gpus //= values.get("cp", 1)  # so does a cp group (accelerate data_loader.py:1143-1152)
     if total % (gpus * accum):
         raise VramcalcError(f"global batch size {total} is not divisible by {gpus} GPUs x {accum} accumulation "
                             f"steps; use a multiple of {gpus * accum}")

@@ -63,6 +63,11 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
 
         data_parallel.check_traceable(resolved)
         tracker.track_resizes = True
+    if getattr(resolved.setup, "cp", 1) > 1:  # one ring over the world (tracing/context_parallel.py)
+        from .context_parallel import check_traceable as check_ring, ring_tracer
+
+        check_ring(spec, resolved)
+        tracer_class = ring_tracer(tracer_class or StepTracer)
     tensor_parallel = getattr(resolved.setup, "tp", 1) > 1  # one tensor-parallel group (tracing/tensor_parallel.py)
     if tensor_parallel:
         from . import distributed as data_parallel
