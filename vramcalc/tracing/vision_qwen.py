@@ -2,7 +2,8 @@
 makes.
 
 The batch: ``pixel_values`` [sum of patches, C·T·p·p] in fp32 (``Qwen2VLImageProcessor`` output), ``image_grid_thw``
-[b·images, 3] = (1, grid_h, grid_w) per image, and ``input_ids`` whose first tokens per sample are the image token.
+[b·images, 3] = (1, grid_h, grid_w) per image, and ``input_ids`` whose first tokens per sample are each image's tokens followed by one text token (as
+``<|vision_end|>`` follows each image: ``get_rope_index`` gives each run of image tokens its own grid).
 
 Three computations of the real code read tensor values, which fake tensors do not have; each is done once on real
 tensors by transformers' own functions (outside the fake mode) and handed in:
@@ -75,7 +76,9 @@ def qwen_image_inputs(model, vision, setup, input_ids: torch.Tensor, image_token
     with unset_fake_temporarily():
         grid = torch.tensor([[1, grid_h, grid_w]] * count, dtype=torch.long)
         ids = torch.zeros(b, input_ids.shape[1], dtype=torch.long)
-        ids[:, :tokens] = image_token_id
+        per = tokens // setup.images  # each image's tokens, one text token (<|vision_end|>) after each
+        for i in range(setup.images):
+            ids[:, i * (per + 1):i * (per + 1) + per] = image_token_id
         token_types = (ids == image_token_id).int()
         position_ids, _ = inner.get_rope_index(ids, token_types, image_grid_thw=grid)
         pre = {}
