@@ -44,3 +44,22 @@ def meta_vlm_param_count(config: dict) -> int:
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(hf_vlm_config(config))
     return sum({id(p): p.numel() for p in model.parameters()}.values())
+
+# Qwen2.5-VL: a 4-block tower (blocks 1 and 3 attend over the whole image, 0 and 2 within windows of 56 px = 2 x 2
+# merged tokens = 16 patches), patch 14, temporal patch 2, merge 2, and a tiny Qwen2 language model (M-RoPE sections
+# sum to head_dim / 2 = 32)
+TINY_VLM["qwen2_5_vl"] = dict(
+    model_type="qwen2_5_vl", image_token_id=2000, video_token_id=2001, vision_start_token_id=2002,
+    vision_end_token_id=2003,
+    text_config=dict(model_type="qwen2_5_vl_text", hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, intermediate_size=512, vocab_size=2048,
+                     rope_scaling=dict(type="mrope", mrope_section=[8, 12, 12])),
+    vision_config=dict(model_type="qwen2_5_vl_vision", depth=4, hidden_size=64, intermediate_size=128, num_heads=4,
+                       out_hidden_size=256, window_size=56, fullatt_block_indexes=[1, 3]))
+# the flat layout of the Hub's Qwen2.5-VL config.json files (text fields at the top level), tied
+TINY_VLM["qwen2_5_vl-flat"] = dict(
+    model_type="qwen2_5_vl", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=256, vocab_size=1024, tie_word_embeddings=True, image_token_id=1000,
+    rope_scaling=dict(type="mrope", mrope_section=[4, 6, 6]),
+    vision_config=dict(depth=3, hidden_size=32, intermediate_size=96, num_heads=2, out_hidden_size=128,
+                       fullatt_block_indexes=[2]))

@@ -209,6 +209,10 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
         raise VramcalcError(f"config {name!r} lacks the field 'model_type'")
     if not isinstance(family, str):
         raise VramcalcError(f"config.json field 'model_type' must be a string, got {_describe(family)}")
+    if family == "qwen2_5_vl":  # Qwen2.5-VL: a Qwen2 language model, flat or nested (vision_qwen.py)
+        from .vision_qwen import qwen_text_config
+
+        return _with_vision(spec_from_config(qwen_text_config(config), name=name), config)
     if family not in FAMILIES:
         nested = _text_config(config)
         if nested is not None:

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import VramcalcError
+from .vision_qwen import QWEN_FAMILIES, QWEN_VISION_DEFAULTS
 
 # Outer model_type -> (the vision config class defaults, the outer defaults): transformers 5.25
 # configuration_smolvlm.py L56-62 / L93-98, configuration_idefics3.py (same values), configuration_siglip.py L93-103,
@@ -39,6 +40,7 @@ VISION_FAMILIES = {
     "smolvlm": (_SIGLIP_IDEFICS, dict(scale_factor=2, tie_word_embeddings=False)),
     "idefics3": (_SIGLIP_IDEFICS, dict(scale_factor=2, tie_word_embeddings=False)),
     "gemma3": (_SIGLIP, dict(mm_tokens_per_image=256, tie_word_embeddings=True)),
+    "qwen2_5_vl": (QWEN_VISION_DEFAULTS, dict(tie_word_embeddings=False)),  # vision_qwen.py reads it
 }
 MAX_VISION = 2**16  # any vision size field: far past SigLIP-so400m (1152 wide, 27 layers, 4304 intermediate)
 
@@ -75,6 +77,11 @@ class VisionSpec:
     scale_factor: int = 0  # smolvlm / idefics3 pixel shuffle
     mm_tokens_per_image: int = 0  # gemma3
     use_head: bool = False  # siglip vision_use_head
+    # Qwen2.5-VL (vision_qwen.py): scale_factor is spatial_merge_size, image_size the default image side
+    temporal_patch_size: int = 0
+    window_size: int = 0  # pixels per attention window side
+    full_attention_blocks: tuple[int, ...] = ()  # fullatt_block_indexes
+    out_hidden_size: int = 0  # the merger's output width (0: text_hidden_size)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -114,10 +121,21 @@ class VisionSpec:
     def projector_in(self) -> int:
         return self.hidden_size * self.scale_factor ** 2 if self.scale_factor else self.hidden_size
 
+    def tokens_per_image(self, image_size: int | None = None, image_tokens: int | None = None) -> int:
+        """Image tokens one image puts in the language model's sequence: tiles x tokens per tile, or Qwen2.5-VL's
+        grid (``vision_qwen.tokens_per_image``)."""
+        if self.family in QWEN_FAMILIES:
+            from .vision_qwen import tokens_per_image
+
+            return tokens_per_image(self, image_size, image_tokens)
+        return self.tiles(image_size, image_tokens) * self.tokens_per_tile
+
     def tiles(self, image_size: int | None = None, image_tokens: int | None = None) -> int:
         """Tiles the tower encodes per image: from ``image_tokens`` (a multiple of ``tokens_per_tile``), or from a
         square image of ``image_size`` pixels (smolvlm/idefics3: ceil(S / P)^2 + 1 when S > P, else 1; gemma3 resizes
         every image to P: 1), or 1 (an image at the tower's own resolution)."""
+        if self.family in QWEN_FAMILIES:  # one variable-size grid per image
+            return 1
         if image_tokens is not None:
             if image_tokens % self.tokens_per_tile:
                 raise VramcalcError(f"--image-tokens {image_tokens} is not a multiple of the {self.tokens_per_tile} "
@@ -131,6 +149,10 @@ class VisionSpec:
     @functools.cached_property
     def tensors(self) -> tuple[VisionTensor, ...]:
         """Every parameter tensor of the tower and projector, as ``sum(p.numel())`` counts them."""
+        if self.family in QWEN_FAMILIES:
+            from .vision_qwen import qwen_tensors
+
+            return qwen_tensors(self)
         H, I, L, p, C = self.hidden_size, self.intermediate_size, self.num_layers, self.patch_size, self.num_channels
         out = [VisionTensor("embeddings.patch_embedding.weight", (H, C, p, p)),
                VisionTensor("embeddings.patch_embedding.bias", (H,)),
@@ -175,6 +197,10 @@ def vision_from_config(config: dict, text_hidden_size: int) -> VisionSpec | None
     family = config.get("model_type")
     if family not in VISION_FAMILIES:
         return None
+    if family in QWEN_FAMILIES:
+        from .vision_qwen import qwen_vision_from_config
+
+        return qwen_vision_from_config(config, text_hidden_size)
     vision_defaults, outer_defaults = VISION_FAMILIES[family]
     nested = config.get("vision_config")
     if nested is None:
@@ -220,6 +246,10 @@ def vlm_tied(config: dict) -> bool | None:
     family = config.get("model_type")
     if family not in VISION_FAMILIES:
         return None
+    if family in QWEN_FAMILIES:
+        from .vision_qwen import qwen_tied
+
+        return qwen_tied(config)
     value = config.get("tie_word_embeddings", VISION_FAMILIES[family][1]["tie_word_embeddings"])
     if not isinstance(value, bool):
         raise VramcalcError(f"config.json field 'tie_word_embeddings' must be true or false, got {value!r}")
@@ -296,17 +326,17 @@ def resolve_images(model, values: dict, given: dict) -> None:
             raise VramcalcError(f"images with {word} are not modelled yet (vision-language models are estimated for "
                                 "one GPU, --task sft, the hf stack, 16- or 32-bit precision without autocast)")
     tiles = vision.tiles(size, tokens)
-    image_tokens = images * tiles * vision.tokens_per_tile
+    image_tokens = images * vision.tokens_per_image(size, tokens)
     if image_tokens > values["seq_len"]:
         raise VramcalcError(f"--seq-len {values['seq_len']} is shorter than the image tokens it must hold: {images} "
-                            f"image(s) x {tiles} tile(s) x {vision.tokens_per_tile} tokens = {image_tokens} "
+                            f"image(s) x {tiles} tile(s) x {image_tokens // images // tiles} tokens = {image_tokens} "
                             "(--seq-len counts every token the language model sees, image tokens included)")
     values.update(images=images, image_size=size, image_tokens=tokens, vision=mode)
 
 
 def image_tokens_per_sample(vision: VisionSpec, setup) -> int:
     """Image tokens one sample puts in the language model's sequence (part of ``seq_len``)."""
-    return setup.images * vision.tiles(setup.image_size, setup.image_tokens) * vision.tokens_per_tile
+    return setup.images * vision.tokens_per_image(setup.image_size, setup.image_tokens)
 
 
 def tiles_per_sample(vision: VisionSpec, setup) -> int:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from ..options import Method, Vision
 from ..vision import VisionSpec, tiles_per_sample
+from ..vision_qwen import QWEN_FAMILIES
 from .activations import SDPA_FLASH_MAX_HEAD_DIM, SEED_OFFSET_BYTES
 from .stored_tensor import StoredTensor
 from .. import facts
@@ -220,6 +221,10 @@ def image_details(vision: VisionSpec, setup, saved: VisionSaved) -> dict:
 def setup_vision_saved(vision: VisionSpec, setup, lora_modules: tuple[str, ...], adapter_bits: int) -> VisionSaved:
     """``vision_saved`` for a training setup."""
     adapted = adapted_modules(vision, setup.vision, setup.lora_targets, lora_modules)
+    if vision.family in QWEN_FAMILIES:  # Qwen2.5-VL's tower (terms/vision_qwen.py)
+        from .vision_qwen import qwen_setup_saved
+
+        return qwen_setup_saved(vision, setup, adapted, adapter_bits // 8)
     tiles = setup.batch_size * tiles_per_sample(vision, setup)
     return vision_saved(vision, setup.vision, tiles, setup.precision.param_dtype.bits // 8, adapted,
                         setup.lora_rank if setup.method is Method.LORA else 0, adapter_bits // 8,
@@ -298,6 +303,10 @@ def moments_for(model, resolved, tensors, moments: list, moment_type, layer=None
     saved = setup_vision_saved(model.vision, setup, resolved.lora_modules, _adapter_bits(resolved))
     if layer is not None:
         batch = pixel_values_bytes(model.vision, setup.batch_size * tiles_per_sample(model.vision, setup))
+        if model.vision.family in QWEN_FAMILIES:
+            from .vision_qwen import qwen_pixel_values_bytes
+
+            batch = qwen_pixel_values_bytes(model.vision, setup)
         grad_in = language_input_grad_bytes(model, layer, b, s, masked, setup.grad_ckpt) if saved.total else 0
         saved = VisionSaved(saved.layers, saved.outer + batch + grad_in, saved.recompute)
     vision_grads = sum(round_up(t.numel * t.bits // 8) * t.count for t in tensors if t.trainable

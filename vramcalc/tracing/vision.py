@@ -28,11 +28,13 @@ from ..model import ModelSpec
 from ..options import Method, Vision
 from ..training_setup import ResolvedSetup
 from ..vision import image_tokens_per_sample, tiles_per_sample
+from ..vision_qwen import QWEN_FAMILIES
 from .build import _ATTN_IMPLEMENTATION, _cast_adapters, _load_dtype, _materialise, _quiet, hf_config
 from .step import PhaseHooks, StepTracer, check_traceable_knobs
 
 IMAGE_TOKEN_ID = 3  # a token id inside every vocabulary; the config's image token is set to it
-_LANGUAGE_MODEL = {"smolvlm": "text_model", "idefics3": "text_model", "gemma3": "language_model"}
+_LANGUAGE_MODEL = {"smolvlm": "text_model", "idefics3": "text_model", "gemma3": "language_model",
+                   "qwen2_5_vl": "language_model"}
 
 
 def vlm_config(spec: ModelSpec):
@@ -41,6 +43,14 @@ def vlm_config(spec: ModelSpec):
 
     vision = spec.vision
     text = hf_config(spec).to_dict()
+    if vision.family in QWEN_FAMILIES:  # Qwen2.5-VL (tracing/vision_qwen.py)
+        from .vision_qwen import qwen_text_config, qwen_tower_config
+
+        return AutoConfig.for_model(vision.family, text_config=qwen_text_config(text, vision),
+                                    vision_config=qwen_tower_config(vision), use_cache=False,
+                                    tie_word_embeddings=spec.tie_word_embeddings, image_token_id=IMAGE_TOKEN_ID,
+                                    video_token_id=IMAGE_TOKEN_ID + 1, vision_start_token_id=IMAGE_TOKEN_ID + 2,
+                                    vision_end_token_id=IMAGE_TOKEN_ID + 3)
     tower = dict(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
                  num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads,
                  image_size=vision.image_size, patch_size=vision.patch_size, num_channels=vision.num_channels)
@@ -114,7 +124,8 @@ def _inner(model: nn.Module) -> nn.Module:
 
 def _tower_modules(model: nn.Module) -> list[nn.Module]:
     inner = _inner(model)
-    return [getattr(inner, name) for name in ("vision_model", "connector", "vision_tower", "multi_modal_projector")
+    return [getattr(inner, name) for name in ("vision_model", "connector", "vision_tower", "multi_modal_projector",
+                                                    "visual")
             if hasattr(inner, name)]
 
 
@@ -199,6 +210,13 @@ class VisionStepTracer(StepTracer):
         if not tiles:  # a text-only batch through the VLM
             self.image_inputs = {}
             return self._steps(steps, progress, input_ids)
+        if vision.family in QWEN_FAMILIES:  # the processor's patches and grids (tracing/vision_qwen.py)
+            from .vision_qwen import qwen_image_inputs
+
+            with qwen_image_inputs(self.model, vision, setup, input_ids, IMAGE_TOKEN_ID) as self.image_inputs:
+                self._steps(steps, progress, input_ids)
+            del self.image_inputs
+            return
         shape = (vision.num_channels, vision.image_size, vision.image_size)
         if vision.family == "gemma3":
             pixel_values = torch.zeros(b * tiles, *shape)
