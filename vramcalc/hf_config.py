@@ -209,6 +209,10 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
         raise VramcalcError(f"config {name!r} lacks the field 'model_type'")
     if not isinstance(family, str):
         raise VramcalcError(f"config.json field 'model_type' must be a string, got {_describe(family)}")
+    if family == "mllama":  # Llama-3.2-Vision: cross-attention layers and a tiled tower (vision_mllama.py)
+        from .vision_mllama import mllama_spec
+
+        return mllama_spec(config, name)
     if family not in FAMILIES:
         nested = _text_config(config)
         if nested is not None:
