@@ -259,6 +259,10 @@ def stored(model, resolved) -> tuple[StoredTensor, ...]:
 
     setup = resolved.setup
     vision = model.vision
+    if vision.family == "mllama":  # the tiled tower and the cross-attention layers (terms/vision_mllama.py)
+        from . import vision_mllama
+
+        return vision_mllama.stored(model, resolved)
     adapted = adapted_modules(vision, setup.vision, setup.lora_targets, resolved.lora_modules)
     bits = _adapter_bits(resolved) if adapted else 0
     return vision_stored_tensors(vision, setup.vision, setup.precision.param_dtype.bits, adapted,
@@ -295,6 +299,10 @@ def moments_for(model, resolved, tensors, moments: list, moment_type, layer=None
     from ..units import round_up
 
     setup = resolved.setup
+    if model.vision.family == "mllama":  # terms/vision_mllama.py
+        from . import vision_mllama
+
+        return vision_mllama.moments_for(model, resolved, tensors, moments, moment_type, layer, b, s)
     saved = setup_vision_saved(model.vision, setup, resolved.lora_modules, _adapter_bits(resolved))
     if layer is not None:
         batch = pixel_values_bytes(model.vision, setup.batch_size * tiles_per_sample(model.vision, setup))
@@ -313,5 +321,9 @@ def details_for(model, resolved) -> dict:
     """``image_details`` for a resolved setup."""
 
     setup = resolved.setup
+    if model.vision.family == "mllama":  # terms/vision_mllama.py
+        from . import vision_mllama
+
+        return vision_mllama.details_for(model, resolved)
     saved = setup_vision_saved(model.vision, setup, resolved.lora_modules, _adapter_bits(resolved))
     return image_details(model.vision, setup, saved)

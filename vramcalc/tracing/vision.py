@@ -33,6 +33,7 @@ from .step import PhaseHooks, StepTracer, check_traceable_knobs
 
 IMAGE_TOKEN_ID = 3  # a token id inside every vocabulary; the config's image token is set to it
 _LANGUAGE_MODEL = {"smolvlm": "text_model", "idefics3": "text_model", "gemma3": "language_model"}
+_LANGUAGE_MODEL["mllama"] = "language_model"
 
 
 def vlm_config(spec: ModelSpec):
@@ -40,6 +41,10 @@ def vlm_config(spec: ModelSpec):
     from transformers import AutoConfig
 
     vision = spec.vision
+    if vision.family == "mllama":  # cross-attention layers and a tiled tower (tracing/vision_mllama.py)
+        from .vision_mllama import mllama_config
+
+        return mllama_config(spec)
     text = hf_config(spec).to_dict()
     tower = dict(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
                  num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads,
@@ -200,7 +205,12 @@ class VisionStepTracer(StepTracer):
             self.image_inputs = {}
             return self._steps(steps, progress, input_ids)
         shape = (vision.num_channels, vision.image_size, vision.image_size)
-        if vision.family == "gemma3":
+        if vision.family == "mllama":  # tracing/vision_mllama.py
+            from .vision_mllama import IMAGE_TOKEN_ID as MLLAMA_IMAGE, image_inputs
+
+            input_ids[:, :setup.images] = MLLAMA_IMAGE
+            self.image_inputs = image_inputs(self.spec, setup)
+        elif vision.family == "gemma3":
             pixel_values = torch.zeros(b * tiles, *shape)
             token_type_ids = torch.zeros(b, s, dtype=torch.long)
             token_type_ids[:, :tokens] = 1
