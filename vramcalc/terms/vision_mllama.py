@@ -103,6 +103,8 @@ def tower_saved(vision, mode: Vision | None, tiles: int, c: int, adapted: tuple[
     names = tuple("out_proj" if name == "o_proj" else name for name in adapted)
     tokens = tiles * Np
     layers = vision_saved(shim, mode, tokens, c, names, lora_rank, adapter_bytes, lora_dropout, autocast).layers
+    if full:  # o_proj reads the memory-efficient kernel's [b, s, a, d] output itself: no contiguous copy
+        layers -= tokens * c * H * L
     images = tiles // vision.max_num_tiles
     grad = full or bool(adapted)
     out = layers
@@ -130,7 +132,7 @@ def tower_saved(vision, mode: Vision | None, tiles: int, c: int, adapted: tuple[
     return out
 
 
-def cross_saved(model, layer, vision, b: int, s: int, kv: int, tower_grad: bool) -> int:
+def cross_saved(model, layer, vision, b: int, s: int, kv: int, tower_grad: bool, grad_ckpt: bool = False):
     """What the cross-attention layers save (``MllamaCrossAttentionDecoderLayer``), for b samples of s text tokens
     and kv = images x T x N1 vision states each. Per layer, on the text tokens, the Llama layer walk
     (``activations._LayerWalk``) of its pieces: input RMSNorm, q_proj, q_norm (RMSNorm over head_dim, a rows per
@@ -170,19 +172,29 @@ def cross_saved(model, layer, vision, b: int, s: int, kv: int, tower_grad: bool)
         attention += 2 * 512  # philox seed and offset
     walk.grad = attention_grad
     before = walk.per_token
-    walk.linears([walk.use("o_proj", a * d)], out_bytes)
+    # o_proj reads the kernel's output itself: the memory-efficient kernel writes it [b, s, a, d], so the
+    # transpose(1, 2).contiguous() and reshape are views (no copy to save)
+    walk.linears([walk.use("o_proj", a * d)], out_bytes, x_saved=attention_grad)
     walk.per_token += c * h if full else 0  # the attention gate's product saves o_proj's output
     walk._x_in = r
     walk.mlp_block(False)
     walk.per_token += c * h if full else 0  # the MLP gate's product saves the row-masked MLP output
     text += walk.per_token - before
     per_layer = b * s * text + b * kv * kv_tokens + attention + walk.per_layer + 2 * _SCALAR
-    once = 0
-    if any(use.trains for use in (kv_walk.use("k_proj", h), kv_walk.use("v_proj", h))):
-        once += b * kv * x_bytes * h  # X, saved by the trained k_proj and v_proj
-    if attention_grad:
-        once += b * s * kv * c + b * s * c  # the cross-attention mask, the row mask
-    return X * per_layer + once
+    masks = b * s * kv * c + b * s * c  # the cross-attention mask, the row mask
+    x_saved = any(use.trains for use in (kv_walk.use("k_proj", h), kv_walk.use("v_proj", h)))
+    if grad_ckpt:  # each layer keeps its input; X and the masks are inputs of every checkpoint; the recompute of
+        # one cross-attention layer beyond what a self-attention layer's recompute holds
+        from .activations import layer_saved
+
+        own = layer_saved(model, layer, False, False, True).bytes(b, s)
+        return CrossSaved(X * b * s * r * h + b * kv * x_bytes * h + masks, max(0, per_layer - own))
+    return CrossSaved(X * per_layer + (b * kv * x_bytes * h if x_saved else 0) + (masks if attention_grad else 0), 0)
+
+
+class CrossSaved(NamedTuple):
+    kept: int  # alive from the layers' forward to their backward
+    recompute: int = 0  # under checkpointing: during one cross-attention layer's backward, beyond a self layer's
 
 
 def moments_for(model, resolved, tensors, moments: list, moment_type, layer=None, b=0, s=0) -> list:
@@ -199,7 +211,8 @@ def moments_for(model, resolved, tensors, moments: list, moment_type, layer=None
     out = []
     for m in moments:
         if m.phase in (Phase.FORWARD, Phase.BACKWARD_START, Phase.BACKWARD):
-            m = m._replace(activations=m.activations + total)
+            extra = saved.recompute if m.phase is Phase.BACKWARD else 0
+            m = m._replace(activations=m.activations + total + extra)
         out.append(m)
     if saved.tower:
         end = next((m for m in moments if m.phase is Phase.BACKWARD_END), None)
@@ -217,6 +230,7 @@ def moments_for(model, resolved, tensors, moments: list, moment_type, layer=None
 class MllamaSaved(NamedTuple):
     tower: int
     cross: int
+    recompute: int = 0
 
 
 def setup_saved(model, resolved, layer, b: int, s: int) -> MllamaSaved:
@@ -237,8 +251,10 @@ def setup_saved(model, resolved, layer, b: int, s: int) -> MllamaSaved:
     cross = 0
     if layer is not None:
         kv = setup.images * vision.max_num_tiles * vision.patches
-        cross = cross_saved(model, layer, vision, b, s, kv, setup.vision in (Vision.LORA, Vision.FULL))
-    return MllamaSaved(tower, cross)
+        cross = cross_saved(model, layer, vision, b, s, kv, setup.vision in (Vision.LORA, Vision.FULL),
+                            bool(setup.grad_ckpt))
+        return MllamaSaved(tower, cross.kept, cross.recompute)
+    return MllamaSaved(tower, 0)
 
 
 def batch_bytes(vision, setup) -> int:
