@@ -70,7 +70,7 @@ _SCALAR = 512  # a [1] tensor as the allocator holds it (a gate's tanh)
 
 
 def tower_saved(vision, mode: Vision | None, tiles: int, c: int, adapted: tuple[str, ...], lora_rank: int,
-                adapter_bytes: int, lora_dropout: bool, autocast: bool) -> int:
+                adapter_bytes: int, lora_dropout: bool, autocast: bool, input_grad: bool = False) -> int:
     """What the tower's forward saves for ``tiles`` tiles (b x images x T), 0 when frozen.
 
     Encoder layers (local and global): the SigLIP-style layer rule of ``terms/vision.vision_saved`` (pre-LayerNorm
@@ -87,11 +87,17 @@ def tower_saved(vision, mode: Vision | None, tiles: int, c: int, adapted: tuple[
       ((4 or c)·H + 8 per token);
     - whenever a gradient flows: ``layernorm_post``'s input and mean/rstd, and the projector's input, the
       concatenated [T·N1, vision_output_dim] states (fp32 under autocast; its c-cast copy is what a trained
-      projector saves)."""
+      projector saves).
+    ``input_grad``: the patch embedding's output requires grad whatever trains. transformers'
+    ``gradient_checkpointing_enable`` calls ``enable_input_require_grads`` (modeling_utils.py L3192-3200), which hooks
+    the ``get_input_embeddings()`` of every PreTrainedModel inside the model (L2149-2180): the text embedding and
+    ``MllamaVisionModel.patch_embedding``. So under checkpointing even a frozen tower saves what its input's
+    gradient needs (the tower's layers are not checkpointed: ``MllamaVisionEncoderLayer`` is a plain nn.Module), and
+    ``layernorm_pre`` saves its input."""
     from ..vision import VisionSpec
     from .vision import vision_saved
 
-    if mode is None or mode is Vision.FROZEN or tiles == 0:
+    if mode is None or tiles == 0 or (mode is Vision.FROZEN and not input_grad):
         return 0
     full = mode is Vision.FULL
     H, L = vision.hidden_size, vision.num_layers + vision.num_global_layers
@@ -102,11 +108,12 @@ def tower_saved(vision, mode: Vision | None, tiles: int, c: int, adapted: tuple[
                       text_hidden_size=vision.text_hidden_size, scale_factor=1)
     names = tuple("out_proj" if name == "o_proj" else name for name in adapted)
     tokens = tiles * Np
-    layers = vision_saved(shim, mode, tokens, c, names, lora_rank, adapter_bytes, lora_dropout, autocast).layers
+    layers = vision_saved(shim, mode, tokens, c, names, lora_rank, adapter_bytes, lora_dropout, autocast,
+                          input_grad=input_grad).layers
     if full:  # o_proj reads the memory-efficient kernel's [b, s, a, d] output itself: no contiguous copy
         layers -= tokens * c * H * L
     images = tiles // vision.max_num_tiles
-    grad = full or bool(adapted)
+    grad = full or bool(adapted) or input_grad
     out = layers
     if grad:
         out += images * (vision.max_num_tiles * Np) ** 2 * c  # the aspect-ratio mask
@@ -118,7 +125,10 @@ def tower_saved(vision, mode: Vision | None, tiles: int, c: int, adapted: tuple[
         if c != _F32:
             out += tiles * c * vision.num_channels * vision.image_size ** 2
         out += tiles * c * N1 * H  # the gated tile position embedding
+    if full or input_grad:
         out += tiles * N1 * ((_F32 if autocast else c) * H + 2 * _F32)  # layernorm_pre
+    if input_grad and not full:  # the patch embedding's output, a leaf that requires grad, held by AccumulateGrad
+        out += tiles * (vision.patches - 1) * c * H
     proj = "multi_modal_projector"
     if full or proj in adapted:
         width = vision.vision_output_dim
@@ -245,14 +255,15 @@ def setup_saved(model, resolved, layer, b: int, s: int) -> MllamaSaved:
             name for name in names if _matches(name, resolved.lora_modules))
     c = setup.precision.param_dtype.bits // 8
     tiles = setup.batch_size * setup.images * vision.max_num_tiles
+    ckpt = bool(setup.grad_ckpt)
     tower = tower_saved(vision, setup.vision, tiles, c, adapted, setup.lora_rank if lora else 0,
                         _adapter_bits(resolved) // 8 if lora else 0, setup.lora_dropout > 0,
-                        setup.precision.autocast)
+                        setup.precision.autocast, input_grad=ckpt)
     cross = 0
     if layer is not None:
         kv = setup.images * vision.max_num_tiles * vision.patches
-        cross = cross_saved(model, layer, vision, b, s, kv, setup.vision in (Vision.LORA, Vision.FULL),
-                            bool(setup.grad_ckpt))
+        cross = cross_saved(model, layer, vision, b, s, kv, ckpt or setup.vision in (Vision.LORA, Vision.FULL),
+                            ckpt)
         return MllamaSaved(tower, cross.kept, cross.recompute)
     return MllamaSaved(tower, 0)
 
