@@ -280,6 +280,11 @@ def batch_bytes(vision, setup) -> int:
 
 
 def details_for(model, resolved) -> dict:
+    """``details`` for an mllama VLM: no image tokens in the sequence (one ``<|image|>`` text token per image), the
+    tiles the tower encodes per step (every image padded to T), the tower's and projector's parameters and the
+    tower's saved activations (part of ``activations``; the cross-attention layers' are the language model's)."""
     vision, setup = model.vision, resolved.setup
-    return {"image_tokens_per_sample": 0, "vision_tiles_per_step": setup.batch_size * setup.images * vision.max_num_tiles,
-            "vision_params": vision.tower_params, "vision_activations_bytes": 0}
+    return {"image_tokens_per_sample": 0,
+            "vision_tiles_per_step": setup.batch_size * setup.images * vision.max_num_tiles,
+            "vision_params": vision.tower_params,
+            "vision_activations_bytes": setup_saved(model, resolved, None, 0, 0).tower}
