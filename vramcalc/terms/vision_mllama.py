@@ -21,7 +21,9 @@ def _matches(module: str, targets: tuple[str, ...]) -> bool:
     return any(module == t or module.endswith("." + t) or t.endswith("." + module) for t in targets)
 
 
-def _kind(name: str, shape: tuple[int, ...], part: str) -> str:
+def _kind(name: str, part: str) -> str:
+    """``embedding`` for the extra embedding rows, ``norm`` for the norms (no weight decay), ``linear`` for the
+    cross-attention layers' other tensors (a decoder layer's), ``vision`` for the tower's and projector's."""
     if part == "embedding":
         return "embedding"
     if "norm" in name:
@@ -39,7 +41,7 @@ def mllama_stored_tensors(vision, mode: Vision | None, method: Method, param_bit
     text_lora = method is Method.LORA
     for t in vision.tensors:
         trains = mode is Vision.FULL if t.part in ("tower", "projector") else method is Method.FULL
-        out.append(StoredTensor(f"vision.{t.name}", _kind(t.name, t.shape, t.part), t.shape, t.count, param_bits,
+        out.append(StoredTensor(f"vision.{t.name}", _kind(t.name, t.part), t.shape, t.count, param_bits,
                                 trains, scope="vision"))
     for t in vision.tensors:
         if not t.module or not t.name.endswith(".weight"):
@@ -212,7 +214,6 @@ def moments_for(model, resolved, tensors, moments: list, moment_type, layer=None
     batch's image tensors), and one moment for the tower's backward, the last of the step (the tower's autograd
     nodes are older than the text embedding's: ``MllamaModel.forward`` runs the tower first)."""
     from ..options import Phase
-    from .vision import _adapter_bits
 
     setup, vision = resolved.setup, model.vision
     saved = setup_saved(model, resolved, layer, b, s)
@@ -229,9 +230,11 @@ def moments_for(model, resolved, tensors, moments: list, moment_type, layer=None
         if end is not None:
             from ..units import round_up
 
+            # the tower's and projector's gradients (and their adapters') grow during this moment; the language
+            # model's, cross-attention layers and embedding rows included, are complete
             vision_grads = sum(round_up(t.numel * t.bits // 8) * t.count for t in tensors if t.trainable
-                               and t.scope == "vision" and (t.kind in ("vision", "adapter") or
-                                                            t.name.startswith("vision.layer_norm")))
+                               and t.scope == "vision"
+                               and not t.name.startswith(("vision.cross.", "vision.embed_tokens")))
             out.append(moment_type(Phase.BACKWARD_END, end.weights, end.gradients - vision_grads,
                                    end.optimizer_states, saved.tower + batch, end.logits, 0))
     return out
@@ -244,7 +247,8 @@ class MllamaSaved(NamedTuple):
 
 
 def setup_saved(model, resolved, layer, b: int, s: int) -> MllamaSaved:
-    from .vision import _adapter_bits, adapted_modules
+    """The tower's saved bytes and the cross-attention layers' (kept, and their recompute under checkpointing)."""
+    from .vision import _adapter_bits
 
     setup, vision = resolved.setup, model.vision
     lora = setup.method is Method.LORA
