@@ -213,6 +213,10 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
         from .vision_qwen import qwen_text_config
 
         return _with_vision(spec_from_config(qwen_text_config(config), name=name), config)
+    if family == "mllama":  # Llama-3.2-Vision: cross-attention layers and a tiled tower (vision_mllama.py)
+        from .vision_mllama import mllama_spec
+
+        return mllama_spec(config, name)
     if family not in FAMILIES:
         nested = _text_config(config)
         if nested is not None:

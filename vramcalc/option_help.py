@@ -65,7 +65,7 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "device_map": "none | auto: from_pretrained(device_map=\"auto\"): the layers spread over --num-gpus GPUs, one "
                   "computing at a time (no --sharding); the peak is the fullest GPU's (plan ignores it)",
     "load": "per-tensor | per-layer | whole-model | requantize: how the weights reach the GPU (the load phase; requantize: torchtune 0.1.x + torchao 0.1)",
-    "images": "images per sample for a vision-language model (smolvlm, idefics3, gemma3, qwen2_5_vl); their image tokens count "
+    "images": "images per sample for a vision-language model (smolvlm, idefics3, gemma3, qwen2_5_vl, mllama); image tokens count "
               "toward --seq-len, which is every token the language model sees",
     "image_size": "pixels of a square image: SmolVLM/Idefics3 split it into ceil(S/tile)^2 tiles plus a global one "
                   "(Gemma-3 resizes every image to its tile; Qwen2.5-VL to multiples of 28 px, (H/14)(W/14)/4 "

@@ -111,7 +111,7 @@ class VisionSaved:
 @functools.lru_cache(maxsize=1024)
 def vision_saved(vision: VisionSpec, mode: Vision | None, tiles: int, c: int, adapted: tuple[str, ...],
                  lora_rank: int, adapter_bytes: int, lora_dropout: bool, autocast: bool = False,
-                 grad_ckpt: bool = False) -> VisionSaved:
+                 grad_ckpt: bool = False, input_grad: bool = False) -> VisionSaved:
     """What the tower's forward saves for ``tiles`` tiles (module docstring); 0 when frozen or without images.
     ``c``: bytes of the parameter dtype (the residual stream); ``autocast``: the step runs under 16-bit autocast
     (``--precision bf16``/``fp16``, Trainer's bf16/fp16=True): CUDA autocast runs ``layer_norm`` in fp32 (its input
@@ -119,8 +119,10 @@ def vision_saved(vision: VisionSpec, mode: Vision | None, tiles: int, c: int, ad
     output casts it to 16 bits on its own (a private copy each, saved when the Linear trains), and LoRA's A casts its
     input to 16 bits (the text model's rule, ``activations._LayerWalk._lora``). ``grad_ckpt``: every encoder layer is
     a ``GradientCheckpointingLayer`` that transformers' ``gradient_checkpointing_enable`` checkpoints (non-reentrant):
-    each keeps its input (c·H_v per token) and rebuilds its saved tensors in its own backward (``recompute``)."""
-    if mode is None or mode is Vision.FROZEN or tiles == 0:
+    each keeps its input (c·H_v per token) and rebuilds its saved tensors in its own backward (``recompute``).
+    ``input_grad``: the first layer's input needs a gradient whatever trains (mllama under checkpointing:
+    ``terms/vision_mllama.py``); only the encoder layers' part (``layers``) is meant then."""
+    if (mode is None or mode is Vision.FROZEN and not input_grad) or tiles == 0:
         return VisionSaved(0, 0)
     full = mode is Vision.FULL
     H, I, A, n = vision.hidden_size, vision.intermediate_size, vision.num_heads, vision.patches
@@ -159,7 +161,7 @@ def vision_saved(vision: VisionSpec, mode: Vision | None, tiles: int, c: int, ad
 
     per_token = 0
     layer_tokens = []  # per token, what each layer saves
-    x_grad = False  # the layer input needs a gradient (the conv is frozen outside full training)
+    x_grad = input_grad  # the layer input needs a gradient (the conv is frozen outside full training)
     for _ in range(vision.num_layers):
         layer_tokens.append(per_token)
         if full or x_grad:
@@ -264,6 +266,10 @@ def stored(model, resolved) -> tuple[StoredTensor, ...]:
 
     setup = resolved.setup
     vision = model.vision
+    if vision.family == "mllama":  # the tiled tower and the cross-attention layers (terms/vision_mllama.py)
+        from . import vision_mllama
+
+        return vision_mllama.stored(model, resolved)
     adapted = adapted_modules(vision, setup.vision, setup.lora_targets, resolved.lora_modules)
     bits = _adapter_bits(resolved) if adapted else 0
     return vision_stored_tensors(vision, setup.vision, setup.precision.param_dtype.bits, adapted,
@@ -300,6 +306,10 @@ def moments_for(model, resolved, tensors, moments: list, moment_type, layer=None
     from ..units import round_up
 
     setup = resolved.setup
+    if model.vision.family == "mllama":  # terms/vision_mllama.py
+        from . import vision_mllama
+
+        return vision_mllama.moments_for(model, resolved, tensors, moments, moment_type, layer, b, s)
     saved = setup_vision_saved(model.vision, setup, resolved.lora_modules, _adapter_bits(resolved))
     if layer is not None:
         batch = pixel_values_bytes(model.vision, setup.batch_size * tiles_per_sample(model.vision, setup))
@@ -322,5 +332,9 @@ def details_for(model, resolved) -> dict:
     """``image_details`` for a resolved setup."""
 
     setup = resolved.setup
+    if model.vision.family == "mllama":  # terms/vision_mllama.py
+        from . import vision_mllama
+
+        return vision_mllama.details_for(model, resolved)
     saved = setup_vision_saved(model.vision, setup, resolved.lora_modules, _adapter_bits(resolved))
     return image_details(model.vision, setup, saved)

@@ -34,7 +34,7 @@ from .step import PhaseHooks, StepTracer, check_traceable_knobs
 
 IMAGE_TOKEN_ID = 3  # a token id inside every vocabulary; the config's image token is set to it
 _LANGUAGE_MODEL = {"smolvlm": "text_model", "idefics3": "text_model", "gemma3": "language_model",
-                   "qwen2_5_vl": "language_model"}
+                   "qwen2_5_vl": "language_model", "mllama": "language_model"}
 
 
 def vlm_config(spec: ModelSpec):
@@ -42,6 +42,10 @@ def vlm_config(spec: ModelSpec):
     from transformers import AutoConfig
 
     vision = spec.vision
+    if vision.family == "mllama":  # cross-attention layers and a tiled tower (tracing/vision_mllama.py)
+        from .vision_mllama import mllama_config
+
+        return mllama_config(spec)
     text = hf_config(spec).to_dict()
     if vision.family in QWEN_FAMILIES:  # Qwen2.5-VL (tracing/vision_qwen.py)
         from .vision_qwen import qwen_text_config, qwen_tower_config
@@ -218,7 +222,12 @@ class VisionStepTracer(StepTracer):
             del self.image_inputs
             return
         shape = (vision.num_channels, vision.image_size, vision.image_size)
-        if vision.family == "gemma3":
+        if vision.family == "mllama":  # tracing/vision_mllama.py
+            from .vision_mllama import IMAGE_TOKEN_ID as MLLAMA_IMAGE, image_inputs
+
+            input_ids[:, :setup.images] = MLLAMA_IMAGE
+            self.image_inputs = image_inputs(self.spec, setup)
+        elif vision.family == "gemma3":
             pixel_values = torch.zeros(b * tiles, *shape)
             token_type_ids = torch.zeros(b, s, dtype=torch.long)
             token_type_ids[:, :tokens] = 1
