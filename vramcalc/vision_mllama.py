@@ -128,6 +128,11 @@ class MllamaVisionSpec:
         the tiles reach the language model through cross-attention)."""
         return 0
 
+    def tokens_per_image(self, image_size: int | None = None, image_tokens: int | None = None) -> int:
+        """Image tokens an image puts in the language model's sequence beside its text: none
+        (``VisionSpec.tokens_per_image``'s rule with ``tokens_per_tile`` 0; ``tiles`` refuses --image-tokens)."""
+        return self.tiles(image_size, image_tokens) * self.tokens_per_tile
+
     def tiles(self, image_size: int | None = None, image_tokens: int | None = None) -> int:
         """Tiles the tower encodes per image: always T (the processor pads every image to ``max_image_tiles``)."""
         if image_tokens is not None:
