@@ -214,9 +214,11 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
 
         return _with_vision(spec_from_config(qwen_text_config(config), name=name), config)
     if family == "mllama":  # Llama-3.2-Vision: cross-attention layers and a tiled tower (vision_mllama.py)
-        from .vision_mllama import mllama_spec
+        from .vision_mllama import mllama_parts
 
-        return mllama_spec(config, name)
+        llama, vision, notes = mllama_parts(config)
+        return dataclasses.replace(spec_from_config(llama, name=name), vision=vision, tie_word_embeddings=False,
+                                   notes=notes)
     if family not in FAMILIES:
         nested = _text_config(config)
         if nested is not None:

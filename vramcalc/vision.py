@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from .errors import VramcalcError
 from .vision_qwen import QWEN_FAMILIES, QWEN_VISION_DEFAULTS
+from .vision_tensor import VisionTensor  # noqa: F401 (re-exported: terms, tests)
 
 # Outer model_type -> (the vision config class defaults, the outer defaults): transformers 5.25
 # configuration_smolvlm.py L56-62 / L93-98, configuration_idefics3.py (same values), configuration_siglip.py L93-103,
@@ -43,24 +44,6 @@ VISION_FAMILIES = {
     "qwen2_5_vl": (QWEN_VISION_DEFAULTS, dict(tie_word_embeddings=False)),  # vision_qwen.py reads it
 }
 MAX_VISION = 2**16  # any vision size field: far past SigLIP-so400m (1152 wide, 27 layers, 4304 intermediate)
-
-
-@dataclass(frozen=True)
-class VisionTensor:
-    """``count`` parameter tensors of one shape; ``linear``: the weight or bias of an nn.Linear named ``module``
-    (what LoRA can target: ``q_proj``, ``fc1``, ``modality_projection.proj``...)."""
-
-    name: str
-    shape: tuple[int, ...]
-    count: int = 1
-    module: str = ""  # the nn.Linear's peft target name, when the tensor belongs to one
-    in_features: int = 0
-    out_features: int = 0
-    part: str = "tower"  # tower | projector
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape) * self.count
 
 
 @dataclass(frozen=True)
@@ -198,9 +181,9 @@ def vision_from_config(config: dict, text_hidden_size: int) -> VisionSpec | None
     if family not in VISION_FAMILIES:
         return None
     if family in QWEN_FAMILIES:
-        from .vision_qwen import qwen_vision_from_config
+        from .vision_qwen import qwen_vision_fields
 
-        return qwen_vision_from_config(config, text_hidden_size)
+        return VisionSpec(**qwen_vision_fields(config, text_hidden_size))
     vision_defaults, outer_defaults = VISION_FAMILIES[family]
     nested = config.get("vision_config")
     if nested is None:

@@ -232,13 +232,11 @@ def _indices(source: dict, key: str, default: tuple[int, ...], where: str, count
     return tuple(dict.fromkeys(value))
 
 
-def mllama_spec(config: dict, name: str):
-    """The ModelSpec of an ``mllama`` config: a Llama language model of the self-attention layers, with
-    ``vision`` the ``MllamaVisionSpec`` of everything else (module docstring)."""
-    import dataclasses
-
-    from .hf_config import spec_from_config
-
+def mllama_parts(config: dict) -> tuple[dict, "MllamaVisionSpec", str]:
+    """An ``mllama`` config as (the config of a Llama language model of its self-attention layers, the
+    ``MllamaVisionSpec`` of everything else, the note the spec carries) (module docstring); ``hf_config`` reads the
+    first and attaches the second. lm_head is never tied: MllamaForConditionalGeneration declares no
+    _tied_weights_keys (L1426)."""
     text = config.get("text_config") or {}
     vision = config.get("vision_config") or {}
     for key, value in (("text_config", text), ("vision_config", vision)):
@@ -268,8 +266,6 @@ def mllama_spec(config: dict, name: str):
     llama = dict(model_type="llama", **{k: value for k, value in t.items() if k != "num_hidden_layers"},
                  num_hidden_layers=layers - len(cross), head_dim=t["hidden_size"] // t["num_attention_heads"],
                  rms_norm_eps=text.get("rms_norm_eps", 1e-5), _name_or_path=config.get("_name_or_path"))
-    base = spec_from_config(llama, name=name)
-    notes = (f"Llama-3.2-Vision (mllama): {base.num_layers} self-attention layers as llama, {len(cross)} "
+    notes = (f"Llama-3.2-Vision (mllama): {layers - len(cross)} self-attention layers as llama, {len(cross)} "
              "cross-attention layers, vision tower and projector")
-    # lm_head is never tied: MllamaForConditionalGeneration declares no _tied_weights_keys (L1426)
-    return dataclasses.replace(base, vision=spec, tie_word_embeddings=False, notes=notes)
+    return llama, spec, notes

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 
 from .errors import VramcalcError
+from .vision_tensor import VisionTensor
 
 # transformers 5.25 configuration_qwen2_5_vl.py: Qwen2_5_VLVisionConfig L29-41, Qwen2_5_VLTextConfig L83-102,
 # Qwen2_5_VLConfig L159-163 (tie_word_embeddings False)
@@ -70,10 +71,8 @@ def qwen_tied(config: dict) -> bool:
     return value or inner
 
 
-def qwen_vision_from_config(config: dict, text_hidden_size: int):
-    """The VisionSpec of a Qwen2.5-VL config (``vision_config``, class defaults for absent fields)."""
-    from .vision import VisionSpec
-
+def qwen_vision_fields(config: dict, text_hidden_size: int) -> dict:
+    """The ``VisionSpec`` fields of a Qwen2.5-VL config (``vision_config``, class defaults for absent fields)."""
     nested = config.get("vision_config")
     if nested is None:
         nested = {}
@@ -98,13 +97,12 @@ def qwen_vision_from_config(config: dict, text_hidden_size: int):
         raise VramcalcError(f"config.json field vision_config.'fullatt_block_indexes' must be a list of integers, "
                             f"got {full!r}")
     p, m = fields["patch_size"], fields["spatial_merge_size"]
-    return VisionSpec(family=config["model_type"], hidden_size=fields["hidden_size"],
-                      intermediate_size=fields["intermediate_size"], num_layers=depth, num_heads=fields["num_heads"],
-                      image_size=p * m * DEFAULT_TOKENS_SIDE, patch_size=p, text_hidden_size=text_hidden_size,
-                      num_channels=fields["in_channels"], scale_factor=m,
-                      temporal_patch_size=fields["temporal_patch_size"], window_size=fields["window_size"],
-                      full_attention_blocks=tuple(sorted({i for i in full if 0 <= i < depth})),
-                      out_hidden_size=fields["out_hidden_size"])
+    return dict(family=config["model_type"], hidden_size=fields["hidden_size"],
+                intermediate_size=fields["intermediate_size"], num_layers=depth, num_heads=fields["num_heads"],
+                image_size=p * m * DEFAULT_TOKENS_SIDE, patch_size=p, text_hidden_size=text_hidden_size,
+                num_channels=fields["in_channels"], scale_factor=m, temporal_patch_size=fields["temporal_patch_size"],
+                window_size=fields["window_size"], full_attention_blocks=tuple(sorted({i for i in full if 0 <= i < depth})),
+                out_hidden_size=fields["out_hidden_size"])
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int = MIN_PIXELS,
@@ -161,8 +159,6 @@ def window_lengths(vision, grid_h: int, grid_w: int) -> tuple[int, ...]:
 
 def qwen_tensors(vision) -> tuple:
     """Every parameter tensor of the Qwen2.5-VL tower and merger, as ``sum(p.numel())`` counts them."""
-    from .vision import VisionTensor
-
     H, I, L, p, C = vision.hidden_size, vision.intermediate_size, vision.num_layers, vision.patch_size, \
         vision.num_channels
     merged = H * vision.scale_factor ** 2

@@ -56,7 +56,7 @@ def mllama_stored_tensors(vision, mode: Vision | None, method: Method, param_bit
 
 
 def stored(model, resolved) -> tuple[StoredTensor, ...]:
-    from .vision import _adapter_bits
+    from .vision_encoder import _adapter_bits
 
     setup = resolved.setup
     lora = setup.method is Method.LORA
@@ -97,7 +97,7 @@ def tower_saved(vision, mode: Vision | None, tiles: int, c: int, adapted: tuple[
     gradient needs (the tower's layers are not checkpointed: ``MllamaVisionEncoderLayer`` is a plain nn.Module), and
     ``layernorm_pre`` saves its input."""
     from ..vision import VisionSpec
-    from .vision import vision_saved
+    from .vision_encoder import vision_saved
 
     if mode is None or tiles == 0 or (mode is Vision.FROZEN and not input_grad):
         return 0
@@ -248,7 +248,7 @@ class MllamaSaved(NamedTuple):
 
 def setup_saved(model, resolved, layer, b: int, s: int) -> MllamaSaved:
     """The tower's saved bytes and the cross-attention layers' (kept, and their recompute under checkpointing)."""
-    from .vision import _adapter_bits
+    from .vision_encoder import _adapter_bits
 
     setup, vision = resolved.setup, model.vision
     lora = setup.method is Method.LORA

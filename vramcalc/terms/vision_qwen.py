@@ -41,7 +41,7 @@ def qwen_vision_saved(vision, mode: Vision | None, images: int, grid: tuple[int,
                       adapted: tuple[str, ...], lora_rank: int, adapter_bytes: int, lora_dropout: bool,
                       autocast: bool = False, grad_ckpt: bool = False):
     """What the tower's forward saves for ``images`` images of ``grid`` patches each (module docstring)."""
-    from .vision import VisionSaved
+    from .vision_encoder import VisionSaved
 
     if mode is None or mode is Vision.FROZEN or images == 0:
         return VisionSaved(0, 0)
