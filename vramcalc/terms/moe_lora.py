@@ -20,6 +20,8 @@ parameter [out, in] (the router) is one expert: A [r, in], B [out, r].
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from ..errors import VramcalcError
 from ..model import ModelSpec
 
@@ -86,3 +88,56 @@ def expert_adapter_shapes(model: ModelSpec, lora_modules: tuple[str, ...],
         else:
             out.append((name, (r * E, I_m), (h, r * E)))
     return tuple(out)
+
+
+class WrapperSaved(NamedTuple):
+    per_token: int  # bytes per token (summed over the K slots)
+    per_layer: int  # bytes per MoE layer
+
+
+def ungraded_routing_saved_per_slot(expert_bytes: int, act_widths: int) -> int:
+    """Bytes per routed slot that ``grouped_mm_experts_forward`` saves with LoRA'd experts when the layer's input
+    needs no gradient (measured with saved-tensor hooks on tiny qwen3_moe, layer 0): the gate_up output and act's
+    output (``act_widths``·``expert_bytes``, as in a graded layer), the int64 sort permutation (8) and the routing
+    weights [S, 1] saved by ``proj_out * sample_weights`` (``expert_bytes``); not the down output (the routing
+    weights need no gradient), not the router's scores (its input needs none)."""
+    return act_widths * expert_bytes + 8 + expert_bytes
+
+
+def param_wrapper_saved(model: ModelSpec, lora_experts: tuple[str, ...], weight_bytes: int, expert_bytes: int,
+                        input_grad: bool = True) -> WrapperSaved:
+    """What one MoE layer saves for backward beyond the frozen experts when peft's ParamWrapper adapts them.
+
+    ``ParamWrapper._activate_lora`` (peft/tuners/lora/layer.py L2524-2548) registers ``_LoraFactorsProxy``
+    (L2305-2323) as a torch parametrization for the experts' forward: ``W' = baddbmm(W, lhs, rhs, alpha=scaling)``,
+    a new tensor of W's shape and dtype (``weight_bytes``), computed once under ``parametrize.cached()``. The grouped
+    matmul (``integrations/moe.py::grouped_mm_experts_forward``) saves W' for its input gradient (gate_up_proj's
+    only when the layer's input needs one, ``input_grad``), and since W' now requires grad also its input for W''s
+    gradient: per slot the gathered input (``expert_bytes``·h) for gate_up_proj, the act·up product
+    (``expert_bytes``·I_m) for down_proj, the same tensors full fine-tuning saves. baddbmm saves lhs and rhs:
+    views of the adapter weights when they share W's dtype, else their ``.to(W.dtype)`` copies, one per adapter
+    weight for the whole step: ``temporaries.weight_copy_bytes`` counts those already (as the trace does).
+    Per layer: ``weight_bytes``·E·2·I_m·h (gate_up_proj) + ``weight_bytes``·E·h·I_m (down_proj);
+    per token: K·``expert_bytes``·(h + I_m). Checked with saved-tensor hooks on tiny qwen3_moe (bf16, r=8, 512
+    tokens): 1,900,544 bytes per graded layer beyond the frozen experts' saves (+159,744 of fp32 adapters' bf16
+    factor copies), and in layer 0 (input needs no gradient) no gate_up W'. The router's 2-D wrapper (``gate.weight``) is not
+    counted here."""
+    E, K, h, I_m = model.num_experts, model.experts_per_token, model.hidden_size, model.expert_width
+    per_token = per_layer = 0
+    if "gate_up_proj" in lora_experts:
+        per_token += K * expert_bytes * h
+        per_layer += weight_bytes * E * 2 * I_m * h if input_grad else 0
+    if "down_proj" in lora_experts:
+        per_token += K * expert_bytes * I_m
+        per_layer += weight_bytes * E * h * I_m
+    return WrapperSaved(per_token, per_layer)
+
+
+def first_graded_layer(model: ModelSpec, lora_experts: tuple[str, ...], linear_targets: tuple[str, ...]) -> int:
+    """The first decoder layer whose input needs a gradient is 0 but for experts-only LoRA: with the experts adapted
+    (``lora_experts``) and no decoder Linear left in the targets (``linear_targets``: lm_head does not count, the
+    embedding's adapter does), autograd records nothing before the first MoE layer's experts, so that layer and
+    the ones before it run without a graded input (deepseek's ``first_k_dense_replace`` dense layers)."""
+    if not lora_experts or any(name != "lm_head" for name in linear_targets):
+        return 0
+    return next((i for i in range(model.num_layers) if model.is_moe_layer(i)), 0)
