@@ -74,15 +74,23 @@ def test_adapter_count_equals_peft_trainable_count_on_the_meta_model(family, tar
     assert _trainable(spec, resolved) == peft_model.get_nb_trainable_parameters()[0]
 
 
+TRACE_CASES = [(family, dict(lora_targets=targets)) for family, targets in CASES
+               if targets != "q_proj,v_proj,gate,w1,w3,w2"]
+TRACE_CASES += [("qwen3_moe", dict(lora_targets="gate_proj,up_proj,down_proj", precision="mixed-bf16")),
+                ("qwen3_moe", dict(lora_targets="gate_proj,up_proj,down_proj", grad_ckpt=True)),
+                ("deepseek_v3", dict(lora_targets="all-linear", method="qlora"))]
+
+
 @needs_torch
 @pytest.mark.trace
-@pytest.mark.parametrize("family, targets", [case for case in CASES if case[1] != "q_proj,v_proj,gate,w1,w3,w2"],
-                         ids=[i for i, case in zip(IDS, CASES) if case[1] != "q_proj,v_proj,gate,w1,w3,w2"])
-def test_estimated_peak_is_within_3_percent_of_the_trace(family, targets):
+@pytest.mark.parametrize("family, options", TRACE_CASES,
+                         ids=[f"{family}-{'-'.join(f'{k}={v}' for k, v in options.items())}"
+                              for family, options in TRACE_CASES])
+def test_estimated_peak_is_within_3_percent_of_the_trace(family, options):
     from vramcalc.tracing.runner import run_trace
 
     spec = SPECS[family]
-    resolved = resolve_setup(spec, method="lora", lora_targets=targets, seq_len=128)
+    resolved = resolve_setup(spec, **{"method": "lora", "seq_len": 128, **options})
     estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
     traced = sum(run_trace(spec, resolved, progress=False).terms.values())
     assert abs(estimated - traced) / traced < TOLERANCE, (estimated, traced)
