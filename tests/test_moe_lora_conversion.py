@@ -50,6 +50,12 @@ def test_half_of_a_fused_pair_is_refused_as_peft_refuses_it():
         resolve_setup(SPECS["qwen3_moe"], method="lora", lora_targets="gate_proj,down_proj")
 
 
+@pytest.mark.parametrize("options", [dict(method="dora"), dict(method="lora", lora_dropout=0.05)])
+def test_what_peft_param_wrapper_refuses_is_refused(options):
+    with pytest.raises(VramcalcError, match="fused experts"):
+        resolve_setup(SPECS["mixtral"], lora_targets="w1,w2,w3", **options)
+
+
 def test_families_peft_does_not_convert_keep_linear_targets():
     spec = SPECS["qwen2_moe"]  # qwen2_moe is a pattern, not a key, of _MODEL_TO_CONVERSION_PATTERN
     names = {t.name for t in stored_tensors(spec, resolve_setup(spec, method="lora", lora_targets="all-linear"))}

@@ -642,7 +642,14 @@ def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
     if setup.method.uses_lora:
         from .terms.moe_lora import linear_targets, target_parameters
 
-        target_parameters(model.family, names)  # raises, as peft does, on half of a fused gate/up pair
+        moved = target_parameters(model.family, names)  # raises, as peft does, on half of a fused gate/up pair
+        # peft's ParamWrapper.__init__ / update_layer (tuners/lora/layer.py L2364-2374, L2427-2429) refuse these
+        if moved and setup.method is Method.DORA:
+            raise VramcalcError(f"peft cannot apply DoRA to the fused experts of {model.name} (ParamWrapper: "
+                                f"'does not work with use_dora=True'); drop the expert targets or use --method lora")
+        if moved and setup.lora_dropout:
+            raise VramcalcError(f"peft's LoRA on the fused experts of {model.name} (ParamWrapper) does not work with "
+                                f"lora_dropout != 0; give --lora-dropout 0 or drop the expert targets")
         low_names = linear_targets(model.family, names)
     else:
         low_names = names
