@@ -71,15 +71,9 @@ def test_tiny_count_equals_the_meta_built_transformers_model(family):
     assert spec.params == meta_param_count(hf_config(spec))
 
 
-# Known gaps, kept as claims (strict xfail): with LoRA target names gate_proj/up_proj/down_proj, peft 0.21 rewrites
-# the config of the MoE models whose v4 -> v5 weights were fused (peft/utils/transformers_weight_conversion.py
-# L402-482, _MODEL_TO_CONVERSION_PATTERN: mixtral, qwen3_moe, deepseek_v2, deepseek_v3): those names become
-# target_parameters on the 3-D experts (gate_up_proj with rank 2r, down_proj) and are dropped from target_modules,
-# so the dense MLP and the shared experts get no adapter and the experts get a parametrized one. The estimate keeps
-# peft's plain name matching (deepseek_v3's tiny model is 5.6% under its trace the same way).
-_PEFT_MOE_CONVERSION = pytest.mark.xfail(strict=True, reason="peft 0.21 moves gate/up/down_proj LoRA targets onto "
-                                         "the fused 3-D experts of deepseek_v2 (not modelled)")
-KNOWN_GAPS = {("deepseek_v2", 2): _PEFT_MOE_CONVERSION}
+# Known gaps, kept as claims (strict xfail). (deepseek_v2 LoRA all-linear was one until peft 0.21's MoE target
+# conversion was modelled: terms/moe_lora.py, tests/test_moe_lora_conversion.py.)
+KNOWN_GAPS: dict = {}
 CASES = [pytest.param(family, index, marks=KNOWN_GAPS.get((family, index), ()),
                       id=f"{family}-{'-'.join(f'{k}={v}' for k, v in SETUPS[index].items())}")
          for family in FAMILIES for index in range(len(SETUPS))]

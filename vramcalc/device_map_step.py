@@ -45,7 +45,7 @@ def gpu_peaks(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[dm.GpuPeak, ...
     tokens = b * s
     tensors = parameters.stored_tensors(spec, resolved)
     full = states.model_states(spec, tensors, setup.method, setup.optimizer, setup.grad_accum)
-    layer = layer_setup(resolved)
+    layer = layer_setup(resolved, spec.family)
     dt, ckpt = layer.dtypes, setup.grad_ckpt
     masks = activations.layer_masks(spec, activations.attention_masked(spec, s, resolved.attn_used, False, b))
     masked_any = any(masks)

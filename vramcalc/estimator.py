@@ -380,7 +380,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         rank = states.optimizer_in_backward(rank, tensors, setup.optimizer, traits.trainer_optimizer)
         outer_step = states.outer_step_bytes(tensors, setup.optimizer)  # lm_head's, the embedding's step
     csetup = compute.setup
-    layer = layer_setup(compute)
+    layer = layer_setup(compute, spec.family)
     dt = layer.dtypes
     ckpt = csetup.grad_ckpt
     W, O, G_acc = rank.weights, rank.optimizer_states, rank.accumulated_gradients

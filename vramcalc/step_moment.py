@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import NamedTuple
 
 from .options import Phase
-from .terms import activations, stack_layers
+from .terms import activations, moe_lora, stack_layers
 from .training_setup import ResolvedSetup
 
 
@@ -28,23 +28,26 @@ class Moment(NamedTuple):
         return self.weights + self.gradients + self.optimizer_states + self.activations + self.logits + self.temporaries
 
 
-def layer_setup(resolved: ResolvedSetup) -> activations.LayerSetup:
-    """The values a decoder layer's saved tensors depend on (``activations.LayerSetup``), from a resolved setup."""
+def layer_setup(resolved: ResolvedSetup, family: str = "") -> activations.LayerSetup:
+    """The values a decoder layer's saved tensors depend on (``activations.LayerSetup``), from a resolved setup.
+    ``family``: the model's, so that the LoRA targets peft moves onto fused experts leave the Linears
+    (terms/moe_lora.py)."""
     setup = resolved.setup
     layers = stack_layers.stack_layers(setup.stack)
     if layers.stable_embedding and not setup.stable_embedding:  # a litgpt older than the swap (stack_layers.py)
         layers = replace(layers, stable_embedding=False)
     if getattr(setup, "cp", 1) > 1:  # --cp: the ring's merged output keeps q's [b, a, s, d] layout (terms/context_parallel)
         layers = replace(layers, query_head_major=True)
-    return _layer_setup(setup.method, setup.precision, setup.adapter_dtype, resolved.attn_used, resolved.lora_modules,
-                        setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
-                        layers, getattr(setup, "ep", 1))
+    return _layer_setup(setup.method, setup.precision, setup.adapter_dtype, resolved.attn_used,
+                        moe_lora.linear_targets(family, resolved.lora_modules), setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
+                        layers, getattr(setup, "ep", 1),
+                        tuple(name for name, _ in moe_lora.target_parameters(family, resolved.lora_modules)))
 
 
 @functools.lru_cache(maxsize=4096)
 def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora_rank, lora_dropout, kernels,
-                 compiled, offload, layers=stack_layers.HF, ep=1):
+                 compiled, offload, layers=stack_layers.HF, ep=1, lora_experts=()):
     lora = method.uses_lora or method.peft_facts is not None  # a peft method's targets ride on the LoRA fields
     return activations.LayerSetup(method, activations.dtypes(method, precision, adapter_dtype), attn_used,
                                   lora_modules if lora else (), lora_rank if lora else 0, lora_dropout if lora else 0.0,
-                                  kernels, compiled, offload, layers, ep)
+                                  kernels, compiled, offload, layers, ep, lora_experts if lora else ())

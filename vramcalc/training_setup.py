@@ -629,7 +629,9 @@ def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
         names = tuple(linears)
     else:
         known = {**linears, **outside}
-        unknown = [name for name in targets if name not in known]
+        from .terms.moe_lora import old_names  # peft moves these onto the fused experts (terms/moe_lora.py)
+
+        unknown = [name for name in targets if name not in known and name not in old_names(model.family)]
         if unknown:
             raise VramcalcError(
                 f"LoRA target {unknown[0]!r} is not a linear layer of {model.name}; its linear layers: "
@@ -637,7 +639,21 @@ def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
             )
         names = targets
     low_rank = setup.method.uses_lora or setup.method is Method.ADALORA  # A [r, in] and B [out, r]
-    for name in names if low_rank else ():
+    if setup.method.uses_lora:
+        from .terms.moe_lora import linear_targets, target_parameters
+
+        moved = target_parameters(model.family, names)  # raises, as peft does, on half of a fused gate/up pair
+        # peft's ParamWrapper.__init__ / update_layer (tuners/lora/layer.py L2364-2374, L2427-2429) refuse these
+        if moved and setup.method is Method.DORA:
+            raise VramcalcError(f"peft cannot apply DoRA to the fused experts of {model.name} (ParamWrapper: "
+                                f"'does not work with use_dora=True'); drop the expert targets or use --method lora")
+        if moved and setup.lora_dropout:
+            raise VramcalcError(f"peft's LoRA on the fused experts of {model.name} (ParamWrapper) does not work with "
+                                f"lora_dropout != 0; give --lora-dropout 0 or drop the expert targets")
+        low_names = linear_targets(model.family, names)
+    else:
+        low_names = names
+    for name in low_names if low_rank else ():
         rows, cols = {**linears, **outside}[name]
         if setup.lora_rank > min(rows, cols) and cols > 1:  # peft accepts r > 1 on Qwen2-MoE's Linear(h, 1) gate
             raise VramcalcError(f"LoRA rank {setup.lora_rank} is larger than {name} of {model.name} ({rows} -> {cols})")

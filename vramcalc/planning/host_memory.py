@@ -133,4 +133,4 @@ def activation_offload_bytes(spec: ModelSpec, resolved: ResolvedSetup) -> int:
     if setup.packing:
         b, s = 1, b * s
     masked = activations.attention_masked(spec, s, resolved.attn_used, setup.packing, sequences)
-    return activations.offloaded_saved(spec, layer_setup(resolved), setup.grad_ckpt, masked).bytes(b, s)
+    return activations.offloaded_saved(spec, layer_setup(resolved, spec.family), setup.grad_ckpt, masked).bytes(b, s)

@@ -61,7 +61,7 @@ from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Method, Precis
 from ..units import DType, select
 from .layouts import ParallelBlockWalk, residual_bytes
 from .short_conv import ShortConvWalk
-from . import expert_parallel, stack_layers
+from . import expert_parallel, moe_lora, stack_layers
 from .stack_layers import HF as HF_LAYERS
 from .stack_layers import StackLayers
 from ..peft_methods import IA3_FEEDFORWARD
@@ -140,6 +140,7 @@ class LayerSetup:
     offload: bool = False  # --activation-offload: saved tensors in host memory
     layers: StackLayers = HF_LAYERS  # the stack's own decoder traits (terms/stack_layers.py)
     ep: int = 1  # --ep: the rank's experts run 1/ep of the routed slots (terms/expert_parallel.py)
+    lora_experts: tuple[str, ...] = ()  # peft's ParamWrapper LoRA on the fused experts (terms/moe_lora.py)
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -541,7 +542,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             # gpt-oss router (GptOssTopKRouter.forward): top-k of the logits (topk saves its int64 indices), then a
             # softmax in the logits' dtype over the K values (saves its output); a trained router's input
             self.per_token += 8 * K + c * K + (c * h if self.full else 0)
-        else:
+        elif self.grad or not self.layer.lora_experts:
             # router: fp32 scores [T, E], top-k values and int64 indices, their normaliser; a trained router's input
             self.per_token += _F32 * E + (_F32 + 8) * K + _F32 + (c * h if self.full else 0)
         # torch._grouped_mm has no autocast kernel: the experts compute in their input's dtype (fp32 under mixed
@@ -553,14 +554,25 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         # gate, sigmoid's output, up + 1 and glu: 6 widths in place of 3
         act = 6 if m.traits.clamped_swiglu else 3
         ep = self.layer.ep  # --ep: the rank's experts get T·K/ep slots, top-1 (uniform routing, terms/expert_parallel)
-        self.per_token += K * (act * e * width + e * h + 3 * 8) // ep
+        if self.layer.lora_experts and not self.full and not self.grad:
+            # peft's ParamWrapper LoRA on the experts of a layer whose input needs no gradient (the first layer, no
+            # adapter before it): the router saves nothing, the routed output only the routing weights (terms/moe_lora)
+            self.per_token += K * moe_lora.ungraded_routing_saved_per_slot(e, act * width) // ep
+        else:
+            self.per_token += K * (act * e * width + e * h + 3 * 8) // ep
         if self.full:
             self.per_token += K * (e * h + e * width) // ep  # gathered input and product, for the weight gradients
+        elif self.layer.lora_experts:
+            saved = moe_lora.param_wrapper_saved(m, self.layer.lora_experts, dt.r, e, self.grad)
+            self.per_token += saved.per_token // ep
+            self.per_layer += saved.per_layer // ep
         if ep > 1:
             self.per_token += K * expert_parallel.dispatch_saved_per_slot() // ep
-        self.grad = True
+        # the shared expert reads the layer's input: with LoRA'd experts its gradient need is the input's
+        self.grad = self.grad if self.layer.lora_experts and not self.full else True
         if m.n_shared_experts:
             self._shared_expert(n)
+        self.grad = True
         return c
 
     def _dense_experts(self, n: int) -> int:
@@ -929,4 +941,12 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
         counts[kind] = counts.get(kind, 0) + 1
     for (moe, layer_masked, conv), count in counts.items():
         total += layer_kept(model, layer, grad_ckpt, moe, layer_masked, conv) * count
+    if not grad_ckpt and not layer.offload and not first_layer_needs_grad(layer.method):
+        # peft's ParamWrapper LoRA on the experts and no decoder Linear adapter (terms/moe_lora.py): the layers up to
+        # the first MoE layer's experts see no input that needs a gradient (deepseek's first_k_dense_replace)
+        conv_of = layer_operators(model)
+        for i in range(1, moe_lora.first_graded_layer(model, layer.lora_experts, layer.lora_modules) + 1):
+            moe, layer_masked = model.is_moe_layer(i), masks[i]
+            total += layer_saved(model, layer, moe, layer_masked, False, conv_of[i])
+            total += layer_kept(model, layer, grad_ckpt, moe, layer_masked, conv_of[i]) * -1
     return total

@@ -28,7 +28,7 @@ import functools
 import math
 
 from .. import facts
-from . import peft_methods
+from . import moe_lora, peft_methods
 from ..facts import BNB_4BIT_CODE_ENTRIES, BNB_BLOCKSIZE, BNB_DQ_BLOCKSIZE, BNB_DQ_CODE_ENTRIES
 from ..model import ModelSpec, ParamKind, reward_spec
 from ..options import Method, Precision, Quant, Task
@@ -129,7 +129,13 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
         out.append(_quantized("lm_head.weight", (model.vocab_size, model.hidden_size), 1, int8, double_quant, "model"))
     if method.uses_lora:
         linears = {module.name: module for module in model.inventory.linears}
-        for name in lora_modules:
+        # peft 0.21 moves gate/up/down_proj (mixtral w1/w3/w2) and gate onto the fused experts (terms/moe_lora.py)
+        for name, shape_a, shape_b in moe_lora.expert_adapter_shapes(model, lora_modules, lora_rank):
+            out.append(StoredTensor(f"mlp.experts.{name}.lora_A", "adapter", shape_a, model.num_moe_layers,
+                                    adapter_bits, True, scope="moe"))
+            out.append(StoredTensor(f"mlp.experts.{name}.lora_B", "adapter", shape_b, model.num_moe_layers,
+                                    adapter_bits, True, scope="moe"))
+        for name in moe_lora.linear_targets(model.family, lora_modules):
             if name in HEAD_TARGETS:
                 out += head_adapter_tensors(model, name, lora_rank, adapter_bits)
                 continue

@@ -61,8 +61,14 @@ def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: b
     # lm_head / embed_tokens sits outside the checkpointed layers (kept under checkpointing too); the embedding's
     # lora_embedding_A goes through F.embedding, which autocast does not cast
     adapters = outside = cached_only = 0
+    # peft's ParamWrapper on fused experts (terms/moe_lora.py) never calls its lora_A/B Linears: autocast casts
+    # nothing, but get_delta_factors copies the factors to the experts' dtype (``.to(param.dtype)``) and baddbmm saves
+    # those copies, 16-bit ones here; with fp32 experts (mixed-*) they are views and nothing is copied
+    fp32_experts = any(t.kind == "experts" and t.bits == 32 for t in tensors)
     for t in tensors:
         if t.kind == "adapter" and t.bits == 32 and not t.name.endswith(("lora_embedding_A",) + VECTOR_ADAPTERS + SLICED_PROJECTIONS):
+            if fp32_experts and t.name.startswith("mlp.experts."):
+                continue
             if t.name.startswith(("lm_head.", "embed_tokens.", "prompt_encoder.")):  # outside the decoder layers
                 outside += dt.c * t.numel * t.count
             elif t.name.endswith(CACHED_ONLY_ADAPTERS):  # cast inside a custom Function: cached, never saved

@@ -1,0 +1,102 @@
+"""peft 0.21's LoRA target conversion for MoE models with fused experts (terms/moe_lora.py): gate/up/down_proj
+(mixtral w1/w3/w2) leave target_modules for target_parameters on the 3-D experts. The adapter count equals
+peft's ``get_nb_trainable_parameters`` on the meta-built tiny model, and the estimate is within 3% of the trace."""
+
+import pytest
+
+from vramcalc.errors import VramcalcError
+from vramcalc.estimator import step_moments
+from vramcalc.terms.parameters import stored_tensors
+from vramcalc.training_setup import resolve_setup
+
+from .conftest import needs_torch
+from .test_families_moe_2026 import TINY as TINY_2026
+from .tiny_models import TINY
+
+SPECS = {**TINY, **TINY_2026}
+TOLERANCE = 0.03
+# (family, targets): experts only, and all-linear (attention Linears stay Linear targets)
+CASES = [("qwen3_moe", "gate_proj,up_proj,down_proj"), ("qwen3_moe", "all-linear"),
+         ("deepseek_v2", "gate_proj,up_proj,down_proj"), ("deepseek_v2", "all-linear"),
+         ("deepseek_v3", "gate_proj,up_proj,down_proj"), ("deepseek_v3", "all-linear"),
+         ("mixtral", "w1,w2,w3"), ("mixtral", "q_proj,v_proj,gate,w1,w3,w2")]
+IDS = [f"{family}-{targets}" for family, targets in CASES]
+
+
+def _trainable(spec, resolved) -> int:
+    return sum(t.numel * t.count for t in stored_tensors(spec, resolved) if t.trainable)
+
+
+def test_converted_targets_leave_the_dense_and_shared_expert_linears():
+    spec = SPECS["deepseek_v2"]
+    names = {t.name for t in stored_tensors(spec, resolve_setup(spec, method="lora", lora_targets="all-linear"))
+             if t.kind == "adapter"}
+    assert not any(name.split(".lora_")[0].endswith(("gate_proj", "up_proj", "down_proj"))
+                   and not name.startswith("mlp.experts.") for name in names)
+    assert {"mlp.experts.gate_up_proj.lora_A", "mlp.experts.down_proj.lora_B", "q_b_proj.lora_A"} <= names
+
+
+def test_the_fused_gate_up_adapter_has_twice_the_rank():
+    spec = SPECS["qwen3_moe"]
+    tensors = {t.name: t for t in stored_tensors(spec, resolve_setup(spec, method="lora", lora_rank=8,
+                                                                      lora_targets="gate_proj,up_proj,down_proj"))}
+    E, h, I_m = spec.num_experts, spec.hidden_size, spec.expert_width
+    assert tensors["mlp.experts.gate_up_proj.lora_A"].shape == (16 * E, h)
+    assert tensors["mlp.experts.down_proj.lora_A"].shape == (8 * E, I_m)
+
+
+def test_half_of_a_fused_pair_is_refused_as_peft_refuses_it():
+    with pytest.raises(VramcalcError, match="gate_up_proj"):
+        resolve_setup(SPECS["qwen3_moe"], method="lora", lora_targets="gate_proj,down_proj")
+
+
+@pytest.mark.parametrize("options", [dict(method="dora"), dict(method="lora", lora_dropout=0.05)])
+def test_what_peft_param_wrapper_refuses_is_refused(options):
+    with pytest.raises(VramcalcError, match="fused experts"):
+        resolve_setup(SPECS["mixtral"], lora_targets="w1,w2,w3", **options)
+
+
+def test_families_peft_does_not_convert_keep_linear_targets():
+    spec = SPECS["qwen2_moe"]  # qwen2_moe is a pattern, not a key, of _MODEL_TO_CONVERSION_PATTERN
+    names = {t.name for t in stored_tensors(spec, resolve_setup(spec, method="lora", lora_targets="all-linear"))}
+    assert "gate_proj.lora_A" in names and not any(name.startswith("mlp.experts.") and "lora" in name
+                                                   for name in names)
+
+
+@needs_torch
+@pytest.mark.parametrize("family, targets", CASES, ids=IDS)
+def test_adapter_count_equals_peft_trainable_count_on_the_meta_model(family, targets):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from vramcalc.tracing.build import hf_config
+
+    spec = SPECS[family]
+    resolved = resolve_setup(spec, method="lora", lora_targets=targets, lora_rank=8)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(spec))
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=list(resolved.lora_modules)))
+    assert _trainable(spec, resolved) == peft_model.get_nb_trainable_parameters()[0]
+
+
+TRACE_CASES = [(family, dict(lora_targets=targets)) for family, targets in CASES
+               if targets != "q_proj,v_proj,gate,w1,w3,w2"]
+TRACE_CASES += [("qwen3_moe", dict(lora_targets="gate_proj,up_proj,down_proj", precision="mixed-bf16")),
+                ("qwen3_moe", dict(lora_targets="gate_proj,up_proj,down_proj", grad_ckpt=True)),
+                ("deepseek_v3", dict(lora_targets="all-linear", method="qlora"))]
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("family, options", TRACE_CASES,
+                         ids=[f"{family}-{'-'.join(f'{k}={v}' for k, v in options.items())}"
+                              for family, options in TRACE_CASES])
+def test_estimated_peak_is_within_3_percent_of_the_trace(family, options):
+    from vramcalc.tracing.runner import run_trace
+
+    spec = SPECS[family]
+    resolved = resolve_setup(spec, **{"method": "lora", "seq_len": 128, **options})
+    estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
+    traced = sum(run_trace(spec, resolved, progress=False).terms.values())
+    assert abs(estimated - traced) / traced < TOLERANCE, (estimated, traced)
