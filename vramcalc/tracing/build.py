@@ -255,7 +255,7 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
             if setup.method.peft_facts is not None:
                 model = _apply_peft(model, resolved)
             elif setup.method.uses_lora:
-                model = _apply_lora(model, resolved)
+                model = apply_lora(model, resolved)
                 if getattr(setup, "tp", 1) > 1:  # peft's rowwise lora_A width (tensor_parallel.py)
                     from .tensor_parallel import fix_rowwise_lora_width
 
@@ -391,7 +391,7 @@ def _prepare_for_kbit_training_as_called(model: nn.Module, setup) -> None:
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(setup.grad_ckpt))
 
 
-def _apply_lora(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:
+def apply_lora(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     setup = resolved.setup

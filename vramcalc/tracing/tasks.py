@@ -159,12 +159,12 @@ def build_reference_model(spec: ModelSpec, resolved: ResolvedSetup) -> nn.Module
 
     setup = dataclasses.replace(resolved.setup, grad_ckpt=GradCkpt.NONE)
     ref_resolved = dataclasses.replace(resolved, setup=setup)
-    original = build._apply_lora
-    build._apply_lora = lambda model, _resolved: model  # no adapter on the reference
+    original = build.apply_lora
+    build.apply_lora = lambda model, _resolved: model  # no adapter on the reference
     try:
         model = build.build_model(spec, ref_resolved, None)
     finally:
-        build._apply_lora = original
+        build.apply_lora = original
     model.requires_grad_(False)
     model.eval()
     return model
