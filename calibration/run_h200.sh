@@ -100,7 +100,8 @@ fi
 
 # 2. The default grid: the budget order spreads every axis over the first scenarios, so a cut keeps the span.
 calibrate "$GRID_S" --out "$OUT" --resume --budget-minutes "$(awk "BEGIN {print ($GRID_S - 20) / 60}")" \
-  || { echo "== grid ended with status $?: fitting what was recorded"; "$PY" -m vramcalc.calibrate --fit-only --out "$OUT" --no-install-profile; }
+  || { echo "== grid ended with status $?: fitting what was recorded"
+       "$PY" -m vramcalc.calibrate --fit-only --out "$OUT" --no-install-profile; }
 
 # 3. The QLoRA panel (calibration/qlora_panel.csv): kbit preparation on and off, checkpointing on and off.
 calibrate "$PANEL_S" --scenarios calibration/qlora_panel.csv --out "$OUT/qlora" --budget-minutes 10 --no-plot \

@@ -11,9 +11,9 @@ variant:
    quantizes the checkpoint tensor by tensor. Peak: ``max_memory_allocated`` from a reset before the call.
 3. **prep** (variant ``kbit``): peft ``prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)``:
    every non-4-bit 16-bit parameter becomes fp32 on the device. Variant ``plain`` skips it.
-4. **steps**: peft LoRA as the trace applies it (``tracing/build.apply_lora``: the estimate's targets and rank), Trainer's step as the grid
-   runs it (``training.TrainingStep``: autocast bf16, the setup's optimizer), one warm-up step, then the peak over
-   two steps from a reset.
+4. **steps**: peft LoRA as the trace applies it (``tracing/build.apply_lora``: the estimate's targets and rank),
+   Trainer's step as the grid runs it (``training.TrainingStep``: autocast bf16, the setup's optimizer), one warm-up
+   step, then the peak over two steps from a reset.
 
 Each phase's peak is written beside the estimate's (``terms/loading.load_peak_bytes`` for ``load``; the estimate's
 peak tensor bytes for ``steps``) in ``loading.csv``, with the device, driver and library versions and the date.
@@ -22,6 +22,7 @@ peak tensor bytes for ``steps``) in ``loading.csv``, with the device, driver and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import io
@@ -34,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-PHASES = ("load", "prep", "steps")
 VARIANTS = {"kbit": True, "plain": False}  # variant -> kbit_prep
 COLUMNS = ("date", "device_name", "driver_version", "cuda_version", "torch_version", "transformers_version",
            "peft_version", "bitsandbytes_version", "model", "variant", "kbit_prep", "precision", "optimizer",
@@ -74,14 +74,15 @@ def measure_variant(args) -> list[dict]:
     from ..terms.loading import load_peak_bytes
     from ..tracing.build import apply_lora
     from ..training_setup import resolve_setup
-    from .probes import Nvml, NvmlSampler, _cuda_peaks, is_out_of_memory
+    from .probes import Nvml, NvmlSampler, _cuda_peaks, _nvml_peaks, is_out_of_memory
     from .training import TrainingStep
 
     kbit_prep = VARIANTS[args.variant]
     options = setup_options(args, kbit_prep)
     spec = get_model(args.model)
     resolved = resolve_setup(spec, **options)
-    estimated = {"load": load_peak_bytes(spec, resolved), "prep": load_peak_bytes(spec, resolved),
+    load_bytes = load_peak_bytes(spec, resolved)  # peft's fp32 casts are part of the load phase's rule
+    estimated = {"load": load_bytes, "prep": load_bytes,
                  "steps": estimate(args.model, gpu=args.gpu, **options).peak_tensor_bytes}
     cuda = args.device.startswith("cuda")
     nvml = Nvml.open(args.index) if cuda else None
@@ -101,16 +102,16 @@ def measure_variant(args) -> list[dict]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
 
+    def sampling():
+        return NvmlSampler(nvml, os.getpid()) if nvml else contextlib.nullcontext()
+
     def record(phase: str, started: float, sampler, status="ok", message=""):
         peaks = _cuda_peaks(torch, device) if cuda else {"allocated_peak_bytes": None, "reserved_peak_bytes": None}
-        nvml_peak = None
-        if sampler is not None:
-            nvml_peak = sampler.process_peak_bytes
-            if nvml_peak is None and sampler.device_peak_bytes is not None and pre_cuda is not None:
-                nvml_peak = sampler.device_peak_bytes - pre_cuda
         allocated = peaks["allocated_peak_bytes"]
-        rows.append({"phase": phase, "status": status, "message": message, "meas_allocated_peak_bytes": allocated,
-                     "meas_reserved_peak_bytes": peaks["reserved_peak_bytes"], "nvml_peak_bytes": nvml_peak,
+        rows.append({"phase": phase, "status": status, "message": message,
+                     "precision": resolved.setup.precision.value, "meas_allocated_peak_bytes": allocated,
+                     "meas_reserved_peak_bytes": peaks["reserved_peak_bytes"],
+                     "nvml_peak_bytes": _nvml_peaks(sampler, pre_cuda)["nvml_peak_bytes"],
                      "est_peak_tensor_bytes": estimated[phase],
                      "error_pct": round(100 * (estimated[phase] - allocated) / allocated, 3) if allocated else "",
                      "seconds": round(time.perf_counter() - started, 3)})
@@ -120,7 +121,7 @@ def measure_variant(args) -> list[dict]:
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
         reset_peaks()
-        with (sampler := NvmlSampler(nvml, os.getpid())) if nvml else _null():
+        with sampling() as sampler:
             model = AutoModelForCausalLM.from_pretrained(args.checkpoint, quantization_config=quantization,
                                                          dtype=torch.bfloat16,
                                                          device_map={"": args.index if cuda else "cpu"},
@@ -129,7 +130,7 @@ def measure_variant(args) -> list[dict]:
         record("load", started, sampler)
         if kbit_prep:
             phase, started = "prep", time.perf_counter()
-            with (sampler := NvmlSampler(nvml, os.getpid())) if nvml else _null():
+            with sampling() as sampler:
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                         gradient_checkpointing_kwargs={"use_reentrant": False})
                 synchronize()
@@ -144,7 +145,7 @@ def measure_variant(args) -> list[dict]:
         synchronize()
         reset_peaks()
         started = time.perf_counter()
-        with (sampler := NvmlSampler(nvml, os.getpid())) if nvml else _null():
+        with sampling() as sampler:
             for _ in range(2):
                 step.run()
             synchronize()
@@ -154,14 +155,6 @@ def measure_variant(args) -> list[dict]:
         record(phase, started, None, status, f"{type(error).__name__}: {error}"[:600])
     stamp = provenance(args.device, args.index)  # here, where CUDA is up: the parent never initialises it
     return [{**stamp, **row} for row in rows]
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def provenance(device: str, index: int) -> dict:
@@ -230,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for variant, kbit_prep in VARIANTS.items():
             done = subprocess.run(base + ["--variant", variant], capture_output=True, text=True)
-            fixed = {"model": args.model, "variant": variant, "kbit_prep": kbit_prep,
-                     "precision": "mixed-bf16" if kbit_prep else "bf16", "optimizer": args.optimizer,
+            fixed = {"model": args.model, "variant": variant, "kbit_prep": kbit_prep, "optimizer": args.optimizer,
                      "grad_ckpt": "full", "batch_size": args.batch_size, "seq_len": args.seq_len,
                      "lora_targets": "default"}
             try:
