@@ -1,0 +1,151 @@
+"""The caching-allocator replay checked rule by rule against ``c10/cuda/CUDACachingAllocator.cpp`` (default
+configuration). Every expected value is worked out by hand from the C++ rule named in the test, not read off the
+replay: ``round_size`` (512-B granule), ``get_pool`` (<= 1 MiB small), ``get_allocation_size`` (2 MiB / 20 MiB /
+request rounded to 2 MiB), ``get_free_block`` (best fit), ``should_split`` (>= 512 B small, > 1 MiB large),
+``free_block`` (coalescing), ``release_cached_blocks`` (whole free segments only), ``resetPeakStats``."""
+
+import pytest
+
+from vramcalc.tracing.caching_allocator import (
+    ALLOC, EMPTY_CACHE, FREE, RESET_PEAK, CachingAllocator, OutOfMemory, replay, round_size, segment_bytes,
+)
+
+KIB, MIB = 1 << 10, 1 << 20
+
+
+@pytest.mark.parametrize("request_bytes, block_bytes", [
+    (0, 512), (1, 512), (512, 512), (513, 1024), (1000, 1024), (600 * KIB, 600 * KIB), (1 * MIB + 1, 1 * MIB + 512),
+])
+def test_every_request_is_rounded_up_to_the_512_byte_granule(request_bytes, block_bytes):
+    assert round_size(request_bytes) == block_bytes
+
+
+@pytest.mark.parametrize("request_bytes, segment", [
+    (600 * KIB, 2 * MIB),  # <= kSmallSize: one kSmallBuffer
+    (1 * MIB, 2 * MIB),  # exactly 1 MiB is still small (size <= kSmallSize)
+    (1 * MIB + 1, 20 * MIB),  # just over 1 MiB: large pool, below kMinLargeAlloc: kLargeBuffer
+    (int(1.5 * MIB), 20 * MIB),
+    (10 * MIB - 512, 20 * MIB),
+    (10 * MIB, 10 * MIB),  # from kMinLargeAlloc on: the request rounded to kRoundLarge
+    (10 * MIB + 1, 12 * MIB),
+    (33 * MIB, 34 * MIB),
+])
+def test_a_request_no_free_block_can_serve_reserves_a_segment_of_the_allocation_size(request_bytes, segment):
+    allocator = CachingAllocator()
+    allocator.malloc(request_bytes)
+    assert allocator.reserved_bytes == segment_bytes(round_size(request_bytes)) == segment
+    assert allocator.segments == 1
+
+
+def test_small_requests_share_a_2_mib_segment_split_to_the_512_byte_granule():
+    allocator = CachingAllocator()
+    allocator.malloc(1 * MIB)  # remainder 1 MiB >= 512 B: split (small pool)
+    allocator.malloc(1 * MIB)  # fits the remainder exactly
+    assert (allocator.reserved_bytes, allocator.allocated_bytes, allocator.segments) == (2 * MIB, 2 * MIB, 1)
+    allocator.malloc(1)  # the segment is full: a second one
+    assert allocator.reserved_bytes == 4 * MIB
+    assert allocator.allocated_bytes == 2 * MIB + 512
+
+
+def test_requests_between_1_and_10_mib_share_a_20_mib_segment():
+    allocator = CachingAllocator()
+    for _ in range(4):
+        allocator.malloc(5 * MIB)  # 20 - 5k MiB remain, > 1 MiB each time until the last fills it
+    assert (allocator.reserved_bytes, allocator.segments) == (20 * MIB, 1)
+    allocator.malloc(2 * MIB)
+    assert allocator.reserved_bytes == 40 * MIB
+
+
+def test_a_freed_large_block_is_reused_and_split():
+    allocator = CachingAllocator()
+    allocator.free(allocator.malloc(50 * MIB))
+    allocator.malloc(30 * MIB)  # best fit is the free 50 MiB block; 20 MiB remain (> 1 MiB): split
+    assert (allocator.reserved_bytes, allocator.allocated_bytes) == (50 * MIB, 30 * MIB)
+    allocator.malloc(20 * MIB)  # the remainder, exactly
+    assert (allocator.reserved_bytes, allocator.segments) == (50 * MIB, 1)
+
+
+def test_a_large_block_is_not_split_when_at_most_1_mib_would_remain():
+    allocator = CachingAllocator()
+    allocator.free(allocator.malloc(50 * MIB))
+    allocator.malloc(49 * MIB)  # remainder exactly 1 MiB: not > kSmallSize, the whole block is handed out
+    assert allocator.allocated_bytes == 50 * MIB  # memory_allocated counts the whole block
+    allocator.malloc(12 * MIB)  # nothing left over to serve it
+    assert allocator.reserved_bytes == 62 * MIB
+
+
+def test_best_fit_takes_the_smallest_free_block_that_holds_the_request():
+    allocator = CachingAllocator()
+    big, medium = allocator.malloc(30 * MIB), allocator.malloc(12 * MIB)
+    allocator.free(big)
+    allocator.free(medium)
+    allocator.malloc(11 * MIB)  # 12 MiB fits (1 MiB left: not split), 30 MiB is larger
+    assert allocator.allocated_bytes == 12 * MIB
+    allocator.malloc(25 * MIB)  # the 30 MiB block is still free
+    assert (allocator.reserved_bytes, allocator.segments) == (42 * MIB, 2)
+
+
+def test_the_pools_are_separate():
+    allocator = CachingAllocator()
+    allocator.free(allocator.malloc(50 * MIB))
+    allocator.malloc(4 * KIB)  # a small request never takes a large free block
+    assert allocator.reserved_bytes == 52 * MIB
+    allocator.free(allocator.malloc(600 * KIB))
+    allocator.malloc(int(1.5 * MIB))  # a large request never takes small-pool memory; the free 50 MiB serves it
+    assert allocator.reserved_bytes == 52 * MIB
+
+
+def test_two_adjacent_freed_blocks_coalesce_with_the_rest_of_their_segment():
+    allocator = CachingAllocator()
+    first, second = allocator.malloc(2 * MIB), allocator.malloc(2 * MIB)  # both in one 20 MiB segment
+    allocator.free(first)
+    allocator.free(second)  # merges with first (before it) and the 16 MiB remainder (after it)
+    allocator.malloc(19 * MIB)  # fits only in the whole 20 MiB block again; 1 MiB left: not split
+    assert (allocator.reserved_bytes, allocator.allocated_bytes, allocator.segments) == (20 * MIB, 20 * MIB, 1)
+
+
+def test_empty_cache_releases_only_wholly_free_segments():
+    allocator = CachingAllocator()
+    kept = allocator.malloc(2 * MIB)  # 20 MiB segment with a live 2 MiB block
+    allocator.malloc(1 * KIB)  # 2 MiB small segment, live
+    allocator.free(allocator.malloc(50 * MIB))  # 50 MiB segment, wholly free
+    allocator.free(allocator.malloc(3 * MIB))  # the 20 MiB segment's second block, freed: still split
+    allocator.empty_cache()
+    assert (allocator.reserved_bytes, allocator.segments) == (22 * MIB, 2)
+    allocator.free(kept)  # now the 20 MiB segment is whole and free
+    allocator.empty_cache()
+    assert allocator.reserved_bytes == 2 * MIB
+
+
+def test_reset_peak_starts_the_peaks_from_the_current_values():
+    events = [(ALLOC, "b", 3 * MIB), (ALLOC, "a", 50 * MIB), (FREE, "a"), (EMPTY_CACHE,), (RESET_PEAK,),
+              (ALLOC, "c", 18 * MIB), (FREE, "c")]
+    result = replay(events)
+    assert result.reserved_at_reset_bytes == 20 * MIB  # b's 20 MiB segment; the 50 MiB one went with empty_cache
+    assert result.reserved_peak_bytes == 38 * MIB  # b's segment has 17 MiB free: c needs a new 18 MiB segment
+    assert result.allocated_peak_bytes == 21 * MIB
+    assert (result.reserved_bytes, result.allocated_bytes) == (38 * MIB, 3 * MIB)
+
+
+def test_without_reset_the_peak_covers_the_whole_replay():
+    result = replay([(ALLOC, "a", 50 * MIB), (FREE, "a"), (EMPTY_CACHE,), (ALLOC, "b", 600 * KIB)])
+    assert (result.reserved_peak_bytes, result.reserved_bytes, result.segment_allocations) == (50 * MIB, 2 * MIB, 2)
+
+
+def test_over_capacity_the_cache_is_released_and_the_segment_retried():
+    allocator = CachingAllocator(capacity_bytes=60 * MIB)
+    allocator.free(allocator.malloc(50 * MIB))
+    allocator.malloc(52 * MIB)  # the free 50 MiB block is too small; 102 MiB > 60: release, then 52 MiB fits
+    assert (allocator.reserved_bytes, allocator.alloc_retries) == (52 * MIB, 1)
+    with pytest.raises(OutOfMemory):
+        allocator.malloc(10 * MIB)
+
+
+@pytest.mark.parametrize("events, word", [
+    ([(FREE, "x")], "not allocated"),
+    ([(ALLOC, "x", 1), (ALLOC, "x", 1)], "twice"),
+    ([("grow", "x")], "unknown allocator event"),
+])
+def test_a_malformed_event_sequence_is_an_error_naming_it(events, word):
+    with pytest.raises(ValueError, match=word):
+        replay(events)
