@@ -32,12 +32,16 @@ class TraceResult:
 
 def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, steps: int = TRACE_STEPS,
               progress: bool | None = None, round_to: int | None = None, tracer_class=None,
-              builder=None) -> TraceResult:
+              builder=None, events=None, warmup: int = 0) -> TraceResult:
     """Build the model, run ``steps`` training steps under the tracker, and return the peak by term.
 
     ``fake=False`` runs on real CPU tensors (tiny models only): the tracker's self-check and the harness' CPU mode.
     ``tracer_class``: a ``StepTracer`` subclass that prepares the model and computes the loss as a stack does (TRL).
     ``builder``: what builds the model instead of ``build.build_model`` (a VLM: ``tracing/vision.py``).
+    ``events``: an ``alloc_events.AllocationEvents`` that records the device allocations and frees of the build and
+    of every step, for ``caching_allocator.replay``. ``warmup``: steps run before the ``steps``; after them the
+    calibration harness' ``gc.collect(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()`` is
+    marked in ``events`` (``calibrate/probes.py::measure_cuda``). The tracker's peak covers all of them.
     """
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -50,10 +54,12 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
 
     started = time.perf_counter()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
-    tracker = AllocationTracker() if round_to is None else AllocationTracker(round_to=round_to)
-    micro_steps = steps * resolved.setup.grad_accum
+    tracker = AllocationTracker(events=events) if round_to is None else AllocationTracker(round_to=round_to,
+                                                                                         events=events)
+    total_steps = warmup + steps
+    micro_steps = total_steps * resolved.setup.grad_accum
     # progress: the build, each decoder layer's forward and backward of every micro-batch, each optimizer step
-    bar = Progress(1 + micro_steps * 2 * spec.num_layers + steps, f"trace {spec.name}", "layer passes",
+    bar = Progress(1 + micro_steps * 2 * spec.num_layers + total_steps, f"trace {spec.name}", "layer passes",
                    enabled=progress, leave=False)
     bar.set_note("building the model")
     tracer = None
@@ -83,8 +89,9 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
     try:
         with (data_parallel.process_group(resolved.setup.num_gpus) if distributed or tensor_parallel or expert_parallel
               else contextlib.nullcontext()):
-            model = (builder or build_model)(spec, resolved, fake_mode)
-            bar.update(1, note=f"step 1 of {steps}")
+            build_mode = fake_mode if events is None else _RecordedBuild(fake_mode, events)
+            model = (builder or build_model)(spec, resolved, build_mode)
+            bar.update(1, note=f"step 1 of {total_steps}")
             with fake_mode if fake_mode is not None else contextlib.nullcontext():
                 engine = None
                 if distributed and resolved.setup.sharding is Sharding.FSDP:
@@ -99,7 +106,7 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
                 attribution = engine.attribution(tracker) if engine is not None else contextlib.nullcontext()
                 with torch.device("cpu"), tracker, cuda_kernel_emulation(sdpa=fake), attribution:
                     tracer.count_layers(lambda: bar.update(1))
-                    tracer.run(steps, progress=lambda note: bar.update(1, note=note))
+                    tracer.run(total_steps, progress=_after_each_step(bar, events, warmup))
         terms = tracker.peak_terms()
         return TraceResult(
             terms=terms,
@@ -116,6 +123,48 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
         if tracer is not None:
             tracer.remove_hooks()
         reset_bnb_overrides()
+
+
+class _RecordedBuild:
+    """The build's fake mode with the event recorder above it: the model is built before the tracker is entered,
+    and its allocations come first in the replayed sequence."""
+
+    def __init__(self, fake_mode, events):
+        self.fake_mode = fake_mode
+        self.events = events
+        self._stack = None
+
+    def __enter__(self):
+        self._stack = contextlib.ExitStack()
+        if self.fake_mode is not None:
+            self._stack.enter_context(self.fake_mode)
+        self._stack.enter_context(self.events)
+        return self
+
+    def __exit__(self, *exc):
+        stack, self._stack = self._stack, None
+        return stack.__exit__(*exc)
+
+
+def _after_each_step(bar, events, warmup: int):
+    """The progress callback of each optimizer step; after the ``warmup``-th, the harness' empty_cache and peak
+    reset are marked in ``events`` (a ``gc.collect()`` first, as the harness does, so cyclic garbage dies before)."""
+    finished = 0
+
+    def after(note):
+        nonlocal finished
+        bar.update(1, note=note)
+        finished += 1
+        if events is not None and finished == warmup:
+            import gc
+
+            from .caching_allocator import EMPTY_CACHE, RESET_PEAK
+
+            gc.collect()
+            events.mark(EMPTY_CACHE)
+            events.mark(RESET_PEAK)
+
+    return after
 
 
 def _peak_rss_bytes() -> int:

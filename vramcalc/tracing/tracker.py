@@ -29,6 +29,9 @@ DDP's gradient buckets: gradients); and with ``track_resizes`` a storage grown o
 Host memory: allocations inside ``host()`` are the host copies of offloaded activations (``--activation-offload``,
 ``torch.autograd.graph.save_on_cpu``): kept out of the device count and counted in ``host_bytes`` (and its peak,
 ``host_peak_bytes``), as pinned host tensors are invisible to ``torch.cuda.max_memory_allocated``.
+
+With ``events`` (``alloc_events.AllocationEvents``) it also reports every device storage it registers, and every
+in-place resize, in order: the sequence ``caching_allocator.replay`` turns into the reserved memory.
 """
 
 from __future__ import annotations
@@ -90,10 +93,11 @@ class AllocationTracker(TorchDispatchMode):
     and calls ``end_forward()``, ``mark_gradients()``, ``mark_optimizer_states()`` at those moments.
     """
 
-    def __init__(self, round_to: int = CUDA_ALLOCATION_GRANULE_BYTES, track_resizes: bool = False):
+    def __init__(self, round_to: int = CUDA_ALLOCATION_GRANULE_BYTES, track_resizes: bool = False, events=None):
         super().__init__()
         self.round_to = round_to
         self.track_resizes = track_resizes
+        self.events = events  # an alloc_events.AllocationEvents: the device allocations in order, for the replay
         self._role: Term | None = None  # attributing(): the term of every new allocation
         self._original_resize = None
         self._records: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -143,6 +147,8 @@ class AllocationTracker(TorchDispatchMode):
             return record
         self._live[id(record)] = record
         weakref.finalize(storage, self._free, record)
+        if self.events is not None:
+            self.events.allocated(storage, op)
         self.live_bytes += record.nbytes
         self.live_by_term[term] += record.nbytes
         self._grown()
@@ -183,6 +189,8 @@ class AllocationTracker(TorchDispatchMode):
         if record is None or record.paged or record.host:
             return
         delta = self._size(storage) - record.nbytes
+        if self.events is not None:
+            self.events.resized(storage)
         if delta < 0 and self._peak_pending:
             self._take_snapshot()
         record.nbytes += delta
