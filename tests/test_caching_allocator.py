@@ -149,3 +149,61 @@ def test_over_capacity_the_cache_is_released_and_the_segment_retried():
 def test_a_malformed_event_sequence_is_an_error_naming_it(events, word):
     with pytest.raises(ValueError, match=word):
         replay(events)
+
+
+# -- the trace's allocation sequence (tracing/alloc_events.py, tracing/reserved.py) --------------------------------
+from .conftest import needs_torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_replay():
+    from vramcalc.training_setup import resolve_setup
+    from vramcalc.tracing.reserved import replay_reserved
+
+    from .tiny_models import TINY
+
+    spec = TINY["llama"]
+    return replay_reserved(spec, resolve_setup(spec, seq_len=256), warmup=1, steps=2, workspace_bytes=32 * MIB)
+
+
+@needs_torch
+@pytest.mark.trace
+def test_the_replayed_allocations_are_the_trackers_plus_the_workspace_and_the_context_tensor(tiny_replay):
+    # the tracker's peak covers warm-up and measured steps; the replay's peak the measured steps, which repeat them
+    tracker_peak = sum(tiny_replay.trace.terms.values())
+    assert tiny_replay.allocated_peak_bytes == tracker_peak + 32 * MIB + 512  # torch.zeros(1): one 512-B block
+    assert tiny_replay.reserved_peak_bytes >= tiny_replay.allocated_peak_bytes
+
+
+@needs_torch
+@pytest.mark.trace
+def test_the_peak_is_reset_after_the_warm_up_step_and_empty_cache(tiny_replay):
+    result = tiny_replay.replay
+    assert result.reserved_at_reset_bytes is not None
+    assert result.allocated_at_reset_bytes <= result.reserved_at_reset_bytes <= result.reserved_peak_bytes
+    assert result.segment_allocations > result.segments  # the warm-up's cached segments went with empty_cache
+
+
+@needs_torch
+@pytest.mark.trace
+def test_the_recorder_allocates_the_workspace_once_after_the_first_matmul_and_a_resize_is_a_new_block():
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vramcalc.tracing.alloc_events import AllocationEvents
+
+    events = AllocationEvents(workspace_bytes=32 * MIB)
+    with FakeTensorMode(), events:
+        a = torch.empty(64, 64)
+        b = a @ a
+        c = b @ b
+        storage = c.untyped_storage()
+        storage.resize_(4 * 64 * 64 * 2)
+        events.resized(storage)
+        del a, b, c, storage
+    kinds = [(e[0], e[2]) if e[0] == ALLOC else (e[0],) for e in events.events]
+    assert kinds[:3] == [(ALLOC, 16384), (ALLOC, 16384), (ALLOC, 32 * MIB)]  # a, a @ a, then the workspace
+    assert kinds[3] == (ALLOC, 16384)  # b @ b: no second workspace
+    assert kinds[4:6] == [(FREE,), (ALLOC, 32768)]  # the resize: the old block freed, a new one allocated
+    assert kinds.count((FREE,)) == 4  # a, b, c's first and second blocks; the workspace is never freed
+    replay(events.events)  # a consistent sequence

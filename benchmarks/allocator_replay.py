@@ -1,0 +1,292 @@
+"""The caching-allocator replay against the first real ``max_memory_reserved`` measurements (one H200, torch 2.11).
+
+For each scenario of ``calibration/runs/h200/measurements.csv`` (the grid) and ``calibration/runs/h200/qlora/``
+(the QLoRA panel), the same setup is traced at full size on fake CPU tensors with the allocation recorder
+(``vramcalc/tracing/reserved.py::replay_reserved``) and the sequence replayed through the allocator model
+(``vramcalc/tracing/caching_allocator.py``), following the harness' protocol: build, 1 warm-up step,
+``gc.collect(); empty_cache(); reset_peak_memory_stats()``, 2 measured steps (``calibration/run_h200.sh`` runs
+``python -m vramcalc.calibrate`` with its defaults ``--warmup 1 --steps 2``).
+
+What the trace reproduces of the harness' build (``calibrate/training.py::build_on_device``): the same
+``build_model`` (meta model, parameters and buffers materialised in module order). What this script adds to it for
+QLoRA (``harness_build``): ``quantize_4bit_weights``, module by module, as bitsandbytes 0.50's ``quantize_4bit``
+allocates on CUDA (the 16-bit random weight, absmax and packed weight, with double quantization the offset, the
+centred absmax, the 8-bit absmax and its state), then the trace's stand-in weight and state die and the 16-bit
+weight is freed. Weight initialisation (in place) and RoPE's reset (a few KiB) are left out.
+
+The cuBLAS workspace: one allocation of the H200 profile's fitted ``workspace_bytes``
+(``calibration/profiles/h200.json``, 82.3 MiB, fitted to measured allocated - estimated tensor peak over the grid),
+made after the first matmul's output. Nothing in the allocator model is fitted: its constants are the C++ source's.
+
+The old estimate for comparison: reserved = tensor peak x (1 + slack) + workspace, with the estimate's tensor peak
+from the same row (``est_peak_tensor_bytes``) and two slacks: the documented default the row was estimated with
+(``est_allocator_slack_bytes`` / ``est_peak_tensor_bytes``) and the H200 profile's fitted 0.1046.
+
+    python benchmarks/allocator_replay.py                  # every scenario, one process each: allocator_replay.csv
+    python benchmarks/allocator_replay.py --only smollm2   # scenarios whose id contains the word
+    python benchmarks/allocator_replay.py --from-csv       # rewrite allocator_replay.md from the CSV
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RUN = ROOT / "calibration" / "runs" / "h200"
+PANELS = [(RUN / "measurements.csv", RUN / "scenarios.json", "grid"),
+          (RUN / "qlora" / "measurements.csv", RUN / "qlora" / "scenarios.json", "qlora panel")]
+PROFILE = ROOT / "calibration" / "profiles" / "h200.json"
+WARMUP, STEPS = 1, 2  # vramcalc/calibrate/__main__.py defaults, which run_h200.sh keeps
+TRACE_TIMEOUT_S = 900  # a trace that takes longer is skipped (said in the report)
+CSV_PATH = HERE / "allocator_replay.csv"
+MD_PATH = HERE / "allocator_replay.md"
+GIB = 2**30
+COLUMNS = ("scenario_id", "panel", "status", "trace_seconds", "events", "meas_allocated_peak_bytes",
+           "meas_reserved_peak_bytes", "meas_reserved_baseline_bytes", "est_peak_tensor_bytes",
+           "est_default_slack_fraction", "replay_allocated_peak_bytes", "replay_reserved_peak_bytes",
+           "replay_reserved_baseline_bytes", "trace_peak_tensor_bytes", "workspace_bytes", "message")
+
+
+def workspace_bytes() -> int:
+    return int(json.loads(PROFILE.read_text(encoding="utf-8"))["coefficients"]["workspace_bytes"])
+
+
+def fitted_slack() -> float:
+    return float(json.loads(PROFILE.read_text(encoding="utf-8"))["coefficients"]["allocator_slack_fraction"])
+
+
+def measured_rows() -> list[tuple[dict, dict, str]]:
+    """(measurement row, scenario, panel) for every ok row."""
+    out = []
+    for csv_path, scenarios_path, panel in PANELS:
+        scenarios = {s["id"]: s for s in json.loads(scenarios_path.read_text(encoding="utf-8"))["scenarios"]}
+        with csv_path.open(encoding="utf-8", newline="") as f:
+            for row in csv.DictReader(f):
+                if row["status"] == "ok":
+                    out.append((row, scenarios[row["scenario_id"]], panel))
+    return out
+
+
+# -- the harness' QLoRA build ------------------------------------------------------------------------------
+def harness_build(spec, resolved, build_mode):
+    """``build_model`` (recorded), then for QLoRA the harness' real quantization of every 4-bit layer
+    (``calibrate/training.py::quantize_4bit_weights``) as events: bitsandbytes' CUDA allocations in order, the
+    stand-in's storages rebound to what replaced them."""
+    from vramcalc.options import Method
+    from vramcalc.tracing.build import build_model, half_dtype
+
+    model = build_model(spec, resolved, build_mode)
+    if resolved.setup.method is Method.QLORA:
+        _quantize_as_harness(model, resolved, build_mode.events, half_dtype(resolved.setup.precision).itemsize)
+    return model
+
+
+def _quantize_as_harness(model, resolved, events, half_bytes: int) -> None:
+    import bitsandbytes as bnb
+
+    from vramcalc.facts import BNB_BLOCKSIZE
+    from vramcalc.tracing.caching_allocator import ALLOC, FREE
+
+    double = bool(resolved.setup.double_quant)
+    freed: set = set()
+
+    def alloc(nbytes):
+        key = events.new_key()
+        events.events.append((ALLOC, key, nbytes))
+        return key
+
+    def free(key):
+        if key is not None and key not in freed:
+            freed.add(key)
+            events.events.append((FREE, key))
+
+    dynamic_code = None
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        n = module.out_features * module.in_features
+        blocks = -(-n // BNB_BLOCKSIZE)
+        weight16 = alloc(n * half_bytes)  # torch.empty(out, in, dtype=16-bit, device).normal_()
+        # bitsandbytes/backends/cuda/ops.py quantize_4bit: absmax (fp32 per block), then the packed codes
+        absmax = alloc(blocks * 4)
+        packed = alloc((n + 1) // 2)
+        code4 = alloc(16 * 4)  # functional.get_4bit_type(quant_type, device)
+        new = {"weight": packed, "absmax": absmax, "code": code4}
+        if double:  # functional.quantize_4bit: offset = absmax.mean(); quantize_blockwise(absmax - offset, 256)
+            offset = alloc(4)
+            centred = alloc(blocks * 4)
+            if dynamic_code is None:
+                dynamic_code = alloc(256 * 4)  # name2qmap["dynamic"], kept on the device once
+            blocks2 = -(-blocks // 256)
+            absmax2 = alloc(blocks2 * 4)  # quantize_blockwise: absmax, then the 8-bit codes
+            qabsmax = alloc(blocks)
+            code2 = alloc(256 * 4)  # code.to(device, copy=True) in the nested state
+            free(centred)
+            free(absmax)  # del _absmax
+            new.update(absmax=qabsmax, offset=offset, state2_absmax=absmax2, state2_code=code2)
+        # module.weight = param.to(device): the stand-in weight and its quantization state die
+        old = {"weight": module.weight}
+        state = getattr(module.weight, "quant_state", None) or getattr(module, "quant_state", None)
+        if state is not None:
+            old.update(absmax=state.absmax, code=state.code, offset=state.offset)
+            if state.state2 is not None:
+                old.update(state2_absmax=state.state2.absmax, state2_code=state.state2.code)
+        for role, tensor in old.items():
+            if tensor is None:
+                continue
+            storage = tensor.untyped_storage()
+            free(events.key_of(storage))
+            events.rebind(storage, new.get(role))  # the stand-in now stands for the real allocation
+        free(weight16)  # del weight
+
+
+# -- one scenario (in its own process) ----------------------------------------------------------------------
+def run_one(scenario: dict) -> dict:
+    from vramcalc.calibrate.scenarios import Scenario, resolve, scenario_id
+    from vramcalc.tracing.reserved import replay_reserved
+
+    spec, resolved = resolve(Scenario.from_dict(scenario))
+    if scenario_id(spec, resolved) != scenario["id"]:
+        raise SystemExit(f"{scenario['id']} resolves to {scenario_id(spec, resolved)}")
+    out = replay_reserved(spec, resolved, warmup=WARMUP, steps=STEPS, workspace_bytes=workspace_bytes(),
+                          builder=harness_build, progress=False)
+    return {
+        "trace_seconds": round(out.trace_seconds, 1),
+        "events": out.events,
+        "replay_allocated_peak_bytes": out.allocated_peak_bytes,
+        "replay_reserved_peak_bytes": out.reserved_peak_bytes,
+        "replay_reserved_baseline_bytes": out.replay.reserved_at_reset_bytes,
+        "trace_peak_tensor_bytes": sum(out.trace.terms.values()),
+        "workspace_bytes": out.workspace_bytes,
+    }
+
+
+def run_all(only: str | None) -> list[dict]:
+    rows = []
+    for measured, scenario, panel in measured_rows():
+        if only and only not in measured["scenario_id"]:
+            continue
+        est = int(measured["est_peak_tensor_bytes"])
+        row = {"scenario_id": measured["scenario_id"], "panel": panel,
+               "meas_allocated_peak_bytes": int(measured["meas_allocated_peak_bytes"]),
+               "meas_reserved_peak_bytes": int(measured["meas_reserved_peak_bytes"]),
+               "meas_reserved_baseline_bytes": int(measured["meas_reserved_baseline_bytes"]),
+               "est_peak_tensor_bytes": est,
+               "est_default_slack_fraction": round(int(measured["est_allocator_slack_bytes"]) / est, 6)}
+        started = time.perf_counter()
+        print(f"{measured['scenario_id']} ...", flush=True)
+        try:
+            done = subprocess.run([sys.executable, __file__, "--one", json.dumps(scenario)], capture_output=True,
+                                  text=True, timeout=TRACE_TIMEOUT_S, cwd=ROOT)
+            if done.returncode != 0:
+                row.update(status="error", message=done.stderr.strip().splitlines()[-1][:200])
+            else:
+                row.update(json.loads(done.stdout.strip().splitlines()[-1]), status="ok", message="")
+        except subprocess.TimeoutExpired:
+            row.update(status="skipped", message=f"trace over {TRACE_TIMEOUT_S} s")
+        print(f"  {row['status']} in {time.perf_counter() - started:.0f} s {row.get('message', '')}", flush=True)
+        rows.append(row)
+        write_csv(merge(read_csv(), rows))
+    return rows
+
+
+# -- the report ---------------------------------------------------------------------------------------------
+def read_csv() -> list[dict]:
+    if not CSV_PATH.is_file():
+        return []
+    with CSV_PATH.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    by_id = {row["scenario_id"]: row for row in old}
+    by_id.update({row["scenario_id"]: row for row in new})
+    order = [m["scenario_id"] for m, _, _ in measured_rows()]
+    return [by_id[i] for i in order if i in by_id]
+
+
+def write_csv(rows: list[dict]) -> None:
+    with CSV_PATH.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+
+
+def _error(predicted: float, measured: float) -> float:
+    return (predicted - measured) / measured
+
+
+def write_md(rows: list[dict]) -> None:
+    workspace, slack = workspace_bytes(), fitted_slack()
+    lines = ["| scenario | measured reserved (GiB) | replayed (GiB) | replay error | tensor peak x (1 + default slack) "
+             "+ ws | error | x (1 + 0.1046) + ws | error | measured alloc - replayed alloc (MiB) | trace (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    errors = {"replay": [], "default": [], "fitted": []}
+    skipped = []
+    for row in rows:
+        measured = int(row["meas_reserved_peak_bytes"])
+        est = int(row["est_peak_tensor_bytes"])
+        old_default = est * (1 + float(row["est_default_slack_fraction"])) + workspace
+        old_fitted = est * (1 + slack) + workspace
+        e_default, e_fitted = _error(old_default, measured), _error(old_fitted, measured)
+        if row["status"] != "ok":
+            skipped.append(f"- `{row['scenario_id']}`: {row['status']} ({row['message']})")
+            lines.append(f"| `{row['scenario_id']}` | {measured / GIB:.3f} | {row['status']} | | {old_default / GIB:.3f} "
+                         f"| {e_default:+.1%} | {old_fitted / GIB:.3f} | {e_fitted:+.1%} | | |")
+            continue
+        replayed = int(row["replay_reserved_peak_bytes"])
+        e_replay = _error(replayed, measured)
+        alloc_gap = (int(row["meas_allocated_peak_bytes"]) - int(row["replay_allocated_peak_bytes"])) / 2**20
+        errors["replay"].append(abs(e_replay))
+        errors["default"].append(abs(e_default))
+        errors["fitted"].append(abs(e_fitted))
+        lines.append(f"| `{row['scenario_id']}` | {measured / GIB:.3f} | {replayed / GIB:.3f} | {e_replay:+.1%} | "
+                     f"{old_default / GIB:.3f} | {e_default:+.1%} | {old_fitted / GIB:.3f} | {e_fitted:+.1%} | "
+                     f"{alloc_gap:+.0f} | {float(row['trace_seconds']):.0f} |")
+    summary = []
+    for name, label in (("replay", "replay"), ("default", "tensor peak x (1 + default slack) + workspace"),
+                        ("fitted", "tensor peak x (1 + fitted 0.1046) + workspace")):
+        values = errors[name]
+        if values:
+            summary.append(f"- {label}: median |error| {statistics.median(values):.1%}, max {max(values):.1%} "
+                           f"({len(values)} scenarios)")
+    text = MD_PATH.read_text(encoding="utf-8") if MD_PATH.is_file() else ""
+    table = "\n".join(lines + [""] + summary + ([""] + ["Not replayed:"] + skipped if skipped else []))
+    start, end = "<!-- table -->", "<!-- /table -->"
+    if start in text and end in text:
+        text = text[:text.index(start) + len(start)] + "\n" + table + "\n" + text[text.index(end):]
+    else:
+        text = f"# The caching-allocator replay against the H200's max_memory_reserved\n\n{start}\n{table}\n{end}\n"
+    MD_PATH.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="scenarios whose id contains this")
+    parser.add_argument("--from-csv", action="store_true", help="rewrite the .md from the CSV")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a scenario's JSON: trace it and print the JSON result
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return 0
+    if not args.from_csv:
+        run_all(args.only)
+    write_md(read_csv())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
