@@ -25,6 +25,7 @@ from the same row (``est_peak_tensor_bytes``) and two slacks: the documented def
     python benchmarks/allocator_replay.py                  # every scenario, one process each: allocator_replay.csv
     python benchmarks/allocator_replay.py --only smollm2   # scenarios whose id contains the word
     python benchmarks/allocator_replay.py --from-csv       # rewrite allocator_replay.md from the CSV
+    python benchmarks/allocator_replay.py --explain ID     # the segments one replay allocates after the reset
 """
 
 from __future__ import annotations
@@ -173,6 +174,40 @@ def run_one(scenario: dict) -> dict:
     }
 
 
+def explain(scenario: dict) -> None:
+    """Print the segments the replay allocates after the peak reset, with the op whose allocation made each."""
+    from vramcalc.calibrate.scenarios import Scenario, resolve
+    from vramcalc.tracing.alloc_events import AllocationEvents
+    from vramcalc.tracing.caching_allocator import ALLOC, EMPTY_CACHE, FREE, RESET_PEAK, CachingAllocator
+    from vramcalc.tracing.engine import run_trace
+    from vramcalc.tracing.reserved import CONTEXT_TENSOR_BYTES
+
+    spec, resolved = resolve(Scenario.from_dict(scenario))
+    events = AllocationEvents(workspace_bytes=workspace_bytes())
+    events.events.append((ALLOC, events.new_key(), CONTEXT_TENSOR_BYTES))
+    run_trace(spec, resolved, steps=STEPS, warmup=WARMUP, events=events, builder=harness_build, progress=False)
+    allocator, live, after_reset = CachingAllocator(), {}, False
+    for event in list(events.events):
+        kind = event[0]
+        if kind == ALLOC:
+            before = allocator.segment_allocations
+            live[event[1]] = allocator.malloc(event[2])
+            if after_reset and allocator.segment_allocations > before:
+                print(f"segment {live[event[1]].size / 2**20:9.1f} MiB for {event[2] / 2**20:9.1f} MiB "
+                      f"({events.ops.get(event[1], '')}): allocated {allocator.allocated_bytes / GIB:.3f} GiB, "
+                      f"reserved {allocator.reserved_bytes / GIB:.3f} GiB")
+        elif kind == FREE:
+            allocator.free(live.pop(event[1]))
+        elif kind == EMPTY_CACHE:
+            allocator.empty_cache()
+        elif kind == RESET_PEAK:
+            allocator.reset_peak()
+            after_reset = True
+            print(f"reset: allocated {allocator.allocated_bytes / GIB:.3f} GiB, reserved "
+                  f"{allocator.reserved_bytes / GIB:.3f} GiB, {allocator.segments} segments")
+    print(allocator.result())
+
+
 def run_all(only: str | None) -> list[dict]:
     rows = []
     for measured, scenario, panel in measured_rows():
@@ -278,7 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="scenarios whose id contains this")
     parser.add_argument("--from-csv", action="store_true", help="rewrite the .md from the CSV")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a scenario's JSON: trace it and print the JSON result
+    parser.add_argument("--explain", metavar="ID", help="the segments a scenario's replay allocates after the reset")
     args = parser.parse_args(argv)
+    if args.explain:
+        scenario = next(s for m, s, _ in measured_rows() if m["scenario_id"] == args.explain)
+        explain(scenario)
+        return 0
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
         return 0

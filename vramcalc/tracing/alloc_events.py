@@ -48,6 +48,7 @@ class AllocationEvents(TorchDispatchMode):
     def __init__(self, workspace_bytes: int = 0):
         super().__init__()
         self.events: list[tuple] = []
+        self.ops: dict = {}  # key -> the ATen op that allocated it (diagnostics)
         self.workspace_bytes = workspace_bytes
         self.workspace_key = None
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -66,10 +67,12 @@ class AllocationEvents(TorchDispatchMode):
         entry = _Entry(self.new_key())
         self._entries[storage] = entry
         self.events.append((ALLOC, entry.key, storage.nbytes()))
+        self.ops[entry.key] = op
         weakref.finalize(storage, self._died, entry)
         if self.workspace_bytes and self.workspace_key is None and op.split(".")[0] in MATMUL_OPS:
             self.workspace_key = self.new_key()
             self.events.append((ALLOC, self.workspace_key, self.workspace_bytes))
+            self.ops[self.workspace_key] = "cublas workspace"
 
     def resized(self, storage) -> None:
         """A recorded storage changed size in place: its old block is freed, a new one allocated (if not empty)."""
@@ -83,6 +86,7 @@ class AllocationEvents(TorchDispatchMode):
         if nbytes:
             entry.key = self.new_key()
             self.events.append((ALLOC, entry.key, nbytes))
+            self.ops[entry.key] = "resize_"
 
     def key_of(self, storage):
         """The key a live storage is recorded under, or None."""
