@@ -16,7 +16,7 @@ import csv
 import json
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +40,14 @@ PROVENANCE = ("device_name", "driver_version", "cuda_version", "torch_version", 
 # The options ``scenarios.scenario_id`` always writes; every other option appears in the id when it is not the default.
 ID_OPTIONS = ("method", "precision", "optimizer", "grad_ckpt", "attn", "batch_size", "seq_len")
 HOST_BOUND_SHARE = 0.5  # a row is host-bound in the model when host time is at least half of its predicted step
+# Setups profiled in the follow-up that no measured row has (torch AdamW in place of the measured Qwen3 rows'
+# bitsandbytes optimizers, which the follow-up machines lacked): as step_timing/profile_qwen3_probe.py ran them.
+PROFILED_VARIANTS = {
+    "qwen3-0.6b/lora/bf16/adamw/ckpt/eager/b4s1024":
+        ("qwen3-0.6b", {"method": "lora", "grad_ckpt": True, "attn": "eager", "batch_size": 4, "seq_len": 1024}),
+    "qwen3-0.6b/full/mixed-bf16/adamw/nockpt/sdpa/b4s1024":
+        ("qwen3-0.6b", {"method": "full", "precision": "mixed-bf16", "batch_size": 4, "seq_len": 1024}),
+}
 
 
 def setup_options(row: dict[str, str]) -> dict[str, str]:
@@ -101,6 +109,20 @@ def compare(path: Path, row: dict[str, str]) -> Comparison:
     s = resolved.setup
     return Comparison(path, row, scenario.id, float(row["step_seconds"]), s.batch_size * s.seq_len * s.grad_accum,
                       work, st.step_time(work, rates))
+
+
+def variant_kernels(scenario_id: str, *, qk_norm: bool = True) -> float:
+    """Launched kernels the model counts for a profiled variant (``PROFILED_VARIANTS``); ``qk_norm=False``: as
+    counted before the q/k norms were (the model's spec with ``qk_norm`` off)."""
+    model, options = PROFILED_VARIANTS[scenario_id]
+    scenario = Scenario(model=model, options=options)
+    if scenario.id != scenario_id:
+        raise ValueError(f"PROFILED_VARIANTS: {scenario_id!r} rebuilds as {scenario.id!r}")
+    spec, resolved = resolve(scenario)
+    if not qk_norm:
+        spec = replace(spec, qk_norm=False)
+    work, _ = step_work_for(spec, resolved, get_gpu("h200"))
+    return work.kernels.gemm + work.kernels.attention + work.kernels.other
 
 
 def comparisons() -> list[Comparison]:
@@ -166,6 +188,11 @@ def follow_up_lines(by_id: dict[str, Comparison]) -> list[str]:
         events = f"{r['cuda_events']:,}" if not any(e[0] == "Command Buffer Full" for e in r["top"]) else \
             f"{r['cuda_events']:,} (with the profiler's 'Command Buffer Full' waits)"
         out.append(f"| {r['id']} | {events} | {c.kernels:,.0f} | {r['gpu_s']:.3f} | {names} |")
+    for r in json.loads((FOLLOW_UP / "profile_qwen3.json").read_text(encoding="utf-8")):
+        out.append(f"| {r['id']} (session 4) | {r['cuda_events']:,} | {variant_kernels(r['id']):,.0f} "
+                   f"({variant_kernels(r['id'], qk_norm=False):,.0f} without the q/k norms) | {r['gpu_s']:.3f} "
+                   f"| {r['norm_kernels']} RMSNorm kernels (`rsqrt`); steady step "
+                   f"{statistics.median(r['wall_s']):.3f} s |")
     return out
 
 
@@ -200,6 +227,7 @@ def findings(results: list[Comparison], by_id: dict[str, Comparison]) -> list[st
     peak_tb_s = get_gpu("h200").bandwidth_gb_s / 1000
     moe = by_id["qwen3-moe-mini/qlora/bf16/paged-adamw-8bit/ckpt/eager/b1s256"]
     qwen3 = [c for c in results if c.row["model"].startswith("qwen3")]
+    qwen3_profile = _json("profile_qwen3.json")
     return [
         "1. **Host time per launched kernel (every 1 x 256 row; the host share of the Qwen3-0.6B and QLoRA rows).**",
         f"   The model's kernel count is right: the profiled SmolLM2-135M LoRA step issues "
@@ -258,9 +286,19 @@ def findings(results: list[Comparison], by_id: dict[str, Comparison]) -> list[st
         "   moved from -75/-89/-77/-21/-74% (the model of commit 0fec48b) to "
         + "/".join(f"{c.error:+.0%}" for c in qwen3) + " (table order); the published comparison",
         "   (`benchmarks/throughput.md`) has no Qwen3, OLMo-2 or Llama-4 row and did not change (14.9% / 25.0% / 16.0%",
-        "   median before and after). Not added: under mixed-bf16 autocast casts every fp32 weight to bf16 on each",
+        "   median before and after). The session-4 profiles check it: "
+        + " and ".join(f"{r['norm_kernels']}" for r in qwen3_profile)
+        + " RMSNorm kernels (28 layers x 4 norms x 2,",
+        "   the checkpointed forward and its recomputation, + the final norm; 28 x 4 + 1), and "
+        + " / ".join(f"{r['cuda_events']:,}" for r in qwen3_profile) + " CUDA events against "
+        + " / ".join(f"{variant_kernels(r['id']):,.0f}" for r in qwen3_profile) + " counted now, "
+        + " / ".join(f"{variant_kernels(r['id'], qk_norm=False):,.0f}" for r in qwen3_profile) + " before.",
+        "   Not added: under mixed-bf16 autocast casts every fp32 weight to bf16 on each",
         "   forward (one kernel and 6 B per weight; trained weights cast their gradient back in backward), at most a",
-        "   few ms on these rows (Qwen3-0.6B full: 0.6B weights x 12 B = 7 GB, 1.5 ms, and ~400 kernels).",
+        "   few ms on these rows (Qwen3-0.6B full: 0.6B weights x 12 B = 7 GB, 1.5 ms, and ~400 kernels). The",
+        "   rest of the profiled gap ("
+        + " and ".join(f"{r['cuda_events'] - variant_kernels(r['id']):,.0f}" for r in qwen3_profile)
+        + " CUDA events) is not itemised yet.",
         "",
         "Not probed on a GPU: the QLoRA rows (bitsandbytes' dequantization kernels, paged optimizers), the 8-bit",
         "optimizers and the Qwen3-MoE-mini rows (transformers 5.25 runs Qwen3-MoE experts through `grouped_mm` by",

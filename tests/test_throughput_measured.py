@@ -88,13 +88,17 @@ def test_measured_files_carry_one_provenance_each_and_the_report_cites_it(bench)
     assert facts["dates"] in report
 
 
-def test_follow_up_timings_are_of_measured_scenarios(results):
+def test_follow_up_timings_are_of_measured_scenarios(bench, results):
     ids = {c.scenario_id for c in results}
     follow_up = RUN / "step_timing"
     timing = json.loads((follow_up / "step_timing.json").read_text(encoding="utf-8"))
     profile = json.loads((follow_up / "profile.json").read_text(encoding="utf-8"))
     sampler = json.loads((follow_up / "nvml_sampler.json").read_text(encoding="utf-8"))
     assert {r["id"] for r in timing["rows"]} | {r["id"] for r in profile} | {r["id"] for r in sampler} <= ids
+    variants = json.loads((follow_up / "profile_qwen3.json").read_text(encoding="utf-8"))
+    assert {r["id"] for r in variants} == set(bench.PROFILED_VARIANTS)
+    for r in variants:  # the q/k norms add kernels the profile saw: each variant counts more with them than without
+        assert bench.variant_kernels(r["id"]) > bench.variant_kernels(r["id"], qk_norm=False)
     for r in timing["rows"]:  # the harness figure is the slower of the first two steps, as probes.measure_cuda takes it
         assert r["harness"] == max(r["wall_s"][:2])
         assert all(issue <= wall for issue, wall in zip(r["issue_s"], r["wall_s"]))
