@@ -153,18 +153,21 @@ def summary_row(label: str, rows: list[Comparison]) -> str:
 
 
 def table_row(c: Comparison) -> str:
-    r, t = c.row, c.step
+    t = c.step
     split = "/".join(f"{c.share(x):.0%}" for x in (t.matmul_s, t.attention_s, t.memory_s, t.host_s, t.exposed_comm_s))
     return (f"| {c.scenario_id} | {c.path.parent.name if c.path.parent != RUN else 'grid'} | {c.measured_s:.3f} "
             f"| {t.step_s:.3f} | {c.error:+.0%} | {split} | {c.kernels:,.0f} + {c.work.kernels.views:,.0f} "
             f"| {c.tokens / c.measured_s:,.0f} | {t.tokens_per_s:,.0f} |")
 
 
+def _json(name: str):
+    """One of the follow-up's result files (calibration/runs/h200/step_timing/)."""
+    return json.loads((FOLLOW_UP / name).read_text(encoding="utf-8"))
+
+
 def follow_up_lines(by_id: dict[str, Comparison]) -> list[str]:
-    """The per-step re-timing, the kernel profile and the NVML sampler check, as tables."""
-    timing = json.loads((FOLLOW_UP / "step_timing.json").read_text(encoding="utf-8"))
-    profile = json.loads((FOLLOW_UP / "profile.json").read_text(encoding="utf-8"))
-    sampler = json.loads((FOLLOW_UP / "nvml_sampler.json").read_text(encoding="utf-8"))
+    """The per-step re-timing, the kernel profiles and the NVML sampler check, as tables."""
+    timing, profile, sampler = _json("step_timing.json"), _json("profile.json"), _json("nvml_sampler.json")
     out = ["| scenario | recorded step_seconds | session 1: first two steps after empty_cache, slower | session 1: "
            "steady (steps 2-6, median) | session 1: host issue (steps 2-6, median) | session 3: steady, sampler "
            "off / on (16 steps each, median) | predicted | error against steady, session 3 / session 1 |",
@@ -188,16 +191,12 @@ def follow_up_lines(by_id: dict[str, Comparison]) -> list[str]:
         events = f"{r['cuda_events']:,}" if not any(e[0] == "Command Buffer Full" for e in r["top"]) else \
             f"{r['cuda_events']:,} (with the profiler's 'Command Buffer Full' waits)"
         out.append(f"| {r['id']} | {events} | {c.kernels:,.0f} | {r['gpu_s']:.3f} | {names} |")
-    for r in json.loads((FOLLOW_UP / "profile_qwen3.json").read_text(encoding="utf-8")):
+    for r in _json("profile_qwen3.json"):
         out.append(f"| {r['id']} (session 4) | {r['cuda_events']:,} | {variant_kernels(r['id']):,.0f} "
                    f"({variant_kernels(r['id'], qk_norm=False):,.0f} without the q/k norms) | {r['gpu_s']:.3f} "
                    f"| {r['norm_kernels']} RMSNorm kernels (`rsqrt`); steady step "
                    f"{statistics.median(r['wall_s']):.3f} s |")
     return out
-
-
-def _json(name: str):
-    return json.loads((FOLLOW_UP / name).read_text(encoding="utf-8"))
 
 
 def findings(results: list[Comparison], by_id: dict[str, Comparison]) -> list[str]:
