@@ -357,7 +357,7 @@ def main() -> None:
         "timings in `calibration/runs/h200/step_timing/`",
         "(`README.md` there: the scripts as run, on the same H200 type, driver 580.159.04, torch 2.11.0+cu130, but",
         "transformers 5.17.0 and peft 0.21.0, the versions installed on the later machines, and no bitsandbytes, so no",
-        "QLoRA or 8-bit optimizer rows) separate three things:",
+        "QLoRA or 8-bit optimizer rows) show where the time goes:",
         "",
         *follow_up_lines(by_id),
         "",
