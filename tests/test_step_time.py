@@ -613,3 +613,32 @@ def test_step_time_counts_attention_only_on_attention_layers_and_windows():
     work = {kernel: st.step_work(gemma2, st.StepSetup(tokens=8192, seq_len=8192, attention_kernel=kernel),
                                  matmul_tflops=600.0) for kernel in ("flash", "sdpa")}
     assert work["flash"].attention_flops < work["sdpa"].attention_flops
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_q_and_k_norms_cost_what_the_layers_own_two_rmsnorms_cost(fused):
+    # Qwen3's q_norm and k_norm are the same RMSNorm module as the layer's input and post-attention norms
+    # (transformers models/qwen3/modeling_qwen3.py), so their kernels are the two hidden norms' kernels: 8 + 8 of
+    # LlamaRMSNorm's eager forward, one fused kernel each compiled; and each normed element costs what a hidden
+    # element costs in those norms: 18 element-equivalents eager (elementwise_bytes' 18h per norm), 2 fused.
+    kwargs = dict(micro_batches=2, fused=fused, train_base=True, adapted_linears=0, quant_bits=0,
+                  recompute=(1.0, 1.0, 1.0))
+    plain = st.kernel_counts(28, **kwargs)
+    normed = st.kernel_counts(28, **kwargs, qk_norm=True)
+    two_norms = 16 if not fused else 2
+    passes = 1 + st.BACKWARD_KERNELS_PER_FORWARD + 1.0
+    assert normed.other - plain.other == pytest.approx(two_norms * passes * 28 * 2)
+    assert (normed.gemm, normed.attention) == (plain.gemm, plain.attention)
+    q_w, kv_w = 16 * 128, 8 * 128
+    args = (1000, 1024, q_w, kv_w, 3072, 28)
+    extra = st.elementwise_bytes(*args, fused=fused, qk_norm=True) - st.elementwise_bytes(*args, fused=fused)
+    per_element = 18 if not fused else 2
+    assert extra == pytest.approx(per_element * (q_w + kv_w) * 2 * 28 * 1000 * 3.0)
+
+
+def test_a_qwen3_step_counts_its_q_and_k_norms_and_a_llama_step_does_not():
+    from vramcalc.cost import decoder_shape
+    from vramcalc.catalogue import get_model
+
+    assert decoder_shape(get_model("qwen3-0.6b")).qk_norm is True
+    assert decoder_shape(get_model("llama-3.1-8b")).qk_norm is False

@@ -308,11 +308,11 @@ def optimizer_bytes_per_param(resolved: ResolvedSetup) -> float:
 
 @functools.lru_cache(maxsize=256)
 def decoder_shape(spec: ModelSpec) -> _step.DecoderShape:
-    """The model's widths for ``step_time``: active matmul parameters (MoE), MLA's q·k and v head widths."""
+    """The model's widths for ``step_time``: active matmul parameters (MoE), MLA's q·k and v head widths, q/k norms."""
     return _step.DecoderShape(spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                               spec.intermediate_size, spec.vocab_size, active_matmul_params=matmul_params(spec),
                               qk_head_dim=spec.qk_head_dim, v_head_dim=spec.v_dim, total_params=spec.params,
-                              attention_windows=attention_windows(spec))
+                              attention_windows=attention_windows(spec), qk_norm=spec.qk_norm)
 
 
 def attention_windows(spec: ModelSpec) -> tuple[int | None, ...] | None:
@@ -387,6 +387,14 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
     byte count ``details`` reports) run on the TP group's ring (``link_plan`` over T GPUs: the node link inside a node)
     with no overlap (``step_time.TENSOR_PARALLEL_OVERLAP``).
     """
+    parts = step_work_for(spec, resolved, gpu, paged_bytes)
+    return None if parts is None else _step.step_time(*parts)
+
+
+def step_work_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec,
+                  paged_bytes: int = 0) -> tuple[_step.StepWork, _step.StepRates] | None:
+    """The work and the rates ``step_for`` times (``step_time.step_time(work, rates)``), or None where it has no
+    step: its kernel counts, FLOPs and bytes, for comparisons that check them one by one."""
     setup = resolved.setup
     links = checked_link_plan(gpu, setup)
     tp = _tp.tp_degree(resolved)
@@ -457,8 +465,8 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
     work = _step.step_work(shape, work_setup, matmul_tflops=mm.tflops, fp8_matmul_tflops=fp8.tflops if fp8 else None,
                            dp_link_gb_s=link_gb_s, tp_link_gb_s=tp_links.ring_gb_s if tp_links else 0.0,
                            cp_link_gb_s=cp_links.ring_gb_s if cp_links else 0.0)
-    return _step.step_time(work, _step.StepRates(mm.tflops, attn.tflops, gpu.bandwidth_gb_s, peak / TFLOPS,
-                                                 attention_backward_tflops=_step.attention_backward_tflops(attn)))
+    return work, _step.StepRates(mm.tflops, attn.tflops, gpu.bandwidth_gb_s, peak / TFLOPS,
+                                 attention_backward_tflops=_step.attention_backward_tflops(attn))
 
 
 def step_details(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes: int = 0) -> dict:
@@ -925,7 +933,7 @@ __all__ = [
     "DEFAULT_USD_PER_KWH", "DEFAULT_AMORTISATION_YEARS", "MFU_BY_GENERATION", "TrainingFlops",
     "TrainingTime", "Utilisation", "HostedPrice", "matmul_params", "training_flops", "peak_flop_per_s",
     "job_utilisation", "training_time", "rent_cost_usd", "buy_cost_usd", "amortised_buy_cost_usd", "energy_kwh",
-    "energy_cost_usd", "hosted_prices", "hosted_cost_usd", "positive_number", "step_for", "step_details",
-    "step_or_profile_utilisation", "CloudRate", "ListPrice", "cloud_rates", "cheapest_rates", "list_prices",
-    "gpu_list_price", "server_cost_per_gpu", "network_port_price", "pue", "buy_total_usd",
+    "energy_cost_usd", "hosted_prices", "hosted_cost_usd", "positive_number", "step_for", "step_work_for",
+    "step_details", "step_or_profile_utilisation", "CloudRate", "ListPrice", "cloud_rates", "cheapest_rates",
+    "list_prices", "gpu_list_price", "server_cost_per_gpu", "network_port_price", "pue", "buy_total_usd",
 ]

@@ -225,7 +225,7 @@ def attention_layer_work(window: int | None, seq_len: int, kernel: str) -> float
 
 # -- memory-bound work ----------------------------------------------------------------------------------------------
 def elementwise_bytes(tokens: float, hidden_size: int, q_width: int, kv_width: int, intermediate_size: int,
-                      num_layers: int, *, fused: bool, recompute_forwards: float = 0.0) -> float:
+                      num_layers: int, *, fused: bool, recompute_forwards: float = 0.0, qk_norm: bool = False) -> float:
     """HBM bytes of a decoder's elementwise kernels in 16-bit activations (norms, RoPE, residual adds, SwiGLU).
 
     Forward per layer and token, counting each kernel's reads and writes of 2-byte elements:
@@ -233,12 +233,16 @@ def elementwise_bytes(tokens: float, hidden_size: int, q_width: int, kv_width: i
         = (10h + 2(q+kv) + 3I) elements;
       eager (transformers' LlamaRMSNorm upcasts to fp32 in five kernels ≈ 18h element-equivalents per norm; RoPE's
         rotate_half/cat/mul/add ≈ 9 passes; SiLU then multiply = 5·I): (42h + 9(q+kv) + 5I) elements.
+    ``qk_norm`` (Qwen3, OLMo-2, Llama-4: an RMSNorm on q and on k before RoPE) adds the same norm over q + kv
+    elements per token: 18(q+kv) eager, 2(q+kv) fused.
     Backward is taken as twice the forward (each op reads its saved input and the upstream gradient and writes the
     input gradient: assumption); recomputation adds recompute_forwards forwards."""
     if fused:
         elements = 10 * hidden_size + 2 * (q_width + kv_width) + 3 * intermediate_size
     else:
         elements = 42 * hidden_size + 9 * (q_width + kv_width) + 5 * intermediate_size
+    if qk_norm:
+        elements += (2 if fused else 18) * (q_width + kv_width)
     forward = elements * BF16_BYTES * num_layers * tokens
     return forward * (3.0 + recompute_forwards)
 
@@ -709,6 +713,12 @@ RECOMPUTE_BY_MODE: dict[str, tuple[float, float, float]] = {
 # GEMMs; Liger ships exactly these four: LigerRMSNorm, liger_rotary_pos_emb, LigerSiLUMulFunction, fused add).
 GEMMS_PER_LAYER = 7
 OTHER_KERNELS_PER_LAYER = {False: 16 + 10 + 1 + 2 + 2, True: 4}
+# Qwen3's attention normalises q and k per head before RoPE: ``self.q_norm(self.q_proj(x).view(...))`` and k_norm
+# likewise, each a Qwen3RMSNorm with LlamaRMSNorm's forward (to fp32, pow, mean, add eps, rsqrt, mul, to, mul weight:
+# 8 kernels), so 16 more per layer eager (transformers 5.25 models/qwen3/modeling_qwen3.py:229-230, 245-246; OLMo-2's
+# q_norm/k_norm over the whole width are the same kernels, Llama-4's weightless L2 norm one fewer each). Compiled:
+# one fused kernel per norm.
+QK_NORM_KERNELS_PER_LAYER = {False: 16, True: 2}
 # peft LoRA per adapted linear: lora_dropout (a kernel when p > 0; Identity otherwise), A, B, the scaling mul and the
 # add into the base output (peft/tuners/lora/layer.py Linear.forward). Compiled: A and B stay, the rest fuses.
 LORA_KERNELS_PER_LINEAR = {False: 4, True: 2}
@@ -735,18 +745,21 @@ HEAD_KERNELS = 20
 
 def kernel_counts(num_layers: int, *, micro_batches: int, fused: bool, train_base: bool, adapted_linears: float,
                   quant_bits: int, recompute: tuple[float, float, float], quant_kernel: str = "bnb",
-                  lora_dropout: bool = False, lora_cast: bool = False) -> KernelCounts:
+                  lora_dropout: bool = False, lora_cast: bool = False, qk_norm: bool = False) -> KernelCounts:
     """Kernels the host issues per optimizer step: per micro-batch, L layers x (forward + backward + recomputed
-    forward) of GEMMS_PER_LAYER, one SDPA and OTHER_KERNELS_PER_LAYER, plus LoRA's and dequantization's kernels per
-    adapted or quantized linear, plus HEAD_KERNELS. The optimizer step (fused or foreach AdamW: a few kernels per
-    step) is left out. Frozen GEMMs run one backward GEMM (dX), trained ones two (dX, dW). Eager steps also issue
-    ``view_ops`` beside these (``views``); the per-layer count of the eager LoRA layer with dropout, fp32 adapters
-    and full checkpointing (344) is within 2% of the traced 339 (``VIEW_OPS_PER_KERNEL``'s trace)."""
+    forward) of GEMMS_PER_LAYER, one SDPA and OTHER_KERNELS_PER_LAYER (and QK_NORM_KERNELS_PER_LAYER with ``qk_norm``),
+    plus LoRA's and dequantization's kernels per adapted or quantized linear, plus HEAD_KERNELS. The optimizer step
+    (fused or foreach AdamW: a few kernels per step) is left out. Frozen GEMMs run one backward GEMM (dX), trained ones
+    two (dX, dW). Eager steps also issue ``view_ops`` beside these (``views``); the per-layer count of the eager LoRA
+    layer with dropout, fp32 adapters and full checkpointing (344) is within 2% of the traced 339
+    (``VIEW_OPS_PER_KERNEL``'s trace); the profiled eager SmolLM2-135M LoRA step on an H200 issues 4,351 CUDA events
+    where this counts 4,370 (benchmarks/throughput_measured.md)."""
     rc_mm, rc_attn, rc_elem = recompute
     gemm_backward = 2.0 if train_base else 1.0
     gemm = GEMMS_PER_LAYER * (1.0 + gemm_backward + rc_mm)
     attention = 1.0 + 1.0 + rc_attn  # FlashAttention backward is one kernel (plus a small preprocess)
-    other = OTHER_KERNELS_PER_LAYER[fused] * (1.0 + BACKWARD_KERNELS_PER_FORWARD + rc_elem)
+    other_per_layer = OTHER_KERNELS_PER_LAYER[fused] + (QK_NORM_KERNELS_PER_LAYER[fused] if qk_norm else 0)
+    other = other_per_layer * (1.0 + BACKWARD_KERNELS_PER_FORWARD + rc_elem)
     per_layer_adapters = adapted_linears / max(num_layers, 1)
     lora_kernels = LORA_KERNELS_PER_LINEAR[fused]
     if not fused:
@@ -804,6 +817,8 @@ class DecoderShape:
     # One entry per attention layer: its sliding window in tokens, or None for full attention. A hybrid's convolution
     # layers have no entry (they run no attention). None: num_layers full-attention layers.
     attention_windows: tuple[int | None, ...] | None = None
+    # An RMSNorm on q and on k before RoPE (Qwen3, OLMo-2, Llama-4: ``ModelSpec.qk_norm``): its kernels and bytes.
+    qk_norm: bool = False
 
     @property
     def num_attention_layers(self) -> int:
@@ -959,7 +974,7 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
         attention_layers, shape.num_heads, qk_d, v_d, s, t, causal=True, kernel="eager" if eager else "flash")
     q_w, kv_w = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     nbytes = elementwise_bytes(t, shape.hidden_size, q_w, kv_w, shape.intermediate_size, shape.num_layers,
-                               fused=setup.fused_elementwise, recompute_forwards=rc_elem)
+                               fused=setup.fused_elementwise, recompute_forwards=rc_elem, qk_norm=shape.qk_norm)
     nbytes += loss_bytes(t, shape.vocab_size, setup.loss)
     if eager:
         nbytes += attention_layers * shape.num_heads * s * t * EAGER_SCORE_BYTES_FORWARD * (3.0 + rc_attn)
@@ -1016,7 +1031,7 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
                             train_base=setup.train_base, adapted_linears=setup.adapted_linears,
                             quant_bits=setup.quant_bits, recompute=(rc_mm, rc_attn, rc_elem),
                             quant_kernel=setup.quant_kernel, lora_dropout=setup.lora_dropout,
-                            lora_cast=setup.adapter_bytes != BF16_BYTES)
+                            lora_cast=setup.adapter_bytes != BF16_BYTES, qk_norm=shape.qk_norm)
     gemms = decoder_gemms(shape, setup, recompute_forwards=rc_mm,
                           fp8_rate_ratio=matmul_tflops / fp8_matmul_tflops if setup.fp8_linears else None)
     side_s = 0.0
