@@ -425,7 +425,7 @@ def parallelism_text(setup, chosen: frozenset = frozenset()) -> str:
     """The ``parallelism`` cell: how the row's GPUs run the job, in plan's words, e.g. 'fsdp x2, 4-bit storage
     bf16, offload params', 'tp 4 x dp 2 (fsdp)', 'device_map auto x2', 'ep 8', 'cp 4 x dp 2 (fsdp)', '1 GPU'."""
     n, tp = setup.num_gpus, setup.tp
-    ep, cp = getattr(setup, "ep", 1), getattr(setup, "cp", 1)
+    ep, cp = setup.ep, setup.cp
     if setup.device_map is DeviceMap.AUTO:
         parts = [f"device_map auto x{n}"]
     elif cp > 1:  # FSDP2 shards over dp_shard x cp (x tp) = N: the ring's ranks are FSDP ranks too
@@ -466,7 +466,7 @@ def chosen_knobs(strategy: Strategy, options: dict, setup) -> frozenset:
     if "tp" not in pinned and setup.tp > 1:
         chosen.add("tp")
     for degree in ("ep", "cp"):
-        if degree not in pinned and getattr(setup, degree, 1) > 1:
+        if degree not in pinned and getattr(setup, degree) > 1:
             chosen.add(degree)
     if "device_map" not in pinned and setup.device_map is not DeviceMap.NONE:
         chosen.add("device_map")
