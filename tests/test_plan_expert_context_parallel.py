@@ -13,7 +13,9 @@ import pytest
 
 import vramcalc as vc
 from vramcalc.catalogue import get_gpu, get_model
+from vramcalc.cost import matmul_params
 from vramcalc.errors import VramcalcError
+from vramcalc.model import ParamKind
 from vramcalc.planning import plan_rows
 from vramcalc.planning.plan_rows import PLAN_COLUMNS
 from vramcalc.planning.strategies import Layout, candidates
@@ -151,6 +153,21 @@ def test_ep_and_cp_rows_have_the_estimates_own_step_time_and_throughput(model, g
     assert row["step_seconds"] == pytest.approx(details["step_seconds"], rel=1e-9)
     assert row["interconnect"] == "nvlink"
     assert row["exposed_comm_seconds"] > 0
+
+
+def test_a_given_mfu_counts_an_ep_group_as_the_gpus_whose_flops_are_the_jobs():
+    # FLOP-count time (--mfu): every rank of the group multiplies the dense layers' P_dense parameters on all tokens
+    # and its experts on 1/E of the routed pairs, so E GPUs do the work of P / (P_dense + P_routed / E) of them
+    spec = get_model("qwen3-30b-a3b")
+    setup = dict(method="lora", grad_ckpt="full", batch_size=1, mfu=0.4)
+    one = row_for(spec, "h200", num_gpus=1, **setup)
+    group = row_for(spec, "h200", ep=4, **setup)
+    assert (one["parallelism"], group["parallelism"]) == ("1 GPU", "ep 4")
+    routed = spec.inventory.numel(ParamKind.EXPERTS) * spec.experts_per_token / spec.num_experts
+    whole = matmul_params(spec)
+    expected = whole / (whole - routed + routed / 4)
+    assert 1 < expected < 4
+    assert group["throughput_tokens_per_s"] / one["throughput_tokens_per_s"] == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("model, given, expected", [

@@ -23,9 +23,11 @@ from ..cost import (
     buy_total_usd,
     checked_link_plan,
     cheapest_rates,
+    decoder_shape,
     eager_attention_seconds_per_token,
     energy_cost_usd,
     energy_kwh,
+    expert_parallel_shape,
     gpu_list_price,
     hosted_cost_usd,
     hosted_prices,
@@ -383,7 +385,7 @@ def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices, paged_by
         if n > 1 and (setup.sharding is not Sharding.NONE or setup.ep > 1):
             out["exposed_comm_seconds"] = step.exposed_comm_s  # of step_seconds: collectives compute left exposed
     else:
-        one = training_time(flops, 1.0, 1.0, busy, peak, utilisation.mfu,
+        one = training_time(flops, 1.0, 1.0, busy * expert_group_share(spec, setup.ep), peak, utilisation.mfu,
                             eager_attention_seconds_per_token(spec, resolved, device))
         tokens_per_s = one.tokens_per_s
         step_seconds = setup.batch_size * setup.seq_len * setup.grad_accum * ranks / tokens_per_s
@@ -410,6 +412,19 @@ def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices, paged_by
         energy_kwh=kwh, energy_usd=energy_cost_usd(None if kwh is None else kwh * factor, prices["usd_per_kwh"]),
     )
     return out
+
+
+def expert_group_share(spec: ModelSpec, ep: int) -> float:
+    """The share of an --ep group's GPUs whose FLOPs are the job's own, for the FLOP-count time (an MFU given or
+    profiled): every rank computes the dense layers (attention, router, shared experts, lm_head) on all of the
+    group's tokens and its n/E experts on 1/E of the routed pairs (``cost.expert_parallel_shape``), so per group
+    token a rank multiplies P_rank = P_dense + P_routed/E active matmul parameters where the job needs
+    P = P_dense + P_routed: E GPUs do the work of P / P_rank of them, a share P / (E · P_rank) each. ep 1: 1.
+    Attention's own FLOPs (not matmul parameters) are repeated too and left out: the share is an upper bound."""
+    if ep == 1:
+        return 1.0
+    whole, rank = decoder_shape(spec), expert_parallel_shape(spec, ep)
+    return whole.active_matmul_params / (ep * rank.active_matmul_params)
 
 
 def _hosted_rows(spec: ModelSpec, tokens: float, epochs: float, options: dict, max_gpus: int) -> list[dict]:
