@@ -43,14 +43,17 @@ def test_sweep_setups_per_second(benchmark, estimate_seconds):
     assert len(frame) >= 100_000
 
 
-@pytest.mark.parametrize("model, method, tokens", [("llama-3.1-8b", "lora", 1e9), ("llama-3.3-70b", "qlora", 1e9),
-                                                   ("deepseek-r1", "lora", 1e9), ("llama-3.1-8b", "lora", None),
-                                                   ("llama-3.1-70b", "full", 1e9)])
-def test_full_catalogue_plan_time(benchmark, estimate_seconds, model, method, tokens):
+@pytest.mark.parametrize("model, method, tokens, seq_len", [
+    ("llama-3.1-8b", "lora", 1e9, None), ("llama-3.3-70b", "qlora", 1e9, None), ("deepseek-r1", "lora", 1e9, None),
+    ("llama-3.1-8b", "lora", None, None), ("llama-3.1-70b", "full", 1e9, None),
+    ("qwen3-30b-a3b", "lora", 1e9, None), ("mixtral-8x7b", "full", 1e9, None), ("llama-3.1-8b", "lora", 1e9, 131072)])
+def test_full_catalogue_plan_time(benchmark, estimate_seconds, model, method, tokens, seq_len):
     """A plan with a token budget, and one without (cost per million tokens): the same searches either way.
     70B full fine-tuning walks every strategy plan searches (planning/strategies.py): checkpointing, tensor
-    parallelism and device_map on the GPU types where plain FSDP needs many GPUs."""
-    frame = benchmark.pedantic(plan, args=(model,), kwargs={"tokens": tokens, "method": method}, rounds=3,
+    parallelism and device_map on the GPU types where plain FSDP needs many GPUs; the MoE models add expert
+    parallelism beside them, and the 128k-token job the context-parallel rings."""
+    options = {"method": method} if seq_len is None else {"method": method, "seq_len": seq_len}
+    frame = benchmark.pedantic(plan, args=(model,), kwargs={"tokens": tokens, **options}, rounds=3,
                                iterations=1, warmup_rounds=1)
     seconds = benchmark.stats.stats.median
     in_calls = seconds / estimate_seconds

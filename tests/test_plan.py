@@ -40,7 +40,7 @@ from .cli_helpers import run_cli
 UNIT_SUFFIXES = ("_gib", "_usd", "_hours", "_kwh", "_bytes", "_per_s", "_per_token", "_usd_per_kwh",
                  "_per_gpu_hour", "_per_hour", "_per_million_tokens", "_years", "_seconds", "_usd_per_gpu")
 # counts, a fraction and a ratio (PUE: facility power / IT power)
-UNITLESS = {"rank", "seq_len", "num_gpus", "tp", "micro_batch", "train_tokens", "epochs", "mfu", "pue"}
+UNITLESS = {"rank", "seq_len", "num_gpus", "tp", "ep", "cp", "micro_batch", "train_tokens", "epochs", "mfu", "pue"}
 
 
 @pytest.fixture(scope="module")

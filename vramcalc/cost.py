@@ -523,7 +523,10 @@ def step_or_profile_utilisation(spec: ModelSpec, resolved: ResolvedSetup, gpu: G
     step = step_for(spec, resolved, gpu, paged_bytes)
     if step is None:
         return None, job_utilisation(gpu, setup.method)
-    per_gpu = step.tokens_per_s * setup.seq_len / setup.padded_seq_len / _tp.tp_degree(resolved)
+    # a --tp or --ep group computes on its shared tokens (step_details' per-GPU share); a --cp rank's step counts
+    # its own s/C positions already
+    per_gpu = step.tokens_per_s * setup.seq_len / setup.padded_seq_len / (_tp.tp_degree(resolved) *
+                                                                         _ep.ep_degree(resolved))
     return 1.0 / per_gpu, Utilisation(step.mfu, "step-time model (vramcalc/step_time.py, data/achievable_rates.csv)")
 
 

@@ -23,9 +23,11 @@ from ..cost import (
     buy_total_usd,
     checked_link_plan,
     cheapest_rates,
+    decoder_shape,
     eager_attention_seconds_per_token,
     energy_cost_usd,
     energy_kwh,
+    expert_parallel_shape,
     gpu_list_price,
     hosted_cost_usd,
     hosted_prices,
@@ -44,6 +46,7 @@ from ..errors import VramcalcError, positive_number
 from ..estimator import estimate
 from ..model import ModelSpec
 from ..options import DeviceMap, Interconnect, Method, Offload, Sharding, Term
+from ..terms.context_parallel import rank_view as cp_rank_view
 from ..terms.tensor_parallel import rank_view
 from ..training_setup import ResolvedSetup, resolve_setup
 from ..units import BYTES_PER_GIB
@@ -62,7 +65,8 @@ from .search import (
 from .stamp import catalogue_stamp
 from .strategies import candidates, chosen_knobs, parallelism_text
 
-COUNT_COLUMNS = ("seq_len", "num_gpus", "tp", "micro_batch")  # integers, empty where they do not apply (nullable)
+# integers, empty where they do not apply (nullable)
+COUNT_COLUMNS = ("seq_len", "num_gpus", "tp", "ep", "cp", "micro_batch")
 TERM_COLUMNS = tuple(f"{term.value}_gib" for term in Term)
 # The cheapest published rate of each kind (data/cloud_prices.csv), each with where, when and from whom.
 RATE_KINDS = ("on-demand", "spot", "reserved")
@@ -70,8 +74,8 @@ RATE_FIELDS = ("usd_per_gpu_hour", "provider", "region", "price_date", "source")
 RATE_COLUMNS = tuple(f"{kind.replace('-', '')}_{field}" for kind in RATE_KINDS for field in RATE_FIELDS)
 PLAN_COLUMNS = (
     "rank", "offer", "model", "stack", "method", "precision", "optimizer", "seq_len", "grad_ckpt", "attn", "matmul_dtype",
-    "gpu", "gpu_memory_gib", "num_gpus", "parallelism", "sharding", "tp", "device_map", "offload", "quant_storage",
-    "plan_chose", "interconnect", "interconnect_gb_per_s",
+    "gpu", "gpu_memory_gib", "num_gpus", "parallelism", "sharding", "tp", "ep", "cp", "device_map", "offload",
+    "quant_storage", "plan_chose", "interconnect", "interconnect_gb_per_s",
     "micro_batch", "fits", "device_gib",
     "headroom_gib", "phase",
     *TERM_COLUMNS,
@@ -91,7 +95,7 @@ PLAN_COLUMNS = (
 
 
 # the knobs plan may choose, in the order the plan_chose cell lists them
-PLAN_CHOICE_ORDER = ("num_gpus", "sharding", "tp", "device_map", "quant_storage", "offload", "grad_ckpt")
+PLAN_CHOICE_ORDER = ("num_gpus", "sharding", "tp", "ep", "cp", "device_map", "quant_storage", "offload", "grad_ckpt")
 PLAN_EXTRA = "plan"  # pip install 'vramcalc[plan]' (pandas, numpy): DataFrames from plan() and sweep()
 
 
@@ -218,12 +222,14 @@ def _as_searched(options: dict, max_gpus: int) -> dict:
     if str(options.get("device_map") or "none").strip().lower() != "none" and options.get("num_gpus") is None:
         options = dict(options, num_gpus=2)  # device_map auto spreads the layers over 2 GPUs or more
     given = {key for key, value in options.items() if value is not None}
-    if "tp" in given and str(options["tp"]).strip() == "1":
-        given.discard("tp")  # --tp 1: no tensor parallelism
+    for degree in ("tp", "ep", "cp"):
+        if degree in given and str(options[degree]).strip() == "1":
+            given.discard(degree)  # --tp 1, --ep 1, --cp 1: no such parallelism
     if "sharding" in given and str(options["sharding"]).strip().lower() != Sharding.NONE.value and \
-            not given & {"num_gpus", "tp"} and offload_of(options) is Offload.NONE:
+            not given & {"num_gpus", "tp", "cp"} and offload_of(options) is Offload.NONE:
         return dict(options, num_gpus=2)  # a sharding shards over 2 GPUs or more
-    data_parallel = not {"sharding", "tp", "device_map"} & given
+    # --ep / --cp alone imply their GPUs (parallel_degrees.implied_num_gpus)
+    data_parallel = not {"sharding", "tp", "ep", "cp", "device_map"} & given
     if offload_of(options) is Offload.NONE and not (data_parallel and "num_gpus" in given):
         return options
     return at_count(options, counts_to_try(options, max_gpus)[0])
@@ -241,7 +247,8 @@ def _setup_columns(spec: ModelSpec, resolved: ResolvedSetup) -> dict:
 def _gpu_row(spec, device, tokens, epochs, max_gpus, mfu, prices, options, rank_by="cost",
              per_million=False) -> dict:
     """Fit, batch, time and cost of the setup on one GPU type: every strategy that fits on its fewest GPUs
-    (``strategies.candidates``: data parallel, FSDP-QLoRA, checkpointing, tensor parallel, device_map, then offload),
+    (``strategies.candidates``: data parallel, FSDP-QLoRA, checkpointing, tensor parallel, device_map, expert and
+    context parallel, then offload),
     each at its largest micro-batch, timed and priced; the cheapest by the plan's ranking figure is the row."""
     pinned_batch = options.pop("batch_size", None)
     fixed = dict(options, batch_size=pinned_batch) if pinned_batch is not None else options
@@ -274,7 +281,8 @@ def _candidate_row(spec, device, tokens, epochs, mfu, prices, options, pinned_ba
     row.update(_setup_columns(spec, resolved))
     row.update(
         fits=True, num_gpus=setup.num_gpus, parallelism=parallelism_text(setup, chosen),
-        sharding=setup.sharding.value, tp=setup.tp, device_map=setup.device_map.value, offload=setup.offload.value,
+        sharding=setup.sharding.value, tp=setup.tp, ep=setup.ep, cp=setup.cp, device_map=setup.device_map.value,
+        offload=setup.offload.value,
         plan_chose=",".join(knob for knob in PLAN_CHOICE_ORDER if knob in chosen) or None, micro_batch=batch,
         quant_storage=setup.quant_storage.value if setup.method is Method.QLORA else None,
         **_interconnect_columns(device, resolved),
@@ -297,10 +305,11 @@ def _candidate_row(spec, device, tokens, epochs, mfu, prices, options, pinned_ba
 
 def _interconnect_columns(device, resolved: ResolvedSetup) -> dict:
     """The links a data-parallel ring over the row's GPUs runs on (``cost.link_plan``): 'nvlink', 'pcie', or
-    'nvlink+infiniband' etc. across nodes, and the ring's GB/s per GPU and direction (a tensor-parallel group or a
-    device_map pipeline: the links between its GPUs); empty on one GPU."""
+    'nvlink+infiniband' etc. across nodes, and the ring's GB/s per GPU and direction (a tensor- or expert-parallel
+    group or a device_map pipeline: the links between its GPUs); empty on one GPU."""
     setup = resolved.setup
-    model_parallel = setup.tp > 1 or setup.device_map is DeviceMap.AUTO  # the group's own links, inside a node
+    # the group's own links (an --ep group may span nodes: cost.link_plan over its GPUs)
+    model_parallel = setup.tp > 1 or setup.ep > 1 or setup.device_map is DeviceMap.AUTO
     links = checked_link_plan(device, setup) if setup.num_gpus > 1 and setup.sharding is not Sharding.NONE else \
         checked_link_plan(device, setup, setup.num_gpus) if setup.num_gpus > 1 and model_parallel else None
     if links is None:
@@ -342,8 +351,9 @@ def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices, paged_by
 
     Seconds per token: a calibration profile's MFU, else ``mfu`` given, else the step-time model
     (``cost.step_or_profile_utilisation``), else the GPU generation's MFU on the FLOP count.
-    tokens/s = busy GPUs / (s per token per GPU): every GPU under data and tensor parallelism (a --tp rank is timed on
-    its own slice, ``rank_view``, as ``estimate`` times it), one under ``device_map`` (a naive pipeline: one GPU
+    tokens/s = busy GPUs / (s per token per GPU): every GPU under data, tensor, expert and context parallelism (a
+    --tp rank is timed on its own slice, ``rank_view``, and a --cp rank on its s/C positions, as ``estimate`` times
+    them; an --ep group's tokens are shared by its E GPUs), one under ``device_map`` (a naive pipeline: one GPU
     computes at a time, while all of them are paid for).
     usd_per_million_tokens = $/GPU-hour x GPUs / (tokens/s x 3600) x 1e6 (the catalogue's on-demand rate).
     buy_usd = the GPU unit price (``cost.gpu_list_price``, the ``list_price_usd`` column's own figure) x GPUs;
@@ -363,17 +373,19 @@ def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices, paged_by
         out["note"] = f"{device.name} has no {dtype} matmuls: no time or cost (try another --precision)"
         return out
     rank_spec, rank_resolved = rank_view(spec, resolved)  # --tp: one rank's slice, as estimate() times it
+    rank_spec, rank_resolved = cp_rank_view(rank_spec, rank_resolved)  # --cp: its s/C positions, as estimate()
     busy = 1 if setup.device_map is DeviceMap.AUTO else n  # device_map: one GPU computes at a time
-    ranks = 1 if setup.device_map is DeviceMap.AUTO else n // setup.tp  # data-parallel ranks, each one micro-batch
+    # data-parallel ranks, each one micro-batch: a tp group, a cp ring and an ep group each share theirs
+    ranks = 1 if setup.device_map is DeviceMap.AUTO else n // (setup.tp * setup.cp * setup.ep)
     step_s_per_token, utilisation = step_or_profile_utilisation(rank_spec, rank_resolved, device, mfu, paged_bytes)
     if step_s_per_token is not None:
         tokens_per_s = busy / step_s_per_token
         step = step_for(rank_spec, rank_resolved, device, paged_bytes)  # cached: the step the time came from
         step_seconds = step.step_s
-        if n > 1 and setup.sharding is not Sharding.NONE:
+        if n > 1 and (setup.sharding is not Sharding.NONE or setup.ep > 1):
             out["exposed_comm_seconds"] = step.exposed_comm_s  # of step_seconds: collectives compute left exposed
     else:
-        one = training_time(flops, 1.0, 1.0, busy, peak, utilisation.mfu,
+        one = training_time(flops, 1.0, 1.0, busy * expert_group_share(spec, setup.ep), peak, utilisation.mfu,
                             eager_attention_seconds_per_token(spec, resolved, device))
         tokens_per_s = one.tokens_per_s
         step_seconds = setup.batch_size * setup.seq_len * setup.grad_accum * ranks / tokens_per_s
@@ -400,6 +412,19 @@ def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices, paged_by
         energy_kwh=kwh, energy_usd=energy_cost_usd(None if kwh is None else kwh * factor, prices["usd_per_kwh"]),
     )
     return out
+
+
+def expert_group_share(spec: ModelSpec, ep: int) -> float:
+    """The share of an --ep group's GPUs whose FLOPs are the job's own, for the FLOP-count time (an MFU given or
+    profiled): every rank computes the dense layers (attention, router, shared experts, lm_head) on all of the
+    group's tokens and its n/E experts on 1/E of the routed pairs (``cost.expert_parallel_shape``), so per group
+    token a rank multiplies P_rank = P_dense + P_routed/E active matmul parameters where the job needs
+    P = P_dense + P_routed: E GPUs do the work of P / P_rank of them, a share P / (E · P_rank) each. ep 1: 1.
+    Attention's own FLOPs (not matmul parameters) are repeated too and left out: the share is an upper bound."""
+    if ep == 1:
+        return 1.0
+    whole, rank = decoder_shape(spec), expert_parallel_shape(spec, ep)
+    return whole.active_matmul_params / (ep * rank.active_matmul_params)
 
 
 def _hosted_rows(spec: ModelSpec, tokens: float, epochs: float, options: dict, max_gpus: int) -> list[dict]:

@@ -9,21 +9,39 @@ A *strategy* is a way to lay the job over GPUs, as the knobs the user did not pi
                      with FSDP (transformers' ``(dp, tp)`` mesh, ``parallel_degrees``)
     device_map auto  the decoder layers in order over 2, 4 or 8 GPUs of one box, one GPU computing at a time
                      (accelerate's big-model inference map, ``terms/device_map.py``)
+    expert parallel  ``--ep E`` for the MoE families ``parallel_degrees.EP_FAMILIES`` covers: E ranks share one
+                     batch, each holding n/E experts and the dense layers whole, on exactly E GPUs (the layout the
+                     estimate models, ``parallel_degrees.check_expert_degree``: no FSDP beside it), E a GPU count
+                     that divides the expert count n
+    context parallel ``--cp 2|4|8`` for dense full-attention decoders under SDPA: a ring of C ranks inside one node
+                     splits every sequence in C (torch's ring attention), FSDP2 shards over dp_shard x C = N GPUs
+                     (accelerate's ``dp_shard_cp``, ``parallel_degrees.check_context_parallel``); not with --tp
+                     unless the user gives both (the estimate accepts cp x tp; neither is traced with the other)
 
 each with the setup's own gradient checkpointing and, when the user did not say and the setup does not checkpoint,
 with ``grad_ckpt=full`` too; and, only when none of these fits on any count searched, data parallelism with
 ``--offload params`` (FSDP2 ``CPUOffloadPolicy`` / ZeRO-3 ``offload_param``), then ``--offload optimizer``
 (ZeRO-3 ``offload_optimizer``), on hosts of at most ``PLAN_HOST_RAM_BYTES_PER_NODE`` each. A knob the user gave
-(``sharding``, ``tp``, ``device_map``, ``offload``, ``quant_storage``, ``grad_ckpt``, ``num_gpus``) is kept: no
-strategy changes it. Every candidate is a full ``estimate()``; the plan row builder (``plan_rows._gpu_row``) then
-gives each candidate that fits its largest micro-batch, times and prices it, and keeps the cheapest by the plan's
+(``sharding``, ``tp``, ``ep``, ``cp``, ``device_map``, ``offload``, ``quant_storage``, ``grad_ckpt``, ``num_gpus``) is
+kept: no strategy changes it. Every candidate is a full ``estimate()``; the plan row builder (``plan_rows._gpu_row``)
+then gives each candidate that fits its largest micro-batch, times and prices it, and keeps the cheapest by the plan's
 ranking figure (``ranking.best_setup``), fewest GPUs on a tie.
 
 Pruning (``candidates``): each strategy's GPU count is searched as ``search.first_fit`` searches the data-parallel
 one (powers of two, then bisection); the strategies come in order of how much they change the job (the user's setup
-first, then tensor parallelism, then device_map, each plain before checkpointed), and a later one is kept only when
-it fits on fewer GPUs than every earlier one. Tensor parallelism and device_map need two GPUs or more, so they are
-never tried where one GPU is enough. Offload is tried only when nothing else fits.
+first, then tensor parallelism, then device_map, then context parallelism, each plain before checkpointed), and a
+later one is kept only when it fits on fewer GPUs than every earlier one. Tensor parallelism, device_map and the
+ring need two GPUs or more, so they are never tried where one GPU is enough. Offload is tried only when nothing else
+fits. Context parallelism tries its largest ring first: on as many GPUs or more, a larger ring holds less (1/C of
+the activations, the same FSDP shards or smaller), so where it fits nowhere the smaller rings are not tried. A ring
+is in the chain, kept only where it saves GPUs, because per token it does a data-parallel rank's work plus the
+ring's K/V traffic and its partial-attention merges (which the step-time model does not charge): where FSDP alone
+fits on as few GPUs, the ring buys nothing but a finer split of the micro-batch.
+
+Expert parallelism is searched beside that chain, over every count up to the limit, and kept whenever it fits (not
+where one GPU is enough): its gain is time more than GPUs (an EP group never gathers the experts, which FSDP
+all-gathers every step, but repeats the dense layers' work on each of its ranks), so whether it is cheaper than
+FSDP or device_map on as many GPUs is the ranking's call, not the GPU count's.
 """
 
 from __future__ import annotations
@@ -37,13 +55,17 @@ from ..errors import VramcalcError
 from ..estimator import estimate
 from ..facts import GPUS_PER_NODE
 from ..options import DeviceMap, GradCkpt, Method, Offload, QuantStorage, Sharding
+from ..parallel_degrees import EP_FAMILIES
 from ..training_setup import resolve_setup
 from .host_memory import host_ram
 from .search import DEFAULT_MULTI_GPU_SHARDING, GpuCounts, at_count, first_fit, positive_count, with_4bit_storage
 
 # the knobs a strategy sets, each kept when the user gives it (with num_gpus, which every search keeps)
-STRATEGY_KNOBS = ("sharding", "tp", "device_map", "offload", "quant_storage", "grad_ckpt")
+STRATEGY_KNOBS = ("sharding", "tp", "ep", "cp", "device_map", "offload", "quant_storage", "grad_ckpt")
 TP_DEGREES = (2, 4, 8)  # a tensor-parallel group inside one node of GPUS_PER_NODE GPUs
+# a context-parallel ring inside one node: its K/V exchanges hide behind the attention kernels on NVLink, not on the
+# inter-node links (step_time: exposed = max(0, cp comm - attention time))
+CP_DEGREES = (2, 4, 8)
 OFFLOADS = (Offload.PARAMS, Offload.OPTIMIZER)  # tried in this order, only when nothing fits without offload
 # The host RAM per node an offload that plan chooses may use (``host_memory.host_ram``): 2 TB, the system memory of an
 # 8-GPU NVIDIA DGX H100/H200 (DGX H100/H200 User Guide, "Hardware Overview": 2 TB DDR5), the usual ceiling of a
@@ -57,19 +79,25 @@ class Layout(str, Enum):
     DATA_PARALLEL = "data parallel"
     TENSOR_PARALLEL = "tensor parallel"
     DEVICE_MAP = "device_map auto"
+    EXPERT_PARALLEL = "expert parallel"
+    CONTEXT_PARALLEL = "context parallel"
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """One way to run the job: a layout, its tensor-parallel degree, and the knobs plan sets on top of the user's
-    (``grad_ckpt``, ``offload``: None leaves the user's or the default). ``baseline``: the user's own setup,
-    whose errors are the user's (raised); any other strategy that the setup refuses is skipped."""
+    """One way to run the job: a layout, its tensor- or context-parallel degree, and the knobs plan sets on top of
+    the user's (``grad_ckpt``, ``offload``: None leaves the user's or the default). ``baseline``: the user's own setup,
+    whose errors are the user's (raised); any other strategy that the setup refuses is skipped. Expert parallelism
+    runs on exactly ep GPUs, so its degree is the count searched: ``experts`` (the model's n) says which counts it
+    may take (those dividing n)."""
 
     layout: str
     tp: int = 1
     grad_ckpt: str | None = None
     offload: str | None = None
     baseline: bool = False
+    cp: int = 1
+    experts: int = 0
 
     def options(self, base: dict, count: int) -> dict:
         """The estimate options of this strategy on ``count`` GPUs."""
@@ -84,6 +112,11 @@ class Strategy:
             sharding = Sharding.NONE.value if count == self.tp else options.get("sharding") or \
                 DEFAULT_MULTI_GPU_SHARDING.value
             return with_4bit_storage(dict(options, tp=self.tp, num_gpus=count, sharding=sharding))
+        if self.layout == Layout.EXPERT_PARALLEL:  # one group sharing one batch: no data-parallel engine
+            ep = options["ep"] if _given_degree(options, "ep") else count  # the user's --ep, else the count
+            return dict(options, ep=ep, num_gpus=count, sharding=Sharding.NONE.value)
+        if self.layout == Layout.CONTEXT_PARALLEL:  # FSDP2 over dp_shard x cp, the only engine accelerate runs cp on
+            return dict(options, cp=self.cp, num_gpus=count, sharding=Sharding.FSDP.value)
         return dict(options, device_map=DeviceMap.AUTO.value, num_gpus=count, sharding=Sharding.NONE.value)
 
     def counts(self, base: dict, top: int, low: int = 1, tail: bool = True):
@@ -94,15 +127,33 @@ class Strategy:
         if pinned is not None:
             count = positive_count(pinned, "number of GPUs")
             suits = {Layout.DATA_PARALLEL: True, Layout.TENSOR_PARALLEL: count % self.tp == 0,
-                     Layout.DEVICE_MAP: 2 <= count <= GPUS_PER_NODE}[self.layout]
+                     Layout.DEVICE_MAP: 2 <= count <= GPUS_PER_NODE,
+                     Layout.CONTEXT_PARALLEL: count % (self.cp * self.tp) == 0,
+                     Layout.EXPERT_PARALLEL: count > 1 and self._divides_experts(count)}[self.layout]
             return [count] if suits and low <= count <= top else []
         if self.layout == Layout.DATA_PARALLEL:
             return GpuCounts(top, low, tail) if top >= low else []
-        if self.layout == Layout.TENSOR_PARALLEL:
-            return ScaledCounts(GpuCounts(top // self.tp, -(-low // self.tp), tail), self.tp) \
-                if top >= max(low, self.tp) else []
+        if self.layout in (Layout.TENSOR_PARALLEL, Layout.CONTEXT_PARALLEL):
+            degree = self.tp * (self.cp if self.layout == Layout.CONTEXT_PARALLEL else 1)  # cp x tp GPUs a ring
+            return ScaledCounts(GpuCounts(top // degree, -(-low // degree), tail), degree) \
+                if top >= max(low, degree) else []
+        if self.layout == Layout.EXPERT_PARALLEL:  # the GPU counts that divide the experts (a short list)
+            if _given_degree(base, "ep"):  # the user's --ep: its own count
+                count = positive_count(base["ep"], "expert-parallel degree")
+                return [count] if max(low, 2) <= count <= top else []
+            return [n for n in GpuCounts(top, max(2, low), tail) if self._divides_experts(n)] \
+                if top >= max(2, low) else []
         top = min(top, GPUS_PER_NODE)  # accelerate places the layers over the GPUs of one machine
         return GpuCounts(top, max(2, low), tail) if top >= max(2, low) else []
+
+    def _divides_experts(self, count: int) -> bool:
+        """``count`` GPUs can hold the experts in equal whole shares (transformers' ``MoEParamShard``)."""
+        return self.experts > 0 and self.experts % count == 0
+
+
+def _given_degree(options: dict, knob: str) -> bool:
+    """The user gave a parallel degree other than 1 (``--tp 1``, ``--ep 1``, ``--cp 1``: none)."""
+    return options.get(knob) is not None and str(options[knob]).strip() != "1"
 
 
 class ScaledCounts(Sequence):
@@ -145,17 +196,15 @@ def families(spec, options: dict, offload: Offload | None) -> list[tuple[Strateg
     strategy with the setup's own checkpointing and, when plan may turn it on, the same with ``grad_ckpt=full``
     (None otherwise). The first pair of the no-offload level holds the user's own setup (``baseline``)."""
     pinned = pinned_knobs(options)
-    checkpoint = "grad_ckpt" not in pinned and _default_grad_ckpt(spec, options) is GradCkpt.NONE
-
-    def pair(layout, tp=1, baseline=False):
-        plain = Strategy(layout, tp=tp, offload=None if offload is None else offload.value, baseline=baseline)
-        checked = Strategy(layout, tp=tp, grad_ckpt=GradCkpt.FULL.value, offload=plain.offload) if checkpoint \
-            else None
-        return plain, checked
-
+    pair = _pair_maker(spec, options, offload)
     if offload is not None:  # data parallel with the offload, on its full-sharding engine
         return [pair(Layout.DATA_PARALLEL)]
     tp = positive_count(options["tp"], "tensor-parallel degree") if options.get("tp") is not None else 1
+    if _given_degree(options, "cp"):  # the user's context-parallel ring (on its --tp groups, if given)
+        return [pair(Layout.CONTEXT_PARALLEL, tp, baseline=True,
+                     cp=positive_count(options["cp"], "context-parallel degree"))]
+    if _given_degree(options, "ep"):  # the user's expert-parallel group
+        return [pair(Layout.EXPERT_PARALLEL, baseline=True, experts=spec.num_experts)]
     if tp > 1:  # the user's tensor-parallel degree
         return [pair(Layout.TENSOR_PARALLEL, tp, baseline=True)]
     if str(options.get("device_map") or DeviceMap.NONE.value).strip().lower() != DeviceMap.NONE.value:
@@ -165,7 +214,38 @@ def families(spec, options: dict, offload: Offload | None) -> list[tuple[Strateg
         out += [pair(Layout.TENSOR_PARALLEL, degree) for degree in TP_DEGREES]
     if not pinned & {"device_map", "sharding", "offload", "tp"}:
         out.append(pair(Layout.DEVICE_MAP))
+    if not spec.is_moe and not pinned & {"cp", "offload"} and _sharding_composes_with_tp(options):
+        out += [pair(Layout.CONTEXT_PARALLEL, cp=degree) for degree in sorted(CP_DEGREES, reverse=True)]
     return out
+
+
+def _pair_maker(spec, options: dict, offload: Offload | None):
+    """``pair(layout, tp, baseline, **degrees)``: the strategy with the setup's own checkpointing and, when plan may
+    turn it on, the same with ``grad_ckpt=full`` (None otherwise)."""
+    checkpoint = "grad_ckpt" not in pinned_knobs(options) and _default_grad_ckpt(spec, options) is GradCkpt.NONE
+
+    def pair(layout, tp=1, baseline=False, **degrees):
+        plain = Strategy(layout, tp=tp, offload=None if offload is None else offload.value, baseline=baseline,
+                         **degrees)
+        checked = Strategy(layout, tp=tp, grad_ckpt=GradCkpt.FULL.value, offload=plain.offload, **degrees) \
+            if checkpoint else None
+        return plain, checked
+
+    return pair
+
+
+def beside_chain(spec, options: dict) -> list[tuple[Strategy, Strategy | None]]:
+    """The strategies searched beside ``families``' chain (module docstring), as pairs like ``families``': expert
+    parallelism for an MoE model of ``parallel_degrees.EP_FAMILIES``; none where the user pinned a knob it would
+    change (``--tp``, ``--device-map``, ``--offload``, a sharding other than none) or ``--ep`` itself (then
+    ``families`` holds the user's own)."""
+    if not spec.is_moe or spec.family not in EP_FAMILIES or options.get("ep") is not None or \
+            _given_degree(options, "tp") or _given_degree(options, "cp") or options.get("offload") is not None:
+        return []
+    if str(options.get("device_map") or DeviceMap.NONE.value).strip().lower() != DeviceMap.NONE.value or \
+            str(options.get("sharding") or Sharding.NONE.value).strip().lower() != Sharding.NONE.value:
+        return []
+    return [_pair_maker(spec, options, None)(Layout.EXPERT_PARALLEL, experts=spec.num_experts)]
 
 
 def _sharding_composes_with_tp(options: dict) -> bool:
@@ -184,8 +264,10 @@ def _default_grad_ckpt(spec, options: dict) -> GradCkpt:
 
 
 def candidates(spec, device, options: dict, max_gpus: int) -> list[Candidate]:
-    """Every strategy that fits ``device`` on its fewest GPUs, each on fewer GPUs than the ones before it, in the
-    order tried; offloading ones only when no other fits. Empty when nothing fits up to ``max_gpus``.
+    """Every strategy that fits ``device`` on its fewest GPUs, each of ``families``' chain on fewer GPUs than the
+    ones before it, in the order tried, then the expert-parallel one if it fits (``beside_chain``: on its own fewest
+    GPUs, whatever the chain found; not where one GPU is enough); offloading ones only when no other fits. Empty
+    when nothing fits up to ``max_gpus``.
 
     Pruning: of a pair (``families``), the checkpointed strategy is searched first: checkpointing never adds
     memory, so where it fits nowhere the plain one does not either, and where it fits on c GPUs the plain one is
@@ -200,9 +282,15 @@ def candidates(spec, device, options: dict, max_gpus: int) -> list[Candidate]:
     found: list[Candidate] = []
     for offload in levels:
         tp_low = None  # the fewest GPUs any tensor-parallel strategy could fit on (``_tensor_parallel_floor``)
+        ring_fits_nowhere_up_to = 0  # the most GPUs a larger context-parallel ring was searched on in vain
         for plain, checked in families(spec, options, offload):
             if top < 1:
-                return found
+                break  # one GPU is enough
+            ring = plain.layout == Layout.CONTEXT_PARALLEL and not plain.baseline
+            if ring:
+                searched = _ring_counts(spec, options, checked or plain, top, top == limit)
+                if searched is None or searched <= ring_fits_nowhere_up_to:
+                    continue
             low = 1
             if plain.layout == Layout.TENSOR_PARALLEL and not plain.baseline:
                 if tp_low is None:
@@ -217,14 +305,50 @@ def candidates(spec, device, options: dict, max_gpus: int) -> list[Candidate]:
                     _fewest(spec, device, options, plain, 0)  # the user's own errors, raised
                 if offload is not None:
                     return found  # the most saving offload fits nowhere
+                if ring:
+                    ring_fits_nowhere_up_to = max(ring_fits_nowhere_up_to, searched)
                 continue
             kept = _fewest(spec, device, options, plain, top, low=saving.count if saving else low, tail=top == limit)
+            if ring and kept is None and saving is None:
+                ring_fits_nowhere_up_to = max(ring_fits_nowhere_up_to, searched)
             pair = [kept] + ([saving] if saving is not None and (kept is None or saving.count < kept.count) else [])
             found += [candidate for candidate in pair if candidate is not None]
             if found:
                 top = min(candidate.count for candidate in found) - 1  # a later strategy must save GPUs
+        if offload is None and top >= 1:
+            found += _beside_chain_candidates(spec, device, options, limit)
         if found:
             return found
+    return found
+
+
+def _ring_counts(spec, options: dict, strategy: Strategy, top: int, tail: bool) -> int | None:
+    """The most GPUs a context-parallel strategy is searched on up to ``top``, or None when it has no count there
+    or the setup refuses it (a sequence its ring does not divide in 2 x cp chunks, a sliding-window model, ...):
+    only a ring searched in vain rules out the smaller ones (module docstring)."""
+    counts = strategy.counts(options, top, 1, tail)
+    if not len(counts):
+        return None
+    try:
+        resolve_setup(spec, **strategy.options(options, counts[0]))
+    except VramcalcError:
+        return None
+    return counts[len(counts) - 1]
+
+
+def _beside_chain_candidates(spec, device, options: dict, limit: int) -> list[Candidate]:
+    """The strategies of ``beside_chain`` that fit, each on its fewest GPUs up to ``limit`` (checkpointed first,
+    the plain one from there up, as in ``candidates``)."""
+    found: list[Candidate] = []
+    for plain, checked in beside_chain(spec, options):
+        first = checked or plain
+        saving = _fewest(spec, device, options, first, limit)
+        if saving is None:
+            continue
+        kept = _fewest(spec, device, options, plain, limit, low=saving.count) if checked is not None else None
+        found += [kept] if kept is not None else []
+        if kept is None or saving.count < kept.count:
+            found.append(saving)
     return found
 
 
@@ -299,10 +423,17 @@ def _fewest(spec, device, options: dict, strategy: Strategy, top: int, low: int 
 
 def parallelism_text(setup, chosen: frozenset = frozenset()) -> str:
     """The ``parallelism`` cell: how the row's GPUs run the job, in plan's words, e.g. 'fsdp x2, 4-bit storage
-    bf16, offload params', 'tp 4 x dp 2 (fsdp)', 'device_map auto x2', '1 GPU'."""
+    bf16, offload params', 'tp 4 x dp 2 (fsdp)', 'device_map auto x2', 'ep 8', 'cp 4 x dp 2 (fsdp)', '1 GPU'."""
     n, tp = setup.num_gpus, setup.tp
+    ep, cp = setup.ep, setup.cp
     if setup.device_map is DeviceMap.AUTO:
         parts = [f"device_map auto x{n}"]
+    elif cp > 1:  # FSDP2 shards over dp_shard x cp (x tp) = N: the ring's ranks are FSDP ranks too
+        dp = n // (cp * tp)
+        parts = [f"cp {cp}" + (f" x tp {tp}" if tp > 1 else "") + (f" x dp {dp}" if dp > 1 else "") +
+                 f" ({setup.sharding.value})"]
+    elif ep > 1:  # one group sharing one batch (parallel_degrees.check_expert_degree)
+        parts = [f"ep {ep}"]
     elif tp > 1:
         dp = n // tp
         parts = [f"tp {tp}" + (f" x dp {dp} ({setup.sharding.value})" if dp > 1 else "")]
@@ -334,6 +465,9 @@ def chosen_knobs(strategy: Strategy, options: dict, setup) -> frozenset:
         chosen.add("sharding")
     if "tp" not in pinned and setup.tp > 1:
         chosen.add("tp")
+    for degree in ("ep", "cp"):
+        if degree not in pinned and getattr(setup, degree) > 1:
+            chosen.add(degree)
     if "device_map" not in pinned and setup.device_map is not DeviceMap.NONE:
         chosen.add("device_map")
     if "quant_storage" not in pinned and setup.method is Method.QLORA and setup.quant_storage is not QuantStorage.UINT8:

@@ -1,0 +1,205 @@
+"""Claims about expert (``--ep``) and context (``--cp``) parallelism in ``plan`` (issue 14, "Big models on several
+GPUs"; vramcalc/planning/strategies.py): an MoE model gets an expert-parallel row where its experts do not fit, a
+long sequence gets a context-parallel ring where data parallelism cannot hold its activations, a dense model never
+gets --ep, and every row plan proposes is a setup ``estimate`` accepts, with the estimate's own memory and time.
+Expected facts come from ``estimate`` on the same degrees or from hand arithmetic, never from the plan itself."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+import vramcalc as vc
+from vramcalc.catalogue import get_gpu, get_model
+from vramcalc.cost import matmul_params
+from vramcalc.errors import VramcalcError
+from vramcalc.model import ParamKind
+from vramcalc.planning import plan_rows
+from vramcalc.planning.plan_rows import PLAN_COLUMNS
+from vramcalc.planning.strategies import Layout, candidates
+from vramcalc.units import BYTES_PER_GIB
+
+from .cli_helpers import run_cli
+
+KNOBS = ("num_gpus", "sharding", "tp", "ep", "cp", "device_map", "offload", "grad_ckpt")
+BF16_BYTES = 2
+
+
+def row_for(model, gpu, **options) -> dict:
+    rows = plan_rows(model, gpus=[gpu], hosted=False, **options).rows
+    assert len(rows) == 1
+    return rows[0]
+
+
+def setup_of(row: dict) -> dict:
+    """The estimate options a plan row spells out in its own columns (what a spreadsheet user would re-run)."""
+    return {knob: row[knob] for knob in KNOBS}
+
+
+# -- expert parallelism --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model, gpu, options", [
+    ("mixtral-8x7b", "h100-sxm", {"method": "full"}),  # 46.7B bf16 weights: 93 GB, more than an 80 GB H100
+    ("qwen3-30b-a3b", "rtx-4090", {"method": "lora"}),  # 30.5B bf16 frozen weights: 61 GB on 24 GB cards
+])
+def test_an_moe_whose_experts_overflow_one_gpu_gets_an_ep_row_with_the_estimates_per_rank_peak(model, gpu, options):
+    spec, device = get_model(model), get_gpu(gpu)
+    assert spec.params * BF16_BYTES > device.memory_bytes  # hand arithmetic: the weights alone overflow one GPU
+    row = row_for(model, gpu, **options)
+    assert row["fits"] and row["ep"] > 1, row.get("parallelism")
+    ep = row["ep"]
+    # the layout the estimate models: one group of ep GPUs sharing one batch, n/ep whole experts each
+    assert (row["num_gpus"], row["sharding"], row["tp"], row["cp"]) == (ep, "none", 1, 1)
+    assert spec.num_experts % ep == 0
+    assert row["parallelism"].startswith(f"ep {ep}") and "ep" in row["plan_chose"].split(",")
+    rank = vc.estimate(model, gpu=gpu, batch_size=row["micro_batch"], **options, **setup_of(row))
+    assert rank.total_bytes / BYTES_PER_GIB == pytest.approx(row["device_gib"], rel=1e-12) and rank.fits()
+    assert rank.details["experts_per_rank"] == spec.num_experts // ep
+    # on its fewest GPUs: half the group does not hold it, even one sequence at a time
+    half = dict(setup_of(row), ep=ep // 2, num_gpus=ep // 2)
+    assert not vc.estimate(model, gpu=gpu, batch_size=1, **options, **half).fits()
+
+
+@pytest.mark.parametrize("model, options", [
+    ("llama-3.1-8b", {"method": "lora"}),
+    ("llama-3.1-70b", {"method": "full"}),
+    ("qwen3-8b", {"method": "lora", "seq_len": 65536}),
+])
+def test_a_dense_model_never_gets_expert_parallelism(model, options):
+    assert not get_model(model).is_moe
+    rows = plan_rows(model, gpus=["h100-sxm", "rtx-4090", "a100-40gb"], hosted=False, **options).rows
+    assert all(row.get("ep") in (None, 1) for row in rows)
+    for gpu in ("h100-sxm", "rtx-4090"):
+        found = candidates(get_model(model), get_gpu(gpu), dict(options), 512)
+        assert not any(candidate.strategy.layout == Layout.EXPERT_PARALLEL for candidate in found)
+
+
+def test_ep_is_proposed_only_as_the_estimate_accepts_it_one_group_without_fsdp():
+    # the estimate refuses EP across FSDP data-parallel ranks (parallel_degrees.check_expert_degree) ...
+    with pytest.raises(VramcalcError, match="not modelled yet"):
+        vc.estimate("qwen3-30b-a3b", method="lora", ep=4, num_gpus=8, sharding="fsdp")
+    # ... so every EP candidate plan finds is one group of exactly ep GPUs, ep dividing the experts
+    spec = get_model("qwen3-30b-a3b")
+    for gpu in ("rtx-4090", "l40s", "a100-40gb"):
+        for candidate in candidates(spec, get_gpu(gpu), {"method": "lora"}, 512):
+            if candidate.strategy.layout == Layout.EXPERT_PARALLEL:
+                options = candidate.options
+                assert options["ep"] == options["num_gpus"] == candidate.count > 1
+                assert options["sharding"] == "none" and spec.num_experts % options["ep"] == 0
+
+
+# -- context parallelism -------------------------------------------------------------------------------------------
+def test_a_128k_job_on_8_gpus_gets_a_cp_row_that_fits_where_data_parallel_alone_does_not():
+    job = dict(method="lora", seq_len=131072)
+    # data parallel alone: FSDP over 8 H100s, checkpointed, one sequence per GPU, does not fit (each GPU holds a
+    # whole 128k-token sequence's activations and logits); nor does it on 512
+    for n in (8, 512):
+        assert not vc.estimate("llama-3.1-8b", gpu="h100-sxm", num_gpus=n, sharding="fsdp", grad_ckpt="full",
+                               batch_size=1, **job).fits()
+    row = row_for("llama-3.1-8b", "h100-sxm", num_gpus=8, **job)
+    assert row["fits"] and row["num_gpus"] == 8 and row["cp"] > 1, row.get("note")
+    cp = row["cp"]
+    assert (row["sharding"], row["tp"], row["ep"]) == ("fsdp", 1, 1)  # accelerate runs cp under FSDP2 only
+    assert 131072 % (2 * cp) == 0  # torch's head-tail load balancer: 2 x cp equal chunks
+    assert row["parallelism"].startswith(f"cp {cp}") and "cp" in row["plan_chose"].split(",")
+    rank = vc.estimate("llama-3.1-8b", gpu="h100-sxm", batch_size=row["micro_batch"], **dict(job, **setup_of(row)))
+    assert rank.total_bytes / BYTES_PER_GIB == pytest.approx(row["device_gib"], rel=1e-12) and rank.fits()
+    assert rank.details["cp_tokens_per_rank"] == 131072 // cp
+
+
+def test_a_ring_the_larger_rings_cannot_split_the_sequence_for_is_still_tried():
+    # 65,540 = 4 x 16,385: two ranks split it in 2 x 2 chunks; 4 and 8 need 8 and 16 equal chunks and are refused
+    job = dict(method="lora", seq_len=65540)
+    for cp in (4, 8):
+        with pytest.raises(VramcalcError, match="load balancer"):
+            vc.estimate("llama-3.1-8b", cp=cp, **job)
+    assert not vc.estimate("llama-3.1-8b", gpu="h100-sxm", num_gpus=8, sharding="fsdp", grad_ckpt="full",
+                           batch_size=1, **job).fits()
+    assert vc.estimate("llama-3.1-8b", gpu="h100-sxm", cp=2, grad_ckpt="full", batch_size=1, **job).fits()
+    row = row_for("llama-3.1-8b", "h100-sxm", **job)
+    assert (row["cp"], row["num_gpus"], row["parallelism"]) == (2, 2, "cp 2 (fsdp), grad ckpt full (plan)")
+
+
+@pytest.mark.parametrize("model", ["qwen3-30b-a3b", "gemma-2-9b"])
+def test_no_ring_for_a_model_whose_attention_the_ring_does_not_cover(model):
+    # MoE and sliding-window layers: check_context_parallel refuses them, so plan never proposes one
+    with pytest.raises(VramcalcError):
+        vc.estimate(model, cp=2, seq_len=32768)
+    rows = plan_rows(model, gpus=["h100-sxm", "rtx-4090"], hosted=False, method="lora", seq_len=32768).rows
+    assert all(row.get("cp") in (None, 1) for row in rows)
+
+
+def test_a_short_sequence_keeps_plain_fsdp_since_a_ring_would_not_save_gpus():
+    # 8B full fine-tuning at 2,048 tokens on H100s: FSDP fits two; a ring of two splits the activations but does a
+    # data-parallel rank's work plus the ring's traffic, so it is not a candidate (strategies module docstring)
+    found = candidates(get_model("llama-3.1-8b"), get_gpu("h100-sxm"),
+                       {"method": "full", "precision": "mixed-bf16"}, 512)
+    assert min(candidate.count for candidate in found) == 2
+    assert not any(candidate.strategy.layout == Layout.CONTEXT_PARALLEL for candidate in found)
+
+
+# -- timing, pinned degrees, the CSV -------------------------------------------------------------------------------
+@pytest.mark.parametrize("model, gpu, options", [
+    ("mixtral-8x7b", "h100-sxm", {"method": "full"}),
+    ("llama-3.1-8b", "h100-sxm", {"method": "lora", "seq_len": 131072}),
+])
+def test_ep_and_cp_rows_have_the_estimates_own_step_time_and_throughput(model, gpu, options):
+    # --ep: the group's E GPUs share its tokens; --cp: a rank is timed on its s/C positions (estimate's rank_view)
+    row = row_for(model, gpu, **options)
+    assert row["ep"] > 1 or row["cp"] > 1
+    details = vc.estimate(model, gpu=gpu, batch_size=row["micro_batch"], **options, **setup_of(row)).details
+    assert row["throughput_tokens_per_s"] == pytest.approx(details["tokens_per_second"], rel=1e-9)
+    assert row["step_seconds"] == pytest.approx(details["step_seconds"], rel=1e-9)
+    assert row["interconnect"] == "nvlink"
+    assert row["exposed_comm_seconds"] > 0
+
+
+def test_a_given_mfu_counts_an_ep_group_as_the_gpus_whose_flops_are_the_jobs():
+    # FLOP-count time (--mfu): every rank of the group multiplies the dense layers' P_dense parameters on all tokens
+    # and its experts on 1/E of the routed pairs, so E GPUs do the work of P / (P_dense + P_routed / E) of them
+    spec = get_model("qwen3-30b-a3b")
+    setup = dict(method="lora", grad_ckpt="full", batch_size=1, mfu=0.4)
+    one = row_for(spec, "h200", num_gpus=1, **setup)
+    group = row_for(spec, "h200", ep=4, **setup)
+    assert (one["parallelism"], group["parallelism"]) == ("1 GPU", "ep 4")
+    routed = spec.inventory.numel(ParamKind.EXPERTS) * spec.experts_per_token / spec.num_experts
+    whole = matmul_params(spec)
+    expected = whole / (whole - routed + routed / 4)
+    assert 1 < expected < 4
+    assert group["throughput_tokens_per_s"] / one["throughput_tokens_per_s"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("model, given, expected", [
+    ("qwen3-30b-a3b", {"method": "lora", "ep": 4}, {"ep": 4, "num_gpus": 4, "sharding": "none", "cp": 1}),
+    ("llama-3.1-8b", {"method": "lora", "cp": 4, "seq_len": 32768}, {"cp": 4, "sharding": "fsdp", "ep": 1}),
+])
+def test_a_given_ep_or_cp_is_kept(model, given, expected):
+    row = row_for(model, "h100-sxm", **given)
+    assert row["fits"], row.get("note")
+    assert {key: row[key] for key in expected} == expected
+    assert not {"ep", "cp"} & set((row["plan_chose"] or "").split(","))
+    assert vc.estimate(model, gpu="h100-sxm", batch_size=row["micro_batch"], **dict(given, **setup_of(row))).fits()
+
+
+def test_a_given_ep_the_estimate_refuses_is_one_error_line(capsys):
+    code, out, err = run_cli(capsys, "plan", "qwen3-30b-a3b", "--method", "lora", "--ep", "3", "--gpus",
+                             "h100-sxm", "--no-hosted")
+    assert code == 2 and err.startswith("error: ") and "128 experts" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_csv_has_the_degree_columns_and_spells_out_ep_and_cp(tmp_path, capsys):
+    assert PLAN_COLUMNS.index("ep") == PLAN_COLUMNS.index("tp") + 1 == PLAN_COLUMNS.index("cp") - 1
+    cells = {}
+    for name, args in (("moe", ("mixtral-8x7b", "--method", "full")),
+                       ("long", ("llama-3.1-8b", "--method", "lora", "--seq-len", "131072", "--num-gpus", "8"))):
+        path = tmp_path / f"{name}.csv"
+        code, _, err = run_cli(capsys, "plan", *args, "--gpus", "h100-sxm", "--no-hosted", "--output", str(path))
+        assert code == 0, err
+        text = path.read_text()
+        assert {"tp", "ep", "cp"} <= set(next(csv.reader(io.StringIO(text))))
+        (cells[name],) = list(csv.DictReader(io.StringIO(text)))
+    moe, long = cells["moe"], cells["long"]
+    assert (moe["ep"], moe["cp"], moe["tp"], moe["num_gpus"], moe["parallelism"]) == ("8", "1", "1", "8", "ep 8")
+    assert (long["cp"], long["ep"], long["num_gpus"], long["sharding"]) == ("8", "1", "8", "fsdp")
+    assert long["parallelism"] == "cp 8 (fsdp), grad ckpt full (plan)"
