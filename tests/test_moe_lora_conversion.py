@@ -2,13 +2,18 @@
 (mixtral w1/w3/w2) leave target_modules for target_parameters on the 3-D experts. The adapter count equals
 peft's ``get_nb_trainable_parameters`` on the meta-built tiny model, and the estimate is within 3% of the trace."""
 
+import json
+import re
+
 import pytest
 
 from vramcalc.errors import VramcalcError
-from vramcalc.estimator import step_moments
+from vramcalc.estimator import estimate, step_moments
+from vramcalc.terms.moe_lora import conversion_warning
 from vramcalc.terms.parameters import stored_tensors
 from vramcalc.training_setup import resolve_setup
 
+from .cli_helpers import run_cli
 from .conftest import needs_torch
 from .test_families_moe_2026 import TINY as TINY_2026
 from .tiny_models import TINY
@@ -78,6 +83,67 @@ def test_adapter_count_equals_peft_trainable_count_on_the_meta_model(family, tar
         model = AutoModelForCausalLM.from_config(hf_config(spec))
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=list(resolved.lora_modules)))
     assert _trainable(spec, resolved) == peft_model.get_nb_trainable_parameters()[0]
+
+
+def _named(name: str, text: str) -> bool:
+    """``name`` appears in ``text`` as a whole target name (``up_proj`` not inside ``gate_up_proj``)."""
+    return re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", text) is not None
+
+
+@needs_torch
+@pytest.mark.parametrize("family, targets", CASES, ids=IDS)
+def test_the_warning_names_the_targets_peft_moves_and_where_to(family, targets):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from vramcalc.tracing.build import hf_config
+
+    spec = SPECS[family]
+    resolved = resolve_setup(spec, method="lora", lora_targets=targets, lora_rank=8)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(spec))
+    config = LoraConfig(r=8, lora_alpha=8, target_modules=list(resolved.lora_modules))
+    converted = get_peft_model(model, config).peft_config["default"]  # after peft's convert_peft_config_for_transformers
+    moved = set(resolved.lora_modules) - set(converted.target_modules)
+    warnings = [text for text in resolved.warnings if text.startswith("peft 0.21 moves LoRA targets")]
+    assert len(warnings) == (1 if moved else 0)  # qwen3_moe all-linear: attention Linears only, nothing moves
+    if not moved:
+        return
+    listed = warnings[0].split(": ", 1)[1].split(" (peft/")[0].split("; the nn.Linear")[0]
+    assert all(_named(name, listed) for name in moved)
+    assert not any(_named(name, listed) for name in converted.target_modules)
+    assert all(_named(name, listed) for name in converted.target_parameters)
+
+
+@pytest.mark.parametrize("family, targets", [("llama", "all-linear"), ("llama", "gate_proj,up_proj,down_proj"),
+                                             ("qwen3_moe", "q_proj,k_proj,v_proj,o_proj"), ("qwen3_moe", "qv"),
+                                             ("deepseek_v2", "qv"), ("qwen2_moe", "all-linear")])
+def test_no_conversion_warning_when_peft_moves_nothing(family, targets):
+    resolved = resolve_setup(SPECS[family], method="lora", lora_targets=targets)
+    assert conversion_warning(SPECS[family], resolved.lora_modules, 8) is None
+    assert not any("fused experts" in text for text in resolved.warnings)
+
+
+def test_the_warning_says_which_linears_lose_their_adapter():
+    spec = SPECS["deepseek_v2"]  # a dense first layer and shared experts: nn.Linear gate/up/down_proj peft skips
+    (warning,) = [text for text in resolve_setup(spec, method="lora", lora_targets="all-linear").warnings
+                  if "fused experts" in text]
+    assert "gate_up_proj at rank 16 (2r)" in warning and "nn.Linear layers of those names get no adapter" in warning
+
+
+def test_the_estimate_carries_the_conversion_warning():
+    result = estimate(SPECS["mixtral"], method="lora", lora_targets="w1,w2,w3")
+    assert any("mixtral's fused experts" in text for text in result.warnings)
+    assert result.warnings == tuple(result.to_dict()["warnings"])
+
+
+def test_the_cli_prints_the_conversion_warning(capsys):
+    code, out, err = run_cli(capsys, "estimate", "qwen3-30b-a3b", "--method", "lora", "--lora-targets",
+                             "gate_proj,up_proj,down_proj", "--format", "json")
+    assert code == 0
+    assert err.startswith("warning: peft 0.21 moves LoRA targets onto qwen3_moe's fused experts: gate_proj, up_proj ->")
+    assert any("qwen3_moe's fused experts" in text for text in json.loads(out)["warnings"])
 
 
 TRACE_CASES = [(family, dict(lora_targets=targets)) for family, targets in CASES

@@ -319,6 +319,12 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         )
     lora_modules = _lora_modules(model, setup) if _takes_targets(setup.method) else ()
     warnings += parallel_degrees.tp_warnings(setup, lora_modules)
+    if setup.method.uses_lora:  # peft converts LoRA configs only (transformers_weight_conversion.py L494-496)
+        from .terms.moe_lora import conversion_warning
+
+        converted = conversion_warning(model, lora_modules, setup.lora_rank)
+        if converted:
+            warnings.append(converted)
     if "batch_size" in origins and "global_batch_size" in given:
         origins["batch_size"] = "implied by global_batch_size"
     defaulted = tuple(key for key, origin in origins.items() if origin == "default")

@@ -141,3 +141,32 @@ def first_graded_layer(model: ModelSpec, lora_experts: tuple[str, ...], linear_t
     if not lora_experts or any(name != "lm_head" for name in linear_targets):
         return 0
     return next((i for i in range(model.num_layers) if model.is_moe_layer(i)), 0)
+
+
+_LANDING = {"gate_up_proj": "the experts' gate_up_proj", "down_proj": "the experts' down_proj",
+            "gate.weight": "the router's gate.weight"}
+
+
+def conversion_warning(model: ModelSpec, lora_modules: tuple[str, ...], rank: int) -> str | None:
+    """One line for the user when peft moves LoRA targets of ``model`` onto its fused experts (module docstring), else
+    None: which target names moved, onto which v5 parameter and at what rank (``gate_up_proj`` at ``2·rank``), and
+    which nn.Linear layers of those names (deepseek's dense MLPs and shared experts) are left without an adapter.
+    The estimate already counts what peft builds; the warning says why it differs from a per-Linear reading of the
+    targets. Source: peft 0.21.2 ``_convert_peft_config_moe`` (peft/utils/transformers_weight_conversion.py
+    L402-482), called for LoRA only (``convert_peft_config_for_transformers`` L494-496)."""
+    moved = [name for name in lora_modules if _mapped(model.family, name) is not None]
+    if not moved:
+        return None
+    times = dict(target_parameters(model.family, lora_modules))
+    parts = []
+    for parameter, count in times.items():
+        names = ", ".join(name for name in moved if _mapped(model.family, name) == parameter)
+        at_rank = f" at rank {rank * count} ({count}r)" if count > 1 else ""
+        parts.append(f"{names} -> {_LANDING[parameter]}{at_rank}")
+    linears = {module.name for module in model.inventory.linears}
+    bare = [name for name in moved if name in linears]
+    left = ("" if not bare else "; the nn.Linear layers of those names get no adapter" if bare == moved
+            else f"; the nn.Linear layers {', '.join(bare)} get no adapter")
+    onto = "fused experts and router" if "gate.weight" in times else "fused experts"
+    return (f"peft 0.21 moves LoRA targets onto {model.family}'s {onto}: {'; '.join(parts)}{left} "
+            f"(peft/utils/transformers_weight_conversion.py _convert_peft_config_moe); estimated as peft builds them")
