@@ -1,6 +1,8 @@
 """peft 0.21's LoRA target conversion for MoE models with fused experts (terms/moe_lora.py): gate/up/down_proj
-(mixtral w1/w3/w2) leave target_modules for target_parameters on the 3-D experts. The adapter count equals
-peft's ``get_nb_trainable_parameters`` on the meta-built tiny model, and the estimate is within 3% of the trace."""
+(mixtral w1/w3/w2) leave target_modules for target_parameters on the 3-D experts, and the string ``all-linear`` is
+resolved first to the nn.Linear names plus those (and the router ``gate``). The adapter count equals peft's
+``get_nb_trainable_parameters`` on the meta-built tiny model given the user's targets (the literal string for
+all-linear), and the estimate is within 3% of the trace."""
 
 import json
 import re
@@ -20,16 +22,32 @@ from .tiny_models import TINY
 
 SPECS = {**TINY, **TINY_2026}
 TOLERANCE = 0.03
-# (family, targets): experts only, and all-linear (attention Linears stay Linear targets)
+# (family, targets): experts only, and all-linear (attention Linears stay Linear targets; peft adds the experts and
+# the router, _resolve_string_target_modules)
 CASES = [("qwen3_moe", "gate_proj,up_proj,down_proj"), ("qwen3_moe", "all-linear"),
          ("deepseek_v2", "gate_proj,up_proj,down_proj"), ("deepseek_v2", "all-linear"),
          ("deepseek_v3", "gate_proj,up_proj,down_proj"), ("deepseek_v3", "all-linear"),
-         ("mixtral", "w1,w2,w3"), ("mixtral", "q_proj,v_proj,gate,w1,w3,w2")]
+         ("mixtral", "w1,w2,w3"), ("mixtral", "q_proj,v_proj,gate,w1,w3,w2"), ("mixtral", "all-linear")]
 IDS = [f"{family}-{targets}" for family, targets in CASES]
 
 
 def _trainable(spec, resolved) -> int:
     return sum(t.numel * t.count for t in stored_tensors(spec, resolved) if t.trainable)
+
+
+def _peft_model(family: str, targets: str, **lora):
+    """Real peft on the meta-built tiny model, given the targets as the user writes them: the literal string
+    ``all-linear`` (peft resolves it), else the list of names."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from vramcalc.tracing.build import hf_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(SPECS[family]))
+    target_modules = targets if targets == "all-linear" else targets.split(",")
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=target_modules, **lora))
 
 
 def test_converted_targets_leave_the_dense_and_shared_expert_linears():
@@ -56,9 +74,24 @@ def test_half_of_a_fused_pair_is_refused_as_peft_refuses_it():
 
 
 @pytest.mark.parametrize("options", [dict(method="dora"), dict(method="lora", lora_dropout=0.05)])
-def test_what_peft_param_wrapper_refuses_is_refused(options):
+@pytest.mark.parametrize("family, targets", [("mixtral", "w1,w2,w3"), ("mixtral", "all-linear"),
+                                             ("qwen3_moe", "all-linear")])
+def test_what_peft_param_wrapper_refuses_is_refused(family, targets, options):
     with pytest.raises(VramcalcError, match="fused experts"):
-        resolve_setup(SPECS["mixtral"], lora_targets="w1,w2,w3", **options)
+        resolve_setup(SPECS[family], lora_targets=targets, **options)
+
+
+@needs_torch
+@pytest.mark.parametrize("lora", [dict(use_dora=True), dict(lora_dropout=0.05)], ids=["dora", "dropout"])
+def test_peft_refuses_dora_and_dropout_for_all_linear_on_fused_experts(lora):
+    with pytest.raises(ValueError, match="ParamWrapper does not work with"):
+        _peft_model("qwen3_moe", "all-linear", **lora)
+
+
+def test_other_peft_methods_keep_all_linear_on_the_nn_linear_layers():
+    spec = SPECS["qwen3_moe"]  # convert_peft_config_for_transformers converts LoRA configs only (L494-496)
+    resolved = resolve_setup(spec, method="adalora", lora_targets="all-linear")
+    assert resolved.lora_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def test_families_peft_does_not_convert_keep_linear_targets():
@@ -71,18 +104,21 @@ def test_families_peft_does_not_convert_keep_linear_targets():
 @needs_torch
 @pytest.mark.parametrize("family, targets", CASES, ids=IDS)
 def test_adapter_count_equals_peft_trainable_count_on_the_meta_model(family, targets):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from vramcalc.tracing.build import hf_config
-
     spec = SPECS[family]
     resolved = resolve_setup(spec, method="lora", lora_targets=targets, lora_rank=8)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config(spec))
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=list(resolved.lora_modules)))
+    assert _trainable(spec, resolved) == _peft_model(family, targets).get_nb_trainable_parameters()[0]
+
+
+@needs_torch
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v2"])
+def test_all_linear_trains_the_experts_and_router_as_peft_resolves_the_string(family):
+    spec = SPECS[family]
+    resolved = resolve_setup(spec, method="lora", lora_targets="all-linear", lora_rank=8)
+    peft_model = _peft_model(family, "all-linear")
+    converted = peft_model.peft_config["default"]
+    assert set(converted.target_parameters) == {"gate.weight", "gate_up_proj", "down_proj"}
     assert _trainable(spec, resolved) == peft_model.get_nb_trainable_parameters()[0]
+    assert any("fused experts and router" in text for text in resolved.warnings)
 
 
 def _named(name: str, text: str) -> bool:
@@ -93,21 +129,13 @@ def _named(name: str, text: str) -> bool:
 @needs_torch
 @pytest.mark.parametrize("family, targets", CASES, ids=IDS)
 def test_the_warning_names_the_targets_peft_moves_and_where_to(family, targets):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from vramcalc.tracing.build import hf_config
-
     spec = SPECS[family]
     resolved = resolve_setup(spec, method="lora", lora_targets=targets, lora_rank=8)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config(spec))
-    config = LoraConfig(r=8, lora_alpha=8, target_modules=list(resolved.lora_modules))
-    converted = get_peft_model(model, config).peft_config["default"]  # after peft's convert_peft_config_for_transformers
+    # after peft's convert_peft_config_for_transformers (all-linear: the literal string, resolved by peft)
+    converted = _peft_model(family, targets).peft_config["default"]
     moved = set(resolved.lora_modules) - set(converted.target_modules)
     warnings = [text for text in resolved.warnings if text.startswith("peft 0.21 moves LoRA targets")]
-    assert len(warnings) == (1 if moved else 0)  # qwen3_moe all-linear: attention Linears only, nothing moves
+    assert len(warnings) == (1 if moved else 0)
     if not moved:
         return
     listed = warnings[0].split(": ", 1)[1].split(" (peft/")[0].split("; the nn.Linear")[0]
@@ -129,7 +157,8 @@ def test_the_warning_says_which_linears_lose_their_adapter():
     spec = SPECS["deepseek_v2"]  # a dense first layer and shared experts: nn.Linear gate/up/down_proj peft skips
     (warning,) = [text for text in resolve_setup(spec, method="lora", lora_targets="all-linear").warnings
                   if "fused experts" in text]
-    assert "gate_up_proj at rank 16 (2r)" in warning and "nn.Linear layers of those names get no adapter" in warning
+    assert "gate_up_proj at rank 16 (2r)" in warning and "gate -> the router's gate.weight" in warning
+    assert "the nn.Linear layers gate_proj, up_proj, down_proj, shared_experts.gate_proj" in warning  # not the router
 
 
 def test_the_estimate_carries_the_conversion_warning():

@@ -621,9 +621,14 @@ def _targets(value) -> tuple[str, ...]:
 
 def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
     """peft target_modules for the family: 'qv' is the family's query/value projections (peft's default for
-    llama-style models), 'all-linear' every nn.Linear but lm_head (peft ``_maybe_include_all_linear_layers``;
-    v5 3-D experts and routers are not nn.Linear, so it skips them). A list may also name ``lm_head`` (peft's
-    ``Linear`` LoRA around it) and ``embed_tokens`` (peft's ``Embedding`` LoRA layer)."""
+    llama-style models), 'all-linear' every nn.Linear but lm_head (peft ``_maybe_include_all_linear_layers``,
+    tuners/tuners_utils.py L2430-2490). v5's 3-D experts and routers are not nn.Linear, but for LoRA on a family
+    peft converts (terms/moe_lora.py) peft 0.21.2 resolves the string first (``_resolve_string_target_modules``,
+    peft/utils/transformers_weight_conversion.py L355-399): the nn.Linear leaf names plus the v4 names of its
+    ``_MOE_TARGET_MODULE_MAPPING`` (router ``gate``, experts gate/up/down_proj or mixtral's w1/w3/w2), which the
+    conversion then moves onto the fused experts and the router. So LoRA all-linear adapts the experts and the
+    router there; peft's other methods are not converted (L494-496) and keep the nn.Linear names. A list may also
+    name ``lm_head`` (peft's ``Linear`` LoRA around it) and ``embed_tokens`` (peft's ``Embedding`` LoRA layer)."""
     linears = {module.name: (module.in_features, module.out_features) for module in model.inventory.linears}
     outside = {"lm_head": (model.hidden_size, model.vocab_size), "embed_tokens": (model.vocab_size, model.hidden_size)}
     targets = setup.lora_targets
@@ -632,7 +637,10 @@ def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
         if model.traits.mla and not model.q_lora_rank:
             names = ("q_proj", "kv_b_proj")
     elif targets == ("all-linear",):
-        names = tuple(linears)
+        from .terms.moe_lora import old_names
+
+        converted = old_names(model.family) if setup.method.uses_lora else ()
+        names = tuple(dict.fromkeys((*linears, *converted)))
     else:
         known = {**linears, **outside}
         from .terms.moe_lora import old_names  # peft moves these onto the fused experts (terms/moe_lora.py)
@@ -650,12 +658,20 @@ def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
 
         moved = target_parameters(model.family, names)  # raises, as peft does, on half of a fused gate/up pair
         # peft's ParamWrapper.__init__ / update_layer (tuners/lora/layer.py L2364-2374, L2427-2429) refuse these
+        drop = ("list the targets without them (peft 0.21 resolves all-linear onto the experts and router)"
+                if targets == ("all-linear",) else "drop the expert targets")
         if moved and setup.method is Method.DORA:
             raise VramcalcError(f"peft cannot apply DoRA to the fused experts of {model.name} (ParamWrapper: "
-                                f"'does not work with use_dora=True'); drop the expert targets or use --method lora")
+                                f"'does not work with use_dora=True'); {drop} or use --method lora")
         if moved and setup.lora_dropout:
             raise VramcalcError(f"peft's LoRA on the fused experts of {model.name} (ParamWrapper) does not work with "
-                                f"lora_dropout != 0; give --lora-dropout 0 or drop the expert targets")
+                                f"lora_dropout != 0; give --lora-dropout 0 or {drop}")
+        # transformers' expert plan makes the experts DTensor shards before peft wraps them; ParamWrapper's plain
+        # lora_A/B factors then meet them in _LoraFactorsProxy's baddbmm (L2305-2323), which torch refuses
+        if moved and setup.ep > 1:
+            raise VramcalcError(f"peft's LoRA on the fused experts of {model.name} (ParamWrapper) fails under --ep "
+                                f"{setup.ep}: its plain adapter factors meet the DTensor expert shards (torch: "
+                                f"'aten.baddbmm got mixed torch.Tensor and DTensor'); give --ep 1 or {drop}")
         low_names = linear_targets(model.family, names)
     else:
         low_names = names

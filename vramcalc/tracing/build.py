@@ -391,6 +391,16 @@ def _prepare_for_kbit_training_as_called(model: nn.Module, setup) -> None:
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(setup.grad_ckpt))
 
 
+def peft_targets(resolved: ResolvedSetup) -> str | list[str]:
+    """``LoraConfig(target_modules=...)`` as the user writes it: the string ``"all-linear"`` for ``--lora-targets
+    all-linear``, so that peft resolves it itself (``_maybe_include_all_linear_layers``, and on the MoE families it
+    converts ``_resolve_string_target_modules``, which adds the experts and the router: terms/moe_lora.py), else the
+    resolved module names. The estimate's ``resolved.lora_modules`` is then checked against peft, not handed to it."""
+    if resolved.setup.lora_targets == ("all-linear",):
+        return "all-linear"
+    return list(resolved.lora_modules)
+
+
 def apply_lora(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -399,7 +409,7 @@ def apply_lora(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:
         r=setup.lora_rank,
         lora_alpha=setup.lora_rank,
         lora_dropout=setup.lora_dropout,
-        target_modules=list(resolved.lora_modules),
+        target_modules=peft_targets(resolved),
         bias="none",
         task_type="SEQ_CLS" if setup.task.value == "reward" else "CAUSAL_LM",  # SEQ_CLS: score in modules_to_save
     )
@@ -453,7 +463,8 @@ def peft_config(resolved: ResolvedSetup, spec: ModelSpec | None = None):
     if facts.size_kwarg:
         kwargs[facts.size_kwarg] = setup.lora_rank
     if facts.targets:
-        kwargs["target_modules"] = list(resolved.lora_modules)
+        kwargs["target_modules"] = (peft_targets(resolved) if facts.config_class == "LoraConfig"
+                                    else list(resolved.lora_modules))
     if facts.virtual_kwarg:
         kwargs[facts.virtual_kwarg] = setup.virtual_tokens
     if facts.dropout_kwarg:
