@@ -88,6 +88,14 @@ def test_peft_refuses_dora_and_dropout_for_all_linear_on_fused_experts(lora):
         _peft_model("qwen3_moe", "all-linear", **lora)
 
 
+@pytest.mark.parametrize("stack, experts", [("hf", True), ("trl", True), ("axolotl", False),
+                                           ("llama-factory", False), ("torchtune", False)])
+def test_only_stacks_that_hand_peft_the_string_put_all_linear_on_the_experts(stack, experts):
+    # axolotl, LLaMA-Factory expand all-linear to Linear leaf names first; torchtune has its own LoRA layers
+    resolved = resolve_setup(SPECS["qwen3_moe"], method="lora", stack=stack, lora_targets="all-linear")
+    assert ("gate" in resolved.lora_modules) is experts
+
+
 def test_other_peft_methods_keep_all_linear_on_the_nn_linear_layers():
     spec = SPECS["qwen3_moe"]  # convert_peft_config_for_transformers converts LoRA configs only (L494-496)
     resolved = resolve_setup(spec, method="adalora", lora_targets="all-linear")
@@ -195,3 +203,23 @@ def test_estimated_peak_is_within_3_percent_of_the_trace(family, options):
     estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
     traced = sum(run_trace(spec, resolved, progress=False).terms.values())
     assert abs(estimated - traced) / traced < TOLERANCE, (estimated, traced)
+
+
+@needs_torch
+def test_llama4_all_linear_is_estimated_for_its_linears_and_warns_that_peft_wraps_the_router():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+    from transformers import AutoModelForCausalLM
+
+    from vramcalc.tracing.build import hf_config
+
+    spec = SPECS["llama4_text"]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(spec))
+    wrapped = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+    assert any(name.endswith("feed_forward.router") and isinstance(module, LoraLinear)
+               for name, module in wrapped.named_modules())  # Llama4Router is an nn.Linear returning a tuple
+    resolved = resolve_setup(spec, method="lora", lora_targets="all-linear")
+    assert "router" not in resolved.lora_modules
+    assert any("Llama4Router" in text and "--lora-targets q_proj," in text for text in resolved.warnings)

@@ -44,6 +44,37 @@ from .task_setup import check_teacher, resolve_task, task_warnings
 from .vision import resolve_images
 
 LORA_TARGET_WORDS = ("qv", "all-linear")
+# The stacks that hand peft ``LoraConfig(target_modules="all-linear")`` as the user writes it (Trainer + peft, TRL's
+# SFTTrainer with the user's peft_config), so that peft resolves the string itself (``_lora_modules``). The others
+# expand all-linear to module names before peft sees it: axolotl ``lora_target_linear`` (``find_all_linear_names``)
+# and LLaMA-Factory ``lora_target: all`` (model_utils/misc.py ``find_all_linear_modules``) to the Linear layers'
+# leaf names, unsloth to its 7 projections (unsloth/models/llama.py:3061-3076); torchtune and litgpt build their own
+# LoRA layers.
+ALL_LINEAR_STRING_STACKS = (Stack.HF, Stack.TRL)
+# families where peft's literal all-linear breaks the step: a module that subclasses nn.Linear but returns a tuple
+# gets a lora.Linear wrapper, whose forward fails on ``result.dtype`` (peft/tuners/lora/layer.py L1089). Estimated
+# and traced for the nn.Linear layers of the inventory, with a warning (``all_linear_warning``).
+ALL_LINEAR_BREAKS_PEFT = {
+    # transformers 5.25 models/llama4/modeling_llama4.py L145-156: Llama4Router(nn.Linear).forward -> (scores, logits)
+    "llama4_text": "feed_forward.router (Llama4Router, an nn.Linear whose forward returns a tuple)",
+}
+
+
+def peft_resolves_all_linear(setup: TrainingSetup, family: str | None) -> bool:
+    """peft gets the literal ``"all-linear"``: LoRA (lora, qlora, dora) on a stack of ``ALL_LINEAR_STRING_STACKS``,
+    for a family not in ``ALL_LINEAR_BREAKS_PEFT``."""
+    return (setup.lora_targets == ("all-linear",) and setup.method.uses_lora
+            and setup.stack in ALL_LINEAR_STRING_STACKS and family not in ALL_LINEAR_BREAKS_PEFT)
+
+
+def all_linear_warning(setup: TrainingSetup, family: str, lora_modules: tuple[str, ...]) -> str | None:
+    """For ``ALL_LINEAR_BREAKS_PEFT``: what peft's literal all-linear does there, and the list to give instead."""
+    if not (setup.lora_targets == ("all-linear",) and setup.method.uses_lora
+            and setup.stack in ALL_LINEAR_STRING_STACKS and family in ALL_LINEAR_BREAKS_PEFT):
+        return None
+    return (f"peft 0.21's all-linear also wraps {family}'s {ALL_LINEAR_BREAKS_PEFT[family]} and the forward then "
+            f"fails (peft/tuners/lora/layer.py L1089); estimated for its nn.Linear layers, which to train give as "
+            f"--lora-targets {','.join(lora_modules)}")
 
 # Bounds on the numeric options, far past any real job (the longest contexts trained are ~10**7 tokens, the largest
 # micro-batches ~10**4 sequences, the largest clusters ~10**5 GPUs), so that a typo (``--batch-size 1e18``,
@@ -325,6 +356,9 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         converted = conversion_warning(model, lora_modules, setup.lora_rank)
         if converted:
             warnings.append(converted)
+        breaks = all_linear_warning(setup, model.family, lora_modules)
+        if breaks:
+            warnings.append(breaks)
     if "batch_size" in origins and "global_batch_size" in given:
         origins["batch_size"] = "implied by global_batch_size"
     defaulted = tuple(key for key, origin in origins.items() if origin == "default")
@@ -627,7 +661,8 @@ def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
     peft/utils/transformers_weight_conversion.py L355-399): the nn.Linear leaf names plus the v4 names of its
     ``_MOE_TARGET_MODULE_MAPPING`` (router ``gate``, experts gate/up/down_proj or mixtral's w1/w3/w2), which the
     conversion then moves onto the fused experts and the router. So LoRA all-linear adapts the experts and the
-    router there; peft's other methods are not converted (L494-496) and keep the nn.Linear names. A list may also
+    router there, on the stacks that hand peft the string (``peft_resolves_all_linear``); peft's other methods are
+    not converted (L494-496) and keep the nn.Linear names. A list may also
     name ``lm_head`` (peft's ``Linear`` LoRA around it) and ``embed_tokens`` (peft's ``Embedding`` LoRA layer)."""
     linears = {module.name: (module.in_features, module.out_features) for module in model.inventory.linears}
     outside = {"lm_head": (model.hidden_size, model.vocab_size), "embed_tokens": (model.vocab_size, model.hidden_size)}
@@ -639,7 +674,7 @@ def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
     elif targets == ("all-linear",):
         from .terms.moe_lora import old_names
 
-        converted = old_names(model.family) if setup.method.uses_lora else ()
+        converted = old_names(model.family) if peft_resolves_all_linear(setup, model.family) else ()
         names = tuple(dict.fromkeys((*linears, *converted)))
     else:
         known = {**linears, **outside}
