@@ -8,9 +8,11 @@ key) or to ``mixtral`` (peft adds ``mixtral`` itself, transformers_weight_conver
 equals or ends with ``.<old>`` for an ``old`` of ``_MOE_TARGET_MODULE_MAPPING`` (L332-345) is removed from
 target_modules and its new name added to target_parameters: gate_proj/up_proj (mixtral w1/w3) -> the experts'
 ``gate_up_proj``, down_proj (w2) -> ``down_proj``, ``gate`` -> the router's ``gate.weight``. So the dense MLP
-layers and the shared experts lose the adapters of those names. ``_MOE_FUSED_TARGETS`` (L348-352): gate and up must
-be targeted together (else ValueError) and ``gate_up_proj`` then gets rank 2r and alpha 2·alpha (``rank_pattern``,
-``alpha_pattern``).
+layers and the shared experts lose the adapters of those names. A string target_modules is resolved first
+(``_resolve_string_target_modules``, L355-399): ``all-linear`` to the nn.Linear leaf names plus every key of the
+mapping, so LoRA all-linear adapts the experts and the router (``training_setup._lora_modules``).
+``_MOE_FUSED_TARGETS`` (L348-352): gate and up must be targeted together (else ValueError) and ``gate_up_proj`` then
+gets rank 2r and alpha 2·alpha (``rank_pattern``, ``alpha_pattern``).
 
 Adapter shapes (peft/tuners/lora/layer.py ``ParamWrapper._get_in_out_features`` L2386-2410 and ``update_layer``
 L2430-2450): a 3-D parameter [E, d1, d2] (not ``is_transposed``) is read as in = d2, out = d1 after the swap, and
@@ -120,8 +122,8 @@ def param_wrapper_saved(model: ModelSpec, lora_experts: tuple[str, ...], weight_
     Per layer: ``weight_bytes``·E·2·I_m·h (gate_up_proj) + ``weight_bytes``·E·h·I_m (down_proj);
     per token: K·``expert_bytes``·(h + I_m). Checked with saved-tensor hooks on tiny qwen3_moe (bf16, r=8, 512
     tokens): 1,900,544 bytes per graded layer beyond the frozen experts' saves (+159,744 of fp32 adapters' bf16
-    factor copies), and in layer 0 (input needs no gradient) no gate_up W'. The router's 2-D wrapper (``gate.weight``) is not
-    counted here."""
+    factor copies), and in layer 0 (input needs no gradient) no gate_up W'. The router's 2-D wrapper
+    (``gate.weight``) is not counted here: it makes the router train, whose saved input ``activations._moe`` counts."""
     E, K, h, I_m = model.num_experts, model.experts_per_token, model.hidden_size, model.expert_width
     per_token = per_layer = 0
     if "gate_up_proj" in lora_experts:
