@@ -60,17 +60,21 @@ ALL_LINEAR_BREAKS_PEFT = {
 }
 
 
-def peft_resolves_all_linear(setup: TrainingSetup, family: str | None) -> bool:
-    """peft gets the literal ``"all-linear"``: LoRA (lora, qlora, dora) on a stack of ``ALL_LINEAR_STRING_STACKS``,
-    for a family not in ``ALL_LINEAR_BREAKS_PEFT``."""
+def _all_linear_string(setup: TrainingSetup) -> bool:
+    """LoRA (lora, qlora, dora) all-linear on a stack of ``ALL_LINEAR_STRING_STACKS``."""
     return (setup.lora_targets == ("all-linear",) and setup.method.uses_lora
-            and setup.stack in ALL_LINEAR_STRING_STACKS and family not in ALL_LINEAR_BREAKS_PEFT)
+            and setup.stack in ALL_LINEAR_STRING_STACKS)
+
+
+def peft_resolves_all_linear(setup: TrainingSetup, family: str | None) -> bool:
+    """peft gets the literal ``"all-linear"`` (``_all_linear_string``) for a family not in
+    ``ALL_LINEAR_BREAKS_PEFT``."""
+    return _all_linear_string(setup) and family not in ALL_LINEAR_BREAKS_PEFT
 
 
 def all_linear_warning(setup: TrainingSetup, family: str, lora_modules: tuple[str, ...]) -> str | None:
     """For ``ALL_LINEAR_BREAKS_PEFT``: what peft's literal all-linear does there, and the list to give instead."""
-    if not (setup.lora_targets == ("all-linear",) and setup.method.uses_lora
-            and setup.stack in ALL_LINEAR_STRING_STACKS and family in ALL_LINEAR_BREAKS_PEFT):
+    if not (_all_linear_string(setup) and family in ALL_LINEAR_BREAKS_PEFT):
         return None
     return (f"peft 0.21's all-linear also wraps {family}'s {ALL_LINEAR_BREAKS_PEFT[family]} and the forward then "
             f"fails (peft/tuners/lora/layer.py L1089); estimated for its nn.Linear layers, which to train give as "
@@ -662,8 +666,8 @@ def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
     ``_MOE_TARGET_MODULE_MAPPING`` (router ``gate``, experts gate/up/down_proj or mixtral's w1/w3/w2), which the
     conversion then moves onto the fused experts and the router. So LoRA all-linear adapts the experts and the
     router there, on the stacks that hand peft the string (``peft_resolves_all_linear``); peft's other methods are
-    not converted (L494-496) and keep the nn.Linear names. A list may also
-    name ``lm_head`` (peft's ``Linear`` LoRA around it) and ``embed_tokens`` (peft's ``Embedding`` LoRA layer)."""
+    not converted (L494-496) and keep the nn.Linear names. A list may also name ``lm_head`` (peft's ``Linear`` LoRA
+    around it) and ``embed_tokens`` (peft's ``Embedding`` LoRA layer)."""
     linears = {module.name: (module.in_features, module.out_features) for module in model.inventory.linears}
     outside = {"lm_head": (model.hidden_size, model.vocab_size), "embed_tokens": (model.vocab_size, model.hidden_size)}
     targets = setup.lora_targets

@@ -394,9 +394,9 @@ def _prepare_for_kbit_training_as_called(model: nn.Module, setup) -> None:
 def peft_targets(resolved: ResolvedSetup, family: str | None) -> str | list[str]:
     """``LoraConfig(target_modules=...)`` as the user writes it: the string ``"all-linear"`` for ``--lora-targets
     all-linear`` on the stacks that pass it to peft (``training_setup.peft_resolves_all_linear``), so that peft
-    resolves it itself (``_maybe_include_all_linear_layers``, and on the MoE families it
-    converts ``_resolve_string_target_modules``, which adds the experts and the router: terms/moe_lora.py), else the
-    resolved module names. The estimate's ``resolved.lora_modules`` is then checked against peft, not handed to it."""
+    resolves it itself (``_maybe_include_all_linear_layers``; on the MoE families it converts,
+    ``_resolve_string_target_modules`` adds the experts and the router: terms/moe_lora.py), else the resolved
+    module names. The estimate's ``resolved.lora_modules`` is then checked against peft, not handed to it."""
     from ..training_setup import peft_resolves_all_linear
 
     if peft_resolves_all_linear(resolved.setup, family):
