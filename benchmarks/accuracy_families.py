@@ -50,10 +50,12 @@ EXTRA_SETUPS: dict[str, list[dict]] = {}
 
 
 SECTION_HEADING = "## New families (issue 13)"  # this script's section of benchmarks/accuracy.md
-# the setups above 3%, each a strict xfail in the tests with its mechanism
-KNOWN_GAPS = ("Above 3%: deepseek_v2 LoRA all-linear (-5.6%): peft 0.21 moves gate/up/down_proj LoRA targets onto "
-              "the fused 3-D experts' target_parameters (transformers_weight_conversion.py L402-482), which the "
-              "estimate does not model (strict xfail in `tests/test_families_moe_2026.py`).")
+# what the report says about setups above 3% (each would be a strict xfail in the tests, with its mechanism)
+KNOWN_GAPS = ("No setup above 3%. deepseek_v2 LoRA all-linear was -5.6% until peft 0.21's move of gate/up/down_proj "
+              "LoRA targets onto the fused 3-D experts' target_parameters (transformers_weight_conversion.py "
+              "L402-482) was modelled (`vramcalc/terms/moe_lora.py`, `tests/test_moe_lora_conversion.py`). Outside "
+              "these setups, gpt_oss full fine-tuning with checkpointing at s = 1024 traces 6% below the estimate "
+              "(strict xfail in `tests/test_families_moe_2026.py`).")
 
 
 def _read_rows(path: Path) -> list[dict]:

@@ -2,7 +2,8 @@
 
 The inventory mirrors the transformers v5 modules of each family (``models/<family>/modeling_<family>.py``):
 which tensors exist, their shapes, which are ``nn.Linear`` (what LoRA can target and bitsandbytes can quantize),
-which are 3-D expert tensors (v5 ``*Experts`` modules: neither LoRA ``all-linear`` nor bitsandbytes reach them),
+which are 3-D expert tensors (v5 ``*Experts`` modules: not nn.Linear, so bitsandbytes does not reach them, nor
+LoRA ``all-linear`` but on the families peft 0.21 converts onto their fused experts, terms/moe_lora.py),
 and which stay fp32 whatever the load dtype. Symbols: h hidden, L layers, a heads, k kv heads, d head_dim,
 I intermediate, V vocab, E experts, K experts per token, I_m expert width.
 """

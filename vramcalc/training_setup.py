@@ -44,6 +44,41 @@ from .task_setup import check_teacher, resolve_task, task_warnings
 from .vision import resolve_images
 
 LORA_TARGET_WORDS = ("qv", "all-linear")
+# The stacks that hand peft ``LoraConfig(target_modules="all-linear")`` as the user writes it (Trainer + peft, TRL's
+# SFTTrainer with the user's peft_config), so that peft resolves the string itself (``_lora_modules``). The others
+# expand all-linear to module names before peft sees it: axolotl ``lora_target_linear`` (``find_all_linear_names``)
+# and LLaMA-Factory ``lora_target: all`` (model_utils/misc.py ``find_all_linear_modules``) to the Linear layers'
+# leaf names, unsloth to its 7 projections (unsloth/models/llama.py:3061-3076); torchtune and litgpt build their own
+# LoRA layers.
+ALL_LINEAR_STRING_STACKS = (Stack.HF, Stack.TRL)
+# families where peft's literal all-linear breaks the step: a module that subclasses nn.Linear but returns a tuple
+# gets a lora.Linear wrapper, whose forward fails on ``result.dtype`` (peft/tuners/lora/layer.py L1089). Estimated
+# and traced for the nn.Linear layers of the inventory, with a warning (``all_linear_warning``).
+ALL_LINEAR_BREAKS_PEFT = {
+    # transformers 5.25 models/llama4/modeling_llama4.py L145-156: Llama4Router(nn.Linear).forward -> (scores, logits)
+    "llama4_text": "feed_forward.router (Llama4Router, an nn.Linear whose forward returns a tuple)",
+}
+
+
+def _all_linear_string(setup: TrainingSetup) -> bool:
+    """LoRA (lora, qlora, dora) all-linear on a stack of ``ALL_LINEAR_STRING_STACKS``."""
+    return (setup.lora_targets == ("all-linear",) and setup.method.uses_lora
+            and setup.stack in ALL_LINEAR_STRING_STACKS)
+
+
+def peft_resolves_all_linear(setup: TrainingSetup, family: str | None) -> bool:
+    """peft gets the literal ``"all-linear"`` (``_all_linear_string``) for a family not in
+    ``ALL_LINEAR_BREAKS_PEFT``."""
+    return _all_linear_string(setup) and family not in ALL_LINEAR_BREAKS_PEFT
+
+
+def all_linear_warning(setup: TrainingSetup, family: str, lora_modules: tuple[str, ...]) -> str | None:
+    """For ``ALL_LINEAR_BREAKS_PEFT``: what peft's literal all-linear does there, and the list to give instead."""
+    if not (_all_linear_string(setup) and family in ALL_LINEAR_BREAKS_PEFT):
+        return None
+    return (f"peft 0.21's all-linear also wraps {family}'s {ALL_LINEAR_BREAKS_PEFT[family]} and the forward then "
+            f"fails (peft/tuners/lora/layer.py L1089); estimated for its nn.Linear layers, which to train give as "
+            f"--lora-targets {','.join(lora_modules)}")
 
 # Bounds on the numeric options, far past any real job (the longest contexts trained are ~10**7 tokens, the largest
 # micro-batches ~10**4 sequences, the largest clusters ~10**5 GPUs), so that a typo (``--batch-size 1e18``,
@@ -319,6 +354,15 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         )
     lora_modules = _lora_modules(model, setup) if _takes_targets(setup.method) else ()
     warnings += parallel_degrees.tp_warnings(setup, lora_modules)
+    if setup.method.uses_lora:  # peft converts LoRA configs only (transformers_weight_conversion.py L494-496)
+        from .terms.moe_lora import conversion_warning
+
+        converted = conversion_warning(model, lora_modules, setup.lora_rank)
+        if converted:
+            warnings.append(converted)
+        breaks = all_linear_warning(setup, model.family, lora_modules)
+        if breaks:
+            warnings.append(breaks)
     if "batch_size" in origins and "global_batch_size" in given:
         origins["batch_size"] = "implied by global_batch_size"
     defaulted = tuple(key for key, origin in origins.items() if origin == "default")
@@ -615,9 +659,15 @@ def _targets(value) -> tuple[str, ...]:
 
 def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
     """peft target_modules for the family: 'qv' is the family's query/value projections (peft's default for
-    llama-style models), 'all-linear' every nn.Linear but lm_head (peft ``_maybe_include_all_linear_layers``;
-    v5 3-D experts and routers are not nn.Linear, so it skips them). A list may also name ``lm_head`` (peft's
-    ``Linear`` LoRA around it) and ``embed_tokens`` (peft's ``Embedding`` LoRA layer)."""
+    llama-style models), 'all-linear' every nn.Linear but lm_head (peft ``_maybe_include_all_linear_layers``,
+    tuners/tuners_utils.py L2430-2490). v5's 3-D experts and routers are not nn.Linear, but for LoRA on a family
+    peft converts (terms/moe_lora.py) peft 0.21.2 resolves the string first (``_resolve_string_target_modules``,
+    peft/utils/transformers_weight_conversion.py L355-399): the nn.Linear leaf names plus the v4 names of its
+    ``_MOE_TARGET_MODULE_MAPPING`` (router ``gate``, experts gate/up/down_proj or mixtral's w1/w3/w2), which the
+    conversion then moves onto the fused experts and the router. So LoRA all-linear adapts the experts and the
+    router there, on the stacks that hand peft the string (``peft_resolves_all_linear``); peft's other methods are
+    not converted (L494-496) and keep the nn.Linear names. A list may also name ``lm_head`` (peft's ``Linear`` LoRA
+    around it) and ``embed_tokens`` (peft's ``Embedding`` LoRA layer)."""
     linears = {module.name: (module.in_features, module.out_features) for module in model.inventory.linears}
     outside = {"lm_head": (model.hidden_size, model.vocab_size), "embed_tokens": (model.vocab_size, model.hidden_size)}
     targets = setup.lora_targets
@@ -626,7 +676,10 @@ def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
         if model.traits.mla and not model.q_lora_rank:
             names = ("q_proj", "kv_b_proj")
     elif targets == ("all-linear",):
-        names = tuple(linears)
+        from .terms.moe_lora import old_names
+
+        converted = old_names(model.family) if peft_resolves_all_linear(setup, model.family) else ()
+        names = tuple(dict.fromkeys((*linears, *converted)))
     else:
         known = {**linears, **outside}
         from .terms.moe_lora import old_names  # peft moves these onto the fused experts (terms/moe_lora.py)
@@ -644,12 +697,20 @@ def _lora_modules(model: ModelSpec, setup: TrainingSetup) -> tuple[str, ...]:
 
         moved = target_parameters(model.family, names)  # raises, as peft does, on half of a fused gate/up pair
         # peft's ParamWrapper.__init__ / update_layer (tuners/lora/layer.py L2364-2374, L2427-2429) refuse these
+        drop = ("list the targets without them (peft 0.21 resolves all-linear onto the experts and router)"
+                if targets == ("all-linear",) else "drop the expert targets")
         if moved and setup.method is Method.DORA:
             raise VramcalcError(f"peft cannot apply DoRA to the fused experts of {model.name} (ParamWrapper: "
-                                f"'does not work with use_dora=True'); drop the expert targets or use --method lora")
+                                f"'does not work with use_dora=True'); {drop} or use --method lora")
         if moved and setup.lora_dropout:
             raise VramcalcError(f"peft's LoRA on the fused experts of {model.name} (ParamWrapper) does not work with "
-                                f"lora_dropout != 0; give --lora-dropout 0 or drop the expert targets")
+                                f"lora_dropout != 0; give --lora-dropout 0 or {drop}")
+        # transformers' expert plan makes the experts DTensor shards before peft wraps them; ParamWrapper's plain
+        # lora_A/B factors then meet them in _LoraFactorsProxy's baddbmm (L2305-2323), which torch refuses
+        if moved and setup.ep > 1:
+            raise VramcalcError(f"peft's LoRA on the fused experts of {model.name} (ParamWrapper) fails under --ep "
+                                f"{setup.ep}: its plain adapter factors meet the DTensor expert shards (torch: "
+                                f"'aten.baddbmm got mixed torch.Tensor and DTensor'); give --ep 1 or {drop}")
         low_names = linear_targets(model.family, names)
     else:
         low_names = names

@@ -538,13 +538,16 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         h, E, K, width = m.hidden_size, m.num_experts, m.experts_per_token, m.expert_width
         if m.traits.dense_experts:
             return self._dense_experts(n)
+        router_lora = "gate.weight" in self.layer.lora_experts and not self.full  # peft's ParamWrapper on the router
         if m.traits.moe_biases:
             # gpt-oss router (GptOssTopKRouter.forward): top-k of the logits (topk saves its int64 indices), then a
             # softmax in the logits' dtype over the K values (saves its output); a trained router's input
             self.per_token += 8 * K + c * K + (c * h if self.full else 0)
-        elif self.grad or not self.layer.lora_experts:
+        elif self.grad or not self.layer.lora_experts or router_lora:
             # router: fp32 scores [T, E], top-k values and int64 indices, their normaliser; a trained router's input
-            self.per_token += _F32 * E + (_F32 + 8) * K + _F32 + (c * h if self.full else 0)
+            # (peft's LoRA on gate.weight, terms/moe_lora.py, trains it too: F.linear saves its input, c bytes wide,
+            # DeepSeek's fp32 copy included, on tiny deepseek_v2/v3 and qwen3_moe, mixtral traces)
+            self.per_token += _F32 * E + (_F32 + 8) * K + _F32 + (c * h if self.full or router_lora else 0)
         # torch._grouped_mm has no autocast kernel: the experts compute in their input's dtype (fp32 under mixed
         # precision; tests/test_trace_moe.py)
         e = n if dt.autocast else c
@@ -554,7 +557,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         # gate, sigmoid's output, up + 1 and glu: 6 widths in place of 3
         act = 6 if m.traits.clamped_swiglu else 3
         ep = self.layer.ep  # --ep: the rank's experts get T·K/ep slots, top-1 (uniform routing, terms/expert_parallel)
-        if self.layer.lora_experts and not self.full and not self.grad:
+        if self.layer.lora_experts and not self.full and not self.grad and not router_lora:
             # peft's ParamWrapper LoRA on the experts of a layer whose input needs no gradient (the first layer, no
             # adapter before it): the router saves nothing, the routed output only the routing weights (terms/moe_lora)
             self.per_token += K * moe_lora.ungraded_routing_saved_per_slot(e, act * width) // ep
@@ -601,7 +604,8 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         so its shared experts save their input themselves."""
         m = self.m
         t = m.traits
-        shares_router_input = self.full and not t.router_fp32  # the trained router saved the same x
+        trained_router = self.full or "gate.weight" in self.layer.lora_experts
+        shares_router_input = trained_router and not t.router_fp32  # the trained router saved the same x
         gate = [self.use("shared_expert_gate", m.hidden_size)] if t.shared_expert_gate else []
         out = self._gated_mlp(n, m.shared_expert_width, prefix=t.shared_expert_prefix, x_saved=shares_router_input,
                               extra=gate)

@@ -9,8 +9,9 @@ attention, the router (``mlp.gate``), shared experts, norms, embedding and lm_he
 
   weights, gradients, optimizer states   expert tensors (and gpt-oss's expert biases): n/E experts; the rest whole.
                                           The parameters are DTensors, so their gradients and optimizer states are the
-                                          local shard's. LoRA does not reach v5's 3-D experts (``all-linear`` wraps
-                                          nn.Linear only), so adapters are those of one GPU.
+                                          local shard's. LoRA on the 3-D experts (peft 0.21's conversion, also of
+                                          ``all-linear``) is refused under --ep (training_setup._lora_modules: peft's
+                                          ParamWrapper fails on DTensor shards), so adapters are those of one GPU.
   activations                             attention, norms and the router run on all T tokens on every rank (the batch
                                           is shared); the rank takes a 1/E row slice (:203-210) and, under uniform
                                           routing, its experts receive S/E = T·K/E (token, expert) pairs: the experts'

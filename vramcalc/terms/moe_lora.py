@@ -8,9 +8,11 @@ key) or to ``mixtral`` (peft adds ``mixtral`` itself, transformers_weight_conver
 equals or ends with ``.<old>`` for an ``old`` of ``_MOE_TARGET_MODULE_MAPPING`` (L332-345) is removed from
 target_modules and its new name added to target_parameters: gate_proj/up_proj (mixtral w1/w3) -> the experts'
 ``gate_up_proj``, down_proj (w2) -> ``down_proj``, ``gate`` -> the router's ``gate.weight``. So the dense MLP
-layers and the shared experts lose the adapters of those names. ``_MOE_FUSED_TARGETS`` (L348-352): gate and up must
-be targeted together (else ValueError) and ``gate_up_proj`` then gets rank 2r and alpha 2·alpha (``rank_pattern``,
-``alpha_pattern``).
+layers and the shared experts lose the adapters of those names. A string target_modules is resolved first
+(``_resolve_string_target_modules``, L355-399): ``all-linear`` to the nn.Linear leaf names plus every key of the
+mapping, so LoRA all-linear adapts the experts and the router (``training_setup._lora_modules``).
+``_MOE_FUSED_TARGETS`` (L348-352): gate and up must be targeted together (else ValueError) and ``gate_up_proj`` then
+gets rank 2r and alpha 2·alpha (``rank_pattern``, ``alpha_pattern``).
 
 Adapter shapes (peft/tuners/lora/layer.py ``ParamWrapper._get_in_out_features`` L2386-2410 and ``update_layer``
 L2430-2450): a 3-D parameter [E, d1, d2] (not ``is_transposed``) is read as in = d2, out = d1 after the swap, and
@@ -120,8 +122,8 @@ def param_wrapper_saved(model: ModelSpec, lora_experts: tuple[str, ...], weight_
     Per layer: ``weight_bytes``·E·2·I_m·h (gate_up_proj) + ``weight_bytes``·E·h·I_m (down_proj);
     per token: K·``expert_bytes``·(h + I_m). Checked with saved-tensor hooks on tiny qwen3_moe (bf16, r=8, 512
     tokens): 1,900,544 bytes per graded layer beyond the frozen experts' saves (+159,744 of fp32 adapters' bf16
-    factor copies), and in layer 0 (input needs no gradient) no gate_up W'. The router's 2-D wrapper (``gate.weight``) is not
-    counted here."""
+    factor copies), and in layer 0 (input needs no gradient) no gate_up W'. The router's 2-D wrapper
+    (``gate.weight``) is not counted here: it makes the router train, whose saved input ``activations._moe`` counts."""
     E, K, h, I_m = model.num_experts, model.experts_per_token, model.hidden_size, model.expert_width
     per_token = per_layer = 0
     if "gate_up_proj" in lora_experts:
@@ -141,3 +143,32 @@ def first_graded_layer(model: ModelSpec, lora_experts: tuple[str, ...], linear_t
     if not lora_experts or any(name != "lm_head" for name in linear_targets):
         return 0
     return next((i for i in range(model.num_layers) if model.is_moe_layer(i)), 0)
+
+
+_LANDING = {"gate_up_proj": "the experts' gate_up_proj", "down_proj": "the experts' down_proj",
+            "gate.weight": "the router's gate.weight"}
+
+
+def conversion_warning(model: ModelSpec, lora_modules: tuple[str, ...], rank: int) -> str | None:
+    """One line for the user when peft moves LoRA targets of ``model`` onto its fused experts (module docstring), else
+    None: which target names moved, onto which v5 parameter and at what rank (``gate_up_proj`` at ``2·rank``), and
+    which nn.Linear layers of those names (deepseek's dense MLPs and shared experts) are left without an adapter.
+    The estimate already counts what peft builds; the warning says why it differs from a per-Linear reading of the
+    targets. Source: peft 0.21.2 ``_convert_peft_config_moe`` (peft/utils/transformers_weight_conversion.py
+    L402-482), called for LoRA only (``convert_peft_config_for_transformers`` L494-496)."""
+    moved = [name for name in lora_modules if _mapped(model.family, name) is not None]
+    if not moved:
+        return None
+    times = dict(target_parameters(model.family, lora_modules))
+    parts = []
+    for parameter, count in times.items():
+        names = ", ".join(name for name in moved if _mapped(model.family, name) == parameter)
+        at_rank = f" at rank {rank * count} ({count}r)" if count > 1 else ""
+        parts.append(f"{names} -> {_LANDING[parameter]}{at_rank}")
+    linears = {module.name for module in model.inventory.linears}
+    bare = [name for name in moved if name in linears]
+    left = ("" if not bare else "; the nn.Linear layers of those names get no adapter" if bare == moved
+            else f"; the nn.Linear layers {', '.join(bare)} get no adapter")
+    onto = "fused experts and router" if "gate.weight" in times else "fused experts"
+    return (f"peft 0.21 moves LoRA targets onto {model.family}'s {onto}: {'; '.join(parts)}{left} "
+            f"(peft/utils/transformers_weight_conversion.py _convert_peft_config_moe); estimated as peft builds them")

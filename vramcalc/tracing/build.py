@@ -391,6 +391,19 @@ def _prepare_for_kbit_training_as_called(model: nn.Module, setup) -> None:
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(setup.grad_ckpt))
 
 
+def peft_targets(resolved: ResolvedSetup, family: str | None) -> str | list[str]:
+    """``LoraConfig(target_modules=...)`` as the user writes it: the string ``"all-linear"`` for ``--lora-targets
+    all-linear`` on the stacks that pass it to peft (``training_setup.peft_resolves_all_linear``), so that peft
+    resolves it itself (``_maybe_include_all_linear_layers``; on the MoE families it converts,
+    ``_resolve_string_target_modules`` adds the experts and the router: terms/moe_lora.py), else the resolved
+    module names. The estimate's ``resolved.lora_modules`` is then checked against peft, not handed to it."""
+    from ..training_setup import peft_resolves_all_linear
+
+    if peft_resolves_all_linear(resolved.setup, family):
+        return "all-linear"
+    return list(resolved.lora_modules)
+
+
 def apply_lora(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -399,7 +412,7 @@ def apply_lora(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:
         r=setup.lora_rank,
         lora_alpha=setup.lora_rank,
         lora_dropout=setup.lora_dropout,
-        target_modules=list(resolved.lora_modules),
+        target_modules=peft_targets(resolved, getattr(model.config, "model_type", None)),
         bias="none",
         task_type="SEQ_CLS" if setup.task.value == "reward" else "CAUSAL_LM",  # SEQ_CLS: score in modules_to_save
     )
@@ -439,7 +452,7 @@ def _mark_quantized(model: nn.Module, setup) -> None:
     model.is_quantized = True
 
 
-def peft_config(resolved: ResolvedSetup, spec: ModelSpec | None = None):
+def peft_config(resolved: ResolvedSetup, spec: ModelSpec | None = None, family: str | None = None):
     """The method's own peft config, built from the setup's options by its row in ``peft_methods`` (no per-method
     code): ``--lora-rank`` -> the size argument, ``--lora-targets`` -> target_modules (the family's resolved names),
     ``--virtual-tokens`` -> the virtual-token argument, ``--lora-dropout`` -> the dropout argument, plus the row's
@@ -453,7 +466,8 @@ def peft_config(resolved: ResolvedSetup, spec: ModelSpec | None = None):
     if facts.size_kwarg:
         kwargs[facts.size_kwarg] = setup.lora_rank
     if facts.targets:
-        kwargs["target_modules"] = list(resolved.lora_modules)
+        kwargs["target_modules"] = (peft_targets(resolved, family) if facts.config_class == "LoraConfig"
+                                    else list(resolved.lora_modules))
     if facts.virtual_kwarg:
         kwargs[facts.virtual_kwarg] = setup.virtual_tokens
     if facts.dropout_kwarg:
@@ -473,7 +487,7 @@ def _apply_peft(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:
     from peft import get_peft_model
 
     setup = resolved.setup
-    config = peft_config(resolved)
+    config = peft_config(resolved, family=getattr(model.config, "model_type", None))
     with _quiet():
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=setup.adapter_dtype is AdapterDtype.FP32)
     _cast_adapters(peft_model, resolved)
