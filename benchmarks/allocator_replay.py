@@ -155,12 +155,15 @@ def _quantize_as_harness(model, resolved, events, half_bytes: int) -> None:
 
 # -- one scenario (in its own process) ----------------------------------------------------------------------
 def run_one(scenario: dict) -> dict:
-    from vramcalc.calibrate.scenarios import Scenario, resolve, scenario_id
+    """``scenario``: the run's scenario, with the row's ``lora_modules`` (the targets the run adapted) beside it."""
+    from vramcalc.calibrate.scenarios import Scenario, as_measured, resolve, scenario_id
     from vramcalc.tracing.reserved import replay_reserved
 
-    spec, resolved = resolve(Scenario.from_dict(scenario))
+    given = Scenario.from_dict(scenario)
+    spec, resolved = resolve(given)
     if scenario_id(spec, resolved) != scenario["id"]:
         raise SystemExit(f"{scenario['id']} resolves to {scenario_id(spec, resolved)}")
+    spec, resolved = resolve(as_measured(given, scenario))  # the LoRA targets the run adapted
     out = replay_reserved(spec, resolved, warmup=WARMUP, steps=STEPS, workspace_bytes=workspace_bytes(),
                           builder=harness_build, progress=False)
     return {
@@ -174,15 +177,15 @@ def run_one(scenario: dict) -> dict:
     }
 
 
-def explain(scenario: dict) -> None:
+def explain(scenario: dict, measured: dict) -> None:
     """Print the segments the replay allocates after the peak reset, with the op whose allocation made each."""
-    from vramcalc.calibrate.scenarios import Scenario, resolve
+    from vramcalc.calibrate.scenarios import Scenario, as_measured, resolve
     from vramcalc.tracing.alloc_events import AllocationEvents
     from vramcalc.tracing.caching_allocator import ALLOC, EMPTY_CACHE, FREE, RESET_PEAK, CachingAllocator
     from vramcalc.tracing.engine import run_trace
     from vramcalc.tracing.reserved import CONTEXT_TENSOR_BYTES
 
-    spec, resolved = resolve(Scenario.from_dict(scenario))
+    spec, resolved = resolve(as_measured(Scenario.from_dict(scenario), measured))
     events = AllocationEvents(workspace_bytes=workspace_bytes())
     events.events.append((ALLOC, events.new_key(), CONTEXT_TENSOR_BYTES))
     run_trace(spec, resolved, steps=STEPS, warmup=WARMUP, events=events, builder=harness_build, progress=False)
@@ -223,7 +226,8 @@ def run_all(only: str | None) -> list[dict]:
         started = time.perf_counter()
         print(f"{measured['scenario_id']} ...", flush=True)
         try:
-            done = subprocess.run([sys.executable, __file__, "--one", json.dumps(scenario)], capture_output=True,
+            done = subprocess.run([sys.executable, __file__, "--one",
+                                   json.dumps({**scenario, "lora_modules": measured["lora_modules"]})], capture_output=True,
                                   text=True, timeout=TRACE_TIMEOUT_S, cwd=ROOT)
             if done.returncode != 0:
                 row.update(status="error", message=done.stderr.strip().splitlines()[-1][:200])
@@ -332,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explain", metavar="ID", help="the segments a scenario's replay allocates after the reset")
     args = parser.parse_args(argv)
     if args.explain:
-        scenario = next(s for m, s, _ in measured_rows() if m["scenario_id"] == args.explain)
-        explain(scenario)
+        measured, scenario = next((m, s) for m, s, _ in measured_rows() if m["scenario_id"] == args.explain)
+        explain(scenario, measured)
         return 0
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))

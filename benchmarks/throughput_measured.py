@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from vramcalc import estimate  # noqa: E402
 from vramcalc import step_time as st  # noqa: E402
 from vramcalc.calibrate.records import _cell as record_cell  # noqa: E402
-from vramcalc.calibrate.scenarios import Scenario, harness_model, resolve  # noqa: E402
+from vramcalc.calibrate.scenarios import Scenario, as_measured, harness_model, resolve  # noqa: E402
 from vramcalc.catalogue import get_gpu  # noqa: E402
 from vramcalc.cost import step_work_for  # noqa: E402
 from vramcalc.training_setup import SETUP_FIELDS, setup_defaults  # noqa: E402
@@ -99,9 +99,10 @@ def compare(path: Path, row: dict[str, str]) -> Comparison:
     scenario = Scenario(model=row["model"], options=options)
     if scenario.id != row["scenario_id"]:
         raise ValueError(f"{path}: rebuilt {scenario.id!r} from the cells of {row['scenario_id']!r}")
-    spec, resolved = resolve(scenario)
+    measured = as_measured(scenario, row)
+    spec, resolved = resolve(measured)
     gpu = get_gpu(row["gpu"])
-    paged = estimate(spec, gpu=gpu, **options).details["paged_optimizer_bytes"]
+    paged = estimate(spec, gpu=gpu, **measured.options).details["paged_optimizer_bytes"]
     parts = step_work_for(spec, resolved, gpu, paged)
     if parts is None:
         raise ValueError(f"{row['scenario_id']}: the step-time model has no step for it on {gpu.name}")

@@ -65,11 +65,32 @@ def test_predictions_are_what_estimate_says_for_the_scenario_files_setups(result
         if c.scenario_id not in given:  # the preflight scenario has no scenario file
             continue
         model, options = given[c.scenario_id]
+        if c.row["lora_modules"]:  # the targets the run adapted (see the test below)
+            options = {**options, "lora_targets": c.row["lora_modules"]}
         details = estimate(harness_model(model), gpu="h200", **options).details
         assert details["step_seconds"] == pytest.approx(c.step.step_s, rel=1e-12), c.scenario_id
         assert c.step.tokens_per_s * c.step.step_s == pytest.approx(c.tokens, rel=1e-9), c.scenario_id
         checked += 1
     assert checked == len(results) - 1
+
+
+def test_rows_are_judged_on_the_lora_targets_their_run_adapted(results):
+    """The harness recorded what peft adapted (``lora_modules``) and how many parameters trained, on the GPU. A row
+    re-estimated after a target spelling changed meaning (``all-linear`` now reaches the fused MoE experts, as peft
+    0.21 resolves the string) is still the model that ran: its trainable count is the recorded one."""
+    lora_rows = [c for c in results if c.row["lora_modules"]]
+    assert any("all-linear" in c.scenario_id and "moe" in c.scenario_id for c in lora_rows)
+    for c in lora_rows:
+        measured = bench_options(c)
+        trained = estimate(harness_model(c.row["model"]), gpu="h200", **measured).details["trainable_params"]
+        assert trained == int(c.row["trainable_params"]), c.scenario_id
+
+
+def bench_options(c) -> dict:
+    from vramcalc.calibrate.scenarios import Scenario, as_measured
+
+    module = sys.modules["throughput_measured"]
+    return as_measured(Scenario(model=c.row["model"], options=module.setup_options(c.row)), c.row).options
 
 
 def test_a_row_whose_cells_do_not_rebuild_its_setup_is_refused(bench):

@@ -85,6 +85,20 @@ def resolve(scenario: Scenario) -> tuple[ModelSpec, ResolvedSetup]:
     return spec, resolve_setup(spec, **options)
 
 
+def as_measured(scenario: Scenario, row: dict) -> Scenario:
+    """The scenario with the LoRA targets its measured run really adapted (the row's ``lora_modules``), same id.
+
+    A row is judged on what ran: when vramcalc's resolution of a target spelling changes after a run (5b8b22d: LoRA
+    ``all-linear`` on the MoE families peft 0.21 converts now reaches the fused experts and the router, as peft
+    resolves the string), re-resolving the recorded ``lora_targets`` would estimate another model than the one
+    measured."""
+    modules = row.get("lora_modules") or ""
+    if not modules:
+        return scenario
+    return Scenario(model=scenario.model, options={**scenario.options, "lora_targets": modules}, size=scenario.size,
+                    id=scenario.id)
+
+
 def scenario_id(spec: ModelSpec, resolved: ResolvedSetup) -> str:
     """``model/method/precision/optimizer/ckpt|nockpt/attn/b{b}s{s}`` plus ``/key=value`` for every other option
     that differs from TrainingSetup's default."""
