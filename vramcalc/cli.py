@@ -83,7 +83,7 @@ FORMAT_HELP = "output: table | json | csv (default: table)"
 RESERVED_HELP = ("also replay the step's allocations through PyTorch's caching allocator for max_memory_reserved: "
                  "the build, 1 warm-up step, empty_cache, 2 measured steps, with the --gpu profile's cuBLAS "
                  "workspace; adds details.reserved_peak_bytes (JSON, CSV) and a table line; traces the step a "
-                 "second time, so about twice as slow (default: off)")
+                 "second time (three steps, recorded): about 2.5 times as long (default: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
