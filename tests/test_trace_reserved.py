@@ -177,3 +177,19 @@ def test_cli_reserved_refuses_what_the_replay_does_not_cover_in_one_line(capsys,
 def test_estimate_has_no_reserved_flag(capsys):
     code, _, err = run_cli(capsys, "estimate", "llama-3.1-8b", "--reserved")
     assert code == 2 and "--reserved" in err
+
+
+def test_a_vision_language_replay_allocates_the_traced_peak_plus_the_default_workspace():
+    # the VLM's own builder and step (tracing/vision.py) run under the recorder too; no --gpu: the default
+    # runtime profile's two 32 MiB cuBLAS workspaces (terms/runtime.py), a multiple of 512 B
+    from vramcalc.hf_config import spec_from_config
+    from vramcalc.tracing.runner import trace
+
+    from .tiny_vlms import TINY_VLM
+
+    spec = spec_from_config(TINY_VLM["smolvlm"], name="tiny-smolvlm")
+    b = trace(spec, progress=False, reserved=True, images=2, seq_len=128, method="lora")
+    d = b.details
+    assert d["reserved_workspace_bytes"] == 64 * MIB
+    assert d["reserved_allocated_peak_bytes"] == b.peak_tensor_bytes + 64 * MIB + 512
+    assert d["reserved_peak_bytes"] >= d["reserved_allocated_peak_bytes"] and d["reserved_peak_bytes"] % (2 * MIB) == 0

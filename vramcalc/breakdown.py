@@ -178,7 +178,8 @@ class MemoryBreakdown:
             f"{RESERVED_LABEL:<{width}}  {gib(d['reserved_peak_bytes']):>9.2f} GiB",
             f"  replay: {d['reserved_replay_warmup_steps']} warm-up + {d['reserved_replay_measured_steps']} measured "
             f"steps after empty_cache (baseline {gib(d['reserved_baseline_bytes']):.2f} GiB), cuBLAS workspace "
-            f"{d['reserved_workspace_bytes'] / BYTES_PER_MIB:.1f} MiB ({d['reserved_workspace_source']})",
+            f"{d['reserved_workspace_bytes'] / BYTES_PER_MIB:.1f} MiB "
+            f"(runtime profile: {d['reserved_workspace_source']})",
             f"  slack model beside it: peak_tensor + allocator_slack + workspace = {gib(slack_model):.2f} GiB",
         ]
 
