@@ -14,6 +14,8 @@ from .options import Phase, Term
 from .units import gib
 
 GIB_NOTE = "GiB = 2^30 bytes"
+RESERVED_LABEL = "reserved (caching-allocator replay)"  # trace(..., reserved=True): tracing/reserved.py
+BYTES_PER_MIB = 2**20
 _TERMS = tuple(Term)
 
 
@@ -141,6 +143,8 @@ class MemoryBreakdown:
     def table(self) -> str:
         """A plain-text table in GiB with two decimals."""
         width = max(len(label) for label, _ in self.rows())
+        if "reserved_peak_bytes" in self.details:  # its line aligns with the terms
+            width = max(width, len(RESERVED_LABEL))
         lines = [f"{self.model}: {self.source}, peak at {self.phase.value}"]
         for label, value in self.rows():
             if label == "peak_tensor_bytes":
@@ -149,6 +153,8 @@ class MemoryBreakdown:
             if label == "activations" and "vision_activations_bytes" in self.details:  # a VLM (terms/vision.py)
                 vision = self.details["vision_activations_bytes"]
                 lines.append(f"{'  vision tower':<{width}}  {gib(vision):>9.2f} GiB")
+        if "reserved_peak_bytes" in self.details:  # trace(..., reserved=True): tracing/reserved.py
+            lines += self._reserved_lines(width)
         if "image_tokens_per_sample" in self.details:
             lines.append(f"image tokens per sample: {self.details['image_tokens_per_sample']:,} (part of --seq-len)")
         if self.gpu is not None:
@@ -162,6 +168,20 @@ class MemoryBreakdown:
         lines.append(f"({GIB_NOTE})")
         lines += [f"warning: {text}" for text in self.warnings]
         return "\n".join(lines)
+
+    def _reserved_lines(self, width: int) -> list[str]:
+        """The caching-allocator replay's ``max_memory_reserved``, and the slack model's figure for the same thing:
+        ``peak_tensor + allocator_slack`` + the cuBLAS workspace the replay allocated."""
+        d = self.details
+        slack_model = self.peak_tensor_bytes + self.terms_bytes[Term.ALLOCATOR_SLACK] + d["reserved_workspace_bytes"]
+        return [
+            f"{RESERVED_LABEL:<{width}}  {gib(d['reserved_peak_bytes']):>9.2f} GiB",
+            f"  replay: {d['reserved_replay_warmup_steps']} warm-up + {d['reserved_replay_measured_steps']} measured "
+            f"steps after empty_cache (baseline {gib(d['reserved_baseline_bytes']):.2f} GiB), cuBLAS workspace "
+            f"{d['reserved_workspace_bytes'] / BYTES_PER_MIB:.1f} MiB "
+            f"(runtime profile: {d['reserved_workspace_source']})",
+            f"  slack model beside it: peak_tensor + allocator_slack + workspace = {gib(slack_model):.2f} GiB",
+        ]
 
     def __str__(self) -> str:
         return self.table()

@@ -80,6 +80,10 @@ SETUP_KEYS = tuple(field.name for field in fields(TrainingSetup))  # every flag 
 MODEL_HELP = "catalogue name, HF repo id, or path to a config.json (or its folder)"
 REVISION_HELP = "branch, tag or commit of a HF repo id's config.json (default: main)"
 FORMAT_HELP = "output: table | json | csv (default: table)"
+RESERVED_HELP = ("also replay the step's allocations through PyTorch's caching allocator for max_memory_reserved: "
+                 "the build, 1 warm-up step, empty_cache, 2 measured steps, with the --gpu profile's cuBLAS "
+                 "workspace; adds details.reserved_peak_bytes (JSON, CSV) and a table line; traces the step a "
+                 "second time (three steps, recorded): about 2.5 times as long (default: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--revision", help=REVISION_HELP)
         _setup_options(sub)
         sub.add_argument("--gpu", help="catalogue GPU: say whether it fits and the headroom (default: none)")
+        if verb == "trace":
+            sub.add_argument("--reserved", action="store_true", help=RESERVED_HELP)
         sub.add_argument("--format", default="table", help=FORMAT_HELP)
     for verb in ("models", "gpus"):
         sub = verbs.add_parser(verb, help=f"list the {verb} catalogue", description=f"list the {verb} catalogue")
@@ -290,8 +296,9 @@ def _run_breakdown(args: argparse.Namespace) -> str:
 
     _check_model(args.model)
     function = estimate if args.verb == "estimate" else trace
+    extra = {"reserved": True} if getattr(args, "reserved", False) else {}
     try:
-        result = function(args.model, gpu=args.gpu, revision=args.revision, **setup_kwargs(args))
+        result = function(args.model, gpu=args.gpu, revision=args.revision, **extra, **setup_kwargs(args))
     except VramcalcError as err:
         from .hf_config import UnsupportedArchitecture, trace_hint
 

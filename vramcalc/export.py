@@ -188,6 +188,9 @@ def breakdown_row(result: MemoryBreakdown) -> dict:
     row["peak_tensor_bytes"] = result.peak_tensor_bytes
     row["total_bytes"] = result.total_bytes
     row["total_gib"] = round(result.total_bytes / BYTES_PER_GIB, 2)
+    for key in ("reserved_peak_bytes", "reserved_baseline_bytes"):  # trace(..., reserved=True) only
+        if key in result.details:
+            row[key] = result.details[key]
     if result.gpu is not None:
         row["gpu"] = result.gpu.name
         row["fits"] = result.fits()

@@ -52,9 +52,14 @@ def cublas_workspace_bytes(gpu: GpuSpec | None) -> int:
     return CUBLAS_HANDLES * per_handle
 
 
+def workspace_bytes(profile: RuntimeProfile, gpu: GpuSpec | None) -> int:
+    """The cuBLAS workspaces: the profile's fitted ``workspace_bytes``, else two handles' from the compute capability."""
+    return profile.workspace_bytes if profile.workspace_bytes is not None else cublas_workspace_bytes(gpu)
+
+
 def runtime_overhead_bytes(profile: RuntimeProfile, gpu: GpuSpec | None, num_gpus: int, paged_bytes: int) -> int:
     """Context + workspaces + NCCL (when more than one GPU) + resident paged optimizer state."""
-    workspace = profile.workspace_bytes if profile.workspace_bytes is not None else cublas_workspace_bytes(gpu)
+    workspace = workspace_bytes(profile, gpu)
     nccl = profile.nccl_bytes if num_gpus > 1 else 0
     return profile.cuda_context_bytes + workspace + nccl + paged_bytes
 

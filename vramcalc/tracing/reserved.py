@@ -24,6 +24,10 @@ from .caching_allocator import ALLOC, ReplayResult, replay
 from .engine import TraceResult, run_trace
 
 CONTEXT_TENSOR_BYTES = 4  # probes.measure_cuda: torch.zeros(1, device=device) creates the context
+# what ``trace(..., reserved=True)`` replays: the harness' defaults (``calibrate/__main__.py``: ``--warmup 1
+# --steps 2``), the protocol ``benchmarks/allocator_replay.md`` checked against 12 H200 measurements
+REPLAY_WARMUP = 1
+REPLAY_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -72,3 +76,37 @@ def replay_reserved(spec: ModelSpec, resolved: ResolvedSetup, *, warmup: int = 1
     return ReservedReplay(replay=result, trace=trace, events=len(events.events), workspace_bytes=workspace_bytes,
                           warmup=warmup, steps=steps, trace_seconds=trace_seconds,
                           replay_seconds=time.perf_counter() - started)
+
+
+def reserved_details(spec: ModelSpec, resolved: ResolvedSetup, gpu=None, *, progress: bool | None = None,
+                     builder=None, tracer_class=None) -> dict:
+    """The ``details`` that ``trace(..., reserved=True)`` adds: ``replay_reserved`` with the harness' protocol
+    (``REPLAY_WARMUP`` warm-up step, ``REPLAY_STEPS`` measured steps) and the cuBLAS workspace of ``gpu``'s runtime
+    profile (``terms.runtime.workspace_bytes``: the fitted ``workspace_bytes``, else two handles' workspaces from the
+    compute capability), one allocation at the first matmul as ``benchmarks/allocator_replay.py`` makes it.
+
+    ``reserved_peak_bytes``: ``max_memory_reserved`` after the measured steps; ``reserved_baseline_bytes``:
+    ``memory_reserved`` right after the warm-up's ``empty_cache`` and peak reset (the harness' baseline);
+    ``reserved_allocated_peak_bytes``: the replay's ``max_memory_allocated`` (block sizes, with the workspace and the
+    context's first tensor), for ``reserved - allocated``.
+    """
+    from ..catalogue import get_gpu
+    from ..profiles import runtime_profile
+    from ..terms.runtime import workspace_bytes
+
+    device = get_gpu(gpu) if gpu is not None else None
+    profile = runtime_profile(device)
+    out = replay_reserved(spec, resolved, warmup=REPLAY_WARMUP, steps=REPLAY_STEPS,
+                          workspace_bytes=workspace_bytes(profile, device), progress=progress, builder=builder,
+                          tracer_class=tracer_class)
+    return {
+        "reserved_peak_bytes": out.reserved_peak_bytes,
+        "reserved_baseline_bytes": out.replay.reserved_at_reset_bytes,
+        "reserved_allocated_peak_bytes": out.allocated_peak_bytes,
+        "reserved_segments": out.replay.segments,
+        "reserved_workspace_bytes": out.workspace_bytes,
+        "reserved_workspace_source": profile.source,
+        "reserved_replay_warmup_steps": out.warmup,
+        "reserved_replay_measured_steps": out.steps,
+        "reserved_replay_seconds": round(out.trace_seconds + out.replay_seconds, 3),
+    }

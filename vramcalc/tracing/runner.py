@@ -32,8 +32,15 @@ def _stack_tracer(stack: Stack):
 STACK_TRACE_MODULES = {Stack.TORCHTUNE: "torchtune", Stack.LITGPT: "litgpt", Stack.TRL: "trl"}
 
 
-def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None = None, **options):
-    """Same signature and return type as ``estimate``; the tensor terms come from the traced step."""
+def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None = None, reserved: bool = False,
+          **options):
+    """Same signature and return type as ``estimate``; the tensor terms come from the traced step.
+
+    ``reserved=True`` also replays the step's allocations through the caching allocator (``reserved.py``: the
+    build, 1 warm-up step, ``empty_cache`` and peak reset, 2 measured steps, traced again with an allocation
+    recorder) and adds ``details["reserved_peak_bytes"]``, what ``torch.cuda.max_memory_reserved`` would read, with
+    ``reserved_baseline_bytes`` and the replay's settings (``reserved.reserved_details``). The HF training step on
+    one GPU only."""
     from ..estimator import assemble_measured
 
     from ..hf_config import UnsupportedArchitecture
@@ -41,11 +48,16 @@ def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None
     try:
         spec = get_model(model, revision)
     except UnsupportedArchitecture as unsupported:  # no formulas: the model transformers builds (generic.py)
+        if reserved:
+            raise VramcalcError(_reserved_refusal(f"a {unsupported.family!r} model (no formulas: the generic "
+                                                  "trace)")) from None
         from .generic import trace_any
 
         return trace_any(unsupported.config, unsupported.family, unsupported.name, gpu=gpu, progress=progress,
                          **options)
     resolved = resolve_setup(spec, **options)
+    if reserved:
+        _check_reserved(resolved)
     if resolved.setup.task.value != "sft":  # TRL's trainer for the task (tracing/tasks.py)
         from .tasks import trace_task
 
@@ -56,17 +68,40 @@ def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None
     if resolved.setup.loss in (Loss.TORCHTUNE, Loss.LITGPT, Loss.TRL):
         word = resolved.setup.loss.value
         raise VramcalcError(f"--loss {word} is {word}'s own recipe: trace it with --stack {word}")
+    builder = tracer_class = None
     if spec.vision is not None:  # the whole vision-language model, with its images (tracing/vision.py)
         from .vision import VisionStepTracer, build_vlm
 
-        result = run_trace(spec, resolved, progress=progress, tracer_class=VisionStepTracer, builder=build_vlm)
-    else:
-        result = run_trace(spec, resolved, progress=progress)
+        builder, tracer_class = build_vlm, VisionStepTracer
+    result = run_trace(spec, resolved, progress=progress, tracer_class=tracer_class, builder=builder)
+    details = {"trace_seconds": round(result.seconds, 3), "trace_peak_rss_bytes": result.peak_rss_bytes}
+    if reserved:  # the step again, recorded and replayed through the caching allocator (reserved.py)
+        from .reserved import reserved_details
+
+        details.update(reserved_details(spec, resolved, gpu, progress=progress, builder=builder,
+                                        tracer_class=tracer_class))
     return assemble_measured(
         spec, resolved, result.terms, result.phase, source="trace", gpu=gpu,
-        paged_bytes=result.paged_bytes,
-        details={"trace_seconds": round(result.seconds, 3), "trace_peak_rss_bytes": result.peak_rss_bytes},
+        paged_bytes=result.paged_bytes, details=details,
     )
+
+
+def _reserved_refusal(what: str) -> str:
+    return (f"--reserved replays one GPU's caching allocator over the Hugging Face training step; {what} is traced "
+            "without it: leave --reserved out")
+
+
+def _check_reserved(resolved) -> None:
+    """``reserved=True`` covers what ``benchmarks/allocator_replay.md`` checked: the HF step (any method, precision,
+    optimizer; vision-language models too) on one GPU. Other tasks, stacks with their own code and several GPUs are
+    refused before anything runs."""
+    setup = resolved.setup
+    if setup.num_gpus > 1:
+        raise VramcalcError(_reserved_refusal(f"--num-gpus {setup.num_gpus}"))
+    if setup.task.value != "sft":
+        raise VramcalcError(_reserved_refusal(f"--task {setup.task.value}"))
+    if setup.stack in STACK_TRACE_MODULES or setup.stack is Stack.UNSLOTH:
+        raise VramcalcError(_reserved_refusal(f"--stack {setup.stack.value}"))
 
 
 __all__ = ["trace", "run_trace", "TraceResult", "Term"]
