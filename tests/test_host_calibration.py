@@ -116,3 +116,12 @@ def test_rows_without_a_step_time_keep_the_default_and_say_so():
     profile = fitting.profile_json(result, rows, gpu="h200")
     assert profile["coefficients"]["host_seconds_per_kernel"] == st.HOST_SECONDS_PER_KERNEL
     assert "host_seconds_per_kernel" in profile["kept_default"]
+
+
+def test_the_fitted_host_time_is_the_least_squares_minimum_on_the_measured_steps(grid_rows):
+    # the closed form per interval against a brute-force scan of 1-200 us in 0.25 us steps
+    obs, skipped = fitting.step_observations(grid_rows, "h200")
+    assert len(obs) == len(grid_rows) and not skipped
+    h = fitting.fit_host_seconds_per_kernel(obs)
+    best = fitting._relative_sse(obs, h)
+    assert all(best <= fitting._relative_sse(obs, k * 0.25e-6) + 1e-12 for k in range(4, 801))

@@ -11,9 +11,9 @@ either by arithmetic or by memory traffic, and the two kinds of kernel run one a
 
 * ``h`` is the host's time to issue one kernel (Python, the dispatcher, autograd and the launch) plus its share of
   the view ops that launch nothing (``host_seconds_per_kernel``; the launched kernel's part comes from the GPU's
-  ``RuntimeProfile.host_seconds_per_kernel``, calibrated per machine, default ``HOST_SECONDS_PER_KERNEL``), ``n_*`` the kernels
-  of each kind in the step (``kernel_counts``): the GPU cannot run a kernel before the host has issued it, so a kind
-  of work takes whichever is longer (Horace He, "Making Deep Learning Go Brrrr From First Principles": compute,
+  ``RuntimeProfile.host_seconds_per_kernel``, calibrated per machine, default ``HOST_SECONDS_PER_KERNEL``), ``n_*``
+  the kernels of each kind in the step (``kernel_counts``): the GPU cannot run a kernel before the host has issued
+  it, so a kind of work takes whichever is longer (Horace He, "Making Deep Learning Go Brrrr From First Principles": compute,
   memory and *overhead* are the three regimes). It matters where kernels are small: short sequences, micro-batch 1,
   LoRA's rank-r matmuls, eager (uncompiled) models with many elementwise kernels per layer.
 

@@ -91,7 +91,8 @@ def row_options(row: dict[str, str]) -> dict[str, str]:
     from .records import _cell
 
     defaults = {name: _cell(value) for name, value in setup_defaults().items()}
-    return {name: row[name] for name in SETUP_FIELDS if name in ID_OPTIONS or row.get(name, defaults[name]) != defaults[name]}
+    return {name: row[name] for name in SETUP_FIELDS
+            if name in ID_OPTIONS or row.get(name, defaults[name]) != defaults[name]}
 
 
 def row_scenario(row: dict[str, str]) -> Scenario:
