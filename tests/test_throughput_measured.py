@@ -57,8 +57,9 @@ def test_every_ok_row_and_only_those_is_compared(results):
     assert all(c.measured_s == measured[c.scenario_id] for c in results)
 
 
-def test_predictions_are_what_estimate_says_for_the_scenario_files_setups(results):
-    """The script rebuilds each setup from the CSV cells; the scenario files state the same setups independently."""
+def test_calibrated_predictions_are_what_estimate_says_for_the_scenario_files_setups(results):
+    """The script rebuilds each setup from the CSV cells; the scenario files state the same setups independently.
+    ``estimate(gpu="h200")`` reads the calibrated H200 profile, so it says what the calibrated column says."""
     given = _scenario_options()
     checked = 0
     for c in results:
@@ -68,7 +69,7 @@ def test_predictions_are_what_estimate_says_for_the_scenario_files_setups(result
         if c.row["lora_modules"]:  # the targets the run adapted (see the test below)
             options = {**options, "lora_targets": c.row["lora_modules"]}
         details = estimate(harness_model(model), gpu="h200", **options).details
-        assert details["step_seconds"] == pytest.approx(c.step.step_s, rel=1e-12), c.scenario_id
+        assert details["step_seconds"] == pytest.approx(c.calibrated.step_s, rel=1e-12), c.scenario_id
         assert c.step.tokens_per_s * c.step.step_s == pytest.approx(c.tokens, rel=1e-9), c.scenario_id
         checked += 1
     assert checked == len(results) - 1
@@ -87,10 +88,9 @@ def test_rows_are_judged_on_the_lora_targets_their_run_adapted(results):
 
 
 def bench_options(c) -> dict:
-    from vramcalc.calibrate.scenarios import Scenario, as_measured
+    from vramcalc.calibrate.scenarios import row_scenario
 
-    module = sys.modules["throughput_measured"]
-    return as_measured(Scenario(model=c.row["model"], options=module.setup_options(c.row)), c.row).options
+    return row_scenario(c.row).options
 
 
 def test_a_row_whose_cells_do_not_rebuild_its_setup_is_refused(bench):

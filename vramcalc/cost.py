@@ -38,10 +38,11 @@ from .errors import VramcalcError, positive_number
 from .facts import GPUS_PER_NODE
 from .model import ModelSpec, ParamKind
 from .options import Attention, Interconnect, Kernels, Method, Offload, Optimizer, Precision, Sharding
-from .profiles import profile_data
+from .profiles import profile_data, runtime_profile
 from . import step_time as _step
 from .terms.distributed import Communication, communication_bytes_per_step
 from .terms.parameters import stored_tensors
+from .terms.runtime import RuntimeProfile
 from .terms import expert_parallel as _ep
 from .terms import tensor_parallel as _tp
 from .terms import context_parallel as _cp
@@ -360,7 +361,8 @@ def expert_parallel_shape(spec: ModelSpec, ep: int) -> _step.DecoderShape:
 
 
 @functools.lru_cache(maxsize=4096)
-def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes: int = 0) -> _step.StepTime | None:
+def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes: int = 0,
+             profile: RuntimeProfile | None = None) -> _step.StepTime | None:
     """One optimizer step of this setup on one GPU of ``gpu`` from its work (``vramcalc.step_time``), or None where
     the model has no mechanism or no rate: an --offload setup (the optimizer runs on the host CPU), a matmul dtype
     without an achievable rate for the GPU (fp32, a GPU missing from data/achievable_rates.csv), or a job over
@@ -387,14 +389,18 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
     byte count ``details`` reports) run on the TP group's ring (``link_plan`` over T GPUs: the node link inside a node)
     with no overlap (``step_time.TENSOR_PARALLEL_OVERLAP``).
     """
-    parts = step_work_for(spec, resolved, gpu, paged_bytes)
+    parts = step_work_for(spec, resolved, gpu, paged_bytes, profile)
     return None if parts is None else _step.step_time(*parts)
 
 
-def step_work_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec,
-                  paged_bytes: int = 0) -> tuple[_step.StepWork, _step.StepRates] | None:
+def step_work_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes: int = 0,
+                  profile: RuntimeProfile | None = None) -> tuple[_step.StepWork, _step.StepRates] | None:
     """The work and the rates ``step_for`` times (``step_time.step_time(work, rates)``), or None where it has no
-    step: its kernel counts, FLOPs and bytes, for comparisons that check them one by one."""
+    step: its kernel counts, FLOPs and bytes, for comparisons that check them one by one. The host's time per
+    launched kernel is ``profile``'s (``RuntimeProfile.host_seconds_per_kernel``); None: the GPU's calibration
+    profile, or the default (``profiles.runtime_profile``), as ``estimate`` uses."""
+    if profile is None:
+        profile = runtime_profile(gpu)
     setup = resolved.setup
     links = checked_link_plan(gpu, setup)
     tp = _tp.tp_degree(resolved)
@@ -466,6 +472,7 @@ def step_work_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec,
                            dp_link_gb_s=link_gb_s, tp_link_gb_s=tp_links.ring_gb_s if tp_links else 0.0,
                            cp_link_gb_s=cp_links.ring_gb_s if cp_links else 0.0)
     return work, _step.StepRates(mm.tflops, attn.tflops, gpu.bandwidth_gb_s, peak / TFLOPS,
+                                 host_s_per_kernel=profile.host_seconds_per_kernel,
                                  attention_backward_tflops=_step.attention_backward_tflops(attn))
 
 

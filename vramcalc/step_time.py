@@ -10,9 +10,10 @@ either by arithmetic or by memory traffic, and the two kinds of kernel run one a
            + max(memory_bytes / B, n_other·h) + exposed_comm_s
 
 * ``h`` is the host's time to issue one kernel (Python, the dispatcher, autograd and the launch) plus its share of
-  the view ops that launch nothing (``host_seconds_per_kernel``), ``n_*`` the kernels
-  of each kind in the step (``kernel_counts``): the GPU cannot run a kernel before the host has issued it, so a kind
-  of work takes whichever is longer (Horace He, "Making Deep Learning Go Brrrr From First Principles": compute,
+  the view ops that launch nothing (``host_seconds_per_kernel``; the launched kernel's part comes from the GPU's
+  ``RuntimeProfile.host_seconds_per_kernel``, calibrated per machine, default ``HOST_SECONDS_PER_KERNEL``), ``n_*``
+  the kernels of each kind in the step (``kernel_counts``): the GPU cannot run a kernel before the host has issued
+  it, so a kind of work takes whichever is longer (Horace He, "Making Deep Learning Go Brrrr From First Principles": compute,
   memory and *overhead* are the three regimes). It matters where kernels are small: short sequences, micro-batch 1,
   LoRA's rank-r matmuls, eager (uncompiled) models with many elementwise kernels per layer.
 
@@ -107,7 +108,10 @@ ASYNC_TENSOR_PARALLEL_BACKWARD_OVERLAP = 0.0
 # Host time to issue one eager PyTorch op on a CUDA device: "~5-25 µs of CPU-side work per op" (Python bytecode ~1,
 # pybind ~1, autograd ~1-3, ATen dispatch ~1-2, backend ~1-5, cudaLaunchKernel ~1-3 µs: jiahuanglin.xyz, "From
 # PyTorch op to kernel launch", gpu_kernel_serving lesson 18). 10 µs is taken, inside that range, before comparing
-# with any published throughput (not fitted; benchmarks/throughput.md shows the effect).
+# with any published throughput (benchmarks/throughput.md shows the effect). It is the default of
+# ``terms.runtime.RuntimeProfile.host_seconds_per_kernel``, the one the estimate uses (``StepRates.host_s_per_kernel``):
+# a GPU's calibration profile replaces it with the value fitted to that machine's measured steps
+# (``calibrate.fit.fit_host_seconds_per_kernel``); it is a property of the host CPU, not of the GPU.
 HOST_SECONDS_PER_KERNEL = 10e-6
 
 # View and metadata ops (view, t, transpose, _unsafe_view, slice, expand, detach, ...) launch no kernel but each

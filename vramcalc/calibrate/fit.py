@@ -20,16 +20,28 @@ estimator's own bias). Each is kept in the profile's ``corrections`` with its le
 ``suggested`` when it lowers that error by ``SUGGEST_IMPROVEMENT``; the estimator does not read them.
 
 Leave-one-out cross-validation refits without each scenario and predicts it, for A, R and N.
+
+The host's time per launched kernel (``RuntimeProfile.host_seconds_per_kernel``, the step-time model's h) is fitted
+from the measured ``step_seconds`` (``fit_host_seconds_per_kernel``). Each ok row of a CUDA probe is rebuilt as the
+setup it measured (``scenarios.row_scenario``) and timed by ``vramcalc.step_time`` exactly as ``estimate`` times it,
+with only h free: step(h) = Σ over kinds max(GPU time, n_kind · (h + views/kernels · h_view)) + exposed
+communication. h is the value minimising Σ ((step_i(h) - measured_i) / measured_i)^2, relative residuals as above;
+step(h) is piecewise linear in h (a kind turns host-bound where n·h reaches its GPU time), so the minimum is found
+exactly, interval by interval. A GPU-bound row's step does not change with h near the minimum and does not pull it
+(the eager 8 x 8192 row of the H200 run, 1.7x its predicted GPU time); ``scenarios`` counts the rows whose step the
+host binds at the fitted h. The view ops' own time (``step_time.VIEW_OP_HOST_SECONDS``) is not fitted: with every
+measured row eager, kernels and views come in a fixed ratio and only their sum is seen.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..terms.runtime import RuntimeProfile, cublas_workspace_bytes
+from .. import step_time as _step
 from .records import number
 
 PROFILE_FORMAT = 1
@@ -70,6 +82,21 @@ class Coefficients:
 
 
 @dataclass(frozen=True)
+class HostFit:
+    """The fitted host time per launched kernel and the step-time residuals before (default) and after."""
+
+    host_seconds_per_kernel: float
+    default_seconds: float  # RuntimeProfile().host_seconds_per_kernel
+    rows: int  # step rows timed by the model
+    host_bound_rows: int  # rows whose step the host binds at the fitted value (they determine it)
+    residuals_before: dict
+    residuals_after: dict
+    seconds_per_launched_kernel_with_views: float  # h + views/kernels · h_view of an eager step
+    skipped: tuple[str, ...] = ()  # "scenario id: reason" of rows the model could not time
+    loo: dict = field(default_factory=dict)  # each row predicted with h fitted without it
+
+
+@dataclass(frozen=True)
 class FitResult:
     coefficients: Coefficients  # fitted (None where not measured)
     defaults: Coefficients  # what estimate() uses without a profile
@@ -79,6 +106,7 @@ class FitResult:
     loo: dict
     corrections: dict = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    host: HostFit | None = None  # None: no measured step time the model could time
 
 
 # -- observations --------------------------------------------------------------------------------------
@@ -274,6 +302,114 @@ def fit_corrections(obs: list[Observation]) -> dict:
     return out
 
 
+# -- the host's time per launched kernel, from measured step times ------------------------------------------------
+@dataclass(frozen=True)
+class StepObservation:
+    """One measured step and the model's work and rates for its setup (rates at the default host time)."""
+
+    scenario_id: str
+    measured_s: float  # step_seconds
+    work: _step.StepWork
+    rates: _step.StepRates
+
+
+def step_observations(rows: list[dict], gpu_name: str | None = None) -> tuple[list[StepObservation], list[str]]:
+    """The ok rows of a CUDA probe with a measured ``step_seconds``, each rebuilt as its setup
+    (``scenarios.row_scenario``) and given the work ``estimate`` times on the row's GPU (``cost.step_work_for``,
+    the default profile); and "id: reason" for each such row the model cannot time."""
+    from ..catalogue import get_gpu
+    from ..cost import step_work_for
+    from ..errors import VramcalcError
+    from ..estimator import estimate
+    from .scenarios import resolve, row_scenario
+
+    out, skipped = [], []
+    for row in rows:
+        measured = number(row, "step_seconds")
+        if row.get("status") != "ok" or row.get("probe") != "cuda" or not measured or measured <= 0:
+            continue
+        try:
+            scenario = row_scenario(row)
+            spec, resolved = resolve(scenario)
+            gpu = get_gpu(row.get("gpu") or gpu_name or "")
+            paged = estimate(spec, gpu=gpu, **scenario.options).details["paged_optimizer_bytes"]
+            parts = step_work_for(spec, resolved, gpu, paged, RuntimeProfile())
+        except (KeyError, ValueError, VramcalcError) as err:
+            skipped.append(f"{row.get('scenario_id', '?')}: {err}")
+            continue
+        if parts is None:
+            skipped.append(f"{row['scenario_id']}: the step-time model has no step for it")
+            continue
+        out.append(StepObservation(row["scenario_id"], measured, *parts))
+    return out, skipped
+
+
+def predicted_step_seconds(o: StepObservation, host_seconds_per_kernel: float) -> float:
+    """The model's step for ``o`` with the host's time per launched kernel set to ``host_seconds_per_kernel``."""
+    return _step.step_time(o.work, replace(o.rates, host_s_per_kernel=host_seconds_per_kernel)).step_s
+
+
+def host_breakpoints(o: StepObservation) -> list[float]:
+    """The values of h at which a kind of ``o``'s work turns host-bound: n·(h + views/kernels · h_view) = GPU time."""
+    k = o.work.kernels
+    gpu = _step.step_time(o.work, o.rates)  # the GPU times of the kinds do not depend on h
+    view_share = _step.host_seconds_per_kernel(k, 0.0, o.rates.host_s_per_view)
+    return [gpu_s / n - view_share for n, gpu_s in ((k.gemm, gpu.matmul_s), (k.attention, gpu.attention_s),
+                                                    (k.other, gpu.memory_s)) if n > 0 and gpu_s / n > view_share]
+
+
+def _relative_sse(obs: list[StepObservation], h: float) -> float:
+    return sum(((predicted_step_seconds(o, h) - o.measured_s) / o.measured_s) ** 2 for o in obs)
+
+
+def fit_host_seconds_per_kernel(obs: list[StepObservation]) -> float:
+    """The h >= 0 minimising Σ ((step_i(h) - measured_i) / measured_i)^2 (module docstring). Between two
+    consecutive breakpoints (``host_breakpoints``) every step_i is linear in h, so the sum is a quadratic there whose
+    minimum is solved in closed form; the best of those minima and the breakpoints themselves is the answer."""
+    if not obs:
+        raise ValueError("no measured step time to fit the host's time per kernel to")
+    points = sorted({0.0, *(b for o in obs for b in host_breakpoints(o))})
+    candidates = list(points)
+    for i, a in enumerate(points):
+        last = i + 1 == len(points)
+        b = points[i + 1] if not last else 2.0 * a + 1e-4  # past the last breakpoint every row is linear in h
+        at_a = [predicted_step_seconds(o, a) for o in obs]
+        slopes = [(predicted_step_seconds(o, b) - p) / (b - a) for o, p in zip(obs, at_a)]
+        curvature = sum(s * s / o.measured_s ** 2 for s, o in zip(slopes, obs))
+        if curvature <= 0:
+            continue
+        step = sum(s * (o.measured_s - p) / o.measured_s ** 2 for s, p, o in zip(slopes, at_a, obs)) / curvature
+        candidates.append(max(a, a + step) if last else min(max(a, a + step), b))
+    return min(candidates, key=lambda h: _relative_sse(obs, h))
+
+
+def step_residuals(obs: list[StepObservation], h: float) -> dict:
+    """n, median and max |relative error|, mean relative error and RMS seconds of the model's steps at ``h``."""
+    pairs = [(predicted_step_seconds(o, h), o.measured_s) for o in obs]
+    summary = summarize_errors(pairs)
+    if pairs:
+        summary.pop("rms_error_bytes")
+        summary["rms_error_seconds"] = round(math.sqrt(sum((p - m) ** 2 for p, m in pairs) / len(pairs)), 6)
+    return summary
+
+
+def fit_host(rows: list[dict], gpu_name: str | None = None) -> HostFit | None:
+    """``fit_host_seconds_per_kernel`` over the rows' measured steps, with residuals; None without any."""
+    obs, skipped = step_observations(rows, gpu_name)
+    if not obs:
+        return None
+    default = RuntimeProfile().host_seconds_per_kernel
+    h = fit_host_seconds_per_kernel(obs)
+    bound = sum(1 for o in obs if predicted_step_seconds(o, h * 1.001 + 1e-9) > predicted_step_seconds(o, h))
+    eager = next((o for o in obs if o.work.kernels.views), None)
+    with_views = _step.host_seconds_per_kernel(eager.work.kernels, h, eager.rates.host_s_per_view) if eager else h
+    loo = summarize_errors([(predicted_step_seconds(o, fit_host_seconds_per_kernel(obs[:i] + obs[i + 1:])),
+                             o.measured_s) for i, o in enumerate(obs)] if len(obs) > 1 else [])
+    loo.pop("rms_error_bytes", None)
+    return HostFit(h, default, len(obs), bound, step_residuals(obs, default), step_residuals(obs, h), with_views,
+                   tuple(skipped), loo)
+
+
 # -- the whole fit -------------------------------------------------------------------------------------
 def fit(rows: list[dict], gpu_name: str | None = None) -> FitResult:
     """Fit, residuals before (documented defaults) and after, leave-one-out, candidate corrections."""
@@ -297,6 +433,7 @@ def fit(rows: list[dict], gpu_name: str | None = None) -> FitResult:
         loo=leave_one_out(obs, defaults),
         corrections=fit_corrections(obs),
         warnings=tuple(warnings),
+        host=fit_host(rows, gpu_name),
     )
 
 
@@ -310,9 +447,25 @@ def profile_json(result: FitResult, rows: list[dict], *, gpu: str | None, csv_pa
         "nccl_bytes": RuntimeProfile().nccl_bytes,
         "allocator_slack_fraction": round(c.allocator_slack_fraction, 6),
     }
+    host = result.host
+    coefficients["host_seconds_per_kernel"] = round(host.host_seconds_per_kernel if host else
+                                                    RuntimeProfile().host_seconds_per_kernel, 9)
     fitted = {name: {"value": coefficients[name], "scenarios": n} for name, n in result.rows_used.items()}
+    if host:
+        fitted["host_seconds_per_kernel"] = {
+            "value": coefficients["host_seconds_per_kernel"],
+            "scenarios": host.host_bound_rows,
+            "rows": host.rows,
+            "rule": "least squares on relative step-time residuals over every timed row, only h free "
+                    "(calibrate/fit.py, fit_host_seconds_per_kernel); scenarios: rows the host binds at the fit",
+            "default": host.default_seconds,
+            "seconds_per_launched_kernel_with_views": round(host.seconds_per_launched_kernel_with_views, 9),
+            "residuals": {"step_seconds": {"before": host.residuals_before, "after": host.residuals_after}},
+            "loo_cv": {"step_seconds": host.loo},
+            "skipped": list(host.skipped),
+        }
     kept = {name: "not measured here: the default stays" for name in coefficients
-            if name not in result.rows_used}
+            if name not in fitted}
     kept["nccl_bytes"] = "one GPU: NCCL not measured, documented default"
     statuses = {}
     for row in rows:

@@ -73,6 +73,11 @@ def fit_table(result: FitResult) -> str:
                      else f"{default / BYTES_PER_MIB:.1f} MiB -> -")
         used = result.rows_used.get(name)
         lines.append(f"  {name:<26} {shown}" + (f"   ({used} scenarios)" if used else ""))
+    host = result.host
+    if host is not None:
+        lines.append(f"  {'host_seconds_per_kernel':<26} {host.default_seconds * 1e6:.1f} us -> "
+                     f"{host.host_seconds_per_kernel * 1e6:.1f} us   ({host.host_bound_rows} host-bound of "
+                     f"{host.rows} timed steps; {host.seconds_per_launched_kernel_with_views * 1e6:.1f} us with views)")
     lines.append("Relative error of the prediction, median |e| / max |e| (n): before fit | after fit | leave-one-out")
     for level, label in (("peak_tensor_vs_allocated", "est peak_tensor vs max_memory_allocated"),
                          ("allocated", "predicted vs max_memory_allocated"),
@@ -85,6 +90,9 @@ def fit_table(result: FitResult) -> str:
             lines.append(f"  {label:<42} not measured")
             continue
         lines.append(f"  {label:<42} {_err(before)} | {_err(after)} | {_err(loo) if loo.get('n') else '-'}")
+    if host is not None:
+        lines.append(f"  {'step-time model vs step_seconds':<42} {_err(host.residuals_before)} | "
+                     f"{_err(host.residuals_after)} | {_err(host.loo) if host.loo.get('n') else '-'}")
     for name, candidate in result.corrections.items():
         if name == "baseline_loo_allocated":
             continue

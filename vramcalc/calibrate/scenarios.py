@@ -78,6 +78,32 @@ def harness_model(name: str) -> ModelSpec:
     return get_model(name)
 
 
+# The options ``scenario_id`` always writes; every other option appears in the id when it is not the default.
+ID_OPTIONS = ("method", "precision", "optimizer", "grad_ckpt", "attn", "batch_size", "seq_len")
+
+
+def row_options(row: dict[str, str]) -> dict[str, str]:
+    """The options of a measured row's setup, from its cells: the options the scenario id always names, and every
+    other option whose cell differs from the default as the record file writes it (``records._cell``). Options the
+    scenario left at their defaults stay out, so that method-specific cells of other methods (lora_rank on a full
+    fine-tuning row) and defaults that depend on other options (kbit_prep's checkpointing) resolve as measured."""
+    from ..training_setup import SETUP_FIELDS, setup_defaults
+    from .records import _cell
+
+    defaults = {name: _cell(value) for name, value in setup_defaults().items()}
+    return {name: row[name] for name in SETUP_FIELDS
+            if name in ID_OPTIONS or row.get(name, defaults[name]) != defaults[name]}
+
+
+def row_scenario(row: dict[str, str]) -> Scenario:
+    """The scenario a measured row ran, rebuilt from its cells (``row_options``) with the LoRA targets the run
+    adapted (``as_measured``); ValueError when the rebuilt scenario's id is not the one the row recorded."""
+    scenario = Scenario(model=row["model"], options=row_options(row))
+    if scenario.id != row["scenario_id"]:
+        raise ValueError(f"rebuilt {scenario.id!r} from the cells of {row['scenario_id']!r}")
+    return as_measured(scenario, row)
+
+
 def resolve(scenario: Scenario) -> tuple[ModelSpec, ResolvedSetup]:
     """The scenario's model and resolved setup (VramcalcError for bad values)."""
     spec = harness_model(scenario.model)

@@ -10,7 +10,13 @@ runtime_overhead = CUDA context (+ kernel images) + cuBLAS workspaces + NCCL com
   (resident, before any eviction to host RAM).
 allocator_slack = reserved - allocated: the caching allocator rounds blocks (2 MiB segments below 1 MiB, 20 MiB up to
   10 MiB, 2 MiB multiples above; ``CUDACachingAllocator.cpp``) and fragments. Default: a fraction of the tensor peak.
-Both defaults are assumptions until ``python -m vramcalc.calibrate`` fits them for a GPU; a fitted profile under
+host_seconds_per_kernel = the host's time to issue one launched kernel of an eager step (Python, dispatcher,
+  autograd, the launch), the step-time model's ``h`` (``vramcalc.step_time``; view ops keep their own
+  ``step_time.VIEW_OP_HOST_SECONDS``). It belongs to the host CPU and the Python stack, not to the GPU: the same
+  H200 type ran the same host-bound step 1.7x apart on two machines (calibration/runs/h200/step_timing/). Default
+  ``step_time.HOST_SECONDS_PER_KERNEL`` (10 us, cited there); the calibration fits it from measured step times
+  (``calibrate.fit.fit_host_seconds_per_kernel``).
+All defaults are assumptions until ``python -m vramcalc.calibrate`` fits them for a GPU; a fitted profile under
 ``calibration/profiles/`` replaces them.
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..catalogue import GpuSpec
+from ..step_time import HOST_SECONDS_PER_KERNEL
 
 MIB = 2**20
 DEFAULT_CUDA_CONTEXT_BYTES = 500 * MIB  # assumption (see module docstring); refit by calibration
@@ -37,6 +44,7 @@ class RuntimeProfile:
     workspace_bytes: int | None = None  # None: cuBLAS workspaces from the compute capability
     nccl_bytes: int = DEFAULT_NCCL_BYTES
     allocator_slack_fraction: float = DEFAULT_ALLOCATOR_SLACK_FRACTION
+    host_seconds_per_kernel: float = HOST_SECONDS_PER_KERNEL  # the step-time model's h (module docstring)
     source: str = "default"
 
 
