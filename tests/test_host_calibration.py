@@ -125,3 +125,20 @@ def test_the_fitted_host_time_is_the_least_squares_minimum_on_the_measured_steps
     h = fitting.fit_host_seconds_per_kernel(obs)
     best = fitting._relative_sse(obs, h)
     assert all(best <= fitting._relative_sse(obs, k * 0.25e-6) + 1e-12 for k in range(4, 801))
+
+
+def test_a_host_time_fitted_on_the_first_steps_after_empty_cache_is_reported_but_not_installed(grid_rows):
+    """The first H200 run timed the first steps after ``empty_cache()`` (no ``step_timing``): the fit is reported and
+    the default stays; the same rows marked as steadily timed install it."""
+    from vramcalc.calibrate.records import STEADY_STEP_TIMING
+
+    timed = _timed_at(grid_rows, 30e-6)
+    profile = fitting.profile_json(fitting.fit(timed, "h200"), timed, gpu="h200")
+    assert profile["fitted"]["host_seconds_per_kernel"]["installed"] is False
+    assert profile["fitted"]["host_seconds_per_kernel"]["value"] == pytest.approx(30e-6, rel=0.01)
+    assert profile["coefficients"]["host_seconds_per_kernel"] == st.HOST_SECONDS_PER_KERNEL
+    assert "host_seconds_per_kernel" in profile["kept_default"]
+    steady = [{**row, "step_timing": STEADY_STEP_TIMING} for row in timed]
+    profile = fitting.profile_json(fitting.fit(steady, "h200"), steady, gpu="h200")
+    assert profile["coefficients"]["host_seconds_per_kernel"] == pytest.approx(30e-6, rel=0.01)
+    assert "host_seconds_per_kernel" not in profile["kept_default"]

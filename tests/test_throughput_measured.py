@@ -57,9 +57,11 @@ def test_every_ok_row_and_only_those_is_compared(results):
     assert all(c.measured_s == measured[c.scenario_id] for c in results)
 
 
-def test_calibrated_predictions_are_what_estimate_says_for_the_scenario_files_setups(results):
+def test_default_predictions_are_what_estimate_says_for_the_scenario_files_setups(results):
     """The script rebuilds each setup from the CSV cells; the scenario files state the same setups independently.
-    ``estimate(gpu="h200")`` reads the calibrated H200 profile, so it says what the calibrated column says."""
+    h200.json installs no host time per kernel (its rows timed the first steps after empty_cache(), not steady
+    steps), so ``estimate(gpu="h200")`` says what the default column says; the fitted column's larger host time per
+    kernel never makes a step faster."""
     given = _scenario_options()
     checked = 0
     for c in results:
@@ -69,7 +71,8 @@ def test_calibrated_predictions_are_what_estimate_says_for_the_scenario_files_se
         if c.row["lora_modules"]:  # the targets the run adapted (see the test below)
             options = {**options, "lora_targets": c.row["lora_modules"]}
         details = estimate(harness_model(model), gpu="h200", **options).details
-        assert details["step_seconds"] == pytest.approx(c.calibrated.step_s, rel=1e-12), c.scenario_id
+        assert details["step_seconds"] == pytest.approx(c.step.step_s, rel=1e-12), c.scenario_id
+        assert c.calibrated.step_s >= c.step.step_s, c.scenario_id
         assert c.step.tokens_per_s * c.step.step_s == pytest.approx(c.tokens, rel=1e-9), c.scenario_id
         checked += 1
     assert checked == len(results) - 1

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from ..terms.runtime import RuntimeProfile, cublas_workspace_bytes
 from .. import step_time as _step
-from .records import number
+from .records import STEADY_STEP_TIMING, number
 
 PROFILE_FORMAT = 1
 SUGGEST_IMPROVEMENT = 0.10  # a candidate is suggested when it lowers the LOO median |error| of A by 10%
@@ -94,6 +94,7 @@ class HostFit:
     seconds_per_launched_kernel_with_views: float  # h + views/kernels · h_view of an eager step
     skipped: tuple[str, ...] = ()  # "scenario id: reason" of rows the model could not time
     loo: dict = field(default_factory=dict)  # each row predicted with h fitted without it
+    steady: bool = True  # every row timed steady steps (records.STEADY_STEP_TIMING): only then is it installed
 
 
 @dataclass(frozen=True)
@@ -311,6 +312,7 @@ class StepObservation:
     measured_s: float  # step_seconds
     work: _step.StepWork
     rates: _step.StepRates
+    steady: bool = True  # timed after one untimed step past empty_cache() (the row's step_timing)
 
 
 def step_observations(rows: list[dict], gpu_name: str | None = None) -> tuple[list[StepObservation], list[str]]:
@@ -340,7 +342,8 @@ def step_observations(rows: list[dict], gpu_name: str | None = None) -> tuple[li
         if parts is None:
             skipped.append(f"{row['scenario_id']}: the step-time model has no step for it")
             continue
-        out.append(StepObservation(row["scenario_id"], measured, *parts))
+        steady = row.get("step_timing") == STEADY_STEP_TIMING
+        out.append(StepObservation(row["scenario_id"], measured, *parts, steady=steady))
     return out, skipped
 
 
@@ -407,7 +410,7 @@ def fit_host(rows: list[dict], gpu_name: str | None = None) -> HostFit | None:
                              o.measured_s) for i, o in enumerate(obs)] if len(obs) > 1 else [])
     loo.pop("rms_error_bytes", None)
     return HostFit(h, default, len(obs), bound, step_residuals(obs, default), step_residuals(obs, h), with_views,
-                   tuple(skipped), loo)
+                   tuple(skipped), loo, steady=all(o.steady for o in obs))
 
 
 # -- the whole fit -------------------------------------------------------------------------------------
@@ -448,12 +451,14 @@ def profile_json(result: FitResult, rows: list[dict], *, gpu: str | None, csv_pa
         "allocator_slack_fraction": round(c.allocator_slack_fraction, 6),
     }
     host = result.host
-    coefficients["host_seconds_per_kernel"] = round(host.host_seconds_per_kernel if host else
+    installed = host is not None and host.steady
+    coefficients["host_seconds_per_kernel"] = round(host.host_seconds_per_kernel if installed else
                                                     RuntimeProfile().host_seconds_per_kernel, 9)
     fitted = {name: {"value": coefficients[name], "scenarios": n} for name, n in result.rows_used.items()}
     if host:
         fitted["host_seconds_per_kernel"] = {
-            "value": coefficients["host_seconds_per_kernel"],
+            "value": round(host.host_seconds_per_kernel, 9),
+            "installed": installed,
             "scenarios": host.host_bound_rows,
             "rows": host.rows,
             "rule": "least squares on relative step-time residuals over every timed row, only h free "
@@ -466,6 +471,10 @@ def profile_json(result: FitResult, rows: list[dict], *, gpu: str | None, csv_pa
         }
     kept = {name: "not measured here: the default stays" for name in coefficients
             if name not in fitted}
+    if host and not installed:
+        kept["host_seconds_per_kernel"] = (
+            "fitted (see fitted) but not installed: these rows timed the first steps after empty_cache(), which "
+            "re-reserve every segment through cudaMalloc, not steady steps (calibrate/probes.py measure_cuda)")
     kept["nccl_bytes"] = "one GPU: NCCL not measured, documented default"
     statuses = {}
     for row in rows:

@@ -5,7 +5,9 @@ CUDA probe (``measure_cuda``), following the PyTorch memory-tracker protocol (sh
   1. create the context (one tiny tensor): context = this process' NVML memory - ``memory_reserved``;
   2. build the model, run ``warmup`` steps (optimizer state, cuBLAS handles and workspaces, lazily loaded kernels);
   3. ``gc.collect()``, ``empty_cache()``, ``reset_peak_memory_stats()``; record the baseline (allocated, reserved);
-  4. run ``steps`` (>= 2) timed steps while a thread samples NVML every ``NVML_SAMPLE_S``;
+  4. run one untimed step (it re-reserves through ``cudaMalloc`` every segment ``empty_cache()`` released) and then
+     ``steps`` (>= 2) timed steps while a thread samples NVML every ``NVML_SAMPLE_S``; ``step_seconds`` is their
+     median (``step_timing`` = ``STEADY_STEP_TIMING``; rows of runs before it timed the first steps after the reset);
   5. read ``max_memory_allocated``, ``max_memory_reserved``, the active-bytes peak, the allocator's retry and OOM
      counts, and NVML's peak: per process (``nvmlDeviceGetComputeRunningProcesses().usedGpuMemory``) where the
      driver reports it, else device ``used`` (v2 API) minus the pre-CUDA baseline.
@@ -28,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from ..catalogue import gpu_candidates
+from .records import STEADY_STEP_TIMING
 
 NVML_SAMPLE_S = 0.005  # NVML polling period during the measured steps
 MIB = 2**20
@@ -310,6 +313,8 @@ def measure_cuda(spec, resolved, device_index: int = 0, *, steps: int = 2, warmu
         losses = []
         sampler = NvmlSampler(nvml, pid) if nvml else None
         with sampler if sampler else contextlib.nullcontext():
+            step.run()  # untimed: after empty_cache() this step re-reserves every segment (cudaMalloc)
+            torch.cuda.synchronize(device)
             for _ in range(steps):
                 started = time.perf_counter()
                 losses.append(step.run())
@@ -318,6 +323,7 @@ def measure_cuda(spec, resolved, device_index: int = 0, *, steps: int = 2, warmu
         readings.update(_cuda_peaks(torch, device))
         readings.update(_nvml_peaks(sampler, readings["nvml_pre_cuda_used_bytes"]))
         readings["step_seconds"] = sorted(step_seconds)[len(step_seconds) // 2]
+        readings["step_timing"] = STEADY_STEP_TIMING
         readings["loss"] = losses[-1]
         return readings
     except Exception as error:  # an OOM or a failure of the libraries: recorded, and the run goes on

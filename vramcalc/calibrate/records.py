@@ -46,7 +46,7 @@ COLUMNS: tuple[str, ...] = (
     "meas_reserved_baseline_bytes", "meas_alloc_retries", "meas_allocator_ooms", "nvml_pre_cuda_used_bytes",
     "nvml_peak_bytes", "nvml_source", "nvml_process_peak_bytes", "nvml_device_delta_peak_bytes", "nvml_samples",
     "nvml_device_matches", "cuda_context_bytes", "build_seconds", "warmup_seconds", "step_seconds",
-    "worker_seconds", "wall_seconds", "loss_value",
+    "step_timing", "worker_seconds", "wall_seconds", "loss_value",
     # the trace (the CPU probe's tracker)
     *(f"trace_{term}_bytes" for term in TENSOR_TERMS), "trace_peak_tensor_bytes", "trace_phase", "trace_paged_bytes",
     # measured / estimated
@@ -55,6 +55,9 @@ COLUMNS: tuple[str, ...] = (
     "row_crc32",
 )
 STATUSES = ("ok", "oom", "error")
+# step_timing of a CUDA row: step_seconds is the median of the timed steps, after one untimed step past
+# empty_cache() (probes.measure_cuda); the fit installs the host's time per kernel only from rows timed so (fit.py)
+STEADY_STEP_TIMING = "median after one untimed step"
 MESSAGE_MAX_CHARS = 600
 
 
@@ -142,7 +145,7 @@ def make_row(scenario, spec, resolved, breakdown, result: dict, device, *, memor
         **{key: readings.get(key) for key in (
             "nvml_pre_cuda_used_bytes", "nvml_peak_bytes", "nvml_source", "nvml_process_peak_bytes",
             "nvml_device_delta_peak_bytes", "nvml_samples", "nvml_device_matches", "cuda_context_bytes",
-            "build_seconds", "warmup_seconds", "step_seconds")},
+            "build_seconds", "warmup_seconds", "step_seconds", "step_timing")},
         "loss_value": readings.get("loss"),
         "worker_seconds": result.get("worker_seconds"),
         "wall_seconds": wall_seconds,

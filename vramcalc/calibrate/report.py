@@ -77,7 +77,8 @@ def fit_table(result: FitResult) -> str:
     if host is not None:
         lines.append(f"  {'host_seconds_per_kernel':<26} {host.default_seconds * 1e6:.1f} us -> "
                      f"{host.host_seconds_per_kernel * 1e6:.1f} us   ({host.host_bound_rows} host-bound of "
-                     f"{host.rows} timed steps; {host.seconds_per_launched_kernel_with_views * 1e6:.1f} us with views)")
+                     f"{host.rows} timed steps; {host.seconds_per_launched_kernel_with_views * 1e6:.1f} us with views)"
+                     + ("" if host.steady else "; not installed: not steadily timed (step_timing)"))
     lines.append("Relative error of the prediction, median |e| / max |e| (n): before fit | after fit | leave-one-out")
     for level, label in (("peak_tensor_vs_allocated", "est peak_tensor vs max_memory_allocated"),
                          ("allocated", "predicted vs max_memory_allocated"),
