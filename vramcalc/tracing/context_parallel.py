@@ -33,8 +33,9 @@ One adaptation: torch patches the function it finds under ``F.scaled_dot_product
 (``_distribute_function``, :958-989: ``setattr(fn_module, fn.__name__, wrapper_fn)``); the CUDA emulation's function
 is named ``cuda_sdpa``, so the tracer puts it there under the builtin's name for the duration of the context.
 Departures: the fake group makes every rank rank 0, so the traced rank is the first of the ring and of the mesh (for
-i > 0 it runs the second half of its queries, _attention.py:451-473); the model's loss shifts the sharded ``labels`` itself where
-Trainer passes pre-shifted ``shift_labels`` (the same [b, s/C, V] logits; one [b, s/C + 1] index tensor less).
+i > 0 it runs the second half of its queries, _attention.py:451-473); the model's loss shifts the sharded ``labels``
+itself where Trainer passes pre-shifted ``shift_labels`` (the same [b, s/C, V] logits; one [b, s/C + 1] index tensor
+less).
 """
 
 from __future__ import annotations
