@@ -5,7 +5,7 @@ What runs is what transformers' Trainer runs with accelerate's ``ParallelismConf
 - the device mesh (``device_meshes``): with D = 1, the trace's original one-ring setup: FSDP2 over a one-dimensional
   mesh of the whole world and a one-dimensional ``cp`` mesh for the ring (accelerate's ``dp_shard_cp`` is then the
   ``cp`` dimension, the whole world). With D > 1, accelerate's own ``ParallelismConfig.build_device_mesh``
-  (parallelism_config.py:209-240) on the fake group: ``init_device_mesh("cpu", (D, C), mesh_dim_names=("dp_shard",
+  (parallelism_config.py:210-240) on the fake group: ``init_device_mesh("cpu", (D, C), mesh_dim_names=("dp_shard",
   "cp"))`` in the canonical order of ``_get_mesh`` (:256-268: dp_replicate, dp_shard, cp, sp, tp), with ``dp_shard``
   and ``cp`` flattened into ``dp_shard_cp`` (:235-236, dimension names :134-142);
 - the model is FSDP2-sharded (``tracing/distributed.py``) over ``mesh[fsdp_dim_names]`` = ``dp_shard_cp``
