@@ -166,10 +166,76 @@ def test_the_trace_runs_torchs_ring_attention_not_the_cpu_kernel(monkeypatch):
     assert calls.count("_scaled_dot_product_ring_flash_attention_backward") == steps * spec.num_layers
 
 
+# dp_shard x cp: D rings of C ranks beside each other (accelerate's 2-D ("dp_shard", "cp") mesh), FSDP2 over D x C
+DP_SHARD_CASES = [
+    (TINY["llama"], dict(cp=2, num_gpus=4, seq_len=4096)),
+    (LLAMA_ATTN, dict(cp=4, num_gpus=8, seq_len=4096, grad_ckpt=True)),
+    (LLAMA_ATTN, dict(cp=2, num_gpus=8, seq_len=4096, method="lora", lora_targets="all-linear")),
+]
+
+
 @needs_torch
-def test_a_ring_over_part_of_the_world_is_estimated_not_traced():
+@pytest.mark.parametrize("spec, options", DP_SHARD_CASES, ids=lambda x: x.name if hasattr(x, "name") else
+                         ",".join(f"{k}={v}" for k, v in x.items()))
+def test_estimate_matches_the_trace_of_rings_beside_data_parallel_ranks(spec, options):
+    estimate = vc.estimate(spec, **options)
+    trace = vc.trace(spec, progress=False, **options)
+    assert estimate.peak_tensor_bytes == pytest.approx(trace.peak_tensor_bytes, rel=TOLERANCE)
+
+
+@needs_torch
+def test_the_traced_rank_holds_one_over_dp_shard_times_cp_of_every_parameter(monkeypatch):
+    """FSDP2 shards over accelerate's flattened dp_shard_cp (2 x 4 = 8 ranks), not over the ring's 4: every
+    parameter's local shard has ceil(rows / 8) rows."""
+    import math
+
+    from vramcalc.tracing import distributed
+
+    sharded = []
+    original = distributed.fully_shard_model
+    monkeypatch.setattr(distributed, "fully_shard_model",
+                        lambda model, *a, **k: sharded.append(model) or original(model, *a, **k))
+    vc.trace(LLAMA_ATTN, cp=4, num_gpus=8, seq_len=1024, progress=False)
+    (model,) = sharded
+    params = list(model.parameters())
+    assert params and all(p.device_mesh.size() == 8 for p in params)
+    for p in params:
+        assert p.to_local().shape[0] == math.ceil(p.shape[0] / 8), p.shape
+    total = sum(p.numel() for p in params)
+    assert sum(p.to_local().numel() for p in params) == pytest.approx(total / 8, rel=0.01)
+
+
+@needs_torch
+def test_the_ring_communicates_over_cp_ranks_not_the_world(monkeypatch):
+    """torch's ring attention gets the cp mesh dimension's group (2 ranks of 8), and its all-gathered K/V is that of
+    2 ranks: a ring over the world would gather 8 chunks."""
+    import torch.distributed as dist
+    from torch.distributed._functional_collectives import all_gather_single
+    from torch.distributed.tensor.experimental._context_parallel import _attention
+
+    ring_sizes, gathered = [], []
+    rotater = _attention._create_rotater
+
+    def recording_rotater(pg, *args, **kwargs):
+        ring_sizes.append((dist.get_world_size(pg), dist.get_world_size()))
+        return rotater(pg, *args, **kwargs)
+
+    def recording_gather(tensor, gather_dim, group):
+        out = all_gather_single(tensor, gather_dim, group)
+        gathered.append(out.shape[0] // tensor.shape[0])
+        return out
+
+    monkeypatch.setattr(_attention, "_create_rotater", recording_rotater)
+    monkeypatch.setattr(_attention.ft_c, "all_gather_single", recording_gather)
+    vc.trace(TINY["llama"], cp=2, num_gpus=8, seq_len=256, progress=False)
+    assert ring_sizes and set(ring_sizes) == {(2, 8)}
+    assert gathered and set(gathered) == {2}
+
+
+@needs_torch
+def test_a_ring_beside_tensor_parallel_ranks_is_estimated_not_traced():
     with pytest.raises(VramcalcError, match="estimated, not traced"):
-        vc.trace(TINY["llama"], cp=2, num_gpus=4, seq_len=256, progress=False)
+        vc.trace(TINY["llama"], cp=2, tp=2, num_gpus=4, seq_len=256, progress=False)
 
 
 def test_ring_backward_buffers_grow_with_cp_through_the_all_gather():

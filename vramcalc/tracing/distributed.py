@@ -106,10 +106,11 @@ class DataParallel:
         default=lambda tracker: contextlib.nullcontext())
 
 
-def wrap(model: nn.Module, resolved: ResolvedSetup, tracker: AllocationTracker) -> DataParallel:
-    """Shard (FSDP2) or wrap (DDP) the model for the setup's engine. For DDP, call inside the tracker."""
+def wrap(model: nn.Module, resolved: ResolvedSetup, tracker: AllocationTracker, mesh=None) -> DataParallel:
+    """Shard (FSDP2) or wrap (DDP) the model for the setup's engine. For DDP, call inside the tracker. ``mesh``:
+    FSDP2's device mesh when it is not the whole world (``context_parallel.device_meshes``: ``dp_shard_cp``)."""
     if resolved.setup.sharding is Sharding.FSDP:
-        return fully_shard_model(model, resolved)
+        return fully_shard_model(model, resolved, mesh)
     return wrap_ddp(model, tracker)
 
 
@@ -131,16 +132,18 @@ def mixed_precision_policy(resolved: ResolvedSetup):
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype, output_dtype=dtype)
 
 
-def fully_shard_model(model: nn.Module, resolved: ResolvedSetup) -> DataParallel:
-    """``fully_shard`` per decoder layer, the input embedding, the tail (final norm, lm_head) and the root."""
+def fully_shard_model(model: nn.Module, resolved: ResolvedSetup, mesh=None) -> DataParallel:
+    """``fully_shard`` per decoder layer, the input embedding, the tail (final norm, lm_head) and the root, over
+    ``mesh`` (default: a one-dimensional mesh of the whole world)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     setup = resolved.setup
-    with unset_fake_temporarily():  # the mesh's rank table is a real tensor
-        mesh = init_device_mesh("cpu", (setup.num_gpus,))
+    if mesh is None:
+        with unset_fake_temporarily():  # the mesh's rank table is a real tensor
+            mesh = init_device_mesh("cpu", (setup.num_gpus,))
     # accelerate: "FSDP upcast of low precision parameters to fp32", skipped in a model holding Params4bit
     # (accelerate 1.16 utils/fsdp_utils.py:801: ``and not model_has_params4bit``)
     if setup.precision is not Precision.FP32 and setup.method is not Method.QLORA:

@@ -69,8 +69,9 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
 
         data_parallel.check_traceable(resolved)
         tracker.track_resizes = True
-    if getattr(resolved.setup, "cp", 1) > 1:  # one ring over the world (tracing/context_parallel.py)
-        from .context_parallel import check_traceable as check_ring, ring_tracer
+    context_parallel = getattr(resolved.setup, "cp", 1) > 1  # dp_shard x cp rings (tracing/context_parallel.py)
+    if context_parallel:
+        from .context_parallel import check_traceable as check_ring, device_meshes, ring_tracer
 
         check_ring(spec, resolved)
         tracer_class = ring_tracer(tracer_class or StepTracer)
@@ -94,8 +95,10 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
             bar.update(1, note=f"step 1 of {total_steps}")
             with fake_mode if fake_mode is not None else contextlib.nullcontext():
                 engine = None
+                fsdp_mesh, cp_mesh = device_meshes(resolved.setup) if context_parallel else (None, None)
                 if distributed and resolved.setup.sharding is Sharding.FSDP:
-                    engine = data_parallel.wrap(model, resolved, tracker)  # the sharded parameters are the weights
+                    # the sharded parameters are the weights
+                    engine = data_parallel.wrap(model, resolved, tracker, fsdp_mesh)
                 tracker.register_weights(list(model.parameters()) + list(model.buffers()) + quant_state_tensors(model))
                 if distributed and engine is None:
                     with torch.device("cpu"), tracker:
@@ -103,6 +106,8 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
                 tracer = (tracer_class or StepTracer)(model, spec, resolved, tracker)
                 if engine is not None:
                     tracer.forward_module, tracer.accumulation = engine.forward_module, engine.accumulation
+                if cp_mesh is not None:
+                    tracer.cp_mesh = cp_mesh  # the ring runs over the cp dimension only
                 attribution = engine.attribution(tracker) if engine is not None else contextlib.nullcontext()
                 with torch.device("cpu"), tracker, cuda_kernel_emulation(sdpa=fake), attribution:
                     tracer.count_layers(lambda: bar.update(1))
