@@ -153,13 +153,18 @@ def check_expert_degree(model: ModelSpec, setup) -> None:
     if setup.num_gpus % ep:
         raise VramcalcError(f"--num-gpus {setup.num_gpus} is not a multiple of --ep {ep}: transformers lays the "
                             "expert-parallel groups over the data-parallel ranks (ep_size divides fsdp_size x tp_size)")
-    if setup.num_gpus != ep:
-        raise VramcalcError(f"--num-gpus {setup.num_gpus} with --ep {ep}: modelled for one expert-parallel group "
-                            f"sharing one batch (--num-gpus {ep}); EP across FSDP data-parallel ranks "
-                            "(DistributedConfig fsdp_size, efsdp) is not modelled yet")
-    if setup.sharding.value != "none" or setup.offload.value != "none":
-        raise VramcalcError(f"--ep with --sharding {setup.sharding.value}: one expert-parallel group has no "
-                            "data-parallel ranks to shard over; use --sharding none")
+    if setup.num_gpus == ep and (setup.sharding.value != "none" or setup.offload.value != "none"):
+        raise VramcalcError(f"--ep with --sharding {setup.sharding.value} on {ep} GPUs: one expert-parallel group has "
+                            f"no data-parallel ranks to shard over; use --sharding none, or --num-gpus {2 * ep} or "
+                            "more with --sharding fsdp")
+    if setup.num_gpus > ep and (setup.sharding.value != "fsdp" or setup.offload.value != "none"):
+        raise VramcalcError(f"--num-gpus {setup.num_gpus} with --ep {ep} and --sharding {setup.sharding.value}"
+                            f"{' --offload ' + setup.offload.value if setup.offload.value != 'none' else ''}: "
+                            "transformers lays expert parallelism over its FSDP2 ranks (DistributedConfig fsdp_size, "
+                            "ep_size; Trainer wraps such a model in nothing else): use --sharding fsdp without offload")
+    if setup.num_gpus > ep and setup.fsdp_shard.value != "full-shard":
+        raise VramcalcError("--ep over FSDP ranks with --fsdp-shard shard-grad-op: transformers' FSDP2 plan frees "
+                            "every layer after its forward (reshard_after_forward=True, distributed/fsdp.py:219-221)")
     method = setup.method.value
     if method not in ("full", "lora") or setup.method.peft_facts is not None:
         raise VramcalcError(f"--ep with --method {method}: modelled for full and lora (transformers' expert plan "

@@ -73,6 +73,7 @@ from .stack_layers import stack_layers
 from .stored_tensor import StoredTensor
 from .states import RankStates, head_gradient_bytes, model_states
 from .weights import weight_bytes
+from .expert_parallel import expert_fsdp_ranks, fsdp_by_transformers
 
 # DeepSpeed's host bytes per trainable parameter under each offload (``facts``)
 DEEPSPEED_HOST_BYTES_PER_PARAM = {Offload.OPTIMIZER: facts.DEEPSPEED_HOST_BYTES_PER_PARAM_OPTIMIZER,
@@ -84,8 +85,13 @@ def ranks(resolved: ResolvedSetup) -> int:
 
 
 def casts_to_half(resolved: ResolvedSetup) -> bool:
-    """FSDP2's mixed-precision policy and DeepSpeed's bf16/fp16 engine compute in 16 bits (all but fp32)."""
+    """FSDP2's mixed-precision policy and DeepSpeed's bf16/fp16 engine compute in 16 bits (all but fp32). Not
+    transformers' own FSDP2 under --ep (``expert_parallel.fsdp_by_transformers``): ``DistributedConfig``'s
+    ``fsdp_mixed_precision`` defaults to False (distributed/configuration_utils.py:96, fsdp.py:75-79), so units
+    gather in the dtype they were loaded in and Trainer's autocast computes as on one GPU."""
     setup = resolved.setup
+    if fsdp_by_transformers(resolved):
+        return False
     return (setup.sharding is Sharding.FSDP or setup.sharding.is_deepspeed) and setup.precision is not Precision.FP32
 
 
@@ -143,6 +149,18 @@ def _fp32_trainable(resolved: ResolvedSetup) -> bool:
     setup = resolved.setup
     return (casts_to_half(resolved) and setup.sharding is Sharding.FSDP
             and not stack_layers(setup.stack).fsdp_keeps_dtype and not shards_4bit(resolved))
+
+
+def tensor_ranks(resolved: ResolvedSetup):
+    """The ranks FSDP2 shards a stored tensor over, or None for one it does not manage: N for every tensor, but under
+    transformers' own FSDP2 with --ep (``fsdp_by_transformers``) the experts (already n/E per rank) over
+    efsdp = N/E (``expert_parallel.expert_fsdp_ranks``) and peft's adapters, attached after ``fully_shard``, None
+    (whole on every rank; Trainer all-reduces their gradients, trainer.py:2669-2697)."""
+    n = ranks(resolved)
+    if not fsdp_by_transformers(resolved):
+        return lambda tensor: n
+    efsdp = expert_fsdp_ranks(resolved)
+    return lambda tensor: None if tensor.kind == "adapter" else efsdp if tensor.kind == "experts" else n
 
 
 # -- 4-bit weights under sharding (--quant-storage) ------------------------------------------------------------------
@@ -219,7 +237,7 @@ def _unit_of(tensor: StoredTensor, tied: bool) -> str:
     return "root"
 
 
-def _unit(tensors: list[tuple[StoredTensor, int]], n: int, half_bytes: int | None, fp32_trainable: bool,
+def _unit(tensors: list[tuple[StoredTensor, int]], n, half_bytes: int | None, fp32_trainable: bool,
           zero3_prefetch_bytes: int | None, flat_grads: bool = False) -> Unit:
     """The unit holding ``count`` of each tensor (the rank's view of one layer, or of the embedding or tail) over
     ``n`` ranks; gathered copies in ``half_bytes`` (None: the stored dtype), sharded trainable states in fp32 when
@@ -232,21 +250,24 @@ def _unit(tensors: list[tuple[StoredTensor, int]], n: int, half_bytes: int | Non
     its "buffer" is the prefetch bucket ahead of the compute, at most the unit itself, and its gradients go
     through the reduce bucket (``RankStates.backward_buffers``) rather than a per-unit reduce-scatter input.
     ``flat_grads`` (FSDP1 ``use_orig_params`` flat parameters, ``stack_layers.StackLayers.fsdp_flat_params``): a
-    unit with any trainable tensor gets gradients for all of its tensors.
+    unit with any trainable tensor gets gradients for all of its tensors. ``n``: the rank count, or a function
+    giving each tensor's (``tensor_ranks``: None for one FSDP2 does not manage, left out of the unit).
     """
     params = flat = grads = reduce_in = grad_state = 0
+    ranks_of = n if callable(n) else (lambda tensor: n)
     flat_trainable = flat_grads and any(t.trainable for t, c in tensors if c and t.kind != "quantized")
     for tensor, count in tensors:
-        if count == 0 or tensor.kind == "quantized":
+        if count == 0 or tensor.kind == "quantized" or ranks_of(tensor) is None:
             continue  # 4-bit Params4bit are left out of fully_shard (accelerate ignored_params): replicated
+        n_t = ranks_of(tensor)
         gather = _gather_bytes(tensor, half_bytes)
-        padded = _padded_numel(tensor, n)
+        padded = _padded_numel(tensor, n_t)
         params += round_up(padded * gather) * count
         flat += padded * gather * count
         if tensor.trainable or flat_trainable:
             grads += round_up(tensor.numel * gather) * count
             reduce_in += padded * gather * count
-            grad_state += sharded(tensor, n).numel * _state_bits(tensor, fp32_trainable) // 8 * count
+            grad_state += sharded(tensor, n_t).numel * _state_bits(tensor, fp32_trainable) // 8 * count
     if zero3_prefetch_bytes is not None:
         return Unit(params, min(zero3_prefetch_bytes, params), grads, 0, round_up(grad_state))
     return Unit(params, round_up(flat), grads, round_up(reduce_in), round_up(grad_state))
@@ -272,11 +293,11 @@ def gathering(spec: ModelSpec, resolved: ResolvedSetup) -> Gathering | None:
         prefetch = int(DEEPSPEED_PREFETCH_FRACTION * spec.hidden_size**2) * facts.half_dtype(setup.precision).bytes
     keep_gathered = setup.sharding is Sharding.FSDP and setup.fsdp_shard is FsdpShard.SHARD_GRAD_OP
     flat_grads = setup.sharding is Sharding.FSDP and stack_layers(setup.stack).fsdp_flat_params
-    return gathering_units(spec, engine_tensors(spec, resolved), setup.num_gpus, _half_bytes(resolved),
+    return gathering_units(spec, engine_tensors(spec, resolved), tensor_ranks(resolved), _half_bytes(resolved),
                  _fp32_trainable(resolved), prefetch, keep_gathered, flat_grads)
 
 
-def gathering_units(spec: ModelSpec, tensors: tuple[StoredTensor, ...], n_ranks: int, half_bytes: int | None,
+def gathering_units(spec: ModelSpec, tensors: tuple[StoredTensor, ...], n_ranks, half_bytes: int | None,
                     fp32_trainable: bool, zero3_prefetch_bytes: int | None, keep_gathered: bool,
                     flat_grads: bool = False) -> Gathering:
     """The embedding's, a dense and an MoE layer's and the tail's unit (``_unit``) of the stored ``tensors``: one
@@ -326,18 +347,21 @@ def ddp_bucket_bytes(tensors) -> int:
 
 
 def _fsdp_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
-    n = ranks(resolved)
+    ranks_of = tensor_ranks(resolved)
     setup = resolved.setup
     tensors = engine_tensors(spec, resolved)
     units = gathering(spec, resolved)
     fp32_trainable = _fp32_trainable(resolved)
-    shards = tuple(sharded(t, n, _state_bits(t, fp32_trainable)) for t in tensors if t.kind != "quantized")
+    # unmanaged tensors (peft's adapters under transformers' own FSDP2) stay whole, with whole gradients
+    whole = tuple(t for t in tensors if t.kind != "quantized" and ranks_of(t) is None)
+    shards = tuple(sharded(t, ranks_of(t), _state_bits(t, fp32_trainable)) for t in tensors
+                   if t.kind != "quantized" and ranks_of(t) is not None) + whole
     replicated = sum(t.total_bytes for t in tensors if t.kind == "quantized")
     if shards_4bit(resolved):  # the packed codes are sharded above; their quantization state stays whole
         replicated = quant_state_bytes(stored_tensors(spec, resolved))
     weights = sum(t.total_bytes for t in shards) + replicated
     G = (units.embed.sharded_grads_bytes + units.tail.sharded_grads_bytes + units.dense.sharded_grads_bytes * spec.num_dense_layers
-         + units.moe.sharded_grads_bytes * spec.num_moe_layers)
+         + units.moe.sharded_grads_bytes * spec.num_moe_layers) + sum(t.total_bytes for t in whole if t.trainable)
     O = optimizer_state_bytes(shards, setup.optimizer).device_bytes
     step = optimizer_step_temporary_bytes(shards, setup.optimizer)
     accumulated = 0

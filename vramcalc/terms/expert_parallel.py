@@ -38,6 +38,28 @@ def ep_degree(resolved: ResolvedSetup) -> int:
     return getattr(resolved.setup, "ep", 1)
 
 
+def fsdp_by_transformers(resolved: ResolvedSetup) -> bool:
+    """EP over FSDP ranks (--num-gpus N > E, --sharding fsdp): ``DistributedConfig(fsdp_size=N, ep_size=E)``, the
+    model sharded at load time by transformers' own FSDP2 plan, which Trainer wraps in nothing else."""
+    setup = resolved.setup
+    return ep_degree(resolved) > 1 and setup.num_gpus > ep_degree(resolved) and setup.sharding.value == "fsdp"
+
+
+def expert_fsdp_ranks(resolved: ResolvedSetup) -> int:
+    """efsdp = fsdp·tp/ep = N/E (distributed/configuration_utils.py:108-129, ``efsdp_size``): the ranks holding the
+    same n/E experts, which FSDP2 shards them over (fsdp.py:197-214)."""
+    return resolved.setup.num_gpus // ep_degree(resolved)
+
+
+def slot_share(resolved: ResolvedSetup) -> int:
+    """What the rank's experts' routed slots are divided by against one GPU's T·K: E when the group shares one batch
+    (each rank dispatches a 1/E row slice of it, expert_parallel.py:203-210), 1 over FSDP ranks, where every rank has
+    a batch of its own (``dp_size`` = N batches, fsdp.py:200-205: "an EP group holds ep_size / tp_size distinct
+    batches") and, under uniform routing, receives T·K/E pairs from each of the E ranks of its group: T·K."""
+    ep = ep_degree(resolved)
+    return 1 if ep == 1 or fsdp_by_transformers(resolved) else ep
+
+
 def experts_sharded(tensors: tuple[StoredTensor, ...], ep: int) -> tuple[StoredTensor, ...]:
     """The stored tensors with every 3-D expert tensor (and expert bias) cut to n/E experts (``Shard(0)``; the
     parallel-degree check makes E divide n); every other tensor whole."""
@@ -73,7 +95,7 @@ class ExpertParallelTraffic:
 
 def expert_parallel_traffic(spec: ModelSpec, resolved: ResolvedSetup, compute_bytes: int) -> ExpertParallelTraffic:
     """Per rank and optimizer step, over ``grad_accum`` micro-batches of T = b·s tokens, K experts per token,
-    E ranks, c = ``compute_bytes``, L_moe MoE layers:
+    E ranks, c = ``compute_bytes``, L_moe MoE layers. One group sharing one batch:
 
     all-to-all   the rank sends its T/E tokens' T·K/E pairs, (E-1)/E of them to other ranks: T·K/E·h·c·(E-1)/E
                  bytes per exchange; four exchanges per MoE layer (dispatch and combine forward, their gradients
@@ -82,6 +104,9 @@ def expert_parallel_traffic(spec: ModelSpec, resolved: ResolvedSetup, compute_by
                  layer forward (and recompute); its backward is a local slice
     Summed over the group: T·h·K·c·(E-1)/E per exchange, the brief's tokens × hidden × top_k × bytes × (E-1)/E.
     The counts' [E, n/E] int64 all-to-all per layer is not counted (n·8 bytes).
+    Over FSDP ranks (``slot_share`` 1): the rank dispatches all T·K pairs of its own batch, T·K·h·c·(E-1)/E bytes per
+    exchange, and gathers nothing back (``tp_mesh.size() == 1``, :249-250); FSDP2's own gathers and reduce-scatters
+    are ``distributed.communication_bytes_per_step``'s.
     """
     ep = ep_degree(resolved)
     setup = resolved.setup
@@ -92,8 +117,10 @@ def expert_parallel_traffic(spec: ModelSpec, resolved: ResolvedSetup, compute_by
     forwards = 2 if setup.grad_ckpt is not GradCkpt.NONE else 1
     exchanges = moe_layers * (2 * forwards + 2)
     share = (ep - 1) / ep
-    per_exchange = tokens * spec.experts_per_token / ep * spec.hidden_size * compute_bytes * share
-    gather = round(moe_layers * forwards * share * tokens * spec.hidden_size * compute_bytes) * setup.grad_accum
+    sliced = slot_share(resolved)
+    per_exchange = tokens * spec.experts_per_token / sliced * spec.hidden_size * compute_bytes * share
+    gather = 0 if sliced == 1 else round(moe_layers * forwards * share * tokens * spec.hidden_size * compute_bytes
+                                         ) * setup.grad_accum
     return ExpertParallelTraffic(exchanges, round(exchanges * per_exchange) * setup.grad_accum, gather)
 
 
@@ -103,7 +130,8 @@ def expert_parallel_details(spec: ModelSpec, resolved: ResolvedSetup, compute_by
     if ep == 1:
         return {}
     traffic = expert_parallel_traffic(spec, resolved, compute_bytes)
-    return {"ep": ep, "experts_per_rank": spec.num_experts // ep,
+    efsdp = expert_fsdp_ranks(resolved) if fsdp_by_transformers(resolved) else 1
+    return {"ep": ep, "experts_per_rank": spec.num_experts // ep, "expert_fsdp_ranks": efsdp,
             "ep_all_to_alls_per_micro_batch": traffic.all_to_alls,
             "ep_all_to_all_bytes_per_step": traffic.all_to_all_bytes,
             "ep_communication_bytes_per_step": traffic.total_bytes}

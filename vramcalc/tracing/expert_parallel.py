@@ -79,14 +79,24 @@ def uniform_splits(pairs: int, ranks: int) -> list[int]:
     return [pairs // ranks + (1 if r < pairs % ranks else 0) for r in range(ranks)]
 
 
-def distribute(model, ep: int):
-    """transformers' expert plan on a meta-built model: ``Shard(0)`` expert DTensors and the dispatch forward."""
+def distributed_config(ep: int, num_gpus: int):
+    """transformers' ``DistributedConfig`` for ``--ep E`` on ``--num-gpus N`` (module docstring): one group sharing
+    one batch when N = E, else EP across the N FSDP ranks (``fsdp_size=N, ep_size=E``: efsdp = N/E)."""
     from transformers.distributed.configuration_utils import DistributedConfig
+
+    if num_gpus == ep:
+        return DistributedConfig(tp_size=ep, tp_plan={}, ep_size=ep, ep_implementation=UNIFORM)
+    return DistributedConfig(fsdp_size=num_gpus, ep_size=ep, ep_implementation=UNIFORM)
+
+
+def distribute(model, ep: int, num_gpus: int | None = None):
+    """transformers' expert plan on a meta-built model: ``Shard(0)`` expert DTensors and the dispatch forward; with
+    N > E ranks also its FSDP2 (``apply_fully_sharded_data_parallelism``: dense units over N, experts over N/E)."""
     from transformers.distributed.expert_parallel import EPImplementationInterface
     from transformers.distributed.utils import initialize_distributed_mesh
 
     EPImplementationInterface.register(UNIFORM, _uniform_all_to_all())
-    config = DistributedConfig(tp_size=ep, tp_plan={}, ep_size=ep, ep_implementation=UNIFORM)
+    config = distributed_config(ep, num_gpus or ep)
     try:
         _, mesh_manager = initialize_distributed_mesh(config)
     except RuntimeError as err:
@@ -95,8 +105,9 @@ def distribute(model, ep: int):
 
 
 def check_traceable(spec, resolved) -> None:
-    """The expert-parallel setups the trace runs: one expert-parallel group sharing one batch (--num-gpus = --ep)."""
+    """The expert-parallel setups the trace runs: every one ``parallel_degrees.check_expert_degree`` lets through
+    (one group, --num-gpus = --ep; or EP over FSDP ranks, --sharding fsdp)."""
     setup = resolved.setup
-    if setup.num_gpus != setup.ep:
-        raise VramcalcError(f"--ep {setup.ep} on {setup.num_gpus} GPUs is estimated, not traced: the trace runs one "
-                            f"expert-parallel group (--num-gpus {setup.ep})")
+    if setup.num_gpus != setup.ep and setup.sharding.value != "fsdp":
+        raise VramcalcError(f"--ep {setup.ep} on {setup.num_gpus} GPUs is traced over FSDP ranks only "
+                            "(--sharding fsdp)")
