@@ -152,13 +152,14 @@ def _fp32_trainable(resolved: ResolvedSetup) -> bool:
 
 
 def tensor_ranks(resolved: ResolvedSetup):
-    """The ranks FSDP2 shards a stored tensor over, or None for one it does not manage: N for every tensor, but under
+    """The ranks FSDP2 shards a stored tensor over, or None for one it does not manage: N for every tensor (an int),
+    but under
     transformers' own FSDP2 with --ep (``fsdp_by_transformers``) the experts (already n/E per rank) over
     efsdp = N/E (``expert_parallel.expert_fsdp_ranks``) and peft's adapters, attached after ``fully_shard``, None
     (whole on every rank; Trainer all-reduces their gradients, trainer.py:2669-2697)."""
     n = ranks(resolved)
     if not fsdp_by_transformers(resolved):
-        return lambda tensor: n
+        return n  # one count for every tensor (accelerate's FSDP2: the experts are in their layer's unit)
     efsdp = expert_fsdp_ranks(resolved)
     return lambda tensor: None if tensor.kind == "adapter" else efsdp if tensor.kind == "experts" else n
 
@@ -207,6 +208,17 @@ class Unit:
     grads_bytes: int = 0  # autograd's unsharded gradients of its trainable parameters
     reduce_buffer_bytes: int = 0  # flat reduce-scatter input, kept until the next unit's reduce-scatter
     sharded_grads_bytes: int = 0  # what its reduce-scatter leaves on the rank
+    # the part of ``buffer_bytes`` that is an FSDP2 unit of its own nested in this one: the experts under
+    # transformers' plan with --ep (fsdp.py:197-205, ``fully_shard(experts, mesh=efsdp)`` before the layer's)
+    nested_buffer_bytes: int = 0
+
+    @property
+    def prefetch_bytes(self) -> int:
+        """What backward prefetches of the unit ahead of its own backward: its flat buffer, but for a nested unit,
+        whose turn in FSDP2's reversed post-forward order comes only once the layer's backward has started
+        (``FSDPState._pre_backward`` prefetches the next state in ``post_forward_order``: layer i, its experts,
+        layer i-1, ...)."""
+        return self.buffer_bytes - self.nested_buffer_bytes
 
 
 NO_UNIT = Unit()
@@ -253,7 +265,7 @@ def _unit(tensors: list[tuple[StoredTensor, int]], n, half_bytes: int | None, fp
     unit with any trainable tensor gets gradients for all of its tensors. ``n``: the rank count, or a function
     giving each tensor's (``tensor_ranks``: None for one FSDP2 does not manage, left out of the unit).
     """
-    params = flat = grads = reduce_in = grad_state = 0
+    params = flat = grads = reduce_in = grad_state = nested = 0
     ranks_of = n if callable(n) else (lambda tensor: n)
     flat_trainable = flat_grads and any(t.trainable for t, c in tensors if c and t.kind != "quantized")
     for tensor, count in tensors:
@@ -264,13 +276,16 @@ def _unit(tensors: list[tuple[StoredTensor, int]], n, half_bytes: int | None, fp
         padded = _padded_numel(tensor, n_t)
         params += round_up(padded * gather) * count
         flat += padded * gather * count
+        if callable(n) and tensor.kind == "experts":  # their own unit (``tensor_ranks`` under transformers' FSDP2)
+            nested += padded * gather * count
         if tensor.trainable or flat_trainable:
             grads += round_up(tensor.numel * gather) * count
             reduce_in += padded * gather * count
             grad_state += sharded(tensor, n_t).numel * _state_bits(tensor, fp32_trainable) // 8 * count
     if zero3_prefetch_bytes is not None:
         return Unit(params, min(zero3_prefetch_bytes, params), grads, 0, round_up(grad_state))
-    return Unit(params, round_up(flat), grads, round_up(reduce_in), round_up(grad_state))
+    return Unit(params, round_up(flat), grads, round_up(reduce_in), round_up(grad_state),
+                round_up(nested) if nested else 0)
 
 
 def _layer_tensors(spec: ModelSpec, tensors, moe: bool) -> list[tuple[StoredTensor, int]]:
@@ -347,7 +362,8 @@ def ddp_bucket_bytes(tensors) -> int:
 
 
 def _fsdp_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
-    ranks_of = tensor_ranks(resolved)
+    counts = tensor_ranks(resolved)
+    ranks_of = counts if callable(counts) else (lambda tensor: counts)
     setup = resolved.setup
     tensors = engine_tensors(spec, resolved)
     units = gathering(spec, resolved)
@@ -544,7 +560,7 @@ class GatheredTimeline:
                                      + g.tail.params_bytes) + tied_tail
         self.loss_forward = kept + g.tail.params_bytes + (last.buffer_bytes if g.tied else g.tail.buffer_bytes)
         self.loss_backward = kept + g.tail.params_bytes
-        self.head_backward = kept + g.tail.params_bytes + (0 if g.keep_gathered else last.buffer_bytes)
+        self.head_backward = kept + g.tail.params_bytes + (0 if g.keep_gathered else last.prefetch_bytes)
         # the embedding's backward: every layer reduced, the first layer's reduce-scatter input retained
         self.embedding_reduced = (g.tail.sharded_grads_bytes + g.dense.sharded_grads_bytes * spec.num_dense_layers
                                   + g.moe.sharded_grads_bytes * spec.num_moe_layers + self.layer(0).reduce_buffer_bytes)
@@ -561,7 +577,7 @@ class GatheredTimeline:
             before = sum(self.layer(i).params_bytes for i in range(index + 1)) if self.spec.is_moe else \
                 g.dense.params_bytes * (index + 1)
             return before + g.embed.params_bytes
-        prefetched = self.layer(index - 1).buffer_bytes if index > 0 else g.embed.buffer_bytes
+        prefetched = self.layer(index - 1).prefetch_bytes if index > 0 else g.embed.buffer_bytes
         return self.layer(index).params_bytes + prefetched
 
     def retained_reduce_buffer(self, index: int) -> int:

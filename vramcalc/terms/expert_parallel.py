@@ -1,6 +1,6 @@
 """What one expert-parallel rank holds and sends: transformers' expert plan on E ranks (``--ep E``).
 
-The layout (transformers 5.25.0; ``parallel_degrees.check_expert_degree``): ``DistributedConfig(tp_size=E,
+One group (transformers 5.25.0; ``parallel_degrees.check_expert_degree``): ``DistributedConfig(tp_size=E,
 tp_plan={}, ep_size=E)``, the E ranks of one group share one batch of T = b·s tokens. The family's
 ``base_model_ep_plan`` (models/qwen3_moe/configuration_qwen3_moe.py:66-70) shards the 3-D expert tensors
 ``grouped_gemm`` (``MoEParamShard``: ``Shard(0)`` over the expert dimension, distributed/expert_parallel.py:96-114)
@@ -17,6 +17,20 @@ attention, the router (``mlp.gate``), shared experts, norms, embedding and lm_he
                                           routing, its experts receive S/E = T·K/E (token, expert) pairs: the experts'
                                           per-slot tensors of ``activations._moe`` are those of one GPU divided by E,
                                           plus what the dispatch and combine save (``dispatch_saved_per_slot``).
+EP across FSDP ranks (--num-gpus N > E, --sharding fsdp; ``DistributedConfig(fsdp_size=N, ep_size=E)``,
+distributed/fsdp.py:176-238):
+  weights, gradients, optimizer states   every dense tensor a dim-0 FSDP2 shard over N (``distributed.tensor_ranks``),
+                                          the rank's n/E experts one over efsdp = N/E (``expert_fsdp_ranks``), both
+                                          padded to ceil(rows/ranks) rows: when efsdp exceeds n/E a rank holds whole
+                                          experts and its peers padding. Kept in the loaded dtype (no fp32 upcast, no
+                                          16-bit gather: ``fsdp_mixed_precision`` is off). peft's adapters, attached
+                                          after ``fully_shard``, are whole on every rank with whole gradients.
+  gathered units                          a decoder layer's dense unit over N and, nested in it, its experts' unit
+                                          over efsdp, each with its all-gather buffer; backward prefetches the
+                                          previous layer's dense unit only (``distributed.Unit.prefetch_bytes``).
+  activations                             every rank its own batch of T tokens (``slot_share`` 1): its experts receive
+                                          T·K/E pairs from each of the E ranks of its group, T·K in all, as on one GPU,
+                                          plus what the dispatch and combine save for the T·K pairs it sends.
 Routing balance: uniform, the assumption the one-GPU MoE estimate already makes (every expert holds S/n slots: the
 grouped experts' tensors are sized by S, not by the busiest expert). A skewed routing sends more pairs to the rank
 of the busiest experts; the estimate is then that of a balanced router (load-balancing loss, capacity-free dispatch).
