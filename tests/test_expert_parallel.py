@@ -231,6 +231,12 @@ def test_ep_over_fsdp_rank_states_are_the_whole_model_over_n():
     assert rank.weights == pytest.approx(whole / 8, rel=1e-3)
 
 
+def test_ep_over_more_gpus_than_experts_warns_that_fsdp_pads_the_expert_shards():
+    b = vc.estimate("mixtral-8x7b", ep=8, num_gpus=16, sharding="fsdp", method="lora")  # 8 experts, efsdp 2
+    assert any("pads each rank's expert shard to 1 expert(s)" in w for w in b.warnings)
+    assert not vc.estimate("qwen3-30b-a3b", ep=4, num_gpus=8, sharding="fsdp").warnings  # 128 / 8: even
+
+
 def test_ep_over_fsdp_all_to_all_carries_the_ranks_own_batch_and_gathers_nothing():
     T, E, K, h = 2048, 4, 8, 2048  # qwen3-30b-a3b: K = 8 experts per token, h = 2048
     b = vc.estimate("qwen3-30b-a3b", ep=E, num_gpus=8, sharding="fsdp", seq_len=T)

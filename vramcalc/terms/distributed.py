@@ -211,6 +211,7 @@ class Unit:
     # the part of ``buffer_bytes`` that is an FSDP2 unit of its own nested in this one: the experts under
     # transformers' plan with --ep (fsdp.py:197-205, ``fully_shard(experts, mesh=efsdp)`` before the layer's)
     nested_buffer_bytes: int = 0
+    nested_reduce_bytes: int = 0  # the part of ``reduce_buffer_bytes`` that the nested unit reduces on its own
 
     @property
     def prefetch_bytes(self) -> int:
@@ -265,7 +266,7 @@ def _unit(tensors: list[tuple[StoredTensor, int]], n, half_bytes: int | None, fp
     unit with any trainable tensor gets gradients for all of its tensors. ``n``: the rank count, or a function
     giving each tensor's (``tensor_ranks``: None for one FSDP2 does not manage, left out of the unit).
     """
-    params = flat = grads = reduce_in = grad_state = nested = 0
+    params = flat = grads = reduce_in = grad_state = nested = nested_reduce = 0
     ranks_of = n if callable(n) else (lambda tensor: n)
     flat_trainable = flat_grads and any(t.trainable for t, c in tensors if c and t.kind != "quantized")
     for tensor, count in tensors:
@@ -276,16 +277,18 @@ def _unit(tensors: list[tuple[StoredTensor, int]], n, half_bytes: int | None, fp
         padded = _padded_numel(tensor, n_t)
         params += round_up(padded * gather) * count
         flat += padded * gather * count
-        if callable(n) and tensor.kind == "experts":  # their own unit (``tensor_ranks`` under transformers' FSDP2)
+        in_nested = callable(n) and tensor.kind == "experts"  # their own unit (``tensor_ranks``, transformers' FSDP2)
+        if in_nested:
             nested += padded * gather * count
         if tensor.trainable or flat_trainable:
             grads += round_up(tensor.numel * gather) * count
             reduce_in += padded * gather * count
+            nested_reduce += padded * gather * count if in_nested else 0
             grad_state += sharded(tensor, n_t).numel * _state_bits(tensor, fp32_trainable) // 8 * count
     if zero3_prefetch_bytes is not None:
         return Unit(params, min(zero3_prefetch_bytes, params), grads, 0, round_up(grad_state))
     return Unit(params, round_up(flat), grads, round_up(reduce_in), round_up(grad_state),
-                round_up(nested) if nested else 0)
+                round_up(nested) if nested else 0, round_up(nested_reduce) if nested_reduce else 0)
 
 
 def _layer_tensors(spec: ModelSpec, tensors, moe: bool) -> list[tuple[StoredTensor, int]]:
@@ -561,9 +564,11 @@ class GatheredTimeline:
         self.loss_forward = kept + g.tail.params_bytes + (last.buffer_bytes if g.tied else g.tail.buffer_bytes)
         self.loss_backward = kept + g.tail.params_bytes
         self.head_backward = kept + g.tail.params_bytes + (0 if g.keep_gathered else last.prefetch_bytes)
-        # the embedding's backward: every layer reduced, the first layer's reduce-scatter input retained
+        # the embedding's backward: every layer reduced, the first layer's reduce-scatter input retained (its dense
+        # unit's: a nested experts unit was reduced before it)
         self.embedding_reduced = (g.tail.sharded_grads_bytes + g.dense.sharded_grads_bytes * spec.num_dense_layers
-                                  + g.moe.sharded_grads_bytes * spec.num_moe_layers + self.layer(0).reduce_buffer_bytes)
+                                  + g.moe.sharded_grads_bytes * spec.num_moe_layers + self.layer(0).reduce_buffer_bytes
+                                  - self.layer(0).nested_reduce_bytes)
         self.embedding_gathered = g.embed.params_bytes
         self.embedding_copy_out = g.embed.params_bytes + (0 if g.keep_gathered else g.embed.buffer_bytes)
 
@@ -581,10 +586,12 @@ class GatheredTimeline:
         return self.layer(index).params_bytes + prefetched
 
     def retained_reduce_buffer(self, index: int) -> int:
-        """The reduce-scatter input of the unit reduced just before layer ``index``'s."""
+        """The reduce-scatter input of the unit reduced just before layer ``index``'s: the next layer's, or its dense
+        unit's alone when its experts are a nested unit (reduced before it, in the experts' post-backward)."""
         if index == self.spec.num_layers - 1:
             return self.g.tail.reduce_buffer_bytes
-        return self.layer(index + 1).reduce_buffer_bytes
+        after = self.layer(index + 1)
+        return after.reduce_buffer_bytes - after.nested_reduce_bytes
 
     def embedding_gradients(self, accumulated_gradients: int):
         """Gradients on the rank during the embedding's backward: its own unsharded ones (or the accumulated ones),
