@@ -245,6 +245,21 @@ def test_ep_over_fsdp_all_to_all_carries_the_ranks_own_batch_and_gathers_nothing
     assert b.details["ep_communication_bytes_per_step"] == b.details["ep_all_to_all_bytes_per_step"]
 
 
+def test_ep_over_fsdp_gathers_the_experts_over_efsdp_ranks_only():
+    """FSDP2 gathers a rank's n/E experts over its efsdp = N/E peers: (efsdp-1)/efsdp of them, twice (full-shard),
+    and the dense tensors over all N (not the whole model over N, as plain FSDP)."""
+    from vramcalc.terms.distributed import communication_bytes_per_step
+
+    spec = vc.get_model("qwen3-30b-a3b")
+    whole = stored_tensors(spec, resolve_setup(spec))
+    experts = sum(t.total_bytes for t in whole if t.kind == "experts")
+    dense = sum(t.total_bytes for t in whole if t.kind != "experts")
+    for ep, efsdp in ((4, 2), (2, 4)):
+        traffic = communication_bytes_per_step(spec, resolve_setup(spec, ep=ep, num_gpus=8, sharding="fsdp"))
+        expected = 2 * (7 / 8 * dense + (efsdp - 1) / efsdp * experts / ep)
+        assert traffic.all_gather_bytes == pytest.approx(expected, rel=1e-5)  # total_bytes: 512-B granules
+
+
 def test_cli_takes_ep_over_fsdp_and_refuses_a_bad_layout_in_one_line(capsys):
     assert main(["estimate", "qwen3-30b-a3b", "--ep", "4", "--num-gpus", "8", "--sharding", "fsdp"]) == 0
     capsys.readouterr()

@@ -506,11 +506,17 @@ def communication_bytes_per_step(spec: ModelSpec, resolved: ResolvedSetup) -> Co
             (N-1)/N·(2·W + G); shard-grad-op gathers once: (N-1)/N·(W + G)
     W counts every gathered parameter (a LoRA job still gathers the frozen base under fsdp/zero3); G only trainable
     gradients, in the dtype they are reduced in.
+    EP over FSDP ranks (``tensor_ranks``): each tensor gathered and reduced over its own ranks, the experts' n/E over
+    efsdp = N/E ((efsdp-1)/efsdp of them), the rest over N; peft's adapters, outside FSDP2, all-reduced by Trainer
+    over N (2·(N-1)/N of their gradients). AllToAllEP's own traffic: ``expert_parallel.expert_parallel_traffic``.
     """
     setup = resolved.setup
     n = setup.num_gpus
     if setup.sharding is Sharding.NONE or n == 1:
         return NO_COMMUNICATION
+    counts = tensor_ranks(resolved)
+    if callable(counts):
+        return _per_tensor_communication(spec, resolved, counts)
     share = _ring_share(n)
     compute = compute_setup(resolved)
     tensors = engine_tensors(spec, compute)  # packed 4-bit codes are gathered when the engine shards them
@@ -529,6 +535,24 @@ def communication_bytes_per_step(spec: ModelSpec, resolved: ResolvedSetup) -> Co
         gathers = 1 if setup.sharding is Sharding.FSDP and setup.fsdp_shard is FsdpShard.SHARD_GRAD_OP else 2
         reduce_scatter, all_gather = round(share * grads), round(gathers * share * weights)
     return Communication(all_reduce, reduce_scatter, all_gather)
+
+
+def _per_tensor_communication(spec: ModelSpec, resolved: ResolvedSetup, ranks_of) -> Communication:
+    """``communication_bytes_per_step`` with each tensor's own rank count (full-shard: two gathers per step)."""
+    tensors = engine_tensors(spec, compute_setup(resolved))
+    half_bytes = _half_bytes(resolved)
+    all_reduce = reduce_scatter = all_gather = 0.0
+    for t in tensors:
+        if t.kind == "quantized":
+            continue
+        size = t.numel * _gather_bytes(t, half_bytes) * t.count
+        ranks_t = ranks_of(t)
+        if ranks_t is None:  # outside FSDP2: whole on every rank, its gradient all-reduced over the job
+            all_reduce += 2 * _ring_share(ranks(resolved)) * size if t.trainable else 0
+            continue
+        all_gather += 2 * _ring_share(ranks_t) * size
+        reduce_scatter += _ring_share(ranks_t) * size if t.trainable else 0
+    return Communication(round(all_reduce), round(reduce_scatter), round(all_gather))
 
 
 # -- the gathered units' timeline (FSDP2, ZeRO-3) ---------------------------------------------------------------------
