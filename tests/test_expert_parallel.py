@@ -114,8 +114,11 @@ def test_the_rank_computes_one_eighth_of_the_routed_expert_work_at_ep_8():
 @pytest.mark.parametrize("options, message", [
     (dict(model="llama-3.1-8b", ep=2), "dense"),
     (dict(model="mixtral-8x7b", ep=3), "does not divide"),  # 8 experts
-    (dict(model="qwen3-30b-a3b", ep=2, num_gpus=3), "not a multiple"),
-    (dict(model="qwen3-30b-a3b", ep=2, num_gpus=4, sharding="fsdp"), "not modelled yet"),
+    (dict(model="qwen3-30b-a3b", ep=4, num_gpus=6, sharding="fsdp"), "not a multiple"),
+    (dict(model="qwen3-30b-a3b", ep=2, num_gpus=4, sharding="ddp"), "use --sharding fsdp"),
+    (dict(model="qwen3-30b-a3b", ep=2, num_gpus=4, sharding="zero3"), "use --sharding fsdp"),
+    (dict(model="qwen3-30b-a3b", ep=2, num_gpus=4), "use --sharding fsdp"),
+    (dict(model="qwen3-30b-a3b", ep=2, num_gpus=4, sharding="fsdp", fsdp_shard="shard-grad-op"), "reshard_after"),
     (dict(model="qwen3-30b-a3b", ep=2, sharding="fsdp"), "--sharding none"),
     (dict(model="qwen3-30b-a3b", ep=2, method="qlora"), "full and lora"),
     (dict(model="qwen3-30b-a3b", ep=2, tp=2), "--tp"),
@@ -198,14 +201,139 @@ def test_the_traced_rank_holds_transformers_expert_shards_and_the_rest_whole(fam
 
 @needs_torch
 @pytest.mark.trace
-def test_the_trace_runs_one_expert_parallel_group_only():
+def test_the_trace_runs_one_group_or_ep_over_fsdp_ranks():
     from vramcalc.tracing.expert_parallel import check_traceable
 
     spec = TINY["qwen3_moe"]
     resolved = resolve_setup(spec, ep=2)
     check_traceable(spec, resolved)  # --num-gpus 2 = --ep 2: traced
-    with pytest.raises(VramcalcError, match="one expert-parallel group"):
+    check_traceable(spec, resolve_setup(spec, ep=2, num_gpus=4, sharding="fsdp"))
+    with pytest.raises(VramcalcError, match="over FSDP ranks only"):
         check_traceable(spec, dataclasses.replace(resolved, setup=dataclasses.replace(resolved.setup, num_gpus=4)))
+
+
+# -- EP across FSDP ranks (--num-gpus N > --ep E, --sharding fsdp) ---------------------------------------------------
+def test_ep_over_fsdp_ranks_is_estimated_with_efsdp_n_over_e():
+    b = vc.estimate("qwen3-30b-a3b", ep=4, num_gpus=8, sharding="fsdp", grad_ckpt=True)
+    assert b.details["ep"] == 4 and b.details["experts_per_rank"] == 32 and b.details["expert_fsdp_ranks"] == 2
+    one_group = vc.estimate("qwen3-30b-a3b", ep=4, grad_ckpt=True)
+    assert b.peak_tensor_bytes < one_group.peak_tensor_bytes  # the dense half and the experts sharded 2 ways more
+
+
+def test_ep_over_fsdp_rank_states_are_the_whole_model_over_n():
+    """Dense tensors 1/N, experts n/E then 1/efsdp: every stored tensor is 1/N of the model (bf16, no fp32 upcast:
+    DistributedConfig's fsdp_mixed_precision is off), padding aside."""
+    from vramcalc.terms.distributed import rank_states
+
+    spec = vc.get_model("qwen3-30b-a3b")
+    whole = sum(t.total_bytes for t in stored_tensors(spec, resolve_setup(spec)))
+    rank = rank_states(spec, resolve_setup(spec, ep=4, num_gpus=8, sharding="fsdp"))
+    assert rank.weights == pytest.approx(whole / 8, rel=1e-3)
+
+
+def test_ep_over_more_gpus_than_experts_warns_that_fsdp_pads_the_expert_shards():
+    b = vc.estimate("mixtral-8x7b", ep=8, num_gpus=16, sharding="fsdp", method="lora")  # 8 experts, efsdp 2
+    assert any("pads each rank's expert shard to 1 expert(s)" in w for w in b.warnings)
+    assert not vc.estimate("qwen3-30b-a3b", ep=4, num_gpus=8, sharding="fsdp").warnings  # 128 / 8: even
+
+
+def test_ep_over_fsdp_all_to_all_carries_the_ranks_own_batch_and_gathers_nothing():
+    T, E, K, h = 2048, 4, 8, 2048  # qwen3-30b-a3b: K = 8 experts per token, h = 2048
+    b = vc.estimate("qwen3-30b-a3b", ep=E, num_gpus=8, sharding="fsdp", seq_len=T)
+    per_exchange = T * K * h * 2 * (E - 1) / E
+    assert b.details["ep_all_to_all_bytes_per_step"] == pytest.approx(48 * 4 * per_exchange, rel=1e-9)
+    assert b.details["ep_communication_bytes_per_step"] == b.details["ep_all_to_all_bytes_per_step"]
+
+
+def test_ep_over_fsdp_gathers_the_experts_over_efsdp_ranks_only():
+    """FSDP2 gathers a rank's n/E experts over its efsdp = N/E peers: (efsdp-1)/efsdp of them, twice (full-shard),
+    and the dense tensors over all N (not the whole model over N, as plain FSDP)."""
+    from vramcalc.terms.distributed import communication_bytes_per_step
+
+    spec = vc.get_model("qwen3-30b-a3b")
+    whole = stored_tensors(spec, resolve_setup(spec))
+    experts = sum(t.total_bytes for t in whole if t.kind == "experts")
+    dense = sum(t.total_bytes for t in whole if t.kind != "experts")
+    for ep, efsdp in ((4, 2), (2, 4)):
+        traffic = communication_bytes_per_step(spec, resolve_setup(spec, ep=ep, num_gpus=8, sharding="fsdp"))
+        expected = 2 * (7 / 8 * dense + (efsdp - 1) / efsdp * experts / ep)
+        assert traffic.all_gather_bytes == pytest.approx(expected, rel=1e-5)  # total_bytes: 512-B granules
+
+
+def test_cli_takes_ep_over_fsdp_and_refuses_a_bad_layout_in_one_line(capsys):
+    assert main(["estimate", "qwen3-30b-a3b", "--ep", "4", "--num-gpus", "8", "--sharding", "fsdp"]) == 0
+    capsys.readouterr()
+    assert main(["estimate", "qwen3-30b-a3b", "--ep", "4", "--num-gpus", "6", "--sharding", "fsdp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "not a multiple of --ep 4" in err[0]
+
+
+# the last MoE layer's forward transients (here AllToAllEP's combine: the returned rows, the routing-weight product
+# and its sum, beside the layer's gathered experts and their retained all-gather buffer) are not a moment of the FSDP
+# estimate: without checkpointing and at a 512-token vocabulary they make the traced peak, ~7% above the estimate's.
+# Not EP's own gap: plain --sharding fsdp misses the same moment on these stand-ins (-3.9% tiny-mixtral-v512 full,
+# -3.7% tiny-qwen3-moe-v512 LoRA; the ep26 report)
+_FORWARD_COMBINE = pytest.mark.xfail(strict=True, reason="FSDP's last-MoE-layer forward transients not estimated yet")
+OVER_FSDP_CASES = [
+    (TINY["qwen3_moe"], dict(ep=2, num_gpus=4, seq_len=256)),
+    (TINY["qwen3_moe"], dict(ep=2, num_gpus=4, seq_len=256, grad_ckpt=True)),
+    (QWEN3_MOE_V512, dict(ep=4, num_gpus=8, seq_len=512)),
+    pytest.param(QWEN3_MOE_V512, dict(ep=2, num_gpus=4, seq_len=512, method="lora"), marks=_FORWARD_COMBINE),
+    (TINY["qwen3_moe"], dict(ep=2, num_gpus=8, seq_len=256, method="lora", lora_targets=ATTENTION, grad_ckpt=True)),
+    pytest.param(MIXTRAL_V512, dict(ep=2, num_gpus=4, seq_len=512), marks=_FORWARD_COMBINE),
+    (TINY["mixtral"], dict(ep=4, num_gpus=8, seq_len=256, method="lora", grad_ckpt=True)),
+    (TINY["deepseek_v3"], dict(ep=2, num_gpus=4, seq_len=256)),
+    (TINY["qwen3_moe"], dict(ep=2, num_gpus=4, seq_len=256, grad_accum=2)),
+    (TINY["qwen3_moe"], dict(ep=2, num_gpus=4, seq_len=256, precision="mixed-bf16")),
+]
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("spec, options", OVER_FSDP_CASES, ids=[
+    f"{s.name}-{'-'.join(f'{k}={v}' for k, v in o.items())}"
+    for s, o in (getattr(case, "values", case) for case in OVER_FSDP_CASES)])
+def test_estimated_ep_over_fsdp_rank_peak_is_within_3_percent_of_the_fake_group_trace(spec, options):
+    from vramcalc.tracing.runner import run_trace
+
+    options = dict(options, sharding="fsdp")
+    traced = sum(run_trace(spec, resolve_setup(spec, **options), progress=False).terms.values())
+    assert abs(_peak(spec, **options) - traced) / traced < TOLERANCE
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("family, ep, num_gpus", [("qwen3_moe", 2, 4), ("mixtral", 2, 4), ("qwen3_moe", 2, 8),
+                                                  ("mixtral", 4, 8)])
+def test_the_traced_ep_over_fsdp_rank_holds_experts_over_ep_times_efsdp_and_dense_over_n(family, ep, num_gpus):
+    """transformers' own layout: each experts tensor a DTensor sharded in dim 0 over (efsdp, ep) whose local shard is
+    1/(E·efsdp) = 1/N of the experts (ceil(n/E / efsdp) rows: FSDP2 pads when efsdp does not divide n/E, as with
+    tiny mixtral's 4 experts at E=4 on 8 GPUs); every dense parameter a Shard(0) DTensor over the N fsdp ranks."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    from vramcalc.tracing import distributed
+    from vramcalc.tracing.build import build_model
+
+    spec = TINY[family]
+    efsdp = num_gpus // ep
+    resolved = resolve_setup(spec, ep=ep, num_gpus=num_gpus, sharding="fsdp", seq_len=64)
+    with distributed.process_group(num_gpus):
+        model = build_model(spec, resolved, torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True))
+        params = dict(model.named_parameters())
+        assert all(isinstance(p, DTensor) for p in params.values())
+        experts = {n: p for n, p in params.items() if ".experts." in n}
+        dense = {n: p for n, p in params.items() if n not in experts}
+        assert experts and dense
+        for name, p in experts.items():
+            assert p.shape[0] == spec.num_experts and p.device_mesh.size() == ep * efsdp, name
+            local_experts = -(-(spec.num_experts // ep) // efsdp)
+            assert p.to_local().shape[0] == local_experts, name
+            if (spec.num_experts // ep) % efsdp == 0:
+                assert p.to_local().numel() * ep * efsdp == p.numel(), name
+        for name, p in dense.items():
+            assert p.device_mesh.size() == num_gpus, name
+            assert p.to_local().shape[0] == -(-p.shape[0] // num_gpus), name
 
 
 def test_uniform_splits_spread_the_pairs_evenly():

@@ -75,11 +75,10 @@ def test_a_dense_model_never_gets_expert_parallelism(model, options):
         assert not any(candidate.strategy.layout == Layout.EXPERT_PARALLEL for candidate in found)
 
 
-def test_ep_is_proposed_only_as_the_estimate_accepts_it_one_group_without_fsdp():
-    # the estimate refuses EP across FSDP data-parallel ranks (parallel_degrees.check_expert_degree) ...
-    with pytest.raises(VramcalcError, match="not modelled yet"):
-        vc.estimate("qwen3-30b-a3b", method="lora", ep=4, num_gpus=8, sharding="fsdp")
-    # ... so every EP candidate plan finds is one group of exactly ep GPUs, ep dividing the experts
+def test_plan_proposes_ep_as_one_group_only_though_the_estimate_takes_ep_over_fsdp_ranks():
+    # the estimate models EP across FSDP data-parallel ranks (parallel_degrees.check_expert_degree) ...
+    assert vc.estimate("qwen3-30b-a3b", method="lora", ep=4, num_gpus=8, sharding="fsdp").details["ep"] == 4
+    # ... but plan does not search it yet: every EP candidate is one group of exactly ep GPUs, ep dividing the experts
     spec = get_model("qwen3-30b-a3b")
     for gpu in ("rtx-4090", "l40s", "a100-40gb"):
         for candidate in candidates(spec, get_gpu(gpu), {"method": "lora"}, 512):

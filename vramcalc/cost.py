@@ -435,7 +435,7 @@ def step_work_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_
     paged_s = 2 * paged_bytes / (gpu.pcie_gb_s * GB_PER_S) if paged_bytes and gpu.pcie_gb_s else 0.0
     ep_s = 0.0
     if ep > 1:  # AllToAllEP: the experts wait for the dispatch, the next op for the combine: no overlap
-        shape = expert_parallel_shape(spec, ep)
+        shape = expert_parallel_shape(spec, _ep.slot_share(resolved))  # over FSDP ranks: its own batch's T·K pairs
         ep_s = _step.comm_seconds(_ep.expert_parallel_traffic(spec, resolved, _dtypes(
             setup.method, setup.precision, setup.adapter_dtype).c).total_bytes, ep_links.ring_gb_s)
     work_setup = _step.StepSetup(
@@ -485,7 +485,7 @@ def step_details(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_b
         return {}
     setup = resolved.setup
     ranks = setup.num_gpus if setup.sharding is not Sharding.NONE else 1  # --tp: the data-parallel ranks (rank_view)
-    tp = _tp.tp_degree(resolved) * _ep.ep_degree(resolved)  # an --ep group also shares its tokens
+    tp = _tp.tp_degree(resolved) * _ep.slot_share(resolved)  # one --ep group also shares its tokens (not over FSDP)
     per_gpu = step.tokens_per_s * setup.seq_len / setup.padded_seq_len  # dataset tokens (prompt tuning's are extra)
     idle = setup.num_gpus if setup.device_map.value == "auto" else 1  # a naive pipeline: one GPU busy at a time
     # --tp: each rank of a group computes all of the group's tokens, so per_gpu is the group's and a GPU's is 1/tp
@@ -533,7 +533,7 @@ def step_or_profile_utilisation(spec: ModelSpec, resolved: ResolvedSetup, gpu: G
     # a --tp or --ep group computes on its shared tokens (step_details' per-GPU share); a --cp rank's step counts
     # its own s/C positions already
     per_gpu = step.tokens_per_s * setup.seq_len / setup.padded_seq_len / (_tp.tp_degree(resolved) *
-                                                                         _ep.ep_degree(resolved))
+                                                                         _ep.slot_share(resolved))
     return 1.0 / per_gpu, Utilisation(step.mfu, "step-time model (vramcalc/step_time.py, data/achievable_rates.csv)")
 
 

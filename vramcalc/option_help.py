@@ -29,7 +29,9 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "tp": "tensor-parallel degree (transformers tp_plan=\"auto\"): each GPU holds 1/tp of every attention and MLP "
           "matrix; --num-gpus = tp x data-parallel ranks (given --tp alone, --num-gpus is tp)",
     "ep": "expert-parallel degree (transformers ep_size, the model's expert plan): each GPU holds 1/ep of the "
-          "experts, the rest whole; one group of ep GPUs shares a batch (given --ep alone, --num-gpus is ep)",
+          "experts; one group of ep GPUs shares a batch, the rest whole (given --ep alone, --num-gpus is ep), or "
+          "with --num-gpus N (a multiple of ep) and --sharding fsdp every GPU its own batch, the experts sharded "
+          "again over N/ep ranks and the rest over N",
     "cp": "context-parallel degree (accelerate ParallelismConfig cp_size: torch ring attention over SDPA, FSDP2 over "
           "dp_shard x cp): each GPU holds 1/cp of every sequence; needs --sharding fsdp and --attn sdpa; "
           "--num-gpus = dp_shard x cp x tp (given --cp alone, --num-gpus is cp x tp)",

@@ -132,11 +132,19 @@ def check_expert_degree(model: ModelSpec, setup) -> None:
     """One error line for an ``--ep`` the real stack refuses or vramcalc does not model.
 
     What transformers 5.25.0 runs: ``DistributedConfig`` requires ``ep_size`` to be a multiple of ``tp_size`` and to
-    divide ``fsdp_size * tp_size`` (distributed/configuration_utils.py:183-187). vramcalc models the layout in which
-    the E ranks of one expert-parallel group are the whole job and share one batch: ``DistributedConfig(tp_size=E,
-    tp_plan={}, ep_size=E)`` (:40-43, :156-170: the expert plan alone across the tp ranks, dense modules whole), so
-    --num-gpus = --ep and no data-parallel sharding. EP across FSDP ranks (``fsdp_size=N, ep_size=E``: dense modules
-    FSDP2 over N, experts over ``efsdp = N/E``, distributed/fsdp.py:178-214) is refused as not modelled yet."""
+    divide ``fsdp_size * tp_size`` (distributed/configuration_utils.py:183-187). vramcalc models its two layouts
+    without TP:
+    - one expert-parallel group that is the whole job and shares one batch, --num-gpus = --ep, --sharding none:
+      ``DistributedConfig(tp_size=E, tp_plan={}, ep_size=E)`` (:40-43, :156-170: the expert plan alone across the tp
+      ranks, dense modules whole);
+    - EP across FSDP ranks, --num-gpus N a multiple of --ep E, --sharding fsdp (full-shard, no offload):
+      ``DistributedConfig(fsdp_size=N, ep_size=E)``. Every rank has a batch of its own (``dp_size`` = N); the
+      dense modules are FSDP2 units over the N ranks of the ``(pp, dp_replicate, fsdp, tp)`` mesh, each rank's n/E
+      experts a unit over the efsdp = N/E ranks of the ``(pp, dp_replicate, efsdp, ep)`` mesh that hold the same
+      experts (distributed/utils.py:313-346, fsdp.py:176-238, both with ``reshard_after_forward=True``). Trainer
+      neither wraps nor reshards such a model (trainer.py:467-469), so DDP, DeepSpeed, shard-grad-op and
+      accelerate's offload are refused; HSDP (``dp_replicate_size``) is not modelled.
+    """
     ep = getattr(setup, "ep", 1)
     if ep == 1:
         return
@@ -153,13 +161,18 @@ def check_expert_degree(model: ModelSpec, setup) -> None:
     if setup.num_gpus % ep:
         raise VramcalcError(f"--num-gpus {setup.num_gpus} is not a multiple of --ep {ep}: transformers lays the "
                             "expert-parallel groups over the data-parallel ranks (ep_size divides fsdp_size x tp_size)")
-    if setup.num_gpus != ep:
-        raise VramcalcError(f"--num-gpus {setup.num_gpus} with --ep {ep}: modelled for one expert-parallel group "
-                            f"sharing one batch (--num-gpus {ep}); EP across FSDP data-parallel ranks "
-                            "(DistributedConfig fsdp_size, efsdp) is not modelled yet")
-    if setup.sharding.value != "none" or setup.offload.value != "none":
-        raise VramcalcError(f"--ep with --sharding {setup.sharding.value}: one expert-parallel group has no "
-                            "data-parallel ranks to shard over; use --sharding none")
+    if setup.num_gpus == ep and (setup.sharding.value != "none" or setup.offload.value != "none"):
+        raise VramcalcError(f"--ep with --sharding {setup.sharding.value} on {ep} GPUs: one expert-parallel group has "
+                            f"no data-parallel ranks to shard over; use --sharding none, or --num-gpus {2 * ep} or "
+                            "more with --sharding fsdp")
+    if setup.num_gpus > ep and (setup.sharding.value != "fsdp" or setup.offload.value != "none"):
+        raise VramcalcError(f"--num-gpus {setup.num_gpus} with --ep {ep} and --sharding {setup.sharding.value}"
+                            f"{' --offload ' + setup.offload.value if setup.offload.value != 'none' else ''}: "
+                            "transformers lays expert parallelism over its FSDP2 ranks (DistributedConfig fsdp_size, "
+                            "ep_size; Trainer wraps such a model in nothing else): use --sharding fsdp without offload")
+    if setup.num_gpus > ep and setup.fsdp_shard.value != "full-shard":
+        raise VramcalcError("--ep over FSDP ranks with --fsdp-shard shard-grad-op: transformers' FSDP2 plan frees "
+                            "every layer after its forward (reshard_after_forward=True, distributed/fsdp.py:219-221)")
     method = setup.method.value
     if method not in ("full", "lora") or setup.method.peft_facts is not None:
         raise VramcalcError(f"--ep with --method {method}: modelled for full and lora (transformers' expert plan "

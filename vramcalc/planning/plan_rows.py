@@ -47,6 +47,7 @@ from ..estimator import estimate
 from ..model import ModelSpec
 from ..options import DeviceMap, Interconnect, Method, Offload, Sharding, Term
 from ..terms.context_parallel import rank_view as cp_rank_view
+from ..terms.expert_parallel import slot_share
 from ..terms.tensor_parallel import rank_view
 from ..training_setup import ResolvedSetup, resolve_setup
 from ..units import BYTES_PER_GIB
@@ -375,8 +376,10 @@ def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices, paged_by
     rank_spec, rank_resolved = rank_view(spec, resolved)  # --tp: one rank's slice, as estimate() times it
     rank_spec, rank_resolved = cp_rank_view(rank_spec, rank_resolved)  # --cp: its s/C positions, as estimate()
     busy = 1 if setup.device_map is DeviceMap.AUTO else n  # device_map: one GPU computes at a time
-    # data-parallel ranks, each one micro-batch: a tp group, a cp ring and an ep group each share theirs
-    ranks = 1 if setup.device_map is DeviceMap.AUTO else n // (setup.tp * setup.cp * setup.ep)
+    # data-parallel ranks, each one micro-batch: a tp group, a cp ring and one ep group each share theirs (EP over
+    # FSDP ranks does not: every rank its own batch, terms/expert_parallel.slot_share)
+    shared = slot_share(resolved)
+    ranks = 1 if setup.device_map is DeviceMap.AUTO else n // (setup.tp * setup.cp * shared)
     step_s_per_token, utilisation = step_or_profile_utilisation(rank_spec, rank_resolved, device, mfu, paged_bytes)
     if step_s_per_token is not None:
         tokens_per_s = busy / step_s_per_token
@@ -385,7 +388,7 @@ def _time_and_cost(spec, resolved, device, tokens, epochs, mfu, prices, paged_by
         if n > 1 and (setup.sharding is not Sharding.NONE or setup.ep > 1):
             out["exposed_comm_seconds"] = step.exposed_comm_s  # of step_seconds: collectives compute left exposed
     else:
-        one = training_time(flops, 1.0, 1.0, busy * expert_group_share(spec, setup.ep), peak, utilisation.mfu,
+        one = training_time(flops, 1.0, 1.0, busy * expert_group_share(spec, shared), peak, utilisation.mfu,
                             eager_attention_seconds_per_token(spec, resolved, device))
         tokens_per_s = one.tokens_per_s
         step_seconds = setup.batch_size * setup.seq_len * setup.grad_accum * ranks / tokens_per_s

@@ -139,8 +139,9 @@ class LayerSetup:
     compiled: bool = False  # torch.compile: the min-cut partitioner's saved set
     offload: bool = False  # --activation-offload: saved tensors in host memory
     layers: StackLayers = HF_LAYERS  # the stack's own decoder traits (terms/stack_layers.py)
-    ep: int = 1  # --ep: the rank's experts run 1/ep of the routed slots (terms/expert_parallel.py)
+    ep: int = 1  # --ep: the rank's experts run 1/ep of the routed slots (terms/expert_parallel.py ``slot_share``)
     lora_experts: tuple[str, ...] = ()  # peft's ParamWrapper LoRA on the fused experts (terms/moe_lora.py)
+    ep_dispatch: bool = False  # --ep: tokens reach the experts through AllToAllEP (terms/expert_parallel.py)
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -569,7 +570,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             saved = moe_lora.param_wrapper_saved(m, self.layer.lora_experts, dt.r, e, self.grad)
             self.per_token += saved.per_token // ep
             self.per_layer += saved.per_layer // ep
-        if ep > 1:
+        if self.layer.ep_dispatch:
             self.per_token += K * expert_parallel.dispatch_saved_per_slot() // ep
         # the shared expert reads the layer's input: with LoRA'd experts its gradient need is the input's
         self.grad = self.grad if self.layer.lora_experts and not self.full else True

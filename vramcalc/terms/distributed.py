@@ -73,6 +73,7 @@ from .stack_layers import stack_layers
 from .stored_tensor import StoredTensor
 from .states import RankStates, head_gradient_bytes, model_states
 from .weights import weight_bytes
+from .expert_parallel import expert_fsdp_ranks, fsdp_by_transformers
 
 # DeepSpeed's host bytes per trainable parameter under each offload (``facts``)
 DEEPSPEED_HOST_BYTES_PER_PARAM = {Offload.OPTIMIZER: facts.DEEPSPEED_HOST_BYTES_PER_PARAM_OPTIMIZER,
@@ -84,8 +85,13 @@ def ranks(resolved: ResolvedSetup) -> int:
 
 
 def casts_to_half(resolved: ResolvedSetup) -> bool:
-    """FSDP2's mixed-precision policy and DeepSpeed's bf16/fp16 engine compute in 16 bits (all but fp32)."""
+    """FSDP2's mixed-precision policy and DeepSpeed's bf16/fp16 engine compute in 16 bits (all but fp32). Not
+    transformers' own FSDP2 under --ep (``expert_parallel.fsdp_by_transformers``): ``DistributedConfig``'s
+    ``fsdp_mixed_precision`` defaults to False (distributed/configuration_utils.py:96, fsdp.py:75-79), so units
+    gather in the dtype they were loaded in and Trainer's autocast computes as on one GPU."""
     setup = resolved.setup
+    if fsdp_by_transformers(resolved):
+        return False
     return (setup.sharding is Sharding.FSDP or setup.sharding.is_deepspeed) and setup.precision is not Precision.FP32
 
 
@@ -145,6 +151,19 @@ def _fp32_trainable(resolved: ResolvedSetup) -> bool:
             and not stack_layers(setup.stack).fsdp_keeps_dtype and not shards_4bit(resolved))
 
 
+def tensor_ranks(resolved: ResolvedSetup):
+    """The ranks FSDP2 shards a stored tensor over, or None for one it does not manage: N for every tensor (an int),
+    but under
+    transformers' own FSDP2 with --ep (``fsdp_by_transformers``) the experts (already n/E per rank) over
+    efsdp = N/E (``expert_parallel.expert_fsdp_ranks``) and peft's adapters, attached after ``fully_shard``, None
+    (whole on every rank; Trainer all-reduces their gradients, trainer.py:2669-2697)."""
+    n = ranks(resolved)
+    if not fsdp_by_transformers(resolved):
+        return n  # one count for every tensor (accelerate's FSDP2: the experts are in their layer's unit)
+    efsdp = expert_fsdp_ranks(resolved)
+    return lambda tensor: None if tensor.kind == "adapter" else efsdp if tensor.kind == "experts" else n
+
+
 # -- 4-bit weights under sharding (--quant-storage) ------------------------------------------------------------------
 PACKED_4BIT = "packed-4bit"  # StoredTensor.kind of a 4-bit weight's packed codes alone, as FSDP2 / ZeRO-3 hold them
 
@@ -189,6 +208,18 @@ class Unit:
     grads_bytes: int = 0  # autograd's unsharded gradients of its trainable parameters
     reduce_buffer_bytes: int = 0  # flat reduce-scatter input, kept until the next unit's reduce-scatter
     sharded_grads_bytes: int = 0  # what its reduce-scatter leaves on the rank
+    # the part of ``buffer_bytes`` that is an FSDP2 unit of its own nested in this one: the experts under
+    # transformers' plan with --ep (fsdp.py:197-205, ``fully_shard(experts, mesh=efsdp)`` before the layer's)
+    nested_buffer_bytes: int = 0
+    nested_reduce_bytes: int = 0  # the part of ``reduce_buffer_bytes`` that the nested unit reduces on its own
+
+    @property
+    def prefetch_bytes(self) -> int:
+        """What backward prefetches of the unit ahead of its own backward: its flat buffer, but for a nested unit,
+        whose turn in FSDP2's reversed post-forward order comes only once the layer's backward has started
+        (``FSDPState._pre_backward`` prefetches the next state in ``post_forward_order``: layer i, its experts,
+        layer i-1, ...)."""
+        return self.buffer_bytes - self.nested_buffer_bytes
 
 
 NO_UNIT = Unit()
@@ -219,7 +250,7 @@ def _unit_of(tensor: StoredTensor, tied: bool) -> str:
     return "root"
 
 
-def _unit(tensors: list[tuple[StoredTensor, int]], n: int, half_bytes: int | None, fp32_trainable: bool,
+def _unit(tensors: list[tuple[StoredTensor, int]], n, half_bytes: int | None, fp32_trainable: bool,
           zero3_prefetch_bytes: int | None, flat_grads: bool = False) -> Unit:
     """The unit holding ``count`` of each tensor (the rank's view of one layer, or of the embedding or tail) over
     ``n`` ranks; gathered copies in ``half_bytes`` (None: the stored dtype), sharded trainable states in fp32 when
@@ -232,24 +263,32 @@ def _unit(tensors: list[tuple[StoredTensor, int]], n: int, half_bytes: int | Non
     its "buffer" is the prefetch bucket ahead of the compute, at most the unit itself, and its gradients go
     through the reduce bucket (``RankStates.backward_buffers``) rather than a per-unit reduce-scatter input.
     ``flat_grads`` (FSDP1 ``use_orig_params`` flat parameters, ``stack_layers.StackLayers.fsdp_flat_params``): a
-    unit with any trainable tensor gets gradients for all of its tensors.
+    unit with any trainable tensor gets gradients for all of its tensors. ``n``: the rank count, or a function
+    giving each tensor's (``tensor_ranks``: None for one FSDP2 does not manage, left out of the unit).
     """
-    params = flat = grads = reduce_in = grad_state = 0
+    params = flat = grads = reduce_in = grad_state = nested = nested_reduce = 0
+    ranks_of = n if callable(n) else (lambda tensor: n)
     flat_trainable = flat_grads and any(t.trainable for t, c in tensors if c and t.kind != "quantized")
     for tensor, count in tensors:
-        if count == 0 or tensor.kind == "quantized":
+        if count == 0 or tensor.kind == "quantized" or ranks_of(tensor) is None:
             continue  # 4-bit Params4bit are left out of fully_shard (accelerate ignored_params): replicated
+        n_t = ranks_of(tensor)
         gather = _gather_bytes(tensor, half_bytes)
-        padded = _padded_numel(tensor, n)
+        padded = _padded_numel(tensor, n_t)
         params += round_up(padded * gather) * count
         flat += padded * gather * count
+        in_nested = callable(n) and tensor.kind == "experts"  # their own unit (``tensor_ranks``, transformers' FSDP2)
+        if in_nested:
+            nested += padded * gather * count
         if tensor.trainable or flat_trainable:
             grads += round_up(tensor.numel * gather) * count
             reduce_in += padded * gather * count
-            grad_state += sharded(tensor, n).numel * _state_bits(tensor, fp32_trainable) // 8 * count
+            nested_reduce += padded * gather * count if in_nested else 0
+            grad_state += sharded(tensor, n_t).numel * _state_bits(tensor, fp32_trainable) // 8 * count
     if zero3_prefetch_bytes is not None:
         return Unit(params, min(zero3_prefetch_bytes, params), grads, 0, round_up(grad_state))
-    return Unit(params, round_up(flat), grads, round_up(reduce_in), round_up(grad_state))
+    return Unit(params, round_up(flat), grads, round_up(reduce_in), round_up(grad_state),
+                round_up(nested) if nested else 0, round_up(nested_reduce) if nested_reduce else 0)
 
 
 def _layer_tensors(spec: ModelSpec, tensors, moe: bool) -> list[tuple[StoredTensor, int]]:
@@ -272,11 +311,11 @@ def gathering(spec: ModelSpec, resolved: ResolvedSetup) -> Gathering | None:
         prefetch = int(DEEPSPEED_PREFETCH_FRACTION * spec.hidden_size**2) * facts.half_dtype(setup.precision).bytes
     keep_gathered = setup.sharding is Sharding.FSDP and setup.fsdp_shard is FsdpShard.SHARD_GRAD_OP
     flat_grads = setup.sharding is Sharding.FSDP and stack_layers(setup.stack).fsdp_flat_params
-    return gathering_units(spec, engine_tensors(spec, resolved), setup.num_gpus, _half_bytes(resolved),
+    return gathering_units(spec, engine_tensors(spec, resolved), tensor_ranks(resolved), _half_bytes(resolved),
                  _fp32_trainable(resolved), prefetch, keep_gathered, flat_grads)
 
 
-def gathering_units(spec: ModelSpec, tensors: tuple[StoredTensor, ...], n_ranks: int, half_bytes: int | None,
+def gathering_units(spec: ModelSpec, tensors: tuple[StoredTensor, ...], n_ranks, half_bytes: int | None,
                     fp32_trainable: bool, zero3_prefetch_bytes: int | None, keep_gathered: bool,
                     flat_grads: bool = False) -> Gathering:
     """The embedding's, a dense and an MoE layer's and the tail's unit (``_unit``) of the stored ``tensors``: one
@@ -326,18 +365,22 @@ def ddp_bucket_bytes(tensors) -> int:
 
 
 def _fsdp_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
-    n = ranks(resolved)
+    counts = tensor_ranks(resolved)
+    ranks_of = counts if callable(counts) else (lambda tensor: counts)
     setup = resolved.setup
     tensors = engine_tensors(spec, resolved)
     units = gathering(spec, resolved)
     fp32_trainable = _fp32_trainable(resolved)
-    shards = tuple(sharded(t, n, _state_bits(t, fp32_trainable)) for t in tensors if t.kind != "quantized")
+    # unmanaged tensors (peft's adapters under transformers' own FSDP2) stay whole, with whole gradients
+    whole = tuple(t for t in tensors if t.kind != "quantized" and ranks_of(t) is None)
+    shards = tuple(sharded(t, ranks_of(t), _state_bits(t, fp32_trainable)) for t in tensors
+                   if t.kind != "quantized" and ranks_of(t) is not None) + whole
     replicated = sum(t.total_bytes for t in tensors if t.kind == "quantized")
     if shards_4bit(resolved):  # the packed codes are sharded above; their quantization state stays whole
         replicated = quant_state_bytes(stored_tensors(spec, resolved))
     weights = sum(t.total_bytes for t in shards) + replicated
     G = (units.embed.sharded_grads_bytes + units.tail.sharded_grads_bytes + units.dense.sharded_grads_bytes * spec.num_dense_layers
-         + units.moe.sharded_grads_bytes * spec.num_moe_layers)
+         + units.moe.sharded_grads_bytes * spec.num_moe_layers) + sum(t.total_bytes for t in whole if t.trainable)
     O = optimizer_state_bytes(shards, setup.optimizer).device_bytes
     step = optimizer_step_temporary_bytes(shards, setup.optimizer)
     accumulated = 0
@@ -463,11 +506,17 @@ def communication_bytes_per_step(spec: ModelSpec, resolved: ResolvedSetup) -> Co
             (N-1)/N·(2·W + G); shard-grad-op gathers once: (N-1)/N·(W + G)
     W counts every gathered parameter (a LoRA job still gathers the frozen base under fsdp/zero3); G only trainable
     gradients, in the dtype they are reduced in.
+    EP over FSDP ranks (``tensor_ranks``): each tensor gathered and reduced over its own ranks, the experts' n/E over
+    efsdp = N/E ((efsdp-1)/efsdp of them), the rest over N; peft's adapters, outside FSDP2, all-reduced by Trainer
+    over N (2·(N-1)/N of their gradients). AllToAllEP's own traffic: ``expert_parallel.expert_parallel_traffic``.
     """
     setup = resolved.setup
     n = setup.num_gpus
     if setup.sharding is Sharding.NONE or n == 1:
         return NO_COMMUNICATION
+    counts = tensor_ranks(resolved)
+    if callable(counts):
+        return _per_tensor_communication(spec, resolved, counts)
     share = _ring_share(n)
     compute = compute_setup(resolved)
     tensors = engine_tensors(spec, compute)  # packed 4-bit codes are gathered when the engine shards them
@@ -486,6 +535,24 @@ def communication_bytes_per_step(spec: ModelSpec, resolved: ResolvedSetup) -> Co
         gathers = 1 if setup.sharding is Sharding.FSDP and setup.fsdp_shard is FsdpShard.SHARD_GRAD_OP else 2
         reduce_scatter, all_gather = round(share * grads), round(gathers * share * weights)
     return Communication(all_reduce, reduce_scatter, all_gather)
+
+
+def _per_tensor_communication(spec: ModelSpec, resolved: ResolvedSetup, ranks_of) -> Communication:
+    """``communication_bytes_per_step`` with each tensor's own rank count (full-shard: two gathers per step)."""
+    tensors = engine_tensors(spec, compute_setup(resolved))
+    half_bytes = _half_bytes(resolved)
+    all_reduce = reduce_scatter = all_gather = 0.0
+    for t in tensors:
+        if t.kind == "quantized":
+            continue
+        size = t.numel * _gather_bytes(t, half_bytes) * t.count
+        ranks_t = ranks_of(t)
+        if ranks_t is None:  # outside FSDP2: whole on every rank, its gradient all-reduced over the job
+            all_reduce += 2 * _ring_share(ranks(resolved)) * size if t.trainable else 0
+            continue
+        all_gather += 2 * _ring_share(ranks_t) * size
+        reduce_scatter += _ring_share(ranks_t) * size if t.trainable else 0
+    return Communication(round(all_reduce), round(reduce_scatter), round(all_gather))
 
 
 # -- the gathered units' timeline (FSDP2, ZeRO-3) ---------------------------------------------------------------------
@@ -520,10 +587,12 @@ class GatheredTimeline:
                                      + g.tail.params_bytes) + tied_tail
         self.loss_forward = kept + g.tail.params_bytes + (last.buffer_bytes if g.tied else g.tail.buffer_bytes)
         self.loss_backward = kept + g.tail.params_bytes
-        self.head_backward = kept + g.tail.params_bytes + (0 if g.keep_gathered else last.buffer_bytes)
-        # the embedding's backward: every layer reduced, the first layer's reduce-scatter input retained
+        self.head_backward = kept + g.tail.params_bytes + (0 if g.keep_gathered else last.prefetch_bytes)
+        # the embedding's backward: every layer reduced, the first layer's reduce-scatter input retained (its dense
+        # unit's: a nested experts unit was reduced before it)
         self.embedding_reduced = (g.tail.sharded_grads_bytes + g.dense.sharded_grads_bytes * spec.num_dense_layers
-                                  + g.moe.sharded_grads_bytes * spec.num_moe_layers + self.layer(0).reduce_buffer_bytes)
+                                  + g.moe.sharded_grads_bytes * spec.num_moe_layers + self.layer(0).reduce_buffer_bytes
+                                  - self.layer(0).nested_reduce_bytes)
         self.embedding_gathered = g.embed.params_bytes
         self.embedding_copy_out = g.embed.params_bytes + (0 if g.keep_gathered else g.embed.buffer_bytes)
 
@@ -537,14 +606,16 @@ class GatheredTimeline:
             before = sum(self.layer(i).params_bytes for i in range(index + 1)) if self.spec.is_moe else \
                 g.dense.params_bytes * (index + 1)
             return before + g.embed.params_bytes
-        prefetched = self.layer(index - 1).buffer_bytes if index > 0 else g.embed.buffer_bytes
+        prefetched = self.layer(index - 1).prefetch_bytes if index > 0 else g.embed.buffer_bytes
         return self.layer(index).params_bytes + prefetched
 
     def retained_reduce_buffer(self, index: int) -> int:
-        """The reduce-scatter input of the unit reduced just before layer ``index``'s."""
+        """The reduce-scatter input of the unit reduced just before layer ``index``'s: the next layer's, or its dense
+        unit's alone when its experts are a nested unit (reduced before it, in the experts' post-backward)."""
         if index == self.spec.num_layers - 1:
             return self.g.tail.reduce_buffer_bytes
-        return self.layer(index + 1).reduce_buffer_bytes
+        after = self.layer(index + 1)
+        return after.reduce_buffer_bytes - after.nested_reduce_bytes
 
     def embedding_gradients(self, accumulated_gradients: int):
         """Gradients on the rank during the embedding's backward: its own unsharded ones (or the accumulated ones),

@@ -1,6 +1,6 @@
 """What one expert-parallel rank holds and sends: transformers' expert plan on E ranks (``--ep E``).
 
-The layout (transformers 5.25.0; ``parallel_degrees.check_expert_degree``): ``DistributedConfig(tp_size=E,
+One group (transformers 5.25.0; ``parallel_degrees.check_expert_degree``): ``DistributedConfig(tp_size=E,
 tp_plan={}, ep_size=E)``, the E ranks of one group share one batch of T = b·s tokens. The family's
 ``base_model_ep_plan`` (models/qwen3_moe/configuration_qwen3_moe.py:66-70) shards the 3-D expert tensors
 ``grouped_gemm`` (``MoEParamShard``: ``Shard(0)`` over the expert dimension, distributed/expert_parallel.py:96-114)
@@ -17,6 +17,20 @@ attention, the router (``mlp.gate``), shared experts, norms, embedding and lm_he
                                           routing, its experts receive S/E = T·K/E (token, expert) pairs: the experts'
                                           per-slot tensors of ``activations._moe`` are those of one GPU divided by E,
                                           plus what the dispatch and combine save (``dispatch_saved_per_slot``).
+EP across FSDP ranks (--num-gpus N > E, --sharding fsdp; ``DistributedConfig(fsdp_size=N, ep_size=E)``,
+distributed/fsdp.py:176-238):
+  weights, gradients, optimizer states   every dense tensor a dim-0 FSDP2 shard over N (``distributed.tensor_ranks``),
+                                          the rank's n/E experts one over efsdp = N/E (``expert_fsdp_ranks``), both
+                                          padded to ceil(rows/ranks) rows: when efsdp exceeds n/E a rank holds whole
+                                          experts and its peers padding. Kept in the loaded dtype (no fp32 upcast, no
+                                          16-bit gather: ``fsdp_mixed_precision`` is off). peft's adapters, attached
+                                          after ``fully_shard``, are whole on every rank with whole gradients.
+  gathered units                          a decoder layer's dense unit over N and, nested in it, its experts' unit
+                                          over efsdp, each with its all-gather buffer; backward prefetches the
+                                          previous layer's dense unit only (``distributed.Unit.prefetch_bytes``).
+  activations                             every rank its own batch of T tokens (``slot_share`` 1): its experts receive
+                                          T·K/E pairs from each of the E ranks of its group, T·K in all, as on one GPU,
+                                          plus what the dispatch and combine save for the T·K pairs it sends.
 Routing balance: uniform, the assumption the one-GPU MoE estimate already makes (every expert holds S/n slots: the
 grouped experts' tensors are sized by S, not by the busiest expert). A skewed routing sends more pairs to the rank
 of the busiest experts; the estimate is then that of a balanced router (load-balancing loss, capacity-free dispatch).
@@ -36,6 +50,28 @@ _INT64 = 8
 
 def ep_degree(resolved: ResolvedSetup) -> int:
     return getattr(resolved.setup, "ep", 1)
+
+
+def fsdp_by_transformers(resolved: ResolvedSetup) -> bool:
+    """EP over FSDP ranks (--num-gpus N > E, --sharding fsdp): ``DistributedConfig(fsdp_size=N, ep_size=E)``, the
+    model sharded at load time by transformers' own FSDP2 plan, which Trainer wraps in nothing else."""
+    setup = resolved.setup
+    return ep_degree(resolved) > 1 and setup.num_gpus > ep_degree(resolved) and setup.sharding.value == "fsdp"
+
+
+def expert_fsdp_ranks(resolved: ResolvedSetup) -> int:
+    """efsdp = fsdp·tp/ep = N/E (distributed/configuration_utils.py:108-129, ``efsdp_size``): the ranks holding the
+    same n/E experts, which FSDP2 shards them over (fsdp.py:197-214)."""
+    return resolved.setup.num_gpus // ep_degree(resolved)
+
+
+def slot_share(resolved: ResolvedSetup) -> int:
+    """What the rank's experts' routed slots are divided by against one GPU's T·K: E when the group shares one batch
+    (each rank dispatches a 1/E row slice of it, expert_parallel.py:203-210), 1 over FSDP ranks, where every rank has
+    a batch of its own (``dp_size`` = N batches, fsdp.py:200-205: "an EP group holds ep_size / tp_size distinct
+    batches") and, under uniform routing, receives T·K/E pairs from each of the E ranks of its group: T·K."""
+    ep = ep_degree(resolved)
+    return 1 if ep == 1 or fsdp_by_transformers(resolved) else ep
 
 
 def experts_sharded(tensors: tuple[StoredTensor, ...], ep: int) -> tuple[StoredTensor, ...]:
@@ -73,7 +109,7 @@ class ExpertParallelTraffic:
 
 def expert_parallel_traffic(spec: ModelSpec, resolved: ResolvedSetup, compute_bytes: int) -> ExpertParallelTraffic:
     """Per rank and optimizer step, over ``grad_accum`` micro-batches of T = b·s tokens, K experts per token,
-    E ranks, c = ``compute_bytes``, L_moe MoE layers:
+    E ranks, c = ``compute_bytes``, L_moe MoE layers. One group sharing one batch:
 
     all-to-all   the rank sends its T/E tokens' T·K/E pairs, (E-1)/E of them to other ranks: T·K/E·h·c·(E-1)/E
                  bytes per exchange; four exchanges per MoE layer (dispatch and combine forward, their gradients
@@ -82,6 +118,9 @@ def expert_parallel_traffic(spec: ModelSpec, resolved: ResolvedSetup, compute_by
                  layer forward (and recompute); its backward is a local slice
     Summed over the group: T·h·K·c·(E-1)/E per exchange, the brief's tokens × hidden × top_k × bytes × (E-1)/E.
     The counts' [E, n/E] int64 all-to-all per layer is not counted (n·8 bytes).
+    Over FSDP ranks (``slot_share`` 1): the rank dispatches all T·K pairs of its own batch, T·K·h·c·(E-1)/E bytes per
+    exchange, and gathers nothing back (``tp_mesh.size() == 1``, :249-250); FSDP2's own gathers and reduce-scatters
+    are ``distributed.communication_bytes_per_step``'s.
     """
     ep = ep_degree(resolved)
     setup = resolved.setup
@@ -92,8 +131,10 @@ def expert_parallel_traffic(spec: ModelSpec, resolved: ResolvedSetup, compute_by
     forwards = 2 if setup.grad_ckpt is not GradCkpt.NONE else 1
     exchanges = moe_layers * (2 * forwards + 2)
     share = (ep - 1) / ep
-    per_exchange = tokens * spec.experts_per_token / ep * spec.hidden_size * compute_bytes * share
-    gather = round(moe_layers * forwards * share * tokens * spec.hidden_size * compute_bytes) * setup.grad_accum
+    sliced = slot_share(resolved)
+    per_exchange = tokens * spec.experts_per_token / sliced * spec.hidden_size * compute_bytes * share
+    gather = 0 if sliced == 1 else round(moe_layers * forwards * share * tokens * spec.hidden_size * compute_bytes
+                                         ) * setup.grad_accum
     return ExpertParallelTraffic(exchanges, round(exchanges * per_exchange) * setup.grad_accum, gather)
 
 
@@ -103,7 +144,8 @@ def expert_parallel_details(spec: ModelSpec, resolved: ResolvedSetup, compute_by
     if ep == 1:
         return {}
     traffic = expert_parallel_traffic(spec, resolved, compute_bytes)
-    return {"ep": ep, "experts_per_rank": spec.num_experts // ep,
+    efsdp = expert_fsdp_ranks(resolved) if fsdp_by_transformers(resolved) else 1
+    return {"ep": ep, "experts_per_rank": spec.num_experts // ep, "expert_fsdp_ranks": efsdp,
             "ep_all_to_alls_per_micro_batch": traffic.all_to_alls,
             "ep_all_to_all_bytes_per_step": traffic.all_to_all_bytes,
             "ep_communication_bytes_per_step": traffic.total_bytes}

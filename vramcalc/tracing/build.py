@@ -239,7 +239,7 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
             if getattr(setup, "ep", 1) > 1:  # transformers' expert plan, before peft (expert_parallel.py)
                 from .expert_parallel import distribute as distribute_experts
 
-                model = distribute_experts(model, setup.ep)
+                model = distribute_experts(model, setup.ep, setup.num_gpus)
             if setup.precision is Precision.FP8:
                 _convert_to_float8(model)
             if quantized_base(setup):

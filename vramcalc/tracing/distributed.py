@@ -169,6 +169,21 @@ def fully_shard_model(model: nn.Module, resolved: ResolvedSetup, mesh=None) -> D
     return DataParallel(model, accumulation, fsdp_attribution)
 
 
+def sharded_at_load(model: nn.Module) -> DataParallel:
+    """A model transformers already sharded with FSDP2 at load time (``DistributedConfig`` with ``fsdp_size > 1``,
+    ``apply_fully_sharded_data_parallelism``, distributed/fsdp.py:178-243): Trainer neither wraps nor shards it again
+    (trainer.py:467-469, :1767-1772) and defers its gradient reduction with ``set_requires_gradient_sync(False)``
+    (``_defer_fsdp_gradient_reduction``, :2655-2667). The FSDP2 root is the model under peft's wrappers."""
+    from torch.distributed.fsdp import FSDPModule
+
+    root = next(m for m in model.modules() if isinstance(m, FSDPModule))
+
+    def accumulation(last: bool):
+        return _gradient_sync(root, last)
+
+    return DataParallel(model, accumulation, fsdp_attribution)
+
+
 @contextlib.contextmanager
 def _gradient_sync(model, last: bool):
     model.set_requires_gradient_sync(last)

@@ -81,7 +81,7 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
         from .tensor_parallel import check_traceable
 
         check_traceable(spec, resolved)
-    expert_parallel = getattr(resolved.setup, "ep", 1) > 1  # one expert-parallel group (tracing/expert_parallel.py)
+    expert_parallel = getattr(resolved.setup, "ep", 1) > 1  # transformers' expert plan (tracing/expert_parallel.py)
     if expert_parallel:
         from . import distributed as data_parallel
         from .expert_parallel import check_traceable as check_ep_traceable
@@ -96,7 +96,9 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
             with fake_mode if fake_mode is not None else contextlib.nullcontext():
                 engine = None
                 fsdp_mesh, cp_mesh = device_meshes(resolved.setup) if context_parallel else (None, None)
-                if distributed and resolved.setup.sharding is Sharding.FSDP:
+                if distributed and resolved.setup.sharding is Sharding.FSDP and expert_parallel:
+                    engine = data_parallel.sharded_at_load(model)  # transformers' FSDP2 (tracing/expert_parallel.py)
+                elif distributed and resolved.setup.sharding is Sharding.FSDP:
                     # the sharded parameters are the weights
                     engine = data_parallel.wrap(model, resolved, tracker, fsdp_mesh)
                 tracker.register_weights(list(model.parameters()) + list(model.buffers()) + quant_state_tensors(model))

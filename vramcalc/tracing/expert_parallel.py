@@ -1,9 +1,10 @@
 """One rank of an expert-parallel group, traced through transformers' own expert plan on a fake process group.
 
-The traced layout (``--ep E``, ``--num-gpus E``, ``parallel_degrees.py``): ``DistributedConfig(tp_size=E,
+The traced layouts (``parallel_degrees.check_expert_degree``): with ``--num-gpus E``, ``DistributedConfig(tp_size=E,
 tp_plan={}, ep_size=E)``, the expert plan alone across the E ranks of one group that shares one batch (transformers
 5.25.0 distributed/configuration_utils.py:40-43 and :156-170: what ``enable_expert_parallel`` means, spelled with
-``ep_size``). ``initialize_distributed_mesh`` (distributed/utils.py:313-346) builds the dense ``(pp, dp_replicate,
+``ep_size``); with ``--num-gpus N`` > E and ``--sharding fsdp``, ``DistributedConfig(fsdp_size=N, ep_size=E)``, EP
+across the FSDP ranks, every rank with a batch of its own (below). ``initialize_distributed_mesh`` (distributed/utils.py:313-346) builds the dense ``(pp, dp_replicate,
 fsdp, tp)`` and expert ``(pp, dp_replicate, efsdp, ep)`` meshes on the fake group (``tracing/distributed.py``
 ``process_group``), then ``PreTrainedModel.maybe_distribute_model`` (distributed/mixin.py:304-343) resolves the
 family's ``base_model_ep_plan`` (e.g. models/qwen3_moe/configuration_qwen3_moe.py:66-70: ``experts.gate_up_proj``
@@ -23,6 +24,20 @@ trace therefore runs ``UniformAllToAllEP``: ``AllToAllEP`` with the host read re
 routing (each rank sends (T/E)·K/E pairs to every rank and receives as many from each), every other line and
 ``_combine_tokens`` transformers' own. The routing itself (the router's top-k on fake scores) is not data either:
 uniform routing is the assumption the estimate makes (terms/expert_parallel.py).
+
+EP across FSDP ranks: ``maybe_distribute_model`` then runs ``apply_fully_sharded_data_parallelism``
+(distributed/fsdp.py:176-238) on the same meta model, as ``from_pretrained`` does before loading: each experts module
+(the ``ep_dispatch_experts`` entries) is ``fully_shard``-ed on the ``efsdp`` mesh (N/E ranks holding the same n/E
+experts; its Shard(0) DTensors become (efsdp, ep) DTensors of ceil(n/E / efsdp) experts), then the fsdp plan's units
+on the N-rank ``fsdp`` mesh: embedding and every decoder layer freed after forward, final norm and lm_head kept
+(``base_model_fsdp_plan``, configuration_utils.py:398-402, and the model's ``_fsdp_plan``), and the root. No mixed-
+precision policy (``fsdp_mixed_precision`` defaults to False) and no fp32 upcast: the units gather the loaded dtype.
+peft then adds its adapters as plain tensors inside the FSDP units: whole on every rank, their gradients all-reduced
+in place by Trainer's hook (trainer.py:2669-2697; in place, nothing to trace). Trainer wraps the model in nothing
+else (trainer.py:467-469) and defers gradient reduction under accumulation with ``set_requires_gradient_sync(False)``
+(:2655-2667): ``tracing/distributed.py`` ``sharded_at_load``. With ``tp_mesh`` of size 1 ``AllToAllEP`` takes no
+row slice and gathers nothing back: the rank dispatches all T·K pairs of its own batch, and under uniform routing
+receives as many.
 """
 
 from __future__ import annotations
@@ -79,14 +94,24 @@ def uniform_splits(pairs: int, ranks: int) -> list[int]:
     return [pairs // ranks + (1 if r < pairs % ranks else 0) for r in range(ranks)]
 
 
-def distribute(model, ep: int):
-    """transformers' expert plan on a meta-built model: ``Shard(0)`` expert DTensors and the dispatch forward."""
+def distributed_config(ep: int, num_gpus: int):
+    """transformers' ``DistributedConfig`` for ``--ep E`` on ``--num-gpus N`` (module docstring): one group sharing
+    one batch when N = E, else EP across the N FSDP ranks (``fsdp_size=N, ep_size=E``: efsdp = N/E)."""
     from transformers.distributed.configuration_utils import DistributedConfig
+
+    if num_gpus == ep:
+        return DistributedConfig(tp_size=ep, tp_plan={}, ep_size=ep, ep_implementation=UNIFORM)
+    return DistributedConfig(fsdp_size=num_gpus, ep_size=ep, ep_implementation=UNIFORM)
+
+
+def distribute(model, ep: int, num_gpus: int | None = None):
+    """transformers' expert plan on a meta-built model: ``Shard(0)`` expert DTensors and the dispatch forward; with
+    N > E ranks also its FSDP2 (``apply_fully_sharded_data_parallelism``: dense units over N, experts over N/E)."""
     from transformers.distributed.expert_parallel import EPImplementationInterface
     from transformers.distributed.utils import initialize_distributed_mesh
 
     EPImplementationInterface.register(UNIFORM, _uniform_all_to_all())
-    config = DistributedConfig(tp_size=ep, tp_plan={}, ep_size=ep, ep_implementation=UNIFORM)
+    config = distributed_config(ep, num_gpus or ep)
     try:
         _, mesh_manager = initialize_distributed_mesh(config)
     except RuntimeError as err:
@@ -95,8 +120,9 @@ def distribute(model, ep: int):
 
 
 def check_traceable(spec, resolved) -> None:
-    """The expert-parallel setups the trace runs: one expert-parallel group sharing one batch (--num-gpus = --ep)."""
+    """The expert-parallel setups the trace runs: every one ``parallel_degrees.check_expert_degree`` lets through
+    (one group, --num-gpus = --ep; or EP over FSDP ranks, --sharding fsdp)."""
     setup = resolved.setup
-    if setup.num_gpus != setup.ep:
-        raise VramcalcError(f"--ep {setup.ep} on {setup.num_gpus} GPUs is estimated, not traced: the trace runs one "
-                            f"expert-parallel group (--num-gpus {setup.ep})")
+    if setup.num_gpus != setup.ep and setup.sharding.value != "fsdp":
+        raise VramcalcError(f"--ep {setup.ep} on {setup.num_gpus} GPUs is traced over FSDP ranks only "
+                            "(--sharding fsdp)")
