@@ -228,6 +228,8 @@ def _as_searched(options: dict, max_gpus: int) -> dict:
             given.discard(degree)  # --tp 1, --ep 1, --cp 1: no such parallelism
     if "sharding" in given and str(options["sharding"]).strip().lower() != Sharding.NONE.value and \
             not given & {"num_gpus", "tp", "cp"} and offload_of(options) is Offload.NONE:
+        if "ep" in given:  # EP over FSDP ranks: two groups at least (parallel_degrees.check_expert_degree)
+            return dict(options, num_gpus=2 * positive_count(options["ep"], "expert-parallel degree"))
         return dict(options, num_gpus=2)  # a sharding shards over 2 GPUs or more
     # --ep / --cp alone imply their GPUs (parallel_degrees.implied_num_gpus)
     data_parallel = not {"sharding", "tp", "ep", "cp", "device_map"} & given

@@ -13,6 +13,13 @@ A *strategy* is a way to lay the job over GPUs, as the knobs the user did not pi
                      batch, each holding n/E experts and the dense layers whole, on exactly E GPUs (the layout the
                      estimate models, ``parallel_degrees.check_expert_degree``: no FSDP beside it), E a GPU count
                      that divides the expert count n
+    EP over FSDP     ``--ep E --num-gpus N --sharding fsdp`` for the same families: every rank its own batch, the
+                     dense layers FSDP-sharded over all N, each rank's n/E experts over the efsdp = N/E ranks that
+                     hold the same ones (transformers' ``DistributedConfig(fsdp_size=N, ep_size=E)``,
+                     ``parallel_degrees.check_expert_degree``); E a divisor of n from 2 up to the GPU type's node
+                     (``cost.link_facts``' node_gpus: the all-to-all stays on the node link), N a multiple of E above
+                     it that divides n: where N does not divide n FSDP2 pads every rank's expert shard (the estimate
+                     warns), so those GPUs hold padding and plain FSDP covers such counts; not searched
     context parallel ``--cp 2|4|8`` for dense full-attention decoders under SDPA: a ring of C ranks inside one node
                      splits every sequence in C (torch's ring attention), FSDP2 shards over dp_shard x C = N GPUs
                      (accelerate's ``dp_shard_cp``, ``parallel_degrees.check_context_parallel``); not with --tp
@@ -41,7 +48,12 @@ fits on as few GPUs, the ring buys nothing but a finer split of the micro-batch.
 Expert parallelism is searched beside that chain, over every count up to the limit, and kept whenever it fits (not
 where one GPU is enough): its gain is time more than GPUs (an EP group never gathers the experts, which FSDP
 all-gathers every step, but repeats the dense layers' work on each of its ranks), so whether it is cheaper than
-FSDP or device_map on as many GPUs is the ranking's call, not the GPU count's.
+FSDP or device_map on as many GPUs is the ranking's call, not the GPU count's. EP over FSDP is searched beside
+the chain too, one degree E at a time from the largest: on as many GPUs a larger group gathers fewer experts per
+layer (n/E) for the same shards (dense 1/N, experts n/N), so it holds no more; a smaller E is not searched on
+the counts from 2E up to below the larger one's fewest GPUs (it may still fit fewer, from 2E' < 2E), and not at
+all where the larger fits nowhere (memory falls with N where N divides n, so it would not fit below 2E either). Each E that fits is a candidate, on its
+fewest GPUs, for the ranking to price (a smaller group moves fewer tokens over the all-to-all but gathers more).
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..breakdown import MemoryBreakdown
+from ..cost import link_facts
 from ..errors import VramcalcError
 from ..estimator import estimate
 from ..facts import GPUS_PER_NODE
@@ -80,6 +93,7 @@ class Layout(str, Enum):
     TENSOR_PARALLEL = "tensor parallel"
     DEVICE_MAP = "device_map auto"
     EXPERT_PARALLEL = "expert parallel"
+    EXPERT_OVER_FSDP = "expert parallel over fsdp"
     CONTEXT_PARALLEL = "context parallel"
 
 
@@ -89,7 +103,8 @@ class Strategy:
     the user's (``grad_ckpt``, ``offload``: None leaves the user's or the default). ``baseline``: the user's own setup,
     whose errors are the user's (raised); any other strategy that the setup refuses is skipped. Expert parallelism
     runs on exactly ep GPUs, so its degree is the count searched: ``experts`` (the model's n) says which counts it
-    may take (those dividing n)."""
+    may take (those dividing n). EP over FSDP runs its ``ep`` over N GPUs, N a multiple of ep above it that divides
+    n (the user's own N, any multiple, when ``baseline``)."""
 
     layout: str
     tp: int = 1
@@ -98,6 +113,7 @@ class Strategy:
     baseline: bool = False
     cp: int = 1
     experts: int = 0
+    ep: int = 1
 
     def options(self, base: dict, count: int) -> dict:
         """The estimate options of this strategy on ``count`` GPUs."""
@@ -115,21 +131,26 @@ class Strategy:
         if self.layout == Layout.EXPERT_PARALLEL:  # one group sharing one batch: no data-parallel engine
             ep = options["ep"] if _given_degree(options, "ep") else count  # the user's --ep, else the count
             return dict(options, ep=ep, num_gpus=count, sharding=Sharding.NONE.value)
+        if self.layout == Layout.EXPERT_OVER_FSDP:  # FSDP2 over all N ranks, the experts over efsdp = N / ep
+            return dict(options, ep=self.ep, num_gpus=count, sharding=Sharding.FSDP.value)
         if self.layout == Layout.CONTEXT_PARALLEL:  # FSDP2 over dp_shard x cp, the only engine accelerate runs cp on
             return dict(options, cp=self.cp, num_gpus=count, sharding=Sharding.FSDP.value)
         return dict(options, device_map=DeviceMap.AUTO.value, num_gpus=count, sharding=Sharding.NONE.value)
 
-    def counts(self, base: dict, top: int, low: int = 1, tail: bool = True):
+    def counts(self, base: dict, top: int, low: int = 1, tail: bool = True, ruled_out: tuple = ()):
         """The GPU counts this strategy tries, from ``low`` up to ``top`` (the pinned ``num_gpus`` alone, if it is
         in that range and suits the layout); ``tail``: ``top`` itself is a count to try (the user's limit), not
-        only a cap (``GpuCounts``)."""
+        only a cap (``GpuCounts``); ``ruled_out``: EP over FSDP leaves out the counts of these ``range``\ s (where a
+        larger degree did not fit, ``_beside_chain_candidates``)."""
         pinned = base.get("num_gpus")
         if pinned is not None:
             count = positive_count(pinned, "number of GPUs")
             suits = {Layout.DATA_PARALLEL: True, Layout.TENSOR_PARALLEL: count % self.tp == 0,
                      Layout.DEVICE_MAP: 2 <= count <= GPUS_PER_NODE,
                      Layout.CONTEXT_PARALLEL: count % (self.cp * self.tp) == 0,
-                     Layout.EXPERT_PARALLEL: count > 1 and self._divides_experts(count)}[self.layout]
+                     Layout.EXPERT_PARALLEL: count > 1 and self._divides_experts(count),
+                     Layout.EXPERT_OVER_FSDP: self.baseline or (count > self.ep and count % self.ep == 0 and
+                                                                self._divides_experts(count))}[self.layout]
             return [count] if suits and low <= count <= top else []
         if self.layout == Layout.DATA_PARALLEL:
             return GpuCounts(top, low, tail) if top >= low else []
@@ -143,6 +164,13 @@ class Strategy:
                 return [count] if max(low, 2) <= count <= top else []
             return [n for n in GpuCounts(top, max(2, low), tail) if self._divides_experts(n)] \
                 if top >= max(2, low) else []
+        if self.layout == Layout.EXPERT_OVER_FSDP:  # multiples of ep above it that divide the experts
+            over = [n for n in range(2 * self.ep, min(top, self.experts) + 1, self.ep)
+                    if n >= low and self._divides_experts(n) and not any(n in gone for gone in ruled_out)]
+            if not over and self.baseline:  # the user's --ep over FSDP where no count divides n: every multiple
+                over = ScaledCounts(GpuCounts(top // self.ep, max(2, -(-low // self.ep)), tail), self.ep) \
+                    if top >= max(low, 2 * self.ep) else []
+            return over
         top = min(top, GPUS_PER_NODE)  # accelerate places the layers over the GPUs of one machine
         return GpuCounts(top, max(2, low), tail) if top >= max(2, low) else []
 
@@ -203,7 +231,10 @@ def families(spec, options: dict, offload: Offload | None) -> list[tuple[Strateg
     if _given_degree(options, "cp"):  # the user's context-parallel ring (on its --tp groups, if given)
         return [pair(Layout.CONTEXT_PARALLEL, tp, baseline=True,
                      cp=positive_count(options["cp"], "context-parallel degree"))]
-    if _given_degree(options, "ep"):  # the user's expert-parallel group
+    if _given_degree(options, "ep"):  # the user's expert-parallel group, or EP over FSDP ranks
+        if _ep_over_fsdp_given(options):
+            return [pair(Layout.EXPERT_OVER_FSDP, baseline=True, experts=spec.num_experts,
+                         ep=positive_count(options["ep"], "expert-parallel degree"))]
         return [pair(Layout.EXPERT_PARALLEL, baseline=True, experts=spec.num_experts)]
     if tp > 1:  # the user's tensor-parallel degree
         return [pair(Layout.TENSOR_PARALLEL, tp, baseline=True)]
@@ -234,18 +265,44 @@ def _pair_maker(spec, options: dict, offload: Offload | None):
     return pair
 
 
-def beside_chain(spec, options: dict) -> list[tuple[Strategy, Strategy | None]]:
-    """The strategies searched beside ``families``' chain (module docstring), as pairs like ``families``': expert
-    parallelism for an MoE model of ``parallel_degrees.EP_FAMILIES``; none where the user pinned a knob it would
-    change (``--tp``, ``--device-map``, ``--offload``, a sharding other than none) or ``--ep`` itself (then
-    ``families`` holds the user's own)."""
-    if not spec.is_moe or spec.family not in EP_FAMILIES or options.get("ep") is not None or \
-            _given_degree(options, "tp") or _given_degree(options, "cp") or options.get("offload") is not None:
+def beside_chain(spec, options: dict, node_gpus: int = GPUS_PER_NODE) -> list[tuple[Strategy, Strategy | None]]:
+    """The strategies searched beside ``families``' chain (module docstring), as pairs like ``families``', for an
+    MoE model of ``parallel_degrees.EP_FAMILIES``: expert parallelism as one group (not where the user pinned a
+    sharding other than none, nor ``--ep``: then ``families`` holds the user's own), then EP over FSDP for each
+    degree E (``expert_over_fsdp_degrees``, largest first; the user's ``--ep`` alone where given and not already
+    ``families``' own; not where the user pinned a sharding other than fsdp). None where the user pinned a knob both
+    would change (``--tp``, ``--cp``, ``--device-map``, ``--offload``)."""
+    if not spec.is_moe or spec.family not in EP_FAMILIES or _given_degree(options, "tp") or \
+            _given_degree(options, "cp") or options.get("offload") is not None or \
+            str(options.get("device_map") or DeviceMap.NONE.value).strip().lower() != DeviceMap.NONE.value:
         return []
-    if str(options.get("device_map") or DeviceMap.NONE.value).strip().lower() != DeviceMap.NONE.value or \
-            str(options.get("sharding") or Sharding.NONE.value).strip().lower() != Sharding.NONE.value:
-        return []
-    return [_pair_maker(spec, options, None)(Layout.EXPERT_PARALLEL, experts=spec.num_experts)]
+    if options.get("ep") is not None and (not _given_degree(options, "ep") or _ep_over_fsdp_given(options)):
+        return []  # --ep 1, or the user's own EP over FSDP (``families``)
+    pair = _pair_maker(spec, options, None)
+    sharding = str(options.get("sharding") or "").strip().lower()
+    out = []
+    if options.get("ep") is None and sharding in ("", Sharding.NONE.value):
+        out.append(pair(Layout.EXPERT_PARALLEL, experts=spec.num_experts))
+    if sharding in ("", Sharding.FSDP.value):
+        degrees = [positive_count(options["ep"], "expert-parallel degree")] if options.get("ep") is not None \
+            else expert_over_fsdp_degrees(spec.num_experts, node_gpus)
+        out += [pair(Layout.EXPERT_OVER_FSDP, experts=spec.num_experts, ep=ep) for ep in degrees]
+    return out
+
+
+def expert_over_fsdp_degrees(experts: int, node_gpus: int) -> list[int]:
+    """The EP degrees plan searches over FSDP ranks, largest first: the divisors of the expert count from 2 up to a
+    node of ``node_gpus`` GPUs (the group's all-to-all on the node link) and at most half the experts (N = kE with
+    k >= 2 dividing n/E: some multiple of E above it divides the experts)."""
+    return [ep for ep in range(min(node_gpus, experts // 2), 1, -1) if experts % ep == 0]
+
+
+def _ep_over_fsdp_given(options: dict) -> bool:
+    """The user's --ep runs over FSDP ranks: ``--sharding fsdp`` or a ``--num-gpus`` above --ep given with it."""
+    if str(options.get("sharding") or "").strip().lower() == Sharding.FSDP.value:
+        return True
+    return options.get("num_gpus") is not None and \
+        positive_count(options["num_gpus"], "number of GPUs") > positive_count(options["ep"], "expert-parallel degree")
 
 
 def _sharding_composes_with_tp(options: dict) -> bool:
@@ -340,12 +397,23 @@ def _beside_chain_candidates(spec, device, options: dict, limit: int) -> list[Ca
     """The strategies of ``beside_chain`` that fit, each on its fewest GPUs up to ``limit`` (checkpointed first,
     the plain one from there up, as in ``candidates``)."""
     found: list[Candidate] = []
-    for plain, checked in beside_chain(spec, options):
+    facts = link_facts(device)
+    # EP over FSDP, largest degree E first: a smaller degree holds no less on as many GPUs (module docstring), so it
+    # is not tried on the counts from 2E (E's first) below E's fewest, and not at all where E fits nowhere
+    ruled_out: list[range] = []
+    for plain, checked in beside_chain(spec, options, facts.node_gpus if facts else GPUS_PER_NODE):
         first = checked or plain
-        saving = _fewest(spec, device, options, first, limit)
+        over_fsdp = plain.layout == Layout.EXPERT_OVER_FSDP
+        if over_fsdp and ruled_out and ruled_out[-1].stop > limit:
+            continue  # a larger degree fits nowhere: this one does not either
+        gone = tuple(ruled_out) if over_fsdp else ()
+        saving = _fewest(spec, device, options, first, limit, ruled_out=gone)
+        if over_fsdp:
+            ruled_out.append(range(2 * plain.ep, limit + 1 if saving is None else saving.count))
         if saving is None:
             continue
-        kept = _fewest(spec, device, options, plain, limit, low=saving.count) if checked is not None else None
+        kept = _fewest(spec, device, options, plain, limit, low=saving.count, ruled_out=gone) \
+            if checked is not None else None
         found += [kept] if kept is not None else []
         if kept is None or saving.count < kept.count:
             found.append(saving)
@@ -377,12 +445,12 @@ def _tensor_parallel_floor(spec, device, options: dict, top: int, tail: bool) ->
 
 
 def _fewest(spec, device, options: dict, strategy: Strategy, top: int, low: int = 1,
-            tail: bool = True) -> Candidate | None:
+            tail: bool = True, ruled_out: tuple = ()) -> Candidate | None:
     """The strategy on the fewest of its counts from ``low`` to ``top`` that fit, or None (also when the setup
     refuses it). The user's own setup (``baseline``) raises the setup's errors, at its first count even when
     ``top`` is 0."""
     try:
-        counts = strategy.counts(options, max(top, 1) if strategy.baseline else top, low, tail)
+        counts = strategy.counts(options, max(top, 1) if strategy.baseline else top, low, tail, ruled_out)
     except VramcalcError:
         if strategy.baseline:
             raise
@@ -423,7 +491,7 @@ def _fewest(spec, device, options: dict, strategy: Strategy, top: int, low: int 
 
 def parallelism_text(setup, chosen: frozenset = frozenset()) -> str:
     """The ``parallelism`` cell: how the row's GPUs run the job, in plan's words, e.g. 'fsdp x2, 4-bit storage
-    bf16, offload params', 'tp 4 x dp 2 (fsdp)', 'device_map auto x2', 'ep 8', 'cp 4 x dp 2 (fsdp)', '1 GPU'."""
+    bf16, offload params', 'tp 4 x dp 2 (fsdp)', 'device_map auto x2', 'ep 8', 'ep 8 over fsdp x64', 'cp 4 x dp 2 (fsdp)', '1 GPU'."""
     n, tp = setup.num_gpus, setup.tp
     ep, cp = setup.ep, setup.cp
     if setup.device_map is DeviceMap.AUTO:
@@ -432,6 +500,8 @@ def parallelism_text(setup, chosen: frozenset = frozenset()) -> str:
         dp = n // (cp * tp)
         parts = [f"cp {cp}" + (f" x tp {tp}" if tp > 1 else "") + (f" x dp {dp}" if dp > 1 else "") +
                  f" ({setup.sharding.value})"]
+    elif ep > 1 and n > ep:  # EP over FSDP ranks: every rank its own batch, the experts over N / ep of them
+        parts = [f"ep {ep} over {setup.sharding.value} x{n}"]
     elif ep > 1:  # one group sharing one batch (parallel_degrees.check_expert_degree)
         parts = [f"ep {ep}"]
     elif tp > 1:
