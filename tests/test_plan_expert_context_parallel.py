@@ -13,7 +13,7 @@ import pytest
 
 import vramcalc as vc
 from vramcalc.catalogue import get_gpu, get_model
-from vramcalc.cost import matmul_params
+from vramcalc.cost import link_facts, matmul_params
 from vramcalc.errors import VramcalcError
 from vramcalc.model import ParamKind
 from vramcalc.planning import plan_rows
@@ -39,9 +39,10 @@ def setup_of(row: dict) -> dict:
 
 
 # -- expert parallelism --------------------------------------------------------------------------------------------
+# --sharding none: no data-parallel engine, so of the expert-parallel layouts only one group (EP over FSDP needs fsdp)
 @pytest.mark.parametrize("model, gpu, options", [
-    ("mixtral-8x7b", "h100-sxm", {"method": "full"}),  # 46.7B bf16 weights: 93 GB, more than an 80 GB H100
-    ("qwen3-30b-a3b", "rtx-4090", {"method": "lora"}),  # 30.5B bf16 frozen weights: 61 GB on 24 GB cards
+    ("mixtral-8x7b", "h100-sxm", {"method": "full", "sharding": "none"}),  # 46.7B bf16 weights: 93 GB > 80 GB
+    ("qwen3-30b-a3b", "rtx-4090", {"method": "lora", "sharding": "none"}),  # 30.5B bf16 frozen: 61 GB on 24 GB
 ])
 def test_an_moe_whose_experts_overflow_one_gpu_gets_an_ep_row_with_the_estimates_per_rank_peak(model, gpu, options):
     spec, device = get_model(model), get_gpu(gpu)
@@ -53,12 +54,12 @@ def test_an_moe_whose_experts_overflow_one_gpu_gets_an_ep_row_with_the_estimates
     assert (row["num_gpus"], row["sharding"], row["tp"], row["cp"]) == (ep, "none", 1, 1)
     assert spec.num_experts % ep == 0
     assert row["parallelism"].startswith(f"ep {ep}") and "ep" in row["plan_chose"].split(",")
-    rank = vc.estimate(model, gpu=gpu, batch_size=row["micro_batch"], **options, **setup_of(row))
+    rank = vc.estimate(model, gpu=gpu, batch_size=row["micro_batch"], **dict(options, **setup_of(row)))
     assert rank.total_bytes / BYTES_PER_GIB == pytest.approx(row["device_gib"], rel=1e-12) and rank.fits()
     assert rank.details["experts_per_rank"] == spec.num_experts // ep
     # on its fewest GPUs: half the group does not hold it, even one sequence at a time
-    half = dict(setup_of(row), ep=ep // 2, num_gpus=ep // 2)
-    assert not vc.estimate(model, gpu=gpu, batch_size=1, **options, **half).fits()
+    half = dict(options, **dict(setup_of(row), ep=ep // 2, num_gpus=ep // 2))
+    assert not vc.estimate(model, gpu=gpu, batch_size=1, **half).fits()
 
 
 @pytest.mark.parametrize("model, options", [
@@ -72,13 +73,11 @@ def test_a_dense_model_never_gets_expert_parallelism(model, options):
     assert all(row.get("ep") in (None, 1) for row in rows)
     for gpu in ("h100-sxm", "rtx-4090"):
         found = candidates(get_model(model), get_gpu(gpu), dict(options), 512)
-        assert not any(candidate.strategy.layout == Layout.EXPERT_PARALLEL for candidate in found)
+        assert not any(candidate.strategy.layout in (Layout.EXPERT_PARALLEL, Layout.EXPERT_OVER_FSDP)
+                       for candidate in found)
 
 
-def test_plan_proposes_ep_as_one_group_only_though_the_estimate_takes_ep_over_fsdp_ranks():
-    # the estimate models EP across FSDP data-parallel ranks (parallel_degrees.check_expert_degree) ...
-    assert vc.estimate("qwen3-30b-a3b", method="lora", ep=4, num_gpus=8, sharding="fsdp").details["ep"] == 4
-    # ... but plan does not search it yet: every EP candidate is one group of exactly ep GPUs, ep dividing the experts
+def test_ep_one_group_candidates_are_exactly_ep_gpus_without_sharding():
     spec = get_model("qwen3-30b-a3b")
     for gpu in ("rtx-4090", "l40s", "a100-40gb"):
         for candidate in candidates(spec, get_gpu(gpu), {"method": "lora"}, 512):
@@ -86,6 +85,84 @@ def test_plan_proposes_ep_as_one_group_only_though_the_estimate_takes_ep_over_fs
                 options = candidate.options
                 assert options["ep"] == options["num_gpus"] == candidate.count > 1
                 assert options["sharding"] == "none" and spec.num_experts % options["ep"] == 0
+
+
+# -- expert parallelism over FSDP ranks ----------------------------------------------------------------------------
+DEEPSEEK_FULL = dict(method="full", grad_ckpt="full", batch_size=1)
+
+
+def test_deepseek_v3_full_fits_nowhere_as_one_ep_group_or_plain_fsdp_but_gets_an_ep_over_fsdp_row():
+    spec = get_model("deepseek-v3")
+    # one group shares one batch and holds the dense layers whole on every rank: even the largest (256 GPUs, one
+    # expert each), checkpointed, one sequence, overflows an H100; plain FSDP over 512 GPUs gathers a layer's 256
+    # experts at once and overflows too (the estimate's own figures)
+    assert not vc.estimate(spec, gpu="h100-sxm", ep=256, num_gpus=256, sharding="none", **DEEPSEEK_FULL).fits()
+    assert not vc.estimate(spec, gpu="h100-sxm", num_gpus=512, sharding="fsdp", **DEEPSEEK_FULL).fits()
+    row = row_for("deepseek-v3", "h100-sxm", method="full")
+    assert row["fits"], row.get("note")
+    ep, n = row["ep"], row["num_gpus"]
+    assert 1 < ep <= 8 and n > ep and n % ep == 0 and spec.num_experts % n == 0 and row["sharding"] == "fsdp"
+    assert row["parallelism"].startswith(f"ep {ep} over fsdp x{n}")
+    assert {"ep", "sharding", "num_gpus"} <= set(row["plan_chose"].split(","))
+    rank = vc.estimate(spec, gpu="h100-sxm", method="full", batch_size=row["micro_batch"], **setup_of(row))
+    assert rank.total_bytes / BYTES_PER_GIB == pytest.approx(row["device_gib"], rel=1e-12) and rank.fits()
+    assert not rank.warnings  # no padded expert shards
+    assert row["step_seconds"] == pytest.approx(rank.details["step_seconds"], rel=1e-9)
+
+
+def test_qwen3_full_on_a100s_gets_ep_over_fsdp_where_it_is_cheaper_than_fsdp_alone():
+    # plain FSDP gathers all 128 experts of a layer; EP over FSDP only its group's n/E: fewer bytes per step
+    with_ep = row_for("qwen3-30b-a3b", "a100-80gb", method="full")
+    without = row_for("qwen3-30b-a3b", "a100-80gb", method="full", ep=1)  # --ep 1: no expert parallelism
+    assert without["ep"] == 1 and with_ep["ep"] > 1 and with_ep["num_gpus"] > with_ep["ep"]
+    assert with_ep["usd_per_million_tokens"] < without["usd_per_million_tokens"]
+    rank = vc.estimate("qwen3-30b-a3b", gpu="a100-80gb", method="full", batch_size=with_ep["micro_batch"],
+                       **setup_of(with_ep))
+    assert rank.total_bytes / BYTES_PER_GIB == pytest.approx(with_ep["device_gib"], rel=1e-12) and rank.fits()
+    assert with_ep["throughput_tokens_per_s"] == pytest.approx(rank.details["tokens_per_second"], rel=1e-9)
+
+
+@pytest.mark.parametrize("model, method", [("qwen3-30b-a3b", "full"), ("mixtral-8x7b", "full"),
+                                           ("mixtral-8x7b", "lora"), ("deepseek-v3", "full")])
+@pytest.mark.parametrize("gpu", ["h100-sxm", "a100-40gb", "t4"])
+def test_ep_over_fsdp_candidates_are_a_multiple_of_ep_dividing_the_experts_within_a_node(model, method, gpu):
+    spec, device = get_model(model), get_gpu(gpu)
+    node = link_facts(device).node_gpus  # t4: nodes of 4 (data/gpu_links.csv)
+    for candidate in candidates(spec, device, {"method": method}, 512):
+        if candidate.strategy.layout != Layout.EXPERT_OVER_FSDP:
+            continue
+        options = candidate.options
+        ep, n = options["ep"], options["num_gpus"]
+        assert n == candidate.count and n > ep and n % ep == 0 and 2 <= ep <= node
+        assert spec.num_experts % n == 0 and options["sharding"] == "fsdp"
+        assert not vc.estimate(spec, gpu=device, **options).warnings  # no FSDP2 padding of the expert shards
+
+
+def test_the_csv_of_an_ep_over_fsdp_row_carries_sharding_fsdp_and_the_ep_degree(tmp_path, capsys):
+    path = tmp_path / "deepseek.csv"
+    code, _, err = run_cli(capsys, "plan", "deepseek-v3", "--method", "full", "--gpus", "h100-sxm", "--no-hosted",
+                           "--output", str(path))
+    assert code == 0, err
+    (cells,) = list(csv.DictReader(io.StringIO(path.read_text())))
+    ep, n = int(cells["ep"]), int(cells["num_gpus"])
+    assert (cells["sharding"], cells["tp"], cells["cp"], cells["device_map"]) == ("fsdp", "1", "1", "none")
+    assert ep > 1 and n % ep == 0 and n > ep
+    assert cells["parallelism"] == f"ep {ep} over fsdp x{n}, grad ckpt full (plan)"
+    rank = vc.estimate("deepseek-v3", gpu="h100-sxm", method="full", ep=ep, num_gpus=n, sharding="fsdp",
+                       grad_ckpt=cells["grad_ckpt"], batch_size=int(cells["micro_batch"]))
+    assert rank.total_bytes / BYTES_PER_GIB == pytest.approx(float(cells["device_gib"]), rel=1e-9)
+
+
+@pytest.mark.parametrize("given", [{"ep": 4, "sharding": "fsdp"}, {"ep": 4, "num_gpus": 16, "sharding": "fsdp"},
+                                   {"ep": 4, "num_gpus": 16}])
+def test_a_given_ep_over_fsdp_is_kept(given):
+    row = row_for("qwen3-30b-a3b", "h100-sxm", method="lora", **given)
+    assert row["fits"], row.get("note")
+    assert (row["ep"], row["sharding"]) == (4, "fsdp") and row["num_gpus"] % 4 == 0 and row["num_gpus"] > 4
+    assert row["num_gpus"] == given.get("num_gpus", row["num_gpus"])
+    assert "ep" not in (row["plan_chose"] or "").split(",")
+    assert vc.estimate("qwen3-30b-a3b", gpu="h100-sxm", method="lora", batch_size=row["micro_batch"],
+                       **setup_of(row)).fits()
 
 
 # -- context parallelism -------------------------------------------------------------------------------------------
@@ -158,7 +235,7 @@ def test_a_given_mfu_counts_an_ep_group_as_the_gpus_whose_flops_are_the_jobs():
     # FLOP-count time (--mfu): every rank of the group multiplies the dense layers' P_dense parameters on all tokens
     # and its experts on 1/E of the routed pairs, so E GPUs do the work of P / (P_dense + P_routed / E) of them
     spec = get_model("qwen3-30b-a3b")
-    setup = dict(method="lora", grad_ckpt="full", batch_size=1, mfu=0.4)
+    setup = dict(method="lora", grad_ckpt="full", batch_size=1, mfu=0.4, sharding="none")  # one group, not over fsdp
     one = row_for(spec, "h200", num_gpus=1, **setup)
     group = row_for(spec, "h200", ep=4, **setup)
     assert (one["parallelism"], group["parallelism"]) == ("1 GPU", "ep 4")
@@ -170,7 +247,8 @@ def test_a_given_mfu_counts_an_ep_group_as_the_gpus_whose_flops_are_the_jobs():
 
 
 @pytest.mark.parametrize("model, given, expected", [
-    ("qwen3-30b-a3b", {"method": "lora", "ep": 4}, {"ep": 4, "num_gpus": 4, "sharding": "none", "cp": 1}),
+    ("qwen3-30b-a3b", {"method": "lora", "ep": 4, "sharding": "none"},
+     {"ep": 4, "num_gpus": 4, "sharding": "none", "cp": 1}),
     ("llama-3.1-8b", {"method": "lora", "cp": 4, "seq_len": 32768}, {"cp": 4, "sharding": "fsdp", "ep": 1}),
 ])
 def test_a_given_ep_or_cp_is_kept(model, given, expected):
@@ -190,7 +268,7 @@ def test_a_given_ep_the_estimate_refuses_is_one_error_line(capsys):
 def test_the_csv_has_the_degree_columns_and_spells_out_ep_and_cp(tmp_path, capsys):
     assert PLAN_COLUMNS.index("ep") == PLAN_COLUMNS.index("tp") + 1 == PLAN_COLUMNS.index("cp") - 1
     cells = {}
-    for name, args in (("moe", ("mixtral-8x7b", "--method", "full")),
+    for name, args in (("moe", ("mixtral-8x7b", "--method", "full", "--sharding", "none")),
                        ("long", ("llama-3.1-8b", "--method", "lora", "--seq-len", "131072", "--num-gpus", "8"))):
         path = tmp_path / f"{name}.csv"
         code, _, err = run_cli(capsys, "plan", *args, "--gpus", "h100-sxm", "--no-hosted", "--output", str(path))

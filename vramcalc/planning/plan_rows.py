@@ -231,6 +231,11 @@ def _as_searched(options: dict, max_gpus: int) -> dict:
         if "ep" in given:  # EP over FSDP ranks: two groups at least (parallel_degrees.check_expert_degree)
             return dict(options, num_gpus=2 * positive_count(options["ep"], "expert-parallel degree"))
         return dict(options, num_gpus=2)  # a sharding shards over 2 GPUs or more
+    if {"ep", "num_gpus"} <= given and "sharding" not in given:
+        n, ep = (positive_count(options[knob], what) for knob, what in (("num_gpus", "number of GPUs"),
+                                                                        ("ep", "expert-parallel degree")))
+        if n > ep:  # EP over FSDP ranks, the only engine it runs on (parallel_degrees.check_expert_degree)
+            options = dict(options, sharding=Sharding.FSDP.value)
     # --ep / --cp alone imply their GPUs (parallel_degrees.implied_num_gpus)
     data_parallel = not {"sharding", "tp", "ep", "cp", "device_map"} & given
     if offload_of(options) is Offload.NONE and not (data_parallel and "num_gpus" in given):

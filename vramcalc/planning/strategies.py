@@ -48,12 +48,14 @@ fits on as few GPUs, the ring buys nothing but a finer split of the micro-batch.
 Expert parallelism is searched beside that chain, over every count up to the limit, and kept whenever it fits (not
 where one GPU is enough): its gain is time more than GPUs (an EP group never gathers the experts, which FSDP
 all-gathers every step, but repeats the dense layers' work on each of its ranks), so whether it is cheaper than
-FSDP or device_map on as many GPUs is the ranking's call, not the GPU count's. EP over FSDP is searched beside
-the chain too, one degree E at a time from the largest: on as many GPUs a larger group gathers fewer experts per
-layer (n/E) for the same shards (dense 1/N, experts n/N), so it holds no more; a smaller E is not searched on
-the counts from 2E up to below the larger one's fewest GPUs (it may still fit fewer, from 2E' < 2E), and not at
-all where the larger fits nowhere (memory falls with N where N divides n, so it would not fit below 2E either). Each E that fits is a candidate, on its
-fewest GPUs, for the ranking to price (a smaller group moves fewer tokens over the all-to-all but gathers more).
+FSDP or device_map on as many GPUs is the ranking's call, not the GPU count's.
+
+EP over FSDP is searched beside the chain too, one degree E at a time from the largest: on as many GPUs a larger
+group gathers fewer experts per layer (n/E) for the same shards (dense 1/N, experts n/N), so it holds no more. So a
+smaller E' is not searched on the counts from 2E to below E's fewest, where E did not fit (it may still fit fewer
+GPUs, from 2E' < 2E), and not at all where E fits nowhere (memory falls with N where N divides n, so E' on fewer
+GPUs holds more still). Each E that fits is a candidate on its fewest GPUs, for the ranking to price: a smaller group
+sends fewer tokens over the all-to-all but gathers more experts per layer.
 """
 
 from __future__ import annotations
