@@ -138,6 +138,17 @@ def test_ep_over_fsdp_candidates_are_a_multiple_of_ep_dividing_the_experts_withi
         assert not vc.estimate(spec, gpu=device, **options).warnings  # no FSDP2 padding of the expert shards
 
 
+@pytest.mark.parametrize("limit", [{"max_gpus": 4}, {"num_gpus": 4}])
+def test_a_smaller_ep_over_fsdp_is_tried_where_a_larger_has_no_count_under_the_limit(limit):
+    # Mixtral's 8 experts: ep 4 over FSDP needs 8 GPUs or more, so on 4 only ep 2 is left, and it fits there
+    assert vc.estimate("mixtral-8x7b", gpu="h100-sxm", method="lora", ep=2, num_gpus=4, sharding="fsdp",
+                       batch_size=1).fits()
+    options = {"method": "lora", **{k: v for k, v in limit.items() if k != "max_gpus"}}
+    found = candidates(get_model("mixtral-8x7b"), get_gpu("h100-sxm"), options, limit.get("max_gpus", 512))
+    over = [c.options for c in found if c.strategy.layout == Layout.EXPERT_OVER_FSDP]
+    assert [(o["ep"], o["num_gpus"]) for o in over] == [(2, 4)]
+
+
 def test_the_csv_of_an_ep_over_fsdp_row_carries_sharding_fsdp_and_the_ep_degree(tmp_path, capsys):
     path = tmp_path / "deepseek.csv"
     code, _, err = run_cli(capsys, "plan", "deepseek-v3", "--method", "full", "--gpus", "h100-sxm", "--no-hosted",

@@ -409,6 +409,8 @@ def _beside_chain_candidates(spec, device, options: dict, limit: int) -> list[Ca
         if over_fsdp and ruled_out and ruled_out[-1].stop > limit:
             continue  # a larger degree fits nowhere: this one does not either
         gone = tuple(ruled_out) if over_fsdp else ()
+        if over_fsdp and not len(first.counts(options, limit, ruled_out=gone)):
+            continue  # no count for this degree under the limit (2E GPUs or more): it rules nothing out
         saving = _fewest(spec, device, options, first, limit, ruled_out=gone)
         if over_fsdp:
             ruled_out.append(range(2 * plain.ep, limit + 1 if saving is None else saving.count))
