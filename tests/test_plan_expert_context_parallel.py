@@ -128,9 +128,10 @@ def test_qwen3_full_on_a100s_gets_ep_over_fsdp_where_it_is_cheaper_than_fsdp_alo
 def test_ep_over_fsdp_candidates_are_a_multiple_of_ep_dividing_the_experts_within_a_node(model, method, gpu):
     spec, device = get_model(model), get_gpu(gpu)
     node = link_facts(device).node_gpus  # t4: nodes of 4 (data/gpu_links.csv)
-    for candidate in candidates(spec, device, {"method": method}, 512):
-        if candidate.strategy.layout != Layout.EXPERT_OVER_FSDP:
-            continue
+    over = [candidate for candidate in candidates(spec, device, {"method": method}, 512)
+            if candidate.strategy.layout == Layout.EXPERT_OVER_FSDP]
+    assert over or model != "qwen3-30b-a3b"  # qwen3 full fits EP over FSDP on each of these (not vacuous)
+    for candidate in over:
         options = candidate.options
         ep, n = options["ep"], options["num_gpus"]
         assert n == candidate.count and n > ep and n % ep == 0 and 2 <= ep <= node
