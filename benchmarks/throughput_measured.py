@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from vramcalc import estimate  # noqa: E402
 from vramcalc import step_time as st  # noqa: E402
-from vramcalc.calibrate.scenarios import Scenario, harness_model, resolve, row_options, row_scenario  # noqa: E402
+from vramcalc.calibrate.scenarios import Scenario, harness_model, resolve, row_scenario  # noqa: E402
 from vramcalc.catalogue import get_gpu  # noqa: E402
 from vramcalc.cost import step_work_for  # noqa: E402
 from vramcalc.profiles import profile_data, runtime_profile  # noqa: E402
@@ -49,9 +49,6 @@ PROFILED_VARIANTS = {
     "qwen3-0.6b/full/mixed-bf16/adamw/nockpt/sdpa/b4s1024":
         ("qwen3-0.6b", {"method": "full", "precision": "mixed-bf16", "batch_size": 4, "seq_len": 1024}),
 }
-
-
-setup_options = row_options  # the measured setup's options from the row's cells (calibrate/scenarios.py)
 
 
 def ok_rows(paths: tuple[Path, ...] = MEASUREMENTS) -> list[tuple[Path, dict[str, str]]]:

@@ -127,10 +127,19 @@ def test_cli_takes_cp_and_reports_the_ring_in_json(capsys):
 
 
 # -- estimate vs trace: torch's real ring attention on a fake process group --------------------------------------------
+# dp_shard x cp: D rings of C ranks beside each other (accelerate's 2-D ("dp_shard", "cp") mesh), FSDP2 over D x C
+DP_SHARD_CASES = [
+    (TINY["llama"], dict(cp=2, num_gpus=4, seq_len=4096)),
+    (LLAMA_ATTN, dict(cp=4, num_gpus=8, seq_len=4096, grad_ckpt=True)),
+    (LLAMA_ATTN, dict(cp=2, num_gpus=8, seq_len=4096, method="lora", lora_targets="all-linear")),
+]
+
+
 @needs_torch
-@pytest.mark.parametrize("spec, options", CASES, ids=lambda x: x.name if hasattr(x, "name") else
+@pytest.mark.parametrize("spec, options", CASES + DP_SHARD_CASES, ids=lambda x: x.name if hasattr(x, "name") else
                          ",".join(f"{k}={v}" for k, v in x.items()))
 def test_estimate_matches_the_fake_group_trace_of_torchs_ring_attention(spec, options):
+    """One ring over the world, and D rings of C ranks beside each other (``DP_SHARD_CASES``)."""
     estimate = vc.estimate(spec, **options)
     trace = vc.trace(spec, progress=False, **options)
     assert estimate.peak_tensor_bytes == pytest.approx(trace.peak_tensor_bytes, rel=TOLERANCE)
@@ -166,21 +175,6 @@ def test_the_trace_runs_torchs_ring_attention_not_the_cpu_kernel(monkeypatch):
     assert calls.count("_scaled_dot_product_ring_flash_attention_backward") == steps * spec.num_layers
 
 
-# dp_shard x cp: D rings of C ranks beside each other (accelerate's 2-D ("dp_shard", "cp") mesh), FSDP2 over D x C
-DP_SHARD_CASES = [
-    (TINY["llama"], dict(cp=2, num_gpus=4, seq_len=4096)),
-    (LLAMA_ATTN, dict(cp=4, num_gpus=8, seq_len=4096, grad_ckpt=True)),
-    (LLAMA_ATTN, dict(cp=2, num_gpus=8, seq_len=4096, method="lora", lora_targets="all-linear")),
-]
-
-
-@needs_torch
-@pytest.mark.parametrize("spec, options", DP_SHARD_CASES, ids=lambda x: x.name if hasattr(x, "name") else
-                         ",".join(f"{k}={v}" for k, v in x.items()))
-def test_estimate_matches_the_trace_of_rings_beside_data_parallel_ranks(spec, options):
-    estimate = vc.estimate(spec, **options)
-    trace = vc.trace(spec, progress=False, **options)
-    assert estimate.peak_tensor_bytes == pytest.approx(trace.peak_tensor_bytes, rel=TOLERANCE)
 
 
 @needs_torch

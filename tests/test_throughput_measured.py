@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vramcalc import estimate
-from vramcalc.calibrate.scenarios import harness_model
+from vramcalc.calibrate.scenarios import harness_model, row_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "throughput_measured.py"
@@ -85,15 +85,9 @@ def test_rows_are_judged_on_the_lora_targets_their_run_adapted(results):
     lora_rows = [c for c in results if c.row["lora_modules"]]
     assert any("all-linear" in c.scenario_id and "moe" in c.scenario_id for c in lora_rows)
     for c in lora_rows:
-        measured = bench_options(c)
+        measured = row_scenario(c.row).options
         trained = estimate(harness_model(c.row["model"]), gpu="h200", **measured).details["trainable_params"]
         assert trained == int(c.row["trainable_params"]), c.scenario_id
-
-
-def bench_options(c) -> dict:
-    from vramcalc.calibrate.scenarios import row_scenario
-
-    return row_scenario(c.row).options
 
 
 def test_a_row_whose_cells_do_not_rebuild_its_setup_is_refused(bench):

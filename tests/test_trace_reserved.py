@@ -1,5 +1,5 @@
 """``trace(..., reserved=True)`` and ``vramcalc trace --reserved``: the caching-allocator replay's
-``max_memory_reserved`` (``tracing/reserved.py::reserved_details``) exposed in the trace's result, table, JSON and CSV.
+``max_memory_reserved`` (``tracing/reserved.py::reserved_trace``) exposed in the trace's result, table, JSON and CSV.
 
 Tiny llama (``tests/tiny_models.py``) at 256 tokens with the H200 profile's cuBLAS workspace
 (``calibration/profiles/h200.json``): every request of that step is under 10 MiB, so every segment the allocator

@@ -33,7 +33,7 @@ def trace(model, **options) -> MemoryBreakdown:
     on fake tensors. Needs the ``trace`` extra: ``pip install 'vramcalc[trace]'``.
 
     ``reserved=True`` also replays the step's allocations through PyTorch's caching allocator (1 warm-up step,
-    ``empty_cache``, 2 measured steps: about 2.5 times as long) and adds ``details["reserved_peak_bytes"]``, what
+    ``empty_cache``, 2 measured steps: about 1.5 times as long) and adds ``details["reserved_peak_bytes"]``, what
     ``torch.cuda.max_memory_reserved`` would read, and ``details["reserved_baseline_bytes"]``."""
     try:
         from .tracing.runner import trace as _trace

@@ -82,8 +82,8 @@ REVISION_HELP = "branch, tag or commit of a HF repo id's config.json (default: m
 FORMAT_HELP = "output: table | json | csv (default: table)"
 RESERVED_HELP = ("also replay the step's allocations through PyTorch's caching allocator for max_memory_reserved: "
                  "the build, 1 warm-up step, empty_cache, 2 measured steps, with the --gpu profile's cuBLAS "
-                 "workspace; adds details.reserved_peak_bytes (JSON, CSV) and a table line; traces the step a "
-                 "second time (three steps, recorded): about 2.5 times as long (default: off)")
+                 "workspace; adds details.reserved_peak_bytes (JSON, CSV) and a table line; traces three steps "
+                 "instead of two, recorded: about 1.5 times as long (default: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -131,11 +131,10 @@ def scenario_id(spec: ModelSpec, resolved: ResolvedSetup) -> str:
     setup = resolved.setup
     parts = [spec.name, setup.method.value, setup.precision.value, setup.optimizer.value,
              "ckpt" if setup.grad_ckpt else "nockpt", setup.attn.value, f"b{setup.batch_size}s{setup.seq_len}"]
-    core = {"method", "precision", "optimizer", "grad_ckpt", "attn", "batch_size", "seq_len"}
     defaults = TrainingSetup().to_dict()
     values = setup.to_dict()
     for key in SETUP_OPTIONS:
-        if key not in core and values[key] != defaults[key]:
+        if key not in ID_OPTIONS and values[key] != defaults[key]:
             parts.append(f"{key}={values[key]}")
     return "/".join(parts)
 

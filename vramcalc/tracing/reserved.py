@@ -78,12 +78,13 @@ def replay_reserved(spec: ModelSpec, resolved: ResolvedSetup, *, warmup: int = 1
                           replay_seconds=time.perf_counter() - started)
 
 
-def reserved_details(spec: ModelSpec, resolved: ResolvedSetup, gpu=None, *, progress: bool | None = None,
-                     builder=None, tracer_class=None) -> dict:
-    """The ``details`` that ``trace(..., reserved=True)`` adds: ``replay_reserved`` with the harness' protocol
-    (``REPLAY_WARMUP`` warm-up step, ``REPLAY_STEPS`` measured steps) and the cuBLAS workspace of ``gpu``'s runtime
-    profile (``terms.runtime.workspace_bytes``: the fitted ``workspace_bytes``, else two handles' workspaces from the
-    compute capability), one allocation at the first matmul as ``benchmarks/allocator_replay.py`` makes it.
+def reserved_trace(spec: ModelSpec, resolved: ResolvedSetup, gpu=None, *, progress: bool | None = None,
+                   builder=None, tracer_class=None) -> tuple[TraceResult, dict]:
+    """What ``trace(..., reserved=True)`` runs: ``replay_reserved`` with the harness' protocol (``REPLAY_WARMUP``
+    warm-up step, ``REPLAY_STEPS`` measured steps) and the cuBLAS workspace of ``gpu``'s runtime profile
+    (``terms.runtime.workspace_bytes``: the fitted ``workspace_bytes``, else two handles' workspaces from the
+    compute capability), one allocation at the first matmul as ``benchmarks/allocator_replay.py`` makes it. Returns
+    the recorded trace (its terms are the tracker's peak over all the steps) and the ``details`` it adds:
 
     ``reserved_peak_bytes``: ``max_memory_reserved`` after the measured steps; ``reserved_baseline_bytes``:
     ``memory_reserved`` right after the warm-up's ``empty_cache`` and peak reset (the harness' baseline);
@@ -99,7 +100,7 @@ def reserved_details(spec: ModelSpec, resolved: ResolvedSetup, gpu=None, *, prog
     out = replay_reserved(spec, resolved, warmup=REPLAY_WARMUP, steps=REPLAY_STEPS,
                           workspace_bytes=workspace_bytes(profile, device), progress=progress, builder=builder,
                           tracer_class=tracer_class)
-    return {
+    return out.trace, {
         "reserved_peak_bytes": out.reserved_peak_bytes,
         "reserved_baseline_bytes": out.replay.reserved_at_reset_bytes,
         "reserved_allocated_peak_bytes": out.allocated_peak_bytes,
@@ -108,5 +109,5 @@ def reserved_details(spec: ModelSpec, resolved: ResolvedSetup, gpu=None, *, prog
         "reserved_workspace_source": profile.source,
         "reserved_replay_warmup_steps": out.warmup,
         "reserved_replay_measured_steps": out.steps,
-        "reserved_replay_seconds": round(out.trace_seconds + out.replay_seconds, 3),
+        "reserved_replay_seconds": round(out.replay_seconds, 3),
     }

@@ -37,9 +37,9 @@ def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None
     """Same signature and return type as ``estimate``; the tensor terms come from the traced step.
 
     ``reserved=True`` also replays the step's allocations through the caching allocator (``reserved.py``: the
-    build, 1 warm-up step, ``empty_cache`` and peak reset, 2 measured steps, traced again with an allocation
-    recorder) and adds ``details["reserved_peak_bytes"]``, what ``torch.cuda.max_memory_reserved`` would read, with
-    ``reserved_baseline_bytes`` and the replay's settings (``reserved.reserved_details``). The HF training step on
+    build, 1 warm-up step, ``empty_cache`` and peak reset, 2 measured steps, traced once with an allocation
+    recorder: the terms are the peak over those three steps) and adds ``details["reserved_peak_bytes"]``, what ``torch.cuda.max_memory_reserved`` would read, with
+    ``reserved_baseline_bytes`` and the replay's settings (``reserved.reserved_trace``). The HF training step on
     one GPU only."""
     from ..estimator import assemble_measured
 
@@ -73,13 +73,15 @@ def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None
         from .vision import VisionStepTracer, build_vlm
 
         builder, tracer_class = build_vlm, VisionStepTracer
-    result = run_trace(spec, resolved, progress=progress, tracer_class=tracer_class, builder=builder)
-    details = {"trace_seconds": round(result.seconds, 3), "trace_peak_rss_bytes": result.peak_rss_bytes}
-    if reserved:  # the step again, recorded and replayed through the caching allocator (reserved.py)
-        from .reserved import reserved_details
+    replayed = {}
+    if reserved:  # one trace, recorded and replayed through the caching allocator (reserved.py)
+        from .reserved import reserved_trace
 
-        details.update(reserved_details(spec, resolved, gpu, progress=progress, builder=builder,
-                                        tracer_class=tracer_class))
+        result, replayed = reserved_trace(spec, resolved, gpu, progress=progress, builder=builder,
+                                          tracer_class=tracer_class)
+    else:
+        result = run_trace(spec, resolved, progress=progress, tracer_class=tracer_class, builder=builder)
+    details = {"trace_seconds": round(result.seconds, 3), "trace_peak_rss_bytes": result.peak_rss_bytes, **replayed}
     return assemble_measured(
         spec, resolved, result.terms, result.phase, source="trace", gpu=gpu,
         paged_bytes=result.paged_bytes, details=details,
