@@ -54,8 +54,13 @@ def _grid(stack: str) -> list[tuple[ModelSpec, dict]]:
                   (GQA, dict(method="lora", loss="hf", batch_size=2, seq_len=512)),
                   (GQA, dict(method="lora", grad_accum=2, batch_size=1, seq_len=512))]
     else:
+        # bitsandbytes <= 0.43's held inputs (litgpt 0.4.x pinned 0.42.0), alive into the next micro-batch's forward
+        old_bnb = dict(method="qlora", quant_saves_input=True, stable_embedding=False)
         extra += [(GQA, dict(method="qlora", double_quant=True, batch_size=2, seq_len=512)),
-                  (GQA, dict(method="lora", lora_dropout=0.0, batch_size=2, seq_len=512))]
+                  (GQA, dict(method="lora", lora_dropout=0.0, batch_size=2, seq_len=512)),
+                  (GQA, dict(old_bnb, batch_size=2, seq_len=512)),
+                  (MHA, dict(old_bnb, lora_targets="q_proj,v_proj,o_proj", batch_size=2, seq_len=512)),
+                  (GQA, dict(old_bnb, grad_accum=2, batch_size=1, seq_len=512))]
     return [(spec, dict(stack=stack, **options)) for spec, options in rows + extra]
 
 

@@ -174,7 +174,8 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
     if setup.task is Task.DISTILL:  # the GKD teacher (terms/tasks.py)
         out.update(tasks.distill_details(setup, activations.dtypes(setup.method, setup.precision,
                                                                    setup.adapter_dtype)))
-    if setup.task.uses_fused_head:  # each phase's peak: GRPO's generation and training both reported
+    if setup.task.uses_fused_head or setup.loss is Loss.LITGPT:  # each phase's peak: GRPO's generation and training
+        # both reported; litgpt's first micro-batch (no ``next-forward``) beside the later ones
         out["phase_peak_bytes"] = _phase_peaks(spec, resolved)
     if spec.vision is not None and setup.images:  # image tokens, tiles, the tower's saved bytes (terms/vision.py)
         out.update(vision.details_for(spec, resolved))
@@ -501,6 +502,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
             moments.append(Moment(Phase.BACKWARD_END, W + gathered.embedding_gathered,
                                   Bb + 2 * root + maximum(G_acc, gathered.embedding_reduced), O, 0, lg.held, 0))
     moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, 0, lg.held, rank.optimizer_step))
+    if lg.held:  # litgpt's fit(): this micro-batch's logits list lives until the next model call returns
+        moments += _next_forward_moments(W + gathered.loss_forward, B + G_acc, O, A, lg, extras, copies.forward)
     if setup.sharding is Sharding.NONE:  # the weights reaching the GPU (``terms/loading.py``), before any step
         moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - rank.weights))
     if setup.task.uses_fused_head:  # the reference model and its forward, GRPO's generation (terms/tasks.py)
@@ -511,6 +514,23 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         moments = tasks.reward_moments(moments, b, s)
     if spec.vision is not None and setup.images:  # a VLM's vision tower (terms/vision.py)
         moments = vision.moments_for(spec, resolved, tensors, moments, Moment, layer, b, s, masked)
+    return moments
+
+
+def _next_forward_moments(W, G, O, A, lg, extras, copies_forward) -> list[Moment]:
+    """A later micro-batch's forward beside what litgpt's ``fit`` still holds of the one before (finetune/lora.py:
+    355-366: ``logits`` is rebound only when ``model(...)`` returns; ``loss`` became a float at the previous
+    iteration's logging, ``log_interval`` 1): the previous fp32 logits list (``lg.held``) and, through its
+    ``grad_fn`` chain, the previous graph. Backward released that graph's saved tensors, but not what a custom
+    Function keeps as a ``ctx`` attribute: bitsandbytes <= 0.43's ``MatMul4Bit`` keeps ``ctx.tensors = (A, B)``
+    (0.42.0 ``autograd/_functions.py:522-523``), so every input it held (``extras.held``, the same shape under a fixed
+    batch shape) is still alive. The moments: the end of the model call (its own output, ``lg.output``) and, with a
+    4-bit lm_head, its forward (the dequantized weight beside the logits so far)."""
+    previous = A + extras.held
+    moments = [Moment(Phase.NEXT_FORWARD, W, G, O, previous, lg.held + lg.output, copies_forward)]
+    if extras.head_forward_moment:
+        moments.append(Moment(Phase.NEXT_FORWARD, W, G, O, previous, lg.held + extras.head_forward_logits,
+                              copies_forward + extras.head_forward))
     return moments
 
 

@@ -484,6 +484,8 @@ class Phase(str, Enum):
 
     LOAD = "load"  # the weights reaching the GPU, before the first step
     FORWARD = "forward"
+    # a later micro-batch's forward beside what the training loop still holds of the one before (litgpt's ``fit``)
+    NEXT_FORWARD = "next-forward"
     BACKWARD_START = "backward-start"
     BACKWARD = "backward"
     BACKWARD_END = "backward-end"

@@ -25,10 +25,11 @@
   (``lightning/fabric/wrappers.py`` ``convert_output``), and ``fit`` keeps that list in ``logits`` through
   ``fabric.backward``. Each chunk's ``cross_entropy`` saves its fp32 log_softmax. Forward peak 8·T·V (the fp32 list
   and the saved log_softmax; the conversion itself holds (c + 4)·T·V); backward start 8·T·V + 8·C·V (one chunk's two
-  fp32 gradients). ``fit`` rebinds ``logits`` only at the next micro-batch's forward, so the fp32 list stays
-  through the decoder layers' backward and ``optimizer.step()`` too (``held``). The loss's and the casts' backward (made after every lm_head chunk in forward, so first in
-  autograd's order) all run before lm_head's: its backward sees the fp32 list and every chunk's c gradient,
-  (4 + c)·T·V.
+  fp32 gradients). ``fit`` rebinds ``logits`` only when the next micro-batch's model call returns, so the fp32 list
+  stays through the decoder layers' backward, ``optimizer.step()`` and that next forward too (``held``; the next
+  forward's own output at the rebinding is ``output``, (c + 4)·T·V). The loss's and the casts' backward (made
+  after every lm_head chunk in forward, so first in autograd's order) all run before lm_head's: its backward sees the
+  fp32 list and every chunk's c gradient, (4 + c)·T·V.
   Full fine-tuning (``whole_head``; litgpt ``finetune/full.py:282-285`` calls ``model(input_ids)`` without
   ``lm_head_chunk_size``): one [b, s, V] logits tensor, converted to fp32 (4·T·V, held through backward) and sliced
   ``logits[..., :-1, :]``; ``chunked_cross_entropy`` (``utils.py:334-345``) reshapes it to [-1, V], which copies when
@@ -72,6 +73,7 @@ class LogitsBytes:
     head_backward: int  # while lm_head's backward runs: the gradient of its output
     forward_hidden_grad: int = 0  # fused: grad_input, alive from forward to backward (part of ``saved``)
     held: int = 0  # kept by the training loop after the loss's backward: through the layers' backward and the step
+    output: int = 0  # the model call's own output at its end, before the loss (the moment the loop rebinds ``held``)
 
 
 def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_bytes: int = 0,
@@ -123,17 +125,18 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
     if loss is Loss.LITGPT:
         held = _F32 * tokens * V  # the fp32 logits list fit() keeps through backward
         saved = held + _F32 * tokens * V + labels
+        output = (c + _F32) * tokens * V + labels  # the model's c logits and Fabric's fp32 copies of them
         if whole_head:
             reshape_copy = select(sequences > 1, _F32 * tokens * V, 0)  # [b, s-1, V] -> [-1, V] copies when b > 1
-            forward = maximum(saved + reshape_copy, (c + _F32) * tokens * V + labels)
+            forward = maximum(saved + reshape_copy, output)
             return LogitsBytes(forward, saved, held + 2 * _F32 * tokens * V + labels, held + c * tokens * V + labels,
-                               held=held)
+                               held=held, output=output)
         chunk = minimum(tokens, LITGPT_LM_HEAD_CHUNK_POSITIONS * sequences)
-        forward = maximum(saved, (c + _F32) * tokens * V + labels)
+        forward = maximum(saved, output)
         backward = saved + 2 * _F32 * chunk * V
         # every chunk's loss backward and Fabric's casts run before any lm_head backward (made later in forward):
         # lm_head's backward sees the fp32 list and every chunk's c gradient (traced, tracing/stacks/litgpt.py)
-        return LogitsBytes(forward, saved, backward, held + c * tokens * V + labels, held=held)
+        return LogitsBytes(forward, saved, backward, held + c * tokens * V + labels, held=held, output=output)
     chunk = fused_chunk_tokens(tokens, V, model.hidden_size)
     hidden_bytes = max(dt.norm_out, dt.r)
     grad_input = hidden_bytes * tokens * model.hidden_size

@@ -152,20 +152,22 @@ class _HoldingWalk(_LayerWalk):
     def _fresh_attention_output(self, use, x_bytes) -> bool:
         """o_proj reads a new tensor that no one else saves: eager's ``transpose(1, 2).contiguous()`` copy, or the
         copy of a fused-qkv model's flash output (``activations._LayerWalk._attention``), unless o_proj itself
-        trains or has a LoRA (then the walk already counted that copy as saved)."""
-        if use.name != "o_proj" or use.trains or use.lora:
+        trains or the walk already counted that copy as saved (where o_proj has a LoRA; for litgpt's head-major
+        query only where that LoRA saves the copy itself: with dropout it saves ``dropout(y)``)."""
+        if use.name != "o_proj" or use.trains:
             return False
         m = self.m
         if self.layer.attn_used is Attention.EAGER:
-            return True
+            return not use.lora
         repeated = self.masked and m.num_heads > m.num_kv_heads
         kernel = self.sdpa_kernel(m.num_heads, m.num_kv_heads, m.head_dim, m.head_dim, x_bytes)
         # litgpt builds q with ``torch.cat`` as a new [b, a, s, d] tensor (stack_layers.query_head_major): the flash
         # output keeps that layout and ``y.reshape(B, T, a·d)`` copies it (litgpt 0.4.13 and 0.5.13 ``model.py``
         # CausalSelfAttention.forward); SDPA saves its output, not the copy the 4-bit proj holds (litgpt trace).
         # (transformers' partial-rotary phi holds no such copy: phi-1.5 HF trace with held inputs.)
-        head_major = self.layer.layers.query_head_major
-        return kernel == "flash" and ((m.traits.fused_qkv and not repeated) or head_major)
+        if self.layer.layers.query_head_major:
+            return kernel == "flash" and not self._input_saved([use], x_bytes)
+        return kernel == "flash" and m.traits.fused_qkv and not repeated and not use.lora
 
     def linears(self, uses, x_bytes, x_saved=False):
         quantized = [use for use in uses if use.quantized]

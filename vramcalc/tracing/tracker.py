@@ -112,6 +112,7 @@ class AllocationTracker(TorchDispatchMode):
         self.in_logits = False
         self.in_recompute = False
         self.in_optimizer = False
+        self.after_previous = False  # a forward beside what the loop still holds of the micro-batch before (litgpt)
         self._param_storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.step_peaks: dict[int, int] = {}
         self.phase_peaks: dict[Phase, int] = {}  # the largest live total seen in each phase
@@ -154,17 +155,23 @@ class AllocationTracker(TorchDispatchMode):
         self._grown()
         return record
 
+    @property
+    def reported_phase(self) -> Phase:
+        """``phase``, but a forward that runs beside the previous micro-batch's leftovers is ``NEXT_FORWARD``."""
+        return Phase.NEXT_FORWARD if self.phase is Phase.FORWARD and self.after_previous else self.phase
+
     def _grown(self) -> None:
         """Update the peaks after the live total rose."""
+        phase = self.reported_phase
         if self.live_bytes > self.peak.total_bytes:
             self.peak.total_bytes = self.live_bytes
-            self.peak.phase = self.phase
+            self.peak.phase = phase
             self.peak.step = self.step
             self._peak_pending = True
         if self.live_bytes > self.step_peaks.get(self.step, 0):
             self.step_peaks[self.step] = self.live_bytes
-        if self.live_bytes > self.phase_peaks.get(self.phase, 0):
-            self.phase_peaks[self.phase] = self.live_bytes
+        if self.live_bytes > self.phase_peaks.get(phase, 0):
+            self.phase_peaks[phase] = self.live_bytes
 
     def _free(self, record: _Record) -> None:
         if record.host:

@@ -55,6 +55,9 @@ from . import _driver
 STACK = "litgpt"
 VERSION = "0.5.13"
 LM_HEAD_CHUNK_SIZE = 128  # finetune/lora.py:355
+# the traced steps after the warm start when a step is one micro-batch: the second one's forward runs beside what
+# fit() still holds of the first (with accumulation, the second micro-batch of the one step does)
+TRACED_STEPS = 2
 LEARNING_RATE = 3e-4
 _QKV = {"q_proj": "lora_query", "k_proj": "lora_key", "v_proj": "lora_value"}
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -186,12 +189,14 @@ def _checkpoint_blocks(model: nn.Module) -> None:
         blocks[index] = checkpoint_wrapper(block)
 
 
-def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int = _driver.TRACE_STEPS, warm: bool = True,
+def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int | None = None, warm: bool = True,
               progress: bool | None = None) -> _driver.StackTrace:
     """Build litgpt's model, set it up with Fabric and run ``steps`` steps of ``fit`` under the tracker (after the
-    optimizer's warm start unless ``warm=False``)."""
+    optimizer's warm start unless ``warm=False``; by default two steps of one micro-batch, else one)."""
     _import_litgpt()
     check_traceable(spec, resolved)
+    if steps is None:
+        steps = TRACED_STEPS if resolved.setup.grad_accum == 1 else 1
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ..build import _materialise
@@ -259,21 +264,27 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int = _driver.
                 markers.append(_driver.RecomputeMarker(block, tracker))
         del blocks
         accumulation = setup.grad_accum
+        logits = None
         with fake_mode, tracker, _driver.cuda_kernels(bnb=quantized):
             if warm:
                 _driver.warm_start(tracker, [(optimizer.optimizer, list(model.parameters()))])
             for step in range(1 if warm else 0, steps + (1 if warm else 0)):
                 tracker.step = step
-                for _ in range(accumulation):
+                for micro_batch in range(accumulation):
                     tracker.phase = Phase.FORWARD
+                    # fit() rebinds ``logits`` only when the model call returns (finetune/lora.py:355-366): the
+                    # previous micro-batch's list, and the graph its grad_fn chain reaches, live through this forward
+                    tracker.after_previous = logits is not None
                     input_ids = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long)
                     targets = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long)
                     if setup.method.uses_lora:  # finetune/lora.py:355-359
                         logits = module(input_ids, lm_head_chunk_size=LM_HEAD_CHUNK_SIZE)
+                        tracker.after_previous = False
                         logits[-1] = logits[-1][..., :-1, :]
                         loss = _chunked_cross_entropy(logits, targets[..., 1:])
                     else:  # finetune/full.py:282-285
                         logits = module(input_ids)
+                        tracker.after_previous = False
                         loss = _chunked_cross_entropy(logits[..., :-1, :], targets[..., 1:])
                     tracker.in_logits = False
                     tracker.end_forward()
@@ -282,15 +293,16 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int = _driver.
                     fabric.backward(loss / accumulation)
                     tracker.in_logits = False
                     tracker.mark_gradients(model.parameters())
-                    # fit() rebinds logits and loss at the next micro-batch's forward (finetune/lora.py:355-366):
-                    # alive through backward, the next forward and optimizer.step(), as here
+                    if micro_batch < accumulation - 1:
+                        loss = None  # fit() logs every iteration (log_interval 1): ``loss`` becomes a float
                 tracker.phase = Phase.OPTIMIZER_STEP
                 tracker.in_optimizer = True
                 optimizer.step()
                 tracker.in_optimizer = False
                 tracker.mark_optimizer_states(optimizer.optimizer)
                 optimizer.zero_grad()
-                del logits, loss
+                loss = None  # the iteration's logging, after the step (finetune/lora.py:376-377)
+            del logits
         traced = _driver.result(tracker, started, None, _NOT_TRACED)
     finally:
         bar.close()
