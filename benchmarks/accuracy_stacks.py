@@ -60,7 +60,8 @@ def _grid(stack: str) -> list[tuple[ModelSpec, dict]]:
                   (GQA, dict(method="lora", lora_dropout=0.0, batch_size=2, seq_len=512)),
                   (GQA, dict(old_bnb, batch_size=2, seq_len=512)),
                   (MHA, dict(old_bnb, lora_targets="q_proj,v_proj,o_proj", batch_size=2, seq_len=512)),
-                  (GQA, dict(old_bnb, grad_accum=2, batch_size=1, seq_len=512))]
+                  (GQA, dict(old_bnb, grad_accum=2, batch_size=1, seq_len=512)),
+                  (GQA, dict(old_bnb, grad_ckpt=True, batch_size=2, seq_len=512))]
     return [(spec, dict(stack=stack, **options)) for spec, options in rows + extra]
 
 
