@@ -26,6 +26,7 @@ import pytest
 
 import vramcalc
 from vramcalc.cli import main as cli_main
+from vramcalc.planning.ranking import PLAN_TABLE_COLUMNS
 
 pytest.importorskip("pandas")  # /api/plan and the plan CSV come from vramcalc.plan (a DataFrame)
 
@@ -174,12 +175,37 @@ def test_get_with_a_query_string_answers_like_post(server):
     assert json.loads(data) == json.loads(post(server, "/api/estimate", setup)[1])
 
 
+def without_columns(document: dict) -> dict:
+    """/api/plan's document less the table's columns it adds to the CLI's JSON (their own test is below)."""
+    return {key: value for key, value in document.items() if key != "columns"}
+
+
+def cli_table_header(text: str) -> list[str]:
+    """The headers of the table that `vramcalc plan` prints: the line after the summary and its blank line."""
+    lines = text.splitlines()
+    return lines[lines.index("") + 1].split()
+
+
+@pytest.mark.parametrize("budget", [{}, {"tokens": "2e8"}], ids=["per-million", "token-budget"])
+def test_api_plan_carries_the_cli_table_columns_in_order(server, budget):
+    setup = {"model": "llama-3.1-8b", "method": "lora", "seq_len": 1024, **budget}
+    status, data = post(server, "/api/plan", setup)
+    assert status == 200, data
+    document = json.loads(data)
+    header = cli_table_header(cli("plan", "llama-3.1-8b", *flags(setup)))
+    assert header[:3] == ["rank", "offer", "gpu"] and "parallelism" in header and "host_ram_gib" in header
+    assert [column["label"] for column in document["columns"]] == header
+    keys = [column["key"] for column in document["columns"]]
+    assert keys == list(PLAN_TABLE_COLUMNS)
+    assert all(set(keys) <= set(row) for row in document["rows"])  # every column is a figure each row carries
+
+
 def test_api_plan_and_its_csv_are_the_cli_plan(server, tmp_path):
     setup = {"model": "llama-3.1-8b", "method": "lora", "seq_len": 1024}
     status, data = post(server, "/api/plan", dict(setup, tokens=2e8))
     assert status == 200, data
     expected = json.loads(cli("plan", "llama-3.1-8b", *flags(setup), "--tokens", "2e8", "--format", "json"))
-    assert json.loads(data) == expected
+    assert without_columns(json.loads(data)) == expected
     status, headers, csv_bytes = request(server, "POST", "/api/plan.csv", dict(setup, tokens=2e8))
     assert status == 200 and headers["Content-Type"].startswith("text/csv")
     assert "attachment" in headers["Content-Disposition"]
@@ -192,7 +218,7 @@ def test_api_plan_without_tokens_is_the_cli_plan_per_million_tokens(server):
     status, data = post(server, "/api/plan", setup)
     assert status == 200, data
     expected = json.loads(cli("plan", "llama-3.1-8b", *flags(setup), "--format", "json"))
-    assert json.loads(data) == expected
+    assert without_columns(json.loads(data)) == expected
     rows = [row for row in expected["rows"] if row.get("usd_per_million_tokens") is not None]
     assert rows and all(row.get("train_tokens") in (None, "") for row in expected["rows"])
 

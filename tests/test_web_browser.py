@@ -236,3 +236,82 @@ def test_the_csv_download_is_the_cli_plan_file(browser, server, tmp_path):
     subprocess.run([sys.executable, "-m", "vramcalc", "plan", "llama-3.1-8b", "--method", "lora", "--tokens",
                     "200000000", "--output", str(tmp_path / "cli.csv")], check=True, capture_output=True)
     assert files[0].read_bytes() == (tmp_path / "cli.csv").read_bytes()
+
+
+def cli_plan_table(*argv: str) -> tuple[list[str], list[dict]]:
+    """The headers and rows of the table that `vramcalc plan ARGV` prints, cut at the headers' offsets (every
+    column is left-aligned and as wide as its widest cell, so a cell starts where its header starts)."""
+    done = subprocess.run([sys.executable, "-m", "vramcalc", "plan", *argv], capture_output=True, text=True, check=True)
+    lines = done.stdout.splitlines()
+    start = lines.index("") + 1
+    header, body = lines[start], lines[start + 1:lines.index("", start)]
+    spans = [match.span() for match in re.finditer(r"\S+", header)]
+    names = [header[a:b] for a, b in spans]
+    edges = [a for a, _ in spans] + [None]
+    rows = [{name: line[edges[i]:edges[i + 1]].strip() for i, name in enumerate(names)} for line in body]
+    return names, rows
+
+
+def page_plan_table(driver) -> tuple[list[str], list[dict]]:
+    """The page's plan table: its header texts and its rows as {data-key: cell text}."""
+    return driver.execute_script("""
+        const table = document.getElementById("plan-table");
+        const heads = [...table.tHead.rows[0].cells];
+        const rows = [...table.tBodies[0].rows].map((tr) =>
+            Object.fromEntries(heads.map((th, i) => [th.dataset.key, tr.cells[i].textContent])));
+        return [heads.map((th) => th.textContent), rows];""")
+
+
+def test_the_plan_table_shows_the_cli_plan_table(browser, server):
+    open_page(browser, server, "?model=llama-3.1-70b&method=full")
+    assert browser.find_element(By.ID, "error-banner").get_attribute("hidden") is not None
+    page_headers, page_rows = page_plan_table(browser)
+    cli_headers, cli_rows = cli_plan_table("llama-3.1-70b", "--method", "full")
+    assert page_headers == cli_headers
+    assert "parallelism" in page_headers and "throughput_tokens_per_s" in page_headers
+    page_blank = {"-": "–"}  # the CLI's "-" (none, never 0) is "–" on the page
+    assert [(row["rank"], row["gpu"]) for row in page_rows] == [
+        (page_blank.get(row["rank"], row["rank"]), page_blank.get(row["gpu"], row["gpu"])) for row in cli_rows]
+    by_gpu = {row["gpu"]: row for row in page_rows if row["offer"] == "gpu"}
+    several = [row for row in cli_rows if row["offer"] == "gpu" and int(row["num_gpus"]) > 1]
+    assert several, "a 70B full fine-tune should need several GPUs somewhere"
+    for row in several:  # e.g. "fsdp x8", "tp 2 x dp 64 (fsdp), grad ckpt full (plan)"
+        page = by_gpu[row["gpu"]]
+        assert page["parallelism"] == row["parallelism"], row["gpu"]
+        # the same figures, each side rounded its own way: host RAM to 0.1 GiB on the page, tokens/s to a token
+        for key, page_step in (("host_ram_gib", 0.05), ("throughput_tokens_per_s", 0.5)):
+            assert (page[key] == "–") == (row[key] == "-"), (row["gpu"], key)
+            if row[key] != "-":
+                shown, printed = float(page[key].replace(",", "")), float(row[key].replace(",", ""))
+                assert abs(shown - printed) <= page_step + 0.05, (row["gpu"], key, page[key], row[key])
+                assert re.fullmatch(r"\d{1,3}(,\d{3})*" + (r"\.\d" if key.endswith("_gib") else ""), page[key])
+
+
+def test_clicking_a_plan_header_sorts_its_numbers_as_numbers(browser, server):
+    open_page(browser, server, "?model=llama-3.1-70b&method=full")
+
+    def column(key):
+        cells = [row[key] for row in page_plan_table(browser)[1]]
+        numbers = [float(text.replace(",", "")) for text in cells if text != "–"]
+        assert cells[len(numbers):] == ["–"] * (len(cells) - len(numbers)), "blanks go last"
+        return numbers
+
+    browser.find_element(By.CSS_SELECTOR, "#plan-table th[data-key=throughput_tokens_per_s]").click()
+    speeds = column("throughput_tokens_per_s")
+    assert len(speeds) >= 5 and speeds == sorted(speeds)
+    assert len({len(f"{speed:,.0f}") for speed in speeds}) > 1  # numbers of several widths: text order would differ
+    browser.find_element(By.CSS_SELECTOR, "#plan-table th[data-key=throughput_tokens_per_s]").click()
+    assert column("throughput_tokens_per_s") == sorted(speeds, reverse=True)
+    browser.find_element(By.CSS_SELECTOR, "#plan-table th[data-key=num_gpus]").click()
+    assert column("num_gpus") == sorted(column("num_gpus"))
+
+
+def test_the_plan_has_hours_exactly_when_the_form_gives_a_token_budget(browser, server):
+    open_page(browser, server, "?model=llama-3.1-8b&method=lora")
+    assert browser.find_element(By.ID, "f-tokens").get_attribute("value") == ""  # as the CLI without --tokens
+    hours = [row["train_hours"] for row in page_plan_table(browser)[1]]
+    assert hours and set(hours) == {"–"}
+    fill(browser, {"tokens": "1e9"})
+    assert "tokens=1e9" in browser.find_element(By.ID, "share-url").get_attribute("value")
+    hours = [row["train_hours"] for row in page_plan_table(browser)[1] if row["train_hours"] != "–"]
+    assert len(hours) >= 5 and all(float(text.replace(",", "")) > 0 for text in hours)

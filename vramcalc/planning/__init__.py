@@ -18,7 +18,7 @@ from __future__ import annotations
 from ..export import frame_csv, frame_records, write_csv
 from .host_memory import HostRam, host_ram
 from .plan_rows import PLAN_COLUMNS, PlanRows, gpus_of, plan, plan_frame, plan_rows, require_pandas
-from .ranking import RANK_BY, plan_summary, plan_table, rank_rows
+from .ranking import RANK_BY, plan_summary, plan_table, plan_table_columns, rank_rows
 from .search import (
     DEFAULT_MAX_GPUS,
     MAX_GPUS_LIMIT,
@@ -34,6 +34,6 @@ from .sweep_grid import SWEEP_KEYS, applicable_options, sweep
 
 __all__ = ["plan", "max_batch_size", "sweep", "smallest_gpu_count", "gpu_counts", "host_ram", "HostRam",
            "catalogue_stamp", "CatalogueStamp", "write_csv", "frame_csv", "frame_records", "PLAN_COLUMNS",
-           "plan_table", "plan_summary", "rank_rows", "plan_rows", "PlanRows", "plan_frame", "gpus_of", "require_pandas",
-           "gpu_limit", "GpuCounts", "MAX_GPUS_LIMIT", "applicable_options", "RANK_BY", "DEFAULT_MAX_GPUS",
-           "MAX_MICRO_BATCH", "SWEEP_KEYS"]
+           "plan_table", "plan_table_columns", "plan_summary", "rank_rows", "plan_rows", "PlanRows", "plan_frame",
+           "gpus_of", "require_pandas", "gpu_limit", "GpuCounts", "MAX_GPUS_LIMIT", "applicable_options", "RANK_BY",
+           "DEFAULT_MAX_GPUS", "MAX_MICRO_BATCH", "SWEEP_KEYS"]

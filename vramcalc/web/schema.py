@@ -28,7 +28,7 @@ import vramcalc
 MODEL_NAME_MAX_CHARS = 200
 TEXT_MAX_CHARS = 500
 CONFIG_NAME_MAX_CHARS = 100
-DEFAULT_TOKENS = 1e9  # the plan's token budget when the page does not say (the report's default too)
+DEFAULT_TOKENS = None  # no token budget, as `vramcalc plan` without --tokens: $ per million tokens, no hours or totals
 PLAN_FIELDS = ("tokens", "epochs", "rank_by")
 REQUEST_FIELDS = ("model", "gpu", "config", "config_name")
 

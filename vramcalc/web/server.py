@@ -7,7 +7,8 @@ Routes (GET takes the form fields as a query string, POST as a JSON object; both
     /api/estimate       ``vramcalc estimate --format json``'s object: total_bytes, peak_tensor_bytes, phase, terms,
                         inputs
     /api/fits           every catalogue GPU: the setup's total there and the largest micro-batch that fits
-    /api/plan           ``vramcalc plan --format json``'s object: summary, catalogue stamp, rows
+    /api/plan           ``vramcalc plan --format json``'s object: summary, catalogue stamp, rows; and ``columns``, the
+                        columns of ``vramcalc plan``'s table in order (``{"key", "label"}``) that the page draws
     /api/plan.csv       the procurement CSV that ``vramcalc plan --output`` writes, byte for byte
     /api/trace          ``vramcalc trace --format json``; refused (403) unless the server was started with --allow-trace
 
@@ -167,11 +168,15 @@ def _plan_frame(request):
 
 
 def plan_document(request) -> dict:
+    """The CLI's plan JSON, plus ``columns``: the CLI table's columns and headers (``planning.plan_table_columns``),
+    so that the page shows what ``vramcalc plan`` prints without a column list of its own."""
+    from ..planning import plan_table_columns
+
     frame = _plan_frame(request)
     rows = [{column: _json_safe(value) for column, value in zip(frame.columns, row)}
             for row in frame.itertuples(index=False, name=None)]
     return {"summary": frame.attrs.get("summary"), "catalogue_version": frame.attrs.get("catalogue_version"),
-            "catalogue_date": frame.attrs.get("catalogue_date"), "rows": rows}
+            "catalogue_date": frame.attrs.get("catalogue_date"), "columns": plan_table_columns(), "rows": rows}
 
 
 def plan_csv(request) -> str:

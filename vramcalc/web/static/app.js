@@ -4,11 +4,6 @@
 
 const GIB = 2 ** 30;
 const HARDWARE = ["num_gpus", "sharding", "fsdp_shard", "offload"];  // placed beside the GPU; the rest are "setup"
-const PLAN_COLUMNS = [
-  ["rank", "rank"], ["offer", "offer"], ["name", "GPU / provider"], ["num_gpus", "GPUs"], ["micro_batch", "micro-batch"],
-  ["device_gib", "GiB per GPU"], ["train_hours", "hours"], ["rent_usd", "rent $"], ["buy_usd", "buy $"],
-  ["cost_usd", "cost $"], ["note", "note"],
-];
 const FITS_COLUMNS = [
   ["gpu", "GPU"], ["memory_gib", "GiB"], ["total_gib", "needs GiB"], ["fits", "fits"], ["max_batch_size", "max batch"],
 ];
@@ -101,7 +96,8 @@ function showHelp(field) {
 }
 
 const PLAN_FIELDS = [
-  { name: "tokens", label: "dataset tokens", kind: "float", help: "tokens in the training set, e.g. 1e9", default: null },
+  { name: "tokens", label: "dataset tokens", kind: "float", optional: true, default: null,
+    help: "tokens in the training set, e.g. 1e9; none: the plan gives $ per million tokens, no hours or totals" },
   { name: "epochs", label: "epochs", kind: "float", help: "passes over the dataset", default: 1 },
   { name: "rank_by", label: "rank by", kind: "choice", help: "order of the plan table",
     choices: [{ value: "cost", help: "cheapest first" }, { value: "time", help: "fastest first" }], default: "cost" },
@@ -356,7 +352,8 @@ function row(cells, tag = "td") {
   return tr;
 }
 
-// A table whose rows are data objects; clicking a header sorts by that column (numbers as numbers, blanks last).
+// A table whose rows are data objects, its columns [key, header, header class]; clicking a header sorts by that column
+// (numbers as numbers, blanks last).
 function sortableTable(table, columns, rows, format, decorate) {
   const current = table._sort || { key: null, dir: 1 };
   table._sort = current;
@@ -373,8 +370,8 @@ function sortableTable(table, columns, rows, format, decorate) {
       });
     }
     const head = el("tr");
-    for (const [key, label] of columns) {
-      const th = el("th", { scope: "col", "data-key": key,
+    for (const [key, label, cls] of columns) {
+      const th = el("th", { scope: "col", "data-key": key, class: cls || null,
                             "aria-sort": current.key === key ? (current.dir > 0 ? "ascending" : "descending") : null }, label);
       th.addEventListener("click", () => {
         current.dir = current.key === key ? -current.dir : 1;
@@ -409,20 +406,30 @@ function renderFits(result) {
   }, (tr, item) => { if (item.gpu === chosen) tr.classList.add("chosen"); });
 }
 
-function formatPlan(key, value) {
-  if (value === null || value === undefined || value === "") return ["–"];
-  if (key === "note" || key === "name" || key === "offer") return [String(value), "text"];
+const fixed = (value, digits) => value.toLocaleString("en-US", { minimumFractionDigits: digits,
+                                                                   maximumFractionDigits: digits });
+
+// A plan cell: GiB to 0.1, dollars (totals and per million tokens) to the cent, tokens/s and counts as whole numbers;
+// text (GPU, parallelism, note) left-aligned.
+function formatPlan(key, value, isText) {
+  const text = isText ? "text" : null;
+  if (value === null || value === undefined || value === "") return ["–", text];
+  if (typeof value === "string") return [value, text];
   if (typeof value === "boolean") return [value ? "yes" : "no"];
   if (typeof value !== "number") return [String(value)];
-  if (key.endsWith("_usd")) return [grouped(Math.round(value))];
-  if (key === "train_hours" || key.endsWith("_gib")) return [value >= 10 ? value.toFixed(1) : value.toFixed(2)];
-  return [grouped(value)];
+  if (key.endsWith("_usd") || key.startsWith("usd_")) return [fixed(value, 2)];
+  if (key.endsWith("_gib") || key.endsWith("_kwh")) return [fixed(value, 1)];
+  if (key.endsWith("_hours")) return [fixed(value, value >= 10 ? 1 : 2)];
+  return [fixed(value, 0)];
 }
 
+// The columns come with the answer: those of the table `vramcalc plan` prints, under its headers, in its order.
 function renderPlan(result) {
   $("plan-summary").textContent = `${result.summary} (catalogue ${result.catalogue_version}, prices up to ${result.catalogue_date})`;
-  const rows = result.rows.map((r) => ({ ...r, name: r.gpu || r.provider }));
-  sortableTable($("plan-table"), PLAN_COLUMNS, rows, formatPlan);
+  const text = new Set(result.columns.map((column) => column.key)
+    .filter((key) => result.rows.some((item) => typeof item[key] === "string")));
+  const columns = result.columns.map((column) => [column.key, column.label, text.has(column.key) ? "text" : null]);
+  sortableTable($("plan-table"), columns, result.rows, (key, value) => formatPlan(key, value, text.has(key)));
 }
 
 // -- actions --------------------------------------------------------------------------------------------------------
