@@ -9,9 +9,6 @@ RANK_BY = ("cost", "time")
 PLAN_TABLE_COLUMNS = ("rank", "offer", "gpu", "provider", "num_gpus", "parallelism", "interconnect", "micro_batch",
                       "device_gib", "host_ram_gib", "throughput_tokens_per_s", "usd_per_million_tokens", "train_hours", "rent_usd",
                       "buy_usd", "energy_kwh", "cost_usd", "note")
-# The header `vramcalc plan` prints over each of its table's columns, and the page's plan table with it: the column's
-# own name, which carries its unit (_gib, _usd, _per_s, _kwh) and is the name the JSON and the CSV give the figure.
-PLAN_TABLE_HEADERS = {column: column for column in PLAN_TABLE_COLUMNS}
 # Without a token budget a plan has no hours or totals: it ranks by the cost per million training tokens, or by
 # throughput (fastest first: the hours per million tokens, 1e6 / (tokens/s · 3600)).
 PER_MILLION_COLUMNS = ("usd_per_million_tokens", "hours_per_million_tokens")
@@ -99,17 +96,18 @@ def plan_summary(rows, spec: ModelSpec, gpu_limit: int, rank_by: str, *, per_mil
 
 def plan_table_columns() -> list[dict]:
     """The plan table's columns in order, each ``{"key": row key, "label": its header}``: what ``plan_table``
-    prints, for a page to draw the same table (``vramcalc web``'s /api/plan)."""
-    return [{"key": column, "label": PLAN_TABLE_HEADERS[column]} for column in PLAN_TABLE_COLUMNS]
+    prints, for a page to draw the same table (``vramcalc web``'s /api/plan). The header is the column's own name,
+    which carries its unit (_gib, _usd, _per_s, _kwh) and names the figure in the JSON and the CSV too."""
+    return [{"key": column, "label": column} for column in PLAN_TABLE_COLUMNS]
 
 
 def plan_table(rows) -> str:
     """A compact plain-text view of a plan, from its rows or its DataFrame (GiB = 2^30 bytes; '-' where a figure
     does not apply or is unknown). Every column of ``PLAN_TABLE_COLUMNS`` is printed, empty or not."""
     rows = _records(rows)
-    columns = plan_table_columns()
-    shown = [{c["label"]: _display(row.get(c["key"]), c["key"]) for c in columns} for row in rows]
-    return table_text(shown, [c["label"] for c in columns]).rstrip("\n")
+    columns = list(PLAN_TABLE_COLUMNS)
+    shown = [{c: _display(row.get(c), c) for c in columns} for row in rows]
+    return table_text(shown, columns).rstrip("\n")
 
 
 def _display(value, column: str) -> str:
