@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vramcalc import estimate  # noqa: E402
 from vramcalc import step_time as st  # noqa: E402
-from vramcalc.calibrate.scenarios import Scenario, harness_model, resolve, row_scenario  # noqa: E402
+from vramcalc.calibrate.fit import row_step_work  # noqa: E402
+from vramcalc.calibrate.scenarios import Scenario, harness_model, resolve  # noqa: E402
 from vramcalc.catalogue import get_gpu  # noqa: E402
 from vramcalc.cost import step_work_for  # noqa: E402
 from vramcalc.profiles import profile_data, runtime_profile  # noqa: E402
@@ -105,16 +105,11 @@ def fitted_profile(gpu) -> RuntimeProfile:
 
 def compare(path: Path, row: dict[str, str]) -> Comparison:
     """The model's step for one measured row. Raises ValueError when the rebuilt setup is not the measured one."""
+    gpu = get_gpu(row["gpu"])
     try:
-        scenario = row_scenario(row)
+        scenario, resolved, (parts, calibrated) = row_step_work(row, [RuntimeProfile(), fitted_profile(gpu)])
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
-    options = scenario.options
-    spec, resolved = resolve(scenario)
-    gpu = get_gpu(row["gpu"])
-    paged = estimate(spec, gpu=gpu, **options).details["paged_optimizer_bytes"]
-    parts = step_work_for(spec, resolved, gpu, paged, RuntimeProfile())
-    calibrated = step_work_for(spec, resolved, gpu, paged, fitted_profile(gpu))
     if parts is None or calibrated is None:
         raise ValueError(f"{row['scenario_id']}: the step-time model has no step for it on {gpu.name}")
     work, rates = parts

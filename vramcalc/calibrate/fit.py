@@ -315,15 +315,28 @@ class StepObservation:
     steady: bool = True  # timed after one untimed step past empty_cache() (the row's step_timing)
 
 
-def step_observations(rows: list[dict], gpu_name: str | None = None) -> tuple[list[StepObservation], list[str]]:
-    """The ok rows of a CUDA probe with a measured ``step_seconds``, each rebuilt as its setup
-    (``scenarios.row_scenario``) and given the work ``estimate`` times on the row's GPU (``cost.step_work_for``,
-    the default profile); and "id: reason" for each such row the model cannot time."""
+def row_step_work(row: dict, profiles, gpu_name: str | None = None):
+    """A measured row rebuilt as its setup (``scenarios.row_scenario``) and the work ``estimate`` times for it on
+    the row's GPU (``cost.step_work_for``), once per runtime profile of ``profiles``: (scenario, resolved setup,
+    [(work, rates) or None per profile]). Raises KeyError, ValueError or VramcalcError for a row it cannot
+    rebuild."""
     from ..catalogue import get_gpu
     from ..cost import step_work_for
-    from ..errors import VramcalcError
     from ..estimator import estimate
     from .scenarios import resolve, row_scenario
+
+    scenario = row_scenario(row)
+    spec, resolved = resolve(scenario)
+    gpu = get_gpu(row.get("gpu") or gpu_name or "")
+    paged = estimate(spec, gpu=gpu, **scenario.options).details["paged_optimizer_bytes"]
+    return scenario, resolved, [step_work_for(spec, resolved, gpu, paged, profile) for profile in profiles]
+
+
+def step_observations(rows: list[dict], gpu_name: str | None = None) -> tuple[list[StepObservation], list[str]]:
+    """The ok rows of a CUDA probe with a measured ``step_seconds``, each given the work ``estimate`` times on the
+    row's GPU under the default profile (``row_step_work``); and "id: reason" for each such row the model cannot
+    time."""
+    from ..errors import VramcalcError
 
     out, skipped = [], []
     for row in rows:
@@ -331,11 +344,7 @@ def step_observations(rows: list[dict], gpu_name: str | None = None) -> tuple[li
         if row.get("status") != "ok" or row.get("probe") != "cuda" or not measured or measured <= 0:
             continue
         try:
-            scenario = row_scenario(row)
-            spec, resolved = resolve(scenario)
-            gpu = get_gpu(row.get("gpu") or gpu_name or "")
-            paged = estimate(spec, gpu=gpu, **scenario.options).details["paged_optimizer_bytes"]
-            parts = step_work_for(spec, resolved, gpu, paged, RuntimeProfile())
+            _, _, (parts,) = row_step_work(row, [RuntimeProfile()], gpu_name)
         except (KeyError, ValueError, VramcalcError) as err:
             skipped.append(f"{row.get('scenario_id', '?')}: {err}")
             continue
