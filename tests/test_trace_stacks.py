@@ -338,10 +338,11 @@ def test_litgpt_qlora_next_forward_runs_beside_the_inputs_the_previous_graph_sti
 
 
 @needs_litgpt
-def test_litgpt_qlora_next_forward_under_checkpointing_holds_no_recomputed_first_layer_input():
-    """Under checkpointing only the first layer's recompute (in backward, from an input torch.utils.checkpoint
-    detaches with requires_grad) holds its norm output; neither the previous micro-batch's forward nor the next one
-    does, so the next-forward moment leaves it out twice and follows the trace (it was 1.6% above on this shape)."""
+def test_litgpt_qlora_under_checkpointing_holds_no_first_layer_input():
+    """litgpt adds no ``enable_input_require_grads`` (transformers' checkpointing with peft does): under checkpointing
+    its first layer's norm output needs no gradient, so no 4-bit Linear holds it, in either micro-batch's forward;
+    the estimate leaves it out (``StackLayers.checkpoint_inputs_need_grad``) and follows the trace (1.6% above on
+    this shape's next-forward when it counted it)."""
     import vramcalc as vc
 
     options = dict(method="qlora", batch_size=2, seq_len=256, lora_rank=8, lora_targets="q_proj,v_proj",

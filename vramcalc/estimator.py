@@ -525,9 +525,8 @@ def _next_forward_moments(W, G, O, A, lg, extras, copies_forward) -> list[Moment
     Function keeps as a ``ctx`` attribute: bitsandbytes <= 0.43's ``MatMul4Bit`` keeps ``ctx.tensors = (A, B)``
     (0.42.0 ``autograd/_functions.py:522-523``), so every input it held (``extras.held``, the same shape under a fixed
     batch shape) is still alive. The moments: the end of the model call (its own output, ``lg.output``) and, with a
-    4-bit lm_head, its forward (the dequantized weight beside the logits so far). Neither forward holds what only
-    a checkpointed first layer's recompute does (``extras.recompute_held``)."""
-    previous = A + extras.held - 2 * extras.recompute_held
+    4-bit lm_head, its forward (the dequantized weight beside the logits so far)."""
+    previous = A + extras.held
     moments = [Moment(Phase.NEXT_FORWARD, W, G, O, previous, lg.held + lg.output, copies_forward)]
     if extras.head_forward_moment:
         moments.append(Moment(Phase.NEXT_FORWARD, W, G, O, previous, lg.held + extras.head_forward_logits,

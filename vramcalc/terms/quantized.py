@@ -218,18 +218,18 @@ def layer_held(model: ModelSpec, layer: LayerSetup, k: QuantKnobs, moe: bool, ma
 
 @functools.lru_cache(maxsize=4096)
 def model_held(model: ModelSpec, layer: LayerSetup, k: QuantKnobs, masked: bool = False,
-               head_input_shared: bool = False, grad_ckpt: bool = False, recomputed: bool = True) -> Saved:
+               head_input_shared: bool = False, grad_ckpt: bool = False) -> Saved:
     """Everything quantized Linears hold from forward until the graph dies: every decoder layer's ``layer_held``
-    (the first layer's inputs need a gradient only when ``first_layer_needs_grad`` or, with ``recomputed``, in its
-    recompute under checkpointing) and, for a quantized lm_head, its input (the final norm's output,
-    ``max(norm_out, r)·h`` per token) unless another op saves that tensor (``head_input_shared``: a bf16 LoRA on
-    lm_head without dropout)."""
+    (the first layer's inputs need a gradient only when ``first_layer_needs_grad`` or, under checkpointing, where
+    the stack makes them: ``StackLayers.checkpoint_inputs_need_grad``) and, for a quantized lm_head, its input (the
+    final norm's output, ``max(norm_out, r)·h`` per token) unless another op saves that tensor
+    (``head_input_shared``: a bf16 LoRA on lm_head without dropout)."""
     if not k.saves_input:
         return Saved()
     first_moe = model.is_moe_layer(0)
-    # checkpointing recomputes the first layer from an input that requires grad (torch.utils.checkpoint detaches
-    # it with requires_grad): the recompute holds layer 0's norm output (traced); the forward itself does not
-    first_grad = (grad_ckpt and recomputed) or first_layer_needs_grad(layer.method)
+    # transformers + peft under checkpointing: enable_input_require_grads (traced: layer 0's norm output is held)
+    first_grad = ((grad_ckpt and layer.layers.checkpoint_inputs_need_grad)
+                  or first_layer_needs_grad(layer.method))
     total = layer_held(model, layer, k, first_moe, masked, first_grad, grad_ckpt)
     dense = model.num_dense_layers - (0 if first_moe else 1)
     moe = model.num_moe_layers - (1 if first_moe else 0)
@@ -252,7 +252,6 @@ class StepExtras(NamedTuple):
     head_forward_logits: object  # ... beside its output [T, V] in the input dtype
     head_backward: object  # temporaries of lm_head's backward moment: its dequantized weight
     head_forward_moment: bool = False  # lm_head is quantized: its forward is a moment of its own
-    recompute_held: object = 0  # of ``held``, what only a checkpointed first layer's recompute holds (not forward)
 
 
 def step_extras(model: ModelSpec, setup, layer: LayerSetup, masked, batch_size, seq_len,
@@ -264,8 +263,6 @@ def step_extras(model: ModelSpec, setup, layer: LayerSetup, masked, batch_size, 
     dt = layer.dtypes
     tokens = batch_size * seq_len
     held = model_held(model, layer, k, masked, head_input_shared, bool(setup.grad_ckpt)).bytes(batch_size, seq_len)
-    in_forward = model_held(model, layer, k, masked, head_input_shared, bool(setup.grad_ckpt),
-                            recomputed=False).bytes(batch_size, seq_len)
     a = max(dt.r, dt.c)
     deq = dequant_bytes(model, setup, a, tokens, dt.c)
     head_out = max(dt.norm_out, dt.r) * tokens * model.vocab_size if k.head_quantized else 0
@@ -275,4 +272,4 @@ def step_extras(model: ModelSpec, setup, layer: LayerSetup, masked, batch_size, 
         hidden = dt.c * tokens * model.hidden_size
         copy = a * model.vocab_size * model.hidden_size
         head_backward = maximum(head_backward - hidden, copy)
-    return StepExtras(held, deq.head_forward, head_out, head_backward, k.head_quantized, held - in_forward)
+    return StepExtras(held, deq.head_forward, head_out, head_backward, k.head_quantized)
