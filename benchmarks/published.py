@@ -269,9 +269,9 @@ def _lora_targets(row: dict, family: str | None, setup: RowSetup) -> str | None:
 # pinned torchao==0.1 (pyproject.toml): read at each row's commit in pytorch/torchtune (0914d5cfb, 20747cd87, 0217d44c2)
 # and in the 0.1.1 wheel; the override was deleted by #1294 (3d7ca3869, 2024-08-23), before the 30b8519e8 rows.
 # vramcalc's ``--load requantize`` (terms/loading.py).
-# litgpt-ch QLoRA rows whose residual stays open after Q1-Q3 (docs/stacks-research.md section 2): the estimate equals
-# the trace of litgpt 0.4.13's own model and LoRA code with bitsandbytes <= 0.43's held inputs emulated
-# litgpt 0.4.x QLoRA rows whose peak the next-forward moment (modelled) does not reach: the backward start is higher
+# litgpt-ch QLoRA rows whose residual stays open after Q1-Q3 and the next-forward moment (docs/stacks-research.md
+# section 2): their peak is the backward, the estimate equals litgpt's own traced step (bitsandbytes <= 0.43's held
+# inputs emulated), and the measurement is higher by those held inputs once more, for no mechanism found
 LITGPT_CH_QLORA_OPEN = tuple(f"litgpt-ch-0{n}" for n in (13, 15, 17, 19, 31))
 TORCHTUNE_REQUANTIZE_ROWS = ("torchtune-019", "torchtune-028", "torchtune-037")
 
@@ -611,8 +611,8 @@ def mechanism_note(record: dict) -> str:
     if rid == "torchtune-029":
         return "open: torchtune 2024 FSDP1 LoRA, reserved (section 4)"
     if rid in LITGPT_CH_QLORA_OPEN:
-        return ("open: litgpt 0.4.x QLoRA, backward start below the measurement by the previous micro-batch's held "
-                "inputs, as if that graph lived to the new loss (section 2)")
+        return ("open: litgpt 0.4.x QLoRA, the backward peak below the measurement by the 4-bit held inputs once "
+                "more; no mechanism found (section 2)")
     if rid == "torchtune-019":
         return ("open: the step at 4 x 2048 with compile is above the load peak (--load requantize); "
                 "statistic unstated")
