@@ -77,7 +77,10 @@ def _estimate_parts(spec: ModelSpec, resolved: ResolvedSetup, device: GpuSpec | 
     """(terms, phase, details) of an estimate, as tuples (each call gets its own dicts)."""
     peak = _tensor_peak(spec, resolved)
     out = _finish(spec, resolved, dict(peak.terms), peak.phase, "estimate", device, peak.paged_bytes, None)
-    return tuple(out.terms_bytes.items()), out.phase, tuple(out.details.items())
+    details = dict(out.details)
+    if peak.phase_peaks:  # each phase's peak, from the same moments (``_reports_phase_peaks``)
+        details["phase_peak_bytes"] = dict(peak.phase_peaks)
+    return tuple(out.terms_bytes.items()), out.phase, tuple(details.items())
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class _TensorPeak:
     terms: tuple  # (Term, bytes) of the tensor terms at the peak moment
     phase: Phase
     paged_bytes: int  # bitsandbytes paged optimizer state (outside torch's allocator)
+    phase_peaks: tuple = ()  # (phase, bytes): each phase's largest moment, where ``_reports_phase_peaks``
 
 
 @functools.lru_cache(maxsize=4096)
@@ -96,7 +100,8 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
 
         largest = max(gpu_peaks(spec, resolved), key=lambda gpu: gpu.tensor_bytes)
         return _TensorPeak(largest.terms, Phase(largest.phase), 0)
-    peak = max(step_moments(spec, resolved), key=lambda moment: moment.tensor_bytes)
+    moments = step_moments(spec, resolved)
+    peak = max(moments, key=lambda moment: moment.tensor_bytes)
     terms = ((Term.WEIGHTS, peak.weights), (Term.GRADIENTS, peak.gradients),
              (Term.OPTIMIZER_STATES, peak.optimizer_states), (Term.ACTIVATIONS, peak.activations),
              (Term.LOGITS, peak.logits), (Term.TEMPORARIES, peak.temporaries))
@@ -106,15 +111,21 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
         embedding_32bit = stack_layers.stack_layers(resolved.setup.stack).trainer_optimizer
         paged = optimizer.optimizer_state_bytes(parameters.stored_tensors(spec, resolved), optimizer_name,
                                                 embedding_32bit).paged_bytes
-    return _TensorPeak(terms, peak.phase, paged)
+    return _TensorPeak(terms, peak.phase, paged, _phase_peaks(moments) if _reports_phase_peaks(resolved) else ())
 
 
-def _phase_peaks(spec: ModelSpec, resolved: ResolvedSetup) -> dict:
-    """Phase -> the largest tensor bytes of its moments (the load phase included)."""
+def _reports_phase_peaks(resolved: ResolvedSetup) -> bool:
+    """Whether an estimate's details give each phase's peak: GRPO's generation beside its training (terms/tasks.py),
+    litgpt's first micro-batch beside the later ones (the ``next-forward`` phase, ``_next_forward_moments``)."""
+    return resolved.setup.task.uses_fused_head or resolved.setup.loss is Loss.LITGPT
+
+
+def _phase_peaks(moments: list[Moment]) -> tuple:
+    """(phase, the largest tensor bytes of its moments), the load phase included."""
     peaks: dict = {}
-    for m in step_moments(spec, resolved):
+    for m in moments:
         peaks[m.phase.value] = max(peaks.get(m.phase.value, 0), int(m.tensor_bytes))
-    return peaks
+    return tuple(peaks.items())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -174,9 +185,6 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
     if setup.task is Task.DISTILL:  # the GKD teacher (terms/tasks.py)
         out.update(tasks.distill_details(setup, activations.dtypes(setup.method, setup.precision,
                                                                    setup.adapter_dtype)))
-    if setup.task.uses_fused_head or setup.loss is Loss.LITGPT:  # each phase's peak: GRPO's generation and training
-        # both reported; litgpt's first micro-batch (no ``next-forward``) beside the later ones
-        out["phase_peak_bytes"] = _phase_peaks(spec, resolved)
     if spec.vision is not None and setup.images:  # image tokens, tiles, the tower's saved bytes (terms/vision.py)
         out.update(vision.details_for(spec, resolved))
     if device is not None:  # the step's time on that GPU (cost.step_for: cached per setup, standard library)
