@@ -53,6 +53,12 @@ def _grid(stack: str) -> list[tuple[ModelSpec, dict]]:
         extra += [(GQA, dict(method="full", optimizer="adamw", optimizer_in_backward=False, batch_size=2, seq_len=512)),
                   (GQA, dict(method="lora", loss="hf", batch_size=2, seq_len=512)),
                   (GQA, dict(method="lora", grad_accum=2, batch_size=1, seq_len=512))]
+        # the 2024 recipes' loop: the shifted fp32 logits kept through backward into the next forward
+        old_loop = dict(loss="torchtune-2024")
+        extra += [(GQA, dict(old_loop, method="lora", batch_size=2, seq_len=512)),
+                  (GQA, dict(old_loop, method="full", grad_ckpt=True, batch_size=2, seq_len=512)),
+                  (MHA, dict(old_loop, method="qlora", grad_ckpt=True, batch_size=2, seq_len=512)),
+                  (GQA, dict(old_loop, method="lora", grad_accum=2, batch_size=1, seq_len=512))]
     else:
         # bitsandbytes <= 0.43's held inputs (litgpt 0.4.x pinned 0.42.0), alive into the next micro-batch's forward
         old_bnb = dict(method="qlora", quant_saves_input=True, stable_embedding=False)

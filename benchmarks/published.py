@@ -151,6 +151,20 @@ TORCHTUNE_KNOBS = {
 }
 
 
+# torchtune's recipes kept ``logits`` bound through backward until ``del logits`` (vramcalc --loss torchtune-2024):
+# lora_finetune_distributed from #1046 (cb3ed29d7, 2024-06-04), the single-device and full recipes from #1235
+# (8a98fbaa3, 2024-07-28); a row measured with code older than its recipe's date ran the old loop.
+TORCHTUNE_DEL_LOGITS = {"lora_finetune_distributed": "2024-06-04", "other": "2024-07-28"}
+
+
+def _row_date(row: dict) -> str:
+    """The ISO date a row's source or locator states (the code it was measured with), or ''."""
+    import re
+
+    found = re.search(r"20\d\d-\d\d-\d\d", row["source"]) or re.search(r"20\d\d-\d\d-\d\d", row["source_locator"])
+    return found.group(0) if found else ""
+
+
 # litgpt config-hub FSDP full rows: litgpt@00af8b0d finetune/full.py:253-254 (no_backward_sync while accumulating),
 # gradient_accumulation_iters(devices) = global_batch_size // (devices · micro_batch_size) from each row's YAML
 LITGPT_CH_FSDP_ACCUM = {
@@ -378,8 +392,15 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             # table says so (README @1814feb17: the cumulative ablation adds it at its row 006; the 2024 distributed
             # full recipes had no optimizer_in_bwd)
             setup.knobs.setdefault("optimizer_in_backward", False)
-        # torchtune CEWithChunkedOutputLoss (num_output_chunks=8) where the row's table says so
-        opts["loss"] = "torchtune" if "chunked_loss" in TORCHTUNE_KNOBS.get(rid, ()) else "hf"
+        # torchtune CEWithChunkedOutputLoss (num_output_chunks=8) where the row's table says so; before ``del logits``
+        # the recipe's loop kept the shifted fp32 logits through backward (TORCHTUNE_DEL_LOGITS)
+        recipe = "lora_finetune_distributed" if gpus > 1 and method != "full" else "other"
+        if "chunked_loss" in TORCHTUNE_KNOBS.get(rid, ()):
+            opts["loss"] = "torchtune"
+        elif _row_date(row) and _row_date(row) < TORCHTUNE_DEL_LOGITS[recipe]:
+            opts["loss"] = "torchtune-2024"
+        else:
+            opts["loss"] = "hf"
         if "fsdp_cpu_offload=true" in low.replace(" ", ""):
             # torchtune@30b8519e8 training/_distributed.py:17,614: fsdp_cpu_offload -> FSDP2 CPUOffloadPolicy
             # (sharded params, gradients and the optimizer step on the host): vramcalc's --offload params
@@ -607,15 +628,16 @@ def mechanism_note(record: dict) -> str:
     the StableEmbedding gradient, Q5 torchao's eager dequantization: terms/stack_layers.py) are not listed."""
     rid, method, several = record["id"], record["method"], record["gpus"] != "1 GPU"
     if rid in ("torchtune-023", "torchtune-032"):
-        return "open: torchtune 2024 FSDP1 full fine-tuning (about 6 GB per rank above bf16 states + step; section 4)"
+        return ("open: torchtune 2024 FSDP1 full fine-tuning (about 5 GB per rank above bf16 states, step and the "
+                "held logits; section 4)")
     if rid == "torchtune-029":
         return "open: torchtune 2024 FSDP1 LoRA, reserved (section 4)"
     if rid in LITGPT_CH_QLORA_OPEN:
         return ("open: litgpt 0.4.x QLoRA, the backward peak below the measurement by the 4-bit held inputs once "
                 "more; no mechanism found (section 2)")
     if rid == "torchtune-019":
-        return ("open: the step at 4 x 2048 with compile is above the load peak (--load requantize); "
-                "statistic unstated")
+        return ("open: the step at 4 x 2048 with compile, the recipe's held logits counted (--loss torchtune-2024), "
+                "is above the load peak (--load requantize); statistic unstated")
     if rid in ("torchtune-028", "torchtune-037"):
         return ("Q4 modelled (--load requantize: 70 B/weight at the largest Linear beside the built model); the rest "
                 "is allocator reserve, proved by replay (9.133 GB reserved after init; tutorial 9.13) but not "

@@ -111,6 +111,44 @@ def _param_bytes(module_name: str, spec: ModelSpec, **options) -> int:
 
 
 @needs_torchtune
+def test_torchtune_2024_loop_keeps_the_shifted_fp32_logits_through_backward():
+    """torchtune's recipes before ``del logits`` (#1235, 2024-07-28; e.g. lora_finetune_single_device.py@0217d44c2:
+    460-469) rebind ``logits`` to the fp32 ``logits[..., :-1, :].contiguous()`` of T' = b·(s - 1) rows and keep it
+    bound through ``loss.backward()``: backward starts with that copy, the saved log_softmax and the two [T', V]
+    gradients, 16·T'·V bytes, where the 0.6.1 loop (no shift, ``del logits``) holds 12·T·V."""
+    b, s, V = 2, 256, WIDE_VOCAB.vocab_size
+    options = dict(method="lora", batch_size=b, seq_len=s)
+    old_loop = _run("torchtune", WIDE_VOCAB, loss="torchtune-2024", **options)
+    new_loop = _run("torchtune", WIDE_VOCAB, loss="hf", **options)
+    assert old_loop.step_phase is Phase.BACKWARD_START and new_loop.step_phase is Phase.BACKWARD_START
+    expected = 16 * b * (s - 1) * V - 12 * b * s * V
+    labels = 8 * b * s  # the int64 labels each loop keeps differ by a row or so
+    assert abs(_step_peak(old_loop) - _step_peak(new_loop) - expected) <= labels
+
+
+@needs_torchtune
+@pytest.mark.parametrize("spec, options", [
+    (TINY, dict(method="lora")),
+    (TINY, dict(method="full", optimizer_in_backward=True)),
+    (TINY, dict(method="qlora", grad_ckpt=True)),
+    (TINY, dict(method="lora", grad_accum=2)),
+    (WIDE_VOCAB, dict(method="full")),
+], ids=["lora", "full-in-backward", "qlora-ckpt", "lora-accum", "wide-vocab-full"])
+def test_torchtune_2024_loop_estimate_follows_its_trace(spec, options):
+    """The estimate of the 2024 loop (``--loss torchtune-2024``: the held copy through backward, the step and the next
+    forward, ``Loss.held_by_loop``) within 0.5% of torchtune's own model run in that loop, and it reports the
+    next-forward phase the trace sees."""
+    import vramcalc as vc
+
+    options = dict(options, batch_size=2, seq_len=256, loss="torchtune-2024")
+    traced = _run("torchtune", spec, **options)
+    estimated = vc.estimate(spec, stack="torchtune", **options)
+    assert abs(estimated.peak_tensor_bytes / _step_peak(traced) - 1) < 0.005
+    assert Phase.NEXT_FORWARD in traced.result.phase_peaks
+    assert Phase.NEXT_FORWARD.value in estimated.details["phase_peak_bytes"]
+
+
+@needs_torchtune
 def test_torchtune_rope_cache_is_an_fp32_weight_of_max_seq_len_rows():
     """torchtune/models/llama3_1/_position_embeddings.py ``build_rope_cache``: cache = stack([cos, sin]) of
     ``idx_theta.float()``, shape [max_seq_len, head_dim/2, 2] fp32 = 4 * max_seq_len * head_dim bytes, a buffer

@@ -116,8 +116,9 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
 
 def _reports_phase_peaks(resolved: ResolvedSetup) -> bool:
     """Whether an estimate's details give each phase's peak: GRPO's generation beside its training (terms/tasks.py),
-    litgpt's first micro-batch beside the later ones (the ``next-forward`` phase, ``_next_forward_moments``)."""
-    return resolved.setup.task.uses_fused_head or resolved.setup.loss is Loss.LITGPT
+    the first micro-batch beside the later ones where the loop holds the logits (the ``next-forward`` phase,
+    ``_next_forward_moments``)."""
+    return resolved.setup.task.uses_fused_head or resolved.setup.loss.held_by_loop
 
 
 def _phase_peaks(moments: list[Moment]) -> tuple:
@@ -510,7 +511,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
             moments.append(Moment(Phase.BACKWARD_END, W + gathered.embedding_gathered,
                                   Bb + 2 * root + maximum(G_acc, gathered.embedding_reduced), O, 0, lg.held, 0))
     moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, 0, lg.held, rank.optimizer_step))
-    if lg.held:  # litgpt's fit(): this micro-batch's logits list lives until the next model call returns
+    if lg.held:  # the loop's ``logits`` lives until the next model call returns (Loss.held_by_loop)
         moments += _next_forward_moments(W + gathered.loss_forward, B + G_acc, O, A, lg, extras, copies.forward)
     if setup.sharding is Sharding.NONE:  # the weights reaching the GPU (``terms/loading.py``), before any step
         moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - rank.weights))
@@ -526,14 +527,16 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
 
 
 def _next_forward_moments(W, G, O, A, lg, extras, copies_forward) -> list[Moment]:
-    """A later micro-batch's forward beside what litgpt's ``fit`` still holds of the one before (finetune/lora.py:
-    355-366: ``logits`` is rebound only when ``model(...)`` returns; ``loss`` became a float at the previous
-    iteration's logging, ``log_interval`` 1): the previous fp32 logits list (``lg.held``) and, through its
-    ``grad_fn`` chain, the previous graph. Backward released that graph's saved tensors, but not what a custom
-    Function keeps as a ``ctx`` attribute: bitsandbytes <= 0.43's ``MatMul4Bit`` keeps ``ctx.tensors = (A, B)``
-    (0.42.0 ``autograd/_functions.py:522-523``), so every input it held (``extras.held``, the same shape under a fixed
-    batch shape) is still alive. The moments: the end of the model call (its own output, ``lg.output``) and, with a
-    4-bit lm_head, its forward (the dequantized weight beside the logits so far)."""
+    """A later micro-batch's forward beside what the loop still holds of the one before (``Loss.held_by_loop``).
+    litgpt's ``fit`` (finetune/lora.py:355-366) rebinds ``logits`` only when ``model(...)`` returns, and ``loss``
+    became a float at the previous iteration's logging (``log_interval`` 1); torchtune's 2024 recipes likewise
+    (lora_finetune_single_device.py@0217d44c2:460-469, until ``del logits``, #1235). Held: the previous fp32 logits
+    (``lg.held``) and, through their ``grad_fn`` chain, the previous graph. Backward released that graph's saved
+    tensors, but not what a custom Function keeps as a ``ctx`` attribute: bitsandbytes <= 0.43's ``MatMul4Bit``
+    keeps ``ctx.tensors = (A, B)`` (0.42.0 ``autograd/_functions.py:522-523``), so every input it held
+    (``extras.held``, the same shape under a fixed batch shape) is still alive. The moments: the end of the model
+    call (its own output, ``lg.output``) and, with a 4-bit lm_head, its forward (the dequantized weight beside the
+    logits so far)."""
     previous = A + extras.held
     moments = [Moment(Phase.NEXT_FORWARD, W, G, O, previous, lg.held + lg.output, copies_forward)]
     if extras.head_forward_moment:

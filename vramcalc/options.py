@@ -197,6 +197,15 @@ class Loss(Choice):
     TORCHTUNE = "torchtune"  # CEWithChunkedOutputLoss as torchtune's recipes call it: the 8 chunks of logits alive
     LITGPT = "litgpt"  # litgpt chunked_cross_entropy on Fabric's fp32 logits, which fit() keeps through backward
     TRL = "trl"  # TRL SFTTrainer's fused lm_head: [4096, 32768] log-prob tiles, no [T, V] logits (terms/trl_loss.py)
+    # torchtune recipes of April-July 2024 (<= 0.2): the model's fp32 logits shifted into a contiguous fp32 copy for a
+    # plain CrossEntropyLoss, the copy left bound to ``logits`` through backward, the step and the next forward
+    TORCHTUNE_2024 = "torchtune-2024"
+
+    @property
+    def held_by_loop(self) -> bool:
+        """The training loop keeps the loss's [T, V] input bound until its next model call returns (litgpt's
+        ``fit``; torchtune's recipes until ``del logits``, #1046 and #1235): the next forward runs beside it."""
+        return self in (Loss.LITGPT, Loss.TORCHTUNE_2024)
 
 
 class Sharding(Choice):

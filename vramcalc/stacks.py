@@ -111,7 +111,7 @@ PRESETS: dict[Stack, StackPreset] = {
         Knob("compile", False, "same configs (compile: False)"),
         Knob("loss", "torchtune", "torchtune 0.6.1 recipes/configs/llama3_1/8B_*_single_device.yaml "
              "(CEWithChunkedOutputLoss, 8 chunks, fp32 per chunk); recipes/lora_finetune_single_device.py:639-661 "
-             "holds the chunk list until the loss is computed"),
+             "holds the chunk list until the loss is computed (recipes before July 2024: --loss torchtune-2024)"),
         Knob("optimizer", "adamw", "8B_lora_single_device.yaml (torch.optim.AdamW, fused: True)", _ADAPTER_METHODS),
         Knob("optimizer", "paged-adamw-8bit", "8B_full_single_device.yaml (bitsandbytes.optim.PagedAdamW8bit)",
              (Method.FULL,)),

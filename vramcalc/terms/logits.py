@@ -37,6 +37,16 @@
   each chunk's fp32 log_softmax. Forward peak 8·T·V, 12·T·V when b > 1. In backward the split's gradient is the
   ``cat`` of every chunk's fp32 gradient, made while they are all buffered: 12·T·V (held, buffered, cat); lm_head's
   backward holds the fp32 logits and the c·T·V gradient of Fabric's cast.
+``torchtune-2024`` (torchtune's recipes of April to July 2024, e.g. ``lora_finetune_single_device.py@0217d44c2:
+  460-469``; ``modules/transformer.py`` returns ``self.output(h).float()``): the recipe rebinds ``logits`` to
+  ``logits[..., :-1, :].contiguous()``, an fp32 copy of T' = b·(s - 1) rows (the model's fp32 output then dies),
+  transposes it and calls a plain ``CrossEntropyLoss``, whose log_softmax saves its fp32 output. Nothing deletes
+  ``logits`` before ``loss.backward()``, so the copy (``held``, 4·T'·V) lives through backward, the optimizer step and
+  the next forward until the next model call returns (``del logits`` came with torchtune #1046, 2024-06-04, in
+  lora_finetune_distributed and #1235, 2024-07-28, elsewhere: "free logits otherwise it peaks backward memory").
+  Forward peak max((c + 4)·T, 4·T + 4·T')·V (the model's cast; its output beside the copy); backward start
+  16·T'·V (the copy, the saved log_softmax, nll_loss's gradient and log_softmax's); lm_head's backward sees the copy
+  and the cast's c gradient, 4·T'·V + c·T·V; the next model call ends with its own (c + 4)·T·V beside the copy.
 Compiled (``compile``, with ``hf`` or ``torchtune``; torchtune's ``training.compile_loss`` compiles its loss): AOTAutograd with inductor's decompositions
   (``torch._inductor.decomposition.select_decomp_table``) and the min-cut partitioner keep the cross-entropy's 16-bit
   input and two fp32 values per row (its amax and log-sum-exp), not the fp32 log_softmax: checked by running
@@ -122,6 +132,14 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
             remaining = saved * (CHUNKED_LOSS_CHUNKS - 2) // CHUNKED_LOSS_CHUNKS
             backward = maximum(backward, remaining + 3 * head_grad_bytes + c * chunk * V)
         return LogitsBytes(forward, saved, backward, saved + c * chunk * V)
+    if loss is Loss.TORCHTUNE_2024:
+        shifted = tokens - sequences  # b·(s - 1) rows after ``logits[..., :-1, :]``
+        held = _F32 * shifted * V  # the recipe's shifted fp32 copy, bound to ``logits`` until the next model call ends
+        saved = held + _F32 * shifted * V + labels
+        output = (c + upcast) * tokens * V + labels  # lm_head's c logits and the model's ``.float()`` of them
+        forward = maximum(output, _F32 * tokens * V + held + labels)  # the model's fp32 output beside its copy
+        return LogitsBytes(forward, saved, held + 3 * _F32 * shifted * V + labels, held + c * tokens * V + labels,
+                           held=held, output=output)
     if loss is Loss.LITGPT:
         held = _F32 * tokens * V  # the fp32 logits list fit() keeps through backward
         saved = held + _F32 * tokens * V + labels

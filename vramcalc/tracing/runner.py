@@ -30,6 +30,9 @@ def _stack_tracer(stack: Stack):
 
 
 STACK_TRACE_MODULES = {Stack.TORCHTUNE: "torchtune", Stack.LITGPT: "litgpt", Stack.TRL: "trl"}
+# losses that are one stack's own training loop: traced only with that stack's code
+OWN_RECIPE_LOSSES = {Loss.TORCHTUNE: "torchtune", Loss.TORCHTUNE_2024: "torchtune", Loss.LITGPT: "litgpt",
+                     Loss.TRL: "trl"}
 
 
 def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None = None, reserved: bool = False,
@@ -65,9 +68,9 @@ def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None
     own_code = _stack_tracer(resolved.setup.stack)
     if own_code is not None:  # the stack's own model and step (torchtune, litgpt, TRL)
         return own_code(spec, resolved, progress=progress, gpu=gpu)
-    if resolved.setup.loss in (Loss.TORCHTUNE, Loss.LITGPT, Loss.TRL):
-        word = resolved.setup.loss.value
-        raise VramcalcError(f"--loss {word} is {word}'s own recipe: trace it with --stack {word}")
+    if resolved.setup.loss in OWN_RECIPE_LOSSES:
+        word, stack = resolved.setup.loss.value, OWN_RECIPE_LOSSES[resolved.setup.loss]
+        raise VramcalcError(f"--loss {word} is {stack}'s own recipe: trace it with --stack {stack}")
     builder = tracer_class = None
     if spec.vision is not None:  # the whole vision-language model, with its images (tracing/vision.py)
         from .vision import VisionStepTracer, build_vlm

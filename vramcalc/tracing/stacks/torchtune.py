@@ -16,7 +16,11 @@ What runs is torchtune's code, in the order its recipes run it (``recipes/lora_f
 - the loss of the 0.6.1 configs, ``CEWithChunkedOutputLoss`` (8 chunks) with ``model.set_num_output_chunks(8)``
   (:300-302): the output head runs per chunk and *all* chunks' 16-bit logits are returned as a list; each chunk is
   upcast to fp32 inside the loss (``--loss chunked``). ``--loss hf`` is the un-chunked path (``TransformerDecoder.unembed``:
-  ``self.output(h).float()``, then ``torch.nn.CrossEntropyLoss``);
+  ``self.output(h).float()``, then ``torch.nn.CrossEntropyLoss``). ``--loss torchtune-2024`` runs that model with the
+  loop of the April-July 2024 recipes (``lora_finetune_single_device.py@0217d44c2:460-469``): ``logits =
+  logits[..., :-1, :].contiguous()``, ``transpose(1, 2)``, ``CrossEntropyLoss``, ``running_loss += loss``,
+  ``loss.backward()``, the step, and no ``del logits``: two steps are traced (one with accumulation), so the next
+  forward runs beside the previous micro-batch's logits (phase ``next-forward``);
 - ``_loss_step`` and ``train`` (:639-660, :690-718): labels shifted with ``hstack`` of an ignore-index column,
   ``loss * num_tokens``, ``backward()``, ``training.scale_grads(model, 1 / num_tokens)``, ``optimizer.step()``,
   ``zero_grad(set_to_none=True)``;
@@ -92,9 +96,10 @@ def check_traceable(spec: ModelSpec, resolved: ResolvedSetup) -> None:
                             "use --adapter-dtype bf16")
     if setup.method.uses_lora:
         _lora_arguments(resolved)
-    if setup.loss not in (Loss.TORCHTUNE, Loss.HF):
+    if setup.loss not in (Loss.TORCHTUNE, Loss.HF, Loss.TORCHTUNE_2024):
         raise VramcalcError(f"torchtune 0.6.1's recipes use CEWithChunkedOutputLoss (--loss torchtune) or "
-                            f"CrossEntropyLoss (--loss hf), not {setup.loss.value}")
+                            f"CrossEntropyLoss (--loss hf; --loss torchtune-2024 in the 2024 recipes' loop), "
+                            f"not {setup.loss.value}")
     if setup.grad_ckpt is GradCkpt.SELECTIVE:
         raise VramcalcError("torchtune 0.6.1's single-device recipes checkpoint whole layers only "
                             "(enable_activation_checkpointing); selective checkpointing is not traced")
@@ -228,12 +233,16 @@ def _nf4_inner_tensors(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int = _driver.TRACE_STEPS, warm: bool = True,
+def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int | None = None, warm: bool = True,
               progress: bool | None = None) -> _driver.StackTrace:
     """Build torchtune's model and run ``steps`` recipe steps under the tracker (after the optimizer's warm start
-    unless ``warm=False``: then ``steps`` cold steps, as the HF trace runs them)."""
+    unless ``warm=False``: then ``steps`` cold steps, as the HF trace runs them). By default one step; two of one
+    micro-batch under ``--loss torchtune-2024``, whose next forward runs beside the logits the loop still holds."""
     _import_torchtune()
     check_traceable(spec, resolved)
+    held_logits = resolved.setup.loss is Loss.TORCHTUNE_2024
+    if steps is None:
+        steps = 2 if held_logits and resolved.setup.grad_accum == 1 else _driver.TRACE_STEPS
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torchtune import modules, training
     from torchtune.modules.loss import CEWithChunkedOutputLoss
@@ -292,6 +301,7 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int = _driver.
                     _driver.warm_start(tracker, [(optimizer, list(model.parameters()))] if optimizer is not None
                                        else [(o, [p]) for p, o in in_backward_optimizers.items()])
                 ignore_labels_cache = torch.full((setup.batch_size, 1), ignore_index)  # recipe :351-353
+                logits = None
                 for step in range(1 if warm else 0, steps + (1 if warm else 0)):
                     tracker.step = step
                     running_loss, num_tokens = 0, 0
@@ -299,6 +309,24 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int = _driver.
                         tokens = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long)
                         batch_labels = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long)
                         tracker.phase = Phase.FORWARD
+                        if held_logits:  # the 2024 loop (module docstring): ``logits`` rebound when the call returns
+                            tracker.after_previous = logits is not None
+                            logits = model(tokens)
+                            tracker.after_previous = False
+                            logits = logits[..., :-1, :].contiguous()
+                            labels = batch_labels[..., 1:].contiguous()
+                            logits = logits.transpose(1, 2)
+                            loss = loss_fn(logits, labels) / setup.grad_accum
+                            running_loss = running_loss + loss
+                            tracker.in_logits = False
+                            tracker.end_forward()
+                            tracker.phase = Phase.BACKWARD_START
+                            tracker.in_logits = True
+                            loss.backward()
+                            del loss
+                            tracker.in_logits = False
+                            tracker.mark_gradients(model.parameters())
+                            continue
                         current_num_tokens = (batch_labels != ignore_index).sum()
                         num_tokens = num_tokens + current_num_tokens
                         # _loss_step (:639-660)
@@ -323,11 +351,14 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int = _driver.
                     if optimizer is not None:
                         tracker.phase = Phase.OPTIMIZER_STEP
                         tracker.in_optimizer = True
-                        training.scale_grads(model, 1 / num_tokens)
+                        if not held_logits:  # the 2024 recipes divide the loss by the accumulation instead
+                            training.scale_grads(model, 1 / num_tokens)
                         optimizer.step()
                         tracker.in_optimizer = False
                         tracker.mark_optimizer_states(optimizer)
                         optimizer.zero_grad(set_to_none=True)
+                    running_loss = 0  # logged with .item() after the step (recipe :479)
+                logits = None
         traced = _driver.result(tracker, started, load)
     finally:
         bar.close()
