@@ -26,6 +26,11 @@ TP_FAMILIES = ("cohere2", "ernie4_5", "gemma", "gemma2", "gemma3_text", "granite
                "qwen3", "smollm3")
 
 
+def shard_rows(rows: int, n_ranks: int) -> int:
+    """Rows of a dim-0 shard on rank 0 (the largest): ``ceil(rows / N)``, what FSDP2 pads every shard to."""
+    return -(-rows // n_ranks)
+
+
 def data_parallel_degree(num_gpus: int, tp: int) -> int:
     """dp = N / tp: the ranks that hold the same tensor-parallel slice and split the batch."""
     return num_gpus // tp

@@ -339,7 +339,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     if setup.ep > 1 and setup.num_gpus > setup.ep and model.num_experts % setup.num_gpus:
         # EP over FSDP ranks: FSDP2 cuts each rank's n/E experts in dim 0 over efsdp = N/E ranks, padded to
         # ceil(n/E / efsdp) (terms/expert_parallel.py); n/N per rank only when N divides n
-        held = -(-(model.num_experts // setup.ep) // (setup.num_gpus // setup.ep))
+        held = parallel_degrees.shard_rows(model.num_experts // setup.ep, setup.num_gpus // setup.ep)
         warnings.append(f"--ep {setup.ep} on {setup.num_gpus} GPUs: {setup.num_gpus} does not divide "
                         f"{model.name}'s {model.num_experts} experts, so FSDP2 pads each rank's expert shard to "
                         f"{held} expert(s) (an even split would be {model.num_experts / setup.num_gpus:g}); a GPU "

@@ -64,6 +64,7 @@ from ..facts import (DDP_BUCKET_CAP_BYTES, DDP_FIRST_BUCKET_BYTES, DEEPSPEED_HOS
                      DEEPSPEED_PERSISTENCE_PER_HIDDEN, DEEPSPEED_PREFETCH_FRACTION, GPUS_PER_NODE)
 from ..model import ModelSpec
 from ..options import AdapterDtype, FsdpShard, Method, Offload, Precision, QuantStorage, Sharding
+from ..parallel_degrees import shard_rows
 from ..training_setup import ResolvedSetup
 from ..units import DType, maximum, round_up
 from .gradients import gradient_bytes, layer_gradient_bytes
@@ -109,11 +110,6 @@ def compute_setup(resolved: ResolvedSetup) -> ResolvedSetup:
 
 
 # -- one tensor, sharded ---------------------------------------------------------------------------------------------
-def shard_rows(rows: int, n_ranks: int) -> int:
-    """Rows of a dim-0 shard on rank 0 (the largest): ``ceil(rows / N)``, what FSDP2 pads every shard to."""
-    return -(-rows // n_ranks)
-
-
 def sharded(tensor: StoredTensor, n_ranks: int, bits: int | None = None) -> StoredTensor:
     """The tensor's dim-0 shard as one rank stores it (``bits`` to store it in another dtype)."""
     rows = shard_rows(tensor.shape[0], n_ranks)
