@@ -139,6 +139,52 @@ def test_liger_with_frozen_base_saves_4h_plus_2i_less_per_layer():
     assert eager.per_token - liger.per_token == (layers - 1) * (4 * h + 2 * i) + (2 * h + first_layer_mlp) + 2 * h
 
 
+_ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _bf16_lora_layer(kernels, dropout=0.0, rank=8):
+    dt = activations.dtypes(Method.LORA, Precision.BF16_TRUE, activations.AdapterDtype.BF16)
+    return activations.LayerSetup(Method.LORA, dt, Attention.SDPA, lora_modules=_ALL_LINEAR, lora_rank=rank,
+                                  lora_dropout=dropout, kernels=kernels)
+
+
+def test_unsloth_fused_lora_saves_the_swiglu_product_and_every_lora_a_output_less_than_liger():
+    # unsloth/kernels/fast_lora.py: LoRA_MLP saves (A, B..., X, e, g) and recomputes h = swiglu(e, g), which peft's
+    # down_proj LoRA keeps as lora_A's input (c·I); LoRA_QKV, LoRA_W and LoRA_MLP save X but never X @ A, which peft
+    # keeps for each lora_B (c·r, seven adapters). Norms (X and a [T] rstd) and the SwiGLU's e and g are Liger's.
+    spec = TINY["llama"]
+    i, layers, rank, c = spec.intermediate_size, spec.num_layers, 8, 2
+    liger = activations.model_saved(spec, _bf16_lora_layer(Kernels.LIGER), GradCkpt.NONE)
+    unsloth = activations.model_saved(spec, _bf16_lora_layer(Kernels.UNSLOTH), GradCkpt.NONE)
+    assert liger.per_token - unsloth.per_token == layers * (c * i + 7 * c * rank)
+
+
+def test_unsloth_runs_peft_layers_and_transformers_mlp_when_lora_has_dropout():
+    # unsloth/models/llama.py patch_peft_model patches LoRA_QKV/W/MLP only ``if lora_dropout == 0 and bias ==
+    # "none"``; otherwise peft's layers and transformers' LlamaMLP run (silu's output saved too, c·I more than
+    # Liger's SwiGLU), while the decoder layer keeps Unsloth's RMSNorm.
+    spec = TINY["llama"]
+    i, layers, c = spec.intermediate_size, spec.num_layers, 2
+    liger = activations.model_saved(spec, _bf16_lora_layer(Kernels.LIGER, dropout=0.05), GradCkpt.NONE)
+    unsloth = activations.model_saved(spec, _bf16_lora_layer(Kernels.UNSLOTH, dropout=0.05), GradCkpt.NONE)
+    assert unsloth.per_token - liger.per_token == layers * c * i
+
+
+def test_unsloth_fits_the_longest_contexts_unsloth_published():
+    # docs.unsloth.ai/basics/unsloth-benchmarks ("Unsloth context length" column; Llama 3.3 blog, Dec 2024): the
+    # longest padded context that fitted each GPU with 4-bit QLoRA, rank 32 on all seven projections, batch 1. The
+    # unsloth preset's estimate must say it fits (<= the GPU's memory) and, each being the longest that fitted, not
+    # be far below it. benchmarks/unsloth_context.md has the ratios.
+    import vramcalc as vc
+
+    rows = [("llama-3.1-8b", 8, 2_972), ("llama-3.1-8b", 24, 78_475), ("llama-3.1-8b", 80, 342_733),
+            ("llama-3.3-70b", 48, 12_106), ("llama-3.3-70b", 80, 89_389)]
+    for model, gib, seq_len in rows:
+        total = vc.estimate(model, method="qlora", stack="unsloth", batch_size=1, seq_len=seq_len, lora_rank=32,
+                            lora_targets=",".join(_ALL_LINEAR)).total_bytes
+        assert 0.7 * gib * 2**30 < total <= gib * 2**30, (model, gib, seq_len, total / 2**30)
+
+
 def test_selective_keeps_every_matmul_output_of_a_layer():
     # torch SAC with the matmul policy caches each mm output: q (a·d), k and v (k·d), o (h), gate and up (I),
     # down (h), in bf16, and SDPA flash's output (a·d, bf16) and logsumexp (4·a per token), plus the layer input
@@ -179,10 +225,11 @@ def test_packing_masks_sdpa_but_not_flash():
 
 @needs_torch
 @pytest.mark.trace
-def test_trace_refuses_liger_in_one_line():
+@pytest.mark.parametrize("kernels", ["liger", "unsloth"])
+def test_trace_refuses_triton_kernels_in_one_line(kernels):
     from vramcalc.errors import VramcalcError
     from vramcalc.tracing.runner import run_trace
 
     spec = TINY["llama"]
     with pytest.raises(VramcalcError, match="estimate only"):
-        run_trace(spec, resolve_setup(spec, seq_len=64, kernels="liger"), progress=False)
+        run_trace(spec, resolve_setup(spec, seq_len=64, kernels=kernels), progress=False)

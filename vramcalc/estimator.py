@@ -458,7 +458,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
             Moment(Phase.FORWARD, W + gathered.last_layer_forward, B + G_acc, O, A_layers, 0, 0),
             Moment(Phase.FORWARD, W + gathered.tail_copy_out, B + G_acc, O, A_layers, 0, 0),
         ]
-    norm_backward = temporaries.norm_backward_bytes(spec, tokens)
+    norm_backward = temporaries.norm_backward_bytes(spec, tokens, layer.kernels)
     if dequant_beside is not None:  # torchao: the last layer's down projection dequantizes beside every saved tensor
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0,
                               stack_layers.nf4_forward_moment_bytes(spec, dt.c, tokens, bool(ckpt), csetup.compile)))
@@ -579,7 +579,8 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     attention block still holds, the layer's unsharded gradients waiting, and the ring's buffers as the transients.
     """
     c, r, attn_used = layer.dtypes.c, layer.dtypes.r, layer.attn_used
-    transient = temporaries.layer_backward_bytes(spec, c, r, attn_used, b, s) + dequant
+    mlp_in_place = activations.unsloth_fused(spec, layer, spec.traits.mlp_names)  # Unsloth's LoRA_MLP
+    transient = temporaries.layer_backward_bytes(spec, c, r, attn_used, b, s, mlp_in_place) + dequant
     softmax_transient = temporaries.eager_softmax_backward_bytes(spec, c, r, b, s) + dequant
     scores_transient = temporaries.eager_scores_backward_bytes(spec, c, r, b, s) + dequant
     softmax_out = activations.Saved(per_square=_F32 * spec.num_heads).bytes(b, s)  # freed by its backward
@@ -595,8 +596,9 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
         """Down's and mul's backward transients of a layer kind, in its MLP's own element bytes (QLoRA under mixed
         precision computes the MLP in fp32: ``activations.BackwardFreed.mlp_element_bytes``)."""
         c_mlp = plan.freed[kind].mlp_element_bytes or c
+        in_place = mlp_in_place and not kind[0]  # a dense MLP
         down = temporaries.down_backward_bytes(spec, c_mlp, r, b, s) + dequant
-        mlp = temporaries.mlp_backward_bytes(spec, c_mlp, r, b, s) + dequant
+        mlp = temporaries.mlp_backward_bytes(spec, c_mlp, r, b, s, in_place) + dequant
         if dequant_beside is not None:
             down, mlp = maximum(down, dequant_beside), maximum(mlp, dequant_beside)
         return maximum(down, recompute_beside), maximum(mlp, recompute_beside)

@@ -44,7 +44,8 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "compile": "torch.compile the model (changes what is saved for backward)",
     "activation_offload": "keep saved activations in host memory (torchtune, Unsloth, save_on_cpu)",
     "optimizer_in_backward": "step each parameter as its gradient is ready (torchtune optimizer_in_bwd)",
-    "kernels": "none | liger (Liger-Kernel RMSNorm, SwiGLU, RoPE)",
+    "kernels": "none | liger (Liger-Kernel RMSNorm, SwiGLU, RoPE) | unsloth (Unsloth's RMSNorm, RoPE and fused "
+               "LoRA autograd for QKV, O and the MLP)",
     "packing": "padding-free packed batches (no padding, no 4-D mask)",
     "kbit_prep": "peft prepare_model_for_kbit_training: fp32 unquantized parameters, checkpointing on (qlora)",
     "quant_saves_input": "the quantized Linear keeps its input for backward, as bitsandbytes <= 0.43 did (qlora)",

@@ -399,11 +399,21 @@ class GradCkpt(Choice):
 
 class Kernels(Choice):
     """Replacement kernels for the decoder's small ops. ``liger``: Liger-Kernel's RMSNorm, SwiGLU and RoPE
-    (``liger_kernel/ops/rms_norm.py``, ``swiglu.py``, ``rope.py``), which save less for backward than the eager ops;
-    Triton only (estimate only on a CPU machine)."""
+    (``liger_kernel/ops/rms_norm.py``, ``swiglu.py``, ``rope.py``), which save less for backward than the eager ops.
+    ``unsloth``: Unsloth's decoder layer (``unsloth/models/llama.py`` ``LlamaDecoderLayer_fast_forward``): its
+    ``Fast_RMS_Layernorm`` and in-place RoPE, and where LoRA covers a whole group with dropout 0 and no bias its
+    manual-autograd ``LoRA_QKV``, ``LoRA_W`` and ``LoRA_MLP`` (``unsloth/kernels/fast_lora.py``). Triton only
+    (estimate only on a CPU machine)."""
 
     NONE = "none"
     LIGER = "liger"
+    UNSLOTH = "unsloth"
+
+    @property
+    def saves_norm_input(self) -> bool:
+        """The RMSNorm is one Triton function that saves its input as is and a [T] fp32 rstd (Liger
+        ``ops/rms_norm.py``; Unsloth ``kernels/rms_layernorm.py`` ``ctx.save_for_backward(X, W, r)``)."""
+        return self in (Kernels.LIGER, Kernels.UNSLOTH)
 
 
 class Interconnect(Choice):

@@ -101,6 +101,11 @@ PRESETS: dict[Stack, StackPreset] = {
         Knob("double_quant", True, "unsloth/models/llama.py:2616-2622", (Method.QLORA,)),
         Knob("loss", "fused", "unsloth/kernels/cross_entropy_loss.py:296-312 (Triton cross-entropy, no fp32 [T, V] "
              "copy)"),
+        Knob("optimizer", "adamw-8bit", "studio/backend/core/training/training.py:232 (optim defaults to "
+             "'adamw_8bit'); scripts/notebook_validator.py:742 (the notebooks' SFTConfig: optim='adamw_8bit')"),
+        Knob("kernels", "unsloth", "unsloth/models/llama.py LlamaDecoderLayer_fast_forward (fast_rms_layernorm), "
+             "patch_peft_model (LoRA_QKV, LoRA_W, LoRA_MLP of unsloth/kernels/fast_lora.py when dropout is 0 and "
+             "the bias 'none')"),
     ), estimate_only="Unsloth's kernels are Triton and need a GPU; its memory is modelled from its source"),
     Stack.TORCHTUNE: StackPreset(Stack.TORCHTUNE, _TORCHTUNE, "torchtune single-device recipes", (
         Knob("precision", "bf16-true", "recipes/configs/llama3_1/8B_*_single_device.yaml (dtype: bf16; "

@@ -385,6 +385,12 @@ def _knob_warnings(setup: TrainingSetup, attn_used: Attention) -> list[str]:
         out.append(f"--stack unsloth is estimate only: {preset(setup.stack).estimate_only}")
     if setup.kernels is Kernels.LIGER:
         out.append("--kernels liger is modelled from liger-kernel's source (Triton kernels need a GPU; not traced)")
+    if setup.kernels is Kernels.UNSLOTH and setup.stack is not Stack.UNSLOTH:
+        out.append("--kernels unsloth is modelled from Unsloth's source (Triton kernels need a GPU; not traced)")
+    if (setup.kernels is Kernels.UNSLOTH and setup.method in (Method.LORA, Method.QLORA)
+            and setup.lora_dropout > 0):
+        out.append(f"--kernels unsloth with --lora-dropout {setup.lora_dropout:g}: Unsloth patches its fused LoRA "
+                   "autograd only at dropout 0 (unsloth/models/llama.py patch_peft_model); peft's layers run instead")
     if setup.compile and setup.method is Method.QLORA:
         out.append("--compile with qlora is modelled, not traced (AOTAutograd cannot functionalize bitsandbytes' "
                    "4-bit dequantize on fake tensors)")

@@ -180,8 +180,10 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         self.cache_token = 0
         self.cache_square = 0
         self.cache_layer = 0
-        # Liger's kernels, or compile's partitioner, keep a norm's input and a SwiGLU's two inputs only
+        # Liger's kernels, or compile's partitioner, keep a norm's input and a SwiGLU's two inputs only; Unsloth's
+        # norm too, its SwiGLU inside the fused LoRA MLP only (``unsloth_fused``)
         self.lean = layer.kernels is Kernels.LIGER or layer.compiled
+        self.lean_norm = layer.kernels.saves_norm_input or layer.compiled
         self.grad = layer_requires_grad  # does the tensor flowing through the layer require grad?
         # what a layer's backward frees before its transients peak (``backward_freed``)
         self.mlp_freed_token = 0
@@ -221,12 +223,13 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         """RMSNorm over ``width`` (``rows`` normalised rows per token); returns its output's bytes per element."""
         if self.m.traits.layer_norm:
             return self.layer_norm(width, x_bytes)
-        if self.lean:
-            # Liger / compile: the input as is and a [T] fp32 rstd, whenever a gradient flows or the weight trains
+        if self.lean_norm:
+            # Liger / Unsloth / compile: the input as is and a [T] fp32 rstd, whenever a gradient flows or the weight
+            # trains
             if self.grad or self.norms_train:
                 self.per_token += x_bytes * width * rows + _F32 * rows
             self.grad = self.grad or self.norms_train
-            return x_bytes if self.layer.kernels is Kernels.LIGER else max(self.dt.norm_out, x_bytes)
+            return x_bytes if self.layer.kernels.saves_norm_input else max(self.dt.norm_out, x_bytes)
         if self.grad:
             self.per_token += _F32 * width * rows + _F32 * rows  # fp32 input (or the fp32 input itself), rsqrt
             if self.m.traits.centered_norm:  # cohere2 (Cohere2LayerNorm.forward L96-102): a second x - mean
@@ -242,6 +245,13 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         """Linears reading one tensor of ``x_bytes`` per element; returns their output's bytes per element."""
         c, autocast = self.dt.c, self.dt.autocast
         self.cast_saved = False  # compile: one cast of the shared input for every LoRA module reading it
+        if unsloth_fused(self.m, self.layer, [use.name for use in uses]):
+            # Unsloth's LoRA_QKV / LoRA_W (kernels/fast_lora.py): ``ctx.save_for_backward(X, A, B, ...)``, the input
+            # once; the X @ A products are recomputed in backward
+            if not x_saved:
+                self.per_token += x_bytes * uses[0].width_in
+            self.grad = True
+            return x_bytes
         for use in uses:
             width = use.width_in
             if use.trains and not use.quantized:
@@ -512,6 +522,15 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         """``x_saved``: the input is already saved by another Linear reading it (cohere2's parallel block);
         ``extra``: more Linears reading the same input (Qwen2-MoE's shared_expert_gate)."""
         m = self.m
+        if not prefix and not extra and unsloth_fused(m, self.layer, m.traits.mlp_names):
+            # Unsloth's LoRA_MLP (kernels/fast_lora.py:69-112): saves X, e (gate's output) and g (up's) only; the
+            # SwiGLU product h and the X @ A products are recomputed in backward, which then works in place
+            if not x_saved:
+                self.per_token += n * m.hidden_size
+            self.per_token += 2 * n * width
+            self.mlp_element_bytes = n
+            self.grad = True
+            return n
         if m.traits.fused_gate_up:
             out = self.linears([self.use("gate_up_proj", m.hidden_size)], n, x_saved=x_saved)
         else:
@@ -612,6 +631,24 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                               extra=gate)
         if gate and self.grad:
             self.per_token += out * (1 + m.hidden_size)
+
+
+def unsloth_fused(model: ModelSpec, layer: LayerSetup, names) -> bool:
+    """Does Unsloth replace this group of Linears (q/k/v, o, or the gated MLP's three) by its manual-autograd LoRA
+    function? ``unsloth/models/llama.py`` ``patch_peft_model``: only when the adapter's dropout is 0 and its bias
+    "none", and every Linear of the group has a LoRA adapter (plain LoRA, no DoRA magnitude) and no bias."""
+    if (layer.kernels is not Kernels.UNSLOTH or layer.method not in (Method.LORA, Method.QLORA)
+            or layer.lora_dropout > 0):
+        return False
+    names = [name.rsplit(".", 1)[-1] for name in names]
+    if not names or not all(name in layer.lora_modules for name in names):
+        return False
+    traits = model.traits
+    if names == list(traits.mlp_names):
+        return traits.gated_mlp and not traits.fused_gate_up and len(names) == 3 and not model.mlp_bias
+    if names == list(traits.qkv_names):
+        return len(names) == 3 and not model.qkv_bias
+    return names == [traits.o_name] and not model.o_bias
 
 
 def sliding_window_masked(model: ModelSpec, seq_len):
@@ -859,7 +896,7 @@ def _norm_saves_checkpoint(model: ModelSpec, layer: LayerSetup) -> bool:
     precision) ``hidden_states.to(torch.float32)`` returns the tensor unchanged (``Tensor.to`` with the same dtype),
     so the recomputed norm's saved fp32 input is the checkpoint's own input, not a copy."""
     m = model.traits
-    lean = layer.kernels is Kernels.LIGER or layer.compiled
+    lean = layer.kernels.saves_norm_input or layer.compiled
     return (layer.dtypes.r == _F32 and m.pre_norms and not m.layer_norm and not m.parallel_block and not lean
             and layer.layers.rotary_per_forward)
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 from ..facts import BNB_BLOCKSIZE, BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS
 from .peft_methods import CACHED_ONLY_ADAPTERS, SLICED_PROJECTIONS, VECTOR_ADAPTERS
 from ..model import ModelSpec
-from ..options import Attention, Method
+from ..options import Attention, Kernels, Method
 from ..units import DType, maximum, select
 from . import quantized
 from .activations import Dtypes
@@ -139,15 +139,18 @@ def dequantized_weight_bytes(model: ModelSpec, method: Method, double_quant: boo
     return select(tokens > BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS, max(dt.r, dt.c) * largest + absmax, 0)
 
 
-def mlp_backward_bytes(model: ModelSpec, c: int, r: int, batch_size, seq_len):
+def mlp_backward_bytes(model: ModelSpec, c: int, r: int, batch_size, seq_len, in_place: bool = False):
     """Gradients alive at once in an MLP's backward, at mul's: the incoming [T, h] gradient of the residual stream
     (r bytes: fp32 under mixed precision, where the residual add promotes), down's input gradient and mul's two
-    gradients [T, I] (c bytes each, the compute dtype); for MoE, over the T·K routed slots."""
+    gradients [T, I] (c bytes each, the compute dtype); for MoE, over the T·K routed slots. ``in_place``: Unsloth's
+    LoRA_MLP backward (``unsloth/kernels/fast_lora.py:116-225``) makes down's input gradient DW [T, I] and then
+    writes h, df and de into DW and the saved e and g (``swiglu_DWf_DW_dfg_kernel``) and dX into X (``out = X``):
+    one [T, I] beside the incoming gradient."""
     m = model
     width = m.expert_width * m.experts_per_token if m.is_moe else m.mlp_width  # Qwen v1: intermediate_size / 2
     if m.traits.dense_experts:  # Llama-4: every token through every expert
         width = m.expert_width * m.num_experts
-    return batch_size * seq_len * (3 * c * width + r * m.hidden_size)
+    return batch_size * seq_len * ((1 if in_place else 3) * c * width + r * m.hidden_size)
 
 
 def down_backward_bytes(model: ModelSpec, c: int, r: int, batch_size, seq_len):
@@ -199,18 +202,23 @@ def attention_backward_bytes(model: ModelSpec, c: int, attn_used: Attention, bat
     return attention + shared_norm_grad_bytes(model, batch_size, seq_len)  # 0 but for phi and Falcon's old layout
 
 
-def layer_backward_bytes(model: ModelSpec, c: int, r: int, attn_used: Attention, batch_size, seq_len):
+def layer_backward_bytes(model: ModelSpec, c: int, r: int, attn_used: Attention, batch_size, seq_len,
+                         mlp_in_place: bool = False):
     """The larger of the two halves of a layer's backward transients (MLP first, then attention)."""
-    return maximum(mlp_backward_bytes(model, c, r, batch_size, seq_len),
+    return maximum(mlp_backward_bytes(model, c, r, batch_size, seq_len, mlp_in_place),
                    attention_backward_bytes(model, c, attn_used, batch_size, seq_len))
 
 
 RMS_NORM_BACKWARD_FP32_COPIES = 5  # traced: pow, mul, div and mul-by-scalar gradients of LlamaRMSNorm, [T, h] fp32
 
 
-def norm_backward_bytes(model: ModelSpec, tokens) -> int:
+def norm_backward_bytes(model: ModelSpec, tokens, kernels: Kernels = Kernels.NONE) -> int:
     """RMSNorm's backward through its fp32 ops (``x.to(fp32) -> pow -> mean -> rsqrt -> mul``) holds about five fp32
-    [T, h] gradients at once (traced on LlamaRMSNorm); the final norm's is the one outside any layer."""
+    [T, h] gradients at once (traced on LlamaRMSNorm); the final norm's is the one outside any layer. Unsloth's
+    ``Fast_RMS_Layernorm`` writes dX into the incoming gradient (``kernels/rms_layernorm.py``: ``dX = dY`` but for
+    Gemma): none."""
+    if kernels is Kernels.UNSLOTH and not model.traits.gemma_norm and model.family != "gemma2":
+        return 0
     return RMS_NORM_BACKWARD_FP32_COPIES * _F32 * tokens * model.hidden_size
 
 

@@ -384,9 +384,13 @@ class _RecomputeMarker:
 
 def check_traceable_knobs(setup) -> None:
     """The knobs the trace cannot run with the real code on a CPU: one error line each."""
-    if getattr(setup, "kernels", Kernels.NONE) is Kernels.LIGER:
+    kernels = getattr(setup, "kernels", Kernels.NONE)
+    if kernels is Kernels.LIGER:
         raise VramcalcError("--kernels liger is estimate only: Liger-Kernel's RMSNorm, SwiGLU and RoPE are Triton "
                             "kernels, which need a GPU; use vramcalc estimate")
+    if kernels is Kernels.UNSLOTH:
+        raise VramcalcError("--kernels unsloth is estimate only: Unsloth's RMSNorm, RoPE and LoRA kernels are "
+                            "Triton kernels, which need a GPU; use vramcalc estimate")
     if getattr(setup, "compile", False) and setup.method is Method.QLORA:
         raise VramcalcError("--compile with --method qlora is estimate only: AOTAutograd cannot functionalize "
                             "bitsandbytes' double-quantized dequantize (an in-place add_ on the absmax), which "
