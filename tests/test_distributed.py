@@ -445,6 +445,42 @@ def run_gloo_ranks(family: str, options: dict, world: int = 2) -> dict[int, int]
     return results
 
 
+@needs_torch
+@pytest.mark.trace
+def test_a_collective_s_tensors_die_when_the_rank_drops_them_not_when_the_backend_s_thread_does():
+    """gloo's worker thread holds a completed collective's tensors until it next gets the CPU: a free that many
+    allocations late on a loaded machine (one rank's TP peak once counted a 1.5 MiB logits all-gather beside the
+    log-softmax). MainThreadCollectives hands the program copies that no backend thread holds; the backend here is a
+    stand-in that keeps everything it was given, forever."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vramcalc.tracing.distributed import MainThreadCollectives
+    from vramcalc.tracing.tracker import AllocationTracker
+
+    functional = torch.ops._c10d_functional
+    held = []  # what the backend's thread still holds after the collective completed
+
+    class HoldingBackend(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is functional.all_gather_into_tensor.default:
+                shard, ranks, _ = args
+                out = torch.cat([shard] * ranks)
+                held.extend([shard, out])
+                return out
+            if func is functional.wait_tensor.default:
+                return args[0]
+            return func(*args, **(kwargs or {}))
+
+    tracker = AllocationTracker(round_to=1)
+    with HoldingBackend(), MainThreadCollectives(), tracker:
+        shard = torch.ones(256)
+        gathered = functional.wait_tensor(functional.all_gather_into_tensor(shard, 2, "tp"))
+        assert gathered.tolist() == [1.0] * 512 and tracker.live_bytes == (256 + 512) * 4
+        del shard, gathered
+        assert tracker.live_bytes == 0 and len(held) == 2
+
+
 GLOO_CASES = [("llama", dict(seq_len=256, sharding="ddp")), ("llama", dict(seq_len=256, sharding="fsdp")),
               ("qwen3", dict(seq_len=256, sharding="fsdp", method="lora"))]
 

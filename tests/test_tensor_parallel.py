@@ -180,6 +180,8 @@ def test_two_gloo_ranks_of_a_tp_group_each_peak_within_5_percent_of_the_estimate
 
     peaks = run_gloo_ranks("llama", dict(tp=2, **options))
     estimated = _rank_peak(TINY["llama"], num_gpus=2, tp=2, **options)
-    assert sorted(peaks) == [0, 1] and peaks[0] == peaks[1]  # heads and vocabulary split evenly
+    # heads and vocabulary split evenly, and each rank frees a collective's tensors when it drops them, not when
+    # gloo's worker thread does (tracing/distributed.py MainThreadCollectives): the same peak, byte for byte
+    assert sorted(peaks) == [0, 1] and peaks[0] == peaks[1]
     for rank, peak in peaks.items():
         assert abs(estimated - peak) / peak < TOLERANCE, (rank, peak, estimated)

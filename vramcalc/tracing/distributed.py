@@ -5,7 +5,8 @@ Without GPUs or other processes the rank joins a *fake* process group (``torch.t
 a ``FakeProcessGroup`` of any size whose collectives complete at once and move no data), so an 8-, 64- or 512-rank job
 is traced in one CPU process: rank 0's shards have the sizes every rank's have (dim-0 shards are padded to
 ``ceil(rows / ranks)``, ``_fsdp_param.py``). Under ``torchrun`` (gloo on CPU) the same code runs on the real process
-group and real tensors.
+group and real tensors. There each collective hands the rank tensors that gloo's worker thread does not hold
+(``MainThreadCollectives``), so they die when the rank drops them.
 
 FSDP2, as ``accelerate.utils.fsdp_utils.fsdp2_prepare_model`` (accelerate 1.15) applies it:
 - every decoder layer (the model's ``_no_split_modules``) is a unit; the input embedding is one; the final norm and
@@ -46,6 +47,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import VramcalcError
 from ..options import FsdpShard, Method, Offload, Precision, QuantStorage, Sharding, Term
@@ -93,6 +96,70 @@ def process_group(world_size: int):
 
 def is_fake_group() -> bool:
     return dist.get_backend() == "fake"
+
+
+# -- a real process group's collectives: released by the rank's own thread ---------------------------------------
+# (namespace, op): what each collective writes. "result": a functional collective's new output tensor(s);
+# "first": a c10d collective's first argument (its output, or its in-place tensors), returned with a Work.
+_COLLECTIVES = {
+    **{("_c10d_functional", name): "result" for name in (
+        "all_reduce", "all_reduce_coalesced", "all_gather_into_tensor", "all_gather_into_tensor_coalesced",
+        "reduce_scatter_tensor", "reduce_scatter_tensor_coalesced", "all_to_all_single", "broadcast")},
+    **{("c10d", name): "first" for name in (
+        "allreduce_", "allreduce_coalesced_", "allgather_", "_allgather_base_", "allgather_coalesced_",
+        "allgather_into_tensor_coalesced_", "reduce_scatter_", "_reduce_scatter_base_",
+        "reduce_scatter_tensor_coalesced_", "broadcast_", "alltoall_", "alltoall_base_", "reduce_")},
+}
+
+
+class MainThreadCollectives(TorchDispatchMode):
+    """Collectives on a real process group (gloo on CPU) that hold none of the rank's tensors once they return.
+
+    gloo runs a collective on a worker thread (``ProcessGroupGloo::runLoop``): the thread completes the Work, which
+    wakes the rank's thread, and only afterwards drops its own reference to the Work and with it to the collective's
+    input and output tensors. When the rank's thread has dropped its references first, the tensors die whenever the
+    worker thread next gets the CPU: later than the program frees them, by as many allocations as the scheduler lets
+    the rank run meanwhile, on one rank and not the other. Seen in the two-rank TP trace: all-reduce outputs freed on
+    the worker thread, up to tens of allocations late; and once, under load, one rank's peak of 14,187,520 bytes
+    against 13,946,880: the live bytes right after step 0's log-softmax (12,614,656) plus that step's logits
+    all-gather, its 1 MiB output and 512 KiB local input, still held by the worker. NCCL leaves these frees to the
+    user's thread (``ProcessGroupNCCL::workEnqueue``: the watchdog's copy of a Work holds no outputs).
+
+    So each collective runs on untracked copies of its tensors and is waited for, and its results are copied into
+    the tensors the program sees, which only the program's own references hold: every rank's tracker counts the same
+    allocations and frees at the same moments. Enter it outside (before) the tracker, so that the tracker sees a
+    collective's results as its allocations and never the copies. Point-to-point ops (send/recv) run unchanged:
+    waiting for a send before the peer posts its receive could deadlock.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        writes = _COLLECTIVES.get((func.namespace, func.__name__.split(".")[0]))
+        if writes is None:
+            return func(*args, **kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        copies = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        copy_args, copy_kwargs = tree_unflatten(copies, spec)
+        out = func(*copy_args, **copy_kwargs)
+        if writes == "result":  # new tensors: wait, then hand over copies that no Work holds
+            return tree_map(lambda t: torch.ops._c10d_functional.wait_tensor(t).clone()
+                            if isinstance(t, torch.Tensor) else t, out)
+        for leaf in tree_flatten(out)[0]:
+            if isinstance(leaf, torch.ScriptObject):  # the c10d Work
+                dist.distributed_c10d.Work.unbox(leaf).wait()
+        written, _ = tree_flatten(args[0])
+        copied, _ = tree_flatten(copy_args[0])
+        for original, copy in zip(written, copied):
+            if isinstance(original, torch.Tensor):
+                original.copy_(copy)
+        originals = {id(copy): leaf for copy, leaf in zip(copies, leaves) if isinstance(leaf, torch.Tensor)}
+        return tree_map(lambda t: originals.get(id(t), t) if isinstance(t, torch.Tensor) else t, out)
+
+
+def main_thread_collectives():
+    """``MainThreadCollectives`` on a real process group; nothing on the fake one (its collectives move no data and
+    hold nothing)."""
+    return contextlib.nullcontext() if is_fake_group() else MainThreadCollectives()
 
 
 @dataclass

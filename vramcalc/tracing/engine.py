@@ -102,8 +102,11 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
                     # the sharded parameters are the weights
                     engine = data_parallel.wrap(model, resolved, tracker, fsdp_mesh)
                 tracker.register_weights(list(model.parameters()) + list(model.buffers()) + quant_state_tensors(model))
+                # on a real process group (gloo), collectives release their tensors on this thread
+                collectives = (data_parallel.main_thread_collectives if distributed or tensor_parallel
+                               or expert_parallel else contextlib.nullcontext)
                 if distributed and engine is None:
-                    with torch.device("cpu"), tracker:
+                    with torch.device("cpu"), collectives(), tracker:
                         engine = data_parallel.wrap(model, resolved, tracker)  # DDP's buckets, allocated here
                 tracer = (tracer_class or StepTracer)(model, spec, resolved, tracker)
                 if engine is not None:
@@ -111,7 +114,7 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
                 if cp_mesh is not None:
                     tracer.cp_mesh = cp_mesh  # the ring runs over the cp dimension only
                 attribution = engine.attribution(tracker) if engine is not None else contextlib.nullcontext()
-                with torch.device("cpu"), tracker, cuda_kernel_emulation(sdpa=fake), attribution:
+                with torch.device("cpu"), collectives(), tracker, cuda_kernel_emulation(sdpa=fake), attribution:
                     tracer.count_layers(lambda: bar.update(1))
                     tracer.run(total_steps, progress=_after_each_step(bar, events, warmup))
         terms = tracker.peak_terms()
