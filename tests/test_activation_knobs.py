@@ -170,6 +170,22 @@ def test_unsloth_runs_peft_layers_and_transformers_mlp_when_lora_has_dropout():
     assert unsloth.per_token - liger.per_token == layers * c * i
 
 
+def test_triton_norms_write_their_input_gradient_in_place_but_for_gemma():
+    # Unsloth kernels/rms_layernorm.py ``dX = torch.empty_like(dY) if ctx.GEMMA else dY``; Liger ops/rms_norm.py
+    # ``dX = dY`` when in_place, which its monkey patch sets for every family but the Gemma ones: no [T, h] buffer,
+    # where transformers' eager LlamaRMSNorm backward holds five fp32 ones (traced)
+    from vramcalc.catalogue import get_model
+    from vramcalc.terms import temporaries
+
+    llama, gemma2, tokens = TINY["llama"], get_model("gemma-2-2b"), 512
+    eager = temporaries.norm_backward_bytes(llama, tokens)
+    assert eager == 5 * 4 * tokens * llama.hidden_size
+    for kernels in (Kernels.LIGER, Kernels.UNSLOTH):
+        assert temporaries.norm_backward_bytes(llama, tokens, kernels) == 0
+        assert temporaries.norm_backward_bytes(gemma2, tokens, kernels) == temporaries.norm_backward_bytes(gemma2,
+                                                                                                           tokens)
+
+
 def test_unsloth_fits_the_longest_contexts_unsloth_published():
     # docs.unsloth.ai/basics/unsloth-benchmarks ("Unsloth context length" column; Llama 3.3 blog, Dec 2024): the
     # longest padded context that fitted each GPU with 4-bit QLoRA, rank 32 on all seven projections, batch 1. The

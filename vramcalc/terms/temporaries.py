@@ -214,10 +214,12 @@ RMS_NORM_BACKWARD_FP32_COPIES = 5  # traced: pow, mul, div and mul-by-scalar gra
 
 def norm_backward_bytes(model: ModelSpec, tokens, kernels: Kernels = Kernels.NONE) -> int:
     """RMSNorm's backward through its fp32 ops (``x.to(fp32) -> pow -> mean -> rsqrt -> mul``) holds about five fp32
-    [T, h] gradients at once (traced on LlamaRMSNorm); the final norm's is the one outside any layer. Unsloth's
-    ``Fast_RMS_Layernorm`` writes dX into the incoming gradient (``kernels/rms_layernorm.py``: ``dX = dY`` but for
-    Gemma): none."""
-    if kernels is Kernels.UNSLOTH and not model.traits.gemma_norm and model.family != "gemma2":
+    [T, h] gradients at once (traced on LlamaRMSNorm); the final norm's is the one outside any layer. The Triton
+    norms write dX into the incoming gradient but for Gemma's: none. Unsloth ``kernels/rms_layernorm.py``
+    (``dX = torch.empty_like(dY) if ctx.GEMMA else dY``); Liger (Liger-Kernel@ead96b61 ``ops/rms_norm.py:540-543``
+    ``dX = dY`` when ``in_place``, which ``transformers/monkey_patch.py:68`` sets but for the Gemma families, :1024)."""
+    gemma = model.traits.gemma_norm or model.family == "gemma2"
+    if kernels.saves_norm_input and not gemma:
         return 0
     return RMS_NORM_BACKWARD_FP32_COPIES * _F32 * tokens * model.hidden_size
 
