@@ -23,6 +23,8 @@ CASES = [
     ("llama", dict(seq_len=256, precision="fp32", attn="eager", batch_size=2)),
     ("llama", dict(seq_len=512, method="prompt", loss="chunked")),
     ("llama", dict(seq_len=512, method="lora", loss="fused", optimizer="adamw-8bit")),
+    ("llama", dict(seq_len=256, batch_size=2, method="lora", loss="hf-shifted")),
+    ("qwen3", dict(seq_len=256, batch_size=2, loss="hf-shifted", precision="mixed-bf16")),
     ("mistral", dict(seq_len=512, method="lora", grad_accum=2)),
     ("qwen2", dict(seq_len=512, optimizer="sgd-momentum")),
     ("qwen3", dict(seq_len=512, method="lora", adapter_dtype="bf16", grad_ckpt=True)),
@@ -90,3 +92,26 @@ def test_a_peak_inside_a_layers_backward_is_within_2_5_percent_of_the_trace(fami
     traced = sum(run_trace(spec, resolved, progress=False).terms.values())
     assert peak.phase in (Phase.BACKWARD, Phase.BACKWARD_START)
     assert abs(peak.tensor_bytes - traced) / traced < 0.025
+
+
+def test_transformers_4_46_loss_adds_a_shifted_fp32_copy_at_the_forward_peak():
+    """transformers 4.46-4.49 ``ForCausalLMLoss`` (``loss/loss_utils.py`` in the 4.46.0 and 4.48.0 wheels) runs
+    ``logits[..., :-1, :].contiguous()`` on the fp32 logits, and its cross-entropy then runs on those b·(s - 1) rows:
+    with a vocabulary large enough for the loss to hold the peak, the forward peak rises by the copy, 4·b·(s-1)·V,
+    less the log_softmax's b rows, 4·b·V (4.50 pads the labels and shifts no logits). The estimate follows the trace."""
+    import dataclasses
+
+    import vramcalc as vc
+    from vramcalc.options import Phase
+    from vramcalc.tracing.runner import run_trace
+
+    spec = dataclasses.replace(TINY["llama"], name="tiny-llama-wide-vocab", vocab_size=32768)
+    b, s, V = 2, 256, spec.vocab_size
+    options = dict(seq_len=s, batch_size=b, method="lora")
+    old = run_trace(spec, resolve_setup(spec, loss="hf-shifted", **options), progress=False)
+    new = run_trace(spec, resolve_setup(spec, loss="hf", **options), progress=False)
+    assert old.phase is Phase.FORWARD
+    rise = old.phase_peaks[Phase.FORWARD] - new.phase_peaks[Phase.FORWARD]
+    assert abs(rise - (4 * b * (s - 1) * V - 4 * b * V)) <= 2 * 8 * b * s  # to two int64 label tensors
+    estimated = vc.estimate(spec, loss="hf-shifted", **options).peak_tensor_bytes
+    assert abs(estimated / sum(old.terms.values()) - 1) < 0.005

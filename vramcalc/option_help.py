@@ -23,7 +23,8 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "virtual_tokens": "virtual tokens (prompt, p-tuning, prefix, cartridge; adapter_len of adaption-prompt)",
     "adapter_dtype": "dtype of the trained adapter weights: fp32 | bf16 (lora, qlora, prompt)",
     "grad_accum": "gradient accumulation steps",
-    "loss": "loss implementation: hf | chunked | fused (Liger, Cut Cross-Entropy) | torchtune (0.6 chunked output) | "
+    "loss": "loss implementation: hf | hf-shifted (transformers 4.46-4.49: a shifted fp32 copy of the logits) | "
+            "chunked | fused (Liger, Cut Cross-Entropy) | torchtune (0.6 chunked output) | "
             "torchtune-2024 (recipes before July 2024, which keep the logits through backward) | litgpt | trl",
     "num_gpus": "GPUs the job runs on",
     "sharding": "none | ddp | zero1 | zero2 | zero3 | fsdp",

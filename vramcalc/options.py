@@ -192,6 +192,8 @@ class Attention(Choice):
 
 class Loss(Choice):
     HF = "hf"  # transformers ForCausalLMLoss: full fp32 logits
+    # transformers 4.46-4.49's ForCausalLMLoss: the fp32 logits shifted into a contiguous copy (4.50 pads the labels)
+    HF_SHIFTED = "hf-shifted"
     CHUNKED = "chunked"  # cross-entropy over chunks of tokens, recomputing each chunk's logits in backward
     FUSED = "fused"  # a fused linear-cross-entropy kernel (Liger / Apple cut-cross-entropy): no [T, V] tensor
     TORCHTUNE = "torchtune"  # CEWithChunkedOutputLoss as torchtune's recipes call it: the 8 chunks of logits alive
@@ -206,6 +208,11 @@ class Loss(Choice):
         """The training loop keeps the loss's [T, V] input bound until its next model call returns (litgpt's
         ``fit``; torchtune's recipes until ``del logits``, #1046 and #1235): the next forward runs beside it."""
         return self in (Loss.LITGPT, Loss.TORCHTUNE_2024)
+
+    @property
+    def in_model(self) -> bool:
+        """transformers' model computes this loss itself from its [T, V] logits (``model.loss_function``)."""
+        return self in (Loss.HF, Loss.HF_SHIFTED)
 
 
 class Sharding(Choice):

@@ -7,6 +7,11 @@
   drops ``outputs``). Backward peak 12·T·V: the saved log_softmax, nll_loss's [T, V] gradient and log_softmax's
   gradient. Gemma-2's final soft-cap (``logits / cap -> tanh -> * cap``) keeps the tanh output (c·T·V) and adds a
   [T, V] step in forward. Then lm_head's backward holds the c·T·V logits gradient beside its weight gradient.
+``hf-shifted`` (transformers 4.46-4.49 ``loss/loss_utils.py::ForCausalLMLoss``, read in the 4.46.0 and 4.48.0 wheels):
+  ``logits.float()`` then ``shift_logits = logits[..., :-1, :].contiguous()``, a second fp32 [T, V] copy, before the
+  cross-entropy; 4.50.0 pads the labels instead and shifts no logits. With T' = b·(s - 1) shifted rows: forward peak
+  (c + 4)·T·V + 8·T'·V (the model's c logits, their fp32 copy, the shifted copy and the log_softmax); saved 4·T'·V;
+  backward 12·T'·V (slice's backward, 4·T'·V + 4·T·V, stays below it); the copies die with the loss function.
 ``chunked`` (torchtune ``CEWithChunkedOutputLoss``, 8 chunks of C = T/8 tokens): the saved log_softmax still adds up to
   4·T·V, but the c and fp32 copies, and in backward the two [C, V] gradients, exist one chunk at a time. When lm_head
   trains, each chunk's backward makes a full [V, h] weight gradient and autograd's input buffer sums them out of
@@ -102,14 +107,21 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
     softcap = model.traits.logit_softcap
     accelerate_copy = dt.autocast  # convert_outputs_to_fp32 runs under every autocast precision
     labels = LABEL_BYTES * tokens
-    if compiled and loss is Loss.HF and fp32_logits and c != _F32:
+    if compiled and loss.in_model and fp32_logits and c != _F32:
         # torchtune: ``self.output(h).float()`` runs eagerly, the compiled cross-entropy saves its fp32 input; backward
         # makes its fp32 gradient, then the cast's backward the c one for lm_head
         saved = _F32 * tokens * V + 2 * _F32 * tokens + labels
         forward = maximum(saved, (c + _F32) * tokens * V + labels)
         return LogitsBytes(forward, saved, saved + _F32 * tokens * V, c * tokens * V + labels)
-    if compiled and loss in (Loss.HF, Loss.TORCHTUNE) and not softcap:
+    if compiled and (loss.in_model or loss is Loss.TORCHTUNE) and not softcap:
         return _compiled_logits_bytes(loss, c, accelerate_copy, tokens, V, labels, head_grad_bytes)
+    if loss is Loss.HF_SHIFTED:  # T' = b·(s - 1) shifted rows beside the model's T
+        shifted = tokens - sequences
+        model_out = (2 * c if softcap else c) * tokens * V
+        saved = _F32 * shifted * V + (c * tokens * V if softcap else 0) + labels
+        forward = maximum(model_out + upcast * tokens * V + 2 * _F32 * shifted * V,
+                          model_out + _F32 * shifted * V + (_F32 * tokens * V if accelerate_copy else 0)) + labels
+        return LogitsBytes(forward, saved, saved + 2 * _F32 * shifted * V, c * tokens * V + labels)
     if loss is Loss.HF:
         saved = (_F32 + (c if softcap else 0)) * tokens * V + labels
         chain = (2 * c if softcap else c) + upcast + _F32
@@ -167,7 +179,7 @@ def _compiled_logits_bytes(loss: Loss, c: int, accelerate_copy: bool, tokens, V:
                            head_grad_bytes: int) -> LogitsBytes:
     """The compiled cross-entropy (module docstring): the 16-bit logits and two fp32 values per row are saved."""
     saved = c * tokens * V + 2 * _F32 * tokens + labels
-    if loss is Loss.HF:
+    if loss.in_model:
         forward = saved + (_F32 * tokens * V if accelerate_copy else 0)
         return LogitsBytes(forward, saved, saved + c * tokens * V, c * tokens * V + labels)
     chunk = -(-tokens // CHUNKED_LOSS_CHUNKS)

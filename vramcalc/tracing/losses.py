@@ -1,7 +1,10 @@
-"""The three loss implementations the trace runs, each allocating what its real counterpart allocates.
+"""The loss implementations the trace runs, each allocating what its real counterpart allocates.
 
 - ``hf``: transformers' own ``ForCausalLMLoss`` inside the model's forward (lm_head -> ``logits.float()`` ->
   ``cross_entropy``), unchanged.
+- ``hf-shifted``: transformers 4.46-4.49's ``ForCausalLMLoss`` (``shifted_causal_lm_loss``), set as the model's
+  ``loss_function``: the same steps as those wheels' ``loss/loss_utils.py`` (upcast, a contiguous shifted copy of
+  the fp32 logits, ``fixed_cross_entropy``).
 - ``chunked``: torchtune's ``CEWithChunkedOutputLoss`` pattern (``torchtune/modules/loss/ce_chunked_output_loss.py``):
   the hidden states are split into ``CHUNKED_LOSS_CHUNKS`` chunks along the tokens, and each chunk goes through
   lm_head, an fp32 upcast and a summed cross-entropy, so only one chunk's fp32 logits exist at a time.
@@ -34,6 +37,22 @@ class PassThroughHead(nn.Module):
 
     def forward(self, hidden_states):
         return hidden_states
+
+
+def shifted_causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
+                           **kwargs):
+    """transformers 4.46-4.49 ``ForCausalLMLoss``, step for step (``loss/loss_utils.py`` of the 4.46.0 and 4.48.0
+    wheels): ``logits.float()``, ``logits[..., :-1, :].contiguous()`` and the labels likewise shifted, then
+    ``fixed_cross_entropy`` (a summed cross-entropy divided by the item count when one is given, else the mean)."""
+    logits = logits.float()
+    labels = labels.to(logits.device)
+    shift_logits = logits[..., :-1, :].contiguous().view(-1, vocab_size)
+    shift_labels = labels[..., 1:].contiguous().view(-1).to(shift_logits.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
+    if reduction == "sum":
+        loss = loss / num_items_in_batch
+    return loss
 
 
 def chunked_cross_entropy(hidden, weight, labels, softcap=None, chunks: int = CHUNKED_LOSS_CHUNKS):

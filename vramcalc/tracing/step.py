@@ -28,7 +28,7 @@ from ..errors import VramcalcError
 from ..options import Attention, GradCkpt, Kernels, Loss, Method, Optimizer, Phase, Precision, Term
 from ..training_setup import ResolvedSetup
 from .build import half_dtype
-from .losses import PassThroughHead, chunked_cross_entropy, fused_cross_entropy
+from .losses import PassThroughHead, chunked_cross_entropy, fused_cross_entropy, shifted_causal_lm_loss
 from .tracker import AllocationTracker
 
 LEARNING_RATE = 1e-4
@@ -102,15 +102,17 @@ class TrainerLoss:
         inner = base_model(model)
         self.head = inner.get_output_embeddings()
         self.softcap = getattr(inner.config, "final_logit_softcapping", None)
-        if setup.loss is not Loss.HF:
+        if not setup.loss.in_model:
             inner.set_output_embeddings(PassThroughHead(self.head))
             inner.config.final_logit_softcapping = None
+        if setup.loss is Loss.HF_SHIFTED:  # transformers 4.46-4.49's loss function (losses.shifted_causal_lm_loss)
+            inner.loss_function = shifted_causal_lm_loss
 
     def __call__(self, forward_module: nn.Module, input_ids: torch.Tensor, on_logits=None, position_ids=None):
         """``forward_module``: the model, or the wrapper whose forward runs it (DDP). ``position_ids``: a packed
         row's positions (``--packing``), None otherwise."""
         extra_inputs = {} if position_ids is None else {"position_ids": position_ids}
-        if self.setup.loss is Loss.HF:
+        if self.setup.loss.in_model:
             outputs = forward_module(input_ids=input_ids, labels=input_ids, **extra_inputs)
             loss = outputs.loss
             if self.setup.precision.autocast:
@@ -227,7 +229,7 @@ class StepTracer:
     def _install_loss(self) -> None:
         self.loss = TrainerLoss(self.model, self.setup)
         self.head = self.loss.head
-        if getattr(self.setup, "compile", False) and self.setup.loss is Loss.HF:
+        if getattr(self.setup, "compile", False) and self.setup.loss.in_model:
             from .compiled import compile_loss
 
             compile_loss(base_model(self.model))  # torch.compile of the forward covers the model's loss too
