@@ -199,8 +199,8 @@ class Loss(Choice):
     TORCHTUNE = "torchtune"  # CEWithChunkedOutputLoss as torchtune's recipes call it: the 8 chunks of logits alive
     LITGPT = "litgpt"  # litgpt chunked_cross_entropy on Fabric's fp32 logits, which fit() keeps through backward
     TRL = "trl"  # TRL SFTTrainer's fused lm_head: [4096, 32768] log-prob tiles, no [T, V] logits (terms/trl_loss.py)
-    # torchtune recipes of April-July 2024 (<= 0.2): the model's fp32 logits shifted into a contiguous fp32 copy for a
-    # plain CrossEntropyLoss, the copy left bound to ``logits`` through backward, the step and the next forward
+    # torchtune recipes of April-July 2024 (before #1235): the model's fp32 logits shifted into a contiguous fp32 copy
+    # for a plain CrossEntropyLoss, the copy left bound to ``logits`` through backward, the step and the next forward
     TORCHTUNE_2024 = "torchtune-2024"
 
     @property
