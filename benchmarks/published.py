@@ -35,6 +35,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -157,11 +158,12 @@ TORCHTUNE_KNOBS = {
 TORCHTUNE_DEL_LOGITS = {"lora_finetune_distributed": "2024-06-04", "other": "2024-07-28"}
 
 
+ISO_DATE = re.compile(r"20\d\d-\d\d-\d\d")
+
+
 def _row_date(row: dict) -> str:
     """The ISO date a row's source or locator states (the code it was measured with), or ''."""
-    import re
-
-    found = re.search(r"20\d\d-\d\d-\d\d", row["source"]) or re.search(r"20\d\d-\d\d-\d\d", row["source_locator"])
+    found = ISO_DATE.search(row["source"]) or ISO_DATE.search(row["source_locator"])
     return found.group(0) if found else ""
 
 
@@ -395,9 +397,10 @@ def row_setup(row: dict, data: Path) -> RowSetup:
         # torchtune CEWithChunkedOutputLoss (num_output_chunks=8) where the row's table says so; before ``del logits``
         # the recipe's loop kept the shifted fp32 logits through backward (TORCHTUNE_DEL_LOGITS)
         recipe = "lora_finetune_distributed" if gpus > 1 and method != "full" else "other"
+        measured = _row_date(row)
         if "chunked_loss" in TORCHTUNE_KNOBS.get(rid, ()):
             opts["loss"] = "torchtune"
-        elif _row_date(row) and _row_date(row) < TORCHTUNE_DEL_LOGITS[recipe]:
+        elif measured and measured < TORCHTUNE_DEL_LOGITS[recipe]:
             opts["loss"] = "torchtune-2024"
         else:
             opts["loss"] = "hf"

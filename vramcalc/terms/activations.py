@@ -170,7 +170,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         self.lora_names = set(layer.lora_modules)
         self.quantized = layer.method is Method.QLORA and model.traits.bnb_quantizable
         self.gemma = model.family == "gemma2"
-        self.gemma_norm = self.gemma or model.traits.gemma_norm  # GemmaRMSNorm: fp32 (1 + w) product, then cast
+        self.gemma_norm = gemma_norm(model)
         self.masked = masked  # a sliding window shorter than the sequence: transformers builds a 4-D mask
         self.per_token = 0
         self.per_square = 0
@@ -631,6 +631,11 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                               extra=gate)
         if gate and self.grad:
             self.per_token += out * (1 + m.hidden_size)
+
+
+def gemma_norm(model: ModelSpec) -> bool:
+    """GemmaRMSNorm's layout: an fp32 (1 + w) product, then the cast (Gemma-2, and the families whose trait says so)."""
+    return model.family == "gemma2" or model.traits.gemma_norm
 
 
 def unsloth_fused(model: ModelSpec, layer: LayerSetup, names) -> bool:

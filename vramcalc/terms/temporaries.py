@@ -15,7 +15,7 @@ from ..model import ModelSpec
 from ..options import Attention, Kernels, Method
 from ..units import DType, maximum, select
 from . import quantized
-from .activations import Dtypes
+from .activations import Dtypes, gemma_norm
 from .layouts import shared_norm_grad_bytes
 from .stored_tensor import StoredTensor
 
@@ -218,8 +218,7 @@ def norm_backward_bytes(model: ModelSpec, tokens, kernels: Kernels = Kernels.NON
     norms write dX into the incoming gradient but for Gemma's: none. Unsloth ``kernels/rms_layernorm.py``
     (``dX = torch.empty_like(dY) if ctx.GEMMA else dY``); Liger (Liger-Kernel@ead96b61 ``ops/rms_norm.py:540-543``
     ``dX = dY`` when ``in_place``, which ``transformers/monkey_patch.py:68`` sets but for the Gemma families, :1024)."""
-    gemma = model.traits.gemma_norm or model.family == "gemma2"
-    if kernels.saves_norm_input and not gemma:
+    if kernels.saves_norm_input and not gemma_norm(model):
         return 0
     return RMS_NORM_BACKWARD_FP32_COPIES * _F32 * tokens * model.hidden_size
 

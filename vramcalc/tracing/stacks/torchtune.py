@@ -313,39 +313,28 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int | None = N
                             tracker.after_previous = logits is not None
                             logits = model(tokens)
                             tracker.after_previous = False
-                            logits = logits[..., :-1, :].contiguous()
+                            logits = logits[..., :-1, :].contiguous().transpose(1, 2)
                             labels = batch_labels[..., 1:].contiguous()
-                            logits = logits.transpose(1, 2)
                             loss = loss_fn(logits, labels) / setup.grad_accum
-                            running_loss = running_loss + loss
-                            tracker.in_logits = False
-                            tracker.end_forward()
-                            tracker.phase = Phase.BACKWARD_START
-                            tracker.in_logits = True
-                            loss.backward()
-                            del loss
-                            tracker.in_logits = False
-                            tracker.mark_gradients(model.parameters())
-                            continue
-                        current_num_tokens = (batch_labels != ignore_index).sum()
-                        num_tokens = num_tokens + current_num_tokens
-                        # _loss_step (:639-660)
-                        logits = model(tokens)
-                        labels = torch.hstack((batch_labels[..., 1:], ignore_labels_cache[: batch_labels.shape[0]]))
-                        if not isinstance(logits, list):
-                            labels = labels.reshape(-1)
-                            logits = logits.reshape(-1, logits.size(-1))
-                        loss = loss_fn(logits, labels)
-                        del logits
-                        current_loss = loss * current_num_tokens
-                        del loss
-                        running_loss = running_loss + current_loss.detach()
+                            running_loss = running_loss + loss  # the recipe's sum keeps the graph until the log
+                        else:  # _loss_step (:639-660)
+                            current_num_tokens = (batch_labels != ignore_index).sum()
+                            num_tokens = num_tokens + current_num_tokens
+                            logits = model(tokens)
+                            labels = torch.hstack((batch_labels[..., 1:],
+                                                   ignore_labels_cache[: batch_labels.shape[0]]))
+                            if not isinstance(logits, list):
+                                labels = labels.reshape(-1)
+                                logits = logits.reshape(-1, logits.size(-1))
+                            loss = loss_fn(logits, labels) * current_num_tokens
+                            logits = None
+                            running_loss = running_loss + loss.detach()
                         tracker.in_logits = False
                         tracker.end_forward()
                         tracker.phase = Phase.BACKWARD_START
                         tracker.in_logits = True
-                        current_loss.backward()
-                        del current_loss
+                        loss.backward()
+                        del loss
                         tracker.in_logits = False
                         tracker.mark_gradients(model.parameters())
                     if optimizer is not None:
@@ -357,7 +346,6 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int | None = N
                         tracker.in_optimizer = False
                         tracker.mark_optimizer_states(optimizer)
                         optimizer.zero_grad(set_to_none=True)
-                    running_loss = 0  # logged with .item() after the step (recipe :479)
                 logits = None
         traced = _driver.result(tracker, started, load)
     finally:
