@@ -630,11 +630,17 @@ def mechanism_note(record: dict) -> str:
     (Q1-Q3 through the litgpt knobs, the stacks' losses, compile, offload, optimizer-in-backward; bf16-true, L2
     the StableEmbedding gradient, Q5 torchao's eager dequantization: terms/stack_layers.py) are not listed."""
     rid, method, several = record["id"], record["method"], record["gpus"] != "1 GPU"
-    if rid in ("torchtune-023", "torchtune-032"):
-        return ("open: torchtune 2024 FSDP1 full fine-tuning (about 5 GB per rank above bf16 states, step and the "
-                "held logits; section 4)")
+    if rid == "torchtune-023":
+        return ("FSDP's side-stream pools modelled (the gradient shards cached on the reduce-scatter stream beside "
+                "the backward-start peak); the rest open (section 4)")
+    if rid == "torchtune-032":
+        return ("open: torchtune 2024 FSDP1 full fine-tuning at 2 x 512, about 4 GB per rank above the step's "
+                "tensors and FSDP's side-stream pools (section 4)")
     if rid == "torchtune-029":
         return "open: torchtune 2024 FSDP1 LoRA, reserved (section 4)"
+    if rid in ("torchtune-016", "torchtune-017"):
+        return ("statistic unstated, judged as reserved: FSDP2's all-gather stream keeps two units' buffers cached "
+                "beside the default stream's peak; the allocated peak is within 2.1% (section 4)")
     if rid in LITGPT_CH_QLORA_OPEN:
         return ("open: litgpt 0.4.x QLoRA, the backward peak below the measurement by the 4-bit held inputs once "
                 "more; no mechanism found (section 2)")

@@ -2,7 +2,8 @@
 configuration). Every expected value is worked out by hand from the C++ rule named in the test, not read off the
 replay: ``round_size`` (512-B granule), ``get_pool`` (<= 1 MiB small), ``get_allocation_size`` (2 MiB / 20 MiB /
 request rounded to 2 MiB), ``get_free_block`` (best fit), ``should_split`` (>= 512 B small, > 1 MiB large),
-``free_block`` (coalescing), ``release_cached_blocks`` (whole free segments only), ``resetPeakStats``."""
+``free_block`` (coalescing), ``release_cached_blocks`` (whole free segments only), ``resetPeakStats``, and
+``get_free_block``'s stream check (a cached block serves only its own stream)."""
 
 import pytest
 
@@ -93,6 +94,31 @@ def test_the_pools_are_separate():
     allocator.free(allocator.malloc(600 * KIB))
     allocator.malloc(int(1.5 * MIB))  # a large request never takes small-pool memory; the free 50 MiB serves it
     assert allocator.reserved_bytes == 52 * MIB
+
+
+def test_a_block_cached_on_one_stream_never_serves_a_request_of_another():
+    allocator = CachingAllocator()
+    allocator.free(allocator.malloc(50 * MIB, stream=1))  # cached on stream 1
+    allocator.malloc(50 * MIB)  # the default stream: get_free_block stops at stream 1's block, a new segment
+    assert (allocator.reserved_bytes, allocator.segments) == (100 * MIB, 2)
+    allocator.malloc(30 * MIB, stream=1)  # stream 1 takes its own cached block (split: 20 MiB left)
+    assert allocator.reserved_bytes == 100 * MIB
+
+
+def test_a_block_returns_to_the_pool_of_the_stream_it_was_allocated_on():
+    events = [(ALLOC, "grad", 40 * MIB, 2), (FREE, "grad"), (ALLOC, "next", 40 * MIB, 2), (FREE, "next"),
+              (ALLOC, "activation", 40 * MIB)]
+    # the freed block serves stream 2 again but not the default stream's request: 40 MiB + 40 MiB reserved
+    assert replay(events).reserved_peak_bytes == 80 * MIB
+    assert replay([e[:3] if e[0] == ALLOC else e for e in events]).reserved_peak_bytes == 40 * MIB  # one stream
+
+
+def test_empty_cache_releases_the_free_segments_of_every_stream():
+    allocator = CachingAllocator()
+    allocator.free(allocator.malloc(50 * MIB, stream=1))
+    allocator.free(allocator.malloc(50 * MIB))
+    allocator.empty_cache()
+    assert (allocator.reserved_bytes, allocator.segments) == (0, 0)
 
 
 def test_two_adjacent_freed_blocks_coalesce_with_the_rest_of_their_segment():

@@ -164,7 +164,7 @@ def test_cli_without_reserved_prints_what_it_printed_before(cli_tables):
 
 
 @pytest.mark.parametrize("options, word", [
-    (["--num-gpus", "2", "--sharding", "ddp"], "--num-gpus 2"),
+    (["--num-gpus", "2", "--sharding", "zero3"], "--sharding zero3 on 2 GPUs"),
     (["--task", "dpo"], "--task dpo"),
     (["--stack", "torchtune"], "--stack torchtune"),
 ])
@@ -172,6 +172,21 @@ def test_cli_reserved_refuses_what_the_replay_does_not_cover_in_one_line(capsys,
     code, out, err = run_cli(capsys, "trace", tiny_config, "--reserved", *options)
     assert code == 2 and not out
     assert err.startswith("error: --reserved") and word in err and err.count("\n") == 1
+
+
+def test_an_fsdp_rank_reserves_at_least_its_tensors_and_the_side_streams_pools():
+    # the replay keeps FSDP2's all-gather and reduce-scatter streams' blocks apart (caching_allocator rule 3): each
+    # pool's segments hold at least that stream's peak, so reserved >= the joint tensor peak + the pools beyond it
+    import vramcalc as vc
+
+    from .tiny_models import TINY
+
+    spec = TINY["llama"]
+    options = dict(seq_len=SEQ_LEN, num_gpus=2, sharding="fsdp", method="full")
+    replayed = vc.trace(spec, progress=False, reserved=True, gpu=GPU, **options)
+    pools = vc.estimate(spec, **options).details["stream_pools_bytes"]
+    assert pools > 0
+    assert replayed.details["reserved_peak_bytes"] >= replayed.peak_tensor_bytes + pools
 
 
 def test_estimate_has_no_reserved_flag(capsys):

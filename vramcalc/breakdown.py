@@ -153,6 +153,9 @@ class MemoryBreakdown:
             if label == "activations" and "vision_activations_bytes" in self.details:  # a VLM (terms/vision.py)
                 vision = self.details["vision_activations_bytes"]
                 lines.append(f"{'  vision tower':<{width}}  {gib(vision):>9.2f} GiB")
+            if label == Term.ALLOCATOR_SLACK.value and "stream_pools_bytes" in self.details:  # FSDP's side streams
+                pools = self.details["stream_pools_bytes"]
+                lines.append(f"{'  FSDP streams':<{width}}  {gib(pools):>9.2f} GiB")
         if "reserved_peak_bytes" in self.details:  # trace(..., reserved=True): tracing/reserved.py
             lines += self._reserved_lines(width)
         if "image_tokens_per_sample" in self.details:

@@ -44,6 +44,7 @@ from .step_moment import Moment, layer_setup  # noqa: F401 (re-exported: tests, 
 
 
 _TENSOR_FIELDS = ("weights", "gradients", "optimizer_states", "activations", "logits", "temporaries")
+_MOMENT_FIELDS = _TENSOR_FIELDS + ("all_gather_stream", "reduce_scatter_stream")
 
 
 def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = None, **options) -> MemoryBreakdown:
@@ -76,7 +77,8 @@ def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = 
 def _estimate_parts(spec: ModelSpec, resolved: ResolvedSetup, device: GpuSpec | None) -> tuple:
     """(terms, phase, details) of an estimate, as tuples (each call gets its own dicts)."""
     peak = _tensor_peak(spec, resolved)
-    out = _finish(spec, resolved, dict(peak.terms), peak.phase, "estimate", device, peak.paged_bytes, None)
+    out = _finish(spec, resolved, dict(peak.terms), peak.phase, "estimate", device, peak.paged_bytes, None,
+                  peak.stream_pools_bytes)
     details = dict(out.details)
     if peak.phase_peaks:  # each phase's peak, from the same moments (``_reports_phase_peaks``)
         details["phase_peak_bytes"] = dict(peak.phase_peaks)
@@ -91,6 +93,7 @@ class _TensorPeak:
     phase: Phase
     paged_bytes: int  # bitsandbytes paged optimizer state (outside torch's allocator)
     phase_peaks: tuple = ()  # (phase, bytes): each phase's largest moment, where ``_reports_phase_peaks``
+    stream_pools_bytes: int = 0  # what FSDP's side streams' cached blocks add to reserved (``_stream_pools_bytes``)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -111,7 +114,20 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
         embedding_32bit = stack_layers.stack_layers(resolved.setup.stack).trainer_optimizer
         paged = optimizer.optimizer_state_bytes(parameters.stored_tensors(spec, resolved), optimizer_name,
                                                 embedding_32bit).paged_bytes
-    return _TensorPeak(terms, peak.phase, paged, _phase_peaks(moments) if _reports_phase_peaks(resolved) else ())
+    return _TensorPeak(terms, peak.phase, paged, _phase_peaks(moments) if _reports_phase_peaks(resolved) else (),
+                       _stream_pools_bytes(spec, resolved, moments))
+
+
+def _stream_pools_bytes(spec: ModelSpec, resolved: ResolvedSetup, moments: list[Moment]) -> int:
+    """``runtime.stream_pool_bytes`` for FSDP's all-gather and reduce-scatter streams
+    (``distributed.side_stream_pools``); 0 for other engines. The default stream's bytes at a moment are the
+    moment's less its side-stream shares (``Moment``)."""
+    pools = distributed.side_stream_pools(spec, resolved)
+    if not any(pools):
+        return 0
+    default = max(m.tensor_bytes - min(m.all_gather_stream, m.weights) - min(m.reduce_scatter_stream, m.gradients)
+                  for m in moments)
+    return runtime.stream_pool_bytes(default, pools, max(m.tensor_bytes for m in moments))
 
 
 def _reports_phase_peaks(resolved: ResolvedSetup) -> bool:
@@ -139,7 +155,8 @@ def assemble_measured(spec: ModelSpec, resolved: ResolvedSetup, tensor_terms: di
     """A breakdown whose tensor terms were traced or measured; runtime terms come from the same model as estimate's."""
     device = get_gpu(gpu) if gpu is not None else None
     terms = {term: int(tensor_terms.get(term, 0)) for term in Term if term.is_tensor}
-    return _finish(spec, resolved, terms, phase, source, device, paged_bytes, details)
+    stream_pools = _tensor_peak(spec, resolved).stream_pools_bytes if resolved.setup.sharding is Sharding.FSDP else 0
+    return _finish(spec, resolved, terms, phase, source, device, paged_bytes, details, stream_pools)
 
 
 def peak_tensor_bytes_grid(spec: ModelSpec, resolved: ResolvedSetup, batch_sizes, seq_lens):
@@ -157,7 +174,7 @@ def peak_tensor_bytes_grid(spec: ModelSpec, resolved: ResolvedSetup, batch_sizes
     return totals.max(axis=0), phases[totals.argmax(axis=0)]
 
 
-def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) -> MemoryBreakdown:
+def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details, stream_pools_bytes=0) -> MemoryBreakdown:
     setup = resolved.setup
     profile = runtime_profile(device)
     peak_tensor = sum(terms.values())
@@ -168,7 +185,7 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
         communicating = max(communicating, setup.ep)
     terms[Term.RUNTIME_OVERHEAD] = runtime.runtime_overhead_bytes(profile, device, communicating, paged_bytes)
     terms[Term.RUNTIME_OVERHEAD] += tasks.vllm_reservation_bytes(setup, device)  # 0 but GRPO with vLLM
-    terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor)
+    terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor, stream_pools_bytes)
     out = {
         "params": spec.params,
         "active_params": spec.active_params,
@@ -178,6 +195,8 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details) 
     }
     if setup.sharding is not Sharding.NONE:
         out.update(_data_parallel_details(spec, resolved, device))
+    if stream_pools_bytes:  # in allocator_slack: FSDP's side streams' cached blocks (``_stream_pools_bytes``)
+        out["stream_pools_bytes"] = stream_pools_bytes
     if setup.device_map is DeviceMap.AUTO:  # where each part sits, every GPU's peak (device_map_step.py)
         from .device_map_step import device_map_details
 
@@ -295,7 +314,7 @@ def _step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq
     # rows on both sides of the sliding window: each row takes the moments of its own mask decision
     with_mask = _moments(spec, resolved, b, s, True)
     without = _moments(spec, resolved, b, s, False)
-    return [Moment(m.phase, *(select(masked, getattr(m, f), getattr(n, f)) for f in _TENSOR_FIELDS))
+    return [Moment(m.phase, *(select(masked, getattr(m, f), getattr(n, f)) for f in _MOMENT_FIELDS))
             for m, n in zip(with_mask, without)]
 
 
@@ -317,7 +336,7 @@ def _quantized_base_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size
     lora_peak = peak(step_moments(spec, lora, batch_size, seq_len))
     qlora_peak = peak(step_moments(spec, qlora, batch_size, seq_len))
     shift = [getattr(qlora_peak, f) - getattr(lora_peak, f) for f in _TENSOR_FIELDS]
-    return [Moment(m.phase, *(max(0, getattr(m, f) + d) for f, d in zip(_TENSOR_FIELDS, shift)))
+    return [m._replace(**{f: max(0, getattr(m, f) + d) for f, d in zip(_TENSOR_FIELDS, shift)})
             for m in step_moments(spec, on_16bit, batch_size, seq_len)]
 
 
@@ -447,6 +466,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)
     head_saved = plan.head.bytes(b, s) + head_lora
     gathered = GatheredTimeline(spec, rank.gathering)
+    # the moments' shares on FSDP's side streams (``Moment``): the gathered units' buffers, the reduced shards
+    buffers = gathered.buffers()  # (none under ZeRO-3, which gathers in place)
+    shards = gathered.reduced_shards if setup.sharding is Sharding.FSDP and rank.gathering is not None else 0
     moments = []
     if rank.gathering is not None:  # the last decoder layer's copy-out and forward, and the tail's copy-out
         A_layers = A - head_saved
@@ -454,9 +476,11 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                 activations.layer_operators(spec)[-1])
         A_before_last = A_layers - plan.kept[last].bytes(b, s)
         moments += [
-            Moment(Phase.FORWARD, W + gathered.last_layer_copy_out, B + G_acc, O, A_before_last, 0, 0),
-            Moment(Phase.FORWARD, W + gathered.last_layer_forward, B + G_acc, O, A_layers, 0, 0),
-            Moment(Phase.FORWARD, W + gathered.tail_copy_out, B + G_acc, O, A_layers, 0, 0),
+            Moment(Phase.FORWARD, W + gathered.last_layer_copy_out, B + G_acc, O, A_before_last, 0, 0,
+                   buffers.last_layer_copy_out),
+            Moment(Phase.FORWARD, W + gathered.last_layer_forward, B + G_acc, O, A_layers, 0, 0,
+                   buffers.last_layer_forward),
+            Moment(Phase.FORWARD, W + gathered.tail_copy_out, B + G_acc, O, A_layers, 0, 0, buffers.tail_copy_out),
         ]
     norm_backward = temporaries.norm_backward_bytes(spec, tokens, layer.kernels)
     if dequant_beside is not None:  # torchao: the last layer's down projection dequantizes beside every saved tensor
@@ -468,17 +492,19 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     if has_method_forward:  # the last target's forward: the layers' saved tensors, no logits yet
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0, copies.forward + method_forward))
     moments += [
-        Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, lg.forward_peak, copies.forward),
+        Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, lg.forward_peak, copies.forward,
+               buffers.loss_forward),
         Moment(Phase.BACKWARD_START, W + gathered.loss_backward, B + G_acc, O, A, lg.backward_peak,
-               copies.backward_start),
+               copies.backward_start, buffers.loss_backward),
         Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad) + outer_step, O, A,
                lg.head_backward,
                copies.backward_start + hidden_grad + extras.head_backward
-               + adapters.head_lora_backward_bytes(spec, layer, tokens)),
+               + adapters.head_lora_backward_bytes(spec, layer, tokens), buffers.head_backward),
         # the final norm's backward: its input gradient (fused: the loss's grad_input) and fp32 transients
         Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad) + outer_step, O,
                A - activations.head_input_saved(spec, layer).bytes(b, s), lg.forward_hidden_grad + lg.held,
-               copies.backward_start + (0 if lg.forward_hidden_grad else hidden_grad) + norm_backward),
+               copies.backward_start + (0 if lg.forward_hidden_grad else hidden_grad) + norm_backward,
+               buffers.head_backward),
     ]
     # FSDP1 flat parameters (litgpt): autograd builds each unit's flat gradient only once all its views' gradients
     # exist (stack_layers.fsdp_flat_params)
@@ -490,7 +516,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                                        A - head_saved, hidden_grad, norm_backward, dequant_beside, lg.held,
                                        recompute_beside, masked, flat_units, copies_by_kind,
                                        context_parallel.ring_backward_bytes(spec, b * s, setup.cp, dt.c)
-                                       if getattr(setup, "cp", 1) > 1 else 0)  # --cp
+                                       if getattr(setup, "cp", 1) > 1 else 0,  # --cp
+                                       buffers if setup.sharding is Sharding.FSDP else None)
     embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens)
     if stable:
         embedding_backward = stack_layers.stable_embedding_backward_bytes(spec, dt.r, tokens)
@@ -501,18 +528,24 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         moments += [
             # (the reduced units' shards replace their accumulated gradients: see ``_layer_backward_moments``)
             Moment(Phase.BACKWARD_END, W + gathered.embedding_copy_out,
-                   Bb + maximum(G_acc, gathered.embedding_reduced), O, 0, lg.held, 0),
+                   Bb + maximum(G_acc, gathered.embedding_reduced), O, 0, lg.held, 0, buffers.embedding_copy_out,
+                   shards),
             Moment(Phase.BACKWARD_END, W + gathered.embedding_gathered,
                    Bb + rank.gathering.embed.grads_bytes + maximum(G_acc, gathered.embedding_reduced), O,
-                   0, lg.held, embedding_backward),
+                   0, lg.held, embedding_backward, buffers.embedding_gathered, shards),
         ]
         if flat_units:  # the root unit's view gradients (lm_head's held since the loss) and their concatenation
             root = rank.gathering.embed.grads_bytes + rank.gathering.tail.grads_bytes
             moments.append(Moment(Phase.BACKWARD_END, W + gathered.embedding_gathered,
-                                  Bb + 2 * root + maximum(G_acc, gathered.embedding_reduced), O, 0, lg.held, 0))
-    moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, 0, lg.held, rank.optimizer_step))
+                                  Bb + 2 * root + maximum(G_acc, gathered.embedding_reduced), O, 0, lg.held, 0,
+                                  buffers.embedding_gathered, shards))
+    # every unit reduced: the embedding's shards too (none left on the GPU under CPU offload: ``rank_states``)
+    step_shards = shards + rank.gathering.embed.sharded_grads_bytes if shards else 0
+    moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, 0, lg.held, rank.optimizer_step, 0,
+                          step_shards))
     if lg.held:  # the loop's ``logits`` lives until the next model call returns (Loss.held_by_loop)
-        moments += _next_forward_moments(W + gathered.loss_forward, B + G_acc, O, A, lg, extras, copies.forward)
+        moments += [m._replace(all_gather_stream=buffers.loss_forward) for m in
+                    _next_forward_moments(W + gathered.loss_forward, B + G_acc, O, A, lg, extras, copies.forward)]
     if setup.sharding is Sharding.NONE:  # the weights reaching the GPU (``terms/loading.py``), before any step
         moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - rank.weights))
     if setup.task.uses_fused_head:  # the reference model and its forward, GRPO's generation (terms/tasks.py)
@@ -548,7 +581,7 @@ def _next_forward_moments(W, G, O, A, lg, extras, copies_forward) -> list[Moment
 def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                             layers_saved, hidden_grad, norm_backward, dequant_beside=None,
                             logits_held=0, recompute_beside=0, masked=False, flat_units=False,
-                            copies_by_kind=None, ring_attention=0) -> list[Moment]:
+                            copies_by_kind=None, ring_attention=0, buffers=None) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -574,6 +607,8 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     last one arrives and then concatenates them into the flat gradient: the root unit's (final norm, lm_head and
     the embedding: one unit, resharded only after the whole backward) lm_head gradient stays unsharded through every
     layer, and each layer ends its backward with its view gradients beside their concatenation.
+    ``buffers`` (FSDP): ``gathered``'s all-gather-buffer share (``GatheredTimeline.buffers``); with it each moment
+    also names its all-gather buffers and its reduced shards (``Moment``'s side-stream fields).
     ``ring_attention`` (``--cp``, always with FSDP2 units): the ring-attention backward's buffers
     (``context_parallel.ring_backward_bytes``), a moment of their own once the MLP's backward is done: what the
     attention block still holds, the layer's unsharded gradients waiting, and the ring's buffers as the transients.
@@ -660,13 +695,17 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
             else:
                 unit = gathered.layer(index)
                 weights = W + gathered.weights_during(index)
+                # on the side streams (FSDP): the gathered units' buffers, the shards reduced so far
+                # (FSDP1 flat parameters: the root unit's unsharded view gradients are not reduced yet)
+                reduced = G_here - (rank.gathering.tail.grads_bytes if flat_units else 0)
+                side = (buffers.weights_during(index), reduced) if buffers is not None else (0, 0)
                 # accumulated gradients (``G_acc``): the syncing micro-batch hands each unit's accumulated unsharded
                 # gradient to its reduce-scatter and frees it (torch ``_fully_shard/_fsdp_param_group.py:623-626``,
                 # ``_fsdp_collectives.py:603-606``; FSDP1 likewise replaces it by the shard), so the reduced units'
                 # shards and the retained reduce-scatter input replace, never add to, what the units had accumulated
                 waiting = Bb + maximum(G_acc, G_here + gathered.retained_reduce_buffer(index))
                 moments.append(Moment(Phase.BACKWARD, weights, waiting, O, shared + left + recompute[kind],
-                                      logits_held, transient))
+                                      logits_held, transient, *side))
                 # the MLP's backward ending: the layer's gradients (the MLP's are most of them) wait beside what
                 # its attention block still holds (recomputed under checkpointing, beside the checkpoint) and the
                 # MLP's last backward transients (MoE: the experts' [T·K, 2·I_m] gradients)
@@ -674,13 +713,13 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                 # (its new unsharded gradients sit beside the accumulated ones until added in:
                 # ``_fsdp_param.py:813-820`` ``accumulate_unsharded_grad_if_needed``)
                 moments.append(Moment(Phase.BACKWARD, weights, waiting + unit.grads_bytes, O,
-                                      shared + left + mlp_done, logits_held, maximum(layer_end, transient)))
+                                      shared + left + mlp_done, logits_held, maximum(layer_end, transient), *side))
                 if ring_attention:  # --cp: the ring attention's backward (terms/context_parallel.py)
                     moments.append(Moment(Phase.BACKWARD, weights, waiting + unit.grads_bytes, O,
-                                          shared + left + mlp_done, logits_held, ring_attention))
+                                          shared + left + mlp_done, logits_held, ring_attention, *side))
                 if flat_units:  # the layer's end: its view gradients and their concatenation, its tensors freed
                     moments.append(Moment(Phase.BACKWARD, weights, waiting + 2 * unit.grads_bytes, O,
-                                          shared + left - kept_moe, logits_held, layer_end))
+                                          shared + left - kept_moe, logits_held, layer_end, *side))
         n = hi - lo + 1
         remaining -= kept_moe * n
         if not ckpt:

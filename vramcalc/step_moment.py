@@ -13,7 +13,10 @@ from .training_setup import ResolvedSetup
 
 
 class Moment(NamedTuple):
-    """The bytes of each tensor term at one moment of the step (a named tuple: a few dozen are built per setup)."""
+    """The bytes of each tensor term at one moment of the step (a named tuple: a few dozen are built per setup), and
+    how many of them FSDP allocated on its own streams (``distributed.side_stream_pools``): the gathered units'
+    all-gather buffers (of ``weights``) and the reduced gradient shards (of ``gradients``). 0 where no engine
+    allocates on a side stream."""
 
     phase: Phase
     weights: int
@@ -22,6 +25,8 @@ class Moment(NamedTuple):
     activations: int
     logits: int
     temporaries: int
+    all_gather_stream: int = 0
+    reduce_scatter_stream: int = 0
 
     @property
     def tensor_bytes(self) -> int:

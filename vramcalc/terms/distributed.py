@@ -56,6 +56,7 @@ Where sharding is applied once and where it cannot be:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -297,6 +298,7 @@ def _layer_tensors(spec: ModelSpec, tensors, moe: bool) -> list[tuple[StoredTens
             if t.scope in wanted and layers[t.scope]]
 
 
+@functools.lru_cache(maxsize=1024)
 def gathering(spec: ModelSpec, resolved: ResolvedSetup) -> Gathering | None:
     """The units of an FSDP2 or ZeRO-3 job; None for engines that keep whole parameters on every rank."""
     setup = resolved.setup
@@ -309,6 +311,51 @@ def gathering(spec: ModelSpec, resolved: ResolvedSetup) -> Gathering | None:
     flat_grads = setup.sharding is Sharding.FSDP and stack_layers(setup.stack).fsdp_flat_params
     return gathering_units(spec, engine_tensors(spec, resolved), tensor_ranks(resolved), _half_bytes(resolved),
                  _fp32_trainable(resolved), prefetch, keep_gathered, flat_grads)
+
+
+@functools.lru_cache(maxsize=1024)
+def side_stream_pools(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[int, int]:
+    """(all-gather stream's, reduce-scatter stream's) pool: the bytes FSDP allocates on its own streams, which the
+    caching allocator keeps for those streams alone (``caching_allocator`` rule 3; ``terms/runtime.py``
+    ``stream_pool_bytes``). (0, 0) but under FSDP.
+
+    all-gather: FSDP2 allocates each unit's flat all-gather output on ``all_gather_copy_in_stream``
+      (torch ``_fully_shard/_fsdp_collectives.py::foreach_all_gather``), FSDP1 its padded unsharded flat parameter
+      on ``_unshard_stream`` (``fsdp/_runtime_utils.py::_unshard``); two units' are alive at once (a unit's until the
+      next one's copy-out, ``GatheredTimeline``): the largest two neighbours' buffers, in forward order (a tied tail,
+      which holds the embedding, first). With fp32 trainable shards gathered in 16 bits (``_fp32_trainable``), the
+      copy-in first casts the next unit's shards on that stream (``_get_param_all_gather_inputs``): 1/N of its
+      buffer under full fine-tuning (an adapter's cast is left out: a few MB).
+    reduce-scatter: FSDP2's reduce-scatter output, which the sharded gradients view, is allocated on
+      ``reduce_scatter_stream`` (``foreach_reduce``), FSDP1's ``new_sharded_grad`` on ``_post_backward_stream``
+      (``_get_reduce_scatter_tensors``): every unit's sharded gradients, as they stand at the optimizer step; one
+      unit's when they leave the device as soon as they are made (CPU offload, an optimizer stepped in backward).
+      With fp32 trainable shards reduced in 16 bits (``_fp32_trainable``), FSDP2 casts each unit's 16-bit output to
+      fp32 on the same stream (``_to_dtype_if_needed``): a unit's 16-bit output beside its own fp32 shards and those
+      of the units reduced before it (backward order: the tail, the layers from the last, the embedding; a tied
+      tail last, once the embedding's gradient is in).
+    The reduce-scatter input, the unsharded gradients and FSDP2's copied-out parameters are the default stream's.
+    """
+    setup = resolved.setup
+    units = gathering(spec, resolved) if setup.sharding is Sharding.FSDP else None
+    if units is None:
+        return 0, 0
+    layers = [units.layer(spec.is_moe_layer(i)) for i in range(spec.num_layers)]
+    # gathered in forward order; a tied tail holds the embedding, so it is gathered first and reduced last
+    gathered = [units.tail] + layers if units.tied else [units.embed] + layers + [units.tail]
+    reduced_order = layers[::-1] + [units.tail] if units.tied else [units.tail] + layers[::-1] + [units.embed]
+    n = tensor_ranks(resolved)
+    casts = _fp32_trainable(resolved) and setup.method is Method.FULL and not callable(n)
+    all_gather = max(a.buffer_bytes + b.buffer_bytes + (b.buffer_bytes // n if casts else 0)
+                     for a, b in zip([NO_UNIT] + gathered, gathered))
+    cast = _half_bytes(resolved) if _fp32_trainable(resolved) else 0  # the 16-bit output's element bytes
+    leaves_device = setup.offload is Offload.PARAMS or setup.optimizer_in_backward
+    reduced = held = 0
+    for unit in reduced_order:
+        shard = unit.sharded_grads_bytes
+        held = shard if leaves_device else held + shard
+        reduced = max(reduced, held + shard * cast // DType.FP32.bytes)
+    return all_gather, reduced
 
 
 def gathering_units(spec: ModelSpec, tensors: tuple[StoredTensor, ...], n_ranks, half_bytes: int | None,
@@ -594,6 +641,23 @@ class GatheredTimeline:
 
     def layer(self, index: int) -> Unit:
         return self.g.layer(self.spec.is_moe_layer(index))
+
+    def buffers(self) -> GatheredTimeline:
+        """The same timeline counting only the units' flat all-gather buffers (what ``side_stream_pools`` puts on
+        the all-gather stream): every attribute of it is that moment's share of this one's."""
+        if self.g is None:
+            return self
+        no_params = {name: dataclasses.replace(getattr(self.g, name), params_bytes=0)
+                     for name in ("embed", "dense", "moe", "tail")}
+        return GatheredTimeline(self.spec, dataclasses.replace(self.g, **no_params))
+
+    @property
+    def reduced_shards(self) -> int:
+        """The sharded gradients every unit but the embedding's leaves on the reduce-scatter stream (held once the
+        first layer is reduced)."""
+        g = self.g
+        return (g.tail.sharded_grads_bytes + g.dense.sharded_grads_bytes * self.spec.num_dense_layers
+                + g.moe.sharded_grads_bytes * self.spec.num_moe_layers)
 
     def weights_during(self, index: int) -> int:
         """Gathered bytes while layer ``index`` runs its backward."""

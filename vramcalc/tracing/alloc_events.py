@@ -10,6 +10,11 @@ marks them. Two ways in:
   entered); a storage it has seen is never recorded twice, so the tracker's later registration of the weights adds
   nothing.
 
+Each allocation names its stream: the one current when it was made (``torch.cpu.current_stream()``: the trace runs
+on CPU, where FSDP2's ``device_handle.stream(...)`` selects ``torch.cpu`` streams around its collectives, as it
+selects CUDA streams on a GPU). The default stream is ``DEFAULT_STREAM`` (the event keeps three fields); any other is
+numbered from 1 in order of first use, and the replay keeps a free pool per stream.
+
 Host copies (offloaded activations) and paged optimizer state are outside torch's CUDA allocator and are not
 recorded (the tracker does not report them). A storage resized in place (``track_resizes``) is a free and a new
 allocation, as ``UntypedStorage.resize_`` is on CUDA.
@@ -24,11 +29,12 @@ from __future__ import annotations
 
 import weakref
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .caching_allocator import ALLOC, EMPTY_CACHE, FREE, RESET_PEAK
+from .caching_allocator import ALLOC, DEFAULT_STREAM, EMPTY_CACHE, FREE, RESET_PEAK
 
 MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm"})  # OpOverload.__name__ up to the first dot
 
@@ -53,6 +59,7 @@ class AllocationEvents(TorchDispatchMode):
         self.workspace_key = None
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._next_key = 0
+        self._streams: list = [torch.cpu.current_stream()]  # index = the stream's number; 0: the default stream
 
     # -- recording -------------------------------------------------------------------------------------------
     def new_key(self) -> int:
@@ -66,7 +73,7 @@ class AllocationEvents(TorchDispatchMode):
             return
         entry = _Entry(self.new_key())
         self._entries[storage] = entry
-        self.events.append((ALLOC, entry.key, storage.nbytes()))
+        self.events.append(self._alloc_event(entry.key, storage.nbytes()))
         self.ops[entry.key] = op
         weakref.finalize(storage, self._died, entry)
         if self.workspace_bytes and self.workspace_key is None and op.split(".")[0] in MATMUL_OPS:
@@ -85,8 +92,19 @@ class AllocationEvents(TorchDispatchMode):
         nbytes = storage.nbytes()
         if nbytes:
             entry.key = self.new_key()
-            self.events.append((ALLOC, entry.key, nbytes))
+            self.events.append(self._alloc_event(entry.key, nbytes))
             self.ops[entry.key] = "resize_"
+
+    def _alloc_event(self, key, nbytes: int) -> tuple:
+        """``(ALLOC, key, nbytes)`` on the default stream, ``(ALLOC, key, nbytes, stream)`` on another."""
+        current = torch.cpu.current_stream()
+        for number, stream in enumerate(self._streams):
+            if stream is current:
+                break
+        else:
+            number = len(self._streams)
+            self._streams.append(current)
+        return (ALLOC, key, nbytes) if number == DEFAULT_STREAM else (ALLOC, key, nbytes, number)
 
     def key_of(self, storage):
         """The key a live storage is recorded under, or None."""

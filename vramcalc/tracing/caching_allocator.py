@@ -20,6 +20,9 @@ no allocator configuration (``calibration/run_h200.sh``). The rules, each in the
 3. ``get_free_block``: best fit: the free block of the request's pool with the smallest size >= the request (ties:
    the lowest address; ``BlockComparatorSize`` orders by stream, size, address). With the default ``max_split_size``
    there is no limit on how much larger the block may be (the "oversize" rules apply only when it is configured).
+   Only a block of the request's stream will do: the search starts at ``(stream, size)`` and gives up when the block
+   found belongs to another stream (``(*it)->stream != p.stream()``), so each stream keeps its own cached blocks. A
+   block is freed into the pool of the stream it was allocated on, whichever stream frees it.
 4. ``get_allocation_size`` (no fitting free block: a new segment from ``cudaMalloc``): <= 1 MiB: ``kSmallBuffer`` =
    2 MiB; < ``kMinLargeAlloc`` = 10 MiB: ``kLargeBuffer`` = 20 MiB; larger: rounded up to ``kRoundLarge`` = 2 MiB.
 5. ``should_split``: the block found is split when what remains is >= 512 B (small pool) or > 1 MiB (large pool);
@@ -32,8 +35,9 @@ no allocator configuration (``calibration/run_h200.sh``). The rules, each in the
 8. ``resetPeakStats``: each peak becomes the current value. ``reserved_bytes`` rises in ``alloc_block`` and falls in
    ``release_block``; ``allocated_bytes`` rises in ``alloc_found_block`` and falls in ``free``.
 
-What is not modelled: streams (one stream: all blocks share it, as a single-GPU step without side streams does),
-cross-stream frees (``recordStream`` events), CUDA graph pools, expandable segments, a configured
+Streams: each allocation names the stream current when it was made (``alloc_events`` reads the stream FSDP2 and
+FSDP1 select around their collectives; 0 is the default stream). What is not modelled: the delay a cross-stream free
+waits for (``recordStream`` events: the block returns once the other stream passes the event), CUDA graph pools, expandable segments, a configured
 ``max_split_size`` or power-of-two rounding, and the out-of-memory path (a failed ``cudaMalloc`` frees cached
 segments and retries: ``release_cached_blocks`` before the retry); ``capacity_bytes`` models that path when given.
 Addresses are invented (segments laid end to end in the order they are allocated), so among free blocks of the same
@@ -53,7 +57,8 @@ LARGE_BUFFER_BYTES = 20 << 20  # kLargeBuffer: allocations between 1 and 10 MiB 
 MIN_LARGE_ALLOC_BYTES = 10 << 20  # kMinLargeAlloc: from 10 MiB on, a segment is the request rounded to 2 MiB
 ROUND_LARGE_BYTES = 2 << 20  # kRoundLarge: round up large segments to 2 MiB
 
-# Events of a replayed sequence: ("alloc", key, nbytes), ("free", key), ("empty_cache",), ("reset_peak",)
+# Events of a replayed sequence: ("alloc", key, nbytes[, stream]), ("free", key), ("empty_cache",), ("reset_peak",)
+DEFAULT_STREAM = 0
 ALLOC, FREE, EMPTY_CACHE, RESET_PEAK = "alloc", "free", "empty_cache", "reset_peak"
 
 
@@ -88,12 +93,13 @@ def should_split(block_bytes: int, size: int, small: bool) -> bool:
 class Block:
     """A contiguous range of one segment: allocated or free, with its neighbours in the segment."""
 
-    __slots__ = ("size", "addr", "small", "allocated", "prev", "next")
+    __slots__ = ("size", "addr", "small", "stream", "allocated", "prev", "next")
 
-    def __init__(self, size: int, addr: int, small: bool):
+    def __init__(self, size: int, addr: int, small: bool, stream=DEFAULT_STREAM):
         self.size = size
         self.addr = addr
         self.small = small
+        self.stream = stream
         self.allocated = False
         self.prev: Block | None = None
         self.next: Block | None = None
@@ -124,7 +130,7 @@ class ReplayResult:
 
 
 class CachingAllocator:
-    """One device's caching allocator (one stream), with ``memory_allocated``/``memory_reserved`` and their peaks.
+    """One device's caching allocator (a free pool per stream), with ``memory_allocated``/``memory_reserved`` and their peaks.
 
     ``capacity_bytes``: the memory ``cudaMalloc`` may take in all (None: unlimited); over it, the cached segments are
     released and the ``cudaMalloc`` retried, as ``malloc`` does, and ``OutOfMemory`` is raised if it still fails.
@@ -132,7 +138,7 @@ class CachingAllocator:
 
     def __init__(self, capacity_bytes: int | None = None):
         self.capacity_bytes = capacity_bytes
-        self._free: dict[bool, list[tuple[int, int]]] = {True: [], False: []}  # pool -> sorted (size, addr)
+        self._free: dict[tuple, list[tuple[int, int]]] = {}  # (stream, small) -> sorted (size, addr)
         self._by_key: dict[tuple[int, int], Block] = {}  # (size, addr) of every free block
         self._next_addr = 0
         self.allocated_bytes = 0
@@ -148,19 +154,20 @@ class CachingAllocator:
     # -- the free pools (BlockPool::blocks, ordered by BlockComparatorSize) ----------------------------------------
     def _insert(self, block: Block) -> None:
         key = (block.size, block.addr)
-        bisect.insort(self._free[block.small], key)
+        bisect.insort(self._free.setdefault((block.stream, block.small), []), key)
         self._by_key[key] = block
 
     def _remove(self, block: Block) -> None:
         key = (block.size, block.addr)
-        pool = self._free[block.small]
+        pool = self._free[(block.stream, block.small)]
         index = bisect.bisect_left(pool, key)
         del pool[index]
         del self._by_key[key]
 
-    def _best_fit(self, size: int, small: bool) -> Block | None:
-        """``get_free_block``: the smallest free block of the pool that holds ``size`` (lowest address first)."""
-        pool = self._free[small]
+    def _best_fit(self, size: int, small: bool, stream) -> Block | None:
+        """``get_free_block``: the smallest free block of the stream's pool that holds ``size`` (lowest address
+        first)."""
+        pool = self._free.get((stream, small), ())
         index = bisect.bisect_left(pool, (size, -1))
         if index == len(pool):
             return None
@@ -169,15 +176,15 @@ class CachingAllocator:
         return block
 
     # -- the public operations ---------------------------------------------------------------------------------
-    def malloc(self, nbytes: int) -> Block:
-        """``DeviceCachingAllocator::malloc``: a block for a request of ``nbytes``."""
+    def malloc(self, nbytes: int, stream=DEFAULT_STREAM) -> Block:
+        """``DeviceCachingAllocator::malloc``: a block for a request of ``nbytes`` on ``stream``."""
         size = round_size(nbytes)
         small = is_small(size)
-        block = self._best_fit(size, small)
+        block = self._best_fit(size, small, stream)
         if block is None:
-            block = self._new_segment(segment_bytes(size), small)
+            block = self._new_segment(segment_bytes(size), small, stream)
         if should_split(block.size, size, small):  # alloc_found_block: the front is handed out
-            rest = Block(block.size - size, block.addr + size, small)
+            rest = Block(block.size - size, block.addr + size, small, stream)
             rest.prev, rest.next = block, block.next
             if block.next is not None:
                 block.next.prev = rest
@@ -213,8 +220,8 @@ class CachingAllocator:
 
     def empty_cache(self) -> None:
         """``emptyCache`` -> ``release_cached_blocks``: ``cudaFree`` every free block that is a whole segment."""
-        for small in (False, True):
-            for key in list(self._free[small]):
+        for pool in list(self._free.values()):
+            for key in list(pool):
                 block = self._by_key[key]
                 if block.is_segment:
                     self._remove(block)
@@ -228,7 +235,7 @@ class CachingAllocator:
         self.reserved_at_reset_bytes = self.reserved_bytes
         self.allocated_at_reset_bytes = self.allocated_bytes
 
-    def _new_segment(self, nbytes: int, small: bool) -> Block:
+    def _new_segment(self, nbytes: int, small: bool, stream=DEFAULT_STREAM) -> Block:
         """``alloc_block``: a new segment; over ``capacity_bytes``, release the cache and retry once."""
         if self.capacity_bytes is not None and self.reserved_bytes + nbytes > self.capacity_bytes:
             self.alloc_retries += 1
@@ -236,7 +243,7 @@ class CachingAllocator:
             if self.reserved_bytes + nbytes > self.capacity_bytes:
                 raise OutOfMemory(f"a {nbytes}-byte segment does not fit: {self.reserved_bytes} bytes reserved of "
                                   f"{self.capacity_bytes}")
-        block = Block(nbytes, self._next_addr, small)
+        block = Block(nbytes, self._next_addr, small, stream)
         self._next_addr += nbytes
         self.reserved_bytes += nbytes
         self.reserved_peak_bytes = max(self.reserved_peak_bytes, self.reserved_bytes)
@@ -261,7 +268,8 @@ class CachingAllocator:
 def replay(events, capacity_bytes: int | None = None) -> ReplayResult:
     """Replay ``events`` through a fresh allocator and return its statistics.
 
-    ``events``: ``("alloc", key, nbytes)`` (``key`` names the allocation, any hashable), ``("free", key)``,
+    ``events``: ``("alloc", key, nbytes)`` or ``("alloc", key, nbytes, stream)`` (``key`` names the allocation, any
+    hashable; ``stream`` the stream it was made on, any hashable, ``DEFAULT_STREAM`` when left out), ``("free", key)``,
     ``("empty_cache",)`` and ``("reset_peak",)``, in program order. A free of a key never allocated is an error.
     """
     allocator = CachingAllocator(capacity_bytes)
@@ -269,10 +277,10 @@ def replay(events, capacity_bytes: int | None = None) -> ReplayResult:
     for event in events:
         kind = event[0]
         if kind == ALLOC:
-            _, key, nbytes = event
+            key, nbytes = event[1], event[2]
             if key in live:
                 raise ValueError(f"allocation {key!r} made twice without a free")
-            live[key] = allocator.malloc(nbytes)
+            live[key] = allocator.malloc(nbytes, event[3] if len(event) > 3 else DEFAULT_STREAM)
         elif kind == FREE:
             key = event[1]
             block = live.pop(key, None)
@@ -287,3 +295,25 @@ def replay(events, capacity_bytes: int | None = None) -> ReplayResult:
             raise ValueError(f"unknown allocator event {kind!r}: expected one of {ALLOC}, {FREE}, {EMPTY_CACHE}, "
                              f"{RESET_PEAK}")
     return allocator.result()
+
+
+def stream_live_peaks(events) -> tuple[dict, int]:
+    """Each stream's largest live bytes over ``events`` (requested sizes, no rounding) and the largest of all streams
+    together: what the tensors alone would hold, before any pool or segment."""
+    live: dict = {}
+    now: dict = {}
+    peaks: dict = {}
+    total = joint = 0
+    for event in events:
+        if event[0] == ALLOC:
+            stream = event[3] if len(event) > 3 else DEFAULT_STREAM
+            live[event[1]] = (stream, event[2])
+            now[stream] = now.get(stream, 0) + event[2]
+            peaks[stream] = max(peaks.get(stream, 0), now[stream])
+            total += event[2]
+            joint = max(joint, total)
+        elif event[0] == FREE:
+            stream, nbytes = live.pop(event[1])
+            now[stream] -= nbytes
+            total -= nbytes
+    return peaks, joint

@@ -6,7 +6,7 @@ import importlib
 
 from ..catalogue import get_model
 from ..errors import VramcalcError
-from ..options import Loss, Stack
+from ..options import Loss, Sharding, Stack
 from ..stacks import preset
 from ..training_setup import resolve_setup
 from .engine import TRACE_STEPS, TraceResult, run_trace  # noqa: F401  (the engine, re-exported for callers)
@@ -43,7 +43,7 @@ def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None
     build, 1 warm-up step, ``empty_cache`` and peak reset, 2 measured steps, traced once with an allocation
     recorder: the terms are the peak over those three steps) and adds ``details["reserved_peak_bytes"]``, what ``torch.cuda.max_memory_reserved`` would read, with
     ``reserved_baseline_bytes`` and the replay's settings (``reserved.reserved_trace``). The HF training step on
-    one GPU only."""
+    one GPU or one DDP or FSDP rank (``_check_reserved``)."""
     from ..estimator import assemble_measured
 
     from ..hf_config import UnsupportedArchitecture
@@ -92,17 +92,21 @@ def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None
 
 
 def _reserved_refusal(what: str) -> str:
-    return (f"--reserved replays one GPU's caching allocator over the Hugging Face training step; {what} is traced "
-            "without it: leave --reserved out")
+    return (f"--reserved replays one GPU's caching allocator over the Hugging Face training step (one GPU, or one "
+            f"DDP or FSDP rank); {what} is traced without it: leave --reserved out")
 
 
 def _check_reserved(resolved) -> None:
     """``reserved=True`` covers what ``benchmarks/allocator_replay.md`` checked: the HF step (any method, precision,
-    optimizer; vision-language models too) on one GPU. Other tasks, stacks with their own code and several GPUs are
-    refused before anything runs."""
+    optimizer; vision-language models too) on one GPU; and one rank of DDP or FSDP2 on the fake process group, whose
+    side streams the replay keeps apart (``caching_allocator`` rule 3, ``benchmarks/stream_pools.md``). Other tasks,
+    stacks with their own code, other engines and model parallelism are refused before anything runs."""
     setup = resolved.setup
-    if setup.num_gpus > 1:
-        raise VramcalcError(_reserved_refusal(f"--num-gpus {setup.num_gpus}"))
+    data_parallel = setup.sharding in (Sharding.DDP, Sharding.FSDP)
+    model_parallel = max(getattr(setup, "tp", 1), getattr(setup, "cp", 1), getattr(setup, "ep", 1)) > 1
+    if setup.num_gpus > 1 and (not data_parallel or model_parallel):
+        what = "--tp/--cp/--ep" if model_parallel else f"--sharding {setup.sharding.value}"
+        raise VramcalcError(_reserved_refusal(f"{what} on {setup.num_gpus} GPUs"))
     if setup.task.value != "sft":
         raise VramcalcError(_reserved_refusal(f"--task {setup.task.value}"))
     if setup.stack in STACK_TRACE_MODULES or setup.stack is Stack.UNSLOTH:
