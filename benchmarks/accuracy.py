@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py                       # the full grid (minutes): writes accuracy.csv and accuracy.md
     python benchmarks/accuracy.py --limit 10            # the first ten setups
     python benchmarks/accuracy.py --first 63 --out benchmarks/accuracy_knobs.csv   # issue 11's knob rows only
+    python benchmarks/accuracy.py --first 85 --out benchmarks/accuracy_loop.csv    # the hf-loop rows only
 
 Each row: the setup, every tensor term estimated and traced (bytes), the peak phase of each, and the relative error
 of ``peak_tensor_bytes`` (estimate - trace) / trace. Rows are appended as they are traced.
@@ -126,6 +127,12 @@ GRID = [
     ("llama-3.1-8b", dict(seq_len=1024, batch_size=4, method="lora", packing=True)),
     ("qwen3-8b", dict(seq_len=2048, batch_size=2, method="qlora", packing=True, attn="flash", grad_ckpt="selective",
                       activation_offload=True)),
+    # a custom loop that keeps ``outputs`` (transformers' *_no_trainer examples): its logits through backward and
+    # the next forward (--loss hf-loop; mixed precision: accelerate's fp32 copy, bf16-true: lm_head's own)
+    ("llama-3.2-1b", dict(seq_len=2048, batch_size=2, loss="hf-loop")),
+    ("llama-3.2-1b", dict(seq_len=2048, batch_size=2, method="lora", loss="hf-loop", precision="bf16-true")),
+    ("qwen2.5-0.5b", dict(seq_len=1024, batch_size=4, method="lora", loss="hf-loop", grad_ckpt=True)),
+    ("smollm2-360m", dict(seq_len=2048, batch_size=2, method="qlora", loss="hf-loop", grad_accum=2)),
 ]
 
 

@@ -202,17 +202,21 @@ class Loss(Choice):
     # torchtune recipes of April-July 2024 (before #1235): the model's fp32 logits shifted into a contiguous fp32 copy
     # for a plain CrossEntropyLoss, the copy left bound to ``logits`` through backward, the step and the next forward
     TORCHTUNE_2024 = "torchtune-2024"
+    # transformers' loss in a custom loop that keeps ``outputs`` (``outputs = model(**batch); loss = outputs.loss;
+    # accelerator.backward(loss)``: transformers' examples/pytorch/*_no_trainer.py) until the next model call returns
+    HF_LOOP = "hf-loop"
 
     @property
     def held_by_loop(self) -> bool:
         """The training loop keeps the loss's [T, V] input bound until its next model call returns (litgpt's
-        ``fit``; torchtune's recipes until ``del logits``, #1046 and #1235): the next forward runs beside it."""
-        return self in (Loss.LITGPT, Loss.TORCHTUNE_2024)
+        ``fit``; torchtune's recipes until ``del logits``, #1046 and #1235; a custom loop's ``outputs``): the next
+        forward runs beside it."""
+        return self in (Loss.LITGPT, Loss.TORCHTUNE_2024, Loss.HF_LOOP)
 
     @property
     def in_model(self) -> bool:
         """transformers' model computes this loss itself from its [T, V] logits (``model.loss_function``)."""
-        return self in (Loss.HF, Loss.HF_SHIFTED)
+        return self in (Loss.HF, Loss.HF_SHIFTED, Loss.HF_LOOP)
 
 
 class Sharding(Choice):

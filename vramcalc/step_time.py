@@ -259,9 +259,10 @@ def elementwise_bytes(tokens: float, hidden_size: int, q_width: int, kv_width: i
 # 4-byte write it replaces = 34); TRL's tiled log-prob kernel writes each fp32 tile and reads it back, in forward and
 # again when backward recomputes it: 2 · (4 + 4) = 16 (assumption, from trl/kernels/chunked_logprob.py's structure).
 # torchtune's 2024 loop and transformers 4.46-4.49 add the shifted contiguous fp32 copy (read 4, write 4) and its
-# slice's backward (a zero-filled [T, V] written, then the gradient read and copied in: 4 + 4 + 4): 50.
+# slice's backward (a zero-filled [T, V] written, then the gradient read and copied in: 4 + 4 + 4): 50. A custom loop
+# that keeps ``outputs`` moves the same bytes as transformers' path: 30.
 LOSS_BYTES_PER_LOGIT = {"hf": 30.0, "chunked": 30.0, "torchtune": 30.0, "litgpt": 34.0, "trl": 16.0, "fused": 4.0,
-                        "torchtune-2024": 50.0, "hf-shifted": 50.0}
+                        "torchtune-2024": 50.0, "hf-shifted": 50.0, "hf-loop": 30.0}
 
 
 def loss_bytes(tokens: float, vocab_size: int, loss: str = "hf") -> float:

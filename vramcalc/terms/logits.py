@@ -52,6 +52,15 @@
   Forward peak max((c + 4)·T, 4·T + 4·T')·V (the model's cast; its output beside the copy); backward start
   16·T'·V (the copy, the saved log_softmax, nll_loss's gradient and log_softmax's); lm_head's backward sees the copy
   and the cast's c gradient, 4·T'·V + c·T·V; the next model call ends with its own (c + 4)·T·V beside the copy.
+``hf-loop`` (transformers' examples/pytorch/language-modeling/run_clm_no_trainer.py and the other ``*_no_trainer``
+  scripts: ``outputs = model(**batch); loss = outputs.loss; accelerator.backward(loss)``, then ``optimizer.step()``):
+  ``hf``'s loss, but the loop keeps ``outputs`` bound until the next ``model(**batch)`` returns, so its logits
+  (``held``) stay through backward, the optimizer step and the next forward. Under mixed precision accelerate's
+  wrapped forward returns them converted to fp32 (``convert_outputs_to_fp32``: 4·T·V; the c logits die with the
+  conversion); otherwise they are lm_head's own c·T·V. Every ``hf`` moment gains ``held``; the next model call ends
+  with its own loss's forward peak (``output``) beside it. A model built with ``use_cache=True`` and run without
+  gradient checkpointing also leaves every layer's keys and values in ``outputs.past_key_values``: vramcalc builds
+  models with the cache off (``tracing/build.py``), and that cache is not counted.
 Compiled (``compile``, with ``hf`` or ``torchtune``; torchtune's ``training.compile_loss`` compiles its loss): AOTAutograd with inductor's decompositions
   (``torch._inductor.decomposition.select_decomp_table``) and the min-cut partitioner keep the cross-entropy's 16-bit
   input and two fp32 values per row (its amax and log-sum-exp), not the fp32 log_softmax: checked by running
@@ -101,6 +110,11 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
     litgpt's full fine-tuning, whose lm_head is not chunked; ``fp32_logits`` a model that returns fp32 logits itself
     (torchtune's unembed), which a compiled ``hf`` loss then saves. Formulas and sources per loss: the module
     docstring."""
+    if loss is Loss.HF_LOOP:  # hf, plus the logits the loop's ``outputs`` keeps (module docstring)
+        hf = logits_bytes(model, Loss.HF, dt, tokens, head_grad_bytes, sequences, compiled, whole_head, fp32_logits)
+        held = (_F32 if dt.autocast else dt.c) * tokens * model.vocab_size
+        return LogitsBytes(hf.forward_peak, hf.saved + held, hf.backward_peak + held, hf.head_backward + held,
+                           held=held, output=hf.forward_peak)
     V = model.vocab_size
     c = dt.c
     upcast = 0 if c == _F32 else _F32

@@ -92,13 +92,15 @@ class TrainerLoss:
     """The loss of one micro-batch as Trainer computes it, for the trace and the calibration harness alike.
 
     ``hf``: the model's own ForCausalLMLoss (labels = inputs), then accelerate's ``convert_outputs_to_fp32`` copy of
-    the 16-bit logits while ``outputs`` lives. ``chunked`` / ``fused``: lm_head is bypassed (losses.PassThroughHead)
+    the 16-bit logits while ``outputs`` lives. ``hf-loop``: the same, but ``outputs`` (its logits fp32 under mixed
+    precision) is kept in ``held`` until the next micro-batch's model call returns, as a custom loop keeps it. ``chunked`` / ``fused``: lm_head is bypassed (losses.PassThroughHead)
     and the loss is computed from the final hidden states with lm_head's weight; prompt tuning's virtual tokens get
     label -100. ``on_logits`` is called when the loss starts on the hidden states (the trace's logits region).
     """
 
     def __init__(self, model: nn.Module, setup):
         self.setup = setup
+        self.held = None  # ``hf-loop``: the last micro-batch's ``outputs``, which the loop keeps
         inner = base_model(model)
         self.head = inner.get_output_embeddings()
         self.softcap = getattr(inner.config, "final_logit_softcapping", None)
@@ -115,7 +117,11 @@ class TrainerLoss:
         if self.setup.loss.in_model:
             outputs = forward_module(input_ids=input_ids, labels=input_ids, **extra_inputs)
             loss = outputs.loss
-            if self.setup.precision.autocast:
+            if self.setup.loss is Loss.HF_LOOP:  # a custom loop's ``outputs``, rebound only once the call returned
+                if self.setup.precision.autocast:  # accelerate's wrapped forward returns fp32 logits
+                    outputs.logits = outputs.logits.float()
+                self.held = outputs
+            elif self.setup.precision.autocast:
                 outputs.logits.float()  # accelerate's fp32 copy, dropped with outputs
             del outputs
             return loss
@@ -333,8 +339,10 @@ class StepTracer:
             for micro in range(setup.grad_accum):
                 with self.accumulation(micro == setup.grad_accum - 1):
                     tracker.phase = Phase.FORWARD
+                    tracker.after_previous = getattr(self.loss, "held", None) is not None  # hf-loop's outputs
                     with self.autocast():
                         loss = self._loss(input_ids, position_ids)
+                    tracker.after_previous = False
                     tracker.in_logits = False
                     tracker.end_forward()
                     tracker.phase = Phase.BACKWARD_START
