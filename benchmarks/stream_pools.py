@@ -128,15 +128,16 @@ def write_md(rows: list[dict]) -> None:
                          ("pools beyond the tensor peak", pools_errors)):
         if errors:
             lines.append(f"| {name} | {len(errors)} | {statistics.median(errors):.2%} | {max(errors):.2%} |")
-    # the estimate's reserved (tensor peak + allocator slack) against the replay with streams, with the pools and
-    # without them (the fraction alone, as before the pools were modelled)
-    with_pools = [(int(r["est_peak_tensor_bytes"]) + int(r["est_allocator_slack_bytes"]))
-                  / int(r["replay_reserved_streams_bytes"]) - 1 for r in rows]
-    without = [(int(r["est_peak_tensor_bytes"]) + int(r["est_allocator_slack_bytes"]) - int(r["est_pools_bytes"]))
+    # the estimate's reserved (``MemoryBreakdown.reserved_bytes``: tensor peak + allocator slack + the pools)
+    # against the replay with streams, and without the pools (as before they were modelled)
+    without = [(int(r["est_peak_tensor_bytes"]) + int(r["est_allocator_slack_bytes"]))
                / int(r["replay_reserved_streams_bytes"]) - 1 for r in rows]
+    with_pools = [(int(r["est_peak_tensor_bytes"]) + int(r["est_allocator_slack_bytes"]) + int(r["est_pools_bytes"]))
+                  / int(r["replay_reserved_streams_bytes"]) - 1 for r in rows]
     lines += ["", f"The streams raise the replayed reserved memory by {statistics.median(added):.1%} (median; "
               f"{min(added):.1%} to {max(added):.1%}) over the same events replayed as one stream. The estimate's "
-              f"reserved (`peak_tensor + allocator_slack`, default slack fraction) against the replay with streams: "
+              f"reserved (`reserved_bytes`: peak_tensor + allocator_slack, default slack fraction, + the pools) "
+              f"against the replay with streams: "
               f"median {statistics.median(with_pools):+.1%} ({min(with_pools):+.1%} to {max(with_pools):+.1%}) with "
               f"the pools, {statistics.median(without):+.1%} ({min(without):+.1%} to {max(without):+.1%}) without "
               f"them.", "",

@@ -85,6 +85,13 @@ class MemoryBreakdown:
     def total_gib(self) -> float:
         return gib(self.total_bytes)
 
+    @property
+    def reserved_bytes(self) -> int:
+        """What ``torch.cuda.max_memory_reserved`` reads while the GPU has room: the tensor peak, the allocator slack
+        and, under FSDP, the blocks its own streams keep cached beyond the peak (``details["stream_pools_bytes"]``,
+        ``terms.runtime.stream_pool_bytes``: released before a ``cudaMalloc`` fails, so not in ``total_bytes``)."""
+        return self.peak_tensor_bytes + self.terms_bytes[Term.ALLOCATOR_SLACK] + self.details.get("stream_pools_bytes", 0)
+
     def headroom_bytes(self, gpu: str | GpuSpec | None = None) -> int:
         """Device memory left at the peak (negative: short by that much)."""
         device = self._gpu(gpu)
@@ -153,9 +160,9 @@ class MemoryBreakdown:
             if label == "activations" and "vision_activations_bytes" in self.details:  # a VLM (terms/vision.py)
                 vision = self.details["vision_activations_bytes"]
                 lines.append(f"{'  vision tower':<{width}}  {gib(vision):>9.2f} GiB")
-            if label == Term.ALLOCATOR_SLACK.value and "stream_pools_bytes" in self.details:  # FSDP's side streams
-                pools = self.details["stream_pools_bytes"]
-                lines.append(f"{'  FSDP streams':<{width}}  {gib(pools):>9.2f} GiB")
+        if "stream_pools_bytes" in self.details:  # FSDP's own streams (terms/runtime.py stream_pool_bytes)
+            lines.append(f"FSDP's streams keep {gib(self.details['stream_pools_bytes']):.2f} GiB more cached while the "
+                         f"GPU has room (reserved {gib(self.reserved_bytes):.2f} GiB); freed before an out-of-memory")
         if "reserved_peak_bytes" in self.details:  # trace(..., reserved=True): tracing/reserved.py
             lines += self._reserved_lines(width)
         if "image_tokens_per_sample" in self.details:
@@ -176,14 +183,15 @@ class MemoryBreakdown:
         """The caching-allocator replay's ``max_memory_reserved``, and the slack model's figure for the same thing:
         ``peak_tensor + allocator_slack`` + the cuBLAS workspace the replay allocated."""
         d = self.details
-        slack_model = self.peak_tensor_bytes + self.terms_bytes[Term.ALLOCATOR_SLACK] + d["reserved_workspace_bytes"]
+        slack_model = self.reserved_bytes + d["reserved_workspace_bytes"]
         return [
             f"{RESERVED_LABEL:<{width}}  {gib(d['reserved_peak_bytes']):>9.2f} GiB",
             f"  replay: {d['reserved_replay_warmup_steps']} warm-up + {d['reserved_replay_measured_steps']} measured "
             f"steps after empty_cache (baseline {gib(d['reserved_baseline_bytes']):.2f} GiB), cuBLAS workspace "
             f"{d['reserved_workspace_bytes'] / BYTES_PER_MIB:.1f} MiB "
             f"(runtime profile: {d['reserved_workspace_source']})",
-            f"  slack model beside it: peak_tensor + allocator_slack + workspace = {gib(slack_model):.2f} GiB",
+            f"  slack model beside it: peak_tensor + allocator_slack + workspace"
+            f"{' + FSDP streams' if 'stream_pools_bytes' in d else ''} = {gib(slack_model):.2f} GiB",
         ]
 
     def __str__(self) -> str:

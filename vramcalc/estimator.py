@@ -35,7 +35,7 @@ from .terms import (activations, adapters, distributed, expert_parallel, float8,
                     trl_loss, vision)
 from .terms.distributed import GatheredTimeline
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
-from .units import DType, maximum, select
+from .units import DType, maximum, minimum, select
 
 _F32 = DType.FP32.bytes
 from .model import reward_spec  # --task reward (terms/tasks.py)
@@ -93,7 +93,7 @@ class _TensorPeak:
     phase: Phase
     paged_bytes: int  # bitsandbytes paged optimizer state (outside torch's allocator)
     phase_peaks: tuple = ()  # (phase, bytes): each phase's largest moment, where ``_reports_phase_peaks``
-    stream_pools_bytes: int = 0  # what FSDP's side streams' cached blocks add to reserved (``_stream_pools_bytes``)
+    stream_pools_bytes: int = 0  # what FSDP's side streams keep cached beyond the tensor peak (``_stream_pools_bytes``)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -121,13 +121,13 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
 def _stream_pools_bytes(spec: ModelSpec, resolved: ResolvedSetup, moments: list[Moment]) -> int:
     """``runtime.stream_pool_bytes`` for FSDP's all-gather and reduce-scatter streams
     (``distributed.side_stream_pools``); 0 for other engines. The default stream's bytes at a moment are the
-    moment's less its side-stream shares (``Moment``)."""
+    moment's less its side-stream shares (``Moment``). Byte counts may be numpy arrays (a sweep's batch shapes)."""
     pools = distributed.side_stream_pools(spec, resolved)
     if not any(pools):
         return 0
-    default = max(m.tensor_bytes - min(m.all_gather_stream, m.weights) - min(m.reduce_scatter_stream, m.gradients)
-                  for m in moments)
-    return runtime.stream_pool_bytes(default, pools, max(m.tensor_bytes for m in moments))
+    default = functools.reduce(maximum, (m.tensor_bytes - minimum(m.all_gather_stream, m.weights)
+                                         - minimum(m.reduce_scatter_stream, m.gradients) for m in moments))
+    return runtime.stream_pool_bytes(default, pools, functools.reduce(maximum, (m.tensor_bytes for m in moments)))
 
 
 def _reports_phase_peaks(resolved: ResolvedSetup) -> bool:
@@ -185,7 +185,7 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details, 
         communicating = max(communicating, setup.ep)
     terms[Term.RUNTIME_OVERHEAD] = runtime.runtime_overhead_bytes(profile, device, communicating, paged_bytes)
     terms[Term.RUNTIME_OVERHEAD] += tasks.vllm_reservation_bytes(setup, device)  # 0 but GRPO with vLLM
-    terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor, stream_pools_bytes)
+    terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor)
     out = {
         "params": spec.params,
         "active_params": spec.active_params,
@@ -195,7 +195,7 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details, 
     }
     if setup.sharding is not Sharding.NONE:
         out.update(_data_parallel_details(spec, resolved, device))
-    if stream_pools_bytes:  # in allocator_slack: FSDP's side streams' cached blocks (``_stream_pools_bytes``)
+    if stream_pools_bytes:  # reserved beyond the slack while the GPU has room (``runtime.stream_pool_bytes``)
         out["stream_pools_bytes"] = stream_pools_bytes
     if setup.device_map is DeviceMap.AUTO:  # where each part sits, every GPU's peak (device_map_step.py)
         from .device_map_step import device_map_details

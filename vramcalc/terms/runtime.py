@@ -9,9 +9,10 @@ runtime_overhead = CUDA context (+ kernel images) + cuBLAS workspaces + NCCL com
   lives in cudaMallocManaged memory that torch's allocator never sees; vramcalc counts it here, at its full size
   (resident, before any eviction to host RAM).
 allocator_slack = reserved - allocated: the caching allocator rounds blocks (2 MiB segments below 1 MiB, 20 MiB up to
-  10 MiB, 2 MiB multiples above; ``CUDACachingAllocator.cpp``) and fragments. Default: a fraction of the tensor peak,
-  plus, where an engine allocates on streams of its own (FSDP's collectives), what those streams' cached blocks add:
-  a cached block serves only requests of the stream it was allocated on (``stream_pool_bytes``).
+  10 MiB, 2 MiB multiples above; ``CUDACachingAllocator.cpp``) and fragments. Default: a fraction of the tensor peak.
+  Where an engine allocates on streams of its own (FSDP's collectives), reserved reads more while the GPU has room:
+  a cached block serves only requests of the stream it was allocated on (``stream_pool_bytes``, reported beside the
+  terms, not in ``total``: those blocks are whole free segments, which a failing ``cudaMalloc`` releases first).
 host_seconds_per_kernel = the host's time to issue one launched kernel of an eager step (Python, dispatcher,
   autograd, the launch), the step-time model's ``h`` (``vramcalc.step_time``; view ops keep their own
   ``step_time.VIEW_OP_HOST_SECONDS``). It belongs to the host CPU and the Python stack, not to the GPU: the same
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 from ..catalogue import GpuSpec
 from ..step_time import HOST_SECONDS_PER_KERNEL
+from ..units import maximum
 
 MIB = 2**20
 DEFAULT_CUDA_CONTEXT_BYTES = 500 * MIB  # assumption (see module docstring); refit by calibration
@@ -74,10 +76,9 @@ def runtime_overhead_bytes(profile: RuntimeProfile, gpu: GpuSpec | None, num_gpu
     return profile.cuda_context_bytes + workspace + nccl + paged_bytes
 
 
-def allocator_slack_bytes(profile: RuntimeProfile, peak_tensor_bytes: int, stream_pools_bytes: int = 0) -> int:
-    """Reserved minus allocated at the peak: a calibrated fraction of the tensor peak, plus the side streams' pools
-    (``stream_pool_bytes``)."""
-    return int(profile.allocator_slack_fraction * peak_tensor_bytes) + stream_pools_bytes
+def allocator_slack_bytes(profile: RuntimeProfile, peak_tensor_bytes: int) -> int:
+    """Reserved minus allocated at the peak: a calibrated fraction of the tensor peak."""
+    return int(profile.allocator_slack_fraction * peak_tensor_bytes)
 
 
 def stream_pool_bytes(default_stream_peak_bytes: int, side_stream_peak_bytes: tuple[int, ...],
@@ -91,6 +92,8 @@ def stream_pool_bytes(default_stream_peak_bytes: int, side_stream_peak_bytes: tu
     (``c10/cuda/CUDACachingAllocator.cpp``, ``BlockComparatorSize`` orders by stream first), and a freed block
     returns to its own stream's pool. So each stream's pool grows to that stream's own peak, and reserved is at
     least the sum of the streams' peaks, whereas the tensors peak at P <= that sum (FSDP's gradient shards, cached on
-    the reduce-scatter stream, cannot hold the next forward's activations). Before any cached block is released
-    (``empty_cache``, or a failed ``cudaMalloc`` on a full device)."""
-    return max(0, default_stream_peak_bytes + sum(side_stream_peak_bytes) - peak_tensor_bytes)
+    the reduce-scatter stream, cannot hold the next forward's activations). That is reserved while the GPU has room:
+    when a ``cudaMalloc`` fails, ``DeviceCachingAllocator::malloc`` releases every free cached segment, of any stream
+    (``release_cached_blocks``), and retries (``num_alloc_retries``), so these bytes do not decide whether a job fits;
+    they cost a synchronising free and re-allocation each step where the device is short."""
+    return maximum(default_stream_peak_bytes + sum(side_stream_peak_bytes) - peak_tensor_bytes, 0)
