@@ -133,6 +133,12 @@ GRID = [
     ("llama-3.2-1b", dict(seq_len=2048, batch_size=2, method="lora", loss="hf-loop", precision="bf16-true")),
     ("qwen2.5-0.5b", dict(seq_len=1024, batch_size=4, method="lora", loss="hf-loop", grad_ckpt=True)),
     ("smollm2-360m", dict(seq_len=2048, batch_size=2, method="qlora", loss="hf-loop", grad_accum=2)),
+    # without checkpointing the loop's ``outputs`` keeps transformers' DynamicCache too (every layer's K/V through
+    # backward, the step and the next forward): fp32 rotated keys beside autocast's casts (mixed-bf16), eager
+    # attention's repeated k and v (gemma2), a fused qkv output released by v's copy (phi3)
+    ("qwen3-0.6b", dict(seq_len=2048, batch_size=2, precision="mixed-bf16", loss="hf-loop")),
+    ("gemma-2-2b", dict(seq_len=2048, batch_size=1, method="lora", loss="hf-loop")),
+    ("phi-3-mini", dict(seq_len=2048, batch_size=1, method="lora", loss="hf-loop")),
 ]
 
 

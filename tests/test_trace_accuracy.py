@@ -121,7 +121,8 @@ def test_transformers_4_46_loss_adds_a_shifted_fp32_copy_at_the_forward_peak():
 
 @pytest.mark.parametrize("precision, held_bytes_per_logit", [("bf16", 4), ("bf16-true", 2), ("fp32", 4)])
 def test_a_loop_that_keeps_outputs_holds_its_logits_through_backward_and_the_next_forward(precision,
-                                                                                          held_bytes_per_logit):
+                                                                                          held_bytes_per_logit,
+                                                                                          monkeypatch):
     """transformers' ``*_no_trainer`` loop (``outputs = model(**batch); loss = outputs.loss;
     accelerator.backward(loss)``) keeps ``outputs`` until the next model call returns: its logits, fp32 under mixed
     precision (accelerate's ``convert_outputs_to_fp32``), lm_head's own dtype otherwise, sit beside backward's start
@@ -132,6 +133,7 @@ def test_a_loop_that_keeps_outputs_holds_its_logits_through_backward_and_the_nex
     import vramcalc as vc
     from vramcalc.options import Phase
     from vramcalc.tracing.runner import run_trace
+    from vramcalc.tracing.step import TrainerLoss
 
     # a vocabulary large enough for the logits to hold the peak (as in the 4.46 loss test above)
     spec = dataclasses.replace(TINY["llama"], name="tiny-llama-wide-vocab", vocab_size=32768)
@@ -140,10 +142,80 @@ def test_a_loop_that_keeps_outputs_holds_its_logits_through_backward_and_the_nex
     loop = run_trace(spec, resolve_setup(spec, loss="hf-loop", **options), progress=False)
     trainer = run_trace(spec, resolve_setup(spec, loss="hf", **options), progress=False)
     held = held_bytes_per_logit * b * s * V
-    rise = loop.phase_peaks[Phase.BACKWARD_START] - trainer.phase_peaks[Phase.BACKWARD_START]
+    # the logits alone: the loop traced with the model's cache off (fp32's math kernel saves no K/V of the cache's)
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainerLoss, "runs_with_cache", staticmethod(lambda setup: False))
+        uncached = run_trace(spec, resolve_setup(spec, loss="hf-loop", **options), progress=False)
+    rise = uncached.phase_peaks[Phase.BACKWARD_START] - trainer.phase_peaks[Phase.BACKWARD_START]
     assert abs(rise - held) <= 2 * 8 * b * s  # to two int64 label tensors
     assert Phase.NEXT_FORWARD in loop.phase_peaks and Phase.NEXT_FORWARD not in trainer.phase_peaks
     estimate = vc.estimate(spec, loss="hf-loop", **options)
     for phase in (Phase.BACKWARD_START, Phase.NEXT_FORWARD, Phase.OPTIMIZER_STEP):
         estimated = estimate.details["phase_peak_bytes"][phase.value]
         assert abs(estimated / loop.phase_peaks[phase] - 1) < 0.006, phase  # fp32 LoRA: hf's own +0.5% here
+
+
+# hf-loop without checkpointing: the cache's K/V saved by the attention as they are (llama's SDPA, bf16), saved as
+# fp32 rotated keys cast by autocast (qwen3 mixed-bf16: the cache's keys extra), eager attention repeating k and v
+# over sliding and full layers (gemma2), a fused qkv output released by v's copy (phi3), MLA's compressed latents
+# (deepseek_v3); a packed row, which a model with a cache attends without the packed sequences' block mask
+KV_CACHE_CASES = [
+    ("llama", dict(method="lora")),
+    ("llama", dict(method="lora", packing=True)),
+    ("qwen3", dict(method="full", precision="mixed-bf16")),
+    ("gemma2", dict(method="lora")),
+    ("phi3", dict(method="lora")),
+    ("deepseek_v3", dict(method="lora")),
+]
+
+
+@pytest.mark.parametrize("family, options", KV_CACHE_CASES,
+                         ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for f, o in KV_CACHE_CASES])
+def test_a_loop_that_keeps_outputs_without_checkpointing_matches_the_trace_with_its_kv_cache(family, options):
+    """The loop's ``outputs.past_key_values`` (transformers' DynamicCache, the model run with ``use_cache``) beside
+    its logits: each phase's peak within 0.6% of the trace, transformers' own cache in the traced model. Eight
+    layers and an 8192 vocabulary: the logits hold the peak, the cache is 1-5% of the step and the next forward."""
+    import dataclasses
+
+    import vramcalc as vc
+    from vramcalc.options import Phase
+    from vramcalc.tracing.runner import run_trace
+
+    spec = dataclasses.replace(TINY[family], name=f"tiny-{family}-8-layers", num_layers=8, vocab_size=8192)
+    options = dict(seq_len=256, batch_size=2, **options)
+    loop = run_trace(spec, resolve_setup(spec, loss="hf-loop", **options), progress=False)
+    estimate = vc.estimate(spec, loss="hf-loop", **options)
+    for phase in (Phase.BACKWARD_START, Phase.NEXT_FORWARD, Phase.OPTIMIZER_STEP):
+        estimated = estimate.details["phase_peak_bytes"][phase.value]
+        assert abs(estimated / loop.phase_peaks[phase] - 1) < 0.006, phase
+
+
+def test_the_kv_cache_a_loop_keeps_lasts_from_backward_end_to_the_next_forward(monkeypatch):
+    """Without checkpointing a loop's ``outputs`` holds every layer's cached keys and values, 2·b·s·k·d·c bytes a
+    layer (transformers ``DynamicLayer.update``: ``torch.cat([self.keys, key_states])``). SDPA saves those copies
+    themselves (16-bit, no mask, GQA in the kernel), so forward and the loss's backward see nothing more; each
+    layer's attention backward frees its saved k and v but the cache keeps them: from the end of backward, through
+    the step and the next micro-batch's forward, all L layers' K/V are extra. Traced against the same loop with the
+    model's cache off."""
+    import dataclasses
+
+    from vramcalc.options import Phase
+    from vramcalc.tracing.runner import run_trace
+    from vramcalc.tracing.step import TrainerLoss
+    from vramcalc.units import CUDA_ALLOCATION_GRANULE_BYTES
+
+    spec = dataclasses.replace(TINY["llama"], name="tiny-llama-wide-vocab", vocab_size=32768)
+    assert spec.num_kv_heads < spec.num_heads  # grouped-query attention
+    b, s, c = 2, 256, 2
+    options = dict(seq_len=s, batch_size=b, method="full")  # full: the embedding's backward is a phase of its own
+    resolved = resolve_setup(spec, loss="hf-loop", **options)
+    cached = run_trace(spec, resolved, progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainerLoss, "runs_with_cache", staticmethod(lambda setup: False))
+        uncached = run_trace(spec, resolved, progress=False)
+    layers_kv = spec.num_layers * 2 * b * s * spec.num_kv_heads * spec.head_dim * c
+    granules = 2 * CUDA_ALLOCATION_GRANULE_BYTES
+    for phase in (Phase.FORWARD, Phase.BACKWARD_START):
+        assert abs(cached.phase_peaks[phase] - uncached.phase_peaks[phase]) <= granules, phase
+    for phase in (Phase.BACKWARD_END, Phase.OPTIMIZER_STEP, Phase.NEXT_FORWARD):
+        assert abs(cached.phase_peaks[phase] - uncached.phase_peaks[phase] - layers_kv) <= granules, phase

@@ -299,6 +299,10 @@ def _step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq
         b, s = 1, b * s
     # torchtune attends a packed batch with flex attention's BlockMask: no dense mask (stack_layers.py)
     dense_packing = setup.packing and not stack_layers.stack_layers(setup.stack).packed_block_mask
+    if setup.loss is Loss.HF_LOOP and not setup.grad_ckpt and stack_layers.stack_layers(setup.stack).dynamic_cache:
+        # a model run with its cache finds no packed sequences in the position ids (transformers 5.25
+        # masking_utils.py L862-870: only ``if ... cache is None``): plain causal attention over the packed row
+        dense_packing = False
     masked = activations.attention_masked(spec, s, resolved.attn_used, dense_packing, sequences)
     if peft_methods.prefix_masked(setup.method):  # a key/value prefix: SDPA gets a 4-D mask
         masked = True
@@ -428,6 +432,14 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     A = A + peft_methods.prompt_encoder_saved_bytes(spec, csetup.method, dt, b, csetup.virtual_tokens)
     A = A + peft_methods.prefix_saved_bytes(spec, csetup.method, dt, b, s, csetup.virtual_tokens)
     A = A + peft_methods.adalora_orth_reg_bytes(spec, csetup.method, compute.lora_modules, csetup.lora_rank, dt)
+    # a loop that keeps ``outputs`` keeps its ``past_key_values`` too (transformers' DynamicCache; with
+    # checkpointing transformers turns the cache off): each layer's entry changes forward's saved tensors by its
+    # ``forward`` bytes, and stays after the layer's backward (``_layer_backward_moments``), through the step and
+    # the next forward
+    kv = _kv_cache_bytes(spec, layer, masked, b, s) if csetup.loss is Loss.HF_LOOP and not ckpt else {}
+    kv_held = sum(kv[kind][0] * (hi - lo + 1) for kind, hi, lo in _layer_runs(spec, masked)) if kv else 0
+    if kv:
+        A = A + sum(kv[kind][1] * (hi - lo + 1) for kind, hi, lo in _layer_runs(spec, masked))
     head_grad = rank.head_gradient
     copies = temporaries.weight_copy_bytes(spec, dt, csetup.method, ckpt, tensors)
     if csetup.task is Task.REWARD:  # the score head's [B, s, 1] output and its pooling (terms/tasks.py)
@@ -517,35 +529,36 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                                        recompute_beside, masked, flat_units, copies_by_kind,
                                        context_parallel.ring_backward_bytes(spec, b * s, setup.cp, dt.c)
                                        if getattr(setup, "cp", 1) > 1 else 0,  # --cp
-                                       buffers if setup.sharding is Sharding.FSDP else None)
+                                       buffers if setup.sharding is Sharding.FSDP else None, kv)
     embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens)
     if stable:
         embedding_backward = stack_layers.stable_embedding_backward_bytes(spec, dt.r, tokens)
     if rank.gathering is None:
-        moments.append(Moment(Phase.BACKWARD_END, W, Bb + rank.gradients + outer_step, O, 0, lg.held,
+        moments.append(Moment(Phase.BACKWARD_END, W, Bb + rank.gradients + outer_step, O, kv_held, lg.held,
                               embedding_backward))
     else:  # the embedding's copy-out (its buffer and parameters at once) and its backward, every layer reduced
         moments += [
             # (the reduced units' shards replace their accumulated gradients: see ``_layer_backward_moments``)
             Moment(Phase.BACKWARD_END, W + gathered.embedding_copy_out,
-                   Bb + maximum(G_acc, gathered.embedding_reduced), O, 0, lg.held, 0, buffers.embedding_copy_out,
+                   Bb + maximum(G_acc, gathered.embedding_reduced), O, kv_held, lg.held, 0, buffers.embedding_copy_out,
                    shards),
             Moment(Phase.BACKWARD_END, W + gathered.embedding_gathered,
                    Bb + rank.gathering.embed.grads_bytes + maximum(G_acc, gathered.embedding_reduced), O,
-                   0, lg.held, embedding_backward, buffers.embedding_gathered, shards),
+                   kv_held, lg.held, embedding_backward, buffers.embedding_gathered, shards),
         ]
         if flat_units:  # the root unit's view gradients (lm_head's held since the loss) and their concatenation
             root = rank.gathering.embed.grads_bytes + rank.gathering.tail.grads_bytes
             moments.append(Moment(Phase.BACKWARD_END, W + gathered.embedding_gathered,
-                                  Bb + 2 * root + maximum(G_acc, gathered.embedding_reduced), O, 0, lg.held, 0,
+                                  Bb + 2 * root + maximum(G_acc, gathered.embedding_reduced), O, kv_held, lg.held, 0,
                                   buffers.embedding_gathered, shards))
     # every unit reduced: the embedding's shards too (none left on the GPU under CPU offload: ``rank_states``)
     step_shards = shards + rank.gathering.embed.sharded_grads_bytes if shards else 0
-    moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, 0, lg.held, rank.optimizer_step, 0,
+    moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, kv_held, lg.held, rank.optimizer_step, 0,
                           step_shards))
-    if lg.held:  # the loop's ``logits`` lives until the next model call returns (Loss.held_by_loop)
+    if lg.held:  # the loop's ``logits`` (and cache) live until the next model call returns (Loss.held_by_loop)
         moments += [m._replace(all_gather_stream=buffers.loss_forward) for m in
-                    _next_forward_moments(W + gathered.loss_forward, B + G_acc, O, A, lg, extras, copies.forward)]
+                    _next_forward_moments(W + gathered.loss_forward, B + G_acc, O, A + kv_held, lg, extras,
+                                          copies.forward)]
     if setup.sharding is Sharding.NONE:  # the weights reaching the GPU (``terms/loading.py``), before any step
         moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - rank.weights))
     if setup.task.uses_fused_head:  # the reference model and its forward, GRPO's generation (terms/tasks.py)
@@ -557,6 +570,15 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     if spec.vision is not None and setup.images:  # a VLM's vision tower (terms/vision.py)
         moments = vision.moments_for(spec, resolved, tensors, moments, Moment, layer, b, s, masked)
     return moments
+
+
+def _kv_cache_bytes(spec: ModelSpec, layer: activations.LayerSetup, masked: bool, b, s) -> dict:
+    """Per layer kind (``_layer_runs``), the (held, forward) bytes of one layer's DynamicCache entry
+    (``activations.kv_cache``); {} for a stack whose decoder keeps no such cache (``StackLayers.dynamic_cache``)."""
+    if not layer.layers.dynamic_cache:
+        return {}
+    return {kind: tuple(part.bytes(b, s) for part in activations.kv_cache(spec, layer, kind[1], kind[2]))
+            for kind, _, _ in _layer_runs(spec, masked)}
 
 
 def _next_forward_moments(W, G, O, A, lg, extras, copies_forward) -> list[Moment]:
@@ -581,7 +603,7 @@ def _next_forward_moments(W, G, O, A, lg, extras, copies_forward) -> list[Moment
 def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                             layers_saved, hidden_grad, norm_backward, dequant_beside=None,
                             logits_held=0, recompute_beside=0, masked=False, flat_units=False,
-                            copies_by_kind=None, ring_attention=0, buffers=None) -> list[Moment]:
+                            copies_by_kind=None, ring_attention=0, buffers=None, kv_cache=None) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -609,6 +631,9 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     layer, and each layer ends its backward with its view gradients beside their concatenation.
     ``buffers`` (FSDP): ``gathered``'s all-gather-buffer share (``GatheredTimeline.buffers``); with it each moment
     also names its all-gather buffers and its reduced shards (``Moment``'s side-stream fields).
+    ``kv_cache``: per layer kind, the (held, forward) bytes of a DynamicCache entry (``_kv_cache_bytes``; ``forward``
+    already in ``layers_saved``): a layer's attention backward frees its saved k and v, but the cache keeps its own
+    copies, so each layer already through its backward adds held - forward.
     ``ring_attention`` (``--cp``, always with FSDP2 units): the ring-attention backward's buffers
     (``context_parallel.ring_backward_bytes``), a moment of their own once the MLP's backward is done: what the
     attention block still holds, the layer's unsharded gradients waiting, and the ring's buffers as the transients.
@@ -655,8 +680,11 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     G = rank.head_gradient if not sharded else rank.gathering.tail.sharded_grads_bytes
     if flat_units:  # the root unit's view gradients wait for the embedding's (class docstring)
         G = rank.gathering.tail.grads_bytes
+    kv_cache = kv_cache or {}
+    cached = 0  # the cache entries of the layers already through their backward, beyond their ``forward`` share
     for kind, hi, lo in runs:
         moe = kind[0]
+        cached_per_layer = kv_cache[kind][0] - kv_cache[kind][1] if kv_cache else 0
         # a run's first and last layers; with units also its second and second-to-last (a run's first layer waits
         # on the previous kind's, or the tail's, reduce-scatter input and its last prefetches a unit of another kind
         # or the embedding: the run is linear from its second layer to its second-to-last, so those bound it too)
@@ -668,6 +696,8 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
         for index in ends:
             done = hi - index  # layers of this run already through their backward
             left = remaining - kept_moe * done if done else remaining  # kept tensors of the layers up to this one
+            if kv_cache:
+                left = left + cached + cached_per_layer * done
             G_here = G + grads_moe * done if done else G  # gradients of the layers after it
             if not sharded:
                 # the MLP's backward (it runs first) with the whole layer saved: down's, then mul's once down's
@@ -722,6 +752,7 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                                           shared + left - kept_moe, logits_held, layer_end, *side))
         n = hi - lo + 1
         remaining -= kept_moe * n
+        cached = cached + cached_per_layer * n
         if not ckpt:
             copies_left -= copies_by_kind.get(kind, no_copies).whole * n
         G += grads_moe * n

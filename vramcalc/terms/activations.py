@@ -43,6 +43,8 @@ Activation knobs (issue 11; each rule checked against the trace in ``tests/test_
 - ``--activation-offload``: tensors autograd saves live in host memory (``torch.autograd.graph.save_on_cpu``);
   under checkpointing only the checkpoint's inputs (transformers ``activation_checkpointing_enable(offload=True)``),
   which backward brings back one layer at a time before its recompute; the selective cache stays on the device.
+- ``--loss hf-loop`` without checkpointing: the model runs with ``use_cache`` and transformers' ``DynamicCache``
+  keeps copies of every layer's k and v (``kv_cache``), saved by the attention as they are or beside what it saves.
 - ``--packing``: one row of b·s tokens; FlashAttention-2 needs no mask (varlen), sdpa and eager get transformers'
   block-diagonal [1, 1, T, T] mask (``attention_masked``).
 """
@@ -190,6 +192,10 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         self.mlp_element_bytes = 0  # the dense MLP's intermediate [T, I] tensors (and so their gradients)
         self.attention_freed = Saved()
         self.eager_softmax = False
+        # transformers' DynamicCache, where the model runs with use_cache (``kv_cache``): one layer's cached K and V
+        # copies, and what they change in the layer's saved tensors (0 where the attention saves the copies)
+        self.kv_held = 0
+        self.kv_forward = 0
 
     def result(self) -> Saved:
         return Saved(self.per_token, self.per_square, self.per_layer, self.per_position)
@@ -354,6 +360,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             qkv = stack_layers.fused_qkv_lora_linears(self, uses, n)
         else:
             qkv = self.linears(uses, n)
+        v_bytes = qkv  # v_proj's output, which no norm or rotation touches
         if m.qk_norm and m.traits.weightless_qk_norm:
             # Llama-4's L2 norm after RoPE (``_norm(x.float()).type_as(x)``): the fp32 input and rsqrt of q and k
             # (NoPE layers have none: counted in every layer, an overestimate on one layer in four)
@@ -370,12 +377,14 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         o_saves_input = o_use.trains or o_use.lora
         if self.layer.method is Method.PREFIX:  # the trained key/value prefix: every attention needs a gradient
             self.grad = True  # (its n extra positions: terms/peft_methods.py::prefix_saved_bytes)
+        kv_saved = kv_pinned = 0  # ``_cached_kv``: the element bytes the attention saves k and v in, if it saves them
         if self.layer.attn_used is Attention.EAGER:
             if self.grad:
                 q_bytes = c if dt.autocast else embed
                 repeat = a // k
                 kv_width = a * d if repeat > 1 else k * d
                 self.per_token += q_bytes * (a * d + 2 * kv_width)  # q, repeated k and v
+                kv_saved = q_bytes if repeat == 1 else 0  # the matmuls save the cache's own k and v
                 if m.traits.attention_sinks or m.traits.softmax_in_dtype:
                     self._sink_softmax(q_bytes)
                 else:
@@ -407,6 +416,10 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                 # always expands (stack_layers.kv_expanded)
                 repeated = (self.masked and a > k > 1) or (self.layer.layers.kv_expanded and a > k)
                 kv_width = a * d if repeated else k * d
+                fused_qkv = m.traits.fused_qkv or self.layer.layers.fused_qkv
+                pinned = fused_qkv and not repeated and not (m.traits.layer_norm and qkv != out_bytes)
+                kv_saved = out_bytes if kernel != "math" and not repeated else 0  # SDPA saves the cache's k, v
+                kv_pinned = qkv * (a + k) * d if pinned else 0  # (the cache's v copy releases the fused output)
                 if kernel == "math":
                     self.per_square += _F32 * a
                     self.per_token += _F32 * (a * d + a * d + a * d) + out_bytes * a * d
@@ -420,8 +433,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                     # SDPA converts the boolean mask to an additive one per call and the efficient kernel saves it
                     # (torch convert_boolean_attn_mask, _scaled_dot_product_efficient_attention)
                     self.per_square += out_bytes
-                fused_qkv = m.traits.fused_qkv or self.layer.layers.fused_qkv
-                if fused_qkv and not repeated and not (m.traits.layer_norm and qkv != out_bytes):
+                if pinned:
                     # (LayerNorm families under autocast: an fp32 qkv reaches SDPA as a 16-bit cast copy, no view)
                     # v is a view of the fused qkv output and pins all of it; the flash kernel's output keeps the
                     # query's [b, a, s, d] layout, so o_proj gets a contiguous copy
@@ -435,11 +447,25 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                     # partial rotary: q = cat(q_rot, q_pass) is a new [b, a, s, d] tensor, the flash output keeps
                     # that layout, so o_proj (dense) gets a contiguous copy (modeling_phi.py L212, L233)
                     self.per_token += out_bytes * a * d
+        self._cached_kv((k * d, embed, kv_saved == embed), (k * d, v_bytes, kv_saved == v_bytes), kv_pinned)
         before = self.per_token
         out = self.linears([o_use], out_bytes, x_saved=True)
         if self.eager_softmax:  # o_proj's own saved inputs (an adapter's cast or dropout copies)
             self.attention_freed += Saved(per_token=self.per_token - before)
         return out
+
+    def _cached_kv(self, k: tuple[int, int, bool], v: tuple[int, int, bool], pinned: int = 0) -> None:
+        """One layer's DynamicCache entry (``kv_cache``): its two copies, each (elements per token, element bytes,
+        whether autograd saves the copy itself), and what they add to the layer's saved tensors: nothing for a
+        copy saved as it is (the original it replaces dies), the whole copy otherwise (what is saved is a cast or
+        repeated copy, or nothing); ``pinned``: what the copies release (a fused qkv output v was a view of).
+        Offloaded (``--activation-offload``): the saved tensors go to the host, the cache's stay: every copy adds."""
+        held = sum(width * size for width, size, _ in (k, v))
+        if self.layer.offload:
+            self.kv_held, self.kv_forward = held, held
+            return
+        shared = sum(width * size for width, size, saved in (k, v) if saved)
+        self.kv_held, self.kv_forward = held, held - shared - pinned
 
     def _qk_norms(self, uses: list[LinearUse], qkv: int, grad_in: bool) -> int:
         """q_norm and k_norm, per head over d (Qwen3, Gemma-3) or over the whole a·d and k·d (olmo2). Each saves
@@ -498,12 +524,25 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                 self.per_square += (_F32 + (q_bytes if q_bytes != _F32 else 0)) * a
                 if o_use.trains or o_use.lora:
                     self.per_token += q_bytes * a * v
+            self._mla_cache(proj, kvn)
             return self.linears([o_use], c, x_saved=True)
         if self.grad:
             # q with rope applied, K assembled, kv_b's output (V is a view), output and logsumexp
             self.per_token += c * a * qk + c * a * qk + kv * a * (nope + v) + c * a * v + _F32 * a
             self.per_layer += SEED_OFFSET_BYTES
+        self._mla_cache(proj, kvn)
         return self.linears([o_use], c, x_saved=True)
+
+    def _mla_cache(self, proj: int, kvn: int) -> None:
+        """MLA's DynamicCache entry: the compressed latents, kv_a_layernorm's output [b, 1, s, kv_lora_rank] and the
+        rotated shared k_rot [b, 1, s, rope] (transformers 5.25 DeepseekV3Attention.forward L442-444 and
+        DeepseekV2Attention.forward L378-380: ``cache.update(kv_nope, k_rot)`` before ``expand_kv``). kv_b_proj then
+        reads the latent's copy: saved as it is where kv_b_proj saves its input itself (``_input_saved``: the norm's
+        output then dies); k_rot's copy is expanded into a new K, never saved."""
+        m, dt = self.m, self.dt
+        rope_bytes = proj if m.traits.rope_complex else max(proj, dt.r)  # RoPE by cos, sin in the residual dtype
+        latent_saved = self.grad and self._input_saved([self.use("kv_b_proj", m.kv_lora_rank)], kvn)
+        self._cached_kv((m.kv_lora_rank, kvn, latent_saved), (m.qk_rope_head_dim, rope_bytes, False))
 
     def mlp_block(self, moe: bool) -> None:
         m = self.m
@@ -772,6 +811,38 @@ def attention_saved(model: ModelSpec, layer: LayerSetup, masked: bool = False, c
     walk.conv = conv
     walk.attention_block()
     return walk.result()
+
+
+class KvCache(NamedTuple):
+    """One decoder layer's entry in transformers' DynamicCache (``kv_cache``)."""
+
+    held: Saved  # its k and v copies, alive while the cache is
+    forward: Saved  # what they add to the layer's saved tensors while those live (negative: what they release)
+
+
+@functools.lru_cache(maxsize=4096)
+def kv_cache(model: ModelSpec, layer: LayerSetup, masked: bool = False, conv: bool = False) -> KvCache:
+    """The keys and values one decoder layer leaves in transformers' ``DynamicCache`` when the model runs with
+    ``use_cache`` and no checkpointing (``--loss hf-loop``'s ``outputs.past_key_values``: the estimator keeps them
+    through backward, the step and the next forward).
+
+    held = (b_k + b_v)·k·d per token, 2·b·s·k·d·c bytes a layer for k and v of c bytes (MLA: the compressed
+    latents, (kv_lora_rank + rope)·c per token: ``_mla_cache``). Source: transformers 5.25 ``cache_utils.py``
+    ``DynamicLayer.update`` (``self.keys = torch.cat([self.keys, key_states], dim=-2)``: a copy, the empty
+    initial tensor holding nothing), ``DynamicCache.__init__`` (one layer per ``layer_types`` entry); a sliding or
+    chunked layer (``DynamicSlidingWindowLayer.update``) keeps ``full_key_states[:, :, -sliding_window + 1:, :]``,
+    a view that holds the whole copy's storage: the same bytes. The attention then gets the copies: where it saves
+    them as they are (SDPA's flash and efficient kernels without a repeat or a cast, eager attention with a = k)
+    the originals die and ``forward`` is 0; where it saves repeated or cast copies (a mask with 1 < k < a, autocast
+    casting fp32 rotated keys, the math kernel) the cache's are extra, ``forward`` = held. A fused qkv output (phi3,
+    gpt_neox, falcon) that v was a view of is released by v's copy (``forward`` < 0).
+    Left out: a hybrid's convolution layers (``LinearAttentionLayer``: a [b, h, L_cache] conv state, no per-token
+    entry; 0 here), and the int64 sliding-window scalar each sliding layer moves to the device (one 512-byte block).
+    """
+    walk = _LayerWalk(model, layer, masked)
+    walk.conv = conv
+    walk.attention_block()
+    return KvCache(Saved(per_token=walk.kv_held), Saved(per_token=walk.kv_forward))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -58,9 +58,12 @@
   (``held``) stay through backward, the optimizer step and the next forward. Under mixed precision accelerate's
   wrapped forward returns them converted to fp32 (``convert_outputs_to_fp32``: 4·T·V; the c logits die with the
   conversion); otherwise they are lm_head's own c·T·V. Every ``hf`` moment gains ``held``; the next model call ends
-  with its own loss's forward peak (``output``) beside it. A model built with ``use_cache=True`` and run without
-  gradient checkpointing also leaves every layer's keys and values in ``outputs.past_key_values``: vramcalc builds
-  models with the cache off (``tracing/build.py``), and that cache is not counted.
+  with its own loss's forward peak (``output``) beside it. Without gradient checkpointing the model also runs with
+  its config's ``use_cache`` (True for most models), so ``outputs.past_key_values`` keeps every layer's keys and
+  values (transformers' ``DynamicCache``, 2·b·s·k·d·c bytes a layer: ``activations.kv_cache``): an activation
+  term of the estimator, each layer's copies staying after its attention's backward frees its own, then all L
+  layers' through the optimizer step and the next forward (``estimator._kv_cache_bytes``); under checkpointing
+  transformers turns the cache off (``GradientCheckpointingLayer``, ``modeling_layers.py``).
 Compiled (``compile``, with ``hf`` or ``torchtune``; torchtune's ``training.compile_loss`` compiles its loss): AOTAutograd with inductor's decompositions
   (``torch._inductor.decomposition.select_decomp_table``) and the min-cut partitioner keep the cross-entropy's 16-bit
   input and two fp32 values per row (its amax and log-sum-exp), not the fp32 log_softmax: checked by running

@@ -58,6 +58,9 @@ Symbols: T tokens, h hidden, a heads, k kv heads, d head dim, c compute bytes, s
   (``_runtime_utils.py:743-746``; ``fully_sharded_data_parallel.py:1037-1044``: "accumulate the full model
   gradients"; litgpt's loops enter ``fabric.no_backward_sync`` on every accumulating micro-batch), sharded after the
   reduce-scatter (``distributed.gathering_units``' ``flat_grads``).
+- ``dynamic_cache``: the model builds transformers' ``DynamicCache`` when run with ``use_cache``
+  (``activations.kv_cache``); torchtune's and litgpt's decoders keep no cache unless one is set up for generation
+  (torchtune ``modules/transformer.py`` ``setup_caches``, litgpt ``model.py`` ``set_kv_cache``).
 - ``checkpoint_inputs_need_grad``: under checkpointing the first decoder layer's input requires grad even where the
   embedding is frozen: transformers' ``gradient_checkpointing_enable`` calls ``enable_input_require_grads`` on a peft
   model (``modeling_utils.py``), so that layer's 4-bit Linears hold their inputs too (``quantized.model_held``).
@@ -106,16 +109,17 @@ class StackLayers:
     fsdp_keeps_dtype: bool = False
     fsdp_flat_params: bool = False
     checkpoint_inputs_need_grad: bool = True
+    dynamic_cache: bool = True
 
 
 HF = StackLayers("hf")
 TORCHTUNE = StackLayers("torchtune", norm_fp32_product=True, trainer_optimizer=False, kv_expanded=True, rotary_per_forward=False,
                         rope_buffer=RopeBuffer.TORCHTUNE, torchao_nf4=True, fp32_unembed=True,
-                        packed_block_mask=True, fsdp_keeps_dtype=True)
+                        packed_block_mask=True, fsdp_keeps_dtype=True, dynamic_cache=False)
 LITGPT = StackLayers("litgpt", norm_fp32_product=True, trainer_optimizer=False, kv_expanded=True, fused_qkv=True, query_head_major=True,
                      rotary_per_forward=False, rope_buffer=RopeBuffer.LITGPT, stable_embedding=True,
                      fused_qkv_lora=True, fused_gelu=True, fsdp_keeps_dtype=True, fsdp_flat_params=True,
-                     checkpoint_inputs_need_grad=False)
+                     checkpoint_inputs_need_grad=False, dynamic_cache=False)
 
 # the stacks that build their own decoder; every other stack runs transformers' modeling code
 _OWN_DECODER = {Stack.TORCHTUNE: TORCHTUNE, Stack.LITGPT: LITGPT}
