@@ -4,11 +4,13 @@ group, where ``alloc_events`` records the stream each allocation was made on (FS
 around its collectives on CPU, as it selects CUDA streams on a GPU), and against the caching-allocator replay of that
 step with and without its streams."""
 
+import dataclasses
+
 import pytest
 
 import vramcalc as vc
 from vramcalc import estimator
-from vramcalc.catalogue import get_model
+from vramcalc.catalogue import get_gpu, get_model
 from vramcalc.terms import distributed, runtime
 from vramcalc.training_setup import resolve_setup
 
@@ -142,3 +144,16 @@ def test_the_text_table_states_the_fsdp_streams_beside_the_total():
     assert shown == pytest.approx(breakdown.details["stream_pools_bytes"] / 2**30, abs=0.005)
     assert f"reserved {breakdown.reserved_bytes / 2**30:.2f} GiB" in line
     assert "FSDP's streams" not in vc.estimate("llama-3.1-8b").table()
+
+
+def test_a_gpu_the_peak_fits_but_the_stream_pools_overflow_gets_a_warning_not_a_refusal():
+    options = dict(method="full", num_gpus=8, sharding="fsdp", batch_size=2, seq_len=2048, grad_ckpt=True)
+    plain = vc.estimate("llama-3.1-8b", **options)
+    pools = plain.details["stream_pools_bytes"]
+    # a made-up GPU with 1 GiB more than the total: the peak fits, the pools do not
+    tight = dataclasses.replace(get_gpu("h100-sxm"), name="tight-gpu", memory_bytes=plain.total_bytes + 2**30)
+    assert pools > 2**30
+    breakdown = vc.estimate("llama-3.1-8b", gpu=tight, **options)
+    assert breakdown.fits() and any("FSDP's streams" in w and "num_alloc_retries" in w for w in breakdown.warnings)
+    roomy = dataclasses.replace(tight, memory_bytes=plain.total_bytes + pools + 2**30)
+    assert not any("FSDP's streams" in w for w in vc.estimate("llama-3.1-8b", gpu=roomy, **options).warnings)

@@ -56,7 +56,7 @@ def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = 
     device = get_gpu(gpu) if gpu is not None else None
     rank_spec, rank_resolved = tensor_parallel.rank_view(spec, resolved)  # --tp: one rank's slice (else as given)
     rank_spec, rank_resolved = context_parallel.rank_view(rank_spec, rank_resolved)  # --cp: its s/C positions
-    terms, phase, details = _estimate_parts(rank_spec, rank_resolved, device)
+    terms, phase, details, warnings = _estimate_parts(rank_spec, rank_resolved, device)
     details = dict(details)
     if context_parallel.cp_degree(resolved) > 1:  # the ring's traffic inside the cp group
         details.update(context_parallel.context_parallel_details(spec, resolved, activations.dtypes(
@@ -70,19 +70,20 @@ def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = 
         details.update(expert_parallel.expert_parallel_details(spec, resolved, activations.dtypes(
             resolved.setup.method, resolved.setup.precision, resolved.setup.adapter_dtype).c))
     inputs = functools.partial(_inputs, spec, resolved, device)
-    return MemoryBreakdown(spec.name, dict(terms), phase, inputs, "estimate", device, resolved.warnings, details)
+    warnings = resolved.warnings + tuple(w for w in warnings if w not in rank_resolved.warnings)  # the breakdown's
+    return MemoryBreakdown(spec.name, dict(terms), phase, inputs, "estimate", device, warnings, details)
 
 
 @functools.lru_cache(maxsize=4096)
 def _estimate_parts(spec: ModelSpec, resolved: ResolvedSetup, device: GpuSpec | None) -> tuple:
-    """(terms, phase, details) of an estimate, as tuples (each call gets its own dicts)."""
+    """(terms, phase, details, warnings) of an estimate, as tuples (each call gets its own dicts)."""
     peak = _tensor_peak(spec, resolved)
     out = _finish(spec, resolved, dict(peak.terms), peak.phase, "estimate", device, peak.paged_bytes, None,
                   peak.stream_pools_bytes)
     details = dict(out.details)
     if peak.phase_peaks:  # each phase's peak, from the same moments (``_reports_phase_peaks``)
         details["phase_peak_bytes"] = dict(peak.phase_peaks)
-    return tuple(out.terms_bytes.items()), out.phase, tuple(details.items())
+    return tuple(out.terms_bytes.items()), out.phase, tuple(details.items()), tuple(out.warnings)
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,13 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details, 
     if details:
         out.update(details)
     inputs = functools.partial(_inputs, spec, resolved, device)  # built on first access of ``inputs``
-    return MemoryBreakdown(spec.name, terms, phase, inputs, source, device, resolved.warnings, out)
+    warnings = resolved.warnings
+    if device is not None and stream_pools_bytes and sum(terms.values()) <= device.memory_bytes \
+            < sum(terms.values()) + stream_pools_bytes:
+        warnings = warnings + (f"FSDP's streams would keep {stream_pools_bytes / 2**30:.2f} GiB cached beyond the peak "
+                               f"and {device.name} has no room for it: the caching allocator frees and re-allocates "
+                               "those blocks when a cudaMalloc fails (num_alloc_retries), which slows every step",)
+    return MemoryBreakdown(spec.name, terms, phase, inputs, source, device, warnings, out)
 
 
 @functools.lru_cache(maxsize=4096)
