@@ -106,7 +106,7 @@ def test_deepseek_v3_full_fits_nowhere_as_one_ep_group_or_plain_fsdp_but_gets_an
     assert {"ep", "sharding", "num_gpus"} <= set(row["plan_chose"].split(","))
     rank = vc.estimate(spec, gpu="h100-sxm", method="full", batch_size=row["micro_batch"], **setup_of(row))
     assert rank.total_bytes / BYTES_PER_GIB == pytest.approx(row["device_gib"], rel=1e-12) and rank.fits()
-    assert not rank.warnings  # no padded expert shards
+    assert not [w for w in rank.warnings if "pads each rank's expert shard" in w]  # no padded expert shards
     assert row["step_seconds"] == pytest.approx(rank.details["step_seconds"], rel=1e-9)
 
 
@@ -136,7 +136,8 @@ def test_ep_over_fsdp_candidates_are_a_multiple_of_ep_dividing_the_experts_withi
         ep, n = options["ep"], options["num_gpus"]
         assert n == candidate.count and n > ep and n % ep == 0 and 2 <= ep <= node
         assert spec.num_experts % n == 0 and options["sharding"] == "fsdp"
-        assert not vc.estimate(spec, gpu=device, **options).warnings  # no FSDP2 padding of the expert shards
+        warnings = vc.estimate(spec, gpu=device, **options).warnings
+        assert not [w for w in warnings if "pads each rank's expert shard" in w]  # no FSDP2 padding of the experts
 
 
 @pytest.mark.parametrize("limit", [{"max_gpus": 4}, {"num_gpus": 4}])

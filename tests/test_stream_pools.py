@@ -4,7 +4,9 @@ group, where ``alloc_events`` records the stream each allocation was made on (FS
 around its collectives on CPU, as it selects CUDA streams on a GPU), and against the caching-allocator replay of that
 step with and without its streams."""
 
+import csv
 import dataclasses
+import io
 
 import pytest
 
@@ -14,6 +16,7 @@ from vramcalc.catalogue import get_gpu, get_model
 from vramcalc.terms import distributed, runtime
 from vramcalc.training_setup import resolve_setup
 
+from .cli_helpers import run_cli
 from .conftest import needs_torch
 from .tiny_models import TINY
 
@@ -157,3 +160,15 @@ def test_a_gpu_the_peak_fits_but_the_stream_pools_overflow_gets_a_warning_not_a_
     assert breakdown.fits() and any("FSDP's streams" in w and "num_alloc_retries" in w for w in breakdown.warnings)
     roomy = dataclasses.replace(tight, memory_bytes=plain.total_bytes + pools + 2**30)
     assert not any("FSDP's streams" in w for w in vc.estimate("llama-3.1-8b", gpu=roomy, **options).warnings)
+
+
+def test_the_csv_row_of_an_fsdp_estimate_carries_the_stream_pools_and_the_reserved_bytes(capsys):
+    code, out, _ = run_cli(capsys, "estimate", "llama-3.1-8b", "--num-gpus", "8", "--sharding", "fsdp",
+                           "--format", "csv")
+    row = next(csv.DictReader(io.StringIO(out)))
+    breakdown = vc.estimate("llama-3.1-8b", num_gpus=8, sharding="fsdp")
+    assert code == 0 and int(row["stream_pools_bytes"]) == breakdown.details["stream_pools_bytes"] > 0
+    assert int(row["reserved_bytes"]) == int(row["peak_tensor_bytes"]) + int(row["allocator_slack_bytes"]) \
+        + int(row["stream_pools_bytes"])
+    _, single, _ = run_cli(capsys, "estimate", "llama-3.1-8b", "--format", "csv")
+    assert "stream_pools_bytes" not in single.splitlines()[0]

@@ -191,6 +191,9 @@ def breakdown_row(result: MemoryBreakdown) -> dict:
     for key in ("reserved_peak_bytes", "reserved_baseline_bytes"):  # trace(..., reserved=True) only
         if key in result.details:
             row[key] = result.details[key]
+    if "stream_pools_bytes" in result.details:  # FSDP: reserved beyond the total while the GPU has room
+        row["stream_pools_bytes"] = result.details["stream_pools_bytes"]
+        row["reserved_bytes"] = result.reserved_bytes
     if result.gpu is not None:
         row["gpu"] = result.gpu.name
         row["fits"] = result.fits()
