@@ -145,7 +145,7 @@ def test_the_text_table_states_the_fsdp_streams_beside_the_total():
     line = next(line for line in breakdown.table().splitlines() if line.startswith("FSDP's streams"))
     shown = float(line.split("keep ")[1].split(" GiB")[0])
     assert shown == pytest.approx(breakdown.details["stream_pools_bytes"] / 2**30, abs=0.005)
-    assert f"reserved {breakdown.reserved_bytes / 2**30:.2f} GiB" in line
+    assert f"max_memory_reserved {breakdown.reserved_bytes / 2**30:.2f} GiB" in line
     assert "FSDP's streams" not in vc.estimate("llama-3.1-8b").table()
 
 

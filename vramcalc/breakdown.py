@@ -162,7 +162,8 @@ class MemoryBreakdown:
                 lines.append(f"{'  vision tower':<{width}}  {gib(vision):>9.2f} GiB")
         if "stream_pools_bytes" in self.details:  # FSDP's own streams (terms/runtime.py stream_pool_bytes)
             lines.append(f"FSDP's streams keep {gib(self.details['stream_pools_bytes']):.2f} GiB more cached while the "
-                         f"GPU has room (reserved {gib(self.reserved_bytes):.2f} GiB); freed before an out-of-memory")
+                         f"GPU has room (max_memory_reserved {gib(self.reserved_bytes):.2f} GiB, the CUDA context "
+                         "aside); freed before an out-of-memory")
         if "reserved_peak_bytes" in self.details:  # trace(..., reserved=True): tracing/reserved.py
             lines += self._reserved_lines(width)
         if "image_tokens_per_sample" in self.details:
