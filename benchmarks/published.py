@@ -497,17 +497,15 @@ def accepted_options(vc) -> set:
 
 
 def compared_bytes(breakdown, kind: str) -> tuple[int, str]:
-    terms = breakdown.terms()
-    slack = int(terms.get("allocator_slack", 0))
     if kind == "torch_max_allocated":
         return breakdown.peak_tensor_bytes, "peak_tensor_bytes"
-    pools = breakdown.reserved_bytes - breakdown.peak_tensor_bytes - slack  # FSDP's streams (0 elsewhere)
+    pools = breakdown.details.get("stream_pools_bytes", 0)  # FSDP's streams (in reserved_bytes)
+    streams = " + FSDP streams" if pools else ""
     if kind == "nvidia_smi":
-        return breakdown.total_bytes + pools, "total_bytes" + (" + FSDP streams" if pools else "")
+        return breakdown.total_bytes + pools, "total_bytes" + streams
     if kind == "reserved":
-        return breakdown.reserved_bytes, "peak_tensor+allocator_slack" + (" + FSDP streams" if pools else "")
-    return breakdown.reserved_bytes, ("peak_tensor+allocator_slack" + (" + FSDP streams" if pools else "")
-                                      + " (statistic unstated)")
+        return breakdown.reserved_bytes, "peak_tensor+allocator_slack" + streams
+    return breakdown.reserved_bytes, "peak_tensor+allocator_slack" + streams + " (statistic unstated)"
 
 
 def measured_bytes(row: dict) -> tuple[int | None, str]:

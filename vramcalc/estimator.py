@@ -123,6 +123,8 @@ def _stream_pools_bytes(spec: ModelSpec, resolved: ResolvedSetup, moments: list[
     """``runtime.stream_pool_bytes`` for FSDP's all-gather and reduce-scatter streams
     (``distributed.side_stream_pools``); 0 for other engines. The default stream's bytes at a moment are the
     moment's less its side-stream shares (``Moment``). Byte counts may be numpy arrays (a sweep's batch shapes)."""
+    if resolved.setup.sharding is not Sharding.FSDP:  # one GPU and the other engines: no side stream
+        return 0
     pools = distributed.side_stream_pools(spec, resolved)
     if not any(pools):
         return 0
@@ -216,8 +218,8 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details, 
         out.update(details)
     inputs = functools.partial(_inputs, spec, resolved, device)  # built on first access of ``inputs``
     warnings = resolved.warnings
-    if device is not None and stream_pools_bytes and sum(terms.values()) <= device.memory_bytes \
-            < sum(terms.values()) + stream_pools_bytes:
+    total = sum(terms.values())
+    if device is not None and stream_pools_bytes and total <= device.memory_bytes < total + stream_pools_bytes:
         warnings = warnings + (f"FSDP's streams would keep {stream_pools_bytes / 2**30:.2f} GiB cached beyond the peak "
                                f"and {device.name} has no room for it: the caching allocator frees and re-allocates "
                                "those blocks when a cudaMalloc fails (num_alloc_retries), which slows every step",)
@@ -306,7 +308,7 @@ def _step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq
         b, s = 1, b * s
     # torchtune attends a packed batch with flex attention's BlockMask: no dense mask (stack_layers.py)
     dense_packing = setup.packing and not stack_layers.stack_layers(setup.stack).packed_block_mask
-    if setup.loss is Loss.HF_LOOP and not setup.grad_ckpt and stack_layers.stack_layers(setup.stack).dynamic_cache:
+    if activations.runs_with_cache(setup):
         # a model run with its cache finds no packed sequences in the position ids (transformers 5.25
         # masking_utils.py L862-870: only ``if ... cache is None``): plain causal attention over the packed row
         dense_packing = False
@@ -443,7 +445,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     # checkpointing transformers turns the cache off): each layer's entry changes forward's saved tensors by its
     # ``forward`` bytes, and stays after the layer's backward (``_layer_backward_moments``), through the step and
     # the next forward
-    kv = _kv_cache_bytes(spec, layer, masked, b, s) if csetup.loss is Loss.HF_LOOP and not ckpt else {}
+    kv = _kv_cache_bytes(spec, layer, masked, b, s) if activations.runs_with_cache(csetup) else {}
     kv_held = sum(kv[kind][0] * (hi - lo + 1) for kind, hi, lo in _layer_runs(spec, masked)) if kv else 0
     if kv:
         A = A + sum(kv[kind][1] * (hi - lo + 1) for kind, hi, lo in _layer_runs(spec, masked))
@@ -487,7 +489,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     gathered = GatheredTimeline(spec, rank.gathering)
     # the moments' shares on FSDP's side streams (``Moment``): the gathered units' buffers, the reduced shards
     buffers = gathered.buffers()  # (none under ZeRO-3, which gathers in place)
-    shards = gathered.reduced_shards if setup.sharding is Sharding.FSDP and rank.gathering is not None else 0
+    shards = gathered.reduced_shards if setup.sharding is Sharding.FSDP else 0
     moments = []
     if rank.gathering is not None:  # the last decoder layer's copy-out and forward, and the tail's copy-out
         A_layers = A - head_saved
@@ -581,9 +583,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
 
 def _kv_cache_bytes(spec: ModelSpec, layer: activations.LayerSetup, masked: bool, b, s) -> dict:
     """Per layer kind (``_layer_runs``), the (held, forward) bytes of one layer's DynamicCache entry
-    (``activations.kv_cache``); {} for a stack whose decoder keeps no such cache (``StackLayers.dynamic_cache``)."""
-    if not layer.layers.dynamic_cache:
-        return {}
+    (``activations.kv_cache``), where the step runs with the cache (``activations.runs_with_cache``)."""
     return {kind: tuple(part.bytes(b, s) for part in activations.kv_cache(spec, layer, kind[1], kind[2]))
             for kind, _, _ in _layer_runs(spec, masked)}
 

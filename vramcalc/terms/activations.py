@@ -59,7 +59,7 @@ from typing import NamedTuple
 from ..errors import VramcalcError
 from ..facts import adapter_bits
 from ..model import ModelSpec, cached_field_hash, state_without_hash
-from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Method, Precision
+from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Loss, Method, Precision
 from ..units import DType, select
 from .layouts import ParallelBlockWalk, residual_bytes
 from .short_conv import ShortConvWalk
@@ -818,6 +818,14 @@ class KvCache(NamedTuple):
 
     held: Saved  # its k and v copies, alive while the cache is
     forward: Saved  # what they add to the layer's saved tensors while those live (negative: what they release)
+
+
+def runs_with_cache(setup) -> bool:
+    """Whether the step runs the model with transformers' ``DynamicCache`` (``kv_cache``): a custom loop
+    (``--loss hf-loop``) calls the model with its config's ``use_cache`` (True for most models), unless checkpointing
+    (``GradientCheckpointingLayer`` turns the cache off in training, ``modeling_layers.py``) or a stack's own decoder
+    (``StackLayers.dynamic_cache``)."""
+    return setup.loss is Loss.HF_LOOP and not setup.grad_ckpt and stack_layers.stack_layers(setup.stack).dynamic_cache
 
 
 @functools.lru_cache(maxsize=4096)

@@ -345,10 +345,11 @@ def side_stream_pools(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[int, in
     gathered = [units.tail] + layers if units.tied else [units.embed] + layers + [units.tail]
     reduced_order = layers[::-1] + [units.tail] if units.tied else [units.tail] + layers[::-1] + [units.embed]
     n = tensor_ranks(resolved)
-    casts = _fp32_trainable(resolved) and setup.method is Method.FULL and not callable(n)
+    fp32_trainable = _fp32_trainable(resolved)
+    casts = fp32_trainable and setup.method is Method.FULL and not callable(n)
     all_gather = max(a.buffer_bytes + b.buffer_bytes + (b.buffer_bytes // n if casts else 0)
                      for a, b in zip([NO_UNIT] + gathered, gathered))
-    cast = _half_bytes(resolved) if _fp32_trainable(resolved) else 0  # the 16-bit output's element bytes
+    cast = _half_bytes(resolved) if fp32_trainable else 0  # the 16-bit output's element bytes
     leaves_device = setup.offload is Offload.PARAMS or setup.optimizer_in_backward
     reduced = held = 0
     for unit in reduced_order:
@@ -616,6 +617,7 @@ class GatheredTimeline:
         self.g = gathering
         if gathering is None:
             self.last_layer_forward = self.loss_forward = self.loss_backward = self.head_backward = 0
+            self.reduced_shards = 0
             return
         g = gathering
         n_layers = spec.num_layers
@@ -631,10 +633,13 @@ class GatheredTimeline:
         self.loss_forward = kept + g.tail.params_bytes + (last.buffer_bytes if g.tied else g.tail.buffer_bytes)
         self.loss_backward = kept + g.tail.params_bytes
         self.head_backward = kept + g.tail.params_bytes + (0 if g.keep_gathered else last.prefetch_bytes)
+        # the sharded gradients every unit but the embedding's leaves on the rank (the reduce-scatter stream's, held
+        # once the first layer is reduced)
+        self.reduced_shards = (g.tail.sharded_grads_bytes + g.dense.sharded_grads_bytes * spec.num_dense_layers
+                               + g.moe.sharded_grads_bytes * spec.num_moe_layers)
         # the embedding's backward: every layer reduced, the first layer's reduce-scatter input retained (its dense
         # unit's: a nested experts unit was reduced before it)
-        self.embedding_reduced = (g.tail.sharded_grads_bytes + g.dense.sharded_grads_bytes * spec.num_dense_layers
-                                  + g.moe.sharded_grads_bytes * spec.num_moe_layers + self.layer(0).reduce_buffer_bytes
+        self.embedding_reduced = (self.reduced_shards + self.layer(0).reduce_buffer_bytes
                                   - self.layer(0).nested_reduce_bytes)
         self.embedding_gathered = g.embed.params_bytes
         self.embedding_copy_out = g.embed.params_bytes + (0 if g.keep_gathered else g.embed.buffer_bytes)
@@ -650,14 +655,6 @@ class GatheredTimeline:
         no_params = {name: dataclasses.replace(getattr(self.g, name), params_bytes=0)
                      for name in ("embed", "dense", "moe", "tail")}
         return GatheredTimeline(self.spec, dataclasses.replace(self.g, **no_params))
-
-    @property
-    def reduced_shards(self) -> int:
-        """The sharded gradients every unit but the embedding's leaves on the reduce-scatter stream (held once the
-        first layer is reduced)."""
-        g = self.g
-        return (g.tail.sharded_grads_bytes + g.dense.sharded_grads_bytes * self.spec.num_dense_layers
-                + g.moe.sharded_grads_bytes * self.spec.num_moe_layers)
 
     def weights_during(self, index: int) -> int:
         """Gathered bytes while layer ``index`` runs its backward."""

@@ -26,6 +26,7 @@ from torch import nn
 from ..model import ModelSpec
 from ..errors import VramcalcError
 from ..options import Attention, GradCkpt, Kernels, Loss, Method, Optimizer, Phase, Precision, Term
+from ..terms.activations import runs_with_cache
 from ..training_setup import ResolvedSetup
 from .build import half_dtype
 from .losses import PassThroughHead, chunked_cross_entropy, fused_cross_entropy, shifted_causal_lm_loss
@@ -93,7 +94,7 @@ class TrainerLoss:
 
     ``hf``: the model's own ForCausalLMLoss (labels = inputs), then accelerate's ``convert_outputs_to_fp32`` copy of
     the 16-bit logits while ``outputs`` lives. ``hf-loop``: the same, but ``outputs`` (its logits fp32 under mixed
-    precision, and without checkpointing its ``past_key_values``: ``runs_with_cache``) is kept in ``held`` until the
+    precision, and without checkpointing its ``past_key_values``: ``activations.runs_with_cache``) is kept in ``held`` until the
     next micro-batch's model call returns, as a custom loop keeps it. ``chunked`` / ``fused``: lm_head is bypassed
     (losses.PassThroughHead) and the loss is computed from the final hidden states with lm_head's weight; prompt
     tuning's virtual tokens get label -100. ``on_logits`` is called when the loss starts on the hidden states (the trace's logits region).
@@ -111,21 +112,16 @@ class TrainerLoss:
         if setup.loss is Loss.HF_SHIFTED:  # transformers 4.46-4.49's loss function (losses.shifted_causal_lm_loss)
             inner.loss_function = shifted_causal_lm_loss
 
-    @staticmethod
-    def runs_with_cache(setup) -> bool:
-        """``hf-loop`` without checkpointing calls the model as a custom loop does, with the config's
-        ``use_cache`` (True for most models; ``build.hf_config`` turns it off for every other step): transformers
-        builds a ``DynamicCache`` whose layers keep copies of each attention layer's keys and values in
-        ``outputs.past_key_values`` (``cache_utils.py`` ``DynamicLayer.update``), kept with ``outputs``. Under
-        checkpointing ``GradientCheckpointingLayer`` turns the cache off in training (``modeling_layers.py``)."""
-        return setup.loss is Loss.HF_LOOP and not setup.grad_ckpt
+    # whether the model runs with transformers' DynamicCache, as the estimate decides it (a class attribute, so a
+    # check can run the same loop with the cache off)
+    runs_with_cache = staticmethod(runs_with_cache)
 
     def __call__(self, forward_module: nn.Module, input_ids: torch.Tensor, on_logits=None, position_ids=None):
         """``forward_module``: the model, or the wrapper whose forward runs it (DDP). ``position_ids``: a packed
         row's positions (``--packing``), None otherwise."""
         extra_inputs = {} if position_ids is None else {"position_ids": position_ids}
-        if self.runs_with_cache(self.setup):
-            extra_inputs["use_cache"] = True
+        if self.runs_with_cache(self.setup):  # a custom loop's call, with the config's use_cache (build.hf_config
+            extra_inputs["use_cache"] = True  # turns it off for every other step)
         if self.setup.loss.in_model:
             outputs = forward_module(input_ids=input_ids, labels=input_ids, **extra_inputs)
             loss = outputs.loss
