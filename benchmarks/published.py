@@ -77,8 +77,18 @@ MODEL_CATALOGUE = {  # models without a config folder whose catalogue entry has 
     "microsoft/phi-1_5": "phi-1.5",
     "microsoft/phi-2": "phi-2",
     "stabilityai/stablelm-base-alpha-3b": "stablelm-base-alpha-3b",
+    "Qwen/Qwen-1_8B": "qwen-1.8b",
+    "Qwen/Qwen-1.8B": "qwen-1.8b",
+    "Qwen/Qwen-1.8B-Chat": "qwen-1.8b",
     "Qwen/Qwen-7B": "qwen-7b",
     "Qwen/Qwen-7B-Chat": "qwen-7b",
+    "Qwen/Qwen-14B": "qwen-14b",
+    "Qwen/Qwen-14B-Chat": "qwen-14b",
+    "Qwen/Qwen-72B-Chat": "qwen-72b",
+    "Qwen/Qwen-1.8B-Chat-Int4": "qwen-1.8b",  # the GPTQ checkpoints: the qlora branch names that blocker
+    "Qwen/Qwen-7B-Chat-Int4": "qwen-7b",
+    "Qwen/Qwen-14B-Chat-Int4": "qwen-14b",
+    "Qwen/Qwen-72B-Chat-Int4": "qwen-72b",
     "meta-llama/Llama-3.1-70B": "llama-3.1-70b",
     "meta-llama/Llama-3.1-405B": "llama-3.1-405b",
     "meta-llama/Llama-2-70b-hf": "llama-2-70b",
@@ -88,9 +98,6 @@ LOCAL_CONFIG = {"tiiuae/falcon-7b": "falcon-7b-litgpt-untied"}  # litgpt rows on
 CATALOGUE_FAMILY = {"phi-1.5": "phi", "phi-2": "phi"}  # data/models.csv family column (others are llama-style)
 UNSUPPORTED_FAMILY = {  # prefix of the HF id -> why vramcalc cannot take that model
     "stabilityai/stablelm-base-alpha-7b": "gpt_neox (StableLM-alpha 7B): no published config or parameter count found",
-    "Qwen/Qwen-1_8B": "qwen (v1) 1.8B: config not found in the stored corpora",
-    "Qwen/Qwen-14B": "qwen (v1) 14B: config not found in the stored corpora",
-    "Qwen/Qwen-72B": "qwen (v1) 72B: config not found in the stored corpora",
     "bert-": "bert (encoder, sequence classification: not a causal-LM fine-tune)",
     "bigscience/T0": "t5 (encoder-decoder)",
     "bigscience/mt0": "mt5 (encoder-decoder)",
@@ -120,7 +127,7 @@ ALL_LINEAR = {
 
 # Knobs of issue 11 (DESIGN.md "Contract additions under way"), as Python keywords. ``required``: the row's memory
 # depends on it, so a vramcalc that cannot take it cannot express the row; otherwise it is passed when accepted.
-KNOB_REQUIRED_WHEN_TRUE = ("compile", "activation_offload", "optimizer_in_backward")
+KNOB_REQUIRED_WHEN_TRUE = ("compile", "activation_offload", "optimizer_in_backward", "modules_to_save")
 KNOB_OPTIONAL = ("stack", "packing", "kbit_prep", "kernels", "quant_saves_input", "stable_embedding")
 
 
@@ -189,6 +196,8 @@ class RowSetup:
     assumptions: list = dataclasses.field(default_factory=list)
     bound: bool = False  # unsloth-ctx: the measured number is an upper bound on the peak
     first_micro_batch: bool = False  # the peak is the run's first micro-batch: judge it without ``next-forward``
+    unit_unstated: bool = False  # "GB?": judged under both readings (1e9 and 2^30) and by its sweep's shape, apart
+    gpus_summed: int = 1  # the published number is the sum over this many GPUs (compared per GPU)
 
 
 def _note(row: dict, key: str) -> str | None:
@@ -278,6 +287,8 @@ def _lora_targets(row: dict, family: str | None, setup: RowSetup) -> str | None:
         return "q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     if low in ("q_proj,k_proj,v_proj", "q_proj,v_proj,k_proj"):
         return "q_proj,k_proj,v_proj"
+    if low.startswith("c_attn,c_proj,w1,w2"):  # Qwen v1: peft's "c_proj" suffix-matches both projections
+        return "c_attn,attn.c_proj,w1,w2,mlp.c_proj"
     setup.blockers.append(f"LoRA targets {text!r} not mapped")
     return None
 
@@ -317,8 +328,7 @@ def row_setup(row: dict, data: Path) -> RowSetup:
         setup.blockers.append("seq_len unknown (unpacked data padded to each batch's longest sample)")
     opts.update(batch_size=batch, seq_len=seq)
     unit = _note(row, "unit") or ""
-    if unit == "GB?" and prefix != "unsloth-ctx":
-        setup.blockers.append("setup unknowable: unit GB? (1e9 or 2^30 not stated)")
+    setup.unit_unstated = unit == "GB?" and prefix != "unsloth-ctx"
 
     if prefix in ("litgpt-rt", "litgpt-ch"):
         # lit-gpt finetune/lora.py @8641822 and litgpt 0.4 finetune/*.py: Fabric precision bf16-true (bf16 params,
@@ -434,7 +444,24 @@ def row_setup(row: dict, data: Path) -> RowSetup:
     elif prefix == "peft-readme":
         setup.blockers.append("setup unknowable: sequence length and statistic not stated (short tweets)")
     elif prefix == "qwen":
-        setup.blockers.append("statistic not stated; Q-LoRA is GPTQ int4 (not bnb NF4); ZeRO-3 sums over GPUs")
+        # QwenLM/Qwen finetune.py (the README's profiling: one A100-80G, torch 2.0, flash-attention 2, batch 1,
+        # gradient checkpointing in every finetune_*.sh): the remote code loads the weights in bf16 (modeling_qwen.py
+        # autoset_precision: config.bf16 when the GPU supports it) and the Trainer runs --bf16 (autocast); LoRA r=64,
+        # dropout 0.05 on c_attn, c_proj (peft's suffix match takes attn.c_proj and mlp.c_proj), w1, w2;
+        # "LoRA (emb)" trains wte and lm_head whole (modules_to_save, base models). The single-GPU LoRA runs use the
+        # Trainer's adamw_torch (torch 2.0: foreach); full fine-tuning and the 72B LoRA run DeepSpeed ZeRO-3
+        # (finetune_ds.sh, ds_config_zero3.json), whose multi-GPU numbers are sums over the GPUs (README note).
+        opts.update(precision="bf16", attn="flash", grad_ckpt=True)
+        zero3 = "zero3" in row["optimizer"].lower()
+        opts["optimizer"] = "adamw" if zero3 else "adamw-foreach"
+        if zero3:
+            opts.update(sharding="zero3", num_gpus=gpus)
+            setup.gpus_summed = gpus
+            setup.assumptions.append("DeepSpeed ZeRO-3 (FusedAdam); the published number / GPUs compared per GPU")
+        if method in ("lora", "qlora"):
+            opts["lora_dropout"] = 0.05
+        if "modules_to_save" in row["lora_targets"]:
+            setup.knobs["modules_to_save"] = "embed_tokens,lm_head"
     elif prefix == "hf-perf-doc":
         pass  # family blocker already recorded (bert)
 
@@ -458,7 +485,7 @@ def row_setup(row: dict, data: Path) -> RowSetup:
         if method == "qlora":
             wd = row["weight_dtype"].lower()
             if "gptq" in wd:
-                setup.blockers.append("GPTQ int4 base, not bnb NF4")
+                setup.blockers.append("GPTQ int4 base (auto-gptq QuantLinear), not bnb NF4: no --quant for it")
             opts["quant"] = "nf4"
             if prefix == "torchtune":
                 # torchao NF4Tensor: block 64, scalers quantized to int8 in blocks of 256 (double quantization)
@@ -530,7 +557,8 @@ def judge(rows, data: Path, vc) -> list[dict]:
                       gpus="1 GPU" if (_int(row["n_gpus"]) or 1) == 1 else "several GPUs",
                       measured=row["measured_gb"], unit=(_note(row, "unit") or ""), status="", reason="",
                       compared_with="", measured_bytes="", estimate_bytes="", error="", phase="",
-                      options="", knobs_passed="", assumptions="; ".join(setup.assumptions), terms="")
+                      options="", knobs_passed="", assumptions="; ".join(setup.assumptions), terms="",
+                      error_if_gib="", shape_error="", growth_error="", shape_reference="")
         blockers = list(setup.blockers)
         passed = {}
         for knob, value in setup.knobs.items():
@@ -574,8 +602,10 @@ def judge(rows, data: Path, vc) -> list[dict]:
             estimate += first - breakdown.peak_tensor_bytes
             what += " (first micro-batch)"
         measured, unit = measured_bytes(row)
-        record.update(compared_with=what, estimate_bytes=estimate, phase=phase,
-                      terms=json.dumps(breakdown.terms()))
+        measured //= setup.gpus_summed
+        record.update(compared_with=what + (f" (published sum / {setup.gpus_summed} GPUs)"
+                                            if setup.gpus_summed > 1 else ""),
+                      estimate_bytes=estimate, phase=phase, terms=json.dumps(breakdown.terms()))
         if setup.bound:
             # the GPU class held the run: the peak at this seq_len is at most the GPU's size (read as GiB)
             bound = float(row["measured_gb"]) * GIB
@@ -583,10 +613,39 @@ def judge(rows, data: Path, vc) -> list[dict]:
             record.update(compared_with="total_bytes <= VRAM class (GiB)", estimate_bytes=estimate_total,
                           measured_bytes=int(bound), error=f"{(estimate_total - bound) / bound:+.4f}",
                           status="bound pass" if estimate_total <= bound else "bound FAIL")
+        elif setup.unit_unstated:
+            as_gib = measured * GIB // GB
+            record.update(measured_bytes=measured, error=f"{(estimate - measured) / measured:+.4f}",
+                          error_if_gib=f"{(estimate - as_gib) / as_gib:+.4f}", status="unit unstated")
         else:
             record.update(measured_bytes=measured, error=f"{(estimate - measured) / measured:+.4f}", status="judged")
         out.append(record)
+    _shape_errors([r for r in out if r["status"] == "unit unstated"])
     return out
+
+
+def _shape_errors(records) -> None:
+    """Errors of a sequence-length sweep, within one model, method and setup (every option but ``seq_len``), each
+    row against the sweep's shortest one: ``shape_error`` = (e / e0) / (m / m0) - 1, in which the unit of the
+    published numbers cancels (but an error of the level e0 enters it), and ``growth_error`` = (e - e0) / (m - m0) - 1
+    with m read as 1e9 bytes (2^30 would lower it by 6.9%), where the measured growth is at least 5% of m0 (the
+    level cancels, the unit does not). Empty for the reference row and a sweep of one."""
+    sweeps = {}
+    for r in records:
+        options = json.loads(r["options"])
+        seq = options.pop("seq_len", None)
+        sweeps.setdefault((r["model"], r["method"], json.dumps(options, sort_keys=True)), []).append((seq, r))
+    for rows in sweeps.values():
+        rows.sort(key=lambda item: item[0] or 0)
+        seq0, first = rows[0]
+        first["shape_reference"] = f"seq {seq0}"
+        for seq, r in rows[1:]:
+            ratio_e = int(r["estimate_bytes"]) / int(first["estimate_bytes"])
+            ratio_m = int(r["measured_bytes"]) / int(first["measured_bytes"])
+            r.update(shape_error=f"{ratio_e / ratio_m - 1:+.4f}", shape_reference=f"seq {seq0}")
+            grown = int(r["measured_bytes"]) - int(first["measured_bytes"])
+            if grown >= 0.05 * int(first["measured_bytes"]):
+                r["growth_error"] = f"{(int(r['estimate_bytes']) - int(first['estimate_bytes'])) / grown - 1:+.4f}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -655,6 +714,45 @@ def mechanism_note(record: dict) -> str:
     return ""
 
 
+def _unit_unstated_section(records) -> list[str]:
+    """Rows whose unit is not stated ("GB?"): the level under each reading and the unit-free shape of each sweep."""
+    if not records:
+        return []
+
+    def stats(values):
+        values = [abs(v) for v in values]
+        return f"{statistics.median(values):.1%} | {_p90(values):.1%} | {max(values):.1%}" if values else "- | - | -"
+
+    lines = ["", "## Unit unstated (GB? rows): both readings, and the shape of each sweep", "",
+             "These rows state their memory in \"GB\" without saying 1e9 or 2^30 bytes (the Qwen README's profiling "
+             "table prints \"NN.NG\"), and no statistic: they stay out of the headline. Each is compared "
+             "(`reserved_bytes`, the unstated-statistic rule) under both readings, and, where it belongs to a "
+             "sequence-length sweep, by its shape: (estimate / estimate at the sweep's shortest length) / (measured / "
+             "measured at that length) - 1, in which the unit cancels. No coefficient is fitted to them.", "",
+             "| method | n | reading 1e9: median / P90 / max abs err | reading 2^30: median / P90 / max | "
+             "shape (n) | shape: median / P90 / max abs err | growth (n) | growth (1e9): median / P90 / max |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method in sorted({r["method"] for r in records}) + ["all"]:
+        group = [r for r in records if method in ("all", r["method"])]
+        shaped = [float(r["shape_error"]) for r in group if r["shape_error"]]
+        grown = [float(r["growth_error"]) for r in group if r["growth_error"]]
+        lines.append(f"| {method} | {len(group)} | {stats([float(r['error']) for r in group])} | "
+                     f"{stats([float(r['error_if_gib']) for r in group])} | {len(shaped)} | {stats(shaped)} | "
+                     f"{len(grown)} | {stats(grown)} |")
+    lines += ["", "| id | method | model | GPUs | seq | measured | compared with | estimate GB | error (1e9) | "
+              "error (2^30) | shape error | growth error (1e9) | phase |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: r["id"]):
+        opts = json.loads(r["options"])
+        shape = f"{float(r['shape_error']):+.1%}" if r["shape_error"] else f"({r['shape_reference'] or '-'})"
+        growth = f"{float(r['growth_error']):+.1%}" if r["growth_error"] else "-"
+        lines.append(f"| {r['id']} | {r['method']} | {r['model']} | {opts.get('num_gpus', 1)} | {opts.get('seq_len')} | "
+                     f"{r['measured']} | {r['compared_with']} | {int(r['estimate_bytes']) / GB:.2f} | "
+                     f"{float(r['error']):+.1%} | {float(r['error_if_gib']):+.1%} | {shape} | {growth} | "
+                     f"{r['phase']} |")
+    return lines
+
+
 def write_report(records, md_path: Path, csv_path: Path, vc_version: str, accepted: set) -> None:
     fields = list(records[0].keys())
     with csv_path.open("w", newline="") as handle:
@@ -665,6 +763,7 @@ def write_report(records, md_path: Path, csv_path: Path, vc_version: str, accept
     trusted = [r for r in judged if r["rel"] in ("high", "medium-high", "medium")]
     bounds = [r for r in records if r["status"].startswith("bound")]
     blocked = [r for r in records if r["status"] == "not expressible"]
+    unstated = [r for r in records if r["status"] == "unit unstated"]
     unscored = [r for r in records if r["status"] == "not scored"]
     knobs = sorted(accepted & set(KNOB_REQUIRED_WHEN_TRUE + KNOB_OPTIONAL))
     lines = [
@@ -681,7 +780,8 @@ def write_report(records, md_path: Path, csv_path: Path, vc_version: str, accept
         f"{', '.join(knobs) or 'none (stack presets not yet built)'}.",
         "",
         f"Rows: {len(records)}; judged {len(judged)} (rel high/medium: {len(trusted)}); upper bounds {len(bounds)} "
-        f"({sum(r['status'] == 'bound pass' for r in bounds)} pass); not expressible {len(blocked)}; "
+        f"({sum(r['status'] == 'bound pass' for r in bounds)} pass); unit unstated {len(unstated)} (below, apart); "
+        f"not expressible {len(blocked)}; "
         f"not scored (estimate_table) {len(unscored)}.",
         "",
         "## Headline: rows rated high / medium-high / medium",
@@ -724,6 +824,7 @@ def write_report(records, md_path: Path, csv_path: Path, vc_version: str, accept
         opts = json.loads(r["options"])
         lines.append(f"| {r['id']} | {opts.get('seq_len')} | {r['measured']} | {int(r['estimate_bytes']) / GIB:.2f} | "
                      f"{1 + float(r['error']):.2f} | {r['status']} |")
+    lines += _unit_unstated_section(unstated)
     reasons = {}
     for r in blocked:  # grouped by the first reason; every reason of a row is in published.csv
         reasons.setdefault(r["reason"].split("; ")[0], []).append(r["id"])

@@ -177,6 +177,38 @@ def test_bf16_storage_lets_fsdp_shard_the_4bit_codes_but_every_rank_keeps_the_wh
     assert bf16 - more == pytest.approx((codes + rest) * (1 / 2 - 1 / 8), rel=0.001)  # the state does not shrink
 
 
+def test_torchtune_qlora_under_fsdp_shards_the_nf4_codes_and_their_scalers_alike():
+    # torchao's NF4Tensor splits every inner tensor on dim 0 and all-gathers codes and scalers together
+    # (nf4_tensor.py nf4_split, fsdp_pre_all_gather); bitsandbytes keeps its state whole on each rank
+    spec = vc.get_model("llama-3.3-70b")
+    tensors = stored_tensors(spec, _qlora(spec, stack="torchtune"))
+    quantized = sum(t.total_bytes for t in tensors if t.kind == "quantized")  # codes + quantization state
+    rest = sum(t.total_bytes for t in tensors if t.kind != "quantized")
+    two, eight = (distributed.rank_states(spec, resolve_setup(spec, method="qlora", num_gpus=n, sharding="fsdp",
+                                                              stack="torchtune")).weights for n in (2, 8))
+    assert two - eight == pytest.approx((quantized + rest) * (1 / 2 - 1 / 8), rel=0.001)
+    layer = sum(t.total_bytes for t in tensors if t.kind == "quantized") // spec.num_layers
+    gathered = distributed.gathering(spec, _qlora(spec, stack="torchtune")).dense.params_bytes
+    assert layer <= gathered < layer * 1.002  # one layer's NF4 tensors, state included, plus its norms and adapters
+    same = dict(adapter_dtype="bf16", double_quant=True, precision="bf16-true")
+    hf = distributed.rank_states(spec, _qlora(spec, quant_storage="bf16", **same)).weights
+    state = distributed.quant_state_bytes(tensors)
+    assert hf - distributed.rank_states(spec, _qlora(spec, stack="torchtune", **same)).weights == pytest.approx(
+        state / 2, rel=0.002)  # the half of the state each rank no longer holds
+
+
+def test_deepspeed_zero_runs_on_one_gpu_with_its_fp32_master_copy():
+    # DeepSpeed accepts a world size of 1 (QwenLM/Qwen finetune_ds.sh trains Qwen-1.8B so on one A100); ZeRO's
+    # mixed-precision Adam keeps 2 + 2 + 12 bytes per parameter (Rajbhandari et al. 2020, section 3.1, K = 12)
+    spec = vc.get_model("qwen-1.8b")
+    for stage in ("zero1", "zero2", "zero3"):
+        states = distributed.rank_states(spec, resolve_setup(spec, method="full", sharding=stage, precision="bf16"))
+        assert states.weights + states.gradients + states.optimizer_states == pytest.approx(16 * spec.params,
+                                                                                            rel=0.001)
+    with pytest.raises(VramcalcError, match="needs --num-gpus of 2 or more"):
+        resolve_setup(spec, sharding="ddp")
+
+
 def test_fsdp_qlora_keeps_peft_adapter_dtype_instead_of_accelerates_fp32_upcast():
     # accelerate 1.16 fsdp_utils.py:801 upcasts trainable parameters only in a model without Params4bit
     spec = vc.get_model("llama-3.1-8b")

@@ -488,12 +488,14 @@ def _check_combination(setup: TrainingSetup) -> None:
         )
     _check_quant_storage(setup)
     _check_device_map(setup)
-    # one GPU with offload: DeepSpeed ZeRO-Offload's single-GPU case, and FSDP2 on a one-rank mesh with
-    # CPUOffloadPolicy (the parameters live on the host and come to the GPU one unit at a time)
-    single_gpu_offload = setup.sharding.shards_optimizer and setup.offload is not Offload.NONE
-    if setup.sharding is not Sharding.NONE and setup.num_gpus == setup.tp and not single_gpu_offload:
+    # one GPU: DeepSpeed runs any ZeRO stage with a world size of 1 (its fp32 master copy, buckets and, under ZeRO-3,
+    # the partitioned-parameter machinery stay: ``deepspeed --num_gpus 1``, as QwenLM/Qwen's finetune_ds.sh runs
+    # full fine-tuning of Qwen-1.8B on one A100), and FSDP2 on a one-rank mesh with CPUOffloadPolicy (the
+    # parameters live on the host and come to the GPU one unit at a time)
+    single_gpu = setup.sharding.is_deepspeed or (setup.sharding.shards_optimizer and setup.offload is not Offload.NONE)
+    if setup.sharding is not Sharding.NONE and setup.num_gpus == setup.tp and not single_gpu:
         raise VramcalcError(f"sharding {setup.sharding.value!r} needs --num-gpus of 2 or more "
-                            "(on one GPU only with --offload: ZeRO-Offload, FSDP CPU offload)")
+                            "(on one GPU: DeepSpeed ZeRO, or FSDP with --offload)")
     _check_offload(setup)
     if setup.precision is Precision.FP8 and setup.method is not Method.FULL:
         raise VramcalcError(

@@ -167,16 +167,35 @@ PACKED_4BIT = "packed-4bit"  # StoredTensor.kind of a 4-bit weight's packed code
 
 def shards_4bit(resolved: ResolvedSetup) -> bool:
     """The engine shards the 4-bit weights: QLoRA with a floating storage (``QuantStorage.BF16``) under FSDP2 or
-    ZeRO-3. With uint8 storage accelerate leaves them out of ``fully_shard`` (whole on every rank)."""
+    ZeRO-3, or a stack whose 4-bit weights are torchao ``NF4Tensor``s under FSDP2 (``shards_4bit_state``). With
+    bitsandbytes' uint8 storage accelerate leaves them out of ``fully_shard`` (whole on every rank)."""
     setup = resolved.setup
-    return (setup.method is Method.QLORA and getattr(setup, "quant_storage", QuantStorage.UINT8) is QuantStorage.BF16
-            and setup.sharding in (Sharding.FSDP, Sharding.ZERO3))
+    return setup.method is Method.QLORA and (
+        (getattr(setup, "quant_storage", QuantStorage.UINT8) is QuantStorage.BF16
+         and setup.sharding in (Sharding.FSDP, Sharding.ZERO3)) or shards_4bit_state(resolved))
 
 
-def packed_4bit(tensor: StoredTensor) -> StoredTensor:
-    """A 4-bit weight of n elements as the parameter bitsandbytes stores with bf16 storage: ``[(n + 1) // 4, 1]``
-    bf16 (bitsandbytes 0.50.2 ``_ops.py:235``: ``((n + 1) // (quant_storage.itemsize * 2), 1)``), without its
-    quantization state, which is a module attribute and stays whole on every rank (``options.QuantStorage``)."""
+def shards_4bit_state(resolved: ResolvedSetup) -> bool:
+    """FSDP2 shards a torchao ``NF4Tensor`` whole, its scalers with its codes: the subclass splits every inner tensor
+    on dim 0 (``nf4_split`` over ``_INNER_TENSOR_NAMES_FOR_SHARDING``) and all-gathers ``quantized_scalers``,
+    ``quantization_factor`` and ``quantized_data`` together (``fsdp_pre_all_gather``; torchao 0.18
+    ``quantize_/workflows/nf4/nf4_tensor.py:236-268, 986-1008``), and torchtune ``fully_shard``s every decoder layer
+    of its QLoRA model (0.6.1 ``training/_distributed.py::shard_model``). bitsandbytes keeps the state as a module
+    attribute, whole on every rank."""
+    setup = resolved.setup
+    return (setup.method is Method.QLORA and setup.sharding is Sharding.FSDP
+            and stack_layers(setup.stack).torchao_nf4)
+
+
+def packed_4bit(tensor: StoredTensor, with_state: bool = False) -> StoredTensor:
+    """A 4-bit weight of n elements as the sharding engine holds it, as 16-bit elements (dim 0 is what is split):
+    bitsandbytes with bf16 storage ``[(n + 1) // 4, 1]`` bf16 (bitsandbytes 0.50.2 ``_ops.py:235``:
+    ``((n + 1) // (quant_storage.itemsize * 2), 1)``), without its quantization state, which is a module attribute
+    and stays whole on every rank (``options.QuantStorage``); ``with_state``: a torchao ``NF4Tensor``, its codes and
+    its quantization state (the stored tensor's ``metadata_bytes``) split alike (``shards_4bit_state``)."""
+    if with_state:
+        elements = -(-(-(-tensor.numel * tensor.bits // 8) + tensor.metadata_bytes) // 2)
+        return StoredTensor(tensor.name, PACKED_4BIT, (elements, 1), tensor.count, 16, False, 0, tensor.scope)
     return StoredTensor(tensor.name, PACKED_4BIT, ((tensor.numel + 1) // 4, 1), tensor.count, 16, False, 0,
                         tensor.scope)
 
@@ -192,7 +211,8 @@ def engine_tensors(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTens
     tensors = stored_tensors(spec, resolved)
     if not shards_4bit(resolved):
         return tensors
-    return tuple(packed_4bit(t) if t.kind == "quantized" else t for t in tensors)
+    with_state = shards_4bit_state(resolved)
+    return tuple(packed_4bit(t, with_state) if t.kind == "quantized" else t for t in tensors)
 
 
 # -- units -----------------------------------------------------------------------------------------------------------
@@ -420,8 +440,8 @@ def _fsdp_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
     shards = tuple(sharded(t, ranks_of(t), _state_bits(t, fp32_trainable)) for t in tensors
                    if t.kind != "quantized" and ranks_of(t) is not None) + whole
     replicated = sum(t.total_bytes for t in tensors if t.kind == "quantized")
-    if shards_4bit(resolved):  # the packed codes are sharded above; their quantization state stays whole
-        replicated = quant_state_bytes(stored_tensors(spec, resolved))
+    if shards_4bit(resolved):  # the packed codes are sharded above; bitsandbytes' quantization state stays whole
+        replicated = 0 if shards_4bit_state(resolved) else quant_state_bytes(stored_tensors(spec, resolved))
     weights = sum(t.total_bytes for t in shards) + replicated
     G = (units.embed.sharded_grads_bytes + units.tail.sharded_grads_bytes + units.dense.sharded_grads_bytes * spec.num_dense_layers
          + units.moe.sharded_grads_bytes * spec.num_moe_layers) + sum(t.total_bytes for t in whole if t.trainable)

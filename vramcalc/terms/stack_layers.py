@@ -42,7 +42,8 @@ Symbols: T tokens, h hidden, a heads, k kv heads, d head dim, c compute bytes, s
   "weight", {"optim_bits": 32})``); torchtune and litgpt instantiate bitsandbytes directly: 8-bit embedding states.
 - ``torchao_nf4``: QLoRA's base weights are torchao ``NF4Tensor``s dequantized in eager PyTorch by every forward and
   backward matmul, at any token count (``nf4_dequant_bytes``), not bitsandbytes' kernels
-  (``temporaries.dequantized_weight_bytes``).
+  (``temporaries.dequantized_weight_bytes``). Under FSDP2 an ``NF4Tensor`` is sharded whole, codes and scalers
+  (``distributed.shards_4bit_state``).
 - ``fsdp_keeps_dtype``: under FSDP the parameters are sharded, gathered and stepped in the dtype the model was built
   in (bf16), with no fp32 upcast of the trainable ones (accelerate's ``fsdp2_prepare_model`` upcasts; memory-math
   F1 in docs/stacks-research.md). torchtune 0.6.1 ``training/_distributed.py:550-568`` (``fully_shard`` with no
