@@ -20,8 +20,10 @@ units and caveats of every source). For each row this script:
    cached: ``details.stream_pools_bytes``), ``nvidia_smi`` rows with ``total_bytes`` (plus those blocks);
    ``unspecified`` rows (the statistic is not stated) with ``reserved_bytes``, the middle of the three;
    each row's unit (``GB(1e9)`` or ``GiB``) converts the published number to bytes; ``GB?`` (unit not stated)
-   rows are not scored, except ``unsloth-ctx`` bounds, which are judged pass/fail: the estimate at the longest
-   context that fitted must not exceed the GPU size (read generously as GiB);
+   rows stay out of the headline and are compared apart, under both readings and, within a sequence-length sweep,
+   by its unit-free shape (``_shape_errors``); a number the source gives as a sum over GPUs (Qwen's ZeRO-3 rows)
+   is compared per GPU; ``unsloth-ctx`` bounds are judged pass/fail: the estimate at the longest context that
+   fitted must not exceed the GPU size (read generously as GiB);
 4. never scores ``estimate_table`` rows (LLaMA-Factory's rule-of-thumb table).
 
 Error = (estimate - measured) / measured. No coefficient here is fitted to any row; every mapping cites the

@@ -209,6 +209,24 @@ def test_deepspeed_zero_runs_on_one_gpu_with_its_fp32_master_copy():
         resolve_setup(spec, sharding="ddp")
 
 
+def test_zero3_casts_its_gradient_to_fp32_one_sub_group_at_a_time():
+    # stage3.py step: _prepare_fp32_grad_for_sub_group flattens a sub-group's bf16 gradient partitions and casts the
+    # copy to fp32; sub-groups close at sub_group_size = 1e9 elements (zero/config.py); ZeRO-2 casts the partition whole
+    def step_gradient(name, n, sharding):
+        spec = vc.get_model(name)
+        resolved = resolve_setup(spec, method="full", num_gpus=n, sharding=sharding, precision="bf16")
+        return distributed.rank_states(spec, resolved), spec
+
+    small, spec = step_gradient("qwen-1.8b", 2, "zero3")  # a 0.92e9-element partition: one sub-group
+    assert distributed.zero3_step_gradient_bytes([t for t in stored_tensors(spec, resolve_setup(
+        spec, method="full")) if t.trainable], 2, True) == pytest.approx(spec.params / 2 * (4 + 2), rel=1e-6)
+    seventy, spec = step_gradient("llama-3.3-70b", 8, "zero3")  # 8.8e9 elements per rank, in 9 sub-groups
+    two, _ = step_gradient("llama-3.3-70b", 8, "zero2")
+    partition_fp32 = spec.params * 4 / 8
+    assert two.optimizer_step - seventy.optimizer_step > 0.8 * partition_fp32  # ZeRO-2 holds the whole fp32 partition
+    assert seventy.optimizer_step < 6 * (1e9 + 128256 * 8192 / 8) * 1.01
+
+
 def test_fsdp_qlora_keeps_peft_adapter_dtype_instead_of_accelerates_fp32_upcast():
     # accelerate 1.16 fsdp_utils.py:801 upcasts trainable parameters only in a model without Params4bit
     spec = vc.get_model("llama-3.1-8b")

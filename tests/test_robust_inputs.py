@@ -202,9 +202,16 @@ def test_zero_offload_on_one_gpu_keeps_the_states_on_the_host():
         params * DEEPSPEED_HOST_BYTES_PER_PARAM_OPTIMIZER * DEEPSPEED_HOST_BUFFER_FACTOR, rel=0.01)
 
 
-def test_zero_on_one_gpu_without_offload_is_still_refused():
-    code, _, err = run("estimate", "llama-3.1-8b", "--sharding", "zero2")
-    assert_one_error_line(code, err, "needs --num-gpus")
+def test_zero_on_one_gpu_is_estimated_but_fsdp_and_ddp_on_one_gpu_are_refused():
+    # DeepSpeed runs any ZeRO stage with a world size of 1 (its fp32 master copy costs memory there: QwenLM/Qwen's
+    # finetune_ds.sh trains Qwen-1.8B so); FSDP and DDP over one rank are a mistake on the command line
+    code, out, err = run("estimate", "llama-3.1-8b", "--sharding", "zero2", "--format", "json")
+    assert code == 0, err
+    plain = vc.estimate("llama-3.1-8b")
+    assert json.loads(out)["peak_tensor_bytes"] > plain.peak_tensor_bytes  # the fp32 master copy and states
+    for sharding in ("fsdp", "ddp"):
+        code, _, err = run("estimate", "llama-3.1-8b", "--sharding", sharding)
+        assert_one_error_line(code, err, "needs --num-gpus")
 
 
 # -- property tests -------------------------------------------------------------------------------------------------

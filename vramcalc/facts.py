@@ -35,6 +35,11 @@ DDP_FIRST_BUCKET_BYTES = 2**20  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES:
 # -- DeepSpeed through transformers' "auto" config (transformers/integrations/deepspeed.py) ---------------------------
 DEEPSPEED_PERSISTENCE_PER_HIDDEN = 10  # stage3_param_persistence_threshold = 10·h
 DEEPSPEED_PREFETCH_FRACTION = 0.9  # stage3_prefetch_bucket_size = 0.9·h²
+# ZeRO-3 steps its partition one sub-group at a time, a sub-group closing at the first parameter that brings it to
+# sub_group_size elements (runtime/zero/config.py:175 ``sub_group_size = 1e9``, which transformers leaves as is;
+# stage3.py ``_create_fp16_sub_groups``, ``step``: ``_prepare_sub_group`` -> ``_optimizer_step`` ->
+# ``_release_sub_group``). DeepSpeed@edaa72212.
+DEEPSPEED_SUB_GROUP_SIZE = 10**9
 # runtime/zero/stage3.py::estimate_zero3_model_states_mem_needs: host bytes per trainable parameter with the
 # optimizer offloaded (fp32 master, gradients, two Adam moments) and with the parameters too, times
 # additional_buffer_factor 1.5 (pinned staging buffers)

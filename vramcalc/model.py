@@ -130,6 +130,9 @@ class FamilyTraits:
     # a hybrid model: the layers whose ``layer_types`` entry is "conv" run a gated short convolution instead of
     # attention (LFM2's Lfm2ShortConv: in_proj [h, 3h], a depthwise Conv1d of conv_kernel taps, out_proj [h, h])
     short_conv: bool = False
+    # False: the model computes its own loss on lm_head's output as it comes, a plain CrossEntropyLoss on a shifted
+    # contiguous copy with no ``.float()`` (remote code that predates transformers' ForCausalLMLoss: Qwen v1)
+    loss_upcasts: bool = True
 
 
 FAMILIES: dict[str, FamilyTraits] = {
@@ -221,9 +224,11 @@ FAMILIES: dict[str, FamilyTraits] = {
     "ernie4_5": FamilyTraits(default_tied=True, rope_fp32=True, rope_copies_per_layer=True),
     # Qwen v1 (remote code ``modeling_qwen.py`` of Qwen/Qwen-7B, QWenLMHeadModel; no transformers class): fused
     # c_attn with bias, attn.c_proj without, RMSNorm ln_1/ln_2/ln_f, QWenMLP a1 = w1(x), a2 = w2(x),
-    # mlp.c_proj(a1 * silu(a2)) with w1, w2: h -> intermediate_size / 2; lm_head untied
+    # mlp.c_proj(a1 * silu(a2)) with w1, w2: h -> intermediate_size / 2; lm_head untied. QWenLMHeadModel.forward
+    # computes ``CrossEntropyLoss()(lm_logits[..., :-1, :].contiguous().view(-1, V), ...)`` with no upcast
+    # (modeling_qwen.py, read in the code-corpus copy id 29119010094 of the Hub file)
     "qwen": FamilyTraits(fused_qkv=True, qkv_bias=True, lora_qv=("c_attn",), traceable=False, qkv_names=("c_attn",),
-                         o_name="attn.c_proj", mlp_names=("w1", "w2", "mlp.c_proj")),
+                         o_name="attn.c_proj", mlp_names=("w1", "w2", "mlp.c_proj"), loss_upcasts=False),
     # models/qwen2_moe/modeling_qwen2_moe.py (transformers 5.25): q/k/v with bias=config.qkv_bias (default True), o
     # without (L222-225); Qwen2MoeTopKRouter (a 2-D weight, not an nn.Linear, L311-329) and Qwen2MoeExperts (3-D
     # gate_up_proj, down_proj, L271-282); a shared expert Qwen2MoeMLP of shared_expert_intermediate_size and its

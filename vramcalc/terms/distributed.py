@@ -62,7 +62,8 @@ from dataclasses import dataclass
 
 from .. import facts
 from ..facts import (DDP_BUCKET_CAP_BYTES, DDP_FIRST_BUCKET_BYTES, DEEPSPEED_HOST_BUFFER_FACTOR,
-                     DEEPSPEED_PERSISTENCE_PER_HIDDEN, DEEPSPEED_PREFETCH_FRACTION, GPUS_PER_NODE)
+                     DEEPSPEED_PERSISTENCE_PER_HIDDEN, DEEPSPEED_PREFETCH_FRACTION, DEEPSPEED_SUB_GROUP_SIZE,
+                     GPUS_PER_NODE)
 from ..model import ModelSpec
 from ..options import AdapterDtype, FsdpShard, Method, Offload, Precision, QuantStorage, Sharding
 from ..parallel_degrees import shard_rows
@@ -100,12 +101,16 @@ def casts_to_half(resolved: ResolvedSetup) -> bool:
 def compute_setup(resolved: ResolvedSetup) -> ResolvedSetup:
     """The setup as the kernels see it. FSDP2 hands every layer 16-bit copies of its parameters (adapters too) and
     DeepSpeed casts the module to 16 bits: the activations are those of a 16-bit model with 16-bit adapters and no
-    autocast weight copies. DDP and one GPU compute as the setup says."""
+    autocast weight copies. Under DeepSpeed's bf16 engine accelerate also leaves autocast off (``native_amp`` stays
+    False for ``DistributedType.DEEPSPEED``, accelerate 1.16 ``accelerator.py:536-567``, so no ``autocast`` and no
+    ``convert_outputs_to_fp32``): bf16-true. DDP and one GPU compute as the setup says."""
     if not casts_to_half(resolved):
         return resolved
     setup = resolved.setup
     precision = {Precision.MIXED_BF16: Precision.BF16, Precision.MIXED_FP16: Precision.FP16}.get(setup.precision,
                                                                                            setup.precision)
+    if setup.sharding.is_deepspeed and precision is Precision.BF16:
+        precision = Precision.BF16_TRUE
     adapter = AdapterDtype.BF16 if setup.method.uses_lora or setup.method is Method.PROMPT else setup.adapter_dtype
     return dataclasses.replace(resolved, setup=dataclasses.replace(setup, precision=precision, adapter_dtype=adapter))
 
@@ -467,6 +472,24 @@ def _fsdp_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
     )
 
 
+def zero3_step_gradient_bytes(trainable, n: int, half: bool) -> int:
+    """ZeRO-3's fp32 gradient at the optimizer step, one sub-group at a time.
+
+    ``step`` runs ``_prepare_sub_group``, ``_optimizer_step`` and ``_release_sub_group`` per sub-group;
+    ``_prepare_fp32_grad_for_sub_group`` builds ``self.flatten(self.averaged_gradients[i]).to(fp32)`` (a flat copy
+    of the sub-group's gradient partitions in the 16-bit accumulation dtype, cast to fp32, the 16-bit copy dying
+    with the expression) and ``_release_sub_group`` drops it (DeepSpeed@edaa72212 ``runtime/zero/stage3.py:2398-2452``;
+    the same flow since ZeRO-Infinity). Sub-groups fill greedily with the parameters' partitions up to
+    ``facts.DEEPSPEED_SUB_GROUP_SIZE`` elements (``_create_fp16_sub_groups``), so the largest holds
+    S = min(P, sub_group_size + p_max - 1), P the rank's partition, p_max the largest parameter's partition:
+    S·(4 + 2) bytes at the cast under 16-bit training, 4·S in fp32 (ZeRO-1/2 cast a whole parameter group's
+    partition at once, ``stage_1_and_2.py`` ``step``)."""
+    partition = -(-sum(t.numel * t.count for t in trainable) // n)
+    largest = -(-max((t.numel for t in trainable), default=0) // n)
+    elements = min(partition, DEEPSPEED_SUB_GROUP_SIZE + largest - 1) if largest else 0
+    return elements * (DType.FP32.bytes + (2 if half else 0))
+
+
 def _deepspeed_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
     """ZeRO stages 1-3 with DeepSpeed's fp32 master copy under 16-bit training (module docstring)."""
     setup = resolved.setup
@@ -481,7 +504,10 @@ def _deepspeed_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
     grad_partition = sum(t.total_bytes for t in fp32) if half else 0  # fp32 gradients the optimizer steps on
     O = -(-(master + states) // n)
     step = -(-optimizer_step_temporary_bytes(fp32 if half else tuple(trainable), setup.optimizer) // n)
-    step += -(-grad_partition // n)
+    if setup.sharding is Sharding.ZERO3:
+        step += zero3_step_gradient_bytes(trainable, n, half)
+    else:
+        step += -(-grad_partition // n)
     G = gradient_bytes(tensors)
     layer_grads = (layer_gradient_bytes(spec, tensors, False), layer_gradient_bytes(spec, tensors, True))
     head = head_gradient_bytes(spec, compute.setup.method, tensors)  # full until reduced

@@ -139,6 +139,8 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
         forward = maximum(model_out + upcast * tokens * V + 2 * _F32 * shifted * V,
                           model_out + _F32 * shifted * V + (_F32 * tokens * V if accelerate_copy else 0)) + labels
         return LogitsBytes(forward, saved, saved + 2 * _F32 * shifted * V, c * tokens * V + labels)
+    if loss is Loss.HF and not model.traits.loss_upcasts:
+        return _model_dtype_loss_bytes(c, dt.autocast, tokens, tokens - sequences, V, labels)
     if loss is Loss.HF:
         saved = (_F32 + (c if softcap else 0)) * tokens * V + labels
         chain = (2 * c if softcap else c) + upcast + _F32
@@ -190,6 +192,24 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
     saved = grad_input + _F32 * tokens + labels
     forward = saved + c * chunk * V + hidden_bytes * chunk * model.hidden_size
     return LogitsBytes(forward, saved, saved, saved, forward_hidden_grad=grad_input)
+
+
+def _model_dtype_loss_bytes(c: int, autocast: bool, tokens, shifted, V: int, labels) -> LogitsBytes:
+    """``hf`` for a family whose own loss takes lm_head's output as it comes (``FamilyTraits.loss_upcasts`` False:
+    Qwen v1's ``CrossEntropyLoss()(lm_logits[..., :-1, :].contiguous().view(-1, V), ...)``): the shifted copy of
+    T' = b·(s - 1) rows is in c; ``log_softmax`` is on CUDA autocast's fp32 list (torch ``docs/source/amp.rst``, "CUDA
+    Ops that can autocast to float32"), so under autocast it casts its input to fp32 and saves an fp32 output, and
+    without autocast (bf16-true; DeepSpeed, under which accelerate leaves autocast off: ``native_amp`` is False for
+    ``DistributedType.DEEPSPEED``, accelerate 1.16 ``accelerator.py:536-567``) it runs and saves in c. With l the
+    log_softmax bytes and k the cast's: forward peak c·T·V + (c + k + l)·T'·V at the log_softmax; after forward the
+    model's ``outputs.logits`` (c·T·V) and accelerate's fp32 copy of them under autocast beside the saved l·T'·V;
+    backward 3·l·T'·V (the saved output, nll_loss's gradient and log_softmax's)."""
+    ls = _F32 if autocast else c
+    cast = _F32 if autocast and c != _F32 else 0
+    saved = ls * shifted * V + labels
+    forward = maximum(c * tokens * V + (c + cast + ls) * shifted * V,
+                      (c + (_F32 if autocast else 0)) * tokens * V + ls * shifted * V) + labels
+    return LogitsBytes(forward, saved, 3 * ls * shifted * V + labels, c * tokens * V + labels)
 
 
 def _compiled_logits_bytes(loss: Loss, c: int, accelerate_copy: bool, tokens, V: int, labels,
