@@ -748,8 +748,9 @@ def _unit_unstated_section(records) -> list[str]:
         opts = json.loads(r["options"])
         shape = f"{float(r['shape_error']):+.1%}" if r["shape_error"] else f"({r['shape_reference'] or '-'})"
         growth = f"{float(r['growth_error']):+.1%}" if r["growth_error"] else "-"
-        lines.append(f"| {r['id']} | {r['method']} | {r['model']} | {opts.get('num_gpus', 1)} | {opts.get('seq_len')} | "
-                     f"{r['measured']} | {r['compared_with']} | {int(r['estimate_bytes']) / GB:.2f} | "
+        lines.append(f"| {r['id']} | {r['method']} | {r['model']} | {opts.get('num_gpus', 1)} | "
+                     f"{opts.get('seq_len')} | {r['measured']} | {r['compared_with']} | "
+                     f"{int(r['estimate_bytes']) / GB:.2f} | "
                      f"{float(r['error']):+.1%} | {float(r['error_if_gib']):+.1%} | {shape} | {growth} | "
                      f"{r['phase']} |")
     return lines
