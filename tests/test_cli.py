@@ -62,7 +62,7 @@ BAD_INPUT = [
     (["estimate", "llama-3.1-8b", "--method", "qlora", "--precision", "fp32"], "makes no sense"),
     (["estimate", "llama-3.1-8b", "--lora-rank", "16"], "does not apply to --method full"),
     (["estimate", "llama-3.1-8b", "--method", "lora", "--lora-targets", "w_q"], "not a linear layer"),
-    (["estimate", "llama-3.1-8b", "--sharding", "zero3"], "needs --num-gpus"),
+    (["estimate", "llama-3.1-8b", "--sharding", "fsdp"], "needs --num-gpus"),
     (["estimate", "llama-3.1-8b", "--format", "yaml"], "unknown format"),
     (["estimate", "llama-3.1-8b", "--lora-dropout", "1.5", "--method", "lora"], "LoRA dropout"),
     (["estimate", "llama-3.1-8b", "--batch-size", "nan"], "batch size"),

@@ -274,7 +274,7 @@ MALFORMED = [  # (method, path, body bytes or JSON value, extra headers, expecte
     ("POST", "/api/estimate", dict(GOOD, gpu="h1000"), None, 400, "gpu"),
     ("POST", "/api/estimate", {"model": "llama-3.1-8b", "lora_rank": 16}, None, 400, "lora_rank"),
     ("POST", "/api/estimate", dict(GOOD, lora_targets="nonexistent_proj"), None, 400, "lora_targets"),
-    ("POST", "/api/estimate", dict(GOOD, sharding="zero3"), None, 400, "sharding"),
+    ("POST", "/api/estimate", dict(GOOD, sharding="fsdp"), None, 400, "sharding"),
     ("POST", "/api/estimate", {"config": "not an object"}, None, 400, "config"),
     ("POST", "/api/estimate", {"config": {"model_type": "llama"}}, None, 400, "config"),
     ("POST", "/api/estimate", {"config": {"model_type": "unknown-arch"}}, None, 400, "config"),
