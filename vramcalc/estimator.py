@@ -34,6 +34,8 @@ from .terms import (activations, adapters, distributed, expert_parallel, float8,
                     peft_methods, quantized, runtime, stack_layers, states, tasks, temporaries, tensor_parallel,
                     trl_loss, vision)
 from .terms.distributed import GatheredTimeline
+from .terms import gptq
+from .gptq import is_gptq
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import DType, maximum, minimum, select
 
@@ -433,6 +435,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         B = B + stack_layers.stable_embedding_grad_bytes(spec, dt.r)
     Bb = B + rank.backward_buffers
     plan = _saved_plan(spec, layer, ckpt, masked)
+    gptq_base = is_gptq(csetup)
+    if gptq_base:  # auto-gptq's matmuls save each dequantized weight (terms/gptq.py)
+        plan = gptq.with_saved_weights(plan, spec, layer, bool(ckpt), activations.first_layer_needs_grad(layer.method))
     A = plan.model.bytes(b, s)
     extras = quantized.step_extras(spec, csetup, layer, masked, b, s, adapters.head_input_shared(layer))
     head_lora = adapters.head_lora_saved(spec, layer).bytes(b, s)
@@ -485,6 +490,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         recompute_beside = dequant + beside
         dequant = dequant + peft_methods.backward_transient_bytes(spec, compute, dt, tokens)
     hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)
+    if gptq_base and ckpt:  # the recompute's dequantization beside the recomputed layer and the incoming gradient
+        recompute_beside = maximum(recompute_beside, dt.r * tokens * spec.hidden_size + gptq.forward_dequant_bytes(
+            spec, dt.r, dt.c, tokens, csetup.gptq_desc_act, saved=True))
     head_saved = plan.head.bytes(b, s) + head_lora
     gathered = GatheredTimeline(spec, rank.gathering)
     # the moments' shares on FSDP's side streams (``Moment``): the gathered units' buffers, the reduced shards
@@ -507,6 +515,10 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     if dequant_beside is not None:  # torchao: the last layer's down projection dequantizes beside every saved tensor
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0,
                               stack_layers.nf4_forward_moment_bytes(spec, dt.c, tokens, bool(ckpt), csetup.compile)))
+    if gptq_base:  # the last layer's largest dequantization beside the saved activations (terms/gptq.py)
+        moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0, copies.forward
+                              + gptq.forward_dequant_bytes(spec, dt.r, dt.c, tokens, csetup.gptq_desc_act,
+                                                           saved=not ckpt)))
     if extras.head_forward_moment:  # a quantized lm_head's forward: its dequantized weight beside its output
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A, extras.head_forward_logits,
                               copies.forward + extras.head_forward))

@@ -16,7 +16,7 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "lora_rank": "LoRA rank r (lora, qlora), or a peft method's size knob (vramcalc methods says which)",
     "lora_targets": "qv | all-linear | comma list of module names (lora, qlora, and peft methods' target_modules)",
     "lora_dropout": "LoRA dropout probability, 0 to <1 (lora, qlora)",
-    "quant": "quantized base weights: nf4 | fp4 (4-bit) | int8 (LLM.int8) (qlora; a peft method with a "
+    "quant": "quantized base weights: nf4 | fp4 (4-bit) | int8 (LLM.int8) | int4-gptq (a GPTQ checkpoint) (qlora; a peft method with a "
              "bitsandbytes layer, e.g. dora, on that base) | none",
     "double_quant": "quantize the quantization constants too (qlora)",
     "compute_dtype": "bf16 | fp16 | fp32 (qlora bnb_4bit_compute_dtype)",
@@ -57,6 +57,9 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "quant_state_dtype": "auto | bf16 | fp16 | fp32: the dtype the weights were quantized from (qlora)",
     "quant_storage": "uint8 | bf16: the dtype 4-bit codes are packed in (bnb_4bit_quant_storage); bf16 lets fsdp "
                      "shard them (qlora)",
+    "gptq_group_size": "input rows per GPTQ quantization group, or -1 for one (qlora --quant int4-gptq)",
+    "gptq_desc_act": "an act-order GPTQ checkpoint: auto-gptq's qlinear_cuda, a larger dequantization transient "
+                     "(qlora --quant int4-gptq)",
     "task": "sft | dpo | ipo | simpo | orpo | cpo | kto | reward | grpo | distill",
     "ref_model": "copy | adapter | precomputed | none: the preference tasks' reference log-probs",
     "prompt_len": "prompt tokens of each chosen/rejected row (preference tasks; not scored)",

@@ -265,11 +265,13 @@ class Offload(Choice):
 
 
 class Quant(Choice):
-    """The quantized base of ``--method qlora``: bitsandbytes 4-bit (``load_in_4bit``) or LLM.int8 (``load_in_8bit``)."""
+    """The quantized base of ``--method qlora``: bitsandbytes 4-bit (``load_in_4bit``) or LLM.int8 (``load_in_8bit``),
+    or a GPTQ int4 checkpoint (``GPTQConfig(bits=4, disable_exllama=True)``: auto-gptq's QuantLinear)."""
 
     NF4 = "nf4"
     FP4 = "fp4"
     INT8 = "int8"  # bitsandbytes Linear8bitLt (LLM.int8, Dettmers et al. 2022): int8 weights plus per-row scales
+    INT4_GPTQ = "int4-gptq"  # a GPTQ checkpoint through auto-gptq's QuantLinear (terms/gptq.py)
     NONE = "none"  # a 16-bit base: what a peft method (dora, ia3, ...) gets without --quant (not for qlora)
 
     @property

@@ -38,7 +38,7 @@ from .options import (
     Task,
     Vision,
 )
-from . import parallel_degrees
+from . import gptq, parallel_degrees
 from .stacks import preset
 from .task_setup import check_teacher, resolve_task, task_warnings
 from .vision import resolve_images
@@ -131,6 +131,8 @@ class TrainingSetup:
     quantize_lm_head: bool = False  # transformers keeps lm_head unquantized (qlora)
     quant_state_dtype: QuantStateDtype = QuantStateDtype.AUTO  # (qlora)
     quant_storage: QuantStorage = QuantStorage.UINT8  # bnb_4bit_quant_storage default (qlora)
+    gptq_group_size: int = 128  # GPTQConfig group_size default (qlora --quant int4-gptq; -1: one group per column)
+    gptq_desc_act: bool = False  # GPTQConfig desc_act default (qlora --quant int4-gptq)
     # litgpt >= ae798aba (2024-10-04, 0.4.13) swaps in bitsandbytes' StableEmbedding (qlora; stack_layers.py)
     stable_embedding: bool = True
     load: LoadPath = LoadPath.PER_TENSOR  # transformers v5 from_pretrained
@@ -211,7 +213,7 @@ class ResolvedSetup:
 
 _LORA_OPTIONS = ("lora_rank", "lora_targets", "lora_dropout", "adapter_dtype")
 _QLORA_OPTIONS = ("quant", "double_quant", "compute_dtype", "kbit_prep", "quant_saves_input", "quantize_lm_head",
-                  "quant_state_dtype", "quant_storage", "stable_embedding")
+                  "quant_state_dtype", "quant_storage", "stable_embedding", "gptq_group_size", "gptq_desc_act")
 _PROMPT_OPTIONS = ("virtual_tokens",)
 METHOD_OPTIONS = {  # the options that belong to one method; every other method rejects them
     Method.FULL: (),
@@ -304,6 +306,8 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         quant_state_dtype=QuantStateDtype.parse(chosen.get("quant_state_dtype", SETUP_DEFAULTS["quant_state_dtype"]),
                                                 "quant state dtype"),
         quant_storage=QuantStorage.parse(chosen.get("quant_storage", SETUP_DEFAULTS["quant_storage"]), "quant storage"),
+        gptq_group_size=gptq.group_size(chosen.get("gptq_group_size", SETUP_DEFAULTS["gptq_group_size"])),
+        gptq_desc_act=_bool(chosen.get("gptq_desc_act", SETUP_DEFAULTS["gptq_desc_act"]), "gptq_desc_act"),
         load=LoadPath.parse(chosen.get("load", SETUP_DEFAULTS["load"]), "load path"),
         stable_embedding=_bool(chosen.get("stable_embedding", SETUP_DEFAULTS["stable_embedding"]),
                                "stable_embedding"),
@@ -487,6 +491,7 @@ def _check_combination(setup: TrainingSetup) -> None:
             "use bf16, fp16, mixed-bf16 or mixed-fp16"
         )
     _check_quant_storage(setup)
+    gptq.check_setup(setup)  # --quant int4-gptq: what is modelled (terms/gptq.py)
     _check_device_map(setup)
     # one GPU: DeepSpeed runs any ZeRO stage with a world size of 1 (its fp32 master copy, buckets and, under ZeRO-3,
     # the partitioned-parameter machinery stay: ``deepspeed --num_gpus 1``, as QwenLM/Qwen's finetune_ds.sh runs

@@ -43,6 +43,7 @@ from ..facts import (
     TORCHAO_01_TO_NF4_BYTES_PER_WEIGHT,
     TORCHTUNE_01_REQUANTIZE_BYTES_PER_WEIGHT,
 )
+from ..gptq import is_gptq
 from ..model import ModelSpec
 from ..options import Method
 from ..units import round_up
@@ -94,7 +95,7 @@ def load_peak_bytes(model: ModelSpec, resolved, quantizer: str = "bnb") -> int:
     path = getattr(getattr(setup, "load", None), "value", "per-tensor")
     quantized = [t for t in tensors if t.kind == "quantized"]
     double_quant = setup.double_quant
-    if setup.method is not Method.QLORA or not quantized:
+    if setup.method is not Method.QLORA or not quantized or is_gptq(setup):  # GPTQ: loaded already packed
         return total  # each tensor is read into its place (a dtype change happens before it reaches the GPU)
     # peft prepare_model_for_kbit_training casts on the GPU, after loading (``param.data = param.data.to(fp32)``)
     upcast = _upcast_transient(tensors) if setup.precision.is_mixed else 0

@@ -35,6 +35,8 @@ from ..options import Method, Precision, Quant, Task
 from ..training_setup import ResolvedSetup
 from ..units import round_up
 from .stored_tensor import StoredTensor
+from . import gptq
+from ..gptq import is_gptq
 from .tensor_parallel import vocab_sharded
 from .expert_parallel import experts_sharded  # --ep: n/E experts per rank
 
@@ -57,6 +59,8 @@ def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTen
         model = reward_spec(model)
         out = parameter_tensors(model, *parameter_key(resolved))
         return out + ((reward_score_copy(model, adapter_bits(resolved)),) if resolved.setup.method.uses_lora else ())
+    if is_gptq(resolved.setup):  # packable by auto-gptq (terms/gptq.py)
+        gptq.check_packable(model, resolved.setup.gptq_group_size)
     out = parameter_tensors(model, *parameter_key(resolved))
     if model.vision is not None:  # a vision-language model's tower and projector (terms/vision.py)
         from . import vision
@@ -79,7 +83,8 @@ def parameter_key(resolved: ResolvedSetup) -> tuple:
             resolved.lora_modules if lora else (), setup.lora_rank if lora else 0,
             adapter_bits(resolved) if lora or method is Method.PROMPT else 0,
             setup.virtual_tokens if method.prepends_tokens or method is Method.PREFIX else 0,
-            int8, qlora and bool(getattr(setup, "quantize_lm_head", False)))
+            int8, qlora and bool(getattr(setup, "quantize_lm_head", False)),
+            setup.gptq_group_size if qlora and is_gptq(setup) else 0)
 
 
 def quant_is_int8(setup) -> bool:
@@ -96,7 +101,7 @@ def int8_metadata_bytes(out_features: int) -> int:
 def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, double_quant: bool,
                       lora_modules: tuple[str, ...], lora_rank: int, adapter_bits: int,
                       virtual_tokens: int, int8: bool = False,
-                      quantize_lm_head: bool = False) -> tuple[StoredTensor, ...]:
+                      quantize_lm_head: bool = False, gptq_group_size: int = 0) -> tuple[StoredTensor, ...]:
     """Every parameter tensor the step stores, with its dtype, trainability and quantization state.
 
     Base weights in the precision's parameter dtype (fp32 where ``keep_fp32``; 16 bits under QLoRA without a
@@ -104,7 +109,8 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
     LoRA adds A [r, in] and B [out, r] per module in ``lora_modules`` at ``adapter_bits``; prompt tuning one
     [virtual_tokens, h] embedding. Only full fine-tuning trains the base. ``int8``: the quantized Linears are int8
     (1 byte per weight plus ``int8_metadata_bytes``) instead of 4-bit; ``quantize_lm_head``: lm_head's weight is
-    quantized too (a tied one gets its own). Sources: module docstring.
+    quantized too (a tied one gets its own). ``gptq_group_size`` (non-zero: ``--quant int4-gptq``): each decoder
+    Linear is auto-gptq's QuantLinear instead, its bias inside it (``terms/gptq.py``). Sources: module docstring.
     """
     base_bits = precision.param_dtype.bits
     if method is Method.QLORA and not precision.is_mixed:
@@ -120,6 +126,12 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
         module = tensor.name.rsplit(".", 1)[0]
         is_linear_weight = tensor.kind is ParamKind.LINEAR and tensor.name.endswith(".weight") and module in linear_names
         is_head_weight = tensor.kind is ParamKind.LM_HEAD and tensor.name.endswith(".weight")
+        if quantized_linears and gptq_group_size:  # auto-gptq QuantLinear: weight and bias in its buffers
+            if is_linear_weight:
+                out.append(gptq.stored_linear(tensor.name, tensor.shape, tensor.count, gptq_group_size,
+                                              base_bits // 8, tensor.scope))
+            if tensor.kind is ParamKind.LINEAR and module in linear_names:
+                continue
         if quantized_linears and (is_linear_weight or (quantize_lm_head and is_head_weight)):
             out.append(_quantized(tensor.name, tensor.shape, tensor.count, int8, double_quant, tensor.scope))
             continue

@@ -15,6 +15,7 @@ from ..model import ModelSpec
 from ..options import Attention, Kernels, Method
 from ..units import DType, maximum, select
 from . import quantized
+from ..gptq import is_gptq
 from .activations import Dtypes, gemma_norm
 from .layouts import shared_norm_grad_bytes
 from .stored_tensor import StoredTensor
@@ -130,8 +131,8 @@ def dequantized_weight_bytes(model: ModelSpec, method: Method, double_quant: boo
     ``setup`` (optional): a quant-state dtype other than the input's (both copies at once in backward) or an LLM.int8
     base (``CB.to(A.dtype)`` in backward) take ``quantized.dequant_bytes``'s decoder-layer transient instead.
     """
-    if method is not Method.QLORA or not model.traits.bnb_quantizable:
-        return 0
+    if method is not Method.QLORA or not model.traits.bnb_quantizable or is_gptq(setup):
+        return 0  # (a GPTQ base dequantizes in forward only: terms/gptq.py)
     if setup is not None and not quantized.knobs(setup).is_default:
         return quantized.dequant_bytes(model, setup, max(dt.r, dt.c), tokens, dt.c).layer_backward
     largest = max(module.weight_numel for module in model.inventory.linears)

@@ -242,7 +242,11 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
                 model = distribute_experts(model, setup.ep, setup.num_gpus)
             if setup.precision is Precision.FP8:
                 _convert_to_float8(model)
-            if quantized_base(setup):
+            if quantized_base(setup) and setup.quant is Quant.INT4_GPTQ:  # auto-gptq's QuantLinear (gptq.py)
+                from .gptq import quantize_linears_gptq
+
+                quantize_linears_gptq(model, setup)
+            elif quantized_base(setup):
                 from .qlora import quantize_linears
 
                 quantize_linears(model, setup)
@@ -275,7 +279,11 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
         for adapter, tokens in getattr(model, "prompt_tokens", {}).items():
             # peft keeps the virtual token ids as a plain tensor attribute, which to_empty leaves on meta
             model.prompt_tokens[adapter] = torch.arange(tokens.numel(), device=device).long()
-        if quantized_base(setup):
+        if quantized_base(setup) and setup.quant is Quant.INT4_GPTQ:
+            from .gptq import materialise_gptq
+
+            materialise_gptq(model, device)
+        elif quantized_base(setup):
             from .qlora import materialise_quant_states
 
             materialise_quant_states(model, device)
@@ -416,6 +424,11 @@ def apply_lora(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:
         bias="none",
         task_type="SEQ_CLS" if setup.task.value == "reward" else "CAUSAL_LM",  # SEQ_CLS: score in modules_to_save
     )
+    if setup.quant is Quant.INT4_GPTQ and setup.method is Method.QLORA:  # peft's GPTQLoraLinear (gptq.py)
+        from .gptq import register_gptq_lora
+
+        config.target_modules = list(resolved.lora_modules)  # "all-linear" finds nn.Linear only
+        register_gptq_lora(config, setup.gptq_desc_act)
     with _quiet():
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=setup.adapter_dtype is AdapterDtype.FP32)
     _cast_adapters(peft_model, resolved)

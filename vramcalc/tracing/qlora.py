@@ -347,6 +347,8 @@ def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
     """absmax, double-quantization state, code and offset of every 4-bit weight: weights' metadata."""
     tensors = []
     for module in model.modules():
+        if hasattr(module, "qweight") and isinstance(getattr(module, "wf", None), torch.Tensor):
+            tensors.append(module.wf)  # auto-gptq's shift table (tracing/gptq.py)
         scb = getattr(module, "scb", None)
         if isinstance(scb, torch.Tensor):
             tensors.append(scb)

@@ -1,0 +1,127 @@
+"""LoRA on a GPTQ int4 base (``--method qlora --quant int4-gptq``): the estimate's terms (``vramcalc/terms/gptq.py``)
+against the trace of the real step, whose decoder Linears are auto-gptq 0.7.1's own QuantLinear
+(``vramcalc/tracing/gptq.py``), and the options' errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+
+import pytest
+
+import vramcalc as vc
+from tests.cli_helpers import run_cli
+from tests.tiny_models import TINY
+from vramcalc.errors import VramcalcError
+
+# auto-gptq's packing needs in and out multiples of 32 (tiny llama's 688-wide MLP is not): the families' tiny models
+# with a packable MLP, quantized in groups of 32
+MODELS = {"llama": dataclasses.replace(TINY["llama"], intermediate_size=512, name="tiny-llama-gptq"),
+          "qwen2": TINY["qwen2"], "mistral": TINY["mistral"]}
+GPTQ = dict(method="qlora", quant="int4-gptq", precision="fp16", gptq_group_size=32, seq_len=512,
+            lora_targets="all-linear")
+# sha256 of auto-gptq 0.7.1's files as its wheel ships them (auto_gptq/nn_modules/qlinear/)
+UPSTREAM_SHA256 = {"qlinear_cuda_old.py": "c2fe306955c023e6d4bc6f290b27785a6922e687b4bb87d67b16e611018ae0d9",
+                   "qlinear_cuda.py": "5a6a483784adc7d9ee55e62f6dc4fdaf3a642f56796d2a6b8afea0b2364d751d"}
+
+
+def test_vendored_auto_gptq_files_are_the_upstream_ones():
+    from vramcalc.tracing.gptq import _VENDORED
+
+    for name, digest in UPSTREAM_SHA256.items():
+        assert hashlib.sha256((_VENDORED / name).read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_estimate_is_within_half_a_percent_of_the_auto_gptq_trace(family, grad_ckpt):
+    pytest.importorskip("peft")
+    spec = MODELS[family]
+    traced = vc.trace(spec, grad_ckpt=grad_ckpt, **GPTQ)
+    estimated = vc.estimate(spec, grad_ckpt=grad_ckpt, **GPTQ)
+    assert abs(estimated.peak_tensor_bytes / traced.peak_tensor_bytes - 1) <= 0.005
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_stored_quantlinear_buffers_are_the_weights_term(family):
+    """qweight, qzeros, scales, g_idx, bias and wf of every QuantLinear, as the trace registers them."""
+    pytest.importorskip("peft")
+    spec = MODELS[family]
+    traced = vc.trace(spec, **GPTQ)
+    estimated = vc.estimate(spec, **GPTQ)
+    assert abs(estimated.terms()["weights"] - traced.terms()["weights"]) <= 1024  # within two 512-byte blocks
+
+
+def test_without_checkpointing_every_dequantized_weight_is_saved_for_backward():
+    """torch.matmul saves the d·n dequantized weight of every Linear whose input requires grad (all but the first
+    layer's q/k/v, whose input is the frozen embedding's): the activations match the trace to the byte."""
+    pytest.importorskip("peft")
+    spec = MODELS["qwen2"]
+    traced = vc.trace(spec, grad_ckpt=False, **GPTQ)
+    estimated = vc.estimate(spec, grad_ckpt=False, **GPTQ)
+    assert estimated.terms()["activations"] == traced.terms()["activations"]
+    without = vc.estimate(spec, grad_ckpt=False, **dict(GPTQ, quant="nf4", gptq_group_size=128))
+    assert estimated.terms()["activations"] > without.terms()["activations"]
+
+
+def test_checkpointing_drops_the_saved_dequantized_weights():
+    spec = MODELS["llama"]
+    plain = vc.estimate(spec, grad_ckpt=False, **GPTQ)
+    ckpt = vc.estimate(spec, grad_ckpt=True, **GPTQ)
+    assert ckpt.terms()["activations"] < plain.terms()["activations"]
+
+
+def test_a_gptq_checkpoint_loads_without_a_16_bit_peak():
+    """Loaded already packed: the load phase holds the stored tensors and nothing more (nf4 quantizes a 16-bit copy)."""
+    from vramcalc.terms.loading import load_peak_bytes
+    from vramcalc.terms.parameters import stored_tensors
+    from vramcalc.terms.weights import weight_bytes
+    from vramcalc.training_setup import resolve_setup
+
+    spec = MODELS["llama"]
+    resolved = resolve_setup(spec, **GPTQ)
+    assert load_peak_bytes(spec, resolved) == weight_bytes(stored_tensors(spec, resolved))
+    nf4 = resolve_setup(spec, **dict(GPTQ, quant="nf4", gptq_group_size=128))
+    assert load_peak_bytes(spec, nf4) > weight_bytes(stored_tensors(spec, nf4))
+
+
+def test_group_size_changes_the_quantization_state():
+    small = vc.estimate("qwen2.5-0.5b", **dict(GPTQ, gptq_group_size=32))
+    large = vc.estimate("qwen2.5-0.5b", **dict(GPTQ, gptq_group_size=128))
+    assert small.terms()["weights"] > large.terms()["weights"]
+
+
+def test_gptq_weights_are_about_half_a_byte_per_quantized_weight():
+    b = vc.estimate("qwen2.5-7b", **dict(GPTQ, gptq_group_size=128))
+    nf4 = vc.estimate("qwen2.5-7b", **dict(GPTQ, quant="nf4", gptq_group_size=128))
+    assert 0.9 < b.terms()["weights"] / nf4.terms()["weights"] < 1.1
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(method="lora", quant="int4-gptq"), "--quant does not apply to --method lora"),
+    (dict(method="full", quant="int4-gptq"), "--quant does not apply to --method full"),
+    (dict(method="dora", quant="int4-gptq"), "--method qlora"),
+    (dict(method="qlora", quant="int4-gptq", precision="mixed-fp16"), "16 bits"),
+    (dict(method="qlora", quant="int4-gptq", sharding="fsdp", num_gpus=2), "one GPU"),
+    (dict(method="qlora", quant="int4-gptq", gptq_group_size=0), "positive integer or -1"),
+    (dict(method="qlora", quant="nf4", gptq_group_size=64), "int4-gptq only"),
+    (dict(method="qlora", quant="int4-gptq", gptq_group_size=96), "cannot be packed"),
+])
+def test_invalid_gptq_combinations_say_why(options, words):
+    with pytest.raises(VramcalcError, match=re.escape(words)):
+        vc.estimate("qwen2.5-0.5b", **options)
+
+
+def test_cli_estimate_takes_the_gptq_flags(capsys):
+    code, out, err = run_cli(capsys, "estimate", "qwen2.5-0.5b", "--method", "qlora", "--quant", "int4-gptq",
+                             "--precision", "fp16", "--gptq-group-size", "64", "--gptq-desc-act", "--format", "json")
+    assert code == 0, err
+    inputs = json.loads(out)["inputs"]
+    assert inputs["quant"] == "int4-gptq" and inputs["gptq_group_size"] == 64 and inputs["gptq_desc_act"] is True
+
+
+def test_cli_rejects_gptq_with_lora_in_one_line(capsys):
+    code, out, err = run_cli(capsys, "estimate", "qwen2.5-0.5b", "--method", "lora", "--quant", "int4-gptq")
+    assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1

@@ -1,0 +1,80 @@
+"""``--quant int4-gptq``: LoRA on a GPTQ int4 checkpoint (auto-gptq's QuantLinear), the options and what is modelled.
+
+The setup is QwenLM/Qwen ``finetune.py``'s Q-LoRA (Qwen@e8e15962 ``finetune.py``: ``GPTQConfig(bits=4,
+disable_exllama=True)``, ``torch_dtype`` fp16 or bf16, ``prepare_model_for_kbit_training``, gradient checkpointing):
+transformers + optimum + auto-gptq load the checkpoint already quantized into auto-gptq's ``QuantLinear`` (memory
+terms: ``terms/gptq.py``; trace: ``tracing/gptq.py``). ``--gptq-group-size`` is ``GPTQConfig(group_size=)``
+(default 128; -1 one group per input column), ``--gptq-desc-act`` is ``desc_act`` (act-order checkpoints, which
+select auto-gptq's ``qlinear_cuda`` instead of ``qlinear_cuda_old``: a larger dequantization transient).
+
+Standard library only (imported by ``training_setup``).
+"""
+
+from __future__ import annotations
+
+from .errors import VramcalcError
+from .options import GradCkpt, Method, Precision, Quant, Sharding, Stack, Task
+
+GPTQ_DEFAULT_GROUP_SIZE = 128  # transformers GPTQConfig(group_size=128) (utils/quantization_config.py)
+# precisions whose load dtype is the compute dtype: the dequantized weight (``scales``' dtype, the load dtype:
+# optimum ``quantizer.py:289`` ``weight_dtype=layer.weight.dtype``) meets an input of the same dtype in
+# ``torch.matmul``; under ``mixed-*`` the fp32-loaded scales would dequantize to fp32 and autocast copy them again
+GPTQ_PRECISIONS = (Precision.FP16, Precision.BF16, Precision.BF16_TRUE)
+
+
+def is_gptq(setup) -> bool:
+    """Whether the setup's base is a GPTQ checkpoint."""
+    return getattr(setup, "quant", None) is Quant.INT4_GPTQ
+
+
+def group_size(value) -> int:
+    """``--gptq-group-size``: a positive number of input rows per quantization group, or -1 (one group)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise VramcalcError(f"--gptq-group-size must be a positive integer or -1, not {value!r}") from None
+    if isinstance(value, bool) or str(value).strip() not in (str(number), f"+{number}") or not (number >= 1 or number == -1):
+        raise VramcalcError(f"--gptq-group-size must be a positive integer or -1, not {value!r}")
+    return number
+
+
+def check_setup(setup) -> None:
+    """One-line errors for what ``--quant int4-gptq`` does not model (or what GPTQ cannot do)."""
+    if not is_gptq(setup):
+        if setup.method is Method.QLORA and (setup.gptq_group_size != GPTQ_DEFAULT_GROUP_SIZE or setup.gptq_desc_act):
+            raise VramcalcError("--gptq-group-size and --gptq-desc-act apply to --quant int4-gptq only")
+        return
+    if setup.method is not Method.QLORA:
+        raise VramcalcError(f"--quant int4-gptq is modelled with --method qlora (peft's GPTQ LoRA layer), not "
+                            f"--method {setup.method.value}: a GPTQ base cannot be fully fine-tuned and peft's "
+                            "GPTQLoraLinear supports neither DoRA nor other methods")
+    if setup.precision not in GPTQ_PRECISIONS:
+        raise VramcalcError(f"--quant int4-gptq with --precision {setup.precision.value}: a GPTQ model is loaded in "
+                            "16 bits (its scales in the load dtype; peft's prepare_model_for_kbit_training casts "
+                            "nothing to fp32 for GPTQ); use --precision fp16 (Qwen's Q-LoRA), bf16 or bf16-true")
+    given = []
+    if setup.quantize_lm_head:
+        given.append("--quantize-lm-head (optimum quantizes the decoder blocks only)")
+    if setup.quant_saves_input:
+        given.append("--quant-saves-input (a bitsandbytes knob)")
+    if getattr(setup.quant_state_dtype, "value", "auto") != "auto":
+        given.append("--quant-state-dtype (a bitsandbytes knob)")
+    if getattr(setup.quant_storage, "value", "uint8") != "uint8":
+        given.append("--quant-storage (a bitsandbytes knob)")
+    if setup.sharding is not Sharding.NONE or setup.tp > 1 or setup.cp > 1 or setup.ep > 1:
+        given.append("several GPUs (--sharding, --tp, --cp, --ep)")
+    if getattr(setup.device_map, "value", "none") != "none":
+        given.append("--device-map")
+    if setup.stack is not Stack.HF:
+        given.append(f"--stack {setup.stack.value}")
+    if setup.task is not Task.SFT:
+        given.append(f"--task {setup.task.value}")
+    if setup.compile or setup.activation_offload or setup.optimizer_in_backward or setup.packing:
+        given.append("--compile, --activation-offload, --optimizer-in-backward or --packing")
+    if getattr(setup.kernels, "value", "none") != "none":
+        given.append(f"--kernels {setup.kernels.value}")
+    if setup.grad_ckpt is GradCkpt.SELECTIVE:
+        given.append("--grad-ckpt selective")
+    if given:
+        raise VramcalcError(f"--quant int4-gptq is modelled on one GPU with the hf stack and --task sft; not with "
+                            f"{given[0]}")

@@ -1,0 +1,162 @@
+"""GPTQ int4 bases (``--quant int4-gptq``, ``vramcalc/gptq.py``): what auto-gptq's ``QuantLinear`` stores, what its
+forward saves for backward and what it allocates while it dequantizes.
+
+Sources: auto-gptq 0.7.1 ``auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py`` (``desc_act=False``) and
+``qlinear_cuda.py`` (``desc_act=True``), chosen by ``utils/import_utils.py:96-99``; optimum 1.16.1
+``optimum/gptq/quantizer.py:281-293`` (the replacement). auto-gptq 0.5.1 (Nov 2023) has the same buffers and the same
+torch path (it masks the zeros before adding 1, ``qlinear_cuda_old.py`` 0.5.1; 0.7.1 adds 1 first: the same tensors).
+
+Stored, per quantized Linear [out, in], group size g (g = in for -1), 4 bits (``qlinear_cuda_old.py:50-79``):
+  qweight int32 [in/8, out]        n/2 bytes (``infeatures // 32 * bits`` rows)
+  qzeros  int32 [in/g, out/8]      (``outfeatures // 32 * bits`` columns)
+  scales  load dtype [in/g, out]   (optimum passes ``weight_dtype=layer.weight.dtype``)
+  g_idx   int32 [in]
+  bias    load dtype [out]         always (optimum passes ``bias=True``: ``quantizer.py:285``)
+  wf      int32 [1, 8]             a plain attribute, moved to the GPU by the first forward (``:86``, ``:292``)
+each its own allocation (rounded to 512 B). Which modules: every nn.Linear inside the decoder blocks
+(``get_layers(model, prefix=block_name)``, ``quantizer.py:217-220``); the embedding, norms and lm_head stay in the
+load dtype. The checkpoint is loaded already packed: no 16-bit copy of a quantized weight reaches the GPU.
+
+Forward (``qlinear_cuda_old.py:291-355``; on CUDA with >= ``kernel_switch_threshold`` = 128 rows, every CPU call;
+below 128 rows the CUDA kernel runs, which autograd cannot differentiate), n = in·out, d = bytes of the load dtype:
+  ``bitwise_right_shift(qweight.unsqueeze(1).expand(-1, 8, -1), wf)``  int32 [in/8, 8, out]  4n
+  ``.to(torch.int8)``                                                 int8                 n   (the int32 freed)
+  ``bitwise_and(weight, 15)``                                          int8                 n   (the cast freed)
+  ``scales * (weight - zeros)``                                        int8 n, then d·n   (``:348``)
+  ``torch.matmul(x, weight)``: mm saves its second operand whenever x requires grad (autograd's
+  ``mm: self: mm_mat1_backward(grad, mat2, ...)``), so the d·n dequantized weight lives until that Linear's backward.
+Transient peak: the int32 shift output beside its int8 cast, 5n (``desc_act``, ``qlinear_cuda.py:302``:
+``scales[g_idx] * (weight - zeros[g_idx])`` gathers a d·n scale copy beside the int8 weight, the difference and
+the d·n product, (2 + 2d)·n). Backward needs no dequantization (mm's backward multiplies by the saved weight).
+Without checkpointing every quantized Linear whose input requires grad holds its d·n weight from forward to its
+backward (all layers at the end of forward); with it, the recomputed layer's (non-reentrant checkpointing drops them
+in forward). Traced with auto-gptq's own code on fake tensors: ``tests/test_gptq.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+from ..errors import VramcalcError
+from ..model import ModelSpec
+from ..units import DType, round_up
+from .stored_tensor import StoredTensor
+
+GPTQ_BITS = 4
+_INT32 = DType.FP32.bytes  # int32 elements: 4 bytes
+_PACK = 32 // GPTQ_BITS  # int4 values per int32
+_WF_BYTES = _INT32 * _PACK  # wf: int32 [1, 8]
+# the largest transient of one dequantization, in units of n (module docstring): the int32 shift output beside its
+# int8 cast (cuda_old), or the gathered scales beside the int8 weight, the difference and the product (cuda, desc_act)
+_DEQUANT_TRANSIENT_INT = 5  # 4n + n, qlinear_cuda_old.py:311-314
+
+
+def group_rows(in_features: int, group_size: int) -> int:
+    """Quantization groups along the input: ``ceil(in / g)``, one for g = -1 (``qlinear_cuda_old.py:47,58``)."""
+    g = in_features if group_size == -1 else group_size
+    return -(-in_features // g)
+
+
+def check_packable(model: ModelSpec, group_size: int) -> None:
+    """auto-gptq packs 8 weights per int32 and regroups ``weight.reshape(-1, g, out)`` (``qlinear_cuda_old.py:52,
+    59,316``): every quantized Linear needs in and out multiples of 32 and in a multiple of g. MoE experts are not
+    nn.Linear in transformers v5 (not modelled)."""
+    if model.is_moe:
+        raise VramcalcError(f"--quant int4-gptq is modelled for dense models; {model.name} is a mixture of experts")
+    for module in model.inventory.linears:
+        g = module.in_features if group_size == -1 else group_size
+        if module.in_features % 32 or module.out_features % 32 or module.in_features % g:
+            raise VramcalcError(f"--quant int4-gptq: {module.name} of {model.name} ({module.in_features} -> "
+                                f"{module.out_features}) cannot be packed with group size {group_size} (auto-gptq needs "
+                                "in and out multiples of 32 and in a multiple of the group size)")
+
+
+def metadata_bytes(in_features: int, out_features: int, group_size: int, dtype_bytes: int) -> int:
+    """qzeros, scales, g_idx, bias and wf of one QuantLinear, each rounded to 512 B (module docstring)."""
+    rows = group_rows(in_features, group_size)
+    qzeros = round_up(_INT32 * rows * (out_features // _PACK))
+    scales = round_up(dtype_bytes * rows * out_features)
+    g_idx = round_up(_INT32 * in_features)
+    bias = round_up(dtype_bytes * out_features)
+    return qzeros + scales + g_idx + bias + round_up(_WF_BYTES)
+
+
+def stored_linear(name: str, shape: tuple[int, int], count: int, group_size: int, dtype_bytes: int,
+                  scope: str) -> StoredTensor:
+    """One QuantLinear: qweight (4 bits per weight, n/2 bytes) plus ``metadata_bytes``."""
+    out_features, in_features = shape
+    return StoredTensor(name, "quantized", shape, count, GPTQ_BITS, False,
+                        metadata_bytes(in_features, out_features, group_size, dtype_bytes), scope)
+
+
+class LayerDequantized(NamedTuple):
+    """Bytes of one decoder layer's dequantized weights that its matmuls save for backward (d·n each)."""
+
+    attention: int  # q, k, v (or fused qkv) and o
+    inputs: int  # q, k, v alone: saved only when the layer's input requires grad
+    mlp: int  # the MLP's Linears
+    down: int  # the MLP's last Linear (its backward runs first)
+
+    @property
+    def whole(self) -> int:
+        return self.attention + self.mlp
+
+
+@functools.lru_cache(maxsize=1024)
+def layer_dequantized(model: ModelSpec, dtype_bytes: int) -> LayerDequantized:
+    """``LayerDequantized`` of one dense decoder layer (module docstring: mm saves the dequantized weight)."""
+    traits = model.traits
+    mlp_names = set(traits.mlp_names)
+    attention = inputs = mlp = down = 0
+    for module in model.inventory.linears:
+        nbytes = dtype_bytes * module.weight_numel
+        if module.name in mlp_names:
+            mlp += nbytes
+            down += nbytes if module.name == traits.mlp_names[-1] else 0
+        else:
+            attention += nbytes
+            inputs += nbytes if module.name in traits.qkv_names else 0
+    return LayerDequantized(attention, inputs, mlp, down)
+
+
+def dequant_transient_bytes(model: ModelSpec, dtype_bytes: int, desc_act: bool) -> int:
+    """The largest quantized Linear's dequantization transient (module docstring), beyond its saved weight: 5n
+    (cuda_old) or (2 + 2d)·n (desc_act) less the d·n that becomes the saved weight."""
+    largest = max(module.weight_numel for module in model.inventory.linears)
+    peak = (2 + 2 * dtype_bytes) if desc_act else _DEQUANT_TRANSIENT_INT
+    return peak * largest
+
+
+def forward_dequant_bytes(model: ModelSpec, dtype_bytes: int, c: int, tokens, desc_act: bool, saved: bool):
+    """Beyond the saved activations, while the largest quantized Linear dequantizes in forward: the transient
+    (``dequant_transient_bytes``'s units) less the d·n product the activations already count when ``saved`` (the
+    layer's matmuls save their weights: no checkpointing, or its recompute), beside the Linear's input [T, in] in the
+    compute dtype (which a frozen matmul does not save: counted here). The Linear with the largest sum wins (the
+    MLP's last, with in = I, on the gated families)."""
+    peak = (2 + 2 * dtype_bytes) if desc_act else _DEQUANT_TRANSIENT_INT
+    held = dtype_bytes if saved else 0
+    return max((peak - held) * module.weight_numel + c * tokens * module.in_features
+               for module in model.inventory.linears)
+
+
+def with_saved_weights(plan, model: ModelSpec, layer, ckpt: bool, first_needs_grad: bool):
+    """The estimator's saved-tensor plan (``estimator._SavedPlan``) with each layer's dequantized weights
+    (``layer_dequantized``, d = the load dtype's bytes, ``layer.dtypes.r``): kept from forward to the layer's
+    backward without checkpointing (in every layer; the first layer's q/k/v only when its input needs a gradient),
+    recomputed with it; the MLP's backward frees them first (down's before mul's gradients), so the attention block
+    is left holding its own."""
+    from .activations import BackwardFreed, Saved
+
+    w = layer_dequantized(model, layer.dtypes.r)
+    whole, attention = Saved(per_layer=w.whole), Saved(per_layer=w.attention)
+    freed = {kind: BackwardFreed(f.mlp + Saved(per_layer=w.down), *f[1:]) for kind, f in plan.freed.items()}
+    if ckpt:
+        recompute = {kind: saved + whole for kind, saved in plan.recompute.items()}
+        attention_left = {kind: saved + attention for kind, saved in plan.attention_left.items()}
+        return plan._replace(recompute=recompute, attention_left=attention_left, freed=freed)
+    kept = {kind: saved + whole for kind, saved in plan.kept.items()}
+    attention_left = {kind: saved + Saved(per_layer=-w.mlp) for kind, saved in plan.attention_left.items()}
+    first = w.whole - (0 if first_needs_grad else w.inputs)
+    model_saved = plan.model + Saved(per_layer=w.whole * (model.num_layers - 1) + first)
+    return plan._replace(model=model_saved, kept=kept, attention_left=attention_left, freed=freed)
