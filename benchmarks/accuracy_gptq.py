@@ -65,7 +65,7 @@ def measure(model: str, options: dict) -> dict:
 
 def write_md(rows: list[dict], planned: int) -> None:
     errors = [abs(row["error"]) for row in rows]
-    summary = (f"{len(rows)} setups: median |error| {statistics.median(errors):.2%}, max {max(errors):.2%}."
+    summary = (f"{len(rows)} setups: median |error| {statistics.median(errors):.4%}, max {max(errors):.4%}."
                if rows else "no setup traced yet.")
     partial = "" if len(rows) >= planned else f" (partial: {len(rows)} of {planned} setups traced)"
     lines = ["# Accuracy: LoRA on a GPTQ int4 base, estimate vs trace", "",
@@ -78,7 +78,7 @@ def write_md(rows: list[dict], planned: int) -> None:
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['model']} | {row['setup']} | {row['estimate_bytes']:,} | {row['trace_bytes']:,} | "
-                     f"{row['estimate_phase']} / {row['trace_phase']} | {row['error']:+.2%} | {row['trace_s']} |")
+                     f"{row['estimate_phase']} / {row['trace_phase']} | {row['error']:+.4%} | {row['trace_s']} |")
     (HERE / "accuracy_gptq.md").write_text("\n".join(lines) + "\n")
 
 

@@ -48,7 +48,7 @@ _INT32 = DType.FP32.bytes  # int32 elements: 4 bytes
 _PACK = 32 // GPTQ_BITS  # int4 values per int32
 _WF_BYTES = _INT32 * _PACK  # wf: int32 [1, 8]
 # the largest transient of one dequantization, in units of n (module docstring): the int32 shift output beside its
-# int8 cast (cuda_old), or the gathered scales beside the int8 weight, the difference and the product (cuda, desc_act)
+# int8 cast (cuda_old); desc_act (qlinear_cuda.py:302) takes (2 + 2d)·n in ``forward_dequant_bytes``
 _DEQUANT_TRANSIENT_INT = 5  # 4n + n, qlinear_cuda_old.py:311-314
 
 
@@ -120,18 +120,10 @@ def layer_dequantized(model: ModelSpec, dtype_bytes: int) -> LayerDequantized:
     return LayerDequantized(attention, inputs, mlp, down)
 
 
-def dequant_transient_bytes(model: ModelSpec, dtype_bytes: int, desc_act: bool) -> int:
-    """The largest quantized Linear's dequantization transient (module docstring), beyond its saved weight: 5n
-    (cuda_old) or (2 + 2d)·n (desc_act) less the d·n that becomes the saved weight."""
-    largest = max(module.weight_numel for module in model.inventory.linears)
-    peak = (2 + 2 * dtype_bytes) if desc_act else _DEQUANT_TRANSIENT_INT
-    return peak * largest
-
-
 def forward_dequant_bytes(model: ModelSpec, dtype_bytes: int, c: int, tokens, desc_act: bool, saved: bool):
     """Beyond the saved activations, while the largest quantized Linear dequantizes in forward: the transient
-    (``dequant_transient_bytes``'s units) less the d·n product the activations already count when ``saved`` (the
-    layer's matmuls save their weights: no checkpointing, or its recompute), beside the Linear's input [T, in] in the
+    (5n, or (2 + 2d)·n with desc_act: module docstring) less the d·n product the activations already count when
+    ``saved`` (the layer's matmuls save their weights: no checkpointing, or its recompute), beside the Linear's input [T, in] in the
     compute dtype (which a frozen matmul does not save: counted here). The Linear with the largest sum wins (the
     MLP's last, with in = I, on the gated families)."""
     peak = (2 + 2 * dtype_bytes) if desc_act else _DEQUANT_TRANSIENT_INT
