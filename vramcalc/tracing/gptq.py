@@ -6,10 +6,9 @@ the class with auto-gptq's ``dynamically_import_QuantLinear`` (auto-gptq 0.7.1 `
 ``qlinear_cuda_old`` for ``desc_act=False``, ``qlinear_cuda`` for ``desc_act=True``), and ``_replace_by_quant_layers``
 (``quantizer.py:281-293``) puts one in place of every nn.Linear of the decoder blocks (``get_layers(model,
 prefix=block_name)``: not the embedding, not lm_head) with ``bias=True`` whatever the Linear had and
-``weight_dtype=layer.weight.dtype`` (the load dtype). The class's code runs unchanged: the file is imported by path,
-from an installed ``auto_gptq`` when there is one (its ``__init__`` is not run: it imports the whole package), else
-from the verbatim copy of auto-gptq 0.7.1's two files in ``vendor/auto_gptq_0_7_1`` (MIT licence beside them;
-``tests/test_gptq.py`` checks their sha256 against the wheel's). Their ``import autogptq_cuda_64`` fails inside its
+``weight_dtype=layer.weight.dtype`` (the load dtype). The class's code runs unchanged: its file is imported by path
+from the installed ``auto_gptq`` (``pip install --no-deps auto-gptq==0.7.1``; the package's ``__init__`` is not run:
+it imports the whole package, built for transformers 4). Its ``import autogptq_cuda_64`` fails inside its
 ``try`` on a machine without the extension, and a CPU tensor takes the torch path anyway
 (``qlinear_cuda_old.py:206-210``: the CUDA kernel only for ``x.device.type == "cuda"`` and fewer than
 ``kernel_switch_threshold`` = 128 rows).
@@ -36,22 +35,18 @@ from torch import nn
 from ..errors import VramcalcError
 
 GPTQ_BITS = 4  # --quant int4-gptq
-_VENDORED = pathlib.Path(__file__).parent / "vendor" / "auto_gptq_0_7_1"
 _FILES = {False: "qlinear_cuda_old.py", True: "qlinear_cuda.py"}  # by desc_act
 
 
 def _source_dir() -> pathlib.Path:
-    """Where auto-gptq's qlinear files are: an installed package (without running its ``__init__``), else the
-    vendored copy."""
+    """Where the installed auto-gptq's qlinear files are (found without running its ``__init__``)."""
     spec = importlib.util.find_spec("auto_gptq")
     if spec is not None and spec.submodule_search_locations:
         installed = pathlib.Path(list(spec.submodule_search_locations)[0]) / "nn_modules" / "qlinear"
         if (installed / _FILES[False]).exists():
             return installed
-    if (_VENDORED / _FILES[False]).exists():
-        return _VENDORED
-    raise VramcalcError("trace --quant int4-gptq needs auto-gptq's QuantLinear source: pip install auto-gptq==0.7.1 "
-                        "--no-deps (or restore vramcalc/tracing/vendor/auto_gptq_0_7_1)")
+    raise VramcalcError("trace --quant int4-gptq runs auto-gptq's own QuantLinear: pip install --no-deps "
+                        "auto-gptq==0.7.1")
 
 
 @functools.lru_cache(maxsize=2)
