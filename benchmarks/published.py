@@ -453,13 +453,16 @@ def row_setup(row: dict, data: Path) -> RowSetup:
         # "LoRA (emb)" trains wte and lm_head whole (modules_to_save, base models). The single-GPU LoRA runs use the
         # Trainer's adamw_torch (torch 2.0: foreach); full fine-tuning and the 72B LoRA run DeepSpeed ZeRO-3
         # (finetune_ds.sh, ds_config_zero3.json), whose multi-GPU numbers are sums over the GPUs (README note).
-        opts.update(precision="bf16", attn="flash", grad_ckpt=True)
-        zero3 = "zero3" in row["optimizer"].lower()
-        opts["optimizer"] = "adamw" if zero3 else "adamw-foreach"
-        if zero3:
-            opts.update(sharding="zero3", num_gpus=gpus)
+        # Q-LoRA: the GPTQ Int4 chat checkpoint (quantize_config group size 128, no act-order) in fp16 under
+        # DeepSpeed ZeRO-2 on one GPU (finetune_qlora_single_gpu.sh)
+        opts.update(precision="fp16" if method == "qlora" else "bf16", attn="flash", grad_ckpt=True)
+        engine = re.search(r"zero([123])", row["optimizer"].lower())
+        opts["optimizer"] = "adamw" if engine else "adamw-foreach"
+        if engine:
+            opts.update(sharding=f"zero{engine.group(1)}", num_gpus=gpus)
             setup.gpus_summed = gpus
-            setup.assumptions.append("DeepSpeed ZeRO-3 (FusedAdam); the published number / GPUs compared per GPU")
+            setup.assumptions.append(f"DeepSpeed ZeRO-{engine.group(1)} (FusedAdam); a multi-GPU number is the sum, "
+                                     "compared per GPU")
         if method in ("lora", "qlora"):
             opts["lora_dropout"] = 0.05
         if "modules_to_save" in row["lora_targets"]:
@@ -486,9 +489,7 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             opts["lora_dropout"] = 0.05 if int(rid.rsplit("-", 1)[1]) >= 19 else 0.0
         if method == "qlora":
             wd = row["weight_dtype"].lower()
-            if "gptq" in wd:
-                setup.blockers.append("GPTQ int4 base (auto-gptq QuantLinear), not bnb NF4: no --quant for it")
-            opts["quant"] = "nf4"
+            opts["quant"] = "int4-gptq" if "gptq" in wd else "nf4"
             if prefix == "torchtune":
                 # torchao NF4Tensor: block 64, scalers quantized to int8 in blocks of 256 (double quantization)
                 opts["double_quant"] = True
@@ -496,7 +497,7 @@ def row_setup(row: dict, data: Path) -> RowSetup:
                     # torchtune's own NF4 copy_ (torchtune/utils/_register_nf4_dispatch_ops.py:22-42 at the row's
                     # commit) re-quantizes each checkpoint tensor on the GPU with torchao 0.1 while loading
                     opts["load"] = "requantize"
-            else:
+            elif opts["quant"] == "nf4":
                 opts["double_quant"] = "double-quant" in wd
     setup.options = {k: v for k, v in opts.items() if v is not None}
     return setup

@@ -79,6 +79,34 @@ def test_bf16_true_estimate_matches_the_trace_without_autocast(spec, options):
     assert abs(estimated - traced) / traced < TOLERANCE
 
 
+def test_fp16_true_is_an_fp16_word_without_autocast_and_deepspeed_computes_in_it():
+    from vramcalc.terms.distributed import compute_setup
+
+    word = Precision.parse("fp16-true", "precision")
+    assert word.param_dtype.bytes == 2 and word.compute_dtype.name.lower().startswith("fp16")
+    assert not word.autocast and not word.is_mixed
+    # accelerate leaves autocast off under DeepSpeed (native_amp False for DistributedType.DEEPSPEED)
+    for stated, computed in (("fp16", "fp16-true"), ("bf16", "bf16-true"), ("mixed-fp16", "fp16-true")):
+        resolved = resolve_setup(vc.get_model("llama-3.1-8b"), num_gpus=2, sharding="zero2", precision=stated)
+        assert compute_setup(resolved).setup.precision.value == computed
+    fsdp = resolve_setup(vc.get_model("llama-3.1-8b"), num_gpus=2, sharding="fsdp", precision="fp16")
+    assert compute_setup(fsdp).setup.precision.autocast  # FSDP2 under accelerate keeps native AMP
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fp16_true_estimate_matches_the_trace_without_autocast(method):
+    from vramcalc.tracing.runner import run_trace
+
+    spec = TINY["llama"]
+    resolved = resolve_setup(spec, precision="fp16-true", method=method, seq_len=512,
+                             **({"adapter_dtype": "bf16"} if method == "lora" else {}))  # 16-bit: the model's
+    estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
+    traced = sum(run_trace(spec, resolved, progress=False).terms.values())
+    assert abs(estimated - traced) / traced < TOLERANCE
+
+
 def test_kbit_prep_under_bf16_true_is_refused_in_one_line():
     from vramcalc.errors import VramcalcError
 

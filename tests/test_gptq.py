@@ -115,7 +115,8 @@ def test_gptq_weights_are_about_half_a_byte_per_quantized_weight():
     (dict(method="full", quant="int4-gptq"), "--quant does not apply to --method full"),
     (dict(method="dora", quant="int4-gptq"), "--method qlora"),
     (dict(method="qlora", quant="int4-gptq", precision="mixed-fp16"), "16 bits"),
-    (dict(method="qlora", quant="int4-gptq", sharding="fsdp", num_gpus=2), "one GPU"),
+    (dict(method="qlora", quant="int4-gptq", sharding="fsdp", num_gpus=2), "fsdp or zero3"),
+    (dict(method="qlora", quant="int4-gptq", sharding="zero3", num_gpus=2), "fsdp or zero3"),
     (dict(method="qlora", quant="int4-gptq", gptq_group_size=0), "positive integer or -1"),
     (dict(method="qlora", quant="nf4", gptq_group_size=64), "int4-gptq only"),
     (dict(method="qlora", quant="int4-gptq", gptq_group_size=96), "cannot be packed"),
@@ -123,6 +124,20 @@ def test_gptq_weights_are_about_half_a_byte_per_quantized_weight():
 def test_invalid_gptq_combinations_say_why(options, words):
     with pytest.raises(VramcalcError, match=re.escape(words)):
         vc.estimate("qwen2.5-0.5b", **options)
+
+
+def test_deepspeed_zero2_keeps_the_gptq_base_whole_and_shards_the_adapters_fp32_states():
+    # Qwen's finetune_qlora_single_gpu.sh: ZeRO-2 on one GPU in fp16; the QuantLinear buffers are not parameters,
+    # so DeepSpeed leaves them alone; the LoRA parameters get DeepSpeed's fp32 master copy and fp32 Adam states
+    common = dict(method="qlora", quant="int4-gptq", precision="fp16", seq_len=512)
+    plain = vc.estimate("qwen2.5-0.5b", **common)
+    one, two = (vc.estimate("qwen2.5-0.5b", sharding="zero2", num_gpus=n, **common) for n in (1, 2))
+    trainable = plain.details["trainable_params"]
+    assert one.terms()["weights"] == two.terms()["weights"]  # ZeRO-2 partitions no weight
+    # DeepSpeed casts the module, adapters included, to fp16; peft alone keeps them fp32 (autocast_adapter_dtype)
+    assert plain.terms()["weights"] - one.terms()["weights"] == pytest.approx(2 * trainable, rel=0.01)
+    assert one.terms()["optimizer_states"] == pytest.approx(12 * trainable, rel=0.01)  # master + two moments
+    assert two.terms()["optimizer_states"] == pytest.approx(6 * trainable, rel=0.01)
 
 
 def test_cli_estimate_takes_the_gptq_flags(capsys):

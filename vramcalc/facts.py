@@ -79,7 +79,7 @@ def adapter_bits(method: Method, precision: Precision, adapter_dtype: AdapterDty
 def half_dtype(precision: Precision) -> DType:
     """The 16-bit dtype a precision computes in: fp16 for fp16 and mixed-fp16, else bf16 (accelerate's
     ``mixed_precision``; FSDP2 ``MixedPrecisionPolicy.param_dtype``)."""
-    return DType.FP16 if precision in (Precision.FP16, Precision.MIXED_FP16) else DType.BF16
+    return DType.FP16 if precision in (Precision.FP16, Precision.MIXED_FP16, Precision.FP16_TRUE) else DType.BF16
 
 
 # -- bitsandbytes: versions and LLM.int8 (issue 11 knobs) -----------------------------------------------------------

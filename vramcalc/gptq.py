@@ -19,7 +19,7 @@ GPTQ_DEFAULT_GROUP_SIZE = 128  # transformers GPTQConfig(group_size=128) (utils/
 # precisions whose load dtype is the compute dtype: the dequantized weight (``scales``' dtype, the load dtype:
 # optimum ``quantizer.py:289`` ``weight_dtype=layer.weight.dtype``) meets an input of the same dtype in
 # ``torch.matmul``; under ``mixed-*`` the fp32-loaded scales would dequantize to fp32 and autocast copy them again
-GPTQ_PRECISIONS = (Precision.FP16, Precision.BF16, Precision.BF16_TRUE)
+GPTQ_PRECISIONS = (Precision.FP16, Precision.BF16, Precision.BF16_TRUE, Precision.FP16_TRUE)
 
 
 def is_gptq(setup) -> bool:
@@ -61,8 +61,10 @@ def check_setup(setup) -> None:
         given.append("--quant-state-dtype (a bitsandbytes knob)")
     if getattr(setup.quant_storage, "value", "uint8") != "uint8":
         given.append("--quant-storage (a bitsandbytes knob)")
-    if setup.sharding is not Sharding.NONE or setup.tp > 1 or setup.cp > 1 or setup.ep > 1:
-        given.append("several GPUs (--sharding, --tp, --cp, --ep)")
+    # DDP and ZeRO-1/2 replicate the frozen base and shard only the adapters' states (the QuantLinear buffers are
+    # buffers, not parameters); FSDP and ZeRO-3 would have to partition them (not modelled)
+    if setup.sharding in (Sharding.FSDP, Sharding.ZERO3) or setup.tp > 1 or setup.cp > 1 or setup.ep > 1:
+        given.append("--sharding fsdp or zero3, --tp, --cp or --ep")
     if getattr(setup.device_map, "value", "none") != "none":
         given.append("--device-map")
     if setup.stack is not Stack.HF:
@@ -76,5 +78,5 @@ def check_setup(setup) -> None:
     if setup.grad_ckpt is GradCkpt.SELECTIVE:
         given.append("--grad-ckpt selective")
     if given:
-        raise VramcalcError(f"--quant int4-gptq is modelled on one GPU with the hf stack and --task sft; not with "
-                            f"{given[0]}")
+        raise VramcalcError(f"--quant int4-gptq is modelled with the hf stack, --task sft and at most DDP or ZeRO-1/2; "
+                            f"not with {given[0]}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 SETUP_OPTION_HELP: dict[str, str] = {
     "method": "full | lora | qlora | prompt | any peft method by peft's name: dora, adalora, ia3, ln-tuning, "
               "p-tuning, prefix, loha, lokr, oft, vera, ... (vramcalc methods lists them)",
-    "precision": "fp32 | mixed-bf16 | mixed-fp16 | bf16 | fp16 | fp8 | bf16-true (bf16, no autocast)",
+    "precision": "fp32 | mixed-bf16 | mixed-fp16 | bf16 | fp16 | fp8 | bf16-true | fp16-true (16 bits, no autocast)",
     "optimizer": "adamw | adamw-foreach | adamw-8bit | paged-adamw | paged-adamw-8bit | sgd | sgd-momentum | adafactor",
     "batch_size": "micro-batch per GPU (sequences)",
     "seq_len": "tokens per sequence",

@@ -105,6 +105,8 @@ class Precision(Choice):
                 torchtune's ``dtype: bf16`` recipes never enter ``torch.autocast``): every op computes in its inputs'
                 dtype. It differs from ``bf16`` only where a tensor is fp32: autocast returns fp32 from LayerNorm and
                 casts fp32 inputs and adapters per matmul, and accelerate copies the logits to fp32.
+    fp16-true   the same in fp16 (Lightning's "16-true"; what DeepSpeed's fp16 engine computes, accelerate leaving
+                autocast off under DeepSpeed: ``distributed.compute_setup``).
     fp8         torchao's float8 training, default "tensorwise" recipe (``convert_to_float8_training`` with
                 ``Float8LinearConfig()``: dynamic scaling, one fp32 scale per tensor, e4m3 input and weight,
                 e5m2 grad_output), eager, on every decoder nn.Linear with both dims multiples of 16; lm_head,
@@ -123,6 +125,7 @@ class Precision(Choice):
     FP16 = "fp16"
     FP8 = "fp8"
     BF16_TRUE = "bf16-true"
+    FP16_TRUE = "fp16-true"
 
     @property
     def param_dtype(self) -> DType:
@@ -135,6 +138,7 @@ class Precision(Choice):
             Precision.FP16: DType.FP16,
             Precision.FP8: DType.BF16,
             Precision.BF16_TRUE: DType.BF16,
+            Precision.FP16_TRUE: DType.FP16,
         }[self]
 
     @property
@@ -148,12 +152,14 @@ class Precision(Choice):
             Precision.FP16: DType.FP16,
             Precision.FP8: DType.BF16,
             Precision.BF16_TRUE: DType.BF16,
+            Precision.FP16_TRUE: DType.FP16,
         }[self]
 
     @property
     def autocast(self) -> bool:
-        """Whether the step runs under 16-bit ``torch.autocast``: every word but ``fp32`` and ``bf16-true``."""
-        return self not in (Precision.FP32, Precision.BF16_TRUE)
+        """Whether the step runs under 16-bit ``torch.autocast``: every word but ``fp32``, ``bf16-true`` and
+        ``fp16-true``."""
+        return self not in (Precision.FP32, Precision.BF16_TRUE, Precision.FP16_TRUE)
 
     @property
     def is_mixed(self) -> bool:

@@ -433,9 +433,11 @@ def _apply_kbit_prep(values: dict, chosen: dict, origins: dict) -> None:
         return
     mixed = {Precision.BF16: Precision.MIXED_BF16, Precision.FP16: Precision.MIXED_FP16}
     prepared_explicitly = bool(values["kbit_prep"])  # by the user or the stack
-    if values["kbit_prep"] and values["precision"] is Precision.BF16_TRUE:
-        raise VramcalcError("--kbit-prep makes the unquantized parameters fp32 for 16-bit autocast, which "
-                            "--precision bf16-true has not: use --precision bf16 (or mixed-bf16) with --kbit-prep")
+    if values["kbit_prep"] and values["precision"] in (Precision.BF16_TRUE, Precision.FP16_TRUE):
+        word = values["precision"].value
+        raise VramcalcError(f"--kbit-prep makes the unquantized parameters fp32 for 16-bit autocast, which "
+                            f"--precision {word} has not: use --precision {word[:4]} (or mixed-{word[:4]}) with "
+                            "--kbit-prep")
     if values["kbit_prep"] and values["precision"] in mixed:
         values["precision"] = mixed[values["precision"]]
         origins["precision"] = "implied by kbit_prep" if "precision" in origins else "user, with kbit_prep"
@@ -530,7 +532,7 @@ def _check_quant_storage(setup: TrainingSetup) -> None:
         return
     if setup.quant is Quant.INT8:
         raise VramcalcError("--quant-storage packs 4-bit codes; --quant int8 stores int8 weights (use nf4 or fp4)")
-    if setup.sharding.is_deepspeed and setup.precision in (Precision.FP16, Precision.MIXED_FP16):
+    if setup.sharding.is_deepspeed and setup.precision in (Precision.FP16, Precision.MIXED_FP16, Precision.FP16_TRUE):
         raise VramcalcError(f"--quant-storage bf16 with DeepSpeed and --precision {setup.precision.value}: its fp16 "
                             "engine casts the module to fp16 and would corrupt the packed bf16 codes; use --precision "
                             "bf16 or mixed-bf16, or --sharding fsdp")

@@ -80,7 +80,8 @@ def quantize_4bit_weights(model: nn.Module, resolved: ResolvedSetup, device: tor
     import bitsandbytes as bnb
 
     setup = resolved.setup
-    dtype = torch.float16 if setup.precision in (Precision.FP16, Precision.MIXED_FP16) else torch.bfloat16
+    dtype = torch.float16 if setup.precision in (Precision.FP16, Precision.MIXED_FP16, Precision.FP16_TRUE) \
+        else torch.bfloat16
     count = 0
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear4bit):

@@ -161,7 +161,7 @@ def with_4bit_storage(options: dict) -> dict:
         precision = Precision.parse(options.get("precision") or Precision.BF16, "precision")
     except VramcalcError:
         return options  # resolve_setup names the bad value
-    fp16_deepspeed = sharding.is_deepspeed and precision in (Precision.FP16, Precision.MIXED_FP16)
+    fp16_deepspeed = sharding.is_deepspeed and precision in (Precision.FP16, Precision.MIXED_FP16, Precision.FP16_TRUE)
     if method is not Method.QLORA or sharding not in (Sharding.FSDP, Sharding.ZERO3) or quant is Quant.INT8 \
             or fp16_deepspeed:
         return options

@@ -103,14 +103,15 @@ def compute_setup(resolved: ResolvedSetup) -> ResolvedSetup:
     DeepSpeed casts the module to 16 bits: the activations are those of a 16-bit model with 16-bit adapters and no
     autocast weight copies. Under DeepSpeed's bf16 engine accelerate also leaves autocast off (``native_amp`` stays
     False for ``DistributedType.DEEPSPEED``, accelerate 1.16 ``accelerator.py:536-567``, so no ``autocast`` and no
-    ``convert_outputs_to_fp32``): bf16-true. DDP and one GPU compute as the setup says."""
+    ``convert_outputs_to_fp32``): bf16-true, fp16-true. DDP and one GPU compute as the setup says."""
     if not casts_to_half(resolved):
         return resolved
     setup = resolved.setup
     precision = {Precision.MIXED_BF16: Precision.BF16, Precision.MIXED_FP16: Precision.FP16}.get(setup.precision,
                                                                                            setup.precision)
-    if setup.sharding.is_deepspeed and precision is Precision.BF16:
-        precision = Precision.BF16_TRUE
+    if setup.sharding.is_deepspeed:
+        precision = {Precision.BF16: Precision.BF16_TRUE, Precision.FP16: Precision.FP16_TRUE}.get(precision,
+                                                                                                precision)
     adapter = AdapterDtype.BF16 if setup.method.uses_lora or setup.method is Method.PROMPT else setup.adapter_dtype
     return dataclasses.replace(resolved, setup=dataclasses.replace(setup, precision=precision, adapter_dtype=adapter))
 

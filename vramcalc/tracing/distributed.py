@@ -51,12 +51,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import VramcalcError
+from ..facts import DDP_BUCKET_CAP_MB, half_dtype  # accelerate DistributedDataParallelKwargs.bucket_cap_mb
 from ..options import FsdpShard, Method, Offload, Precision, QuantStorage, Sharding, Term
 from ..training_setup import ResolvedSetup
+from ..units import DType
 from .step import base_model, decoder_layers
 from .tracker import AllocationTracker
 
-from ..facts import DDP_BUCKET_CAP_MB  # accelerate DistributedDataParallelKwargs.bucket_cap_mb
 TRACED_SHARDINGS = (Sharding.DDP, Sharding.FSDP)
 
 
@@ -195,7 +196,7 @@ def mixed_precision_policy(resolved: ResolvedSetup):
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
     if precision is Precision.FP32:
         return MixedPrecisionPolicy()
-    dtype = torch.float16 if precision in (Precision.FP16, Precision.MIXED_FP16) else torch.bfloat16
+    dtype = torch.float16 if half_dtype(precision) is DType.FP16 else torch.bfloat16
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype, output_dtype=dtype)
 
 
