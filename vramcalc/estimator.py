@@ -551,7 +551,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                                        context_parallel.ring_backward_bytes(spec, b * s, setup.cp, dt.c)
                                        if getattr(setup, "cp", 1) > 1 else 0,  # --cp
                                        buffers if setup.sharding is Sharding.FSDP else None, kv)
-    embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens)
+    embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens, csetup.modules_to_save)
     if stable:
         embedding_backward = stack_layers.stable_embedding_backward_bytes(spec, dt.r, tokens)
     if rank.gathering is None:

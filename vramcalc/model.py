@@ -100,6 +100,11 @@ class FamilyTraits:
     parallel_block: bool = False  # attention and MLP both read the layer input; one residual add (GPT-J style)
     gated_mlp: bool = True  # False: fc1 -> GELU -> fc2 (two Linears, both with bias)
     lm_head_bias: bool = False  # Phi-1/2: lm_head = nn.Linear(h, V, bias=True)
+    # the module names peft matches (``modules_to_save``, ``target_modules``) for the input embedding and the output
+    # layer: GPT-NeoX ``embed_in`` (modeling_gpt_neox.py:298), Falcon ``word_embeddings`` (modeling_falcon.py:480),
+    # Qwen v1 ``transformer.wte`` (remote modeling_qwen.py); lm_head in every family transformers 5.25 builds
+    embedding_name: str = "embed_tokens"
+    head_name: str = "lm_head"
     traceable: bool = True  # False: transformers has no class for it (remote code only); estimate only
     bnb_quantizable: bool = True  # False: its Linears subclass nn.Linear, which bitsandbytes loading leaves 16-bit
     always_masked: bool = False  # sdpa and eager always get a 4-D causal mask (``allow_is_causal_skip=False``)
@@ -168,7 +173,7 @@ FAMILIES: dict[str, FamilyTraits] = {
     "gpt_neox": FamilyTraits(layer_norm=True, parallel_block=True, gated_mlp=False, fused_qkv=True,
                              lora_qv=("query_key_value",),
                              qkv_names=("query_key_value",), o_name="dense",
-                             mlp_names=("dense_h_to_4h", "dense_4h_to_h")),
+                             mlp_names=("dense_h_to_4h", "dense_4h_to_h"), embedding_name="embed_in"),
     # models/falcon/modeling_falcon.py (transformers 5.25): fused query_key_value split into q, k, v views
     # (FalconAttention.forward L295-305), the shared attention interface (L319-329), dense, GELU MLP (L341-355); one
     # LayerNorm (input_layernorm) or, with new_decoder_architecture, ln_attn and ln_mlp (L371-382); parallel_attn;
@@ -176,7 +181,7 @@ FAMILIES: dict[str, FamilyTraits] = {
     "falcon": FamilyTraits(norms_per_layer=1, layer_norm=True, parallel_block=True, gated_mlp=False, fused_qkv=True,
                            default_tied=True, bnb_quantizable=False, always_masked=True, lora_qv=("query_key_value",),
                            qkv_names=("query_key_value",), o_name="dense",
-                           mlp_names=("dense_h_to_4h", "dense_4h_to_h")),
+                           mlp_names=("dense_h_to_4h", "dense_4h_to_h"), embedding_name="word_embeddings"),
     # models/olmo2/modeling_olmo2.py (transformers 5.25): Llama projections and MLP; q_norm, k_norm are
     # Olmo2RMSNorm(a·d), (k·d) on the whole q_proj, k_proj outputs (L209-210, L224-225); no input norm: the layer
     # normalises the attention and MLP outputs (post_attention_layernorm, post_feedforward_layernorm, L281-282,
@@ -228,7 +233,8 @@ FAMILIES: dict[str, FamilyTraits] = {
     # computes ``CrossEntropyLoss()(lm_logits[..., :-1, :].contiguous().view(-1, V), ...)`` with no upcast
     # (modeling_qwen.py, read in the code-corpus copy id 29119010094 of the Hub file)
     "qwen": FamilyTraits(fused_qkv=True, qkv_bias=True, lora_qv=("c_attn",), traceable=False, qkv_names=("c_attn",),
-                         o_name="attn.c_proj", mlp_names=("w1", "w2", "mlp.c_proj"), loss_upcasts=False),
+                         o_name="attn.c_proj", mlp_names=("w1", "w2", "mlp.c_proj"), loss_upcasts=False,
+                         embedding_name="wte"),
     # models/qwen2_moe/modeling_qwen2_moe.py (transformers 5.25): q/k/v with bias=config.qkv_bias (default True), o
     # without (L222-225); Qwen2MoeTopKRouter (a 2-D weight, not an nn.Linear, L311-329) and Qwen2MoeExperts (3-D
     # gate_up_proj, down_proj, L271-282); a shared expert Qwen2MoeMLP of shared_expert_intermediate_size and its

@@ -15,6 +15,9 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "attn": "attention kernel: sdpa | flash | eager",
     "lora_rank": "LoRA rank r (lora, qlora), or a peft method's size knob (vramcalc methods says which)",
     "lora_targets": "qv | all-linear | comma list of module names (lora, qlora, and peft methods' target_modules)",
+    "modules_to_save": "embed_tokens,lm_head (either or both; the model's own names too, e.g. Qwen v1 wte): train "
+                       "them whole beside the adapters, as peft's LoraConfig modules_to_save (lora, qlora, peft's tuner "
+                       "methods)",
     "lora_dropout": "LoRA dropout probability, 0 to <1 (lora, qlora)",
     "quant": "quantized base weights: nf4 | fp4 (4-bit) | int8 (LLM.int8) | int4-gptq (a GPTQ checkpoint) (qlora; a peft method with a "
              "bitsandbytes layer, e.g. dora, on that base) | none",

@@ -151,6 +151,9 @@ class TrainingSetup:
     image_tokens: int | None = None  # image tokens per image in the language model (instead of image_size)
     vision: Vision | None = None  # None without images; else frozen, lora or full (the method's default)
     device_map: DeviceMap = DeviceMap.NONE  # from_pretrained device_map ("auto": layers across num_gpus GPUs)
+    # peft LoraConfig modules_to_save: modules trained whole beside the adapters, as canonical names (embed_tokens,
+    # lm_head; ``MODULES_TO_SAVE``); peft's default is none
+    modules_to_save: tuple[str, ...] = ()
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -211,7 +214,7 @@ class ResolvedSetup:
     __getstate__ = state_without_hash
 
 
-_LORA_OPTIONS = ("lora_rank", "lora_targets", "lora_dropout", "adapter_dtype")
+_LORA_OPTIONS = ("lora_rank", "lora_targets", "lora_dropout", "adapter_dtype", "modules_to_save")
 _QLORA_OPTIONS = ("quant", "double_quant", "compute_dtype", "kbit_prep", "quant_saves_input", "quantize_lm_head",
                   "quant_state_dtype", "quant_storage", "stable_embedding", "gptq_group_size", "gptq_desc_act")
 _PROMPT_OPTIONS = ("virtual_tokens",)
@@ -314,6 +317,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         interconnect=None if chosen.get("interconnect") is None else Interconnect.parse(chosen["interconnect"],
                                                                                         "interconnect"),
         device_map=DeviceMap.parse(chosen.get("device_map", SETUP_DEFAULTS["device_map"]), "device map"),
+        modules_to_save=modules_to_save_names(model, chosen.get("modules_to_save", SETUP_DEFAULTS["modules_to_save"])),
     )
     _apply_kbit_prep(values, chosen, origins)
     _apply_peft_defaults(values, chosen, origins)
@@ -365,6 +369,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
             f"sequence length {setup.padded_seq_len} exceeds {model.name}'s context of {context} tokens; estimating anyway"
         )
     lora_modules = _lora_modules(model, setup) if _takes_targets(setup.method) else ()
+    _check_modules_to_save(model, setup, lora_modules)
     warnings += parallel_degrees.tp_warnings(setup, lora_modules)
     if setup.method.uses_lora:  # peft converts LoRA configs only (transformers_weight_conversion.py L494-496)
         from .terms.moe_lora import conversion_warning
@@ -480,6 +485,10 @@ def _takes_targets(method: Method) -> bool:
 def _reject_foreign_options(method: Method, given: dict) -> None:
     """LoRA options with --method full and the like: say which option does not belong."""
     allowed = options_for(method)
+    if "modules_to_save" in given and "modules_to_save" not in allowed:
+        why = ": full fine-tuning trains every module already" if method is Method.FULL else ""
+        raise VramcalcError(f"--modules-to-save applies to lora, qlora and the peft methods that take --lora-targets "
+                            f"(their config's modules_to_save), not --method {method.value}{why}")
     for key in METHOD_SPECIFIC_OPTIONS:
         if key in given and key not in allowed:
             flag = "--" + key.replace("_", "-")
@@ -660,6 +669,68 @@ def _bool(value, what: str) -> bool:
     if text in ("false", "0", "no", "off"):
         return False
     raise VramcalcError(f"{what} must be true or false, got {short_repr(value)}")
+
+
+# peft ``modules_to_save`` (LoraConfig; peft 0.21.2 ``utils/other.py:1047-1130`` ``_set_trainable`` wraps every
+# module whose name ends with one of them in a ``ModulesToSaveWrapper``): the modules outside the decoder layers
+# vramcalc models trained whole, in the names its LoRA-target error uses, in this order
+MODULES_TO_SAVE = ("embed_tokens", "lm_head")
+
+
+def modules_to_save_names(model: ModelSpec, value) -> tuple[str, ...]:
+    """``--modules-to-save``: a comma list (or a list of strings) of ``MODULES_TO_SAVE``, or the family's own names
+    for them (``FamilyTraits.embedding_name``/``head_name``: Qwen v1 ``wte``, GPT-NeoX ``embed_in``, Falcon
+    ``word_embeddings``), as the canonical names in ``MODULES_TO_SAVE`` order; empty: none."""
+    if isinstance(value, str):
+        names = [part.strip() for part in value.split(",")]
+    elif isinstance(value, (list, tuple)) and all(isinstance(part, str) for part in value):
+        names = [part.strip() for part in value]
+    else:
+        raise VramcalcError(f"modules to save must be a comma list of module names (embed_tokens, lm_head) or a list "
+                            f"of strings, got {short_repr(value)}")
+    own = {model.traits.embedding_name: "embed_tokens", model.traits.head_name: "lm_head"}
+    canonical = set()
+    for name in filter(None, names):
+        word = own.get(name, name)
+        if word not in MODULES_TO_SAVE:
+            aliases = "".join(f", {alias}" for alias in own if alias not in MODULES_TO_SAVE)
+            raise VramcalcError(f"--modules-to-save {name!r} is not a module vramcalc models trained whole; give "
+                                f"embed_tokens, lm_head{aliases} (the embedding and the output layer of {model.name})")
+        canonical.add(word)
+    return tuple(name for name in MODULES_TO_SAVE if name in canonical)
+
+
+def peft_modules_to_save(traits, modules_to_save: tuple[str, ...]) -> list[str] | None:
+    """``LoraConfig(modules_to_save=...)`` in the family's own module names (``FamilyTraits.embedding_name`` and
+    ``head_name``; peft matches them by suffix and skips a name it does not find, ``utils/other.py:1088-1130``), or
+    None without any (peft's default)."""
+    own = {"embed_tokens": traits.embedding_name, "lm_head": traits.head_name}
+    return [own[name] for name in modules_to_save] or None
+
+
+def _check_modules_to_save(model: ModelSpec, setup: TrainingSetup, lora_modules: tuple[str, ...]) -> None:
+    """What ``--modules-to-save`` is modelled with: LoRA, QLoRA and peft's tuner methods (the option is in
+    ``_LORA_OPTIONS`` and ``PeftMethodFacts.options``) on the supervised step of a peft stack (Trainer or TRL's
+    SFTTrainer with the user's config), not also a LoRA target (peft would wrap the LoRA layer's own base module), on
+    one GPU or under DDP, DeepSpeed ZeRO or FSDP (the copies are trainable tensors like any other there: each engine
+    replicates, partitions or shards them as it does the adapters; traced for DDP and FSDP); a quantized lm_head
+    (``--quantize-lm-head``) cannot train."""
+    if not setup.modules_to_save:
+        return
+    both = [name for name in setup.modules_to_save if name in lora_modules]
+    if both:
+        raise VramcalcError(f"{both[0]} is in both --lora-targets and --modules-to-save: train it with an adapter or "
+                            "whole, not both")
+    if setup.stack not in ALL_LINEAR_STRING_STACKS:
+        raise VramcalcError(f"--modules-to-save is modelled for --stack hf and trl (peft's LoraConfig as the user "
+                            f"writes it), not {setup.stack.value}")
+    if "lm_head" in setup.modules_to_save and setup.quantize_lm_head:
+        raise VramcalcError("--modules-to-save lm_head trains lm_head whole; a 4-bit lm_head (--quantize-lm-head) "
+                            "cannot train: drop one of them")
+    if setup.task is not Task.SFT:
+        raise VramcalcError(f"--modules-to-save is modelled for --task sft, not {setup.task.value}")
+    if setup.tp > 1 or setup.cp > 1 or setup.device_map is not DeviceMap.NONE or model.vision is not None:
+        raise VramcalcError("--modules-to-save is modelled for a text model without --tp, --cp or --device-map")
 
 
 def _targets(value) -> tuple[str, ...]:

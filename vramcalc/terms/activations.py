@@ -144,6 +144,7 @@ class LayerSetup:
     ep: int = 1  # --ep: the rank's experts run 1/ep of the routed slots (terms/expert_parallel.py ``slot_share``)
     lora_experts: tuple[str, ...] = ()  # peft's ParamWrapper LoRA on the fused experts (terms/moe_lora.py)
     ep_dispatch: bool = False  # --ep: tokens reach the experts through AllToAllEP (terms/expert_parallel.py)
+    modules_to_save: tuple[str, ...] = ()  # peft modules_to_save: embed_tokens, lm_head trained whole (parameters.py)
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -880,9 +881,17 @@ def gradless_layers_saved(model: ModelSpec, layer: LayerSetup, masks: tuple[bool
     return total
 
 
-def first_layer_needs_grad(method: Method) -> bool:
-    """Does the first layer's input require grad? Only when the embedding trains (full) or a prompt is prepended."""
-    return method in (Method.FULL, Method.PROMPT, Method.P_TUNING)
+def first_layer_needs_grad(method: Method, modules_to_save: tuple[str, ...] = ()) -> bool:
+    """Does the first layer's input require grad? Only when the embedding trains (full, or its copy in peft's
+    ``modules_to_save``: the copy's output requires grad) or a prompt is prepended."""
+    return method in (Method.FULL, Method.PROMPT, Method.P_TUNING) or "embed_tokens" in modules_to_save
+
+
+def head_trains(layer: LayerSetup) -> bool:
+    """Does lm_head's weight train? In full fine-tuning, and with ``lm_head`` in peft's ``modules_to_save`` (its
+    trained copy is what forward calls: ``ModulesToSaveWrapper._forward_wrapped``, peft 0.21.2
+    ``utils/other.py:614-617``)."""
+    return layer.method is Method.FULL or "lm_head" in layer.modules_to_save
 
 
 @functools.lru_cache(maxsize=4096)
@@ -920,22 +929,24 @@ def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: 
 
 
 def head_input_saved(model: ModelSpec, layer: LayerSetup) -> Saved:
-    """lm_head's saved input (full fine-tuning: its weight gradient needs it), freed by lm_head's backward before
-    the final norm's backward runs."""
-    if layer.method is not Method.FULL:
+    """lm_head's saved input (when it trains, ``head_trains``: its weight gradient needs it), freed by lm_head's
+    backward before the final norm's backward runs."""
+    if not head_trains(layer):
         return Saved()
-    return head_saved(model, layer) + head_saved(model, dataclasses.replace(layer, method=Method.LORA)) * -1
+    frozen = dataclasses.replace(layer, method=Method.LORA if layer.method is Method.FULL else layer.method,
+                                 modules_to_save=tuple(n for n in layer.modules_to_save if n != "lm_head"))
+    return head_saved(model, layer) + head_saved(model, frozen) * -1
 
 
 @functools.lru_cache(maxsize=4096)
 def head_saved(model: ModelSpec, layer: LayerSetup) -> Saved:
-    """The final norm's saved tensors and, when lm_head trains (full fine-tuning), its input. ``--compile``
+    """The final norm's saved tensors and, when lm_head trains (``head_trains``), its input. ``--compile``
     compiles the decoder layers only (torchtune, torchtitan): the final norm runs eagerly."""
     if layer.compiled:
         layer = dataclasses.replace(layer, compiled=False)
     walk = _LayerWalk(model, layer, masked=False)
     n = walk.norm(model.hidden_size, layer.dtypes.r)
-    if layer.method is Method.FULL:
+    if head_trains(layer):
         walk.linears([LinearUse("lm_head", model.hidden_size, True, False, False)], n)
     return walk.result()
 
@@ -1034,7 +1045,8 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
         rope = _F32 if model.traits.rope_fp32 else layer.dtypes.r
         rope = _F32 // 2 if model.traits.rope_complex else rope  # complex64 pairs: 4 bytes per rotated dim
         total += Saved(per_token=-2 * rope * model.rope_dim * model.rope_tables)
-    if grad_ckpt and layer.method.uses_lora and (layer.offload or model.traits.embedding_multiplier):
+    if (grad_ckpt and layer.method.uses_lora and (layer.offload or model.traits.embedding_multiplier)
+            and "embed_tokens" not in layer.modules_to_save):  # a trained embedding's output is no leaf
         # transformers' enable_input_require_grads (checkpointing with peft) makes the embedding's output a leaf
         # that requires grad: autograd's AccumulateGrad node holds it on the device, offloaded or not, and beside
         # the first layer's input when that is a scaled copy (granite: ``inputs_embeds * embedding_multiplier``)
@@ -1044,7 +1056,7 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
         first = layer_kept(model, layer, grad_ckpt, first_moe, masked, first_conv)
     else:
         stable = stack_layers.has_stable_embedding(layer.layers, layer.method)  # litgpt QLoRA: the embedding trains
-        first_grad = first_layer_needs_grad(layer.method) or stable
+        first_grad = first_layer_needs_grad(layer.method, layer.modules_to_save) or stable
         first = layer_saved(model, layer, first_moe, masked, first_grad, first_conv)
         if model.num_conv_layers and not first_grad:
             first += gradless_layers_saved(model, layer, masks)
@@ -1055,7 +1067,7 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
         # Llama-4's NoPE layers have no q/k norm, which the layer walk counts in every layer (the first layer saves
         # none when its input needs no gradient)
         a, k, d = model.num_heads, model.num_kv_heads, model.head_dim
-        first_grad = first_layer_needs_grad(layer.method)
+        first_grad = first_layer_needs_grad(layer.method, layer.modules_to_save)
         nope = sum(1 for i in model.nope_layers if i > 0 or first_grad)
         total += Saved(per_token=-nope * (_F32 * (a + k) * d + _F32 * (a + k)))
     if grad_ckpt and not layer.offload:  # the first layer's input is the embedding's r bytes (layouts.residual_bytes)
@@ -1067,7 +1079,7 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
         counts[kind] = counts.get(kind, 0) + 1
     for (moe, layer_masked, conv), count in counts.items():
         total += layer_kept(model, layer, grad_ckpt, moe, layer_masked, conv) * count
-    if not grad_ckpt and not layer.offload and not first_layer_needs_grad(layer.method):
+    if not grad_ckpt and not layer.offload and not first_layer_needs_grad(layer.method, layer.modules_to_save):
         # peft's ParamWrapper LoRA on the experts and no decoder Linear adapter (terms/moe_lora.py): the layers up to
         # the first MoE layer's experts see no input that needs a gradient (deepseek's first_k_dense_replace)
         conv_of = layer_operators(model)

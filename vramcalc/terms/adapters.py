@@ -48,7 +48,7 @@ def embedding_lora_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, m
         return Saved()
     dt = layer.dtypes
     saved = Saved(per_token=(dt.c if dt.autocast else dt.adapter) * layer.lora_rank)
-    if not grad_ckpt and not first_layer_needs_grad(layer.method):
+    if not grad_ckpt and not first_layer_needs_grad(layer.method, layer.modules_to_save):
         moe = model.is_moe_layer(0)
         grad, no_grad = layer_saved(model, layer, moe, masked, True), layer_saved(model, layer, moe, masked, False)
         saved += grad + no_grad * -1

@@ -31,6 +31,10 @@ quantized bytes (codes + state), k·n the quantizer's scratch.
   deep-copies one built layer per decoder layer and its NF4 ``clone`` re-quantizes too; replayed in
   ``docs/evidence/torchtune01_reserved``: 7.281 GB build, 7.286 GB load for Llama-2-7B).
 
+peft's ``modules_to_save`` copies (``parameters.module_copies``) are made by ``get_peft_model`` after loading
+(``copy.deepcopy`` of the loaded module, peft 0.21.2 ``utils/other.py:653``, after ``prepare_model_for_kbit_training``):
+the phase peaks at max(the loaded weights' peak, W).
+
 Quantizer scratch ``k`` (``facts``): bitsandbytes ``quantize_4bit`` 4/64 B per weight with double quantization, 0
 without (and 0 for int8); torchao 0.1 ``to_nf4`` 68 B per weight (docs/stacks-research.md Q4).
 """
@@ -47,7 +51,7 @@ from ..gptq import is_gptq
 from ..model import ModelSpec
 from ..options import Method
 from ..units import round_up
-from .parameters import stored_tensors
+from .parameters import COPY_INFIX, stored_tensors
 from .stored_tensor import StoredTensor
 from .weights import weight_bytes
 
@@ -90,7 +94,14 @@ def load_peak_bytes(model: ModelSpec, resolved, quantizer: str = "bnb") -> int:
     ``quantizer``: who quantizes under ``per-layer`` (``bnb``: Lightning's plugin; ``torchao-0.1``: torchtune's
     ``to_nf4`` of April 2024); ``per-tensor`` and ``whole-model`` are bitsandbytes (transformers)."""
     setup = resolved.setup
-    tensors = stored_tensors(model, resolved)
+    every = stored_tensors(model, resolved)
+    tensors = tuple(t for t in every if COPY_INFIX not in t.name)  # what from_pretrained loads
+    peak = _loaded_peak_bytes(setup, tensors, quantizer)
+    return max(peak, weight_bytes(every)) if len(tensors) < len(every) else peak
+
+
+def _loaded_peak_bytes(setup, tensors: tuple[StoredTensor, ...], quantizer: str) -> int:
+    """``load_peak_bytes`` of the tensors ``from_pretrained`` and the kbit preparation make."""
     total = weight_bytes(tensors)
     path = getattr(getattr(setup, "load", None), "value", "per-tensor")
     quantized = [t for t in tensors if t.kind == "quantized"]

@@ -91,7 +91,9 @@ def optimizer_step_temporary_bytes(tensors: tuple[StoredTensor, ...], optimizer:
     adamw (fused ``_fused_adamw_``), SGD, bitsandbytes: update in place, 0.
     adamw-foreach: ``exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)`` (torch/optim/adamw.py
       ``_multi_tensor_adamw``) allocates one state copy per (param group, dtype) bucket; Trainer's decay group (all but
-      biases and norms) is the largest.
+      biases and norms) is the largest. The loop over a group's dtype buckets (``torch/optim/adam.py:638-769``) rebinds
+      ``exp_avg_sq_sqrt`` only once the next bucket's is made, so two consecutive buckets of one group coexist (a
+      16-bit ``modules_to_save`` copy beside fp32 adapters: both); buckets in first-appearance order of the tensors.
     adafactor: tensors are updated one at a time; for the largest, ``grad.float()``, ``p.float()`` (16-bit params
       only), ``update`` and the next ``update`` / ``-update`` coexist: (4 + 4 + 4 + 4)·n bytes for 16-bit params.
     """
@@ -99,11 +101,12 @@ def optimizer_step_temporary_bytes(tensors: tuple[StoredTensor, ...], optimizer:
     if not trainable:
         return 0
     if optimizer is Optimizer.ADAMW_FOREACH:
-        buckets: dict[tuple[bool, int], int] = {}
+        groups: dict[bool, dict[int, int]] = {}
         for t in trainable:
-            key = (_no_decay(t), t.bits)
-            buckets[key] = buckets.get(key, 0) + round_up(t.numel * t.bits // 8) * t.count
-        return max(buckets.values())
+            buckets = groups.setdefault(_no_decay(t), {})
+            buckets[t.bits] = buckets.get(t.bits, 0) + round_up(t.numel * t.bits // 8) * t.count
+        return max(max(map(sum, zip(sizes, sizes[1:])), default=sizes[0])
+                   for sizes in (list(buckets.values()) for buckets in groups.values()))
     if optimizer is Optimizer.ADAFACTOR:
         largest = max(trainable, key=lambda t: t.numel)
         n = largest.numel

@@ -17,6 +17,13 @@ Dtype rules (transformers v5, peft 0.21, bitsandbytes 0.50):
 - ``quant=int8`` (bitsandbytes LLM.int8, ``load_in_8bit``): every decoder nn.Linear becomes a ``Linear8bitLt`` whose
   ``Int8Params`` hold the int8 weight (CB, 1 byte per weight) and one fp32 absmax per output row (SCB)
   (``bitsandbytes/nn/modules.py::Int8Params._quantize``, ``Linear8bitLt.init_8bit_state``);
+- ``modules_to_save`` (peft ``LoraConfig(modules_to_save=[...])``, peft 0.21.2 ``utils/other.py:598-667``
+  ``ModulesToSaveWrapper``): each listed module stays, frozen (``original_module.requires_grad_(False)``, :661), and
+  ``copy.deepcopy(self.original_module)`` (:653) becomes the trained module, in the original's dtype (peft's
+  ``cast_adapter_dtype``, ``tuners/tuners_utils.py:2705-2745``, casts only ``BaseTunerLayer`` adapters, not this
+  wrapper). A tied lm_head is the embedding's ``nn.Linear`` sharing its weight: its deepcopy is a new [V, h] weight,
+  so the trained copies are untied from each other and from the frozen weight the other module keeps (peft's
+  ``ensure_weight_tying=False`` default: ``tuners_utils.py:1417-1470`` only warns);
 - ``quantize_lm_head``: lm_head is quantized like the decoder Linears (Lightning's bitsandbytes plugin replaces every
   ``torch.nn.Linear``, Lightning@71aed751 ``src/lightning/fabric/plugins/precision/bitsandbytes.py:97,130``); a tied
   lm_head gets its own quantized weight (the replacement unties it) while the embedding stays 16-bit.
@@ -72,8 +79,9 @@ def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTen
 
 def parameter_key(resolved: ResolvedSetup) -> tuple:
     """(method, precision, double_quant, lora_modules, lora_rank, adapter_bits, virtual_tokens, int8,
-    quantize_lm_head): what the stored tensors depend on. Values a method does not read are normalised (no LoRA: no
-    modules, rank 0; no prompt: 0 virtual tokens; no QLoRA: no double quantization, no int8, no 4-bit lm_head)."""
+    quantize_lm_head, gptq_group_size, modules_to_save): what the stored tensors depend on. Values a method does not
+    read are normalised (no LoRA: no modules, rank 0; no prompt: 0 virtual tokens; no QLoRA: no double quantization,
+    no int8, no 4-bit lm_head, no GPTQ group)."""
     setup = resolved.setup
     method = setup.method
     lora = method.uses_lora or method.peft_facts is not None  # LoRA's or a peft method's targets and size knob
@@ -84,7 +92,7 @@ def parameter_key(resolved: ResolvedSetup) -> tuple:
             adapter_bits(resolved) if lora or method is Method.PROMPT else 0,
             setup.virtual_tokens if method.prepends_tokens or method is Method.PREFIX else 0,
             int8, qlora and bool(getattr(setup, "quantize_lm_head", False)),
-            setup.gptq_group_size if qlora and is_gptq(setup) else 0)
+            setup.gptq_group_size if qlora and is_gptq(setup) else 0, getattr(setup, "modules_to_save", ()))
 
 
 def quant_is_int8(setup) -> bool:
@@ -101,7 +109,8 @@ def int8_metadata_bytes(out_features: int) -> int:
 def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, double_quant: bool,
                       lora_modules: tuple[str, ...], lora_rank: int, adapter_bits: int,
                       virtual_tokens: int, int8: bool = False,
-                      quantize_lm_head: bool = False, gptq_group_size: int = 0) -> tuple[StoredTensor, ...]:
+                      quantize_lm_head: bool = False, gptq_group_size: int = 0,
+                      modules_to_save: tuple[str, ...] = ()) -> tuple[StoredTensor, ...]:
     """Every parameter tensor the step stores, with its dtype, trainability and quantization state.
 
     Base weights in the precision's parameter dtype (fp32 where ``keep_fp32``; 16 bits under QLoRA without a
@@ -110,7 +119,8 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
     [virtual_tokens, h] embedding. Only full fine-tuning trains the base. ``int8``: the quantized Linears are int8
     (1 byte per weight plus ``int8_metadata_bytes``) instead of 4-bit; ``quantize_lm_head``: lm_head's weight is
     quantized too (a tied one gets its own). ``gptq_group_size`` (non-zero: ``--quant int4-gptq``): each decoder
-    Linear is auto-gptq's QuantLinear instead, its bias inside it (``terms/gptq.py``). Sources: module docstring.
+    Linear is auto-gptq's QuantLinear instead, its bias inside it (``terms/gptq.py``); ``modules_to_save``: a trained
+    copy of each listed module (``module_copies``). Sources: module docstring.
     """
     base_bits = precision.param_dtype.bits
     if method is Method.QLORA and not precision.is_mixed:
@@ -164,6 +174,27 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
     if method is Method.PROMPT:
         out.append(StoredTensor("prompt_encoder.embedding", "prompt", (virtual_tokens, model.hidden_size), 1,
                                 adapter_bits, True))
+    return tuple(out) + module_copies(model, tuple(out), modules_to_save)
+
+
+COPY_INFIX = ".modules_to_save."  # peft's wrapper keeps the trained copy at <module>.modules_to_save.<adapter>
+
+
+def module_copies(model: ModelSpec, base: tuple[StoredTensor, ...],
+                  modules_to_save: tuple[str, ...]) -> tuple[StoredTensor, ...]:
+    """The trained copies peft's ``ModulesToSaveWrapper`` makes of ``modules_to_save`` (module docstring): for
+    ``embed_tokens`` the embedding [V, h], for ``lm_head`` its weight [V, h] (and bias [V]), each with the bits of the
+    frozen original in ``base`` (after QLoRA's kbit-prep cast: peft wraps the prepared model); a tied lm_head's copy
+    has the embedding's. Weights: 2 copies of V·h, so the step trains V·h more parameters per module."""
+    out = []
+    for name in modules_to_save:
+        kind = "embedding" if name == "embed_tokens" else "lm_head"
+        originals = [t for t in base if t.kind == kind]
+        if not originals:  # a tied lm_head: the embedding's weight, through an nn.Linear
+            originals = [t for t in base if t.kind == "embedding"][:1]
+        for t in originals:
+            leaf = t.name.rsplit(".", 1)[-1]
+            out.append(StoredTensor(f"{name}{COPY_INFIX}{leaf}", kind, t.shape, t.count, t.bits, True, scope="model"))
     return tuple(out)
 
 

@@ -229,7 +229,7 @@ def model_held(model: ModelSpec, layer: LayerSetup, k: QuantKnobs, masked: bool 
     first_moe = model.is_moe_layer(0)
     # transformers + peft under checkpointing: enable_input_require_grads (traced: layer 0's norm output is held)
     first_grad = ((grad_ckpt and layer.layers.checkpoint_inputs_need_grad)
-                  or first_layer_needs_grad(layer.method))
+                  or first_layer_needs_grad(layer.method, layer.modules_to_save))
     total = layer_held(model, layer, k, first_moe, masked, first_grad, grad_ckpt)
     dense = model.num_dense_layers - (0 if first_moe else 1)
     moe = model.num_moe_layers - (1 if first_moe else 0)

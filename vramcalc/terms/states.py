@@ -13,6 +13,7 @@ from ..model import ModelSpec
 from ..options import Method, Optimizer
 from .gradients import gradient_bytes, layer_gradient_bytes
 from .optimizer import BNB_QMAP_BYTES, optimizer_state_bytes, optimizer_step_temporary_bytes
+from .parameters import COPY_INFIX
 from .stored_tensor import StoredTensor
 from ..units import round_up
 from .weights import weight_bytes
@@ -36,7 +37,12 @@ class RankStates:
 
 
 def head_gradient_bytes(model: ModelSpec, method: Method, tensors: tuple[StoredTensor, ...]) -> int:
-    """lm_head's weight gradient (the embedding's when tied), produced at the start of backward in full fine-tuning."""
+    """lm_head's weight gradient (the embedding's when tied), produced at the start of backward in full fine-tuning;
+    with lm_head in peft's ``modules_to_save`` its trained copy's [V, h] gradient (``parameters.module_copies``: a
+    tied lm_head's copy is its own weight, untied from the embedding)."""
+    copy = next((t for t in tensors if t.name == "lm_head" + COPY_INFIX + "weight"), None)
+    if copy is not None:
+        return copy.numel * copy.bits // 8
     if method is not Method.FULL:
         return 0
     kind = "embedding" if model.tie_word_embeddings else "lm_head"

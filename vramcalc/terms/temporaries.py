@@ -229,12 +229,15 @@ def hidden_grad_bytes(model: ModelSpec, dt: Dtypes, tokens):
     return model.hidden_size * tokens * dt.c
 
 
-def embedding_backward_bytes(model: ModelSpec, method: Method, dt: Dtypes, tokens):
+def embedding_backward_bytes(model: ModelSpec, method: Method, dt: Dtypes, tokens,
+                             modules_to_save: tuple[str, ...] = ()):
     """embedding_dense_backward: the gradient of the embedding output [T, h] in, a [V, h] gradient out; when tied,
-    it is added into lm_head's existing gradient, so the new one is a transient. Only full fine-tuning trains the
-    embedding."""
+    it is added into lm_head's existing gradient, so the new one is a transient. Full fine-tuning trains the
+    embedding, and so does peft with ``embed_tokens`` in ``modules_to_save``: its trained copy is an untied
+    ``nn.Embedding`` (``parameters.module_copies``), whose dense [V, h] gradient is its own (counted in the
+    gradients), so only the incoming [T, h] is transient."""
     if method is not Method.FULL:
-        return 0
+        return dt.r * tokens * model.hidden_size if "embed_tokens" in modules_to_save else 0
     grad_in = dt.r * tokens * model.hidden_size
     # tied: autograd's input buffer adds the embedding's new gradient to lm_head's, out of place
     new_grads = 2 * dt.r * model.vocab_size * model.hidden_size if model.tie_word_embeddings else 0

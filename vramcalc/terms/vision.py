@@ -128,7 +128,7 @@ def language_input_grad_bytes(model, layer, b, s, masked: bool, grad_ckpt) -> in
     from .activations import first_layer_needs_grad, layer_masks, layer_saved
 
     extra = b * s  # masked_scatter's mask
-    if grad_ckpt or first_layer_needs_grad(layer.method):
+    if grad_ckpt or first_layer_needs_grad(layer.method, layer.modules_to_save):
         return extra
     first = layer_masks(model, masked)[0]
     moe = model.is_moe_layer(0)

@@ -421,6 +421,7 @@ def apply_lora(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:
         lora_alpha=setup.lora_rank,
         lora_dropout=setup.lora_dropout,
         target_modules=peft_targets(resolved, getattr(model.config, "model_type", None)),
+        modules_to_save=_modules_to_save(model, setup),
         bias="none",
         task_type="SEQ_CLS" if setup.task.value == "reward" else "CAUSAL_LM",  # SEQ_CLS: score in modules_to_save
     )
@@ -435,16 +436,33 @@ def apply_lora(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:
     return peft_model
 
 
+def _modules_to_save(model: nn.Module, setup) -> list[str] | None:
+    """``--modules-to-save`` in the family's module names (``training_setup.peft_modules_to_save``)."""
+    from ..model import FAMILIES, FamilyTraits
+    from ..training_setup import peft_modules_to_save
+
+    traits = FAMILIES.get(getattr(model.config, "model_type", None), FamilyTraits())
+    return peft_modules_to_save(traits, getattr(setup, "modules_to_save", ()))
+
+
 def _cast_adapters(model: nn.Module, resolved: ResolvedSetup) -> None:
     """Adapters in fp32 (peft's ``autocast_adapter_dtype=True``) or in the model's 16-bit dtype (peft moves new
-    adapters to the base layer's dtype; TRL's ``peft_module_casting_to_bf16`` does it for 4-bit bases)."""
+    adapters to the base layer's dtype; TRL's ``peft_module_casting_to_bf16`` does it for 4-bit bases). The trained
+    copies of ``--modules-to-save`` keep their original's dtype: peft's ``cast_adapter_dtype`` casts only
+    ``BaseTunerLayer`` adapters (``tuners/tuners_utils.py:2729-2731``), not the ``ModulesToSaveWrapper``."""
     setup = resolved.setup
     if facts.adapter_bits(setup.method, setup.precision, setup.adapter_dtype) == 32:
         dtype = torch.float32
     else:
         dtype = half_dtype(setup.precision)
+    copies = set()
+    if getattr(setup, "modules_to_save", ()):
+        from peft.utils.other import ModulesToSaveWrapper
+
+        copies = {id(p) for module in model.modules() if isinstance(module, ModulesToSaveWrapper)
+                  for p in module.modules_to_save.parameters()}
     for param in model.parameters():
-        if param.requires_grad and param.dtype != dtype:
+        if param.requires_grad and param.dtype != dtype and id(param) not in copies:
             param.data = param.data.to(dtype)
 
 
@@ -487,6 +505,11 @@ def peft_config(resolved: ResolvedSetup, spec: ModelSpec | None = None, family: 
         kwargs[facts.dropout_kwarg] = setup.lora_dropout
     if facts.config_class == "LoraConfig":
         kwargs.update(lora_alpha=setup.lora_rank, bias="none")
+    if getattr(setup, "modules_to_save", ()):  # training_setup.MODULES_TO_SAVE
+        from ..model import FAMILIES, FamilyTraits
+        from ..training_setup import peft_modules_to_save
+
+        kwargs["modules_to_save"] = peft_modules_to_save(FAMILIES.get(family, FamilyTraits()), setup.modules_to_save)
     if facts.config_class == "IA3Config":
         from ..peft_methods import IA3_FEEDFORWARD
 
