@@ -3,7 +3,8 @@
     python benchmarks/accuracy.py                       # the full grid (minutes): writes accuracy.csv and accuracy.md
     python benchmarks/accuracy.py --limit 10            # the first ten setups
     python benchmarks/accuracy.py --first 63 --out benchmarks/accuracy_knobs.csv   # issue 11's knob rows only
-    python benchmarks/accuracy.py --first 85 --out benchmarks/accuracy_loop.csv    # the hf-loop rows only
+    python benchmarks/accuracy.py --first 85 --limit 7 --out benchmarks/accuracy_loop.csv  # the hf-loop rows only
+    python benchmarks/accuracy.py --first 92 --out benchmarks/accuracy_modules_to_save.csv  # --modules-to-save rows
 
 Each row: the setup, every tensor term estimated and traced (bytes), the peak phase of each, and the relative error
 of ``peak_tensor_bytes`` (estimate - trace) / trace. Rows are appended as they are traced.
@@ -139,6 +140,32 @@ GRID = [
     ("qwen3-0.6b", dict(seq_len=2048, batch_size=2, precision="mixed-bf16", loss="hf-loop")),
     ("gemma-2-2b", dict(seq_len=2048, batch_size=1, method="lora", loss="hf-loop")),
     ("phi-3-mini", dict(seq_len=2048, batch_size=1, method="lora", loss="hf-loop")),
+    # peft's modules_to_save (--modules-to-save): the embedding and lm_head trained whole beside LoRA, as peft's
+    # ModulesToSaveWrapper copies them (axolotl lora_modules_to_save, LLaMA-Factory additional_target, the Qwen
+    # finetune.py "LoRA (emb)" setting); tied (qwen2.5, llama-3.2, smollm2, gemma-2) and untied (tinyllama, qwen2.5-7b)
+    ("qwen2.5-0.5b", dict(seq_len=1024, batch_size=4, method="lora", modules_to_save="embed_tokens,lm_head")),
+    ("qwen2.5-0.5b", dict(seq_len=2048, method="qlora", precision="mixed-bf16", grad_ckpt=True,
+                          modules_to_save="lm_head")),
+    ("llama-3.2-1b", dict(seq_len=2048, method="lora", modules_to_save="embed_tokens")),
+    ("llama-3.2-1b", dict(seq_len=2048, batch_size=2, method="lora", grad_ckpt=True,
+                          modules_to_save="embed_tokens,lm_head")),
+    ("llama-3.2-1b", dict(seq_len=1024, method="qlora", modules_to_save="embed_tokens,lm_head")),
+    ("llama-3.2-1b", dict(seq_len=512, method="lora", optimizer="adamw-foreach", modules_to_save="lm_head")),
+    ("smollm2-360m", dict(seq_len=2048, batch_size=2, method="lora", lora_targets="all-linear",
+                          modules_to_save="lm_head")),
+    ("smollm2-360m", dict(seq_len=2048, method="lora", precision="mixed-bf16", modules_to_save="embed_tokens,lm_head")),
+    ("tinyllama-1.1b", dict(seq_len=2048, batch_size=4, method="lora", modules_to_save="embed_tokens,lm_head")),
+    ("tinyllama-1.1b", dict(seq_len=2048, method="qlora", grad_ckpt=True, modules_to_save="lm_head")),
+    ("tinyllama-1.1b", dict(seq_len=1024, method="lora", optimizer="adamw-8bit", modules_to_save="embed_tokens")),
+    ("tinyllama-1.1b", dict(seq_len=256, method="lora", modules_to_save="embed_tokens,lm_head")),
+    ("gemma-2-2b", dict(seq_len=2048, method="lora", grad_ckpt=True, modules_to_save="embed_tokens,lm_head")),
+    ("qwen2.5-7b", dict(seq_len=2048, method="lora", grad_ckpt=True, modules_to_save="embed_tokens,lm_head")),
+    # short sequences: the copies' gradients and optimizer states decide the peak (the embedding's backward, the step)
+    ("llama-3.2-1b", dict(seq_len=128, method="lora", modules_to_save="embed_tokens,lm_head")),
+    ("qwen2.5-0.5b", dict(seq_len=256, method="lora", precision="mixed-bf16", optimizer="adamw-8bit",
+                          modules_to_save="embed_tokens,lm_head")),
+    ("tinyllama-1.1b", dict(seq_len=512, method="lora", num_gpus=2, sharding="fsdp",
+                            modules_to_save="embed_tokens,lm_head")),
 ]
 
 

@@ -539,6 +539,10 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                copies.backward_start + (0 if lg.forward_hidden_grad else hidden_grad) + norm_backward,
                buffers.head_backward),
     ]
+    cast = temporaries.head_grad_cast_bytes(dt, states.trained_head(spec, csetup.method, tensors))
+    if cast and rank.gathering is None and csetup.task is Task.SFT and csetup.loss in _LM_HEAD_LOSSES:
+        moments[-2:] = _cast_head_backward_moments(moments[-2], moments[-1], G_acc, head_grad, cast,
+                                                   Bb + outer_step, lg.held + logits.LABEL_BYTES * tokens)
     # FSDP1 flat parameters (litgpt): autograd builds each unit's flat gradient only once all its views' gradients
     # exist (stack_layers.fsdp_flat_params)
     flat_units = rank.gathering is not None and setup.sharding is Sharding.FSDP and traits.fsdp_flat_params
@@ -591,6 +595,26 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     if spec.vision is not None and setup.images:  # a VLM's vision tower (terms/vision.py)
         moments = vision.moments_for(spec, resolved, tensors, moments, Moment, layer, b, s, masked)
     return moments
+
+
+# the losses whose lm_head is the model's own nn.Linear call, run once on every token (``logits.logits_bytes``)
+_LM_HEAD_LOSSES = (Loss.HF, Loss.HF_SHIFTED, Loss.HF_LOOP)
+
+
+def _cast_head_backward_moments(head: Moment, norm: Moment, G_acc, head_grad, cast, buffers,
+                                logits_left) -> list[Moment]:
+    """lm_head's backward when its trained weight is fp32 under 16-bit autocast (``temporaries.head_grad_cast_bytes``):
+    ``MmBackward`` first, with the logits' gradient, the saved c copy of the weight and its c weight gradient
+    (``cast``) but no fp32 .grad yet; then the cast's ``ToCopyBackward``, once the mm's inputs are released (the
+    logits' gradient, the weight copy): the c gradient beside the new fp32 one (``head_grad``), where the copy was.
+    ``head``: the one moment that counted the fp32 .grad beside the mm's inputs; ``logits_left``: what the loss
+    still holds (the loop's logits, the labels). The final norm's backward (``norm``) then runs without the weight
+    copy, which the mm held (its c·V·h = ``cast``). Both run before the last decoder layer's output gradient
+    exists: the trace's backward-start phase (``tracing/step.py`` ``_backward_start``)."""
+    mm = head._replace(phase=Phase.BACKWARD_START, gradients=buffers + G_acc, temporaries=head.temporaries + cast)
+    to_copy = head._replace(phase=Phase.BACKWARD_START, gradients=buffers + maximum(G_acc, head_grad),
+                            logits=logits_left)
+    return [mm, to_copy, norm._replace(temporaries=norm.temporaries - cast)]
 
 
 def _kv_cache_bytes(spec: ModelSpec, layer: activations.LayerSetup, masked: bool, b, s) -> dict:

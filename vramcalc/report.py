@@ -208,6 +208,8 @@ def describe_setup(inputs: dict) -> str:
     parts = [method]
     if inputs["method"] in ("lora", "qlora"):
         parts[0] += f" r={inputs['lora_rank']} on {inputs['lora_targets']}"
+    if inputs.get("modules_to_save"):  # peft's modules_to_save: trained whole beside the adapters
+        parts[0] += f" + {inputs['modules_to_save']} trained whole"
     if inputs["method"] == "qlora":
         parts[0] += f" ({inputs['quant']} base)"
     parts += [inputs["precision"], inputs["optimizer"], f"batch {inputs['batch_size']} x seq_len {inputs['seq_len']}",

@@ -36,18 +36,21 @@ class RankStates:
     host_bytes: int = 0  # what the rank keeps in host memory (offload)
 
 
-def head_gradient_bytes(model: ModelSpec, method: Method, tensors: tuple[StoredTensor, ...]) -> int:
-    """lm_head's weight gradient (the embedding's when tied), produced at the start of backward in full fine-tuning;
-    with lm_head in peft's ``modules_to_save`` its trained copy's [V, h] gradient (``parameters.module_copies``: a
-    tied lm_head's copy is its own weight, untied from the embedding)."""
+def trained_head(model: ModelSpec, method: Method, tensors: tuple[StoredTensor, ...]) -> StoredTensor | None:
+    """The lm_head weight that trains: in full fine-tuning lm_head's (the embedding's when tied); with lm_head in
+    peft's ``modules_to_save`` its trained copy (``parameters.module_copies``: a tied lm_head's copy is its own
+    weight, untied from the embedding); None when lm_head is frozen."""
     copy = next((t for t in tensors if t.name == "lm_head" + COPY_INFIX + "weight"), None)
-    if copy is not None:
-        return copy.numel * copy.bits // 8
-    if method is not Method.FULL:
-        return 0
+    if copy is not None or method is not Method.FULL:
+        return copy
     kind = "embedding" if model.tie_word_embeddings else "lm_head"
-    head = next(t for t in tensors if t.kind == kind)
-    return head.numel * head.bits // 8
+    return next(t for t in tensors if t.kind == kind)
+
+
+def head_gradient_bytes(model: ModelSpec, method: Method, tensors: tuple[StoredTensor, ...]) -> int:
+    """lm_head's weight gradient (``trained_head``), produced at the start of backward; 0 when lm_head is frozen."""
+    head = trained_head(model, method, tensors)
+    return 0 if head is None else head.numel * head.bits // 8
 
 
 @functools.lru_cache(maxsize=4096)

@@ -224,6 +224,16 @@ def norm_backward_bytes(model: ModelSpec, tokens, kernels: Kernels = Kernels.NON
     return RMS_NORM_BACKWARD_FP32_COPIES * _F32 * tokens * model.hidden_size
 
 
+def head_grad_cast_bytes(dt: Dtypes, head: StoredTensor | None) -> int:
+    """A trained fp32 lm_head weight under 16-bit autocast (mixed precision; QLoRA's kbit-prepared lm_head copy):
+    F.linear multiplies autocast's c copy of it, so ``MmBackward`` writes its weight gradient in c, c·V·h, and the
+    cast's ``ToCopyBackward`` (made before the mm in forward, so run right after it) turns that into the fp32 .grad.
+    ``head``: ``states.trained_head``. 0 without autocast, in fp32 compute or with a frozen or 16-bit head."""
+    if head is None or not dt.autocast or dt.c == _F32 or head.bits != 32:
+        return 0
+    return dt.c * head.numel
+
+
 def hidden_grad_bytes(model: ModelSpec, dt: Dtypes, tokens):
     """The gradient of the hidden states [T, h] in the compute dtype, passed from one block's backward to the next."""
     return model.hidden_size * tokens * dt.c
