@@ -66,7 +66,7 @@ class PeftMethodFacts:
         if self.virtual_kwarg:
             out.append("virtual_tokens")
         out.append("adapter_dtype")
-        if self.targets:  # a tuner's config: modules_to_save (peft ``BaseTuner.inject_adapter`` ->
+        if self.targets:  # a tuner's config: modules_to_save (peft 0.21.2 ``tuners/tuners_utils.py:1144``
             out.append("modules_to_save")  # ``set_additional_trainable_modules``; training_setup.MODULES_TO_SAVE)
         if self.quant_base:
             out += ["quant", "double_quant", "compute_dtype"]
