@@ -460,6 +460,8 @@ def row_setup(row: dict, data: Path) -> RowSetup:
         opts["optimizer"] = "adamw" if engine else "adamw-foreach"
         if engine:
             opts.update(sharding=f"zero{engine.group(1)}", num_gpus=gpus)
+            if engine.group(1) == "2":  # finetune/ds_config_zero2.json: reduce_bucket_size 2e8, overlap_comm true
+                opts.update(zero_bucket_size=200_000_000, zero_overlap_comm=True)
             setup.gpus_summed = gpus
             setup.assumptions.append(f"DeepSpeed ZeRO-{engine.group(1)} (FusedAdam); a multi-GPU number is the sum, "
                                      "compared per GPU")

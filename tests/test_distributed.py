@@ -227,6 +227,24 @@ def test_zero3_casts_its_gradient_to_fp32_one_sub_group_at_a_time():
     assert seventy.optimizer_step < 6 * (1e9 + 128256 * 8192 / 8) * 1.01
 
 
+def test_zero_reduce_buckets_take_the_configs_size_whatever_the_gradients_and_double_under_overlap_comm():
+    # stage_1_and_2.py setup_buckets (backward() before Nov 2025): buf_0 = torch.empty(reduce_bucket_size), buf_1 too
+    # under overlap_comm, for stages 1 and 2 (contiguous_gradients defaults on); ZeRO-3 keeps one per dtype
+    spec = vc.get_model("llama-3.1-8b")
+
+    def buckets(**options):
+        resolved = resolve_setup(spec, method="lora", num_gpus=2, precision="bf16", **options)
+        return distributed.rank_states(spec, resolved).backward_buffers
+
+    assert buckets(sharding="zero2") == 2 * spec.hidden_size**2  # transformers' "auto": h² bf16 elements
+    for stage in ("zero1", "zero2"):  # LoRA's gradients are far below 2e8 elements: the bucket is allocated anyway
+        assert buckets(sharding=stage, zero_bucket_size=200_000_000) == 2 * 200_000_000
+        assert buckets(sharding=stage, zero_bucket_size=200_000_000, zero_overlap_comm=True) == 2 * 2 * 200_000_000
+    assert buckets(sharding="zero3", zero_bucket_size=200_000_000, zero_overlap_comm=True) == 2 * 200_000_000
+    with pytest.raises(VramcalcError, match="DeepSpeed ZeRO setting"):
+        resolve_setup(spec, num_gpus=2, sharding="fsdp", zero_bucket_size=1000)
+
+
 def test_fsdp_qlora_keeps_peft_adapter_dtype_instead_of_accelerates_fp32_upcast():
     # accelerate 1.16 fsdp_utils.py:801 upcasts trainable parameters only in a model without Params4bit
     spec = vc.get_model("llama-3.1-8b")

@@ -42,6 +42,10 @@ SETUP_OPTION_HELP: dict[str, str] = {
           "dp_shard x cp): each GPU holds 1/cp of every sequence; needs --sharding fsdp and --attn sdpa; "
           "--num-gpus = dp_shard x cp x tp (given --cp alone, --num-gpus is cp x tp)",
     "fsdp_shard": "full-shard | shard-grad-op (with --sharding fsdp)",
+    "zero_bucket_size": "DeepSpeed reduce_bucket_size in elements, as the config sets it (with --sharding zero1-3; "
+                        "default transformers' \"auto\": hidden_size²; DeepSpeed's own default is 5e8)",
+    "zero_overlap_comm": "DeepSpeed overlap_comm under ZeRO-1/2: a second reduce bucket (with --sharding zero1-3; "
+                         "ZeRO-3 overlaps anyway)",
     "offload": "none | optimizer | params (zero1-3: optimizer; zero3 and fsdp: params)",
     "global_batch_size": "sequences per step over all GPUs (sets --batch-size)",
     "stack": "hf | trl | axolotl | llama-factory | unsloth | torchtune | litgpt: start from that stack's defaults "

@@ -85,7 +85,7 @@ def all_linear_warning(setup: TrainingSetup, family: str, lora_modules: tuple[st
 # ``seq_len=10**400``) is one error line instead of a hang, an overflow or a negative total.
 MAX_OPTION = {
     "batch_size": 2**24, "seq_len": 2**30, "lora_rank": 2**20, "virtual_tokens": 2**20, "grad_accum": 2**30,
-    "num_gpus": 2**20, "global_batch_size": 2**44,
+    "num_gpus": 2**20, "global_batch_size": 2**44, "zero_bucket_size": 2**40,
 }
 # Every byte count vramcalc computes must stay below this: the Python estimate is exact at any size, but ``sweep``
 # evaluates byte counts in numpy int64 and the trace in torch int64 sizes (both wrap past 2**63). 2**62 bytes (4 EiB)
@@ -115,6 +115,10 @@ class TrainingSetup:
     num_gpus: int = 1
     sharding: Sharding = Sharding.NONE
     fsdp_shard: FsdpShard = FsdpShard.FULL_SHARD  # accelerate fsdp_reshard_after_forward default True
+    # DeepSpeed zero_optimization.reduce_bucket_size in elements; None: transformers' "auto" (h², integrations/
+    # deepspeed.py); DeepSpeed's own default when a config leaves it out is 5e8 (runtime/zero/config.py)
+    zero_bucket_size: int | None = None
+    zero_overlap_comm: bool = False  # DeepSpeed overlap_comm under ZeRO-1/2 (its default there; ZeRO-3's is on)
     offload: Offload = Offload.NONE
     tp: int = 1  # tensor-parallel degree (transformers tp_plan="auto"); --num-gpus = tp x data-parallel ranks
     ep: int = 1  # expert-parallel degree (transformers ep_size, base_model_ep_plan; parallel_degrees.py)
@@ -289,6 +293,10 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
                               MAX_OPTION["num_gpus"]),
         sharding=Sharding.parse(chosen.get("sharding", SETUP_DEFAULTS["sharding"]), "sharding"),
         fsdp_shard=FsdpShard.parse(chosen.get("fsdp_shard", SETUP_DEFAULTS["fsdp_shard"]), "FSDP sharding strategy"),
+        zero_bucket_size=None if chosen.get("zero_bucket_size") is None else positive_int(
+            chosen["zero_bucket_size"], "DeepSpeed reduce bucket size (elements)", MAX_OPTION["zero_bucket_size"]),
+        zero_overlap_comm=_bool(chosen.get("zero_overlap_comm", SETUP_DEFAULTS["zero_overlap_comm"]),
+                                "zero_overlap_comm"),
         offload=Offload.parse(chosen.get("offload", SETUP_DEFAULTS["offload"]), "offload"),
         tp=positive_int(chosen.get("tp", SETUP_DEFAULTS["tp"]), "tensor-parallel degree", MAX_OPTION["num_gpus"]),
         ep=positive_int(chosen.get("ep", SETUP_DEFAULTS["ep"]), "expert-parallel degree", MAX_OPTION["num_gpus"]),
@@ -342,6 +350,10 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     check_teacher(model, setup)
     if "fsdp_shard" in given and setup.sharding is not Sharding.FSDP:
         raise VramcalcError(f"--fsdp-shard applies to --sharding fsdp, not {setup.sharding.value!r}")
+    for knob in ("zero_bucket_size", "zero_overlap_comm"):
+        if given.get(knob) not in (None, False) and not setup.sharding.is_deepspeed:
+            raise VramcalcError(f"--{knob.replace('_', '-')} is a DeepSpeed ZeRO setting: it applies to --sharding "
+                                f"zero1, zero2 or zero3, not {setup.sharding.value!r}")
 
     warnings = []
     if setup.ep > 1 and setup.num_gpus > setup.ep and model.num_experts % setup.num_gpus:

@@ -27,8 +27,9 @@ zero1-3  DeepSpeed through accelerate, config values "auto" (``transformers/inte
        ``stage3_param_persistence_threshold = 10·h``). With bf16/fp16 the engine casts the module to 16 bits and
        keeps an fp32 master copy beside fp32 optimizer states (DeepSpeed's own estimators count "2 grads16 + 4
        grads32 + 4 params32 + 8 states", ``runtime/zero/stage_1_and_2.py::estimate_zero2_model_states_mem_needs``).
-       Stage 1 partitions the master and states, stage 2 also the gradients (one reduce bucket of 16-bit gradients
-       in flight), stage 3 also the 16-bit parameters (one module gathered and one prefetch bucket ahead; tensors
+       Stage 1 partitions the master and states, stage 2 also the gradients, each with one reduce bucket of 16-bit
+       gradients from the start of backward (two under ``overlap_comm``: ``zero_reduce_buckets_bytes``), stage 3
+       also the 16-bit parameters (one module gathered and one prefetch bucket ahead; tensors
        below the persistence threshold stay whole). Not traced: DeepSpeed needs a GPU.
 Offload: ``optimizer`` moves the states, the fp32 master and the fp32 gradient partition to the host (DeepSpeed
 ZeRO-Offload, CPU Adam); ``params`` also the parameters at rest (ZeRO-3 ``offload_param``; FSDP2
@@ -491,6 +492,21 @@ def zero3_step_gradient_bytes(trainable, n: int, half: bool) -> int:
     return elements * (DType.FP32.bytes + (2 if half else 0))
 
 
+def zero_reduce_buckets_bytes(spec: ModelSpec, setup, half: bool) -> int:
+    """DeepSpeed's reduce buckets during backward: ``reduce_bucket_size`` gradient elements each (the config's
+    ``--zero-bucket-size``, else transformers' "auto", h²), in the 16-bit training dtype (fp32 without it). ZeRO-1/2
+    allocate one whenever the first gradient arrives, whatever the gradients' total, and a second under
+    ``overlap_comm`` (DeepSpeed@edaa72212 ``runtime/zero/stage_1_and_2.py`` ``setup_buckets``: ``buf_0 =
+    torch.empty(reduce_bucket_size)``, ``buf_1`` "to avoid data access conflict when overlap_comm is enabled"; in
+    ``backward`` itself before November 2025, @f8d3ec7fa ``:1932-1945``; ``contiguous_gradients`` is on by default,
+    ``zero/config.py``, stage 1 included); ZeRO-3 one per dtype, allocated with the optimizer (``stage3.py``
+    ``_setup_for_real_optimizer``)."""
+    elements = setup.zero_bucket_size or spec.hidden_size**2
+    element_bytes = facts.half_dtype(setup.precision).bytes if half else DType.FP32.bytes
+    buffers = 2 if setup.zero_overlap_comm and setup.sharding is not Sharding.ZERO3 else 1
+    return buffers * elements * element_bytes
+
+
 def _deepspeed_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
     """ZeRO stages 1-3 with DeepSpeed's fp32 master copy under 16-bit training (module docstring)."""
     setup = resolved.setup
@@ -512,8 +528,7 @@ def _deepspeed_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
     G = gradient_bytes(tensors)
     layer_grads = (layer_gradient_bytes(spec, tensors, False), layer_gradient_bytes(spec, tensors, True))
     head = head_gradient_bytes(spec, compute.setup.method, tensors)  # full until reduced
-    grad_elem = facts.half_dtype(setup.precision).bytes if half else DType.FP32.bytes
-    bucket = min(grad_elem * spec.hidden_size**2, G)  # the "auto" reduce bucket: h² gradient elements
+    bucket = zero_reduce_buckets_bytes(spec, setup, half)
     W = weight_bytes(tensors)
     units = None
     if setup.sharding is Sharding.ZERO1:
@@ -541,7 +556,7 @@ def _deepspeed_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
         W = 0
     return RankStates(
         weights=W, gradients=gradients, optimizer_states=O, optimizer_step=step, layer_gradients=layer_grads,
-        head_gradient=head, backward_buffers=bucket if setup.sharding is not Sharding.ZERO1 else 0,
+        head_gradient=head, backward_buffers=bucket,
         accumulated_gradients=gradients if setup.grad_accum > 1 else 0, gathering=units, host_bytes=host,
     )
 
