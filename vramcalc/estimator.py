@@ -30,11 +30,10 @@ from .model import ModelSpec
 from .options import DeviceMap, GradCkpt, Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
 from .terms import context_parallel  # --cp
-from .terms import (activations, adapters, distributed, expert_parallel, float8, loading, logits, optimizer, parameters,
-                    peft_methods, quantized, runtime, stack_layers, states, tasks, temporaries, tensor_parallel,
-                    trl_loss, vision)
+from .terms import (activations, adapters, distributed, expert_parallel, float8, gptq, loading, logits, optimizer,
+                    parameters, peft_methods, quantized, runtime, stack_layers, states, tasks, temporaries,
+                    tensor_parallel, trl_loss, vision)
 from .terms.distributed import GatheredTimeline
-from .terms import gptq
 from .gptq import is_gptq
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
 from .units import DType, maximum, minimum, select

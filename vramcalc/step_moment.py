@@ -47,7 +47,7 @@ def layer_setup(resolved: ResolvedSetup, family: str = "") -> activations.LayerS
                         moe_lora.linear_targets(family, resolved.lora_modules), setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
                         layers, expert_parallel.slot_share(resolved), getattr(setup, "ep", 1) > 1,
                         tuple(name for name, _ in moe_lora.target_parameters(family, resolved.lora_modules)),
-                        getattr(setup, "modules_to_save", ()))
+                        setup.modules_to_save)
 
 
 @functools.lru_cache(maxsize=4096)

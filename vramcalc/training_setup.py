@@ -382,6 +382,8 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         )
     lora_modules = _lora_modules(model, setup) if _takes_targets(setup.method) else ()
     _check_modules_to_save(model, setup, lora_modules)
+    if gptq.is_gptq(setup):
+        gptq.check_packable(model, setup.gptq_group_size)
     warnings += parallel_degrees.tp_warnings(setup, lora_modules)
     if setup.method.uses_lora:  # peft converts LoRA configs only (transformers_weight_conversion.py L494-496)
         from .terms.moe_lora import conversion_warning
@@ -693,16 +695,11 @@ def modules_to_save_names(model: ModelSpec, value) -> tuple[str, ...]:
     """``--modules-to-save``: a comma list (or a list of strings) of ``MODULES_TO_SAVE``, or the family's own names
     for them (``FamilyTraits.embedding_name``/``head_name``: Qwen v1 ``wte``, GPT-NeoX ``embed_in``, Falcon
     ``word_embeddings``), as the canonical names in ``MODULES_TO_SAVE`` order; empty: none."""
-    if isinstance(value, str):
-        names = [part.strip() for part in value.split(",")]
-    elif isinstance(value, (list, tuple)) and all(isinstance(part, str) for part in value):
-        names = [part.strip() for part in value]
-    else:
-        raise VramcalcError(f"modules to save must be a comma list of module names (embed_tokens, lm_head) or a list "
-                            f"of strings, got {short_repr(value)}")
+    names = _name_list(value, "modules to save must be a comma list of module names (embed_tokens, lm_head) or "
+                              "a list of strings")
     own = {model.traits.embedding_name: "embed_tokens", model.traits.head_name: "lm_head"}
     canonical = set()
-    for name in filter(None, names):
+    for name in names:
         word = own.get(name, name)
         if word not in MODULES_TO_SAVE:
             aliases = "".join(f", {alias}" for alias in own if alias not in MODULES_TO_SAVE)
@@ -745,16 +742,21 @@ def _check_modules_to_save(model: ModelSpec, setup: TrainingSetup, lora_modules:
         raise VramcalcError("--modules-to-save is modelled for a text model without --tp, --cp or --device-map")
 
 
+def _name_list(value, wrong: str) -> list[str]:
+    """A comma list or a list of strings as stripped names, empty ones dropped; else ``wrong``, with the value."""
+    if isinstance(value, str):
+        names = value.split(",")
+    elif isinstance(value, (list, tuple)) and all(isinstance(part, str) for part in value):
+        names = value
+    else:
+        raise VramcalcError(f"{wrong}, got {short_repr(value)}")
+    return [name for name in (part.strip() for part in names) if name]
+
+
 def _targets(value) -> tuple[str, ...]:
     """'qv', 'all-linear', 'q_proj,v_proj' or a list of module names."""
-    if isinstance(value, str):
-        names = [part.strip() for part in value.split(",")]
-    elif isinstance(value, (list, tuple)) and all(isinstance(part, str) for part in value):
-        names = [part.strip() for part in value]
-    else:
-        raise VramcalcError(f"LoRA targets must be a string (qv, all-linear or a comma list of module names) or a "
-                            f"list of strings, got {short_repr(value)}")
-    names = [name for name in names if name]
+    names = _name_list(value, "LoRA targets must be a string (qv, all-linear or a comma list of module names) or a "
+                              "list of strings")
     if not names:
         raise VramcalcError("LoRA targets are empty; give qv, all-linear or a comma list of module names")
     words = [name.lower() for name in names]

@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-from ..errors import VramcalcError
 from ..model import ModelSpec
 from ..units import DType, round_up
 from .stored_tensor import StoredTensor
@@ -56,20 +55,6 @@ def group_rows(in_features: int, group_size: int) -> int:
     """Quantization groups along the input: ``ceil(in / g)``, one for g = -1 (``qlinear_cuda_old.py:47,58``)."""
     g = in_features if group_size == -1 else group_size
     return -(-in_features // g)
-
-
-def check_packable(model: ModelSpec, group_size: int) -> None:
-    """auto-gptq packs 8 weights per int32 and regroups ``weight.reshape(-1, g, out)`` (``qlinear_cuda_old.py:52,
-    59,316``): every quantized Linear needs in and out multiples of 32 and in a multiple of g. MoE experts are not
-    nn.Linear in transformers v5 (not modelled)."""
-    if model.is_moe:
-        raise VramcalcError(f"--quant int4-gptq is modelled for dense models; {model.name} is a mixture of experts")
-    for module in model.inventory.linears:
-        g = module.in_features if group_size == -1 else group_size
-        if module.in_features % 32 or module.out_features % 32 or module.in_features % g:
-            raise VramcalcError(f"--quant int4-gptq: {module.name} of {model.name} ({module.in_features} -> "
-                                f"{module.out_features}) cannot be packed with group size {group_size} (auto-gptq needs "
-                                "in and out multiples of 32 and in a multiple of the group size)")
 
 
 def metadata_bytes(in_features: int, out_features: int, group_size: int, dtype_bytes: int) -> int:

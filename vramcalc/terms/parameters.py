@@ -66,8 +66,6 @@ def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTen
         model = reward_spec(model)
         out = parameter_tensors(model, *parameter_key(resolved))
         return out + ((reward_score_copy(model, adapter_bits(resolved)),) if resolved.setup.method.uses_lora else ())
-    if is_gptq(resolved.setup):  # packable by auto-gptq (terms/gptq.py)
-        gptq.check_packable(model, resolved.setup.gptq_group_size)
     out = parameter_tensors(model, *parameter_key(resolved))
     if model.vision is not None:  # a vision-language model's tower and projector (terms/vision.py)
         from . import vision
@@ -92,7 +90,7 @@ def parameter_key(resolved: ResolvedSetup) -> tuple:
             adapter_bits(resolved) if lora or method is Method.PROMPT else 0,
             setup.virtual_tokens if method.prepends_tokens or method is Method.PREFIX else 0,
             int8, qlora and bool(getattr(setup, "quantize_lm_head", False)),
-            setup.gptq_group_size if qlora and is_gptq(setup) else 0, getattr(setup, "modules_to_save", ()))
+            setup.gptq_group_size if qlora and is_gptq(setup) else 0, setup.modules_to_save)
 
 
 def quant_is_int8(setup) -> bool:

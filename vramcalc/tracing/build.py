@@ -421,7 +421,7 @@ def apply_lora(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:
         lora_alpha=setup.lora_rank,
         lora_dropout=setup.lora_dropout,
         target_modules=peft_targets(resolved, getattr(model.config, "model_type", None)),
-        modules_to_save=_modules_to_save(model, setup),
+        modules_to_save=_modules_to_save(getattr(model.config, "model_type", None), setup),
         bias="none",
         task_type="SEQ_CLS" if setup.task.value == "reward" else "CAUSAL_LM",  # SEQ_CLS: score in modules_to_save
     )
@@ -436,13 +436,12 @@ def apply_lora(model: nn.Module, resolved: ResolvedSetup) -> nn.Module:
     return peft_model
 
 
-def _modules_to_save(model: nn.Module, setup) -> list[str] | None:
-    """``--modules-to-save`` in the family's module names (``training_setup.peft_modules_to_save``)."""
+def _modules_to_save(family: str | None, setup) -> list[str] | None:
+    """``--modules-to-save`` in the family's module names (``training_setup.peft_modules_to_save``), or None."""
     from ..model import FAMILIES, FamilyTraits
     from ..training_setup import peft_modules_to_save
 
-    traits = FAMILIES.get(getattr(model.config, "model_type", None), FamilyTraits())
-    return peft_modules_to_save(traits, getattr(setup, "modules_to_save", ()))
+    return peft_modules_to_save(FAMILIES.get(family, FamilyTraits()), setup.modules_to_save)
 
 
 def _cast_adapters(model: nn.Module, resolved: ResolvedSetup) -> None:
@@ -456,7 +455,7 @@ def _cast_adapters(model: nn.Module, resolved: ResolvedSetup) -> None:
     else:
         dtype = half_dtype(setup.precision)
     copies = set()
-    if getattr(setup, "modules_to_save", ()):
+    if setup.modules_to_save:
         from peft.utils.other import ModulesToSaveWrapper
 
         copies = {id(p) for module in model.modules() if isinstance(module, ModulesToSaveWrapper)
@@ -505,11 +504,8 @@ def peft_config(resolved: ResolvedSetup, spec: ModelSpec | None = None, family: 
         kwargs[facts.dropout_kwarg] = setup.lora_dropout
     if facts.config_class == "LoraConfig":
         kwargs.update(lora_alpha=setup.lora_rank, bias="none")
-    if getattr(setup, "modules_to_save", ()):  # training_setup.MODULES_TO_SAVE
-        from ..model import FAMILIES, FamilyTraits
-        from ..training_setup import peft_modules_to_save
-
-        kwargs["modules_to_save"] = peft_modules_to_save(FAMILIES.get(family, FamilyTraits()), setup.modules_to_save)
+    if setup.modules_to_save:  # training_setup.MODULES_TO_SAVE
+        kwargs["modules_to_save"] = _modules_to_save(family, setup)
     if facts.config_class == "IA3Config":
         from ..peft_methods import IA3_FEEDFORWARD
 
