@@ -239,6 +239,16 @@ def test_packing_masks_sdpa_but_not_flash():
     assert not activations.attention_masked(spec, 4096, Attention.SDPA, packing=False)
 
 
+
+@pytest.mark.parametrize("stack, warned", [("hf", True), ("trl", True), ("torchtune", False)])
+def test_the_dense_packing_mask_warning_names_only_stacks_that_build_one(stack, warned):
+    # torchtune 0.6.1 padded_collate_packed attends a packed batch through flex attention's BlockMask (no [T, T]
+    # mask); the stacks on transformers get masking_utils' block-diagonal mask under sdpa
+    from vramcalc import estimate
+
+    result = estimate(TINY["llama"], method="lora", stack=stack, packing=True, attn="sdpa", batch_size=2)
+    assert any("block-diagonal" in text for text in result.warnings) is warned
+
 @needs_torch
 @pytest.mark.trace
 @pytest.mark.parametrize("kernels", ["liger", "unsloth"])

@@ -92,6 +92,14 @@ def test_sequence_longer_than_the_context_warns_and_still_estimates(capsys):
     assert err.startswith("warning: sequence length 8192 exceeds")
 
 
+def test_the_table_prints_each_warning_once(capsys):
+    code, out, err = run_cli(capsys, "estimate", "llama-2-7b", "--seq-len", "8192")
+    assert code == 0
+    lines = (out + err).splitlines()
+    warned = [line for line in lines if line.startswith("warning: sequence length 8192 exceeds")]
+    assert len(warned) == 1 and warned[0] in out.splitlines()
+
+
 def test_every_training_setup_field_has_a_flag_on_every_verb_that_takes_a_setup():
     fields = {field.name for field in dataclasses.fields(TrainingSetup)}
     assert set(SETUP_KEYS) == fields

@@ -308,7 +308,8 @@ def _run_breakdown(args: argparse.Namespace) -> str:
         words[words.index("estimate")] = "trace"  # the same model and options, traced
         raise VramcalcError(f"unsupported architecture {err.family!r}: vramcalc has no formulas for this family; "
                             f"{trace_hint('vramcalc ' + shlex.join(words))}") from None
-    _warn(result.warnings)
+    if args.format != "table":  # the table ends with its warnings already: print them once
+        _warn(result.warnings)
     return format_breakdown(result, args.format)
 
 

@@ -417,7 +417,9 @@ def _knob_warnings(setup: TrainingSetup, attn_used: Attention) -> list[str]:
     if setup.compile and setup.method is Method.QLORA:
         out.append("--compile with qlora is modelled, not traced (AOTAutograd cannot functionalize bitsandbytes' "
                    "4-bit dequantize on fake tensors)")
-    if setup.packing and attn_used is not Attention.FLASH:
+    from .terms.stack_layers import stack_layers
+
+    if setup.packing and attn_used is not Attention.FLASH and not stack_layers(setup.stack).packed_block_mask:
         out.append(f"--packing with --attn {attn_used.value}: transformers builds a block-diagonal [T, T] mask for "
                    "the packed row (masking_utils.py); only --attn flash packs without a mask")
     return out
