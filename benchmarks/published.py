@@ -24,7 +24,9 @@ units and caveats of every source). For each row this script:
    by its unit-free shape (``_shape_errors``); a number the source gives as a sum over GPUs (Qwen's ZeRO-3 rows)
    is compared per GPU; ``unsloth-ctx`` bounds are judged pass/fail: the estimate at the longest context that
    fitted must not exceed the GPU size (read generously as GiB);
-4. never scores ``estimate_table`` rows (LLaMA-Factory's rule-of-thumb table).
+4. never scores ``estimate_table`` rows (LLaMA-Factory's rule-of-thumb table);
+5. checks the runs the sources report as out of memory (``OOM_RUNS``, each a measured row with the fields that
+   differ): the estimate's total must exceed the GPU's memory.
 
 Error = (estimate - measured) / measured. No coefficient here is fitted to any row; every mapping cites the
 framework config or code the row was produced with (see the row's ``notes`` and docs/stacks-research.md).
@@ -96,7 +98,8 @@ MODEL_CATALOGUE = {  # models without a config folder whose catalogue entry has 
     "meta-llama/Llama-2-70b-hf": "llama-2-70b",
     "meta-llama/Llama-3.3-70B-Instruct": "llama-3.3-70b",
 }
-LOCAL_CONFIG = {"tiiuae/falcon-7b": "falcon-7b-litgpt-untied"}  # litgpt rows only (the only Falcon rows)
+LOCAL_CONFIG = {"tiiuae/falcon-7b": "falcon-7b-litgpt-untied",  # litgpt rows only (the only Falcon rows)
+                "tiiuae/falcon-40b": "falcon-40b-litgpt-untied"}  # the litgpt runs that ran out of memory
 CATALOGUE_FAMILY = {"phi-1.5": "phi", "phi-2": "phi"}  # data/models.csv family column (others are llama-style)
 UNSUPPORTED_FAMILY = {  # prefix of the HF id -> why vramcalc cannot take that model
     "stabilityai/stablelm-base-alpha-7b": "gpt_neox (StableLM-alpha 7B): no published config or parameter count found",
@@ -506,6 +509,109 @@ def row_setup(row: dict, data: Path) -> RowSetup:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Runs their sources report as out of memory (the development set's README, "OOM observations"): each is a row of
+# the set with the fields that differ, so it takes that row's documented setup; the estimate must not fit the GPU.
+
+
+@dataclasses.dataclass(frozen=True)
+class OomRun:
+    """A run its source reports as out of memory."""
+
+    label: str
+    base: str  # the measured row whose setup (stack, precision, loss, sequence, GPU) the run shares
+    fields: dict  # the measurements.csv fields that differ
+    source: str
+    options: dict = dataclasses.field(default_factory=dict)  # settings outside the CSV's columns
+
+
+_RT = "litgpt tutorials/resource-tables.md @0cc02afa (runs at lit-gpt 8641822, A100-SXM4-40GB)"
+_CH = "litgpt config_hub/finetune/README.md @00af8b0d (A10G) with the config's YAML"
+OOM_RUNS = (
+    OomRun("Llama-2-7B LoRA, micro-batch 4, 1 GPU", "litgpt-rt-011", {"micro_batch": "4"}, _RT),
+    OomRun("Llama-2-13B LoRA, micro-batch 2, 1 GPU", "litgpt-rt-015", {"micro_batch": "2"}, _RT),
+    OomRun("Llama-2-13B LoRA, micro-batch 4, 1 GPU", "litgpt-rt-015", {"micro_batch": "4"}, _RT),
+    # rt-029 is Falcon-7B at the resource tables' sequence (1079 tokens) from a tutorial that names no GPU
+    OomRun("Falcon-40B LoRA, micro-batch 1, 1 GPU", "litgpt-rt-029",
+           {"model": "tiiuae/falcon-40b", "gpu": "A100-SXM4-40GB"}, _RT),
+    OomRun("Falcon-40B QLoRA nf4, micro-batch 1, 1 GPU", "litgpt-rt-029",
+           {"model": "tiiuae/falcon-40b", "gpu": "A100-SXM4-40GB", "method": "qlora", "weight_dtype": "nf4"}, _RT),
+    OomRun("Llama-2-13B LoRA, micro-batch 1, 2 GPUs (FSDP)", "litgpt-rt-027", {"n_gpus": "2"}, _RT),
+    OomRun("Falcon-40B LoRA, micro-batch 1, 4 GPUs (FSDP)", "litgpt-rt-027",
+           {"model": "tiiuae/falcon-40b", "seq_len": "1079"}, _RT),
+    # tutorials/finetune_lora.md @0cc02afa: "Default (bf16-mixed): OutOfMemoryError"; its bf16-true row is rt-011's
+    # 21.30 GB, so the same runs on the A100-40GB
+    OomRun("Llama-2-7B LoRA bf16-mixed, micro-batch 1, 1 GPU", "litgpt-rt-011",
+           {"weight_dtype": "fp32", "compute_dtype": "bf16 autocast (bf16-mixed)"},
+           "litgpt tutorials/finetune_lora.md @0cc02afa"),
+    # config_hub/finetune/gemma-7b/lora.yaml and gemma2-9b/lora.yaml @00af8b0d: r 16, dropout 0.1, q/k/v/proj/mlp/head
+    OomRun("gemma-7b LoRA, micro-batch 1", "litgpt-ch-004",
+           {"model": "google/gemma-7b", "micro_batch": "1", "lora_rank": "16"}, _CH, {"lora_dropout": 0.1}),
+    OomRun("gemma-2-9b LoRA, micro-batch 1", "litgpt-ch-007",
+           {"model": "google/gemma-2-9b", "micro_batch": "1", "lora_rank": "16"}, _CH, {"lora_dropout": 0.1}),
+    # config_hub/finetune/{llama-2-7b,llama-3-8b,llama-3.1-8b}/full.yaml @00af8b0d: devices 4, micro 4, global 64
+    OomRun("Llama-2-7B full, micro-batch 4, 4 GPUs (FSDP)", "litgpt-ch-003",
+           {"model": "meta-llama/Llama-2-7b-hf", "micro_batch": "4"}, _CH, {"grad_accum": 4}),
+    OomRun("Llama-3-8B full, micro-batch 4, 4 GPUs (FSDP)", "litgpt-ch-003",
+           {"model": "meta-llama/Meta-Llama-3-8B", "micro_batch": "4"}, _CH, {"grad_accum": 4}),
+    OomRun("Llama-3.1-8B full, micro-batch 4, 4 GPUs (FSDP)", "litgpt-ch-003",
+           {"model": "meta-llama/Meta-Llama-3.1-8B", "micro_batch": "4"}, _CH, {"grad_accum": 4}),
+    # Qwen README "Profiling of Memory and Speed": "OOM occurs on 4 A100-SXM4-80G GPUs ... with LoRA fine-tuning
+    # without Deepspeed ZeRO 3" (finetune_lora_ds.sh's default is ds_config_zero2.json)
+    OomRun("Qwen-72B LoRA, ZeRO-2, 4 GPUs, seq 256", "qwen-064",
+           {"optimizer": "DeepSpeed AdamW (ds_config_zero2.json)"}, "QwenLM/Qwen README.md"),
+)
+
+
+def judge_oom(rows: list, data: Path, vc) -> list[dict]:
+    """Each ``OOM_RUNS`` run: its estimate's total (the run's peak, CUDA context and allocator reserve included)
+    against the GPU's memory (``fits``): "predicts OOM" passes, "fits" fails."""
+    by_id = {row["id"]: row for row in rows}
+    accepted = accepted_options(vc)
+    error_cls = getattr(vc, "VramcalcError", ValueError)
+    out = []
+    for run in OOM_RUNS:
+        row = {**by_id[run.base], **run.fields}
+        setup = row_setup(row, data)
+        options, _, blockers = estimate_options(setup, accepted)
+        options.update(run.options)
+        gpu = GPU_NAME[row["gpu"].strip()]
+        record = dict(label=run.label, base=run.base, source=run.source, gpu=gpu,
+                      gpus=_int(row["n_gpus"]) or 1, options=json.dumps(options, sort_keys=True),
+                      estimate_bytes="", memory_bytes="", status="")
+        if blockers or setup.model is None:
+            out.append({**record, "status": "not expressible: " + ("; ".join(blockers) or "model unresolved")})
+            continue
+        try:
+            breakdown = vc.estimate(setup.model, gpu=gpu, **options)
+        except error_cls as err:
+            out.append({**record, "status": f"not expressible: {err}"})
+            continue
+        total = breakdown.total_bytes + run_peak(breakdown, setup)[1]
+        memory = breakdown.total_bytes + breakdown.headroom_bytes(gpu)
+        record.update(estimate_bytes=total, memory_bytes=memory,
+                      status="predicts OOM" if total > memory else "FAIL: fits")
+        out.append(record)
+    return out
+
+
+def _oom_section(records) -> list[str]:
+    passed = sum(r["status"] == "predicts OOM" for r in records)
+    failed = sum(r["status"] == "FAIL: fits" for r in records)
+    lines = ["", "## Runs their sources report as out of memory", "",
+             f"{passed} of {passed + failed} expressible runs predicted out of memory ({failed} predicted to fit); "
+             "each run is a measured row with the fields that differ (`OOM_RUNS`), compared by its estimate's total "
+             "(the run's peak with the CUDA context and the allocator's reserve) against the GPU's memory.", "",
+             "| run | like row | GPU | estimate total GiB | GPU GiB | result | source |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        total = f"{int(r['estimate_bytes']) / GIB:.1f}" if r["estimate_bytes"] != "" else "-"
+        memory = f"{int(r['memory_bytes']) / GIB:.1f}" if r["memory_bytes"] != "" else "-"
+        lines.append(f"| {r['label']} | {r['base']} | {r['gpus']} x {r['gpu']} | {total} | {memory} | "
+                     f"{r['status']} | {r['source']} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # vramcalc: what this version accepts
 
 
@@ -550,6 +656,35 @@ def measured_bytes(row: dict) -> tuple[int | None, str]:
     return int(value * GB), "GB?"
 
 
+def estimate_options(setup: RowSetup, accepted: set) -> tuple[dict, dict, list]:
+    """The ``vramcalc.estimate`` options of a row (what it states explicitly, the stack's preset filling the rest),
+    the stack knobs among them, and why this vramcalc cannot express the row (a knob it cannot take)."""
+    blockers = list(setup.blockers)
+    passed = {}
+    for knob, value in setup.knobs.items():
+        key = "lora_targets" if knob == "lora_lm_head" else knob
+        if knob == "lora_lm_head":
+            continue  # carried by lora_targets; a vramcalc that refuses lm_head raises below
+        if key in accepted:
+            passed[key] = value
+        elif knob in KNOB_REQUIRED_WHEN_TRUE and value:
+            blockers.append(f"needs --{knob.replace('_', '-')}")
+    if setup.stack and "stack" in accepted:
+        passed["stack"] = setup.stack
+    return {**setup.options, **passed}, passed, blockers
+
+
+def run_peak(breakdown, setup: RowSetup) -> tuple[str, int]:
+    """The phase of the run's peak and its offset from the estimate's peak: a run whose peak is its first
+    micro-batch (``RowSetup.first_micro_batch``) peaks at the largest phase but ``next-forward``."""
+    phase_peaks = breakdown.details.get("phase_peak_bytes", {})
+    if not (setup.first_micro_batch and "next-forward" in phase_peaks):
+        return str(breakdown.phase), 0
+    phase, first = max(((name, peak) for name, peak in phase_peaks.items() if name != "next-forward"),
+                       key=lambda item: item[1])
+    return phase, first - breakdown.peak_tensor_bytes
+
+
 def judge(rows, data: Path, vc) -> list[dict]:
     accepted = accepted_options(vc)
     error_cls = getattr(vc, "VramcalcError", ValueError)
@@ -564,25 +699,12 @@ def judge(rows, data: Path, vc) -> list[dict]:
                       compared_with="", measured_bytes="", estimate_bytes="", error="", phase="",
                       options="", knobs_passed="", assumptions="; ".join(setup.assumptions), terms="",
                       error_if_gib="", shape_error="", growth_error="", shape_reference="")
-        blockers = list(setup.blockers)
-        passed = {}
-        for knob, value in setup.knobs.items():
-            key = "lora_targets" if knob == "lora_lm_head" else knob
-            if knob == "lora_lm_head":
-                continue  # carried by lora_targets; a vramcalc that refuses lm_head raises below
-            if key in accepted:
-                passed[key] = value
-            elif knob in KNOB_REQUIRED_WHEN_TRUE and value:
-                blockers.append(f"needs --{knob.replace('_', '-')}")
-        if setup.stack and "stack" in accepted:
-            passed["stack"] = setup.stack
+        options, passed, blockers = estimate_options(setup, accepted)
         if blockers or setup.model is None:
             record.update(status="not expressible" if row["measure_kind"] != "estimate_table" else "not scored",
                           reason="; ".join(blockers) or "model unresolved")
             out.append(record)
             continue
-        options = dict(setup.options)  # what the row states explicitly; the stack's preset fills the rest
-        options.update(passed)
         gpu = GPU_NAME.get(row["gpu"].strip())
         record["options"] = json.dumps(options, sort_keys=True)
         record["knobs_passed"] = ",".join(sorted(passed))
@@ -599,12 +721,9 @@ def judge(rows, data: Path, vc) -> list[dict]:
             out.append(record)
             continue
         estimate, what = compared_bytes(breakdown, row["measure_kind"])
-        phase = str(breakdown.phase)
-        phase_peaks = breakdown.details.get("phase_peak_bytes", {})
-        if setup.first_micro_batch and "next-forward" in phase_peaks:
-            phase, first = max(((name, peak) for name, peak in phase_peaks.items() if name != "next-forward"),
-                               key=lambda item: item[1])
-            estimate += first - breakdown.peak_tensor_bytes
+        phase, shift = run_peak(breakdown, setup)
+        estimate += shift
+        if setup.first_micro_batch:
             what += " (first micro-batch)"
         measured, unit = measured_bytes(row)
         measured //= setup.gpus_summed
@@ -759,7 +878,7 @@ def _unit_unstated_section(records) -> list[str]:
     return lines
 
 
-def write_report(records, md_path: Path, csv_path: Path, vc_version: str, accepted: set) -> None:
+def write_report(records, oom, md_path: Path, csv_path: Path, vc_version: str, accepted: set) -> None:
     fields = list(records[0].keys())
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
@@ -831,6 +950,7 @@ def write_report(records, md_path: Path, csv_path: Path, vc_version: str, accept
         lines.append(f"| {r['id']} | {opts.get('seq_len')} | {r['measured']} | {int(r['estimate_bytes']) / GIB:.2f} | "
                      f"{1 + float(r['error']):.2f} | {r['status']} |")
     lines += _unit_unstated_section(unstated)
+    lines += _oom_section(oom)
     reasons = {}
     for r in blocked:  # grouped by the first reason; every reason of a row is in published.csv
         reasons.setdefault(r["reason"].split("; ")[0], []).append(r["id"])
@@ -853,8 +973,10 @@ def main(argv=None) -> int:
     vc = load_vramcalc(args.lib)
     rows = list(csv.DictReader((data / "measurements.csv").open()))
     records = judge(rows, data, vc)
+    oom = judge_oom(rows, data, vc)
     md_path = Path(args.out)
-    write_report(records, md_path, md_path.with_suffix(".csv"), getattr(vc, "__version__", "?"), accepted_options(vc))
+    write_report(records, oom, md_path, md_path.with_suffix(".csv"), getattr(vc, "__version__", "?"),
+                 accepted_options(vc))
     judged = [r for r in records if r["status"] == "judged"]
     blocked = sum(r["status"] == "not expressible" for r in records)
     print(f"{len(judged)} judged, {blocked} not expressible; wrote {md_path}")
