@@ -4,6 +4,7 @@ real gloo ranks, communication per step, host RAM under offload, and the bad inp
 The full-size grid (8B to 671B, 2 to 512 ranks) is benchmarks/accuracy_distributed.py.
 """
 
+import dataclasses
 import os
 import socket
 
@@ -609,3 +610,34 @@ def test_calibrate_under_torchrun_writes_one_row_per_rank_per_scenario(tmp_path)
     for rank in (0, 1):
         rows = RecordFile(out / f"rank{rank}" / "measurements.csv").rows()
         assert [(row["rank"], row["world_size"], row["status"]) for row in rows] == [(str(rank), "2", "ok")]
+
+
+# a tied Llama whose embedding is most of the model, as Llama-3.2-1B's (128256 x 2048 of 1.24B)
+TIED_LLAMA = dataclasses.replace(TINY["llama"], name="tiny-tied-llama", vocab_size=16384, tie_word_embeddings=True)
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16"])
+@pytest.mark.parametrize("num_gpus", [2, 4])
+def test_a_tied_model_keeps_its_tail_gathered_with_lm_heads_gradient_until_the_embeddings_backward(precision,
+                                                                                                    num_gpus):
+    # FSDP2 gathers the tied tail (final norm, embedding, lm_head) at the embedding's forward and reduces it last:
+    # its weight and lm_head's unsharded gradient wait through the layers' backward (session 31: -4.5% to -11%)
+    from vramcalc.tracing.runner import run_trace
+
+    options = dict(method="full", seq_len=256, grad_ckpt=True, sharding="fsdp", num_gpus=num_gpus,
+                   precision=precision)
+    traced = sum(run_trace(TIED_LLAMA, resolve_setup(TIED_LLAMA, **options), progress=False).terms.values())
+    estimated = _peak(TIED_LLAMA, **options)
+    assert abs(estimated - traced) / traced < 0.01, (estimated, traced)
+
+
+def test_fsdp_without_autocast_keeps_the_loaded_bf16_so_adamw_states_shard_4_bytes_per_parameter():
+    # accelerate upcasts to fp32 only under mixed precision (utils/fsdp_utils.py:801, ``mixed_precision != "no"``):
+    # torch AdamW keeps two states in the parameters' dtype, so 4 bytes per parameter in bf16, 8 in fp32
+    spec = vc.catalogue.get_model("llama-2-7b")
+    params = vc.estimate(spec, method="full").details["params"]
+    for precision, state_bytes in (("bf16-true", 4), ("bf16", 8)):
+        result = vc.estimate(spec, method="full", sharding="fsdp", num_gpus=4, precision=precision)
+        assert abs(result.terms()["optimizer_states"] / (params * state_bytes / 4) - 1) < 0.01, precision

@@ -564,10 +564,11 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         moments += [
             # (the reduced units' shards replace their accumulated gradients: see ``_layer_backward_moments``)
             Moment(Phase.BACKWARD_END, W + gathered.embedding_copy_out,
-                   Bb + maximum(G_acc, gathered.embedding_reduced), O, kv_held, lg.held, 0, buffers.embedding_copy_out,
-                   shards),
+                   Bb + maximum(G_acc, gathered.tail_waiting_grads + gathered.embedding_reduced), O, kv_held,
+                   lg.held, 0, buffers.embedding_copy_out, shards),
             Moment(Phase.BACKWARD_END, W + gathered.embedding_gathered,
-                   Bb + rank.gathering.embed.grads_bytes + maximum(G_acc, gathered.embedding_reduced), O,
+                   Bb + rank.gathering.embed.grads_bytes
+                   + maximum(G_acc, gathered.tail_waiting_grads + gathered.embedding_reduced), O,
                    kv_held, lg.held, embedding_backward, buffers.embedding_gathered, shards),
         ]
         if flat_units:  # the root unit's view gradients (lm_head's held since the loss) and their concatenation
@@ -576,7 +577,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                                   Bb + 2 * root + maximum(G_acc, gathered.embedding_reduced), O, kv_held, lg.held, 0,
                                   buffers.embedding_gathered, shards))
     # every unit reduced: the embedding's shards too (none left on the GPU under CPU offload: ``rank_states``)
-    step_shards = shards + rank.gathering.embed.sharded_grads_bytes if shards else 0
+    step_shards = shards + gathered.last_reduced_shards if shards else 0
     moments.append(Moment(Phase.OPTIMIZER_STEP, W, B + rank.gradients, O, kv_held, lg.held, rank.optimizer_step, 0,
                           step_shards))
     if lg.held:  # the loop's ``logits`` (and cache) live until the next model call returns (Loss.held_by_loop)
@@ -720,7 +721,10 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     moments = []
     sharded = rank.gathering is not None
     G = rank.head_gradient if not sharded else rank.gathering.tail.sharded_grads_bytes
-    if flat_units:  # the root unit's view gradients wait for the embedding's (class docstring)
+    # the root unit's view gradients (FSDP1 flat parameters: class docstring), or a tied tail's unsharded gradient,
+    # wait for the embedding's backward
+    tail_waits = flat_units or (sharded and rank.gathering.tied)
+    if tail_waits:
         G = rank.gathering.tail.grads_bytes
     kv_cache = kv_cache or {}
     cached = 0  # the cache entries of the layers already through their backward, beyond their ``forward`` share
@@ -769,7 +773,7 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                 weights = W + gathered.weights_during(index)
                 # on the side streams (FSDP): the gathered units' buffers, the shards reduced so far
                 # (FSDP1 flat parameters: the root unit's unsharded view gradients are not reduced yet)
-                reduced = G_here - (rank.gathering.tail.grads_bytes if flat_units else 0)
+                reduced = G_here - (rank.gathering.tail.grads_bytes if tail_waits else 0)
                 side = (buffers.weights_during(index), reduced) if buffers is not None else (0, 0)
                 # accumulated gradients (``G_acc``): the syncing micro-batch hands each unit's accumulated unsharded
                 # gradient to its reduce-scatter and frees it (torch ``_fully_shard/_fsdp_param_group.py:623-626``,

@@ -147,11 +147,13 @@ def _half_bytes(resolved: ResolvedSetup) -> int | None:
 
 def _fp32_trainable(resolved: ResolvedSetup) -> bool:
     """accelerate upcasts trainable parameters to fp32 before ``fully_shard`` under mixed precision, except in a
-    model holding ``Params4bit`` (accelerate 1.16 ``utils/fsdp_utils.py:801``: ``... and not model_has_params4bit``),
-    where they keep peft's dtype; applied here with ``--quant-storage bf16`` (the uint8 estimate predates it). A stack
-    that keeps the built dtype does not upcast (``stack_layers.StackLayers.fsdp_keeps_dtype``: torchtune, litgpt)."""
+    model holding ``Params4bit`` (accelerate 1.16 ``utils/fsdp_utils.py:801``: ``if accelerator.mixed_precision !=
+    "no" and not model_has_params4bit``), where they keep peft's dtype; applied here with ``--quant-storage bf16``
+    (the uint8 estimate predates it). Without autocast (``bf16-true``, ``fp16-true``: Trainer's mixed precision
+    "no") the parameters keep the dtype they were loaded in. A stack that keeps the built dtype does not upcast
+    (``stack_layers.StackLayers.fsdp_keeps_dtype``: torchtune, litgpt)."""
     setup = resolved.setup
-    return (casts_to_half(resolved) and setup.sharding is Sharding.FSDP
+    return (casts_to_half(resolved) and setup.sharding is Sharding.FSDP and setup.precision.autocast
             and not stack_layers(setup.stack).fsdp_keeps_dtype and not shards_4bit(resolved))
 
 
@@ -679,7 +681,7 @@ class GatheredTimeline:
         self.g = gathering
         if gathering is None:
             self.last_layer_forward = self.loss_forward = self.loss_backward = self.head_backward = 0
-            self.reduced_shards = 0
+            self.reduced_shards = self.tied_tail = self.tail_waiting_grads = 0
             return
         g = gathering
         n_layers = spec.num_layers
@@ -687,7 +689,11 @@ class GatheredTimeline:
         before_last = g.layer(spec.is_moe_layer(n_layers - 2)).buffer_bytes if n_layers > 1 else g.embed.buffer_bytes
         all_layers = g.dense.params_bytes * spec.num_dense_layers + g.moe.params_bytes * spec.num_moe_layers
         kept = all_layers + g.embed.params_bytes if g.keep_gathered else 0
-        tied_tail = g.tail.params_bytes if g.tied else 0
+        # a tied tail holds the embedding: gathered at the embedding's forward, it stays gathered (not resharded after
+        # forward) and keeps lm_head's unsharded gradient until the embedding's backward, the last use of its weight;
+        # only then is it reduced (``side_stream_pools``' reduce order)
+        self.tied_tail = tied_tail = g.tail.params_bytes if g.tied else 0
+        self.tail_waiting_grads = g.tail.grads_bytes if g.tied else 0
         self.last_layer_copy_out = (kept or last.params_bytes) + before_last + last.buffer_bytes + tied_tail
         self.last_layer_forward = (kept or last.params_bytes) + last.buffer_bytes + tied_tail
         self.tail_copy_out = kept + (0 if g.tied else last.buffer_bytes + g.tail.buffer_bytes
@@ -697,14 +703,17 @@ class GatheredTimeline:
         self.head_backward = kept + g.tail.params_bytes + (0 if g.keep_gathered else last.prefetch_bytes)
         # the sharded gradients every unit but the embedding's leaves on the rank (the reduce-scatter stream's, held
         # once the first layer is reduced)
-        self.reduced_shards = (g.tail.sharded_grads_bytes + g.dense.sharded_grads_bytes * spec.num_dense_layers
+        self.reduced_shards = ((0 if g.tied else g.tail.sharded_grads_bytes)
+                               + g.dense.sharded_grads_bytes * spec.num_dense_layers
                                + g.moe.sharded_grads_bytes * spec.num_moe_layers)
+        # the unit reduced last, once the embedding's backward is done: the embedding's, or the tied tail
+        self.last_reduced_shards = g.tail.sharded_grads_bytes if g.tied else g.embed.sharded_grads_bytes
         # the embedding's backward: every layer reduced, the first layer's reduce-scatter input retained (its dense
         # unit's: a nested experts unit was reduced before it)
         self.embedding_reduced = (self.reduced_shards + self.layer(0).reduce_buffer_bytes
                                   - self.layer(0).nested_reduce_bytes)
-        self.embedding_gathered = g.embed.params_bytes
-        self.embedding_copy_out = g.embed.params_bytes + (0 if g.keep_gathered else g.embed.buffer_bytes)
+        self.embedding_gathered = g.embed.params_bytes + tied_tail
+        self.embedding_copy_out = g.embed.params_bytes + (0 if g.keep_gathered else g.embed.buffer_bytes) + tied_tail
 
     def layer(self, index: int) -> Unit:
         return self.g.layer(self.spec.is_moe_layer(index))
@@ -724,9 +733,9 @@ class GatheredTimeline:
         if g.keep_gathered:  # every unit not yet through its backward is still gathered
             before = sum(self.layer(i).params_bytes for i in range(index + 1)) if self.spec.is_moe else \
                 g.dense.params_bytes * (index + 1)
-            return before + g.embed.params_bytes
+            return before + g.embed.params_bytes + self.tied_tail
         prefetched = self.layer(index - 1).prefetch_bytes if index > 0 else g.embed.buffer_bytes
-        return self.layer(index).params_bytes + prefetched
+        return self.layer(index).params_bytes + prefetched + self.tied_tail
 
     def retained_reduce_buffer(self, index: int) -> int:
         """The reduce-scatter input of the unit reduced just before layer ``index``'s: the next layer's, or its dense

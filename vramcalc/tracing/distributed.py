@@ -185,7 +185,8 @@ def wrap(model: nn.Module, resolved: ResolvedSetup, tracker: AllocationTracker, 
 # -- FSDP2 --------------------------------------------------------------------------------------------------------
 def mixed_precision_policy(resolved: ResolvedSetup):
     """accelerate ``FullyShardedDataParallelPlugin.set_mixed_precision``: 16-bit gather, reduce and output when
-    Trainer's bf16/fp16 is on (every precision word but fp32); QLoRA with a bf16 storage: transformers' override."""
+    Trainer's bf16/fp16 is on (the precision words that autocast); none under mixed precision "no" (fp32,
+    bf16-true, fp16-true); QLoRA with a bf16 storage: transformers' override."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     setup = resolved.setup
@@ -194,7 +195,7 @@ def mixed_precision_policy(resolved: ResolvedSetup):
         # transformers' update_fsdp_plugin_peft (5.25.0 distributed/fsdp.py:280-286): set_mixed_precision(storage
         # dtype, override=True), i.e. accelerate's MixedPrecisionPolicy(param_dtype, reduce_dtype), no output dtype
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
-    if precision is Precision.FP32:
+    if not precision.autocast:
         return MixedPrecisionPolicy()
     dtype = torch.float16 if half_dtype(precision) is DType.FP16 else torch.bfloat16
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype, output_dtype=dtype)
@@ -212,9 +213,10 @@ def fully_shard_model(model: nn.Module, resolved: ResolvedSetup, mesh=None) -> D
     if mesh is None:
         with unset_fake_temporarily():  # the mesh's rank table is a real tensor
             mesh = init_device_mesh("cpu", (setup.num_gpus,))
-    # accelerate: "FSDP upcast of low precision parameters to fp32", skipped in a model holding Params4bit
-    # (accelerate 1.16 utils/fsdp_utils.py:801: ``and not model_has_params4bit``)
-    if setup.precision is not Precision.FP32 and setup.method is not Method.QLORA:
+    # accelerate: "FSDP upcast of low precision parameters to fp32" under mixed precision, skipped in a model
+    # holding Params4bit (accelerate 1.16 utils/fsdp_utils.py:801: ``if accelerator.mixed_precision != "no" and not
+    # model_has_params4bit``)
+    if setup.precision.autocast and setup.method is not Method.QLORA:
         for param in model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.to(torch.float32)
