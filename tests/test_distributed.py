@@ -311,6 +311,8 @@ def test_plan_shards_qlora_with_bf16_storage_and_says_so():
     (dict(num_gpus=3, global_batch_size=8), "not divisible by 3 GPUs"),
     (dict(num_gpus=4, grad_accum=2, global_batch_size=12), "not divisible by 4 GPUs x 2"),
     (dict(num_gpus=4, batch_size=2, global_batch_size=16), "not the global batch size"),
+    (dict(num_gpus=2, tp=4, global_batch_size=64), "not a multiple of --tp 4"),  # a degree beyond the GPUs
+    (dict(num_gpus=2, cp=4, global_batch_size=64), "not a multiple of --cp 4"),
     (dict(sharding="fsdp"), "needs --num-gpus of 2 or more"),
     (dict(num_gpus=8, sharding="zero4"), "unknown sharding 'zero4'"),
     (dict(num_gpus=8, sharding="ddp", offload="optimizer"), "needs --sharding zero1"),

@@ -654,6 +654,8 @@ def _per_device_batch(values: dict, batch_given: bool) -> int:
     gpus = parallel_degrees.data_parallel_degree(gpus, values.get("tp", 1))  # a tp group shares one micro-batch
     gpus = parallel_degrees.data_parallel_degree(gpus, values.get("ep", 1))  # so does an --ep group
     gpus //= values.get("cp", 1)  # so does a cp group (accelerate data_loader.py:1143-1152)
+    if gpus < 1:  # degrees beyond the GPUs: ``parallel_degrees.check_degrees`` refuses them in one line
+        return values["batch_size"]
     if total % (gpus * accum):
         raise VramcalcError(f"global batch size {total} is not divisible by {gpus} GPUs x {accum} accumulation "
                             f"steps; use a multiple of {gpus * accum}")
