@@ -259,3 +259,25 @@ def test_trace_refuses_triton_kernels_in_one_line(kernels):
     spec = TINY["llama"]
     with pytest.raises(VramcalcError, match="estimate only"):
         run_trace(spec, resolve_setup(spec, seq_len=64, kernels=kernels), progress=False)
+
+
+def test_offloaded_rotary_tables_are_per_position_so_a_batch_of_pairs_estimates():
+    # the device's rotary cos/sin are [1, s, d_rope] whatever the batch: offload without checkpointing frees them
+    # once, not once per row (a reward model's chosen and rejected rows crashed with a negative activations term)
+    from vramcalc import estimate, get_model
+
+    for options in (dict(method="qlora", task="reward"), dict(method="lora", task="dpo"),
+                    dict(method="lora", stack="trl", batch_size=4, seq_len=4096)):
+        result = estimate(get_model("llama-3.1-8b"), activation_offload=True, grad_ckpt=False, **options)
+        assert result.terms()["activations"] >= 0
+
+
+@needs_torch
+@pytest.mark.trace
+def test_offloaded_lora_without_checkpointing_at_batch_4_is_within_1_percent_of_the_trace():
+    from vramcalc import estimate, trace
+
+    options = dict(method="lora", activation_offload=True, grad_ckpt=False, batch_size=4, seq_len=256)
+    estimated = estimate(TINY["llama"], **options).peak_tensor_bytes
+    traced = trace(TINY["llama"], **options).peak_tensor_bytes
+    assert abs(estimated / traced - 1) < 0.01, (estimated, traced)

@@ -96,6 +96,8 @@ LLAMA_3_8B_PARAMS = 8_030_261_248  # memory-math.md section 1 table: Llama-3-8B 
     ("qv", 16 * 32 * (2 * 4096 + 32 * 128 + 8 * 128)),
     # section 4: all-linear: r·L·(7h + 2a·d + 2k·d + 3I) = 16·32·81,920 = 41,943,040 ("41.94M")
     ("all-linear", 16 * 32 * (7 * 4096 + 2 * 32 * 128 + 2 * 8 * 128 + 3 * 14336)),
+    # a module named twice is adapted once (peft matches each module once): the q,v count
+    ("q_proj,v_proj,q_proj", 16 * 32 * (2 * 4096 + 32 * 128 + 8 * 128)),
 ])
 def test_lora_trainable_parameters_match_the_hand_count(targets, expected):
     details = estimate("llama-3.1-8b", method="lora", lora_rank=16, lora_targets=targets).details

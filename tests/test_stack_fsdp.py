@@ -20,10 +20,10 @@ def _rank(model: str, **options):
 def test_torchtune_and_litgpt_fsdp_keep_bf16_states(stack):
     """F1: no fp32 upcast (torchtune training/_distributed.py:550-568 fully_shard without mp_policy; Fabric
     FSDPPrecision bf16-true): AdamW's two states are bf16, 2·2·N/W bytes per rank, where accelerate's fp32 upcast
-    keeps 2·4·N/W."""
-    options = dict(method="full", precision="bf16-true", num_gpus=4, sharding="fsdp", optimizer="adamw")
-    spec, own = _rank("llama-2-7b", stack=stack, **options)
-    _, hf = _rank("llama-2-7b", stack="hf", **options)
+    keeps 2·4·N/W under Trainer's mixed precision (accelerate utils/fsdp_utils.py:801: ``mixed_precision != "no"``)."""
+    options = dict(method="full", num_gpus=4, sharding="fsdp", optimizer="adamw")
+    spec, own = _rank("llama-2-7b", stack=stack, precision="bf16-true", **options)
+    _, hf = _rank("llama-2-7b", stack="hf", precision="bf16", **options)
     n = spec.params
     assert own.optimizer_states == pytest.approx(2 * 2 * n / 4, rel=0.01)
     assert hf.optimizer_states == pytest.approx(2 * 4 * n / 4, rel=0.01)

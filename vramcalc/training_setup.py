@@ -747,14 +747,15 @@ def _check_modules_to_save(model: ModelSpec, setup: TrainingSetup, lora_modules:
 
 
 def _name_list(value, wrong: str) -> list[str]:
-    """A comma list or a list of strings as stripped names, empty ones dropped; else ``wrong``, with the value."""
+    """A comma list or a list of strings as stripped names, empty and repeated ones dropped (peft matches a module
+    once however often its name is listed); else ``wrong``, with the value."""
     if isinstance(value, str):
         names = value.split(",")
     elif isinstance(value, (list, tuple)) and all(isinstance(part, str) for part in value):
         names = value
     else:
         raise VramcalcError(f"{wrong}, got {short_repr(value)}")
-    return [name for name in (part.strip() for part in names) if name]
+    return list(dict.fromkeys(name for name in (part.strip() for part in names) if name))
 
 
 def _targets(value) -> tuple[str, ...]:

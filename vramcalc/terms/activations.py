@@ -1041,10 +1041,10 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
     masked = masks[0]  # the first layer's
     first_conv = model.layer_is_conv[0]
     if layer.offload and not grad_ckpt and layer.layers.rotary_per_forward and not model.traits.rope_copies_per_layer:
-        # the rotary cos and sin are saved by the layers' RoPE products only: offloaded, the device copies die
-        rope = _F32 if model.traits.rope_fp32 else layer.dtypes.r
-        rope = _F32 // 2 if model.traits.rope_complex else rope  # complex64 pairs: 4 bytes per rotated dim
-        total += Saved(per_token=-2 * rope * model.rope_dim * model.rope_tables)
+        # the rotary cos and sin are saved by the layers' RoPE products only: offloaded, the device copies die. They
+        # are [1, s, d_rope] whatever the batch (``shared_saved``): per position, never per token
+        rope_tables = shared_saved(model, layer.dtypes, layer.attn_used, False, False, layer.layers).per_position
+        total += Saved(per_position=-rope_tables)
     if (grad_ckpt and layer.method.uses_lora and (layer.offload or model.traits.embedding_multiplier)
             and "embed_tokens" not in layer.modules_to_save):  # a trained embedding's output is no leaf
         # transformers' enable_input_require_grads (checkpointing with peft) makes the embedding's output a leaf

@@ -740,8 +740,8 @@ class GatheredTimeline:
     def retained_reduce_buffer(self, index: int) -> int:
         """The reduce-scatter input of the unit reduced just before layer ``index``'s: the next layer's, or its dense
         unit's alone when its experts are a nested unit (reduced before it, in the experts' post-backward)."""
-        if index == self.spec.num_layers - 1:
-            return self.g.tail.reduce_buffer_bytes
+        if index == self.spec.num_layers - 1:  # the tail's, reduced before the layers unless it is tied
+            return 0 if self.g.tied else self.g.tail.reduce_buffer_bytes
         after = self.layer(index + 1)
         return after.reduce_buffer_bytes - after.nested_reduce_bytes
 
