@@ -107,3 +107,33 @@ def test_every_training_setup_field_has_a_flag_on_every_verb_that_takes_a_setup(
     for verb in ("estimate", "trace", "plan", "max-batch", "report"):
         dests = {action.dest for action in verbs[verb]._actions}
         assert fields <= dests, (verb, sorted(fields - dests))
+
+
+BLOCK_IMPORTS = """
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Blocker())
+from vramcalc.cli import main
+raise SystemExit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("blocked, argv, message", [
+    (("torch",), ["trace", "llama-3.1-8b"], "error: vramcalc.trace needs the 'trace' extra (torch is missing): "
+                                            "pip install 'vramcalc[trace]'"),
+    (("peft",), ["trace", "llama-3.1-8b", "--method", "lora"], "error: vramcalc.trace needs the 'trace' extra "
+                                                             "(peft is missing)"),
+])
+def test_a_missing_trace_package_is_one_error_line_naming_the_extra(blocked, argv, message):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", BLOCK_IMPORTS.format(blocked=set(blocked), argv=argv)],
+                          capture_output=True, text=True, timeout=300)
+    # (importing torch may log its own library warnings first: only vramcalc's lines are the claim)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith(message), done.stderr[-2000:]

@@ -37,9 +37,15 @@ def trace(model, **options) -> MemoryBreakdown:
     ``torch.cuda.max_memory_reserved`` would read, and ``details["reserved_baseline_bytes"]``."""
     try:
         from .tracing.runner import trace as _trace
-    except ImportError as err:
+
+        return _trace(model, **options)
+    except ModuleNotFoundError as err:  # one of the extra's packages, imported where the trace first needs it
+        if (err.name or "").split(".")[0] not in _TRACE_EXTRA:
+            raise
         raise ImportError(f"vramcalc.trace needs the 'trace' extra ({err.name} is missing): pip install 'vramcalc[trace]'") from None
-    return _trace(model, **options)
+
+
+_TRACE_EXTRA = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "torchao")  # pyproject's trace extra
 
 
 def infer(model, **options) -> MemoryBreakdown:

@@ -141,7 +141,10 @@ class MemoryBreakdown:
 
     def to_dataframe(self):
         """A pandas DataFrame of the terms (pandas is imported only here)."""
-        import pandas as pd
+        try:
+            import pandas as pd
+        except ModuleNotFoundError:
+            raise ImportError("to_dataframe needs pandas: pip install 'vramcalc[plan]'") from None
 
         frame = pd.DataFrame(self.rows(), columns=["term", "bytes"])
         frame["gib"] = frame["bytes"].map(gib)
