@@ -631,6 +631,10 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             self.per_layer += saved.per_layer // ep
         if self.layer.ep_dispatch:
             self.per_token += K * expert_parallel.dispatch_saved_per_slot() // ep
+        # selective cache: the router's matmul output [T, E] (fp32 where the router runs in fp32) and the grouped
+        # experts' two matmul outputs per slot, gate_up [S, 2I] and down [S, h] (``_grouped_mm``, a matmul op of
+        # ``tracing/step.py::_selective_ops``)
+        self.cache_token += (_F32 if m.traits.router_fp32 else c) * E + K * (2 * width + h) * e // ep
         # the shared expert reads the layer's input: with LoRA'd experts its gradient need is the input's
         self.grad = self.grad if self.layer.lora_experts and not self.full else True
         if m.n_shared_experts:
