@@ -195,7 +195,7 @@ def attention_flops(num_layers: int, num_heads: int, qk_head_dim: int, v_head_di
     return forward + backward + recompute_forwards * forward
 
 
-def model_flops(n_matmul_params: float, tokens: float, num_layers: int, num_heads: int, qk_head_dim: int,
+def model_flops(n_matmul_params: float, tokens: float, num_layers: float, num_heads: int, qk_head_dim: int,
                 v_head_dim: int, seq_len: int, *, train_base: bool = True, n_adapter_params: float = 0.0) -> float:
     """The MFU numerator: (6·N or 4·N + 6·N_a)·T + 3 · 2·L·a·s·(d_qk+d_v)·T (non-causal attention, no recomputation;
     PaLM App. B; ``vramcalc.cost.training_flops`` uses the same definition)."""
@@ -838,6 +838,14 @@ class DecoderShape:
             return float(self.num_layers)
         return sum(attention_layer_work(w, seq_len, kernel) for w in self.attention_windows)
 
+    def attended_layers(self, seq_len: int) -> float:
+        """The MFU numerator's attention layers in full layers' worth: a token of a sliding layer attends at most its
+        window, so that layer counts min(w, s)/s (the numerator counts the keys a query needs, whatever the kernel
+        computes; counting s would put MFU above 1 at long sequences)."""
+        if self.attention_windows is None:
+            return float(self.num_layers)
+        return sum(1.0 if w is None else min(w, seq_len) / seq_len for w in self.attention_windows)
+
     @property
     def lm_head_width(self) -> int:
         return self.lm_head_columns if self.lm_head_columns is not None else self.vocab_size
@@ -1033,7 +1041,7 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
     # transformers' tp_plan: no async TP, every collective between dependent ops (``TENSOR_PARALLEL_OVERLAP``)
     tp_exposed_s = (tp_s * (1 - tp_overlap)
                     + comm_seconds(setup.tp_comm_bytes, tp_link_gb_s) * (1 - TENSOR_PARALLEL_OVERLAP))
-    model = model_flops(n_mm, t, shape.num_attention_layers, shape.num_heads, qk_d, v_d, s,
+    model = model_flops(n_mm, t, shape.attended_layers(s), shape.num_heads, qk_d, v_d, s,
                         train_base=setup.train_base, n_adapter_params=setup.adapter_params)
     kernels = kernel_counts(shape.num_layers, micro_batches=setup.micro_batches, fused=setup.fused_elementwise,
                             train_base=setup.train_base, adapted_linears=setup.adapted_linears,
