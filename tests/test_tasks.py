@@ -170,6 +170,8 @@ def test_grpo_vllm_reservation_is_the_fraction_of_the_gpu():
     (dict(task="grpo", vllm_gpu_fraction=0.5), "--rollout-engine vllm"),
     (dict(task="grpo", rollout_engine="vllm", vllm_gpu_fraction=1.5), r"\(0, 1\]"),
     (dict(task="dpo", num_generations=4), "applies to --task grpo"),
+    (dict(rollout_engine="vllm"), "applies to --task grpo, not --task sft"),  # the sft refusal names grpo too
+    (dict(completion_len=100), r"and --task grpo, not --task sft"),
     (dict(task="grpo", seq_len=256, completion_len=512), "no prompt"),
 ])
 def test_bad_grpo_options_are_one_error(options, words):

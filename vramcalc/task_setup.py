@@ -53,8 +53,9 @@ def resolve_task(values: dict, given: dict, origins: dict) -> None:
             raise VramcalcError("--teacher applies to --task distill, not --task sft")
         for key in TASK_OPTIONS:
             if key in given:
-                raise VramcalcError(f"--{key.replace('_', '-')} applies to preference tasks (--task dpo, ipo, simpo, "
-                                    "orpo, cpo), not --task sft")
+                where = ("--task grpo" if key in GRPO_OPTIONS else
+                         "the preference tasks (--task dpo, ipo, simpo, orpo, cpo, kto) and --task grpo")
+                raise VramcalcError(f"--{key.replace('_', '-')} applies to {where}, not --task sft")
         values.update(ref_model=RefModel.NONE, prompt_len=0, completion_len=None)
         return
     if task is Task.DISTILL:
