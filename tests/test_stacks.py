@@ -124,12 +124,24 @@ def test_stacks_command_lists_every_knob_with_its_source(capsys):
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
     assert {row["stack"] for row in rows} == {s.value for s in Stack}
-    knob_rows = [row for row in rows if row["option"]]
+    knob_rows = [row for row in rows if row["option"] and row["option"] != "method"]
     assert len(knob_rows) == sum(len(p.knobs) for p in PRESETS.values())
+    method_rows = {row["stack"]: row["value"] for row in rows if row["option"] == "method"}
+    assert method_rows == {p.stack.value: "one of " + ",".join(m.value for m in p.methods)
+                           for p in PRESETS.values() if p.methods}
     assert all(row["source"] for row in knob_rows)
     assert any(row["stack"] == "unsloth" and "estimate only" in row["note"] for row in rows)
     code, out, _ = run_cli(capsys, "stacks")
     assert code == 0 and "optimizer_in_backward" in out and "litgpt" in out
+
+
+@pytest.mark.parametrize("stack, method", [("torchtune", "ia3"), ("torchtune", "prompt"), ("litgpt", "prompt"),
+                                           ("litgpt", "dora"), ("unsloth", "vera"), ("unsloth", "prompt")])
+def test_a_method_the_stacks_own_code_does_not_run_is_refused(stack, method):
+    # torchtune's recipes run full, LoRA, QLoRA and DoRA; litgpt's finetune scripts full, LoRA and its adapters;
+    # Unsloth's get_peft_model builds a LoraConfig: a figure for any other method would be no stack's
+    with pytest.raises(VramcalcError, match=f"--stack {stack} runs --method"):
+        vramcalc.estimate(MODEL, method=method, stack=stack)
 
 
 def test_unknown_stack_is_one_error_line_listing_the_stacks(capsys):
@@ -168,3 +180,9 @@ def test_requantize_is_a_qlora_load_path_and_leaves_the_training_step_alone():
         assert requantize.peak_tensor_bytes == per_layer.peak_tensor_bytes
     lora = vramcalc.estimate("llama-2-7b", load="requantize", **{**_TT01_ROW, "method": "lora"})
     assert lora.phase != "load"  # nothing is quantized: each tensor is read into its place
+
+
+def test_trl_with_vramcalcs_selective_policy_is_refused_since_trl_selects_otherwise():
+    # trl/models/selective_activation_checkpointing.py:51 keeps attention outputs only; the trace refuses it too
+    with pytest.raises(VramcalcError, match="TRL's own selective checkpointing"):
+        vramcalc.estimate(MODEL, method="lora", stack="trl", grad_ckpt="selective")

@@ -315,6 +315,9 @@ def stack_rows() -> list[dict]:
         base = {"stack": stack.value, "version": preset.version, "summary": preset.summary, "note": note}
         if not preset.knobs:
             rows.append({**base, "option": "", "value": "", "methods": "", "source": "vramcalc defaults"})
+        if preset.methods:  # the only methods the stack's own code runs (any other is refused)
+            rows.append({**base, "option": "method", "value": "one of " + ",".join(m.value for m in preset.methods),
+                         "methods": "", "source": preset.methods_source})
         for knob in preset.knobs:
             value = knob.value if not isinstance(knob.value, bool) else ("on" if knob.value else "off")
             rows.append({**base, "option": knob.option, "value": value,

@@ -40,6 +40,9 @@ class StackPreset:
     summary: str
     knobs: tuple[Knob, ...]
     estimate_only: str = ""  # why vramcalc cannot trace this stack's own code on CPU ('' when it can)
+    # the methods the stack's own code runs, with the source that shows it; () for a stack on peft (any method)
+    methods: tuple[Method, ...] = ()
+    methods_source: str = ""
 
     def knobs_for(self, method: Method) -> tuple[Knob, ...]:
         return tuple(knob for knob in self.knobs if knob.applies_to(method))
@@ -106,7 +109,10 @@ PRESETS: dict[Stack, StackPreset] = {
         Knob("kernels", "unsloth", "unsloth/models/llama.py LlamaDecoderLayer_fast_forward (fast_rms_layernorm), "
              "patch_peft_model (LoRA_QKV, LoRA_W, LoRA_MLP of unsloth/kernels/fast_lora.py when dropout is 0 and "
              "the bias 'none')"),
-    ), estimate_only="Unsloth's kernels are Triton and need a GPU; its memory is modelled from its source"),
+    ), estimate_only="Unsloth's kernels are Triton and need a GPU; its memory is modelled from its source",
+        methods=(Method.FULL, Method.LORA, Method.QLORA, Method.DORA),
+        methods_source="unsloth/models/llama.py:3061-3119 (get_peft_model builds a LoraConfig: LoRA, use_dora "
+                       "through its kwargs; full_finetuning=True for full)"),
     Stack.TORCHTUNE: StackPreset(Stack.TORCHTUNE, _TORCHTUNE, "torchtune single-device recipes", (
         Knob("precision", "bf16-true", "recipes/configs/llama3_1/8B_*_single_device.yaml (dtype: bf16; "
              "training.get_dtype; no recipe enters torch.autocast)"),
@@ -128,7 +134,9 @@ PRESETS: dict[Stack, StackPreset] = {
         Knob("load", "per-layer", "torchtune/modules/peft/lora.py:87-94 (each LoRALinear's base weight is built in "
              "bf16 on the device, then to_nf4)"),
         Knob("packing", False, "same configs (dataset packed: False)"),
-    )),
+    ), methods=(Method.FULL, Method.LORA, Method.QLORA, Method.DORA),
+        methods_source="recipes/full_finetune_*.py, lora_finetune_*.py (LoRA, QLoRA; DoRA with use_dora: "
+                       "torchtune/modules/peft/dora.py)"),
     Stack.LITGPT: StackPreset(Stack.LITGPT, _LITGPT, "litgpt finetune (Fabric, bf16-true)", (
         Knob("precision", "bf16-true", "config_hub/finetune/*/{lora,qlora,full}.yaml (precision: bf16-true; "
              "finetune/lora.py:141-150 refuses mixed precision with --quantize)"),
@@ -150,7 +158,9 @@ PRESETS: dict[Stack, StackPreset] = {
              "quantized: dequantize_4bit returns fp16, then MatMul4Bit casts to bf16)", (Method.QLORA,)),
         Knob("load", "per-layer", "lightning/fabric/plugins/precision/bitsandbytes.py:213-215 (_Linear4bit "
              "quantizes on the device as each layer is built)"),
-    )),
+    ), methods=(Method.FULL, Method.LORA, Method.QLORA),
+        methods_source="litgpt/finetune/{full,lora,adapter,adapter_v2}.py (LoRA with --quantize bnb.nf4 for "
+                       "QLoRA; vramcalc models no adapter method)"),
 }
 
 

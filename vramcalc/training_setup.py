@@ -430,6 +430,10 @@ def _stack_choices(stack: Stack, method: Method, given: dict) -> tuple[dict, dic
     the user did not give comes from: 'stack <name>' or 'default'. A stack knob for an option the method does not
     accept is skipped."""
     allowed = options_for(method)
+    runs = preset(stack).methods
+    if runs and method not in runs:
+        raise VramcalcError(f"--stack {stack.value} runs --method {', '.join(m.value for m in runs)} "
+                            f"({preset(stack).methods_source}), not --method {method.value}")
     chosen, origins = {}, {}
     for knob in preset(stack).knobs_for(method):
         if knob.option in METHOD_SPECIFIC_OPTIONS and knob.option not in allowed:
@@ -512,6 +516,11 @@ def _reject_foreign_options(method: Method, given: dict) -> None:
 
 
 def _check_combination(setup: TrainingSetup) -> None:
+    if setup.stack is Stack.TRL and setup.grad_ckpt is GradCkpt.SELECTIVE:
+        raise VramcalcError("--stack trl with --grad-ckpt selective: TRL's own selective checkpointing saves "
+                            "attention outputs only (trl/models/selective_activation_checkpointing.py:51), not "
+                            "vramcalc's op-level policy (every matmul and attention output, torchtitan's); use "
+                            "--grad-ckpt full or --stack hf")
     if setup.method is Method.QLORA and setup.precision in (Precision.FP32, Precision.FP8):
         raise VramcalcError(
             f"qlora with precision {setup.precision.value} makes no sense: the 4-bit base computes in 16 bits; "
