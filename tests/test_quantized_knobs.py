@@ -119,6 +119,10 @@ CASES = [
                 quant_state_dtype="fp16")),
     (WIDE, dict(seq_len=512, method="qlora", quant="int8")),
     (WIDE, dict(seq_len=1024, method="qlora", quant="int8", grad_ckpt=True)),
+    # reentrant checkpointing builds no autograd node in forward: nothing held beyond the recomputed layer
+    (WIDE, dict(seq_len=2048, method="qlora", quant_saves_input=True, grad_ckpt="reentrant")),
+    (WIDE, dict(seq_len=1024, method="qlora", quant="int8", grad_ckpt="reentrant")),
+    (WIDE, dict(seq_len=1024, method="lora", grad_ckpt="reentrant")),
     (WIDE, dict(seq_len=512, method="qlora", quant="int8", kbit_prep=True)),
     (WIDE, dict(seq_len=512, method="qlora", kbit_prep=True)),
     (TINY["qwen3"], dict(seq_len=512, method="qlora", quant_saves_input=True, quantize_lm_head=True)),
@@ -210,3 +214,22 @@ def test_holding_emulation_keeps_the_input_until_the_graph_dies():
     assert held and freed_with_graph
     not_held, _ = alive_after_backward(False)
     assert not not_held
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("knob", [dict(quant_saves_input=True), dict(quant="int8")])
+def test_reentrant_checkpointing_holds_no_ctx_inputs_where_non_reentrant_holds_every_layers(knob):
+    # the same held inputs (bitsandbytes' ctx.tensors) under the two checkpoint flavours: non-reentrant keeps every
+    # layer's from forward (saved-tensor hooks never see a ctx attribute), reentrant none (no grad in forward)
+    from vramcalc.tracing.runner import run_trace
+
+    spec = WIDE
+    options = dict(seq_len=1024, method="qlora", **knob)
+    traced = {mode: sum(run_trace(spec, resolve_setup(spec, grad_ckpt=mode, **options), progress=False)
+                        .terms.values()) for mode in ("full", "reentrant")}
+    assert traced["full"] > 1.05 * traced["reentrant"]
+    if "quant_saves_input" in knob:  # as if bitsandbytes kept nothing, as 0.44 and later keep
+        plain = sum(run_trace(spec, resolve_setup(spec, grad_ckpt="reentrant", seq_len=1024, method="qlora"),
+                              progress=False).terms.values())
+        assert abs(traced["reentrant"] - plain) < 0.01 * plain

@@ -11,7 +11,7 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "batch_size": "micro-batch per GPU (sequences)",
     "seq_len": "tokens per sequence",
     "grad_ckpt": "activation checkpointing: full (bare --grad-ckpt) | selective (save matmul outputs, recompute "
-                 "the rest) | none",
+                 "the rest) | reentrant (full, as transformers 4.x ran it: use_reentrant=True) | none",
     "attn": "attention kernel: sdpa | flash | eager",
     "lora_rank": "LoRA rank r (lora, qlora), or a peft method's size knob (vramcalc methods says which)",
     "lora_targets": "qv | all-linear | comma list of module names (lora, qlora, and peft methods' target_modules)",
@@ -57,7 +57,8 @@ SETUP_OPTION_HELP: dict[str, str] = {
                "LoRA autograd for QKV, O and the MLP)",
     "packing": "padding-free packed batches (no padding, no 4-D mask)",
     "kbit_prep": "peft prepare_model_for_kbit_training: fp32 unquantized parameters, checkpointing on (qlora)",
-    "quant_saves_input": "the quantized Linear keeps its input for backward, as bitsandbytes <= 0.43 did (qlora)",
+    "quant_saves_input": "the quantized Linear keeps its input for backward, as bitsandbytes <= 0.43 did (qlora); "
+                         "that era's transformers checkpointed reentrantly: pair it with --grad-ckpt reentrant",
     "quantize_lm_head": "quantize lm_head too, as Lightning/litgpt do (qlora)",
     "stable_embedding": "litgpt: swap the embedding for bitsandbytes' StableEmbedding, as litgpt >= 0.4.13 does "
                         "(qlora; --no-stable-embedding for older litgpt)",

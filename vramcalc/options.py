@@ -394,12 +394,17 @@ class GradCkpt(Choice):
     """Activation checkpointing. ``full``: each decoder layer keeps only its input and recomputes the rest in backward
     (transformers ``gradient_checkpointing_enable``, non-reentrant in v5). ``selective``: torch's op-level policy
     (``torch.utils.checkpoint.create_selective_checkpoint_contexts``, as torchtitan's "op" mode and Megatron's
-    selective recompute use it): matmul outputs are saved, the other ops are recomputed.
+    selective recompute use it): matmul outputs are saved, the other ops are recomputed. ``reentrant``: full
+    checkpointing as transformers 4.x ran it (``use_reentrant=True``, its default since 4.35 and torch's before):
+    the checkpointed forward runs without grad, so it builds no autograd node at all, and what an op keeps as a
+    ctx attribute rather than through ``save_for_backward`` (bitsandbytes' ``MatMul4Bit`` up to 0.43,
+    ``MatMul8bitLt``: ``terms/quantized.py``) is not kept from forward either; otherwise as ``full``.
     ``bool(GradCkpt.NONE)`` is False, so ``if setup.grad_ckpt:`` reads "some checkpointing"."""
 
     NONE = "none"
     FULL = "full"
     SELECTIVE = "selective"
+    REENTRANT = "reentrant"
 
     def __bool__(self) -> bool:
         return self is not GradCkpt.NONE

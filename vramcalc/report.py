@@ -203,7 +203,8 @@ def describe_setup(inputs: dict) -> str:
     """A resolved setup in words: 'full fine-tuning, bf16, adamw, batch 1 x seq_len 2048, no checkpointing, sdpa'."""
     method = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA", "prompt": "prompt tuning"}.get(
         inputs["method"], inputs["method"])
-    ckpt = {"none": "no checkpointing", "full": "full checkpointing", "selective": "selective checkpointing"}.get(
+    ckpt = {"none": "no checkpointing", "full": "full checkpointing", "selective": "selective checkpointing",
+            "reentrant": "full checkpointing (reentrant)"}.get(
         inputs["grad_ckpt"], f"checkpointing {inputs['grad_ckpt']}")
     parts = [method]
     if inputs["method"] in ("lora", "qlora"):

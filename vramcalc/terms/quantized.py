@@ -14,7 +14,9 @@ Knobs (``TrainingSetup`` fields, read with their defaults so that a setup withou
   input through unchanged for fp32/bf16 inputs (``Linear4bit.set_compute_type``); an fp16 input is cast to the compute
   dtype, a private copy per Linear. o_proj reads a fresh copy under eager attention and for fused-qkv models under
   flash. Under checkpointing the layer's own saves are dropped, so every distinct held input costs its bytes, and
-  the first layer's input requires grad too (traced). Traced on fake tensors: ``tests/test_quantized_knobs.py``.
+  the first layer's input requires grad too (traced). Under reentrant checkpointing (``GradCkpt.REENTRANT``) the
+  checkpointed forward builds no autograd node, so the decoder layers hold nothing from forward (a recomputed
+  layer holds its inputs during its own backward only). Traced on fake tensors: ``tests/test_quantized_knobs.py``.
 - ``quantize_lm_head``: lm_head is 4-bit (or int8) too; with held inputs, its input (the final norm's output) is held.
 - ``quant_state_dtype``: the dtype ``dequantize_4bit`` returns (the quant state's, i.e. the dtype of the tensor that
   was quantized: Lightning quantizes an fp16 copy, Lightning@71aed751 ``fabric/plugins/precision/bitsandbytes.py:221``)
@@ -33,9 +35,9 @@ from typing import NamedTuple
 
 from ..facts import BNB_BLOCKSIZE, BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS, half_dtype
 from ..model import ModelSpec
-from ..options import Attention, Method
+from ..options import Attention, GradCkpt, Method
 from ..units import DType, maximum, select
-from .activations import LayerSetup, Saved, _LayerWalk, first_layer_needs_grad
+from .activations import LayerSetup, Saved, _LayerWalk, checkpoint_mode, first_layer_needs_grad
 from .parameters import quant_is_int8
 
 _F32 = DType.FP32.bytes
@@ -218,7 +220,7 @@ def layer_held(model: ModelSpec, layer: LayerSetup, k: QuantKnobs, moe: bool, ma
 
 @functools.lru_cache(maxsize=4096)
 def model_held(model: ModelSpec, layer: LayerSetup, k: QuantKnobs, masked: bool = False,
-               head_input_shared: bool = False, grad_ckpt: bool = False) -> Saved:
+               head_input_shared: bool = False, grad_ckpt: GradCkpt = GradCkpt.NONE) -> Saved:
     """Everything quantized Linears hold from forward until the graph dies: every decoder layer's ``layer_held``
     (the first layer's inputs need a gradient only when ``first_layer_needs_grad`` or, under checkpointing, where
     the stack makes them: ``StackLayers.checkpoint_inputs_need_grad``) and, for a quantized lm_head, its input (the
@@ -226,20 +228,24 @@ def model_held(model: ModelSpec, layer: LayerSetup, k: QuantKnobs, masked: bool 
     (``head_input_shared``: a bf16 LoRA on lm_head without dropout)."""
     if not k.saves_input:
         return Saved()
+    total = Saved()
+    if k.head_quantized and not head_input_shared:  # lm_head runs outside every checkpoint
+        dt = layer.dtypes
+        total += Saved(per_token=max(dt.norm_out, dt.r) * model.hidden_size)
+    if grad_ckpt is GradCkpt.REENTRANT:  # no autograd node from a checkpointed forward
+        return total
     first_moe = model.is_moe_layer(0)
     # transformers + peft under checkpointing: enable_input_require_grads (traced: layer 0's norm output is held)
     first_grad = ((grad_ckpt and layer.layers.checkpoint_inputs_need_grad)
                   or first_layer_needs_grad(layer.method, layer.modules_to_save))
-    total = layer_held(model, layer, k, first_moe, masked, first_grad, grad_ckpt)
+    ckpt = bool(grad_ckpt)
+    total += layer_held(model, layer, k, first_moe, masked, first_grad, ckpt)
     dense = model.num_dense_layers - (0 if first_moe else 1)
     moe = model.num_moe_layers - (1 if first_moe else 0)
     if dense:
-        total += layer_held(model, layer, k, False, masked, True, grad_ckpt) * dense
+        total += layer_held(model, layer, k, False, masked, True, ckpt) * dense
     if moe:
-        total += layer_held(model, layer, k, True, masked, True, grad_ckpt) * moe
-    if k.head_quantized and not head_input_shared:
-        dt = layer.dtypes
-        total += Saved(per_token=max(dt.norm_out, dt.r) * model.hidden_size)
+        total += layer_held(model, layer, k, True, masked, True, ckpt) * moe
     return total
 
 
@@ -262,7 +268,8 @@ def step_extras(model: ModelSpec, setup, layer: LayerSetup, masked, batch_size, 
         return StepExtras(0, 0, 0, 0, False)
     dt = layer.dtypes
     tokens = batch_size * seq_len
-    held = model_held(model, layer, k, masked, head_input_shared, bool(setup.grad_ckpt)).bytes(batch_size, seq_len)
+    held = model_held(model, layer, k, masked, head_input_shared,
+                      checkpoint_mode(setup.grad_ckpt)).bytes(batch_size, seq_len)
     a = max(dt.r, dt.c)
     deq = dequant_bytes(model, setup, a, tokens, dt.c)
     head_out = max(dt.norm_out, dt.r) * tokens * model.vocab_size if k.head_quantized else 0

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import VramcalcError
 from ..model import ModelSpec
 from .. import facts
-from ..options import AdapterDtype, Attention, Method, Precision, Quant
+from ..options import AdapterDtype, Attention, GradCkpt, Method, Precision, Quant
 from ..training_setup import ResolvedSetup
 
 TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -289,11 +289,12 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
             materialise_quant_states(model, device)
     if setup.grad_ckpt:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        kwargs = {"use_reentrant": GradCkpt.parse(setup.grad_ckpt, "grad_ckpt") is GradCkpt.REENTRANT}
         enable = getattr(inner, "activation_checkpointing_enable", None)  # transformers >= 5.18
         if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable(activation_checkpointing_kwargs=kwargs)
         else:
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     return model
 
