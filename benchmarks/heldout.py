@@ -10,7 +10,10 @@ unit the source's code prints, a confidence and what is unknown), with the vramc
 24 GB cards, reserved, GiB) and foundation-model-stack/fms-acceleration ``scripts/benchmarks/refs/a100_80gb.csv``
 @24bdadb (Mistral, Mixtral, Llama-2-70B, max_memory_allocated, bytes). Compared like the development set's judge:
 allocated rows with ``peak_tensor_bytes``, reserved rows with ``peak_tensor_bytes + allocator_slack``. It checks
-mechanisms learned elsewhere; a coefficient tuned to these rows would make it one more development set.
+mechanisms learned elsewhere; a coefficient tuned to these rows would make it one more development set. The options
+describe each row's software: fms-acceleration's Mixtral QLoRA rows ran transformers 4.48.1, whose per-expert
+``nn.Linear`` experts bitsandbytes quantizes (``quantize_experts``, added in session 31 after these rows showed
++125..+387% with v5's 16-bit fused experts).
 """
 
 from __future__ import annotations

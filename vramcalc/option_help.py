@@ -60,6 +60,8 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "quant_saves_input": "the quantized Linear keeps its input for backward, as bitsandbytes <= 0.43 did (qlora); "
                          "that era's transformers checkpointed reentrantly: pair it with --grad-ckpt reentrant",
     "quantize_lm_head": "quantize lm_head too, as Lightning/litgpt do (qlora)",
+    "quantize_experts": "a mixture of experts whose experts are nn.Linear per expert, as transformers < 5 built "
+                        "them, so bitsandbytes quantizes them (transformers 5 fuses them, left 16-bit) (qlora)",
     "stable_embedding": "litgpt: swap the embedding for bitsandbytes' StableEmbedding, as litgpt >= 0.4.13 does "
                         "(qlora; --no-stable-embedding for older litgpt)",
     "quant_state_dtype": "auto | bf16 | fp16 | fp32: the dtype the weights were quantized from (qlora)",

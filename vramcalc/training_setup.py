@@ -133,6 +133,7 @@ class TrainingSetup:
     kbit_prep: bool = False  # peft prepare_model_for_kbit_training (qlora): called by the user, not by Trainer
     quant_saves_input: bool = False  # bitsandbytes >= 0.44: MatMul4Bit saves (None, B) (qlora)
     quantize_lm_head: bool = False  # transformers keeps lm_head unquantized (qlora)
+    quantize_experts: bool = False  # transformers 5 fuses the experts into 3-D parameters, left 16-bit (qlora)
     quant_state_dtype: QuantStateDtype = QuantStateDtype.AUTO  # (qlora)
     quant_storage: QuantStorage = QuantStorage.UINT8  # bnb_4bit_quant_storage default (qlora)
     gptq_group_size: int = 128  # GPTQConfig group_size default (qlora --quant int4-gptq; -1: one group per column)
@@ -220,6 +221,7 @@ class ResolvedSetup:
 
 _LORA_OPTIONS = ("lora_rank", "lora_targets", "lora_dropout", "adapter_dtype", "modules_to_save")
 _QLORA_OPTIONS = ("quant", "double_quant", "compute_dtype", "kbit_prep", "quant_saves_input", "quantize_lm_head",
+                  "quantize_experts",
                   "quant_state_dtype", "quant_storage", "stable_embedding", "gptq_group_size", "gptq_desc_act")
 _PROMPT_OPTIONS = ("virtual_tokens",)
 METHOD_OPTIONS = {  # the options that belong to one method; every other method rejects them
@@ -314,6 +316,8 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
                                 "quant_saves_input"),
         quantize_lm_head=_bool(chosen.get("quantize_lm_head", SETUP_DEFAULTS["quantize_lm_head"]),
                                "quantize_lm_head"),
+        quantize_experts=_bool(chosen.get("quantize_experts", SETUP_DEFAULTS["quantize_experts"]),
+                               "quantize_experts"),
         quant_state_dtype=QuantStateDtype.parse(chosen.get("quant_state_dtype", SETUP_DEFAULTS["quant_state_dtype"]),
                                                 "quant state dtype"),
         quant_storage=QuantStorage.parse(chosen.get("quant_storage", SETUP_DEFAULTS["quant_storage"]), "quant storage"),
@@ -382,6 +386,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         )
     lora_modules = _lora_modules(model, setup) if _takes_targets(setup.method) else ()
     _check_modules_to_save(model, setup, lora_modules)
+    _check_quantize_experts(model, setup, lora_modules)
     if gptq.is_gptq(setup):
         gptq.check_packable(model, setup.gptq_group_size)
     warnings += parallel_degrees.tp_warnings(setup, lora_modules)
@@ -555,6 +560,29 @@ def _check_combination(setup: TrainingSetup) -> None:
         raise VramcalcError("--attn flash needs 16-bit compute: FlashAttention-2 has no fp32 kernel (flash-attn "
                             "csrc/flash_attn/flash_api.cpp: 'FlashAttention only support fp16 and bf16 data type'); "
                             "use --attn sdpa or eager, or --precision bf16, fp16, mixed-bf16 or mixed-fp16")
+
+
+def _check_quantize_experts(model: ModelSpec, setup: TrainingSetup, lora_modules: tuple[str, ...]) -> None:
+    """``--quantize-experts`` (transformers < 5: each expert's projections are ``nn.Linear`` modules, which
+    bitsandbytes quantizes) is modelled for a mixture of experts whose experts stay frozen: LoRA on the expert
+    projections follows v5's fused layout (peft's ``ParamWrapper``, terms/moe_lora.py), not 4.x's per-expert
+    Linears."""
+    if not setup.quantize_experts:
+        return
+    from .terms.moe_lora import target_parameters
+
+    if not model.is_moe or model.traits.dense_experts:
+        raise VramcalcError(f"--quantize-experts needs a mixture-of-experts model with routed experts; {model.name} "
+                            "has none")
+    if setup.quant is not Quant.NF4 and setup.quant is not Quant.FP4:
+        raise VramcalcError(f"--quantize-experts is modelled for a bitsandbytes 4-bit base (--quant nf4 or fp4), "
+                            f"not --quant {setup.quant.value}")
+    if target_parameters(model.family, lora_modules):
+        raise VramcalcError("--quantize-experts keeps the experts frozen: leave the expert projections out of "
+                            "--lora-targets (LoRA on transformers 4.x's per-expert Linears is not modelled)")
+    if setup.ep > 1:
+        raise VramcalcError("--quantize-experts is not modelled with --ep (transformers 5's expert parallelism "
+                            "shards the fused experts)")
 
 
 def _check_quant_storage(setup: TrainingSetup) -> None:

@@ -8,7 +8,10 @@ Dtype rules (transformers v5, peft 0.21, bitsandbytes 0.50):
 - QLoRA replaces every decoder nn.Linear by a 4-bit ``Linear4bit``: packed 4-bit codes (``ceil(n/2)`` uint8), the
   absmax per 64-block (fp32, or uint8 with double quantization plus an fp32 absmax per 256 blocks, a 256-entry fp32
   code and an fp32 offset) and a 16-entry fp32 code (``bitsandbytes/functional.py::quantize_4bit``). Embeddings,
-  norms, lm_head, routers and v5's 3-D experts are not nn.Linear and stay unquantized (bitsandbytes #1849);
+  norms, lm_head, routers and v5's 3-D experts are not nn.Linear and stay unquantized (bitsandbytes #1849), except
+  under ``quantize_experts``: transformers 4.x built each expert's projections as ``nn.Linear`` modules
+  (modeling_mixtral.py ``MixtralBlockSparseTop2MLP`` w1/w2/w3 in a ``ModuleList``), which bitsandbytes quantizes, so
+  the experts store 4-bit codes with one absmax per 64 weights, as the v5 tensor's blocks would;
   with ``mixed-*`` precision ``peft.prepare_model_for_kbit_training`` casts them to fp32;
 - LoRA adds A [r, in] and B [out, r] per targeted module, in fp32 (peft ``autocast_adapter_dtype=True``) or in the
   model's 16-bit dtype; prompt tuning adds one [virtual_tokens, h] embedding. LoRA on ``lm_head`` is a Linear
@@ -77,7 +80,7 @@ def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTen
 
 def parameter_key(resolved: ResolvedSetup) -> tuple:
     """(method, precision, double_quant, lora_modules, lora_rank, adapter_bits, virtual_tokens, int8,
-    quantize_lm_head, gptq_group_size, modules_to_save): what the stored tensors depend on. Values a method does not
+    quantize_lm_head, gptq_group_size, modules_to_save, quantize_experts): what the stored tensors depend on. Values a method does not
     read are normalised (no LoRA: no modules, rank 0; no prompt: 0 virtual tokens; no QLoRA: no double quantization,
     no int8, no 4-bit lm_head, no GPTQ group)."""
     setup = resolved.setup
@@ -90,7 +93,8 @@ def parameter_key(resolved: ResolvedSetup) -> tuple:
             adapter_bits(resolved) if lora or method is Method.PROMPT else 0,
             setup.virtual_tokens if method.prepends_tokens or method is Method.PREFIX else 0,
             int8, qlora and bool(getattr(setup, "quantize_lm_head", False)),
-            setup.gptq_group_size if qlora and is_gptq(setup) else 0, setup.modules_to_save)
+            setup.gptq_group_size if qlora and is_gptq(setup) else 0, setup.modules_to_save,
+            qlora and bool(getattr(setup, "quantize_experts", False)))
 
 
 def quant_is_int8(setup) -> bool:
@@ -108,7 +112,7 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
                       lora_modules: tuple[str, ...], lora_rank: int, adapter_bits: int,
                       virtual_tokens: int, int8: bool = False,
                       quantize_lm_head: bool = False, gptq_group_size: int = 0,
-                      modules_to_save: tuple[str, ...] = ()) -> tuple[StoredTensor, ...]:
+                      modules_to_save: tuple[str, ...] = (), quantize_experts: bool = False) -> tuple[StoredTensor, ...]:
     """Every parameter tensor the step stores, with its dtype, trainability and quantization state.
 
     Base weights in the precision's parameter dtype (fp32 where ``keep_fp32``; 16 bits under QLoRA without a
@@ -140,6 +144,11 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
                                               base_bits // 8, tensor.scope))
             if tensor.kind is ParamKind.LINEAR and module in linear_names:
                 continue
+        is_expert_weight = quantize_experts and tensor.kind is ParamKind.EXPERTS and len(tensor.shape) == 3
+        if is_expert_weight and quantized_linears:  # one quantized Linear per expert: E per layer
+            out.append(_quantized(tensor.name, tensor.shape[1:], tensor.count * tensor.shape[0], int8, double_quant,
+                                  tensor.scope))
+            continue
         if quantized_linears and (is_linear_weight or (quantize_lm_head and is_head_weight)):
             out.append(_quantized(tensor.name, tensor.shape, tensor.count, int8, double_quant, tensor.scope))
             continue

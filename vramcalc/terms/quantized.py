@@ -105,6 +105,15 @@ def _dequant_4bit_backward(numel: int, k: QuantKnobs, a_bytes: int) -> int:
     return a_bytes * numel + (_F32 * -(-numel // BNB_BLOCKSIZE) if k.double_quant else 0)
 
 
+def largest_quantized_numel(model: ModelSpec, setup=None) -> int:
+    """Weights of the largest 4-bit decoder Linear: with ``quantize_experts`` (transformers 4.x's per-expert
+    Linears) also one expert projection, [I_e, h]."""
+    largest = max(module.weight_numel for module in model.inventory.linears)
+    if setup is not None and getattr(setup, "quantize_experts", False):
+        largest = max(largest, model.expert_width * model.hidden_size)
+    return largest
+
+
 def dequant_bytes(model: ModelSpec, setup, a_bytes: int, tokens, c_bytes: int | None = None) -> DequantBytes:
     """Dequantized-weight transients of the largest quantized decoder Linear and of a quantized lm_head.
 
@@ -127,9 +136,10 @@ def dequant_bytes(model: ModelSpec, setup, a_bytes: int, tokens, c_bytes: int | 
         layer = maximum(a_bytes * largest.weight_numel + _F32 * largest.out_features - others, 0)
         head_bwd = a_bytes * head_numel + _F32 * model.vocab_size if k.head_quantized else 0
         return DequantBytes(layer, 0, head_bwd)
-    today = select(above, a_bytes * largest.weight_numel + _absmax_bytes(largest.weight_numel, k.double_quant), 0)
+    numel = largest_quantized_numel(model, setup)  # (per-expert Linears under quantize_experts)
+    today = select(above, a_bytes * numel + _absmax_bytes(numel, k.double_quant), 0)
     if k.quant_state:  # never less than today's formula (terms/temporaries.py::dequantized_weight_bytes)
-        layer = maximum(today, maximum(_dequant_4bit_backward(largest.weight_numel, k, a_bytes) - others, 0))
+        layer = maximum(today, maximum(_dequant_4bit_backward(numel, k, a_bytes) - others, 0))
     else:
         layer = today
     if not k.head_quantized:

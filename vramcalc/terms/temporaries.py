@@ -135,7 +135,7 @@ def dequantized_weight_bytes(model: ModelSpec, method: Method, double_quant: boo
         return 0  # (a GPTQ base dequantizes in forward only: terms/gptq.py)
     if setup is not None and not quantized.knobs(setup).is_default:
         return quantized.dequant_bytes(model, setup, max(dt.r, dt.c), tokens, dt.c).layer_backward
-    largest = max(module.weight_numel for module in model.inventory.linears)
+    largest = quantized.largest_quantized_numel(model, setup)
     absmax = 2 * _F32 * -(-largest // BNB_BLOCKSIZE) if double_quant else 0
     return select(tokens > BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS, max(dt.r, dt.c) * largest + absmax, 0)
 

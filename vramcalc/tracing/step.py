@@ -409,6 +409,10 @@ def check_traceable_knobs(setup) -> None:
     if kernels is Kernels.UNSLOTH:
         raise VramcalcError("--kernels unsloth is estimate only: Unsloth's RMSNorm, RoPE and LoRA kernels are "
                             "Triton kernels, which need a GPU; use vramcalc estimate")
+    if getattr(setup, "quantize_experts", False):
+        raise VramcalcError("--quantize-experts is estimate only: transformers 5 builds the experts as fused 3-D "
+                            "parameters, and the per-expert nn.Linear layout of transformers 4.x is not installed "
+                            "to trace; use vramcalc estimate")
     if getattr(setup, "compile", False) and setup.method is Method.QLORA:
         raise VramcalcError("--compile with --method qlora is estimate only: AOTAutograd cannot functionalize "
                             "bitsandbytes' double-quantized dequantize (an in-place add_ on the absmax), which "
