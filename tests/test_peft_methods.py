@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+import vramcalc as vc
+from vramcalc.errors import VramcalcError
 from vramcalc.estimator import step_moments
 from vramcalc.options import Method
 from vramcalc.peft_methods import PEFT_METHODS
@@ -216,3 +218,24 @@ def test_dora_on_a_4bit_base_is_traced_with_bitsandbytes_weights():
         traced = run_trace(spec, resolved, progress=False, steps=2).terms
         weights[quant] = traced[next(term for term in traced if term.value == "weights")]
     assert weights["nf4"] < weights[None]
+
+
+@pytest.mark.parametrize("options", [dict(kbit_prep=True), dict(quant_saves_input=True)])
+def test_a_peft_method_on_a_16_bit_base_refuses_the_quantized_base_knobs(options):
+    with pytest.raises(VramcalcError, match="applies to a quantized base"):
+        vc.estimate("llama-3.1-8b", method="dora", **options)
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("options", [dict(kbit_prep=True), dict(quant_saves_input=True)])
+def test_qdora_takes_kbit_prep_and_held_inputs_as_the_real_libraries_run_them(options):
+    # peft's prepare_model_for_kbit_training takes any model on a bitsandbytes base (QDoRA recipes call it); the
+    # held inputs are bitsandbytes' Linear4bit's, whatever adapter wraps it
+    from vramcalc.tracing.runner import run_trace
+
+    spec = TINY["llama"]
+    resolved = resolve_setup(spec, method="dora", quant="nf4", seq_len=256, batch_size=2, **options)
+    traced = sum(run_trace(spec, resolved, progress=False).terms.values())
+    estimated = vc.estimate(spec, method="dora", quant="nf4", seq_len=256, batch_size=2, **options).peak_tensor_bytes
+    assert abs(estimated / traced - 1) < 0.01, (estimated, traced)

@@ -68,8 +68,8 @@ class PeftMethodFacts:
         out.append("adapter_dtype")
         if self.targets:  # a tuner's config: modules_to_save (peft 0.21.2 ``tuners/tuners_utils.py:1144``
             out.append("modules_to_save")  # ``set_additional_trainable_modules``; training_setup.MODULES_TO_SAVE)
-        if self.quant_base:
-            out += ["quant", "double_quant", "compute_dtype"]
+        if self.quant_base:  # peft's prepare_model_for_kbit_training takes any model on a bitsandbytes base
+            out += ["quant", "double_quant", "compute_dtype", "kbit_prep", "quant_saves_input"]
         return tuple(out)
 
 

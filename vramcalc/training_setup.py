@@ -331,8 +331,8 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         device_map=DeviceMap.parse(chosen.get("device_map", SETUP_DEFAULTS["device_map"]), "device map"),
         modules_to_save=modules_to_save_names(model, chosen.get("modules_to_save", SETUP_DEFAULTS["modules_to_save"])),
     )
+    _apply_peft_defaults(values, chosen, origins)  # (a peft method's base is 16-bit unless --quant: before kbit prep)
     _apply_kbit_prep(values, chosen, origins)
-    _apply_peft_defaults(values, chosen, origins)
     if (values["optimizer_in_backward"] and origins.get("optimizer_in_backward", "").startswith("stack")
             and (values["sharding"] is not Sharding.NONE or values["grad_accum"] > 1)):
         # a preset's optimizer_in_bwd is its single-device config's (torchtune 8B_full_single_device.yaml): it yields
@@ -459,7 +459,13 @@ def _apply_kbit_prep(values: dict, chosen: dict, origins: dict) -> None:
     becomes fp32 and, by default (``use_gradient_checkpointing=True``), gradient checkpointing is turned on. So for
     QLoRA ``kbit_prep`` with 16-bit ``precision`` is the ``mixed-*`` word (fp32 unquantized params under 16-bit
     autocast), and a ``mixed-*`` QLoRA is a prepared one: the two words are kept in agreement here."""
-    if values["method"] is not Method.QLORA:
+    peft_method = values["method"].peft_facts is not None
+    if peft_method and values["quant"] is Quant.NONE:
+        for key in ("kbit_prep", "quant_saves_input"):
+            if chosen.get(key):
+                raise VramcalcError(f"--{key.replace('_', '-')} applies to a quantized base: add --quant nf4 "
+                                    f"(or fp4, int8) to --method {values['method'].value}")
+    if values["method"] is not Method.QLORA and not peft_method:
         return
     mixed = {Precision.BF16: Precision.MIXED_BF16, Precision.FP16: Precision.MIXED_FP16}
     prepared_explicitly = bool(values["kbit_prep"])  # by the user or the stack

@@ -252,7 +252,7 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
                 quantize_linears(model, setup)
                 if setup.method.peft_facts is not None:  # as a 4-bit from_pretrained marks it: peft's bnb layers
                     _mark_quantized(model, setup)
-                elif getattr(setup, "kbit_prep", False):
+                if getattr(setup, "kbit_prep", False):
                     _prepare_for_kbit_training_as_called(model, setup)
                 elif setup.precision.is_mixed:
                     _prepare_for_kbit_training(model)
