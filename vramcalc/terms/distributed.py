@@ -261,6 +261,9 @@ class Gathering:
     tail: Unit  # final norm + lm_head (+ the embedding when tied)
     keep_gathered: bool  # shard-grad-op: units stay gathered from forward until their backward
     tied: bool
+    # FSDP2's tied tail is not resharded until its post-backward, after the embedding's backward; ZeRO-3 releases a
+    # parameter by its reuse distance instead (not modelled: False)
+    tail_kept_through_backward: bool = False
 
     def layer(self, moe: bool) -> Unit:
         return self.moe if moe else self.dense
@@ -403,6 +406,7 @@ def gathering_units(spec: ModelSpec, tensors: tuple[StoredTensor, ...], n_ranks,
         tail=_unit([(t, c) for t, c in model_level if _unit_of(t, tied) == "tail"], *args),
         keep_gathered=keep_gathered,
         tied=tied,
+        tail_kept_through_backward=tied and zero3_prefetch_bytes is None,
     )
 
 
@@ -692,8 +696,9 @@ class GatheredTimeline:
         # a tied tail holds the embedding: gathered at the embedding's forward, it stays gathered (not resharded after
         # forward) and keeps lm_head's unsharded gradient until the embedding's backward, the last use of its weight;
         # only then is it reduced (``side_stream_pools``' reduce order)
-        self.tied_tail = tied_tail = g.tail.params_bytes if g.tied else 0
-        self.tail_waiting_grads = g.tail.grads_bytes if g.tied else 0
+        tied_tail = g.tail.params_bytes if g.tied else 0
+        self.tied_tail = tied_tail if g.tail_kept_through_backward else 0  # gathered through the layers' backward
+        self.tail_waiting_grads = g.tail.grads_bytes if g.tied else 0  # (autograd's: whatever the engine)
         self.last_layer_copy_out = (kept or last.params_bytes) + before_last + last.buffer_bytes + tied_tail
         self.last_layer_forward = (kept or last.params_bytes) + last.buffer_bytes + tied_tail
         self.tail_copy_out = kept + (0 if g.tied else last.buffer_bytes + g.tail.buffer_bytes
@@ -712,6 +717,7 @@ class GatheredTimeline:
         # unit's: a nested experts unit was reduced before it)
         self.embedding_reduced = (self.reduced_shards + self.layer(0).reduce_buffer_bytes
                                   - self.layer(0).nested_reduce_bytes)
+        # (a tied embedding is the tail: gathered again for its backward where the engine released it)
         self.embedding_gathered = g.embed.params_bytes + tied_tail
         self.embedding_copy_out = g.embed.params_bytes + (0 if g.keep_gathered else g.embed.buffer_bytes) + tied_tail
 
