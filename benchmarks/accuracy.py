@@ -5,6 +5,7 @@
     python benchmarks/accuracy.py --first 63 --out benchmarks/accuracy_knobs.csv   # issue 11's knob rows only
     python benchmarks/accuracy.py --first 85 --limit 7 --out benchmarks/accuracy_loop.csv  # the hf-loop rows only
     python benchmarks/accuracy.py --first 92 --out benchmarks/accuracy_modules_to_save.csv  # --modules-to-save rows
+    python benchmarks/accuracy.py --first 109 --out benchmarks/accuracy_session31.csv  # reentrant, QDoRA, tied FSDP, MoE SAC
 
 Each row: the setup, every tensor term estimated and traced (bytes), the peak phase of each, and the relative error
 of ``peak_tensor_bytes`` (estimate - trace) / trace. Rows are appended as they are traced.
@@ -166,6 +167,19 @@ GRID = [
                           modules_to_save="embed_tokens,lm_head")),
     ("tinyllama-1.1b", dict(seq_len=512, method="lora", num_gpus=2, sharding="fsdp",
                             modules_to_save="embed_tokens,lm_head")),
+    # session 31: reentrant checkpointing (transformers 4.x: no ctx-held inputs from a no-grad forward), QDoRA with
+    # kbit preparation and held inputs, a tied tail under FSDP2 (gathered with lm_head's gradient until the embedding's
+    # backward; bf16-true keeps bf16 shards), selective checkpointing's MoE router and expert matmul outputs
+    ("llama-3.1-8b", dict(seq_len=2048, method="qlora", quant_saves_input=True, grad_ckpt="reentrant")),
+    ("mistral-7b", dict(seq_len=2048, method="qlora", quant="int8", grad_ckpt="reentrant")),
+    ("qwen2.5-7b", dict(seq_len=2048, method="lora", grad_ckpt="reentrant")),
+    ("llama-3.1-8b", dict(seq_len=1024, method="dora", quant="nf4", kbit_prep=True)),
+    ("qwen2.5-7b", dict(seq_len=1024, method="dora", quant="nf4", quant_saves_input=True)),
+    ("llama-3.2-1b", dict(seq_len=2048, batch_size=2, grad_ckpt=True, num_gpus=2, sharding="fsdp",
+                          precision="bf16-true")),
+    ("llama-3.2-3b", dict(seq_len=2048, grad_ckpt=True, num_gpus=4, sharding="fsdp")),
+    ("smollm2-360m", dict(seq_len=1024, batch_size=4, num_gpus=8, sharding="fsdp", precision="bf16-true")),
+    ("qwen3-30b-a3b", dict(seq_len=1024, method="lora", grad_ckpt="selective")),
 ]
 
 
