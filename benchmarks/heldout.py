@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import vramcalc  # noqa: E402
+from benchmarks.published import p90  # noqa: E402  (the development-set judge's interpolated P90)
 
 GIB = 2**30
 
@@ -54,11 +55,6 @@ def judge(rows):
     return out
 
 
-def _p90(values):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-
-
 def _summary(records, key):
     groups = {}
     for r in records:
@@ -67,7 +63,7 @@ def _summary(records, key):
     lines = ["| group | n | median abs err | P90 | median signed |", "|---|---|---|---|---|"]
     for name, errors in sorted(groups.items()):
         absolute = [abs(e) for e in errors]
-        lines.append(f"| {name} | {len(errors)} | {statistics.median(absolute):.1%} | {_p90(absolute):.1%} | "
+        lines.append(f"| {name} | {len(errors)} | {statistics.median(absolute):.1%} | {p90(absolute):.1%} | "
                      f"{statistics.median(errors):+.1%} |")
     return lines
 

@@ -776,7 +776,7 @@ def _shape_errors(records) -> None:
 # Report
 
 
-def _p90(values):
+def p90(values):
     ordered = sorted(values)
     if not ordered:
         return float("nan")
@@ -791,7 +791,7 @@ def _stats(records):
     signed = [float(r["error"]) for r in records]
     if not errors:
         return None
-    return dict(n=len(errors), median=statistics.median(errors), p90=_p90(errors), max=max(errors),
+    return dict(n=len(errors), median=statistics.median(errors), p90=p90(errors), max=max(errors),
                 bias=statistics.median(signed))
 
 
@@ -845,7 +845,7 @@ def _unit_unstated_section(records) -> list[str]:
 
     def stats(values):
         values = [abs(v) for v in values]
-        return f"{statistics.median(values):.1%} | {_p90(values):.1%} | {max(values):.1%}" if values else "- | - | -"
+        return f"{statistics.median(values):.1%} | {p90(values):.1%} | {max(values):.1%}" if values else "- | - | -"
 
     lines = ["", "## Unit unstated (GB? rows): both readings, and the shape of each sweep", "",
              "These rows state their memory in \"GB\" without saying 1e9 or 2^30 bytes (the Qwen README's profiling "

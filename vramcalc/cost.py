@@ -443,7 +443,7 @@ def step_work_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_
         cp=cp, cp_comm_bytes=float(_cp.context_parallel_traffic(spec, _cp.whole_job(resolved), _dtypes(
             setup.method, setup.precision, setup.adapter_dtype).c).total_bytes) if cp > 1 else 0.0,
         train_base=setup.method is Method.FULL, adapter_params=0 if setup.method is Method.FULL else
-        adapter_params(spec, resolved), grad_ckpt=setup.grad_ckpt.value,
+        adapter_params(spec, resolved), grad_ckpt=setup.grad_ckpt.recompute.value,
         fused_elementwise=bool(setup.compile) or setup.kernels is Kernels.LIGER, loss=setup.loss.value,
         quant_bits=setup.quant.bits if setup.method is Method.QLORA else 0,
         fp8_linears=setup.precision is Precision.FP8, optimizer_bytes_per_param=optimizer_bytes_per_param(resolved),
@@ -467,7 +467,7 @@ def step_work_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_
         work_setup = replace(work_setup, serial_extra_s=work_setup.serial_extra_s + _step.pipeline_transfer_seconds(
             work_setup.tokens, spec.hidden_size, _dm.pipeline_boundaries(_dm.placement(
                 spec, setup.precision, _dm.method_quant(setup.method, setup.quant), setup.num_gpus)), link_gb_s,
-            recompute_forwards=_step.RECOMPUTE_BY_MODE[setup.grad_ckpt.value][0]))
+            recompute_forwards=_step.RECOMPUTE_BY_MODE[setup.grad_ckpt.recompute.value][0]))
     work = _step.step_work(shape, work_setup, matmul_tflops=mm.tflops, fp8_matmul_tflops=fp8.tflops if fp8 else None,
                            dp_link_gb_s=link_gb_s, tp_link_gb_s=tp_links.ring_gb_s if tp_links else 0.0,
                            cp_link_gb_s=cp_links.ring_gb_s if cp_links else 0.0)

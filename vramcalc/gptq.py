@@ -84,14 +84,14 @@ def check_setup(setup) -> None:
 
 
 def check_packable(model: ModelSpec, group_size: int) -> None:
-    """(Checked once, when the setup is resolved.) auto-gptq packs 8 weights per int32 and regroups ``weight.reshape(-1, g, out)`` (``qlinear_cuda_old.py:52,
+    """auto-gptq packs 8 weights per int32 and regroups ``weight.reshape(-1, g, out)`` (``qlinear_cuda_old.py:52,
     59,316``): every quantized Linear needs in and out multiples of 32 and in a multiple of g. MoE experts are not
-    nn.Linear in transformers v5 (not modelled)."""
+    nn.Linear in transformers v5 (not modelled). Checked once, when the setup is resolved."""
     if model.is_moe:
         raise VramcalcError(f"--quant int4-gptq is modelled for dense models; {model.name} is a mixture of experts")
     for module in model.inventory.linears:
         g = module.in_features if group_size == -1 else group_size
         if module.in_features % 32 or module.out_features % 32 or module.in_features % g:
             raise VramcalcError(f"--quant int4-gptq: {module.name} of {model.name} ({module.in_features} -> "
-                                f"{module.out_features}) cannot be packed with group size {group_size} (auto-gptq needs "
-                                "in and out multiples of 32 and in a multiple of the group size)")
+                                f"{module.out_features}) cannot be packed with group size {group_size} (auto-gptq "
+                                "needs in and out multiples of 32 and in a multiple of the group size)")

@@ -409,6 +409,11 @@ class GradCkpt(Choice):
     def __bool__(self) -> bool:
         return self is not GradCkpt.NONE
 
+    @property
+    def recompute(self) -> "GradCkpt":
+        """What backward recomputes (the step-time model's word): reentrant checkpointing recomputes as full does."""
+        return GradCkpt.FULL if self is GradCkpt.REENTRANT else self
+
     @classmethod
     def parse(cls, value: object, option: str) -> "GradCkpt":
         if isinstance(value, bool):  # the historic on/off option: True is full checkpointing

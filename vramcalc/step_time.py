@@ -708,7 +708,6 @@ def achievable_rate(gpu: str, kind: str, dtype: str,
 RECOMPUTE_BY_MODE: dict[str, tuple[float, float, float]] = {
     "none": (0.0, 0.0, 0.0),
     "full": (1.0, 1.0, 1.0),
-    "reentrant": (1.0, 1.0, 1.0),  # the same recomputation, run from the checkpoint's own backward
     "selective": (0.0, 0.0, 1.0),
     "selective-op": (0.5, 0.0, 1.0),
 }
@@ -792,7 +791,7 @@ def saved_activation_bytes(tokens: float, hidden_size: int, q_width: int, kv_wid
     (T·h); otherwise the inputs of the norms (2h), of the linears (h for q/k/v, q for o, h for gate/up, I for down),
     the attention output and RoPE'd q, k (q + 2kv) and the SwiGLU inputs (2I) per token and layer (Korthikanti et al.
     2022 §4.1 count the same tensors). Selective checkpointing keeps the matmul outputs only (q + 2kv + h + 3I)."""
-    if grad_ckpt in ("full", "reentrant"):
+    if grad_ckpt == "full":
         per_token = hidden_size
     elif grad_ckpt in ("selective", "selective-op"):
         per_token = q_width + 2 * kv_width + hidden_size + 3 * intermediate_size

@@ -221,8 +221,8 @@ class ResolvedSetup:
 
 _LORA_OPTIONS = ("lora_rank", "lora_targets", "lora_dropout", "adapter_dtype", "modules_to_save")
 _QLORA_OPTIONS = ("quant", "double_quant", "compute_dtype", "kbit_prep", "quant_saves_input", "quantize_lm_head",
-                  "quantize_experts",
-                  "quant_state_dtype", "quant_storage", "stable_embedding", "gptq_group_size", "gptq_desc_act")
+                  "quantize_experts", "quant_state_dtype", "quant_storage", "stable_embedding", "gptq_group_size",
+                  "gptq_desc_act")
 _PROMPT_OPTIONS = ("virtual_tokens",)
 METHOD_OPTIONS = {  # the options that belong to one method; every other method rejects them
     Method.FULL: (),

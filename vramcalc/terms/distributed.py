@@ -685,7 +685,7 @@ class GatheredTimeline:
         self.g = gathering
         if gathering is None:
             self.last_layer_forward = self.loss_forward = self.loss_backward = self.head_backward = 0
-            self.reduced_shards = self.tied_tail = self.tail_waiting_grads = 0
+            self.reduced_shards = self.tail_through_backward = self.tail_waiting_grads = 0
             return
         g = gathering
         n_layers = spec.num_layers
@@ -697,7 +697,7 @@ class GatheredTimeline:
         # forward) and keeps lm_head's unsharded gradient until the embedding's backward, the last use of its weight;
         # only then is it reduced (``side_stream_pools``' reduce order)
         tied_tail = g.tail.params_bytes if g.tied else 0
-        self.tied_tail = tied_tail if g.tail_kept_through_backward else 0  # gathered through the layers' backward
+        self.tail_through_backward = tied_tail if g.tail_kept_through_backward else 0  # gathered in layers' backward
         self.tail_waiting_grads = g.tail.grads_bytes if g.tied else 0  # (autograd's: whatever the engine)
         self.last_layer_copy_out = (kept or last.params_bytes) + before_last + last.buffer_bytes + tied_tail
         self.last_layer_forward = (kept or last.params_bytes) + last.buffer_bytes + tied_tail
@@ -739,9 +739,9 @@ class GatheredTimeline:
         if g.keep_gathered:  # every unit not yet through its backward is still gathered
             before = sum(self.layer(i).params_bytes for i in range(index + 1)) if self.spec.is_moe else \
                 g.dense.params_bytes * (index + 1)
-            return before + g.embed.params_bytes + self.tied_tail
+            return before + g.embed.params_bytes + self.tail_through_backward
         prefetched = self.layer(index - 1).prefetch_bytes if index > 0 else g.embed.buffer_bytes
-        return self.layer(index).params_bytes + prefetched + self.tied_tail
+        return self.layer(index).params_bytes + prefetched + self.tail_through_backward
 
     def retained_reduce_buffer(self, index: int) -> int:
         """The reduce-scatter input of the unit reduced just before layer ``index``'s: the next layer's, or its dense

@@ -80,9 +80,9 @@ def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTen
 
 def parameter_key(resolved: ResolvedSetup) -> tuple:
     """(method, precision, double_quant, lora_modules, lora_rank, adapter_bits, virtual_tokens, int8,
-    quantize_lm_head, gptq_group_size, modules_to_save, quantize_experts): what the stored tensors depend on. Values a method does not
-    read are normalised (no LoRA: no modules, rank 0; no prompt: 0 virtual tokens; no QLoRA: no double quantization,
-    no int8, no 4-bit lm_head, no GPTQ group)."""
+    quantize_lm_head, gptq_group_size, modules_to_save, quantize_experts): what the stored tensors depend on. Values
+    a method does not read are normalised (no LoRA: no modules, rank 0; no prompt: 0 virtual tokens; no QLoRA: no
+    double quantization, no int8, no 4-bit lm_head, no GPTQ group, no quantized experts)."""
     setup = resolved.setup
     method = setup.method
     lora = method.uses_lora or method.peft_facts is not None  # LoRA's or a peft method's targets and size knob
@@ -112,7 +112,8 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
                       lora_modules: tuple[str, ...], lora_rank: int, adapter_bits: int,
                       virtual_tokens: int, int8: bool = False,
                       quantize_lm_head: bool = False, gptq_group_size: int = 0,
-                      modules_to_save: tuple[str, ...] = (), quantize_experts: bool = False) -> tuple[StoredTensor, ...]:
+                      modules_to_save: tuple[str, ...] = (),
+                      quantize_experts: bool = False) -> tuple[StoredTensor, ...]:
     """Every parameter tensor the step stores, with its dtype, trainability and quantization state.
 
     Base weights in the precision's parameter dtype (fp32 where ``keep_fp32``; 16 bits under QLoRA without a
@@ -144,8 +145,8 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
                                               base_bits // 8, tensor.scope))
             if tensor.kind is ParamKind.LINEAR and module in linear_names:
                 continue
-        is_expert_weight = quantize_experts and tensor.kind is ParamKind.EXPERTS and len(tensor.shape) == 3
-        if is_expert_weight and quantized_linears:  # one quantized Linear per expert: E per layer
+        if quantized_linears and quantize_experts and tensor.kind is ParamKind.EXPERTS and len(tensor.shape) == 3:
+            # one quantized Linear per expert: E per layer
             out.append(_quantized(tensor.name, tensor.shape[1:], tensor.count * tensor.shape[0], int8, double_quant,
                                   tensor.scope))
             continue

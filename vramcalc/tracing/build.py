@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import VramcalcError
 from ..model import ModelSpec
 from .. import facts
+from ..terms.activations import checkpoint_mode
 from ..options import AdapterDtype, Attention, GradCkpt, Method, Precision, Quant
 from ..training_setup import ResolvedSetup
 
@@ -289,7 +290,7 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
             materialise_quant_states(model, device)
     if setup.grad_ckpt:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        kwargs = {"use_reentrant": GradCkpt.parse(setup.grad_ckpt, "grad_ckpt") is GradCkpt.REENTRANT}
+        kwargs = {"use_reentrant": checkpoint_mode(setup.grad_ckpt) is GradCkpt.REENTRANT}
         enable = getattr(inner, "activation_checkpointing_enable", None)  # transformers >= 5.18
         if enable is not None:
             enable(activation_checkpointing_kwargs=kwargs)
