@@ -51,8 +51,8 @@ LLAMA_FAMILIES = ("llama", "mistral")  # the families both stacks' Llama builder
 def check_llama_style(spec, stack: str, builders: str) -> None:
     """Refuse a model the stack's Llama builders cannot build (experts, qkv bias, q/k norms, other families)."""
     if spec.family not in LLAMA_FAMILIES or spec.num_experts or spec.qkv_bias or spec.qk_norm:
-        raise VramcalcError(f"the {stack} trace builds Llama-style decoders ({builders}); {spec.name} is "
-                            f"{spec.family}")
+        raise VramcalcError(f"vramcalc's {stack} trace builds Llama-style decoders only ({builders}); "
+                            f"{spec.name} is {spec.family}: use `vramcalc estimate` for it")
 
 
 def check_single_device(resolved: ResolvedSetup, stack: str) -> None:
