@@ -5,7 +5,8 @@
     python benchmarks/accuracy.py --first 63 --out benchmarks/accuracy_knobs.csv   # issue 11's knob rows only
     python benchmarks/accuracy.py --first 85 --limit 7 --out benchmarks/accuracy_loop.csv  # the hf-loop rows only
     python benchmarks/accuracy.py --first 92 --out benchmarks/accuracy_modules_to_save.csv  # --modules-to-save rows
-    python benchmarks/accuracy.py --first 109 --out benchmarks/accuracy_session31.csv  # reentrant, QDoRA, tied FSDP, MoE SAC
+    python benchmarks/accuracy.py --first 109 --limit 9 --out benchmarks/accuracy_session31.csv  # reentrant, QDoRA, ...
+    python benchmarks/accuracy.py --first 118 --out benchmarks/accuracy_session32.csv  # torchtitan's selective-op, ...
 
 Each row: the setup, every tensor term estimated and traced (bytes), the peak phase of each, and the relative error
 of ``peak_tensor_bytes`` (estimate - trace) / trace. Rows are appended as they are traced.
@@ -180,6 +181,18 @@ GRID = [
     ("llama-3.2-3b", dict(seq_len=2048, grad_ckpt=True, num_gpus=4, sharding="fsdp")),
     ("smollm2-360m", dict(seq_len=1024, batch_size=4, num_gpus=8, sharding="fsdp", precision="bf16-true")),
     ("qwen3-30b-a3b", dict(seq_len=1024, method="lora", grad_ckpt="selective")),
+    # session 32: torchtitan's selective checkpointing (every other mm, counted in call order with LoRA's and
+    # skipping addmm/gemm_4bit/int8/grouped matmuls), DoRA's identity matmuls, LLM.int8 under selective
+    # checkpointing (o_proj holds the cached SDPA output), MLA's attention output in the cache
+    ("llama-3.1-8b", dict(seq_len=4096, grad_ckpt="selective-op")),
+    ("llama-3.2-3b", dict(seq_len=4096, method="lora", lora_targets="all-linear", grad_ckpt="selective-op")),
+    ("qwen2.5-7b", dict(seq_len=2048, method="qlora", grad_ckpt="selective-op")),
+    ("mistral-7b", dict(seq_len=1024, method="dora", grad_ckpt="selective-op")),
+    ("mistral-7b", dict(seq_len=2048, method="qlora", quant="int8", grad_ckpt="selective")),
+    ("gemma-2-2b", dict(seq_len=2048, grad_ckpt="selective-op")),
+    ("phi-3-mini", dict(seq_len=2048, method="lora", grad_ckpt="selective-op")),
+    ("qwen3-30b-a3b", dict(seq_len=1024, method="lora", grad_ckpt="selective-op")),
+    ("llama-3.1-8b", dict(seq_len=1024, method="dora", grad_ckpt="selective")),
 ]
 
 

@@ -8,7 +8,13 @@ unit the source's code prints, a confidence and what is unknown), with the vramc
 (``vramcalc_options``, JSON, the catalogue model under "model"). ms-swift ``docs/source/LLM/Benchmark.md``
 @4312aeb28 (Qwen v1, max_memory_reserved, GiB), AnswerDotAI/fsdp_qlora ``benchmarks_03_2024.md`` (FSDP1 on two
 24 GB cards, reserved, GiB) and foundation-model-stack/fms-acceleration ``scripts/benchmarks/refs/a100_80gb.csv``
-@24bdadb (Mistral, Mixtral, Llama-2-70B, max_memory_allocated, bytes). Compared by the development set's judge
+@24bdadb (Mistral, Mixtral, Llama-2-70B, max_memory_allocated, bytes). Session 32 added 38 rows from three more:
+torchtitan ``benchmarks/llama3_h100_202412_torchtitan.md`` @820504e2 and the Trainy H200 runs
+``benchmarks/llama3-8b_h200_202506_trainy-whitefiber.md`` @cbccb387 (max reserved over ranks, GiB; 11 of 20 need
+pipeline parallelism or TP/CP with compile, which vramcalc refuses), torchao ``torchao/optim/README.md`` @072500ab
+(Llama-2-7B full fine-tuning on torchtune, allocated; the command is not published, settings from the config) and
+ljm565/universal-llm-trainer ``docs/gpu_test.md`` @1aced26 and @9efd14b (a custom loop on transformers 4.49,
+reserved; its loss on bf16 logits has no vramcalc word). Compared by the development set's judge
 (``published.compared_bytes``): allocated rows with ``peak_tensor_bytes``, reserved rows with ``reserved_bytes``
 (``peak_tensor_bytes + allocator_slack``, plus under FSDP the blocks its own streams keep cached). It checks
 mechanisms learned elsewhere; a coefficient tuned to these rows would make it one more development set. The options

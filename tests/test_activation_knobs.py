@@ -29,6 +29,21 @@ CASES = [
     ("llama", dict(seq_len=2048, method="qlora", grad_ckpt="selective")),
     ("qwen3", dict(seq_len=256, method="lora", lora_targets="all-linear", grad_ckpt="selective")),
     ("mistral", dict(seq_len=256, grad_ckpt="selective", optimizer="adamw-8bit")),
+    ("llama", dict(seq_len=256, method="dora", grad_ckpt="selective")),
+    ("llama", dict(seq_len=1024, method="qlora", quant="int8", grad_ckpt="selective")),
+    ("deepseek_v3", dict(seq_len=256, grad_ckpt="selective")),
+    # torchtitan's selective checkpointing (every other mm)
+    ("llama", dict(seq_len=256, batch_size=2, grad_ckpt="selective-op")),
+    ("llama", dict(seq_len=256, method="lora", lora_targets="all-linear", grad_ckpt="selective-op")),
+    ("llama", dict(seq_len=2048, method="qlora", grad_ckpt="selective-op")),
+    ("llama", dict(seq_len=256, method="dora", grad_ckpt="selective-op")),
+    ("llama", dict(seq_len=1024, method="qlora", quant="int8", grad_ckpt="selective-op")),
+    ("qwen2", dict(seq_len=256, method="lora", grad_ckpt="selective-op")),
+    ("phi3", dict(seq_len=256, grad_ckpt="selective-op")),
+    ("gemma2", dict(seq_len=256, grad_ckpt="selective-op")),
+    ("qwen3_moe", dict(seq_len=256, grad_ckpt="selective-op")),
+    ("deepseek_v3", dict(seq_len=256, grad_ckpt="selective-op")),
+    ("llama", dict(seq_len=256, grad_ckpt="selective-op", activation_offload=True)),
     # torch.compile (AOTAutograd, min-cut partition)
     ("llama", dict(seq_len=256, batch_size=2, compile=True)),
     ("llama", dict(seq_len=256, method="lora", compile=True)),
@@ -209,6 +224,28 @@ def test_selective_keeps_every_matmul_output_of_a_layer():
     kept = activations.layer_kept(spec, _layer(), GradCkpt.SELECTIVE, moe=False)
     h, a, k, d, i = 256, 4, 2, 64, 688
     assert kept.per_token == 2 * h + 2 * (a * d + 2 * k * d + h + 2 * i + h) + 2 * a * d + 4 * a
+
+
+def test_selective_op_keeps_torchtitans_odd_mm_outputs_of_a_layer():
+    # torchtitan activation_checkpoint.py: "Saves output of all compute ops, except every second mm", the count
+    # restarting in each checkpointed layer. Full fine-tuning of tiny llama calls mm for q, k, v, o, gate, up, down
+    # in that order, so the 1st, 3rd, 5th and 7th are kept: q (a·d), v (k·d), gate (I), down (h), in bf16; SDPA's
+    # output (a·d, bf16) and logsumexp (4·a) are on the save list; plus the checkpointed layer input (2h).
+    spec = TINY["llama"]
+    kept = activations.layer_kept(spec, _layer(), GradCkpt.SELECTIVE_OP, moe=False)
+    h, a, k, d, i = 256, 4, 2, 64, 688
+    assert kept.per_token == 2 * h + 2 * (a * d + k * d + i + h) + 2 * a * d + 4 * a
+
+
+def test_selective_op_counts_lora_matmuls_between_the_base_ones():
+    # peft's LoRA Linear calls base, lora_A, lora_B in turn, so with adapters on q and v the mm sequence is
+    # q, q_A, q_B, k, v, v_A, v_B, o, gate, up, down: kept are q (a·d), q_B (a·d), v (k·d), v_B (k·d), gate (I),
+    # down (h) -- the adapters' A outputs (r) and k, o, up are recomputed. LoRA's outputs in bf16 under autocast.
+    spec = TINY["llama"]
+    lora = _layer(Method.LORA, lora_modules=("q_proj", "v_proj"), lora_rank=8)
+    kept = activations.layer_kept(spec, lora, GradCkpt.SELECTIVE_OP, moe=False)
+    h, a, k, d, i = 256, 4, 2, 64, 688
+    assert kept.per_token == 2 * h + 2 * (2 * a * d + 2 * k * d + i + h) + 2 * a * d + 4 * a
 
 
 def test_selective_keeps_more_than_full_and_less_than_none():

@@ -371,7 +371,7 @@ def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes
 
     The setup maps onto ``step_time.StepSetup`` (docs/time-and-cost-wiring.md): tokens = micro-batch x padded
     sequence x grad_accum on each data-parallel rank; the base trains only under full fine-tuning; LoRA's adapter
-    parameters and adapted linears; grad_ckpt none | full | selective (selective recomputes the non-matmul ops only);
+    parameters and adapted linears; grad_ckpt none | full | selective (selective recomputes the non-matmul ops only) | selective-op (and half the matmuls);
     compile or Liger kernels fuse the elementwise ops; the loss; QLoRA's 4-bit (nf4, fp4) or 8-bit (int8) base
     dequantized per pass; fp8 linears; the optimizer's state bytes; the data-parallel degree and sharding on the
     ring's bandwidth (``link_plan``: the GPU's links or ``--interconnect``), with each engine's overlap

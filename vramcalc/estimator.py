@@ -27,7 +27,7 @@ from .breakdown import MemoryBreakdown
 from .catalogue import GpuSpec, get_gpu, get_model
 from .errors import VramcalcError
 from .model import ModelSpec
-from .options import DeviceMap, GradCkpt, Loss, Method, Phase, Quant, Sharding, Task, Term
+from .options import DeviceMap, Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
 from .terms import context_parallel  # --cp
 from .terms import (activations, adapters, distributed, expert_parallel, float8, gptq, loading, logits, optimizer,
@@ -391,7 +391,7 @@ def _saved_plan(spec: ModelSpec, layer: activations.LayerSetup, ckpt: bool, mask
     recompute = {kind: activations.layer_recomputed(spec, layer, ckpt, *kind) for kind in kinds}
     attention_left = {kind: activations.attention_left(spec, layer, ckpt, *kind) for kind in kinds}
     # (under selective checkpointing or offload the saved tensors are cached or brought back: not modelled)
-    order_known = not layer.offload and activations.checkpoint_mode(ckpt) is not GradCkpt.SELECTIVE
+    order_known = not layer.offload and not activations.checkpoint_mode(ckpt).caches_ops
     nothing = activations.BackwardFreed(activations.Saved(), activations.Saved(), False, 0)
     freed = {kind: activations.backward_freed(spec, layer, *kind) if order_known else nothing for kind in kinds}
     return _SavedPlan(activations.model_saved(spec, layer, ckpt, masked), activations.head_saved(spec, layer),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .errors import VramcalcError
 from .model import ModelSpec
-from .options import GradCkpt, Method, Precision, Quant, Sharding, Stack, Task
+from .options import Method, Precision, Quant, Sharding, Stack, Task
 
 GPTQ_DEFAULT_GROUP_SIZE = 128  # transformers GPTQConfig(group_size=128) (utils/quantization_config.py)
 # precisions whose load dtype is the compute dtype: the dequantized weight (``scales``' dtype, the load dtype:
@@ -76,8 +76,8 @@ def check_setup(setup) -> None:
         given.append("--compile, --activation-offload, --optimizer-in-backward or --packing")
     if getattr(setup.kernels, "value", "none") != "none":
         given.append(f"--kernels {setup.kernels.value}")
-    if setup.grad_ckpt is GradCkpt.SELECTIVE:
-        given.append("--grad-ckpt selective")
+    if setup.grad_ckpt.caches_ops:
+        given.append(f"--grad-ckpt {setup.grad_ckpt.value}")
     if given:
         raise VramcalcError(f"--quant int4-gptq is modelled with the hf stack, --task sft and at most DDP or ZeRO-1/2; "
                             f"not with {given[0]}")

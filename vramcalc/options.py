@@ -394,7 +394,12 @@ class GradCkpt(Choice):
     """Activation checkpointing. ``full``: each decoder layer keeps only its input and recomputes the rest in backward
     (transformers ``gradient_checkpointing_enable``, non-reentrant in v5). ``selective``: torch's op-level policy
     (``torch.utils.checkpoint.create_selective_checkpoint_contexts``, as torchtitan's "op" mode and Megatron's
-    selective recompute use it): matmul outputs are saved, the other ops are recomputed. ``reentrant``: full
+    selective recompute use it): matmul outputs are saved, the other ops are recomputed. ``selective-op``:
+    torchtitan's op-level policy itself (``torchtitan/distributed/activation_checkpoint.py`` ``_op_sac_save_list``
+    with ``mm_count % 2``, copied by torchtune and NeMo Automodel): of each checkpointed layer's ``aten.mm`` calls,
+    counted in call order, the odd ones (1st, 3rd, ...) are saved and the even ones recomputed, the attention
+    kernels' outputs are saved, and every other op (``addmm`` of a biased Linear, ``bmm``, bitsandbytes'
+    ``gemm_4bit``, ``_grouped_mm``) is recomputed. ``reentrant``: full
     checkpointing as transformers 4.x ran it (``use_reentrant=True``, its default since 4.35 and torch's before):
     the checkpointed forward runs without grad, so it builds no autograd node at all, and what an op keeps as a
     ctx attribute rather than through ``save_for_backward`` (bitsandbytes' ``MatMul4Bit`` up to 0.43,
@@ -404,10 +409,16 @@ class GradCkpt(Choice):
     NONE = "none"
     FULL = "full"
     SELECTIVE = "selective"
+    SELECTIVE_OP = "selective-op"
     REENTRANT = "reentrant"
 
     def __bool__(self) -> bool:
         return self is not GradCkpt.NONE
+
+    @property
+    def caches_ops(self) -> bool:
+        """Selective checkpointing of either policy: a layer keeps its input and a cache of chosen ops' outputs."""
+        return self in (GradCkpt.SELECTIVE, GradCkpt.SELECTIVE_OP)
 
     @property
     def recompute(self) -> "GradCkpt":

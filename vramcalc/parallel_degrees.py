@@ -191,8 +191,8 @@ def check_expert_degree(model: ModelSpec, setup) -> None:
                             "DTensor parameters (adamw, adamw-foreach, sgd, sgd-momentum)")
     if setup.precision.value == "fp8":
         raise VramcalcError("--ep with --precision fp8 is not modelled")
-    if setup.grad_ckpt.value == "selective":
-        raise VramcalcError("--ep with --grad-ckpt selective is not modelled")
+    if setup.grad_ckpt.caches_ops:
+        raise VramcalcError(f"--ep with --grad-ckpt {setup.grad_ckpt.value} is not modelled")
 
 
 # -- context parallelism (--cp) ---------------------------------------------------------------------------------------

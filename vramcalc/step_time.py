@@ -704,7 +704,7 @@ def achievable_rate(gpu: str, kind: str, dtype: str,
 # reruns each layer's forward. "selective" is torch's op-level policy as vramcalc's GradCkpt.SELECTIVE defines it:
 # matmul and SDPA outputs are saved, every other op is recomputed. torchtitan's "op" selective AC saves every other
 # matmul output and the SDPA output and recomputes the rest (torchtitan activation-checkpoint policy, _save_list with
-# mm_count % 2): "selective-op".
+# mm_count % 2): GradCkpt.SELECTIVE_OP, "selective-op".
 RECOMPUTE_BY_MODE: dict[str, tuple[float, float, float]] = {
     "none": (0.0, 0.0, 0.0),
     "full": (1.0, 1.0, 1.0),
@@ -790,11 +790,14 @@ def saved_activation_bytes(tokens: float, hidden_size: int, q_width: int, kv_wid
     """Bytes of saved activations an offload moves to the host (16-bit): full checkpointing saves each layer's input
     (T·h); otherwise the inputs of the norms (2h), of the linears (h for q/k/v, q for o, h for gate/up, I for down),
     the attention output and RoPE'd q, k (q + 2kv) and the SwiGLU inputs (2I) per token and layer (Korthikanti et al.
-    2022 §4.1 count the same tensors). Selective checkpointing keeps the matmul outputs only (q + 2kv + h + 3I)."""
+    2022 §4.1 count the same tensors). Selective checkpointing keeps the matmul outputs only (q + 2kv + h + 3I);
+    torchtitan's every other one (q, v, gate, down: q + kv + I + h)."""
     if grad_ckpt == "full":
         per_token = hidden_size
-    elif grad_ckpt in ("selective", "selective-op"):
+    elif grad_ckpt == "selective":
         per_token = q_width + 2 * kv_width + hidden_size + 3 * intermediate_size
+    elif grad_ckpt == "selective-op":
+        per_token = q_width + kv_width + intermediate_size + hidden_size
     else:
         per_token = 5 * hidden_size + 2 * q_width + 2 * kv_width + 3 * intermediate_size
     return BF16_BYTES * per_token * num_layers * tokens

@@ -527,10 +527,10 @@ def _reject_foreign_options(method: Method, given: dict) -> None:
 
 
 def _check_combination(setup: TrainingSetup) -> None:
-    if setup.stack is Stack.TRL and setup.grad_ckpt is GradCkpt.SELECTIVE:
-        raise VramcalcError("--stack trl with --grad-ckpt selective: TRL's own selective checkpointing saves "
-                            "attention outputs only (trl/models/selective_activation_checkpointing.py:51), not "
-                            "vramcalc's op-level policy (every matmul and attention output, torchtitan's); use "
+    if setup.stack is Stack.TRL and setup.grad_ckpt.caches_ops:
+        raise VramcalcError(f"--stack trl with --grad-ckpt {setup.grad_ckpt.value}: TRL's own selective checkpointing "
+                            "saves attention outputs only (trl/models/selective_activation_checkpointing.py:51), not "
+                            "an op-level policy (every matmul and attention output, or torchtitan's); use "
                             "--grad-ckpt full or --stack hf")
     if setup.method is Method.QLORA and setup.precision in (Precision.FP32, Precision.FP8):
         raise VramcalcError(

@@ -29,7 +29,15 @@ Activation knobs (issue 11; each rule checked against the trace in ``tests/test_
   output (c·r, c·out), SDPA's output, logsumexp and philox state (c·a·d + 4·a, + seed and offset), and eager
   attention's two bmm outputs (scores c·a per b·s², output c·a·d). A layer
   keeps its input and that cache until its backward; the recompute then makes the rest of its saved tensors
-  (``layer_saved - cache``, the cache's entries being consumed as the recompute reaches them).
+  (``layer_saved - cache``, the cache's entries being consumed as the recompute reaches them). DoRA's two matmuls on
+  an identity (``get_lora_weight``: [in, r] and [in, out] per layer) and MLA's attention output are matmul and
+  attention ops too.
+- ``--grad-ckpt selective-op``: torchtitan's policy (``torchtitan/distributed/activation_checkpoint.py``: "Saves
+  output of all compute ops, except every second mm"; ``tracing/step.py::selective_op_contexts``). The walk lists
+  the layer's matmul ops in call order (``_LayerWalk.matmuls``: a base Linear, then its lora_A and lora_B; MLA's
+  q_a, q_b, kv_a, kv_b, o; the MoE router); of the ``aten.mm`` ones the 1st, 3rd, ... are cached, and the attention
+  kernel's output; ``addmm`` (a biased Linear), bitsandbytes' ``gemm_4bit`` and LLM.int8 matmuls, eager attention's
+  ``bmm`` and the experts' ``_grouped_mm`` are not on torchtitan's list, neither cached nor counted.
 - ``--kernels liger`` (Liger-Kernel 0.8.5, estimate only: Triton kernels): ``LigerRMSNormFunction`` saves its input
   as is and a [T] fp32 rstd (``ops/rms_norm.py``: ``ctx.save_for_backward(X, W, RSTD)``; no fp32 copy, no y);
   ``LigerSiLUMulFunction`` saves gate's and up's outputs (``ops/swiglu.py``: ``ctx.save_for_backward(a, b)``) and
@@ -183,6 +191,11 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         self.cache_token = 0
         self.cache_square = 0
         self.cache_layer = 0
+        # the layer's matmul ops in call order: (output bytes per token, per layer, whether the op is ``aten.mm``,
+        # module)
+        self.matmuls: list[tuple[int, int, bool, str]] = []
+        self.op_cache_token = 0  # ``selective-op``: what torchtitan's policy caches besides the matmuls
+        self.attention_output_cached = False  # the attention kernel's output is in the selective caches
         # Liger's kernels, or compile's partitioner, keep a norm's input and a SwiGLU's two inputs only; Unsloth's
         # norm too, its SwiGLU inside the fused LoRA MLP only (``unsloth_fused``)
         self.lean = layer.kernels is Kernels.LIGER or layer.compiled
@@ -201,9 +214,33 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
     def result(self) -> Saved:
         return Saved(self.per_token, self.per_square, self.per_layer, self.per_position)
 
-    def cache(self) -> Saved:
-        """What selective checkpointing caches: the matmul and attention outputs of the layer."""
-        return Saved(self.cache_token, self.cache_square, self.cache_layer)
+    def cache(self, mode: GradCkpt = GradCkpt.SELECTIVE) -> Saved:
+        """What selective checkpointing caches: the matmul and attention outputs of the layer (``selective``), or
+        torchtitan's odd ``aten.mm`` outputs and the attention kernels' (``selective-op``)."""
+        if mode is GradCkpt.SELECTIVE_OP:
+            kept = [entry for entry in self.matmuls if entry[2]][::2]
+            return Saved(self.op_cache_token + sum(entry[0] for entry in kept), 0,
+                         self.cache_layer + sum(entry[1] for entry in kept))
+        return Saved(self.cache_token + sum(entry[0] for entry in self.matmuls), self.cache_square,
+                     self.cache_layer + sum(entry[1] for entry in self.matmuls))
+
+    def _matmul(self, token_bytes: int, mm: bool = True, module: str = "", layer_bytes: int = 0) -> None:
+        """One matmul op's output (bytes per token, or per layer) for the selective caches: ``selective`` caches
+        every matmul op's; ``selective-op`` only an ``aten.mm``'s (``mm``) whose position among the layer's mm calls
+        is odd (torchtitan's ``mm_count % 2``: the 1st, 3rd, ...)."""
+        self.matmuls.append((token_bytes, layer_bytes, mm, module))
+
+    def _runs_after(self, module: str, after: str) -> None:
+        """Put ``module``'s matmuls behind ``after``'s: Linears the walk takes as one group (they read one input)
+        that the model calls apart."""
+        moved = [entry for entry in self.matmuls if entry[3] == module]
+        rest = [entry for entry in self.matmuls if entry[3] != module]
+        last = max(i for i, entry in enumerate(rest) if entry[3] == after)
+        self.matmuls = rest[:last + 1] + moved + rest[last + 1:]
+
+    def _biased(self, name: str) -> bool:
+        """Does the decoder Linear ``name`` carry a bias (its matmul is then ``addmm``, not ``mm``)?"""
+        return next((module.bias for module in self.m.inventory.linears if module.name == name), False)
 
     def width_out(self, name: str) -> int:
         """Output features of a decoder Linear, by its module name (for the selective cache)."""
@@ -259,16 +296,6 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                 self.per_token += x_bytes * uses[0].width_in
             self.grad = True
             return x_bytes
-        for use in uses:
-            width = use.width_in
-            if use.trains and not use.quantized:
-                if autocast and x_bytes != c:
-                    self.per_token += c * width  # a private autocast copy per Linear
-                elif not x_saved:
-                    self.per_token += x_bytes * width
-                    x_saved = True
-            if use.lora:
-                x_saved = self._lora(use, x_bytes, x_saved)
         quantized = any(use.quantized for use in uses)
         if quantized:
             out = x_bytes  # Linear4bit computes in (and returns) its input's dtype (set_compute_type)
@@ -278,8 +305,20 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         else:
             out = c if autocast else max(x_bytes, self.dt.r)
             base_out = out
-        for use in uses:  # selective cache: each base Linear's matmul output
-            self.cache_token += base_out * self.width_out(use.name)
+        for use in uses:  # in call order: the base Linear's matmul, then its adapter's
+            width = use.width_in
+            # selective caches: the base matmul's output (``aten.mm``; ``addmm`` with a bias, bitsandbytes'
+            # ``gemm_4bit`` for a quantized weight)
+            self._matmul(base_out * self.width_out(use.name), not use.quantized and not self._biased(use.name),
+                         use.name)
+            if use.trains and not use.quantized:
+                if autocast and x_bytes != c:
+                    self.per_token += c * width  # a private autocast copy per Linear
+                elif not x_saved:
+                    self.per_token += x_bytes * width
+                    x_saved = True
+            if use.lora:
+                x_saved = self._lora(use, x_bytes, x_saved)
         self.grad = self.grad or any(use.trains or use.lora for use in uses)
         return out
 
@@ -320,8 +359,15 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             self.per_token += dora_saved_per_token(out, c if autocast else max(x_bytes, self.dt.r),
                                                    c if autocast else adapter)
             self.per_layer += dora_per_layer_bytes(out, adapter)
-        # selective cache: lora_A's and lora_B's matmul outputs
-        self.cache_token += (c if autocast else adapter) * (layer.lora_rank + self.width_out(use.name))
+        if layer.method is Method.DORA:
+            # peft DoraLinearLayer.get_lora_weight: lora_B(lora_A(eye(in))), two mm on an [in, in] identity whose
+            # outputs are [in, r] and [in, out], each layer's, before the adapter runs on x
+            eye_bytes = c if autocast else adapter
+            self._matmul(0, module=use.name, layer_bytes=eye_bytes * width * layer.lora_rank)
+            self._matmul(0, module=use.name, layer_bytes=eye_bytes * width * self.width_out(use.name))
+        # selective caches: lora_A's and lora_B's matmul outputs (two ``aten.mm``)
+        self._matmul((c if autocast else adapter) * layer.lora_rank, module=use.name)
+        self._matmul((c if autocast else adapter) * self.width_out(use.name), module=use.name)
         return x_saved
 
     def use(self, name: str, width_in: int) -> LinearUse:
@@ -398,7 +444,8 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                     self.attention_freed = Saved(per_token=q_bytes * kv_width, per_square=probs_copy * a)
                 if self.gemma:
                     self.per_square += q_bytes * a  # tanh soft-capping output
-            # selective cache: the two matmuls (bmm): scores [b, a, s, s] and the output [b, a, s, d]
+            # selective cache: the two matmuls (bmm, which selective-op recomputes): scores [b, a, s, s] and the
+            # output [b, a, s, d]
             scores_bytes = c if dt.autocast else embed
             self.cache_square += scores_bytes * a
             self.cache_token += scores_bytes * a * d
@@ -429,7 +476,9 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                     self.per_layer += SEED_OFFSET_BYTES
                     # selective cache: the kernel's output, logsumexp and philox seed and offset
                     self.cache_token += out_bytes * a * d + _F32 * a
+                    self.op_cache_token += out_bytes * a * d + _F32 * a
                     self.cache_layer += SEED_OFFSET_BYTES
+                    self.attention_output_cached = True
                 if self.masked:
                     # SDPA converts the boolean mask to an additive one per call and the efficient kernel saves it
                     # (torch convert_boolean_attn_mask, _scaled_dot_product_efficient_attention)
@@ -511,6 +560,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         if q_r:
             qn = self.norm(q_r, proj)
             self.linears([self.use("q_b_proj", q_r)], qn)
+            self._runs_after("kv_a_proj_with_mqa", "q_b_proj")  # q_b_proj(q_a_layernorm(q_a_proj(x))) runs first
         kvn = self.norm(kv_r, proj)
         kv = self.linears([self.use("kv_b_proj", kv_r)], kvn)
         qk = nope + rope
@@ -531,6 +581,11 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             # q with rope applied, K assembled, kv_b's output (V is a view), output and logsumexp
             self.per_token += c * a * qk + c * a * qk + kv * a * (nope + v) + c * a * v + _F32 * a
             self.per_layer += SEED_OFFSET_BYTES
+        # selective caches: the memory-efficient kernel's output, logsumexp and philox seed and offset
+        self.cache_token += c * a * v + _F32 * a
+        self.op_cache_token += c * a * v + _F32 * a
+        self.cache_layer += SEED_OFFSET_BYTES
+        self.attention_output_cached = True
         self._mla_cache(proj, kvn)
         return self.linears([o_use], c, x_saved=True)
 
@@ -631,10 +686,11 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             self.per_layer += saved.per_layer // ep
         if self.layer.ep_dispatch:
             self.per_token += K * expert_parallel.dispatch_saved_per_slot() // ep
-        # selective cache: the router's matmul output [T, E] (fp32 where the router runs in fp32) and the grouped
-        # experts' two matmul outputs per slot, gate_up [S, 2I] and down [S, h] (``_grouped_mm``, a matmul op of
-        # ``tracing/step.py::_selective_ops``)
-        self.cache_token += (_F32 if m.traits.router_fp32 else c) * E + K * (2 * width + h) * e // ep
+        # selective caches: the router's matmul output [T, E] (fp32 where the router runs in fp32) and, for
+        # ``selective`` only, the grouped experts' two matmul outputs per slot, gate_up [S, 2I] and down [S, h]
+        # (``_grouped_mm``, a matmul op of ``tracing/step.py::_selective_ops``, not an ``aten.mm``)
+        self.cache_token += K * (2 * width + h) * e // ep
+        self._matmul((_F32 if m.traits.router_fp32 else c) * E)  # the router's aten.mm
         # the shared expert reads the layer's input: with LoRA'd experts its gradient need is the input's
         self.grad = self.grad if self.layer.lora_experts and not self.full else True
         if m.n_shared_experts:
@@ -771,14 +827,16 @@ def layer_saved(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = F
 
 
 @functools.lru_cache(maxsize=4096)
-def layer_cache(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = False, conv: bool = False) -> Saved:
-    """What ``--grad-ckpt selective`` caches for one layer: the outputs of its matmul and attention ops (computed
-    whether or not a gradient flows: the policy saves by op, ``tracing/step.py::selective_policy``)."""
+def layer_cache(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = False, conv: bool = False,
+                mode: GradCkpt = GradCkpt.SELECTIVE) -> Saved:
+    """What selective checkpointing (``mode``) caches for one layer: the outputs of its matmul and attention ops, or
+    torchtitan's choice of them (computed whether or not a gradient flows: the policy saves by op,
+    ``tracing/step.py::selective_policy`` and ``selective_op_contexts``)."""
     walk = _LayerWalk(model, layer, masked)
     walk.conv = conv
     walk.attention_block()
     walk.mlp_block(moe)
-    return walk.cache()
+    return walk.cache(mode)
 
 
 class BackwardFreed(NamedTuple):
@@ -966,8 +1024,8 @@ def layer_kept(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, moe: bool, 
     if not mode:
         return Saved() if layer.offload else layer_saved(model, layer, moe, masked, conv=conv)
     kept = Saved() if layer.offload else Saved(per_token=residual_bytes(model, layer) * model.hidden_size)
-    if mode is GradCkpt.SELECTIVE:
-        kept += layer_cache(model, layer, moe, masked, conv)
+    if mode.caches_ops:
+        kept += layer_cache(model, layer, moe, masked, conv, mode)
     return kept
 
 
@@ -981,8 +1039,8 @@ def layer_recomputed(model: ModelSpec, layer: LayerSetup, grad_ckpt, moe: bool, 
     if not mode:
         return Saved()
     saved = layer_saved(model, layer, moe, masked, conv=conv)
-    if mode is GradCkpt.SELECTIVE:
-        saved += layer_cache(model, layer, moe, masked, conv) * -1
+    if mode.caches_ops:
+        saved += layer_cache(model, layer, moe, masked, conv, mode) * -1
     if layer.offload:
         saved += Saved(per_token=layer.dtypes.r * model.hidden_size)
     elif _norm_saves_checkpoint(model, layer):  # the recomputed input norm saves the checkpointed input itself
@@ -1010,8 +1068,8 @@ def attention_left(model: ModelSpec, layer: LayerSetup, grad_ckpt, moe: bool, ma
     attention = attention_saved(model, layer, masked, conv)
     if not mode:
         return Saved() if layer.offload else attention + layer_saved(model, layer, moe, masked, conv=conv) * -1
-    if mode is GradCkpt.SELECTIVE:
-        attention += layer_cache(model, layer, moe, masked, conv) * -1
+    if mode.caches_ops:
+        attention += layer_cache(model, layer, moe, masked, conv, mode) * -1
     if layer.offload:
         attention += Saved(per_token=layer.dtypes.r * model.hidden_size)
     return attention

@@ -155,10 +155,13 @@ class _HoldingWalk(_LayerWalk):
     ``held`` counts the held inputs alone. ``share``: an input another op saves costs nothing (no checkpointing);
     under checkpointing the layer's own saves are dropped, so every distinct held input costs its bytes."""
 
-    def __init__(self, model, layer, masked, layer_requires_grad, private_bytes: int, share: bool = True):
+    def __init__(self, model, layer, masked, layer_requires_grad, private_bytes: int, share: bool = True,
+                 cached_attention: bool = False):
         super().__init__(model, layer, masked, layer_requires_grad)
         self.private_bytes = private_bytes  # >0: each quantized Linear casts its input (fp16 -> compute dtype)
         self.share = share
+        # selective checkpointing caches the SDPA kernel's output, the very tensor o_proj reads and holds
+        self.cached_attention = cached_attention
         self.held = 0
 
     def _fresh_attention_output(self, use, x_bytes) -> bool:
@@ -187,9 +190,11 @@ class _HoldingWalk(_LayerWalk):
             x_saved = False
         if quantized and self.grad:
             width = quantized[0].width_in
+            cached = x_saved and self.cached_attention and self.attention_output_cached and (
+                quantized[0].name == self.m.traits.o_name)
             if self.private_bytes:
                 self.held += self.private_bytes * width * len(quantized)
-            elif not (x_saved and self.share):
+            elif not (x_saved and self.share) and not cached:
                 self.held += x_bytes * width
             if self.share and not self.private_bytes:
                 x_saved = True  # held: a LoRA's lora_A on the same tensor adds nothing
@@ -212,15 +217,17 @@ def _difference(a: Saved, b: Saved) -> Saved:
 
 @functools.lru_cache(maxsize=4096)
 def layer_held(model: ModelSpec, layer: LayerSetup, k: QuantKnobs, moe: bool, masked: bool = False,
-               requires_grad: bool = True, grad_ckpt: bool = False) -> Saved:
+               requires_grad: bool = True, grad_ckpt: GradCkpt = GradCkpt.NONE) -> Saved:
     """Bytes one decoder layer's quantized Linears hold for backward beyond what the layer keeps anyway: without
     checkpointing, its held inputs less those the layer saves itself; with it, every distinct held input (the
-    checkpoint drops the layer's saved tensors but not a ctx attribute)."""
+    checkpoint drops the layer's saved tensors but not a ctx attribute), but under selective checkpointing not
+    o_proj's input where that is the SDPA output the selective cache keeps (traced: int8 under both policies)."""
     if not k.saves_input:
         return Saved()
     private = _BYTES[k.input_dtype] if k.input_cast else 0
     if grad_ckpt:
-        walk = _HoldingWalk(model, layer, masked, requires_grad, private, share=False)
+        walk = _HoldingWalk(model, layer, masked, requires_grad, private, share=False,
+                            cached_attention=grad_ckpt.caches_ops)
         walk.attention_block()
         walk.mlp_block(moe)
         return Saved(per_token=walk.held)
@@ -248,7 +255,7 @@ def model_held(model: ModelSpec, layer: LayerSetup, k: QuantKnobs, masked: bool 
     # transformers + peft under checkpointing: enable_input_require_grads (traced: layer 0's norm output is held)
     first_grad = ((grad_ckpt and layer.layers.checkpoint_inputs_need_grad)
                   or first_layer_needs_grad(layer.method, layer.modules_to_save))
-    ckpt = bool(grad_ckpt)
+    ckpt = grad_ckpt
     total += layer_held(model, layer, k, first_moe, masked, first_grad, ckpt)
     dense = model.num_dense_layers - (0 if first_moe else 1)
     moe = model.num_moe_layers - (1 if first_moe else 0)

@@ -268,7 +268,8 @@ class StepTracer:
         - ``--grad-ckpt selective``: each layer's checkpoint function gets ``context_fn`` =
           ``create_selective_checkpoint_contexts(selective_policy)`` (torch ``utils/checkpoint.py``), the same
           non-reentrant checkpoint transformers applies for full checkpointing (``build.py``), so the matmul outputs
-          are cached in forward and the rest recomputed.
+          are cached in forward and the rest recomputed; ``--grad-ckpt selective-op``: torchtitan's policy
+          (``selective_op_contexts``) in the same place.
         - ``--compile``: each layer's forward goes through AOTAutograd with the min-cut partitioner
           (``compiled.compile_layer``), as torchtune and torchtitan compile layer by layer.
         - ``--activation-offload``: tensors autograd saves move to host memory (``HostOffload``, save_on_cpu's
@@ -280,10 +281,11 @@ class StepTracer:
         check_traceable_knobs(setup)
         layers = decoder_layers(self.model)
         ckpt = checkpoint_mode(setup)
-        if ckpt is GradCkpt.SELECTIVE:
+        if ckpt.caches_ops:
             from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-            context_fn = functools.partial(create_selective_checkpoint_contexts, selective_policy)
+            context_fn = (functools.partial(create_selective_checkpoint_contexts, selective_policy)
+                          if ckpt is GradCkpt.SELECTIVE else selective_op_contexts)
             for layer in layers:
                 if getattr(layer, "_gradient_checkpointing_func", None) is not None:
                     layer._gradient_checkpointing_func = functools.partial(
@@ -429,8 +431,9 @@ def _selective_ops() -> frozenset:
 
     torchtitan's op-level policy (``torchtitan/models/llama3/infra/parallelize.py::_save_list``, the "op" mode of
     ``apply_ac``) saves ``aten.mm`` and the SDPA flash/efficient kernels (and, for float8, ``aten.max``); Megatron's
-    selective recompute keeps the same matmul outputs. vramcalc saves every mm, not torchtitan's every other one,
-    and counts the other matmul ops (``addmm`` of a biased Linear, ``bmm``, bitsandbytes' ``gemm_4bit``, the MoE
+    selective recompute keeps the same matmul outputs. ``--grad-ckpt selective`` saves every mm, not torchtitan's
+    every other one (that is ``selective-op``: ``selective_op_contexts``), and counts the other matmul ops (``addmm``
+    of a biased Linear, ``bmm``, bitsandbytes' ``gemm_4bit`` and LLM.int8 ``int8_scaled_mm``, the MoE
     ``_grouped_mm``) as matmuls too."""
     aten = torch.ops.aten
     ops = {aten.mm.default, aten.addmm.default, aten.bmm.default,
@@ -439,10 +442,11 @@ def _selective_ops() -> frozenset:
     grouped = getattr(aten, "_grouped_mm", None)
     if grouped is not None:
         ops.add(grouped.default)
-    try:
-        ops.add(torch.ops.bitsandbytes.gemm_4bit.default)
-    except (AttributeError, RuntimeError):
-        pass
+    for name in ("gemm_4bit", "int8_scaled_mm", "int8_mixed_scaled_mm"):  # LLM.int8's matmul, with outliers or not
+        try:
+            ops.add(getattr(torch.ops.bitsandbytes, name).default)
+        except (AttributeError, RuntimeError):
+            pass
     return frozenset(ops)
 
 
@@ -456,6 +460,43 @@ def selective_policy(ctx, func, *args, **kwargs):
 
 
 _SELECTIVE_OPS = functools.lru_cache(maxsize=1)(_selective_ops)
+
+
+def _op_sac_save_list() -> frozenset:
+    """torchtitan's ``_op_sac_save_list`` (``torchtitan/distributed/activation_checkpoint.py``, and each model's
+    ``parallelize.py``): ``aten.mm`` and the SDPA kernels (collectives and float8's ``aten.max`` are not ops a
+    single-device HF step runs)."""
+    aten = torch.ops.aten
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math")
+    return frozenset({aten.mm.default, *(getattr(aten, name).default for name in names if hasattr(aten, name))})
+
+
+_OP_SAC_SAVE_LIST = functools.lru_cache(maxsize=1)(_op_sac_save_list)
+
+
+def selective_op_contexts():
+    """``--grad-ckpt selective-op``: torchtitan's op-level policy, one per checkpoint call (its
+    ``selective_checkpointing_context_fn``: a fresh counter per layer). ``aten.mm`` calls are counted in call order,
+    forward and recompute apart; the even ones are recomputed ("Saves output of all compute ops, except every second
+    mm"), the other ops of the save list saved, the rest recomputed. torchtitan's forced recompute of the MoE router's
+    mm (``per_op_sac_force_recompute_mm_shapes_by_fqns``, default ``moe.router.gate``) names a torchtitan module that
+    transformers' models do not have, so their router's mm is counted like any other."""
+    from collections import defaultdict
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    counts: dict = defaultdict(int)
+
+    def policy(ctx, func, *args, **kwargs):
+        key = "recompute" if ctx.is_recompute else "forward"
+        if func is torch.ops.aten.mm.default:
+            counts[key] += 1
+            if counts[key] % 2 == 0:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if func in _OP_SAC_SAVE_LIST() else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 class HostOffload(torch.autograd.graph.saved_tensors_hooks):

@@ -45,7 +45,7 @@ from torch import nn
 
 from ...errors import VramcalcError
 from ...model import ModelSpec
-from ...options import AdapterDtype, GradCkpt, Loss, Method, Phase, Precision, Quant, Term
+from ...options import AdapterDtype, Loss, Method, Phase, Precision, Quant, Term
 from ...progress import Progress
 from ...training_setup import ResolvedSetup
 from ..engine import reset_bnb_overrides
@@ -93,7 +93,7 @@ def check_traceable(spec: ModelSpec, resolved: ResolvedSetup) -> None:
             raise VramcalcError("litgpt builds the adapters in the model dtype (bf16-true): use --adapter-dtype bf16")
     if setup.loss is not Loss.LITGPT:
         raise VramcalcError("litgpt's step uses its chunked_cross_entropy on fp32 logits (--loss litgpt)")
-    if setup.grad_ckpt is GradCkpt.SELECTIVE:
+    if setup.grad_ckpt.caches_ops:
         raise VramcalcError("litgpt checkpoints whole Blocks only")
     for knob in ("activation_offload", "compile", "packing", "optimizer_in_backward"):
         if getattr(setup, knob, False):

@@ -43,7 +43,7 @@ from torch import nn
 
 from ...errors import VramcalcError
 from ...model import ModelSpec
-from ...options import AdapterDtype, GradCkpt, Loss, Method, Phase, Quant, Term
+from ...options import AdapterDtype, Loss, Method, Phase, Quant, Term
 from ...progress import Progress
 from ...training_setup import ResolvedSetup
 from ..engine import reset_bnb_overrides
@@ -100,7 +100,7 @@ def check_traceable(spec: ModelSpec, resolved: ResolvedSetup) -> None:
         raise VramcalcError(f"torchtune 0.6.1's recipes use CEWithChunkedOutputLoss (--loss torchtune) or "
                             f"CrossEntropyLoss (--loss hf; --loss torchtune-2024 in the 2024 recipes' loop), "
                             f"not {setup.loss.value}")
-    if setup.grad_ckpt is GradCkpt.SELECTIVE:
+    if setup.grad_ckpt.caches_ops:
         raise VramcalcError("torchtune 0.6.1's single-device recipes checkpoint whole layers only "
                             "(enable_activation_checkpointing); selective checkpointing is not traced")
     if getattr(setup, "activation_offload", False):

@@ -51,7 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ...errors import VramcalcError
 from ...model import ModelSpec
-from ...options import AdapterDtype, GradCkpt, Method
+from ...options import AdapterDtype, Method
 from ...training_setup import ResolvedSetup
 from ..step import StepTracer, base_model, checkpoint_mode
 
@@ -88,9 +88,9 @@ def check_traceable(resolved: ResolvedSetup) -> None:
         raise VramcalcError(f"the trl trace does not run TRL's activation offloading (trl/models/"
                             f"activation_offloading.py:640, torchtune's OffloadActivations on CUDA streams); "
                             "--activation-offload with --stack trl is estimate-only")
-    if checkpoint_mode(setup) is GradCkpt.SELECTIVE:
+    if checkpoint_mode(setup).caches_ops:
         raise VramcalcError("TRL's selective checkpointing saves attention outputs only (trl/models/selective_"
-                            "activation_checkpointing.py:51), not vramcalc's --grad-ckpt selective policy; "
+                            "activation_checkpointing.py:51), not vramcalc's op-level policies; "
                             "not traced with --stack trl")
     if getattr(setup.loss, "value", setup.loss) not in _TRL_LOSSES:
         raise VramcalcError(f"SFTTrainer (trl {VERSION}) scores with its fused lm_head (trl/trainer/sft_trainer.py:"
