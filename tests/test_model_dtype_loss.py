@@ -47,7 +47,7 @@ def test_a_loss_without_upcast_saves_and_peaks_in_the_logits_dtype_without_autoc
         with HighWater():
             loss.backward()
     backward_peak = HighWater.peak
-    expected = logits_terms._model_dtype_loss_bytes(2, False, B * S, B * (S - 1), V, 0)
+    expected = logits_terms._model_dtype_loss_bytes(2, False, B * S, B, V, 0)
     labels_bytes = 8 * B * (S - 1)  # the shifted int64 labels nll_loss keeps
     assert saved == pytest.approx(expected.saved + labels_bytes, rel=0.01)
     assert forward_peak == pytest.approx(expected.forward_peak + labels_bytes, rel=0.01)
@@ -73,3 +73,39 @@ def test_qwen_v1_under_deepspeed_runs_its_loss_in_bf16_and_under_autocast_in_fp3
     dt = dtypes(setup.method, setup.precision, setup.adapter_dtype)
     assert logits_terms.logits_bytes(llama, setup.loss, dt, tokens).backward_peak == \
         3 * 4 * tokens * llama.vocab_size + 8 * tokens
+
+
+@needs_torch
+def test_one_sequence_makes_no_shifted_copy():
+    # logits[..., :-1, :] of a contiguous [1, s, V] tensor is contiguous already (the batch dim has size 1), so
+    # .contiguous() returns the slice itself: the forward peak is lm_head's output and log_softmax's, no copy between
+    import torch
+
+    from vramcalc.tracing.tracker import AllocationTracker
+
+    output = torch.randn(1, S, V, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, V, (1, S))
+    tracker = AllocationTracker(round_to=1)
+    with tracker:
+        lm_logits = output * 1.0
+        shift_logits = lm_logits[..., :-1, :].contiguous()
+        assert shift_logits.data_ptr() == lm_logits.data_ptr()
+        loss = torch.nn.CrossEntropyLoss()(shift_logits.view(-1, V), labels[..., 1:].contiguous().view(-1))
+        forward_peak = tracker.peak.total_bytes
+    expected = logits_terms._model_dtype_loss_bytes(2, False, S, 1, V, 0)
+    assert expected.forward_peak == 2 * S * V + 2 * (S - 1) * V  # lm_head's output, the bf16 log_softmax
+    assert forward_peak == pytest.approx(expected.forward_peak + 8 * (S - 1), rel=0.01)
+    assert loss.requires_grad
+
+
+def test_model_dtype_loss_is_hf_for_qwen_v1_and_its_own_rule_elsewhere():
+    # --loss model-dtype puts any family on the rule Qwen v1's own loss follows; hf keeps the upcast elsewhere
+    llama = vc.get_model("llama-3.1-8b")
+    plain = vc.estimate(llama, precision="bf16-true", loss="model-dtype", batch_size=2, seq_len=1024)
+    upcast = vc.estimate(llama, precision="bf16-true", loss="hf", batch_size=2, seq_len=1024)
+    tokens, shifted, vocab = 2 * 1024, 2 * 1023, llama.vocab_size
+    # hf under bf16-true saves the fp32 log_softmax of all T rows; model-dtype the bf16 one of T' shifted rows
+    assert upcast.terms()["logits"] - plain.terms()["logits"] >= 4 * tokens * vocab - 2 * shifted * vocab - 2**20
+    qwen = vc.get_model("qwen-7b")
+    assert (vc.estimate(qwen, loss="model-dtype", batch_size=2).peak_tensor_bytes
+            == vc.estimate(qwen, loss="hf", batch_size=2).peak_tensor_bytes)

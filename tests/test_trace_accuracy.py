@@ -25,6 +25,12 @@ CASES = [
     ("llama", dict(seq_len=512, method="lora", loss="fused", optimizer="adamw-8bit")),
     ("llama", dict(seq_len=256, batch_size=2, method="lora", loss="hf-shifted")),
     ("qwen3", dict(seq_len=256, batch_size=2, loss="hf-shifted", precision="mixed-bf16")),
+    ("llama", dict(seq_len=256, loss="hf-shifted")),  # one sequence: the shifted slice is not copied
+    ("llama", dict(seq_len=256, method="qlora", loss="hf-shifted", grad_ckpt=True)),
+    ("llama", dict(seq_len=256, batch_size=2, loss="model-dtype", precision="bf16-true")),
+    ("llama", dict(seq_len=256, method="lora", loss="model-dtype", precision="bf16-true")),
+    ("gemma2", dict(seq_len=256, loss="model-dtype", precision="bf16-true")),
+    ("qwen3", dict(seq_len=256, method="qlora", loss="model-dtype", grad_ckpt=True)),
     ("llama", dict(seq_len=256, batch_size=2, method="lora", loss="hf-loop")),
     ("qwen3", dict(seq_len=256, batch_size=2, loss="hf-loop", precision="bf16-true", grad_ckpt=True)),
     ("mistral", dict(seq_len=512, method="lora", grad_accum=2)),

@@ -37,7 +37,7 @@ from .catalogue import GpuSpec, data_dir, get_model
 from .errors import VramcalcError, positive_number
 from .facts import GPUS_PER_NODE
 from .model import ModelSpec, ParamKind
-from .options import Attention, Interconnect, Kernels, Method, Offload, Optimizer, Precision, Sharding
+from .options import Attention, Interconnect, Kernels, Loss, Method, Offload, Optimizer, Precision, Sharding
 from .profiles import profile_data, runtime_profile
 from . import step_time as _step
 from .terms.distributed import Communication, communication_bytes_per_step
@@ -360,6 +360,14 @@ def expert_parallel_shape(spec: ModelSpec, ep: int) -> _step.DecoderShape:
                    total_params=spec.params - routed + routed // ep)
 
 
+def _loss_word(setup) -> str:
+    """The step-time model's word for the loss's traffic (``step_time.LOSS_BYTES_PER_LOGIT``): ``model-dtype`` under
+    autocast casts the shifted copy to fp32 and moves ``hf-shifted``'s bytes."""
+    if setup.loss is Loss.MODEL_DTYPE and setup.precision.autocast:
+        return Loss.HF_SHIFTED.value
+    return setup.loss.value
+
+
 @functools.lru_cache(maxsize=4096)
 def step_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_bytes: int = 0,
              profile: RuntimeProfile | None = None) -> _step.StepTime | None:
@@ -444,7 +452,7 @@ def step_work_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_
             setup.method, setup.precision, setup.adapter_dtype).c).total_bytes) if cp > 1 else 0.0,
         train_base=setup.method is Method.FULL, adapter_params=0 if setup.method is Method.FULL else
         adapter_params(spec, resolved), grad_ckpt=setup.grad_ckpt.recompute.value,
-        fused_elementwise=bool(setup.compile) or setup.kernels is Kernels.LIGER, loss=setup.loss.value,
+        fused_elementwise=bool(setup.compile) or setup.kernels is Kernels.LIGER, loss=_loss_word(setup),
         quant_bits=setup.quant.bits if setup.method is Method.QLORA else 0,
         fp8_linears=setup.precision is Precision.FP8, optimizer_bytes_per_param=optimizer_bytes_per_param(resolved),
         dp=dp, sharding=setup.sharding.value, serial_extra_s=paged_s + ep_s, micro_batches=setup.grad_accum,

@@ -211,6 +211,10 @@ class Loss(Choice):
     # transformers' loss in a custom loop that keeps ``outputs`` (``outputs = model(**batch); loss = outputs.loss;
     # accelerator.backward(loss)``: transformers' examples/pytorch/*_no_trainer.py) until the next model call returns
     HF_LOOP = "hf-loop"
+    # a cross-entropy on lm_head's output as it comes, with no fp32 upcast (a trainer's own compute_loss on
+    # ``outputs.logits``, a custom loop's ``F.cross_entropy``; Qwen v1's own loss): the shifted copy and log_softmax
+    # in the logits' dtype, in fp32 under autocast (CUDA autocast's fp32 list has log_softmax and cross_entropy)
+    MODEL_DTYPE = "model-dtype"
 
     @property
     def held_by_loop(self) -> bool:
@@ -222,7 +226,7 @@ class Loss(Choice):
     @property
     def in_model(self) -> bool:
         """transformers' model computes this loss itself from its [T, V] logits (``model.loss_function``)."""
-        return self in (Loss.HF, Loss.HF_SHIFTED, Loss.HF_LOOP)
+        return self in (Loss.HF, Loss.HF_SHIFTED, Loss.HF_LOOP, Loss.MODEL_DTYPE)
 
 
 class Sharding(Choice):

@@ -134,13 +134,14 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
         return _compiled_logits_bytes(loss, c, accelerate_copy, tokens, V, labels, head_grad_bytes)
     if loss is Loss.HF_SHIFTED:  # T' = b·(s - 1) shifted rows beside the model's T
         shifted = tokens - sequences
+        copied = select(sequences > 1, shifted, 0)  # ``.contiguous()`` copies the slice only for a batch of 2 or more
         model_out = (2 * c if softcap else c) * tokens * V
         saved = _F32 * shifted * V + (c * tokens * V if softcap else 0) + labels
-        forward = maximum(model_out + upcast * tokens * V + 2 * _F32 * shifted * V,
+        forward = maximum(model_out + upcast * tokens * V + _F32 * (shifted + copied) * V,
                           model_out + _F32 * shifted * V + (_F32 * tokens * V if accelerate_copy else 0)) + labels
         return LogitsBytes(forward, saved, saved + 2 * _F32 * shifted * V, c * tokens * V + labels)
-    if loss is Loss.HF and not model.traits.loss_upcasts:
-        return _model_dtype_loss_bytes(c, dt.autocast, tokens, tokens - sequences, V, labels)
+    if loss is Loss.MODEL_DTYPE or (loss is Loss.HF and not model.traits.loss_upcasts):
+        return _model_dtype_loss_bytes(c, dt.autocast, tokens, sequences, V, labels, softcap)
     if loss is Loss.HF:
         saved = (_F32 + (c if softcap else 0)) * tokens * V + labels
         chain = (2 * c if softcap else c) + upcast + _F32
@@ -194,22 +195,30 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
     return LogitsBytes(forward, saved, saved, saved, forward_hidden_grad=grad_input)
 
 
-def _model_dtype_loss_bytes(c: int, autocast: bool, tokens, shifted, V: int, labels) -> LogitsBytes:
-    """``hf`` for a family whose own loss takes lm_head's output as it comes (``FamilyTraits.loss_upcasts`` False:
-    Qwen v1's ``CrossEntropyLoss()(lm_logits[..., :-1, :].contiguous().view(-1, V), ...)``): the shifted copy of
+def _model_dtype_loss_bytes(c: int, autocast: bool, tokens, sequences, V: int, labels,
+                            softcap: bool = False) -> LogitsBytes:
+    """``model-dtype``, and ``hf`` for a family whose own loss takes lm_head's output as it comes
+    (``FamilyTraits.loss_upcasts`` False: Qwen v1's ``CrossEntropyLoss()(lm_logits[..., :-1, :].contiguous().view(-1,
+    V), ...)``): the shifted copy of
     T' = b·(s - 1) rows is in c; ``log_softmax`` is on CUDA autocast's fp32 list (torch ``docs/source/amp.rst``, "CUDA
     Ops that can autocast to float32"), so under autocast it casts its input to fp32 and saves an fp32 output, and
     without autocast (bf16-true; DeepSpeed, under which accelerate leaves autocast off: ``native_amp`` is False for
     ``DistributedType.DEEPSPEED``, accelerate 1.16 ``accelerator.py:536-567``) it runs and saves in c. With l the
     log_softmax bytes and k the cast's: forward peak c·T·V + (c + k + l)·T'·V at the log_softmax; after forward the
     model's ``outputs.logits`` (c·T·V) and accelerate's fp32 copy of them under autocast beside the saved l·T'·V;
-    backward 3·l·T'·V (the saved output, nll_loss's gradient and log_softmax's)."""
+    backward 3·l·T'·V (the saved output, nll_loss's gradient and log_softmax's). A final soft-cap (Gemma-2's
+    ``tanh(logits / cap) * cap`` in the model) keeps its tanh output (c·T·V) from forward to backward, and its three
+    steps make the model's output in two c·T·V tensors. For a batch of one sequence the shifted slice
+    ``[1, s - 1, V]`` of the contiguous logits is contiguous already, so ``.contiguous()`` returns it: no copy."""
+    shifted = tokens - sequences  # T' = b·(s - 1) rows
+    copied = select(sequences > 1, c, 0)  # the shifted copy's bytes per element (none for one sequence)
     ls = _F32 if autocast else c
     cast = _F32 if autocast and c != _F32 else 0
-    saved = ls * shifted * V + labels
-    forward = maximum(c * tokens * V + (c + cast + ls) * shifted * V,
-                      (c + (_F32 if autocast else 0)) * tokens * V + ls * shifted * V) + labels
-    return LogitsBytes(forward, saved, 3 * ls * shifted * V + labels, c * tokens * V + labels)
+    capped = c * tokens * V if softcap else 0  # the tanh output, saved by its own backward
+    saved = ls * shifted * V + capped + labels
+    forward = maximum(c * tokens * V + capped + (copied + cast + ls) * shifted * V,
+                      (c + (_F32 if autocast else 0)) * tokens * V + capped + ls * shifted * V) + labels
+    return LogitsBytes(forward, saved, 3 * ls * shifted * V + capped + labels, c * tokens * V + capped + labels)
 
 
 def _compiled_logits_bytes(loss: Loss, c: int, accelerate_copy: bool, tokens, V: int, labels,

@@ -55,6 +55,26 @@ def shifted_causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=N
     return loss
 
 
+def model_dtype_causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
+                               **kwargs):
+    """``--loss model-dtype``: a cross-entropy on lm_head's output as it comes, with no ``.float()`` (a trainer's own
+    ``compute_loss`` on ``outputs.logits``, a custom loop; Qwen v1's ``CrossEntropyLoss()(lm_logits[..., :-1,
+    :].contiguous().view(-1, V), ...)``): the shifted contiguous copy, then ``F.cross_entropy``. CUDA autocast runs
+    ``cross_entropy``/``log_softmax`` in fp32 (its fp32 op list, torch ``docs/source/amp.rst``); CPU autocast does
+    not, so under autocast the trace casts the copy to fp32 as CUDA would."""
+    shift_logits = logits[..., :-1, :].contiguous().view(-1, vocab_size)
+    shift_labels = labels[..., 1:].contiguous().view(-1).to(shift_logits.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    if torch.is_autocast_enabled("cpu"):
+        with torch.autocast(device_type="cpu", enabled=False):
+            loss = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=ignore_index, reduction=reduction)
+    else:
+        loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
+    if reduction == "sum":
+        loss = loss / num_items_in_batch
+    return loss
+
+
 def chunked_cross_entropy(hidden, weight, labels, softcap=None, chunks: int = CHUNKED_LOSS_CHUNKS):
     """Sum over token chunks of cross-entropy(lm_head(chunk).float()), divided by the token count."""
     hidden = hidden.reshape(-1, hidden.shape[-1])

@@ -29,7 +29,8 @@ from ..options import Attention, GradCkpt, Kernels, Loss, Method, Optimizer, Pha
 from ..terms.activations import runs_with_cache
 from ..training_setup import ResolvedSetup
 from .build import half_dtype
-from .losses import PassThroughHead, chunked_cross_entropy, fused_cross_entropy, shifted_causal_lm_loss
+from .losses import (PassThroughHead, chunked_cross_entropy, fused_cross_entropy, model_dtype_causal_lm_loss,
+                     shifted_causal_lm_loss)
 from .tracker import AllocationTracker
 
 LEARNING_RATE = 1e-4
@@ -111,6 +112,8 @@ class TrainerLoss:
             inner.config.final_logit_softcapping = None
         if setup.loss is Loss.HF_SHIFTED:  # transformers 4.46-4.49's loss function (losses.shifted_causal_lm_loss)
             inner.loss_function = shifted_causal_lm_loss
+        if setup.loss is Loss.MODEL_DTYPE:  # no fp32 upcast (losses.model_dtype_causal_lm_loss)
+            inner.loss_function = model_dtype_causal_lm_loss
 
     # whether the model runs with transformers' DynamicCache, as the estimate decides it (a class attribute, so a
     # check can run the same loop with the cache off)
