@@ -122,7 +122,7 @@ def test_sweep_10000_setups_vectorised(benchmark):
             spec = get_model(m)
             resolved = resolve_setup(spec, method=me, grad_ckpt=c, optimizer=o)
             b, s = np.array(shapes).T
-            peaks, _ = peak_tensor_bytes_grid(spec, resolved, b, s)
+            peaks, _, _ = peak_tensor_bytes_grid(spec, resolved, b, s)
             out.append(peaks)
         return np.concatenate(out)
 

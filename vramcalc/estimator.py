@@ -45,7 +45,7 @@ from .step_moment import Moment, layer_setup  # noqa: F401 (re-exported: tests, 
 
 
 _TENSOR_FIELDS = ("weights", "gradients", "optimizer_states", "activations", "logits", "temporaries")
-_MOMENT_FIELDS = _TENSOR_FIELDS + ("all_gather_stream", "reduce_scatter_stream")
+_MOMENT_FIELDS = _TENSOR_FIELDS + ("all_gather_stream", "reduce_scatter_stream", "stranded")
 
 
 def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = None, **options) -> MemoryBreakdown:
@@ -80,7 +80,7 @@ def _estimate_parts(spec: ModelSpec, resolved: ResolvedSetup, device: GpuSpec | 
     """(terms, phase, details, warnings) of an estimate, as tuples (each call gets its own dicts)."""
     peak = _tensor_peak(spec, resolved)
     out = _finish(spec, resolved, dict(peak.terms), peak.phase, "estimate", device, peak.paged_bytes, None,
-                  peak.stream_pools_bytes)
+                  peak.stream_pools_bytes, peak.stranded_bytes)
     details = dict(out.details)
     if peak.phase_peaks:  # each phase's peak, from the same moments (``_reports_phase_peaks``)
         details["phase_peak_bytes"] = dict(peak.phase_peaks)
@@ -96,6 +96,7 @@ class _TensorPeak:
     paged_bytes: int  # bitsandbytes paged optimizer state (outside torch's allocator)
     phase_peaks: tuple = ()  # (phase, bytes): each phase's largest moment, where ``_reports_phase_peaks``
     stream_pools_bytes: int = 0  # what FSDP's side streams keep cached beyond the tensor peak (``_stream_pools_bytes``)
+    stranded_bytes: int = 0  # the caching allocator's cached blocks beside the peak (``runtime.step_reserved_bytes``)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -104,7 +105,7 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
         from .device_map_step import gpu_peaks
 
         largest = max(gpu_peaks(spec, resolved), key=lambda gpu: gpu.tensor_bytes)
-        return _TensorPeak(largest.terms, Phase(largest.phase), 0)
+        return _TensorPeak(largest.terms, Phase(largest.phase), 0)  # (no step order per GPU: no stranded blocks)
     moments = step_moments(spec, resolved)
     peak = max(moments, key=lambda moment: moment.tensor_bytes)
     terms = ((Term.WEIGHTS, peak.weights), (Term.GRADIENTS, peak.gradients),
@@ -117,7 +118,7 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
         paged = optimizer.optimizer_state_bytes(parameters.stored_tensors(spec, resolved), optimizer_name,
                                                 embedding_32bit).paged_bytes
     return _TensorPeak(terms, peak.phase, paged, _phase_peaks(moments) if _reports_phase_peaks(resolved) else (),
-                       _stream_pools_bytes(spec, resolved, moments))
+                       _stream_pools_bytes(spec, resolved, moments), int(peak.stranded))
 
 
 def _stream_pools_bytes(spec: ModelSpec, resolved: ResolvedSetup, moments: list[Moment]) -> int:
@@ -159,12 +160,15 @@ def assemble_measured(spec: ModelSpec, resolved: ResolvedSetup, tensor_terms: di
     """A breakdown whose tensor terms were traced or measured; runtime terms come from the same model as estimate's."""
     device = get_gpu(gpu) if gpu is not None else None
     terms = {term: int(tensor_terms.get(term, 0)) for term in Term if term.is_tensor}
-    stream_pools = _tensor_peak(spec, resolved).stream_pools_bytes if resolved.setup.sharding is Sharding.FSDP else 0
-    return _finish(spec, resolved, terms, phase, source, device, paged_bytes, details, stream_pools)
+    peak = _tensor_peak(spec, resolved)
+    stream_pools = peak.stream_pools_bytes if resolved.setup.sharding is Sharding.FSDP else 0
+    return _finish(spec, resolved, terms, phase, source, device, paged_bytes, details, stream_pools,
+                   peak.stranded_bytes)
 
 
 def peak_tensor_bytes_grid(spec: ModelSpec, resolved: ResolvedSetup, batch_sizes, seq_lens):
-    """Peak tensor bytes over arrays of batch sizes and sequence lengths (numpy), and the phase of each peak."""
+    """Peak tensor bytes over arrays of batch sizes and sequence lengths (numpy), the phase of each peak and the
+    caching allocator's stranded bytes beside it (``Moment.stranded``)."""
     import numpy
 
     if resolved.setup.device_map is DeviceMap.AUTO:
@@ -175,10 +179,13 @@ def peak_tensor_bytes_grid(spec: ModelSpec, resolved: ResolvedSetup, batch_sizes
     shape = numpy.broadcast(b, s).shape
     totals = numpy.stack([numpy.broadcast_to(numpy.asarray(m.tensor_bytes, dtype=numpy.int64), shape) for m in moments])
     phases = numpy.array([m.phase.value for m in moments])
-    return totals.max(axis=0), phases[totals.argmax(axis=0)]
+    stranded = numpy.stack([numpy.broadcast_to(numpy.asarray(m.stranded, dtype=numpy.int64), shape) for m in moments])
+    at = totals.argmax(axis=0)
+    return totals.max(axis=0), phases[at], numpy.take_along_axis(stranded, at[numpy.newaxis], axis=0)[0]
 
 
-def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details, stream_pools_bytes=0) -> MemoryBreakdown:
+def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details, stream_pools_bytes=0,
+            stranded_bytes=0) -> MemoryBreakdown:
     setup = resolved.setup
     profile = runtime_profile(device)
     peak_tensor = sum(terms.values())
@@ -189,7 +196,7 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details, 
         communicating = max(communicating, setup.ep)
     terms[Term.RUNTIME_OVERHEAD] = runtime.runtime_overhead_bytes(profile, device, communicating, paged_bytes)
     terms[Term.RUNTIME_OVERHEAD] += tasks.vllm_reservation_bytes(setup, device)  # 0 but GRPO with vLLM
-    terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor)
+    terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor, stranded_bytes)
     out = {
         "params": spec.params,
         "active_params": spec.active_params,
@@ -594,7 +601,28 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         moments = tasks.reward_moments(moments, b, s)
     if spec.vision is not None and setup.images:  # a VLM's vision tower (terms/vision.py)
         moments = vision.moments_for(spec, resolved, tensors, moments, Moment, layer, b, s, masked)
-    return moments
+    (moe, layer_masked, conv), _, _ = _layer_runs(spec, masked)[0]  # the last layer's kind (backward order)
+    layer_bytes = activations.layer_saved(spec, layer, moe, layer_masked, conv=conv).bytes(b, s)
+    return _with_reserved(moments, lg.backward_request, layer_bytes)
+
+
+def _with_reserved(moments: list[Moment], head_request, layer_bytes) -> list[Moment]:
+    """Each moment with its ``stranded`` bytes: the step's reserved memory (``runtime.step_reserved_bytes``; the
+    weights' loading, before the step, reaches its own high-water mark, which the step's blocks then reuse) less the
+    moment's tensor bytes. ``head_request``: the loss's last [rows, V] gradient; ``layer_bytes``: one decoder
+    layer's saved bytes."""
+    steps = [m.tensor_bytes for m in moments if m.phase is not Phase.LOAD]
+    forward = [m.tensor_bytes for m in moments if m.phase is Phase.FORWARD]
+    starts = [m.tensor_bytes for m in moments if m.phase is Phase.BACKWARD_START]
+    if not steps:
+        return moments
+    reserved = runtime.step_reserved_bytes(functools.reduce(maximum, steps), starts[0] if starts else 0,
+                                           functools.reduce(maximum, forward) if forward else 0,
+                                           head_request if starts else 0, layer_bytes)
+    for m in moments:
+        if m.phase is Phase.LOAD:
+            reserved = maximum(reserved, m.tensor_bytes)
+    return [m._replace(stranded=reserved - m.tensor_bytes) for m in moments]
 
 
 # the losses whose lm_head is the model's own nn.Linear call, run once on every token (``logits.logits_bytes``)

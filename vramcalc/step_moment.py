@@ -27,6 +27,9 @@ class Moment(NamedTuple):
     temporaries: int
     all_gather_stream: int = 0
     reduce_scatter_stream: int = 0
+    # the caching allocator's reserved bytes of the step less this moment's (``runtime.step_reserved_bytes``): what
+    # reserved holds beyond the tensors were this moment the peak (set last, ``estimator._with_reserved``)
+    stranded: int = 0
 
     @property
     def tensor_bytes(self) -> int:

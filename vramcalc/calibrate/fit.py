@@ -5,10 +5,12 @@ Per scenario, T = the estimate's ``peak_tensor_bytes``, P = its paged optimizer 
 (shared/reference/memory-math.md §6) gives one equation per coefficient of ``terms.runtime.RuntimeProfile``:
 
     A - T     = workspace_bytes                      cuBLAS workspaces (allocated by torch, not tensors of the step)
-    R - A     = allocator_slack_fraction * T         the caching allocator's rounding and fragmentation
+    R - A - S = allocator_slack_fraction * T         the caching allocator's slack beyond S, the blocks the estimate
+                                                     finds stranded (``runtime.step_reserved_bytes``)
     N - R - P = cuda_context_bytes                   context, kernel images; P: bitsandbytes' unified memory
 
-so that ``estimate(gpu=...)``'s total, T + context + workspace + P + fraction * T, predicts N. Each is solved by
+so that ``estimate(gpu=...)``'s total, T + context + workspace + P + S + fraction * T, predicts N. S is the row's
+setup estimated again by this checkout (``row_stranded_bytes``; 0 for a row it cannot rebuild). Each is solved by
 least squares on *relative* residuals (weights 1/measured^2): one large scenario would otherwise swamp the
 constants with the estimator's own percent-level tensor errors. Coefficients are clamped at 0 (a negative
 workspace would say the estimate over-counts tensors; the residuals report that instead). NCCL needs several GPUs
@@ -63,6 +65,7 @@ class Observation:
     allocated: float | None  # A
     reserved: float | None  # R
     nvml: float | None  # N
+    est_stranded: float = 0.0  # S: the allocator's stranded blocks the estimate finds beside its peak
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ def observations(rows: list[dict]) -> list[Observation]:
         matches = row.get("nvml_device_matches", "")
         nvml = number(row, "nvml_peak_bytes") if matches != "false" else None
         out.append(Observation(
+            est_stranded=row_stranded_bytes(row),
             scenario_id=row["scenario_id"],
             probe=row.get("probe", ""),
             attn=row.get("attn_used") or row.get("attn", ""),
@@ -173,6 +177,24 @@ def weighted_lstsq(features: list[list[float]], targets: list[float], scales: li
     return [float(v) for v in solution]
 
 
+def row_stranded_bytes(row: dict) -> float:
+    """S of a measured row: its setup rebuilt (``scenarios.row_scenario``) and estimated by this checkout without a
+    GPU profile, whose slack is then the stranded blocks alone (the default fraction is 0). 0 for a row this checkout
+    cannot rebuild (an older scenario id, a model it no longer knows)."""
+    from ..errors import VramcalcError
+    from ..estimator import estimate
+    from ..options import Term
+    from .scenarios import resolve, row_scenario
+
+    try:
+        scenario = row_scenario(row)
+        spec, _ = resolve(scenario)
+        options = {key: value for key, value in scenario.options.items() if value not in (None, "")}
+        return float(estimate(spec, **options).terms_bytes[Term.ALLOCATOR_SLACK])
+    except (KeyError, ValueError, VramcalcError):
+        return 0.0
+
+
 def fit_coefficients(obs: list[Observation]) -> tuple[Coefficients, dict]:
     """The three equations of the module docstring; a coefficient whose metric was not measured stays None."""
     used = {}
@@ -184,7 +206,8 @@ def fit_coefficients(obs: list[Observation]) -> tuple[Coefficients, dict]:
         used["workspace_bytes"] = len(rows)
     rows = [o for o in obs if o.allocated and o.reserved]
     if rows:
-        slack = max(0.0, weighted_lstsq([[o.est_peak_tensor] for o in rows], [o.reserved - o.allocated for o in rows],
+        slack = max(0.0, weighted_lstsq([[o.est_peak_tensor] for o in rows],
+                                        [o.reserved - o.allocated - o.est_stranded for o in rows],
                                         [o.reserved for o in rows])[0])
         used["allocator_slack_fraction"] = len(rows)
     rows = [o for o in obs if o.reserved and o.nvml]
@@ -198,7 +221,7 @@ def fit_coefficients(obs: list[Observation]) -> tuple[Coefficients, dict]:
 def predict(o: Observation, c: Coefficients) -> dict:
     """Allocated, reserved and NVML peaks predicted from the estimate's tensor peak and the coefficients."""
     allocated = o.est_peak_tensor + c.workspace_bytes
-    reserved = allocated + c.allocator_slack_fraction * o.est_peak_tensor
+    reserved = allocated + o.est_stranded + c.allocator_slack_fraction * o.est_peak_tensor
     return {"allocated": allocated, "reserved": reserved, "nvml": reserved + c.cuda_context_bytes + o.est_paged}
 
 

@@ -112,7 +112,7 @@ def sweep(grid):
                 continue
             b = axes["batch_size"][rows].astype(numpy.int64)
             s = axes["seq_len"][rows].astype(numpy.int64)
-            peaks, phases = peak_tensor_bytes_grid(spec, resolved, b, s)
+            peaks, phases, stranded = peak_tensor_bytes_grid(spec, resolved, b, s)
             names = gpu_column[rows] if gpu_column is not None else numpy.full(len(rows), None, dtype=object)
             for mask, device in _gpu_parts(names):
                 where = rows[mask]
@@ -120,7 +120,8 @@ def sweep(grid):
                 peak[where] = peaks[mask]
                 phase[where] = phases[mask]
                 overhead[where] = runtime.runtime_overhead_bytes(profile, device, resolved.setup.num_gpus, paged)
-                slack[where] = numpy.floor(profile.allocator_slack_fraction * peaks[mask]).astype(numpy.int64)
+                slack[where] = stranded[mask] + numpy.floor(profile.allocator_slack_fraction
+                                                            * peaks[mask]).astype(numpy.int64)
                 memory[where] = device.memory_bytes if device is not None else 0
         except VramcalcError as err:
             error[rows] = str(err)

@@ -205,7 +205,7 @@ def _hf_terms(spec, fmt, cache, batch, prompt, context, e, device, trace, w_byte
     peak = sum(tensor.values())
     terms = dict(tensor)
     terms[T.RUNTIME_OVERHEAD] = non_torch_bytes(device, 1)
-    terms[T.ALLOCATOR_SLACK] = int(runtime.DEFAULT_ALLOCATOR_SLACK_FRACTION * peak)
+    terms[T.ALLOCATOR_SLACK] = int(runtime.INFERENCE_SLACK_FRACTION * peak)
     terms[T.ENGINE_RESERVED] = 0
     return terms, phase, extra
 

@@ -101,6 +101,16 @@ class LogitsBytes:
     forward_hidden_grad: int = 0  # fused: grad_input, alive from forward to backward (part of ``saved``)
     held: int = 0  # kept by the training loop after the loss's backward: through the layers' backward and the step
     output: int = 0  # the model call's own output at its end, before the loss (the moment the loop rebinds ``held``)
+    request: object = None  # the last [rows, V] gradient the backward requests, where not ``backward_request``'s rule
+
+    @property
+    def backward_request(self):
+        """X of ``runtime.step_reserved_bytes``: the last [rows, V] gradient the loss's backward requests. Unless
+        given (``request``), half of what its backward peak adds to the saved tensors: nll_loss's gradient and
+        log_softmax's, of one size (0 for a loss whose backward makes none, ``fused``)."""
+        if self.request is not None:
+            return self.request
+        return (self.backward_peak - self.saved) // 2
 
 
 def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_bytes: int = 0,
@@ -180,7 +190,7 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
             reshape_copy = select(sequences > 1, _F32 * tokens * V, 0)  # [b, s-1, V] -> [-1, V] copies when b > 1
             forward = maximum(saved + reshape_copy, output)
             return LogitsBytes(forward, saved, held + 2 * _F32 * tokens * V + labels, held + c * tokens * V + labels,
-                               held=held, output=output)
+                               held=held, output=output, request=_F32 * tokens * V)
         chunk = minimum(tokens, LITGPT_LM_HEAD_CHUNK_POSITIONS * sequences)
         forward = maximum(saved, output)
         backward = saved + 2 * _F32 * chunk * V
@@ -227,10 +237,10 @@ def _compiled_logits_bytes(loss: Loss, c: int, accelerate_copy: bool, tokens, V:
     saved = c * tokens * V + 2 * _F32 * tokens + labels
     if loss.in_model:
         forward = saved + (_F32 * tokens * V if accelerate_copy else 0)
-        return LogitsBytes(forward, saved, saved + c * tokens * V, c * tokens * V + labels)
+        return LogitsBytes(forward, saved, saved + c * tokens * V, c * tokens * V + labels, request=c * tokens * V)
     chunk = -(-tokens // CHUNKED_LOSS_CHUNKS)
     backward = saved + c * chunk * V
     if head_grad_bytes:
         remaining = saved * (CHUNKED_LOSS_CHUNKS - 2) // CHUNKED_LOSS_CHUNKS
         backward = maximum(backward, remaining + 3 * head_grad_bytes + c * chunk * V)
-    return LogitsBytes(saved, saved, backward, saved + c * chunk * V)
+    return LogitsBytes(saved, saved, backward, saved + c * chunk * V, request=c * chunk * V)
