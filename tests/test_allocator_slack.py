@@ -24,11 +24,24 @@ GIB = 2**30
 def test_a_request_no_cached_block_can_hold_strands_what_forward_left_behind():
     # M_fwd 10, M_H 12 of which X = 4 is the loss's new request: 12 - 4 = 8 live, 2 of the forward's 10 cached
     # and too small for X; plus 1 of a layer's blocks. Reserved 12 + 2 + 1.
-    assert runtime.step_reserved_bytes(12, 12, 10, 4, 1) == 15
+    head = runtime.stranded_head_bytes(12, 10, 4)
+    assert head == 2 and runtime.step_reserved_bytes(12, 12, head, 1) == 15
     # a later, larger peak (the optimizer step at 20) reuses those blocks first: only the layer's block is beside it
-    assert runtime.step_reserved_bytes(20, 12, 10, 4, 1) == 21
+    assert runtime.step_reserved_bytes(20, 12, head, 1) == 21
     # a loss whose backward requests no [rows, V] gradient (fused) strands nothing of the forward's
-    assert runtime.step_reserved_bytes(12, 12, 15, 0, 1) == 13
+    assert runtime.stranded_head_bytes(12, 15, 0) == 0
+
+
+def test_gradients_too_big_for_every_cached_block_get_segments_of_their_own():
+    mib = 2**20
+    assert runtime.segment_bytes(512 * 1024) == 2 * mib and runtime.segment_bytes(7 * mib) == 20 * mib
+    assert runtime.segment_bytes(111 * mib + 1) == 112 * mib
+    # activations' largest request 7 MiB -> 20 MiB segments: a 32 MiB gradient cannot use them; a loss block of
+    # 100 MiB (request 100 MiB) holds three of four 32 MiB gradients, the fourth and a 200 MiB one get new segments
+    assert runtime.fresh_gradient_segment_bytes([(32 * mib, 4), (200 * mib, 1)], 7 * mib, 100 * mib, 100 * mib) \
+        == 32 * mib + 200 * mib
+    # gradients that fit a layer's block need nothing new
+    assert runtime.fresh_gradient_segment_bytes([(16 * mib, 10)], 30 * mib, 0, 0) == 0
 
 
 def _layer_bytes(spec, options):

@@ -27,7 +27,7 @@ from .breakdown import MemoryBreakdown
 from .catalogue import GpuSpec, get_gpu, get_model
 from .errors import VramcalcError
 from .model import ModelSpec
-from .options import DeviceMap, Loss, Method, Phase, Quant, Sharding, Task, Term
+from .options import Attention, DeviceMap, Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
 from .terms import context_parallel  # --cp
 from .terms import (activations, adapters, distributed, expert_parallel, float8, gptq, loading, logits, optimizer,
@@ -603,22 +603,45 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         moments = vision.moments_for(spec, resolved, tensors, moments, Moment, layer, b, s, masked)
     (moe, layer_masked, conv), _, _ = _layer_runs(spec, masked)[0]  # the last layer's kind (backward order)
     layer_bytes = activations.layer_saved(spec, layer, moe, layer_masked, conv=conv).bytes(b, s)
-    return _with_reserved(moments, lg.backward_request, layer_bytes)
+    # the weight gradients backward allocates afresh each step: one GPU, each freed by zero_grad and not stepped
+    # inside backward (torch's set_to_none default)
+    fresh = csetup.sharding is Sharding.NONE and not csetup.optimizer_in_backward
+    gradients = _gradient_groups(tensors) if fresh else ()
+    c = dt.c
+    largest_layer_request = maximum(tokens * spec.intermediate_size * c, 4 * tokens * spec.hidden_size)
+    if layer.attn_used is Attention.EAGER:  # eager attention's fp32 scores, [b, a, s, s]
+        largest_layer_request = maximum(largest_layer_request, 4 * b * spec.num_heads * s * s)
+    return _with_reserved(moments, lg.backward_request, layer_bytes, gradients, largest_layer_request)
 
 
-def _with_reserved(moments: list[Moment], head_request, layer_bytes) -> list[Moment]:
+def _gradient_groups(tensors) -> tuple[tuple[int, int], ...]:
+    """(bytes of one gradient, how many) of the trainable tensors in the order backward makes them: lm_head's first,
+    the decoder layers', the embedding's last."""
+    def order(t):
+        return 0 if "lm_head" in t.name else 2 if "embed" in t.name else 1
+
+    return tuple((t.bytes_each, t.count) for t in sorted((t for t in tensors if t.trainable), key=order))
+
+
+def _with_reserved(moments: list[Moment], head_request, layer_bytes, gradients=(),
+                   largest_layer_request=0) -> list[Moment]:
     """Each moment with its ``stranded`` bytes: the step's reserved memory (``runtime.step_reserved_bytes``; the
     weights' loading, before the step, reaches its own high-water mark, which the step's blocks then reuse) less the
     moment's tensor bytes. ``head_request``: the loss's last [rows, V] gradient; ``layer_bytes``: one decoder
-    layer's saved bytes."""
+    layer's saved bytes; ``gradients`` and ``largest_layer_request``: for the gradients that need segments of their
+    own (``runtime.fresh_gradient_segment_bytes``), which may reuse the loss's blocks (its logits at backward-start
+    and what it stranded)."""
     steps = [m.tensor_bytes for m in moments if m.phase is not Phase.LOAD]
     forward = [m.tensor_bytes for m in moments if m.phase is Phase.FORWARD]
-    starts = [m.tensor_bytes for m in moments if m.phase is Phase.BACKWARD_START]
+    starts = [m for m in moments if m.phase is Phase.BACKWARD_START]
     if not steps:
         return moments
-    reserved = runtime.step_reserved_bytes(functools.reduce(maximum, steps), starts[0] if starts else 0,
-                                           functools.reduce(maximum, forward) if forward else 0,
-                                           head_request if starts else 0, layer_bytes)
+    backward_start = starts[0].tensor_bytes if starts else 0
+    request = head_request if starts else 0
+    head = runtime.stranded_head_bytes(backward_start, functools.reduce(maximum, forward) if forward else 0, request)
+    fresh = runtime.fresh_gradient_segment_bytes(gradients, largest_layer_request, request,
+                                                 (starts[0].logits if starts else 0) + head) if gradients else 0
+    reserved = runtime.step_reserved_bytes(functools.reduce(maximum, steps), backward_start, head, layer_bytes, fresh)
     for m in moments:
         if m.phase is Phase.LOAD:
             reserved = maximum(reserved, m.tensor_bytes)

@@ -14,8 +14,9 @@ allocator_slack = reserved - allocated: the caching allocator's cached free bloc
   requests under 10 MiB; nothing goes back to the device without ``empty_cache``). The peak's request is nearly always
   the largest of the step so far, so it gets a segment of its own and every block freed before it stays behind
   (``step_reserved_bytes``: the loss's 16-bit logits block, too small for its backward's fp32 request, and the blocks
-  a decoder layer's forward cut). Checked against the allocator replay of full-size traces (51 setups: median 1.0%,
-  max 14.8% of reserved) and 12 H200 measurements (median 0.8%, max 5.9%; docs/allocator-slack.md). A calibrated
+  a decoder layer's forward cut; weight gradients no cached block can hold). Checked against the allocator replay of
+  full-size traces (43 + 8 setups: median 1.0% and 2.6%, max 14.8% and 12.3% of reserved) and 12 H200 measurements
+  (median 0.8%, max 5.9%; docs/allocator-slack.md). A calibrated
   fraction of the tensor peak adds what a GPU's runs show beyond it (0 by default).
   Where an engine allocates on streams of its own (FSDP's collectives), reserved reads more while the GPU has room:
   a cached block serves only requests of the stream it was allocated on (``stream_pool_bytes``, reported beside the
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 
 from ..catalogue import GpuSpec
 from ..step_time import HOST_SECONDS_PER_KERNEL
-from ..units import maximum, select
+from ..units import maximum, minimum, select
 
 MIB = 2**20
 DEFAULT_CUDA_CONTEXT_BYTES = 500 * MIB  # assumption (see module docstring); refit by calibration
@@ -92,25 +93,58 @@ def allocator_slack_bytes(profile: RuntimeProfile, peak_tensor_bytes: int, stran
     return int(stranded_bytes) + int(profile.allocator_slack_fraction * peak_tensor_bytes)
 
 
-def step_reserved_bytes(step_peak_bytes, backward_start_bytes, forward_peak_bytes, head_request_bytes, layer_bytes):
+def step_reserved_bytes(step_peak_bytes, backward_start_bytes, stranded_head_bytes, layer_bytes,
+                        fresh_gradient_bytes=0):
     """The caching allocator's reserved bytes over a training step:
 
-        reserved = max(M_H + S_head, M_peak) + S_body,   S_head = max(0, M_fwd - (M_H - X))
+        reserved = max(M_H + S_head + G_fresh, M_peak) + S_body
 
-    M_peak the step's largest moment, M_H its backward-start moment (the loss's backward), M_fwd its largest forward
-    moment, X the last [rows, V] gradient the loss's backward requests (0 for a loss that makes none). Reserved never
-    falls below the forward's high-water mark, and when X arrives only M_H - X is live: the rest of M_fwd is cached,
-    and none of it can hold X, the largest request so far (for transformers' loss, lm_head's 16-bit logits block
-    c·T·V against log_softmax's fp32 gradient 4·T·V): S_head. A later peak reuses those blocks first. S_body: the
-    blocks one decoder layer's forward cut for its intermediates (its saved bytes, ``layer_bytes``), free and far
-    smaller than any [rows, V] request (under checkpointing every one is freed at the layer's end; without it, the
-    holes the saved tensors leave). Byte counts may be numpy arrays (a sweep's batch shapes).
+    M_peak the step's largest moment, M_H its backward-start moment (the loss's backward), S_head what the loss
+    strands (``stranded_head_bytes``). A later peak reuses those blocks first. S_body: the blocks one decoder layer's
+    forward cut for its intermediates (its saved bytes, ``layer_bytes``), free and far smaller than any [rows, V]
+    request (under checkpointing every one is freed at the layer's end; without it, the holes the saved tensors
+    leave). G_fresh: the weight gradients that need segments of their own (``fresh_gradient_segment_bytes``), made
+    after the loss's backward beside what it stranded. Byte counts may be numpy arrays (a sweep's batch shapes).
     Not modelled: the first optimizer step's states placed in a freed logits block, 20 MiB segments' rounding
-    holes, weight gradients that need segments of their own (full fine-tuning on short sequences), a peak inside a
-    checkpointed layer's backward whose recompute refills the layer's blocks (docs/allocator-slack.md)."""
-    head = select(head_request_bytes > 0,
+    holes, a peak inside a checkpointed layer's backward whose recompute refills the layer's blocks
+    (docs/allocator-slack.md)."""
+    return maximum(backward_start_bytes + stranded_head_bytes + fresh_gradient_bytes, step_peak_bytes) + layer_bytes
+
+
+def stranded_head_bytes(backward_start_bytes, forward_peak_bytes, head_request_bytes):
+    """S_head = max(0, M_fwd - (M_H - X)): M_fwd the step's largest forward moment, M_H its backward-start moment, X
+    the last [rows, V] gradient the loss's backward requests (0 for a loss that makes none: nothing strands).
+    Reserved never falls below the forward's high-water mark, and when X arrives only M_H - X is live: the rest of
+    M_fwd is cached, and none of it can hold X, the largest request so far (for transformers' loss, lm_head's 16-bit
+    logits block c·T·V against log_softmax's fp32 gradient 4·T·V)."""
+    return select(head_request_bytes > 0,
                   maximum(0, forward_peak_bytes - (backward_start_bytes - head_request_bytes)), 0)
-    return maximum(backward_start_bytes + head, step_peak_bytes) + layer_bytes
+
+
+def segment_bytes(request_bytes):
+    """The segment a request that no cached block can serve gets (``CUDACachingAllocator.cpp``
+    ``get_allocation_size``): 2 MiB for a small request (up to 1 MiB), 20 MiB (``kLargeBuffer``) below 10 MiB,
+    else rounded up to 2 MiB. Elementwise on numpy arrays."""
+    rounded = -(-request_bytes // (2 * MIB)) * (2 * MIB)
+    return select(request_bytes <= MIB, 2 * MIB, select(request_bytes < 10 * MIB, 20 * MIB, rounded))
+
+
+def fresh_gradient_segment_bytes(gradients, largest_layer_request, head_request_bytes, head_blocks_bytes):
+    """G_fresh: the weight gradients (``gradients``: (bytes of one, how many), in the order backward makes them)
+    that neither a decoder layer's cached blocks nor the loss's freed [rows, V] blocks can hold, each in a segment of
+    its own (``segment_bytes``). A layer's blocks are at most ``segment_bytes(largest_layer_request)``; the loss left
+    ``head_blocks_bytes`` of blocks of ``head_request_bytes`` each, which gradients no larger take first. Full
+    fine-tuning on short sequences: a Llama-3.1-8B step at 1 x 256 makes 155 new 112 and 32 MiB segments beside the
+    activations' 20 MiB ones (allocator replay, docs/allocator-slack.md). Elementwise on numpy arrays."""
+    block = segment_bytes(largest_layer_request)
+    capacity = head_blocks_bytes
+    fresh = 0
+    for each, count in gradients:  # a group of ``count`` equal gradients: the loss's blocks take what they can hold
+        reused = select(each <= head_request_bytes, minimum(count, maximum(0, capacity) // each), 0)
+        reused = select(each > block, reused, 0)
+        capacity = capacity - reused * each
+        fresh = fresh + select(each > block, (count - reused) * segment_bytes(each), 0)
+    return fresh
 
 
 def stream_pool_bytes(default_stream_peak_bytes: int, side_stream_peak_bytes: tuple[int, ...],
