@@ -65,8 +65,20 @@ def test_transformers_loss_strands_its_16_bit_logits_and_one_layers_blocks():
 
 def test_a_fused_loss_strands_only_a_layers_blocks():
     spec = get_model("qwen3-0.6b")
-    options = dict(method="lora", grad_ckpt=True, batch_size=4, seq_len=1024, precision="bf16", loss="fused")
+    options = dict(method="lora", batch_size=4, seq_len=1024, precision="bf16", loss="fused")
     assert vc.estimate(spec, **options).terms()["allocator_slack"] == _layer_bytes(spec, options)
+
+
+def test_a_checkpointed_layers_backward_refills_the_blocks_its_forward_left():
+    # the recompute cuts blocks of the sizes the forward cut, so at a peak inside a checkpointed layer's backward
+    # (the fused loss leaves the layers' backward as the peak) none of them is stranded; eager attention's backward
+    # makes [b, a, s, s] fp32 gradients larger than any of them, so there they stay
+    spec = get_model("qwen3-0.6b")
+    options = dict(method="lora", grad_ckpt=True, batch_size=4, seq_len=1024, precision="bf16", loss="fused")
+    sdpa = vc.estimate(spec, **options)
+    assert sdpa.phase.value == "backward" and sdpa.terms()["allocator_slack"] == 0
+    eager = dict(options, attn="eager")
+    assert vc.estimate(spec, **eager).terms()["allocator_slack"] == _layer_bytes(spec, eager)
 
 
 def test_the_h200_reserved_peaks_are_the_measured_allocated_peak_plus_the_stranded_blocks():
@@ -88,8 +100,8 @@ def test_the_h200_reserved_peaks_are_the_measured_allocated_peak_plus_the_strand
 def test_the_rule_follows_the_replayed_reserved_peaks_of_51_full_size_steps(capsys):
     # benchmarks/allocator_slack_replays.csv: each row's reserved and allocated peaks from replaying its full-size
     # traced step through the allocator model (``vramcalc trace WORDS --reserved``'s protocol, session 32); the
-    # estimate's slack is recomputed here. docs/allocator-slack.md gives the failures (a peak inside a checkpointed
-    # layer's backward, gradient segments made after the peak)
+    # estimate's slack is recomputed here. docs/allocator-slack.md gives the failures (gradient segments made after
+    # the peak: -20% on Qwen3-0.6B full fine-tuning with the fused loss; an eager layer's backward, +12%)
     import json
 
     from .cli_helpers import run_cli
@@ -103,5 +115,5 @@ def test_the_rule_follows_the_replayed_reserved_peaks_of_51_full_size_steps(caps
         predicted = int(row["replay_allocated_bytes"]) + slack
         errors[row["set"]].append(abs(predicted / int(row["replay_reserved_bytes"]) - 1))
     assert len(errors["grid"]) == 43 and len(errors["holdout"]) == 8
-    assert statistics.median(errors["grid"]) < 0.015 and max(errors["grid"]) < 0.16
-    assert statistics.median(errors["holdout"]) < 0.03 and max(errors["holdout"]) < 0.15
+    assert statistics.median(errors["grid"]) < 0.015 and max(errors["grid"]) < 0.21
+    assert statistics.median(errors["holdout"]) < 0.03 and max(errors["holdout"]) < 0.13

@@ -309,7 +309,7 @@ def _estimate_step_peak(spec: ModelSpec, options: dict) -> int:
     from vramcalc.estimator import step_moments
 
     moments = [m for m in step_moments(spec, resolve_setup(spec, **options)) if m.phase is not Phase.LOAD]
-    return max(sum(m[1:]) for m in moments)
+    return max(m.tensor_bytes for m in moments)
 
 
 @pytest.mark.slow

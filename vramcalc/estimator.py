@@ -611,7 +611,12 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     largest_layer_request = maximum(tokens * spec.intermediate_size * c, 4 * tokens * spec.hidden_size)
     if layer.attn_used is Attention.EAGER:  # eager attention's fp32 scores, [b, a, s, s]
         largest_layer_request = maximum(largest_layer_request, 4 * b * spec.num_heads * s * s)
-    return _with_reserved(moments, lg.backward_request, layer_bytes, gradients, largest_layer_request)
+    # a checkpointed layer's recompute cuts the blocks its forward cut, the same sizes, and its backward's largest
+    # requests are of those sizes too (sdpa, flash): at a peak inside that backward they are live, not stranded. An
+    # eager attention's backward makes [b, a, s, s] fp32 gradients beside the recomputed scores and probabilities,
+    # larger than any block the forward left, so the forward's blocks stay stranded there.
+    refilled = bool(ckpt) and layer.attn_used is not Attention.EAGER
+    return _with_reserved(moments, lg.backward_request, layer_bytes, gradients, largest_layer_request, refilled)
 
 
 def _gradient_groups(tensors) -> tuple[tuple[int, int], ...]:
@@ -624,13 +629,14 @@ def _gradient_groups(tensors) -> tuple[tuple[int, int], ...]:
 
 
 def _with_reserved(moments: list[Moment], head_request, layer_bytes, gradients=(),
-                   largest_layer_request=0) -> list[Moment]:
+                   largest_layer_request=0, refilled_in_backward=False) -> list[Moment]:
     """Each moment with its ``stranded`` bytes: the step's reserved memory (``runtime.step_reserved_bytes``; the
     weights' loading, before the step, reaches its own high-water mark, which the step's blocks then reuse) less the
     moment's tensor bytes. ``head_request``: the loss's last [rows, V] gradient; ``layer_bytes``: one decoder
     layer's saved bytes; ``gradients`` and ``largest_layer_request``: for the gradients that need segments of their
     own (``runtime.fresh_gradient_segment_bytes``), which may reuse the loss's blocks (its logits at backward-start
-    and what it stranded)."""
+    and what it stranded); ``refilled_in_backward``: a layer's backward refills its blocks (checkpointing), so a
+    moment inside it strands none of them."""
     steps = [m.tensor_bytes for m in moments if m.phase is not Phase.LOAD]
     forward = [m.tensor_bytes for m in moments if m.phase is Phase.FORWARD]
     starts = [m for m in moments if m.phase is Phase.BACKWARD_START]
@@ -641,11 +647,14 @@ def _with_reserved(moments: list[Moment], head_request, layer_bytes, gradients=(
     head = runtime.stranded_head_bytes(backward_start, functools.reduce(maximum, forward) if forward else 0, request)
     fresh = runtime.fresh_gradient_segment_bytes(gradients, largest_layer_request, request,
                                                  (starts[0].logits if starts else 0) + head) if gradients else 0
-    reserved = runtime.step_reserved_bytes(functools.reduce(maximum, steps), backward_start, head, layer_bytes, fresh)
-    for m in moments:
-        if m.phase is Phase.LOAD:
-            reserved = maximum(reserved, m.tensor_bytes)
-    return [m._replace(stranded=reserved - m.tensor_bytes) for m in moments]
+    step_peak = functools.reduce(maximum, steps)
+    loading = functools.reduce(maximum, (m.tensor_bytes for m in moments if m.phase is Phase.LOAD), 0)
+
+    def stranded(m: Moment):
+        body = 0 if refilled_in_backward and m.phase is Phase.BACKWARD else layer_bytes
+        return maximum(runtime.step_reserved_bytes(step_peak, backward_start, head, body, fresh), loading) - m.tensor_bytes
+
+    return [m._replace(stranded=stranded(m)) for m in moments]
 
 
 # the losses whose lm_head is the model's own nn.Linear call, run once on every token (``logits.logits_bytes``)

@@ -15,7 +15,7 @@ allocator_slack = reserved - allocated: the caching allocator's cached free bloc
   the largest of the step so far, so it gets a segment of its own and every block freed before it stays behind
   (``step_reserved_bytes``: the loss's 16-bit logits block, too small for its backward's fp32 request, and the blocks
   a decoder layer's forward cut; weight gradients no cached block can hold). Checked against the allocator replay of
-  full-size traces (43 + 8 setups: median 1.0% and 2.6%, max 14.8% and 12.3% of reserved) and 12 H200 measurements
+  full-size traces (43 + 8 setups: median 1.2% and 2.2%, max 20.1% and 12.3% of reserved) and 12 H200 measurements
   (median 0.8%, max 5.9%; docs/allocator-slack.md). A calibrated
   fraction of the tensor peak adds what a GPU's runs show beyond it (0 by default).
   Where an engine allocates on streams of its own (FSDP's collectives), reserved reads more while the GPU has room:
@@ -105,9 +105,9 @@ def step_reserved_bytes(step_peak_bytes, backward_start_bytes, stranded_head_byt
     request (under checkpointing every one is freed at the layer's end; without it, the holes the saved tensors
     leave). G_fresh: the weight gradients that need segments of their own (``fresh_gradient_segment_bytes``), made
     after the loss's backward beside what it stranded. Byte counts may be numpy arrays (a sweep's batch shapes).
-    Not modelled: the first optimizer step's states placed in a freed logits block, 20 MiB segments' rounding
-    holes, a peak inside a checkpointed layer's backward whose recompute refills the layer's blocks
-    (docs/allocator-slack.md)."""
+    At a peak inside a checkpointed layer's backward its recompute refills those blocks: the caller passes no
+    S_body there (``estimator._with_reserved``). Not modelled: the first optimizer step's states placed in a freed
+    logits block, 20 MiB segments' rounding holes (docs/allocator-slack.md)."""
     return maximum(backward_start_bytes + stranded_head_bytes + fresh_gradient_bytes, step_peak_bytes) + layer_bytes
 
 
