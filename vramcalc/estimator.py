@@ -166,6 +166,12 @@ def assemble_measured(spec: ModelSpec, resolved: ResolvedSetup, tensor_terms: di
                    peak.stranded_bytes)
 
 
+def allocator_stranded_bytes(spec: ModelSpec, resolved: ResolvedSetup) -> int:
+    """The caching allocator's stranded blocks beside the estimate's peak (``runtime.step_reserved_bytes`` less the
+    peak): the mechanism part of ``allocator_slack``, without a GPU profile's calibrated fraction."""
+    return _tensor_peak(spec, resolved).stranded_bytes
+
+
 def peak_tensor_bytes_grid(spec: ModelSpec, resolved: ResolvedSetup, batch_sizes, seq_lens):
     """Peak tensor bytes over arrays of batch sizes and sequence lengths (numpy), the phase of each peak and the
     caching allocator's stranded bytes beside it (``Moment.stranded``)."""
@@ -605,12 +611,12 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     layer_bytes = activations.layer_saved(spec, layer, moe, layer_masked, conv=conv).bytes(b, s)
     # the weight gradients backward allocates afresh each step: one GPU, each freed by zero_grad and not stepped
     # inside backward (torch's set_to_none default)
-    fresh = csetup.sharding is Sharding.NONE and not csetup.optimizer_in_backward
-    gradients = _gradient_groups(tensors) if fresh else ()
-    c = dt.c
-    largest_layer_request = maximum(tokens * spec.intermediate_size * c, 4 * tokens * spec.hidden_size)
-    if layer.attn_used is Attention.EAGER:  # eager attention's fp32 scores, [b, a, s, s]
-        largest_layer_request = maximum(largest_layer_request, 4 * b * spec.num_heads * s * s)
+    gradients, largest_layer_request = (), 0
+    if csetup.sharding is Sharding.NONE and not csetup.optimizer_in_backward:
+        gradients = _gradient_groups(tensors)
+        largest_layer_request = maximum(tokens * spec.intermediate_size * dt.c, 4 * tokens * spec.hidden_size)
+        if layer.attn_used is Attention.EAGER:  # eager attention's fp32 scores, [b, a, s, s]
+            largest_layer_request = maximum(largest_layer_request, 4 * b * spec.num_heads * s * s)
     # a checkpointed layer's recompute cuts the blocks its forward cut, the same sizes, and its backward's largest
     # requests are of those sizes too (sdpa, flash): at a peak inside that backward they are live, not stranded. An
     # eager attention's backward makes [b, a, s, s] fp32 gradients beside the recomputed scores and probabilities,
@@ -649,12 +655,11 @@ def _with_reserved(moments: list[Moment], head_request, layer_bytes, gradients=(
                                                  (starts[0].logits if starts else 0) + head) if gradients else 0
     step_peak = functools.reduce(maximum, steps)
     loading = functools.reduce(maximum, (m.tensor_bytes for m in moments if m.phase is Phase.LOAD), 0)
-
-    def stranded(m: Moment):
-        body = 0 if refilled_in_backward and m.phase is Phase.BACKWARD else layer_bytes
-        return maximum(runtime.step_reserved_bytes(step_peak, backward_start, head, body, fresh), loading) - m.tensor_bytes
-
-    return [m._replace(stranded=stranded(m)) for m in moments]
+    reserved = maximum(runtime.step_reserved_bytes(step_peak, backward_start, head, layer_bytes, fresh), loading)
+    in_backward = (maximum(runtime.step_reserved_bytes(step_peak, backward_start, head, 0, fresh), loading)
+                   if refilled_in_backward else reserved)
+    return [m._replace(stranded=(in_backward if m.phase is Phase.BACKWARD else reserved) - m.tensor_bytes)
+            for m in moments]
 
 
 # the losses whose lm_head is the model's own nn.Linear call, run once on every token (``logits.logits_bytes``)

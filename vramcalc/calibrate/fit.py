@@ -178,19 +178,15 @@ def weighted_lstsq(features: list[list[float]], targets: list[float], scales: li
 
 
 def row_stranded_bytes(row: dict) -> float:
-    """S of a measured row: its setup rebuilt (``scenarios.row_scenario``) and estimated by this checkout without a
-    GPU profile, whose slack is then the stranded blocks alone (the default fraction is 0). 0 for a row this checkout
-    cannot rebuild (an older scenario id, a model it no longer knows)."""
+    """S of a measured row: its setup rebuilt (``scenarios.row_scenario``) and estimated by this checkout
+    (``estimator.allocator_stranded_bytes``). 0 for a row this checkout cannot rebuild (an older scenario id, a model
+    it no longer knows)."""
     from ..errors import VramcalcError
-    from ..estimator import estimate
-    from ..options import Term
+    from ..estimator import allocator_stranded_bytes
     from .scenarios import resolve, row_scenario
 
     try:
-        scenario = row_scenario(row)
-        spec, _ = resolve(scenario)
-        options = {key: value for key, value in scenario.options.items() if value not in (None, "")}
-        return float(estimate(spec, **options).terms_bytes[Term.ALLOCATOR_SLACK])
+        return float(allocator_stranded_bytes(*resolve(row_scenario(row))))
     except (KeyError, ValueError, VramcalcError):
         return 0.0
 

@@ -34,7 +34,7 @@ Activation knobs (issue 11; each rule checked against the trace in ``tests/test_
   attention ops too.
 - ``--grad-ckpt selective-op``: torchtitan's policy (``torchtitan/distributed/activation_checkpoint.py``: "Saves
   output of all compute ops, except every second mm"; ``tracing/step.py::selective_op_contexts``). The walk lists
-  the layer's matmul ops in call order (``_LayerWalk.matmuls``: a base Linear, then its lora_A and lora_B; MLA's
+  the layer's matmul ops in call order (``_LayerWalk.cached_ops``: a base Linear, then its lora_A and lora_B; MLA's
   q_a, q_b, kv_a, kv_b, o; the MoE router); of the ``aten.mm`` ones the 1st, 3rd, ... are cached, and the attention
   kernel's output; ``addmm`` (a biased Linear), bitsandbytes' ``gemm_4bit`` and LLM.int8 matmuls, eager attention's
   ``bmm`` and the experts' ``_grouped_mm`` are not on torchtitan's list, neither cached nor counted.
@@ -158,6 +158,16 @@ class LayerSetup:
     __getstate__ = state_without_hash
 
 
+class CachedOp(NamedTuple):
+    """An op of a decoder layer whose output selective checkpointing may cache (``_LayerWalk._cached``)."""
+
+    token: int  # bytes per token
+    square: int  # bytes per b·s²
+    layer: int  # bytes per layer
+    kind: str  # "mm", "matmul" or "attention"
+    module: str  # the Linear it belongs to ("" for none)
+
+
 class LinearUse(NamedTuple):
     """How one nn.Linear of the layer is used: width in, whether its weight trains, whether LoRA wraps it (a named
     tuple: the walk makes one per Linear)."""
@@ -188,14 +198,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         self.per_layer = 0
         self.per_position = 0
         # selective checkpointing's cache: the outputs of the matmul and attention ops (see the module docstring)
-        self.cache_token = 0
-        self.cache_square = 0
-        self.cache_layer = 0
-        # the layer's matmul ops in call order: (output bytes per token, per layer, whether the op is ``aten.mm``,
-        # module)
-        self.matmuls: list[tuple[int, int, bool, str]] = []
-        self.op_cache_token = 0  # ``selective-op``: what torchtitan's policy caches besides the matmuls
-        self.attention_output_cached = False  # the attention kernel's output is in the selective caches
+        self.cached_ops: list[CachedOp] = []  # the ops a selective policy may cache, in call order (``_cached``)
         # Liger's kernels, or compile's partitioner, keep a norm's input and a SwiGLU's two inputs only; Unsloth's
         # norm too, its SwiGLU inside the fused LoRA MLP only (``unsloth_fused``)
         self.lean = layer.kernels is Kernels.LIGER or layer.compiled
@@ -215,28 +218,32 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         return Saved(self.per_token, self.per_square, self.per_layer, self.per_position)
 
     def cache(self, mode: GradCkpt = GradCkpt.SELECTIVE) -> Saved:
-        """What selective checkpointing caches: the matmul and attention outputs of the layer (``selective``), or
-        torchtitan's odd ``aten.mm`` outputs and the attention kernels' (``selective-op``)."""
+        """What selective checkpointing caches: every matmul and attention op's output (``selective``), or
+        torchtitan's attention kernels' and the ``aten.mm`` outputs whose position among the layer's mm calls is odd
+        (``selective-op``: ``mm_count % 2``, the 1st, 3rd, ...)."""
+        ops = self.cached_ops
         if mode is GradCkpt.SELECTIVE_OP:
-            kept = [entry for entry in self.matmuls if entry[2]][::2]
-            return Saved(self.op_cache_token + sum(entry[0] for entry in kept), 0,
-                         self.cache_layer + sum(entry[1] for entry in kept))
-        return Saved(self.cache_token + sum(entry[0] for entry in self.matmuls), self.cache_square,
-                     self.cache_layer + sum(entry[1] for entry in self.matmuls))
+            ops = [op for op in ops if op.kind == "attention"] + [op for op in ops if op.kind == "mm"][::2]
+        return Saved(sum(op.token for op in ops), sum(op.square for op in ops), sum(op.layer for op in ops))
 
-    def _matmul(self, token_bytes: int, mm: bool = True, module: str = "", layer_bytes: int = 0) -> None:
-        """One matmul op's output (bytes per token, or per layer) for the selective caches: ``selective`` caches
-        every matmul op's; ``selective-op`` only an ``aten.mm``'s (``mm``) whose position among the layer's mm calls
-        is odd (torchtitan's ``mm_count % 2``: the 1st, 3rd, ...)."""
-        self.matmuls.append((token_bytes, layer_bytes, mm, module))
+    def _cached(self, kind: str, token: int = 0, square: int = 0, layer: int = 0, module: str = "") -> None:
+        """One op whose output a selective policy may cache (bytes per token, per b·s², per layer): ``kind`` "mm"
+        (``aten.mm``), "matmul" (another matmul op: ``addmm``, ``bmm``, ``gemm_4bit``, LLM.int8's, ``_grouped_mm``)
+        or "attention" (an SDPA kernel: output, logsumexp, philox state); ``module``: the Linear it belongs to."""
+        self.cached_ops.append(CachedOp(token, square, layer, kind, module))
+
+    @property
+    def attention_output_cached(self) -> bool:
+        """Whether the attention kernel's output is among the cached ops (both policies keep it)."""
+        return any(op.kind == "attention" for op in self.cached_ops)
 
     def _runs_after(self, module: str, after: str) -> None:
-        """Put ``module``'s matmuls behind ``after``'s: Linears the walk takes as one group (they read one input)
-        that the model calls apart."""
-        moved = [entry for entry in self.matmuls if entry[3] == module]
-        rest = [entry for entry in self.matmuls if entry[3] != module]
-        last = max(i for i, entry in enumerate(rest) if entry[3] == after)
-        self.matmuls = rest[:last + 1] + moved + rest[last + 1:]
+        """Put ``module``'s ops behind ``after``'s: Linears the walk takes as one group (they read one input) that
+        the model calls apart."""
+        moved = [op for op in self.cached_ops if op.module == module]
+        rest = [op for op in self.cached_ops if op.module != module]
+        last = max(i for i, op in enumerate(rest) if op.module == after)
+        self.cached_ops = rest[:last + 1] + moved + rest[last + 1:]
 
     def _biased(self, name: str) -> bool:
         """Does the decoder Linear ``name`` carry a bias (its matmul is then ``addmm``, not ``mm``)?"""
@@ -309,8 +316,8 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             width = use.width_in
             # selective caches: the base matmul's output (``aten.mm``; ``addmm`` with a bias, bitsandbytes'
             # ``gemm_4bit`` for a quantized weight)
-            self._matmul(base_out * self.width_out(use.name), not use.quantized and not self._biased(use.name),
-                         use.name)
+            self._cached("matmul" if use.quantized or self._biased(use.name) else "mm",
+                         base_out * self.width_out(use.name), module=use.name)
             if use.trains and not use.quantized:
                 if autocast and x_bytes != c:
                     self.per_token += c * width  # a private autocast copy per Linear
@@ -363,11 +370,11 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             # peft DoraLinearLayer.get_lora_weight: lora_B(lora_A(eye(in))), two mm on an [in, in] identity whose
             # outputs are [in, r] and [in, out], each layer's, before the adapter runs on x
             eye_bytes = c if autocast else adapter
-            self._matmul(0, module=use.name, layer_bytes=eye_bytes * width * layer.lora_rank)
-            self._matmul(0, module=use.name, layer_bytes=eye_bytes * width * self.width_out(use.name))
+            self._cached("mm", layer=eye_bytes * width * layer.lora_rank, module=use.name)
+            self._cached("mm", layer=eye_bytes * width * self.width_out(use.name), module=use.name)
         # selective caches: lora_A's and lora_B's matmul outputs (two ``aten.mm``)
-        self._matmul((c if autocast else adapter) * layer.lora_rank, module=use.name)
-        self._matmul((c if autocast else adapter) * self.width_out(use.name), module=use.name)
+        self._cached("mm", (c if autocast else adapter) * layer.lora_rank, module=use.name)
+        self._cached("mm", (c if autocast else adapter) * self.width_out(use.name), module=use.name)
         return x_saved
 
     def use(self, name: str, width_in: int) -> LinearUse:
@@ -447,8 +454,8 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             # selective cache: the two matmuls (bmm, which selective-op recomputes): scores [b, a, s, s] and the
             # output [b, a, s, d]
             scores_bytes = c if dt.autocast else embed
-            self.cache_square += scores_bytes * a
-            self.cache_token += scores_bytes * a * d
+            self._cached("matmul", square=scores_bytes * a)
+            self._cached("matmul", scores_bytes * a * d)
             out_bytes = c if dt.autocast else embed
             if o_saves_input and self.grad:
                 self.per_token += out_bytes * a * d  # contiguous copy of the output
@@ -475,10 +482,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                     self.per_token += out_bytes * (2 * a * d + 2 * kv_width) + _F32 * a
                     self.per_layer += SEED_OFFSET_BYTES
                     # selective cache: the kernel's output, logsumexp and philox seed and offset
-                    self.cache_token += out_bytes * a * d + _F32 * a
-                    self.op_cache_token += out_bytes * a * d + _F32 * a
-                    self.cache_layer += SEED_OFFSET_BYTES
-                    self.attention_output_cached = True
+                    self._cached("attention", out_bytes * a * d + _F32 * a, layer=SEED_OFFSET_BYTES)
                 if self.masked:
                     # SDPA converts the boolean mask to an additive one per call and the efficient kernel saves it
                     # (torch convert_boolean_attn_mask, _scaled_dot_product_efficient_attention)
@@ -582,10 +586,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             self.per_token += c * a * qk + c * a * qk + kv * a * (nope + v) + c * a * v + _F32 * a
             self.per_layer += SEED_OFFSET_BYTES
         # selective caches: the memory-efficient kernel's output, logsumexp and philox seed and offset
-        self.cache_token += c * a * v + _F32 * a
-        self.op_cache_token += c * a * v + _F32 * a
-        self.cache_layer += SEED_OFFSET_BYTES
-        self.attention_output_cached = True
+        self._cached("attention", c * a * v + _F32 * a, layer=SEED_OFFSET_BYTES)
         self._mla_cache(proj, kvn)
         return self.linears([o_use], c, x_saved=True)
 
@@ -689,8 +690,8 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         # selective caches: the router's matmul output [T, E] (fp32 where the router runs in fp32) and, for
         # ``selective`` only, the grouped experts' two matmul outputs per slot, gate_up [S, 2I] and down [S, h]
         # (``_grouped_mm``, a matmul op of ``tracing/step.py::_selective_ops``, not an ``aten.mm``)
-        self.cache_token += K * (2 * width + h) * e // ep
-        self._matmul((_F32 if m.traits.router_fp32 else c) * E)  # the router's aten.mm
+        self._cached("mm", (_F32 if m.traits.router_fp32 else c) * E)  # the router's aten.mm
+        self._cached("matmul", K * (2 * width + h) * e // ep)  # the experts' two _grouped_mm
         # the shared expert reads the layer's input: with LoRA'd experts its gradient need is the input's
         self.grad = self.grad if self.layer.lora_experts and not self.full else True
         if m.n_shared_experts:

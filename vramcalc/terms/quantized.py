@@ -255,14 +255,13 @@ def model_held(model: ModelSpec, layer: LayerSetup, k: QuantKnobs, masked: bool 
     # transformers + peft under checkpointing: enable_input_require_grads (traced: layer 0's norm output is held)
     first_grad = ((grad_ckpt and layer.layers.checkpoint_inputs_need_grad)
                   or first_layer_needs_grad(layer.method, layer.modules_to_save))
-    ckpt = grad_ckpt
-    total += layer_held(model, layer, k, first_moe, masked, first_grad, ckpt)
+    total += layer_held(model, layer, k, first_moe, masked, first_grad, grad_ckpt)
     dense = model.num_dense_layers - (0 if first_moe else 1)
     moe = model.num_moe_layers - (1 if first_moe else 0)
     if dense:
-        total += layer_held(model, layer, k, False, masked, True, ckpt) * dense
+        total += layer_held(model, layer, k, False, masked, True, grad_ckpt) * dense
     if moe:
-        total += layer_held(model, layer, k, True, masked, True, ckpt) * moe
+        total += layer_held(model, layer, k, True, masked, True, grad_ckpt) * moe
     return total
 
 

@@ -39,40 +39,35 @@ class PassThroughHead(nn.Module):
         return hidden_states
 
 
+def _shifted_cross_entropy(logits, labels, vocab_size: int, num_items_in_batch, ignore_index: int, as_cuda_autocast):
+    """``logits[..., :-1, :].contiguous()`` against the labels likewise shifted, then ``fixed_cross_entropy`` (a
+    summed cross-entropy divided by the item count when one is given, else the mean). ``as_cuda_autocast``: CUDA
+    autocast runs ``cross_entropy`` in fp32 (its fp32 op list, torch ``docs/source/amp.rst``) where CPU autocast does
+    not, so under autocast the shifted copy is cast to fp32 first, with autocast off."""
+    shift_logits = logits[..., :-1, :].contiguous().view(-1, vocab_size)
+    shift_labels = labels.to(logits.device)[..., 1:].contiguous().view(-1)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    if as_cuda_autocast and torch.is_autocast_enabled("cpu"):
+        with torch.autocast(device_type="cpu", enabled=False):
+            loss = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=ignore_index, reduction=reduction)
+    else:
+        loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
+    return loss / num_items_in_batch if reduction == "sum" else loss
+
+
 def shifted_causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
                            **kwargs):
     """transformers 4.46-4.49 ``ForCausalLMLoss``, step for step (``loss/loss_utils.py`` of the 4.46.0 and 4.48.0
-    wheels): ``logits.float()``, ``logits[..., :-1, :].contiguous()`` and the labels likewise shifted, then
-    ``fixed_cross_entropy`` (a summed cross-entropy divided by the item count when one is given, else the mean)."""
-    logits = logits.float()
-    labels = labels.to(logits.device)
-    shift_logits = logits[..., :-1, :].contiguous().view(-1, vocab_size)
-    shift_labels = labels[..., 1:].contiguous().view(-1).to(shift_logits.device)
-    reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
-    if reduction == "sum":
-        loss = loss / num_items_in_batch
-    return loss
+    wheels): ``logits.float()``, then the shifted cross-entropy (``_shifted_cross_entropy``)."""
+    return _shifted_cross_entropy(logits.float(), labels, vocab_size, num_items_in_batch, ignore_index, False)
 
 
 def model_dtype_causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
                                **kwargs):
     """``--loss model-dtype``: a cross-entropy on lm_head's output as it comes, with no ``.float()`` (a trainer's own
     ``compute_loss`` on ``outputs.logits``, a custom loop; Qwen v1's ``CrossEntropyLoss()(lm_logits[..., :-1,
-    :].contiguous().view(-1, V), ...)``): the shifted contiguous copy, then ``F.cross_entropy``. CUDA autocast runs
-    ``cross_entropy``/``log_softmax`` in fp32 (its fp32 op list, torch ``docs/source/amp.rst``); CPU autocast does
-    not, so under autocast the trace casts the copy to fp32 as CUDA would."""
-    shift_logits = logits[..., :-1, :].contiguous().view(-1, vocab_size)
-    shift_labels = labels[..., 1:].contiguous().view(-1).to(shift_logits.device)
-    reduction = "sum" if num_items_in_batch is not None else "mean"
-    if torch.is_autocast_enabled("cpu"):
-        with torch.autocast(device_type="cpu", enabled=False):
-            loss = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=ignore_index, reduction=reduction)
-    else:
-        loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
-    if reduction == "sum":
-        loss = loss / num_items_in_batch
-    return loss
+    :].contiguous().view(-1, V), ...)``): the shifted cross-entropy, in fp32 under autocast as CUDA runs it."""
+    return _shifted_cross_entropy(logits, labels, vocab_size, num_items_in_batch, ignore_index, True)
 
 
 def chunked_cross_entropy(hidden, weight, labels, softcap=None, chunks: int = CHUNKED_LOSS_CHUNKS):
