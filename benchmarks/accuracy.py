@@ -6,7 +6,8 @@
     python benchmarks/accuracy.py --first 85 --limit 7 --out benchmarks/accuracy_loop.csv  # the hf-loop rows only
     python benchmarks/accuracy.py --first 92 --out benchmarks/accuracy_modules_to_save.csv  # --modules-to-save rows
     python benchmarks/accuracy.py --first 109 --limit 9 --out benchmarks/accuracy_session31.csv  # reentrant, QDoRA, ...
-    python benchmarks/accuracy.py --first 118 --out benchmarks/accuracy_session32.csv  # torchtitan's selective-op, ...
+    python benchmarks/accuracy.py --first 118 --limit 9 --out benchmarks/accuracy_session32.csv  # selective-op, ...
+    python benchmarks/accuracy.py --first 127 --out benchmarks/accuracy_session33.csv  # fp32 QLoRA, first layer, ...
 
 Each row: the setup, every tensor term estimated and traced (bytes), the peak phase of each, and the relative error
 of ``peak_tensor_bytes`` (estimate - trace) / trace. Rows are appended as they are traced.
@@ -193,6 +194,23 @@ GRID = [
     ("phi-3-mini", dict(seq_len=2048, method="lora", grad_ckpt="selective-op")),
     ("qwen3-30b-a3b", dict(seq_len=1024, method="lora", grad_ckpt="selective-op")),
     ("llama-3.1-8b", dict(seq_len=1024, method="dora", grad_ckpt="selective")),
+    # session 33: QLoRA on an fp32 model (fp32 unquantized parameters, Linear4bit computing in fp32); the first
+    # layer's partial gradients (LoRA on q and v: q unsaved; LoRA on gate or up alone); the math SDPA kernel (fp32
+    # with GQA: o_proj's input, the eager-like backward, the bmm outputs in the selective cache); multi-query eager
+    # attention at batch 1 (repeat_kv's views reach bmm uncopied); o_proj's input under eager attention (saved as it
+    # is only where o_proj saves it so) and in the first layer with o_proj alone adapted
+    ("llama-3.1-8b", dict(seq_len=1024, method="qlora", precision="fp32", grad_ckpt=True)),
+    ("mistral-7b", dict(seq_len=1024, method="qlora", precision="fp32", attn="eager", batch_size=2)),
+    ("qwen2.5-1.5b", dict(seq_len=2048, method="qlora", precision="fp32", lora_targets="all-linear")),
+    ("phi-3-mini", dict(seq_len=1024, method="qlora", precision="fp32")),
+    ("llama-3.2-1b", dict(seq_len=1024, method="lora", precision="fp32")),
+    ("qwen3-0.6b", dict(seq_len=1024, method="lora", precision="fp32", grad_ckpt="selective")),
+    ("llama-3.2-1b", dict(seq_len=1024, method="lora", lora_targets="gate_proj,down_proj")),
+    ("llama-3.1-8b", dict(seq_len=1024, method="lora", attn="eager")),
+    ("gemma-3-1b", dict(seq_len=2048, method="lora", attn="eager")),
+    ("gemma-3-1b", dict(seq_len=1024, method="lora", attn="eager", lora_targets="all-linear", batch_size=2)),
+    ("llama-3.2-1b", dict(seq_len=1024, method="lora", lora_targets="o_proj", attn="eager", batch_size=2)),
+    ("llama-3.2-3b", dict(seq_len=2048, method="lora", lora_targets="o_proj", adapter_dtype="bf16")),
 ]
 
 

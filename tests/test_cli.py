@@ -59,7 +59,7 @@ BAD_INPUT = [
     (["estimate", "llama-3.1-8b", "--method", "lora", "--lora-rank", "5000"], "larger than"),
     (["estimate", "llama-3.1-8b", "--optimizer", "adam"], "unknown optimizer 'adam'"),
     (["estimate", "llama-3.1-8b", "--precision", "int3"], "unknown precision"),
-    (["estimate", "llama-3.1-8b", "--method", "qlora", "--precision", "fp32"], "makes no sense"),
+    (["estimate", "llama-3.1-8b", "--method", "qlora", "--precision", "fp8"], "qlora with precision fp8"),
     (["estimate", "llama-3.1-8b", "--lora-rank", "16"], "does not apply to --method full"),
     (["estimate", "llama-3.1-8b", "--method", "lora", "--lora-targets", "w_q"], "not a linear layer"),
     (["estimate", "llama-3.1-8b", "--sharding", "fsdp"], "needs --num-gpus"),

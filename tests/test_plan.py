@@ -470,10 +470,10 @@ def test_sweep_resolves_the_sliding_window_of_each_row_not_of_its_group():
 
 
 def test_sweep_reports_a_bad_setup_on_its_row_and_evaluates_the_rest():
-    frame = sweep({"model": ["llama-3.1-8b"], "method": ["qlora", "lora"], "precision": ["fp32", "bf16"],
+    frame = sweep({"model": ["llama-3.1-8b"], "method": ["qlora", "full"], "precision": ["fp8", "bf16"],
                    "batch_size": [0, 2]})
-    bad_precision = frame[(frame["method"] == "qlora") & (frame["precision"] == "fp32") & (frame["batch_size"] == 2)]
-    assert "makes no sense" in bad_precision["error"].iloc[0] and bad_precision["total_bytes"].isna().all()
+    bad_precision = frame[(frame["method"] == "qlora") & (frame["precision"] == "fp8") & (frame["batch_size"] == 2)]
+    assert "qlora with precision fp8" in bad_precision["error"].iloc[0] and bad_precision["total_bytes"].isna().all()
     assert (frame[frame["batch_size"] == 0]["error"] == "batch size must be a positive integer").all()
     good = frame[frame["error"].isna()]
     assert len(good) == 3 and good["total_bytes"].notna().all()

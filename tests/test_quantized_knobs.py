@@ -99,6 +99,18 @@ def test_per_tensor_load_is_the_weights_plus_one_tensor():
     assert W + 2 * largest <= loading.load_peak_bytes(spec, resolved) <= W + 2.1 * largest
 
 
+def test_an_fp32_qlora_model_loads_fp32_parameters_and_an_fp32_copy_of_the_linear_it_quantizes():
+    # transformers v5 core_model_loading.py keeps the model's dtype for a tensor quantized on load (``_dtype = dtype``,
+    # cast on the host in ``_materialize_copy``): an fp32 model's largest Linear reaches the GPU at 4 B per weight
+    spec = get_model("llama-3.1-8b")
+    fp32, bf16 = (resolve_setup(spec, method="qlora", precision=p) for p in ("fp32", "bf16"))
+    largest = max(m.weight_numel for m in spec.inventory.linears)
+    W32, W16 = (weight_bytes(parameters.stored_tensors(spec, r)) for r in (fp32, bf16))
+    unquantized = spec.vocab_size * spec.hidden_size * 2 + spec.hidden_size * (2 * spec.num_layers + 1)
+    assert W32 - W16 == 2 * unquantized  # embeddings, lm_head and norms at 4 bytes instead of 2
+    assert W32 + 4 * largest <= loading.load_peak_bytes(spec, fp32) <= W32 + 4.1 * largest
+
+
 # -- knobs without effect stay at today's numbers --------------------------------------------------------------------
 def test_default_knobs_add_nothing():
     spec = TINY["llama"]

@@ -12,7 +12,7 @@ pytestmark = [needs_torch, pytest.mark.trace]
 
 BAD = [
     dict(model="llama-3.1-8b", batch_size=0),
-    dict(model="llama-3.1-8b", method="qlora", precision="fp32"),
+    dict(model="llama-3.1-8b", method="qlora", precision="fp8"),
     dict(model="llama-3.1-8b", lora_rank=16),
     dict(model="llama-3.1-8b", optimizer="adam"),
     dict(model="lama-3.1-8b"),

@@ -181,10 +181,11 @@ def eager_attention_seconds_per_token(spec: ModelSpec, resolved: ResolvedSetup, 
 
 # -- peak and utilisation ------------------------------------------------------------------------------------------
 def matmul_dtype(resolved: ResolvedSetup) -> str:
-    """The dtype the matmuls run in: the autocast / parameter dtype, fp8 inputs under fp8, QLoRA's compute dtype."""
+    """The dtype the matmuls run in: the autocast / parameter dtype, fp8 inputs under fp8, QLoRA's compute dtype
+    (an fp32 QLoRA model's: bitsandbytes ``Linear4bit.set_compute_type`` takes its fp32 input's dtype)."""
     setup = resolved.setup
     if setup.method is Method.QLORA:
-        return setup.compute_dtype.value
+        return "fp32" if setup.precision is Precision.FP32 else setup.compute_dtype.value
     if setup.precision is Precision.FP8:
         return "fp8"
     return setup.precision.compute_dtype.value

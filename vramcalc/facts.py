@@ -68,12 +68,20 @@ def fused_chunk_tokens(tokens, vocab: int, hidden: int):
 def adapter_bits(method: Method, precision: Precision, adapter_dtype: AdapterDtype) -> int:
     """Bits of a LoRA / prompt-tuning parameter: fp32 under peft's ``get_peft_model(autocast_adapter_dtype=True)``
     (``AdapterDtype.FP32``), fp32 too in an fp32 model (the adapter takes the base layer's dtype), else the model's
-    16 bits. A QLoRA model is 16-bit whatever the precision word (its unquantized parts compute in 16 bits)."""
+    16 bits. A QLoRA model's adapters follow ``qlora_unquantized_bits`` only in an fp32 model: under ``mixed-*``
+    its unquantized parts compute in 16 bits."""
     if adapter_dtype is AdapterDtype.FP32:
         return 32
-    if precision.param_dtype.bits == 32 and method is not Method.QLORA:
+    if precision.param_dtype.bits == 32 and (method is not Method.QLORA or precision is Precision.FP32):
         return 32
     return 16
+
+
+def qlora_unquantized_bits(precision: Precision) -> int:
+    """Bits of a QLoRA model's unquantized parameters (embeddings, norms, lm_head): 32 when the model ends up in fp32
+    (``--precision fp32``: ``from_pretrained(dtype=torch.float32)``; ``mixed-*``: peft's
+    ``prepare_model_for_kbit_training`` casts every 16-bit one to fp32), else the 16 bits it was loaded in."""
+    return 32 if precision.param_dtype.bits == 32 else 16
 
 
 def half_dtype(precision: Precision) -> DType:

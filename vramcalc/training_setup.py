@@ -532,11 +532,9 @@ def _check_combination(setup: TrainingSetup) -> None:
                             "saves attention outputs only (trl/models/selective_activation_checkpointing.py:51), not "
                             "an op-level policy (every matmul and attention output, or torchtitan's); use "
                             "--grad-ckpt full or --stack hf")
-    if setup.method is Method.QLORA and setup.precision in (Precision.FP32, Precision.FP8):
-        raise VramcalcError(
-            f"qlora with precision {setup.precision.value} makes no sense: the 4-bit base computes in 16 bits; "
-            "use bf16, fp16, mixed-bf16 or mixed-fp16"
-        )
+    if setup.method is Method.QLORA and setup.precision is Precision.FP8:
+        raise VramcalcError("qlora with precision fp8: the 4-bit base dequantizes to its compute dtype, not fp8; "
+                            "use bf16, fp16, mixed-bf16, mixed-fp16 or fp32")
     _check_quant_storage(setup)
     gptq.check_setup(setup)  # --quant int4-gptq: what is modelled (terms/gptq.py)
     _check_device_map(setup)

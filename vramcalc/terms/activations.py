@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..errors import VramcalcError
-from ..facts import adapter_bits
+from ..facts import adapter_bits, qlora_unquantized_bits
 from ..model import ModelSpec, cached_field_hash, state_without_hash
 from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Loss, Method, Precision
 from ..units import DType, select
@@ -94,17 +94,23 @@ class Saved:
     # bytes per sequence position, constant in b: [1, s, ...] tensors (the per-layer RoPE copies of glm4, ernie4_5:
     # transformers' position ids are [1, s] unless passed)
     per_position: int = 0
+    # bytes per token only in a batch of more than one sequence: eager attention's multi-query k and v, which
+    # repeat_kv expands as views and matmul's bmm copies unless the batch dim is 1 (``_attention``)
+    per_batched_token: int = 0
 
     def __add__(self, other: "Saved") -> "Saved":
         return Saved(self.per_token + other.per_token, self.per_square + other.per_square,
-                     self.per_layer + other.per_layer, self.per_position + other.per_position)
+                     self.per_layer + other.per_layer, self.per_position + other.per_position,
+                     self.per_batched_token + other.per_batched_token)
 
     def __mul__(self, n: int) -> "Saved":
-        return Saved(self.per_token * n, self.per_square * n, self.per_layer * n, self.per_position * n)
+        return Saved(self.per_token * n, self.per_square * n, self.per_layer * n, self.per_position * n,
+                     self.per_batched_token * n)
 
     def bytes(self, batch_size, seq_len):
         return (self.per_token * batch_size * seq_len + self.per_square * batch_size * seq_len * seq_len
-                + self.per_layer + self.per_position * seq_len)
+                + self.per_layer + self.per_position * seq_len
+                + self.per_batched_token * batch_size * seq_len * (batch_size > 1))
 
 
 @dataclass(frozen=True)
@@ -121,13 +127,11 @@ class Dtypes:
 
 @functools.lru_cache(maxsize=256)
 def dtypes(method: Method, precision: Precision, adapter_dtype: AdapterDtype) -> Dtypes:
-    """Element bytes the layer walk follows. r = the precision's parameter dtype (16 bits for QLoRA's unquantized
-    parts without a ``mixed-*`` word); c = the autocast dtype, or r without autocast (fp32); the adapter's from
+    """Element bytes the layer walk follows. r = the precision's parameter dtype (QLoRA's unquantized parts:
+    ``facts.qlora_unquantized_bits``); c = the autocast dtype, or r without autocast (fp32); the adapter's from
     ``facts.adapter_bits``. Source: transformers v5 load dtypes, torch autocast, peft ``autocast_adapter_dtype``."""
     autocast = precision.autocast  # every word but fp32 and bf16-true
-    param = precision.param_dtype.bytes
-    if method is Method.QLORA and not precision.is_mixed:
-        param = 2
+    param = qlora_unquantized_bits(precision) // 8 if method is Method.QLORA else precision.param_dtype.bytes
     c = precision.compute_dtype.bytes if autocast else param
     adapter = adapter_bits(method, precision, adapter_dtype) // 8
     return Dtypes(c=c, r=param, norm_out=param, autocast=autocast, adapter=adapter)
@@ -197,6 +201,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         self.per_square = 0
         self.per_layer = 0
         self.per_position = 0
+        self.per_batched_token = 0
         # selective checkpointing's cache: the outputs of the matmul and attention ops (see the module docstring)
         self.cached_ops: list[CachedOp] = []  # the ops a selective policy may cache, in call order (``_cached``)
         # Liger's kernels, or compile's partitioner, keep a norm's input and a SwiGLU's two inputs only; Unsloth's
@@ -215,7 +220,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         self.kv_forward = 0
 
     def result(self) -> Saved:
-        return Saved(self.per_token, self.per_square, self.per_layer, self.per_position)
+        return Saved(self.per_token, self.per_square, self.per_layer, self.per_position, self.per_batched_token)
 
     def cache(self, mode: GradCkpt = GradCkpt.SELECTIVE) -> Saved:
         """What selective checkpointing caches: every matmul and attention op's output (``selective``), or
@@ -432,12 +437,21 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         if self.layer.method is Method.PREFIX:  # the trained key/value prefix: every attention needs a gradient
             self.grad = True  # (its n extra positions: terms/peft_methods.py::prefix_saved_bytes)
         kv_saved = kv_pinned = 0  # ``_cached_kv``: the element bytes the attention saves k and v in, if it saves them
+        # which of q, k and v needs a gradient (in the first layer under LoRA on q and v, k does not): q @ kᵀ saves q
+        # for k's gradient and k for q's, probs @ v saves v for the probabilities' (eager and the math kernel)
+        q_grad, k_grad, _ = self._qkv_grads(uses, grad_in)
+        scores_grad = q_grad or k_grad
         if self.layer.attn_used is Attention.EAGER:
             if self.grad:
                 q_bytes = c if dt.autocast else embed
                 repeat = a // k
                 kv_width = a * d if repeat > 1 else k * d
-                self.per_token += q_bytes * (a * d + 2 * kv_width)  # q, repeated k and v
+                # q, the repeated k and v: for one kv head repeat_kv's expand + reshape is a view, and matmul's
+                # reshape to bmm's [b·a, ...] copies it only when b > 1 (at b = 1 the stride-0 head dim merges)
+                batched = (kv_width - k * d) if k == 1 else 0
+                kv_saved_width = (q_grad + scores_grad) * q_bytes
+                self.per_token += q_bytes * a * d * k_grad + kv_saved_width * (kv_width - batched)
+                self.per_batched_token += kv_saved_width * batched
                 kv_saved = q_bytes if repeat == 1 else 0  # the matmuls save the cache's own k and v
                 if m.traits.attention_sinks or m.traits.softmax_in_dtype:
                     self._sink_softmax(q_bytes)
@@ -448,7 +462,9 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                     # probs @ v saves the cast probabilities and the (repeated) v: its backward frees them before
                     # the softmax's backward runs
                     self.eager_softmax = True
-                    self.attention_freed = Saved(per_token=q_bytes * kv_width, per_square=probs_copy * a)
+                    self.attention_freed = Saved(per_token=q_bytes * (kv_width - batched) * scores_grad,
+                                                 per_square=probs_copy * a,
+                                                 per_batched_token=q_bytes * batched * scores_grad)
                 if self.gemma:
                     self.per_square += q_bytes * a  # tanh soft-capping output
             # selective cache: the two matmuls (bmm, which selective-op recomputes): scores [b, a, s, s] and the
@@ -457,8 +473,10 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             self._cached("matmul", square=scores_bytes * a)
             self._cached("matmul", scores_bytes * a * d)
             out_bytes = c if dt.autocast else embed
-            if o_saves_input and self.grad:
-                self.per_token += out_bytes * a * d  # contiguous copy of the output
+            # the output's contiguous copy, saved only where o_proj saves its input as it is (not an adapter's cast
+            # copy of it), in the first layer too, whose attention needs no gradient when o_proj alone is adapted
+            if self._input_saved([o_use], out_bytes):
+                self.per_token += out_bytes * a * d
                 if self.eager_softmax:  # freed by o_proj's backward, the first of the block's
                     self.attention_freed += Saved(per_token=out_bytes * a * d)
         else:
@@ -476,8 +494,19 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                 kv_saved = out_bytes if kernel != "math" and not repeated else 0  # SDPA saves the cache's k, v
                 kv_pinned = qkv * (a + k) * d if pinned else 0  # (the cache's v copy releases the fused output)
                 if kernel == "math":
+                    # the math kernel (``_scaled_dot_product_attention_math``, decomposed under autograd) saves its
+                    # scaled q and k, its fp32 probabilities and the repeated v, not its output: o_proj's contiguous
+                    # copy of it is saved only when o_proj saves its input. Its backward is eager's: probs @ v's
+                    # backward frees v, then the softmax's runs on [b, a, s, s] fp32 gradients
+                    o_input = out_bytes * a * d if self._input_saved([o_use], out_bytes) else 0
                     self.per_square += _F32 * a
-                    self.per_token += _F32 * (a * d + a * d + a * d) + out_bytes * a * d
+                    self.per_token += _F32 * a * d * (k_grad + q_grad + scores_grad) + o_input
+                    self.eager_softmax = True
+                    self.attention_freed = Saved(per_token=_F32 * a * d * scores_grad + o_input)
+                    # selective cache: its two bmm outputs, the fp32 scores and the output (the kernel is
+                    # CompositeImplicit: a policy sees the bmm calls, not the kernel)
+                    self._cached("matmul", square=_F32 * a)
+                    self._cached("matmul", _F32 * a * d)
                 else:
                     self.per_token += out_bytes * (2 * a * d + 2 * kv_width) + _F32 * a
                     self.per_layer += SEED_OFFSET_BYTES
@@ -503,7 +532,10 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                     self.per_token += out_bytes * a * d
         self._cached_kv((k * d, embed, kv_saved == embed), (k * d, v_bytes, kv_saved == v_bytes), kv_pinned)
         before = self.per_token
-        out = self.linears([o_use], out_bytes, x_saved=True)
+        # the attention saved o_proj's input already (an SDPA kernel's output, or the copy counted above), except
+        # where no gradient flows through it (the first layer with o_proj alone adapted): o_proj saves it then
+        counted = self.grad or self.layer.attn_used is Attention.EAGER
+        out = self.linears([o_use], out_bytes, x_saved=counted)
         if self.eager_softmax:  # o_proj's own saved inputs (an adapter's cast or dropout copies)
             self.attention_freed += Saved(per_token=self.per_token - before)
         return out
@@ -521,6 +553,13 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         shared = sum(width * size for width, size, saved in (k, v) if saved)
         self.kv_held, self.kv_forward = held, held - shared - pinned
 
+    def _qkv_grads(self, uses: list[LinearUse], grad_in: bool) -> tuple[bool, bool, bool]:
+        """Whether q, k and v each need a gradient: the layer input does, or their projection trains or carries an
+        adapter; one fused projection (or litgpt's one adapter on all of qkv) gives the three the same answer."""
+        if len(uses) == 3 and not self.layer.layers.fused_qkv_lora:
+            return tuple(grad_in or use.trains or use.lora for use in uses)
+        return (self.grad,) * 3
+
     def _qk_norms(self, uses: list[LinearUse], qkv: int, grad_in: bool) -> int:
         """q_norm and k_norm, per head over d (Qwen3, Gemma-3) or over the whole a·d and k·d (olmo2). Each saves
         only where its own projection's output needs a gradient: the layer input does, or that projection trains
@@ -530,8 +569,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         a, k, d = m.num_heads, m.num_kv_heads, m.head_dim
         whole = m.traits.qk_norm_whole
         after = self.grad  # whether any of q, k, v needs a gradient
-        separate = len(uses) == 3 and not self.layer.layers.fused_qkv_lora  # (litgpt: one adapter on all of qkv)
-        grads = [grad_in or use.trains or use.lora for use in uses[:2]] if separate else [after] * 2
+        grads = self._qkv_grads(uses, grad_in)[:2]
         out = 0
         for grad, heads in zip(grads, (a, k)):
             self.grad = grad
@@ -627,16 +665,21 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             self.mlp_element_bytes = n
             self.grad = True
             return n
+        grad_in = self.grad
         if m.traits.fused_gate_up:
             out = self.linears([self.use("gate_up_proj", m.hidden_size)], n, x_saved=x_saved)
+            saved = 3  # act's input, act's output, up's output (Phi-3: gate_up pinned + act)
         else:
             gate, up = (f"{prefix}gate_proj", f"{prefix}up_proj") if prefix else m.traits.mlp_names[:2]  # Qwen: w1, w2
-            out = self.linears([self.use(gate, m.hidden_size), self.use(up, m.hidden_size), *extra], n,
-                               x_saved=x_saved)
+            uses = [self.use(gate, m.hidden_size), self.use(up, m.hidden_size)]
+            out = self.linears([*uses, *extra], n, x_saved=x_saved)
+            # act's input if gate's output needs a gradient, and then up's output (mul saves it for act's); act's
+            # output if up's output needs one (in the first layer under LoRA on gate alone, up's needs none)
+            gate_grad, up_grad = (grad_in or use.trains or use.lora for use in uses)
+            saved = 2 * gate_grad + up_grad
         if self.grad:
-            # act's input, act's output, up's output (Phi-3: gate_up pinned + act); Liger's SiLUMul and compile's
-            # partition keep gate's and up's outputs only (silu recomputed)
-            self.per_token += (2 if self.lean else 3) * out * width
+            # Liger's SiLUMul and compile's partition keep gate's and up's outputs only (silu recomputed)
+            self.per_token += (2 if self.lean else saved) * out * width
         down = f"{prefix}down_proj" if prefix else m.traits.mlp_names[-1]
         if not prefix:  # QLoRA's Linear4bit computes in its input's dtype: fp32 under mixed precision
             self.mlp_element_bytes = out

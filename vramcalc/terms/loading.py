@@ -49,7 +49,7 @@ from ..facts import (
 )
 from ..gptq import is_gptq
 from ..model import ModelSpec
-from ..options import Method
+from ..options import Method, Precision
 from ..units import round_up
 from .parameters import COPY_INFIX, stored_tensors
 from .stored_tensor import StoredTensor
@@ -72,6 +72,13 @@ def quantizer_scratch_bytes(numel: int, quantizer: str, bits: int, double_quant:
 
 def _sixteen_bit(numel: int) -> int:
     return round_up(_LOAD_BYTES * numel)
+
+
+def _load_copy_bytes(numel: int, setup) -> int:
+    """A Linear's checkpoint tensor on the GPU before bitsandbytes quantizes it: in the dtype ``from_pretrained``
+    loads (transformers v5 ``core_model_loading.py``: a tensor quantized on load keeps the model's ``dtype``,
+    ``_materialize_copy`` casts it on the host): fp32 under ``--precision fp32``, else 16 bits."""
+    return round_up(4 * numel) if setup.precision is Precision.FP32 else _sixteen_bit(numel)
 
 
 def _upcast_transient(tensors: tuple[StoredTensor, ...]) -> int:
@@ -126,6 +133,6 @@ def _loaded_peak_bytes(setup, tensors: tuple[StoredTensor, ...], quantizer: str)
                     + quantizer_scratch_bytes(t.numel, quantizer, t.bits, double_quant))
             best = max(best, peak)
         return max(best, total + upcast)
-    per_tensor = max(_sixteen_bit(t.numel) + quantizer_scratch_bytes(t.numel, "bnb", t.bits, double_quant)
+    per_tensor = max(_load_copy_bytes(t.numel, setup) + quantizer_scratch_bytes(t.numel, "bnb", t.bits, double_quant)
                      for t in quantized)
     return total + max(per_tensor, upcast)

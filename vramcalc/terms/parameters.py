@@ -116,8 +116,8 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
                       quantize_experts: bool = False) -> tuple[StoredTensor, ...]:
     """Every parameter tensor the step stores, with its dtype, trainability and quantization state.
 
-    Base weights in the precision's parameter dtype (fp32 where ``keep_fp32``; 16 bits under QLoRA without a
-    ``mixed-*`` word); QLoRA stores each decoder nn.Linear weight as 4-bit codes plus ``quantized_metadata_bytes``;
+    Base weights in the precision's parameter dtype (fp32 where ``keep_fp32``; under QLoRA
+    ``facts.qlora_unquantized_bits``); QLoRA stores each decoder nn.Linear weight as 4-bit codes plus ``quantized_metadata_bytes``;
     LoRA adds A [r, in] and B [out, r] per module in ``lora_modules`` at ``adapter_bits``; prompt tuning one
     [virtual_tokens, h] embedding. Only full fine-tuning trains the base. ``int8``: the quantized Linears are int8
     (1 byte per weight plus ``int8_metadata_bytes``) instead of 4-bit; ``quantize_lm_head``: lm_head's weight is
@@ -125,9 +125,7 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
     Linear is auto-gptq's QuantLinear instead, its bias inside it (``terms/gptq.py``); ``modules_to_save``: a trained
     copy of each listed module (``module_copies``). Sources: module docstring.
     """
-    base_bits = precision.param_dtype.bits
-    if method is Method.QLORA and not precision.is_mixed:
-        base_bits = 16
+    base_bits = facts.qlora_unquantized_bits(precision) if method is Method.QLORA else precision.param_dtype.bits
     # transformers' replace_with_bnb_linear takes ``type(module) is nn.Linear`` (integrations/bitsandbytes.py L189):
     # Falcon's FalconLinear subclass stays in the load dtype (model.FamilyTraits.bnb_quantizable)
     quantized_linears = method is Method.QLORA and model.traits.bnb_quantizable

@@ -71,8 +71,8 @@ def knobs(setup) -> QuantKnobs:
     if state in (None, "auto") or int8:
         state = None
     precision = setup.precision
-    if precision.is_mixed:
-        a = "fp32"  # kbit-prepared residual stream: Linear4bit switches its compute dtype to the fp32 input
+    if precision.param_dtype.bits == 32:  # an fp32 residual stream (kbit-prepared, or an fp32 model): Linear4bit
+        a = "fp32"  # switches its compute dtype to the fp32 input (bnb nn/modules.py ``set_compute_type``)
     elif half_dtype(precision).value == "fp16" and not int8:
         a = setup.compute_dtype.value  # an fp16 input is cast to bnb_4bit_compute_dtype
     else:

@@ -344,9 +344,10 @@ def _empty_buffer(buffer: torch.Tensor, device: str) -> torch.Tensor:
 
 def _load_dtype(resolved: ResolvedSetup) -> torch.dtype:
     """The dtype from_pretrained loads in: QLoRA quantizes from the 16-bit checkpoint even when
-    prepare_model_for_kbit_training later casts the rest to fp32."""
+    prepare_model_for_kbit_training later casts the rest to fp32 (``mixed-*``); an fp32 QLoRA model is loaded in
+    fp32."""
     setup = resolved.setup
-    if setup.method is Method.QLORA:
+    if setup.method is Method.QLORA and setup.precision is not Precision.FP32:
         return half_dtype(setup.precision)
     return base_dtype(resolved)
 
