@@ -433,7 +433,6 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             self.per_position += 2 * (_F32 if m.traits.rope_fp32 else dt.r) * m.rope_dim
         embed = max(qkv, dt.r)  # RoPE multiplies by cos/sin in the residual dtype
         o_use = self.use(m.traits.o_name, a * d)
-        o_saves_input = o_use.trains or o_use.lora
         if self.layer.method is Method.PREFIX:  # the trained key/value prefix: every attention needs a gradient
             self.grad = True  # (its n extra positions: terms/peft_methods.py::prefix_saved_bytes)
         kv_saved = kv_pinned = 0  # ``_cached_kv``: the element bytes the attention saves k and v in, if it saves them
@@ -519,10 +518,12 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                 if pinned:
                     # (LayerNorm families under autocast: an fp32 qkv reaches SDPA as a 16-bit cast copy, no view)
                     # v is a view of the fused qkv output and pins all of it; the flash kernel's output keeps the
-                    # query's [b, a, s, d] layout, so o_proj gets a contiguous copy
+                    # query's [b, a, s, d] layout, so o_proj gets a contiguous copy, kept only where o_proj saves
+                    # its input itself (``_input_saved``): a LoRA o_proj whose adapter casts (an fp32 adapter,
+                    # dropout) saves the cast, and the copy dies after o_proj (peft lora/layer.py Linear.forward:
+                    # ``x = self._cast_input_dtype(x, lora_A.weight.dtype)``)
                     self.per_token += qkv * (a + k) * d
-                    head_major = m.rotary_dim or self.layer.layers.query_head_major
-                    if kernel == "flash" and (self._input_saved([o_use], out_bytes) if head_major else o_saves_input):
+                    if kernel == "flash" and self._input_saved([o_use], out_bytes):
                         self.per_token += out_bytes * a * d
                 elif ((m.rotary_dim or self.layer.layers.query_head_major) and kernel == "flash"
                       and self._input_saved([o_use], out_bytes)):
