@@ -31,7 +31,7 @@ class WeightCopies:
 
 @functools.lru_cache(maxsize=4096)
 def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: bool,
-                      tensors: tuple[StoredTensor, ...]) -> WeightCopies:
+                      tensors: tuple[StoredTensor, ...], head_calls: int = 1) -> WeightCopies:
     """Autocast's 16-bit copies of fp32 Linear weights that F.linear saves for its input gradient.
 
     ATen ``autocast_mode.cpp::cached_cast`` caches the copy of a leaf weight that requires grad until autocast exits
@@ -41,12 +41,19 @@ def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: b
     with checkpointing only lm_head's copy stays saved past forward (plus, for trained weights, the autocast cache
     until forward ends). Bytes: c·V·h for an fp32 lm_head (or tied embedding), c·n per fp32 Linear weight of the
     layers (none under QLoRA, whose Linears are 4-bit) and per fp32 adapter tensor.
+
+    ``head_calls``: how many times one forward calls lm_head (a chunked loss: ``CHUNKED_LOSS_CHUNKS``, one
+    ``F.linear(hidden_chunk, weight)`` per chunk). A frozen fp32 head (LoRA, QLoRA's kbit-prepared head, prompt
+    tuning under mixed-*) is not cached (``cached_cast``'s ``arg.requires_grad()`` condition), so each call casts it
+    again and saves its own copy until that chunk's backward: c·V·h per call. A trained head is cast once.
     """
     if not dt.autocast or dt.c == _F32:
         return WeightCopies(0, 0)
     full = method is Method.FULL
     head = next((t for t in tensors if t.kind in ("lm_head", "embedding") and (t.kind == "lm_head" or model.tie_word_embeddings)), None)
     head_copy = dt.c * model.head_width * model.hidden_size if head is not None and head.bits == 32 else 0
+    if head is not None and not head.trainable:
+        head_copy *= head_calls  # one uncached cast per lm_head call, each saved by its chunk's F.linear
     layer_copies = 0
     for t in tensors:
         if t.kind == "linear" and t.bits == 32 and t.name.endswith(".weight") and (full or not grad_ckpt):
