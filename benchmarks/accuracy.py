@@ -7,7 +7,7 @@
     python benchmarks/accuracy.py --first 92 --out benchmarks/accuracy_modules_to_save.csv  # --modules-to-save rows
     python benchmarks/accuracy.py --first 109 --limit 9 --out benchmarks/accuracy_session31.csv  # reentrant, QDoRA, ...
     python benchmarks/accuracy.py --first 118 --limit 9 --out benchmarks/accuracy_session32.csv  # selective-op, ...
-    python benchmarks/accuracy.py --first 127 --out benchmarks/accuracy_session33.csv  # fp32 QLoRA, first layer, ...
+    python benchmarks/accuracy.py --first 127 --out benchmarks/accuracy_session33.csv  # fp32 QLoRA, fuzz finds, ...
 
 Each row: the setup, every tensor term estimated and traced (bytes), the peak phase of each, and the relative error
 of ``peak_tensor_bytes`` (estimate - trace) / trace. Rows are appended as they are traced.
@@ -211,6 +211,19 @@ GRID = [
     ("gemma-3-1b", dict(seq_len=1024, method="lora", attn="eager", lora_targets="all-linear", batch_size=2)),
     ("llama-3.2-1b", dict(seq_len=1024, method="lora", lora_targets="o_proj", attn="eager", batch_size=2)),
     ("llama-3.2-3b", dict(seq_len=2048, method="lora", lora_targets="o_proj", adapter_dtype="bf16")),
+    # session 33, found by a fuzz of 60 unseen setups: DoRA with dropout (peft's F.linear(dropout(x), W) saves W or
+    # its cast, one more aten.mm per target), mixed precision's first-layer weight copies, eager attention's batch-1
+    # views (a fused qkv's v pins the qkv output; the hf-loop's cache copies do not), o_proj's input behind a LoRA
+    # cast on a fused qkv, a chunked loss's per-chunk copies of a frozen fp32 head
+    ("smollm2-360m", dict(seq_len=4096, method="dora", lora_dropout=0.1, lora_rank=16, precision="bf16-true",
+                          lora_targets="q_proj,k_proj,v_proj,o_proj", grad_ckpt="selective-op", optimizer="sgd",
+                          stack="axolotl")),
+    ("llama-3.1-8b", dict(seq_len=1024, method="dora", lora_dropout=0.05)),
+    ("qwen2.5-1.5b", dict(seq_len=2048, method="lora", precision="mixed-bf16")),
+    ("phi-3-mini", dict(seq_len=1024, method="lora", attn="eager")),
+    ("phi-3-mini", dict(seq_len=512, method="lora", attn="eager", loss="hf-loop")),
+    ("phi-4-mini", dict(seq_len=2048, method="lora", lora_targets="all-linear", precision="fp16", batch_size=2)),
+    ("olmo-2-0425-1b", dict(seq_len=2048, method="lora", precision="mixed-fp16", loss="chunked")),
 ]
 
 

@@ -66,7 +66,10 @@ def test_estimated_peak_is_within_3_percent_of_the_trace(family, options):
 #   its bmm outputs in the selective cache;
 # - o_proj's input under eager attention: its contiguous copy is saved only where o_proj saves it as it is (fp32
 #   adapters save their own cast), and in the first layer with o_proj alone adapted o_proj saves the SDPA output;
-# - QLoRA on an fp32 model: fp32 unquantized parameters, Linear4bit computing in its fp32 input's dtype.
+# - QLoRA on an fp32 model: fp32 unquantized parameters, Linear4bit computing in its fp32 input's dtype;
+# - mixed precision: the first layer's frozen fp32 weights whose input needs no gradient keep no autocast copy;
+# - DoRA with dropout: peft recomputes the base output as F.linear(dropout(x), W), which saves W (or its cast) and
+#   adds one aten.mm to the layer's call order (selective-op).
 EXACT_CASES = [
     ("llama", dict(seq_len=512, method="lora", precision="fp32", attn="eager")),
     ("llama", dict(seq_len=512, method="lora", precision="fp32")),
@@ -80,6 +83,11 @@ EXACT_CASES = [
     ("llama", dict(seq_len=512, method="qlora", precision="fp32", attn="eager", lora_targets="all-linear")),
     ("llama", dict(seq_len=512, batch_size=2, method="lora", lora_targets="o_proj", attn="eager")),
     ("llama", dict(seq_len=512, method="lora", lora_targets="o_proj", adapter_dtype="bf16")),
+    ("llama", dict(seq_len=512, method="lora", precision="mixed-bf16")),
+    ("llama", dict(seq_len=512, method="dora", lora_dropout=0.1)),
+    ("llama", dict(seq_len=512, method="dora", lora_dropout=0.1, precision="bf16-true")),
+    ("llama", dict(seq_len=512, method="dora", lora_dropout=0.1, grad_ckpt="selective-op")),
+    ("qwen3", dict(seq_len=512, method="dora", lora_dropout=0.05, lora_targets="all-linear", precision="mixed-bf16")),
 ]
 
 
@@ -89,6 +97,34 @@ def test_partial_gradients_math_attention_and_fp32_qlora_are_within_0_1_percent_
     from vramcalc.tracing.runner import run_trace
 
     spec = TINY[family]
+    resolved = resolve_setup(spec, **options)
+    estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
+    traced = sum(run_trace(spec, resolved, progress=False).terms.values())
+    assert abs(estimated - traced) / traced < 0.001
+
+
+# eager attention at batch 1: matmul's reshape to bmm's [b·a, ...] merges a size-1 batch dim, so views reach bmm
+# uncopied: a multi-query k and v (qwen2's one kv head) stay repeat_kv's views, k·d wide, and a fused qkv's v (Phi-3
+# with as many kv heads as heads) pins the whole qkv output; with the hf-loop's DynamicCache the attention gets the
+# cache's copies instead. Batch 2 copies both (Saved.per_token_delta_at_batch_one).
+BATCH_ONE_CASES = [
+    ("qwen2", dict(seq_len=512, method="lora", attn="eager", loss="hf-loop")),
+    ("phi3-mha", dict(seq_len=512, method="lora", attn="eager")),
+    ("phi3-mha", dict(seq_len=256, batch_size=2, method="lora", attn="eager")),
+    ("phi3-mha", dict(seq_len=512, method="lora", attn="eager", loss="hf-loop")),
+]
+
+
+@pytest.mark.parametrize("family, options", BATCH_ONE_CASES,
+                         ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for f, o in BATCH_ONE_CASES])
+def test_eager_attentions_batch_one_views_are_within_0_1_percent_of_the_trace(family, options):
+    import dataclasses
+
+    from vramcalc.tracing.runner import run_trace
+
+    spec = TINY[family.split("-")[0]]
+    if family == "phi3-mha":
+        spec = dataclasses.replace(spec, name="tiny-phi3-mha", num_kv_heads=spec.num_heads)
     resolved = resolve_setup(spec, **options)
     estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
     traced = sum(run_trace(spec, resolved, progress=False).terms.values())

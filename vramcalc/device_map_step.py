@@ -66,7 +66,8 @@ def gpu_peaks(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[dm.GpuPeak, ...
     checkpoint_input = activations.residual_bytes(spec, layer) * spec.hidden_size * tokens if ckpt else 0
     lg = logits.logits_bytes(spec, setup.loss, dt, tokens, full.head_gradient, sequences=b, compiled=False,
                              whole_head=setup.method is Method.FULL, fp32_logits=layer.layers.fp32_unembed)
-    copies = temporaries.weight_copy_bytes(spec, dt, setup.method, ckpt, tensors)
+    copies = temporaries.weight_copy_bytes(spec, dt, setup.method, ckpt, tensors, 1,
+                                           activations.first_layer_gradless_linears(spec, layer, masked_any))
     dequant = temporaries.dequantized_weight_bytes(spec, setup.method, setup.double_quant, dt, tokens, setup=setup)
     hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)
     norm_backward = temporaries.norm_backward_bytes(spec, tokens)

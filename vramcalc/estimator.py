@@ -469,7 +469,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         A = A + sum(kv[kind][1] * (hi - lo + 1) for kind, hi, lo in _layer_runs(spec, masked))
     head_grad = rank.head_gradient
     head_calls = CHUNKED_LOSS_CHUNKS if csetup.loss is Loss.CHUNKED else 1  # lm_head once per chunk (logits.py)
-    copies = temporaries.weight_copy_bytes(spec, dt, csetup.method, ckpt, tensors, head_calls)
+    copies = temporaries.weight_copy_bytes(spec, dt, csetup.method, ckpt, tensors, head_calls,
+                                           activations.first_layer_gradless_linears(spec, layer, masked))
     if csetup.task is Task.REWARD:  # the score head's [B, s, 1] output and its pooling (terms/tasks.py)
         lg = tasks.reward_logits_bytes(dt, b, s)
     elif csetup.loss is Loss.TRL:  # TRL's fused lm_head never calls lm_head: no autocast copy of it either

@@ -75,7 +75,8 @@ from . import expert_parallel, moe_lora, stack_layers
 from .stack_layers import HF as HF_LAYERS
 from .stack_layers import StackLayers
 from ..peft_methods import IA3_FEEDFORWARD
-from .peft_methods import (delta_weight_saved, dora_per_layer_bytes, dora_saved_per_token, ia3_saved, oft_block_size,
+from .peft_methods import (delta_weight_saved, dora_dropout_weight_saved_bytes, dora_per_layer_bytes,
+                           dora_saved_per_token, ia3_saved, oft_block_size,
                            oft_saved,
                            vera_saved)
 
@@ -94,23 +95,24 @@ class Saved:
     # bytes per sequence position, constant in b: [1, s, ...] tensors (the per-layer RoPE copies of glm4, ernie4_5:
     # transformers' position ids are [1, s] unless passed)
     per_position: int = 0
-    # bytes per token only in a batch of more than one sequence: eager attention's multi-query k and v, which
-    # repeat_kv expands as views and matmul's bmm copies unless the batch dim is 1 (``_attention``)
-    per_batched_token: int = 0
+    # bytes per token that a batch of one sequence saves beyond ``per_token`` (negative where it saves less): eager
+    # attention's views that matmul's reshape to bmm's [b·a, ...] copies unless the batch dim is 1, where it merges
+    # (``_attention``: a multi-query k and v; a fused qkv's v, which then pins the whole qkv output)
+    per_token_delta_at_batch_one: int = 0
 
     def __add__(self, other: "Saved") -> "Saved":
         return Saved(self.per_token + other.per_token, self.per_square + other.per_square,
                      self.per_layer + other.per_layer, self.per_position + other.per_position,
-                     self.per_batched_token + other.per_batched_token)
+                     self.per_token_delta_at_batch_one + other.per_token_delta_at_batch_one)
 
     def __mul__(self, n: int) -> "Saved":
         return Saved(self.per_token * n, self.per_square * n, self.per_layer * n, self.per_position * n,
-                     self.per_batched_token * n)
+                     self.per_token_delta_at_batch_one * n)
 
     def bytes(self, batch_size, seq_len):
         return (self.per_token * batch_size * seq_len + self.per_square * batch_size * seq_len * seq_len
                 + self.per_layer + self.per_position * seq_len
-                + self.per_batched_token * batch_size * seq_len * (batch_size > 1))
+                + self.per_token_delta_at_batch_one * seq_len * (batch_size == 1))
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         self.per_square = 0
         self.per_layer = 0
         self.per_position = 0
-        self.per_batched_token = 0
+        self.per_token_delta_at_batch_one = 0
         # selective checkpointing's cache: the outputs of the matmul and attention ops (see the module docstring)
         self.cached_ops: list[CachedOp] = []  # the ops a selective policy may cache, in call order (``_cached``)
         # Liger's kernels, or compile's partitioner, keep a norm's input and a SwiGLU's two inputs only; Unsloth's
@@ -218,9 +220,12 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         # copies, and what they change in the layer's saved tensors (0 where the attention saves the copies)
         self.kv_held = 0
         self.kv_forward = 0
+        self.gradless_linears: list[str] = []  # Linears called on an input that needs no gradient
+        self.kv_forward_delta_at_batch_one = 0
 
     def result(self) -> Saved:
-        return Saved(self.per_token, self.per_square, self.per_layer, self.per_position, self.per_batched_token)
+        return Saved(self.per_token, self.per_square, self.per_layer, self.per_position,
+                     self.per_token_delta_at_batch_one)
 
     def cache(self, mode: GradCkpt = GradCkpt.SELECTIVE) -> Saved:
         """What selective checkpointing caches: every matmul and attention op's output (``selective``), or
@@ -308,6 +313,8 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                 self.per_token += x_bytes * uses[0].width_in
             self.grad = True
             return x_bytes
+        if not self.grad:  # F.linear saves neither this input nor the weight (or its autocast copy) for them
+            self.gradless_linears += [use.name for use in uses]
         quantized = any(use.quantized for use in uses)
         if quantized:
             out = x_bytes  # Linear4bit computes in (and returns) its input's dtype (set_compute_type)
@@ -368,9 +375,14 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         self.per_token += (c if autocast else adapter) * layer.lora_rank  # lora_A's output, saved by lora_B
         if layer.method is Method.DORA:  # the base output and lora_B's output, saved by the magnitude's products
             out = self.width_out(use.name)
-            self.per_token += dora_saved_per_token(out, c if autocast else max(x_bytes, self.dt.r),
-                                                   c if autocast else adapter)
+            # with dropout the base output is F.linear(dropout(x), W) in x's (the adapter's) dtype, not the base
+            # Linear's own result
+            base_out = c if autocast else adapter if dropout else max(x_bytes, self.dt.r)
+            self.per_token += dora_saved_per_token(out, base_out, c if autocast else adapter)
             self.per_layer += dora_per_layer_bytes(out, adapter)
+            if dropout and self.grad:  # (saved for the dropped input's gradient: none in a no-grad first layer)
+                self.per_layer += dora_dropout_weight_saved_bytes(width, out, c, adapter, self.dt.r, autocast,
+                                                                  use.quantized)
         if layer.method is Method.DORA:
             # peft DoraLinearLayer.get_lora_weight: lora_B(lora_A(eye(in))), two mm on an [in, in] identity whose
             # outputs are [in, r] and [in, out], each layer's, before the adapter runs on x
@@ -380,6 +392,8 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         # selective caches: lora_A's and lora_B's matmul outputs (two ``aten.mm``)
         self._cached("mm", (c if autocast else adapter) * layer.lora_rank, module=use.name)
         self._cached("mm", (c if autocast else adapter) * self.width_out(use.name), module=use.name)
+        if layer.method is Method.DORA and dropout:  # DoRA's own F.linear(dropout(x), W) for the base output
+            self._cached("mm", (c if autocast else adapter) * self.width_out(use.name), module=use.name)
         return x_saved
 
     def use(self, name: str, width_in: int) -> LinearUse:
@@ -436,21 +450,32 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         if self.layer.method is Method.PREFIX:  # the trained key/value prefix: every attention needs a gradient
             self.grad = True  # (its n extra positions: terms/peft_methods.py::prefix_saved_bytes)
         kv_saved = kv_pinned = 0  # ``_cached_kv``: the element bytes the attention saves k and v in, if it saves them
+        cache_delta_at_batch_one = 0  # what the cache's copies change at batch 1 (eager: ``_cached_kv``)
         # which of q, k and v needs a gradient (in the first layer under LoRA on q and v, k does not): q @ kᵀ saves q
         # for k's gradient and k for q's, probs @ v saves v for the probabilities' (eager and the math kernel)
         q_grad, k_grad, _ = self._qkv_grads(uses, grad_in)
         scores_grad = q_grad or k_grad
+        fused_qkv = m.traits.fused_qkv or self.layer.layers.fused_qkv
         if self.layer.attn_used is Attention.EAGER:
             if self.grad:
                 q_bytes = c if dt.autocast else embed
                 repeat = a // k
                 kv_width = a * d if repeat > 1 else k * d
-                # q, the repeated k and v: for one kv head repeat_kv's expand + reshape is a view, and matmul's
-                # reshape to bmm's [b·a, ...] copies it only when b > 1 (at b = 1 the stride-0 head dim merges)
-                batched = (kv_width - k * d) if k == 1 else 0
-                kv_saved_width = (q_grad + scores_grad) * q_bytes
-                self.per_token += q_bytes * a * d * k_grad + kv_saved_width * (kv_width - batched)
-                self.per_batched_token += kv_saved_width * batched
+                # q, the repeated k and v (bmm saves v for the probabilities' gradient, k for q's); at batch 1 a
+                # multi-query k and v stay repeat_kv's expanded views (the stride-0 head dim merges with b = 1), k·d
+                # wide, and a fused qkv's v stays a view of the qkv output, which it pins whole
+                self.per_token += q_bytes * (a * d * k_grad + kv_width * (q_grad + scores_grad))
+                k_delta = q_bytes * (k * d - kv_width) if k == 1 else 0
+                v_delta = k_delta
+                if repeat == 1 and fused_qkv and qkv == q_bytes:
+                    v_delta = qkv * (a + 2 * k) * d - q_bytes * kv_width
+                self.per_token_delta_at_batch_one += k_delta * q_grad + v_delta * scores_grad
+                # with a DynamicCache the attention gets the cache's copies: at batch 1 a multi-query k and v are
+                # views of them (nothing beyond the cache), and a fused qkv's v no longer pins the qkv output
+                cache_delta_at_batch_one = -v_delta * scores_grad if v_delta > 0 else 0
+                if k == 1:
+                    cache_delta_at_batch_one -= q_bytes * k * d * (q_grad * (embed == q_bytes)
+                                                                   + scores_grad * (v_bytes == q_bytes))
                 kv_saved = q_bytes if repeat == 1 else 0  # the matmuls save the cache's own k and v
                 if m.traits.attention_sinks or m.traits.softmax_in_dtype:
                     self._sink_softmax(q_bytes)
@@ -461,9 +486,9 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                     # probs @ v saves the cast probabilities and the (repeated) v: its backward frees them before
                     # the softmax's backward runs
                     self.eager_softmax = True
-                    self.attention_freed = Saved(per_token=q_bytes * (kv_width - batched) * scores_grad,
+                    self.attention_freed = Saved(per_token=q_bytes * kv_width * scores_grad,
                                                  per_square=probs_copy * a,
-                                                 per_batched_token=q_bytes * batched * scores_grad)
+                                                 per_token_delta_at_batch_one=v_delta * scores_grad)
                 if self.gemma:
                     self.per_square += q_bytes * a  # tanh soft-capping output
             # selective cache: the two matmuls (bmm, which selective-op recomputes): scores [b, a, s, s] and the
@@ -488,7 +513,6 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                 # always expands (stack_layers.kv_expanded)
                 repeated = (self.masked and a > k > 1) or (self.layer.layers.kv_expanded and a > k)
                 kv_width = a * d if repeated else k * d
-                fused_qkv = m.traits.fused_qkv or self.layer.layers.fused_qkv
                 pinned = fused_qkv and not repeated and not (m.traits.layer_norm and qkv != out_bytes)
                 kv_saved = out_bytes if kernel != "math" and not repeated else 0  # SDPA saves the cache's k, v
                 kv_pinned = qkv * (a + k) * d if pinned else 0  # (the cache's v copy releases the fused output)
@@ -531,7 +555,8 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                     # partial rotary: q = cat(q_rot, q_pass) is a new [b, a, s, d] tensor, the flash output keeps
                     # that layout, so o_proj (dense) gets a contiguous copy (modeling_phi.py L212, L233)
                     self.per_token += out_bytes * a * d
-        self._cached_kv((k * d, embed, kv_saved == embed), (k * d, v_bytes, kv_saved == v_bytes), kv_pinned)
+        self._cached_kv((k * d, embed, kv_saved == embed), (k * d, v_bytes, kv_saved == v_bytes), kv_pinned,
+                        cache_delta_at_batch_one)
         before = self.per_token
         # the attention saved o_proj's input already (an SDPA kernel's output, or the copy counted above), except
         # where no gradient flows through it (the first layer with o_proj alone adapted): o_proj saves it then
@@ -541,18 +566,23 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             self.attention_freed += Saved(per_token=self.per_token - before)
         return out
 
-    def _cached_kv(self, k: tuple[int, int, bool], v: tuple[int, int, bool], pinned: int = 0) -> None:
+    def _cached_kv(self, k: tuple[int, int, bool], v: tuple[int, int, bool], pinned: int = 0,
+                   delta_at_batch_one: int = 0) -> None:
         """One layer's DynamicCache entry (``kv_cache``): its two copies, each (elements per token, element bytes,
         whether autograd saves the copy itself), and what they add to the layer's saved tensors: nothing for a
         copy saved as it is (the original it replaces dies), the whole copy otherwise (what is saved is a cast or
-        repeated copy, or nothing); ``pinned``: what the copies release (a fused qkv output v was a view of).
-        Offloaded (``--activation-offload``): the saved tensors go to the host, the cache's stay: every copy adds."""
+        repeated copy, or nothing); ``pinned``: what the copies release (a fused qkv output v was a view of);
+        ``delta_at_batch_one``: what they change beyond that at batch 1 (eager attention's views,
+        ``Saved.per_token_delta_at_batch_one``). Offloaded (``--activation-offload``): the saved tensors go to the
+        host, the cache's stay: every copy adds."""
         held = sum(width * size for width, size, _ in (k, v))
+        self.kv_forward_delta_at_batch_one = 0
         if self.layer.offload:
             self.kv_held, self.kv_forward = held, held
             return
         shared = sum(width * size for width, size, saved in (k, v) if saved)
         self.kv_held, self.kv_forward = held, held - shared - pinned
+        self.kv_forward_delta_at_batch_one = delta_at_batch_one
 
     def _qkv_grads(self, uses: list[LinearUse], grad_in: bool) -> tuple[bool, bool, bool]:
         """Whether q, k and v each need a gradient: the layer input does, or their projection trains or carries an
@@ -958,7 +988,8 @@ def kv_cache(model: ModelSpec, layer: LayerSetup, masked: bool = False, conv: bo
     walk = _LayerWalk(model, layer, masked)
     walk.conv = conv
     walk.attention_block()
-    return KvCache(Saved(per_token=walk.kv_held), Saved(per_token=walk.kv_forward))
+    return KvCache(Saved(per_token=walk.kv_held),
+                   Saved(per_token=walk.kv_forward, per_token_delta_at_batch_one=walk.kv_forward_delta_at_batch_one))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1134,6 +1165,23 @@ def offloaded_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt, masked: bool
         moe = layer_saved(model, layer, True, masked) * model.num_moe_layers if model.num_moe_layers else Saved()
         return dense + moe
     return Saved(per_token=layer.dtypes.r * model.hidden_size * model.num_layers)
+
+
+@functools.lru_cache(maxsize=4096)
+def first_layer_gradless_linears(model: ModelSpec, layer: LayerSetup, masked: bool = False) -> tuple[str, ...]:
+    """The first decoder layer's Linears whose input needs no gradient (its input needs none unless
+    ``first_layer_needs_grad`` or a stack's trained embedding, and no adapter or trained Linear precedes them in the
+    layer: under LoRA on q and v, k_proj's and v_proj's input is the layer's normed input). F.linear saves neither
+    their input nor their weight, so an fp32 frozen weight's autocast copy dies at once
+    (``temporaries.weight_copy_bytes``)."""
+    stable = stack_layers.has_stable_embedding(layer.layers, layer.method)
+    if first_layer_needs_grad(layer.method, layer.modules_to_save) or stable:
+        return ()
+    walk = _LayerWalk(model, layer, layer_masks(model, masked)[0], layer_requires_grad=False)
+    walk.conv = model.layer_is_conv[0]
+    walk.attention_block()
+    walk.mlp_block(model.is_moe_layer(0))
+    return tuple(dict.fromkeys(walk.gradless_linears))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -101,6 +101,22 @@ def dora_saved_per_token(out_features: int, base_out_bytes: int, lora_out_bytes:
     return (base_out_bytes + lora_out_bytes) * out_features
 
 
+def dora_dropout_weight_saved_bytes(in_features: int, out_features: int, c: int, adapter: int, base_bytes: int,
+                                    autocast: bool, quantized: bool) -> int:
+    """With LoRA dropout in training, ``DoraLinearVariant.forward`` (``variants.py:242-244``) passes
+    ``base_result=None`` and ``DoraLinearLayer.forward`` (``dora.py:141-142, 163``) recomputes the base output as
+    ``F.linear(dropout(x), weight.to(x.dtype))``, x in the adapter's dtype a: that F.linear saves the weight it
+    multiplies for x's gradient, per target and layer: under autocast its cast to c when a != c, else
+    ``weight.to(a)``'s copy when the weight (w bytes; a 4-bit base's dequantized weight is always new) is not a
+    already; nothing new when it is the base weight itself."""
+    n = in_features * out_features
+    if autocast and adapter != c:
+        return round_up(c * n)
+    if quantized or base_bytes != adapter:
+        return round_up(adapter * n)
+    return 0
+
+
 def dora_per_layer_bytes(out_features: int, adapter_bytes: int) -> int:
     """weight_norm, mag_norm_scale and mag_norm_scale - 1: three [n_out] tensors, each its own 512 B-rounded block."""
     return 3 * round_up(adapter_bytes * out_features)

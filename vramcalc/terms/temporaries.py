@@ -31,7 +31,8 @@ class WeightCopies:
 
 @functools.lru_cache(maxsize=4096)
 def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: bool,
-                      tensors: tuple[StoredTensor, ...], head_calls: int = 1) -> WeightCopies:
+                      tensors: tuple[StoredTensor, ...], head_calls: int = 1,
+                      gradless_first: tuple[str, ...] = ()) -> WeightCopies:
     """Autocast's 16-bit copies of fp32 Linear weights that F.linear saves for its input gradient.
 
     ATen ``autocast_mode.cpp::cached_cast`` caches the copy of a leaf weight that requires grad until autocast exits
@@ -41,6 +42,9 @@ def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: b
     with checkpointing only lm_head's copy stays saved past forward (plus, for trained weights, the autocast cache
     until forward ends). Bytes: c·V·h for an fp32 lm_head (or tied embedding), c·n per fp32 Linear weight of the
     layers (none under QLoRA, whose Linears are 4-bit) and per fp32 adapter tensor.
+
+    ``gradless_first``: the first layer's Linears whose input needs no gradient
+    (``activations.first_layer_gradless_linears``): their frozen weights' copies are not saved in that layer.
 
     ``head_calls``: how many times one forward calls lm_head (a chunked loss: ``CHUNKED_LOSS_CHUNKS``, one
     ``F.linear(hidden_chunk, weight)`` per chunk). A frozen fp32 head (LoRA, QLoRA's kbit-prepared head, prompt
@@ -63,6 +67,9 @@ def weight_copy_bytes(model: ModelSpec, dt: Dtypes, method: Method, grad_ckpt: b
             # Llama-4: the experts' torch.bmm and the router's F.linear autocast their fp32 weights too (unlike
             # torch._grouped_mm, which has no autocast kernel)
             layer_copies += dt.c * t.numel * t.count
+        if (t.kind == "linear" and t.bits == 32 and not t.trainable and not grad_ckpt
+                and t.name.removesuffix(".weight") in gradless_first):
+            layer_copies -= dt.c * t.numel  # once: the first layer's
     if method is Method.QLORA:
         layer_copies = 0
     # fp32 LoRA adapters are trained leaves too: autocast caches their 16-bit copies and F.linear saves them. LoRA on
