@@ -117,3 +117,19 @@ def test_the_rule_follows_the_replayed_reserved_peaks_of_51_full_size_steps(caps
     assert len(errors["grid"]) == 43 and len(errors["holdout"]) == 8
     assert statistics.median(errors["grid"]) < 0.015 and max(errors["grid"]) < 0.21
     assert statistics.median(errors["holdout"]) < 0.03 and max(errors["holdout"]) < 0.13
+
+
+# Varying sequence lengths (docs/evidence/varying_length_reserved/README.md): in allocator replays of unpacked runs
+# of transformers' step every step longer than all earlier ones added one loss ladder of new segments: three fp32
+# [b·T, V] blocks (the upcast logits, log_softmax's output, its gradient).
+@pytest.mark.parametrize("model, b, s", [("qwen2.5-1.5b", 1, 2048), ("llama-2-7b", 2, 512)])
+def test_each_longer_step_adds_one_fp32_loss_ladder_to_reserved(model, b, s):
+    spec = get_model(model)
+    details = vc.estimate(model, method="lora", grad_ckpt=True, batch_size=b, seq_len=s).details
+    ladder = 3 * 4 * b * s * spec.vocab_size
+    assert abs(details["reserved_growth_per_longer_step_bytes"] - ladder) < 0.001 * ladder
+
+
+def test_packed_batches_of_one_length_report_no_growth():
+    details = vc.estimate("llama-3.1-8b", method="lora", packing=True, attn="flash").details
+    assert "reserved_growth_per_longer_step_bytes" not in details

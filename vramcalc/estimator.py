@@ -85,6 +85,8 @@ def _estimate_parts(spec: ModelSpec, resolved: ResolvedSetup, device: GpuSpec | 
     details = dict(out.details)
     if peak.phase_peaks:  # each phase's peak, from the same moments (``_reports_phase_peaks``)
         details["phase_peak_bytes"] = dict(peak.phase_peaks)
+    if not resolved.setup.packing and peak.loss_ladder_bytes:
+        details["reserved_growth_per_longer_step_bytes"] = reserved_growth_per_longer_step(peak.loss_ladder_bytes)
     return tuple(out.terms_bytes.items()), out.phase, tuple(details.items()), tuple(out.warnings)
 
 
@@ -98,6 +100,7 @@ class _TensorPeak:
     phase_peaks: tuple = ()  # (phase, bytes): each phase's largest moment, where ``_reports_phase_peaks``
     stream_pools_bytes: int = 0  # what FSDP's side streams keep cached beyond the tensor peak (``_stream_pools_bytes``)
     stranded_bytes: int = 0  # the caching allocator's cached blocks beside the peak (``runtime.step_reserved_bytes``)
+    loss_ladder_bytes: int = 0  # the [rows, V] blocks the loss's backward holds (``reserved_growth_per_longer_step``)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -118,8 +121,24 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
         embedding_32bit = stack_layers.stack_layers(resolved.setup.stack).trainer_optimizer
         paged = optimizer.optimizer_state_bytes(parameters.stored_tensors(spec, resolved), optimizer_name,
                                                 embedding_32bit).paged_bytes
+    ladder = next((m.logits for m in moments if m.phase is Phase.BACKWARD_START), 0)
     return _TensorPeak(terms, peak.phase, paged, _phase_peaks(moments) if _reports_phase_peaks(resolved) else (),
-                       _stream_pools_bytes(spec, resolved, moments), int(peak.stranded))
+                       _stream_pools_bytes(spec, resolved, moments), int(peak.stranded), ladder)
+
+
+def reserved_growth_per_longer_step(loss_ladder_bytes) -> int:
+    """What ``max_memory_reserved`` gains each time a step is longer than every earlier one (unpacked data padded to
+    each batch's longest sample): K(T) = the [rows, V] blocks the loss's backward holds at once (the backward-start
+    moment's logits term: 3·4·b·T·V for transformers' loss, the fp32 upcast, log_softmax's output and its
+    gradient). The caching allocator serves a request only from one free block at least as large and never merges
+    blocks of different segments (``CUDACachingAllocator.cpp`` ``get_free_block``, ``try_merge_blocks``), so a
+    longer step's loss cannot use the shorter steps' segments and each record strands one ladder: reserved =
+    R(T_1) + sum of K(T_r) over the later records (allocator replays,
+    docs/evidence/varying_length_reserved/README.md). How many records a run has depends on the length
+    distribution and the step count, so the estimate stays at one length and reports K at ``seq_len``. These are
+    whole free segments, which a failing ``cudaMalloc`` releases (``release_cached_blocks``): they inflate
+    reserved and nvidia-smi, not whether the job fits."""
+    return int(loss_ladder_bytes)
 
 
 def _stream_pools_bytes(spec: ModelSpec, resolved: ResolvedSetup, moments: list[Moment]) -> int:
