@@ -69,7 +69,9 @@ def test_estimated_peak_is_within_3_percent_of_the_trace(family, options):
 # - QLoRA on an fp32 model: fp32 unquantized parameters, Linear4bit computing in its fp32 input's dtype;
 # - mixed precision: the first layer's frozen fp32 weights whose input needs no gradient keep no autocast copy;
 # - DoRA with dropout: peft recomputes the base output as F.linear(dropout(x), W), which saves W (or its cast) and
-#   adds one aten.mm to the layer's call order (selective-op).
+#   adds one aten.mm to the layer's call order (selective-op);
+# - --repeat-kv (transformers < 4.54): SDPA gets k and v repeated to every head, and fp32 then takes the efficient
+#   kernel instead of math.
 EXACT_CASES = [
     ("llama", dict(seq_len=512, method="lora", precision="fp32", attn="eager")),
     ("llama", dict(seq_len=512, method="lora", precision="fp32")),
@@ -88,6 +90,9 @@ EXACT_CASES = [
     ("llama", dict(seq_len=512, method="dora", lora_dropout=0.1, precision="bf16-true")),
     ("llama", dict(seq_len=512, method="dora", lora_dropout=0.1, grad_ckpt="selective-op")),
     ("qwen3", dict(seq_len=512, method="dora", lora_dropout=0.05, lora_targets="all-linear", precision="mixed-bf16")),
+    ("llama", dict(seq_len=512, method="lora", repeat_kv=True)),
+    ("llama", dict(seq_len=512, method="qlora", precision="fp32", grad_ckpt="reentrant", repeat_kv=True)),
+    ("llama", dict(seq_len=512, method="lora", loss="hf-loop", repeat_kv=True)),
 ]
 
 
@@ -129,6 +134,18 @@ def test_eager_attentions_batch_one_views_are_within_0_1_percent_of_the_trace(fa
     estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
     traced = sum(run_trace(spec, resolved, progress=False).terms.values())
     assert abs(estimated - traced) / traced < 0.001
+
+
+def test_repeat_kv_saves_the_repeated_keys_and_values_instead_of_the_grouped_ones():
+    # transformers < 4.54: SDPA saves k and v at a heads, not k: 2·(a - k)·d·c bytes per token and layer more
+    spec = TINY["llama"]
+    a, k, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    b, s = 1, 512
+
+    def peak(**options):
+        return max(m.tensor_bytes for m in step_moments(spec, resolve_setup(spec, method="lora", seq_len=s, **options)))
+
+    assert peak(repeat_kv=True) - peak() == 2 * (a - k) * d * 2 * b * s * spec.num_layers
 
 
 def test_full_size_8b_setup_matches_the_trace_term_by_term():

@@ -56,6 +56,7 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "kernels": "none | liger (Liger-Kernel RMSNorm, SwiGLU, RoPE) | unsloth (Unsloth's RMSNorm, RoPE and fused "
                "LoRA autograd for QKV, O and the MLP)",
     "packing": "padding-free packed batches (no padding, no 4-D mask)",
+    "repeat_kv": "transformers < 4.54: k and v copied to every head before SDPA (grouped-query models)",
     "kbit_prep": "peft prepare_model_for_kbit_training: fp32 unquantized parameters, checkpointing on (qlora)",
     "quant_saves_input": "the quantized Linear keeps its input for backward, as bitsandbytes <= 0.43 did (qlora); "
                          "that era's transformers checkpointed reentrantly: pair it with --grad-ckpt reentrant",

@@ -130,6 +130,9 @@ class TrainingSetup:
     optimizer_in_backward: bool = False  # each parameter stepped from its post-accumulate-grad hook
     kernels: Kernels = Kernels.NONE
     packing: bool = False  # padding-free batches (DataCollatorWithFlattening); Trainer pads
+    # transformers < 4.54 (before PR #39412) copies k and v to all heads (repeat_kv) before SDPA; v5 passes
+    # enable_gqa=True where no mask is given (integrations/sdpa_attention.py ``use_gqa_in_sdpa``)
+    repeat_kv: bool = False
     kbit_prep: bool = False  # peft prepare_model_for_kbit_training (qlora): called by the user, not by Trainer
     quant_saves_input: bool = False  # bitsandbytes >= 0.44: MatMul4Bit saves (None, B) (qlora)
     quantize_lm_head: bool = False  # transformers keeps lm_head unquantized (qlora)
@@ -311,6 +314,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
                                     "optimizer_in_backward"),
         kernels=Kernels.parse(chosen.get("kernels", SETUP_DEFAULTS["kernels"]), "kernels"),
         packing=_bool(chosen.get("packing", SETUP_DEFAULTS["packing"]), "packing"),
+        repeat_kv=_bool(chosen.get("repeat_kv", SETUP_DEFAULTS["repeat_kv"]), "repeat_kv"),
         kbit_prep=_bool(chosen.get("kbit_prep", SETUP_DEFAULTS["kbit_prep"]), "kbit_prep"),
         quant_saves_input=_bool(chosen.get("quant_saves_input", SETUP_DEFAULTS["quant_saves_input"]),
                                 "quant_saves_input"),

@@ -159,6 +159,7 @@ class LayerSetup:
     lora_experts: tuple[str, ...] = ()  # peft's ParamWrapper LoRA on the fused experts (terms/moe_lora.py)
     ep_dispatch: bool = False  # --ep: tokens reach the experts through AllToAllEP (terms/expert_parallel.py)
     modules_to_save: tuple[str, ...] = ()  # peft modules_to_save: embed_tokens, lm_head trained whole (parameters.py)
+    repeat_kv: bool = False  # transformers < 4.54's SDPA path: k and v repeated to all heads (TrainingSetup.repeat_kv)
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -505,13 +506,16 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                     self.attention_freed += Saved(per_token=out_bytes * a * d)
         else:
             out_bytes = c if dt.autocast else embed
-            kernel = self.sdpa_kernel(a, k, d, d, out_bytes)
+            # transformers < 4.54 repeats k and v to all heads before SDPA (``repeat_kv``; for one kv head an
+            # expand + reshape view), so the kernel sees a = k heads: fp32 takes the efficient kernel, not math
+            hf_repeated = self.layer.repeat_kv and self.layer.attn_used is Attention.SDPA and a > k > 1
+            kernel = self.sdpa_kernel(a, a if hf_repeated else k, d, d, out_bytes)
             if self.grad:
                 # transformers' repeat_kv copies k and v to a heads, but for one kv head (multi-query) its expand +
                 # reshape is a view (a size-1 dim merges with the stride-0 one): SDPA gets the k*d tensors
                 # (integrations/sdpa_attention.py repeat_kv; use_gqa_in_sdpa is False with a mask); or a stack that
                 # always expands (stack_layers.kv_expanded)
-                repeated = (self.masked and a > k > 1) or (self.layer.layers.kv_expanded and a > k)
+                repeated = (self.masked and a > k > 1) or (self.layer.layers.kv_expanded and a > k) or hf_repeated
                 kv_width = a * d if repeated else k * d
                 pinned = fused_qkv and not repeated and not (m.traits.layer_norm and qkv != out_bytes)
                 kv_saved = out_bytes if kernel != "math" and not repeated else 0  # SDPA saves the cache's k, v
