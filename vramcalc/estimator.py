@@ -644,7 +644,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     # eager attention's backward makes [b, a, s, s] fp32 gradients beside the recomputed scores and probabilities,
     # larger than any block the forward left, so the forward's blocks stay stranded there.
     refilled = bool(ckpt) and layer.attn_used is not Attention.EAGER
-    return _with_reserved(moments, lg.backward_request, layer_bytes, gradients, largest_layer_request, refilled)
+    return _with_reserved(moments, lg.backward_request, layer_bytes, gradients, largest_layer_request, refilled,
+                          lg.head_strands)
 
 
 def _gradient_groups(tensors) -> tuple[tuple[int, int], ...]:
@@ -657,14 +658,15 @@ def _gradient_groups(tensors) -> tuple[tuple[int, int], ...]:
 
 
 def _with_reserved(moments: list[Moment], head_request, layer_bytes, gradients=(),
-                   largest_layer_request=0, refilled_in_backward=False) -> list[Moment]:
+                   largest_layer_request=0, refilled_in_backward=False, head_strands=True) -> list[Moment]:
     """Each moment with its ``stranded`` bytes: the step's reserved memory (``runtime.step_reserved_bytes``; the
     weights' loading, before the step, reaches its own high-water mark, which the step's blocks then reuse) less the
     moment's tensor bytes. ``head_request``: the loss's last [rows, V] gradient; ``layer_bytes``: one decoder
     layer's saved bytes; ``gradients`` and ``largest_layer_request``: for the gradients that need segments of their
     own (``runtime.fresh_gradient_segment_bytes``), which may reuse the loss's blocks (its logits at backward-start
     and what it stranded); ``refilled_in_backward``: a layer's backward refills its blocks (checkpointing), so a
-    moment inside it strands none of them."""
+    moment inside it strands none of them; ``head_strands``: whether the loss's gradients outgrow the blocks its
+    forward freed (``LogitsBytes.head_strands``)."""
     steps = [m.tensor_bytes for m in moments if m.phase is not Phase.LOAD]
     forward = [m.tensor_bytes for m in moments if m.phase is Phase.FORWARD]
     starts = [m for m in moments if m.phase is Phase.BACKWARD_START]
@@ -672,7 +674,8 @@ def _with_reserved(moments: list[Moment], head_request, layer_bytes, gradients=(
         return moments
     backward_start = starts[0].tensor_bytes if starts else 0
     request = head_request if starts else 0
-    head = runtime.stranded_head_bytes(backward_start, functools.reduce(maximum, forward) if forward else 0, request)
+    head = select(head_strands, runtime.stranded_head_bytes(backward_start, functools.reduce(maximum, forward)
+                                                            if forward else 0, request), 0)
     fresh = runtime.fresh_gradient_segment_bytes(gradients, largest_layer_request, request,
                                                  (starts[0].logits if starts else 0) + head) if gradients else 0
     step_peak = functools.reduce(maximum, steps)

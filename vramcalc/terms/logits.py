@@ -102,6 +102,9 @@ class LogitsBytes:
     held: int = 0  # kept by the training loop after the loss's backward: through the layers' backward and the step
     output: int = 0  # the model call's own output at its end, before the loss (the moment the loop rebinds ``held``)
     request: object = None  # the last [rows, V] gradient the backward requests, where not ``backward_request``'s rule
+    # whether the backward's [rows, V] gradients outgrow every block the loss's forward freed, so those stay cached
+    # beside them (``runtime.stranded_head_bytes``); False where they fit (``_model_dtype_loss_bytes``)
+    head_strands: object = True
 
     @property
     def backward_request(self):
@@ -216,7 +219,11 @@ def _model_dtype_loss_bytes(c: int, autocast: bool, tokens, sequences, V: int, l
     ``DistributedType.DEEPSPEED``, accelerate 1.16 ``accelerator.py:536-567``) it runs and saves in c. With l the
     log_softmax bytes and k the cast's: forward peak c·T·V + (c + k + l)·T'·V at the log_softmax; after forward the
     model's ``outputs.logits`` (c·T·V) and accelerate's fp32 copy of them under autocast beside the saved l·T'·V;
-    backward 3·l·T'·V (the saved output, nll_loss's gradient and log_softmax's). A final soft-cap (Gemma-2's
+    backward 3·l·T'·V (the saved output, nll_loss's gradient and log_softmax's). Without autocast those two gradients
+    (c·T'·V each) fit the blocks forward freed, the shifted copy's and the logits' (best fit), so nothing strands
+    (``head_strands``; allocator replay of Llama-3.2-1B LoRA bf16-true at 2 x 8192: reserved +26.8% with the
+    stranded-head rule, docs/allocator-slack.md); under autocast they are fp32 and outgrow the 16-bit blocks. A final
+    soft-cap (Gemma-2's
     ``tanh(logits / cap) * cap`` in the model) keeps its tanh output (c·T·V) from forward to backward, and its three
     steps make the model's output in two c·T·V tensors. For a batch of one sequence the shifted slice
     ``[1, s - 1, V]`` of the contiguous logits is contiguous already, so ``.contiguous()`` returns it: no copy."""
@@ -228,7 +235,8 @@ def _model_dtype_loss_bytes(c: int, autocast: bool, tokens, sequences, V: int, l
     saved = ls * shifted * V + capped + labels
     forward = maximum(c * tokens * V + capped + (copied + cast + ls) * shifted * V,
                       (c + (_F32 if autocast else 0)) * tokens * V + capped + ls * shifted * V) + labels
-    return LogitsBytes(forward, saved, 3 * ls * shifted * V + capped + labels, c * tokens * V + capped + labels)
+    return LogitsBytes(forward, saved, 3 * ls * shifted * V + capped + labels, c * tokens * V + capped + labels,
+                       head_strands=autocast)
 
 
 def _compiled_logits_bytes(loss: Loss, c: int, accelerate_copy: bool, tokens, V: int, labels,
