@@ -668,7 +668,9 @@ def _with_reserved(moments: list[Moment], head_request, layer_bytes, gradients=(
     moment inside it strands none of them; ``head_strands``: whether the loss's gradients outgrow the blocks its
     forward freed (``LogitsBytes.head_strands``)."""
     steps = [m.tensor_bytes for m in moments if m.phase is not Phase.LOAD]
-    forward = [m.tensor_bytes for m in moments if m.phase is Phase.FORWARD]
+    # the forward's high-water mark: a loop that holds the logits into the next step's forward (``next-forward``)
+    # reaches it there in every step after the first
+    forward = [m.tensor_bytes for m in moments if m.phase in (Phase.FORWARD, Phase.NEXT_FORWARD)]
     starts = [m for m in moments if m.phase is Phase.BACKWARD_START]
     if not steps:
         return moments
