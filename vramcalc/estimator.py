@@ -498,7 +498,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         copies = trl_loss.without_head_copy(copies, spec, dt, tensors)
     else:
         lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b, compiled=csetup.compile,
-                                 whole_head=csetup.method is Method.FULL, fp32_logits=layer.layers.fp32_unembed)
+                                 whole_head=csetup.method is Method.FULL, fp32_logits=layer.layers.fp32_unembed,
+                                 head_cast_grad_bytes=temporaries.head_grad_cast_bytes(
+                                     dt, states.trained_head(spec, csetup.method, tensors)) if loss_head_grad else 0)
     if csetup.task is Task.DISTILL:  # GKD: the student's full logits and the JSD loss (terms/tasks.py)
         lg = tasks.distill_logits_bytes(spec, dt, b, s)
     dequant_beside = None  # torchtune: torchao's eager dequantization, beside a layer's saved tensors (stack_layers)

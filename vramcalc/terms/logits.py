@@ -15,7 +15,13 @@
 ``chunked`` (torchtune ``CEWithChunkedOutputLoss``, 8 chunks of C = T/8 tokens): the saved log_softmax still adds up to
   4·T·V, but the c and fp32 copies, and in backward the two [C, V] gradients, exist one chunk at a time. When lm_head
   trains, each chunk's backward makes a full [V, h] weight gradient and autograd's input buffer sums them out of
-  place (``torch/csrc/autograd/input_buffer.cpp``): three [V, h] gradients at once, two chunks in.
+  place (``torch/csrc/autograd/input_buffer.cpp``): three [V, h] gradients at once, two chunks in. An fp32 head under
+  16-bit autocast is multiplied as autocast's one cached c copy (``cached_cast`` keeps a leaf that requires grad), so
+  the chunks' gradients are c·V·h and are summed in the input buffer of the cast's ``ToCopyBackward``, which turns the
+  sum into the fp32 .grad only after the last chunk: max(3·c, c + 4)·V·h, not 3·4·V·h (traced: olmo-2-0425-1b full
+  mixed-bf16, ``tracing/losses.py::chunked_cross_entropy``). The logits' gradient of a chunk is released when its
+  mm's backward returns, before the sum; lm_head's input gradients of the two chunks wait in the split's input
+  buffer (2·c·C·h). lm_head has no backward of its own after the loss's: it ran inside each chunk.
 ``torchtune`` (torchtune 0.6 recipes, ``lora_finetune_single_device.py:639-661``): the model's ``chunked_output``
   returns the 8 chunks of c logits as a list (``modules/transformer.py``) that ``_loss_step`` holds until the loss is
   computed (``del logits`` after ``self._loss_fn``); ``CEWithChunkedOutputLoss`` upcasts one chunk at a time and its
@@ -118,14 +124,15 @@ class LogitsBytes:
 
 def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_bytes: int = 0,
                  sequences=1, compiled: bool = False, whole_head: bool = False,
-                 fp32_logits: bool = False) -> LogitsBytes:
+                 fp32_logits: bool = False, head_cast_grad_bytes: int = 0) -> LogitsBytes:
     """The logits' and the loss's bytes at each moment, for ``tokens`` T (an int or a numpy array) and the model's V,
     h and final soft-cap; ``dt.c`` the compute bytes; ``dt.autocast`` (every precision but fp32) adds accelerate's
     fp32 copy of the outputs; ``head_grad_bytes`` lm_head's weight gradient when it trains (0 otherwise);
     ``sequences`` the micro-batch (litgpt chunks lm_head by positions, so a chunk holds 128 of each); ``whole_head``
     litgpt's full fine-tuning, whose lm_head is not chunked; ``fp32_logits`` a model that returns fp32 logits itself
-    (torchtune's unembed), which a compiled ``hf`` loss then saves. Formulas and sources per loss: the module
-    docstring."""
+    (torchtune's unembed), which a compiled ``hf`` loss then saves; ``head_cast_grad_bytes`` the c gradient of
+    autocast's copy of an fp32 trained head (``temporaries.head_grad_cast_bytes``), which ``chunked`` sums. Formulas
+    and sources per loss: the module docstring."""
     if loss is Loss.HF_LOOP:  # hf, plus the logits the loop's ``outputs`` keeps (module docstring)
         hf = logits_bytes(model, Loss.HF, dt, tokens, head_grad_bytes, sequences, compiled, whole_head, fp32_logits)
         held = (_F32 if dt.autocast else dt.c) * tokens * model.vocab_size
@@ -173,10 +180,13 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
             if head_grad_bytes:
                 backward = maximum(backward, 3 * head_grad_bytes + (CHUNKED_LOSS_CHUNKS - 2) * c * chunk * V + labels)
             return LogitsBytes(forward, saved, backward, c * tokens * V + labels)
-        if head_grad_bytes:
-            remaining = saved * (CHUNKED_LOSS_CHUNKS - 2) // CHUNKED_LOSS_CHUNKS
-            backward = maximum(backward, remaining + 3 * head_grad_bytes + c * chunk * V)
-        return LogitsBytes(forward, saved, backward, saved + c * chunk * V)
+        if head_grad_bytes:  # two chunks in: the rest's log_softmax, the head's gradients, two chunks' input grads
+            remaining = _F32 * tokens * V * (CHUNKED_LOSS_CHUNKS - 2) // CHUNKED_LOSS_CHUNKS + labels
+            summed = head_cast_grad_bytes or head_grad_bytes  # the chunks' gradients, as the input buffer sums them
+            backward = maximum(backward, remaining + maximum(3 * summed, summed + head_grad_bytes)
+                               + 2 * c * chunk * model.hidden_size)
+        # lm_head ran inside each chunk: once the loss's backward is done, so is lm_head's (the labels are left)
+        return LogitsBytes(forward, saved, backward, labels)
     if loss is Loss.TORCHTUNE_2024:
         shifted = tokens - sequences  # b·(s - 1) rows after ``logits[..., :-1, :]``
         held = _F32 * shifted * V  # the recipe's shifted fp32 copy, bound to ``logits`` until the next model call ends
