@@ -46,7 +46,9 @@ Activation knobs (issue 11; each rule checked against the trace in ``tests/test_
 - ``--compile``: what AOTAutograd's min-cut partitioner (``torch/_functorch/partitioners.py``, inductor's settings)
   keeps, as traced on Llama, Qwen3 and Mistral layers (``tracing/compiled.py``): matmul outputs and inputs as eager
   saves them, SDPA's tensors, and for the pointwise chains only their inputs: an RMSNorm keeps its input in its own
-  dtype and the rsqrt (the fp32 copy and y are recomputed), SwiGLU keeps gate's and up's outputs (silu recomputed).
+  dtype and the rsqrt (the fp32 copy and y are recomputed), SwiGLU keeps gate's and up's outputs (silu recomputed),
+  eager attention's 16-bit softmax keeps the 16-bit scores and the fp32 row max and sum (the fp32 probabilities
+  recomputed; checked with ``aot_function`` on ``eager_attention_forward``'s ops).
   The second norm's input (x + attention output) is kept as the o_proj output beside the layer input.
 - ``--activation-offload``: tensors autograd saves live in host memory (``torch.autograd.graph.save_on_cpu``);
   under checkpointing only the checkpoint's inputs (transformers ``activation_checkpointing_enable(offload=True)``),
@@ -483,7 +485,13 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                 else:
                     # fp32 softmax, and its cast to the query dtype (the same tensor when that is fp32)
                     probs_copy = q_bytes if q_bytes != _F32 else 0
-                    self.per_square += (_F32 + probs_copy) * a
+                    if self.layer.compiled and probs_copy:
+                        # compile's partition keeps the 16-bit scores (bmm's output) and the softmax's fp32 row max
+                        # and sum, [b, a, s, 1] each, and recomputes the fp32 softmax from them
+                        self.per_square += (q_bytes + probs_copy) * a
+                        self.per_token += 2 * _F32 * a
+                    else:
+                        self.per_square += (_F32 + probs_copy) * a
                     # probs @ v saves the cast probabilities and the (repeated) v: its backward frees them before
                     # the softmax's backward runs
                     self.eager_softmax = True

@@ -153,7 +153,11 @@ def _fused(graph_module, example_inputs):
     """A graph run as inductor runs a fused reduction/pointwise graph: one kernel that allocates its outputs only.
     The graph executes with every dispatch mode paused (the tracker sees none of its op-by-op intermediates, which
     inductor keeps in registers), then each new output is allocated under the tracker (``empty_like``: values do
-    not matter on fake tensors); an output that is one of the inputs (a saved input) is passed through."""
+    not matter on fake tensors); an output that is one of the inputs (a saved input) is passed through. The inputs
+    are released after the outputs exist: inductor's wrapper allocates a kernel's output buffers before the launch
+    and frees an input after its last use (``del``); it writes an output into an input's buffer only for a donated
+    buffer (``codegen/wrapper.py::can_reuse``), and AOTAutograd donates no saved tensor that aliases a forward input
+    or output (``_aot_autograd/graph_compile.py::collect_fw_donated_buffer_idxs``), as the loss's logits do."""
     from functorch.compile import make_boxed_func
     from torch.utils._python_dispatch import _disable_current_modes
 
@@ -163,9 +167,10 @@ def _fused(graph_module, example_inputs):
         inputs = {id(arg) for arg in args if isinstance(arg, torch.Tensor)}
         with _disable_current_modes():
             outputs = run(list(args))
-        args.clear()  # the boxed calling convention: the callee releases its inputs
-        return [out if not isinstance(out, torch.Tensor) or id(out) in inputs else torch.empty_like(out)
-                for out in outputs]
+        outputs = [out if not isinstance(out, torch.Tensor) or id(out) in inputs else torch.empty_like(out)
+                   for out in outputs]
+        args.clear()  # the boxed calling convention: the callee releases its inputs, here after the kernel
+        return outputs
 
     fused._boxed_call = True
     return fused
