@@ -114,7 +114,9 @@ def compile_layer(layer: nn.Module, shared: dict | None = None) -> None:
     def plain(*args, **kwargs):
         leaves, spec = tree_flatten((args, kwargs))
         tensor_at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-        key = (structure, spec, _signature(leaves))
+        # dynamo guards on the grad mode (its global state guard): reentrant checkpointing runs the forward under
+        # no_grad and recomputes it with grad enabled, two graphs (aot_function alone would keep the first)
+        key = (structure, spec, _signature(leaves), torch.is_grad_enabled())
         params = dict(layer.named_parameters())
         if key not in compiled:
             constants = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]  # no tensor kept
