@@ -510,6 +510,13 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     else:
         dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens,
                                                        setup=csetup)
+    # bitsandbytes' backward dequantization per block (default knobs): the MLP's Linears' in the MLP's backward, the
+    # attention's own in the attention's (``_layer_backward_moments``)
+    linear_dequant = attention_dequant = 0
+    if csetup.method is Method.QLORA and quantized.knobs(csetup).is_default:
+        linear_dequant = dequant
+        attention_dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens,
+                                                                 setup=csetup, role="attention")
     dequant = dequant + float8.layer_backward_cast_bytes(spec, setup.precision, tokens)  # fp8: torchao's casts
     method_forward = peft_methods.forward_transient_bytes(spec, compute, dt, tokens)  # DoRA's weight norm, per module
     has_method_forward = peft_methods.has_forward_transients(csetup.method)
@@ -590,7 +597,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                                        recompute_beside, masked, flat_units, copies_by_kind,
                                        context_parallel.ring_backward_bytes(spec, b * s, setup.cp, dt.c)
                                        if getattr(setup, "cp", 1) > 1 else 0,  # --cp
-                                       buffers if setup.sharding is Sharding.FSDP else None, kv)
+                                       buffers if setup.sharding is Sharding.FSDP else None, kv,
+                                       linear_dequant, attention_dequant)
     embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens, csetup.modules_to_save)
     if stable:
         embedding_backward = stack_layers.stable_embedding_backward_bytes(spec, dt.r, tokens)
@@ -740,7 +748,8 @@ def _next_forward_moments(W, G, O, A, lg, extras, copies_forward) -> list[Moment
 def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                             layers_saved, hidden_grad, norm_backward, dequant_beside=None,
                             logits_held=0, recompute_beside=0, masked=False, flat_units=False,
-                            copies_by_kind=None, ring_attention=0, buffers=None, kv_cache=None) -> list[Moment]:
+                            copies_by_kind=None, ring_attention=0, buffers=None, kv_cache=None,
+                            linear_dequant=0, attention_dequant=0) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -771,6 +780,11 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     ``kv_cache``: per layer kind, the (held, forward) bytes of a DynamicCache entry (``_kv_cache_bytes``; ``forward``
     already in ``layers_saved``): a layer's attention backward frees its saved k and v, but the cache keeps its own
     copies, so each layer already through its backward adds held - forward.
+    ``linear_dequant``: the part of ``dequant`` that is bitsandbytes' backward dequantization of the largest 4-bit
+    Linear (``MatMul4Bit.backward``, default knobs); one GPU: down's backward has it beside down's transients; the
+    next dequantizing op, up's backward, runs once mul's has freed its input gradient and its two saved [T, I]
+    inputs (a gated MLP: three [T, I] fewer than at mul's), with up's [T, h] input gradient made; the attention's
+    backward dequantizes its own largest projection (``attention_dequant``).
     ``ring_attention`` (``--cp``, always with FSDP2 units): the ring-attention backward's buffers
     (``context_parallel.ring_backward_bytes``), a moment of their own once the MLP's backward is done: what the
     attention block still holds, the layer's unsharded gradients waiting, and the ring's buffers as the transients.
@@ -778,10 +792,11 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     c, r, attn_used = layer.dtypes.c, layer.dtypes.r, layer.attn_used
     mlp_in_place = activations.unsloth_fused(spec, layer, spec.traits.mlp_names)  # Unsloth's LoRA_MLP
     transient = temporaries.layer_backward_bytes(spec, c, r, attn_used, b, s, mlp_in_place) + dequant
-    softmax_transient = temporaries.eager_softmax_backward_bytes(spec, c, r, b, s) + dequant
-    scores_transient = temporaries.eager_scores_backward_bytes(spec, c, r, b, s) + dequant
+    attention_dequant = dequant - linear_dequant + attention_dequant
+    softmax_transient = temporaries.eager_softmax_backward_bytes(spec, c, r, b, s) + attention_dequant
+    scores_transient = temporaries.eager_scores_backward_bytes(spec, c, r, b, s) + attention_dequant
     softmax_out = activations.Saved(per_square=_F32 * spec.num_heads).bytes(b, s)  # freed by its backward
-    attention_transient = temporaries.attention_backward_bytes(spec, c, attn_used, b, s) + dequant
+    attention_transient = temporaries.attention_backward_bytes(spec, c, attn_used, b, s) + attention_dequant
     if dequant_beside is not None:
         transient = maximum(transient, dequant_beside)
         attention_transient = maximum(attention_transient, dequant_beside)
@@ -796,6 +811,9 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
         in_place = mlp_in_place and not kind[0]  # a dense MLP
         down = temporaries.down_backward_bytes(spec, c_mlp, r, b, s) + dequant
         mlp = temporaries.mlp_backward_bytes(spec, c_mlp, r, b, s, in_place) + dequant
+        if not kind[0] and spec.traits.gated_mlp:  # (none without linear_dequant) up's backward after mul's (docstring)
+            mlp = mlp - linear_dequant + maximum(linear_dequant - b * s * (3 * c_mlp * spec.mlp_width
+                                                                           - c * spec.hidden_size), 0)
         if dequant_beside is not None:
             down, mlp = maximum(down, dequant_beside), maximum(mlp, dequant_beside)
         return maximum(down, recompute_beside), maximum(mlp, recompute_beside)

@@ -9,11 +9,11 @@ import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..facts import BNB_BLOCKSIZE, BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS
+from ..facts import BNB_BLOCKSIZE
 from .peft_methods import CACHED_ONLY_ADAPTERS, SLICED_PROJECTIONS, VECTOR_ADAPTERS
 from ..model import ModelSpec
 from ..options import Attention, Kernels, Method
-from ..units import DType, maximum, select
+from ..units import DType, maximum
 from . import quantized
 from ..gptq import is_gptq
 from .activations import Dtypes, gemma_norm
@@ -136,22 +136,33 @@ def layer_weight_copies(model: ModelSpec, dt: Dtypes, method: Method, moe: bool,
     return LayerCopies(whole, down, mlp, o)
 
 
-def dequantized_weight_bytes(model: ModelSpec, method: Method, double_quant: bool, dt: Dtypes, tokens, setup=None):
+def dequantized_weight_bytes(model: ModelSpec, method: Method, double_quant: bool, dt: Dtypes, tokens, setup=None,
+                             role: str | None = None):
     """QLoRA: the largest 4-bit Linear dequantized for one matmul.
 
-    Above 1536 tokens bitsandbytes' CUDA ``gemm_4bit`` runs ``_dequant_linear_fallback``: an fp32 absmax (twice, with
-    double quantization) and the full weight in the input's dtype, freed after ``F.linear``. Backward dequantizes
-    again (``MatMul4Bit.backward``). Below, a fused kernel needs none.
+    Backward dequantizes at any token count (``MatMul4Bit.backward``: ``torch.matmul(grad_output,
+    F.dequantize_4bit(B, ctx.state).to(grad_output.dtype))``): the full weight in the input's dtype, beside the
+    layer's backward gradients (with double quantization an fp32 absmax first). (Forward: above 1536 tokens
+    bitsandbytes' CUDA ``gemm_4bit`` runs ``_dequant_linear_fallback``, the same transient; below, a fused kernel
+    needs none. The estimator adds this to backward moments only.)
     ``setup`` (optional): a quant-state dtype other than the input's (both copies at once in backward) or an LLM.int8
     base (``CB.to(A.dtype)`` in backward) take ``quantized.dequant_bytes``'s decoder-layer transient instead.
+    ``role`` (default knobs only): the largest Linear of that role (``LinearModule.role``: the attention's backward
+    dequantizes its own projections, not the MLP's).
     """
     if method is not Method.QLORA or not model.traits.bnb_quantizable or is_gptq(setup):
         return 0  # (a GPTQ base dequantizes in forward only: terms/gptq.py)
     if setup is not None and not quantized.knobs(setup).is_default:
         return quantized.dequant_bytes(model, setup, max(dt.r, dt.c), tokens, dt.c).layer_backward
-    largest = quantized.largest_quantized_numel(model, setup)
-    absmax = 2 * _F32 * -(-largest // BNB_BLOCKSIZE) if double_quant else 0
-    return select(tokens > BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS, max(dt.r, dt.c) * largest + absmax, 0)
+    modules = [m for m in model.inventory.linears if role is None or m.role == role]
+    if not modules:
+        return 0
+    module = max(modules, key=lambda m: m.weight_numel)
+    largest = quantized.largest_quantized_numel(model, setup) if role is None else module.weight_numel
+    # dequantize_blockwise's fp32 absmax, freed once the weight is rebuilt, before the matmul's [T, in] gradient
+    # (in the layer's backward transients) is made: it counts only where it is the larger of the two
+    absmax = _F32 * -(-largest // BNB_BLOCKSIZE) if double_quant else 0
+    return max(dt.r, dt.c) * largest + maximum(absmax - dt.c * tokens * module.in_features, 0)
 
 
 def mlp_backward_bytes(model: ModelSpec, c: int, r: int, batch_size, seq_len, in_place: bool = False):
