@@ -814,6 +814,8 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
         if not kind[0] and spec.traits.gated_mlp:  # (none without linear_dequant) up's backward after mul's (docstring)
             mlp = mlp - linear_dequant + maximum(linear_dequant - b * s * (3 * c_mlp * spec.mlp_width
                                                                            - c * spec.hidden_size), 0)
+        elif not kind[0]:  # a plain MLP's activation backward runs after fc2's backward freed its dequantized weight
+            mlp = mlp - linear_dequant  # and before fc1's makes one, beside smaller gradients ([T, h], not [T, I])
         if dequant_beside is not None:
             down, mlp = maximum(down, dequant_beside), maximum(mlp, dequant_beside)
         return maximum(down, recompute_beside), maximum(mlp, recompute_beside)

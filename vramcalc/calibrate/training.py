@@ -112,6 +112,7 @@ class TrainingStep:
 
         self.model = model
         self.setup = resolved.setup
+        self.attn_used = resolved.attn_used
         self.device = device
         self.optimizer = make_optimizer(model, self.setup.optimizer)
         generator = torch.Generator(device="cpu").manual_seed(DATA_SEED)
@@ -126,6 +127,15 @@ class TrainingStep:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
+    def forward_context(self):
+        """Autocast, and transformers before 4.54's repeat_kv where the setup says so (``--repeat-kv``)."""
+        from ..tracing.step import repeated_kv
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.autocast())
+        stack.enter_context(repeated_kv(self.setup, self.attn_used))
+        return stack
+
     def loss(self) -> torch.Tensor:
         """The setup's loss on one micro-batch (labels = inputs, shifted inside the loss)."""
         return self.trainer_loss(self.model, self.input_ids)
@@ -134,7 +144,7 @@ class TrainingStep:
         """One optimizer step; returns the last micro-batch's loss (for a sanity check, not for memory)."""
         value = float("nan")
         for _ in range(self.setup.grad_accum):
-            with self.autocast():
+            with self.forward_context():
                 loss = self.loss()
             scaled = loss / self.setup.grad_accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()

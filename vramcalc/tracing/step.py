@@ -332,7 +332,7 @@ class StepTracer:
     def run(self, steps: int = 2, progress=None) -> None:
         """``steps`` training steps; ``progress(note)`` is called after each optimizer step."""
         attn_used = self.resolved.attn_used
-        with _packed_batch(self.setup, attn_used) as position_ids, _repeated_kv(self.setup, attn_used):
+        with _packed_batch(self.setup, attn_used) as position_ids, repeated_kv(self.setup, attn_used):
             self._run(steps, progress, position_ids)
 
     def _run(self, steps: int, progress, position_ids) -> None:
@@ -557,10 +557,11 @@ class _OffloadedForward:
 
 
 @contextlib.contextmanager
-def _repeated_kv(setup, attn_used: Attention):
+def repeated_kv(setup, attn_used: Attention):
     """``--repeat-kv``: transformers before 4.54 (PR #39412) always ran ``repeat_kv`` on k and v before SDPA; v5's
     ``sdpa_attention_forward`` does so only where ``use_gqa_in_sdpa`` says no (a mask, head dims over 256), so it is
-    made to say no (FlashAttention-2, eager and the rest take their own paths)."""
+    made to say no (FlashAttention-2, eager and the rest take their own paths). The calibration harness' real step
+    runs under it too (``calibrate/training.py``)."""
     if not getattr(setup, "repeat_kv", False) or attn_used is not Attention.SDPA:
         yield
         return
