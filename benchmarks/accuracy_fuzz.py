@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.accuracy import GRID, TENSOR_TERMS  # noqa: E402
+import vramcalc  # noqa: E402
 from vramcalc.catalogue import get_model  # noqa: E402
 from vramcalc.errors import VramcalcError  # noqa: E402
 from vramcalc.estimator import step_moments  # noqa: E402
@@ -49,6 +50,9 @@ LOSSES = ["hf", "hf", "hf-shifted", "model-dtype", "chunked", "fused", "hf-loop"
 STACKS = ["hf", "hf", "trl", "axolotl", "llama-factory"]
 SEQS = [128, 256, 512, 1024, 2048, 4096]
 TARGETS = ["qv", "all-linear", "q_proj,k_proj,v_proj,o_proj", "gate_proj,up_proj,down_proj"]
+# (chance of setting it, option, values): drawn in this order for every setup
+OPTIONAL = [(0.7, "precision", PRECISIONS), (0.5, "optimizer", OPTIMIZERS), (0.6, "grad_ckpt", CKPT),
+            (0.4, "attn", ATTN), (0.4, "loss", LOSSES), (0.35, "stack", STACKS)]
 
 
 def sample(rng: random.Random) -> tuple[str, dict]:
@@ -58,18 +62,9 @@ def sample(rng: random.Random) -> tuple[str, dict]:
     seq = rng.choice(SEQS)
     o["seq_len"] = seq
     o["batch_size"] = rng.choice([1, 1, 2, 4]) if seq <= 2048 else 1
-    if rng.random() < 0.7:
-        o["precision"] = rng.choice(PRECISIONS)
-    if rng.random() < 0.5:
-        o["optimizer"] = rng.choice(OPTIMIZERS)
-    if rng.random() < 0.6:
-        o["grad_ckpt"] = rng.choice(CKPT)
-    if rng.random() < 0.4:
-        o["attn"] = rng.choice(ATTN)
-    if rng.random() < 0.4:
-        o["loss"] = rng.choice(LOSSES)
-    if rng.random() < 0.35:
-        o["stack"] = rng.choice(STACKS)
+    for chance, key, choices in OPTIONAL:
+        if rng.random() < chance:
+            o[key] = rng.choice(choices)
     if method in ("lora", "qlora", "dora"):
         if rng.random() < 0.5:
             o["lora_targets"] = rng.choice(TARGETS)
@@ -99,26 +94,6 @@ def excluded(model: str, o: dict) -> bool:
     return any(model == g and o == opts for g, opts in GRID)
 
 
-def term_fields(prefix: str, values: dict) -> dict:
-    return {f"{t.value}_{prefix}": values[t] for t in TENSOR_TERMS}
-
-
-def run_trace(spec, resolved, progress=False):
-    """The trace ``vramcalc.trace`` runs for the setup's stack."""
-    from vramcalc.options import Stack
-    from vramcalc.tracing.engine import run_trace as hf_trace
-
-    if resolved.setup.stack is Stack.TRL:
-        from vramcalc.tracing.stacks.trl import SFTStepTracer, _import_trl, check_traceable
-
-        _import_trl()
-        check_traceable(resolved)
-        return hf_trace(spec, resolved, progress=progress, tracer_class=SFTStepTracer)
-    if resolved.setup.stack.value in ("torchtune", "litgpt"):
-        raise VramcalcError("fuzz: torchtune/litgpt stacks not sampled")
-    return hf_trace(spec, resolved, progress=progress)
-
-
 def run_one(model: str, o: dict) -> dict:
 
     row = {"model": model, "setup": json.dumps(o, sort_keys=True)}
@@ -136,7 +111,7 @@ def run_one(model: str, o: dict) -> dict:
         row[f"{t.value}_est"] = getattr(peak, t.value)
     started = time.perf_counter()
     try:
-        traced = run_trace(spec, resolved, progress=False)
+        traced = vramcalc.trace(model, **o)  # the stack's own step where it has one (TRL)
     except VramcalcError as err:
         row["status"] = "trace-refused"
         row["message"] = str(err).splitlines()[0]
@@ -146,11 +121,11 @@ def run_one(model: str, o: dict) -> dict:
         row["message"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         traceback.print_exc()
         return row
-    total = sum(traced.terms.values())
+    total = traced.peak_tensor_bytes
     row["trace_phase"] = traced.phase.value
     row["trace"] = total
     for t in TENSOR_TERMS:
-        row[f"{t.value}_tr"] = traced.terms[t]
+        row[f"{t.value}_tr"] = traced.terms_bytes[t]
     row["error_pct"] = round(100 * (peak.tensor_bytes - total) / total, 3)
     row["status"] = "ok"
     row["seconds"] = round(time.perf_counter() - started, 1)

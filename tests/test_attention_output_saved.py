@@ -10,12 +10,11 @@ LoRA on all linears, fp16, b=2, s=2048: +2.3%).
 
 import pytest
 
-from vramcalc.estimator import step_moments
 from vramcalc.options import Term
-from vramcalc.training_setup import resolve_setup
 
 from .conftest import needs_torch
 from .tiny_models import TINY
+from .trace_helpers import estimated_and_traced
 
 pytestmark = [needs_torch, pytest.mark.trace]
 
@@ -32,10 +31,6 @@ CASES = [
 @pytest.mark.parametrize("spec, options", CASES,
                          ids=[f"{s.name}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for s, o in CASES])
 def test_o_proj_input_and_fused_qkv_are_kept_as_the_trace_keeps_them(spec, options):
-    from vramcalc.tracing.runner import run_trace
-
-    resolved = resolve_setup(spec, **options)
-    peak = max(step_moments(spec, resolved), key=lambda m: m.tensor_bytes)
-    traced = run_trace(spec, resolved, progress=False)
+    peak, traced = estimated_and_traced(spec, **options)
     assert traced.phase == peak.phase
     assert abs(peak.activations - traced.terms[Term.ACTIVATIONS]) <= 0.002 * traced.terms[Term.ACTIVATIONS]

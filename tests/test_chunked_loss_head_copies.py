@@ -9,11 +9,10 @@ chunked loss, s=4096 was -19.8% (one copy counted, eight traced: -2.88 GB of tem
 
 import pytest
 
-from vramcalc.estimator import step_moments
 from vramcalc.options import Term
-from vramcalc.training_setup import resolve_setup
 
 from .conftest import needs_torch
+from .trace_helpers import estimated_and_traced
 
 pytestmark = [needs_torch, pytest.mark.trace]
 
@@ -28,12 +27,8 @@ CASES = [
 def test_each_chunk_saves_its_own_copy_of_a_frozen_fp32_head(name, options):
     # real vocabularies: the head's copies are a visible part of the peak
     from vramcalc.catalogue import get_model
-    from vramcalc.tracing.runner import run_trace
 
-    spec = get_model(name)
-    resolved = resolve_setup(spec, **options)
-    peak = max(step_moments(spec, resolved), key=lambda m: m.tensor_bytes)
-    traced = run_trace(spec, resolved, progress=False)
+    peak, traced = estimated_and_traced(get_model(name), **options)
     assert traced.phase == peak.phase
     assert abs(peak.temporaries - traced.terms[Term.TEMPORARIES]) <= 0.01 * traced.terms[Term.TEMPORARIES]
     assert abs(peak.tensor_bytes - sum(traced.terms.values())) <= 0.005 * sum(traced.terms.values())

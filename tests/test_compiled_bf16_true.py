@@ -11,11 +11,10 @@
 
 import pytest
 
-from vramcalc.estimator import step_moments
 from vramcalc.options import Term
-from vramcalc.training_setup import resolve_setup
 
 from .conftest import needs_torch
+from .trace_helpers import estimated_and_traced
 
 pytestmark = [needs_torch, pytest.mark.trace]
 
@@ -33,12 +32,8 @@ CASES = [
                          ids=[f"{s}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for s, o in CASES])
 def test_compiled_loss_gradient_sits_beside_its_saved_logits(name, options):
     from vramcalc.catalogue import get_model
-    from vramcalc.tracing.runner import run_trace
 
-    spec = get_model(name)
-    resolved = resolve_setup(spec, **options)
-    peak = max(step_moments(spec, resolved), key=lambda m: m.tensor_bytes)
-    traced = run_trace(spec, resolved, progress=False)
+    peak, traced = estimated_and_traced(get_model(name), **options)
     assert traced.phase == peak.phase
     assert abs(peak.logits - traced.terms[Term.LOGITS]) <= 0.001 * traced.terms[Term.LOGITS]
     assert abs(peak.tensor_bytes - sum(traced.terms.values())) <= 0.001 * sum(traced.terms.values())

@@ -11,11 +11,10 @@ layers' backward (``--loss fused``) that is the peak: llama-3.2-1b QLoRA all-lin
 
 import pytest
 
-from vramcalc.estimator import step_moments
 from vramcalc.options import Phase
-from vramcalc.training_setup import resolve_setup
 
 from .conftest import needs_torch
+from .trace_helpers import estimated_and_traced
 
 pytestmark = [needs_torch, pytest.mark.trace]
 
@@ -30,11 +29,7 @@ CASES = [
 def test_qlora_backward_dequantizes_below_the_fused_kernel_threshold(options):
     # a real size (fake tensors): the dequantized [I, h] weight is a visible part of the layer's backward
     from vramcalc.catalogue import get_model
-    from vramcalc.tracing.runner import run_trace
 
-    spec = get_model("llama-3.2-1b")
-    resolved = resolve_setup(spec, **options)
-    peak = max(step_moments(spec, resolved), key=lambda m: m.tensor_bytes)
-    traced = run_trace(spec, resolved, progress=False)
+    peak, traced = estimated_and_traced(get_model("llama-3.2-1b"), **options)
     assert traced.phase is Phase.BACKWARD and peak.phase is Phase.BACKWARD
     assert abs(peak.tensor_bytes - sum(traced.terms.values())) <= 0.001 * sum(traced.terms.values())

@@ -10,6 +10,7 @@ from vramcalc.training_setup import resolve_setup
 
 from .conftest import needs_torch
 from .tiny_models import TINY
+from .trace_helpers import peak_error
 
 pytestmark = [needs_torch, pytest.mark.trace]
 
@@ -49,13 +50,7 @@ CASES = [
 
 @pytest.mark.parametrize("family, options", CASES, ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for f, o in CASES])
 def test_estimated_peak_is_within_3_percent_of_the_trace(family, options):
-    from vramcalc.tracing.runner import run_trace
-
-    spec = TINY[family]
-    resolved = resolve_setup(spec, **options)
-    estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
-    traced = sum(run_trace(spec, resolved, progress=False).terms.values())
-    assert abs(estimated - traced) / traced < TOLERANCE
+    assert abs(peak_error(TINY[family], **options)) < TOLERANCE
 
 
 # Each was 1-21% off (or refused) before session 33, each for a mechanism the 3% check above lets through:
@@ -99,13 +94,7 @@ EXACT_CASES = [
 @pytest.mark.parametrize("family, options", EXACT_CASES,
                          ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for f, o in EXACT_CASES])
 def test_partial_gradients_math_attention_and_fp32_qlora_are_within_0_1_percent_of_the_trace(family, options):
-    from vramcalc.tracing.runner import run_trace
-
-    spec = TINY[family]
-    resolved = resolve_setup(spec, **options)
-    estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
-    traced = sum(run_trace(spec, resolved, progress=False).terms.values())
-    assert abs(estimated - traced) / traced < 0.001
+    assert abs(peak_error(TINY[family], **options)) < 0.001
 
 
 # eager attention at batch 1: matmul's reshape to bmm's [b·a, ...] merges a size-1 batch dim, so views reach bmm
@@ -125,15 +114,10 @@ BATCH_ONE_CASES = [
 def test_eager_attentions_batch_one_views_are_within_0_1_percent_of_the_trace(family, options):
     import dataclasses
 
-    from vramcalc.tracing.runner import run_trace
-
     spec = TINY[family.split("-")[0]]
     if family == "phi3-mha":
         spec = dataclasses.replace(spec, name="tiny-phi3-mha", num_kv_heads=spec.num_heads)
-    resolved = resolve_setup(spec, **options)
-    estimated = max(m.tensor_bytes for m in step_moments(spec, resolved))
-    traced = sum(run_trace(spec, resolved, progress=False).terms.values())
-    assert abs(estimated - traced) / traced < 0.001
+    assert abs(peak_error(spec, **options)) < 0.001
 
 
 def test_repeat_kv_saves_the_repeated_keys_and_values_instead_of_the_grouped_ones():

@@ -345,34 +345,39 @@ class StepTracer:
         self._steps(steps, progress, input_ids, position_ids)
 
     def _steps(self, steps: int, progress, input_ids, position_ids=None) -> None:
-        """``steps`` optimizer steps of ``grad_accum`` micro-batches of ``input_ids``, the tracker told each phase."""
-        tracker = self.tracker
-        setup = self.setup
+        """``steps`` optimizer steps of ``input_ids`` (``step``)."""
         for step in range(steps):
-            tracker.step = step
-            for micro in range(setup.grad_accum):
-                with self.accumulation(micro == setup.grad_accum - 1):
-                    tracker.phase = Phase.FORWARD
-                    tracker.after_previous = getattr(self.loss, "held", None) is not None  # hf-loop's outputs
-                    with self.autocast():
-                        loss = self._loss(input_ids, position_ids)
-                    tracker.after_previous = False
-                    tracker.in_logits = False
-                    tracker.end_forward()
-                    tracker.phase = Phase.BACKWARD_START
-                    tracker.in_logits = True
-                    (loss / setup.grad_accum).backward()
-                    del loss
-                tracker.in_logits = False
-                tracker.mark_gradients(self.model.parameters())
-            tracker.phase = Phase.OPTIMIZER_STEP
-            tracker.in_optimizer = True
-            self.optimizer.step()
-            tracker.in_optimizer = False
-            tracker.mark_optimizer_states(self.optimizer)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.step(step, input_ids, position_ids)
             if progress:
                 progress(f"step {step + 2} of {steps}" if step + 1 < steps else "done")
+
+    def step(self, step: int, input_ids, position_ids=None) -> None:
+        """One optimizer step of ``grad_accum`` micro-batches of ``input_ids``, the tracker told each phase (a caller
+        may give each step its own batch shape: docs/evidence/varying_length_reserved/varlen_trace.py)."""
+        tracker = self.tracker
+        setup = self.setup
+        tracker.step = step
+        for micro in range(setup.grad_accum):
+            with self.accumulation(micro == setup.grad_accum - 1):
+                tracker.phase = Phase.FORWARD
+                tracker.after_previous = getattr(self.loss, "held", None) is not None  # hf-loop's outputs
+                with self.autocast():
+                    loss = self._loss(input_ids, position_ids)
+                tracker.after_previous = False
+                tracker.in_logits = False
+                tracker.end_forward()
+                tracker.phase = Phase.BACKWARD_START
+                tracker.in_logits = True
+                (loss / setup.grad_accum).backward()
+                del loss
+            tracker.in_logits = False
+            tracker.mark_gradients(self.model.parameters())
+        tracker.phase = Phase.OPTIMIZER_STEP
+        tracker.in_optimizer = True
+        self.optimizer.step()
+        tracker.in_optimizer = False
+        tracker.mark_optimizer_states(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 class _RecomputeMarker:

@@ -6,6 +6,7 @@ usage: python varlen_trace.py OUT.pkl MODEL LENGTHS(comma) key=value ...   (opti
 
 from __future__ import annotations
 
+import gc
 import json
 import pickle
 import sys
@@ -30,7 +31,6 @@ def trace_varlen(model: str, lengths: list[int], gpu: str = "a100-80gb", **optio
     import torch
 
     from vramcalc.catalogue import get_gpu, get_model
-    from vramcalc.options import Phase
     from vramcalc.profiles import runtime_profile
     from vramcalc.terms.runtime import workspace_bytes
     from vramcalc.training_setup import resolve_setup
@@ -49,35 +49,14 @@ def trace_varlen(model: str, lengths: list[int], gpu: str = "a100-80gb", **optio
     bounds = []  # (event index at step start, event index at step end)
 
     class VarLenTracer(StepTracer):
+        """The traced step (``StepTracer.step``), each optimizer step at its own sequence length."""
+
         def _run(self, steps, progress, position_ids):
             assert position_ids is None
-            tracker = self.tracker
-            setup = self.setup
             for step, T in enumerate(lengths):
-                input_ids = torch.zeros(setup.batch_size, T, dtype=torch.long)
+                input_ids = torch.zeros(self.setup.batch_size, T, dtype=torch.long)
                 start = len(events.events)
-                tracker.step = step
-                for micro in range(setup.grad_accum):
-                    with self.accumulation(micro == setup.grad_accum - 1):
-                        tracker.phase = Phase.FORWARD
-                        with self.autocast():
-                            loss = self._loss(input_ids, None)
-                        tracker.in_logits = False
-                        tracker.end_forward()
-                        tracker.phase = Phase.BACKWARD_START
-                        tracker.in_logits = True
-                        (loss / setup.grad_accum).backward()
-                        del loss
-                    tracker.in_logits = False
-                    tracker.mark_gradients(self.model.parameters())
-                tracker.phase = Phase.OPTIMIZER_STEP
-                tracker.in_optimizer = True
-                self.optimizer.step()
-                tracker.in_optimizer = False
-                tracker.mark_optimizer_states(self.optimizer)
-                self.optimizer.zero_grad(set_to_none=True)
-                import gc
-
+                self.step(step, input_ids)
                 gc.collect()
                 bounds.append((start, len(events.events)))
                 print(f"step {step} T={T} events={len(events.events)}", file=sys.stderr, flush=True)
