@@ -20,7 +20,11 @@ reserved; its loss on bf16 logits has no vramcalc word). Compared by the develop
 mechanisms learned elsewhere; a coefficient tuned to these rows would make it one more development set. The options
 describe each row's software: fms-acceleration's Mixtral QLoRA rows ran transformers 4.48.1, whose per-expert
 ``nn.Linear`` experts bitsandbytes quantizes (``quantize_experts``, added in session 31 after these rows showed
-+125..+387% with v5's 16-bit fused experts).
++125..+387% with v5's 16-bit fused experts). Session 34: the HF Trainer's ``optim="adamw_torch"`` (transformers'
+default from 4.32 until torch 2.8 made it ``adamw_torch_fused``, ``training_args.py`` ``default_optim``) is
+``torch.optim.AdamW`` without ``fused``, which runs foreach on CUDA: its rows (fms-acceleration, ms-swift) say
+``adamw-foreach``, as the development set's ``_optimizer`` maps a torch AdamW without ``fused=True``. They had said
+``adamw`` (fused), which leaves out the step's ``exp_avg_sq_sqrt`` copy (fms' four full rows: -2.8..-14.2% -> -0.0%).
 """
 
 from __future__ import annotations

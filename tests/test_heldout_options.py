@@ -1,0 +1,21 @@
+"""The held-out set's vramcalc options say what each source's software ran (``benchmarks/heldout_published.csv``).
+
+transformers' ``optim="adamw_torch"`` is ``torch.optim.AdamW`` without ``fused``, which torch runs as foreach on CUDA
+(``torch/optim/optimizer.py`` ``_default_to_fused_or_foreach``); only ``adamw_torch_fused`` is vramcalc's ``adamw``.
+The development set's judge maps its rows by the same rule (``benchmarks/published.py`` ``_optimizer``).
+"""
+
+import csv
+import json
+from pathlib import Path
+
+HELDOUT = Path(__file__).resolve().parent.parent / "benchmarks" / "heldout_published.csv"
+TRAINER_OPTIM = {"adamw_torch": "adamw-foreach", "adamw_torch_fused": "adamw"}
+
+
+def test_held_out_rows_on_the_trainers_adamw_torch_are_judged_with_foreach_adamw():
+    rows = list(csv.DictReader(HELDOUT.open(newline="")))
+    stated = [(row["id"], TRAINER_OPTIM[row["optimizer"]], json.loads(row["vramcalc_options"])["optimizer"])
+              for row in rows if row["optimizer"] in TRAINER_OPTIM]
+    assert len(stated) >= 90  # fms-acceleration and ms-swift
+    assert [(row_id, want) for row_id, want, got in stated if got != want] == []
