@@ -24,7 +24,9 @@ describe each row's software: fms-acceleration's Mixtral QLoRA rows ran transfor
 default from 4.32 until torch 2.8 made it ``adamw_torch_fused``, ``training_args.py`` ``default_optim``) is
 ``torch.optim.AdamW`` without ``fused``, which runs foreach on CUDA: its rows (fms-acceleration, ms-swift) say
 ``adamw-foreach``, as the development set's ``_optimizer`` maps a torch AdamW without ``fused=True``. They had said
-``adamw`` (fused), which leaves out the step's ``exp_avg_sq_sqrt`` copy (fms' four full rows: -2.8..-14.2% -> -0.0%).
+``adamw`` (fused), which leaves out the step's ``exp_avg_sq_sqrt`` copy (fms' four full rows: -2.8..-14.2% -> -0.0%). torchtitan compiled its loss only from bbb1b616e (2025-04-02,
+``components/loss.py``): its 9dec370 compile rows say ``compile_loss: false`` (``--no-compile-loss``), the Trainy
+rows (cbccb387) keep it.
 """
 
 from __future__ import annotations

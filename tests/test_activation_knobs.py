@@ -52,6 +52,12 @@ CASES = [
     ("mistral", dict(seq_len=256, batch_size=2, method="lora", compile=True, grad_ckpt="full")),
     ("llama", dict(seq_len=256, compile=True, grad_ckpt="selective")),
     ("qwen3", dict(seq_len=256, method="lora", adapter_dtype="bf16", compile=True)),
+    # the blocks compiled, the loss eager (torchtitan before bbb1b616e)
+    ("llama", dict(seq_len=256, batch_size=2, compile=True, compile_loss=False)),
+    ("llama", dict(seq_len=256, method="lora", compile=True, compile_loss=False)),
+    ("qwen3", dict(seq_len=256, compile=True, compile_loss=False)),
+    ("mistral", dict(seq_len=256, batch_size=2, method="lora", compile=True, compile_loss=False, grad_ckpt="full")),
+    ("llama", dict(seq_len=256, compile=True, compile_loss=False, grad_ckpt="selective-op")),
     # activation offloading
     ("llama", dict(seq_len=256, batch_size=2, activation_offload=True)),
     ("llama", dict(seq_len=256, method="lora", activation_offload=True)),

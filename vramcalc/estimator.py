@@ -497,7 +497,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                                        **tasks.fused_head_shape(csetup, b, s))
         copies = trl_loss.without_head_copy(copies, spec, dt, tensors)
     else:
-        lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b, compiled=csetup.compile,
+        lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b,
+                                 compiled=csetup.compile and csetup.compile_loss,
                                  whole_head=csetup.method is Method.FULL, fp32_logits=layer.layers.fp32_unembed,
                                  head_cast_grad_bytes=temporaries.head_grad_cast_bytes(
                                      dt, states.trained_head(spec, csetup.method, tensors)) if loss_head_grad else 0)

@@ -126,6 +126,10 @@ class TrainingSetup:
     global_batch_size: int | None = None  # sequences per optimizer step over all GPUs; sets batch_size when given
     stack: Stack = Stack.HF  # whose defaults the other options start from (vramcalc/stacks.py)
     compile: bool = False  # torch.compile of the model (Trainer torch_compile=False)
+    # with compile: the loss is compiled too. The Trainer compiles the model's forward, the loss inside it; torchtune
+    # compiles its loss (training.compile_loss); torchtitan from bbb1b616e (2025-04-02, components/loss.py), before
+    # which it compiled the TransformerBlocks only
+    compile_loss: bool = True
     activation_offload: bool = False  # saved activations kept in host memory
     optimizer_in_backward: bool = False  # each parameter stepped from its post-accumulate-grad hook
     kernels: Kernels = Kernels.NONE
@@ -308,6 +312,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         cp=positive_int(chosen.get("cp", SETUP_DEFAULTS["cp"]), "context-parallel degree", MAX_OPTION["num_gpus"]),
         stack=stack,
         compile=_bool(chosen.get("compile", SETUP_DEFAULTS["compile"]), "compile"),
+        compile_loss=_bool(chosen.get("compile_loss", SETUP_DEFAULTS["compile_loss"]), "compile_loss"),
         activation_offload=_bool(chosen.get("activation_offload", SETUP_DEFAULTS["activation_offload"]),
                                  "activation_offload"),
         optimizer_in_backward=_bool(chosen.get("optimizer_in_backward", SETUP_DEFAULTS["optimizer_in_backward"]),
@@ -356,6 +361,8 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     _check_combination(setup)
     _check_computable(model, setup)
     check_teacher(model, setup)
+    if not setup.compile_loss and not setup.compile:
+        raise VramcalcError("--no-compile-loss applies with --compile (without it nothing is compiled)")
     if "fsdp_shard" in given and setup.sharding is not Sharding.FSDP:
         raise VramcalcError(f"--fsdp-shard applies to --sharding fsdp, not {setup.sharding.value!r}")
     for knob in ("zero_bucket_size", "zero_overlap_comm"):

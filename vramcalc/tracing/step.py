@@ -246,7 +246,8 @@ class StepTracer:
     def _install_loss(self) -> None:
         self.loss = TrainerLoss(self.model, self.setup)
         self.head = self.loss.head
-        if getattr(self.setup, "compile", False) and self.setup.loss.in_model:
+        compiled = getattr(self.setup, "compile", False) and getattr(self.setup, "compile_loss", True)
+        if compiled and self.setup.loss.in_model:
             from .compiled import compile_loss
 
             compile_loss(base_model(self.model))  # torch.compile of the forward covers the model's loss too
