@@ -83,6 +83,8 @@ class FamilyTraits:
     qk_norm: bool = False  # Qwen3: RMSNorm(d) on q and k
     mla: bool = False  # DeepSeek-V3 multi-head latent attention
     supports_sdpa: bool = True  # False: transformers silently falls back to eager attention
+    # the transformers release that stopped running the family on SDPA: before it ``--attn sdpa`` was honoured
+    sdpa_dropped_in: str = ""
     logit_softcap: bool = False  # Gemma-2 final_logit_softcapping
     moe: bool = False
     router_fp32: bool = False  # DeepSeek-V3 keeps gate.weight and e_score_correction_bias in fp32
@@ -153,9 +155,11 @@ FAMILIES: dict[str, FamilyTraits] = {
     "qwen3": FamilyTraits(qk_norm=True),
     # models/qwen3_moe/modeling_qwen3_moe.py: no shared expert
     "qwen3_moe": FamilyTraits(qk_norm=True, moe=True),
-    # models/gemma2/modeling_gemma2.py: 4 norms, tied, _supports_sdpa = False, final logit softcap
-    "gemma2": FamilyTraits(norms_per_layer=4, supports_sdpa=False, logit_softcap=True, default_tied=True,
-                           post_norms=True),
+    # models/gemma2/modeling_gemma2.py: 4 norms, tied, _supports_sdpa = False, final logit softcap. 4.42 to 5.20 had
+    # _supports_sdpa = True (SDPA without the attention softcap; 4.45-4.47 defaulted to eager unless asked, 4.48-5.20
+    # defaulted to SDPA: the wheels' modeling_gemma2.py); 5.21 set it False
+    "gemma2": FamilyTraits(norms_per_layer=4, supports_sdpa=False, sdpa_dropped_in="5.21", logit_softcap=True,
+                           default_tied=True, post_norms=True),
     # models/phi3/modeling_phi3.py: fused qkv_proj and gate_up_proj
     "phi3": FamilyTraits(fused_qkv=True, fused_gate_up=True, lora_qv=("qkv_proj",), qkv_names=("qkv_proj",),
                          mlp_names=("gate_up_proj", "down_proj")),

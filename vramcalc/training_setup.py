@@ -384,8 +384,18 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
                         "(no DDP buckets); give --sharding ddp, zero1-3 or fsdp for data parallelism")
     attn_used = setup.attn
     if setup.attn is Attention.SDPA and not model.traits.supports_sdpa:
-        attn_used = Attention.EAGER
-        warnings.append(f"{model.family} does not support sdpa: transformers falls back to eager attention")
+        from .terms.stack_layers import stack_layers
+
+        dropped_in = model.traits.sdpa_dropped_in if stack_layers(setup.stack).name == "hf" else ""
+        if dropped_in and "attn" in given:
+            # transformers >= dropped_in refuses an explicit sdpa, so asking for it means a release that ran it
+            warnings.append(f"{model.family} on --attn sdpa: transformers before {dropped_in} ran it through SDPA "
+                            f"(no attention softcapping); {dropped_in} and later refuse sdpa and default to eager "
+                            "(leave --attn out)")
+        else:
+            attn_used = Attention.EAGER
+            older = f" (transformers before {dropped_in} ran it: give --attn sdpa explicitly)" if dropped_in else ""
+            warnings.append(f"{model.family} does not support sdpa: transformers falls back to eager attention{older}")
     if model.family == "gpt_oss" and "MXFP4" in model.notes:  # hf_config.MXFP4_NOTE
         warnings.append("gpt_oss: an MXFP4 checkpoint is trained dequantized to bf16 (transformers cannot train "
                         "MXFP4 experts); the estimate counts the dequantized model")

@@ -862,8 +862,13 @@ def layer_masks(model: ModelSpec, masked: bool) -> tuple[bool, ...]:
     modeling_cohere2.py L387-390; Llama-4's chunked layers likewise get ``create_chunked_causal_mask``): at a sequence
     reaching the window only the windowed one exists (masking_utils.py L356; the full one is skipped for SDPA's
     is_causal), so only the sliding or chunked layers are masked. A hybrid's convolution layers (``layer_types``
-    "conv": LFM2) have no attention and get no 4-D mask (``layer_operators``)."""
+    "conv": LFM2) have no attention and get no 4-D mask (``layer_operators``). Gemma-2's config states no
+    ``layer_types`` here but alternates sliding and full layers (``ModelSpec.layer_slides``): on SDPA (transformers
+    before 5.21) its full layers take ``is_causal`` likewise."""
     if len(set(model.layer_types)) < 2:
+        slides = model.layer_slides
+        if masked and not model.layer_types and any(slides) and not all(slides):
+            return slides
         return (masked,) * model.num_layers
     return tuple(masked and kind not in ("full_attention", "conv") for kind in model.layer_types)
 

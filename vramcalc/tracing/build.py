@@ -204,6 +204,36 @@ def _quiet():
         hf_logging.set_verbosity(level)
 
 
+def _sdpa_dropped_class(auto_class, config, attn_implementation: str):
+    """The class that says ``_supports_sdpa = False`` for a model built on SDPA, or None: a family the installed
+    transformers no longer runs on SDPA (``FamilyTraits.sdpa_dropped_in``), built as the releases before ran it."""
+    model_class = auto_class._model_mapping.get(type(config), None) if attn_implementation == "sdpa" else None
+    owner = next((c for c in model_class.__mro__ if "_supports_sdpa" in vars(c)), None) if model_class else None
+    return owner if owner is not None and not owner._supports_sdpa else None
+
+
+@contextlib.contextmanager
+def _sdpa_supported(owner):
+    """``owner._supports_sdpa`` True while the model is built. Gemma-2's modeling code of 5.20 (SDPA) and 5.25 differ
+    only in that flag, and in 5.25's ``sdpa_attention_forward`` refusing the ``softcap`` that 5.20's ignored
+    (``_without_attention_softcap``)."""
+    if owner is None:
+        yield
+        return
+    owner._supports_sdpa = True
+    try:
+        yield
+    finally:
+        owner._supports_sdpa = False
+
+
+def _without_attention_softcap(model: nn.Module) -> None:
+    """SDPA has no attention softcap: transformers <= 5.20 passed it to ``sdpa_attention_forward``, which ignored it."""
+    for module in model.modules():
+        if getattr(module, "attn_logit_softcapping", None) is not None:
+            module.attn_logit_softcapping = None
+
+
 def half_dtype(precision: Precision) -> torch.dtype:
     """The 16-bit dtype a precision computes in: fp16 for fp16 and mixed-fp16, else bf16."""
     return TORCH_DTYPE[facts.half_dtype(precision).value]
@@ -228,10 +258,12 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
             from transformers import AutoModelForSequenceClassification as auto_class
 
             config.num_labels, config.pad_token_id = 1, 0  # reward_trainer.py:396, 571-572
-        with _quiet(), torch.device("meta"):
-            model = auto_class.from_config(
-                config, dtype=_load_dtype(resolved), attn_implementation=_ATTN_IMPLEMENTATION[resolved.attn_used]
-            )
+        attn_implementation = _ATTN_IMPLEMENTATION[resolved.attn_used]
+        dropped_sdpa = _sdpa_dropped_class(auto_class, config, attn_implementation)
+        with _quiet(), torch.device("meta"), _sdpa_supported(dropped_sdpa):
+            model = auto_class.from_config(config, dtype=_load_dtype(resolved), attn_implementation=attn_implementation)
+            if dropped_sdpa is not None:
+                _without_attention_softcap(model)
             _restore_fp32_modules(model)
             if getattr(setup, "tp", 1) > 1:  # from_pretrained(tp_plan="auto") shards before peft (tensor_parallel.py)
                 from .tensor_parallel import distribute
