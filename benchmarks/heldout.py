@@ -27,6 +27,15 @@ default from 4.32 until torch 2.8 made it ``adamw_torch_fused``, ``training_args
 ``adamw`` (fused), which leaves out the step's ``exp_avg_sq_sqrt`` copy (fms' four full rows: -2.8..-14.2% -> -0.0%). torchtitan compiled its loss only from bbb1b616e (2025-04-02,
 ``components/loss.py``): its 9dec370 compile rows say ``compile_loss: false`` (``--no-compile-loss``), the Trainy
 rows (cbccb387) keep it.
+
+Session 34 (third set, docs/stacks-research.md section 10) added 29 rows from three more sources: the PEFT repository's
+``method_comparison/MetaMathQA/results/*.json`` @51c2ff666 (lokr @b8bf4075; Llama-3.2-3B on one L40S, a custom
+loop on transformers 5.13, 16 PEFT methods and full fine-tuning, ``accelerator_memory_max`` = max_memory_reserved,
+bytes; the longest batch is not logged: seq_len 768 is the setup's documented bound), Liger-Kernel's HF Trainer
+example charts ``examples/huggingface/img`` @8d882141 (Llama-3-8B) and @03fd6032 (Qwen2-7B) (FSDP1 on 4 A100-80GB,
+transformers 4.43.3, max_memory_allocated in MiB, the Llama bars read by pixel; the Gemma chart is left out: its
+bars sit below the fp32 shards the same script makes) and four axolotl example READMEs ("This config uses about X",
+statistic unstated, read as reserved GiB; low confidence).
 """
 
 from __future__ import annotations
@@ -94,6 +103,7 @@ def main() -> int:
              "", "## By method and statistic", "",
              *_summary(records, lambda r: f"{r['method']}, {r['statistic']}"), "",
              "## By source", "", *_summary(records, lambda r: r["id"].split("-")[0]), "",
+             "## By source and method", "", *_summary(records, lambda r: f"{r['id'].split('-')[0]}, {r['method']}"), "",
              "## Each row", "", "| id | method | statistic | measured GiB | estimate GiB | error | phase |",
              "|---|---|---|---|---|---|---|"]
     for r in records:
