@@ -28,6 +28,10 @@ CASES = [
     ("qwen3", dict(seq_len=256, batch_size=2, loss="hf-shifted", precision="mixed-bf16")),
     ("llama", dict(seq_len=256, loss="hf-shifted")),  # one sequence: the shifted slice is not copied
     ("llama", dict(seq_len=256, method="qlora", loss="hf-shifted", grad_ckpt=True)),
+    ("llama", dict(seq_len=256, batch_size=2, method="lora", loss="hf-fp32-logits", grad_ckpt=True)),
+    ("llama", dict(seq_len=256, loss="hf-fp32-logits", precision="fp32")),
+    ("qwen3", dict(seq_len=512, method="qlora", loss="hf-fp32-logits")),
+    ("gemma2", dict(seq_len=256, batch_size=2, method="lora", loss="hf-fp32-logits")),
     ("llama", dict(seq_len=256, batch_size=2, loss="model-dtype", precision="bf16-true")),
     ("llama", dict(seq_len=256, method="lora", loss="model-dtype", precision="bf16-true")),
     ("gemma2", dict(seq_len=256, loss="model-dtype", precision="bf16-true")),
@@ -197,6 +201,30 @@ def test_transformers_4_46_loss_adds_a_shifted_fp32_copy_at_the_forward_peak():
     assert abs(rise - (4 * b * (s - 1) * V - 4 * b * V)) <= 2 * 8 * b * s  # to two int64 label tensors
     estimated = vc.estimate(spec, loss="hf-shifted", **options).peak_tensor_bytes
     assert abs(estimated / sum(old.terms.values()) - 1) < 0.005
+
+
+@pytest.mark.parametrize("batch, precision", [(2, "bf16"), (1, "bf16"), (2, "bf16-true"), (2, "fp32")])
+def test_before_4_46_the_models_fp32_logits_let_the_16_bit_ones_die_before_the_loss(batch, precision):
+    """transformers 4.31-4.45 (``modeling_llama.py`` of the 4.31.0-4.45.2 wheels) rebinds ``logits =
+    logits.float()`` in the model's forward, so the 16-bit logits are gone when the loss shifts its fp32 copy; 4.46-4.49
+    upcast inside the loss function while the model still holds them. The forward peaks differ by c·T·V exactly (none
+    in fp32, where ``.float()`` is the tensor itself), and the estimate follows the trace."""
+    import dataclasses
+
+    import vramcalc as vc
+    from vramcalc.options import Phase
+    from vramcalc.tracing.runner import run_trace
+
+    spec = dataclasses.replace(TINY["llama"], name="tiny-llama-wide-vocab", vocab_size=32768)
+    s, V = 256, spec.vocab_size
+    options = dict(seq_len=s, batch_size=batch, method="lora", precision=precision)
+    shifted = run_trace(spec, resolve_setup(spec, loss="hf-shifted", **options), progress=False)
+    fp32_logits = run_trace(spec, resolve_setup(spec, loss="hf-fp32-logits", **options), progress=False)
+    c = 4 if precision == "fp32" else 2
+    drop = shifted.phase_peaks[Phase.FORWARD] - fp32_logits.phase_peaks[Phase.FORWARD]
+    assert drop == (0 if c == 4 else c * batch * s * V)
+    estimated = vc.estimate(spec, loss="hf-fp32-logits", **options).peak_tensor_bytes
+    assert abs(estimated / sum(fp32_logits.terms.values()) - 1) < 0.005
 
 
 @pytest.mark.parametrize("precision, held_bytes_per_logit", [("bf16", 4), ("bf16-true", 2), ("fp32", 4)])

@@ -701,7 +701,7 @@ def _with_reserved(moments: list[Moment], head_request, layer_bytes, gradients=(
 
 
 # the losses whose lm_head is the model's own nn.Linear call, run once on every token (``logits.logits_bytes``)
-_LM_HEAD_LOSSES = (Loss.HF, Loss.HF_SHIFTED, Loss.HF_LOOP, Loss.MODEL_DTYPE)
+_LM_HEAD_LOSSES = (Loss.HF, Loss.HF_SHIFTED, Loss.HF_FP32_LOGITS, Loss.HF_LOOP, Loss.MODEL_DTYPE)
 
 
 def _cast_head_backward_moments(head: Moment, norm: Moment, G_acc, head_grad, cast, buffers,

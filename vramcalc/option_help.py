@@ -27,6 +27,7 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "adapter_dtype": "dtype of the trained adapter weights: fp32 | bf16 (lora, qlora, prompt)",
     "grad_accum": "gradient accumulation steps",
     "loss": "loss implementation: hf | hf-shifted (transformers 4.46-4.49: a shifted fp32 copy of the logits) | "
+            "hf-fp32-logits (transformers 4.31-4.45: the model returns fp32 logits, the loss shifts a copy) | "
             "hf-loop (a custom loop that keeps outputs, as transformers' *_no_trainer examples) | "
             "chunked | fused (Liger, Cut Cross-Entropy) | torchtune (0.6 chunked output) | "
             "torchtune-2024 (recipes before July 2024, which keep the logits through backward) | litgpt | trl",

@@ -200,6 +200,9 @@ class Loss(Choice):
     HF = "hf"  # transformers ForCausalLMLoss: full fp32 logits
     # transformers 4.46-4.49's ForCausalLMLoss: the fp32 logits shifted into a contiguous copy (4.50 pads the labels)
     HF_SHIFTED = "hf-shifted"
+    # transformers 4.31-4.45's causal-LM forward: ``logits = logits.float()`` (the 16-bit logits die at the cast, the
+    # fp32 ones are returned), then the loss shifts a contiguous fp32 copy for a plain CrossEntropyLoss
+    HF_FP32_LOGITS = "hf-fp32-logits"
     CHUNKED = "chunked"  # cross-entropy over chunks of tokens, recomputing each chunk's logits in backward
     FUSED = "fused"  # a fused linear-cross-entropy kernel (Liger / Apple cut-cross-entropy): no [T, V] tensor
     TORCHTUNE = "torchtune"  # CEWithChunkedOutputLoss as torchtune's recipes call it: the 8 chunks of logits alive
@@ -226,7 +229,7 @@ class Loss(Choice):
     @property
     def in_model(self) -> bool:
         """transformers' model computes this loss itself from its [T, V] logits (``model.loss_function``)."""
-        return self in (Loss.HF, Loss.HF_SHIFTED, Loss.HF_LOOP, Loss.MODEL_DTYPE)
+        return self in (Loss.HF, Loss.HF_SHIFTED, Loss.HF_FP32_LOGITS, Loss.HF_LOOP, Loss.MODEL_DTYPE)
 
 
 class Sharding(Choice):

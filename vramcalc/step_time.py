@@ -258,14 +258,15 @@ def elementwise_bytes(tokens: float, hidden_size: int, q_width: int, kv_width: i
 # tiles; assumption). litgpt's loss also writes and rereads Fabric's fp32 copy of every logit (+4 +4 - the cast's own
 # 4-byte write it replaces = 34); TRL's tiled log-prob kernel writes each fp32 tile and reads it back, in forward and
 # again when backward recomputes it: 2 · (4 + 4) = 16 (assumption, from trl/kernels/chunked_logprob.py's structure).
-# torchtune's 2024 loop and transformers 4.46-4.49 add the shifted contiguous fp32 copy (read 4, write 4) and its
+# torchtune's 2024 loop and transformers 4.31-4.49 add the shifted contiguous fp32 copy (read 4, write 4) and its
 # slice's backward (a zero-filled [T, V] written, then the gradient read and copied in: 4 + 4 + 4): 50. A custom loop
 # that keeps ``outputs`` moves the same bytes as transformers' path: 30. A loss on the logits in their own 16-bit dtype
 # (``model-dtype`` without autocast): write the logits (2), the shifted copy (2 + 2), log-softmax (2 + 2), nll's
 # gradient (2), its backward (2 + 2 + 2) and the slice's (2 + 2 + 2): 24; under autocast it casts to fp32 and moves
 # hf-shifted's bytes (``cost.step_for`` passes that word).
 LOSS_BYTES_PER_LOGIT = {"hf": 30.0, "chunked": 30.0, "torchtune": 30.0, "litgpt": 34.0, "trl": 16.0, "fused": 4.0,
-                        "torchtune-2024": 50.0, "hf-shifted": 50.0, "hf-loop": 30.0, "model-dtype": 24.0}
+                        "torchtune-2024": 50.0, "hf-shifted": 50.0, "hf-fp32-logits": 50.0, "hf-loop": 30.0,
+                        "model-dtype": 24.0}
 
 
 def loss_bytes(tokens: float, vocab_size: int, loss: str = "hf") -> float:

@@ -12,6 +12,13 @@
   cross-entropy; 4.50.0 pads the labels instead and shifts no logits. With T' = b·(s - 1) shifted rows: forward peak
   (c + 4)·T·V + 8·T'·V (the model's c logits, their fp32 copy, the shifted copy and the log_softmax); saved 4·T'·V;
   backward 12·T'·V (slice's backward, 4·T'·V + 4·T·V, stays below it); the copies die with the loss function.
+``hf-fp32-logits`` (transformers 4.31-4.45, read in the 4.31.0, 4.36.2, 4.40.2, 4.44.2 and 4.45.2 wheels'
+  ``modeling_llama.py``: ``logits = self.lm_head(hidden_states)``, soft-capped in Gemma-2, then ``logits =
+  logits.float()``, then ``shift_logits = logits[..., :-1, :].contiguous()`` for a plain ``CrossEntropyLoss``): the
+  16-bit logits die at the cast (nothing saves them), the model returns the fp32 ones, which accelerate's
+  ``convert_outputs_to_fp32`` leaves as they are. Forward peak max((c + 4)·T, 4·T + 4·(T' + copy))·V (the cast; the
+  fp32 logits, the shifted copy, which a single sequence's slice needs none of, and the log_softmax); saved
+  4·T'·V; backward 12·T'·V as ``hf-shifted``.
 ``chunked`` (torchtune ``CEWithChunkedOutputLoss``, 8 chunks of C = T/8 tokens): the saved log_softmax still adds up to
   4·T·V, but the c and fp32 copies, and in backward the two [C, V] gradients, exist one chunk at a time. When lm_head
   trains, each chunk's backward makes a full [V, h] weight gradient and autograd's input buffer sums them out of
@@ -159,6 +166,13 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
         saved = _F32 * shifted * V + (c * tokens * V if softcap else 0) + labels
         forward = maximum(model_out + upcast * tokens * V + _F32 * (shifted + copied) * V,
                           model_out + _F32 * shifted * V + (_F32 * tokens * V if accelerate_copy else 0)) + labels
+        return LogitsBytes(forward, saved, saved + 2 * _F32 * shifted * V, c * tokens * V + labels)
+    if loss is Loss.HF_FP32_LOGITS:  # the model's fp32 logits; T' = b·(s - 1) shifted rows
+        shifted = tokens - sequences
+        copied = select(sequences > 1, shifted, 0)  # ``.contiguous()`` copies the slice only for a batch of 2 or more
+        capped = c * tokens * V if softcap else 0  # Gemma-2's tanh output, saved by its backward
+        saved = _F32 * shifted * V + capped + labels
+        forward = maximum((c + upcast) * tokens * V, _F32 * (tokens + copied + shifted) * V) + capped + labels
         return LogitsBytes(forward, saved, saved + 2 * _F32 * shifted * V, c * tokens * V + labels)
     if loss is Loss.MODEL_DTYPE or (loss is Loss.HF and not model.traits.loss_upcasts):
         return _model_dtype_loss_bytes(c, dt.autocast, tokens, sequences, V, labels, softcap)

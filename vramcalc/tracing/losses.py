@@ -5,6 +5,8 @@
 - ``hf-shifted``: transformers 4.46-4.49's ``ForCausalLMLoss`` (``shifted_causal_lm_loss``), set as the model's
   ``loss_function``: the same steps as those wheels' ``loss/loss_utils.py`` (upcast, a contiguous shifted copy of
   the fp32 logits, ``fixed_cross_entropy``).
+- ``hf-fp32-logits``: transformers 4.31-4.45's causal-LM forward (``Fp32LogitsHead``): lm_head, Gemma-2's soft-cap,
+  ``.float()``, then the same shifted cross-entropy on the fp32 logits.
 - ``chunked``: torchtune's ``CEWithChunkedOutputLoss`` pattern (``torchtune/modules/loss/ce_chunked_output_loss.py``):
   the hidden states are split into ``CHUNKED_LOSS_CHUNKS`` chunks along the tokens, and each chunk goes through
   lm_head, an fp32 upcast and a summed cross-entropy, so only one chunk's fp32 logits exist at a time.
@@ -37,6 +39,25 @@ class PassThroughHead(nn.Module):
 
     def forward(self, hidden_states):
         return hidden_states
+
+
+class Fp32LogitsHead(nn.Module):
+    """Stands where lm_head was for transformers 4.31-4.45's forward (``modeling_llama.py`` of those wheels): ``logits =
+    self.lm_head(hidden_states)``, Gemma-2's final soft-cap (``logits / cap -> tanh -> * cap``), then ``logits =
+    logits.float()``, which leaves the 16-bit logits to die; the model returns and the loss reads the fp32 ones."""
+
+    def __init__(self, head: nn.Module, softcap: float | None):
+        super().__init__()
+        self.head = head
+        self.softcap = softcap
+
+    def forward(self, hidden_states):
+        logits = self.head(hidden_states)
+        if self.softcap:
+            logits = logits / self.softcap
+            logits = torch.tanh(logits)
+            logits = logits * self.softcap
+        return logits.float()
 
 
 def _shifted_cross_entropy(logits, labels, vocab_size: int, num_items_in_batch, ignore_index: int, as_cuda_autocast):

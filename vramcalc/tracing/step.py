@@ -29,8 +29,8 @@ from ..options import Attention, GradCkpt, Kernels, Loss, Method, Optimizer, Pha
 from ..terms.activations import runs_with_cache
 from ..training_setup import ResolvedSetup
 from .build import half_dtype
-from .losses import (PassThroughHead, chunked_cross_entropy, fused_cross_entropy, model_dtype_causal_lm_loss,
-                     shifted_causal_lm_loss)
+from .losses import (Fp32LogitsHead, PassThroughHead, chunked_cross_entropy, fused_cross_entropy,
+                     model_dtype_causal_lm_loss, shifted_causal_lm_loss)
 from .tracker import AllocationTracker
 
 LEARNING_RATE = 1e-4
@@ -112,6 +112,10 @@ class TrainerLoss:
             inner.config.final_logit_softcapping = None
         if setup.loss is Loss.HF_SHIFTED:  # transformers 4.46-4.49's loss function (losses.shifted_causal_lm_loss)
             inner.loss_function = shifted_causal_lm_loss
+        if setup.loss is Loss.HF_FP32_LOGITS:  # transformers 4.31-4.45: the model's fp32 logits, shifted
+            inner.set_output_embeddings(Fp32LogitsHead(self.head, self.softcap))
+            inner.config.final_logit_softcapping = None  # applied by the head, before its cast
+            inner.loss_function = shifted_causal_lm_loss  # whose ``.float()`` of fp32 logits is the tensor itself
         if setup.loss is Loss.MODEL_DTYPE:  # no fp32 upcast (losses.model_dtype_causal_lm_loss)
             inner.loss_function = model_dtype_causal_lm_loss
 
