@@ -554,7 +554,9 @@ def delta_weight_saved(walk, width_in: int, width_out: int, x_bytes: int, x_save
     c-byte and the input goes in as it is (saved once with the other readers of x). LoKr: ``torch.kron(w1, w2_a @
     w2_b)`` (``lokr/layer.py:497-503``) promotes to the adapter dtype, the input is cast to it
     (``_cast_input_dtype``) and autocast casts both back to c bytes: F.linear saves those copies (c·n_in per token,
-    c·n_out·n_in per layer), and kron saves w2 (c·o2·i2, small). Returns whether x itself is now saved."""
+    c·n_out·n_in per layer), and kron saves w2 (c·o2·i2, small). Without autocast a LoHa update is in the adapter
+    dtype too, and ``_cast_input_dtype`` (``loha/layer.py:271``) casts an input of another dtype to it, per target:
+    F.linear saves that cast (adapter bytes · n_in per token), not x. Returns whether x itself is now saved."""
     dt = walk.dt
     c = dt.c if dt.autocast else dt.adapter
     if kron:
@@ -562,6 +564,8 @@ def delta_weight_saved(walk, width_in: int, width_out: int, x_bytes: int, x_save
         (_, out_k), (_, in_n) = lokr_shape(width_out, width_in)
         if rank < max(out_k, in_n) / 2:  # w2 = w2_a @ w2_b, a c-byte product kron saves (for w1's gradient)
             walk.per_layer += round_up(c * out_k * in_n)
+    elif c != x_bytes:  # the input cast to the update's dtype, saved by this target's F.linear
+        walk.per_token += c * width_in
     elif not x_saved:
         walk.per_token += x_bytes * width_in
         x_saved = True
