@@ -653,3 +653,47 @@ def test_a_sliding_window_model_counts_the_keys_it_attends_so_mfu_stays_below_on
 
     mfu = estimate(model, gpu=gpu, method="lora", seq_len=seq_len, attn="flash", grad_ckpt=True).details["mfu"]
     assert 0 < mfu < 1
+
+
+# DeepSpeed ZeRO-1/2 gradient hooks (deepspeed/runtime/zero/stage_1_and_2.py @v0.12.4, :912-914 and :1302-1305): with
+# contiguous_gradients each trainable tensor's gradient is copied into the bucket buffer and then into the partition
+# buffer (2 copy_ kernels), through narrow/view/view_as (7 view ops); ZeRO-2 in every micro-batch (:1375-1377), ZeRO-1
+# in the last one only.
+@pytest.mark.parametrize("sharding, hooked_micro_batches", [("zero2", 8), ("zero1", 1), ("none", 0), ("ddp", 0),
+                                                             ("fsdp", 0)])
+def test_zero_gradient_hooks_add_two_copies_and_seven_views_per_trainable_tensor(sharding, hooked_micro_batches):
+    # Qwen-1.8B LoRA on c_attn, attn.c_proj, w1, w2, mlp.c_proj: 24 layers x 5 adapted linears x (A, B) = 240 tensors
+    kwargs = dict(micro_batches=8, fused=False, train_base=False, adapted_linears=24 * 5, quant_bits=4,
+                  recompute=(1.0, 1.0, 1.0), quant_kernel="gptq-torch", lora_dropout=True)
+    plain = st.kernel_counts(24, **kwargs)
+    hooked = st.kernel_counts(24, **kwargs, sharding=sharding, trainable_tensors=240)
+    assert hooked.other - plain.other == 2 * 240 * hooked_micro_batches
+    assert hooked.views - plain.views == pytest.approx(7 * 240 * hooked_micro_batches)
+    assert hooked.gemm == plain.gemm and hooked.attention == plain.attention
+
+
+def test_zero_hooks_run_in_compiled_steps_too():
+    # the hooks are eager autograd hooks outside any compiled region: their views stay when the layers are compiled
+    compiled = st.kernel_counts(2, micro_batches=1, fused=True, train_base=False, adapted_linears=2, quant_bits=0,
+                                recompute=(0.0, 0.0, 0.0), sharding="zero2", trainable_tensors=4)
+    assert compiled.views == 7 * 4
+
+
+@pytest.mark.parametrize("train_base, adapted, adapter_params, expected", [
+    (True, 0, 0, 32 * 9 + 3),   # Llama: q, k, v, o, gate, up, down, 2 RMSNorm weights per layer; embed, norm, lm_head
+    (False, 32 * 7, 0, 2 * 32 * 7),  # LoRA: lora_A and lora_B per adapted linear
+    (False, 0, 20 * 4096, 1),   # prompt tuning: one embedding
+    (False, 0, 0, 0),
+])
+def test_trainable_tensors_by_method(train_base, adapted, adapter_params, expected):
+    assert st.trainable_tensor_count(32, train_base=train_base, adapted_linears=adapted,
+                                     adapter_params=adapter_params) == expected
+
+
+def test_step_work_passes_zero2_hooks_through_for_a_lora_step():
+    shape = st.DecoderShape(2048, 24, 16, 16, 128, 5504, 151936)
+    base = dict(tokens=8 * 256, seq_len=256, train_base=False, micro_batches=8, grad_ckpt="full",
+                adapted_linears=24 * 5, adapter_params=1)
+    none = st.step_work(shape, st.StepSetup(**base), matmul_tflops=271.2).kernels
+    zero2 = st.step_work(shape, st.StepSetup(**base, sharding="zero2"), matmul_tflops=271.2).kernels
+    assert zero2.other - none.other == 2 * 240 * 8

@@ -753,11 +753,25 @@ BACKWARD_KERNELS_PER_FORWARD = 2.0
 # Once per micro-batch outside the layers: embedding, final norm, lm_head, loss (hf: the fp32 upcast, log-softmax,
 # nll; each with its backward): about 20 kernels (assumption, a small share of any step).
 HEAD_KERNELS = 20
+# DeepSpeed ZeRO-1/2 (deepspeed/runtime/zero/stage_1_and_2.py @v0.12.4) registers a hook on every trainable tensor's
+# AccumulateGrad node (create_reduce_and_remove_grad_hooks, :854-867). With contiguous_gradients (HF/DeepSpeed
+# configs' default, Qwen's finetune/ds_config_zero2.json) the hook copies the gradient into the bucket buffer
+# (reduce_independent_p_g_buckets_and_remove_grads, :912-914: narrow, view(-1), copy_, view_as) and, when the
+# bucket is reduced, into the rank's partition buffer (reduce_ipg_grads -> copy_grads_in_partition, :1302-1305: view,
+# narrow, view(-1), copy_, view_as): 2 copy kernels and 7 view ops per trainable tensor. ZeRO-2 runs the hook in every
+# micro-batch's backward (reduce_ready_partitions_and_remove_grads, :1375-1377: ``partition_gradients or
+# is_gradient_accumulation_boundary``); ZeRO-1 only in the last micro-batch of the step. The per-bucket div_ and
+# all-reduce are a few kernels per 2e8 elements and are left out, as is the hook's pure-Python bookkeeping.
+ZERO_HOOK_KERNELS_PER_TENSOR = 2
+ZERO_HOOK_VIEWS_PER_TENSOR = 7
+# Micro-batches per step whose backward runs the hook, by sharding: "all" or "last".
+ZERO_HOOK_MICRO_BATCHES = {"zero2": "all", "zero1": "last"}
 
 
 def kernel_counts(num_layers: int, *, micro_batches: int, fused: bool, train_base: bool, adapted_linears: float,
                   quant_bits: int, recompute: tuple[float, float, float], quant_kernel: str = "bnb",
-                  lora_dropout: bool = False, lora_cast: bool = False, qk_norm: bool = False) -> KernelCounts:
+                  lora_dropout: bool = False, lora_cast: bool = False, qk_norm: bool = False,
+                  sharding: str = "none", trainable_tensors: float = 0.0) -> KernelCounts:
     """Kernels the host issues per optimizer step: per micro-batch, L layers x (forward + backward + recomputed
     forward) of GEMMS_PER_LAYER, one SDPA and OTHER_KERNELS_PER_LAYER (and QK_NORM_KERNELS_PER_LAYER with ``qk_norm``),
     plus LoRA's and dequantization's kernels per adapted or quantized linear, plus HEAD_KERNELS. The optimizer step
@@ -765,7 +779,10 @@ def kernel_counts(num_layers: int, *, micro_batches: int, fused: bool, train_bas
     two (dX, dW). Eager steps also issue ``view_ops`` beside these (``views``); the per-layer count of the eager LoRA
     layer with dropout, fp32 adapters and full checkpointing (344) is within 2% of the traced 339
     (``VIEW_OPS_PER_KERNEL``'s trace); the profiled eager SmolLM2-135M LoRA step on an H200 issues 4,351 CUDA events
-    where this counts 4,370 (benchmarks/throughput_measured.md)."""
+    where this counts 4,370 (benchmarks/throughput_measured.md).
+    DeepSpeed ZeRO-1/2 (``sharding`` "zero1"/"zero2") add their gradient hooks' copies and views per trainable
+    tensor (``ZERO_HOOK_KERNELS_PER_TENSOR``), in every micro-batch (zero2) or the last one (zero1); the hooks are
+    eager autograd hooks, so their views count in compiled steps too."""
     rc_mm, rc_attn, rc_elem = recompute
     gemm_backward = 2.0 if train_base else 1.0
     gemm = GEMMS_PER_LAYER * (1.0 + gemm_backward + rc_mm)
@@ -786,7 +803,29 @@ def kernel_counts(num_layers: int, *, micro_batches: int, fused: bool, train_bas
     # compiled regions issue no view ops: inductor folds views into its kernels' indexing (reinterpret_tensor in the
     # generated wrapper, no dispatcher call)
     views = 0.0 if fused else view_ops(launched)
-    return KernelCounts(gemm * n, attention * n, other * n + HEAD_KERNELS * micro_batches, views)
+    hooked = ZERO_HOOK_MICRO_BATCHES.get(sharding)
+    hook_passes = 0.0 if hooked is None else (float(micro_batches) if hooked == "all" else 1.0)
+    hook_kernels = ZERO_HOOK_KERNELS_PER_TENSOR * trainable_tensors * hook_passes
+    views += ZERO_HOOK_VIEWS_PER_TENSOR * trainable_tensors * hook_passes
+    return KernelCounts(gemm * n, attention * n, other * n + HEAD_KERNELS * micro_batches + hook_kernels, views)
+
+
+# Weight tensors of a dense Llama-style layer (q, k, v, o, gate, up, down and two RMSNorm weights) and outside the
+# layers (embedding, final norm, lm_head): what full fine-tuning trains, tensor by tensor.
+TENSORS_PER_LAYER = GEMMS_PER_LAYER + 2
+TENSORS_OUTSIDE_LAYERS = 3
+
+
+def trainable_tensor_count(num_layers: int, *, train_base: bool, adapted_linears: float,
+                           adapter_params: float = 0.0) -> float:
+    """Trainable tensors the optimizer and any per-tensor gradient hook see: full fine-tuning every weight
+    (TENSORS_PER_LAYER·L + TENSORS_OUTSIDE_LAYERS); LoRA an A and a B per adapted linear (peft ``lora_A``/``lora_B``);
+    other adapters without shapes (prompt tuning's embedding) one."""
+    if train_base:
+        return float(TENSORS_PER_LAYER * num_layers + TENSORS_OUTSIDE_LAYERS)
+    if adapted_linears:
+        return 2.0 * adapted_linears
+    return 1.0 if adapter_params else 0.0
 
 
 def saved_activation_bytes(tokens: float, hidden_size: int, q_width: int, kv_width: int, intermediate_size: int,
@@ -1054,7 +1093,11 @@ def step_work(shape: DecoderShape, setup: StepSetup, *, matmul_tflops: float, fp
                             train_base=setup.train_base, adapted_linears=setup.adapted_linears,
                             quant_bits=setup.quant_bits, recompute=(rc_mm, rc_attn, rc_elem),
                             quant_kernel=setup.quant_kernel, lora_dropout=setup.lora_dropout,
-                            lora_cast=setup.adapter_bytes != BF16_BYTES, qk_norm=shape.qk_norm)
+                            lora_cast=setup.adapter_bytes != BF16_BYTES, qk_norm=shape.qk_norm,
+                            sharding=setup.sharding,
+                            trainable_tensors=trainable_tensor_count(shape.num_layers, train_base=setup.train_base,
+                                                                     adapted_linears=setup.adapted_linears,
+                                                                     adapter_params=setup.adapter_params))
     gemms = decoder_gemms(shape, setup, recompute_forwards=rc_mm,
                           fp8_rate_ratio=matmul_tflops / fp8_matmul_tflops if setup.fp8_linears else None)
     side_s = 0.0
