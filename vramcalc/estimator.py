@@ -31,6 +31,7 @@ from .model import ModelSpec
 from .options import Attention, DeviceMap, Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
 from .terms import context_parallel  # --cp
+from .terms import layouts  # the 2022-era layouts' MLP backward (BLOOM)
 from .terms import (activations, adapters, distributed, expert_parallel, float8, gptq, loading, logits, optimizer,
                     parameters, peft_methods, quantized, runtime, stack_layers, states, tasks, temporaries,
                     tensor_parallel, trl_loss, vision)
@@ -566,6 +567,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     if extras.head_forward_moment:  # a quantized lm_head's forward: its dequantized weight beside its output
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A, extras.head_forward_logits,
                               copies.forward + extras.head_forward))
+    if spec.traits.alibi and ckpt:  # BLOOM's checkpointed forward: its last layer's eager transients (layouts.py)
+        moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0, copies.forward
+                              + layouts.bloom_forward_transient_bytes(spec, layer, b, s)))
     if has_method_forward:  # the last target's forward: the layers' saved tensors, no logits yet
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0, copies.forward + method_forward))
     moments += [
@@ -791,6 +795,9 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     attention block still holds, the layer's unsharded gradients waiting, and the ring's buffers as the transients.
     """
     c, r, attn_used = layer.dtypes.c, layer.dtypes.r, layer.attn_used
+    if spec.traits.embedding_norm or spec.traits.learned_positions or spec.traits.rope_copies_per_projection:
+        # BLOOM's fp32 residual stream under autocast (GPT-J's and OPT's under QLoRA), and so its gradient
+        r = layouts.residual_bytes(spec, layer)
     mlp_in_place = activations.unsloth_fused(spec, layer, spec.traits.mlp_names)  # Unsloth's LoRA_MLP
     transient = temporaries.layer_backward_bytes(spec, c, r, attn_used, b, s, mlp_in_place) + dequant
     attention_dequant = dequant - linear_dequant + attention_dequant
@@ -870,8 +877,8 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                 held = shared + left + recompute[kind]
                 waiting = Bb + maximum(G_acc, G_here)
                 moments.append(Moment(Phase.BACKWARD, W, waiting, O, held, logits_held, down_transient + here))
-                moments.append(Moment(Phase.BACKWARD, W, waiting, O, held - freed.mlp.bytes(b, s), logits_held,
-                                      mlp_transient + here - copies.down))
+                moments.append(Moment(Phase.BACKWARD, W, waiting + layouts.down_weight_grad_bytes(spec, layer),
+                                      O, held - freed.mlp.bytes(b, s), logits_held, mlp_transient + here - copies.down))
                 attention_left = attention_lefts[kind]
                 waiting = Bb + maximum(G_acc, G_here + grads_moe)
                 if freed.eager_softmax:  # o_proj's and probs @ v's saved tensors freed first, then the softmax's

@@ -61,6 +61,11 @@ LAYOUT_FIELDS = {
     "gpt_oss": ("layer_types", "quantization_config"),
     "llama4_text": ("intermediate_size_mlp", "interleave_moe_layer_step", "moe_layers", "use_qk_norm", "no_rope_layers",
                     "no_rope_layer_interval", "attention_chunk_size", "layer_types"),
+    "opt": ("ffn_dim", "enable_bias", "do_layer_norm_before", "word_embed_proj_dim", "layer_norm_elementwise_affine",
+            "_remove_final_layer_norm", "activation_function"),
+    "bloom": ("n_layer", "n_head", "n_embed", "apply_residual_connection_post_layernorm", "pretraining_tp",
+              "slow_but_exact"),
+    "gptj": ("n_layer", "n_head", "n_embd", "n_positions", "n_inner", "rotary_dim", "activation_function"),
     "lfm2": ("layer_types", "full_attn_idxs", "conv_L_cache", "conv_bias", "block_ff_dim", "block_auto_adjust_ff_dim",
              "block_ffn_dim_multiplier", "block_multiple_of", "tie_embedding"),
 }
@@ -71,7 +76,13 @@ _LAYER_TYPES = ("sliding_attention", "full_attention")
 _CLASS_DEFAULTS = {"gemma3_text": {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
                                    "num_hidden_layers": 26, "num_attention_heads": 8}}
 # Legacy key names that the config classes map onto the standard ones (``attribute_map``)
-_ALIASES = {"falcon": {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embed"}}
+_ALIASES = {"falcon": {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embed"},
+            "opt": {"intermediate_size": "ffn_dim"},
+            # BloomConfig.attribute_map (configuration_bloom.py) and its n_embed kwarg (BloomConfig.__post_init__)
+            "bloom": {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embed"},
+            # GPTJConfig.attribute_map (configuration_gptj.py L45-50)
+            "gptj": {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embd",
+                     "max_position_embeddings": "n_positions"}}
 
 
 def config_fields(family: str) -> tuple[str, ...]:
@@ -250,7 +261,8 @@ def spec_from_config(config: dict, name: str = "config") -> ModelSpec:
         num_kv_heads=f.integer("num_key_value_heads", heads),
         head_dim=f.integer("head_dim", _DEFAULT_HEAD_DIM.get(family, hidden // heads)),
         # falcon: ffn_hidden_size; lfm2: block_ff_dim or intermediate_size, adjusted (``_lfm2_fields``)
-        intermediate_size=f.need("intermediate_size") if family not in ("falcon", "lfm2") else 1,
+        # bloom: 4h; gptj: n_inner or 4h (``_layout_fields``)
+        intermediate_size=f.need("intermediate_size") if family not in ("falcon", "lfm2", "bloom", "gptj") else 1,
         vocab_size=f.need("vocab_size"),
         tie_word_embeddings=f.flag("tie_word_embeddings", traits.default_tied),
         max_position_embeddings=f.integer("max_position_embeddings"),
@@ -460,8 +472,61 @@ def _layout_fields(f: _Fields, family: str, fields: dict) -> dict:
         out.update(_llama4_text_fields(f, fields))
     elif family == "lfm2":
         out.update(_lfm2_fields(f, fields["num_layers"]))
+    elif family in ("opt", "bloom", "gptj"):
+        out.update(_legacy_fields(f, family, hidden, heads))
     if out.get("rotary_dim") == out.get("head_dim"):
         out["rotary_dim"] = 0
+    return out
+
+
+def _legacy_fields(f: _Fields, family: str, hidden: int, heads: int) -> dict:
+    """OPT, BLOOM and GPT-J (multi-head attention, head_dim = h / a in each), with their config-class defaults
+    (transformers 5.25 ``configuration_opt.py``, ``configuration_bloom.py``, ``configuration_gptj.py``). Layouts the
+    estimate does not model are refused by name."""
+    if hidden % heads:
+        raise VramcalcError(f"{family}: hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads})")
+    head_dim = hidden // heads
+    out = dict(num_kv_heads=heads, head_dim=head_dim)
+    activation = f.config.get("activation_function")
+    if family == "opt":
+        # OPTConfig: enable_bias True, do_layer_norm_before True, word_embed_proj_dim = hidden_size,
+        # layer_norm_elementwise_affine True, _remove_final_layer_norm False, activation_function "relu",
+        # max_position_embeddings 2048 (configuration_opt.py L57-74)
+        if not f.flag("do_layer_norm_before", True) or f.integer("word_embed_proj_dim", hidden) != hidden:
+            raise VramcalcError("opt with do_layer_norm_before false or word_embed_proj_dim unlike hidden_size is not "
+                                "supported (facebook/opt-350m's post-norm layout with project_in/project_out)")
+        if not f.flag("layer_norm_elementwise_affine", True) or f.flag("_remove_final_layer_norm", False):
+            raise VramcalcError("opt without LayerNorm weights or without its final layer norm is not supported")
+        if activation not in (None, "relu"):
+            raise VramcalcError(f"opt with activation_function {_describe(activation)} is not supported (only relu)")
+        bias = f.flag("enable_bias", True)
+        out.update(qkv_bias=bias, o_bias=bias, mlp_bias=bias,
+                   max_position_embeddings=f.integer("max_position_embeddings", 2048))
+    elif family == "bloom":
+        # BloomConfig: apply_residual_connection_post_layernorm False, pretraining_tp 1, slow_but_exact False
+        # (configuration_bloom.py L67-71); every Linear but lm_head has a bias, the MLP is 4h wide
+        # (modeling_bloom.py L197-198, L319-321); ALiBi, no position limit
+        if f.flag("apply_residual_connection_post_layernorm", False):
+            raise VramcalcError("bloom with apply_residual_connection_post_layernorm is not supported")
+        if f.flag("slow_but_exact", False) and f.integer("pretraining_tp", 1) > 1:
+            raise VramcalcError("bloom with slow_but_exact and pretraining_tp > 1 is not supported (its sliced "
+                                "dense matmuls are not modelled)")
+        out.update(intermediate_size=4 * hidden, qkv_bias=True, o_bias=True, mlp_bias=True,
+                   max_position_embeddings=None)
+    else:
+        # GPTJConfig: n_inner None (4h), rotary_dim 64 (None: all of head_dim), activation_function "gelu_new",
+        # n_positions 2048 (configuration_gptj.py L67-74); q/k/v/out_proj without bias, fc_in/fc_out with
+        if activation not in (None, "gelu_new"):
+            raise VramcalcError(f"gptj with activation_function {_describe(activation)} is not supported "
+                                "(only gelu_new)")
+        full = "rotary_dim" in f.config and f.config["rotary_dim"] is None
+        rotary = head_dim if full else f.integer("rotary_dim", 64, maximum=MAX_SIZES["head_dim"])
+        if rotary > head_dim or rotary % 2:
+            raise VramcalcError(f"config.json field 'rotary_dim' must be an even width of at most head_dim "
+                                f"({head_dim}), got {rotary}")
+        out.update(intermediate_size=f.integer("n_inner", 4 * hidden, maximum=MAX_SIZES["intermediate_size"]),
+                   rotary_dim=rotary, qkv_bias=False, o_bias=False, mlp_bias=True,
+                   max_position_embeddings=f.integer("max_position_embeddings", 2048))
     return out
 
 

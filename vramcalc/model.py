@@ -140,6 +140,16 @@ class FamilyTraits:
     # False: the model computes its own loss on lm_head's output as it comes, a plain CrossEntropyLoss on a shifted
     # contiguous copy with no ``.float()`` (remote code that predates transformers' ForCausalLMLoss: Qwen v1)
     loss_upcasts: bool = True
+    # 2022-era layouts (opt, bloom, gptj)
+    learned_positions: bool = False  # OPT: a learned [max_position_embeddings + 2, h] position table added to embeds
+    embedding_norm: bool = False  # BLOOM: a LayerNorm (weight, bias) on the token embedding before the first layer
+    # BLOOM's own attention (no attention interface, eager only): reshape copies of q, k, v, ALiBi by baddbmm, the
+    # fp32 softmax cast back, bmm with v, a merge-heads copy of the output
+    alibi: bool = False
+    # GPT-J: one [1, s, rotary_dim] sin|cos table per forward; apply_rotary_pos_emb repeat-interleaves sin and cos for
+    # q and again for k (four [1, s, 1, rotary_dim] copies per layer)
+    rope_copies_per_projection: bool = False
+    eager_fp32_scores: bool = False  # GPT-J eager: q and k cast to fp32 before the scores matmul, softmax in fp32
 
 
 FAMILIES: dict[str, FamilyTraits] = {
@@ -231,6 +241,33 @@ FAMILIES: dict[str, FamilyTraits] = {
     # (L97-99, L199-202); the rotary embedding returns fp32 cos and sin (L80-87) and apply_rotary_pos_emb
     # interleaves them per layer, rotates q and k in fp32 and casts back (L151-182); tied (configuration L77)
     "ernie4_5": FamilyTraits(default_tied=True, rope_fp32=True, rope_copies_per_layer=True),
+    # models/opt/modeling_opt.py (transformers 5.25): OPTLearnedPositionalEmbedding of max_position_embeddings + 2
+    # rows (offset 2, L46-71) added to embed_tokens' output (L375); q/k/v/out_proj with bias=enable_bias, q scaled by
+    # head_dim**-0.5 after q_proj (L124-153); self_attn_layer_norm and final_layer_norm, nn.LayerNorm with bias,
+    # before attention and MLP (do_layer_norm_before), sequential residuals; fc1 -> ReLU -> fc2 with bias (L186-238);
+    # final_layer_norm; tied (L452, configuration_opt.py L73); sdpa, flash and eager (L266-267). opt-350m's
+    # post-norm layout with project_in/out is refused (hf_config.py)
+    "opt": FamilyTraits(layer_norm=True, gated_mlp=False, default_tied=True, learned_positions=True,
+                        o_name="out_proj", mlp_names=("fc1", "fc2")),
+    # models/bloom/modeling_bloom.py (transformers 5.25): word_embeddings, then word_embeddings_layernorm (L500);
+    # BloomAttention (L167-311): fused query_key_value [b, s, a, 3, d] with bias, reshape copies of q, k, v, scores =
+    # alibi.baddbmm(q, kᵀ), + the 4-D mask, fp32 softmax cast back, bmm with v, _merge_heads copy, dense with bias,
+    # dropout_add; BloomMLP dense_h_to_4h -> GeLUFunction (saves its input) -> dense_4h_to_h (L142-164, L314-342);
+    # input_layernorm and post_attention_layernorm, sequential residuals (L345-400); ln_f; tied (L565); no
+    # _supports_sdpa or _supports_flash_attn: eager only
+    "bloom": FamilyTraits(layer_norm=True, gated_mlp=False, fused_qkv=True, default_tied=True, supports_sdpa=False,
+                          embedding_norm=True, alibi=True, lora_qv=("query_key_value",),
+                          qkv_names=("query_key_value",), o_name="dense",
+                          mlp_names=("dense_h_to_4h", "dense_4h_to_h"), embedding_name="word_embeddings"),
+    # models/gptj/modeling_gptj.py (transformers 5.25): one nn.LayerNorm ln_1 feeding attention and MLP in parallel,
+    # attn + mlp + x (GPTJBlock L209-239); q/k/v/out_proj without bias (L124-127); partial interleaved rotary on the
+    # first rotary_dim of each head, from a fp32 sin|cos buffer indexed per forward and cast to the hidden dtype
+    # (L46-62), with sin and cos repeat-interleaved for k and again for q (L74-77, L143-153), q and k concatenated
+    # back; eager casts q and k to fp32 (L91); fc_in -> gelu_new -> fc_out with bias (L191-206); ln_f; lm_head with
+    # bias, untied (L375, configuration_gptj.py L84); sdpa, flash and eager (L248-249)
+    "gptj": FamilyTraits(norms_per_layer=1, layer_norm=True, parallel_block=True, gated_mlp=False, lm_head_bias=True,
+                         rope_copies_per_projection=True, eager_fp32_scores=True, o_name="out_proj",
+                         mlp_names=("fc_in", "fc_out"), embedding_name="wte"),
     # Qwen v1 (remote code ``modeling_qwen.py`` of Qwen/Qwen-7B, QWenLMHeadModel; no transformers class): fused
     # c_attn with bias, attn.c_proj without, RMSNorm ln_1/ln_2/ln_f, QWenMLP a1 = w1(x), a2 = w2(x),
     # mlp.c_proj(a1 * silu(a2)) with w1, w2: h -> intermediate_size / 2; lm_head untied. QWenLMHeadModel.forward
@@ -282,6 +319,9 @@ FAMILIES: dict[str, FamilyTraits] = {
 }
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
+# OPTLearnedPositionalEmbedding: "if padding_idx is specified then offset the embedding ids by 2 and adjust
+# num_embeddings appropriately" (transformers 5.25 modeling_opt.py L52-55)
+OPT_POSITION_OFFSET = 2
 
 # Families with sliding and full layers: without ``layer_types`` every n-th layer is full, the rest slide
 # (``sliding_window_pattern``: configuration_gemma3.py L104-111, configuration_cohere2.py L95-101)
@@ -701,6 +741,12 @@ def _inventory(m: ModelSpec) -> Inventory:
     n_dense = L - n_moe
     parts = []
     tensors = [ParamTensor("embed_tokens.weight", ParamKind.EMBEDDING, (V, h))]
+    if m.traits.learned_positions:  # OPT: not an nn.Linear nor the token embedding; trains in full fine-tuning
+        rows = (m.max_position_embeddings or 2048) + OPT_POSITION_OFFSET
+        tensors.append(ParamTensor("embed_positions.weight", ParamKind.NORM, (rows, h)))
+    if m.traits.embedding_norm:  # BLOOM's word_embeddings_layernorm
+        tensors += [ParamTensor("word_embeddings_layernorm.weight", ParamKind.NORM, (h,)),
+                    ParamTensor("word_embeddings_layernorm.bias", ParamKind.NORM, (h,))]
     attn, attn_norms = _attention(m, m.num_attention_layers)
     parts += attn
     tensors += attn_norms

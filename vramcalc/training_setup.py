@@ -383,6 +383,13 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         warnings.append(f"{setup.num_gpus} GPUs without --sharding: each GPU is estimated as an independent copy "
                         "(no DDP buckets); give --sharding ddp, zero1-3 or fsdp for data parallelism")
     attn_used = setup.attn
+    if model.traits.alibi and setup.attn is Attention.FLASH:
+        raise VramcalcError(f"{model.family} supports only eager attention (transformers' BloomAttention: ALiBi by "
+                            "baddbmm, no flash_attention_2); use --attn eager")
+    if model.traits.eager_fp32_scores and setup.attn is Attention.EAGER:
+        raise VramcalcError(f"{model.family} under --attn eager is not modelled (its eager path casts q and k to fp32 "
+                            "and runs softmax without a dtype, which CUDA autocast makes fp32 and the trace does not "
+                            "emulate); use --attn sdpa or flash")
     if setup.attn is Attention.SDPA and not model.traits.supports_sdpa:
         from .terms.stack_layers import stack_layers
 

@@ -71,7 +71,7 @@ from ..facts import adapter_bits, qlora_unquantized_bits
 from ..model import ModelSpec, cached_field_hash, state_without_hash
 from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Loss, Method, Precision
 from ..units import DType, select
-from .layouts import ParallelBlockWalk, residual_bytes
+from .layouts import ParallelBlockWalk, embedding_saved, positions_saved, residual_bytes
 from .short_conv import ShortConvWalk
 from . import expert_parallel, moe_lora, stack_layers
 from .stack_layers import HF as HF_LAYERS
@@ -417,7 +417,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         if m.traits.parallel_block:
             return self.parallel_attention_block()  # layouts.py
         # the layer input: r, or fp32 after the first layer under QLoRA in LayerNorm layouts (``residual_bytes``)
-        self._x_in = residual_bytes(m, self.layer) if self.grad else self.dt.r
+        self._x_in = residual_bytes(m, self.layer) if self.grad or m.traits.embedding_norm else self.dt.r
         n = self.norm(m.hidden_size, self._x_in) if m.traits.pre_norms else self.dt.r
         if self.conv:  # a hybrid's convolution layer (short_conv.py)
             out = self.short_conv(n)
@@ -458,6 +458,10 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         # for k's gradient and k for q's, probs @ v saves v for the probabilities' (eager and the math kernel)
         q_grad, k_grad, _ = self._qkv_grads(uses, grad_in)
         scores_grad = q_grad or k_grad
+        if m.traits.rope_copies_per_projection:
+            # GPT-J's apply_rotary_pos_emb, called for k and then q: sin and cos repeat-interleaved to [1, s, 1, d_rope]
+            # each time, saved by tensor·cos and rotate_every_two(tensor)·sin where that tensor needs a gradient
+            self.per_position += 2 * dt.r * m.rope_dim * (q_grad + k_grad)
         fused_qkv = m.traits.fused_qkv or self.layer.layers.fused_qkv
         if self.layer.attn_used is Attention.EAGER:
             if self.grad:
@@ -468,9 +472,13 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                 # multi-query k and v stay repeat_kv's expanded views (the stride-0 head dim merges with b = 1), k·d
                 # wide, and a fused qkv's v stays a view of the qkv output, which it pins whole
                 self.per_token += q_bytes * (a * d * k_grad + kv_width * (q_grad + scores_grad))
+                if m.traits.eager_fp32_scores and not dt.autocast and q_bytes != _F32:
+                    # GPT-J: matmul(query.to(fp32), key.to(fp32)ᵀ) saves fp32 copies of q and k instead
+                    self.per_token += (_F32 - q_bytes) * (a * d * k_grad + kv_width * q_grad)
                 k_delta = q_bytes * (k * d - kv_width) if k == 1 else 0
                 v_delta = k_delta
-                if repeat == 1 and fused_qkv and qkv == q_bytes:
+                # (BLOOM's q, k and v are reshape copies of its fused output, never views that pin it)
+                if repeat == 1 and fused_qkv and qkv == q_bytes and not m.traits.alibi:
                     v_delta = qkv * (a + 2 * k) * d - q_bytes * kv_width
                 self.per_token_delta_at_batch_one += k_delta * q_grad + v_delta * scores_grad
                 # with a DynamicCache the attention gets the cache's copies: at batch 1 a multi-query k and v are
@@ -562,6 +570,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                     if kernel == "flash" and self._input_saved([o_use], out_bytes):
                         self.per_token += out_bytes * a * d
                 elif ((m.rotary_dim or self.layer.layers.query_head_major) and kernel == "flash"
+                      and not m.traits.rope_copies_per_projection  # GPT-J concatenates before the transpose
                       and self._input_saved([o_use], out_bytes)):
                     # (litgpt: q = torch.cat(...) is a new [b, a, s, d] tensor too, stack_layers.query_head_major)
                     # partial rotary: q = cat(q_rot, q_pass) is a new [b, a, s, d] tensor, the flash output keeps
@@ -1066,7 +1075,14 @@ def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: 
     if not layers.rotary_per_forward:
         return Saved()
     rope = _F32 if model.traits.rope_fp32 else dt.r
-    if model.traits.rope_copies_per_layer:
+    if model.traits.learned_positions or model.traits.alibi:
+        # no rotary tables (layouts.positions_saved: OPT's learned positions, BLOOM's ALiBi)
+        saved = positions_saved(model, dt, grad_ckpt)
+    elif model.traits.rope_copies_per_projection:
+        # GPT-J: one [1, s, rotary_dim] sin|cos table in the hidden dtype, which no op saves (each layer makes its
+        # own copies): a checkpointed layers' argument under checkpointing only
+        saved = Saved(per_token=8, per_position=dt.r * model.rope_dim if grad_ckpt else 0)
+    elif model.traits.rope_copies_per_layer:
         saved = Saved(per_token=8, per_position=2 * rope * model.rope_dim if grad_ckpt else 0)
     elif model.traits.rope_complex:  # one complex64 freqs_cis of rope/2 pairs (8 bytes each), whatever the dtype
         saved = Saved(per_token=8, per_position=_F32 * model.rope_dim * model.rope_tables)
@@ -1147,6 +1163,11 @@ def _norm_saves_checkpoint(model: ModelSpec, layer: LayerSetup) -> bool:
     so the recomputed norm's saved fp32 input is the checkpoint's own input, not a copy."""
     m = model.traits
     lean = layer.kernels.saves_norm_input or layer.compiled
+    if (m.layer_norm and (m.learned_positions or m.embedding_norm or m.rope_copies_per_projection) and not lean
+            and residual_bytes(model, layer) == _F32):
+        # OPT, BLOOM, GPT-J: an fp32 input reaches native_layer_norm as it is (no autocast copy), so the recomputed
+        # LayerNorm saves the checkpointed input itself (BLOOM's residual is fp32 under autocast too)
+        return True
     return (layer.dtypes.r == _F32 and m.pre_norms and not m.layer_norm and not m.parallel_block and not lean
             and layer.layers.rotary_per_forward)
 
@@ -1217,11 +1238,13 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
         # are [1, s, d_rope] whatever the batch (``shared_saved``): per position, never per token
         rope_tables = shared_saved(model, layer.dtypes, layer.attn_used, False, False, layer.layers).per_position
         total += Saved(per_position=-rope_tables)
-    if (grad_ckpt and layer.method.uses_lora and (layer.offload or model.traits.embedding_multiplier)
+    if (grad_ckpt and layer.method.uses_lora
+            and (layer.offload or model.traits.embedding_multiplier or model.traits.learned_positions)
             and "embed_tokens" not in layer.modules_to_save):  # a trained embedding's output is no leaf
         # transformers' enable_input_require_grads (checkpointing with peft) makes the embedding's output a leaf
         # that requires grad: autograd's AccumulateGrad node holds it on the device, offloaded or not, and beside
-        # the first layer's input when that is a scaled copy (granite: ``inputs_embeds * embedding_multiplier``)
+        # the first layer's input when that is a scaled copy (granite: ``inputs_embeds * embedding_multiplier``) or a
+        # sum (OPT: ``inputs_embeds + pos_embeds``)
         first = Saved(per_token=layer.dtypes.r * model.hidden_size) + layer_kept(model, layer, grad_ckpt, first_moe,
                                                                                  masked, first_conv)
     elif grad_ckpt or layer.offload:
@@ -1242,8 +1265,10 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
         first_grad = first_layer_needs_grad(layer.method, layer.modules_to_save)
         nope = sum(1 for i in model.nope_layers if i > 0 or first_grad)
         total += Saved(per_token=-nope * (_F32 * (a + k) * d + _F32 * (a + k)))
-    if grad_ckpt and not layer.offload:  # the first layer's input is the embedding's r bytes (layouts.residual_bytes)
+    if grad_ckpt and not layer.offload and not model.traits.embedding_norm:
+        # the first layer's input is the embedding's r bytes (layouts.residual_bytes; BLOOM's is its norm's output)
         total += Saved(per_token=(layer.dtypes.r - residual_bytes(model, layer)) * model.hidden_size)
+    total += embedding_saved(model, layer, grad_ckpt)
     # every other layer, by kind (dense or MoE, masked or not: ``layer_masks``, attention or convolution:
     # ``layer_operators``)
     counts: dict[tuple[bool, bool, bool], int] = {}

@@ -37,7 +37,9 @@ from ..units import DType
 _F32 = DType.FP32.bytes  # bytes of an fp32 element
 LAYER_NORM_STATS = 2  # native_layer_norm's mean and rstd, one fp32 value per row each
 GELU_NEW_SAVED = 4  # NewGELUActivation: x, tanh output, 0.5·x, 1 + tanh
-GELU_NEW_FAMILIES = ("phi",)  # PhiConfig.hidden_act = "gelu_new"; gpt_neox and falcon use "gelu"
+GELU_NEW_FAMILIES = ("phi", "gptj")  # PhiConfig.hidden_act, GPTJConfig.activation_function "gelu_new"; gpt_neox
+# and falcon use "gelu", bloom its GeLUFunction (saves its input, as F.gelu)
+RELU_FAMILIES = ("opt",)  # OPTConfig.activation_function "relu": F.relu saves its output, which is fc2's input
 
 
 class ParallelBlockWalk:
@@ -108,10 +110,51 @@ class ParallelBlockWalk:
         width = m.mlp_width
         out = self.linears([self.use(up, m.hidden_size)], n, x_saved=n_saved)
         self.mlp_element_bytes = out  # (QLoRA's Linear4bit returns fp32 after an fp32 LayerNorm: see residual_bytes)
+        if self.grad and m.family in RELU_FAMILIES:
+            # threshold_backward reads relu's output: the tensor down saves when it saves its input as it is
+            self.per_token += out * width
+            return self.linears([self.use(down, width)], out, x_saved=True)
         if self.grad:
             eager_gelu = m.family in GELU_NEW_FAMILIES and not self.layer.layers.fused_gelu  # (stack_layers.py)
             self.per_token += (GELU_NEW_SAVED if eager_gelu else 1) * out * width
-        return self.linears([self.use(down, width)], out)
+        before = self.per_token
+        out = self.linears([self.use(down, width)], out)
+        if m.traits.alibi:  # BLOOM: down's input, freed by its backward before GeLUFunction's backward runs
+            self.mlp_freed_token = self.per_token - before
+        return out
+
+
+def positions_saved(model, dt, grad_ckpt: bool):
+    """The position tensors every layer reads, in the families without rotary tables: the int64 ids (8 per token, as
+    with RoPE), and under checkpointing BLOOM's ALiBi bias, [b·a, 1, s] in the hidden states' dtype (fp32 under
+    autocast: the embedding LayerNorm's output), a checkpointed layers' argument (``BloomModel.forward`` L502-510;
+    baddbmm saves none of it)."""
+    from .activations import Saved
+
+    alibi = model.num_heads * (_F32 if dt.autocast else dt.r) if model.traits.alibi and grad_ckpt else 0
+    return Saved(per_token=8 + alibi)
+
+
+def embedding_saved(model, layer, grad_ckpt: bool):
+    """What the embedding stage of OPT and BLOOM saves beyond the token embedding's ids.
+    OPT (``OPTDecoder.forward`` L354-375): a trained position table saves its int64 ids + 2 (8 per token).
+    BLOOM (``BloomModel.forward`` L500): word_embeddings_layernorm saves its input x (an fp32 copy of a 16-bit x under
+    autocast), mean and rstd when x needs a gradient or the norm trains; under checkpointing with peft
+    (transformers' ``enable_input_require_grads``) x is a leaf that requires grad, which autograd's AccumulateGrad
+    node holds beside a cast copy."""
+    from .activations import Saved, first_layer_needs_grad
+
+    t, dt, h = model.traits, layer.dtypes, model.hidden_size
+    if t.learned_positions:
+        return Saved(per_token=8 if layer.method is Method.FULL else 0)
+    if not t.embedding_norm:
+        return Saved()
+    leaf = grad_ckpt and layer.method.uses_lora and "embed_tokens" not in layer.modules_to_save
+    trains = layer.method in (Method.FULL, Method.LN_TUNING)
+    if not (leaf or trains or first_layer_needs_grad(layer.method, layer.modules_to_save)):
+        return Saved()
+    cast = dt.autocast and dt.r != _F32
+    return Saved(per_token=(_F32 if cast else dt.r) * h + LAYER_NORM_STATS * _F32 + (dt.r * h if leaf and cast else 0))
 
 
 def residual_bytes(model, layer) -> int:
@@ -121,6 +164,8 @@ def residual_bytes(model, layer) -> int:
     ``Linear4bit.forward``: ``.to(inp_dtype)``), and ``attn + mlp + x`` promotes to fp32. (Falcon's FalconLinear
     stays 16-bit, so its residual does too.)"""
     dt = layer.dtypes
+    if model.traits.embedding_norm and dt.autocast:  # BLOOM: the embedding LayerNorm's fp32 output, then fp32 adds
+        return _F32
     if (layer.method is Method.QLORA and model.traits.layer_norm and model.traits.bnb_quantizable and dt.autocast
             and dt.r != _F32):
         return _F32
@@ -134,3 +179,38 @@ def shared_norm_grad_bytes(model, batch_size, seq_len):
     if not (model.traits.parallel_block and model.norms_per_layer == 1):
         return 0
     return _F32 * batch_size * seq_len * model.hidden_size
+
+
+def down_weight_grad_bytes(model, layer) -> int:
+    """BLOOM in full fine-tuning: dense_4h_to_h's weight and bias gradients, made by its backward, exist when
+    GeLUFunction's backward peaks (one GPU; the dtype of the parameters, ``Dtypes.r``). 0 otherwise (where the walk
+    does not model the order)."""
+    if not model.traits.alibi or layer.method is not Method.FULL:
+        return 0
+    down = next(module for module in model.inventory.linears if module.name == model.traits.mlp_names[-1])
+    return layer.dtypes.r * (down.weight_numel + (down.out_features if down.bias else 0))
+
+
+def bloom_forward_transient_bytes(model, layer, batch_size, seq_len):
+    """BLOOM's decoder layer under checkpointing (its forward runs without grad, saving nothing), at its widest, beside
+    the checkpointed inputs: the attention's (``BloomAttention.forward`` L256-290: every local lives to the return)
+    input_layernorm output (fp32 under autocast), the fused qkv output [T, 3h] (q, k and v are views of it at
+    batch 1 and reshape copies beyond), and per [b, a, s, s] element the baddbmm scores (c), the scores + the 4-D mask
+    (in the embedding's dtype r), softmax's fp32 copy of a 16-bit input, its fp32 output and the cast back to c; or
+    the MLP's (``bloom_gelu_forward``): dense_h_to_4h's output and four eager temporaries [T, I], beside
+    post_attention_layernorm's output and the attention block's output [T, h]."""
+    dt = layer.dtypes
+    h, a, width = model.hidden_size, model.num_heads, model.mlp_width
+    c = dt.c if dt.autocast else dt.r
+    norm = _F32 if dt.autocast else dt.r
+    residual = residual_bytes(model, layer)
+    tokens = batch_size * seq_len
+    added = max(c, dt.r)
+    square = c + added + (_F32 if added != _F32 else 0) + _F32 + (c if c != _F32 else 0)
+    qkv = c * 3 * h * (1 if batch_size == 1 else 2)
+    attention = tokens * (norm * h + qkv) + square * batch_size * a * seq_len * seq_len
+    mlp = tokens * (BLOOM_GELU_FORWARD_LIVE * c * width + (norm + residual) * h)
+    return max(attention, mlp)
+
+
+BLOOM_GELU_FORWARD_LIVE = 5  # bloom_gelu_forward: x, 0.5·x, 0.79788456·x, 0.044715·x and its product with x

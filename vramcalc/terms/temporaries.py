@@ -176,7 +176,18 @@ def mlp_backward_bytes(model: ModelSpec, c: int, r: int, batch_size, seq_len, in
     width = m.expert_width * m.experts_per_token if m.is_moe else m.mlp_width  # Qwen v1: intermediate_size / 2
     if m.traits.dense_experts:  # Llama-4: every token through every expert
         width = m.expert_width * m.num_experts
+    if m.traits.rope_copies_per_projection and r != c:
+        # GPT-J's ``attn_output + feed_forward_hidden_states + residual``: the fp32 residual gradient's cast for the
+        # 16-bit attn + MLP sum, handed to both branches, waits for the attention's beside the MLP's backward
+        return batch_size * seq_len * (3 * c * width + (r + c) * m.hidden_size)
+    if m.traits.alibi:  # BLOOM's GeLUFunction backward (bloom_gelu_back, modeling_bloom.py L116-132)
+        return batch_size * seq_len * (BLOOM_GELU_BACKWARD_LIVE * c * width + r * m.hidden_size)
     return batch_size * seq_len * ((1 if in_place else 3) * c * width + r * m.hidden_size)
+
+
+# bloom_gelu_back's eager ops at their widest (``0.5 * x``, ``1 - tanh_out * tanh_out``, ``0.1070322243 * x`` and its
+# product with x, beside tanh_out) and the incoming gradient: six [T, I] beside the saved input
+BLOOM_GELU_BACKWARD_LIVE = 6
 
 
 def down_backward_bytes(model: ModelSpec, c: int, r: int, batch_size, seq_len):
@@ -274,6 +285,10 @@ def embedding_backward_bytes(model: ModelSpec, method: Method, dt: Dtypes, token
     if method is not Method.FULL:
         return dt.r * tokens * model.hidden_size if "embed_tokens" in modules_to_save else 0
     grad_in = dt.r * tokens * model.hidden_size
+    if model.traits.learned_positions and model.tie_word_embeddings:
+        # OPT: ``inputs_embeds + pos_embeds`` hands one [T, h] gradient to both embeddings; the position table's
+        # backward (the later node, run first) and then the token embedding's have released it when the tied sum runs
+        grad_in = 0
     # tied: autograd's input buffer adds the embedding's new gradient to lm_head's, out of place
     new_grads = 2 * dt.r * model.vocab_size * model.hidden_size if model.tie_word_embeddings else 0
     return grad_in + new_grads

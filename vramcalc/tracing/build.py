@@ -181,13 +181,34 @@ def _lfm2_config(spec: ModelSpec, fields: dict) -> dict:
                 conv_bias=spec.conv_bias, block_auto_adjust_ff_dim=False)  # the spec's width is Lfm2MLP's own
 
 
+def _opt_config(spec: ModelSpec, fields: dict) -> dict:
+    fields = {k: v for k, v in fields.items() if k not in ("num_key_value_heads", "intermediate_size")}
+    # model dropouts 0, as for phi and gpt_neox: the estimate does not model them (OPT's configs set dropout 0.1)
+    return dict(fields, ffn_dim=spec.intermediate_size, enable_bias=spec.qkv_bias, word_embed_proj_dim=spec.hidden_size,
+                do_layer_norm_before=True, activation_function="relu", dropout=0.0, attention_dropout=0.0,
+                max_position_embeddings=spec.max_position_embeddings or 2048)
+
+
+def _bloom_config(spec: ModelSpec, fields: dict) -> dict:
+    fields = {k: v for k, v in fields.items()
+              if k not in ("num_key_value_heads", "intermediate_size", "max_position_embeddings")}
+    return dict(fields, hidden_dropout=0.0, attention_dropout=0.0, apply_residual_connection_post_layernorm=False,
+                pretraining_tp=1, slow_but_exact=False)
+
+
+def _gptj_config(spec: ModelSpec, fields: dict) -> dict:
+    fields = {k: v for k, v in fields.items() if k not in ("num_key_value_heads", "intermediate_size")}
+    return dict(fields, n_inner=spec.intermediate_size, rotary_dim=spec.rope_dim, resid_pdrop=0.0, embd_pdrop=0.0,
+                attn_pdrop=0.0)
+
+
 # model_type -> the config keys of the families whose layout is not Llama's (phi, gpt_neox, falcon, gemma, starcoder2,
 # gemma3_text, glm4, cohere2, ernie4_5, qwen2_moe, deepseek_v2, gpt_oss, llama4_text)
 _LAYOUT_CONFIG = {"phi": _phi_config, "gpt_neox": _gpt_neox_config, "falcon": _falcon_config, "gemma": _gemma_config,
                   "starcoder2": _starcoder2_config, "gemma3_text": _gemma3_text_config, "glm4": _glm4_config,
                   "cohere2": _cohere2_config, "ernie4_5": _ernie4_5_config, "qwen2_moe": _qwen2_moe_config,
                   "deepseek_v2": _deepseek_v2_config, "gpt_oss": _gpt_oss_config, "llama4_text": _llama4_text_config,
-                  "lfm2": _lfm2_config}
+                  "lfm2": _lfm2_config, "opt": _opt_config, "bloom": _bloom_config, "gptj": _gptj_config}
 
 
 @contextlib.contextmanager
