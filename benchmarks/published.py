@@ -97,16 +97,16 @@ MODEL_CATALOGUE = {  # models without a config folder whose catalogue entry has 
     "meta-llama/Llama-3.1-405B": "llama-3.1-405b",
     "meta-llama/Llama-2-70b-hf": "llama-2-70b",
     "meta-llama/Llama-3.3-70B-Instruct": "llama-3.3-70b",
+    "bigscience/bloomz-7b1": "bloomz-7b1",
 }
 LOCAL_CONFIG = {"tiiuae/falcon-7b": "falcon-7b-litgpt-untied",  # litgpt rows only (the only Falcon rows)
                 "tiiuae/falcon-40b": "falcon-40b-litgpt-untied"}  # the litgpt runs that ran out of memory
-CATALOGUE_FAMILY = {"phi-1.5": "phi", "phi-2": "phi"}  # data/models.csv family column (others are llama-style)
+CATALOGUE_FAMILY = {"phi-1.5": "phi", "phi-2": "phi", "bloomz-7b1": "bloom"}  # data/models.csv family column (others are llama-style)
 UNSUPPORTED_FAMILY = {  # prefix of the HF id -> why vramcalc cannot take that model
     "stabilityai/stablelm-base-alpha-7b": "gpt_neox (StableLM-alpha 7B): no published config or parameter count found",
     "bert-": "bert (encoder, sequence classification: not a causal-LM fine-tune)",
     "bigscience/T0": "t5 (encoder-decoder)",
     "bigscience/mt0": "mt5 (encoder-decoder)",
-    "bigscience/bloomz": "bloom",
     "generic": "no model",
 }
 GPU_NAME = {  # the row's GPU text -> vramcalc catalogue (runtime overhead, allocator slack)
@@ -280,6 +280,8 @@ def _lora_targets(row: dict, family: str | None, setup: RowSetup) -> str | None:
     if not text:
         return None
     lm_head = "lm_head" in low
+    if low == "query_key_value (bloom default)":  # peft's default LoRA targets for bloom (utils/constants.py)
+        return "qv"
     if "litgpt fused qkv" in low or low in ("q,v", "q_proj,v_proj", "q_proj,v_proj"):
         if "fused qkv" in low:
             setup.assumptions.append("litgpt LoRAQKVMerged q+v slices modelled as q_proj,v_proj LoRA (same params)")
@@ -446,6 +448,18 @@ def row_setup(row: dict, data: Path) -> RowSetup:
         setup.assumptions.append("HF+FA2 baseline assumed grad_ckpt=True, adamw (not stated)")
     elif prefix == "llamafactory":
         setup.blockers.append("setup unknowable: LoRA targets, optimizer, checkpointing and measuring tool not stated")
+    elif prefix == "peft-readme" and "bloomz" in row["model"]:
+        # peft's examples committed with the table (5de175184, examples/causal_language_modeling/
+        # peft_lora_clm_accelerate_ds_zero3_offload.py, the row's notes): every sample padded to max_length 64,
+        # batch 8, LoRA r=8, alpha 32, dropout 0.1 on peft's bloom default (query_key_value), torch AdamW, no mixed
+        # precision (fp32), no checkpointing; BLOOM runs eager attention (no sdpa). The DeepSpeed column: ZeRO-3
+        # with parameters and optimizer offloaded to the CPU (the script's accelerate config) on one GPU
+        opts.update(precision="fp32", optimizer="adamw-foreach", grad_ckpt=False, attn="eager", lora_rank=8,
+                    lora_dropout=0.1)
+        if "DeepSpeed" in row["optimizer"]:
+            opts.update(sharding="zero3", offload="params")
+        setup.assumptions.append("TorchTracemalloc's peak (max_memory_allocated) read as the README's figure, "
+                                 "total or delta not stated")
     elif prefix == "peft-readme":
         setup.blockers.append("setup unknowable: sequence length and statistic not stated (short tweets)")
     elif prefix == "qwen":
