@@ -29,7 +29,7 @@ default from 4.32 until torch 2.8 made it ``adamw_torch_fused``, ``training_args
 rows (cbccb387) keep it. transformers 4.31-4.45 upcast the logits in the model's forward (``logits =
 logits.float()``, ``modeling_llama.py`` of those wheels), so the 16-bit logits die before the loss's shifted copy:
 ``--loss hf-fp32-logits``, said by the rows on those releases (fsdp_qlora ~4.38, Liger's example on 4.43.3; the
-fsdp_qlora loop's ``output``, which it keeps through backward as ``hf-loop`` does, is not expressed with it). The
+fsdp_qlora loop keeps its ``output`` through backward, ``--loop-keeps-outputs``). The
 PEFT method_comparison loop (``run.py:276-278``) keeps ``outputs`` through backward too, on transformers 5.13 without
 checkpointing, so its rows say ``hf-loop`` (its logits and the DynamicCache its forward returns).
 

@@ -65,7 +65,8 @@ def gpu_peaks(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[dm.GpuPeak, ...
     rope_per_position = shared_saved.per_position if not spec.traits.rope_copies_per_layer else 0
     checkpoint_input = activations.residual_bytes(spec, layer) * spec.hidden_size * tokens if ckpt else 0
     lg = logits.logits_bytes(spec, setup.loss, dt, tokens, full.head_gradient, sequences=b, compiled=False,
-                             whole_head=setup.method is Method.FULL, fp32_logits=layer.layers.fp32_unembed)
+                             whole_head=setup.method is Method.FULL, fp32_logits=layer.layers.fp32_unembed,
+                             keeps_outputs=setup.loop_keeps_outputs)
     copies = temporaries.weight_copy_bytes(spec, dt, setup.method, ckpt, tensors, 1,
                                            activations.first_layer_gradless_linears(spec, layer, masked_any))
     dequant = temporaries.dequantized_weight_bytes(spec, setup.method, setup.double_quant, dt, tokens, setup=setup)

@@ -160,7 +160,8 @@ def _reports_phase_peaks(resolved: ResolvedSetup) -> bool:
     """Whether an estimate's details give each phase's peak: GRPO's generation beside its training (terms/tasks.py),
     the first micro-batch beside the later ones where the loop holds the logits (the ``next-forward`` phase,
     ``_next_forward_moments``)."""
-    return resolved.setup.task.uses_fused_head or resolved.setup.loss.held_by_loop
+    setup = resolved.setup
+    return setup.task.uses_fused_head or setup.loss.held_by_loop or setup.loop_keeps_outputs
 
 
 def _phase_peaks(moments: list[Moment]) -> tuple:
@@ -499,6 +500,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         copies = trl_loss.without_head_copy(copies, spec, dt, tensors)
     else:
         lg = logits.logits_bytes(spec, csetup.loss, dt, tokens, loss_head_grad, sequences=b,
+                                 keeps_outputs=csetup.loop_keeps_outputs,
                                  compiled=csetup.compile and csetup.compile_loss,
                                  whole_head=csetup.method is Method.FULL, fp32_logits=layer.layers.fp32_unembed,
                                  head_cast_grad_bytes=temporaries.head_grad_cast_bytes(
@@ -572,9 +574,11 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                               + layouts.bloom_forward_transient_bytes(spec, layer, b, s)))
     if has_method_forward:  # the last target's forward: the layers' saved tensors, no logits yet
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0, copies.forward + method_forward))
+    loss_hidden = activations.loss_hidden_bytes(spec, layer, csetup.loss.in_model and csetup.task is Task.SFT,
+                                                tokens)
     moments += [
-        Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, lg.forward_peak, copies.forward,
-               buffers.loss_forward),
+        Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, lg.forward_peak,
+               copies.forward + loss_hidden, buffers.loss_forward),
         Moment(Phase.BACKWARD_START, W + gathered.loss_backward, B + G_acc, O, A, lg.backward_peak,
                copies.backward_start, buffers.loss_backward),
         Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad) + outer_step, O, A,
@@ -633,7 +637,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     if lg.held:  # the loop's ``logits`` (and cache) live until the next model call returns (Loss.held_by_loop)
         moments += [m._replace(all_gather_stream=buffers.loss_forward) for m in
                     _next_forward_moments(W + gathered.loss_forward, B + G_acc, O, A + kv_held, lg, extras,
-                                          copies.forward)]
+                                          copies.forward + loss_hidden)]
     if setup.sharding is Sharding.NONE:  # the weights reaching the GPU (``terms/loading.py``), before any step
         moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - rank.weights))
     if setup.task.uses_fused_head:  # the reference model and its forward, GRPO's generation (terms/tasks.py)
@@ -660,7 +664,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     # larger than any block the forward left, so the forward's blocks stay stranded there.
     refilled = bool(ckpt) and layer.attn_used is not Attention.EAGER
     return _with_reserved(moments, lg.backward_request, layer_bytes, gradients, largest_layer_request, refilled,
-                          lg.head_strands)
+                          lg.head_strands, loss_hidden)
 
 
 def _gradient_groups(tensors) -> tuple[tuple[int, int], ...]:
@@ -673,7 +677,8 @@ def _gradient_groups(tensors) -> tuple[tuple[int, int], ...]:
 
 
 def _with_reserved(moments: list[Moment], head_request, layer_bytes, gradients=(),
-                   largest_layer_request=0, refilled_in_backward=False, head_strands=True) -> list[Moment]:
+                   largest_layer_request=0, refilled_in_backward=False, head_strands=True,
+                   reused_forward_bytes=0) -> list[Moment]:
     """Each moment with its ``stranded`` bytes: the step's reserved memory (``runtime.step_reserved_bytes``; the
     weights' loading, before the step, reaches its own high-water mark, which the step's blocks then reuse) less the
     moment's tensor bytes. ``head_request``: the loss's last [rows, V] gradient; ``layer_bytes``: one decoder
@@ -681,7 +686,9 @@ def _with_reserved(moments: list[Moment], head_request, layer_bytes, gradients=(
     own (``runtime.fresh_gradient_segment_bytes``), which may reuse the loss's blocks (its logits at backward-start
     and what it stranded); ``refilled_in_backward``: a layer's backward refills its blocks (checkpointing), so a
     moment inside it strands none of them; ``head_strands``: whether the loss's gradients outgrow the blocks its
-    forward freed (``LogitsBytes.head_strands``)."""
+    forward freed (``LogitsBytes.head_strands``); ``reused_forward_bytes``: what the forward's high-water mark holds
+    that backward requests of its size take again (the final norm's [T, h] output, ``activations.loss_hidden_bytes``:
+    a layer's backward asks for [T, h] blocks), so it strands nothing."""
     steps = [m.tensor_bytes for m in moments if m.phase is not Phase.LOAD]
     # the forward's high-water mark: a loop that holds the logits into the next step's forward (``next-forward``)
     # reaches it there in every step after the first
@@ -691,8 +698,8 @@ def _with_reserved(moments: list[Moment], head_request, layer_bytes, gradients=(
         return moments
     backward_start = starts[0].tensor_bytes if starts else 0
     request = head_request if starts else 0
-    head = select(head_strands, runtime.stranded_head_bytes(backward_start, functools.reduce(maximum, forward)
-                                                            if forward else 0, request), 0)
+    forward_mark = maximum(0, functools.reduce(maximum, forward) - reused_forward_bytes) if forward else 0
+    head = select(head_strands, runtime.stranded_head_bytes(backward_start, forward_mark, request), 0)
     fresh = runtime.fresh_gradient_segment_bytes(gradients, largest_layer_request, request,
                                                  (starts[0].logits if starts else 0) + head) if gradients else 0
     step_peak = functools.reduce(maximum, steps)

@@ -130,6 +130,10 @@ class TrainingSetup:
     # compiles its loss (training.compile_loss); torchtitan from bbb1b616e (2025-04-02, components/loss.py), before
     # which it compiled the TransformerBlocks only
     compile_loss: bool = True
+    # a custom loop that keeps the model call's ``outputs`` (its logits, and without checkpointing its DynamicCache)
+    # until the next call returns: ``outputs = model(**batch); loss = outputs.loss; loss.backward()``, with any loss the
+    # model computes (``--loss hf-loop`` is ``hf`` with it)
+    loop_keeps_outputs: bool = False
     activation_offload: bool = False  # saved activations kept in host memory
     optimizer_in_backward: bool = False  # each parameter stepped from its post-accumulate-grad hook
     kernels: Kernels = Kernels.NONE
@@ -313,6 +317,8 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         stack=stack,
         compile=_bool(chosen.get("compile", SETUP_DEFAULTS["compile"]), "compile"),
         compile_loss=_bool(chosen.get("compile_loss", SETUP_DEFAULTS["compile_loss"]), "compile_loss"),
+        loop_keeps_outputs=_bool(chosen.get("loop_keeps_outputs", SETUP_DEFAULTS["loop_keeps_outputs"]),
+                                 "loop_keeps_outputs"),
         activation_offload=_bool(chosen.get("activation_offload", SETUP_DEFAULTS["activation_offload"]),
                                  "activation_offload"),
         optimizer_in_backward=_bool(chosen.get("optimizer_in_backward", SETUP_DEFAULTS["optimizer_in_backward"]),
@@ -361,6 +367,9 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     _check_combination(setup)
     _check_computable(model, setup)
     check_teacher(model, setup)
+    if setup.loop_keeps_outputs and not setup.loss.in_model:
+        raise VramcalcError(f"--loop-keeps-outputs applies to a loss the model computes (hf, hf-shifted, "
+                            f"hf-fp32-logits, model-dtype), not --loss {setup.loss.value}")
     if not setup.compile_loss and not setup.compile:
         raise VramcalcError("--no-compile-loss applies with --compile (without it nothing is compiled)")
     if "fsdp_shard" in given and setup.sharding is not Sharding.FSDP:

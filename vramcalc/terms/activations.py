@@ -986,10 +986,11 @@ class KvCache(NamedTuple):
 
 def runs_with_cache(setup) -> bool:
     """Whether the step runs the model with transformers' ``DynamicCache`` (``kv_cache``): a custom loop
-    (``--loss hf-loop``) calls the model with its config's ``use_cache`` (True for most models), unless checkpointing
-    (``GradientCheckpointingLayer`` turns the cache off in training, ``modeling_layers.py``) or a stack's own decoder
-    (``StackLayers.dynamic_cache``)."""
-    return setup.loss is Loss.HF_LOOP and not setup.grad_ckpt and stack_layers.stack_layers(setup.stack).dynamic_cache
+    (``--loss hf-loop``, ``--loop-keeps-outputs``) calls the model with its config's ``use_cache`` (True for most
+    models), unless checkpointing (``GradientCheckpointingLayer`` turns the cache off in training,
+    ``modeling_layers.py``) or a stack's own decoder (``StackLayers.dynamic_cache``)."""
+    loop = setup.loss is Loss.HF_LOOP or getattr(setup, "loop_keeps_outputs", False)
+    return loop and not setup.grad_ckpt and stack_layers.stack_layers(setup.stack).dynamic_cache
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1097,6 +1098,19 @@ def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: 
         elif masked:
             saved += Saved(per_square=1)
     return saved
+
+
+def loss_hidden_bytes(model: ModelSpec, layer: LayerSetup, in_model_loss: bool, tokens):
+    """The final norm's output while a loss the model computes runs (transformers' ``*ForCausalLM.forward`` keeps
+    ``hidden_states`` bound until ``self.loss_function`` returns): lm_head's input, [T, h] in the norm's output dtype,
+    counted here unless a trained lm_head saves that very tensor (it saves autocast's 16-bit copy of an fp32 one).
+    An adapted lm_head is left out."""
+    dt = layer.dtypes
+    hidden = max(dt.norm_out, dt.r)
+    saved_as_is = head_trains(layer) and not (dt.autocast and hidden != dt.c)
+    if not in_model_loss or saved_as_is or "lm_head" in layer.lora_modules:
+        return 0
+    return hidden * tokens * model.hidden_size
 
 
 def head_input_saved(model: ModelSpec, layer: LayerSetup) -> Saved:

@@ -131,20 +131,24 @@ class LogitsBytes:
 
 def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_bytes: int = 0,
                  sequences=1, compiled: bool = False, whole_head: bool = False,
-                 fp32_logits: bool = False, head_cast_grad_bytes: int = 0) -> LogitsBytes:
+                 fp32_logits: bool = False, head_cast_grad_bytes: int = 0, keeps_outputs: bool = False) -> LogitsBytes:
     """The logits' and the loss's bytes at each moment, for ``tokens`` T (an int or a numpy array) and the model's V,
     h and final soft-cap; ``dt.c`` the compute bytes; ``dt.autocast`` (every precision but fp32) adds accelerate's
     fp32 copy of the outputs; ``head_grad_bytes`` lm_head's weight gradient when it trains (0 otherwise);
     ``sequences`` the micro-batch (litgpt chunks lm_head by positions, so a chunk holds 128 of each); ``whole_head``
     litgpt's full fine-tuning, whose lm_head is not chunked; ``fp32_logits`` a model that returns fp32 logits itself
     (torchtune's unembed), which a compiled ``hf`` loss then saves; ``head_cast_grad_bytes`` the c gradient of
-    autocast's copy of an fp32 trained head (``temporaries.head_grad_cast_bytes``), which ``chunked`` sums. Formulas
-    and sources per loss: the module docstring."""
-    if loss is Loss.HF_LOOP:  # hf, plus the logits the loop's ``outputs`` keeps (module docstring)
-        hf = logits_bytes(model, Loss.HF, dt, tokens, head_grad_bytes, sequences, compiled, whole_head, fp32_logits)
-        held = (_F32 if dt.autocast else dt.c) * tokens * model.vocab_size
-        return LogitsBytes(hf.forward_peak, hf.saved + held, hf.backward_peak + held, hf.head_backward + held,
-                           held=held, output=hf.forward_peak)
+    autocast's copy of an fp32 trained head (``temporaries.head_grad_cast_bytes``), which ``chunked`` sums;
+    ``keeps_outputs`` a loop that keeps the model call's ``outputs`` (``--loop-keeps-outputs``; ``hf-loop`` is ``hf``
+    with it). Formulas and sources per loss: the module docstring."""
+    if loss is Loss.HF_LOOP or (keeps_outputs and loss.in_model):  # plus the logits ``outputs`` keeps (``hf-loop``)
+        inner = Loss.HF if loss is Loss.HF_LOOP else loss
+        base = logits_bytes(model, inner, dt, tokens, head_grad_bytes, sequences, compiled, whole_head, fp32_logits)
+        # the returned logits: accelerate's fp32 conversion under autocast, else lm_head's own or the model's fp32
+        returned = _F32 if dt.autocast or inner is Loss.HF_FP32_LOGITS else dt.c
+        held = returned * tokens * model.vocab_size
+        return LogitsBytes(base.forward_peak, base.saved + held, base.backward_peak + held, base.head_backward + held,
+                           held=held, output=base.forward_peak, request=base.request, head_strands=base.head_strands)
     V = model.vocab_size
     c = dt.c
     upcast = 0 if c == _F32 else _F32

@@ -132,7 +132,8 @@ class TrainerLoss:
         if self.setup.loss.in_model:
             outputs = forward_module(input_ids=input_ids, labels=input_ids, **extra_inputs)
             loss = outputs.loss
-            if self.setup.loss is Loss.HF_LOOP:  # a custom loop's ``outputs``, rebound only once the call returned
+            if self.setup.loss is Loss.HF_LOOP or getattr(self.setup, "loop_keeps_outputs", False):
+                # a custom loop's ``outputs``, rebound only once the call returned
                 if self.setup.precision.autocast:  # accelerate's wrapped forward returns fp32 logits
                     outputs.logits = outputs.logits.float()
                 self.held = outputs
