@@ -27,14 +27,14 @@ def test_the_nested_language_model_is_read_as_if_it_stood_alone():
 
 
 def test_a_nested_family_with_no_formulas_is_refused_naming_both_types_and_what_to_do():
-    # (gemma3_text and mllama, this test's examples until they gained formulas, are now read:
-    # tests/test_families_2026.py, tests/test_vision_mllama.py)
-    blip2 = {"model_type": "blip-2", "text_config": {"model_type": "opt", "hidden_size": 2560}}
+    # (gemma3_text, mllama and BLIP-2's opt, this test's examples until they gained formulas, are now read:
+    # tests/test_families_2026.py, tests/test_vision_mllama.py, tests/test_families_legacy.py)
+    blip2 = {"model_type": "blip-2", "text_config": {"model_type": "t5", "d_model": 2048}}
     with pytest.raises(VramcalcError) as caught:
-        spec_from_config(blip2, name="blip2-opt-2.7b")
+        spec_from_config(blip2, name="blip2-flan-t5-xl")
     line = str(caught.value)
     assert "\n" not in line
-    assert line.startswith("unsupported architecture 'blip-2' (language model 'opt'); supported: llama")
+    assert line.startswith("unsupported architecture 'blip-2' (language model 't5'); supported: llama")
     assert "vramcalc models" in line
 
 

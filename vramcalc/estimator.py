@@ -360,11 +360,12 @@ def _step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq
         return _moments(spec, resolved, b, s, masked)
     if masked.all() or not masked.any():
         return _moments(spec, resolved, b, s, bool(masked.all()))
-    # rows on both sides of the sliding window: each row takes the moments of its own mask decision
+    # rows on both sides of the sliding window: each row takes the moments of its own mask decision, the other
+    # decision's moments zero there (the two lists need not pair up: a masked Gemma-2 or Gemma-3 has more layer runs)
     with_mask = _moments(spec, resolved, b, s, True)
     without = _moments(spec, resolved, b, s, False)
-    return [Moment(m.phase, *(select(masked, getattr(m, f), getattr(n, f)) for f in _MOMENT_FIELDS))
-            for m, n in zip(with_mask, without)]
+    return ([Moment(m.phase, *(select(masked, getattr(m, f), 0) for f in _MOMENT_FIELDS)) for m in with_mask]
+            + [Moment(n.phase, *(select(masked, 0, getattr(n, f)) for f in _MOMENT_FIELDS)) for n in without])
 
 
 def _quantized_base_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size, seq_len) -> list[Moment]:

@@ -71,7 +71,8 @@ from ..facts import adapter_bits, qlora_unquantized_bits
 from ..model import ModelSpec, cached_field_hash, state_without_hash
 from ..options import AdapterDtype, Attention, GradCkpt, Kernels, Loss, Method, Precision
 from ..units import DType, select
-from .layouts import ParallelBlockWalk, embedding_saved, positions_saved, residual_bytes
+from . import layouts
+from .layouts import ParallelBlockWalk, residual_bytes
 from .short_conv import ShortConvWalk
 from . import expert_parallel, moe_lora, stack_layers
 from .stack_layers import HF as HF_LAYERS
@@ -1059,6 +1060,35 @@ def head_trains(layer: LayerSetup) -> bool:
     return layer.method is Method.FULL or "lm_head" in layer.modules_to_save
 
 
+def positions_saved(model, dt, grad_ckpt: bool):
+    """The position tensors every layer reads, in the families without rotary tables: the int64 ids (8 per token, as
+    with RoPE), and under checkpointing BLOOM's ALiBi bias, [b·a, 1, s] in the hidden states' dtype (fp32 under
+    autocast: the embedding LayerNorm's output), a checkpointed layers' argument (``BloomModel.forward`` L502-510;
+    baddbmm saves none of it)."""
+    alibi = model.num_heads * (_F32 if dt.autocast else dt.r) if model.traits.alibi and grad_ckpt else 0
+    return Saved(per_token=8 + alibi)
+
+
+def embedding_saved(model, layer, grad_ckpt: bool):
+    """What the embedding stage of OPT and BLOOM saves beyond the token embedding's ids.
+    OPT (``OPTDecoder.forward`` L354-375): a trained position table saves its int64 ids + 2 (8 per token).
+    BLOOM (``BloomModel.forward`` L500): word_embeddings_layernorm saves its input x (an fp32 copy of a 16-bit x under
+    autocast), mean and rstd when x needs a gradient or the norm trains; under checkpointing with peft
+    (transformers' ``enable_input_require_grads``) x is a leaf that requires grad, which autograd's AccumulateGrad
+    node holds beside a cast copy."""
+    t, dt, h = model.traits, layer.dtypes, model.hidden_size
+    if t.learned_positions:
+        return Saved(per_token=8 if layer.method is Method.FULL else 0)
+    if not t.embedding_norm:
+        return Saved()
+    leaf = grad_ckpt and layer.method.uses_lora and "embed_tokens" not in layer.modules_to_save
+    trains = layer.method in (Method.FULL, Method.LN_TUNING)
+    if not (leaf or trains or first_layer_needs_grad(layer.method, layer.modules_to_save)):
+        return Saved()
+    cast = dt.autocast and dt.r != _F32
+    return Saved(per_token=(_F32 if cast else dt.r) * h + layouts.LAYER_NORM_STATS * _F32 + (dt.r * h if leaf and cast else 0))
+
+
 @functools.lru_cache(maxsize=4096)
 def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: bool, masked: bool = False,
                  layers: StackLayers = HF_LAYERS) -> Saved:
@@ -1077,7 +1107,7 @@ def shared_saved(model: ModelSpec, dt: Dtypes, attn_used: Attention, grad_ckpt: 
         return Saved()
     rope = _F32 if model.traits.rope_fp32 else dt.r
     if model.traits.learned_positions or model.traits.alibi:
-        # no rotary tables (layouts.positions_saved: OPT's learned positions, BLOOM's ALiBi)
+        # no rotary tables (positions_saved: OPT's learned positions, BLOOM's ALiBi)
         saved = positions_saved(model, dt, grad_ckpt)
     elif model.traits.rope_copies_per_projection:
         # GPT-J: one [1, s, rotary_dim] sin|cos table in the hidden dtype, which no op saves (each layer makes its

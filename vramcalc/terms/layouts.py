@@ -124,39 +124,6 @@ class ParallelBlockWalk:
         return out
 
 
-def positions_saved(model, dt, grad_ckpt: bool):
-    """The position tensors every layer reads, in the families without rotary tables: the int64 ids (8 per token, as
-    with RoPE), and under checkpointing BLOOM's ALiBi bias, [b·a, 1, s] in the hidden states' dtype (fp32 under
-    autocast: the embedding LayerNorm's output), a checkpointed layers' argument (``BloomModel.forward`` L502-510;
-    baddbmm saves none of it)."""
-    from .activations import Saved
-
-    alibi = model.num_heads * (_F32 if dt.autocast else dt.r) if model.traits.alibi and grad_ckpt else 0
-    return Saved(per_token=8 + alibi)
-
-
-def embedding_saved(model, layer, grad_ckpt: bool):
-    """What the embedding stage of OPT and BLOOM saves beyond the token embedding's ids.
-    OPT (``OPTDecoder.forward`` L354-375): a trained position table saves its int64 ids + 2 (8 per token).
-    BLOOM (``BloomModel.forward`` L500): word_embeddings_layernorm saves its input x (an fp32 copy of a 16-bit x under
-    autocast), mean and rstd when x needs a gradient or the norm trains; under checkpointing with peft
-    (transformers' ``enable_input_require_grads``) x is a leaf that requires grad, which autograd's AccumulateGrad
-    node holds beside a cast copy."""
-    from .activations import Saved, first_layer_needs_grad
-
-    t, dt, h = model.traits, layer.dtypes, model.hidden_size
-    if t.learned_positions:
-        return Saved(per_token=8 if layer.method is Method.FULL else 0)
-    if not t.embedding_norm:
-        return Saved()
-    leaf = grad_ckpt and layer.method.uses_lora and "embed_tokens" not in layer.modules_to_save
-    trains = layer.method in (Method.FULL, Method.LN_TUNING)
-    if not (leaf or trains or first_layer_needs_grad(layer.method, layer.modules_to_save)):
-        return Saved()
-    cast = dt.autocast and dt.r != _F32
-    return Saved(per_token=(_F32 if cast else dt.r) * h + LAYER_NORM_STATS * _F32 + (dt.r * h if leaf and cast else 0))
-
-
 def residual_bytes(model, layer) -> int:
     """Bytes of a decoder layer's input hidden states: the residual dtype r, except under QLoRA with autocast in the
     bitsandbytes-quantized LayerNorm families (phi, gpt_neox), where every layer after the first gets fp32: the
