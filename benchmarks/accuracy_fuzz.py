@@ -9,7 +9,9 @@ mode, attention, loss, stack and the LoRA and activation knobs at random; refusa
 (a refusal of a setup the libraries run is a finding). The trace is the one ``vramcalc.trace`` runs for the stack
 (TRL's own step for ``--stack trl``); torchtune and litgpt have their own grid (``accuracy_stacks.py``). Session 33:
 seed 33 (60 setups) found the mechanisms listed in docs/stacks-research.md section 9; seed 34 (40 setups, after
-them): 35 traced, median 0.001%, max 2.1% (``accuracy_fuzz_seed34.csv``). About 10-20 s a setup on 2 cores.
+them): 35 traced, median 0.001%, max 2.1% (``accuracy_fuzz_seed34.csv``). The knobs added after seed 34
+(``KNOBS``: --repeat-kv, --activation-offload, --no-compile-loss under --compile) come from a second random stream, so
+seeds 33 and 34 sample as before. About 10-20 s a setup on 2 cores.
 """
 
 from __future__ import annotations
@@ -53,9 +55,13 @@ TARGETS = ["qv", "all-linear", "q_proj,k_proj,v_proj,o_proj", "gate_proj,up_proj
 # (chance of setting it, option, values): drawn in this order for every setup
 OPTIONAL = [(0.7, "precision", PRECISIONS), (0.5, "optimizer", OPTIMIZERS), (0.6, "grad_ckpt", CKPT),
             (0.4, "attn", ATTN), (0.4, "loss", LOSSES), (0.35, "stack", STACKS)]
+# knobs added after seed 34, drawn from a second stream (random.Random(f"{seed}-knobs")) so that the main stream, and
+# so every setup of seeds 33 and 34, draws as before; compile and packing stay on the main stream where they were.
+# compile_loss=False is drawn only under compile (without it the setup refuses: nothing is compiled)
+KNOBS = [(0.15, "repeat_kv", [True]), (0.1, "activation_offload", [True]), (0.4, "compile_loss", [False])]
 
 
-def sample(rng: random.Random) -> tuple[str, dict]:
+def sample(rng: random.Random, knobs: random.Random) -> tuple[str, dict]:
     model = rng.choice(MODELS)
     method = rng.choice(METHODS)
     o: dict = dict(method=method)
@@ -86,6 +92,10 @@ def sample(rng: random.Random) -> tuple[str, dict]:
         o["compile"] = True
     if rng.random() < 0.1:
         o["grad_accum"] = 2
+    for chance, key, choices in KNOBS:
+        draw, value = knobs.random(), knobs.choice(choices)  # two draws per knob whatever the setup
+        if draw < chance and (key != "compile_loss" or o.get("compile")):
+            o[key] = value
     return model, o
 
 
@@ -146,10 +156,10 @@ def main() -> int:
     p.add_argument("--list", action="store_true")
     args = p.parse_args()
     args.out = args.out or os.path.join(ROOT, "benchmarks", f"accuracy_fuzz_seed{args.seed}.csv")
-    rng = random.Random(args.seed)
+    rng, knobs = random.Random(args.seed), random.Random(f"{args.seed}-knobs")
     setups, seen = [], set()
     while len(setups) < args.n:
-        model, o = sample(rng)
+        model, o = sample(rng, knobs)
         key = (model, json.dumps(o, sort_keys=True))
         if excluded(model, o) or key in seen:
             continue
