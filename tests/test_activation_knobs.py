@@ -254,6 +254,24 @@ def test_selective_op_counts_lora_matmuls_between_the_base_ones():
     assert kept.per_token == 2 * h + 2 * (2 * a * d + 2 * k * d + i + h) + 2 * a * d + 4 * a
 
 
+@needs_torch
+@pytest.mark.trace
+def test_selective_op_on_qdora_counts_no_mm_for_the_4bit_base():
+    # bitsandbytes' MatMul4Bit runs gemm_4bit, not aten.mm, so each QDoRA target's mm calls are peft's four
+    # (lora_A and lora_B on the identity, then on x): torchtitan's policy keeps the [in, r] and [T, r] outputs
+    # only. The estimate walks QDoRA on a 16-bit base (estimator._quantized_base_moments), whose base mm had
+    # shifted the parity and kept every other target's [in, out] and [T, out] outputs (fuzz35 #22, qwen3-0.6b
+    # QDoRA all-linear s=4096: +6.1%; tiny llama with a 32k vocabulary, so the peak is at the loss: +0.75%)
+    import dataclasses
+
+    from .trace_helpers import peak_error
+
+    spec = dataclasses.replace(TINY["llama"], vocab_size=32000)
+    error = peak_error(spec, method="dora", quant="nf4", seq_len=512, precision="bf16", grad_ckpt="selective-op",
+                       lora_targets="all-linear")
+    assert abs(error) < 0.001, error
+
+
 def test_selective_keeps_more_than_full_and_less_than_none():
     spec = TINY["qwen3"]
     layer = _layer()

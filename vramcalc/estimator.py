@@ -376,8 +376,10 @@ def _quantized_base_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size
         raise VramcalcError(f"--method {resolved.setup.method.value} on a --quant base is estimated one setup at a "
                             "time (no batch or sequence sweeps)")
     setup = resolved.setup
-    on_16bit = replace(resolved, setup=replace(setup, quant=Quant.NONE))
-    lora = replace(resolved, setup=replace(setup, method=Method.LORA, quant=Quant.NONE))
+    # the 16-bit walks keep the base's op kind 4-bit (``ResolvedSetup.base_4bit``): torchtitan's selective policy
+    # counts ``aten.mm`` calls, which a 4-bit base does not make, so its cache does not add across the shift
+    on_16bit = replace(resolved, setup=replace(setup, quant=Quant.NONE), base_4bit=True)
+    lora = replace(resolved, setup=replace(setup, method=Method.LORA, quant=Quant.NONE), base_4bit=True)
     qlora = replace(resolved, setup=replace(setup, method=Method.QLORA))
 
     def peak(moments):

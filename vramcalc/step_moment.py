@@ -50,15 +50,15 @@ def layer_setup(resolved: ResolvedSetup, family: str = "") -> activations.LayerS
                         moe_lora.linear_targets(family, resolved.lora_modules), setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
                         layers, expert_parallel.slot_share(resolved), getattr(setup, "ep", 1) > 1,
                         tuple(name for name, _ in moe_lora.target_parameters(family, resolved.lora_modules)),
-                        setup.modules_to_save, getattr(setup, "repeat_kv", False))
+                        setup.modules_to_save, getattr(setup, "repeat_kv", False), resolved.base_4bit)
 
 
 @functools.lru_cache(maxsize=4096)
 def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora_rank, lora_dropout, kernels,
                  compiled, offload, layers=stack_layers.HF, ep=1, ep_dispatch=False, lora_experts=(),
-                 modules_to_save=(), repeat_kv=False):
+                 modules_to_save=(), repeat_kv=False, base_4bit=False):
     lora = method.uses_lora or method.peft_facts is not None  # a peft method's targets ride on the LoRA fields
     return activations.LayerSetup(method, activations.dtypes(method, precision, adapter_dtype), attn_used,
                                   lora_modules if lora else (), lora_rank if lora else 0, lora_dropout if lora else 0.0,
                                   kernels, compiled, offload, layers, ep, lora_experts if lora else (), ep_dispatch,
-                                  modules_to_save, repeat_kv)
+                                  modules_to_save, repeat_kv, base_4bit)

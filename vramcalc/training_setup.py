@@ -221,6 +221,10 @@ class ResolvedSetup:
     defaulted: tuple[str, ...]  # options that took vramcalc's default (neither given nor set by the stack)
     warnings: tuple[str, ...] = field(default=())
     origins: tuple[tuple[str, str], ...] = field(default=())  # (option, where its value came from), options not given
+    # the decoder Linears are bitsandbytes Linear4bit although ``setup.quant`` is none: a peft method on a --quant
+    # base, whose moments are estimated on the 16-bit base plus QLoRA's shift (``estimator._quantized_base_moments``);
+    # only the selective checkpoint's op kinds read it (``activations.LayerSetup.base_4bit``)
+    base_4bit: bool = False
 
     def origin(self, option: str) -> str:
         """'user', 'default', 'stack <name>' or 'implied by <option>': where the value of ``option`` came from."""

@@ -163,6 +163,9 @@ class LayerSetup:
     ep_dispatch: bool = False  # --ep: tokens reach the experts through AllToAllEP (terms/expert_parallel.py)
     modules_to_save: tuple[str, ...] = ()  # peft modules_to_save: embed_tokens, lm_head trained whole (parameters.py)
     repeat_kv: bool = False  # transformers < 4.54's SDPA path: k and v repeated to all heads (TrainingSetup.repeat_kv)
+    # the base Linears are bitsandbytes Linear4bit under a method estimated on the 16-bit base (QDoRA:
+    # ``ResolvedSetup.base_4bit``): their matmul is ``gemm_4bit``, not ``aten.mm``, in the selective cache's op list
+    base_4bit: bool = False
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -259,6 +262,19 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         last = max(i for i, op in enumerate(rest) if op.module == after)
         self.cached_ops = rest[:last + 1] + moved + rest[last + 1:]
 
+    def _base_matmul(self, use: LinearUse) -> str:
+        """The op kind of a decoder Linear's own matmul in the selective cache (``_cached``): "mm" for ``aten.mm``,
+        "matmul" for ``addmm`` (a bias) or bitsandbytes' ``gemm_4bit`` (a 4-bit weight). bitsandbytes 0.50
+        ``MatMul4Bit.forward`` (``bitsandbytes/autograd/_functions.py:324-345``) calls
+        ``torch.ops.bitsandbytes.gemm_4bit``, never ``aten.mm``, so under torchtitan's call-order policy a 4-bit base
+        shifts which of its adapter's mm calls are odd. A peft method on a --quant base (QDoRA) is walked on the
+        16-bit base (``estimator._quantized_base_moments``): ``LayerSetup.base_4bit`` keeps its op kind 4-bit, so
+        peft's DoRA calls (``lora/dora.py:97-98, 155``: lora_A and lora_B on an identity, then on x; four mm per
+        target) keep their parity, and only [in, r] and [T, r] outputs are cached, as the trace shows."""
+        if use.quantized or (self.layer.base_4bit and self.m.traits.bnb_quantizable) or self._biased(use.name):
+            return "matmul"
+        return "mm"
+
     def _biased(self, name: str) -> bool:
         """Does the decoder Linear ``name`` carry a bias (its matmul is then ``addmm``, not ``mm``)?"""
         return next((module.bias for module in self.m.inventory.linears if module.name == name), False)
@@ -331,9 +347,9 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         for use in uses:  # in call order: the base Linear's matmul, then its adapter's
             width = use.width_in
             # selective caches: the base matmul's output (``aten.mm``; ``addmm`` with a bias, bitsandbytes'
-            # ``gemm_4bit`` for a quantized weight)
-            self._cached("matmul" if use.quantized or self._biased(use.name) else "mm",
-                         base_out * self.width_out(use.name), module=use.name)
+            # ``gemm_4bit`` for a quantized weight, also under a method estimated on the 16-bit base:
+            # ``_base_matmul``)
+            self._cached(self._base_matmul(use), base_out * self.width_out(use.name), module=use.name)
             if use.trains and not use.quantized:
                 if autocast and x_bytes != c:
                     self.per_token += c * width  # a private autocast copy per Linear
