@@ -83,10 +83,10 @@ CASES = [
 # With the loss compiled as one fused kernel (tracing/compiled.py ``_fused``) the logits shrink and the peak of these
 # small setups moves into the decoder layers' compiled backward, which the trace runs op by op: it allocates the
 # intermediates inductor fuses, so the trace is above the estimate there (a limit of the trace, not an estimate rule).
+# Since the trace's graphs release each input at its last use, as inductor's do (tracing/compiled.py ``_boxed``),
+# only the offloaded one is still over 3% (-5.7%; qwen3 -4.3% -> -0.01%, llama selective -7.0% -> -2.7%, packed
+# qwen3 -4.3% -> -0.03%, llama offload -12.5% -> -5.7%).
 _OP_BY_OP_BACKWARD = {
-    ("qwen3", (("compile", True), ("seq_len", 256))),
-    ("llama", (("compile", True), ("grad_ckpt", "selective"), ("seq_len", 256))),
-    ("qwen3", (("attn", "flash"), ("batch_size", 2), ("compile", True), ("packing", True), ("seq_len", 128))),
     ("llama", (("activation_offload", True), ("compile", True), ("method", "lora"), ("seq_len", 256))),
 }
 _PARAMS = [pytest.param(family, options, marks=pytest.mark.xfail(strict=True, reason="op-by-op compiled backward"))
@@ -252,6 +252,22 @@ def test_selective_op_counts_lora_matmuls_between_the_base_ones():
     kept = activations.layer_kept(spec, lora, GradCkpt.SELECTIVE_OP, moe=False)
     h, a, k, d, i = 256, 4, 2, 64, 688
     assert kept.per_token == 2 * h + 2 * (2 * a * d + 2 * k * d + i + h) + 2 * a * d + 4 * a
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("family, options", [("qwen3", dict(seq_len=256)), ("llama", dict(seq_len=256, batch_size=2)),
+                                             ("mistral", dict(seq_len=256, batch_size=2, method="lora",
+                                                              grad_ckpt="full"))],
+                         ids=["qwen3", "llama-b2", "mistral-lora-ckpt"])
+def test_a_compiled_layer_backward_frees_each_saved_tensor_at_its_last_use(family, options):
+    # inductor's call(args) clears its argument list and dels each buffer after its last use, and AOTAutograd hands
+    # the backward graph its saved tensors in a list nothing else holds (runtime_wrappers.py: ctx.
+    # maybe_clear_saved_tensors, steal_args=True): the MLP's saved tensors die before the attention's backward. The
+    # trace's graphs ran through make_boxed_func's f(*args), which held every input to the end of the graph
+    # (qwen3 -4.30%, llama b2 -1.83%, mistral LoRA ckpt -1.24%; fuzz35 #14 qwen3-4b full fp16 eager reentrant
+    # compile b4 s1024: -3.28% -> -0.76%, the rest the op-by-op softmax backward)
+    assert abs(_relative_error(family, dict(options, compile=True))) < 0.002
 
 
 @needs_torch

@@ -25,10 +25,25 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
 def _boxed(graph_module, example_inputs):
-    """The fw/bw "compiler": run the partitioned graph as it is."""
-    from functorch.compile import make_boxed_func
+    """The fw/bw "compiler": run the partitioned graph as it is, in the boxed calling convention that releases each
+    input after its last use, as inductor's generated ``call(args)`` does (``args.clear()``, then ``del`` after a
+    buffer's last use) and torch's own op-by-op backend does (``torch/_dynamo/backends/debugging.py::boxed_nop``:
+    ``_BoxedCodeGen``, "used boxed call to discard inputs when they are no longer needed"). AOTAutograd hands the
+    backward its saved tensors in a list it no longer holds (``runtime_wrappers.py``: ``ctx.maybe_clear_saved_tensors``
+    then ``steal_args=True``), so a saved tensor dies at its last use inside the layer's backward graph: the MLP's
+    recomputed outputs before the attention's backward. (``functorch.compile.make_boxed_func`` calls ``f(*args)``,
+    whose argument tuple holds every input until the graph returns.)"""
+    from torch.fx.graph import _BoxedCodeGen
 
-    return make_boxed_func(graph_module.forward)
+    graph_module.graph.set_codegen(_BoxedCodeGen())
+    graph_module.recompile()
+    forward = graph_module.forward
+
+    def run(args):
+        return forward(args)
+
+    run._boxed_call = True
+    return run
 
 
 def _compiler_options() -> dict:
