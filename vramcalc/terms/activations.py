@@ -784,6 +784,11 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         # gpt-oss's clamped SwiGLU (GptOssExperts._apply_gate): gate_up output (pinned by the two clamps), the clamped
         # gate, sigmoid's output, up + 1 and glu: 6 widths in place of 3
         act = 6 if m.traits.clamped_swiglu else 3
+        if self.layer.compiled and not m.traits.clamped_swiglu:
+            # compile's partition keeps the gate_up output only and recomputes silu(gate) in backward, as for a dense
+            # SwiGLU (``_gated_mlp``): traced on qwen3-30b-a3b and tiny qwen3_moe, the act output [S, I] is not among
+            # the compiled layer's saved tensors (``tracing/compiled.py``: min_cut_rematerialization_partition)
+            act = 2
         ep = self.layer.ep  # --ep: the rank's experts get T·K/ep slots, top-1 (uniform routing, terms/expert_parallel)
         if self.layer.lora_experts and not self.full and not self.grad and not router_lora:
             # peft's ParamWrapper LoRA on the experts of a layer whose input needs no gradient (the first layer, no
