@@ -7,7 +7,8 @@
     python benchmarks/accuracy.py --first 92 --out benchmarks/accuracy_modules_to_save.csv  # --modules-to-save rows
     python benchmarks/accuracy.py --first 109 --limit 9 --out benchmarks/accuracy_session31.csv  # reentrant, QDoRA, ...
     python benchmarks/accuracy.py --first 118 --limit 9 --out benchmarks/accuracy_session32.csv  # selective-op, ...
-    python benchmarks/accuracy.py --first 127 --out benchmarks/accuracy_session33.csv  # fp32 QLoRA, fuzz finds, ...
+    python benchmarks/accuracy.py --first 127 --limit 19 --out benchmarks/accuracy_session33.csv  # fp32 QLoRA, ...
+    python benchmarks/accuracy.py --first 146 --out benchmarks/accuracy_session34.csv  # Gemma-2 SDPA, old releases
 
 Each row: the setup, every tensor term estimated and traced (bytes), the peak phase of each, and the relative error
 of ``peak_tensor_bytes`` (estimate - trace) / trace. Rows are appended as they are traced.
@@ -224,6 +225,27 @@ GRID = [
     ("phi-3-mini", dict(seq_len=512, method="lora", attn="eager", loss="hf-loop")),
     ("phi-4-mini", dict(seq_len=2048, method="lora", lora_targets="all-linear", precision="fp16", batch_size=2)),
     ("olmo-2-0425-1b", dict(seq_len=2048, method="lora", precision="mixed-fp16", loss="chunked")),
+    # session 34: Gemma-2 on an explicit SDPA (transformers 4.42-5.20), the fp32 logits of 4.31-4.45
+    # (hf-fp32-logits), a loop that keeps its outputs, blocks compiled beside an eager loss, LoHa's input casts
+    # without autocast, the final norm's output through a shifted loss, QDoRA under selective-op, and the families
+    # opt, bloom and gptj
+    ("gemma-2-2b", dict(seq_len=8192, method="lora", attn="sdpa", grad_ckpt=True)),
+    ("gemma-2-9b", dict(seq_len=2048, method="qlora", attn="sdpa")),
+    ("llama-3.1-8b", dict(seq_len=1024, batch_size=2, method="lora", loss="hf-fp32-logits")),
+    ("mistral-7b", dict(seq_len=2048, method="qlora", loss="hf-fp32-logits", grad_ckpt=True)),
+    ("qwen2.5-1.5b", dict(seq_len=1024, batch_size=2, loss="hf-fp32-logits", precision="mixed-bf16")),
+    ("llama-3.2-3b", dict(seq_len=768, batch_size=4, method="lora", precision="bf16-true", loop_keeps_outputs=True)),
+    ("llama-2-7b", dict(seq_len=1024, batch_size=2, method="lora", loss="hf-fp32-logits", loop_keeps_outputs=True,
+                        grad_ckpt=True, precision="bf16-true")),
+    ("llama-3.2-1b", dict(seq_len=2048, compile=True, compile_loss=False)),
+    ("qwen3-0.6b", dict(seq_len=2048, method="lora", compile=True, compile_loss=False, grad_ckpt="selective-op")),
+    ("llama-3.2-1b", dict(seq_len=1024, method="loha", precision="bf16-true", lora_targets="all-linear")),
+    ("llama-3.2-1b", dict(seq_len=1024, batch_size=2, method="lora", loss="hf-shifted")),
+    ("qwen3-0.6b", dict(seq_len=4096, method="dora", quant="nf4", grad_ckpt="selective-op")),
+    ("opt-1.3b", dict(seq_len=2048, method="lora")),
+    ("bloom-560m", dict(seq_len=1024, method="lora", attn="eager")),
+    ("gpt-j-6b", dict(seq_len=1024, method="lora")),
+    ("opt-6.7b", dict(seq_len=512, method="qlora", grad_ckpt=True)),
 ]
 
 
