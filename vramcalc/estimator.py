@@ -577,8 +577,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                               + layouts.bloom_forward_transient_bytes(spec, layer, b, s)))
     if has_method_forward:  # the last target's forward: the layers' saved tensors, no logits yet
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0, copies.forward + method_forward))
-    loss_hidden = activations.loss_hidden_bytes(spec, layer, csetup.loss.in_model and csetup.task is Task.SFT,
-                                                tokens)
+    # the final norm's output beside the loss inside the model's forward: what it adds to the forward's peak
+    loss_hidden = maximum(0, lg.forward_in_model + activations.loss_hidden_bytes(
+        spec, layer, csetup.loss.in_model and csetup.task is Task.SFT, tokens) - lg.forward_peak)
     moments += [
         Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, lg.forward_peak,
                copies.forward + loss_hidden, buffers.loss_forward),

@@ -118,6 +118,15 @@ class LogitsBytes:
     # whether the backward's [rows, V] gradients outgrow every block the loss's forward freed, so those stay cached
     # beside them (``runtime.stranded_head_bytes``); False where they fit (``_model_dtype_loss_bytes``)
     head_strands: object = True
+    # the forward's peak inside the model's own forward, where its final hidden states are still bound
+    # (``activations.loss_hidden_bytes``): below ``forward_peak`` where accelerate's fp32 copy of the returned logits
+    # peaks after the call; None: the same moment
+    forward_inside: object = None
+
+    @property
+    def forward_in_model(self):
+        """``forward_inside``, or ``forward_peak`` where the forward's peak is inside the model's call."""
+        return self.forward_peak if self.forward_inside is None else self.forward_inside
 
     @property
     def backward_request(self):
@@ -148,7 +157,8 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
         returned = _F32 if dt.autocast or inner is Loss.HF_FP32_LOGITS else dt.c
         held = returned * tokens * model.vocab_size
         return LogitsBytes(base.forward_peak, base.saved + held, base.backward_peak + held, base.head_backward + held,
-                           held=held, output=base.forward_peak, request=base.request, head_strands=base.head_strands)
+                           held=held, output=base.forward_peak, request=base.request, head_strands=base.head_strands,
+                           forward_inside=base.forward_inside)
     V = model.vocab_size
     c = dt.c
     upcast = 0 if c == _F32 else _F32
@@ -168,9 +178,11 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
         copied = select(sequences > 1, shifted, 0)  # ``.contiguous()`` copies the slice only for a batch of 2 or more
         model_out = (2 * c if softcap else c) * tokens * V
         saved = _F32 * shifted * V + (c * tokens * V if softcap else 0) + labels
-        forward = maximum(model_out + upcast * tokens * V + _F32 * (shifted + copied) * V,
-                          model_out + _F32 * shifted * V + (_F32 * tokens * V if accelerate_copy else 0)) + labels
-        return LogitsBytes(forward, saved, saved + 2 * _F32 * shifted * V, c * tokens * V + labels)
+        inside = model_out + upcast * tokens * V + _F32 * (shifted + copied) * V + labels
+        forward = maximum(inside, model_out + _F32 * shifted * V + (_F32 * tokens * V if accelerate_copy else 0)
+                          + labels)
+        return LogitsBytes(forward, saved, saved + 2 * _F32 * shifted * V, c * tokens * V + labels,
+                           forward_inside=inside)
     if loss is Loss.HF_FP32_LOGITS:  # the model's fp32 logits; T' = b·(s - 1) shifted rows
         shifted = tokens - sequences
         copied = select(sequences > 1, shifted, 0)  # ``.contiguous()`` copies the slice only for a batch of 2 or more
@@ -186,7 +198,8 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
         after = (2 * c if softcap else c) + _F32 + (_F32 if accelerate_copy else 0)
         forward = max(chain, after) * tokens * V + labels
         backward = (3 * _F32 + (c if softcap else 0)) * tokens * V + labels
-        return LogitsBytes(forward, saved, backward, c * tokens * V + labels)
+        return LogitsBytes(forward, saved, backward, c * tokens * V + labels,
+                           forward_inside=chain * tokens * V + labels)
     if loss in (Loss.CHUNKED, Loss.TORCHTUNE):
         chunk = -(-tokens // CHUNKED_LOSS_CHUNKS)
         saved = (_F32 + (c if softcap else 0)) * tokens * V + labels
@@ -261,10 +274,10 @@ def _model_dtype_loss_bytes(c: int, autocast: bool, tokens, sequences, V: int, l
     cast = _F32 if autocast and c != _F32 else 0
     capped = c * tokens * V if softcap else 0  # the tanh output, saved by its own backward
     saved = ls * shifted * V + capped + labels
-    forward = maximum(c * tokens * V + capped + (copied + cast + ls) * shifted * V,
-                      (c + (_F32 if autocast else 0)) * tokens * V + capped + ls * shifted * V) + labels
+    inside = c * tokens * V + capped + (copied + cast + ls) * shifted * V + labels
+    forward = maximum(inside, (c + (_F32 if autocast else 0)) * tokens * V + capped + ls * shifted * V + labels)
     return LogitsBytes(forward, saved, 3 * ls * shifted * V + capped + labels, c * tokens * V + capped + labels,
-                       head_strands=autocast)
+                       head_strands=autocast, forward_inside=inside)
 
 
 def _compiled_logits_bytes(loss: Loss, c: int, accelerate_copy: bool, tokens, V: int, labels,
@@ -273,7 +286,8 @@ def _compiled_logits_bytes(loss: Loss, c: int, accelerate_copy: bool, tokens, V:
     saved = c * tokens * V + 2 * _F32 * tokens + labels
     if loss.in_model:
         forward = saved + (_F32 * tokens * V if accelerate_copy else 0)
-        return LogitsBytes(forward, saved, saved + c * tokens * V, c * tokens * V + labels, request=c * tokens * V)
+        return LogitsBytes(forward, saved, saved + c * tokens * V, c * tokens * V + labels, request=c * tokens * V,
+                           forward_inside=saved)
     chunk = -(-tokens // CHUNKED_LOSS_CHUNKS)
     backward = saved + c * chunk * V
     if head_grad_bytes:
