@@ -162,7 +162,16 @@ def dequantized_weight_bytes(model: ModelSpec, method: Method, double_quant: boo
     # dequantize_blockwise's fp32 absmax, freed once the weight is rebuilt, before the matmul's [T, in] gradient
     # (in the layer's backward transients) is made: it counts only where it is the larger of the two
     absmax = _F32 * -(-largest // BNB_BLOCKSIZE) if double_quant else 0
-    return max(dt.r, dt.c) * largest + maximum(absmax - dt.c * tokens * module.in_features, 0)
+    return _dequant_bytes_per_weight(model, dt) * largest + maximum(absmax - dt.c * tokens * module.in_features, 0)
+
+
+def _dequant_bytes_per_weight(model: ModelSpec, dt: Dtypes) -> int:
+    """Bytes per weight of the backward's dequantized copy: in the input's dtype; where a LayerNorm family under 16-bit
+    autocast hands its 4-bit Linears fp32 inputs (``layouts.residual_bytes``), ``Linear4bit.set_compute_type``
+    computes in fp32, so the 16-bit dequantized weight and its fp32 cast (``.to(grad_output.dtype)``) live at once."""
+    if model.traits.layer_norm and dt.autocast and dt.r != _F32 and dt.c != _F32:
+        return dt.c + _F32
+    return max(dt.r, dt.c)
 
 
 def mlp_backward_bytes(model: ModelSpec, c: int, r: int, batch_size, seq_len, in_place: bool = False):
