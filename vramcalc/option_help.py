@@ -52,9 +52,10 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "stack": "hf | trl | axolotl | llama-factory | unsloth | torchtune | litgpt: start from that stack's defaults "
              "(vramcalc stacks lists them); options given explicitly win",
     "compile": "torch.compile the model (changes what is saved for backward)",
-    "loop_keeps_outputs": "a custom loop keeps the model's outputs (logits, cache) through backward until the next call",
-    "compile_loss": "with --compile, the loss is compiled too (--no-compile-loss: torchtitan before April 2025 compiled "
-                    "its blocks only)",
+    "loop_keeps_outputs": ("a custom loop keeps the model's outputs (logits, cache) through backward until the "
+                           "next call"),
+    "compile_loss": ("with --compile, the loss is compiled too (--no-compile-loss: torchtitan before April 2025 "
+                     "compiled its blocks only)"),
     "activation_offload": "keep saved activations in host memory (torchtune, Unsloth, save_on_cpu)",
     "optimizer_in_backward": "step each parameter as its gradient is ready (torchtune optimizer_in_bwd)",
     "kernels": "none | liger (Liger-Kernel RMSNorm, SwiGLU, RoPE) | unsloth (Unsloth's RMSNorm, RoPE and fused "
