@@ -8,6 +8,8 @@ import pytest
 
 from vramcalc import catalogue
 
+from .tiny_models import catalogue_row_and_config
+
 REQUIRED_MODELS = (
     "llama-2-7b llama-2-13b llama-2-70b llama-3.1-8b llama-3.1-70b llama-3.1-405b llama-3.3-70b mistral-7b "
     "mistral-large-2407 mixtral-8x7b qwen2.5-7b qwen2.5-14b qwen2.5-32b qwen2.5-72b qwen3-8b qwen3-14b qwen3-32b "
@@ -190,14 +192,10 @@ _METADATA = {"name", "hf_repo", "license", "source", "notes", "params_published"
 
 @pytest.mark.parametrize("name", PUBLISHED_CONFIGS)
 def test_issue_13_item_6_rows_hold_what_their_published_config_says(name):
-    import dataclasses
-
-    from vramcalc.hf_config import spec_from_config
-
-    row, read = catalogue.get_model(name), spec_from_config(PUBLISHED_CONFIGS[name], name=name)
-    fields = [f.name for f in dataclasses.fields(row) if f.name not in _METADATA]
-    assert {f: getattr(row, f) for f in fields} == {f: getattr(read, f) for f in fields}
-    assert row.params == read.params == row.params_exact
+    row_fields, read_fields, (row_params, read_params, exact) = catalogue_row_and_config(
+        name, PUBLISHED_CONFIGS[name], _METADATA)
+    assert row_fields == read_fields
+    assert row_params == read_params == exact
 
 
 def test_gpt_oss_layer_kinds_alternate_from_a_sliding_first_layer_and_llama4_skips_rope_every_fourth_layer():

@@ -16,7 +16,7 @@ from vramcalc.training_setup import resolve_setup
 
 from .conftest import needs_torch
 from .test_families_devset import SETUPS
-from .tiny_models import meta_param_count
+from .tiny_models import default_config_counts, meta_param_count, tiny_counts
 
 TOLERANCE = 0.03  # issue 13: within 3% on each setup
 MEDIAN_TOLERANCE = 0.01  # and 1% median over a family's setups
@@ -63,20 +63,15 @@ DEFAULT_CONFIG_FAMILIES = FAMILIES + ["gemma", "phi"]
 @needs_torch
 @pytest.mark.parametrize("family", DEFAULT_CONFIG_FAMILIES)
 def test_default_config_json_count_equals_the_meta_built_transformers_model(family, tmp_path):
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model(family)
-    (tmp_path / "config.json").write_text(config.to_json_string())
-    assert load_config(tmp_path).params == meta_param_count(config)
+    read, built = default_config_counts(family, tmp_path)
+    assert read == built
 
 
 @needs_torch
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_count_equals_the_meta_built_transformers_model(family):
-    from vramcalc.tracing.build import hf_config
-
-    spec = TINY[family]
-    assert spec.params == meta_param_count(hf_config(spec))
+    read, built = tiny_counts(TINY[family])
+    assert read == built
 
 
 def _relative_errors(family):

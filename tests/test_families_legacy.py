@@ -14,7 +14,7 @@ from vramcalc.hf_config import load_config, spec_from_config
 from vramcalc.model import ModelSpec
 
 from .conftest import needs_torch
-from .tiny_models import meta_param_count
+from .tiny_models import catalogue_row_and_config, default_config_counts, meta_param_count, tiny_counts
 from .trace_helpers import peak_error
 
 TOLERANCE = 0.01
@@ -75,20 +75,15 @@ def _cases():
 @needs_torch
 @pytest.mark.parametrize("family", FAMILIES)
 def test_default_config_json_count_equals_the_meta_built_transformers_model(family, tmp_path):
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model(family)
-    (tmp_path / "config.json").write_text(config.to_json_string())
-    assert load_config(tmp_path).params == meta_param_count(config)
+    read, built = default_config_counts(family, tmp_path)
+    assert read == built
 
 
 @needs_torch
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_count_equals_the_meta_built_transformers_model(family):
-    from vramcalc.tracing.build import hf_config
-
-    spec = TINY[family]
-    assert spec.params == meta_param_count(hf_config(spec))
+    read, built = tiny_counts(TINY[family])
+    assert read == built
 
 
 @needs_torch
@@ -164,14 +159,10 @@ _METADATA = {"name", "hf_repo", "license", "source", "notes", "params_published"
 
 @pytest.mark.parametrize("name", PUBLISHED_CONFIGS)
 def test_catalogue_rows_hold_what_their_published_config_says(name):
-    import dataclasses
-
-    from vramcalc import catalogue
-
-    row, read = catalogue.get_model(name), spec_from_config(PUBLISHED_CONFIGS[name], name=name)
-    fields = [f.name for f in dataclasses.fields(row) if f.name not in _METADATA]
-    assert {f: getattr(row, f) for f in fields} == {f: getattr(read, f) for f in fields}
-    assert row.params == read.params == row.params_exact
+    row_fields, read_fields, (row_params, read_params, exact) = catalogue_row_and_config(
+        name, PUBLISHED_CONFIGS[name], _METADATA)
+    assert row_fields == read_fields
+    assert row_params == read_params == exact
 
 
 @needs_torch

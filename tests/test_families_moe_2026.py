@@ -14,7 +14,7 @@ from vramcalc.training_setup import resolve_setup
 
 from .conftest import needs_torch
 from .test_families_devset import SETUPS
-from .tiny_models import meta_param_count
+from .tiny_models import default_config_counts, tiny_counts
 
 TOLERANCE = 0.03  # issue 13: within 3% on each setup
 MEDIAN_TOLERANCE = 0.01  # and 1% median over a family's setups
@@ -55,20 +55,15 @@ DEFAULT_CONFIG_GAPS: dict[str, dict] = {"deepseek_v2": {"num_experts_per_tok": 6
 @needs_torch
 @pytest.mark.parametrize("family", FAMILIES)
 def test_default_config_json_count_equals_the_meta_built_transformers_model(family, tmp_path):
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model(family, **DEFAULT_CONFIG_GAPS.get(family, {}))
-    (tmp_path / "config.json").write_text(config.to_json_string())
-    assert load_config(tmp_path).params == meta_param_count(config)
+    read, built = default_config_counts(family, tmp_path, **DEFAULT_CONFIG_GAPS.get(family, {}))
+    assert read == built
 
 
 @needs_torch
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_count_equals_the_meta_built_transformers_model(family):
-    from vramcalc.tracing.build import hf_config
-
-    spec = TINY[family]
-    assert spec.params == meta_param_count(hf_config(spec))
+    read, built = tiny_counts(TINY[family])
+    assert read == built
 
 
 # Known gaps, kept as claims (strict xfail). (deepseek_v2 LoRA all-linear was one until peft 0.21's MoE target

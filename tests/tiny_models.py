@@ -61,3 +61,36 @@ def meta_param_count(config) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum({id(p): p.numel() for p in model.parameters()}.values())
+
+
+def default_config_counts(family: str, folder, **fields) -> tuple[int, int]:
+    """(vramcalc's parameter count of transformers' default config of ``family``, with ``fields`` set, written as
+    ``folder``/config.json and read back; the count of the model transformers builds from it on ``meta``)."""
+    from transformers import AutoConfig
+
+    from vramcalc.hf_config import load_config
+
+    config = AutoConfig.for_model(family, **fields)
+    (folder / "config.json").write_text(config.to_json_string())
+    return load_config(folder).params, meta_param_count(config)
+
+
+def tiny_counts(spec: ModelSpec) -> tuple[int, int]:
+    """(a tiny spec's parameter count; the count of the model transformers builds from its config on ``meta``)."""
+    from vramcalc.tracing.build import hf_config
+
+    return spec.params, meta_param_count(hf_config(spec))
+
+
+def catalogue_row_and_config(name: str, config: dict, metadata: set[str]):
+    """A catalogue row against its published config.json: (the row's fields, the fields read from the config, both
+    without ``metadata``; and (the row's count, the config's count, the row's params_exact))."""
+    import dataclasses
+
+    from vramcalc import catalogue
+    from vramcalc.hf_config import spec_from_config
+
+    row, read = catalogue.get_model(name), spec_from_config(config, name=name)
+    fields = [f.name for f in dataclasses.fields(row) if f.name not in metadata]
+    return ({f: getattr(row, f) for f in fields}, {f: getattr(read, f) for f in fields},
+            (row.params, read.params, row.params_exact))

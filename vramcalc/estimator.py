@@ -31,9 +31,8 @@ from .model import ModelSpec
 from .options import Attention, DeviceMap, Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
 from .terms import context_parallel  # --cp
-from .terms import layouts  # the 2022-era layouts' MLP backward (BLOOM)
-from .terms import (activations, adapters, distributed, expert_parallel, float8, gptq, loading, logits, optimizer,
-                    parameters, peft_methods, quantized, runtime, stack_layers, states, tasks, temporaries,
+from .terms import (activations, adapters, distributed, expert_parallel, float8, gptq, layouts, loading, logits,
+                    optimizer, parameters, peft_methods, quantized, runtime, stack_layers, states, tasks, temporaries,
                     tensor_parallel, trl_loss, vision)
 from .terms.distributed import GatheredTimeline
 from .gptq import is_gptq
@@ -578,11 +577,11 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     if has_method_forward:  # the last target's forward: the layers' saved tensors, no logits yet
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0, copies.forward + method_forward))
     # the final norm's output beside the loss inside the model's forward: what it adds to the forward's peak
-    loss_hidden = maximum(0, lg.forward_in_model + activations.loss_hidden_bytes(
+    hidden_beside_loss = maximum(0, lg.forward_in_model + activations.loss_hidden_bytes(
         spec, layer, csetup.loss.in_model and csetup.task is Task.SFT, tokens) - lg.forward_peak)
     moments += [
         Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, lg.forward_peak,
-               copies.forward + loss_hidden, buffers.loss_forward),
+               copies.forward + hidden_beside_loss, buffers.loss_forward),
         Moment(Phase.BACKWARD_START, W + gathered.loss_backward, B + G_acc, O, A, lg.backward_peak,
                copies.backward_start, buffers.loss_backward),
         Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad) + outer_step, O, A,
@@ -641,7 +640,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     if lg.held:  # the loop's ``logits`` (and cache) live until the next model call returns (Loss.held_by_loop)
         moments += [m._replace(all_gather_stream=buffers.loss_forward) for m in
                     _next_forward_moments(W + gathered.loss_forward, B + G_acc, O, A + kv_held, lg, extras,
-                                          copies.forward + loss_hidden)]
+                                          copies.forward + hidden_beside_loss)]
     if setup.sharding is Sharding.NONE:  # the weights reaching the GPU (``terms/loading.py``), before any step
         moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - rank.weights))
     if setup.task.uses_fused_head:  # the reference model and its forward, GRPO's generation (terms/tasks.py)
@@ -668,7 +667,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     # larger than any block the forward left, so the forward's blocks stay stranded there.
     refilled = bool(ckpt) and layer.attn_used is not Attention.EAGER
     return _with_reserved(moments, lg.backward_request, layer_bytes, gradients, largest_layer_request, refilled,
-                          lg.head_strands, loss_hidden)
+                          lg.head_strands, hidden_beside_loss)
 
 
 def _gradient_groups(tensors) -> tuple[tuple[int, int], ...]:
@@ -807,7 +806,8 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     """
     c, r, attn_used = layer.dtypes.c, layer.dtypes.r, layer.attn_used
     if spec.traits.embedding_norm or spec.traits.learned_positions or spec.traits.rope_copies_per_projection:
-        # BLOOM's fp32 residual stream under autocast (GPT-J's and OPT's under QLoRA), and so its gradient
+        # BLOOM's fp32 residual stream under autocast (GPT-J's and OPT's under QLoRA), and so its gradient; phi and
+        # gpt_neox QLoRA keep the model's r here: their traced layer backward (tests/test_families_devset.py) does
         r = layouts.residual_bytes(spec, layer)
     mlp_in_place = activations.unsloth_fused(spec, layer, spec.traits.mlp_names)  # Unsloth's LoRA_MLP
     transient = temporaries.layer_backward_bytes(spec, c, r, attn_used, b, s, mlp_in_place) + dequant
