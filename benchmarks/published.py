@@ -309,6 +309,9 @@ def _lora_targets(row: dict, family: str | None, setup: RowSetup) -> str | None:
 # inputs emulated), and the measurement is higher by those held inputs once more, for no mechanism found
 LITGPT_CH_QLORA_OPEN = tuple(f"litgpt-ch-0{n}" for n in (13, 15, 17, 19, 31))
 TORCHTUNE_REQUANTIZE_ROWS = ("torchtune-019", "torchtune-028", "torchtune-037")
+# the token count of every alpaca-cleaned sample as torchtune 0.1 built it with the Llama-2 tokenizer
+ALPACA_LLAMA2_LENGTHS = Path(__file__).resolve().parent / "datasets" / "alpaca_cleaned_llama2_lengths.csv"
+ALPACA_LENGTHS_WORDS = "alpaca-cleaned's token lengths under the Llama-2 tokenizer (benchmarks/datasets)"
 
 
 def row_setup(row: dict, data: Path) -> RowSetup:
@@ -430,6 +433,15 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             opts.update(num_gpus=gpus, sharding="fsdp")
         if "grad accum " in notes:  # llama2/7B_lora_single_device: gradient_accumulation_steps 64
             opts["grad_accum"] = _int(notes.split("grad accum ")[1].split(")")[0].split(",")[0])
+        if "unpacked" in low and "llama-2" in _model_id(row).lower():
+            # alpaca(_cleaned)_dataset unpacked, max_seq_len the cap: the recipe's DataLoader pads each batch to its
+            # longest sample (torchtune@ff594c231 utils/collate.py:19-60 padded_collate, pad_sequence), so the
+            # steps' lengths vary (vramcalc's --sample-lengths, benchmarks/datasets/README.md)
+            if ALPACA_LLAMA2_LENGTHS.exists():
+                opts["sample_lengths"] = str(ALPACA_LLAMA2_LENGTHS.relative_to(REPO))
+                setup.assumptions.append(f"{ALPACA_LENGTHS_WORDS}, one epoch")
+            else:
+                setup.assumptions.append(f"every step at seq_len ({ALPACA_LENGTHS_WORDS} not generated)")
         if rid == "torchtune-024":
             # README @0217d44c2 states batch 4 x 4096, but recipes/configs/llama2/70B_lora.yaml there trains on
             # alpaca_dataset unpacked (torchtune/datasets/_alpaca.py:18 max_seq_len=512), and at 4 x 4096 the 80
@@ -596,7 +608,7 @@ def judge_oom(rows: list, data: Path, vc) -> list[dict]:
             out.append({**record, "status": "not expressible: " + ("; ".join(blockers) or "model unresolved")})
             continue
         try:
-            breakdown = vc.estimate(setup.model, gpu=gpu, **options)
+            breakdown = vc.estimate(setup.model, gpu=gpu, **in_repo(options))
         except error_cls as err:
             out.append({**record, "status": f"not expressible: {err}"})
             continue
@@ -646,6 +658,13 @@ def accepted_options(vc) -> set:
         if param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
             names.add(name)
     return names
+
+
+def in_repo(options: dict) -> dict:
+    """The options with a file they name (``sample_lengths``, repository-relative in the report) made absolute."""
+    if "sample_lengths" in options:
+        return {**options, "sample_lengths": str(REPO / options["sample_lengths"])}
+    return options
 
 
 def compared_bytes(breakdown, kind: str) -> tuple[int, str]:
@@ -723,7 +742,7 @@ def judge(rows, data: Path, vc) -> list[dict]:
         record["options"] = json.dumps(options, sort_keys=True)
         record["knobs_passed"] = ",".join(sorted(passed))
         try:
-            breakdown = vc.estimate(setup.model, gpu=gpu, **options)
+            breakdown = vc.estimate(setup.model, gpu=gpu, **in_repo(options))
         except error_cls as err:
             message = str(err)
             hint = ""
@@ -845,6 +864,11 @@ def mechanism_note(record: dict) -> str:
     if rid == "torchtune-019":
         return ("open: the step at 4 x 2048 with compile, the recipe's held logits counted (--loss torchtune-2024), "
                 "is above the load peak (--load requantize); statistic unstated")
+    if f"({ALPACA_LENGTHS_WORDS} not generated)" in record["assumptions"] and record["statistic"] != \
+            "torch_max_allocated" and not record["phase"] == "load":
+        return ("varying lengths: batches padded to their longest sample leave one loss ladder cached per step "
+                "longer than all before it (--sample-lengths; alpaca-cleaned, not reachable here, "
+                "benchmarks/datasets/README.md)")
     if rid in ("torchtune-028", "torchtune-037"):
         return ("Q4 modelled (--load requantize: 70 B/weight at the largest Linear beside the built model); the rest "
                 "is allocator reserve, proved by replay (9.133 GB reserved after init; tutorial 9.13) but not "

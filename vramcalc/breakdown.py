@@ -89,8 +89,11 @@ class MemoryBreakdown:
     def reserved_bytes(self) -> int:
         """What ``torch.cuda.max_memory_reserved`` reads while the GPU has room: the tensor peak, the allocator slack
         and, under FSDP, the blocks its own streams keep cached beyond the peak (``details["stream_pools_bytes"]``,
-        ``terms.runtime.stream_pool_bytes``: released before a ``cudaMalloc`` fails, so not in ``total_bytes``)."""
-        return self.peak_tensor_bytes + self.terms_bytes[Term.ALLOCATOR_SLACK] + self.details.get("stream_pools_bytes", 0)
+        ``terms.runtime.stream_pool_bytes``: released before a ``cudaMalloc`` fails, so not in ``total_bytes``) and,
+        given the dataset's sample lengths, the shorter steps' loss blocks (``details["length_ladders_bytes"]``,
+        ``sample_lengths``: whole free segments, likewise released)."""
+        return (self.peak_tensor_bytes + self.terms_bytes[Term.ALLOCATOR_SLACK] + self.details.get("stream_pools_bytes", 0)
+                + self.details.get("length_ladders_bytes", 0))
 
     def headroom_bytes(self, gpu: str | GpuSpec | None = None) -> int:
         """Device memory left at the peak (negative: short by that much)."""
@@ -167,6 +170,15 @@ class MemoryBreakdown:
             lines.append(f"FSDP's streams keep {gib(self.details['stream_pools_bytes']):.2f} GiB more cached while the "
                          f"GPU has room (max_memory_reserved {gib(self.reserved_bytes):.2f} GiB, the CUDA context "
                          "aside); freed before an out-of-memory")
+        if "longest_step_tokens" in self.details:  # estimate(..., sample_lengths=...): sample_lengths.py
+            d = self.details
+            lines.append(f"longest step {d['longest_step_tokens']:,} tokens ({d['share_of_steps_at_longest']:.1%} of "
+                         f"{d['steps_per_epoch']:,} steps an epoch); about {d['expected_later_records']:.1f} "
+                         "steps longer than every earlier one")
+            if "length_ladders_bytes" in d:
+                lines.append(f"their loss blocks keep {gib(d['length_ladders_bytes']):.2f} GiB more cached on average "
+                             f"(max_memory_reserved {gib(self.reserved_bytes):.2f} GiB, the CUDA context aside); "
+                             "freed before an out-of-memory")
         if "reserved_peak_bytes" in self.details:  # trace(..., reserved=True): tracing/reserved.py
             lines += self._reserved_lines(width)
         if "image_tokens_per_sample" in self.details:

@@ -85,6 +85,12 @@ RESERVED_HELP = ("also replay the step's allocations through PyTorch's caching a
                  "workspace; adds details.reserved_peak_bytes (JSON, CSV) and a table line; traces three steps "
                  "instead of two, recorded: about 1.5 times as long (default: off)")
 
+SAMPLE_LENGTHS_HELP = ("the dataset's token count per sample, for unpacked batches padded to their longest sample "
+                       "(--seq-len truncates): a 'tokens,samples' CSV, a JSON list or one count per line; the peak "
+                       "is the longest step's, and details.length_ladders_bytes what the shorter steps' loss blocks "
+                       "keep cached on average over one epoch (in max_memory_reserved, not in the total) "
+                       "(default: none, every step at --seq-len)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     from .cost import DEFAULT_AMORTISATION_YEARS, DEFAULT_USD_PER_KWH
@@ -103,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--gpu", help="catalogue GPU: say whether it fits and the headroom (default: none)")
         if verb == "trace":
             sub.add_argument("--reserved", action="store_true", help=RESERVED_HELP)
+        else:
+            sub.add_argument("--sample-lengths", dest="sample_lengths", metavar="FILE", help=SAMPLE_LENGTHS_HELP)
         sub.add_argument("--format", default="table", help=FORMAT_HELP)
     for verb in ("models", "gpus"):
         sub = verbs.add_parser(verb, help=f"list the {verb} catalogue", description=f"list the {verb} catalogue")
@@ -297,6 +305,8 @@ def _run_breakdown(args: argparse.Namespace) -> str:
     _check_model(args.model)
     function = estimate if args.verb == "estimate" else trace
     extra = {"reserved": True} if getattr(args, "reserved", False) else {}
+    if getattr(args, "sample_lengths", None):
+        extra["sample_lengths"] = args.sample_lengths
     try:
         result = function(args.model, gpu=args.gpu, revision=args.revision, **extra, **setup_kwargs(args))
     except VramcalcError as err:

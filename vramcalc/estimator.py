@@ -30,6 +30,8 @@ from .facts import CHUNKED_LOSS_CHUNKS
 from .model import ModelSpec
 from .options import Attention, DeviceMap, Loss, Method, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
+from .sample_lengths import (LengthProfile, expected_later_records, expected_record_tokens, step_lengths,
+                             steps_per_epoch)
 from .terms import context_parallel  # --cp
 from .terms import (activations, adapters, distributed, expert_parallel, float8, gptq, layouts, loading, logits,
                     optimizer, parameters, peft_methods, quantized, runtime, stack_layers, states, tasks, temporaries,
@@ -49,10 +51,15 @@ _TENSOR_FIELDS = ("weights", "gradients", "optimizer_states", "activations", "lo
 _MOMENT_FIELDS = _TENSOR_FIELDS + ("all_gather_stream", "reduce_scatter_stream", "stranded")
 
 
-def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = None, **options) -> MemoryBreakdown:
+def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = None, sample_lengths=None,
+             **options) -> MemoryBreakdown:
     """Peak device memory of one fine-tuning step, by term. Options are the TrainingSetup fields (see DESIGN.md);
     any left out take the defaults of a current transformers + peft + Trainer user (listed in ``inputs``).
-    ``revision``: the branch, tag or commit of a Hub repo id (``catalogue.get_model``)."""
+    ``revision``: the branch, tag or commit of a Hub repo id (``catalogue.get_model``). ``sample_lengths``: the
+    dataset's token count per sample (``sample_lengths.LengthProfile.of``: a list, a histogram or a file), for
+    unpacked batches padded to their longest sample, ``seq_len`` their truncation length (``_with_sample_lengths``)."""
+    if sample_lengths is not None:
+        return _with_sample_lengths(model, gpu, revision, LengthProfile.of(sample_lengths), options)
     spec = get_model(model, revision)
     resolved = resolve_setup(spec, **options)
     device = get_gpu(gpu) if gpu is not None else None
@@ -76,6 +83,42 @@ def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = 
     return MemoryBreakdown(spec.name, dict(terms), phase, inputs, "estimate", device, warnings, details)
 
 
+def _with_sample_lengths(model, gpu, revision, profile: LengthProfile, options: dict) -> MemoryBreakdown:
+    """The estimate of a run whose steps each take their batch's longest sample (``sample_lengths``): the tensor
+    terms at the longest step, T_max = min(``seq_len``, the longest sample); and ``details["length_ladders_bytes"]``,
+    what the shorter steps' loss blocks add to ``max_memory_reserved`` on average over the batches' order,
+    E[R] - R(T_max) with E[R] = R(E[T_1]) + K(T_max)/T_max · E[sum of the later records' T_r] (in ``reserved_bytes``,
+    not in ``total_bytes``: whole free segments, released when a ``cudaMalloc`` fails)."""
+    spec = get_model(model, revision)
+    setup = resolve_setup(spec, **options).setup
+    if setup.packing:
+        raise VramcalcError("--sample-lengths describes batches padded to their longest sample; packed batches "
+                            "(--packing) all hold --seq-len tokens")
+    lengths = step_lengths(profile, setup.seq_len, setup.batch_size)
+    data_parallel = setup.num_gpus // (setup.tp * setup.cp) if setup.sharding is not Sharding.NONE else 1
+    steps = steps_per_epoch(profile, setup.batch_size, data_parallel)
+    at_longest = estimate(model, gpu=gpu, revision=revision, **{**options, "seq_len": lengths.longest})
+    details = dict(at_longest.details, longest_step_tokens=lengths.longest, steps_per_epoch=steps,
+                   share_of_steps_at_longest=round(lengths.share_at_longest(), 4),
+                   expected_later_records=round(expected_later_records(lengths, steps), 2))
+    ladder = at_longest.details.get("reserved_growth_per_longer_step_bytes", 0)
+    if ladder:  # a loss with [rows, V] blocks (none for a fused loss)
+        first = estimate(model, gpu=gpu, revision=revision, **{**options, "seq_len": max(1, round(lengths.mean))})
+        # the staircase climbs from the first step's own reserve (the loading's cached blocks, where they are the
+        # higher mark, hold the shorter steps' ladders: the run's reserved is the larger of the two)
+        first_step = first.details.get("step_reserved_bytes", first.reserved_bytes)
+        expected = first_step + ladder / lengths.longest * expected_record_tokens(lengths, steps)
+        details["length_ladders_bytes"] = max(0, int(expected) - at_longest.reserved_bytes)
+
+    def inputs() -> dict:
+        out = dict(at_longest.inputs, seq_len=setup.seq_len, sample_lengths=profile.summary())
+        out["origins"] = dict(out["origins"], sample_lengths="given")
+        return out
+
+    return MemoryBreakdown(at_longest.model, at_longest.terms_bytes, at_longest.phase, inputs, "estimate",
+                           at_longest.gpu, at_longest.warnings, details)
+
+
 @functools.lru_cache(maxsize=4096)
 def _estimate_parts(spec: ModelSpec, resolved: ResolvedSetup, device: GpuSpec | None) -> tuple:
     """(terms, phase, details, warnings) of an estimate, as tuples (each call gets its own dicts)."""
@@ -87,6 +130,8 @@ def _estimate_parts(spec: ModelSpec, resolved: ResolvedSetup, device: GpuSpec | 
         details["phase_peak_bytes"] = dict(peak.phase_peaks)
     if not resolved.setup.packing and peak.loss_ladder_bytes:
         details["reserved_growth_per_longer_step_bytes"] = reserved_growth_per_longer_step(peak.loss_ladder_bytes)
+    if peak.phase is Phase.LOAD:  # the loading's high-water mark is the run's: the step's own beside it
+        details["step_reserved_bytes"] = peak.step_reserved_bytes
     return tuple(out.terms_bytes.items()), out.phase, tuple(details.items()), tuple(out.warnings)
 
 
@@ -101,6 +146,7 @@ class _TensorPeak:
     stream_pools_bytes: int = 0  # what FSDP's side streams keep cached beyond the tensor peak (``_stream_pools_bytes``)
     stranded_bytes: int = 0  # the caching allocator's cached blocks beside the peak (``runtime.step_reserved_bytes``)
     loss_ladder_bytes: int = 0  # the [rows, V] blocks the loss's backward holds (``reserved_growth_per_longer_step``)
+    step_reserved_bytes: int = 0  # the training step's own reserved memory, the loading's left out
 
 
 @functools.lru_cache(maxsize=4096)
@@ -122,8 +168,10 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
         paged = optimizer.optimizer_state_bytes(parameters.stored_tensors(spec, resolved), optimizer_name,
                                                 embedding_32bit).paged_bytes
     ladder = next((m.logits for m in moments if m.phase is Phase.BACKWARD_START), 0)
+    step = max((m for m in moments if m.phase is not Phase.LOAD), key=lambda moment: moment.tensor_bytes)
     return _TensorPeak(terms, peak.phase, paged, _phase_peaks(moments) if _reports_phase_peaks(resolved) else (),
-                       _stream_pools_bytes(spec, resolved, moments), int(peak.stranded), ladder)
+                       _stream_pools_bytes(spec, resolved, moments), int(peak.stranded), ladder,
+                       int(step.tensor_bytes + step.stranded))
 
 
 def reserved_growth_per_longer_step(loss_ladder_bytes) -> int:
@@ -135,7 +183,8 @@ def reserved_growth_per_longer_step(loss_ladder_bytes) -> int:
     longer step's loss cannot use the shorter steps' segments and each record strands one ladder: reserved =
     R(T_1) + sum of K(T_r) over the later records (allocator replays,
     docs/evidence/varying_length_reserved/README.md). How many records a run has depends on the length
-    distribution and the step count, so the estimate stays at one length and reports K at ``seq_len``. These are
+    distribution and the step count: given the dataset's sample lengths, ``_with_sample_lengths`` adds their
+    expected sum (``sample_lengths``); without them the estimate stays at one length and reports K at ``seq_len``. These are
     whole free segments, which a failing ``cudaMalloc`` releases (``release_cached_blocks``): they inflate
     reserved and nvidia-smi, not whether the job fits."""
     return int(loss_ladder_bytes)
@@ -707,10 +756,13 @@ def _with_reserved(moments: list[Moment], head_request, layer_bytes, gradients=(
                                                  (starts[0].logits if starts else 0) + head) if gradients else 0
     step_peak = functools.reduce(maximum, steps)
     loading = functools.reduce(maximum, (m.tensor_bytes for m in moments if m.phase is Phase.LOAD), 0)
-    reserved = maximum(runtime.step_reserved_bytes(step_peak, backward_start, head, layer_bytes, fresh), loading)
-    in_backward = (maximum(runtime.step_reserved_bytes(step_peak, backward_start, head, 0, fresh), loading)
-                   if refilled_in_backward else reserved)
-    return [m._replace(stranded=(in_backward if m.phase is Phase.BACKWARD else reserved) - m.tensor_bytes)
+    reserved = runtime.step_reserved_bytes(step_peak, backward_start, head, layer_bytes, fresh)
+    in_backward = (runtime.step_reserved_bytes(step_peak, backward_start, head, 0, fresh) if refilled_in_backward
+                   else reserved)
+    # a step moment at the peak holds at least the loading's high-water mark (step_peak >= loading), so the step's
+    # own reserve is the run's; the loading's moment, at the peak, keeps whichever is higher
+    return [m._replace(stranded=(maximum(reserved, loading) if m.phase is Phase.LOAD else
+                                 in_backward if m.phase is Phase.BACKWARD else reserved) - m.tensor_bytes)
             for m in moments]
 
 

@@ -183,7 +183,13 @@ def frame_records(frame) -> list[dict]:
 def breakdown_row(result: MemoryBreakdown) -> dict:
     """One flat, unit-suffixed row: the setup, each term in bytes, and the totals in bytes and GiB."""
     row = {"model": result.model, "source": result.source, "phase": result.phase.value}
-    row.update({key: value for key, value in result.inputs.items() if key not in ("model", "defaults", "origins")})
+    for key, value in result.inputs.items():
+        if key in ("model", "defaults", "origins"):
+            continue
+        if isinstance(value, dict):  # a summary (``sample_lengths``): one column per figure
+            row.update({f"{key}_{name}": figure for name, figure in value.items()})
+        else:
+            row[key] = value
     row.update({f"{term}_bytes": value for term, value in result.terms().items()})
     row["peak_tensor_bytes"] = result.peak_tensor_bytes
     row["total_bytes"] = result.total_bytes
@@ -191,9 +197,10 @@ def breakdown_row(result: MemoryBreakdown) -> dict:
     for key in ("reserved_peak_bytes", "reserved_baseline_bytes"):  # trace(..., reserved=True) only
         if key in result.details:
             row[key] = result.details[key]
-    if "stream_pools_bytes" in result.details:  # FSDP: reserved beyond the total while the GPU has room
-        row["stream_pools_bytes"] = result.details["stream_pools_bytes"]
-        row["reserved_bytes"] = result.reserved_bytes
+    for key in ("stream_pools_bytes", "length_ladders_bytes"):  # reserved beyond the total while the GPU has room
+        if key in result.details:
+            row[key] = result.details[key]
+            row["reserved_bytes"] = result.reserved_bytes
     if result.gpu is not None:
         row["gpu"] = result.gpu.name
         row["fits"] = result.fits()
