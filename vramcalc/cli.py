@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     text = "the training stacks (--stack) and every option each one sets, with its source"
     sub = verbs.add_parser("stacks", help=text, description=text)
     sub.add_argument("--format", default="table", help=FORMAT_HELP)
+    text = "a local dataset's token count per sample, for estimate --sample-lengths (needs the trace extra)"
+    sub = verbs.add_parser("lengths", help=text, description=text)
+    sub.add_argument("data", help="the dataset: a .jsonl, .json, .csv or .parquet file of records")
+    sub.add_argument("--tokenizer", required=True, help="the model's tokenizer: a local folder or a HF repo id")
+    sub.add_argument("--field", help="the record field holding the text (default: each record's messages, text, "
+                     "prompt+completion or instruction+output)")
+    sub.add_argument("--output", help="also write the 'tokens,samples' CSV that --sample-lengths reads to this "
+                     "file, atomically (default: print only)")
+    sub.add_argument("--format", default="table", help=FORMAT_HELP)
     max_gpus_help = f"most GPUs to try per type, 1 to {MAX_GPUS_LIMIT:,} (default: {DEFAULT_MAX_GPUS})"
     text = "every catalogue GPU: how many, largest micro-batch, host RAM, time and cost"
     sub = verbs.add_parser("plan", help=text, description=text)
@@ -173,7 +182,7 @@ EXTRAS_NOTE = """\
 install extras:
   estimate, models, gpus, plan, max-batch, report   pip install vramcalc          (standard library only)
   estimate ORG/NAME (any Hugging Face repo id)      pip install 'vramcalc[hub]'
-  trace                                             pip install 'vramcalc[trace]'
+  trace, lengths                                    pip install 'vramcalc[trace]'
   trace --stack torchtune|litgpt|trl                pip install 'vramcalc[trace,stacks]'
   python -m vramcalc.calibrate                      pip install 'vramcalc[calibrate]'
   vramcalc.plan() / vramcalc.sweep() DataFrames     pip install 'vramcalc[plan]'"""
@@ -206,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                                                               "gives the memory, the estimate refuses"))
         elif args.verb == "plan":
             stdout.write(plan_command(args, fmt))
+        elif args.verb == "lengths":
+            stdout.write(lengths_command(args, fmt))
         elif args.verb == "max-batch":
             stdout.write(max_batch_command(args, fmt))
         elif args.verb == "report":
@@ -253,6 +264,38 @@ def _silence(stream) -> None:
         os.close(devnull)
     except (OSError, ValueError, AttributeError):  # not a real file (a test's capture buffer)
         pass
+
+
+LENGTH_CAPS = (512, 1024, 2048, 4096, 8192)
+
+
+def lengths_command(args: argparse.Namespace, fmt: str) -> str:
+    """``vramcalc lengths``: the dataset's token counts (``dataset_lengths``), summarised, as the histogram CSV."""
+    from .dataset_lengths import dataset_lengths, histogram_csv
+
+    profile = dataset_lengths(args.data, args.tokenizer, field=args.field)
+    if args.output:
+        write_atomic(args.output, histogram_csv(profile))
+    if fmt == "csv":
+        return histogram_csv(profile)
+    ordered = [t for t, n in zip(profile.tokens, profile.samples) for _ in range(n)]
+
+    def quantile(q: float) -> int:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    summary = {"samples": profile.count, "mean_tokens": round(profile.mean, 1), "median_tokens": quantile(0.5),
+               "p90_tokens": quantile(0.9), "p99_tokens": quantile(0.99), "longest_tokens": profile.longest,
+               **{f"share_over_{cap}": round(sum(n for t, n in zip(profile.tokens, profile.samples) if t > cap)
+                                              / profile.count, 4) for cap in LENGTH_CAPS}}
+    if fmt == "json":
+        return json.dumps({**summary, "histogram": [{"tokens": t, "samples": n} for t, n in
+                                                    zip(profile.tokens, profile.samples) if n]}, indent=2) + "\n"
+    lines = [f"{key:<18} {value:,}" if isinstance(value, int) else f"{key:<18} {value}" for key, value in
+             summary.items()]
+    if args.output:
+        lines.append(f"wrote {terminal_text(args.output)} (vramcalc estimate ... --sample-lengths "
+                     f"{terminal_text(args.output)})")
+    return "\n".join(lines) + "\n"
 
 
 def setup_kwargs(args: argparse.Namespace) -> dict:
