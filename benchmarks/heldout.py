@@ -41,6 +41,17 @@ example charts ``examples/huggingface/img`` @8d882141 (Llama-3-8B) and @03fd6032
 transformers 4.43.3, max_memory_allocated in MiB, the Llama bars read by pixel; the Gemma chart is left out: its
 bars sit below the fp32 shards the same script makes) and four axolotl example READMEs ("This config uses about X",
 statistic unstated, read as reserved GiB; low confidence).
+
+Session 36 (fourth set, docs/stacks-research.md section 12) added 24 rows from five more sources, none of them a
+development-set source: unslothai/notebooks ``nb/*.ipynb`` @bdda2efc (``unb``, 14 QLoRA rows: the saved output of
+each notebook's ``torch.cuda.max_memory_reserved()/1024**3`` cell, Unsloth 2024.1-2025.9 on a T4 or an A100, checked
+against the training banner; the longest batch is not logged, so variable-length rows use the ``max_seq_length`` cap),
+the TRL notebook ``examples/notebooks/sft_trl_lora_qlora.ipynb`` @28bba8c6b and @b17dc1b90 (``trlnb``, 2 QLoRA rows,
+TRL 0.24, the same reserved cell), the llama-recipes PR #41 description (``llr``, 4 FSDP LoRA rows, Llama-2-7B on
+4 x A100-40GB, peak active and reserved; code at 71fdc4920), DeepSpeed-Chat's committed step-1 log @24fd63c3
+(``dsc``, OPT-1.3B ZeRO-2, DeepSpeed's MaxMemAllocated) and the PEFT accelerate docs @6008f272a (``peftdoc``,
+Llama-2-70B QLoRA under FSDP and ZeRO-3, statistic unstated, low confidence). Rows seen and left out, with why, are
+listed in that section.
 """
 
 from __future__ import annotations
