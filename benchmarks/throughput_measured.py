@@ -229,7 +229,9 @@ def findings(results: list[Comparison], by_id: dict[str, Comparison]) -> list[st
     full = by_id["llama-3.1-8b/full/bf16/adamw/nockpt/sdpa/b1s256"]
     issue_8b = statistics.median(timing[full.scenario_id]["issue_s"][1:])
     gpu_tail_8b = timing[full.scenario_id]["steady"] - issue_8b
-    adamw_8b_s = int(full.row["trainable_params"]) * 14 / (get_gpu("h200").bandwidth_gb_s * 1e9)
+    h200 = get_gpu("h200")
+    achievable_gb_s = st.achievable_bandwidth_gb_s(h200.name, h200.bandwidth_gb_s)  # data/achievable_rates.csv
+    adamw_8b_s = int(full.row["trainable_params"]) * 14 / (achievable_gb_s * 1e9)
     first = {i: r["harness"] / r["steady"] - 1 for i, r in timing.items()}
     steady = [(by_id[i].measured_s / r["steady"]) for i, r in timing.items() if i in by_id] + \
         [by_id[i].measured_s / r["median_off"] for i, r in sampler.items()]
@@ -240,7 +242,8 @@ def findings(results: list[Comparison], by_id: dict[str, Comparison]) -> list[st
     ops = {name: (calls, seconds) for name, calls, seconds in profile[eager.scenario_id]["top"]}
     softmax_tb_s = 8 * scores * ops["aten::_softmax"][0] / ops["aten::_softmax"][1] / 1e12
     softmax_bwd_tb_s = 12 * scores * ops["aten::_softmax_backward_data"][0] / ops["aten::_softmax_backward_data"][1] / 1e12
-    peak_tb_s = get_gpu("h200").bandwidth_gb_s / 1000
+    peak_tb_s = h200.bandwidth_gb_s / 1000
+    achievable_tb_s = achievable_gb_s / 1000
     moe = by_id["qwen3-moe-mini/qlora/bf16/paged-adamw-8bit/ckpt/eager/b1s256"]
     qwen3 = [c for c in results if c.row["model"].startswith("qwen3")]
     qwen3_profile = _json("profile_qwen3.json")
@@ -266,7 +269,8 @@ def findings(results: list[Comparison], by_id: dict[str, Comparison]) -> list[st
         f"   the step (the model's whole step is {full.step.step_s * 1e3:.0f} ms, {full.step.host_s * 1e3:.0f} ms "
         f"of it host) and the GPU runs {gpu_tail_8b * 1e3:.0f} ms past the last issue (the",
         f"   fused AdamW over {int(full.row['trainable_params']) / 1e9:.1f}B bf16 parameters at 14 B each is "
-        f"{adamw_8b_s * 1e3:.0f} ms at the HBM peak). So the library constant stays, and the host rate is a "
+        f"{adamw_8b_s * 1e3:.0f} ms at the achievable {achievable_tb_s:.2f} TB/s). So the library constant stays, "
+        "and the host rate is a "
         "calibrated",
         "   coefficient of the GPU's profile (`RuntimeProfile.host_seconds_per_kernel`): fitted to this run's grid it is",
         f"   {fitted['value'] * 1e6:.1f} us per launched kernel ({fitted['seconds_per_launched_kernel_with_views'] * 1e6:.1f}"
@@ -295,11 +299,14 @@ def findings(results: list[Comparison], by_id: dict[str, Comparison]) -> list[st
         "bytes are right, the pace is not.",
         f"   The fp32 softmax forward over {s_len:,}-wide rows (`cunn_SoftMaxForwardReg`, "
         f"{ops['aten::_softmax'][0]} calls, {ops['aten::_softmax'][1]:.2f} s) moves 8 B per",
-        f"   score at {softmax_tb_s:.2f} TB/s ({softmax_tb_s / peak_tb_s:.0%} of {peak_tb_s:.1f}); the adds "
+        f"   score at {softmax_tb_s:.2f} TB/s ({softmax_tb_s / peak_tb_s:.0%} of the {peak_tb_s:.1f} datasheet, "
+        f"{softmax_tb_s / achievable_tb_s:.0%} of the {achievable_tb_s:.2f} achievable); the adds "
         f"({ops['aten::add'][1]:.2f} s) run mostly in TensorIterator's non-vectorised casting kernel",
         "   (`elementwise_kernel<128, 4, gpu_kernel_impl<...>>`, the path for mixed dtypes and broadcasts); the",
-        f"   softmax backward reaches {softmax_bwd_tb_s:.1f} TB/s ({softmax_bwd_tb_s / peak_tb_s:.0%}). No stored "
-        "source gives these kernels' efficiencies, so none is",
+        f"   softmax backward reaches {softmax_bwd_tb_s:.1f} TB/s ({softmax_bwd_tb_s / peak_tb_s:.0%}; "
+        f"{softmax_bwd_tb_s / achievable_tb_s:.0%} of the achievable figure, BabelStream's fp64 triad, which a",
+        "   kernel can pass, or the 12 B per score overcount). No stored source gives these kernels' efficiencies, "
+        "so none is",
         "   assumed. The promotion also makes an fp32 [8, 9, 8192, 8192] tensor (19.3 GB) where a bf16 one is",
         "   expected: a candidate for the memory comparison's unexplained +20.3 GB on this row (`calibration/README.md`),",
         "   not checked here.",
@@ -307,8 +314,9 @@ def findings(results: list[Comparison], by_id: dict[str, Comparison]) -> list[st
         "   more RMSNorms per layer (`step_time.QK_NORM_KERNELS_PER_LAYER`, 16 eager kernels, 18 element-equivalents",
         "   per normed element; `ModelSpec.qk_norm` was known but the step counted a Llama layer). The five Qwen3 rows",
         "   moved from -75/-89/-77/-21/-74% (the model of commit 0fec48b) to "
-        + "/".join(f"{c.error:+.0%}" for c in qwen3) + " (table order); the published comparison",
-        "   (`benchmarks/throughput.md`) has no Qwen3, OLMo-2 or Llama-4 row and did not change (14.9% / 25.0% / 16.0%",
+        + "/".join(f"{c.error:+.0%}" for c in qwen3) + " now (table order; the achievable memory bandwidth of",
+        "   `data/achievable_rates.csv` moved the GPU-bound ones since); the published comparison",
+        "   (`benchmarks/throughput.md`) has no Qwen3, OLMo-2 or Llama-4 row and did not change with the count (14.9% / 25.0% / 16.0%",
         "   median before and after). The session-4 profiles check it: "
         + " and ".join(f"{r['norm_kernels']}" for r in qwen3_profile)
         + " RMSNorm kernels (28 layers x 4 norms x 2,",
@@ -342,6 +350,8 @@ def main() -> None:
     by_id = {c.scenario_id: c for c in results}
     host_bound = [c for c in results if c.share(c.step.host_s) >= HOST_BOUND_SHARE]
     fitted = profile_data("h200")["fitted"]["host_seconds_per_kernel"]
+    h200 = get_gpu("h200")
+    achievable_gb_s = st.achievable_bandwidth_gb_s(h200.name, h200.bandwidth_gb_s)
     header = ["| set | profile | rows | median abs error | mean error | worst | within 1.5x |",
               "|---|---|---|---|---|---|---|"]
     sets = [("all status-ok rows (grid, preflight, QLoRA panel)", results),
@@ -368,7 +378,8 @@ def main() -> None:
         "",
         "The predicted side is the step-time model (`cost.step_work_for` then `step_time.step_time`) for each row's",
         "setup rebuilt from its cells (the rebuilt setup's scenario id equals the recorded one), on the catalogue H200",
-        "with the rates of `data/achievable_rates.csv`, with two runtime profiles:",
+        "with the rates of `data/achievable_rates.csv` (GEMM, attention and the achievable memory bandwidth, "
+        f"{achievable_gb_s:,.0f} GB/s of the datasheet's {h200.bandwidth_gb_s:,.0f}), with two runtime profiles:",
         "",
         "* **default**: `RuntimeProfile()`, the host's time per launched kernel at "
         f"`step_time.HOST_SECONDS_PER_KERNEL` = {st.HOST_SECONDS_PER_KERNEL * 1e6:.0f} us. Nothing is fitted to "

@@ -151,6 +151,30 @@ def test_eager_attention_costs_hbm_time_and_flash_does_not():
     assert eager > 0 and flash == 0
 
 
+def test_eager_attention_time_runs_at_the_achievable_bandwidth_and_falls_back_to_the_datasheet(monkeypatch):
+    from vramcalc import step_time as st
+
+    spec, h100 = get_model("llama-3.1-8b"), get_gpu("h100-sxm")
+    resolved = resolve_setup(spec, attn="eager")
+    achievable = cost.eager_attention_seconds_per_token(spec, resolved, h100)
+    monkeypatch.setattr(st, "rates_index", lambda path=None: {})  # a rates file without the GPU's memory row
+    datasheet = cost.eager_attention_seconds_per_token(spec, resolved, h100)
+    # the same bytes over 2,970 GB/s (Azure BabelStream triad, data/achievable_rates.csv) instead of 3,350
+    assert achievable / datasheet == pytest.approx(3350 / 2970)
+
+
+@pytest.mark.parametrize("name", ["a100-80gb", "h100-sxm", "h200", "b200", "rtx-4090"])
+def test_the_step_runs_memory_bound_work_at_the_achievable_bandwidth_not_the_datasheets(name):
+    from vramcalc import step_time as st
+
+    spec, gpu = get_model("llama-3.1-8b"), get_gpu(name)
+    work, rates = cost.step_work_for(spec, resolve_setup(spec, method="lora"), gpu)
+    row = st.achievable_rate(name, "memory", "any")
+    assert rates.bandwidth_gb_s == row.gb_s < gpu.bandwidth_gb_s
+    step = st.step_time(work, rates)
+    assert step.memory_s == pytest.approx(work.memory_bytes / (row.gb_s * 1e9))
+
+
 # -- money --------------------------------------------------------------------------------------------------------
 def test_rent_is_price_times_gpus_times_hours():
     assert cost.rent_cost_usd(3.99, 8, 10.0) == pytest.approx(319.2)

@@ -106,8 +106,71 @@ def test_achievable_rates_are_sourced_and_below_the_datasheet_peak():
     for (gpu, kind, dtype), rate in rates.items():
         assert rate.source and rate.basis in ("measured", "derived"), (gpu, kind, dtype)
         spec = get_gpu(gpu)
+        if kind == "memory":  # a bandwidth, against the datasheet's
+            assert dtype == st.MEMORY_DTYPE and rate.tflops is None, (gpu, kind, dtype)
+            assert spec.bandwidth_gb_s and 0 < rate.gb_s <= spec.bandwidth_gb_s, (gpu, rate.gb_s, spec.bandwidth_gb_s)
+            continue
         peak = {"bf16": spec.bf16_dense_tflops, "fp16": spec.fp16_dense_tflops, "fp8": spec.fp8_dense_tflops}[dtype]
-        assert peak and 0 < rate.tflops <= peak, (gpu, kind, dtype, rate.tflops, peak)
+        assert rate.gb_s is None and peak and 0 < rate.tflops <= peak, (gpu, kind, dtype, rate.tflops, peak)
+
+
+def test_every_catalogue_gpu_with_a_bandwidth_has_an_achievable_one():
+    from vramcalc.catalogue import gpus
+
+    rates = st.load_achievable_rates()
+    missing = [g.name for g in gpus() if g.bandwidth_gb_s and (g.name, "memory", "any") not in rates]
+    assert not missing, missing
+
+
+# The measured memory rows against the figures their sources print (data/achievable_rates.csv names each): the mean
+# where two sources measured the GPU. Azure/AI-benchmarking-guide @8fd0c6e BabelStream Triad (TB/s): A100-SXM4-80GB
+# 1.70, H100 80GB HBM3 2.97, H200 4.15; its fork samuel-bohman/AI-benchmarking-guide @3de0c29: MI300X 4.09.
+# te42kyfo/gpu-benches @1c36d50 gpu-stream, best triad over the occupancy sweep (GB/s): a100_80 1759, a100_40 1375,
+# h100_pcie 1832, v100 814, l40 803 (for the L40S). xytpai/nvbench @59ca77f copy: A100-40GB 1379.710, RTX4090 921.850.
+MEASURED_MEMORY_GB_S = {"a100-80gb": (1700, 1759), "a100-40gb": (1375, 1379.71), "h100-sxm": (2970,),
+                        "h100-pcie": (1832,), "h200": (4150,), "mi300x": (4090,), "v100-32gb": (814,),
+                        "l40s": (803,), "rtx-4090": (921.85,)}
+
+
+@pytest.mark.parametrize("gpu, figures", sorted(MEASURED_MEMORY_GB_S.items()))
+def test_a_measured_memory_row_is_the_mean_of_its_sources(gpu, figures):
+    row = st.achievable_rate(gpu, "memory", st.MEMORY_DTYPE)
+    assert row is not None and row.basis == "measured"
+    assert row.gb_s == pytest.approx(sum(figures) / len(figures), abs=0.05)  # one decimal in the file
+
+
+def test_a_derived_memory_row_is_its_datasheet_times_its_familys_median_measured_ratio():
+    # the rule, recomputed from the file and the catalogue's datasheet bandwidth and memory type
+    with open(data_dir() / "achievable_rates.csv", newline="", encoding="utf-8") as f:
+        memory = [r for r in csv.DictReader(f) if r["kind"] == "memory"]
+    family = {name: ("hbm" if get_gpu(name).memory_type.startswith("HBM") else "gddr") for name in
+              (r["gpu"] for r in memory)}
+    ratios = {"hbm": [], "gddr": []}
+    for r in memory:
+        if r["basis"] == "measured":
+            ratios[family[r["gpu"]]].append(float(r["gb_s"]) / get_gpu(r["gpu"]).bandwidth_gb_s)
+    assert len(ratios["hbm"]) >= 5 and len(ratios["gddr"]) >= 2
+    derived = [r for r in memory if r["basis"] == "derived"]
+    assert {r["gpu"] for r in derived} >= {"b200", "rtx-3090", "a10g", "l4", "t4"}
+    for r in derived:
+        fam = sorted(ratios[family[r["gpu"]]])
+        n = len(fam)
+        median = fam[n // 2] if n % 2 else (fam[n // 2 - 1] + fam[n // 2]) / 2
+        assert float(r["gb_s"]) == pytest.approx(get_gpu(r["gpu"]).bandwidth_gb_s * median, abs=0.05), r["gpu"]
+        assert st.measured_memory_efficiency(family[r["gpu"]]) == pytest.approx(median)
+
+
+def test_memory_families_group_hbm_and_gddr_and_reject_anything_else():
+    assert {st.memory_family(m) for m in ("HBM2", "HBM2e", "HBM3", "HBM3e")} == {"hbm"}
+    assert {st.memory_family(m) for m in ("GDDR6", "GDDR6 (ECC)", "GDDR6X", "GDDR7")} == {"gddr"}
+    with pytest.raises(ValueError, match="memory type"):
+        st.memory_family("LPDDR5X")
+
+
+def test_the_achievable_bandwidth_is_the_files_row_or_else_the_datasheet():
+    assert st.achievable_bandwidth_gb_s("a100-80gb", 2039.0) == pytest.approx(1729.5)
+    assert st.achievable_bandwidth_gb_s("not-a-catalogue-gpu", 1234.0) == 1234.0
+    assert st.achievable_bandwidth_gb_s("a100-80gb", 2039.0, rates={}) == 2039.0  # a file without the row
 
 
 PRICE_FILES = ("cloud_prices.csv", "gpu_list_prices.csv")

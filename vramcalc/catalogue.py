@@ -73,6 +73,7 @@ class GpuSpec:
     infiniband_gb_s: float | None = None  # scale-out network per GPU and direction in its reference node (HGX/DGX)
     interconnect_source: str = ""
     aliases: tuple[str, ...] = ()  # device names (nvidia-smi, torch) and common spellings that mean this GPU
+    memory_type: str = ""  # HBM2, HBM2e, HBM3, HBM3e, GDDR6, GDDR6X, GDDR7 (step_time.memory_family groups them)
 
     @property
     def memory_gib(self) -> float:
@@ -174,6 +175,7 @@ def _gpu_rows() -> dict[str, GpuSpec]:
             infiniband_gb_s=_float(row.get("infiniband_gb_s")),
             interconnect_source=row.get("interconnect_source", ""),
             aliases=tuple(alias.strip() for alias in (row.get("aliases") or "").split(";") if alias.strip()),
+            memory_type=row.get("memory_type", ""),
         )
         gpus[gpu.name] = gpu
     return gpus

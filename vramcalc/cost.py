@@ -17,13 +17,13 @@ utilisation is the MFU of a run without checkpointing, and a checkpointed run ta
 Eager attention adds the HBM traffic of its materialised ``[b, a, s, s]`` scores (a bandwidth term, not FLOPs).
 
 Where ``data/achievable_rates.csv`` has rates for the GPU, time comes from the work of one step instead
-(``step_for``: ``vramcalc/step_time.py`` — matmuls and attention at achievable rates, memory-bound bytes at HBM
-bandwidth, host overhead per kernel, communication on the ring's link with its overlap); an estimate on a named GPU
-carries its ``step_seconds``, ``tokens_per_second`` and ``mfu`` (``step_details``). Elsewhere, utilisation defaults per
-GPU generation come with their sources (``MFU_BY_GENERATION``); an explicit MFU overrides both, and a calibration
-profile replaces the model (``job_utilisation``, ``step_or_profile_utilisation``). Prices come from the catalogue and
-from data/cloud_prices.csv and data/gpu_list_prices.csv, each with its date and source; a GPU without a price gets no
-cost (``None``), never 0.
+(``step_for``: ``vramcalc/step_time.py`` — matmuls and attention at achievable rates, memory-bound bytes at the
+achievable memory bandwidth (``step_time.achievable_bandwidth_gb_s``), host overhead per kernel, communication on the
+ring's link with its overlap); an estimate on a named GPU carries its ``step_seconds``, ``tokens_per_second`` and
+``mfu`` (``step_details``). Elsewhere, utilisation defaults per GPU generation come with their sources
+(``MFU_BY_GENERATION``); an explicit MFU overrides both, and a calibration profile replaces the model
+(``job_utilisation``, ``step_or_profile_utilisation``). Prices come from the catalogue and from data/cloud_prices.csv
+and data/gpu_list_prices.csv, each with its date and source; a GPU without a price gets no cost (``None``), never 0.
 """
 
 from __future__ import annotations
@@ -167,7 +167,8 @@ def training_flops(spec: ModelSpec, resolved: ResolvedSetup) -> TrainingFlops:
 
 def eager_attention_seconds_per_token(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec) -> float:
     """HBM time of eager attention's materialised scores per dataset token on one GPU:
-    L·a·s·(24 + 48 [+ 24 recomputed]) bytes / bandwidth; 0 for sdpa and flash (scores never reach HBM)."""
+    L·a·s·(24 + 48 [+ 24 recomputed]) bytes / B, B the GPU's achievable memory bandwidth
+    (``step_time.achievable_bandwidth_gb_s``); 0 for sdpa and flash (scores never reach HBM)."""
     if resolved.attn_used is not Attention.EAGER or not gpu.bandwidth_gb_s:
         return 0.0
     setup = resolved.setup
@@ -176,7 +177,8 @@ def eager_attention_seconds_per_token(spec: ModelSpec, resolved: ResolvedSetup, 
     if setup.grad_ckpt:
         per_score += EAGER_SCORE_FORWARD_BYTES
     traffic_bytes = spec.num_attention_layers * spec.num_heads * s * per_score
-    return traffic_bytes / (gpu.bandwidth_gb_s * GB_PER_S) * s / setup.seq_len
+    bandwidth_gb_s = _step.achievable_bandwidth_gb_s(gpu.name, gpu.bandwidth_gb_s, _step.rates_index())
+    return traffic_bytes / (bandwidth_gb_s * GB_PER_S) * s / setup.seq_len
 
 
 # -- peak and utilisation ------------------------------------------------------------------------------------------
@@ -480,7 +482,8 @@ def step_work_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_
     work = _step.step_work(shape, work_setup, matmul_tflops=mm.tflops, fp8_matmul_tflops=fp8.tflops if fp8 else None,
                            dp_link_gb_s=link_gb_s, tp_link_gb_s=tp_links.ring_gb_s if tp_links else 0.0,
                            cp_link_gb_s=cp_links.ring_gb_s if cp_links else 0.0)
-    return work, _step.StepRates(mm.tflops, attn.tflops, gpu.bandwidth_gb_s, peak / TFLOPS,
+    bandwidth_gb_s = _step.achievable_bandwidth_gb_s(gpu.name, gpu.bandwidth_gb_s, rates)
+    return work, _step.StepRates(mm.tflops, attn.tflops, bandwidth_gb_s, peak / TFLOPS,
                                  host_s_per_kernel=profile.host_seconds_per_kernel,
                                  attention_backward_tflops=_step.attention_backward_tflops(attn))
 

@@ -553,7 +553,7 @@ def render_markdown(tables: dict, tokens: float, epochs: float, options: dict, m
         "dated and sourced in the CSV's price_date and price_source columns; spot and reserved rates per provider "
         "and region are in `vramcalc plan`'s CSV); 'no price' means the catalogue has none (never read it as 0). "
         "Time comes from the step-time model (vramcalc/step_time.py: matmuls and attention "
-        "at achievable rates, memory-bound work at HBM bandwidth, host overhead, communication; "
+        "at achievable rates, memory-bound work at achievable memory bandwidth, host overhead, communication; "
         "benchmarks/throughput.md gives its error against published runs), or the model-FLOPs utilisation of the "
         "GPU generation where it has no rate.",
         "",

@@ -24,7 +24,13 @@ either by arithmetic or by memory traffic, and the two kinds of kernel run one a
 * ``R_attn`` is the attention kernel's achievable rate (FlashAttention / SDPA measurements), same file; a rate
   measured on the forward only runs the backward at FlashAttention-2's measured backward/forward ratio
   (``attention_backward_tflops``).
-* ``B`` is the HBM bandwidth from the catalogue (datasheet peak: the memory-bound time is a lower bound).
+* ``B`` is the GPU's *achievable* device-memory bandwidth (``achievable_bandwidth_gb_s``): the ``memory`` rows of
+  ``data/achievable_rates.csv``, each with its source: a STREAM-style kernel that reads and writes device memory
+  (BabelStream's triad, gpu-benches' gpu-stream triad, a vectorised copy), the mean of the sources that measured the
+  GPU; a GPU without a published measurement takes its datasheet bandwidth x the median measured/datasheet ratio of
+  the measured GPUs of its memory family (HBM or GDDR) and is marked ``derived``. The datasheet bandwidth
+  (``GpuSpec.bandwidth_gb_s``) remains the fallback for a GPU without a row. Every memory-bound term (elementwise
+  kernels, the loss, the optimizer step, dequantization, casts) and the bytes side of each GEMM's roofline run at B.
 * ``exposed_comm_s`` is the part of the collectives that compute does not hide (``exposed_comm_seconds``): each
   engine's data-parallel collectives behind the compute of the phase they run in
   (``DATA_PARALLEL_OVERLAP_BY_SHARDING``), on the ring's slowest link (``ring_bus_gb_s``; the links come from
@@ -43,8 +49,9 @@ import csv
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from statistics import median
 
-from .catalogue import data_dir
+from .catalogue import data_dir, get_gpu
 
 TFLOPS = 1e12
 GB_PER_S = 1e9
@@ -340,9 +347,10 @@ def linear_gemm(m: float, k: float, n: float, calls: float, *, in_bytes: float =
 
 def gemm_seconds(gemm: Gemm, matmul_tflops: float, bandwidth_gb_s: float) -> float:
     """calls · max(FLOPs / R_mm, bytes / B): a GEMM is bound by its arithmetic or by its compulsory HBM traffic,
-    whichever is longer (roofline). Large LLM GEMMs sit far right of the ridge point (A100: 312 TFLOP/s / 2.04 TB/s
-    = 153 FLOP/B; H100: 295); a thin one (tensor parallelism's [T, h] x [h, kv/tp], LoRA's rank-r A and B with
-    arithmetic intensity ≈ r FLOP/B) falls left of it and runs at the memory's pace."""
+    whichever is longer (roofline), both at achievable rates (R_mm and B: ``achievable_rate``,
+    ``achievable_bandwidth_gb_s``). Large LLM GEMMs sit far right of the ridge point (A100: 271.2 TFLOP/s / 1.73 TB/s
+    = 157 FLOP/B; H100 SXM: 794.5 / 2.97 = 268); a thin one (tensor parallelism's [T, h] x [h, kv/tp], LoRA's rank-r
+    A and B with arithmetic intensity ≈ r FLOP/B) falls left of it and runs at the memory's pace."""
     return gemm.calls * max(gemm.flops / (matmul_tflops * TFLOPS), gemm.nbytes / (bandwidth_gb_s * GB_PER_S))
 
 
@@ -380,7 +388,8 @@ def float8_cast_bytes(tokens: float, linear_in_out_sum: float, n_matmul_params: 
 
 
 def memory_seconds(nbytes: float, bandwidth_gb_s: float) -> float:
-    """Time of memory-bound work at the GPU's HBM bandwidth: bytes / (GB/s · 1e9)."""
+    """Time of memory-bound work at the GPU's achievable memory bandwidth (``achievable_bandwidth_gb_s``):
+    bytes / (GB/s · 1e9)."""
     return nbytes / (bandwidth_gb_s * GB_PER_S)
 
 
@@ -542,7 +551,7 @@ class StepRates:
 
     matmul_tflops: float
     attention_tflops: float
-    bandwidth_gb_s: float
+    bandwidth_gb_s: float  # achievable device-memory bandwidth (``achievable_bandwidth_gb_s``), not the datasheet's
     peak_tflops: float
     host_s_per_kernel: float = HOST_SECONDS_PER_KERNEL
     host_s_per_view: float = VIEW_OP_HOST_SECONDS
@@ -630,7 +639,8 @@ def power_capped_clock_ratio(cap_w: float, tdp_w: float, static_fraction: float 
     Dynamic power P_dyn = α·C·V²·f, and DVFS lowers the voltage with the clock (V ∝ f), so P_dyn ∝ f³ (the CMOS
     dynamic-power law; Horowitz et al., "Scaling, power, and the future of CMOS", IEDM 2005). With a static share
     s of the TDP that the clock does not change: f_cap / f_tdp = ((cap − s·TDP) / (TDP − s·TDP))^(1/3), at most 1.
-    Matmul and attention rates scale with the clock; HBM bandwidth does not (the memory clock is separate)."""
+    Matmul and attention rates scale with the clock; the memory bandwidth does not (the memory clock is separate), so
+    a capped GPU keeps its achievable bandwidth (``achievable_bandwidth_gb_s``)."""
     if cap_w >= tdp_w:
         return 1.0
     static = static_fraction * tdp_w
@@ -642,22 +652,28 @@ def power_capped_clock_ratio(cap_w: float, tdp_w: float, static_fraction: float 
 # -- achievable rates ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AchievableRate:
-    """One row of data/achievable_rates.csv."""
+    """One row of data/achievable_rates.csv: a compute rate (``tflops``, kinds "matmul" and "attention") or a
+    device-memory bandwidth (``gb_s``, kind "memory", dtype "any"); the other figure is None."""
 
     gpu: str
-    kind: str  # "matmul" or "attention"
-    dtype: str
-    tflops: float
+    kind: str  # "matmul", "attention" or "memory"
+    dtype: str  # "bf16", "fp16", "fp8"; "any" for memory
+    tflops: float | None
     basis: str  # "measured" or "derived"
     source: str
     passes: str = ""  # attention: "forward" (a forward-only measurement) or "forward+backward"
+    gb_s: float | None = None  # memory: sustained read + write bandwidth, GB/s (10^9 B/s)
+
+
+def _number(cell: str | None) -> float | None:
+    return float(cell) if cell else None
 
 
 @lru_cache(maxsize=4)
 def _read_rates(path: str) -> tuple[AchievableRate, ...]:
     with open(path, newline="", encoding="utf-8") as handle:
-        return tuple(AchievableRate(r["gpu"], r["kind"], r["dtype"], float(r["tflops"]), r["basis"], r["source"],
-                                    r.get("passes") or "")
+        return tuple(AchievableRate(r["gpu"], r["kind"], r["dtype"], _number(r["tflops"]), r["basis"], r["source"],
+                                    r.get("passes") or "", _number(r.get("gb_s")))
                      for r in csv.DictReader(handle))
 
 
@@ -698,9 +714,50 @@ def attention_backward_tflops(rate: AchievableRate) -> float:
 
 def achievable_rate(gpu: str, kind: str, dtype: str,
                     rates: dict[tuple[str, str, str], AchievableRate] | None = None) -> AchievableRate | None:
-    """The achievable rate of ``gpu`` for ``kind`` ("matmul"/"attention") and ``dtype`` ("bf16"/"fp8"), or None."""
+    """The achievable rate of ``gpu`` for ``kind`` ("matmul"/"attention"/"memory") and ``dtype`` ("bf16"/"fp8";
+    "any" for memory), or None."""
     rates = rates if rates is not None else load_achievable_rates()
     return rates.get((gpu, kind, dtype))
+
+
+MEMORY_DTYPE = "any"  # a memory row's dtype: the bandwidth does not depend on the element type
+
+
+def achievable_bandwidth_gb_s(gpu: str, datasheet_gb_s: float,
+                              rates: dict[tuple[str, str, str], AchievableRate] | None = None) -> float:
+    """B of the module docstring: the ``memory`` row of data/achievable_rates.csv for ``gpu`` (sustained read + write
+    bandwidth, measured or derived, with its source), or ``datasheet_gb_s`` where the file has no row for it."""
+    row = achievable_rate(gpu, "memory", MEMORY_DTYPE, rates)
+    return row.gb_s if row is not None and row.gb_s else datasheet_gb_s
+
+
+def memory_family(memory_type: str) -> str:
+    """The family of a catalogue ``memory_type``, the grouping the derived memory rows use: "hbm" (HBM2, HBM2e, HBM3,
+    HBM3e: stacked, wide and slow) or "gddr" (GDDR6, GDDR6X, GDDR7: narrow and fast)."""
+    kind = memory_type.strip().lower()
+    if kind.startswith("hbm"):
+        return "hbm"
+    if kind.startswith("gddr"):
+        return "gddr"
+    raise ValueError(f"unknown memory type {memory_type!r}; expected HBM* or GDDR*")
+
+
+def measured_memory_efficiency(family: str,
+                               rates: dict[tuple[str, str, str], AchievableRate] | None = None) -> float:
+    """The median of measured / datasheet bandwidth over the ``measured`` memory rows whose GPU's memory is of
+    ``family`` (``memory_family``): the ratio a GPU of that family without a measurement takes (its ``derived`` row;
+    and a GPU outside the catalogue, such as benchmarks/throughput.py's 96 GB HBM2e H100)."""
+    rates = rates if rates is not None else load_achievable_rates()
+    ratios = []
+    for (gpu, kind, _), row in rates.items():
+        if kind != "memory" or row.basis != "measured" or not row.gb_s:
+            continue
+        spec = get_gpu(gpu)
+        if spec.bandwidth_gb_s and memory_family(spec.memory_type or "") == family:
+            ratios.append(row.gb_s / spec.bandwidth_gb_s)
+    if not ratios:
+        raise ValueError(f"no measured memory bandwidth for the {family!r} family in data/achievable_rates.csv")
+    return median(ratios)
 
 
 # -- one training step from its setup -------------------------------------------------------------------------------
