@@ -869,10 +869,14 @@ def mechanism_note(record: dict) -> str:
         return ("varying lengths: batches padded to their longest sample leave one loss ladder cached per step "
                 "longer than all before it (--sample-lengths; alpaca-cleaned, not reachable here, "
                 "benchmarks/datasets/README.md)")
-    if rid in ("torchtune-028", "torchtune-037"):
-        return ("Q4 modelled (--load requantize: 70 B/weight at the largest Linear beside the built model); the rest "
-                "is allocator reserve, proved by replay (9.133 GB reserved after init; tutorial 9.13) but not "
-                "estimated (section 2)")
+    if rid == "torchtune-037":
+        return ("load-phase row: --load requantize's reserved memory, torchtune 0.1.1's build and load_state_dict "
+                "replayed through the caching allocator (terms/load_reserved.py): 9.13 GB, the tutorial's 9.13 GB "
+                "after init; the step's further 0.16 GB not modelled (section 2)")
+    if rid == "torchtune-028":
+        return ("open: the same setup and code as torchtune-037 (9.29 GB in the README's previous revision and in "
+                "the tutorial); 8.57 GB is below the tutorial's 9.13 GB reserved right after init, which the "
+                "estimate replays (--load requantize, terms/load_reserved.py; section 2)")
     return ""
 
 

@@ -33,9 +33,9 @@ from .profiles import runtime_profile
 from .sample_lengths import (LengthProfile, expected_later_records, expected_record_tokens, step_lengths,
                              steps_per_epoch)
 from .terms import context_parallel  # --cp
-from .terms import (activations, adapters, distributed, expert_parallel, float8, gptq, layouts, loading, logits,
-                    optimizer, parameters, peft_methods, quantized, runtime, stack_layers, states, tasks, temporaries,
-                    tensor_parallel, trl_loss, vision)
+from .terms import (activations, adapters, distributed, expert_parallel, float8, gptq, layouts, load_reserved,
+                    loading, logits, optimizer, parameters, peft_methods, quantized, runtime, stack_layers, states,
+                    tasks, temporaries, tensor_parallel, trl_loss, vision)
 from .terms.distributed import GatheredTimeline
 from .gptq import is_gptq
 from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
@@ -132,6 +132,11 @@ def _estimate_parts(spec: ModelSpec, resolved: ResolvedSetup, device: GpuSpec | 
         details["reserved_growth_per_longer_step_bytes"] = reserved_growth_per_longer_step(peak.loss_ladder_bytes)
     if peak.phase is Phase.LOAD:  # the loading's high-water mark is the run's: the step's own beside it
         details["step_reserved_bytes"] = peak.step_reserved_bytes
+    if resolved.setup.sharding is Sharding.NONE:  # the load's replayed reserved memory (terms/load_reserved.py)
+        load = load_reserved.torchtune_01_load_reserved_bytes(spec, resolved)
+        if load:
+            details["load_reserved_bytes"] = load
+            details["step_reserved_bytes"] = peak.step_reserved_bytes
     return tuple(out.terms_bytes.items()), out.phase, tuple(details.items()), tuple(out.warnings)
 
 
@@ -171,7 +176,7 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
     step = max((m for m in moments if m.phase is not Phase.LOAD), key=lambda moment: moment.tensor_bytes)
     return _TensorPeak(terms, peak.phase, paged, _phase_peaks(moments) if _reports_phase_peaks(resolved) else (),
                        _stream_pools_bytes(spec, resolved, moments), int(peak.stranded), ladder,
-                       int(step.tensor_bytes + step.stranded))
+                       int(step.tensor_bytes + step.own_stranded))
 
 
 def reserved_growth_per_longer_step(loss_ladder_bytes) -> int:
@@ -690,8 +695,11 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         moments += [m._replace(all_gather_stream=buffers.loss_forward) for m in
                     _next_forward_moments(W + gathered.loss_forward, B + G_acc, O, A + kv_held, lg, extras,
                                           copies.forward + hidden_beside_loss)]
+    load_reserved_bytes = 0
     if setup.sharding is Sharding.NONE:  # the weights reaching the GPU (``terms/loading.py``), before any step
         moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - rank.weights))
+        # what the load leaves reserved, where its sequence is replayed (``--load requantize``: terms/load_reserved.py)
+        load_reserved_bytes = load_reserved.torchtune_01_load_reserved_bytes(spec, resolved)
     if setup.task.uses_fused_head:  # the reference model and its forward, GRPO's generation (terms/tasks.py)
         moments = tasks.task_moments(moments, spec, setup, tensors, dt, b, s, lg, Moment)
     if setup.task is Task.DISTILL:  # the teacher's weights and no-grad forward (terms/tasks.py)
@@ -716,7 +724,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     # larger than any block the forward left, so the forward's blocks stay stranded there.
     refilled = bool(ckpt) and layer.attn_used is not Attention.EAGER
     return _with_reserved(moments, lg.backward_request, layer_bytes, gradients, largest_layer_request, refilled,
-                          lg.head_strands, hidden_beside_loss)
+                          lg.head_strands, hidden_beside_loss, load_reserved_bytes)
 
 
 def _gradient_groups(tensors) -> tuple[tuple[int, int], ...]:
@@ -730,10 +738,11 @@ def _gradient_groups(tensors) -> tuple[tuple[int, int], ...]:
 
 def _with_reserved(moments: list[Moment], head_request, layer_bytes, gradients=(),
                    largest_layer_request=0, refilled_in_backward=False, head_strands=True,
-                   reused_forward_bytes=0) -> list[Moment]:
+                   reused_forward_bytes=0, load_reserved_bytes=0) -> list[Moment]:
     """Each moment with its ``stranded`` bytes: the step's reserved memory (``runtime.step_reserved_bytes``; the
-    weights' loading, before the step, reaches its own high-water mark, which the step's blocks then reuse) less the
-    moment's tensor bytes. ``head_request``: the loss's last [rows, V] gradient; ``layer_bytes``: one decoder
+    weights' loading, before the step, reaches its own high-water mark, which the step's blocks then reuse: its
+    allocated peak, or ``load_reserved_bytes`` where the load's sequence was replayed, ``terms/load_reserved.py``)
+    less the moment's tensor bytes. ``head_request``: the loss's last [rows, V] gradient; ``layer_bytes``: one decoder
     layer's saved bytes; ``gradients`` and ``largest_layer_request``: for the gradients that need segments of their
     own (``runtime.fresh_gradient_segment_bytes``), which may reuse the loss's blocks (its logits at backward-start
     and what it stranded); ``refilled_in_backward``: a layer's backward refills its blocks (checkpointing), so a
@@ -755,14 +764,14 @@ def _with_reserved(moments: list[Moment], head_request, layer_bytes, gradients=(
     fresh = runtime.fresh_gradient_segment_bytes(gradients, largest_layer_request, request,
                                                  (starts[0].logits if starts else 0) + head) if gradients else 0
     step_peak = functools.reduce(maximum, steps)
-    loading = functools.reduce(maximum, (m.tensor_bytes for m in moments if m.phase is Phase.LOAD), 0)
-    reserved = runtime.step_reserved_bytes(step_peak, backward_start, head, layer_bytes, fresh)
-    in_backward = (runtime.step_reserved_bytes(step_peak, backward_start, head, 0, fresh) if refilled_in_backward
-                   else reserved)
-    # a step moment at the peak holds at least the loading's high-water mark (step_peak >= loading), so the step's
-    # own reserve is the run's; the loading's moment, at the peak, keeps whichever is higher
-    return [m._replace(stranded=(maximum(reserved, loading) if m.phase is Phase.LOAD else
-                                 in_backward if m.phase is Phase.BACKWARD else reserved) - m.tensor_bytes)
+    loading = maximum(functools.reduce(maximum, (m.tensor_bytes for m in moments if m.phase is Phase.LOAD), 0),
+                      load_reserved_bytes)
+    own = runtime.step_reserved_bytes(step_peak, backward_start, head, layer_bytes, fresh)
+    own_in_backward = (runtime.step_reserved_bytes(step_peak, backward_start, head, 0, fresh) if refilled_in_backward
+                       else own)
+    reserved, in_backward = maximum(own, loading), maximum(own_in_backward, loading)
+    return [m._replace(stranded=(in_backward if m.phase is Phase.BACKWARD else reserved) - m.tensor_bytes,
+                       own_stranded=(own_in_backward if m.phase is Phase.BACKWARD else own) - m.tensor_bytes)
             for m in moments]
 
 

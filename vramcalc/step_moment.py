@@ -28,8 +28,10 @@ class Moment(NamedTuple):
     all_gather_stream: int = 0
     reduce_scatter_stream: int = 0
     # the caching allocator's reserved bytes of the step less this moment's (``runtime.step_reserved_bytes``): what
-    # reserved holds beyond the tensors were this moment the peak (set last, ``estimator._with_reserved``)
+    # reserved holds beyond the tensors were this moment the peak, the loading's high-water mark included (set last,
+    # ``estimator._with_reserved``); ``own_stranded``: the same for the training step's own blocks alone
     stranded: int = 0
+    own_stranded: int = 0
 
     @property
     def tensor_bytes(self) -> int:

@@ -29,7 +29,10 @@ quantized bytes (codes + state), k·n the quantizer's scratch.
   3% of r, too high for a bf16 checkpoint). The training step's weights keep vramcalc's NF4 bytes (the n_q/32 is
   left out there: docs/stacks-research.md). The build before it peaks within 0.1% of this (torchtune 0.1.1
   deep-copies one built layer per decoder layer and its NF4 ``clone`` re-quantizes too; replayed in
-  ``docs/evidence/torchtune01_reserved``: 7.281 GB build, 7.286 GB load for Llama-2-7B).
+  ``docs/evidence/torchtune01_reserved``: 7.359 GB build, 7.361 GB load for Llama-2-7B, of which 67 MB are the
+  per-layer rotary caches this rule leaves out). What the phase leaves reserved is not a formula: the whole
+  sequence is generated and replayed through the caching allocator (``terms/load_reserved.py``: 9.13 GB for
+  Llama-2-7B), and the estimate's reserved memory is the larger of the step's and that.
 
 peft's ``modules_to_save`` copies (``parameters.module_copies``) are made by ``get_peft_model`` after loading
 (``copy.deepcopy`` of the loaded module, peft 0.21.2 ``utils/other.py:653``, after ``prepare_model_for_kbit_training``):

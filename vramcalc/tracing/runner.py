@@ -6,7 +6,7 @@ import importlib
 
 from ..catalogue import get_model
 from ..errors import VramcalcError
-from ..options import Loss, Sharding, Stack
+from ..options import LoadPath, Loss, Sharding, Stack
 from ..stacks import preset
 from ..training_setup import resolve_setup
 from .engine import TRACE_STEPS, TraceResult, run_trace  # noqa: F401  (the engine, re-exported for callers)
@@ -59,6 +59,8 @@ def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None
         return trace_any(unsupported.config, unsupported.family, unsupported.name, gpu=gpu, progress=progress,
                          **options)
     resolved = resolve_setup(spec, **options)
+    if resolved.setup.load is LoadPath.REQUANTIZE:
+        raise VramcalcError(_REQUANTIZE_REFUSAL)
     if reserved:
         _check_reserved(resolved)
     if resolved.setup.task.value != "sft":  # TRL's trainer for the task (tracing/tasks.py)
@@ -89,6 +91,14 @@ def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None
         spec, resolved, result.terms, result.phase, source="trace", gpu=gpu,
         paged_bytes=result.paged_bytes, details=details,
     )
+
+
+# torchtune 0.1.x re-quantized the checkpoint on the GPU through its own NF4 copy_ (deleted 2024-08-23, #1294): the
+# installed torchtune and torchao do not (tests/test_trace_stacks.py), and the HF trace has no load phase
+_REQUANTIZE_REFUSAL = ("--load requantize is torchtune 0.1.x with torchao 0.1, whose load no installed code runs (the "
+                       "installed torchtune quantizes where the checkpoint lies); it is estimated, the load's "
+                       "allocations replayed through the caching allocator (terms/load_reserved.py): use vramcalc "
+                       "estimate, or trace with --load per-layer")
 
 
 def _reserved_refusal(what: str) -> str:

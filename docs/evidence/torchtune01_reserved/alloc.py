@@ -2,8 +2,11 @@
 torch 2.2-2.3 defaults: no max_split_size, no expandable segments): best fit per pool, split rules, coalescing.
 
 Usage: python alloc.py events.json [cap_GB]. Result (Llama-2-7B, 32 layers): reserved 9.133 GB after init, peak
-allocated 7.286 GB; the tutorial printed 9.13 GB reserved after model init (torchtune-037's notes). With --lora:
-13.923 GB reserved after init; the LoRA tutorial printed 13.98 GB."""
+allocated 7.361 GB (7.286 GB with events.py --no-rope, the first version's sequence; the same reserved); the tutorial
+printed 9.13 GB reserved after model init (torchtune-037's notes). With --lora: 14.009 GB reserved after init
+(13.923 GB --no-rope); the LoRA tutorial printed 13.98 GB. ``vramcalc.tracing.caching_allocator.replay`` gives
+the same figures, byte for byte, for these sequences and for vramcalc's analytic one
+(``vramcalc/terms/load_reserved.py``)."""
 import json, sys, bisect
 MB = 1 << 20
 K_SMALL, K_SMALL_BUF, K_LARGE_BUF, K_MIN_LARGE, K_ROUND_LARGE, K_MIN_BLOCK = MB, 2 * MB, 20 * MB, 10 * MB, 2 * MB, 512
