@@ -63,6 +63,10 @@ def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = 
     spec = get_model(model, revision)
     resolved = resolve_setup(spec, **options)
     device = get_gpu(gpu) if gpu is not None else None
+    if getattr(resolved.setup, "pp", 1) > 1:  # --pp: the largest pipeline rank's step (pipeline_step.py)
+        from .pipeline_step import pipeline_estimate
+
+        return pipeline_estimate(spec, resolved, device)
     rank_spec, rank_resolved = tensor_parallel.rank_view(spec, resolved)  # --tp: one rank's slice (else as given)
     rank_spec, rank_resolved = context_parallel.rank_view(rank_spec, rank_resolved)  # --cp: its s/C positions
     terms, phase, details, warnings = _estimate_parts(rank_spec, rank_resolved, device)
@@ -95,7 +99,7 @@ def _with_sample_lengths(model, gpu, revision, profile: LengthProfile, options: 
         raise VramcalcError("--sample-lengths describes batches padded to their longest sample; packed batches "
                             "(--packing) all hold --seq-len tokens")
     lengths = step_lengths(profile, setup.seq_len, setup.batch_size)
-    data_parallel = setup.num_gpus // (setup.tp * setup.cp) if setup.sharding is not Sharding.NONE else 1
+    data_parallel = setup.num_gpus // (setup.tp * setup.cp * setup.pp) if setup.sharding is not Sharding.NONE else 1
     steps = steps_per_epoch(profile, setup.batch_size, data_parallel)
     at_longest = estimate(model, gpu=gpu, revision=revision, **{**options, "seq_len": lengths.longest})
     details = dict(at_longest.details, longest_step_tokens=lengths.longest, steps_per_epoch=steps,
@@ -254,6 +258,8 @@ def peak_tensor_bytes_grid(spec: ModelSpec, resolved: ResolvedSetup, batch_sizes
 
     if resolved.setup.device_map is DeviceMap.AUTO:
         raise VramcalcError("--device-map auto is estimated one setup at a time (no batch or sequence sweeps)")
+    if getattr(resolved.setup, "pp", 1) > 1:
+        raise VramcalcError("--pp is estimated one setup at a time (no batch or sequence sweeps)")
     b = numpy.asarray(batch_sizes, dtype=numpy.int64)
     s = numpy.asarray(seq_lens, dtype=numpy.int64)
     moments = step_moments(spec, resolved, b, s)

@@ -42,6 +42,11 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "cp": "context-parallel degree (accelerate ParallelismConfig cp_size: torch ring attention over SDPA, FSDP2 over "
           "dp_shard x cp): each GPU holds 1/cp of every sequence; needs --sharding fsdp and --attn sdpa; "
           "--num-gpus = dp_shard x cp x tp (given --cp alone, --num-gpus is cp x tp)",
+    "pp": "pipeline-parallel degree (torch.distributed.pipelining as torchtitan splits and schedules it): each GPU "
+          "holds one stage of the layers and the in-flight microbatches' activations; --num-gpus = pp x dp_shard x "
+          "cp x tp; the estimate is the largest stage's",
+    "pp_schedule": "1f1b | interleaved-1f1b | gpipe (with --pp)",
+    "pp_microbatches": "microbatches the local --batch-size is split into (with --pp; default: pp)",
     "fsdp_shard": "full-shard | shard-grad-op (with --sharding fsdp)",
     "zero_bucket_size": "DeepSpeed reduce_bucket_size in elements, as the config sets it (with --sharding zero1-3; "
                         "default transformers' \"auto\": hidden_size²; DeepSpeed's own default is 5e8)",

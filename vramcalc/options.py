@@ -335,6 +335,26 @@ class DeviceMap(Choice):
     AUTO = "auto"
 
 
+class PipelineSchedule(Choice):
+    """torch.distributed.pipelining's schedule for ``--pp`` (torchtitan ``experimental.pipeline_parallel_schedule``,
+    default "1F1B", config_manager.py@9dec370:318-329; ``terms/pipeline_parallel.py``).
+
+    1f1b              ``Schedule1F1B``: one stage per rank; stage i runs min(M, P - i) forwards before its first
+                      backward, then one backward and one forward in turn.
+    interleaved-1f1b  ``ScheduleInterleaved1F1B``: two stages per rank (torchtitan's default split for a looped
+                      schedule, pipelining_utils.py@9dec370:20-31), rank r holding stages r and r + P.
+    gpipe             ``ScheduleGPipe``: one stage per rank; every microbatch's forward, then every backward.
+    """
+
+    ONE_F_ONE_B = "1f1b"
+    INTERLEAVED_1F1B = "interleaved-1f1b"
+    GPIPE = "gpipe"
+
+    @property
+    def stages_per_rank(self) -> int:
+        return 2 if self is PipelineSchedule.INTERLEAVED_1F1B else 1
+
+
 class Stack(Choice):
     """The training stack whose defaults a setup starts from (``vramcalc/stacks.py`` lists what each one sets)."""
 

@@ -31,6 +31,13 @@ def shard_rows(rows: int, n_ranks: int) -> int:
     return -(-rows // n_ranks)
 
 
+def stage_gpus(setup) -> int:
+    """The GPUs of one pipeline stage: ``--num-gpus`` / ``--pp`` (the whole job without ``--pp``). Tensor, context and
+    data parallelism lay out over these, each pipeline stage alike (torchtitan's mesh ``(pp, dp_shard, cp, tp)``,
+    parallel_dims.py@9dec370)."""
+    return setup.num_gpus // getattr(setup, "pp", 1)
+
+
 def data_parallel_degree(num_gpus: int, tp: int) -> int:
     """dp = N / tp: the ranks that hold the same tensor-parallel slice and split the batch."""
     return num_gpus // tp
@@ -40,6 +47,10 @@ def implied_num_gpus(values: dict, given: dict, origins: dict) -> None:
     """``--tp T`` without ``--num-gpus``: the job runs on T GPUs (one tensor-parallel group, no data parallelism).
     ``--cp C``: on C x T GPUs, and with ``--sharding fsdp`` unless another sharding is given (accelerate runs context
     parallelism only with an FSDP2 plugin, state.py:961-971; ``check_context_parallel`` refuses the others)."""
+    pp = values.get("pp", 1)
+    if pp > 1 and "num_gpus" not in given and values["num_gpus"] == 1:  # --pp P alone: P x tp x cp GPUs
+        values["num_gpus"] = pp * values.get("tp", 1) * values.get("cp", 1)
+        origins["num_gpus"] = "implied by pp"
     if values.get("tp", 1) > 1 and "num_gpus" not in given and values["num_gpus"] == 1:
         values["num_gpus"] = values["tp"]
         origins["num_gpus"] = "implied by tp"
@@ -49,7 +60,7 @@ def implied_num_gpus(values: dict, given: dict, origins: dict) -> None:
     cp = values.get("cp", 1)
     if cp > 1:
         if "num_gpus" not in given and values["num_gpus"] in (1, values.get("tp", 1)):
-            values["num_gpus"] = cp * values.get("tp", 1)
+            values["num_gpus"] = cp * values.get("tp", 1) * pp
             origins["num_gpus"] = "implied by cp"
         if "sharding" not in given and values["sharding"].value == "none":
             values["sharding"] = type(values["sharding"]).parse("fsdp", "sharding")
@@ -59,19 +70,23 @@ def implied_num_gpus(values: dict, given: dict, origins: dict) -> None:
 def check_degrees(model: ModelSpec, setup) -> None:
     """One error line for a ``--tp`` the real stack would refuse or that vramcalc does not model."""
     check_expert_degree(model, setup)
+    check_pipeline_degree(model, setup)
     tp = setup.tp
     if tp == 1:
         return
-    if setup.num_gpus % tp:
-        raise VramcalcError(f"--num-gpus {setup.num_gpus} is not a multiple of --tp {tp}: --num-gpus is the product "
-                            "of the parallel degrees (tp x data-parallel ranks)")
-    dp = data_parallel_degree(setup.num_gpus, tp)
+    gpus, pp = stage_gpus(setup), getattr(setup, "pp", 1)
+    if gpus % tp:
+        raise VramcalcError(f"--num-gpus {setup.num_gpus} is not a multiple of --tp {tp}"
+                            f"{f' x --pp {pp}' if pp > 1 else ''}: --num-gpus is the product of the parallel degrees "
+                            f"({'pp x ' if pp > 1 else ''}tp x data-parallel ranks)")
+    dp = data_parallel_degree(gpus, tp)
     if dp > 1 and setup.sharding.value == "none":
-        raise VramcalcError(f"--num-gpus {setup.num_gpus} with --tp {tp} leaves {dp} data-parallel ranks: give "
-                            "--sharding ddp, zero1-3 or fsdp for them, or --num-gpus equal to --tp")
+        raise VramcalcError(f"--num-gpus {setup.num_gpus} with --tp {tp}{f' and --pp {pp}' if pp > 1 else ''} leaves "
+                            f"{dp} data-parallel ranks: give --sharding ddp, zero1-3 or fsdp for them, or --num-gpus "
+                            f"equal to {'--pp x ' if pp > 1 else ''}--tp")
     if dp == 1 and setup.sharding.value != "none" and setup.offload.value == "none":
         raise VramcalcError(f"--sharding {setup.sharding.value} with --tp {tp} on {setup.num_gpus} GPUs leaves one "
-                            f"data-parallel rank: use --num-gpus {2 * tp} or more, or --sharding none")
+                            f"data-parallel rank: use --num-gpus {2 * tp * pp} or more, or --sharding none")
     if setup.sharding.value == "ddp":
         raise VramcalcError("--tp with --sharding ddp: Trainer does not wrap a model loaded with a tp_plan in DDP "
                             "(transformers 5.25.0 trainer.py:1767-1772); its data-parallel ranks shard it with FSDP2 "
@@ -217,9 +232,11 @@ def check_context_parallel(model: ModelSpec, setup) -> None:
     if cp == 1:
         return
     tp = setup.tp
-    if setup.num_gpus % (cp * tp):
-        raise VramcalcError(f"--num-gpus {setup.num_gpus} is not a multiple of --cp {cp} x --tp {tp}: accelerate's "
-                            "mesh is dp_shard x cp x tp (parallelism_config.py:168)")
+    if stage_gpus(setup) % (cp * tp):
+        pp = getattr(setup, "pp", 1)
+        raise VramcalcError(f"--num-gpus {setup.num_gpus} is not a multiple of --cp {cp} x --tp {tp}"
+                            f"{f' x --pp {pp}' if pp > 1 else ''}: accelerate's mesh is dp_shard x cp x tp "
+                            "(parallelism_config.py:168)")
     if setup.sharding.value != "fsdp" or setup.offload.value != "none":
         raise VramcalcError(f"--cp with --sharding {setup.sharding.value}"
                             f"{' and --offload ' + setup.offload.value if setup.offload.value != 'none' else ''}: "
@@ -256,3 +273,87 @@ def check_context_parallel(model: ModelSpec, setup) -> None:
                             "--optimizer-in-backward")
     if setup.precision.value == "fp8" or setup.device_map.value != "none":
         raise VramcalcError("--cp is not modelled with --precision fp8 or --device-map")
+
+
+# -- pipeline parallelism (--pp) --------------------------------------------------------------------------------------
+PP_OPTIMIZERS = ("adamw", "adamw-foreach", "sgd", "sgd-momentum")  # torch's, on (DTensor) shards
+
+
+def pipeline_microbatches(setup) -> int:
+    """M: the microbatches the local batch is cut into, ``--pp-microbatches`` or torchtitan@9dec370's default, the
+    pipeline degree (``pipeline_parallel_microbatches or parallel_dims.pp``, parallelisms/pipeline_llama.py:67-69)."""
+    return setup.pp_microbatches or setup.pp
+
+
+def check_pipeline_degree(model: ModelSpec, setup) -> None:
+    """One error line for a ``--pp`` the real stack refuses or that vramcalc does not model
+    (``terms/pipeline_parallel.py`` says what it models).
+
+    The stack: torchtitan@9dec370 cuts the layers into pp x stages-per-rank stages (``generate_split_points``, which
+    refuses more stages than layers: parallelisms/pipelining_utils.py:33-34) and runs torch.distributed.pipelining's
+    schedule over them (torch 2.13: ``Schedule1F1B`` refuses fewer microbatches than stages, schedules.py:1020-1024;
+    ``ScheduleInterleaved1F1B`` needs M a multiple of max(1, M // pp), :2936-2943); each stage's model is FSDP2-sharded
+    over the data-parallel ranks (``apply_fsdp``) or not at all: torchtitan's DDP refuses a second parallel dimension
+    (parallelize_llama.py@9dec370: "DDP has not supported > 1D parallelism"), and torchtitan has no gradient
+    accumulation at that commit (train.py: one batch per step).
+    """
+    pp = getattr(setup, "pp", 1)
+    if pp == 1:
+        return
+    schedule = setup.pp_schedule
+    if setup.num_gpus % pp:
+        raise VramcalcError(f"--num-gpus {setup.num_gpus} is not a multiple of --pp {pp}: --num-gpus is the product "
+                            "of the parallel degrees (pp x dp_shard x cp x tp)")
+    stages = pp * schedule.stages_per_rank
+    if stages > model.num_layers:
+        raise VramcalcError(f"--pp {pp} with --pp-schedule {schedule.value} makes {stages} stages, more than "
+                            f"{model.name}'s {model.num_layers} layers (torchtitan: \"Total stages cannot be greater "
+                            "than the number of layers\")")
+    microbatches = pipeline_microbatches(setup)
+    if setup.batch_size % microbatches:
+        raise VramcalcError(f"--batch-size {setup.batch_size} does not divide into --pp-microbatches {microbatches}: "
+                            "the local batch is cut into equal microbatches (torchtitan: \"must be evenly divisible by "
+                            "the number of microbatches\")")
+    if schedule.value == "1f1b" and microbatches < pp:
+        raise VramcalcError(f"--pp-schedule 1f1b with {microbatches} microbatches on {pp} stages: torch's Schedule1F1B "
+                            "needs at least as many microbatches as stages (schedules.py:1020-1024)")
+    if schedule.value == "interleaved-1f1b" and microbatches % max(1, microbatches // pp):
+        raise VramcalcError(f"--pp-schedule interleaved-1f1b with {microbatches} microbatches on {pp} ranks: torch "
+                            f"needs a multiple of the rounds, max(1, {microbatches} // {pp}) (schedules.py:2936-2943)")
+    if setup.sharding.value not in ("none", "fsdp") or setup.offload.value != "none":
+        raise VramcalcError(f"--pp with --sharding {setup.sharding.value}"
+                            f"{' --offload ' + setup.offload.value if setup.offload.value != 'none' else ''}: "
+                            "torchtitan shards each stage with FSDP2 or not at all (its DDP refuses a second "
+                            "parallel dimension); use --sharding fsdp or none, without offload")
+    if setup.sharding.value == "none" and stage_gpus(setup) > setup.tp * getattr(setup, "cp", 1):
+        raise VramcalcError(f"--num-gpus {setup.num_gpus} with --pp {pp} leaves data-parallel ranks: give --sharding "
+                            f"fsdp for them, or --num-gpus {pp * setup.tp * getattr(setup, 'cp', 1)}")
+    if setup.method.value != "full":
+        raise VramcalcError(f"--pp with --method {setup.method.value}: modelled for full training (torchtitan)")
+    if model.is_moe or model.vision is not None or model.traits.short_conv or len(set(model.layer_types)) > 1 \
+            or model.kv_lora_rank or model.nope_layers:
+        raise VramcalcError(f"--pp is modelled for dense decoders whose layers are all alike; {model.name} is not")
+    if model.tie_word_embeddings:
+        raise VramcalcError(f"--pp on {model.name}: its lm_head shares the embedding's weight, which a pipeline puts on "
+                            "the first and the last stage (torchtitan's Llama does not tie them)")
+    if setup.grad_accum > 1:
+        raise VramcalcError("--pp with --grad-accum: the pipeline's microbatches are its accumulation (torchtitan "
+                            "runs one batch per step); use --pp-microbatches")
+    if setup.loss.value != "hf" or setup.task.value != "sft" or setup.stack.value != "hf":
+        raise VramcalcError("--pp is modelled for --task sft on the hf stack with --loss hf (torchtitan's "
+                            "cross-entropy on the last stage's logits)")
+    if setup.compile or setup.activation_offload or setup.kernels.value != "none" or setup.packing \
+            or setup.optimizer_in_backward or setup.loop_keeps_outputs:
+        raise VramcalcError("--pp is modelled without --compile, --activation-offload, --kernels, --packing, "
+                            "--optimizer-in-backward and --loop-keeps-outputs")
+    if setup.precision.value == "fp8":
+        raise VramcalcError("--pp with --precision fp8 is not modelled (torchao's Float8Linear per stage)")
+    if setup.precision.value.startswith("mixed") and setup.sharding.value != "fsdp":
+        raise VramcalcError(f"--pp with --precision {setup.precision.value} and no --sharding fsdp: torchtitan's "
+                            "mixed precision is FSDP2's MixedPrecisionPolicy (no autocast), so a stage without it "
+                            "computes in its stored dtype; use --precision bf16, fp16 or fp32, or --sharding fsdp")
+    if setup.optimizer.value not in PP_OPTIMIZERS:
+        raise VramcalcError(f"--pp with --optimizer {setup.optimizer.value}: modelled for torch's optimizers "
+                            f"({', '.join(PP_OPTIMIZERS)})")
+    if getattr(setup, "ep", 1) > 1 or setup.device_map.value != "none":
+        raise VramcalcError("--pp with --ep or --device-map is not modelled")

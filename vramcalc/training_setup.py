@@ -26,6 +26,7 @@ from .options import (
     Loss,
     Method,
     Offload,
+    PipelineSchedule,
     Optimizer,
     Precision,
     Quant,
@@ -123,6 +124,11 @@ class TrainingSetup:
     tp: int = 1  # tensor-parallel degree (transformers tp_plan="auto"); --num-gpus = tp x data-parallel ranks
     ep: int = 1  # expert-parallel degree (transformers ep_size, base_model_ep_plan; parallel_degrees.py)
     cp: int = 1  # context-parallel degree (accelerate cp_size, torch ring attention); --num-gpus = dp_shard x cp x tp
+    # pipeline-parallel degree (torch.distributed.pipelining as torchtitan drives it, terms/pipeline_parallel.py);
+    # --num-gpus = pp x dp_shard x cp x tp
+    pp: int = 1
+    pp_schedule: PipelineSchedule = PipelineSchedule.ONE_F_ONE_B  # torchtitan's default schedule "1F1B"
+    pp_microbatches: int | None = None  # microbatches of the local batch; None: pp (torchtitan@9dec370's default)
     global_batch_size: int | None = None  # sequences per optimizer step over all GPUs; sets batch_size when given
     stack: Stack = Stack.HF  # whose defaults the other options start from (vramcalc/stacks.py)
     compile: bool = False  # torch.compile of the model (Trainer torch_compile=False)
@@ -318,6 +324,11 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         tp=positive_int(chosen.get("tp", SETUP_DEFAULTS["tp"]), "tensor-parallel degree", MAX_OPTION["num_gpus"]),
         ep=positive_int(chosen.get("ep", SETUP_DEFAULTS["ep"]), "expert-parallel degree", MAX_OPTION["num_gpus"]),
         cp=positive_int(chosen.get("cp", SETUP_DEFAULTS["cp"]), "context-parallel degree", MAX_OPTION["num_gpus"]),
+        pp=positive_int(chosen.get("pp", SETUP_DEFAULTS["pp"]), "pipeline-parallel degree", MAX_OPTION["num_gpus"]),
+        pp_schedule=PipelineSchedule.parse(chosen.get("pp_schedule", SETUP_DEFAULTS["pp_schedule"]),
+                                           "pipeline schedule"),
+        pp_microbatches=None if chosen.get("pp_microbatches") is None else positive_int(
+            chosen["pp_microbatches"], "pipeline microbatches", MAX_OPTION["batch_size"]),
         stack=stack,
         compile=_bool(chosen.get("compile", SETUP_DEFAULTS["compile"]), "compile"),
         compile_loss=_bool(chosen.get("compile_loss", SETUP_DEFAULTS["compile_loss"]), "compile_loss"),
@@ -376,6 +387,9 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
                             f"hf-fp32-logits, model-dtype), not --loss {setup.loss.value}")
     if not setup.compile_loss and not setup.compile:
         raise VramcalcError("--no-compile-loss applies with --compile (without it nothing is compiled)")
+    for knob in ("pp_schedule", "pp_microbatches"):
+        if given.get(knob) is not None and setup.pp == 1:
+            raise VramcalcError(f"--{knob.replace('_', '-')} applies with --pp (a pipeline of 2 or more stages)")
     if "fsdp_shard" in given and setup.sharding is not Sharding.FSDP:
         raise VramcalcError(f"--fsdp-shard applies to --sharding fsdp, not {setup.sharding.value!r}")
     for knob in ("zero_bucket_size", "zero_overlap_comm"):
@@ -392,7 +406,8 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
                         f"{model.name}'s {model.num_experts} experts, so FSDP2 pads each rank's expert shard to "
                         f"{held} expert(s) (an even split would be {model.num_experts / setup.num_gpus:g}); a GPU "
                         f"count dividing {model.num_experts} wastes none")
-    if setup.num_gpus > setup.tp * setup.ep and setup.sharding is Sharding.NONE and setup.device_map is DeviceMap.NONE:
+    if (parallel_degrees.stage_gpus(setup) > setup.tp * setup.ep and setup.sharding is Sharding.NONE
+            and setup.device_map is DeviceMap.NONE):
         warnings.append(f"{setup.num_gpus} GPUs without --sharding: each GPU is estimated as an independent copy "
                         "(no DDP buckets); give --sharding ddp, zero1-3 or fsdp for data parallelism")
     attn_used = setup.attn
@@ -584,7 +599,7 @@ def _check_combination(setup: TrainingSetup) -> None:
     # full fine-tuning of Qwen-1.8B on one A100), and FSDP2 on a one-rank mesh with CPUOffloadPolicy (the
     # parameters live on the host and come to the GPU one unit at a time)
     single_gpu = setup.sharding.is_deepspeed or (setup.sharding.shards_optimizer and setup.offload is not Offload.NONE)
-    if setup.sharding is not Sharding.NONE and setup.num_gpus == setup.tp and not single_gpu:
+    if setup.sharding is not Sharding.NONE and parallel_degrees.stage_gpus(setup) == setup.tp and not single_gpu:
         raise VramcalcError(f"sharding {setup.sharding.value!r} needs --num-gpus of 2 or more "
                             "(on one GPU: DeepSpeed ZeRO, or FSDP with --offload)")
     _check_offload(setup)
@@ -736,6 +751,7 @@ def _per_device_batch(values: dict, batch_given: bool) -> int:
     gpus = parallel_degrees.data_parallel_degree(gpus, values.get("tp", 1))  # a tp group shares one micro-batch
     gpus = parallel_degrees.data_parallel_degree(gpus, values.get("ep", 1))  # so does an --ep group
     gpus //= values.get("cp", 1)  # so does a cp group (accelerate data_loader.py:1143-1152)
+    gpus //= values.get("pp", 1)  # so does a pipeline: its stages pass one batch's microbatches along
     if gpus < 1:  # degrees beyond the GPUs: ``parallel_degrees.check_degrees`` refuses them in one line
         return values["batch_size"]
     if total % (gpus * accum):
@@ -824,8 +840,9 @@ def _check_modules_to_save(model: ModelSpec, setup: TrainingSetup, lora_modules:
                             "cannot train: drop one of them")
     if setup.task is not Task.SFT:
         raise VramcalcError(f"--modules-to-save is modelled for --task sft, not {setup.task.value}")
-    if setup.tp > 1 or setup.cp > 1 or setup.device_map is not DeviceMap.NONE or model.vision is not None:
-        raise VramcalcError("--modules-to-save is modelled for a text model without --tp, --cp or --device-map")
+    if (setup.tp > 1 or setup.cp > 1 or setup.pp > 1 or setup.device_map is not DeviceMap.NONE
+            or model.vision is not None):
+        raise VramcalcError("--modules-to-save is modelled for a text model without --tp, --cp, --pp or --device-map")
 
 
 def _name_list(value, wrong: str) -> list[str]:

@@ -138,6 +138,10 @@ def plan_rows(model, *, tokens=None, epochs=1, gpus=None, max_gpus: int = DEFAUL
         raise VramcalcError(f"unknown ranking {rank_by!r}; choose one of: {', '.join(RANK_BY)}")
     devices = gpus_of(gpus)
     options = {key: value for key, value in options.items() if value is not None}
+    if any(options.get(key) not in (None, 1) for key in ("pp",)) or options.get("pp_schedule") is not None \
+            or options.get("pp_microbatches") is not None:
+        raise VramcalcError("--pp is estimated one setup at a time (vramcalc estimate); plan does not search "
+                            "pipeline layouts")
     checked = resolve_setup(spec, **_as_searched(options, max_gpus))  # bad options fail once, before any GPU
     notes = list(checked.warnings)
     if checked.setup.interconnect is Interconnect.NVLINK and gpus is None:  # named GPUs without NVLink: an error

@@ -63,6 +63,10 @@ def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None
         raise VramcalcError(_REQUANTIZE_REFUSAL)
     if reserved:
         _check_reserved(resolved)
+    if getattr(resolved.setup, "pp", 1) > 1:  # one pipeline rank at a time (tracing/pipeline_parallel.py)
+        from .pipeline_parallel import trace_pipeline
+
+        return trace_pipeline(spec, resolved, gpu=gpu)
     if resolved.setup.task.value != "sft":  # TRL's trainer for the task (tracing/tasks.py)
         from .tasks import trace_task
 
@@ -113,9 +117,10 @@ def _check_reserved(resolved) -> None:
     stacks with their own code, other engines and model parallelism are refused before anything runs."""
     setup = resolved.setup
     data_parallel = setup.sharding in (Sharding.DDP, Sharding.FSDP)
-    model_parallel = max(getattr(setup, "tp", 1), getattr(setup, "cp", 1), getattr(setup, "ep", 1)) > 1
+    model_parallel = max(getattr(setup, "tp", 1), getattr(setup, "cp", 1), getattr(setup, "ep", 1),
+                         getattr(setup, "pp", 1)) > 1
     if setup.num_gpus > 1 and (not data_parallel or model_parallel):
-        what = "--tp/--cp/--ep" if model_parallel else f"--sharding {setup.sharding.value}"
+        what = "--tp/--cp/--ep/--pp" if model_parallel else f"--sharding {setup.sharding.value}"
         raise VramcalcError(_reserved_refusal(f"{what} on {setup.num_gpus} GPUs"))
     if setup.task.value != "sft":
         raise VramcalcError(_reserved_refusal(f"--task {setup.task.value}"))
