@@ -292,6 +292,10 @@ OPTIMIZER_STATES: dict[Optimizer, tuple[int, float | None]] = {
     Optimizer.SGD: (0, None),
     Optimizer.SGD_MOMENTUM: (1, None),
     Optimizer.ADAFACTOR: (0, None),
+    # torchao's low-bit AdamW: uint8 / packed 4-bit / float8 codes (torchao/optim/subclass_*.py)
+    Optimizer.ADAMW_8BIT_TORCHAO: (2, 1.0),
+    Optimizer.ADAMW_4BIT_TORCHAO: (2, 0.5),
+    Optimizer.ADAMW_FP8_TORCHAO: (2, 1.0),
 }
 
 

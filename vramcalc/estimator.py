@@ -28,7 +28,7 @@ from .catalogue import GpuSpec, get_gpu, get_model
 from .errors import VramcalcError
 from .facts import CHUNKED_LOSS_CHUNKS
 from .model import ModelSpec
-from .options import Attention, DeviceMap, Loss, Method, Phase, Quant, Sharding, Task, Term
+from .options import Attention, DeviceMap, Loss, Method, Optimizer, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
 from .sample_lengths import (LengthProfile, expected_later_records, expected_record_tokens, step_lengths,
                              steps_per_epoch)
@@ -503,11 +503,10 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     compute = resolved
     tensors = parameters.stored_tensors(spec, resolved)
     # one GPU's weights, gradients and optimizer states
-    rank = states.model_states(spec, tensors, setup.method, setup.optimizer, setup.grad_accum)
     traits = stack_layers.stack_layers(setup.stack)
-    if not traits.trainer_optimizer and setup.optimizer.is_8bit:  # bitsandbytes' own 8-bit embedding states
-        rank = replace(rank, optimizer_states=optimizer.optimizer_state_bytes(tensors, setup.optimizer, False)
-                       .device_bytes)
+    # a stack's own recipe builds the optimizer (bitsandbytes' 8-bit embedding states, torchao's default block size)
+    rank = states.model_states(spec, tensors, setup.method, setup.optimizer, setup.grad_accum,
+                               traits.trainer_optimizer)
     if setup.sharding is not Sharding.NONE:  # the engine shards them, and may compute in 16 bits
         rank = distributed.rank_states(spec, resolved, rank)
         compute = distributed.compute_setup(resolved)  # the setup itself under DDP
@@ -515,10 +514,15 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     # lm_head's weight gradient as the loss's backward builds it: under optimizer-in-backward (one GPU only) it is
     # stepped and freed only once every chunk has added to it (the post-accumulate-grad hook): the loss sees it whole
     loss_head_grad = rank.head_gradient
-    outer_step = 0
+    outer_step = outer_grad = head_step_scratch = 0
     if setup.optimizer_in_backward:
         rank = states.optimizer_in_backward(rank, tensors, setup.optimizer, traits.trainer_optimizer)
-        outer_step = states.outer_step_bytes(tensors, setup.optimizer)  # lm_head's, the embedding's step
+        outer_step = states.outer_step_bytes(tensors, setup.optimizer,  # lm_head's, the embedding's step
+                                             traits.trainer_optimizer)
+        # their gradients alone (alive through the head's backward); a step's scratch only while it runs
+        outer_grad = states.outer_step_bytes(tensors, Optimizer.SGD)
+        head_step_scratch = states.head_step_bytes(spec, setup.method, tensors, setup.optimizer,
+                                                   traits.trainer_optimizer)[1]
     csetup = compute.setup
     layer = layer_setup(compute, spec.family)
     dt = layer.dtypes
@@ -644,12 +648,12 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                copies.forward + hidden_beside_loss, buffers.loss_forward),
         Moment(Phase.BACKWARD_START, W + gathered.loss_backward, B + G_acc, O, A, lg.backward_peak,
                copies.backward_start, buffers.loss_backward),
-        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad) + outer_step, O, A,
+        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad) + outer_grad, O, A,
                lg.head_backward,
                copies.backward_start + hidden_grad + extras.head_backward
                + adapters.head_lora_backward_bytes(spec, layer, tokens), buffers.head_backward),
         # the final norm's backward: its input gradient (fused: the loss's grad_input) and fp32 transients
-        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad) + outer_step, O,
+        Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad) + outer_grad, O,
                A - activations.head_input_saved(spec, layer).bytes(b, s), lg.forward_hidden_grad + lg.held,
                copies.backward_start + (0 if lg.forward_hidden_grad else hidden_grad) + norm_backward,
                buffers.head_backward),
@@ -657,20 +661,30 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     cast = temporaries.head_grad_cast_bytes(dt, states.trained_head(spec, csetup.method, tensors))
     if cast and rank.gathering is None and csetup.task is Task.SFT and csetup.loss in _LM_HEAD_LOSSES:
         moments[-2:] = _cast_head_backward_moments(moments[-2], moments[-1], G_acc, head_grad, cast,
-                                                   Bb + outer_step, lg.held + logits.LABEL_BYTES * tokens)
+                                                   Bb + outer_grad, lg.held + logits.LABEL_BYTES * tokens)
+    if head_step_scratch:  # optimizer in backward: lm_head's step once its gradient is whole, before the norm's
+        moments.append(moments[-1]._replace(gradients=Bb + outer_grad + head_step_scratch,
+                                            temporaries=moments[-1].temporaries - norm_backward))
     # FSDP1 flat parameters (litgpt): autograd builds each unit's flat gradient only once all its views' gradients
     # exist (stack_layers.fsdp_flat_params)
     flat_units = rank.gathering is not None and setup.sharding is Sharding.FSDP and traits.fsdp_flat_params
     # autocast's copies of each layer's weights (``temporaries.layer_weight_copies``; offloaded: not modelled)
     copies_by_kind = {kind: temporaries.layer_weight_copies(spec, dt, csetup.method, kind[0], tensors)
                       for kind, _, _ in _layer_runs(spec, masked)} if not layer.offload else {}
-    moments += _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
-                                       A - head_saved, hidden_grad, norm_backward, dequant_beside, lg.held,
-                                       recompute_beside, masked, flat_units, copies_by_kind,
-                                       context_parallel.ring_backward_bytes(spec, b * s, setup.cp, dt.c)
-                                       if getattr(setup, "cp", 1) > 1 else 0,  # --cp
-                                       buffers if setup.sharding is Sharding.FSDP else None, kv,
-                                       linear_dequant, attention_dequant)
+    layer_moments = _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
+                                            A - head_saved, hidden_grad, norm_backward, dequant_beside, lg.held,
+                                            recompute_beside, masked, flat_units, copies_by_kind,
+                                            context_parallel.ring_backward_bytes(spec, b * s, setup.cp, dt.c)
+                                            if getattr(setup, "cp", 1) > 1 else 0,  # --cp
+                                            buffers if setup.sharding is Sharding.FSDP else None, kv,
+                                            linear_dequant, attention_dequant)
+    if rank.layer_step_scratch and layer_moments:
+        # optimizer in backward: the largest layer tensor's step (torchao's compiled update) runs from its
+        # post-accumulate-grad hook, which autograd runs as soon as the weight's MmBackward returns, beside that
+        # node's input gradient: the first layer moment (the last layer's output projection), not every moment
+        layer_moments.append(layer_moments[0]._replace(gradients=layer_moments[0].gradients
+                                                       + rank.layer_step_scratch))
+    moments += layer_moments
     embedding_backward = temporaries.embedding_backward_bytes(spec, csetup.method, dt, tokens, csetup.modules_to_save)
     if stable:
         embedding_backward = stack_layers.stable_embedding_backward_bytes(spec, dt.r, tokens)

@@ -27,6 +27,66 @@ BNB_MIN_8BIT_NUMEL = 4096  # Optimizer8bit min_8bit_size: smaller tensors keep f
 BNB_OPTIM_BLOCKSIZE = 256  # blockwise 8-bit state: one fp32 absmax per 256 elements
 BNB_PAGED_MIN_NUMEL = 100_000  # get_state_buffer: ``if not self.is_paged or p.numel() < 1e5`` -> a torch tensor
 
+# -- torchao: low-bit AdamW (torchao/optim/, torchao 0.18; torchao/prototype/low_bit_optim/ before 0.10) ------------
+# ``_AdamBase._new_buffer`` (adam.py): a state is a quantized tensor subclass only when
+# ``local_p.numel() >= 4096 and local_p.numel() % self.block_size == 0`` ("follow bitsandbytes, only quantize tensors
+# >= 4096 values"); otherwise ``torch.zeros_like(local_p)``: the parameter's own dtype (bitsandbytes uses fp32).
+TORCHAO_MIN_QUANTIZED_NUMEL = 4096
+# Default ``block_size`` of each class (adam.py ``AdamW8bit``/``AdamWFp8``: 256, ``AdamW4bit``: 128; 8-bit and fp8
+# were 2048 until ao#927, 2024-09-25). HF Trainer's ``adamw_torch_8bit``/``adamw_torch_4bit`` pass
+# ``block_size=optim_args.get("block_size", 256)`` to both (transformers trainer_optimizer.py
+# ``_get_torchao_optimizer``).
+TORCHAO_BLOCK_SIZE = {"8bit": 256, "4bit": 128, "fp8": 256}
+TORCHAO_TRAINER_BLOCK_SIZE = 256
+# Per state tensor (``OptimState*.zeros``): codes (8-bit: uint8, one per element; 4-bit: uint8, two per byte,
+# ``n_elems // 2``; fp8: float8_e4m3fn, one per element), ``scale = torch.zeros(numel // block_size)`` in the default
+# dtype (fp32), and for 8-bit and 4-bit its own fp32 code table ``qmap``
+# (``torch.tensor(get_qmap_signed() or get_qmap_unsigned(), dtype=torch.float32)``: 256 entries for 8-bit,
+# ``create_dynamic_map(True, 3, 4)`` / ``linspace(0, 1, 17)[1:]``: 16 for 4-bit; fp8 has none).
+TORCHAO_CODE_BITS = {"8bit": 8, "4bit": 4, "fp8": 8}
+TORCHAO_QMAP_ENTRIES = {"8bit": 256, "4bit": 16, "fp8": 0}
+TORCHAO_SCALE_BYTES = 4
+
+
+def torchao_step_buffers(kind: str, shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+    """Bytes of each intermediate buffer alive at the peak of torchao's compiled step of one quantized parameter.
+
+    ``_AdamBase.step`` calls ``torch.compile(single_param_adam, fullgraph=True, dynamic=False)`` per parameter
+    (adam.py): the states are dequantized to fp32 (``dequant_with_qmap``), updated with ``lerp``, requantized per
+    block of ``block_size`` (``scale_tensor``: ``input.view(-1, block_size).abs().amax(-1)``, then
+    ``quantize_8bit_with_qmap`` / ``quantize_4bit_with_qmap`` / ``quantize_fp8``) and written back by the subclass's
+    ``aten.copy_``. Which intermediates inductor realizes is its scheduler's choice; the buffers below are those its
+    generated wrapper allocates with the Triton scheduler (torch 2.13, triton 3.9; ``benchmarks/torchao_step_plan.py``
+    compiles the real step and parses ``call()``: ``benchmarks/torchao_step_plan.csv``). n elements, L = last dim,
+    B = block_size, s = 4·n/B (one fp32 scale per block); two states, so every buffer comes in a pair:
+      8-bit  L == B (2-D and up): none (everything written in place by one fused reduction kernel);
+             1-D, or L above B and not a multiple of it: the new scales (s, s); otherwise the new scales and the
+             new codes before their copy into the state: (s, s, n, n), the codes' pair fp32 (4·n, 4·n: the
+             updated moments) for 3-D and up with L < B.
+      4-bit  the unpacked codes re-stacked (``torch.stack([codes >> 4, codes & 0b1111], -1)``, an extern ``cat``:
+             n, n), the scaled fp32 input (4·n, 4·n) and the int64 binary-search codes (8·n, 8·n) that the packing
+             kernel (``(codes[::2] << 4) | codes[1::2]``) reads, and the scales (s, s) unless L == B: 26·n + 2·s.
+      fp8    L == B (2-D and up): none; 2-D and up with L < B: the scales and the fp8 codes (s, s, n, n);
+             otherwise the scales (s, s).
+    What departs from the GPU: the plan was generated for a CPU device with inductor's Triton backend, the code path
+    CUDA takes through the same scheduler; not yet checked against a CUDA run."""
+    n = math.prod(shape)
+    last = shape[-1]
+    scales = (TORCHAO_SCALE_BYTES * n // block_size,) * 2
+    if kind == "4bit":
+        return (n, n, 4 * n, 4 * n, 8 * n, 8 * n) + (() if len(shape) > 1 and last == block_size else scales)
+    if len(shape) > 1 and last == block_size:
+        return ()
+    if len(shape) == 1:
+        return scales
+    if kind == "8bit":
+        if last > block_size and last % block_size:
+            return scales
+        code = 4 * n if len(shape) > 2 and last < block_size else n
+        return scales + (code, code)
+    return scales + ((n, n) if last < block_size else ())
+
+
 # -- torch DistributedDataParallel as accelerate builds it -----------------------------------------------------------
 DDP_BUCKET_CAP_MB = 25  # accelerate DistributedDataParallelKwargs.bucket_cap_mb (torch's default too)
 DDP_BUCKET_CAP_BYTES = DDP_BUCKET_CAP_MB * 2**20

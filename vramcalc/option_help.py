@@ -7,7 +7,8 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "method": "full | lora | qlora | prompt | any peft method by peft's name: dora, adalora, ia3, ln-tuning, "
               "p-tuning, prefix, loha, lokr, oft, vera, ... (vramcalc methods lists them)",
     "precision": "fp32 | mixed-bf16 | mixed-fp16 | bf16 | fp16 | fp8 | bf16-true | fp16-true (16 bits, no autocast)",
-    "optimizer": "adamw | adamw-foreach | adamw-8bit | paged-adamw | paged-adamw-8bit | sgd | sgd-momentum | adafactor",
+    "optimizer": "adamw | adamw-foreach | adamw-8bit | paged-adamw | paged-adamw-8bit | sgd | sgd-momentum | adafactor "
+                 "| adamw-8bit-torchao | adamw-4bit-torchao | adamw-fp8-torchao",
     "batch_size": "micro-batch per GPU (sequences)",
     "seq_len": "tokens per sequence",
     "grad_ckpt": "activation checkpointing: full (bare --grad-ckpt) | selective (save matmul outputs, recompute "

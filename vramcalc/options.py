@@ -176,6 +176,11 @@ class Optimizer(Choice):
     SGD = "sgd"
     SGD_MOMENTUM = "sgd-momentum"
     ADAFACTOR = "adafactor"  # transformers.optimization.Adafactor ("adafactor"), beta1=None
+    # torchao's low-bit AdamW (torchao/optim/adam.py, torchao 0.18; torchao.prototype.low_bit_optim before 0.10):
+    # blockwise-quantized states as tensor subclasses, the step a torch.compile'd ``single_param_adam`` per parameter
+    ADAMW_8BIT_TORCHAO = "adamw-8bit-torchao"  # torchao.optim.AdamW8bit (Trainer "adamw_torch_8bit")
+    ADAMW_4BIT_TORCHAO = "adamw-4bit-torchao"  # torchao.optim.AdamW4bit (Trainer "adamw_torch_4bit")
+    ADAMW_FP8_TORCHAO = "adamw-fp8-torchao"  # torchao.optim.AdamWFp8
 
     @property
     def is_paged(self) -> bool:
@@ -187,7 +192,12 @@ class Optimizer(Choice):
 
     @property
     def is_8bit(self) -> bool:
+        """bitsandbytes' 8-bit states (torchao's low-bit optimizers are ``is_torchao``)."""
         return self in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT)
+
+    @property
+    def is_torchao(self) -> bool:
+        return self in (Optimizer.ADAMW_8BIT_TORCHAO, Optimizer.ADAMW_4BIT_TORCHAO, Optimizer.ADAMW_FP8_TORCHAO)
 
 
 class Attention(Choice):

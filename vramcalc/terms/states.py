@@ -34,6 +34,9 @@ class RankStates:
     accumulated_gradients: int = 0  # gradients kept across micro-batches (gradient accumulation)
     gathering: "Gathering | None" = None  # noqa: F821 (distributed.Gathering: FSDP2 and ZeRO-3 units)
     host_bytes: int = 0  # what the rank keeps in host memory (offload)
+    # optimizer in backward: the largest decoder-layer step's scratch beyond its gradient (torchao's compiled step),
+    # alive only while a layer's parameter steps, not during the head's or the embedding's backward
+    layer_step_scratch: int = 0
 
 
 def trained_head(model: ModelSpec, method: Method, tensors: tuple[StoredTensor, ...]) -> StoredTensor | None:
@@ -55,16 +58,17 @@ def head_gradient_bytes(model: ModelSpec, method: Method, tensors: tuple[StoredT
 
 @functools.lru_cache(maxsize=4096)
 def model_states(model: ModelSpec, tensors: tuple[StoredTensor, ...], method: Method, optimizer: Optimizer,
-                 grad_accum: int) -> RankStates:
+                 grad_accum: int, trainer_built: bool = True) -> RankStates:
     """Everything one GPU holds when nothing is sharded: W, G, O and the step's scratch from their term functions
     over the stored ``tensors`` (``parameters.parameter_tensors``); with gradient accumulation (``grad_accum`` > 1)
-    the gradients stay alive through the next micro-batches."""
+    the gradients stay alive through the next micro-batches. ``trainer_built``: HF Trainer built the optimizer
+    (bitsandbytes' embeddings at 32 bits, torchao's ``block_size=256``); a stack's own recipe passes False."""
     gradients = gradient_bytes(tensors)
     return RankStates(
         weights=weight_bytes(tensors),
         gradients=gradients,
-        optimizer_states=optimizer_state_bytes(tensors, optimizer).device_bytes,
-        optimizer_step=optimizer_step_temporary_bytes(tensors, optimizer),
+        optimizer_states=optimizer_state_bytes(tensors, optimizer, trainer_built).device_bytes,
+        optimizer_step=optimizer_step_temporary_bytes(tensors, optimizer, trainer_built),
         layer_gradients=(layer_gradient_bytes(model, tensors, False), layer_gradient_bytes(model, tensors, True)),
         head_gradient=head_gradient_bytes(model, method, tensors),
         accumulated_gradients=gradients if grad_accum > 1 else 0,
@@ -80,8 +84,9 @@ def optimizer_in_backward(rank: RankStates, tensors: tuple[StoredTensor, ...], o
     gradient lives from its accumulation to its own step, so the full gradient set never exists.
 
     Gradients at rest = 0; during backward, one parameter's gradient and its step's scratch are alive at a time:
-    ``max over trainable tensors of (grad bytes + one-tensor step scratch)``, charged to the backward buffers (alive
-    at every backward moment, never in forward). When the decoder layers train, that maximum is taken over their
+    ``max over trainable tensors of (grad bytes + one-tensor step scratch)``, its gradient part charged to the
+    backward buffers (alive at every backward moment, never in forward) and the rest (``layer_step_scratch``) to the
+    decoder layers' backward moments only. When the decoder layers train, that maximum is taken over their
     tensors: the embedding's and lm_head's (V·h, often the largest) exist only around their own backward
     (``outer_step_bytes``), not while the layers' backward runs (traced, ``tracing/stacks/torchtune.py``). Optimizer states are unchanged (every parameter still has its own);
     the end-of-step scratch is gone (each step ran in backward). A bitsandbytes 8-bit optimizer per parameter fills
@@ -90,24 +95,26 @@ def optimizer_in_backward(rank: RankStates, tensors: tuple[StoredTensor, ...], o
     trainable = [t for t in tensors if t.trainable]
     if not trainable:
         return rank
-    one = _largest_step(trainable, optimizer)
+    one = _largest_step(trainable, optimizer, embedding_32bit)
+    gradient = _largest_step(trainable, Optimizer.SGD)  # the same pool's largest gradient alone
     qmap_users = optimizer_state_bytes(tensors, optimizer, embedding_32bit).qmap_users
     extra_qmaps = (qmap_users - 1) * BNB_QMAP_BYTES if qmap_users > 1 else 0
     return replace(rank, gradients=0, optimizer_step=0, layer_gradients=(0, 0), head_gradient=0,
                    optimizer_states=rank.optimizer_states + extra_qmaps,
-                   backward_buffers=rank.backward_buffers + one, accumulated_gradients=0)
+                   backward_buffers=rank.backward_buffers + gradient, layer_step_scratch=one - gradient,
+                   accumulated_gradients=0)
 
 
-def _largest_step(tensors, optimizer: Optimizer) -> int:
+def _largest_step(tensors, optimizer: Optimizer, trainer_built: bool = True) -> int:
     """The largest (gradient + one-tensor step scratch) over ``tensors``: the decoder layers' when any trains."""
     tensors = list(tensors)
     layers = [t for t in tensors if t.scope != "model"]
     pool = layers or tensors
     return max(round_up(t.numel * t.bits // 8)
-               + optimizer_step_temporary_bytes((replace(t, count=1),), optimizer) for t in pool)
+               + optimizer_step_temporary_bytes((replace(t, count=1),), optimizer, trainer_built) for t in pool)
 
 
-def outer_step_bytes(tensors: tuple[StoredTensor, ...], optimizer: Optimizer) -> int:
+def outer_step_bytes(tensors: tuple[StoredTensor, ...], optimizer: Optimizer, trainer_built: bool = True) -> int:
     """Optimizer in backward: the largest (gradient + step scratch) of the tensors outside the decoder layers (the
     embedding, lm_head, the final norm), alive around lm_head's and the embedding's backward; 0 when only decoder
     tensors train or when those are the whole set (``_largest_step`` already counts them)."""
@@ -116,4 +123,18 @@ def outer_step_bytes(tensors: tuple[StoredTensor, ...], optimizer: Optimizer) ->
     if not outer or len(outer) == len(trainable):
         return 0
     return max(round_up(t.numel * t.bits // 8)
-               + optimizer_step_temporary_bytes((replace(t, count=1),), optimizer) for t in outer)
+               + optimizer_step_temporary_bytes((replace(t, count=1),), optimizer, trainer_built) for t in outer)
+
+
+def head_step_bytes(model: ModelSpec, method: Method, tensors: tuple[StoredTensor, ...], optimizer: Optimizer,
+                    trainer_built: bool = True) -> tuple[int, int]:
+    """Optimizer in backward: (gradient, step scratch) of an untied trained lm_head's step, which its
+    post-accumulate-grad hook runs once the loss's chunks have all added to its gradient, before the final norm's
+    backward (traced, ``tracing/stacks/torchtune.py``); (0, 0) when lm_head is frozen or tied (the embedding's
+    backward finishes a tied one's gradient: ``outer_step_bytes`` at backward end)."""
+    head = trained_head(model, method, tensors)
+    if head is None or head.kind != "lm_head":
+        return 0, 0
+    one = replace(head, count=1)
+    return (round_up(head.numel * head.bits // 8),
+            optimizer_step_temporary_bytes((one,), optimizer, trainer_built))

@@ -58,7 +58,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
-def make_optimizer(model: nn.Module, optimizer: Optimizer, paged_context=None) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, optimizer: Optimizer, paged_context=None, tracker=None) -> torch.optim.Optimizer:
     """The optimizer Trainer builds for ``optim=...`` (names in comments), over the trainable parameters."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     no_decay = [p for name, p in named if any(pattern in name.lower() for pattern in _NO_DECAY_PATTERNS)]
@@ -81,6 +81,10 @@ def make_optimizer(model: nn.Module, optimizer: Optimizer, paged_context=None) -
         from transformers.optimization import Adafactor
 
         return Adafactor(groups, lr=LEARNING_RATE, scale_parameter=False, relative_step=False, warmup_init=False)
+    if optimizer.is_torchao:  # adamw_torch_8bit / adamw_torch_4bit (block_size=256); AdamWFp8 passed in by hand
+        from .torchao_optim import make_torchao_optimizer
+
+        return make_torchao_optimizer(groups, optimizer, tracker, lr=LEARNING_RATE, trainer_built=True)
     from .bnb_optim import make_bnb_optimizer
 
     return make_bnb_optimizer(model, groups, optimizer, LEARNING_RATE, paged_context=paged_context)
@@ -237,7 +241,7 @@ class StepTracer:
         self.resolved = resolved
         self.setup = resolved.setup
         self.tracker = tracker
-        self.optimizer = make_optimizer(model, self.setup.optimizer, paged_context=tracker.paged)
+        self.optimizer = make_optimizer(model, self.setup.optimizer, paged_context=tracker.paged, tracker=tracker)
         self.forward_module: nn.Module = model  # a DDP wrapper's forward under data parallelism
         self.accumulation = _synchronised  # (is the last micro-batch) -> context of one micro-batch
         self._hooks = []

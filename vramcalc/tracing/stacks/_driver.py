@@ -102,6 +102,11 @@ def make_optimizer(params, optimizer: Optimizer, tracker: AllocationTracker, *, 
 
             instance.get_state_buffer = paged_state_buffer
         return instance
+    if optimizer.is_torchao:  # the recipe's ``optimizer._component_=torchao.optim.AdamW8bit``: class defaults
+        from ..torchao_optim import make_torchao_optimizer
+
+        return make_torchao_optimizer(params, optimizer, tracker, lr=lr, weight_decay=weight_decay,
+                                      trainer_built=False)
     raise VramcalcError(f"the {stack} trace has no recipe for optimizer {optimizer.value}")
 
 
