@@ -36,6 +36,7 @@ from .options import (
     Sharding,
     Stack,
     Task,
+    TpPlan,
     Vision,
 )
 from . import gptq, parallel_degrees
@@ -121,6 +122,7 @@ class TrainingSetup:
     zero_overlap_comm: bool = False  # DeepSpeed overlap_comm under ZeRO-1/2 (its default there; ZeRO-3's is on)
     offload: Offload = Offload.NONE
     tp: int = 1  # tensor-parallel degree (transformers tp_plan="auto"); --num-gpus = tp x data-parallel ranks
+    tp_plan: TpPlan = TpPlan.HF  # whose tensor-parallel plan --tp runs: transformers' or torchtitan's (options.py)
     ep: int = 1  # expert-parallel degree (transformers ep_size, base_model_ep_plan; parallel_degrees.py)
     cp: int = 1  # context-parallel degree (accelerate cp_size, torch ring attention); --num-gpus = dp_shard x cp x tp
     global_batch_size: int | None = None  # sequences per optimizer step over all GPUs; sets batch_size when given
@@ -316,6 +318,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
                                 "zero_overlap_comm"),
         offload=Offload.parse(chosen.get("offload", SETUP_DEFAULTS["offload"]), "offload"),
         tp=positive_int(chosen.get("tp", SETUP_DEFAULTS["tp"]), "tensor-parallel degree", MAX_OPTION["num_gpus"]),
+        tp_plan=TpPlan.parse(chosen.get("tp_plan", SETUP_DEFAULTS["tp_plan"]), "tensor-parallel plan"),
         ep=positive_int(chosen.get("ep", SETUP_DEFAULTS["ep"]), "expert-parallel degree", MAX_OPTION["num_gpus"]),
         cp=positive_int(chosen.get("cp", SETUP_DEFAULTS["cp"]), "context-parallel degree", MAX_OPTION["num_gpus"]),
         stack=stack,
