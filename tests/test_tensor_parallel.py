@@ -185,3 +185,93 @@ def test_two_gloo_ranks_of_a_tp_group_each_peak_within_5_percent_of_the_estimate
     assert sorted(peaks) == [0, 1] and peaks[0] == peaks[1]
     for rank, peak in peaks.items():
         assert abs(estimated - peak) / peak < TOLERANCE, (rank, peak, estimated)
+
+
+# -- torchtitan's plan: sequence parallelism and loss parallelism (--tp-plan torchtitan) ---------------------------
+def test_torchtitan_plan_keeps_a_sequence_shard_between_blocks_and_a_vocabulary_shard_in_the_loss():
+    """torchtitan's ``apply_tp`` (parallelize_llama.py @9dec370): ``SequenceParallel`` norms and ``Shard(1)`` block
+    outputs, so a checkpointed layer keeps [b, s/T, h] (transformers' plan keeps the replicated [b, s, h]); the
+    output layer's logits stay ``Shard(-1)`` under ``loss_parallel``, [b, s, V/T] on each rank, whose DTensor
+    log_softmax/nll handlers peak at 16 bytes per logit in backward (the saved fp32 result, the zeros, exp and their
+    sum: torch ``distributed/tensor/parallel/loss.py`` ``_nll_loss_and_log_softmax_backward``)."""
+    from vramcalc.step_moment import layer_setup
+    from vramcalc.terms import activations
+
+    spec = vc.get_model("llama-3.1-8b")
+    T, s, h, V, L = 4, 8192, 4096, 128256, 32
+    common = dict(tp=T, seq_len=s, grad_ckpt=True)
+    hf, titan = (resolve_setup(spec, **common, tp_plan=plan) for plan in ("hf", "torchtitan"))
+    (hf_spec, hf_rank), (tt_spec, tt_rank) = (tensor_parallel.rank_view(spec, r) for r in (hf, titan))
+    assert tt_spec.vocab_size == V // T and hf_spec.vocab_size == V
+    tt_layer = activations.layer_kept(tt_spec, layer_setup(tt_rank, spec.family), True, False)
+    hf_layer = activations.layer_kept(hf_spec, layer_setup(hf_rank, spec.family), True, False)
+    assert tt_layer.bytes(1, s) == hf_layer.bytes(1, s) // T == 2 * s * h // T  # bf16 layer inputs
+    b = vc.estimate(spec, **common, tp_plan="torchtitan")
+    assert b.phase == vc.Phase.BACKWARD_START
+    assert b.terms_bytes[vc.Term.LOGITS] == 16 * s * (V // T) + 8 * s  # + the int64 labels
+    same_stored = {t.name: t.shape for t in stored_tensors(hf_spec, hf_rank)}
+    assert {t.name: t.shape for t in stored_tensors(tt_spec, tt_rank)} == same_stored  # the same shards stored
+    assert b.peak_tensor_bytes < vc.estimate(spec, **common).peak_tensor_bytes
+    assert L * 2 * s * h // T < b.terms_bytes[vc.Term.ACTIVATIONS]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(tp=1, tp_plan="torchtitan"), "--tp 2 or more"),
+    (dict(tp=2, tp_plan="torchtitan", method="lora"), "--method full"),
+    (dict(tp=2, tp_plan="torchtitan", cp=2, num_gpus=4), "--cp"),
+    (dict(tp=4, tp_plan="torchtitan", seq_len=2046), "multiple of 4"),
+    (dict(tp=2, tp_plan="torchtitan", loss="chunked"), "loss_parallel"),
+    (dict(tp=2, tp_plan="torchtitan", grad_ckpt="selective-op"), "full or none"),
+    (dict(tp=2, tp_plan="megatron"), "tensor-parallel plan"),
+    (dict(tp=2, compile=True), "--compile"),  # transformers' plan under torch.compile: not modelled
+])
+def test_bad_torchtitan_plan_setups_get_one_line_errors(options, message, capsys):
+    with pytest.raises(VramcalcError, match=message):
+        vc.estimate("llama-3.1-8b", **options)
+    argv = ["estimate", "llama-3.1-8b"] + [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
+                                          for k, v in options.items()]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+
+
+def test_torchtitan_70b_2d_row_is_expressible_with_compile_and_fp8():
+    """torchtitan's Table 4 (Llama 3.1 70B, FSDP 32 x TP 8, compile, Float8, full AC, local batch 16 x 8192)."""
+    b = vc.estimate("llama-3.1-70b", method="full", precision="fp8", optimizer="adamw-foreach", batch_size=16,
+                    seq_len=8192, grad_ckpt="full", num_gpus=256, sharding="fsdp", compile=True, compile_loss=False,
+                    tp=8, tp_plan="torchtitan", repeat_kv=True)
+    assert b.details["tp"] == 8 and b.details["data_parallel_ranks"] == 32
+    assert b.inputs["tp_plan"] == "torchtitan"
+
+
+def test_cli_takes_the_tp_plan(capsys):
+    assert main(["estimate", "llama-3.1-8b", "--tp", "2", "--tp-plan", "torchtitan", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["inputs"]["tp_plan"] == "torchtitan" and out["inputs"]["origins"]["tp_plan"] == "user"
+
+
+TORCHTITAN_TRACE_CASES = [
+    (TINY["llama"], dict(tp=2, seq_len=256)),
+    (TINY["llama"], dict(tp=2, seq_len=512, grad_ckpt=True)),
+    (LLAMA_4KV_V512, dict(tp=4, seq_len=512, batch_size=2)),
+    (LLAMA_4KV_V512, dict(tp=2, seq_len=1024, grad_ckpt=True)),
+    (QWEN3_4KV, dict(tp=2, seq_len=512)),
+    (TINY["llama"], dict(tp=2, seq_len=256, compile=True, compile_loss=False)),
+    (TINY["llama"], dict(tp=2, seq_len=512, grad_ckpt=True, compile=True, compile_loss=False)),
+]
+
+
+@needs_torch
+@pytest.mark.trace
+@pytest.mark.parametrize("spec, options", TORCHTITAN_TRACE_CASES,
+                         ids=[f"{s.name}-{'-'.join(f'{k}={v}' for k, v in o.items())}"
+                              for s, o in TORCHTITAN_TRACE_CASES])
+def test_torchtitan_plan_rank_peak_is_within_3_percent_of_the_fake_group_trace(spec, options):
+    """torch's own parallel styles on the transformers model as torchtitan lays them (``tracing/tensor_parallel.py``
+    ``distribute_torchtitan``), every micro-batch under ``loss_parallel()``, the tracker inside DTensor's loss
+    handlers; with --compile each block through AOTAutograd on its DTensors."""
+    from vramcalc.tracing.runner import run_trace
+
+    options = dict(options, tp_plan="torchtitan")
+    traced = sum(run_trace(spec, resolve_setup(spec, **options), progress=False).terms.values())
+    assert abs(_rank_peak(spec, **options) - traced) / traced < 0.03

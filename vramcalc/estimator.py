@@ -74,7 +74,8 @@ def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = 
     if context_parallel.cp_degree(resolved) > 1:  # the ring's traffic inside the cp group
         details.update(context_parallel.context_parallel_details(spec, resolved, activations.dtypes(
             resolved.setup.method, resolved.setup.precision, resolved.setup.adapter_dtype).c,
-            heads=spec.num_heads // resolved.setup.tp, kv_heads=spec.num_kv_heads // resolved.setup.tp))
+            heads=spec.num_heads // resolved.setup.tp,
+            kv_heads=context_parallel.ring_kv_heads(spec, resolved.setup) // resolved.setup.tp))
     if rank_spec is not spec:  # the whole model's counts; the rank's traffic inside its tensor-parallel group
         details.update(params=spec.params, active_params=spec.active_params,
                        **tensor_parallel.tensor_parallel_details(spec, resolved, activations.dtypes(
@@ -374,6 +375,8 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     setup = resolved.setup
     tokens = ((setup.batch_size if batch_size is None else batch_size)
               * (setup.padded_seq_len if seq_len is None else seq_len + setup.padded_seq_len - setup.seq_len))
+    if tensor_parallel.sequence_parallel(setup):  # the layers' reduce-scatters: ``_moments``
+        return moments
     c = activations.dtypes(setup.method, setup.precision, setup.adapter_dtype).c
     extra = tensor_parallel.backward_all_reduce_bytes(spec.hidden_size, tokens, c)
     return [m._replace(temporaries=m.temporaries + extra) if m.phase is Phase.BACKWARD else m for m in moments]
@@ -570,7 +573,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                                  compiled=csetup.compile and csetup.compile_loss,
                                  whole_head=csetup.method is Method.FULL, fp32_logits=layer.layers.fp32_unembed,
                                  head_cast_grad_bytes=temporaries.head_grad_cast_bytes(
-                                     dt, states.trained_head(spec, csetup.method, tensors)) if loss_head_grad else 0)
+                                     dt, states.trained_head(spec, csetup.method, tensors)) if loss_head_grad else 0,
+                                 loss_parallel=tensor_parallel.sequence_parallel(csetup))  # --tp-plan torchtitan
     if csetup.task is Task.DISTILL:  # GKD: the student's full logits and the JSD loss (terms/tasks.py)
         lg = tasks.distill_logits_bytes(spec, dt, b, s)
     dequant_beside = None  # torchtune: torchao's eager dequantization, beside a layer's saved tensors (stack_layers)
@@ -588,6 +592,10 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         attention_dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens,
                                                                  setup=csetup, role="attention")
     dequant = dequant + float8.layer_backward_cast_bytes(spec, setup.precision, tokens)  # fp8: torchao's casts
+    if tensor_parallel.sequence_parallel(csetup) and rank.gathering is not None:
+        # a block input gradient's reduce-scatter: beside the FSDP path's one transient of a layer's backward (the
+        # single-group path's MLP moments come before it and hold the [T, I/T] gradients it follows)
+        dequant = dequant + tensor_parallel.backward_reduce_scatter_bytes(spec.hidden_size, tokens, dt.c, csetup.tp)
     method_forward = peft_methods.forward_transient_bytes(spec, compute, dt, tokens)  # DoRA's weight norm, per module
     has_method_forward = peft_methods.has_forward_transients(csetup.method)
     recompute_beside = 0
@@ -602,7 +610,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                              + peft_methods.forward_transient_bytes(spec, compute, dt, tokens, recompute=True))
         recompute_beside = dequant + beside
         dequant = dequant + peft_methods.backward_transient_bytes(spec, compute, dt, tokens)
-    hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)
+    # --tp-plan torchtitan: the residual stream, its gradient and the norms are the rank's [b, s/T, h] shard
+    residual_tokens = tokens // csetup.tp if tensor_parallel.sequence_parallel(csetup) else tokens
+    hidden_grad = temporaries.hidden_grad_bytes(spec, dt, residual_tokens)
     if gptq_base and ckpt:  # the recompute's dequantization beside the recomputed layer and the incoming gradient
         recompute_beside = maximum(recompute_beside, dt.r * tokens * spec.hidden_size + gptq.forward_dequant_bytes(
             spec, dt.r, dt.c, tokens, csetup.gptq_desc_act, saved=True))
@@ -624,7 +634,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                    buffers.last_layer_forward),
             Moment(Phase.FORWARD, W + gathered.tail_copy_out, B + G_acc, O, A_layers, 0, 0, buffers.tail_copy_out),
         ]
-    norm_backward = temporaries.norm_backward_bytes(spec, tokens, layer.kernels)
+    norm_backward = temporaries.norm_backward_bytes(spec, residual_tokens, layer.kernels)
     if dequant_beside is not None:  # torchao: the last layer's down projection dequantizes beside every saved tensor
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0,
                               stack_layers.nf4_forward_moment_bytes(spec, dt.c, tokens, bool(ckpt), csetup.compile)))
@@ -674,10 +684,17 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     layer_moments = _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                                             A - head_saved, hidden_grad, norm_backward, dequant_beside, lg.held,
                                             recompute_beside, masked, flat_units, copies_by_kind,
-                                            context_parallel.ring_backward_bytes(spec, b * s, setup.cp, dt.c)
+                                            context_parallel.ring_moment_bytes(
+                                                spec, b * s, setup.cp, dt.c, compiled=csetup.compile,
+                                                o_input_copy_bytes=activations.attention_output_copy(
+                                                    spec, layer, masked).bytes(b, s),
+                                                kv_heads=context_parallel.ring_kv_heads(spec, csetup))
                                             if getattr(setup, "cp", 1) > 1 else 0,  # --cp
                                             buffers if setup.sharding is Sharding.FSDP else None, kv,
-                                            linear_dequant, attention_dequant)
+                                            linear_dequant, attention_dequant,
+                                            block_reduce_scatter=tensor_parallel.backward_reduce_scatter_bytes(
+                                                spec.hidden_size, tokens, dt.c, csetup.tp)
+                                            if tensor_parallel.sequence_parallel(csetup) else 0)
     if rank.layer_step_scratch and layer_moments:
         # optimizer in backward: the largest layer tensor's step (torchao's compiled update) runs from its
         # post-accumulate-grad hook, which autograd runs as soon as the weight's MmBackward returns, beside that
@@ -845,7 +862,7 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                             layers_saved, hidden_grad, norm_backward, dequant_beside=None,
                             logits_held=0, recompute_beside=0, masked=False, flat_units=False,
                             copies_by_kind=None, ring_attention=0, buffers=None, kv_cache=None,
-                            linear_dequant=0, attention_dequant=0) -> list[Moment]:
+                            linear_dequant=0, attention_dequant=0, block_reduce_scatter=0) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -881,6 +898,9 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     next dequantizing op, up's backward, runs once mul's has freed its input gradient and its two saved [T, I]
     inputs (a gated MLP: three [T, I] fewer than at mul's), with up's [T, h] input gradient made; the attention's
     backward dequantizes its own largest projection (``attention_dequant``).
+    ``block_reduce_scatter`` (``--tp-plan torchtitan``, one tensor-parallel group): the MLP's input gradient
+    reduce-scattered onto the sequence (``tensor_parallel.backward_reduce_scatter_bytes``), a moment of its own once
+    the MLP's backward is done, beside the attention block's saved tensors and the residual's gradient.
     ``ring_attention`` (``--cp``, always with FSDP2 units): the ring-attention backward's buffers
     (``context_parallel.ring_backward_bytes``), a moment of their own once the MLP's backward is done: what the
     attention block still holds, the layer's unsharded gradients waiting, and the ring's buffers as the transients.
@@ -973,6 +993,9 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                                       O, held - freed.mlp.bytes(b, s), logits_held, mlp_transient + here - copies.down))
                 attention_left = attention_lefts[kind]
                 waiting = Bb + maximum(G_acc, G_here + grads_moe)
+                if block_reduce_scatter:  # the MLP's input gradient reduce-scattered, its saved tensors freed
+                    moments.append(Moment(Phase.BACKWARD, W, waiting, O, shared + left + attention_left, logits_held,
+                                          block_reduce_scatter + hidden_grad + here - copies.mlp))
                 if freed.eager_softmax:  # o_proj's and probs @ v's saved tensors freed first, then the softmax's
                     held = shared + left + attention_left - freed.attention.bytes(b, s)
                     moments.append(Moment(Phase.BACKWARD, W, waiting, O, held, logits_held,

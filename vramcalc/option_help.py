@@ -36,6 +36,8 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "sharding": "none | ddp | zero1 | zero2 | zero3 | fsdp",
     "tp": "tensor-parallel degree (transformers tp_plan=\"auto\"): each GPU holds 1/tp of every attention and MLP "
           "matrix; --num-gpus = tp x data-parallel ranks (given --tp alone, --num-gpus is tp)",
+    "tp_plan": "hf (transformers tp_plan=\"auto\": replicated residual stream, gathered logits) | torchtitan "
+               "(torchtitan apply_tp: sequence-parallel norms, [b, s/tp, h] residual stream, vocab-parallel loss)",
     "ep": "expert-parallel degree (transformers ep_size, the model's expert plan): each GPU holds 1/ep of the "
           "experts; one group of ep GPUs shares a batch, the rest whole (given --ep alone, --num-gpus is ep), or "
           "with --num-gpus N (a multiple of ep) and --sharding fsdp every GPU its own batch, the experts sharded "

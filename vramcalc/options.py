@@ -365,6 +365,22 @@ class PipelineSchedule(Choice):
         return 2 if self is PipelineSchedule.INTERLEAVED_1F1B else 1
 
 
+class TpPlan(Choice):
+    """Which tensor-parallel plan ``--tp`` runs (``terms/tensor_parallel.py``).
+
+    hf          transformers' ``tp_plan="auto"`` (the family's ``base_model_tp_plan``): colwise q/k/v and MLP input
+                projections, rowwise o and MLP output projection, all-reduced to a replicated [b, s, h] residual
+                stream; lm_head's output all-gathered to the full vocabulary before the loss.
+    torchtitan  torchtitan's ``apply_tp`` (``parallelisms/parallelize_llama.py`` @9dec370): the same colwise/rowwise
+                split with Megatron-style sequence parallelism (the norms ``SequenceParallel``, the residual stream
+                and the embedding's output ``Shard(1)``: [b, s/T, h] per rank, all-gathered before each attention,
+                MLP and the output projection, reduce-scattered after them) and loss parallelism (the output layer's
+                logits stay ``Shard(-1)``, [b, s, V/T] per rank, under ``loss_parallel()``)."""
+
+    HF = "hf"
+    TORCHTITAN = "torchtitan"
+
+
 class Stack(Choice):
     """The training stack whose defaults a setup starts from (``vramcalc/stacks.py`` lists what each one sets)."""
 

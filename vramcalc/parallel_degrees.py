@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from .errors import VramcalcError
 from .model import ModelSpec
+from .options import TpPlan
 
 # families whose transformers 5.25.0 ``base_model_tp_plan`` is llama's (models/llama/configuration_llama.py:48-56:
 # q/k/v/gate/up "colwise", o/down "rowwise"), or llama's plus replicated q/k norms (qwen3, gemma3_text:
@@ -72,7 +73,10 @@ def check_degrees(model: ModelSpec, setup) -> None:
     check_expert_degree(model, setup)
     check_pipeline_degree(model, setup)
     tp = setup.tp
+    torchtitan = getattr(setup, "tp_plan", TpPlan.HF) is TpPlan.TORCHTITAN
     if tp == 1:
+        if torchtitan:
+            raise VramcalcError("--tp-plan torchtitan applies with --tp 2 or more")
         return
     gpus, pp = stage_gpus(setup), getattr(setup, "pp", 1)
     if gpus % tp:
@@ -104,6 +108,9 @@ def check_degrees(model: ModelSpec, setup) -> None:
             raise VramcalcError(f"--tp {tp} does not divide {model.name}'s {size} {what}: each rank must hold whole "
                                 "heads and an equal slice of the MLP")
     method = setup.method.value
+    if torchtitan:
+        check_torchtitan_plan(model, setup)
+        return
     if method == "qlora" or setup.method.peft_facts is not None or method == "prompt":
         raise VramcalcError(f"--tp with --method {method}: modelled for full and lora (transformers 5.25.0 has no "
                             "tensor-parallel path for bitsandbytes layers, and peft shards only LoRA's adapters, "
@@ -119,9 +126,49 @@ def check_degrees(model: ModelSpec, setup) -> None:
     if setup.task.value != "sft" or setup.stack.value != "hf":
         raise VramcalcError("--tp is modelled for --task sft on the hf stack (transformers' tp_plan='auto')")
     if setup.packing or setup.compile or setup.activation_offload or setup.kernels.value != "none":
-        raise VramcalcError("--tp is modelled without --packing, --compile, --activation-offload and --kernels")
+        raise VramcalcError("--tp with transformers' plan is modelled without --packing, --compile, "
+                            "--activation-offload and --kernels (torchtitan's, --tp-plan torchtitan, takes --compile)")
     if setup.precision.value == "fp8":
-        raise VramcalcError("--tp with --precision fp8 is not modelled (torchao's Float8Linear under DTensor)")
+        raise VramcalcError("--tp with transformers' plan and --precision fp8 is not modelled (torchao's Float8Linear "
+                            "under DTensor; torchtitan's plan, --tp-plan torchtitan, takes it)")
+
+
+def check_torchtitan_plan(model: ModelSpec, setup) -> None:
+    """One error line for a ``--tp-plan torchtitan`` setup vramcalc does not model (the mesh and divisibility checks
+    of ``check_degrees`` passed). What it models: torchtitan 9dec370's ``apply_tp`` on a dense Llama-style decoder
+    (``parallelisms/parallelize_llama.py``): full training (torchtitan trains no adapters), its loss
+    ``F.cross_entropy(pred.flatten(0, 1).float(), labels)`` under ``loss_parallel()`` (``--loss hf``), FSDP2 over the
+    data-parallel ranks (``apply_fsdp``, ``dp_shard``), torch's AdamW or SGD on DTensor parameters; with
+    ``--compile`` (``apply_compile``: each TransformerBlock) and ``--precision fp8`` (torchao's Float8Linear with the
+    Float8 parallel styles) allowed. The sequence is sharded ``Shard(1)`` between blocks: T must divide it."""
+    tp = setup.tp
+    if setup.method.value != "full":
+        raise VramcalcError(f"--tp-plan torchtitan with --method {setup.method.value}: torchtitan trains the whole "
+                            "model (--method full)")
+    if setup.sharding.value not in ("none", "fsdp") or setup.offload.value != "none":
+        raise VramcalcError(f"--tp-plan torchtitan with --sharding {setup.sharding.value}"
+                            f"{' --offload ' + setup.offload.value if setup.offload.value != 'none' else ''}: "
+                            "torchtitan shards its data-parallel ranks with FSDP2 (apply_fsdp); use --sharding fsdp "
+                            "without offload")
+    if setup.loss.value != "hf":
+        raise VramcalcError(f"--tp-plan torchtitan with --loss {setup.loss.value}: torchtitan's loss is "
+                            "cross_entropy(pred.float(), labels) under loss_parallel (--loss hf)")
+    if setup.padded_seq_len % tp:
+        raise VramcalcError(f"--seq-len {setup.padded_seq_len} with --tp {tp} --tp-plan torchtitan: sequence "
+                            f"parallelism shards every sequence into {tp} equal parts; use a multiple of {tp}")
+    if getattr(setup, "cp", 1) > 1:
+        raise VramcalcError("--tp-plan torchtitan with --cp is not modelled")
+    if setup.optimizer.value not in ("adamw", "adamw-foreach", "sgd", "sgd-momentum") or setup.optimizer_in_backward:
+        raise VramcalcError(f"--tp with --optimizer {setup.optimizer.value}: modelled for torch's optimizers on "
+                            "DTensor parameters (adamw, adamw-foreach, sgd, sgd-momentum)")
+    if setup.task.value != "sft" or setup.stack.value != "hf":
+        raise VramcalcError("--tp-plan torchtitan is modelled for --task sft with the stack's other knobs given "
+                            "explicitly (--stack hf)")
+    if setup.packing or setup.activation_offload or setup.kernels.value != "none":
+        raise VramcalcError("--tp-plan torchtitan is modelled without --packing, --activation-offload and --kernels")
+    if setup.grad_ckpt.caches_ops:
+        raise VramcalcError(f"--tp-plan torchtitan with --grad-ckpt {setup.grad_ckpt.value} is not modelled "
+                            "(full or none)")
 
 
 ROWWISE_MODULES = ("o_proj", "down_proj")  # the plan's "rowwise" layers (models/llama/configuration_llama.py:52,55)
@@ -268,11 +315,10 @@ def check_context_parallel(model: ModelSpec, setup) -> None:
                             "(trainer.py:2483-2496); packed documents would attend across their boundaries")
     if setup.task.value != "sft" or setup.stack.value != "hf":
         raise VramcalcError("--cp is modelled for --task sft on the hf stack (Trainer's ParallelismConfig)")
-    if setup.compile or setup.activation_offload or setup.kernels.value != "none" or setup.optimizer_in_backward:
-        raise VramcalcError("--cp is modelled without --compile, --activation-offload, --kernels and "
-                            "--optimizer-in-backward")
-    if setup.precision.value == "fp8" or setup.device_map.value != "none":
-        raise VramcalcError("--cp is not modelled with --precision fp8 or --device-map")
+    if setup.activation_offload or setup.kernels.value != "none" or setup.optimizer_in_backward:
+        raise VramcalcError("--cp is modelled without --activation-offload, --kernels and --optimizer-in-backward")
+    if setup.device_map.value != "none":
+        raise VramcalcError("--cp is not modelled with --device-map")
 
 
 # -- pipeline parallelism (--pp) --------------------------------------------------------------------------------------

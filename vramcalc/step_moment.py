@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 from .options import Phase
 from .terms import activations, expert_parallel, moe_lora, stack_layers
+from .terms.tensor_parallel import sequence_parallel
 from .training_setup import ResolvedSetup
 
 
@@ -52,15 +53,17 @@ def layer_setup(resolved: ResolvedSetup, family: str = "") -> activations.LayerS
                         moe_lora.linear_targets(family, resolved.lora_modules), setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
                         layers, expert_parallel.slot_share(resolved), getattr(setup, "ep", 1) > 1,
                         tuple(name for name, _ in moe_lora.target_parameters(family, resolved.lora_modules)),
-                        setup.modules_to_save, getattr(setup, "repeat_kv", False), resolved.base_4bit)
+                        setup.modules_to_save, getattr(setup, "repeat_kv", False), resolved.base_4bit,
+                        getattr(setup, "cp", 1) if setup.compile else 1,
+                        setup.tp if sequence_parallel(setup) else 1)
 
 
 @functools.lru_cache(maxsize=4096)
 def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora_rank, lora_dropout, kernels,
                  compiled, offload, layers=stack_layers.HF, ep=1, ep_dispatch=False, lora_experts=(),
-                 modules_to_save=(), repeat_kv=False, base_4bit=False):
+                 modules_to_save=(), repeat_kv=False, base_4bit=False, ring_ranks=1, sequence_shards=1):
     lora = method.uses_lora or method.peft_facts is not None  # a peft method's targets ride on the LoRA fields
     return activations.LayerSetup(method, activations.dtypes(method, precision, adapter_dtype), attn_used,
                                   lora_modules if lora else (), lora_rank if lora else 0, lora_dropout if lora else 0.0,
                                   kernels, compiled, offload, layers, ep, lora_experts if lora else (), ep_dispatch,
-                                  modules_to_save, repeat_kv, base_4bit)
+                                  modules_to_save, repeat_kv, base_4bit, ring_ranks, sequence_shards)

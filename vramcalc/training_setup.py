@@ -37,6 +37,7 @@ from .options import (
     Sharding,
     Stack,
     Task,
+    TpPlan,
     Vision,
 )
 from . import gptq, parallel_degrees
@@ -122,6 +123,7 @@ class TrainingSetup:
     zero_overlap_comm: bool = False  # DeepSpeed overlap_comm under ZeRO-1/2 (its default there; ZeRO-3's is on)
     offload: Offload = Offload.NONE
     tp: int = 1  # tensor-parallel degree (transformers tp_plan="auto"); --num-gpus = tp x data-parallel ranks
+    tp_plan: TpPlan = TpPlan.HF  # whose tensor-parallel plan --tp runs: transformers' or torchtitan's (options.py)
     ep: int = 1  # expert-parallel degree (transformers ep_size, base_model_ep_plan; parallel_degrees.py)
     cp: int = 1  # context-parallel degree (accelerate cp_size, torch ring attention); --num-gpus = dp_shard x cp x tp
     # pipeline-parallel degree (torch.distributed.pipelining as torchtitan drives it, terms/pipeline_parallel.py);
@@ -322,6 +324,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
                                 "zero_overlap_comm"),
         offload=Offload.parse(chosen.get("offload", SETUP_DEFAULTS["offload"]), "offload"),
         tp=positive_int(chosen.get("tp", SETUP_DEFAULTS["tp"]), "tensor-parallel degree", MAX_OPTION["num_gpus"]),
+        tp_plan=TpPlan.parse(chosen.get("tp_plan", SETUP_DEFAULTS["tp_plan"]), "tensor-parallel plan"),
         ep=positive_int(chosen.get("ep", SETUP_DEFAULTS["ep"]), "expert-parallel degree", MAX_OPTION["num_gpus"]),
         cp=positive_int(chosen.get("cp", SETUP_DEFAULTS["cp"]), "context-parallel degree", MAX_OPTION["num_gpus"]),
         pp=positive_int(chosen.get("pp", SETUP_DEFAULTS["pp"]), "pipeline-parallel degree", MAX_OPTION["num_gpus"]),

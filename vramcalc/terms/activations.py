@@ -50,6 +50,7 @@ Activation knobs (issue 11; each rule checked against the trace in ``tests/test_
   eager attention's 16-bit softmax keeps the 16-bit scores and the fp32 row max and sum (the fp32 probabilities
   recomputed; checked with ``aot_function`` on ``eager_attention_forward``'s ops).
   The second norm's input (x + attention output) is kept as the o_proj output beside the layer input.
+  Under ``--cp`` the partitioner also keeps the ring's all-gathered K/V (``compiled_ring_saved_bytes``).
 - ``--activation-offload``: tensors autograd saves live in host memory (``torch.autograd.graph.save_on_cpu``);
   under checkpointing only the checkpoint's inputs (transformers ``activation_checkpointing_enable(offload=True)``),
   which backward brings back one layer at a time before its recompute; the selective cache stays on the device.
@@ -75,6 +76,7 @@ from . import layouts
 from .layouts import ParallelBlockWalk, residual_bytes
 from .short_conv import ShortConvWalk
 from . import expert_parallel, moe_lora, stack_layers
+from .context_parallel import compiled_ring_saved_bytes
 from .stack_layers import HF as HF_LAYERS
 from .stack_layers import StackLayers
 from ..peft_methods import IA3_FEEDFORWARD
@@ -166,6 +168,12 @@ class LayerSetup:
     # the base Linears are bitsandbytes Linear4bit under a method estimated on the 16-bit base (QDoRA:
     # ``ResolvedSetup.base_4bit``): their matmul is ``gemm_4bit``, not ``aten.mm``, in the selective cache's op list
     base_4bit: bool = False
+    # --cp C under --compile: the compiled layer keeps the ring's all-gathered K/V of its C ranks for backward
+    # (terms/context_parallel.py ``compiled_ring_saved_bytes``); 1 otherwise
+    ring_ranks: int = 1
+    # --tp-plan torchtitan on T ranks: the norms run sequence-parallel on the rank's [b, s/T, h] shard (their saved
+    # tensors, and under checkpointing the layer input, are 1/T of a token's); 1 otherwise
+    sequence_shards: int = 1
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -229,6 +237,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         self.kv_forward = 0
         self.gradless_linears: list[str] = []  # Linears called on an input that needs no gradient
         self.kv_forward_delta_at_batch_one = 0
+        self.o_input_copy = 0  # o_proj's own contiguous copy of the attention output, where it saves one
 
     def result(self) -> Saved:
         return Saved(self.per_token, self.per_square, self.per_layer, self.per_position,
@@ -300,8 +309,19 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         return next((module.out_features for module in m.inventory.linears if module.name == name), m.hidden_size)
 
     # -- building blocks --------------------------------------------------------------------------
-    def norm(self, width: int, x_bytes: int, rows: int = 1) -> int:
-        """RMSNorm over ``width`` (``rows`` normalised rows per token); returns its output's bytes per element."""
+    def norm(self, width: int, x_bytes: int, rows: int = 1, residual: bool = False) -> int:
+        """RMSNorm over ``width`` (``rows`` normalised rows per token); returns its output's bytes per element.
+        ``residual``: a norm of the residual stream (a block's input and post norms, the final norm), which runs
+        sequence-parallel under ``LayerSetup.sequence_shards`` T > 1 (torchtitan's ``SequenceParallel`` norms) on the
+        rank's [b, s/T, h] shard, so it saves 1/T of its bytes per token of the sequence (``sequence_sharded_bytes``);
+        q/k norms run on the rank's heads over the whole sequence."""
+        before = self.per_token
+        out = self._norm(width, x_bytes, rows)
+        if residual and self.layer.sequence_shards > 1:
+            self.per_token = before + sequence_sharded_bytes(self.per_token - before, self.layer.sequence_shards)
+        return out
+
+    def _norm(self, width: int, x_bytes: int, rows: int = 1) -> int:
         if self.m.traits.layer_norm:
             return self.layer_norm(width, x_bytes)
         if self.lean_norm:
@@ -435,13 +455,13 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             return self.parallel_attention_block()  # layouts.py
         # the layer input: r, or fp32 after the first layer under QLoRA in LayerNorm layouts (``residual_bytes``)
         self._x_in = residual_bytes(m, self.layer) if self.grad or m.traits.embedding_norm else self.dt.r
-        n = self.norm(m.hidden_size, self._x_in) if m.traits.pre_norms else self.dt.r
+        n = self.norm(m.hidden_size, self._x_in, residual=True) if m.traits.pre_norms else self.dt.r
         if self.conv:  # a hybrid's convolution layer (short_conv.py)
             out = self.short_conv(n)
         else:
             out = self._mla(n) if m.traits.mla else self._attention(n)
         if m.traits.post_norms:
-            self.norm(m.hidden_size, out)  # post_attention_layernorm on the attention output
+            self.norm(m.hidden_size, out, residual=True)  # post_attention_layernorm on the attention output
 
     def _attention(self, n: int) -> int:
         m, dt = self.m, self.dt
@@ -570,6 +590,8 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                 else:
                     self.per_token += out_bytes * (2 * a * d + 2 * kv_width) + _F32 * a
                     self.per_layer += SEED_OFFSET_BYTES
+                    if self.layer.compiled and self.layer.ring_ranks > 1:  # --cp: the ring's gathered K/V
+                        self.per_token += compiled_ring_saved_bytes(self.layer.ring_ranks, kv_width, out_bytes)
                     # selective cache: the kernel's output, logsumexp and philox seed and offset
                     self._cached("attention", out_bytes * a * d + _F32 * a, layer=SEED_OFFSET_BYTES)
                 if self.masked:
@@ -593,6 +615,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
                     # partial rotary: q = cat(q_rot, q_pass) is a new [b, a, s, d] tensor, the flash output keeps
                     # that layout, so o_proj (dense) gets a contiguous copy (modeling_phi.py L212, L233)
                     self.per_token += out_bytes * a * d
+                    self.o_input_copy = out_bytes * a * d
         self._cached_kv((k * d, embed, kv_saved == embed), (k * d, v_bytes, kv_saved == v_bytes), kv_pinned,
                         cache_delta_at_batch_one)
         before = self.per_token
@@ -713,13 +736,13 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         if m.traits.parallel_block:
             return self.parallel_mlp_block()  # layouts.py
         self._x_saved = False  # starcoder2: the MLP's LayerNorm reads x + attention, not the layer input
-        n = self.norm(m.hidden_size, self._x_in) if m.traits.pre_norms else self.dt.r
+        n = self.norm(m.hidden_size, self._x_in, residual=True) if m.traits.pre_norms else self.dt.r
         if moe or m.traits.gated_mlp:
             out = self._moe(n) if moe else self._gated_mlp(n, m.mlp_width, prefix="")
         else:
             out = self._plain_mlp(n, False)  # layouts.py: up -> GELU -> down
         if m.traits.post_norms:
-            self.norm(m.hidden_size, out)  # post_feedforward_layernorm
+            self.norm(m.hidden_size, out, residual=True)  # post_feedforward_layernorm
 
     def _gated_mlp(self, n: int, width: int, prefix: str, x_saved: bool = False, extra: list = ()) -> int:
         """``x_saved``: the input is already saved by another Linear reading it (cohere2's parallel block);
@@ -931,6 +954,12 @@ def attention_masked(model: ModelSpec, seq_len, attn_used: Attention, packing: b
     return True if sequences > 1 else unpacked
 
 
+def sequence_sharded_bytes(per_token: int, shards: int) -> int:
+    """Bytes per token of the sequence of a tensor held on the rank's [b, s/T, h] shard: per_token / T, rounded up to
+    a whole byte (the [s/T] fp32 rstd of a norm, 4/T bytes per token: under a byte a token, < 1e-4 of a layer)."""
+    return -(-per_token // shards)
+
+
 def checkpoint_mode(grad_ckpt) -> GradCkpt:
     """``grad_ckpt`` as a GradCkpt (True/False from callers of the on/off option: full/none)."""
     return grad_ckpt if isinstance(grad_ckpt, GradCkpt) else GradCkpt.parse(grad_ckpt, "grad_ckpt")
@@ -987,6 +1016,16 @@ def backward_freed(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool 
     walk.mlp_block(moe)
     return BackwardFreed(Saved(per_token=walk.mlp_freed_token), walk.attention_freed, walk.eager_softmax,
                          walk.mlp_element_bytes)
+
+
+@functools.lru_cache(maxsize=4096)
+def attention_output_copy(model: ModelSpec, layer: LayerSetup, masked: bool = False) -> Saved:
+    """o_proj's saved contiguous copy of the attention output, where the output keeps the query's [b, a, s, d]
+    layout and o_proj saves its input (``query_head_major``: ``--cp``'s merged output, litgpt, partial rotary): its
+    backward frees it before the attention's backward runs."""
+    walk = _LayerWalk(model, layer, masked)
+    walk.attention_block()
+    return Saved(per_token=walk.o_input_copy)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1158,10 +1197,12 @@ def loss_hidden_bytes(model: ModelSpec, layer: LayerSetup, in_model_loss: bool, 
     An adapted lm_head is left out."""
     dt = layer.dtypes
     hidden = max(dt.norm_out, dt.r)
-    saved_as_is = head_trains(layer) and not (dt.autocast and hidden != dt.c)
+    # sequence-parallel (``sequence_shards``): the norm's output is the rank's [T/T_p, h] shard, and lm_head saves
+    # the all-gathered [T, h] instead
+    saved_as_is = head_trains(layer) and not (dt.autocast and hidden != dt.c) and layer.sequence_shards == 1
     if not in_model_loss or saved_as_is or "lm_head" in layer.lora_modules:
         return 0
-    return hidden * tokens * model.hidden_size
+    return hidden * tokens * model.hidden_size // layer.sequence_shards
 
 
 def head_input_saved(model: ModelSpec, layer: LayerSetup) -> Saved:
@@ -1181,7 +1222,7 @@ def head_saved(model: ModelSpec, layer: LayerSetup) -> Saved:
     if layer.compiled:
         layer = dataclasses.replace(layer, compiled=False)
     walk = _LayerWalk(model, layer, masked=False)
-    n = walk.norm(model.hidden_size, layer.dtypes.r)
+    n = walk.norm(model.hidden_size, layer.dtypes.r, residual=True)
     if head_trains(layer):
         walk.linears([LinearUse("lm_head", model.hidden_size, True, False, False)], n)
     return walk.result()
@@ -1197,7 +1238,9 @@ def layer_kept(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, moe: bool, 
     mode = checkpoint_mode(grad_ckpt)
     if not mode:
         return Saved() if layer.offload else layer_saved(model, layer, moe, masked, conv=conv)
-    kept = Saved() if layer.offload else Saved(per_token=residual_bytes(model, layer) * model.hidden_size)
+    # (sequence-parallel: the rank's [b, s/T, h] shard of the residual stream)
+    kept = Saved() if layer.offload else Saved(per_token=sequence_sharded_bytes(
+        residual_bytes(model, layer) * model.hidden_size, layer.sequence_shards))
     if mode.caches_ops:
         kept += layer_cache(model, layer, moe, masked, conv, mode)
     return kept
@@ -1218,7 +1261,7 @@ def layer_recomputed(model: ModelSpec, layer: LayerSetup, grad_ckpt, moe: bool, 
     if layer.offload:
         saved += Saved(per_token=layer.dtypes.r * model.hidden_size)
     elif _norm_saves_checkpoint(model, layer):  # the recomputed input norm saves the checkpointed input itself
-        saved += Saved(per_token=-_F32 * model.hidden_size)
+        saved += Saved(per_token=-sequence_sharded_bytes(_F32 * model.hidden_size, layer.sequence_shards))
     return saved
 
 
@@ -1332,7 +1375,8 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
         total += Saved(per_token=-nope * (_F32 * (a + k) * d + _F32 * (a + k)))
     if grad_ckpt and not layer.offload and not model.traits.embedding_norm:
         # the first layer's input is the embedding's r bytes (layouts.residual_bytes; BLOOM's is its norm's output)
-        total += Saved(per_token=(layer.dtypes.r - residual_bytes(model, layer)) * model.hidden_size)
+        total += Saved(per_token=sequence_sharded_bytes((layer.dtypes.r - residual_bytes(model, layer))
+                                                        * model.hidden_size, layer.sequence_shards))
     total += embedding_saved(model, layer, grad_ckpt)
     # every other layer, by kind (dense or MoE, masked or not: ``layer_masks``, attention or convolution:
     # ``layer_operators``)

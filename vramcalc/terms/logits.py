@@ -85,6 +85,16 @@ Compiled (``compile``, with ``hf`` or ``torchtune``; torchtune's ``training.comp
   graph returns ``primals_1`` (the bf16 logits), ``amax`` and ``log`` ([T, 1] fp32) for backward. The fused kernels
   write no fp32 [T, V] copy. Saved c·T·V + 8·T + labels; forward adds accelerate's fp32 copy of the outputs (hf under
   autocast); backward adds the c logits gradient (hf: c·T·V; torchtune: one chunk's c·C·V).
+Loss parallel (``hf`` under ``--tp-plan torchtitan``: torchtitan 9dec370 ``train.py`` runs the loss inside
+  ``loss_parallel()``, its output layer's logits ``Shard(-1)``): each rank's [T, V'] slice, V' = ceil(V/T) (the
+  model's ``vocab_size`` here is the rank's, ``tensor_parallel.rank_spec``), through DTensor's handlers (torch
+  ``distributed/tensor/parallel/loss.py``, the same in torch 2.6 and 2.13): ``_log_softmax`` decomposes
+  ``torch._decomp``'s log_softmax with all-reduces (``shifted = x - max``, ``exp(shifted)`` summed, ``result =
+  shifted - log(sumexp)``), so beside the c logits and their fp32 copy it holds two fp32 [T, V'] at once, shifted
+  with exp(shifted) and then with the result: forward peak (c + 4 + 8)·T·V'; it saves the fp32 result, 4·T·V'.
+  Backward runs ``_nll_loss_and_log_softmax_backward`` (the nll_loss backward handler; log_softmax's handler does no
+  work): ``grad_input = zeros_like(x)``, then ``(grad_input + exp(x)) * grad_output``: the saved result, the zeros,
+  exp(x) and the sum at once, 16·T·V'; then the fp32 gradient and lm_head's c copy of it.
 ``fused`` (Liger ``LigerFusedLinearCrossEntropyFunction``): no [T, V] tensor. Forward allocates ``grad_input`` [T, h]
   and ``loss_1d`` [T] fp32, and one chunk of next_pow2(ceil(T / ceil(V / h))) tokens of logits at a time; the
   lm_head weight gradient, when it trains, is allocated in forward too (it is counted as a gradient).
@@ -140,7 +150,8 @@ class LogitsBytes:
 
 def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_bytes: int = 0,
                  sequences=1, compiled: bool = False, whole_head: bool = False,
-                 fp32_logits: bool = False, head_cast_grad_bytes: int = 0, keeps_outputs: bool = False) -> LogitsBytes:
+                 fp32_logits: bool = False, head_cast_grad_bytes: int = 0, keeps_outputs: bool = False,
+                 loss_parallel: bool = False) -> LogitsBytes:
     """The logits' and the loss's bytes at each moment, for ``tokens`` T (an int or a numpy array) and the model's V,
     h and final soft-cap; ``dt.c`` the compute bytes; ``dt.autocast`` (every precision but fp32) adds accelerate's
     fp32 copy of the outputs; ``head_grad_bytes`` lm_head's weight gradient when it trains (0 otherwise);
@@ -149,7 +160,10 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
     (torchtune's unembed), which a compiled ``hf`` loss then saves; ``head_cast_grad_bytes`` the c gradient of
     autocast's copy of an fp32 trained head (``temporaries.head_grad_cast_bytes``), which ``chunked`` sums;
     ``keeps_outputs`` a loop that keeps the model call's ``outputs`` (``--loop-keeps-outputs``; ``hf-loop`` is ``hf``
-    with it). Formulas and sources per loss: the module docstring."""
+    with it); ``loss_parallel`` the ``hf`` loss on a rank's vocabulary slice under DTensor's loss parallelism
+    (``--tp-plan torchtitan``, ``model`` the rank's). Formulas and sources per loss: the module docstring."""
+    if loss_parallel:
+        return _loss_parallel_bytes(dt.c, dt.autocast, tokens, model.vocab_size, LABEL_BYTES * tokens)
     if loss is Loss.HF_LOOP or (keeps_outputs and loss.in_model):  # plus the logits ``outputs`` keeps (``hf-loop``)
         inner = Loss.HF if loss is Loss.HF_LOOP else loss
         base = logits_bytes(model, inner, dt, tokens, head_grad_bytes, sequences, compiled, whole_head, fp32_logits)
@@ -294,3 +308,16 @@ def _compiled_logits_bytes(loss: Loss, c: int, accelerate_copy: bool, tokens, V:
         remaining = saved * (CHUNKED_LOSS_CHUNKS - 2) // CHUNKED_LOSS_CHUNKS
         backward = maximum(backward, remaining + 3 * head_grad_bytes + c * chunk * V)
     return LogitsBytes(saved, saved, backward, saved + c * chunk * V, request=c * chunk * V)
+
+
+def _loss_parallel_bytes(c: int, accelerate_copy: bool, tokens, V: int, labels) -> LogitsBytes:
+    """``hf`` under loss parallelism on a rank's [T, V'] logits (module docstring): forward (c + 4 + 8)·T·V' inside
+    the loss (c + 8 with fp32 logits, whose ``.float()`` is the tensor itself), the fp32 log_softmax saved, backward
+    16·T·V', lm_head's backward with the c gradient; the last [T, V'] request of the backward is an fp32 one."""
+    upcast = 0 if c == _F32 else _F32
+    saved = _F32 * tokens * V + labels
+    inside = (c + upcast + 2 * _F32) * tokens * V + labels
+    after = (c + _F32 + (_F32 if accelerate_copy else 0)) * tokens * V + labels
+    forward = maximum(inside, after)
+    return LogitsBytes(forward, saved, 4 * _F32 * tokens * V + labels, c * tokens * V + labels,
+                       request=_F32 * tokens * V, forward_inside=inside)

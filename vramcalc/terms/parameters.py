@@ -47,7 +47,7 @@ from ..units import round_up
 from .stored_tensor import StoredTensor
 from . import gptq
 from ..gptq import is_gptq
-from .tensor_parallel import vocab_sharded
+from .tensor_parallel import sequence_parallel, vocab_sharded
 from .expert_parallel import experts_sharded  # --ep: n/E experts per rank
 
 
@@ -75,7 +75,8 @@ def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTen
 
         out = out + vision.stored(model, resolved)
     # --tp: the embedding's and lm_head's vocabulary rows are sharded (``tensor_parallel.vocab_sharded``)
-    return experts_sharded(vocab_sharded(out, getattr(resolved.setup, "tp", 1)), getattr(resolved.setup, "ep", 1))
+    return experts_sharded(vocab_sharded(out, getattr(resolved.setup, "tp", 1), sequence_parallel(resolved.setup)),
+                           getattr(resolved.setup, "ep", 1))
 
 
 def parameter_key(resolved: ResolvedSetup) -> tuple:

@@ -28,6 +28,19 @@ vocabulary's V in their activations (the logits are gathered) while storing V/T 
                                           [b, s, h] on every rank (replicated by the all-reduce)
   logits                                  whole: [b, s, V] on every rank
   temporaries                             + the backward all-reduces' buffers (``backward_all_reduce_bytes``)
+``--tp-plan torchtitan`` (torchtitan 9dec370 ``parallelisms/parallelize_llama.py`` ``apply_tp``): the same split of
+the decoder's Linears, with sequence parallelism and loss parallelism:
+  ``tok_embeddings``   ``RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))``: [V/T, h] rows, the
+                       output reduce-scattered onto the sequence, [b, s/T, h]
+  norms                ``SequenceParallel``: on the rank's [b, s/T, h] (their saved tensors 1/T of a token's;
+                       ``activations.LayerSetup.sequence_shards``), the residual stream too
+  attention, MLP       ``PrepareModuleInput``: the norm's output all-gathered to [b, s, h] (saved by q/k/v and gate/up
+                       as one GPU's norm output is); o and w2 ``RowwiseParallel(output_layouts=Shard(1))``: the partial
+                       output reduce-scattered, and in backward the input gradient reduce-scattered
+                       (``backward_reduce_scatter_bytes``)
+  ``output``           ``ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)``:
+                       [b, s, V/T] logits under ``loss_parallel()`` (``rank_spec(vocab_parallel=True)``,
+                       ``logits.logits_bytes(loss_parallel=True)``)
 Data parallelism over dp = N/T ranks then applies its engine to that slice (``terms/distributed.py`` on
 ``rank_view``'s setup). Departures: smaller DTensor transients (the forward all-reduce's [b, s, h] output beside the
 partial one, the vocab mask of the embedding lookup, lm_head's [b, s, V/T] local output before its gather and its
@@ -40,7 +53,7 @@ import dataclasses
 import functools
 
 from ..model import ModelSpec
-from ..options import GradCkpt
+from ..options import GradCkpt, TpPlan
 from ..parallel_degrees import data_parallel_degree
 from ..training_setup import ResolvedSetup
 from .stored_tensor import StoredTensor
@@ -50,16 +63,26 @@ def tp_degree(resolved: ResolvedSetup) -> int:
     return getattr(resolved.setup, "tp", 1)
 
 
+def sequence_parallel(setup) -> bool:
+    """``--tp-plan torchtitan`` on T > 1 ranks: sequence-parallel norms and residual stream, loss parallelism."""
+    return getattr(setup, "tp", 1) > 1 and getattr(setup, "tp_plan", TpPlan.HF) is TpPlan.TORCHTITAN
+
+
 @functools.lru_cache(maxsize=256)
-def rank_spec(spec: ModelSpec, tp: int) -> ModelSpec:
+def rank_spec(spec: ModelSpec, tp: int, vocab_parallel: bool = False) -> ModelSpec:
     """The model one tensor-parallel rank computes: a/T query heads, k/T key/value heads (head_dim kept), an MLP of
-    width I/T; hidden size, layers and vocabulary unchanged (the vocabulary's rows are sharded in ``vocab_sharded``).
-    ``parallel_degrees.check_degrees`` has checked that T divides a, k and I."""
+    width I/T; hidden size and layers unchanged. The vocabulary: unchanged under transformers' plan (its rows are
+    sharded in ``vocab_sharded``, its logits gathered); ``vocab_parallel`` (torchtitan's plan): ceil(V/T), rank 0's
+    rows of the embedding and the output layer and the width of its ``Shard(-1)`` logits, so the rank's loss runs
+    on [b, s, V/T] (torchtitan ``apply_tp``: ``RowwiseParallel`` on ``tok_embeddings``, ``ColwiseParallel(...,
+    output_layouts=Shard(-1))`` on ``output``). ``parallel_degrees.check_degrees`` has checked that T divides a, k
+    and I."""
     if tp == 1:
         return spec
     return dataclasses.replace(spec, num_heads=spec.num_heads // tp, num_kv_heads=spec.num_kv_heads // tp,
                                intermediate_size=spec.intermediate_size // tp, params_published=None,
-                               active_params_published=None, params_exact=None)
+                               active_params_published=None, params_exact=None,
+                               vocab_size=vocab_rows(spec.vocab_size, tp) if vocab_parallel else spec.vocab_size)
 
 
 def vocab_rows(vocab_size: int, tp: int) -> int:
@@ -67,10 +90,11 @@ def vocab_rows(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // tp)
 
 
-def vocab_sharded(tensors: tuple[StoredTensor, ...], tp: int) -> tuple[StoredTensor, ...]:
+def vocab_sharded(tensors: tuple[StoredTensor, ...], tp: int, vocab_parallel: bool = False) -> tuple[StoredTensor, ...]:
     """The stored tensors with the embedding's and lm_head's [V, h] weights cut to [ceil(V/T), h] rows
-    ("embedding_rowwise", "colwise_gather_output"); every other tensor as ``rank_spec`` made it."""
-    if tp == 1:
+    ("embedding_rowwise", "colwise_gather_output"); every other tensor as ``rank_spec`` made it. ``vocab_parallel``:
+    ``rank_spec`` has cut the vocabulary already (torchtitan's plan): as they are."""
+    if tp == 1 or vocab_parallel:
         return tensors
     return tuple(dataclasses.replace(t, shape=(vocab_rows(t.shape[0], tp), *t.shape[1:]))
                  if t.kind in ("embedding", "lm_head") and len(t.shape) == 2 else t for t in tensors)
@@ -84,7 +108,7 @@ def rank_view(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[ModelSpec, Reso
         return spec, resolved
     setup = resolved.setup
     dp_setup = dataclasses.replace(setup, num_gpus=data_parallel_degree(setup.num_gpus, tp))
-    return rank_spec(spec, tp), dataclasses.replace(resolved, setup=dp_setup)
+    return rank_spec(spec, tp, sequence_parallel(setup)), dataclasses.replace(resolved, setup=dp_setup)
 
 
 def backward_all_reduce_bytes(hidden_size: int, tokens, compute_bytes: int):
@@ -94,6 +118,16 @@ def backward_all_reduce_bytes(hidden_size: int, tokens, compute_bytes: int):
     there, where one GPU accumulates q/k/v's (gate/up's) input gradients in place. Added at each layer-backward moment
     (an overcount of at most 2·T·h·c at the MLP's first backward moment, which precedes the reductions)."""
     return 2 * tokens * hidden_size * compute_bytes
+
+
+def backward_reduce_scatter_bytes(hidden_size: int, tokens, compute_bytes: int, tp: int):
+    """T·h·c + T·h·c/T_p under sequence parallelism (``--tp-plan torchtitan``): a block's input gradient is
+    ``Partial`` [T, h] and the backward of its all-gather reduce-scatters it onto the sequence (``Shard(1)``); DTensor
+    scatters along dim 1 by concatenating the T_p chunks into a dim-0 buffer first (``torch.cat``, a [T, h] copy
+    beside the summed gradient) and the reduce-scatter's [T/T_p, h] output joins them (traced,
+    ``tracing/tensor_parallel.py`` ``distribute_torchtitan``). Added at each layer-backward moment, as
+    ``backward_all_reduce_bytes`` is for transformers' plan."""
+    return tokens * hidden_size * compute_bytes + tokens * hidden_size * compute_bytes // tp
 
 
 # -- communication ----------------------------------------------------------------------------------------------------
@@ -126,6 +160,10 @@ def tensor_parallel_traffic(spec: ModelSpec, resolved: ResolvedSetup, compute_by
     gather     lm_head's [T, V/T] outputs all-gathered to [T, V]
     all-reduces per micro-batch: L·(2·(1 + ckpt) + 5) + 2. Not counted: LoRA's [T, r] all-reduces and the q/k norms'
     gradient all-reduces (both under 1% of these for r, head_dim << h).
+    ``--tp-plan torchtitan``: each of those all-reduces is an all-gather and a reduce-scatter of the same [T, h]
+    (sequence parallelism: the same bytes on a ring; the backward's colwise inputs share one all-gather's DTensor, a
+    count this keeps), and loss parallelism gathers no logits: the output layer's [T, h] input is all-gathered
+    instead (the loss's per-row max and sum all-reduces, [T] each, are not counted).
     """
     tp = tp_degree(resolved)
     setup = resolved.setup
@@ -136,7 +174,8 @@ def tensor_parallel_traffic(spec: ModelSpec, resolved: ResolvedSetup, compute_by
     per_micro = spec.num_layers * (forward + COLWISE_INPUTS_PER_LAYER) + 2
     share = (tp - 1) / tp
     all_reduce = round(2 * share * per_micro * tokens * spec.hidden_size * compute_bytes) * setup.grad_accum
-    gather = round(share * tokens * spec.vocab_size * compute_bytes) * setup.grad_accum
+    gathered = spec.hidden_size if sequence_parallel(setup) else spec.vocab_size
+    gather = round(share * tokens * gathered * compute_bytes) * setup.grad_accum
     return TensorParallelTraffic(per_micro, all_reduce, gather)
 
 

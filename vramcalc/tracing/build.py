@@ -18,7 +18,7 @@ from ..errors import VramcalcError
 from ..model import ModelSpec
 from .. import facts
 from ..terms.activations import checkpoint_mode
-from ..options import AdapterDtype, Attention, GradCkpt, Method, Precision, Quant
+from ..options import AdapterDtype, Attention, GradCkpt, Method, Precision, Quant, TpPlan
 from ..training_setup import ResolvedSetup
 
 TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -286,7 +286,11 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
             if dropped_sdpa is not None:
                 _without_attention_softcap(model)
             _restore_fp32_modules(model)
-            if getattr(setup, "tp", 1) > 1:  # from_pretrained(tp_plan="auto") shards before peft (tensor_parallel.py)
+            if getattr(setup, "tp", 1) > 1 and setup.tp_plan is TpPlan.TORCHTITAN:  # torchtitan's apply_tp
+                from .tensor_parallel import distribute_torchtitan
+
+                model = distribute_torchtitan(model, setup.tp)
+            elif getattr(setup, "tp", 1) > 1:  # from_pretrained(tp_plan="auto") shards before peft (tensor_parallel.py)
                 from .tensor_parallel import distribute
 
                 model = distribute(model, setup.tp)

@@ -115,8 +115,16 @@ def compile_layer(layer: nn.Module, shared: dict | None = None) -> None:
     its inputs (the tracker counts the step, not the tracing). Under checkpointing the compiled forward is what the
     checkpoint runs (and recomputes): transformers checkpoints inside the layer's ``forward``
     (``GradientCheckpointingLayer``), so the layer's ``_gradient_checkpointing_func`` gets the compiled forward, as
-    torchtune compiles a layer after wrapping it for activation checkpointing."""
+    torchtune compiles a layer after wrapping it for activation checkpointing.
+
+    The graph is the layer's ``forward`` on its reparametrized module, not its ``__call__``: the layer's own module
+    hooks run around the compiled call, as torch.compile leaves them outside an ``OptimizedModule``'s graph, so an
+    FSDP2 unit (torchtitan's ``fully_shard`` on each compiled TransformerBlock) unshards and reshards eagerly and the
+    graph gets the unsharded parameters (with ``functional_call`` the pre-forward hook ran inside the traced graph,
+    and its in-place all-gather copy-out failed AOTAutograd's functionalization: --compile under FSDP could not be
+    traced before session 35)."""
     from torch._functorch.aot_autograd import aot_function
+    from torch.nn.utils.stateless import _reparametrize_module
     from torch.utils._python_dispatch import _disable_current_modes
 
     compiled: dict = shared if shared is not None else {}
@@ -141,8 +149,8 @@ def compile_layer(layer: nn.Module, shared: dict | None = None) -> None:
                 for i, tensor in zip(tensor_at, tensors):
                     values[i] = tensor
                 call_args, call_kwargs = tree_unflatten(values, spec)
-                return torch.func.functional_call(layer, dict(zip(names, trainable)), call_args, call_kwargs,
-                                                  strict=False, tie_weights=False)
+                with _reparametrize_module(layer, dict(zip(names, trainable)), tie_weights=False, strict=False):
+                    return layer.forward(*call_args, **call_kwargs)
 
             with _disable_current_modes(), _quantized_constants_allowed(), _uncompiled(layer):
                 function = aot_function(graph, **_compiler_options())

@@ -29,6 +29,10 @@ What runs is what transformers' Trainer runs with accelerate's ``ParallelismConf
   dispatched: it is not in ``_sdpa_handler``'s table ("CP only supports flash attention and memory efficient
   attention now").
 
+The ring runs inside DTensor's own dispatch, below the tracker's dispatch mode: the tracker wraps DTensor's custom
+handlers to count what they allocate (``tracker.AllocationTracker._see_dtensor_handlers``; before session 35 it saw
+the SDPA op's output only, not the all-gathered K/V, the fp32 accumulators or the all-to-all buffers).
+
 One adaptation: torch patches the function it finds under ``F.scaled_dot_product_attention`` by its ``__name__``
 (``_distribute_function``, :958-989: ``setattr(fn_module, fn.__name__, wrapper_fn)``); the CUDA emulation's function
 is named ``cuda_sdpa``, so the tracer puts it there under the builtin's name for the duration of the context.

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from ..model import ModelSpec
-from ..options import Phase, Sharding
+from ..options import Phase, Sharding, TpPlan
 from ..progress import Progress
 from ..training_setup import ResolvedSetup
 
@@ -81,6 +81,10 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
         from .tensor_parallel import check_traceable
 
         check_traceable(spec, resolved)
+        if resolved.setup.tp_plan is TpPlan.TORCHTITAN:  # loss parallel, the whole sequence's positions
+            from .tensor_parallel import sequence_parallel_tracer
+
+            tracer_class = sequence_parallel_tracer(tracer_class or StepTracer)
     expert_parallel = getattr(resolved.setup, "ep", 1) > 1  # transformers' expert plan (tracing/expert_parallel.py)
     if expert_parallel:
         from . import distributed as data_parallel

@@ -21,6 +21,9 @@ would compute; the memory is that of the intended computation.
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import nn
 
 from ..errors import VramcalcError
@@ -81,3 +84,89 @@ def check_traceable(spec, resolved) -> None:
     if setup.num_gpus != setup.tp:
         raise VramcalcError(f"--tp {setup.tp} with {setup.num_gpus // setup.tp} data-parallel ranks is estimated, "
                             f"not traced: the trace runs one tensor-parallel group (--num-gpus {setup.tp})")
+    if setup.tp_plan.value == "torchtitan" and setup.precision.value == "fp8":
+        raise VramcalcError("--tp-plan torchtitan with --precision fp8 is estimated, not traced (torchao's Float8 "
+                            "parallel styles are not applied by the trace)")
+
+
+# -- torchtitan's plan (--tp-plan torchtitan) ----------------------------------------------------------------------
+def distribute_torchtitan(model: nn.Module, tp: int) -> nn.Module:
+    """torchtitan 9dec370's ``apply_tp`` (``parallelisms/parallelize_llama.py``) on the meta-built transformers model,
+    with torch's own parallel styles on the tp mesh of the fake group, module for module: ``tok_embeddings`` ->
+    ``embed_tokens`` (``RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))``), the final ``norm``
+    (``SequenceParallel``), ``output`` -> ``lm_head`` (``ColwiseParallel(input_layouts=Shard(1),
+    output_layouts=Shard(-1), use_local_output=False)``: loss parallel), and in every block ``attention_norm`` ->
+    ``input_layernorm`` and ``ffn_norm`` -> ``post_attention_layernorm`` (``SequenceParallel``), ``attention`` ->
+    ``self_attn`` and ``feed_forward`` -> ``mlp`` (``PrepareModuleInput``: ``Shard(1)`` all-gathered to
+    ``Replicate``; transformers passes the attention's input as the keyword ``hidden_states``), ``wq``/``wk``/``wv``
+    -> ``q_proj``/``k_proj``/``v_proj`` and ``w1``/``w3`` -> ``gate_proj``/``up_proj`` (``ColwiseParallel``),
+    ``wo`` -> ``o_proj`` and ``w2`` -> ``down_proj`` (``RowwiseParallel(output_layouts=Shard(1))``: reduce-scattered
+    onto the sequence). The loss runs under ``loss_parallel()`` (``torchtitan_loss_parallel``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # the mesh's rank table is a real tensor
+        mesh = init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",))
+    base = model.model
+    parallelize_module(base, mesh, {
+        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+    })
+    parallelize_module(model, mesh, {
+        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+    })
+    for layer in base.layers:
+        parallelize_module(layer, mesh, {
+            "input_layernorm": SequenceParallel(),
+            "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                            desired_input_kwarg_layouts={"hidden_states": Replicate()}),
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "post_attention_layernorm": SequenceParallel(),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+        })
+    return model
+
+
+def sequence_parallel_tracer(base):
+    """``base`` (a ``StepTracer`` class) run as torchtitan runs ``distribute_torchtitan``'s model: every micro-batch,
+    forward and backward, inside torch's ``loss_parallel()`` (torchtitan ``utils.get_train_context``:
+    ``loss_parallel_enabled`` is on with TP unless ``training.disable_loss_parallel``), so the cross-entropy on the
+    ``Shard(-1)`` logits runs DTensor's loss-parallel handlers (``tensor/parallel/loss.py``). torchtitan's model
+    attends with ``F.scaled_dot_product_attention(..., is_causal=True)`` and no mask and takes its rotary table for
+    the whole sequence; transformers' model derives its mask and positions from the embedding output, which is the
+    rank's [b, s/T, h] shard here: the tracer passes the sequence's position ids and drops the mask for
+    ``is_causal=True`` (accelerate's ``_attach_context_parallel_hooks``, the same substitution)."""
+
+    class SequenceParallelTracer(base):
+        def run(self, steps: int = 2, progress=None) -> None:
+            from accelerate.big_modeling import _attach_context_parallel_hooks
+
+            _attach_context_parallel_hooks(self.model)
+            outer = self.accumulation
+            self.accumulation = lambda last: _loss_parallel(outer(last))
+            super().run(steps, progress)
+
+        def _loss(self, input_ids, position_ids=None):
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1])[None]
+            return super()._loss(input_ids, position_ids)
+
+    SequenceParallelTracer.__name__ = f"SequenceParallel{base.__name__}"
+    return SequenceParallelTracer
+
+
+@contextlib.contextmanager
+def _loss_parallel(synchronised):
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    with synchronised, loss_parallel():
+        yield

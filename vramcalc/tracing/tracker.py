@@ -41,7 +41,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode, _push_mode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -52,6 +52,33 @@ TENSOR_TERMS = tuple(term for term in Term if term.is_tensor)
 
 # Ops whose output, when their input is a parameter, is a copy of the weight rather than an activation.
 _WEIGHT_COPY_OPS = {torch.ops.aten._to_copy.default, torch.ops.aten.clone.default}
+
+
+try:  # (a torch built without distributed has no functional collectives)
+    _WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
+except (AttributeError, RuntimeError):
+    _WAIT_TENSOR = None
+
+
+def _dtensor_handler_tables() -> list[dict]:
+    """The tables of DTensor's custom op handlers that the contexts which use them install from (read when entered):
+    torch's ring attention (``context_parallel``: ``_context_parallel/_attention.py`` ``custom_ops``, installed by
+    ``_enable_cp_dtensor_dispatcher``) and loss parallelism (``loss_parallel``: ``tensor/parallel/loss.py``
+    ``customized_loss_ops``). Empty without torch.distributed."""
+    tables = []
+    try:
+        from torch.distributed.tensor.experimental._context_parallel import _attention
+
+        tables.append(_attention.custom_ops)
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from torch.distributed.tensor.parallel import loss
+
+        tables.append(loss.customized_loss_ops)
+    except (ImportError, AttributeError):
+        pass
+    return tables
 
 
 class _Record:
@@ -121,6 +148,9 @@ class AllocationTracker(TorchDispatchMode):
         self.host_bytes = 0  # offloaded activations in host memory now
         self.host_peak_bytes = 0
         self.in_host = False
+        self._handler_tables: list = []  # (table, original entries) of the DTensor handlers seen through
+        self._propagating = False  # inside DTensor's sharding propagation (``_see_dtensor_handlers``)
+        self._entered = 0  # ``with tracker`` depth: the handlers are wrapped from the first entry to the last exit
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _size(self, storage: torch.UntypedStorage) -> int:
@@ -233,7 +263,62 @@ class AllocationTracker(TorchDispatchMode):
         finally:
             self._role = outer
 
+    def _see_dtensor_handlers(self) -> None:
+        """DTensor dispatches an op with a custom handler (torch's ring attention, loss parallelism) below this mode:
+        the tracker sees the op's DTensor output only, not what the handler allocates on the local tensors on its
+        way (the ring's all-gathered K/V and fp32 accumulators, the loss's fp32 [T, V/T] steps), since a dispatch
+        mode is off while its own ``__torch_dispatch__`` runs the op. Each handler is wrapped to run with the
+        tracker pushed again, so those allocations are counted like any other op's (its final output is then
+        known already, and not counted twice)."""
+        tracker = self
+
+        def seen(handler):
+            def handler_under_tracker(op_call, args, kwargs):
+                _push_mode(tracker)
+                try:
+                    return handler(op_call, args, kwargs)
+                finally:
+                    _pop_mode()
+
+            handler_under_tracker.vramcalc_original = handler
+            return handler_under_tracker
+
+        for table in _dtensor_handler_tables():
+            original = dict(table)
+            table.update({op: seen(handler) for op, handler in original.items()
+                          if not hasattr(handler, "vramcalc_original")})
+            self._handler_tables.append((table, original))
+        # a handler propagates shardings (``_sharding_prop.py`` ``_propagate_tensor_meta_non_cached``) by running the
+        # op on fake tensors of the global shapes (``gen_fake_args``: ``empty_strided``), which hold no device memory
+        # on a GPU: the tracker ignores what is made there
+        try:
+            from torch.distributed.tensor._sharding_prop import ShardingPropagator
+        except ImportError:
+            return
+        propagate = ShardingPropagator._propagate_tensor_meta_non_cached
+
+        def propagate_untracked(propagator, *args, **kwargs):
+            outer, tracker._propagating = tracker._propagating, True
+            try:
+                return propagate(propagator, *args, **kwargs)
+            finally:
+                tracker._propagating = outer
+
+        ShardingPropagator._propagate_tensor_meta_non_cached = propagate_untracked
+        self._handler_tables.append((ShardingPropagator, propagate))
+
+    def _restore_dtensor_handlers(self) -> None:
+        for table, original in reversed(self._handler_tables):
+            if isinstance(table, dict):
+                table.update(original)
+            else:
+                table._propagate_tensor_meta_non_cached = original
+        self._handler_tables = []
+
     def __enter__(self):
+        self._entered += 1
+        if self._entered == 1:
+            self._see_dtensor_handlers()
         if self.track_resizes:
             original = self._original_resize = torch.UntypedStorage.resize_
             tracker = self
@@ -247,6 +332,9 @@ class AllocationTracker(TorchDispatchMode):
         return super().__enter__()
 
     def __exit__(self, *exc):
+        self._entered -= 1
+        if self._entered == 0:
+            self._restore_dtensor_handlers()
         try:
             return super().__exit__(*exc)
         finally:
@@ -319,8 +407,15 @@ class AllocationTracker(TorchDispatchMode):
     # -- dispatch ------------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if _WAIT_TENSOR is not None and func is _WAIT_TENSOR and isinstance(args[0], torch.Tensor):
+            # a functional collective's wait returns the tensor it waited on (``wait_tensor`` in
+            # ``_c10d_functional``: the same storage on CUDA and gloo); FakeTensorMode's own result is a new fake
+            # tensor, which would hold the collective's output twice until the waited one is dropped
+            return args[0]
         outputs, _ = tree_flatten(out)
         # (a meta tensor holds no memory: transformers' TP builds one to read a stride, tensor_parallel.py:126)
+        if self._propagating:
+            return out
         new = [s for t in outputs if isinstance(t, torch.Tensor) and t.device.type != "meta" for s in storages_of(t)
                if s not in self._records]
         if not new:
