@@ -94,6 +94,17 @@ def _hybrid_layers() -> dict[str, dict]:
             for row in _read_csv("hybrid_layers.csv")}
 
 
+def _encoder_fields(family: str) -> dict:
+    """An encoder's token-type rows, dropouts and labels (no catalogue columns): its config class's defaults."""
+    from .model import FAMILIES
+
+    if not FAMILIES.get(family) or not FAMILIES[family].encoder:
+        return {}
+    from .hf_config import ENCODER_DEFAULTS
+
+    return dict(ENCODER_DEFAULTS)
+
+
 @functools.cache
 def _model_rows() -> dict[str, ModelSpec]:
     models = {}
@@ -141,6 +152,7 @@ def _model_rows() -> dict[str, ModelSpec]:
             active_params_published=_int(row["active_params_published"]),
             params_exact=_int(row["params_exact"]),
             notes=row["notes"],
+            **_encoder_fields(row["family"]),
         )
         models[spec.name] = spec
     return models

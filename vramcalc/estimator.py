@@ -33,6 +33,7 @@ from .profiles import runtime_profile
 from .sample_lengths import (LengthProfile, expected_later_records, expected_record_tokens, step_lengths,
                              steps_per_epoch)
 from .terms import context_parallel  # --cp
+from .terms import encoder  # --task classify: an encoder's sequence classifier
 from .terms import (activations, adapters, distributed, expert_parallel, float8, gptq, layouts, load_reserved,
                     loading, logits, optimizer, parameters, peft_methods, quantized, runtime, stack_layers, states,
                     tasks, temporaries, tensor_parallel, trl_loss, vision)
@@ -392,6 +393,9 @@ def _step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq
     at every moment; FSDP2 and ZeRO-3 add the units gathered around the compute (``GatheredTimeline``).
     """
     setup = resolved.setup
+    if spec.traits.encoder:  # an encoder's sequence classifier (terms/encoder.py)
+        b = setup.batch_size if batch_size is None else batch_size
+        return _encoder_moments(spec, resolved, b, setup.seq_len if seq_len is None else seq_len)
     peft_methods.check_estimable(setup, spec.family, resolved.attn_used)
     if setup.quant is not Quant.NONE and peft_methods.composes_quantized_base(setup):
         return _quantized_base_moments(spec, resolved, batch_size, seq_len)
@@ -510,6 +514,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     # a stack's own recipe builds the optimizer (bitsandbytes' 8-bit embedding states, torchao's default block size)
     rank = states.model_states(spec, tensors, setup.method, setup.optimizer, setup.grad_accum,
                                traits.trainer_optimizer)
+    if setup.grads_kept:  # zero_grad(set_to_none=False): the gradients stay, as under accumulation
+        rank = replace(rank, accumulated_gradients=rank.gradients)
     if setup.sharding is not Sharding.NONE:  # the engine shards them, and may compute in 16 bits
         rank = distributed.rank_states(spec, resolved, rank)
         compute = distributed.compute_setup(resolved)  # the setup itself under DDP
@@ -762,6 +768,32 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     refilled = bool(ckpt) and layer.attn_used is not Attention.EAGER
     return _with_reserved(moments, lg.backward_request, layer_bytes, gradients, largest_layer_request, refilled,
                           lg.head_strands, hidden_beside_loss, load_reserved_bytes)
+
+
+def _encoder_moments(spec: ModelSpec, resolved: ResolvedSetup, b, s) -> list[Moment]:
+    """The step of an encoder's sequence classifier (``--task classify``): the model states as for any family
+    (``states.model_states``), with the tensor moments of ``encoder.step_points`` (the embeddings', the last layer's
+    and the head's forward, each layer's backward at the last and the first layer, the embeddings' backward), the
+    optimizer step and the load; the caching allocator's stranded blocks as ``_with_reserved`` models them (no loss
+    blocks: the logits are [b, num_labels])."""
+    setup = resolved.setup
+    tensors = parameters.stored_tensors(spec, resolved)
+    rank = states.model_states(spec, tensors, setup.method, setup.optimizer, setup.grad_accum)
+    if setup.grads_kept:  # zero_grad(set_to_none=False): the gradients stay, as under accumulation
+        rank = replace(rank, accumulated_gradients=rank.gradients)
+    dt = activations.dtypes(setup.method, setup.precision, setup.adapter_dtype)
+    accumulating = max(setup.grad_accum, 2 if setup.grads_kept else 1)  # (a new gradient is added into its .grad)
+    shape = encoder.shape_of(dt, setup.precision, resolved.attn_used, accumulating, setup.grad_ckpt)
+    W, O, G_acc = rank.weights + encoder.buffer_bytes(spec), rank.optimizer_states, rank.accumulated_gradients
+    moments = [Moment(phase, W, G_acc + part.gradients.bytes(b, s), O, part.activations.bytes(b, s), 0,
+                      part.temporaries.bytes(b, s)) for phase, part in encoder.step_points(spec, shape)]
+    ids = encoder.input_ids_bytes(b, s)
+    moments.append(Moment(Phase.OPTIMIZER_STEP, W, rank.gradients, O, ids, 0, rank.optimizer_step))
+    moments.append(Moment(Phase.LOAD, W, 0, 0, 0, 0, loading.load_peak_bytes(spec, resolved) - rank.weights))
+    eager = resolved.attn_used is Attention.EAGER
+    largest_request = encoder.largest_layer_request_bytes(spec, shape, b, s)
+    return _with_reserved(moments, 0, encoder.layer_saved(spec, shape).bytes(b, s), _gradient_groups(tensors),
+                          largest_request, refilled_in_backward=bool(setup.grad_ckpt) and not eager)
 
 
 def _gradient_groups(tensors) -> tuple[tuple[int, int], ...]:

@@ -68,6 +68,9 @@ LAYOUT_FIELDS = {
     "gptj": ("n_layer", "n_head", "n_embd", "n_positions", "n_inner", "rotary_dim", "activation_function"),
     "lfm2": ("layer_types", "full_attn_idxs", "conv_L_cache", "conv_bias", "block_ff_dim", "block_auto_adjust_ff_dim",
              "block_ffn_dim_multiplier", "block_multiple_of", "tie_embedding"),
+    "bert": ("type_vocab_size", "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob",
+             "classifier_dropout", "position_embedding_type", "is_decoder", "add_cross_attention", "num_labels",
+             "id2label"),
 }
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 # Config-class defaults of fields read as required elsewhere, for families whose published configs omit them:
@@ -177,6 +180,16 @@ class _Fields:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or not 0 < value <= 1:
             raise self._bad(key, "a number in (0, 1]", value)
+        return float(value)
+
+    def probability(self, key: str, default: float) -> float:
+        """A dropout probability in [0, 1)."""
+        value = self.config.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not 0 <= value < 1:
+            raise self._bad(key, "a number in [0, 1)", value)
         return float(value)
 
     def mapping(self, key: str) -> dict:
@@ -474,6 +487,8 @@ def _layout_fields(f: _Fields, family: str, fields: dict) -> dict:
         out.update(_lfm2_fields(f, fields["num_layers"]))
     elif family in ("opt", "bloom", "gptj"):
         out.update(_legacy_fields(f, family, hidden, heads))
+    elif family == "bert":
+        out.update(_encoder_fields(f, hidden, heads))
     if out.get("rotary_dim") == out.get("head_dim"):
         out["rotary_dim"] = 0
     return out
@@ -528,6 +543,46 @@ def _legacy_fields(f: _Fields, family: str, hidden: int, heads: int) -> dict:
                    rotary_dim=rotary, qkv_bias=False, o_bias=False, mlp_bias=True,
                    max_position_embeddings=f.integer("max_position_embeddings", 2048))
     return out
+
+
+# AutoModelForSequenceClassification's labels when a config names none: PretrainedConfig builds id2label for
+# num_labels=2 (transformers 5.25 configuration_utils.py L450-454)
+DEFAULT_NUM_LABELS = 2
+# BertConfig's defaults of the fields a ModelSpec keeps (transformers 5.25 configuration_bert.py L50-53), which the
+# catalogue's BERT rows take (their config.json files set the same values)
+ENCODER_DEFAULTS = {"type_vocab_size": 2, "hidden_dropout": 0.1, "attention_dropout": 0.1,
+                    "score_labels": DEFAULT_NUM_LABELS}
+
+
+def _encoder_fields(f: _Fields, hidden: int, heads: int) -> dict:
+    """BERT (``BertConfig``, transformers 5.25 configuration_bert.py L44-63): hidden_act "gelu",
+    hidden_dropout_prob 0.1, attention_probs_dropout_prob 0.1, max_position_embeddings 512, type_vocab_size 2,
+    classifier_dropout None (the hidden dropout, on [b, h] only: not read), is_decoder and add_cross_attention
+    False; every Linear has a bias (modeling_bert.py L155-157, L286, L330, L345); multi-head attention with
+    head_dim h / a (L148-150). The sequence classifier's num_labels: the config's, else its id2label's length, else 2.
+    Its tie_word_embeddings ties BertForMaskedLM's decoder, which a sequence classifier does not have. Layouts the
+    estimate does not model are refused by name."""
+    if hidden % heads:
+        raise VramcalcError(f"bert: hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads})")
+    if f.flag("is_decoder", False) or f.flag("add_cross_attention", False):
+        raise VramcalcError("bert with is_decoder or add_cross_attention is not supported (a causal BERT decoder; "
+                            "vramcalc models the bidirectional encoder's sequence classifier)")
+    position = f.config.get("position_embedding_type", "absolute")
+    if position not in (None, "absolute"):
+        raise VramcalcError(f"bert with position_embedding_type {_describe(position)} is not supported (only "
+                            "absolute positions)")
+    activation = f.config.get("hidden_act")
+    if activation not in (None, "gelu"):
+        raise VramcalcError(f"bert with hidden_act {_describe(activation)} is not supported (only gelu)")
+    labels = f.config.get("id2label")
+    default_labels = len(labels) if isinstance(labels, dict) and labels else DEFAULT_NUM_LABELS
+    return dict(num_kv_heads=heads, head_dim=hidden // heads, qkv_bias=True, o_bias=True, mlp_bias=True,
+                tie_word_embeddings=False, max_position_embeddings=f.integer("max_position_embeddings", 512),
+                type_vocab_size=f.integer("type_vocab_size", ENCODER_DEFAULTS["type_vocab_size"],
+                                          maximum=MAX_SIZES["vocab_size"]),
+                hidden_dropout=f.probability("hidden_dropout_prob", ENCODER_DEFAULTS["hidden_dropout"]),
+                attention_dropout=f.probability("attention_probs_dropout_prob", ENCODER_DEFAULTS["attention_dropout"]),
+                score_labels=f.integer("num_labels", default_labels, maximum=MAX_SIZES["vocab_size"]))
 
 
 def _gpt_oss_fields(f: _Fields, layers: int) -> dict:

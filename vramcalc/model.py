@@ -150,6 +150,12 @@ class FamilyTraits:
     # q and again for k (four [1, s, 1, rotary_dim] copies per layer)
     rope_copies_per_projection: bool = False
     eager_fp32_scores: bool = False  # GPT-J eager: q and k cast to fp32 before the scores matmul, softmax in fp32
+    # a bidirectional encoder trained as a sequence classifier (BERT, ``--task classify``): word, learned position
+    # and token-type embeddings summed, LayerNorm and dropout; post-LN layers, LayerNorm(x + dropout(sublayer)), so
+    # the residual stream is each norm's output and there is no final norm; no causal mask; the model's dropouts
+    # (``ModelSpec.hidden_dropout``, ``attention_dropout``) as its config sets them; a pooler (dense + tanh on the
+    # first token), dropout and a biased classifier Linear(h, num_labels) in place of lm_head (``terms/encoder.py``)
+    encoder: bool = False
 
 
 FAMILIES: dict[str, FamilyTraits] = {
@@ -316,6 +322,17 @@ FAMILIES: dict[str, FamilyTraits] = {
     # by their parent module
     "lfm2": FamilyTraits(qk_norm=True, default_tied=True, short_conv=True, o_name="self_attn.out_proj",
                          mlp_names=("w1", "w3", "w2")),
+    # models/bert/modeling_bert.py (transformers 5.25; the same modules in 4.16-4.24): BertEmbeddings word +
+    # token_type + position embeddings, LayerNorm, dropout (L54-109); eager_attention_forward's softmax without a
+    # dtype and dropout on the probabilities (L112-137); BertSelfAttention query/key/value with bias (L140-205);
+    # BertSelfOutput and BertOutput dense -> dropout -> LayerNorm(x + input) (L283-294, L342-353); BertIntermediate
+    # dense -> GELU (L327-339); BertPooler dense + tanh on the first token (L455-467); BertForSequenceClassification
+    # dropout and a classifier nn.Linear(h, num_labels) with bias, CrossEntropyLoss (L1074-1145); sdpa, flash and
+    # eager (L540-541). Module names are the parameters' suffixes: "dense" alone would name three Linears
+    "bert": FamilyTraits(layer_norm=True, gated_mlp=False, pre_norms=False, encoder=True,
+                         lora_qv=("query", "value"), qkv_names=("query", "key", "value"),
+                         o_name="attention.output.dense", mlp_names=("intermediate.dense", "output.dense"),
+                         embedding_name="word_embeddings", head_name="classifier"),
 }
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
@@ -440,6 +457,11 @@ class ModelSpec:
     # LFM2's short convolution (the "conv" entries of layer_types): conv_L_cache taps, conv_bias
     conv_kernel: int = 0
     conv_bias: bool = False
+    # an encoder (``FamilyTraits.encoder``: BERT): token-type rows, and the dropout probabilities of the hidden states
+    # (embeddings, each sublayer's output, the classifier's input) and of the attention probabilities
+    type_vocab_size: int = 0
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
     # catalogue metadata (not architecture)
     hf_repo: str = ""
     license: str = ""
@@ -472,6 +494,8 @@ class ModelSpec:
                 or not 1 <= self.conv_kernel <= MAX_SIZES["conv_L_cache"]):
             raise VramcalcError(f"model {self.name!r}: conv_L_cache (the short convolution's width) must be from 1 to "
                                 f"{MAX_SIZES['conv_L_cache']:,}, got {self.conv_kernel!r}")
+        if self.traits.encoder:
+            self._check_encoder()
         if self.num_heads % self.num_kv_heads:
             raise VramcalcError(f"model {self.name!r}: num_key_value_heads ({self.num_kv_heads}) must divide "
                                 f"num_attention_heads ({self.num_heads}) (grouped-query attention repeats each kv "
@@ -493,6 +517,19 @@ class ModelSpec:
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
+
+    def _check_encoder(self) -> None:
+        """An encoder's own fields: its position table, token-type rows and labels (at least one each; the position
+        table also bounds the sequence), its dropout probabilities in [0, 1)."""
+        for value, what in ((self.max_position_embeddings, "max_position_embeddings"),
+                            (self.type_vocab_size, "type_vocab_size"), (self.score_labels, "num_labels")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise VramcalcError(f"model {self.name!r}: an encoder's {what} must be a positive integer, "
+                                    f"got {value!r}")
+        for value, what in ((self.hidden_dropout, "hidden_dropout_prob"),
+                            (self.attention_dropout, "attention_probs_dropout_prob")):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise VramcalcError(f"model {self.name!r}: {what} must be in [0, 1), got {value!r}")
 
     @property
     def traits(self) -> FamilyTraits:
@@ -741,6 +778,11 @@ def _inventory(m: ModelSpec) -> Inventory:
     n_dense = L - n_moe
     parts = []
     tensors = [ParamTensor("embed_tokens.weight", ParamKind.EMBEDDING, (V, h))]
+    if m.traits.encoder:  # BertEmbeddings: three nn.Embedding (Trainer's 8-bit optimizer keeps each 32-bit) + LayerNorm
+        tensors += [ParamTensor("position_embeddings.weight", ParamKind.EMBEDDING, (m.max_position_embeddings, h)),
+                    ParamTensor("token_type_embeddings.weight", ParamKind.EMBEDDING, (m.type_vocab_size, h)),
+                    ParamTensor("embeddings.LayerNorm.weight", ParamKind.NORM, (h,)),
+                    ParamTensor("embeddings.LayerNorm.bias", ParamKind.NORM, (h,))]
     if m.traits.learned_positions:  # OPT: not an nn.Linear nor the token embedding; trains in full fine-tuning
         rows = (m.max_position_embeddings or 2048) + OPT_POSITION_OFFSET
         tensors.append(ParamTensor("embed_positions.weight", ParamKind.NORM, (rows, h)))
@@ -777,6 +819,15 @@ def _inventory(m: ModelSpec) -> Inventory:
             parts += _gated_mlp(m, m.shared_expert_width, n_moe, role="shared_expert")
         if m.traits.shared_expert_gate:
             parts.append(_linear("shared_expert_gate", h, 1, n_moe, role="shared_expert"))
+    if m.traits.encoder:  # no final norm; BertPooler's dense (not a decoder Linear) and the biased classifier
+        tensors += [ParamTensor("pooler.dense.weight", ParamKind.LINEAR, (h, h)),
+                    ParamTensor("pooler.dense.bias", ParamKind.LINEAR, (h,)),
+                    ParamTensor("classifier.weight", ParamKind.LM_HEAD, (m.score_labels, h)),
+                    ParamTensor("classifier.bias", ParamKind.LM_HEAD, (m.score_labels,))]
+        linears = tuple(module for module, _ in parts)
+        for _, module_tensors in parts:
+            tensors += module_tensors
+        return Inventory(tuple(tensors), linears)
     tensors.append(ParamTensor("norm.weight", ParamKind.NORM, (h,)))
     if m.traits.layer_norm:
         tensors.append(ParamTensor("norm.bias", ParamKind.NORM, (h,)))

@@ -62,6 +62,9 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "compile": "torch.compile the model (changes what is saved for backward)",
     "loop_keeps_outputs": ("a custom loop keeps the model's outputs (logits, cache) through backward until the "
                            "next call"),
+    "grads_kept": ("the loop zeroes gradients in place instead of freeing them (zero_grad(set_to_none=False): "
+                   "torch < 2.0's default, which transformers' Trainer used): every step runs beside all the "
+                   "gradients"),
     "compile_loss": ("with --compile, the loss is compiled too (--no-compile-loss: torchtitan before April 2025 "
                      "compiled its blocks only)"),
     "activation_offload": "keep saved activations in host memory (torchtune, Unsloth, save_on_cpu)",
@@ -84,7 +87,7 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "gptq_group_size": "input rows per GPTQ quantization group, or -1 for one (qlora --quant int4-gptq)",
     "gptq_desc_act": "an act-order GPTQ checkpoint: auto-gptq's qlinear_cuda, a larger dequantization transient "
                      "(qlora --quant int4-gptq)",
-    "task": "sft | dpo | ipo | simpo | orpo | cpo | kto | reward | grpo | distill",
+    "task": "sft | dpo | ipo | simpo | orpo | cpo | kto | reward | grpo | distill | classify (an encoder's)",
     "ref_model": "copy | adapter | precomputed | none: the preference tasks' reference log-probs",
     "prompt_len": "prompt tokens of each chosen/rejected row (preference tasks; not scored)",
     "interconnect": "nvlink | pcie (the link inside a node) | infiniband | ethernet (between nodes: 400 Gb/s NDR, "

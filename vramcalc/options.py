@@ -399,7 +399,9 @@ class Task(Choice):
     ``simpo``, ``orpo`` and ``cpo`` reference-free (the same concatenated chosen+rejected forward); ``kto`` follows
     KTOTrainer (b unpaired rows and their KL batch); ``grpo`` follows GRPOTrainer; ``reward`` follows
     RewardTrainer (a sequence classifier: ``model.reward_spec``); ``distill`` follows GKDTrainer (a teacher beside the
-    student, off-policy)."""
+    student, off-policy); ``classify`` is transformers' Trainer on ``AutoModelForSequenceClassification`` of an
+    encoder family (BERT, whose only task it is: ``terms/encoder.py``), the model's own cross-entropy on
+    [b, num_labels] logits."""
 
     SFT = "sft"
     DPO = "dpo"
@@ -411,6 +413,7 @@ class Task(Choice):
     REWARD = "reward"
     GRPO = "grpo"
     DISTILL = "distill"
+    CLASSIFY = "classify"
 
     @property
     def is_preference(self) -> bool:

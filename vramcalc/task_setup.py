@@ -43,11 +43,29 @@ _MAX_GENERATIONS = 2**16
 _MAX_LEN = 2**30
 
 
-def resolve_task(values: dict, given: dict, origins: dict) -> None:
+def resolve_task(values: dict, given: dict, origins: dict, model: ModelSpec | None = None) -> None:
     """Fill ``task``, ``ref_model``, ``prompt_len``, ``completion_len`` (and ``seq_len``, ``loss`` where the task
-    implies them) in ``values``, the keywords of a ``TrainingSetup`` being built; ``given`` the user's options."""
-    task = Task.parse(given.get("task", Task.SFT), "task")
+    implies them) in ``values``, the keywords of a ``TrainingSetup`` being built; ``given`` the user's options.
+    An encoder family (``FamilyTraits.encoder``: BERT) trains as a sequence classifier: ``classify`` is its default
+    and its only task."""
+    encoder = model is not None and model.traits.encoder
+    task = Task.parse(given.get("task", Task.CLASSIFY if encoder else Task.SFT), "task")
+    if encoder and "task" not in given:
+        origins["task"] = f"implied by model ({model.family}: an encoder, a sequence classifier)"
     values["task"] = task
+    if encoder and task is not Task.CLASSIFY:
+        raise VramcalcError(f"{model.name} ({model.family}) is an encoder, trained as a sequence classifier: "
+                            f"--task classify (its default), not --task {task.value}, which needs a causal LM")
+    if task is Task.CLASSIFY:
+        if not encoder:
+            raise VramcalcError("--task classify is modelled for the encoder families (bert); a decoder's sequence "
+                                "classifier with one label is --task reward (TRL's RewardTrainer)")
+        _classify(values, given)
+        limit = model.max_position_embeddings
+        if "seq_len" not in given and limit and values["seq_len"] > limit:  # (a longer default cannot run)
+            values["seq_len"] = limit
+            origins["seq_len"] = f"implied by model (its {limit} learned positions)"
+        return
     if task is Task.SFT:
         if "teacher" in given:
             raise VramcalcError("--teacher applies to --task distill, not --task sft")
@@ -101,6 +119,17 @@ def _reward(values: dict, given: dict) -> None:
     if any(name in ("lm_head", "embed_tokens") for name in values.get("lora_targets") or ()):
         raise VramcalcError("--task reward: the sequence classifier has no lm_head and peft trains its score head "
                             "whole (modules_to_save); leave lm_head and embed_tokens out of --lora-targets")
+    values.update(ref_model=RefModel.NONE, prompt_len=0, completion_len=None)
+
+
+def _classify(values: dict, given: dict) -> None:
+    """``--task classify``: transformers' Trainer on ``AutoModelForSequenceClassification`` (an encoder: BERT), b
+    sequences of ``seq_len`` tokens and one label each; the loss is the model's own ``CrossEntropyLoss`` on its
+    [b, num_labels] logits (modeling_bert.py L1133-1135), so no task option nor ``--loss`` applies."""
+    for key in TASK_OPTIONS + ("loss",):
+        if key in given:
+            raise VramcalcError(f"--{key.replace('_', '-')} does not apply to --task classify (a sequence classifier "
+                                "scored by its own cross-entropy on [b, num_labels] logits)")
     values.update(ref_model=RefModel.NONE, prompt_len=0, completion_len=None)
 
 
@@ -206,6 +235,40 @@ def _resolve_teacher(name: str) -> ModelSpec:
     from .catalogue import get_model
 
     return get_model(name)
+
+
+def check_classify(model, setup) -> None:
+    """What vramcalc models of an encoder's classification step (``--task classify``, ``terms/encoder.py``): full
+    fine-tuning on one GPU with transformers' Trainer, any precision but fp8, any optimizer, with or without full
+    checkpointing, under sdpa, flash or eager attention. Everything else is refused in one line; so is a sequence
+    past the learned position table (``BertEmbeddings`` slices ``position_ids`` to it: a longer batch fails)."""
+    if setup.task is not Task.CLASSIFY:
+        return
+    name = f"{model.name} ({model.family}, --task classify)"
+    if setup.method is not Method.FULL:
+        raise VramcalcError(f"{name}: --method full only (the encoder's full fine-tuning is modelled; "
+                            f"--method {setup.method.value} on an encoder is not)")
+    if setup.num_gpus > 1 or setup.sharding.value != "none" or setup.device_map.value != "none":
+        raise VramcalcError(f"{name}: one GPU only (no --num-gpus, --sharding or --device-map for an encoder)")
+    if setup.grad_ckpt.value not in ("none", "full", "reentrant"):
+        raise VramcalcError(f"{name}: --grad-ckpt {setup.grad_ckpt.value} is not modelled for an encoder; use "
+                            "--grad-ckpt (full) or reentrant")
+    if setup.precision.value == "fp8":
+        raise VramcalcError(f"{name}: --precision fp8 is not modelled for an encoder")
+    if setup.stack is not Stack.HF:
+        raise VramcalcError(f"{name}: --stack {setup.stack.value} is a causal-LM stack; an encoder trains with the "
+                            "hf stack (transformers' Trainer)")
+    knobs = {"compile": setup.compile, "activation-offload": setup.activation_offload,
+             "optimizer-in-backward": setup.optimizer_in_backward, "packing": setup.packing,
+             "kernels": setup.kernels.value != "none", "modules-to-save": bool(setup.modules_to_save),
+             "images": bool(setup.images)}
+    for knob, on in knobs.items():
+        if on:
+            raise VramcalcError(f"{name}: --{knob} is not modelled for an encoder")
+    limit = model.max_position_embeddings
+    if limit and setup.padded_seq_len > limit:
+        raise VramcalcError(f"{name}: --seq-len {setup.padded_seq_len} exceeds its {limit} learned positions "
+                            "(max_position_embeddings: BertEmbeddings cannot embed a longer sequence)")
 
 
 def check_teacher(student, setup) -> None:

@@ -42,7 +42,7 @@ from .options import (
 )
 from . import gptq, parallel_degrees
 from .stacks import preset
-from .task_setup import check_teacher, resolve_task, task_warnings
+from .task_setup import check_classify, check_teacher, resolve_task, task_warnings
 from .vision import resolve_images
 
 LORA_TARGET_WORDS = ("qv", "all-linear")
@@ -142,6 +142,10 @@ class TrainingSetup:
     # until the next call returns: ``outputs = model(**batch); loss = outputs.loss; loss.backward()``, with any loss the
     # model computes (``--loss hf-loop`` is ``hf`` with it)
     loop_keeps_outputs: bool = False
+    # the loop zeroes the gradients in place between steps instead of freeing them: ``zero_grad(set_to_none=False)``,
+    # torch's default before 2.0 (which transformers' Trainer ``model.zero_grad()`` took), so every forward and
+    # backward runs beside all the gradients, and a new gradient is added into its .grad as under accumulation
+    grads_kept: bool = False
     activation_offload: bool = False  # saved activations kept in host memory
     optimizer_in_backward: bool = False  # each parameter stepped from its post-accumulate-grad hook
     kernels: Kernels = Kernels.NONE
@@ -337,6 +341,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         compile_loss=_bool(chosen.get("compile_loss", SETUP_DEFAULTS["compile_loss"]), "compile_loss"),
         loop_keeps_outputs=_bool(chosen.get("loop_keeps_outputs", SETUP_DEFAULTS["loop_keeps_outputs"]),
                                  "loop_keeps_outputs"),
+        grads_kept=_bool(chosen.get("grads_kept", SETUP_DEFAULTS["grads_kept"]), "grads_kept"),
         activation_offload=_bool(chosen.get("activation_offload", SETUP_DEFAULTS["activation_offload"]),
                                  "activation_offload"),
         optimizer_in_backward=_bool(chosen.get("optimizer_in_backward", SETUP_DEFAULTS["optimizer_in_backward"]),
@@ -372,7 +377,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         # to the sharding or accumulation the user asked for, as the distributed configs leave it off
         values["optimizer_in_backward"] = False
         origins["optimizer_in_backward"] = f"stack {stack.value} (single-device config; off here)"
-    resolve_task(values, given, origins)
+    resolve_task(values, given, origins, model)
     parallel_degrees.implied_num_gpus(values, given, origins)  # --tp alone: one tensor-parallel group
     if "global_batch_size" in given:
         values["global_batch_size"] = positive_int(given["global_batch_size"], "global batch size",
@@ -385,6 +390,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     _check_combination(setup)
     _check_computable(model, setup)
     check_teacher(model, setup)
+    check_classify(model, setup)
     if setup.loop_keeps_outputs and not setup.loss.in_model:
         raise VramcalcError(f"--loop-keeps-outputs applies to a loss the model computes (hf, hf-shifted, "
                             f"hf-fp32-logits, model-dtype), not --loss {setup.loss.value}")
@@ -612,6 +618,10 @@ def _check_combination(setup: TrainingSetup) -> None:
             f"converted Linear, frozen ones too (float8_linear.py: ctx.save_for_backward(input_hp, weight_hp_t)), "
             f"which {setup.method.value} with a frozen base would add to its activations and vramcalc does not "
             "estimate yet; use --precision bf16")
+    if setup.grads_kept and (setup.num_gpus > 1 or setup.sharding is not Sharding.NONE or setup.optimizer_in_backward
+                             or setup.stack not in (Stack.HF, Stack.AXOLOTL, Stack.LLAMA_FACTORY, Stack.TRL)):
+        raise VramcalcError("--grads-kept (zero_grad(set_to_none=False) between steps) is modelled for the Trainer's "
+                            "step on one GPU, without --optimizer-in-backward")
     if setup.optimizer_in_backward and setup.grad_accum > 1:
         raise VramcalcError("--optimizer-in-backward steps each parameter as soon as its gradient is ready, so it "
                             "cannot accumulate gradients (torchtune recipes refuse gradient_accumulation_steps > 1 "

@@ -55,6 +55,9 @@ class Scenario:
             if value not in (None, "") and str(value).lower() != str(allowed):
                 raise VramcalcError(f"the harness measures one GPU: scenario option {key}={value!r} is not supported")
         spec, resolved = resolve(self)  # a bad model or option fails here, naming it
+        if resolved.setup.task.value == "classify":
+            raise VramcalcError("the harness measures the causal LM's training step: an encoder's --task classify "
+                                "(BERT) is estimated and traced, not measured here")
         if not self.id:
             object.__setattr__(self, "id", scenario_id(spec, resolved))
 

@@ -9,7 +9,8 @@
   (``tracing/step.py::TrainerLoss``): the optimizer from
   ``make_optimizer`` (decay/no-decay groups, bitsandbytes overrides; paged optimizers take real unified memory on
   CUDA), forward under ``torch.autocast`` on the device (none for fp32), accelerate's fp32 copy of the logits, the
-  setup's loss, ``loss / grad_accum`` backward per micro-batch, ``optimizer.step()``, ``zero_grad(set_to_none=True)``.
+  setup's loss, ``loss / grad_accum`` backward per micro-batch, ``optimizer.step()``, ``zero_grad(set_to_none=True)``
+  (in place with ``grads_kept``).
   mixed-fp16 adds Trainer's GradScaler. Tokens are random ids (MoE routing spreads as on real text).
 """
 
@@ -155,5 +156,6 @@ class TrainingStep:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # --grads-kept: torch < 2.0's default zeroes the gradients in place (tracing/step.py does the same)
+        self.optimizer.zero_grad(set_to_none=not getattr(self.setup, "grads_kept", False))
         return float(value)

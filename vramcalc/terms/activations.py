@@ -674,9 +674,14 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         L266-272; gpt-oss's with sinks). gpt-oss's eager attention (modeling_gpt_oss.py L237-253): the scores plus the 4-D mask (in the residual
         dtype r) are concatenated with the per-head sink logit into [b, a, s, s + 1]; ``max(dim=-1)`` saves its int64
         indices (8·a per token); the softmax runs in that dtype, max(q, r), and saves its output (s + 1 columns);
-        when that is not the value dtype, the cast copy of the s score columns is what the second matmul saves."""
+        when that is not the value dtype, the cast copy of the s score columns is what the second matmul saves.
+        Llama-4's softmax has no dtype, so under CUDA autocast it runs in fp32 whatever its input (softmax is one of
+        autocast's ``fp32_set_opt_dtype`` ops, ``aten/src/ATen/autocast_mode.cpp``; ``tracing/cuda_emulation.py``
+        item 6); gpt-oss passes its dtype."""
         a = self.m.num_heads
         softmax = max(q_bytes, self.dt.r)
+        if self.m.traits.softmax_in_dtype and self.dt.autocast:
+            softmax = _F32
         self.per_square += softmax * a + (q_bytes * a if softmax != q_bytes else 0)
         if self.m.traits.attention_sinks:
             self.per_token += softmax * a + 8 * a

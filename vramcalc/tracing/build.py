@@ -202,13 +202,24 @@ def _gptj_config(spec: ModelSpec, fields: dict) -> dict:
                 attn_pdrop=0.0)
 
 
+def _bert_config(spec: ModelSpec, fields: dict) -> dict:
+    """BERT as its config sets it, dropouts included (the estimate models them: ``terms/encoder.py``); the sequence
+    classifier's labels are set by ``build_model``."""
+    fields = {k: v for k, v in fields.items() if k not in ("num_key_value_heads", "bos_token_id", "eos_token_id")}
+    return dict(fields, type_vocab_size=spec.type_vocab_size, hidden_act="gelu",
+                hidden_dropout_prob=spec.hidden_dropout, attention_probs_dropout_prob=spec.attention_dropout,
+                max_position_embeddings=spec.max_position_embeddings or 512, is_decoder=False,
+                add_cross_attention=False, num_labels=spec.score_labels or 2)
+
+
 # model_type -> the config keys of the families whose layout is not Llama's (phi, gpt_neox, falcon, gemma, starcoder2,
 # gemma3_text, glm4, cohere2, ernie4_5, qwen2_moe, deepseek_v2, gpt_oss, llama4_text)
 _LAYOUT_CONFIG = {"phi": _phi_config, "gpt_neox": _gpt_neox_config, "falcon": _falcon_config, "gemma": _gemma_config,
                   "starcoder2": _starcoder2_config, "gemma3_text": _gemma3_text_config, "glm4": _glm4_config,
                   "cohere2": _cohere2_config, "ernie4_5": _ernie4_5_config, "qwen2_moe": _qwen2_moe_config,
                   "deepseek_v2": _deepseek_v2_config, "gpt_oss": _gpt_oss_config, "llama4_text": _llama4_text_config,
-                  "lfm2": _lfm2_config, "opt": _opt_config, "bloom": _bloom_config, "gptj": _gptj_config}
+                  "lfm2": _lfm2_config, "opt": _opt_config, "bloom": _bloom_config, "gptj": _gptj_config,
+                  "bert": _bert_config}
 
 
 @contextlib.contextmanager
@@ -279,6 +290,8 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
             from transformers import AutoModelForSequenceClassification as auto_class
 
             config.num_labels, config.pad_token_id = 1, 0  # reward_trainer.py:396, 571-572
+        elif setup.task.value == "classify":  # an encoder's sequence classifier (BertForSequenceClassification)
+            from transformers import AutoModelForSequenceClassification as auto_class
         attn_implementation = _ATTN_IMPLEMENTATION[resolved.attn_used]
         dropped_sdpa = _sdpa_dropped_class(auto_class, config, attn_implementation)
         with _quiet(), torch.device("meta"), _sdpa_supported(dropped_sdpa):

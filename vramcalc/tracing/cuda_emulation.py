@@ -27,6 +27,12 @@ while a trace runs:
 5. ``F.layer_norm`` under autocast runs in fp32 as CUDA autocast's fp32 op list has it (CPU autocast leaves it in
    the input dtype): nn.LayerNorm saves an fp32 copy of its input and returns fp32 (phi, gpt_neox, falcon).
 
+6. ``F.softmax`` without a dtype under autocast returns fp32 as CUDA autocast runs it: softmax is one of its
+   ``fp32_set_opt_dtype`` ops (``aten/src/ATen/autocast_mode.cpp``), so a 16-bit input gets ``dtype=float32``, and
+   ATen's ``softmax`` then runs fp16 through ``_softmax(x, dim, half_to_float=True)`` (no fp32 copy; its backward
+   returns fp16) and bf16 through an fp32 copy of the input (``aten/src/ATen/native/SoftMax.cpp::softmax``). CPU
+   autocast leaves it in the input's dtype. BERT's ``eager_attention_forward`` calls it so.
+
 Kernel-internal workspaces (FA2's fp32 ``dq_accum``, cuBLAS) are not tensors of the step: calibration measures them.
 """
 
@@ -84,6 +90,20 @@ def cuda_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
         return t.float() if t is not None and t.is_floating_point() else t
     with torch.autocast(device_type="cpu", enabled=False):
         return _original_layer_norm(fp32(input), normalized_shape, fp32(weight), fp32(bias), eps)
+
+
+_original_softmax = torch.nn.functional.softmax
+
+
+def cuda_softmax(input, dim=None, _stacklevel=3, dtype=None):
+    """``F.softmax`` as CUDA autocast runs it (module docstring, item 6): a 16-bit input without a dtype returns fp32,
+    fp16 by ``_softmax``'s half_to_float (on fake tensors; real CPU ones take the fp32 copy, the same result)."""
+    if dtype is not None or not torch.is_autocast_enabled("cpu") or input.dtype not in _SIXTEEN_BIT:
+        return _original_softmax(input, dim, _stacklevel, dtype)
+    with torch.autocast(device_type="cpu", enabled=False):
+        if input.dtype is torch.float16 and is_fake(input):
+            return torch.ops.aten._softmax(input, dim if dim >= 0 else dim + input.dim(), True)
+        return _original_softmax(input, dim, _stacklevel, torch.float32)
 
 
 def _additive_bias(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -198,6 +218,7 @@ def cuda_kernel_emulation(sdpa: bool = True):
         torch.nn.functional.scaled_dot_product_attention = cuda_sdpa
     torch.nn.functional.dropout = cuda_dropout
     torch.nn.functional.layer_norm = cuda_layer_norm
+    torch.nn.functional.softmax = cuda_softmax
     # transformers cannot read fake position ids, so it would assume packed sequences and build a 4-D mask; the
     # traced batch is unpacked (one sequence per row), as find_packed_sequence_indices finds on real ids.
     masking_utils.find_packed_sequence_indices = _unpacked
@@ -208,4 +229,5 @@ def cuda_kernel_emulation(sdpa: bool = True):
         torch.nn.functional.scaled_dot_product_attention = original
         torch.nn.functional.dropout = _original_dropout
         torch.nn.functional.layer_norm = _original_layer_norm
+        torch.nn.functional.softmax = _original_softmax
         masking_utils.find_packed_sequence_indices = find_packed

@@ -112,7 +112,7 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
                 if distributed and engine is None:
                     with torch.device("cpu"), collectives(), tracker:
                         engine = data_parallel.wrap(model, resolved, tracker)  # DDP's buckets, allocated here
-                tracer = (tracer_class or StepTracer)(model, spec, resolved, tracker)
+                tracer = (tracer_class or _default_tracer(resolved))(model, spec, resolved, tracker)
                 if engine is not None:
                     tracer.forward_module, tracer.accumulation = engine.forward_module, engine.accumulation
                 if cp_mesh is not None:
@@ -137,6 +137,18 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, fake: bool = True, st
         if tracer is not None:
             tracer.remove_hooks()
         reset_bnb_overrides()
+
+
+def _default_tracer(resolved: ResolvedSetup):
+    """The Trainer step of the setup's task: an encoder's sequence classifier (``--task classify``: ``encoder.py``)
+    or the causal LM's (``step.StepTracer``)."""
+    if resolved.setup.task.value == "classify":
+        from .encoder import ClassifyStepTracer
+
+        return ClassifyStepTracer
+    from .step import StepTracer
+
+    return StepTracer
 
 
 class _RecordedBuild:

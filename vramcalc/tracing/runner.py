@@ -67,7 +67,8 @@ def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None
         from .pipeline_parallel import trace_pipeline
 
         return trace_pipeline(spec, resolved, gpu=gpu)
-    if resolved.setup.task.value != "sft":  # TRL's trainer for the task (tracing/tasks.py)
+    builder = tracer_class = None  # (an encoder's classifier: the engine's ClassifyStepTracer)
+    if resolved.setup.task.value not in ("sft", "classify"):  # TRL's trainer for the task (tracing/tasks.py)
         from .tasks import trace_task
 
         return trace_task(spec, resolved, progress=progress, gpu=gpu)
@@ -77,7 +78,6 @@ def trace(model, *, gpu=None, progress: bool | None = None, revision: str | None
     if resolved.setup.loss in OWN_RECIPE_LOSSES:
         word, stack = resolved.setup.loss.value, OWN_RECIPE_LOSSES[resolved.setup.loss]
         raise VramcalcError(f"--loss {word} is {stack}'s own recipe: trace it with --stack {stack}")
-    builder = tracer_class = None
     if spec.vision is not None:  # the whole vision-language model, with its images (tracing/vision.py)
         from .vision import VisionStepTracer, build_vlm
 
@@ -122,7 +122,7 @@ def _check_reserved(resolved) -> None:
     if setup.num_gpus > 1 and (not data_parallel or model_parallel):
         what = "--tp/--cp/--ep/--pp" if model_parallel else f"--sharding {setup.sharding.value}"
         raise VramcalcError(_reserved_refusal(f"{what} on {setup.num_gpus} GPUs"))
-    if setup.task.value != "sft":
+    if setup.task.value not in ("sft", "classify"):
         raise VramcalcError(_reserved_refusal(f"--task {setup.task.value}"))
     if setup.stack in STACK_TRACE_MODULES or setup.stack is Stack.UNSLOTH:
         raise VramcalcError(_reserved_refusal(f"--stack {setup.stack.value}"))

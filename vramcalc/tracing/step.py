@@ -387,7 +387,8 @@ class StepTracer:
         self.optimizer.step()
         tracker.in_optimizer = False
         tracker.mark_optimizer_states(self.optimizer)
-        self.optimizer.zero_grad(set_to_none=True)
+        # --grads-kept: torch < 2.0's default zeroes the gradients in place (Trainer ``model.zero_grad()``)
+        self.optimizer.zero_grad(set_to_none=not getattr(setup, "grads_kept", False))
 
 
 class _RecomputeMarker:
