@@ -14,7 +14,7 @@ states exist at every moment: the peak is taken over the second step, after the 
 Only this module sees the whole setup. The term functions take the values they use (the stored tensors, a
 ``LayerSetup``, ``Dtypes``, enums, counts) and are cached on those, so a setup never seen before reuses whatever its
 batch shape, optimizer or checkpointing do not change (the stored tensors, what a layer saves); the decoder layers
-are walked once per kind and crossed one run of same-kind layers at a time (``_layer_runs``), not one layer at a time.
+are walked once per kind and crossed one run of same-kind layers at a time (``layer_runs``), not one layer at a time.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ from .units import DType, maximum, minimum, select
 _F32 = DType.FP32.bytes
 from .model import reward_spec  # --task reward (terms/tasks.py)
 from .options import Task
-from .step_moment import Moment, layer_setup  # noqa: F401 (re-exported: tests, tracing)
+from .setup_inputs import setup_inputs
+from .step_moment import Moment, SavedPlan, layer_runs, layer_setup, saved_plan  # noqa: F401 (tests, tracing)
 
 
 _TENSOR_FIELDS = ("weights", "gradients", "optimizer_states", "activations", "logits", "temporaries")
@@ -84,7 +85,7 @@ def estimate(model, *, gpu: str | GpuSpec | None = None, revision: str | None = 
     if getattr(resolved.setup, "ep", 1) > 1:  # --ep: the rank's experts and its group's all-to-all traffic
         details.update(expert_parallel.expert_parallel_details(spec, resolved, activations.dtypes(
             resolved.setup.method, resolved.setup.precision, resolved.setup.adapter_dtype).c))
-    inputs = functools.partial(_inputs, spec, resolved, device)
+    inputs = functools.partial(setup_inputs, spec, resolved, device)
     warnings = resolved.warnings + tuple(w for w in warnings if w not in rank_resolved.warnings)  # the breakdown's
     return MemoryBreakdown(spec.name, dict(terms), phase, inputs, "estimate", device, warnings, details)
 
@@ -313,7 +314,7 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details, 
         out.update(step_details(spec, resolved, device, paged_bytes))
     if details:
         out.update(details)
-    inputs = functools.partial(_inputs, spec, resolved, device)  # built on first access of ``inputs``
+    inputs = functools.partial(setup_inputs, spec, resolved, device)  # built on first access of ``inputs``
     warnings = resolved.warnings
     total = sum(terms.values())
     if device is not None and stream_pools_bytes and total <= device.memory_bytes < total + stream_pools_bytes:
@@ -321,30 +322,6 @@ def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details, 
                                f"and {device.name} has no room for it: the caching allocator frees and re-allocates "
                                "those blocks when a cudaMalloc fails (num_alloc_retries), which slows every step",)
     return MemoryBreakdown(spec.name, terms, phase, inputs, source, device, warnings, out)
-
-
-@functools.lru_cache(maxsize=4096)
-def _setup_inputs(spec: ModelSpec, resolved: ResolvedSetup) -> tuple:
-    """(name, plain value) of the resolved setup, every default filled in (built on first access of ``inputs``)."""
-    inputs = {"model": spec.name, **resolved.setup.to_dict(), "attn_used": resolved.attn_used.value,
-              "lora_modules": ",".join(resolved.lora_modules)}
-    return tuple(inputs.items())
-
-
-def _inputs(spec: ModelSpec, resolved: ResolvedSetup, device: GpuSpec | None = None) -> dict:
-    """The resolved setup, every default filled in, and which options took their default (a new dict each time).
-    On a named GPU the interconnect is the link the time model used, with where it came from (``cost.link_plan``)."""
-    out = dict(_setup_inputs(spec, resolved))
-    out["defaults"] = list(resolved.defaulted)
-    out["origins"] = {name: resolved.origin(name) for name in SETUP_FIELDS}
-    if device is not None:
-        from .cost import interconnect_input
-
-        try:
-            out["interconnect"], out["origins"]["interconnect"] = interconnect_input(resolved.setup, device)
-        except VramcalcError:  # no link figure for this GPU: the option stays as given
-            pass
-    return out
 
 
 @functools.lru_cache(maxsize=1024)
@@ -459,50 +436,6 @@ def _quantized_base_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size
 
 
 @functools.lru_cache(maxsize=256)
-def _layer_runs(spec: ModelSpec, masked: bool = False) -> tuple[tuple[tuple[bool, bool, bool], int, int], ...]:
-    """The runs of same-kind decoder layers in backward order: ((moe, masked, conv), highest index, lowest index); a
-    layer's kind is dense or MoE, whether its attention is masked (``activations.layer_masks``: the sliding
-    layers of a model that also has full ones) and whether it is a hybrid's convolution layer
-    (``activations.layer_operators``)."""
-    kinds = tuple(zip(spec.layer_is_moe, activations.layer_masks(spec, masked), activations.layer_operators(spec)))
-    runs = []
-    hi = spec.num_layers - 1
-    for index in range(spec.num_layers - 1, -1, -1):
-        if index == 0 or kinds[index - 1] != kinds[index]:
-            runs.append((kinds[index], hi, index))
-            hi = index - 1
-    return tuple(runs)
-
-
-class _SavedPlan(NamedTuple):
-    """The per-token/per-square saved tensors the moments read, for one (model, layer setup, checkpointing, mask)."""
-
-    model: activations.Saved  # the whole model at the end of forward
-    head: activations.Saved  # the final norm's and lm_head's
-    shared: activations.Saved  # rotary tables, position ids, checkpointed masks
-    attention: activations.Saved  # one layer's attention block
-    # per layer kind (moe, masked, conv) the model has (``_layer_runs``):
-    kept: dict  # what a layer keeps until its backward
-    recompute: dict  # a layer's recomputed activations under checkpointing
-    attention_left: dict  # what its backward adds to ``kept`` once the MLP's backward is done
-    freed: dict  # what its backward frees before its MLP's and its attention's transients peak
-
-
-@functools.lru_cache(maxsize=4096)
-def _saved_plan(spec: ModelSpec, layer: activations.LayerSetup, ckpt: bool, masked: bool) -> _SavedPlan:
-    kinds = {kind for kind, _, _ in _layer_runs(spec, masked)}  # the layer kinds the model has: (moe, masked, conv)
-    kept = {kind: activations.layer_kept(spec, layer, ckpt, *kind) for kind in kinds}
-    recompute = {kind: activations.layer_recomputed(spec, layer, ckpt, *kind) for kind in kinds}
-    attention_left = {kind: activations.attention_left(spec, layer, ckpt, *kind) for kind in kinds}
-    # (under selective checkpointing or offload the saved tensors are cached or brought back: not modelled)
-    order_known = not layer.offload and not activations.checkpoint_mode(ckpt).caches_ops
-    nothing = activations.BackwardFreed(activations.Saved(), activations.Saved(), False, 0)
-    freed = {kind: activations.backward_freed(spec, layer, *kind) if order_known else nothing for kind in kinds}
-    return _SavedPlan(activations.model_saved(spec, layer, ckpt, masked), activations.head_saved(spec, layer),
-                      activations.shared_saved(spec, layer.dtypes, layer.attn_used, ckpt, masked, layer.layers),
-                      activations.attention_saved(spec, layer, masked), kept, recompute, attention_left, freed)
-
-
 def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> list[Moment]:
     """``step_moments`` for one sliding-window mask decision."""
     setup = resolved.setup
@@ -543,7 +476,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     if stable:
         B = B + stack_layers.stable_embedding_grad_bytes(spec, dt.r)
     Bb = B + rank.backward_buffers
-    plan = _saved_plan(spec, layer, ckpt, masked)
+    plan = saved_plan(spec, layer, ckpt, masked)
     gptq_base = is_gptq(csetup)
     if gptq_base:  # auto-gptq's matmuls save each dequantized weight (terms/gptq.py)
         plan = gptq.with_saved_weights(plan, spec, layer, bool(ckpt), activations.first_layer_needs_grad(layer.method))
@@ -560,9 +493,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     # ``forward`` bytes, and stays after the layer's backward (``_layer_backward_moments``), through the step and
     # the next forward
     kv = _kv_cache_bytes(spec, layer, masked, b, s) if activations.runs_with_cache(csetup) else {}
-    kv_held = sum(kv[kind][0] * (hi - lo + 1) for kind, hi, lo in _layer_runs(spec, masked)) if kv else 0
+    kv_held = sum(kv[kind][0] * (hi - lo + 1) for kind, hi, lo in layer_runs(spec, masked)) if kv else 0
     if kv:
-        A = A + sum(kv[kind][1] * (hi - lo + 1) for kind, hi, lo in _layer_runs(spec, masked))
+        A = A + sum(kv[kind][1] * (hi - lo + 1) for kind, hi, lo in layer_runs(spec, masked))
     head_grad = rank.head_gradient
     head_calls = CHUNKED_LOSS_CHUNKS if csetup.loss is Loss.CHUNKED else 1  # lm_head once per chunk (logits.py)
     copies = temporaries.weight_copy_bytes(spec, dt, csetup.method, ckpt, tensors, head_calls,
@@ -686,7 +619,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     flat_units = rank.gathering is not None and setup.sharding is Sharding.FSDP and traits.fsdp_flat_params
     # autocast's copies of each layer's weights (``temporaries.layer_weight_copies``; offloaded: not modelled)
     copies_by_kind = {kind: temporaries.layer_weight_copies(spec, dt, csetup.method, kind[0], tensors)
-                      for kind, _, _ in _layer_runs(spec, masked)} if not layer.offload else {}
+                      for kind, _, _ in layer_runs(spec, masked)} if not layer.offload else {}
     layer_moments = _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                                             A - head_saved, hidden_grad, norm_backward, dequant_beside, lg.held,
                                             recompute_beside, masked, flat_units, copies_by_kind,
@@ -751,7 +684,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         moments = tasks.reward_moments(moments, b, s)
     if spec.vision is not None and setup.images:  # a VLM's vision tower (terms/vision.py)
         moments = vision.moments_for(spec, resolved, tensors, moments, Moment, layer, b, s, masked)
-    (moe, layer_masked, conv), _, _ = _layer_runs(spec, masked)[0]  # the last layer's kind (backward order)
+    (moe, layer_masked, conv), _, _ = layer_runs(spec, masked)[0]  # the last layer's kind (backward order)
     layer_bytes = activations.layer_saved(spec, layer, moe, layer_masked, conv=conv).bytes(b, s)
     # the weight gradients backward allocates afresh each step: one GPU, each freed by zero_grad and not stepped
     # inside backward (torch's set_to_none default)
@@ -865,10 +798,10 @@ def _cast_head_backward_moments(head: Moment, norm: Moment, G_acc, head_grad, ca
 
 
 def _kv_cache_bytes(spec: ModelSpec, layer: activations.LayerSetup, masked: bool, b, s) -> dict:
-    """Per layer kind (``_layer_runs``), the (held, forward) bytes of one layer's DynamicCache entry
+    """Per layer kind (``layer_runs``), the (held, forward) bytes of one layer's DynamicCache entry
     (``activations.kv_cache``), where the step runs with the cache (``activations.runs_with_cache``)."""
     return {kind: tuple(part.bytes(b, s) for part in activations.kv_cache(spec, layer, kind[1], kind[2]))
-            for kind, _, _ in _layer_runs(spec, masked)}
+            for kind, _, _ in layer_runs(spec, masked)}
 
 
 def _next_forward_moments(W, G, O, A, lg, extras, copies_forward) -> list[Moment]:
@@ -975,10 +908,10 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     no_copies = temporaries.LayerCopies(0, 0, 0, 0)
     # without checkpointing every layer's copies are saved from forward, and freed layer by layer
     copies_left = 0 if ckpt else sum(copies_by_kind.get(kind, no_copies).whole * (hi - lo + 1)
-                                     for kind, hi, lo in _layer_runs(spec, masked))
+                                     for kind, hi, lo in layer_runs(spec, masked))
     shared = plan.shared.bytes(b, s)
     remaining = layers_saved - shared
-    runs = _layer_runs(spec, masked)
+    runs = layer_runs(spec, masked)
     kept = {kind: saved.bytes(b, s) for kind, saved in plan.kept.items()}  # per (moe, masked) kind
     grads = rank.layer_gradients  # (dense, MoE)
     recompute = {kind: saved.bytes(b, s) for kind, saved in plan.recompute.items()}

@@ -37,7 +37,8 @@ import functools
 from .model import ModelSpec
 from .options import Loss, Phase, Precision, Sharding, Term
 from .parallel_degrees import pipeline_microbatches
-from .step_moment import Moment, layer_setup
+from .setup_inputs import setup_inputs
+from .step_moment import Moment, layer_setup, saved_plan
 from .terms import activations, distributed, layouts, logits, optimizer, parameters, temporaries
 from .terms import pipeline_parallel as pp_terms
 from .terms.context_parallel import ring_backward_bytes
@@ -166,8 +167,6 @@ class _StepContext:
 
     def __init__(self, spec: ModelSpec, resolved: ResolvedSetup, plan: pp_terms.PipelinePlan,
                  rank: pp_terms.RankPlan):
-        from .estimator import _saved_plan
-
         self.spec, self.plan, self.rank = spec, plan, rank
         compute = compute_view(resolved)
         setup = compute.setup
@@ -206,7 +205,7 @@ class _StepContext:
             head = activations.head_saved(st, layer).bytes(b, s) if q == last else 0
             head_input = activations.head_input_saved(st, layer).bytes(b, s) if q == last else 0
             self.stages[q] = _Stage(held + (self.lg.saved if q == last else 0), held - head, head_input)
-            self.saved_plans[q] = _saved_plan(st, layer, ckpt, masked)
+            self.saved_plans[q] = saved_plan(st, layer, ckpt, masked)
 
     def buffers(self) -> int:
         """The rank's send/recv buffers, every stage's (``p2p_buffer_bytes``)."""
@@ -418,7 +417,6 @@ def pipeline_breakdown(spec: ModelSpec, resolved: ResolvedSetup, device, terms: 
     """A --pp breakdown from its largest rank's tensor terms, with the runtime terms of ``estimator._finish`` (no
     allocator replay of a pipeline step: the slack is the profile's fraction)."""
     from .breakdown import MemoryBreakdown
-    from .estimator import _inputs
     from .profiles import runtime_profile
     from .terms import runtime
 
@@ -429,5 +427,5 @@ def pipeline_breakdown(spec: ModelSpec, resolved: ResolvedSetup, device, terms: 
     terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor)
     details = {"params": spec.params, "active_params": spec.active_params, "trainable_params": spec.params,
                "runtime_profile": profile.source, **details}
-    inputs = functools.partial(_inputs, spec, resolved, device)
+    inputs = functools.partial(setup_inputs, spec, resolved, device)
     return MemoryBreakdown(spec.name, terms, phase, inputs, source, device, resolved.warnings, details)

@@ -1,5 +1,6 @@
-"""One moment of a training step (the estimator's unit) and the decoder-layer setup its saved tensors depend on:
-the two things both the single-GPU estimator and the per-GPU device_map model build on."""
+"""One moment of a training step (the estimator's unit), the decoder-layer setup its saved tensors depend on, and the
+saved-tensor plan the moments read (the runs of same-kind layers, what each saves): what the single-GPU estimator,
+the per-GPU device_map model and the pipeline stages build on."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import functools
 from dataclasses import replace
 from typing import NamedTuple
 
+from .model import ModelSpec
 from .options import Phase
 from .terms import activations, expert_parallel, moe_lora, stack_layers
 from .terms.tensor_parallel import sequence_parallel
@@ -67,3 +69,47 @@ def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora
                                   lora_modules if lora else (), lora_rank if lora else 0, lora_dropout if lora else 0.0,
                                   kernels, compiled, offload, layers, ep, lora_experts if lora else (), ep_dispatch,
                                   modules_to_save, repeat_kv, base_4bit, ring_ranks, sequence_shards)
+
+
+def layer_runs(spec: ModelSpec, masked: bool = False) -> tuple[tuple[tuple[bool, bool, bool], int, int], ...]:
+    """The runs of same-kind decoder layers in backward order: ((moe, masked, conv), highest index, lowest index); a
+    layer's kind is dense or MoE, whether its attention is masked (``activations.layer_masks``: the sliding
+    layers of a model that also has full ones) and whether it is a hybrid's convolution layer
+    (``activations.layer_operators``)."""
+    kinds = tuple(zip(spec.layer_is_moe, activations.layer_masks(spec, masked), activations.layer_operators(spec)))
+    runs = []
+    hi = spec.num_layers - 1
+    for index in range(spec.num_layers - 1, -1, -1):
+        if index == 0 or kinds[index - 1] != kinds[index]:
+            runs.append((kinds[index], hi, index))
+            hi = index - 1
+    return tuple(runs)
+
+
+class SavedPlan(NamedTuple):
+    """The per-token/per-square saved tensors the moments read, for one (model, layer setup, checkpointing, mask)."""
+
+    model: activations.Saved  # the whole model at the end of forward
+    head: activations.Saved  # the final norm's and lm_head's
+    shared: activations.Saved  # rotary tables, position ids, checkpointed masks
+    attention: activations.Saved  # one layer's attention block
+    # per layer kind (moe, masked, conv) the model has (``layer_runs``):
+    kept: dict  # what a layer keeps until its backward
+    recompute: dict  # a layer's recomputed activations under checkpointing
+    attention_left: dict  # what its backward adds to ``kept`` once the MLP's backward is done
+    freed: dict  # what its backward frees before its MLP's and its attention's transients peak
+
+
+@functools.lru_cache(maxsize=4096)
+def saved_plan(spec: ModelSpec, layer: activations.LayerSetup, ckpt: bool, masked: bool) -> SavedPlan:
+    kinds = {kind for kind, _, _ in layer_runs(spec, masked)}  # the layer kinds the model has: (moe, masked, conv)
+    kept = {kind: activations.layer_kept(spec, layer, ckpt, *kind) for kind in kinds}
+    recompute = {kind: activations.layer_recomputed(spec, layer, ckpt, *kind) for kind in kinds}
+    attention_left = {kind: activations.attention_left(spec, layer, ckpt, *kind) for kind in kinds}
+    # (under selective checkpointing or offload the saved tensors are cached or brought back: not modelled)
+    order_known = not layer.offload and not activations.checkpoint_mode(ckpt).caches_ops
+    nothing = activations.BackwardFreed(activations.Saved(), activations.Saved(), False, 0)
+    freed = {kind: activations.backward_freed(spec, layer, *kind) if order_known else nothing for kind in kinds}
+    return SavedPlan(activations.model_saved(spec, layer, ckpt, masked), activations.head_saved(spec, layer),
+                      activations.shared_saved(spec, layer.dtypes, layer.attn_used, ckpt, masked, layer.layers),
+                      activations.attention_saved(spec, layer, masked), kept, recompute, attention_left, freed)

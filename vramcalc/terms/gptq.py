@@ -118,7 +118,7 @@ def forward_dequant_bytes(model: ModelSpec, dtype_bytes: int, c: int, tokens, de
 
 
 def with_saved_weights(plan, model: ModelSpec, layer, ckpt: bool, first_needs_grad: bool):
-    """The estimator's saved-tensor plan (``estimator._SavedPlan``) with each layer's dequantized weights
+    """The estimator's saved-tensor plan (``step_moment.SavedPlan``) with each layer's dequantized weights
     (``layer_dequantized``, d = the load dtype's bytes, ``layer.dtypes.r``): kept from forward to the layer's
     backward without checkpointing (in every layer; the first layer's q/k/v only when its input needs a gradient),
     recomputed with it; the MLP's backward frees them first (down's before mul's gradients), so the attention block

@@ -201,7 +201,7 @@ def _breakdown(spec: ModelSpec, resolved: ResolvedSetup, result, gpu, details: d
 
     from ..breakdown import MemoryBreakdown
     from ..catalogue import get_gpu
-    from ..estimator import _inputs
+    from ..setup_inputs import setup_inputs
     from ..options import Term
     from ..profiles import runtime_profile
     from ..terms import runtime
@@ -213,7 +213,7 @@ def _breakdown(spec: ModelSpec, resolved: ResolvedSetup, result, gpu, details: d
     terms[Term.RUNTIME_OVERHEAD] = runtime.runtime_overhead_bytes(profile, device, 1, result.paged_bytes)
     terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor)
     details = {**details, "paged_optimizer_bytes": result.paged_bytes, "runtime_profile": profile.source}
-    inputs = functools.partial(_inputs, spec, resolved, device)
+    inputs = functools.partial(setup_inputs, spec, resolved, device)
     return MemoryBreakdown(spec.name, terms, result.phase, inputs, "trace", device, resolved.warnings, details)
 
 
