@@ -7,7 +7,7 @@ import functools
 from dataclasses import replace
 from typing import NamedTuple
 
-from .options import Phase
+from .options import GradCkpt, Phase
 from .terms import activations, expert_parallel, moe_lora, stack_layers
 from .training_setup import ResolvedSetup
 
@@ -46,6 +46,11 @@ def layer_setup(resolved: ResolvedSetup, family: str = "") -> activations.LayerS
         layers = replace(layers, stable_embedding=False)
     if getattr(setup, "cp", 1) > 1:  # --cp: the ring's merged output keeps q's [b, a, s, d] layout (terms/context_parallel)
         layers = replace(layers, query_head_major=True)
+    if activations.checkpoint_mode(setup.grad_ckpt) is GradCkpt.WRAPPER and layers.dynamic_cache:
+        # torch's checkpoint_wrapper around transformers' layers: transformers' gradient_checkpointing_enable, and
+        # with it enable_input_require_grads, never runs (activations.first_layer_recomputes_gradless); a stack's own
+        # decoder checkpoints as it always does
+        layers = replace(layers, checkpoint_inputs_need_grad=False)
     return _layer_setup(setup.method, setup.precision, setup.adapter_dtype, resolved.attn_used,
                         moe_lora.linear_targets(family, resolved.lora_modules), setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
                         layers, expert_parallel.slot_share(resolved), getattr(setup, "ep", 1) > 1,
