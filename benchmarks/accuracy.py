@@ -8,7 +8,8 @@
     python benchmarks/accuracy.py --first 109 --limit 9 --out benchmarks/accuracy_session31.csv  # reentrant, QDoRA, ...
     python benchmarks/accuracy.py --first 118 --limit 9 --out benchmarks/accuracy_session32.csv  # selective-op, ...
     python benchmarks/accuracy.py --first 127 --limit 19 --out benchmarks/accuracy_session33.csv  # fp32 QLoRA, ...
-    python benchmarks/accuracy.py --first 146 --out benchmarks/accuracy_session34.csv  # Gemma-2 SDPA, old releases
+    python benchmarks/accuracy.py --first 146 --limit 16 --out benchmarks/accuracy_session34.csv  # Gemma-2 SDPA, ...
+    python benchmarks/accuracy.py --first 162 --out benchmarks/accuracy_session35.csv  # --grad-ckpt wrapper
 
 Each row: the setup, every tensor term estimated and traced (bytes), the peak phase of each, and the relative error
 of ``peak_tensor_bytes`` (estimate - trace) / trace. Rows are appended as they are traced.
@@ -246,6 +247,21 @@ GRID = [
     ("bloom-560m", dict(seq_len=1024, method="lora", attn="eager")),
     ("gpt-j-6b", dict(seq_len=1024, method="lora")),
     ("opt-6.7b", dict(seq_len=512, method="qlora", grad_ckpt=True)),
+    # session 35: torch's checkpoint_wrapper around each layer from outside (--grad-ckpt wrapper), the model's KV
+    # cache on: in every loop's forward and through backward (the recompute's second copies and their graph), kept
+    # through the step where the loop keeps outputs
+    ("llama-3.2-1b", dict(seq_len=2048, batch_size=2, method="lora", grad_ckpt="wrapper")),
+    ("llama-3.2-1b", dict(seq_len=2048, batch_size=2, method="lora", grad_ckpt="wrapper", loss="hf-loop",
+                          precision="bf16-true")),
+    ("llama-3.2-1b", dict(seq_len=2048, batch_size=2, grad_ckpt="wrapper", loss="hf-loop")),
+    ("qwen2.5-0.5b", dict(seq_len=1024, batch_size=4, method="lora", loss="hf-loop", grad_ckpt="wrapper")),
+    ("qwen3-0.6b", dict(seq_len=2048, batch_size=2, precision="mixed-bf16", loss="hf-loop", grad_ckpt="wrapper")),
+    ("smollm2-360m", dict(seq_len=2048, batch_size=2, method="qlora", loss="hf-fp32-logits", loop_keeps_outputs=True,
+                          grad_ckpt="wrapper")),
+    ("llama-2-7b", dict(seq_len=1024, batch_size=2, method="lora", loss="hf-fp32-logits", loop_keeps_outputs=True,
+                        grad_ckpt="wrapper", precision="bf16-true", adapter_dtype="fp32")),
+    ("mistral-7b", dict(seq_len=2048, method="qlora", grad_ckpt="wrapper")),
+    ("phi-3-mini", dict(seq_len=1024, method="lora", loss="hf-loop", grad_ckpt="wrapper")),
 ]
 
 

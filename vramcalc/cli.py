@@ -63,7 +63,7 @@ def _setup_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_const", const=False,
                                 help=NEGATED_HELP.get(field.name, f"{field.name.replace('_', ' ')} off"))
         elif field.type == "GradCkpt":  # bare --grad-ckpt is full checkpointing; --no-grad-ckpt is none
-            add(flag, field.name, nargs="?", const="full", metavar="{full,selective,selective-op,reentrant}")
+            add(flag, field.name, nargs="?", const="full", metavar="{full,selective,selective-op,reentrant,wrapper}")
             parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_const", const="none",
                                 help=NEGATED_HELP[field.name])
         else:

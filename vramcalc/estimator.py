@@ -46,7 +46,7 @@ _F32 = DType.FP32.bytes
 from .model import reward_spec  # --task reward (terms/tasks.py)
 from .options import Task
 from .setup_inputs import setup_inputs
-from .step_moment import Moment, SavedPlan, layer_runs, layer_setup, saved_plan  # noqa: F401 (tests, tracing)
+from .step_moment import Moment, SavedPlan, first_kind, layer_runs, layer_setup, saved_plan  # noqa: F401
 
 
 _TENSOR_FIELDS = ("weights", "gradients", "optimizer_states", "activations", "logits", "temporaries")
@@ -488,14 +488,44 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     A = A + peft_methods.prompt_encoder_saved_bytes(spec, csetup.method, dt, b, csetup.virtual_tokens)
     A = A + peft_methods.prefix_saved_bytes(spec, csetup.method, dt, b, s, csetup.virtual_tokens)
     A = A + peft_methods.adalora_orth_reg_bytes(spec, csetup.method, compute.lora_modules, csetup.lora_rank, dt)
-    # a loop that keeps ``outputs`` keeps its ``past_key_values`` too (transformers' DynamicCache; with
-    # checkpointing transformers turns the cache off): each layer's entry changes forward's saved tensors by its
-    # ``forward`` bytes, and stays after the layer's backward (``_layer_backward_moments``), through the step and
-    # the next forward
-    kv = _kv_cache_bytes(spec, layer, masked, b, s) if activations.runs_with_cache(csetup) else {}
-    kv_held = sum(kv[kind][0] * (hi - lo + 1) for kind, hi, lo in layer_runs(spec, masked)) if kv else 0
-    if kv:
-        A = A + sum(kv[kind][1] * (hi - lo + 1) for kind, hi, lo in layer_runs(spec, masked))
+    # the model's KV cache (``activations.runs_with_cache``): a loop that keeps ``outputs`` without checkpointing
+    # (transformers turns the cache off under its own), or any loop under torch's checkpoint_wrapper
+    # (``--grad-ckpt wrapper``). Each layer's entry changes forward's saved tensors by its ``forward`` bytes; where
+    # the cache outlives the model call (``activations.cache_in_backward``) it stays through backward, growing to
+    # ``after`` once a layer's backward is done (``_layer_backward_moments``), and where the loop keeps ``outputs``
+    # through the step and the next forward; otherwise it is alive in the forward's moments only. (Autocast's copies
+    # of each layer's weights, ``temporaries.layer_weight_copies``, offloaded: not modelled; a recompute's cache copy
+    # keeps the k and v projections' too.)
+    copies_by_kind = {kind: temporaries.layer_weight_copies(spec, dt, csetup.method, kind[0], tensors)
+                      for kind, _, _ in layer_runs(spec, masked)} if not layer.offload else {}
+    kv = _kv_cache_bytes(spec, layer, masked, b, s, ckpt, copies_by_kind) if activations.runs_with_cache(csetup) \
+        else {}
+    runs = layer_runs(spec, masked)
+    kv_forward = sum(kv[kind].forward * (hi - lo + 1) for kind, hi, lo in runs) if kv else 0
+    # the first layer's autocast weight copies where its input needs no gradient under checkpointing: its
+    # gradless Linears save none (``temporaries.layer_weight_copies``)
+    first_copies = None
+    if copies_by_kind and activations.first_layer_recomputes_gradless(layer, ckpt):
+        first_copies = temporaries.layer_weight_copies(spec, dt, csetup.method, spec.is_moe_layer(0), tensors,
+                                                       activations.first_layer_gradless_linears(spec, layer, masked))
+    kv_first = None  # the first layer's entry where its input needs no gradient (its recompute history lacks it)
+    if kv and activations.first_layer_recomputes_gradless(layer, ckpt):
+        kind0 = first_kind(spec, masked)
+        kv_first = _kv_cache_bytes(spec, layer, masked, b, s, ckpt,
+                                   {**copies_by_kind, kind0: first_copies} if first_copies else copies_by_kind,
+                                   requires_grad=False)[kind0]
+    kv_held = 0
+    if kv and activations.loop_keeps_outputs(csetup):
+        kv_held = sum(kv[kind].after * (hi - lo + 1) for kind, hi, lo in runs)
+        if kv_first:
+            kv_held = kv_held - kv[first_kind(spec, masked)].after + kv_first.after
+        if ckpt and activations.cache_object_in_layers(layer.attn_used) and (spec.num_layers > 1 or not kv_first):
+            kv_held = kv_held + activations.cache_history_tables(spec, dt, layer.layers).bytes(b, s)
+    kv_forward_only = 0  # the cache of a model call whose ``outputs`` die with it (transformers <= 4.35's tuple)
+    if kv and activations.cache_in_backward(csetup, layer.attn_used):
+        A = A + kv_forward
+    elif kv:
+        kv_forward_only, kv = kv_forward, {}
     head_grad = rank.head_gradient
     head_calls = CHUNKED_LOSS_CHUNKS if csetup.loss is Loss.CHUNKED else 1  # lm_head once per chunk (logits.py)
     copies = temporaries.weight_copy_bytes(spec, dt, csetup.method, ckpt, tensors, head_calls,
@@ -607,6 +637,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                copies.backward_start + (0 if lg.forward_hidden_grad else hidden_grad) + norm_backward,
                buffers.head_backward),
     ]
+    if kv_forward_only:  # alive until the model call returns: the forward's moments only
+        moments = [m._replace(activations=m.activations + kv_forward_only) if m.phase is Phase.FORWARD else m
+                   for m in moments]
     cast = temporaries.head_grad_cast_bytes(dt, states.trained_head(spec, csetup.method, tensors))
     if cast and rank.gathering is None and csetup.task is Task.SFT and csetup.loss in _LM_HEAD_LOSSES:
         moments[-2:] = _cast_head_backward_moments(moments[-2], moments[-1], G_acc, head_grad, cast,
@@ -617,9 +650,6 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     # FSDP1 flat parameters (litgpt): autograd builds each unit's flat gradient only once all its views' gradients
     # exist (stack_layers.fsdp_flat_params)
     flat_units = rank.gathering is not None and setup.sharding is Sharding.FSDP and traits.fsdp_flat_params
-    # autocast's copies of each layer's weights (``temporaries.layer_weight_copies``; offloaded: not modelled)
-    copies_by_kind = {kind: temporaries.layer_weight_copies(spec, dt, csetup.method, kind[0], tensors)
-                      for kind, _, _ in layer_runs(spec, masked)} if not layer.offload else {}
     layer_moments = _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, dequant, b, s, plan,
                                             A - head_saved, hidden_grad, norm_backward, dequant_beside, lg.held,
                                             recompute_beside, masked, flat_units, copies_by_kind,
@@ -630,7 +660,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                                                 kv_heads=context_parallel.ring_kv_heads(spec, csetup))
                                             if getattr(setup, "cp", 1) > 1 else 0,  # --cp
                                             buffers if setup.sharding is Sharding.FSDP else None, kv,
-                                            linear_dequant, attention_dequant,
+                                            linear_dequant, attention_dequant, kv_first if kv else None, first_copies,
                                             block_reduce_scatter=tensor_parallel.backward_reduce_scatter_bytes(
                                                 spec.hidden_size, tokens, dt.c, csetup.tp)
                                             if tensor_parallel.sequence_parallel(csetup) else 0)
@@ -797,11 +827,26 @@ def _cast_head_backward_moments(head: Moment, norm: Moment, G_acc, head_grad, ca
     return [mm, to_copy, norm._replace(temporaries=norm.temporaries - cast)]
 
 
-def _kv_cache_bytes(spec: ModelSpec, layer: activations.LayerSetup, masked: bool, b, s) -> dict:
-    """Per layer kind (``layer_runs``), the (held, forward) bytes of one layer's DynamicCache entry
-    (``activations.kv_cache``), where the step runs with the cache (``activations.runs_with_cache``)."""
-    return {kind: tuple(part.bytes(b, s) for part in activations.kv_cache(spec, layer, kind[1], kind[2]))
-            for kind, _, _ in layer_runs(spec, masked)}
+def _kv_cache_bytes(spec: ModelSpec, layer: activations.LayerSetup, masked: bool, b, s, ckpt=False,
+                    copies_by_kind=None, requires_grad: bool = True) -> dict:
+    """Per layer kind (``layer_runs``), the bytes of one layer's KV cache entry (``activations.KvCache``'s held,
+    forward, recompute and after, each in bytes), where the step runs with the cache
+    (``activations.runs_with_cache``): ``activations.kv_cache`` without checkpointing,
+    ``activations.checkpointed_kv_cache`` under torch's checkpoint_wrapper, whose recompute history keeps the
+    autocast copies of the k and v projections' weights too (``temporaries.LayerCopies.kv``; ``copies_by_kind``).
+    ``requires_grad``: whether the layer's input needs a gradient."""
+    result = {}
+    for kind, _, _ in layer_runs(spec, masked):
+        if not ckpt:
+            result[kind] = activations.KvCache(*(part.bytes(b, s) for part in activations.kv_cache(spec, layer,
+                                                                                                 kind[1], kind[2])))
+            continue
+        entry = activations.checkpointed_kv_cache(spec, layer, kind[1], kind[2], requires_grad)
+        held, forward, recompute, after = (part.bytes(b, s) for part in entry)
+        if activations.cache_object_in_layers(layer.attn_used) and copies_by_kind:
+            after = after + copies_by_kind[kind].kv
+        result[kind] = activations.KvCache(held, forward, recompute, after)
+    return result
 
 
 def _next_forward_moments(W, G, O, A, lg, extras, copies_forward) -> list[Moment]:
@@ -827,7 +872,8 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                             layers_saved, hidden_grad, norm_backward, dequant_beside=None,
                             logits_held=0, recompute_beside=0, masked=False, flat_units=False,
                             copies_by_kind=None, ring_attention=0, buffers=None, kv_cache=None,
-                            linear_dequant=0, attention_dequant=0, block_reduce_scatter=0) -> list[Moment]:
+                            linear_dequant=0, attention_dequant=0, kv_first=None, first_copies=None,
+                            block_reduce_scatter=0) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -855,9 +901,13 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     layer, and each layer ends its backward with its view gradients beside their concatenation.
     ``buffers`` (FSDP): ``gathered``'s all-gather-buffer share (``GatheredTimeline.buffers``); with it each moment
     also names its all-gather buffers and its reduced shards (``Moment``'s side-stream fields).
-    ``kv_cache``: per layer kind, the (held, forward) bytes of a DynamicCache entry (``_kv_cache_bytes``; ``forward``
-    already in ``layers_saved``): a layer's attention backward frees its saved k and v, but the cache keeps its own
-    copies, so each layer already through its backward adds held - forward.
+    ``kv_cache``: per layer kind, the bytes of a KV cache entry (``_kv_cache_bytes``; ``forward`` already in
+    ``layers_saved``): a layer's attention backward frees its saved k and v, but the cache keeps its own copies
+    (under torch's checkpoint_wrapper, the recompute's second copy too: ``activations.checkpointed_kv_cache``), so
+    each layer already through its backward adds after - forward, and the layer in backward adds ``recompute``
+    beside its recomputed tensors (``kv_first``: the first layer's entry where its input needs no gradient;
+    ``first_copies``: its autocast weight copies then).
+    ``plan.first``: the first layer's own recompute where its input needs no gradient (``SavedPlan``).
     ``linear_dequant``: the part of ``dequant`` that is bitsandbytes' backward dequantization of the largest 4-bit
     Linear (``MatMul4Bit.backward``, default knobs); one GPU: down's backward has it beside down's transients; the
     next dequantizing op, up's backward, runs once mul's has freed its input gradient and its two saved [T, I]
@@ -916,6 +966,8 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     grads = rank.layer_gradients  # (dense, MoE)
     recompute = {kind: saved.bytes(b, s) for kind, saved in plan.recompute.items()}
     attention_lefts = {kind: saved.bytes(b, s) for kind, saved in plan.attention_left.items()}
+    # the first layer, where its input needs no gradient (``SavedPlan.first``): its own recompute
+    first = (plan.first[0].bytes(b, s), plan.first[1].bytes(b, s), plan.first[2]) if plan.first else None
     layer_end = norm_backward + 2 * hidden_grad  # the norm's fp32 backward, two [T, h]
     moments = []
     sharded = rank.gathering is not None
@@ -929,7 +981,8 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     cached = 0  # the cache entries of the layers already through their backward, beyond their ``forward`` share
     for kind, hi, lo in runs:
         moe = kind[0]
-        cached_per_layer = kv_cache[kind][0] - kv_cache[kind][1] if kv_cache else 0
+        cached_per_layer = kv_cache[kind].after - kv_cache[kind].forward if kv_cache else 0
+        kv_recompute = kv_cache[kind].recompute if kv_cache else 0  # beside the layer's own recompute
         # a run's first and last layers; with units also its second and second-to-last (a run's first layer waits
         # on the previous kind's, or the tail's, reduce-scatter input and its last prefetches a unit of another kind
         # or the embedding: the run is linear from its second layer to its second-to-last, so those bound it too)
@@ -944,32 +997,37 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
             if kv_cache:
                 left = left + cached + cached_per_layer * done
             G_here = G + grads_moe * done if done else G  # gradients of the layers after it
+            layer_recompute, attention_left, freed = recompute[kind], attention_lefts[kind], plan.freed[kind]
+            kv_here = kv_recompute
+            if index == 0 and first is not None:  # the first layer, its input needing no gradient
+                layer_recompute, attention_left, freed = first
+                kv_here = kv_first.recompute if kv_first else kv_recompute
             if not sharded:
                 # the MLP's backward (it runs first) with the whole layer saved: down's, then mul's once down's
                 # input is freed; then attention's, once the MLP's saved tensors are freed and its gradients made
                 copies = copies_by_kind.get(kind, no_copies)
+                if index == 0 and first is not None and first_copies is not None:
+                    copies = first_copies
                 here = copies.whole if ckpt else copies_left - copies.whole * done
-                freed = plan.freed[kind]
                 down_transient, mlp_transient = mlp_transients(kind)
-                held = shared + left + recompute[kind]
+                held = shared + left + layer_recompute + kv_here
                 waiting = Bb + maximum(G_acc, G_here)
                 moments.append(Moment(Phase.BACKWARD, W, waiting, O, held, logits_held, down_transient + here))
                 moments.append(Moment(Phase.BACKWARD, W, waiting + layouts.down_weight_grad_bytes(spec, layer),
                                       O, held - freed.mlp.bytes(b, s), logits_held, mlp_transient + here - copies.down))
-                attention_left = attention_lefts[kind]
                 waiting = Bb + maximum(G_acc, G_here + grads_moe)
                 if block_reduce_scatter:  # the MLP's input gradient reduce-scattered, its saved tensors freed
                     moments.append(Moment(Phase.BACKWARD, W, waiting, O, shared + left + attention_left, logits_held,
                                           block_reduce_scatter + hidden_grad + here - copies.mlp))
                 if freed.eager_softmax:  # o_proj's and probs @ v's saved tensors freed first, then the softmax's
-                    held = shared + left + attention_left - freed.attention.bytes(b, s)
+                    held = shared + left + attention_left + kv_here - freed.attention.bytes(b, s)
                     moments.append(Moment(Phase.BACKWARD, W, waiting, O, held, logits_held,
                                           softmax_transient + here - copies.mlp - copies.o))
                     moments.append(Moment(Phase.BACKWARD, W, waiting, O, held - softmax_out, logits_held,
                                           scores_transient + here - copies.mlp - copies.o))
                 else:
-                    moments.append(Moment(Phase.BACKWARD, W, waiting, O, shared + left + attention_left, logits_held,
-                                          attention_transient + here - copies.mlp - copies.o))
+                    moments.append(Moment(Phase.BACKWARD, W, waiting, O, shared + left + attention_left + kv_here,
+                                          logits_held, attention_transient + here - copies.mlp - copies.o))
             else:
                 unit = gathered.layer(index)
                 weights = W + gathered.weights_during(index)
@@ -982,12 +1040,12 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                 # ``_fsdp_collectives.py:603-606``; FSDP1 likewise replaces it by the shard), so the reduced units'
                 # shards and the retained reduce-scatter input replace, never add to, what the units had accumulated
                 waiting = Bb + maximum(G_acc, G_here + gathered.retained_reduce_buffer(index))
-                moments.append(Moment(Phase.BACKWARD, weights, waiting, O, shared + left + recompute[kind],
+                moments.append(Moment(Phase.BACKWARD, weights, waiting, O, shared + left + layer_recompute + kv_here,
                                       logits_held, transient, *side))
                 # the MLP's backward ending: the layer's gradients (the MLP's are most of them) wait beside what
                 # its attention block still holds (recomputed under checkpointing, beside the checkpoint) and the
                 # MLP's last backward transients (MoE: the experts' [T·K, 2·I_m] gradients)
-                mlp_done = attention_lefts[kind]
+                mlp_done = attention_left + kv_here
                 # (its new unsharded gradients sit beside the accumulated ones until added in:
                 # ``_fsdp_param.py:813-820`` ``accumulate_unsharded_grad_if_needed``)
                 moments.append(Moment(Phase.BACKWARD, weights, waiting + unit.grads_bytes, O,
@@ -997,7 +1055,7 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                                           shared + left + mlp_done, logits_held, ring_attention, *side))
                 if flat_units:  # the layer's end: its view gradients and their concatenation, its tensors freed
                     moments.append(Moment(Phase.BACKWARD, weights, waiting + 2 * unit.grads_bytes, O,
-                                          shared + left - kept_moe, logits_held, layer_end, *side))
+                                          shared + left - kept_moe + cached_per_layer, logits_held, layer_end, *side))
         n = hi - lo + 1
         remaining -= kept_moe * n
         cached = cached + cached_per_layer * n

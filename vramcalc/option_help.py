@@ -12,7 +12,10 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "batch_size": "micro-batch per GPU (sequences)",
     "seq_len": "tokens per sequence",
     "grad_ckpt": "activation checkpointing: full (bare --grad-ckpt) | selective (save matmul outputs, recompute "
-                 "the rest) | selective-op (torchtitan's: save every other mm output) | reentrant (full, as transformers 4.x ran it: use_reentrant=True) | none",
+                 "the rest) | selective-op (torchtitan's: save every other mm output) | reentrant (full, as "
+                 "transformers 4.x ran it: use_reentrant=True) | wrapper (full, by torch's checkpoint_wrapper around "
+                 "each decoder layer, as FSDP's and accelerate's activation checkpointing apply it, with transformers' "
+                 "own off: the model keeps its KV cache on) | none",
     "attn": "attention kernel: sdpa | flash | eager",
     "lora_rank": "LoRA rank r (lora, qlora), or a peft method's size knob (vramcalc methods says which)",
     "lora_targets": "qv | all-linear | comma list of module names (lora, qlora, and peft methods' target_modules)",

@@ -460,6 +460,11 @@ class GradCkpt(Choice):
     the checkpointed forward runs without grad, so it builds no autograd node at all, and what an op keeps as a
     ctx attribute rather than through ``save_for_backward`` (bitsandbytes' ``MatMul4Bit`` up to 0.43,
     ``MatMul8bitLt``: ``terms/quantized.py``) is not kept from forward either; otherwise as ``full``.
+    ``wrapper``: full non-reentrant checkpointing of each decoder layer applied from outside the model, by torch's
+    ``checkpoint_wrapper`` (``apply_activation_checkpointing``, ``CheckpointImpl.NO_REENTRANT``: llama-recipes'
+    ``fsdp_activation_checkpointing``, accelerate's FSDP plugin ``activation_checkpointing``), with transformers'
+    own gradient checkpointing off, so the model runs with its config's ``use_cache`` (True for most models) and
+    its KV cache (``activations.checkpointed_kv_cache``); the layers save what ``full`` saves.
     ``bool(GradCkpt.NONE)`` is False, so ``if setup.grad_ckpt:`` reads "some checkpointing"."""
 
     NONE = "none"
@@ -467,6 +472,7 @@ class GradCkpt(Choice):
     SELECTIVE = "selective"
     SELECTIVE_OP = "selective-op"
     REENTRANT = "reentrant"
+    WRAPPER = "wrapper"
 
     def __bool__(self) -> bool:
         return self is not GradCkpt.NONE
@@ -478,8 +484,9 @@ class GradCkpt(Choice):
 
     @property
     def recompute(self) -> "GradCkpt":
-        """What backward recomputes (the step-time model's word): reentrant checkpointing recomputes as full does."""
-        return GradCkpt.FULL if self is GradCkpt.REENTRANT else self
+        """What backward recomputes (the step-time model's word): reentrant checkpointing and torch's
+        ``checkpoint_wrapper`` recompute as full does."""
+        return GradCkpt.FULL if self in (GradCkpt.REENTRANT, GradCkpt.WRAPPER) else self
 
     @classmethod
     def parse(cls, value: object, option: str) -> "GradCkpt":

@@ -204,7 +204,8 @@ def describe_setup(inputs: dict) -> str:
     method = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA", "prompt": "prompt tuning"}.get(
         inputs["method"], inputs["method"])
     ckpt = {"none": "no checkpointing", "full": "full checkpointing", "selective": "selective checkpointing",
-            "selective-op": "torchtitan's selective checkpointing", "reentrant": "full checkpointing (reentrant)"}.get(
+            "selective-op": "torchtitan's selective checkpointing", "reentrant": "full checkpointing (reentrant)",
+            "wrapper": "full checkpointing (torch checkpoint_wrapper, KV cache on)"}.get(
         inputs["grad_ckpt"], f"checkpointing {inputs['grad_ckpt']}")
     parts = [method]
     if inputs["method"] in ("lora", "qlora"):

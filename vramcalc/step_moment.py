@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import NamedTuple
 
 from .model import ModelSpec
-from .options import Phase
+from .options import GradCkpt, Phase
 from .terms import activations, expert_parallel, moe_lora, stack_layers
 from .terms.tensor_parallel import sequence_parallel
 from .training_setup import ResolvedSetup
@@ -51,6 +51,11 @@ def layer_setup(resolved: ResolvedSetup, family: str = "") -> activations.LayerS
         layers = replace(layers, stable_embedding=False)
     if getattr(setup, "cp", 1) > 1:  # --cp: the ring's merged output keeps q's [b, a, s, d] layout (terms/context_parallel)
         layers = replace(layers, query_head_major=True)
+    if activations.checkpoint_mode(setup.grad_ckpt) is GradCkpt.WRAPPER and layers.dynamic_cache:
+        # torch's checkpoint_wrapper around transformers' layers: transformers' gradient_checkpointing_enable, and
+        # with it enable_input_require_grads, never runs (activations.first_layer_recomputes_gradless); a stack's own
+        # decoder checkpoints as it always does
+        layers = replace(layers, checkpoint_inputs_need_grad=False)
     return _layer_setup(setup.method, setup.precision, setup.adapter_dtype, resolved.attn_used,
                         moe_lora.linear_targets(family, resolved.lora_modules), setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
                         layers, expert_parallel.slot_share(resolved), getattr(setup, "ep", 1) > 1,
@@ -98,6 +103,9 @@ class SavedPlan(NamedTuple):
     recompute: dict  # a layer's recomputed activations under checkpointing
     attention_left: dict  # what its backward adds to ``kept`` once the MLP's backward is done
     freed: dict  # what its backward frees before its MLP's and its attention's transients peak
+    # the first layer's recompute, attention_left and freed where its input needs no gradient under checkpointing
+    # (``activations.first_layer_recomputes_gradless``), else None
+    first: tuple | None = None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -110,6 +118,17 @@ def saved_plan(spec: ModelSpec, layer: activations.LayerSetup, ckpt: bool, maske
     order_known = not layer.offload and not activations.checkpoint_mode(ckpt).caches_ops
     nothing = activations.BackwardFreed(activations.Saved(), activations.Saved(), False, 0)
     freed = {kind: activations.backward_freed(spec, layer, *kind) if order_known else nothing for kind in kinds}
+    first = None
+    if activations.first_layer_recomputes_gradless(layer, ckpt):
+        kind = first_kind(spec, masked)
+        first = (activations.layer_recomputed(spec, layer, ckpt, *kind, requires_grad=False),
+                 activations.attention_left(spec, layer, ckpt, *kind, requires_grad=False),
+                 activations.backward_freed(spec, layer, *kind, requires_grad=False) if order_known else nothing)
     return SavedPlan(activations.model_saved(spec, layer, ckpt, masked), activations.head_saved(spec, layer),
                       activations.shared_saved(spec, layer.dtypes, layer.attn_used, ckpt, masked, layer.layers),
-                      activations.attention_saved(spec, layer, masked), kept, recompute, attention_left, freed)
+                      activations.attention_saved(spec, layer, masked), kept, recompute, attention_left, freed, first)
+
+
+def first_kind(spec: ModelSpec, masked: bool) -> tuple[bool, bool, bool]:
+    """The first decoder layer's kind (moe, masked, conv), as ``layer_runs`` names kinds."""
+    return spec.is_moe_layer(0), activations.layer_masks(spec, masked)[0], activations.layer_operators(spec)[0]

@@ -591,12 +591,33 @@ def _reject_foreign_options(method: Method, given: dict) -> None:
             raise VramcalcError(f"{flag} does not apply to --method {method.value}")
 
 
+def _check_wrapper(setup: TrainingSetup) -> None:
+    """``--grad-ckpt wrapper`` (torch's checkpoint_wrapper from outside, the model's KV cache on): what is modelled.
+    The tasks and the Trainer-based stacks run on transformers' Trainer, which sets ``model.config.use_cache =
+    args.use_cache`` (False by default; transformers 5.25 ``trainer.py:646``): full checkpointing there. Compile and
+    activation offload around the wrapper are not modelled."""
+    if setup.grad_ckpt is not GradCkpt.WRAPPER:
+        return
+    if setup.task is not Task.SFT:
+        raise VramcalcError(f"--grad-ckpt wrapper with --task {setup.task.value}: TRL's trainers run on transformers' "
+                            "Trainer, which turns the model's cache off (use_cache=False), so its layers save what "
+                            "full checkpointing saves; use --grad-ckpt full")
+    if setup.stack in (Stack.TRL, Stack.AXOLOTL, Stack.LLAMA_FACTORY, Stack.UNSLOTH):
+        raise VramcalcError(f"--grad-ckpt wrapper with --stack {setup.stack.value}: its trainer is transformers' "
+                            "Trainer, which turns the model's cache off (use_cache=False), so its layers save what "
+                            "full checkpointing saves; use --grad-ckpt full")
+    for knob, on in (("--compile", setup.compile), ("--activation-offload", setup.activation_offload)):
+        if on:
+            raise VramcalcError(f"--grad-ckpt wrapper with {knob} is not modelled; use --grad-ckpt full")
+
+
 def _check_combination(setup: TrainingSetup) -> None:
     if setup.stack is Stack.TRL and setup.grad_ckpt.caches_ops:
         raise VramcalcError(f"--stack trl with --grad-ckpt {setup.grad_ckpt.value}: TRL's own selective checkpointing "
                             "saves attention outputs only (trl/models/selective_activation_checkpointing.py:51), not "
                             "an op-level policy (every matmul and attention output, or torchtitan's); use "
                             "--grad-ckpt full or --stack hf")
+    _check_wrapper(setup)
     if setup.method is Method.QLORA and setup.precision is Precision.FP8:
         raise VramcalcError("qlora with precision fp8: the 4-bit base dequantizes to its compute dtype, not fp8; "
                             "use bf16, fp16, mixed-bf16, mixed-fp16 or fp32")

@@ -56,6 +56,11 @@ Activation knobs (issue 11; each rule checked against the trace in ``tests/test_
   which backward brings back one layer at a time before its recompute; the selective cache stays on the device.
 - ``--loss hf-loop`` without checkpointing: the model runs with ``use_cache`` and transformers' ``DynamicCache``
   keeps copies of every layer's k and v (``kv_cache``), saved by the attention as they are or beside what it saves.
+- ``--grad-ckpt wrapper``: torch's ``checkpoint_wrapper`` around each layer from outside, transformers' own
+  checkpointing off, so the model keeps its cache in any loop (``runs_with_cache``): every layer's copies are extra
+  to its kept input, and under transformers 5.25 each layer's recompute appends a second copy that holds the
+  recompute's graph (``checkpointed_kv_cache``, ``cache_history_saved``); the first layer's input needs no gradient
+  (``first_layer_recomputes_gradless``).
 - ``--packing``: one row of b·s tokens; FlashAttention-2 needs no mask (varlen), sdpa and eager get transformers'
   block-diagonal [1, 1, T, T] mask (``attention_masked``).
 """
@@ -1007,15 +1012,16 @@ class BackwardFreed(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)
 def backward_freed(model: ModelSpec, layer: LayerSetup, moe: bool, masked: bool = False,
-                   conv: bool = False) -> BackwardFreed:
+                   conv: bool = False, requires_grad: bool = True) -> BackwardFreed:
     """What a decoder layer's backward has freed when its MLP's and its attention's transients peak: autograd frees
     a node's saved tensors once the node has run (torch ``Node::release_variables``), and the nodes run in reverse
     order of creation (``engine.cpp``, highest sequence number first). The MLP: ``down(act(gate) * up)``: down's
     backward runs first and frees its saved input before ``MulBackward0`` makes its two [T, I] gradients. Eager
     attention (transformers ``eager_attention_forward``): o_proj's backward, then ``probs @ v``'s, free o_proj's
     input, the cast probabilities and v before ``_softmax_backward_data`` runs. Zero where the walk does not model
-    the order (MoE experts, parallel blocks, MLA, fused kernels). ``conv``: a hybrid's convolution layer."""
-    walk = _LayerWalk(model, layer, masked)
+    the order (MoE experts, parallel blocks, MLA, fused kernels). ``conv``: a hybrid's convolution layer;
+    ``requires_grad``: whether the layer's input needs a gradient."""
+    walk = _LayerWalk(model, layer, masked, layer_requires_grad=requires_grad)
     walk.conv = conv
     walk.attention_block()
     walk.mlp_block(moe)
@@ -1034,33 +1040,78 @@ def attention_output_copy(model: ModelSpec, layer: LayerSetup, masked: bool = Fa
 
 
 @functools.lru_cache(maxsize=4096)
-def attention_saved(model: ModelSpec, layer: LayerSetup, masked: bool = False, conv: bool = False) -> Saved:
+def attention_saved(model: ModelSpec, layer: LayerSetup, masked: bool = False, conv: bool = False,
+                    requires_grad: bool = True) -> Saved:
     """Saved bytes of a decoder layer's attention block (or a hybrid's convolution block) alone: what the layer's
-    backward still holds once its MLP's backward is done (the MLP runs last in forward, first in backward)."""
-    walk = _LayerWalk(model, layer, masked)
+    backward still holds once its MLP's backward is done (the MLP runs last in forward, first in backward).
+    ``requires_grad``: whether the layer's input needs a gradient."""
+    walk = _LayerWalk(model, layer, masked, layer_requires_grad=requires_grad)
     walk.conv = conv
     walk.attention_block()
     return walk.result()
 
 
 class KvCache(NamedTuple):
-    """One decoder layer's entry in transformers' DynamicCache (``kv_cache``)."""
+    """One decoder layer's entry in transformers' KV cache (``kv_cache``, ``checkpointed_kv_cache``)."""
 
     held: Saved  # its k and v copies, alive while the cache is
     forward: Saved  # what they add to the layer's saved tensors while those live (negative: what they release)
+    # what the entry adds beside the layer's recomputed saved tensors in its backward (checkpointing only)
+    recompute: Saved
+    after: Saved  # what the entry holds once the layer's backward is done
+
+
+def loop_keeps_outputs(setup) -> bool:
+    """Whether the training loop keeps the model's ``outputs`` (its logits and cache) through backward, the step and
+    the next forward: ``--loss hf-loop`` or ``--loop-keeps-outputs``."""
+    return setup.loss is Loss.HF_LOOP or getattr(setup, "loop_keeps_outputs", False)
 
 
 def runs_with_cache(setup) -> bool:
-    """Whether the step runs the model with transformers' ``DynamicCache`` (``kv_cache``): a custom loop
-    (``--loss hf-loop``, ``--loop-keeps-outputs``) calls the model with its config's ``use_cache`` (True for most
-    models), unless checkpointing (``GradientCheckpointingLayer`` turns the cache off in training,
-    ``modeling_layers.py``) or a stack's own decoder (``StackLayers.dynamic_cache``)."""
-    loop = setup.loss is Loss.HF_LOOP or getattr(setup, "loop_keeps_outputs", False)
-    return loop and not setup.grad_ckpt and stack_layers.stack_layers(setup.stack).dynamic_cache
+    """Whether the step runs the model with its KV cache (``kv_cache``, ``checkpointed_kv_cache``): the model
+    uses its config's ``use_cache`` (True for most models) in a custom loop (``--loss hf-loop``,
+    ``--loop-keeps-outputs``) without checkpointing, and in any loop under checkpointing applied from outside the
+    model (``--grad-ckpt wrapper``: transformers turns the cache off only under its own checkpointing,
+    ``GradientCheckpointingLayer`` in 5.25 ``modeling_layers.py:96-116`` and ``merge_with_config_defaults``
+    ``utils/generic.py:1179-1191``; 4.31 ``modeling_llama.py:658-663``); never under transformers' own checkpointing
+    or a stack's own decoder (``StackLayers.dynamic_cache``). (transformers 5.25's Trainer sets
+    ``model.config.use_cache = args.use_cache``, False by default, ``trainer.py:646``: a Trainer run under an
+    outside checkpoint wrapper is ``--grad-ckpt full``.)"""
+    if not stack_layers.stack_layers(setup.stack).dynamic_cache:
+        return False
+    if checkpoint_mode(setup.grad_ckpt) is GradCkpt.WRAPPER:
+        return True
+    return loop_keeps_outputs(setup) and not setup.grad_ckpt
+
+
+def cache_in_backward(setup, attn_used: Attention) -> bool:
+    """Whether the KV cache (``runs_with_cache``) is still alive when backward starts: the loop keeps ``outputs``
+    (``loop_keeps_outputs``), or, under ``--grad-ckpt wrapper`` with the cache object handed to the layers
+    (``cache_object_in_layers``), every checkpointed layer's recompute closure holds it: torch's non-reentrant
+    checkpoint keeps the call's args and kwargs (``cache=`` the DynamicCache) for the recompute
+    (``utils/checkpoint.py`` ``_checkpoint_without_reentrant_generator``'s ``recompute_fn``), and the frame lives as
+    long as the layer's saved-tensor holders, so the cache dies only once the first layer's backward is done
+    (traced: a weakref to the cache of a dropped ``outputs`` is alive until then). transformers <= 4.35's tuple
+    cache (eager attention) dies with ``outputs``: ``loss = model(**batch).loss`` frees it after the forward."""
+    if loop_keeps_outputs(setup):
+        return True
+    return checkpoint_mode(setup.grad_ckpt) is GradCkpt.WRAPPER and cache_object_in_layers(attn_used)
+
+
+def cache_object_in_layers(attn_used: Attention) -> bool:
+    """Whether, under ``--grad-ckpt wrapper``, the layers get the cache object and update it in place (transformers
+    >= 4.36's ``DynamicCache``; 5.25 ``LlamaAttention.forward``: ``cache.update(key_states, value_states, ...)``), or
+    return a fresh ``(key, value)`` tuple the model collects (<= 4.35: 4.31 ``modeling_llama.py:324`` and
+    ``:704-705``). Eager attention always gets a 4-D mask, which the recompute's doubled keys
+    (``checkpointed_kv_cache``) no longer fit: transformers 5.25 raises in backward (traced: ``RuntimeError: The size
+    of tensor a (32) must match the size of tensor b (16)``), so eager attention under the wrapper is the tuple era
+    (the llama-recipes rows: transformers 4.31, eager); sdpa and flash are DynamicCache."""
+    return attn_used is not Attention.EAGER
 
 
 @functools.lru_cache(maxsize=4096)
-def kv_cache(model: ModelSpec, layer: LayerSetup, masked: bool = False, conv: bool = False) -> KvCache:
+def kv_cache(model: ModelSpec, layer: LayerSetup, masked: bool = False, conv: bool = False,
+             requires_grad: bool = True) -> KvCache:
     """The keys and values one decoder layer leaves in transformers' ``DynamicCache`` when the model runs with
     ``use_cache`` and no checkpointing (``--loss hf-loop``'s ``outputs.past_key_values``: the estimator keeps them
     through backward, the step and the next forward).
@@ -1077,12 +1128,110 @@ def kv_cache(model: ModelSpec, layer: LayerSetup, masked: bool = False, conv: bo
     gpt_neox, falcon) that v was a view of is released by v's copy (``forward`` < 0).
     Left out: a hybrid's convolution layers (``LinearAttentionLayer``: a [b, h, L_cache] conv state, no per-token
     entry; 0 here), and the int64 sliding-window scalar each sliding layer moves to the device (one 512-byte block).
+    ``requires_grad``: whether the layer's input needs a gradient (what the attention saves of the copies).
     """
-    walk = _LayerWalk(model, layer, masked)
+    walk = _LayerWalk(model, layer, masked, layer_requires_grad=requires_grad)
     walk.conv = conv
     walk.attention_block()
-    return KvCache(Saved(per_token=walk.kv_held),
-                   Saved(per_token=walk.kv_forward, per_token_delta_at_batch_one=walk.kv_forward_delta_at_batch_one))
+    held = Saved(per_token=walk.kv_held)
+    return KvCache(held, Saved(per_token=walk.kv_forward,
+                               per_token_delta_at_batch_one=walk.kv_forward_delta_at_batch_one), Saved(), held)
+
+
+@functools.lru_cache(maxsize=4096)
+def checkpointed_kv_cache(model: ModelSpec, layer: LayerSetup, masked: bool = False, conv: bool = False,
+                          requires_grad: bool = True) -> KvCache:
+    """One decoder layer's KV cache entry under ``--grad-ckpt wrapper``: torch's non-reentrant ``checkpoint_wrapper``
+    around the layer, the model run with ``use_cache`` (``runs_with_cache``).
+
+    held = (b_k + b_v)·k·d per token, 2·b·s·k·d·c bytes a layer, as ``kv_cache`` (transformers 4.31
+    ``modeling_llama.py:324`` ``past_key_value = (key_states, value_states)``: the post-rotary keys and the view of
+    v_proj's output, collected into ``next_decoder_cache`` at :704-705; 5.25 ``DynamicLayer.update``'s copies).
+    forward = held: the checkpointed layer keeps only its input (the checkpoint's saved-tensor hooks hold none of
+    its tensors), so no saved tensor is one of the copies; they are all extra.
+    In backward the recompute calls the layer with the same arguments (``utils/checkpoint.py`` ``recompute_fn``):
+    - the cache object in the layers (``cache_object_in_layers``: transformers 5.25, sdpa or flash): the recompute's
+      ``DynamicLayer.update`` appends a second copy (``self.keys = torch.cat([self.keys, key_states], dim=-2)``,
+      ``cache_utils.py:136-137``: [b, k, 2s, d], the s-long entry freed), and ``sdpa_attention_forward`` slices its
+      keys and values back to the query length (``integrations/sdpa_attention.py:170-172``, no mask, is_causal),
+      so the kernel saves views of the new copies in place of the k and v it would save: in its backward the layer
+      holds its recomputed tensors beside an entry of 2·held, which is ``kv_cache``'s forward delta
+      (held - what the attention saves of the copies - a fused qkv output they release) beyond the entry counted
+      in forward (``recompute``), and keeps 2·held after (``after``). A mask (sliding window, padding) no longer fits
+      the doubled keys: transformers 5.25 raises in backward (traced), an error here.
+    - a fresh (k, v) tuple (eager attention: transformers <= 4.35): the recompute's tuple is dropped with its
+      outputs; recompute = 0, after = held.
+    The second copies are made by the recompute with grad enabled, so each holds the recompute's autograd graph
+    (``grad_fn``) up to the layer's input, a graph no backward ever runs: its nodes keep the recomputed tensors they
+    saved on the way to k and v (``cache_history_saved``) as long as the cache lives; ``after`` counts them too
+    (``requires_grad``: whether the layer's input needs a gradient, ``first_layer_recomputes_gradless``).
+    Left out: the moment of the second ``torch.cat`` itself (the s-long and 2s-long copies of one layer beside the
+    layer's partly recomputed tensors), below the layer's backward peak.
+    """
+    held = kv_cache(model, layer, masked, conv, requires_grad).held
+    if not cache_object_in_layers(layer.attn_used):
+        return KvCache(held, held, Saved(), held)
+    if masked and layer.attn_used is Attention.SDPA:
+        raise VramcalcError("--grad-ckpt wrapper with the model's KV cache and a 4-D attention mask (a sliding window "
+                            "no longer than the sequence, or a family that always builds one): the recompute appends "
+                            "a second copy to transformers 5.25's DynamicCache and its keys no longer fit the mask, "
+                            "so backward raises; use --grad-ckpt full (use_cache off) or --attn eager (transformers "
+                            "<= 4.35's tuple cache)")
+    history = cache_history_saved(model, layer, masked, conv, requires_grad)
+    return KvCache(held, held, kv_cache(model, layer, masked, conv, requires_grad).forward, held * 2 + history)
+
+
+def cache_history_tables(model: ModelSpec, dt: Dtypes, layers: StackLayers = HF_LAYERS) -> Saved:
+    """The rotary cos and sin the recompute histories of ``cache_history_saved`` keep beside the cache once backward
+    is done: RoPE's ``k * cos`` and ``rotate_half(k) * sin`` save the tables where k needs a gradient (every layer
+    whose input needs one), the model's one [1, s, d_rope] pair (``shared_saved``'s per-position part), whose other
+    holders (the checkpointed layers' arguments) die with the graph. Families that make per-layer copies
+    (``rope_copies_per_layer``, ``rope_copies_per_projection``) are left out (0)."""
+    if model.traits.rope_copies_per_layer or model.traits.rope_copies_per_projection:
+        return Saved()
+    return Saved(per_position=shared_saved(model, dt, Attention.SDPA, False, False, layers).per_position)
+
+
+@functools.lru_cache(maxsize=4096)
+def cache_history_saved(model: ModelSpec, layer: LayerSetup, masked: bool = False, conv: bool = False,
+                        requires_grad: bool = True) -> Saved:
+    """What a layer's second KV cache copies keep alive of its recompute under ``--grad-ckpt wrapper`` with
+    transformers 5.25's DynamicCache (``checkpointed_kv_cache``): torch's non-reentrant checkpoint reruns the layer
+    under ``torch.autograd.enable_grad()`` (``utils/checkpoint.py`` ``_checkpoint_hook.unpack_hook``) on inputs that
+    carry their ``grad_fn``, so ``torch.cat([self.keys, key_states])`` records a graph whose nodes hold the tensors
+    the recompute saved (the recomputation hook hands each node the tensor it also gives the real graph) from the
+    layer's input to k and v. No backward runs that graph, so they stay as long as the cache.
+
+    The walk of those ops (the layer walk's own rules, per token): the input norm (fp32 input and rsqrt where the
+    input needs a gradient, y where its weight trains), the k and v projections (a trained weight's input or its
+    autocast copy; an adapter's cast, dropout and lora_A output; a fused qkv projection whole) and k's q/k norm.
+    The autocast copies of their weights are the estimator's (``temporaries.LayerCopies.kv``). Traced: at the
+    optimizer step of ``--loss hf-loop`` the second layer's input norm fp32 input and rsqrt and each layer's v
+    adapter input cast and lora_A output are alive beside the cache. 0 for a hybrid's convolution layer; MLA and
+    parallel-block layouts are not modelled (an error)."""
+    m = model
+    if conv:
+        return Saved()
+    if m.traits.mla or m.traits.parallel_block:
+        raise VramcalcError(f"--grad-ckpt wrapper with the model's KV cache is not modelled for {m.family}'s "
+                            "attention layout (MLA or a parallel block); use --grad-ckpt full")
+    walk = _LayerWalk(model, layer, masked, layer_requires_grad=requires_grad)
+    x_in = residual_bytes(m, layer) if walk.grad or m.traits.embedding_norm else walk.dt.r
+    n = walk.norm(m.hidden_size, x_in) if m.traits.pre_norms else walk.dt.r
+    names = m.traits.qkv_names
+    fused = len(names) == 1 or layer.layers.fused_qkv
+    uses = [walk.use(name, m.hidden_size) for name in (names if fused else names[1:])]
+    grad_in = walk.grad
+    out = walk.linears(uses, n)
+    if m.qk_norm and not m.traits.weightless_qk_norm:  # k_norm, where k's projection output needs a gradient
+        k_use = uses[0]
+        walk.grad = grad_in or k_use.trains or k_use.lora
+        d, k = m.head_dim, m.num_kv_heads
+        if m.traits.qk_norm_whole:
+            walk.norm(k * d, out)
+        else:
+            walk.norm(d, out, rows=k)
+    return walk.result()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1116,6 +1265,17 @@ def first_layer_needs_grad(method: Method, modules_to_save: tuple[str, ...] = ()
     """Does the first layer's input require grad? Only when the embedding trains (full, or its copy in peft's
     ``modules_to_save``: the copy's output requires grad) or a prompt is prepended."""
     return method in (Method.FULL, Method.PROMPT, Method.P_TUNING) or "embed_tokens" in modules_to_save
+
+
+def first_layer_recomputes_gradless(layer: LayerSetup, grad_ckpt) -> bool:
+    """Whether, under checkpointing, the first decoder layer's input needs no gradient, so its recompute saves only
+    what its own trained modules need: the stack makes no input require grad (``StackLayers.
+    checkpoint_inputs_need_grad``: litgpt; torch's checkpoint_wrapper from outside, where transformers'
+    ``gradient_checkpointing_enable`` and its ``enable_input_require_grads`` never run, and peft calls that only on a
+    model already checkpointing, peft 0.21 ``peft_model.py:184``) and nothing before the layer trains."""
+    return (bool(grad_ckpt) and not layer.layers.checkpoint_inputs_need_grad
+            and not first_layer_needs_grad(layer.method, layer.modules_to_save)
+            and not stack_layers.has_stable_embedding(layer.layers, layer.method))
 
 
 def head_trains(layer: LayerSetup) -> bool:
@@ -1252,20 +1412,22 @@ def layer_kept(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, moe: bool, 
 
 
 def layer_recomputed(model: ModelSpec, layer: LayerSetup, grad_ckpt, moe: bool, masked: bool = False,
-                     conv: bool = False) -> Saved:
+                     conv: bool = False, requires_grad: bool = True) -> Saved:
     """What a layer's backward holds beside what the layer kept (``layer_kept``), once its MLP's backward starts:
     nothing without checkpointing; its recomputed saved tensors under full checkpointing; under selective the saved
     tensors minus the cache (``layer_saved - layer_cache``: the cache's entries are given to the recompute, which
-    releases those it does not save). With offload, plus the checkpointed input brought back (r·h)."""
+    releases those it does not save). With offload, plus the checkpointed input brought back (r·h).
+    ``requires_grad``: whether the layer's input needs a gradient (the first layer's, where nothing makes the
+    embedding's output require one: ``first_layer_recomputes_gradless``)."""
     mode = checkpoint_mode(grad_ckpt)
     if not mode:
         return Saved()
-    saved = layer_saved(model, layer, moe, masked, conv=conv)
+    saved = layer_saved(model, layer, moe, masked, requires_grad, conv=conv)
     if mode.caches_ops:
         saved += layer_cache(model, layer, moe, masked, conv, mode) * -1
     if layer.offload:
         saved += Saved(per_token=layer.dtypes.r * model.hidden_size)
-    elif _norm_saves_checkpoint(model, layer):  # the recomputed input norm saves the checkpointed input itself
+    elif requires_grad and _norm_saves_checkpoint(model, layer):  # the recomputed input norm saves the input itself
         saved += Saved(per_token=-sequence_sharded_bytes(_F32 * model.hidden_size, layer.sequence_shards))
     return saved
 
@@ -1286,13 +1448,14 @@ def _norm_saves_checkpoint(model: ModelSpec, layer: LayerSetup) -> bool:
 
 
 def attention_left(model: ModelSpec, layer: LayerSetup, grad_ckpt, moe: bool, masked: bool = False,
-                   conv: bool = False) -> Saved:
+                   conv: bool = False, requires_grad: bool = True) -> Saved:
     """What a layer's backward holds beside what the layer kept, once its MLP's backward is done: the attention
     block's saved tensors (recomputed under checkpointing), i.e. without checkpointing ``attention - kept`` (the MLP's
     saved tensors are freed), under full checkpointing ``attention``, under selective ``attention - layer_cache``.
-    With offload and no checkpointing nothing is kept, and backward brings each node's tensors back as it runs."""
+    With offload and no checkpointing nothing is kept, and backward brings each node's tensors back as it runs.
+    ``requires_grad``: whether the layer's input needs a gradient (``layer_recomputed``)."""
     mode = checkpoint_mode(grad_ckpt)
-    attention = attention_saved(model, layer, masked, conv)
+    attention = attention_saved(model, layer, masked, conv, requires_grad)
     if not mode:
         return Saved() if layer.offload else attention + layer_saved(model, layer, moe, masked, conv=conv) * -1
     if mode.caches_ops:
@@ -1351,7 +1514,7 @@ def model_saved(model: ModelSpec, layer: LayerSetup, grad_ckpt: bool, masked: bo
         # are [1, s, d_rope] whatever the batch (``shared_saved``): per position, never per token
         rope_tables = shared_saved(model, layer.dtypes, layer.attn_used, False, False, layer.layers).per_position
         total += Saved(per_position=-rope_tables)
-    if (grad_ckpt and layer.method.uses_lora
+    if (grad_ckpt and layer.method.uses_lora and layer.layers.checkpoint_inputs_need_grad
             and (layer.offload or model.traits.embedding_multiplier or model.traits.learned_positions)
             and "embed_tokens" not in layer.modules_to_save):  # a trained embedding's output is no leaf
         # transformers' enable_input_require_grads (checkpointing with peft) makes the embedding's output a leaf

@@ -131,7 +131,11 @@ def with_saved_weights(plan, model: ModelSpec, layer, ckpt: bool, first_needs_gr
     if ckpt:
         recompute = {kind: saved + whole for kind, saved in plan.recompute.items()}
         attention_left = {kind: saved + attention for kind, saved in plan.attention_left.items()}
-        return plan._replace(recompute=recompute, attention_left=attention_left, freed=freed)
+        first = plan.first
+        if first is not None:  # the first layer's own recompute (its input needing no gradient) has them too
+            first = (first[0] + whole, first[1] + attention, BackwardFreed(first[2].mlp + Saved(per_layer=w.down),
+                                                                          *first[2][1:]))
+        return plan._replace(recompute=recompute, attention_left=attention_left, freed=freed, first=first)
     kept = {kind: saved + whole for kind, saved in plan.kept.items()}
     attention_left = {kind: saved + Saved(per_layer=-w.mlp) for kind, saved in plan.attention_left.items()}
     first = w.whole - (0 if first_needs_grad else w.inputs)

@@ -103,22 +103,29 @@ class LayerCopies(NamedTuple):
     down: int  # the MLP's down projection's (and its adapters'): freed first
     mlp: int  # the MLP's Linears' (down's included): freed before attention's backward
     o: int  # the attention output projection's: freed first in attention's backward
+    # the k and v projections' (a fused qkv's whole), and their adapters': what a recompute's KV cache copy keeps
+    # (``activations.cache_history_saved``)
+    kv: int = 0
 
 
 @functools.lru_cache(maxsize=4096)
 def layer_weight_copies(model: ModelSpec, dt: Dtypes, method: Method, moe: bool,
-                        tensors: tuple[StoredTensor, ...]) -> LayerCopies:
+                        tensors: tuple[StoredTensor, ...], gradless: tuple[str, ...] = ()) -> LayerCopies:
     """The 16-bit autocast copies one decoder layer (dense or MoE) saves for its backward: c per fp32 Linear weight
     of the layer (QLoRA's are 4-bit: none) and per fp32 adapter tensor cast by F.linear (the same rule as
     ``weight_copy_bytes``). Without checkpointing every layer's copies are saved from forward; under checkpointing
     the recomputed layer makes its own again (torch ``utils/checkpoint.py`` reruns the layer's forward under the
-    saved autocast state). Each is freed by its Linear's backward (``Node::release_variables``)."""
+    saved autocast state). Each is freed by its Linear's backward (``Node::release_variables``). ``gradless``: the
+    Linears whose input needs no gradient (``activations.first_layer_gradless_linears``): F.linear saves the weight
+    only for the input's gradient, so neither their weight's copy nor their lora_A's is saved."""
     if not dt.autocast or dt.c == _F32:
         return LayerCopies(0, 0, 0, 0)
     scopes = ("layer", "moe") if moe else ("layer", "dense")
     mlp_names = set(model.traits.mlp_names)
     down_name = model.traits.mlp_names[-1]
-    whole = down = mlp = o = 0
+    whole = down = mlp = o = kv = 0
+    names = model.traits.qkv_names
+    kv_names = set(names if len(names) == 1 else names[1:])
     uncast = ("lora_embedding_A",) + VECTOR_ADAPTERS + SLICED_PROJECTIONS + CACHED_ONLY_ADAPTERS
     for t in tensors:
         linear = t.kind == "linear" and t.name.endswith(".weight") and method is not Method.QLORA
@@ -126,6 +133,8 @@ def layer_weight_copies(model: ModelSpec, dt: Dtypes, method: Method, moe: bool,
         if t.scope not in scopes or t.bits != 32 or not (linear or adapter):
             continue
         module = t.name.split(".")[0]
+        if module in gradless and (linear or t.name.endswith(".lora_A")):
+            continue
         nbytes = dt.c * t.numel
         whole += nbytes
         if module in mlp_names:
@@ -133,7 +142,9 @@ def layer_weight_copies(model: ModelSpec, dt: Dtypes, method: Method, moe: bool,
             down += nbytes if module == down_name else 0
         elif module == model.traits.o_name:
             o += nbytes
-    return LayerCopies(whole, down, mlp, o)
+        elif module in kv_names:
+            kv += nbytes
+    return LayerCopies(whole, down, mlp, o, kv)
 
 
 def dequantized_weight_bytes(model: ModelSpec, method: Method, double_quant: bool, dt: Dtypes, tokens, setup=None,

@@ -358,7 +358,9 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
             from .qlora import materialise_quant_states
 
             materialise_quant_states(model, device)
-    if setup.grad_ckpt:
+    if checkpoint_mode(setup.grad_ckpt) is GradCkpt.WRAPPER:
+        wrap_decoder_layers(model)
+    elif setup.grad_ckpt:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         kwargs = {"use_reentrant": checkpoint_mode(setup.grad_ckpt) is GradCkpt.REENTRANT}
         enable = getattr(inner, "activation_checkpointing_enable", None)  # transformers >= 5.18
@@ -368,6 +370,45 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode, device: str
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     return model
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = base_model(model).base_model  # the attribute named by base_model_prefix: model, gpt_neox, transformer
+    if not hasattr(inner, "layers") and hasattr(inner, "model"):  # Llama4ForCausalLM: prefix "language_model"
+        inner = inner.model
+    if hasattr(inner, "layers"):
+        return inner.layers
+    if hasattr(inner, "h"):  # FalconModel.h
+        return inner.h
+    # a family with no formulas (generic.py): the longest ModuleList (MPT's blocks, OPT's decoder.layers)
+    lists = [module for module in inner.modules() if isinstance(module, nn.ModuleList)]
+    if not lists:
+        raise VramcalcError(f"no decoder layers found in {type(inner).__name__}")
+    return max(lists, key=len)
+
+
+def wrap_decoder_layers(model: nn.Module) -> None:
+    """``--grad-ckpt wrapper``: torch's own ``apply_activation_checkpointing`` with a non-reentrant
+    ``checkpoint_wrapper`` around every decoder layer, picked by its class, as llama-recipes does
+    (``policies/activation_checkpointing_functions.py`` @71fdc4920: ``check_fn = lambda submodule:
+    isinstance(submodule, LlamaDecoderLayer)``) and accelerate's FSDP plugin (``accelerator.py:1944-1958``,
+    ``CheckpointImpl.NO_REENTRANT``). transformers' gradient checkpointing stays off, so the model keeps the
+    ``use_cache`` it is called with (``activations.runs_with_cache``: the trace's loss passes True)."""
+    import functools
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+                                                                             apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
+
+    layer_classes = tuple({type(layer) for layer in decoder_layers(model)})
+    apply_activation_checkpointing(
+        model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda module: isinstance(module, layer_classes))
 
 
 def _convert_to_float8(model: nn.Module) -> None:

@@ -28,7 +28,7 @@ from ..errors import VramcalcError
 from ..options import Attention, GradCkpt, Kernels, Loss, Method, Optimizer, Phase, Precision, Term
 from ..terms.activations import runs_with_cache
 from ..training_setup import ResolvedSetup
-from .build import half_dtype
+from .build import base_model, decoder_layers, half_dtype  # noqa: F401 (re-exported)
 from .losses import (Fp32LogitsHead, PassThroughHead, chunked_cross_entropy, fused_cross_entropy,
                      model_dtype_causal_lm_loss, shifted_causal_lm_loss)
 from .tracker import AllocationTracker
@@ -36,26 +36,6 @@ from .tracker import AllocationTracker
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 0.0  # Trainer default; the decay/no-decay split exists regardless
 _NO_DECAY_PATTERNS = ("bias", "layernorm", "rmsnorm", "norm.", "_norm")
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = base_model(model).base_model  # the attribute named by base_model_prefix: model, gpt_neox, transformer
-    if not hasattr(inner, "layers") and hasattr(inner, "model"):  # Llama4ForCausalLM: prefix "language_model"
-        inner = inner.model
-    if hasattr(inner, "layers"):
-        return inner.layers
-    if hasattr(inner, "h"):  # FalconModel.h
-        return inner.h
-    # a family with no formulas (generic.py): the longest ModuleList (MPT's blocks, OPT's decoder.layers)
-    lists = [module for module in inner.modules() if isinstance(module, nn.ModuleList)]
-    if not lists:
-        raise VramcalcError(f"no decoder layers found in {type(inner).__name__}")
-    return max(lists, key=len)
 
 
 def make_optimizer(model: nn.Module, optimizer: Optimizer, paged_context=None, tracker=None) -> torch.optim.Optimizer:
@@ -292,6 +272,7 @@ class StepTracer:
         """
         setup = self.setup
         check_traceable_knobs(setup)
+        check_wrapper_cache(self.resolved)
         layers = decoder_layers(self.model)
         ckpt = checkpoint_mode(setup)
         if ckpt.caches_ops:
@@ -320,6 +301,8 @@ class StepTracer:
         for layer in layers:
             if getattr(layer, "_gradient_checkpointing_func", None) is not None:
                 self._hooks.append(_RecomputeMarker(layer, self.tracker))
+            elif getattr(layer, "checkpoint_fn", None) is not None:  # torch's checkpoint_wrapper (--grad-ckpt wrapper)
+                self._hooks.append(_WrapperRecomputeMarker(layer, self.tracker))
 
     def count_layers(self, tick) -> None:
         """``tick()`` as each decoder layer runs forward and as its output's gradient arrives (``PhaseHooks``)."""
@@ -422,6 +405,32 @@ class _RecomputeMarker:
         self.layer._gradient_checkpointing_func = self.original
 
 
+class _WrapperRecomputeMarker:
+    """``_RecomputeMarker`` for a layer inside torch's ``CheckpointWrapper`` (``--grad-ckpt wrapper``): the wrapper's
+    ``checkpoint_fn`` gets a function that flags the tracker while it runs in backward; ``remove()`` puts it back."""
+
+    def __init__(self, wrapper: nn.Module, tracker: AllocationTracker):
+        self.wrapper = wrapper
+        self.original = wrapper.checkpoint_fn
+
+        def checkpoint(module, *args, **kwargs):
+            def marked(*inner_args, **inner_kwargs):
+                recomputing = tracker.phase is not Phase.FORWARD
+                tracker.in_recompute = recomputing
+                try:
+                    return module(*inner_args, **inner_kwargs)
+                finally:
+                    if recomputing:
+                        tracker.in_recompute = False
+
+            return self.original(marked, *args, **kwargs)
+
+        wrapper.checkpoint_fn = checkpoint
+
+    def remove(self) -> None:
+        self.wrapper.checkpoint_fn = self.original
+
+
 def check_traceable_knobs(setup) -> None:
     """The knobs the trace cannot run with the real code on a CPU: one error line each."""
     kernels = getattr(setup, "kernels", Kernels.NONE)
@@ -439,6 +448,20 @@ def check_traceable_knobs(setup) -> None:
         raise VramcalcError("--compile with --method qlora is estimate only: AOTAutograd cannot functionalize "
                             "bitsandbytes' double-quantized dequantize (an in-place add_ on the absmax), which "
                             "torch.compile leaves to a graph break; use vramcalc estimate")
+
+
+def check_wrapper_cache(resolved) -> None:
+    """``--grad-ckpt wrapper`` with the model's KV cache and eager attention: transformers 5.25 passes the cache to
+    the layers, whose recompute appends a second copy that eager attention's 4-D mask cannot take, so the real
+    backward raises (``activations.cache_object_in_layers``); the estimate models the transformers <= 4.35 tuple
+    cache that ran it. One error line instead of the traceback."""
+    setup = resolved.setup
+    if (checkpoint_mode(setup) is GradCkpt.WRAPPER and runs_with_cache(setup)
+            and resolved.attn_used is Attention.EAGER):
+        raise VramcalcError("--grad-ckpt wrapper with eager attention is estimate only: transformers 5.25 hands its "
+                            "KV cache to the checkpointed layers, whose recompute appends a second copy that the 4-D "
+                            "mask no longer fits, so its backward raises; the estimate models transformers <= 4.35's "
+                            "tuple cache; use vramcalc estimate, or trace --attn sdpa")
 
 
 def checkpoint_mode(setup) -> GradCkpt:
