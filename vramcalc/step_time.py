@@ -748,16 +748,16 @@ def measured_memory_efficiency(family: str,
     ``family`` (``memory_family``): the ratio a GPU of that family without a measurement takes (its ``derived`` row;
     and a GPU outside the catalogue, such as benchmarks/throughput.py's 96 GB HBM2e H100)."""
     rates = rates if rates is not None else load_achievable_rates()
-    ratios = []
+    measurements = set()  # each measurement once: two boards of one memory interface share it (V100 16 / 32 GB)
     for (gpu, kind, _), row in rates.items():
         if kind != "memory" or row.basis != "measured" or not row.gb_s:
             continue
         spec = get_gpu(gpu)
         if spec.bandwidth_gb_s and memory_family(spec.memory_type or "") == family:
-            ratios.append(row.gb_s / spec.bandwidth_gb_s)
-    if not ratios:
+            measurements.add((row.gb_s, spec.bandwidth_gb_s, row.source.split(" (")[0]))
+    if not measurements:
         raise ValueError(f"no measured memory bandwidth for the {family!r} family in data/achievable_rates.csv")
-    return median(ratios)
+    return median(gb_s / datasheet for gb_s, datasheet, _ in measurements)
 
 
 # -- one training step from its setup -------------------------------------------------------------------------------
