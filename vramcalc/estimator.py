@@ -435,7 +435,6 @@ def _quantized_base_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size
             for m in step_moments(spec, on_16bit, batch_size, seq_len)]
 
 
-@functools.lru_cache(maxsize=256)
 def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> list[Moment]:
     """``step_moments`` for one sliding-window mask decision."""
     setup = resolved.setup

@@ -76,6 +76,7 @@ def _layer_setup(method, precision, adapter_dtype, attn_used, lora_modules, lora
                                   modules_to_save, repeat_kv, base_4bit, ring_ranks, sequence_shards)
 
 
+@functools.lru_cache(maxsize=256)
 def layer_runs(spec: ModelSpec, masked: bool = False) -> tuple[tuple[tuple[bool, bool, bool], int, int], ...]:
     """The runs of same-kind decoder layers in backward order: ((moe, masked, conv), highest index, lowest index); a
     layer's kind is dense or MoE, whether its attention is masked (``activations.layer_masks``: the sliding
