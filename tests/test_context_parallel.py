@@ -7,6 +7,7 @@ import json
 import pytest
 
 import vramcalc as vc
+from .cli_helpers import assert_one_error_line
 from vramcalc.cli import main
 from vramcalc.errors import VramcalcError
 from vramcalc.terms import context_parallel
@@ -111,13 +112,7 @@ def test_estimates_without_cp_are_those_of_cp_1():
 ])
 def test_bad_context_parallel_setups_get_one_line_errors(options, message, capsys):
     model = options.pop("model")
-    with pytest.raises(VramcalcError, match=message):
-        vc.estimate(model, **options)
-    argv = ["estimate", model] + [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
-                                  for k, v in options.items()]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:")
+    assert_one_error_line(capsys, model, options, message)
 
 
 def test_cli_takes_cp_and_reports_the_ring_in_json(capsys):

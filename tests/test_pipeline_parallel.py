@@ -8,6 +8,7 @@ import statistics
 import pytest
 
 import vramcalc as vc
+from .cli_helpers import assert_one_error_line
 from vramcalc.cli import main
 from vramcalc.errors import VramcalcError
 from vramcalc.options import PipelineSchedule
@@ -164,13 +165,7 @@ def test_the_last_stage_keeps_every_microbatchs_logits():
 ])
 def test_bad_pipeline_setups_get_one_line_errors(options, message, capsys):
     model = options.pop("model")
-    with pytest.raises(VramcalcError, match=message):
-        vc.estimate(model, **options)
-    argv = ["estimate", model] + [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
-                                  for k, v in options.items()]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:")
+    assert_one_error_line(capsys, model, options, message)
 
 
 def test_cli_takes_pp_and_reports_every_rank_in_json(capsys):

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
-from typing import NamedTuple
 
 from .breakdown import MemoryBreakdown
 from .catalogue import GpuSpec, get_gpu, get_model
 from .errors import VramcalcError
 from .facts import CHUNKED_LOSS_CHUNKS
 from .model import ModelSpec
+from .parallel_degrees import data_parallel_degree, stage_gpus
 from .options import Attention, DeviceMap, Loss, Method, Optimizer, Phase, Quant, Sharding, Task, Term
 from .profiles import runtime_profile
 from .sample_lengths import (LengthProfile, expected_later_records, expected_record_tokens, step_lengths,
@@ -39,14 +39,14 @@ from .terms import (activations, adapters, distributed, expert_parallel, float8,
                     tasks, temporaries, tensor_parallel, trl_loss, vision)
 from .terms.distributed import GatheredTimeline
 from .gptq import is_gptq
-from .training_setup import SETUP_FIELDS, ResolvedSetup, resolve_setup
+from .training_setup import ResolvedSetup, resolve_setup
 from .units import DType, maximum, minimum, select
 
 _F32 = DType.FP32.bytes
 from .model import reward_spec  # --task reward (terms/tasks.py)
 from .options import Task
 from .setup_inputs import setup_inputs
-from .step_moment import Moment, SavedPlan, first_kind, layer_runs, layer_setup, saved_plan  # noqa: F401
+from .step_moment import Moment, first_kind, layer_runs, layer_setup, saved_plan  # noqa: F401 (layer_setup: tests)
 
 
 _TENSOR_FIELDS = ("weights", "gradients", "optimizer_states", "activations", "logits", "temporaries")
@@ -102,7 +102,8 @@ def _with_sample_lengths(model, gpu, revision, profile: LengthProfile, options: 
         raise VramcalcError("--sample-lengths describes batches padded to their longest sample; packed batches "
                             "(--packing) all hold --seq-len tokens")
     lengths = step_lengths(profile, setup.seq_len, setup.batch_size)
-    data_parallel = setup.num_gpus // (setup.tp * setup.cp * setup.pp) if setup.sharding is not Sharding.NONE else 1
+    data_parallel = (data_parallel_degree(stage_gpus(setup), setup.tp * setup.cp) if setup.sharding is not Sharding.NONE
+                     else 1)
     steps = steps_per_epoch(profile, setup.batch_size, data_parallel)
     at_longest = estimate(model, gpu=gpu, revision=revision, **{**options, "seq_len": lengths.longest})
     details = dict(at_longest.details, longest_step_tokens=lengths.longest, steps_per_epoch=steps,

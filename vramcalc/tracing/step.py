@@ -302,7 +302,7 @@ class StepTracer:
             if getattr(layer, "_gradient_checkpointing_func", None) is not None:
                 self._hooks.append(_RecomputeMarker(layer, self.tracker))
             elif getattr(layer, "checkpoint_fn", None) is not None:  # torch's checkpoint_wrapper (--grad-ckpt wrapper)
-                self._hooks.append(_WrapperRecomputeMarker(layer, self.tracker))
+                self._hooks.append(WrapperRecomputeMarker(layer, self.tracker))
 
     def count_layers(self, tick) -> None:
         """``tick()`` as each decoder layer runs forward and as its output's gradient arrives (``PhaseHooks``)."""
@@ -374,6 +374,22 @@ class StepTracer:
         self.optimizer.zero_grad(set_to_none=not getattr(setup, "grads_kept", False))
 
 
+def flagging_recompute(function, tracker: AllocationTracker):
+    """``function``, flagging the tracker's ``in_recompute`` while it runs outside forward (a checkpoint's
+    recompute in backward), and clearing it also when torch's non-reentrant checkpoint stops it early."""
+
+    def marked(*args, **kwargs):
+        recomputing = tracker.phase is not Phase.FORWARD
+        tracker.in_recompute = recomputing
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if recomputing:
+                tracker.in_recompute = False
+
+    return marked
+
+
 class _RecomputeMarker:
     """Marks the tracker while a checkpointed layer recomputes its forward in backward.
 
@@ -385,47 +401,25 @@ class _RecomputeMarker:
 
     def __init__(self, layer: nn.Module, tracker: AllocationTracker):
         self.layer = layer
-        self.original = layer._gradient_checkpointing_func
-
-        def checkpoint(function, *args, **kwargs):
-            def marked(*inner_args, **inner_kwargs):
-                recomputing = tracker.phase is not Phase.FORWARD
-                tracker.in_recompute = recomputing
-                try:
-                    return function(*inner_args, **inner_kwargs)
-                finally:
-                    if recomputing:
-                        tracker.in_recompute = False
-
-            return self.original(marked, *args, **kwargs)
-
-        layer._gradient_checkpointing_func = checkpoint
+        self.original = original = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda function, *args, **kwargs: original(
+            flagging_recompute(function, tracker), *args, **kwargs)
 
     def remove(self) -> None:
         self.layer._gradient_checkpointing_func = self.original
 
 
-class _WrapperRecomputeMarker:
-    """``_RecomputeMarker`` for a layer inside torch's ``CheckpointWrapper`` (``--grad-ckpt wrapper``): the wrapper's
-    ``checkpoint_fn`` gets a function that flags the tracker while it runs in backward; ``remove()`` puts it back."""
+class WrapperRecomputeMarker:
+    """``_RecomputeMarker`` for a block inside torch's ``CheckpointWrapper``
+    (``torch/distributed/algorithms/_checkpoint/checkpoint_wrapper.py``: ``forward`` calls
+    ``self.checkpoint_fn(self._checkpoint_wrapped_module, ...)``): ``--grad-ckpt wrapper``, and torchtune's and
+    litgpt's own checkpointed blocks. ``remove()`` puts the original ``checkpoint_fn`` back."""
 
     def __init__(self, wrapper: nn.Module, tracker: AllocationTracker):
         self.wrapper = wrapper
-        self.original = wrapper.checkpoint_fn
-
-        def checkpoint(module, *args, **kwargs):
-            def marked(*inner_args, **inner_kwargs):
-                recomputing = tracker.phase is not Phase.FORWARD
-                tracker.in_recompute = recomputing
-                try:
-                    return module(*inner_args, **inner_kwargs)
-                finally:
-                    if recomputing:
-                        tracker.in_recompute = False
-
-            return self.original(marked, *args, **kwargs)
-
-        wrapper.checkpoint_fn = checkpoint
+        self.original = original = wrapper.checkpoint_fn
+        wrapper.checkpoint_fn = lambda function, *args, **kwargs: original(
+            flagging_recompute(function, tracker), *args, **kwargs)
 
     def remove(self) -> None:
         self.wrapper.checkpoint_fn = self.original

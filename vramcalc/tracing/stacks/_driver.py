@@ -17,7 +17,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ...errors import VramcalcError
 from ...model import ModelSpec
@@ -108,35 +107,6 @@ def make_optimizer(params, optimizer: Optimizer, tracker: AllocationTracker, *, 
         return make_torchao_optimizer(params, optimizer, tracker, lr=lr, weight_decay=weight_decay,
                                       trainer_built=False)
     raise VramcalcError(f"the {stack} trace has no recipe for optimizer {optimizer.value}")
-
-
-class RecomputeMarker:
-    """Flags ``in_recompute`` while a block wrapped by torch's ``CheckpointWrapper``
-    (``torch/distributed/algorithms/_checkpoint/checkpoint_wrapper.py``: ``forward`` calls
-    ``self.checkpoint_fn(self._checkpoint_wrapped_module, ...)``) recomputes its forward in backward. The function
-    handed to the checkpoint is wrapped, so the flag is cleared also when non-reentrant checkpointing stops early."""
-
-    def __init__(self, wrapper: nn.Module, tracker: AllocationTracker):
-        self.wrapper = wrapper
-        self.original = wrapper.checkpoint_fn
-        original = self.original
-
-        def checkpoint_fn(function, *args, **kwargs):
-            def marked(*inner_args, **inner_kwargs):
-                recomputing = tracker.phase is not Phase.FORWARD
-                tracker.in_recompute = recomputing
-                try:
-                    return function(*inner_args, **inner_kwargs)
-                finally:
-                    if recomputing:
-                        tracker.in_recompute = False
-
-            return original(marked, *args, **kwargs)
-
-        wrapper.checkpoint_fn = checkpoint_fn
-
-    def remove(self) -> None:
-        self.wrapper.checkpoint_fn = self.original
 
 
 @contextlib.contextmanager

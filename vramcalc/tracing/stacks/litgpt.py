@@ -49,7 +49,7 @@ from ...options import AdapterDtype, Loss, Method, Phase, Precision, Quant, Term
 from ...progress import Progress
 from ...training_setup import ResolvedSetup
 from ..engine import reset_bnb_overrides
-from ..step import PhaseHooks
+from ..step import PhaseHooks, WrapperRecomputeMarker
 from . import _driver
 
 STACK = "litgpt"
@@ -261,7 +261,7 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int | None = N
                                    tick=lambda: bar.update(1))
         for block in model.transformer.h:
             if hasattr(block, "checkpoint_fn"):
-                markers.append(_driver.RecomputeMarker(block, tracker))
+                markers.append(WrapperRecomputeMarker(block, tracker))
         del blocks
         accumulation = setup.grad_accum
         logits = None

@@ -47,7 +47,7 @@ from ...options import AdapterDtype, Loss, Method, Phase, Quant, Term
 from ...progress import Progress
 from ...training_setup import ResolvedSetup
 from ..engine import reset_bnb_overrides
-from ..step import PhaseHooks
+from ..step import PhaseHooks, WrapperRecomputeMarker
 from . import _driver
 
 STACK = "torchtune"
@@ -294,7 +294,7 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int | None = N
                                                    lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, adamw_fused=True)
             for layer in model.layers:
                 if hasattr(layer, "checkpoint_fn"):
-                    markers.append(_driver.RecomputeMarker(layer, tracker))
+                    markers.append(WrapperRecomputeMarker(layer, tracker))
 
             with tracker, _driver.cuda_kernels():
                 if warm:
