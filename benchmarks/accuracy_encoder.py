@@ -2,7 +2,8 @@
 ``BertForSequenceClassification`` step (``vramcalc/tracing/encoder.py``) at full size on fake tensors, over a grid of
 precisions (fp32, mixed-fp16, mixed-bf16, bf16, bf16-true), batch sizes (1, 2, 4, 8), checkpointing (none, full,
 reentrant), optimizers (adamw, adafactor, adamw-8bit, adamw-foreach), gradient accumulation, gradients kept between
-steps (``--grads-kept``) and attention (eager, sdpa) on bert-large-uncased at 512 tokens (the hf-perf-doc rows'
+steps (``--grads-kept``), the 2022 stacks' attention (``--softmax-saves-input``, ``--extended-mask``) and attention
+(eager, sdpa) on bert-large-uncased at 512 tokens (the hf-perf-doc rows'
 setups among them) and bert-base-uncased.
 
     python benchmarks/accuracy_encoder.py            # writes accuracy_encoder.csv and accuracy_encoder.md
@@ -30,8 +31,9 @@ from vramcalc.training_setup import resolve_setup  # noqa: E402
 HERE = Path(__file__).resolve().parent
 LARGE = dict(seq_len=512)
 # the nine hf-perf-doc setups as benchmarks/published.py maps them (transformers 4.16's Trainer kept the gradients:
-# --grads-kept), then the rest
-PAGE = dict(LARGE, grads_kept=True)
+# --grads-kept; torch 1.10's softmax kept its input: --softmax-saves-input; 4.16 added its fp32 extended mask:
+# --extended-mask), then the rest
+PAGE = dict(LARGE, grads_kept=True, softmax_saves_input=True, extended_mask=True)
 GRID = [
     ("bert-large-uncased", dict(PAGE, batch_size=4, precision="fp32", optimizer="adamw", attn="eager")),
     ("bert-large-uncased", dict(PAGE, batch_size=1, grad_accum=4, precision="fp32", optimizer="adamw",

@@ -53,7 +53,11 @@ if not DEFAULT_DATA.exists():
 
 GB = 10**9
 GIB = 2**30
-DEFAULT_CONTEXT_BYTES = 500 * 2**20  # vramcalc's default profile (terms/runtime.py DEFAULT_CUDA_CONTEXT_BYTES)
+# transformers' "Efficient Training on a Single GPU" page measures its 2022 stack's CUDA context itself: "GPU memory
+# occupied: 1343 MB" (MiB: nvml used // 1024**2) after torch.ones((1, 1)).to("cuda") on the idle V100, i.e. torch 1.10
+# loading every kernel at context creation (lazy loading came with CUDA 11.7 and torch 1.13), less the 1 x 1
+# tensor's 2 MiB segment
+HF_PERF_DOC_CONTEXT_MIB = 1343 - 2
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models: the exact HF id each row ran -> a config folder of the development set or a catalogue name.
@@ -510,9 +514,13 @@ def row_setup(row: dict, data: Path) -> RowSetup:
         # Measured with pynvml after trainer.train(): total_bytes, the CUDA context and allocator reserve included
         # Trainer 4.16 zeroes the gradients with model.zero_grad() (trainer.py L1306, L1435), whose set_to_none was
         # False before torch 2.0: the gradients stay allocated through every later step (--grads-kept)
+        # torch 1.10's softmax saves its input as well as its output (--softmax-saves-input: its generated
+        # Functions.h, SoftmaxBackward0), and 4.16's BertModel adds its fp32 extended mask to every layer's scores,
+        # an all-ones one too (--extended-mask: modeling_bert.py L957, L969, L327; modeling_utils.py L306-307)
         opts.update(task="classify", attn="eager",
                     precision="mixed-fp16" if "fp16" in row["compute_dtype"] else "fp32",
-                    grad_ckpt="reentrant" if _bool(row["grad_ckpt"]) else False, grads_kept=True)
+                    grad_ckpt="reentrant" if _bool(row["grad_ckpt"]) else False, grads_kept=True,
+                    softmax_saves_input=True, extended_mask=True, cuda_context_mib=HF_PERF_DOC_CONTEXT_MIB)
         accumulation = re.search(r"gradient_accumulation_steps=(\d+)", row["notes"])
         opts["grad_accum"] = int(accumulation.group(1)) if accumulation else 1
         words = row["optimizer"].lower()
@@ -532,9 +540,9 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             # adamw_bnb_8bit keeps nn.Embedding at 32 bits (2 x 4 B per weight instead of 2 x 1 B: +190 MB here)
             setup.assumptions.append("bnb Adam8bit built by the page, not the Trainer: its embeddings' 8-bit states "
                                      "are estimated 32-bit (the hf stack's Trainer override), about 190 MB above")
-        setup.assumptions.append("2022 CUDA context: the page measures 1343 MiB for a 1 x 1 tensor (torch 1.10 loads "
-                                 "every kernel); vramcalc's default profile has 500 MiB + 16.25 MiB of cuBLAS "
-                                 "workspaces")
+        setup.assumptions.append("2022 CUDA context: the page's own probe, 1343 MiB for a 1 x 1 tensor (torch 1.10 "
+                                 "loads every kernel), given as --cuda-context-mib 1341 (the default profile has "
+                                 "500 MiB)")
 
     if method in ("lora", "qlora"):
         rank = _int(row["lora_rank"])
@@ -877,11 +885,6 @@ def _table(records, key) -> list[str]:
     return lines
 
 
-# transformers' "Efficient Training on a Single GPU" page measures its 2022 stack's CUDA context itself: "GPU memory
-# occupied: 1343 MB" (MiB: nvml used // 1024**2) after torch.ones((1, 1)).to("cuda") on the idle V100, i.e. torch 1.10
-# loading every kernel at context creation (lazy loading came with CUDA 11.7 and torch 1.13), less the 1 x 1
-# tensor's 2 MiB segment
-HF_PERF_DOC_CONTEXT_BYTES = (1343 - 2) * 2**20
 # the page builds bnb.optim.Adam8bit itself, so bert-large-uncased's word and position tables ((30522 + 512) x 1024
 # weights, nn.Embedding) keep 8-bit states, 2 x 1 B per weight, where the hf stack's Trainer-built optimizer keeps
 # 2 x 4 B (their absmax blocks left out)
@@ -889,25 +892,16 @@ HF_PERF_DOC_EMBEDDING_STATE_BYTES = 6 * (30522 + 512) * 1024
 
 
 def _hf_perf_doc_note(record: dict) -> str:
-    """The hf-perf-doc rows' mechanisms, quantified on the row: the 2022 CUDA context (the page's own probe, against
-    vramcalc's default profile), the 8-bit optimizer's embedding states, and what remains."""
-    overhead = json.loads(record["terms"])["runtime_overhead"]
-    workspaces = overhead - DEFAULT_CONTEXT_BYTES  # the profile's two cuBLAS workspaces
-    with_page = int(record["estimate_bytes"]) - overhead + HF_PERF_DOC_CONTEXT_BYTES + workspaces
-    error = (with_page - int(record["measured_bytes"])) / int(record["measured_bytes"])
-    options = json.loads(record["options"])
-    note = (f"CUDA context: the page's 1343 MiB probe (torch 1.10 loads every kernel) against the default profile's "
-            f"500 MiB; with the page's, {error:+.1%}")
-    if options.get("optimizer") == "adamw-8bit":
-        eight_bit = (with_page - HF_PERF_DOC_EMBEDDING_STATE_BYTES - int(record["measured_bytes"])) / int(
-            record["measured_bytes"])
-        note += (f", and {eight_bit:+.1%} with the embeddings' 8-bit states (estimated 32-bit, as the Trainer "
-                 "keeps them)")
-    if options.get("batch_size", 1) > 1:
-        note += (". Open: at batch 4 the 2022 stack holds about 10% more; the 5.25 step replayed through the "
-                 "caching allocator (trace --reserved) reserves within 1.3% of the estimate, so it is not the "
-                 "step's tensors or their blocks as transformers 5.25 runs them (torch 1.10's allocator, "
-                 "transformers 4.16's extra [b, a, s, s] transients: scores / sqrt(d) and + the fp32 mask)")
+    """The hf-perf-doc rows' mechanisms: the 2022 stack's as the options give them, and the 8-bit optimizer's
+    embedding states, which the hf stack's Trainer-built optimizer keeps at 32 bits."""
+    note = ("the 2022 stack: the page's own 1343 MiB CUDA context probe (--cuda-context-mib; torch 1.10 loads "
+            "every kernel), torch 1.10's softmax saving its input (--softmax-saves-input) and 4.16's fp32 extended "
+            "mask (--extended-mask)")
+    if json.loads(record["options"]).get("optimizer") == "adamw-8bit":
+        eight_bit = (int(record["estimate_bytes"]) - HF_PERF_DOC_EMBEDDING_STATE_BYTES - int(record["measured_bytes"])
+                     ) / int(record["measured_bytes"])
+        note += (f"; {eight_bit:+.1%} with the embeddings' 8-bit states (estimated 32-bit, as the Trainer keeps "
+                 "them)")
     return note
 
 

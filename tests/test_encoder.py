@@ -45,6 +45,18 @@ SETUPS = [
     dict(precision="mixed-fp16", grads_kept=True, batch_size=1),
 ]
 ATTENTION = ("eager", "sdpa")
+# the 2022 stacks' eager attention (torch 1.10's softmax saving its input, transformers 4.x's extended mask), eager
+# only
+LEGACY_SETUPS = [
+    dict(precision="fp32", softmax_saves_input=True, extended_mask=True, grads_kept=True),
+    dict(precision="mixed-fp16", softmax_saves_input=True, extended_mask=True),
+    dict(precision="mixed-bf16", softmax_saves_input=True, extended_mask=True, batch_size=1),
+    dict(precision="bf16", softmax_saves_input=True, extended_mask=True),
+    dict(precision="mixed-fp16", softmax_saves_input=True),
+    dict(precision="mixed-bf16", extended_mask=True),
+    dict(precision="fp32", grad_ckpt="reentrant", softmax_saves_input=True, extended_mask=True, batch_size=1),
+    dict(precision="mixed-fp16", grad_ckpt="reentrant", grad_accum=2, softmax_saves_input=True, extended_mask=True),
+]
 # a config without dropout (hidden_dropout_prob and attention_probs_dropout_prob 0: dropout returns its input)
 NO_DROPOUT = dataclasses.replace(TINY, name="tiny-bert-no-dropout", hidden_dropout=0.0, attention_dropout=0.0)
 NO_DROPOUT_SETUPS = [dict(precision="mixed-fp16"), dict(precision="fp32", grad_ckpt="reentrant")]
@@ -55,6 +67,10 @@ def _cases():
         for options in SETUPS:
             yield pytest.param(TINY, dict(options, attn=attn, seq_len=256), id=attn + "-" + "-".join(
                 f"{k}={v}" for k, v in options.items()))
+        if attn == "eager":
+            for options in LEGACY_SETUPS:
+                yield pytest.param(TINY, dict(options, attn=attn, seq_len=256), id="legacy-" + "-".join(
+                    f"{k}={v}" for k, v in options.items()))
         for options in NO_DROPOUT_SETUPS:
             yield pytest.param(NO_DROPOUT, dict(options, attn=attn, seq_len=256), id=f"no-dropout-{attn}-" + "-".join(
                 f"{k}={v}" for k, v in options.items()))
@@ -149,6 +165,59 @@ def test_kept_gradients_add_the_gradients_to_every_moment_of_the_step():
                        grads_kept=True)
     gradients = kept.details["trainable_params"] * 4  # every fp32 gradient (512-byte blocks aside)
     assert 0.9 * gradients < kept.peak_tensor_bytes - plain.peak_tensor_bytes <= 1.01 * gradients
+
+
+def _layer_saved_bytes(precision, batch_size=4, seq_len=512, **knobs):
+    from vramcalc.options import AdapterDtype, Attention, GradCkpt, Method, Precision
+    from vramcalc.terms import activations, encoder
+
+    spec = vc.get_model("bert-large-uncased")
+    dt = activations.dtypes(Method.FULL, Precision(precision), AdapterDtype.FP32)
+    shape = encoder.shape_of(dt, Precision(precision), Attention.EAGER, 1, GradCkpt.NONE, **knobs)
+    return encoder.layer_saved(spec, shape).bytes(batch_size, seq_len)
+
+
+@pytest.mark.parametrize("precision, knobs, input_bytes", [
+    ("fp32", {}, 4),  # the fp32 scores
+    ("mixed-fp16", {}, 2),  # the fp16 scores, which half_to_float reads
+    ("mixed-bf16", {}, 4),  # the bf16 scores' fp32 copy
+    ("mixed-fp16", dict(extended_mask=True), 4),  # the fp16 scores plus the fp32 mask: fp32
+])
+def test_torch_1_10s_softmax_keeps_its_input_one_scores_tensor_per_layer(precision, knobs, input_bytes):
+    """torch 1.10.0's generated Functions.h: ``SoftmaxBackward0`` holds ``self_`` and ``result_``; 1.11.0 holds
+    ``self_scalar_type`` and ``result_``. The difference is the softmax's input, [b, heads, s, s] of its dtype."""
+    b, s, heads = 4, 512, 16
+    kept = _layer_saved_bytes(precision, b, s, softmax_saves_input=True, **knobs)
+    assert kept - _layer_saved_bytes(precision, b, s, **knobs) == input_bytes * b * heads * s * s
+
+
+def test_the_extended_mask_changes_what_the_softmax_reads_not_what_it_saves():
+    """transformers 4.x's added mask makes the mixed-precision scores fp32 before the softmax, whose output is fp32
+    either way (CUDA autocast's softmax): without torch 1.10's kept input, the saved set is the same."""
+    assert _layer_saved_bytes("mixed-fp16", extended_mask=True) == _layer_saved_bytes("mixed-fp16")
+
+
+@pytest.mark.parametrize("options", [
+    dict(softmax_saves_input=True),  # an LLM: not modelled
+    dict(task="classify", softmax_saves_input=True),  # a decoder asked to classify is refused first
+])
+def test_the_2022_attention_knobs_off_an_encoders_eager_attention_are_refused_in_one_line(capsys, options):
+    from .cli_helpers import assert_one_error_line
+
+    assert_one_error_line(capsys, "llama-3.2-1b", options, "softmax|encoder")
+    assert_one_error_line(capsys, "bert-large-uncased", dict(task="classify", attn="sdpa", extended_mask=True),
+                          "eager attention")
+
+
+def test_a_measured_cuda_context_replaces_the_profiles_in_the_total_and_in_the_inputs():
+    options = dict(task="classify", seq_len=512, batch_size=4)
+    plain = vc.estimate("bert-large-uncased", **options)
+    given = vc.estimate("bert-large-uncased", cuda_context_mib=1341, **options)
+    assert given.total_bytes - plain.total_bytes == (1341 - 500) * 2**20  # the default profile's 500 MiB
+    assert given.peak_tensor_bytes == plain.peak_tensor_bytes
+    assert given.inputs["cuda_context_mib"] == 1341 and "1341 MiB given" in given.details["runtime_profile"]
+    with pytest.raises(VramcalcError, match="CUDA context"):
+        vc.estimate("bert-large-uncased", cuda_context_mib=-1, **options)
 
 
 @needs_torch

@@ -278,7 +278,7 @@ def peak_tensor_bytes_grid(spec: ModelSpec, resolved: ResolvedSetup, batch_sizes
 def _finish(spec, resolved, terms, phase, source, device, paged_bytes, details, stream_pools_bytes=0,
             stranded_bytes=0) -> MemoryBreakdown:
     setup = resolved.setup
-    profile = runtime_profile(device)
+    profile = runtime_profile(device, setup.cuda_context_mib)
     peak_tensor = sum(terms.values())
     communicating = setup.num_gpus if setup.sharding is not Sharding.NONE else 1  # NCCL only under an engine
     if setup.tp > 1:  # a tensor-parallel group communicates whatever the data-parallel engine
@@ -746,7 +746,8 @@ def _encoder_moments(spec: ModelSpec, resolved: ResolvedSetup, b, s) -> list[Mom
         rank = replace(rank, accumulated_gradients=rank.gradients)
     dt = activations.dtypes(setup.method, setup.precision, setup.adapter_dtype)
     accumulating = max(setup.grad_accum, 2 if setup.grads_kept else 1)  # (a new gradient is added into its .grad)
-    shape = encoder.shape_of(dt, setup.precision, resolved.attn_used, accumulating, setup.grad_ckpt)
+    shape = encoder.shape_of(dt, setup.precision, resolved.attn_used, accumulating, setup.grad_ckpt,
+                             setup.softmax_saves_input, setup.extended_mask)
     W, O, G_acc = rank.weights + encoder.buffer_bytes(spec), rank.optimizer_states, rank.accumulated_gradients
     moments = [Moment(phase, W, G_acc + part.gradients.bytes(b, s), O, part.activations.bytes(b, s), 0,
                       part.temporaries.bytes(b, s)) for phase, part in encoder.step_points(spec, shape)]

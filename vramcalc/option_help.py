@@ -68,6 +68,12 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "grads_kept": ("the loop zeroes gradients in place instead of freeing them (zero_grad(set_to_none=False): "
                    "torch < 2.0's default, which transformers' Trainer used): every step runs beside all the "
                    "gradients"),
+    "softmax_saves_input": ("torch < 1.11: softmax saves its input as well as its output (an encoder's eager "
+                            "attention keeps one more [b, heads, s, s] tensor per layer)"),
+    "cuda_context_mib": ("the CUDA context your process measures (nvidia-smi after its first CUDA tensor), in place "
+                         "of the GPU profile's; torch < 1.13 loads every kernel at start (over 1 GiB)"),
+    "extended_mask": ("transformers 4.x's BERT adds its extended attention mask, in the parameters' dtype, to every "
+                      "layer's scores (16-bit scores become fp32 under mixed precision)"),
     "compile_loss": ("with --compile, the loss is compiled too (--no-compile-loss: torchtitan before April 2025 "
                      "compiled its blocks only)"),
     "activation_offload": "keep saved activations in host memory (torchtune, Unsloth, save_on_cpu)",

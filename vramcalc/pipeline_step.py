@@ -421,7 +421,7 @@ def pipeline_breakdown(spec: ModelSpec, resolved: ResolvedSetup, device, terms: 
     from .terms import runtime
 
     terms = {term: int(terms.get(term, 0)) for term in Term if term.is_tensor}
-    profile = runtime_profile(device)
+    profile = runtime_profile(device, resolved.setup.cuda_context_mib)
     peak_tensor = sum(terms.values())
     terms[Term.RUNTIME_OVERHEAD] = runtime.runtime_overhead_bytes(profile, device, resolved.setup.num_gpus, 0)
     terms[Term.ALLOCATOR_SLACK] = runtime.allocator_slack_bytes(profile, peak_tensor)

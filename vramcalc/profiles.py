@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from .catalogue import GpuSpec
@@ -41,10 +41,11 @@ def _load(name: str) -> RuntimeProfile | None:
     return RuntimeProfile(**values)
 
 
-def runtime_profile(gpu: GpuSpec | None) -> RuntimeProfile:
-    """The GPU's fitted profile, or the defaults (also when no GPU is named)."""
-    if gpu is not None:
-        profile = _load(gpu.name)
-        if profile is not None:
-            return profile
-    return RuntimeProfile()
+def runtime_profile(gpu: GpuSpec | None, cuda_context_mib: int | None = None) -> RuntimeProfile:
+    """The GPU's fitted profile, or the defaults (also when no GPU is named); with ``cuda_context_mib`` (the
+    setup's ``--cuda-context-mib``, the context the user measured) in place of its CUDA context."""
+    profile = (_load(gpu.name) if gpu is not None else None) or RuntimeProfile()
+    if cuda_context_mib is None:
+        return profile
+    return replace(profile, cuda_context_bytes=cuda_context_mib * 2**20,
+                   source=f"{profile.source}, CUDA context {cuda_context_mib} MiB given")

@@ -87,7 +87,7 @@ def all_linear_warning(setup: TrainingSetup, family: str, lora_modules: tuple[st
 # ``seq_len=10**400``) is one error line instead of a hang, an overflow or a negative total.
 MAX_OPTION = {
     "batch_size": 2**24, "seq_len": 2**30, "lora_rank": 2**20, "virtual_tokens": 2**20, "grad_accum": 2**30,
-    "num_gpus": 2**20, "global_batch_size": 2**44, "zero_bucket_size": 2**40,
+    "num_gpus": 2**20, "global_batch_size": 2**44, "zero_bucket_size": 2**40, "cuda_context_mib": 2**20,
 }
 # Every byte count vramcalc computes must stay below this: the Python estimate is exact at any size, but ``sweep``
 # evaluates byte counts in numpy int64 and the trace in torch int64 sizes (both wrap past 2**63). 2**62 bytes (4 EiB)
@@ -146,6 +146,19 @@ class TrainingSetup:
     # torch's default before 2.0 (which transformers' Trainer ``model.zero_grad()`` took), so every forward and
     # backward runs beside all the gradients, and a new gradient is added into its .grad as under accumulation
     grads_kept: bool = False
+    # torch < 1.11: softmax and log_softmax save their input as well as their output (torch 1.10.0's generated
+    # ``autograd/generated/Functions.h``: ``SoftmaxBackward0 { SavedVariable self_; ... SavedVariable result_; }``;
+    # 1.11.0 keeps ``self_scalar_type`` only, pytorch#65242); modelled for an encoder's eager attention
+    softmax_saves_input: bool = False
+    # transformers 4.x's BertModel adds the extended attention mask, ``(1.0 - mask) * -10000.0`` in the parameters'
+    # dtype, to every layer's scores, an all-ones mask too (4.16.2 ``modeling_utils.py:306-307``,
+    # ``models/bert/modeling_bert.py:957,969,327``): 16-bit scores become the parameters' dtype before the softmax;
+    # transformers 5 adds none to an unpadded batch (``masking_utils.create_bidirectional_mask``)
+    extended_mask: bool = False
+    # the CUDA context the process measures (MiB of nvidia-smi's used memory after its first CUDA tensor, that
+    # tensor's 2 MiB segment less), in place of the GPU profile's; torch < 1.13 loads every kernel at context creation
+    # (lazy module loading came with CUDA 11.7 and torch 1.13), over 1 GiB where the default profile has 500 MiB
+    cuda_context_mib: int | None = None
     activation_offload: bool = False  # saved activations kept in host memory
     optimizer_in_backward: bool = False  # each parameter stepped from its post-accumulate-grad hook
     kernels: Kernels = Kernels.NONE
@@ -342,6 +355,11 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         loop_keeps_outputs=_bool(chosen.get("loop_keeps_outputs", SETUP_DEFAULTS["loop_keeps_outputs"]),
                                  "loop_keeps_outputs"),
         grads_kept=_bool(chosen.get("grads_kept", SETUP_DEFAULTS["grads_kept"]), "grads_kept"),
+        softmax_saves_input=_bool(chosen.get("softmax_saves_input", SETUP_DEFAULTS["softmax_saves_input"]),
+                                  "softmax_saves_input"),
+        extended_mask=_bool(chosen.get("extended_mask", SETUP_DEFAULTS["extended_mask"]), "extended_mask"),
+        cuda_context_mib=None if chosen.get("cuda_context_mib") is None else positive_int(
+            chosen["cuda_context_mib"], "CUDA context (MiB)", MAX_OPTION["cuda_context_mib"]),
         activation_offload=_bool(chosen.get("activation_offload", SETUP_DEFAULTS["activation_offload"]),
                                  "activation_offload"),
         optimizer_in_backward=_bool(chosen.get("optimizer_in_backward", SETUP_DEFAULTS["optimizer_in_backward"]),
@@ -643,6 +661,10 @@ def _check_combination(setup: TrainingSetup) -> None:
                              or setup.stack not in (Stack.HF, Stack.AXOLOTL, Stack.LLAMA_FACTORY, Stack.TRL)):
         raise VramcalcError("--grads-kept (zero_grad(set_to_none=False) between steps) is modelled for the Trainer's "
                             "step on one GPU, without --optimizer-in-backward")
+    for knob, on in (("softmax-saves-input", setup.softmax_saves_input), ("extended-mask", setup.extended_mask)):
+        if on and (setup.task is not Task.CLASSIFY or setup.attn is not Attention.EAGER):
+            raise VramcalcError(f"--{knob} is modelled for an encoder's eager attention (--task classify --attn "
+                                "eager), the 2022 stacks that ran it")
     if setup.optimizer_in_backward and setup.grad_accum > 1:
         raise VramcalcError("--optimizer-in-backward steps each parameter as soon as its gradient is ready, so it "
                             "cannot accumulate gradients (torchtune recipes refuse gradient_accumulation_steps > 1 "

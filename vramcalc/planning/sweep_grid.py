@@ -116,7 +116,7 @@ def sweep(grid):
             names = gpu_column[rows] if gpu_column is not None else numpy.full(len(rows), None, dtype=object)
             for mask, device in _gpu_parts(names):
                 where = rows[mask]
-                profile = runtime_profile(device)
+                profile = runtime_profile(device, resolved.setup.cuda_context_mib)
                 peak[where] = peaks[mask]
                 phase[where] = phases[mask]
                 overhead[where] = runtime.runtime_overhead_bytes(profile, device, resolved.setup.num_gpus, paged)

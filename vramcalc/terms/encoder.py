@@ -41,6 +41,13 @@ frees was read from the modules' source and checked against the trace of the rea
   undone before the weight gradient's ``ToCopyBackward``; a residual's two gradients are summed out of place
   (``InputBuffer::accumulate``); ``AddBackward0`` casts the fp32 gradient to a c input's dtype; a parameter's
   gradient becomes its ``.grad`` (with gradient accumulation it is added into the existing one and freed).
+- The 2022 stacks (``Shape.softmax_saves_input``, ``Shape.extended_mask``): torch < 1.11's ``SoftmaxBackward0`` saves
+  the softmax's input as well as its output (torch 1.10.0's generated ``Functions.h``: ``self_`` and ``result_``;
+  1.11.0: ``self_scalar_type`` and ``result_``), freed when that node runs; transformers 4.x's BertModel adds its
+  extended mask (``(1.0 - mask) * -10000.0`` in the parameters' dtype, [b, 1, 1, s], built from an all-ones mask
+  too: 4.16.2 ``modeling_utils.py:306-307``, ``modeling_bert.py:957,969,327``) to the scaled scores, a new
+  [b, a, s, s] of the wider dtype (fp32 under mixed precision), which the softmax then reads; its gradient is cast
+  back to the scores' dtype by ``AddBackward0``.
 - Checkpointing (transformers' GradientCheckpointingLayer on BertLayer): each layer keeps its input; its backward
   recomputes the layer's forward with grad (under its autocast state: new weight copies) before running it.
   ``reentrant`` (torch.utils.checkpoint with use_reentrant=True, transformers 4.x's default) holds the layer's
@@ -125,6 +132,22 @@ class Shape:
     # bf16 autocast: CUDA's fp32 softmax of a bf16 input runs on an fp32 copy; fp16's takes half_to_float
     # (``aten/src/ATen/native/SoftMax.cpp::softmax``)
     bf16: bool = False
+    softmax_saves_input: bool = False  # torch < 1.11: SoftmaxBackward0 keeps its input too (``softmax_input``)
+    extended_mask: bool = False  # transformers 4.x: the scores get the extended mask added (``masked``)
+
+    @property
+    def masked(self) -> int:
+        """Bytes per element of the masked scores: the c scores plus a mask in the parameters' dtype (r) promote
+        to the wider of the two."""
+        return max(self.c, self.r)
+
+    def softmax_input(self) -> tuple[str, int]:
+        """The tensor ``_softmax`` reads and its element bytes: the masked scores (``extended_mask``), else the
+        scaled ones; under bf16 autocast a 16-bit one's fp32 copy (``name + "32"``)."""
+        name, size = ("masked", self.masked) if self.extended_mask else ("scaled", self.c)
+        if self.autocast and self.bf16 and size != _F32:
+            return name + "32", _F32
+        return name, size
 
     @property
     def norm_copies(self) -> bool:
@@ -132,11 +155,13 @@ class Shape:
         return self.autocast and self.r != _F32
 
 
-def shape_of(dt: Dtypes, precision: Precision, attn_used: Attention, grad_accum: int, grad_ckpt: GradCkpt) -> Shape:
+def shape_of(dt: Dtypes, precision: Precision, attn_used: Attention, grad_accum: int, grad_ckpt: GradCkpt,
+             softmax_saves_input: bool = False, extended_mask: bool = False) -> Shape:
     autocast = dt.autocast
     return Shape(c=dt.c, r=dt.r, x=_F32 if autocast else dt.r, autocast=autocast, copies=autocast and dt.r != dt.c,
                  attn=Attention.EAGER if attn_used is Attention.EAGER else Attention.SDPA,
-                 accumulate=grad_accum > 1, ckpt=grad_ckpt, bf16=precision.compute_dtype is DType.BF16)
+                 accumulate=grad_accum > 1, ckpt=grad_ckpt, bf16=precision.compute_dtype is DType.BF16,
+                 softmax_saves_input=softmax_saves_input, extended_mask=extended_mask)
 
 
 def _linear(t: _Timeline, m: Shape, name: str, x: str, x_bytes: int, fan_in: int, fan_out: int, out: str,
@@ -221,11 +246,18 @@ def layer_forward(model: ModelSpec, m: Shape, grad: bool = True, recompute: bool
             t.free("qc", "kc")
         t.make("scaled", MOVING, _sq(c * a))
         t.free("scores")
-        softmax = _F32 if m.autocast else c
-        if m.autocast and m.bf16:  # bf16's fp32 softmax runs on an fp32 copy (SoftMax.cpp::softmax)
-            t.make("scaled32", MOVING, _sq(_F32 * a))
+        if m.extended_mask:  # 4.x: + the [b, 1, 1, s] extended mask (left out, as the [b, h] tensors are)
+            t.make("masked", MOVING, _sq(m.masked * a))
+            t.free("scaled")
+        softmax_input, input_bytes = m.softmax_input()
+        if softmax_input.endswith("32"):  # bf16's fp32 softmax runs on an fp32 copy (SoftMax.cpp::softmax)
+            t.make(softmax_input, MOVING, _sq(_F32 * a))
+        softmax = _F32 if m.autocast else input_bytes
         t.make("probs", saved, _sq(softmax * a))
-        t.free("scaled", "scaled32")
+        if m.softmax_saves_input and grad:  # torch < 1.11's SoftmaxBackward0 saves self as well as result
+            t.retag(softmax_input, SAVED)
+        t.free(*(name for name in ("scaled", "masked", "scaled32", "masked32") if name != softmax_input or not grad
+                 or not m.softmax_saves_input))
         dropped = _dropout(t, p_attention, "probs", "dropped", a, softmax, square=True, grad=grad)
         if not grad and dropped != "probs":
             t.free("probs")
@@ -412,14 +444,16 @@ def layer_backward(model: ModelSpec, m: Shape, start: dict, holds_output_grad: b
             t.make("gprobs", GRAD, _sq(softmax * a))
             t.free(grad, "dropped.mask")
             grad = "gprobs"
-        # _softmax_backward_data in the input's dtype: fp16's half_to_float softmax gives fp16 at once; bf16's ran
-        # on an fp32 copy, whose ToCopyBackward casts the fp32 gradient back
-        if m.autocast and m.bf16:
-            t.make("gscaled32", GRAD, _sq(_F32 * a))
-            t.free(grad, "probs")
-            grad = "gscaled32"
+        # _softmax_backward_data in the input's dtype (freeing what SoftmaxBackward0 saved): fp16's half_to_float
+        # softmax gives fp16 at once; bf16's ran on an fp32 copy, whose ToCopyBackward casts the fp32 gradient back;
+        # the masked scores' AddBackward0 casts it to the c scores' dtype, or passes it on
+        softmax_input, input_bytes = m.softmax_input()
+        if input_bytes != c:
+            t.make("g" + softmax_input, GRAD, _sq(input_bytes * a))
+            t.free(grad, "probs", softmax_input)
+            grad = "g" + softmax_input
         t.make("gscaled", GRAD, _sq(c * a))
-        t.free(grad, "probs")
+        t.free(grad, "probs", softmax_input)
         t.make("gscores", GRAD, _sq(c * a))  # the scaling's backward
         t.free("gscaled")
         t.make("gq", GRAD, _tok(c * h))

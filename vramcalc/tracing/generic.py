@@ -207,7 +207,7 @@ def _breakdown(spec: ModelSpec, resolved: ResolvedSetup, result, gpu, details: d
     from ..terms import runtime
 
     device = get_gpu(gpu) if gpu is not None else None
-    profile = runtime_profile(device)
+    profile = runtime_profile(device, resolved.setup.cuda_context_mib)
     terms = {term: int(result.terms.get(term, 0)) for term in Term if term.is_tensor}
     peak_tensor = sum(terms.values())
     terms[Term.RUNTIME_OVERHEAD] = runtime.runtime_overhead_bytes(profile, device, 1, result.paged_bytes)
