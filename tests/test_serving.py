@@ -218,3 +218,28 @@ def test_gpt_oss_caches_a_window_on_its_sliding_layers_only(tmp_path):
     per_token_layer = 2 * 8 * 64 * 2  # keys and values, bf16
     expected = 12 * 10_000 * per_token_layer + 12 * 128 * per_token_layer
     assert hf_cache_bytes(spec, 1, 10_000, last_input=1) == expected
+
+
+def _measured_memory_gb_s(gpu: str) -> float:
+    """data/achievable_rates.csv's memory row for ``gpu``, read here with the csv module (not through step_time)."""
+    import csv
+    from pathlib import Path
+
+    path = Path(vramcalc.__file__).resolve().parent.parent / "data" / "achievable_rates.csv"
+    with path.open() as handle:
+        return next(float(row["gb_s"]) for row in csv.DictReader(handle)
+                    if row["gpu"] == gpu and row["kind"] == "memory")
+
+
+@pytest.mark.parametrize("gpu", ["h100-sxm", "mi300x", "rtx-4090"])
+def test_decode_streams_weights_and_cache_at_the_measured_bandwidth(gpu):
+    """Llama 3.1 8B bf16, one sequence at 4096 tokens, is memory-bound: each step reads the weights (8,030,261,248
+    params x 2 bytes, config.json) and the cache (32 layers x K,V x 8 KV heads x 128 x 2 bytes x 4096 tokens) at the
+    GPU's achievable bandwidth, the same row the training step-time model uses (H100 SXM 2970 GB/s measured, 88.7% of
+    its datasheet; MI300X 4090, 77.2%; RTX 4090 921.9, 91.5%: no one factor of the datasheet)."""
+    b = vramcalc.infer("llama-3.1-8b", context=4096, concurrency=1, gpu=gpu)
+    read_bytes = 8_030_261_248 * 2 + 32 * 2 * 8 * 128 * 2 * 4096
+    expected = _measured_memory_gb_s(gpu) * 1e9 / read_bytes
+    assert b.details["decode_tokens_per_s_per_sequence"] == pytest.approx(expected, rel=0.005)
+    assert b.details["decode_tokens_per_s_per_sequence"] != pytest.approx(
+        0.8 * get_gpu(gpu).bandwidth_gb_s * 1e9 / read_bytes, rel=0.02)  # the old assumed 80% of the datasheet

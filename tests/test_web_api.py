@@ -249,6 +249,82 @@ def test_an_uploaded_config_estimates_like_the_same_file_on_the_cli(server, tmp_
     assert answer["terms"] == expected["terms"] and answer["total_bytes"] == expected["total_bytes"]
 
 
+# -- a dataset's sample lengths (vramcalc/sample_lengths.py), as `vramcalc estimate --sample-lengths FILE` -----------
+# torchtune LoRA at seq_len 512 (tests/test_sample_lengths.py's setup): transformers-free loss with [T, V] blocks, so
+# the shorter steps leave loss ladders cached (details["length_ladders_bytes"] > 0)
+LENGTHS_SETUP = {"model": "llama-2-7b", "stack": "torchtune", "method": "lora", "batch_size": 2, "seq_len": 512,
+                 "loss": "torchtune-2024", "precision": "bf16-true", "grad_ckpt": True}
+# 1,001 samples (150,333 tokens), the longest 333 (< seq_len 512): a hand-made histogram, its figures counted by hand
+LENGTHS = [100] * 600 + [200] * 300 + [300] * 100 + [333]
+LENGTH_FILES = {  # the three formats `--sample-lengths` reads, as the page uploads them (the file's text)
+    "histogram.csv": "tokens,samples\n100,600\n200,300\n300,100\n333,1\n",
+    "lengths.json": json.dumps(LENGTHS),
+    "lengths.txt": "\n".join(map(str, LENGTHS)) + "\n",
+}
+
+
+@pytest.mark.parametrize("name", [*LENGTH_FILES, "json-value"])
+def test_api_estimate_with_sample_lengths_is_the_cli_and_library_estimate_of_the_same_file(server, tmp_path, name):
+    text = LENGTH_FILES.get(name, LENGTH_FILES["lengths.json"])
+    path = tmp_path / (name if name in LENGTH_FILES else "lengths.json")
+    path.write_text(text)
+    uploaded = {"sample_lengths": text, "sample_lengths_name": name} if name in LENGTH_FILES else {
+        "sample_lengths": LENGTHS}  # a JSON list of per-sample token counts, not a file's text
+    status, data = post(server, "/api/estimate", dict(LENGTHS_SETUP, **uploaded))
+    assert status == 200, data
+    answer = json.loads(data)
+    cli_json = json.loads(cli("estimate", "llama-2-7b", *flags(LENGTHS_SETUP), "--sample-lengths", str(path),
+                              "--format", "json"))
+    assert answer == cli_json  # the CLI's --format json, details and all
+    options = {key: value for key, value in LENGTHS_SETUP.items() if key != "model"}
+    library = vramcalc.estimate("llama-2-7b", sample_lengths=str(path), **options)
+    assert answer["total_bytes"] == library.total_bytes and answer["details"] == library.details
+    # figures counted by hand from LENGTHS: the longest step is the longest sample (333 < seq_len 512); one epoch is
+    # ceil(1001 / batch 2) = 501 steps; a step (2 samples) is at 333 tokens with 1 - (1000/1001)^2
+    details = answer["details"]
+    assert details["longest_step_tokens"] == 333 and details["steps_per_epoch"] == 501
+    assert details["share_of_steps_at_longest"] == pytest.approx(1 - (1000 / 1001) ** 2, abs=1e-4)
+    assert answer["inputs"]["sample_lengths"] == {"samples": 1001, "mean_tokens": round(150333 / 1001, 1),
+                                                  "longest_tokens": 333}
+    assert answer["inputs"]["seq_len"] == 512
+    # the peak is the longest step's: the fixed-length estimate at 333 tokens, not at seq_len
+    at_longest = vramcalc.estimate("llama-2-7b", **dict(options, seq_len=333))
+    assert answer["total_bytes"] == at_longest.total_bytes
+    assert answer["total_bytes"] < vramcalc.estimate("llama-2-7b", **options).total_bytes
+    assert details["length_ladders_bytes"] > 0  # the shorter steps' loss blocks, in reserved, not in the total
+
+
+def test_the_same_lengths_in_another_format_are_one_cached_answer(server):
+    answers = [post(server, "/api/estimate", dict(LENGTHS_SETUP, sample_lengths=text))[1]
+               for text in LENGTH_FILES.values()]
+    assert answers[0] == answers[1] == answers[2]
+
+
+@pytest.mark.parametrize("lengths, message", [
+    ("hello,world\n1,2\n", "is neither a 'tokens,samples' CSV"),
+    ("tokens,samples\n100,many\n", "is neither a 'tokens,samples' CSV"),
+    ("[100, 2.5]", "not a whole number"),
+    ("[100, [200]]", "not a whole number"),
+    ("tokens,samples\n100,-1\n", "must be positive"),
+    ("0\n12\n", "must be positive"),
+    ("[" * 5000, "is neither"),
+    ("", "no sample lengths given"),
+    ([100, "200"], "not a whole number"),
+    ([], "no sample lengths given"),
+    ({"100": 3}, "must be a length file's text"),
+])
+def test_a_bad_length_file_gets_one_error_line_and_nothing_is_lost(server, lengths, message):
+    status, data = post(server, "/api/estimate", dict(LENGTHS_SETUP, sample_lengths=lengths,
+                                                       sample_lengths_name="my lengths.csv"))
+    assert status == 400, data
+    answer = json.loads(data)
+    assert answer["field"] == "sample_lengths" and message in answer["error"]
+    assert "\n" not in answer["error"] and "Traceback" not in answer["error"]
+    status, data = post(server, "/api/estimate", LENGTHS_SETUP)  # the same form without the file still answers
+    assert status == 200 and json.loads(data)["total_bytes"] == vramcalc.estimate(
+        "llama-2-7b", **{key: value for key, value in LENGTHS_SETUP.items() if key != "model"}).total_bytes
+
+
 # -- bad input ------------------------------------------------------------------------------------------------------
 GOOD = {"model": "llama-3.1-8b", "method": "lora"}
 MALFORMED = [  # (method, path, body bytes or JSON value, extra headers, expected status, field)
@@ -281,7 +357,13 @@ MALFORMED = [  # (method, path, body bytes or JSON value, extra headers, expecte
     ("POST", "/api/plan", dict(GOOD, tokens="lots"), None, 400, "tokens"),
     ("POST", "/api/plan", dict(GOOD, rank_by="beauty"), None, 400, "rank_by"),
     ("POST", "/api/estimate", b"x" * (MAX_BODY_BYTES + 1), None, 413, None),
-    ("POST", "/api/estimate", b"{" + b" " * (1 << 20) + b"}", None, 413, None),
+    ("POST", "/api/estimate", b"{" + b" " * MAX_BODY_BYTES + b"}", None, 413, None),
+    ("POST", "/api/fits", dict(GOOD, sample_lengths=[100, 200]), None, 400, "sample_lengths"),
+    ("POST", "/api/plan", dict(GOOD, sample_lengths="tokens,samples\n100,3\n"), None, 400, "sample_lengths"),
+    ("POST", "/api/estimate", dict(GOOD, sample_lengths_name="lengths.csv"), None, 400, "sample_lengths"),
+    ("POST", "/api/estimate", dict(GOOD, sample_lengths="[100, 200]", packing=True, attn="flash"), None, 400,
+     "packing"),
+    ("GET", "/api/estimate?model=llama-3.1-8b&sample_lengths=100", None, None, 400, "sample_lengths"),
     ("POST", "/api/estimate", GOOD, {"Content-Type": "text/plain"}, 415, None),
     ("GET", "/api/estimate?model=llama-3.1-8b&model=qwen3-8b", None, None, 400, "model"),
     ("GET", "/api/estimate?model=llama-3.1-8b&config=%7B%7D", None, None, 400, "config"),

@@ -315,3 +315,48 @@ def test_the_plan_has_hours_exactly_when_the_form_gives_a_token_budget(browser, 
     assert "tokens=1e9" in browser.find_element(By.ID, "share-url").get_attribute("value")
     hours = [row["train_hours"] for row in page_plan_table(browser)[1] if row["train_hours"] != "–"]
     assert len(hours) >= 5 and all(float(text.replace(",", "")) > 0 for text in hours)
+
+
+LENGTHS_QUERY = {"model": "llama-2-7b", "stack": "torchtune", "method": "lora", "batch_size": 2, "seq_len": 512,
+                 "loss": "torchtune-2024", "precision": "bf16-true", "grad_ckpt": "full"}
+
+
+def test_an_uploaded_length_file_changes_the_estimate_to_the_cli_one(browser, server, tmp_path):
+    """The dataset's lengths, uploaded as the 'tokens,samples' CSV `vramcalc lengths --output` writes: the total
+    becomes `vramcalc estimate --sample-lengths FILE`'s (the longest sample, 333 tokens, is under seq_len 512, so the
+    peak drops), the page says what the CLI prints under its table; a bad file gets its message beside the input and
+    the form stays as it was."""
+    lengths = tmp_path / "histogram.csv"
+    lengths.write_text("tokens,samples\n100,600\n200,300\n300,100\n333,1\n")
+    query = "?" + "&".join(f"{key}={value}" for key, value in LENGTHS_QUERY.items())
+    open_page(browser, server, query)
+    without = page_total_bytes(browser)
+    assert without == cli_json(LENGTHS_QUERY)["total_bytes"]
+    assert browser.find_element(By.ID, "lengths-note").text == ""
+    browser.find_element(By.ID, "f-sample_lengths").send_keys(str(lengths))
+    wait_idle(browser)
+    done = subprocess.run([sys.executable, "-m", "vramcalc", "estimate", "llama-2-7b", "--stack", "torchtune",
+                           "--method", "lora", "--batch-size", "2", "--seq-len", "512", "--loss", "torchtune-2024",
+                           "--precision", "bf16-true", "--grad-ckpt", "full", "--sample-lengths", str(lengths),
+                           "--format", "json"], capture_output=True, text=True, check=True)
+    expected = json.loads(done.stdout)
+    assert browser.find_element(By.ID, "error-banner").get_attribute("hidden") is not None
+    assert page_total_bytes(browser) == expected["total_bytes"] < without
+    note = browser.find_element(By.ID, "lengths-note").text
+    assert "1,001 samples" in note and "longest step 333 tokens" in note and "501 steps an epoch" in note
+    assert f"{expected['details']['length_ladders_bytes'] / 2**30:.2f} GiB more cached" in note
+    assert "histogram.csv" in browser.find_element(By.ID, "lengths-name").text
+    browser.save_screenshot(str(tmp_path / "lengths.png"))
+    assert "length file is not in the link" in browser.find_element(By.ID, "share-url").get_attribute("value")
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("tokens,samples\n100,-1\n")
+    browser.find_element(By.ID, "f-sample_lengths").send_keys(str(bad))
+    wait_idle(browser)
+    message = browser.find_element(By.ID, "err-sample_lengths").text
+    assert "must be positive" in message and "Traceback" not in message
+    assert browser.find_element(By.ID, "f-seq_len").get_attribute("value") == "512"  # nothing lost
+    browser.find_element(By.ID, "lengths-clear").click()
+    wait_idle(browser)
+    assert browser.find_element(By.ID, "err-sample_lengths").text == ""
+    assert page_total_bytes(browser) == without and browser.find_element(By.ID, "lengths-note").text == ""

@@ -95,12 +95,18 @@ def _sorted_columns(counts: dict[int, int]) -> tuple[tuple[int, ...], tuple[int,
 
 def read(path) -> LengthProfile:
     """A profile from a file: a CSV with the header ``tokens,samples`` (a histogram), a JSON list of per-sample token
-    counts, or one token count per line."""
+    counts, or one token count per line (``parse``)."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as error:
         raise VramcalcError(f"--sample-lengths: cannot read {path}: {error.strerror or error}") from None
+    return parse(text, str(path))
+
+
+def parse(text: str, name: str = "the lengths") -> LengthProfile:
+    """A profile from a length file's text (``read``'s three formats; the web API's upload too); ``name`` is what an
+    error calls the file."""
     stripped = text.lstrip()
     try:
         if stripped.startswith("["):
@@ -112,8 +118,10 @@ def read(path) -> LengthProfile:
                 counts[int(row["tokens"])] = counts.get(int(row["tokens"]), 0) + int(row["samples"])
             return LengthProfile(*_sorted_columns(counts))
         return LengthProfile.of(int(line) for line in stripped.split())
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError):
-        raise VramcalcError(f"--sample-lengths: {path} is neither a 'tokens,samples' CSV, a JSON list nor one token "
+    except VramcalcError:  # a readable file with bad counts: the profile's own message says which
+        raise
+    except (ValueError, KeyError, TypeError, RecursionError):  # (json.JSONDecodeError is a ValueError)
+        raise VramcalcError(f"--sample-lengths: {name} is neither a 'tokens,samples' CSV, a JSON list nor one token "
                             "count per line") from None
 
 

@@ -1,13 +1,19 @@
 """Decode tokens/s from memory bandwidth, prefill time from compute: the roofline of one serving step.
 
-decode step time  = max(bytes read / (bandwidth x BANDWIDTH_EFFICIENCY), flops / (peak x COMPUTE_EFFICIENCY))
+decode step time  = max(bytes read / achievable bandwidth, flops / (peak x COMPUTE_EFFICIENCY))
   bytes read      = the weights one step touches (all dense weights; for MoE the experts the batch routes to)
                     + every sequence's KV cache at the full context (the worst step)
   flops           = 2 x active params x batch + 4 x layers x heads x head_dim x context x batch (QK^T and PV)
 prefill time      = (2 x active params x prompt + 2 x layers x heads x head_dim x prompt^2) / (peak x COMPUTE_EFFICIENCY)
-Both efficiencies are assumptions (not calibrated): memory-bound decode kernels reach ~80% of datasheet bandwidth
-(vLLM/TensorRT-LLM decode GEMV benchmarks), prefill ~50% of dense bf16 peak. Tensor parallelism multiplies bandwidth
-and compute by tp and ignores the all-reduces. fp8 weights use the fp8 peak for the matmuls.
+The achievable bandwidth is the training step-time model's (``step_time.achievable_bandwidth_gb_s``, one source for
+both): the GPU's ``memory`` row of data/achievable_rates.csv, a measured STREAM triad / vectorized-copy bandwidth where
+one is published (e.g. H100 SXM 2970 of 3350 GB/s, 88.7%: BabelStream in Azure/AI-benchmarking-guide; A100 80GB
+1729.5 of 2039), else the datasheet times the median measured ratio of its memory family (HBM 88.6%, GDDR 92.2%),
+with each row's source in the file; a GPU without a row (one built outside the catalogue) keeps its datasheet
+figure. A decode step streams the weights and the cache once, the access pattern those benchmarks time; small
+batches' GEMV kernels may reach less of it (kernel launch gaps, the all-reduces under tp: not modelled). The compute
+efficiency is an assumption (not calibrated): prefill ~50% of dense bf16 peak. Tensor parallelism multiplies
+bandwidth and compute by tp and ignores the all-reduces. fp8 weights use the fp8 peak for the matmuls.
 """
 
 from __future__ import annotations
@@ -16,11 +22,11 @@ from dataclasses import dataclass
 
 from ..catalogue import GpuSpec
 from ..model import ModelSpec
+from ..step_time import achievable_bandwidth_gb_s
 from .kv_cache import kv_bytes_per_token
 from .terms import Weights
 from .weights import active_weight_bytes
 
-BANDWIDTH_EFFICIENCY = 0.8  # assumption
 COMPUTE_EFFICIENCY = 0.5  # assumption
 
 
@@ -51,11 +57,11 @@ def throughput(spec: ModelSpec, gpu: GpuSpec, *, weights: Weights, kv_element_by
     if not gpu.bandwidth_gb_s:
         return None
     peak = _peak_flops(gpu, weights) * tp
-    bandwidth = gpu.bandwidth_gb_s * 1e9 * tp
+    bandwidth = achievable_bandwidth_gb_s(gpu.name, gpu.bandwidth_gb_s) * 1e9 * tp
     read = active_weight_bytes(spec, weights, tp, batch) * tp + batch * context * kv_bytes_per_token(spec, kv_element_bytes)
     attention_width = spec.num_layers * spec.num_heads * (spec.qk_head_dim if spec.traits.mla else spec.head_dim)
     flops = 2 * spec.active_params * batch + 4 * attention_width * context * batch
-    memory_s = read / (bandwidth * BANDWIDTH_EFFICIENCY)
+    memory_s = read / bandwidth
     compute_s = flops / (peak * COMPUTE_EFFICIENCY) if peak else 0.0
     step = max(memory_s, compute_s)
     prefill_flops = 2 * spec.active_params * prompt + 2 * attention_width * prompt * prompt

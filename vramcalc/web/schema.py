@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import hashlib
 import inspect
 import io
 import math
@@ -30,7 +31,8 @@ TEXT_MAX_CHARS = 500
 CONFIG_NAME_MAX_CHARS = 100
 DEFAULT_TOKENS = None  # no token budget, as `vramcalc plan` without --tokens: $ per million tokens, no hours or totals
 PLAN_FIELDS = ("tokens", "epochs", "rank_by")
-REQUEST_FIELDS = ("model", "gpu", "config", "config_name")
+REQUEST_FIELDS = ("model", "gpu", "config", "config_name", "sample_lengths", "sample_lengths_name")
+SAMPLE_LENGTHS_ROUTE = "/api/estimate"  # as the CLI: only ``vramcalc estimate`` takes --sample-lengths
 
 
 class RequestError(ValueError):
@@ -229,6 +231,7 @@ class Request:
     options: dict  # TrainingSetup fields the user gave, as plain JSON values
     plan: dict  # tokens, epochs, rank_by (plan only)
     key: str  # a canonical text of the request, for caches
+    sample_lengths: object = None  # a sample_lengths.LengthProfile (estimate only), or None
 
 
 _PATH_LIKE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -344,6 +347,26 @@ def _plan_values(body: dict) -> dict:
     return out
 
 
+def _sample_lengths(value: object, name: object):
+    """A dataset's sample lengths, as ``vramcalc estimate --sample-lengths`` reads them and through the same parser
+    (``sample_lengths.parse``): the text of a length file (a ``tokens,samples`` CSV, a JSON list of per-sample token
+    counts, or one count per line), or a JSON list of per-sample token counts."""
+    from vramcalc.sample_lengths import LengthProfile, parse
+
+    if name is not None and (not isinstance(name, str) or len(name) > CONFIG_NAME_MAX_CHARS):
+        raise RequestError(f"sample_lengths_name must be text of at most {CONFIG_NAME_MAX_CHARS} characters",
+                           "sample_lengths")
+    try:
+        if isinstance(value, str):
+            return parse(value, repr(name.strip()) if name and name.strip() else "the uploaded length file")
+        if isinstance(value, list):
+            return LengthProfile.of(value)
+    except vramcalc.VramcalcError as err:
+        raise RequestError(str(err), "sample_lengths") from None
+    raise RequestError("sample_lengths must be a length file's text ('tokens,samples' CSV, JSON list or one count per "
+                       f"line) or a JSON list of token counts, got {type(value).__name__}", "sample_lengths")
+
+
 def parse_request(body: object) -> Request:
     """Check a request's fields one by one (unknown ones are errors) and resolve the model and the GPU; the library
     judges the setup as a whole when it computes (``library_error`` names the field then)."""
@@ -354,7 +377,7 @@ def parse_request(body: object) -> Request:
     index = field_index()
     for key in body:
         if not isinstance(key, str) or (key not in index and key not in REQUEST_FIELDS and key not in PLAN_FIELDS):
-            raise RequestError(f"unknown field {str(key)[:60]!r}; fields are: model, gpu, config, "
+            raise RequestError(f"unknown field {str(key)[:60]!r}; fields are: model, gpu, config, sample_lengths, "
                                f"{', '.join(index)}, {', '.join(PLAN_FIELDS)}", str(key)[:60])
     options = {}
     for name, entry in index.items():
@@ -368,9 +391,18 @@ def parse_request(body: object) -> Request:
         model = _model_from_name(body.get("model"))
     gpu = _gpu(body.get("gpu"))
     plan = _plan_values(body)
+    lengths = None
+    if body.get("sample_lengths") is not None:
+        lengths = _sample_lengths(body["sample_lengths"], body.get("sample_lengths_name"))
+    elif body.get("sample_lengths_name") is not None:
+        raise RequestError("sample_lengths_name names an uploaded length file: send its text as sample_lengths",
+                           "sample_lengths")
+    histogram = None  # the parsed profile, not the text (two formats of one histogram are one answer), as a digest
+    if lengths is not None:
+        histogram = hashlib.sha256(repr((lengths.tokens, lengths.samples)).encode()).hexdigest()
     key = json.dumps({"model": model.name, "config": body.get("config"), "gpu": gpu, "options": options,
-                      "plan": plan}, sort_keys=True, default=str)
-    return Request(model, gpu, options, plan, key)
+                      "plan": plan, "sample_lengths": histogram}, sort_keys=True, default=str)
+    return Request(model, gpu, options, plan, key, lengths)
 
 
 _FLAG = re.compile(r"--([a-z][a-z0-9-]*)")

@@ -5,7 +5,9 @@ Routes (GET takes the form fields as a query string, POST as a JSON object; both
     /                   the page (static/index.html, app.js, style.css: no build step, no CDN, works offline)
     /api/options        the form generated from TrainingSetup, the model and GPU catalogues, the server's switches
     /api/estimate       ``vramcalc estimate --format json``'s object: total_bytes, peak_tensor_bytes, phase, terms,
-                        inputs
+                        inputs, details; with ``sample_lengths`` (POST only: a length file's text, the formats
+                        ``--sample-lengths`` reads, or a JSON list of per-sample token counts) that of
+                        ``vramcalc estimate --sample-lengths FILE``: the longest step, length ladders, step reserved
     /api/fits           every catalogue GPU: the setup's total there and the largest micro-batch that fits
     /api/plan           ``vramcalc plan --format json``'s object: summary, catalogue stamp, rows; and ``columns``, the
                         columns of ``vramcalc plan``'s table in order (``{"key", "label"}``) that the page draws
@@ -36,11 +38,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import vramcalc
 
-from .schema import RequestError, library_error, one_line, options_document, parse_request
+from .schema import SAMPLE_LENGTHS_ROUTE, RequestError, library_error, one_line, options_document, parse_request
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-MAX_BODY_BYTES = 64 * 1024  # a config.json is a few KiB; 64 KiB leaves room and bounds the work per request
+# a config.json is a few KiB; a dataset's per-sample lengths as a JSON list ~6 bytes a sample (4 MiB: ~700,000 samples;
+# the 'tokens,samples' histogram `vramcalc lengths --output` writes is far smaller); the bound on the work per request
+MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_QUERY_CHARS = 8 * 1024
 RATE_PER_S = 20.0  # API requests per second per client, sustained (the page sends three per change: estimate,
 RATE_BURST = 120  # fits, plan; at most five changes a second after its 200 ms debounce), and in a burst
@@ -141,7 +145,8 @@ def _json_safe(value):
 def estimate_document(request) -> dict:
     from ..export import breakdown_document  # the CLI's JSON: inputs limited to the method's options
 
-    return breakdown_document(vramcalc.estimate(request.model, gpu=request.gpu, **request.options))
+    return breakdown_document(vramcalc.estimate(request.model, gpu=request.gpu, sample_lengths=request.sample_lengths,
+                                                **request.options))
 
 
 def fits_document(request) -> dict:
@@ -328,7 +333,11 @@ class Handler(BaseHTTPRequestHandler):
             body = self._parse_json(raw) if method == "POST" else self._read_query(split.query)
             if body is None:
                 return None  # the reader has answered
-            self._answer(path, parse_request(body))
+            request = parse_request(body)
+            if request.sample_lengths is not None and path != SAMPLE_LENGTHS_ROUTE:
+                return self._error(400, f"sample_lengths applies to {SAMPLE_LENGTHS_ROUTE} only (as `vramcalc "
+                                        "estimate --sample-lengths`); leave it out of this request", "sample_lengths")
+            self._answer(path, request)
         except RequestError as err:
             self._error(err.status, str(err), err.field)
         except vramcalc.VramcalcError as err:
@@ -428,6 +437,9 @@ class Handler(BaseHTTPRequestHandler):
             body[key] = values[0]
         if "config" in body:
             self._error(400, "an uploaded config.json travels in a POST body, not in the URL", "config")
+            return None
+        if "sample_lengths" in body:
+            self._error(400, "an uploaded length file travels in a POST body, not in the URL", "sample_lengths")
             return None
         return body
 

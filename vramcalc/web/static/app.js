@@ -8,8 +8,9 @@ const FITS_COLUMNS = [
   ["gpu", "GPU"], ["memory_gib", "GiB"], ["total_gib", "needs GiB"], ["fits", "fits"], ["max_batch_size", "max batch"],
 ];
 
-const state = { options: null, fields: [], config: null, configName: null, generation: 0, timer: null,
-                lastBody: null, lastEstimate: null };
+const state = { options: null, fields: [], config: null, configName: null, lengths: null, lengthsName: null,
+                generation: 0, timer: null, lastBody: null, lastEstimate: null };
+const MAX_LENGTHS_BYTES = 4 * 1024 * 1024 - 64 * 1024;  // the server's body limit, less room for the form
 
 const $ = (id) => document.getElementById(id);
 
@@ -189,7 +190,9 @@ function updateShareUrl(body) {
   const query = queryString(body);
   const url = location.origin + location.pathname + (query ? "?" + query : "");
   history.replaceState(null, "", url);
-  $("share-url").value = state.config ? url + "  (the uploaded config.json is not in the link)" : url;
+  const uploads = [state.config ? "config.json" : null, state.lengths ? "length file" : null].filter(Boolean);
+  const verb = uploads.length > 1 ? "are" : "is";
+  $("share-url").value = uploads.length ? url + `  (the uploaded ${uploads.join(" and ")} ${verb} not in the link)` : url;
 }
 
 // -- talking to the server ------------------------------------------------------------------------------------------
@@ -255,7 +258,9 @@ async function run() {
   updateShareUrl(body);
   clearErrors();
   $("status").textContent = "computing…";
-  const estimate = await post("/api/estimate", body);
+  // the dataset's lengths go to the estimate only, as the CLI's `estimate --sample-lengths` (fits and plan: seq_len)
+  const estimate = await post("/api/estimate", state.lengths === null ? body
+    : { ...body, sample_lengths: state.lengths, sample_lengths_name: state.lengthsName });
   if (generation !== state.generation) return;
   if (!estimate.ok) {
     showError(estimate.error);
@@ -295,10 +300,28 @@ function renderEstimate(result) {
   } else {
     verdict.textContent = "no GPU chosen";
   }
+  renderLengths(result);
   const warnings = $("warnings");
   warnings.replaceChildren(...(result.warnings || []).map((text) => el("li", {}, text)));
   renderBar(result);
   renderTerms(result);
+}
+
+// What `vramcalc estimate --sample-lengths` prints under its table (MemoryBreakdown.table), from the same details.
+function renderLengths(result) {
+  const d = result.details || {};
+  const note = $("lengths-note");
+  if (d.longest_step_tokens === undefined) { note.textContent = ""; return; }
+  const s = result.inputs.sample_lengths || {};
+  let text = `dataset: ${grouped(s.samples)} samples, mean ${s.mean_tokens} tokens; longest step ` +
+    `${grouped(d.longest_step_tokens)} tokens (${(100 * d.share_of_steps_at_longest).toFixed(1)}% of ` +
+    `${grouped(d.steps_per_epoch)} steps an epoch); about ${d.expected_later_records.toFixed(1)} steps longer than every earlier one`;
+  if (d.length_ladders_bytes !== undefined) {
+    text += `; their loss blocks keep ${gib(d.length_ladders_bytes)} GiB more cached on average (in max_memory_reserved, ` +
+      "not in the total: freed before an out-of-memory)";
+  }
+  if (d.step_reserved_bytes !== undefined) text += `; the step's own reserved ${gib(d.step_reserved_bytes)} GiB`;
+  note.textContent = text;
 }
 
 function renderBar(result) {
@@ -397,7 +420,8 @@ function sortableTable(table, columns, rows, format, decorate) {
 function renderFits(result) {
   const chosen = $("f-gpu").value;
   const rows = result.rows.map((r) => ({ ...r, memory_gib: r.memory_bytes / GIB, total_gib: r.total_bytes / GIB }));
-  $("fits-note").textContent = `(fits: at the batch you set; max batch: largest micro-batch at seq_len ${result.seq_len}, 0 = none)`;
+  $("fits-note").textContent = `(fits: at the batch you set; max batch: largest micro-batch at seq_len ${result.seq_len}, 0 = none` +
+    (state.lengths === null ? ")" : "; every step at seq_len: the dataset's lengths apply to the estimate above)");
   sortableTable($("fits-table"), FITS_COLUMNS, rows, (key, value) => {
     if (key === "fits") return [value ? "yes" : "no", value ? "yes" : "no"];
     if (key === "memory_gib" || key === "total_gib") return [value.toFixed(2)];
@@ -478,6 +502,34 @@ function readConfig(file) {
   reader.readAsText(file);
 }
 
+function readLengths(file) {
+  $("err-sample_lengths").textContent = "";
+  $("f-sample_lengths").classList.remove("invalid");
+  if (!file) return;
+  if (file.size > MAX_LENGTHS_BYTES) {
+    $("err-sample_lengths").textContent = `this file is over ${(MAX_LENGTHS_BYTES / 2 ** 20).toFixed(1)} MiB: send the ` +
+      "'tokens,samples' histogram that `vramcalc lengths DATA --tokenizer T --output FILE` writes";
+    return;
+  }
+  const reader = new FileReader();
+  reader.onload = () => {  // the server parses it (sample_lengths.parse, as the CLI): one parser, one set of messages
+    state.lengths = reader.result;
+    state.lengthsName = file.name.slice(0, 100);
+    $("lengths-name").textContent = "using " + file.name;
+    $("lengths-chip").hidden = false;
+    schedule();
+  };
+  reader.readAsText(file);
+}
+
+function clearLengths() {
+  state.lengths = null;
+  state.lengthsName = null;
+  $("f-sample_lengths").value = "";
+  $("lengths-chip").hidden = true;
+  schedule();
+}
+
 function clearConfig() {
   state.config = null;
   state.configName = null;
@@ -502,11 +554,14 @@ async function start() {
   applyQuery(location.search);
   refreshVisibility();
   const form = $("form");
-  form.addEventListener("input", (event) => { if (event.target.id !== "f-config" && event.target.id !== "share-url") schedule(); });
-  form.addEventListener("change", (event) => { if (event.target.id !== "f-config" && event.target.id !== "share-url") schedule(); });
+  const own = new Set(["f-config", "f-sample_lengths", "share-url"]);  // these have their own handlers (or none)
+  form.addEventListener("input", (event) => { if (!own.has(event.target.id)) schedule(); });
+  form.addEventListener("change", (event) => { if (!own.has(event.target.id)) schedule(); });
   form.addEventListener("submit", (event) => { event.preventDefault(); schedule(); });
   $("f-config").addEventListener("change", (event) => readConfig(event.target.files[0]));
   $("config-clear").addEventListener("click", clearConfig);
+  $("f-sample_lengths").addEventListener("change", (event) => readLengths(event.target.files[0]));
+  $("lengths-clear").addEventListener("click", clearLengths);
   $("copy-url").addEventListener("click", () => { $("share-url").select(); navigator.clipboard?.writeText($("share-url").value); });
   $("download-csv").addEventListener("click", downloadCsv);
   $("trace-button").addEventListener("click", traceIt);
