@@ -58,6 +58,12 @@ Session 35: the torchao rows' ao 8-bit and ao 4-bit say ``--optimizer adamw-8bit
 true``: the PR #746 table of the same runs reports compile times (~4 min where the optimizer compiles nothing: the
 recipe's ``compile: True``) and ~12 min for ao 8-bit, whose step was then one graph over all parameters, i.e. one
 optimizer over ``model.parameters()`` (each row's note cites the lines). -24.0% and -31.6% -> -2.7% and -3.6%.
+
+Session 37: the 11 ``unb`` rows on Unsloth 2024.1-2024.11.6 say ``--loss unsloth-2024`` (Unsloth's
+``fast_cross_entropy_loss`` on the whole 16-bit logits, saved and overwritten with their gradient; cut-cross-entropy,
+the stack's ``fused``, came in 2024.11.8; docs/stacks-research.md section 12 item 2). unb 17.5% / 41.1% -> 15.0% /
+22.4% (median / P90 |error|), signed -17.5% -> +0.6%: the capped alpaca rows now read high (their longest batch is
+unknown).
 """
 
 from __future__ import annotations

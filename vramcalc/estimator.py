@@ -181,6 +181,11 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
         paged = optimizer.optimizer_state_bytes(parameters.stored_tensors(spec, resolved), optimizer_name,
                                                 embedding_32bit).paged_bytes
     ladder = next((m.logits for m in moments if m.phase is Phase.BACKWARD_START), 0)
+    if resolved.setup.loss is Loss.UNSLOTH_2024 and resolved.setup.task is Task.SFT:
+        # its largest block is the forward's fp32 copy of the returned logits, not a backward one
+        dt = activations.dtypes(resolved.setup.method, resolved.setup.precision, resolved.setup.adapter_dtype)
+        tokens = resolved.setup.batch_size * resolved.setup.seq_len
+        ladder = logits.unsloth_2024_ladder_bytes(dt.c, dt.autocast, tokens, spec.vocab_size)
     step = max((m for m in moments if m.phase is not Phase.LOAD), key=lambda moment: moment.tensor_bytes)
     return _TensorPeak(terms, peak.phase, paged, _phase_peaks(moments) if _reports_phase_peaks(resolved) else (),
                        _stream_pools_bytes(spec, resolved, moments), int(peak.stranded), ladder,
@@ -191,10 +196,11 @@ def reserved_growth_per_longer_step(loss_ladder_bytes) -> int:
     """What ``max_memory_reserved`` gains each time a step is longer than every earlier one (unpacked data padded to
     each batch's longest sample): K(T) = the [rows, V] blocks the loss's backward holds at once (the backward-start
     moment's logits term: 3·4·b·T·V for transformers' loss, the fp32 upcast, log_softmax's output and its
-    gradient). The caching allocator serves a request only from one free block at least as large and never merges
-    blocks of different segments (``CUDACachingAllocator.cpp`` ``get_free_block``, ``try_merge_blocks``), so a
-    longer step's loss cannot use the shorter steps' segments and each record strands one ladder: reserved =
-    R(T_1) + sum of K(T_r) over the later records (allocator replays,
+    gradient; for ``--loss unsloth-2024`` under autocast the forward's fp32 copy of the returned logits, 4·b·T·V,
+    ``logits.unsloth_2024_ladder_bytes``). The caching allocator serves a request only from one free block at least
+    as large and never merges blocks of different segments (``CUDACachingAllocator.cpp`` ``get_free_block``,
+    ``try_merge_blocks``), so a longer step's loss cannot use the shorter steps' segments and each record strands one
+    ladder: reserved = R(T_1) + sum of K(T_r) over the later records (allocator replays,
     docs/evidence/varying_length_reserved/README.md). How many records a run has depends on the length
     distribution and the step count: given the dataset's sample lengths, ``_with_sample_lengths`` adds their
     expected sum (``sample_lengths``); without them the estimate stays at one length and reports K at ``seq_len``. These are

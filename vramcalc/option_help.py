@@ -34,7 +34,8 @@ SETUP_OPTION_HELP: dict[str, str] = {
             "hf-fp32-logits (transformers 4.31-4.45: the model returns fp32 logits, the loss shifts a copy) | "
             "hf-loop (a custom loop that keeps outputs, as transformers' *_no_trainer examples) | "
             "chunked | fused (Liger, Cut Cross-Entropy) | torchtune (0.6 chunked output) | "
-            "torchtune-2024 (recipes before July 2024, which keep the logits through backward) | litgpt | trl",
+            "torchtune-2024 (recipes before July 2024, which keep the logits through backward) | litgpt | trl | "
+            "unsloth-2024 (Unsloth before 2024.11.8: 16-bit logits kept, their gradient written in place)",
     "num_gpus": "GPUs the job runs on",
     "sharding": "none | ddp | zero1 | zero2 | zero3 | fsdp",
     "tp": "tensor-parallel degree (transformers tp_plan=\"auto\"): each GPU holds 1/tp of every attention and MLP "

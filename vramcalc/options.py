@@ -228,6 +228,10 @@ class Loss(Choice):
     # ``outputs.logits``, a custom loop's ``F.cross_entropy``; Qwen v1's own loss): the shifted copy and log_softmax
     # in the logits' dtype, in fp32 under autocast (CUDA autocast's fp32 list has log_softmax and cross_entropy)
     MODEL_DTYPE = "model-dtype"
+    # Unsloth 2024.1-2024.11.7's ``CausalLM_fast_forward``: lm_head's 16-bit [T, V] logits, which its Triton
+    # ``Fast_CrossEntropyLoss`` saves (with a [T] fp32 logsumexp) and overwrites with their gradient in backward
+    # (``unsloth/kernels/cross_entropy_loss.py`` 2024.10.7:262-347); 2024.11.8 took cut-cross-entropy (``fused``)
+    UNSLOTH_2024 = "unsloth-2024"
 
     @property
     def held_by_loop(self) -> bool:
@@ -238,8 +242,10 @@ class Loss(Choice):
 
     @property
     def in_model(self) -> bool:
-        """transformers' model computes this loss itself from its [T, V] logits (``model.loss_function``)."""
-        return self in (Loss.HF, Loss.HF_SHIFTED, Loss.HF_FP32_LOGITS, Loss.HF_LOOP, Loss.MODEL_DTYPE)
+        """The model computes this loss itself from its [T, V] logits (transformers' ``model.loss_function``;
+        Unsloth's ``CausalLM_fast_forward`` calls ``fast_cross_entropy_loss``)."""
+        return self in (Loss.HF, Loss.HF_SHIFTED, Loss.HF_FP32_LOGITS, Loss.HF_LOOP, Loss.MODEL_DTYPE,
+                        Loss.UNSLOTH_2024)
 
 
 class Sharding(Choice):

@@ -103,7 +103,7 @@ PRESETS: dict[Stack, StackPreset] = {
              "(unsloth-zoo training_utils.py:300-342)", (Method.QLORA,)),
         Knob("double_quant", True, "unsloth/models/llama.py:2616-2622", (Method.QLORA,)),
         Knob("loss", "fused", "unsloth/kernels/cross_entropy_loss.py:296-312 (Triton cross-entropy, no fp32 [T, V] "
-             "copy)"),
+             "copy); Unsloth before 2024.11.8 kept the whole 16-bit logits: --loss unsloth-2024"),
         Knob("optimizer", "adamw-8bit", "studio/backend/core/training/training.py:232 (optim defaults to "
              "'adamw_8bit'); scripts/notebook_validator.py:742 (the notebooks' SFTConfig: optim='adamw_8bit')"),
         Knob("kernels", "unsloth", "unsloth/models/llama.py LlamaDecoderLayer_fast_forward (fast_rms_layernorm), "

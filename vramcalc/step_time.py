@@ -270,10 +270,12 @@ def elementwise_bytes(tokens: float, hidden_size: int, q_width: int, kv_width: i
 # that keeps ``outputs`` moves the same bytes as transformers' path: 30. A loss on the logits in their own 16-bit dtype
 # (``model-dtype`` without autocast): write the logits (2), the shifted copy (2 + 2), log-softmax (2 + 2), nll's
 # gradient (2), its backward (2 + 2 + 2) and the slice's (2 + 2 + 2): 24; under autocast it casts to fp32 and moves
-# hf-shifted's bytes (``cost.step_for`` passes that word).
+# hf-shifted's bytes (``cost.step_for`` passes that word). Unsloth <= 2024.11.7's loss (``unsloth-2024``): lm_head
+# writes the 16-bit logits (2), the Triton forward reads them (2), its backward reads them and writes the gradient in
+# place (2 + 2), and accelerate's fp32 copy of the returned logits under autocast reads 2 and writes 4: 14.
 LOSS_BYTES_PER_LOGIT = {"hf": 30.0, "chunked": 30.0, "torchtune": 30.0, "litgpt": 34.0, "trl": 16.0, "fused": 4.0,
                         "torchtune-2024": 50.0, "hf-shifted": 50.0, "hf-fp32-logits": 50.0, "hf-loop": 30.0,
-                        "model-dtype": 24.0}
+                        "model-dtype": 24.0, "unsloth-2024": 14.0}
 
 
 def loss_bytes(tokens: float, vocab_size: int, loss: str = "hf") -> float:

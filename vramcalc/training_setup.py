@@ -409,6 +409,10 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     _check_computable(model, setup)
     check_teacher(model, setup)
     check_classify(model, setup)
+    if setup.loop_keeps_outputs and setup.loss is Loss.UNSLOTH_2024:
+        raise VramcalcError("--loop-keeps-outputs with --loss unsloth-2024: Unsloth's returned logits are the tensor "
+                            "its loss's backward overwrites with their gradient (kernels/cross_entropy_loss.py:256, "
+                            "347 @October-2024), and its notebooks' SFTTrainer drops outputs")
     if setup.loop_keeps_outputs and not setup.loss.in_model:
         raise VramcalcError(f"--loop-keeps-outputs applies to a loss the model computes (hf, hf-shifted, "
                             f"hf-fp32-logits, model-dtype), not --loss {setup.loss.value}")

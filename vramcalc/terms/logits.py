@@ -77,6 +77,28 @@
   term of the estimator, each layer's copies staying after its attention's backward frees its own, then all L
   layers' through the optimizer step and the next forward (``estimator._kv_cache_bytes``); under checkpointing
   transformers turns the cache off (``GradientCheckpointingLayer``, ``modeling_layers.py``).
+``unsloth-2024`` (Unsloth 2024.1 to 2024.11.7, read in the 2024.8, 2024.9, 2024.10.7 and 2024.11.6 wheels and at the
+  repository's 2024-01 and July-2024 commits; ``unsloth/models/llama.py:959-986`` and ``kernels/cross_entropy_loss.py:
+  262-347`` @October-2024 c05e87f18d, the same lines in the 2024.10.7 wheel): ``CausalLM_fast_forward`` runs lm_head on
+  every token, ``logits = self.lm_head(hidden_states.to(lm_head.dtype))``, c bytes (``logits.to(config.torch_dtype)``
+  is no copy, or a same-size one whose source dies at once where the checkpoint's config names the other 16-bit
+  dtype: transformers 4.44 leaves ``config.torch_dtype`` as the checkpoint says; a float32 config, not modelled,
+  would save 4·T·V with the same forward peak), and hands the whole [T, V]
+  tensor, unshifted, to ``fast_cross_entropy_loss`` with ``shift_labels = torch.hstack((labels[..., 1:], -100
+  column))`` (int64 [b, s]). Nothing upcasts it: the Triton kernel casts each row to fp32 in registers.
+  ``Fast_CrossEntropyLoss.forward`` allocates ``losses`` [T] fp32 and ``logsumexp`` [T] fp32 ([T, n] for V > 65536,
+  n = ceil(V / 65536) chunks, then ``torch.logsumexp(dim=1)`` to [T]) and saves ``(logits, logsumexp, labels)``; its
+  backward's kernel stores ``dloss * y`` into ``logits_ptr`` and returns ``logits``: the gradient is the logits'
+  own storage, no new [T, V] tensor. Gemma-2's final soft-cap and Cohere's logit scale are applied inside both kernels
+  (``DO_SOFTCAPPING``, ``DO_LOGIT_SCALING``): no [T, V] copy for them. The model returns the same logits; under
+  autocast accelerate's ``convert_outputs_to_fp32`` copies them to fp32 (4·T·V) while they stay saved, dropped with
+  ``outputs``. Forward peak (c + 4)·T·V under autocast (c·T·V otherwise); saved c·T·V + 4·T + labels; backward
+  start the same (the kernel allocates nothing); lm_head's backward reads the gradient from that storage (c·T·V),
+  which dies when it returns. The backward requests no [rows, V] block, so nothing strands beside it; under varying
+  lengths a longer step's fp32 copy fits in no cached block: K(T) = 4·T·V (``unsloth_2024_ladder_bytes``).
+  From 2024.11.8 ``CausalLM_fast_forward`` calls cut-cross-entropy's ``fused_linear_cross_entropy`` instead where
+  ``HAS_CUT_CROSS_ENTROPY`` (``unsloth_zoo/loss_utils.py``: torch >= 2.4 and ``cut_cross_entropy`` importable;
+  ``llama.py:983-1003`` of the 2024.11.8 wheel): ``fused``.
 Compiled (``compile``, with ``hf`` or ``torchtune``; torchtune's ``training.compile_loss`` compiles its loss): AOTAutograd with inductor's decompositions
   (``torch._inductor.decomposition.select_decomp_table``) and the min-cut partitioner keep the cross-entropy's 16-bit
   input and two fp32 values per row (its amax and log-sum-exp), not the fp32 log_softmax: checked by running
@@ -179,6 +201,8 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
     softcap = model.traits.logit_softcap
     accelerate_copy = dt.autocast  # convert_outputs_to_fp32 runs under every autocast precision
     labels = LABEL_BYTES * tokens
+    if loss is Loss.UNSLOTH_2024:  # its own Triton kernel, ``@torch._disable_dynamo``: never compiled
+        return unsloth_2024_loss_bytes(c, dt.autocast, tokens, V)
     if compiled and loss.in_model and fp32_logits and c != _F32:
         # torchtune: ``self.output(h).float()`` runs eagerly, the compiled cross-entropy saves its fp32 input; backward
         # makes its fp32 gradient, then the cast's backward the c one for lm_head
@@ -261,6 +285,79 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
     saved = grad_input + _F32 * tokens + labels
     forward = saved + c * chunk * V + hidden_bytes * chunk * model.hidden_size
     return LogitsBytes(forward, saved, saved, saved, forward_hidden_grad=grad_input)
+
+
+UNSLOTH_MAX_FUSED_SIZE = 65536  # unsloth kernels/cross_entropy_loss.py MAX_FUSED_SIZE: a vocabulary chunk's columns
+
+
+def unsloth_2024_logits_bytes(c: int, tokens, V: int):
+    """Unsloth <= 2024.11.7's logits, c·T·V: ``logits = self.lm_head(hidden_states.to(lm_head.dtype))`` on all T
+    tokens in the compute dtype (``unsloth/models/llama.py:959`` @October-2024; ``logits.to(torch_dtype)`` at :964
+    keeps 2 bytes an element for a 16-bit config), saved whole by ``Fast_CrossEntropyLoss``
+    (``ctx.save_for_backward(logits, logsumexp, labels)``, ``kernels/cross_entropy_loss.py:317``) and overwritten
+    with their own gradient by ``_cross_entropy_backward`` (``tl.store(logits_ptr + col_offsets, dloss * y)``, :256;
+    ``return logits``, :347): alive from lm_head's forward to the end of lm_head's backward, the loss's only [T, V]
+    tensor."""
+    return c * tokens * V
+
+
+def unsloth_2024_row_bytes(tokens, V: int):
+    """``Fast_CrossEntropyLoss``'s per-row fp32 tensors (``kernels/cross_entropy_loss.py:269-312`` @October-2024):
+    ``losses`` [T] (4·T, forward only: ``loss.sum() / n_items`` saves nothing of it) and ``logsumexp`` [T] (4·T,
+    saved), for V > 65536 first a [T, n] chunked one (n = ceil(V / 65536), :294) that ``torch.logsumexp(dim=1)``
+    (:312) reduces beside it. Returns (saved, forward peak beside the logits and labels): (4·T, 4·T + 4·T +
+    (4·n·T when n > 1))."""
+    chunks = -(-V // UNSLOTH_MAX_FUSED_SIZE)
+    saved = _F32 * tokens
+    return saved, _F32 * tokens + saved + (_F32 * chunks * tokens if chunks > 1 else 0)
+
+
+def unsloth_2024_labels_bytes(tokens):
+    """``shift_labels = torch.hstack((labels[..., 1:], self.extra_ignored_labels[:labels.shape[0]]))``
+    (``unsloth/models/llama.py:979`` @October-2024): a new int64 [b, s] tensor, 8·T, saved by the loss as
+    ``labels.view(-1)``."""
+    return LABEL_BYTES * tokens
+
+
+def unsloth_2024_returned_copy_bytes(c: int, autocast: bool, tokens, V: int):
+    """accelerate's ``convert_outputs_to_fp32`` on the model's return under mixed precision: ``outputs.logits`` is the
+    very tensor the loss saved (``CausalLMOutputWithPast(logits=logits)``, ``unsloth/models/llama.py`` after :986
+    @October-2024; Unsloth 2024.x does not unwrap accelerate's forward), copied to fp32 beside it, 4·T·V, until
+    Trainer drops ``outputs``; none without autocast or for fp32 logits."""
+    return _F32 * tokens * V if autocast and c != _F32 else 0
+
+
+def unsloth_2024_loss_bytes(c: int, autocast: bool, tokens, V: int) -> LogitsBytes:
+    """``--loss unsloth-2024`` (module docstring): the c logits (``unsloth_2024_logits_bytes``), the kernel's row
+    tensors (``unsloth_2024_row_bytes``), the shifted labels (``unsloth_2024_labels_bytes``) and accelerate's fp32
+    copy of the returned logits (``unsloth_2024_returned_copy_bytes``). Forward inside the model: logits + labels +
+    the row tensors; forward peak at the model's return: logits + labels + logsumexp + the fp32 copy; saved = backward
+    start = logits + labels + logsumexp (the gradient is written into the logits); lm_head's backward: that storage.
+    No [rows, V] request in backward (``request`` 0, nothing strands beside it)."""
+    logits = unsloth_2024_logits_bytes(c, tokens, V)
+    lse, rows = unsloth_2024_row_bytes(tokens, V)
+    labels = unsloth_2024_labels_bytes(tokens)
+    saved = logits + lse + labels
+    inside = logits + labels + rows
+    forward = maximum(inside, saved + unsloth_2024_returned_copy_bytes(c, autocast, tokens, V))
+    return LogitsBytes(forward, saved, saved, logits + labels, request=0, head_strands=False, forward_inside=inside)
+
+
+def unsloth_2024_ladder_bytes(c: int, autocast: bool, tokens, V: int):
+    """K(T) of ``--loss unsloth-2024`` (``estimator.reserved_growth_per_longer_step``): what a step longer than every
+    earlier one (a record) leaves cached. Its [T, V] requests are the c logits and, under autocast, accelerate's fp32
+    copy (``unsloth_2024_returned_copy_bytes``); the backward asks for none. A record's c·T_r·V logits fit in the
+    block the previous record's fp32 copy freed (4·T_{r-1}·V, best fit, split) unless the length more than doubles,
+    and its fp32 copy fits in no cached block: 4·T·V per record. Allocator replay of Llama-3.2-1B QLoRA fp16 at b = 2
+    through records T = 512, 1024, 1536, 2048 (docs/evidence/varying_length_reserved/unsloth_2024_replay.jsonl):
+    4,726,980,608 B over the 512-only run against 4·T·V summed, 4,728,029,184 (the backward-start rule, c·T·V, would
+    give half). Without autocast the logits are the largest block, and with the logsumexp and labels they are what
+    backward starts with: the general rule's K."""
+    copy = unsloth_2024_returned_copy_bytes(c, autocast, tokens, V)
+    if copy:
+        return copy
+    return unsloth_2024_logits_bytes(c, tokens, V) + unsloth_2024_row_bytes(tokens, V)[0] + \
+        unsloth_2024_labels_bytes(tokens)
 
 
 def _model_dtype_loss_bytes(c: int, autocast: bool, tokens, sequences, V: int, labels,

@@ -16,6 +16,13 @@
   only scales them. The stand-in below makes the same allocations with torch ops (its arithmetic is a placeholder:
   the trace counts bytes, not values).
 
+- ``unsloth-2024``: Unsloth 2024.1-2024.11.7's loss (``unsloth/models/llama.py:959-986``,
+  ``kernels/cross_entropy_loss.py:262-347`` @October-2024), set as the model's ``loss_function``: the whole [T, V]
+  logits as lm_head made them, labels shifted by ``torch.hstack`` with a -100 column, and ``Fast_CrossEntropyLoss``'s
+  allocations (``Unsloth2024CrossEntropy``: fp32 ``losses`` and ``logsumexp`` per row, the logits saved, their
+  gradient written into them). The Triton kernels' arithmetic is not run; the soft-cap they apply inside is turned off
+  in the model (no [T, V] tensor for it).
+
 For ``chunked`` and ``fused`` the model's lm_head is bypassed (it returns its input) and the loss is computed from
 the hidden states with lm_head's own weight, as the integrations of both libraries do.
 """
@@ -133,3 +140,47 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 def fused_cross_entropy(hidden, weight, labels, softcap=None):
     hidden = hidden.reshape(-1, hidden.shape[-1])
     return FusedLinearCrossEntropy.apply(hidden, weight, labels.reshape(-1))
+
+
+UNSLOTH_MAX_FUSED_SIZE = 65536  # unsloth kernels/cross_entropy_loss.py: the columns of one vocabulary chunk
+
+
+class Unsloth2024CrossEntropy(torch.autograd.Function):
+    """The allocations of Unsloth's ``Fast_CrossEntropyLoss`` (``kernels/cross_entropy_loss.py:262-347``
+    @October-2024): forward makes ``losses`` [T] and ``logsumexp`` [T] fp32 (for V > 65536 a [T, n] one reduced by
+    ``torch.logsumexp``, then ``losses += logsumexp`` and the ignored rows masked) and saves ``(logits, logsumexp,
+    labels)``; backward's kernel writes ``dloss * y`` into the logits and returns them: no new tensor."""
+
+    @staticmethod
+    def forward(ctx, logits, labels):
+        rows, vocab = logits.shape
+        chunks = -(-vocab // UNSLOTH_MAX_FUSED_SIZE)
+        losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        if chunks == 1:
+            logsumexp = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        else:
+            logsumexp = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device)
+            logsumexp = torch.logsumexp(logsumexp, dim=1)
+            losses += logsumexp
+            losses.masked_fill_(labels == -100, 0)
+        ctx.save_for_backward(logits, logsumexp, labels)
+        return losses
+
+    @staticmethod
+    def backward(ctx, dlosses):
+        logits, _, _ = ctx.saved_tensors
+        return logits, None  # the kernel's ``tl.store(logits_ptr + col_offsets, dloss * y)``: in place
+
+
+def unsloth_2024_causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
+                                **kwargs):
+    """``CausalLM_fast_forward``'s loss (``unsloth/models/llama.py:974-986`` @October-2024): ``shift_labels =
+    torch.hstack((labels[..., 1:], extra_ignored_labels[:b]))``, then ``fast_cross_entropy_loss`` on the unshifted
+    logits (``kernels/cross_entropy_loss.py:352-378``): ``loss.sum() / n_items``. Unsloth's -100 column is a
+    [max_seq_length, 1] buffer made once; here a [b, 1] one per call (8·b bytes)."""
+    batch, seq_len, vocab = logits.shape
+    ignored = torch.full((batch, 1), ignore_index, dtype=labels.dtype, device=labels.device)
+    shift_labels = torch.hstack((labels[..., 1:], ignored))
+    losses = Unsloth2024CrossEntropy.apply(logits.view(batch * seq_len, vocab), shift_labels.view(-1))
+    n_items = num_items_in_batch if num_items_in_batch is not None else torch.count_nonzero(shift_labels != -100)
+    return losses.sum() / n_items

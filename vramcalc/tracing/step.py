@@ -30,7 +30,7 @@ from ..terms.activations import runs_with_cache
 from ..training_setup import ResolvedSetup
 from .build import base_model, decoder_layers, half_dtype  # noqa: F401 (re-exported)
 from .losses import (Fp32LogitsHead, PassThroughHead, chunked_cross_entropy, fused_cross_entropy,
-                     model_dtype_causal_lm_loss, shifted_causal_lm_loss)
+                     model_dtype_causal_lm_loss, shifted_causal_lm_loss, unsloth_2024_causal_lm_loss)
 from .tracker import AllocationTracker
 
 LEARNING_RATE = 1e-4
@@ -102,6 +102,9 @@ class TrainerLoss:
             inner.loss_function = shifted_causal_lm_loss  # whose ``.float()`` of fp32 logits is the tensor itself
         if setup.loss is Loss.MODEL_DTYPE:  # no fp32 upcast (losses.model_dtype_causal_lm_loss)
             inner.loss_function = model_dtype_causal_lm_loss
+        if setup.loss is Loss.UNSLOTH_2024:  # Unsloth <= 2024.11.7 (losses.unsloth_2024_causal_lm_loss)
+            inner.loss_function = unsloth_2024_causal_lm_loss
+            inner.config.final_logit_softcapping = None  # its kernels apply the cap to each row in registers
 
     # whether the model runs with transformers' DynamicCache, as the estimate decides it (a class attribute, so a
     # check can run the same loop with the cache off)
