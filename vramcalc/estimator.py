@@ -95,7 +95,10 @@ def _with_sample_lengths(model, gpu, revision, profile: LengthProfile, options: 
     terms at the longest step, T_max = min(``seq_len``, the longest sample); and ``details["length_ladders_bytes"]``,
     what the shorter steps' loss blocks add to ``max_memory_reserved`` on average over the batches' order,
     E[R] - R(T_max) with E[R] = R(E[T_1]) + K(T_max)/T_max · E[sum of the later records' T_r] (in ``reserved_bytes``,
-    not in ``total_bytes``: whole free segments, released when a ``cudaMalloc`` fails)."""
+    not in ``total_bytes``: whole free segments, released when a ``cudaMalloc`` fails). The floor at R(T_max) is the
+    max form's last term (``sample_lengths.realized_reserved_bytes``): without checkpointing, where activations
+    dominate, a run reserves at least its longest step's R (docs/evidence/varying_length_reserved/README.md,
+    "Without checkpointing")."""
     spec = get_model(model, revision)
     setup = resolve_setup(spec, **options).setup
     if setup.packing:

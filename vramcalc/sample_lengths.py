@@ -14,7 +14,11 @@ Such a run's steps each have their own length T = min(L, the batch's longest sam
       R = R(T_1) + sum over the later records r of K(T_r)
 
   with R(T) the reserved memory of a run at one length T and K(T) the loss's [T, V] blocks live together at its
-  backward (``estimator.reserved_growth_per_longer_step``), linear in T.
+  backward (``estimator.reserved_growth_per_longer_step``), linear in T. Without activation checkpointing the same
+  holds where the loss's blocks are large against the layers' saved tensors (Llama-3.2-1B: the longer step's
+  activations go into the earlier steps' free loss blocks); where they are small (Llama-2-7B, V = 32,000), a
+  record also needs at least its own R(T_r) (``realized_reserved_bytes``' max form), and per-layer requests that
+  outgrow their 2 MiB-rounded segments strand more (README section "Without checkpointing": not modelled).
 
 The expected value over the order of the batches: for step lengths drawn independently from a distribution p with
 P(T < x) = F(x), step i (i >= 2) is a record at x with probability p(x) F(x)^(i-1), so over n steps
@@ -188,12 +192,29 @@ def steps_per_epoch(profile: LengthProfile, batch_size: int, data_parallel: int)
     return max(1, math.ceil(profile.count / (batch_size * max(1, data_parallel))))
 
 
-def realized_reserved_bytes(first_reserved_bytes: int, ladder_bytes_per_token: float, lengths) -> int:
-    """R(T_1) + sum of K(T_r) over the later records of one run's step lengths, in order (the staircase, for a run
-    whose lengths are known)."""
-    longest, growth = None, 0.0
+def realized_reserved_bytes(first_reserved_bytes: int, ladder_bytes_per_token: float, lengths,
+                            reserved_at=None) -> int:
+    """``max_memory_reserved`` of one run whose step lengths are known, in order (the staircase).
+
+    R_1 = R(T_1) (``first_reserved_bytes``), and at each later record r (a step longer than every earlier one)
+
+        R_r = R_{r-1} + K(T_r)                       (``reserved_at`` not given)
+        R_r = max(R_{r-1} + K(T_r), R(T_r))          (``reserved_at``: T -> R(T), the run's reserved at one length)
+
+    with K(T) = ``ladder_bytes_per_token`` · T. The first form is the checkpointed replays' (each record strands one
+    loss ladder, docs/evidence/varying_length_reserved/README.md "Mechanism"). The second adds what a record's own
+    tensors need beyond the cache the earlier steps left: without activation checkpointing a longer step's saved
+    activations grow with T, and R(T_r) can exceed R_{r-1} + K(T_r) when T_1 was short (the longer step's
+    activations fit in the earlier steps' free segments, best fit with splitting, ``get_free_block`` /
+    ``alloc_found_block`` in ``CUDACachingAllocator.cpp``, only as far as those hold them). Replays of
+    Llama-2-7B LoRA b2 at L=512 without checkpointing: the first form -10.5% to -16.7%, the second -1.2% to -11.2%
+    (section "Without checkpointing": what the second still misses are the per-layer requests that outgrow their
+    2 MiB-rounded segments). On the 42 checkpointed replays the two forms differ in one run, by 0.7%."""
+    longest, reserved = None, float(first_reserved_bytes)
     for tokens in lengths:
         if longest is not None and tokens > longest:
-            growth += ladder_bytes_per_token * tokens
+            reserved += ladder_bytes_per_token * tokens
+            if reserved_at is not None:
+                reserved = max(reserved, reserved_at(tokens))
         longest = tokens if longest is None else max(longest, tokens)
-    return int(first_reserved_bytes + growth)
+    return int(reserved)
