@@ -139,7 +139,8 @@ ALL_LINEAR = {
 # Knobs of issue 11 (DESIGN.md "Contract additions under way"), as Python keywords. ``required``: the row's memory
 # depends on it, so a vramcalc that cannot take it cannot express the row; otherwise it is passed when accepted.
 KNOB_REQUIRED_WHEN_TRUE = ("compile", "activation_offload", "optimizer_in_backward", "modules_to_save")
-KNOB_OPTIONAL = ("stack", "packing", "kbit_prep", "kernels", "quant_saves_input", "stable_embedding")
+KNOB_OPTIONAL = ("stack", "packing", "kbit_prep", "kernels", "quant_saves_input", "stable_embedding",
+                 "norm_fp32_product")
 
 
 # torchtune rows: the flags each row ran with, from the row's notes (README "Optimization flags" table at 1814feb17
@@ -175,6 +176,12 @@ TORCHTUNE_KNOBS = {
 # lora_finetune_distributed from #1046 (cb3ed29d7, 2024-06-04), the single-device and full recipes from #1235
 # (8a98fbaa3, 2024-07-28); a row measured with code older than its recipe's date ran the old loop.
 TORCHTUNE_DEL_LOGITS = {"lora_finetune_distributed": "2024-06-04", "other": "2024-07-28"}
+
+# torchtune's RMSNorm became ``F.rms_norm(x.float(), weight=self.scale).to(x.dtype)`` (an fp32 product saved for the
+# weight's gradient, vramcalc's torchtune default) in #2054 (1450d6126, 2024-11-25); before, ``(x_fp32 * rsqrt(...))
+# .type_as(x) * self.scale`` multiplied in the model dtype (``modules/rms_norm.py:38-42`` @1814feb17): a row measured
+# with older code ran that norm (--no-norm-fp32-product)
+TORCHTUNE_FP32_NORM = "2024-11-25"
 
 
 ISO_DATE = re.compile(r"20\d\d-\d\d-\d\d")
@@ -425,6 +432,8 @@ def row_setup(row: dict, data: Path) -> RowSetup:
         # the recipe's loop kept the shifted fp32 logits through backward (TORCHTUNE_DEL_LOGITS)
         recipe = "lora_finetune_distributed" if gpus > 1 and method != "full" else "other"
         measured = _row_date(row)
+        if measured and measured < TORCHTUNE_FP32_NORM:
+            setup.knobs["norm_fp32_product"] = False
         if "chunked_loss" in TORCHTUNE_KNOBS.get(rid, ()):
             opts["loss"] = "torchtune"
         elif measured and measured < TORCHTUNE_DEL_LOGITS[recipe]:

@@ -44,6 +44,35 @@ def test_full_fine_tuning_norms_keep_their_fp32_product():
     assert tune.per_token - hf.per_token == 2 * (4 - 2) * 512 + 2 * 2 * (8 - 2) * 64
 
 
+def test_torchtune_before_its_fp32_rms_norm_saves_the_16_bit_normed_input():
+    """torchtune@1814feb17 modules/rms_norm.py:38-42: ``(x_fp32 * rsqrt(...)).type_as(x) * self.scale`` saves the
+    16-bit x_normed for the weight's gradient (2h), as transformers does; #2054 (1450d6126) made it F.rms_norm on the
+    fp32 input with the product in fp32 (4h): --no-norm-fp32-product is the older one, 2h less per norm."""
+    hf = activations.layer_saved(GQA, _layer("hf", method="full", precision="bf16-true"), False)
+    old = _layer("torchtune", method="full", norm_fp32_product=False)
+    assert not old.layers.norm_fp32_product
+    tune_old = activations.layer_saved(GQA, old, False)
+    assert tune_old.per_token - hf.per_token == 2 * 2 * (8 - 2) * 64  # the expanded k and v only
+    assert _layer("torchtune", method="full").layers.norm_fp32_product
+    # transformers' layers have no fp32 product to turn off
+    assert not _layer("hf", method="full", norm_fp32_product=False).layers.norm_fp32_product
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_torchtune_packed_rope_gathers_its_cache_per_call(compiled):
+    """Llama3ScaledRoPE.forward (torchtune@1814feb17 and 0.6.1): ``rope_cache = self.cache[input_pos]`` with the
+    packed batch's input_pos gathers an fp32 [b, s, 1, d/2, 2] copy (4·d bytes per token) for q and again for k, each
+    saved by ``xshaped[..., i] * rope_cache[..., j]``; a compiled layer's graph gathers once for both (CSE).
+    Unpacked, ``self.cache[:seq_len]`` is a view of the buffer."""
+    options = dict(method="full", grad_ckpt="none", compile=compiled)
+    packed = _layer("torchtune", packing=True, **options)
+    unpacked = _layer("torchtune", packing=False, **options)
+    assert packed.rope_gathered and not unpacked.rope_gathered
+    delta = activations.layer_saved(GQA, packed, False).per_token - activations.layer_saved(GQA, unpacked, False).per_token
+    assert delta == (1 if compiled else 2) * 4 * 64
+    assert not _layer("hf", packing=True, **options).rope_gathered  # transformers' cos/sin per forward
+
+
 def test_rope_buffers_are_weights_of_their_formula():
     """torchtune: fp32 cache [max_seq_len, d/2, 2] + theta [d/2]; litgpt: fp32 cos and sin [s, d]."""
     assert stack_layers.rope_buffer_bytes(GQA, stack_layers.TORCHTUNE, 512) == 4 * 4096 * 64 + 512

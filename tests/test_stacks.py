@@ -186,3 +186,23 @@ def test_trl_with_vramcalcs_selective_policy_is_refused_since_trl_selects_otherw
     # trl/models/selective_activation_checkpointing.py:51 keeps attention outputs only; the trace refuses it too
     with pytest.raises(VramcalcError, match="TRL's own selective checkpointing"):
         vramcalc.estimate(MODEL, method="lora", stack="trl", grad_ckpt="selective")
+
+
+@pytest.mark.parametrize("method, loss, num_gpus, compiled", [
+    ("full", "hf", 1, False),  # full_finetune_single_device.py:291-292 @1814feb17 drops compile_loss's result
+    ("lora", "hf", 2, False),  # lora_finetune_distributed.py:302 @1814feb17 likewise
+    ("lora", "hf", 1, True),  # lora_finetune_single_device.py:296 keeps it: self._loss_fn = training.compile_loss(...)
+    ("full", "torchtune", 1, True),  # CEWithChunkedOutputLoss is compiled in place (training/_compile.py:76-79)
+])
+def test_torchtune_compiles_a_plain_loss_only_where_its_recipe_keeps_the_compiled_module(method, loss, num_gpus,
+                                                                                        compiled):
+    options = dict(method=method, stack="torchtune", compile=True, loss=loss, num_gpus=num_gpus,
+                   sharding="fsdp" if num_gpus > 1 else "none")
+    result = vramcalc.estimate(MODEL, **options)
+    assert result.inputs["compile_loss"] is compiled
+    assert result.inputs["origins"]["compile_loss"].startswith("stack torchtune" if not compiled else "default")
+    # the user's word wins; an eager loss keeps the fp32 log_softmax the compiled one recomputes
+    forced = vramcalc.estimate(MODEL, compile_loss=True, **options)
+    assert forced.inputs["compile_loss"] is True and forced.inputs["origins"]["compile_loss"] == "user"
+    if not compiled:
+        assert forced.terms()["logits"] < result.terms()["logits"]

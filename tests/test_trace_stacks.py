@@ -433,3 +433,42 @@ def test_litgpt_qlora_holding_inputs_matches_the_trace_with_the_reshaped_attenti
     per_layer = 2 * tokens * (h + spec.num_heads * spec.head_dim + h + spec.intermediate_size)
     assert held.step_terms[Term.ACTIVATIONS] - plain.step_terms[Term.ACTIVATIONS] >= spec.num_layers * per_layer
     assert abs(estimated.peak_tensor_bytes / _step_peak(held) - 1) < 0.005
+
+
+# -- torch.compile on torchtune's trace --------------------------------------------------------------------------
+
+@needs_torchtune
+@pytest.mark.parametrize("method, compile_loss", [("full", False), ("lora", True)])
+def test_torchtune_compiled_layers_and_plain_loss_match_the_estimate(method, compile_loss):
+    """``compile: True``: each TransformerSelfAttentionLayer through AOTAutograd's partitioner (``compile_model``),
+    and a plain CrossEntropyLoss compiled only where the recipe keeps ``compile_loss``'s module (lora single-device;
+    full_finetune_single_device.py:291-292 @1814feb17 drops it): the stack resolves ``compile_loss``, the trace runs
+    what it says, and the estimate is within 3% where the loss is the step's peak (no checkpointing)."""
+    options = dict(method=method, grad_ckpt=False, loss="hf", compile=True, batch_size=2, seq_len=256)
+    if method == "lora":
+        options.update(adapter_dtype="bf16")
+    resolved = resolve_setup(TINY, stack="torchtune", **options)
+    assert resolved.setup.compile_loss is compile_loss
+    trace_peak = _step_peak(_run("torchtune", **options))
+    eager_peak = _step_peak(_run("torchtune", **dict(options, compile=False)))
+    assert trace_peak < eager_peak  # the partition recomputes the norms' fp32 copies and SwiGLU's silu
+    error = (_estimate_step_peak(TINY, dict(stack="torchtune", **options)) - trace_peak) / trace_peak
+    assert abs(error) < ESTIMATE_TOLERANCE, error
+
+
+@needs_torchtune
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_torchtune_2024_rms_norm_saves_the_16_bit_normed_input_as_traced(grad_ckpt):
+    """--no-norm-fp32-product runs torchtune@1814feb17's RMSNorm (rms_norm.py:38-42): without checkpointing every
+    trained norm (two a layer and the final one) keeps its bf16 x_normed (2h per token) instead of the fp32 product
+    (4h); the estimate follows the trace within 3% either way."""
+    options = dict(method="full", grad_ckpt=grad_ckpt, batch_size=2, seq_len=256)
+    new = _run("torchtune", **options)
+    old = _run("torchtune", norm_fp32_product=False, **options)
+    if not grad_ckpt:
+        tokens, h = 2 * 256, TINY.hidden_size
+        delta = (new.step_terms[Term.ACTIVATIONS] - old.step_terms[Term.ACTIVATIONS])
+        assert delta == (2 * TINY.num_layers + 1) * (4 - 2) * h * tokens
+    for traced, fp32 in ((new, True), (old, False)):
+        estimate = _estimate_step_peak(TINY, dict(stack="torchtune", norm_fp32_product=fp32, **options))
+        assert abs(estimate - _step_peak(traced)) / _step_peak(traced) < ESTIMATE_TOLERANCE

@@ -91,6 +91,9 @@ SETUP_OPTION_HELP: dict[str, str] = {
                         "them, so bitsandbytes quantizes them (transformers 5 fuses them, left 16-bit) (qlora)",
     "stable_embedding": "litgpt: swap the embedding for bitsandbytes' StableEmbedding, as litgpt >= 0.4.13 does "
                         "(qlora; --no-stable-embedding for older litgpt)",
+    "norm_fp32_product": ("a stack's own RMSNorm multiplies by its weight in fp32 and saves that fp32 product "
+                          "(torchtune >= 2024-11-25, litgpt); --no-norm-fp32-product for older torchtune, whose "
+                          "RMSNorm casts to the model dtype first"),
     "quant_state_dtype": "auto | bf16 | fp16 | fp32: the dtype the weights were quantized from (qlora)",
     "quant_storage": "uint8 | bf16: the dtype 4-bit codes are packed in (bnb_4bit_quant_storage); bf16 lets fsdp "
                      "shard them (qlora)",

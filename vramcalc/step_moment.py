@@ -49,6 +49,8 @@ def layer_setup(resolved: ResolvedSetup, family: str = "") -> activations.LayerS
     layers = stack_layers.stack_layers(setup.stack)
     if layers.stable_embedding and not setup.stable_embedding:  # a litgpt older than the swap (stack_layers.py)
         layers = replace(layers, stable_embedding=False)
+    if layers.norm_fp32_product and not getattr(setup, "norm_fp32_product", True):  # torchtune before 1450d6126
+        layers = replace(layers, norm_fp32_product=False)
     if getattr(setup, "cp", 1) > 1:  # --cp: the ring's merged output keeps q's [b, a, s, d] layout (terms/context_parallel)
         layers = replace(layers, query_head_major=True)
     if activations.checkpoint_mode(setup.grad_ckpt) is GradCkpt.WRAPPER and layers.dynamic_cache:
@@ -56,13 +58,17 @@ def layer_setup(resolved: ResolvedSetup, family: str = "") -> activations.LayerS
         # with it enable_input_require_grads, never runs (activations.first_layer_recomputes_gradless); a stack's own
         # decoder checkpoints as it always does
         layers = replace(layers, checkpoint_inputs_need_grad=False)
-    return _layer_setup(setup.method, setup.precision, setup.adapter_dtype, resolved.attn_used,
-                        moe_lora.linear_targets(family, resolved.lora_modules), setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
-                        layers, expert_parallel.slot_share(resolved), getattr(setup, "ep", 1) > 1,
-                        tuple(name for name, _ in moe_lora.target_parameters(family, resolved.lora_modules)),
-                        setup.modules_to_save, getattr(setup, "repeat_kv", False), resolved.base_4bit,
-                        getattr(setup, "cp", 1) if setup.compile else 1,
-                        setup.tp if sequence_parallel(setup) else 1)
+    layer = _layer_setup(setup.method, setup.precision, setup.adapter_dtype, resolved.attn_used,
+                         moe_lora.linear_targets(family, resolved.lora_modules), setup.lora_rank, setup.lora_dropout, setup.kernels, setup.compile, setup.activation_offload,
+                         layers, expert_parallel.slot_share(resolved), getattr(setup, "ep", 1) > 1,
+                         tuple(name for name, _ in moe_lora.target_parameters(family, resolved.lora_modules)),
+                         setup.modules_to_save, getattr(setup, "repeat_kv", False), resolved.base_4bit,
+                         getattr(setup, "cp", 1) if setup.compile else 1,
+                         setup.tp if sequence_parallel(setup) else 1)
+    if setup.packing and layers.rope_buffer is stack_layers.RopeBuffer.TORCHTUNE:
+        # torchtune's packed batches carry input_pos, which its RoPE gathers per call (activations.LayerSetup)
+        layer = replace(layer, rope_gathered=True)
+    return layer
 
 
 @functools.lru_cache(maxsize=4096)

@@ -176,6 +176,10 @@ class TrainingSetup:
     gptq_desc_act: bool = False  # GPTQConfig desc_act default (qlora --quant int4-gptq)
     # litgpt >= ae798aba (2024-10-04, 0.4.13) swaps in bitsandbytes' StableEmbedding (qlora; stack_layers.py)
     stable_embedding: bool = True
+    # a stack whose own RMSNorm multiplies by its weight in fp32 (``stack_layers.norm_fp32_product``: torchtune from
+    # 1450d6126, 2024-11-25, and litgpt) does; False for the torchtune before it, whose hand-written RMSNorm casts
+    # back to the model dtype first (``modules/rms_norm.py:38-42`` @1814feb17)
+    norm_fp32_product: bool = True
     load: LoadPath = LoadPath.PER_TENSOR  # transformers v5 from_pretrained
     task: Task = Task.SFT  # what the step trains (task_setup.py)
     ref_model: RefModel = RefModel.NONE  # preference tasks: copy (full) or adapter (lora, qlora) unless given
@@ -382,6 +386,8 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         load=LoadPath.parse(chosen.get("load", SETUP_DEFAULTS["load"]), "load path"),
         stable_embedding=_bool(chosen.get("stable_embedding", SETUP_DEFAULTS["stable_embedding"]),
                                "stable_embedding"),
+        norm_fp32_product=_bool(chosen.get("norm_fp32_product", SETUP_DEFAULTS["norm_fp32_product"]),
+                                "norm_fp32_product"),
         interconnect=None if chosen.get("interconnect") is None else Interconnect.parse(chosen["interconnect"],
                                                                                         "interconnect"),
         device_map=DeviceMap.parse(chosen.get("device_map", SETUP_DEFAULTS["device_map"]), "device map"),
@@ -395,6 +401,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         # to the sharding or accumulation the user asked for, as the distributed configs leave it off
         values["optimizer_in_backward"] = False
         origins["optimizer_in_backward"] = f"stack {stack.value} (single-device config; off here)"
+    _torchtune_loss_uncompiled(values, given, origins)
     resolve_task(values, given, origins, model)
     parallel_degrees.implied_num_gpus(values, given, origins)  # --tp alone: one tensor-parallel group
     if "global_batch_size" in given:
@@ -539,6 +546,26 @@ def _stack_choices(stack: Stack, method: Method, given: dict) -> tuple[dict, dic
         elif key not in origins:
             origins[key] = "default"
     return chosen, origins
+
+
+def _torchtune_loss_uncompiled(values: dict, given: dict, origins: dict) -> None:
+    """torchtune's recipes compile a loss with ``training.compile_loss``, which compiles ``CEWithChunkedOutputLoss``
+    in place (``loss.compute_cross_entropy = torch.compile(...)``) but returns any other loss as a new
+    ``torch.compile(loss)`` module (``torchtune/training/_compile.py:63-87`` @1814feb17; ``apply_compile_strategy``
+    or ``torch.compile`` at bd2a0fc7c). ``lora_finetune_single_device`` keeps that result (``self._loss_fn =
+    training.compile_loss(...)``, ``:296`` @1814feb17, ``:319`` @bd2a0fc7c); ``full_finetune_single_device``,
+    ``full_finetune_distributed`` and ``lora_finetune_distributed`` call ``training.compile_loss(self._loss_fn)`` and
+    drop it (``full_finetune_single_device.py:291-292`` @1814feb17, ``:281`` @bd2a0fc7c; ``full_finetune_distributed
+    .py:299``, ``lora_finetune_distributed.py:302`` @1814feb17, ``:436``, ``:378`` @bd2a0fc7c). So under those recipes a
+    plain ``CrossEntropyLoss`` (``--loss hf``) runs eagerly beside compiled layers: ``--no-compile-loss``, unless the
+    user said otherwise."""
+    if (values["stack"] is not Stack.TORCHTUNE or not values["compile"] or "compile_loss" in given
+            or values["loss"] is Loss.TORCHTUNE):
+        return
+    if values["method"] is Method.FULL or values["sharding"] is not Sharding.NONE or values["num_gpus"] > 1:
+        values["compile_loss"] = False
+        origins["compile_loss"] = ("stack torchtune (full_finetune_* and lora_finetune_distributed drop "
+                                   "compile_loss's result for a loss other than CEWithChunkedOutputLoss)")
 
 
 def _apply_kbit_prep(values: dict, chosen: dict, origins: dict) -> None:

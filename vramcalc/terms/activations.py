@@ -179,6 +179,9 @@ class LayerSetup:
     # --tp-plan torchtitan on T ranks: the norms run sequence-parallel on the rank's [b, s/T, h] shard (their saved
     # tensors, and under checkpointing the layer input, are 1/T of a token's); 1 otherwise
     sequence_shards: int = 1
+    # a stack's RoPE indexes its fp32 rotary buffer with the batch's position ids (torchtune under --packing:
+    # ``self.cache[input_pos]``), a gathered [b, s, d/2, 2] copy per call (``_attention``); False: a slice or view
+    rope_gathered: bool = False
 
     __hash__ = cached_field_hash
     __getstate__ = state_without_hash
@@ -504,6 +507,15 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
             # GPT-J's apply_rotary_pos_emb, called for k and then q: sin and cos repeat-interleaved to [1, s, 1, d_rope]
             # each time, saved by tensor·cos and rotate_every_two(tensor)·sin where that tensor needs a gradient
             self.per_position += 2 * dt.r * m.rope_dim * (q_grad + k_grad)
+        if self.layer.rope_gathered:
+            # torchtune's RoPE under packing (``Llama3ScaledRoPE.forward`` / ``RotaryPositionalEmbeddings.forward``,
+            # ``rope_cache = self.cache[input_pos]``, the same at 1814feb17 and 0.6.1): each call for q and for k
+            # gathers an fp32 [b, s, 1, d/2, 2] copy (4·d per token) that ``xshaped[..., i] * rope_cache[..., j]``
+            # saves where its tensor needs a gradient. Compiled, the layer's graph gathers once for both (CSE: one
+            # ``index`` whose two ``select``s are saved; checked with torch 2.13's and 2.5.1's partitioners on
+            # torchtune's layer)
+            gathers = (q_grad or k_grad) if self.layer.compiled else q_grad + k_grad
+            self.per_token += _F32 * m.rope_dim * gathers
         fused_qkv = m.traits.fused_qkv or self.layer.layers.fused_qkv
         if self.layer.attn_used is Attention.EAGER:
             if self.grad:

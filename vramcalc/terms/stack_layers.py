@@ -66,7 +66,10 @@ Symbols: T tokens, h hidden, a heads, k kv heads, d head dim, c compute bytes, s
   embedding is frozen: transformers' ``gradient_checkpointing_enable`` calls ``enable_input_require_grads`` on a peft
   model (``modeling_utils.py``), so that layer's 4-bit Linears hold their inputs too (``quantized.model_held``).
   litgpt adds no such hook: its first layer's norm output needs no gradient, in the forward or the recompute
-  (traced).
+  (traced). Nor does torchtune: ``training.set_activation_checkpointing`` is torch's ``apply_activation_checkpointing``
+  with a non-reentrant ``checkpoint_wrapper`` (``training/memory.py:26-45``, ``training/activations.py:24`` @1814feb17;
+  the same in 0.6.1), and a LoRA recipe's frozen embedding gives the first layer an input that needs no gradient
+  (under ``--activation-offload`` no leaf of it stays on the device).
 """
 
 from __future__ import annotations
@@ -116,7 +119,8 @@ class StackLayers:
 HF = StackLayers("hf")
 TORCHTUNE = StackLayers("torchtune", norm_fp32_product=True, trainer_optimizer=False, kv_expanded=True, rotary_per_forward=False,
                         rope_buffer=RopeBuffer.TORCHTUNE, torchao_nf4=True, fp32_unembed=True,
-                        packed_block_mask=True, fsdp_keeps_dtype=True, dynamic_cache=False)
+                        packed_block_mask=True, fsdp_keeps_dtype=True, dynamic_cache=False,
+                        checkpoint_inputs_need_grad=False)
 LITGPT = StackLayers("litgpt", norm_fp32_product=True, trainer_optimizer=False, kv_expanded=True, fused_qkv=True, query_head_major=True,
                      rotary_per_forward=False, rope_buffer=RopeBuffer.LITGPT, stable_embedding=True,
                      fused_qkv_lora=True, fused_gelu=True, fsdp_keeps_dtype=True, fsdp_flat_params=True,

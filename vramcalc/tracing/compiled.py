@@ -81,10 +81,19 @@ def _quantized(param: torch.Tensor) -> bool:
         param).__module__
 
 
+def _graph_tensors(layer: nn.Module) -> dict:
+    """The layer's parameters and buffers by name: dynamo lifts both to graph inputs. A buffer left a constant of the
+    graph (torchtune's RoPE ``cache`` inside each layer's attention) is deep-copied with the backward graph module
+    (``runtime_wrappers.py`` ``get_or_compile``: ``copy.deepcopy(bw_module)``), which on a fake tensor reads its data
+    pointer ("undefined behavior"): a corrupted heap at the trace's exit."""
+    return {**dict(layer.named_buffers()), **dict(layer.named_parameters())}
+
+
 def _structure(layer: nn.Module, names: list) -> tuple:
-    """What a graph traced on ``layer`` depends on besides its inputs: the layer's class, its parameters and its
-    attention kind (Gemma-2, Mistral-style sliding windows); a layer with quantized constants gets its own graph."""
-    params = dict(layer.named_parameters())
+    """What a graph traced on ``layer`` depends on besides its inputs: the layer's class, its parameters and buffers
+    and its attention kind (Gemma-2, Mistral-style sliding windows); a layer with quantized constants gets its own
+    graph."""
+    params = _graph_tensors(layer)
     attention = getattr(layer, "self_attn", None)
     kind = (getattr(layer, "attention_type", None), getattr(attention, "sliding_window", None),
             getattr(attention, "is_sliding", None))
@@ -110,9 +119,9 @@ def compile_layer(layer: nn.Module, shared: dict | None = None) -> None:
     being its inputs, so a 80-layer model is traced and partitioned once per kind of layer, as dynamo reuses one
     compiled code object for every instance of a layer class.
 
-    Parameters are graph inputs (the trainable ones' gradients are graph outputs); bitsandbytes' quantized weights
-    are constants of the graph. The first call traces and partitions with every dispatch mode paused, on copies of
-    its inputs (the tracker counts the step, not the tracing). Under checkpointing the compiled forward is what the
+    Parameters and buffers are graph inputs (the trainable ones' gradients are graph outputs); bitsandbytes'
+    quantized weights are constants of the graph. The first call traces and partitions with every dispatch mode
+    paused, on copies of its inputs (the tracker counts the step, not the tracing). Under checkpointing the compiled forward is what the
     checkpoint runs (and recomputes): transformers checkpoints inside the layer's ``forward``
     (``GradientCheckpointingLayer``), so the layer's ``_gradient_checkpointing_func`` gets the compiled forward, as
     torchtune compiles a layer after wrapping it for activation checkpointing.
@@ -130,7 +139,7 @@ def compile_layer(layer: nn.Module, shared: dict | None = None) -> None:
     compiled: dict = shared if shared is not None else {}
     # plain parameters are graph inputs, as dynamo lifts them; bitsandbytes' quantized ones (Params4bit, Int8Params
     # carry their quantization state as attributes) stay on the module, constants of the graph
-    names = [name for name, param in layer.named_parameters() if not _quantized(param)]
+    names = [name for name, param in _graph_tensors(layer).items() if not _quantized(param)]
     checkpointing = getattr(layer, "gradient_checkpointing", False)
     structure = _structure(layer, names)
 
@@ -140,7 +149,7 @@ def compile_layer(layer: nn.Module, shared: dict | None = None) -> None:
         # dynamo guards on the grad mode (its global state guard): reentrant checkpointing runs the forward under
         # no_grad and recomputes it with grad enabled, two graphs (aot_function alone would keep the first)
         key = (structure, spec, _signature(leaves), torch.is_grad_enabled())
-        params = dict(layer.named_parameters())
+        params = _graph_tensors(layer)
         if key not in compiled:
             constants = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]  # no tensor kept
 
@@ -229,6 +238,41 @@ def compile_loss(model: nn.Module) -> None:
         return graphs[key](logits, labels)
 
     model.loss_function = compiled_loss
+
+
+def compiled_function(function):
+    """``torch.compile(function)`` for a loss called outside any model (torchtune's ``training.compile_loss``: a
+    ``CEWithChunkedOutputLoss``'s ``compute_cross_entropy``, or a whole ``CrossEntropyLoss``): AOTAutograd with
+    inductor's decompositions and partitioner, one graph per signature of its tensor arguments (the others are
+    constants of the graph), traced on private copies with every dispatch mode paused, each of its two graphs run as
+    one fused kernel (``_fused``), as ``compile_loss`` does for transformers' loss."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    graphs: dict = {}
+
+    def compiled(*args, **kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        tensor_at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        key = (spec, _signature(leaves))
+        if key not in graphs:
+            constants = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+
+            def graph(*tensors):
+                values = list(constants)
+                for i, tensor in zip(tensor_at, tensors):
+                    values[i] = tensor
+                call_args, call_kwargs = tree_unflatten(values, spec)
+                return function(*call_args, **call_kwargs)
+
+            with _disable_current_modes():
+                traced = aot_function(graph, **{**_compiler_options(), "fw_compiler": _fused, "bw_compiler": _fused})
+                with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+                    traced(*[_private_copy(leaves[i]) for i in tensor_at])
+            graphs[key] = traced
+        return graphs[key](*[leaves[i] for i in tensor_at])
+
+    return compiled
 
 
 @contextlib.contextmanager

@@ -21,6 +21,11 @@ What runs is torchtune's code, in the order its recipes run it (``recipes/lora_f
   logits[..., :-1, :].contiguous()``, ``transpose(1, 2)``, ``CrossEntropyLoss``, ``running_loss += loss``,
   ``loss.backward()``, the step, and no ``del logits``: two steps are traced (one with accumulation), so the next
   forward runs beside the previous micro-batch's logits (phase ``next-forward``);
+- ``--no-norm-fp32-product``: every RMSNorm runs torchtune's code of before 2024-11-25 (``_rms_norm_2024``);
+- ``compile: True`` (``_compile``): ``training.compile_model`` compiles each ``TransformerSelfAttentionLayer``
+  (inside its checkpoint wrapper), run through AOTAutograd's partitioner (``tracing/compiled.compile_layer``), and
+  ``training.compile_loss``'s result where the recipe keeps it (``TrainingSetup.compile_loss``, which the stack
+  resolves: the full recipes drop it for a plain ``CrossEntropyLoss``);
 - ``_loss_step`` and ``train`` (:639-660, :690-718): labels shifted with ``hstack`` of an ignore-index column,
   ``loss * num_tokens``, ``backward()``, ``training.scale_grads(model, 1 / num_tokens)``, ``optimizer.step()``,
   ``zero_grad(set_to_none=True)``;
@@ -30,7 +35,7 @@ What runs is torchtune's code, in the order its recipes run it (``recipes/lora_f
 
 Not traced (the call raises a ``VramcalcError`` naming it): ``OffloadActivations`` (``--activation-offload``) uses CUDA
 streams and ``.to("cuda")`` in its pack/unpack hooks (``torchtune/training/_activation_offloading.py:93-97,169,220``),
-which a CPU-only torch cannot run; ``compile``; packing (flex-attention block masks); several GPUs.
+which a CPU-only torch cannot run; packing (flex-attention block masks); several GPUs.
 """
 
 from __future__ import annotations
@@ -107,8 +112,6 @@ def check_traceable(spec: ModelSpec, resolved: ResolvedSetup) -> None:
         raise VramcalcError("torchtune's OffloadActivations needs CUDA streams and .to('cuda') "
                             "(torchtune/training/_activation_offloading.py:93-97,169,220): not traceable on CPU; "
                             "use vramcalc estimate for --activation-offload")
-    if getattr(setup, "compile", False):
-        raise VramcalcError("the torchtune trace does not run torch.compile; use vramcalc estimate for --compile")
     if getattr(setup, "packing", False):
         raise VramcalcError("the torchtune trace runs unpacked batches; use vramcalc estimate for --packing")
     if getattr(setup, "kernels", None) is not None and getattr(setup.kernels, "value", "none") != "none":
@@ -222,6 +225,25 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode) -> nn.Modul
     return model
 
 
+def _rms_norm_2024(self, x: torch.Tensor) -> torch.Tensor:
+    """torchtune's RMSNorm before #2054 (1450d6126, 2024-11-25), ``modules/rms_norm.py:38-42`` @1814feb17: the weight
+    multiplies the normed input after its cast back to the model dtype (``--no-norm-fp32-product``)."""
+    x_fp32 = x.float()
+    x_normed = (x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+    return x_normed * self.scale
+
+
+def _use_2024_rms_norm(model: nn.Module) -> None:
+    """Every RMSNorm of the model runs ``_rms_norm_2024`` (an instance attribute, so nothing global changes)."""
+    import types
+
+    from torchtune.modules import RMSNorm
+
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.forward = types.MethodType(_rms_norm_2024, module)
+
+
 def _nf4_inner_tensors(model: nn.Module) -> list[torch.Tensor]:
     """The plain tensors inside every NF4Tensor weight (quantized data, scalers and their quantization state)."""
     out = []
@@ -271,6 +293,8 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int | None = N
             set_trainable_params(model, get_adapter_params(model))
         else:
             model.requires_grad_(True)
+        if not getattr(setup, "norm_fp32_product", True):
+            _use_2024_rms_norm(model)
         if setup.grad_ckpt:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         model.train()
@@ -280,6 +304,8 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int | None = N
             model.set_num_output_chunks(loss_fn.num_output_chunks)
         else:
             loss_fn = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        if getattr(setup, "compile", False):
+            loss_fn = _compile(model, loss_fn, setup)
         ignore_index = IGNORE_INDEX
 
         with fake_mode:
@@ -356,6 +382,29 @@ def run_trace(spec: ModelSpec, resolved: ResolvedSetup, *, steps: int | None = N
             marker.remove()
         reset_bnb_overrides()
     return traced
+
+
+def _compile(model: nn.Module, loss_fn, setup):
+    """``compile: True`` (recipes :266-296 @1814feb17): ``training.compile_model`` compiles every
+    ``TransformerSelfAttentionLayer`` in place (``training/_compile.py:53-57`` @1814feb17: ``m.compile()``, inside
+    the activation-checkpointing wrapper), each run here through AOTAutograd's partitioner (``compiled.compile_layer``);
+    ``training.compile_loss`` compiles ``CEWithChunkedOutputLoss.compute_cross_entropy`` in place and any other loss
+    as a new module, which only ``lora_finetune_single_device`` keeps (``TrainingSetup.compile_loss``, resolved by
+    the stack: ``training_setup._torchtune_loss_uncompiled``)."""
+    from torchtune import modules
+
+    from ..compiled import compile_layer, compiled_function
+
+    graphs: dict = {}
+    for module in reversed(list(model.modules())):
+        if isinstance(module, modules.TransformerSelfAttentionLayer):
+            compile_layer(module, graphs)
+    if not getattr(setup, "compile_loss", True) or setup.loss is Loss.TORCHTUNE_2024:
+        return loss_fn  # (the 2024 recipes had no compile_loss: their loop's loss ran eagerly)
+    if setup.loss is Loss.TORCHTUNE:
+        loss_fn.compute_cross_entropy = compiled_function(loss_fn.compute_cross_entropy)
+        return loss_fn
+    return compiled_function(loss_fn)
 
 
 def _head_module(model: nn.Module) -> nn.Module:
