@@ -188,6 +188,46 @@ def test_torchtune_qlora_load_peak_holds_the_nearest_nf4_search():
     assert load > _step_peak(traced) or traced.result.phase is not Phase.LOAD
 
 
+# MLP weights of 1024 x 2816 = 2,883,584 elements: torchao's NF4 loop quantizes them in chunks of 2^20 elements,
+# two full ones and a shorter last one (numel divisible by NF4's 64 * 256)
+CHUNKED = ModelSpec(name="stack-nf4-chunks", family="llama", hidden_size=1024, num_layers=1, num_heads=8,
+                    num_kv_heads=2, head_dim=128, intermediate_size=2816, vocab_size=2048,
+                    max_position_embeddings=512)
+
+
+@needs_torchtune
+def test_torchtune_qlora_quantizes_one_nf4_chunk_per_length_with_the_bytes_of_torchaos_loop(monkeypatch):
+    """The build runs one full 2^20-element chunk and the last chunk of torchao's ``convert_to_norm_float_weight``
+    loop on fake tensors (stacks/torchtune.py ``_one_nf4_chunk_per_length``): every traced byte, the load phase's
+    included, is what torchao's own loop over every chunk gives, in fewer ``quantize_tensor_nearest`` calls."""
+    import contextlib
+
+    from torchao.dtypes import nf4tensor
+
+    from vramcalc.tracing.stacks import torchtune as tt
+
+    calls = []
+    nearest = nf4tensor.NF4Tensor.quantize_tensor_nearest
+
+    def counted(value, nf4):
+        calls.append(value.numel())
+        return nearest(value, nf4)
+
+    monkeypatch.setattr(nf4tensor.NF4Tensor, "quantize_tensor_nearest", staticmethod(counted))
+    options = dict(method="qlora", lora_targets="q_proj,v_proj", batch_size=1, seq_len=256)
+    shortcut = _run("torchtune", CHUNKED, **options)
+    shortcut_calls = list(calls)
+    calls.clear()
+    monkeypatch.setattr(tt, "_one_nf4_chunk_per_length", contextlib.nullcontext)
+    full = _run("torchtune", CHUNKED, **options)
+    chunk = 2**20
+    mlp = CHUNKED.hidden_size * CHUNKED.intermediate_size
+    assert calls.count(mlp - 2 * chunk) == 3 and calls.count(chunk) >= 3 * 2  # gate, up, down: 2 full + 1 short
+    assert shortcut_calls.count(mlp - 2 * chunk) == 3 and shortcut_calls.count(chunk) == calls.count(chunk) - 3
+    assert shortcut.result.phase_peaks == full.result.phase_peaks
+    assert shortcut.step_terms == full.step_terms and shortcut.result.terms == full.result.terms
+
+
 @needs_torchtune
 def test_torchtune_chunked_output_keeps_every_16bit_chunk_through_the_loss():
     """torchtune/modules/transformer.py:482-501 returns all ``num_output_chunks`` bf16 logits chunks as a list that

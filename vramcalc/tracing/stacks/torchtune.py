@@ -203,6 +203,55 @@ def _swap_by_assignment():
         torch.utils.swap_tensors = original_swap
 
 
+@contextlib.contextmanager
+def _one_nf4_chunk_per_length():
+    """torchao's ``NF4Tensor.convert_to_norm_float_weight`` (torchao 0.18
+    ``quantization/quantize_/workflows/nf4/nf4_tensor.py:815-851``; the same loop since torchao 0.2, ``CHUNK_SIZE =
+    1024**2`` at :84) turns a weight's scaled blocks into NF4 codes in chunks of 2^20 elements: each chunk's
+    ``quantize_tensor_nearest`` scratch (the [n, 16] distances to the 16 levels, their ``abs``, ``min``'s values and
+    indices, the uint8 cast) is freed before the next chunk, whose codes go into one uint8 buffer allocated before the
+    loop. On fake tensors a chunk costs only the dispatch of its ops: a 70B model has about 65,000 chunks, and its
+    QLoRA trace took 138 s with them, 47 s without (benchmarks/accuracy.md, "Recent knobs"; 2 shared cores, about 40%
+    of the samples of a sampling profile in ``to_nf4``). Inside the build, on fake tensors, the loop runs one
+    full-length chunk and the last chunk (the only two lengths a weight's chunks have): the same allocations at the
+    same sizes beside the same live set as every other chunk, so the same load-phase peak and the same weights; real
+    tensors take torchao's own loop."""
+    import math
+
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torchao.dtypes import nf4tensor
+
+    NF4Tensor = nf4tensor.NF4Tensor
+    original = NF4Tensor.__dict__["convert_to_norm_float_weight"]
+
+    def convert(input_tensor, n_blocks, block_size, nf4):
+        if not isinstance(input_tensor, FakeTensor):
+            return original.__func__(input_tensor, n_blocks, block_size, nf4)
+        # torchao's body (nf4_tensor.py:820-851), the chunk loop over distinct chunk lengths only
+        flattened_tensor = input_tensor.flatten()
+        numel = input_tensor.numel()
+        assert numel % 2 == 0, "Number of elements must be even just to not have to think about the end"
+        blocks = flattened_tensor.view(n_blocks, block_size)
+        scalers = nf4tensor.get_block_absmax(input_tensor.flatten(), block_size)
+        scales = scalers.unsqueeze(-1).expand(n_blocks, block_size)
+        scaled_blocks = blocks / scales
+        quantized_blocks = torch.empty(numel, dtype=torch.uint8, device=input_tensor.device)
+        flattened = scaled_blocks.flatten()
+        chunk = nf4tensor.CHUNK_SIZE
+        for chunk_num in sorted({0, math.ceil(numel / chunk) - 1}):
+            start = chunk_num * chunk
+            end = min(start + chunk, numel)
+            quantized_blocks[start:end] = NF4Tensor.quantize_tensor_nearest(flattened[start:end], nf4).to(torch.uint8)
+        combined_blocks = quantized_blocks[::2] << 4 | quantized_blocks[1::2]
+        return combined_blocks.to(torch.uint8)
+
+    NF4Tensor.convert_to_norm_float_weight = staticmethod(convert)
+    try:
+        yield
+    finally:
+        NF4Tensor.convert_to_norm_float_weight = original
+
+
 def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode) -> nn.Module:
     """torchtune's own decoder for the spec, built as the recipe builds it (on the device, in the model dtype)."""
     from torchtune import training
@@ -215,7 +264,8 @@ def build_model(spec: ModelSpec, resolved: ResolvedSetup, fake_mode) -> nn.Modul
                   num_kv_heads=spec.num_kv_heads, embed_dim=spec.hidden_size,
                   max_seq_len=spec.max_position_embeddings or 4096, intermediate_dim=spec.intermediate_size)
     builders = llama3_2 if spec.tie_word_embeddings else llama3_1
-    with _real_rope(fake_mode), _swap_by_assignment(), training.set_default_dtype(dtype), torch.device("cpu"):
+    with _real_rope(fake_mode), _swap_by_assignment(), _one_nf4_chunk_per_length(), \
+            training.set_default_dtype(dtype), torch.device("cpu"):
         if setup.method.uses_lora:
             model = (builders.lora_llama3_2 if spec.tie_word_embeddings else builders.lora_llama3_1)(
                 **_lora_arguments(resolved), **common, lora_rank=setup.lora_rank, lora_alpha=2 * setup.lora_rank,
