@@ -60,9 +60,8 @@ GIB = 2**30
 HF_PERF_DOC_CONTEXT_MIB = 1343 - 2
 
 # ---------------------------------------------------------------------------------------------------------------
-# Models: the exact HF id each row ran -> a config folder of the development set or a catalogue name.
-# litgpt (<= 0.5) builds lm_head as its own Linear and copies wte into it for tied checkpoints, so litgpt rows of
-# tied models take the "-litgpt-untied" config (configs/PROVENANCE.md).
+# Models: the exact HF id each row ran -> a config folder of the development set or a catalogue name. (litgpt's own
+# untied lm_head is the estimate's: --stack litgpt, terms/stack_layers.py built_model.)
 MODEL_CONFIG = {
     "meta-llama/Llama-2-7b-hf": "llama-2-7b",
     "meta-llama/Llama-2-13b-hf": "llama-2-13b",
@@ -247,19 +246,14 @@ def _family_of(config_dir: Path) -> str | None:
         return None
 
 
-def _resolve_model(row: dict, setup: RowSetup, data: Path, untied: bool) -> str | None:
+def _resolve_model(row: dict, setup: RowSetup, data: Path) -> str | None:
     model_id = _model_id(row)
     for prefix, family in UNSUPPORTED_FAMILY.items():
         if model_id.startswith(prefix):
             setup.blockers.append(f"{family} family unsupported")
             return None
     if model_id in MODEL_CONFIG:
-        folder = data / "configs" / MODEL_CONFIG[model_id]
-        untied_folder = data / "configs" / (MODEL_CONFIG[model_id] + "-litgpt-untied")
-        if untied and untied_folder.exists():
-            folder = untied_folder
-            setup.assumptions.append("litgpt unties lm_head (configs/PROVENANCE.md)")
-        return str(folder)
+        return str(data / "configs" / MODEL_CONFIG[model_id])
     if model_id in LOCAL_CONFIG:  # benchmarks/configs (its README gives each folder's source)
         return str(HERE / "configs" / LOCAL_CONFIG[model_id])
     if model_id in MODEL_CATALOGUE:
@@ -338,7 +332,7 @@ def row_setup(row: dict, data: Path) -> RowSetup:
     stack = {"litgpt-rt": "litgpt", "litgpt-ch": "litgpt", "torchtune": "torchtune", "qwen": "hf",
              "peft-readme": "hf", "hf-perf-doc": "hf", "llamafactory": "llama-factory", "unsloth-ctx": "hf"}[prefix]
     setup.stack = stack
-    setup.model = _resolve_model(row, setup, data, untied=(stack == "litgpt"))
+    setup.model = _resolve_model(row, setup, data)
     family = _family_of(Path(setup.model)) if setup.model and "/" in setup.model else \
         CATALOGUE_FAMILY.get(setup.model or "", "llama")
 

@@ -141,3 +141,14 @@ def test_torchtune_packing_builds_no_dense_mask():
     hf_packed = vc.estimate(GQA, method="lora", packing=True, batch_size=2, seq_len=512)
     hf_row = vc.estimate(GQA, method="lora", batch_size=1, seq_len=1024)
     assert hf_packed.terms()["activations"] > hf_row.terms()["activations"]
+
+
+def test_litgpt_trains_its_own_lm_head_beside_a_tied_models_embedding():
+    """litgpt's GPT has no tying: a tied checkpoint's embedding is copied into a separate lm_head
+    (``scripts/convert_hf_checkpoint.py:205-206``). Llama-3.2-1B ties them (config.json ``tie_word_embeddings``), so
+    full fine-tuning trains 128256 x 2048 more weights under litgpt than under transformers or torchtune."""
+    lm_head = 128256 * 2048
+    trained = {stack: vc.estimate("llama-3.2-1b", stack=stack, method="full").details["trainable_params"]
+               for stack in ("hf", "torchtune", "litgpt")}
+    assert trained["litgpt"] - trained["hf"] == lm_head
+    assert trained["torchtune"] == trained["hf"]

@@ -380,6 +380,7 @@ def _step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq
     at every moment; FSDP2 and ZeRO-3 add the units gathered around the compute (``GatheredTimeline``).
     """
     setup = resolved.setup
+    spec = stack_layers.built_model(spec, setup.stack)  # litgpt unties a tied lm_head
     if spec.traits.encoder:  # an encoder's sequence classifier (terms/encoder.py)
         b = setup.batch_size if batch_size is None else batch_size
         return _encoder_moments(spec, resolved, b, setup.seq_len if seq_len is None else seq_len)

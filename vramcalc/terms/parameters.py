@@ -39,6 +39,7 @@ import math
 
 from .. import facts
 from . import moe_lora, peft_methods
+from .stack_layers import built_model
 from ..facts import BNB_4BIT_CODE_ENTRIES, BNB_BLOCKSIZE, BNB_DQ_BLOCKSIZE, BNB_DQ_CODE_ENTRIES
 from ..model import ModelSpec, ParamKind, reward_spec
 from ..options import Method, Precision, Quant, Task
@@ -65,6 +66,7 @@ def quantized_metadata_bytes(numel: int, double_quant: bool) -> int:
 def stored_tensors(model: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTensor, ...]:
     """``parameter_tensors`` for a resolved setup (the values it reads, each normalised to a fixed value where the
     method ignores it, so that setups differing only in batch shape, optimizer or the like share one inventory)."""
+    model = built_model(model, resolved.setup.stack)  # litgpt unties a tied lm_head (stack_layers.built_model)
     if resolved.setup.task is Task.REWARD:  # a sequence classifier (model.reward_spec, terms/tasks.py)
         model = reward_spec(model)
         out = parameter_tensors(model, *parameter_key(resolved))

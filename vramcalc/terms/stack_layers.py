@@ -59,6 +59,11 @@ Symbols: T tokens, h hidden, a heads, k kv heads, d head dim, c compute bytes, s
   (``_runtime_utils.py:743-746``; ``fully_sharded_data_parallel.py:1037-1044``: "accumulate the full model
   gradients"; litgpt's loops enter ``fabric.no_backward_sync`` on every accumulating micro-batch), sharded after the
   reduce-scatter (``distributed.gathering_units``' ``flat_grads``).
+- ``ties_lm_head``: lm_head shares the embedding's weight where the checkpoint ties them. litgpt's ``GPT`` builds
+  lm_head as its own ``nn.Linear`` with no tying (``model.py`` ``GPT.__init__``), and its checkpoint converter copies
+  the embedding into ``lm_head.weight`` for a tied checkpoint (``scripts/convert_hf_checkpoint.py:205-206``, the same
+  in 0.4.10), which ``load_state_dict`` copies into that separate parameter (``utils.py`` ``load_checkpoint``), so
+  the model holds two [V, h] matrices (``built_model``). torchtune ties them (``TiedLinear``).
 - ``dynamic_cache``: the model builds transformers' ``DynamicCache`` when run with ``use_cache``
   (``activations.kv_cache``); torchtune's and litgpt's decoders keep no cache unless one is set up for generation
   (torchtune ``modules/transformer.py`` ``setup_caches``, litgpt ``model.py`` ``set_kv_cache``).
@@ -74,6 +79,8 @@ Symbols: T tokens, h hidden, a heads, k kv heads, d head dim, c compute bytes, s
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -114,6 +121,7 @@ class StackLayers:
     fsdp_flat_params: bool = False
     checkpoint_inputs_need_grad: bool = True
     dynamic_cache: bool = True
+    ties_lm_head: bool = True
 
 
 HF = StackLayers("hf")
@@ -124,7 +132,7 @@ TORCHTUNE = StackLayers("torchtune", norm_fp32_product=True, trainer_optimizer=F
 LITGPT = StackLayers("litgpt", norm_fp32_product=True, trainer_optimizer=False, kv_expanded=True, fused_qkv=True, query_head_major=True,
                      rotary_per_forward=False, rope_buffer=RopeBuffer.LITGPT, stable_embedding=True,
                      fused_qkv_lora=True, fused_gelu=True, fsdp_keeps_dtype=True, fsdp_flat_params=True,
-                     checkpoint_inputs_need_grad=False, dynamic_cache=False)
+                     checkpoint_inputs_need_grad=False, dynamic_cache=False, ties_lm_head=False)
 
 # the stacks that build their own decoder; every other stack runs transformers' modeling code
 _OWN_DECODER = {Stack.TORCHTUNE: TORCHTUNE, Stack.LITGPT: LITGPT}
@@ -133,6 +141,15 @@ _OWN_DECODER = {Stack.TORCHTUNE: TORCHTUNE, Stack.LITGPT: LITGPT}
 def stack_layers(stack: Stack) -> StackLayers:
     """The decoder traits of ``stack`` (transformers' for the stacks built on it: hf, trl, axolotl, ...)."""
     return _OWN_DECODER.get(stack, HF)
+
+
+@functools.cache
+def built_model(model: ModelSpec, stack: Stack) -> ModelSpec:
+    """The model as ``stack`` builds it: a tied checkpoint's lm_head untied where the stack never ties
+    (``StackLayers.ties_lm_head``), else the model as given."""
+    if model.tie_word_embeddings and not stack_layers(stack).ties_lm_head:
+        return dataclasses.replace(model, tie_word_embeddings=False)
+    return model
 
 
 def _granule(n: int) -> int:
