@@ -19,3 +19,18 @@ def test_held_out_rows_on_the_trainers_adamw_torch_are_judged_with_foreach_adamw
               for row in rows if row["optimizer"] in TRAINER_OPTIM]
     assert len(stated) >= 90  # fms-acceleration and ms-swift
     assert [(row_id, want) for row_id, want, got in stated if got != want] == []
+
+
+def test_ms_swift_rows_say_how_qwen_v1_and_the_trainer_ran():
+    """Qwen v1's remote code checkpoints each block with its own ``torch.utils.checkpoint.checkpoint`` call, no
+    ``use_reentrant`` (reentrant under the table's torch 2.1.1); without checkpointing ms-swift 1.5 leaves
+    ``use_cache`` on (``sft.py`` turns it off only under ``gradient_checkpointing``): ``--trainer-use-cache``."""
+    rows = [row for row in csv.DictReader(HELDOUT.open(newline="")) if row["id"].startswith("swift-")]
+    assert len(rows) == 49
+    for row in rows:
+        options = json.loads(row["vramcalc_options"])
+        if row["grad_ckpt"] == "True":
+            assert (row["id"], options["grad_ckpt"], options.get("trainer_use_cache", False)) == \
+                (row["id"], "reentrant", False)
+        else:
+            assert (row["id"], options["grad_ckpt"], options.get("trainer_use_cache")) == (row["id"], "none", True)

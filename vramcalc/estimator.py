@@ -531,9 +531,12 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
             kv_held = kv_held - kv[first_kind(spec, masked)].after + kv_first.after
         if ckpt and activations.cache_object_in_layers(layer.attn_used) and (spec.num_layers > 1 or not kv_first):
             kv_held = kv_held + activations.cache_history_tables(spec, dt, layer.layers).bytes(b, s)
+    cache_fp32 = _trainer_cache_fp32_bytes(spec, dt, tokens) if csetup.trainer_use_cache and kv else 0
     kv_forward_only = 0  # the cache of a model call whose ``outputs`` die with it (transformers <= 4.35's tuple)
     if kv and activations.cache_in_backward(csetup, layer.attn_used):
         A = A + kv_forward
+    elif kv and csetup.trainer_use_cache:  # the model's own (key, value) tuples: what its attention keeps anyway
+        kv = {}
     elif kv:
         kv_forward_only, kv = kv_forward, {}
     head_grad = rank.head_gradient
@@ -647,6 +650,11 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                copies.backward_start + (0 if lg.forward_hidden_grad else hidden_grad) + norm_backward,
                buffers.head_backward),
     ]
+    if cache_fp32:  # accelerate's conversion after the model call: the fp32 copy of the returned tuple cache beside
+        # the loss's forward peak, the final norm's output no longer bound (``hidden_beside_loss``)
+        loss_forward = moments[next(i for i, m in enumerate(moments) if m.phase is Phase.BACKWARD_START) - 1]
+        moments.append(loss_forward._replace(activations=loss_forward.activations + cache_fp32,
+                                             temporaries=loss_forward.temporaries - hidden_beside_loss))
     if kv_forward_only:  # alive until the model call returns: the forward's moments only
         moments = [m._replace(activations=m.activations + kv_forward_only) if m.phase is Phase.FORWARD else m
                    for m in moments]
@@ -836,6 +844,29 @@ def _cast_head_backward_moments(head: Moment, norm: Moment, G_acc, head_grad, ca
     to_copy = head._replace(phase=Phase.BACKWARD_START, gradients=buffers + maximum(G_acc, head_grad),
                             logits=logits_left)
     return [mm, to_copy, norm._replace(temporaries=norm.temporaries - cast)]
+
+
+def _trainer_cache_fp32_bytes(spec: ModelSpec, dt, tokens) -> int:
+    """``--trainer-use-cache``: accelerate's fp32 copy of the cache the model returns, at the model call's end.
+
+    transformers 4.x's Trainer leaves the config's ``use_cache`` on when it does not checkpoint (4.36.2
+    ``trainer.py`` never sets it; ms-swift 1.5 ``swift/llm/sft.py`` @4312aeb28 sets ``model.config.use_cache =
+    False`` only ``if args.gradient_checkpointing``), so the model returns every layer's keys and values: Qwen v1's
+    remote code ``QWenAttention.forward`` ``present = (key, value)`` if ``use_cache`` (the rotated key, the value a
+    view of c_attn's output), collected by ``QWenModel.forward`` into ``presents`` and returned as
+    ``past_key_values``. Under mixed precision accelerate wraps the forward in ``convert_outputs_to_fp32``
+    (0.25.0 ``accelerator.py:1280-1286``; ``utils/operations.py:629-647`` ``convert_to_fp32`` =
+    ``recursively_apply`` of ``tensor.float()`` to every fp16/bf16 tensor in the output's mappings, tuples and
+    lists, ``:87-127``), so each entry is copied to fp32, all before the converted output is built and the original
+    dies: 2·k·d·4 bytes per token and layer (the c-byte entries as the 4.x attention computes them), beside the
+    loss's forward peak (``hf``: the c logits, their fp32 copy and the saved log_softmax), then dropped with
+    ``outputs`` when ``compute_loss`` returns. 0 without autocast (nothing is converted). The 16-bit tuple itself
+    adds nothing: its entries are the tensors the attention saves (Qwen v1's flash path saves ``key`` and ``value``
+    as they are; a GQA model whose attention repeats k and v would also hold the unrepeated ones, not modelled),
+    unlike transformers >= 4.36's ``DynamicCache`` copies (``activations.kv_cache``)."""
+    if not dt.autocast or dt.c >= _F32:
+        return 0
+    return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * _F32 * tokens
 
 
 def _kv_cache_bytes(spec: ModelSpec, layer: activations.LayerSetup, masked: bool, b, s, ckpt=False,

@@ -66,6 +66,9 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "compile": "torch.compile the model (changes what is saved for backward)",
     "loop_keeps_outputs": ("a custom loop keeps the model's outputs (logits, cache) through backward until the "
                            "next call"),
+    "trainer_use_cache": ("transformers 4.x's Trainer without checkpointing (ms-swift 1.x): the model runs with its "
+                          "config's use_cache and returns its keys and values as a tuple, which accelerate copies to "
+                          "fp32 at the call's end under autocast (dropped before backward)"),
     "grads_kept": ("the loop zeroes gradients in place instead of freeing them (zero_grad(set_to_none=False): "
                    "torch < 2.0's default, which transformers' Trainer used): every step runs beside all the "
                    "gradients"),

@@ -142,6 +142,12 @@ class TrainingSetup:
     # until the next call returns: ``outputs = model(**batch); loss = outputs.loss; loss.backward()``, with any loss the
     # model computes (``--loss hf-loop`` is ``hf`` with it)
     loop_keeps_outputs: bool = False
+    # transformers 4.x's Trainer without checkpointing (ms-swift 1.x: ``sft.py`` sets ``model.config.use_cache =
+    # False`` only under ``gradient_checkpointing``): nothing turns the config's ``use_cache`` off, so the model
+    # returns every layer's keys and values as a tuple in ``outputs.past_key_values``, which accelerate's
+    # ``convert_outputs_to_fp32`` copies to fp32 under autocast; ``outputs`` dies before backward
+    # (``estimator._trainer_cache_fp32_bytes``)
+    trainer_use_cache: bool = False
     # the loop zeroes the gradients in place between steps instead of freeing them: ``zero_grad(set_to_none=False)``,
     # torch's default before 2.0 (which transformers' Trainer ``model.zero_grad()`` took), so every forward and
     # backward runs beside all the gradients, and a new gradient is added into its .grad as under accumulation
@@ -358,6 +364,8 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         compile_loss=_bool(chosen.get("compile_loss", SETUP_DEFAULTS["compile_loss"]), "compile_loss"),
         loop_keeps_outputs=_bool(chosen.get("loop_keeps_outputs", SETUP_DEFAULTS["loop_keeps_outputs"]),
                                  "loop_keeps_outputs"),
+        trainer_use_cache=_bool(chosen.get("trainer_use_cache", SETUP_DEFAULTS["trainer_use_cache"]),
+                                "trainer_use_cache"),
         grads_kept=_bool(chosen.get("grads_kept", SETUP_DEFAULTS["grads_kept"]), "grads_kept"),
         softmax_saves_input=_bool(chosen.get("softmax_saves_input", SETUP_DEFAULTS["softmax_saves_input"]),
                                   "softmax_saves_input"),
@@ -423,6 +431,13 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
     if setup.loop_keeps_outputs and not setup.loss.in_model:
         raise VramcalcError(f"--loop-keeps-outputs applies to a loss the model computes (hf, hf-shifted, "
                             f"hf-fp32-logits, model-dtype), not --loss {setup.loss.value}")
+    if setup.trainer_use_cache and getattr(model, "kv_lora_rank", None):
+        raise VramcalcError("--trainer-use-cache models a tuple of per-head keys and values (transformers 4.x, Qwen "
+                            "v1), not an MLA model's compressed cache")
+    if setup.trainer_use_cache and (setup.loss is not Loss.HF or setup.loop_keeps_outputs):
+        raise VramcalcError(f"--trainer-use-cache models a Trainer's call with --loss hf (outputs dropped before "
+                            f"backward), not --loss {setup.loss.value}"
+                            + (" with --loop-keeps-outputs" if setup.loop_keeps_outputs else ""))
     if not setup.compile_loss and not setup.compile:
         raise VramcalcError("--no-compile-loss applies with --compile (without it nothing is compiled)")
     for knob in ("pp_schedule", "pp_microbatches"):

@@ -1082,8 +1082,9 @@ def loop_keeps_outputs(setup) -> bool:
 def runs_with_cache(setup) -> bool:
     """Whether the step runs the model with its KV cache (``kv_cache``, ``checkpointed_kv_cache``): the model
     uses its config's ``use_cache`` (True for most models) in a custom loop (``--loss hf-loop``,
-    ``--loop-keeps-outputs``) without checkpointing, and in any loop under checkpointing applied from outside the
-    model (``--grad-ckpt wrapper``: transformers turns the cache off only under its own checkpointing,
+    ``--loop-keeps-outputs``) or transformers 4.x's Trainer (``--trainer-use-cache``, whose ``outputs`` die before
+    backward: the forward's moments only) without checkpointing, and in any loop under checkpointing applied from
+    outside the model (``--grad-ckpt wrapper``: transformers turns the cache off only under its own checkpointing,
     ``GradientCheckpointingLayer`` in 5.25 ``modeling_layers.py:96-116`` and ``merge_with_config_defaults``
     ``utils/generic.py:1179-1191``; 4.31 ``modeling_llama.py:658-663``); never under transformers' own checkpointing
     or a stack's own decoder (``StackLayers.dynamic_cache``). (transformers 5.25's Trainer sets
@@ -1093,7 +1094,7 @@ def runs_with_cache(setup) -> bool:
         return False
     if checkpoint_mode(setup.grad_ckpt) is GradCkpt.WRAPPER:
         return True
-    return loop_keeps_outputs(setup) and not setup.grad_ckpt
+    return (loop_keeps_outputs(setup) or getattr(setup, "trainer_use_cache", False)) and not setup.grad_ckpt
 
 
 def cache_in_backward(setup, attn_used: Attention) -> bool:

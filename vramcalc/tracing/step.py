@@ -125,7 +125,13 @@ class TrainerLoss:
                     outputs.logits = outputs.logits.float()
                 self.held = outputs
             elif self.setup.precision.autocast:
-                outputs.logits.float()  # accelerate's fp32 copy, dropped with outputs
+                copies = [outputs.logits.float()]  # accelerate's fp32 copy, dropped with outputs
+                cache = getattr(outputs, "cache", None)  # transformers 5.25's field (past_key_values before)
+                if getattr(self.setup, "trainer_use_cache", False) and cache is not None:
+                    # --trainer-use-cache: convert_to_fp32 copies the returned tuple cache's tensors too, all
+                    # before the converted output replaces the original (accelerate utils/operations.py)
+                    copies += [t.float() for entry in cache.layers for t in (entry.keys, entry.values)]
+                del copies
             del outputs
             return loss
         hidden = forward_module(input_ids=input_ids, **extra_inputs).logits  # PassThroughHead: the hidden states
