@@ -385,10 +385,6 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             # litgpt swaps in bitsandbytes' StableEmbedding only since ae798aba (2024-10-04, "Add
             # bnb.nn.StableEmbedding for quantized training"): after both 8641822 (2023-10) and 00af8b0d (2024-09-27)
             setup.knobs["stable_embedding"] = False
-            if _model_id(row).startswith("tiiuae/falcon"):
-                setup.blockers.append("litgpt quantizes its own Falcon's nn.Linear layers (Lightning plugin), but "
-                                      "vramcalc's falcon family follows transformers' FalconLinear, which "
-                                      "bitsandbytes leaves unquantized (model.FamilyTraits.bnb_quantizable)")
     elif prefix == "torchtune":
         opts["precision"] = "bf16-true"  # dtype: bf16, the recipes never autocast
         opt = _optimizer(row["optimizer"])

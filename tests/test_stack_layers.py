@@ -152,3 +152,17 @@ def test_litgpt_trains_its_own_lm_head_beside_a_tied_models_embedding():
                for stack in ("hf", "torchtune", "litgpt")}
     assert trained["litgpt"] - trained["hf"] == lm_head
     assert trained["torchtune"] == trained["hf"]
+
+
+def test_litgpts_bitsandbytes_plugin_quantizes_falcons_linears_which_transformers_leaves_16_bit():
+    """transformers' ``replace_with_bnb_linear`` takes ``type(module) is nn.Linear``, so Falcon's ``FalconLinear``
+    stays bf16; litgpt builds Falcon from plain ``torch.nn.Linear``, which Lightning's ``BitsandbytesPrecision``
+    quantizes. Falcon-7B's decoder Linears hold 32 x 4544 x (4672 + 4544 + 2 x 18176) weights: 16 bits under the hf
+    stack, 4 bits (plus quantization statistics) under litgpt."""
+    linear_weights = 32 * 4544 * (4672 + 4544 + 2 * 18176)
+    weights = {stack: vc.estimate("falcon-7b", method="qlora", stack=stack, seq_len=512).terms()["weights"]
+               for stack in ("hf", "litgpt")}
+    saved = weights["hf"] - weights["litgpt"]
+    # 2 B -> 0.5 B per weight, less the absmax statistics, plus litgpt's own untied lm_head (65024 x 4544)
+    lm_head = 65024 * 4544
+    assert 1.4 * linear_weights < saved + lm_head * 0.5 < 1.55 * linear_weights

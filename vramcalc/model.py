@@ -453,6 +453,9 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert width; 0: moe_intermediate_size · n_shared
     nope_layers: tuple[int, ...] = ()  # Llama-4: layers without RoPE (no_rope_layers entry 0), hence no q/k norm
     score_labels: int = 0  # AutoModelForSequenceClassification's num_labels (``reward_spec``); 0: the causal LM
+    # built by a stack from its own plain torch.nn modules (``stack_layers.built_model``: litgpt), not transformers':
+    # every Linear is quantizable and no family's always-built mask applies (``bnb_quantizable``, ``always_masked``)
+    plain_modules: bool = False
     vision: "VisionSpec | None" = None  # a vision-language model's tower and projector (``vision.py``); None: text only
     # LFM2's short convolution (the "conv" entries of layer_types): conv_L_cache taps, conv_bias
     conv_kernel: int = 0
@@ -534,6 +537,16 @@ class ModelSpec:
     @property
     def traits(self) -> FamilyTraits:
         return FAMILIES[self.family]
+
+    @property
+    def bnb_quantizable(self) -> bool:
+        """bitsandbytes quantizes the decoder's Linears (``FamilyTraits.bnb_quantizable``; any plain module's)."""
+        return self.traits.bnb_quantizable or self.plain_modules
+
+    @property
+    def always_masked(self) -> bool:
+        """The attention always gets a 4-D mask (``FamilyTraits.always_masked``; never a plain module's)."""
+        return self.traits.always_masked and not self.plain_modules
 
     @functools.cached_property
     def is_moe(self) -> bool:

@@ -218,7 +218,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         self.full = layer.method is Method.FULL
         self.norms_train = self.full or layer.method is Method.LN_TUNING  # ln-tuning: a trained copy of each norm
         self.lora_names = set(layer.lora_modules)
-        self.quantized = layer.method is Method.QLORA and model.traits.bnb_quantizable
+        self.quantized = layer.method is Method.QLORA and model.bnb_quantizable
         self.gemma = model.family == "gemma2"
         self.gemma_norm = gemma_norm(model)
         self.masked = masked  # a sliding window shorter than the sequence: transformers builds a 4-D mask
@@ -288,7 +288,7 @@ class _LayerWalk(ParallelBlockWalk, ShortConvWalk):
         16-bit base (``estimator._quantized_base_moments``): ``LayerSetup.base_4bit`` keeps its op kind 4-bit, so
         peft's DoRA calls (``lora/dora.py:97-98, 155``: lora_A and lora_B on an identity, then on x; four mm per
         target) keep their parity, and only [in, r] and [T, r] outputs are cached, as the trace shows."""
-        if use.quantized or (self.layer.base_4bit and self.m.traits.bnb_quantizable) or self._biased(use.name):
+        if use.quantized or (self.layer.base_4bit and self.m.bnb_quantizable) or self._biased(use.name):
             return "matmul"
         return "mm"
 
@@ -966,7 +966,7 @@ def attention_masked(model: ModelSpec, seq_len, attn_used: Attention, packing: b
     holds one sequence (then the unpacked rule). ``sequences`` may be a numpy array (sweeps)."""
     if packing and attn_used is Attention.FLASH:
         return False
-    if model.traits.always_masked and attn_used is not Attention.FLASH:
+    if model.always_masked and attn_used is not Attention.FLASH:
         return True  # Falcon: FalconModel.forward's create_causal_mask(..., allow_is_causal_skip=False)
     unpacked = sliding_window_masked(model, seq_len)
     if not packing:

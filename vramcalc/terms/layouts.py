@@ -133,7 +133,7 @@ def residual_bytes(model, layer) -> int:
     dt = layer.dtypes
     if model.traits.embedding_norm and dt.autocast:  # BLOOM: the embedding LayerNorm's fp32 output, then fp32 adds
         return _F32
-    if (layer.method is Method.QLORA and model.traits.layer_norm and model.traits.bnb_quantizable and dt.autocast
+    if (layer.method is Method.QLORA and model.traits.layer_norm and model.bnb_quantizable and dt.autocast
             and dt.r != _F32):
         return _F32
     return dt.r

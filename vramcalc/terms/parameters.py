@@ -131,7 +131,7 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
     base_bits = facts.qlora_unquantized_bits(precision) if method is Method.QLORA else precision.param_dtype.bits
     # transformers' replace_with_bnb_linear takes ``type(module) is nn.Linear`` (integrations/bitsandbytes.py L189):
     # Falcon's FalconLinear subclass stays in the load dtype (model.FamilyTraits.bnb_quantizable)
-    quantized_linears = method is Method.QLORA and model.traits.bnb_quantizable
+    quantized_linears = method is Method.QLORA and model.bnb_quantizable
     linear_names = {module.name for module in model.inventory.linears}
     full = method is Method.FULL
     out = []

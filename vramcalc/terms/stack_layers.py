@@ -64,6 +64,12 @@ Symbols: T tokens, h hidden, a heads, k kv heads, d head dim, c compute bytes, s
   the embedding into ``lm_head.weight`` for a tied checkpoint (``scripts/convert_hf_checkpoint.py:205-206``, the same
   in 0.4.10), which ``load_state_dict`` copies into that separate parameter (``utils.py`` ``load_checkpoint``), so
   the model holds two [V, h] matrices (``built_model``). torchtune ties them (``TiedLinear``).
+- ``plain_modules``: every layer is the stack's own module over plain ``torch.nn.Linear`` with causal SDPA and no
+  mask in training (litgpt ``model.py`` ``CausalSelfAttention``: ``is_causal=mask is None``), so transformers'
+  per-family quirks do not apply (``built_model``): Lightning's ``BitsandbytesPrecision`` quantizes every
+  ``torch.nn.Linear`` (``lightning/fabric/plugins/precision/bitsandbytes.py`` ``_convert_layers``), Falcon's too,
+  where transformers' ``FalconLinear`` subclass stays 16-bit (``FamilyTraits.bnb_quantizable``), and no family
+  gets transformers' always-built 4-D mask (``FamilyTraits.always_masked``).
 - ``dynamic_cache``: the model builds transformers' ``DynamicCache`` when run with ``use_cache``
   (``activations.kv_cache``); torchtune's and litgpt's decoders keep no cache unless one is set up for generation
   (torchtune ``modules/transformer.py`` ``setup_caches``, litgpt ``model.py`` ``set_kv_cache``).
@@ -122,6 +128,7 @@ class StackLayers:
     checkpoint_inputs_need_grad: bool = True
     dynamic_cache: bool = True
     ties_lm_head: bool = True
+    plain_modules: bool = False
 
 
 HF = StackLayers("hf")
@@ -132,7 +139,7 @@ TORCHTUNE = StackLayers("torchtune", norm_fp32_product=True, trainer_optimizer=F
 LITGPT = StackLayers("litgpt", norm_fp32_product=True, trainer_optimizer=False, kv_expanded=True, fused_qkv=True, query_head_major=True,
                      rotary_per_forward=False, rope_buffer=RopeBuffer.LITGPT, stable_embedding=True,
                      fused_qkv_lora=True, fused_gelu=True, fsdp_keeps_dtype=True, fsdp_flat_params=True,
-                     checkpoint_inputs_need_grad=False, dynamic_cache=False, ties_lm_head=False)
+                     checkpoint_inputs_need_grad=False, dynamic_cache=False, ties_lm_head=False, plain_modules=True)
 
 # the stacks that build their own decoder; every other stack runs transformers' modeling code
 _OWN_DECODER = {Stack.TORCHTUNE: TORCHTUNE, Stack.LITGPT: LITGPT}
@@ -146,9 +153,13 @@ def stack_layers(stack: Stack) -> StackLayers:
 @functools.cache
 def built_model(model: ModelSpec, stack: Stack) -> ModelSpec:
     """The model as ``stack`` builds it: a tied checkpoint's lm_head untied where the stack never ties
-    (``StackLayers.ties_lm_head``), else the model as given."""
-    if model.tie_word_embeddings and not stack_layers(stack).ties_lm_head:
-        return dataclasses.replace(model, tie_word_embeddings=False)
+    (``StackLayers.ties_lm_head``), plain Linears and no always-built mask where the stack builds its own modules
+    (``StackLayers.plain_modules``); else the model as given."""
+    layers = stack_layers(stack)
+    if model.tie_word_embeddings and not layers.ties_lm_head:
+        model = dataclasses.replace(model, tie_word_embeddings=False)
+    if layers.plain_modules and not model.plain_modules:
+        model = dataclasses.replace(model, plain_modules=True)
     return model
 
 

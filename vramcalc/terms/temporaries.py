@@ -161,7 +161,7 @@ def dequantized_weight_bytes(model: ModelSpec, method: Method, double_quant: boo
     ``role`` (default knobs only): the largest Linear of that role (``LinearModule.role``: the attention's backward
     dequantizes its own projections, not the MLP's).
     """
-    if method is not Method.QLORA or not model.traits.bnb_quantizable or is_gptq(setup):
+    if method is not Method.QLORA or not model.bnb_quantizable or is_gptq(setup):
         return 0  # (a GPTQ base dequantizes in forward only: terms/gptq.py)
     if setup is not None and not quantized.knobs(setup).is_default:
         return quantized.dequant_bytes(model, setup, max(dt.r, dt.c), tokens, dt.c).layer_backward
