@@ -64,6 +64,14 @@ Session 37: the 11 ``unb`` rows on Unsloth 2024.1-2024.11.6 say ``--loss unsloth
 the stack's ``fused``, came in 2024.11.8; docs/stacks-research.md section 12 item 2). unb 17.5% / 41.1% -> 15.0% /
 22.4% (median / P90 |error|), signed -17.5% -> +0.6%: the capped alpaca rows now read high (their longest batch is
 unknown).
+
+Session 38: the ten fms-acceleration ``accelerated-peft-autogptq`` rows say ``gptq_kernel: triton-v2`` (the plugin
+accepts no other kernel, fms-acceleration@24bdadb ``framework_plugin_autogptq.py:53-55``; gptqmodel's ``tritonv2``
+QuantLinear saves no dequantized weight, ``options.GptqKernel``), and FSDP and Mixtral are modelled for GPTQ (the
+plugin's qweight/qzeros parameters sharded, the buffers whole; one QuantLinear per expert projection): the seven
+refused rows now read -6.8%, -7.1% (Mistral g2), +2.7%, -0.1%, +2.0%, -3.8% (Mixtral g1-bs4, g2-bs2, g1-bs8,
+g2-bs4), -21.2% (Llama-2-70B g2, like the bnb row's -23.3%); the dense g1 rows +0.3%, +0.4%, +3.4% -> +0.3%, +0.4%,
++2.3%.
 """
 
 from __future__ import annotations

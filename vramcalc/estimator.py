@@ -38,7 +38,7 @@ from .terms import (activations, adapters, distributed, expert_parallel, float8,
                     loading, logits, optimizer, parameters, peft_methods, quantized, runtime, stack_layers, states,
                     tasks, temporaries, tensor_parallel, trl_loss, vision)
 from .terms.distributed import GatheredTimeline
-from .gptq import is_gptq
+from .gptq import is_gptq, saves_dequantized
 from .training_setup import ResolvedSetup, resolve_setup
 from .units import DType, maximum, minimum, select
 
@@ -488,7 +488,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     Bb = B + rank.backward_buffers
     plan = saved_plan(spec, layer, ckpt, masked)
     gptq_base = is_gptq(csetup)
-    if gptq_base:  # auto-gptq's matmuls save each dequantized weight (terms/gptq.py)
+    gptq_triton = gptq_base and not saves_dequantized(csetup)  # --gptq-kernel triton-v2 (options.GptqKernel)
+    if gptq_base and not gptq_triton:  # auto-gptq's matmuls save each dequantized weight (terms/gptq.py)
         plan = gptq.with_saved_weights(plan, spec, layer, bool(ckpt), activations.first_layer_needs_grad(layer.method))
     A = plan.model.bytes(b, s)
     extras = quantized.step_extras(spec, csetup, layer, masked, b, s, adapters.head_input_shared(layer))
@@ -573,6 +574,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
         linear_dequant = dequant
         attention_dequant = temporaries.dequantized_weight_bytes(spec, csetup.method, csetup.double_quant, dt, tokens,
                                                                  setup=csetup, role="attention")
+    if gptq_triton:  # triton-v2 dequantizes again in backward (terms/gptq.py::backward_dequant_bytes)
+        dequant = dequant + gptq.backward_dequant_bytes(spec)
     dequant = dequant + float8.layer_backward_cast_bytes(spec, setup.precision, tokens)  # fp8: torchao's casts
     if tensor_parallel.sequence_parallel(csetup) and rank.gathering is not None:
         # a block input gradient's reduce-scatter: beside the FSDP path's one transient of a layer's backward (the
@@ -597,7 +600,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     hidden_grad = temporaries.hidden_grad_bytes(spec, dt, residual_tokens)
     if gptq_base and ckpt:  # the recompute's dequantization beside the recomputed layer and the incoming gradient
         recompute_beside = maximum(recompute_beside, dt.r * tokens * spec.hidden_size + gptq.forward_dequant_bytes(
-            spec, dt.r, dt.c, tokens, csetup.gptq_desc_act, saved=True))
+            spec, dt.r, dt.c, tokens, csetup.gptq_desc_act, saved=True, triton=gptq_triton))
     head_saved = plan.head.bytes(b, s) + head_lora
     gathered = GatheredTimeline(spec, rank.gathering)
     # the moments' shares on FSDP's side streams (``Moment``): the gathered units' buffers, the reduced shards
@@ -623,7 +626,7 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     if gptq_base:  # the last layer's largest dequantization beside the saved activations (terms/gptq.py)
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A - head_saved, 0, copies.forward
                               + gptq.forward_dequant_bytes(spec, dt.r, dt.c, tokens, csetup.gptq_desc_act,
-                                                           saved=not ckpt)))
+                                                           saved=not ckpt, triton=gptq_triton)))
     if extras.head_forward_moment:  # a quantized lm_head's forward: its dequantized weight beside its output
         moments.append(Moment(Phase.FORWARD, W, B + G_acc, O, A, extras.head_forward_logits,
                               copies.forward + extras.head_forward))

@@ -6,6 +6,9 @@ transformers + optimum + auto-gptq load the checkpoint already quantized into au
 terms: ``terms/gptq.py``; trace: ``tracing/gptq.py``). ``--gptq-group-size`` is ``GPTQConfig(group_size=)``
 (default 128; -1 one group per input column), ``--gptq-desc-act`` is ``desc_act`` (act-order checkpoints, which
 select auto-gptq's ``qlinear_cuda`` instead of ``qlinear_cuda_old``: a larger dequantization transient).
+``--gptq-kernel triton-v2`` is fms-acceleration's ``accelerated-peft-autogptq`` plugin (gptqmodel's ``tritonv2``
+QuantLinear, ``options.GptqKernel``), which also runs under FSDP (``terms/gptq.py``, FSDP); estimate only: its
+Triton kernel does not run on the trace's CPU tensors.
 
 Standard library only (imported by ``training_setup``).
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 from .errors import VramcalcError
 from .model import ModelSpec
-from .options import Method, Precision, Quant, Sharding, Stack, Task
+from .options import GptqKernel, Method, Precision, Quant, Sharding, Stack, Task
 
 GPTQ_DEFAULT_GROUP_SIZE = 128  # transformers GPTQConfig(group_size=128) (utils/quantization_config.py)
 # precisions whose load dtype is the compute dtype: the dequantized weight (``scales``' dtype, the load dtype:
@@ -26,6 +29,13 @@ GPTQ_PRECISIONS = (Precision.FP16, Precision.BF16, Precision.BF16_TRUE, Precisio
 def is_gptq(setup) -> bool:
     """Whether the setup's base is a GPTQ checkpoint."""
     return getattr(setup, "quant", None) is Quant.INT4_GPTQ
+
+
+def saves_dequantized(setup) -> bool:
+    """Whether the GPTQ QuantLinear's matmul saves its dequantized weight for backward (auto-gptq's cuda-old torch
+    path, ``torch.matmul``); the triton-v2 kernel's autograd function saves only the packed buffers
+    (``options.GptqKernel``)."""
+    return is_gptq(setup) and getattr(setup, "gptq_kernel", GptqKernel.CUDA_OLD) is GptqKernel.CUDA_OLD
 
 
 def group_size(value) -> int:
@@ -42,8 +52,9 @@ def group_size(value) -> int:
 def check_setup(setup) -> None:
     """One-line errors for what ``--quant int4-gptq`` does not model (or what GPTQ cannot do)."""
     if not is_gptq(setup):
-        if setup.method is Method.QLORA and (setup.gptq_group_size != GPTQ_DEFAULT_GROUP_SIZE or setup.gptq_desc_act):
-            raise VramcalcError("--gptq-group-size and --gptq-desc-act apply to --quant int4-gptq only")
+        if setup.method is Method.QLORA and (setup.gptq_group_size != GPTQ_DEFAULT_GROUP_SIZE or setup.gptq_desc_act
+                                             or setup.gptq_kernel is not GptqKernel.CUDA_OLD):
+            raise VramcalcError("--gptq-group-size, --gptq-desc-act and --gptq-kernel apply to --quant int4-gptq only")
         return
     if setup.method is not Method.QLORA:
         raise VramcalcError(f"--quant int4-gptq is modelled with --method qlora (peft's GPTQ LoRA layer), not "
@@ -63,9 +74,15 @@ def check_setup(setup) -> None:
     if getattr(setup.quant_storage, "value", "uint8") != "uint8":
         given.append("--quant-storage (a bitsandbytes knob)")
     # DDP and ZeRO-1/2 replicate the frozen base and shard only the adapters' states (the QuantLinear buffers are
-    # buffers, not parameters); FSDP and ZeRO-3 would have to partition them (not modelled)
-    if setup.sharding in (Sharding.FSDP, Sharding.ZERO3) or setup.tp > 1 or setup.cp > 1 or setup.ep > 1:
-        given.append("--sharding fsdp or zero3, --tp, --cp or --ep")
+    # buffers, not parameters); FSDP shards qweight and qzeros as fms-acceleration's autogptq plugin registers them
+    # (terms/gptq.py, FSDP); ZeRO-3 would partition them otherwise (not modelled)
+    if setup.sharding is Sharding.ZERO3 or setup.tp > 1 or setup.cp > 1 or setup.ep > 1:
+        given.append("--sharding zero3, --tp, --cp or --ep")
+    if setup.sharding is Sharding.FSDP and getattr(setup.offload, "value", "none") != "none":
+        given.append("--sharding fsdp with --offload")
+    if setup.sharding is Sharding.FSDP and setup.gptq_kernel is not GptqKernel.TRITON_V2:
+        given.append("--sharding fsdp with --gptq-kernel cuda-old (FSDP is modelled as fms-acceleration's plugin "
+                     "registers the triton-v2 QuantLinear's qweight and qzeros: --gptq-kernel triton-v2)")
     if getattr(setup.device_map, "value", "none") != "none":
         given.append("--device-map")
     if setup.stack is not Stack.HF:
@@ -79,19 +96,28 @@ def check_setup(setup) -> None:
     if setup.grad_ckpt.caches_ops:
         given.append(f"--grad-ckpt {setup.grad_ckpt.value}")
     if given:
-        raise VramcalcError(f"--quant int4-gptq is modelled with the hf stack, --task sft and at most DDP or ZeRO-1/2; "
+        raise VramcalcError(f"--quant int4-gptq is modelled with the hf stack, --task sft and DDP, ZeRO-1/2 or FSDP; "
                             f"not with {given[0]}")
 
 
 def check_packable(model: ModelSpec, group_size: int) -> None:
     """auto-gptq packs 8 weights per int32 and regroups ``weight.reshape(-1, g, out)`` (``qlinear_cuda_old.py:52,
-    59,316``): every quantized Linear needs in and out multiples of 32 and in a multiple of g. MoE experts are not
-    nn.Linear in transformers v5 (not modelled). Checked once, when the setup is resolved."""
+    59,316``): every quantized Linear needs in and out multiples of 32 and in a multiple of g. A mixture of experts
+    is modelled as a GPTQ checkpoint of transformers 4.x's per-expert Linears (``terms/gptq.py``, Mixture of
+    experts) when every decoder layer routes its tokens to experts (no dense layers, no dense experts such as
+    Llama-4's, which 4.x did not build as per-expert Linears). Checked once, when the setup is resolved."""
+    from .terms.gptq import moe_expert_linears
+
+    linears = [(m.name, m.in_features, m.out_features) for m in model.inventory.linears]
     if model.is_moe:
-        raise VramcalcError(f"--quant int4-gptq is modelled for dense models; {model.name} is a mixture of experts")
-    for module in model.inventory.linears:
-        g = module.in_features if group_size == -1 else group_size
-        if module.in_features % 32 or module.out_features % 32 or module.in_features % g:
-            raise VramcalcError(f"--quant int4-gptq: {module.name} of {model.name} ({module.in_features} -> "
-                                f"{module.out_features}) cannot be packed with group size {group_size} (auto-gptq "
+        if model.traits.dense_experts or model.num_dense_layers:
+            raise VramcalcError(f"--quant int4-gptq is modelled for dense models and for mixtures of experts whose "
+                                f"every layer routes to per-expert Linears; {model.name} has dense layers or dense "
+                                "experts")
+        linears += [("an expert projection", i, o) for i, o, _ in moe_expert_linears(model)]
+    for name, in_features, out_features in linears:
+        g = in_features if group_size == -1 else group_size
+        if in_features % 32 or out_features % 32 or in_features % g:
+            raise VramcalcError(f"--quant int4-gptq: {name} of {model.name} ({in_features} -> "
+                                f"{out_features}) cannot be packed with group size {group_size} (auto-gptq "
                                 "needs in and out multiples of 32 and in a multiple of the group size)")

@@ -103,6 +103,8 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "gptq_group_size": "input rows per GPTQ quantization group, or -1 for one (qlora --quant int4-gptq)",
     "gptq_desc_act": "an act-order GPTQ checkpoint: auto-gptq's qlinear_cuda, a larger dequantization transient "
                      "(qlora --quant int4-gptq)",
+    "gptq_kernel": "cuda-old | triton-v2: the GPTQ QuantLinear (cuda-old: optimum's auto-gptq, saves each dequantized "
+                   "weight; triton-v2: fms-acceleration's, dequantizes again in backward) (qlora --quant int4-gptq)",
     "task": "sft | dpo | ipo | simpo | orpo | cpo | kto | reward | grpo | distill | classify (an encoder's)",
     "ref_model": "copy | adapter | precomputed | none: the preference tasks' reference log-probs",
     "prompt_len": "prompt tokens of each chosen/rejected row (preference tasks; not scored)",

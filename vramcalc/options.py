@@ -340,6 +340,24 @@ class QuantStorage(Choice):
     BF16 = "bf16"  # FSDP-QLoRA (bitsandbytes docs/source/fsdp_qlora.md; peft docs/source/accelerate/fsdp.md)
 
 
+class GptqKernel(Choice):
+    """Which QuantLinear runs a GPTQ base (``--quant int4-gptq``; ``terms/gptq.py``).
+
+    cuda-old   auto-gptq's ``qlinear_cuda_old`` (``qlinear_cuda`` with ``--gptq-desc-act``), what transformers +
+               optimum load with ``GPTQConfig(disable_exllama=True)`` (QwenLM/Qwen ``finetune.py``'s Q-LoRA): its
+               torch path dequantizes in int32/int8 steps and ``torch.matmul`` saves the dequantized weight.
+    triton-v2  the ``tritonv2`` QuantLinear of gptqmodel / auto-gptq, the only kernel fms-acceleration's
+               ``accelerated-peft-autogptq`` plugin accepts (fms-acceleration@24bdadb
+               ``plugins/accelerated-peft/src/fms_acceleration_peft/framework_plugin_autogptq.py:53-55``
+               ``_check_config_equal(key="peft.quantization.auto_gptq.kernel", value="triton_v2")``): a Triton kernel
+               dequantizes to an fp16 [in, out] weight for one matmul and frees it; its autograd function saves only
+               the packed buffers and dequantizes again in backward (``gptqmodel/nn_modules/triton_utils/
+               dequant.py:103-161``)."""
+
+    CUDA_OLD = "cuda-old"
+    TRITON_V2 = "triton-v2"
+
+
 class DeviceMap(Choice):
     """Model parallelism without data parallelism: ``from_pretrained(device_map=...)`` (``terms/device_map.py``).
 

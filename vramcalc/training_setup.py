@@ -32,6 +32,7 @@ from .options import (
     Quant,
     QuantStateDtype,
     QuantStorage,
+    GptqKernel,
     RefModel,
     RolloutEngine,
     Sharding,
@@ -180,6 +181,7 @@ class TrainingSetup:
     quant_storage: QuantStorage = QuantStorage.UINT8  # bnb_4bit_quant_storage default (qlora)
     gptq_group_size: int = 128  # GPTQConfig group_size default (qlora --quant int4-gptq; -1: one group per column)
     gptq_desc_act: bool = False  # GPTQConfig desc_act default (qlora --quant int4-gptq)
+    gptq_kernel: GptqKernel = GptqKernel.CUDA_OLD  # optimum's auto-gptq qlinear_cuda_old (qlora --quant int4-gptq)
     # litgpt >= ae798aba (2024-10-04, 0.4.13) swaps in bitsandbytes' StableEmbedding (qlora; stack_layers.py)
     stable_embedding: bool = True
     # a stack whose own RMSNorm multiplies by its weight in fp32 (``stack_layers.norm_fp32_product``: torchtune from
@@ -272,7 +274,7 @@ class ResolvedSetup:
 _LORA_OPTIONS = ("lora_rank", "lora_targets", "lora_dropout", "adapter_dtype", "modules_to_save")
 _QLORA_OPTIONS = ("quant", "double_quant", "compute_dtype", "kbit_prep", "quant_saves_input", "quantize_lm_head",
                   "quantize_experts", "quant_state_dtype", "quant_storage", "stable_embedding", "gptq_group_size",
-                  "gptq_desc_act")
+                  "gptq_desc_act", "gptq_kernel")
 _PROMPT_OPTIONS = ("virtual_tokens",)
 METHOD_OPTIONS = {  # the options that belong to one method; every other method rejects them
     Method.FULL: (),
@@ -391,6 +393,7 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         quant_storage=QuantStorage.parse(chosen.get("quant_storage", SETUP_DEFAULTS["quant_storage"]), "quant storage"),
         gptq_group_size=gptq.group_size(chosen.get("gptq_group_size", SETUP_DEFAULTS["gptq_group_size"])),
         gptq_desc_act=_bool(chosen.get("gptq_desc_act", SETUP_DEFAULTS["gptq_desc_act"]), "gptq_desc_act"),
+        gptq_kernel=GptqKernel.parse(chosen.get("gptq_kernel", SETUP_DEFAULTS["gptq_kernel"]), "gptq kernel"),
         load=LoadPath.parse(chosen.get("load", SETUP_DEFAULTS["load"]), "load path"),
         stable_embedding=_bool(chosen.get("stable_embedding", SETUP_DEFAULTS["stable_embedding"]),
                                "stable_embedding"),

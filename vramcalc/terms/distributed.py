@@ -77,6 +77,8 @@ from .stack_layers import stack_layers
 from .stored_tensor import StoredTensor
 from .states import RankStates, head_gradient_bytes, model_states
 from .weights import weight_bytes
+from . import gptq
+from ..gptq import is_gptq
 from .expert_parallel import expert_fsdp_ranks, fsdp_by_transformers
 
 # DeepSpeed's host bytes per trainable parameter under each offload (``facts``)
@@ -149,12 +151,15 @@ def _fp32_trainable(resolved: ResolvedSetup) -> bool:
     """accelerate upcasts trainable parameters to fp32 before ``fully_shard`` under mixed precision, except in a
     model holding ``Params4bit`` (accelerate 1.16 ``utils/fsdp_utils.py:801``: ``if accelerator.mixed_precision !=
     "no" and not model_has_params4bit``), where they keep peft's dtype; applied here with ``--quant-storage bf16``
-    (the uint8 estimate predates it). Without autocast (``bf16-true``, ``fp16-true``: Trainer's mixed precision
+    (the uint8 estimate predates it). A GPTQ base holds no ``Params4bit``: its trainable (adapter) units are upcast
+    (accelerate's FSDP1 ``prepare_model`` upcasts every flat parameter that ``requires_grad`` when mixed precision
+    is on, "Upcasted low precision parameters in ..."; the frozen packed codes are not). Without autocast (``bf16-true``, ``fp16-true``: Trainer's mixed precision
     "no") the parameters keep the dtype they were loaded in. A stack that keeps the built dtype does not upcast
     (``stack_layers.StackLayers.fsdp_keeps_dtype``: torchtune, litgpt)."""
     setup = resolved.setup
     return (casts_to_half(resolved) and setup.sharding is Sharding.FSDP and setup.precision.autocast
-            and not stack_layers(setup.stack).fsdp_keeps_dtype and not shards_4bit(resolved))
+            and not stack_layers(setup.stack).fsdp_keeps_dtype
+            and (not shards_4bit(resolved) or shards_gptq(resolved)))
 
 
 def tensor_ranks(resolved: ResolvedSetup):
@@ -181,7 +186,31 @@ def shards_4bit(resolved: ResolvedSetup) -> bool:
     setup = resolved.setup
     return setup.method is Method.QLORA and (
         (getattr(setup, "quant_storage", QuantStorage.UINT8) is QuantStorage.BF16
-         and setup.sharding in (Sharding.FSDP, Sharding.ZERO3)) or shards_4bit_state(resolved))
+         and setup.sharding in (Sharding.FSDP, Sharding.ZERO3)) or shards_4bit_state(resolved)
+        or shards_gptq(resolved))
+
+
+def shards_gptq(resolved: ResolvedSetup) -> bool:
+    """FSDP shards a GPTQ base's ``qweight`` and ``qzeros``: fms-acceleration's autogptq plugin registers them as
+    load-dtype parameters so that FSDP can flatten them (``terms/gptq.py``, FSDP); ``scales`` and ``g_idx`` stay
+    buffers, whole on every rank (``gptq_replicated_bytes``)."""
+    setup = resolved.setup
+    return setup.method is Method.QLORA and setup.sharding is Sharding.FSDP and is_gptq(setup)
+
+
+def packed_gptq(tensor: StoredTensor, group_size: int) -> StoredTensor:
+    """A GPTQ QuantLinear [out, in] as FSDP holds it: its ``qweight`` and ``qzeros`` bytes as 16-bit elements
+    (``gptq.fsdp_packed_bytes`` / 2, dim 0 split); the buffers are left out (``gptq_replicated_bytes``)."""
+    out_features, in_features = tensor.shape
+    elements = gptq.fsdp_packed_bytes(in_features, out_features, group_size) // 2
+    return StoredTensor(tensor.name, PACKED_4BIT, (elements, 1), tensor.count, 16, False, 0, tensor.scope)
+
+
+def gptq_replicated_bytes(tensors, group_size: int) -> int:
+    """Every GPTQ QuantLinear's buffers (``scales``, ``g_idx``, bias, ``wf``), whole on every FSDP rank
+    (``gptq.fsdp_replicated_bytes``)."""
+    return sum(t.metadata_bytes * t.count - round_up(gptq.qzeros_bytes(t.shape[1], t.shape[0], group_size))
+               * t.count for t in tensors if t.kind == "quantized")
 
 
 def shards_4bit_state(resolved: ResolvedSetup) -> bool:
@@ -220,6 +249,8 @@ def engine_tensors(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTens
     tensors = stored_tensors(spec, resolved)
     if not shards_4bit(resolved):
         return tensors
+    if shards_gptq(resolved):
+        return tuple(packed_gptq(t, resolved.setup.gptq_group_size) if t.kind == "quantized" else t for t in tensors)
     with_state = shards_4bit_state(resolved)
     return tuple(packed_4bit(t, with_state) if t.kind == "quantized" else t for t in tensors)
 
@@ -453,7 +484,9 @@ def _fsdp_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
     shards = tuple(sharded(t, ranks_of(t), _state_bits(t, fp32_trainable)) for t in tensors
                    if t.kind != "quantized" and ranks_of(t) is not None) + whole
     replicated = sum(t.total_bytes for t in tensors if t.kind == "quantized")
-    if shards_4bit(resolved):  # the packed codes are sharded above; bitsandbytes' quantization state stays whole
+    if shards_gptq(resolved):  # qweight and qzeros are sharded above; the QuantLinears' buffers stay whole
+        replicated = gptq_replicated_bytes(stored_tensors(spec, resolved), setup.gptq_group_size)
+    elif shards_4bit(resolved):  # the packed codes are sharded above; bitsandbytes' quantization state stays whole
         replicated = 0 if shards_4bit_state(resolved) else quant_state_bytes(stored_tensors(spec, resolved))
     weights = sum(t.total_bytes for t in shards) + replicated
     G = (units.embed.sharded_grads_bytes + units.tail.sharded_grads_bytes + units.dense.sharded_grads_bytes * spec.num_dense_layers

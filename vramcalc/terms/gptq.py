@@ -31,6 +31,27 @@ the d·n product, (2 + 2d)·n). Backward needs no dequantization (mm's backward 
 Without checkpointing every quantized Linear whose input requires grad holds its d·n weight from forward to its
 backward (all layers at the end of forward); with it, the recomputed layer's (non-reentrant checkpointing drops them
 in forward). Traced with auto-gptq's own code on fake tensors: ``tests/test_gptq.py``.
+
+Mixture of experts (``expert_linears``): a GPTQ checkpoint of a transformers 4.x MoE holds one QuantLinear per
+expert projection, as 4.x built them (modeling_mixtral.py ``MixtralBlockSparseTop2MLP``: w1 [I, h], w3 [I, h],
+w2 [h, I] per expert in a ``ModuleList``); the quantizer packs each (fms-acceleration@24bdadb
+``plugins/accelerated-peft/src/fms_acceleration_peft/gptqmodel/models/mixtral.py:24-55``: ``layer_modules`` lists
+``block_sparse_moe.experts.{0..7}.w1/w3/w2``; the router ``block_sparse_moe.gate`` is not listed and stays in the
+load dtype). v5's fused ``gate_up_proj`` [E, 2I, h] is read as 2E Linears [I, h], ``down_proj`` [E, h, I] as E.
+With cuda-old each expert's matmul saves its dequantized weight like a dense Linear's (every expert receives tokens:
+T·k >= E); its input is the expert's ``ceil(T·k/E)`` routed rows. Not traced (v5 builds no per-expert nn.Linear).
+
+FSDP (``fsdp_packed_bytes``, ``fsdp_replicated_bytes``): fms-acceleration's autogptq plugin turns ``qweight`` and
+``qzeros`` into frozen ``nn.Parameter`` views in the load dtype so that FSDP flattens and shards them
+(``autogptq_utils.py:34`` ``PATCH_FOR_FSDP_TRITON_V2 = ["qweight", "qzeros"]``, ``:68-85``
+``torch.nn.Parameter(attr.view(torch_dtype), requires_grad=False)``; the forward views them back to int32,
+``:174-214``; registered when ``world_size > 1`` and ``ACCELERATE_USE_FSDP``, ``framework_plugin_autogptq.py:205-
+218``). ``scales``, ``g_idx`` (and a bias) stay buffers, which FSDP moves to the device whole on every rank. So a
+decoder layer's unit gathers and shards the packed codes and zeros; the rest is replicated. The units, flat
+all-gather buffers and stream pools are ``terms/distributed.py``'s (``packed_gptq``, ``shards_gptq``); accelerate
+upcasts the trainable (adapter) flat parameters to fp32 under fp16 mixed precision. Not modelled: gptqmodel's
+tritonv2 QuantLinear registers a bias only where the checkpoint has one and keeps no ``wf`` (``qlinear_tritonv2.py:
+94-99``); the stored tensors keep optimum's bias and ``wf`` (a few MB). Estimate only: triton-v2 needs a GPU.
 """
 
 from __future__ import annotations
@@ -75,6 +96,48 @@ def stored_linear(name: str, shape: tuple[int, int], count: int, group_size: int
                         metadata_bytes(in_features, out_features, group_size, dtype_bytes), scope)
 
 
+def qweight_bytes(in_features: int, out_features: int) -> int:
+    """qweight int32 [in·4/32, out]: 4·(in/8)·out bytes, n/2 (``qlinear_cuda_old.py:50``, ``qlinear_tritonv2.py:67-70``)."""
+    return _INT32 * (in_features // 32 * GPTQ_BITS) * out_features
+
+
+def qzeros_bytes(in_features: int, out_features: int, group_size: int) -> int:
+    """qzeros int32 [ceil(in/g), out·4/32] (``qlinear_tritonv2.py:71-80``)."""
+    return _INT32 * group_rows(in_features, group_size) * (out_features // 32 * GPTQ_BITS)
+
+
+def fsdp_packed_bytes(in_features: int, out_features: int, group_size: int) -> int:
+    """What FSDP flattens and shards of one QuantLinear (module docstring, FSDP): ``qweight`` and ``qzeros`` viewed
+    as load-dtype parameters, the same bytes: 4·(in/8)·out + 4·ceil(in/g)·(out/8)."""
+    return qweight_bytes(in_features, out_features) + qzeros_bytes(in_features, out_features, group_size)
+
+
+def fsdp_replicated_bytes(in_features: int, out_features: int, group_size: int, dtype_bytes: int) -> int:
+    """What stays whole on every FSDP rank of one QuantLinear: its buffers ``scales``, ``g_idx``, bias and ``wf``,
+    each its own allocation (``metadata_bytes`` without ``qzeros``)."""
+    return (metadata_bytes(in_features, out_features, group_size, dtype_bytes)
+            - round_up(qzeros_bytes(in_features, out_features, group_size)))
+
+
+def expert_linears(name: str, shape: tuple[int, ...]) -> tuple[tuple[str, tuple[int, int], int], ...]:
+    """The per-expert QuantLinears (name, (out, in), Linears per layer) of one v5 expert tensor [E, out, in]
+    (module docstring, Mixture of experts): a fused ``gate_up_proj`` [E, 2I, h] is w1 and w3, 2E Linears [I, h]."""
+    experts, out_features, in_features = shape
+    if name.endswith("gate_up_proj"):
+        return ((name, (out_features // 2, in_features), 2 * experts),)
+    return ((name, (out_features, in_features), experts),)
+
+
+def moe_expert_linears(model: ModelSpec) -> tuple[tuple[int, int, int], ...]:
+    """(in, out, Linears per MoE layer) of every per-expert QuantLinear of ``model`` (``expert_linears``)."""
+    out = []
+    for tensor in model.inventory.tensors:
+        if tensor.kind.value == "experts" and len(tensor.shape) == 3:
+            for _, (o, i), per_layer in expert_linears(tensor.name, tensor.shape):
+                out.append((i, o, per_layer))
+    return tuple(out)
+
+
 class LayerDequantized(NamedTuple):
     """Bytes of one decoder layer's dequantized weights that its matmuls save for backward (d·n each)."""
 
@@ -102,19 +165,55 @@ def layer_dequantized(model: ModelSpec, dtype_bytes: int) -> LayerDequantized:
         else:
             attention += nbytes
             inputs += nbytes if module.name in traits.qkv_names else 0
+    if model.is_moe:  # every expert's matmul saves its dequantized weight (module docstring, Mixture of experts)
+        for in_features, out_features, per_layer in moe_expert_linears(model):
+            nbytes = dtype_bytes * in_features * out_features * per_layer
+            mlp += nbytes
+            down += nbytes if out_features == model.hidden_size else 0
     return LayerDequantized(attention, inputs, mlp, down)
 
 
-def forward_dequant_bytes(model: ModelSpec, dtype_bytes: int, c: int, tokens, desc_act: bool, saved: bool):
+def forward_dequant_bytes(model: ModelSpec, dtype_bytes: int, c: int, tokens, desc_act: bool, saved: bool,
+                          triton: bool = False):
     """Beyond the saved activations, while the largest quantized Linear dequantizes in forward: the transient
     (5n, or (2 + 2d)·n with desc_act: module docstring) less the d·n product the activations already count when
     ``saved`` (the layer's matmuls save their weights: no checkpointing, or its recompute), beside the Linear's input [T, in] in the
     compute dtype (which a frozen matmul does not save: counted here). The Linear with the largest sum wins (the
-    MLP's last, with in = I, on the gated families)."""
+    MLP's last, with in = I, on the gated families). ``triton`` (``--gptq-kernel triton-v2``): the kernel writes
+    the fp16 [in, out] weight at once and the matmul saves nothing, 2n (``triton_dequant_bytes``)."""
     peak = (2 + 2 * dtype_bytes) if desc_act else _DEQUANT_TRANSIENT_INT
     held = dtype_bytes if saved else 0
-    return max((peak - held) * module.weight_numel + c * tokens * module.in_features
-               for module in model.inventory.linears)
+    if triton:
+        peak, held = TRITON_DEQUANT_BYTES_PER_WEIGHT, 0
+    dense = max((peak - held) * module.weight_numel + c * tokens * module.in_features
+                for module in model.inventory.linears)
+    if not model.is_moe:
+        return dense
+    # an expert's input is its routed rows, ceil(T·k/E) (module docstring, Mixture of experts)
+    rows = -(-tokens * model.experts_per_token // model.num_experts)
+    return max([dense] + [(peak - held) * i * o + c * rows * i for i, o, _ in moe_expert_linears(model)])
+
+
+TRITON_DEQUANT_BYTES_PER_WEIGHT = 2  # dequant248's output: torch.empty((in, out), dtype=torch.float16)
+
+
+def triton_dequant_bytes(in_features: int, out_features: int) -> int:
+    """``--gptq-kernel triton-v2``: one QuantLinear's dequantized weight, 2·in·out bytes, made for one matmul and
+    freed after it, in forward and again in backward (fms-acceleration@24bdadb ``plugins/accelerated-peft/src/
+    fms_acceleration_peft/gptqmodel/nn_modules/triton_utils/dequant.py:103-129`` ``dequant248``: ``out =
+    torch.empty((infeatures, outfeatures), device="cuda", dtype=torch.float16)``; ``:132-138`` ``quant_matmul_248``
+    returns ``input @ W`` or ``input @ W.t()``; ``:141-161`` ``QuantLinearFunction`` saves ``qweight, scales,
+    qzeros, g_idx`` only and calls ``quant_matmul_248(grad_output, ..., transpose=True)`` in backward)."""
+    return TRITON_DEQUANT_BYTES_PER_WEIGHT * in_features * out_features
+
+
+def backward_dequant_bytes(model: ModelSpec) -> int:
+    """``--gptq-kernel triton-v2``: the largest QuantLinear's backward dequantization (``triton_dequant_bytes``),
+    beside the layer's backward gradients (the per-expert Linears' of a mixture of experts included)."""
+    shapes = [(m.in_features, m.out_features) for m in model.inventory.linears]
+    if model.is_moe:
+        shapes += [(i, o) for i, o, _ in moe_expert_linears(model)]
+    return max(triton_dequant_bytes(i, o) for i, o in shapes)
 
 
 def with_saved_weights(plan, model: ModelSpec, layer, ckpt: bool, first_needs_grad: bool):

@@ -125,7 +125,8 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
     [virtual_tokens, h] embedding. Only full fine-tuning trains the base. ``int8``: the quantized Linears are int8
     (1 byte per weight plus ``int8_metadata_bytes``) instead of 4-bit; ``quantize_lm_head``: lm_head's weight is
     quantized too (a tied one gets its own). ``gptq_group_size`` (non-zero: ``--quant int4-gptq``): each decoder
-    Linear is auto-gptq's QuantLinear instead, its bias inside it (``terms/gptq.py``); ``modules_to_save``: a trained
+    Linear is auto-gptq's QuantLinear instead, its bias inside it, and so is every expert projection of a mixture of
+    experts (``gptq.expert_linears``: a GPTQ checkpoint is 4.x's per-expert Linears); ``modules_to_save``: a trained
     copy of each listed module (``module_copies``). Sources: module docstring.
     """
     base_bits = facts.qlora_unquantized_bits(precision) if method is Method.QLORA else precision.param_dtype.bits
@@ -146,6 +147,12 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
                                               base_bits // 8, tensor.scope))
             if tensor.kind is ParamKind.LINEAR and module in linear_names:
                 continue
+        if quantized_linears and gptq_group_size and tensor.kind is ParamKind.EXPERTS and len(tensor.shape) == 3:
+            # a GPTQ checkpoint of a 4.x MoE: one QuantLinear per expert projection (gptq.expert_linears)
+            for name, shape, per_layer in gptq.expert_linears(tensor.name, tensor.shape):
+                out.append(gptq.stored_linear(name, shape, tensor.count * per_layer, gptq_group_size,
+                                              base_bits // 8, tensor.scope))
+            continue
         if quantized_linears and quantize_experts and tensor.kind is ParamKind.EXPERTS and len(tensor.shape) == 3:
             # one quantized Linear per expert: E per layer
             out.append(_quantized(tensor.name, tensor.shape[1:], tensor.count * tensor.shape[0], int8, double_quant,

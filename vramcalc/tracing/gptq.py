@@ -67,6 +67,10 @@ def quantize_linears_gptq(model: nn.Module, setup) -> None:
     """Replace every nn.Linear of the decoder blocks by auto-gptq's QuantLinear (4 bits, the setup's group size),
     as optimum's ``_replace_by_quant_layers`` does (module docstring), on the meta device. lm_head (outside the
     blocks) and the embedding stay in the load dtype."""
+    if any(name.endswith("experts") for name, _ in model.named_modules()):
+        raise VramcalcError("trace --quant int4-gptq of a mixture of experts is estimate only: transformers 5 "
+                            "builds the experts as fused 3-D parameters, not the per-expert nn.Linear a GPTQ "
+                            "checkpoint quantizes; use vramcalc estimate")
     desc_act = bool(getattr(setup, "gptq_desc_act", False))
     group_size = int(getattr(setup, "gptq_group_size", 128))
     quant_linear = quant_linear_class(desc_act)

@@ -447,6 +447,9 @@ def check_traceable_knobs(setup) -> None:
         raise VramcalcError("--quantize-experts is estimate only: transformers 5 builds the experts as fused 3-D "
                             "parameters, and the per-expert nn.Linear layout of transformers 4.x is not installed "
                             "to trace; use vramcalc estimate")
+    if getattr(getattr(setup, "gptq_kernel", None), "value", "cuda-old") == "triton-v2":
+        raise VramcalcError("--gptq-kernel triton-v2 is estimate only: gptqmodel's dequantization is a Triton "
+                            "kernel, which needs a GPU; use vramcalc estimate")
     if getattr(setup, "compile", False) and setup.method is Method.QLORA:
         raise VramcalcError("--compile with --method qlora is estimate only: AOTAutograd cannot functionalize "
                             "bitsandbytes' double-quantized dequantize (an in-place add_ on the absmax), which "
