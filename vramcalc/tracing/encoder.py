@@ -25,6 +25,7 @@ from .cuda_emulation import is_fake
 from .step import StepTracer, base_model
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+_ORIGINAL_SOFTMAX = torch.nn.functional.softmax
 
 
 class _SoftmaxSavingInput(torch.autograd.Function):
@@ -47,6 +48,8 @@ def _softmax_saving_input(input, dim=None, _stacklevel=3, dtype=None):
     """``F.softmax`` as torch 1.10's CUDA autocast ran it, saving its input: a 16-bit input without a dtype becomes
     fp32, fp16 by ``_softmax``'s half_to_float (``SoftMax.cpp::softmax``), bf16 through an fp32 copy (what
     ``_softmax`` reads and saves); a given dtype converts first."""
+    if dim is None:  # (the implicit-dim legacy call: not BERT's)
+        return _ORIGINAL_SOFTMAX(input, dim, _stacklevel, dtype)
     dim = dim if dim >= 0 else dim + input.dim()
     half_to_float = False
     if dtype is None and torch.is_autocast_enabled("cpu") and input.dtype in _SIXTEEN_BIT:
