@@ -218,7 +218,8 @@ def test_torchtitan_plan_keeps_a_sequence_shard_between_blocks_and_a_vocabulary_
 @pytest.mark.parametrize("options, message", [
     (dict(tp=1, tp_plan="torchtitan"), "--tp 2 or more"),
     (dict(tp=2, tp_plan="torchtitan", method="lora"), "--method full"),
-    (dict(tp=2, tp_plan="torchtitan", cp=2, num_gpus=4), "--cp"),
+    # with --cp the rank's s/C positions are sharded T ways: 4100 / 2 = 2050 is not a multiple of 4
+    (dict(tp=4, tp_plan="torchtitan", cp=2, num_gpus=16, sharding="fsdp", seq_len=4100), "multiple of 8"),
     (dict(tp=4, tp_plan="torchtitan", seq_len=2046), "multiple of 4"),
     (dict(tp=2, tp_plan="torchtitan", loss="chunked"), "loss_parallel"),
     (dict(tp=2, tp_plan="torchtitan", grad_ckpt="selective-op"), "full or none"),

@@ -140,7 +140,10 @@ def check_torchtitan_plan(model: ModelSpec, setup) -> None:
     ``F.cross_entropy(pred.flatten(0, 1).float(), labels)`` under ``loss_parallel()`` (``--loss hf``), FSDP2 over the
     data-parallel ranks (``apply_fsdp``, ``dp_shard``), torch's AdamW or SGD on DTensor parameters; with
     ``--compile`` (``apply_compile``: each TransformerBlock) and ``--precision fp8`` (torchao's Float8Linear with the
-    Float8 parallel styles) allowed. The sequence is sharded ``Shard(1)`` between blocks: T must divide it."""
+    Float8 parallel styles) allowed. The sequence is sharded ``Shard(1)`` between blocks: T must divide it. With
+    ``--cp C`` (torchtitan's mesh ``(pp, dp_shard, cp, tp)``, parallel_dims.py@9dec370, FSDP2 over dp_shard x cp,
+    ``apply_fsdp`` on ``dp_shard_cp``; its ``context_parallel`` buffers cut the sequence to s/C before the blocks) the
+    rank's sequence is s/C, which T must divide (``check_context_parallel`` has the ring's own conditions)."""
     tp = setup.tp
     if setup.method.value != "full":
         raise VramcalcError(f"--tp-plan torchtitan with --method {setup.method.value}: torchtitan trains the whole "
@@ -153,11 +156,11 @@ def check_torchtitan_plan(model: ModelSpec, setup) -> None:
     if setup.loss.value != "hf":
         raise VramcalcError(f"--tp-plan torchtitan with --loss {setup.loss.value}: torchtitan's loss is "
                             "cross_entropy(pred.float(), labels) under loss_parallel (--loss hf)")
-    if setup.padded_seq_len % tp:
-        raise VramcalcError(f"--seq-len {setup.padded_seq_len} with --tp {tp} --tp-plan torchtitan: sequence "
-                            f"parallelism shards every sequence into {tp} equal parts; use a multiple of {tp}")
-    if getattr(setup, "cp", 1) > 1:
-        raise VramcalcError("--tp-plan torchtitan with --cp is not modelled")
+    cp = getattr(setup, "cp", 1)
+    if setup.padded_seq_len % (tp * cp):
+        raise VramcalcError(f"--seq-len {setup.padded_seq_len} with --tp {tp}{f' --cp {cp}' if cp > 1 else ''} "
+                            f"--tp-plan torchtitan: sequence parallelism shards every{' local' if cp > 1 else ''} "
+                            f"sequence into {tp} equal parts; use a multiple of {tp * cp}")
     if setup.optimizer.value not in ("adamw", "adamw-foreach", "sgd", "sgd-momentum") or setup.optimizer_in_backward:
         raise VramcalcError(f"--tp with --optimizer {setup.optimizer.value}: modelled for torch's optimizers on "
                             "DTensor parameters (adamw, adamw-foreach, sgd, sgd-momentum)")
@@ -388,12 +391,13 @@ def check_pipeline_degree(model: ModelSpec, setup) -> None:
     if setup.loss.value != "hf" or setup.task.value != "sft" or setup.stack.value != "hf":
         raise VramcalcError("--pp is modelled for --task sft on the hf stack with --loss hf (torchtitan's "
                             "cross-entropy on the last stage's logits)")
-    if setup.compile or setup.activation_offload or setup.kernels.value != "none" or setup.packing \
+    if setup.activation_offload or setup.kernels.value != "none" or setup.packing \
             or setup.optimizer_in_backward or setup.loop_keeps_outputs:
-        raise VramcalcError("--pp is modelled without --compile, --activation-offload, --kernels, --packing, "
+        raise VramcalcError("--pp is modelled without --activation-offload, --kernels, --packing, "
                             "--optimizer-in-backward and --loop-keeps-outputs")
-    if setup.precision.value == "fp8":
-        raise VramcalcError("--pp with --precision fp8 is not modelled (torchao's Float8Linear per stage)")
+    if setup.compile and setup.compile_loss:
+        raise VramcalcError("--pp with --compile is modelled as torchtitan@9dec370 compiles: each TransformerBlock, "
+                            "the loss eager (apply_compile); add --no-compile-loss")
     if setup.precision.value.startswith("mixed") and setup.sharding.value != "fsdp":
         raise VramcalcError(f"--pp with --precision {setup.precision.value} and no --sharding fsdp: torchtitan's "
                             "mixed precision is FSDP2's MixedPrecisionPolicy (no autocast), so a stage without it "

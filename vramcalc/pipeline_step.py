@@ -23,10 +23,19 @@ forward or backward on one of its stages, built from the one-GPU terms of that s
   there), reduce-scattered after the last backward;
 - the last stage's ``output_chunks`` (every microbatch's logits so far, twice at the merge ``step`` returns), every
   stage's send/recv buffers, and the gradients and outputs the rank's sends still hold (``pp_terms.sends_held``).
-No autocast: torchtitan computes in the FSDP param dtype, or the stored one (``compute_view``). The reported peak
+No autocast: torchtitan computes in the FSDP param dtype, or the stored one (``compute_view``).
+Composed options take the single-stage rank view's per-layer terms unchanged (``stage_view``, then the --tp and --cp
+rank views, then ``step_moment.layer_setup``/``saved_plan``): ``--compile`` the compiled block's saved plan
+(torchtitan@9dec370 ``apply_compile`` compiles each TransformerBlock, the loss eager; the first block's input a
+compiled graph keeps is the recv buffer, as a checkpoint's is), ``--precision fp8`` torchao's casts in each half-layer's
+backward (``float8.layer_backward_cast_bytes``), ``--tp-plan torchtitan`` the sequence-parallel shard (the residual
+stream, its gradient, the norms and the p2p buffers [b/M, s/T, h]; each block input gradient's reduce-scatter;
+loss-parallel logits [b/M, s, V/T]), ``--cp`` the ring's moment (``context_parallel.ring_moment_bytes``, compiled or
+eager) on s/C positions. The reported peak
 is the largest rank's; every rank's is in ``details["pp_ranks"]``. Checked rank by rank against torch's own
 schedules run on a fake process group (``tracing/pipeline_parallel.py``, tests/test_pipeline_parallel.py: 1f1b,
-gpipe and interleaved-1f1b, with and without FSDP, none, full and selective checkpointing).
+gpipe and interleaved-1f1b, with and without FSDP, none, full and selective checkpointing; --compile and --precision
+fp8 too).
 """
 
 from __future__ import annotations
@@ -39,9 +48,11 @@ from .options import Loss, Phase, Precision, Sharding, Term
 from .parallel_degrees import pipeline_microbatches
 from .setup_inputs import setup_inputs
 from .step_moment import Moment, layer_setup, saved_plan
-from .terms import activations, distributed, layouts, logits, optimizer, parameters, temporaries
+from .terms import activations, distributed, float8, layouts, logits, optimizer, parameters, temporaries
 from .terms import pipeline_parallel as pp_terms
-from .terms.context_parallel import ring_backward_bytes
+from .terms import tensor_parallel
+from .terms.context_parallel import ring_kv_heads, ring_moment_bytes
+from .terms.tensor_parallel import sequence_parallel
 from .terms.gradients import gradient_bytes
 from .terms.weights import weight_bytes
 from .training_setup import ResolvedSetup
@@ -177,14 +188,29 @@ class _StepContext:
         self.tokens = tokens = b * s
         self.masked = masked = activations.attention_masked(spec, s, compute.attn_used, False, b)
         h = spec.hidden_size
-        self.lg = logits.logits_bytes(spec, Loss.HF, dt, tokens, 0, sequences=b, whole_head=True)
-        self.hidden_grad = temporaries.hidden_grad_bytes(spec, dt, tokens)
-        self.norm_backward = temporaries.norm_backward_bytes(spec, tokens, layer.kernels)
+        # --tp-plan torchtitan: the residual stream between blocks, its gradient, the norms and so what a stage
+        # sends and receives are the rank's sequence shard [b/M, s/T, h] (``tensor_parallel.sequence_parallel``;
+        # torch's PipelineStage infers its buffers from the local tensors the blocks return)
+        self.sp = sequence_parallel(setup)
+        self.residual_tokens = residual_tokens = tokens // setup.tp if self.sp else tokens
+        self.lg = logits.logits_bytes(spec, Loss.HF, dt, tokens, 0, sequences=b, whole_head=True,
+                                      loss_parallel=self.sp)
+        self.hidden_grad = temporaries.hidden_grad_bytes(spec, dt, residual_tokens)
+        self.norm_backward = temporaries.norm_backward_bytes(spec, residual_tokens, layer.kernels)
         self.embedding_backward = temporaries.embedding_backward_bytes(spec, setup.method, dt, tokens,
                                                                        setup.modules_to_save)
+        # the single-stage estimate's per-layer backward extras (``estimator._step_moments``): torchao's fp8 casts
+        # (--precision fp8), a block input gradient's reduce-scatter (--tp-plan torchtitan), the ring's buffers
+        # (--cp, compiled or eager)
+        self.casts = float8.layer_backward_cast_bytes(spec, setup.precision, tokens)
+        self.block_reduce_scatter = tensor_parallel.backward_reduce_scatter_bytes(
+            h, tokens, dt.c, setup.tp) if self.sp else 0
         self.cp = getattr(setup, "cp", 1)
-        self.ring = ring_backward_bytes(spec, tokens, self.cp, dt.c) if self.cp > 1 else 0
-        self.hidden = tokens * h * dt.r  # one [b/M, s, h] in the hidden states' dtype
+        self.ring = ring_moment_bytes(
+            spec, tokens, self.cp, dt.c, compiled=setup.compile,
+            o_input_copy_bytes=activations.attention_output_copy(spec, layer, masked).bytes(b, s),
+            kv_heads=ring_kv_heads(spec, setup)) if self.cp > 1 else 0
+        self.hidden = residual_tokens * h * dt.r  # one [b/M, s, h] (s/T: --tp-plan torchtitan) in r
         self.output = pp_terms.outputs_held_bytes(1, tokens, spec.vocab_size, dt.c)
         self.saved_plans = {}
         self.stages = {}
@@ -198,8 +224,10 @@ class _StepContext:
             if q != 0:
                 saved += activations.embedding_saved(st, layer, bool(ckpt)) * -1
             held = saved.bytes(b, s)
-            if q != 0 and ckpt:  # the first layer's checkpointed input is the recv buffer (``p2p_buffer_bytes``)
-                held -= layouts.residual_bytes(st, layer) * h * tokens
+            if q != 0 and (ckpt or layer.compiled):
+                # the first layer's checkpointed input, or the input a compiled block's graph keeps for its first
+                # norm (``activations`` module docstring, --compile), is the recv buffer (``p2p_buffer_bytes``)
+                held -= layouts.residual_bytes(st, layer) * h * residual_tokens
             if q != last:  # the stage's output, in ``fwd_cache`` until its backward
                 held += self.hidden
             head = activations.head_saved(st, layer).bytes(b, s) if q == last else 0
@@ -210,7 +238,7 @@ class _StepContext:
     def buffers(self) -> int:
         """The rank's send/recv buffers, every stage's (``p2p_buffer_bytes``)."""
         return sum(pp_terms.p2p_buffer_bytes(q == 0, q == self.plan.last_stage, self.plan.microbatches,
-                                             self.tokens, self.spec.hidden_size, self.dt.r) for q in self.rank.stages)
+                                             self.residual_tokens, self.spec.hidden_size, self.dt.r) for q in self.rank.stages)
 
     def layer_moments(self, q: int, W, O, G_before, G_layer, G_transient, other, logits_held, buffers,
                       converts: bool = False) -> list[Moment]:
@@ -232,9 +260,10 @@ class _StepContext:
         attention_left = plan_q.attention_left[kind].bytes(b, s)
         freed = plan_q.freed[kind]
         c_mlp = freed.mlp_element_bytes or c
-        down = temporaries.down_backward_bytes(spec, c_mlp, r, b, s)
-        mlp = temporaries.mlp_backward_bytes(spec, c_mlp, r, b, s)
-        attention = temporaries.attention_backward_bytes(spec, c, layer.attn_used, b, s)
+        casts = self.casts  # --precision fp8: beside each half-layer's backward transients, as on one GPU
+        down = temporaries.down_backward_bytes(spec, c_mlp, r, b, s) + casts
+        mlp = temporaries.mlp_backward_bytes(spec, c_mlp, r, b, s) + casts
+        attention = temporaries.attention_backward_bytes(spec, c, layer.attn_used, b, s) + casts
         n = self.plan.layers_of(q)
         remaining = self.stages[q].layers_saved - shared
         moments = []
@@ -250,13 +279,16 @@ class _StepContext:
             moments.append(Moment(Phase.BACKWARD, W, G, O, held + recompute - freed.mlp.bytes(b, s), logits_held,
                                   mlp - incoming))
             after_mlp = held + attention_left
+            if self.block_reduce_scatter:  # the MLP's input gradient reduce-scattered onto the sequence
+                moments.append(Moment(Phase.BACKWARD, W, G + G_transient, O, after_mlp, logits_held,
+                                      self.block_reduce_scatter + self.hidden_grad))
             if freed.eager_softmax:  # o_proj's and probs @ v's saved tensors freed, then the softmax's
                 softmax_out = activations.Saved(per_square=_F32 * spec.num_heads).bytes(b, s)
                 at_softmax = after_mlp - freed.attention.bytes(b, s)
                 moments.append(Moment(Phase.BACKWARD, W, G + G_transient, O, at_softmax, logits_held,
-                                      temporaries.eager_softmax_backward_bytes(spec, c, r, b, s) - incoming))
+                                      temporaries.eager_softmax_backward_bytes(spec, c, r, b, s) + casts - incoming))
                 moments.append(Moment(Phase.BACKWARD, W, G + G_transient, O, at_softmax - softmax_out, logits_held,
-                                      temporaries.eager_scores_backward_bytes(spec, c, r, b, s) - incoming))
+                                      temporaries.eager_scores_backward_bytes(spec, c, r, b, s) + casts - incoming))
             else:
                 moments.append(Moment(Phase.BACKWARD, W, G + G_transient, O, after_mlp, logits_held, attention))
             if self.ring:  # --cp: the ring attention's backward buffers (terms/context_parallel.py)
@@ -344,6 +376,10 @@ def rank_moments(spec: ModelSpec, resolved: ResolvedSetup, plan: pp_terms.Pipeli
         moments.append(Moment(Phase.BACKWARD_END, at_rest, states.step_gradients, O, buffers, 2 * outputs, 0))
     moments.append(Moment(Phase.OPTIMIZER_STEP, at_rest, states.step_gradients, O, buffers, outputs,
                           states.optimizer_step))
+    setup = resolved.setup
+    if setup.tp > 1 and not ctx.sp:  # transformers' plan: a backward's all-reduce buffers, as ``estimator.step_moments``
+        extra = tensor_parallel.backward_all_reduce_bytes(spec.hidden_size, ctx.tokens, ctx.dt.c)
+        moments = [m._replace(temporaries=m.temporaries + extra) if m.phase is Phase.BACKWARD else m for m in moments]
     return moments
 
 

@@ -16,7 +16,9 @@ A stage is a module over the Hugging Face model's own pieces (``StageModule``): 
 decoder layers of its range, the rotary embedding, and the final norm and lm_head on the last stage, as
 torchtitan's ``pipeline_llama_manual_split`` keeps its modules. The model is built with the rank's layers only (the
 others' tensors are never made). Loss: torchtitan@9dec370's ``F.cross_entropy(pred.flatten(0, 1).float(),
-labels.flatten(0, 1))``. FSDP2: ``fully_shard`` on every layer and on the stage, ``reshard_after_forward=False``,
+labels.flatten(0, 1))``. ``--compile``: each decoder layer through ``compiled.compile_layer`` (torchtitan's
+``apply_compile``, after the checkpoint, before ``fully_shard``); ``--precision fp8``: ``build_model``'s torchao
+Float8Linear. FSDP2: ``fully_shard`` on every layer and on the stage, ``reshard_after_forward=False``,
 ``MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32)`` (``apply_fsdp`` under PP). No autocast.
 """
 
@@ -186,6 +188,12 @@ def trace_rank(spec: ModelSpec, resolved: ResolvedSetup, rank: int, steps: int =
                 if getattr(layer, "_gradient_checkpointing_func", None) is not None:
                     layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False,
                                                                            context_fn=context_fn)
+        if setup.compile:  # torchtitan's apply_compile: each TransformerBlock, after its checkpoint wrapper
+            from .compiled import compile_layer
+
+            graphs: dict = {}
+            for layer in layers:
+                compile_layer(layer, graphs)
         modules, start = [], 0
         last = plan.last_stage
         for q, n in zip(me.stages, me.stage_layers):
