@@ -106,8 +106,6 @@ def check_packable(model: ModelSpec, group_size: int) -> None:
     is modelled as a GPTQ checkpoint of transformers 4.x's per-expert Linears (``terms/gptq.py``, Mixture of
     experts) when every decoder layer routes its tokens to experts (no dense layers, no dense experts such as
     Llama-4's, which 4.x did not build as per-expert Linears). Checked once, when the setup is resolved."""
-    from .terms.gptq import moe_expert_linears
-
     linears = [(m.name, m.in_features, m.out_features) for m in model.inventory.linears]
     if model.is_moe:
         if model.traits.dense_experts or model.num_dense_layers:
@@ -121,3 +119,23 @@ def check_packable(model: ModelSpec, group_size: int) -> None:
             raise VramcalcError(f"--quant int4-gptq: {name} of {model.name} ({in_features} -> "
                                 f"{out_features}) cannot be packed with group size {group_size} (auto-gptq "
                                 "needs in and out multiples of 32 and in a multiple of the group size)")
+
+
+def expert_linears(name: str, shape: tuple[int, ...]) -> tuple[tuple[str, tuple[int, int], int], ...]:
+    """The per-expert QuantLinears (name, (out, in), Linears per layer) of one v5 expert tensor [E, out, in]
+    (``terms/gptq.py`` module docstring, Mixture of experts): a fused ``gate_up_proj`` [E, 2I, h] is w1 and w3,
+    2E Linears [I, h]."""
+    experts, out_features, in_features = shape
+    if name.endswith("gate_up_proj"):
+        return ((name, (out_features // 2, in_features), 2 * experts),)
+    return ((name, (out_features, in_features), experts),)
+
+
+def moe_expert_linears(model: ModelSpec) -> tuple[tuple[int, int, int], ...]:
+    """(in, out, Linears per MoE layer) of every per-expert QuantLinear of ``model`` (``expert_linears``)."""
+    out = []
+    for tensor in model.inventory.tensors:
+        if tensor.kind.value == "experts" and len(tensor.shape) == 3:
+            for _, (o, i), per_layer in expert_linears(tensor.name, tensor.shape):
+                out.append((i, o, per_layer))
+    return tuple(out)

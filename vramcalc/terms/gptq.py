@@ -61,6 +61,7 @@ from typing import NamedTuple
 
 from ..model import ModelSpec
 from ..units import DType, round_up
+from ..gptq import expert_linears, moe_expert_linears  # (the checkpoint's per-expert Linears)
 from .stored_tensor import StoredTensor
 
 GPTQ_BITS = 4
@@ -117,25 +118,6 @@ def fsdp_replicated_bytes(in_features: int, out_features: int, group_size: int, 
     each its own allocation (``metadata_bytes`` without ``qzeros``)."""
     return (metadata_bytes(in_features, out_features, group_size, dtype_bytes)
             - round_up(qzeros_bytes(in_features, out_features, group_size)))
-
-
-def expert_linears(name: str, shape: tuple[int, ...]) -> tuple[tuple[str, tuple[int, int], int], ...]:
-    """The per-expert QuantLinears (name, (out, in), Linears per layer) of one v5 expert tensor [E, out, in]
-    (module docstring, Mixture of experts): a fused ``gate_up_proj`` [E, 2I, h] is w1 and w3, 2E Linears [I, h]."""
-    experts, out_features, in_features = shape
-    if name.endswith("gate_up_proj"):
-        return ((name, (out_features // 2, in_features), 2 * experts),)
-    return ((name, (out_features, in_features), experts),)
-
-
-def moe_expert_linears(model: ModelSpec) -> tuple[tuple[int, int, int], ...]:
-    """(in, out, Linears per MoE layer) of every per-expert QuantLinear of ``model`` (``expert_linears``)."""
-    out = []
-    for tensor in model.inventory.tensors:
-        if tensor.kind.value == "experts" and len(tensor.shape) == 3:
-            for _, (o, i), per_layer in expert_linears(tensor.name, tensor.shape):
-                out.append((i, o, per_layer))
-    return tuple(out)
 
 
 class LayerDequantized(NamedTuple):
