@@ -151,8 +151,8 @@ def fsdp1_retains_recompute_inputs(setup) -> bool:
     Not under non-reentrant checkpointing (the hooked inputs are the previous layer's outputs, non-leaves: the
     closure holds their grad_fn, not them), nor under a checkpoint inside the unit (torch's ``checkpoint_wrapper``
     applied after wrapping, accelerate's ``activation_checkpointing``, fsdp_qlora's ``train.py``), nor for units
-    that require grad (full fine-tuning), nor FSDP2, whose post-backward is an autograd Function over the inputs that keeps
-    only its param group (torch 2.13 ``_fully_shard/_fsdp_param_group.py:903,1110-1122``).
+    that require grad (full fine-tuning), nor FSDP2, whose post-backward is an autograd Function over the inputs
+    that keeps only its param group (torch 2.13 ``_fully_shard/_fsdp_param_group.py:903,1110-1122``).
     Checked on the CPU with torch 2.13 (FSDP1 over a fake 2-rank group, 6 frozen layers, each with its own LoRA
     units): when the first layer's input gradient arrives, 10.0 more [T, h] are alive under reentrant than under
     non-reentrant checkpointing, 2 per layer already through its backward; without FSDP the two are equal."""
