@@ -112,7 +112,8 @@ def test_torch_fsdp1_keeps_two_hidden_states_per_layer_under_reentrant_checkpoin
     class Lora(nn.Module):
         def __init__(self):
             super().__init__()
-            self.base, self.a, self.b = nn.Linear(h, h, bias=False), nn.Linear(h, 4, bias=False), nn.Linear(4, h, bias=False)
+            self.base = nn.Linear(h, h, bias=False)
+            self.a, self.b = nn.Linear(h, 4, bias=False), nn.Linear(4, h, bias=False)
             self.base.weight.requires_grad_(False)
 
         def forward(self, x):
@@ -142,8 +143,9 @@ def test_torch_fsdp1_keeps_two_hidden_states_per_layer_under_reentrant_checkpoin
         trainable = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: not list(m.children())
                                       and getattr(m, "weight", None) is not None and m.weight.requires_grad)
         per_layer = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Layer})
+        policy = functools.partial(_or_policy, policies=[trainable, per_layer])
         model = FullyShardedDataParallel(Model().to(torch.bfloat16), device_id=torch.device("cpu"),
-                                         auto_wrap_policy=functools.partial(_or_policy, policies=[trainable, per_layer]),
+                                         auto_wrap_policy=policy,
                                          sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=True)
         seen = {}
         with Live() as live:
