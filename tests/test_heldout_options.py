@@ -34,3 +34,18 @@ def test_ms_swift_rows_say_how_qwen_v1_and_the_trainer_ran():
                 (row["id"], "reentrant", False)
         else:
             assert (row["id"], options["grad_ckpt"], options.get("trainer_use_cache")) == (row["id"], "none", True)
+
+
+def test_fsdp1_rows_from_transformers_checkpointing_say_fsdp1_frozen_units():
+    """fms-acceleration @24bdadb (accelerate 1.0.1, transformers 4.48.1: FSDP1, peft's wrap policy, reentrant by
+    default) and PEFT's FSDP QLoRA docs (``--use_reentrant True``); not fsdp_qlora (``checkpoint_wrapper`` inside the
+    unit), llama-recipes (the same) or ZeRO-3."""
+    rows = list(csv.DictReader(HELDOUT.open(newline="")))
+    flagged = {row["id"] for row in rows if json.loads(row["vramcalc_options"]).get("fsdp1_frozen_units")}
+    expected = {row["id"] for row in rows
+                if (row["id"].startswith("fms-") and "-g2-" in row["id"] and row["method"] != "full")
+                or row["id"] in ("peftdoc-70b-qlora-fsdp2gpu", "peftdoc-70b-qlora-fsdp2gpu-offload")}
+    assert len(expected) == 23 and flagged == expected
+    for row in rows:
+        if row["id"] in flagged:
+            assert json.loads(row["vramcalc_options"])["grad_ckpt"] == "reentrant", row["id"]

@@ -684,7 +684,8 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
                                             linear_dequant, attention_dequant, kv_first if kv else None, first_copies,
                                             block_reduce_scatter=tensor_parallel.backward_reduce_scatter_bytes(
                                                 spec.hidden_size, tokens, dt.c, csetup.tp)
-                                            if tensor_parallel.sequence_parallel(csetup) else 0)
+                                            if tensor_parallel.sequence_parallel(csetup) else 0,
+                                            inputs_retained=distributed.fsdp1_retains_recompute_inputs(setup))
     if rank.layer_step_scratch and layer_moments:
         # optimizer in backward: the largest layer tensor's step (torchao's compiled update) runs from its
         # post-accumulate-grad hook, which autograd runs as soon as the weight's MmBackward returns, beside that
@@ -918,7 +919,7 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                             logits_held=0, recompute_beside=0, masked=False, flat_units=False,
                             copies_by_kind=None, ring_attention=0, buffers=None, kv_cache=None,
                             linear_dequant=0, attention_dequant=0, kv_first=None, first_copies=None,
-                            block_reduce_scatter=0) -> list[Moment]:
+                            block_reduce_scatter=0, inputs_retained=False) -> list[Moment]:
     """The start of the first and of the last layer of each run of same-kind layers, in backward order.
 
     At the start of a layer's backward: the gradients of the layers after it (and lm_head's) exist, the kept
@@ -961,6 +962,9 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
     ``block_reduce_scatter`` (``--tp-plan torchtitan``, one tensor-parallel group): the MLP's input gradient
     reduce-scattered onto the sequence (``tensor_parallel.backward_reduce_scatter_bytes``), a moment of its own once
     the MLP's backward is done, beside the attention block's saved tensors and the residual's gradient.
+    ``inputs_retained`` (``distributed.fsdp1_retains_recompute_inputs``): every layer through its backward keeps its
+    checkpointed input (``kept``) and that input's gradient (``hidden_grad``) until the backward ends, the last one
+    of those gradients being the incoming gradient the layer in backward already counts in its transients.
     ``ring_attention`` (``--cp``, always with FSDP2 units): the ring-attention backward's buffers
     (``context_parallel.ring_backward_bytes``), a moment of their own once the MLP's backward is done: what the
     attention block still holds, the layer's unsharded gradients waiting, and the ring's buffers as the transients.
@@ -1024,6 +1028,7 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
         G = rank.gathering.tail.grads_bytes
     kv_cache = kv_cache or {}
     cached = 0  # the cache entries of the layers already through their backward, beyond their ``forward`` share
+    done_before = 0  # layers of the earlier runs already through their backward (``inputs_retained``)
     for kind, hi, lo in runs:
         moe = kind[0]
         cached_per_layer = kv_cache[kind].after - kv_cache[kind].forward if kv_cache else 0
@@ -1041,6 +1046,8 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
             left = remaining - kept_moe * done if done else remaining  # kept tensors of the layers up to this one
             if kv_cache:
                 left = left + cached + cached_per_layer * done
+            if inputs_retained and done_before + done:  # FSDP1's reshard-only hooks keep the done layers' inputs
+                left = left + kept_moe * done + hidden_grad * (done_before + done - 1)  # and their gradients
             G_here = G + grads_moe * done if done else G  # gradients of the layers after it
             layer_recompute, attention_left, freed = recompute[kind], attention_lefts[kind], plan.freed[kind]
             kv_here = kv_recompute
@@ -1100,9 +1107,12 @@ def _layer_backward_moments(spec, layer, ckpt, rank, gathered, W, O, Bb, G_acc, 
                                           shared + left + mlp_done, logits_held, ring_attention, *side))
                 if flat_units:  # the layer's end: its view gradients and their concatenation, its tensors freed
                     moments.append(Moment(Phase.BACKWARD, weights, waiting + 2 * unit.grads_bytes, O,
-                                          shared + left - kept_moe + cached_per_layer, logits_held, layer_end, *side))
+                                          shared + left - (0 if inputs_retained else kept_moe) + cached_per_layer,
+                                          logits_held, layer_end, *side))
         n = hi - lo + 1
-        remaining -= kept_moe * n
+        done_before += n
+        if not inputs_retained:
+            remaining -= kept_moe * n
         cached = cached + cached_per_layer * n
         if not ckpt:
             copies_left -= copies_by_kind.get(kind, no_copies).whole * n

@@ -72,6 +72,9 @@ SETUP_OPTION_HELP: dict[str, str] = {
     "grads_kept": ("the loop zeroes gradients in place instead of freeing them (zero_grad(set_to_none=False): "
                    "torch < 2.0's default, which transformers' Trainer used): every step runs beside all the "
                    "gradients"),
+    "fsdp1_frozen_units": ("FSDP1 (accelerate before fsdp_version 2) with frozen decoder-layer units (peft's wrap "
+                           "policy): under --grad-ckpt reentrant each layer's recomputed input and its gradient stay "
+                           "until the backward ends (with --sharding fsdp)"),
     "softmax_saves_input": ("torch < 1.11: softmax saves its input as well as its output (an encoder's eager "
                             "attention keeps one more [b, heads, s, s] tensor per layer)"),
     "cuda_context_mib": ("the CUDA context your process measures (nvidia-smi after its first CUDA tensor), in place "

@@ -153,6 +153,11 @@ class TrainingSetup:
     # torch's default before 2.0 (which transformers' Trainer ``model.zero_grad()`` took), so every forward and
     # backward runs beside all the gradients, and a new gradient is added into its .grad as under accumulation
     grads_kept: bool = False
+    # FSDP1 (torch ``FullyShardedDataParallel``, accelerate before ``fsdp_version: 2``) with each decoder layer a
+    # frozen unit (peft's ``fsdp_auto_wrap_policy``, which transformers' Trainer sets for a LoRA model): under
+    # --grad-ckpt reentrant its reshard-only hooks keep every layer's recomputed input and its gradient until the
+    # backward ends (``distributed.fsdp1_retains_recompute_inputs``); the units are otherwise modelled as FSDP2's
+    fsdp1_frozen_units: bool = False
     # torch < 1.11: softmax and log_softmax save their input as well as their output (torch 1.10.0's generated
     # ``autograd/generated/Functions.h``: ``SoftmaxBackward0 { SavedVariable self_; ... SavedVariable result_; }``;
     # 1.11.0 keeps ``self_scalar_type`` only, pytorch#65242); modelled for an encoder's eager attention
@@ -369,6 +374,8 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         trainer_use_cache=_bool(chosen.get("trainer_use_cache", SETUP_DEFAULTS["trainer_use_cache"]),
                                 "trainer_use_cache"),
         grads_kept=_bool(chosen.get("grads_kept", SETUP_DEFAULTS["grads_kept"]), "grads_kept"),
+        fsdp1_frozen_units=_bool(chosen.get("fsdp1_frozen_units", SETUP_DEFAULTS["fsdp1_frozen_units"]),
+                                 "fsdp1_frozen_units"),
         softmax_saves_input=_bool(chosen.get("softmax_saves_input", SETUP_DEFAULTS["softmax_saves_input"]),
                                   "softmax_saves_input"),
         extended_mask=_bool(chosen.get("extended_mask", SETUP_DEFAULTS["extended_mask"]), "extended_mask"),
@@ -441,6 +448,9 @@ def _resolve(model: ModelSpec, options: dict) -> ResolvedSetup:
         raise VramcalcError(f"--trainer-use-cache models a Trainer's call with --loss hf (outputs dropped before "
                             f"backward), not --loss {setup.loss.value}"
                             + (" with --loop-keeps-outputs" if setup.loop_keeps_outputs else ""))
+    if setup.fsdp1_frozen_units and setup.sharding is not Sharding.FSDP:
+        raise VramcalcError(f"--fsdp1-frozen-units describes FSDP1's units (with --sharding fsdp), not --sharding "
+                            f"{setup.sharding.value}")
     if not setup.compile_loss and not setup.compile:
         raise VramcalcError("--no-compile-loss applies with --compile (without it nothing is compiled)")
     for knob in ("pp_schedule", "pp_microbatches"):

@@ -66,7 +66,7 @@ from ..facts import (DDP_BUCKET_CAP_BYTES, DDP_FIRST_BUCKET_BYTES, DEEPSPEED_HOS
                      DEEPSPEED_PERSISTENCE_PER_HIDDEN, DEEPSPEED_PREFETCH_FRACTION, DEEPSPEED_SUB_GROUP_SIZE,
                      GPUS_PER_NODE)
 from ..model import ModelSpec
-from ..options import AdapterDtype, FsdpShard, Method, Offload, Precision, QuantStorage, Sharding
+from ..options import AdapterDtype, FsdpShard, GradCkpt, Method, Offload, Precision, QuantStorage, Sharding
 from ..parallel_degrees import shard_rows
 from ..training_setup import ResolvedSetup
 from ..units import DType, maximum, round_up
@@ -117,6 +117,47 @@ def compute_setup(resolved: ResolvedSetup) -> ResolvedSetup:
                                                                                                 precision)
     adapter = AdapterDtype.BF16 if setup.method.uses_lora or setup.method is Method.PROMPT else setup.adapter_dtype
     return dataclasses.replace(resolved, setup=dataclasses.replace(setup, precision=precision, adapter_dtype=adapter))
+
+
+def fsdp1_retains_recompute_inputs(setup) -> bool:
+    """FSDP1 with frozen decoder-layer units under reentrant checkpointing from outside the unit: each layer keeps
+    its checkpointed input and that input's gradient from its backward until the whole backward ends. Per rank, once
+    k layers are through their backward: k·T·h·B(r) inputs that would have been freed, and k·T·h·B(c) gradients
+    (the last of them being the incoming gradient the next layer's backward holds anyway); the estimator adds this
+    to every layer-backward moment (``estimator._layer_backward_moments`` ``inputs_retained``), so the backward's
+    peak moves to its last layer. Llama-2-70B, 2 x 4096 tokens: 80 x 2 x 128 MiB = 20 GiB by the end of the
+    backward, of which 10 GiB are the inputs a checkpointed run keeps anyway at its start.
+
+    Source (torch 2.4.1 wheel; 2.2.1 the same code at the lines in brackets):
+    * A frozen unit: peft's ``fsdp_auto_wrap_policy`` (peft 0.13.2 ``utils/other.py:482-526``) wraps every leaf
+      whose weight requires grad (the LoRA A/B Linears) in its own unit, beside the decoder-layer units, so a
+      layer's own FlatParameter (the 4-bit codes, the norms) has ``requires_grad=False``. transformers' Trainer
+      sets it for any PeftModel with a LoraConfig (4.48.1 ``trainer.py:5131-5138`` ``_fsdp_qlora_plugin_updates``,
+      from ``_inner_training_loop`` :2318; 4.39.0 :4310-4317).
+    * Such a unit gets no post-backward hook on an AccumulateGrad; ``_pre_forward`` (``fsdp/_runtime_utils.py:401``
+      [:400]) calls ``_register_post_backward_reshard_only_hook`` (:1461-1503), which, when grad is enabled, puts a
+      ``register_multi_grad_hook`` on the forward's inputs that require grad and stores its handle in
+      ``flat_param._post_backward_hook_state``, removed only in ``_finalize_params`` (:1157-1179 [:1118-1133]) from
+      the root's ``_post_backward_final_callback``, after the whole backward.
+    * ``register_multi_grad_hook`` (``autograd/graph.py:404-498`` [:361-460]) closes over ``grad_fns``, each
+      input's ``_get_grad_fn_or_grad_acc`` (:159-164): for a leaf, its AccumulateGrad node, which holds the leaf
+      itself; the closure sits in that leaf's own hook dict. Python's collector cannot see the C++ reference, so
+      the leaf, and the ``.grad`` its AccumulateGrad writes, live until the handle is removed.
+    * Under reentrant checkpointing the unit's forward that runs with grad is the recompute in backward, and its
+      inputs are ``CheckpointFunction.backward``'s ``detach_variable`` leaves (``utils/checkpoint.py:290``
+      [:295]) aliasing the saved checkpoint input; the backward reads their ``.grad`` (:315 [:321]). transformers
+      checkpoints ``decoder_layer.__call__``, the FSDP unit itself (4.48.1 ``modeling_llama.py:577-578``), with
+      ``use_reentrant=True`` unless told otherwise (``modeling_utils.py`` ``gradient_checkpointing_enable``).
+    Not under non-reentrant checkpointing (the hooked inputs are the previous layer's outputs, non-leaves: the
+    closure holds their grad_fn, not them), nor under a checkpoint inside the unit (torch's ``checkpoint_wrapper``
+    applied after wrapping, accelerate's ``activation_checkpointing``, fsdp_qlora's ``train.py``), nor for units
+    that require grad (full fine-tuning), nor FSDP2, whose post-backward is an autograd Function over the inputs
+    that keeps only its param group (torch 2.13 ``_fully_shard/_fsdp_param_group.py:903,1110-1122``).
+    Checked on the CPU with torch 2.13 (FSDP1 over a fake 2-rank group, 6 frozen layers, each with its own LoRA
+    units): when the first layer's input gradient arrives, 10.0 more [T, h] are alive under reentrant than under
+    non-reentrant checkpointing, 2 per layer already through its backward; without FSDP the two are equal."""
+    return (setup.sharding is Sharding.FSDP and getattr(setup, "fsdp1_frozen_units", False)
+            and setup.grad_ckpt is GradCkpt.REENTRANT and setup.method is not Method.FULL)
 
 
 # -- one tensor, sharded ---------------------------------------------------------------------------------------------

@@ -71,6 +71,9 @@ def check_traceable(resolved: ResolvedSetup) -> None:
         )
     if setup.offload is not Offload.NONE:
         raise VramcalcError("offload is estimated, not traced: a CPU trace cannot tell host memory from GPU memory")
+    if getattr(setup, "fsdp1_frozen_units", False):
+        raise VramcalcError("--fsdp1-frozen-units is estimated, not traced: the trace runs FSDP2 (fully_shard), "
+                            "whose hooks do not keep the recomputed inputs FSDP1's do")
     if setup.sharding is Sharding.FSDP and setup.method is Method.QLORA and setup.quant_storage is QuantStorage.UINT8:
         raise VramcalcError("qlora under fsdp with --quant-storage uint8 is estimated, not traced: accelerate leaves "
                             "non-floating Params4bit out of fully_shard; --quant-storage bf16 is traced")
