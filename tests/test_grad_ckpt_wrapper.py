@@ -12,6 +12,7 @@ from vramcalc.options import GradCkpt
 
 from .conftest import needs_torch
 from .tiny_models import TINY
+from .trace_helpers import setup_id
 
 GIB = 2**30
 
@@ -122,8 +123,7 @@ SETUPS = [
 
 @needs_torch
 @pytest.mark.trace
-@pytest.mark.parametrize("family, options", SETUPS, ids=lambda v: v if isinstance(v, str) else
-                         "-".join(f"{k}={w}" for k, w in v.items()))
+@pytest.mark.parametrize("family, options", SETUPS, ids=setup_id)
 def test_the_wrapper_with_its_cache_is_within_half_a_percent_of_the_trace(family, options):
     """Each phase's peak too: backward (the doubled entries, the recompute's graph) and the optimizer step (what a
     kept cache holds) are where the mechanism shows."""

@@ -8,6 +8,7 @@ from vramcalc import VramcalcError, estimate
 
 from .conftest import needs_torch
 from .tiny_models import TINY
+from .trace_helpers import setup_id
 
 
 def test_hf_with_the_loop_keeping_outputs_is_the_hf_loop_word():
@@ -38,8 +39,7 @@ SETUPS = [("llama", dict(method="lora", loss="hf-fp32-logits")),
 
 @needs_torch
 @pytest.mark.trace
-@pytest.mark.parametrize("family, options", SETUPS, ids=lambda v: v if isinstance(v, str) else
-                         "-".join(f"{k}={w}" for k, w in v.items()))
+@pytest.mark.parametrize("family, options", SETUPS, ids=setup_id)
 def test_a_loop_keeping_outputs_is_within_3_percent_of_the_trace(family, options):
     from .trace_helpers import peak_error
 

@@ -13,6 +13,7 @@ from vramcalc.terms import logits as logits_terms
 from .cli_helpers import assert_one_error_line
 from .conftest import needs_torch
 from .tiny_models import TINY
+from .trace_helpers import setup_id
 
 # Llama-3.2-3B at 2 x 2048 on a T4 (the unb-llama3.2-3b-conv row's shape): V = 128,256 (config.json vocab_size)
 T, V = 2 * 2048, 128_256
@@ -109,8 +110,7 @@ TINY_SETUPS = [("llama", dict(method="lora", precision="fp16")),
 
 @needs_torch
 @pytest.mark.trace
-@pytest.mark.parametrize("family, options", TINY_SETUPS, ids=lambda v: v if isinstance(v, str) else
-                         "-".join(f"{k}={w}" for k, w in v.items()))
+@pytest.mark.parametrize("family, options", TINY_SETUPS, ids=setup_id)
 def test_the_estimate_follows_the_trace_of_the_emulated_loss(family, options):
     """The HF step with Unsloth's loss as the model's ``loss_function`` (``tracing/losses.py``; Gemma-2's cap off in
     the model, as Unsloth applies it in the kernel): peak within 0.5%. (bf16-true LoRA on the tiny Llama reads

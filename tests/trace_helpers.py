@@ -18,3 +18,8 @@ def peak_error(spec, **options) -> float:
     peak, traced = estimated_and_traced(spec, **options)
     total = sum(traced.terms.values())
     return (peak.tensor_bytes - total) / total
+
+
+def setup_id(value) -> str:
+    """A pytest id for a (family, options) parameter: the family as it is, the options as ``key=value`` joined."""
+    return value if isinstance(value, str) else "-".join(f"{k}={w}" for k, w in value.items())

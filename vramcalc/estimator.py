@@ -44,7 +44,6 @@ from .units import DType, maximum, minimum, select
 
 _F32 = DType.FP32.bytes
 from .model import reward_spec  # --task reward (terms/tasks.py)
-from .options import Task
 from .setup_inputs import setup_inputs
 from .step_moment import Moment, first_kind, layer_runs, layer_setup, saved_plan  # noqa: F401 (layer_setup: tests)
 
@@ -183,12 +182,10 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
         embedding_32bit = stack_layers.stack_layers(resolved.setup.stack).trainer_optimizer
         paged = optimizer.optimizer_state_bytes(parameters.stored_tensors(spec, resolved), optimizer_name,
                                                 embedding_32bit).paged_bytes
-    ladder = next((m.logits for m in moments if m.phase is Phase.BACKWARD_START), 0)
-    if resolved.setup.loss is Loss.UNSLOTH_2024 and resolved.setup.task is Task.SFT:
-        # its largest block is the forward's fp32 copy of the returned logits, not a backward one
-        dt = activations.dtypes(resolved.setup.method, resolved.setup.precision, resolved.setup.adapter_dtype)
-        tokens = resolved.setup.batch_size * resolved.setup.seq_len
-        ladder = logits.unsloth_2024_ladder_bytes(dt.c, dt.autocast, tokens, spec.vocab_size)
+    setup = resolved.setup
+    dt = activations.dtypes(setup.method, setup.precision, setup.adapter_dtype)
+    ladder = logits.ladder_bytes(setup.loss, dt.c, dt.autocast, setup.batch_size * setup.seq_len, spec.vocab_size,
+                                 next((m.logits for m in moments if m.phase is Phase.BACKWARD_START), 0))
     step = max((m for m in moments if m.phase is not Phase.LOAD), key=lambda moment: moment.tensor_bytes)
     return _TensorPeak(terms, peak.phase, paged, _phase_peaks(moments) if _reports_phase_peaks(resolved) else (),
                        _stream_pools_bytes(spec, resolved, moments), int(peak.stranded), ladder,

@@ -112,6 +112,9 @@ GPUS_PER_NODE = 8  # an HGX/DGX node; more GPUs are counted in nodes of eight
 
 # -- losses --------------------------------------------------------------------------------------------------------
 CHUNKED_LOSS_CHUNKS = 8  # torchtune CEWithChunkedOutputLoss default num_output_chunks
+# Unsloth 2024.x ``kernels/cross_entropy_loss.py`` MAX_FUSED_SIZE: the columns of one vocabulary chunk of
+# ``Fast_CrossEntropyLoss`` (a [T, ceil(V / 65536)] logsumexp above it)
+UNSLOTH_CE_MAX_FUSED_SIZE = 65536
 # litgpt finetune/lora.py and full.py: ``model(input_ids, lm_head_chunk_size=128)``: lm_head in 128-position chunks
 LITGPT_LM_HEAD_CHUNK_POSITIONS = 128
 

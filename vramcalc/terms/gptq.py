@@ -61,7 +61,7 @@ from typing import NamedTuple
 
 from ..model import ModelSpec
 from ..units import DType, round_up
-from ..gptq import expert_linears, moe_expert_linears  # (the checkpoint's per-expert Linears)
+from ..gptq import moe_expert_linears  # the checkpoint's per-expert Linears
 from .stored_tensor import StoredTensor
 
 GPTQ_BITS = 4

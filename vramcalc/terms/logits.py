@@ -127,7 +127,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..facts import CHUNKED_LOSS_CHUNKS, LITGPT_LM_HEAD_CHUNK_POSITIONS, fused_chunk_tokens
+from ..facts import (CHUNKED_LOSS_CHUNKS, LITGPT_LM_HEAD_CHUNK_POSITIONS, UNSLOTH_CE_MAX_FUSED_SIZE,
+                     fused_chunk_tokens)
 from ..model import ModelSpec
 from ..options import Loss
 from ..units import DType, maximum, minimum, select
@@ -287,8 +288,6 @@ def logits_bytes(model: ModelSpec, loss: Loss, dt: Dtypes, tokens, head_grad_byt
     return LogitsBytes(forward, saved, saved, saved, forward_hidden_grad=grad_input)
 
 
-UNSLOTH_MAX_FUSED_SIZE = 65536  # unsloth kernels/cross_entropy_loss.py MAX_FUSED_SIZE: a vocabulary chunk's columns
-
 
 def unsloth_2024_logits_bytes(c: int, tokens, V: int):
     """Unsloth <= 2024.11.7's logits, c·T·V: ``logits = self.lm_head(hidden_states.to(lm_head.dtype))`` on all T
@@ -307,7 +306,7 @@ def unsloth_2024_row_bytes(tokens, V: int):
     saved), for V > 65536 first a [T, n] chunked one (n = ceil(V / 65536), :294) that ``torch.logsumexp(dim=1)``
     (:312) reduces beside it. Returns (saved, forward peak beside the logits and labels): (4·T, 4·T + 4·T +
     (4·n·T when n > 1))."""
-    chunks = -(-V // UNSLOTH_MAX_FUSED_SIZE)
+    chunks = -(-V // UNSLOTH_CE_MAX_FUSED_SIZE)
     saved = _F32 * tokens
     return saved, _F32 * tokens + saved + (_F32 * chunks * tokens if chunks > 1 else 0)
 
@@ -341,6 +340,15 @@ def unsloth_2024_loss_bytes(c: int, autocast: bool, tokens, V: int) -> LogitsByt
     inside = logits + labels + rows
     forward = maximum(inside, saved + unsloth_2024_returned_copy_bytes(c, autocast, tokens, V))
     return LogitsBytes(forward, saved, saved, logits + labels, request=0, head_strands=False, forward_inside=inside)
+
+
+def ladder_bytes(loss: Loss, c: int, autocast: bool, tokens, V: int, backward_start_logits):
+    """K(T), what a step longer than every earlier one leaves cached (``estimator.reserved_growth_per_longer_step``):
+    the [rows, V] blocks the loss's backward starts with (``backward_start_logits``, the backward-start moment's
+    logits term), or for a loss whose largest block is a forward one its own rule (``unsloth_2024_ladder_bytes``)."""
+    if loss is Loss.UNSLOTH_2024:
+        return unsloth_2024_ladder_bytes(c, autocast, tokens, V)
+    return backward_start_logits
 
 
 def unsloth_2024_ladder_bytes(c: int, autocast: bool, tokens, V: int):

@@ -42,12 +42,12 @@ from . import moe_lora, peft_methods
 from .stack_layers import built_model
 from ..facts import BNB_4BIT_CODE_ENTRIES, BNB_BLOCKSIZE, BNB_DQ_BLOCKSIZE, BNB_DQ_CODE_ENTRIES
 from ..model import ModelSpec, ParamKind, reward_spec
-from ..options import Method, Precision, Quant, Task
+from ..options import Method, Precision, Task
 from ..training_setup import ResolvedSetup
 from ..units import round_up
 from .stored_tensor import StoredTensor
 from . import gptq
-from ..gptq import is_gptq
+from ..gptq import expert_linears, is_gptq
 from .tensor_parallel import sequence_parallel, vocab_sharded
 from .expert_parallel import experts_sharded  # --ep: n/E experts per rank
 
@@ -126,7 +126,8 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
     (1 byte per weight plus ``int8_metadata_bytes``) instead of 4-bit; ``quantize_lm_head``: lm_head's weight is
     quantized too (a tied one gets its own). ``gptq_group_size`` (non-zero: ``--quant int4-gptq``): each decoder
     Linear is auto-gptq's QuantLinear instead, its bias inside it, and so is every expert projection of a mixture of
-    experts (``gptq.expert_linears``: a GPTQ checkpoint is 4.x's per-expert Linears); ``modules_to_save``: a trained
+    experts (``vramcalc.gptq.expert_linears``: a GPTQ checkpoint is 4.x's per-expert Linears); ``modules_to_save``:
+    a trained
     copy of each listed module (``module_copies``). Sources: module docstring.
     """
     base_bits = facts.qlora_unquantized_bits(precision) if method is Method.QLORA else precision.param_dtype.bits
@@ -148,8 +149,8 @@ def parameter_tensors(model: ModelSpec, method: Method, precision: Precision, do
             if tensor.kind is ParamKind.LINEAR and module in linear_names:
                 continue
         if quantized_linears and gptq_group_size and tensor.kind is ParamKind.EXPERTS and len(tensor.shape) == 3:
-            # a GPTQ checkpoint of a 4.x MoE: one QuantLinear per expert projection (gptq.expert_linears)
-            for name, shape, per_layer in gptq.expert_linears(tensor.name, tensor.shape):
+            # a GPTQ checkpoint of a 4.x MoE: one QuantLinear per expert projection (expert_linears)
+            for name, shape, per_layer in expert_linears(tensor.name, tensor.shape):
                 out.append(gptq.stored_linear(name, shape, tensor.count * per_layer, gptq_group_size,
                                               base_bits // 8, tensor.scope))
             continue

@@ -21,11 +21,8 @@ import contextlib
 
 import torch
 
-from .cuda_emulation import is_fake
+from .cuda_emulation import _SIXTEEN_BIT, _original_softmax, is_fake
 from .step import StepTracer, base_model
-
-_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
-_ORIGINAL_SOFTMAX = torch.nn.functional.softmax
 
 
 class _SoftmaxSavingInput(torch.autograd.Function):
@@ -49,7 +46,7 @@ def _softmax_saving_input(input, dim=None, _stacklevel=3, dtype=None):
     fp32, fp16 by ``_softmax``'s half_to_float (``SoftMax.cpp::softmax``), bf16 through an fp32 copy (what
     ``_softmax`` reads and saves); a given dtype converts first."""
     if dim is None:  # (the implicit-dim legacy call: not BERT's)
-        return _ORIGINAL_SOFTMAX(input, dim, _stacklevel, dtype)
+        return _original_softmax(input, dim, _stacklevel, dtype)
     dim = dim if dim >= 0 else dim + input.dim()
     half_to_float = False
     if dtype is None and torch.is_autocast_enabled("cpu") and input.dtype in _SIXTEEN_BIT:

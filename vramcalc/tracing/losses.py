@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..facts import CHUNKED_LOSS_CHUNKS, fused_chunk_tokens  # torchtune and Liger chunking
+from ..facts import CHUNKED_LOSS_CHUNKS, UNSLOTH_CE_MAX_FUSED_SIZE, fused_chunk_tokens  # the losses' chunking
 
 
 class PassThroughHead(nn.Module):
@@ -142,8 +142,6 @@ def fused_cross_entropy(hidden, weight, labels, softcap=None):
     return FusedLinearCrossEntropy.apply(hidden, weight, labels.reshape(-1))
 
 
-UNSLOTH_MAX_FUSED_SIZE = 65536  # unsloth kernels/cross_entropy_loss.py: the columns of one vocabulary chunk
-
 
 class Unsloth2024CrossEntropy(torch.autograd.Function):
     """The allocations of Unsloth's ``Fast_CrossEntropyLoss`` (``kernels/cross_entropy_loss.py:262-347``
@@ -154,7 +152,7 @@ class Unsloth2024CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels):
         rows, vocab = logits.shape
-        chunks = -(-vocab // UNSLOTH_MAX_FUSED_SIZE)
+        chunks = -(-vocab // UNSLOTH_CE_MAX_FUSED_SIZE)
         losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
         if chunks == 1:
             logsumexp = torch.empty(rows, dtype=torch.float32, device=logits.device)
