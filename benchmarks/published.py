@@ -316,9 +316,19 @@ def _lora_targets(row: dict, family: str | None, setup: RowSetup) -> str | None:
 # inputs emulated), and the measurement is higher by those held inputs once more, for no mechanism found
 LITGPT_CH_QLORA_OPEN = tuple(f"litgpt-ch-0{n}" for n in (13, 15, 17, 19, 31))
 TORCHTUNE_REQUANTIZE_ROWS = ("torchtune-019", "torchtune-028", "torchtune-037")
-# the token count of every alpaca-cleaned sample as torchtune 0.1 built it with the Llama-2 tokenizer
+# the token count of every alpaca-cleaned sample as torchtune 0.1 built it with the Llama-2 tokenizer, where it has
+# been generated; until then the histogram digitized from the dataset authors' own figure (benchmarks/datasets)
 ALPACA_LLAMA2_LENGTHS = Path(__file__).resolve().parent / "datasets" / "alpaca_cleaned_llama2_lengths.csv"
+ALPACA_DIGITIZED_LENGTHS = Path(__file__).resolve().parent / "datasets" / "alpaca_cleaned_lengths_digitized.csv"
 ALPACA_LENGTHS_WORDS = "alpaca-cleaned's token lengths under the Llama-2 tokenizer (benchmarks/datasets)"
+ALPACA_DIGITIZED_WORDS = ("alpaca-cleaned's token lengths digitized from its authors' histogram of 2023-04-09 "
+                          "(benchmarks/datasets)")
+# torchtune-030's 17.18 GB is a95c6b931's value (#551, 2024-03-21; its statistic corrected to max_memory_reserved by
+# #552 the same day), carried unchanged into the April tables: that run predates InstructDataset's truncation to
+# max_seq_len (73647e26e, #620, 2024-03-30), so its batches were padded to their longest whole sample, and its
+# longest batch and reserved staircase depend on how many steps it ran, which no revision states
+# (docs/stacks-research.md section 16)
+TORCHTUNE_UNTRUNCATED_ROWS = ("torchtune-030",)
 
 
 def row_setup(row: dict, data: Path) -> RowSetup:
@@ -442,11 +452,14 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             # alpaca(_cleaned)_dataset unpacked, max_seq_len the cap: the recipe's DataLoader pads each batch to its
             # longest sample (torchtune@ff594c231 utils/collate.py:19-60 padded_collate, pad_sequence), so the
             # steps' lengths vary (vramcalc's --sample-lengths, benchmarks/datasets/README.md)
-            if ALPACA_LLAMA2_LENGTHS.exists():
-                opts["sample_lengths"] = str(ALPACA_LLAMA2_LENGTHS.relative_to(REPO))
-                setup.assumptions.append(f"{ALPACA_LENGTHS_WORDS}, one epoch")
-            else:
-                setup.assumptions.append(f"every step at seq_len ({ALPACA_LENGTHS_WORDS} not generated)")
+            exact = ALPACA_LLAMA2_LENGTHS.exists()
+            lengths = ALPACA_LLAMA2_LENGTHS if exact else ALPACA_DIGITIZED_LENGTHS
+            opts["sample_lengths"] = str(lengths.relative_to(REPO))
+            setup.assumptions.append(f"{ALPACA_LENGTHS_WORDS if exact else ALPACA_DIGITIZED_WORDS}, one epoch")
+            if rid in TORCHTUNE_UNTRUNCATED_ROWS:
+                setup.blockers.append("seq_len unknown (unpacked data padded to each batch's longest sample, "
+                                      "uncapped: measured at a95c6b931, before torchtune truncated samples, over a "
+                                      "run of unstated length)")
         if rid == "torchtune-024":
             # README @0217d44c2 states batch 4 x 4096, but recipes/configs/llama2/70B_lora.yaml there trains on
             # alpaca_dataset unpacked (torchtune/datasets/_alpaca.py:18 max_seq_len=512), and at 4 x 4096 the 80
@@ -964,11 +977,6 @@ def mechanism_note(record: dict) -> str:
     if rid == "torchtune-019":
         return ("open: the step at 4 x 2048 with compile, the recipe's held logits counted (--loss torchtune-2024), "
                 "is above the load peak (--load requantize); statistic unstated")
-    if f"({ALPACA_LENGTHS_WORDS} not generated)" in record["assumptions"] and record["statistic"] != \
-            "torch_max_allocated" and not record["phase"] == "load":
-        return ("varying lengths: batches padded to their longest sample leave one loss ladder cached per step "
-                "longer than all before it (--sample-lengths; alpaca-cleaned, not reachable here, "
-                "benchmarks/datasets/README.md)")
     if rid == "torchtune-037":
         return ("load-phase row: --load requantize's reserved memory, torchtune 0.1.1's build and load_state_dict "
                 "replayed through the caching allocator (terms/load_reserved.py): 9.13 GB, the tutorial's 9.13 GB "
