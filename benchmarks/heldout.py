@@ -72,6 +72,12 @@ plugin's qweight/qzeros parameters sharded, the buffers whole; one QuantLinear p
 refused rows now read -6.8%, -7.1% (Mistral g2), +2.7%, -0.1%, +2.0%, -3.8% (Mixtral g1-bs4, g2-bs2, g1-bs8,
 g2-bs4), -21.2% (Llama-2-70B g2, like the bnb row's -23.3%); the dense g1 rows +0.3%, +0.4%, +3.4% -> +0.3%, +0.4%,
 +2.3%.
+
+Session 39: under ``--pp`` with FSDP, ``--precision fp8`` sharded the trainable tensors in bf16, where the one-stage
+FSDP rule and torchtitan (an fp32 model under FSDP2's 16-bit ``MixedPrecisionPolicy``) keep them in fp32
+(``pipeline_step.rank_states``, and the pipeline trace likewise): the Llama-3.1-405B rows of Tables 5 and 6 gain
+4.45 GiB per rank, 1F1B -18.6% -> -13.2%, interleaved -4.7% -> +1.3%, the CP sweep -10.7..-20.5% -> -4.8..-15.3%
+(its growth with the CP degree stays open).
 """
 
 from __future__ import annotations

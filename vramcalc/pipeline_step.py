@@ -17,7 +17,9 @@ forward or backward on one of its stages, built from the one-GPU terms of that s
   lm_head's backward on the last stage, each layer's MLP and attention backward (the first and last layer of the
   stage bound the run: its sums are linear), the embedding's backward on stage 0;
 - weights, gradients and optimizer states are the rank's stages' (``rank_states``): without FSDP the stored
-  tensors', every stage's gradients from its first backward on; under FSDP the shards, every unit gathered in the
+  tensors', every stage's gradients from its first backward on; under FSDP the shards (trainable ones in fp32 under
+  an autocast word, fp8 included, as the one-stage FSDP rule ``distributed._fp32_trainable`` has them: torchtitan
+  builds its model in fp32 and FSDP2's ``MixedPrecisionPolicy`` only gathers in 16 bits), every unit gathered in the
   16-bit param dtype through forward and backward, and fp32 unsharded gradients accumulating from a stage's first
   backward (its 16-bit gradients beside them until each unit's post-backward, and beside their first fp32 copy
   there), reduce-scattered after the last backward;
@@ -149,7 +151,8 @@ def rank_states(spec: ModelSpec, resolved: ResolvedSetup, plan: pp_terms.Pipelin
     def unsharded(ts, element_bytes) -> int:  # the unsharded gradients of ``ts`` in ``element_bytes``
         return sum(round_up(t.numel * element_bytes) * t.count for t in ts if t.trainable)
 
-    shards = tuple(distributed.sharded(t, n) for t in mine)
+    fp32 = distributed._fp32_trainable(resolved)  # torchtitan's model is fp32; FSDP2 gathers it in 16 bits
+    shards = tuple(distributed.sharded(t, n, distributed._state_bits(t, fp32)) for t in mine)
     at_rest = weight_bytes(shards)
     unit_params = sum(gather(t) for t in one_layer)
     reduce_input = round_up(sum(distributed._padded_numel(t, n) * t.count for t in one_layer if t.trainable) * _F32)

@@ -19,7 +19,9 @@ others' tensors are never made). Loss: torchtitan@9dec370's ``F.cross_entropy(pr
 labels.flatten(0, 1))``. ``--compile``: each decoder layer through ``compiled.compile_layer`` (torchtitan's
 ``apply_compile``, after the checkpoint, before ``fully_shard``); ``--precision fp8``: ``build_model``'s torchao
 Float8Linear. FSDP2: ``fully_shard`` on every layer and on the stage, ``reshard_after_forward=False``,
-``MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32)`` (``apply_fsdp`` under PP). No autocast.
+``MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32)`` (``apply_fsdp`` under PP), over trainable
+parameters in fp32 under an autocast word (fp8 included): torchtitan builds its model in fp32 and leaves the 16 bits
+to that policy. No autocast.
 """
 
 from __future__ import annotations
@@ -205,6 +207,12 @@ def trace_rank(spec: ModelSpec, resolved: ResolvedSetup, rank: int, steps: int =
         with fake_mode:
             if fsdp:
                 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+                if setup.precision.autocast:  # torchtitan's fp32 model (the 16-bit words' weights as built here)
+                    for module in modules:
+                        for param in module.parameters():
+                            if param.requires_grad and param.dtype != torch.float32:
+                                param.data = param.data.to(torch.float32)
 
                 half = None if setup.precision.value == "fp32" else (
                     torch.float16 if "fp16" in setup.precision.value else torch.bfloat16)
