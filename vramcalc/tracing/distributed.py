@@ -61,6 +61,16 @@ from .tracker import AllocationTracker
 TRACED_SHARDINGS = (Sharding.DDP, Sharding.FSDP)
 
 
+
+def upcast_trainable(params) -> None:
+    """Trainable parameters to fp32 before ``fully_shard``, as accelerate does under mixed precision ("FSDP upcast of
+    low precision parameters to fp32") and as torchtitan's fp32-built model has them; FSDP2's
+    ``MixedPrecisionPolicy`` then gathers them in 16 bits."""
+    for param in params:
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
+
+
 def check_traceable(resolved: ResolvedSetup) -> None:
     """The distributed setups the trace can run, or a one-line reason why not."""
     setup = resolved.setup
@@ -220,9 +230,7 @@ def fully_shard_model(model: nn.Module, resolved: ResolvedSetup, mesh=None) -> D
     # holding Params4bit (accelerate 1.16 utils/fsdp_utils.py:801: ``if accelerator.mixed_precision != "no" and not
     # model_has_params4bit``)
     if setup.precision.autocast and setup.method is not Method.QLORA:
-        for param in model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.to(torch.float32)
+        upcast_trainable(model.parameters())
     kwargs = dict(mesh=mesh, mp_policy=mixed_precision_policy(resolved),
                   reshard_after_forward=setup.fsdp_shard is FsdpShard.FULL_SHARD)
     for layer in decoder_layers(model):

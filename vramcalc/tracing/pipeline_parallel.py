@@ -161,6 +161,7 @@ def trace_rank(spec: ModelSpec, resolved: ResolvedSetup, rank: int, steps: int =
     from ..pipeline_step import plan_of, stage_spec
     from .build import build_model
     from .cuda_emulation import cuda_kernel_emulation
+    from .distributed import upcast_trainable
     from .step import checkpoint_mode, make_optimizer, selective_op_contexts, selective_policy
 
     check_traceable(spec, resolved)
@@ -209,10 +210,7 @@ def trace_rank(spec: ModelSpec, resolved: ResolvedSetup, rank: int, steps: int =
                 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
                 if setup.precision.autocast:  # torchtitan's fp32 model (the 16-bit words' weights as built here)
-                    for module in modules:
-                        for param in module.parameters():
-                            if param.requires_grad and param.dtype != torch.float32:
-                                param.data = param.data.to(torch.float32)
+                    upcast_trainable(p for module in modules for p in module.parameters())
 
                 half = None if setup.precision.value == "fp32" else (
                     torch.float16 if "fp16" in setup.precision.value else torch.bfloat16)
