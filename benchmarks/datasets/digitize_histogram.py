@@ -128,9 +128,13 @@ def digitize(path: str, x_tick_step: float, y_tick_step: float, bins: int) -> di
     counts, bin_edges = [], [smallest + (largest - smallest) * k / bins for k in range(bins + 1)]
     for k in range(bins):
         first, last = math.ceil(pixel_of(bin_edges[k]) + 0.01), math.floor(pixel_of(bin_edges[k + 1]) - 0.01)
-        heights = [column_px[x] for x in range(first, last + 1) if x not in occluded]
-        bar_px = max(set(heights), key=heights.count) if heights else 0
-        counts.append(bar_px * samples_per_pixel)
+        columns = [x for x in range(first, last + 1) if x not in occluded]
+        centre = (pixel_of(bin_edges[k]) + pixel_of(bin_edges[k + 1])) / 2
+        # the most common height among the bin's columns (an edge column may show the neighbour's bar); on a tie,
+        # the height of the column nearest the bin's centre
+        best = max(columns, key=lambda x: (sum(column_px[c] == column_px[x] for c in columns), -abs(x - centre)),
+                   default=None)
+        counts.append((column_px[best] if best is not None else 0) * samples_per_pixel)
     return dict(frame=(left, right, top, bottom), x_ticks=x_ticks, y_ticks=y_ticks, tokens_per_px=x_slope,
                 samples_per_px=samples_per_pixel, x_fit=(x_slope, x_offset), y_fit=(y_slope, y_offset),
                 smallest=smallest, largest=largest, edges=bin_edges, counts=counts, column_px=column_px,
