@@ -9,38 +9,53 @@ replays of random batch orders through ``sample_lengths.realized_reserved_bytes`
 
 from __future__ import annotations
 
+import csv
 import functools
 import random
 import statistics
+import sys
 from pathlib import Path
 
-import vramcalc
-from vramcalc.sample_lengths import read, realized_reserved_bytes
-
 HERE = Path(__file__).resolve().parent
-LENGTHS = HERE / "datasets" / "alpaca_cleaned_lengths_digitized.csv"
-MODEL = "meta-llama/Llama-2-7b-hf"
-# llama2/7B_lora_single_device as benchmarks/published.py states torchtune-033 (2024 loop: fp32 logits held)
-RECIPE = dict(stack="torchtune", method="lora", precision="bf16-true", adapter_dtype="bf16", attn="sdpa",
-              batch_size=2, grad_accum=64, grad_ckpt=True, lora_dropout=0.05, lora_rank=8, lora_targets="qv",
-              loss="torchtune-2024", norm_fp32_product=False, optimizer="adamw-foreach")
-CASES = (("capped at 512 (torchtune-033, 15.57 GB)", 512, 15.57e9),
-         ("untruncated (torchtune-030's March code, 17.18 GB)", 4096, 17.18e9))
+sys.path.insert(0, str(HERE))
+
+import published  # noqa: E402  (the judge's own reading of each row: the recipe replayed is the one it judges)
+
+vramcalc = published.load_vramcalc(None)
+from vramcalc.sample_lengths import read, realized_reserved_bytes  # noqa: E402
+
+LENGTHS = published.ALPACA_DIGITIZED_LENGTHS
+# (title, the row whose recipe and measurement are replayed, the truncation length): torchtune-030 ran the same
+# recipe before torchtune truncated samples (published.TORCHTUNE_UNTRUNCATED_ROWS), so above every sample
+CASES = (("capped at 512 (torchtune-033)", "torchtune-033", 512),
+         ("untruncated (torchtune-030's March code)", "torchtune-030", 4096))
 STEPS = (50, 100, 200, 500, 1000)
 ORDERS = 200
 SEED = 0
 
 
+def row_recipe(row_id: str) -> tuple[str, dict, int]:
+    """The model, the estimate options (no length) and the measured bytes of a published row, as the judge reads it."""
+    with (published.DEFAULT_DATA / "measurements.csv").open() as f:
+        row = next(r for r in csv.DictReader(f) if r["id"] == row_id)
+    setup = published.row_setup(row, published.DEFAULT_DATA)
+    options, _, _ = published.estimate_options(setup, published.accepted_options(vramcalc))
+    options = {k: v for k, v in options.items() if k not in ("seq_len", "sample_lengths")}
+    return setup.model, options, published.measured_bytes(row)[0]
+
+
 @functools.lru_cache(maxsize=None)
-def one_length(tokens: int) -> tuple[int, float]:
+def one_length(model: str, recipe: tuple, tokens: int) -> tuple[int, float]:
     """R(T), the reserved memory of a run whose every step has ``tokens``, and K(T)/T, its loss ladder per token."""
-    breakdown = vramcalc.estimate(MODEL, **RECIPE, seq_len=tokens)
+    breakdown = vramcalc.estimate(model, **dict(recipe), seq_len=tokens)
     return breakdown.reserved_bytes, breakdown.details["reserved_growth_per_longer_step_bytes"] / tokens
 
 
-def replay(samples: list[int], cap: int, steps: int, rng: random.Random) -> int:
-    lengths = [min(cap, max(rng.choice(samples), rng.choice(samples))) for _ in range(steps)]
-    return realized_reserved_bytes(one_length(lengths[0])[0], one_length(max(lengths))[1], lengths)
+def replay(samples: list[int], model: str, recipe: tuple, cap: int, steps: int, rng: random.Random) -> int:
+    batch = dict(recipe)["batch_size"]
+    lengths = [min(cap, max(rng.choices(samples, k=batch))) for _ in range(steps)]
+    return realized_reserved_bytes(one_length(model, recipe, lengths[0])[0],
+                                   one_length(model, recipe, max(lengths))[1], lengths)
 
 
 def main() -> None:
@@ -53,17 +68,19 @@ def main() -> None:
              "csv`). Each order is replayed through `sample_lengths.realized_reserved_bytes`: the first step's R(T), "
              "then one loss ladder per step longer than all before it. The last row is the estimate's one-epoch "
              "expectation (`--sample-lengths`).", ""]
-    for title, cap, measured in CASES:
-        lines += [f"## {title}", "", "| steps run | reserved, median | P10 | P90 | median vs measured |",
-                  "|---|---|---|---|---|"]
+    for title, row_id, cap in CASES:
+        model, options, measured = row_recipe(row_id)
+        recipe = tuple(sorted(options.items()))
+        lines += [f"## {title}, {measured / 1e9:.2f} GB measured", "",
+                  "| steps run | reserved, median | P10 | P90 | median vs measured |", "|---|---|---|---|---|"]
         for steps in STEPS:
-            runs = sorted(replay(samples, cap, steps, rng) for _ in range(ORDERS))
+            runs = sorted(replay(samples, model, recipe, cap, steps, rng) for _ in range(ORDERS))
             median = statistics.median(runs)
             lines.append(f"| {steps:,} | {median / 1e9:.2f} GB | {runs[ORDERS // 10] / 1e9:.2f} GB | "
                          f"{runs[ORDERS * 9 // 10] / 1e9:.2f} GB | {(median - measured) / measured:+.1%} |")
-        epoch = vramcalc.estimate(MODEL, **RECIPE, seq_len=cap, sample_lengths=str(LENGTHS)).reserved_bytes
-        lines += [f"| one epoch ({-(-profile.count // 2):,}), expectation | {epoch / 1e9:.2f} GB | | | "
-                  f"{(epoch - measured) / measured:+.1%} |", ""]
+        epoch = vramcalc.estimate(model, **options, seq_len=cap, sample_lengths=str(LENGTHS))
+        lines += [f"| one epoch ({epoch.details['steps_per_epoch']:,}), expectation | {epoch.reserved_bytes / 1e9:.2f} GB"
+                  f" | | | {(epoch.reserved_bytes - measured) / measured:+.1%} |", ""]
     (HERE / "alpaca_run_length.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -333,7 +333,7 @@ TORCHTUNE_UNTRUNCATED_ROWS = ("torchtune-030",)
 
 def row_setup(row: dict, data: Path) -> RowSetup:
     """The vramcalc options, stack and knobs of one published row (documented per source)."""
-    rid, kind, source = row["id"], row["measure_kind"], row["source"]
+    rid, kind = row["id"], row["measure_kind"]
     setup = RowSetup()
     if kind == "estimate_table":
         setup.blockers.append("estimate_table: a rule-of-thumb table, never scored")
@@ -452,14 +452,15 @@ def row_setup(row: dict, data: Path) -> RowSetup:
             # alpaca(_cleaned)_dataset unpacked, max_seq_len the cap: the recipe's DataLoader pads each batch to its
             # longest sample (torchtune@ff594c231 utils/collate.py:19-60 padded_collate, pad_sequence), so the
             # steps' lengths vary (vramcalc's --sample-lengths, benchmarks/datasets/README.md)
-            exact = ALPACA_LLAMA2_LENGTHS.exists()
-            lengths = ALPACA_LLAMA2_LENGTHS if exact else ALPACA_DIGITIZED_LENGTHS
-            opts["sample_lengths"] = str(lengths.relative_to(REPO))
-            setup.assumptions.append(f"{ALPACA_LENGTHS_WORDS if exact else ALPACA_DIGITIZED_WORDS}, one epoch")
             if rid in TORCHTUNE_UNTRUNCATED_ROWS:
                 setup.blockers.append("seq_len unknown (unpacked data padded to each batch's longest sample, "
                                       "uncapped: measured at a95c6b931, before torchtune truncated samples, over a "
                                       "run of unstated length)")
+            else:
+                exact = ALPACA_LLAMA2_LENGTHS.exists()
+                lengths = ALPACA_LLAMA2_LENGTHS if exact else ALPACA_DIGITIZED_LENGTHS
+                opts["sample_lengths"] = str(lengths.relative_to(REPO))
+                setup.assumptions.append(f"{ALPACA_LENGTHS_WORDS if exact else ALPACA_DIGITIZED_WORDS}, one epoch")
         if rid == "torchtune-024":
             # README @0217d44c2 states batch 4 x 4096, but recipes/configs/llama2/70B_lora.yaml there trains on
             # alpaca_dataset unpacked (torchtune/datasets/_alpaca.py:18 max_seq_len=512), and at 4 x 4096 the 80
@@ -957,7 +958,7 @@ def mechanism_note(record: dict) -> str:
     """The mechanism still open for a row's error (docs/stacks-research.md), or ''. Mechanisms vramcalc now models
     (Q1-Q3 through the litgpt knobs, the stacks' losses, compile, offload, optimizer-in-backward; bf16-true, L2
     the StableEmbedding gradient, Q5 torchao's eager dequantization: terms/stack_layers.py) are not listed."""
-    rid, method, several = record["id"], record["method"], record["gpus"] != "1 GPU"
+    rid = record["id"]
     if rid.startswith("hf-perf-doc"):
         return _hf_perf_doc_note(record)
     if rid == "torchtune-023":

@@ -266,3 +266,14 @@ def test_trace_refuses_triton_v2_in_one_line():
     with pytest.raises(VramcalcError, match="estimate only"):
         vc.trace("qwen2.5-0.5b", method="qlora", quant="int4-gptq", precision="fp16", seq_len=64,
                  gptq_kernel="triton-v2")
+
+
+def test_a_moe_whose_expert_width_is_its_hidden_size_counts_only_down_proj_as_down():
+    # gpt-oss-20b: intermediate_size = hidden_size = 2880, so gate_up's per-expert Linears [I, h] and down's [h, I]
+    # have the same out features; per layer gate_up holds 2E of them and down E, so down is a third of the MLP's
+    from vramcalc.terms import gptq as gptq_terms
+
+    spec = vc.get_model("gpt-oss-20b")
+    assert spec.hidden_size == 2880
+    layer = gptq_terms.layer_dequantized(spec, 2)
+    assert layer.down > 0 and layer.mlp == 3 * layer.down

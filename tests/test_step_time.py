@@ -196,6 +196,14 @@ def test_every_price_has_a_date_a_source_and_a_catalogue_gpu(name):
 LLAMA8B_SHAPE = st.DecoderShape(**LLAMA8B, vocab_size=V8B)
 
 
+def test_a_gpu_outside_the_catalogue_gets_its_memory_familys_ratio_as_the_files_derived_rows_do():
+    # data/achievable_rates.csv: b200 (HBM3e, datasheet 8000 GB/s) and rtx-3090 (GDDR6X, 936 GB/s) are derived rows,
+    # 7086.3 and 863 GB/s: a GPU the file does not know, of the same memory and datasheet, gets the same figure
+    assert st.achievable_bandwidth_gb_s("my-hbm-gpu", 8000.0, memory_type="HBM3e") == pytest.approx(7086.3, abs=0.1)
+    assert st.achievable_bandwidth_gb_s("my-gddr-gpu", 936.0, memory_type="GDDR6X") == pytest.approx(863, abs=0.5)
+    assert st.achievable_bandwidth_gb_s("my-lpddr-gpu", 273.0, memory_type="LPDDR5X") == 273.0  # no family: as given
+
+
 def test_step_work_tensor_parallel_splits_compute_and_adds_blocking_traffic():
     one = st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=8192, seq_len=8192), matmul_tflops=800)
     two = st.step_work(LLAMA8B_SHAPE, st.StepSetup(tokens=8192, seq_len=8192, tp=2), matmul_tflops=800,

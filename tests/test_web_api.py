@@ -436,6 +436,15 @@ def test_allow_trace_opens_the_trace_route():
         assert status == 400 and json.loads(data)["field"] == "model"  # past the 403 gate; no trace was run
 
 
+def test_the_page_is_told_the_servers_body_limit():
+    """The page checks a length file against the limit of the server it talks to (app.js: the upload as sent)."""
+    with running(max_body_bytes=123_456) as small:
+        status, _, data = request(small, "GET", "/api/options")
+        assert status == 200 and json.loads(data)["max_body_bytes"] == 123_456
+        status, _ = post(small, "/api/estimate", {"model": "llama-3.2-1b", "sample_lengths": "1\n" * 70_000})
+        assert status == 413
+
+
 def test_the_web_package_is_not_imported_by_import_vramcalc():
     code = "import sys, vramcalc; print([m for m in sys.modules if m.startswith('vramcalc.web') or m == 'http.server'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -177,7 +177,7 @@ def eager_attention_seconds_per_token(spec: ModelSpec, resolved: ResolvedSetup, 
     if setup.grad_ckpt:
         per_score += EAGER_SCORE_FORWARD_BYTES
     traffic_bytes = spec.num_attention_layers * spec.num_heads * s * per_score
-    bandwidth_gb_s = _step.achievable_bandwidth_gb_s(gpu.name, gpu.bandwidth_gb_s, _step.rates_index())
+    bandwidth_gb_s = _step.achievable_bandwidth_gb_s(gpu.name, gpu.bandwidth_gb_s, _step.rates_index(), gpu.memory_type)
     return traffic_bytes / (bandwidth_gb_s * GB_PER_S) * s / setup.seq_len
 
 
@@ -486,7 +486,7 @@ def step_work_for(spec: ModelSpec, resolved: ResolvedSetup, gpu: GpuSpec, paged_
     work = _step.step_work(shape, work_setup, matmul_tflops=mm.tflops, fp8_matmul_tflops=fp8.tflops if fp8 else None,
                            dp_link_gb_s=link_gb_s, tp_link_gb_s=tp_links.ring_gb_s if tp_links else 0.0,
                            cp_link_gb_s=cp_links.ring_gb_s if cp_links else 0.0)
-    bandwidth_gb_s = _step.achievable_bandwidth_gb_s(gpu.name, gpu.bandwidth_gb_s, rates)
+    bandwidth_gb_s = _step.achievable_bandwidth_gb_s(gpu.name, gpu.bandwidth_gb_s, rates, gpu.memory_type)
     return work, _step.StepRates(mm.tflops, attn.tflops, bandwidth_gb_s, peak / TFLOPS,
                                  host_s_per_kernel=profile.host_seconds_per_kernel,
                                  attention_backward_tflops=_step.attention_backward_tflops(attn))

@@ -132,6 +132,7 @@ def _with_sample_lengths(model, gpu, revision, profile: LengthProfile, options: 
 @functools.lru_cache(maxsize=4096)
 def _estimate_parts(spec: ModelSpec, resolved: ResolvedSetup, device: GpuSpec | None) -> tuple:
     """(terms, phase, details, warnings) of an estimate, as tuples (each call gets its own dicts)."""
+    spec = stack_layers.built_model(spec, resolved.setup.stack)  # the model as the stack builds it, for every term
     peak = _tensor_peak(spec, resolved)
     out = _finish(spec, resolved, dict(peak.terms), peak.phase, "estimate", device, peak.paged_bytes, None,
                   peak.stream_pools_bytes, peak.stranded_bytes)
@@ -184,7 +185,7 @@ def _tensor_peak(spec: ModelSpec, resolved: ResolvedSetup) -> _TensorPeak:
                                                 embedding_32bit).paged_bytes
     setup = resolved.setup
     dt = activations.dtypes(setup.method, setup.precision, setup.adapter_dtype)
-    ladder = logits.ladder_bytes(setup.loss, dt.c, dt.autocast, setup.batch_size * setup.seq_len, spec.vocab_size,
+    ladder = logits.ladder_bytes(setup.loss, dt.c, dt.autocast, setup.tokens, spec.vocab_size,
                                  next((m.logits for m in moments if m.phase is Phase.BACKWARD_START), 0))
     step = max((m for m in moments if m.phase is not Phase.LOAD), key=lambda moment: moment.tensor_bytes)
     return _TensorPeak(terms, peak.phase, paged, _phase_peaks(moments) if _reports_phase_peaks(resolved) else (),
@@ -197,7 +198,7 @@ def reserved_growth_per_longer_step(loss_ladder_bytes) -> int:
     each batch's longest sample): K(T) = the [rows, V] blocks the loss's backward holds at once (the backward-start
     moment's logits term: 3·4·b·T·V for transformers' loss, the fp32 upcast, log_softmax's output and its
     gradient; for ``--loss unsloth-2024`` under autocast the forward's fp32 copy of the returned logits, 4·b·T·V,
-    ``logits.unsloth_2024_ladder_bytes``). The caching allocator serves a request only from one free block at least
+    ``logits.ladder_bytes``). The caching allocator serves a request only from one free block at least
     as large and never merges blocks of different segments (``CUDACachingAllocator.cpp`` ``get_free_block``,
     ``try_merge_blocks``), so a longer step's loss cannot use the shorter steps' segments and each record strands one
     ladder: reserved = R(T_1) + sum of K(T_r) over the later records (allocator replays,
@@ -485,8 +486,9 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     Bb = B + rank.backward_buffers
     plan = saved_plan(spec, layer, ckpt, masked)
     gptq_base = is_gptq(csetup)
-    gptq_triton = gptq_base and not saves_dequantized(csetup)  # --gptq-kernel triton-v2 (options.GptqKernel)
-    if gptq_base and not gptq_triton:  # auto-gptq's matmuls save each dequantized weight (terms/gptq.py)
+    saves_weights = saves_dequantized(csetup)  # auto-gptq's cuda-old matmuls save each dequantized weight
+    gptq_triton = gptq_base and not saves_weights  # --gptq-kernel triton-v2 (options.GptqKernel)
+    if saves_weights:  # (terms/gptq.py)
         plan = gptq.with_saved_weights(plan, spec, layer, bool(ckpt), activations.first_layer_needs_grad(layer.method))
     A = plan.model.bytes(b, s)
     extras = quantized.step_extras(spec, csetup, layer, masked, b, s, adapters.head_input_shared(layer))

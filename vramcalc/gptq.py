@@ -15,8 +15,10 @@ Standard library only (imported by ``training_setup``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from .errors import VramcalcError
-from .model import ModelSpec
+from .model import ModelSpec, ParamKind
 from .options import GptqKernel, Method, Precision, Quant, Sharding, Stack, Task
 
 GPTQ_DEFAULT_GROUP_SIZE = 128  # transformers GPTQConfig(group_size=128) (utils/quantization_config.py)
@@ -112,7 +114,7 @@ def check_packable(model: ModelSpec, group_size: int) -> None:
             raise VramcalcError(f"--quant int4-gptq is modelled for dense models and for mixtures of experts whose "
                                 f"every layer routes to per-expert Linears; {model.name} has dense layers or dense "
                                 "experts")
-        linears += [("an expert projection", i, o) for i, o, _ in moe_expert_linears(model)]
+        linears += [(e.name, e.in_features, e.out_features) for e in moe_expert_linears(model)]
     for name, in_features, out_features in linears:
         g = in_features if group_size == -1 else group_size
         if in_features % 32 or out_features % 32 or in_features % g:
@@ -131,11 +133,24 @@ def expert_linears(name: str, shape: tuple[int, ...]) -> tuple[tuple[str, tuple[
     return ((name, (out_features, in_features), experts),)
 
 
-def moe_expert_linears(model: ModelSpec) -> tuple[tuple[int, int, int], ...]:
-    """(in, out, Linears per MoE layer) of every per-expert QuantLinear of ``model`` (``expert_linears``)."""
+class ExpertLinear(NamedTuple):
+    """One per-expert QuantLinear shape of a MoE layer (``moe_expert_linears``)."""
+
+    name: str  # the v5 expert tensor it comes from: ``mlp.experts.gate_up_proj`` or ``mlp.experts.down_proj``
+    in_features: int
+    out_features: int
+    per_layer: int  # Linears of this shape per MoE layer
+
+    @property
+    def is_down(self) -> bool:
+        return self.name.endswith("down_proj")
+
+
+def moe_expert_linears(model: ModelSpec) -> tuple[ExpertLinear, ...]:
+    """Every per-expert QuantLinear of ``model`` (``expert_linears``), named by its expert tensor."""
     out = []
     for tensor in model.inventory.tensors:
-        if tensor.kind.value == "experts" and len(tensor.shape) == 3:
-            for _, (o, i), per_layer in expert_linears(tensor.name, tensor.shape):
-                out.append((i, o, per_layer))
+        if tensor.kind is ParamKind.EXPERTS and len(tensor.shape) == 3:
+            for name, (o, i), per_layer in expert_linears(tensor.name, tensor.shape):
+                out.append(ExpertLinear(name, i, o, per_layer))
     return tuple(out)

@@ -18,11 +18,11 @@ forward or backward on one of its stages, built from the one-GPU terms of that s
   stage bound the run: its sums are linear), the embedding's backward on stage 0;
 - weights, gradients and optimizer states are the rank's stages' (``rank_states``): without FSDP the stored
   tensors', every stage's gradients from its first backward on; under FSDP the shards (trainable ones in fp32 under
-  an autocast word, fp8 included, as the one-stage FSDP rule ``distributed._fp32_trainable`` has them: torchtitan
-  builds its model in fp32 and FSDP2's ``MixedPrecisionPolicy`` only gathers in 16 bits), every unit gathered in the
-  16-bit param dtype through forward and backward, and fp32 unsharded gradients accumulating from a stage's first
-  backward (its 16-bit gradients beside them until each unit's post-backward, and beside their first fp32 copy
-  there), reduce-scattered after the last backward;
+  an autocast word, fp8 included, as the one-stage FSDP rule ``distributed.shards_trainable_in_fp32`` has them:
+  torchtitan builds its model in fp32 and FSDP2's ``MixedPrecisionPolicy`` only gathers in 16 bits), every unit
+  gathered in the 16-bit param dtype through forward and backward, and fp32 unsharded gradients accumulating from a
+  stage's first backward (its 16-bit gradients beside them until each unit's post-backward, and beside their first
+  fp32 copy there), reduce-scattered after the last backward;
 - the last stage's ``output_chunks`` (every microbatch's logits so far, twice at the merge ``step`` returns), every
   stage's send/recv buffers, and the gradients and outputs the rank's sends still hold (``pp_terms.sends_held``).
 No autocast: torchtitan computes in the FSDP param dtype, or the stored one (``compute_view``).
@@ -54,7 +54,6 @@ from .terms import activations, distributed, float8, layouts, logits, optimizer,
 from .terms import pipeline_parallel as pp_terms
 from .terms import tensor_parallel
 from .terms.context_parallel import ring_kv_heads, ring_moment_bytes
-from .terms.tensor_parallel import sequence_parallel
 from .terms.gradients import gradient_bytes
 from .terms.weights import weight_bytes
 from .training_setup import ResolvedSetup
@@ -151,8 +150,8 @@ def rank_states(spec: ModelSpec, resolved: ResolvedSetup, plan: pp_terms.Pipelin
     def unsharded(ts, element_bytes) -> int:  # the unsharded gradients of ``ts`` in ``element_bytes``
         return sum(round_up(t.numel * element_bytes) * t.count for t in ts if t.trainable)
 
-    fp32 = distributed._fp32_trainable(resolved)  # torchtitan's model is fp32; FSDP2 gathers it in 16 bits
-    shards = tuple(distributed.sharded(t, n, distributed._state_bits(t, fp32)) for t in mine)
+    fp32 = distributed.shards_trainable_in_fp32(resolved)  # torchtitan's model is fp32; FSDP2 gathers in 16 bits
+    shards = tuple(distributed.state_shard(t, n, fp32) for t in mine)
     at_rest = weight_bytes(shards)
     unit_params = sum(gather(t) for t in one_layer)
     reduce_input = round_up(sum(distributed._padded_numel(t, n) * t.count for t in one_layer if t.trainable) * _F32)
@@ -194,7 +193,7 @@ class _StepContext:
         # --tp-plan torchtitan: the residual stream between blocks, its gradient, the norms and so what a stage
         # sends and receives are the rank's sequence shard [b/M, s/T, h] (``tensor_parallel.sequence_parallel``;
         # torch's PipelineStage infers its buffers from the local tensors the blocks return)
-        self.sp = sequence_parallel(setup)
+        self.sp = tensor_parallel.sequence_parallel(setup)
         self.residual_tokens = residual_tokens = tokens // setup.tp if self.sp else tokens
         self.lg = logits.logits_bytes(spec, Loss.HF, dt, tokens, 0, sequences=b, whole_head=True,
                                       loss_parallel=self.sp)
@@ -398,7 +397,7 @@ class RankPeak:
 
 
 def _rank_view(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[ModelSpec, ResolvedSetup]:
-    from .terms import context_parallel, tensor_parallel
+    from .terms import context_parallel
 
     stage = stage_view(resolved)
     rank_spec, rank_resolved = tensor_parallel.rank_view(spec, stage)

@@ -726,11 +726,19 @@ MEMORY_DTYPE = "any"  # a memory row's dtype: the bandwidth does not depend on t
 
 
 def achievable_bandwidth_gb_s(gpu: str, datasheet_gb_s: float,
-                              rates: dict[tuple[str, str, str], AchievableRate] | None = None) -> float:
+                              rates: dict[tuple[str, str, str], AchievableRate] | None = None,
+                              memory_type: str = "") -> float:
     """B of the module docstring: the ``memory`` row of data/achievable_rates.csv for ``gpu`` (sustained read + write
-    bandwidth, measured or derived, with its source), or ``datasheet_gb_s`` where the file has no row for it."""
+    bandwidth, measured or derived, with its source); where the file has no row for it (a GPU outside the
+    catalogue), ``datasheet_gb_s`` times its memory family's measured ratio (``measured_memory_efficiency``, as the
+    file's derived rows take it) when ``memory_type`` names an HBM or GDDR part, the datasheet's figure otherwise."""
     row = achievable_rate(gpu, "memory", MEMORY_DTYPE, rates)
-    return row.gb_s if row is not None and row.gb_s else datasheet_gb_s
+    if row is not None and row.gb_s:
+        return row.gb_s
+    try:
+        return datasheet_gb_s * measured_memory_efficiency(memory_family(memory_type), rates)
+    except ValueError:  # no memory type, or one of neither family
+        return datasheet_gb_s
 
 
 def memory_family(memory_type: str) -> str:

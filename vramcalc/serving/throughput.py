@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ..catalogue import GpuSpec
 from ..model import ModelSpec
-from ..step_time import achievable_bandwidth_gb_s
+from ..step_time import achievable_bandwidth_gb_s, rates_index
 from .kv_cache import kv_bytes_per_token
 from .terms import Weights
 from .weights import active_weight_bytes
@@ -57,7 +57,7 @@ def throughput(spec: ModelSpec, gpu: GpuSpec, *, weights: Weights, kv_element_by
     if not gpu.bandwidth_gb_s:
         return None
     peak = _peak_flops(gpu, weights) * tp
-    bandwidth = achievable_bandwidth_gb_s(gpu.name, gpu.bandwidth_gb_s) * 1e9 * tp
+    bandwidth = achievable_bandwidth_gb_s(gpu.name, gpu.bandwidth_gb_s, rates_index(), gpu.memory_type) * 1e9 * tp
     read = active_weight_bytes(spec, weights, tp, batch) * tp + batch * context * kv_bytes_per_token(spec, kv_element_bytes)
     attention_width = spec.num_layers * spec.num_heads * (spec.qk_head_dim if spec.traits.mla else spec.head_dim)
     flops = 2 * spec.active_params * batch + 4 * attention_width * context * batch

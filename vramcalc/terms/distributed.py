@@ -178,6 +178,11 @@ def _state_bits(tensor: StoredTensor, fp32_trainable: bool) -> int:
     return 32 if tensor.trainable and fp32_trainable else tensor.bits
 
 
+def state_shard(tensor: StoredTensor, n_ranks: int, fp32_trainable: bool) -> StoredTensor:
+    """The dim-0 shard a rank stores of ``tensor``, in the bits ``_state_bits`` gives it."""
+    return sharded(tensor, n_ranks, _state_bits(tensor, fp32_trainable))
+
+
 def _gather_bytes(tensor: StoredTensor, half_bytes: int | None) -> int:
     """Bytes per element of a gathered (compute) copy: ``half_bytes`` under the engines' 16-bit casts (None: none)."""
     return half_bytes if half_bytes is not None else tensor.bits // 8
@@ -188,19 +193,19 @@ def _half_bytes(resolved: ResolvedSetup) -> int | None:
     return facts.half_dtype(resolved.setup.precision).bytes if casts_to_half(resolved) else None
 
 
-def _fp32_trainable(resolved: ResolvedSetup) -> bool:
+def shards_trainable_in_fp32(resolved: ResolvedSetup) -> bool:
     """accelerate upcasts trainable parameters to fp32 before ``fully_shard`` under mixed precision, except in a
     model holding ``Params4bit`` (accelerate 1.16 ``utils/fsdp_utils.py:801``: ``if accelerator.mixed_precision !=
     "no" and not model_has_params4bit``), where they keep peft's dtype; applied here with ``--quant-storage bf16``
     (the uint8 estimate predates it). A GPTQ base holds no ``Params4bit``: its trainable (adapter) units are upcast
     (accelerate's FSDP1 ``prepare_model`` upcasts every flat parameter that ``requires_grad`` when mixed precision
-    is on, "Upcasted low precision parameters in ..."; the frozen packed codes are not). Without autocast (``bf16-true``, ``fp16-true``: Trainer's mixed precision
-    "no") the parameters keep the dtype they were loaded in. A stack that keeps the built dtype does not upcast
+    is on, "Upcasted low precision parameters in ..."; the frozen packed codes are not). Without autocast
+    (``bf16-true``, ``fp16-true``: Trainer's mixed precision "no") the parameters keep the dtype they were loaded in. A stack that keeps the built dtype does not upcast
     (``stack_layers.StackLayers.fsdp_keeps_dtype``: torchtune, litgpt)."""
     setup = resolved.setup
     return (casts_to_half(resolved) and setup.sharding is Sharding.FSDP and setup.precision.autocast
             and not stack_layers(setup.stack).fsdp_keeps_dtype
-            and (not shards_4bit(resolved) or shards_gptq(resolved)))
+            and not shards_4bit(resolved))
 
 
 def tensor_ranks(resolved: ResolvedSetup):
@@ -227,8 +232,7 @@ def shards_4bit(resolved: ResolvedSetup) -> bool:
     setup = resolved.setup
     return setup.method is Method.QLORA and (
         (getattr(setup, "quant_storage", QuantStorage.UINT8) is QuantStorage.BF16
-         and setup.sharding in (Sharding.FSDP, Sharding.ZERO3)) or shards_4bit_state(resolved)
-        or shards_gptq(resolved))
+         and setup.sharding in (Sharding.FSDP, Sharding.ZERO3)) or shards_4bit_state(resolved))
 
 
 def shards_gptq(resolved: ResolvedSetup) -> bool:
@@ -286,12 +290,13 @@ def quant_state_bytes(tensors) -> int:
 
 def engine_tensors(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[StoredTensor, ...]:
     """The stored tensors as the sharding engine sees its parameters: 4-bit weights replaced by their packed codes
-    (``packed_4bit``) when it shards them (``shards_4bit``), else ``stored_tensors`` unchanged."""
+    (``packed_4bit``) when it shards them (``shards_4bit``), GPTQ QuantLinears by their packed buffers
+    (``packed_gptq``) under FSDP (``shards_gptq``), else ``stored_tensors`` unchanged."""
     tensors = stored_tensors(spec, resolved)
-    if not shards_4bit(resolved):
-        return tensors
     if shards_gptq(resolved):
         return tuple(packed_gptq(t, resolved.setup.gptq_group_size) if t.kind == "quantized" else t for t in tensors)
+    if not shards_4bit(resolved):
+        return tensors
     with_state = shards_4bit_state(resolved)
     return tuple(packed_4bit(t, with_state) if t.kind == "quantized" else t for t in tensors)
 
@@ -414,7 +419,7 @@ def gathering(spec: ModelSpec, resolved: ResolvedSetup) -> Gathering | None:
     keep_gathered = setup.sharding is Sharding.FSDP and setup.fsdp_shard is FsdpShard.SHARD_GRAD_OP
     flat_grads = setup.sharding is Sharding.FSDP and stack_layers(setup.stack).fsdp_flat_params
     return gathering_units(spec, engine_tensors(spec, resolved), tensor_ranks(resolved), _half_bytes(resolved),
-                 _fp32_trainable(resolved), prefetch, keep_gathered, flat_grads)
+                 shards_trainable_in_fp32(resolved), prefetch, keep_gathered, flat_grads)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -427,15 +432,16 @@ def side_stream_pools(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[int, in
       (torch ``_fully_shard/_fsdp_collectives.py::foreach_all_gather``), FSDP1 its padded unsharded flat parameter
       on ``_unshard_stream`` (``fsdp/_runtime_utils.py::_unshard``); two units' are alive at once (a unit's until the
       next one's copy-out, ``GatheredTimeline``): the largest two neighbours' buffers, in forward order (a tied tail,
-      which holds the embedding, first). With fp32 trainable shards gathered in 16 bits (``_fp32_trainable``), the
-      copy-in first casts the next unit's shards on that stream (``_get_param_all_gather_inputs``): 1/N of its
-      buffer under full fine-tuning (an adapter's cast is left out: a few MB).
+      which holds the embedding, first). With fp32 trainable shards gathered in 16 bits
+      (``shards_trainable_in_fp32``), the copy-in first casts the next unit's shards on that stream
+      (``_get_param_all_gather_inputs``): 1/N of its buffer under full fine-tuning (an adapter's cast is left out: a
+      few MB).
     reduce-scatter: FSDP2's reduce-scatter output, which the sharded gradients view, is allocated on
       ``reduce_scatter_stream`` (``foreach_reduce``), FSDP1's ``new_sharded_grad`` on ``_post_backward_stream``
       (``_get_reduce_scatter_tensors``): every unit's sharded gradients, as they stand at the optimizer step; one
       unit's when they leave the device as soon as they are made (CPU offload, an optimizer stepped in backward).
-      With fp32 trainable shards reduced in 16 bits (``_fp32_trainable``), FSDP2 casts each unit's 16-bit output to
-      fp32 on the same stream (``_to_dtype_if_needed``): a unit's 16-bit output beside its own fp32 shards and those
+      With fp32 trainable shards reduced in 16 bits (``shards_trainable_in_fp32``), FSDP2 casts each unit's 16-bit
+      output to fp32 on the same stream (``_to_dtype_if_needed``): a unit's 16-bit output beside its own fp32 shards and those
       of the units reduced before it (backward order: the tail, the layers from the last, the embedding; a tied
       tail last, once the embedding's gradient is in).
     The reduce-scatter input, the unsharded gradients and FSDP2's copied-out parameters are the default stream's.
@@ -449,7 +455,7 @@ def side_stream_pools(spec: ModelSpec, resolved: ResolvedSetup) -> tuple[int, in
     gathered = [units.tail] + layers if units.tied else [units.embed] + layers + [units.tail]
     reduced_order = layers[::-1] + [units.tail] if units.tied else [units.tail] + layers[::-1] + [units.embed]
     n = tensor_ranks(resolved)
-    fp32_trainable = _fp32_trainable(resolved)
+    fp32_trainable = shards_trainable_in_fp32(resolved)
     casts = fp32_trainable and setup.method is Method.FULL and not callable(n)
     all_gather = max(a.buffer_bytes + b.buffer_bytes + (b.buffer_bytes // n if casts else 0)
                      for a, b in zip([NO_UNIT] + gathered, gathered))
@@ -519,10 +525,10 @@ def _fsdp_states(spec: ModelSpec, resolved: ResolvedSetup) -> RankStates:
     setup = resolved.setup
     tensors = engine_tensors(spec, resolved)
     units = gathering(spec, resolved)
-    fp32_trainable = _fp32_trainable(resolved)
+    fp32_trainable = shards_trainable_in_fp32(resolved)
     # unmanaged tensors (peft's adapters under transformers' own FSDP2) stay whole, with whole gradients
     whole = tuple(t for t in tensors if t.kind != "quantized" and ranks_of(t) is None)
-    shards = tuple(sharded(t, ranks_of(t), _state_bits(t, fp32_trainable)) for t in tensors
+    shards = tuple(state_shard(t, ranks_of(t), fp32_trainable) for t in tensors
                    if t.kind != "quantized" and ranks_of(t) is not None) + whole
     replicated = sum(t.total_bytes for t in tensors if t.kind == "quantized")
     if shards_gptq(resolved):  # qweight and qzeros are sharded above; the QuantLinears' buffers stay whole

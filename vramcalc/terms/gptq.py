@@ -148,10 +148,10 @@ def layer_dequantized(model: ModelSpec, dtype_bytes: int) -> LayerDequantized:
             attention += nbytes
             inputs += nbytes if module.name in traits.qkv_names else 0
     if model.is_moe:  # every expert's matmul saves its dequantized weight (module docstring, Mixture of experts)
-        for in_features, out_features, per_layer in moe_expert_linears(model):
-            nbytes = dtype_bytes * in_features * out_features * per_layer
+        for expert in moe_expert_linears(model):
+            nbytes = dtype_bytes * expert.in_features * expert.out_features * expert.per_layer
             mlp += nbytes
-            down += nbytes if out_features == model.hidden_size else 0
+            down += nbytes if expert.is_down else 0
     return LayerDequantized(attention, inputs, mlp, down)
 
 
@@ -163,17 +163,18 @@ def forward_dequant_bytes(model: ModelSpec, dtype_bytes: int, c: int, tokens, de
     compute dtype (which a frozen matmul does not save: counted here). The Linear with the largest sum wins (the
     MLP's last, with in = I, on the gated families). ``triton`` (``--gptq-kernel triton-v2``): the kernel writes
     the fp16 [in, out] weight at once and the matmul saves nothing, 2n (``triton_dequant_bytes``)."""
-    peak = (2 + 2 * dtype_bytes) if desc_act else _DEQUANT_TRANSIENT_INT
-    held = dtype_bytes if saved else 0
     if triton:
         peak, held = TRITON_DEQUANT_BYTES_PER_WEIGHT, 0
+    else:
+        peak = (2 + 2 * dtype_bytes) if desc_act else _DEQUANT_TRANSIENT_INT
+        held = dtype_bytes if saved else 0
     dense = max((peak - held) * module.weight_numel + c * tokens * module.in_features
                 for module in model.inventory.linears)
     if not model.is_moe:
         return dense
     # an expert's input is its routed rows, ceil(T·k/E) (module docstring, Mixture of experts)
     rows = -(-tokens * model.experts_per_token // model.num_experts)
-    return max([dense] + [(peak - held) * i * o + c * rows * i for i, o, _ in moe_expert_linears(model)])
+    return max([dense] + [(peak - held) * i * o + c * rows * i for _, i, o, _ in moe_expert_linears(model)])
 
 
 TRITON_DEQUANT_BYTES_PER_WEIGHT = 2  # dequant248's output: torch.empty((in, out), dtype=torch.float16)
@@ -194,7 +195,7 @@ def backward_dequant_bytes(model: ModelSpec) -> int:
     beside the layer's backward gradients (the per-expert Linears' of a mixture of experts included)."""
     shapes = [(m.in_features, m.out_features) for m in model.inventory.linears]
     if model.is_moe:
-        shapes += [(i, o) for i, o, _ in moe_expert_linears(model)]
+        shapes += [(e.in_features, e.out_features) for e in moe_expert_linears(model)]
     return max(triton_dequant_bytes(i, o) for i, o in shapes)
 
 

@@ -95,7 +95,7 @@
   ``outputs``. Forward peak (c + 4)·T·V under autocast (c·T·V otherwise); saved c·T·V + 4·T + labels; backward
   start the same (the kernel allocates nothing); lm_head's backward reads the gradient from that storage (c·T·V),
   which dies when it returns. The backward requests no [rows, V] block, so nothing strands beside it; under varying
-  lengths a longer step's fp32 copy fits in no cached block: K(T) = 4·T·V (``unsloth_2024_ladder_bytes``).
+  lengths a longer step's fp32 copy fits in no cached block: K(T) = 4·T·V (``ladder_bytes``).
   From 2024.11.8 ``CausalLM_fast_forward`` calls cut-cross-entropy's ``fused_linear_cross_entropy`` instead where
   ``HAS_CUT_CROSS_ENTROPY`` (``unsloth_zoo/loss_utils.py``: torch >= 2.4 and ``cut_cross_entropy`` importable;
   ``llama.py:983-1003`` of the 2024.11.8 wheel): ``fused``.
@@ -343,29 +343,19 @@ def unsloth_2024_loss_bytes(c: int, autocast: bool, tokens, V: int) -> LogitsByt
 
 
 def ladder_bytes(loss: Loss, c: int, autocast: bool, tokens, V: int, backward_start_logits):
-    """K(T), what a step longer than every earlier one leaves cached (``estimator.reserved_growth_per_longer_step``):
-    the [rows, V] blocks the loss's backward starts with (``backward_start_logits``, the backward-start moment's
-    logits term), or for a loss whose largest block is a forward one its own rule (``unsloth_2024_ladder_bytes``)."""
-    if loss is Loss.UNSLOTH_2024:
-        return unsloth_2024_ladder_bytes(c, autocast, tokens, V)
-    return backward_start_logits
+    """K(T), what a step longer than every earlier one (a record) leaves cached
+    (``estimator.reserved_growth_per_longer_step``): the [rows, V] blocks the loss's backward starts with
+    (``backward_start_logits``, the backward-start moment's logits term), unless a forward block is larger.
 
-
-def unsloth_2024_ladder_bytes(c: int, autocast: bool, tokens, V: int):
-    """K(T) of ``--loss unsloth-2024`` (``estimator.reserved_growth_per_longer_step``): what a step longer than every
-    earlier one (a record) leaves cached. Its [T, V] requests are the c logits and, under autocast, accelerate's fp32
-    copy (``unsloth_2024_returned_copy_bytes``); the backward asks for none. A record's c·T_r·V logits fit in the
-    block the previous record's fp32 copy freed (4·T_{r-1}·V, best fit, split) unless the length more than doubles,
-    and its fp32 copy fits in no cached block: 4·T·V per record. Allocator replay of Llama-3.2-1B QLoRA fp16 at b = 2
+    That is ``--loss unsloth-2024`` under autocast: its [T, V] requests are the c logits and accelerate's fp32 copy
+    (``unsloth_2024_returned_copy_bytes``); the backward asks for none. A record's c·T_r·V logits fit in the block
+    the previous record's fp32 copy freed (4·T_{r-1}·V, best fit, split) unless the length more than doubles, and
+    its fp32 copy fits in no cached block: 4·T·V per record. Allocator replay of Llama-3.2-1B QLoRA fp16 at b = 2
     through records T = 512, 1024, 1536, 2048 (docs/evidence/varying_length_reserved/unsloth_2024_replay.jsonl):
     4,726,980,608 B over the 512-only run against 4·T·V summed, 4,728,029,184 (the backward-start rule, c·T·V, would
-    give half). Without autocast the logits are the largest block, and with the logsumexp and labels they are what
-    backward starts with: the general rule's K."""
-    copy = unsloth_2024_returned_copy_bytes(c, autocast, tokens, V)
-    if copy:
-        return copy
-    return unsloth_2024_logits_bytes(c, tokens, V) + unsloth_2024_row_bytes(tokens, V)[0] + \
-        unsloth_2024_labels_bytes(tokens)
+    give half). Without autocast its logits, logsumexp and labels are what backward starts with: the general K."""
+    copy = unsloth_2024_returned_copy_bytes(c, autocast, tokens, V) if loss is Loss.UNSLOTH_2024 else 0
+    return copy or backward_start_logits
 
 
 def _model_dtype_loss_bytes(c: int, autocast: bool, tokens, sequences, V: int, labels,

@@ -150,7 +150,7 @@ def stack_layers(stack: Stack) -> StackLayers:
     return _OWN_DECODER.get(stack, HF)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)
 def built_model(model: ModelSpec, stack: Stack) -> ModelSpec:
     """The model as ``stack`` builds it: a tied checkpoint's lm_head untied where the stack never ties
     (``StackLayers.ties_lm_head``), plain Linears and no always-built mask where the stack builds its own modules

@@ -150,7 +150,7 @@ class Unsloth2024CrossEntropy(torch.autograd.Function):
     labels)``; backward's kernel writes ``dloss * y`` into the logits and returns them: no new tensor."""
 
     @staticmethod
-    def forward(ctx, logits, labels):
+    def forward(ctx, logits, labels, ignore_index):
         rows, vocab = logits.shape
         chunks = -(-vocab // UNSLOTH_CE_MAX_FUSED_SIZE)
         losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -160,14 +160,14 @@ class Unsloth2024CrossEntropy(torch.autograd.Function):
             logsumexp = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device)
             logsumexp = torch.logsumexp(logsumexp, dim=1)
             losses += logsumexp
-            losses.masked_fill_(labels == -100, 0)
+            losses.masked_fill_(labels == ignore_index, 0)
         ctx.save_for_backward(logits, logsumexp, labels)
         return losses
 
     @staticmethod
     def backward(ctx, dlosses):
         logits, _, _ = ctx.saved_tensors
-        return logits, None  # the kernel's ``tl.store(logits_ptr + col_offsets, dloss * y)``: in place
+        return logits, None, None  # the kernel's ``tl.store(logits_ptr + col_offsets, dloss * y)``: in place
 
 
 def unsloth_2024_causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
@@ -179,6 +179,7 @@ def unsloth_2024_causal_lm_loss(logits, labels, vocab_size: int, num_items_in_ba
     batch, seq_len, vocab = logits.shape
     ignored = torch.full((batch, 1), ignore_index, dtype=labels.dtype, device=labels.device)
     shift_labels = torch.hstack((labels[..., 1:], ignored))
-    losses = Unsloth2024CrossEntropy.apply(logits.view(batch * seq_len, vocab), shift_labels.view(-1))
-    n_items = num_items_in_batch if num_items_in_batch is not None else torch.count_nonzero(shift_labels != -100)
+    losses = Unsloth2024CrossEntropy.apply(logits.view(batch * seq_len, vocab), shift_labels.view(-1), ignore_index)
+    n_items = num_items_in_batch if num_items_in_batch is not None else torch.count_nonzero(
+        shift_labels != ignore_index)
     return losses.sum() / n_items

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..model import ModelSpec
 from ..errors import VramcalcError
-from ..options import Attention, GradCkpt, Kernels, Loss, Method, Optimizer, Phase, Precision, Term
+from ..options import Attention, GptqKernel, GradCkpt, Kernels, Loss, Method, Optimizer, Phase, Term
 from ..terms.activations import runs_with_cache
 from ..training_setup import ResolvedSetup
 from .build import base_model, decoder_layers, half_dtype  # noqa: F401 (re-exported)
@@ -447,7 +447,7 @@ def check_traceable_knobs(setup) -> None:
         raise VramcalcError("--quantize-experts is estimate only: transformers 5 builds the experts as fused 3-D "
                             "parameters, and the per-expert nn.Linear layout of transformers 4.x is not installed "
                             "to trace; use vramcalc estimate")
-    if getattr(getattr(setup, "gptq_kernel", None), "value", "cuda-old") == "triton-v2":
+    if getattr(setup, "gptq_kernel", None) is GptqKernel.TRITON_V2:
         raise VramcalcError("--gptq-kernel triton-v2 is estimate only: gptqmodel's dequantization is a Triton "
                             "kernel, which needs a GPU; use vramcalc estimate")
     if getattr(setup, "compile", False) and setup.method is Method.QLORA:

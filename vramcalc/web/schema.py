@@ -32,7 +32,6 @@ CONFIG_NAME_MAX_CHARS = 100
 DEFAULT_TOKENS = None  # no token budget, as `vramcalc plan` without --tokens: $ per million tokens, no hours or totals
 PLAN_FIELDS = ("tokens", "epochs", "rank_by")
 REQUEST_FIELDS = ("model", "gpu", "config", "config_name", "sample_lengths", "sample_lengths_name")
-SAMPLE_LENGTHS_ROUTE = "/api/estimate"  # as the CLI: only ``vramcalc estimate`` takes --sample-lengths
 
 
 class RequestError(ValueError):
@@ -205,8 +204,8 @@ def default_gpu() -> str | None:
     return "h100-sxm" if "h100-sxm" in names else (names[0] if names else None)
 
 
-def options_document(allow_trace: bool) -> dict:
-    """What ``/api/options`` returns: the generated form, the catalogues and the server's switches."""
+def options_document(allow_trace: bool, max_body_bytes: int) -> dict:
+    """What ``/api/options`` returns: the generated form, the catalogues and the server's switches and body limit."""
     models, gpus = catalogue_lists()
     return {
         "fields": list(setup_fields()),
@@ -216,6 +215,7 @@ def options_document(allow_trace: bool) -> dict:
                      "rank_by": "cost"},
         "rank_by": ["cost", "time"],
         "allow_trace": allow_trace,
+        "max_body_bytes": max_body_bytes,
         "version": vramcalc.__version__,
         "gib_note": "GiB = 2^30 bytes",
     }
@@ -377,7 +377,7 @@ def parse_request(body: object) -> Request:
     index = field_index()
     for key in body:
         if not isinstance(key, str) or (key not in index and key not in REQUEST_FIELDS and key not in PLAN_FIELDS):
-            raise RequestError(f"unknown field {str(key)[:60]!r}; fields are: model, gpu, config, sample_lengths, "
+            raise RequestError(f"unknown field {str(key)[:60]!r}; fields are: {', '.join(REQUEST_FIELDS)}, "
                                f"{', '.join(index)}, {', '.join(PLAN_FIELDS)}", str(key)[:60])
     options = {}
     for name, entry in index.items():

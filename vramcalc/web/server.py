@@ -38,7 +38,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import vramcalc
 
-from .schema import SAMPLE_LENGTHS_ROUTE, RequestError, library_error, one_line, options_document, parse_request
+from .schema import RequestError, library_error, one_line, options_document, parse_request
+
+SAMPLE_LENGTHS_ROUTE = "/api/estimate"  # as the CLI: only ``vramcalc estimate`` takes --sample-lengths
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -321,7 +323,7 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/api/options":
                 if method != "GET":
                     return self._refuse_method()
-                return self._send(200, options_document(self.server.allow_trace))
+                return self._send(200, options_document(self.server.allow_trace, self.server.max_body_bytes))
             if path not in API_ROUTES:
                 return self._error(404, f"no such page: {path[:80]!r}")
             if not self.server.limiter.allow(self.client_address[0]):
@@ -333,11 +335,11 @@ class Handler(BaseHTTPRequestHandler):
             body = self._parse_json(raw) if method == "POST" else self._read_query(split.query)
             if body is None:
                 return None  # the reader has answered
-            request = parse_request(body)
-            if request.sample_lengths is not None and path != SAMPLE_LENGTHS_ROUTE:
+            if isinstance(body, dict) and body.get("sample_lengths") is not None and path != SAMPLE_LENGTHS_ROUTE:
+                # refused before the upload is parsed
                 return self._error(400, f"sample_lengths applies to {SAMPLE_LENGTHS_ROUTE} only (as `vramcalc "
                                         "estimate --sample-lengths`); leave it out of this request", "sample_lengths")
-            self._answer(path, request)
+            self._answer(path, parse_request(body))
         except RequestError as err:
             self._error(err.status, str(err), err.field)
         except vramcalc.VramcalcError as err:

@@ -16,11 +16,13 @@ usage: python nock_matching.py SETUP T1,T2,...   (one run)
 import bisect
 import sys
 
-from nock_records import MiB, ceil_2mib, saved_requests, vocab_bytes
+from nock_records import MiB, saved_requests, vocab_bytes
 from replay_varlen import Run, load_setup
 
+from vramcalc.tracing.caching_allocator import MIN_LARGE_ALLOC_BYTES, segment_bytes, should_split
 
-def free_segments(allocator, floor=10 * MiB):
+
+def free_segments(allocator, floor=MIN_LARGE_ALLOC_BYTES):
     return sorted(size for pool in allocator._free.values() for size, _ in pool if size >= floor)
 
 
@@ -30,11 +32,11 @@ def matched_new_bytes(blocks, requests):
     for size in requests:
         i = bisect.bisect_left(blocks, size)
         if i == len(blocks):
-            new += ceil_2mib(size)
+            new += segment_bytes(size)
             continue
-        rest = blocks.pop(i) - size
-        if rest > MiB:
-            bisect.insort(blocks, rest)
+        block = blocks.pop(i)
+        if should_split(block, size, small=False):
+            bisect.insort(blocks, block - size)
     return new
 
 
@@ -47,11 +49,12 @@ def main(name, lengths, quiet=False):
     longest = 0
     for i, T in enumerate(lengths):
         if i and T > longest:
-            requests = [w * T for w in per_token if w * T >= 10 * MiB]
+            requests = [w * T for w in per_token if w * T >= MIN_LARGE_ALLOC_BYTES]
             predicted = matched_new_bytes(free_segments(run.alloc), requests)
             before = len(run.new_segments)
             run.run_step(T)
-            replayed = sum(ceil_2mib(q) for s, _, _, q, _ in run.new_segments[before:] if q >= 10 * MiB)
+            replayed = sum(segment_bytes(q) for s, _, _, q, _ in run.new_segments[before:]
+                           if q >= MIN_LARGE_ALLOC_BYTES)
             out.append((i, longest, T, predicted, replayed))
             if not quiet:
                 print(f"step {i} {longest} -> {T}: matching {predicted / MiB:.0f} MiB new, replay {replayed / MiB:.0f} "

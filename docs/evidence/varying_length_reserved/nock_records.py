@@ -19,11 +19,11 @@ import sys
 from _paths import HERE
 from replay_varlen import GiB, load_setup, replay_lengths, sizes_at
 
+from vramcalc.tracing.caching_allocator import MIN_LARGE_ALLOC_BYTES, segment_bytes
+
 MiB = 1 << 20
 
 
-def ceil_2mib(x):
-    return -(-x // (2 * MiB)) * 2 * MiB
 
 
 def saved_requests(S, vocab_bytes_per_token):
@@ -73,8 +73,9 @@ def main(name):
         per_step = r["per_step_reserved"]
         for (_, T_p, _), (s, T_r, _) in zip(r["records"], r["records"][1:]):
             crossing = {w: n for w, n in classes.items()  # the per-layer classes (more than one request)
-                        if n > 1 and w * T_r >= 10 * MiB and ceil_2mib(w * T_r) > ceil_2mib(w * T_p)}
-            crossing_bytes = sum(n * ceil_2mib(w * T_r) for w, n in crossing.items())
+                        if n > 1 and w * T_r >= MIN_LARGE_ALLOC_BYTES
+                        and segment_bytes(w * T_r) > segment_bytes(w * T_p)}
+            crossing_bytes = sum(n * segment_bytes(w * T_r) for w, n in crossing.items())
             grow = fixed(T_r) - per_step[s - 1]
             x = new.get(s, [s, T_r, 0, 0, 0])
             lines.append(f"| {r['dist']} s{r['seed']} | {T_p} -> {T_r} | "

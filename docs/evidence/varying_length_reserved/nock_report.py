@@ -9,24 +9,15 @@ table_nock.md. README section "Without checkpointing".
   run's distribution (seed 1000 + the run's seed; untruncated, the estimate truncates at seq_len), reserved_bytes
   plus the cuBLAS workspace the replay holds (as ``analyze.est``'s reserved_ws).
 """
-import collections
-import json
 
 import numpy as np
 
 from _paths import HERE
-from analyze import est, rule_realized, setup
-from experiments import DISTS
-from replay_varlen import GiB, lognormal_tokens
+from analyze import est, rows, rule_realized, setup
+from replay_varlen import GiB
+from report import sampler_for
 import vramcalc
 from vramcalc.sample_lengths import realized_reserved_bytes
-
-
-def sampler(dist, L):
-    if dist in DISTS:
-        return DISTS[dist](L)
-    med = float(dist.split("med ")[1].split(",")[0]); sig = float(dist.split(",s")[1].rstrip(")"))
-    return lognormal_tokens(med, sig, lo=30)(L)
 
 
 def max_rule(name, records, L):
@@ -39,13 +30,9 @@ def max_rule(name, records, L):
 def estimate_expected(name, L, dist, n, batch, seed):
     model, opts, ws = setup(name)
     rng = np.random.default_rng(1000 + seed)
-    lengths = [int(x) for x in sampler(dist, L)(rng, (n * batch,))]
+    lengths = [int(x) for x in sampler_for(dist, L)(rng, (n * batch,))]
     b = vramcalc.estimate(model, gpu="a100-80gb", sample_lengths=lengths, seq_len=L, **opts)
     return b.reserved_bytes + ws, b.details.get("length_ladders_bytes", 0)
-
-
-def rows():
-    return [json.loads(line) for line in open(HERE / "results_nock.jsonl")]
 
 
 if __name__ == "__main__":
@@ -53,7 +40,7 @@ if __name__ == "__main__":
              "varying-length max reserved (replay) | ratio | record steps' new segments: loss [T, V] / other >= 10 MiB | "
              "ladder form (err) | max form (err) | estimate at L (err) | estimate, sample_lengths (err) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows():
+    for r in rows("results_nock.jsonl"):
         name, L = r["setup"], r["L"]
         var = r["varlen"]
         rec_steps = {s for s, _, _ in r["records"][1:]}

@@ -16,22 +16,7 @@ import _paths  # noqa: F401  (puts the repository root on sys.path)
 from varlen_trace import trace_varlen
 
 import vramcalc as vc
-from vramcalc.tracing.caching_allocator import ALLOC, EMPTY_CACHE, FREE, RESET_PEAK, CachingAllocator
-
-
-def replay(events):
-    a = CachingAllocator(None)
-    live = {}
-    for ev in events:
-        if ev[0] == ALLOC:
-            live[ev[1]] = a.malloc(ev[2], ev[3] if len(ev) > 3 else 0)
-        elif ev[0] == FREE:
-            a.free(live.pop(ev[1]))
-        elif ev[0] == EMPTY_CACHE:
-            a.empty_cache()
-        elif ev[0] == RESET_PEAK:
-            a.reset_peak()
-    return a.reserved_peak_bytes
+from vramcalc.tracing.caching_allocator import replay
 
 
 model, loss, precision = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -39,8 +24,8 @@ opts = dict(method="qlora", precision=precision, grad_ckpt=True, batch_size=2, l
 if precision == "fp16":
     opts["compute_dtype"] = "fp16"
 short, records = [512, 512], [512, 1024, 1536, 2048]
-r_short = replay(trace_varlen(model, short, gpu="t4", seq_len=2048, **opts)["events"])
-r_rec = replay(trace_varlen(model, records, gpu="t4", seq_len=2048, **opts)["events"])
+r_short = replay(trace_varlen(model, short, gpu="t4", seq_len=2048, **opts)["events"]).reserved_peak_bytes
+r_rec = replay(trace_varlen(model, records, gpu="t4", seq_len=2048, **opts)["events"]).reserved_peak_bytes
 K = {T: vc.estimate(model, seq_len=T, **opts).details.get("reserved_growth_per_longer_step_bytes", 0)
      for T in records[1:]}
 print(json.dumps(dict(model=model, loss=loss, precision=precision, replay_512=r_short, replay_records=r_rec, K=K,

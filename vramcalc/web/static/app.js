@@ -10,7 +10,8 @@ const FITS_COLUMNS = [
 
 const state = { options: null, fields: [], config: null, configName: null, lengths: null, lengthsName: null,
                 generation: 0, timer: null, lastBody: null, lastEstimate: null };
-const MAX_LENGTHS_BYTES = 4 * 1024 * 1024 - 64 * 1024;  // the server's body limit, less room for the form
+const FORM_ROOM_BYTES = 64 * 1024;  // room in the request body for the form beside a length file
+let maxLengthsBytes = 4 * 1024 * 1024 - FORM_ROOM_BYTES;  // the server's body limit (/api/options) less that room
 
 const $ = (id) => document.getElementById(id);
 
@@ -127,6 +128,7 @@ function buildForm(options) {
     $("help").textContent = "gpu: the catalogue GPU the bar is drawn against (its memory as the driver reports it)";
   });
   $("trace-button").hidden = !options.allow_trace;
+  maxLengthsBytes = options.max_body_bytes - FORM_ROOM_BYTES;
 }
 
 function applyDefaults(options) {
@@ -506,13 +508,15 @@ function readLengths(file) {
   $("err-sample_lengths").textContent = "";
   $("f-sample_lengths").classList.remove("invalid");
   if (!file) return;
-  if (file.size > MAX_LENGTHS_BYTES) {
-    $("err-sample_lengths").textContent = `this file is over ${(MAX_LENGTHS_BYTES / 2 ** 20).toFixed(1)} MiB: send the ` +
-      "'tokens,samples' histogram that `vramcalc lengths DATA --tokenizer T --output FILE` writes";
-    return;
-  }
+  const tooLarge = () => {
+    $("err-sample_lengths").textContent = `this file is over ${(maxLengthsBytes / 2 ** 20).toFixed(1)} MiB as sent: ` +
+      "send the 'tokens,samples' histogram that `vramcalc lengths DATA --tokenizer T --output FILE` writes";
+  };
+  if (file.size > maxLengthsBytes) return tooLarge();
   const reader = new FileReader();
   reader.onload = () => {  // the server parses it (sample_lengths.parse, as the CLI): one parser, one set of messages
+    // the text travels as a JSON string, where every newline takes two bytes: measure what is sent
+    if (new Blob([JSON.stringify(reader.result)]).size > maxLengthsBytes) return tooLarge();
     state.lengths = reader.result;
     state.lengthsName = file.name.slice(0, 100);
     $("lengths-name").textContent = "using " + file.name;
