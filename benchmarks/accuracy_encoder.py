@@ -24,16 +24,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from published import HF_PERF_DOC_STACK  # noqa: E402
 from vramcalc.catalogue import get_model  # noqa: E402
 from vramcalc.estimator import step_moments  # noqa: E402
 from vramcalc.training_setup import resolve_setup  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LARGE = dict(seq_len=512)
-# the nine hf-perf-doc setups as benchmarks/published.py maps them (transformers 4.16's Trainer kept the gradients:
-# --grads-kept; torch 1.10's softmax kept its input: --softmax-saves-input; 4.16 added its fp32 extended mask:
-# --extended-mask), then the rest
-PAGE = dict(LARGE, grads_kept=True, softmax_saves_input=True, extended_mask=True)
+# the nine hf-perf-doc setups as benchmarks/published.py maps them (its 2022 stack, published.HF_PERF_DOC_STACK), then
+# the rest
+PAGE = dict(LARGE, **HF_PERF_DOC_STACK)
 GRID = [
     ("bert-large-uncased", dict(PAGE, batch_size=4, precision="fp32", optimizer="adamw", attn="eager")),
     ("bert-large-uncased", dict(PAGE, batch_size=1, grad_accum=4, precision="fp32", optimizer="adamw",

@@ -58,6 +58,9 @@ GIB = 2**30
 # loading every kernel at context creation (lazy loading came with CUDA 11.7 and torch 1.13), less the 1 x 1
 # tensor's 2 MiB segment
 HF_PERF_DOC_CONTEXT_MIB = 1343 - 2
+# that page's 2022 stack (transformers 4.16, torch 1.10), each knob's source at its use in ``row_setup``: the Trainer
+# kept the gradients, the softmax saved its input, BertModel added its fp32 extended mask
+HF_PERF_DOC_STACK = dict(grads_kept=True, softmax_saves_input=True, extended_mask=True)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models: the exact HF id each row ran -> a config folder of the development set or a catalogue name. (litgpt's own
@@ -532,8 +535,8 @@ def row_setup(row: dict, data: Path) -> RowSetup:
         # an all-ones one too (--extended-mask: modeling_bert.py L957, L969, L327; modeling_utils.py L306-307)
         opts.update(task="classify", attn="eager",
                     precision="mixed-fp16" if "fp16" in row["compute_dtype"] else "fp32",
-                    grad_ckpt="reentrant" if _bool(row["grad_ckpt"]) else False, grads_kept=True,
-                    softmax_saves_input=True, extended_mask=True, cuda_context_mib=HF_PERF_DOC_CONTEXT_MIB)
+                    grad_ckpt="reentrant" if _bool(row["grad_ckpt"]) else False, **HF_PERF_DOC_STACK,
+                    cuda_context_mib=HF_PERF_DOC_CONTEXT_MIB)
         accumulation = re.search(r"gradient_accumulation_steps=(\d+)", row["notes"])
         opts["grad_accum"] = int(accumulation.group(1)) if accumulation else 1
         words = row["optimizer"].lower()

@@ -364,8 +364,7 @@ def step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_
     if tensor_parallel.sequence_parallel(setup):  # the layers' reduce-scatters: ``_moments``
         return moments
     c = activations.dtypes(setup.method, setup.precision, setup.adapter_dtype).c
-    extra = tensor_parallel.backward_all_reduce_bytes(spec.hidden_size, tokens, c)
-    return [m._replace(temporaries=m.temporaries + extra) if m.phase is Phase.BACKWARD else m for m in moments]
+    return tensor_parallel.with_backward_all_reduce(moments, spec.hidden_size, tokens, c)
 
 
 def _step_moments(spec: ModelSpec, resolved: ResolvedSetup, batch_size=None, seq_len=None) -> list[Moment]:

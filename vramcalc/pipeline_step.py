@@ -380,8 +380,7 @@ def rank_moments(spec: ModelSpec, resolved: ResolvedSetup, plan: pp_terms.Pipeli
                           states.optimizer_step))
     setup = resolved.setup
     if setup.tp > 1 and not ctx.sp:  # transformers' plan: a backward's all-reduce buffers, as ``estimator.step_moments``
-        extra = tensor_parallel.backward_all_reduce_bytes(spec.hidden_size, ctx.tokens, ctx.dt.c)
-        moments = [m._replace(temporaries=m.temporaries + extra) if m.phase is Phase.BACKWARD else m for m in moments]
+        moments = tensor_parallel.with_backward_all_reduce(moments, spec.hidden_size, ctx.tokens, ctx.dt.c)
     return moments
 
 

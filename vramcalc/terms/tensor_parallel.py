@@ -53,7 +53,7 @@ import dataclasses
 import functools
 
 from ..model import ModelSpec
-from ..options import GradCkpt, TpPlan
+from ..options import GradCkpt, Phase, TpPlan
 from ..parallel_degrees import data_parallel_degree
 from ..training_setup import ResolvedSetup
 from .stored_tensor import StoredTensor
@@ -118,6 +118,12 @@ def backward_all_reduce_bytes(hidden_size: int, tokens, compute_bytes: int):
     there, where one GPU accumulates q/k/v's (gate/up's) input gradients in place. Added at each layer-backward moment
     (an overcount of at most 2·T·h·c at the MLP's first backward moment, which precedes the reductions)."""
     return 2 * tokens * hidden_size * compute_bytes
+
+
+def with_backward_all_reduce(moments, hidden_size: int, tokens, compute_bytes: int) -> list:
+    """``moments`` with ``backward_all_reduce_bytes`` added to each layer-backward moment's temporaries."""
+    extra = backward_all_reduce_bytes(hidden_size, tokens, compute_bytes)
+    return [m._replace(temporaries=m.temporaries + extra) if m.phase is Phase.BACKWARD else m for m in moments]
 
 
 def backward_reduce_scatter_bytes(hidden_size: int, tokens, compute_bytes: int, tp: int):
