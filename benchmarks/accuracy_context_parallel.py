@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from accuracy_sections import replace_section, write_rows  # noqa: E402
+from accuracy_sections import replace_section, setup_words, write_rows  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TARGET_PCT = 5.0
@@ -51,10 +51,6 @@ GRID = [
 ESTIMATED_ONLY = [
     ("llama-3.1-8b", dict(cp=4, tp=2, num_gpus=16, seq_len=65536, grad_ckpt=True)),
 ]
-
-
-def setup_words(options: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in options.items())
 
 
 def traced_row(name: str, options: dict) -> dict:

@@ -24,7 +24,6 @@ Times: ``python -m vramcalc trace llama-3.1-70b --stack S --method M`` run as a 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from accuracy_sections import replace_section, write_rows  # noqa: E402
+from accuracy_sections import read_rows, replace_section, setup_words, write_rows  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -179,10 +178,6 @@ def alpaca_like(n: int = 20000, seed: int = 0) -> list[int]:
     return [max(8, int(rng.lognormvariate(5.1, 0.6))) for _ in range(n)]
 
 
-def setup_words(options: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in options.items())
-
-
 def compare(knob: str, name: str, options: dict) -> dict:
     """``vramcalc.estimate`` against ``vramcalc.trace`` (peak tensor bytes, and each tensor term at its peak); with
     ``sample_lengths`` the trace runs the estimate's longest step (``details["longest_step_tokens"]``)."""
@@ -223,10 +218,10 @@ def run_grid(limit: int | None, only: str | None) -> list[dict]:
         except Exception as err:  # a setup the trace refuses: listed with its error, not counted
             row = {"knob": knob, "model": name, "setup": setup_words(options), "error": f"{type(err).__name__}: "
                    f"{str(err).splitlines()[0][:200]}"}
-            print(f"[{index}/{len(grid)}] REFUSED {name} {row['setup']}: {row['error']}", flush=True)
-            rows.append(row)
-            continue
         rows.append(row)
+        if "error" in row:
+            print(f"[{index}/{len(grid)}] REFUSED {name} {row['setup']}: {row['error']}", flush=True)
+            continue
         print(f"[{index}/{len(grid)}] {row['peak_error_pct']:+7.3f}% {knob:24s} {name} {row['setup']} "
               f"({row['trace_seconds']:.0f}s)", flush=True)
     return rows
@@ -250,13 +245,6 @@ def time_trace(stack: str, method: str) -> dict:
     return row
 
 
-def _read(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def _line(label: str, errors: list[float]) -> str:
     return f"| {label} | {len(errors)} | {statistics.median(errors):.3f} | {max(errors):.3f} |"
 
@@ -269,7 +257,7 @@ def _widest_term(row: dict) -> tuple[str, int, int]:
 
 
 def report() -> str:
-    rows, times = _read(GRID_CSV), _read(TIMES_CSV)
+    rows, times = read_rows(GRID_CSV), read_rows(TIMES_CSV)
     out = ["Written by `python benchmarks/accuracy_knobs_recent.py` (accuracy_knobs_recent.csv, "
            "accuracy_knobs_recent_70b.csv): the knobs of sessions 33-36, until now checked each in its own file, "
            "on one grid of new setups at real model sizes. Error = (estimate - trace) / trace of the step's peak "
@@ -334,13 +322,10 @@ def main(argv=None) -> int:
         rows = run_grid(args.limit, args.only)
         traced = {(r["knob"], r["model"], r["setup"]): r for r in rows if "error" not in r}
         if args.limit or args.only:  # a part of the grid retraced: the CSV's other rows kept
-            kept = {(r["knob"], r["model"], r["setup"]): r for r in _read(GRID_CSV)}
+            kept = {(r["knob"], r["model"], r["setup"]): r for r in read_rows(GRID_CSV)}
             traced = {**kept, **traced}
         order = [(knob, name, setup_words(options)) for knob, name, options in GRID]
         write_rows(GRID_CSV, [traced[key] for key in order if key in traced])
-        refused = [r for r in rows if "error" in r]
-        for r in refused:
-            print("refused:", r, flush=True)
     if args.part in ("all", "times"):
         write_rows(TIMES_CSV, [time_trace(stack, method) for stack, method in TIMED])
     body = report()

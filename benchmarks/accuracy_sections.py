@@ -44,3 +44,16 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """A grid's rows as an earlier run wrote them (text values), or none when it has not run."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def setup_words(options: dict) -> str:
+    """A setup's options as the grids' ``setup`` column spells them: ``key=value`` words."""
+    return " ".join(f"{k}={v}" for k, v in options.items())

@@ -185,7 +185,7 @@ def test_fsdp_shards_qweight_and_qzeros_as_16_bit_elements_by_hand():
     # 8,192 B (optimum's bias=True, kept), wf int32 [1, 8] -> one 512-B block
     from vramcalc.terms import gptq as gptq_terms
 
-    assert gptq_terms.fsdp_replicated_bytes(4096, 4096, 128, 2) == 262_144 + 16_384 + 8_192 + 512
+    assert gptq_terms.buffer_bytes(4096, 4096, 128, 2) == 262_144 + 16_384 + 8_192 + 512
     assert gptq_terms.fsdp_packed_bytes(4096, 4096, 128) == 8_388_608 + 65_536
 
 

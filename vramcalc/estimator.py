@@ -636,9 +636,10 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     # the final norm's output beside the loss inside the model's forward: what it adds to the forward's peak
     hidden_beside_loss = maximum(0, lg.forward_in_model + activations.loss_hidden_bytes(
         spec, layer, csetup.loss.in_model and csetup.task is Task.SFT, tokens) - lg.forward_peak)
+    loss_forward = Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, lg.forward_peak,
+                          copies.forward + hidden_beside_loss, buffers.loss_forward)
     moments += [
-        Moment(Phase.FORWARD, W + gathered.loss_forward, B + G_acc, O, A, lg.forward_peak,
-               copies.forward + hidden_beside_loss, buffers.loss_forward),
+        loss_forward,
         Moment(Phase.BACKWARD_START, W + gathered.loss_backward, B + G_acc, O, A, lg.backward_peak,
                copies.backward_start, buffers.loss_backward),
         Moment(Phase.BACKWARD, W + gathered.head_backward, Bb + maximum(G_acc, head_grad) + outer_grad, O, A,
@@ -653,7 +654,6 @@ def _moments(spec: ModelSpec, resolved: ResolvedSetup, b, s, masked: bool) -> li
     ]
     if cache_fp32:  # accelerate's conversion after the model call: the fp32 copy of the returned tuple cache beside
         # the loss's forward peak, the final norm's output no longer bound (``hidden_beside_loss``)
-        loss_forward = moments[next(i for i, m in enumerate(moments) if m.phase is Phase.BACKWARD_START) - 1]
         moments.append(loss_forward._replace(activations=loss_forward.activations + cache_fp32,
                                              temporaries=loss_forward.temporaries - hidden_beside_loss))
     if kv_forward_only:  # alive until the model call returns: the forward's moments only

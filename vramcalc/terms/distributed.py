@@ -253,7 +253,7 @@ def packed_gptq(tensor: StoredTensor, group_size: int) -> StoredTensor:
 
 def gptq_replicated_bytes(tensors, group_size: int) -> int:
     """Every GPTQ QuantLinear's buffers (``scales``, ``g_idx``, bias, ``wf``), whole on every FSDP rank
-    (``gptq.fsdp_replicated_bytes``)."""
+    (``gptq.buffer_bytes``: the stored metadata less ``qzeros``)."""
     return sum(t.metadata_bytes * t.count - round_up(gptq.qzeros_bytes(t.shape[1], t.shape[0], group_size))
                * t.count for t in tensors if t.kind == "quantized")
 

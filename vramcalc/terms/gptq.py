@@ -41,7 +41,7 @@ load dtype). v5's fused ``gate_up_proj`` [E, 2I, h] is read as 2E Linears [I, h]
 With cuda-old each expert's matmul saves its dequantized weight like a dense Linear's (every expert receives tokens:
 T·k >= E); its input is the expert's ``ceil(T·k/E)`` routed rows. Not traced (v5 builds no per-expert nn.Linear).
 
-FSDP (``fsdp_packed_bytes``, ``fsdp_replicated_bytes``): fms-acceleration's autogptq plugin turns ``qweight`` and
+FSDP (``fsdp_packed_bytes``, ``buffer_bytes``): fms-acceleration's autogptq plugin turns ``qweight`` and
 ``qzeros`` into frozen ``nn.Parameter`` views in the load dtype so that FSDP flattens and shards them
 (``autogptq_utils.py:34`` ``PATCH_FOR_FSDP_TRITON_V2 = ["qweight", "qzeros"]``, ``:68-85``
 ``torch.nn.Parameter(attr.view(torch_dtype), requires_grad=False)``; the forward views them back to int32,
@@ -81,12 +81,15 @@ def group_rows(in_features: int, group_size: int) -> int:
 
 def metadata_bytes(in_features: int, out_features: int, group_size: int, dtype_bytes: int) -> int:
     """qzeros, scales, g_idx, bias and wf of one QuantLinear, each rounded to 512 B (module docstring)."""
-    rows = group_rows(in_features, group_size)
-    qzeros = round_up(_INT32 * rows * (out_features // _PACK))
-    scales = round_up(dtype_bytes * rows * out_features)
-    g_idx = round_up(_INT32 * in_features)
-    bias = round_up(dtype_bytes * out_features)
-    return qzeros + scales + g_idx + bias + round_up(_WF_BYTES)
+    return (round_up(qzeros_bytes(in_features, out_features, group_size))
+            + buffer_bytes(in_features, out_features, group_size, dtype_bytes))
+
+
+def buffer_bytes(in_features: int, out_features: int, group_size: int, dtype_bytes: int) -> int:
+    """scales, g_idx, bias and wf of one QuantLinear, each its own allocation rounded to 512 B: the buffers, which
+    stay whole on every FSDP rank (module docstring, FSDP)."""
+    scales = round_up(dtype_bytes * group_rows(in_features, group_size) * out_features)
+    return scales + round_up(_INT32 * in_features) + round_up(dtype_bytes * out_features) + round_up(_WF_BYTES)
 
 
 def stored_linear(name: str, shape: tuple[int, int], count: int, group_size: int, dtype_bytes: int,
@@ -99,25 +102,18 @@ def stored_linear(name: str, shape: tuple[int, int], count: int, group_size: int
 
 def qweight_bytes(in_features: int, out_features: int) -> int:
     """qweight int32 [in·4/32, out]: 4·(in/8)·out bytes, n/2 (``qlinear_cuda_old.py:50``, ``qlinear_tritonv2.py:67-70``)."""
-    return _INT32 * (in_features // 32 * GPTQ_BITS) * out_features
+    return _INT32 * (in_features // _PACK) * out_features
 
 
 def qzeros_bytes(in_features: int, out_features: int, group_size: int) -> int:
     """qzeros int32 [ceil(in/g), out·4/32] (``qlinear_tritonv2.py:71-80``)."""
-    return _INT32 * group_rows(in_features, group_size) * (out_features // 32 * GPTQ_BITS)
+    return _INT32 * group_rows(in_features, group_size) * (out_features // _PACK)
 
 
 def fsdp_packed_bytes(in_features: int, out_features: int, group_size: int) -> int:
     """What FSDP flattens and shards of one QuantLinear (module docstring, FSDP): ``qweight`` and ``qzeros`` viewed
     as load-dtype parameters, the same bytes: 4·(in/8)·out + 4·ceil(in/g)·(out/8)."""
     return qweight_bytes(in_features, out_features) + qzeros_bytes(in_features, out_features, group_size)
-
-
-def fsdp_replicated_bytes(in_features: int, out_features: int, group_size: int, dtype_bytes: int) -> int:
-    """What stays whole on every FSDP rank of one QuantLinear: its buffers ``scales``, ``g_idx``, bias and ``wf``,
-    each its own allocation (``metadata_bytes`` without ``qzeros``)."""
-    return (metadata_bytes(in_features, out_features, group_size, dtype_bytes)
-            - round_up(qzeros_bytes(in_features, out_features, group_size)))
 
 
 class LayerDequantized(NamedTuple):
