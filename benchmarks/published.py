@@ -106,9 +106,9 @@ MODEL_CATALOGUE = {  # models without a config folder whose catalogue entry has 
     "meta-llama/Llama-3.3-70B-Instruct": "llama-3.3-70b",
     "bigscience/bloomz-7b1": "bloomz-7b1",
     "bert-large-uncased": "bert-large-uncased",
+    "tiiuae/falcon-7b": "falcon-7b",
 }
-LOCAL_CONFIG = {"tiiuae/falcon-7b": "falcon-7b-litgpt-untied",  # litgpt rows only (the only Falcon rows)
-                "tiiuae/falcon-40b": "falcon-40b-litgpt-untied"}  # the litgpt runs that ran out of memory
+LOCAL_CONFIG = {"tiiuae/falcon-40b": "falcon-40b-litgpt-untied"}  # the litgpt runs that ran out of memory
 # data/models.csv family column (others are llama-style)
 CATALOGUE_FAMILY = {"phi-1.5": "phi", "phi-2": "phi", "bloomz-7b1": "bloom", "bert-large-uncased": "bert"}
 UNSUPPORTED_FAMILY = {  # prefix of the HF id -> why vramcalc cannot take that model
