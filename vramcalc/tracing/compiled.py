@@ -216,28 +216,8 @@ def compile_loss(model: nn.Module) -> None:
     ``torch_compile`` compiles the whole forward, the loss included). One graph per logits shape; traced on private
     copies with every dispatch mode paused, like ``compile_layer``. Its partition keeps the 16-bit logits and two fp32
     values per row for backward, not the fp32 log_softmax (``terms/logits.py``); each of its two graphs runs as one
-    fused kernel (``_fused``), as inductor generates a cross-entropy's forward and backward."""
-    from torch._functorch.aot_autograd import aot_function
-    from torch.utils._python_dispatch import _disable_current_modes
-
-    original = model.loss_function
-    graphs: dict = {}
-
-    def compiled_loss(logits, labels, vocab_size, **kwargs):
-        constants = {key: value for key, value in kwargs.items() if not isinstance(value, torch.Tensor)}
-        key = (tuple(logits.shape), logits.dtype, tuple(labels.shape), vocab_size, repr(sorted(constants.items())))
-        if key not in graphs:
-            def graph(logits_in, labels_in):
-                return original(logits_in, labels_in, vocab_size, **constants)
-
-            with _disable_current_modes():
-                function = aot_function(graph, **{**_compiler_options(), "fw_compiler": _fused, "bw_compiler": _fused})
-                with torch.autograd.graph.saved_tensors_hooks(_same, _same):
-                    function(_private_copy(logits), _private_copy(labels))
-            graphs[key] = function
-        return graphs[key](logits, labels)
-
-    model.loss_function = compiled_loss
+    fused kernel (``_fused``), as inductor generates a cross-entropy's forward and backward (``compiled_function``)."""
+    model.loss_function = compiled_function(model.loss_function)
 
 
 def compiled_function(function):
@@ -245,7 +225,7 @@ def compiled_function(function):
     ``CEWithChunkedOutputLoss``'s ``compute_cross_entropy``, or a whole ``CrossEntropyLoss``): AOTAutograd with
     inductor's decompositions and partitioner, one graph per signature of its tensor arguments (the others are
     constants of the graph), traced on private copies with every dispatch mode paused, each of its two graphs run as
-    one fused kernel (``_fused``), as ``compile_loss`` does for transformers' loss."""
+    one fused kernel (``_fused``); ``compile_loss`` compiles transformers' loss with it."""
     from torch._functorch.aot_autograd import aot_function
     from torch.utils._python_dispatch import _disable_current_modes
 
