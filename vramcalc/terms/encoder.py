@@ -254,10 +254,10 @@ def layer_forward(model: ModelSpec, m: Shape, grad: bool = True, recompute: bool
             t.make(softmax_input, MOVING, _sq(_F32 * a))
         softmax = _F32 if m.autocast else input_bytes
         t.make("probs", saved, _sq(softmax * a))
-        if m.softmax_saves_input and grad:  # torch < 1.11's SoftmaxBackward0 saves self as well as result
-            t.retag(softmax_input, SAVED)
-        t.free(*(name for name in ("scaled", "masked", "scaled32", "masked32") if name != softmax_input or not grad
-                 or not m.softmax_saves_input))
+        kept = softmax_input if m.softmax_saves_input and grad else None  # torch < 1.11's SoftmaxBackward0 saves self
+        if kept:
+            t.retag(kept, SAVED)
+        t.free(*({"scaled", "masked", "scaled32", "masked32"} - {kept}))
         dropped = _dropout(t, p_attention, "probs", "dropped", a, softmax, square=True, grad=grad)
         if not grad and dropped != "probs":
             t.free("probs")
@@ -453,7 +453,7 @@ def layer_backward(model: ModelSpec, m: Shape, start: dict, holds_output_grad: b
             t.free(grad, "probs", softmax_input)
             grad = "g" + softmax_input
         t.make("gscaled", GRAD, _sq(c * a))
-        t.free(grad, "probs", softmax_input)
+        t.free(grad, "probs", softmax_input)  # (already freed above when the gradient took the input's dtype)
         t.make("gscores", GRAD, _sq(c * a))  # the scaling's backward
         t.free("gscaled")
         t.make("gq", GRAD, _tok(c * h))
