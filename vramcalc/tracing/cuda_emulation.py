@@ -45,7 +45,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..facts import BNB_GEMM_4BIT_CUSTOM_MAX_TOKENS  # bitsandbytes backends/cuda/ops.py
-_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
 def cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -56,7 +56,7 @@ def cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
         dtype = torch.get_autocast_dtype("cpu")
         query, key, value = (t.to(dtype) if t.is_floating_point() else t for t in (query, key, value))
     head_dims_equal = query.shape[-1] == key.shape[-1] == value.shape[-1]
-    if query.dtype in _SIXTEEN_BIT and attn_mask is None and head_dims_equal and query.shape[-1] <= 256:
+    if query.dtype in SIXTEEN_BIT and attn_mask is None and head_dims_equal and query.shape[-1] <= 256:
         return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False, scale=scale)[0]
     if query.shape[1] == key.shape[1]:
         bias = None if attn_mask is None else _additive_bias(attn_mask, query, key)
@@ -92,18 +92,18 @@ def cuda_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
         return _original_layer_norm(fp32(input), normalized_shape, fp32(weight), fp32(bias), eps)
 
 
-_original_softmax = torch.nn.functional.softmax
+original_softmax = torch.nn.functional.softmax
 
 
 def cuda_softmax(input, dim=None, _stacklevel=3, dtype=None):
     """``F.softmax`` as CUDA autocast runs it (module docstring, item 6): a 16-bit input without a dtype returns fp32,
     fp16 by ``_softmax``'s half_to_float (on fake tensors; real CPU ones take the fp32 copy, the same result)."""
-    if dtype is not None or not torch.is_autocast_enabled("cpu") or input.dtype not in _SIXTEEN_BIT:
-        return _original_softmax(input, dim, _stacklevel, dtype)
+    if dtype is not None or not torch.is_autocast_enabled("cpu") or input.dtype not in SIXTEEN_BIT:
+        return original_softmax(input, dim, _stacklevel, dtype)
     with torch.autocast(device_type="cpu", enabled=False):
         if input.dtype is torch.float16 and is_fake(input):
             return torch.ops.aten._softmax(input, dim if dim >= 0 else dim + input.dim(), True)
-        return _original_softmax(input, dim, _stacklevel, torch.float32)
+        return original_softmax(input, dim, _stacklevel, torch.float32)
 
 
 def _additive_bias(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -229,5 +229,5 @@ def cuda_kernel_emulation(sdpa: bool = True):
         torch.nn.functional.scaled_dot_product_attention = original
         torch.nn.functional.dropout = _original_dropout
         torch.nn.functional.layer_norm = _original_layer_norm
-        torch.nn.functional.softmax = _original_softmax
+        torch.nn.functional.softmax = original_softmax
         masking_utils.find_packed_sequence_indices = find_packed

@@ -21,7 +21,7 @@ import contextlib
 
 import torch
 
-from .cuda_emulation import _SIXTEEN_BIT, _original_softmax, is_fake
+from .cuda_emulation import SIXTEEN_BIT, original_softmax, is_fake
 from .step import StepTracer, base_model
 
 
@@ -46,10 +46,10 @@ def _softmax_saving_input(input, dim=None, _stacklevel=3, dtype=None):
     fp32, fp16 by ``_softmax``'s half_to_float (``SoftMax.cpp::softmax``), bf16 through an fp32 copy (what
     ``_softmax`` reads and saves); a given dtype converts first."""
     if dim is None:  # (the implicit-dim legacy call: not BERT's)
-        return _original_softmax(input, dim, _stacklevel, dtype)
+        return original_softmax(input, dim, _stacklevel, dtype)
     dim = dim if dim >= 0 else dim + input.dim()
     half_to_float = False
-    if dtype is None and torch.is_autocast_enabled("cpu") and input.dtype in _SIXTEEN_BIT:
+    if dtype is None and torch.is_autocast_enabled("cpu") and input.dtype in SIXTEEN_BIT:
         dtype = torch.float32
     with torch.autocast(device_type="cpu", enabled=False):
         if dtype is not None and input.dtype != dtype:
